@@ -1,0 +1,316 @@
+"""The ``dsf-bridge`` command line: the composition root of every command.
+
+Each command builds its settings from the configuration file, the environment and its own flags
+(in that order of increasing precedence), so ``--db-url`` beats ``DSF_BRIDGE_DB__URL`` beats
+``[db] url`` in the file. Exit codes: 0 success, 1 the check or operation failed, 2 bad usage or
+configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import structlog
+import typer
+
+from dsf_bridge import __version__
+from dsf_bridge.config import (
+    CONFIG_ENV_VAR,
+    Settings,
+    display_settings,
+    load_settings,
+    redact_url,
+)
+from dsf_bridge.dsf.connection import check_connection
+from dsf_bridge.errors import BridgeError, ConfigError
+from dsf_bridge.logs import configure_logging
+from dsf_bridge.plugins.api import ProcessPlugin
+from dsf_bridge.plugins.commands import plugins_app
+from dsf_bridge.plugins.loader import discover_plugins
+from dsf_bridge.runtime.daemon import Bridge
+from dsf_bridge.sandbox.commands import sandbox_app
+from dsf_bridge.sandbox.demo import run_demo
+from dsf_bridge.store import Database, sqlite_path, verify_chain
+from dsf_bridge.store import migrations as schema
+
+__all__ = ["app", "main"]
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+app = typer.Typer(
+    name="dsf-bridge",
+    help="A Python business process engine for the Data Sharing Framework (DSF).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+db_app = typer.Typer(help="Create and migrate the SQL store.", no_args_is_help=True)
+audit_app = typer.Typer(help="Check the audit trail.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(db_app, name="db")
+app.add_typer(audit_app, name="audit")
+app.add_typer(plugins_app, name="plugins")
+app.add_typer(sandbox_app, name="sandbox")
+
+log = structlog.get_logger("dsf_bridge.cli")
+
+DbUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db-url",
+        help="Database URL (sqlite:///PATH or postgresql://USER@HOST:PORT/DB); "
+        "overrides db.url and DSF_BRIDGE_DB__URL.",
+        show_default=False,
+    ),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dsf-bridge {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            envvar=CONFIG_ENV_VAR,
+            help="TOML configuration file (see docs/config.example.toml).",
+            show_default=False,
+        ),
+    ] = None,
+    _show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    ctx.obj = config
+
+
+def _settings(ctx: typer.Context, db_url: str | None = None) -> Settings:
+    overrides: dict[str, dict[str, Any]] = {}
+    if db_url is not None:
+        overrides["db"] = {"url": db_url}
+    config_file = ctx.find_root().obj
+    try:
+        settings = load_settings(config_file, overrides)
+    except ConfigError as exc:
+        typer.echo(f"dsf-bridge: configuration error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from exc
+    configure_logging(settings.log.level, settings.log.format)
+    return settings
+
+
+def _fail(exc: BridgeError) -> typer.Exit:
+    typer.echo(f"dsf-bridge: {exc}", err=True)
+    return typer.Exit(EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED)
+
+
+def _require_existing_database(url: str) -> None:
+    """Refuse to inspect an SQLite file that does not exist (connecting would create it)."""
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        raise ConfigError(f"db.url: SQLite database {path} does not exist", field="db.url")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):  # a catalogue entry: an inline table
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))
+
+
+@config_app.command("show")
+def config_show(
+    ctx: typer.Context,
+    db_url: DbUrlOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of TOML.")] = False,
+) -> None:
+    """Print the effective configuration, secrets hidden."""
+    shown = display_settings(_settings(ctx, db_url))
+    if as_json:
+        typer.echo(json.dumps(shown, indent=2))
+        return
+    lines: list[str] = []
+    for section, values in shown.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                lines.append(f"# {key} is not set")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    typer.echo("\n".join(lines).rstrip())
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    ctx: typer.Context,
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+    db_url: DbUrlOption = None,
+) -> None:
+    """Create the schema or bring it up to REVISION (default: the newest)."""
+    settings = _settings(ctx, db_url)
+    try:
+        schema.upgrade(settings.db.url, revision)
+        status = schema.schema_status(settings.db.url)
+    except BridgeError as exc:
+        raise _fail(exc) from exc
+    log.info("schema.upgraded", revision=status.current)
+    typer.echo(f"schema at revision {status.current} (newest: {status.head})")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    ctx: typer.Context,
+    revision: Annotated[str, typer.Argument(help="Target revision; 'base' drops every table.")],
+    db_url: DbUrlOption = None,
+) -> None:
+    """Take the schema down to REVISION."""
+    settings = _settings(ctx, db_url)
+    try:
+        schema.downgrade(settings.db.url, revision)
+        status = schema.schema_status(settings.db.url)
+    except BridgeError as exc:
+        raise _fail(exc) from exc
+    log.info("schema.downgraded", revision=status.current)
+    typer.echo(f"schema at revision {status.current or 'base (no tables)'}")
+
+
+@db_app.command("current")
+def db_current(ctx: typer.Context, db_url: DbUrlOption = None) -> None:
+    """Print the schema revision; exit 1 when it is not the newest this release knows."""
+    settings = _settings(ctx, db_url)
+    try:
+        _require_existing_database(settings.db.url)
+        status = schema.schema_status(settings.db.url)
+    except BridgeError as exc:
+        raise _fail(exc) from exc
+    current = status.current or "none (empty database: run 'dsf-bridge db upgrade')"
+    state = "up to date" if status.up_to_date else f"behind the newest revision {status.head}"
+    typer.echo(f"{current} ({state})" if status.current else current)
+    if not status.up_to_date:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@audit_app.command("verify")
+def audit_verify(ctx: typer.Context, db_url: DbUrlOption = None) -> None:
+    """Verify the audit trail's hash chain; exit 1 naming the first bad event."""
+    settings = _settings(ctx, db_url)
+
+    async def run() -> Any:
+        database = Database(settings.db.url, echo=settings.db.echo)
+        try:
+            async with database.transaction() as session:
+                return await verify_chain(session)
+        finally:
+            await database.dispose()
+
+    try:
+        _require_existing_database(settings.db.url)
+        status = schema.schema_status(settings.db.url)
+        if status.current is None:
+            raise ConfigError(
+                f"{redact_url(settings.db.url)}: no schema; run 'dsf-bridge db upgrade' first",
+                field="db.url",
+            )
+        report = asyncio.run(run())
+    except BridgeError as exc:
+        raise _fail(exc) from exc
+    if not report.ok:
+        typer.echo(
+            f"audit chain BROKEN at event {report.first_bad_sequence}: {report.problem}", err=True
+        )
+        raise typer.Exit(EXIT_FAILED)
+    typer.echo(f"audit chain intact: {report.events} events, head {report.head_hash}")
+
+
+@app.command("run")
+def run_command(
+    ctx: typer.Context,
+    db_url: DbUrlOption = None,
+    upgrade_db: Annotated[
+        bool, typer.Option("--upgrade-db", help="Migrate the schema to the newest first.")
+    ] = False,
+) -> None:
+    """Run the bridge for this site until SIGTERM or Ctrl-C (plugins from entry points)."""
+    settings = _settings(ctx, db_url)
+    try:
+        plugins = discover_plugins()
+        if upgrade_db:
+            schema.upgrade(settings.db.url)
+        asyncio.run(_run_bridge(settings, plugins))
+    except BridgeError as exc:
+        raise _fail(exc) from exc
+
+
+async def _run_bridge(settings: Settings, plugins: list[ProcessPlugin]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with Bridge(settings, plugins) as bridge:
+        await bridge.run(stop)
+
+
+@app.command("check-connection")
+def check_connection_command(ctx: typer.Context) -> None:
+    """Check the DSF connection step by step: certificate, TLS, FHIR server, local organization,
+    Subscription, websocket. Exit 0 only if every step passes."""
+    settings = _settings(ctx)
+
+    async def run() -> bool:
+        ok = True
+        async for result in check_connection(settings.dsf):
+            mark = "OK  " if result.ok else "FAIL"
+            typer.echo(f"{mark} {result.name}: {result.detail}")
+            ok = ok and result.ok
+        return ok
+
+    if not asyncio.run(run()):
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("demo")
+def demo_command(
+    as_json: Annotated[
+        bool, typer.Option("--json", help='Print one JSON object {"results": [...]}.')
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for the results.", min=1)
+    ] = 120.0,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the temporary directory (stores, certificates).")
+    ] = False,
+) -> None:
+    """OMI inference on one machine: two sandbox sites (Hospital_A asks, AI_Provider infers),
+    Orthanc with CT data, MLServer with the reference model. Exit 1 if a request failed."""
+    # Warnings only: progress lines go to stderr, results to stdout.
+    configure_logging("warning", "console")
+    status = run_demo(as_json=as_json, timeout=timeout, keep=keep)
+    if status:
+        raise typer.Exit(status)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

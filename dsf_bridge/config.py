@@ -1,0 +1,390 @@
+"""The bridge's configuration: one settings model, read from a TOML file, the environment and flags.
+
+Precedence, highest first: command-line flags, environment variables ``DSF_BRIDGE_*`` (``__``
+separates nesting levels, so ``DSF_BRIDGE_DB__URL`` sets ``db.url``), the TOML file named by
+``--config`` or ``DSF_BRIDGE_CONFIG``, then the defaults below. Unknown keys and bad values stop
+start-up with a :class:`~dsf_bridge.errors.ConfigError` naming the field. Nothing is read at
+import time: callers build settings with :func:`load_settings`.
+
+``docs/config.example.toml`` documents every field; a test keeps it in sync with this module.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from dsf_bridge.errors import ConfigError
+
+__all__ = [
+    "CONFIG_ENV_VAR",
+    "DatabaseSettings",
+    "DsfSettings",
+    "LogSettings",
+    "OmiServiceSettings",
+    "OmiSettings",
+    "Settings",
+    "display_settings",
+    "load_settings",
+    "redact_url",
+]
+
+CONFIG_ENV_VAR = "DSF_BRIDGE_CONFIG"
+ENV_PREFIX = "DSF_BRIDGE_"
+DEFAULT_DB_URL = "sqlite:///dsf-bridge.db"
+
+_SUPPORTED_DB_SCHEMES = (
+    "sqlite",
+    "sqlite+aiosqlite",
+    "sqlite+pysqlite",
+    "postgresql",
+    "postgresql+psycopg",
+)
+
+# The environment and TOML layers of the settings being built right now, read by the sources.
+# A context variable rather than class state: settings are built per call, never at import.
+_layers: contextvars.ContextVar[tuple[dict[str, Any], dict[str, Any]]] = contextvars.ContextVar(
+    "dsf_bridge_settings_layers", default=({}, {})
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseSettings(_Section):
+    """Where process state, Tasks seen, the outbox and the audit trail live."""
+
+    url: str = Field(
+        default=DEFAULT_DB_URL,
+        description=(
+            "SQLAlchemy URL of the store: sqlite:///PATH (embedded default) or "
+            "postgresql://USER[:PASSWORD]@HOST:PORT/DB (production); the bridge picks the driver"
+        ),
+    )
+    pool_size: int = Field(
+        default=5, ge=1, le=100, description="PostgreSQL connections kept open per process"
+    )
+    echo: bool = Field(default=False, description="Log every SQL statement (debugging only)")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in _SUPPORTED_DB_SCHEMES:
+            raise ValueError(
+                f"unsupported database URL scheme {scheme or '(none)'!r}; use sqlite:///PATH "
+                "or postgresql://USER@HOST:PORT/DB"
+            )
+        if scheme.startswith("sqlite") and not value.startswith(f"{scheme}:///"):
+            raise ValueError("an SQLite URL needs three slashes: sqlite:///relative/or/absolute")
+        if scheme.startswith("postgresql") and not urlsplit(value).hostname:
+            raise ValueError("a PostgreSQL URL needs a host: postgresql://USER@HOST:PORT/DB")
+        return value
+
+
+class LogSettings(_Section):
+    """How the bridge logs. Logs never carry payloads or patient data."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Lowest level written"
+    )
+    format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="auto: readable on a terminal, JSON lines otherwise",
+    )
+
+
+class DsfSettings(_Section):
+    """The site's identity in the DSF network and its local DSF FHIR server."""
+
+    fhir_base_url: str | None = Field(
+        default=None,
+        description="Base URL of the local DSF FHIR server, e.g. https://dsf.example.org/fhir",
+    )
+    client_certificate: Path | None = Field(
+        default=None, description="Client certificate (PEM or PKCS#12) used for every DSF peer"
+    )
+    client_key: Path | None = Field(
+        default=None, description="Private key of the client certificate (PEM)"
+    )
+    client_key_password: SecretStr | None = Field(
+        default=None, description="Password of an encrypted client key or PKCS#12 file"
+    )
+    ca_certificates: list[Path] = Field(
+        default_factory=list,
+        description="PEM files with the CAs trusted for DSF FHIR servers",
+    )
+
+    @field_validator("fhir_base_url")
+    @classmethod
+    def _check_base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError("must be an https:// URL: the DSF side speaks mutual TLS only")
+        return value.rstrip("/")
+
+
+class OmiServiceSettings(_Section):
+    """One inference service of the local catalogue. A requesting site needs ``organization``
+    (where the request goes); a providing site needs ``model_name`` and ``inference_url`` (what
+    runs it). A site that is both sets all of them."""
+
+    id: str = Field(min_length=1, description="Service id, named by the start Task's 'service'")
+    name: str | None = Field(default=None, description="Human-readable name (default: the id)")
+    organization: str | None = Field(
+        default=None, description="DSF organization identifier of the providing site"
+    )
+    model_name: str | None = Field(
+        default=None, description="Model name on the provider's inference server"
+    )
+    model_version: str | None = Field(default=None, description="Model version (optional)")
+    inference_url: str | None = Field(
+        default=None, description="Base URL of the Open Inference Protocol v2 server"
+    )
+
+
+class OmiSettings(_Section):
+    """OMI inference: the service catalogue, the registry, and timeouts of both process sides."""
+
+    catalogue: list[OmiServiceSettings] = Field(
+        default_factory=list, description="Inference services known to this site"
+    )
+    registry_url: str | None = Field(
+        default=None,
+        description="Base URL of an OMI registry (FHIR); services not in the catalogue are "
+        "looked up there",
+    )
+    result_timeout: str = Field(
+        default="PT10M",
+        description="ISO 8601 duration a request waits for its result unless the start Task "
+        "names one",
+    )
+    dicomweb_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds per DICOMweb request at the providing site"
+    )
+    dicomweb_attempts: int = Field(
+        default=3, ge=1, le=10, description="Tries per DICOMweb request (connection errors, 5xx)"
+    )
+    inference_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds per call to the inference server"
+    )
+    dicomweb_ca_certificates: list[Path] = Field(
+        default_factory=list,
+        description="Providing site: PEM files with the CAs trusted for https DICOMweb archives "
+        "(default: dsf.ca_certificates); the site's DSF client certificate is presented to them",
+    )
+    dicomweb_allowed: list[str] = Field(
+        default_factory=list,
+        description="URL prefixes of DICOMweb archives the providing site fetches from; empty: any",
+    )
+
+    @field_validator("result_timeout")
+    @classmethod
+    def _check_duration(cls, value: str) -> str:
+        if not _DURATION.match(value.strip()):
+            raise ValueError(f"not an ISO 8601 duration such as PT10M: {value!r}")
+        return value.strip()
+
+
+# The duration forms the engine's timers accept (dsf_bridge.engine.timers).
+_DURATION = re.compile(
+    r"^P(?!$)(?:\d+Y)?(?:\d+M)?(?:\d+W)?(?:\d+D)?"
+    r"(?:T(?=\d)(?:\d+H)?(?:\d+M)?(?:\d+(?:\.\d+)?S)?)?$"
+)
+
+
+class Settings(BaseSettings):
+    """The effective configuration of one bridge process."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+    )
+
+    db: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    dsf: DsfSettings = Field(default_factory=DsfSettings)
+    omi: OmiSettings = Field(default_factory=OmiSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        env_values, toml_values = _layers.get()
+        return (
+            init_settings,
+            InitSettingsSource(settings_cls, init_kwargs=env_values),
+            InitSettingsSource(settings_cls, init_kwargs=toml_values),
+        )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist", field="--config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"configuration file {path} cannot be read: {exc}") from exc
+
+
+def _env_values(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Nested setting values from ``DSF_BRIDGE_SECTION__KEY`` variables.
+
+    Variables of that form with an unknown section or key stop start-up like unknown TOML keys
+    do: a typo must not pass silently. Other ``DSF_BRIDGE_*`` variables are not settings.
+    List-valued settings take JSON (``'["a.pem", "b.pem"]'``) or a comma-separated list.
+    """
+    sections = _sections()
+    values: dict[str, dict[str, Any]] = {}
+    for key in sorted(environ):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if "__" not in name:
+            # Not a setting (DSF_BRIDGE_CONFIG, test and tool variables), unless it looks like
+            # one with a single underscore, a typo that would otherwise pass silently.
+            guess_section, _, guess_key = name.partition("_")
+            if guess_key in getattr(sections.get(guess_section), "model_fields", {}):
+                fixed = f"{ENV_PREFIX}{guess_section.upper()}__{guess_key.upper()}"
+                raise ConfigError(
+                    f"{key}: settings use two underscores after the section: {fixed}", field=key
+                )
+            continue
+        parts = name.split("__")
+        section = sections.get(parts[0])
+        if section is None or len(parts) != 2 or parts[1] not in section.model_fields:
+            raise ConfigError(
+                f"{key}: unknown setting in the environment (expected DSF_BRIDGE_SECTION__KEY, "
+                "see docs/config.example.toml)",
+                field=key,
+            )
+        raw: Any = environ[key]
+        if typing.get_origin(section.model_fields[parts[1]].annotation) is list:
+            raw = _parse_list(key, raw)
+        values.setdefault(parts[0], {})[parts[1]] = raw
+    return values
+
+
+def _parse_list(key: str, raw: str) -> list[Any]:
+    text = raw.strip()
+    if text.startswith("["):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{key}: not a JSON list: {exc}", field=key) from exc
+        if not isinstance(parsed, list):
+            raise ConfigError(f"{key}: expected a JSON list", field=key)
+        return parsed
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _sections() -> dict[str, type[BaseModel]]:
+    sections: dict[str, type[BaseModel]] = {}
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            sections[name] = annotation
+    return sections
+
+
+def _describe(error: ValidationError) -> ConfigError:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting (check the spelling against docs/config.example.toml)"
+    more = len(error.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return ConfigError(f"{location}: {message}{suffix}", field=location)
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the effective settings; raise :class:`ConfigError` naming the first bad field.
+
+    ``overrides`` holds command-line flags as nested sections (``{"db": {"url": ...}}``); flags
+    that were not given must be left out, not passed as ``None``. ``environ`` defaults to the
+    process environment.
+    """
+    env = dict(os.environ if environ is None else environ)
+    path = config_file if config_file is not None else env.get(CONFIG_ENV_VAR) or None
+    toml_values = _read_toml(Path(path)) if path is not None else {}
+    token = _layers.set((_env_values(env), toml_values))
+    try:
+        # model_validate would skip the settings sources; the constructor runs them.
+        values: dict[str, Any] = dict(overrides or {})
+        return Settings(**values)
+    except ValidationError as exc:
+        raise _describe(exc) from exc
+    finally:
+        _layers.reset(token)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def display_settings(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The settings as plain data with every secret hidden, for ``dsf-bridge config show``."""
+    shown: dict[str, dict[str, Any]] = {}
+    for section_name in type(settings).model_fields:
+        section = getattr(settings, section_name)
+        values: dict[str, Any] = {}
+        for key in type(section).model_fields:
+            value = getattr(section, key)
+            if isinstance(value, SecretStr):
+                value = "***"
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, list):
+                value = [
+                    str(item)
+                    if isinstance(item, Path)
+                    else item.model_dump(exclude_none=True)
+                    if isinstance(item, BaseModel)
+                    else item
+                    for item in value
+                ]
+            if section_name == "db" and key == "url":
+                value = redact_url(value)
+            values[key] = value
+        shown[section_name] = values
+    return shown

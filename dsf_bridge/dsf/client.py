@@ -1,0 +1,443 @@
+"""The FHIR REST client for DSF FHIR servers (the local one and remote ones), over httpx.
+
+JSON on the wire (``application/fhir+json``). Errors become :class:`~dsf_bridge.errors.RemoteError`
+with the HTTP status and the server's OperationOutcome diagnostics (JSON or XML, the latter
+parsed with entities, DTDs and network access off). Retries are bounded with exponential
+back-off, for HTTP 5xx, 429 (honouring ``Retry-After`` up to a cap) and connection failures only;
+4xx answers are never retried. A request that may have reached the server (the connection broke
+after sending) is retried only when repeating it is harmless: GET, PUT, DELETE, and POST with
+``If-None-Exist``. A plain POST would risk a second Task, so that failure is reported retryable
+for the runtime to decide with its outbox. TLS failures are not retried and say which side
+refused whom.
+
+Tests inject an ``httpx`` transport (``httpx.MockTransport``) through ``transport=``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email.utils
+import json
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+from lxml import etree
+
+from dsf_bridge.dsf.vocabulary import FHIR_JSON, outcome_diagnostics
+from dsf_bridge.errors import RemoteError
+
+__all__ = ["FhirClient", "FhirResult", "RetryPolicy", "parse_outcome"]
+
+_log = structlog.get_logger()
+
+_FHIR_NS = "{http://hl7.org/fhir}"
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
+# Raised before a request was sent: always safe to repeat.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a request is repeated; ``attempts`` counts the first try."""
+
+    attempts: int = 4
+    initial_delay: float = 0.5
+    multiplier: float = 2.0
+    max_delay: float = 10.0
+    retry_after_cap: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts counts the first try and must be at least 1")
+        if min(self.initial_delay, self.max_delay, self.retry_after_cap) < 0:
+            raise ValueError("RetryPolicy delays must not be negative")
+
+    def delay(self, attempt: int) -> float:
+        """Back-off before attempt ``attempt + 1`` (``attempt`` counts from 1)."""
+        return float(min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1)))
+
+
+@dataclass(frozen=True)
+class FhirResult:
+    """The answer to a create or update: status, headers of interest and the body if any."""
+
+    status: int
+    resource: dict[str, Any] | None
+    location: str | None
+    etag: str | None
+    last_modified: str | None
+
+    @property
+    def id(self) -> str | None:
+        """The resource id, from the body or else from ``Location`` (``.../Type/id/_history/n``)."""
+        if self.resource is not None and self.resource.get("id"):
+            return str(self.resource["id"])
+        parts = _location_parts(self.location)
+        return parts[1] if parts else None
+
+    @property
+    def version(self) -> int | None:
+        if self.etag:
+            text = self.etag.removeprefix("W/").strip('"')
+            if text.isdigit():
+                return int(text)
+        parts = _location_parts(self.location)
+        return int(parts[2]) if parts and parts[2].isdigit() else None
+
+
+def _location_parts(location: str | None) -> tuple[str, str, str] | None:
+    if not location:
+        return None
+    path = urlsplit(location).path.rstrip("/").split("/")
+    if len(path) >= 4 and path[-2] == "_history":
+        return path[-4], path[-3], path[-1]
+    if len(path) >= 2:
+        return path[-2], path[-1], ""
+    return None
+
+
+def parse_outcome(content: bytes, content_type: str) -> str:
+    """The diagnostics of an OperationOutcome body in JSON or XML; empty if there is none."""
+    if not content:
+        return ""
+    if "xml" in content_type or content.lstrip().startswith(b"<"):
+        parser = etree.XMLParser(
+            resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False
+        )
+        try:
+            root = etree.fromstring(content, parser=parser)
+        except etree.XMLSyntaxError:
+            return ""
+        if root.tag != f"{_FHIR_NS}OperationOutcome":
+            return ""
+        texts: list[str] = []
+        for issue in root.findall(f"{_FHIR_NS}issue"):
+            element = issue.find(f"{_FHIR_NS}diagnostics")
+            if element is None:
+                element = issue.find(f"{_FHIR_NS}details/{_FHIR_NS}text")
+            if element is not None and element.get("value"):
+                texts.append(str(element.get("value")))
+        return "; ".join(texts)
+    try:
+        parsed = json.loads(content)
+    except ValueError:
+        return ""
+    if isinstance(parsed, dict) and parsed.get("resourceType") == "OperationOutcome":
+        return outcome_diagnostics(parsed)
+    return ""
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
+
+
+def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _describe_tls(error: ssl.SSLError, url: str) -> str:
+    text = str(error)
+    host = urlsplit(url).hostname
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (
+            f"TLS: the certificate of {host} is not trusted ({error.verify_message}); check "
+            "dsf.ca_certificates and that the URL's host name is in the server certificate"
+        )
+    if "ALERT" in text.upper():
+        # An alert comes from the peer: the server refused the certificate we presented.
+        return (
+            f"TLS: {host} rejected our client certificate ({text}); check that it is issued "
+            "by a CA the server trusts, not expired, and configured at all"
+        )
+    return f"TLS handshake with {host} failed: {text}"
+
+
+def _reset_by_peer(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ConnectionResetError | BrokenPipeError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+class FhirClient:
+    """Async FHIR REST client for one FHIR base URL."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float = 30.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._retry = retry or RetryPolicy()
+        self._sleep = sleep
+        if transport is None:
+            # TCP_NODELAY: a request goes out as headers and body; without it Nagle's algorithm
+            # and the peer's delayed ACK add ~40 ms to every POST and PUT.
+            transport = httpx.AsyncHTTPTransport(
+                verify=ssl_context if ssl_context is not None else True,
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            )
+        self._http = httpx.AsyncClient(
+            transport=transport,
+            timeout=timeout,
+            headers={"Accept": FHIR_JSON},
+            follow_redirects=False,
+        )
+
+    async def __aenter__(self) -> FhirClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- interactions ---------------------------------------------------------------------------
+
+    async def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        response = await self.request("GET", f"{resource_type}/{resource_id}")
+        return self._json(response)
+
+    async def search_pages(
+        self, resource_type: str, params: Mapping[str, str] | Sequence[tuple[str, str]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every searchset Bundle, following ``next`` links on this server until there is none."""
+        url: str | None = resource_type
+        query: Mapping[str, str] | Sequence[tuple[str, str]] | None = params
+        while url is not None:
+            response = await self.request("GET", url, params=query)
+            bundle = self._json(response)
+            if bundle.get("resourceType") != "Bundle":
+                raise RemoteError(
+                    f"search {resource_type} answered {bundle.get('resourceType')}, not a Bundle",
+                    status=response.status_code,
+                )
+            yield bundle
+            url = next(
+                (
+                    str(link.get("url"))
+                    for link in bundle.get("link") or []
+                    if link.get("relation") == "next" and link.get("url")
+                ),
+                None,
+            )
+            query = None
+            if url is not None:
+                self._check_same_server(url)
+
+    async def search(
+        self,
+        resource_type: str,
+        params: Mapping[str, str] | Sequence[tuple[str, str]],
+        *,
+        include_mode: bool = False,
+    ) -> list[dict[str, Any]]:
+        """All matching resources over all pages; with ``include_mode`` also ``_include``d ones."""
+        found: list[dict[str, Any]] = []
+        async for bundle in self.search_pages(resource_type, params):
+            for entry in bundle.get("entry") or []:
+                mode = (entry.get("search") or {}).get("mode", "match")
+                resource = entry.get("resource")
+                if not isinstance(resource, dict):
+                    continue
+                if mode == "match" or (include_mode and mode == "include"):
+                    found.append(resource)
+        return found
+
+    async def create(
+        self,
+        resource: Mapping[str, Any],
+        *,
+        if_none_exist: str | None = None,
+        return_minimal: bool = False,
+    ) -> FhirResult:
+        """POST a resource; ``if_none_exist`` makes it a conditional create (DSF answers 200 with
+        the existing resource when one matches)."""
+        headers = {"Prefer": "return=minimal" if return_minimal else "return=representation"}
+        if if_none_exist is not None:
+            headers["If-None-Exist"] = if_none_exist
+        response = await self.request(
+            "POST", str(resource["resourceType"]), json_body=resource, headers=headers
+        )
+        return self._result(response)
+
+    async def update(
+        self,
+        resource: Mapping[str, Any],
+        *,
+        if_match: int | str | None = None,
+        return_minimal: bool = False,
+    ) -> FhirResult:
+        """PUT a resource; ``if_match`` is a version number or an ETag (``W/"3"``)."""
+        headers = {"Prefer": "return=minimal" if return_minimal else "return=representation"}
+        if if_match is not None:
+            headers["If-Match"] = f'W/"{if_match}"' if isinstance(if_match, int) else if_match
+        path = f"{resource['resourceType']}/{resource['id']}"
+        response = await self.request("PUT", path, json_body=resource, headers=headers)
+        return self._result(response)
+
+    async def bundle(
+        self, bundle: Mapping[str, Any], *, return_minimal: bool = False
+    ) -> dict[str, Any]:
+        """POST a batch or transaction Bundle to the base URL; the response Bundle."""
+        if bundle.get("type") not in ("batch", "transaction"):
+            raise ValueError("Bundle.type must be batch or transaction")
+        headers = {"Prefer": "return=minimal" if return_minimal else "return=representation"}
+        response = await self.request("POST", "", json_body=bundle, headers=headers)
+        return self._json(response)
+
+    # -- transport ------------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        json_body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """One request with the retry policy; a non-2xx answer raises :class:`RemoteError`."""
+        url = path_or_url if "://" in path_or_url else f"{self.base_url}/{path_or_url}".rstrip("/")
+        all_headers = dict(headers or {})
+        content: bytes | None = None
+        if json_body is not None:
+            content = json.dumps(json_body).encode()
+            all_headers["Content-Type"] = FHIR_JSON
+        query: list[tuple[str, str | int | float | bool | None]] | None = None
+        if params is not None:
+            query = list(params.items()) if isinstance(params, Mapping) else list(params)
+        repeatable = method in _IDEMPOTENT or "If-None-Exist" in all_headers
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = await self._http.request(
+                    method, url, params=query, content=content, headers=all_headers
+                )
+            except httpx.TransportError as exc:
+                tls = _tls_cause(exc)
+                if tls is not None:
+                    raise RemoteError(f"{method} {url}: {_describe_tls(tls, url)}") from exc
+                may_repeat = isinstance(exc, _NOT_SENT) or repeatable
+                text = f"{method} {url}: connection failed ({type(exc).__name__}: {exc})"
+                if url.startswith("https://") and _reset_by_peer(exc):
+                    # Python's asyncio TLS servers drop the connection without sending the alert
+                    # when they refuse a client certificate; a reset is all the client sees.
+                    text = (
+                        f"{method} {url}: {urlsplit(url).hostname} reset the connection during "
+                        "or right after the TLS handshake; it probably refused our client "
+                        "certificate (not issued by a CA it trusts, expired, or none presented): "
+                        "check dsf.client_certificate"
+                    )
+                if may_repeat and attempt < self._retry.attempts:
+                    delay = self._retry.delay(attempt)
+                    _log.warning(
+                        "fhir_request.retried",
+                        method=method,
+                        url=url,
+                        attempt=attempt,
+                        error=type(exc).__name__,
+                        delay=delay,
+                    )
+                    await self._sleep(delay)
+                    continue
+                raise RemoteError(text, retryable=True) from exc
+            if response.is_success:
+                return response
+            retryable = response.status_code >= 500 or response.status_code == 429
+            if retryable and attempt < self._retry.attempts:
+                delay = self._retry.delay(attempt)
+                retry_after = _retry_after(response)
+                if retry_after is not None:
+                    delay = min(max(delay, retry_after), self._retry.retry_after_cap)
+                _log.warning(
+                    "fhir_request.retried",
+                    method=method,
+                    url=url,
+                    attempt=attempt,
+                    status=response.status_code,
+                    delay=delay,
+                )
+                await self._sleep(delay)
+                continue
+            diagnostics = parse_outcome(response.content, response.headers.get("content-type", ""))
+            message = f"{method} {url} failed with HTTP {response.status_code}"
+            if diagnostics:
+                message += f": {diagnostics}"
+            elif response.status_code == 401:
+                # DSF's Jetty answers an unknown certificate with a bare 401 error page.
+                message += (
+                    ": the server does not know our client certificate; is its thumbprint in "
+                    "the allow list of the server's organization network?"
+                )
+            _log.warning("fhir_request.failed", method=method, url=url, status=response.status_code)
+            raise RemoteError(message, retryable=retryable, status=response.status_code)
+
+    def _check_same_server(self, url: str) -> None:
+        ours, theirs = urlsplit(self.base_url), urlsplit(url)
+        if (ours.scheme, ours.netloc) != (theirs.scheme, theirs.netloc):
+            raise RemoteError(
+                f"paging link {url} leaves the server {self.base_url}; refusing to follow it"
+            )
+
+    @staticmethod
+    def _json(response: httpx.Response) -> dict[str, Any]:
+        try:
+            parsed = response.json()
+        except ValueError as exc:
+            raise RemoteError(
+                f"{response.request.method} {response.request.url} answered no JSON "
+                f"(content type {response.headers.get('content-type', '?')})",
+                status=response.status_code,
+            ) from exc
+        if not isinstance(parsed, dict):
+            raise RemoteError("answer is no FHIR resource", status=response.status_code)
+        return parsed
+
+    def _result(self, response: httpx.Response) -> FhirResult:
+        resource = self._json(response) if response.content else None
+        if resource is not None and resource.get("resourceType") == "OperationOutcome":
+            resource = None
+        return FhirResult(
+            status=response.status_code,
+            resource=resource,
+            location=response.headers.get("location"),
+            etag=response.headers.get("etag"),
+            last_modified=response.headers.get("last-modified"),
+        )

@@ -1,0 +1,272 @@
+"""The websocket subscription to the local DSF FHIR server, with REST catch-up.
+
+As the DSF BPE does it: find the Subscription (``criteria=Task?status=requested``, channel
+``websocket``), open ``wss://<base>/ws``, send ``bind <id>``, wait for ``bound <id>``; then every
+text frame is one resource as JSON, or ``ping <id>`` for a subscription without payload. Any
+close (DSF uses 1003 and 1006) or error leads to a full reconnect with bounded back-off: re-read
+the Subscription, bind, catch up.
+
+Where DSF is weak we do better:
+
+- We bind first and catch up afterwards (frames arriving meanwhile are handled too), so a
+  resource created between catch-up and bind is not missed until the next restart.
+- Catch-up searches ``_lastUpdated=ge<cursor>`` (DSF: ``gt`` on a zone-less timestamp, which skips
+  resources sharing the cursor's millisecond); duplicates are harmless because intake is
+  idempotent by id and version. The cursor keeps its time zone and lives in SQL (the caller's
+  :class:`CursorStore`); it moves only after a resource was handled, and only by catch-up, never
+  by a frame that might have overtaken an earlier resource.
+- A periodic re-sync while connected, from the cursor minus an overlap, finds resources a
+  frame never announced (DSF users lost Tasks after network drops).
+
+:attr:`TaskSubscription.heartbeat` is the time of the last sign of life (bound, frame, or a
+completed catch-up) for the readiness check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.errors import BridgeError, RemoteError
+
+__all__ = ["CursorStore", "SubscriptionSettings", "TaskSubscription", "websocket_url"]
+
+_log = structlog.get_logger("dsf_bridge.dsf.subscription")
+
+ResourceHandler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class CursorStore(Protocol):
+    """Where the last ``meta.lastUpdated`` handled per resource type is kept (SQL in production)."""
+
+    async def load(self, resource_type: str) -> dt.datetime | None: ...
+
+    async def save(self, resource_type: str, last_updated: dt.datetime) -> None: ...
+
+
+@dataclass(frozen=True)
+class SubscriptionSettings:
+    page_size: int = 200
+    resync_interval: dt.timedelta = dt.timedelta(minutes=5)
+    resync_overlap: dt.timedelta = dt.timedelta(seconds=60)
+    bind_timeout: dt.timedelta = dt.timedelta(seconds=10)
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+
+
+def websocket_url(base_url: str) -> str:
+    """``https://host/fhir`` becomes ``wss://host/fhir/ws``."""
+    parts = urlsplit(base_url.rstrip("/"))
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return urlunsplit((scheme, parts.netloc, f"{parts.path}/ws", "", ""))
+
+
+def _last_updated(resource: Mapping[str, Any]) -> dt.datetime | None:
+    text = (resource.get("meta") or {}).get("lastUpdated")
+    if not isinstance(text, str):
+        return None
+    try:
+        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def _version(resource: Mapping[str, Any]) -> str:
+    return str((resource.get("meta") or {}).get("versionId") or "")
+
+
+def _search_criteria(criteria: str) -> tuple[str, list[tuple[str, str]]]:
+    resource_type, _, query = criteria.partition("?")
+    params = [tuple(part.split("=", 1)) for part in query.split("&") if "=" in part]
+    return resource_type, [(key, value) for key, value in params]
+
+
+class TaskSubscription:
+    """Keeps one subscription alive and feeds every matching resource to ``handle``.
+
+    ``handle`` must be idempotent (it sees duplicates after reconnects) and should raise a
+    retryable :class:`BridgeError` when it could not take the resource in (the cursor then stays
+    where it was and the resource comes back at the next catch-up).
+    """
+
+    def __init__(
+        self,
+        client: FhirClient,
+        ssl_context: ssl.SSLContext | None,
+        handle: ResourceHandler,
+        cursor: CursorStore,
+        *,
+        criteria: str = "Task?status=requested",
+        settings: SubscriptionSettings | None = None,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self.client = client
+        self.ssl_context = ssl_context
+        self.handle = handle
+        self.cursor = cursor
+        self.criteria = criteria
+        self.resource_type, self._criteria_params = _search_criteria(criteria)
+        self.settings = settings or SubscriptionSettings()
+        self.clock = clock
+        self.heartbeat: dt.datetime | None = None
+        self.bound = asyncio.Event()
+        self.connections = 0
+
+    # -- one subscription ----------------------------------------------------------------------
+
+    async def find_subscription(self) -> tuple[str, bool]:
+        """The id of the active websocket Subscription for our criteria, and whether it has a
+        payload (frames carry resources) or not (frames are ``ping <id>``)."""
+        found = await self.client.search(
+            "Subscription",
+            [("criteria:exact", self.criteria), ("status", "active"), ("type", "websocket")],
+        )
+        if not found:
+            raise RemoteError(
+                f"no active websocket Subscription with criteria {self.criteria!r} on "
+                f"{self.client.base_url}; the DSF FHIR server creates it at start-up "
+                "(check its bundle of initial resources)",
+                retryable=True,
+            )
+        subscription = found[0]
+        payload = (subscription.get("channel") or {}).get("payload")
+        return str(subscription["id"]), bool(payload)
+
+    async def catch_up(self, *, overlap: dt.timedelta | None = None) -> int:
+        """Fetch matching resources changed since the cursor, oldest first; return how many.
+
+        Handling a Task takes it out of ``status=requested``, which shifts offset-based pages
+        (DSF pages by offset), so instead of following ``next`` links this searches the first
+        page again until it brings nothing new.
+        """
+        since = await self.cursor.load(self.resource_type)
+        start = None if since is None else since - (overlap or dt.timedelta(0))
+        seen: set[tuple[str, str]] = set()
+        handled = 0
+        while True:
+            params = [
+                *self._criteria_params,
+                ("_sort", "_lastUpdated"),
+                ("_count", str(self.settings.page_size)),
+            ]
+            if start is not None:
+                params.append(("_lastUpdated", f"ge{start.isoformat(timespec='microseconds')}"))
+            page = await self._first_page(params)
+            fresh = [r for r in page if (str(r.get("id")), _version(r)) not in seen]
+            for resource in fresh:
+                await self.handle(resource)
+                seen.add((str(resource.get("id")), _version(resource)))
+                handled += 1
+                updated = _last_updated(resource)
+                if updated is not None and (since is None or updated > since):
+                    await self.cursor.save(self.resource_type, updated)
+                    since = updated
+            if not fresh or len(page) < self.settings.page_size:
+                break
+        self.heartbeat = self.clock()
+        if handled:
+            _log.info("subscription.caught_up", resource_type=self.resource_type, count=handled)
+        return handled
+
+    async def _first_page(self, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        async for bundle in self.client.search_pages(self.resource_type, params):
+            return [
+                entry["resource"]
+                for entry in bundle.get("entry") or []
+                if isinstance(entry.get("resource"), dict)
+                and (entry.get("search") or {}).get("mode", "match") == "match"
+            ]
+        return []
+
+    async def _bind(self, connection: ClientConnection, subscription_id: str) -> None:
+        await connection.send(f"bind {subscription_id}")
+        deadline = self.settings.bind_timeout.total_seconds()
+        async with asyncio.timeout(deadline):
+            while True:
+                frame = await connection.recv()
+                if isinstance(frame, str) and frame.strip() == f"bound {subscription_id}":
+                    return
+
+    async def _frame(self, frame: str | bytes, subscription_id: str) -> bool:
+        """Handle one frame; ``True`` when it asks for a catch-up (payload-less ping)."""
+        self.heartbeat = self.clock()
+        text = frame.decode() if isinstance(frame, bytes) else frame
+        if text.startswith("ping "):
+            return True
+        if text.startswith("bound "):
+            return False
+        try:
+            resource = json.loads(text)
+        except json.JSONDecodeError:
+            _log.warning("subscription.frame_ignored", reason="not JSON")
+            return False
+        if isinstance(resource, dict) and resource.get("resourceType") == self.resource_type:
+            await self.handle(resource)
+        return False
+
+    async def run_connected(self, stop: asyncio.Event) -> None:
+        """One connection: find, connect, bind, catch up, then handle frames until it drops."""
+        subscription_id, _payload = await self.find_subscription()
+        url = websocket_url(self.client.base_url)
+        async with connect(
+            url, ssl=self.ssl_context, open_timeout=10, ping_interval=30, max_size=2**24
+        ) as connection:
+            await self._bind(connection, subscription_id)
+            self.connections += 1
+            self.heartbeat = self.clock()
+            self.bound.set()
+            _log.info("subscription.bound", subscription_id=subscription_id, url=url)
+            try:
+                await self.catch_up(overlap=self.settings.resync_overlap)
+                next_resync = self.clock() + self.settings.resync_interval
+                while not stop.is_set():
+                    timeout = max(0.0, (next_resync - self.clock()).total_seconds())
+                    receive = asyncio.ensure_future(connection.recv())
+                    stopper = asyncio.ensure_future(stop.wait())
+                    done, _ = await asyncio.wait(
+                        {receive, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    stopper.cancel()
+                    if receive not in done:
+                        receive.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                            await receive
+                        if stop.is_set():
+                            return
+                        await self.catch_up(overlap=self.settings.resync_overlap)
+                        next_resync = self.clock() + self.settings.resync_interval
+                        continue
+                    if await self._frame(receive.result(), subscription_id):
+                        await self.catch_up(overlap=self.settings.resync_overlap)
+            finally:
+                self.bound.clear()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stay subscribed until ``stop`` is set, reconnecting with back-off after any failure."""
+        delay = self.settings.backoff_initial
+        while not stop.is_set():
+            try:
+                await self.run_connected(stop)
+                delay = self.settings.backoff_initial
+            except (ConnectionClosed, InvalidHandshake, OSError, TimeoutError) as exc:
+                _log.warning("subscription.disconnected", error=str(exc) or type(exc).__name__)
+            except BridgeError as exc:
+                _log.warning("subscription.failed", error=str(exc), retryable=exc.retryable)
+            if stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            delay = min(self.settings.backoff_max, delay * 2)

@@ -1,0 +1,261 @@
+"""DSF Task conventions: reading the process a Task addresses, its message inputs, and building
+the Tasks the bridge sends or updates, exactly as a Java DSF BPE shapes them.
+
+- ``instantiatesCanonical`` is ``http(s)://<domain>/bpe/Process/<name>|<major.minor>``; the
+  process key is the domain without dots, ``_``, and the name (``dsf.dev`` + ``ping`` gives
+  ``dsfdev_ping``).
+- Inputs coded in ``http://dsf.dev/fhir/CodeSystem/bpmn-message``: ``message-name`` (exactly
+  one), ``business-key`` and ``correlation-key`` (at most one each); errors go into an output
+  coded ``error``.
+- Requester and recipient are logical references by ``http://dsf.dev/sid/organization-identifier``.
+
+Inputs, requester, recipient and ``instantiatesCanonical`` of a received Task are never changed:
+the helpers here copy the Task and touch only status, the business key and outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dsf_bridge.dsf.vocabulary import BPMN_MESSAGE_SYSTEM, ORGANIZATION_IDENTIFIER_SYSTEM
+from dsf_bridge.errors import BridgeError
+
+__all__ = [
+    "BUSINESS_KEY",
+    "CORRELATION_KEY",
+    "ERROR",
+    "MESSAGE_NAME",
+    "ProcessReference",
+    "TaskFormatError",
+    "TaskMessage",
+    "build_task",
+    "input_values",
+    "organization_reference",
+    "parse_instantiates_canonical",
+    "read_message",
+    "recipient_identifier",
+    "requester_identifier",
+    "task_input",
+    "updated_task",
+]
+
+MESSAGE_NAME = "message-name"
+BUSINESS_KEY = "business-key"
+CORRELATION_KEY = "correlation-key"
+ERROR = "error"
+
+_CANONICAL = re.compile(
+    r"^(?P<base>https?://(?P<domain>[A-Za-z0-9.-]+))/bpe/Process/"
+    r"(?P<name>[A-Za-z0-9_-]+)\|(?P<version>\d+\.\d+)$"
+)
+
+
+class TaskFormatError(BridgeError):
+    """A Task does not follow the DSF conventions; the message says what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessReference:
+    """The process a Task instantiates or continues."""
+
+    canonical: str
+    domain: str
+    name: str
+    version: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.domain.replace('.', '')}_{self.name}"
+
+
+def parse_instantiates_canonical(value: object) -> ProcessReference:
+    if not isinstance(value, str) or not value:
+        raise TaskFormatError(
+            "Task.instantiatesCanonical is missing; expected "
+            "http(s)://<domain>/bpe/Process/<name>|<major.minor>"
+        )
+    match = _CANONICAL.match(value)
+    if match is None:
+        raise TaskFormatError(
+            f"Task.instantiatesCanonical {value!r} is malformed; expected "
+            "http(s)://<domain>/bpe/Process/<name>|<major.minor>, "
+            "e.g. http://dsf.dev/bpe/Process/ping|1.0"
+        )
+    return ProcessReference(value, match["domain"], match["name"], match["version"])
+
+
+def _codings(element: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    concept = element.get("type")
+    codings = concept.get("coding") if isinstance(concept, Mapping) else None
+    return [c for c in codings or [] if isinstance(c, Mapping)]
+
+
+def input_values(
+    task: Mapping[str, Any], code: str, system: str = BPMN_MESSAGE_SYSTEM
+) -> list[Any]:
+    """The ``value[x]`` of every input of ``task`` coded ``system|code``."""
+    values: list[Any] = []
+    for parameter in task.get("input") or []:
+        if not isinstance(parameter, Mapping):
+            continue
+        if any(c.get("system") == system and c.get("code") == code for c in _codings(parameter)):
+            values.append(
+                next(
+                    (value for key, value in parameter.items() if key.startswith("value")),
+                    None,
+                )
+            )
+    return values
+
+
+def _single(task: Mapping[str, Any], code: str) -> str | None:
+    values = input_values(task, code)
+    if len(values) > 1:
+        raise TaskFormatError(f"Task has {len(values)} '{code}' inputs; DSF allows one")
+    if not values:
+        return None
+    value = values[0]
+    if not isinstance(value, str) or not value.strip():
+        raise TaskFormatError(f"Task input '{code}' must be a non-empty valueString")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMessage:
+    """What a received Task asks for."""
+
+    process: ProcessReference
+    message_name: str
+    business_key: str | None
+    correlation_key: str | None
+    profile: str | None
+
+
+def read_message(task: Mapping[str, Any]) -> TaskMessage:
+    """Read the process, message name, keys and profile of a Task; raise TaskFormatError."""
+    process = parse_instantiates_canonical(task.get("instantiatesCanonical"))
+    message_name = _single(task, MESSAGE_NAME)
+    if message_name is None:
+        raise TaskFormatError(f"Task has no '{MESSAGE_NAME}' input ({BPMN_MESSAGE_SYSTEM})")
+    profiles = (task.get("meta") or {}).get("profile") or []
+    return TaskMessage(
+        process=process,
+        message_name=message_name,
+        business_key=_single(task, BUSINESS_KEY),
+        correlation_key=_single(task, CORRELATION_KEY),
+        profile=str(profiles[0]) if profiles else None,
+    )
+
+
+def _identifier_of(reference: object) -> str | None:
+    if not isinstance(reference, Mapping):
+        return None
+    identifier = reference.get("identifier")
+    if not isinstance(identifier, Mapping):
+        return None
+    if identifier.get("system") != ORGANIZATION_IDENTIFIER_SYSTEM:
+        return None
+    value = identifier.get("value")
+    return str(value) if value else None
+
+
+def requester_identifier(task: Mapping[str, Any]) -> str | None:
+    return _identifier_of(task.get("requester"))
+
+
+def recipient_identifier(task: Mapping[str, Any]) -> str | None:
+    recipients = (task.get("restriction") or {}).get("recipient") or []
+    return _identifier_of(recipients[0]) if len(recipients) == 1 else None
+
+
+def organization_reference(identifier: str) -> dict[str, Any]:
+    return {
+        "type": "Organization",
+        "identifier": {"system": ORGANIZATION_IDENTIFIER_SYSTEM, "value": identifier},
+    }
+
+
+def task_input(system: str, code: str, value: object) -> dict[str, Any]:
+    """One Task input; the value's Python type picks ``value[x]``."""
+    parameter: dict[str, Any] = {"type": {"coding": [{"system": system, "code": code}]}}
+    if isinstance(value, bool):
+        parameter["valueBoolean"] = value
+    elif isinstance(value, int):
+        parameter["valueInteger"] = value
+    elif isinstance(value, float):
+        parameter["valueDecimal"] = value
+    elif isinstance(value, Mapping):
+        typed = [key for key in value if key.startswith("value")]
+        if len(typed) == 1:  # already {"valueReference": {...}} or similar
+            parameter[typed[0]] = value[typed[0]]
+        elif "system" in value and "code" in value:
+            parameter["valueCoding"] = dict(value)
+        else:
+            parameter["valueReference"] = dict(value)
+    else:
+        parameter["valueString"] = str(value)
+    return parameter
+
+
+def build_task(
+    *,
+    instantiates_canonical: str,
+    message_name: str,
+    profile: str,
+    business_key: str | None,
+    correlation_key: str | None,
+    requester: str,
+    recipient: str,
+    inputs: Sequence[Mapping[str, object]] = (),
+    authored_on: dt.datetime,
+) -> dict[str, Any]:
+    """A Task to send, shaped like the Java BPE's ``AbstractTaskMessageSend`` builds it."""
+    parameters = [task_input(BPMN_MESSAGE_SYSTEM, MESSAGE_NAME, message_name)]
+    if business_key is not None:  # a Task that starts a process at a remote site may have none
+        parameters.append(task_input(BPMN_MESSAGE_SYSTEM, BUSINESS_KEY, business_key))
+    if correlation_key is not None:
+        parameters.append(task_input(BPMN_MESSAGE_SYSTEM, CORRELATION_KEY, correlation_key))
+    parameters.extend(
+        task_input(str(item["system"]), str(item["code"]), item["value"]) for item in inputs
+    )
+    return {
+        "resourceType": "Task",
+        "meta": {"profile": [profile]},
+        "instantiatesCanonical": instantiates_canonical,
+        "status": "requested",
+        "intent": "order",
+        "authoredOn": authored_on.astimezone(dt.UTC).isoformat(timespec="milliseconds"),
+        "requester": organization_reference(requester),
+        "restriction": {"recipient": [organization_reference(recipient)]},
+        "input": parameters,
+    }
+
+
+def updated_task(
+    task: Mapping[str, Any],
+    *,
+    status: str,
+    business_key: str | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """A copy of ``task`` with a new status, a business-key input added if it had none, and an
+    ``error`` output; nothing else changes."""
+    updated = copy.deepcopy(dict(task))
+    updated["status"] = status
+    if business_key is not None and not input_values(updated, BUSINESS_KEY):
+        updated.setdefault("input", []).append(
+            task_input(BPMN_MESSAGE_SYSTEM, BUSINESS_KEY, business_key)
+        )
+    if error is not None:
+        updated.setdefault("output", []).append(
+            {
+                "type": {"coding": [{"system": BPMN_MESSAGE_SYSTEM, "code": ERROR}]},
+                "valueString": error,
+            }
+        )
+    return updated

@@ -1,0 +1,1146 @@
+"""The interpreter: ``(definition, state, event) -> (new state, effects)``.
+
+State is a plain JSON-compatible dict (schema version :data:`STATE_VERSION`) and never holds a
+copy of the definition: tokens name nodes by id. Its shape, with short keys because thousands of
+waiting instances are stored::
+
+    {"v": 1, "k": process key, "vt": versionTag, "bk": business key,
+     "st": "run" | "done" | "failed",
+     "n": next id, "vars": {process variables},
+     "sc": {scope id: {"p": parent scope, "t": owning token, "v": {local variables}}},
+     "tk": {token id: {"n": node, "s": scope, "p": phase, ...}},
+     "j": {"scope:node": arrivals at a parallel join}}
+
+A token's phase says what it waits for: ``ab``/``aa`` an async job before/after the node, ``sl``,
+``el``, ``tl`` the start/end/task listener number ``i``, ``h`` a handler, ``u`` a user task,
+``w`` the events in ``w`` (``[node, kind, key]``: ``m`` message name, ``t`` timer id,
+``s`` signal name, ``c`` condition), ``sp`` an embedded subprocess, ``mi`` the instances of a
+multi-instance activity. Scope ``0`` is the process instance; its variables live in ``vars``.
+
+Errors in the model found while running (no exclusive-gateway flow, an unset variable in a
+condition) fail the instance with effects, so the outcome is durable like any other step.
+Events that no longer apply (a timer that fired after its wait ended, a handler result for a
+cancelled token) change nothing. Events that cannot apply (a message that correlates to nothing)
+raise :class:`~dsf_bridge.engine.exceptions.CorrelationError` and leave the state untouched.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Any, TypeVar
+
+from dsf_bridge.engine.events import (
+    CallHandler,
+    CancelTimer,
+    CancelUserTask,
+    CompleteTasks,
+    CreateQuestionnaireResponse,
+    Effect,
+    Event,
+    FailTasks,
+    HandlerCompleted,
+    HandlerFailed,
+    JobDue,
+    MessageReceived,
+    ProcessCompleted,
+    ProcessFailed,
+    ScheduleJob,
+    SendTask,
+    SignalReceived,
+    Start,
+    StartTimer,
+    ThrowSignal,
+    TimerFired,
+    UserTaskCompleted,
+)
+from dsf_bridge.engine.exceptions import CorrelationError, NoOutgoingFlowError
+from dsf_bridge.engine.model import EventKind, Node, NodeKind, ProcessDefinition, TimerSpec
+from dsf_bridge.engine.timers import (
+    RetryPolicy,
+    TimerError,
+    add_duration,
+    parse_date,
+    parse_duration,
+    parse_retry_cycle,
+)
+from dsf_bridge.errors import ProcessExecutionError
+
+__all__ = ["STATE_VERSION", "Step", "start", "step"]
+
+STATE_VERSION = 1
+"""Bumped when the state layout changes; :func:`step` refuses versions it cannot read."""
+
+State = dict[str, Any]
+_T = TypeVar("_T")
+
+# Camunda's default for async elements without failedJobRetryTimeCycle: three tries in all.
+_DEFAULT_RETRY = parse_retry_cycle("R2/PT0S")
+_HANDLER_PHASES = frozenset({"h", "sl", "el", "tl"})
+_MAX_CONDITIONAL_ROUNDS = 100
+_ACTIVITIES = frozenset(
+    {
+        NodeKind.SERVICE_TASK,
+        NodeKind.SEND_TASK,
+        NodeKind.USER_TASK,
+        NodeKind.RECEIVE_TASK,
+        NodeKind.SUB_PROCESS,
+    }
+)
+
+
+@dataclass(slots=True)
+class Step:
+    """The outcome of one event: the new state and the effects to perform, in order."""
+
+    state: State
+    effects: tuple[Effect, ...]
+
+
+def start(definition: ProcessDefinition, event: Start) -> Step:
+    """Create a new instance and run it until every token waits."""
+    if event.message_name is not None:
+        node_id = definition.message_starts.get(event.message_name)
+        if node_id is None:
+            raise CorrelationError(
+                f"Process {definition.key!r} has no message start event for {event.message_name!r}"
+            )
+    else:
+        if definition.none_start is None:
+            raise CorrelationError(f"Process {definition.key!r} has no none start event")
+        node_id = definition.none_start
+    state: State = {
+        "v": STATE_VERSION,
+        "k": definition.key,
+        "vt": definition.version_tag,
+        "bk": event.business_key,
+        "st": "run",
+        "n": 1,
+        "vars": dict(event.variables),
+        "sc": {},
+        "tk": {},
+        "j": {},
+    }
+    run = _Run(definition, state, event.now)
+    tid = run.new_token(node_id, 0)
+    run.guarded(lambda: run.enter(tid))
+    if definition.has_conditionals and run.state["st"] == "run":
+        run.guarded(run.check_conditions)
+    return Step(run.state, tuple(run.effects))
+
+
+def step(definition: ProcessDefinition, state: Mapping[str, Any] | None, event: Event) -> Step:
+    """Apply ``event`` to ``state`` (not modified) and return the new state and effects."""
+    if isinstance(event, Start):
+        if state is not None:
+            raise ProcessExecutionError("A Start event creates a new instance; pass state=None")
+        return start(definition, event)
+    if state is None:
+        raise ProcessExecutionError(f"{type(event).__name__} needs an instance state")
+    version = state.get("v")
+    if version != STATE_VERSION:
+        raise ProcessExecutionError(f"Unsupported instance state version {version!r}")
+    if state.get("k") != definition.key:
+        raise ProcessExecutionError(
+            f"State of process {state.get('k')!r} given with definition {definition.key!r}"
+        )
+    if state.get("vt") != definition.version_tag:
+        raise ProcessExecutionError(
+            f"State of {definition.key!r} version {state.get('vt')!r} given with definition "
+            f"version {definition.version_tag!r}; instances finish on the version they began on"
+        )
+    nodes = definition.nodes
+    for token in state["tk"].values():
+        if token["n"] not in nodes:
+            raise ProcessExecutionError(
+                f"State refers to element {token['n']!r}, which {definition.key!r} does not have"
+            )
+    run = _Run(definition, _copy_state(state), event.now)
+    if run.state["st"] != "run":
+        if isinstance(event, MessageReceived):
+            raise CorrelationError(
+                f"Unable to correlate Task{_task_label(event.task_id)}: instance with "
+                f"business-key {state.get('bk')!r} has already ended"
+            )
+        return Step(run.state, ())
+    handler = _DISPATCH[type(event)]
+    handler(run, event)
+    if definition.has_conditionals and run.state["st"] == "run":
+        run.guarded(run.check_conditions)
+    return Step(run.state, tuple(run.effects))
+
+
+def _task_label(task_id: str | None) -> str:
+    return f" {task_id}" if task_id else ""
+
+
+def _copy_state(state: Mapping[str, Any]) -> State:
+    """Copy what a step may change: two levels of dicts; values themselves are never mutated."""
+    copied = dict(state)
+    copied["vars"] = dict(state["vars"])
+    copied["sc"] = {key: {**scope, "v": dict(scope["v"])} for key, scope in state["sc"].items()}
+    copied["tk"] = {
+        key: {**token, "v": dict(token["v"])} if "v" in token else dict(token)
+        for key, token in state["tk"].items()
+    }
+    copied["j"] = dict(state["j"])
+    return copied
+
+
+class _View:
+    """Variables visible from one token: its locals, then its scopes outwards, then the process."""
+
+    __slots__ = ("run", "token")
+
+    def __init__(self, run: _Run, token: dict[str, Any]) -> None:
+        self.run = run
+        self.token = token
+
+    def lookup(self, name: str) -> tuple[bool, object]:
+        local = self.token.get("v")
+        if local is not None and name in local:
+            return True, local[name]
+        scopes = self.run.state["sc"]
+        sid = self.token["s"]
+        while sid:
+            scope = scopes[str(sid)]
+            if name in scope["v"]:
+                return True, scope["v"][name]
+            sid = scope["p"]
+        variables = self.run.state["vars"]
+        if name in variables:
+            return True, variables[name]
+        return False, None
+
+    def lookup_local(self, name: str) -> tuple[bool, object]:
+        local = self.token.get("v")
+        if local is not None and name in local:
+            return True, local[name]
+        sid = self.token["s"]
+        scope_vars = self.run.state["sc"][str(sid)]["v"] if sid else self.run.state["vars"]
+        if name in scope_vars:
+            return True, scope_vars[name]
+        return False, None
+
+
+class _Run:
+    """One step in progress: the state being changed, the clock reading and collected effects."""
+
+    def __init__(self, definition: ProcessDefinition, state: State, now: datetime) -> None:
+        self.d = definition
+        self.state = state
+        self.now = now
+        self.effects: list[Effect] = []
+        self.tokens: dict[str, dict[str, Any]] = state["tk"]
+        self.pending: deque[str] = deque()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def guarded(self, action: Any) -> None:
+        """Run ``action``; an execution error fails the instance instead of escaping."""
+        try:
+            action()
+            self.drain()
+        except CorrelationError:
+            raise
+        except ProcessExecutionError as exc:
+            self.fail(exc.message)
+
+    def drain(self) -> None:
+        """Advance tokens that moved along sequence flows, one at a time.
+
+        Moving a token only queues it; this loop enters the nodes. That keeps the Python stack
+        flat however long a chain of pass-through nodes is.
+        """
+        pending = self.pending
+        tokens = self.tokens
+        while pending:
+            tid = pending.popleft()
+            if tid in tokens and self.state["st"] == "run":
+                self.enter(tid)
+
+    def next_id(self) -> int:
+        value: int = self.state["n"]
+        self.state["n"] = value + 1
+        return value
+
+    def new_token(self, node_id: str, scope: int) -> str:
+        tid = str(self.next_id())
+        self.tokens[tid] = {"n": node_id, "s": scope, "p": ""}
+        return tid
+
+    def node_of(self, token: dict[str, Any]) -> Node:
+        return self.d.nodes[token["n"]]
+
+    def view(self, token: dict[str, Any]) -> _View:
+        return _View(self, token)
+
+    def snapshot(self, token: dict[str, Any]) -> dict[str, object]:
+        """All variables the token sees, inner scopes shadowing outer ones."""
+        merged = dict(self.state["vars"])
+        chain = []
+        sid = token["s"]
+        scopes = self.state["sc"]
+        while sid:
+            scope = scopes[str(sid)]
+            chain.append(scope["v"])
+            sid = scope["p"]
+        for scope_vars in reversed(chain):
+            merged.update(scope_vars)
+        local = token.get("v")
+        if local:
+            merged.update(local)
+        return merged
+
+    def set_variable(self, token: dict[str, Any], name: str, value: object) -> None:
+        """Camunda ``setVariable``: where the name already lives, else on the process instance."""
+        local = token.get("v")
+        if local is not None and name in local:
+            local[name] = value
+            return
+        scopes = self.state["sc"]
+        sid = token["s"]
+        while sid:
+            scope = scopes[str(sid)]
+            if name in scope["v"]:
+                scope["v"][name] = value
+                return
+            sid = scope["p"]
+        self.state["vars"][name] = value
+
+    def set_local(self, token: dict[str, Any], name: str, value: object) -> None:
+        """Camunda ``setVariableLocal``: on the token's own execution (its scope, or its
+        multi-instance/input locals when it has them)."""
+        local = token.get("v")
+        if local is not None:
+            local[name] = value
+        elif token["s"]:
+            self.state["sc"][str(token["s"])]["v"][name] = value
+        else:
+            self.state["vars"][name] = value
+
+    def apply(self, token: dict[str, Any], variables: Mapping[str, object]) -> None:
+        for name, value in variables.items():
+            self.set_variable(token, name, value)
+
+    def fields(self, token: dict[str, Any], node_fields: Mapping[str, Any]) -> dict[str, object]:
+        if not node_fields:
+            return {}
+        view = self.view(token)
+        return {name: expression(view) for name, expression in node_fields.items()}
+
+    def fail(self, message: str) -> None:
+        for tid in list(self.tokens):
+            if tid in self.tokens:
+                self.cancel(tid)
+        self.state["st"] = "failed"
+        self.state["j"] = {}
+        bk = self.state["bk"]
+        self.effects.append(FailTasks(bk, message))
+        self.effects.append(ProcessFailed(bk, message))
+
+    def schedule(self, tid: str, token: dict[str, Any], phase: str, retries: int) -> None:
+        token["p"] = phase
+        token["r"] = retries
+        self.effects.append(ScheduleJob(tid, token["n"], self.now, retries))
+
+    # -- entering a node ----------------------------------------------------------------------
+
+    def enter(self, tid: str) -> None:
+        token = self.tokens[tid]
+        node = self.d.nodes[token["n"]]
+        if node.simple:
+            self.execute(tid)
+            return
+        if node.async_before and not token.get("mc"):
+            policy = node.retry or _DEFAULT_RETRY
+            self.schedule(tid, token, "ab", policy.retries)
+            return
+        if node.multi_instance is not None and not token.get("mc"):
+            self.multi_instance_start(tid)
+            return
+        self.begin(tid)
+
+    def begin(self, tid: str) -> None:
+        """After async-before: input parameters, then start listeners, then the behaviour."""
+        token = self.tokens[tid]
+        node = self.node_of(token)
+        if node.inputs:
+            view = self.view(token)
+            values = {name: expression(view) for name, expression in node.inputs}
+            token["v"] = {**token.get("v", {}), **values}
+        self.start_listeners(tid, 0)
+
+    def start_listeners(self, tid: str, index: int) -> None:
+        token = self.tokens[tid]
+        node = self.node_of(token)
+        listeners = node.listeners
+        for position in range(index, len(listeners)):
+            listener = listeners[position]
+            if listener.event == "start":
+                token["p"] = "sl"
+                token["i"] = position
+                self.effects.append(
+                    CallHandler(
+                        listener.handler,
+                        "listener",
+                        node.id,
+                        tid,
+                        self.state["bk"],
+                        self.snapshot(token),
+                        self.fields(token, listener.fields),
+                        "start",
+                    )
+                )
+                return
+        token.pop("i", None)
+        self.execute(tid)
+
+    def execute(self, tid: str) -> None:
+        """The behaviour of the token's node, chosen by kind (a table, for the hot path)."""
+        token = self.tokens[tid]
+        node = self.d.nodes[token["n"]]
+        token["p"] = ""
+        if not node.simple and node.kind in _ACTIVITIES and not token.get("mc"):
+            self.start_boundary_timers(tid, token, node)
+        if node.send is not None:
+            self.send(tid, token, node)
+            return
+        _BEHAVIOUR[node.kind](self, tid, token, node)
+
+    def service_task(self, tid: str, token: dict[str, Any], node: Node) -> None:
+        token["p"] = "h"
+        self.effects.append(
+            CallHandler(
+                _need(node.handler),
+                "service",
+                node.id,
+                tid,
+                self.state["bk"],
+                self.snapshot(token),
+                self.fields(token, node.fields),
+            )
+        )
+
+    def pass_through(self, tid: str, token: dict[str, Any], node: Node) -> None:
+        self.leave(tid)
+
+    def end_event(self, tid: str, token: dict[str, Any], node: Node) -> None:
+        if node.event is EventKind.SIGNAL:
+            self.effects.append(ThrowSignal(_need(node.signal_name)))
+        elif node.event is EventKind.ERROR:
+            self.throw_error(tid, node.error_code, "", from_activity=False)
+            return
+        self.leave(tid)
+
+    def throw_event(self, tid: str, token: dict[str, Any], node: Node) -> None:
+        if node.event is EventKind.SIGNAL:
+            self.effects.append(ThrowSignal(_need(node.signal_name)))
+        self.leave(tid)
+
+    def catch_event(self, tid: str, token: dict[str, Any], node: Node) -> None:
+        entry = self.wait_entry(tid, token, node)
+        if entry is None:
+            self.leave(tid)  # a conditional event whose condition already holds
+            return
+        token["p"] = "w"
+        token["w"] = [entry]
+        self.wait_started(token)
+
+    def event_gateway(self, tid: str, token: dict[str, Any], node: Node) -> None:
+        entries = []
+        for target_id in node.targets:
+            entry = self.wait_entry(tid, token, self.d.nodes[target_id])
+            if entry is not None:
+                entries.append(entry)
+        token["p"] = "w"
+        token["w"] = entries
+        self.wait_started(token)
+
+    def exclusive_gateway(self, tid: str, token: dict[str, Any], node: Node) -> None:
+        token["f"] = [self.choose_flow(token, node)]
+        self.leave(tid)
+
+    def user_task(self, tid: str, token: dict[str, Any], node: Node) -> None:
+        self.task_listeners(tid, 0)
+
+    def sub_process(self, tid: str, token: dict[str, Any], node: Node) -> None:
+        sid = self.next_id()
+        self.state["sc"][str(sid)] = {"p": token["s"], "t": tid, "v": token.pop("v", {})}
+        token["p"] = "sp"
+        token["c"] = sid
+        child = self.new_token(_need(node.start_node), sid)
+        self.enter(child)
+
+    def send(self, tid: str, token: dict[str, Any], node: Node) -> None:
+        spec = node.send
+        spec = _need(spec)
+        handler = _need(node.handler)
+        view = self.view(token)
+        found, target = view.lookup("target")
+        target_map = target if found and isinstance(target, Mapping) else None
+        correlation = None
+        if target_map is not None:
+            value = target_map.get("correlationKey")
+            correlation = value if isinstance(value, str) else None
+        token["p"] = "h"
+        self.effects.append(
+            SendTask(
+                handler=handler,
+                element_id=node.id,
+                token=tid,
+                business_key=self.state["bk"],
+                instantiates_canonical=str(spec.instantiates_canonical(view)),
+                message_name=str(spec.message_name(view)),
+                profile=str(spec.profile(view)),
+                correlation_key=correlation,
+                target=target_map,
+                variables=self.snapshot(token),
+                fields=self.fields(token, node.fields),
+            )
+        )
+
+    def task_listeners(self, tid: str, index: int) -> None:
+        token = self.tokens[tid]
+        node = self.node_of(token)
+        for position in range(index, len(node.task_listeners)):
+            listener = node.task_listeners[position]
+            if listener.event == "create":
+                token["p"] = "tl"
+                token["i"] = position
+                self.effects.append(
+                    CallHandler(
+                        listener.handler,
+                        "task_listener",
+                        node.id,
+                        tid,
+                        self.state["bk"],
+                        self.snapshot(token),
+                        self.fields(token, listener.fields),
+                        "create",
+                    )
+                )
+                return
+        token.pop("i", None)
+        token["p"] = "u"
+        self.wait_started(token)
+        self.effects.append(
+            CreateQuestionnaireResponse(
+                _need(node.form_key), node.id, tid, self.state["bk"], self.snapshot(token)
+            )
+        )
+
+    def due(self, token: dict[str, Any], timer: TimerSpec) -> datetime:
+        if timer.expression is not None:
+            value = timer.expression(self.view(token))
+            try:
+                if isinstance(value, datetime):
+                    return value
+                text = str(value)
+                if timer.kind == "duration":
+                    return add_duration(self.now, parse_duration(text))
+                return parse_date(text)
+            except TimerError as exc:
+                raise ProcessExecutionError(
+                    f"Timer expression {timer.expression.source!r} gave {value!r}: {exc.message}"
+                ) from exc
+        if timer.duration is not None:
+            return add_duration(self.now, timer.duration)
+        return parse_date(_need(timer.date))
+
+    def timer(self, tid: str, token: dict[str, Any], node: Node) -> str:
+        timer_id = f"{tid}/{node.id}/{self.next_id()}"
+        self.effects.append(StartTimer(timer_id, node.id, tid, self.due(token, _need(node.timer))))
+        return timer_id
+
+    def wait_entry(self, tid: str, token: dict[str, Any], node: Node) -> list[str] | None:
+        if node.kind is NodeKind.RECEIVE_TASK or node.event is EventKind.MESSAGE:
+            return [node.id, "m", _need(node.message_name)]
+        if node.event is EventKind.TIMER:
+            return [node.id, "t", self.timer(tid, token, node)]
+        if node.event is EventKind.SIGNAL:
+            return [node.id, "s", _need(node.signal_name)]
+        if _truthy(_need(node.condition)(self.view(token))):
+            return None
+        return [node.id, "c", ""]
+
+    def start_boundary_timers(self, tid: str, token: dict[str, Any], node: Node) -> None:
+        timers = []
+        for boundary_id in node.boundaries:
+            boundary = self.d.nodes[boundary_id]
+            if boundary.event is EventKind.TIMER:
+                timers.append(self.timer(tid, token, boundary))
+        if timers:
+            token["bt"] = timers
+
+    def choose_flow(self, token: dict[str, Any], node: Node) -> str:
+        view = self.view(token)
+        for flow_id in node.outgoing:
+            if flow_id == node.default_flow:
+                continue
+            condition = self.d.flows[flow_id].condition
+            if condition is None or _truthy(condition(view)):
+                return flow_id
+        if node.default_flow is not None:
+            return node.default_flow
+        raise NoOutgoingFlowError(
+            f"No outgoing sequence flow of exclusive gateway {node.id!r} can be taken"
+        )
+
+    def parallel(self, tid: str, token: dict[str, Any], node: Node) -> None:
+        if len(node.incoming) > 1:
+            key = f"{token['s']}:{node.id}"
+            joins = self.state["j"]
+            arrived = joins.get(key, 0) + 1
+            if arrived < len(node.incoming):
+                joins[key] = arrived
+                self.end_token(tid)
+                return
+            joins.pop(key, None)
+        self.leave(tid)
+
+    # -- multi-instance -----------------------------------------------------------------------
+
+    def multi_instance_start(self, tid: str) -> None:
+        token = self.tokens[tid]
+        node = self.node_of(token)
+        loop = _need(node.multi_instance)
+        items = loop.collection(self.view(token))
+        if isinstance(items, Mapping) or not isinstance(items, list | tuple):
+            raise ProcessExecutionError(
+                f"Multi-instance collection {loop.collection.source!r} of {node.id!r} is not a "
+                f"list but {type(items).__name__}"
+            )
+        token["p"] = "mi"
+        token["m"] = {"n": len(items), "d": 0}
+        self.start_boundary_timers(tid, token, node)
+        if not items:
+            self.multi_instance_done(tid)
+            return
+        if loop.sequential:
+            token["m"]["it"] = list(items)
+            token["m"]["i"] = 1
+            self.multi_instance_child(tid, token, node, items[0], 0)
+        else:
+            for index, item in enumerate(items):
+                self.multi_instance_child(tid, token, node, item, index)
+
+    def multi_instance_child(
+        self, body_id: str, body: dict[str, Any], node: Node, item: object, index: int
+    ) -> None:
+        loop = _need(node.multi_instance)
+        cid = self.new_token(node.id, body["s"])
+        child = self.tokens[cid]
+        child["mc"] = 1
+        child["o"] = body_id
+        local: dict[str, object] = {"loopCounter": index}
+        if loop.element_variable:
+            local[loop.element_variable] = item
+        child["v"] = local
+        if loop.async_before:
+            policy = loop.retry or _DEFAULT_RETRY
+            self.schedule(cid, child, "ab", policy.retries)
+            return
+        self.begin(cid)
+
+    def multi_instance_child_done(self, cid: str) -> None:
+        child = self.tokens.pop(cid)
+        body_id = child["o"]
+        body = self.tokens[body_id]
+        node = self.node_of(body)
+        loop = _need(node.multi_instance)
+        progress = dict(body["m"])
+        progress["d"] += 1
+        body["m"] = progress
+        if loop.sequential and progress["i"] < progress["n"]:
+            index = progress["i"]
+            progress["i"] = index + 1
+            self.multi_instance_child(body_id, body, node, progress["it"][index], index)
+            return
+        if progress["d"] >= progress["n"]:
+            self.multi_instance_done(body_id)
+
+    def multi_instance_done(self, tid: str) -> None:
+        token = self.tokens[tid]
+        node = self.node_of(token)
+        token.pop("m", None)
+        self.cancel_boundary_timers(token)
+        if node.async_after:
+            self.schedule(tid, token, "aa", (node.retry or _DEFAULT_RETRY).retries)
+            return
+        self.take_outgoing(tid)
+
+    # -- leaving a node -----------------------------------------------------------------------
+
+    def leave(self, tid: str) -> None:
+        token = self.tokens[tid]
+        node = self.d.nodes[token["n"]]
+        if node.simple:
+            self.take_outgoing(tid)
+            return
+        if node.outputs:
+            view = self.view(token)
+            values = [(name, expression(view)) for name, expression in node.outputs]
+            # Output parameters are written to the scope around the activity, not its locals.
+            outer = {"s": token["s"]}
+            for name, value in values:
+                self.set_variable(outer, name, value)
+        self.cancel_boundary_timers(token)
+        self.end_listeners(tid, 0)
+
+    def end_listeners(self, tid: str, index: int) -> None:
+        token = self.tokens[tid]
+        node = self.node_of(token)
+        for position in range(index, len(node.listeners)):
+            listener = node.listeners[position]
+            if listener.event == "end":
+                token["p"] = "el"
+                token["i"] = position
+                self.effects.append(
+                    CallHandler(
+                        listener.handler,
+                        "listener",
+                        node.id,
+                        tid,
+                        self.state["bk"],
+                        self.snapshot(token),
+                        self.fields(token, listener.fields),
+                        "end",
+                    )
+                )
+                return
+        token.pop("i", None)
+        is_child = bool(token.get("mc"))
+        loop = node.multi_instance
+        if is_child and loop is not None:
+            if loop.async_after:
+                self.schedule(tid, token, "aa", (loop.retry or _DEFAULT_RETRY).retries)
+                return
+        elif node.async_after:
+            self.schedule(tid, token, "aa", (node.retry or _DEFAULT_RETRY).retries)
+            return
+        self.after_leave(tid)
+
+    def after_leave(self, tid: str) -> None:
+        if self.tokens[tid].get("mc"):
+            self.multi_instance_child_done(tid)
+        else:
+            self.take_outgoing(tid)
+
+    def take_outgoing(self, tid: str) -> None:
+        token = self.tokens[tid]
+        node = self.d.nodes[token["n"]]
+        if "f" not in token and len(node.targets) == 1:
+            # One unconditional way on: by far the most common case.
+            self.tokens[tid] = {"n": node.targets[0], "s": token["s"], "p": ""}
+            self.pending.append(tid)
+            return
+        flows = token.pop("f", None) or node.outgoing
+        if not flows:
+            self.end_token(tid)
+            return
+        scope = token["s"]
+        targets = [self.d.flows[flow_id].target for flow_id in flows]
+        # Fork tokens exist before the first branch runs, so its end cannot close the scope.
+        forks = [self.new_token(target, scope) for target in targets[1:]]
+        self.move(tid, targets[0])
+        self.pending.append(tid)
+        self.pending.extend(forks)
+
+    def move(self, tid: str, node_id: str) -> None:
+        self.tokens[tid] = {"n": node_id, "s": self.tokens[tid]["s"], "p": ""}
+
+    def end_token(self, tid: str) -> None:
+        token = self.tokens.pop(tid)
+        scope = token["s"]
+        for other in self.tokens.values():
+            if other["s"] == scope:
+                return
+        self.complete_scope(scope)
+
+    def complete_scope(self, sid: int) -> None:
+        if sid == 0:
+            self.state["st"] = "done"
+            self.state["j"] = {}
+            bk = self.state["bk"]
+            self.effects.append(CompleteTasks(bk))
+            self.effects.append(ProcessCompleted(bk))
+            return
+        scope = self.state["sc"].pop(str(sid))
+        self.drop_joins(sid)
+        owner = scope["t"]
+        owner_token = self.tokens[owner]
+        owner_token.pop("c", None)
+        owner_token["p"] = ""
+        self.leave(owner)
+
+    def drop_joins(self, sid: int) -> None:
+        prefix = f"{sid}:"
+        joins = self.state["j"]
+        for key in [key for key in joins if key.startswith(prefix)]:
+            del joins[key]
+
+    # -- cancelling ---------------------------------------------------------------------------
+
+    def cancel_boundary_timers(self, token: dict[str, Any]) -> None:
+        for timer_id in token.pop("bt", ()):
+            self.effects.append(CancelTimer(timer_id))
+
+    def cancel(self, tid: str) -> None:
+        """Remove a token and everything below it, cancelling its timers and user task."""
+        token = self.tokens.pop(tid, None)
+        if token is None:
+            return
+        self.cancel_boundary_timers(token)
+        if token["p"] == "u":
+            self.effects.append(CancelUserTask(tid, token["n"]))
+        self.cancel_work(tid, token)
+
+    def cancel_work(self, tid: str, token: dict[str, Any]) -> None:
+        """Cancel what runs below a token: its subprocess scope or multi-instance children."""
+        if token["p"] == "sp":
+            sid = token["c"]
+            for child_id in [k for k, t in self.tokens.items() if t["s"] == sid]:
+                self.cancel(child_id)
+            self.state["sc"].pop(str(sid), None)
+            self.drop_joins(sid)
+        elif token["p"] == "mi":
+            for child_id in [k for k, t in self.tokens.items() if t.get("o") == tid]:
+                self.cancel(child_id)
+        elif token["p"] == "w":
+            for entry in token.get("w", ()):
+                if entry[1] == "t":
+                    self.effects.append(CancelTimer(entry[2]))
+
+    # -- errors -------------------------------------------------------------------------------
+
+    def throw_error(self, tid: str, code: str | None, message: str, *, from_activity: bool) -> None:
+        """Find the error boundary event that catches ``code``, innermost first, and take it."""
+        token = self.tokens[tid]
+        catcher: str | None = tid if from_activity else None
+        scope = token["s"]
+        if catcher is None:
+            catcher, scope = self.scope_owner(scope)
+        while catcher is not None:
+            owner = self.tokens[catcher]
+            if owner.get("mc"):
+                catcher = owner["o"]  # boundary events of a multi-instance activity sit on its body
+                owner = self.tokens[catcher]
+            node = self.node_of(owner)
+            for boundary_id in node.boundaries:
+                boundary = self.d.nodes[boundary_id]
+                if boundary.event is EventKind.ERROR and boundary.error_code in (None, code):
+                    self.catch_error(catcher, boundary, code, message)
+                    return
+            catcher, scope = self.scope_owner(owner["s"])
+        detail = f": {message}" if message else ""
+        raise ProcessExecutionError(
+            f"BPMN error {code!r} at {token['n']!r} was not caught by any error boundary "
+            f"event{detail}"
+        )
+
+    def scope_owner(self, sid: int) -> tuple[str | None, int]:
+        if sid == 0:
+            return None, 0
+        scope = self.state["sc"][str(sid)]
+        owner: str = scope["t"]
+        return owner, scope["p"]
+
+    def catch_error(self, tid: str, boundary: Node, code: str | None, message: str) -> None:
+        token = self.tokens[tid]
+        scope = token["s"]
+        self.cancel(tid)
+        self.tokens[tid] = {"n": boundary.id, "s": scope, "p": ""}
+        holder = {"s": scope}
+        if boundary.error_code_variable:
+            self.set_local(holder, boundary.error_code_variable, code)
+        if boundary.error_message_variable:
+            self.set_local(holder, boundary.error_message_variable, message)
+        self.begin(tid)
+
+    # -- event handlers -----------------------------------------------------------------------
+
+    def on_message(self, event: MessageReceived) -> None:
+        candidates: list[tuple[str, list[str]]] = []
+        for tid, token in self.tokens.items():
+            if token["p"] != "w" or (event.token is not None and tid != event.token):
+                continue
+            for entry in token["w"]:
+                if entry[1] != "m" or entry[2] != event.message_name:
+                    continue
+                if event.correlation_key is not None:
+                    found, key = self.view(token).lookup("correlationKey")
+                    if not found or key != event.correlation_key:
+                        continue
+                candidates.append((tid, entry))
+        if len(candidates) != 1:
+            raise CorrelationError(
+                f"Unable to correlate Task{_task_label(event.task_id)}: {len(candidates)} "
+                f"waiting executions for message {event.message_name!r}, business-key "
+                f"{self.state['bk']!r}, correlation-key {event.correlation_key!r}"
+            )
+        tid, entry = candidates[0]
+        token = self.tokens[tid]
+
+        def _continue() -> None:
+            self.apply(token, event.variables)
+            self.trigger(tid, entry)
+
+        self.guarded(_continue)
+
+    def trigger(self, tid: str, entry: list[str]) -> None:
+        """A wait entry fired: cancel the other alternatives and leave the caught node."""
+        token = self.tokens[tid]
+        for other in token.pop("w", ()):
+            if other is not entry and other[1] == "t":
+                self.effects.append(CancelTimer(other[2]))
+        token["n"] = entry[0]
+        token["p"] = ""
+        self.leave(tid)
+
+    def on_timer(self, event: TimerFired) -> None:
+        tid, _, _ = event.timer_id.partition("/")
+        token = self.tokens.get(tid)
+        if token is None:
+            return
+        for entry in token.get("w", ()):
+            if entry[1] == "t" and entry[2] == event.timer_id:
+                self.guarded(partial(self.trigger, tid, entry))
+                return
+        if event.timer_id in token.get("bt", ()):
+            boundary_id = event.timer_id.split("/")[1]
+            self.guarded(lambda: self.boundary_timer(tid, boundary_id, event.timer_id))
+
+    def boundary_timer(self, tid: str, boundary_id: str, timer_id: str) -> None:
+        boundary = self.d.nodes[boundary_id]
+        token = self.tokens[tid]
+        if boundary.cancel_activity:
+            token["bt"] = [t for t in token["bt"] if t != timer_id]
+            scope = token["s"]
+            self.cancel(tid)
+            self.tokens[tid] = {"n": boundary.id, "s": scope, "p": ""}
+            self.begin(tid)
+        else:
+            token["bt"] = [t for t in token["bt"] if t != timer_id]
+            self.begin(self.new_token(boundary.id, token["s"]))
+
+    def on_signal(self, event: SignalReceived) -> None:
+        for tid in list(self.tokens):
+            token = self.tokens.get(tid)
+            if token is None or token["p"] != "w":
+                continue
+            for entry in token["w"]:
+                if entry[1] == "s" and entry[2] == event.signal_name:
+                    self.guarded(partial(self.trigger, tid, entry))
+                    break
+            if self.state["st"] != "run":
+                return
+
+    def check_conditions(self) -> None:
+        for _ in range(_MAX_CONDITIONAL_ROUNDS):
+            fired = False
+            for tid, token in list(self.tokens.items()):
+                if token["p"] != "w" or tid not in self.tokens:
+                    continue
+                for entry in token["w"]:
+                    if entry[1] != "c":
+                        continue
+                    node = self.d.nodes[entry[0]]
+                    if _truthy(_need(node.condition)(self.view(token))):
+                        self.trigger(tid, entry)
+                        self.drain()
+                        fired = True
+                        break
+            if not fired or self.state["st"] != "run":
+                return
+
+    def on_handler_completed(self, event: HandlerCompleted) -> None:
+        tid = event.token
+        token = self.tokens.get(tid)
+        if token is None or token["p"] not in _HANDLER_PHASES:
+            return
+        try:  # inline rather than guarded(): this is the most frequent event
+            if event.variables:
+                self.apply(token, event.variables)
+            for name, value in event.local_variables.items():
+                self.set_local(token, name, value)
+            phase = token["p"]
+            if phase == "h":
+                token["p"] = ""
+                self.leave(tid)
+            elif phase == "sl":
+                self.start_listeners(tid, token["i"] + 1)
+            elif phase == "el":
+                self.end_listeners(tid, token["i"] + 1)
+            else:
+                self.task_listeners(tid, token["i"] + 1)
+            self.drain()
+        except CorrelationError:
+            raise
+        except ProcessExecutionError as exc:
+            self.fail(exc.message)
+
+    def on_handler_failed(self, event: HandlerFailed) -> None:
+        token = self.tokens.get(event.token)
+        if token is None or token["p"] not in _HANDLER_PHASES:
+            return
+        tid = event.token
+
+        def _continue() -> None:
+            self.apply(token, event.variables)
+            if event.error_code is not None:
+                self.throw_error(tid, event.error_code, event.message, from_activity=True)
+                return
+            if self.retry_job(tid):
+                return
+            node = self.node_of(token)
+            raise ProcessExecutionError(
+                f"Handler of {node.id!r} failed: {event.message or 'no message'}"
+            )
+
+        self.guarded(_continue)
+
+    def retry_job(self, tid: str) -> bool:
+        """Retry the async job a technical failure happened in, if it has retries left.
+
+        Camunda rolls a failed job back to the async boundary it started at and runs it again
+        after the ``failedJobRetryTimeCycle`` delay. The boundary is the innermost token, from
+        the failing one outwards through its scopes' owners, that still carries retries ``r``
+        (set when an async-before job ran it; cleared at every real wait state, where Camunda
+        commits). That token's work is cancelled and it is scheduled again. Variables handlers
+        set since then are kept: we cannot roll them back, unlike a database transaction.
+        """
+        current: str | None = tid
+        while current is not None:
+            token = self.tokens[current]
+            if "r" in token:
+                break
+            current, _ = self.scope_owner(token["s"])
+        if current is None:
+            return False
+        token = self.tokens[current]
+        policy = self.retry_policy(token)
+        retries: int = token["r"]
+        if policy is None or retries <= 0 or token["p"] in ("ab", "aa"):
+            return False
+        node = self.node_of(token)
+        restored = self.restart_locals(token, node)
+        self.cancel_work(current, token)
+        self.cancel_boundary_timers(token)
+        fresh: dict[str, Any] = {"n": node.id, "s": token["s"], "p": "ab", "r": retries - 1}
+        for key in ("mc", "o"):
+            if key in token:
+                fresh[key] = token[key]
+        if restored:
+            fresh["v"] = restored
+        self.tokens[current] = fresh
+        due = add_duration(self.now, policy.delay(retries))
+        self.effects.append(ScheduleJob(current, node.id, due, retries - 1))
+        return True
+
+    def restart_locals(self, token: dict[str, Any], node: Node) -> dict[str, object]:
+        """The locals a restarted token began with: its multi-instance item and counter."""
+        loop = node.multi_instance
+        if not token.get("mc") or loop is None:
+            return {}
+        source = token.get("v")
+        if token["p"] == "sp":
+            source = self.state["sc"][str(token["c"])]["v"]
+        names = [name for name in (loop.element_variable, "loopCounter") if name]
+        return {name: source[name] for name in names if source and name in source}
+
+    def wait_started(self, token: dict[str, Any]) -> None:
+        """A real wait state: Camunda commits here, so no job before it can be retried."""
+        token.pop("r", None)
+        sid = token["s"]
+        while sid:
+            scope = self.state["sc"][str(sid)]
+            owner = self.tokens.get(scope["t"])
+            if owner is not None:
+                owner.pop("r", None)
+            sid = scope["p"]
+
+    def retry_policy(self, token: dict[str, Any]) -> RetryPolicy | None:
+        node = self.node_of(token)
+        loop = node.multi_instance
+        if token.get("mc") and loop is not None and loop.async_before:
+            return loop.retry or _DEFAULT_RETRY
+        if node.async_before:
+            return node.retry or _DEFAULT_RETRY
+        return None
+
+    def on_user_task(self, event: UserTaskCompleted) -> None:
+        token = self.tokens.get(event.token)
+        if token is None or token["p"] != "u":
+            return
+        tid = event.token
+
+        def _continue() -> None:
+            self.apply(token, event.variables)
+            token["p"] = ""
+            self.leave(tid)
+
+        self.guarded(_continue)
+
+    def on_job(self, event: JobDue) -> None:
+        token = self.tokens.get(event.token)
+        if token is None or token["p"] not in ("ab", "aa"):
+            return
+        tid = event.token
+        phase = token["p"]
+        token["p"] = ""
+        node = self.node_of(token)
+        if phase == "aa":
+            token.pop("r", None)
+            self.guarded(lambda: self.after_leave(tid))
+        elif node.multi_instance is not None and not token.get("mc"):
+            token.pop("r", None)
+            self.guarded(lambda: self.multi_instance_start(tid))
+        else:
+            self.guarded(lambda: self.begin(tid))
+
+
+def _need(value: _T | None) -> _T:
+    """Unwrap a model attribute the parser guarantees for this node kind."""
+    if value is None:  # pragma: no cover - the parser rejects such models
+        raise ProcessExecutionError("internal: a model attribute is missing")
+    return value
+
+
+def _truthy(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value is None:
+        return False
+    if isinstance(value, str):
+        return value.lower() == "true"
+    raise ProcessExecutionError(f"Condition gave {type(value).__name__}, not a boolean")
+
+
+_BEHAVIOUR: dict[NodeKind, Any] = {
+    NodeKind.SERVICE_TASK: _Run.service_task,
+    NodeKind.START_EVENT: _Run.pass_through,
+    NodeKind.BOUNDARY_EVENT: _Run.pass_through,
+    NodeKind.END_EVENT: _Run.end_event,
+    NodeKind.INTERMEDIATE_THROW_EVENT: _Run.throw_event,
+    NodeKind.INTERMEDIATE_CATCH_EVENT: _Run.catch_event,
+    NodeKind.RECEIVE_TASK: _Run.catch_event,
+    NodeKind.EVENT_BASED_GATEWAY: _Run.event_gateway,
+    NodeKind.EXCLUSIVE_GATEWAY: _Run.exclusive_gateway,
+    NodeKind.PARALLEL_GATEWAY: _Run.parallel,
+    NodeKind.USER_TASK: _Run.user_task,
+    NodeKind.SUB_PROCESS: _Run.sub_process,
+}
+
+_DISPATCH: dict[type, Any] = {
+    MessageReceived: _Run.on_message,
+    TimerFired: _Run.on_timer,
+    SignalReceived: _Run.on_signal,
+    HandlerCompleted: _Run.on_handler_completed,
+    HandlerFailed: _Run.on_handler_failed,
+    UserTaskCompleted: _Run.on_user_task,
+    JobDue: _Run.on_job,
+}

@@ -1,0 +1,354 @@
+"""DICOMweb access to an image archive: QIDO-RS search, WADO-RS retrieval, STOW-RS storage.
+
+Built on ``dicomweb-client``, which is synchronous (requests); every call runs in a worker
+thread so the event loop never blocks. Each call has a timeout and bounded retries with
+exponential back-off for what can pass (connection errors, timeouts, 429 and 5xx); dicomweb-
+client's own retrying is switched off so that there is exactly one retry policy.
+
+Mutual TLS takes the same ``ssl.SSLContext`` the DSF side uses (client certificate and trusted
+CAs inside it), mounted into the requests session so no CA bundle of requests is mixed in.
+
+Errors::
+
+    RemoteError                       (dsf_bridge.errors)
+    └── DicomWebError                 the archive failed or refused (403, malformed answers)
+        ├── StudyNotFoundError        the archive answers, but does not hold the study/series
+        └── ArchiveUnavailableError   the archive cannot be reached or fails (retryable)
+
+Logs carry UIDs and counts, never pixel data or patient attributes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import requests
+import structlog
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+from requests.adapters import HTTPAdapter
+
+from dsf_bridge.errors import RemoteError
+
+__all__ = [
+    "ArchiveUnavailableError",
+    "DicomWebArchive",
+    "DicomWebError",
+    "InstanceInfo",
+    "SeriesInfo",
+    "StoreResult",
+    "StudyNotFoundError",
+]
+
+_log = structlog.get_logger()
+
+_T = TypeVar("_T")
+
+# DICOM JSON tags (PS3.18 F.2) of the attributes the bridge reads from QIDO-RS answers.
+_SERIES_UID = "0020000E"
+_SOP_INSTANCE_UID = "00080018"
+_SOP_CLASS_UID = "00080016"
+_MODALITY = "00080060"
+_SERIES_INSTANCES = "00201209"
+_INSTANCE_NUMBER = "00200013"
+_DERIVED_MODALITIES = frozenset({"SEG", "SR", "PR", "KO", "RTSTRUCT", "DOC"})
+
+
+class DicomWebError(RemoteError):
+    """The DICOMweb archive failed or refused; ``url`` is the archive's base URL."""
+
+    def __init__(
+        self, message: str, *, url: str, retryable: bool = False, status: int | None = None
+    ) -> None:
+        super().__init__(message, retryable=retryable, status=status)
+        self.url = url
+
+
+class StudyNotFoundError(DicomWebError):
+    """The archive is up but holds no such study (or series): trying again will not help."""
+
+
+class ArchiveUnavailableError(DicomWebError):
+    """The archive cannot be reached, timed out or failed on its side (5xx, 429)."""
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    series_instance_uid: str
+    modality: str | None
+    instance_count: int | None
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str | None
+    instance_number: int | None
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What STOW-RS reported: SOP Instance UIDs stored, and those that failed."""
+
+    stored: tuple[str, ...]
+    failed: tuple[str, ...]
+
+
+class _SslContextAdapter(HTTPAdapter):
+    """Makes requests use our SSLContext as it is: no CA bundle of its own, no cert files."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__()
+
+    def build_connection_pool_key_attributes(
+        self, request: requests.PreparedRequest, verify: Any, cert: Any = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
+            request, verify, cert
+        )
+        for key in ("ca_certs", "ca_cert_dir", "cert_file", "key_file"):
+            pool_kwargs.pop(key, None)
+        pool_kwargs["ssl_context"] = self._context
+        pool_kwargs["cert_reqs"] = "CERT_REQUIRED"
+        return host_params, pool_kwargs
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        # requests would point the connection at its own CA bundle (certifi), which urllib3
+        # then loads into our context; the context already says whom to trust.
+        return
+
+
+class DicomWebArchive:
+    """One DICOMweb archive (QIDO-RS, WADO-RS and STOW-RS under one base URL).
+
+    ``timeout`` is per HTTP request in seconds; ``attempts`` bounds tries per call (1 = no
+    retry), waiting ``backoff`` x 2^n seconds between them.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 30.0,
+        attempts: int = 3,
+        backoff: float = 0.5,
+        headers: Mapping[str, str] | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        self.url = url.rstrip("/")
+        self._attempts = attempts
+        self._backoff = backoff
+        self._session = session if session is not None else requests.Session()
+        if ssl_context is not None:
+            self._session.mount("https://", _SslContextAdapter(ssl_context))
+        self._client = DICOMwebClient(
+            self.url, session=self._session, headers=dict(headers or {}), timeout=timeout
+        )
+        self._client.set_http_retry_params(retry=False)
+        # dicomweb-client logs request headers (tokens) at DEBUG and UIDs at INFO through its
+        # own logger; our structlog events say what happened without them.
+        logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+
+    def close(self) -> None:
+        self._session.close()
+
+    async def search_series(self, study_instance_uid: str) -> list[SeriesInfo]:
+        """The series of a study (QIDO-RS); :class:`StudyNotFoundError` when there are none."""
+        found = await self._call(
+            "search_series",
+            lambda: self._client.search_for_series(
+                study_instance_uid=study_instance_uid,
+                fields=[_MODALITY, _SERIES_INSTANCES],
+            ),
+            study=study_instance_uid,
+        )
+        if not found:
+            raise StudyNotFoundError(
+                f"study {study_instance_uid} is not in the archive at {self.url}", url=self.url
+            )
+        return [
+            SeriesInfo(
+                series_instance_uid=_text(item, _SERIES_UID) or "",
+                modality=_text(item, _MODALITY),
+                instance_count=_int(item, _SERIES_INSTANCES),
+            )
+            for item in found
+        ]
+
+    async def search_instances(
+        self, study_instance_uid: str, series_instance_uid: str | None = None
+    ) -> list[InstanceInfo]:
+        """The instances of a study or one of its series (QIDO-RS); none is not found."""
+        found = await self._call(
+            "search_instances",
+            lambda: self._client.search_for_instances(
+                study_instance_uid=study_instance_uid,
+                series_instance_uid=series_instance_uid,
+                fields=[_SERIES_UID, _SOP_CLASS_UID, _INSTANCE_NUMBER],
+            ),
+            study=study_instance_uid,
+        )
+        if not found:
+            what = f"series {series_instance_uid} of study" if series_instance_uid else "study"
+            raise StudyNotFoundError(
+                f"{what} {study_instance_uid} has no instances in the archive at {self.url}",
+                url=self.url,
+            )
+        return [
+            InstanceInfo(
+                series_instance_uid=_text(item, _SERIES_UID) or series_instance_uid or "",
+                sop_instance_uid=_text(item, _SOP_INSTANCE_UID) or "",
+                sop_class_uid=_text(item, _SOP_CLASS_UID),
+                instance_number=_int(item, _INSTANCE_NUMBER),
+            )
+            for item in found
+        ]
+
+    async def retrieve_series(
+        self, study_instance_uid: str, series_instance_uid: str
+    ) -> list[Dataset]:
+        """All instances of one series as pydicom datasets (WADO-RS)."""
+        datasets: list[Dataset] = await self._call(
+            "retrieve_series",
+            lambda: self._client.retrieve_series(
+                study_instance_uid=study_instance_uid, series_instance_uid=series_instance_uid
+            ),
+            study=study_instance_uid,
+        )
+        if not datasets:
+            raise StudyNotFoundError(
+                f"series {series_instance_uid} of study {study_instance_uid} returned no "
+                f"instances from {self.url}",
+                url=self.url,
+            )
+        _log.info("dicomweb.retrieved", study=study_instance_uid, instances=len(datasets))
+        return datasets
+
+    async def retrieve_study(
+        self, study_instance_uid: str, series_instance_uid: str | None = None
+    ) -> list[Dataset]:
+        """QIDO-RS then WADO-RS: the named series, or the study's image series with most
+        instances.
+
+        Searching first tells "study not in the archive" apart from an archive that is down,
+        and keeps a study with scouts and reformats from mixing series into one volume.
+        """
+        series = await self.search_series(study_instance_uid)
+        if series_instance_uid is not None:
+            if series_instance_uid not in {s.series_instance_uid for s in series}:
+                raise StudyNotFoundError(
+                    f"series {series_instance_uid} is not part of study {study_instance_uid} "
+                    f"in the archive at {self.url}",
+                    url=self.url,
+                )
+            chosen = series_instance_uid
+        else:
+            # Results stored back into the study (SEG, SR, ...) are no input for a model.
+            images = [s for s in series if s.modality not in _DERIVED_MODALITIES] or series
+            chosen = max(images, key=lambda s: s.instance_count or 0).series_instance_uid
+        return await self.retrieve_series(study_instance_uid, chosen)
+
+    async def store(self, datasets: Sequence[Dataset]) -> StoreResult:
+        """Store instances (STOW-RS); raises :class:`DicomWebError` if any failed."""
+        if not datasets:
+            return StoreResult(stored=(), failed=())
+        response: Dataset = await self._call(
+            "store", lambda: self._client.store_instances(list(datasets)), study=None
+        )
+        stored = tuple(
+            str(item.ReferencedSOPInstanceUID)
+            for item in response.get("ReferencedSOPSequence", [])
+            if "ReferencedSOPInstanceUID" in item
+        )
+        failed = tuple(
+            str(item.ReferencedSOPInstanceUID)
+            for item in response.get("FailedSOPSequence", [])
+            if "ReferencedSOPInstanceUID" in item
+        )
+        _log.info("dicomweb.stored", instances=len(stored), failed=len(failed))
+        if failed:
+            raise DicomWebError(
+                f"the archive at {self.url} refused {len(failed)} of {len(datasets)} instances",
+                url=self.url,
+            )
+        return StoreResult(stored=stored, failed=failed)
+
+    async def _call(self, operation: str, call: Callable[[], _T], *, study: str | None) -> _T:
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return await asyncio.to_thread(call)
+            except requests.RequestException as exc:
+                error = self._translate(operation, exc, study)
+            if not error.retryable or attempt == self._attempts:
+                raise error
+            delay = self._backoff * 2 ** (attempt - 1)
+            _log.warning(
+                "dicomweb.retried", operation=operation, attempt=attempt, status=error.status
+            )
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _translate(
+        self, operation: str, exc: requests.RequestException, study: str | None
+    ) -> DicomWebError:
+        response = exc.response if isinstance(exc, requests.HTTPError) else None
+        if response is None:
+            kind = "timed out" if isinstance(exc, requests.Timeout) else "cannot be reached"
+            error: DicomWebError = ArchiveUnavailableError(
+                f"the DICOMweb archive at {self.url} {kind} ({operation}): {exc}",
+                url=self.url,
+                retryable=True,
+            )
+            error.__cause__ = exc
+            return error
+        status = response.status_code
+        if status == 404 and study is not None:
+            error = StudyNotFoundError(
+                f"study {study} is not in the archive at {self.url}", url=self.url, status=status
+            )
+        elif status >= 500 or status == 429:
+            error = ArchiveUnavailableError(
+                f"the DICOMweb archive at {self.url} failed ({operation}, HTTP {status})",
+                url=self.url,
+                retryable=True,
+                status=status,
+            )
+        else:
+            error = DicomWebError(
+                f"the DICOMweb archive at {self.url} refused {operation} (HTTP {status})",
+                url=self.url,
+                status=status,
+            )
+        error.__cause__ = exc
+        return error
+
+
+def _value(item: Mapping[str, Any], tag: str) -> Any:
+    element = item.get(tag)
+    if not isinstance(element, Mapping):
+        return None
+    values = element.get("Value")
+    return values[0] if isinstance(values, list) and values else None
+
+
+def _text(item: Mapping[str, Any], tag: str) -> str | None:
+    value = _value(item, tag)
+    return None if value is None else str(value)
+
+
+def _int(item: Mapping[str, Any], tag: str) -> int | None:
+    value = _value(item, tag)
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,425 @@
+"""Finding inference services: the OMI registry (FHIR) or a local catalogue from the config.
+
+OMI models an algorithm as a FHIR ``Device``, a running service of it as a
+``HealthcareService`` with an ``Endpoint`` (the Open Inference Protocol v2 base URL), and the
+service's liveness as a heartbeat extension. OMI publishes no canonical URLs we could find for
+these, so the bridge defines them under ``http://omi.de/fhir/registry/`` (documented in
+``docs/omi.md``) and keeps them in one place, here:
+
+- ``HealthcareService.extension[algorithm]`` (:data:`ALGORITHM_EXTENSION`): valueReference to
+  the ``Device``; ``HealthcareService.endpoint``: the OIP v2 ``Endpoint``
+  (``connectionType`` :data:`OIP_CONNECTION_TYPE`); ``providedBy``: the Organization, carrying
+  the DSF organization identifier the request Task is addressed to.
+- ``Device.deviceName`` of type ``model-name``: the model name on the inference server;
+  ``Device.version``: its version; ``Device.identifier`` (:data:`DEVICE_IDENTIFIER_SYSTEM`).
+- ``HealthcareService.extension[heartbeat]`` (:data:`HEARTBEAT_EXTENSION`) with sub-extensions
+  ``status`` (valueCode ``available`` | ``busy`` | ``unavailable``), ``queueLength``
+  (valueInteger), ``estimatedWaitingTime`` (valueDuration, seconds) and ``lastSeen``
+  (valueInstant).
+
+Errors: :class:`RegistryError` (a :class:`~dsf_bridge.errors.RemoteError`) when the registry
+fails, :class:`ServiceNotFoundError` when no service matches, :class:`ServiceUnavailableError`
+when the heartbeat says the service cannot take work (retryable: it may come back).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+import httpx
+import structlog
+
+from dsf_bridge.errors import RemoteError
+
+__all__ = [
+    "ALGORITHM_EXTENSION",
+    "DEVICE_IDENTIFIER_SYSTEM",
+    "DSF_ORGANIZATION_IDENTIFIER_SYSTEM",
+    "HEARTBEAT_EXTENSION",
+    "OIP_CONNECTION_TYPE",
+    "FhirRegistryClient",
+    "Heartbeat",
+    "InferenceService",
+    "LocalCatalogue",
+    "RegistryError",
+    "ServiceNotFoundError",
+    "ServiceRegistry",
+    "ServiceUnavailableError",
+    "check_heartbeat",
+]
+
+_log = structlog.get_logger()
+
+_REGISTRY = "http://omi.de/fhir/registry"
+ALGORITHM_EXTENSION = f"{_REGISTRY}/StructureDefinition/algorithm"
+HEARTBEAT_EXTENSION = f"{_REGISTRY}/StructureDefinition/heartbeat"
+DEVICE_IDENTIFIER_SYSTEM = f"{_REGISTRY}/sid/device"
+OIP_CONNECTION_TYPE = (f"{_REGISTRY}/CodeSystem/endpoint-connection-type", "oip-v2-rest")
+DSF_ORGANIZATION_IDENTIFIER_SYSTEM = "http://dsf.dev/sid/organization-identifier"
+
+_STATUSES = frozenset({"available", "busy", "unavailable"})
+
+
+class RegistryError(RemoteError):
+    """The registry failed or answered something that is not a usable search result."""
+
+
+class ServiceNotFoundError(RegistryError):
+    """No active service matches: not retryable until someone changes the registry."""
+
+
+class ServiceUnavailableError(RegistryError):
+    """The service's heartbeat says it cannot take work now, or is stale."""
+
+    retryable = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    status: str
+    queue_length: int | None = None
+    estimated_waiting_time: dt.timedelta | None = None
+    last_seen: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class InferenceService:
+    """One service that runs one model, and how to reach it."""
+
+    service_id: str
+    name: str
+    model_name: str
+    inference_url: str
+    organization: str | None = None
+    model_version: str | None = None
+    device: Mapping[str, Any] = field(default_factory=dict)
+    heartbeat: Heartbeat | None = None
+
+    def device_reference(self) -> dict[str, Any]:
+        """A FHIR Reference to the model's Device for results' ``Observation.device``."""
+        if self.device:
+            return dict(self.device)
+        return {
+            "type": "Device",
+            "identifier": {"system": DEVICE_IDENTIFIER_SYSTEM, "value": self.model_name},
+            "display": self.name,
+        }
+
+
+class ServiceRegistry(Protocol):
+    """What the inference request process needs: find services, resolve one by id."""
+
+    async def find_services(
+        self, *, model_name: str | None = None, organization: str | None = None
+    ) -> list[InferenceService]: ...
+
+    async def get_service(self, service_id: str) -> InferenceService: ...
+
+
+def check_heartbeat(
+    service: InferenceService,
+    *,
+    now: dt.datetime | None = None,
+    max_age: dt.timedelta = dt.timedelta(minutes=10),
+) -> None:
+    """Raise :class:`ServiceUnavailableError` unless the service can take work.
+
+    A service without heartbeat passes (a local catalogue entry has none); ``busy`` passes,
+    since a queue is not a refusal.
+    """
+    beat = service.heartbeat
+    if beat is None:
+        return
+    if beat.status == "unavailable":
+        raise ServiceUnavailableError(f"service {service.name} reports itself unavailable")
+    if beat.last_seen is not None:
+        age = (now or dt.datetime.now(dt.UTC)) - beat.last_seen
+        if age > max_age:
+            raise ServiceUnavailableError(
+                f"service {service.name} sent no heartbeat for {int(age.total_seconds())} s"
+            )
+
+
+class LocalCatalogue:
+    """Services from the bridge's configuration, for sites without a registry."""
+
+    def __init__(self, services: Iterable[InferenceService]) -> None:
+        self._services = {service.service_id: service for service in services}
+
+    @classmethod
+    def from_config(cls, entries: Sequence[Mapping[str, Any]]) -> LocalCatalogue:
+        """Entries with ``id``, ``model_name``, ``inference_url`` and optionally ``name``,
+        ``organization``, ``model_version``."""
+        services = []
+        for index, entry in enumerate(entries):
+            missing = {"id", "model_name", "inference_url"} - entry.keys()
+            if missing:
+                raise ValueError(f"catalogue entry {index} lacks {sorted(missing)}")
+            unknown = entry.keys() - {
+                "id",
+                "name",
+                "model_name",
+                "inference_url",
+                "organization",
+                "model_version",
+            }
+            if unknown:
+                raise ValueError(f"catalogue entry {index} has unknown keys {sorted(unknown)}")
+            services.append(
+                InferenceService(
+                    service_id=str(entry["id"]),
+                    name=str(entry.get("name") or entry["id"]),
+                    model_name=str(entry["model_name"]),
+                    inference_url=str(entry["inference_url"]),
+                    organization=entry.get("organization"),
+                    model_version=entry.get("model_version"),
+                )
+            )
+        return cls(services)
+
+    async def find_services(
+        self, *, model_name: str | None = None, organization: str | None = None
+    ) -> list[InferenceService]:
+        return _matching(self._services.values(), model_name, organization)
+
+    async def get_service(self, service_id: str) -> InferenceService:
+        try:
+            return self._services[service_id]
+        except KeyError:
+            raise ServiceNotFoundError(
+                f"service {service_id} is not in the local catalogue"
+            ) from None
+
+
+class FhirRegistryClient:
+    """Searches an OMI registry FHIR server for active HealthcareServices with their Endpoints,
+    Organizations and Devices."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 10.0,
+        verify: ssl.SSLContext | bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,
+        page_limit: int = 20,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._page_limit = page_limit
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=timeout,
+            verify=verify,
+            headers={"Accept": "application/fhir+json"},
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def find_services(
+        self, *, model_name: str | None = None, organization: str | None = None
+    ) -> list[InferenceService]:
+        params = {
+            "active": "true",
+            "_include": ["HealthcareService:endpoint", "HealthcareService:organization"],
+        }
+        resources = await self._search("HealthcareService", params)
+        services = await self._assemble(resources)
+        found = _matching(services, model_name, organization)
+        _log.info("registry.searched", services=len(found))
+        return found
+
+    async def get_service(self, service_id: str) -> InferenceService:
+        params = {
+            "_id": service_id,
+            "_include": ["HealthcareService:endpoint", "HealthcareService:organization"],
+        }
+        services = await self._assemble(await self._search("HealthcareService", params))
+        if not services:
+            raise ServiceNotFoundError(
+                f"service {service_id} is not in the registry at {self.base_url}"
+            )
+        return services[0]
+
+    async def _assemble(self, resources: list[dict[str, Any]]) -> list[InferenceService]:
+        by_ref = {f"{r['resourceType']}/{r.get('id')}": r for r in resources}
+        healthcare = [r for r in resources if r.get("resourceType") == "HealthcareService"]
+        device_ids = {
+            ref.split("/", 1)[1]
+            for service in healthcare
+            if (ref := _extension_reference(service, ALGORITHM_EXTENSION)) is not None
+            and ref.startswith("Device/")
+        }
+        if device_ids:
+            devices = await self._search("Device", {"_id": ",".join(sorted(device_ids))})
+            by_ref.update({f"Device/{d.get('id')}": d for d in devices})
+        services = []
+        for resource in healthcare:
+            service = _service_from(resource, by_ref)
+            if service is not None:
+                services.append(service)
+        return services
+
+    async def _search(self, resource_type: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        url: str | None = f"/{resource_type}"
+        query: Mapping[str, Any] | None = params
+        for _ in range(self._page_limit):
+            if url is None:
+                break
+            bundle = await self._get(url, query)
+            found.extend(
+                entry["resource"] for entry in bundle.get("entry") or () if "resource" in entry
+            )
+            url = next(
+                (
+                    link.get("url")
+                    for link in bundle.get("link") or ()
+                    if link.get("relation") == "next"
+                ),
+                None,
+            )
+            query = None  # the next link carries the query
+        return found
+
+    async def _get(self, url: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        try:
+            response = await self._client.get(url, params=params)
+        except httpx.TransportError as exc:
+            raise RegistryError(
+                f"the OMI registry at {self.base_url} is unreachable: {exc}", retryable=True
+            ) from exc
+        if response.status_code != 200:
+            raise RegistryError(
+                f"the OMI registry at {self.base_url} answered HTTP {response.status_code}",
+                retryable=response.status_code >= 500 or response.status_code == 429,
+                status=response.status_code,
+            )
+        try:
+            bundle = response.json()
+        except ValueError as exc:
+            raise RegistryError(f"the OMI registry at {self.base_url} sent no JSON") from exc
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+            raise RegistryError(f"the OMI registry at {self.base_url} sent no search Bundle")
+        return bundle
+
+
+def _matching(
+    services: Iterable[InferenceService], model_name: str | None, organization: str | None
+) -> list[InferenceService]:
+    return [
+        service
+        for service in services
+        if (model_name is None or service.model_name == model_name)
+        and (organization is None or service.organization == organization)
+    ]
+
+
+def _extension(resource: Mapping[str, Any], url: str) -> Mapping[str, Any] | None:
+    return next((e for e in resource.get("extension") or () if e.get("url") == url), None)
+
+
+def _extension_reference(resource: Mapping[str, Any], url: str) -> str | None:
+    extension = _extension(resource, url)
+    if extension is None:
+        return None
+    reference = extension.get("valueReference", {}).get("reference")
+    return str(reference) if reference else None
+
+
+def _service_from(
+    resource: Mapping[str, Any], by_ref: Mapping[str, Mapping[str, Any]]
+) -> InferenceService | None:
+    """The service, or None (logged) when it lacks an OIP endpoint or a model name."""
+    service_id = str(resource.get("id"))
+    endpoint = next(
+        (
+            by_ref[ref["reference"]]
+            for ref in resource.get("endpoint") or ()
+            if ref.get("reference") in by_ref and _is_oip(by_ref[ref["reference"]])
+        ),
+        None,
+    )
+    device_ref = _extension_reference(resource, ALGORITHM_EXTENSION)
+    device = by_ref.get(device_ref or "")
+    model_name = _model_name(device) if device is not None else None
+    if endpoint is None or model_name is None or endpoint.get("status", "active") != "active":
+        _log.warning("registry.service_skipped", service_id=service_id)
+        return None
+    organization = None
+    provided_by = resource.get("providedBy", {})
+    org = by_ref.get(str(provided_by.get("reference")))
+    for identifier in (org or {}).get("identifier") or [provided_by.get("identifier") or {}]:
+        if identifier.get("system") == DSF_ORGANIZATION_IDENTIFIER_SYSTEM:
+            organization = identifier.get("value")
+    device_reference: dict[str, Any] = {"reference": device_ref, "type": "Device"}
+    return InferenceService(
+        service_id=service_id,
+        name=str(resource.get("name") or service_id),
+        model_name=model_name,
+        inference_url=str(endpoint["address"]),
+        organization=organization,
+        model_version=(device or {}).get("version", [{}])[0].get("value"),
+        device=device_reference,
+        heartbeat=_heartbeat(resource),
+    )
+
+
+def _is_oip(endpoint: Mapping[str, Any]) -> bool:
+    coding = endpoint.get("connectionType") or {}
+    return (coding.get("system"), coding.get("code")) == OIP_CONNECTION_TYPE and bool(
+        endpoint.get("address")
+    )
+
+
+def _model_name(device: Mapping[str, Any]) -> str | None:
+    for name in device.get("deviceName") or ():
+        if name.get("type") == "model-name" and name.get("name"):
+            return str(name["name"])
+    return None
+
+
+def _heartbeat(resource: Mapping[str, Any]) -> Heartbeat | None:
+    extension = _extension(resource, HEARTBEAT_EXTENSION)
+    if extension is None:
+        return None
+    parts = {e.get("url"): e for e in extension.get("extension") or ()}
+    status = str(parts.get("status", {}).get("valueCode", "unavailable"))
+    if status not in _STATUSES:
+        status = "unavailable"  # an unknown status is no promise to take work
+    queue = parts.get("queueLength", {}).get("valueInteger")
+    waiting = parts.get("estimatedWaitingTime", {}).get("valueDuration")
+    seen = parts.get("lastSeen", {}).get("valueInstant")
+    return Heartbeat(
+        status=status,
+        queue_length=int(queue) if queue is not None else None,
+        estimated_waiting_time=_duration(waiting),
+        last_seen=dt.datetime.fromisoformat(seen) if seen else None,
+    )
+
+
+def _duration(value: Mapping[str, Any] | None) -> dt.timedelta | None:
+    if not value or value.get("value") is None:
+        return None
+    factor = {"s": 1, "min": 60, "h": 3600}.get(str(value.get("code", "s")), 1)
+    return dt.timedelta(seconds=float(value["value"]) * factor)

@@ -1,0 +1,651 @@
+"""The OMI inference processes as a dsf-bridge plugin: ``inferenceRequest`` at the requesting
+site and ``inferenceExecution`` at the providing site (``docs/protocol.md`` is the wire format).
+
+Requesting site (``dsf-bridgedev_inferenceRequest``): a local ``startInferenceRequest`` Task
+names a study, the DICOMweb endpoint that serves it and a service. The service is resolved
+(local catalogue, else the OMI registry) and its heartbeat checked; an ``inferenceRequest``
+Task goes to the providing organization; an event-based gateway waits for the
+``inferenceResult`` or a timer (``result-timeout``, default ``[omi] result_timeout``). A result
+is stored as a FHIR ``Bundle`` (DiagnosticReport and Observations; the DSF FHIR server has no
+Observation type) readable by this site only, and the start Task gets outputs: a reference to
+the Bundle and one ``valueQuantity`` per measurement. Every failure (service unknown or down,
+request not delivered or refused, provider error, timeout) ends in ``InferenceFailed``, whose
+handler fails the instance: the runtime then fails the start Task with that message.
+
+Providing site (``dsf-bridgedev_inferenceExecution``): the request is checked (UIDs, endpoint,
+service in this site's catalogue), the study fetched, converted and inferred
+(:func:`~dsf_bridge.omi.execution.infer_study`), and an ``inferenceResult`` goes back to the
+requesting organization: measurements, or an ``error`` saying which step failed. Either way
+the provider's instance ends, so no request waits at both sites.
+
+No Task of either process carries a patient attribute: studies travel as UIDs, results as
+numbers with UCUM units.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import ssl
+from collections.abc import Mapping, Sequence
+from datetime import date
+from typing import Any, cast
+
+import structlog
+
+from dsf_bridge.config import OmiServiceSettings, OmiSettings
+from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.vocabulary import READ_ACCESS_TAG_SYSTEM
+from dsf_bridge.engine.timers import TimerError, parse_duration
+from dsf_bridge.errors import BridgeError, RemoteError
+from dsf_bridge.omi.conversion import (
+    MEASUREMENT_CODE_SYSTEM,
+    TISSUES,
+    UCUM,
+    ImageConversionError,
+    Measurement,
+    OutputConversionError,
+    report_bundle,
+)
+from dsf_bridge.omi.dicomweb import ArchiveUnavailableError, DicomWebArchive, StudyNotFoundError
+from dsf_bridge.omi.execution import infer_study
+from dsf_bridge.omi.inference import (
+    HttpInferenceClient,
+    InferenceError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+)
+from dsf_bridge.omi.registry import (
+    DEVICE_IDENTIFIER_SYSTEM,
+    FhirRegistryClient,
+    InferenceService,
+    RegistryError,
+    ServiceNotFoundError,
+    ServiceRegistry,
+    check_heartbeat,
+)
+from dsf_bridge.plugins.api import ProcessPlugin
+from dsf_bridge.plugins.pingpong import bpmn_dir, profiles_dir
+from dsf_bridge.plugins.registry import (
+    SERVICE_FHIR_CLIENT,
+    BpmnError,
+    HandlerContext,
+    HandlerRegistry,
+    SendContext,
+)
+
+__all__ = [
+    "CODESYSTEM_OMI",
+    "CODESYSTEM_OMI_ERROR",
+    "EXECUTION_PROCESS",
+    "REQUEST_PROCESS",
+    "SERVICE_DICOMWEB_SSL_CONTEXT",
+    "SERVICE_OMI_REGISTRY",
+    "SERVICE_OMI_SETTINGS",
+    "InferenceRequestError",
+    "handlers",
+    "plugin",
+    "result_summary",
+]
+
+log = structlog.get_logger("dsf_bridge.plugins.inference")
+
+REQUEST_PROCESS = "dsf-bridgedev_inferenceRequest"
+EXECUTION_PROCESS = "dsf-bridgedev_inferenceExecution"
+#: Service name of the site's :class:`~dsf_bridge.config.OmiSettings` (the daemon provides it).
+SERVICE_OMI_SETTINGS = "omi.settings"
+#: Service name of a :class:`~dsf_bridge.omi.registry.ServiceRegistry` to ask for services that
+#: are not in the catalogue, instead of one made from ``[omi] registry_url`` for each request.
+SERVICE_OMI_REGISTRY = "omi.registry"
+#: Service name of the ``ssl.SSLContext`` for https DICOMweb archives (mutual TLS).
+SERVICE_DICOMWEB_SSL_CONTEXT = "omi.dicomweb_ssl_context"
+
+CODESYSTEM_OMI = "http://dsf-bridge.dev/fhir/CodeSystem/omi"
+CODESYSTEM_OMI_ERROR = "http://dsf-bridge.dev/fhir/CodeSystem/omi-error"
+
+STUDY_INSTANCE_UID = "study-instance-uid"
+SERIES_INSTANCE_UID = "series-instance-uid"
+DICOMWEB_ENDPOINT = "dicomweb-endpoint"
+SERVICE = "service"
+RESULT_TIMEOUT = "result-timeout"
+MODEL_NAME = "model-name"
+MODEL_VERSION = "model-version"
+SLICES = "slices"
+SEGMENTATION = "segmentation"
+SEGMENTATION_SERIES = "segmentation-series-instance-uid"
+ERROR = "error"
+ERROR_KIND = "error-kind"
+INFERENCE_RESULT = "inference-result"
+
+# Error kinds a provider reports (CodeSystem omi-error), and the requester's own.
+REQUEST_INVALID = "request-invalid"
+REQUEST_REFUSED = "request-refused"
+STUDY_NOT_FOUND = "study-not-found"
+ARCHIVE_UNAVAILABLE = "archive-unavailable"
+MODEL_NOT_READY = "model-not-ready"
+MODEL_ERROR = "model-error"
+CONVERSION_FAILED = "conversion-failed"
+PROVIDER_FAILED = "provider-failed"
+SERVICE_UNAVAILABLE = "service-unavailable"
+NOT_DELIVERED = "request-not-delivered"
+NOT_AUTHORIZED = "request-not-authorized"
+RESULT_TIMED_OUT = "result-timeout"
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# measurement code suffix (conversion.Measurement.code) -> (quantity, UCUM code)
+_QUANTITY_BY_SUFFIX = {
+    "area": ("area_cm2", "cm2"),
+    "volume": ("volume_ml", "mL"),
+    "mean-hu": ("mean_hu", "[hnsf'U]"),
+}
+_UNIT_TEXT = {"cm2": "cm2", "mL": "mL", "[hnsf'U]": "HU"}
+
+
+class InferenceRequestError(BridgeError):
+    """The inference request ended without a result; the start Task fails with this message."""
+
+
+# -- reading Tasks and variables ---------------------------------------------------------------
+
+
+def _task(ctx: HandlerContext) -> Mapping[str, Any]:
+    task = ctx.get("task")
+    if not isinstance(task, Mapping):
+        raise BridgeError("the process has no 'task' variable (it was not started by a Task)")
+    return task
+
+
+def _inputs(task: Mapping[str, Any], system: str, code: str) -> list[object]:
+    return [
+        item.get("value")
+        for item in task.get("inputs") or []
+        if item.get("system") == system and item.get("code") == code
+    ]
+
+
+def _text_input(task: Mapping[str, Any], code: str, *, required: bool = False) -> str | None:
+    values = _inputs(task, CODESYSTEM_OMI, code)
+    if len(values) > 1:
+        raise BpmnError(REQUEST_INVALID, f"the Task has {len(values)} '{code}' inputs, one allowed")
+    value = values[0] if values else None
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise BpmnError(REQUEST_INVALID, f"the Task has no '{code}' input ({CODESYSTEM_OMI})")
+        return None
+    if not isinstance(value, str):
+        raise BpmnError(REQUEST_INVALID, f"input '{code}' must be a valueString")
+    return value.strip()
+
+
+def _uid(task: Mapping[str, Any], code: str, *, required: bool) -> str | None:
+    value = _text_input(task, code, required=required)
+    if value is not None and (len(value) > 64 or not _UID.match(value)):
+        raise BpmnError(REQUEST_INVALID, f"input '{code}' is not a DICOM UID: {value!r}")
+    return value
+
+
+def _flag(task: Mapping[str, Any], code: str) -> bool:
+    values = _inputs(task, CODESYSTEM_OMI, code)
+    if len(values) > 1 or (values and not isinstance(values[0], bool)):
+        raise BpmnError(REQUEST_INVALID, f"input '{code}' must be one valueBoolean")
+    return bool(values and values[0])
+
+
+def _endpoint(task: Mapping[str, Any]) -> str:
+    value = _text_input(task, DICOMWEB_ENDPOINT, required=True)
+    assert value is not None  # noqa: S101 - required=True raised otherwise
+    if not re.match(r"^https?://[^\s/]+", value):
+        raise BpmnError(REQUEST_INVALID, f"input '{DICOMWEB_ENDPOINT}' is not an http(s) URL")
+    return value.rstrip("/")
+
+
+def _settings(ctx: HandlerContext) -> OmiSettings:
+    settings = ctx.services.get(SERVICE_OMI_SETTINGS)
+    return settings if isinstance(settings, OmiSettings) else OmiSettings()
+
+
+def _entry(settings: OmiSettings, service_id: str) -> OmiServiceSettings | None:
+    return next((entry for entry in settings.catalogue if entry.id == service_id), None)
+
+
+def _text(ctx: HandlerContext, name: str) -> str:
+    value = ctx.get(name)
+    if not isinstance(value, str) or not value:
+        raise BridgeError(f"the process has no '{name}' variable")
+    return value
+
+
+# -- the requesting site -----------------------------------------------------------------------
+
+handlers = HandlerRegistry()
+_PREFIX = "dsf_bridge.plugins.inference."
+
+
+async def _resolve(
+    settings: OmiSettings, service_id: str, registry: ServiceRegistry | None
+) -> InferenceService:
+    entry = _entry(settings, service_id)
+    if entry is not None:
+        return InferenceService(
+            service_id=entry.id,
+            name=entry.name or entry.id,
+            model_name=entry.model_name or entry.id,
+            inference_url=entry.inference_url or "",
+            organization=entry.organization,
+            model_version=entry.model_version,
+        )
+    if registry is not None:
+        return await registry.get_service(service_id)
+    if settings.registry_url is None:
+        raise ServiceNotFoundError(
+            f"service {service_id} is not in this site's catalogue ([omi] catalogue) and no "
+            "OMI registry is configured"
+        )
+    async with FhirRegistryClient(settings.registry_url) as client:
+        return await client.get_service(service_id)
+
+
+@handlers.service(_PREFIX + "ResolveService")
+async def resolve_service(ctx: HandlerContext) -> None:
+    """Read the start Task, find the service and its provider, check its heartbeat."""
+    task = _task(ctx)
+    settings = _settings(ctx)
+    ctx.set("startTaskId", task.get("id"))
+    study = _uid(task, STUDY_INSTANCE_UID, required=True)
+    series = _uid(task, SERIES_INSTANCE_UID, required=False)
+    endpoint = _endpoint(task)
+    service_id = _text_input(task, SERVICE, required=True)
+    timeout = _text_input(task, RESULT_TIMEOUT) or settings.result_timeout
+    try:
+        parse_duration(timeout)
+    except TimerError as exc:
+        raise BpmnError(REQUEST_INVALID, f"input '{RESULT_TIMEOUT}': {exc}") from exc
+    try:
+        registry = ctx.services.get(SERVICE_OMI_REGISTRY)
+        service = await _resolve(settings, str(service_id), cast(ServiceRegistry | None, registry))
+        check_heartbeat(service)
+    except RegistryError as exc:
+        raise BpmnError(SERVICE_UNAVAILABLE, str(exc)) from exc
+    if not service.organization:
+        raise BpmnError(
+            SERVICE_UNAVAILABLE, f"service {service.service_id} names no providing organization"
+        )
+    ctx.set("studyInstanceUid", study)
+    ctx.set("seriesInstanceUid", series)
+    ctx.set("dicomwebEndpoint", endpoint)
+    ctx.set("segmentation", _flag(task, SEGMENTATION))
+    ctx.set("serviceId", service.service_id)
+    ctx.set("modelName", service.model_name)
+    ctx.set("provider", service.organization)
+    ctx.set("resultTimeout", timeout)
+    ctx.set("target", {"organizationIdentifier": service.organization})
+    log.info(
+        "inference.service_resolved", service=service.service_id, provider=service.organization
+    )
+
+
+@handlers.message_send(_PREFIX + "SendInferenceRequest")
+def send_inference_request(ctx: SendContext) -> None:
+    """The request names the study by UIDs, the archive, and the service: nothing else."""
+    ctx.add_input(CODESYSTEM_OMI, STUDY_INSTANCE_UID, _text(ctx, "studyInstanceUid"))
+    series = ctx.get("seriesInstanceUid")
+    if isinstance(series, str) and series:
+        ctx.add_input(CODESYSTEM_OMI, SERIES_INSTANCE_UID, series)
+    ctx.add_input(CODESYSTEM_OMI, DICOMWEB_ENDPOINT, _text(ctx, "dicomwebEndpoint"))
+    ctx.add_input(CODESYSTEM_OMI, SERVICE, _text(ctx, "serviceId"))
+    if ctx.get("segmentation") is True:
+        ctx.add_input(CODESYSTEM_OMI, SEGMENTATION, True)
+    # A provider that refuses the Task (403) is told apart from one that cannot be reached.
+    ctx.throw_on_failure(NOT_DELIVERED, forbidden=NOT_AUTHORIZED)
+
+
+@handlers.service(_PREFIX + "ResultTimedOut")
+def result_timed_out(ctx: HandlerContext) -> None:
+    ctx.set("errorCode", RESULT_TIMED_OUT)
+    ctx.set(
+        "errorMessage",
+        f"no inference result from {ctx.get('provider')} within {ctx.get('resultTimeout')} "
+        "(result-timeout); the request was delivered but not answered",
+    )
+    log.warning("inference.result_timed_out", provider=ctx.get("provider"))
+
+
+def _measurements(result: Mapping[str, Any]) -> list[Measurement]:
+    found = []
+    for item in result.get("inputs") or []:
+        if item.get("system") != MEASUREMENT_CODE_SYSTEM:
+            continue
+        code = str(item.get("code"))
+        tissue, _, suffix = code.partition("-")
+        quantity = _QUANTITY_BY_SUFFIX.get(suffix)
+        value = item.get("value")
+        if tissue not in TISSUES or quantity is None or not isinstance(value, Mapping):
+            raise BpmnError(PROVIDER_FAILED, f"the result has an unknown measurement {code!r}")
+        number = value.get("value")
+        if not isinstance(number, int | float):
+            raise BpmnError(PROVIDER_FAILED, f"measurement {code} has no numeric value")
+        found.append(Measurement(tissue, quantity[0], float(number), quantity[1]))
+    return found
+
+
+def _local_client(ctx: HandlerContext) -> FhirClient:
+    return ctx.service(SERVICE_FHIR_CLIENT, FhirClient)
+
+
+async def _add_outputs(
+    client: FhirClient, task_id: str, outputs: Sequence[Mapping[str, Any]]
+) -> None:
+    """Add outputs to a Task this site took in; outputs already there are not repeated, so a
+    handler that runs again after a crash changes nothing."""
+    for _ in range(5):  # the runtime's own PUTs may win a race; re-read and try again
+        task = await client.read("Task", task_id)
+        present = task.get("output") or []
+        new = [dict(o) for o in outputs if o not in present]
+        if not new:
+            return
+        updated = copy.deepcopy(task)
+        updated["output"] = [*present, *new]
+        version = int((task.get("meta") or {}).get("versionId") or 0)
+        try:
+            await client.update(updated, if_match=version, return_minimal=True)
+        except RemoteError as exc:
+            if exc.status in (409, 412):
+                continue
+            raise
+        return
+    raise RemoteError(f"Task/{task_id} kept changing while outputs were added", retryable=True)
+
+
+@handlers.service(_PREFIX + "StoreResult")
+async def store_result(ctx: HandlerContext) -> None:
+    """A provider error becomes a BPMN error; measurements are stored as a Bundle readable by
+    this site only, and become outputs of the start Task."""
+    result = _task(ctx)
+    provider = str(ctx.get("provider") or result.get("requester"))
+    errors = _inputs(result, CODESYSTEM_OMI, ERROR)
+    if errors:
+        kinds = _inputs(result, CODESYSTEM_OMI, ERROR_KIND)
+        kind = _code_of(kinds[0]) if kinds else PROVIDER_FAILED
+        raise BpmnError(PROVIDER_FAILED, f"inference failed at {provider} ({kind}): {errors[0]}")
+    measurements = _measurements(result)
+    if not measurements:
+        raise BpmnError(PROVIDER_FAILED, f"the result from {provider} holds no measurement")
+    model = _first_text(result, MODEL_NAME) or str(ctx.get("modelName") or "")
+    version = _first_text(result, MODEL_VERSION)
+    series = _first_text(result, SERIES_INSTANCE_UID)
+    slices_values = _inputs(result, CODESYSTEM_OMI, SLICES)
+    slices = int(slices_values[0]) if slices_values and isinstance(slices_values[0], int) else 1
+    device = {
+        "type": "Device",
+        "identifier": {"system": DEVICE_IDENTIFIER_SYSTEM, "value": model},
+        "display": f"{model} {version}" if version else model,
+    }
+    bundle = report_bundle(
+        measurements,
+        study_instance_uid=_text(ctx, "studyInstanceUid"),
+        series_instance_uid=series if slices > 1 else None,
+        slices=slices,
+        device=device,
+    )
+    # The DSF FHIR server stores no Observation or DiagnosticReport: the report is kept as a
+    # collection Bundle, readable by the local organization only.
+    stored: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "meta": {"tag": [{"system": READ_ACCESS_TAG_SYSTEM, "code": "LOCAL"}]},
+        "type": "collection",
+        "entry": [
+            {"fullUrl": entry["fullUrl"], "resource": entry["resource"]}
+            for entry in bundle["entry"]
+        ],
+    }
+    client = _local_client(ctx)
+    created = await client.create(stored)
+    if created.id is None:
+        raise RemoteError("the local FHIR server answered the result Bundle without an id")
+    outputs: list[dict[str, Any]] = [
+        {
+            "type": {"coding": [{"system": CODESYSTEM_OMI, "code": INFERENCE_RESULT}]},
+            "valueReference": {"reference": f"Bundle/{created.id}", "type": "Bundle"},
+        }
+    ]
+    outputs.extend(
+        {
+            "type": {"coding": [{"system": MEASUREMENT_CODE_SYSTEM, "code": m.code}]},
+            "valueQuantity": _quantity(m),
+        }
+        for m in measurements
+    )
+    segmentation = _first_text(result, SEGMENTATION_SERIES)
+    if segmentation is not None:
+        outputs.append(
+            {
+                "type": {"coding": [{"system": CODESYSTEM_OMI, "code": SEGMENTATION_SERIES}]},
+                "valueString": segmentation,
+            }
+        )
+    await _add_outputs(client, _text(ctx, "startTaskId"), outputs)
+    ctx.set("resultBundle", f"Bundle/{created.id}")
+    log.info("inference.result_stored", provider=provider, measurements=len(measurements))
+
+
+def _code_of(value: object) -> str:
+    if isinstance(value, Mapping):
+        return str(value.get("code") or PROVIDER_FAILED)
+    return str(value)
+
+
+def _first_text(task: Mapping[str, Any], code: str) -> str | None:
+    values = _inputs(task, CODESYSTEM_OMI, code)
+    return str(values[0]) if values and isinstance(values[0], str) else None
+
+
+def _quantity(measurement: Measurement) -> dict[str, Any]:
+    assert measurement.value is not None  # noqa: S101 - absent values are never sent
+    return {
+        "value": round(measurement.value, 4),
+        "unit": _UNIT_TEXT[measurement.unit],
+        "system": UCUM,
+        "code": measurement.unit,
+    }
+
+
+_REQUESTER_MESSAGES = {
+    NOT_DELIVERED: "inference request not delivered to {provider}: {message}",
+    NOT_AUTHORIZED: (
+        "inference request refused by {provider}: this site is not authorized to request "
+        "inference there ({message})"
+    ),
+}
+
+
+@handlers.service(_PREFIX + "InferenceFailed")
+def inference_failed(ctx: HandlerContext) -> None:
+    """Every way the request ends without a result: fail the instance with what went wrong."""
+    code = str(ctx.get("errorCode") or PROVIDER_FAILED)
+    message = str(ctx.get("errorMessage") or "no detail")
+    provider = str(ctx.get("provider") or "the provider")
+    text = _REQUESTER_MESSAGES.get(code, "{message}").format(provider=provider, message=message)
+    log.warning("inference.request_failed", error_code=code, provider=ctx.get("provider"))
+    raise InferenceRequestError(f"{code}: {text}")
+
+
+# -- the providing site ------------------------------------------------------------------------
+
+
+@handlers.service(_PREFIX + "CheckRequest")
+def check_request(ctx: HandlerContext) -> None:
+    """The answer goes to the requester; the request must name a study, an allowed archive and
+    a service this site runs."""
+    task = _task(ctx)
+    settings = _settings(ctx)
+    requester = task.get("requester")
+    if not isinstance(requester, str) or not requester:
+        raise BridgeError("the inference request names no requester organization")
+    ctx.set("target", {"organizationIdentifier": requester})
+    ctx.set("requestTaskId", task.get("id"))
+    study = _uid(task, STUDY_INSTANCE_UID, required=True)
+    series = _uid(task, SERIES_INSTANCE_UID, required=False)
+    endpoint = _endpoint(task)
+    service_id = _text_input(task, SERVICE, required=True)
+    entry = _entry(settings, str(service_id))
+    if entry is None or not entry.model_name or not entry.inference_url:
+        raise BpmnError(REQUEST_REFUSED, f"service {service_id} is not offered at this site")
+    allowed = settings.dicomweb_allowed
+    if allowed and not any(endpoint.startswith(prefix.rstrip("/")) for prefix in allowed):
+        raise BpmnError(
+            REQUEST_REFUSED, f"this site does not fetch studies from {endpoint} (not allowed)"
+        )
+    ctx.set("studyInstanceUid", study)
+    ctx.set("seriesInstanceUid", series)
+    ctx.set("dicomwebEndpoint", endpoint)
+    ctx.set("segmentation", _flag(task, SEGMENTATION))
+    ctx.set("serviceId", entry.id)
+    log.info("inference.request_checked", requester=requester, service=entry.id)
+
+
+@handlers.service(_PREFIX + "RunInference")
+async def run_inference(ctx: HandlerContext) -> None:
+    """Fetch, convert, infer; a failure becomes a BPMN error whose code is the error kind."""
+    settings = _settings(ctx)
+    entry = _entry(settings, _text(ctx, "serviceId"))
+    if entry is None or entry.model_name is None or entry.inference_url is None:
+        raise BpmnError(REQUEST_REFUSED, "the service is no longer offered at this site")
+    endpoint = _text(ctx, "dicomwebEndpoint")
+    context = ctx.services.get(SERVICE_DICOMWEB_SSL_CONTEXT)
+    archive = DicomWebArchive(
+        endpoint,
+        ssl_context=context
+        if endpoint.startswith("https://") and isinstance(context, ssl.SSLContext)
+        else None,
+        timeout=settings.dicomweb_timeout,
+        attempts=settings.dicomweb_attempts,
+    )
+    series = ctx.get("seriesInstanceUid")
+    try:
+        async with HttpInferenceClient(
+            entry.inference_url, timeout=settings.inference_timeout
+        ) as client:
+            outcome = await infer_study(
+                archive,
+                client,
+                study_instance_uid=_text(ctx, "studyInstanceUid"),
+                series_instance_uid=series if isinstance(series, str) and series else None,
+                model=entry.model_name,
+                model_version=entry.model_version,
+                device={
+                    "type": "Device",
+                    "identifier": {"system": DEVICE_IDENTIFIER_SYSTEM, "value": entry.model_name},
+                },
+                request_id=ctx.business_key,
+                segmentation=ctx.get("segmentation") is True,
+            )
+    except StudyNotFoundError as exc:
+        raise BpmnError(STUDY_NOT_FOUND, str(exc)) from exc
+    except ArchiveUnavailableError as exc:
+        raise BpmnError(ARCHIVE_UNAVAILABLE, str(exc)) from exc
+    except (ModelNotReadyError, ModelNotFoundError) as exc:
+        raise BpmnError(MODEL_NOT_READY, str(exc)) from exc
+    except InferenceError as exc:
+        raise BpmnError(MODEL_ERROR, str(exc)) from exc
+    except (ImageConversionError, OutputConversionError) as exc:
+        raise BpmnError(CONVERSION_FAILED, str(exc)) from exc
+    except RemoteError as exc:  # the archive answered something else unusable
+        raise BpmnError(ARCHIVE_UNAVAILABLE, str(exc)) from exc
+    finally:
+        archive.close()
+    ctx.set(
+        "measurements",
+        [
+            {"measurement": m.code, "quantity": _quantity(m)}
+            for m in outcome.measurements
+            if m.value is not None  # an absent tissue has no number to send
+        ],
+    )
+    ctx.set("modelName", entry.model_name)
+    ctx.set("modelVersion", entry.model_version)
+    ctx.set("resultSeriesInstanceUid", outcome.series_instance_uid)
+    ctx.set("slices", outcome.slices)
+    ctx.set("segmentationSeriesUid", outcome.segmentation_series_uid)
+    log.info("inference.executed", service=entry.id, measurements=len(outcome.measurements))
+
+
+@handlers.service(_PREFIX + "RecordFailure")
+def record_failure(ctx: HandlerContext) -> None:
+    log.warning("inference.execution_failed", error_code=ctx.get("errorCode"))
+
+
+@handlers.message_send(_PREFIX + "SendInferenceResult")
+def send_inference_result(ctx: SendContext) -> None:
+    """Measurements, or the error kind and message; study identity only as UIDs."""
+    code = ctx.get("errorCode")
+    if code is not None:
+        ctx.add_input(
+            CODESYSTEM_OMI,
+            ERROR_KIND,
+            {"valueCoding": {"system": CODESYSTEM_OMI_ERROR, "code": str(code)}},
+        )
+        ctx.add_input(CODESYSTEM_OMI, ERROR, str(ctx.get("errorMessage") or code))
+        return
+    measurements = ctx.get("measurements")
+    for item in measurements if isinstance(measurements, list) else []:
+        ctx.add_input(
+            MEASUREMENT_CODE_SYSTEM, str(item["measurement"]), {"valueQuantity": item["quantity"]}
+        )
+    ctx.add_input(CODESYSTEM_OMI, MODEL_NAME, _text(ctx, "modelName"))
+    version = ctx.get("modelVersion")
+    if isinstance(version, str) and version:
+        ctx.add_input(CODESYSTEM_OMI, MODEL_VERSION, version)
+    ctx.add_input(CODESYSTEM_OMI, SERIES_INSTANCE_UID, _text(ctx, "resultSeriesInstanceUid"))
+    ctx.add_input(CODESYSTEM_OMI, SLICES, int(str(ctx.get("slices") or 1)))
+    segmentation = ctx.get("segmentationSeriesUid")
+    if isinstance(segmentation, str) and segmentation:
+        ctx.add_input(CODESYSTEM_OMI, SEGMENTATION_SERIES, segmentation)
+
+
+# -- reading results ---------------------------------------------------------------------------
+
+
+def result_summary(task: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The measurement outputs of a completed start Task by name, as the demo prints them:
+    ``body`` ... ``air`` areas (cm2 per slice), ``<tissue>_volume`` (mL), ``<tissue>_mean_hu``."""
+    names = {"area": "{tissue}", "volume": "{tissue}_volume", "mean-hu": "{tissue}_mean_hu"}
+    summary: dict[str, dict[str, Any]] = {}
+    for output in task.get("output") or []:
+        coding = ((output.get("type") or {}).get("coding") or [{}])[0]
+        quantity = output.get("valueQuantity")
+        if coding.get("system") != MEASUREMENT_CODE_SYSTEM or not isinstance(quantity, Mapping):
+            continue
+        tissue, _, suffix = str(coding.get("code")).partition("-")
+        if suffix in names:
+            summary[names[suffix].format(tissue=tissue)] = {
+                "value": round(float(quantity["value"]), 2),
+                "unit": _UNIT_TEXT.get(str(quantity.get("code")), str(quantity.get("unit"))),
+            }
+    return summary
+
+
+# -- the plugin --------------------------------------------------------------------------------
+
+
+def _plugin() -> ProcessPlugin:
+    profiles = profiles_dir().parent / "omi"
+    shared = tuple(
+        sorted(
+            path for path in profiles.rglob("*.json") if path.parent.name != "ActivityDefinition"
+        )
+    )
+    activity = profiles / "ActivityDefinition"
+    return ProcessPlugin(
+        name="dsf-bridge-omi-inference",
+        version="1.0.0.0",
+        release_date=date(2026, 11, 23),
+        bpmn_files=(bpmn_dir() / "inference-request.bpmn", bpmn_dir() / "inference-execution.bpmn"),
+        fhir_resources={
+            REQUEST_PROCESS: (activity / "inference-request.json", *shared),
+            EXECUTION_PROCESS: (activity / "inference-execution.json", *shared),
+        },
+        handlers=handlers,
+    )
+
+
+plugin = _plugin()

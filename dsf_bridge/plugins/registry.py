@@ -1,0 +1,228 @@
+"""How BPMN elements find Python code: a registry from ``camunda:class`` names to handlers.
+
+A process model names Java classes (``camunda:class="dev.dsf.bpe.service.LogPing"``); a Python
+plugin registers a function under that exact name, so models written for the Java BPE run
+unchanged::
+
+    handlers = HandlerRegistry()
+
+    @handlers.service("dev.dsf.bpe.service.SelectPingTargets")
+    def select_targets(ctx: HandlerContext) -> None:
+        ctx.set("targets", {"entries": [...]})
+
+    @handlers.message_send("dev.dsf.bpe.message.SendPing")
+    def send_ping(ctx: SendContext) -> None:
+        ctx.add_input("http://dsf.dev/fhir/CodeSystem/ping", "endpoint-identifier", "...")
+
+A handler gets a context with the variables it may read and collects the changes it makes; it
+raises :class:`BpmnError` for a business error that an error boundary event may catch, and any
+other exception for a technical failure. Handlers may be ``async def``.
+
+Handlers that need the outside world (the local FHIR server, the site's identity) get it from
+``ctx.services``, a mapping the runtime fills: the bridge provides :data:`SERVICE_FHIR_CLIENT`
+(a :class:`~dsf_bridge.dsf.client.FhirClient` of the local DSF FHIR server) and
+:data:`SERVICE_LOCAL_ORGANIZATION` (a :class:`~dsf_bridge.dsf.organization.LocalOrganization`);
+tests put fakes under a plugin's own names. ``ctx.service(name, kind)`` reads one, typed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from dsf_bridge.engine.model import NodeKind, ProcessDefinition
+from dsf_bridge.errors import ProcessExecutionError, ProcessModelError
+
+__all__ = [
+    "SERVICE_FHIR_CLIENT",
+    "SERVICE_LOCAL_ORGANIZATION",
+    "BpmnError",
+    "Handler",
+    "HandlerContext",
+    "HandlerKind",
+    "HandlerRegistry",
+    "SendContext",
+    "used_handlers",
+]
+
+
+SERVICE_FHIR_CLIENT = "dsf.fhir_client"
+SERVICE_LOCAL_ORGANIZATION = "dsf.local_organization"
+
+_T = TypeVar("_T")
+
+
+class BpmnError(Exception):
+    """Raised by a handler to throw a BPMN error with ``code`` (error boundary events catch it)."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(message or code)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class HandlerContext:
+    """What a handler sees of its execution, and the variable changes it makes."""
+
+    handler: str
+    element_id: str
+    business_key: str
+    variables: Mapping[str, object]
+    fields: Mapping[str, object] = field(default_factory=dict)
+    event: str | None = None
+    updates: dict[str, object] = field(default_factory=dict)
+    local_updates: dict[str, object] = field(default_factory=dict)
+    services: Mapping[str, object] = field(default_factory=dict)
+
+    def service(self, name: str, kind: type[_T]) -> _T:
+        """The runtime service ``name``; a technical failure when it is missing or not a
+        ``kind`` (the handler cannot run in this runtime)."""
+        value = self.services.get(name)
+        if not isinstance(value, kind):
+            found = "nothing" if value is None else type(value).__name__
+            raise ProcessExecutionError(
+                f"handler {self.handler!r} needs service {name!r} ({kind.__name__}), "
+                f"the runtime provides {found}"
+            )
+        return value
+
+    def get(self, name: str, default: object = None) -> object:
+        """A variable as set so far in this call, else as the execution sees it."""
+        if name in self.local_updates:
+            return self.local_updates[name]
+        if name in self.updates:
+            return self.updates[name]
+        return self.variables.get(name, default)
+
+    def has(self, name: str) -> bool:
+        return name in self.local_updates or name in self.updates or name in self.variables
+
+    def set(self, name: str, value: object) -> None:
+        """Set a variable (Camunda ``setVariable``); values must be JSON-compatible."""
+        self.updates[name] = value
+
+    def set_local(self, name: str, value: object) -> None:
+        """Set a variable on this execution only (Camunda ``setVariableLocal``)."""
+        self.local_updates[name] = value
+
+
+@dataclass
+class SendContext(HandlerContext):
+    """The context of a message send handler: the Task about to be sent."""
+
+    instantiates_canonical: str = ""
+    message_name: str = ""
+    profile: str = ""
+    correlation_key: str | None = None
+    target: Mapping[str, object] | None = None
+    inputs: list[dict[str, object]] = field(default_factory=list)
+    failure_errors: dict[str, str] = field(default_factory=dict)
+
+    def add_input(self, system: str, code: str, value: object) -> None:
+        """Add a Task input (besides message-name, business-key and correlation-key)."""
+        self.inputs.append({"system": system, "code": code, "value": value})
+
+    def throw_on_failure(self, code: str, *, forbidden: str | None = None) -> None:
+        """When the Task cannot be delivered, throw BPMN error ``code`` at this element (or
+        ``forbidden`` when the remote server answered 403) instead of failing the instance.
+
+        The Java BPE lets a send activity absorb delivery errors the same way (DSF's ping
+        records "not-reachable" or "not-allowed" and goes on); an error boundary event on the
+        send task catches it, ``camunda:errorMessageVariable`` gets what went wrong.
+        """
+        self.failure_errors = {"default": code}
+        if forbidden is not None:
+            self.failure_errors["403"] = forbidden
+
+
+class HandlerKind:
+    """The roles a handler can play; a class name is registered for one role."""
+
+    SERVICE = "service"
+    MESSAGE_SEND = "message_send"
+    LISTENER = "listener"
+    TASK_LISTENER = "task_listener"
+
+
+Handler = Callable[[Any], Awaitable[None] | None]
+_F = TypeVar("_F", bound=Handler)
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredHandler:
+    class_name: str
+    kind: str
+    function: Handler
+
+
+class HandlerRegistry:
+    """Maps ``camunda:class`` names to Python handlers; one registry per plugin."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, RegisteredHandler] = {}
+
+    def register(self, class_name: str, kind: str, function: Handler) -> None:
+        if not class_name.strip():
+            raise ProcessModelError("handler class name must not be blank")
+        existing = self._handlers.get(class_name)
+        if existing is not None and existing.function is not function:
+            raise ProcessModelError(f"handler {class_name!r} is registered twice")
+        self._handlers[class_name] = RegisteredHandler(class_name, kind, function)
+
+    def _decorator(self, class_name: str, kind: str) -> Callable[[_F], _F]:
+        def _register(function: _F) -> _F:
+            self.register(class_name, kind, function)
+            return function
+
+        return _register
+
+    def service(self, class_name: str) -> Callable[[_F], _F]:
+        """Register a service task handler (``bpmn:serviceTask camunda:class=...``)."""
+        return self._decorator(class_name, HandlerKind.SERVICE)
+
+    def message_send(self, class_name: str) -> Callable[[_F], _F]:
+        """Register a message send handler (send task, message throw or message end event)."""
+        return self._decorator(class_name, HandlerKind.MESSAGE_SEND)
+
+    def listener(self, class_name: str) -> Callable[[_F], _F]:
+        """Register an execution listener (``camunda:executionListener class=...``)."""
+        return self._decorator(class_name, HandlerKind.LISTENER)
+
+    def task_listener(self, class_name: str) -> Callable[[_F], _F]:
+        """Register a user task listener (``camunda:taskListener class=...``)."""
+        return self._decorator(class_name, HandlerKind.TASK_LISTENER)
+
+    def get(self, class_name: str) -> RegisteredHandler | None:
+        return self._handlers.get(class_name)
+
+    def __contains__(self, class_name: object) -> bool:
+        return class_name in self._handlers
+
+    def __len__(self) -> int:
+        return len(self._handlers)
+
+    def names(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def missing(self, definitions: Iterable[ProcessDefinition]) -> list[str]:
+        """Class names the definitions use that have no handler (sorted, unique)."""
+        needed: set[str] = set()
+        for definition in definitions:
+            needed.update(used_handlers(definition))
+        return sorted(name for name in needed if name not in self._handlers)
+
+
+def used_handlers(definition: ProcessDefinition) -> dict[str, str]:
+    """Every ``camunda:class`` a definition names, with the role it plays there."""
+    used: dict[str, str] = {}
+    for node in definition.nodes.values():
+        if node.handler is not None:
+            kind = HandlerKind.SERVICE if node.kind is NodeKind.SERVICE_TASK else "message_send"
+            used[node.handler] = kind
+        for listener in node.listeners:
+            used[listener.handler] = HandlerKind.LISTENER
+        for listener in node.task_listeners:
+            used[listener.handler] = HandlerKind.TASK_LISTENER
+    return used

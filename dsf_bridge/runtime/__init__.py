@@ -1,0 +1,1 @@
+"""The daemon: Task intake, job, timer and outbox workers, supervision and graceful shutdown."""

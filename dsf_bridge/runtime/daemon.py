@@ -1,0 +1,227 @@
+"""The bridge daemon: one site's process engine, from start-up checks to graceful shutdown.
+
+Start-up, in order, each step refusing to go on with a message that says what to fix:
+
+1. the client certificate (thumbprint, subject, issuer and expiry are logged; an expired
+   certificate, a key that does not match or a non-client certificate stop start-up);
+2. the store's schema is at the newest revision;
+3. the local organization is found by its Endpoint address and owns the certificate;
+4. the plugins load (placeholders replaced, models validated, every handler registered), their
+   FHIR resources are published and their processes deployed;
+5. Tasks a previous run left half taken in are recovered.
+
+Then three loops run until stopped: the Task subscription, the QuestionnaireResponse
+subscription (user tasks), and the runtime's workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+
+from dsf_bridge.config import Settings
+from dsf_bridge.dsf.authorization import TaskAuthorizer
+from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.identity import build_ssl_context, load_identity
+from dsf_bridge.dsf.organization import LocalOrganization, find_local_organization
+from dsf_bridge.dsf.publication import publish
+from dsf_bridge.dsf.subscription import TaskSubscription
+from dsf_bridge.errors import ConfigError, MigrationError
+from dsf_bridge.plugins.api import LoadedPlugin, ProcessPlugin
+from dsf_bridge.plugins.inference import SERVICE_DICOMWEB_SSL_CONTEXT, SERVICE_OMI_SETTINGS
+from dsf_bridge.plugins.registry import SERVICE_FHIR_CLIENT, SERVICE_LOCAL_ORGANIZATION
+from dsf_bridge.runtime.gateway import QUESTIONNAIRE_ITEM_USER_TASK_ID, DsfTaskGateway
+from dsf_bridge.runtime.intake import SqlCursorStore, TaskIntake
+from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
+from dsf_bridge.store import Database, schema_status
+
+__all__ = ["Bridge"]
+
+log = structlog.get_logger("dsf_bridge.daemon")
+
+
+def _answers(response: dict[str, Any]) -> dict[str, object]:
+    """The answers of a completed QuestionnaireResponse as process variables (by linkId)."""
+    values: dict[str, object] = {}
+    for item in response.get("item") or []:
+        answers = item.get("answer") or []
+        if not answers:
+            continue
+        value = next((v for k, v in answers[0].items() if k.startswith("value")), None)
+        values[str(item.get("linkId"))] = value
+    return values
+
+
+class Bridge:
+    """One running bridge for one site; use as an async context manager."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        plugins: Sequence[ProcessPlugin],
+        *,
+        services: Mapping[str, object] | None = None,
+        runtime_settings: RuntimeSettings | None = None,
+    ) -> None:
+        """``services`` are added to what handlers get (``HandlerContext.services``) besides
+        the local FHIR client and organization; ``runtime_settings`` tune the workers."""
+        self.settings = settings
+        self.plugins = list(plugins)
+        self.extra_services = dict(services or {})
+        self.runtime_settings = runtime_settings
+        self.owner = f"{socket.gethostname()}-{os.getpid()}"
+        self.database: Database | None = None
+        self.client: FhirClient | None = None
+        self.gateway: DsfTaskGateway | None = None
+        self.runtime: ProcessRuntime | None = None
+        self.intake: TaskIntake | None = None
+        self.organization: LocalOrganization | None = None
+        self.loaded: list[LoadedPlugin] = []
+        self.subscriptions: list[TaskSubscription] = []
+
+    async def __aenter__(self) -> Bridge:
+        try:
+            await self.start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        dsf = self.settings.dsf
+        if dsf.fhir_base_url is None or dsf.client_certificate is None:
+            field = "dsf.fhir_base_url" if dsf.fhir_base_url is None else "dsf.client_certificate"
+            raise ConfigError(f"{field} is not set; see docs/operations.md", field=field)
+        password = dsf.client_key_password.get_secret_value() if dsf.client_key_password else None
+        identity = load_identity(dsf.client_certificate, dsf.client_key, password=password)
+        log.info("certificate.loaded", **identity.describe())
+        context = build_ssl_context(identity, dsf.ca_certificates, password=password)
+
+        status = schema_status(self.settings.db.url)
+        if not status.up_to_date:
+            raise MigrationError(
+                f"the database schema is at {status.current or 'no revision'}, this release needs "
+                f"{status.head}: run 'dsf-bridge db upgrade' first"
+            )
+        self.database = Database(
+            self.settings.db.url, pool_size=self.settings.db.pool_size, echo=self.settings.db.echo
+        )
+        self.client = FhirClient(dsf.fhir_base_url, ssl_context=context)
+        self.organization = await find_local_organization(self.client, dsf.fhir_base_url)
+        self.organization.require_thumbprint(identity.thumbprint)
+        local = self.organization.identifier
+        log.info("organization.found", organization=local)
+
+        self.gateway = DsfTaskGateway(self.client, context, local)
+        services: dict[str, object] = {
+            SERVICE_FHIR_CLIENT: self.client,
+            SERVICE_LOCAL_ORGANIZATION: self.organization,
+            SERVICE_OMI_SETTINGS: self.settings.omi,
+            # https DICOMweb archives see the site's DSF identity (mutual TLS).
+            SERVICE_DICOMWEB_SSL_CONTEXT: build_ssl_context(
+                identity,
+                self.settings.omi.dicomweb_ca_certificates or dsf.ca_certificates,
+                password=password,
+            ),
+            **self.extra_services,
+        }
+        self.runtime = ProcessRuntime(
+            self.database,
+            self.gateway,
+            owner=self.owner,
+            settings=self.runtime_settings,
+            services=services,
+        )
+        self.loaded = [plugin.load(organization=local) for plugin in self.plugins]
+        for loaded in self.loaded:
+            files = [
+                (str(path), data) for entries in loaded.resources.values() for path, data in entries
+            ]
+            unique = list(dict(files).items())  # shared resources are listed per process
+            await publish(self.client, unique)
+            for definition in loaded.definitions.values():
+                await self.runtime.deploy(
+                    definition,
+                    loaded.plugin.handlers,
+                    plugin=f"{loaded.plugin.name} {loaded.plugin.version}",
+                    model_hash=hashlib.sha256(definition.source.encode()).hexdigest(),
+                )
+            log.info(
+                "plugin.deployed",
+                plugin=loaded.plugin.name,
+                version=loaded.plugin.version,
+                processes=sorted(loaded.definitions),
+            )
+        self.intake = TaskIntake(
+            self.client,
+            self.runtime,
+            self.database,
+            local_organization=local,
+            authorizer=TaskAuthorizer(self.client, local),
+        )
+        recovered = await self.intake.recover()
+        if recovered:
+            log.info("intake.recovered", count=recovered)
+        cursor = SqlCursorStore(self.database)
+        self.subscriptions = [
+            TaskSubscription(self.client, context, self.intake.handle, cursor),
+            TaskSubscription(
+                self.client,
+                context,
+                self._questionnaire_response,
+                cursor,
+                criteria="QuestionnaireResponse?status=completed",
+            ),
+        ]
+
+    async def _questionnaire_response(self, response: dict[str, Any]) -> None:
+        """A user task answered: continue its instance and mark the response ``amended``."""
+        if response.get("status") != "completed" or self.runtime is None or self.client is None:
+            return
+        answers = _answers(response)
+        user_task_id = answers.pop(QUESTIONNAIRE_ITEM_USER_TASK_ID, None)
+        if not isinstance(user_task_id, str):
+            return  # not one of ours
+        await self.runtime.complete_user_task(user_task_id, answers)
+        response["status"] = "amended"
+        version = int((response.get("meta") or {}).get("versionId") or 0)
+        await self.client.update(response, if_match=version, return_minimal=True)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set; a failing loop stops the others and is raised."""
+        if self.runtime is None:
+            raise RuntimeError("Bridge.run before start")
+        loops = [asyncio.ensure_future(s.run(stop)) for s in self.subscriptions]
+        loops.append(asyncio.ensure_future(self.runtime.run_forever(stop)))
+        log.info("bridge.started", organization=getattr(self.organization, "identifier", None))
+        try:
+            done, _ = await asyncio.wait(
+                [*loops, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                if task in loops and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            stop.set()
+            for task in loops:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(task, 10)
+            log.info("bridge.stopped")
+
+    async def aclose(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.aclose()
+        if self.client is not None:
+            await self.client.aclose()
+        if self.database is not None:
+            await self.database.dispose()

@@ -1,0 +1,145 @@
+"""The runtime's effects on the DSF network: Tasks posted to remote sites and Task status
+updates and user tasks on the local FHIR server, all over the site's mutual-TLS identity."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+from collections.abc import Callable
+
+import structlog
+
+from dsf_bridge.dsf.client import FhirClient, RetryPolicy
+from dsf_bridge.dsf.endpoints import TargetError, resolve_target
+from dsf_bridge.dsf.tasks import build_task, updated_task
+from dsf_bridge.errors import RemoteError
+from dsf_bridge.runtime.ports import OutgoingTask, UserTaskRequest
+
+__all__ = ["DsfTaskGateway"]
+
+log = structlog.get_logger("dsf_bridge.gateway")
+
+QUESTIONNAIRE_ITEM_BUSINESS_KEY = "business-key"
+QUESTIONNAIRE_ITEM_USER_TASK_ID = "user-task-id"
+
+
+class DsfTaskGateway:
+    """Implements :class:`~dsf_bridge.runtime.ports.TaskGateway` with FHIR clients."""
+
+    def __init__(
+        self,
+        local: FhirClient,
+        ssl_context: ssl.SSLContext | None,
+        local_organization: str,
+        *,
+        retry: RetryPolicy | None = None,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self.local = local
+        self.ssl_context = ssl_context
+        self.local_organization = local_organization
+        self.retry = retry
+        self.clock = clock
+        self._remotes: dict[str, FhirClient] = {}
+
+    def _client_for(self, address: str) -> FhirClient:
+        if address == self.local.base_url:
+            return self.local
+        client = self._remotes.get(address)
+        if client is None:
+            client = FhirClient(address, ssl_context=self.ssl_context, retry=self.retry)
+            self._remotes[address] = client
+        return client
+
+    async def aclose(self) -> None:
+        for client in self._remotes.values():
+            await client.aclose()
+        self._remotes.clear()
+
+    async def send_task(self, task: OutgoingTask) -> str:
+        try:
+            target = await resolve_target(self.local, task.target)
+        except TargetError as exc:
+            raise RemoteError(str(exc), retryable=False) from exc
+        body = build_task(
+            instantiates_canonical=task.instantiates_canonical,
+            message_name=task.message_name,
+            profile=task.profile,
+            business_key=task.business_key,
+            correlation_key=task.correlation_key,
+            requester=self.local_organization,
+            recipient=target.organization,
+            inputs=task.inputs,
+            authored_on=self.clock(),
+        )
+        result = await self._client_for(target.address).create(body, return_minimal=True)
+        if result.status != 201 or not result.location:
+            raise RemoteError(
+                f"{target.address} answered {result.status} without a Location to the Task",
+                status=result.status,
+            )
+        log.info(
+            "task.sent",
+            message_name=task.message_name,
+            recipient=target.organization,
+            location=result.location,
+        )
+        return result.location
+
+    async def complete_task(self, task_id: str) -> None:
+        await self._finish(task_id, "completed", None)
+
+    async def fail_task(self, task_id: str, message: str) -> None:
+        await self._finish(task_id, "failed", message)
+
+    async def _finish(self, task_id: str, status: str, error: str | None) -> None:
+        task = await self.local.read("Task", task_id)
+        if task.get("status") != "in-progress":
+            return  # already finished (a repeated effect after a crash) or never ours
+        version = int((task.get("meta") or {}).get("versionId") or 0)
+        await self.local.update(
+            updated_task(task, status=status, error=error), if_match=version, return_minimal=True
+        )
+
+    async def create_user_task(self, request: UserTaskRequest) -> str:
+        response = {
+            "resourceType": "QuestionnaireResponse",
+            "questionnaire": request.form_key,
+            "status": "in-progress",
+            "authored": self.clock().isoformat(timespec="seconds"),
+            "author": {
+                "type": "Organization",
+                "identifier": {
+                    "system": "http://dsf.dev/sid/organization-identifier",
+                    "value": self.local_organization,
+                },
+            },
+            "item": [
+                {
+                    "linkId": QUESTIONNAIRE_ITEM_BUSINESS_KEY,
+                    "text": "The business-key of the process execution",
+                    "answer": [{"valueString": request.business_key}],
+                },
+                {
+                    "linkId": QUESTIONNAIRE_ITEM_USER_TASK_ID,
+                    "text": "The user-task-id of the process execution",
+                    "answer": [{"valueString": request.user_task_id}],
+                },
+            ],
+        }
+        result = await self.local.create(response)
+        return result.id or ""
+
+    async def cancel_user_task(self, user_task_id: str) -> None:
+        for response in await self.local.search(
+            "QuestionnaireResponse", [("status", "in-progress")]
+        ):
+            for item in response.get("item") or []:
+                answers = item.get("answer") or [{}]
+                if (
+                    item.get("linkId") == QUESTIONNAIRE_ITEM_USER_TASK_ID
+                    and answers[0].get("valueString") == user_task_id
+                ):
+                    response["status"] = "stopped"
+                    version = int((response.get("meta") or {}).get("versionId") or 0)
+                    await self.local.update(response, if_match=version, return_minimal=True)

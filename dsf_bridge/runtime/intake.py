@@ -1,0 +1,286 @@
+"""Task intake: from a ``requested`` Task on the local DSF FHIR server to a started or continued
+process instance, or to a ``failed`` Task whose ``error`` output says what was wrong.
+
+The steps, as the DSF BPE takes them, with the bridge's additions:
+
+1. Record the Task version as ``claiming`` (idempotency: a version already taken in is skipped).
+2. Check it before any process step: DSF Task conventions, a deployed process for
+   ``instantiatesCanonical``, the recipient is this site, and the ActivityDefinition's process
+   authorization admits requester and recipient for the message name and Task profile.
+   Failures end the Task ``failed`` with an error an administrator can act on.
+3. ``PUT`` it ``in-progress`` with ``If-Match`` (adding a business-key input if it had none).
+   Losing that race (409/412) means another replica owns the Task.
+4. Hand the message to the runtime: continue the waiting instance, or start one. No match:
+   ``failed`` with "Unable to correlate Task ...".
+
+A crash between the steps loses nothing: at start-up :meth:`TaskIntake.recover` re-reads every
+Task still ``claiming`` and finishes what the previous run began.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import structlog
+
+from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.tasks import (
+    TaskFormatError,
+    TaskMessage,
+    read_message,
+    requester_identifier,
+    updated_task,
+)
+from dsf_bridge.engine.exceptions import CorrelationError
+from dsf_bridge.errors import ProcessExecutionError, RemoteError
+from dsf_bridge.logs import bound_context
+from dsf_bridge.runtime.processes import ProcessRuntime
+from dsf_bridge.store import Database, append_event
+from dsf_bridge.store import repository as repo
+
+__all__ = ["Authorizer", "SqlCursorStore", "TaskIntake", "task_variables"]
+
+log = structlog.get_logger("dsf_bridge.intake")
+
+CLAIMING = "claiming"
+STARTED = "started"
+FAILED = "failed"
+LOST = "claimed-elsewhere"
+
+
+class Authorizer(Protocol):
+    async def denied(self, task: Mapping[str, Any], message: TaskMessage) -> str | None: ...
+
+
+def task_variables(task: Mapping[str, Any]) -> dict[str, object]:
+    """What handlers see of the Task: id, requester, profile and inputs (no other content)."""
+    inputs = []
+    for parameter in task.get("input") or []:
+        codings = (parameter.get("type") or {}).get("coding") or [{}]
+        value = next((v for k, v in parameter.items() if k.startswith("value")), None)
+        inputs.append(
+            {"system": codings[0].get("system"), "code": codings[0].get("code"), "value": value}
+        )
+    profiles = (task.get("meta") or {}).get("profile") or []
+    return {
+        "task": {
+            "id": task.get("id"),
+            "requester": requester_identifier(task),
+            "profile": profiles[0] if profiles else None,
+            "inputs": inputs,
+        }
+    }
+
+
+class TaskIntake:
+    """Takes Tasks in for one site: ``handle`` is the subscription's resource handler."""
+
+    def __init__(
+        self,
+        client: FhirClient,
+        runtime: ProcessRuntime,
+        database: Database,
+        *,
+        local_organization: str,
+        authorizer: Authorizer | None,
+    ) -> None:
+        self.client = client
+        self.runtime = runtime
+        self.database = database
+        self.local_organization = local_organization
+        self.authorizer = authorizer
+
+    async def handle(self, task: dict[str, Any]) -> None:
+        if task.get("resourceType") != "Task" or task.get("status") != "requested":
+            return
+        task_id = str(task.get("id") or "")
+        version = str((task.get("meta") or {}).get("versionId") or "")
+        if not task_id or not version:
+            log.warning("task.ignored", reason="no id or versionId")
+            return
+        with bound_context(task_id=task_id):
+            async with self.database.transaction() as session:
+                seen = await repo.get_task_seen(session, task_id, version)
+                if seen is not None and seen.status != CLAIMING:
+                    return
+                if seen is None:
+                    await repo.record_task_seen(
+                        session,
+                        task_id=task_id,
+                        task_version=version,
+                        role="incoming",
+                        status=CLAIMING,
+                    )
+            log.info("task.received", version=version)
+            await self._take_in(task, task_id, version)
+
+    async def _take_in(self, task: dict[str, Any], task_id: str, version: str) -> None:
+        try:
+            message = read_message(task)
+            refusal = await self._refusal(task, message)
+        except TaskFormatError as exc:
+            await self._fail(task, version, str(exc))
+            return
+        if refusal is not None:
+            await self._fail(task, version, refusal)
+            return
+        business_key = message.business_key or str(uuid.uuid4())
+        in_progress = updated_task(task, status="in-progress", business_key=business_key)
+        try:
+            result = await self.client.update(in_progress, if_match=int(version))
+        except RemoteError as exc:
+            if exc.status in (409, 412):
+                await self._mark(task_id, version, LOST)
+                log.info("task.claimed_elsewhere")
+                return
+            raise
+        new_version = str(result.version or int(version) + 1)
+        in_progress.setdefault("meta", {})["versionId"] = new_version
+        await self._deliver(
+            in_progress,
+            task_id=task_id,
+            version=version,
+            new_version=new_version,
+            message=message,
+            business_key=business_key,
+        )
+
+    async def _refusal(self, task: Mapping[str, Any], message: TaskMessage) -> str | None:
+        deployed = self.runtime.process(message.process.key)
+        if deployed is None:
+            return (
+                f"Process {message.process.canonical} is not deployed at this site "
+                f"({self.local_organization}); ask its administrator to install the plugin"
+            )
+        if deployed.definition.version_tag != message.process.version:
+            return (
+                f"Process {message.process.key} runs in version "
+                f"{deployed.definition.version_tag} at this site, the Task asks for "
+                f"{message.process.version}"
+            )
+        if self.authorizer is not None:
+            return await self.authorizer.denied(task, message)
+        return None
+
+    async def _deliver(
+        self,
+        task: dict[str, Any],
+        *,
+        task_id: str,
+        version: str,
+        new_version: str,
+        message: TaskMessage,
+        business_key: str,
+    ) -> None:
+        try:
+            instance_id = await self.runtime.deliver(
+                message.process.key,
+                message_name=message.message_name,
+                business_key=business_key,
+                correlation_key=message.correlation_key,
+                variables=task_variables(task),
+                task_id=task_id,
+                task_version=new_version,
+                actor=f"organization:{requester_identifier(task)}",
+            )
+        except (CorrelationError, ProcessExecutionError) as exc:
+            await self._fail(task, new_version, str(exc), claimed_version=version)
+            return
+        await self._mark(task_id, version, STARTED, instance_id=instance_id)
+        log.info("task.accepted", instance_id=instance_id, business_key=business_key)
+
+    async def _fail(
+        self,
+        task: Mapping[str, Any],
+        current_version: str,
+        error: str,
+        *,
+        claimed_version: str | None = None,
+    ) -> None:
+        """PUT the Task ``failed`` with ``error``; the claim row records the outcome."""
+        task_id = str(task.get("id"))
+        failed = updated_task(task, status="failed", error=error)
+        try:
+            await self.client.update(failed, if_match=int(current_version))
+        except RemoteError as exc:
+            if exc.status in (409, 412):
+                await self._mark(task_id, claimed_version or current_version, LOST)
+                return
+            raise
+        async with self.database.transaction() as session:
+            await repo.set_task_seen_status(
+                session, task_id, claimed_version or current_version, FAILED
+            )
+            await append_event(
+                session,
+                actor=f"organization:{self.local_organization}",
+                subject=f"Task/{task_id}",
+                action="task.failed",
+                reason=error,
+            )
+        log.warning("task.failed", error=error)
+
+    async def _mark(
+        self, task_id: str, version: str, status: str, *, instance_id: str | None = None
+    ) -> None:
+        async with self.database.transaction() as session:
+            await repo.set_task_seen_status(
+                session, task_id, version, status, instance_id=instance_id
+            )
+
+    async def recover(self) -> int:
+        """Finish the intake of Tasks a previous run left ``claiming``; return how many."""
+        async with self.database.transaction() as session:
+            claims = await repo.tasks_with_status(session, "incoming", CLAIMING)
+        for claim in claims:
+            with bound_context(task_id=claim.task_id):
+                await self._recover(claim)
+        return len(claims)
+
+    async def _recover(self, claim: repo.TaskSeenRecord) -> None:
+        task = await self.client.read("Task", claim.task_id)
+        status = task.get("status")
+        version = str((task.get("meta") or {}).get("versionId") or "")
+        if status == "requested" and version == claim.task_version:
+            await self._take_in(task, claim.task_id, claim.task_version)
+            return
+        ours = version.isdigit() and int(version) == int(claim.task_version) + 1
+        if status == "in-progress" and ours:
+            # Our PUT went through; did the instance start before the crash?
+            async with self.database.transaction() as session:
+                delivered = await repo.get_task_seen(session, claim.task_id, version)
+            if delivered is not None and delivered.instance_id is not None:
+                await self._mark(
+                    claim.task_id, claim.task_version, STARTED, instance_id=delivered.instance_id
+                )
+                return
+            message = read_message(task)
+            business_key = message.business_key or str(uuid.uuid4())
+            await self._deliver(
+                task,
+                task_id=claim.task_id,
+                version=claim.task_version,
+                new_version=version,
+                message=message,
+                business_key=business_key,
+            )
+            return
+        await self._mark(claim.task_id, claim.task_version, LOST)
+
+
+class SqlCursorStore:
+    """The subscription's catch-up cursor, kept in the store's ``sync_cursors`` table."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    async def load(self, resource_type: str) -> dt.datetime | None:
+        async with self.database.transaction() as session:
+            return await repo.get_cursor(session, resource_type)
+
+    async def save(self, resource_type: str, last_updated: dt.datetime) -> None:
+        async with self.database.transaction() as session:
+            await repo.advance_cursor(session, resource_type, last_updated)

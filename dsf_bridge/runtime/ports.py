@@ -1,0 +1,61 @@
+"""What the runtime needs from the DSF side, as an interface: the seam between engine and wire.
+
+The DSF network layer implements :class:`TaskGateway` over mutual TLS; tests use an in-memory
+one. Every call may be repeated after a crash (effects are performed at least once from the
+outbox), so implementations make them idempotent where the protocol allows: setting a Task
+``completed`` twice is harmless, and a send is recorded before it is performed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = ["OutgoingTask", "TaskGateway", "UserTaskRequest"]
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingTask:
+    """A Task a send element produced, ready to be addressed and posted."""
+
+    instance_id: str
+    business_key: str
+    instantiates_canonical: str
+    message_name: str
+    profile: str
+    correlation_key: str | None
+    target: Mapping[str, object] | None
+    inputs: Sequence[Mapping[str, object]] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class UserTaskRequest:
+    """A user task: a QuestionnaireResponse ``in-progress`` to create for ``form_key``."""
+
+    instance_id: str
+    business_key: str
+    user_task_id: str
+    form_key: str
+
+
+class TaskGateway(Protocol):
+    async def send_task(self, task: OutgoingTask) -> str:
+        """Post ``task`` to its target; return the created Task's id (or location)."""
+        ...
+
+    async def complete_task(self, task_id: str) -> None:
+        """Set a Task this site took in to ``completed``."""
+        ...
+
+    async def fail_task(self, task_id: str, message: str) -> None:
+        """Set a Task this site took in to ``failed`` with an ``error`` output."""
+        ...
+
+    async def create_user_task(self, request: UserTaskRequest) -> str:
+        """Create the QuestionnaireResponse of a user task; return its id."""
+        ...
+
+    async def cancel_user_task(self, user_task_id: str) -> None:
+        """Withdraw the QuestionnaireResponse of a cancelled user task."""
+        ...

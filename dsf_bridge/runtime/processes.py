@@ -1,0 +1,1017 @@
+"""Durable process execution: engine steps, persisted through the store, effects after commit.
+
+Every event (a Task that starts or continues an instance, a handler's result, a timer, an async
+continuation) is applied in one transaction that writes the instance's new state, its message
+subscriptions, its timers, the jobs and outbox entries for the effects, and an audit event.
+Nothing leaves the process before that commit; after it, workers perform the effects:
+
+- ``handler`` jobs run a service task's or listener's Python handler, then feed the result back;
+- ``send`` jobs run a message send handler and queue the Task in the outbox; the outbox worker
+  posts it and only then lets the instance move on;
+- ``continue`` jobs are async continuations and retries (``failedJobRetryTimeCycle``);
+- outbox entries complete or fail the instance's Tasks and create user tasks.
+
+Jobs and outbox entries are leased, so a crash at any point loses nothing: an expired lease is
+taken over and the work done again. Handlers therefore run at least once, as in the DSF BPE
+with async continuations; a Task is posted once unless the process dies after the remote server
+accepted it and before the commit that records it (the outbox's unavoidable window).
+
+Instances are updated with optimistic locking; a lost race is replayed on the fresh state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from dsf_bridge.engine.correlation import correlate, message_subscriptions
+from dsf_bridge.engine.events import (
+    CallHandler,
+    CancelTimer,
+    CancelUserTask,
+    CompleteTasks,
+    CreateQuestionnaireResponse,
+    Event,
+    FailTasks,
+    HandlerCompleted,
+    HandlerFailed,
+    JobDue,
+    MessageReceived,
+    ProcessCompleted,
+    ProcessFailed,
+    ScheduleJob,
+    SendTask,
+    SignalReceived,
+    Start,
+    StartTimer,
+    ThrowSignal,
+    TimerFired,
+    UserTaskCompleted,
+)
+from dsf_bridge.engine.exceptions import CorrelationError
+from dsf_bridge.engine.interpreter import step
+from dsf_bridge.engine.model import ProcessDefinition
+from dsf_bridge.errors import BridgeError, ConcurrencyError, ProcessExecutionError
+from dsf_bridge.logs import bound_context
+from dsf_bridge.plugins.invocation import invoke
+from dsf_bridge.plugins.registry import HandlerRegistry
+from dsf_bridge.runtime.ports import OutgoingTask, TaskGateway, UserTaskRequest
+from dsf_bridge.store import Database, Session, append_event
+from dsf_bridge.store import repository as repo
+
+__all__ = ["DeployedProcess", "ProcessRuntime", "RuntimeSettings"]
+
+log = structlog.get_logger("dsf_bridge.runtime")
+
+Clock = Callable[[], dt.datetime]
+
+_STATUS = {"run": "running", "done": "completed", "failed": "failed"}
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Timing of the workers; the defaults suit production, tests shorten them."""
+
+    lease: dt.timedelta = dt.timedelta(seconds=60)
+    job_retry_delay: dt.timedelta = dt.timedelta(seconds=5)
+    job_retries: int = 3
+    outbox_retry_delays: tuple[dt.timedelta, ...] = tuple(
+        dt.timedelta(seconds=s) for s in (1, 5, 15, 60, 300)
+    )
+    batch: int = 20
+    idle_poll: dt.timedelta = dt.timedelta(seconds=1)
+    conflict_retries: int = 10
+    # How long a reply may wait for its own request's send to be recorded (see deliver()).
+    reply_grace: dt.timedelta = dt.timedelta(seconds=10)
+
+
+@dataclass(frozen=True)
+class DeployedProcess:
+    definition: ProcessDefinition
+    handlers: HandlerRegistry
+    definition_id: int
+    plugin: str
+
+
+@dataclass
+class _Pending:
+    """What one transaction wrote for one instance, for logging after commit."""
+
+    instance_id: str
+    status: str
+    effects: list[str] = field(default_factory=list)
+
+
+class ProcessRuntime:
+    """Runs deployed processes durably on a :class:`Database` against a :class:`TaskGateway`."""
+
+    def __init__(
+        self,
+        database: Database,
+        gateway: TaskGateway,
+        *,
+        owner: str | None = None,
+        clock: Clock = _utcnow,
+        settings: RuntimeSettings | None = None,
+        services: Mapping[str, object] | None = None,
+    ) -> None:
+        self.database = database
+        self.gateway = gateway
+        self.owner = owner or f"bridge-{uuid.uuid4().hex[:12]}"
+        self.clock = clock
+        self.settings = settings or RuntimeSettings()
+        # What handlers may reach outside the engine (HandlerContext.services).
+        self.services: Mapping[str, object] = dict(services or {})
+        self._by_key: dict[str, DeployedProcess] = {}
+        self._by_id: dict[int, DeployedProcess] = {}
+        self._wakeup = asyncio.Event()
+
+    # -- deployment ---------------------------------------------------------------------------
+
+    async def deploy(
+        self,
+        definition: ProcessDefinition,
+        handlers: HandlerRegistry,
+        *,
+        plugin: str,
+        model_hash: str,
+    ) -> DeployedProcess:
+        """Record a process definition and make it startable; its handlers must all exist."""
+        missing = handlers.missing([definition])
+        if missing:
+            raise ProcessExecutionError(
+                f"process {definition.key!r} uses handlers that plugin {plugin!r} does not "
+                f"register: {', '.join(missing)}"
+            )
+        async with self.database.transaction() as session:
+            definition_id = await repo.deploy_definition(
+                session,
+                process_key=definition.key,
+                version=definition.version_tag or "",
+                plugin=plugin,
+                model_hash=model_hash,
+            )
+            await append_event(
+                session,
+                actor=self.owner,
+                subject=f"ProcessDefinition/{definition.key}|{definition.version_tag}",
+                action="process.deployed",
+                reason=f"plugin {plugin}",
+                payload=model_hash,
+            )
+        deployed = DeployedProcess(definition, handlers, definition_id, plugin)
+        self._by_key[definition.key] = deployed
+        self._by_id[definition_id] = deployed
+        return deployed
+
+    def process(self, process_key: str) -> DeployedProcess | None:
+        return self._by_key.get(process_key)
+
+    # -- events from outside ------------------------------------------------------------------
+
+    async def start(
+        self,
+        process_key: str,
+        *,
+        business_key: str,
+        message_name: str | None = None,
+        variables: Mapping[str, object] | None = None,
+        task_id: str | None = None,
+        task_version: str = "1",
+        actor: str = "local",
+    ) -> str:
+        """Start an instance (by message start event, or the none start event); return its id."""
+        deployed = self._by_key.get(process_key)
+        if deployed is None:
+            raise ProcessExecutionError(f"Process {process_key!r} is not deployed")
+        instance_id = str(uuid.uuid4())
+        now = self.clock()
+        event = Start(message_name, business_key, now, dict(variables or {}))
+        with bound_context(instance_id=instance_id, business_key=business_key, process=process_key):
+            async with self.database.transaction() as session:
+                result = step(deployed.definition, None, event)
+                record = await repo.create_instance(
+                    session,
+                    instance_id=instance_id,
+                    definition_id=deployed.definition_id,
+                    business_key=business_key,
+                    status=_STATUS[result.state["st"]],
+                    state=result.state,
+                    now=now,
+                )
+                if task_id is not None:
+                    await self._record_incoming(session, task_id, task_version, instance_id)
+                await append_event(
+                    session,
+                    actor=actor,
+                    subject=f"instance/{instance_id}",
+                    action="instance.started",
+                    reason=f"{process_key} by {message_name or 'none start event'}"
+                    + (f", Task/{task_id}" if task_id else ""),
+                    payload=result.state,
+                )
+                pending = await self._persist(session, deployed, record, result, fresh=True)
+            self._after_commit(pending)
+        return instance_id
+
+    async def deliver(
+        self,
+        process_key: str,
+        *,
+        message_name: str,
+        business_key: str | None,
+        correlation_key: str | None = None,
+        variables: Mapping[str, object] | None = None,
+        task_id: str | None = None,
+        task_version: str = "1",
+        actor: str = "remote",
+    ) -> str:
+        """DSF's rule for a received Task: continue the instance of ``process_key`` that waits
+        for it, or else start one by its message start event (keeping the Task's business key).
+        """
+        deployed = self._by_key.get(process_key)
+        if deployed is None:
+            raise ProcessExecutionError(f"Process {process_key!r} is not deployed")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.reply_grace.total_seconds()
+        while True:
+            if business_key is not None and await self._waiting(
+                process_key, message_name, business_key, correlation_key
+            ):
+                return await self.correlate(
+                    message_name=message_name,
+                    business_key=business_key,
+                    correlation_key=correlation_key,
+                    variables=variables,
+                    task_id=task_id,
+                    task_version=task_version,
+                    actor=actor,
+                    process_key=process_key,
+                )
+            if message_name in deployed.definition.message_starts:
+                return await self.start(
+                    process_key,
+                    business_key=business_key or str(uuid.uuid4()),
+                    message_name=message_name,
+                    variables=variables,
+                    task_id=task_id,
+                    task_version=task_version,
+                    actor=actor,
+                )
+            # A reply can overtake the commit that records its request as sent: while such a
+            # send is in flight, its instance is about to wait for exactly this message.
+            if (
+                business_key is None
+                or loop.time() >= deadline
+                or not await self.sends_in_flight(business_key)
+            ):
+                break
+            await asyncio.sleep(0.05)
+        raise CorrelationError(
+            f"Unable to correlate Task{f' {task_id}' if task_id else ''}: no instance of "
+            f"{process_key} with business-key {business_key!r} waits for message "
+            f"{message_name!r}, and the message starts no instance"
+        )
+
+    async def _waiting(
+        self,
+        process_key: str,
+        message_name: str,
+        business_key: str,
+        correlation_key: str | None,
+    ) -> bool:
+        async with self.database.transaction() as session:
+            found = await repo.find_subscriptions(
+                session,
+                message_name=message_name,
+                business_key=business_key,
+                correlation_key=correlation_key,
+            )
+            for instance_id, _sub in found:
+                record = await repo.load_instance(session, instance_id)
+                if record is not None and self._deployed(record).definition.key == process_key:
+                    return True
+        return False
+
+    async def correlate(
+        self,
+        *,
+        message_name: str,
+        business_key: str,
+        correlation_key: str | None = None,
+        variables: Mapping[str, object] | None = None,
+        task_id: str | None = None,
+        task_version: str = "1",
+        actor: str = "remote",
+        process_key: str | None = None,
+    ) -> str:
+        """Continue the one instance waiting for this message; return its id.
+
+        Raises :class:`~dsf_bridge.engine.exceptions.CorrelationError` ("Unable to correlate
+        Task ...") when no waiting execution, or more than one, matches.
+        """
+        for _ in range(self.settings.conflict_retries):
+            try:
+                return await self._correlate_once(
+                    message_name=message_name,
+                    business_key=business_key,
+                    correlation_key=correlation_key,
+                    variables=dict(variables or {}),
+                    task_id=task_id,
+                    task_version=task_version,
+                    actor=actor,
+                    process_key=process_key,
+                )
+            except ConcurrencyError:
+                continue
+        raise ConcurrencyError(f"instance for business-key {business_key!r} kept changing")
+
+    async def _correlate_once(
+        self,
+        *,
+        message_name: str,
+        business_key: str,
+        correlation_key: str | None,
+        variables: dict[str, object],
+        task_id: str | None,
+        task_version: str,
+        actor: str,
+        process_key: str | None,
+    ) -> str:
+        now = self.clock()
+        async with self.database.transaction() as session:
+            found = await repo.find_subscriptions(
+                session,
+                message_name=message_name,
+                business_key=business_key,
+                correlation_key=correlation_key,
+            )
+            records: dict[str, repo.InstanceRecord] = {}
+            for instance_id, _sub in found:
+                if instance_id not in records:
+                    record = await repo.load_instance(session, instance_id)
+                    if record is not None and (
+                        process_key is None or self._deployed(record).definition.key == process_key
+                    ):
+                        records[instance_id] = record
+            candidates = [(iid, message_subscriptions(rec.state)) for iid, rec in records.items()]
+            instance_id, subscription = correlate(
+                candidates,
+                message_name=message_name,
+                business_key=business_key,
+                correlation_key=correlation_key,
+                task_id=task_id,
+            )
+            record = records[instance_id]
+            deployed = self._deployed(record)
+            event = MessageReceived(
+                message_name, now, correlation_key, variables, subscription.token, task_id
+            )
+            with bound_context(instance_id=instance_id, business_key=business_key):
+                result = step(deployed.definition, record.state, event)
+                if task_id is not None:
+                    await self._record_incoming(session, task_id, task_version, instance_id)
+                await append_event(
+                    session,
+                    actor=actor,
+                    subject=f"instance/{instance_id}",
+                    action="message.correlated",
+                    reason=f"{message_name} at {subscription.element_id}"
+                    + (f", Task/{task_id}" if task_id else ""),
+                    payload=result.state,
+                )
+                pending = await self._persist(session, deployed, record, result)
+        self._after_commit(pending)
+        return instance_id
+
+    async def sends_in_flight(self, business_key: str) -> bool:
+        """Whether an instance with this business key has a Task send queued or under way."""
+        async with self.database.transaction() as session:
+            return await repo.sends_in_flight(session, business_key) > 0
+
+    async def complete_user_task(
+        self, user_task_id: str, variables: Mapping[str, object] | None = None
+    ) -> str:
+        """A user task's QuestionnaireResponse came back completed; continue its instance."""
+        instance_id, _, token = user_task_id.partition("/")
+        if not token:
+            raise ProcessExecutionError(f"malformed user-task-id {user_task_id!r}")
+        await self._apply_event(
+            instance_id,
+            lambda now: UserTaskCompleted(token, now, dict(variables or {})),
+            action="usertask.completed",
+            reason=f"user task {user_task_id}",
+        )
+        return instance_id
+
+    # -- workers ------------------------------------------------------------------------------
+
+    async def run_once(self) -> int:
+        """Perform what is due now: timers, jobs, outbox entries. Return how many were done."""
+        done = await self._fire_due_timers()
+        done += await self._run_due_jobs()
+        done += await self._run_due_outbox()
+        return done
+
+    async def run_until_idle(self, max_rounds: int = 10_000) -> int:
+        """Work until nothing is due (tests, the demo); return the number of items done."""
+        total = 0
+        for _ in range(max_rounds):
+            done = await self.run_once()
+            if done == 0:
+                return total
+            total += done
+        raise ProcessExecutionError(f"still busy after {max_rounds} rounds")
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        """The worker loop of the daemon: work, then sleep until woken or the next poll."""
+        while not stop.is_set():
+            # Cleared before the round, not after: work committed while the round runs (a Task
+            # taken in by the subscription, say) must wake the next round, not wait for the poll.
+            self._wakeup.clear()
+            try:
+                done = await self.run_once()
+            except BridgeError as exc:
+                log.warning("worker.failed", error=str(exc), retryable=exc.retryable)
+                done = 0
+            if done:
+                continue
+            sleeper = asyncio.ensure_future(self._wakeup.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait(
+                    {sleeper, stopper},
+                    timeout=self.settings.idle_poll.total_seconds(),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                sleeper.cancel()
+                stopper.cancel()
+
+    async def _fire_due_timers(self) -> int:
+        fired = 0
+        while fired < self.settings.batch:
+            now = self.clock()
+            async with self.database.transaction() as session:
+                due = await repo.due_timers(session, now, limit=1)
+                if not due:
+                    return fired
+                instance_id, timer = due[0]
+                record = await repo.load_instance(session, instance_id)
+                await repo.cancel_timer(session, instance_id, timer.timer_id)
+                pending = None
+                if record is not None:
+                    deployed = self._deployed(record)
+                    with bound_context(instance_id=instance_id, business_key=record.business_key):
+                        result = step(
+                            deployed.definition, record.state, TimerFired(timer.timer_id, now)
+                        )
+                        await append_event(
+                            session,
+                            actor=self.owner,
+                            subject=f"instance/{instance_id}",
+                            action="timer.fired",
+                            reason=f"{timer.element_id} due {timer.due_at.isoformat()}",
+                            payload=result.state,
+                        )
+                        pending = await self._persist(session, deployed, record, result)
+            if pending is not None:
+                self._after_commit(pending)
+            fired += 1
+        return fired
+
+    async def _run_due_jobs(self) -> int:
+        now = self.clock()
+        async with self.database.transaction() as session:
+            jobs = await repo.claim_jobs(
+                session,
+                owner=self.owner,
+                now=now,
+                lease=self.settings.lease,
+                limit=self.settings.batch,
+            )
+        # Concurrently: a slow handler (an inference, a download) must not hold up the others.
+        # Jobs of one instance that race are replayed by optimistic locking.
+        await _all(self._run_job_or_retry(job) for job in jobs)
+        return len(jobs)
+
+    async def _run_job_or_retry(self, job: repo.ClaimedJob) -> None:
+        try:
+            await self._run_job(job)
+        except BridgeError as exc:
+            await self._job_failed(job, str(exc))
+
+    async def _job_failed(self, job: repo.ClaimedJob, error: str) -> None:
+        retry_at = self.clock() + self.settings.job_retry_delay
+        async with self.database.transaction() as session:
+            left = await repo.retry_job(session, job.id, self.owner, error=error, retry_at=retry_at)
+        log.warning("job.failed", job_id=job.id, kind=job.kind, error=error, retries_left=left)
+
+    async def _run_job(self, job: repo.ClaimedJob) -> None:
+        payload = job.payload
+        instance_id = job.instance_id
+        if instance_id is None:  # pragma: no cover - every job we create belongs to an instance
+            raise ProcessExecutionError(f"job {job.id} has no instance")
+        if job.kind == "continue":
+            await self._apply_event(
+                instance_id,
+                lambda now: JobDue(str(payload["token"]), now),
+                action="job.continued",
+                reason=f"async continuation at {payload.get('element_id')}",
+                job_id=job.id,
+            )
+            return
+        deployed = await self._deployed_for(instance_id)
+        if job.kind == "handler":
+            effect = CallHandler(
+                handler=str(payload["handler"]),
+                kind=str(payload["kind"]),
+                element_id=str(payload["element_id"]),
+                token=str(payload["token"]),
+                business_key=str(payload["business_key"]),
+                variables=payload["variables"],
+                fields=payload["fields"],
+                event=payload.get("event"),
+            )
+            with bound_context(instance_id=instance_id, business_key=effect.business_key):
+                outcome = await invoke(deployed.handlers, effect, self.clock(), self.services)
+            await self._apply_event(
+                instance_id,
+                lambda now: outcome.event,
+                action="handler.completed" if outcome.ok else "handler.failed",
+                reason=f"{effect.handler} at {effect.element_id}"
+                + ("" if outcome.ok else f": {getattr(outcome.event, 'message', '')}"),
+                job_id=job.id,
+            )
+            return
+        if job.kind == "send":
+            await self._prepare_send(job, instance_id, deployed)
+            return
+        raise ProcessExecutionError(f"unknown job kind {job.kind!r}")  # pragma: no cover
+
+    async def _prepare_send(
+        self, job: repo.ClaimedJob, instance_id: str, deployed: DeployedProcess
+    ) -> None:
+        payload = job.payload
+        effect = SendTask(
+            handler=str(payload["handler"]),
+            element_id=str(payload["element_id"]),
+            token=str(payload["token"]),
+            business_key=str(payload["business_key"]),
+            instantiates_canonical=str(payload["instantiates_canonical"]),
+            message_name=str(payload["message_name"]),
+            profile=str(payload["profile"]),
+            correlation_key=payload.get("correlation_key"),
+            target=payload.get("target"),
+            variables=payload["variables"],
+            fields=payload["fields"],
+        )
+        with bound_context(instance_id=instance_id, business_key=effect.business_key):
+            outcome = await invoke(deployed.handlers, effect, self.clock(), self.services)
+        if not outcome.ok or outcome.send is None:
+            await self._apply_event(
+                instance_id,
+                lambda now: outcome.event,
+                action="handler.failed",
+                reason=f"{effect.handler} at {effect.element_id}",
+                job_id=job.id,
+            )
+            return
+        send = outcome.send
+        completed = outcome.event
+        entry = {
+            "token": effect.token,
+            "element_id": effect.element_id,
+            "business_key": send.business_key,
+            "instantiates_canonical": send.instantiates_canonical,
+            "message_name": send.message_name,
+            "profile": send.profile,
+            "correlation_key": send.correlation_key,
+            "target": dict(send.target) if send.target is not None else None,
+            "inputs": list(send.inputs),
+            "failure_errors": dict(send.failure_errors),
+            "updates": dict(completed.variables),
+            "local_updates": dict(getattr(completed, "local_variables", {})),
+        }
+        async with self.database.transaction() as session:
+            await repo.enqueue_outbox(
+                session,
+                # Not the job id alone: SQLite reuses the id of a deleted newest job, and a
+                # reused id would make this send a "duplicate" of an earlier one, lost.
+                idempotency_key=f"send:{payload.get('send_id') or job.id}",
+                kind="send-task",
+                payload=entry,
+                instance_id=instance_id,
+                now=self.clock(),
+            )
+            await repo.complete_job(session, job.id, self.owner)
+        self._wakeup.set()
+
+    async def _run_due_outbox(self) -> int:
+        now = self.clock()
+        async with self.database.transaction() as session:
+            entries = await repo.claim_outbox(
+                session,
+                owner=self.owner,
+                now=now,
+                lease=self.settings.lease,
+                limit=self.settings.batch,
+            )
+        # Concurrently: a POST to an unreachable site must not hold up the other effects.
+        await _all(self._perform(entry) for entry in entries)
+        return len(entries)
+
+    async def _perform(self, entry: repo.ClaimedOutboxEntry) -> None:
+        payload = entry.payload
+        try:
+            result = await self._perform_remote(entry)
+        except BridgeError as exc:
+            retries = self.settings.outbox_retry_delays
+            if exc.retryable and entry.attempts <= len(retries):
+                retry_at = self.clock() + retries[entry.attempts - 1]
+                async with self.database.transaction() as session:
+                    await repo.retry_outbox(
+                        session, entry.id, self.owner, error=str(exc), retry_at=retry_at
+                    )
+                log.warning(
+                    "effect.retried", kind=entry.kind, attempt=entry.attempts, error=str(exc)
+                )
+                return
+            status = getattr(exc, "status", None)
+            await self._effect_failed(entry, str(exc), status=status)
+            return
+        async with self.database.transaction() as session:
+            await repo.mark_outbox_done(
+                session, entry.id, self.owner, result=result, now=self.clock()
+            )
+            if entry.kind == "send-task" and entry.instance_id is not None:
+                await repo.record_task_seen(
+                    session,
+                    task_id=_created_task_id(result),
+                    task_version="1",
+                    role="outgoing",
+                    status="requested",
+                    instance_id=entry.instance_id,
+                )
+                await append_event(
+                    session,
+                    actor=self.owner,
+                    subject=f"instance/{entry.instance_id}",
+                    action="task.sent",
+                    reason=f"{payload['message_name']} to {_target_label(payload)} as {result}",
+                    payload=payload,
+                )
+        if entry.kind == "send-task" and entry.instance_id is not None:
+            token = str(payload["token"])
+            await self._apply_event(
+                entry.instance_id,
+                lambda now: HandlerCompleted(
+                    token, now, payload.get("updates") or {}, payload.get("local_updates") or {}
+                ),
+                action="send.completed",
+                reason=f"{payload['message_name']} at {payload['element_id']}",
+            )
+
+    async def _perform_remote(self, entry: repo.ClaimedOutboxEntry) -> str:
+        payload = entry.payload
+        if entry.kind == "send-task":
+            return await self.gateway.send_task(
+                OutgoingTask(
+                    instance_id=entry.instance_id or "",
+                    business_key=str(payload["business_key"]),
+                    instantiates_canonical=str(payload["instantiates_canonical"]),
+                    message_name=str(payload["message_name"]),
+                    profile=str(payload["profile"]),
+                    correlation_key=payload.get("correlation_key"),
+                    target=payload.get("target"),
+                    inputs=tuple(payload.get("inputs") or ()),
+                )
+            )
+        if entry.kind == "complete-task":
+            await self.gateway.complete_task(str(payload["task_id"]))
+            return str(payload["task_id"])
+        if entry.kind == "fail-task":
+            await self.gateway.fail_task(str(payload["task_id"]), str(payload["message"]))
+            return str(payload["task_id"])
+        if entry.kind == "create-user-task":
+            return await self.gateway.create_user_task(
+                UserTaskRequest(
+                    instance_id=entry.instance_id or "",
+                    business_key=str(payload["business_key"]),
+                    user_task_id=str(payload["user_task_id"]),
+                    form_key=str(payload["form_key"]),
+                )
+            )
+        if entry.kind == "cancel-user-task":
+            await self.gateway.cancel_user_task(str(payload["user_task_id"]))
+            return str(payload["user_task_id"])
+        raise ProcessExecutionError(f"unknown outbox kind {entry.kind!r}")  # pragma: no cover
+
+    async def _effect_failed(
+        self, entry: repo.ClaimedOutboxEntry, error: str, *, status: int | None = None
+    ) -> None:
+        payload = entry.payload
+        async with self.database.transaction() as session:
+            await repo.mark_outbox_failed(
+                session, entry.id, self.owner, error=error, now=self.clock()
+            )
+            await append_event(
+                session,
+                actor=self.owner,
+                subject=f"instance/{entry.instance_id}",
+                action="effect.failed",
+                reason=f"{entry.kind}: {error}",
+                payload=payload,
+            )
+        log.error("effect.failed", kind=entry.kind, error=error, instance_id=entry.instance_id)
+        if entry.kind == "send-task" and entry.instance_id is not None:
+            token = str(payload["token"])
+            target = _target_label(payload)
+            message = f"Sending Task {payload['message_name']} to {target} failed: {error}"
+            # The send handler may have asked for a BPMN error instead of a failed instance.
+            errors = payload.get("failure_errors") or {}
+            code = errors.get(str(status)) or errors.get("default")
+            await self._apply_event(
+                entry.instance_id,
+                lambda now: HandlerFailed(token, now, code, message),
+                action="send.failed",
+                reason=message,
+            )
+
+    # -- applying events ----------------------------------------------------------------------
+
+    async def _apply_event(
+        self,
+        instance_id: str,
+        make_event: Callable[[dt.datetime], Event],
+        *,
+        action: str,
+        reason: str,
+        job_id: int | None = None,
+    ) -> None:
+        """Apply one event to an instance in one transaction, replaying on lost races."""
+        for _ in range(self.settings.conflict_retries):
+            now = self.clock()
+            try:
+                async with self.database.transaction() as session:
+                    record = await repo.load_instance(session, instance_id)
+                    if record is None:
+                        raise ProcessExecutionError(f"instance {instance_id} does not exist")
+                    deployed = self._deployed(record)
+                    with bound_context(instance_id=instance_id, business_key=record.business_key):
+                        result = step(deployed.definition, record.state, make_event(now))
+                        await append_event(
+                            session,
+                            actor=self.owner,
+                            subject=f"instance/{instance_id}",
+                            action=action,
+                            reason=reason,
+                            payload=result.state,
+                        )
+                        pending = await self._persist(session, deployed, record, result)
+                        if job_id is not None:
+                            await repo.complete_job(session, job_id, self.owner)
+            except ConcurrencyError:
+                continue
+            self._after_commit(pending)
+            return
+        raise ConcurrencyError(f"instance {instance_id} kept changing")
+
+    async def _persist(
+        self,
+        session: Session,
+        deployed: DeployedProcess,
+        record: repo.InstanceRecord,
+        result: Any,
+        *,
+        fresh: bool = False,
+    ) -> _Pending:
+        """Write the new state and the effects' records, all in the caller's transaction."""
+        state = result.state
+        status = _STATUS[state["st"]]
+        now = self.clock()
+        if not fresh:
+            record = await repo.save_instance(
+                session, record, state=state, status=status, now=now, ended=status != "running"
+            )
+        instance_id = record.id
+        await repo.replace_subscriptions(session, instance_id, _subscription_keys(state))
+        pending = _Pending(instance_id, status)
+        effects = list(result.effects)
+        while effects:
+            effect = effects.pop(0)
+            pending.effects.append(type(effect).__name__)
+            if isinstance(effect, CallHandler):
+                await repo.enqueue_job(
+                    session,
+                    kind="handler",
+                    instance_id=instance_id,
+                    due_at=now,
+                    retries=self.settings.job_retries,
+                    payload={
+                        "handler": effect.handler,
+                        "kind": effect.kind,
+                        "element_id": effect.element_id,
+                        "token": effect.token,
+                        "business_key": effect.business_key,
+                        "variables": dict(effect.variables),
+                        "fields": dict(effect.fields),
+                        "event": effect.event,
+                    },
+                )
+            elif isinstance(effect, SendTask):
+                await repo.enqueue_job(
+                    session,
+                    kind="send",
+                    instance_id=instance_id,
+                    due_at=now,
+                    retries=self.settings.job_retries,
+                    payload={
+                        "send_id": uuid.uuid4().hex,  # the outbox's idempotency key
+                        "handler": effect.handler,
+                        "element_id": effect.element_id,
+                        "token": effect.token,
+                        "business_key": effect.business_key,
+                        "instantiates_canonical": effect.instantiates_canonical,
+                        "message_name": effect.message_name,
+                        "profile": effect.profile,
+                        "correlation_key": effect.correlation_key,
+                        "target": dict(effect.target) if effect.target is not None else None,
+                        "variables": dict(effect.variables),
+                        "fields": dict(effect.fields),
+                    },
+                )
+            elif isinstance(effect, ScheduleJob):
+                await repo.enqueue_job(
+                    session,
+                    kind="continue",
+                    instance_id=instance_id,
+                    due_at=effect.due,
+                    retries=0,
+                    payload={"token": effect.token, "element_id": effect.element_id},
+                )
+            elif isinstance(effect, StartTimer):
+                await repo.add_timer(
+                    session,
+                    instance_id,
+                    repo.TimerKey(effect.timer_id, effect.element_id, effect.due),
+                )
+            elif isinstance(effect, CancelTimer):
+                await repo.cancel_timer(session, instance_id, effect.timer_id)
+            elif isinstance(effect, CreateQuestionnaireResponse):
+                user_task_id = f"{instance_id}/{effect.token}"
+                await repo.enqueue_outbox(
+                    session,
+                    idempotency_key=f"user-task:{user_task_id}:{record.version}",
+                    kind="create-user-task",
+                    instance_id=instance_id,
+                    now=now,
+                    payload={
+                        "business_key": effect.business_key,
+                        "user_task_id": user_task_id,
+                        "form_key": effect.form_key,
+                    },
+                )
+            elif isinstance(effect, CancelUserTask):
+                user_task_id = f"{instance_id}/{effect.token}"
+                await repo.enqueue_outbox(
+                    session,
+                    idempotency_key=f"cancel-user-task:{user_task_id}:{record.version}",
+                    kind="cancel-user-task",
+                    instance_id=instance_id,
+                    now=now,
+                    payload={"user_task_id": user_task_id},
+                )
+            elif isinstance(effect, ThrowSignal):
+                # Signals reach the instance that throws them (DSF models use them to stop
+                # their own waits); a global broadcast across instances is not supported.
+                follow = step(deployed.definition, state, SignalReceived(effect.signal_name, now))
+                state = follow.state
+                record = await repo.save_instance(
+                    session,
+                    record,
+                    state=state,
+                    status=_STATUS[state["st"]],
+                    now=now,
+                    ended=state["st"] != "run",
+                )
+                effects.extend(follow.effects)
+                await repo.replace_subscriptions(session, instance_id, _subscription_keys(state))
+                pending.status = _STATUS[state["st"]]
+            elif isinstance(effect, CompleteTasks | FailTasks):
+                for task_id in await repo.tasks_of_instance(session, instance_id, "incoming"):
+                    if isinstance(effect, CompleteTasks):
+                        await repo.enqueue_outbox(
+                            session,
+                            idempotency_key=f"complete:{task_id}",
+                            kind="complete-task",
+                            instance_id=instance_id,
+                            now=now,
+                            payload={"task_id": task_id},
+                        )
+                    else:
+                        await repo.enqueue_outbox(
+                            session,
+                            idempotency_key=f"fail:{task_id}",
+                            kind="fail-task",
+                            instance_id=instance_id,
+                            now=now,
+                            payload={"task_id": task_id, "message": effect.message},
+                        )
+            elif isinstance(effect, ProcessCompleted | ProcessFailed):
+                await append_event(
+                    session,
+                    actor=self.owner,
+                    subject=f"instance/{instance_id}",
+                    action="instance.completed"
+                    if isinstance(effect, ProcessCompleted)
+                    else "instance.failed",
+                    reason=getattr(effect, "message", "") or deployed.definition.key,
+                )
+        return pending
+
+    async def _record_incoming(
+        self, session: Session, task_id: str, task_version: str, instance_id: str
+    ) -> None:
+        await repo.record_task_seen(
+            session,
+            task_id=task_id,
+            task_version=task_version,
+            role="incoming",
+            status="in-progress",
+            instance_id=instance_id,
+        )
+
+    def _after_commit(self, pending: _Pending) -> None:
+        if pending.effects:
+            self._wakeup.set()
+        log.info(
+            "instance.stepped",
+            instance_id=pending.instance_id,
+            status=pending.status,
+            effects=pending.effects,
+        )
+
+    def _deployed(self, record: repo.InstanceRecord) -> DeployedProcess:
+        deployed = self._by_id.get(record.definition_id)
+        if deployed is None:
+            raise ProcessExecutionError(
+                f"instance {record.id} belongs to process definition {record.definition_id}, "
+                "which is not deployed in this bridge"
+            )
+        return deployed
+
+    async def _deployed_for(self, instance_id: str) -> DeployedProcess:
+        async with self.database.transaction() as session:
+            record = await repo.load_instance(session, instance_id)
+        if record is None:
+            raise ProcessExecutionError(f"instance {instance_id} does not exist")
+        return self._deployed(record)
+
+
+def _created_task_id(result: str) -> str:
+    """The id of a Task the gateway created: it answers with an id or the ``Location`` URL
+    (``https://host/fhir/Task/<id>/_history/1``), and ``tasks_seen`` keys are ids (64
+    characters at most; PostgreSQL refuses longer ones)."""
+    parts = result.rstrip("/").split("/")
+    if "Task" in parts:
+        index = len(parts) - 1 - parts[::-1].index("Task")
+        if index + 1 < len(parts):
+            return parts[index + 1]
+    return result
+
+
+async def _all(work: Iterable[Awaitable[None]]) -> None:
+    """Run all of ``work`` to the end, then raise the first failure, if any."""
+    results = await asyncio.gather(*work, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+def _subscription_keys(state: Mapping[str, Any]) -> list[repo.SubscriptionKey]:
+    """What an instance state waits for, as the store indexes it."""
+    return [
+        repo.SubscriptionKey(
+            sub.token, sub.element_id, sub.message_name, sub.business_key, sub.correlation_key
+        )
+        for sub in message_subscriptions(state)
+    ]
+
+
+def _target_label(payload: Mapping[str, Any]) -> str:
+    target = payload.get("target") or {}
+    for key in ("organizationIdentifier", "organizationIdentifierValue", "endpointUrl"):
+        if isinstance(target, Mapping) and target.get(key):
+            return str(target[key])
+    return "the target"

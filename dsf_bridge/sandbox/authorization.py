@@ -1,0 +1,535 @@
+"""Authorization as the DSF FHIR server does it: who may create and update which Task, judged by
+the caller's organization (client-certificate thumbprint), the local organization and the
+``extension-process-authorization`` of the ActivityDefinition a Task instantiates.
+
+Facts taken from DSF's ``TaskAuthorizationRule`` and ``ProcessAuthorizationHelperImpl``
+(datasharingframework/dsf, 2.x): a Task is created ``draft`` only by the local organization (with
+a unique ``task-identifier``) or ``requested`` by any organization that is the Task's requester;
+the recipient must be the local organization; ``instantiatesCanonical`` must match
+``http(s)://<domain>/bpe/Process/<name>|<major.minor>``; exactly one non-empty ``message-name``
+input; no outputs; and the ActivityDefinition with that URL and version (status draft or active)
+must hold an authorization for the message name and one of the Task's profiles (exact, or the
+Task's profile without version equal to the authorized one's base) whose requester and recipient
+codings accept caller and local organization. Updates follow DSF's status transitions and are
+made by the local organization only. Identities here are organizations; the practitioner codes
+(``*_PRACTITIONER``) therefore never match, as in DSF for organization identities.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from dsf_bridge.dsf.authorization import (
+    Party,
+    authorization_denied,
+    authorization_entry,
+    has_role,
+    identifier_values,
+    parent_organization_role,
+)
+from dsf_bridge.dsf.vocabulary import (
+    BPMN_MESSAGE_SYSTEM,
+    ORGANIZATION_IDENTIFIER_SYSTEM,
+    READ_ACCESS_ORGANIZATION_EXTENSION,
+    READ_ACCESS_PARENT_ORGANIZATION_ROLE_EXTENSION,
+    READ_ACCESS_TAG_SYSTEM,
+    TASK_IDENTIFIER_SYSTEM,
+)
+from dsf_bridge.sandbox.resources import RESOURCE_TYPES, MemoryResourceStore
+
+__all__ = [
+    "INSTANTIATES_CANONICAL",
+    "TAGGED_RESOURCE_TYPES",
+    "OrganizationIdentity",
+    "ReadAccess",
+    "TaskAuthorization",
+    "questionnaire_response_denied",
+]
+
+# Types whose read access DSF governs by read-access tags (AbstractMetaTagAuthorizationRule).
+TAGGED_RESOURCE_TYPES = RESOURCE_TYPES - {"QuestionnaireResponse", "Task"}
+_READ_ACCESS_CODES = frozenset({"LOCAL", "ORGANIZATION", "ROLE", "ALL"})
+
+INSTANTIATES_CANONICAL = re.compile(
+    r"(?P<process_url>https?://(?P<domain>(?:[a-zA-Z0-9][a-zA-Z0-9-]{0,61}[a-zA-Z0-9]\.)+"
+    r"[a-zA-Z0-9]{1,63})/bpe/Process/(?P<name>[a-zA-Z0-9-]+))\|(?P<version>\d+\.\d+)$"
+)
+
+_ALLOWED_UPDATES = {
+    ("draft", "draft"),
+    ("requested", "in-progress"),
+    ("in-progress", "in-progress"),
+    ("in-progress", "completed"),
+    ("requested", "failed"),
+    ("in-progress", "failed"),
+}
+
+
+@dataclass(frozen=True)
+class OrganizationIdentity:
+    """The organization a client certificate belongs to."""
+
+    organization: dict[str, Any]
+    identifier: str
+    local: bool
+
+    @property
+    def active(self) -> bool:
+        return self.organization.get("active", True) is not False
+
+
+def _party(identity: OrganizationIdentity) -> Party:
+    return Party(identity.identifier, local=identity.local, active=identity.active)
+
+
+def _identifier_values(resource: dict[str, Any], system: str) -> list[str]:
+    return [
+        str(i["value"])
+        for i in resource.get("identifier") or []
+        if isinstance(i, dict) and i.get("system") == system and i.get("value")
+    ]
+
+
+def _message_names(task: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    for parameter in task.get("input") or []:
+        codings = (parameter.get("type") or {}).get("coding") or []
+        if not any(
+            c.get("system") == BPMN_MESSAGE_SYSTEM and c.get("code") == "message-name"
+            for c in codings
+        ):
+            continue
+        value = parameter.get("valueString")
+        if isinstance(value, str) and value.strip():
+            names.append(value)
+    return names
+
+
+def _is_business_key(parameter: dict[str, Any]) -> bool:
+    codings = (parameter.get("type") or {}).get("coding") or []
+    return any(
+        c.get("system") == BPMN_MESSAGE_SYSTEM and c.get("code") == "business-key" for c in codings
+    )
+
+
+class TaskAuthorization:
+    """Decides Task creates and updates against the resources in a sandbox store."""
+
+    def __init__(self, store: MemoryResourceStore, local_identifier: str) -> None:
+        self._store = store
+        self._local = local_identifier
+
+    # -- create ---------------------------------------------------------------------------------
+
+    def create_denied(self, identity: OrganizationIdentity, task: dict[str, Any]) -> str | None:
+        """Why ``identity`` may not create ``task``, or None when it may."""
+        status = task.get("status")
+        if status == "draft":
+            if not identity.local:
+                return "Task.status draft may only be created by the local organization"
+            errors = self._draft_errors(task)
+            if errors:
+                return ", ".join(errors)
+            if self._draft_exists(task):
+                return "a draft Task with this task-identifier already exists"
+            return None
+        if status != "requested":
+            return f"Task.status {status or '(missing)'} not allowed on create (draft or requested)"
+        errors = self._requested_errors(identity, task)
+        if errors:
+            return ", ".join(errors)
+        return self._process_denied(task, requester=identity)
+
+    def _requested_errors(self, identity: OrganizationIdentity, task: dict[str, Any]) -> list[str]:
+        errors: list[str] = []
+        if _identifier_values(task, TASK_IDENTIFIER_SYSTEM):
+            errors.append(f"Task.identifier[{TASK_IDENTIFIER_SYSTEM}] defined")
+        requester = task.get("requester")
+        if isinstance(requester, dict) and requester:
+            identifier = requester.get("identifier")
+            if isinstance(identifier, dict) and identifier:
+                if not identifier.get("system") or not identifier.get("value"):
+                    errors.append(
+                        "Task.requester.identifier.system or Task.requester.identifier.value "
+                        "missing"
+                    )
+                elif identifier.get("system") != ORGANIZATION_IDENTIFIER_SYSTEM:
+                    errors.append(
+                        f"Task.requester.identifier.system not {ORGANIZATION_IDENTIFIER_SYSTEM}"
+                    )
+                elif identifier.get("value") != identity.identifier:
+                    errors.append(
+                        "Task.requester current identity not part of referenced organization"
+                    )
+            else:
+                errors.append("Task.requester.identifier missing")
+        else:
+            errors.append("Task.requester missing")
+        errors.extend(self._recipient_errors(task))
+        errors.extend(self._common_errors(task))
+        return errors
+
+    def _draft_errors(self, task: dict[str, Any]) -> list[str]:
+        errors: list[str] = []
+        identifiers = _identifier_values(task, TASK_IDENTIFIER_SYSTEM)
+        all_task_identifiers = [
+            i
+            for i in task.get("identifier") or []
+            if isinstance(i, dict) and i.get("system") == TASK_IDENTIFIER_SYSTEM
+        ]
+        if len(all_task_identifiers) != 1:
+            errors.append(
+                f"Task.identifier[{TASK_IDENTIFIER_SYSTEM}] not defined or more than once"
+            )
+        elif not identifiers:
+            errors.append(f"Task.identifier[{TASK_IDENTIFIER_SYSTEM}] value not defined")
+        requester = task.get("requester")
+        if isinstance(requester, dict) and requester:
+            identifiers_of_requester = self._organization_identifiers(requester)
+            if identifiers_of_requester is None:
+                errors.append("Task.requester could not be resolved")
+            elif self._local not in identifiers_of_requester:
+                errors.append("Task.requester not local organization")
+        else:
+            errors.append("Task.requester missing")
+        errors.extend(self._recipient_errors(task))
+        errors.extend(self._common_errors(task))
+        return errors
+
+    def _recipient_errors(self, task: dict[str, Any]) -> list[str]:
+        restriction = task.get("restriction")
+        if not isinstance(restriction, dict) or not restriction.get("recipient"):
+            if isinstance(restriction, dict) and restriction:
+                return ["Task.restriction.recipient missing or more than one"]
+            return ["Task.restriction not defined"]
+        recipients = restriction["recipient"]
+        if len(recipients) != 1:
+            return ["Task.restriction.recipient missing or more than one"]
+        identifiers = self._organization_identifiers(recipients[0])
+        if identifiers is None:
+            return ["Task.restriction.recipient could not be resolved"]
+        if self._local not in identifiers:
+            return ["Task.restriction.recipient not local organization"]
+        return []
+
+    def _common_errors(self, task: dict[str, Any]) -> list[str]:
+        errors: list[str] = []
+        canonical = task.get("instantiatesCanonical")
+        if not canonical:
+            errors.append("Task.instantiatesCanonical not defined")
+        elif not INSTANTIATES_CANONICAL.match(str(canonical)):
+            errors.append("Task.instantiatesCanonical not matching the DSF process URL pattern")
+        if not task.get("input"):
+            errors.append("Task.input empty")
+        elif len(_message_names(task)) != 1:
+            errors.append(
+                f"Task.input with system {BPMN_MESSAGE_SYSTEM} and code message-name with non "
+                "empty string value not defined or more than one"
+            )
+        if task.get("output"):
+            errors.append("Task.output not empty")
+        return errors
+
+    def _draft_exists(self, task: dict[str, Any]) -> bool:
+        values = _identifier_values(task, TASK_IDENTIFIER_SYSTEM)
+        return any(
+            value in _identifier_values(other, TASK_IDENTIFIER_SYSTEM)
+            for other in self._store.all("Task")
+            for value in values
+        )
+
+    def _organization_identifiers(self, reference: dict[str, Any]) -> set[str] | None:
+        """The organization identifiers a Reference points to; None when unresolvable."""
+        identifier = reference.get("identifier")
+        if isinstance(identifier, dict) and identifier.get("value"):
+            if identifier.get("system") != ORGANIZATION_IDENTIFIER_SYSTEM:
+                return None
+            value = str(identifier["value"])
+            found = [
+                o
+                for o in self._store.all("Organization")
+                if value in _identifier_values(o, ORGANIZATION_IDENTIFIER_SYSTEM)
+            ]
+            return {value} if found else None
+        literal = reference.get("reference")
+        if isinstance(literal, str) and literal.startswith("Organization/"):
+            organization = self._store.resolve(literal)
+            if organization is None:
+                return None
+            return set(_identifier_values(organization, ORGANIZATION_IDENTIFIER_SYSTEM))
+        return None
+
+    # -- process authorization ------------------------------------------------------------------
+
+    def _process_denied(
+        self, task: dict[str, Any], *, requester: OrganizationIdentity | None
+    ) -> str | None:
+        match = INSTANTIATES_CANONICAL.match(str(task.get("instantiatesCanonical", "")))
+        if match is None:
+            return "Task.instantiatesCanonical not matching the DSF process URL pattern"
+        process_url, version = match.group("process_url"), match.group("version")
+        definitions = [
+            a
+            for a in self._store.all("ActivityDefinition")
+            if a.get("url") == process_url
+            and a.get("version") == version
+            and a.get("status") in ("draft", "active")
+        ]
+        if not definitions:
+            return f"no ActivityDefinition with url {process_url} and version {version}"
+        message_name = _message_names(task)[0]
+        profiles = [str(p) for p in (task.get("meta") or {}).get("profile") or []]
+        local = self._local_identity()
+        if local is None:
+            return "the local organization is not in the allow list"
+        if authorization_entry(definitions[0], message_name, profiles) is None:
+            return (
+                f"ActivityDefinition {process_url}|{version} authorizes no message "
+                f"{message_name!r} with Task profile {profiles}"
+            )
+        return authorization_denied(
+            definitions[0],
+            message_name=message_name,
+            profiles=profiles,
+            requester=None if requester is None else _party(requester),
+            recipient=_party(local),
+            affiliations=self._store.all("OrganizationAffiliation"),
+            resolve=self._literal_references(),
+        )
+
+    def _literal_references(self) -> dict[str, str]:
+        """``Organization/<id>`` -> organization identifier, for affiliations that use them."""
+        return {
+            f"Organization/{o['id']}": values[0]
+            for o in self._store.all("Organization")
+            if (values := identifier_values(o, ORGANIZATION_IDENTIFIER_SYSTEM))
+        }
+
+    def has_role(self, identity: OrganizationIdentity, parent: str, role: dict[str, Any]) -> bool:
+        """Whether an active OrganizationAffiliation gives ``identity`` ``role`` under
+        ``parent`` (read-access ROLE tags use this too)."""
+        return has_role(
+            _party(identity),
+            parent,
+            role,
+            self._store.all("OrganizationAffiliation"),
+            self._literal_references(),
+        )
+
+    def _local_identity(self) -> OrganizationIdentity | None:
+        for organization in self._store.all("Organization"):
+            if self._local in _identifier_values(organization, ORGANIZATION_IDENTIFIER_SYSTEM):
+                return OrganizationIdentity(organization, self._local, local=True)
+        return None
+
+    # -- update ---------------------------------------------------------------------------------
+
+    def update_denied(
+        self, identity: OrganizationIdentity, old: dict[str, Any], new: dict[str, Any]
+    ) -> str | None:
+        """Why ``identity`` may not replace ``old`` by ``new``, or None when it may."""
+        transition = (str(old.get("status")), str(new.get("status")))
+        if transition not in _ALLOWED_UPDATES:
+            return f"Task.status change {transition[0]} -> {transition[1]} not allowed"
+        if not identity.local:
+            return "Task updates are allowed for the local organization only"
+        if transition == ("draft", "draft"):
+            errors = self._draft_errors(new)
+            if errors:
+                return ", ".join(errors)
+            if _identifier_values(old, TASK_IDENTIFIER_SYSTEM) != _identifier_values(
+                new, TASK_IDENTIFIER_SYSTEM
+            ):
+                return "Task.identifier[task-identifier] modified"
+            return None
+        changed = _changed(old, new)
+        if changed:
+            return f"modified: {', '.join(changed)}"
+        if transition == ("requested", "in-progress"):
+            if new.get("output"):
+                return "Task.output not expected"
+            return self._process_denied(new, requester=None)
+        return None
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    errors = [
+        f"Task.{name}"
+        for name in ("requester", "restriction", "instantiatesCanonical")
+        if old.get(name) != new.get(name)
+    ]
+    old_inputs = list(old.get("input") or [])
+    new_inputs = list(new.get("input") or [])
+    # The engine adds a business-key when it takes a Task (requested -> in-progress or failed).
+    if (
+        old.get("status") == "requested"
+        and new.get("status") in ("in-progress", "failed")
+        and not any(_is_business_key(i) for i in old_inputs)
+    ):
+        new_inputs = [i for i in new_inputs if not _is_business_key(i)]
+    if old_inputs != new_inputs:
+        errors.append("Task.input")
+    return errors
+
+
+class ReadAccess:
+    """DSF's read-access tags: who may read a resource, and whether its tags are valid.
+
+    Valid tags (``ReadAccessHelperImpl.isValid``): exactly one ``LOCAL`` with any number of
+    ``ORGANIZATION`` (extension ``extension-read-access-organization``), ``ROLE`` (extension
+    ``extension-read-access-parent-organization-role``) and ``ALL`` tags, or ``ALL`` alone. The
+    local organization reads ``LOCAL`` and ``ALL``; a remote one ``ALL``, ``ORGANIZATION`` naming it
+    and ``ROLE`` when an affiliation gives it that role. Tasks are not tagged: the local
+    organization reads all, a remote one those it requested. QuestionnaireResponses are local.
+    """
+
+    def __init__(self, tasks: TaskAuthorization) -> None:
+        self._tasks = tasks
+
+    @staticmethod
+    def _tags(resource: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            tag
+            for tag in (resource.get("meta") or {}).get("tag") or []
+            if isinstance(tag, dict)
+            and tag.get("system") == READ_ACCESS_TAG_SYSTEM
+            and tag.get("code") in _READ_ACCESS_CODES
+        ]
+
+    def invalid(self, resource: dict[str, Any]) -> str | None:
+        """Why the read-access tags of ``resource`` are invalid, or None."""
+        if resource.get("resourceType") not in TAGGED_RESOURCE_TYPES:
+            return None
+        tags = self._tags(resource)
+        if resource.get("resourceType") == "Binary" and not tags:
+            # Raw Binary uploads carry no meta (DSF takes their access from a security
+            # context); the sandbox accepts them and lets only the local organization read them.
+            return None
+        codes = [str(tag["code"]) for tag in tags]
+        local = codes.count("LOCAL") == 1
+        everyone = codes.count("ALL") == 1
+        if not ((local and len(tags) >= 1) ^ (everyone and len(tags) == 1)):
+            return (
+                f"read-access tags ({READ_ACCESS_TAG_SYSTEM}) missing or invalid: one LOCAL "
+                "(with optional ORGANIZATION, ROLE and ALL tags) or ALL alone"
+            )
+        for tag in tags:
+            if tag["code"] == "ORGANIZATION" and self._tag_organization(tag) is None:
+                return "read-access tag ORGANIZATION without a valid organization extension"
+            if tag["code"] == "ROLE" and self._tag_role(tag) is None:
+                return "read-access tag ROLE without a valid parent-organization-role extension"
+        return None
+
+    def may_read(self, identity: OrganizationIdentity, resource: dict[str, Any]) -> bool:
+        resource_type = resource.get("resourceType")
+        if resource_type == "Task":
+            if identity.local:
+                return True
+            identifier = (resource.get("requester") or {}).get("identifier") or {}
+            return bool(
+                identifier.get("system") == ORGANIZATION_IDENTIFIER_SYSTEM
+                and identifier.get("value") == identity.identifier
+            )
+        if resource_type not in TAGGED_RESOURCE_TYPES:
+            return identity.local
+        codes = {str(tag["code"]) for tag in self._tags(resource)}
+        if "ALL" in codes or (identity.local and "LOCAL" in codes):
+            return True
+        if identity.local and resource_type == "Binary" and not codes:
+            # A Binary posted raw carries no tags; the local organization still reads it.
+            return True
+        for tag in self._tags(resource):
+            if tag["code"] == "ORGANIZATION" and self._tag_organization(tag) == identity.identifier:
+                return True
+            if tag["code"] == "ROLE":
+                parent_role = self._tag_role(tag)
+                if parent_role is not None and self._tasks.has_role(identity, *parent_role):
+                    return True
+        return False
+
+    @staticmethod
+    def _tag_organization(tag: dict[str, Any]) -> str | None:
+        for extension in tag.get("extension") or []:
+            identifier = extension.get("valueIdentifier") or {}
+            if (
+                extension.get("url") == READ_ACCESS_ORGANIZATION_EXTENSION
+                and identifier.get("system") == ORGANIZATION_IDENTIFIER_SYSTEM
+                and identifier.get("value")
+            ):
+                return str(identifier["value"])
+        return None
+
+    @staticmethod
+    def _tag_role(tag: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        for extension in tag.get("extension") or []:
+            if extension.get("url") != READ_ACCESS_PARENT_ORGANIZATION_ROLE_EXTENSION:
+                continue
+            parent_role = parent_organization_role(extension)
+            if parent_role is not None:
+                return parent_role[0], dict(parent_role[1])
+        return None
+
+
+_QUESTIONNAIRE_RESPONSE_UPDATES = {
+    ("in-progress", "completed"),
+    ("in-progress", "stopped"),
+    ("completed", "amended"),
+}
+
+
+def _item_answer(response: dict[str, Any], link_id: str) -> tuple[str | None, str | None]:
+    """The one non-blank string answer of item ``link_id``, or an error text."""
+    items = [i for i in response.get("item") or [] if i.get("linkId") == link_id]
+    if len(items) != 1:
+        return None, f"QuestionnaireResponse.item[linkId={link_id}] missing or more than one"
+    answers = items[0].get("answer") or []
+    if len(answers) != 1:
+        return None, f"QuestionnaireResponse.item[linkId={link_id}].answer missing or more than one"
+    value = answers[0].get("valueString")
+    if not isinstance(value, str) or not value.strip():
+        return None, f"QuestionnaireResponse.item[linkId={link_id}].answer.value missing or blank"
+    return value, None
+
+
+def questionnaire_response_denied(
+    identity: OrganizationIdentity, old: dict[str, Any] | None, new: dict[str, Any]
+) -> str | None:
+    """DSF's QuestionnaireResponse rule for organization identities (the user-task flow).
+
+    Created by the local organization ``in-progress`` with a ``user-task-id`` item and a
+    ``questionnaire``; updated by it ``in-progress`` -> ``completed`` or ``stopped`` and
+    ``completed`` -> ``amended``, with ``user-task-id`` and ``business-key`` unchanged; a
+    completed or amended response names its author (the local organization) and ``authored``.
+    """
+    if not identity.local:
+        return "QuestionnaireResponses are written by the local organization only"
+    status = new.get("status")
+    errors: list[str] = []
+    if old is None and status != "in-progress":
+        errors.append("QuestionnaireResponse.status not in-progress on create")
+    if old is not None and (old.get("status"), status) not in _QUESTIONNAIRE_RESPONSE_UPDATES:
+        errors.append(
+            f"QuestionnaireResponse.status change {old.get('status')} -> {status} not allowed"
+        )
+    user_task_id, error = _item_answer(new, "user-task-id")
+    if error:
+        errors.append(error)
+    if not new.get("questionnaire"):
+        errors.append("QuestionnaireResponse.questionnaire missing")
+    if status in ("completed", "amended"):
+        identifier = (new.get("author") or {}).get("identifier") or {}
+        if (
+            identifier.get("system") != ORGANIZATION_IDENTIFIER_SYSTEM
+            or identifier.get("value") != identity.identifier
+        ):
+            errors.append("QuestionnaireResponse.author not the current organization identity")
+        if not new.get("authored"):
+            errors.append("QuestionnaireResponse.authored missing")
+    if old is not None:
+        if _item_answer(old, "user-task-id")[0] != user_task_id:
+            errors.append("QuestionnaireResponse user-task-id modified")
+        if _item_answer(old, "business-key")[0] != _item_answer(new, "business-key")[0]:
+            errors.append("QuestionnaireResponse business-key modified")
+    return ", ".join(errors) if errors else None

@@ -1,0 +1,122 @@
+"""``dsf-bridge sandbox``: mint a local DSF test network and serve its FHIR servers.
+
+``sandbox init DIR --org A --org B`` writes a CA, per organization server and client certificates
+and a ready ``bridge.toml``, and one allow list; ``sandbox serve DIR --org A`` serves A's DSF FHIR
+server at ``https://127.0.0.1:<port>/fhir`` until interrupted. For tests, demos and benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dsf_bridge.dsf.identity import load_identity
+from dsf_bridge.sandbox.server import SandboxServer
+from dsf_bridge.sandbox.sites import DEFAULT_BASE_PORT, SiteFiles, build_service, init_sandbox
+
+__all__ = ["sandbox_app"]
+
+sandbox_app = typer.Typer(
+    help="A local DSF test network: certificates, allow list and DSF-compatible FHIR servers.",
+    no_args_is_help=True,
+)
+
+DirectoryArgument = Annotated[Path, typer.Argument(help="Directory of the sandbox network.")]
+
+
+@sandbox_app.command("init")
+def init(
+    directory: DirectoryArgument,
+    org: Annotated[
+        list[str],
+        typer.Option("--org", help="Organization identifier; repeat for each organization."),
+    ],
+    base_port: Annotated[
+        int, typer.Option(help="Port of the first organization's server; the next count up.")
+    ] = DEFAULT_BASE_PORT,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing sandbox in DIRECTORY.")
+    ] = False,
+) -> None:
+    """Mint a CA, per organization server and client certificates, bridge.toml and allow list."""
+    if (directory / "ca.pem").exists() and not force:
+        typer.echo(
+            f"{directory} already holds a sandbox (ca.pem); use --force to replace its keys",
+            err=True,
+        )
+        raise typer.Exit(2)
+    try:
+        sites = init_sandbox(directory, org, base_port=base_port)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"CA: {sites[0].ca}")
+    typer.echo(f"allow list: {sites[0].allow_list}")
+    for site in sites:
+        identity = load_identity(site.client_certificate, site.client_key)
+        typer.echo(
+            f"{site.organization}: {site.base_url} config {site.bridge_config} "
+            f"client thumbprint {identity.thumbprint}"
+        )
+
+
+@sandbox_app.command("serve")
+def serve(
+    directory: DirectoryArgument,
+    org: Annotated[str, typer.Option("--org", help="Organization whose server to run.")],
+    port: Annotated[
+        int | None, typer.Option(help="Port to listen on; default: the one from sandbox init.")
+    ] = None,
+) -> None:
+    """Serve one organization's DSF FHIR server at https://127.0.0.1:PORT/fhir."""
+    allow_list_path = directory / "allow-list.json"
+    if not allow_list_path.is_file():
+        typer.echo(f"{allow_list_path} not found: run 'dsf-bridge sandbox init' first", err=True)
+        raise typer.Exit(2)
+    allow_list: dict[str, Any] = json.loads(allow_list_path.read_text())
+    site = _site(directory, org, allow_list)
+    if not site.server_certificate.is_file():
+        typer.echo(f"{site.server_certificate} not found: is {org} part of this sandbox?", err=True)
+        raise typer.Exit(2)
+    asyncio.run(_serve(site, allow_list, port if port is not None else site.port))
+
+
+def _site(directory: Path, organization: str, allow_list: dict[str, Any]) -> SiteFiles:
+    port = DEFAULT_BASE_PORT
+    for entry in allow_list.get("entry") or []:
+        resource = entry.get("resource") or {}
+        identifiers = {i.get("value") for i in resource.get("identifier") or []}
+        if resource.get("resourceType") == "Endpoint" and f"{organization}_Endpoint" in identifiers:
+            address = str(resource.get("address", ""))
+            with contextlib.suppress(ValueError, IndexError):
+                port = int(address.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+    return SiteFiles(
+        organization,
+        directory / organization,
+        directory / "ca.pem",
+        directory / "allow-list.json",
+        port,
+    )
+
+
+async def _serve(site: SiteFiles, allow_list: dict[str, Any], port: int) -> None:
+    service = build_service(site.organization, allow_list, f"https://127.0.0.1:{port}/fhir")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(number, stop.set)
+    async with SandboxServer(
+        service,
+        certificate=site.server_certificate,
+        key=site.server_key,
+        ca_files=[site.ca],
+        port=port,
+    ) as server:
+        typer.echo(f"serving {site.organization} at {server.base_url} (Ctrl-C stops)", err=True)
+        await stop.wait()

@@ -1,0 +1,541 @@
+"""The OMI inference demo and its network: sandbox DSF sites with running bridges, real Orthanc
+and real MLServer, on one machine (``dsf-bridge demo``; tests build the same network).
+
+:class:`InferenceNetwork` serves every organization's sandbox DSF FHIR server (each with its
+own certificates), runs a :class:`~dsf_bridge.runtime.daemon.Bridge` with its own SQLite store
+for the organizations that have one, and can publish the inference plugin's resources to
+servers without a bridge (a site that accepts requests and never answers). Organizations
+listed as ``offline`` are in the allow list but serve nothing.
+
+:func:`run_demo` is the command: ``Hospital_A`` asks ``AI_Provider`` for the tissue composition
+of ``CT_small.dcm`` (from the pydicom wheel) and of a five-slice series made from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import datetime as dt
+import json
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from dsf_bridge.config import load_settings
+from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.identity import build_ssl_context, load_identity
+from dsf_bridge.dsf.publication import publish
+from dsf_bridge.dsf.tasks import build_task
+from dsf_bridge.errors import BridgeError
+from dsf_bridge.omi.dicomweb import DicomWebArchive
+from dsf_bridge.plugins.api import ProcessPlugin
+from dsf_bridge.plugins.inference import CODESYSTEM_OMI, result_summary
+from dsf_bridge.plugins.inference import plugin as inference_plugin
+from dsf_bridge.runtime.daemon import Bridge
+from dsf_bridge.runtime.processes import RuntimeSettings
+from dsf_bridge.sandbox.certs import CertificateAuthority
+from dsf_bridge.sandbox.components import (
+    REFERENCE_MODEL,
+    ComponentMissingError,
+    MLServerProcess,
+    OrthancProcess,
+)
+from dsf_bridge.sandbox.network import _free_ports
+from dsf_bridge.sandbox.server import SandboxServer
+from dsf_bridge.sandbox.sites import SiteFiles, build_service, init_sandbox
+from dsf_bridge.store import Database, upgrade, verify_chain
+
+__all__ = [
+    "DEMO_PROVIDER",
+    "DEMO_REQUESTER",
+    "DemoResult",
+    "InferenceNetwork",
+    "audit_events",
+    "make_series",
+    "plugin_resources",
+    "run_demo",
+    "start_task",
+    "waiting_state",
+]
+
+DEMO_REQUESTER = "Hospital_A"
+DEMO_PROVIDER = "AI_Provider"
+SERVICE_ID = "tissue-composition"
+START_PROFILE = "http://dsf-bridge.dev/fhir/StructureDefinition/task-start-inference-request|1.0"
+START_CANONICAL = "http://dsf-bridge.dev/bpe/Process/inferenceRequest|1.0"
+# Short waits between worker rounds: a sandbox network should answer in about a second.
+FAST_RUNTIME = RuntimeSettings(
+    idle_poll=dt.timedelta(milliseconds=100),
+    outbox_retry_delays=(dt.timedelta(milliseconds=200),),
+    job_retry_delay=dt.timedelta(milliseconds=200),
+)
+
+
+def plugin_resources(
+    organization: str, plugin: ProcessPlugin = inference_plugin
+) -> list[tuple[str, bytes]]:
+    """The plugin's FHIR resources as a bridge at ``organization`` publishes them."""
+    loaded = plugin.load(organization=organization, environment={})
+    files = {str(path): data for entries in loaded.resources.values() for path, data in entries}
+    return list(files.items())
+
+
+def start_task(
+    organization: str,
+    *,
+    study_instance_uid: str,
+    dicomweb_endpoint: str,
+    service: str,
+    series_instance_uid: str | None = None,
+    result_timeout: str | None = None,
+    segmentation: bool = False,
+) -> dict[str, Any]:
+    """A ``startInferenceRequest`` Task as a clinician or the FHIR UI would create it."""
+    inputs: list[dict[str, object]] = [
+        {"system": CODESYSTEM_OMI, "code": "study-instance-uid", "value": study_instance_uid}
+    ]
+    if series_instance_uid is not None:
+        inputs.append(
+            {"system": CODESYSTEM_OMI, "code": "series-instance-uid", "value": series_instance_uid}
+        )
+    inputs.append(
+        {"system": CODESYSTEM_OMI, "code": "dicomweb-endpoint", "value": dicomweb_endpoint}
+    )
+    inputs.append({"system": CODESYSTEM_OMI, "code": "service", "value": service})
+    if result_timeout is not None:
+        inputs.append({"system": CODESYSTEM_OMI, "code": "result-timeout", "value": result_timeout})
+    if segmentation:
+        inputs.append({"system": CODESYSTEM_OMI, "code": "segmentation", "value": True})
+    return build_task(
+        instantiates_canonical=START_CANONICAL,
+        message_name="startInferenceRequest",
+        profile=START_PROFILE,
+        business_key=None,
+        correlation_key=None,
+        requester=organization,
+        recipient=organization,
+        inputs=inputs,
+        authored_on=dt.datetime.now(dt.UTC),
+    )
+
+
+def site_client(site: SiteFiles) -> FhirClient:
+    """A client of a site's own FHIR server, with the site's identity."""
+    identity = load_identity(site.client_certificate, site.client_key)
+    return FhirClient(site.base_url, ssl_context=build_ssl_context(identity, [site.ca]))
+
+
+@dataclass
+class InferenceNetwork:
+    """Sandbox sites: ``bridges`` maps an organization to its ``[omi]`` settings (a bridge runs
+    there), ``published`` to plugin resources put on a server without a bridge, ``offline``
+    organizations are in the allow list only; ``services`` adds handler services per bridge."""
+
+    directory: Path
+    bridges: Mapping[str, Mapping[str, Any]]
+    published: Mapping[str, Sequence[tuple[str, bytes]]] = field(default_factory=dict)
+    offline: Sequence[str] = ()
+    services: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    ca: CertificateAuthority | None = None
+    runtime_settings: RuntimeSettings = FAST_RUNTIME
+    sites: dict[str, SiteFiles] = field(default_factory=dict)
+    servers: dict[str, SandboxServer] = field(default_factory=dict)
+    running: dict[str, Bridge] = field(default_factory=dict)
+    db_urls: dict[str, str] = field(default_factory=dict)
+    _stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _runners: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def organizations(self) -> list[str]:
+        names = [*self.bridges, *self.published, *self.offline]
+        return list(dict.fromkeys(names))
+
+    async def __aenter__(self) -> InferenceNetwork:
+        try:
+            await self._start()
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        organizations = self.organizations
+        ports = _free_ports(len(organizations))
+        ca = self.ca or CertificateAuthority("dsf-bridge OMI sandbox CA")
+        sites = init_sandbox(self.directory, organizations, ports=ports, ca=ca)
+        self.sites = {site.organization: site for site in sites}
+        allow_list: dict[str, Any] = json.loads(sites[0].allow_list.read_text())
+        for site in sites:
+            if site.organization in self.offline:
+                continue
+            service = build_service(site.organization, allow_list, site.base_url)
+            self.servers[site.organization] = await self._stack.enter_async_context(
+                SandboxServer(
+                    service,
+                    certificate=site.server_certificate,
+                    key=site.server_key,
+                    ca_files=[site.ca],
+                    port=site.port,
+                )
+            )
+        for organization, files in self.published.items():
+            async with site_client(self.sites[organization]) as client:
+                await publish(client, list(files))
+        for organization, omi in self.bridges.items():
+            site = self.sites[organization]
+            url = f"sqlite:///{(self.directory / organization / 'bridge.db').resolve()}"
+            upgrade(url)
+            settings = load_settings(
+                site.bridge_config,
+                overrides={"db": {"url": url}, "log": {"level": "warning"}, "omi": dict(omi)},
+                environ={},
+            )
+            bridge = Bridge(
+                settings,
+                [inference_plugin],
+                services=self.services.get(organization),
+                runtime_settings=self.runtime_settings,
+            )
+            await self._stack.enter_async_context(bridge)
+            self._runners.append(asyncio.create_task(bridge.run(self._stop)))
+            self.running[organization] = bridge
+            self.db_urls[organization] = url
+        for bridge in self.running.values():
+            await asyncio.wait_for(bridge.subscriptions[0].bound.wait(), 15)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for runner in self._runners:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(runner, 15)
+        await self._stack.aclose()
+
+    def client(self, organization: str) -> FhirClient:
+        return site_client(self.sites[organization])
+
+    def tasks(self, organization: str) -> list[dict[str, Any]]:
+        """Every Task on a site's FHIR server but published drafts."""
+        store = self.servers[organization].service.store
+        return [copy.deepcopy(t) for t in store.all("Task") if t.get("status") != "draft"]
+
+    def resources(self, organization: str, resource_type: str) -> list[dict[str, Any]]:
+        return [
+            copy.deepcopy(r) for r in self.servers[organization].service.store.all(resource_type)
+        ]
+
+    async def request(self, organization: str, **inputs: Any) -> str:
+        """Create a start Task at ``organization``; return its id."""
+        async with self.client(organization) as client:
+            created = await client.create(start_task(organization, **inputs))
+        if created.id is None:
+            raise BridgeError("the sandbox FHIR server created the start Task without an id")
+        return created.id
+
+    async def finished(
+        self, organization: str, task_ids: Sequence[str], seconds: float
+    ) -> dict[str, dict[str, Any]]:
+        """The Tasks once each is ``completed`` or ``failed``; after ``seconds`` a TimeoutError
+        naming those still open and their status."""
+        status: dict[str, str] = {}
+
+        def note(task_id: str, value: str) -> None:
+            status[task_id] = value
+
+        try:
+            return await asyncio.wait_for(self._poll(organization, task_ids, note), seconds)
+        except TimeoutError:
+            open_tasks = {i: s for i, s in status.items() if s not in ("completed", "failed")}
+            raise TimeoutError(f"Tasks at {organization} still open: {open_tasks}") from None
+
+    async def _poll(
+        self, organization: str, task_ids: Sequence[str], progress: Any
+    ) -> dict[str, dict[str, Any]]:
+        done: dict[str, dict[str, Any]] = {}
+        seen: dict[str, str] = {}
+        async with self.client(organization) as client:
+            while len(done) < len(task_ids):
+                for task_id in task_ids:
+                    if task_id in done:
+                        continue
+                    task = await client.read("Task", task_id)
+                    if seen.get(task_id) != task["status"]:
+                        seen[task_id] = task["status"]
+                        progress(task_id, task["status"])
+                    if task["status"] in ("completed", "failed"):
+                        done[task_id] = task
+                await asyncio.sleep(0.1)
+        return done
+
+    async def settled(self, seconds: float = 15) -> None:
+        """Until no Task at a site with a bridge is ``requested`` or ``in-progress``."""
+
+        async def poll() -> None:
+            while any(  # noqa: ASYNC110 - the sandbox has no event for status changes
+                t["status"] in ("requested", "in-progress")
+                for organization in self.running
+                for t in self.tasks(organization)
+            ):
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(poll(), seconds)
+
+
+def waiting_state(db_url: str) -> dict[str, int]:
+    """What a bridge's SQLite store still waits for: running instances, timers, subscriptions."""
+    path = db_url.removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        running = connection.execute(
+            "SELECT count(*) FROM process_instances WHERE status = 'running'"
+        ).fetchone()[0]
+        timers = connection.execute("SELECT count(*) FROM timers").fetchone()[0]
+        subscriptions = connection.execute("SELECT count(*) FROM message_subscriptions").fetchone()[
+            0
+        ]
+    return {"running": int(running), "timers": int(timers), "subscriptions": int(subscriptions)}
+
+
+async def audit_events(db_url: str) -> int:
+    """Verify a bridge's audit chain; return how many events it holds."""
+    database = Database(db_url)
+    try:
+        async with database.transaction() as session:
+            report = await verify_chain(session)
+    finally:
+        await database.dispose()
+    if not report.ok:
+        raise BridgeError(f"audit chain of {db_url} is broken: {report.problem}")
+    return int(report.events)
+
+
+# -- CT data ----------------------------------------------------------------------------------
+
+
+def load_ct_small() -> Dataset:
+    path = get_testdata_file("CT_small.dcm")
+    if path is None:  # pragma: no cover - ships in every pydicom wheel
+        raise BridgeError("CT_small.dcm is missing from the pydicom installation")
+    return pydicom.dcmread(path)
+
+
+def make_series(template: Dataset, slices: int = 5) -> list[Dataset]:
+    """A new pseudonymous study with one axial series of ``slices`` slices 5 mm apart; slice k
+    holds the template's pixels shifted by +10k HU so every slice measures differently."""
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    position = [float(v) for v in template.ImagePositionPatient]
+    stored = template.pixel_array.astype(np.int32)
+    datasets = []
+    for index in range(slices):
+        ds = copy.deepcopy(template)
+        ds.remove_private_tags()
+        for keyword in ("OtherPatientIDsSequence", "PatientBirthDate", "PatientAge"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.PatientName = "Pseudonym^Series"
+        ds.PatientID = "PSN-0001"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesNumber = 2
+        ds.InstanceNumber = index + 1
+        z = position[2] - 5.0 * index
+        ds.ImagePositionPatient = [position[0], position[1], z]
+        ds.SliceLocation = z
+        pixels = np.clip(stored + 10 * index, -32768, 32767).astype(np.int16)
+        ds.PixelData = pixels.tobytes()
+        datasets.append(ds)
+    return datasets
+
+
+# -- the demo ---------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoResult:
+    """One request of the demo: which study, how it ended, what was measured."""
+
+    label: str
+    study_instance_uid: str
+    status: str
+    measurements: dict[str, dict[str, Any]]
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "study_instance_uid": self.study_instance_uid,
+            "status": self.status,
+            "measurements": self.measurements,
+        }
+        if self.error is not None:
+            entry["error"] = self.error
+        return entry
+
+
+def _error_of(task: Mapping[str, Any]) -> str | None:
+    for output in task.get("output") or []:
+        codes = [c.get("code") for c in (output.get("type") or {}).get("coding") or []]
+        if "error" in codes:
+            return str(output.get("valueString"))
+    return None
+
+
+async def _demo(
+    workdir: Path, limit: float, say: Any
+) -> tuple[list[DemoResult], dict[str, str], dict[str, int]]:
+    started = time.monotonic()
+
+    def progress(text: str) -> None:
+        say(f"[{time.monotonic() - started:5.1f}s] {text}")
+
+    with contextlib.ExitStack() as processes:
+        orthanc = processes.enter_context(OrthancProcess(workdir / "orthanc").start())
+        progress(f"Orthanc (DICOMweb) at {orthanc.dicomweb_url}")
+        mlserver = processes.enter_context(
+            MLServerProcess(workdir / "mlserver", models=(REFERENCE_MODEL,)).start()
+        )
+        progress(f"MLServer with model {REFERENCE_MODEL.name} at {mlserver.base_url}")
+        ct_small = load_ct_small()
+        series = make_series(ct_small)
+        archive = DicomWebArchive(orthanc.dicomweb_url)
+        try:
+            await archive.store([ct_small, *series])
+        finally:
+            archive.close()
+        progress(f"stored CT_small.dcm and a {len(series)}-slice series in Orthanc")
+        requester_omi = {
+            "catalogue": [
+                {"id": SERVICE_ID, "name": "CT tissue composition", "organization": DEMO_PROVIDER}
+            ]
+        }
+        provider_omi = {
+            "catalogue": [
+                {
+                    "id": SERVICE_ID,
+                    "name": "CT tissue composition",
+                    "model_name": REFERENCE_MODEL.name,
+                    "model_version": REFERENCE_MODEL.version,
+                    "inference_url": mlserver.base_url,
+                }
+            ]
+        }
+        async with InferenceNetwork(
+            workdir / "sites", {DEMO_REQUESTER: requester_omi, DEMO_PROVIDER: provider_omi}
+        ) as network:
+            progress(
+                f"sites {DEMO_REQUESTER} (requesting) and {DEMO_PROVIDER} (providing) running, "
+                "each with its DSF sandbox FHIR server, bridge and SQLite store"
+            )
+            studies = [
+                ("CT_small.dcm (1 slice)", str(ct_small.StudyInstanceUID)),
+                (f"series ({len(series)} slices)", str(series[0].StudyInstanceUID)),
+            ]
+            labels: dict[str, tuple[str, str]] = {}
+            for label, study in studies:
+                task_id = await network.request(
+                    DEMO_REQUESTER,
+                    study_instance_uid=study,
+                    dicomweb_endpoint=orthanc.dicomweb_url,
+                    service=SERVICE_ID,
+                )
+                labels[task_id] = (label, study)
+                progress(f"{DEMO_REQUESTER}: start Task/{task_id} for {label}")
+
+            def show(task_id: str, status: str) -> None:
+                progress(f"{DEMO_REQUESTER}: {labels[task_id][0]}: {status}")
+
+            finished = await asyncio.wait_for(
+                network._poll(DEMO_REQUESTER, list(labels), show), limit
+            )
+            await network.settled()
+            results = [
+                DemoResult(
+                    label=labels[task_id][0],
+                    study_instance_uid=labels[task_id][1],
+                    status=task["status"],
+                    measurements=result_summary(task),
+                    error=_error_of(task),
+                )
+                for task_id, task in finished.items()
+            ]
+            events = {
+                organization: await audit_events(url)
+                for organization, url in network.db_urls.items()
+            }
+            return results, dict(network.db_urls), events
+
+
+def _table(results: Sequence[DemoResult]) -> str:
+    lines = []
+    for result in results:
+        lines.append(f"{result.label}  study {result.study_instance_uid}: {result.status}")
+        if result.error:
+            lines.append(f"  error: {result.error}")
+        if result.measurements:
+            lines.append(f"  {'measurement':<22} {'value':>10}  unit")
+            for name, value in result.measurements.items():
+                number = "-" if value["value"] is None else f"{value['value']:.2f}"
+                lines.append(f"  {name:<22} {number:>10}  {value['unit']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_demo(
+    *,
+    as_json: bool = False,
+    timeout: float = 120.0,
+    keep: bool = False,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Run the demo; print the table (or one JSON object) to ``out``, progress to ``err``.
+    Return the exit status: 0 when every request completed."""
+    stdout = out if out is not None else sys.stdout
+    stderr = err if err is not None else sys.stderr
+
+    def say(text: str) -> None:
+        print(text, file=stderr, flush=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="dsf-bridge-demo-"))
+    try:
+        try:
+            results, db_urls, events = asyncio.run(_demo(workdir, timeout, say))
+        except ComponentMissingError as exc:
+            say(f"dsf-bridge demo: {exc}")
+            return 2
+        except TimeoutError:
+            say(f"dsf-bridge demo: the requests did not finish within {timeout:.0f} s")
+            return 1
+        if as_json:
+            print(json.dumps({"results": [r.as_json() for r in results]}), file=stdout)
+        else:
+            print(_table(results), file=stdout)
+            print("Audit trail (hash chain verified):", file=stdout)
+            for organization, url in db_urls.items():
+                print(
+                    f"  {organization}: {events[organization]} events; "
+                    f"dsf-bridge audit verify --db-url {url}",
+                    file=stdout,
+                )
+            if not keep:
+                print("  (run with --keep to keep the sites' files for that)", file=stdout)
+        if keep:
+            say(f"kept the demo's files in {workdir}")
+        return 0 if all(r.status == "completed" for r in results) else 1
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)

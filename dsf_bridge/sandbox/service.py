@@ -1,0 +1,738 @@
+"""The sandbox's FHIR REST semantics, independent of HTTP: identity by client-certificate
+thumbprint, read, vread, search, create (conditional with ``If-None-Exist``), update (``If-Match``,
+conditional), delete, and batch/transaction Bundles, with DSF's status codes and OperationOutcomes.
+
+Behaviour taken from the DSF FHIR server: ``ETag: W/"<version>"``; ``If-Match`` with another
+version answers 412; ``If-None-Exist`` with one match answers 200 with an OperationOutcome and the
+match's ``Location`` and ``ETag``, with several 412; update of an unknown id (update as create)
+answers 405; an unknown client certificate 401; a forbidden write 403 with an OperationOutcome;
+a second resource with the same unique criteria (url and version, ...) 403. Writes other than
+Tasks are reserved to the local organization, and tagged types need valid read-access tags;
+reads follow those tags (remote organizations read Tasks only when they are the requester).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import structlog
+
+from dsf_bridge.dsf.vocabulary import (
+    ORGANIZATION_IDENTIFIER_SYSTEM,
+    THUMBPRINT_EXTENSION,
+    operation_outcome,
+)
+from dsf_bridge.sandbox.authorization import (
+    OrganizationIdentity,
+    ReadAccess,
+    TaskAuthorization,
+    questionnaire_response_denied,
+)
+from dsf_bridge.sandbox.resources import (
+    INCLUDES,
+    RESOURCE_TYPES,
+    MemoryResourceStore,
+    SearchError,
+    SearchQuery,
+    VersionConflictError,
+    walk,
+)
+
+__all__ = ["FhirResponse", "FhirService"]
+
+_log = structlog.get_logger()
+
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    410: "Gone",
+    412: "Precondition Failed",
+}
+
+
+@dataclass
+class FhirResponse:
+    """One answer: status, headers and the resource, if any."""
+
+    status: int
+    resource: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _error(status: int, text: str, code: str = "processing") -> FhirResponse:
+    return FhirResponse(status, operation_outcome(text, code=code))
+
+
+def _etag(resource: Mapping[str, Any]) -> str:
+    return f'W/"{resource["meta"]["versionId"]}"'
+
+
+def _version_from_etag(value: str) -> int | None:
+    text = value.strip()
+    if text.startswith("W/"):
+        text = text[2:]
+    text = text.strip('"')
+    return int(text) if text.isdigit() else None
+
+
+class FhirService:
+    """A DSF-like FHIR server for one local organization, over a :class:`MemoryResourceStore`."""
+
+    def __init__(self, store: MemoryResourceStore, local_organization: str, base_url: str) -> None:
+        self.store = store
+        self.local_organization = local_organization
+        self.base_url = base_url.rstrip("/")
+        self.tasks = TaskAuthorization(store, local_organization)
+        self.read_access = ReadAccess(self.tasks)
+        self._faults: list[tuple[str, str, int]] = []
+
+    def inject_failures(self, method: str, path_prefix: str, statuses: Sequence[int]) -> None:
+        """Test hook: answer the next matching requests with these HTTP statuses, in order,
+        before doing anything (as an overloaded or restarting server would)."""
+        self._faults.extend((method.upper(), path_prefix.strip("/"), s) for s in statuses)
+
+    def _injected_failure(self, method: str, path: str) -> FhirResponse | None:
+        for index, (fault_method, prefix, status) in enumerate(self._faults):
+            if fault_method == method and path.strip("/").startswith(prefix):
+                del self._faults[index]
+                return _error(status, f"injected failure {status} (sandbox test hook)")
+        return None
+
+    def set_base_url(self, base_url: str) -> None:
+        """Serve under ``base_url`` and point the local organization's Endpoint at it (the port
+        is known only once the socket is bound)."""
+        self.base_url = base_url.rstrip("/")
+        identity = self.local_identity()
+        for organization in self.store.all("Organization"):
+            identifiers = {i.get("value") for i in organization.get("identifier") or []}
+            if self.local_organization not in identifiers:
+                continue
+            for reference in organization.get("endpoint") or []:
+                endpoint = self.store.resolve(str(reference.get("reference", "")))
+                if endpoint is not None and endpoint.get("address") != self.base_url:
+                    endpoint["address"] = self.base_url
+                    self.update(identity, "Endpoint", endpoint["id"], endpoint, {})
+
+    # -- identity -------------------------------------------------------------------------------
+
+    def identify(self, certificate_thumbprint: str | None) -> OrganizationIdentity | FhirResponse:
+        """The organization whose allow-list thumbprint matches, else a 401 answer."""
+        if certificate_thumbprint is None:
+            return _error(401, "no client certificate presented", code="login")
+        for organization in self.store.all("Organization"):
+            if organization.get("active") is False:
+                continue
+            thumbprints = {
+                str(e.get("valueString", "")).lower()
+                for e in organization.get("extension") or []
+                if e.get("url") == THUMBPRINT_EXTENSION
+            }
+            if certificate_thumbprint.lower() in thumbprints:
+                identifiers = [
+                    str(i["value"])
+                    for i in organization.get("identifier") or []
+                    if i.get("system") == ORGANIZATION_IDENTIFIER_SYSTEM and i.get("value")
+                ]
+                if not identifiers:
+                    continue
+                identifier = identifiers[0]
+                return OrganizationIdentity(
+                    organization, identifier, local=identifier == self.local_organization
+                )
+        _log.warning("identity.rejected", thumbprint=certificate_thumbprint[:16])
+        return _error(
+            401,
+            f"client certificate with thumbprint {certificate_thumbprint} belongs to no "
+            "organization of the allow list",
+            code="login",
+        )
+
+    def local_identity(self) -> OrganizationIdentity:
+        """The local organization as caller: used to load the allow list at start-up."""
+        organization: dict[str, Any] = {
+            "resourceType": "Organization",
+            "identifier": [
+                {"system": ORGANIZATION_IDENTIFIER_SYSTEM, "value": self.local_organization}
+            ],
+            "active": True,
+        }
+        return OrganizationIdentity(organization, self.local_organization, local=True)
+
+    def may_read(self, identity: OrganizationIdentity, resource: Mapping[str, Any]) -> bool:
+        return self.read_access.may_read(identity, dict(resource))
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def handle(
+        self,
+        identity: OrganizationIdentity,
+        method: str,
+        path: str,
+        params: Sequence[tuple[str, str]] = (),
+        *,
+        headers: Mapping[str, str],
+        body: dict[str, Any] | None,
+    ) -> FhirResponse:
+        """One REST interaction; ``path`` is relative to the base (``Task/123``), ``headers``
+        have lower-case names."""
+        injected = self._injected_failure(method, path)
+        if injected is not None:
+            return injected
+        parts = [p for p in path.strip("/").split("/") if p]
+        try:
+            if not parts:
+                if method == "POST":
+                    return self._bundle(identity, body, headers)
+                return _error(405, f"{method} on the base URL is not supported")
+            resource_type = parts[0]
+            if resource_type not in RESOURCE_TYPES:
+                return _error(
+                    404, f"resource type {resource_type} not supported", code="not-supported"
+                )
+            if len(parts) == 1:
+                if method == "GET":
+                    return self.search(identity, resource_type, params, headers)
+                if method == "POST":
+                    return self.create(identity, resource_type, body, headers)
+                if method == "PUT":
+                    return self._conditional_update(identity, resource_type, params, body, headers)
+            elif len(parts) == 2:
+                if method == "GET":
+                    return self.read(identity, resource_type, parts[1], headers)
+                if method == "PUT":
+                    return self.update(identity, resource_type, parts[1], body, headers)
+                if method == "DELETE":
+                    return self.delete(identity, resource_type, parts[1])
+            elif len(parts) == 4 and parts[2] == "_history" and method == "GET":
+                return self.vread(identity, resource_type, parts[1], parts[3])
+            return _error(405, f"{method} /{'/'.join(parts)} is not supported")
+        except SearchError as exc:
+            return _error(400, str(exc), code="invalid")
+
+    # -- interactions ---------------------------------------------------------------------------
+
+    def read(
+        self,
+        identity: OrganizationIdentity,
+        resource_type: str,
+        resource_id: str,
+        headers: Mapping[str, str],
+    ) -> FhirResponse:
+        resource = self.store.read(resource_type, resource_id)
+        if resource is None:
+            if self.store.is_deleted(resource_type, resource_id):
+                return _error(410, f"{resource_type}/{resource_id} deleted", code="deleted")
+            return _error(404, f"{resource_type} with id {resource_id} not found", code="not-found")
+        if not self.may_read(identity, resource):
+            # DSF answers 403 for an existing resource the caller may not read.
+            return _error(
+                403, f"read of {resource_type}/{resource_id} not allowed", code="forbidden"
+            )
+        if_match = headers.get("if-match")
+        if if_match is not None:
+            expected = _version_from_etag(if_match)
+            if expected is not None and str(expected) != resource["meta"]["versionId"]:
+                return FhirResponse(412)
+        return self._with_headers(FhirResponse(200, resource), resource)
+
+    def vread(
+        self, identity: OrganizationIdentity, resource_type: str, resource_id: str, version: str
+    ) -> FhirResponse:
+        resource = (
+            self.store.read_version(resource_type, resource_id, int(version))
+            if version.isdigit()
+            else None
+        )
+        if resource is None:
+            return _error(
+                404, f"{resource_type}/{resource_id}/_history/{version} not found", code="not-found"
+            )
+        if not self.may_read(identity, resource):
+            return _error(
+                403, f"read of {resource_type}/{resource_id} not allowed", code="forbidden"
+            )
+        return self._with_headers(FhirResponse(200, resource), resource)
+
+    def search(
+        self,
+        identity: OrganizationIdentity,
+        resource_type: str,
+        params: Sequence[tuple[str, str]],
+        headers: Mapping[str, str],
+    ) -> FhirResponse:
+        query = SearchQuery.parse(resource_type, params)
+        if query.unsupported and "handling=strict" in headers.get("prefer", ""):
+            return _error(
+                400,
+                f"unsupported search parameters: {', '.join(query.unsupported)}",
+                code="invalid",
+            )
+        matches = [r for r in self.store.search(query) if self.may_read(identity, r)]
+        total = len(matches)
+        link_params = [(k, v) for k, v in params if k != "_page"]
+        bundle: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "type": "searchset",
+            "total": total,
+            "link": [],
+            "entry": [],
+        }
+        if query.summary_count or query.count == 0:
+            return FhirResponse(200, bundle)
+        pages = max(1, -(-total // query.count))
+        start = (query.page - 1) * query.count
+        page = matches[start : start + query.count]
+
+        def link(relation: str, number: int) -> dict[str, str]:
+            url = f"{self.base_url}/{resource_type}?" + urlencode(
+                [*link_params, ("_page", str(number))]
+            )
+            return {"relation": relation, "url": url}
+
+        bundle["link"].append(link("self", query.page))
+        bundle["link"].append(link("first", 1))
+        if query.page > 1:
+            bundle["link"].append(link("previous", query.page - 1))
+        if query.page < pages:
+            bundle["link"].append(link("next", query.page + 1))
+        bundle["link"].append(link("last", pages))
+        included: dict[str, dict[str, Any]] = {}
+        for resource in page:
+            bundle["entry"].append(
+                {
+                    "fullUrl": f"{self.base_url}/{resource_type}/{resource['id']}",
+                    "resource": resource,
+                    "search": {"mode": "match"},
+                }
+            )
+            for include in query.includes:
+                included.update(self._included(resource, include))
+        for key, resource in included.items():
+            bundle["entry"].append(
+                {
+                    "fullUrl": f"{self.base_url}/{key}",
+                    "resource": resource,
+                    "search": {"mode": "include"},
+                }
+            )
+        if query.unsupported:
+            bundle["entry"].append(
+                {
+                    "resource": operation_outcome(
+                        f"unsupported search parameters ignored: {', '.join(query.unsupported)}",
+                        severity="warning",
+                        code="not-supported",
+                    ),
+                    "search": {"mode": "outcome"},
+                }
+            )
+        return FhirResponse(200, bundle)
+
+    def _included(self, resource: dict[str, Any], include: str) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for reference in walk(resource, INCLUDES[include]):
+            target = reference.get("reference") if isinstance(reference, dict) else None
+            if isinstance(target, str):
+                resolved = self.store.resolve(target)
+                if resolved is not None:
+                    found[f"{resolved['resourceType']}/{resolved['id']}"] = resolved
+        return found
+
+    def create(
+        self,
+        identity: OrganizationIdentity,
+        resource_type: str,
+        body: dict[str, Any] | None,
+        headers: Mapping[str, str],
+        *,
+        resource_id: str | None = None,
+    ) -> FhirResponse:
+        invalid = self._invalid_body(resource_type, body)
+        if invalid is not None:
+            return invalid
+        if body is None:  # narrowed by _invalid_body; kept for the type checker
+            return _error(400, "request body missing", code="invalid")
+        if_none_exist = headers.get("if-none-exist")
+        if if_none_exist is not None:
+            criteria = if_none_exist.split("?", 1)[-1]
+            if not criteria.strip():
+                return _error(400, "If-None-Exist header value blank", code="invalid")
+            query = SearchQuery.parse(resource_type, parse_qsl(criteria, keep_blank_values=True))
+            if query.unsupported:
+                return _error(
+                    400,
+                    f"If-None-Exist criteria unsupported: {', '.join(query.unsupported)}",
+                    code="invalid",
+                )
+            existing = self.store.search(query)
+            if len(existing) == 1:
+                # As DSF: 200 with an informational OperationOutcome, the existing resource's
+                # Location, ETag and Last-Modified; not the resource itself.
+                outcome = operation_outcome(
+                    f"Resource with criteria '{if_none_exist}' exists",
+                    severity="information",
+                    code="duplicate",
+                )
+                return self._with_headers(FhirResponse(200, outcome), existing[0], location=True)
+            if len(existing) > 1:
+                return _error(
+                    412,
+                    f"Multiple {resource_type} resources with criteria '{if_none_exist}' exist",
+                    code="multiple-matches",
+                )
+        denied = self._write_denied(identity, "create", body, None)
+        if denied is not None:
+            return denied
+        resource = copy.deepcopy(body)
+        resource.pop("id", None)
+        created = self.store.create(resource, resource_id=resource_id)
+        _log.info("resource.created", resource_type=resource_type, resource_id=created["id"])
+        return self._with_headers(FhirResponse(201, created), created, location=True)
+
+    def update(
+        self,
+        identity: OrganizationIdentity,
+        resource_type: str,
+        resource_id: str,
+        body: dict[str, Any] | None,
+        headers: Mapping[str, str],
+    ) -> FhirResponse:
+        invalid = self._invalid_body(resource_type, body)
+        if invalid is not None:
+            return invalid
+        if body is None:
+            return _error(400, "request body missing", code="invalid")
+        if body.get("id") != resource_id:
+            return _error(400, "resource id in body does not match the URL", code="invalid")
+        old = self.store.read(resource_type, resource_id)
+        if old is None:
+            return _error(405, "Update as create not allowed", code="forbidden")
+        expected: int | None = None
+        if "if-match" in headers:
+            expected = _version_from_etag(headers["if-match"])
+            if expected is None:
+                return _error(400, f"If-Match {headers['if-match']!r} is no ETag", code="invalid")
+        denied = self._write_denied(identity, "update", body, old)
+        if denied is not None:
+            return denied
+        try:
+            updated = self.store.update(body, expected_version=expected)
+        except VersionConflictError as exc:
+            return _error(412, f"Resource with id {resource_id} {exc}", code="conflict")
+        _log.info(
+            "resource.updated",
+            resource_type=resource_type,
+            resource_id=resource_id,
+            version=updated["meta"]["versionId"],
+        )
+        return self._with_headers(FhirResponse(200, updated), updated, location=True)
+
+    def _conditional_update(
+        self,
+        identity: OrganizationIdentity,
+        resource_type: str,
+        params: Sequence[tuple[str, str]],
+        body: dict[str, Any] | None,
+        headers: Mapping[str, str],
+        *,
+        resource_id: str | None = None,
+    ) -> FhirResponse:
+        query = SearchQuery.parse(resource_type, params)
+        if not query.criteria or query.unsupported:
+            return _error(400, "conditional update needs supported search criteria", code="invalid")
+        matches = self.store.search(query)
+        if len(matches) > 1:
+            return _error(
+                412,
+                f"Multiple {resource_type} resources match the criteria",
+                code="multiple-matches",
+            )
+        if body is None:
+            return _error(400, "request body missing", code="invalid")
+        if not matches:
+            return self.create(identity, resource_type, body, {}, resource_id=resource_id)
+        resource = dict(body)
+        resource["id"] = matches[0]["id"]
+        return self.update(identity, resource_type, matches[0]["id"], resource, headers)
+
+    def delete(
+        self, identity: OrganizationIdentity, resource_type: str, resource_id: str
+    ) -> FhirResponse:
+        old = self.store.read(resource_type, resource_id)
+        if old is None:
+            return _error(404, f"{resource_type} with id {resource_id} not found", code="not-found")
+        if not identity.local or (resource_type == "Task" and old.get("status") != "draft"):
+            return _error(
+                403, f"delete of {resource_type}/{resource_id} not allowed", code="forbidden"
+            )
+        self.store.delete(resource_type, resource_id)
+        return FhirResponse(
+            200, operation_outcome("deleted", severity="information", code="informational")
+        )
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _invalid_body(self, resource_type: str, body: dict[str, Any] | None) -> FhirResponse | None:
+        if not isinstance(body, dict):
+            return _error(400, "request body is no FHIR resource", code="invalid")
+        if body.get("resourceType") != resource_type:
+            return _error(
+                400,
+                f"resourceType {body.get('resourceType')!r} does not match the URL "
+                f"({resource_type})",
+                code="invalid",
+            )
+        return None
+
+    def _write_denied(
+        self,
+        identity: OrganizationIdentity,
+        action: str,
+        resource: dict[str, Any],
+        old: dict[str, Any] | None,
+    ) -> FhirResponse | None:
+        resource_type = resource["resourceType"]
+        if resource_type == "Task":
+            reason = (
+                self.tasks.create_denied(identity, resource)
+                if old is None
+                else self.tasks.update_denied(identity, old, resource)
+            )
+        elif resource_type == "QuestionnaireResponse":
+            reason = questionnaire_response_denied(identity, old, resource)
+        elif not identity.local:
+            reason = f"{action} of {resource_type} allowed for the local organization only"
+        else:
+            reason = self.read_access.invalid(resource)
+            if reason is None and old is None:
+                reason = self._duplicate(resource)
+        if reason is None:
+            return None
+        _log.warning(
+            "request.forbidden",
+            action=action,
+            resource_type=resource_type,
+            organization=identity.identifier,
+        )
+        return _error(
+            403, f"Forbidden: {action} of {resource_type} not allowed: {reason}", code="forbidden"
+        )
+
+    def _duplicate(self, resource: dict[str, Any]) -> str | None:
+        """DSF refuses a second resource with the same unique criteria (``resourceExists`` of its
+        authorization rules): url and version, a Subscription's criteria, type and payload, an
+        Endpoint's or Organization's identifier, an Endpoint's address."""
+        resource_type = str(resource["resourceType"])
+        existing = self.store.all(resource_type)
+        if resource_type in _URL_VERSION_UNIQUE:
+            url, version = resource.get("url"), resource.get("version")
+            if any((r.get("url"), r.get("version")) == (url, version) for r in existing):
+                return f"{resource_type} with url {url} and version {version} exists"
+        elif resource_type == "Subscription":
+            channel = resource.get("channel") or {}
+            wanted = (resource.get("criteria"), channel.get("type"), channel.get("payload"))
+            for other in existing:
+                other_channel = other.get("channel") or {}
+                other_key = (
+                    other.get("criteria"),
+                    other_channel.get("type"),
+                    other_channel.get("payload"),
+                )
+                if other_key == wanted:
+                    return "Subscription with the same criteria, type and payload exists"
+        elif resource_type in ("Endpoint", "Organization"):
+            identifiers = _identifiers(resource)
+            for other in existing:
+                if identifiers & _identifiers(other):
+                    return f"{resource_type} with the same identifier exists"
+                if resource_type == "Endpoint" and other.get("address") == resource.get("address"):
+                    return f"Endpoint with address {resource.get('address')} exists"
+        return None
+
+    def _with_headers(
+        self, response: FhirResponse, resource: dict[str, Any], *, location: bool = False
+    ) -> FhirResponse:
+        response.headers["ETag"] = _etag(resource)
+        response.headers["Last-Modified"] = resource["meta"]["lastUpdated"]
+        if location:
+            response.headers["Location"] = (
+                f"{self.base_url}/{resource['resourceType']}/{resource['id']}"
+                f"/_history/{resource['meta']['versionId']}"
+            )
+        return response
+
+    # -- bundles --------------------------------------------------------------------------------
+
+    def _bundle(
+        self,
+        identity: OrganizationIdentity,
+        body: dict[str, Any] | None,
+        headers: Mapping[str, str],
+    ) -> FhirResponse:
+        if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+            return _error(400, "POST to the base URL needs a Bundle", code="invalid")
+        kind = body.get("type")
+        if kind not in ("batch", "transaction"):
+            return _error(400, f"Bundle.type {kind!r} not batch or transaction", code="invalid")
+        entries = [copy.deepcopy(e) for e in body.get("entry") or []]
+        snapshot = self.store.snapshot() if kind == "transaction" else None
+        if kind == "transaction":
+            self._resolve_placeholders(entries)
+        prefer = headers.get("prefer", "")
+        responses: list[dict[str, Any]] = []
+        for index, entry in enumerate(entries):
+            result = self._bundle_entry(identity, entry)
+            if kind == "transaction" and result.status >= 400:
+                if snapshot is not None:
+                    self.store.restore(snapshot)
+                outcome = result.resource or operation_outcome("failed")
+                text = outcome["issue"][0].get("diagnostics", "") if outcome.get("issue") else ""
+                return FhirResponse(
+                    result.status,
+                    operation_outcome(f"transaction entry {index} failed: {text}"),
+                )
+            responses.append(self._response_entry(result, prefer))
+        return FhirResponse(
+            200,
+            {
+                "resourceType": "Bundle",
+                "id": str(uuid.uuid4()),
+                "type": f"{kind}-response",
+                "entry": responses,
+            },
+        )
+
+    def _bundle_entry(self, identity: OrganizationIdentity, entry: dict[str, Any]) -> FhirResponse:
+        try:
+            return self._bundle_entry_unchecked(identity, entry)
+        except SearchError as exc:
+            return _error(400, str(exc), code="invalid")
+
+    def _bundle_entry_unchecked(
+        self, identity: OrganizationIdentity, entry: dict[str, Any]
+    ) -> FhirResponse:
+        request = entry.get("request") or {}
+        method = str(request.get("method", "")).upper()
+        url = str(request.get("url", ""))
+        path, _, query_string = url.partition("?")
+        params = parse_qsl(query_string, keep_blank_values=True)
+        headers: dict[str, str] = {}
+        if request.get("ifNoneExist"):
+            headers["if-none-exist"] = str(request["ifNoneExist"])
+        if request.get("ifMatch"):
+            headers["if-match"] = str(request["ifMatch"])
+        resource = entry.get("resource")
+        preassigned = entry.get("_assigned_id")
+        if method == "POST" and "/" not in path.strip("/") and preassigned:
+            return self.create(
+                identity, path.strip("/"), resource, headers, resource_id=preassigned
+            )
+        if method == "PUT" and query_string and preassigned:
+            return self._conditional_update(
+                identity, path.strip("/"), params, resource, headers, resource_id=preassigned
+            )
+        return self.handle(identity, method, path, params, headers=headers, body=resource)
+
+    def _resolve_placeholders(self, entries: list[dict[str, Any]]) -> None:
+        """Give every ``urn:uuid`` entry its future id and rewrite references to it."""
+        mapping: dict[str, str] = {}
+        for entry in entries:
+            full_url = str(entry.get("fullUrl", ""))
+            resource = entry.get("resource")
+            request = entry.get("request") or {}
+            if not full_url.startswith("urn:uuid:") or not isinstance(resource, dict):
+                continue
+            resource_type = resource.get("resourceType")
+            method = str(request.get("method", "")).upper()
+            url = str(request.get("url", ""))
+            target_id: str | None = None
+            if method == "PUT" and "?" in url:
+                query = SearchQuery.parse(
+                    str(resource_type), parse_qsl(url.split("?", 1)[1], keep_blank_values=True)
+                )
+                found = self.store.search(query) if query.criteria else []
+                target_id = found[0]["id"] if len(found) == 1 else None
+            elif method == "POST" and request.get("ifNoneExist"):
+                criteria = str(request["ifNoneExist"]).split("?", 1)[-1]
+                query = SearchQuery.parse(
+                    str(resource_type), parse_qsl(criteria, keep_blank_values=True)
+                )
+                found = self.store.search(query) if query.criteria else []
+                target_id = found[0]["id"] if len(found) == 1 else None
+            if target_id is None:
+                target_id = str(uuid.uuid4())
+                entry["_assigned_id"] = target_id
+            mapping[full_url] = f"{resource_type}/{target_id}"
+        for entry in entries:
+            if isinstance(entry.get("resource"), dict):
+                _rewrite_references(entry["resource"], mapping)
+
+    def _response_entry(self, result: FhirResponse, prefer: str) -> dict[str, Any]:
+        response: dict[str, Any] = {
+            "status": f"{result.status} {_REASONS.get(result.status, '')}".strip()
+        }
+        if "Location" in result.headers:
+            response["location"] = result.headers["Location"]
+        if "ETag" in result.headers:
+            response["etag"] = result.headers["ETag"]
+        if "Last-Modified" in result.headers:
+            response["lastModified"] = result.headers["Last-Modified"]
+        entry: dict[str, Any] = {"response": response}
+        is_outcome = (result.resource or {}).get("resourceType") == "OperationOutcome"
+        if result.status >= 400 or is_outcome:
+            response["outcome"] = result.resource
+        elif result.resource is not None and "return=minimal" not in prefer:
+            entry["resource"] = result.resource
+            if result.resource.get("id") and result.resource.get("resourceType") != "Bundle":
+                entry["fullUrl"] = (
+                    f"{self.base_url}/{result.resource['resourceType']}/{result.resource['id']}"
+                )
+        return entry
+
+
+_URL_VERSION_UNIQUE = frozenset(
+    {"ActivityDefinition", "CodeSystem", "Library", "Measure", "StructureDefinition", "ValueSet"}
+)
+
+
+def _identifiers(resource: Mapping[str, Any]) -> set[tuple[str, str]]:
+    return {
+        (str(i.get("system")), str(i.get("value")))
+        for i in resource.get("identifier") or []
+        if isinstance(i, dict) and i.get("value")
+    }
+
+
+def _rewrite_references(node: Any, mapping: Mapping[str, str]) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str) and value in mapping:
+                node[key] = mapping[value]
+            else:
+                _rewrite_references(value, mapping)
+    elif isinstance(node, list):
+        for item in node:
+            _rewrite_references(item, mapping)
+
+
+def binary_resource(content: bytes, content_type: str) -> dict[str, Any]:
+    """A Binary resource wrapping raw request content (DSF accepts Binary in any media type)."""
+    return {
+        "resourceType": "Binary",
+        "contentType": content_type,
+        "data": base64.b64encode(content).decode("ascii"),
+    }

@@ -1,0 +1,237 @@
+"""Sandbox sites on disk and in memory: ``sandbox init`` writes a CA, per organization its server
+and client certificates and a ready ``bridge.toml``, and one allow list (a transaction Bundle
+with every Organization, its thumbprint and Endpoint); :func:`build_service` turns an allow list
+into a running organization's FHIR service with DSF's two standard Subscriptions.
+
+Layout::
+
+    DIR/ca.pem
+    DIR/allow-list.json
+    DIR/<ID>/server.pem  server-key.pem  client.pem  client-key.pem  bridge.toml
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dsf_bridge.dsf.identity import thumbprint
+from dsf_bridge.dsf.vocabulary import (
+    ENDPOINT_IDENTIFIER_SYSTEM,
+    FHIR_JSON,
+    ORGANIZATION_IDENTIFIER_SYSTEM,
+    READ_ACCESS_TAG_SYSTEM,
+    THUMBPRINT_EXTENSION,
+)
+from dsf_bridge.sandbox.certs import CertificateAuthority
+from dsf_bridge.sandbox.resources import MemoryResourceStore
+from dsf_bridge.sandbox.service import FhirService
+
+__all__ = [
+    "SiteFiles",
+    "allow_list_bundle",
+    "build_service",
+    "init_sandbox",
+    "organization_entry",
+    "standard_subscriptions",
+]
+
+READ_ACCESS_ALL = {"system": READ_ACCESS_TAG_SYSTEM, "code": "ALL"}
+_ORGANIZATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+DEFAULT_BASE_PORT = 8443
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    """Where one organization's sandbox files are."""
+
+    organization: str
+    directory: Path
+    ca: Path
+    allow_list: Path
+    port: int
+
+    @property
+    def server_certificate(self) -> Path:
+        return self.directory / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.directory / "server-key.pem"
+
+    @property
+    def client_certificate(self) -> Path:
+        return self.directory / "client.pem"
+
+    @property
+    def client_key(self) -> Path:
+        return self.directory / "client-key.pem"
+
+    @property
+    def bridge_config(self) -> Path:
+        return self.directory / "bridge.toml"
+
+    @property
+    def base_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/fhir"
+
+
+def organization_entry(
+    identifier: str, client_thumbprint: str, address: str
+) -> list[dict[str, Any]]:
+    """Allow-list entries (conditional PUTs) for one Organization and its Endpoint."""
+    organization_url = f"urn:uuid:{uuid.uuid4()}"
+    endpoint_url = f"urn:uuid:{uuid.uuid4()}"
+    endpoint_identifier = f"{identifier}_Endpoint"
+    organization = {
+        "resourceType": "Organization",
+        "meta": {
+            "profile": ["http://dsf.dev/fhir/StructureDefinition/organization"],
+            "tag": [READ_ACCESS_ALL],
+        },
+        "extension": [{"url": THUMBPRINT_EXTENSION, "valueString": client_thumbprint}],
+        "identifier": [{"system": ORGANIZATION_IDENTIFIER_SYSTEM, "value": identifier}],
+        "active": True,
+        "name": identifier,
+        "endpoint": [{"reference": endpoint_url, "type": "Endpoint"}],
+    }
+    endpoint = {
+        "resourceType": "Endpoint",
+        "meta": {
+            "profile": ["http://dsf.dev/fhir/StructureDefinition/endpoint"],
+            "tag": [READ_ACCESS_ALL],
+        },
+        "identifier": [{"system": ENDPOINT_IDENTIFIER_SYSTEM, "value": endpoint_identifier}],
+        "status": "active",
+        "connectionType": {
+            "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+            "code": "hl7-fhir-rest",
+        },
+        "name": endpoint_identifier,
+        "managingOrganization": {"reference": organization_url, "type": "Organization"},
+        "payloadType": [
+            {"coding": [{"system": "http://hl7.org/fhir/resource-types", "code": "Task"}]}
+        ],
+        "payloadMimeType": [FHIR_JSON, "application/fhir+xml"],
+        "address": address,
+    }
+    return [
+        {
+            "fullUrl": organization_url,
+            "resource": organization,
+            "request": {
+                "method": "PUT",
+                "url": f"Organization?identifier={ORGANIZATION_IDENTIFIER_SYSTEM}|{identifier}",
+            },
+        },
+        {
+            "fullUrl": endpoint_url,
+            "resource": endpoint,
+            "request": {
+                "method": "PUT",
+                "url": f"Endpoint?identifier={ENDPOINT_IDENTIFIER_SYSTEM}|{endpoint_identifier}",
+            },
+        },
+    ]
+
+
+def allow_list_bundle(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
+
+
+def standard_subscriptions() -> list[dict[str, Any]]:
+    """The two Subscriptions a DSF FHIR server holds for its process engine."""
+    return [
+        {
+            "resourceType": "Subscription",
+            "meta": {
+                "profile": ["http://dsf.dev/fhir/StructureDefinition/subscription"],
+                "tag": [{"system": READ_ACCESS_TAG_SYSTEM, "code": "LOCAL"}],
+            },
+            "status": "active",
+            "reason": "Business Process Engine",
+            "criteria": criteria,
+            "channel": {"type": "websocket", "payload": FHIR_JSON},
+        }
+        for criteria in ("Task?status=requested", "QuestionnaireResponse?status=completed")
+    ]
+
+
+def build_service(
+    local_organization: str, allow_list: dict[str, Any], base_url: str
+) -> FhirService:
+    """A FHIR service for ``local_organization`` with the allow list and Subscriptions loaded."""
+    service = FhirService(MemoryResourceStore(), local_organization, base_url)
+    identity = service.local_identity()
+    result = service.handle(identity, "POST", "", headers={}, body=allow_list)
+    if result.status != 200:
+        raise ValueError(f"allow list rejected: {result.resource}")
+    for subscription in standard_subscriptions():
+        service.create(identity, "Subscription", subscription, {})
+    service.set_base_url(base_url)
+    return service
+
+
+def init_sandbox(
+    directory: Path,
+    organizations: Sequence[str],
+    *,
+    base_port: int = DEFAULT_BASE_PORT,
+    ports: Sequence[int] | None = None,
+    ca: CertificateAuthority | None = None,
+) -> list[SiteFiles]:
+    """Mint certificates and write the layout above; ports count up from ``base_port`` unless
+    ``ports`` names one per organization."""
+    if ports is not None and len(ports) != len(organizations):
+        raise ValueError("give one port per organization")
+    for organization in organizations:
+        if not _ORGANIZATION_ID.match(organization):
+            raise ValueError(
+                f"organization identifier {organization!r} must be letters, digits, '.', '_' "
+                "or '-' (it names a directory)"
+            )
+    if len(set(organizations)) != len(organizations):
+        raise ValueError("organization identifiers must be unique")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = ca or CertificateAuthority()
+    ca_path = directory / "ca.pem"
+    ca.write(ca_path)
+    allow_list_path = directory / "allow-list.json"
+    sites: list[SiteFiles] = []
+    entries: list[dict[str, Any]] = []
+    for index, organization in enumerate(organizations):
+        port = ports[index] if ports is not None else base_port + index
+        site = SiteFiles(organization, directory / organization, ca_path, allow_list_path, port)
+        site.directory.mkdir(exist_ok=True)
+        server = ca.issue_server(f"{organization} sandbox FHIR server")
+        client = ca.issue_client(f"{organization} client")
+        server.write(site.server_certificate, site.server_key)
+        client.write(site.client_certificate, site.client_key)
+        entries.extend(
+            organization_entry(organization, thumbprint(client.certificate), site.base_url)
+        )
+        site.bridge_config.write_text(bridge_toml(site))
+        sites.append(site)
+    allow_list_path.write_text(json.dumps(allow_list_bundle(entries), indent=2) + "\n")
+    return sites
+
+
+def bridge_toml(site: SiteFiles) -> str:
+    """A bridge configuration for ``site``; keys as in :mod:`dsf_bridge.config` (``[dsf]``)."""
+
+    def quoted(value: object) -> str:
+        return json.dumps(str(value))
+
+    return (
+        f"# dsf-bridge configuration for sandbox organization {site.organization}\n"
+        "[dsf]\n"
+        f"fhir_base_url = {quoted(site.base_url)}\n"
+        f"client_certificate = {quoted(site.client_certificate.resolve())}\n"
+        f"client_key = {quoted(site.client_key.resolve())}\n"
+        f"ca_certificates = [{quoted(site.ca.resolve())}]\n"
+    )

@@ -1,0 +1,139 @@
+"""Database URLs, engines and transactions for the two supported stores.
+
+Users write plain ``sqlite:///PATH`` or ``postgresql://USER@HOST:PORT/DB``; the bridge picks the
+driver: ``aiosqlite``/``pysqlite`` for SQLite, ``psycopg`` (version 3) for PostgreSQL, async for
+the service and sync for migrations. SQLite runs in WAL mode with foreign keys on and a busy
+timeout, so the embedded default behaves like a small server database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from dsf_bridge.errors import ConfigError, StoreError
+
+__all__ = [
+    "Database",
+    "async_url",
+    "create_sync_engine",
+    "sqlite_path",
+    "sync_url",
+]
+
+_SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def _parse(url: str) -> URL:
+    try:
+        return make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"db.url: not a database URL: {exc}", field="db.url") from exc
+
+
+def sync_url(url: str) -> URL:
+    """The URL with the synchronous driver (migrations, the CLI)."""
+    parsed = _parse(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite")
+    if backend == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg")
+    raise ConfigError(f"db.url: unsupported database {backend!r}", field="db.url")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of an SQLite URL (``None`` for other databases and in-memory SQLite)."""
+    parsed = sync_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def async_url(url: str) -> URL:
+    """The URL with the asyncio driver (the service)."""
+    parsed = sync_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return parsed.set(drivername="sqlite+aiosqlite")
+    return parsed
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy, not the driver, emit BEGIN: see _sqlite_begin_immediate.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_begin_immediate(connection: Any) -> None:
+    # Take the write lock up front: a deferred transaction that reads, then writes, fails with
+    # SQLITE_BUSY when another writer got in between, instead of waiting for busy_timeout.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _prepare_sqlite(engine: Engine) -> None:
+    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "begin", _sqlite_begin_immediate)
+
+
+def create_sync_engine(url: str, *, echo: bool = False) -> Engine:
+    """A synchronous engine for migrations and command-line tools."""
+    target = sync_url(url)
+    engine = create_engine(target, echo=echo)
+    if target.get_backend_name() == "sqlite":
+        _prepare_sqlite(engine)
+    return engine
+
+
+class Database:
+    """The async engine and session factory of one store; close it with :meth:`dispose`."""
+
+    def __init__(self, url: str, *, pool_size: int = 5, echo: bool = False) -> None:
+        target = async_url(url)
+        options: dict[str, Any] = {"echo": echo}
+        if target.get_backend_name() == "postgresql":
+            options.update(pool_size=pool_size, pool_pre_ping=True)
+        self.url = target
+        self.engine: AsyncEngine = create_async_engine(target, **options)
+        if target.get_backend_name() == "sqlite":
+            _prepare_sqlite(self.engine.sync_engine)
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.url.get_backend_name()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work: committed when the block ends, rolled back if it raises.
+
+        Database failures leave as :class:`StoreError`; connection losses are retryable.
+        """
+        try:
+            async with self._sessions() as session, session.begin():
+                yield session
+        except OperationalError as exc:
+            raise StoreError(f"database unavailable: {exc.orig}", retryable=True) from exc
+        except DBAPIError as exc:
+            raise StoreError(
+                f"database error: {exc.orig}", retryable=bool(exc.connection_invalidated)
+            ) from exc
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,719 @@
+"""Repositories: every query the runtime needs, on a session whose transaction the caller owns.
+
+Nothing here commits. The runtime opens one transaction per step (``Database.transaction()``),
+writes the instance's new state, its subscriptions, timers, jobs, outbox entries and audit
+events through these functions, and the commit makes them durable together (the
+transactional outbox of DESIGN section 4).
+
+Work is claimed with leases: ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several
+replicas can share one store without a cluster protocol; on SQLite the transaction's write lock
+serializes claims (one process per SQLite file).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.dml import Insert
+
+from dsf_bridge.errors import ConcurrencyError, StoreError
+from dsf_bridge.store.tables import (
+    Job,
+    MessageSubscription,
+    OutboxEntry,
+    ProcessDefinition,
+    ProcessInstance,
+    SyncCursor,
+    TaskSeen,
+    Timer,
+)
+
+__all__ = [
+    "ClaimedJob",
+    "ClaimedOutboxEntry",
+    "InstanceRecord",
+    "SubscriptionKey",
+    "TaskSeenRecord",
+    "TimerKey",
+    "add_timer",
+    "advance_cursor",
+    "cancel_timer",
+    "claim_jobs",
+    "claim_outbox",
+    "complete_job",
+    "create_instance",
+    "deploy_definition",
+    "due_timers",
+    "enqueue_job",
+    "enqueue_outbox",
+    "find_subscriptions",
+    "get_cursor",
+    "get_task_seen",
+    "load_instance",
+    "mark_outbox_done",
+    "mark_outbox_failed",
+    "next_timer_due",
+    "record_task_seen",
+    "replace_subscriptions",
+    "retry_job",
+    "retry_outbox",
+    "save_instance",
+    "sends_in_flight",
+    "set_task_seen_status",
+    "tasks_of_instance",
+    "tasks_with_status",
+]
+
+
+def _insert_ignoring_duplicates(session: AsyncSession, table: Any) -> Insert:
+    """``INSERT ... ON CONFLICT DO NOTHING`` in the session's dialect."""
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    if name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    raise StoreError(f"unsupported database dialect {name!r}")  # pragma: no cover
+
+
+# --- process definitions ------------------------------------------------------------------
+
+
+async def deploy_definition(
+    session: AsyncSession, *, process_key: str, version: str, plugin: str, model_hash: str
+) -> int:
+    """Record a deployed process and return its id; redeploying updates hash and plugin."""
+    existing = (
+        await session.execute(
+            select(ProcessDefinition)
+            .where(ProcessDefinition.process_key == process_key)
+            .where(ProcessDefinition.version == version)
+            .with_for_update()
+        )
+    ).scalar_one_or_none()
+    if existing is None:
+        definition = ProcessDefinition(
+            process_key=process_key,
+            version=version,
+            plugin=plugin,
+            model_hash=model_hash,
+            status="active",
+        )
+        session.add(definition)
+        await session.flush()
+        return definition.id
+    existing.model_hash = model_hash
+    existing.plugin = plugin
+    existing.status = "active"
+    return existing.id
+
+
+# --- instances ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    id: str
+    definition_id: int
+    business_key: str
+    status: str
+    state: dict[str, Any]
+    version: int
+
+
+async def create_instance(
+    session: AsyncSession,
+    *,
+    instance_id: str,
+    definition_id: int,
+    business_key: str,
+    status: str,
+    state: dict[str, Any],
+    now: dt.datetime,
+) -> InstanceRecord:
+    session.add(
+        ProcessInstance(
+            id=instance_id,
+            definition_id=definition_id,
+            business_key=business_key,
+            status=status,
+            state=state,
+            version=1,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    await session.flush()
+    return InstanceRecord(instance_id, definition_id, business_key, status, state, 1)
+
+
+async def load_instance(session: AsyncSession, instance_id: str) -> InstanceRecord | None:
+    row = (
+        await session.execute(
+            select(
+                ProcessInstance.id,
+                ProcessInstance.definition_id,
+                ProcessInstance.business_key,
+                ProcessInstance.status,
+                ProcessInstance.state,
+                ProcessInstance.version,
+            ).where(ProcessInstance.id == instance_id)
+        )
+    ).one_or_none()
+    return None if row is None else InstanceRecord(*row)
+
+
+async def save_instance(
+    session: AsyncSession,
+    record: InstanceRecord,
+    *,
+    state: dict[str, Any],
+    status: str,
+    now: dt.datetime,
+    ended: bool = False,
+) -> InstanceRecord:
+    """Write a new state if nobody changed the instance since ``record`` was read.
+
+    Raises :class:`ConcurrencyError` (retryable) when the version moved on: the caller reloads
+    and replays its event on the fresh state.
+    """
+    result = await session.execute(
+        update(ProcessInstance)
+        .where(ProcessInstance.id == record.id)
+        .where(ProcessInstance.version == record.version)
+        .values(
+            state=state,
+            status=status,
+            version=record.version + 1,
+            updated_at=now,
+            ended_at=now if ended else None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise ConcurrencyError(
+            f"instance {record.id} changed since version {record.version} was read"
+        )
+    return InstanceRecord(
+        record.id, record.definition_id, record.business_key, status, state, record.version + 1
+    )
+
+
+# --- message subscriptions ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SubscriptionKey:
+    execution_id: str
+    element_id: str
+    message_name: str
+    business_key: str
+    correlation_key: str | None = None
+
+
+async def replace_subscriptions(
+    session: AsyncSession, instance_id: str, subscriptions: Sequence[SubscriptionKey]
+) -> None:
+    """Make the instance's stored subscriptions exactly ``subscriptions``."""
+    await session.execute(
+        delete(MessageSubscription).where(MessageSubscription.instance_id == instance_id)
+    )
+    session.add_all(
+        MessageSubscription(
+            instance_id=instance_id,
+            execution_id=sub.execution_id,
+            element_id=sub.element_id,
+            message_name=sub.message_name,
+            business_key=sub.business_key,
+            correlation_key=sub.correlation_key,
+        )
+        for sub in subscriptions
+    )
+    await session.flush()
+
+
+async def find_subscriptions(
+    session: AsyncSession,
+    *,
+    message_name: str,
+    business_key: str,
+    correlation_key: str | None,
+) -> list[tuple[str, SubscriptionKey]]:
+    """Waiting catches that an incoming message matches, as (instance id, subscription).
+
+    As in DSF, a Task without a correlation key matches by business key alone; a Task with one
+    matches only executions waiting with that correlation key.
+    """
+    query = (
+        select(MessageSubscription)
+        .where(MessageSubscription.message_name == message_name)
+        .where(MessageSubscription.business_key == business_key)
+        .order_by(MessageSubscription.id)
+    )
+    if correlation_key is not None:
+        query = query.where(MessageSubscription.correlation_key == correlation_key)
+    rows = (await session.scalars(query)).all()
+    return [
+        (
+            row.instance_id,
+            SubscriptionKey(
+                row.execution_id,
+                row.element_id,
+                row.message_name,
+                row.business_key,
+                row.correlation_key,
+            ),
+        )
+        for row in rows
+    ]
+
+
+# --- timers -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimerKey:
+    timer_id: str
+    element_id: str
+    due_at: dt.datetime
+
+
+async def add_timer(session: AsyncSession, instance_id: str, timer: TimerKey) -> None:
+    session.add(
+        Timer(
+            instance_id=instance_id,
+            timer_id=timer.timer_id,
+            element_id=timer.element_id,
+            due_at=timer.due_at,
+        )
+    )
+    await session.flush()
+
+
+async def cancel_timer(session: AsyncSession, instance_id: str, timer_id: str) -> None:
+    """Remove a timer (fired or cancelled); removing one that is gone is not an error."""
+    await session.execute(
+        delete(Timer).where(Timer.instance_id == instance_id).where(Timer.timer_id == timer_id)
+    )
+
+
+async def due_timers(
+    session: AsyncSession, now: dt.datetime, limit: int = 100
+) -> list[tuple[str, TimerKey]]:
+    """Timers due at ``now``, earliest first, locked against other replicas."""
+    rows = (
+        await session.scalars(
+            select(Timer)
+            .where(Timer.due_at <= now)
+            .order_by(Timer.due_at, Timer.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    ).all()
+    return [(row.instance_id, TimerKey(row.timer_id, row.element_id, row.due_at)) for row in rows]
+
+
+async def next_timer_due(session: AsyncSession) -> dt.datetime | None:
+    """When the earliest timer is due (workers sleep until then)."""
+    return (await session.execute(select(func.min(Timer.due_at)))).scalar_one_or_none()
+
+
+# --- jobs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    instance_id: str | None
+    kind: str
+    payload: dict[str, Any]
+    attempts: int
+    retries_left: int
+
+
+async def enqueue_job(
+    session: AsyncSession,
+    *,
+    kind: str,
+    payload: dict[str, Any],
+    due_at: dt.datetime,
+    instance_id: str | None = None,
+    retries: int = 3,
+) -> int:
+    job = Job(
+        instance_id=instance_id,
+        kind=kind,
+        payload=payload,
+        due_at=due_at,
+        attempts=0,
+        retries_left=retries,
+    )
+    session.add(job)
+    await session.flush()
+    return job.id
+
+
+_Leased = TypeVar("_Leased", Job, OutboxEntry)
+
+
+async def _lease(
+    session: AsyncSession,
+    model: type[_Leased],
+    query: Select[_Leased],
+    *,
+    owner: str,
+    now: dt.datetime,
+    lease: dt.timedelta,
+    limit: int,
+) -> list[_Leased]:
+    """Lease the rows of ``query`` that nobody holds (or whose lease expired) to ``owner``.
+
+    ``FOR UPDATE SKIP LOCKED`` lets replicas on PostgreSQL claim side by side without taking
+    the same row; on SQLite the transaction's write lock serializes claims.
+    """
+    rows = (
+        await session.scalars(
+            query.where((model.lease_expires_at.is_(None)) | (model.lease_expires_at < now))
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    ).all()
+    for row in rows:
+        row.lease_owner = owner
+        row.lease_expires_at = now + lease
+        row.attempts += 1
+    await session.flush()
+    return list(rows)
+
+
+async def claim_jobs(
+    session: AsyncSession,
+    *,
+    owner: str,
+    now: dt.datetime,
+    lease: dt.timedelta,
+    limit: int = 10,
+) -> list[ClaimedJob]:
+    """Lease due jobs that nobody holds (or whose lease expired) to ``owner``."""
+    query = (
+        select(Job)
+        .where(Job.due_at <= now)
+        .where(Job.retries_left >= 0)
+        .order_by(Job.due_at, Job.id)
+    )
+    jobs = await _lease(session, Job, query, owner=owner, now=now, lease=lease, limit=limit)
+    return [
+        ClaimedJob(job.id, job.instance_id, job.kind, job.payload, job.attempts, job.retries_left)
+        for job in jobs
+    ]
+
+
+async def complete_job(session: AsyncSession, job_id: int, owner: str) -> None:
+    """Remove a finished job; a lease that was lost to another worker is an error."""
+    result = await session.execute(
+        delete(Job).where(Job.id == job_id).where(Job.lease_owner == owner)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise ConcurrencyError(f"job {job_id} is no longer leased to {owner}")
+
+
+async def retry_job(
+    session: AsyncSession, job_id: int, owner: str, *, error: str, retry_at: dt.datetime
+) -> int:
+    """Release a failed job for another attempt at ``retry_at``; return the retries left.
+
+    With no retries left the job stays, released and not due again (``retries_left = -1``),
+    for the runtime to turn into an incident.
+    """
+    job = (
+        await session.execute(select(Job).where(Job.id == job_id).with_for_update())
+    ).scalar_one_or_none()
+    if job is None or job.lease_owner != owner:
+        raise ConcurrencyError(f"job {job_id} is no longer leased to {owner}")
+    job.retries_left -= 1
+    job.last_error = error
+    job.due_at = retry_at
+    job.lease_owner = None
+    job.lease_expires_at = None
+    await session.flush()
+    return job.retries_left
+
+
+# --- Tasks seen ---------------------------------------------------------------------------
+
+
+async def record_task_seen(
+    session: AsyncSession,
+    *,
+    task_id: str,
+    task_version: str,
+    role: str,
+    status: str,
+    instance_id: str | None = None,
+) -> bool:
+    """Remember a Task version; ``False`` when it was seen before (intake is idempotent)."""
+    result = await session.execute(
+        _insert_ignoring_duplicates(session, TaskSeen)
+        .values(
+            task_id=task_id,
+            task_version=task_version,
+            role=role,
+            status=status,
+            instance_id=instance_id,
+            seen_at=dt.datetime.now(dt.UTC),
+        )
+        .returning(TaskSeen.task_id)
+    )
+    # RETURNING, not rowcount: ORM-enabled inserts do not report rowcount on every driver.
+    return result.first() is not None
+
+
+@dataclass(frozen=True)
+class TaskSeenRecord:
+    task_id: str
+    task_version: str
+    role: str
+    status: str
+    instance_id: str | None
+
+
+async def get_task_seen(
+    session: AsyncSession, task_id: str, task_version: str, role: str = "incoming"
+) -> TaskSeenRecord | None:
+    row = (
+        await session.execute(
+            select(
+                TaskSeen.task_id,
+                TaskSeen.task_version,
+                TaskSeen.role,
+                TaskSeen.status,
+                TaskSeen.instance_id,
+            )
+            .where(TaskSeen.task_id == task_id)
+            .where(TaskSeen.task_version == task_version)
+            .where(TaskSeen.role == role)
+        )
+    ).one_or_none()
+    return None if row is None else TaskSeenRecord(*row)
+
+
+async def set_task_seen_status(
+    session: AsyncSession,
+    task_id: str,
+    task_version: str,
+    status: str,
+    *,
+    instance_id: str | None = None,
+    role: str = "incoming",
+) -> None:
+    values: dict[str, Any] = {"status": status}
+    if instance_id is not None:
+        values["instance_id"] = instance_id
+    await session.execute(
+        update(TaskSeen)
+        .where(TaskSeen.task_id == task_id)
+        .where(TaskSeen.task_version == task_version)
+        .where(TaskSeen.role == role)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def tasks_with_status(session: AsyncSession, role: str, status: str) -> list[TaskSeenRecord]:
+    """Task versions in one intake state, e.g. the ``claiming`` ones to recover at start-up."""
+    rows = await session.execute(
+        select(
+            TaskSeen.task_id,
+            TaskSeen.task_version,
+            TaskSeen.role,
+            TaskSeen.status,
+            TaskSeen.instance_id,
+        )
+        .where(TaskSeen.role == role)
+        .where(TaskSeen.status == status)
+        .order_by(TaskSeen.seen_at)
+    )
+    return [TaskSeenRecord(*row) for row in rows]
+
+
+async def tasks_of_instance(session: AsyncSession, instance_id: str, role: str) -> list[str]:
+    """Ids of the Tasks an instance took in (``incoming``) or sent (``outgoing``), oldest first."""
+    rows = await session.execute(
+        select(TaskSeen.task_id, func.min(TaskSeen.seen_at).label("first_seen"))
+        .where(TaskSeen.instance_id == instance_id)
+        .where(TaskSeen.role == role)
+        .group_by(TaskSeen.task_id)
+        .order_by("first_seen", TaskSeen.task_id)
+    )
+    return [row.task_id for row in rows]
+
+
+# --- outbox -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimedOutboxEntry:
+    id: int
+    idempotency_key: str
+    instance_id: str | None
+    kind: str
+    payload: dict[str, Any]
+    attempts: int
+
+
+async def enqueue_outbox(
+    session: AsyncSession,
+    *,
+    idempotency_key: str,
+    kind: str,
+    payload: dict[str, Any],
+    instance_id: str | None = None,
+    now: dt.datetime,
+) -> bool:
+    """Queue an effect; ``False`` if an effect with this key was queued before."""
+    result = await session.execute(
+        _insert_ignoring_duplicates(session, OutboxEntry)
+        .values(
+            idempotency_key=idempotency_key,
+            instance_id=instance_id,
+            kind=kind,
+            payload=payload,
+            status="pending",
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+        .returning(OutboxEntry.id)
+    )
+    return result.first() is not None
+
+
+async def claim_outbox(
+    session: AsyncSession,
+    *,
+    owner: str,
+    now: dt.datetime,
+    lease: dt.timedelta,
+    limit: int = 10,
+) -> list[ClaimedOutboxEntry]:
+    """Lease pending effects that are due and not leased (or whose lease expired)."""
+    query = (
+        select(OutboxEntry)
+        .where(OutboxEntry.status == "pending")
+        .where(OutboxEntry.next_attempt_at <= now)
+        .order_by(OutboxEntry.next_attempt_at, OutboxEntry.id)
+    )
+    entries = await _lease(
+        session, OutboxEntry, query, owner=owner, now=now, lease=lease, limit=limit
+    )
+    return [
+        ClaimedOutboxEntry(
+            entry.id,
+            entry.idempotency_key,
+            entry.instance_id,
+            entry.kind,
+            entry.payload,
+            entry.attempts,
+        )
+        for entry in entries
+    ]
+
+
+async def _leased_entry(session: AsyncSession, entry_id: int, owner: str) -> OutboxEntry:
+    entry = (
+        await session.execute(
+            select(OutboxEntry).where(OutboxEntry.id == entry_id).with_for_update()
+        )
+    ).scalar_one_or_none()
+    if entry is None or entry.lease_owner != owner or entry.status != "pending":
+        raise ConcurrencyError(f"outbox entry {entry_id} is no longer leased to {owner}")
+    return entry
+
+
+async def _release(session: AsyncSession, entry_id: int, owner: str, **changes: object) -> None:
+    """Apply ``changes`` to an entry ``owner`` still leases, and give up the lease."""
+    entry = await _leased_entry(session, entry_id, owner)
+    for name, value in changes.items():
+        setattr(entry, name, value)
+    entry.lease_owner = None
+    entry.lease_expires_at = None
+    await session.flush()
+
+
+async def mark_outbox_done(
+    session: AsyncSession, entry_id: int, owner: str, *, result: str | None, now: dt.datetime
+) -> None:
+    await _release(session, entry_id, owner, status="done", result=result, done_at=now)
+
+
+async def retry_outbox(
+    session: AsyncSession, entry_id: int, owner: str, *, error: str, retry_at: dt.datetime
+) -> None:
+    await _release(session, entry_id, owner, last_error=error, next_attempt_at=retry_at)
+
+
+async def mark_outbox_failed(
+    session: AsyncSession, entry_id: int, owner: str, *, error: str, now: dt.datetime
+) -> None:
+    await _release(session, entry_id, owner, status="failed", last_error=error, done_at=now)
+
+
+async def sends_in_flight(session: AsyncSession, business_key: str) -> int:
+    """Sends of instances with this business key that are queued or being performed.
+
+    A reply can overtake the commit that records its request as sent; intake waits for these
+    before it calls a reply uncorrelatable.
+    """
+    outbox = await session.execute(
+        select(func.count(OutboxEntry.id))
+        .join(ProcessInstance, ProcessInstance.id == OutboxEntry.instance_id)
+        .where(ProcessInstance.business_key == business_key)
+        .where(OutboxEntry.kind == "send-task")
+        .where(OutboxEntry.status == "pending")
+    )
+    jobs = await session.execute(
+        select(func.count(Job.id))
+        .join(ProcessInstance, ProcessInstance.id == Job.instance_id)
+        .where(ProcessInstance.business_key == business_key)
+        .where(Job.kind == "send")
+    )
+    return int(outbox.scalar_one()) + int(jobs.scalar_one())
+
+
+# --- catch-up cursors ---------------------------------------------------------------------
+
+
+async def get_cursor(session: AsyncSession, resource_type: str) -> dt.datetime | None:
+    return (
+        await session.execute(
+            select(SyncCursor.last_updated).where(SyncCursor.resource_type == resource_type)
+        )
+    ).scalar_one_or_none()
+
+
+async def advance_cursor(
+    session: AsyncSession, resource_type: str, last_updated: dt.datetime
+) -> dt.datetime:
+    """Move the cursor forward to ``last_updated`` (never backwards); return the stored value."""
+    await session.execute(
+        _insert_ignoring_duplicates(session, SyncCursor).values(
+            resource_type=resource_type,
+            last_updated=last_updated,
+            updated_at=dt.datetime.now(dt.UTC),
+        )
+    )
+    await session.execute(
+        update(SyncCursor)
+        .where(SyncCursor.resource_type == resource_type)
+        .where(SyncCursor.last_updated < last_updated)
+        .values(last_updated=last_updated, updated_at=dt.datetime.now(dt.UTC))
+    )
+    stored = await get_cursor(session, resource_type)
+    if stored is None:  # pragma: no cover - inserted just above
+        raise StoreError(f"cursor for {resource_type} vanished")
+    return stored

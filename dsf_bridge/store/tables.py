@@ -1,0 +1,267 @@
+"""The SQL schema of the bridge (DESIGN section 6), as SQLAlchemy 2 declarative models.
+
+One metadata serves SQLite and PostgreSQL; constraint names follow a fixed convention so that
+Alembic can alter them on both (SQLite in batch mode). The migrations in ``migrations/`` must
+produce exactly this schema: ``tests/store/test_migrations.py`` fails when the two drift.
+
+Times are stored in UTC and always come back time-zone aware (:class:`UtcDateTime`), on SQLite
+too, because the DSF catch-up cursor and lease expiry compare them across hosts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "AuditEvent",
+    "AuditHead",
+    "Base",
+    "Job",
+    "MessageSubscription",
+    "OutboxEntry",
+    "ProcessDefinition",
+    "ProcessInstance",
+    "SyncCursor",
+    "TaskSeen",
+    "Timer",
+    "UtcDateTime",
+    "metadata",
+]
+
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+# JSONB on PostgreSQL (indexable, compact), plain JSON text elsewhere.
+JsonDocument = JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+# 64-bit keys on PostgreSQL, but INTEGER on SQLite: only INTEGER PRIMARY KEY is its rowid alias.
+BigIntKey = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """A timestamp that is stored in UTC and always read back time-zone aware."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; pass a time-zone aware value")
+        utc = value.astimezone(dt.UTC)
+        # SQLite keeps no zone: store naive UTC and restore the zone on the way out.
+        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime):
+            raise TypeError(f"expected a datetime from the database, got {type(value).__name__}")
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+
+
+class ProcessDefinition(Base):
+    """A deployed BPMN process: key and version as in the plugin, plus the model's hash."""
+
+    __tablename__ = "process_definitions"
+    __table_args__ = (UniqueConstraint("process_key", "version"),)
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    process_key: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str] = mapped_column(String(50))
+    plugin: Mapped[str] = mapped_column(String(200))
+    model_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(20), default="active")
+    deployed_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class ProcessInstance(Base):
+    """One running or ended process instance; ``state`` is the engine's compact JSON."""
+
+    __tablename__ = "process_instances"
+    __table_args__ = (
+        Index("ix_process_instances_business_key", "business_key"),
+        Index("ix_process_instances_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    definition_id: Mapped[int] = mapped_column(ForeignKey("process_definitions.id"))
+    business_key: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20))
+    state: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
+    # Optimistic locking: every update bumps it; an UPDATE that matches no row lost the race.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+
+class MessageSubscription(Base):
+    """A waiting message catch: how an incoming Task finds its instance."""
+
+    __tablename__ = "message_subscriptions"
+    __table_args__ = (
+        Index("ix_message_subscriptions_lookup", "message_name", "business_key", "correlation_key"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    instance_id: Mapped[str] = mapped_column(
+        ForeignKey("process_instances.id", ondelete="CASCADE"), index=True
+    )
+    execution_id: Mapped[str] = mapped_column(String(64))
+    element_id: Mapped[str] = mapped_column(String(200))
+    message_name: Mapped[str] = mapped_column(String(200))
+    business_key: Mapped[str] = mapped_column(String(200))
+    correlation_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class Timer(Base):
+    """A timer of an instance waiting to fire; ``timer_id`` is the engine's name for it."""
+
+    __tablename__ = "timers"
+    __table_args__ = (UniqueConstraint("instance_id", "timer_id"),)
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    instance_id: Mapped[str] = mapped_column(
+        ForeignKey("process_instances.id", ondelete="CASCADE"), index=True
+    )
+    timer_id: Mapped[str] = mapped_column(String(64))
+    element_id: Mapped[str] = mapped_column(String(200))
+    due_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class Job(Base):
+    """An async continuation or handler call, claimed by one worker at a time through a lease."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_due", "due_at", "lease_expires_at"),)
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    instance_id: Mapped[str | None] = mapped_column(
+        ForeignKey("process_instances.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    kind: Mapped[str] = mapped_column(String(50))
+    payload: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
+    due_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    retries_left: Mapped[int] = mapped_column(Integer, default=3)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class TaskSeen(Base):
+    """Every DSF Task version the bridge has taken in or sent: intake is idempotent on it.
+
+    The role is part of the key: a Task a site sends to itself is both sent and taken in.
+    """
+
+    __tablename__ = "tasks_seen"
+
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task_version: Mapped[str] = mapped_column(String(20), primary_key=True)
+    role: Mapped[str] = mapped_column(String(20), primary_key=True)
+    status: Mapped[str] = mapped_column(String(20))
+    instance_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    seen_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class OutboxEntry(Base):
+    """An effect committed with its state change and performed after commit, exactly once."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_pending", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    # Unique per effect: a retried transaction cannot enqueue the same send twice.
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    instance_id: Mapped[str | None] = mapped_column(
+        ForeignKey("process_instances.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    kind: Mapped[str] = mapped_column(String(50))
+    payload: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    done_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+
+class SyncCursor(Base):
+    """The last ``meta.lastUpdated`` seen per FHIR resource type (catch-up after reconnects)."""
+
+    __tablename__ = "sync_cursors"
+
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_updated: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class AuditEvent(Base):
+    """One append-only audit event; ``event_hash`` chains it to its predecessor."""
+
+    __tablename__ = "audit_events"
+
+    # Assigned by the writer as head + 1 under the head lock, so the sequence has no gaps.
+    sequence: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=False)
+    occurred_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    subject: Mapped[str] = mapped_column(String(300), index=True)
+    action: Mapped[str] = mapped_column(String(100))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    payload_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    previous_hash: Mapped[str] = mapped_column(String(64))
+    event_hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class AuditHead(Base):
+    """The chain's head (one row): detects deletion of the newest events, serializes appends."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    sequence: Mapped[int] = mapped_column(BigIntKey)
+    event_hash: Mapped[str] = mapped_column(String(64))

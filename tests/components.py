@@ -1,0 +1,65 @@
+"""Session fixtures for the real components of DESIGN section 7: Orthanc with DICOMweb and
+MLServer serving the reference model. Each starts once per test session on free ports in a
+temporary directory and is stopped by PID at the end.
+
+A component that is not installed FAILS the test with the command that installs it: the README
+promises these integrations, so they are never skipped. Import the fixtures into a conftest.py
+(``from tests.components import mlserver, orthanc``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from dsf_bridge.sandbox.components import (
+    REFERENCE_MODEL,
+    ComponentMissingError,
+    MLServerProcess,
+    ModelSpec,
+    OrthancProcess,
+)
+
+__all__ = [
+    "BROKEN_MODEL",
+    "REFERENCE_MODEL",
+    "WARMING_MODEL",
+    "mlserver",
+    "orthanc",
+]
+
+# Variants of the reference model that stand for failures: never ready, and failing every call.
+WARMING_MODEL = ModelSpec("tissue-composition-warming", extra={"ready": False})
+BROKEN_MODEL = ModelSpec("tissue-composition-broken", extra={"fail": True})
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
+    """A running Orthanc with DICOMweb at ``orthanc.dicomweb_url``, empty at session start."""
+    server = OrthancProcess(tmp_path_factory.mktemp("orthanc"))
+    try:
+        server.start()
+    except ComponentMissingError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MLServerProcess]:
+    """A running MLServer serving the reference model and its failure variants."""
+    server = MLServerProcess(
+        tmp_path_factory.mktemp("mlserver"),
+        models=(REFERENCE_MODEL, WARMING_MODEL, BROKEN_MODEL),
+    )
+    try:
+        server.start()
+    except ComponentMissingError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()

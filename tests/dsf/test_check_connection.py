@@ -1,0 +1,69 @@
+"""``dsf-bridge check-connection`` against a sandbox server in another process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dsf_bridge.sandbox.certs import CertificateAuthority
+from tests.served import cli, served_sandbox
+
+__all__ = ["served_sandbox"]
+
+
+@pytest.fixture
+def served(served_sandbox: Path) -> Path:
+    return served_sandbox
+
+
+def test_all_steps_pass_against_a_good_configuration(served: Path) -> None:
+    result = cli("--config", str(served / "Site_A" / "bridge.toml"), "check-connection")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for step in (
+        "client certificate",
+        "TLS configuration",
+        "FHIR server",
+        "local organization",
+        "websocket",
+    ):
+        assert any(line.startswith(f"OK   {step}") for line in lines), result.stdout
+    assert "FAIL" not in result.stdout
+
+
+def test_a_certificate_of_another_organization_is_refused(served: Path) -> None:
+    # Site_B's client certificate against Site_A's server: a remote org, not the local one.
+    site_a = (served / "Site_A" / "bridge.toml").read_text().splitlines()
+    site_b = (served / "Site_B" / "bridge.toml").read_text().splitlines()
+    url_of_a = next(line for line in site_a if line.startswith("fhir_base_url"))
+    wrong = served / "wrong.toml"
+    wrong.write_text(
+        "\n".join(url_of_a if line.startswith("fhir_base_url") else line for line in site_b)
+    )
+    result = cli("--config", str(wrong), "check-connection")
+    assert result.returncode == 1
+    assert "FAIL local organization" in result.stdout
+
+
+def test_an_untrusted_server_certificate_names_the_fix(served: Path, tmp_path: Path) -> None:
+    other_ca = tmp_path / "other-ca.pem"
+    CertificateAuthority("some other CA").write(other_ca)
+    config = served / "Site_A" / "bridge.toml"
+    text = config.read_text()
+    lines = [
+        f'ca_certificates = ["{other_ca}"]' if line.startswith("ca_certificates") else line
+        for line in text.splitlines()
+    ]
+    wrong = served / "untrusted.toml"
+    wrong.write_text("\n".join(lines))
+    result = cli("--config", str(wrong), "check-connection")
+    assert result.returncode == 1
+    assert "OK   client certificate" in result.stdout
+    assert "FAIL FHIR server" in result.stdout
+
+
+def test_missing_settings_are_named() -> None:
+    result = cli("check-connection")
+    assert result.returncode == 1
+    assert "dsf.fhir_base_url is not set" in result.stdout

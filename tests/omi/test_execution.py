@@ -1,0 +1,154 @@
+"""One study through real Orthanc and real MLServer with infer_study, and each failure a
+process must report distinctly: study not in the archive, archive down, model not ready,
+unknown model, model failing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+from pydicom.dataset import Dataset
+
+from dsf_bridge.omi.dicomweb import ArchiveUnavailableError, DicomWebArchive, StudyNotFoundError
+from dsf_bridge.omi.execution import infer_study
+from dsf_bridge.omi.inference import (
+    HttpInferenceClient,
+    InferenceError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+)
+from dsf_bridge.sandbox.components import MLServerProcess, OrthancProcess, free_port
+from tests.components import BROKEN_MODEL, REFERENCE_MODEL, WARMING_MODEL
+from tests.omi.test_refmodel import REFERENCE_AREAS_CM2
+
+DEVICE = {"reference": "Device/tissue-composition", "type": "Device"}
+
+
+@pytest.fixture
+async def archive(orthanc: OrthancProcess, ct_small: Dataset) -> AsyncIterator[DicomWebArchive]:
+    client = DicomWebArchive(orthanc.dicomweb_url, timeout=10.0, attempts=2, backoff=0.05)
+    await client.store([ct_small])
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+async def inference(mlserver: MLServerProcess) -> AsyncIterator[HttpInferenceClient]:
+    async with HttpInferenceClient(mlserver.base_url, timeout=30.0) as client:
+        yield client
+
+
+async def test_ct_small_summary_matches_the_reference(
+    archive: DicomWebArchive, inference: HttpInferenceClient, ct_small: Dataset
+) -> None:
+    outcome = await infer_study(
+        archive,
+        inference,
+        study_instance_uid=str(ct_small.StudyInstanceUID),
+        model=REFERENCE_MODEL.name,
+        device=DEVICE,
+        request_id="business-key-1",
+    )
+    Bundle.model_validate(outcome.bundle)
+    summary = outcome.summary()
+    for tissue, expected in REFERENCE_AREAS_CM2.items():
+        assert summary[tissue] == {"value": pytest.approx(expected, abs=0.01), "unit": "cm2"}
+    assert summary["muscle_mean_hu"] == {"value": 38.27, "unit": "HU"}
+    assert "body_volume" not in summary
+    assert outcome.slices == 1
+
+
+async def test_series_summary_has_volumes(
+    archive: DicomWebArchive, inference: HttpInferenceClient, ct_series: list[Dataset]
+) -> None:
+    await archive.store(ct_series)
+    outcome = await infer_study(
+        archive,
+        inference,
+        study_instance_uid=str(ct_series[0].StudyInstanceUID),
+        series_instance_uid=str(ct_series[0].SeriesInstanceUID),
+        model=REFERENCE_MODEL.name,
+        device=DEVICE,
+    )
+    assert outcome.slices == 5
+    assert outcome.summary()["body_volume"]["unit"] == "mL"
+    assert outcome.summary()["body_volume"]["value"] > 5 * 0.5 * 56
+    assert outcome.segmentation_series_uid is None
+
+
+async def test_segmentation_is_stored_in_the_study(
+    archive: DicomWebArchive, inference: HttpInferenceClient, ct_series: list[Dataset]
+) -> None:
+    await archive.store(ct_series)
+    study = str(ct_series[0].StudyInstanceUID)
+    outcome = await infer_study(
+        archive,
+        inference,
+        study_instance_uid=study,
+        model=REFERENCE_MODEL.name,
+        device=DEVICE,
+        segmentation=True,
+    )
+    assert outcome.segmentation_series_uid is not None
+    series = {s.series_instance_uid: s for s in await archive.search_series(study)}
+    seg = series[outcome.segmentation_series_uid]
+    assert (seg.modality, seg.instance_count) == ("SEG", 1)
+    assert outcome.summary()["body_volume"]["unit"] == "mL"  # measurements still complete
+
+
+async def test_study_not_in_archive(
+    archive: DicomWebArchive, inference: HttpInferenceClient
+) -> None:
+    with pytest.raises(StudyNotFoundError, match=r"study 1\.2\.3\.9 is not in the archive"):
+        await infer_study(
+            archive,
+            inference,
+            study_instance_uid="1.2.3.9",
+            model=REFERENCE_MODEL.name,
+            device=DEVICE,
+        )
+
+
+async def test_archive_down(inference: HttpInferenceClient) -> None:
+    down = DicomWebArchive(f"http://127.0.0.1:{free_port()}/dicom-web", attempts=2, backoff=0.01)
+    try:
+        with pytest.raises(ArchiveUnavailableError, match="cannot be reached") as info:
+            await infer_study(
+                down,
+                inference,
+                study_instance_uid="1.2.3",
+                model=REFERENCE_MODEL.name,
+                device=DEVICE,
+            )
+    finally:
+        down.close()
+    assert info.value.retryable
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (WARMING_MODEL.name, ModelNotReadyError, "is not ready"),
+        ("no-such-model", ModelNotFoundError, "does not serve model no-such-model"),
+        (BROKEN_MODEL.name, InferenceError, r"failed \(HTTP 500\)"),
+    ],
+    ids=["not-ready", "unknown", "failing"],
+)
+async def test_model_failures(
+    archive: DicomWebArchive,
+    inference: HttpInferenceClient,
+    ct_small: Dataset,
+    case: tuple[str, type[InferenceError], str],
+) -> None:
+    model, error, message = case
+    with pytest.raises(error, match=message):
+        await infer_study(
+            archive,
+            inference,
+            study_instance_uid=str(ct_small.StudyInstanceUID),
+            model=model,
+            device=DEVICE,
+        )

@@ -1,0 +1,228 @@
+"""The Open Inference Protocol v2 client: against real MLServer serving the reference model,
+and against httpx.MockTransport for answers a healthy server never gives."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+
+from dsf_bridge.errors import RemoteError
+from dsf_bridge.omi.inference import (
+    HttpInferenceClient,
+    InferenceError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    Tensor,
+)
+from dsf_bridge.sandbox.components import MLServerProcess, free_port
+from dsf_bridge.sandbox.refmodel import TISSUES, tissue_composition
+from tests.components import BROKEN_MODEL, REFERENCE_MODEL, WARMING_MODEL
+from tests.omi.test_refmodel import REFERENCE_AREAS_CM2, REFERENCE_MUSCLE_MEAN_HU
+
+MODEL = REFERENCE_MODEL.name
+
+
+def _inputs(hu: np.ndarray, spacing: tuple[float, float, float]) -> list[Tensor]:
+    return [Tensor.of("hu", hu, "FP32"), Tensor.of("spacing_mm", spacing, "FP32")]
+
+
+def _ct_small_inputs(ds: Dataset) -> list[Tensor]:
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    return _inputs(hu[np.newaxis], (5.0, *map(float, ds.PixelSpacing)))  # type: ignore[arg-type]
+
+
+# --- real MLServer -------------------------------------------------------------------------
+
+
+async def test_server_and_model_ready(mlserver: MLServerProcess) -> None:
+    async with HttpInferenceClient(mlserver.base_url) as client:
+        assert await client.model_ready(MODEL)
+        await client.ensure_model_ready(MODEL)
+        # Readiness of the whole server includes the warming model on purpose.
+        assert not await client.server_ready()
+
+
+async def test_metadata_names_the_model(mlserver: MLServerProcess) -> None:
+    async with HttpInferenceClient(mlserver.base_url) as client:
+        metadata = await client.metadata(MODEL)
+    assert metadata.name == MODEL
+
+
+async def test_infer_ct_small_gives_design_reference(
+    mlserver: MLServerProcess, ct_small: Dataset
+) -> None:
+    async with HttpInferenceClient(mlserver.base_url) as client:
+        result = await client.infer(MODEL, _ct_small_inputs(ct_small), request_id="req-1")
+    assert result.model_name == MODEL
+    assert result.id == "req-1"
+    for tissue, expected in REFERENCE_AREAS_CM2.items():
+        area = result[f"{tissue}_area_cm2"]
+        assert area.shape == (1,)
+        assert area.datatype == "FP64"
+        assert float(area.data[0]) == pytest.approx(expected, abs=0.01), tissue
+    assert float(result["muscle_mean_hu"].data[0]) == pytest.approx(
+        REFERENCE_MUSCLE_MEAN_HU, abs=0.05
+    )
+
+
+async def test_infer_series_matches_local_computation(
+    mlserver: MLServerProcess, ct_series: list[Dataset]
+) -> None:
+    hu = np.stack([ds.pixel_array - 1024.0 for ds in ct_series])
+    spacing = (5.0, 0.661468, 0.661468)
+    expected = tissue_composition(hu, spacing)
+    async with HttpInferenceClient(mlserver.base_url) as client:
+        result = await client.infer(MODEL, _inputs(hu, spacing))
+    for column, tissue in enumerate(TISSUES):
+        np.testing.assert_allclose(
+            result[f"{tissue}_area_cm2"].data, expected.area_cm2[:, column], rtol=1e-6
+        )
+        assert float(result[f"{tissue}_volume_ml"].data[0]) == pytest.approx(
+            expected.volume_ml[column], rel=1e-6
+        )
+
+
+async def test_unknown_model_is_not_found(mlserver: MLServerProcess) -> None:
+    async with HttpInferenceClient(mlserver.base_url) as client:
+        with pytest.raises(ModelNotFoundError, match="does not serve model no-such-model") as info:
+            await client.model_ready("no-such-model")
+        assert not info.value.retryable
+        assert info.value.status == 404
+        with pytest.raises(ModelNotFoundError):
+            await client.infer("no-such-model", _inputs(np.zeros((1, 2, 2)), (1, 1, 1)))
+
+
+async def test_model_not_ready(mlserver: MLServerProcess, ct_small: Dataset) -> None:
+    async with HttpInferenceClient(mlserver.base_url) as client:
+        assert not await client.model_ready(WARMING_MODEL.name)
+        with pytest.raises(ModelNotReadyError, match="is not ready") as info:
+            await client.ensure_model_ready(WARMING_MODEL.name)
+        assert info.value.retryable
+        with pytest.raises(ModelNotReadyError, match="not ready"):
+            await client.infer(WARMING_MODEL.name, _ct_small_inputs(ct_small))
+
+
+async def test_wrong_input_shape_is_refused_not_retried(mlserver: MLServerProcess) -> None:
+    async with HttpInferenceClient(mlserver.base_url) as client:
+        with pytest.raises(InferenceError, match=r"refused the request \(HTTP 400\)") as info:
+            await client.infer(MODEL, _inputs(np.zeros((4, 4)), (1.0, 1.0, 1.0)))
+    assert info.value.status == 400
+    assert not info.value.retryable
+    assert "shape" in info.value.message
+    assert not isinstance(info.value, ModelNotReadyError)
+
+
+async def test_model_crash_is_a_retryable_server_error(
+    mlserver: MLServerProcess, ct_small: Dataset
+) -> None:
+    async with HttpInferenceClient(mlserver.base_url) as client:
+        with pytest.raises(InferenceError, match=r"failed \(HTTP 500\)") as info:
+            await client.infer(BROKEN_MODEL.name, _ct_small_inputs(ct_small))
+    assert info.value.retryable
+    assert info.value.model == BROKEN_MODEL.name
+
+
+async def test_unreachable_server_is_retryable() -> None:
+    async with HttpInferenceClient(f"http://127.0.0.1:{free_port()}", timeout=2.0) as client:
+        with pytest.raises(InferenceError, match="unreachable") as info:
+            await client.model_ready(MODEL)
+    assert info.value.retryable
+    assert isinstance(info.value, RemoteError)
+
+
+# --- httpx.MockTransport ---------------------------------------------------------------------
+
+
+def _mock(handler: httpx.MockTransport) -> HttpInferenceClient:
+    return HttpInferenceClient("http://inference.test", transport=handler)
+
+
+async def test_request_body_is_typed_tensors() -> None:
+    seen: list[dict[str, object]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        assert request.url.raw_path == b"/v2/models/m%2Fx/versions/2/infer"
+        return httpx.Response(
+            200,
+            json={
+                "model_name": "m/x",
+                "outputs": [
+                    {
+                        "name": "nested",
+                        "datatype": "INT16",
+                        "shape": [2, 2],
+                        "data": [[1, 2], [3, 4]],
+                    },
+                    {"name": "gap", "datatype": "FP64", "shape": [2], "data": [1.5, None]},
+                ],
+            },
+        )
+
+    async with _mock(httpx.MockTransport(handler)) as client:
+        result = await client.infer(
+            "m/x", [Tensor.of("x", [[1, 2, 3]], "INT16")], version="2", outputs=["nested"]
+        )
+    assert seen[0]["inputs"] == [
+        {"name": "x", "datatype": "INT16", "shape": [1, 3], "data": [1, 2, 3]}
+    ]
+    assert seen[0]["outputs"] == [{"name": "nested"}]
+    assert result["nested"].data.dtype == np.int16
+    assert result["nested"].data.tolist() == [[1, 2], [3, 4]]
+    assert np.isnan(result["gap"].data[1])
+    with pytest.raises(InferenceError, match="no output 'missing'"):
+        result["missing"]
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable"), [(429, True), (502, True), (503, True), (403, False), (422, False)]
+)
+async def test_status_codes_decide_retryable(status: int, retryable: bool) -> None:
+    transport = httpx.MockTransport(lambda _: httpx.Response(status, text="nope"))
+    async with _mock(transport) as client:
+        with pytest.raises(InferenceError) as info:
+            await client.infer("m", [Tensor.of("x", [1], "FP32")])
+    assert info.value.retryable is retryable
+    assert info.value.status == status
+
+
+async def test_timeout_is_retryable() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    async with _mock(httpx.MockTransport(handler)) as client:
+        with pytest.raises(InferenceError, match="in time") as info:
+            await client.metadata("m")
+    assert info.value.retryable
+
+
+async def test_malformed_outputs_are_an_error() -> None:
+    body = {"outputs": [{"name": "y", "datatype": "FP32", "shape": [3], "data": [1.0]}]}
+    transport = httpx.MockTransport(lambda _: httpx.Response(200, json=body))
+    async with _mock(transport) as client:
+        with pytest.raises(InferenceError, match="malformed outputs"):
+            await client.infer("m", [Tensor.of("x", [1], "FP32")])
+
+
+def test_unknown_datatype_is_refused() -> None:
+    with pytest.raises(ValueError, match="unsupported"):
+        Tensor.of("x", [1], "BF17")
+
+
+@pytest.mark.parametrize(("status", "ready"), [(200, True), (400, False), (503, False)])
+async def test_model_ready_verdicts(status: int, ready: bool) -> None:
+    transport = httpx.MockTransport(lambda _: httpx.Response(status))
+    async with _mock(transport) as client:
+        assert await client.model_ready("m") is ready
+
+
+async def test_model_ready_server_failure_is_an_error_not_a_verdict() -> None:
+    transport = httpx.MockTransport(lambda _: httpx.Response(500, json={"error": "boom"}))
+    async with _mock(transport) as client:
+        with pytest.raises(InferenceError, match="boom") as info:
+            await client.model_ready("m")
+    assert info.value.retryable

@@ -1,0 +1,131 @@
+"""Shared set-up for the sending tests: site A runs the request/reply process and sends its
+request Task to site B over the sandbox network; also runnable as a script that is killed
+right after the commit that queues the send (``python -m tests.runtime.sending DB CONFIG``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from dsf_bridge.dsf.client import FhirClient, RetryPolicy
+from dsf_bridge.dsf.identity import build_ssl_context, load_identity
+from dsf_bridge.engine import load_process
+from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry, SendContext
+from dsf_bridge.runtime.gateway import DsfTaskGateway
+from dsf_bridge.runtime.processes import ProcessRuntime
+from dsf_bridge.store import Database
+from dsf_bridge.store.tables import OutboxEntry
+
+MODEL = Path(__file__).with_name("request_reply.bpmn")
+KEY = "testorg_requestReply"
+FAST = RetryPolicy(attempts=4, initial_delay=0.01, max_delay=0.05, retry_after_cap=0.1)
+
+PROVIDER_DEFINITION: dict[str, Any] = {
+    "resourceType": "ActivityDefinition",
+    "meta": {"tag": [{"system": "http://dsf.dev/fhir/CodeSystem/read-access-tag", "code": "ALL"}]},
+    "url": "http://test.org/bpe/Process/provide",
+    "version": "1.0",
+    "status": "active",
+    "kind": "Task",
+    "extension": [
+        {
+            "url": "http://dsf.dev/fhir/StructureDefinition/extension-process-authorization",
+            "extension": [
+                {"url": "message-name", "valueString": "request"},
+                {
+                    "url": "task-profile",
+                    "valueCanonical": "http://test.org/fhir/StructureDefinition/task-request|1.0",
+                },
+                {
+                    "url": "requester",
+                    "valueCoding": {
+                        "system": "http://dsf.dev/fhir/CodeSystem/process-authorization",
+                        "code": "REMOTE_ALL",
+                    },
+                },
+                {
+                    "url": "recipient",
+                    "valueCoding": {
+                        "system": "http://dsf.dev/fhir/CodeSystem/process-authorization",
+                        "code": "LOCAL_ALL",
+                    },
+                },
+            ],
+        }
+    ],
+}
+
+
+def handlers() -> HandlerRegistry:
+    registry = HandlerRegistry()
+
+    @registry.service("org.test.Prepare")
+    def prepare(ctx: HandlerContext) -> None:
+        ctx.set("studyUid", "1.2.3")
+
+    @registry.message_send("org.test.SendRequest")
+    def send_request(ctx: SendContext) -> None:
+        ctx.add_input("http://test.org/fhir/CodeSystem/omi", "study", ctx.get("studyUid"))
+
+    @registry.service("org.test.StoreResult")
+    def store_result(ctx: HandlerContext) -> None:
+        return None
+
+    @registry.service("org.test.HandleTimeout")
+    def handle_timeout(ctx: HandlerContext) -> None:
+        return None
+
+    return registry
+
+
+def site_client(config: dict[str, str]) -> tuple[FhirClient, Any]:
+    identity = load_identity(Path(config["certificate"]), Path(config["key"]))
+    context = build_ssl_context(identity, [Path(config["ca"])])
+    return FhirClient(config["base_url"], ssl_context=context, retry=FAST), context
+
+
+async def runtime_for(
+    database: Database, config: dict[str, str], owner: str
+) -> tuple[ProcessRuntime, DsfTaskGateway]:
+    client, context = site_client(config)
+    gateway = DsfTaskGateway(client, context, config["organization"], retry=FAST)
+    runtime = ProcessRuntime(database, gateway, owner=owner)
+    definition = load_process(MODEL.read_bytes(), MODEL.name, resource_version="1.0")
+    await runtime.deploy(definition, handlers(), plugin="test", model_hash="0" * 64)
+    return runtime, gateway
+
+
+async def close(gateway: DsfTaskGateway) -> None:
+    await gateway.aclose()
+    await gateway.local.aclose()
+
+
+async def _killed_after_commit(db_url: str, config: dict[str, str]) -> None:
+    database = Database(db_url)
+    runtime, _gateway = await runtime_for(database, config, owner="doomed")
+    await runtime.start(
+        KEY,
+        message_name="start",
+        business_key="bk-kill",
+        variables={"target": {"organizationIdentifier": config["target"]}},
+    )
+    # Worker rounds without the outbox: continuation, prepare, send handler (Task queued).
+    for _ in range(5):
+        async with database.transaction() as session:
+            queued = (await session.execute(select(func.count(OutboxEntry.id)))).scalar_one()
+        if queued:
+            # Killed between the commit that queued the Task and the send.
+            os.kill(os.getpid(), signal.SIGKILL)
+        await runtime._run_due_jobs()  # one worker round, never the outbox
+    raise SystemExit("the send was never queued")
+
+
+if __name__ == "__main__":
+    asyncio.run(_killed_after_commit(sys.argv[1], json.loads(sys.argv[2])))

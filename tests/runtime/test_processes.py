@@ -1,0 +1,381 @@
+"""The durable runtime on real SQLite and PostgreSQL: lifecycles, retries, restarts, audit."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from dsf_bridge.engine import CorrelationError, load_process
+from dsf_bridge.errors import RemoteError
+from dsf_bridge.plugins.registry import BpmnError, HandlerContext, HandlerRegistry, SendContext
+from dsf_bridge.runtime.ports import OutgoingTask, UserTaskRequest
+from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
+from dsf_bridge.store import Database, verify_chain
+from dsf_bridge.store import repository as repo
+from dsf_bridge.store.tables import AuditEvent, Job, OutboxEntry, ProcessInstance, Timer
+
+MODEL = Path(__file__).with_name("request_reply.bpmn")
+KEY = "testorg_requestReply"
+T0 = dt.datetime(2026, 11, 23, 8, 0, tzinfo=dt.UTC)
+FAST = RuntimeSettings(
+    lease=dt.timedelta(seconds=30),
+    job_retry_delay=dt.timedelta(seconds=1),
+    outbox_retry_delays=(dt.timedelta(seconds=1), dt.timedelta(seconds=2)),
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += dt.timedelta(**delta)
+
+
+@dataclass
+class FakeGateway:
+    """The DSF side in memory; ``failures`` are raised by the next sends, in order."""
+
+    sent: list[OutgoingTask] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    user_tasks: list[UserTaskRequest] = field(default_factory=list)
+    failures: list[Exception] = field(default_factory=list)
+    send_attempts: int = 0
+
+    async def send_task(self, task: OutgoingTask) -> str:
+        self.send_attempts += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        self.sent.append(task)
+        return f"Task/remote-{len(self.sent)}"
+
+    async def complete_task(self, task_id: str) -> None:
+        self.completed.append(task_id)
+
+    async def fail_task(self, task_id: str, message: str) -> None:
+        self.failed.append((task_id, message))
+
+    async def create_user_task(self, request: UserTaskRequest) -> str:
+        self.user_tasks.append(request)
+        return f"QuestionnaireResponse/{len(self.user_tasks)}"
+
+    async def cancel_user_task(self, user_task_id: str) -> None:
+        return None
+
+
+@dataclass
+class Calls:
+    prepare: int = 0
+    prepare_failures: int = 0
+    results: list[object] = field(default_factory=list)
+    timeouts: int = 0
+
+
+def handlers(calls: Calls) -> HandlerRegistry:
+    registry = HandlerRegistry()
+
+    @registry.service("org.test.Prepare")
+    async def prepare(ctx: HandlerContext) -> None:
+        calls.prepare += 1
+        if calls.prepare_failures:
+            calls.prepare_failures -= 1
+            raise RuntimeError("archive not reachable")
+        ctx.set("studyUid", "1.2.3")
+
+    @registry.message_send("org.test.SendRequest")
+    def send_request(ctx: SendContext) -> None:
+        ctx.add_input("http://test.org/fhir/CodeSystem/omi", "study", ctx.get("studyUid"))
+
+    @registry.service("org.test.StoreResult")
+    def store_result(ctx: HandlerContext) -> None:
+        calls.results.append(ctx.get("result"))
+
+    @registry.service("org.test.HandleTimeout")
+    def handle_timeout(ctx: HandlerContext) -> None:
+        calls.timeouts += 1
+        raise BpmnError("timeout", "no reply within 5 minutes")
+
+    return registry
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def calls() -> Calls:
+    return Calls()
+
+
+@pytest.fixture
+def gateway() -> FakeGateway:
+    return FakeGateway()
+
+
+async def _runtime(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls, owner: str = "a"
+) -> ProcessRuntime:
+    runtime = ProcessRuntime(database, gateway, owner=owner, clock=clock, settings=FAST)
+    definition = load_process(MODEL.read_bytes(), MODEL.name, resource_version="1.0")
+    await runtime.deploy(definition, handlers(calls), plugin="test", model_hash="h" * 64)
+    return runtime
+
+
+async def _count(database: Database, table: type) -> int:
+    async with database.transaction() as session:
+        return int((await session.execute(select(func.count()).select_from(table))).scalar_one())
+
+
+async def _status(database: Database, instance_id: str) -> str:
+    async with database.transaction() as session:
+        record = await repo.load_instance(session, instance_id)
+    assert record is not None
+    return record.status
+
+
+async def test_request_reply_lifecycle(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    runtime = await _runtime(database, gateway, clock, calls)
+    instance_id = await runtime.start(
+        KEY, message_name="start", business_key="bk-1", task_id="start-task"
+    )
+    await runtime.run_until_idle()
+
+    assert calls.prepare == 1
+    (sent,) = gateway.sent
+    assert sent.message_name == "request"
+    assert sent.business_key == "bk-1"
+    assert sent.inputs == (
+        {"system": "http://test.org/fhir/CodeSystem/omi", "code": "study", "value": "1.2.3"},
+    )
+    assert await _status(database, instance_id) == "running"
+    assert await _count(database, Timer) == 1
+
+    replied = await runtime.correlate(
+        message_name="reply",
+        business_key="bk-1",
+        variables={"result": {"muscle": 29.6}},
+        task_id="reply-task",
+    )
+    await runtime.run_until_idle()
+
+    assert replied == instance_id
+    assert calls.results == [{"muscle": 29.6}]
+    assert await _status(database, instance_id) == "completed"
+    assert sorted(gateway.completed) == ["reply-task", "start-task"]
+    assert await _count(database, Timer) == 0
+    assert await _count(database, Job) == 0
+    async with database.transaction() as session:
+        report = await verify_chain(session)
+        actions = (
+            await session.scalars(select(AuditEvent.action).order_by(AuditEvent.sequence))
+        ).all()
+        sent_rows = await repo.tasks_of_instance(session, instance_id, "outgoing")
+    assert report.ok
+    assert actions[0] == "process.deployed"
+    for action in ("instance.started", "task.sent", "message.correlated", "instance.completed"):
+        assert action in actions
+    assert sent_rows == ["remote-1"]  # the id of "Task/remote-1"
+
+
+async def test_timeout_path_fails_the_start_task(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    runtime = await _runtime(database, gateway, clock, calls)
+    instance_id = await runtime.start(KEY, message_name="start", business_key="bk-2", task_id="t2")
+    await runtime.run_until_idle()
+    clock.advance(minutes=4)
+    assert await runtime.run_until_idle() == 0  # not due yet
+    clock.advance(minutes=2)
+    await runtime.run_until_idle()
+
+    assert calls.timeouts == 1
+    assert await _status(database, instance_id) == "failed"
+    ((task_id, message),) = gateway.failed
+    assert task_id == "t2"
+    assert "timeout" in message
+    with pytest.raises(CorrelationError, match="Unable to correlate"):
+        await runtime.correlate(message_name="reply", business_key="bk-2", task_id="late")
+
+
+async def test_unknown_business_key_does_not_correlate(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    runtime = await _runtime(database, gateway, clock, calls)
+    with pytest.raises(CorrelationError, match="Unable to correlate Task"):
+        await runtime.correlate(message_name="reply", business_key="nobody", task_id="x")
+
+
+async def test_failed_async_handler_is_retried_by_the_retry_cycle(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    calls.prepare_failures = 2
+    runtime = await _runtime(database, gateway, clock, calls)
+    await runtime.start(KEY, message_name="start", business_key="bk-3")
+    await runtime.run_until_idle()
+    assert calls.prepare == 1
+    assert gateway.sent == []
+    for _ in range(2):
+        clock.advance(seconds=10)
+        await runtime.run_until_idle()
+    assert calls.prepare == 3
+    assert len(gateway.sent) == 1
+
+
+async def test_send_is_retried_on_transient_errors_and_delivered_once(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    gateway.failures = [
+        RemoteError("503 Service Unavailable", retryable=True, status=503),
+        RemoteError("503 Service Unavailable", retryable=True, status=503),
+    ]
+    runtime = await _runtime(database, gateway, clock, calls)
+    instance_id = await runtime.start(KEY, message_name="start", business_key="bk-4")
+    await runtime.run_until_idle()
+    assert gateway.sent == []
+    clock.advance(seconds=1)
+    await runtime.run_until_idle()
+    clock.advance(seconds=2)
+    await runtime.run_until_idle()
+    assert gateway.send_attempts == 3
+    assert len(gateway.sent) == 1
+    async with database.transaction() as session:
+        record = await repo.load_instance(session, instance_id)
+        subs = await repo.find_subscriptions(
+            session, message_name="reply", business_key="bk-4", correlation_key=None
+        )
+    assert record is not None
+    assert len(subs) == 1
+
+
+async def test_refused_send_fails_the_instance_with_the_reason(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    gateway.failures = [RemoteError("403 Forbidden: requester not authorized", status=403)]
+    runtime = await _runtime(database, gateway, clock, calls)
+    instance_id = await runtime.start(KEY, message_name="start", business_key="bk-5", task_id="t5")
+    await runtime.run_until_idle()
+    assert await _status(database, instance_id) == "failed"
+    ((task_id, message),) = gateway.failed
+    assert task_id == "t5"
+    assert "403 Forbidden" in message
+    assert gateway.send_attempts == 1
+
+
+@pytest.mark.parametrize("rounds_before_crash", [0, 1, 2, 3, 4])
+async def test_restart_at_any_step_reaches_the_same_end(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls, rounds_before_crash: int
+) -> None:
+    """A bridge that dies after any worker round leaves work that a new bridge finishes.
+
+    Rounds: async continuation, prepare handler, send handler (Task queued), send performed.
+    """
+    first = await _runtime(database, gateway, clock, calls, owner="first")
+    instance_id = await first.start(KEY, message_name="start", business_key="bk-6", task_id="t6")
+    for _ in range(rounds_before_crash):
+        await first.run_once()
+    # The first bridge is gone; the leases it held expire.
+    clock.advance(minutes=1)
+    second = await _runtime(database, gateway, clock, calls, owner="second")
+    await second.run_until_idle()
+    await second.correlate(message_name="reply", business_key="bk-6", task_id="r6")
+    await second.run_until_idle()
+
+    assert await _status(database, instance_id) == "completed"
+    assert len(gateway.sent) == 1
+    assert calls.prepare == 1
+    assert sorted(gateway.completed) == ["r6", "t6"]
+
+
+async def test_a_crashed_workers_leased_job_is_taken_over(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    first = await _runtime(database, gateway, clock, calls, owner="first")
+    instance_id = await first.start(KEY, message_name="start", business_key="bk-7")
+    async with database.transaction() as session:
+        claimed = await repo.claim_jobs(session, owner="first", now=clock(), lease=FAST.lease)
+    assert len(claimed) == 1  # "first" dies holding this lease
+
+    second = await _runtime(database, gateway, clock, calls, owner="second")
+    assert await second.run_until_idle() == 0
+    clock.advance(seconds=31)
+    await second.run_until_idle()
+    assert calls.prepare == 1
+    assert len(gateway.sent) == 1
+    assert await _status(database, instance_id) == "running"
+
+
+async def test_state_stays_small(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    runtime = await _runtime(database, gateway, clock, calls)
+    await runtime.start(KEY, message_name="start", business_key="bk-8")
+    await runtime.run_until_idle()
+    async with database.transaction() as session:
+        state = (await session.scalars(select(ProcessInstance.state))).one()
+    assert len(json.dumps(state, separators=(",", ":"))) < 2048
+
+
+async def test_outbox_keeps_sends_that_did_not_happen(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    """Killed between the commit that queues a send and the send: it happens once later."""
+    first = await _runtime(database, gateway, clock, calls, owner="first")
+    await first.start(KEY, message_name="start", business_key="bk-9")
+    for _ in range(5):  # async continuation, prepare, send handler: then the Task is queued
+        if await _count(database, OutboxEntry):
+            break
+        await first._run_due_jobs()
+    assert await _count(database, OutboxEntry) == 1
+    assert gateway.sent == []
+
+    second = await _runtime(database, gateway, clock, calls, owner="second")
+    await second.run_until_idle()
+    await second.run_until_idle()
+    assert len(gateway.sent) == 1
+
+
+async def test_a_reply_that_overtakes_the_commit_of_its_send_still_correlates(
+    database: Database, clock: Clock, calls: Calls
+) -> None:
+    """The remote site answers before this site recorded the send: the reply waits for it."""
+    replies: list[asyncio.Task[str]] = []
+
+    class FastRemote(FakeGateway):
+        async def send_task(self, task: OutgoingTask) -> str:
+            location = await super().send_task(task)
+            # The remote pongs at once, while this side has not committed the send yet.
+            replies.append(
+                asyncio.create_task(
+                    runtime.deliver(
+                        KEY,
+                        message_name="reply",
+                        business_key=task.business_key,
+                        variables={"result": "fast"},
+                        task_id="fast-reply",
+                    )
+                )
+            )
+            await asyncio.sleep(0.2)
+            return location
+
+    runtime = await _runtime(database, FastRemote(), clock, calls)
+    instance_id = await runtime.start(KEY, message_name="start", business_key="bk-fast")
+    await runtime.run_until_idle()
+    (reply,) = replies
+    assert await asyncio.wait_for(reply, 15) == instance_id
+    await runtime.run_until_idle()
+    assert calls.results == ["fast"]
+    assert await _status(database, instance_id) == "completed"

@@ -1,0 +1,165 @@
+"""The audit chain verifies when intact and names the first bad event after any tampering."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import delete, insert, select, text, update
+
+from dsf_bridge.store import Database, append_event, digest_payload, verify_chain
+from dsf_bridge.store.audit import GENESIS_HASH
+from dsf_bridge.store.tables import AuditEvent
+
+
+async def _append(database: Database, count: int) -> list[str]:
+    hashes = []
+    async with database.transaction() as session:
+        for number in range(count):
+            event = await append_event(
+                session,
+                actor="organization:test.org",
+                subject=f"Task/{number}",
+                action="task.received",
+                reason="test",
+                payload={"resourceType": "Task", "id": str(number)},
+            )
+            hashes.append(event.event_hash)
+    return hashes
+
+
+async def _verify(database: Database) -> tuple[bool, int | None, str | None, int]:
+    async with database.transaction() as session:
+        report = await verify_chain(session)
+    return report.ok, report.first_bad_sequence, report.problem, report.events
+
+
+async def test_intact_chain_verifies(database: Database) -> None:
+    hashes = await _append(database, 5)
+    ok, bad, problem, count = await _verify(database)
+    assert (ok, bad, problem, count) == (True, None, None, 5)
+    async with database.transaction() as session:
+        events = (await session.scalars(select(AuditEvent).order_by(AuditEvent.sequence))).all()
+    assert [event.sequence for event in events] == [1, 2, 3, 4, 5]
+    assert events[0].previous_hash == GENESIS_HASH
+    assert [event.previous_hash for event in events[1:]] == hashes[:-1]
+    assert events[2].payload_digest == digest_payload({"id": "2", "resourceType": "Task"})
+    assert events[2].occurred_at.tzinfo is not None
+
+
+async def test_appends_in_separate_transactions_continue_the_chain(database: Database) -> None:
+    await _append(database, 2)
+    await _append(database, 3)
+    assert (await _verify(database))[:2] == (True, None)
+    assert (await _verify(database))[3] == 5
+
+
+async def test_rolled_back_append_leaves_no_gap(database: Database) -> None:
+    await _append(database, 2)
+
+    async def append_then_fail() -> None:
+        async with database.transaction() as session:
+            await append_event(session, actor="a", subject="s", action="x")
+            raise RuntimeError("abort")
+
+    with pytest.raises(RuntimeError):
+        await append_then_fail()
+    await _append(database, 1)
+    assert await _verify(database) == (True, None, None, 3)
+
+
+async def _tamper(database: Database, statement: object) -> None:
+    async with database.transaction() as session:
+        await session.execute(statement)  # type: ignore[call-overload]
+
+
+async def test_changed_row_is_detected(database: Database) -> None:
+    await _append(database, 5)
+    await _tamper(
+        database, update(AuditEvent).where(AuditEvent.sequence == 3).values(reason="nothing")
+    )
+    ok, bad, problem, _ = await _verify(database)
+    assert not ok
+    assert bad == 3
+    assert problem is not None and "changed" in problem
+
+
+async def test_changed_timestamp_is_detected(database: Database) -> None:
+    await _append(database, 3)
+    later = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    await _tamper(
+        database, update(AuditEvent).where(AuditEvent.sequence == 2).values(occurred_at=later)
+    )
+    assert (await _verify(database))[:2] == (False, 2)
+
+
+async def test_deleted_middle_row_is_detected(database: Database) -> None:
+    await _append(database, 5)
+    await _tamper(database, delete(AuditEvent).where(AuditEvent.sequence == 2))
+    ok, bad, problem, _ = await _verify(database)
+    assert (ok, bad) == (False, 2)
+    assert problem is not None and "missing" in problem
+
+
+async def test_deleted_newest_row_is_detected(database: Database) -> None:
+    await _append(database, 4)
+    await _tamper(database, delete(AuditEvent).where(AuditEvent.sequence == 4))
+    ok, bad, problem, _ = await _verify(database)
+    assert (ok, bad) == (False, 4)
+    assert problem is not None and "head" in problem
+
+
+async def test_rechained_deletion_is_detected(database: Database) -> None:
+    # Delete event 2 and renumber event 3 into its place: sequence looks fine, hashes do not.
+    await _append(database, 4)
+    await _tamper(database, delete(AuditEvent).where(AuditEvent.sequence == 2))
+    await _tamper(database, update(AuditEvent).where(AuditEvent.sequence == 3).values(sequence=2))
+    await _tamper(database, update(AuditEvent).where(AuditEvent.sequence == 4).values(sequence=3))
+    assert (await _verify(database))[:2] == (False, 2)
+
+
+async def test_row_inserted_out_of_order_is_detected(database: Database) -> None:
+    await _append(database, 3)
+    async with database.transaction() as session:
+        first = (await session.scalars(select(AuditEvent).where(AuditEvent.sequence == 1))).one()
+        forged = {
+            column.name: getattr(first, column.key) for column in AuditEvent.__table__.columns
+        }
+    forged.update(sequence=7, event_hash="f" * 64)
+    await _tamper(database, insert(AuditEvent).values(**forged))
+    ok, bad, problem, _ = await _verify(database)
+    assert (ok, bad) == (False, 4)
+    assert problem is not None and "missing" in problem
+
+
+async def test_swapped_rows_are_detected(database: Database) -> None:
+    await _append(database, 4)
+    async with database.transaction() as session:
+        await session.execute(text("UPDATE audit_events SET sequence = -1 WHERE sequence = 2"))
+        await session.execute(text("UPDATE audit_events SET sequence = 2 WHERE sequence = 3"))
+        await session.execute(text("UPDATE audit_events SET sequence = 3 WHERE sequence = -1"))
+    assert (await _verify(database))[:2] == (False, 2)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dsf_bridge", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_cli_verify_exit_codes(database: Database, migrated_url: str) -> None:
+    await _append(database, 3)
+    intact = _cli("audit", "verify", "--db-url", migrated_url)
+    assert intact.returncode == 0, intact.stderr
+    assert "intact: 3 events" in intact.stdout
+
+    await _tamper(database, update(AuditEvent).where(AuditEvent.sequence == 2).values(actor="x"))
+    broken = _cli("audit", "verify", "--db-url", migrated_url)
+    assert broken.returncode == 1
+    assert "BROKEN at event 2" in broken.stderr

@@ -1,0 +1,282 @@
+"""The repository on real SQLite and PostgreSQL: locking, leases, idempotency, cursors."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import pytest
+
+from dsf_bridge.errors import ConcurrencyError
+from dsf_bridge.store import Database
+from dsf_bridge.store import repository as repo
+
+T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+LEASE = dt.timedelta(seconds=30)
+
+
+async def _definition(database: Database) -> int:
+    async with database.transaction() as session:
+        return await repo.deploy_definition(
+            session, process_key="dsfdev_ping", version="1.0", plugin="ping", model_hash="a" * 64
+        )
+
+
+async def _instance(database: Database, instance_id: str = "i-1") -> repo.InstanceRecord:
+    definition_id = await _definition(database)
+    async with database.transaction() as session:
+        return await repo.create_instance(
+            session,
+            instance_id=instance_id,
+            definition_id=definition_id,
+            business_key="bk-1",
+            status="running",
+            state={"v": 1, "tokens": []},
+            now=T0,
+        )
+
+
+async def test_redeploy_keeps_the_id_and_updates_the_hash(database: Database) -> None:
+    first = await _definition(database)
+    async with database.transaction() as session:
+        again = await repo.deploy_definition(
+            session, process_key="dsfdev_ping", version="1.0", plugin="ping", model_hash="b" * 64
+        )
+        other = await repo.deploy_definition(
+            session, process_key="dsfdev_ping", version="1.1", plugin="ping", model_hash="c" * 64
+        )
+    assert again == first
+    assert other != first
+
+
+async def test_optimistic_locking_rejects_a_stale_write(database: Database) -> None:
+    record = await _instance(database)
+    async with database.transaction() as session:
+        saved = await repo.save_instance(
+            session, record, state={"v": 1, "step": 2}, status="waiting", now=T0
+        )
+    assert saved.version == 2
+
+    with pytest.raises(ConcurrencyError) as caught:
+        async with database.transaction() as session:
+            await repo.save_instance(session, record, state={"stale": True}, status="x", now=T0)
+    assert caught.value.retryable
+
+    async with database.transaction() as session:
+        loaded = await repo.load_instance(session, "i-1")
+    assert loaded is not None
+    assert loaded.state == {"v": 1, "step": 2}
+    assert (loaded.status, loaded.version) == ("waiting", 2)
+
+
+async def test_subscriptions_correlate_by_business_and_correlation_key(
+    database: Database,
+) -> None:
+    await _instance(database)
+    subs = [
+        repo.SubscriptionKey("e1", "pong", "pong", "bk-1", "ck-a"),
+        repo.SubscriptionKey("e2", "pong", "pong", "bk-1", "ck-b"),
+    ]
+    async with database.transaction() as session:
+        await repo.replace_subscriptions(session, "i-1", subs)
+        by_key = await repo.find_subscriptions(
+            session, message_name="pong", business_key="bk-1", correlation_key="ck-b"
+        )
+        by_business_key = await repo.find_subscriptions(
+            session, message_name="pong", business_key="bk-1", correlation_key=None
+        )
+        wrong = await repo.find_subscriptions(
+            session, message_name="pong", business_key="bk-2", correlation_key=None
+        )
+        await repo.replace_subscriptions(session, "i-1", subs[:1])
+        after_replace = await repo.find_subscriptions(
+            session, message_name="pong", business_key="bk-1", correlation_key=None
+        )
+    assert by_key == [("i-1", subs[1])]
+    assert [sub.execution_id for _, sub in by_business_key] == ["e1", "e2"]
+    assert wrong == []
+    assert after_replace == [("i-1", subs[0])]
+
+
+async def test_due_timers_come_back_in_order_and_time_zone_aware(database: Database) -> None:
+    await _instance(database)
+    timers = [
+        repo.TimerKey("t1", "timeout", T0 + dt.timedelta(minutes=5)),
+        repo.TimerKey("t2", "timeout", T0 + dt.timedelta(minutes=1)),
+        repo.TimerKey("t3", "timeout", T0 + dt.timedelta(hours=1)),
+    ]
+    async with database.transaction() as session:
+        for timer in timers:
+            await repo.add_timer(session, "i-1", timer)
+    async with database.transaction() as session:
+        due = await repo.due_timers(session, T0 + dt.timedelta(minutes=10))
+        assert await repo.next_timer_due(session) == T0 + dt.timedelta(minutes=1)
+    assert [timer.timer_id for _, timer in due] == ["t2", "t1"]
+    assert due[0][1].due_at == T0 + dt.timedelta(minutes=1)
+    assert due[0][1].due_at.tzinfo is not None
+
+    async with database.transaction() as session:
+        await repo.cancel_timer(session, "i-1", "t2")
+        await repo.cancel_timer(session, "i-1", "t2")  # already gone: no error
+        later = await repo.due_timers(session, T0 + dt.timedelta(days=1))
+    assert [timer.timer_id for _, timer in later] == ["t1", "t3"]
+
+
+async def test_job_lease_retry_and_exhaustion(database: Database) -> None:
+    async with database.transaction() as session:
+        job_id = await repo.enqueue_job(
+            session, kind="async-continue", payload={"element": "a"}, due_at=T0, retries=1
+        )
+    async with database.transaction() as session:
+        claimed = await repo.claim_jobs(session, owner="w1", now=T0, lease=LEASE)
+        nothing_for_w2 = await repo.claim_jobs(session, owner="w2", now=T0, lease=LEASE)
+    assert [job.id for job in claimed] == [job_id]
+    assert claimed[0].attempts == 1
+    assert nothing_for_w2 == []
+
+    # The lease expires: another worker takes the job over; the first lost it.
+    later = T0 + LEASE + dt.timedelta(seconds=1)
+    async with database.transaction() as session:
+        taken_over = await repo.claim_jobs(session, owner="w2", now=later, lease=LEASE)
+    assert [job.attempts for job in taken_over] == [2]
+    with pytest.raises(ConcurrencyError):
+        async with database.transaction() as session:
+            await repo.complete_job(session, job_id, "w1")
+
+    async with database.transaction() as session:
+        left = await repo.retry_job(session, job_id, "w2", error="boom", retry_at=later)
+    assert left == 0
+    async with database.transaction() as session:
+        (again,) = await repo.claim_jobs(session, owner="w2", now=later, lease=LEASE)
+        assert await repo.retry_job(session, again.id, "w2", error="boom", retry_at=later) == -1
+    async with database.transaction() as session:
+        assert await repo.claim_jobs(session, owner="w2", now=later, lease=LEASE) == []
+
+
+async def test_completed_job_is_gone(database: Database) -> None:
+    async with database.transaction() as session:
+        job_id = await repo.enqueue_job(session, kind="k", payload={}, due_at=T0)
+    async with database.transaction() as session:
+        await repo.claim_jobs(session, owner="w1", now=T0, lease=LEASE)
+        await repo.complete_job(session, job_id, "w1")
+    async with database.transaction() as session:
+        later = T0 + dt.timedelta(hours=1)
+        assert await repo.claim_jobs(session, owner="w1", now=later, lease=LEASE) == []
+
+
+async def test_task_seen_is_idempotent(database: Database) -> None:
+    async with database.transaction() as session:
+        first = await repo.record_task_seen(
+            session, task_id="t1", task_version="1", role="incoming", status="requested"
+        )
+        again = await repo.record_task_seen(
+            session, task_id="t1", task_version="1", role="incoming", status="requested"
+        )
+        newer = await repo.record_task_seen(
+            session, task_id="t1", task_version="2", role="incoming", status="in-progress"
+        )
+    assert (first, again, newer) == (True, False, True)
+
+
+async def test_tasks_of_an_instance_by_role(database: Database) -> None:
+    await _instance(database)
+    async with database.transaction() as session:
+        for task_id, version, role in (
+            ("a", "1", "incoming"),
+            ("a", "2", "incoming"),
+            ("b", "1", "outgoing"),
+            ("c", "1", "incoming"),
+        ):
+            await repo.record_task_seen(
+                session,
+                task_id=task_id,
+                task_version=version,
+                role=role,
+                status="x",
+                instance_id="i-1",
+            )
+        incoming = await repo.tasks_of_instance(session, "i-1", "incoming")
+        outgoing = await repo.tasks_of_instance(session, "i-1", "outgoing")
+    assert incoming == ["a", "c"]
+    assert outgoing == ["b"]
+
+
+async def test_outbox_enqueues_once_and_is_claimed_once(database: Database) -> None:
+    async with database.transaction() as session:
+        assert await repo.enqueue_outbox(
+            session, idempotency_key="send:bk-1:pong", kind="send-task", payload={"a": 1}, now=T0
+        )
+        assert not await repo.enqueue_outbox(
+            session, idempotency_key="send:bk-1:pong", kind="send-task", payload={"a": 2}, now=T0
+        )
+    async with database.transaction() as session:
+        (entry,) = await repo.claim_outbox(session, owner="w1", now=T0, lease=LEASE)
+    assert entry.payload == {"a": 1}
+
+    async with database.transaction() as session:
+        await repo.retry_outbox(
+            session, entry.id, "w1", error="503", retry_at=T0 + dt.timedelta(seconds=5)
+        )
+    async with database.transaction() as session:
+        assert await repo.claim_outbox(session, owner="w1", now=T0, lease=LEASE) == []
+        (retry,) = await repo.claim_outbox(
+            session, owner="w1", now=T0 + dt.timedelta(seconds=5), lease=LEASE
+        )
+        assert retry.attempts == 2
+        await repo.mark_outbox_done(session, retry.id, "w1", result="Task/42/_history/1", now=T0)
+    async with database.transaction() as session:
+        later = T0 + dt.timedelta(hours=1)
+        assert await repo.claim_outbox(session, owner="w1", now=later, lease=LEASE) == []
+        with pytest.raises(ConcurrencyError):
+            await repo.mark_outbox_failed(session, retry.id, "w1", error="x", now=later)
+
+
+async def test_cursor_only_moves_forward_and_keeps_the_time_zone(database: Database) -> None:
+    cet = dt.timezone(dt.timedelta(hours=1))
+    async with database.transaction() as session:
+        assert await repo.get_cursor(session, "Task") is None
+        first = await repo.advance_cursor(
+            session, "Task", dt.datetime(2026, 11, 23, 13, 0, 0, 123000, tzinfo=cet)
+        )
+        older = await repo.advance_cursor(session, "Task", T0 - dt.timedelta(days=1))
+        newer = await repo.advance_cursor(session, "Task", T0 + dt.timedelta(seconds=1))
+    assert first == T0 + dt.timedelta(microseconds=123000)
+    assert older == first
+    assert newer == T0 + dt.timedelta(seconds=1)
+    assert newer.utcoffset() == dt.timedelta(0)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_concurrent_claims_never_share_work(database: Database) -> None:
+    """Two replicas claiming at once on PostgreSQL get disjoint jobs (SKIP LOCKED)."""
+    async with database.transaction() as session:
+        for number in range(20):
+            await repo.enqueue_job(session, kind="k", payload={"n": number}, due_at=T0)
+
+    async def worker(owner: str) -> list[int]:
+        async with database.transaction() as session:
+            jobs = await repo.claim_jobs(session, owner=owner, now=T0, lease=LEASE, limit=15)
+            await asyncio.sleep(0.2)  # hold the row locks while the other worker claims
+            return [job.id for job in jobs]
+
+    first, second = await asyncio.gather(worker("a"), worker("b"))
+    assert set(first).isdisjoint(second)
+    assert len(first) + len(second) == 20
+
+
+async def test_a_task_sent_to_the_own_site_is_both_sent_and_taken_in(database: Database) -> None:
+    async with database.transaction() as session:
+        sent = await repo.record_task_seen(
+            session, task_id="t-self", task_version="1", role="outgoing", status="requested"
+        )
+        assert await repo.get_task_seen(session, "t-self", "1") is None  # not taken in yet
+        taken = await repo.record_task_seen(
+            session, task_id="t-self", task_version="1", role="incoming", status="claiming"
+        )
+        incoming = await repo.get_task_seen(session, "t-self", "1")
+        outgoing = await repo.get_task_seen(session, "t-self", "1", role="outgoing")
+    assert (sent, taken) == (True, True)
+    assert incoming is not None
+    assert incoming.status == "claiming"
+    assert outgoing is not None
+    assert outgoing.status == "requested"

@@ -1,0 +1,126 @@
+"""The command line as users run it: a subprocess, real databases, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from dsf_bridge.store import schema_status
+
+
+def run(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dsf_bridge", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def test_help_lists_the_commands() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("config", "db", "audit"):
+        assert command in result.stdout
+    for group, sub in (
+        ("db", "upgrade"),
+        ("db", "downgrade"),
+        ("db", "current"),
+        ("audit", "verify"),
+        ("config", "show"),
+    ):
+        sub_help = run(group, sub, "--help")
+        assert sub_help.returncode == 0, sub_help.stderr
+        assert "Usage" in sub_help.stdout
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("dsf-bridge ")
+
+
+def test_db_lifecycle(db_url: str) -> None:
+    up = run("db", "upgrade", "--db-url", db_url)
+    assert up.returncode == 0, up.stderr
+    assert schema_status(db_url).up_to_date
+
+    current = run("db", "current", "--db-url", db_url)
+    assert current.returncode == 0
+    assert "up to date" in current.stdout
+
+    verify = run("audit", "verify", "--db-url", db_url)
+    assert verify.returncode == 0, verify.stderr
+    assert "intact: 0 events" in verify.stdout
+
+    down = run("db", "downgrade", "base", "--db-url", db_url)
+    assert down.returncode == 0, down.stderr
+    assert schema_status(db_url).current is None
+    behind = run("db", "current", "--db-url", db_url)
+    assert behind.returncode == 1
+    assert "db upgrade" in behind.stdout
+
+
+def test_default_database_is_a_file_in_the_working_directory(tmp_path: Path) -> None:
+    result = run("db", "upgrade", cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "dsf-bridge.db").is_file()
+
+
+def test_bad_config_stops_with_the_field_named(tmp_path: Path) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text("[db]\npool_size = -1\n")
+    result = run("--config", str(config), "config", "show")
+    assert result.returncode == 2
+    assert "db.pool_size" in result.stderr
+
+
+def test_unknown_revision_is_a_clear_error(sqlite_url: str) -> None:
+    result = run("db", "downgrade", "nonsense", "--db-url", sqlite_url)
+    assert result.returncode == 1
+    assert "nonsense" in result.stderr
+
+
+def test_audit_verify_on_a_missing_database(tmp_path: Path) -> None:
+    result = run("audit", "verify", "--db-url", f"sqlite:///{tmp_path / 'absent.db'}")
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+    assert not (tmp_path / "absent.db").exists()
+
+
+def test_config_show_hides_secrets_and_reports_json(tmp_path: Path) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        '[dsf]\nclient_key_password = "topsecret"\nfhir_base_url = "https://dsf.test/fhir/"\n'
+    )
+    result = run(
+        "--config",
+        str(config),
+        "config",
+        "show",
+        "--json",
+        "--db-url",
+        "postgresql://u:pw@db:5432/x",
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["dsf"]["client_key_password"] == "***"
+    assert shown["dsf"]["fhir_base_url"] == "https://dsf.test/fhir"
+    assert shown["db"]["url"] == "postgresql://u:***@db:5432/x"
+    assert "topsecret" not in result.stdout and ":pw@" not in result.stdout
+
+
+def test_config_show_toml_round_trips() -> None:
+    result = run("config", "show", "--db-url", "sqlite:///a.db", env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    data = tomllib.loads(result.stdout)
+    assert data["db"]["url"] == "sqlite:///a.db"
+    assert data["log"]["level"] == "info"

@@ -1,0 +1,204 @@
+"""Configuration: precedence, strictness, secrets, and the example file kept in sync."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dsf_bridge.config import Settings, display_settings, load_settings
+from dsf_bridge.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "config.example.toml"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bridge.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_any_source() -> None:
+    settings = load_settings(environ={})
+    assert settings.db.url == "sqlite:///dsf-bridge.db"
+    assert settings.log.level == "info"
+    assert settings.dsf.fhir_base_url is None
+
+
+def test_precedence_flags_over_environment_over_file(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        '[db]\nurl = "sqlite:///from-file.db"\npool_size = 3\n[log]\nlevel = "debug"\n',
+    )
+    env = {"DSF_BRIDGE_DB__URL": "sqlite:///from-env.db", "DSF_BRIDGE_DB__POOL_SIZE": "7"}
+
+    from_file = load_settings(path, environ={})
+    from_env = load_settings(path, environ=env)
+    from_flag = load_settings(path, {"db": {"url": "sqlite:///from-flag.db"}}, environ=env)
+
+    assert from_file.db.url == "sqlite:///from-file.db"
+    assert from_env.db.url == "sqlite:///from-env.db"
+    assert from_flag.db.url == "sqlite:///from-flag.db"
+    # Sections merge key by key: the flag replaced only db.url.
+    assert from_flag.db.pool_size == 7
+    assert from_flag.log.level == "debug"
+
+
+def test_config_file_from_environment_variable(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[log]\nformat = "json"\n')
+    assert load_settings(environ={"DSF_BRIDGE_CONFIG": str(path)}).log.format == "json"
+
+
+def test_plain_urls_accepted_as_written() -> None:
+    for url in ("sqlite:///x.db", "postgresql://postgres@127.0.0.1:5432/test"):
+        assert load_settings(None, {"db": {"url": url}}, environ={}).db.url == url
+
+
+@pytest.mark.parametrize(
+    ("toml", "field"),
+    [
+        ('[db]\nurll = "sqlite:///x.db"\n', "db.urll"),
+        ('[dbs]\nurl = "x"\n', "dbs"),
+        ("[db]\npool_size = 0\n", "db.pool_size"),
+        ('[db]\nurl = "mysql://root@localhost/x"\n', "db.url"),
+        ('[db]\nurl = "sqlite://x.db"\n', "db.url"),
+        ('[log]\nlevel = "loud"\n', "log.level"),
+        ('[dsf]\nfhir_base_url = "http://dsf.example.org/fhir"\n', "dsf.fhir_base_url"),
+    ],
+)
+def test_bad_file_names_the_field(tmp_path: Path, toml: str, field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_write(tmp_path, toml), environ={})
+    assert caught.value.field == field
+    assert str(caught.value).startswith(f"{field}:")
+
+
+def test_unknown_environment_variable_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"DSF_BRIDGE_DB__ULR": "sqlite:///x.db"})
+    assert caught.value.field == "DSF_BRIDGE_DB__ULR"
+
+
+def test_other_prefixed_variables_are_not_settings() -> None:
+    settings = load_settings(
+        environ={"DSF_BRIDGE_REFERENCE_DIR": "/x", "DSF_BRIDGE_TEST_POSTGRES_URL": "y"}
+    )
+    assert settings == Settings()
+
+
+def test_single_underscore_typo_is_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match="DSF_BRIDGE_DB__URL") as caught:
+        load_settings(environ={"DSF_BRIDGE_DB_URL": "sqlite:///x.db"})
+    assert caught.value.field == "DSF_BRIDGE_DB_URL"
+
+
+def test_bad_environment_value_names_the_field() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"DSF_BRIDGE_DB__POOL_SIZE": "many"})
+    assert caught.value.field == "db.pool_size"
+
+
+def test_list_from_environment_json_or_commas() -> None:
+    as_json = load_settings(environ={"DSF_BRIDGE_DSF__CA_CERTIFICATES": '["a.pem", "b.pem"]'})
+    as_commas = load_settings(environ={"DSF_BRIDGE_DSF__CA_CERTIFICATES": "a.pem, b.pem"})
+    assert (
+        as_json.dsf.ca_certificates
+        == as_commas.dsf.ca_certificates
+        == [
+            Path("a.pem"),
+            Path("b.pem"),
+        ]
+    )
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "absent.toml", environ={})
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(_write(tmp_path, "[db\n"), environ={})
+
+
+def test_secrets_are_hidden_in_display() -> None:
+    settings = load_settings(
+        None,
+        {"db": {"url": "postgresql://bridge:hunter2@db:5432/x"}},
+        environ={"DSF_BRIDGE_DSF__CLIENT_KEY_PASSWORD": "s3cret-pass"},
+    )
+    shown = display_settings(settings)
+    assert shown["db"]["url"] == "postgresql://bridge:***@db:5432/x"
+    assert shown["dsf"]["client_key_password"] == "***"
+    assert "hunter2" not in repr(shown) and "s3cret-pass" not in repr(shown)
+    assert settings.dsf.client_key_password is not None
+    assert settings.dsf.client_key_password.get_secret_value() == "s3cret-pass"
+
+
+def _commented_keys(text: str) -> dict[str, set[str]]:
+    """Keys shown commented out (``# key = value``) per section of the example."""
+    found: dict[str, set[str]] = {}
+    section = ""
+    for line in text.splitlines():
+        header = re.match(r"^\[(\w+)\]$", line)
+        if header:
+            section = header.group(1)
+        commented = re.match(r"^# (\w+) = ", line)
+        if commented and section:
+            found.setdefault(section, set()).add(commented.group(1))
+    return found
+
+
+def test_example_file_documents_every_setting_with_its_default() -> None:
+    text = EXAMPLE.read_text()
+    data: dict[str, Any] = tomllib.loads(text)
+    commented = _commented_keys(text)
+    defaults = display_settings(Settings())
+
+    assert set(data) == set(defaults)
+    for section, values in defaults.items():
+        documented = set(data[section]) | commented.get(section, set())
+        assert documented == set(values), f"[{section}] differs from the settings model"
+        for key, value in data[section].items():
+            assert value == values[key], f"{section}.{key}: example shows {value!r}"
+        for key in commented.get(section, set()):
+            assert values[key] is None, f"{section}.{key} has a default; show it uncommented"
+    # The example itself is a valid configuration.
+    assert load_settings(EXAMPLE, environ={}) == Settings()
+
+
+def test_omi_catalogue_from_file_and_environment(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        '[omi]\nresult_timeout = "PT30S"\n[[omi.catalogue]]\nid = "tissue-composition"\n'
+        'organization = "ai-provider.example.org"\n',
+    )
+    from_file = load_settings(path, environ={})
+    assert from_file.omi.result_timeout == "PT30S"
+    [entry] = from_file.omi.catalogue
+    assert (entry.id, entry.organization, entry.model_name) == (
+        "tissue-composition",
+        "ai-provider.example.org",
+        None,
+    )
+    from_env = load_settings(
+        environ={"DSF_BRIDGE_OMI__CATALOGUE": '[{"id": "x", "model_name": "m"}]'}
+    )
+    assert from_env.omi.catalogue[0].model_name == "m"
+    assert display_settings(from_file)["omi"]["catalogue"] == [
+        {"id": "tissue-composition", "organization": "ai-provider.example.org"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("toml", "field"),
+    [
+        ('[omi]\nresult_timeout = "10 minutes"\n', "omi.result_timeout"),
+        ('[[omi.catalogue]]\nid = "x"\nmodel = "m"\n', "omi.catalogue.0.model"),
+        ("[omi]\ndicomweb_attempts = 0\n", "omi.dicomweb_attempts"),
+    ],
+)
+def test_bad_omi_settings_name_the_field(tmp_path: Path, toml: str, field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_write(tmp_path, toml), environ={})
+    assert caught.value.field == field
