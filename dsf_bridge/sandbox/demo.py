@@ -466,11 +466,11 @@ async def _demo(
                 DemoResult(
                     label=labels[task_id][0],
                     study_instance_uid=labels[task_id][1],
-                    status=task["status"],
-                    measurements=result_summary(task),
-                    error=_error_of(task),
+                    status=finished[task_id]["status"],
+                    measurements=result_summary(finished[task_id]),
+                    error=_error_of(finished[task_id]),
                 )
-                for task_id, task in finished.items()
+                for task_id in labels  # request order, not the order they finished in
             ]
             events = {
                 organization: await audit_events(url)
