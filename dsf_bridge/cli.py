@@ -18,6 +18,7 @@ import structlog
 import typer
 
 from dsf_bridge import __version__
+from dsf_bridge.api import ApiServer, Probe, create_app, heartbeat_probe
 from dsf_bridge.config import (
     CONFIG_ENV_VAR,
     Settings,
@@ -26,7 +27,7 @@ from dsf_bridge.config import (
     redact_url,
 )
 from dsf_bridge.dsf.connection import check_connection
-from dsf_bridge.errors import BridgeError, ConfigError
+from dsf_bridge.errors import BridgeError, ConfigError, MigrationError
 from dsf_bridge.logs import configure_logging
 from dsf_bridge.plugins.api import ProcessPlugin
 from dsf_bridge.plugins.commands import plugins_app
@@ -53,9 +54,14 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
 db_app = typer.Typer(help="Create and migrate the SQL store.", no_args_is_help=True)
 audit_app = typer.Typer(help="Check the audit trail.", no_args_is_help=True)
+api_app = typer.Typer(
+    help="The admin HTTP API and web page (health, readiness, metrics, audit).",
+    no_args_is_help=True,
+)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
+app.add_typer(api_app, name="api")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(sandbox_app, name="sandbox")
 
@@ -101,10 +107,14 @@ def _root(
     ctx.obj = config
 
 
-def _settings(ctx: typer.Context, db_url: str | None = None) -> Settings:
+def _settings(
+    ctx: typer.Context, db_url: str | None = None, *, api: dict[str, Any] | None = None
+) -> Settings:
     overrides: dict[str, dict[str, Any]] = {}
     if db_url is not None:
         overrides["db"] = {"url": db_url}
+    if api:
+        overrides["api"] = api
     config_file = ctx.find_root().obj
     try:
         settings = load_settings(config_file, overrides)
@@ -269,7 +279,87 @@ async def _run_bridge(settings: Settings, plugins: list[ProcessPlugin]) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with Bridge(settings, plugins) as bridge:
-        await bridge.run(stop)
+        if not settings.api.enabled:
+            await bridge.run(stop)
+            return
+        database, runtime = bridge.database, bridge.runtime
+        if database is None or runtime is None:  # pragma: no cover - start() sets both
+            raise RuntimeError("the bridge did not start")
+        stale = settings.api.stale_after
+        probes = [
+            *(
+                heartbeat_probe(f"subscription {s.resource_type}", s, stale, kind="subscription")
+                for s in bridge.subscriptions
+            ),
+            heartbeat_probe("workers", runtime, stale, kind="worker"),
+        ]
+        site = bridge.organization.identifier if bridge.organization else None
+        await _serve_api(settings, database, probes, site, bridge.run(stop))
+
+
+async def _serve_api(
+    settings: Settings,
+    database: Database,
+    probes: list[Probe],
+    site: str | None,
+    main: Any,
+) -> None:
+    """Serve the admin API while ``main`` runs."""
+    api = settings.api
+    admin = create_app(database, api, probes=probes, site=site)
+    async with ApiServer(admin, host=api.host, port=api.port) as server:
+        log.info("api.listening", url=server.url, closed=api.token is None)
+        if api.token is None:
+            log.warning(
+                "api.closed",
+                reason="api.token is not set: only /health and /ready answer",
+            )
+        await main
+
+
+@api_app.command("serve")
+def api_serve_command(
+    ctx: typer.Context,
+    db_url: DbUrlOption = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Overrides api.host.", show_default=False)
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", help="Overrides api.port.", min=0, max=65535, show_default=False),
+    ] = None,
+) -> None:
+    """Serve the admin API and web page over a store without running the bridge: audit a
+    site's database, or a copy of it. Readiness checks the database only. Stops on SIGTERM."""
+    overrides: dict[str, Any] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    settings = _settings(ctx, db_url, api=overrides)
+    try:
+        _require_existing_database(settings.db.url)
+        status = schema.schema_status(settings.db.url)
+        if not status.up_to_date:
+            raise MigrationError(
+                f"the database schema is at {status.current or 'no revision'}, this release "
+                f"reads {status.head}: run 'dsf-bridge db upgrade' first"
+            )
+        asyncio.run(_api_only(settings))
+    except BridgeError as exc:
+        raise _fail(exc) from exc
+
+
+async def _api_only(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    database = Database(settings.db.url, pool_size=settings.db.pool_size)
+    try:
+        await _serve_api(settings, database, [], None, stop.wait())
+    finally:
+        await database.dispose()
 
 
 @app.command("check-connection")

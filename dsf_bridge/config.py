@@ -34,6 +34,7 @@ from dsf_bridge.errors import ConfigError
 
 __all__ = [
     "CONFIG_ENV_VAR",
+    "ApiSettings",
     "DatabaseSettings",
     "DsfSettings",
     "LogSettings",
@@ -205,6 +206,42 @@ class OmiSettings(_Section):
         return value.strip()
 
 
+class ApiSettings(_Section):
+    """The admin HTTP API and web page: health, readiness, metrics, the audit of every instance.
+
+    Closed unless configured: without ``token`` only ``/health`` and ``/ready`` answer, every
+    other path is refused with 403.
+    """
+
+    enabled: bool = Field(
+        default=False, description="Serve the admin API and web page from `dsf-bridge run`"
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="Address to listen on; keep the loopback default behind a reverse proxy",
+    )
+    port: int = Field(default=8480, ge=1, le=65535, description="TCP port to listen on")
+    token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token (or Basic auth password) for metrics, audit API and web page; "
+        "at least 16 characters; unset: those stay closed",
+    )
+    stale_after: float = Field(
+        default=900.0,
+        gt=0,
+        description="Seconds without a sign of life from a subscription or the workers after "
+        "which /ready answers 503",
+    )
+
+    @field_validator("token")
+    @classmethod
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("the API token must have at least 16 characters")
+        return value
+
+
 # The duration forms the engine's timers accept (dsf_bridge.engine.timers).
 _DURATION = re.compile(
     r"^P(?!$)(?:\d+Y)?(?:\d+M)?(?:\d+W)?(?:\d+D)?"
@@ -224,6 +261,7 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     dsf: DsfSettings = Field(default_factory=DsfSettings)
     omi: OmiSettings = Field(default_factory=OmiSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -100,6 +100,7 @@ def test_config_show_hides_secrets_and_reports_json(tmp_path: Path) -> None:
     config = tmp_path / "bridge.toml"
     config.write_text(
         '[dsf]\nclient_key_password = "topsecret"\nfhir_base_url = "https://dsf.test/fhir/"\n'
+        '[api]\ntoken = "admin-token-topsecret"\n'
     )
     result = run(
         "--config",
@@ -113,6 +114,7 @@ def test_config_show_hides_secrets_and_reports_json(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
     assert shown["dsf"]["client_key_password"] == "***"
+    assert shown["api"]["token"] == "***"
     assert shown["dsf"]["fhir_base_url"] == "https://dsf.test/fhir"
     assert shown["db"]["url"] == "postgresql://u:***@db:5432/x"
     assert "topsecret" not in result.stdout and ":pw@" not in result.stdout

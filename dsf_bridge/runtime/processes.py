@@ -135,6 +135,8 @@ class ProcessRuntime:
         self._by_key: dict[str, DeployedProcess] = {}
         self._by_id: dict[int, DeployedProcess] = {}
         self._wakeup = asyncio.Event()
+        # When run_forever last began a round: the readiness check's sign of life.
+        self.heartbeat: dt.datetime | None = None
 
     # -- deployment ---------------------------------------------------------------------------
 
@@ -436,6 +438,7 @@ class ProcessRuntime:
     async def run_forever(self, stop: asyncio.Event) -> None:
         """The worker loop of the daemon: work, then sleep until woken or the next poll."""
         while not stop.is_set():
+            self.heartbeat = self.clock()
             # Cleared before the round, not after: work committed while the round runs (a Task
             # taken in by the subscription, say) must wake the next round, not wait for the poll.
             self._wakeup.clear()

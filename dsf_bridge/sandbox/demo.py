@@ -531,6 +531,11 @@ def run_demo(
                     f"dsf-bridge audit verify --db-url {url}",
                     file=stdout,
                 )
+            print(
+                "  Read it in a browser: dsf-bridge api serve --db-url URL, then "
+                "http://127.0.0.1:8480/ui/ (set DSF_BRIDGE_API__TOKEN first)",
+                file=stdout,
+            )
             if not keep:
                 print("  (run with --keep to keep the sites' files for that)", file=stdout)
         if keep:

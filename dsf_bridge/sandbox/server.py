@@ -21,7 +21,7 @@ import contextlib
 import json
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Generator, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,6 +36,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from dsf_bridge.api.server import EmbeddedServer, listening_socket
 from dsf_bridge.dsf.identity import thumbprint
 from dsf_bridge.dsf.vocabulary import FHIR_JSON, operation_outcome
 from dsf_bridge.sandbox.authorization import OrganizationIdentity
@@ -289,25 +290,6 @@ def server_ssl_context(certificate: Path, key: Path, ca_files: Sequence[Path]) -
     return context
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn inside someone else's event loop: no signal handlers, prompt stop."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.stop_requested = asyncio.Event()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        # The host process (pytest, the CLI) owns the signal handlers.
-        yield
-
-    async def main_loop(self) -> None:
-        # uvicorn polls should_exit every 0.1 s; waiting on an event makes stopping immediate,
-        # which keeps tests that start a server each fast.
-        await self.on_tick(0)
-        await self.stop_requested.wait()
-
-
 class SandboxServer:
     """Serve one organization's sandbox on ``https://127.0.0.1:<port>/fhir`` while in use.
 
@@ -331,7 +313,7 @@ class SandboxServer:
         self._host = host
         self._requested_port = port
         self._socket: socket.socket | None = None
-        self._server: _EmbeddedServer | None = None
+        self._server: EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
         self.port = port
 
@@ -340,13 +322,7 @@ class SandboxServer:
         return f"https://{self._host}:{self.port}/fhir"
 
     async def __aenter__(self) -> SandboxServer:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted connections inherit TCP_NODELAY: uvicorn writes headers and body apart, and
-        # Nagle's algorithm with delayed ACKs would add ~40 ms to every response.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((self._host, self._requested_port))
-        sock.listen(128)
+        sock = listening_socket(self._host, self._requested_port)
         self._socket = sock
         self.port = sock.getsockname()[1]
         self.service.set_base_url(self.base_url)
@@ -361,7 +337,7 @@ class SandboxServer:
             access_log=False,
             timeout_graceful_shutdown=1,
         )
-        self._server = _EmbeddedServer(config)
+        self._server = EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():
@@ -378,8 +354,7 @@ class SandboxServer:
 
     async def stop(self) -> None:
         if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            self._server.stop_requested.set()
+            self._server.request_stop()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._socket is not None:

@@ -1,0 +1,306 @@
+"""The admin API: health, readiness, metrics and the audit of every process state.
+
+``/health`` and ``/ready`` are open (orchestrators probe them); everything else needs the token
+(:mod:`dsf_bridge.api.security`). The JSON API lives under ``/api/v1``, the web page under
+``/ui`` (:mod:`dsf_bridge.api.ui`); both read the store through
+:mod:`dsf_bridge.store.queries` and never write.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse, RedirectResponse
+from pydantic import BaseModel, ConfigDict
+
+from dsf_bridge import __version__
+from dsf_bridge.api.context import ApiContext
+from dsf_bridge.api.metrics import CONTENT_TYPE, render_metrics
+from dsf_bridge.api.probes import Clock, Probe, ProbeResult, utcnow
+from dsf_bridge.api.security import TokenGuard
+from dsf_bridge.api.ui import ui_router
+from dsf_bridge.config import ApiSettings
+from dsf_bridge.store import Database
+from dsf_bridge.store import queries as q
+
+__all__ = ["create_app"]
+
+# -- response models (they document /api/v1/openapi.json) ---------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(from_attributes=True, frozen=True)
+
+
+class ProbeOut(_Model):
+    name: str
+    kind: str
+    ok: bool
+    detail: str
+    age_seconds: float | None = None
+
+
+class Readiness(_Model):
+    status: Literal["ready", "not ready"]
+    checks: list[ProbeOut]
+
+
+class Health(_Model):
+    status: Literal["ok"]
+    version: str
+    site: str | None
+
+
+class InstanceOut(_Model):
+    id: str
+    process_key: str
+    process_version: str
+    plugin: str
+    business_key: str
+    status: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    ended_at: dt.datetime | None
+
+
+class InstancePage(_Model):
+    instances: list[InstanceOut]
+    next_before: str | None
+
+
+class TaskOut(_Model):
+    task_id: str
+    task_version: str
+    role: str
+    status: str
+    instance_id: str | None
+    seen_at: dt.datetime
+
+
+class WaitOut(_Model):
+    element_id: str
+    message_name: str
+    business_key: str
+    correlation_key: str | None
+    since: dt.datetime
+
+
+class TimerOut(_Model):
+    element_id: str
+    timer_id: str
+    due_at: dt.datetime
+
+
+class JobOut(_Model):
+    kind: str
+    due_at: dt.datetime
+    attempts: int
+    retries_left: int
+    last_error: str | None
+    leased_by: str | None
+
+
+class OutboxOut(_Model):
+    kind: str
+    status: str
+    attempts: int
+    last_error: str | None
+    result: str | None
+    created_at: dt.datetime
+    done_at: dt.datetime | None
+
+
+class AuditOut(_Model):
+    sequence: int
+    occurred_at: dt.datetime
+    actor: str
+    subject: str
+    action: str
+    reason: str
+    payload_digest: str | None
+    previous_hash: str
+    event_hash: str
+
+
+class AuditPage(_Model):
+    events: list[AuditOut]
+    next_before: int | None
+
+
+class InstanceDetailOut(_Model):
+    instance: InstanceOut
+    version: int
+    state: dict[str, Any]
+    tasks: list[TaskOut]
+    waits: list[WaitOut]
+    timers: list[TimerOut]
+    jobs: list[JobOut]
+    outbox: list[OutboxOut]
+    audit: list[AuditOut]
+
+
+class ChainOut(_Model):
+    ok: bool
+    events: int
+    first_bad_sequence: int | None
+    problem: str | None
+
+
+# -- the app -------------------------------------------------------------------------------
+
+
+def _security_headers(response: Response) -> None:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Cache-Control", "no-store")
+    response.headers.setdefault(
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'",
+    )
+
+
+def create_app(
+    database: Database,
+    settings: ApiSettings,
+    *,
+    probes: Sequence[Probe] = (),
+    clock: Clock = utcnow,
+    site: str | None = None,
+) -> FastAPI:
+    """The admin app over ``database``; ``probes`` add to the database probe for ``/ready``."""
+    context = ApiContext(database, probes, clock=clock, site=site)
+    app = FastAPI(
+        title="dsf-bridge admin API",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # served under /api/v1 behind the token
+    )
+    app.state.context = context
+    guard = Depends(TokenGuard(settings.token))
+
+    @app.middleware("http")
+    async def headers(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        _security_headers(response)
+        return response
+
+    @app.get("/health", response_model=Health, tags=["probes"])
+    async def health() -> Health:
+        """Liveness: the process answers."""
+        return Health(status="ok", version=__version__, site=context.site)
+
+    @app.get("/ready", response_model=Readiness, tags=["probes"])
+    async def ready() -> JSONResponse:
+        """Readiness: 200 when the store answers and every subscription and worker is alive."""
+        results = await context.run_probes()
+        body = Readiness(
+            status="ready" if all(r.ok for _, r in results) else "not ready",
+            checks=[ProbeOut(name=p.name, kind=p.kind, **_result_fields(r)) for p, r in results],
+        )
+        return JSONResponse(
+            body.model_dump(mode="json"), status_code=200 if body.status == "ready" else 503
+        )
+
+    @app.get("/metrics", dependencies=[guard], tags=["probes"])
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        now = context.clock()
+        counts = await context.read(lambda s: q.count_store(s, now))
+        results = await context.run_probes()
+        body = render_metrics(counts, results, version=__version__, now=now)
+        return Response(body, media_type=CONTENT_TYPE)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/ui/", status_code=307)
+
+    api = APIRouter(prefix="/api/v1", dependencies=[guard], tags=["audit"])
+
+    @api.get("/instances", response_model=InstancePage)
+    async def instances(
+        status: str | None = None,
+        process: str | None = None,
+        business_key: str | None = None,
+        before: str | None = Query(None, description="next_before of the previous page"),
+        limit: int = Query(50, ge=1, le=q.MAX_PAGE),
+    ) -> InstancePage:
+        """Process instances, newest first."""
+        rows = await context.read(
+            lambda s: q.list_instances(
+                s,
+                status=status,
+                process_key=process,
+                business_key=business_key,
+                before=before,
+                limit=limit,
+            )
+        )
+        return InstancePage(
+            instances=[InstanceOut.model_validate(row) for row in rows],
+            next_before=rows[-1].id if len(rows) == limit else None,
+        )
+
+    @api.get("/instances/{instance_id}", response_model=InstanceDetailOut)
+    async def instance(instance_id: str) -> InstanceDetailOut:
+        """One instance: its state, Tasks, waits, timers, jobs, effects and audit events."""
+        detail = await context.read(lambda s: q.instance_detail(s, instance_id))
+        if detail is None:
+            raise HTTPException(404, f"no process instance {instance_id}")
+        return InstanceDetailOut.model_validate(detail)
+
+    @api.get("/tasks", response_model=list[TaskOut])
+    async def tasks(
+        role: Literal["incoming", "outgoing"] | None = None,
+        status: str | None = None,
+        limit: int = Query(50, ge=1, le=q.MAX_PAGE),
+    ) -> list[TaskOut]:
+        """Task versions taken in or sent, newest first (failed intakes have no instance)."""
+        rows = await context.read(lambda s: q.list_tasks(s, role=role, status=status, limit=limit))
+        return [TaskOut.model_validate(row) for row in rows]
+
+    @api.get("/audit", response_model=AuditPage)
+    async def audit(
+        subject: str | None = Query(None, description="e.g. instance/<id> or Task/<id>"),
+        action: str | None = None,
+        before: int | None = Query(None, description="next_before of the previous page"),
+        limit: int = Query(100, ge=1, le=q.MAX_PAGE),
+    ) -> AuditPage:
+        """Audit events, newest first."""
+        rows = await context.read(
+            lambda s: q.list_audit_events(
+                s, subject=subject, action=action, before=before, limit=limit
+            )
+        )
+        return AuditPage(
+            events=[AuditOut.model_validate(row) for row in rows],
+            next_before=rows[-1].sequence if len(rows) == limit else None,
+        )
+
+    @api.get("/audit/verify", response_model=ChainOut)
+    async def audit_verify() -> ChainOut:
+        """Walk the whole hash chain (as ``dsf-bridge audit verify``)."""
+        report = await context.verify_chain()
+        return ChainOut(
+            ok=report.ok,
+            events=report.events,
+            first_bad_sequence=report.first_bad_sequence,
+            problem=report.problem,
+        )
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    app.include_router(api)
+    app.include_router(ui_router(context, TokenGuard(settings.token, browser=True)))
+    return app
+
+
+def _result_fields(result: ProbeResult) -> dict[str, Any]:
+    return {"ok": result.ok, "detail": result.detail, "age_seconds": result.age_seconds}

@@ -1,0 +1,50 @@
+"""What the admin routes share: the store, the readiness probes, the clock, the site's name."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from dsf_bridge.api.probes import Clock, Probe, ProbeResult, database_probe, utcnow
+from dsf_bridge.store import ChainReport, Database, Session, verify_chain
+
+__all__ = ["ApiContext"]
+
+PROBE_TIMEOUT = 5.0
+
+
+class ApiContext:
+    """What the routes share: the store, the probes, the clock, the site's name."""
+
+    def __init__(
+        self,
+        database: Database,
+        probes: Sequence[Probe],
+        *,
+        clock: Clock = utcnow,
+        site: str | None = None,
+    ) -> None:
+        self.database = database
+        self.probes = [database_probe(database), *probes]
+        self.clock = clock
+        self.site = site
+
+    async def run_probes(self) -> list[tuple[Probe, ProbeResult]]:
+        async def run(probe: Probe) -> ProbeResult:
+            try:
+                return await asyncio.wait_for(probe.check(), PROBE_TIMEOUT)
+            except TimeoutError:
+                return ProbeResult(False, f"no answer within {PROBE_TIMEOUT:.0f} s")
+
+        results = await asyncio.gather(*(run(probe) for probe in self.probes))
+        return list(zip(self.probes, results, strict=True))
+
+    async def read(self, query: Callable[[Session], Awaitable[Any]]) -> Any:
+        async with self.database.transaction() as session:
+            return await query(session)
+
+    async def verify_chain(self) -> ChainReport:
+        """Walk the whole audit hash chain (as ``dsf-bridge audit verify``)."""
+        report: ChainReport = await self.read(verify_chain)
+        return report

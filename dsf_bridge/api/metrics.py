@@ -1,0 +1,102 @@
+"""``/metrics`` in the Prometheus text format, computed from the store when scraped.
+
+Counts come from SQL, not from in-process counters, so they survive restarts and agree across
+replicas sharing one PostgreSQL; every replica reports the whole store. Heartbeat ages are this
+process's own. Names follow ``dsf_bridge_<noun>[_<unit>]``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from dsf_bridge.api.probes import Probe, ProbeResult
+from dsf_bridge.store.queries import StoreCounts
+
+__all__ = ["CONTENT_TYPE", "render_metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _Snapshot(Collector):
+    def __init__(self, families: Sequence[GaugeMetricFamily | InfoMetricFamily]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[GaugeMetricFamily | InfoMetricFamily]:
+        return iter(self.families)
+
+
+def render_metrics(
+    counts: StoreCounts,
+    probes: Sequence[tuple[Probe, ProbeResult]],
+    *,
+    version: str,
+    now: dt.datetime,
+) -> bytes:
+    info = InfoMetricFamily("dsf_bridge_build", "The running dsf-bridge release")
+    info.add_metric([], {"version": version})
+
+    instances = GaugeMetricFamily(
+        "dsf_bridge_instances",
+        "Process instances in the store by process and status",
+        labels=["process", "status"],
+    )
+    for (process, status), value in sorted(counts.instances.items()):
+        instances.add_metric([process, status], value)
+
+    tasks = GaugeMetricFamily(
+        "dsf_bridge_tasks",
+        "Task versions taken in (incoming) or sent (outgoing), by intake status",
+        labels=["role", "status"],
+    )
+    for (role, status), value in sorted(counts.tasks.items()):
+        tasks.add_metric([role, status], value)
+
+    jobs = GaugeMetricFamily(
+        "dsf_bridge_jobs",
+        "Async steps: due, scheduled (retry later), leased (running); failing had an error",
+        labels=["state"],
+    )
+    for state, value in counts.jobs.items():
+        jobs.add_metric([state], value)
+
+    outbox = GaugeMetricFamily(
+        "dsf_bridge_outbox_entries", "Effects to perform after commit, by status", labels=["status"]
+    )
+    for status, value in sorted(counts.outbox.items()):
+        outbox.add_metric([status], value)
+
+    timers = GaugeMetricFamily("dsf_bridge_timers", "Timers waiting to fire", value=counts.timers)
+    audit = GaugeMetricFamily(
+        "dsf_bridge_audit_events", "Events in the audit chain", value=counts.audit_events
+    )
+    lag = GaugeMetricFamily(
+        "dsf_bridge_catch_up_cursor_age_seconds",
+        "Age of the newest lastUpdated handled, per subscribed resource type",
+        labels=["resource_type"],
+    )
+    for resource_type, updated in sorted(counts.cursors.items()):
+        lag.add_metric([resource_type], max(0.0, (now - updated).total_seconds()))
+
+    ready = GaugeMetricFamily(
+        "dsf_bridge_probe_ok", "1 when the readiness probe passes", labels=["probe", "kind"]
+    )
+    ages = GaugeMetricFamily(
+        "dsf_bridge_heartbeat_age_seconds",
+        "Seconds since a subscription or the workers last showed life",
+        labels=["probe", "kind"],
+    )
+    for probe, result in probes:
+        ready.add_metric([probe.name, probe.kind], 1.0 if result.ok else 0.0)
+        if result.age_seconds is not None:
+            ages.add_metric([probe.name, probe.kind], result.age_seconds)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(
+        _Snapshot([info, instances, tasks, jobs, outbox, timers, audit, lag, ready, ages])
+    )
+    return generate_latest(registry)

@@ -1,0 +1,87 @@
+"""Readiness probes: is the store reachable, are the subscriptions and the workers alive?
+
+A probe is a name and an async check returning :class:`ProbeResult`. ``/ready`` runs all of
+them; one that fails makes it answer 503, so that an orchestrator stops routing to, or
+restarts, a bridge that no longer takes Tasks in.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from dsf_bridge.errors import BridgeError
+from dsf_bridge.store import Database
+from dsf_bridge.store.queries import ping
+
+__all__ = [
+    "Clock",
+    "HasHeartbeat",
+    "Probe",
+    "ProbeResult",
+    "database_probe",
+    "heartbeat_probe",
+    "utcnow",
+]
+
+Clock = Callable[[], dt.datetime]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    detail: str
+    age_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One readiness check; ``kind`` groups probes in metrics (``subscription``, ``worker``)."""
+
+    name: str
+    check: Callable[[], Awaitable[ProbeResult]]
+    kind: str = "other"
+
+
+class HasHeartbeat(Protocol):
+    """Anything that stamps the time of its last sign of life (subscriptions, the workers)."""
+
+    @property
+    def heartbeat(self) -> dt.datetime | None: ...
+
+
+def database_probe(database: Database) -> Probe:
+    async def check() -> ProbeResult:
+        try:
+            async with database.transaction() as session:
+                await ping(session)
+        except (BridgeError, OSError) as exc:
+            return ProbeResult(False, f"the store does not answer: {exc}")
+        return ProbeResult(True, "reachable")
+
+    return Probe("database", check, kind="database")
+
+
+def heartbeat_probe(
+    name: str, source: HasHeartbeat, stale_after: float, *, kind: str, clock: Clock = utcnow
+) -> Probe:
+    """Fails when ``source`` never showed life, or not within ``stale_after`` seconds."""
+
+    async def check() -> ProbeResult:
+        beat = source.heartbeat
+        if beat is None:
+            return ProbeResult(False, "no sign of life yet")
+        age = max(0.0, (clock() - beat).total_seconds())
+        if age > stale_after:
+            return ProbeResult(
+                False, f"last sign of life {age:.0f} s ago (limit {stale_after:.0f} s)", age
+            )
+        return ProbeResult(True, f"last sign of life {age:.1f} s ago", age)
+
+    return Probe(name, check, kind=kind)

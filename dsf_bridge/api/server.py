@@ -1,0 +1,109 @@
+"""uvicorn inside the bridge's own event loop: the admin API runs beside the workers.
+
+The host process (the CLI, pytest) owns the signal handlers; stopping is immediate rather than
+after uvicorn's 0.1 s poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Generator
+from typing import Any
+
+import structlog
+import uvicorn
+
+__all__ = ["ApiServer", "EmbeddedServer", "listening_socket"]
+
+_log = structlog.get_logger("dsf_bridge.api")
+
+
+class EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that installs no signal handlers and stops as soon as it is asked."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.stop_requested = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    async def main_loop(self) -> None:
+        await self.on_tick(0)
+        await self.stop_requested.wait()
+
+    def request_stop(self) -> None:
+        self.should_exit = True
+        self.stop_requested.set()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket (port 0 picks a free one) with ``TCP_NODELAY`` on:
+    uvicorn writes headers and body apart, and Nagle's algorithm with delayed ACKs would add
+    about 40 ms to every response."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class ApiServer:
+    """Serves an ASGI app on ``http://host:port`` while used as an async context manager."""
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self._socket: socket.socket | None = None
+        self._server: EmbeddedServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def __aenter__(self) -> ApiServer:
+        self._socket = listening_socket(self.host, self.port)
+        self.port = self._socket.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=2,
+            server_header=False,
+        )
+        self._server = EmbeddedServer(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
+        while not self._server.started:
+            if self._task.done():
+                await self._task
+                raise RuntimeError("the admin API server stopped during start-up")
+            await asyncio.sleep(0.01)
+        _log.info("api.started", url=self.url)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.request_stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._socket is not None:
+            self._socket.close()
+        self._server = self._task = self._socket = None
+
+    async def wait(self) -> None:
+        """Until the server stops (``dsf-bridge api serve``)."""
+        if self._task is not None:
+            await self._task

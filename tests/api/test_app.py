@@ -1,0 +1,261 @@
+"""The admin API over real SQLite and PostgreSQL stores filled by the real runtime."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
+from sqlalchemy import update
+
+from dsf_bridge.api import create_app, heartbeat_probe
+from dsf_bridge.config import ApiSettings
+from dsf_bridge.store import Database
+from dsf_bridge.store.tables import AuditEvent
+from tests.api.seed import KEY, Seeded, seed
+
+TOKEN = "s3cret-token-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass
+class Beat:
+    heartbeat: dt.datetime | None
+
+
+@pytest.fixture
+async def seeded(database: Database) -> Seeded:
+    return await seed(database)
+
+
+def _client(app: object) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://admin")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def client(database: Database, seeded: Seeded) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(
+        database, ApiSettings(token=SecretStr(TOKEN)), clock=seeded.clock, site="Test_Site"
+    )
+    async with _client(app) as http:
+        yield http
+
+
+async def test_closed_unless_a_token_is_configured(database: Database) -> None:
+    async with _client(create_app(database, ApiSettings())) as http:
+        health = await http.get("/health")
+        ready = await http.get("/ready")
+        refused = [await http.get(path) for path in ("/metrics", "/api/v1/instances", "/ui/")]
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok"
+    assert ready.status_code == 200
+    assert [r.status_code for r in refused] == [403, 403, 403]
+    assert "set api.token" in refused[1].json()["detail"]
+
+
+async def test_wrong_or_missing_token_is_refused_with_a_challenge(
+    client: httpx.AsyncClient,
+) -> None:
+    missing = await client.get("/api/v1/instances")
+    wrong = await client.get("/api/v1/instances", headers={"Authorization": "Bearer nope"})
+    page = await client.get("/ui/")
+    basic = base64.b64encode(f"admin:{TOKEN}".encode()).decode()
+    browser = await client.get("/ui/", headers={"Authorization": f"Basic {basic}"})
+    bearer = await client.get("/api/v1/instances", headers=AUTH)
+    assert missing.status_code == wrong.status_code == page.status_code == 401
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+    assert page.headers["WWW-Authenticate"].startswith('Basic realm="dsf-bridge admin"')
+    assert browser.status_code == bearer.status_code == 200
+
+
+async def test_instances_newest_first_with_filters_and_paging(
+    client: httpx.AsyncClient, seeded: Seeded
+) -> None:
+    everything = (await client.get("/api/v1/instances", headers=AUTH)).json()
+    ids = [row["id"] for row in everything["instances"]]
+    assert ids == [seeded.waiting, seeded.failed, seeded.completed]
+    assert everything["next_before"] is None
+    statuses = {row["id"]: row["status"] for row in everything["instances"]}
+    assert statuses == {
+        seeded.waiting: "running",
+        seeded.failed: "failed",
+        seeded.completed: "completed",
+    }
+    assert {row["process_key"] for row in everything["instances"]} == {KEY}
+
+    failed = (await client.get("/api/v1/instances?status=failed", headers=AUTH)).json()
+    assert [row["id"] for row in failed["instances"]] == [seeded.failed]
+    by_key = (await client.get("/api/v1/instances?business_key=bk-done", headers=AUTH)).json()
+    assert [row["id"] for row in by_key["instances"]] == [seeded.completed]
+
+    first = (await client.get("/api/v1/instances?limit=2", headers=AUTH)).json()
+    assert first["next_before"] == seeded.failed
+    second = (
+        await client.get(f"/api/v1/instances?limit=2&before={first['next_before']}", headers=AUTH)
+    ).json()
+    assert [row["id"] for row in first["instances"] + second["instances"]] == ids
+    assert second["next_before"] is None
+
+
+async def test_instance_detail_explains_where_it_stands(
+    client: httpx.AsyncClient, seeded: Seeded
+) -> None:
+    waiting = (await client.get(f"/api/v1/instances/{seeded.waiting}", headers=AUTH)).json()
+    assert waiting["instance"]["business_key"] == "bk-wait"
+    assert [w["message_name"] for w in waiting["waits"]] == ["reply"]
+    assert len(waiting["timers"]) == 1
+    assert waiting["state"]["tk"]  # the engine's tokens, as stored
+    assert [(t["task_id"], t["role"]) for t in waiting["tasks"]][:1] == [("start-wait", "incoming")]
+    assert [e["status"] for e in waiting["outbox"]] == ["done"]
+    actions = [e["action"] for e in waiting["audit"]]
+    assert actions[0] == "instance.started"
+    assert "task.sent" in actions
+    sequences = [e["sequence"] for e in waiting["audit"]]
+    assert sequences == sorted(sequences)
+
+    done = (await client.get(f"/api/v1/instances/{seeded.completed}", headers=AUTH)).json()
+    assert done["waits"] == done["timers"] == []
+    assert done["instance"]["ended_at"] is not None
+    assert "instance.completed" in [e["action"] for e in done["audit"]]
+    assert {t["task_id"] for t in done["tasks"]} >= {"start-done", "reply-done"}
+
+    missing = await client.get("/api/v1/instances/nope", headers=AUTH)
+    assert missing.status_code == 404
+    assert missing.json()["detail"] == "no process instance nope"
+
+
+async def test_audit_pages_and_verification_detects_tampering(
+    client: httpx.AsyncClient, seeded: Seeded, database: Database
+) -> None:
+    verified = (await client.get("/api/v1/audit/verify", headers=AUTH)).json()
+    assert verified["ok"] is True
+    total = verified["events"]
+    assert total > 5
+
+    page = (await client.get("/api/v1/audit?limit=3", headers=AUTH)).json()
+    assert [e["sequence"] for e in page["events"]] == [total, total - 1, total - 2]
+    older = (
+        await client.get(f"/api/v1/audit?limit=3&before={page['next_before']}", headers=AUTH)
+    ).json()
+    assert older["events"][0]["sequence"] == total - 3
+    subject = (
+        await client.get(f"/api/v1/audit?subject=instance/{seeded.failed}", headers=AUTH)
+    ).json()
+    assert subject["events"]
+    assert {e["subject"] for e in subject["events"]} == {f"instance/{seeded.failed}"}
+
+    async with database.transaction() as session:
+        await session.execute(
+            update(AuditEvent).where(AuditEvent.sequence == 3).values(reason="rewritten")
+        )
+    broken = (await client.get("/api/v1/audit/verify", headers=AUTH)).json()
+    assert broken["ok"] is False
+    assert broken["first_bad_sequence"] == 3
+    assert "changed after it was written" in broken["problem"]
+
+
+async def test_tasks_list_includes_intake_failures_without_instance(
+    client: httpx.AsyncClient, seeded: Seeded
+) -> None:
+    incoming = (await client.get("/api/v1/tasks?role=incoming", headers=AUTH)).json()
+    assert {t["role"] for t in incoming} == {"incoming"}
+    assert {"start-wait", "start-late", "start-done", "reply-done"} <= {
+        t["task_id"] for t in incoming
+    }
+    outgoing = (await client.get("/api/v1/tasks?role=outgoing", headers=AUTH)).json()
+    assert len(outgoing) == 3  # one request per instance
+    bad = await client.get("/api/v1/tasks?role=sideways", headers=AUTH)
+    assert bad.status_code == 422
+
+
+async def test_metrics_count_the_store_in_prometheus_format(
+    client: httpx.AsyncClient, seeded: Seeded
+) -> None:
+    response = await client.get("/metrics", headers=AUTH)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+    for status in ("running", "completed", "failed"):
+        assert samples[("dsf_bridge_instances", (("process", KEY), ("status", status)))] == 1
+    assert samples[("dsf_bridge_timers", ())] == 1
+    assert samples[("dsf_bridge_outbox_entries", (("status", "done"),))] >= 3
+    assert samples[("dsf_bridge_probe_ok", (("kind", "database"), ("probe", "database")))] == 1
+    assert samples[("dsf_bridge_audit_events", ())] > 5
+
+
+async def test_ready_fails_when_a_heartbeat_is_stale_or_missing(database: Database) -> None:
+    now = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+    fresh = Beat(now - dt.timedelta(seconds=10))
+    stale = Beat(now - dt.timedelta(seconds=120))
+    never = Beat(None)
+    probes = [
+        heartbeat_probe("workers", fresh, 60, kind="worker", clock=lambda: now),
+        heartbeat_probe("subscription Task", stale, 60, kind="subscription", clock=lambda: now),
+        heartbeat_probe("subscription QR", never, 60, kind="subscription", clock=lambda: now),
+    ]
+    app = create_app(database, ApiSettings(token=SecretStr(TOKEN)), probes=probes)
+    async with _client(app) as http:
+        ready = await http.get("/ready")
+        fresh.heartbeat = stale.heartbeat = never.heartbeat = now
+        again = await http.get("/ready")
+        metrics = await http.get("/metrics", headers=AUTH)
+    assert ready.status_code == 503
+    body = ready.json()
+    assert body["status"] == "not ready"
+    checks = {c["name"]: c for c in body["checks"]}
+    assert checks["database"]["ok"] and checks["workers"]["ok"]
+    assert checks["subscription Task"]["detail"] == "last sign of life 120 s ago (limit 60 s)"
+    assert checks["subscription QR"]["detail"] == "no sign of life yet"
+    assert again.status_code == 200
+    assert 'dsf_bridge_heartbeat_age_seconds{kind="worker",probe="workers"} 0.0' in metrics.text
+
+
+async def test_ready_fails_when_the_database_is_gone(tmp_path: object) -> None:
+    database = Database("postgresql://nobody@127.0.0.1:1/none")
+    try:
+        async with _client(create_app(database, ApiSettings())) as http:
+            ready = await http.get("/ready")
+    finally:
+        await database.dispose()
+    assert ready.status_code == 503
+    (check,) = ready.json()["checks"]
+    assert check["name"] == "database"
+    assert check["detail"].startswith("the store does not answer: database unavailable")
+
+
+async def test_pages_escape_what_they_show_and_send_strict_headers(database: Database) -> None:
+    hostile = await seed(database, business_key_prefix="<script>alert(1)</script>")
+    app = create_app(database, ApiSettings(token=SecretStr(TOKEN)), clock=hostile.clock)
+    async with _client(app) as http:
+        listing = await http.get("/ui/", headers=AUTH)
+        detail = await http.get(f"/ui/instances/{hostile.waiting}", headers=AUTH)
+        missing = await http.get("/ui/instances/nope", headers=AUTH)
+        api = await http.get("/api/v1/instances", headers=AUTH)
+    assert listing.status_code == detail.status_code == 200
+    for page in (listing, detail):
+        assert "<script>alert(1)</script>" not in page.text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
+        assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+        assert page.headers["X-Frame-Options"] == "DENY"
+    assert missing.status_code == 404
+    assert api.headers["Cache-Control"] == "no-store"
+    assert api.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_openapi_document_lists_the_audit_routes(client: httpx.AsyncClient) -> None:
+    closed = await client.get("/api/v1/openapi.json")
+    document = (await client.get("/api/v1/openapi.json", headers=AUTH)).json()
+    assert closed.status_code == 401
+    assert {"/health", "/ready", "/api/v1/instances/{instance_id}", "/api/v1/audit"} <= set(
+        document["paths"]
+    )
+    assert not any(path.startswith("/ui") for path in document["paths"])
