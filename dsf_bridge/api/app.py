@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -54,92 +53,14 @@ class Health(_Model):
     site: str | None
 
 
-class InstanceOut(_Model):
-    id: str
-    process_key: str
-    process_version: str
-    plugin: str
-    business_key: str
-    status: str
-    created_at: dt.datetime
-    updated_at: dt.datetime
-    ended_at: dt.datetime | None
-
-
 class InstancePage(_Model):
-    instances: list[InstanceOut]
+    instances: list[q.InstanceRow]
     next_before: str | None
 
 
-class TaskOut(_Model):
-    task_id: str
-    task_version: str
-    role: str
-    status: str
-    instance_id: str | None
-    seen_at: dt.datetime
-
-
-class WaitOut(_Model):
-    element_id: str
-    message_name: str
-    business_key: str
-    correlation_key: str | None
-    since: dt.datetime
-
-
-class TimerOut(_Model):
-    element_id: str
-    timer_id: str
-    due_at: dt.datetime
-
-
-class JobOut(_Model):
-    kind: str
-    due_at: dt.datetime
-    attempts: int
-    retries_left: int
-    last_error: str | None
-    leased_by: str | None
-
-
-class OutboxOut(_Model):
-    kind: str
-    status: str
-    attempts: int
-    last_error: str | None
-    result: str | None
-    created_at: dt.datetime
-    done_at: dt.datetime | None
-
-
-class AuditOut(_Model):
-    sequence: int
-    occurred_at: dt.datetime
-    actor: str
-    subject: str
-    action: str
-    reason: str
-    payload_digest: str | None
-    previous_hash: str
-    event_hash: str
-
-
 class AuditPage(_Model):
-    events: list[AuditOut]
+    events: list[q.AuditRow]
     next_before: int | None
-
-
-class InstanceDetailOut(_Model):
-    instance: InstanceOut
-    version: int
-    state: dict[str, Any]
-    tasks: list[TaskOut]
-    waits: list[WaitOut]
-    timers: list[TimerOut]
-    jobs: list[JobOut]
-    outbox: list[OutboxOut]
-    audit: list[AuditOut]
 
 
 class ChainOut(_Model):
@@ -242,27 +163,27 @@ def create_app(
             )
         )
         return InstancePage(
-            instances=[InstanceOut.model_validate(row) for row in rows],
+            instances=rows,
             next_before=rows[-1].id if len(rows) == limit else None,
         )
 
-    @api.get("/instances/{instance_id}", response_model=InstanceDetailOut)
-    async def instance(instance_id: str) -> InstanceDetailOut:
+    @api.get("/instances/{instance_id}", response_model=q.InstanceDetail)
+    async def instance(instance_id: str) -> q.InstanceDetail:
         """One instance: its state, Tasks, waits, timers, jobs, effects and audit events."""
         detail = await context.read(lambda s: q.instance_detail(s, instance_id))
         if detail is None:
             raise HTTPException(404, f"no process instance {instance_id}")
-        return InstanceDetailOut.model_validate(detail)
+        return detail
 
-    @api.get("/tasks", response_model=list[TaskOut])
+    @api.get("/tasks", response_model=list[q.TaskRow])
     async def tasks(
         role: Literal["incoming", "outgoing"] | None = None,
         status: str | None = None,
         limit: int = Query(50, ge=1, le=q.MAX_PAGE),
-    ) -> list[TaskOut]:
+    ) -> list[q.TaskRow]:
         """Task versions taken in or sent, newest first (failed intakes have no instance)."""
         rows = await context.read(lambda s: q.list_tasks(s, role=role, status=status, limit=limit))
-        return [TaskOut.model_validate(row) for row in rows]
+        return rows
 
     @api.get("/audit", response_model=AuditPage)
     async def audit(
@@ -278,7 +199,7 @@ def create_app(
             )
         )
         return AuditPage(
-            events=[AuditOut.model_validate(row) for row in rows],
+            events=rows,
             next_before=rows[-1].sequence if len(rows) == limit else None,
         )
 

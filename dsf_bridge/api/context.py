@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TypeVar
 
 from dsf_bridge.api.probes import Clock, Probe, ProbeResult, database_probe, utcnow
 from dsf_bridge.store import ChainReport, Database, Session, verify_chain
 
 __all__ = ["ApiContext"]
+
+T = TypeVar("T")
 
 PROBE_TIMEOUT = 5.0
 
@@ -40,11 +42,11 @@ class ApiContext:
         results = await asyncio.gather(*(run(probe) for probe in self.probes))
         return list(zip(self.probes, results, strict=True))
 
-    async def read(self, query: Callable[[Session], Awaitable[Any]]) -> Any:
+    async def read(self, query: Callable[[Session], Awaitable[T]]) -> T:
+        """Run one read-only query in its own transaction."""
         async with self.database.transaction() as session:
             return await query(session)
 
     async def verify_chain(self) -> ChainReport:
         """Walk the whole audit hash chain (as ``dsf-bridge audit verify``)."""
-        report: ChainReport = await self.read(verify_chain)
-        return report
+        return await self.read(verify_chain)

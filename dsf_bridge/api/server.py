@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 import uvicorn
 
-__all__ = ["ApiServer", "EmbeddedServer", "listening_socket"]
+__all__ = ["ApiServer", "EmbeddedServer", "EmbeddedUvicorn", "listening_socket"]
 
 _log = structlog.get_logger("dsf_bridge.api")
 
@@ -57,44 +57,38 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class ApiServer:
-    """Serves an ASGI app on ``http://host:port`` while used as an async context manager."""
+class EmbeddedUvicorn:
+    """An ASGI app served by uvicorn in the running event loop on a socket of its own;
+    ``options`` go to :class:`uvicorn.Config` (TLS, protocol classes)."""
 
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
         self.app = app
         self.host = host
         self.port = port
+        self.options = {
+            "lifespan": "off",
+            "log_config": None,
+            "access_log": False,
+            "timeout_graceful_shutdown": 2,
+            **options,
+        }
         self._socket: socket.socket | None = None
         self._server: EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    async def __aenter__(self) -> ApiServer:
+    async def start(self) -> None:
+        """Bind (port 0 picks a free port, then ``port`` says which) and serve."""
         self._socket = listening_socket(self.host, self.port)
         self.port = self._socket.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=2,
-            server_header=False,
-        )
-        self._server = EmbeddedServer(config)
+        self._server = EmbeddedServer(uvicorn.Config(self.app, **self.options))
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
         while not self._server.started:
             if self._task.done():
                 await self._task
-                raise RuntimeError("the admin API server stopped during start-up")
+                raise RuntimeError(f"the server on {self.host}:{self.port} stopped at start-up")
             await asyncio.sleep(0.01)
-        _log.info("api.started", url=self.url)
-        return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def stop(self) -> None:
         if self._server is not None and self._task is not None:
             self._server.request_stop()
             with contextlib.suppress(asyncio.CancelledError):
@@ -104,6 +98,26 @@ class ApiServer:
         self._server = self._task = self._socket = None
 
     async def wait(self) -> None:
-        """Until the server stops (``dsf-bridge api serve``)."""
+        """Until the server stops or the task serving is cancelled."""
         if self._task is not None:
             await self._task
+
+
+class ApiServer(EmbeddedUvicorn):
+    """Serves the admin app on ``http://host:port`` while used as an async context manager."""
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(app, host=host, port=port, server_header=False)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def __aenter__(self) -> ApiServer:
+        await self.start()
+        _log.info("api.started", url=self.url)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()

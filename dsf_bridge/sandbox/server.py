@@ -19,14 +19,12 @@ import asyncio
 import base64
 import contextlib
 import json
-import socket
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import structlog
-import uvicorn
 from cryptography import x509
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -36,7 +34,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from dsf_bridge.api.server import EmbeddedServer, listening_socket
+from dsf_bridge.api.server import EmbeddedUvicorn
 from dsf_bridge.dsf.identity import thumbprint
 from dsf_bridge.dsf.vocabulary import FHIR_JSON, operation_outcome
 from dsf_bridge.sandbox.authorization import OrganizationIdentity
@@ -309,12 +307,17 @@ class SandboxServer:
     ) -> None:
         self.service = service
         self.hub = SubscriptionHub(service)
-        self._context = server_ssl_context(certificate, key, ca_files)
         self._host = host
-        self._requested_port = port
-        self._socket: socket.socket | None = None
-        self._server: EmbeddedServer | None = None
-        self._task: asyncio.Task[None] | None = None
+        context = server_ssl_context(certificate, key, ca_files)
+        self._uvicorn = EmbeddedUvicorn(
+            create_app(service, self.hub),
+            host=host,
+            port=port,
+            ssl_context_factory=lambda _config, _default: context,
+            http=_PeerCertificateH11Protocol,
+            ws=_PeerCertificateWebSocketProtocol,
+            timeout_graceful_shutdown=1,
+        )
         self.port = port
 
     @property
@@ -322,28 +325,10 @@ class SandboxServer:
         return f"https://{self._host}:{self.port}/fhir"
 
     async def __aenter__(self) -> SandboxServer:
-        sock = listening_socket(self._host, self._requested_port)
-        self._socket = sock
-        self.port = sock.getsockname()[1]
+        await self._uvicorn.start()
+        # Nobody knows the port before start() returns, so no request sees the old base URL.
+        self.port = self._uvicorn.port
         self.service.set_base_url(self.base_url)
-        context = self._context
-        config = uvicorn.Config(
-            create_app(self.service, self.hub),
-            ssl_context_factory=lambda _config, _default: context,
-            http=_PeerCertificateH11Protocol,
-            ws=_PeerCertificateWebSocketProtocol,
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=1,
-        )
-        self._server = EmbeddedServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                await self._task
-                raise RuntimeError("sandbox server stopped during start-up")
-            await asyncio.sleep(0.01)
         _log.info(
             "sandbox.started", url=self.base_url, organization=self.service.local_organization
         )
@@ -353,15 +338,8 @@ class SandboxServer:
         await self.stop()
 
     async def stop(self) -> None:
-        if self._server is not None and self._task is not None:
-            self._server.request_stop()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._socket is not None:
-            self._socket.close()
-        self._server = self._task = self._socket = None
+        await self._uvicorn.stop()
 
     async def wait(self) -> None:
         """Run until the task serving is cancelled (the CLI's ``serve``)."""
-        if self._task is not None:
-            await self._task
+        await self._uvicorn.wait()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVarTuple
 
 from sqlalchemy import Select, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -157,6 +157,17 @@ def _page(limit: int) -> int:
     return max(1, min(limit, MAX_PAGE))
 
 
+_Ts = TypeVarTuple("_Ts")
+
+
+def _filtered(query: Select[*_Ts], *conditions: tuple[Any, object]) -> Select[*_Ts]:
+    """``query`` with ``column == value`` for every condition whose value is given."""
+    for column, value in conditions:
+        if value is not None:
+            query = query.where(column == value)
+    return query
+
+
 def _instance_query() -> _InstanceSelect:
     return select(
         ProcessInstance.id,
@@ -187,13 +198,12 @@ async def list_instances(
 ) -> list[InstanceRow]:
     """Instances, newest first. ``before`` is the id of the last instance of the previous page
     (keyset paging: stable while new instances arrive)."""
-    query = _instance_query()
-    if status is not None:
-        query = query.where(ProcessInstance.status == status)
-    if process_key is not None:
-        query = query.where(ProcessDefinition.process_key == process_key)
-    if business_key is not None:
-        query = query.where(ProcessInstance.business_key == business_key)
+    query = _filtered(
+        _instance_query(),
+        (ProcessInstance.status, status),
+        (ProcessDefinition.process_key, process_key),
+        (ProcessInstance.business_key, business_key),
+    )
     if before is not None:
         anchor = (
             await session.execute(
@@ -228,12 +238,12 @@ async def list_tasks(
         TaskSeen.instance_id,
         TaskSeen.seen_at,
     )
-    if role is not None:
-        query = query.where(TaskSeen.role == role)
-    if status is not None:
-        query = query.where(TaskSeen.status == status)
-    if instance_id is not None:
-        query = query.where(TaskSeen.instance_id == instance_id)
+    query = _filtered(
+        query,
+        (TaskSeen.role, role),
+        (TaskSeen.status, status),
+        (TaskSeen.instance_id, instance_id),
+    )
     query = query.order_by(TaskSeen.seen_at.desc(), TaskSeen.task_id, TaskSeen.task_version)
     rows = await session.execute(query.limit(_page(limit)))
     return [TaskRow(*row) for row in rows]
@@ -264,8 +274,7 @@ async def list_audit_events(
     wanted = [*subjects, *([subject] if subject is not None else [])]
     if wanted:
         query = query.where(AuditEvent.subject.in_(wanted))
-    if action is not None:
-        query = query.where(AuditEvent.action == action)
+    query = _filtered(query, (AuditEvent.action, action))
     if before is not None:
         query = query.where(AuditEvent.sequence < before)
     order = AuditEvent.sequence.asc() if oldest_first else AuditEvent.sequence.desc()
