@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import structlog
 import typer
+from fastapi import FastAPI
 
 from dsf_bridge import __version__
 from dsf_bridge.api import ApiServer, Probe, create_app, heartbeat_probe
@@ -27,6 +29,7 @@ from dsf_bridge.config import (
     redact_url,
 )
 from dsf_bridge.dsf.connection import check_connection
+from dsf_bridge.dsf.subscription import TaskSubscription
 from dsf_bridge.errors import BridgeError, ConfigError, MigrationError
 from dsf_bridge.logs import configure_logging
 from dsf_bridge.plugins.api import ProcessPlugin
@@ -228,7 +231,8 @@ def audit_verify(ctx: typer.Context, db_url: DbUrlOption = None) -> None:
     settings = _settings(ctx, db_url)
 
     async def run() -> Any:
-        database = Database(settings.db.url, echo=settings.db.echo)
+        # Read-only: verifying must neither write nor hold up a running bridge's writers.
+        database = Database(settings.db.url, echo=settings.db.echo, read_only=True)
         try:
             async with database.transaction() as session:
                 return await verify_chain(session)
@@ -237,7 +241,7 @@ def audit_verify(ctx: typer.Context, db_url: DbUrlOption = None) -> None:
 
     try:
         _require_existing_database(settings.db.url)
-        status = schema.schema_status(settings.db.url)
+        status = schema.schema_status(settings.db.url, read_only=True)
         if status.current is None:
             raise ConfigError(
                 f"{redact_url(settings.db.url)}: no schema; run 'dsf-bridge db upgrade' first",
@@ -278,43 +282,56 @@ async def _run_bridge(settings: Settings, plugins: list[ProcessPlugin]) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with Bridge(settings, plugins) as bridge:
-        if not settings.api.enabled:
+    bridge = Bridge(settings, plugins)
+    if not settings.api.enabled:
+        async with bridge:
             await bridge.run(stop)
-            return
-        database, runtime = bridge.database, bridge.runtime
-        if database is None or runtime is None:  # pragma: no cover - start() sets both
-            raise RuntimeError("the bridge did not start")
-        stale = settings.api.stale_after
-        probes = [
-            *(
-                heartbeat_probe(f"subscription {s.resource_type}", s, stale, kind="subscription")
-                for s in bridge.subscriptions
-            ),
-            heartbeat_probe("workers", runtime, stale, kind="worker"),
-        ]
-        site = bridge.organization.identifier if bridge.organization else None
-        await _serve_api(settings, database, probes, site, bridge.run(stop))
+        return
+
+    def subscription(resource_type: str) -> Callable[[], TaskSubscription | None]:
+        return lambda: next(
+            (s for s in bridge.subscriptions if s.resource_type == resource_type), None
+        )
+
+    stale = settings.api.stale_after
+    probes = [
+        heartbeat_probe(f"subscription {kind}", subscription(kind), stale, kind="subscription")
+        for kind in ("Task", "QuestionnaireResponse")
+    ]
+    probes.append(heartbeat_probe("workers", lambda: bridge.runtime, stale, kind="worker"))
+
+    async def run_bridge(admin: FastAPI) -> None:
+        # The API answers from before start-up (/health; /ready says 503 until the
+        # subscriptions and workers show life), and a busy port stops start-up early.
+        async with bridge:
+            if bridge.organization is not None:
+                admin.state.context.site = bridge.organization.identifier
+            await bridge.run(stop)
+
+    await _serve_api(settings, probes, run_bridge)
 
 
 async def _serve_api(
     settings: Settings,
-    database: Database,
     probes: list[Probe],
-    site: str | None,
-    main: Any,
+    main: Callable[[FastAPI], Awaitable[None]],
 ) -> None:
-    """Serve the admin API while ``main`` runs."""
+    """Serve the admin API, over its own read-only connection to the store, while ``main``
+    runs."""
     api = settings.api
-    admin = create_app(database, api, probes=probes, site=site)
-    async with ApiServer(admin, host=api.host, port=api.port) as server:
-        log.info("api.listening", url=server.url, closed=api.token is None)
-        if api.token is None:
-            log.warning(
-                "api.closed",
-                reason="api.token is not set: only /health and /ready answer",
-            )
-        await main
+    database = Database(settings.db.url, pool_size=2, read_only=True)
+    try:
+        admin = create_app(database, api, probes=probes)
+        async with ApiServer(admin, host=api.host, port=api.port) as server:
+            log.info("api.listening", url=server.url, closed=api.token is None)
+            if api.token is None:
+                log.warning(
+                    "api.closed",
+                    reason="api.token is not set: only /health and /ready answer",
+                )
+            await main(admin)
+    finally:
+        await database.dispose()
 
 
 @api_app.command("serve")
@@ -326,7 +343,7 @@ def api_serve_command(
     ] = None,
     port: Annotated[
         int | None,
-        typer.Option("--port", help="Overrides api.port.", min=0, max=65535, show_default=False),
+        typer.Option("--port", help="Overrides api.port.", min=1, max=65535, show_default=False),
     ] = None,
 ) -> None:
     """Serve the admin API and web page over a store without running the bridge: audit a
@@ -339,7 +356,7 @@ def api_serve_command(
     settings = _settings(ctx, db_url, api=overrides)
     try:
         _require_existing_database(settings.db.url)
-        status = schema.schema_status(settings.db.url)
+        status = schema.schema_status(settings.db.url, read_only=True)
         if not status.up_to_date:
             raise MigrationError(
                 f"the database schema is at {status.current or 'no revision'}, this release "
@@ -355,11 +372,11 @@ async def _api_only(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    database = Database(settings.db.url, pool_size=settings.db.pool_size)
-    try:
-        await _serve_api(settings, database, [], None, stop.wait())
-    finally:
-        await database.dispose()
+
+    async def until_stopped(_admin: FastAPI) -> None:
+        await stop.wait()
+
+    await _serve_api(settings, [], until_stopped)
 
 
 @app.command("check-connection")

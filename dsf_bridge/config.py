@@ -237,9 +237,13 @@ class ApiSettings(_Section):
     @field_validator("token")
     @classmethod
     def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < 16:
+        if value is None:
+            return None
+        # A token read from a secret file often ends with a newline that no client sends.
+        token = value.get_secret_value().strip()
+        if len(token) < 16:
             raise ValueError("the API token must have at least 16 characters")
-        return value
+        return SecretStr(token)
 
 
 # The duration forms the engine's timers accept (dsf_bridge.engine.timers).

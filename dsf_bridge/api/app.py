@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import structlog
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict
@@ -22,10 +23,22 @@ from dsf_bridge.api.probes import Clock, Probe, ProbeResult, utcnow
 from dsf_bridge.api.security import TokenGuard
 from dsf_bridge.api.ui import ui_router
 from dsf_bridge.config import ApiSettings
+from dsf_bridge.errors import StoreError
 from dsf_bridge.store import Database
 from dsf_bridge.store import queries as q
 
 __all__ = ["create_app"]
+
+log = structlog.get_logger("dsf_bridge.api")
+
+MAX_SEQUENCE = 2**63 - 1  # audit sequences are BIGINT
+
+
+def _has_nul(request: Request) -> bool:
+    return "\x00" in request.url.path or any(
+        "\x00" in key or "\x00" in value for key, value in request.query_params.multi_items()
+    )
+
 
 # -- response models (they document /api/v1/openapi.json) ---------------------------------
 
@@ -107,7 +120,26 @@ def create_app(
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
+        if _has_nul(request):  # PostgreSQL refuses NUL in text; so do we, before any query
+            response: Response = JSONResponse(
+                {"detail": "the request contains a NUL character"}, status_code=400
+            )
+        else:
+            response = await call_next(request)
+        _security_headers(response)
+        return response
+
+    @app.exception_handler(StoreError)
+    async def store_down(_request: Request, exc: StoreError) -> Response:
+        log.warning("api.store_unavailable", error=str(exc))
+        response = JSONResponse({"detail": f"the store does not answer: {exc}"}, status_code=503)
+        _security_headers(response)
+        return response
+
+    @app.exception_handler(Exception)
+    async def crashed(_request: Request, exc: Exception) -> Response:
+        log.error("api.failed", error=repr(exc))
+        response = JSONResponse({"detail": "internal error; see the bridge's log"}, 500)
         _security_headers(response)
         return response
 
@@ -132,8 +164,11 @@ def create_app(
     async def metrics() -> Response:
         """Prometheus text format."""
         now = context.clock()
-        counts = await context.read(lambda s: q.count_store(s, now))
         results = await context.run_probes()
+        try:
+            counts: q.StoreCounts | None = await context.read(lambda s: q.count_store(s, now))
+        except StoreError:
+            counts = None  # the probe metrics still say that the store is down
         body = render_metrics(counts, results, version=__version__, now=now)
         return Response(body, media_type=CONTENT_TYPE)
 
@@ -159,12 +194,12 @@ def create_app(
                 process_key=process,
                 business_key=business_key,
                 before=before,
-                limit=limit,
+                limit=limit + 1,
             )
         )
         return InstancePage(
-            instances=rows,
-            next_before=rows[-1].id if len(rows) == limit else None,
+            instances=rows[:limit],
+            next_before=rows[limit - 1].id if len(rows) > limit else None,
         )
 
     @api.get("/instances/{instance_id}", response_model=q.InstanceDetail)
@@ -189,18 +224,20 @@ def create_app(
     async def audit(
         subject: str | None = Query(None, description="e.g. instance/<id> or Task/<id>"),
         action: str | None = None,
-        before: int | None = Query(None, description="next_before of the previous page"),
+        before: int | None = Query(
+            None, ge=1, le=MAX_SEQUENCE, description="next_before of the previous page"
+        ),
         limit: int = Query(100, ge=1, le=q.MAX_PAGE),
     ) -> AuditPage:
         """Audit events, newest first."""
         rows = await context.read(
             lambda s: q.list_audit_events(
-                s, subject=subject, action=action, before=before, limit=limit
+                s, subject=subject, action=action, before=before, limit=limit + 1
             )
         )
         return AuditPage(
-            events=rows,
-            next_before=rows[-1].sequence if len(rows) == limit else None,
+            events=rows[:limit],
+            next_before=rows[limit - 1].sequence if len(rows) > limit else None,
         )
 
     @api.get("/audit/verify", response_model=ChainOut)
@@ -219,7 +256,7 @@ def create_app(
         return JSONResponse(app.openapi())
 
     app.include_router(api)
-    app.include_router(ui_router(context, TokenGuard(settings.token, browser=True)))
+    app.include_router(ui_router(context, TokenGuard(settings.token)))
     return app
 
 

@@ -33,13 +33,24 @@ class ApiContext:
         self.site = site
 
     async def run_probes(self) -> list[tuple[Probe, ProbeResult]]:
-        async def run(probe: Probe) -> ProbeResult:
-            try:
-                return await asyncio.wait_for(probe.check(), PROBE_TIMEOUT)
-            except TimeoutError:
-                return ProbeResult(False, f"no answer within {PROBE_TIMEOUT:.0f} s")
+        """Every probe, each given :data:`PROBE_TIMEOUT` seconds.
 
-        results = await asyncio.gather(*(run(probe) for probe in self.probes))
+        A probe still running then is reported failed and left to finish in the background:
+        a database call in a driver thread cannot be cancelled, and waiting for it would hold
+        the answer up for as long as the database hangs.
+        """
+        tasks = [asyncio.ensure_future(probe.check()) for probe in self.probes]
+        await asyncio.wait(tasks, timeout=PROBE_TIMEOUT)
+        results = []
+        for task in tasks:
+            if task.done():
+                error = task.exception()
+                results.append(
+                    task.result() if error is None else ProbeResult(False, f"probe failed: {error}")
+                )
+            else:
+                task.add_done_callback(_discard)
+                results.append(ProbeResult(False, f"no answer within {PROBE_TIMEOUT:.0f} s"))
         return list(zip(self.probes, results, strict=True))
 
     async def read(self, query: Callable[[Session], Awaitable[T]]) -> T:
@@ -50,3 +61,9 @@ class ApiContext:
     async def verify_chain(self) -> ChainReport:
         """Walk the whole audit hash chain (as ``dsf-bridge audit verify``)."""
         return await self.read(verify_chain)
+
+
+def _discard(task: asyncio.Future[ProbeResult]) -> None:
+    """Collect the late outcome of a probe so that asyncio does not report it as lost."""
+    if not task.cancelled():
+        task.exception()

@@ -31,15 +31,40 @@ class _Snapshot(Collector):
 
 
 def render_metrics(
-    counts: StoreCounts,
+    counts: StoreCounts | None,
     probes: Sequence[tuple[Probe, ProbeResult]],
     *,
     version: str,
     now: dt.datetime,
 ) -> bytes:
+    """The exposition; ``counts`` is ``None`` when the store did not answer, and then only the
+    build and probe metrics are exposed (``dsf_bridge_probe_ok{probe="database"} 0``)."""
     info = InfoMetricFamily("dsf_bridge_build", "The running dsf-bridge release")
     info.add_metric([], {"version": version})
+    families: list[GaugeMetricFamily | InfoMetricFamily] = [info]
+    if counts is not None:
+        families.extend(_store_families(counts, now))
 
+    ready = GaugeMetricFamily(
+        "dsf_bridge_probe_ok", "1 when the readiness probe passes", labels=["probe", "kind"]
+    )
+    ages = GaugeMetricFamily(
+        "dsf_bridge_heartbeat_age_seconds",
+        "Seconds since a subscription or the workers last showed life",
+        labels=["probe", "kind"],
+    )
+    for probe, result in probes:
+        ready.add_metric([probe.name, probe.kind], 1.0 if result.ok else 0.0)
+        if result.age_seconds is not None:
+            ages.add_metric([probe.name, probe.kind], result.age_seconds)
+    families.extend([ready, ages])
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(families))
+    return generate_latest(registry)
+
+
+def _store_families(counts: StoreCounts, now: dt.datetime) -> list[GaugeMetricFamily]:
     instances = GaugeMetricFamily(
         "dsf_bridge_instances",
         "Process instances in the store by process and status",
@@ -81,22 +106,4 @@ def render_metrics(
     )
     for resource_type, updated in sorted(counts.cursors.items()):
         lag.add_metric([resource_type], max(0.0, (now - updated).total_seconds()))
-
-    ready = GaugeMetricFamily(
-        "dsf_bridge_probe_ok", "1 when the readiness probe passes", labels=["probe", "kind"]
-    )
-    ages = GaugeMetricFamily(
-        "dsf_bridge_heartbeat_age_seconds",
-        "Seconds since a subscription or the workers last showed life",
-        labels=["probe", "kind"],
-    )
-    for probe, result in probes:
-        ready.add_metric([probe.name, probe.kind], 1.0 if result.ok else 0.0)
-        if result.age_seconds is not None:
-            ages.add_metric([probe.name, probe.kind], result.age_seconds)
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(
-        _Snapshot([info, instances, tasks, jobs, outbox, timers, audit, lag, ready, ages])
-    )
-    return generate_latest(registry)
+    return [instances, tasks, jobs, outbox, timers, audit, lag]

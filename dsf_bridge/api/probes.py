@@ -69,12 +69,22 @@ def database_probe(database: Database) -> Probe:
 
 
 def heartbeat_probe(
-    name: str, source: HasHeartbeat, stale_after: float, *, kind: str, clock: Clock = utcnow
+    name: str,
+    source: Callable[[], HasHeartbeat | None],
+    stale_after: float,
+    *,
+    kind: str,
+    clock: Clock = utcnow,
 ) -> Probe:
-    """Fails when ``source`` never showed life, or not within ``stale_after`` seconds."""
+    """Fails when the source never showed life, or not within ``stale_after`` seconds.
+
+    ``source`` is looked up at every check: the admin API starts before the bridge, whose
+    subscriptions and workers only exist once it has started (``None`` until then).
+    """
 
     async def check() -> ProbeResult:
-        beat = source.heartbeat
+        found = source()
+        beat = None if found is None else found.heartbeat
         if beat is None:
             return ProbeResult(False, "no sign of life yet")
         age = max(0.0, (clock() - beat).total_seconds())

@@ -1,7 +1,8 @@
 """Who may read the admin API: closed unless a token is configured.
 
 Clients send ``Authorization: Bearer <token>``; browsers answer the Basic prompt with any user
-name and the token as password. Tokens are compared in constant time. Without ``api.token``
+name and the token as password (the challenge is Basic everywhere, so a browser can open the
+JSON and metrics paths too). Tokens are compared in constant time. Without ``api.token``
 every protected path answers 403 with a message saying how to open it.
 """
 
@@ -20,11 +21,10 @@ REALM = "dsf-bridge admin"
 
 
 class TokenGuard:
-    """A FastAPI dependency; ``browser`` guards ask for Basic auth so the browser prompts."""
+    """A FastAPI dependency that lets a request through only with the configured token."""
 
-    def __init__(self, token: SecretStr | None, *, browser: bool = False) -> None:
+    def __init__(self, token: SecretStr | None) -> None:
         self._token = None if token is None else token.get_secret_value().encode()
-        self._browser = browser
 
     def __call__(self, request: Request) -> None:
         if self._token is None:
@@ -35,11 +35,10 @@ class TokenGuard:
             )
         given = _credentials(request.headers.get("authorization", ""))
         if given is None or not hmac.compare_digest(given, self._token):
-            challenge = f'Basic realm="{REALM}", charset="UTF-8"' if self._browser else "Bearer"
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
                 "missing or wrong token: send 'Authorization: Bearer <api.token>'",
-                headers={"WWW-Authenticate": challenge},
+                headers={"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'},
             )
 
 

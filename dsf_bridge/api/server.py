@@ -15,6 +15,8 @@ from typing import Any
 import structlog
 import uvicorn
 
+from dsf_bridge.errors import ConfigError
+
 __all__ = ["ApiServer", "EmbeddedServer", "EmbeddedUvicorn", "listening_socket"]
 
 _log = structlog.get_logger("dsf_bridge.api")
@@ -32,8 +34,15 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
     async def main_loop(self) -> None:
-        await self.on_tick(0)
-        await self.stop_requested.wait()
+        # uvicorn's own loop polls should_exit every 0.1 s; this one stops at once when asked,
+        # and ticks as often, which keeps the Date header current.
+        counter = 0
+        while not await self.on_tick(counter):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_requested.wait(), 0.1)
+            if self.stop_requested.is_set():
+                return
+            counter = (counter + 1) % 864_000
 
     def request_stop(self) -> None:
         self.should_exit = True
@@ -115,7 +124,13 @@ class ApiServer(EmbeddedUvicorn):
         return f"http://{host}:{self.port}"
 
     async def __aenter__(self) -> ApiServer:
-        await self.start()
+        try:
+            await self.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"api.port: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}",
+                field="api.port",
+            ) from exc
         _log.info("api.started", url=self.url)
         return self
 

@@ -103,7 +103,7 @@ def ui_router(context: ApiContext, guard: TokenGuard) -> APIRouter:
             "business_key": business_key or None,
         }
         rows = await context.read(
-            lambda s: q.list_instances(s, before=before or None, limit=limit, **filters)
+            lambda s: q.list_instances(s, before=before or None, limit=limit + 1, **filters)
         )
         now = context.clock()
         counts = await context.read(lambda s: q.count_store(s, now))
@@ -114,10 +114,10 @@ def ui_router(context: ApiContext, guard: TokenGuard) -> APIRouter:
         return page(
             request,
             "instances.html",
-            rows=rows,
+            rows=rows[:limit],
             statuses=INSTANCE_STATUSES,
             filters={"status": status or "", "process": process or "", "bk": business_key or ""},
-            next_before=rows[-1].id if len(rows) == limit else None,
+            next_before=rows[limit - 1].id if len(rows) > limit else None,
             by_status=by_status,
             probes=probes,
             ready=all(result.ok for _, result in probes),
@@ -154,20 +154,22 @@ def ui_router(context: ApiContext, guard: TokenGuard) -> APIRouter:
     async def audit(
         request: Request,
         subject: str | None = None,
-        before: int | None = None,
+        before: int | None = Query(None, ge=1, le=2**63 - 1),
         verify: bool = False,
         limit: int = Query(100, ge=1, le=q.MAX_PAGE),
     ) -> HTMLResponse:
         rows = await context.read(
-            lambda s: q.list_audit_events(s, subject=subject or None, before=before, limit=limit)
+            lambda s: q.list_audit_events(
+                s, subject=subject or None, before=before, limit=limit + 1
+            )
         )
         chain = await context.verify_chain() if verify else None
         return page(
             request,
             "audit.html",
-            rows=rows,
+            rows=rows[:limit],
             subject=subject or "",
-            next_before=rows[-1].sequence if len(rows) == limit else None,
+            next_before=rows[limit - 1].sequence if len(rows) > limit else None,
             chain=chain,
         )
 

@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 _SQLITE_BUSY_TIMEOUT_MS = 10_000
+# Readers (the admin API) give up sooner than writers: a probe must answer within seconds.
+_SQLITE_READ_BUSY_TIMEOUT_MS = 2_000
 
 
 def _parse(url: str) -> URL:
@@ -92,27 +94,72 @@ def _prepare_sqlite(engine: Engine) -> None:
     event.listen(engine, "begin", _sqlite_begin_immediate)
 
 
-def create_sync_engine(url: str, *, echo: bool = False) -> Engine:
+def _sqlite_read_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA query_only=ON")
+    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_READ_BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+def _sqlite_begin_deferred(connection: Any) -> None:
+    # A deferred transaction reads one WAL snapshot and never takes the write lock.
+    connection.exec_driver_sql("BEGIN")
+
+
+def _postgresql_read_only(connection: Any) -> None:
+    connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+
+
+def _read_only_url(target: URL, url: str) -> URL:
+    """SQLite's URI form with ``mode=ro``: refuses writes and does not create a missing file."""
+    path = sqlite_path(url)
+    if path is None:
+        return target
+    return target.set(database=f"file:{path.resolve()}?mode=ro", query={"uri": "true"})
+
+
+def _prepare(engine: Engine, *, read_only: bool) -> None:
+    backend = engine.dialect.name
+    if backend == "sqlite" and read_only:
+        event.listen(engine, "connect", _sqlite_read_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_deferred)
+    elif backend == "sqlite":
+        _prepare_sqlite(engine)
+    elif read_only:
+        event.listen(engine, "begin", _postgresql_read_only)
+
+
+def create_sync_engine(url: str, *, echo: bool = False, read_only: bool = False) -> Engine:
     """A synchronous engine for migrations and command-line tools."""
     target = sync_url(url)
+    if read_only:
+        target = _read_only_url(target, url)
     engine = create_engine(target, echo=echo)
-    if target.get_backend_name() == "sqlite":
-        _prepare_sqlite(engine)
+    _prepare(engine, read_only=read_only)
     return engine
 
 
 class Database:
     """The async engine and session factory of one store; close it with :meth:`dispose`."""
 
-    def __init__(self, url: str, *, pool_size: int = 5, echo: bool = False) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 5, echo: bool = False, read_only: bool = False
+    ) -> None:
+        """``read_only`` stores (the admin API) never write and never take a write lock: on
+        SQLite the file is opened read-only (it must exist) and transactions are deferred, on
+        PostgreSQL every transaction is ``READ ONLY``."""
         target = async_url(url)
         options: dict[str, Any] = {"echo": echo}
-        if target.get_backend_name() == "postgresql":
+        backend = target.get_backend_name()
+        if backend == "postgresql":
             options.update(pool_size=pool_size, pool_pre_ping=True)
+        if read_only:
+            target = _read_only_url(target, url)
         self.url = target
+        self.read_only = read_only
         self.engine: AsyncEngine = create_async_engine(target, **options)
-        if target.get_backend_name() == "sqlite":
-            _prepare_sqlite(self.engine.sync_engine)
+        _prepare(self.engine.sync_engine, read_only=read_only)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @property

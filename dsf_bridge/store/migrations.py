@@ -86,12 +86,13 @@ class SchemaStatus:
         return self.current == self.head
 
 
-def schema_status(url: str) -> SchemaStatus:
-    """The database's revision and the newest revision this release knows."""
+def schema_status(url: str, *, read_only: bool = False) -> SchemaStatus:
+    """The database's revision and the newest revision this release knows; ``read_only``
+    looks without writing anything (not even SQLite's journal mode)."""
     head = ScriptDirectory.from_config(_config(url)).get_current_head()
     if head is None:  # pragma: no cover - the package always ships revisions
         raise MigrationError("no migration revisions found")
-    engine = create_sync_engine(url)
+    engine = create_sync_engine(url, read_only=read_only)
     try:
         with engine.connect() as connection:
             current = MigrationContext.configure(connection).get_current_revision()

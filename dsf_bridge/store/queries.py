@@ -135,6 +135,10 @@ class InstanceDetail:
     jobs: tuple[JobRow, ...]
     outbox: tuple[OutboxRow, ...]
     audit: tuple[AuditRow, ...]
+    # More than MAX_PAGE of them: the newest MAX_PAGE are listed (page the rest with
+    # list_audit_events / list_tasks).
+    tasks_truncated: bool = False
+    audit_truncated: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,8 @@ _InstanceSelect = Select[str, str, str, str, str, str, dt.datetime, dt.datetime,
 
 
 def _page(limit: int) -> int:
-    return max(1, min(limit, MAX_PAGE))
+    # One more than a page: callers ask for limit + 1 rows to learn whether another page exists.
+    return max(1, min(limit, MAX_PAGE + 1))
 
 
 _Ts = TypeVarTuple("_Ts")
@@ -257,9 +262,8 @@ async def list_audit_events(
     action: str | None = None,
     before: int | None = None,
     limit: int = 100,
-    oldest_first: bool = False,
 ) -> list[AuditRow]:
-    """Audit events, newest first unless ``oldest_first``; ``before`` pages by sequence."""
+    """Audit events, newest first; ``before`` pages by sequence."""
     query = select(
         AuditEvent.sequence,
         AuditEvent.occurred_at,
@@ -277,8 +281,7 @@ async def list_audit_events(
     query = _filtered(query, (AuditEvent.action, action))
     if before is not None:
         query = query.where(AuditEvent.sequence < before)
-    order = AuditEvent.sequence.asc() if oldest_first else AuditEvent.sequence.desc()
-    rows = await session.execute(query.order_by(order).limit(_page(limit)))
+    rows = await session.execute(query.order_by(AuditEvent.sequence.desc()).limit(_page(limit)))
     return [AuditRow(*row) for row in rows]
 
 
@@ -293,7 +296,7 @@ async def instance_detail(session: AsyncSession, instance_id: str) -> InstanceDe
     if row is None:
         return None
     instance = InstanceRow(*row[:9])
-    tasks = await list_tasks(session, instance_id=instance_id, limit=MAX_PAGE)
+    tasks = await list_tasks(session, instance_id=instance_id, limit=MAX_PAGE + 1)
     waits = await session.execute(
         select(
             MessageSubscription.element_id,
@@ -332,21 +335,20 @@ async def instance_detail(session: AsyncSession, instance_id: str) -> InstanceDe
     )
     task_subjects = sorted({f"Task/{task.task_id}" for task in tasks})
     audit = await list_audit_events(
-        session,
-        subjects=[f"instance/{instance_id}", *task_subjects],
-        limit=MAX_PAGE,
-        oldest_first=True,
+        session, subjects=[f"instance/{instance_id}", *task_subjects], limit=MAX_PAGE + 1
     )
     return InstanceDetail(
         instance=instance,
         state=dict(row[9]),
         version=int(row[10]),
-        tasks=tuple(reversed(tasks)),
+        tasks=tuple(reversed(tasks[:MAX_PAGE])),
         waits=tuple(WaitRow(*wait) for wait in waits),
         timers=tuple(TimerRow(*timer) for timer in timers),
         jobs=tuple(JobRow(*job) for job in jobs),
         outbox=tuple(OutboxRow(*entry) for entry in outbox),
-        audit=tuple(audit),
+        audit=tuple(reversed(audit[:MAX_PAGE])),
+        tasks_truncated=len(tasks) > MAX_PAGE,
+        audit_truncated=len(audit) > MAX_PAGE,
     )
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import update
 
 from dsf_bridge.api import create_app, heartbeat_probe
 from dsf_bridge.config import ApiSettings
-from dsf_bridge.store import Database
+from dsf_bridge.store import Database, append_event
 from dsf_bridge.store.tables import AuditEvent
 from tests.api.seed import KEY, Seeded, seed
 
@@ -68,8 +68,9 @@ async def test_wrong_or_missing_token_is_refused_with_a_challenge(
     browser = await client.get("/ui/", headers={"Authorization": f"Basic {basic}"})
     bearer = await client.get("/api/v1/instances", headers=AUTH)
     assert missing.status_code == wrong.status_code == page.status_code == 401
-    assert missing.headers["WWW-Authenticate"] == "Bearer"
-    assert page.headers["WWW-Authenticate"].startswith('Basic realm="dsf-bridge admin"')
+    # Basic everywhere: a browser prompts for the token on the JSON paths too.
+    for refused in (missing, wrong, page):
+        assert refused.headers["WWW-Authenticate"].startswith('Basic realm="dsf-bridge admin"')
     assert browser.status_code == bearer.status_code == 200
 
 
@@ -93,6 +94,8 @@ async def test_instances_newest_first_with_filters_and_paging(
     by_key = (await client.get("/api/v1/instances?business_key=bk-done", headers=AUTH)).json()
     assert [row["id"] for row in by_key["instances"]] == [seeded.completed]
 
+    exact = (await client.get("/api/v1/instances?limit=3", headers=AUTH)).json()
+    assert exact["next_before"] is None  # a full last page says there is no other
     first = (await client.get("/api/v1/instances?limit=2", headers=AUTH)).json()
     assert first["next_before"] == seeded.failed
     second = (
@@ -198,9 +201,14 @@ async def test_ready_fails_when_a_heartbeat_is_stale_or_missing(database: Databa
     stale = Beat(now - dt.timedelta(seconds=120))
     never = Beat(None)
     probes = [
-        heartbeat_probe("workers", fresh, 60, kind="worker", clock=lambda: now),
-        heartbeat_probe("subscription Task", stale, 60, kind="subscription", clock=lambda: now),
-        heartbeat_probe("subscription QR", never, 60, kind="subscription", clock=lambda: now),
+        heartbeat_probe("workers", lambda: fresh, 60, kind="worker", clock=lambda: now),
+        heartbeat_probe(
+            "subscription Task", lambda: stale, 60, kind="subscription", clock=lambda: now
+        ),
+        heartbeat_probe(
+            "subscription QR", lambda: never, 60, kind="subscription", clock=lambda: now
+        ),
+        heartbeat_probe("not started", lambda: None, 60, kind="worker", clock=lambda: now),
     ]
     app = create_app(database, ApiSettings(token=SecretStr(TOKEN)), probes=probes)
     async with _client(app) as http:
@@ -215,21 +223,45 @@ async def test_ready_fails_when_a_heartbeat_is_stale_or_missing(database: Databa
     assert checks["database"]["ok"] and checks["workers"]["ok"]
     assert checks["subscription Task"]["detail"] == "last sign of life 120 s ago (limit 60 s)"
     assert checks["subscription QR"]["detail"] == "no sign of life yet"
-    assert again.status_code == 200
+    assert checks["not started"]["detail"] == "no sign of life yet"
+    assert again.status_code == 503  # "not started" still has no source
+    assert {c["name"] for c in again.json()["checks"] if not c["ok"]} == {"not started"}
     assert 'dsf_bridge_heartbeat_age_seconds{kind="worker",probe="workers"} 0.0' in metrics.text
 
 
-async def test_ready_fails_when_the_database_is_gone(tmp_path: object) -> None:
-    database = Database("postgresql://nobody@127.0.0.1:1/none")
+async def test_a_store_that_is_gone_gives_503_and_metrics_that_say_so() -> None:
+    database = Database("postgresql://nobody@127.0.0.1:1/none", read_only=True)
     try:
-        async with _client(create_app(database, ApiSettings())) as http:
+        app = create_app(database, ApiSettings(token=SecretStr(TOKEN)))
+        async with _client(app) as http:
             ready = await http.get("/ready")
+            metrics = await http.get("/metrics", headers=AUTH)
+            listing = await http.get("/api/v1/instances", headers=AUTH)
+            page = await http.get("/ui/", headers=AUTH)
     finally:
         await database.dispose()
     assert ready.status_code == 503
     (check,) = ready.json()["checks"]
     assert check["name"] == "database"
     assert check["detail"].startswith("the store does not answer: database unavailable")
+    assert metrics.status_code == 200  # a scrape still reports the failing probe
+    assert 'dsf_bridge_probe_ok{kind="database",probe="database"} 0.0' in metrics.text
+    assert "dsf_bridge_instances" not in metrics.text
+    for response in (listing, page):
+        assert response.status_code == 503
+        assert response.json()["detail"].startswith("the store does not answer")
+        assert response.headers["X-Frame-Options"] == "DENY"
+
+
+async def test_bad_parameters_are_client_errors(client: httpx.AsyncClient) -> None:
+    too_big = await client.get(f"/api/v1/audit?before={2**64}", headers=AUTH)
+    page_too_big = await client.get(f"/ui/audit?before={2**64}", headers=AUTH)
+    nul_query = await client.get("/api/v1/instances?status=%00", headers=AUTH)
+    nul_path = await client.get("/api/v1/instances/a%00b", headers=AUTH)
+    limit = await client.get("/api/v1/instances?limit=501", headers=AUTH)
+    assert too_big.status_code == page_too_big.status_code == limit.status_code == 422
+    assert nul_query.status_code == nul_path.status_code == 400
+    assert nul_query.json()["detail"] == "the request contains a NUL character"
 
 
 async def test_pages_escape_what_they_show_and_send_strict_headers(database: Database) -> None:
@@ -259,3 +291,25 @@ async def test_openapi_document_lists_the_audit_routes(client: httpx.AsyncClient
         document["paths"]
     )
     assert not any(path.startswith("/ui") for path in document["paths"])
+
+
+async def test_instance_detail_lists_the_newest_500_events_and_says_so(
+    client: httpx.AsyncClient, seeded: Seeded, database: Database
+) -> None:
+    async with database.transaction() as session:
+        for n in range(501):
+            await append_event(
+                session,
+                actor="test",
+                subject=f"instance/{seeded.waiting}",
+                action="test.noted",
+                reason=f"note {n}",
+            )
+    detail = (await client.get(f"/api/v1/instances/{seeded.waiting}", headers=AUTH)).json()
+    page = await client.get(f"/ui/instances/{seeded.waiting}", headers=AUTH)
+    assert detail["audit_truncated"] is True
+    assert detail["tasks_truncated"] is False
+    reasons = [event["reason"] for event in detail["audit"]]
+    assert len(reasons) == 500
+    assert reasons[-1] == "note 500"  # the newest kept, still oldest first
+    assert 'id="audit-truncated"' in page.text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from dsf_bridge.config import load_settings
 from tests.served import cli, free_port, served_sandbox
 
 __all__ = ["served_sandbox"]
@@ -131,3 +133,22 @@ def test_api_serve_refuses_a_missing_store_and_a_short_token(tmp_path: Path) -> 
     assert short.returncode == 2
     assert "api.token" in short.stderr
     assert "at least 16 characters" in short.stderr
+
+
+def test_api_serve_names_the_setting_when_the_port_is_taken(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'store.db'}"
+    assert cli("db", "upgrade", "--db-url", db_url).returncode == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = cli("api", "serve", "--db-url", db_url, "--port", str(port))
+    assert result.returncode == 2
+    assert f"api.port: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_token_from_a_secret_file_loses_its_newline() -> None:
+    settings = load_settings(None, environ={"DSF_BRIDGE_API__TOKEN": f"  {TOKEN}\n"})
+    assert settings.api.token is not None
+    assert settings.api.token.get_secret_value() == TOKEN
