@@ -37,7 +37,7 @@ from dsf_bridge.dsf.tasks import (
 from dsf_bridge.engine.exceptions import CorrelationError
 from dsf_bridge.errors import ProcessExecutionError, RemoteError
 from dsf_bridge.logs import bound_context
-from dsf_bridge.runtime.processes import ProcessRuntime
+from dsf_bridge.runtime.processes import TAKEN_IN, ProcessRuntime
 from dsf_bridge.store import Database, append_event
 from dsf_bridge.store import repository as repo
 
@@ -46,7 +46,7 @@ __all__ = ["Authorizer", "SqlCursorStore", "TaskIntake", "task_variables"]
 log = structlog.get_logger("dsf_bridge.intake")
 
 CLAIMING = "claiming"
-STARTED = "started"
+STARTED = TAKEN_IN  # the runtime marks the claim in the commit that takes the message in
 FAILED = "failed"
 LOST = "claimed-elsewhere"
 
@@ -185,11 +185,11 @@ class TaskIntake:
                 task_id=task_id,
                 task_version=new_version,
                 actor=f"organization:{requester_identifier(task)}",
+                claimed_version=version,
             )
         except (CorrelationError, ProcessExecutionError) as exc:
             await self._fail(task, new_version, str(exc), claimed_version=version)
             return
-        await self._mark(task_id, version, STARTED, instance_id=instance_id)
         log.info("task.accepted", instance_id=instance_id, business_key=business_key)
 
     async def _fail(

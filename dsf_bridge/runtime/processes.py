@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,7 +66,7 @@ from dsf_bridge.runtime.ports import OutgoingTask, TaskGateway, UserTaskRequest
 from dsf_bridge.store import Database, Session, append_event
 from dsf_bridge.store import repository as repo
 
-__all__ = ["DeployedProcess", "ProcessRuntime", "RuntimeSettings"]
+__all__ = ["TAKEN_IN", "DeployedProcess", "ProcessRuntime", "RuntimeSettings"]
 
 log = structlog.get_logger("dsf_bridge.runtime")
 
@@ -112,6 +113,16 @@ class _Pending:
     effects: list[str] = field(default_factory=list)
 
 
+_REMEMBERED_INSTANCES = 10_000
+
+# The status of a Task version intake claimed once its message reached an instance.
+TAKEN_IN = "started"
+
+
+class _InstanceWaitingError(Exception):
+    """Raised inside ``start(unless_waiting=...)``: an instance waits for the message."""
+
+
 class ProcessRuntime:
     """Runs deployed processes durably on a :class:`Database` against a :class:`TaskGateway`."""
 
@@ -135,6 +146,7 @@ class ProcessRuntime:
         self._by_key: dict[str, DeployedProcess] = {}
         self._by_id: dict[int, DeployedProcess] = {}
         self._wakeup = asyncio.Event()
+        self._definitions: OrderedDict[str, int] = OrderedDict()
         # When run_forever last began a round: the readiness check's sign of life.
         self.heartbeat: dt.datetime | None = None
 
@@ -191,8 +203,16 @@ class ProcessRuntime:
         task_id: str | None = None,
         task_version: str = "1",
         actor: str = "local",
+        claimed_version: str | None = None,
+        unless_waiting: tuple[str, str | None] | None = None,
     ) -> str:
-        """Start an instance (by message start event, or the none start event); return its id."""
+        """Start an instance (by message start event, or the none start event); return its id.
+
+        ``claimed_version``: the Task version intake claimed, marked taken in by the same
+        commit. ``unless_waiting`` (message name, correlation key): raise
+        :class:`_InstanceWaitingError` instead when an instance of this process waits for that
+        message with this business key, checked in the same transaction.
+        """
         deployed = self._by_key.get(process_key)
         if deployed is None:
             raise ProcessExecutionError(f"Process {process_key!r} is not deployed")
@@ -201,7 +221,12 @@ class ProcessRuntime:
         event = Start(message_name, business_key, now, dict(variables or {}))
         with bound_context(instance_id=instance_id, business_key=business_key, process=process_key):
             async with self.database.transaction() as session:
+                if unless_waiting is not None and await self._waiting_in(
+                    session, process_key, unless_waiting[0], business_key, unless_waiting[1]
+                ):
+                    raise _InstanceWaitingError
                 result = step(deployed.definition, None, event)
+                self._remember(instance_id, deployed.definition_id)
                 record = await repo.create_instance(
                     session,
                     instance_id=instance_id,
@@ -212,7 +237,9 @@ class ProcessRuntime:
                     now=now,
                 )
                 if task_id is not None:
-                    await self._record_incoming(session, task_id, task_version, instance_id)
+                    await self._record_incoming(
+                        session, task_id, task_version, instance_id, claimed_version
+                    )
                 await append_event(
                     session,
                     actor=actor,
@@ -237,9 +264,12 @@ class ProcessRuntime:
         task_id: str | None = None,
         task_version: str = "1",
         actor: str = "remote",
+        claimed_version: str | None = None,
     ) -> str:
         """DSF's rule for a received Task: continue the instance of ``process_key`` that waits
         for it, or else start one by its message start event (keeping the Task's business key).
+        ``claimed_version`` is the Task version intake claimed: the commit that takes the
+        message in also marks that claim taken in (:data:`TAKEN_IN`).
         """
         deployed = self._by_key.get(process_key)
         if deployed is None:
@@ -247,9 +277,29 @@ class ProcessRuntime:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.reply_grace.total_seconds()
         while True:
-            if business_key is not None and await self._waiting(
-                process_key, message_name, business_key, correlation_key
-            ):
+            if message_name in deployed.definition.message_starts:
+                # The common case in one transaction: nothing waits, so the message starts one.
+                try:
+                    return await self.start(
+                        process_key,
+                        business_key=business_key or str(uuid.uuid4()),
+                        message_name=message_name,
+                        variables=variables,
+                        task_id=task_id,
+                        task_version=task_version,
+                        actor=actor,
+                        claimed_version=claimed_version,
+                        unless_waiting=None
+                        if business_key is None
+                        else (message_name, correlation_key),
+                    )
+                except _InstanceWaitingError:
+                    waiting = True
+            else:
+                waiting = business_key is not None and await self._waiting(
+                    process_key, message_name, business_key, correlation_key
+                )
+            if waiting and business_key is not None:
                 return await self.correlate(
                     message_name=message_name,
                     business_key=business_key,
@@ -259,16 +309,7 @@ class ProcessRuntime:
                     task_version=task_version,
                     actor=actor,
                     process_key=process_key,
-                )
-            if message_name in deployed.definition.message_starts:
-                return await self.start(
-                    process_key,
-                    business_key=business_key or str(uuid.uuid4()),
-                    message_name=message_name,
-                    variables=variables,
-                    task_id=task_id,
-                    task_version=task_version,
-                    actor=actor,
+                    claimed_version=claimed_version,
                 )
             # A reply can overtake the commit that records its request as sent: while such a
             # send is in flight, its instance is about to wait for exactly this message.
@@ -293,16 +334,28 @@ class ProcessRuntime:
         correlation_key: str | None,
     ) -> bool:
         async with self.database.transaction() as session:
-            found = await repo.find_subscriptions(
-                session,
-                message_name=message_name,
-                business_key=business_key,
-                correlation_key=correlation_key,
+            return await self._waiting_in(
+                session, process_key, message_name, business_key, correlation_key
             )
-            for instance_id, _sub in found:
-                record = await repo.load_instance(session, instance_id)
-                if record is not None and self._deployed(record).definition.key == process_key:
-                    return True
+
+    async def _waiting_in(
+        self,
+        session: Session,
+        process_key: str,
+        message_name: str,
+        business_key: str,
+        correlation_key: str | None,
+    ) -> bool:
+        found = await repo.find_subscriptions(
+            session,
+            message_name=message_name,
+            business_key=business_key,
+            correlation_key=correlation_key,
+        )
+        for instance_id, _sub in found:
+            record = await repo.load_instance(session, instance_id)
+            if record is not None and self._deployed(record).definition.key == process_key:
+                return True
         return False
 
     async def correlate(
@@ -316,6 +369,7 @@ class ProcessRuntime:
         task_version: str = "1",
         actor: str = "remote",
         process_key: str | None = None,
+        claimed_version: str | None = None,
     ) -> str:
         """Continue the one instance waiting for this message; return its id.
 
@@ -333,6 +387,7 @@ class ProcessRuntime:
                     task_version=task_version,
                     actor=actor,
                     process_key=process_key,
+                    claimed_version=claimed_version,
                 )
             except ConcurrencyError:
                 continue
@@ -349,6 +404,7 @@ class ProcessRuntime:
         task_version: str,
         actor: str,
         process_key: str | None,
+        claimed_version: str | None = None,
     ) -> str:
         now = self.clock()
         async with self.database.transaction() as session:
@@ -382,7 +438,9 @@ class ProcessRuntime:
             with bound_context(instance_id=instance_id, business_key=business_key):
                 result = step(deployed.definition, record.state, event)
                 if task_id is not None:
-                    await self._record_incoming(session, task_id, task_version, instance_id)
+                    await self._record_incoming(
+                        session, task_id, task_version, instance_id, claimed_version
+                    )
                 await append_event(
                     session,
                     actor=actor,
@@ -419,11 +477,31 @@ class ProcessRuntime:
     # -- workers ------------------------------------------------------------------------------
 
     async def run_once(self) -> int:
-        """Perform what is due now: timers, jobs, outbox entries. Return how many were done."""
-        done = await self._fire_due_timers()
-        done += await self._run_due_jobs()
-        done += await self._run_due_outbox()
-        return done
+        """Perform what is due now: timers, jobs, outbox entries. Return how many were done.
+
+        One transaction looks for a due timer and leases the due jobs and outbox entries
+        (an idle round costs one round trip to the store, not three); then the timers fire,
+        and the jobs and effects run concurrently. Work they create is left to the next round,
+        which the wake-up starts at once.
+        """
+        now = self.clock()
+        settings = self.settings
+        async with self.database.transaction() as session:
+            timer_due = bool(await repo.due_timers(session, now, limit=1))
+            jobs = await repo.claim_jobs(
+                session, owner=self.owner, now=now, lease=settings.lease, limit=settings.batch
+            )
+            entries = await repo.claim_outbox(
+                session, owner=self.owner, now=now, lease=settings.lease, limit=settings.batch
+            )
+        fired = await self._fire_due_timers() if timer_due else 0
+        await _all(
+            [
+                *(self._run_job_or_retry(job) for job in jobs),
+                *(self._perform(entry) for entry in entries),
+            ]
+        )
+        return fired + len(jobs) + len(entries)
 
     async def run_until_idle(self, max_rounds: int = 10_000) -> int:
         """Work until nothing is due (tests, the demo); return the number of items done."""
@@ -803,12 +881,15 @@ class ProcessRuntime:
         state = result.state
         status = _STATUS[state["st"]]
         now = self.clock()
+        before = set() if fresh else set(_subscription_keys(record.state))
         if not fresh:
             record = await repo.save_instance(
                 session, record, state=state, status=status, now=now, ended=status != "running"
             )
         instance_id = record.id
-        await repo.replace_subscriptions(session, instance_id, _subscription_keys(state))
+        keys = _subscription_keys(state)
+        if set(keys) != before:  # most steps wait for no new message: spare the round trips
+            await repo.replace_subscriptions(session, instance_id, keys)
         pending = _Pending(instance_id, status)
         effects = list(result.effects)
         while effects:
@@ -944,7 +1025,12 @@ class ProcessRuntime:
         return pending
 
     async def _record_incoming(
-        self, session: Session, task_id: str, task_version: str, instance_id: str
+        self,
+        session: Session,
+        task_id: str,
+        task_version: str,
+        instance_id: str,
+        claimed_version: str | None = None,
     ) -> None:
         await repo.record_task_seen(
             session,
@@ -954,6 +1040,10 @@ class ProcessRuntime:
             status="in-progress",
             instance_id=instance_id,
         )
+        if claimed_version is not None:
+            await repo.set_task_seen_status(
+                session, task_id, claimed_version, TAKEN_IN, instance_id=instance_id
+            )
 
     def _after_commit(self, pending: _Pending) -> None:
         if pending.effects:
@@ -972,9 +1062,21 @@ class ProcessRuntime:
                 f"instance {record.id} belongs to process definition {record.definition_id}, "
                 "which is not deployed in this bridge"
             )
+        self._remember(record.id, record.definition_id)
         return deployed
 
+    def _remember(self, instance_id: str, definition_id: int) -> None:
+        """An instance's definition never changes: remember it (boundedly) so that running a
+        job needs no extra round trip to the store."""
+        self._definitions[instance_id] = definition_id
+        self._definitions.move_to_end(instance_id)
+        while len(self._definitions) > _REMEMBERED_INSTANCES:
+            self._definitions.popitem(last=False)
+
     async def _deployed_for(self, instance_id: str) -> DeployedProcess:
+        known = self._definitions.get(instance_id)
+        if known is not None and known in self._by_id:
+            return self._by_id[known]
         async with self.database.transaction() as session:
             record = await repo.load_instance(session, instance_id)
         if record is None:
