@@ -14,7 +14,13 @@ the effects to perform. No I/O, no SQL, no HTTP (enforced by import-linter). Mod
 
 from __future__ import annotations
 
-from dsf_bridge.engine.correlation import MessageSubscription, correlate, message_subscriptions
+from dsf_bridge.engine.correlation import (
+    MessageSubscription,
+    SignalWait,
+    correlate,
+    message_subscriptions,
+    signal_waits,
+)
 from dsf_bridge.engine.exceptions import (
     CorrelationError,
     DsfValidationError,
@@ -37,6 +43,7 @@ __all__ = [
     "ModelError",
     "NoOutgoingFlowError",
     "ProcessDefinition",
+    "SignalWait",
     "Step",
     "UnsafeXmlError",
     "UnsupportedElementError",
@@ -45,6 +52,7 @@ __all__ = [
     "message_subscriptions",
     "parse_bpmn",
     "parse_bpmn_file",
+    "signal_waits",
     "start",
     "step",
     "validate_document",

@@ -69,6 +69,28 @@ def message_subscriptions(state: Mapping[str, Any]) -> list[MessageSubscription]
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class SignalWait:
+    """One waiting signal catch (signals are broadcast: no business key, no correlation)."""
+
+    signal_name: str
+    token: str
+    element_id: str
+
+
+def signal_waits(state: Mapping[str, Any]) -> list[SignalWait]:
+    """The signal catches an instance state waits at (empty once it has ended)."""
+    if state.get("st") != "run":
+        return []
+    return [
+        SignalWait(key, tid, node_id)
+        for tid, token in state["tk"].items()
+        if token.get("p") == "w"
+        for node_id, kind, key in token["w"]
+        if kind == "s"
+    ]
+
+
 def correlate(
     candidates: Iterable[tuple[K, Iterable[MessageSubscription]]],
     *,

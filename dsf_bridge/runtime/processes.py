@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from dsf_bridge.engine.correlation import correlate, message_subscriptions
+from dsf_bridge.engine.correlation import correlate, message_subscriptions, signal_waits
 from dsf_bridge.engine.events import (
     CallHandler,
     CancelTimer,
@@ -114,6 +114,9 @@ class _Pending:
 
 
 _REMEMBERED_INSTANCES = 10_000
+
+# Signal waits live in the subscription table under this prefix and an empty business key.
+SIGNAL_SUBSCRIPTION = "signal:"
 
 # The status of a Task version intake claimed once its message reached an instance.
 TAKEN_IN = "started"
@@ -612,6 +615,16 @@ class ProcessRuntime:
                 job_id=job.id,
             )
             return
+        if job.kind == "signal":
+            name = str(payload["signal"])
+            await self._apply_event(
+                instance_id,
+                lambda now: SignalReceived(name, now),
+                action="signal.received",
+                reason=f"{name} thrown by instance/{payload.get('thrown_by')}",
+                job_id=job.id,
+            )
+            return
         deployed = await self._deployed_for(instance_id)
         if job.kind == "handler":
             effect = CallHandler(
@@ -977,8 +990,22 @@ class ProcessRuntime:
                     payload={"user_task_id": user_task_id},
                 )
             elif isinstance(effect, ThrowSignal):
-                # Signals reach the instance that throws them (DSF models use them to stop
-                # their own waits); a global broadcast across instances is not supported.
+                # A broadcast, as in Camunda: every instance waiting for the signal, of any
+                # process, gets it. The others by a job each (their own transaction, retried
+                # like any job); this one at once, in this step.
+                waiting = await repo.instances_waiting_for(
+                    session, f"{SIGNAL_SUBSCRIPTION}{effect.signal_name}"
+                )
+                for other in waiting:
+                    if other != instance_id:
+                        await repo.enqueue_job(
+                            session,
+                            kind="signal",
+                            instance_id=other,
+                            due_at=now,
+                            payload={"signal": effect.signal_name, "thrown_by": instance_id},
+                        )
+                pending.effects.extend("SignalJob" for other in waiting if other != instance_id)
                 follow = step(deployed.definition, state, SignalReceived(effect.signal_name, now))
                 state = follow.state
                 record = await repo.save_instance(
@@ -1105,13 +1132,21 @@ async def _all(work: Iterable[Awaitable[None]]) -> None:
 
 
 def _subscription_keys(state: Mapping[str, Any]) -> list[repo.SubscriptionKey]:
-    """What an instance state waits for, as the store indexes it."""
-    return [
+    """What an instance state waits for, as the store indexes it: messages by name and
+    business key, signals under :data:`SIGNAL_SUBSCRIPTION` + name for every business key."""
+    keys = [
         repo.SubscriptionKey(
             sub.token, sub.element_id, sub.message_name, sub.business_key, sub.correlation_key
         )
         for sub in message_subscriptions(state)
     ]
+    keys.extend(
+        repo.SubscriptionKey(
+            wait.token, wait.element_id, f"{SIGNAL_SUBSCRIPTION}{wait.signal_name}", "", None
+        )
+        for wait in signal_waits(state)
+    )
+    return keys
 
 
 def _target_label(payload: Mapping[str, Any]) -> str:

@@ -55,6 +55,7 @@ __all__ = [
     "find_subscriptions",
     "get_cursor",
     "get_task_seen",
+    "instances_waiting_for",
     "load_instance",
     "mark_outbox_done",
     "mark_outbox_failed",
@@ -235,6 +236,18 @@ async def replace_subscriptions(
         for sub in subscriptions
     )
     await session.flush()
+
+
+async def instances_waiting_for(session: AsyncSession, message_name: str) -> list[str]:
+    """Ids of the instances with a subscription of this name, whatever their business key
+    (signals: the runtime stores signal waits as subscriptions of a reserved name)."""
+    rows = await session.execute(
+        select(MessageSubscription.instance_id)
+        .where(MessageSubscription.message_name == message_name)
+        .distinct()
+        .order_by(MessageSubscription.instance_id)
+    )
+    return [row.instance_id for row in rows]
 
 
 async def find_subscriptions(

@@ -1,0 +1,95 @@
+"""Signals across instances, durably: DSF's own ping-autostart model, where a second instance
+(started by ``stopPingAutostart``) stops the first with a signal, on both databases."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry, SendContext
+from dsf_bridge.runtime.processes import ProcessRuntime
+from dsf_bridge.store import Database
+from dsf_bridge.store import repository as repo
+from dsf_bridge.store.tables import AuditEvent, MessageSubscription
+from tests.engine.corpus import PING_PONG, load_reference
+from tests.runtime.test_processes import FAST, Clock, FakeGateway
+
+KEY = "dsfdev_pingAutostart"
+SIGNAL = "stop_dsfdev_pingAutostart_1.0"
+
+
+def _handlers() -> HandlerRegistry:
+    registry = HandlerRegistry()
+
+    @registry.service("dev.dsf.bpe.service.SetTargetAndConfigureTimer")
+    def configure(ctx: HandlerContext) -> None:
+        ctx.set("timerInterval", "PT10M")
+        ctx.set(
+            "target",
+            {"organizationIdentifier": "local.example.org", "endpointIdentifier": "local"},
+        )
+
+    @registry.message_send("dev.dsf.bpe.message.SendStartPing")
+    def send_start_ping(ctx: SendContext) -> None:
+        return None
+
+    return registry
+
+
+@pytest.fixture
+async def runtime(database: Database) -> ProcessRuntime:
+    runtime = ProcessRuntime(database, FakeGateway(), owner="a", clock=Clock(), settings=FAST)
+    definition = load_reference(PING_PONG + "ping-autostart.bpmn")
+    await runtime.deploy(definition, _handlers(), plugin="test", model_hash="h" * 64)
+    return runtime
+
+
+async def _status(database: Database, instance_id: str) -> str:
+    async with database.transaction() as session:
+        record = await repo.load_instance(session, instance_id)
+    assert record is not None
+    return record.status
+
+
+async def test_a_stop_instance_stops_the_running_one(
+    runtime: ProcessRuntime, database: Database
+) -> None:
+    gateway = runtime.gateway
+    assert isinstance(gateway, FakeGateway)
+    running = await runtime.start(KEY, message_name="startPingAutostart", business_key="auto")
+    await runtime.run_until_idle()
+    assert await _status(database, running) == "running"
+    assert [task.message_name for task in gateway.sent] == ["startPing"]
+    async with database.transaction() as session:
+        waiting = await repo.instances_waiting_for(session, f"signal:{SIGNAL}")
+    assert waiting == [running]
+
+    stop = await runtime.start(KEY, message_name="stopPingAutostart", business_key="stop")
+    await runtime.run_until_idle()
+
+    assert await _status(database, stop) == "completed"
+    assert await _status(database, running) == "completed"  # it caught the signal
+    runtime.clock.advance(minutes=30)  # type: ignore[attr-defined]
+    await runtime.run_until_idle()
+    assert len(gateway.sent) == 1  # no further startPing after the stop
+    async with database.transaction() as session:
+        left = (await session.scalars(select(MessageSubscription.instance_id))).all()
+        received = (
+            await session.scalars(
+                select(AuditEvent.reason).where(AuditEvent.action == "signal.received")
+            )
+        ).all()
+    assert left == []
+    assert received == [f"{SIGNAL} thrown by instance/{stop}"]
+
+
+async def test_a_new_start_stops_the_older_instance(
+    runtime: ProcessRuntime, database: Database
+) -> None:
+    first = await runtime.start(KEY, message_name="startPingAutostart", business_key="one")
+    await runtime.run_until_idle()
+    second = await runtime.start(KEY, message_name="startPingAutostart", business_key="two")
+    await runtime.run_until_idle()
+
+    assert await _status(database, first) == "completed"
+    assert await _status(database, second) == "running"  # it threw before it waited
