@@ -89,6 +89,17 @@ def migrated_url(db_url: str) -> str:
 
 
 @pytest.fixture
+async def sqlite_database(sqlite_url: str) -> AsyncIterator[Database]:
+    """A migrated SQLite store alone, for tests about SQLite or that need only one kind."""
+    upgrade(sqlite_url)
+    db = Database(sqlite_url)
+    try:
+        yield db
+    finally:
+        await db.dispose()
+
+
+@pytest.fixture
 async def database(migrated_url: str) -> AsyncIterator[Database]:
     db = Database(migrated_url)
     try:

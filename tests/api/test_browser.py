@@ -17,21 +17,11 @@ from pydantic import SecretStr
 
 from dsf_bridge.api import ApiServer, create_app
 from dsf_bridge.config import ApiSettings
-from dsf_bridge.store import Database, upgrade
+from dsf_bridge.store import Database
 from tests.api.seed import Seeded, seed
 
 TOKEN = "browser-test-token-0123"
 CHROMIUM = os.environ.get("DSF_BRIDGE_CHROMIUM", "/usr/bin/chromium")
-
-
-@pytest.fixture
-async def store(sqlite_url: str) -> AsyncIterator[Database]:
-    upgrade(sqlite_url)
-    database = Database(sqlite_url)
-    try:
-        yield database
-    finally:
-        await database.dispose()
 
 
 @pytest.fixture
@@ -66,8 +56,9 @@ async def _page(browser: Browser, url: str, errors: list[str], *, token: str = T
 
 
 async def test_an_administrator_follows_an_instance_from_the_list_to_its_audit(
-    store: Database, browser: Browser
+    sqlite_database: Database, browser: Browser
 ) -> None:
+    store = sqlite_database
     seeded: Seeded = await seed(store)
     app = create_app(
         store, ApiSettings(token=SecretStr(TOKEN)), clock=seeded.clock, site="Hospital_A"

@@ -12,7 +12,7 @@ from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.tables import AuditEvent, MessageSubscription
 from tests.engine.corpus import PING_PONG, load_reference
-from tests.runtime.test_processes import FAST, Clock, FakeGateway
+from tests.runtime.test_processes import FAST, Clock, FakeGateway, _status
 
 KEY = "dsfdev_pingAutostart"
 SIGNAL = "stop_dsfdev_pingAutostart_1.0"
@@ -42,13 +42,6 @@ async def runtime(database: Database) -> ProcessRuntime:
     definition = load_reference(PING_PONG + "ping-autostart.bpmn")
     await runtime.deploy(definition, _handlers(), plugin="test", model_hash="h" * 64)
     return runtime
-
-
-async def _status(database: Database, instance_id: str) -> str:
-    async with database.transaction() as session:
-        record = await repo.load_instance(session, instance_id)
-    assert record is not None
-    return record.status
 
 
 async def test_a_stop_instance_stops_the_running_one(
