@@ -408,12 +408,18 @@ def demo_command(
     keep: Annotated[
         bool, typer.Option("--keep", help="Keep the temporary directory (stores, certificates).")
     ] = False,
+    serve: Annotated[
+        bool,
+        typer.Option(
+            "--serve", help="Then serve both sites' audit web pages until Ctrl-C (docs/api.md)."
+        ),
+    ] = False,
 ) -> None:
     """OMI inference on one machine: two sandbox sites (Hospital_A asks, AI_Provider infers),
     Orthanc with CT data, MLServer with the reference model. Exit 1 if a request failed."""
     # Warnings only: progress lines go to stderr, results to stdout.
     configure_logging("warning", "console")
-    status = run_demo(as_json=as_json, timeout=timeout, keep=keep)
+    status = run_demo(as_json=as_json, timeout=timeout, keep=keep, serve=serve)
     if status:
         raise typer.Exit(status)
 

@@ -18,7 +18,9 @@ import contextlib
 import copy
 import datetime as dt
 import json
+import secrets
 import shutil
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -30,11 +32,13 @@ from typing import Any, TextIO
 
 import numpy as np
 import pydicom
+from pydantic import SecretStr
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dsf_bridge.config import load_settings
+from dsf_bridge.api import ApiServer, create_app
+from dsf_bridge.config import ApiSettings, load_settings
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity
 from dsf_bridge.dsf.publication import publish
@@ -494,16 +498,54 @@ def _table(results: Sequence[DemoResult]) -> str:
     return "\n".join(lines)
 
 
+async def serve_audit(
+    db_urls: Mapping[str, str],
+    stop: asyncio.Event,
+    say: Any,
+    *,
+    token: str | None = None,
+    started: asyncio.Event | None = None,
+) -> dict[str, str]:
+    """Serve the admin web page of each site's store (read-only) until ``stop`` is set; return
+    the URL per organization. ``started`` is set once every page answers."""
+    secret = token or secrets.token_urlsafe(18)
+    settings = ApiSettings(token=SecretStr(secret))
+    urls: dict[str, str] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for organization, url in db_urls.items():
+            database = Database(url, read_only=True)
+            stack.push_async_callback(database.dispose)
+            app = create_app(database, settings, site=organization)
+            server = await stack.enter_async_context(ApiServer(app))
+            urls[organization] = f"{server.url}/ui/"
+            say(f"{organization}: audit web page at {urls[organization]}")
+        say(f"log in with any user name and the password {secret}; Ctrl-C stops")
+        if started is not None:
+            started.set()
+        await stop.wait()
+    return urls
+
+
+async def _serve_until_signalled(db_urls: Mapping[str, str], say: Any) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve_audit(db_urls, stop, say)
+
+
 def run_demo(
     *,
     as_json: bool = False,
     timeout: float = 120.0,
     keep: bool = False,
+    serve: bool = False,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """Run the demo; print the table (or one JSON object) to ``out``, progress to ``err``.
-    Return the exit status: 0 when every request completed."""
+    """Run the demo; print the table (or one JSON object) to ``out``, progress to ``err``;
+    with ``serve``, then serve both sites' audit web pages until interrupted. Return the exit
+    status: 0 when every request completed."""
     stdout = out if out is not None else sys.stdout
     stderr = err if err is not None else sys.stderr
 
@@ -531,13 +573,14 @@ def run_demo(
                     f"dsf-bridge audit verify --db-url {url}",
                     file=stdout,
                 )
-            print(
-                "  Read it in a browser: dsf-bridge api serve --db-url URL, then "
-                "http://127.0.0.1:8480/ui/ (set DSF_BRIDGE_API__TOKEN first)",
-                file=stdout,
-            )
-            if not keep:
-                print("  (run with --keep to keep the sites' files for that)", file=stdout)
+            if not serve:
+                print(
+                    "  Read it in a browser: run the demo with --serve, or keep the files "
+                    "(--keep) and run dsf-bridge api serve --db-url URL",
+                    file=stdout,
+                )
+        if serve:
+            asyncio.run(_serve_until_signalled(db_urls, say))
         if keep:
             say(f"kept the demo's files in {workdir}")
         return 0 if all(r.status == "completed" for r in results) else 1
