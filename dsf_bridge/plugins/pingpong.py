@@ -1,5 +1,6 @@
 """The DSF ping and pong processes as a dsf-bridge plugin, wire-compatible with the Java
-``dsf-process-ping-pong`` plugin (``http://dsf.dev/bpe/Process/ping|1.0`` and ``.../pong|1.0``).
+``dsf-process-ping-pong`` plugin (``http://dsf.dev/bpe/Process/ping|1.0``, ``.../pong|1.0`` and
+``.../pingAutostart|1.0``).
 
 A local ``startPing`` Task starts ``dsfdev_ping``: it selects its targets (every active Endpoint
 of the allow list but this site's own, or those the Task's ``target-endpoints`` search names),
@@ -10,9 +11,15 @@ target (``pong-received``, ``pong-missing``, ``not-reachable``, ``not-allowed``)
 ``dsfdev_pong``, which answers the Endpoint the ping names and records ``pong-status`` on the
 ping Task.
 
-The models (``bpmn/ping.bpmn``, ``bpmn/pong.bpmn``) and FHIR resources (``profiles/pingpong``)
-are ours; process ids, message names, canonical URLs, profiles, codes and the process
-authorization are the protocol and equal the Java plugin's.
+A local ``startPingAutostart`` Task starts ``dsfdev_pingAutostart``: it stops any older autostart
+instance (signal ``stop_dsfdev_pingAutostart_1.0``), then sends this site a ``startPing`` Task
+(with the start Task's ``target-endpoints``, if any) every ``timer-interval`` (ISO 8601, ``PT24H``
+unless the start Task names another), until a local ``stopPingAutostart`` Task throws the signal.
+
+The models (``bpmn/ping.bpmn``, ``bpmn/pong.bpmn``, ``bpmn/ping-autostart.bpmn``) and FHIR
+resources (``profiles/pingpong``) are ours; process ids, message and signal names, canonical
+URLs, profiles, codes and the process authorization are the protocol and equal the Java
+plugin's.
 
 Handlers reach the allow list and the start Task through a :class:`PingPongSite`: the bridge's
 runtime provides the local FHIR client and organization, from which :class:`FhirPingPongSite`
@@ -40,6 +47,7 @@ from dsf_bridge.dsf.vocabulary import (
     ENDPOINT_IDENTIFIER_SYSTEM,
     ORGANIZATION_IDENTIFIER_SYSTEM,
 )
+from dsf_bridge.engine.timers import TimerError, parse_duration
 from dsf_bridge.errors import BridgeError, ProcessModelError, RemoteError
 from dsf_bridge.plugins.api import ProcessPlugin
 from dsf_bridge.plugins.registry import (
@@ -52,6 +60,7 @@ from dsf_bridge.plugins.registry import (
 )
 
 __all__ = [
+    "PING_AUTOSTART_PROCESS",
     "PING_PROCESS",
     "PONG_PROCESS",
     "SERVICE_PONG_TIMEOUT",
@@ -60,6 +69,7 @@ __all__ = [
     "PingPongSite",
     "PongNotDeliveredError",
     "SiteEndpoint",
+    "TimerIntervalError",
     "bpmn_dir",
     "handlers",
     "plugin",
@@ -71,6 +81,7 @@ log = structlog.get_logger("dsf_bridge.plugins.pingpong")
 
 PING_PROCESS = "dsfdev_ping"
 PONG_PROCESS = "dsfdev_pong"
+PING_AUTOSTART_PROCESS = "dsfdev_pingAutostart"
 
 #: Service name of a :class:`PingPongSite` that replaces the FHIR-backed one (tests).
 SERVICE_SITE = "pingpong.site"
@@ -85,6 +96,8 @@ PING_STATUS = "ping-status"
 PONG_STATUS = "pong-status"
 ENDPOINT_IDENTIFIER = "endpoint-identifier"
 TARGET_ENDPOINTS = "target-endpoints"
+TIMER_INTERVAL = "timer-interval"
+DEFAULT_TIMER_INTERVAL = "PT24H"
 
 NOT_ALLOWED = "not-allowed"
 NOT_REACHABLE = "not-reachable"
@@ -102,6 +115,11 @@ _SEARCHABLE = re.compile(
 
 class PongNotDeliveredError(BridgeError):
     """The pong could not be posted to the pinging site; the ping Task fails with this."""
+
+
+class TimerIntervalError(BridgeError):
+    """The ``timer-interval`` of a ``startPingAutostart`` Task is not a positive ISO 8601
+    duration; the autostart instance fails and its start Task with it."""
 
 
 # -- where the plugin's files are -------------------------------------------------------------
@@ -501,6 +519,54 @@ async def save_pong_failure(ctx: HandlerContext) -> None:
     )
 
 
+# -- ping autostart ---------------------------------------------------------------------------
+# Registered under the Java plugin's class names, which its model (and ours) names.
+
+
+def _timer_interval(value: object) -> str:
+    """The ``timer-interval`` input as the timer takes it; ``PT24H`` when there is none."""
+    if value is None:
+        return DEFAULT_TIMER_INTERVAL
+    text = value.strip() if isinstance(value, str) else ""
+    try:
+        months, fixed = parse_duration(text)
+        positive = months > 0 or fixed.total_seconds() > 0
+    except TimerError:
+        positive = False
+    if not positive:  # PT0S would send startPing Tasks as fast as the bridge can
+        raise TimerIntervalError(
+            f"Task input {TIMER_INTERVAL} ({CODESYSTEM_PING}) is {value!r}, not a positive ISO "
+            "8601 duration such as PT24H, PT30M or P1D; ping autostart not started"
+        )
+    return text
+
+
+@handlers.service("dev.dsf.bpe.service.SetTargetAndConfigureTimer")
+async def set_target_and_configure_timer(ctx: HandlerContext) -> None:
+    """``timerInterval`` from the start Task (``PT24H`` by default); ``target``: this site's
+    own Endpoint, where every ``startPing`` goes."""
+    interval = _timer_interval(_input(_task(ctx), CODESYSTEM_PING, TIMER_INTERVAL))
+    local = await _site(ctx).local_endpoint()
+    log.info("ping_autostart.configured", timer_interval=interval, endpoint=local.identifier)
+    ctx.set("timerInterval", interval)
+    ctx.set(
+        "target",
+        {
+            "organizationIdentifier": local.organization,
+            "endpointIdentifier": local.identifier,
+            "endpointUrl": local.address,
+        },
+    )
+
+
+@handlers.message_send("dev.dsf.bpe.message.SendStartPing")
+def send_start_ping(ctx: SendContext) -> None:
+    """The ``startPing`` Task carries the start Task's ``target-endpoints`` search, if any."""
+    search = _input(_task(ctx), CODESYSTEM_PING, TARGET_ENDPOINTS)
+    if isinstance(search, str) and search:
+        ctx.add_input(CODESYSTEM_PING, TARGET_ENDPOINTS, search)
+
+
 # -- the plugin -------------------------------------------------------------------------------
 
 
@@ -517,10 +583,15 @@ def _plugin() -> ProcessPlugin:
         # 1.0.x.y: the resource version 1.0 of the Java plugin, so both speak ping|1.0.
         version="1.0.1.0",
         release_date=date(2026, 11, 23),
-        bpmn_files=(bpmn_dir() / "ping.bpmn", bpmn_dir() / "pong.bpmn"),
+        bpmn_files=(
+            bpmn_dir() / "ping.bpmn",
+            bpmn_dir() / "pong.bpmn",
+            bpmn_dir() / "ping-autostart.bpmn",
+        ),
         fhir_resources={
             PING_PROCESS: (activity / "ping.json", *shared),
             PONG_PROCESS: (activity / "pong.json", *shared),
+            PING_AUTOSTART_PROCESS: (activity / "ping-autostart.json", *shared),
         },
         handlers=handlers,
     )
