@@ -57,7 +57,7 @@ from dsf_bridge.engine.events import (
 )
 from dsf_bridge.engine.exceptions import CorrelationError
 from dsf_bridge.engine.interpreter import step
-from dsf_bridge.engine.model import ProcessDefinition
+from dsf_bridge.engine.model import EventKind, NodeKind, ProcessDefinition
 from dsf_bridge.errors import BridgeError, ConcurrencyError, ProcessExecutionError
 from dsf_bridge.logs import bound_context
 from dsf_bridge.plugins.invocation import invoke
@@ -103,6 +103,17 @@ class DeployedProcess:
     definition_id: int
     plugin: str
 
+    @property
+    def caught_signals(self) -> frozenset[str]:
+        """Names of the signals the model catches (intermediate and boundary events)."""
+        return frozenset(
+            node.signal_name
+            for node in self.definition.nodes.values()
+            if node.event is EventKind.SIGNAL
+            and node.signal_name
+            and node.kind in (NodeKind.INTERMEDIATE_CATCH_EVENT, NodeKind.BOUNDARY_EVENT)
+        )
+
 
 @dataclass
 class _Pending:
@@ -117,6 +128,18 @@ _REMEMBERED_INSTANCES = 10_000
 
 # Signal waits live in the subscription table under this prefix and an empty business key.
 SIGNAL_SUBSCRIPTION = "signal:"
+# How soon a signal job looks again at an instance that was busy between two waits.
+_SIGNAL_RECHECK = dt.timedelta(milliseconds=200)
+_SIGNAL_PATIENCE = dt.timedelta(seconds=5)
+# Token phases of an instance at rest: waiting for events or a user task, or a container
+# (embedded subprocess, multi-instance) whose inner tokens say for themselves.
+_AT_REST = frozenset({"w", "u", "sp", "mi"})
+
+
+def _busy(state: Mapping[str, Any]) -> bool:
+    """Whether a token of the instance is moving (a handler, an async step, a listener)."""
+    return any(token.get("p") not in _AT_REST for token in (state.get("tk") or {}).values())
+
 
 # The status of a Task version intake claimed once its message reached an instance.
 TAKEN_IN = "started"
@@ -616,14 +639,7 @@ class ProcessRuntime:
             )
             return
         if job.kind == "signal":
-            name = str(payload["signal"])
-            await self._apply_event(
-                instance_id,
-                lambda now: SignalReceived(name, now),
-                action="signal.received",
-                reason=f"{name} thrown by instance/{payload.get('thrown_by')}",
-                job_id=job.id,
-            )
+            await self._deliver_signal(job, instance_id)
             return
         deployed = await self._deployed_for(instance_id)
         if job.kind == "handler":
@@ -652,6 +668,39 @@ class ProcessRuntime:
             await self._prepare_send(job, instance_id, deployed)
             return
         raise ProcessExecutionError(f"unknown job kind {job.kind!r}")  # pragma: no cover
+
+    async def _deliver_signal(self, job: repo.ClaimedJob, instance_id: str) -> None:
+        """Give an instance a signal thrown by another one.
+
+        If it waits for the signal now, it gets it. If it is between two waits (a token of its
+        runs a handler or an async step), the job comes back shortly, until the instance waits
+        again: a signal thrown while a loop sends its next Task still stops the loop. An
+        instance at rest that does not wait for the signal, or that has ended, ignores it.
+        """
+        name = str(job.payload["signal"])
+        async with self.database.transaction() as session:
+            record = await repo.load_instance(session, instance_id)
+            if record is None or record.status != "running":
+                await repo.complete_job(session, job.id, self.owner)
+                return
+            waits = {wait.signal_name for wait in signal_waits(record.state)}
+            if name not in waits:
+                if _busy(record.state):
+                    # 0.2 s, doubling up to 5 s: a long handler (an inference) costs few looks.
+                    delay = min(_SIGNAL_RECHECK * 2 ** min(job.attempts - 1, 5), _SIGNAL_PATIENCE)
+                    await repo.postpone_job(
+                        session, job.id, self.owner, due_at=self.clock() + delay
+                    )
+                else:
+                    await repo.complete_job(session, job.id, self.owner)
+                return
+        await self._apply_event(
+            instance_id,
+            lambda now: SignalReceived(name, now),
+            action="signal.received",
+            reason=f"{name} thrown by instance/{job.payload.get('thrown_by')}",
+            job_id=job.id,
+        )
 
     async def _prepare_send(
         self, job: repo.ClaimedJob, instance_id: str, deployed: DeployedProcess
@@ -903,6 +952,10 @@ class ProcessRuntime:
         keys = _subscription_keys(state)
         if set(keys) != before:  # most steps wait for no new message: spare the round trips
             await repo.replace_subscriptions(session, instance_id, keys)
+            if any(key.message_name.startswith(SIGNAL_SUBSCRIPTION) for key in keys):
+                # A signal thrown while this instance was busy waits in a postponed job: it
+                # is due now that the instance waits again.
+                await repo.hasten_jobs(session, instance_id, "signal", now)
         pending = _Pending(instance_id, status)
         effects = list(result.effects)
         while effects:
@@ -993,19 +1046,30 @@ class ProcessRuntime:
                 # A broadcast, as in Camunda: every instance waiting for the signal, of any
                 # process, gets it. The others by a job each (their own transaction, retried
                 # like any job); this one at once, in this step.
-                waiting = await repo.instances_waiting_for(
-                    session, f"{SIGNAL_SUBSCRIPTION}{effect.signal_name}"
+                # Also running instances that can catch it but are between two waits right now
+                # (a handler job of theirs is under way): their signal job waits for them to
+                # settle (see _deliver_signal), as Camunda's locking would make them.
+                catchers = [
+                    deployed_id
+                    for deployed_id, other_process in self._by_id.items()
+                    if effect.signal_name in other_process.caught_signals
+                ]
+                waiting = set(
+                    await repo.instances_waiting_for(
+                        session, f"{SIGNAL_SUBSCRIPTION}{effect.signal_name}"
+                    )
                 )
-                for other in waiting:
-                    if other != instance_id:
-                        await repo.enqueue_job(
-                            session,
-                            kind="signal",
-                            instance_id=other,
-                            due_at=now,
-                            payload={"signal": effect.signal_name, "thrown_by": instance_id},
-                        )
-                pending.effects.extend("SignalJob" for other in waiting if other != instance_id)
+                waiting.update(await repo.running_instances_of(session, catchers))
+                waiting.discard(instance_id)
+                for other in sorted(waiting):
+                    await repo.enqueue_job(
+                        session,
+                        kind="signal",
+                        instance_id=other,
+                        due_at=now,
+                        payload={"signal": effect.signal_name, "thrown_by": instance_id},
+                    )
+                    pending.effects.append("SignalJob")
                 follow = step(deployed.definition, state, SignalReceived(effect.signal_name, now))
                 state = follow.state
                 record = await repo.save_instance(

@@ -55,15 +55,18 @@ __all__ = [
     "find_subscriptions",
     "get_cursor",
     "get_task_seen",
+    "hasten_jobs",
     "instances_waiting_for",
     "load_instance",
     "mark_outbox_done",
     "mark_outbox_failed",
     "next_timer_due",
+    "postpone_job",
     "record_task_seen",
     "replace_subscriptions",
     "retry_job",
     "retry_outbox",
+    "running_instances_of",
     "save_instance",
     "sends_in_flight",
     "set_task_seen_status",
@@ -248,6 +251,49 @@ async def instances_waiting_for(session: AsyncSession, message_name: str) -> lis
         .order_by(MessageSubscription.instance_id)
     )
     return [row.instance_id for row in rows]
+
+
+async def running_instances_of(session: AsyncSession, definition_ids: Sequence[int]) -> list[str]:
+    """Ids of the running instances of these deployed definitions."""
+    if not definition_ids:
+        return []
+    rows = await session.execute(
+        select(ProcessInstance.id)
+        .where(ProcessInstance.definition_id.in_(definition_ids))
+        .where(ProcessInstance.status == "running")
+        .order_by(ProcessInstance.id)
+    )
+    return [row.id for row in rows]
+
+
+async def postpone_job(
+    session: AsyncSession, job_id: int, owner: str, *, due_at: dt.datetime
+) -> None:
+    """Release a leased job to run again at ``due_at`` without using up a retry."""
+    result = await session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .where(Job.lease_owner == owner)
+        .values(due_at=due_at, lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise ConcurrencyError(f"job {job_id} is no longer leased to {owner}")
+
+
+async def hasten_jobs(
+    session: AsyncSession, instance_id: str, kind: str, due_at: dt.datetime
+) -> None:
+    """Make the instance's unleased jobs of ``kind`` due at ``due_at`` at the latest."""
+    await session.execute(
+        update(Job)
+        .where(Job.instance_id == instance_id)
+        .where(Job.kind == kind)
+        .where(Job.lease_owner.is_(None))
+        .where(Job.due_at > due_at)
+        .values(due_at=due_at)
+        .execution_options(synchronize_session=False)
+    )
 
 
 async def find_subscriptions(

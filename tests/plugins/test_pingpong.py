@@ -933,11 +933,6 @@ async def test_autostart_with_a_malformed_timer_interval_fails_its_task(network:
     assert _start_pings(network) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime: a signal reaches only instances waiting for it when it is thrown; one "
-    "between its timer and its next wait (the startPing send job pending) misses it",
-)
 async def test_a_stop_while_the_autostart_sends_its_next_start_ping_still_stops_it(
     database: Database,
 ) -> None:
