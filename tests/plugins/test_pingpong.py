@@ -100,18 +100,25 @@ def _harness(site: FakeSite, *, roundtrip_json: bool = True) -> ProcessHarness:
     )
 
 
-def _start_task(*inputs: dict[str, object]) -> dict[str, object]:
+def _local_task(
+    task_id: str, profile: str, message_name: str, *inputs: dict[str, object]
+) -> dict[str, object]:
+    """The ``task`` variable of a local start Task (what intake hands the process)."""
     return {
         "task": {
-            "id": "start-1",
+            "id": task_id,
             "requester": "Site_A",
-            "profile": "http://dsf.dev/fhir/StructureDefinition/task-start-ping|1.0",
+            "profile": f"http://dsf.dev/fhir/StructureDefinition/{profile}|1.0",
             "inputs": [
-                {"system": BPMN_MESSAGE_SYSTEM, "code": "message-name", "value": "startPing"},
+                {"system": BPMN_MESSAGE_SYSTEM, "code": "message-name", "value": message_name},
                 *inputs,
             ],
         }
     }
+
+
+def _start_task(*inputs: dict[str, object]) -> dict[str, object]:
+    return _local_task("start-1", "task-start-ping", "startPing", *inputs)
 
 
 def _statuses(outputs: list[dict[str, Any]]) -> dict[str, str]:
@@ -310,21 +317,7 @@ SEARCH_B = f"Endpoint?identifier={ENDPOINT_IDENTIFIER_SYSTEM}|Site_B_Endpoint"
 
 
 def _autostart_task(*inputs: dict[str, object]) -> dict[str, object]:
-    return {
-        "task": {
-            "id": "autostart-1",
-            "requester": "Site_A",
-            "profile": "http://dsf.dev/fhir/StructureDefinition/task-start-ping-autostart|1.0",
-            "inputs": [
-                {
-                    "system": BPMN_MESSAGE_SYSTEM,
-                    "code": "message-name",
-                    "value": "startPingAutostart",
-                },
-                *inputs,
-            ],
-        }
-    }
+    return _local_task("autostart-1", "task-start-ping-autostart", "startPingAutostart", *inputs)
 
 
 def test_autostart_sends_start_ping_to_this_site_every_interval_until_stopped() -> None:
