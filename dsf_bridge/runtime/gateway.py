@@ -5,17 +5,30 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import structlog
 
 from dsf_bridge.dsf.client import FhirClient, RetryPolicy
 from dsf_bridge.dsf.endpoints import TargetError, resolve_target
-from dsf_bridge.dsf.tasks import build_task, updated_task
+from dsf_bridge.dsf.tasks import build_task, input_values, updated_task
+from dsf_bridge.dsf.vocabulary import ORGANIZATION_IDENTIFIER_SYSTEM
 from dsf_bridge.errors import RemoteError
 from dsf_bridge.runtime.ports import OutgoingTask, UserTaskRequest
 
 __all__ = ["DsfTaskGateway"]
+
+
+def _fingerprint(task: Mapping[str, Any]) -> tuple[object, ...]:
+    """What makes a sent Task this send's: canonical, message, business and correlation key."""
+    return (
+        task.get("instantiatesCanonical"),
+        tuple(input_values(task, "message-name")),
+        tuple(input_values(task, "business-key")),
+        tuple(input_values(task, "correlation-key")),
+    )
+
 
 log = structlog.get_logger("dsf_bridge.gateway")
 
@@ -70,9 +83,20 @@ class DsfTaskGateway:
             requester=self.local_organization,
             recipient=target.organization,
             inputs=task.inputs,
-            authored_on=self.clock(),
+            authored_on=task.authored_on or self.clock(),
         )
-        result = await self._client_for(target.address).create(body, return_minimal=True)
+        client = self._client_for(target.address)
+        if task.maybe_delivered and task.authored_on is not None:
+            delivered = await self._delivered_before(client, body)
+            if delivered is not None:
+                log.info(
+                    "task.already_sent",
+                    message_name=task.message_name,
+                    recipient=target.organization,
+                    location=delivered,
+                )
+                return delivered
+        result = await client.create(body, return_minimal=True)
         if result.status != 201 or not result.location:
             raise RemoteError(
                 f"{target.address} answered {result.status} without a Location to the Task",
@@ -85,6 +109,31 @@ class DsfTaskGateway:
             location=result.location,
         )
         return result.location
+
+    async def _delivered_before(self, client: FhirClient, body: dict[str, Any]) -> str | None:
+        """The location of a Task an earlier attempt of this send created, if any.
+
+        Searched by requester and ``authoredOn`` (fixed when the send was queued, to the
+        millisecond; both DSF search parameters, and the requester may read its Tasks), then
+        matched on canonical, message name, business key and correlation key. A server that
+        cannot answer leaves the decision to posting again: at least once rather than never.
+        """
+        params = [
+            ("requester:identifier", f"{ORGANIZATION_IDENTIFIER_SYSTEM}|{self.local_organization}"),
+            ("authored-on", f"eq{body['authoredOn']}"),
+            ("_count", "50"),
+        ]
+        try:
+            found = await client.search("Task", params)
+        except RemoteError as exc:
+            log.warning("task.resend_check_failed", error=str(exc))
+            return None
+        wanted = _fingerprint(body)
+        for candidate in found:
+            if _fingerprint(candidate) == wanted and candidate.get("id"):
+                version = (candidate.get("meta") or {}).get("versionId") or "1"
+                return f"{client.base_url}/Task/{candidate['id']}/_history/{version}"
+        return None
 
     async def complete_task(self, task_id: str) -> None:
         await self._finish(task_id, "completed", None)

@@ -3,11 +3,13 @@
 The DSF network layer implements :class:`TaskGateway` over mutual TLS; tests use an in-memory
 one. Every call may be repeated after a crash (effects are performed at least once from the
 outbox), so implementations make them idempotent where the protocol allows: setting a Task
-``completed`` twice is harmless, and a send is recorded before it is performed.
+``completed`` twice is harmless, a send is recorded before it is performed, and a repeated
+send first looks for the Task an earlier attempt may have delivered.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,6 +29,12 @@ class OutgoingTask:
     correlation_key: str | None
     target: Mapping[str, object] | None
     inputs: Sequence[Mapping[str, object]] = field(default_factory=tuple)
+    # Fixed when the send was queued, the same in every attempt: with the requester, it is
+    # how a repeated attempt finds a Task an earlier one delivered.
+    authored_on: dt.datetime | None = None
+    # An earlier attempt may have reached the target (a crash or a lost answer after the
+    # POST): look for its Task before posting again.
+    maybe_delivered: bool = False
 
 
 @dataclass(frozen=True, slots=True)

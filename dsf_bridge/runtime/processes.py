@@ -136,6 +136,16 @@ _SIGNAL_PATIENCE = dt.timedelta(seconds=5)
 _AT_REST = frozenset({"w", "u", "sp", "mi"})
 
 
+def _parse_time(value: object) -> dt.datetime | None:
+    """An ISO timestamp from an outbox payload (``None`` for sends queued before it was kept)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
 def _busy(state: Mapping[str, Any]) -> bool:
     """Whether a token of the instance is moving (a handler, an async step, a listener)."""
     return any(token.get("p") not in _AT_REST for token in (state.get("tk") or {}).values())
@@ -743,6 +753,7 @@ class ProcessRuntime:
             "target": dict(send.target) if send.target is not None else None,
             "inputs": list(send.inputs),
             "failure_errors": dict(send.failure_errors),
+            "authored_on": self.clock().isoformat(),
             "updates": dict(completed.variables),
             "local_updates": dict(getattr(completed, "local_variables", {})),
         }
@@ -838,6 +849,10 @@ class ProcessRuntime:
                     correlation_key=payload.get("correlation_key"),
                     target=payload.get("target"),
                     inputs=tuple(payload.get("inputs") or ()),
+                    authored_on=_parse_time(payload.get("authored_on")),
+                    # The lease counts attempts: from the second on, an earlier one may have
+                    # delivered the Task (a crash or a lost answer after the POST).
+                    maybe_delivered=entry.attempts > 1,
                 )
             )
         if entry.kind == "complete-task":

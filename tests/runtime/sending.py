@@ -5,6 +5,7 @@ right after the commit that queues the send (``python -m tests.runtime.sending D
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import signal
@@ -19,7 +20,8 @@ from dsf_bridge.dsf.identity import build_ssl_context, load_identity
 from dsf_bridge.engine import load_process
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry, SendContext
 from dsf_bridge.runtime.gateway import DsfTaskGateway
-from dsf_bridge.runtime.processes import ProcessRuntime
+from dsf_bridge.runtime.ports import OutgoingTask
+from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
 from dsf_bridge.store import Database
 from dsf_bridge.store.tables import OutboxEntry
 
@@ -92,11 +94,14 @@ def site_client(config: dict[str, str]) -> tuple[FhirClient, Any]:
 
 
 async def runtime_for(
-    database: Database, config: dict[str, str], owner: str
+    database: Database,
+    config: dict[str, str],
+    owner: str,
+    settings: RuntimeSettings | None = None,
 ) -> tuple[ProcessRuntime, DsfTaskGateway]:
     client, context = site_client(config)
     gateway = DsfTaskGateway(client, context, config["organization"], retry=FAST)
-    runtime = ProcessRuntime(database, gateway, owner=owner)
+    runtime = ProcessRuntime(database, gateway, owner=owner, settings=settings)
     definition = load_process(MODEL.read_bytes(), MODEL.name, resource_version="1.0")
     await runtime.deploy(definition, handlers(), plugin="test", model_hash="0" * 64)
     return runtime, gateway
@@ -127,5 +132,32 @@ async def _killed_after_commit(db_url: str, config: dict[str, str]) -> None:
     raise SystemExit("the send was never queued")
 
 
+# The doomed process's leases expire this soon, so that the restarted one may take over.
+SHORT_LEASE = RuntimeSettings(lease=dt.timedelta(seconds=1))
+
+
+async def _killed_after_send(db_url: str, config: dict[str, str]) -> None:
+    database = Database(db_url)
+    runtime, gateway = await runtime_for(database, config, owner="doomed", settings=SHORT_LEASE)
+    post = gateway.send_task
+
+    async def post_then_die(task: OutgoingTask) -> str:
+        location = await post(task)
+        # The target holds the Task; the commit that records the send never happens.
+        os.kill(os.getpid(), signal.SIGKILL)
+        return location  # pragma: no cover
+
+    gateway.send_task = post_then_die  # type: ignore[method-assign]
+    await runtime.start(
+        KEY,
+        message_name="start",
+        business_key="bk-posted",
+        variables={"target": {"organizationIdentifier": config["target"]}},
+    )
+    await runtime.run_until_idle()
+    raise SystemExit("the send was never performed")
+
+
 if __name__ == "__main__":
-    asyncio.run(_killed_after_commit(sys.argv[1], json.loads(sys.argv[2])))
+    doom = _killed_after_send if sys.argv[3:] == ["after-send"] else _killed_after_commit
+    asyncio.run(doom(sys.argv[1], json.loads(sys.argv[2])))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime as dt
 import json
 import signal
 import sys
@@ -13,10 +15,20 @@ from typing import Any
 import pytest
 
 from dsf_bridge.dsf.tasks import input_values
+from dsf_bridge.runtime.gateway import DsfTaskGateway
+from dsf_bridge.runtime.ports import OutgoingTask
 from dsf_bridge.sandbox.network import SandboxNetwork
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
-from tests.runtime.sending import KEY, PROVIDER_DEFINITION, close, runtime_for, site_client
+from tests.runtime.sending import (
+    FAST,
+    KEY,
+    PROVIDER_DEFINITION,
+    SHORT_LEASE,
+    close,
+    runtime_for,
+    site_client,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUESTER = "Site_A"
@@ -108,3 +120,77 @@ async def test_killed_between_commit_and_send_delivers_once_after_restart(
         await database.dispose()
     (arrived,) = _requests_at_provider(network)
     assert input_values(arrived, "business-key") == ["bk-kill"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_killed_after_the_target_accepted_the_task_sends_no_second_one(
+    network: SandboxNetwork, migrated_url: str
+) -> None:
+    config = _config(network, REQUESTER)
+    doomed = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.runtime.sending",
+        migrated_url,
+        json.dumps(config),
+        "after-send",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    _out, err = await doomed.communicate()
+    assert doomed.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    (posted,) = _requests_at_provider(network)  # delivered, but never recorded as sent
+    await asyncio.sleep(SHORT_LEASE.lease.total_seconds() + 0.2)  # the dead lease runs out
+
+    database = Database(migrated_url)
+    runtime, gateway = await runtime_for(database, config, owner="restarted")
+    try:
+        await runtime.run_until_idle()
+        async with database.transaction() as session:
+            (sent,) = await repo.tasks_with_status(session, "outgoing", "requested")
+            assert sent.instance_id is not None
+            record = await repo.load_instance(session, sent.instance_id)
+    finally:
+        await close(gateway)
+        await database.dispose()
+    assert [task["id"] for task in _requests_at_provider(network)] == [posted["id"]]
+    assert sent.task_id == posted["id"]  # recorded under the Task the first attempt created
+    assert record is not None
+    assert record.status == "running"  # the send counts as done: it waits for the reply
+
+
+async def test_a_repeated_send_finds_its_task_and_a_failed_search_posts_again(
+    network: SandboxNetwork,
+) -> None:
+    config = _config(network, REQUESTER)
+    client, context = site_client(config)
+    gateway = DsfTaskGateway(client, context, REQUESTER, retry=FAST)
+    authored = dt.datetime(2026, 11, 23, 9, 30, 15, 123456, tzinfo=dt.UTC)
+    send = OutgoingTask(
+        instance_id="i-1",
+        business_key="bk-repeat",
+        instantiates_canonical="http://test.org/bpe/Process/provide|1.0",
+        message_name="request",
+        profile="http://test.org/fhir/StructureDefinition/task-request|1.0",
+        correlation_key=None,
+        target={"organizationIdentifier": PROVIDER},
+        authored_on=authored,
+    )
+    try:
+        first = await gateway.send_task(send)
+        again = await gateway.send_task(dataclasses.replace(send, maybe_delivered=True))
+        other = await gateway.send_task(
+            dataclasses.replace(send, business_key="bk-other", maybe_delivered=True)
+        )
+        network.servers[PROVIDER].service.inject_failures("GET", "Task", [500] * 5)
+        blind = await gateway.send_task(
+            dataclasses.replace(send, business_key="bk-blind", maybe_delivered=True)
+        )
+    finally:
+        await close(gateway)
+    assert again == first  # found, not posted again
+    assert other != first  # another business key is another Task
+    keys = sorted(input_values(task, "business-key")[0] for task in _requests_at_provider(network))
+    assert keys == ["bk-blind", "bk-other", "bk-repeat"]
+    assert blind not in (first, other)
