@@ -20,9 +20,27 @@ from dsf_bridge.runtime.ports import OutgoingTask, UserTaskRequest
 __all__ = ["DsfTaskGateway"]
 
 
+def _instant(value: object) -> dt.datetime | None:
+    """A FHIR dateTime with a time zone as an aware datetime (``None`` for anything else)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
 def _fingerprint(task: Mapping[str, Any]) -> tuple[object, ...]:
-    """What makes a sent Task this send's: canonical, message, business and correlation key."""
+    """What makes a sent Task this send's: recipient, profile, canonical, message name,
+    business and correlation key."""
+    recipients = [
+        (r.get("identifier") or {}).get("value")
+        for r in (task.get("restriction") or {}).get("recipient") or []
+    ]
     return (
+        tuple(recipients),
+        tuple((task.get("meta") or {}).get("profile") or ()),
         task.get("instantiatesCanonical"),
         tuple(input_values(task, "message-name")),
         tuple(input_values(task, "business-key")),
@@ -113,15 +131,24 @@ class DsfTaskGateway:
     async def _delivered_before(self, client: FhirClient, body: dict[str, Any]) -> str | None:
         """The location of a Task an earlier attempt of this send created, if any.
 
-        Searched by requester and ``authoredOn`` (fixed when the send was queued, to the
-        millisecond; both DSF search parameters, and the requester may read its Tasks), then
-        matched on canonical, message name, business key and correlation key. A server that
-        cannot answer leaves the decision to posting again: at least once rather than never.
+        Searched by requester, profile and ``authoredOn`` (DSF search parameters; the requester
+        may read its Tasks), then matched here on the exact ``authoredOn`` instant (fixed when
+        the send was queued, to the millisecond), recipient, canonical, message name, business
+        key and correlation key. The search asks for a window of a day either side rather than
+        the instant: DSF 1.x compares ``authoredOn`` without its time zone, in the server's
+        local time. A server that cannot answer leaves the decision to posting again: at least
+        once rather than never.
         """
+        authored = _instant(body.get("authoredOn"))
+        if authored is None:
+            return None
+        window = dt.timedelta(days=1)
         params = [
             ("requester:identifier", f"{ORGANIZATION_IDENTIFIER_SYSTEM}|{self.local_organization}"),
-            ("authored-on", f"eq{body['authoredOn']}"),
-            ("_count", "50"),
+            ("_profile", str((body.get("meta") or {}).get("profile", [""])[0])),
+            ("authored-on", f"ge{(authored - window).isoformat(timespec='milliseconds')}"),
+            ("authored-on", f"le{(authored + window).isoformat(timespec='milliseconds')}"),
+            ("_count", "200"),
         ]
         try:
             found = await client.search("Task", params)
@@ -130,7 +157,11 @@ class DsfTaskGateway:
             return None
         wanted = _fingerprint(body)
         for candidate in found:
-            if _fingerprint(candidate) == wanted and candidate.get("id"):
+            if (
+                _instant(candidate.get("authoredOn")) == authored
+                and _fingerprint(candidate) == wanted
+                and candidate.get("id")
+            ):
                 version = (candidate.get("meta") or {}).get("versionId") or "1"
                 return f"{client.base_url}/Task/{candidate['id']}/_history/{version}"
         return None

@@ -131,9 +131,6 @@ SIGNAL_SUBSCRIPTION = "signal:"
 # How soon a signal job looks again at an instance that was busy between two waits.
 _SIGNAL_RECHECK = dt.timedelta(milliseconds=200)
 _SIGNAL_PATIENCE = dt.timedelta(seconds=5)
-# Token phases of an instance at rest: waiting for events or a user task, or a container
-# (embedded subprocess, multi-instance) whose inner tokens say for themselves.
-_AT_REST = frozenset({"w", "u", "sp", "mi"})
 
 
 def _parse_time(value: object) -> dt.datetime | None:
@@ -144,11 +141,6 @@ def _parse_time(value: object) -> dt.datetime | None:
         return dt.datetime.fromisoformat(value)
     except ValueError:
         return None
-
-
-def _busy(state: Mapping[str, Any]) -> bool:
-    """Whether a token of the instance is moving (a handler, an async step, a listener)."""
-    return any(token.get("p") not in _AT_REST for token in (state.get("tk") or {}).values())
 
 
 # The status of a Task version intake claimed once its message reached an instance.
@@ -680,36 +672,37 @@ class ProcessRuntime:
         raise ProcessExecutionError(f"unknown job kind {job.kind!r}")  # pragma: no cover
 
     async def _deliver_signal(self, job: repo.ClaimedJob, instance_id: str) -> None:
-        """Give an instance a signal thrown by another one.
+        """Give an instance a signal thrown by another one, deciding in the transaction that
+        applies it (the instance cannot move on between the look and the step).
 
-        If it waits for the signal now, it gets it. If it is between two waits (a token of its
-        runs a handler or an async step), the job comes back shortly, until the instance waits
-        again: a signal thrown while a loop sends its next Task still stops the loop. An
-        instance at rest that does not wait for the signal, or that has ended, ignores it.
+        If it waits for the signal, it gets it. If it is between two waits with work still to
+        run (a handler or async job, a Task send), the job comes back later, and at once when
+        the instance waits again: a signal thrown while a loop sends its next Task still stops
+        the loop. An instance with nothing left to run that does not wait for the signal (at
+        rest elsewhere, or stuck behind a dead job), or that has ended, ignores it.
         """
         name = str(job.payload["signal"])
-        async with self.database.transaction() as session:
-            record = await repo.load_instance(session, instance_id)
-            if record is None or record.status != "running":
+
+        async def not_now(session: Session, record: repo.InstanceRecord) -> bool:
+            if record.status == "running" and name in {
+                wait.signal_name for wait in signal_waits(record.state)
+            }:
+                return False
+            if record.status == "running" and await repo.has_live_work(session, instance_id):
+                # 0.2 s, doubling up to 5 s: a long handler (an inference) costs few looks.
+                delay = min(_SIGNAL_RECHECK * 2 ** min(job.attempts - 1, 5), _SIGNAL_PATIENCE)
+                await repo.postpone_job(session, job.id, self.owner, due_at=self.clock() + delay)
+            else:
                 await repo.complete_job(session, job.id, self.owner)
-                return
-            waits = {wait.signal_name for wait in signal_waits(record.state)}
-            if name not in waits:
-                if _busy(record.state):
-                    # 0.2 s, doubling up to 5 s: a long handler (an inference) costs few looks.
-                    delay = min(_SIGNAL_RECHECK * 2 ** min(job.attempts - 1, 5), _SIGNAL_PATIENCE)
-                    await repo.postpone_job(
-                        session, job.id, self.owner, due_at=self.clock() + delay
-                    )
-                else:
-                    await repo.complete_job(session, job.id, self.owner)
-                return
+            return True
+
         await self._apply_event(
             instance_id,
             lambda now: SignalReceived(name, now),
             action="signal.received",
             reason=f"{name} thrown by instance/{job.payload.get('thrown_by')}",
             job_id=job.id,
+            unless=not_now,
         )
 
     async def _prepare_send(
@@ -916,8 +909,13 @@ class ProcessRuntime:
         action: str,
         reason: str,
         job_id: int | None = None,
+        unless: Callable[[Session, repo.InstanceRecord], Awaitable[bool]] | None = None,
     ) -> None:
-        """Apply one event to an instance in one transaction, replaying on lost races."""
+        """Apply one event to an instance in one transaction, replaying on lost races.
+
+        ``unless`` sees the instance in that transaction first; when it answers ``True`` it has
+        dealt with the job itself and no step is taken.
+        """
         for _ in range(self.settings.conflict_retries):
             now = self.clock()
             try:
@@ -925,6 +923,8 @@ class ProcessRuntime:
                     record = await repo.load_instance(session, instance_id)
                     if record is None:
                         raise ProcessExecutionError(f"instance {instance_id} does not exist")
+                    if unless is not None and await unless(session, record):
+                        return
                     deployed = self._deployed(record)
                     with bound_context(instance_id=instance_id, business_key=record.business_key):
                         result = step(deployed.definition, record.state, make_event(now))

@@ -55,6 +55,7 @@ __all__ = [
     "find_subscriptions",
     "get_cursor",
     "get_task_seen",
+    "has_live_work",
     "hasten_jobs",
     "instances_waiting_for",
     "load_instance",
@@ -264,6 +265,28 @@ async def running_instances_of(session: AsyncSession, definition_ids: Sequence[i
         .order_by(ProcessInstance.id)
     )
     return [row.id for row in rows]
+
+
+async def has_live_work(session: AsyncSession, instance_id: str) -> bool:
+    """Whether the instance has work that will move it on: a job other than a signal job with
+    retries left, or a Task send still to perform."""
+    job = await session.execute(
+        select(Job.id)
+        .where(Job.instance_id == instance_id)
+        .where(Job.kind != "signal")
+        .where(Job.retries_left >= 0)
+        .limit(1)
+    )
+    if job.first() is not None:
+        return True
+    send = await session.execute(
+        select(OutboxEntry.id)
+        .where(OutboxEntry.instance_id == instance_id)
+        .where(OutboxEntry.kind == "send-task")
+        .where(OutboxEntry.status == "pending")
+        .limit(1)
+    )
+    return send.first() is not None
 
 
 async def postpone_job(

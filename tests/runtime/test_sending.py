@@ -183,6 +183,11 @@ async def test_a_repeated_send_finds_its_task_and_a_failed_search_posts_again(
         other = await gateway.send_task(
             dataclasses.replace(send, business_key="bk-other", maybe_delivered=True)
         )
+        later = await gateway.send_task(  # the same send but one millisecond later: another
+            dataclasses.replace(
+                send, authored_on=authored + dt.timedelta(milliseconds=1), maybe_delivered=True
+            )
+        )
         network.servers[PROVIDER].service.inject_failures("GET", "Task", [500] * 5)
         blind = await gateway.send_task(
             dataclasses.replace(send, business_key="bk-blind", maybe_delivered=True)
@@ -191,6 +196,7 @@ async def test_a_repeated_send_finds_its_task_and_a_failed_search_posts_again(
         await close(gateway)
     assert again == first  # found, not posted again
     assert other != first  # another business key is another Task
+    assert later not in (first, other)
     keys = sorted(input_values(task, "business-key")[0] for task in _requests_at_provider(network))
-    assert keys == ["bk-blind", "bk-other", "bk-repeat"]
+    assert keys == ["bk-blind", "bk-other", "bk-repeat", "bk-repeat"]
     assert blind not in (first, other)

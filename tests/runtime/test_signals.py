@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from sqlalchemy import select
 
+from dsf_bridge.errors import StoreError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry, SendContext
+from dsf_bridge.runtime import processes
 from dsf_bridge.runtime.processes import ProcessRuntime
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
-from dsf_bridge.store.tables import AuditEvent, MessageSubscription
+from dsf_bridge.store.tables import AuditEvent, Job, MessageSubscription
 from tests.engine.corpus import PING_PONG, load_reference
 from tests.runtime.test_processes import FAST, Clock, FakeGateway, _status
 
@@ -86,3 +90,47 @@ async def test_a_new_start_stops_the_older_instance(
 
     assert await _status(database, first) == "completed"
     assert await _status(database, second) == "running"  # it threw before it waited
+
+
+async def test_a_catcher_that_moves_just_before_the_signal_still_gets_it(
+    runtime: ProcessRuntime, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = await runtime.start(KEY, message_name="startPingAutostart", business_key="auto")
+    await runtime.run_until_idle()
+    apply_event = runtime._apply_event
+    raced: list[int] = []
+
+    async def timer_first(instance_id: str, make_event: Any, **options: Any) -> None:
+        if options.get("action") == "signal.received" and not raced:
+            # Another worker fires the loop's timer just before the signal is applied.
+            runtime.clock.advance(minutes=11)  # type: ignore[attr-defined]
+            raced.append(await runtime._fire_due_timers())
+        await apply_event(instance_id, make_event, **options)
+
+    monkeypatch.setattr(runtime, "_apply_event", timer_first)
+    await runtime.start(KEY, message_name="stopPingAutostart", business_key="stop")
+    await runtime.run_until_idle()
+
+    assert raced == [1]
+    assert await _status(database, running) == "completed"
+
+
+async def test_a_signal_for_an_instance_stuck_behind_a_dead_job_is_dropped(
+    runtime: ProcessRuntime, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def store_down(*_args: object, **_kwargs: object) -> None:
+        raise StoreError("store hiccup", retryable=True)
+
+    monkeypatch.setattr(processes, "invoke", store_down)
+    stuck = await runtime.start(KEY, message_name="startPingAutostart", business_key="auto")
+    for _ in range(6):  # the handler job uses up its retries: an incident, never run again
+        await runtime.run_until_idle()
+        runtime.clock.advance(seconds=10)  # type: ignore[attr-defined]
+    monkeypatch.undo()
+    await runtime.start(KEY, message_name="stopPingAutostart", business_key="stop")
+    await runtime.run_until_idle()
+
+    async with database.transaction() as session:
+        kinds = (await session.scalars(select(Job.kind).order_by(Job.id))).all()
+    assert kinds == ["handler"]  # the dead handler job stays; no signal job postpones forever
+    assert await _status(database, stuck) == "running"
