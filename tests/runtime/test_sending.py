@@ -91,23 +91,29 @@ async def test_503_twice_then_201_delivers_one_task(
     assert arrived["id"] in sent[0]
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-async def test_killed_between_commit_and_send_delivers_once_after_restart(
-    network: SandboxNetwork, migrated_url: str
-) -> None:
-    config = _config(network, REQUESTER)
+async def _killed_bridge(db_url: str, config: dict[str, str], *mode: str) -> None:
+    """Run tests.runtime.sending as its own process until it SIGKILLs itself (see there)."""
     doomed = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "tests.runtime.sending",
-        migrated_url,
+        db_url,
         json.dumps(config),
+        *mode,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=REPO_ROOT,
     )
     _out, err = await doomed.communicate()
     assert doomed.returncode == -signal.SIGKILL, err.decode()[-2000:]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_killed_between_commit_and_send_delivers_once_after_restart(
+    network: SandboxNetwork, migrated_url: str
+) -> None:
+    config = _config(network, REQUESTER)
+    await _killed_bridge(migrated_url, config)
     assert _requests_at_provider(network) == []
 
     database = Database(migrated_url)
@@ -127,19 +133,7 @@ async def test_killed_after_the_target_accepted_the_task_sends_no_second_one(
     network: SandboxNetwork, migrated_url: str
 ) -> None:
     config = _config(network, REQUESTER)
-    doomed = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.runtime.sending",
-        migrated_url,
-        json.dumps(config),
-        "after-send",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO_ROOT,
-    )
-    _out, err = await doomed.communicate()
-    assert doomed.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    await _killed_bridge(migrated_url, config, "after-send")
     (posted,) = _requests_at_provider(network)  # delivered, but never recorded as sent
     await asyncio.sleep(SHORT_LEASE.lease.total_seconds() + 0.2)  # the dead lease runs out
 
