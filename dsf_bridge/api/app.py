@@ -244,12 +244,7 @@ def create_app(
     async def audit_verify() -> ChainOut:
         """Walk the whole hash chain (as ``dsf-bridge audit verify``)."""
         report = await context.verify_chain()
-        return ChainOut(
-            ok=report.ok,
-            events=report.events,
-            first_bad_sequence=report.first_bad_sequence,
-            problem=report.problem,
-        )
+        return ChainOut.model_validate(report)
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:

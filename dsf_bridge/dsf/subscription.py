@@ -39,6 +39,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.vocabulary import parse_instant
 from dsf_bridge.errors import BridgeError, RemoteError
 
 __all__ = ["CursorStore", "SubscriptionSettings", "TaskSubscription", "websocket_url"]
@@ -74,14 +75,7 @@ def websocket_url(base_url: str) -> str:
 
 
 def _last_updated(resource: Mapping[str, Any]) -> dt.datetime | None:
-    text = (resource.get("meta") or {}).get("lastUpdated")
-    if not isinstance(text, str):
-        return None
-    try:
-        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+    return parse_instant((resource.get("meta") or {}).get("lastUpdated"))
 
 
 def _version(resource: Mapping[str, Any]) -> str:

@@ -6,6 +6,7 @@ One place for these strings, so a typo in a canonical URL cannot hide in one cal
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "THUMBPRINT_EXTENSION",
     "operation_outcome",
     "outcome_diagnostics",
+    "parse_instant",
 ]
 
 FHIR_JSON = "application/fhir+json"
@@ -49,6 +51,18 @@ READ_ACCESS_ORGANIZATION_EXTENSION = (
 READ_ACCESS_PARENT_ORGANIZATION_ROLE_EXTENSION = (
     "http://dsf.dev/fhir/StructureDefinition/extension-read-access-parent-organization-role"
 )
+
+
+def parse_instant(value: object) -> dt.datetime | None:
+    """A FHIR ``instant``/``dateTime`` string as an aware datetime (UTC when it names no time
+    zone); ``None`` for anything that is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.UTC)
 
 
 def operation_outcome(

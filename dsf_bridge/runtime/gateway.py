@@ -13,22 +13,11 @@ import structlog
 from dsf_bridge.dsf.client import FhirClient, RetryPolicy
 from dsf_bridge.dsf.endpoints import TargetError, resolve_target
 from dsf_bridge.dsf.tasks import build_task, input_values, updated_task
-from dsf_bridge.dsf.vocabulary import ORGANIZATION_IDENTIFIER_SYSTEM
+from dsf_bridge.dsf.vocabulary import ORGANIZATION_IDENTIFIER_SYSTEM, parse_instant
 from dsf_bridge.errors import RemoteError
 from dsf_bridge.runtime.ports import OutgoingTask, UserTaskRequest
 
 __all__ = ["DsfTaskGateway"]
-
-
-def _instant(value: object) -> dt.datetime | None:
-    """A FHIR dateTime with a time zone as an aware datetime (``None`` for anything else)."""
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None
 
 
 def _fingerprint(task: Mapping[str, Any]) -> tuple[object, ...]:
@@ -139,7 +128,7 @@ class DsfTaskGateway:
         local time. A server that cannot answer leaves the decision to posting again: at least
         once rather than never.
         """
-        authored = _instant(body.get("authoredOn"))
+        authored = parse_instant(body.get("authoredOn"))
         if authored is None:
             return None
         window = dt.timedelta(days=1)
@@ -158,7 +147,7 @@ class DsfTaskGateway:
         wanted = _fingerprint(body)
         for candidate in found:
             if (
-                _instant(candidate.get("authoredOn")) == authored
+                parse_instant(candidate.get("authoredOn")) == authored
                 and _fingerprint(candidate) == wanted
                 and candidate.get("id")
             ):

@@ -46,7 +46,6 @@ __all__ = ["Authorizer", "SqlCursorStore", "TaskIntake", "task_variables"]
 log = structlog.get_logger("dsf_bridge.intake")
 
 CLAIMING = "claiming"
-STARTED = TAKEN_IN  # the runtime marks the claim in the commit that takes the message in
 FAILED = "failed"
 LOST = "claimed-elsewhere"
 
@@ -254,7 +253,7 @@ class TaskIntake:
                 delivered = await repo.get_task_seen(session, claim.task_id, version)
             if delivered is not None and delivered.instance_id is not None:
                 await self._mark(
-                    claim.task_id, claim.task_version, STARTED, instance_id=delivered.instance_id
+                    claim.task_id, claim.task_version, TAKEN_IN, instance_id=delivered.instance_id
                 )
                 return
             message = read_message(task)

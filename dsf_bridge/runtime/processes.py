@@ -27,10 +27,12 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import structlog
 
+from dsf_bridge.dsf.vocabulary import parse_instant
 from dsf_bridge.engine.correlation import correlate, message_subscriptions, signal_waits
 from dsf_bridge.engine.events import (
     CallHandler,
@@ -103,7 +105,7 @@ class DeployedProcess:
     definition_id: int
     plugin: str
 
-    @property
+    @cached_property
     def caught_signals(self) -> frozenset[str]:
         """Names of the signals the model catches (intermediate and boundary events)."""
         return frozenset(
@@ -131,16 +133,6 @@ SIGNAL_SUBSCRIPTION = "signal:"
 # How soon a signal job looks again at an instance that was busy between two waits.
 _SIGNAL_RECHECK = dt.timedelta(milliseconds=200)
 _SIGNAL_PATIENCE = dt.timedelta(seconds=5)
-
-
-def _parse_time(value: object) -> dt.datetime | None:
-    """An ISO timestamp from an outbox payload (``None`` for sends queued before it was kept)."""
-    if not isinstance(value, str):
-        return None
-    try:
-        return dt.datetime.fromisoformat(value)
-    except ValueError:
-        return None
 
 
 # The status of a Task version intake claimed once its message reached an instance.
@@ -764,20 +756,6 @@ class ProcessRuntime:
             await repo.complete_job(session, job.id, self.owner)
         self._wakeup.set()
 
-    async def _run_due_outbox(self) -> int:
-        now = self.clock()
-        async with self.database.transaction() as session:
-            entries = await repo.claim_outbox(
-                session,
-                owner=self.owner,
-                now=now,
-                lease=self.settings.lease,
-                limit=self.settings.batch,
-            )
-        # Concurrently: a POST to an unreachable site must not hold up the other effects.
-        await _all(self._perform(entry) for entry in entries)
-        return len(entries)
-
     async def _perform(self, entry: repo.ClaimedOutboxEntry) -> None:
         payload = entry.payload
         try:
@@ -842,7 +820,7 @@ class ProcessRuntime:
                     correlation_key=payload.get("correlation_key"),
                     target=payload.get("target"),
                     inputs=tuple(payload.get("inputs") or ()),
-                    authored_on=_parse_time(payload.get("authored_on")),
+                    authored_on=parse_instant(payload.get("authored_on")),
                     # The lease counts attempts: from the second on, an earlier one may have
                     # delivered the Task (a crash or a lost answer after the POST).
                     maybe_delivered=entry.attempts > 1,
