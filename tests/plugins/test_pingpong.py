@@ -595,11 +595,14 @@ async def network(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
                 await asyncio.wait_for(runner, 15)
 
 
-def _start_ping_task(*inputs: dict[str, object]) -> dict[str, Any]:
+def _site_a_task(
+    process: str, message: str, profile: str, *inputs: dict[str, object]
+) -> dict[str, Any]:
+    """A Task Site_A creates for itself on its own server, as an administrator would."""
     return build_task(
-        instantiates_canonical="http://dsf.dev/bpe/Process/ping|1.0",
-        message_name="startPing",
-        profile="http://dsf.dev/fhir/StructureDefinition/task-start-ping|1.0",
+        instantiates_canonical=f"http://dsf.dev/bpe/Process/{process}|1.0",
+        message_name=message,
+        profile=f"http://dsf.dev/fhir/StructureDefinition/{profile}|1.0",
         business_key=None,
         correlation_key=None,
         requester="Site_A",
@@ -607,6 +610,10 @@ def _start_ping_task(*inputs: dict[str, object]) -> dict[str, Any]:
         inputs=inputs,
         authored_on=dt.datetime.now(dt.UTC),
     )
+
+
+def _start_ping_task(*inputs: dict[str, object]) -> dict[str, Any]:
+    return _site_a_task("ping", "startPing", "task-start-ping", *inputs)
 
 
 async def _finished(client: FhirClient, task_id: str, seconds: float) -> dict[str, Any]:
@@ -782,22 +789,9 @@ class ManualClock:
 
 
 def _autostart_wire_task(message: str, *inputs: dict[str, object]) -> dict[str, Any]:
-    profile = (
-        "task-start-ping-autostart"
-        if message == "startPingAutostart"
-        else ("task-stop-ping-autostart")
-    )
-    return build_task(
-        instantiates_canonical="http://dsf.dev/bpe/Process/pingAutostart|1.0",
-        message_name=message,
-        profile=f"http://dsf.dev/fhir/StructureDefinition/{profile}|1.0",
-        business_key=None,
-        correlation_key=None,
-        requester="Site_A",
-        recipient="Site_A",
-        inputs=inputs,
-        authored_on=dt.datetime.now(dt.UTC),
-    )
+    start = message == "startPingAutostart"
+    profile = "task-start-ping-autostart" if start else "task-stop-ping-autostart"
+    return _site_a_task("pingAutostart", message, profile, *inputs)
 
 
 async def _until(predicate: Any, seconds: float = 10) -> None:
