@@ -30,6 +30,7 @@ from dsf_bridge.config import (
 )
 from dsf_bridge.dsf.connection import check_connection
 from dsf_bridge.dsf.subscription import TaskSubscription
+from dsf_bridge.dsf.versions import UnknownDsfVersionError, release
 from dsf_bridge.errors import BridgeError, ConfigError, MigrationError
 from dsf_bridge.logs import configure_logging
 from dsf_bridge.plugins.api import ProcessPlugin
@@ -414,12 +415,26 @@ def demo_command(
             "--serve", help="Then serve both sites' audit web pages until Ctrl-C (docs/api.md)."
         ),
     ] = False,
+    dsf_version: Annotated[
+        str,
+        typer.Option(
+            "--dsf-version",
+            help="DSF version the sandbox FHIR servers answer as (2.1 or 1.9); the bridges "
+            "learn it from the servers.",
+        ),
+    ] = "2.1",
 ) -> None:
     """OMI inference on one machine: two sandbox sites (Hospital_A asks, AI_Provider infers),
     Orthanc with CT data, MLServer with the reference model. Exit 1 if a request failed."""
     # Warnings only: progress lines go to stderr, results to stdout.
     configure_logging("warning", "console")
-    status = run_demo(as_json=as_json, timeout=timeout, keep=keep, serve=serve)
+    try:
+        dsf_release = release(dsf_version)
+    except UnknownDsfVersionError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--dsf-version") from exc
+    status = run_demo(
+        as_json=as_json, timeout=timeout, keep=keep, serve=serve, dsf_release=dsf_release
+    )
     if status:
         raise typer.Exit(status)
 

@@ -14,6 +14,7 @@ from dsf_bridge.config import DsfSettings
 from dsf_bridge.dsf.client import FhirClient, RetryPolicy
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity
 from dsf_bridge.dsf.organization import find_local_organization
+from dsf_bridge.dsf.versions import server_release
 from dsf_bridge.dsf.subscription import SubscriptionSettings, TaskSubscription, websocket_url
 from dsf_bridge.errors import BridgeError, ConfigError
 
@@ -83,13 +84,16 @@ async def check_connection(settings: DsfSettings) -> AsyncIterator[ConnectionSte
 
     async with FhirClient(base_url, ssl_context=context, retry=_NO_RETRY, timeout=15) as client:
         try:
-            response = await client.request("GET", "metadata")
-            statement = response.json()
-            version = statement.get("fhirVersion", "?") if isinstance(statement, dict) else "?"
-        except (BridgeError, ValueError) as exc:
+            dsf_release = await server_release(client)
+        except BridgeError as exc:
             yield ConnectionStep("FHIR server", False, str(exc))
             return
-        yield ConnectionStep("FHIR server", True, f"{base_url} answers (FHIR {version})")
+        yield ConnectionStep(
+            "FHIR server",
+            True,
+            f"{base_url} answers (DSF {dsf_release.major}.x, base Task profile "
+            f"{dsf_release.task_base_canonical})",
+        )
 
         try:
             organization = await find_local_organization(client, base_url)

@@ -15,6 +15,7 @@ into JSON, the bridge's wire format.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,8 @@ def publication_bundle(
         criteria = _criteria(resource, source)
         entries.append(
             {
+                # DSF's CreateCommand answers 400 for a create entry without a urn:uuid fullUrl.
+                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
                 "resource": resource,
                 "request": {
                     "method": "POST",

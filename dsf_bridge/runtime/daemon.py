@@ -5,10 +5,12 @@ Start-up, in order, each step refusing to go on with a message that says what to
 1. the client certificate (thumbprint, subject, issuer and expiry are logged; an expired
    certificate, a key that does not match or a non-client certificate stop start-up);
 2. the store's schema is at the newest revision;
-3. the local organization is found by its Endpoint address and owns the certificate;
-4. the plugins load (placeholders replaced, models validated, every handler registered), their
+3. the DSF version of the FHIR server, from its CapabilityStatement (``software.version``);
+   it decides how plugin resources are published and how Task outputs are written;
+4. the local organization is found by its Endpoint address and owns the certificate;
+5. the plugins load (placeholders replaced, models validated, every handler registered), their
    FHIR resources are published and their processes deployed;
-5. Tasks a previous run left half taken in are recovered.
+6. Tasks a previous run left half taken in are recovered.
 
 Then three loops run until stopped: the Task subscription, the QuestionnaireResponse
 subscription (user tasks), and the runtime's workers.
@@ -33,6 +35,7 @@ from dsf_bridge.dsf.identity import build_ssl_context, load_identity
 from dsf_bridge.dsf.organization import LocalOrganization, find_local_organization
 from dsf_bridge.dsf.publication import publish
 from dsf_bridge.dsf.subscription import TaskSubscription
+from dsf_bridge.dsf.versions import DsfRelease, server_release
 from dsf_bridge.errors import ConfigError, MigrationError
 from dsf_bridge.plugins.api import LoadedPlugin, ProcessPlugin
 from dsf_bridge.plugins.inference import SERVICE_DICOMWEB_SSL_CONTEXT, SERVICE_OMI_SETTINGS
@@ -83,6 +86,7 @@ class Bridge:
         self.runtime: ProcessRuntime | None = None
         self.intake: TaskIntake | None = None
         self.organization: LocalOrganization | None = None
+        self.dsf_release: DsfRelease | None = None
         self.loaded: list[LoadedPlugin] = []
         self.subscriptions: list[TaskSubscription] = []
 
@@ -117,6 +121,13 @@ class Bridge:
             self.settings.db.url, pool_size=self.settings.db.pool_size, echo=self.settings.db.echo
         )
         self.client = FhirClient(dsf.fhir_base_url, ssl_context=context)
+        # From the server, never from configuration: a site upgraded to 2.x needs no new config.
+        self.dsf_release = await server_release(self.client)
+        log.info(
+            "server.version",
+            dsf_major=self.dsf_release.major,
+            task_base=self.dsf_release.task_base_canonical,
+        )
         self.organization = await find_local_organization(self.client, dsf.fhir_base_url)
         self.organization.require_thumbprint(identity.thumbprint)
         local = self.organization.identifier

@@ -29,6 +29,7 @@ from dsf_bridge.dsf.authorization import (
     identifier_values,
     parent_organization_role,
 )
+from dsf_bridge.dsf.versions import DSF_2, DsfRelease
 from dsf_bridge.dsf.vocabulary import (
     BPMN_MESSAGE_SYSTEM,
     ORGANIZATION_IDENTIFIER_SYSTEM,
@@ -57,6 +58,7 @@ INSTANTIATES_CANONICAL = re.compile(
     r"[a-zA-Z0-9]{1,63})/bpe/Process/(?P<name>[a-zA-Z0-9-]+))\|(?P<version>\d+\.\d+)$"
 )
 
+# 1.x forbids in-progress -> in-progress (TaskAuthorizationRule of v1.9.0); 2.x allows it.
 _ALLOWED_UPDATES = {
     ("draft", "draft"),
     ("requested", "in-progress"),
@@ -117,9 +119,12 @@ def _is_business_key(parameter: dict[str, Any]) -> bool:
 class TaskAuthorization:
     """Decides Task creates and updates against the resources in a sandbox store."""
 
-    def __init__(self, store: MemoryResourceStore, local_identifier: str) -> None:
+    def __init__(
+        self, store: MemoryResourceStore, local_identifier: str, release: DsfRelease = DSF_2
+    ) -> None:
         self._store = store
         self._local = local_identifier
+        self._release = release
 
     # -- create ---------------------------------------------------------------------------------
 
@@ -331,7 +336,10 @@ class TaskAuthorization:
     ) -> str | None:
         """Why ``identity`` may not replace ``old`` by ``new``, or None when it may."""
         transition = (str(old.get("status")), str(new.get("status")))
-        if transition not in _ALLOWED_UPDATES:
+        if transition not in _ALLOWED_UPDATES or (
+            transition == ("in-progress", "in-progress")
+            and not self._release.allows_in_progress_update
+        ):
             return f"Task.status change {transition[0]} -> {transition[1]} not allowed"
         if not identity.local:
             return "Task updates are allowed for the local organization only"

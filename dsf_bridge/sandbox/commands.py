@@ -17,8 +17,16 @@ from typing import Annotated, Any
 import typer
 
 from dsf_bridge.dsf.identity import load_identity
+from dsf_bridge.dsf.versions import DSF_RELEASES, DsfRelease, release
+from dsf_bridge.errors import BridgeError
 from dsf_bridge.sandbox.server import SandboxServer
-from dsf_bridge.sandbox.sites import DEFAULT_BASE_PORT, SiteFiles, build_service, init_sandbox
+from dsf_bridge.sandbox.sites import (
+    DEFAULT_BASE_PORT,
+    SiteFiles,
+    build_service,
+    init_sandbox,
+    sandbox_release,
+)
 
 __all__ = ["sandbox_app"]
 
@@ -28,6 +36,14 @@ sandbox_app = typer.Typer(
 )
 
 DirectoryArgument = Annotated[Path, typer.Argument(help="Directory of the sandbox network.")]
+_VERSIONS = "|".join(DSF_RELEASES)
+
+
+def _release(name: str) -> DsfRelease:
+    try:
+        return release(name)
+    except BridgeError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--dsf-version") from exc
 
 
 @sandbox_app.command("init")
@@ -43,6 +59,14 @@ def init(
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite an existing sandbox in DIRECTORY.")
     ] = False,
+    dsf_version: Annotated[
+        str,
+        typer.Option(
+            "--dsf-version",
+            help=f"DSF version the sites run ({_VERSIONS}): base profiles, status transitions "
+            "and rules of that version; 'serve' takes it from here.",
+        ),
+    ] = "2.1",
 ) -> None:
     """Mint a CA, per organization server and client certificates, bridge.toml and allow list."""
     if (directory / "ca.pem").exists() and not force:
@@ -52,10 +76,11 @@ def init(
         )
         raise typer.Exit(2)
     try:
-        sites = init_sandbox(directory, org, base_port=base_port)
+        sites = init_sandbox(directory, org, base_port=base_port, dsf_release=_release(dsf_version))
     except ValueError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
+    typer.echo(f"DSF version: {dsf_version}")
     typer.echo(f"CA: {sites[0].ca}")
     typer.echo(f"allow list: {sites[0].allow_list}")
     for site in sites:
@@ -73,6 +98,13 @@ def serve(
     port: Annotated[
         int | None, typer.Option(help="Port to listen on; default: the one from sandbox init.")
     ] = None,
+    dsf_version: Annotated[
+        str | None,
+        typer.Option(
+            "--dsf-version",
+            help=f"DSF version to answer as ({_VERSIONS}); default: the one from sandbox init.",
+        ),
+    ] = None,
 ) -> None:
     """Serve one organization's DSF FHIR server at https://127.0.0.1:PORT/fhir."""
     allow_list_path = directory / "allow-list.json"
@@ -84,7 +116,12 @@ def serve(
     if not site.server_certificate.is_file():
         typer.echo(f"{site.server_certificate} not found: is {org} part of this sandbox?", err=True)
         raise typer.Exit(2)
-    asyncio.run(_serve(site, allow_list, port if port is not None else site.port))
+    try:
+        dsf_release = sandbox_release(directory) if dsf_version is None else _release(dsf_version)
+    except BridgeError as exc:
+        typer.echo(f"{directory / 'sandbox.json'}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    asyncio.run(_serve(site, allow_list, port if port is not None else site.port, dsf_release))
 
 
 def _site(directory: Path, organization: str, allow_list: dict[str, Any]) -> SiteFiles:
@@ -105,8 +142,15 @@ def _site(directory: Path, organization: str, allow_list: dict[str, Any]) -> Sit
     )
 
 
-async def _serve(site: SiteFiles, allow_list: dict[str, Any], port: int) -> None:
-    service = build_service(site.organization, allow_list, f"https://127.0.0.1:{port}/fhir")
+async def _serve(
+    site: SiteFiles, allow_list: dict[str, Any], port: int, dsf_release: DsfRelease
+) -> None:
+    service = build_service(
+        site.organization,
+        allow_list,
+        f"https://127.0.0.1:{port}/fhir",
+        dsf_release=dsf_release,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for number in (signal.SIGINT, signal.SIGTERM):
@@ -118,5 +162,9 @@ async def _serve(site: SiteFiles, allow_list: dict[str, Any], port: int) -> None
         ca_files=[site.ca],
         port=port,
     ) as server:
-        typer.echo(f"serving {site.organization} at {server.base_url} (Ctrl-C stops)", err=True)
+        typer.echo(
+            f"serving {site.organization} at {server.base_url} as DSF "
+            f"{dsf_release.software_version} (Ctrl-C stops)",
+            err=True,
+        )
         await stop.wait()

@@ -43,6 +43,7 @@ from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity
 from dsf_bridge.dsf.publication import publish
 from dsf_bridge.dsf.tasks import build_task
+from dsf_bridge.dsf.versions import DSF_2, DsfRelease
 from dsf_bridge.errors import BridgeError
 from dsf_bridge.omi.dicomweb import DicomWebArchive
 from dsf_bridge.plugins.api import ProcessPlugin
@@ -155,6 +156,7 @@ class InferenceNetwork:
     services: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     ca: CertificateAuthority | None = None
     runtime_settings: RuntimeSettings = FAST_RUNTIME
+    dsf_release: DsfRelease = DSF_2
     sites: dict[str, SiteFiles] = field(default_factory=dict)
     servers: dict[str, SandboxServer] = field(default_factory=dict)
     running: dict[str, Bridge] = field(default_factory=dict)
@@ -180,13 +182,17 @@ class InferenceNetwork:
         organizations = self.organizations
         ports = _free_ports(len(organizations))
         ca = self.ca or CertificateAuthority("dsf-bridge OMI sandbox CA")
-        sites = init_sandbox(self.directory, organizations, ports=ports, ca=ca)
+        sites = init_sandbox(
+            self.directory, organizations, ports=ports, ca=ca, dsf_release=self.dsf_release
+        )
         self.sites = {site.organization: site for site in sites}
         allow_list: dict[str, Any] = json.loads(sites[0].allow_list.read_text())
         for site in sites:
             if site.organization in self.offline:
                 continue
-            service = build_service(site.organization, allow_list, site.base_url)
+            service = build_service(
+                site.organization, allow_list, site.base_url, dsf_release=self.dsf_release
+            )
             self.servers[site.organization] = await self._stack.enter_async_context(
                 SandboxServer(
                     service,
@@ -399,7 +405,7 @@ def _error_of(task: Mapping[str, Any]) -> str | None:
 
 
 async def _demo(
-    workdir: Path, limit: float, say: Any
+    workdir: Path, limit: float, say: Any, dsf_release: DsfRelease = DSF_2
 ) -> tuple[list[DemoResult], dict[str, str], dict[str, int]]:
     started = time.monotonic()
 
@@ -438,11 +444,14 @@ async def _demo(
             ]
         }
         async with InferenceNetwork(
-            workdir / "sites", {DEMO_REQUESTER: requester_omi, DEMO_PROVIDER: provider_omi}
+            workdir / "sites",
+            {DEMO_REQUESTER: requester_omi, DEMO_PROVIDER: provider_omi},
+            dsf_release=dsf_release,
         ) as network:
             progress(
                 f"sites {DEMO_REQUESTER} (requesting) and {DEMO_PROVIDER} (providing) running, "
-                "each with its DSF sandbox FHIR server, bridge and SQLite store"
+                f"each with its DSF {dsf_release.software_version} sandbox FHIR server, bridge "
+                "and SQLite store"
             )
             studies = [
                 ("CT_small.dcm (1 slice)", str(ct_small.StudyInstanceUID)),
@@ -540,6 +549,7 @@ def run_demo(
     timeout: float = 120.0,
     keep: bool = False,
     serve: bool = False,
+    dsf_release: DsfRelease = DSF_2,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
@@ -555,7 +565,7 @@ def run_demo(
     workdir = Path(tempfile.mkdtemp(prefix="dsf-bridge-demo-"))
     try:
         try:
-            results, db_urls, events = asyncio.run(_demo(workdir, timeout, say))
+            results, db_urls, events = asyncio.run(_demo(workdir, timeout, say, dsf_release))
         except ComponentMissingError as exc:
             say(f"dsf-bridge demo: {exc}")
             return 2

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dsf_bridge.dsf.versions import DSF_2, DsfRelease
 from dsf_bridge.sandbox.certs import CertificateAuthority
 from dsf_bridge.sandbox.server import SandboxServer
 from dsf_bridge.sandbox.sites import SiteFiles, build_service, init_sandbox
@@ -33,7 +34,8 @@ def _free_ports(count: int) -> list[int]:
 
 
 class SandboxNetwork:
-    """``async with SandboxNetwork(directory, ["A", "B"]) as network:`` serves A and B."""
+    """``async with SandboxNetwork(directory, ["A", "B"]) as network:`` serves A and B, each
+    answering as the DSF FHIR server of ``dsf_release`` does."""
 
     def __init__(
         self,
@@ -41,8 +43,10 @@ class SandboxNetwork:
         organizations: Sequence[str],
         *,
         ca: CertificateAuthority | None = None,
+        dsf_release: DsfRelease = DSF_2,
     ) -> None:
         self.directory = directory
+        self.dsf_release = dsf_release
         self.organizations = list(organizations)
         self.ca = ca or CertificateAuthority()
         self.sites: dict[str, SiteFiles] = {}
@@ -51,12 +55,20 @@ class SandboxNetwork:
 
     async def __aenter__(self) -> SandboxNetwork:
         ports = _free_ports(len(self.organizations))
-        sites = init_sandbox(self.directory, self.organizations, ports=ports, ca=self.ca)
+        sites = init_sandbox(
+            self.directory,
+            self.organizations,
+            ports=ports,
+            ca=self.ca,
+            dsf_release=self.dsf_release,
+        )
         self.sites = {site.organization: site for site in sites}
         allow_list: dict[str, Any] = json.loads(sites[0].allow_list.read_text())
         try:
             for site in sites:
-                service = build_service(site.organization, allow_list, site.base_url)
+                service = build_service(
+                    site.organization, allow_list, site.base_url, dsf_release=self.dsf_release
+                )
                 server = SandboxServer(
                     service,
                     certificate=site.server_certificate,

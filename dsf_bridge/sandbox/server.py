@@ -176,7 +176,7 @@ def create_app(service: FhirService, hub: SubscriptionHub) -> Starlette:
             return _render(identity, "", accept)
         path = request.path_params.get("path", "")
         if path == "metadata" and request.method == "GET":
-            return _render(FhirResponse(200, _capability_statement()), "", accept)
+            return _render(FhirResponse(200, _capability_statement(service)), "", accept)
         body: dict[str, Any] | None = None
         if request.method in ("POST", "PUT"):
             raw = await request.body()
@@ -266,14 +266,19 @@ def create_app(service: FhirService, hub: SubscriptionHub) -> Starlette:
     )
 
 
-def _capability_statement() -> dict[str, Any]:
+def _capability_statement(service: FhirService) -> dict[str, Any]:
+    # A bridge learns the DSF version from software.version, as it would from a real server.
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
         "kind": "instance",
         "fhirVersion": "4.0.1",
         "format": [FHIR_JSON],
-        "software": {"name": "dsf-bridge sandbox"},
+        "software": {
+            "name": "Data Sharing Framework",
+            # As DSF writes it: project version (branch/commit).
+            "version": f"{service.release.software_version} (dsf-bridge-sandbox)",
+        },
     }
 
 

@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import structlog
 
+from dsf_bridge.dsf.versions import DSF_2, DsfRelease
 from dsf_bridge.dsf.vocabulary import (
     ORGANIZATION_IDENTIFIER_SYSTEM,
     THUMBPRINT_EXTENSION,
@@ -91,11 +92,19 @@ def _version_from_etag(value: str) -> int | None:
 class FhirService:
     """A DSF-like FHIR server for one local organization, over a :class:`MemoryResourceStore`."""
 
-    def __init__(self, store: MemoryResourceStore, local_organization: str, base_url: str) -> None:
+    def __init__(
+        self,
+        store: MemoryResourceStore,
+        local_organization: str,
+        base_url: str,
+        *,
+        release: DsfRelease = DSF_2,
+    ) -> None:
         self.store = store
         self.local_organization = local_organization
         self.base_url = base_url.rstrip("/")
-        self.tasks = TaskAuthorization(store, local_organization)
+        self.release = release
+        self.tasks = TaskAuthorization(store, local_organization, release)
         self.read_access = ReadAccess(self.tasks)
         self._faults: list[tuple[str, str, int]] = []
 
@@ -590,12 +599,12 @@ class FhirService:
             return _error(400, f"Bundle.type {kind!r} not batch or transaction", code="invalid")
         entries = [copy.deepcopy(e) for e in body.get("entry") or []]
         snapshot = self.store.snapshot() if kind == "transaction" else None
-        if kind == "transaction":
-            self._resolve_placeholders(entries)
+        # DSF resolves urn:uuid references in batches too (one id table per Bundle).
+        self._resolve_placeholders(entries)
         prefer = headers.get("prefer", "")
         responses: list[dict[str, Any]] = []
         for index, entry in enumerate(entries):
-            result = self._bundle_entry(identity, entry)
+            result = _create_entry_invalid(index, entry) or self._bundle_entry(identity, entry)
             if kind == "transaction" and result.status >= 400:
                 if snapshot is not None:
                     self.store.restore(snapshot)
@@ -704,6 +713,38 @@ class FhirService:
         return entry
 
 
+def _create_entry_invalid(index: int, entry: Mapping[str, Any]) -> FhirResponse | None:
+    """DSF's ``CreateCommand.preExecute``: a create entry's request URL is a bare resource type,
+    its ``fullUrl`` a ``urn:uuid:`` and a resource id, if any, that same ``urn:uuid:``; else 400
+    for the entry (the whole Bundle for a transaction), with DSF's texts (typo included)."""
+    request = entry.get("request") or {}
+    if str(request.get("method", "")).upper() != "POST":
+        return None
+    url = str(request.get("url", ""))
+    path, _, query = url.partition("?")
+    full_url = entry.get("fullUrl")
+    resource = entry.get("resource") if isinstance(entry.get("resource"), dict) else {}
+    resource_id = resource.get("id") if isinstance(resource, dict) else None
+    if len([p for p in path.split("/") if p]) != 1 or query:
+        return _error(400, f"Bad crete request url {url} at bundle index {index}")
+    if not isinstance(full_url, str) or not full_url.startswith(_URL_UUID_PREFIX):
+        return _error(400, f"Bad crete request url {url} at bundle index {index}")
+    if isinstance(resource_id, str) and not resource_id.startswith(_URL_UUID_PREFIX):
+        return _error(
+            400,
+            f"Bundle entry of type {path.strip('/')} at bundle index {index} id value not "
+            f"starting with {_URL_UUID_PREFIX}",
+        )
+    if isinstance(resource_id, str) and resource_id != full_url:
+        return _error(
+            400,
+            f"Resource id not equal to entry fullUrl ({resource_id} vs. {full_url}) at bundle "
+            f"index {index}",
+        )
+    return None
+
+
+_URL_UUID_PREFIX = "urn:uuid:"
 _URL_VERSION_UNIQUE = frozenset(
     {"ActivityDefinition", "CodeSystem", "Library", "Measure", "StructureDefinition", "ValueSet"}
 )

@@ -7,6 +7,7 @@ Layout::
 
     DIR/ca.pem
     DIR/allow-list.json
+    DIR/sandbox.json                 the DSF version the sites run
     DIR/<ID>/server.pem  server-key.pem  client.pem  client-key.pem  bridge.toml
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dsf_bridge.dsf.identity import thumbprint
+from dsf_bridge.dsf.versions import DSF_2, DsfRelease, release
 from dsf_bridge.dsf.vocabulary import (
     ENDPOINT_IDENTIFIER_SYSTEM,
     FHIR_JSON,
@@ -38,12 +40,14 @@ __all__ = [
     "build_service",
     "init_sandbox",
     "organization_entry",
+    "sandbox_release",
     "standard_subscriptions",
 ]
 
 READ_ACCESS_ALL = {"system": READ_ACCESS_TAG_SYSTEM, "code": "ALL"}
 _ORGANIZATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 DEFAULT_BASE_PORT = 8443
+SANDBOX_FILE = "sandbox.json"
 
 
 @dataclass(frozen=True)
@@ -163,10 +167,15 @@ def standard_subscriptions() -> list[dict[str, Any]]:
 
 
 def build_service(
-    local_organization: str, allow_list: dict[str, Any], base_url: str
+    local_organization: str,
+    allow_list: dict[str, Any],
+    base_url: str,
+    *,
+    dsf_release: DsfRelease = DSF_2,
 ) -> FhirService:
-    """A FHIR service for ``local_organization`` with the allow list and Subscriptions loaded."""
-    service = FhirService(MemoryResourceStore(), local_organization, base_url)
+    """A FHIR service for ``local_organization`` with the allow list and Subscriptions loaded,
+    answering as the DSF FHIR server of ``dsf_release`` does."""
+    service = FhirService(MemoryResourceStore(), local_organization, base_url, release=dsf_release)
     identity = service.local_identity()
     result = service.handle(identity, "POST", "", headers={}, body=allow_list)
     if result.status != 200:
@@ -184,9 +193,11 @@ def init_sandbox(
     base_port: int = DEFAULT_BASE_PORT,
     ports: Sequence[int] | None = None,
     ca: CertificateAuthority | None = None,
+    dsf_release: DsfRelease = DSF_2,
 ) -> list[SiteFiles]:
     """Mint certificates and write the layout above; ports count up from ``base_port`` unless
-    ``ports`` names one per organization."""
+    ``ports`` names one per organization. ``sandbox.json`` records the DSF version the sites
+    run (``sandbox serve`` reads it)."""
     if ports is not None and len(ports) != len(organizations):
         raise ValueError("give one port per organization")
     for organization in organizations:
@@ -218,7 +229,19 @@ def init_sandbox(
         site.bridge_config.write_text(bridge_toml(site))
         sites.append(site)
     allow_list_path.write_text(json.dumps(allow_list_bundle(entries), indent=2) + "\n")
+    (directory / SANDBOX_FILE).write_text(
+        json.dumps({"dsf_version": dsf_release.name}, indent=2) + "\n"
+    )
     return sites
+
+
+def sandbox_release(directory: Path) -> DsfRelease:
+    """The DSF version ``sandbox init`` recorded for ``directory`` (2.1 for older sandboxes)."""
+    path = directory / SANDBOX_FILE
+    if not path.is_file():
+        return DSF_2
+    recorded = json.loads(path.read_text()).get("dsf_version")
+    return release(str(recorded))
 
 
 def bridge_toml(site: SiteFiles) -> str:

@@ -110,6 +110,7 @@ def _allow_list(thumbprints: dict[str, str]) -> dict[str, Any]:
     )
     entries.append(
         {
+            "fullUrl": f"urn:uuid:{uuid.uuid4()}",
             "resource": {
                 "resourceType": "OrganizationAffiliation",
                 "meta": {"tag": [READ_ACCESS_ALL]},

@@ -132,6 +132,7 @@ async def test_transaction_resolves_placeholders_and_is_atomic(sandbox: Sandbox)
                 "request": {"method": "POST", "url": "Organization"},
             },
             {
+                "fullUrl": "urn:uuid:0d5b7c1e-2a43-4d4b-9c59-6f8f3d0b7a22",
                 "resource": {
                     "resourceType": "OrganizationAffiliation",
                     **ALL,
@@ -167,7 +168,11 @@ async def test_batch_entries_fail_independently(sandbox: Sandbox) -> None:
         "resourceType": "Bundle",
         "type": "batch",
         "entry": [
-            {"resource": CODE_SYSTEM, "request": {"method": "POST", "url": "CodeSystem"}},
+            {
+                "fullUrl": "urn:uuid:5b0b1c52-8a3e-4c8f-9f3e-2d7c3a9e4b10",
+                "resource": CODE_SYSTEM,
+                "request": {"method": "POST", "url": "CodeSystem"},
+            },
             {"request": {"method": "GET", "url": "CodeSystem/unknown"}},
         ],
     }
@@ -293,3 +298,77 @@ async def test_unique_criteria_as_dsf(sandbox: Sandbox) -> None:
             )
         newer = await client.create({**CODE_SYSTEM, "version": "1.1"})
     assert newer.status == 201
+
+
+@pytest.mark.parametrize(
+    ("entry", "diagnostics"),
+    [
+        pytest.param(
+            {"request": {"method": "POST", "url": "CodeSystem"}},
+            "Bad crete request url CodeSystem at bundle index 0",
+            id="no-fullUrl",
+        ),
+        pytest.param(
+            {
+                "fullUrl": "https://elsewhere.test/fhir/CodeSystem/1",
+                "request": {"method": "POST", "url": "CodeSystem"},
+            },
+            "Bad crete request url CodeSystem at bundle index 0",
+            id="fullUrl-not-urn-uuid",
+        ),
+        pytest.param(
+            {
+                "fullUrl": "urn:uuid:9d1f2a8e-5b1c-4f62-8a0e-3c7d2b6e1f00",
+                "request": {"method": "POST", "url": "CodeSystem?url=x"},
+            },
+            "Bad crete request url CodeSystem?url=x at bundle index 0",
+            id="url-with-query",
+        ),
+        pytest.param(
+            {
+                "fullUrl": "urn:uuid:9d1f2a8e-5b1c-4f62-8a0e-3c7d2b6e1f00",
+                "resource_id": "plain-id",
+                "request": {"method": "POST", "url": "CodeSystem"},
+            },
+            "id value not starting with urn:uuid:",
+            id="resource-id-not-urn-uuid",
+        ),
+        pytest.param(
+            {
+                "fullUrl": "urn:uuid:9d1f2a8e-5b1c-4f62-8a0e-3c7d2b6e1f00",
+                "resource_id": "urn:uuid:11111111-5b1c-4f62-8a0e-3c7d2b6e1f00",
+                "request": {"method": "POST", "url": "CodeSystem"},
+            },
+            "Resource id not equal to entry fullUrl",
+            id="resource-id-not-fullUrl",
+        ),
+    ],
+)
+async def test_batch_create_entries_follow_dsf_create_command(
+    sandbox: Sandbox, entry: dict[str, Any], diagnostics: str
+) -> None:
+    """DSF's CreateCommand: 400 for that entry; the valid entry beside it is created."""
+    resource = dict(CODE_SYSTEM)
+    resource_id = entry.pop("resource_id", None)
+    if resource_id is not None:
+        resource["id"] = resource_id
+    good = {
+        "fullUrl": "urn:uuid:7a3e9c10-1b2d-4e5f-8a9b-0c1d2e3f4a5b",
+        "resource": {**CODE_SYSTEM, "url": "http://example.test/fhir/CodeSystem/other"},
+        "request": {"method": "POST", "url": "CodeSystem"},
+    }
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{**entry, "resource": resource}, good],
+    }
+    async with sandbox.client(LOCAL) as client:
+        response = await client.bundle(bundle, return_minimal=True)
+        transaction = {**bundle, "type": "transaction"}
+        with pytest.raises(RemoteError) as caught:
+            await client.bundle(transaction, return_minimal=True)
+    first, second = response["entry"]
+    assert first["response"]["status"] == "400 Bad Request"
+    assert diagnostics in first["response"]["outcome"]["issue"][0]["diagnostics"]
+    assert second["response"]["status"] == "201 Created"
+    assert caught.value.status == 400
