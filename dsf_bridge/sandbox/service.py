@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import copy
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -105,6 +105,8 @@ class FhirService:
         self.base_url = base_url.rstrip("/")
         self.release = release
         self.tasks = TaskAuthorization(store, local_organization, release)
+        # Profile validation (sandbox.validation), set by build_service; None validates nothing.
+        self.validator: Callable[[dict[str, Any]], list[str]] | None = None
         self.read_access = ReadAccess(self.tasks)
         self._faults: list[tuple[str, str, int]] = []
 
@@ -403,7 +405,9 @@ class FhirService:
                     f"Multiple {resource_type} resources with criteria '{if_none_exist}' exist",
                     code="multiple-matches",
                 )
-        denied = self._write_denied(identity, "create", body, None)
+        denied = self._profile_invalid("create", body) or self._write_denied(
+            identity, "create", body, None
+        )
         if denied is not None:
             return denied
         resource = copy.deepcopy(body)
@@ -435,7 +439,9 @@ class FhirService:
             expected = _version_from_etag(headers["if-match"])
             if expected is None:
                 return _error(400, f"If-Match {headers['if-match']!r} is no ETag", code="invalid")
-        denied = self._write_denied(identity, "update", body, old)
+        denied = self._profile_invalid("update", body) or self._write_denied(
+            identity, "update", body, old
+        )
         if denied is not None:
             return denied
         try:
@@ -506,6 +512,22 @@ class FhirService:
                 code="invalid",
             )
         return None
+
+    def _profile_invalid(self, action: str, resource: dict[str, Any]) -> FhirResponse | None:
+        """DSF validates a resource against its profiles before the authorization rules
+        (``CreateCommand.execute``, ``UpdateCommand``) and answers 403 when it is invalid."""
+        if self.validator is None:
+            return None
+        errors = self.validator(resource)
+        if not errors:
+            return None
+        _log.warning(
+            "request.invalid",
+            action=action,
+            resource_type=resource.get("resourceType"),
+            errors="; ".join(errors),
+        )
+        return _error(403, "; ".join(errors), code="processing")
 
     def _write_denied(
         self,
