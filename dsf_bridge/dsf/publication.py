@@ -8,12 +8,16 @@ already replaced by the plugin loader. Resources that say ``status unknown`` ("s
 bpe") are published ``active`` for the processes the bridge runs (``draft`` or ``retired`` on
 request).
 
+Plugins are written against DSF 1.x (API v1: ``task-base``); for a DSF 2.x server they are
+rewritten first, as the Java 2.x BPE rewrites API v1 plugins (:func:`for_dsf_2`).
+
 Plugins ship XML; it is read with ``fhir.resources`` (R4B models, which read DSF's R4 files)
 into JSON, the bridge's wire format.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import uuid
 from collections.abc import Iterable, Mapping
@@ -26,6 +30,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.versions import DSF_2, DsfRelease
 from dsf_bridge.dsf.vocabulary import TASK_IDENTIFIER_SYSTEM
 from dsf_bridge.engine.safexml import parse_xml
 from dsf_bridge.errors import BridgeError, ProcessModelError
@@ -33,6 +38,7 @@ from dsf_bridge.errors import BridgeError, ProcessModelError
 __all__ = [
     "PublicationError",
     "PublishedResource",
+    "for_dsf_2",
     "publication_bundle",
     "publish",
     "read_resource",
@@ -102,6 +108,81 @@ def _restore_element_ids(root: Any, resource: dict[str, Any]) -> None:
                 element["id"] = node.get("id")
 
 
+_SD = "http://dsf.dev/fhir/StructureDefinition/"
+_CS = "http://dsf.dev/fhir/CodeSystem/"
+# The DSF core profile a 2.x server requires in meta.profile, by resource type, and the
+# versioned 1.x profiles it replaces (ProcessPluginImpl of dsf-bpe-process-api-v1-impl, 2.x).
+_DSF_2_PROFILES: Mapping[str, tuple[str | None, tuple[str, ...]]] = {
+    "ActivityDefinition": (f"{_SD}activity-definition", ("1.0.0",)),
+    "CodeSystem": (f"{_SD}code-system", ("1.0.0",)),
+    "Library": (f"{_SD}library", ()),
+    "Measure": (f"{_SD}measure", ()),
+    "NamingSystem": (f"{_SD}naming-system", ()),
+    "ValueSet": (f"{_SD}value-set", ("1.0.0",)),
+    "StructureDefinition": (f"{_SD}structure-definition", ()),
+    # No profile is prepended to a Questionnaire; its 1.x versions are dropped.
+    "Questionnaire": (None, ("1.0.0", "1.5.0")),
+}
+_TASK_BASE = f"{_SD}task-base"
+_UNVERSIONED_BINDINGS = tuple(
+    f"{_CS}{name}"
+    for name in (
+        "bpmn-message",
+        "organization-role",
+        "practitioner-role",
+        "process-authorization",
+        "read-access-tag",
+    )
+)
+_QUESTIONNAIRE_REQUIRED_ITEMS = frozenset({"business-key", "user-task-id"})
+
+
+def for_dsf_2(resource: Mapping[str, Any]) -> dict[str, Any]:
+    """An API v1 plugin resource as the Java 2.x BPE rewrites it for a DSF 2.x FHIR server.
+
+    As ``ProcessPluginImpl`` of ``dsf-bpe-process-api-v1-impl`` does: the DSF core profile goes
+    first into ``meta.profile`` (versioned 1.x core profiles become unversioned); a
+    StructureDefinition derived from ``task-base`` derives from ``task``, and its bindings to
+    DSF CodeSystems lose their version; a Questionnaire's items get ``required`` (true for
+    ``business-key`` and ``user-task-id``). Tasks and everything else stay as they are.
+    """
+    rewritten = copy.deepcopy(dict(resource))
+    resource_type = str(rewritten.get("resourceType"))
+    if resource_type in _DSF_2_PROFILES:
+        core, old_versions = _DSF_2_PROFILES[resource_type]
+        meta = rewritten.setdefault("meta", {})
+        profiles: list[str] = []
+        for profile in [core, *(meta.get("profile") or [])]:
+            if profile is None:
+                continue
+            base, _, version = str(profile).partition("|")
+            unversioned = version in old_versions and base == (core or f"{_SD}questionnaire")
+            kept = base if unversioned else str(profile)
+            if kept not in profiles:
+                profiles.append(kept)
+        if profiles:
+            meta["profile"] = profiles
+    if resource_type == "StructureDefinition":
+        if str(rewritten.get("baseDefinition", "")).partition("|")[0] == _TASK_BASE:
+            rewritten["baseDefinition"] = f"{_SD}task"
+        for element in (rewritten.get("differential") or {}).get("element") or []:
+            binding = element.get("binding") or {}
+            value_set = str(binding.get("valueSet", ""))
+            base, _, version = value_set.partition("|")
+            if base in _UNVERSIONED_BINDINGS and version in ("1.0.0", "2.0.0"):
+                binding["valueSet"] = base
+    if resource_type == "Questionnaire":
+        _set_required(rewritten.get("item") or [])
+    return rewritten
+
+
+def _set_required(items: list[dict[str, Any]]) -> None:
+    for item in items:
+        if item.get("linkId") and item.get("type") and item.get("type") != "display":
+            item.setdefault("required", item["linkId"] in _QUESTIONNAIRE_REQUIRED_ITEMS)
+        _set_required(item.get("item") or [])
+
+
 def _criteria(resource: Mapping[str, Any], source: str) -> str:
     if resource["resourceType"] == "Task":
         for identifier in resource.get("identifier") or []:
@@ -147,10 +228,18 @@ def publication_bundle(
 
 
 async def publish(
-    client: FhirClient, resources: Iterable[tuple[str, bytes]], *, status: str = "active"
+    client: FhirClient,
+    resources: Iterable[tuple[str, bytes]],
+    *,
+    status: str = "active",
+    dsf_release: DsfRelease = DSF_2,
 ) -> list[PublishedResource]:
-    """Publish plugin resource files; raise :class:`PublicationError` naming any refused one."""
+    """Publish plugin resource files (API v1 style, as our plugins and the Java v1 plugins
+    write them), rewritten for a 2.x server as the Java 2.x BPE does; raise
+    :class:`PublicationError` naming any refused one."""
     parsed = [(source, read_resource(source, data)) for source, data in resources]
+    if dsf_release.major >= 2:
+        parsed = [(source, for_dsf_2(resource)) for source, resource in parsed]
     if not parsed:
         return []
     bundle, published = publication_bundle(parsed, status=status)

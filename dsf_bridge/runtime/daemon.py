@@ -159,7 +159,7 @@ class Bridge:
                 (str(path), data) for entries in loaded.resources.values() for path, data in entries
             ]
             unique = list(dict(files).items())  # shared resources are listed per process
-            await publish(self.client, unique)
+            await publish(self.client, unique, dsf_release=self.dsf_release)
             for definition in loaded.definitions.values():
                 await self.runtime.deploy(
                     definition,
