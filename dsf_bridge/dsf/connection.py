@@ -14,8 +14,8 @@ from dsf_bridge.config import DsfSettings
 from dsf_bridge.dsf.client import FhirClient, RetryPolicy
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity
 from dsf_bridge.dsf.organization import find_local_organization
-from dsf_bridge.dsf.versions import server_release
 from dsf_bridge.dsf.subscription import SubscriptionSettings, TaskSubscription, websocket_url
+from dsf_bridge.dsf.versions import server_release
 from dsf_bridge.errors import BridgeError, ConfigError
 
 __all__ = ["ConnectionStep", "check_connection"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import hashlib
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +43,10 @@ __all__ = [
     "recipient_identifier",
     "requester_identifier",
     "task_input",
+    "task_output_variable",
+    "task_outputs",
     "updated_task",
+    "with_outputs",
 ]
 
 MESSAGE_NAME = "message-name"
@@ -258,4 +263,41 @@ def updated_task(
                 "valueString": error,
             }
         )
+    return updated
+
+
+# Outputs for a Task an instance took in live in process variables until the Task completes or
+# fails: DSF 1.x forbids updating a running Task (in-progress -> in-progress), and the Java v1
+# plugins keep their Task in the instance and write its outputs with the completing PUT. One
+# variable per output (name from the Task id and the output's digest), so that handlers running
+# side by side never overwrite each other's outputs and a repeated handler adds nothing twice.
+TASK_OUTPUT_PREFIX = "dsf.taskOutput:"
+
+
+def task_output_variable(task_id: str, output: Mapping[str, Any]) -> str:
+    """The process variable that holds ``output`` for Task ``task_id``."""
+    digest = hashlib.sha256(json.dumps(output, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{TASK_OUTPUT_PREFIX}{task_id}:{digest}"
+
+
+def task_outputs(variables: Mapping[str, object], task_id: str) -> list[dict[str, Any]]:
+    """The outputs handlers added for Task ``task_id``, in the order they were added."""
+    prefix = f"{TASK_OUTPUT_PREFIX}{task_id}:"
+    return [
+        dict(value)
+        for name, value in variables.items()
+        if name.startswith(prefix) and isinstance(value, Mapping)
+    ]
+
+
+def with_outputs(task: Mapping[str, Any], outputs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A copy of ``task`` with ``outputs`` added after those it has; an output already there is
+    not repeated (a PUT retried after a crash writes the same Task)."""
+    updated = copy.deepcopy(dict(task))
+    present = list(updated.get("output") or [])
+    for output in outputs:
+        if output not in present:
+            present.append(copy.deepcopy(dict(output)))
+    if present:
+        updated["output"] = present
     return updated

@@ -24,10 +24,9 @@ numbers with UCUM units.
 
 from __future__ import annotations
 
-import copy
 import re
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import date
 from typing import Any, cast
 
@@ -332,30 +331,6 @@ def _local_client(ctx: HandlerContext) -> FhirClient:
     return ctx.service(SERVICE_FHIR_CLIENT, FhirClient)
 
 
-async def _add_outputs(
-    client: FhirClient, task_id: str, outputs: Sequence[Mapping[str, Any]]
-) -> None:
-    """Add outputs to a Task this site took in; outputs already there are not repeated, so a
-    handler that runs again after a crash changes nothing."""
-    for _ in range(5):  # the runtime's own PUTs may win a race; re-read and try again
-        task = await client.read("Task", task_id)
-        present = task.get("output") or []
-        new = [dict(o) for o in outputs if o not in present]
-        if not new:
-            return
-        updated = copy.deepcopy(task)
-        updated["output"] = [*present, *new]
-        version = int((task.get("meta") or {}).get("versionId") or 0)
-        try:
-            await client.update(updated, if_match=version, return_minimal=True)
-        except RemoteError as exc:
-            if exc.status in (409, 412):
-                continue
-            raise
-        return
-    raise RemoteError(f"Task/{task_id} kept changing while outputs were added", retryable=True)
-
-
 @handlers.service(_PREFIX + "StoreResult")
 async def store_result(ctx: HandlerContext) -> None:
     """A provider error becomes a BPMN error; measurements are stored as a Bundle readable by
@@ -423,7 +398,9 @@ async def store_result(ctx: HandlerContext) -> None:
                 "valueString": segmentation,
             }
         )
-    await _add_outputs(client, _text(ctx, "startTaskId"), outputs)
+    start_task = _text(ctx, "startTaskId")
+    for output in outputs:
+        ctx.add_task_output(start_task, output)
     ctx.set("resultBundle", f"Bundle/{created.id}")
     log.info("inference.result_stored", provider=provider, measurements=len(measurements))
 

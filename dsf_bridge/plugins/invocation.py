@@ -82,6 +82,14 @@ async def invoke(
         failed = HandlerFailed(effect.token, now, exc.code, exc.message, variables=context.updates)
         return Invocation(failed)
     except Exception as exc:  # a handler's bug must fail its step, not the runtime
-        return Invocation(HandlerFailed(effect.token, now, None, f"{type(exc).__name__}: {exc}"))
+        # Its other variables are rolled back; Task outputs it added go with the failing PUT.
+        failed = HandlerFailed(
+            effect.token,
+            now,
+            None,
+            f"{type(exc).__name__}: {exc}",
+            variables=context.task_output_updates,
+        )
+        return Invocation(failed)
     completed = HandlerCompleted(effect.token, now, context.updates, context.local_updates)
     return Invocation(completed, context if isinstance(context, SendContext) else None)

@@ -28,10 +28,9 @@ is made; tests may provide any other site under :data:`SERVICE_SITE`.
 
 from __future__ import annotations
 
-import copy
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -48,7 +47,7 @@ from dsf_bridge.dsf.vocabulary import (
     ORGANIZATION_IDENTIFIER_SYSTEM,
 )
 from dsf_bridge.engine.timers import TimerError, parse_duration
-from dsf_bridge.errors import BridgeError, ProcessModelError, RemoteError
+from dsf_bridge.errors import BridgeError, ProcessModelError
 from dsf_bridge.plugins.api import ProcessPlugin
 from dsf_bridge.plugins.registry import (
     SERVICE_FHIR_CLIENT,
@@ -170,11 +169,6 @@ class PingPongSite(Protocol):
         """The address of the active Endpoint ``identifier``, or None when there is none."""
         ...
 
-    async def add_outputs(self, task_id: str, outputs: Sequence[Mapping[str, Any]]) -> None:
-        """Add outputs to a Task this site took in (outputs already there are not repeated,
-        so a handler that runs again after a crash changes nothing)."""
-        ...
-
 
 def _identifier(resource: Mapping[str, Any], system: str) -> str | None:
     for identifier in resource.get("identifier") or []:
@@ -252,25 +246,6 @@ class FhirPingPongSite:
         if not found:
             return None
         return str(found[0].get("address") or "") or None
-
-    async def add_outputs(self, task_id: str, outputs: Sequence[Mapping[str, Any]]) -> None:
-        for _ in range(5):  # another writer (the subscription's PUT) may win a race; re-read
-            task = await self.client.read("Task", task_id)
-            present = task.get("output") or []
-            new = [dict(o) for o in outputs if o not in present]
-            if not new:
-                return
-            updated = copy.deepcopy(task)
-            updated["output"] = [*present, *new]
-            version = int((task.get("meta") or {}).get("versionId") or 0)
-            try:
-                await self.client.update(updated, if_match=version, return_minimal=True)
-            except RemoteError as exc:
-                if exc.status in (409, 412):
-                    continue
-                raise
-            return
-        raise RemoteError(f"Task/{task_id} kept changing while outputs were added", retryable=True)
 
 
 def _site(ctx: HandlerContext) -> PingPongSite:
@@ -446,8 +421,9 @@ async def save_results(ctx: HandlerContext) -> None:
         error = ctx.get(f"errorMessage_{key}") if status in (NOT_ALLOWED, NOT_REACHABLE) else None
         outputs.append(status_output(PING_STATUS, target, status, str(error or "") or None))
     task_id = ctx.get("startTaskId")
-    if outputs and isinstance(task_id, str):
-        await _site(ctx).add_outputs(task_id, outputs)
+    if isinstance(task_id, str):
+        for output in outputs:
+            ctx.add_task_output(task_id, output)
 
 
 @handlers.service(_PREFIX + "LogPing")
@@ -501,8 +477,7 @@ def send_pong(ctx: SendContext) -> None:
 async def save_pong_sent(ctx: HandlerContext) -> None:
     task_id = ctx.get("pingTaskId")
     if isinstance(task_id, str):
-        output = status_output(PONG_STATUS, _target(ctx), PONG_SEND)
-        await _site(ctx).add_outputs(task_id, [output])
+        ctx.add_task_output(task_id, status_output(PONG_STATUS, _target(ctx), PONG_SEND))
 
 
 @handlers.service(_PREFIX + "SavePongFailure")
@@ -513,7 +488,7 @@ async def save_pong_failure(ctx: HandlerContext) -> None:
     error = str(ctx.get("errorMessage") or "")
     task_id = ctx.get("pingTaskId")
     if isinstance(task_id, str):
-        await _site(ctx).add_outputs(task_id, [status_output(PONG_STATUS, target, status, error)])
+        ctx.add_task_output(task_id, status_output(PONG_STATUS, target, status, error))
     raise PongNotDeliveredError(
         f"pong to {target.get('organizationIdentifier')} not delivered ({status}): {error}"
     )

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from dsf_bridge.dsf.tasks import TASK_OUTPUT_PREFIX, task_output_variable
 from dsf_bridge.engine.model import NodeKind, ProcessDefinition
 from dsf_bridge.errors import ProcessExecutionError, ProcessModelError
 
@@ -106,6 +107,21 @@ class HandlerContext:
     def set_local(self, name: str, value: object) -> None:
         """Set a variable on this execution only (Camunda ``setVariableLocal``)."""
         self.local_updates[name] = value
+
+    def add_task_output(self, task_id: str, output: Mapping[str, Any]) -> None:
+        """Add an output (a FHIR ``Task.output``, JSON) to a Task this instance took in.
+
+        It is written with the PUT that completes or fails the Task, on every DSF version (DSF
+        1.x forbids updating a running Task; the Java v1 plugins do the same). An output added
+        before the handler fails technically is still written with the failing PUT, as a Java
+        delegate's error handling writes its Task. The same output twice is kept once.
+        """
+        self.updates[task_output_variable(task_id, output)] = dict(output)
+
+    @property
+    def task_output_updates(self) -> dict[str, object]:
+        """The variables :meth:`add_task_output` set in this call."""
+        return {k: v for k, v in self.updates.items() if k.startswith(TASK_OUTPUT_PREFIX)}
 
 
 @dataclass

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from dsf_bridge.dsf.tasks import task_outputs
 from dsf_bridge.engine.correlation import correlate, message_subscriptions
 from dsf_bridge.engine.events import (
     CallHandler,
@@ -327,7 +328,14 @@ class ProcessHarness:
                     token, self.now, exc.code, exc.message, variables=context.updates
                 )
             except Exception as exc:
-                event = HandlerFailed(token, self.now, None, f"{type(exc).__name__}: {exc}")
+                # As the runtime: Task outputs added before the failure are kept.
+                event = HandlerFailed(
+                    token,
+                    self.now,
+                    None,
+                    f"{type(exc).__name__}: {exc}",
+                    variables=context.task_output_updates,
+                )
             else:
                 ok = True
                 event = HandlerCompleted(token, self.now, context.updates, context.local_updates)
@@ -341,6 +349,12 @@ class ProcessHarness:
 
     def handler_calls(self, name: str) -> int:
         return sum(1 for _, handler in self.calls if handler == name)
+
+    def task_outputs(self, task_id: str) -> list[dict[str, Any]]:
+        """The outputs handlers added for Task ``task_id``
+        (:meth:`HandlerContext.add_task_output`), which the runtime writes with the PUT that
+        completes or fails the Task."""
+        return [o for i in self.instances.values() for o in task_outputs(i.variables, task_id)]
 
 
 async def _await(awaitable: Any) -> None:

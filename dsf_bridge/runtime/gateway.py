@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
 
 from dsf_bridge.dsf.client import FhirClient, RetryPolicy
 from dsf_bridge.dsf.endpoints import TargetError, resolve_target
-from dsf_bridge.dsf.tasks import build_task, input_values, updated_task
+from dsf_bridge.dsf.tasks import build_task, input_values, updated_task, with_outputs
 from dsf_bridge.dsf.vocabulary import ORGANIZATION_IDENTIFIER_SYSTEM, parse_instant
 from dsf_bridge.errors import RemoteError
 from dsf_bridge.runtime.ports import OutgoingTask, UserTaskRequest
@@ -155,20 +155,30 @@ class DsfTaskGateway:
                 return f"{client.base_url}/Task/{candidate['id']}/_history/{version}"
         return None
 
-    async def complete_task(self, task_id: str) -> None:
-        await self._finish(task_id, "completed", None)
+    async def complete_task(
+        self, task_id: str, *, outputs: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
+        await self._finish(task_id, "completed", None, outputs)
 
-    async def fail_task(self, task_id: str, message: str) -> None:
-        await self._finish(task_id, "failed", message)
+    async def fail_task(
+        self, task_id: str, message: str, *, outputs: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
+        await self._finish(task_id, "failed", message, outputs)
 
-    async def _finish(self, task_id: str, status: str, error: str | None) -> None:
+    async def _finish(
+        self,
+        task_id: str,
+        status: str,
+        error: str | None,
+        outputs: Sequence[Mapping[str, Any]],
+    ) -> None:
         task = await self.local.read("Task", task_id)
         if task.get("status") != "in-progress":
             return  # already finished (a repeated effect after a crash) or never ours
         version = int((task.get("meta") or {}).get("versionId") or 0)
-        await self.local.update(
-            updated_task(task, status=status, error=error), if_match=version, return_minimal=True
-        )
+        # Outputs go with the completing PUT: DSF 1.x forbids updating a running Task.
+        finished = updated_task(with_outputs(task, outputs), status=status, error=error)
+        await self.local.update(finished, if_match=version, return_minimal=True)
 
     async def create_user_task(self, request: UserTaskRequest) -> str:
         response = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = ["OutgoingTask", "TaskGateway", "UserTaskRequest"]
 
@@ -52,12 +52,16 @@ class TaskGateway(Protocol):
         """Post ``task`` to its target; return the created Task's id (or location)."""
         ...
 
-    async def complete_task(self, task_id: str) -> None:
-        """Set a Task this site took in to ``completed``."""
+    async def complete_task(
+        self, task_id: str, *, outputs: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
+        """Set a Task this site took in to ``completed``, adding ``outputs`` in the same PUT."""
         ...
 
-    async def fail_task(self, task_id: str, message: str) -> None:
-        """Set a Task this site took in to ``failed`` with an ``error`` output."""
+    async def fail_task(
+        self, task_id: str, message: str, *, outputs: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
+        """Set a Task this site took in to ``failed`` with ``outputs`` and an ``error`` output."""
         ...
 
     async def create_user_task(self, request: UserTaskRequest) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 
 import structlog
 
+from dsf_bridge.dsf.tasks import task_outputs
 from dsf_bridge.dsf.vocabulary import parse_instant
 from dsf_bridge.engine.correlation import correlate, message_subscriptions, signal_waits
 from dsf_bridge.engine.events import (
@@ -827,10 +828,16 @@ class ProcessRuntime:
                 )
             )
         if entry.kind == "complete-task":
-            await self.gateway.complete_task(str(payload["task_id"]))
+            await self.gateway.complete_task(
+                str(payload["task_id"]), outputs=payload.get("outputs") or ()
+            )
             return str(payload["task_id"])
         if entry.kind == "fail-task":
-            await self.gateway.fail_task(str(payload["task_id"]), str(payload["message"]))
+            await self.gateway.fail_task(
+                str(payload["task_id"]),
+                str(payload["message"]),
+                outputs=payload.get("outputs") or (),
+            )
             return str(payload["task_id"])
         if entry.kind == "create-user-task":
             return await self.gateway.create_user_task(
@@ -1085,7 +1092,10 @@ class ProcessRuntime:
                             kind="complete-task",
                             instance_id=instance_id,
                             now=now,
-                            payload={"task_id": task_id},
+                            payload={
+                                "task_id": task_id,
+                                "outputs": task_outputs(state["vars"], task_id),
+                            },
                         )
                     else:
                         await repo.enqueue_outbox(
@@ -1094,7 +1104,11 @@ class ProcessRuntime:
                             kind="fail-task",
                             instance_id=instance_id,
                             now=now,
-                            payload={"task_id": task_id, "message": effect.message},
+                            payload={
+                                "task_id": task_id,
+                                "message": effect.message,
+                                "outputs": task_outputs(state["vars"], task_id),
+                            },
                         )
             elif isinstance(effect, ProcessCompleted | ProcessFailed):
                 await append_event(

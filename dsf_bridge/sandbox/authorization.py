@@ -359,6 +359,12 @@ class TaskAuthorization:
             if new.get("output"):
                 return "Task.output not expected"
             return self._process_denied(new, requester=None)
+        # taskAllowedForRecipient: the process (a draft or active ActivityDefinition) must still
+        # admit the local organization as recipient; 1.x asks it for in-progress -> failed too.
+        if transition in (("in-progress", "in-progress"), ("in-progress", "completed")) or (
+            transition == ("in-progress", "failed") and self._release.major < 2
+        ):
+            return self._process_denied(new, requester=None)
         return None
 
 
@@ -485,6 +491,8 @@ _QUESTIONNAIRE_RESPONSE_UPDATES = {
     ("in-progress", "stopped"),
     ("completed", "amended"),
 }
+# 1.x knows no amended QuestionnaireResponses.
+_QUESTIONNAIRE_RESPONSE_UPDATES_1 = {("in-progress", "completed"), ("in-progress", "stopped")}
 
 
 def _item_answer(response: dict[str, Any], link_id: str) -> tuple[str | None, str | None]:
@@ -501,32 +509,70 @@ def _item_answer(response: dict[str, Any], link_id: str) -> tuple[str | None, st
     return value, None
 
 
-def questionnaire_response_denied(
-    identity: OrganizationIdentity, old: dict[str, Any] | None, new: dict[str, Any]
-) -> str | None:
-    """DSF's QuestionnaireResponse rule for organization identities (the user-task flow).
+def _status_only_change(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """``modificationsOkStatusOnly``: nothing but ``status`` (and the server's ``meta``)
+    differs."""
 
-    Created by the local organization ``in-progress`` with a ``user-task-id`` item and a
-    ``questionnaire``; updated by it ``in-progress`` -> ``completed`` or ``stopped`` and
-    ``completed`` -> ``amended``, with ``user-task-id`` and ``business-key`` unchanged; a
-    completed or amended response names its author (the local organization) and ``authored``.
+    def rest(resource: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in resource.items() if k not in ("status", "meta")}
+
+    return rest(old) == rest(new)
+
+
+def questionnaire_response_denied(
+    identity: OrganizationIdentity,
+    old: dict[str, Any] | None,
+    new: dict[str, Any],
+    release: DsfRelease = DSF_2,
+) -> str | None:
+    """DSF's ``QuestionnaireResponseAuthorizationRule`` for organization identities.
+
+    Created by the local organization ``in-progress`` with one non-blank ``user-task-id`` answer
+    and a ``questionnaire``. Updated by it ``in-progress`` -> ``completed`` with the same checks
+    (2.x: a completed response names its author, the local organization, and ``authored``) and
+    ``user-task-id``, ``business-key`` and ``questionnaire`` unchanged. 2.x: ``in-progress`` ->
+    ``stopped`` and ``completed`` -> ``amended`` change the status only. 1.x: ``in-progress`` ->
+    ``completed`` or ``stopped``, both checked like completed; no amended.
     """
     if not identity.local:
         return "QuestionnaireResponses are written by the local organization only"
     status = new.get("status")
+    if old is None:
+        return _questionnaire_response_errors(identity, new, {"in-progress"}, release)
+    transition = (str(old.get("status")), str(status))
+    allowed = (
+        _QUESTIONNAIRE_RESPONSE_UPDATES if release.major >= 2 else _QUESTIONNAIRE_RESPONSE_UPDATES_1
+    )
+    if transition not in allowed:
+        return f"QuestionnaireResponse.status change {transition[0]} -> {transition[1]} not allowed"
+    if release.major >= 2 and transition != ("in-progress", "completed"):
+        return None if _status_only_change(old, new) else "modification not allowed"
+    errors = _questionnaire_response_errors(identity, new, {"completed", "stopped"}, release)
+    if errors:
+        return errors
+    if _item_answer(old, "user-task-id")[0] != _item_answer(new, "user-task-id")[0]:
+        return "QuestionnaireResponse user-task-id modified"
+    if _item_answer(old, "business-key")[0] != _item_answer(new, "business-key")[0]:
+        return "QuestionnaireResponse business-key modified"
+    if not old.get("questionnaire") or old.get("questionnaire") != new.get("questionnaire"):
+        return "QuestionnaireResponse.questionnaire modified"
+    return None
+
+
+def _questionnaire_response_errors(
+    identity: OrganizationIdentity, new: dict[str, Any], statuses: set[str], release: DsfRelease
+) -> str | None:
+    """``newResourceOk``."""
     errors: list[str] = []
-    if old is None and status != "in-progress":
-        errors.append("QuestionnaireResponse.status not in-progress on create")
-    if old is not None and (old.get("status"), status) not in _QUESTIONNAIRE_RESPONSE_UPDATES:
-        errors.append(
-            f"QuestionnaireResponse.status change {old.get('status')} -> {status} not allowed"
-        )
-    user_task_id, error = _item_answer(new, "user-task-id")
+    status = new.get("status")
+    if status not in statuses:
+        errors.append(f"QuestionnaireResponse.status not one of {sorted(statuses)}")
+    _, error = _item_answer(new, "user-task-id")
     if error:
         errors.append(error)
     if not new.get("questionnaire"):
         errors.append("QuestionnaireResponse.questionnaire missing")
-    if status in ("completed", "amended"):
+    if release.major >= 2 and status in ("completed", "amended"):
         identifier = (new.get("author") or {}).get("identifier") or {}
         if (
             identifier.get("system") != ORGANIZATION_IDENTIFIER_SYSTEM
@@ -535,9 +581,4 @@ def questionnaire_response_denied(
             errors.append("QuestionnaireResponse.author not the current organization identity")
         if not new.get("authored"):
             errors.append("QuestionnaireResponse.authored missing")
-    if old is not None:
-        if _item_answer(old, "user-task-id")[0] != user_task_id:
-            errors.append("QuestionnaireResponse user-task-id modified")
-        if _item_answer(old, "business-key")[0] != _item_answer(new, "business-key")[0]:
-            errors.append("QuestionnaireResponse business-key modified")
     return ", ".join(errors) if errors else None

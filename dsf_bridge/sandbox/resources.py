@@ -274,7 +274,7 @@ def _matches_parameter(
         candidates = [token for item in values for token in _tokens(item)]
         return any(_token_matches(c, wanted) for c in candidates for wanted in alternatives)
     if kind == "uri":
-        return _uri_matches(resource, name, values, alternatives)
+        return _uri_matches(resource, name, values, alternatives, below=modifier == "below")
     if kind == "string":
         texts = [str(item) for item in values if isinstance(item, str)]
         for wanted in alternatives:
@@ -315,9 +315,20 @@ def _matches_parameter(
 
 
 def _uri_matches(
-    resource: dict[str, Any], name: str, values: list[Any], alternatives: list[str]
+    resource: dict[str, Any],
+    name: str,
+    values: list[Any],
+    alternatives: list[str],
+    *,
+    below: bool = False,
 ) -> bool:
+    """Exact uri match (``url`` with ``|version`` against the resource's version); ``:below``
+    as DSF's ``ResourceProfile``: the value (``url`` or ``url|version``) is a prefix."""
     for alternative in alternatives:
+        if below:
+            if any(isinstance(item, str) and item.startswith(alternative) for item in values):
+                return True
+            continue
         wanted, version = alternative, None
         if name == "url" and "|" in alternative:
             wanted, version = alternative.split("|", 1)
@@ -432,6 +443,24 @@ class MemoryResourceStore:
             return False
         self._deleted.add((resource_type, resource_id))
         return True
+
+    def purge(self, resource_type: str, resource_id: str) -> None:
+        """Remove every version of a resource (DSF's ``$permanent-delete``)."""
+        self._versions.get(resource_type, {}).pop(resource_id, None)
+        self._deleted.discard((resource_type, resource_id))
+
+    def history(
+        self, resource_type: str | None = None, resource_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every stored version, newest first: of one resource, one type, or all types."""
+        types = [resource_type] if resource_type is not None else sorted(self._versions)
+        found: list[dict[str, Any]] = []
+        for name in types:
+            for stored_id, versions in self._versions.get(name, {}).items():
+                if resource_id is None or stored_id == resource_id:
+                    found.extend(copy.deepcopy(v) for v in versions)
+        found.sort(key=lambda r: str(r["meta"]["lastUpdated"]), reverse=True)
+        return found
 
     def all(self, resource_type: str) -> list[dict[str, Any]]:
         return [

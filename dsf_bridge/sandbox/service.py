@@ -77,6 +77,21 @@ def _error(status: int, text: str, code: str = "processing") -> FhirResponse:
     return FhirResponse(status, operation_outcome(text, code=code))
 
 
+def _forbidden(
+    operation: str, identity: OrganizationIdentity, resource_type: str, reason: str
+) -> FhirResponse:
+    """DSF's ``ResponseGenerator.forbiddenNotAllowed``: the body says only ``Operation <op>
+    forbidden``; why is for the server's log."""
+    _log.warning(
+        "request.forbidden",
+        operation=operation,
+        resource_type=resource_type,
+        organization=identity.identifier,
+        reason=reason,
+    )
+    return _error(403, f"Operation {operation} forbidden", code="forbidden")
+
+
 def _etag(resource: Mapping[str, Any]) -> str:
     return f'W/"{resource["meta"]["versionId"]}"'
 
@@ -109,6 +124,7 @@ class FhirService:
         self.validator: Callable[[dict[str, Any]], list[str]] | None = None
         self.read_access = ReadAccess(self.tasks)
         self._faults: list[tuple[str, str, int]] = []
+        self._in_bundle = False
 
     def inject_failures(self, method: str, path_prefix: str, statuses: Sequence[int]) -> None:
         """Test hook: answer the next matching requests with these HTTP statuses, in order,
@@ -204,9 +220,11 @@ class FhirService:
             return injected
         parts = [p for p in path.strip("/").split("/") if p]
         try:
+            if not parts and method == "POST":
+                return self._bundle(identity, body, headers)
+            if parts == ["_history"] and method == "GET":
+                return self.history(identity, None, None)
             if not parts:
-                if method == "POST":
-                    return self._bundle(identity, body, headers)
                 return _error(405, f"{method} on the base URL is not supported")
             resource_type = parts[0]
             if resource_type not in RESOURCE_TYPES:
@@ -220,13 +238,19 @@ class FhirService:
                     return self.create(identity, resource_type, body, headers)
                 if method == "PUT":
                     return self._conditional_update(identity, resource_type, params, body, headers)
-            elif len(parts) == 2:
+            elif len(parts) == 2 and parts[1] != "_history":
                 if method == "GET":
                     return self.read(identity, resource_type, parts[1], headers)
                 if method == "PUT":
                     return self.update(identity, resource_type, parts[1], body, headers)
                 if method == "DELETE":
                     return self.delete(identity, resource_type, parts[1])
+            elif len(parts) == 2 and parts[1] == "_history" and method == "GET":
+                return self.history(identity, resource_type, None)
+            elif len(parts) == 3 and parts[2] == "_history" and method == "GET":
+                return self.history(identity, resource_type, parts[1])
+            elif len(parts) == 3 and parts[2] == "$permanent-delete" and method == "POST":
+                return self.delete_permanently(identity, resource_type, parts[1])
             elif len(parts) == 4 and parts[2] == "_history" and method == "GET":
                 return self.vread(identity, resource_type, parts[1], parts[3])
             return _error(405, f"{method} /{'/'.join(parts)} is not supported")
@@ -249,9 +273,7 @@ class FhirService:
             return _error(404, f"{resource_type} with id {resource_id} not found", code="not-found")
         if not self.may_read(identity, resource):
             # DSF answers 403 for an existing resource the caller may not read.
-            return _error(
-                403, f"read of {resource_type}/{resource_id} not allowed", code="forbidden"
-            )
+            return _forbidden("read", identity, resource_type, f"{resource_type}/{resource_id}")
         if_match = headers.get("if-match")
         if if_match is not None:
             expected = _version_from_etag(if_match)
@@ -272,9 +294,7 @@ class FhirService:
                 404, f"{resource_type}/{resource_id}/_history/{version} not found", code="not-found"
             )
         if not self.may_read(identity, resource):
-            return _error(
-                403, f"read of {resource_type}/{resource_id} not allowed", code="forbidden"
-            )
+            return _forbidden("read", identity, resource_type, f"{resource_type}/{resource_id}")
         return self._with_headers(FhirResponse(200, resource), resource)
 
     def search(
@@ -377,6 +397,15 @@ class FhirService:
             return invalid
         if body is None:  # narrowed by _invalid_body; kept for the type checker
             return _error(400, "request body missing", code="invalid")
+        # As DSF's AbstractResourceServiceSecure.create: authorization rules first, then profile
+        # validation, then If-None-Exist. Inside a Bundle (DSF's CreateCommand) If-None-Exist
+        # comes first: preExecute finds the existing resource before execute authorizes.
+        if not self._in_bundle:
+            denied = self._write_denied(identity, "create", body, None) or self._profile_invalid(
+                "create", body
+            )
+            if denied is not None:
+                return denied
         if_none_exist = headers.get("if-none-exist")
         if if_none_exist is not None:
             criteria = if_none_exist.split("?", 1)[-1]
@@ -405,11 +434,12 @@ class FhirService:
                     f"Multiple {resource_type} resources with criteria '{if_none_exist}' exist",
                     code="multiple-matches",
                 )
-        denied = self._profile_invalid("create", body) or self._write_denied(
-            identity, "create", body, None
-        )
-        if denied is not None:
-            return denied
+        if self._in_bundle:
+            denied = self._write_denied(identity, "create", body, None) or self._profile_invalid(
+                "create", body
+            )
+            if denied is not None:
+                return denied
         resource = copy.deepcopy(body)
         resource.pop("id", None)
         created = self.store.create(resource, resource_id=resource_id)
@@ -439,8 +469,10 @@ class FhirService:
             expected = _version_from_etag(headers["if-match"])
             if expected is None:
                 return _error(400, f"If-Match {headers['if-match']!r} is no ETag", code="invalid")
-        denied = self._profile_invalid("update", body) or self._write_denied(
-            identity, "update", body, old
+        denied = (
+            self._write_denied(identity, "update", body, old)
+            or (None if _task_failed(body) else self._profile_invalid("update", body))
+            or self._unresolved_reference(identity, body)
         )
         if denied is not None:
             return denied
@@ -484,6 +516,55 @@ class FhirService:
         resource["id"] = matches[0]["id"]
         return self.update(identity, resource_type, matches[0]["id"], resource, headers)
 
+    def history(
+        self, identity: OrganizationIdentity, resource_type: str | None, resource_id: str | None
+    ) -> FhirResponse:
+        """``_history`` of a resource, a type or the server: a Bundle of type ``history`` with
+        the versions the caller may read (DSF filters the others out, it does not answer 403)."""
+        versions = [
+            v for v in self.store.history(resource_type, resource_id) if self.may_read(identity, v)
+        ]
+        entries = [
+            {
+                "fullUrl": f"{self.base_url}/{v['resourceType']}/{v['id']}",
+                "resource": v,
+                "request": {
+                    "method": "POST" if v["meta"]["versionId"] == "1" else "PUT",
+                    "url": f"{v['resourceType']}/{v['id']}/_history/{v['meta']['versionId']}",
+                },
+                "response": {"status": "200 OK"},
+            }
+            for v in versions
+        ]
+        bundle = {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "type": "history",
+            "total": len(entries),
+            "entry": entries,
+        }
+        return FhirResponse(200, bundle)
+
+    def delete_permanently(
+        self, identity: OrganizationIdentity, resource_type: str, resource_id: str
+    ) -> FhirResponse:
+        """DSF's ``$permanent-delete``: local organization only (403 ``Operation delete
+        forbidden``), and only for a resource already deleted (else 400)."""
+        latest = self.store.read_version(resource_type, resource_id, 1)
+        if latest is None:
+            return _error(404, f"{resource_type} with id {resource_id} not found", code="not-found")
+        if not identity.local:
+            return _forbidden("delete", identity, resource_type, "local organization only")
+        if not self.store.is_deleted(resource_type, resource_id):
+            return _error(
+                400, f"{resource_type}/{resource_id} is not marked as deleted", code="processing"
+            )
+        self.store.purge(resource_type, resource_id)
+        return FhirResponse(
+            200,
+            operation_outcome("permanently deleted", severity="information", code="informational"),
+        )
+
     def delete(
         self, identity: OrganizationIdentity, resource_type: str, resource_id: str
     ) -> FhirResponse:
@@ -491,8 +572,8 @@ class FhirService:
         if old is None:
             return _error(404, f"{resource_type} with id {resource_id} not found", code="not-found")
         if not identity.local or (resource_type == "Task" and old.get("status") != "draft"):
-            return _error(
-                403, f"delete of {resource_type}/{resource_id} not allowed", code="forbidden"
+            return _forbidden(
+                "delete", identity, resource_type, "local organization, Task.status draft only"
             )
         self.store.delete(resource_type, resource_id)
         return FhirResponse(
@@ -544,7 +625,7 @@ class FhirService:
                 else self.tasks.update_denied(identity, old, resource)
             )
         elif resource_type == "QuestionnaireResponse":
-            reason = questionnaire_response_denied(identity, old, resource)
+            reason = questionnaire_response_denied(identity, old, resource, self.release)
         elif not identity.local:
             reason = f"{action} of {resource_type} allowed for the local organization only"
         else:
@@ -553,15 +634,26 @@ class FhirService:
                 reason = self._duplicate(resource)
         if reason is None:
             return None
-        _log.warning(
-            "request.forbidden",
-            action=action,
-            resource_type=resource_type,
-            organization=identity.identifier,
-        )
-        return _error(
-            403, f"Forbidden: {action} of {resource_type} not allowed: {reason}", code="forbidden"
-        )
+        return _forbidden(action, identity, resource_type, reason)
+
+    def _unresolved_reference(
+        self, identity: OrganizationIdentity, resource: dict[str, Any]
+    ) -> FhirResponse | None:
+        """DSF checks a Task's literal references after an update (``ReferencesHelperImpl``,
+        ``ValidationRules.checkReferenceAfterUpdate``): a local one must resolve, else 403; none
+        is checked when the Task becomes ``failed``. External literal references are not
+        fetched by the sandbox (DSF asks the remote server)."""
+        if resource.get("resourceType") != "Task" or _task_failed(resource):
+            return None
+        for reference in walk_references(resource):
+            target = reference
+            if target.startswith(self.base_url + "/"):
+                target = target[len(self.base_url) + 1 :]
+            if "://" in target or target.startswith(("urn:", "#")):
+                continue
+            if self.store.resolve(target) is None:
+                return _forbidden("update", identity, "Task", f"reference {reference} not found")
+        return None
 
     def _duplicate(self, resource: dict[str, Any]) -> str | None:
         """DSF refuses a second resource with the same unique criteria (``resourceExists`` of its
@@ -626,7 +718,11 @@ class FhirService:
         prefer = headers.get("prefer", "")
         responses: list[dict[str, Any]] = []
         for index, entry in enumerate(entries):
-            result = _create_entry_invalid(index, entry) or self._bundle_entry(identity, entry)
+            self._in_bundle = True
+            try:
+                result = _create_entry_invalid(index, entry) or self._bundle_entry(identity, entry)
+            finally:
+                self._in_bundle = False
             if kind == "transaction" and result.status >= 400:
                 if snapshot is not None:
                     self.store.restore(snapshot)
@@ -770,6 +866,27 @@ _URL_UUID_PREFIX = "urn:uuid:"
 _URL_VERSION_UNIQUE = frozenset(
     {"ActivityDefinition", "CodeSystem", "Library", "Measure", "StructureDefinition", "ValueSet"}
 )
+
+
+def _task_failed(resource: Mapping[str, Any]) -> bool:
+    """DSF neither fails on validation errors nor checks references when a Task becomes
+    ``failed`` (``ValidationRules``), so an engine can always give up on a Task."""
+    return resource.get("resourceType") == "Task" and resource.get("status") == "failed"
+
+
+def walk_references(node: Any) -> list[str]:
+    """Every ``Reference.reference`` string in a resource."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                found.append(value)
+            else:
+                found.extend(walk_references(value))
+    elif isinstance(node, list):
+        for item in node:
+            found.extend(walk_references(item))
+    return found
 
 
 def _identifiers(resource: Mapping[str, Any]) -> set[tuple[str, str]]:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from dsf_bridge.dsf.identity import thumbprint
 from dsf_bridge.dsf.versions import DSF_2, DsfRelease, release
 from dsf_bridge.dsf.vocabulary import (
@@ -33,6 +35,9 @@ from dsf_bridge.dsf.vocabulary import (
 from dsf_bridge.sandbox.certs import CertificateAuthority
 from dsf_bridge.sandbox.resources import MemoryResourceStore
 from dsf_bridge.sandbox.service import FhirService
+from dsf_bridge.sandbox.validation import attach_validator
+
+_log = structlog.get_logger()
 
 __all__ = [
     "SiteFiles",
@@ -172,10 +177,19 @@ def build_service(
     base_url: str,
     *,
     dsf_release: DsfRelease = DSF_2,
+    validate: bool = True,
 ) -> FhirService:
     """A FHIR service for ``local_organization`` with the allow list and Subscriptions loaded,
-    answering as the DSF FHIR server of ``dsf_release`` does."""
+    answering as the DSF FHIR server of ``dsf_release`` does: with ``validate``, Tasks and
+    QuestionnaireResponses are validated against their profiles (DSF's base profiles of that
+    version, read from the DSF reference corpus, and every profile published to it)."""
     service = FhirService(MemoryResourceStore(), local_organization, base_url, release=dsf_release)
+    if validate and not attach_validator(service, dsf_release.name):
+        _log.warning(
+            "sandbox.validation_off",
+            reason="DSF's base profiles not found; set DSF_BRIDGE_REFERENCE_DIR to the DSF "
+            "reference corpus (the folder with SOURCES.md)",
+        )
     identity = service.local_identity()
     result = service.handle(identity, "POST", "", headers={}, body=allow_list)
     if result.status != 200:

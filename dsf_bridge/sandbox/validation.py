@@ -31,6 +31,7 @@ not been checked because it is unknown", ``errorForUnknownProfiles``).
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -46,7 +47,12 @@ from pydantic import ValidationError
 from dsf_bridge.dsf.publication import read_resource
 from dsf_bridge.errors import ProcessModelError
 
-__all__ = ["ProfileValidator", "base_profiles"]
+__all__ = [
+    "ProfileValidator",
+    "attach_validator",
+    "base_profiles",
+    "find_reference_dir",
+]
 
 CORE_PREFIX = "http://hl7.org/fhir/StructureDefinition/"
 
@@ -879,3 +885,75 @@ def base_profiles(dsf_version: str, reference_dir: Path) -> list[dict[str, Any]]
             if path.with_name(path.name + ".post").is_file():
                 resources.append(read_resource(path, path.read_bytes()))
     return resources
+
+
+# The types DSF validates before its Task and QuestionnaireResponse rules; other resources of
+# the sandbox (allow list, Subscriptions) are written by the sandbox itself.
+VALIDATED_TYPES = frozenset({"Task", "QuestionnaireResponse"})
+REFERENCE_DIR_VARIABLE = "DSF_BRIDGE_REFERENCE_DIR"
+
+
+def find_reference_dir() -> Path | None:
+    """The DSF reference corpus (a folder holding ``SOURCES.md`` and the DSF repository's
+    validation resources): ``$DSF_BRIDGE_REFERENCE_DIR``, else ``shared/reference/dsf`` beside
+    a folder above this package or the working directory; None when there is none."""
+    configured = os.environ.get(REFERENCE_DIR_VARIABLE)
+    if configured:
+        return Path(configured)
+    for start in (Path(__file__).resolve(), Path.cwd().resolve()):
+        for folder in start.parents:
+            candidate = folder / "shared" / "reference" / "dsf"
+            if (candidate / "SOURCES.md").is_file():
+                return candidate
+    return None
+
+
+@functools.cache
+def _cached_base_profiles(dsf_version: str, reference_dir: Path) -> tuple[dict[str, Any], ...]:
+    return tuple(base_profiles(dsf_version, reference_dir))
+
+
+def attach_validator(service: Any, dsf_version: str, reference_dir: Path | None = None) -> bool:
+    """Make ``service`` (a :class:`~dsf_bridge.sandbox.service.FhirService`) validate Tasks and
+    QuestionnaireResponses as the DSF FHIR server of ``dsf_version`` does: against DSF's own
+    base profiles of that version and every StructureDefinition, ValueSet and CodeSystem
+    published to it. Returns False, validating nothing, when DSF's profiles are not found
+    (the caller says so)."""
+    folder = reference_dir or find_reference_dir()
+    if folder is None or not (folder / _BASE_DIRS[dsf_version]).is_dir():
+        return False
+    validator = ProfileValidator(_cached_base_profiles(dsf_version, folder))
+    for resource_type in _BASE_TYPES:
+        for resource in service.store.all(resource_type):
+            validator.add(resource)
+
+    def validate(resource: dict[str, Any]) -> list[str]:
+        if resource.get("resourceType") not in VALIDATED_TYPES:
+            return []
+        errors = validator.validate(resource)
+        if resource.get("resourceType") == "QuestionnaireResponse":
+            errors.extend(_questionnaire_errors(service.store, resource))
+        return errors
+
+    def published(resource: dict[str, Any]) -> None:
+        if resource.get("resourceType") in _BASE_TYPES:
+            validator.add(resource)
+
+    service.validator = validate
+    service.store.add_listener(published)
+    return True
+
+
+def _questionnaire_errors(store: Any, response: Mapping[str, Any]) -> list[str]:
+    """HAPI validates a QuestionnaireResponse against its Questionnaire and reports one it
+    cannot find as an error (DSF's ``testCreateNotAllowedByLocalUserQuestionnaireDoesNotExists``)."""
+    canonical = response.get("questionnaire")
+    if not isinstance(canonical, str) or not canonical:
+        return []  # the profile's cardinality speaks for a missing one
+    url, _, version = canonical.partition("|")
+    for questionnaire in store.all("Questionnaire"):
+        if questionnaire.get("url") == url and (
+            not version or questionnaire.get("version") == version
+        ):
+            return []
+    return [f"QuestionnaireResponse.questionnaire: Questionnaire {canonical} not found"]

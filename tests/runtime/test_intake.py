@@ -34,7 +34,15 @@ from dsf_bridge.sandbox import resources
 from dsf_bridge.sandbox.server import SandboxServer
 from dsf_bridge.store import Database
 from dsf_bridge.store.tables import AuditEvent, ProcessInstance
-from tests.sandbox.harness import LOCAL, REMOTE, Sandbox, sandbox, sandbox_ca, sandbox_sites
+from tests.sandbox.harness import (
+    LOCAL,
+    REMOTE,
+    Sandbox,
+    sandbox,
+    sandbox_ca,
+    sandbox_sites,
+    task_profile,
+)
 
 __all__ = ["sandbox", "sandbox_ca", "sandbox_sites"]
 
@@ -130,6 +138,7 @@ async def site(sandbox: Sandbox, database: Database) -> AsyncIterator[Site]:
     local = sandbox.client(LOCAL)
     remote = sandbox.client(REMOTE)
     await local.create(ACTIVITY_DEFINITION)
+    await local.create(task_profile(PROFILE))
     gateway = DsfTaskGateway(local, sandbox.context(LOCAL), LOCAL)
     runtime = ProcessRuntime(database, gateway, owner="test")
     work: list[str] = []

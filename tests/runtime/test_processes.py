@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -48,6 +50,8 @@ class FakeGateway:
     sent: list[OutgoingTask] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    # Outputs written with the completing or failing PUT, by Task id.
+    outputs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     user_tasks: list[UserTaskRequest] = field(default_factory=list)
     failures: list[Exception] = field(default_factory=list)
     send_attempts: int = 0
@@ -59,11 +63,17 @@ class FakeGateway:
         self.sent.append(task)
         return f"Task/remote-{len(self.sent)}"
 
-    async def complete_task(self, task_id: str) -> None:
+    async def complete_task(
+        self, task_id: str, *, outputs: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
         self.completed.append(task_id)
+        self.outputs.setdefault(task_id, []).extend(dict(o) for o in outputs)
 
-    async def fail_task(self, task_id: str, message: str) -> None:
+    async def fail_task(
+        self, task_id: str, message: str, *, outputs: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
         self.failed.append((task_id, message))
+        self.outputs.setdefault(task_id, []).extend(dict(o) for o in outputs)
 
     async def create_user_task(self, request: UserTaskRequest) -> str:
         self.user_tasks.append(request)

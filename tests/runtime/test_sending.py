@@ -29,10 +29,12 @@ from tests.runtime.sending import (
     runtime_for,
     site_client,
 )
+from tests.sandbox.harness import task_profile
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUESTER = "Site_A"
 PROVIDER = "Site_B"
+REQUEST_PROFILE = "http://test.org/fhir/StructureDefinition/task-request|1.0"
 
 
 @pytest.fixture
@@ -41,6 +43,7 @@ async def network(tmp_path: Path) -> AsyncIterator[SandboxNetwork]:
         client, _ = site_client(_config(net, PROVIDER))
         async with client:
             await client.create(PROVIDER_DEFINITION)
+            await client.create(task_profile(REQUEST_PROFILE))
         yield net
 
 
@@ -166,7 +169,7 @@ async def test_a_repeated_send_finds_its_task_and_a_failed_search_posts_again(
         business_key="bk-repeat",
         instantiates_canonical="http://test.org/bpe/Process/provide|1.0",
         message_name="request",
-        profile="http://test.org/fhir/StructureDefinition/task-request|1.0",
+        profile=REQUEST_PROFILE,
         correlation_key=None,
         target={"organizationIdentifier": PROVIDER},
         authored_on=authored,

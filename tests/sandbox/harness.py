@@ -7,20 +7,56 @@ loopback port with TLS and required client certificates.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 
 from dsf_bridge.dsf.client import FhirClient, RetryPolicy
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity
+from dsf_bridge.dsf.versions import DSF_2, DsfRelease
+from dsf_bridge.dsf.vocabulary import READ_ACCESS_TAG_SYSTEM
 from dsf_bridge.sandbox.certs import CertificateAuthority
 from dsf_bridge.sandbox.server import SandboxServer
 from dsf_bridge.sandbox.sites import SiteFiles, build_service, init_sandbox
+
+
+def task_profile(canonical: str, dsf_release: DsfRelease = DSF_2) -> dict[str, Any]:
+    """A Task profile ``url|version`` that adds nothing to DSF's base Task profile of
+    ``dsf_release``: what a test process needs on a server that validates Tasks, as DSF does."""
+    url, _, version = canonical.partition("|")
+    return {
+        "resourceType": "StructureDefinition",
+        "meta": {"tag": [{"system": READ_ACCESS_TAG_SYSTEM, "code": "ALL"}]},
+        "url": url,
+        "version": version,
+        "name": url.rsplit("/", 1)[-1].replace("-", ""),
+        "status": "active",
+        "kind": "resource",
+        "abstract": False,
+        "type": "Task",
+        "baseDefinition": dsf_release.task_base_profile,
+        "derivation": "constraint",
+        "differential": {"element": [{"id": "Task", "path": "Task"}]},
+    }
+
+
+@contextlib.contextmanager
+def forbidden_reasons() -> Iterator[list[str]]:
+    """The reasons the sandbox logs for the 403s it answers meanwhile: DSF's body says only
+    ``Operation <op> forbidden``, the why goes to the server's log."""
+    reasons: list[str] = []
+    with structlog.testing.capture_logs() as logs:
+        yield reasons
+        reasons.extend(str(e.get("reason")) for e in logs if e.get("event") == "request.forbidden")
+
 
 LOCAL = "Site_A"
 REMOTE = "Site_B"

@@ -43,9 +43,12 @@ from fhir.resources.R4B.task import Task
 
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity, thumbprint
+from dsf_bridge.dsf.versions import DSF_1, DSF_2, DsfRelease
 from dsf_bridge.errors import RemoteError
+from dsf_bridge.sandbox.authorization import OrganizationIdentity
 from dsf_bridge.sandbox.certs import CertificateAuthority
 from dsf_bridge.sandbox.server import SandboxServer
+from dsf_bridge.sandbox.service import FhirResponse, FhirService
 from dsf_bridge.sandbox.sites import build_service
 from tests.reference import reference_dir
 from tests.sandbox.harness import FAST_RETRY
@@ -106,6 +109,123 @@ def allow_list(local_thumbprint: str, external_thumbprint: str) -> dict[str, Any
     for placeholder, value in replacements.items():
         text = text.replace(placeholder, value)
     return _json(Bundle.model_validate_xml(text.encode()))
+
+
+def fixture(name: str, model: Any) -> dict[str, Any]:
+    """One XML resource of ``integration/task/`` as JSON (``model``: its fhir.resources class).
+
+    DSF 1.9.0's copies of these files differ from 2.1.0's only in their licence header and an
+    ActivityDefinition ``date``, so both versions load the 2.1.0 files."""
+    return _json(model.model_validate_xml((_resources() / "integration/task" / name).read_bytes()))
+
+
+def test_task_profile(release: DsfRelease) -> dict[str, Any]:
+    """``readTestTaskProfile``: ``dsf-test-task-profile-1.0.xml``; DSF 1.9.0's copy differs only
+    in its ``baseDefinition`` (``task-base`` instead of ``task``)."""
+    from fhir.resources.R4B.structuredefinition import StructureDefinition
+
+    profile = fixture("dsf-test-task-profile-1.0.xml", StructureDefinition)
+    profile["baseDefinition"] = release.task_base_profile
+    return profile
+
+
+test_task_profile.__test__ = False  # type: ignore[attr-defined]
+
+
+RELEASES = [pytest.param(DSF_2, id="2.1"), pytest.param(DSF_1, id="1.9")]
+_LOCAL_THUMBPRINT = "a" * 128
+_EXTERNAL_THUMBPRINT = "b" * 128
+
+
+@dataclass
+class DsfIntegration:
+    """DSF's ``AbstractIntegrationTest`` server (its test bundle, ``Test_Organization`` local,
+    ``External_Test_Organization`` remote) as a sandbox :class:`FhirService` of one DSF release,
+    called without HTTP (the TLS path is covered by :func:`dsf_test_server` below)."""
+
+    service: FhirService
+    release: DsfRelease
+
+    @classmethod
+    def start(cls, release: DsfRelease) -> DsfIntegration:
+        bundle = allow_list(_LOCAL_THUMBPRINT, _EXTERNAL_THUMBPRINT)
+        service = build_service(LOCAL, bundle, "https://localhost/fhir", dsf_release=release)
+        return cls(service, release)
+
+    def plugin(self, definition: dict[str, Any]) -> None:
+        """What most Java tests do first: create the ActivityDefinition and the test Task
+        profile as the local organization."""
+        self.created(LOCAL, definition)
+        self.created(LOCAL, test_task_profile(self.release))
+
+    def identity(self, who: str) -> OrganizationIdentity:
+        identity = self.service.identify(
+            _LOCAL_THUMBPRINT if who == LOCAL else _EXTERNAL_THUMBPRINT
+        )
+        assert isinstance(identity, OrganizationIdentity)
+        return identity
+
+    @property
+    def local_organization_id(self) -> str:
+        for organization in self.service.store.all("Organization"):
+            if any(i.get("value") == LOCAL for i in organization.get("identifier") or []):
+                return str(organization["id"])
+        raise AssertionError("local organization missing")
+
+    @property
+    def local_reference(self) -> dict[str, Any]:
+        """``new Reference(organizationProvider.getLocalOrganization().get())``: a literal."""
+        return {"reference": f"Organization/{self.local_organization_id}"}
+
+    def request(
+        self,
+        who: str,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: list[tuple[str, str]] | None = None,
+    ) -> FhirResponse:
+        return self.service.handle(
+            self.identity(who), method, path, params or [], headers={}, body=copy.deepcopy(body)
+        )
+
+    def create(self, who: str, resource: dict[str, Any]) -> FhirResponse:
+        return self.request(who, "POST", str(resource["resourceType"]), resource)
+
+    def update(self, who: str, resource: dict[str, Any]) -> FhirResponse:
+        return self.request(who, "PUT", f"{resource['resourceType']}/{resource['id']}", resource)
+
+    def created(self, who: str, resource: dict[str, Any]) -> dict[str, Any]:
+        response = self.create(who, resource)
+        assert response.status == 201, response.resource
+        assert response.resource is not None
+        return response.resource
+
+    def dao_create(self, resource: dict[str, Any]) -> dict[str, Any]:
+        """``...Dao.create``: stored without authorization, as DSF's tests do."""
+        return self.service.store.create(copy.deepcopy(resource))
+
+    def search(
+        self, who: str, resource_type: str, params: list[tuple[str, str]] | None = None
+    ) -> dict[str, Any]:
+        response = self.request(who, "GET", resource_type, params=params or [])
+        assert response.status == 200, response.resource
+        assert response.resource is not None
+        return response.resource
+
+
+def assert_forbidden(response: FhirResponse, operation: str) -> None:
+    """403 with exactly DSF's body: ``Operation <op> forbidden`` when the authorization rules
+    refuse (``ResponseGenerator.forbiddenNotAllowed``), the validation messages when the resource
+    is invalid against its profiles (``forbiddenNotValid``; DSF validates before it authorizes)."""
+    assert response.status == 403, response.resource
+    assert response.resource is not None
+    issue = response.resource["issue"][0]
+    assert issue["severity"] == "error"
+    if issue["code"] == "forbidden":
+        assert issue["diagnostics"] == f"Operation {operation} forbidden"
+    else:
+        assert issue["code"] == "processing" and issue["diagnostics"]
 
 
 @dataclass
@@ -448,6 +568,8 @@ async def test_task_create_as_dsf_decides(case: Case, tmp_path: Path) -> None:
             if case.change_definition is not None:
                 case.change_definition(definition)
             assert (await dsf.clients[LOCAL].create(definition)).status == 201
+            profile = test_task_profile(DSF_2)
+            assert (await dsf.clients[LOCAL].create(profile)).status == 201
         task = dsf_test_task(case.requester, case.recipient)
         if case.change is not None:
             case.change(task)
@@ -460,7 +582,8 @@ async def test_task_create_as_dsf_decides(case: Case, tmp_path: Path) -> None:
             with pytest.raises(RemoteError) as caught:
                 await client.create(task)
             assert caught.value.status == 403
-            assert "Forbidden" in str(caught.value)
+            # DSF's body: "Operation create forbidden", or the validation messages.
+            assert "Operation create forbidden" in str(caught.value) or "Task." in str(caught.value)
             assert dsf.server.service.store.all("Task") == []
 
 
@@ -469,6 +592,7 @@ async def test_draft_allowed_but_not_as_requested(tmp_path: Path) -> None:
     async with dsf_test_server(tmp_path) as dsf:
         local = dsf.clients[LOCAL]
         await local.create(activity_definition(14))
+        await local.create(test_task_profile(DSF_2))
         task = dsf_test_task(LOCAL, LOCAL)
         draft = {
             **task,
@@ -488,6 +612,7 @@ async def test_requested_to_in_progress_local_only(tmp_path: Path) -> None:
     """``testUpdateRequestedToInProgressForbiddenForExternal``, and the local update allowed."""
     async with dsf_test_server(tmp_path) as dsf:
         await dsf.clients[LOCAL].create(activity_definition(2))
+        await dsf.clients[LOCAL].create(test_task_profile(DSF_2))
         created = await dsf.clients[EXTERNAL].create(dsf_test_task(EXTERNAL, LOCAL))
         assert created.resource is not None
         in_progress = {**created.resource, "status": "in-progress"}
@@ -507,10 +632,10 @@ async def test_requested_to_in_progress_local_only(tmp_path: Path) -> None:
             "status": "completed",
             "instantiatesCanonical": "http://dsf.dev/bpe/Process/other|1.0",
         }
-        with pytest.raises(RemoteError, match="instantiatesCanonical"):
+        with pytest.raises(RemoteError, match="Operation update forbidden"):
             await dsf.clients[LOCAL].update(changed)
         back = {**updated.resource, "status": "requested"}
-        with pytest.raises(RemoteError, match="in-progress -> requested not allowed"):
+        with pytest.raises(RemoteError, match="Operation update forbidden"):
             await dsf.clients[LOCAL].update(back)
 
 

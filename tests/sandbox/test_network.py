@@ -17,7 +17,7 @@ from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity
 from dsf_bridge.dsf.organization import find_local_organization
 from dsf_bridge.sandbox.network import SandboxNetwork
-from tests.sandbox.harness import FAST_RETRY
+from tests.sandbox.harness import FAST_RETRY, task_profile
 
 ORG_SYSTEM = "http://dsf.dev/sid/organization-identifier"
 ALL = {"system": "http://dsf.dev/fhir/CodeSystem/read-access-tag", "code": "ALL"}
@@ -41,7 +41,7 @@ PONG = {
                 {"url": "message-name", "valueString": "ping"},
                 {
                     "url": "task-profile",
-                    "valueCanonical": "http://dsf.dev/fhir/StructureDefinition/task-ping|1.0",
+                    "valueCanonical": "http://test.org/fhir/StructureDefinition/task-network-test|1.0",
                 },
                 {"url": "requester", "valueCoding": _coding("REMOTE_ALL")},
                 {"url": "recipient", "valueCoding": _coding("LOCAL_ALL")},
@@ -73,6 +73,9 @@ async def test_a_task_travels_from_site_a_to_site_b(tmp_path: Path) -> None:
             )
             assert [e["address"] for e in endpoints] == [base_b]
             await local_b.create(PONG)
+            await local_b.create(
+                task_profile("http://test.org/fhir/StructureDefinition/task-network-test|1.0")
+            )
             subscriptions = await local_b.search(
                 "Subscription", {"criteria:exact": "Task?status=requested"}
             )
@@ -106,7 +109,7 @@ def _ping(requester: str, recipient: str) -> dict[str, Any]:
 
     return {
         "resourceType": "Task",
-        "meta": {"profile": ["http://dsf.dev/fhir/StructureDefinition/task-ping|1.0"]},
+        "meta": {"profile": ["http://test.org/fhir/StructureDefinition/task-network-test|1.0"]},
         "instantiatesCanonical": "http://dsf.dev/bpe/Process/pong|1.0",
         "status": "requested",
         "intent": "order",

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from dsf_bridge.dsf.publication import publication_bundle, read_resource
+from dsf_bridge.dsf.publication import publication_bundle, publish, read_resource
 from dsf_bridge.errors import RemoteError
 from tests.reference import reference_dir
-from tests.sandbox.harness import LOCAL, REMOTE, Sandbox
+from tests.sandbox.harness import LOCAL, REMOTE, Sandbox, forbidden_reasons
 
 VERSION = "1.0"
 ORG_SYSTEM = "http://dsf.dev/sid/organization-identifier"
@@ -84,6 +84,34 @@ def _ping_task(requester: str) -> dict[str, Any]:
                 },
                 "valueString": "b7f3c1de-2d6a-4f0e-9a55-0c3f1b2a9e10",
             },
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://dsf.dev/fhir/CodeSystem/bpmn-message",
+                            "code": "correlation-key",
+                        }
+                    ]
+                },
+                "valueString": "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+            },
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://dsf.dev/fhir/CodeSystem/ping",
+                            "code": "endpoint-identifier",
+                        }
+                    ]
+                },
+                "valueReference": {
+                    "type": "Endpoint",
+                    "identifier": {
+                        "system": "http://dsf.dev/sid/endpoint-identifier",
+                        "value": f"{requester}_Endpoint",
+                    },
+                },
+            },
         ],
     }
 
@@ -101,12 +129,25 @@ async def test_publication_is_idempotent(sandbox: Sandbox) -> None:
     ]
 
 
+def _profile_files() -> list[tuple[str, bytes]]:
+    """The plugin's Task profiles, extension, CodeSystems and ValueSets: a server that
+    validates Tasks as DSF does needs them."""
+    return [
+        (f"{kind}/{path.name}", _text(f"{kind}/{path.name}"))
+        for kind in ("StructureDefinition", "CodeSystem", "ValueSet")
+        for path in sorted((_fhir_dir() / kind).glob("*.xml"))
+    ]
+
+
 async def test_ping_pong_tasks_are_authorized_like_dsf(sandbox: Sandbox) -> None:
     start = read_resource("dsf-task-start-ping.xml", _text("Task/dsf-task-start-ping.xml"))
     async with sandbox.client(LOCAL) as local, sandbox.client(REMOTE) as remote:
+        # Rewritten for the 2.x sandbox (task-base -> task) as the Java 2.x BPE does.
+        await publish(local, _profile_files())
         await local.bundle(_publication_bundle(status="unknown"))
-        with pytest.raises(RemoteError, match="no ActivityDefinition"):
+        with forbidden_reasons() as reasons, pytest.raises(RemoteError):
             await remote.create(_ping_task(REMOTE))
+        assert any("no ActivityDefinition" in r for r in reasons), reasons
         for definition in await local.search("ActivityDefinition", {}):
             await local.update({**definition, "status": "active"})
         draft = await local.create(start)
@@ -131,9 +172,10 @@ async def test_ping_pong_tasks_are_authorized_like_dsf(sandbox: Sandbox) -> None
             "requester": _ping_task(REMOTE)["requester"],
         }
         del remote_start["identifier"]
-        with pytest.raises(RemoteError, match="not allowed for requester") as forbidden:
+        with forbidden_reasons() as reasons, pytest.raises(RemoteError) as forbidden:
             await remote.create(remote_start)
         assert forbidden.value.status == 403
+        assert any("not allowed for requester" in r for r in reasons), reasons
 
         # The remote requester reads its own Task; the local organization reads everything.
         assert ping.id is not None

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from dsf_bridge.errors import RemoteError
-from tests.sandbox.harness import LOCAL, REMOTE, Sandbox
+from tests.sandbox.harness import LOCAL, REMOTE, Sandbox, forbidden_reasons
 
 ALL: dict[str, Any] = {
     "meta": {"tag": [{"system": "http://dsf.dev/fhir/CodeSystem/read-access-tag", "code": "ALL"}]}
@@ -57,17 +57,30 @@ async def test_update_of_unknown_id_is_not_a_create(sandbox: Sandbox) -> None:
     assert caught.value.status == 405
 
 
-async def test_conditional_create_returns_the_existing_resource(sandbox: Sandbox) -> None:
+async def test_conditional_create_of_an_existing_resource_as_dsf(sandbox: Sandbox) -> None:
+    """A direct create is authorized before DSF looks at If-None-Exist, so a second CodeSystem
+    with the same url and version is forbidden (AbstractResourceServiceSecure.create); in a
+    batch, CreateCommand looks first and answers 200 with the existing resource's location."""
     criteria = "url=http://example.org/fhir/CodeSystem/test&version=1.0"
+    entry = {
+        "fullUrl": "urn:uuid:3f1b2c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d",
+        "resource": CODE_SYSTEM,
+        "request": {"method": "POST", "url": "CodeSystem", "ifNoneExist": criteria},
+    }
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [entry]}
     async with sandbox.client(LOCAL) as client:
         first = await client.create(CODE_SYSTEM, if_none_exist=criteria)
-        second = await client.create(CODE_SYSTEM, if_none_exist=criteria)
+        with forbidden_reasons() as reasons, pytest.raises(RemoteError) as direct:
+            await client.create(CODE_SYSTEM, if_none_exist=criteria)
+        answer = await client.bundle(batch, return_minimal=True)
         found = await client.search("CodeSystem", {"url": CODE_SYSTEM["url"]})
     assert first.status == 201
-    assert second.status == 200
-    assert second.id == first.id
-    assert second.version == 1
-    assert second.resource is None  # DSF answers with an OperationOutcome, not the resource
+    assert direct.value.status == 403
+    assert "Operation create forbidden" in str(direct.value)
+    assert any("and version 1.0 exists" in r for r in reasons), reasons
+    [response] = [e["response"] for e in answer["entry"]]
+    assert response["status"] == "200 OK"
+    assert response["location"].split("/_history")[0].endswith(f"CodeSystem/{first.id}")
     assert len(found) == 1
 
 
@@ -186,10 +199,11 @@ async def test_batch_entries_fail_independently(sandbox: Sandbox) -> None:
 
 async def test_remote_organization_may_not_write_definitions(sandbox: Sandbox) -> None:
     async with sandbox.client(REMOTE) as client:
-        with pytest.raises(RemoteError) as caught:
+        with forbidden_reasons() as reasons, pytest.raises(RemoteError) as caught:
             await client.create(CODE_SYSTEM)
     assert caught.value.status == 403
-    assert "allowed for the local organization only" in str(caught.value)
+    assert "Operation create forbidden" in str(caught.value)
+    assert any("allowed for the local organization only" in r for r in reasons), reasons
 
 
 async def test_binary_round_trip_in_its_own_media_type(sandbox: Sandbox) -> None:
@@ -250,9 +264,10 @@ async def test_tagged_types_need_valid_read_access_tags(sandbox: Sandbox) -> Non
     local_only = {**untagged, "meta": {"tag": [{**tag, "code": "LOCAL"}]}}
     async with sandbox.client(LOCAL) as local, sandbox.client(REMOTE) as remote:
         for invalid in (untagged, organization_alone):
-            with pytest.raises(RemoteError, match="read-access tags") as caught:
+            with forbidden_reasons() as reasons, pytest.raises(RemoteError) as caught:
                 await local.create(invalid)
             assert caught.value.status == 403
+            assert any("read-access tags" in r for r in reasons), reasons
         created = await local.create(local_only)
         assert created.id is not None
         assert (await local.read("CodeSystem", created.id))["id"] == created.id
@@ -283,10 +298,11 @@ async def test_concurrent_updates_with_the_same_if_match_have_one_winner(sandbox
 async def test_unique_criteria_as_dsf(sandbox: Sandbox) -> None:
     async with sandbox.client(LOCAL) as client:
         await client.create(CODE_SYSTEM)
-        with pytest.raises(RemoteError, match=r"and version 1\.0 exists") as same:
+        with forbidden_reasons() as reasons, pytest.raises(RemoteError) as same:
             await client.create(CODE_SYSTEM)
         assert same.value.status == 403
-        with pytest.raises(RemoteError, match="same criteria, type and payload"):
+        assert any("and version 1.0 exists" in r for r in reasons), reasons
+        with forbidden_reasons() as reasons, pytest.raises(RemoteError):
             await client.create(
                 {
                     **ALL,
@@ -296,6 +312,7 @@ async def test_unique_criteria_as_dsf(sandbox: Sandbox) -> None:
                     "channel": {"type": "websocket", "payload": "application/fhir+json"},
                 }
             )
+        assert any("same criteria, type and payload" in r for r in reasons), reasons
         newer = await client.create({**CODE_SYSTEM, "version": "1.1"})
     assert newer.status == 201
 

@@ -15,7 +15,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from dsf_bridge.errors import RemoteError
-from tests.sandbox.harness import LOCAL, REMOTE, Sandbox
+from tests.sandbox.harness import LOCAL, REMOTE, Sandbox, forbidden_reasons, task_profile
 
 REQUESTED_TASK = {
     "resourceType": "Task",
@@ -23,6 +23,7 @@ REQUESTED_TASK = {
     "instantiatesCanonical": "http://dsf.dev/bpe/Process/test|1.0",
     "status": "requested",
     "intent": "order",
+    "authoredOn": "2026-01-01T10:00:00+01:00",
     "requester": {
         "type": "Organization",
         "identifier": {"system": "http://dsf.dev/sid/organization-identifier", "value": LOCAL},
@@ -103,6 +104,7 @@ async def test_bind_bound_then_one_frame_per_created_task(sandbox: Sandbox) -> N
         await ws.send(f"bind {subscription}")
         assert await asyncio.wait_for(ws.recv(), 5) == f"bound {subscription}"
         await client.create(ACTIVITY_DEFINITION)
+        await client.create(task_profile("http://dsf.dev/fhir/StructureDefinition/task-test|1.0"))
         created = await client.create(REQUESTED_TASK)
         frame = await asyncio.wait_for(ws.recv(), 5)
         assert isinstance(frame, str)
@@ -110,8 +112,22 @@ async def test_bind_bound_then_one_frame_per_created_task(sandbox: Sandbox) -> N
         assert task["resourceType"] == "Task"
         assert task["id"] == created.id
         assert task["status"] == "requested"
-        # Moving on to in-progress no longer matches Task?status=requested: no frame.
+        # Moving on to in-progress (with a business key, as DSF's profile wants) no longer
+        # matches Task?status=requested: no frame.
         task["status"] = "in-progress"
+        task["input"].append(
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://dsf.dev/fhir/CodeSystem/bpmn-message",
+                            "code": "business-key",
+                        }
+                    ]
+                },
+                "valueString": "bk-1",
+            }
+        )
         await client.update(task, if_match=1)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(ws.recv(), 0.3)
@@ -178,6 +194,19 @@ async def test_remote_organization_may_not_subscribe(sandbox: Sandbox) -> None:
     assert caught.value.rcvd.reason == "Forbidden"
 
 
+QUESTIONNAIRE = {
+    "resourceType": "Questionnaire",
+    "meta": {"tag": [{"system": "http://dsf.dev/fhir/CodeSystem/read-access-tag", "code": "ALL"}]},
+    "url": "http://dsf.dev/fhir/Questionnaire/hello-world",
+    "version": "1.0",
+    "status": "active",
+    "item": [
+        {"linkId": "business-key", "type": "string", "text": "The business-key"},
+        {"linkId": "user-task-id", "type": "string", "text": "The user-task-id"},
+    ],
+}
+
+
 def _questionnaire_response(status: str, **extra: Any) -> dict[str, Any]:
     def item(link_id: str, value: str) -> dict[str, Any]:
         return {"linkId": link_id, "answer": [{"valueString": value}]}
@@ -205,25 +234,37 @@ async def test_user_task_flow_as_dsf(sandbox: Sandbox) -> None:
     ):
         await ws.send(f"bind {subscription}")
         assert await asyncio.wait_for(ws.recv(), 5) == f"bound {subscription}"
-        with pytest.raises(RemoteError, match="not in-progress on create"):
-            await local.create(_questionnaire_response("completed"))
-        with pytest.raises(RemoteError, match="local organization only"):
-            await remote.create(_questionnaire_response("in-progress"))
+        # A QuestionnaireResponse needs its Questionnaire on the server (DSF validates it).
+        await local.create(QUESTIONNAIRE)
+        refused = [
+            (
+                local.create(_questionnaire_response("completed")),
+                "QuestionnaireResponse.status not one of",
+            ),
+            (remote.create(_questionnaire_response("in-progress")), "local organization only"),
+        ]
+        for attempt, why in refused:
+            with forbidden_reasons() as reasons, pytest.raises(RemoteError, match="forbidden"):
+                await attempt
+            assert any(why in r for r in reasons), reasons
         created = await local.create(_questionnaire_response("in-progress"))
         assert created.resource is not None
-        with pytest.raises(RemoteError, match="author not the current organization"):
+        with forbidden_reasons() as reasons, pytest.raises(RemoteError, match="forbidden"):
             await local.update({**created.resource, "status": "completed"})
+        assert any("author not the current organization" in r for r in reasons), reasons
         tampered = _questionnaire_response("completed", author=author, authored="2026-01-01")
         tampered["item"][1]["answer"][0]["valueString"] = "ut-2"
-        with pytest.raises(RemoteError, match="user-task-id modified"):
+        with forbidden_reasons() as reasons, pytest.raises(RemoteError, match="forbidden"):
             await local.update({**tampered, "id": created.id})
+        assert any("user-task-id modified" in r for r in reasons), reasons
         completed = {**created.resource, "status": "completed", "author": author}
         completed["authored"] = "2026-01-01T10:00:00+01:00"
         await local.update(completed, if_match=1)
         frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert frame["resourceType"] == "QuestionnaireResponse"
         assert frame["status"] == "completed"
-        with pytest.raises(RemoteError, match="completed -> in-progress not allowed"):
+        with forbidden_reasons() as reasons, pytest.raises(RemoteError, match="forbidden"):
             await local.update({**completed, "status": "in-progress"})
+        assert any("completed -> in-progress not allowed" in r for r in reasons), reasons
         amended = await local.update({**completed, "status": "amended"}, if_match=2)
         assert amended.version == 3
