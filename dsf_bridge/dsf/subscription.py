@@ -39,7 +39,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from dsf_bridge.dsf.client import FhirClient
-from dsf_bridge.dsf.vocabulary import parse_instant
+from dsf_bridge.dsf.vocabulary import FHIR_JSON, parse_instant
 from dsf_bridge.errors import BridgeError, RemoteError
 
 __all__ = ["CursorStore", "SubscriptionSettings", "TaskSubscription", "websocket_url"]
@@ -122,17 +122,25 @@ class TaskSubscription:
     # -- one subscription ----------------------------------------------------------------------
 
     async def find_subscription(self) -> tuple[str, bool]:
-        """The id of the active websocket Subscription for our criteria, and whether it has a
-        payload (frames carry resources) or not (frames are ``ping <id>``)."""
+        """The id of the one active websocket Subscription for our criteria with a JSON
+        payload, as the DSF BPE searches it (``criteria:exact``, ``status=active``,
+        ``type=websocket``, ``payload=application/fhir+json``: frames carry the resources).
+        Like the BPE, anything but exactly one match is an error."""
         found = await self.client.search(
             "Subscription",
-            [("criteria:exact", self.criteria), ("status", "active"), ("type", "websocket")],
+            [
+                ("criteria:exact", self.criteria),
+                ("status", "active"),
+                ("type", "websocket"),
+                ("payload", FHIR_JSON),
+            ],
         )
-        if not found:
+        if len(found) != 1:
             raise RemoteError(
-                f"no active websocket Subscription with criteria {self.criteria!r} on "
-                f"{self.client.base_url}; the DSF FHIR server creates it at start-up "
-                "(check its bundle of initial resources)",
+                f"{len(found)} active websocket Subscriptions with criteria {self.criteria!r} "
+                f"and payload {FHIR_JSON} on {self.client.base_url}, the DSF BPE needs exactly "
+                "one; the DSF FHIR server creates it at start-up (check its bundle of initial "
+                "resources)",
                 retryable=True,
             )
         subscription = found[0]

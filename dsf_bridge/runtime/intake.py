@@ -8,7 +8,8 @@ The steps, as the DSF BPE takes them, with the bridge's additions:
    ``instantiatesCanonical``, the recipient is this site, and the ActivityDefinition's process
    authorization admits requester and recipient for the message name and Task profile.
    Failures end the Task ``failed`` with an error an administrator can act on.
-3. ``PUT`` it ``in-progress`` with ``If-Match`` (adding a business-key input if it had none).
+   A business-key input is added first when the Task has none, so a failed Task carries it.
+3. ``PUT`` it ``in-progress`` with ``If-Match``.
    Losing that race (409/412) means another replica owns the Task.
 4. Hand the message to the runtime: continue the waiting instance, or start one. No match:
    ``failed`` with "Unable to correlate Task ...".
@@ -28,8 +29,10 @@ import structlog
 
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.tasks import (
+    BUSINESS_KEY,
     TaskFormatError,
     TaskMessage,
+    input_values,
     read_message,
     requester_identifier,
     updated_task,
@@ -117,6 +120,11 @@ class TaskIntake:
             await self._take_in(task, task_id, version)
 
     async def _take_in(self, task: dict[str, Any], task_id: str, version: str) -> None:
+        # As the DSF BPE: a Task without a business key gets one before anything else, so the
+        # failed Task carries it too (DSF's profiles require one on in-progress and failed).
+        given = input_values(task, BUSINESS_KEY)
+        business_key = str(given[0]) if given and isinstance(given[0], str) else str(uuid.uuid4())
+        task = updated_task(task, status=str(task.get("status")), business_key=business_key)
         try:
             message = read_message(task)
             refusal = await self._refusal(task, message)
@@ -126,7 +134,7 @@ class TaskIntake:
         if refusal is not None:
             await self._fail(task, version, refusal)
             return
-        business_key = message.business_key or str(uuid.uuid4())
+        business_key = message.business_key or business_key
         in_progress = updated_task(task, status="in-progress", business_key=business_key)
         try:
             result = await self.client.update(in_progress, if_match=int(version))
@@ -148,15 +156,16 @@ class TaskIntake:
         )
 
     async def _refusal(self, task: Mapping[str, Any], message: TaskMessage) -> str | None:
+        # "Process not found" first: the DSF BPE's words, which Java sites' operators know.
         deployed = self.runtime.process(message.process.key)
         if deployed is None:
             return (
-                f"Process {message.process.canonical} is not deployed at this site "
+                f"Process not found: {message.process.canonical} is not deployed at this site "
                 f"({self.local_organization}); ask its administrator to install the plugin"
             )
         if deployed.definition.version_tag != message.process.version:
             return (
-                f"Process {message.process.key} runs in version "
+                f"Process not found: {message.process.key} runs in version "
                 f"{deployed.definition.version_tag} at this site, the Task asks for "
                 f"{message.process.version}"
             )

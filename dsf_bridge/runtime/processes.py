@@ -141,7 +141,7 @@ TAKEN_IN = "started"
 
 
 class _InstanceWaitingError(Exception):
-    """Raised inside ``start(unless_waiting=...)``: an instance waits for the message."""
+    """Raised inside ``start(unless_running=True)``: an instance has the business key."""
 
 
 class ProcessRuntime:
@@ -225,14 +225,14 @@ class ProcessRuntime:
         task_version: str = "1",
         actor: str = "local",
         claimed_version: str | None = None,
-        unless_waiting: tuple[str, str | None] | None = None,
+        unless_running: bool = False,
     ) -> str:
         """Start an instance (by message start event, or the none start event); return its id.
 
         ``claimed_version``: the Task version intake claimed, marked taken in by the same
-        commit. ``unless_waiting`` (message name, correlation key): raise
-        :class:`_InstanceWaitingError` instead when an instance of this process waits for that
-        message with this business key, checked in the same transaction.
+        commit. ``unless_running``: raise :class:`_InstanceWaitingError` instead when a running
+        instance of this process has the business key (the DSF BPE then correlates), checked
+        in the same transaction.
         """
         deployed = self._by_key.get(process_key)
         if deployed is None:
@@ -242,8 +242,8 @@ class ProcessRuntime:
         event = Start(message_name, business_key, now, dict(variables or {}))
         with bound_context(instance_id=instance_id, business_key=business_key, process=process_key):
             async with self.database.transaction() as session:
-                if unless_waiting is not None and await self._waiting_in(
-                    session, process_key, unless_waiting[0], business_key, unless_waiting[1]
+                if unless_running and await repo.running_with_business_key(
+                    session, deployed.definition_id, business_key
                 ):
                     raise _InstanceWaitingError
                 result = step(deployed.definition, None, event)
@@ -287,19 +287,33 @@ class ProcessRuntime:
         actor: str = "remote",
         claimed_version: str | None = None,
     ) -> str:
-        """DSF's rule for a received Task: continue the instance of ``process_key`` that waits
-        for it, or else start one by its message start event (keeping the Task's business key).
+        """The DSF BPE's rule for a received Task (``TaskHandler.onMessage``): when a running
+        instance of ``process_key`` has the Task's business key, the message goes to its
+        waiting execution ("Unable to correlate Task" when none waits), never to a new
+        instance; otherwise a message start event starts one with that business key ("Process
+        with start message-name ... not found" when the message starts none).
         ``claimed_version`` is the Task version intake claimed: the commit that takes the
         message in also marks that claim taken in (:data:`TAKEN_IN`).
         """
         deployed = self._by_key.get(process_key)
         if deployed is None:
-            raise ProcessExecutionError(f"Process {process_key!r} is not deployed")
+            raise ProcessExecutionError(f"Process not found: {process_key!r} is not deployed")
+        if (
+            message_name not in deployed.definition.message_starts
+            and business_key is not None
+            and not await self._running_with(deployed, business_key)
+        ):
+            raise CorrelationError(
+                f"Process with start message-name '{message_name}' not found: no running "
+                f"instance of {process_key} has business-key {business_key!r}, and the "
+                "message starts none"
+            )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.reply_grace.total_seconds()
         while True:
             if message_name in deployed.definition.message_starts:
-                # The common case in one transaction: nothing waits, so the message starts one.
+                # The common case in one transaction: no instance has the business key, so
+                # the message starts one.
                 try:
                     return await self.start(
                         process_key,
@@ -310,17 +324,19 @@ class ProcessRuntime:
                         task_version=task_version,
                         actor=actor,
                         claimed_version=claimed_version,
-                        unless_waiting=None
-                        if business_key is None
-                        else (message_name, correlation_key),
+                        unless_running=business_key is not None,
                     )
                 except _InstanceWaitingError:
-                    waiting = True
+                    running = True
             else:
-                waiting = business_key is not None and await self._waiting(
-                    process_key, message_name, business_key, correlation_key
+                running = business_key is not None and await self._running_with(
+                    deployed, business_key
                 )
-            if waiting and business_key is not None:
+            if (
+                running
+                and business_key is not None
+                and await self._waiting(process_key, message_name, business_key, correlation_key)
+            ):
                 return await self.correlate(
                     message_name=message_name,
                     business_key=business_key,
@@ -342,10 +358,17 @@ class ProcessRuntime:
                 break
             await asyncio.sleep(0.05)
         raise CorrelationError(
-            f"Unable to correlate Task{f' {task_id}' if task_id else ''}: no instance of "
-            f"{process_key} with business-key {business_key!r} waits for message "
-            f"{message_name!r}, and the message starts no instance"
+            f"Unable to correlate Task{f' {task_id}' if task_id else ''}: the instance of "
+            f"{process_key} with business-key {business_key!r} does not wait for message "
+            f"{message_name!r}"
+            + (f" with correlation-key {correlation_key!r}" if correlation_key else "")
         )
+
+    async def _running_with(self, deployed: DeployedProcess, business_key: str) -> bool:
+        async with self.database.transaction() as session:
+            return await repo.running_with_business_key(
+                session, deployed.definition_id, business_key
+            )
 
     async def _waiting(
         self,

@@ -946,7 +946,8 @@ def attach_validator(service: Any, dsf_version: str, reference_dir: Path | None 
 
 def _questionnaire_errors(store: Any, response: Mapping[str, Any]) -> list[str]:
     """HAPI validates a QuestionnaireResponse against its Questionnaire and reports one it
-    cannot find as an error (DSF's ``testCreateNotAllowedByLocalUserQuestionnaireDoesNotExists``)."""
+    cannot find as an error (DSF's
+    ``testCreateNotAllowedByLocalUserQuestionnaireDoesNotExists``)."""
     canonical = response.get("questionnaire")
     if not isinstance(canonical, str) or not canonical:
         return []  # the profile's cardinality speaks for a missing one

@@ -267,6 +267,20 @@ async def running_instances_of(session: AsyncSession, definition_ids: Sequence[i
     return [row.id for row in rows]
 
 
+async def running_with_business_key(
+    session: AsyncSession, definition_id: int, business_key: str
+) -> bool:
+    """Whether a running instance of this deployed definition has this business key."""
+    row = await session.execute(
+        select(ProcessInstance.id)
+        .where(ProcessInstance.business_key == business_key)
+        .where(ProcessInstance.definition_id == definition_id)
+        .where(ProcessInstance.status == "running")
+        .limit(1)
+    )
+    return row.first() is not None
+
+
 async def has_live_work(session: AsyncSession, instance_id: str) -> bool:
     """Whether the instance has work that will move it on: a job other than a signal job with
     retries left, or a Task send still to perform."""

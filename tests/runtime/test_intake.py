@@ -26,6 +26,7 @@ from dsf_bridge.dsf.vocabulary import (
     PROCESS_AUTHORIZATION_SYSTEM,
 )
 from dsf_bridge.engine import load_process
+from dsf_bridge.errors import RemoteError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
 from dsf_bridge.runtime.gateway import DsfTaskGateway
 from dsf_bridge.runtime.intake import SqlCursorStore, TaskIntake
@@ -78,7 +79,7 @@ ACTIVITY_DEFINITION = {
     "kind": "Task",
     "extension": [
         _authorization("start", "REMOTE_ALL"),
-        # Authorized, but the model has no such message: "Unable to correlate".
+        # Authorized, but the model has no such message (no instance has its business key).
         _authorization("orphan", "REMOTE_ALL"),
         # Only local requesters may send this one.
         _authorization("localOnly", "LOCAL_ALL"),
@@ -219,12 +220,12 @@ async def test_a_repeated_delivery_is_taken_in_once(site: Site) -> None:
         (lambda: task(recipient=REMOTE), f"not this site's organization {LOCAL}"),
         (
             lambda: task(canonical="http://test.org/bpe/Process/unknown|1.0"),
-            "Process http://test.org/bpe/Process/unknown|1.0 is not deployed at this site",
+            "Process not found: http://test.org/bpe/Process/unknown|1.0 is not deployed",
         ),
         (lambda: task(canonical="http://test.org/Process/oneStep|1.0"), "is malformed"),
         (lambda: task(message="notAuthorized"), "authorizes no message 'notAuthorized'"),
         (lambda: task(canonical="http://test.org/bpe/Process/oneStep|2.0"), "asks for 2.0"),
-        (lambda: task(message="orphan"), "Unable to correlate Task"),
+        (lambda: task(message="orphan"), "Process with start message-name 'orphan' not found"),
     ],
     ids=[
         "unauthorized-requester",
@@ -245,6 +246,8 @@ async def test_refused_tasks_end_failed_with_a_precise_error(
     final = await site.server_task(stored["id"])
     assert final["status"] == "failed"
     assert expected in _error(final)
+    # As the DSF BPE: the business key is added before the Task is failed.
+    assert len(input_values(final, "business-key")) == 1
     assert site.work == []
 
 
@@ -336,3 +339,28 @@ async def _until_taken_in(site: Site, task_id: str | None, seconds: float = 10) 
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(poll(), seconds)
+
+
+async def test_the_task_subscription_is_the_one_with_a_json_payload(site: Site) -> None:
+    """As the DSF BPE searches it: a ping-only Subscription for the same criteria beside it
+    changes nothing; a second one with a JSON payload is an error naming the count."""
+    tag = {"tag": [{"system": "http://dsf.dev/fhir/CodeSystem/read-access-tag", "code": "LOCAL"}]}
+    ping_only = {
+        "resourceType": "Subscription",
+        "meta": tag,
+        "status": "active",
+        "reason": "a second engine without payload",
+        "criteria": "Task?status=requested",
+        "channel": {"type": "websocket"},
+    }
+    await site.local.create(ping_only)
+    subscription = site.subscription()
+    subscription_id, with_payload = await subscription.find_subscription()
+    assert subscription_id == site.sandbox.subscription_id("Task?status=requested")
+    assert with_payload is True
+    # DSF itself refuses a second Subscription with the same criteria, type and payload: one
+    # slipping into the store shows why the BPE insists on exactly one.
+    second = {**ping_only, "channel": {"type": "websocket", "payload": "application/fhir+json"}}
+    site.insert_directly(second)
+    with pytest.raises(RemoteError, match="2 active websocket Subscriptions"):
+        await subscription.find_subscription()

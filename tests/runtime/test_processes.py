@@ -389,3 +389,35 @@ async def test_a_reply_that_overtakes_the_commit_of_its_send_still_correlates(
     await runtime.run_until_idle()
     assert calls.results == ["fast"]
     assert await _status(database, instance_id) == "completed"
+
+
+async def test_a_start_message_for_a_running_business_key_correlates_as_the_dsf_bpe_does(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    """DSF's TaskHandler: a running instance with the Task's business key takes the message
+    (here it waits for another one: "Unable to correlate Task"), no second instance starts;
+    a message that starts nothing, for a business key no instance has, is "Process with start
+    message-name ... not found"."""
+    runtime = await _runtime(database, gateway, clock, calls)
+    first = await runtime.start(KEY, message_name="start", business_key="bk-1")
+    await runtime.run_until_idle()
+    assert await _status(database, first) == "running"  # waits for its reply
+
+    with pytest.raises(CorrelationError, match=r"^Unable to correlate Task again"):
+        await runtime.deliver(
+            KEY, message_name="start", business_key="bk-1", task_id="again", actor="remote"
+        )
+    with pytest.raises(
+        CorrelationError, match=r"^Process with start message-name 'reply' not found"
+    ):
+        await runtime.deliver(KEY, message_name="reply", business_key="bk-unknown")
+    async with database.transaction() as session:
+        started = (
+            await session.execute(
+                select(func.count()).where(AuditEvent.action == "instance.started")
+            )
+        ).scalar_one()
+    assert started == 1
+    # Another business key starts its own instance.
+    second = await runtime.deliver(KEY, message_name="start", business_key="bk-2")
+    assert second != first
