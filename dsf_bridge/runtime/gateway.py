@@ -12,9 +12,16 @@ import structlog
 
 from dsf_bridge.dsf.client import FhirClient, RetryPolicy
 from dsf_bridge.dsf.endpoints import TargetError, resolve_target
+from dsf_bridge.dsf.questionnaires import (
+    BUSINESS_KEY_ITEM,
+    USER_TASK_ID_ITEM,
+    missing_questionnaire_message,
+    questionnaire_response,
+)
 from dsf_bridge.dsf.tasks import build_task, input_values, updated_task, with_outputs
+from dsf_bridge.dsf.versions import DSF_2, DsfRelease
 from dsf_bridge.dsf.vocabulary import ORGANIZATION_IDENTIFIER_SYSTEM, parse_instant
-from dsf_bridge.errors import RemoteError
+from dsf_bridge.errors import ProcessExecutionError, RemoteError
 from dsf_bridge.runtime.ports import OutgoingTask, UserTaskRequest
 
 __all__ = ["DsfTaskGateway"]
@@ -39,8 +46,8 @@ def _fingerprint(task: Mapping[str, Any]) -> tuple[object, ...]:
 
 log = structlog.get_logger("dsf_bridge.gateway")
 
-QUESTIONNAIRE_ITEM_BUSINESS_KEY = "business-key"
-QUESTIONNAIRE_ITEM_USER_TASK_ID = "user-task-id"
+QUESTIONNAIRE_ITEM_BUSINESS_KEY = BUSINESS_KEY_ITEM
+QUESTIONNAIRE_ITEM_USER_TASK_ID = USER_TASK_ID_ITEM
 
 
 class DsfTaskGateway:
@@ -54,12 +61,15 @@ class DsfTaskGateway:
         *,
         retry: RetryPolicy | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        dsf_release: DsfRelease = DSF_2,
     ) -> None:
+        """``dsf_release`` is the local FHIR server's (user task responses differ by it)."""
         self.local = local
         self.ssl_context = ssl_context
         self.local_organization = local_organization
         self.retry = retry
         self.clock = clock
+        self.dsf_release = dsf_release
         self._remotes: dict[str, FhirClient] = {}
 
     def _client_for(self, address: str) -> FhirClient:
@@ -181,33 +191,45 @@ class DsfTaskGateway:
         await self.local.update(finished, if_match=version, return_minimal=True)
 
     async def create_user_task(self, request: UserTaskRequest) -> str:
-        response = {
-            "resourceType": "QuestionnaireResponse",
-            "questionnaire": request.form_key,
-            "status": "in-progress",
-            "authored": self.clock().isoformat(timespec="seconds"),
-            "author": {
-                "type": "Organization",
-                "identifier": {
-                    "system": "http://dsf.dev/sid/organization-identifier",
-                    "value": self.local_organization,
-                },
-            },
-            "item": [
-                {
-                    "linkId": QUESTIONNAIRE_ITEM_BUSINESS_KEY,
-                    "text": "The business-key of the process execution",
-                    "answer": [{"valueString": request.business_key}],
-                },
-                {
-                    "linkId": QUESTIONNAIRE_ITEM_USER_TASK_ID,
-                    "text": "The user-task-id of the process execution",
-                    "answer": [{"valueString": request.user_task_id}],
-                },
-            ],
-        }
-        result = await self.local.create(response)
-        return result.id or ""
+        """Create the user task's QuestionnaireResponse as DSF's ``DefaultUserTaskListener``
+        does: from the Questionnaire its form key (``url|version``) finds on the local server,
+        the first if several; none, or an item type without placeholder, fails the user task
+        (not retryable, with DSF's texts; see :mod:`dsf_bridge.dsf.questionnaires`)."""
+        bound = log.bind(
+            instance_id=request.instance_id,
+            business_key=request.business_key,
+            user_task_id=request.user_task_id,
+        )
+        questionnaire = await self._questionnaire(request.form_key)
+        response = questionnaire_response(
+            questionnaire,
+            form_key=request.form_key,
+            business_key=request.business_key,
+            user_task_id=request.user_task_id,
+            organization=self.local_organization,
+            dsf_release=self.dsf_release,
+        )
+        result = await self.local.create(response, return_minimal=True)
+        if result.status != 201 or not result.id:
+            raise RemoteError(
+                f"{self.local.base_url} answered {result.status} without a Location to the "
+                "QuestionnaireResponse",
+                status=result.status,
+            )
+        bound.info("user_task.created", questionnaire=request.form_key, location=result.location)
+        return result.id
+
+    async def _questionnaire(self, form_key: str) -> dict[str, Any]:
+        found = [
+            resource
+            for resource in await self.local.search("Questionnaire", [("url", form_key)])
+            if resource.get("resourceType") == "Questionnaire"
+        ]
+        if not found:
+            raise ProcessExecutionError(missing_questionnaire_message(form_key), retryable=False)
+        if len(found) > 1:
+            log.info("questionnaire.ambiguous", questionnaire=form_key, found=len(found))
+        return found[0]
 
     async def cancel_user_task(self, user_task_id: str) -> None:
         for response in await self.local.search(

@@ -157,16 +157,18 @@ class TaskIntake:
 
     async def _refusal(self, task: Mapping[str, Any], message: TaskMessage) -> str | None:
         # "Process not found" first: the DSF BPE's words, which Java sites' operators know.
-        deployed = self.runtime.process(message.process.key)
-        if deployed is None:
+        # Tasks route by the version in instantiatesCanonical: several versions of a process
+        # run side by side (an instance started on 1.0 finishes on 1.0 after 1.1 arrives).
+        versions = self.runtime.versions(message.process.key)
+        if not versions:
             return (
                 f"Process not found: {message.process.canonical} is not deployed at this site "
                 f"({self.local_organization}); ask its administrator to install the plugin"
             )
-        if deployed.definition.version_tag != message.process.version:
+        if message.process.version not in versions:
             return (
                 f"Process not found: {message.process.key} runs in version "
-                f"{deployed.definition.version_tag} at this site, the Task asks for "
+                f"{', '.join(versions)} at this site, the Task asks for "
                 f"{message.process.version}"
             )
         if self.authorizer is not None:
@@ -186,6 +188,7 @@ class TaskIntake:
         try:
             instance_id = await self.runtime.deliver(
                 message.process.key,
+                version=message.process.version,
                 message_name=message.message_name,
                 business_key=business_key,
                 correlation_key=message.correlation_key,

@@ -164,7 +164,10 @@ class ProcessRuntime:
         self.settings = settings or RuntimeSettings()
         # What handlers may reach outside the engine (HandlerContext.services).
         self.services: Mapping[str, object] = dict(services or {})
+        # The newest deployed version per key (what a new start without a version gets), and
+        # every deployed version: instances started on 1.0 finish on 1.0 after 1.1 arrives.
         self._by_key: dict[str, DeployedProcess] = {}
+        self._by_version: dict[tuple[str, str], DeployedProcess] = {}
         self._by_id: dict[int, DeployedProcess] = {}
         self._wakeup = asyncio.Event()
         self._definitions: OrderedDict[str, int] = OrderedDict()
@@ -205,12 +208,27 @@ class ProcessRuntime:
                 payload=model_hash,
             )
         deployed = DeployedProcess(definition, handlers, definition_id, plugin)
-        self._by_key[definition.key] = deployed
+        version = definition.version_tag or ""
+        self._by_version[(definition.key, version)] = deployed
+        newest = self._by_key.get(definition.key)
+        if newest is None or _version_order(version) >= _version_order(
+            newest.definition.version_tag or ""
+        ):
+            self._by_key[definition.key] = deployed
         self._by_id[definition_id] = deployed
         return deployed
 
-    def process(self, process_key: str) -> DeployedProcess | None:
-        return self._by_key.get(process_key)
+    def process(self, process_key: str, version: str | None = None) -> DeployedProcess | None:
+        """The deployed ``version`` of a process (as in a Task's ``instantiatesCanonical``),
+        or its newest one when no version is given."""
+        if version is None:
+            return self._by_key.get(process_key)
+        return self._by_version.get((process_key, version))
+
+    def versions(self, process_key: str) -> list[str]:
+        """The deployed versions of a process, oldest first."""
+        found = [v for (key, v) in self._by_version if key == process_key]
+        return sorted(found, key=_version_order)
 
     # -- events from outside ------------------------------------------------------------------
 
@@ -226,6 +244,7 @@ class ProcessRuntime:
         actor: str = "local",
         claimed_version: str | None = None,
         unless_running: bool = False,
+        version: str | None = None,
     ) -> str:
         """Start an instance (by message start event, or the none start event); return its id.
 
@@ -234,9 +253,13 @@ class ProcessRuntime:
         instance of this process has the business key (the DSF BPE then correlates), checked
         in the same transaction.
         """
-        deployed = self._by_key.get(process_key)
+        deployed = self.process(process_key, version)
         if deployed is None:
-            raise ProcessExecutionError(f"Process {process_key!r} is not deployed")
+            raise ProcessExecutionError(
+                f"Process not found: {process_key!r}"
+                + (f" version {version}" if version else "")
+                + " is not deployed"
+            )
         instance_id = str(uuid.uuid4())
         now = self.clock()
         event = Start(message_name, business_key, now, dict(variables or {}))
@@ -286,6 +309,7 @@ class ProcessRuntime:
         task_version: str = "1",
         actor: str = "remote",
         claimed_version: str | None = None,
+        version: str | None = None,
     ) -> str:
         """The DSF BPE's rule for a received Task (``TaskHandler.onMessage``): when a running
         instance of ``process_key`` has the Task's business key, the message goes to its
@@ -295,9 +319,14 @@ class ProcessRuntime:
         ``claimed_version`` is the Task version intake claimed: the commit that takes the
         message in also marks that claim taken in (:data:`TAKEN_IN`).
         """
-        deployed = self._by_key.get(process_key)
+        deployed = self.process(process_key, version)
         if deployed is None:
-            raise ProcessExecutionError(f"Process not found: {process_key!r} is not deployed")
+            raise ProcessExecutionError(
+                f"Process not found: {process_key!r}"
+                + (f" version {version}" if version else "")
+                + " is not deployed"
+            )
+        version = deployed.definition.version_tag or ""
         if (
             message_name not in deployed.definition.message_starts
             and business_key is not None
@@ -325,6 +354,7 @@ class ProcessRuntime:
                         actor=actor,
                         claimed_version=claimed_version,
                         unless_running=business_key is not None,
+                        version=version,
                     )
                 except _InstanceWaitingError:
                     running = True
@@ -335,7 +365,7 @@ class ProcessRuntime:
             if (
                 running
                 and business_key is not None
-                and await self._waiting(process_key, message_name, business_key, correlation_key)
+                and await self._waiting(deployed, message_name, business_key, correlation_key)
             ):
                 return await self.correlate(
                     message_name=message_name,
@@ -347,6 +377,7 @@ class ProcessRuntime:
                     actor=actor,
                     process_key=process_key,
                     claimed_version=claimed_version,
+                    definition_id=deployed.definition_id,
                 )
             # A reply can overtake the commit that records its request as sent: while such a
             # send is in flight, its instance is about to wait for exactly this message.
@@ -372,34 +403,23 @@ class ProcessRuntime:
 
     async def _waiting(
         self,
-        process_key: str,
+        deployed: DeployedProcess,
         message_name: str,
         business_key: str,
         correlation_key: str | None,
     ) -> bool:
+        """Whether an instance of exactly this deployed version waits for the message."""
         async with self.database.transaction() as session:
-            return await self._waiting_in(
-                session, process_key, message_name, business_key, correlation_key
+            found = await repo.find_subscriptions(
+                session,
+                message_name=message_name,
+                business_key=business_key,
+                correlation_key=correlation_key,
             )
-
-    async def _waiting_in(
-        self,
-        session: Session,
-        process_key: str,
-        message_name: str,
-        business_key: str,
-        correlation_key: str | None,
-    ) -> bool:
-        found = await repo.find_subscriptions(
-            session,
-            message_name=message_name,
-            business_key=business_key,
-            correlation_key=correlation_key,
-        )
-        for instance_id, _sub in found:
-            record = await repo.load_instance(session, instance_id)
-            if record is not None and self._deployed(record).definition.key == process_key:
-                return True
+            for instance_id, _sub in found:
+                record = await repo.load_instance(session, instance_id)
+                if record is not None and record.definition_id == deployed.definition_id:
+                    return True
         return False
 
     async def correlate(
@@ -414,8 +434,10 @@ class ProcessRuntime:
         actor: str = "remote",
         process_key: str | None = None,
         claimed_version: str | None = None,
+        definition_id: int | None = None,
     ) -> str:
-        """Continue the one instance waiting for this message; return its id.
+        """Continue the one instance waiting for this message; return its id (of process
+        ``process_key``, of the deployed definition ``definition_id``, when given).
 
         Raises :class:`~dsf_bridge.engine.exceptions.CorrelationError` ("Unable to correlate
         Task ...") when no waiting execution, or more than one, matches.
@@ -432,6 +454,7 @@ class ProcessRuntime:
                     actor=actor,
                     process_key=process_key,
                     claimed_version=claimed_version,
+                    definition_id=definition_id,
                 )
             except ConcurrencyError:
                 continue
@@ -449,6 +472,7 @@ class ProcessRuntime:
         actor: str,
         process_key: str | None,
         claimed_version: str | None = None,
+        definition_id: int | None = None,
     ) -> str:
         now = self.clock()
         async with self.database.transaction() as session:
@@ -462,8 +486,13 @@ class ProcessRuntime:
             for instance_id, _sub in found:
                 if instance_id not in records:
                     record = await repo.load_instance(session, instance_id)
-                    if record is not None and (
-                        process_key is None or self._deployed(record).definition.key == process_key
+                    if (
+                        record is not None
+                        and (
+                            process_key is None
+                            or self._deployed(record).definition.key == process_key
+                        )
+                        and (definition_id is None or record.definition_id == definition_id)
                     ):
                         records[instance_id] = record
             candidates = [(iid, message_subscriptions(rec.state)) for iid, rec in records.items()]
@@ -1203,6 +1232,11 @@ class ProcessRuntime:
         if record is None:
             raise ProcessExecutionError(f"instance {instance_id} does not exist")
         return self._deployed(record)
+
+
+def _version_order(version: str) -> tuple[tuple[int, str], ...]:
+    """``1.10`` after ``1.9``: versions compare part by part, numbers as numbers."""
+    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in version.split("."))
 
 
 def _created_task_id(result: str) -> str:

@@ -421,3 +421,48 @@ async def test_a_start_message_for_a_running_business_key_correlates_as_the_dsf_
     # Another business key starts its own instance.
     second = await runtime.deliver(KEY, message_name="start", business_key="bk-2")
     assert second != first
+
+
+async def test_versions_side_by_side_each_task_goes_to_the_version_it_names(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    """An instance started on 1.0 finishes on 1.0 after 1.1 is deployed; a Task routes by the
+    version in its instantiatesCanonical; a start without a version takes the newest."""
+    runtime = await _runtime(database, gateway, clock, calls)
+    old = await runtime.deliver(KEY, message_name="start", business_key="bk-old", version="1.0")
+    await runtime.run_until_idle()
+    newer = MODEL.read_bytes().replace(b'camunda:versionTag="1.0"', b'camunda:versionTag="1.1"')
+    definition = load_process(newer, MODEL.name, resource_version="1.1")
+    await runtime.deploy(definition, handlers(calls), plugin="test 1.1", model_hash="i" * 64)
+    assert runtime.versions(KEY) == ["1.0", "1.1"]
+    assert runtime.process(KEY) is runtime.process(KEY, "1.1")
+
+    new = await runtime.deliver(KEY, message_name="start", business_key="bk-new", version="1.1")
+    default = await runtime.start(KEY, message_name="start", business_key="bk-default")
+    await runtime.run_until_idle()
+    # The reply for the 1.0 instance, named 1.0, reaches it; named 1.1 it reaches nothing.
+    with pytest.raises(CorrelationError, match=r"^Process with start message-name 'reply'"):
+        await runtime.deliver(KEY, message_name="reply", business_key="bk-old", version="1.1")
+    replied = await runtime.deliver(
+        KEY,
+        message_name="reply",
+        business_key="bk-old",
+        version="1.0",
+        variables={"result": "old"},
+    )
+    await runtime.run_until_idle()
+    assert replied == old
+    assert await _status(database, old) == "completed"
+    old_version, new_version = runtime.process(KEY, "1.0"), runtime.process(KEY, "1.1")
+    assert old_version is not None and new_version is not None
+    async with database.transaction() as session:
+        definitions = {
+            iid: record.definition_id
+            for iid in (old, new, default)
+            if (record := await repo.load_instance(session, iid)) is not None
+        }
+    assert definitions == {
+        old: old_version.definition_id,
+        new: new_version.definition_id,
+        default: new_version.definition_id,
+    }
