@@ -32,6 +32,7 @@ from pydicom.dataset import Dataset
 from dsf_bridge.dsf.profiles import TaskProfile
 from dsf_bridge.dsf.publication import read_resource
 from dsf_bridge.dsf.tasks import input_values
+from dsf_bridge.dsf.versions import release
 from dsf_bridge.dsf.vocabulary import (
     PROCESS_AUTHORIZATION_ORGANIZATION_EXTENSION,
     READ_ACCESS_TAG_SYSTEM,
@@ -120,18 +121,22 @@ def _assert_no_patient_identifiers(tasks: list[dict[str, Any]], ct_small: Datase
         assert value not in text, f"patient attribute {value!r} crossed the network in a Task"
 
 
+@pytest.mark.parametrize("dsf_version", ["2.1", "1.9"], ids=lambda v: f"dsf{v}")
 async def test_two_sites_infer_ct_small_and_a_series_end_to_end(
     tmp_path: Path,
     orthanc: OrthancProcess,
     mlserver: MLServerProcess,
     studies: tuple[Dataset, list[Dataset]],
+    dsf_version: str,
 ) -> None:
     ct_small, series = studies
     bridges = {
         REQUESTER: {"catalogue": [{"id": "tissue-composition", "organization": PROVIDER}]},
         PROVIDER: {"catalogue": [_service("tissue-composition", REFERENCE_MODEL.name, mlserver)]},
     }
-    async with InferenceNetwork(tmp_path / "sites", bridges) as network:
+    async with InferenceNetwork(
+        tmp_path / "sites", bridges, dsf_release=release(dsf_version)
+    ) as network:
         single = await network.request(
             REQUESTER,
             study_instance_uid=str(ct_small.StudyInstanceUID),
@@ -211,6 +216,13 @@ async def test_two_sites_infer_ct_small_and_a_series_end_to_end(
         for task in [*requester_tasks, *provider_tasks]:
             assert task["status"] == "completed", task.get("output")
             _our_profile(task["meta"]["profile"][0]).check(task)
+        # ... and, as they are now, against the DSF version's profiles (the sandboxes validate
+        # every write; this checks the stored state once more, outputs included).
+        for organization, tasks in ((REQUESTER, requester_tasks), (PROVIDER, provider_tasks)):
+            validator = network.servers[organization].service.validator
+            assert validator is not None
+            for task in tasks:
+                assert validator(task) == [], task["meta"]["profile"]
         results = [t for t in requester_tasks if t["id"] not in finished]
         assert {input_values(t, "message-name")[0] for t in results} == {"inferenceResult"}
         measured = [
@@ -562,11 +574,14 @@ async def test_the_provider_fetches_over_mutual_tls_with_its_dsf_identity(
     assert clients and set(clients) == {f"{PROVIDER} client"}
 
 
-def test_demo_json_prints_the_reference_values(tmp_path: Path) -> None:
-    """``dsf-bridge demo --json`` as a user runs it: its own Orthanc, MLServer and sites."""
+@pytest.mark.parametrize("dsf_version", ["2.1", "1.9"], ids=lambda v: f"dsf{v}")
+def test_demo_json_prints_the_reference_values(tmp_path: Path, dsf_version: str) -> None:
+    """``dsf-bridge demo --json`` as a user runs it: its own Orthanc, MLServer and sites,
+    against sandbox servers of DSF 2.1 (the default) and 1.9."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
+    version = [] if dsf_version == "2.1" else ["--dsf-version", dsf_version]
     done = subprocess.run(
-        [sys.executable, "-m", "dsf_bridge", "demo", "--json", "--timeout", "60"],
+        [sys.executable, "-m", "dsf_bridge", "demo", "--json", "--timeout", "60", *version],
         capture_output=True,
         text=True,
         timeout=180,
@@ -583,4 +598,5 @@ def test_demo_json_prints_the_reference_values(tmp_path: Path) -> None:
         assert series["measurements"][f"{tissue}_volume"]["unit"] == "mL"
     assert single["study_instance_uid"] == str(load_ct_small().StudyInstanceUID)
     assert "completed" in done.stderr  # progress went to stderr
+    assert f"DSF {dsf_version}.0 sandbox FHIR server" in done.stderr
     assert list(tmp_path.iterdir()) == []  # the demo removed its temporary directory
