@@ -340,6 +340,13 @@ class ProcessRuntime:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.reply_grace.total_seconds()
         while True:
+            # A reply can overtake the commit that records its request as sent: while such a
+            # send is in flight, its instance is about to wait for exactly this message. Looked
+            # at before the wait: the send is recorded in the commit that makes the instance
+            # wait, so "nothing in flight" then "not waiting" means it will not wait.
+            in_flight = business_key is not None and bool(
+                await self.sends_in_flight(business_key)
+            )
             if message_name in deployed.definition.message_starts:
                 # The common case in one transaction: no instance has the business key, so
                 # the message starts one.
@@ -379,13 +386,7 @@ class ProcessRuntime:
                     claimed_version=claimed_version,
                     definition_id=deployed.definition_id,
                 )
-            # A reply can overtake the commit that records its request as sent: while such a
-            # send is in flight, its instance is about to wait for exactly this message.
-            if (
-                business_key is None
-                or loop.time() >= deadline
-                or not await self.sends_in_flight(business_key)
-            ):
+            if not in_flight or loop.time() >= deadline:
                 break
             await asyncio.sleep(0.05)
         raise CorrelationError(
@@ -828,37 +829,47 @@ class ProcessRuntime:
             status = getattr(exc, "status", None)
             await self._effect_failed(entry, str(exc), status=status)
             return
-        async with self.database.transaction() as session:
+        if entry.kind != "send-task" or entry.instance_id is None:
+            async with self.database.transaction() as session:
+                await repo.mark_outbox_done(
+                    session, entry.id, self.owner, result=result, now=self.clock()
+                )
+            return
+
+        async def record_send(session: Session) -> None:
             await repo.mark_outbox_done(
                 session, entry.id, self.owner, result=result, now=self.clock()
             )
-            if entry.kind == "send-task" and entry.instance_id is not None:
-                await repo.record_task_seen(
-                    session,
-                    task_id=_created_task_id(result),
-                    task_version="1",
-                    role="outgoing",
-                    status="requested",
-                    instance_id=entry.instance_id,
-                )
-                await append_event(
-                    session,
-                    actor=self.owner,
-                    subject=f"instance/{entry.instance_id}",
-                    action="task.sent",
-                    reason=f"{payload['message_name']} to {_target_label(payload)} as {result}",
-                    payload=payload,
-                )
-        if entry.kind == "send-task" and entry.instance_id is not None:
-            token = str(payload["token"])
-            await self._apply_event(
-                entry.instance_id,
-                lambda now: HandlerCompleted(
-                    token, now, payload.get("updates") or {}, payload.get("local_updates") or {}
-                ),
-                action="send.completed",
-                reason=f"{payload['message_name']} at {payload['element_id']}",
+            await repo.record_task_seen(
+                session,
+                task_id=_created_task_id(result),
+                task_version="1",
+                role="outgoing",
+                status="requested",
+                instance_id=entry.instance_id,
             )
+            await append_event(
+                session,
+                actor=self.owner,
+                subject=f"instance/{entry.instance_id}",
+                action="task.sent",
+                reason=f"{payload['message_name']} to {_target_label(payload)} as {result}",
+                payload=payload,
+            )
+
+        # The send is recorded done in the transaction that steps the instance on: between two
+        # commits the instance would neither send nor wait, and a fast reply (or a crash) in
+        # that gap would find nothing to correlate with.
+        token = str(payload["token"])
+        await self._apply_event(
+            entry.instance_id,
+            lambda now: HandlerCompleted(
+                token, now, payload.get("updates") or {}, payload.get("local_updates") or {}
+            ),
+            action="send.completed",
+            reason=f"{payload['message_name']} at {payload['element_id']}",
+            also=record_send,
+        )
 
     async def _perform_remote(self, entry: repo.ClaimedOutboxEntry) -> str:
         payload = entry.payload
@@ -947,11 +958,13 @@ class ProcessRuntime:
         reason: str,
         job_id: int | None = None,
         unless: Callable[[Session, repo.InstanceRecord], Awaitable[bool]] | None = None,
+        also: Callable[[Session], Awaitable[None]] | None = None,
     ) -> None:
         """Apply one event to an instance in one transaction, replaying on lost races.
 
         ``unless`` sees the instance in that transaction first; when it answers ``True`` it has
-        dealt with the job itself and no step is taken.
+        dealt with the job itself and no step is taken. ``also`` writes in the same transaction
+        (the record of the effect that caused the event).
         """
         for _ in range(self.settings.conflict_retries):
             now = self.clock()
@@ -976,6 +989,8 @@ class ProcessRuntime:
                         pending = await self._persist(session, deployed, record, result)
                         if job_id is not None:
                             await repo.complete_job(session, job_id, self.owner)
+                        if also is not None:
+                            await also(session)
             except ConcurrencyError:
                 continue
             self._after_commit(pending)
