@@ -11,7 +11,25 @@ recipient codings from ``http://dsf.dev/fhir/CodeSystem/process-authorization``:
 - ``LOCAL_ROLE`` / ``REMOTE_ROLE``: any organization that holds the role under the parent
   organization named in ``extension-process-authorization-parent-organization-role``, by an
   active OrganizationAffiliation;
-- ``*_PRACTITIONER`` variants: never match an organization identity (as in DSF).
+- ``LOCAL_ALL_PRACTITIONER``, ``LOCAL_ORGANIZATION_PRACTITIONER``, ``LOCAL_ROLE_PRACTITIONER``
+  (requesters only): a practitioner of the local organization (a user of the DSF FHIR UI, a
+  client certificate of the server's role config) holding the practitioner role
+  (``http://dsf.dev/fhir/CodeSystem/practitioner-role``) the coding names, in
+  ``extension-process-authorization-practitioner``, ``...-organization-practitioner`` (with the
+  organization) or ``...-parent-organization-role-practitioner`` (with parent organization and
+  role). They never match an organization identity, and the codings without ``_PRACTITIONER``
+  never match a practitioner, except that DSF 2.x lets a practitioner with the role
+  ``DSF_ADMIN`` pass every local coding (``All``, ``Organization``, ``Role`` of its
+  ``dev.dsf.fhir.authorization.process``; 1.9 has no such exception).
+
+A practitioner requester is a :class:`Party` with ``practitioner`` set (its identifier, the
+e-mail of its certificate or login) and the identifier of its organization, always the local
+one. DSF 2.x names it in ``Task.requester`` (``type`` ``Practitioner``, identifier system
+``http://dsf.dev/sid/practitioner-identifier``); DSF 1.9 names the practitioner's organization
+instead, so a 1.9 Task does not tell a practitioner from its organization. Practitioner roles
+live in the FHIR server's role config, not in FHIR resources: the bridge cannot see them and
+passes ``practitioner_roles=None`` (unknown), which trusts the FHIR server's role check for
+``*_PRACTITIONER`` codings and never assumes ``DSF_ADMIN``.
 
 A Task profile matches an admitted one exactly, or when it equals the admitted profile without
 its version (a Task may name ``.../task-ping`` where ``.../task-ping|1.0`` is admitted). The DSF
@@ -29,9 +47,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsf_bridge.dsf.client import FhirClient
-from dsf_bridge.dsf.tasks import TaskMessage, recipient_identifier, requester_identifier
+from dsf_bridge.dsf.tasks import TaskMessage, recipient_identifier
+from dsf_bridge.dsf.versions import DsfRelease
 from dsf_bridge.dsf.vocabulary import (
     ORGANIZATION_IDENTIFIER_SYSTEM,
+    PRACTITIONER_IDENTIFIER_SYSTEM,
     PROCESS_AUTHORIZATION_EXTENSION,
     PROCESS_AUTHORIZATION_ORGANIZATION_EXTENSION,
     PROCESS_AUTHORIZATION_PARENT_ORGANIZATION_ROLE_EXTENSION,
@@ -39,6 +59,8 @@ from dsf_bridge.dsf.vocabulary import (
 )
 
 __all__ = [
+    "DSF_ADMIN",
+    "PRACTITIONER_ROLE_SYSTEM",
     "Party",
     "TaskAuthorizer",
     "authorization_denied",
@@ -50,13 +72,41 @@ __all__ = [
 ]
 
 
+PRACTITIONER_ROLE_SYSTEM = "http://dsf.dev/fhir/CodeSystem/practitioner-role"
+DSF_ADMIN = (PRACTITIONER_ROLE_SYSTEM, "DSF_ADMIN")
+_PRACTITIONER_EXTENSION = (
+    "http://dsf.dev/fhir/StructureDefinition/extension-process-authorization-practitioner"
+)
+_ORGANIZATION_PRACTITIONER_EXTENSION = "http://dsf.dev/fhir/StructureDefinition/extension-process-authorization-organization-practitioner"
+_PARENT_ORGANIZATION_ROLE_PRACTITIONER_EXTENSION = (
+    "http://dsf.dev/fhir/StructureDefinition/"
+    "extension-process-authorization-parent-organization-role-practitioner"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Party:
-    """An organization as authorization sees it: identifier, local or remote, active or not."""
+    """A requester or recipient as authorization sees it.
+
+    ``identifier`` is the organization (for a practitioner: its organization); ``practitioner``
+    the practitioner identifier when the party is a practitioner. ``practitioner_roles`` holds
+    (system, code) pairs, or None when they are unknown (the bridge: roles live in the FHIR
+    server's role config). ``dsf_admin``: a practitioner DSF 2.x lets pass every local coding.
+    """
 
     identifier: str
     local: bool
     active: bool = True
+    practitioner: str | None = None
+    practitioner_roles: frozenset[tuple[str, str]] | None = frozenset()
+    dsf_admin: bool = False
+
+    def has_practitioner_role(self, role: tuple[str, str]) -> bool:
+        """Whether this practitioner holds ``role``; unknown roles count as held (the FHIR
+        server checked them when it accepted the Task)."""
+        if self.practitioner is None:
+            return False
+        return self.practitioner_roles is None or role in self.practitioner_roles
 
 
 def identifier_values(resource: Mapping[str, Any], system: str) -> list[str]:
@@ -164,37 +214,102 @@ def parent_organization_role(
     return None
 
 
+def _value_coding(extension: Mapping[str, Any], url: str) -> tuple[str, str] | None:
+    for part in extension.get("extension") or []:
+        coding = part.get("valueCoding")
+        if (
+            part.get("url") == url
+            and isinstance(coding, Mapping)
+            and coding.get("system")
+            and coding.get("code")
+        ):
+            return str(coding["system"]), str(coding["code"])
+    return None
+
+
+def _practitioner_detail(
+    coding: Mapping[str, Any], kind: str
+) -> tuple[tuple[str, str], Mapping[str, Any]] | None:
+    """(practitioner role, the detail extension) of a ``*_PRACTITIONER`` coding; None when the
+    coding lacks exactly one well-formed detail extension (DSF then ignores the coding)."""
+    url = {
+        "ALL": _PRACTITIONER_EXTENSION,
+        "ORGANIZATION": _ORGANIZATION_PRACTITIONER_EXTENSION,
+        "ROLE": _PARENT_ORGANIZATION_ROLE_PRACTITIONER_EXTENSION,
+    }.get(kind)
+    details = [e for e in coding.get("extension") or [] if e.get("url") == url]
+    if url is None or len(details) != 1:
+        return None
+    detail = details[0]
+    if kind == "ALL":
+        value = detail.get("valueCoding")
+        if isinstance(value, Mapping) and value.get("system") and value.get("code"):
+            return (str(value["system"]), str(value["code"])), detail
+        return None
+    role = _value_coding(detail, "practitioner-role")
+    return None if role is None else (role, detail)
+
+
+def _organization_matches(extension: Mapping[str, Any], url: str, party: Party) -> bool:
+    """``extension-process-authorization-organization`` (``valueIdentifier``) or the
+    ``organization`` part of ``...-organization-practitioner`` names ``party``'s organization."""
+    if extension.get("url") != url:
+        return False
+    values = [extension.get("valueIdentifier")] + [
+        p.get("valueIdentifier")
+        for p in extension.get("extension") or []
+        if p.get("url") == "organization"
+    ]
+    return any(
+        isinstance(v, Mapping)
+        and v.get("system") == ORGANIZATION_IDENTIFIER_SYSTEM
+        and v.get("value") == party.identifier
+        for v in values
+    )
+
+
 def coding_authorizes(
     coding: Mapping[str, Any],
     party: Party,
     affiliations: Iterable[Mapping[str, Any]] = (),
     resolve: Mapping[str, str] | None = None,
 ) -> bool:
-    """Whether one requester or recipient coding admits ``party``."""
+    """Whether one requester or recipient coding admits ``party`` (organization or
+    practitioner), as DSF's ``All``, ``Organization`` and ``Role`` decide it."""
     if coding.get("system") != PROCESS_AUTHORIZATION_SYSTEM or not party.active:
         return False
     code = str(coding.get("code"))
-    if code.endswith("_PRACTITIONER"):
+    for_practitioner = code.endswith("_PRACTITIONER")
+    base = code.removesuffix("_PRACTITIONER")
+    wants_local = base.startswith("LOCAL_")
+    if not wants_local and not base.startswith("REMOTE_"):
         return False
-    wants_local = code.startswith("LOCAL_")
-    if not wants_local and not code.startswith("REMOTE_"):
+    if (for_practitioner and not wants_local) or party.local != wants_local:
         return False
-    if party.local != wants_local:
-        return False
-    kind = code.split("_", 1)[1]
-    extensions = coding.get("extension") or []
+    kind = base.split("_", 1)[1]
+    if for_practitioner:
+        detail = _practitioner_detail(coding, kind)
+        if detail is None:
+            return False
+        role, detail_extension = detail
+        if not (party.has_practitioner_role(role) or (party.practitioner and party.dsf_admin)):
+            return False
+        extensions: list[Mapping[str, Any]] = [detail_extension]
+        organization_url = _ORGANIZATION_PRACTITIONER_EXTENSION
+        role_url = _PARENT_ORGANIZATION_ROLE_PRACTITIONER_EXTENSION
+    else:
+        if party.practitioner is not None and not party.dsf_admin:
+            return False
+        extensions = list(coding.get("extension") or [])
+        organization_url = PROCESS_AUTHORIZATION_ORGANIZATION_EXTENSION
+        role_url = PROCESS_AUTHORIZATION_PARENT_ORGANIZATION_ROLE_EXTENSION
     if kind == "ALL":
         return True
     if kind == "ORGANIZATION":
-        return any(
-            e.get("url") == PROCESS_AUTHORIZATION_ORGANIZATION_EXTENSION
-            and (e.get("valueIdentifier") or {}).get("system") == ORGANIZATION_IDENTIFIER_SYSTEM
-            and (e.get("valueIdentifier") or {}).get("value") == party.identifier
-            for e in extensions
-        )
+        return any(_organization_matches(e, organization_url, party) for e in extensions)
     if kind == "ROLE":
         for extension in extensions:
-            if extension.get("url") != PROCESS_AUTHORIZATION_PARENT_ORGANIZATION_ROLE_EXTENSION:
+            if extension.get("url") != role_url:
                 continue
             parent_role = parent_organization_role(extension)
             if parent_role is not None and has_role(
@@ -234,18 +349,47 @@ def authorization_denied(
         coding_authorizes(coding, requester, affiliations, resolve)
         for coding in _codings(entry, "requester")
     )
+    who = "requester"
+    if requester is not None and requester.practitioner is not None:
+        who = (
+            f"requester (practitioner {requester.practitioner}: no matching "
+            "LOCAL_ALL_PRACTITIONER, LOCAL_ORGANIZATION_PRACTITIONER or LOCAL_ROLE_PRACTITIONER "
+            "authorization)"
+        )
     if not recipient_ok and not requester_ok:
-        return "process not allowed for requester and recipient"
+        return f"process not allowed for {who} and recipient"
     if not recipient_ok:
         return "process not allowed for recipient (local organization)"
     if not requester_ok:
-        return "process not allowed for requester"
+        return f"process not allowed for {who}"
     return None
+
+
+def _requester_identifier(task: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(system, value) of ``Task.requester.identifier`` when it names an organization or a
+    practitioner."""
+    reference = task.get("requester")
+    identifier = reference.get("identifier") if isinstance(reference, Mapping) else None
+    if not isinstance(identifier, Mapping) or not identifier.get("value"):
+        return None
+    system = identifier.get("system")
+    if system not in (ORGANIZATION_IDENTIFIER_SYSTEM, PRACTITIONER_IDENTIFIER_SYSTEM):
+        return None
+    return str(system), str(identifier["value"])
 
 
 class TaskAuthorizer:
     """Checks received Tasks against the local FHIR server's ActivityDefinitions, Organizations
-    and OrganizationAffiliations (fetched over the mTLS client and cached for ``cache_ttl``)."""
+    and OrganizationAffiliations (fetched over the mTLS client and cached for ``cache_ttl``).
+
+    A requester is an organization of the allow list or (DSF 2.x) a practitioner of this site
+    (``Task.requester.identifier`` in ``http://dsf.dev/sid/practitioner-identifier``), admitted
+    by a ``LOCAL_*_PRACTITIONER`` coding only: its practitioner roles are the FHIR server's to
+    check, and ``DSF_ADMIN`` (which DSF 2.x lets pass the other local codings) cannot be seen
+    here. With ``release`` 1.x, whose FHIR server writes the organization as requester of a
+    practitioner's Task, the local organization as requester is also admitted by a
+    ``LOCAL_*_PRACTITIONER`` coding.
+    """
 
     def __init__(
         self,
@@ -254,11 +398,13 @@ class TaskAuthorizer:
         *,
         cache_ttl: dt.timedelta = dt.timedelta(seconds=60),
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        release: DsfRelease | None = None,
     ) -> None:
         self.client = client
         self.local_identifier = local_identifier
         self.cache_ttl = cache_ttl
         self.clock = clock
+        self.release = release
         self._cache: dict[tuple[str, ...], tuple[dt.datetime, Any]] = {}
 
     async def _cached(self, key: tuple[str, ...], fetch: Callable[[], Awaitable[Any]]) -> Any:
@@ -272,9 +418,12 @@ class TaskAuthorizer:
 
     async def denied(self, task: Mapping[str, Any], message: TaskMessage) -> str | None:
         """Why this site must not run ``task``, in words an administrator can act on."""
-        requester = requester_identifier(task)
+        requester = _requester_identifier(task)
         if requester is None:
-            return f"Task.requester names no organization ({ORGANIZATION_IDENTIFIER_SYSTEM})"
+            return (
+                f"Task.requester names no organization ({ORGANIZATION_IDENTIFIER_SYSTEM}) and no "
+                f"practitioner ({PRACTITIONER_IDENTIFIER_SYSTEM})"
+            )
         recipient = recipient_identifier(task)
         if recipient != self.local_identifier:
             return (
@@ -294,29 +443,59 @@ class TaskAuthorizer:
                 f"no ActivityDefinition {process_url}|{version} on this site's FHIR server: "
                 "the process is not installed here"
             )
+        system, value = requester
+        # A practitioner belongs to the local organization (DSF's PractitionerIdentity).
+        organization = value if system == ORGANIZATION_IDENTIFIER_SYSTEM else self.local_identifier
         organizations = await self._cached(
-            ("Organization", requester),
+            ("Organization", organization),
             lambda: self.client.search(
-                "Organization", [("identifier", f"{ORGANIZATION_IDENTIFIER_SYSTEM}|{requester}")]
+                "Organization",
+                [("identifier", f"{ORGANIZATION_IDENTIFIER_SYSTEM}|{organization}")],
             ),
         )
         if not organizations:
-            return f"requester {requester} is not an organization in this site's allow list"
+            return f"requester {organization} is not an organization in this site's allow list"
         affiliations = await self._cached(
             ("OrganizationAffiliation",),
             lambda: self.client.search("OrganizationAffiliation", [("active", "true")]),
         )
         party = Party(
-            requester,
-            local=requester == self.local_identifier,
+            organization,
+            local=organization == self.local_identifier,
             active=organizations[0].get("active", True) is not False,
+            practitioner=value if system == PRACTITIONER_IDENTIFIER_SYSTEM else None,
+            practitioner_roles=None,
         )
         profiles = [message.profile] if message.profile else []
-        return authorization_denied(
-            usable[0],
-            message_name=message.message_name,
-            profiles=profiles,
-            requester=party,
-            recipient=Party(self.local_identifier, local=True),
-            affiliations=affiliations,
-        )
+
+        def decide(requester_party: Party) -> str | None:
+            return authorization_denied(
+                usable[0],
+                message_name=message.message_name,
+                profiles=profiles,
+                requester=requester_party,
+                recipient=Party(self.local_identifier, local=True),
+                affiliations=affiliations,
+            )
+
+        reason = decide(party)
+        if (
+            reason is not None
+            and self.release is not None
+            and self.release.major < 2
+            and party.practitioner is None
+            and party.local
+            and decide(
+                Party(
+                    organization,
+                    local=True,
+                    practitioner="(a practitioner)",
+                    practitioner_roles=None,
+                )
+            )
+            is None
+        ):
+            # DSF 1.x: the local organization as requester may stand for one of its
+            # practitioners, whom the FHIR server authorized.
+            return None
+        return reason

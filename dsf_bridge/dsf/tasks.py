@@ -24,7 +24,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dsf_bridge.dsf.vocabulary import BPMN_MESSAGE_SYSTEM, ORGANIZATION_IDENTIFIER_SYSTEM
+from dsf_bridge.dsf.vocabulary import (
+    BPMN_MESSAGE_SYSTEM,
+    ORGANIZATION_IDENTIFIER_SYSTEM,
+    PRACTITIONER_IDENTIFIER_SYSTEM,
+)
 from dsf_bridge.errors import BridgeError
 
 __all__ = [
@@ -42,6 +46,7 @@ __all__ = [
     "read_message",
     "recipient_identifier",
     "requester_identifier",
+    "requester_label",
     "task_input",
     "task_output_variable",
     "task_outputs",
@@ -171,6 +176,18 @@ def _identifier_of(reference: object) -> str | None:
 
 def requester_identifier(task: Mapping[str, Any]) -> str | None:
     return _identifier_of(task.get("requester"))
+
+
+def requester_label(task: Mapping[str, Any]) -> str:
+    """Who asked, for audit trails: ``organization:<id>``, or ``practitioner:<id>`` for a
+    DSF 2.x user of the local organization (e.g. through the DSF FHIR UI)."""
+    organization = requester_identifier(task)
+    if organization is not None:
+        return f"organization:{organization}"
+    identifier = (task.get("requester") or {}).get("identifier") or {}
+    if identifier.get("system") == PRACTITIONER_IDENTIFIER_SYSTEM and identifier.get("value"):
+        return f"practitioner:{identifier['value']}"
+    return "unknown requester"
 
 
 def recipient_identifier(task: Mapping[str, Any]) -> str | None:

@@ -133,7 +133,7 @@ class Bridge:
         local = self.organization.identifier
         log.info("organization.found", organization=local)
 
-        self.gateway = DsfTaskGateway(self.client, context, local)
+        self.gateway = DsfTaskGateway(self.client, context, local, dsf_release=self.dsf_release)
         services: dict[str, object] = {
             SERVICE_FHIR_CLIENT: self.client,
             SERVICE_LOCAL_ORGANIZATION: self.organization,
@@ -178,7 +178,7 @@ class Bridge:
             self.runtime,
             self.database,
             local_organization=local,
-            authorizer=TaskAuthorizer(self.client, local),
+            authorizer=TaskAuthorizer(self.client, local, release=self.dsf_release),
         )
         recovered = await self.intake.recover()
         if recovered:

@@ -35,6 +35,7 @@ from dsf_bridge.dsf.tasks import (
     input_values,
     read_message,
     requester_identifier,
+    requester_label,
     updated_task,
 )
 from dsf_bridge.engine.exceptions import CorrelationError
@@ -195,7 +196,7 @@ class TaskIntake:
                 variables=task_variables(task),
                 task_id=task_id,
                 task_version=new_version,
-                actor=f"organization:{requester_identifier(task)}",
+                actor=requester_label(task),
                 claimed_version=version,
             )
         except (CorrelationError, ProcessExecutionError) as exc:

@@ -344,9 +344,7 @@ class ProcessRuntime:
             # send is in flight, its instance is about to wait for exactly this message. Looked
             # at before the wait: the send is recorded in the commit that makes the instance
             # wait, so "nothing in flight" then "not waiting" means it will not wait.
-            in_flight = business_key is not None and bool(
-                await self.sends_in_flight(business_key)
-            )
+            in_flight = business_key is not None and bool(await self.sends_in_flight(business_key))
             if message_name in deployed.definition.message_starts:
                 # The common case in one transaction: no instance has the business key, so
                 # the message starts one.

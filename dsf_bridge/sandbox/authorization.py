@@ -11,17 +11,33 @@ input; no outputs; and the ActivityDefinition with that URL and version (status 
 must hold an authorization for the message name and one of the Task's profiles (exact, or the
 Task's profile without version equal to the authorized one's base) whose requester and recipient
 codings accept caller and local organization. Updates follow DSF's status transitions and are
-made by the local organization only. Identities here are organizations; the practitioner codes
-(``*_PRACTITIONER``) therefore never match, as in DSF for organization identities.
+made by the local organization only.
+
+Identities are organizations (allow-list thumbprints) or practitioners of the local organization
+(:class:`RoleConfig`, DSF's ``dev.dsf.fhir.server.roleConfig``: a client certificate's thumbprint
+or e-mail -> DSF roles, the operations allowed per resource type, and practitioner roles). As
+DSF 2.1 decides for a practitioner (``TaskAuthorizationRule``,
+``QuestionnaireResponseAuthorizationRule``, ``TaskIdentityFilter``): a requested Task names it
+as requester (``http://dsf.dev/sid/practitioner-identifier``, its e-mail) and needs a
+``LOCAL_*_PRACTITIONER`` authorization with one of its practitioner roles; draft Tasks, Task
+updates and QuestionnaireResponse creates, stops and amendments need ``DSF_ADMIN``, which also
+passes every local process-authorization coding; a practitioner reads the Tasks it requested and
+drafts (``DSF_ADMIN``: all Tasks of the local organization) and the QuestionnaireResponses whose
+``extension-questionnaire-authorization`` names it or one of its roles (or that have none), and
+completes those. DSF 1.9 treats a practitioner as its (local) organization except for draft
+Tasks and Task updates, which are the organization's, and the ``*_PRACTITIONER`` codings; its
+Tasks name the organization as requester.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from dsf_bridge.dsf.authorization import (
+    DSF_ADMIN,
     Party,
     authorization_denied,
     authorization_entry,
@@ -33,6 +49,7 @@ from dsf_bridge.dsf.versions import DSF_2, DsfRelease
 from dsf_bridge.dsf.vocabulary import (
     BPMN_MESSAGE_SYSTEM,
     ORGANIZATION_IDENTIFIER_SYSTEM,
+    PRACTITIONER_IDENTIFIER_SYSTEM,
     READ_ACCESS_ORGANIZATION_EXTENSION,
     READ_ACCESS_PARENT_ORGANIZATION_ROLE_EXTENSION,
     READ_ACCESS_TAG_SYSTEM,
@@ -41,10 +58,15 @@ from dsf_bridge.dsf.vocabulary import (
 from dsf_bridge.sandbox.resources import RESOURCE_TYPES, MemoryResourceStore
 
 __all__ = [
+    "DSF_OPERATIONS",
     "INSTANTIATES_CANONICAL",
     "TAGGED_RESOURCE_TYPES",
     "OrganizationIdentity",
+    "PractitionerIdentity",
     "ReadAccess",
+    "RoleConfig",
+    "RoleConfigError",
+    "RoleMapping",
     "TaskAuthorization",
     "questionnaire_response_denied",
 ]
@@ -81,8 +103,212 @@ class OrganizationIdentity:
     def active(self) -> bool:
         return self.organization.get("active", True) is not False
 
+    @property
+    def name(self) -> str:
+        """For logs: the organization identifier (practitioners: ``<organization>/<e-mail>``)."""
+        return self.identifier
 
-def _party(identity: OrganizationIdentity) -> Party:
+
+# DSF's FhirServerRole operations (FhirServerRoleImpl.Operation).
+DSF_OPERATIONS = frozenset(
+    {"CREATE", "READ", "UPDATE", "DELETE", "SEARCH", "HISTORY", "PERMANENT_DELETE", "WEBSOCKET"}
+)
+
+
+@dataclass(frozen=True)
+class PractitionerIdentity(OrganizationIdentity):
+    """A practitioner of the local organization (DSF's ``PractitionerIdentityImpl`` for a client
+    certificate of the role config): its identifier (e-mail), DSF roles and practitioner roles.
+
+    ``dsf_roles`` maps an operation to the resource types it is allowed on (None: all types).
+    """
+
+    practitioner: str
+    practitioner_roles: frozenset[tuple[str, str]]
+    dsf_roles: Mapping[str, frozenset[str] | None]
+
+    @property
+    def name(self) -> str:
+        return f"{self.identifier}/{self.practitioner}"
+
+    @property
+    def dsf_admin(self) -> bool:
+        return DSF_ADMIN in self.practitioner_roles
+
+    def allows(self, operation: str, resource_type: str | None) -> bool:
+        """``hasDsfRole``: whether a DSF role allows ``operation`` on ``resource_type``."""
+        if operation not in self.dsf_roles:
+            return False
+        types = self.dsf_roles[operation]
+        return types is None or resource_type is None or resource_type in types
+
+
+class RoleConfigError(ValueError):
+    """A sandbox role configuration that DSF would not accept as meant."""
+
+
+_THUMBPRINT = re.compile(r"^[a-f0-9]{128}$")
+_ROLE_PROPERTIES = frozenset({"thumbprint", "email", "dsf-role", "practitioner-role"})
+
+
+@dataclass(frozen=True)
+class RoleMapping:
+    """One rule of the role config: who (thumbprints, e-mails) gets which roles."""
+
+    name: str
+    thumbprints: frozenset[str] = frozenset()
+    emails: frozenset[str] = frozenset()
+    dsf_roles: Mapping[str, frozenset[str] | None] = field(default_factory=dict)
+    practitioner_roles: frozenset[tuple[str, str]] = frozenset()
+
+
+def _strings(value: object, rule: str, name: str) -> list[str]:
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) and v.strip() for v in values):
+        raise RoleConfigError(f"role config rule {rule!r}: {name} needs non-blank strings")
+    return [str(v).strip() for v in values]
+
+
+def _dsf_roles(value: object, rule: str) -> dict[str, frozenset[str] | None]:
+    roles: dict[str, frozenset[str] | None] = {}
+    for entry in value if isinstance(value, list) else [value]:
+        if isinstance(entry, str):
+            items: list[tuple[str, object]] = [(entry, None)]
+        elif isinstance(entry, dict) and len(entry) == 1:
+            items = list(entry.items())
+        else:
+            raise RoleConfigError(f"role config rule {rule!r}: dsf-role entry {entry!r} invalid")
+        for operation, types in items:
+            if operation not in DSF_OPERATIONS:
+                raise RoleConfigError(
+                    f"role config rule {rule!r}: unknown dsf-role {operation!r}, expected one "
+                    f"of {sorted(DSF_OPERATIONS)}"
+                )
+            allowed = None if types is None else frozenset(_strings(types, rule, operation))
+            unknown = (allowed or frozenset()) - RESOURCE_TYPES
+            if unknown:
+                raise RoleConfigError(
+                    f"role config rule {rule!r}: {operation} names unknown resource types "
+                    f"{sorted(unknown)}"
+                )
+            previous = roles.get(operation, frozenset())
+            roles[operation] = (
+                None if allowed is None or previous is None else frozenset(previous | allowed)
+            )
+    return roles
+
+
+class RoleConfig:
+    """The sandbox's ``dev.dsf.fhir.server.roleConfig``: client certificates of local users
+    mapped to DSF roles and practitioner roles.
+
+    :meth:`parse` takes DSF's YAML structure as Python data (JSON works too): a list of
+    one-key mappings, rule name -> properties ``thumbprint`` (SHA-512, 128 lower-case hex
+    characters), ``email``, ``dsf-role`` (operation names, or ``{OPERATION: [resource types]}``)
+    and ``practitioner-role`` (``system|code``)::
+
+        [{"practitioner-test-user": {
+            "thumbprint": "<128 hex>",
+            "dsf-role": ["CREATE", {"READ": ["Task", "QuestionnaireResponse"]}],
+            "practitioner-role": ["http://dsf.dev/fhir/CodeSystem/practitioner-role|DIC_USER"],
+        }}]
+
+    DSF ignores (with a warning) what it cannot read; the sandbox raises
+    :class:`RoleConfigError` instead, so a typo fails at start-up. OpenID Connect properties
+    (``token-role``, ``token-group``) are not supported.
+    """
+
+    def __init__(self, mappings: Iterable[RoleMapping] = ()) -> None:
+        self.mappings = tuple(mappings)
+
+    @classmethod
+    def parse(cls, config: Sequence[Mapping[str, Mapping[str, Any]]]) -> RoleConfig:
+        mappings: list[RoleMapping] = []
+        for rule in config:
+            if not isinstance(rule, Mapping):
+                raise RoleConfigError(f"role config rule {rule!r} is not a mapping")
+            for name, properties in rule.items():
+                if not isinstance(properties, Mapping):
+                    raise RoleConfigError(f"role config rule {name!r} has no properties")
+                unknown = set(properties) - _ROLE_PROPERTIES
+                if unknown:
+                    raise RoleConfigError(
+                        f"role config rule {name!r}: unknown properties {sorted(unknown)}, "
+                        f"expected {sorted(_ROLE_PROPERTIES)}"
+                    )
+                thumbprints = _strings(properties.get("thumbprint", []), name, "thumbprint")
+                if not all(_THUMBPRINT.match(t) for t in thumbprints):
+                    raise RoleConfigError(
+                        f"role config rule {name!r}: thumbprint not 128 lower-case hex characters"
+                    )
+                roles: list[tuple[str, str]] = []
+                for text in _strings(
+                    properties.get("practitioner-role", []), name, "practitioner-role"
+                ):
+                    system, _, code = text.partition("|")
+                    if not system or not code:
+                        raise RoleConfigError(
+                            f"role config rule {name!r}: practitioner-role {text!r} not system|code"
+                        )
+                    roles.append((system, code))
+                mappings.append(
+                    RoleMapping(
+                        str(name),
+                        frozenset(thumbprints),
+                        frozenset(_strings(properties.get("email", []), name, "email")),
+                        _dsf_roles(properties.get("dsf-role", []), name),
+                        frozenset(roles),
+                    )
+                )
+        return cls(mappings)
+
+    def knows(self, thumbprint: str) -> bool:
+        return any(thumbprint.lower() in m.thumbprints for m in self.mappings)
+
+    def practitioner(
+        self,
+        local_organization: dict[str, Any],
+        local_identifier: str,
+        thumbprint: str,
+        email: str | None,
+    ) -> PractitionerIdentity | None:
+        """The practitioner a configured certificate stands for (DSF's
+        ``AbstractIdentityProvider``): identifier its e-mail, else
+        ``<thumbprint>@certificate.invalid``; roles of the rules matching thumbprint or e-mail."""
+        thumbprint = thumbprint.lower()
+        if not self.knows(thumbprint):
+            return None
+        identifier = email or f"{thumbprint}@certificate.invalid"
+        matching = [
+            m for m in self.mappings if thumbprint in m.thumbprints or identifier in m.emails
+        ]
+        dsf_roles: dict[str, frozenset[str] | None] = {}
+        for mapping in matching:
+            for operation, types in mapping.dsf_roles.items():
+                previous = dsf_roles.get(operation, frozenset())
+                dsf_roles[operation] = (
+                    None if types is None or previous is None else frozenset(previous | types)
+                )
+        return PractitionerIdentity(
+            local_organization,
+            local_identifier,
+            True,
+            identifier,
+            frozenset(r for m in matching for r in m.practitioner_roles),
+            dsf_roles,
+        )
+
+
+def _party(identity: OrganizationIdentity, release: DsfRelease = DSF_2) -> Party:
+    if isinstance(identity, PractitionerIdentity):
+        return Party(
+            identity.identifier,
+            local=identity.local,
+            active=identity.active,
+            practitioner=identity.practitioner,
+            practitioner_roles=identity.practitioner_roles,
+            dsf_admin=release.major >= 2 and identity.dsf_admin,
+        )
     return Party(identity.identifier, local=identity.local, active=identity.active)
 
 
@@ -128,12 +354,26 @@ class TaskAuthorization:
 
     # -- create ---------------------------------------------------------------------------------
 
+    @property
+    def release(self) -> DsfRelease:
+        return self._release
+
+    def organization_or_admin(self, identity: OrganizationIdentity) -> bool:
+        """``isLocalOrganizationOrDsfAdmin``: the local organization, or (2.x) a practitioner
+        with the role ``DSF_ADMIN``."""
+        if isinstance(identity, PractitionerIdentity):
+            return self._release.major >= 2 and identity.dsf_admin
+        return identity.local
+
     def create_denied(self, identity: OrganizationIdentity, task: dict[str, Any]) -> str | None:
         """Why ``identity`` may not create ``task``, or None when it may."""
         status = task.get("status")
         if status == "draft":
-            if not identity.local:
-                return "Task.status draft may only be created by the local organization"
+            if not self.organization_or_admin(identity):
+                return (
+                    "Task.status draft may only be created by the local organization or a "
+                    "practitioner with role DSF_ADMIN"
+                )
             errors = self._draft_errors(task)
             if errors:
                 return ", ".join(errors)
@@ -160,6 +400,13 @@ class TaskAuthorization:
                         "Task.requester.identifier.system or Task.requester.identifier.value "
                         "missing"
                     )
+                elif isinstance(identity, PractitionerIdentity) and self._release.major >= 2:
+                    if identifier.get("system") != PRACTITIONER_IDENTIFIER_SYSTEM:
+                        errors.append(
+                            f"Task.requester.identifier.system not {PRACTITIONER_IDENTIFIER_SYSTEM}"
+                        )
+                    if identifier.get("value") != identity.practitioner:
+                        errors.append("Task.requester not current practitioner identity")
                 elif identifier.get("system") != ORGANIZATION_IDENTIFIER_SYSTEM:
                     errors.append(
                         f"Task.requester.identifier.system not {ORGANIZATION_IDENTIFIER_SYSTEM}"
@@ -298,7 +545,7 @@ class TaskAuthorization:
             definitions[0],
             message_name=message_name,
             profiles=profiles,
-            requester=None if requester is None else _party(requester),
+            requester=None if requester is None else _party(requester, self._release),
             recipient=_party(local),
             affiliations=self._store.all("OrganizationAffiliation"),
             resolve=self._literal_references(),
@@ -323,6 +570,14 @@ class TaskAuthorization:
             self._literal_references(),
         )
 
+    def recipient_is_local(self, task: Mapping[str, Any]) -> bool:
+        """``Task.restriction.recipient[0]`` resolves to the local organization."""
+        recipients = (task.get("restriction") or {}).get("recipient") or []
+        if not recipients or not isinstance(recipients[0], dict):
+            return False
+        identifiers = self._organization_identifiers(recipients[0])
+        return identifiers is not None and self._local in identifiers
+
     def _local_identity(self) -> OrganizationIdentity | None:
         for organization in self._store.all("Organization"):
             if self._local in _identifier_values(organization, ORGANIZATION_IDENTIFIER_SYSTEM):
@@ -341,8 +596,11 @@ class TaskAuthorization:
             and not self._release.allows_in_progress_update
         ):
             return f"Task.status change {transition[0]} -> {transition[1]} not allowed"
-        if not identity.local:
-            return "Task updates are allowed for the local organization only"
+        if not self.organization_or_admin(identity):
+            return (
+                "Task updates are allowed for the local organization or a practitioner with role "
+                "DSF_ADMIN only"
+            )
         if transition == ("draft", "draft"):
             errors = self._draft_errors(new)
             if errors:
@@ -438,6 +696,11 @@ class ReadAccess:
 
     def may_read(self, identity: OrganizationIdentity, resource: dict[str, Any]) -> bool:
         resource_type = resource.get("resourceType")
+        if isinstance(identity, PractitionerIdentity) and self._tasks.release.major >= 2:
+            if resource_type == "Task":
+                return self._practitioner_reads_task(identity, resource)
+            if resource_type == "QuestionnaireResponse":
+                return identity.dsf_admin or practitioner_authorized(resource, identity)
         if resource_type == "Task":
             if identity.local:
                 return True
@@ -462,6 +725,22 @@ class ReadAccess:
                 if parent_role is not None and self._tasks.has_role(identity, *parent_role):
                     return True
         return False
+
+    def _practitioner_reads_task(
+        self, identity: PractitionerIdentity, task: dict[str, Any]
+    ) -> bool:
+        """``TaskAuthorizationRule.reasonReadAllowed`` for a practitioner (DSF 2.x): DSF_ADMIN
+        reads the local organization's Tasks; others the Tasks they requested and drafts."""
+        recipient_local = self._tasks.recipient_is_local(task)
+        if identity.dsf_admin and recipient_local:
+            return True
+        identifier = (task.get("requester") or {}).get("identifier") or {}
+        if (
+            identifier.get("system") == PRACTITIONER_IDENTIFIER_SYSTEM
+            and identifier.get("value") == identity.practitioner
+        ):
+            return True
+        return task.get("status") == "draft" and recipient_local
 
     @staticmethod
     def _tag_organization(tag: dict[str, Any]) -> str | None:
@@ -519,25 +798,80 @@ def _status_only_change(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return rest(old) == rest(new)
 
 
+QUESTIONNAIRE_AUTHORIZATION_EXTENSION = (
+    "http://dsf.dev/fhir/StructureDefinition/extension-questionnaire-authorization"
+)
+
+
+def _questionnaire_authorizations(resource: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The ``practitioner`` and ``practitioner-role`` parts of the first
+    ``extension-questionnaire-authorization``, or None when there is none."""
+    for extension in resource.get("extension") or []:
+        if extension.get("url") == QUESTIONNAIRE_AUTHORIZATION_EXTENSION:
+            return [
+                dict(e)
+                for e in extension.get("extension") or []
+                if e.get("url") in ("practitioner", "practitioner-role")
+            ]
+    return None
+
+
+def practitioner_authorized(resource: Mapping[str, Any], identity: PractitionerIdentity) -> bool:
+    """``isPractitionerAuthorized`` (DSF 2.x): no ``extension-questionnaire-authorization``
+    admits every local practitioner (1.x behaviour); else one names the practitioner or one of
+    its practitioner roles."""
+    parts = _questionnaire_authorizations(resource)
+    if parts is None:
+        return True
+    for part in parts:
+        identifier = part.get("valueIdentifier") or {}
+        coding = part.get("valueCoding") or {}
+        if part["url"] == "practitioner" and identifier.get("system") and identifier.get("value"):
+            if (
+                identifier["system"] == PRACTITIONER_IDENTIFIER_SYSTEM
+                and identifier["value"] == identity.practitioner
+            ):
+                return True
+        elif (
+            part["url"] == "practitioner-role"
+            and coding.get("system")
+            and coding.get("code")
+            and (str(coding["system"]), str(coding["code"])) in identity.practitioner_roles
+        ):
+            return True
+    return False
+
+
 def questionnaire_response_denied(
     identity: OrganizationIdentity,
     old: dict[str, Any] | None,
     new: dict[str, Any],
     release: DsfRelease = DSF_2,
 ) -> str | None:
-    """DSF's ``QuestionnaireResponseAuthorizationRule`` for organization identities.
+    """DSF's ``QuestionnaireResponseAuthorizationRule``.
 
     Created by the local organization ``in-progress`` with one non-blank ``user-task-id`` answer
     and a ``questionnaire``. Updated by it ``in-progress`` -> ``completed`` with the same checks
-    (2.x: a completed response names its author, the local organization, and ``authored``) and
+    (2.x: a completed response names its author, the current identity, and ``authored``) and
     ``user-task-id``, ``business-key`` and ``questionnaire`` unchanged. 2.x: ``in-progress`` ->
     ``stopped`` and ``completed`` -> ``amended`` change the status only. 1.x: ``in-progress`` ->
     ``completed`` or ``stopped``, both checked like completed; no amended.
+
+    Practitioners (2.x): creates, stops and amendments need ``DSF_ADMIN``; a practitioner the
+    ``extension-questionnaire-authorization`` admits completes (author: the practitioner); the
+    extension may not change. 1.x lets every local practitioner act as its organization.
     """
     if not identity.local:
         return "QuestionnaireResponses are written by the local organization only"
+    practitioner = identity if isinstance(identity, PractitionerIdentity) else None
+    organization_or_admin = practitioner is None or release.major < 2 or (practitioner.dsf_admin)
     status = new.get("status")
     if old is None:
+        if not organization_or_admin:
+            return (
+                "QuestionnaireResponses are created by the local organization or a practitioner "
+                "with role DSF_ADMIN only"
+            )
         return _questionnaire_response_errors(identity, new, {"in-progress"}, release)
     transition = (str(old.get("status")), str(status))
     allowed = (
@@ -546,7 +880,15 @@ def questionnaire_response_denied(
     if transition not in allowed:
         return f"QuestionnaireResponse.status change {transition[0]} -> {transition[1]} not allowed"
     if release.major >= 2 and transition != ("in-progress", "completed"):
+        if not organization_or_admin:
+            return "only the local organization or a practitioner with role DSF_ADMIN"
         return None if _status_only_change(old, new) else "modification not allowed"
+    if (
+        not organization_or_admin
+        and practitioner is not None
+        and not practitioner_authorized(old, practitioner)
+    ):
+        return "practitioner not authorized by extension-questionnaire-authorization"
     errors = _questionnaire_response_errors(identity, new, {"completed", "stopped"}, release)
     if errors:
         return errors
@@ -556,6 +898,10 @@ def questionnaire_response_denied(
         return "QuestionnaireResponse business-key modified"
     if not old.get("questionnaire") or old.get("questionnaire") != new.get("questionnaire"):
         return "QuestionnaireResponse.questionnaire modified"
+    if release.major >= 2 and _questionnaire_authorizations(old) != _questionnaire_authorizations(
+        new
+    ):
+        return f"{QUESTIONNAIRE_AUTHORIZATION_EXTENSION} modified"
     return None
 
 
@@ -574,11 +920,25 @@ def _questionnaire_response_errors(
         errors.append("QuestionnaireResponse.questionnaire missing")
     if release.major >= 2 and status in ("completed", "amended"):
         identifier = (new.get("author") or {}).get("identifier") or {}
-        if (
+        if isinstance(identity, PractitionerIdentity):
+            if (
+                identifier.get("system") != PRACTITIONER_IDENTIFIER_SYSTEM
+                or identifier.get("value") != identity.practitioner
+            ):
+                errors.append("QuestionnaireResponse.author not current practitioner identity")
+        elif (
             identifier.get("system") != ORGANIZATION_IDENTIFIER_SYSTEM
             or identifier.get("value") != identity.identifier
         ):
             errors.append("QuestionnaireResponse.author not the current organization identity")
         if not new.get("authored"):
             errors.append("QuestionnaireResponse.authored missing")
+    if release.major >= 2:
+        for part in _questionnaire_authorizations(new) or []:
+            value = part.get("valueIdentifier") if part["url"] == "practitioner" else None
+            value = value or (part.get("valueCoding") if part["url"] != "practitioner" else None)
+            keys = ("system", "value") if part["url"] == "practitioner" else ("system", "code")
+            if not isinstance(value, dict) or not all(value.get(k) for k in keys):
+                errors.append(f"{QUESTIONNAIRE_AUTHORIZATION_EXTENSION} invalid")
+                break
     return ", ".join(errors) if errors else None

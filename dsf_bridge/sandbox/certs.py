@@ -137,14 +137,20 @@ class CertificateAuthority:
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
         usages: Sequence[x509.ObjectIdentifier] = (ExtendedKeyUsageOID.CLIENT_AUTH,),
+        email: str | None = None,
     ) -> IssuedCertificate:
-        """A TLS client certificate (clientAuth); pass other ``usages`` to mint a wrong one."""
+        """A TLS client certificate (clientAuth); pass other ``usages`` to mint a wrong one.
+
+        ``email`` makes a personal certificate, as DSF's test practitioners have: the address in
+        the subject (``emailAddress``) and as rfc822Name subject alternative name, where the
+        DSF FHIR server finds a practitioner's identifier."""
         return self._issue(
             common_name,
             usages=list(usages),
-            alternative_names=[],
+            alternative_names=[x509.RFC822Name(email)] if email else [],
             not_before=not_before,
             not_after=not_after,
+            email=email,
         )
 
     def issue_expired_client(self, common_name: str) -> IssuedCertificate:
@@ -164,12 +170,16 @@ class CertificateAuthority:
         alternative_names: list[x509.GeneralName],
         not_before: dt.datetime | None,
         not_after: dt.datetime | None,
+        email: str | None = None,
     ) -> IssuedCertificate:
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+        if email:
+            subject.append(x509.NameAttribute(NameOID.EMAIL_ADDRESS, email))
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .subject_name(x509.Name(subject))
             .issuer_name(self.certificate.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())

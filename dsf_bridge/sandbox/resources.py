@@ -84,6 +84,7 @@ SEARCH_PARAMETERS: dict[str, tuple[Kind, str]] = {
     "payload": ("token", "channel.payload"),
     "type": ("token", "channel.type"),
     "requester": ("reference", "requester"),
+    "author": ("reference", "author"),
     "recipient": ("reference", "restriction.recipient"),
     "owner": ("reference", "owner"),
     "authored-on": ("date", "authoredOn"),

@@ -26,6 +26,7 @@ from typing import Any, cast
 
 import structlog
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -37,11 +38,17 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from dsf_bridge.api.server import EmbeddedUvicorn
 from dsf_bridge.dsf.identity import thumbprint
 from dsf_bridge.dsf.vocabulary import FHIR_JSON, operation_outcome
-from dsf_bridge.sandbox.authorization import OrganizationIdentity
+from dsf_bridge.sandbox.authorization import OrganizationIdentity, PractitionerIdentity
 from dsf_bridge.sandbox.resources import matches
 from dsf_bridge.sandbox.service import FhirResponse, FhirService, binary_resource
 
-__all__ = ["SandboxServer", "SubscriptionHub", "create_app", "server_ssl_context"]
+__all__ = [
+    "SandboxServer",
+    "SubscriptionHub",
+    "certificate_email",
+    "create_app",
+    "server_ssl_context",
+]
 
 _log = structlog.get_logger()
 
@@ -84,11 +91,24 @@ class _PeerCertificateWebSocketProtocol(WebSocketsSansIOProtocol):
         self.app = _with_peer_certificate(cast(App, self.app), _peer_certificate_pem(transport))
 
 
-def _scope_thumbprint(scope: Scope) -> str | None:
+def _scope_certificate(scope: Scope) -> x509.Certificate | None:
     chain = ((scope.get("extensions") or {}).get("tls") or {}).get("client_cert_chain") or []
     if not chain:
         return None
-    return thumbprint(x509.load_pem_x509_certificate(chain[0].encode("ascii")))
+    return x509.load_pem_x509_certificate(chain[0].encode("ascii"))
+
+
+def certificate_email(certificate: x509.Certificate) -> str | None:
+    """The e-mail a practitioner certificate names, where DSF's ``AbstractIdentityProvider``
+    looks: subject ``E``/``emailAddress``, then the rfc822Name subject alternative names."""
+    for attribute in certificate.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS):
+        return str(attribute.value)
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return None
+    emails = names.value.get_values_for_type(x509.RFC822Name)
+    return emails[0] if emails else None
 
 
 class SubscriptionHub:
@@ -166,7 +186,10 @@ def create_app(service: FhirService, hub: SubscriptionHub) -> Starlette:
     """The ASGI app: FHIR REST under ``/fhir``, the websocket at ``/fhir/ws``."""
 
     def identify(scope: Scope) -> OrganizationIdentity | FhirResponse:
-        return service.identify(_scope_thumbprint(scope))
+        certificate = _scope_certificate(scope)
+        if certificate is None:
+            return service.identify(None)
+        return service.identify(thumbprint(certificate), certificate_email(certificate))
 
     async def rest(request: Request) -> Response:
         prefer = request.headers.get("prefer", "")
@@ -220,8 +243,16 @@ def create_app(service: FhirService, hub: SubscriptionHub) -> Starlette:
         identity = identify(ws.scope)
         await ws.accept()
         # DSF grants the websocket role to the local organization only (FhirServerRoleImpl:
-        # remote organizations may create Tasks and read, search and see history).
-        if isinstance(identity, FhirResponse) or not identity.local:
+        # remote organizations may create Tasks and read, search and see history), and to
+        # practitioners whose role config says WEBSOCKET.
+        if (
+            isinstance(identity, FhirResponse)
+            or not identity.local
+            or (
+                isinstance(identity, PractitionerIdentity)
+                and not identity.allows("WEBSOCKET", "Subscription")
+            )
+        ):
             await ws.close(code=CLOSE_VIOLATED_POLICY, reason="Forbidden")
             return
         queue: asyncio.Queue[str] = asyncio.Queue()

@@ -9,6 +9,8 @@ answers 405; an unknown client certificate 401; a forbidden write 403 with an Op
 a second resource with the same unique criteria (url and version, ...) 403. Writes other than
 Tasks are reserved to the local organization, and tagged types need valid read-access tags;
 reads follow those tags (remote organizations read Tasks only when they are the requester).
+Practitioners of the local organization (:meth:`FhirService.configure_roles`) act within their
+DSF roles (``hasDsfRole``: 403 for an operation their roles lack).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from dsf_bridge.dsf.vocabulary import (
 )
 from dsf_bridge.sandbox.authorization import (
     OrganizationIdentity,
+    PractitionerIdentity,
     ReadAccess,
+    RoleConfig,
     TaskAuthorization,
     questionnaire_response_denied,
 )
@@ -86,7 +90,7 @@ def _forbidden(
         "request.forbidden",
         operation=operation,
         resource_type=resource_type,
-        organization=identity.identifier,
+        organization=identity.name,
         reason=reason,
     )
     return _error(403, f"Operation {operation} forbidden", code="forbidden")
@@ -123,6 +127,7 @@ class FhirService:
         # Profile validation (sandbox.validation), set by build_service; None validates nothing.
         self.validator: Callable[[dict[str, Any]], list[str]] | None = None
         self.read_access = ReadAccess(self.tasks)
+        self.roles = RoleConfig()
         self._faults: list[tuple[str, str, int]] = []
         self._in_bundle = False
 
@@ -153,10 +158,20 @@ class FhirService:
                     endpoint["address"] = self.base_url
                     self.update(identity, "Endpoint", endpoint["id"], endpoint, {})
 
+    def configure_roles(self, config: RoleConfig | Sequence[Mapping[str, Any]]) -> None:
+        """Local users: client certificates mapped to a practitioner of the local organization
+        with DSF roles and practitioner roles, as DSF's ``dev.dsf.fhir.server.roleConfig``
+        (a :class:`RoleConfig`, or its DSF-shaped data for :meth:`RoleConfig.parse`)."""
+        self.roles = config if isinstance(config, RoleConfig) else RoleConfig.parse(config)
+
     # -- identity -------------------------------------------------------------------------------
 
-    def identify(self, certificate_thumbprint: str | None) -> OrganizationIdentity | FhirResponse:
-        """The organization whose allow-list thumbprint matches, else a 401 answer."""
+    def identify(
+        self, certificate_thumbprint: str | None, certificate_email: str | None = None
+    ) -> OrganizationIdentity | FhirResponse:
+        """The organization whose allow-list thumbprint matches, else the local practitioner the
+        role config maps the certificate to (``certificate_email``: the e-mail in the
+        certificate's subject or subject alternative names), else a 401 answer."""
         if certificate_thumbprint is None:
             return _error(401, "no client certificate presented", code="login")
         for organization in self.store.all("Organization"):
@@ -179,6 +194,13 @@ class FhirService:
                 return OrganizationIdentity(
                     organization, identifier, local=identifier == self.local_organization
                 )
+        local = self._local_organization_resource()
+        if local is not None:
+            practitioner = self.roles.practitioner(
+                local, self.local_organization, certificate_thumbprint, certificate_email
+            )
+            if practitioner is not None:
+                return practitioner
         _log.warning("identity.rejected", thumbprint=certificate_thumbprint[:16])
         return _error(
             401,
@@ -186,6 +208,18 @@ class FhirService:
             "organization of the allow list",
             code="login",
         )
+
+    def _local_organization_resource(self) -> dict[str, Any] | None:
+        for organization in self.store.all("Organization"):
+            if organization.get("active") is False:
+                continue
+            if any(
+                i.get("system") == ORGANIZATION_IDENTIFIER_SYSTEM
+                and i.get("value") == self.local_organization
+                for i in organization.get("identifier") or []
+            ):
+                return organization
+        return None
 
     def local_identity(self) -> OrganizationIdentity:
         """The local organization as caller: used to load the allow list at start-up."""
@@ -219,6 +253,9 @@ class FhirService:
         if injected is not None:
             return injected
         parts = [p for p in path.strip("/").split("/") if p]
+        lacking = _role_lacking(identity, method, parts)
+        if lacking is not None:
+            return _forbidden(lacking[0].lower(), identity, lacking[1] or "(base)", "no DSF role")
         try:
             if not parts and method == "POST":
                 return self._bundle(identity, body, headers)
@@ -571,7 +608,14 @@ class FhirService:
         old = self.store.read(resource_type, resource_id)
         if old is None:
             return _error(404, f"{resource_type} with id {resource_id} not found", code="not-found")
-        if not identity.local or (resource_type == "Task" and old.get("status") != "draft"):
+        if (
+            not identity.local
+            or (resource_type == "Task" and old.get("status") != "draft")
+            or (
+                resource_type in ("Task", "QuestionnaireResponse")
+                and not self.tasks.organization_or_admin(identity)
+            )
+        ):
             return _forbidden(
                 "delete", identity, resource_type, "local organization, Task.status draft only"
             )
@@ -829,6 +873,31 @@ class FhirService:
                     f"{self.base_url}/{result.resource['resourceType']}/{result.resource['id']}"
                 )
         return entry
+
+
+_OPERATIONS = {"GET": "READ", "POST": "CREATE", "PUT": "UPDATE", "DELETE": "DELETE"}
+
+
+def _role_lacking(
+    identity: OrganizationIdentity, method: str, parts: Sequence[str]
+) -> tuple[str, str | None] | None:
+    """(operation, resource type) a practitioner's DSF roles lack for this request, else None.
+    Organizations hold all roles they are ever asked for here (DSF: local all, remote create
+    Task, read, search and history; the rules themselves refuse the rest)."""
+    if not isinstance(identity, PractitionerIdentity) or not parts:
+        return None
+    resource_type = parts[0] if parts[0] != "_history" else None
+    if "_history" in parts:
+        operation = "HISTORY" if len(parts) != 4 else "READ"
+    elif parts[-1] == "$permanent-delete":
+        operation = "PERMANENT_DELETE"
+    elif method == "GET" and len(parts) == 1:
+        operation = "SEARCH"
+    else:
+        operation = _OPERATIONS.get(method.upper(), "")
+    if not operation or identity.allows(operation, resource_type):
+        return None
+    return operation, resource_type
 
 
 def _create_entry_invalid(index: int, entry: Mapping[str, Any]) -> FhirResponse | None:

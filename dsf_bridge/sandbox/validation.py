@@ -930,6 +930,8 @@ def attach_validator(service: Any, dsf_version: str, reference_dir: Path | None 
     def validate(resource: dict[str, Any]) -> list[str]:
         if resource.get("resourceType") not in VALIDATED_TYPES:
             return []
+        if dsf_version != "1.9":
+            _set_default_profile(resource)
         errors = validator.validate(resource)
         if resource.get("resourceType") == "QuestionnaireResponse":
             errors.extend(_questionnaire_errors(service.store, resource))
@@ -958,3 +960,22 @@ def _questionnaire_errors(store: Any, response: Mapping[str, Any]) -> list[str]:
         ):
             return []
     return [f"QuestionnaireResponse.questionnaire: Questionnaire {canonical} not found"]
+
+
+# DSF 2.x's DefaultProfileProviderImpl: a resource of these types that names none of the type's
+# DSF profiles gets the default one first in meta.profile before validation (and is stored so).
+# Tasks have none; 1.x has no such provider.
+_DEFAULT_PROFILES = {
+    "QuestionnaireResponse": "http://dsf.dev/fhir/StructureDefinition/questionnaire-response",
+}
+
+
+def _set_default_profile(resource: dict[str, Any]) -> None:
+    default = _DEFAULT_PROFILES.get(str(resource.get("resourceType")))
+    if default is None:
+        return
+    meta = resource.setdefault("meta", {})
+    profiles = [str(p) for p in meta.get("profile") or []]
+    if any(p.partition("|")[0] == default for p in profiles):
+        return
+    meta["profile"] = [default, *[p for p in profiles if p != default]]

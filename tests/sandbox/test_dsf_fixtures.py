@@ -16,9 +16,10 @@ Result when written: the sandbox agrees with DSF on all 48 parametrized creates 
 201, 40 forbidden with 403 and nothing stored), on draft-then-requested
 (``testCreateAllowViaDraftNotAllowedAsRequestedLocal``), on
 ``testUpdateRequestedToInProgressForbiddenForExternal`` (plus the local update DSF allows), and
-the allow list loads with both affiliations. Not mirrored: practitioner identities (the sandbox
-authenticates organizations only; ``*_PRACTITIONER`` authorizations are checked never to admit an
-organization, e.g. activity definitions 8 and 10), validation of Tasks against their
+the allow list loads with both affiliations. Practitioner identities (``role_config``: DSF's
+test users by certificate thumbprint) are replayed in ``test_dsf_task_integration.py`` and
+``test_dsf_questionnaire_response_integration.py``; ``*_PRACTITIONER`` authorizations never admit
+an organization (activity definitions 8 and 10). Not mirrored: validation of Tasks against their
 StructureDefinition (DSF validates, the sandbox does not), and ``authorization/``'s two
 process-authorization files, which DSF's ``ProcessAuthorizationHelperTest`` feeds to the helper
 directly (their version ``1.0.0`` can never be instantiated by a Task, whose canonical takes
@@ -45,7 +46,7 @@ from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity, thumbprint
 from dsf_bridge.dsf.versions import DSF_1, DSF_2, DsfRelease
 from dsf_bridge.errors import RemoteError
-from dsf_bridge.sandbox.authorization import OrganizationIdentity
+from dsf_bridge.sandbox.authorization import OrganizationIdentity, PractitionerIdentity
 from dsf_bridge.sandbox.certs import CertificateAuthority
 from dsf_bridge.sandbox.server import SandboxServer
 from dsf_bridge.sandbox.service import FhirResponse, FhirService
@@ -136,6 +137,68 @@ RELEASES = [pytest.param(DSF_2, id="2.1"), pytest.param(DSF_1, id="1.9")]
 _LOCAL_THUMBPRINT = "a" * 128
 _EXTERNAL_THUMBPRINT = "b" * 128
 
+# The local users of AbstractIntegrationTest's role config, by the e-mail of their certificates
+# (X509Certificates.*_CLIENT_MAIL).
+PRACTITIONER = "practitioner@invalid"
+ADMIN = "admin@invalid"
+MINIMAL = "minimal@invalid"
+PRACTITIONER_SYSTEM = "http://dsf.dev/sid/practitioner-identifier"
+PRACTITIONER_ROLE_SYSTEM = "http://dsf.dev/fhir/CodeSystem/practitioner-role"
+_PRACTITIONER_THUMBPRINTS = {PRACTITIONER: "c" * 128, ADMIN: "d" * 128, MINIMAL: "e" * 128}
+_ALL_OPERATIONS = ["CREATE", "READ", "UPDATE", "DELETE", "SEARCH", "HISTORY"]
+
+
+def role_config(release: DsfRelease, thumbprints: dict[str, str]) -> list[dict[str, Any]]:
+    """``dev.dsf.fhir.server.roleConfig`` of DSF's ``AbstractIntegrationTest``: 2.1 has the
+    practitioner (DIC_USER), admin (DSF_ADMIN) and minimal (DIC_USER, few roles) users, 1.9 the
+    practitioner only."""
+    practitioner = {
+        "practitioner-test-user": {
+            "thumbprint": thumbprints[PRACTITIONER],
+            "dsf-role": list(_ALL_OPERATIONS),
+            "practitioner-role": [f"{PRACTITIONER_ROLE_SYSTEM}|DIC_USER"],
+        }
+    }
+    if release.major < 2:
+        return [practitioner]
+    read = ["Task", "Questionnaire", "QuestionnaireResponse"]
+    return [
+        practitioner,
+        {
+            "admin-user": {
+                "thumbprint": thumbprints[ADMIN],
+                "dsf-role": list(_ALL_OPERATIONS),
+                "practitioner-role": [f"{PRACTITIONER_ROLE_SYSTEM}|DSF_ADMIN"],
+            }
+        },
+        {
+            "minimal-test-user": {
+                "thumbprint": thumbprints[MINIMAL],
+                "dsf-role": [
+                    {"CREATE": ["Task"]},
+                    {"READ": read},
+                    {"UPDATE": ["QuestionnaireResponse"]},
+                    {"SEARCH": read},
+                    {"HISTORY": read},
+                ],
+                "practitioner-role": [f"{PRACTITIONER_ROLE_SYSTEM}|DIC_USER"],
+            }
+        },
+    ]
+
+
+def practitioner_reference(email: str) -> dict[str, Any]:
+    """``readTestTask(null, <mail>, ...)``'s requester (DSF 2.x)."""
+    return {"type": "Practitioner", "identifier": {"system": PRACTITIONER_SYSTEM, "value": email}}
+
+
+def practitioner_task(email: str) -> dict[str, Any]:
+    """``readTestTask(null, email, "Test_Organization")``: the test Task requested by a
+    practitioner."""
+    task = dsf_test_task(LOCAL, LOCAL)
+    task["requester"] = practitioner_reference(email)
+    return task
+
 
 @dataclass
 class DsfIntegration:
@@ -150,6 +213,7 @@ class DsfIntegration:
     def start(cls, release: DsfRelease) -> DsfIntegration:
         bundle = allow_list(_LOCAL_THUMBPRINT, _EXTERNAL_THUMBPRINT)
         service = build_service(LOCAL, bundle, "https://localhost/fhir", dsf_release=release)
+        service.configure_roles(role_config(release, _PRACTITIONER_THUMBPRINTS))
         return cls(service, release)
 
     def plugin(self, definition: dict[str, Any]) -> None:
@@ -159,6 +223,11 @@ class DsfIntegration:
         self.created(LOCAL, test_task_profile(self.release))
 
     def identity(self, who: str) -> OrganizationIdentity:
+        """``who``: an organization identifier or a practitioner's e-mail."""
+        if who in _PRACTITIONER_THUMBPRINTS:
+            identity = self.service.identify(_PRACTITIONER_THUMBPRINTS[who], who)
+            assert isinstance(identity, PractitionerIdentity), who
+            return identity
         identity = self.service.identify(
             _LOCAL_THUMBPRINT if who == LOCAL else _EXTERNAL_THUMBPRINT
         )

@@ -1,5 +1,6 @@
 """DSF's ``QuestionnaireResponseIntegrationTest`` (2.1.0 and 1.9.0) replayed against the sandbox,
-organization identities only; each id names the Java test method (``<version>-<method>``).
+organization and (2.1) practitioner identities; each id names the Java test method
+(``<version>-<method>``).
 
 ``createQuestionnaire`` and ``createQuestionnaireResponse`` of DSF's
 ``AbstractQuestionnaireIntegrationTest`` are rebuilt below (a Questionnaire tagged ``ALL`` with
@@ -16,12 +17,18 @@ import pytest
 
 from dsf_bridge.dsf.versions import DSF_2, DsfRelease
 from tests.sandbox.test_dsf_fixtures import (
+    ADMIN,
     EXTERNAL,
     LOCAL,
+    MINIMAL,
     ORG_SYSTEM,
+    PRACTITIONER,
+    PRACTITIONER_ROLE_SYSTEM,
+    PRACTITIONER_SYSTEM,
     RELEASES,
     DsfIntegration,
     assert_forbidden,
+    practitioner_reference,
 )
 
 QUESTIONNAIRE_URL = "http://dsf.dev/fhir/Questionnaire/userTask/foo"
@@ -303,3 +310,146 @@ def test_update_completed_amended_not_allowed() -> None:
     dsf = DsfIntegration.start(DSF_2)
     created = _completed_by_practitioner(dsf)
     assert_forbidden(dsf.update(EXTERNAL, {**created, "status": "amended"}), "update")
+
+
+# -- practitioner identities (2.1) --------------------------------------------------------------
+
+AUTHORIZATION_EXTENSION = (
+    "http://dsf.dev/fhir/StructureDefinition/extension-questionnaire-authorization"
+)
+
+
+def _authorized(dsf: DsfIntegration, part: dict[str, Any]) -> dict[str, Any]:
+    """An in-progress response whose extension-questionnaire-authorization has ``part``, stored
+    by the DAO with the Questionnaire."""
+    dsf.dao_create(questionnaire())
+    response = questionnaire_response(dsf)
+    response["extension"] = [{"url": AUTHORIZATION_EXTENSION, "extension": [part]}]
+    return dsf.dao_create(response)
+
+
+def _role(code: str) -> dict[str, Any]:
+    return {
+        "url": "practitioner-role",
+        "valueCoding": {"system": PRACTITIONER_ROLE_SYSTEM, "code": code},
+    }
+
+
+def _practitioner(email: str) -> dict[str, Any]:
+    return {
+        "url": "practitioner",
+        "valueIdentifier": {"system": PRACTITIONER_SYSTEM, "value": email},
+    }
+
+
+def _completed_by(created: dict[str, Any], email: str) -> dict[str, Any]:
+    return {
+        **created,
+        "status": "completed",
+        "authored": "2022-01-03T00:00:00+00:00",
+        "author": practitioner_reference(email),
+    }
+
+
+def _found(dsf: DsfIntegration, who: str, resource_id: str) -> int:
+    result = dsf.search(who, "QuestionnaireResponse", [("_id", resource_id)])
+    assert result["total"] == len(result["entry"])
+    return int(result["total"])
+
+
+@pytest.mark.parametrize(
+    ("part", "allowed"),
+    [
+        pytest.param(_role("DIC_USER"), True, id="testUpdateAllowedByMinimalUserWithRole"),
+        pytest.param(_role("UAC_USER"), False, id="testUpdateNotAllowedByMinimalUserWithoutRole"),
+    ],
+)
+def test_update_by_minimal_user(part: dict[str, Any], allowed: bool) -> None:
+    dsf = DsfIntegration.start(DSF_2)
+    created = _authorized(dsf, part)
+    response = dsf.update(MINIMAL, _completed_by(created, MINIMAL))
+    if allowed:
+        assert response.status == 200, response.resource
+        assert response.resource is not None and response.resource["meta"]["versionId"] == "2"
+    else:
+        assert_forbidden(response, "update")
+        assert dsf.service.store.read("QuestionnaireResponse", created["id"]) == created
+
+
+@pytest.mark.parametrize(
+    ("part", "readable"),
+    [
+        pytest.param(
+            _role("UAC_USER"), False, id="testReadNotAllowedByPractitionerUserWithoutRole"
+        ),
+        pytest.param(_role("DIC_USER"), True, id="testReadAllowedByPractitionerUserWithRole"),
+        pytest.param(
+            _practitioner(PRACTITIONER),
+            False,
+            id="testReadNotAllowedByPractitionerUserWithoutIdentifier",
+        ),
+        pytest.param(
+            _practitioner(MINIMAL), True, id="testReadAllowedByPractitionerUserWithIdentifier"
+        ),
+    ],
+)
+def test_read_by_practitioner(part: dict[str, Any], readable: bool) -> None:
+    """Read and ``_id`` search by the minimal user before and after the response is completed
+    (by the minimal user when it may, else by the admin); the local organization and the admin
+    always find it."""
+    dsf = DsfIntegration.start(DSF_2)
+    created = _authorized(dsf, part)
+    path = f"QuestionnaireResponse/{created['id']}/_history/1"
+    first = dsf.request(MINIMAL, "GET", path)
+    assert _found(dsf, LOCAL, created["id"]) == 1
+    completer = MINIMAL if readable else ADMIN
+    updated = dsf.update(completer, _completed_by(created, completer))
+    assert updated.status == 200, updated.resource
+    assert updated.resource is not None and updated.resource["meta"]["versionId"] == "2"
+    second = dsf.request(MINIMAL, "GET", f"QuestionnaireResponse/{created['id']}/_history/2")
+    assert _found(dsf, ADMIN, created["id"]) == 1
+    if readable:
+        assert first.status == 200 and second.status == 200
+        assert second.resource is not None and second.resource["meta"]["versionId"] == "2"
+        assert _found(dsf, MINIMAL, created["id"]) == 1
+    else:
+        assert_forbidden(first, "read")
+        assert_forbidden(second, "read")
+        assert _found(dsf, MINIMAL, created["id"]) == 0
+
+
+def test_update_completed_amended_allowed_dsf_admin() -> None:
+    """testUpdateCompletedAmendedAllowedDsfAdmin"""
+    dsf = DsfIntegration.start(DSF_2)
+    created = _completed_by_practitioner(dsf)
+    response = dsf.update(ADMIN, {**created, "status": "amended"})
+    assert response.status == 200, response.resource
+
+
+@pytest.mark.parametrize("caller", [MINIMAL, PRACTITIONER])
+def test_update_completed_amended_not_allowed_practitioner(caller: str) -> None:
+    """testUpdateCompletedAmendedNotAllowed, its practitioner steps (minimal, practitioner)."""
+    dsf = DsfIntegration.start(DSF_2)
+    created = _completed_by_practitioner(dsf)
+    assert_forbidden(dsf.update(caller, {**created, "status": "amended"}), "update")
+    assert dsf.service.store.read("QuestionnaireResponse", created["id"]) == created
+
+
+def test_search_allowed_by_minimal_user_with_role() -> None:
+    """testSearchAllowedByMinimalUserWithRole: completed by the minimal user, found by
+    ``author:identifier`` (strict handling, so an unknown parameter cannot pass unnoticed)."""
+    dsf = DsfIntegration.start(DSF_2)
+    created = _authorized(dsf, _role("DIC_USER"))
+    updated = dsf.update(MINIMAL, _completed_by(created, MINIMAL))
+    assert updated.status == 200, updated.resource
+    response = dsf.service.handle(
+        dsf.identity(MINIMAL),
+        "GET",
+        "QuestionnaireResponse",
+        [("author:identifier", f"{PRACTITIONER_SYSTEM}|{MINIMAL}")],
+        headers={"prefer": "handling=strict"},
+        body=None,
+    )
+    assert response.status == 200, response.resource
+    assert response.resource is not None and response.resource["total"] == 1
+    assert [e["resource"]["id"] for e in response.resource["entry"]] == [created["id"]]

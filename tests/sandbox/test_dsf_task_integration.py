@@ -1,12 +1,14 @@
-"""DSF's ``TaskIntegrationTest`` (2.1.0 and 1.9.0) replayed against the sandbox, organization
-identities only: every parametrized id is ``<DSF version>-<Java test method>`` (with ``.<step>``
-where the Java method tries several Tasks in a row), so each case maps 1:1 to DSF's test.
+"""DSF's ``TaskIntegrationTest`` (2.1.0 and 1.9.0) replayed against the sandbox, organization and
+practitioner identities (the role config of DSF's ``AbstractIntegrationTest``: practitioner,
+admin and minimal users, see ``test_dsf_fixtures.role_config``): every parametrized id is
+``<DSF version>-<Java test method>`` (with ``.<step>`` where the Java method tries several
+Tasks in a row), so each case maps 1:1 to DSF's test.
 
 The Java tests are read, never copied: each case states DSF's expected status (and the state the
 Java test asserts afterwards). DSF's own setup is :class:`DsfIntegration` (its test bundle, its
 Task and ActivityDefinition fixtures). Cases that need StructureDefinition validation to reach
-DSF's verdict live in ``test_dsf_task_validation_cases.py``; practitioner identities are not
-replayed (see ``docs/sandbox.md``).
+DSF's verdict live in ``test_dsf_task_validation_cases.py``. Practitioner cases replayed: all of
+2.1 (create, read/search, draft update, search by ``requester:identifier``) and 1.9 (creates).
 """
 
 from __future__ import annotations
@@ -27,16 +29,22 @@ from fhir.resources.R4B.valueset import ValueSet
 
 from dsf_bridge.dsf.versions import DSF_1, DSF_2, DsfRelease
 from tests.sandbox.test_dsf_fixtures import (
+    ADMIN,
     EXTERNAL,
     LOCAL,
     MESSAGE_SYSTEM,
+    MINIMAL,
     ORG_SYSTEM,
+    PRACTITIONER,
+    PRACTITIONER_SYSTEM,
     RELEASES,
     DsfIntegration,
     activity_definition,
     assert_forbidden,
     dsf_test_task,
     fixture,
+    practitioner_task,
+    test_task_profile,
 )
 
 TASK_IDENTIFIER_SYSTEM = "http://dsf.dev/sid/task-identifier"
@@ -134,6 +142,18 @@ def _with(build: Build, **fields: Any) -> Build:
 
 def _test_task(requester: str, recipient: str) -> Build:
     return lambda _dsf: dsf_test_task(requester, recipient)
+
+
+def _practitioner(email: str) -> Build:
+    """DSF 2.1's ``readTestTask(null, <mail>, "Test_Organization")``; 1.9's practitioner Tasks
+    name its organization (``readTestTask("Test_Organization", "Test_Organization")``)."""
+
+    def build(dsf: DsfIntegration) -> dict[str, Any]:
+        if dsf.release.major < 2:
+            return dsf_test_task(LOCAL, LOCAL)
+        return practitioner_task(email)
+
+    return build
 
 
 @dataclass(frozen=True)
@@ -286,12 +306,20 @@ CREATE_CASES: list[CreateCase] = [
             ("requester-remote-literal", lambda _d: _remote_literal()),
         )
     ],
-    CreateCase(
-        {V2: "testCreateDarftTaskForbiddenExternalUserOrNonAdminPractitioner"},
-        EXTERNAL,
-        lambda _d: {"resourceType": "Task", "status": "draft"},
-        False,
-    ),
+    *[
+        CreateCase(
+            {V2: "testCreateDarftTaskForbiddenExternalUserOrNonAdminPractitioner"},
+            caller,
+            lambda _d: {"resourceType": "Task", "status": "draft"},
+            False,
+            step=step,
+        )
+        for step, caller in [
+            ("external", EXTERNAL),
+            ("minimal", MINIMAL),
+            ("practitioner", PRACTITIONER),
+        ]
+    ],
     *[
         CreateCase(
             {V2: "testCreateTaskForbiddenExternalUserNotPartOfRequesterOrganization"},
@@ -525,6 +553,77 @@ CREATE_CASES: list[CreateCase] = [
         _both("testCreateForbiddenDraftTaskExternalOrganization"),
         EXTERNAL,
         _with(_test_task(EXTERNAL, LOCAL), status="draft"),
+        False,
+    ),
+    # -- practitioner identities (the role config of AbstractIntegrationTest) -------------------
+    # 2.1: the Task names the practitioner as requester; 1.9: its organization.
+    CreateCase({V2: "testCreateTaskAllowedMinimalUser"}, MINIMAL, _practitioner(MINIMAL), True, 5),
+    *[
+        CreateCase(
+            {V2: name, V1: name_1},
+            PRACTITIONER,
+            _practitioner(PRACTITIONER),
+            allowed,
+            definition,
+            versions=(version,),
+        )
+        for version in (V2, V1)
+        for name, name_1, definition, allowed in [
+            (
+                "testCreateTaskAllowedLocalUserWithRole",
+                "testCreateTaskAllowedLocalUserWithRole",
+                5,
+                True,
+            ),
+            (
+                "testCreateTaskNotAllowedLocalUserWrongRole",
+                "testCreateTaskNotAllowedLocalUserWithoutRole",
+                6,
+                False,
+            ),
+            (
+                "testCreateTaskAllowedLocalUserWithRole2",
+                "testCreateTaskAllowedLocalUserWithRole2",
+                7,
+                True,
+            ),
+            (
+                "testCreateTaskNotAllowedLocalUserWithoutCosUserRole",
+                "testCreateTaskNotAllowedLocalUserWithoutRole2",
+                8,
+                False,
+            ),
+            (
+                "testCreateTaskAllowedLocalUserWithDicUserRoleAndLocalOrganizationIsDic",
+                "testCreateTaskAllowedLocalUserWithRole3",
+                9,
+                True,
+            ),
+            (
+                "testCreateTaskAllowedPractitioner13",
+                "testCreateTaskAllowedPractitioner13",
+                13,
+                True,
+            ),
+        ]
+    ],
+    CreateCase(
+        {V2: "testCreateTaskAllowedLocalUserWithAdminRole"}, ADMIN, _practitioner(ADMIN), True, 7
+    ),
+    # The Task names the organization: 2.1 wants the practitioner, 1.9 no such authorization.
+    *[
+        CreateCase(_both(name), PRACTITIONER, _test_task(LOCAL, LOCAL), False, definition)
+        for name, definition in [
+            ("testCreateTaskNotAllowedLocalUserWithoutRole3", 10),
+            ("testCreateTaskNotAllowedPractitioner1", 1),
+            ("testCreateTaskNotAllowedPractitioner11", 11),
+            ("testCreateTaskNotAllowedPractitioner12", 12),
+        ]
+    ],
+    CreateCase(
+        _both("testCreateForbiddenDraftTaskPractitionerIdentity"),
+        PRACTITIONER,
+        _with(_test_task(LOCAL, LOCAL), status="draft"),
         False,
     ),
 ]
@@ -990,3 +1089,109 @@ def test_update_draft_task_external_organization() -> None:
     draft = _draft(dsf)
     assert_forbidden(dsf.update(EXTERNAL, draft), "update")
     assert dsf.service.store.read("Task", draft["id"]) == draft
+
+
+# -- practitioner identities: read, search, update (2.1) ---------------------------------------
+
+
+def test_create_task_allowed_minimal_user_not_its_plugin() -> None:
+    """testCreateTaskAllowedMinimalUser, its first steps: the minimal user (CREATE only for Task)
+    may create neither the ActivityDefinition nor the StructureDefinition."""
+    dsf = DsfIntegration.start(DSF_2)
+    assert_forbidden(dsf.create(MINIMAL, activity_definition(5)), "create")
+    assert_forbidden(dsf.create(MINIMAL, test_task_profile(DSF_2)), "create")
+    assert dsf.service.store.all("ActivityDefinition") == []
+
+
+def _requested_by(dsf: DsfIntegration, requester: str, definition: int) -> dict[str, Any]:
+    dsf.plugin(activity_definition(definition))
+    if requester in (LOCAL, EXTERNAL):
+        return dsf.created(requester, dsf_test_task(requester, LOCAL))
+    return dsf.created(requester, practitioner_task(requester))
+
+
+@pytest.mark.parametrize(
+    ("setup", "reader", "readable"),
+    [
+        pytest.param("draft", ADMIN, True, id="testReadSearchPractitionerDsfAdminDraftTask"),
+        pytest.param("draft", PRACTITIONER, True, id="testReadSearchPractitionerDicUserDraftTask"),
+        pytest.param(
+            "draft", MINIMAL, True, id="testReadSearchPractitionerDicUserMinimalDraftTask"
+        ),
+        pytest.param(
+            (ADMIN, 1), ADMIN, True, id="testReadSearchPractitionerDsfAdminUserIsRequester"
+        ),
+        pytest.param(
+            (PRACTITIONER, 5),
+            PRACTITIONER,
+            True,
+            id="testReadSearchPractitionerDicUserUserIsRequester",
+        ),
+        pytest.param(
+            (MINIMAL, 5),
+            MINIMAL,
+            True,
+            id="testReadSearchPractitionerDicUserMinimalUserIsRequester",
+        ),
+        pytest.param(
+            (EXTERNAL, 2), ADMIN, True, id="testReadSearchPractitionerDsfAdminUserIsNotRequester"
+        ),
+        pytest.param(
+            (LOCAL, 1),
+            PRACTITIONER,
+            False,
+            id="testReadSearchPractitionerDicUserUserIsNotRequester",
+        ),
+        pytest.param(
+            (LOCAL, 1),
+            MINIMAL,
+            False,
+            id="testReadSearchPractitionerDicUserMinimalUserIsNotRequester",
+        ),
+    ],
+)
+def test_read_search_practitioner(setup: Any, reader: str, readable: bool) -> None:
+    dsf = DsfIntegration.start(DSF_2)
+    created = _draft(dsf) if setup == "draft" else _requested_by(dsf, *setup)
+    read = dsf.request(reader, "GET", f"Task/{created['id']}")
+    result = dsf.search(reader, "Task")
+    if readable:
+        assert read.status == 200 and read.resource is not None
+        assert read.resource["id"] == created["id"]
+        assert result["total"] == 1
+        assert [e["resource"]["id"] for e in result["entry"]] == [created["id"]]
+    else:
+        assert_forbidden(read, "read")
+        assert (result["total"], result["entry"]) == (0, [])
+
+
+@pytest.mark.parametrize(
+    ("caller", "allowed"),
+    [
+        pytest.param(ADMIN, True, id="testUpdateDraftTaskPractitionerDsfAdmin"),
+        pytest.param(PRACTITIONER, False, id="testUpdateDraftTaskPractitionerDicUser"),
+        pytest.param(MINIMAL, False, id="testUpdateDraftTaskPractitionerDicUserMinimal"),
+    ],
+)
+def test_update_draft_task_practitioner(caller: str, allowed: bool) -> None:
+    dsf = DsfIntegration.start(DSF_2)
+    draft = _draft(dsf)
+    response = dsf.update(caller, draft)
+    if allowed:
+        assert response.status == 200, response.resource
+        assert response.resource is not None
+        assert response.resource["meta"]["versionId"] == "2"
+    else:
+        assert_forbidden(response, "update")
+        assert dsf.service.store.read("Task", draft["id"]) == draft
+
+
+def test_search_task_with_practitioner_user_by_requester() -> None:
+    """testSerachTaskWithPractitionerUserByRequester"""
+    dsf = DsfIntegration.start(DSF_2)
+    created = _requested_by(dsf, PRACTITIONER, 5)
+    result = dsf.search(
+        PRACTITIONER, "Task", [("requester:identifier", f"{PRACTITIONER_SYSTEM}|{PRACTITIONER}")]
+    )
+    assert result["total"] == 1
+    assert [e["resource"]["id"] for e in result["entry"]] == [created["id"]]

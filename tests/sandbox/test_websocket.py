@@ -209,7 +209,10 @@ QUESTIONNAIRE = {
 
 def _questionnaire_response(status: str, **extra: Any) -> dict[str, Any]:
     def item(link_id: str, value: str) -> dict[str, Any]:
-        return {"linkId": link_id, "answer": [{"valueString": value}]}
+        # DSF 2.x's QuestionnaireResponse profile wants each item's text (its default profile
+        # applies when none is named).
+        text = f"The {link_id} of the process execution"
+        return {"linkId": link_id, "text": text, "answer": [{"valueString": value}]}
 
     return {
         "resourceType": "QuestionnaireResponse",
