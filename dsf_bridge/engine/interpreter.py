@@ -985,6 +985,19 @@ class _Run:
 
     def on_handler_failed(self, event: HandlerFailed) -> None:
         token = self.tokens.get(event.token)
+        if token is not None and token["p"] == "u" and event.error_code is None:
+            # The user task's QuestionnaireResponse could not be created (no Questionnaire, an
+            # item type DSF cannot answer): DSF's DefaultUserTaskListener fails the instance.
+            node = self.node_of(token)
+
+            def _fatal() -> None:
+                raise ProcessExecutionError(
+                    f"Process {self.d.key} has fatal error in step {node.id}, reason: "
+                    f"{event.message or 'no message'}"
+                )
+
+            self.guarded(_fatal)
+            return
         if token is None or token["p"] not in _HANDLER_PHASES:
             return
         tid = event.token

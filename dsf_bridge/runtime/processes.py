@@ -944,6 +944,16 @@ class ProcessRuntime:
                 action="send.failed",
                 reason=message,
             )
+        elif entry.kind == "create-user-task" and entry.instance_id is not None:
+            # As DSF's DefaultUserTaskListener: no form, no user task; the instance fails and
+            # its Tasks with it, saying why (never a Task left in-progress).
+            user_task = str(payload.get("token") or str(payload["user_task_id"]).rsplit("/", 1)[-1])
+            await self._apply_event(
+                entry.instance_id,
+                lambda now: HandlerFailed(user_task, now, None, error),
+                action="user_task.failed",
+                reason=error,
+            )
 
     # -- applying events ----------------------------------------------------------------------
 
@@ -1095,6 +1105,7 @@ class ProcessRuntime:
                         "business_key": effect.business_key,
                         "user_task_id": user_task_id,
                         "form_key": effect.form_key,
+                        "token": effect.token,
                     },
                 )
             elif isinstance(effect, CancelUserTask):

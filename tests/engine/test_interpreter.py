@@ -215,6 +215,30 @@ def test_interrupting_timer_boundary_cancels_a_user_task() -> None:
     assert again.effects == ()
 
 
+def test_a_user_task_whose_form_cannot_be_created_fails_the_instance_as_dsf() -> None:
+    """DSF's DefaultUserTaskListener: no Questionnaire, no user task; the instance fails and
+    its Tasks with it, with DSF's "has fatal error in step" text."""
+    definition = model(
+        START
+        + '<bpmn:userTask id="u" camunda:formKey="http://x.org/fhir/Questionnaire/q|1.0"/>'
+        + '<bpmn:endEvent id="e1"/>'
+        + _flow("f1", "s", "u")
+        + _flow("f2", "u", "e1")
+    )
+    first = start(definition, Start("start", "bk", NOW))
+    [create] = [e for e in first.effects if isinstance(e, CreateQuestionnaireResponse)]
+    failed = step(
+        definition,
+        first.state,
+        HandlerFailed(create.token, NOW, None, "Could not find Questionnaire resource"),
+    )
+    assert failed.state["st"] == "failed"
+    [fail] = [e for e in failed.effects if isinstance(e, FailTasks)]
+    assert fail.message.endswith(
+        "has fatal error in step u, reason: Could not find Questionnaire resource"
+    )
+
+
 def test_signal_and_conditional_catch_events() -> None:
     definition = model(
         START
