@@ -352,6 +352,9 @@ class SandboxServer:
             ssl_context_factory=lambda _config, _default: context,
             http=_PeerCertificateH11Protocol,
             ws=_PeerCertificateWebSocketProtocol,
+            # DSF's ServerEndpoint: a ping frame every 28 s, and no close on a missing pong.
+            ws_ping_interval=28.0,
+            ws_ping_timeout=None,
             timeout_graceful_shutdown=1,
         )
         self.port = port
