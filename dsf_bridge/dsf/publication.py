@@ -177,9 +177,17 @@ def for_dsf_2(resource: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _set_required(items: list[dict[str, Any]]) -> None:
+    # Exactly ProcessPluginImpl.setRequired: only items with linkId and type, not display, and
+    # without "required" yet get it, and only their children are looked at.
     for item in items:
-        if item.get("linkId") and item.get("type") and item.get("type") != "display":
-            item.setdefault("required", item["linkId"] in _QUESTIONNAIRE_REQUIRED_ITEMS)
+        if (
+            not item.get("linkId")
+            or not item.get("type")
+            or item.get("type") == "display"
+            or "required" in item
+        ):
+            continue
+        item["required"] = item["linkId"] in _QUESTIONNAIRE_REQUIRED_ITEMS
         _set_required(item.get("item") or [])
 
 

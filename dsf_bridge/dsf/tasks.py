@@ -48,6 +48,7 @@ __all__ = [
     "requester_identifier",
     "requester_label",
     "task_input",
+    "task_output_value",
     "task_output_variable",
     "task_outputs",
     "updated_task",
@@ -297,14 +298,23 @@ def task_output_variable(task_id: str, output: Mapping[str, Any]) -> str:
     return f"{TASK_OUTPUT_PREFIX}{task_id}:{digest}"
 
 
+def task_output_value(position: int, output: Mapping[str, Any]) -> dict[str, Any]:
+    """What the variable holds: the output and its position among the Task's outputs (the
+    order survives PostgreSQL's JSONB, which keeps no key order)."""
+    return {"position": position, "output": dict(output)}
+
+
 def task_outputs(variables: Mapping[str, object], task_id: str) -> list[dict[str, Any]]:
     """The outputs handlers added for Task ``task_id``, in the order they were added."""
     prefix = f"{TASK_OUTPUT_PREFIX}{task_id}:"
-    return [
-        dict(value)
+    found = [
+        (int(value.get("position", 0)), name, dict(value["output"]))
         for name, value in variables.items()
-        if name.startswith(prefix) and isinstance(value, Mapping)
+        if name.startswith(prefix)
+        and isinstance(value, Mapping)
+        and isinstance(value.get("output"), Mapping)
     ]
+    return [output for _position, _name, output in sorted(found, key=lambda f: f[:2])]
 
 
 def with_outputs(task: Mapping[str, Any], outputs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

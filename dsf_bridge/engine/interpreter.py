@@ -1003,12 +1003,16 @@ class _Run:
         tid = event.token
 
         def _continue() -> None:
-            self.apply(token, event.variables)
             if event.error_code is not None:
+                self.apply(token, event.variables)
                 self.throw_error(tid, event.error_code, event.message, from_activity=True)
                 return
+            # A retried job starts afresh: what the failed attempt set (its Task outputs) is
+            # dropped, as Camunda rolls a job back. A final failure keeps its Task outputs, to
+            # be written with the failing PUT.
             if self.retry_job(tid):
                 return
+            self.apply(token, event.variables)
             node = self.node_of(token)
             raise ProcessExecutionError(
                 f"Handler of {node.id!r} failed: {event.message or 'no message'}"

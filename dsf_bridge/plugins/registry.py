@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from dsf_bridge.dsf.tasks import TASK_OUTPUT_PREFIX, task_output_variable
+from dsf_bridge.dsf.tasks import TASK_OUTPUT_PREFIX, task_output_value, task_output_variable
 from dsf_bridge.engine.model import NodeKind, ProcessDefinition
 from dsf_bridge.errors import ProcessExecutionError, ProcessModelError
 
@@ -116,7 +116,14 @@ class HandlerContext:
         before the handler fails technically is still written with the failing PUT, as a Java
         delegate's error handling writes its Task. The same output twice is kept once.
         """
-        self.updates[task_output_variable(task_id, output)] = dict(output)
+        name = task_output_variable(task_id, output)
+        if self.has(name):
+            return  # the same output again (a repeated handler): keep its first position
+        prefix = name.rsplit(":", 1)[0] + ":"
+        position = sum(
+            1 for known in (*self.variables, *self.updates) if str(known).startswith(prefix)
+        )
+        self.updates[name] = task_output_value(position, output)
 
     @property
     def task_output_updates(self) -> dict[str, object]:

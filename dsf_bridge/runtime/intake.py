@@ -52,6 +52,13 @@ log = structlog.get_logger("dsf_bridge.intake")
 CLAIMING = "claiming"
 FAILED = "failed"
 LOST = "claimed-elsewhere"
+REFUSED = "refused"
+
+
+def _refused(exc: RemoteError) -> bool:
+    """The server answered that it will not take this update (4xx): asking again changes
+    nothing, unlike an outage (5xx, 429, no connection)."""
+    return exc.status is not None and 400 <= exc.status < 500 and exc.status != 429
 
 
 class Authorizer(Protocol):
@@ -144,6 +151,13 @@ class TaskIntake:
                 await self._mark(task_id, version, LOST)
                 log.info("task.claimed_elsewhere")
                 return
+            if _refused(exc):
+                # As the DSF BPE: the Task is failed with DSF's words; one Task the server
+                # will not take must not stop the intake of all the others.
+                await self._fail(
+                    task, version, f"Unable to update Task to status 'in-progress': {exc}"
+                )
+                return
             raise
         new_version = str(result.version or int(version) + 1)
         in_progress.setdefault("meta", {})["versionId"] = new_version
@@ -221,7 +235,20 @@ class TaskIntake:
             if exc.status in (409, 412):
                 await self._mark(task_id, claimed_version or current_version, LOST)
                 return
-            raise
+            if not _refused(exc):
+                raise  # the server is down or busy: the claim stays, a later round retries
+            # The server refuses even the failed Task: record it and go on with the others.
+            await self._mark(task_id, claimed_version or current_version, REFUSED)
+            async with self.database.transaction() as session:
+                await append_event(
+                    session,
+                    actor=f"organization:{self.local_organization}",
+                    subject=f"Task/{task_id}",
+                    action="task.refused",
+                    reason=f"{error}; the FHIR server refused to set it failed: {exc}",
+                )
+            log.error("task.refused", error=error, refusal=str(exc))
+            return
         async with self.database.transaction() as session:
             await repo.set_task_seen_status(
                 session, task_id, claimed_version or current_version, FAILED

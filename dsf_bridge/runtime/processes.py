@@ -814,8 +814,12 @@ class ProcessRuntime:
             result = await self._perform_remote(entry)
         except BridgeError as exc:
             retries = self.settings.outbox_retry_delays
-            if exc.retryable and entry.attempts <= len(retries):
-                retry_at = self.clock() + retries[entry.attempts - 1]
+            # Effects on the site's own FHIR server wait out its outages, as the DSF BPE's
+            # withRetryForever does (DefaultUserTaskListener, the Task updates): giving up
+            # would fail or strand an instance because the local server restarted.
+            forever = entry.kind in _LOCAL_EFFECTS
+            if exc.retryable and retries and (forever or entry.attempts <= len(retries)):
+                retry_at = self.clock() + retries[min(entry.attempts, len(retries)) - 1]
                 async with self.database.transaction() as session:
                     await repo.retry_outbox(
                         session, entry.id, self.owner, error=str(exc), retry_at=retry_at
@@ -918,7 +922,8 @@ class ProcessRuntime:
         self, entry: repo.ClaimedOutboxEntry, error: str, *, status: int | None = None
     ) -> None:
         payload = entry.payload
-        async with self.database.transaction() as session:
+
+        async def record_failure(session: Session) -> None:
             await repo.mark_outbox_failed(
                 session, entry.id, self.owner, error=error, now=self.clock()
             )
@@ -930,30 +935,43 @@ class ProcessRuntime:
                 reason=f"{entry.kind}: {error}",
                 payload=payload,
             )
+
         log.error("effect.failed", kind=entry.kind, error=error, instance_id=entry.instance_id)
+        event: Callable[[dt.datetime], Event] | None = None
+        action = reason = ""
         if entry.kind == "send-task" and entry.instance_id is not None:
             token = str(payload["token"])
             target = _target_label(payload)
-            message = f"Sending Task {payload['message_name']} to {target} failed: {error}"
+            reason = f"Sending Task {payload['message_name']} to {target} failed: {error}"
             # The send handler may have asked for a BPMN error instead of a failed instance.
             errors = payload.get("failure_errors") or {}
             code = errors.get(str(status)) or errors.get("default")
-            await self._apply_event(
-                entry.instance_id,
-                lambda now: HandlerFailed(token, now, code, message),
-                action="send.failed",
-                reason=message,
-            )
+            action = "send.failed"
+
+            def event(now: dt.datetime) -> Event:
+                return HandlerFailed(token, now, code, reason)
+
         elif entry.kind == "create-user-task" and entry.instance_id is not None:
             # As DSF's DefaultUserTaskListener: no form, no user task; the instance fails and
             # its Tasks with it, saying why (never a Task left in-progress).
             user_task = str(payload.get("token") or str(payload["user_task_id"]).rsplit("/", 1)[-1])
-            await self._apply_event(
-                entry.instance_id,
-                lambda now: HandlerFailed(user_task, now, None, error),
-                action="user_task.failed",
-                reason=error,
-            )
+            action, reason = "user_task.failed", error
+
+            def event(now: dt.datetime) -> Event:
+                return HandlerFailed(user_task, now, None, error)
+
+        if event is not None and entry.instance_id is not None:
+            # One transaction records the failure and steps the instance: a crash between two
+            # commits would leave the effect failed and the instance waiting for nothing.
+            try:
+                await self._apply_event(
+                    entry.instance_id, event, action=action, reason=reason, also=record_failure
+                )
+                return
+            except ProcessExecutionError:
+                pass  # the instance is gone: record the failure alone
+        async with self.database.transaction() as session:
+            await record_failure(session)
 
     # -- applying events ----------------------------------------------------------------------
 
@@ -1256,6 +1274,9 @@ class ProcessRuntime:
         if record is None:
             raise ProcessExecutionError(f"instance {instance_id} does not exist")
         return self._deployed(record)
+
+
+_LOCAL_EFFECTS = frozenset({"complete-task", "fail-task", "create-user-task", "cancel-user-task"})
 
 
 def _version_order(version: str) -> tuple[tuple[int, str], ...]:

@@ -146,14 +146,26 @@ def test_api_v1_resources_are_rewritten_for_dsf_2_as_the_java_bpe_does() -> None
             "item": [
                 {"linkId": "business-key", "type": "string"},
                 {"linkId": "approve", "type": "boolean"},
-                {"linkId": "info", "type": "display"},
+                {"linkId": "info", "type": "display", "item": [{"linkId": "a", "type": "string"}]},
+                {
+                    "linkId": "group",
+                    "type": "group",
+                    "required": True,
+                    "item": [{"linkId": "b", "type": "string"}],
+                },
+                {"linkId": "more", "type": "group", "item": [{"linkId": "c", "type": "string"}]},
             ],
         }
     )
     assert questionnaire["meta"]["profile"] == [
         "http://dsf.dev/fhir/StructureDefinition/questionnaire"
     ]
-    assert [item.get("required") for item in questionnaire["item"]] == [True, False, None]
+    items = questionnaire["item"]
+    assert [item.get("required") for item in items] == [True, False, None, True, False]
+    # As ProcessPluginImpl.setRequired: only the children of items it sets are looked at.
+    assert "required" not in items[2]["item"][0]
+    assert "required" not in items[3]["item"][0]
+    assert items[4]["item"][0]["required"] is False
 
 
 @pytest.mark.parametrize("rewrite", [True, False], ids=["rewritten", "as-written"])

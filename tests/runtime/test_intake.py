@@ -364,3 +364,45 @@ async def test_the_task_subscription_is_the_one_with_a_json_payload(site: Site) 
     site.insert_directly(second)
     with pytest.raises(RemoteError, match="2 active websocket Subscriptions"):
         await subscription.find_subscription()
+
+
+async def test_a_task_the_server_will_not_update_fails_or_is_recorded_and_intake_goes_on(
+    site: Site,
+) -> None:
+    """As the DSF BPE: an in-progress PUT the server refuses fails the Task with DSF's words;
+    one it refuses to fail as well is recorded (refused) and the next Task is taken in."""
+    service = site.sandbox.server.service
+    first = site.insert_directly(task())
+    service.inject_failures("PUT", f"Task/{first['id']}", [403])
+    await site.intake.handle(first)
+    final = await site.server_task(first["id"])
+    assert final["status"] == "failed"
+    assert _error(final).startswith("Unable to update Task to status 'in-progress'")
+
+    second = site.insert_directly(task())
+    service.inject_failures("PUT", f"Task/{second['id']}", [403, 403])
+    await site.intake.handle(second)  # no exception: one Task cannot stop the site
+    assert (await site.server_task(second["id"]))["status"] == "requested"
+    async with site.database.transaction() as session:
+        refused = (
+            await session.execute(select(func.count()).where(AuditEvent.action == "task.refused"))
+        ).scalar_one()
+    assert refused == 1
+
+    third = await site.remote.create(task())
+    assert third.id is not None
+    stored = await site.server_task(third.id)
+    await site.intake.handle(stored)
+    await site.runtime.run_until_idle()
+    assert (await site.server_task(third.id))["status"] == "completed"
+    assert site.work == [third.id]
+
+
+async def test_an_outage_while_taking_a_task_in_is_not_a_refusal(site: Site) -> None:
+    """A 503 is not the server's verdict on the Task: the error goes up (the subscription
+    retries later) and the Task stays requested, claimed for the next round."""
+    stored = site.insert_directly(task())
+    site.sandbox.server.service.inject_failures("PUT", f"Task/{stored['id']}", [503] * 5)
+    with pytest.raises(RemoteError):
+        await site.intake.handle(stored)
+    assert (await site.server_task(stored["id"]))["status"] == "requested"

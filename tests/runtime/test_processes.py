@@ -466,3 +466,114 @@ async def test_versions_side_by_side_each_task_goes_to_the_version_it_names(
         new: new_version.definition_id,
         default: new_version.definition_id,
     }
+
+
+_OUTPUTS_MODEL = b"""<?xml version="1.0" encoding="UTF-8"?>
+<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"
+    xmlns:camunda="http://camunda.org/schema/1.0/bpmn" id="outputs"
+    targetNamespace="http://bpmn.io/schema/bpmn">
+  <bpmn:process id="testorg_outputs" isExecutable="true" camunda:versionTag="1.0">
+    <bpmn:startEvent id="Start"><bpmn:outgoing>f1</bpmn:outgoing>
+      <bpmn:messageEventDefinition messageRef="m_start" /></bpmn:startEvent>
+    <bpmn:serviceTask id="Work" camunda:class="org.test.Work" camunda:asyncBefore="true">
+      <bpmn:extensionElements>
+        <camunda:failedJobRetryTimeCycle>R3/PT1S</camunda:failedJobRetryTimeCycle>
+      </bpmn:extensionElements>
+      <bpmn:incoming>f1</bpmn:incoming><bpmn:outgoing>f2</bpmn:outgoing>
+    </bpmn:serviceTask>
+    <bpmn:userTask id="Ask" camunda:formKey="http://test.org/fhir/Questionnaire/q|1.0">
+      <bpmn:incoming>f2</bpmn:incoming><bpmn:outgoing>f3</bpmn:outgoing>
+    </bpmn:userTask>
+    <bpmn:endEvent id="End"><bpmn:incoming>f3</bpmn:incoming></bpmn:endEvent>
+    <bpmn:sequenceFlow id="f1" sourceRef="Start" targetRef="Work" />
+    <bpmn:sequenceFlow id="f2" sourceRef="Work" targetRef="Ask" />
+    <bpmn:sequenceFlow id="f3" sourceRef="Ask" targetRef="End" />
+  </bpmn:process>
+  <bpmn:message id="m_start" name="start" />
+</bpmn:definitions>
+"""
+
+
+def _output(text: str) -> dict[str, Any]:
+    return {
+        "type": {"coding": [{"system": "http://test.org/fhir/CodeSystem/t", "code": "x"}]},
+        "valueString": text,
+    }
+
+
+async def _outputs_runtime(
+    database: Database, gateway: FakeGateway, clock: Clock, attempts: list[int]
+) -> ProcessRuntime:
+    registry = HandlerRegistry()
+
+    @registry.service("org.test.Work")
+    def work(ctx: HandlerContext) -> None:
+        attempts.append(1)
+        ctx.add_task_output("start-task", _output(f"attempt {len(attempts)}"))
+        for number in range(12):  # more than one digit: order must not be by name
+            ctx.add_task_output("start-task", _output(f"value {number}"))
+        if len(attempts) < 3:
+            raise RuntimeError(f"archive not reachable ({len(attempts)})")
+
+    runtime = ProcessRuntime(database, gateway, owner="a", clock=clock, settings=FAST)
+    definition = load_process(_OUTPUTS_MODEL, "outputs.bpmn", resource_version="1.0")
+    await runtime.deploy(definition, registry, plugin="test", model_hash="o" * 64)
+    return runtime
+
+
+async def _run_for(runtime: ProcessRuntime, clock: Clock, seconds: int) -> None:
+    for _ in range(seconds):
+        await runtime.run_until_idle()
+        clock.advance(seconds=1)
+    await runtime.run_until_idle()
+
+
+async def test_task_outputs_keep_their_order_and_a_retried_attempt_leaves_none(
+    database: Database, gateway: FakeGateway, clock: Clock
+) -> None:
+    """On both stores (PostgreSQL's JSONB keeps no key order): the outputs come out in the
+    order they were added; the two failed attempts' outputs are dropped with their retry."""
+    attempts: list[int] = []
+    runtime = await _outputs_runtime(database, gateway, clock, attempts)
+    instance_id = await runtime.start(
+        "testorg_outputs", message_name="start", business_key="bk-o", task_id="start-task"
+    )
+    await _run_for(runtime, clock, 10)
+    assert len(attempts) == 3
+    assert len(gateway.user_tasks) == 1  # waits at the user task now
+    await runtime.complete_user_task(gateway.user_tasks[0].user_task_id, {})
+    await runtime.run_until_idle()
+    assert await _status(database, instance_id) == "completed"
+    texts = [o["valueString"] for o in gateway.outputs["start-task"]]
+    assert texts == ["attempt 3", *(f"value {n}" for n in range(12))]
+
+
+class FlakyLocalServer(FakeGateway):
+    """The local FHIR server is down for a while: creating the user task's form fails."""
+
+    outage: int = 0
+
+    async def create_user_task(self, request: UserTaskRequest) -> str:
+        if self.outage:
+            self.outage -= 1
+            raise RemoteError("local FHIR server unavailable (503)", retryable=True, status=503)
+        return await super().create_user_task(request)
+
+
+async def test_a_local_server_outage_does_not_fail_a_user_task(
+    database: Database, clock: Clock
+) -> None:
+    """More failures than the outbox's retry delays: the form is created once the server is
+    back, as DSF's DefaultUserTaskListener retries forever; the instance never fails."""
+    gateway = FlakyLocalServer()
+    gateway.outage = len(FAST.outbox_retry_delays) + 3
+    attempts: list[int] = [1, 2]  # the handler succeeds at once
+    runtime = await _outputs_runtime(database, gateway, clock, attempts)
+    instance_id = await runtime.start(
+        "testorg_outputs", message_name="start", business_key="bk-u", task_id="start-task"
+    )
+    await _run_for(runtime, clock, 20)
+    assert gateway.outage == 0
+    assert len(gateway.user_tasks) == 1
+    assert await _status(database, instance_id) == "running"
+    assert gateway.failed == []
