@@ -48,6 +48,7 @@ __all__ = [
     "requester_identifier",
     "requester_label",
     "task_input",
+    "task_output_task_ids",
     "task_output_value",
     "task_output_variable",
     "task_outputs",
@@ -296,6 +297,15 @@ def task_output_variable(task_id: str, output: Mapping[str, Any]) -> str:
     """The process variable that holds ``output`` for Task ``task_id``."""
     digest = hashlib.sha256(json.dumps(output, sort_keys=True).encode()).hexdigest()[:16]
     return f"{TASK_OUTPUT_PREFIX}{task_id}:{digest}"
+
+
+def task_output_task_ids(variables: Mapping[str, object]) -> set[str]:
+    """The Tasks that handlers added outputs for."""
+    return {
+        name[len(TASK_OUTPUT_PREFIX) :].rsplit(":", 1)[0]
+        for name in variables
+        if name.startswith(TASK_OUTPUT_PREFIX)
+    }
 
 
 def task_output_value(position: int, output: Mapping[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from dsf_bridge.dsf.tasks import task_outputs
+from dsf_bridge.dsf.tasks import task_output_task_ids, task_outputs
 from dsf_bridge.dsf.vocabulary import parse_instant
 from dsf_bridge.engine.correlation import correlate, message_subscriptions, signal_waits
 from dsf_bridge.engine.events import (
@@ -1178,7 +1178,13 @@ class ProcessRuntime:
                 await repo.replace_subscriptions(session, instance_id, _subscription_keys(state))
                 pending.status = _STATUS[state["st"]]
             elif isinstance(effect, CompleteTasks | FailTasks):
-                for task_id in await repo.tasks_of_instance(session, instance_id, "incoming"):
+                incoming = await repo.tasks_of_instance(session, instance_id, "incoming")
+                strays = sorted(task_output_task_ids(state["vars"]) - set(incoming))
+                if strays:
+                    # add_task_output names a Task this instance did not take in: say so, as
+                    # those outputs are written nowhere.
+                    log.warning("task_outputs.unwritten", task_ids=strays)
+                for task_id in incoming:
                     if isinstance(effect, CompleteTasks):
                         await repo.enqueue_outbox(
                             session,

@@ -707,6 +707,12 @@ async def test_site_a_pings_site_b_and_gets_its_pong(network: Network) -> None:
     reference_profile("task-pong").check(pongs[0])
     start = next(t for t in network.tasks("Site_A") if t["id"] == created.id)
     reference_profile("task-start-ping").check(start)
+    # ... and against the DSF version's own profiles, as each server holds them now.
+    for organization in WITH_BRIDGE:
+        validator = network.servers[organization].service.validator
+        assert validator is not None
+        for stored in network.tasks(organization):
+            assert validator(stored) == [], stored["meta"]["profile"]
     for organization in WITH_BRIDGE:
         assert await _audit_ok(network.db_urls[organization]) > 5
 
