@@ -17,7 +17,14 @@ from typing import Any, TypeVar
 
 from dsf_bridge.engine.exceptions import CorrelationError
 
-__all__ = ["MessageSubscription", "correlate", "message_subscriptions"]
+__all__ = [
+    "ALTERNATIVE_BUSINESS_KEY",
+    "MessageSubscription",
+    "correlate",
+    "message_subscriptions",
+]
+
+ALTERNATIVE_BUSINESS_KEY = "alternativeBusinessKey"
 
 K = TypeVar("K")
 
@@ -55,16 +62,21 @@ def message_subscriptions(state: Mapping[str, Any]) -> list[MessageSubscription]
     if state.get("st") != "run":
         return []
     business_key: str = state["bk"]
+    # DSF's alternative business key (process variable ``alternativeBusinessKey``): a reply to
+    # a Task sent with it carries it, and reaches the instance as if it carried its own key.
+    alternative = state["vars"].get(ALTERNATIVE_BUSINESS_KEY)
+    keys = [business_key]
+    if isinstance(alternative, str) and alternative and alternative != business_key:
+        keys.append(alternative)
     result: list[MessageSubscription] = []
     for tid, token in state["tk"].items():
         if token.get("p") != "w":
             continue
         for node_id, kind, key in token["w"]:
             if kind == "m":
-                result.append(
-                    MessageSubscription(
-                        key, business_key, _correlation_key(state, token), tid, node_id
-                    )
+                correlation_key = _correlation_key(state, token)
+                result.extend(
+                    MessageSubscription(key, each, correlation_key, tid, node_id) for each in keys
                 )
     return result
 

@@ -27,11 +27,13 @@ tests put fakes under a plugin's own names. ``ctx.service(name, kind)`` reads on
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from dsf_bridge.dsf.tasks import TASK_OUTPUT_PREFIX, task_output_value, task_output_variable
+from dsf_bridge.engine.correlation import ALTERNATIVE_BUSINESS_KEY
 from dsf_bridge.engine.model import NodeKind, ProcessDefinition
 from dsf_bridge.errors import ProcessExecutionError, ProcessModelError
 
@@ -146,6 +148,19 @@ class SendContext(HandlerContext):
     def add_input(self, system: str, code: str, value: object) -> None:
         """Add a Task input (besides message-name, business-key and correlation-key)."""
         self.inputs.append({"system": system, "code": code, "value": value})
+
+    def use_alternative_business_key(self) -> str:
+        """Send this Task with DSF's alternative business key instead of the instance's own:
+        a UUID kept in the process variable ``alternativeBusinessKey`` (made on first use),
+        as API v2's ``BusinessKeyStrategies.ALTERNATIVE`` and API v1's
+        ``setAlternativeBusinessKey`` do. Replies carrying it reach this instance; the
+        receiving site never learns the instance's own key. Returns the key."""
+        existing = self.get(ALTERNATIVE_BUSINESS_KEY)
+        key = existing if isinstance(existing, str) and existing else str(uuid.uuid4())
+        if key != existing:
+            self.set(ALTERNATIVE_BUSINESS_KEY, key)
+        self.business_key = key
+        return key
 
     def throw_on_failure(self, code: str, *, forbidden: str | None = None) -> None:
         """When the Task cannot be delivered, throw BPMN error ``code`` at this element (or

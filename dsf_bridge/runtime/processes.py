@@ -795,6 +795,10 @@ class ProcessRuntime:
             "local_updates": dict(getattr(completed, "local_variables", {})),
         }
         async with self.database.transaction() as session:
+            if send.business_key != effect.business_key:
+                # Sent with the alternative business key: replies (even one that overtakes
+                # the commit recording this send) find the instance by it.
+                await repo.set_alternative_business_key(session, instance_id, send.business_key)
             await repo.enqueue_outbox(
                 session,
                 # Not the job id alone: SQLite reuses the id of a deleted newest job, and a

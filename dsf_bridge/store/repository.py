@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import Insert
@@ -270,15 +270,33 @@ async def running_instances_of(session: AsyncSession, definition_ids: Sequence[i
 async def running_with_business_key(
     session: AsyncSession, definition_id: int, business_key: str
 ) -> bool:
-    """Whether a running instance of this deployed definition has this business key."""
+    """Whether a running instance of this deployed definition has this business key (or
+    this alternative business key)."""
     row = await session.execute(
         select(ProcessInstance.id)
-        .where(ProcessInstance.business_key == business_key)
+        .where(
+            or_(
+                ProcessInstance.business_key == business_key,
+                ProcessInstance.alternative_business_key == business_key,
+            )
+        )
         .where(ProcessInstance.definition_id == definition_id)
         .where(ProcessInstance.status == "running")
         .limit(1)
     )
     return row.first() is not None
+
+
+async def set_alternative_business_key(
+    session: AsyncSession, instance_id: str, alternative_business_key: str
+) -> None:
+    """Record the alternative business key an instance sends a Task with (before the send)."""
+    await session.execute(
+        update(ProcessInstance)
+        .where(ProcessInstance.id == instance_id)
+        .values(alternative_business_key=alternative_business_key)
+        .execution_options(synchronize_session=False)
+    )
 
 
 async def has_live_work(session: AsyncSession, instance_id: str) -> bool:
@@ -768,14 +786,24 @@ async def sends_in_flight(session: AsyncSession, business_key: str) -> int:
     outbox = await session.execute(
         select(func.count(OutboxEntry.id))
         .join(ProcessInstance, ProcessInstance.id == OutboxEntry.instance_id)
-        .where(ProcessInstance.business_key == business_key)
+        .where(
+            or_(
+                ProcessInstance.business_key == business_key,
+                ProcessInstance.alternative_business_key == business_key,
+            )
+        )
         .where(OutboxEntry.kind == "send-task")
         .where(OutboxEntry.status == "pending")
     )
     jobs = await session.execute(
         select(func.count(Job.id))
         .join(ProcessInstance, ProcessInstance.id == Job.instance_id)
-        .where(ProcessInstance.business_key == business_key)
+        .where(
+            or_(
+                ProcessInstance.business_key == business_key,
+                ProcessInstance.alternative_business_key == business_key,
+            )
+        )
         .where(Job.kind == "send")
     )
     return int(outbox.scalar_one()) + int(jobs.scalar_one())

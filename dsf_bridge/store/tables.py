@@ -117,12 +117,15 @@ class ProcessInstance(Base):
     __tablename__ = "process_instances"
     __table_args__ = (
         Index("ix_process_instances_business_key", "business_key"),
+        Index("ix_process_instances_alternative_business_key", "alternative_business_key"),
         Index("ix_process_instances_status", "status"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     definition_id: Mapped[int] = mapped_column(ForeignKey("process_definitions.id"))
     business_key: Mapped[str] = mapped_column(String(200))
+    # DSF's alternative business key: replies to a Task sent with it reach this instance.
+    alternative_business_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     status: Mapped[str] = mapped_column(String(20))
     state: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
     # Optimistic locking: every update bumps it; an UPDATE that matches no row lost the race.

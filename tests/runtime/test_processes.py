@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +92,7 @@ class Calls:
     timeouts: int = 0
 
 
-def handlers(calls: Calls) -> HandlerRegistry:
+def handlers(calls: Calls, *, alternative_business_key: bool = False) -> HandlerRegistry:
     registry = HandlerRegistry()
 
     @registry.service("org.test.Prepare")
@@ -105,6 +106,8 @@ def handlers(calls: Calls) -> HandlerRegistry:
     @registry.message_send("org.test.SendRequest")
     def send_request(ctx: SendContext) -> None:
         ctx.add_input("http://test.org/fhir/CodeSystem/omi", "study", ctx.get("studyUid"))
+        if alternative_business_key:
+            ctx.use_alternative_business_key()
 
     @registry.service("org.test.StoreResult")
     def store_result(ctx: HandlerContext) -> None:
@@ -577,3 +580,34 @@ async def test_a_local_server_outage_does_not_fail_a_user_task(
     assert len(gateway.user_tasks) == 1
     assert await _status(database, instance_id) == "running"
     assert gateway.failed == []
+
+
+async def test_a_reply_to_a_task_sent_with_the_alternative_business_key_reaches_its_instance(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    """DSF's alternative business key (API v2 ALTERNATIVE, v1 setAlternativeBusinessKey): the
+    request carries a key of its own, the reply carries it back, and intake's rules (running
+    instance, correlation, a reply overtaking the send's commit) treat it as the instance's."""
+    registry = handlers(calls, alternative_business_key=True)
+    runtime = ProcessRuntime(database, gateway, owner="a", clock=clock, settings=FAST)
+    definition = load_process(MODEL.read_bytes(), MODEL.name, resource_version="1.0")
+    await runtime.deploy(definition, registry, plugin="test", model_hash="h" * 64)
+    instance_id = await runtime.start(KEY, message_name="start", business_key="bk-own")
+    await runtime.run_until_idle()
+    (sent,) = gateway.sent
+    assert sent.business_key != "bk-own"
+    uuid.UUID(sent.business_key)  # a fresh UUID, as DSF makes it
+
+    # A start message with the alternative key finds the running instance, not a new one.
+    with pytest.raises(CorrelationError, match=r"^Unable to correlate Task"):
+        await runtime.deliver(KEY, message_name="start", business_key=sent.business_key)
+    replied = await runtime.deliver(
+        KEY, message_name="reply", business_key=sent.business_key, variables={"result": "alt"}
+    )
+    await runtime.run_until_idle()
+    assert replied == instance_id
+    assert calls.results == ["alt"]
+    assert await _status(database, instance_id) == "completed"
+    # The instance's own key still works for what it is: nothing waits any more.
+    with pytest.raises(CorrelationError):
+        await runtime.correlate(message_name="reply", business_key="bk-own")
