@@ -204,7 +204,7 @@ class InferenceNetwork:
             )
         for organization, files in self.published.items():
             async with site_client(self.sites[organization]) as client:
-                await publish(client, list(files))
+                await publish(client, list(files), dsf_release=self.dsf_release)
         for organization, omi in self.bridges.items():
             site = self.sites[organization]
             url = f"sqlite:///{(self.directory / organization / 'bridge.db').resolve()}"

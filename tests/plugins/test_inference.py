@@ -287,11 +287,13 @@ def _strict_resources() -> list[tuple[str, bytes]]:
     return files
 
 
+@pytest.mark.parametrize("dsf_version", ["2.1", "1.9"], ids=lambda v: f"dsf{v}")
 async def test_failures_end_the_start_task_with_their_own_error(
     tmp_path: Path,
     orthanc: OrthancProcess,
     mlserver: MLServerProcess,
     studies: tuple[Dataset, list[Dataset]],
+    dsf_version: str,
 ) -> None:
     ct_small, _ = studies
     catalogue = [
@@ -358,6 +360,7 @@ async def test_failures_end_the_start_task_with_their_own_error(
             "Strict_Provider": _strict_resources(),
         },
         offline=["Down_Provider"],
+        dsf_release=release(dsf_version),
     ) as network:
         started = {}
         for label, (inputs, _) in cases.items():
