@@ -355,6 +355,9 @@ class SandboxServer:
             # DSF's ServerEndpoint: a ping frame every 28 s, and no close on a missing pong.
             ws_ping_interval=28.0,
             ws_ping_timeout=None,
+            # Idle keep-alive connections live 30 s, as with Jetty's default idle timeout
+            # behind DSF (uvicorn's 5 s closes connections clients are about to reuse).
+            timeout_keep_alive=30,
             timeout_graceful_shutdown=1,
         )
         self.port = port
