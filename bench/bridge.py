@@ -59,7 +59,13 @@ def _plugin() -> ProcessPlugin:
         version="1.0.0.0",
         release_date=dt.date(2026, 1, 1),
         bpmn_files=(BENCH_DIR / "one-step.bpmn",),
-        fhir_resources={"benchorg_oneStep": (BENCH_DIR / "one-step-activity-definition.json",)},
+        fhir_resources={
+            "benchorg_oneStep": (
+                BENCH_DIR / "one-step-activity-definition.json",
+                # The server validates Tasks against their profile, as DSF does.
+                BENCH_DIR / "one-step-task-profile.json",
+            )
+        },
         handlers=handlers,
     )
 
@@ -142,7 +148,8 @@ async def run(tasks: int) -> None:
             local = _client(local_site, net.base_url(LOCAL))
             completions = _Completions(net)
             stop = asyncio.Event()
-            # Starting the bridge publishes the ActivityDefinition both sides need; it takes no
+            # Starting the bridge publishes the ActivityDefinition and Task profile both sides
+            # need (rewritten for the DSF 2.x sandbox as the Java BPE does); it takes no
             # Task before run(), so the bare round trips run undisturbed first.
             async with remote, local, Bridge(settings, [_plugin()]) as bridge:
                 bare = await _bare(remote, local, tasks)
