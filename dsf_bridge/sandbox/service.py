@@ -57,6 +57,7 @@ _REASONS = {
     200: "OK",
     201: "Created",
     204: "No Content",
+    304: "Not Modified",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
@@ -316,6 +317,13 @@ class FhirService:
             expected = _version_from_etag(if_match)
             if expected is not None and str(expected) != resource["meta"]["versionId"]:
                 return FhirResponse(412)
+        if_none_match = headers.get("if-none-match")
+        if if_none_match is not None:
+            # DSF's read: the caller's copy is current, 304 without a body (after the read
+            # check: a caller that may not read gets 403 whatever its ETag says).
+            known = _version_from_etag(if_none_match)
+            if known is not None and str(known) == resource["meta"]["versionId"]:
+                return self._with_headers(FhirResponse(304), resource)
         return self._with_headers(FhirResponse(200, resource), resource)
 
     def vread(

@@ -10,6 +10,7 @@ organization).
 
 from __future__ import annotations
 
+import copy
 import uuid
 from typing import Any
 
@@ -453,3 +454,41 @@ def test_search_allowed_by_minimal_user_with_role() -> None:
     assert response.status == 200, response.resource
     assert response.resource is not None and response.resource["total"] == 1
     assert [e["resource"]["id"] for e in response.resource["entry"]] == [created["id"]]
+
+
+@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize(
+    ("caller", "modified"),
+    [
+        pytest.param(LOCAL, False, id="testNotModifiedCheckAllowedByLocalUser"),
+        pytest.param(EXTERNAL, False, id="testNotModifiedCheckNotAllowedByRemoteUser"),
+        pytest.param(LOCAL, True, id="testNotModifiedCheckAllowedByLocalUserWithModification"),
+        pytest.param(
+            EXTERNAL, True, id="testNotModifiedCheckNotAllowedByRemoteUserWithModification"
+        ),
+    ],
+)
+def test_not_modified_check(release: DsfRelease, caller: str, modified: bool) -> None:
+    """The client reads with If-None-Match of the version it holds: 304 while current, the
+    newer version once updated (by the DAO, as DSF's test does), 403 for a remote caller."""
+    dsf, created = _stored(release, with_questionnaire=False)
+    if modified:
+        stored = dsf.service.store.update(copy.deepcopy(created))
+        assert stored["meta"]["versionId"] == "2"
+    response = dsf.service.handle(
+        dsf.identity(caller),
+        "GET",
+        f"QuestionnaireResponse/{created['id']}",
+        [],
+        headers={"if-none-match": 'W/"1"'},
+        body=None,
+    )
+    if caller == EXTERNAL:
+        assert_forbidden(response, "read")
+    elif modified:
+        assert response.status == 200 and response.resource is not None
+        assert response.resource["meta"]["versionId"] == "2"
+    else:
+        assert response.status == 304
+        assert response.resource is None
+        assert response.headers["ETag"] == 'W/"1"'
