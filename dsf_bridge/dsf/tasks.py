@@ -317,13 +317,14 @@ def task_output_value(position: int, output: Mapping[str, Any]) -> dict[str, Any
 def task_outputs(variables: Mapping[str, object], task_id: str) -> list[dict[str, Any]]:
     """The outputs handlers added for Task ``task_id``, in the order they were added."""
     prefix = f"{TASK_OUTPUT_PREFIX}{task_id}:"
-    found = [
-        (int(value.get("position", 0)), name, dict(value["output"]))
-        for name, value in variables.items()
-        if name.startswith(prefix)
-        and isinstance(value, Mapping)
-        and isinstance(value.get("output"), Mapping)
-    ]
+    found: list[tuple[int, str, dict[str, Any]]] = []
+    for name, value in variables.items():
+        if not name.startswith(prefix) or not isinstance(value, Mapping):
+            continue
+        if isinstance(value.get("output"), Mapping):
+            found.append((int(value.get("position", 0)), name, dict(value["output"])))
+        elif "type" in value:  # stored before outputs had positions: first, by name
+            found.append((-1, name, dict(value)))
     return [output for _position, _name, output in sorted(found, key=lambda f: f[:2])]
 
 

@@ -103,6 +103,9 @@ class HandlerFailed:
     error_code: str | None = None
     message: str = ""
     variables: Mapping[str, object] = field(default_factory=dict)
+    # Set when the failure is the user task's own (its QuestionnaireResponse could not be
+    # created): the user task element it concerns, so a stale failure cannot hit a later one.
+    user_task: str | None = None
 
 
 @dataclass(slots=True)

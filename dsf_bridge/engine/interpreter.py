@@ -985,7 +985,9 @@ class _Run:
 
     def on_handler_failed(self, event: HandlerFailed) -> None:
         token = self.tokens.get(event.token)
-        if token is not None and token["p"] == "u" and event.error_code is None:
+        if event.user_task is not None:
+            if token is None or token["p"] != "u" or token["n"] != event.user_task:
+                return  # the user task ended meanwhile (a boundary event): nothing to fail
             # The user task's QuestionnaireResponse could not be created (no Questionnaire, an
             # item type DSF cannot answer): DSF's DefaultUserTaskListener fails the instance.
             node = self.node_of(token)

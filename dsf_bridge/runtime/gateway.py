@@ -182,13 +182,30 @@ class DsfTaskGateway:
         error: str | None,
         outputs: Sequence[Mapping[str, Any]],
     ) -> None:
-        task = await self.local.read("Task", task_id)
-        if task.get("status") != "in-progress":
-            return  # already finished (a repeated effect after a crash) or never ours
-        version = int((task.get("meta") or {}).get("versionId") or 0)
-        # Outputs go with the completing PUT: DSF 1.x forbids updating a running Task.
-        finished = updated_task(with_outputs(task, outputs), status=status, error=error)
-        await self.local.update(finished, if_match=version, return_minimal=True)
+        for _ in range(5):  # another writer may win a race (412): read again
+            task = await self.local.read("Task", task_id)
+            if task.get("status") != "in-progress":
+                return  # already finished (a repeated effect after a crash) or never ours
+            version = int((task.get("meta") or {}).get("versionId") or 0)
+            # Outputs go with the completing PUT: DSF 1.x forbids updating a running Task.
+            finished = updated_task(with_outputs(task, outputs), status=status, error=error)
+            try:
+                await self.local.update(finished, if_match=version, return_minimal=True)
+                return
+            except RemoteError as exc:
+                if exc.status in (409, 412):
+                    continue
+                if exc.status is None or not 400 <= exc.status < 500 or exc.status in (401, 429):
+                    raise  # an outage: the outbox retries
+                if not outputs and status == "failed":
+                    raise
+                # The server will not take this Task as it is (outputs its profile refuses,
+                # say): never leave it in-progress; fail it plainly, saying why.
+                log.error("task.finish_refused", task_id=task_id, status=status, error=str(exc))
+                outputs = ()
+                status = "failed"
+                error = f"{error + '; ' if error else ''}the FHIR server refused the result: {exc}"
+        raise RemoteError(f"Task/{task_id} kept changing while it was finished", retryable=True)
 
     async def create_user_task(self, request: UserTaskRequest) -> str:
         """Create the user task's QuestionnaireResponse as DSF's ``DefaultUserTaskListener``

@@ -56,9 +56,10 @@ REFUSED = "refused"
 
 
 def _refused(exc: RemoteError) -> bool:
-    """The server answered that it will not take this update (4xx): asking again changes
-    nothing, unlike an outage (5xx, 429, no connection)."""
-    return exc.status is not None and 400 <= exc.status < 500 and exc.status != 429
+    """The server answered that it will not take this update (4xx): asking again now changes
+    nothing, unlike an outage (5xx, 429, no connection) or a server that does not know our
+    certificate (401: an allow list being changed), which pass."""
+    return exc.status is not None and 400 <= exc.status < 500 and exc.status not in (401, 429)
 
 
 class Authorizer(Protocol):
@@ -271,9 +272,12 @@ class TaskIntake:
             )
 
     async def recover(self) -> int:
-        """Finish the intake of Tasks a previous run left ``claiming``; return how many."""
+        """Finish the intake of Tasks a previous run left ``claiming``, and try again those
+        the server refused to update (as the DSF BPE takes up every requested Task after a
+        restart); return how many."""
         async with self.database.transaction() as session:
             claims = await repo.tasks_with_status(session, "incoming", CLAIMING)
+            claims += await repo.tasks_with_status(session, "incoming", REFUSED)
         for claim in claims:
             with bound_context(task_id=claim.task_id):
                 await self._recover(claim)

@@ -34,7 +34,12 @@ import structlog
 
 from dsf_bridge.dsf.tasks import task_output_task_ids, task_outputs
 from dsf_bridge.dsf.vocabulary import parse_instant
-from dsf_bridge.engine.correlation import correlate, message_subscriptions, signal_waits
+from dsf_bridge.engine.correlation import (
+    ALTERNATIVE_BUSINESS_KEY,
+    correlate,
+    message_subscriptions,
+    signal_waits,
+)
 from dsf_bridge.engine.events import (
     CallHandler,
     CancelTimer,
@@ -138,6 +143,10 @@ _SIGNAL_PATIENCE = dt.timedelta(seconds=5)
 
 # The status of a Task version intake claimed once its message reached an instance.
 TAKEN_IN = "started"
+
+
+class _InstanceGoneError(ProcessExecutionError):
+    """The instance an event was for does not exist (any more)."""
 
 
 class _InstanceWaitingError(Exception):
@@ -796,9 +805,14 @@ class ProcessRuntime:
         }
         async with self.database.transaction() as session:
             if send.business_key != effect.business_key:
-                # Sent with the alternative business key: replies (even one that overtakes
-                # the commit recording this send) find the instance by it.
-                await repo.set_alternative_business_key(session, instance_id, send.business_key)
+                # Sent with the alternative business key: the instance has exactly one (sends
+                # prepared side by side agree on the first), and replies, even one overtaking
+                # the commit that records this send, find the instance by it.
+                key = await repo.claim_alternative_business_key(
+                    session, instance_id, send.business_key
+                )
+                entry["business_key"] = key
+                entry["updates"] = {**dict(completed.variables), ALTERNATIVE_BUSINESS_KEY: key}
             await repo.enqueue_outbox(
                 session,
                 # Not the job id alone: SQLite reuses the id of a deleted newest job, and a
@@ -961,8 +975,10 @@ class ProcessRuntime:
             user_task = str(payload.get("token") or str(payload["user_task_id"]).rsplit("/", 1)[-1])
             action, reason = "user_task.failed", error
 
+            element = str(payload.get("element_id") or "")
+
             def event(now: dt.datetime) -> Event:
-                return HandlerFailed(user_task, now, None, error)
+                return HandlerFailed(user_task, now, None, error, user_task=element or None)
 
         if event is not None and entry.instance_id is not None:
             # One transaction records the failure and steps the instance: a crash between two
@@ -972,7 +988,7 @@ class ProcessRuntime:
                     entry.instance_id, event, action=action, reason=reason, also=record_failure
                 )
                 return
-            except ProcessExecutionError:
+            except _InstanceGoneError:
                 pass  # the instance is gone: record the failure alone
         async with self.database.transaction() as session:
             await record_failure(session)
@@ -1002,7 +1018,7 @@ class ProcessRuntime:
                 async with self.database.transaction() as session:
                     record = await repo.load_instance(session, instance_id)
                     if record is None:
-                        raise ProcessExecutionError(f"instance {instance_id} does not exist")
+                        raise _InstanceGoneError(f"instance {instance_id} does not exist")
                     if unless is not None and await unless(session, record):
                         return
                     deployed = self._deployed(record)
@@ -1041,11 +1057,16 @@ class ProcessRuntime:
         status = _STATUS[state["st"]]
         now = self.clock()
         before = set() if fresh else set(_subscription_keys(record.state))
+        alternative = state["vars"].get(ALTERNATIVE_BUSINESS_KEY)
+        alternative_before = None if fresh else record.state["vars"].get(ALTERNATIVE_BUSINESS_KEY)
         if not fresh:
             record = await repo.save_instance(
                 session, record, state=state, status=status, now=now, ended=status != "running"
             )
         instance_id = record.id
+        if isinstance(alternative, str) and alternative and alternative != alternative_before:
+            # A handler set it (as a port of an API v1 plugin may): intake looks it up here.
+            await repo.set_alternative_business_key(session, instance_id, alternative)
         keys = _subscription_keys(state)
         if set(keys) != before:  # most steps wait for no new message: spare the round trips
             await repo.replace_subscriptions(session, instance_id, keys)
@@ -1128,6 +1149,7 @@ class ProcessRuntime:
                         "user_task_id": user_task_id,
                         "form_key": effect.form_key,
                         "token": effect.token,
+                        "element_id": effect.element_id,
                     },
                 )
             elif isinstance(effect, CancelUserTask):

@@ -290,13 +290,31 @@ async def running_with_business_key(
 async def set_alternative_business_key(
     session: AsyncSession, instance_id: str, alternative_business_key: str
 ) -> None:
-    """Record the alternative business key an instance sends a Task with (before the send)."""
+    """Record the alternative business key of an instance (its state says which)."""
     await session.execute(
         update(ProcessInstance)
         .where(ProcessInstance.id == instance_id)
         .values(alternative_business_key=alternative_business_key)
         .execution_options(synchronize_session=False)
     )
+
+
+async def claim_alternative_business_key(
+    session: AsyncSession, instance_id: str, proposed: str
+) -> str:
+    """The instance's one alternative business key: ``proposed`` if it has none yet, else the
+    one it has (two sends prepared side by side agree on the first)."""
+    await session.execute(
+        update(ProcessInstance)
+        .where(ProcessInstance.id == instance_id)
+        .where(ProcessInstance.alternative_business_key.is_(None))
+        .values(alternative_business_key=proposed)
+        .execution_options(synchronize_session=False)
+    )
+    stored = await session.execute(
+        select(ProcessInstance.alternative_business_key).where(ProcessInstance.id == instance_id)
+    )
+    return stored.scalar_one_or_none() or proposed
 
 
 async def has_live_work(session: AsyncSession, instance_id: str) -> bool:

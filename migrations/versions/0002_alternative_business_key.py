@@ -21,10 +21,12 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("process_instances") as batch:
-        batch.add_column(
-            sa.Column("alternative_business_key", sa.String(length=200), nullable=True)
-        )
+    # Plain ALTERs (SQLite has ADD and DROP COLUMN): batch mode would copy the table, and with
+    # foreign keys on, dropping the old copy cascades into jobs, timers and subscriptions.
+    op.add_column(
+        "process_instances",
+        sa.Column("alternative_business_key", sa.String(length=200), nullable=True),
+    )
     op.create_index(
         "ix_process_instances_alternative_business_key",
         "process_instances",
@@ -34,5 +36,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_process_instances_alternative_business_key", table_name="process_instances")
-    with op.batch_alter_table("process_instances") as batch:
-        batch.drop_column("alternative_business_key")
+    if op.get_bind().dialect.name == "sqlite":
+        op.execute("ALTER TABLE process_instances DROP COLUMN alternative_business_key")
+    else:
+        op.drop_column("process_instances", "alternative_business_key")

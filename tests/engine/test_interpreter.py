@@ -227,10 +227,19 @@ def test_a_user_task_whose_form_cannot_be_created_fails_the_instance_as_dsf() ->
     )
     first = start(definition, Start("start", "bk", NOW))
     [create] = [e for e in first.effects if isinstance(e, CreateQuestionnaireResponse)]
+    # A failure that is not the user task's own (a late one for work the token left behind)
+    # and one for another element change nothing.
+    for stale in (
+        HandlerFailed(create.token, NOW, None, "Sending Task request failed"),
+        HandlerFailed(create.token, NOW, None, "no form", user_task="elsewhere"),
+    ):
+        assert step(definition, first.state, stale).state["st"] == "run"
     failed = step(
         definition,
         first.state,
-        HandlerFailed(create.token, NOW, None, "Could not find Questionnaire resource"),
+        HandlerFailed(
+            create.token, NOW, None, "Could not find Questionnaire resource", user_task="u"
+        ),
     )
     assert failed.state["st"] == "failed"
     [fail] = [e for e in failed.effects if isinstance(e, FailTasks)]

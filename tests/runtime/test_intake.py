@@ -396,6 +396,25 @@ async def test_a_task_the_server_will_not_update_fails_or_is_recorded_and_intake
     await site.runtime.run_until_idle()
     assert (await site.server_task(third.id))["status"] == "completed"
     assert site.work == [third.id]
+    # After a restart the refused Task is tried again (as the DSF BPE takes up every
+    # requested Task), and now the server takes it.
+    assert await site.intake.recover() == 1
+    await site.runtime.run_until_idle()
+    assert (await site.server_task(second["id"]))["status"] == "completed"
+    assert site.work == [third.id, second["id"]]
+
+
+async def test_a_401_is_not_a_refusal_of_the_task(site: Site) -> None:
+    """The server not knowing our certificate (an allow list being changed) is no verdict on
+    the Task: the error goes up, the Task stays requested and claimed for the next round."""
+    stored = site.insert_directly(task())
+    site.sandbox.server.service.inject_failures("PUT", f"Task/{stored['id']}", [401])
+    with pytest.raises(RemoteError):
+        await site.intake.handle(stored)
+    assert (await site.server_task(stored["id"]))["status"] == "requested"
+    await site.intake.handle(stored)
+    await site.runtime.run_until_idle()
+    assert (await site.server_task(stored["id"]))["status"] == "completed"
 
 
 async def test_an_outage_while_taking_a_task_in_is_not_a_refusal(site: Site) -> None:
@@ -406,3 +425,30 @@ async def test_an_outage_while_taking_a_task_in_is_not_a_refusal(site: Site) -> 
     with pytest.raises(RemoteError):
         await site.intake.handle(stored)
     assert (await site.server_task(stored["id"]))["status"] == "requested"
+
+
+async def test_a_result_the_server_refuses_fails_the_task_instead_of_stranding_it(
+    site: Site,
+) -> None:
+    """The completing PUT is refused (an output its profile does not allow, say): the Task is
+    failed plainly, saying why, never left in-progress."""
+    stored = site.insert_directly(task())
+    in_progress = {**stored, "status": "in-progress"}
+    in_progress["input"] = [
+        *stored["input"],
+        {
+            "type": {"coding": [{"system": BPMN_MESSAGE_SYSTEM, "code": "business-key"}]},
+            "valueString": "bk-refused",
+        },
+    ]
+    await site.local.update(in_progress, if_match=1)
+    site.sandbox.server.service.inject_failures("PUT", f"Task/{stored['id']}", [403])
+    output = {
+        "type": {"coding": [{"system": "http://test.org/fhir/CodeSystem/t", "code": "x"}]},
+        "valueString": "a result",
+    }
+    await site.gateway.complete_task(stored["id"], outputs=[output])
+    final = await site.server_task(stored["id"])
+    assert final["status"] == "failed"
+    assert "the FHIR server refused the result" in _error(final)
+    assert output not in (final.get("output") or [])

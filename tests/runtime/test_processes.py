@@ -611,3 +611,76 @@ async def test_a_reply_to_a_task_sent_with_the_alternative_business_key_reaches_
     # The instance's own key still works for what it is: nothing waits any more.
     with pytest.raises(CorrelationError):
         await runtime.correlate(message_name="reply", business_key="bk-own")
+
+
+_SEND_FIELDS = """<bpmn:extensionElements>
+  <camunda:field name="instantiatesCanonical">
+    <camunda:string>http://test.org/bpe/Process/provide|1.0</camunda:string></camunda:field>
+  <camunda:field name="messageName"><camunda:string>request</camunda:string></camunda:field>
+  <camunda:field name="profile">
+    <camunda:string>http://test.org/fhir/StructureDefinition/task-request|1.0</camunda:string>
+  </camunda:field>
+</bpmn:extensionElements>"""
+_PARALLEL_SENDS = f"""<?xml version="1.0" encoding="UTF-8"?>
+<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"
+    xmlns:camunda="http://camunda.org/schema/1.0/bpmn" id="par" targetNamespace="http://x">
+  <bpmn:process id="testorg_par" isExecutable="true" camunda:versionTag="1.0">
+    <bpmn:startEvent id="Start"><bpmn:outgoing>f1</bpmn:outgoing>
+      <bpmn:messageEventDefinition messageRef="m_start" /></bpmn:startEvent>
+    <bpmn:parallelGateway id="Fork"><bpmn:incoming>f1</bpmn:incoming>
+      <bpmn:outgoing>a1</bpmn:outgoing><bpmn:outgoing>b1</bpmn:outgoing></bpmn:parallelGateway>
+    <bpmn:sendTask id="SendA" camunda:class="org.test.Send">{_SEND_FIELDS}
+      <bpmn:incoming>a1</bpmn:incoming><bpmn:outgoing>a2</bpmn:outgoing></bpmn:sendTask>
+    <bpmn:sendTask id="SendB" camunda:class="org.test.Send">{_SEND_FIELDS}
+      <bpmn:incoming>b1</bpmn:incoming><bpmn:outgoing>b2</bpmn:outgoing></bpmn:sendTask>
+    <bpmn:intermediateCatchEvent id="ReplyA"><bpmn:incoming>a2</bpmn:incoming>
+      <bpmn:outgoing>a3</bpmn:outgoing><bpmn:messageEventDefinition messageRef="m_reply" />
+    </bpmn:intermediateCatchEvent>
+    <bpmn:intermediateCatchEvent id="ReplyB"><bpmn:incoming>b2</bpmn:incoming>
+      <bpmn:outgoing>b3</bpmn:outgoing><bpmn:messageEventDefinition messageRef="m_reply2" />
+    </bpmn:intermediateCatchEvent>
+    <bpmn:parallelGateway id="Join"><bpmn:incoming>a3</bpmn:incoming>
+      <bpmn:incoming>b3</bpmn:incoming><bpmn:outgoing>f9</bpmn:outgoing></bpmn:parallelGateway>
+    <bpmn:endEvent id="End"><bpmn:incoming>f9</bpmn:incoming></bpmn:endEvent>
+    <bpmn:sequenceFlow id="f1" sourceRef="Start" targetRef="Fork" />
+    <bpmn:sequenceFlow id="a1" sourceRef="Fork" targetRef="SendA" />
+    <bpmn:sequenceFlow id="b1" sourceRef="Fork" targetRef="SendB" />
+    <bpmn:sequenceFlow id="a2" sourceRef="SendA" targetRef="ReplyA" />
+    <bpmn:sequenceFlow id="b2" sourceRef="SendB" targetRef="ReplyB" />
+    <bpmn:sequenceFlow id="a3" sourceRef="ReplyA" targetRef="Join" />
+    <bpmn:sequenceFlow id="b3" sourceRef="ReplyB" targetRef="Join" />
+    <bpmn:sequenceFlow id="f9" sourceRef="Join" targetRef="End" />
+  </bpmn:process>
+  <bpmn:message id="m_start" name="start" />
+  <bpmn:message id="m_reply" name="reply" />
+  <bpmn:message id="m_reply2" name="reply2" />
+</bpmn:definitions>
+""".encode()
+
+
+async def test_sends_side_by_side_share_the_one_alternative_business_key(
+    database: Database, gateway: FakeGateway, clock: Clock
+) -> None:
+    """Two sends prepared in parallel branches, each asking for the alternative business key,
+    get the same one, and the replies to both reach the instance."""
+    registry = HandlerRegistry()
+
+    @registry.message_send("org.test.Send")
+    def send(ctx: SendContext) -> None:
+        ctx.use_alternative_business_key()
+
+    runtime = ProcessRuntime(database, gateway, owner="a", clock=clock, settings=FAST)
+    definition = load_process(_PARALLEL_SENDS, "par.bpmn", resource_version="1.0")
+    await runtime.deploy(definition, registry, plugin="t", model_hash="p" * 64)
+    instance_id = await runtime.start("testorg_par", message_name="start", business_key="own")
+    await runtime.run_until_idle()
+    keys = {t.business_key for t in gateway.sent}
+    assert len(gateway.sent) == 2
+    assert len(keys) == 1 and "own" not in keys
+    (key,) = keys
+    for message in ("reply", "reply2"):
+        assert await runtime.deliver("testorg_par", message_name=message, business_key=key) == (
+            instance_id
+        )
+    await runtime.run_until_idle()
+    assert await _status(database, instance_id) == "completed"

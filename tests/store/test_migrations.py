@@ -63,3 +63,52 @@ def test_drift_is_detected_when_models_change(migrated_url: str) -> None:
     }
     assert ("add_column", "priority") in kinds
     assert ("remove_table", "sync_cursors") in kinds
+
+
+def test_0002_down_and_up_keeps_instances_and_their_work(db_url: str) -> None:
+    """Adding and dropping the alternative business key must not copy process_instances: on
+    SQLite, dropping the old copy would cascade into jobs, timers and subscriptions."""
+    upgrade(db_url)
+    engine = create_sync_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO process_definitions (process_key, version, plugin, model_hash,"
+                    " status, deployed_at) VALUES ('k', '1.0', 'p', 'h', 'active', :now)"
+                ),
+                {"now": "2026-01-01T00:00:00+00:00"},
+            )
+            definition_id = connection.execute(
+                sa.text("SELECT id FROM process_definitions")
+            ).scalar_one()
+            connection.execute(
+                sa.text(
+                    "INSERT INTO process_instances (id, definition_id, business_key, status,"
+                    " state, version, created_at, updated_at) VALUES ('i', :d, 'bk', 'running',"
+                    " '{}', 1, :now, :now)"
+                ),
+                {"d": definition_id, "now": "2026-01-01T00:00:00+00:00"},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO jobs (instance_id, kind, due_at, retries_left, attempts, payload,"
+                    " created_at)"
+                    " VALUES ('i', 'continue', :now, 3, 0, '{}', :now)"
+                ),
+                {"now": "2026-01-01T00:00:00+00:00"},
+            )
+    finally:
+        engine.dispose()
+    downgrade(db_url, "0001")
+    upgrade(db_url)
+    engine = create_sync_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            jobs = connection.execute(sa.text("SELECT count(*) FROM jobs")).scalar_one()
+            instances = connection.execute(
+                sa.text("SELECT count(*) FROM process_instances")
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    assert (instances, jobs) == (1, 1)
