@@ -3,8 +3,9 @@
 ``#{version}`` becomes the resource version (``a.b`` of plugin version ``a.b.c.d``), ``#{date}``
 the release date, ``#{organization}`` the local organization identifier, and any other
 ``#{some.property}`` the environment variable ``SOME_PROPERTY`` (dots and dashes become
-underscores, letters upper case). A placeholder that cannot be resolved is an error naming it,
-never left in a resource that would then be published with ``#{...}`` in it.
+underscores, letters upper case); ``#{some.property:default}`` takes ``default`` when it is unset
+(DSF turns ``#{...}`` into Spring property placeholders). A placeholder that cannot be resolved
+is an error naming it, never left in a resource that would then be published with ``#{...}``.
 
 FHIR resources may also carry Spring-style property placeholders with a default,
 ``${dev.dsf.some.property:default}`` (the DSF allow-list plugin does): they resolve from the
@@ -73,12 +74,17 @@ class Placeholders:
             return text
 
         def _sub(match: re.Match[str]) -> str:
-            value = self.value(match[1].strip())
+            # DSF hands what is left after #{version}, #{date} and #{organization} to Spring as
+            # ${...}: "name:default" takes the default when the property is unset.
+            name, colon, default = match[1].partition(":")
+            value = self.value(name.strip())
+            if value is None and colon:
+                return default
             if value is None:
                 where = f"{source}: " if source else ""
                 raise PlaceholderError(
                     f"{where}placeholder #{{{match[1]}}} has no value (set environment variable "
-                    f"{environment_name(match[1].strip())})"
+                    f"{environment_name(name.strip())}, or give a default: #{{{name}:...}})"
                 )
             return value
 

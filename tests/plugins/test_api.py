@@ -40,6 +40,18 @@ def test_resource_version_and_placeholders() -> None:
         values.replace("#{other.thing}", source="file.xml")
 
 
+def test_placeholders_with_defaults_as_spring_resolves_them() -> None:
+    """DSF hands #{name:default} to Spring as ${name:default}: the property when it is set,
+    else the default (which may be empty or hold colons); no default and unset is an error."""
+    values = Placeholders("1.0", "2026-01-01", "org.example", {"DEV_DSF_TIMEOUT": "PT1H"})
+    assert values.replace("#{dev.dsf.timeout:PT24H}") == "PT1H"
+    assert values.replace("#{dev.dsf.other:PT24H}") == "PT24H"
+    assert values.replace("#{dev.dsf.other:}") == ""
+    assert values.replace("#{dev.dsf.url:https://x.test:8443/fhir}") == "https://x.test:8443/fhir"
+    with pytest.raises(PlaceholderError, match=r"#\{dev\.dsf\.other\}.*DEV_DSF_OTHER.*default"):
+        values.replace("#{dev.dsf.other}")
+
+
 def test_registry_decorators_and_missing_handlers() -> None:
     handlers = HandlerRegistry()
 
