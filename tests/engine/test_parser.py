@@ -92,7 +92,7 @@ def test_ping_structure_is_read_completely() -> None:
         ('<bpmn:serviceTask id="t"/>', "needs camunda:class"),
         (
             '<bpmn:sequenceFlow id="f" sourceRef="s" targetRef="s2"><bpmn:conditionExpression '
-            'xsi:type="bpmn:tFormalExpression">${a.b()}</bpmn:conditionExpression>'
+            'xsi:type="bpmn:tFormalExpression">${"x".b()}</bpmn:conditionExpression>'
             '</bpmn:sequenceFlow><bpmn:exclusiveGateway id="s2"/>',
             "Method calls",
         ),
