@@ -86,21 +86,33 @@ def _values_at(node: object, path: str) -> list[Any]:
     return current
 
 
-def _contains(value: object, pattern: object) -> bool:
-    """FHIR pattern matching: every property of the pattern is present with that value."""
+def pattern_contains(value: object, pattern: object) -> bool:
+    """FHIR pattern matching (``pattern[x]``): every property of the pattern is present with
+    that value; a repeating element matches when one of its items does."""
     if isinstance(pattern, Mapping):
         return isinstance(value, Mapping) and all(
             _contains_any(value.get(key), item) for key, item in pattern.items()
         )
     if isinstance(pattern, list):
         return all(_contains_any(value, item) for item in pattern)
-    return value == pattern
+    return same_value(value, pattern)
 
 
 def _contains_any(value: object, pattern: object) -> bool:
     if isinstance(value, list) and not isinstance(pattern, list):
-        return any(_contains(item, pattern) for item in value)
-    return _contains(value, pattern)
+        return any(pattern_contains(item, pattern) for item in value)
+    return pattern_contains(value, pattern)
+
+
+def same_value(value: object, expected: object) -> bool:
+    """Equal, numbers compared with their text too (decimals read from XML come back as
+    strings)."""
+    if value == expected:
+        return True
+    numbers = (int, float)
+    if isinstance(value, numbers) and isinstance(expected, numbers | str):
+        return str(value) == str(expected)
+    return False
 
 
 class TaskProfile:
@@ -170,7 +182,7 @@ class TaskProfile:
         if fixed is not None and value != fixed[1]:
             return [f"{element_id}: {value!r} is not the fixed value {fixed[1]!r}"]
         pattern = _prefixed(element, "pattern")
-        if pattern is not None and not _contains(value, pattern[1]):
+        if pattern is not None and not pattern_contains(value, pattern[1]):
             return [f"{element_id}: {value!r} does not match the pattern {pattern[1]!r}"]
         return []
 

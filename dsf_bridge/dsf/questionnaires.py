@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dsf_bridge.dsf.versions import DSF_2, DsfRelease
-from dsf_bridge.dsf.vocabulary import ORGANIZATION_IDENTIFIER_SYSTEM
+from dsf_bridge.dsf.vocabulary import ORGANIZATION_IDENTIFIER_SYSTEM, QUESTIONNAIRE_RESPONSE_PROFILE
 from dsf_bridge.errors import ProcessExecutionError
 
 __all__ = [
@@ -138,7 +138,7 @@ def questionnaire_response(
         items.append(_item(link_id, question.get("text"), answer))
     response: dict[str, Any] = {"resourceType": "QuestionnaireResponse"}
     if dsf_release.major >= 2:
-        response["meta"] = {"profile": [dsf_release.questionnaire_response_profile]}
+        response["meta"] = {"profile": [QUESTIONNAIRE_RESPONSE_PROFILE]}
     response.update(
         {
             "questionnaire": form_key,

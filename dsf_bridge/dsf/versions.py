@@ -49,8 +49,6 @@ class DsfRelease:
     major: int
     task_base_profile: str
     task_base_version: str
-    questionnaire_response_profile: str
-    profile_version: str  # the version DSF's own core profiles carry
 
     @property
     def task_base_canonical(self) -> str:
@@ -68,8 +66,6 @@ DSF_2 = DsfRelease(
     major=2,
     task_base_profile="http://dsf.dev/fhir/StructureDefinition/task",
     task_base_version="2.1.0",
-    questionnaire_response_profile="http://dsf.dev/fhir/StructureDefinition/questionnaire-response",
-    profile_version="2.0.0",
 )
 DSF_1 = DsfRelease(
     name="1.9",
@@ -77,8 +73,6 @@ DSF_1 = DsfRelease(
     major=1,
     task_base_profile="http://dsf.dev/fhir/StructureDefinition/task-base",
     task_base_version="1.0.0",
-    questionnaire_response_profile="http://dsf.dev/fhir/StructureDefinition/questionnaire-response",
-    profile_version="1.0.0",
 )
 DSF_RELEASES: Mapping[str, DsfRelease] = {r.name: r for r in (DSF_2, DSF_1)}
 

@@ -18,6 +18,7 @@ __all__ = [
     "ORGANIZATION_ROLE_SYSTEM",
     "PROCESS_AUTHORIZATION_EXTENSION",
     "PROCESS_AUTHORIZATION_SYSTEM",
+    "QUESTIONNAIRE_RESPONSE_PROFILE",
     "TASK_IDENTIFIER_SYSTEM",
     "THUMBPRINT_EXTENSION",
     "operation_outcome",
@@ -44,6 +45,7 @@ PROCESS_AUTHORIZATION_PARENT_ORGANIZATION_ROLE_EXTENSION = "http://dsf.dev/fhir/
 PROCESS_AUTHORIZATION_SYSTEM = "http://dsf.dev/fhir/CodeSystem/process-authorization"
 ORGANIZATION_ROLE_SYSTEM = "http://dsf.dev/fhir/CodeSystem/organization-role"
 BPMN_MESSAGE_SYSTEM = "http://dsf.dev/fhir/CodeSystem/bpmn-message"
+QUESTIONNAIRE_RESPONSE_PROFILE = "http://dsf.dev/fhir/StructureDefinition/questionnaire-response"
 READ_ACCESS_TAG_SYSTEM = "http://dsf.dev/fhir/CodeSystem/read-access-tag"
 READ_ACCESS_ORGANIZATION_EXTENSION = (
     "http://dsf.dev/fhir/StructureDefinition/extension-read-access-organization"

@@ -44,7 +44,9 @@ from fhirpathpy.engine.nodes import ResourceNode
 from fhirpathpy.models import models as fhirpath_models
 from pydantic import ValidationError
 
+from dsf_bridge.dsf.profiles import pattern_contains, same_value
 from dsf_bridge.dsf.publication import read_resource
+from dsf_bridge.dsf.vocabulary import QUESTIONNAIRE_RESPONSE_PROFILE
 from dsf_bridge.errors import ProcessModelError
 
 __all__ = [
@@ -407,32 +409,6 @@ def _values_at(value: Any, steps: Sequence[str]) -> list[Any]:
     return current
 
 
-def _contains(value: object, pattern: object) -> bool:
-    """FHIR pattern matching: every property of the pattern is present with that value."""
-    if isinstance(pattern, Mapping):
-        return isinstance(value, Mapping) and all(
-            _contains_any(value.get(key), item) for key, item in pattern.items()
-        )
-    if isinstance(pattern, list):
-        return all(_contains_any(value, item) for item in pattern)
-    return _same(value, pattern)
-
-
-def _contains_any(value: object, pattern: object) -> bool:
-    if isinstance(value, list) and not isinstance(pattern, list):
-        return any(_contains(item, pattern) for item in value)
-    return _contains(value, pattern)
-
-
-def _same(value: object, expected: object) -> bool:
-    if value == expected:
-        return True
-    numbers = (int, float)
-    if isinstance(value, numbers) and isinstance(expected, numbers | str):
-        return str(value) == str(expected)  # decimals read from XML come back as strings
-    return False
-
-
 def _type_of(key: str, stem: str) -> str:
     name = key[len(stem) :]
     # valueString -> string, valueReference -> Reference, valueDateTime -> dateTime
@@ -450,10 +426,10 @@ def _matches(item: _Item, matchers: Sequence[_Matcher]) -> bool:
     for matcher in matchers:
         values = _values_at(item.value, matcher.path)
         if matcher.kind == "equal":
-            if not any(_same(v, matcher.expected) for v in values):
+            if not any(same_value(v, matcher.expected) for v in values):
                 return False
         elif matcher.kind == "contains":
-            if not any(_contains(v, matcher.expected) for v in values):
+            if not any(pattern_contains(v, matcher.expected) for v in values):
                 return False
         elif matcher.kind == "exists":
             if not values:
@@ -803,9 +779,9 @@ class _Check:
         label = prefix + node.id
         at = f" (at {item.location})"
         value = item.value
-        if node.fixed is not None and not _same(value, node.fixed[1]):
+        if node.fixed is not None and not same_value(value, node.fixed[1]):
             self.errors.append(f"{label}: {value!r} is not the fixed value {node.fixed[1]!r}{at}")
-        if node.pattern is not None and not _contains(value, node.pattern[1]):
+        if node.pattern is not None and not pattern_contains(value, node.pattern[1]):
             self.errors.append(
                 f"{label}: {value!r} does not match the pattern {node.pattern[1]!r}{at}"
             )
@@ -965,9 +941,7 @@ def _questionnaire_errors(store: Any, response: Mapping[str, Any]) -> list[str]:
 # DSF 2.x's DefaultProfileProviderImpl: a resource of these types that names none of the type's
 # DSF profiles gets the default one first in meta.profile before validation (and is stored so).
 # Tasks have none; 1.x has no such provider.
-_DEFAULT_PROFILES = {
-    "QuestionnaireResponse": "http://dsf.dev/fhir/StructureDefinition/questionnaire-response",
-}
+_DEFAULT_PROFILES = {"QuestionnaireResponse": QUESTIONNAIRE_RESPONSE_PROFILE}
 
 
 def _set_default_profile(resource: dict[str, Any]) -> None:
