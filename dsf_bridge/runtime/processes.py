@@ -336,25 +336,11 @@ class ProcessRuntime:
                 + " is not deployed"
             )
         version = deployed.definition.version_tag or ""
-        if (
-            message_name not in deployed.definition.message_starts
-            and business_key is not None
-            and not await self._running_with(deployed, business_key)
-        ):
-            raise CorrelationError(
-                f"Process with start message-name '{message_name}' not found: no running "
-                f"instance of {process_key} has business-key {business_key!r}, and the "
-                "message starts none"
-            )
+        starts = message_name in deployed.definition.message_starts
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.reply_grace.total_seconds()
         while True:
-            # A reply can overtake the commit that records its request as sent: while such a
-            # send is in flight, its instance is about to wait for exactly this message. Looked
-            # at before the wait: the send is recorded in the commit that makes the instance
-            # wait, so "nothing in flight" then "not waiting" means it will not wait.
-            in_flight = business_key is not None and bool(await self.sends_in_flight(business_key))
-            if message_name in deployed.definition.message_starts:
+            if starts:
                 # The common case in one transaction: no instance has the business key, so
                 # the message starts one.
                 try:
@@ -371,16 +357,21 @@ class ProcessRuntime:
                         version=version,
                     )
                 except _InstanceWaitingError:
-                    running = True
-            else:
-                running = business_key is not None and await self._running_with(
-                    deployed, business_key
+                    pass  # a running instance has the business key: the message is for it
+            elif business_key is None or not await self._running_with(deployed, business_key):
+                raise CorrelationError(
+                    f"Process with start message-name '{message_name}' not found: no running "
+                    f"instance of {process_key} has business-key {business_key!r}, and the "
+                    "message starts none"
                 )
-            if (
-                running
-                and business_key is not None
-                and await self._waiting(deployed, message_name, business_key, correlation_key)
-            ):
+            if business_key is None:
+                break  # (a keyless start message started an instance above)
+            # A reply can overtake the commit that records its request as sent: while such a
+            # send is in flight, its instance is about to wait for exactly this message. Looked
+            # at before the wait: the send is recorded in the commit that makes the instance
+            # wait, so "nothing in flight" then "not waiting" means it will not wait.
+            in_flight = bool(await self.sends_in_flight(business_key))
+            if await self._waiting(deployed, message_name, business_key, correlation_key):
                 return await self.correlate(
                     message_name=message_name,
                     business_key=business_key,
