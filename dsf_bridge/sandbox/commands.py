@@ -150,6 +150,7 @@ async def _serve(
         allow_list,
         f"https://127.0.0.1:{port}/fhir",
         dsf_release=dsf_release,
+        validate=None,  # validates when DSF's profiles are found, and logs it when not
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

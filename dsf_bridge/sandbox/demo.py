@@ -157,6 +157,8 @@ class InferenceNetwork:
     ca: CertificateAuthority | None = None
     runtime_settings: RuntimeSettings = FAST_RUNTIME
     dsf_release: DsfRelease = DSF_2
+    # True: DSF's profiles must be found (tests); None: validate if they are (the demo).
+    validate: bool | None = True
     sites: dict[str, SiteFiles] = field(default_factory=dict)
     servers: dict[str, SandboxServer] = field(default_factory=dict)
     running: dict[str, Bridge] = field(default_factory=dict)
@@ -191,7 +193,11 @@ class InferenceNetwork:
             if site.organization in self.offline:
                 continue
             service = build_service(
-                site.organization, allow_list, site.base_url, dsf_release=self.dsf_release
+                site.organization,
+                allow_list,
+                site.base_url,
+                dsf_release=self.dsf_release,
+                validate=self.validate,
             )
             self.servers[site.organization] = await self._stack.enter_async_context(
                 SandboxServer(
@@ -447,6 +453,7 @@ async def _demo(
             workdir / "sites",
             {DEMO_REQUESTER: requester_omi, DEMO_PROVIDER: provider_omi},
             dsf_release=dsf_release,
+            validate=None,  # a fresh clone without the DSF corpus still runs the demo
         ) as network:
             progress(
                 f"sites {DEMO_REQUESTER} (requesting) and {DEMO_PROVIDER} (providing) running, "

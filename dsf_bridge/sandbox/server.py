@@ -308,7 +308,7 @@ def _capability_statement(service: FhirService) -> dict[str, Any]:
         "software": {
             "name": "Data Sharing Framework",
             # As DSF writes it: project version (branch/commit).
-            "version": f"{service.release.software_version} (dsf-bridge-sandbox)",
+            "version": f"{service.release.software_version} (sandbox/0000000)",
         },
     }
 

@@ -444,7 +444,8 @@ class FhirService:
             return _error(400, "request body missing", code="invalid")
         # As DSF's AbstractResourceServiceSecure.create: authorization rules first, then profile
         # validation, then If-None-Exist. Inside a Bundle (DSF's CreateCommand) If-None-Exist
-        # comes first: preExecute finds the existing resource before execute authorizes.
+        # comes first: preExecute finds the existing resource before execute validates and
+        # authorizes.
         if not self._in_bundle:
             denied = self._write_denied(identity, "create", body, None) or self._profile_invalid(
                 "create", body
@@ -480,8 +481,9 @@ class FhirService:
                     code="multiple-matches",
                 )
         if self._in_bundle:
-            denied = self._write_denied(identity, "create", body, None) or self._profile_invalid(
-                "create", body
+            # CreateCommand.execute validates before it authorizes (both answer 403).
+            denied = self._profile_invalid("create", body) or self._write_denied(
+                identity, "create", body, None
             )
             if denied is not None:
                 return denied

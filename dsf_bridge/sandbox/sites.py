@@ -177,19 +177,26 @@ def build_service(
     base_url: str,
     *,
     dsf_release: DsfRelease = DSF_2,
-    validate: bool = True,
+    validate: bool | None = True,
 ) -> FhirService:
     """A FHIR service for ``local_organization`` with the allow list and Subscriptions loaded,
-    answering as the DSF FHIR server of ``dsf_release`` does: with ``validate``, Tasks and
-    QuestionnaireResponses are validated against their profiles (DSF's base profiles of that
-    version, read from the DSF reference corpus, and every profile published to it)."""
+    answering as the DSF FHIR server of ``dsf_release`` does: Tasks and QuestionnaireResponses
+    are validated against their profiles (DSF's base profiles of that version, read from the
+    DSF reference corpus, and every profile published to it).
+
+    ``validate``: True requires the corpus (a test oracle must never quietly turn lenient: a
+    missing corpus raises :class:`FileNotFoundError`); None validates if the corpus is there
+    and says so in the log otherwise (the demo on a machine without it); False validates
+    nothing."""
     service = FhirService(MemoryResourceStore(), local_organization, base_url, release=dsf_release)
-    if validate and not attach_validator(service, dsf_release.name):
-        _log.warning(
-            "sandbox.validation_off",
-            reason="DSF's base profiles not found; set DSF_BRIDGE_REFERENCE_DIR to the DSF "
-            "reference corpus (the folder with SOURCES.md)",
+    if validate is not False and not attach_validator(service, dsf_release.name):
+        reason = (
+            "DSF's base profiles not found; set DSF_BRIDGE_REFERENCE_DIR to the DSF reference "
+            "corpus (the folder with SOURCES.md)"
         )
+        if validate:
+            raise FileNotFoundError(f"the sandbox cannot validate as DSF does: {reason}")
+        _log.warning("sandbox.validation_off", reason=reason)
     identity = service.local_identity()
     result = service.handle(identity, "POST", "", headers={}, body=allow_list)
     if result.status != 200:

@@ -16,6 +16,7 @@ import pytest
 
 from dsf_bridge.dsf.publication import read_resource
 from dsf_bridge.plugins.placeholders import Placeholders
+from dsf_bridge.sandbox.sites import allow_list_bundle, build_service, organization_entry
 from dsf_bridge.sandbox.validation import ProfileValidator, base_profiles
 from tests.dsf import test_profiles
 from tests.reference import reference_dir
@@ -680,3 +681,16 @@ def test_every_dsf_and_tutorial_profile_compiles(dsf21: list[dict[str, Any]]) ->
         if definition["resourceType"] == "StructureDefinition":
             assert validator.problem(f"{definition['url']}|{definition['version']}") is None
     assert validator.validate(hello_hrp_task()) == []
+
+
+def test_a_sandbox_without_dsfs_profiles_refuses_to_serve_unless_told_to_go_lenient(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test oracle must never turn lenient quietly: without the DSF corpus, building a
+    validating sandbox fails; only the demo's "if available" goes on, without validation."""
+    monkeypatch.setenv("DSF_BRIDGE_REFERENCE_DIR", str(tmp_path / "nowhere"))
+    allow_list = allow_list_bundle(organization_entry("A", "ab" * 64, "https://a.test/fhir"))
+    with pytest.raises(FileNotFoundError, match="DSF_BRIDGE_REFERENCE_DIR"):
+        build_service("A", allow_list, "https://a.test/fhir")
+    lenient = build_service("A", allow_list, "https://a.test/fhir", validate=None)
+    assert lenient.validator is None
