@@ -236,6 +236,8 @@ class _Run:
         self.effects: list[Effect] = []
         self.tokens: dict[str, dict[str, Any]] = state["tk"]
         self.pending: deque[str] = deque()
+        # Variable changes in this step, (name, "create" | "update"), for conditional events.
+        self.changes: set[tuple[str, str]] = set()
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -300,6 +302,7 @@ class _Run:
         local = token.get("v")
         if local is not None and name in local:
             local[name] = value
+            self.changes.add((name, "update"))
             return
         scopes = self.state["sc"]
         sid = token["s"]
@@ -307,20 +310,21 @@ class _Run:
             scope = scopes[str(sid)]
             if name in scope["v"]:
                 scope["v"][name] = value
+                self.changes.add((name, "update"))
                 return
             sid = scope["p"]
-        self.state["vars"][name] = value
+        variables = self.state["vars"]
+        self.changes.add((name, "update" if name in variables else "create"))
+        variables[name] = value
 
     def set_local(self, token: dict[str, Any], name: str, value: object) -> None:
         """Camunda ``setVariableLocal``: on the token's own execution (its scope, or its
         multi-instance/input locals when it has them)."""
         local = token.get("v")
-        if local is not None:
-            local[name] = value
-        elif token["s"]:
-            self.state["sc"][str(token["s"])]["v"][name] = value
-        else:
-            self.state["vars"][name] = value
+        if local is None:
+            local = self.state["sc"][str(token["s"])]["v"] if token["s"] else self.state["vars"]
+        self.changes.add((name, "update" if name in local else "create"))
+        local[name] = value
 
     def apply(self, token: dict[str, Any], variables: Mapping[str, object]) -> None:
         for name, value in variables.items():
@@ -405,7 +409,7 @@ class _Run:
         node = self.d.nodes[token["n"]]
         token["p"] = ""
         if not node.simple and node.kind in _ACTIVITIES and not token.get("mc"):
-            self.start_boundary_timers(tid, token, node)
+            self.start_boundaries(tid, token, node)
         if node.send is not None:
             self.send(tid, token, node)
             return
@@ -451,9 +455,23 @@ class _Run:
         self.wait_started(token)
 
     def event_gateway(self, tid: str, token: dict[str, Any], node: Node) -> None:
+        # A conditional event behind the gateway whose condition already holds wins at once,
+        # before any other event is subscribed (Camunda evaluates it on subscribing).
+        for target_id in node.targets:
+            target = self.d.nodes[target_id]
+            if target.event is EventKind.CONDITIONAL and _truthy(
+                _need(target.condition)(self.view(token))
+            ):
+                token["n"] = target_id
+                self.leave(tid)
+                return
         entries = []
         for target_id in node.targets:
-            entry = self.wait_entry(tid, token, self.d.nodes[target_id])
+            target = self.d.nodes[target_id]
+            if target.event is EventKind.CONDITIONAL:
+                entries.append([target_id, "c", ""])
+                continue
+            entry = self.wait_entry(tid, token, target)
             if entry is not None:
                 entries.append(entry)
         token["p"] = "w"
@@ -567,14 +585,20 @@ class _Run:
             return None
         return [node.id, "c", ""]
 
-    def start_boundary_timers(self, tid: str, token: dict[str, Any], node: Node) -> None:
+    def start_boundaries(self, tid: str, token: dict[str, Any], node: Node) -> None:
+        """Subscribe the activity's boundary events: timers (``bt``) and messages (``bw``)."""
         timers = []
+        messages = []
         for boundary_id in node.boundaries:
             boundary = self.d.nodes[boundary_id]
             if boundary.event is EventKind.TIMER:
                 timers.append(self.timer(tid, token, boundary))
+            elif boundary.event is EventKind.MESSAGE:
+                messages.append([boundary_id, "m", _need(boundary.message_name)])
         if timers:
             token["bt"] = timers
+        if messages:
+            token["bw"] = messages
 
     def choose_flow(self, token: dict[str, Any], node: Node) -> str:
         view = self.view(token)
@@ -616,7 +640,7 @@ class _Run:
             )
         token["p"] = "mi"
         token["m"] = {"n": len(items), "d": 0}
-        self.start_boundary_timers(tid, token, node)
+        self.start_boundaries(tid, token, node)
         if not items:
             self.multi_instance_done(tid)
             return
@@ -667,7 +691,7 @@ class _Run:
         token = self.tokens[tid]
         node = self.node_of(token)
         token.pop("m", None)
-        self.cancel_boundary_timers(token)
+        self.cancel_boundaries(token)
         if node.async_after:
             self.schedule(tid, token, "aa", (node.retry or _DEFAULT_RETRY).retries)
             return
@@ -688,7 +712,7 @@ class _Run:
             outer = {"s": token["s"]}
             for name, value in values:
                 self.set_variable(outer, name, value)
-        self.cancel_boundary_timers(token)
+        self.cancel_boundaries(token)
         self.end_listeners(tid, 0)
 
     def end_listeners(self, tid: str, index: int) -> None:
@@ -785,7 +809,9 @@ class _Run:
 
     # -- cancelling ---------------------------------------------------------------------------
 
-    def cancel_boundary_timers(self, token: dict[str, Any]) -> None:
+    def cancel_boundaries(self, token: dict[str, Any]) -> None:
+        """End the activity's boundary subscriptions: cancel its timers, drop its messages."""
+        token.pop("bw", None)
         for timer_id in token.pop("bt", ()):
             self.effects.append(CancelTimer(timer_id))
 
@@ -794,7 +820,7 @@ class _Run:
         token = self.tokens.pop(tid, None)
         if token is None:
             return
-        self.cancel_boundary_timers(token)
+        self.cancel_boundaries(token)
         if token["p"] == "u":
             self.effects.append(CancelUserTask(tid, token["n"]))
         self.cancel_work(tid, token)
@@ -854,38 +880,49 @@ class _Run:
         scope = token["s"]
         self.cancel(tid)
         self.tokens[tid] = {"n": boundary.id, "s": scope, "p": ""}
+        # Camunda sets both with setVariable on the boundary's execution: where the name already
+        # lives, else on the process instance, so they outlive the subprocess they were set in.
         holder = {"s": scope}
         if boundary.error_code_variable:
-            self.set_local(holder, boundary.error_code_variable, code)
+            self.set_variable(holder, boundary.error_code_variable, code)
         if boundary.error_message_variable:
-            self.set_local(holder, boundary.error_message_variable, message)
+            self.set_variable(holder, boundary.error_message_variable, message)
         self.begin(tid)
 
     # -- event handlers -----------------------------------------------------------------------
 
     def on_message(self, event: MessageReceived) -> None:
-        candidates: list[tuple[str, list[str]]] = []
+        candidates: list[tuple[str, list[str], bool]] = []
         for tid, token in self.tokens.items():
-            if token["p"] != "w" or (event.token is not None and tid != event.token):
+            if event.token is not None and tid != event.token:
                 continue
-            for entry in token["w"]:
+            entries: list[tuple[list[str], bool]] = []
+            if token["p"] == "w":
+                entries.extend((entry, False) for entry in token["w"])
+            entries.extend((entry, True) for entry in token.get("bw", ()))
+            for entry, boundary in entries:
                 if entry[1] != "m" or entry[2] != event.message_name:
                     continue
                 if event.correlation_key is not None:
-                    found, key = self.view(token).lookup("correlationKey")
+                    # DSF correlates with localVariableEquals: the waiting execution's own
+                    # variable, not one inherited from an outer scope.
+                    found, key = self.view(token).lookup_local("correlationKey")
                     if not found or key != event.correlation_key:
                         continue
-                candidates.append((tid, entry))
+                candidates.append((tid, entry, boundary))
         if len(candidates) != 1:
             raise CorrelationError(
                 f"Unable to correlate Task{_task_label(event.task_id)}: {len(candidates)} "
                 f"waiting executions for message {event.message_name!r}, business-key "
                 f"{self.state['bk']!r}, correlation-key {event.correlation_key!r}"
             )
-        tid, entry = candidates[0]
+        tid, entry, boundary = candidates[0]
         token = self.tokens[tid]
 
         def _continue() -> None:
+            if boundary:
+                self.boundary_event(tid, self.d.nodes[entry[0]], event.variables)
+                return
             self.apply(token, event.variables)
             self.trigger(tid, entry)
 
@@ -915,17 +952,27 @@ class _Run:
             self.guarded(lambda: self.boundary_timer(tid, boundary_id, event.timer_id))
 
     def boundary_timer(self, tid: str, boundary_id: str, timer_id: str) -> None:
-        boundary = self.d.nodes[boundary_id]
         token = self.tokens[tid]
+        token["bt"] = [t for t in token["bt"] if t != timer_id]
+        self.boundary_event(tid, self.d.nodes[boundary_id], {})
+
+    def boundary_event(self, tid: str, boundary: Node, variables: Mapping[str, object]) -> None:
+        """A timer or message boundary event of the activity at ``tid`` fired.
+
+        Interrupting: the activity is cancelled with everything below it (subprocess tokens,
+        multi-instance executions, their timers and user tasks) and a new execution leaves by
+        the boundary event. Non-interrupting: the activity goes on and a new execution leaves
+        by the boundary event; a message boundary stays subscribed and may fire again (a
+        timer duration fires once). The new execution has a fresh id, so a late result of a
+        cancelled handler can never reach it.
+        """
+        scope = self.tokens[tid]["s"]
         if boundary.cancel_activity:
-            token["bt"] = [t for t in token["bt"] if t != timer_id]
-            scope = token["s"]
             self.cancel(tid)
-            self.tokens[tid] = {"n": boundary.id, "s": scope, "p": ""}
-            self.begin(tid)
-        else:
-            token["bt"] = [t for t in token["bt"] if t != timer_id]
-            self.begin(self.new_token(boundary.id, token["s"]))
+        new = self.new_token(boundary.id, scope)
+        if variables:
+            self.apply(self.tokens[new], variables)
+        self.begin(new)
 
     def on_signal(self, event: SignalReceived) -> None:
         for tid in list(self.tokens):
@@ -940,7 +987,16 @@ class _Run:
                 return
 
     def check_conditions(self) -> None:
+        """Evaluate waiting conditional events after variable changes, as Camunda does.
+
+        A conditional event is evaluated when a variable changes, limited by its
+        ``camunda:variableName`` (only that variable) and ``camunda:variableEvents`` (only
+        those kinds of change: an ``update`` listener does not fire when the variable is
+        created). A step that changed no variable evaluates nothing.
+        """
         for _ in range(_MAX_CONDITIONAL_ROUNDS):
+            if not self.changes:
+                return
             fired = False
             for tid, token in list(self.tokens.items()):
                 if token["p"] != "w" or tid not in self.tokens:
@@ -949,6 +1005,8 @@ class _Run:
                     if entry[1] != "c":
                         continue
                     node = self.d.nodes[entry[0]]
+                    if not self.changed_for(node):
+                        continue
                     if _truthy(_need(node.condition)(self.view(token))):
                         self.trigger(tid, entry)
                         self.drain()
@@ -956,6 +1014,15 @@ class _Run:
                         break
             if not fired or self.state["st"] != "run":
                 return
+
+    def changed_for(self, node: Node) -> bool:
+        """Whether a change in this step concerns the conditional event ``node``."""
+        name = node.variable_name
+        events = node.variable_events
+        return any(
+            (name is None or changed == name) and (not events or kind in events)
+            for changed, kind in self.changes
+        )
 
     def on_handler_completed(self, event: HandlerCompleted) -> None:
         tid = event.token
@@ -1048,7 +1115,7 @@ class _Run:
         node = self.node_of(token)
         restored = self.restart_locals(token, node)
         self.cancel_work(current, token)
-        self.cancel_boundary_timers(token)
+        self.cancel_boundaries(token)
         fresh: dict[str, Any] = {"n": node.id, "s": token["s"], "p": "ab", "r": retries - 1}
         for key in ("mc", "o"):
             if key in token:

@@ -130,6 +130,8 @@ class Node:
     timer: TimerSpec | None = None
     signal_name: str | None = None
     condition: Expression | None = None
+    variable_name: str | None = None
+    variable_events: frozenset[str] = frozenset()
     error_code: str | None = None
     error_code_variable: str | None = None
     error_message_variable: str | None = None

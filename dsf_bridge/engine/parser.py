@@ -84,7 +84,7 @@ _ALLOWED_EVENTS: dict[NodeKind, set[EventKind]] = {
         EventKind.CONDITIONAL,
     },
     NodeKind.INTERMEDIATE_THROW_EVENT: {EventKind.NONE, EventKind.MESSAGE, EventKind.SIGNAL},
-    NodeKind.BOUNDARY_EVENT: {EventKind.ERROR, EventKind.TIMER},
+    NodeKind.BOUNDARY_EVENT: {EventKind.ERROR, EventKind.TIMER, EventKind.MESSAGE},
 }
 # Camunda attributes that select an implementation we do not have.
 _REJECTED_CAMUNDA_ATTRS = {
@@ -98,6 +98,7 @@ _REJECTED_CAMUNDA_ATTRS = {
     "candidateStarterGroups",
     "candidateStarterUsers",
 }
+_VARIABLE_EVENTS = frozenset({"create", "update", "delete"})
 _T = TypeVar("_T")
 
 
@@ -623,8 +624,19 @@ class _Builder:
                 raise self._unsupported(element, "error end events need errorRef")
             attrs["error_code_variable"] = definition.get(_C + "errorCodeVariable")
             attrs["error_message_variable"] = definition.get(_C + "errorMessageVariable")
-        elif event is EventKind.CONDITIONAL and "condition" not in attrs:
-            raise self._unsupported(element, "conditional event without condition")
+        elif event is EventKind.CONDITIONAL:
+            if "condition" not in attrs:
+                raise self._unsupported(element, "conditional event without condition")
+            attrs["variable_name"] = definition.get(_C + "variableName") or None
+            events = definition.get(_C + "variableEvents") or ""
+            names = frozenset(part.strip() for part in events.split(",") if part.strip())
+            unknown = sorted(names - _VARIABLE_EVENTS)
+            if unknown:
+                raise self._unsupported(
+                    definition,
+                    f"camunda:variableEvents {', '.join(unknown)} (only create, update, delete)",
+                )
+            attrs["variable_events"] = names
 
     def _timer(self, element: etree._Element, name: str) -> TimerSpec:
         text = (element.text or "").strip()
@@ -727,7 +739,8 @@ class _Builder:
                 target = nodes[flows[flow_id].target]
                 catches = target.kind is NodeKind.RECEIVE_TASK or (
                     target.kind is NodeKind.INTERMEDIATE_CATCH_EVENT
-                    and target.event in (EventKind.MESSAGE, EventKind.TIMER, EventKind.SIGNAL)
+                    and target.event
+                    in (EventKind.MESSAGE, EventKind.TIMER, EventKind.SIGNAL, EventKind.CONDITIONAL)
                 )
                 if not catches:
                     raise fail("event-based gateways may only lead to catch events")
