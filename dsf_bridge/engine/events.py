@@ -26,6 +26,8 @@ __all__ = [
     "FailTasks",
     "HandlerCompleted",
     "HandlerFailed",
+    "IncidentRetried",
+    "InstanceCancelled",
     "JobDue",
     "MessageReceived",
     "ProcessCompleted",
@@ -125,6 +127,25 @@ class JobDue:
     now: datetime
 
 
+@dataclass(slots=True)
+class IncidentRetried:
+    """An operator gives the job parked in an incident ``retries`` new tries (Camunda's
+    ``setJobRetries``): it runs again from where it was parked."""
+
+    token: str
+    now: datetime
+    retries: int = 1
+
+
+@dataclass(slots=True)
+class InstanceCancelled:
+    """An operator cancels the instance (Camunda's ``deleteProcessInstance``): every execution
+    ends, and the Tasks it took in are failed with ``reason``."""
+
+    now: datetime
+    reason: str
+
+
 Event = (
     Start
     | MessageReceived
@@ -134,6 +155,8 @@ Event = (
     | HandlerFailed
     | UserTaskCompleted
     | JobDue
+    | IncidentRetried
+    | InstanceCancelled
 )
 
 

@@ -7,7 +7,9 @@ ProcessModelError
     └── DsfValidationError     breaks a DSF plugin rule (process id, versionTag, send fields)
 ProcessExecutionError
 ├── CorrelationError           a message matched zero or several waiting executions
-└── NoOutgoingFlowError        an exclusive gateway found no condition true and no default
+├── RolledBackError            a step a Task started failed: undone, the Task fails with it
+├── NoOutgoingFlowError        an exclusive gateway found no condition true and no default
+└── StateError                 a stored instance state this engine cannot read (version, shape)
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ __all__ = [
     "DsfValidationError",
     "ModelError",
     "NoOutgoingFlowError",
+    "RolledBackError",
+    "StateError",
     "UnsafeXmlError",
     "UnsupportedElementError",
 ]
@@ -53,5 +57,15 @@ class CorrelationError(ProcessExecutionError):
     """A message could not be correlated to exactly one waiting execution."""
 
 
+class RolledBackError(ProcessExecutionError):
+    """The step a message started failed in the engine (an expression, a gateway): as in
+    Camunda, its transaction is rolled back, so the instance stays where it waited, and the
+    Task that carried the message fails with this error (DSF's ``TaskHandler``)."""
+
+
 class NoOutgoingFlowError(ProcessExecutionError):
     """No outgoing sequence flow of an exclusive gateway could be taken."""
+
+
+class StateError(ProcessExecutionError):
+    """An instance state of an unknown schema version, or one that is not a state at all."""

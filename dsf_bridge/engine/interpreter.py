@@ -44,6 +44,8 @@ from dsf_bridge.engine.events import (
     FailTasks,
     HandlerCompleted,
     HandlerFailed,
+    IncidentRetried,
+    InstanceCancelled,
     JobDue,
     MessageReceived,
     ProcessCompleted,
@@ -57,10 +59,9 @@ from dsf_bridge.engine.events import (
     TimerFired,
     UserTaskCompleted,
 )
-from dsf_bridge.engine.exceptions import CorrelationError, NoOutgoingFlowError
+from dsf_bridge.engine.exceptions import CorrelationError, NoOutgoingFlowError, RolledBackError
 from dsf_bridge.engine.model import EventKind, Node, NodeKind, ProcessDefinition, TimerSpec
 from dsf_bridge.engine.timers import (
-    RetryPolicy,
     TimerError,
     add_duration,
     parse_date,
@@ -77,10 +78,13 @@ STATE_VERSION = 1
 State = dict[str, Any]
 _T = TypeVar("_T")
 
-# Camunda's default for async elements without failedJobRetryTimeCycle: three tries in all.
-_DEFAULT_RETRY = parse_retry_cycle("R2/PT0S")
+# Camunda's default for jobs without failedJobRetryTimeCycle: three tries in all, at once.
+_DEFAULT_RETRY = parse_retry_cycle("R3/PT0S")
 _HANDLER_PHASES = frozenset({"h", "sl", "el", "tl"})
 _MAX_CONDITIONAL_ROUNDS = 100
+# A token that enters this many elements in one step without a wait state is in a loop.
+_LOOP_BOUND = 10_000
+_LOOP_TRACE = 64
 _ACTIVITIES = frozenset(
     {
         NodeKind.SERVICE_TASK,
@@ -167,10 +171,47 @@ def step(definition: ProcessDefinition, state: Mapping[str, Any] | None, event: 
             )
         return Step(run.state, ())
     handler = _DISPATCH[type(event)]
-    handler(run, event)
-    if definition.has_conditionals and run.state["st"] == "run":
-        run.guarded(run.check_conditions)
+    # A step that a Task or a job started is a transaction of its own in Camunda: an engine
+    # error in it (an expression, a gateway without a way on) undoes it instead of failing the
+    # instance. The Task fails with the error; the job is retried, then becomes an incident.
+    run.rollback = isinstance(event, MessageReceived | JobDue)
+    try:
+        handler(run, event)
+        if definition.has_conditionals and run.state["st"] == "run":
+            run.guarded(run.check_conditions)
+    except CorrelationError:
+        raise
+    except ProcessExecutionError as exc:
+        if isinstance(event, MessageReceived):
+            raise RolledBackError(exc.message) from exc
+        if isinstance(event, JobDue):
+            return _job_failed(definition, state, event, exc.message)
+        raise
     return Step(run.state, tuple(run.effects))
+
+
+def _job_failed(
+    definition: ProcessDefinition, state: Mapping[str, Any], event: JobDue, message: str
+) -> Step:
+    """Undo a failed job's step; run it again after the retry cycle's delay, or, with no
+    retries left, park it as an incident (Camunda's ``DefaultJobRetryCmd``: ``R3`` is three
+    tries in all, no cycle is three tries at once)."""
+    run = _Run(definition, _copy_state(state), event.now)
+    token = run.tokens[event.token]
+    retries: int = token.get("r", 0)
+    node = run.node_of(token)
+    loop = node.multi_instance
+    if token.get("mc") and loop is not None:
+        policy = loop.retry or _DEFAULT_RETRY
+    else:
+        policy = node.retry or _DEFAULT_RETRY
+    if retries <= 0:
+        token["r"] = 0
+        token["x"] = {"m": message, "e": node.id, "at": event.now.isoformat()}
+        return Step(run.state, ())
+    token["r"] = retries - 1
+    due = add_duration(event.now, policy.delay(retries))
+    return Step(run.state, (ScheduleJob(event.token, node.id, due, retries - 1),))
 
 
 def _task_label(task_id: str | None) -> str:
@@ -236,8 +277,13 @@ class _Run:
         self.effects: list[Effect] = []
         self.tokens: dict[str, dict[str, Any]] = state["tk"]
         self.pending: deque[str] = deque()
+        # True when an engine error undoes the step rather than failing the instance.
+        self.rollback = False
         # Variable changes in this step, (name, "create" | "update"), for conditional events.
         self.changes: set[tuple[str, str]] = set()
+        # Elements each token entered in this step, and the last ones of a suspect token.
+        self.moves: dict[str, int] = {}
+        self.trace: dict[str, list[str]] = {}
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -249,6 +295,8 @@ class _Run:
         except CorrelationError:
             raise
         except ProcessExecutionError as exc:
+            if self.rollback:
+                raise
             self.fail(exc.message)
 
     def drain(self) -> None:
@@ -259,10 +307,38 @@ class _Run:
         """
         pending = self.pending
         tokens = self.tokens
+        moves = self.moves
         while pending:
             tid = pending.popleft()
             if tid in tokens and self.state["st"] == "run":
+                count = moves.get(tid, 0) + 1
+                moves[tid] = count
+                if count > _LOOP_BOUND - _LOOP_TRACE and self.looping(tid, count):
+                    continue
                 self.enter(tid)
+
+    def looping(self, tid: str, count: int) -> bool:
+        """Watch a token that has moved suspiciously often in one step; at the bound, park it
+        as an incident that names the loop, instead of spinning forever (Camunda would).
+
+        A token keeps its id along a path, so one that passes :data:`_LOOP_BOUND` elements in
+        one step without reaching a wait state runs in a cycle: its last elements name it.
+        """
+        trace = self.trace.setdefault(tid, [])
+        trace.append(self.tokens[tid]["n"])
+        if count <= _LOOP_BOUND:
+            return False
+        token = self.tokens[tid]
+        cycle = _cycle(trace)
+        token["p"] = "ab"
+        token["r"] = 0
+        token["x"] = {
+            "m": f"Path loops without a wait state ({' -> '.join(cycle)}): stopped after "
+            f"{_LOOP_BOUND} steps",
+            "e": token["n"],
+            "at": self.now.isoformat(),
+        }
+        return True
 
     def next_id(self) -> int:
         value: int = self.state["n"]
@@ -862,11 +938,19 @@ class _Run:
                     self.catch_error(catcher, boundary, code, message)
                     return
             catcher, scope = self.scope_owner(owner["s"])
-        detail = f": {message}" if message else ""
-        raise ProcessExecutionError(
-            f"BPMN error {code!r} at {token['n']!r} was not caught by any error boundary "
-            f"event{detail}"
-        )
+        # No catcher: Camunda's BpmnExceptionHandler.propagateError logs a warning and ends the
+        # execution as a none end event would (execution.end(true)), unless the engine sets
+        # enableExceptionsAfterUnhandledBpmnError, which neither Camunda, Operaton nor DSF does.
+        self.end_quietly(tid)
+
+    def end_quietly(self, tid: str) -> None:
+        """End the execution at ``tid`` as if it reached a none end event there."""
+        token = self.tokens[tid]
+        self.cancel_boundaries(token)
+        if token.get("mc"):
+            self.multi_instance_child_done(tid)
+        else:
+            self.end_token(tid)
 
     def scope_owner(self, sid: int) -> tuple[str | None, int]:
         if sid == 0:
@@ -1072,74 +1156,28 @@ class _Run:
         tid = event.token
 
         def _continue() -> None:
+            self.apply(token, event.variables)
             if event.error_code is not None:
-                self.apply(token, event.variables)
                 self.throw_error(tid, event.error_code, event.message, from_activity=True)
                 return
-            # A retried job starts afresh: what the failed attempt set (its Task outputs) is
-            # dropped, as Camunda rolls a job back. A final failure keeps its Task outputs, to
-            # be written with the failing PUT.
-            if self.retry_job(tid):
-                return
-            self.apply(token, event.variables)
+            # DSF's delegate wrappers (API v1 AbstractServiceDelegate, API v2
+            # ServiceTaskDelegate, ExecutionListenerDelegate, UserTaskListenerDelegate) catch
+            # what the plugin code throws, fail the instance's in-progress Tasks with this text
+            # and delete the instance: no job retry, no rollback. Outputs the handler added are
+            # written with the failing PUT.
             node = self.node_of(token)
+            if node.send is not None and token["p"] == "h":
+                raise ProcessExecutionError(event.message or f"Sending from {node.id!r} failed")
             raise ProcessExecutionError(
-                f"Handler of {node.id!r} failed: {event.message or 'no message'}"
+                f"Process {self.d.key} has fatal error in step {node.id}, reason: "
+                f"{event.message or 'no message'}"
             )
 
         self.guarded(_continue)
 
-    def retry_job(self, tid: str) -> bool:
-        """Retry the async job a technical failure happened in, if it has retries left.
-
-        Camunda rolls a failed job back to the async boundary it started at and runs it again
-        after the ``failedJobRetryTimeCycle`` delay. The boundary is the innermost token, from
-        the failing one outwards through its scopes' owners, that still carries retries ``r``
-        (set when an async-before job ran it; cleared at every real wait state, where Camunda
-        commits). That token's work is cancelled and it is scheduled again. Variables handlers
-        set since then are kept: we cannot roll them back, unlike a database transaction.
-        """
-        current: str | None = tid
-        while current is not None:
-            token = self.tokens[current]
-            if "r" in token:
-                break
-            current, _ = self.scope_owner(token["s"])
-        if current is None:
-            return False
-        token = self.tokens[current]
-        policy = self.retry_policy(token)
-        retries: int = token["r"]
-        if policy is None or retries <= 0 or token["p"] in ("ab", "aa"):
-            return False
-        node = self.node_of(token)
-        restored = self.restart_locals(token, node)
-        self.cancel_work(current, token)
-        self.cancel_boundaries(token)
-        fresh: dict[str, Any] = {"n": node.id, "s": token["s"], "p": "ab", "r": retries - 1}
-        for key in ("mc", "o"):
-            if key in token:
-                fresh[key] = token[key]
-        if restored:
-            fresh["v"] = restored
-        self.tokens[current] = fresh
-        due = add_duration(self.now, policy.delay(retries))
-        self.effects.append(ScheduleJob(current, node.id, due, retries - 1))
-        return True
-
-    def restart_locals(self, token: dict[str, Any], node: Node) -> dict[str, object]:
-        """The locals a restarted token began with: its multi-instance item and counter."""
-        loop = node.multi_instance
-        if not token.get("mc") or loop is None:
-            return {}
-        source = token.get("v")
-        if token["p"] == "sp":
-            source = self.state["sc"][str(token["c"])]["v"]
-        names = [name for name in (loop.element_variable, "loopCounter") if name]
-        return {name: source[name] for name in names if source and name in source}
-
     def wait_started(self, token: dict[str, Any]) -> None:
-        """A real wait state: Camunda commits here, so no job before it can be retried."""
+        """A real wait state: Camunda commits here; the retries of the job that led here (``r``,
+        only read if that job's step fails) are dropped to keep the state small."""
         token.pop("r", None)
         sid = token["s"]
         while sid:
@@ -1148,15 +1186,6 @@ class _Run:
             if owner is not None:
                 owner.pop("r", None)
             sid = scope["p"]
-
-    def retry_policy(self, token: dict[str, Any]) -> RetryPolicy | None:
-        node = self.node_of(token)
-        loop = node.multi_instance
-        if token.get("mc") and loop is not None and loop.async_before:
-            return loop.retry or _DEFAULT_RETRY
-        if node.async_before:
-            return node.retry or _DEFAULT_RETRY
-        return None
 
     def on_user_task(self, event: UserTaskCompleted) -> None:
         token = self.tokens.get(event.token)
@@ -1173,8 +1202,8 @@ class _Run:
 
     def on_job(self, event: JobDue) -> None:
         token = self.tokens.get(event.token)
-        if token is None or token["p"] not in ("ab", "aa"):
-            return
+        if token is None or token["p"] not in ("ab", "aa") or "x" in token:
+            return  # gone, moved on, or parked in an incident until an operator retries it
         tid = event.token
         phase = token["p"]
         token["p"] = ""
@@ -1188,12 +1217,33 @@ class _Run:
         else:
             self.guarded(lambda: self.begin(tid))
 
+    def on_incident_retried(self, event: IncidentRetried) -> None:
+        token = self.tokens.get(event.token)
+        if token is None or "x" not in token:
+            raise ProcessExecutionError(f"Execution {event.token!r} has no incident to retry")
+        if event.retries < 1:
+            raise ProcessExecutionError(f"Retries must be at least 1, not {event.retries}")
+        del token["x"]
+        self.schedule(event.token, token, token["p"], event.retries - 1)
+
+    def on_instance_cancelled(self, event: InstanceCancelled) -> None:
+        self.fail(event.reason)
+
 
 def _need(value: _T | None) -> _T:
     """Unwrap a model attribute the parser guarantees for this node kind."""
     if value is None:  # pragma: no cover - the parser rejects such models
         raise ProcessExecutionError("internal: a model attribute is missing")
     return value
+
+
+def _cycle(trace: list[str]) -> list[str]:
+    """The shortest repeating tail of ``trace``, closed (``a -> gw -> a``), as the loop's name."""
+    last = trace[-1]
+    for length in range(1, len(trace)):
+        if trace[-1 - length] == last:
+            return trace[-1 - length :]
+    return trace[-8:]
 
 
 def _truthy(value: object) -> bool:
@@ -1229,4 +1279,6 @@ _DISPATCH: dict[type, Any] = {
     HandlerFailed: _Run.on_handler_failed,
     UserTaskCompleted: _Run.on_user_task,
     JobDue: _Run.on_job,
+    IncidentRetried: _Run.on_incident_retried,
+    InstanceCancelled: _Run.on_instance_cancelled,
 }

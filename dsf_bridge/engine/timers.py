@@ -90,6 +90,8 @@ class RetryPolicy:
 
     def delay(self, retries_left: int) -> Duration:
         """The wait before the next try when ``retries_left`` tries remain (counting down)."""
+        if not self.delays:
+            return _NO_DELAY
         index = max(0, self.retries - retries_left)
         return self.delays[min(index, len(self.delays) - 1)]
 
@@ -97,16 +99,25 @@ class RetryPolicy:
         return f"RetryPolicy(retries={self.retries})"
 
 
+_NO_DELAY = parse_duration("PT0S")
 _REPEAT_RE = re.compile(r"^R(\d+)/(P.+)$")
 
 
 def parse_retry_cycle(text: str) -> RetryPolicy:
-    """Parse ``R3/PT5S`` or ``PT1M,PT5M,PT10M`` into a retry policy."""
+    """Parse ``R3/PT5S`` or ``PT1M,PT5M,PT10M`` into a retry policy, counted as Camunda 7 does.
+
+    ``R<n>/<d>`` is *n* tries in all (the first and *n-1* retries, *d* apart); ``R0`` is one
+    try, as Camunda starts a job with at least one retry. A list of *k* durations is *k+1*
+    tries: the first, then one retry after each duration. (Camunda's ``ParseUtil`` and
+    ``DefaultJobRetryCmd``: a job's retries start at *n*, or *k+1*, and each failure takes one;
+    at zero the job becomes an incident.)
+    """
     stripped = text.strip()
     match = _REPEAT_RE.match(stripped)
     if match is not None:
         count = int(match.group(1))
-        return RetryPolicy((parse_duration(match.group(2)),) * count)
+        delay = parse_duration(match.group(2))
+        return RetryPolicy((delay,) * max(count - 1, 0))
     if stripped.startswith("R"):
         raise TimerError(f"Unbounded or malformed retry cycle: {text!r}")
     return RetryPolicy(tuple(parse_duration(part) for part in stripped.split(",")))

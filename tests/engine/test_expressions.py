@@ -127,9 +127,13 @@ def test_durations_dates_and_retry_cycles() -> None:
     assert add_duration(moment, parse_duration("P1M")) == datetime(2026, 2, 28, 12, 0, tzinfo=UTC)
     assert add_duration(moment, parse_duration("P1DT2H")) == datetime(2026, 2, 1, 14, 0, tzinfo=UTC)
     assert parse_date("2026-03-01T10:00:00") == datetime(2026, 3, 1, 10, tzinfo=UTC)
+    # Camunda counts R3 as three tries in all (two retries), R0 and R1 as one try, a list of
+    # k durations as k retries.
     policy = parse_retry_cycle("R3/PT5S")
-    assert policy.retries == 3
-    assert policy.delay(3)[1].total_seconds() == 5
+    assert policy.retries == 2
+    assert policy.delay(2)[1].total_seconds() == 5
+    assert parse_retry_cycle("R1/PT5S").retries == parse_retry_cycle("R0/PT5S").retries == 0
+    assert parse_retry_cycle("PT1M,PT5M").retries == 2
     assert parse_retry_cycle("PT1M,PT5M").delay(1)[1].total_seconds() == 300
     for bad in ("P", "PT", "5 minutes"):
         with pytest.raises(TimerError):

@@ -21,7 +21,6 @@ from dsf_bridge.engine.events import (
     JobDue,
     MessageReceived,
     ProcessCompleted,
-    ScheduleJob,
     SignalReceived,
     Start,
     StartTimer,
@@ -300,58 +299,6 @@ def test_error_end_event_in_subprocess_is_caught_by_its_boundary() -> None:
     assert call.element_id == "a"
     assert call.variables["code"] == "E42"
     assert first.state["sc"] == {}
-
-
-def test_uncaught_bpmn_error_fails_the_instance() -> None:
-    definition = model(
-        START
-        + _service("a", "A")
-        + '<bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "a")
-        + _flow("f2", "a", "e")
-    )
-    first = start(definition, Start("start", "bk", NOW))
-    call = first.effects[0]
-    assert isinstance(call, CallHandler)
-    failed = step(definition, first.state, HandlerFailed(call.token, NOW, "E1", "bad input"))
-    assert failed.state["st"] == "failed"
-    assert "'E1'" in failed.effects[0].message  # type: ignore[union-attr]
-    assert "bad input" in failed.effects[0].message  # type: ignore[union-attr]
-
-
-def test_async_task_is_retried_per_failed_job_retry_time_cycle() -> None:
-    definition = model(
-        START
-        + _service(
-            "a",
-            "A",
-            'camunda:asyncBefore="true"',
-            "<bpmn:extensionElements><camunda:failedJobRetryTimeCycle>R2/PT5S"
-            "</camunda:failedJobRetryTimeCycle></bpmn:extensionElements>",
-        )
-        + '<bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "a")
-        + _flow("f2", "a", "e")
-    )
-    result = start(definition, Start("start", "bk", NOW))
-    job = result.effects[0]
-    assert isinstance(job, ScheduleJob)
-    assert job.retries_left == 2
-    dues = []
-    for _ in range(2):
-        result = step(definition, result.state, JobDue(job.token, NOW))
-        call = result.effects[0]
-        assert isinstance(call, CallHandler)
-        result = step(definition, result.state, HandlerFailed(call.token, NOW, None, "timeout"))
-        job = result.effects[0]
-        assert isinstance(job, ScheduleJob)
-        dues.append(job.due)
-    assert dues == [NOW + timedelta(seconds=5)] * 2
-    result = step(definition, result.state, JobDue(job.token, NOW))
-    call = result.effects[0]
-    assert isinstance(call, CallHandler)
-    result = step(definition, result.state, HandlerFailed(call.token, NOW, None, "timeout"))
-    assert result.state["st"] == "failed"
 
 
 def test_state_is_json_and_versioned() -> None:

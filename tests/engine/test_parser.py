@@ -52,7 +52,7 @@ def test_ping_structure_is_read_completely() -> None:
     assert sub.multi_instance.element_variable == "target"
     assert sub.multi_instance.async_before
     assert sub.multi_instance.retry is not None
-    assert sub.multi_instance.retry.retries == 3
+    assert sub.multi_instance.retry.retries == 2  # R3/PT5S: three tries in all
     gateway = ping.nodes["EventBasedGateway"]
     assert [listener.handler for listener in gateway.listeners] == [
         "dev.dsf.bpe.listener.SetCorrelationKeyListener"

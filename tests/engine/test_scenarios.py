@@ -563,36 +563,29 @@ def test_restarts_after_every_step_reach_the_same_end() -> None:
 
 
 @restarts
-def test_ping_send_failure_retries_the_multi_instance_job(roundtrip: bool) -> None:
-    """R3/PT5S on the multi-instance: a failing send restarts that target's instance."""
+def test_ping_send_handler_that_raises_fails_the_instance_without_retry(roundtrip: bool) -> None:
+    """DSF's send wrapper catches what the plugin code throws: no job retry even with R3/PT5S
+    on the multi-instance; the instance fails with the handler's message."""
     handlers = _ping_handlers()
-    retrying = HandlerRegistry()
+    failing = HandlerRegistry()
     for name in handlers.names():
         registered = handlers.get(name)
         assert registered is not None
         if name != "dev.dsf.bpe.message.SendPing":
-            retrying.register(name, registered.kind, registered.function)
-    failures = {"ck-2": 2, "ck-3": 9}
+            failing.register(name, registered.kind, registered.function)
 
-    @retrying.message_send("dev.dsf.bpe.message.SendPing")
+    @failing.message_send("dev.dsf.bpe.message.SendPing")
     def flaky(ctx: SendContext) -> None:
-        key = ctx.correlation_key or ""
-        if failures.get(key, 0) > 0:
-            failures[key] -= 1
-            raise ConnectionError(f"{key} unreachable")
+        if ctx.correlation_key == "ck-2":
+            raise ConnectionError("ck-2 unreachable")
 
     harness = ProcessHarness(
-        [load_reference(PING_PONG + "ping.bpmn")], retrying, roundtrip_json=roundtrip
+        [load_reference(PING_PONG + "ping.bpmn")], failing, roundtrip_json=roundtrip
     )
     instance = harness.start("dsfdev_ping", "startPing", business_key="bk")
-    assert [task.correlation_key for task in harness.sent] == ["ck-1"]
-    harness.advance(4)
-    assert len(harness.sent) == 1  # retries wait the 5 s of R3/PT5S
-    harness.advance(6)
-    assert [task.correlation_key for task in harness.sent] == ["ck-1", "ck-2"]
-    assert instance.status == "running"
-    # ck-3 keeps failing: after the first try and three retries the instance fails.
     harness.advance(60)
     assert instance.status == "failed"
-    assert "ck-3 unreachable" in harness.task_status["bk"]
+    assert "ck-2 unreachable" in harness.task_status["bk"]
+    # Nothing after the failure is sent: the instance ended at the failing send.
+    assert [task.correlation_key for task in harness.sent] == ["ck-1"]
     assert harness.open_timers() == 0

@@ -1,0 +1,311 @@
+"""What happens when something fails, as Camunda 7 does it, where DSF changes it as DSF does.
+
+- A handler that raises is fatal, as DSF's delegate wrappers make it: the instance's Tasks
+  fail with "Process <key> has fatal error in step <element>, reason: <message>", no retry.
+- An engine error (an expression, a gateway without a way on) in a step a job started undoes
+  that step; the job is retried per ``failedJobRetryTimeCycle`` (``R3`` = three tries in all,
+  no cycle = three at once), then parked as an incident that an operator retries or cancels.
+- An engine error in a step a Task's message started undoes the step: the instance keeps
+  waiting and the Task fails (``RolledBackError``).
+- A BPMN error nobody catches ends its execution as a none end event would.
+- A path that loops without a wait state stops at a bound with an incident naming the loop.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from dsf_bridge.engine import start, step
+from dsf_bridge.engine.events import (
+    CallHandler,
+    CompleteTasks,
+    FailTasks,
+    HandlerCompleted,
+    HandlerFailed,
+    IncidentRetried,
+    InstanceCancelled,
+    JobDue,
+    MessageReceived,
+    ScheduleJob,
+    Start,
+)
+from dsf_bridge.engine.exceptions import RolledBackError
+from dsf_bridge.errors import ProcessExecutionError
+from tests.engine.bpmn import model
+
+NOW = datetime(2026, 5, 1, 8, 0, tzinfo=UTC)
+START = (
+    '<bpmn:startEvent id="s"><bpmn:messageEventDefinition messageRef="start"/></bpmn:startEvent>'
+)
+MESSAGES = '<bpmn:message id="go" name="go"/>'
+
+
+def _flow(ident: str, source: str, target: str, condition: str | None = None) -> str:
+    if condition is None:
+        return f'<bpmn:sequenceFlow id="{ident}" sourceRef="{source}" targetRef="{target}"/>'
+    return (
+        f'<bpmn:sequenceFlow id="{ident}" sourceRef="{source}" targetRef="{target}">'
+        f'<bpmn:conditionExpression xsi:type="bpmn:tFormalExpression">{condition}'
+        "</bpmn:conditionExpression></bpmn:sequenceFlow>"
+    )
+
+
+def _calls(effects: tuple[object, ...]) -> list[CallHandler]:
+    return [effect for effect in effects if isinstance(effect, CallHandler)]
+
+
+# -- handlers that raise ------------------------------------------------------------------------
+
+
+def test_a_raising_handler_is_fatal_at_once_even_at_an_async_element_with_retries() -> None:
+    definition = model(
+        START
+        + '<bpmn:serviceTask id="a" camunda:class="A" camunda:asyncBefore="true">'
+        + "<bpmn:extensionElements><camunda:failedJobRetryTimeCycle>R3/PT5S"
+        + "</camunda:failedJobRetryTimeCycle></bpmn:extensionElements></bpmn:serviceTask>"
+        + '<bpmn:endEvent id="e"/>'
+        + _flow("f1", "s", "a")
+        + _flow("f2", "a", "e")
+    )
+    first = start(definition, Start("start", "bk", NOW))
+    [job] = first.effects
+    assert isinstance(job, ScheduleJob)
+    running = step(definition, first.state, JobDue(job.token, NOW))
+    [call] = _calls(running.effects)
+    failed = step(definition, running.state, HandlerFailed(call.token, NOW, None, "boom"))
+    assert failed.state["st"] == "failed"
+    assert not [e for e in failed.effects if isinstance(e, ScheduleJob)]
+    [fail] = [e for e in failed.effects if isinstance(e, FailTasks)]
+    assert fail.message == "Process testorg_test has fatal error in step a, reason: boom"
+
+
+# -- BPMN errors nobody catches -----------------------------------------------------------------
+
+
+def test_an_uncaught_bpmn_error_ends_its_execution_like_a_none_end_event() -> None:
+    definition = model(
+        START
+        + '<bpmn:parallelGateway id="fork"/>'
+        + '<bpmn:serviceTask id="a" camunda:class="A"/>'
+        + '<bpmn:serviceTask id="after_a" camunda:class="AfterA"/>'
+        + '<bpmn:receiveTask id="wait" messageRef="go"/>'
+        + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
+        + _flow("f1", "s", "fork")
+        + _flow("f2", "fork", "a")
+        + _flow("f3", "fork", "wait")
+        + _flow("f4", "a", "after_a")
+        + _flow("f5", "after_a", "e1")
+        + _flow("f6", "wait", "e2"),
+        extra=MESSAGES,
+    )
+    first = start(definition, Start("start", "bk", NOW))
+    [a] = _calls(first.effects)
+    erred = step(definition, first.state, HandlerFailed(a.token, NOW, "E1", "bad input"))
+    # That path ends where it is (after_a never runs); the other goes on.
+    assert erred.state["st"] == "run"
+    assert not _calls(erred.effects)
+    assert [t["n"] for t in erred.state["tk"].values()] == ["wait"]
+    done = step(definition, erred.state, MessageReceived("go", NOW))
+    assert done.state["st"] == "done"
+    assert any(isinstance(e, CompleteTasks) for e in done.effects)
+
+
+def test_an_uncaught_error_end_event_completes_its_subprocess_which_goes_on() -> None:
+    definition = model(
+        START
+        + '<bpmn:subProcess id="sub"><bpmn:startEvent id="ss"/>'
+        + '<bpmn:endEvent id="boom"><bpmn:errorEventDefinition errorRef="err"/></bpmn:endEvent>'
+        + _flow("g1", "ss", "boom")
+        + "</bpmn:subProcess>"
+        + '<bpmn:serviceTask id="next" camunda:class="Next"/><bpmn:endEvent id="e"/>'
+        + _flow("f1", "s", "sub")
+        + _flow("f2", "sub", "next")
+        + _flow("f3", "next", "e"),
+        extra='<bpmn:error id="err" name="err" errorCode="E9"/>',
+    )
+    first = start(definition, Start("start", "bk", NOW))
+    assert [c.element_id for c in _calls(first.effects)] == ["next"]
+
+
+def test_an_uncaught_error_in_a_multi_instance_ends_that_instance_only() -> None:
+    definition = model(
+        START
+        + '<bpmn:serviceTask id="a" camunda:class="A">'
+        + '<bpmn:multiInstanceLoopCharacteristics camunda:collection="${items}" '
+        + 'camunda:elementVariable="item"/></bpmn:serviceTask>'
+        + '<bpmn:serviceTask id="after" camunda:class="After"/><bpmn:endEvent id="e"/>'
+        + _flow("f1", "s", "a")
+        + _flow("f2", "a", "after")
+        + _flow("f3", "after", "e")
+    )
+    first = start(definition, Start("start", "bk", NOW, {"items": [1, 2]}))
+    one, two = _calls(first.effects)
+    state = step(definition, first.state, HandlerFailed(one.token, NOW, "E1", "x")).state
+    assert state["st"] == "run"
+    last = step(definition, state, HandlerCompleted(two.token, NOW))
+    assert [c.element_id for c in _calls(last.effects)] == ["after"]
+
+
+def test_error_code_variable_is_set_as_set_variable_and_outlives_the_subprocess() -> None:
+    definition = model(
+        START
+        + '<bpmn:subProcess id="outer"><bpmn:startEvent id="os"/>'
+        + '<bpmn:subProcess id="inner"><bpmn:startEvent id="is"/>'
+        + '<bpmn:serviceTask id="a" camunda:class="A"/><bpmn:endEvent id="ie"/>'
+        + _flow("h1", "is", "a")
+        + _flow("h2", "a", "ie")
+        + "</bpmn:subProcess>"
+        + '<bpmn:boundaryEvent id="caught" attachedToRef="inner"><bpmn:errorEventDefinition '
+        + 'camunda:errorCodeVariable="code" camunda:errorMessageVariable="why"/>'
+        + '</bpmn:boundaryEvent><bpmn:endEvent id="oe"/><bpmn:endEvent id="oe2"/>'
+        + _flow("g1", "os", "inner")
+        + _flow("g2", "inner", "oe")
+        + _flow("g3", "caught", "oe2")
+        + "</bpmn:subProcess>"
+        + '<bpmn:serviceTask id="report" camunda:class="Report"/><bpmn:endEvent id="e"/>'
+        + _flow("f1", "s", "outer")
+        + _flow("f2", "outer", "report")
+        + _flow("f3", "report", "e")
+    )
+    first = start(definition, Start("start", "bk", NOW))
+    [a] = _calls(first.effects)
+    caught = step(definition, first.state, HandlerFailed(a.token, NOW, "E7", "refused"))
+    [report] = _calls(caught.effects)
+    # Both subprocesses have ended; the variables live on the process instance.
+    assert report.variables["code"] == "E7"
+    assert report.variables["why"] == "refused"
+    assert caught.state["vars"]["code"] == "E7"
+
+
+# -- engine errors: rolled back, retried, incidents ---------------------------------------------
+
+
+def _job_model(cycle: str = "R3/PT5S") -> str:
+    retry = (
+        f"<bpmn:extensionElements><camunda:failedJobRetryTimeCycle>{cycle}"
+        "</camunda:failedJobRetryTimeCycle></bpmn:extensionElements>"
+        if cycle
+        else ""
+    )
+    return (
+        START
+        + '<bpmn:parallelGateway id="fork"/>'
+        + '<bpmn:exclusiveGateway id="choose" camunda:asyncBefore="true">'
+        + retry
+        + "</bpmn:exclusiveGateway>"
+        + '<bpmn:serviceTask id="a" camunda:class="A"/>'
+        + '<bpmn:receiveTask id="wait" messageRef="go"/>'
+        + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/><bpmn:endEvent id="e3"/>'
+        + _flow("f1", "s", "fork")
+        + _flow("f2", "fork", "choose")
+        + _flow("f3", "fork", "wait")
+        + _flow("f4", "choose", "a", "${mode == 'run'}")
+        + _flow("f7", "choose", "e3", "${mode == 'skip'}")
+        + _flow("f5", "a", "e1")
+        + _flow("f6", "wait", "e2")
+    )
+
+
+def test_an_engine_error_in_a_job_is_retried_per_cycle_then_becomes_an_incident() -> None:
+    definition = model(_job_model(), extra=MESSAGES)
+    first = start(definition, Start("start", "bk", NOW, {"mode": "idle"}))
+    [job] = [e for e in first.effects if isinstance(e, ScheduleJob)]
+    state, now, dues = first.state, NOW, []
+    for _ in range(2):  # R3: the first try and two retries, 5 s apart
+        result = step(definition, state, JobDue(job.token, now))
+        [again] = result.effects
+        assert isinstance(again, ScheduleJob)
+        assert "choose" in [t["n"] for t in result.state["tk"].values()]
+        dues.append(again.due - now)
+        state, now = result.state, again.due
+    assert dues == [timedelta(seconds=5)] * 2
+    parked = step(definition, state, JobDue(job.token, now))
+    assert parked.effects == ()
+    assert parked.state["st"] == "run"
+    [incident] = [t["x"] for t in parked.state["tk"].values() if "x" in t]
+    assert incident["e"] == "choose"
+    assert "exclusive gateway 'choose'" in incident["m"]
+    # A late JobDue changes nothing; the other branch goes on.
+    assert step(definition, parked.state, JobDue(job.token, now)).effects == ()
+    went_on = step(definition, parked.state, MessageReceived("go", now, variables={"mode": "run"}))
+    assert went_on.state["st"] == "run"
+    # An operator retries it with new tries: now it takes its way on.
+    with pytest.raises(ProcessExecutionError, match="at least 1"):
+        step(definition, went_on.state, IncidentRetried(job.token, now, 0))
+    retried = step(definition, went_on.state, IncidentRetried(job.token, now, 2))
+    assert retried.effects == (ScheduleJob(job.token, "choose", now, 1),)
+    ran = step(definition, retried.state, JobDue(job.token, now))
+    assert [c.element_id for c in _calls(ran.effects)] == ["a"]
+    with pytest.raises(ProcessExecutionError, match="no incident"):
+        step(definition, ran.state, IncidentRetried(job.token, now, 1))
+
+
+@pytest.mark.parametrize(("cycle", "tries"), [("", 3), ("R0/PT1S", 1), ("PT1S,PT2S", 3)])
+def test_tries_in_all_as_camunda_counts_them(cycle: str, tries: int) -> None:
+    definition = model(_job_model(cycle), extra=MESSAGES)
+    state = start(definition, Start("start", "bk", NOW, {"mode": "idle"})).state
+    [token] = [tid for tid, t in state["tk"].items() if t["n"] == "choose"]
+    attempts = 0
+    while not any("x" in t for t in state["tk"].values()):
+        attempts += 1
+        state = step(definition, state, JobDue(token, NOW)).state
+    assert attempts == tries
+
+
+def test_an_operator_cancels_an_instance_with_an_incident() -> None:
+    definition = model(_job_model("R0/PT1S"), extra=MESSAGES)
+    state = start(definition, Start("start", "bk", NOW, {"mode": "idle"})).state
+    [token] = [tid for tid, t in state["tk"].items() if t["n"] == "choose"]
+    state = step(definition, state, JobDue(token, NOW)).state
+    cancelled = step(definition, state, InstanceCancelled(NOW, "cancelled by operator"))
+    assert cancelled.state["st"] == "failed"
+    assert cancelled.state["tk"] == {}
+    [fail] = [e for e in cancelled.effects if isinstance(e, FailTasks)]
+    assert fail.message == "cancelled by operator"
+
+
+def test_an_engine_error_in_a_step_a_message_started_is_rolled_back() -> None:
+    definition = model(
+        START
+        + '<bpmn:receiveTask id="wait" messageRef="go"/>'
+        + '<bpmn:exclusiveGateway id="choose"/>'
+        + '<bpmn:endEvent id="e"/><bpmn:endEvent id="e2"/>'
+        + _flow("f1", "s", "wait")
+        + _flow("f2", "wait", "choose")
+        + _flow("f3", "choose", "e", "${answer == 'yes'}")
+        + _flow("f4", "choose", "e2", "${answer == 'maybe'}"),
+        extra=MESSAGES,
+    )
+    first = start(definition, Start("start", "bk", NOW))
+    with pytest.raises(RolledBackError, match="exclusive gateway 'choose'"):
+        step(definition, first.state, MessageReceived("go", NOW, variables={"answer": "no"}))
+    # The instance still waits there: a good message goes through.
+    done = step(definition, first.state, MessageReceived("go", NOW, variables={"answer": "yes"}))
+    assert done.state["st"] == "done"
+
+
+# -- loops without a wait state -----------------------------------------------------------------
+
+
+def test_a_loop_without_a_wait_state_stops_with_an_incident_naming_it() -> None:
+    definition = model(
+        START
+        + '<bpmn:intermediateThrowEvent id="again"/>'
+        + '<bpmn:exclusiveGateway id="more" default="back"/>'
+        + '<bpmn:endEvent id="e"/>'
+        + _flow("f1", "s", "again")
+        + _flow("f2", "again", "more")
+        + _flow("back", "more", "again")
+        + _flow("out", "more", "e", "${done}")
+    )
+    first = start(definition, Start("start", "bk", NOW, {"done": False}))
+    assert first.state["st"] == "run"
+    [(tid, token)] = first.state["tk"].items()
+    assert "again -> more -> again" in token["x"]["m"] or "more -> again -> more" in token["x"]["m"]
+    assert "stopped after 10000 steps" in token["x"]["m"]
+    # Retrying runs the loop again from there (it still loops: a new incident, no spinning).
+    retried = step(definition, first.state, IncidentRetried(tid, NOW, 1))
+    again = step(definition, retried.state, JobDue(tid, NOW))
+    assert "x" in again.state["tk"][tid]
