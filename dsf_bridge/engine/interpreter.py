@@ -13,7 +13,7 @@ waiting instances are stored::
 
 A token's phase says what it waits for: ``ab``/``aa`` an async job before/after the node, ``sl``,
 ``el``, ``tl`` the start/end/task listener number ``i``, ``h`` a handler, ``u`` a user task,
-``w`` the events in ``w`` (``[node, kind, key]``: ``m`` message name, ``t`` timer id,
+``j`` arrived at a parallel join that waits for other branches, ``w`` the events in ``w`` (``[node, kind, key]``: ``m`` message name, ``t`` timer id,
 ``s`` signal name, ``c`` condition), ``sp`` an embedded subprocess, ``mi`` the instances of a
 multi-instance activity. Scope ``0`` is the process instance; its variables live in ``vars``.
 
@@ -692,14 +692,23 @@ class _Run:
 
     def parallel(self, tid: str, token: dict[str, Any], node: Node) -> None:
         if len(node.incoming) > 1:
-            key = f"{token['s']}:{node.id}"
+            scope = token["s"]
+            key = f"{scope}:{node.id}"
             joins = self.state["j"]
             arrived = joins.get(key, 0) + 1
             if arrived < len(node.incoming):
+                # As Camunda's inactive concurrent execution at the join: the token stays
+                # (phase ``j``), so a join still waiting for a branch keeps its scope open.
                 joins[key] = arrived
-                self.end_token(tid)
+                token["p"] = "j"
                 return
             joins.pop(key, None)
+            for other in [
+                k
+                for k, t in self.tokens.items()
+                if t["p"] == "j" and t["n"] == node.id and t["s"] == scope
+            ]:
+                del self.tokens[other]
         self.leave(tid)
 
     # -- multi-instance -----------------------------------------------------------------------

@@ -6,7 +6,9 @@
 - ``camunda:versionTag`` equals the resource version (``a.b``) after ``#{version}`` substitution;
 - every message send element (send task, message intermediate throw event, message end event)
   has non-blank ``camunda:field``s ``instantiatesCanonical``, ``messageName`` and ``profile``;
-- no placeholder ``#{...}`` is left once the plugin's placeholders are replaced.
+- no placeholder ``#{...}`` is left once the plugin's placeholders are replaced;
+- the sequence-flow structure Camunda's parser refuses when the BPE deploys the model
+  (:mod:`dsf_bridge.engine.structure`).
 
 Messages are referenced by name: catch events name a ``bpmn:message`` (checked by the parser).
 """
@@ -18,6 +20,7 @@ import re
 from dsf_bridge.engine.exceptions import DsfValidationError
 from dsf_bridge.engine.model import NodeKind, ProcessDefinition
 from dsf_bridge.engine.parser import BpmnDocument
+from dsf_bridge.engine.structure import structure_findings
 
 __all__ = ["PROCESS_ID_PATTERN", "validate_document", "validate_process"]
 
@@ -90,6 +93,12 @@ def validate_process(process: ProcessDefinition, resource_version: str) -> None:
         leftover = _PLACEHOLDER.search(signal)
         if leftover:
             problems.append((None, f"signal {signal!r} has unreplaced placeholder {leftover[0]}"))
+    # Camunda's BpmnParse runs when the BPE deploys the model, after DSF's own checks.
+    problems += [
+        (finding.line, finding.message)
+        for finding in structure_findings(process)
+        if not finding.warning
+    ]
     if problems:
         line, first = problems[0]
         message = first if len(problems) == 1 else "; ".join(text for _, text in problems)

@@ -5,7 +5,8 @@ each file, after placeholder substitution (``#{version}``, ``#{date}``, ``#{orga
 ``#{some.property}`` from the environment):
 
 - BPMN: parsed safely, every element in the supported subset, validated as the DSF BPE does on
-  plugin load (:mod:`dsf_bridge.engine.validation`);
+  plugin load (:mod:`dsf_bridge.engine.validation`); the warnings Camunda's parser gives for a
+  model it accepts are listed too (:mod:`dsf_bridge.engine.structure`), without failing it;
 - FHIR: read safely (XML without DTDs), ``${property:default}`` placeholders resolved too,
   validated with the ``fhir.resources`` R4B models, and ActivityDefinitions checked for a
   well-formed ``extension-process-authorization`` per message name: message-name, task-profile,
@@ -34,6 +35,7 @@ from pydantic import ValidationError
 
 from dsf_bridge.engine import parse_bpmn, validate_document
 from dsf_bridge.engine.safexml import MAX_XML_BYTES, parse_xml
+from dsf_bridge.engine.structure import structure_warnings
 from dsf_bridge.errors import BridgeError
 from dsf_bridge.plugins.placeholders import Placeholders
 
@@ -79,16 +81,20 @@ class FileReport:
     kind: str
     resource_type: str | None = None
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def valid(self) -> bool:
         return not self.problems
 
     def line(self) -> str:
+        """The verdict, then one indented line per warning (a valid file may have some)."""
         label = self.resource_type or self.kind
         if self.valid:
-            return f"valid    {self.path} ({label})"
-        return f"INVALID  {self.path} ({label}): " + "; ".join(self.problems)
+            verdict = f"valid    {self.path} ({label})"
+        else:
+            verdict = f"INVALID  {self.path} ({label}): " + "; ".join(self.problems)
+        return "\n".join([verdict, *(f"  warning: {warning}" for warning in self.warnings)])
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -179,6 +185,7 @@ def _check_bpmn(path: Path, data: bytes, values: Placeholders) -> FileReport:
         document = parse_bpmn(substituted, str(path))
         process = validate_document(document, values.version)
         file_report.resource_type = f"BPMN {process.key}"
+        file_report.warnings = structure_warnings(process)
     except BridgeError as exc:
         file_report.problems.append(exc.message)
     except UnicodeDecodeError as exc:

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from dsf_bridge.plugins.check import check_paths
+from tests.engine.bpmn import process_xml
 from tests.reference import reference_dir
 
 PLUGIN_RESOURCES = [
@@ -287,3 +288,26 @@ def test_cli_subprocess_lines_json_and_exit_codes(tmp_path: Path) -> None:
     assert report["checked"] == 4
     assert report["invalid"] == 1
     assert "malformed XML" in report["files"][0]["problems"][0]
+
+
+def test_camunda_parse_warnings_are_listed_without_failing_the_model(tmp_path: Path) -> None:
+    flows = (
+        '<bpmn:sequenceFlow id="f1" sourceRef="s" targetRef="g"/>'
+        '<bpmn:sequenceFlow id="f2" sourceRef="g" targetRef="e1">'
+        "<bpmn:conditionExpression>${x == 1}</bpmn:conditionExpression></bpmn:sequenceFlow>"
+        '<bpmn:sequenceFlow id="f3" sourceRef="g" targetRef="e2"/>'
+    )
+    path = tmp_path / "gateway.bpmn"
+    path.write_bytes(
+        process_xml(
+            '<bpmn:startEvent id="s"><bpmn:messageEventDefinition messageRef="start"/>'
+            '</bpmn:startEvent>\n<bpmn:exclusiveGateway id="g"/>\n'
+            '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>' + flows
+        )
+    )
+    report = check_paths([path], date="2026-01-01")
+    assert report.ok
+    [warning] = report.files[0].warnings
+    assert warning.startswith(f"{path}:4: <bpmn:exclusiveGateway id=\"g\">: outgoing flow 'f3'")
+    assert report.files[0].line().splitlines()[1] == f"  warning: {warning}"
+    assert report.as_json()["files"][0]["warnings"] == [warning]
