@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,46 +20,58 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from dsf_bridge import __version__
 from dsf_bridge.api.context import ApiContext
 from dsf_bridge.api.security import TokenGuard
+from dsf_bridge.engine import state as instance_state
+from dsf_bridge.engine.state import InstanceStatus, Phase, Wait, WaitKind
 from dsf_bridge.store import queries as q
 
 __all__ = ["describe_state", "ui_router"]
 
 _HERE = Path(__file__).parent
 _PHASES = {
-    "": "moving on",
-    "ab": "async job before the element",
-    "aa": "async job after the element",
-    "sl": "start listener",
-    "el": "end listener",
-    "tl": "task listener",
-    "h": "handler running",
-    "u": "user task (QuestionnaireResponse)",
-    "w": "waiting",
-    "sp": "inside an embedded subprocess",
-    "mi": "multi-instance running",
+    Phase.MOVING: "moving on",
+    Phase.ASYNC_BEFORE: "async job before the element",
+    Phase.ASYNC_AFTER: "async job after the element",
+    Phase.START_LISTENER: "start listener",
+    Phase.END_LISTENER: "end listener",
+    Phase.TASK_LISTENER: "task listener",
+    Phase.HANDLER: "handler running",
+    Phase.USER_TASK: "user task (QuestionnaireResponse)",
+    Phase.JOIN: "at a parallel join, waiting for the other branches",
+    Phase.WAITING: "waiting",
+    Phase.SUBPROCESS: "inside an embedded subprocess",
+    Phase.MULTI_INSTANCE: "multi-instance running",
 }
-_WAIT_KINDS = {"m": "message", "t": "timer", "s": "signal", "c": "condition"}
-INSTANCE_STATUSES = ("running", "completed", "failed")
+_WAIT_KINDS = {
+    WaitKind.MESSAGE: "message",
+    WaitKind.TIMER: "timer",
+    WaitKind.SIGNAL: "signal",
+    WaitKind.CONDITION: "condition",
+}
+INSTANCE_STATUSES = tuple(status.label for status in InstanceStatus)
 _STATIC = {"style.css": "text/css", "favicon.svg": "image/svg+xml"}
 
 
-def describe_state(state: dict[str, Any]) -> list[dict[str, str]]:
-    """Where an instance's tokens stand, in words: one row per token."""
+def describe_state(state: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Where an instance's tokens stand, in words: one row per token, oldest first."""
     rows = []
-    for token_id, token in sorted((state.get("tk") or {}).items(), key=lambda kv: kv[0]):
-        waits = [
-            f"{_WAIT_KINDS.get(kind, kind)} {key} at {node}"
-            for node, kind, key in token.get("w") or []
-        ]
+    for token in instance_state.tokens(state):
+        incident = token.incident
         rows.append(
             {
-                "token": str(token_id),
-                "element": str(token.get("n", "")),
-                "phase": _PHASES.get(str(token.get("p", "")), str(token.get("p", ""))),
-                "waiting_for": "; ".join(waits),
+                "token": token.id,
+                "element": token.element,
+                "phase": _PHASES[token.phase],
+                "waiting_for": "; ".join(_describe_wait(wait) for wait in token.waits),
+                "incident": f"incident: {incident.message}" if incident is not None else "",
             }
         )
     return rows
+
+
+def _describe_wait(wait: Wait) -> str:
+    what = f"{_WAIT_KINDS[wait.kind]} {wait.key}" if wait.key else _WAIT_KINDS[wait.kind]
+    where = f"boundary event {wait.element}" if wait.boundary else wait.element
+    return f"{what} at {where}"
 
 
 def _when(value: dt.datetime | None) -> str:
@@ -133,7 +146,7 @@ def ui_router(context: ApiContext, guard: TokenGuard) -> APIRouter:
             "instance.html",
             d=detail,
             tokens=describe_state(detail.state),
-            variables=sorted((detail.state.get("vars") or {}).items()),
+            variables=sorted(instance_state.process_variables(detail.state).items()),
         )
 
     @router.get("/tasks")

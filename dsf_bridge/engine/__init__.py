@@ -7,6 +7,8 @@ the effects to perform. No I/O, no SQL, no HTTP (enforced by import-linter). Mod
 - :mod:`~dsf_bridge.engine.parser` turns BPMN into :mod:`~dsf_bridge.engine.model` structures;
 - :mod:`~dsf_bridge.engine.validation` applies the DSF plugin rules;
 - :mod:`~dsf_bridge.engine.interpreter` runs instances (:mod:`~dsf_bridge.engine.events`);
+- :mod:`~dsf_bridge.engine.state` is how everyone else reads an instance state (status,
+  tokens, what it waits for, incidents) and loads stored ones;
 - :mod:`~dsf_bridge.engine.correlation` matches incoming Tasks to waiting executions;
 - :mod:`~dsf_bridge.engine.expressions` and :mod:`~dsf_bridge.engine.timers` evaluate JUEL
   and ISO 8601.
@@ -26,6 +28,7 @@ from dsf_bridge.engine.exceptions import (
     DsfValidationError,
     ModelError,
     NoOutgoingFlowError,
+    StateError,
     UnsafeXmlError,
     UnsupportedElementError,
 )
@@ -44,6 +47,7 @@ __all__ = [
     "NoOutgoingFlowError",
     "ProcessDefinition",
     "SignalWait",
+    "StateError",
     "Step",
     "UnsafeXmlError",
     "UnsupportedElementError",

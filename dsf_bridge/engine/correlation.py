@@ -1,12 +1,15 @@
 """Message correlation as the DSF BPE does it, as pure functions over instance states.
 
-A Task for a running process is matched by message name and business key, and, when the Task
-carries a ``correlation-key`` input, by the ``correlationKey`` local variable of the waiting
-execution (set, for example, by a listener per multi-instance target). Exactly one waiting
-execution must match; zero or several is "Unable to correlate Task ...", and the Task fails.
+A Task for a running process is matched by message name and business key (or the instance's
+alternative business key), and, when the Task carries a ``correlation-key`` input, by the
+``correlationKey`` local variable of the waiting execution (its own variables and those of the
+scope it runs in, as Camunda's ``localVariableEquals``; set, for example, as the element
+variable of a multi-instance subprocess). Exactly one waiting execution must match; zero or
+several is "Unable to correlate Task ...", and the Task fails.
 
 :func:`message_subscriptions` lists what an instance waits for so the runtime can keep the list
-in SQL and find candidates without loading every state.
+in SQL and find candidates without loading every state. Both read the state through
+:mod:`~dsf_bridge.engine.state`.
 """
 
 from __future__ import annotations
@@ -15,16 +18,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from dsf_bridge.engine import state as instance_state
 from dsf_bridge.engine.exceptions import CorrelationError
+from dsf_bridge.engine.state import ALTERNATIVE_BUSINESS_KEY, WaitKind
 
 __all__ = [
     "ALTERNATIVE_BUSINESS_KEY",
     "MessageSubscription",
+    "SignalWait",
     "correlate",
     "message_subscriptions",
+    "signal_waits",
 ]
-
-ALTERNATIVE_BUSINESS_KEY = "alternativeBusinessKey"
 
 K = TypeVar("K")
 
@@ -40,44 +45,31 @@ class MessageSubscription:
     element_id: str
 
 
-def _correlation_key(state: Mapping[str, Any], token: Mapping[str, Any]) -> str | None:
-    local = token.get("v")
-    if local and "correlationKey" in local:
-        value = local["correlationKey"]
-        return value if isinstance(value, str) else None
-    sid = token["s"]
-    scopes = state["sc"]
-    while sid:
-        scope = scopes[str(sid)]
-        if "correlationKey" in scope["v"]:
-            value = scope["v"]["correlationKey"]
-            return value if isinstance(value, str) else None
-        sid = scope["p"]
-    value = state["vars"].get("correlationKey")
+def _correlation_key(state: Mapping[str, Any], token: str) -> str | None:
+    # DSF correlates with Camunda's localVariableEquals("correlationKey", ...): the waiting
+    # execution's own variable, never one inherited from an outer subprocess.
+    value = instance_state.local_variable(state, token, "correlationKey")
     return value if isinstance(value, str) else None
 
 
 def message_subscriptions(state: Mapping[str, Any]) -> list[MessageSubscription]:
-    """The message subscriptions of one instance state (empty once it has ended)."""
-    if state.get("st") != "run":
-        return []
-    business_key: str = state["bk"]
+    """The message subscriptions of one instance state (empty once it has ended).
+
+    Message catch events, receive tasks and event-based gateways, and the message boundary
+    events of the activities tokens are at, whatever those activities are doing.
+    """
     # DSF's alternative business key (process variable ``alternativeBusinessKey``): a reply to
     # a Task sent with it carries it, and reaches the instance as if it carried its own key.
-    alternative = state["vars"].get(ALTERNATIVE_BUSINESS_KEY)
-    keys = [business_key]
-    if isinstance(alternative, str) and alternative and alternative != business_key:
+    keys = [instance_state.business_key(state)]
+    alternative = instance_state.alternative_business_key(state)
+    if alternative is not None:
         keys.append(alternative)
     result: list[MessageSubscription] = []
-    for tid, token in state["tk"].items():
-        if token.get("p") != "w":
-            continue
-        for node_id, kind, key in token["w"]:
-            if kind == "m":
-                correlation_key = _correlation_key(state, token)
-                result.extend(
-                    MessageSubscription(key, each, correlation_key, tid, node_id) for each in keys
-                )
+    for tid, element, name in instance_state.message_waits(state):
+        correlation_key = _correlation_key(state, tid)
+        result.extend(
+            MessageSubscription(name, each, correlation_key, tid, element) for each in keys
+        )
     return result
 
 
@@ -92,14 +84,10 @@ class SignalWait:
 
 def signal_waits(state: Mapping[str, Any]) -> list[SignalWait]:
     """The signal catches an instance state waits at (empty once it has ended)."""
-    if state.get("st") != "run":
-        return []
     return [
-        SignalWait(key, tid, node_id)
-        for tid, token in state["tk"].items()
-        if token.get("p") == "w"
-        for node_id, kind, key in token["w"]
-        if kind == "s"
+        SignalWait(wait.key, wait.token, wait.element)
+        for wait in instance_state.waiting_for(state)
+        if wait.kind is WaitKind.SIGNAL
     ]
 
 

@@ -13,15 +13,22 @@ waiting instances are stored::
 
 A token's phase says what it waits for: ``ab``/``aa`` an async job before/after the node, ``sl``,
 ``el``, ``tl`` the start/end/task listener number ``i``, ``h`` a handler, ``u`` a user task,
-``j`` arrived at a parallel join that waits for other branches, ``w`` the events in ``w`` (``[node, kind, key]``: ``m`` message name, ``t`` timer id,
-``s`` signal name, ``c`` condition), ``sp`` an embedded subprocess, ``mi`` the instances of a
-multi-instance activity. Scope ``0`` is the process instance; its variables live in ``vars``.
+``j`` arrived at a parallel join that waits for other branches, ``w`` the events in ``w``
+(``[node, kind, key]``: ``m`` message name, ``t`` timer id, ``s`` signal name, ``c``
+condition), ``sp`` an embedded subprocess, ``mi`` the instances of a multi-instance activity.
+An activity's boundary events are subscribed in ``bt`` (timer ids) and ``bw`` (message waits)
+whatever its phase. A job parked as an incident carries ``x`` (``m`` message, ``e`` element,
+``at`` time) and its retries left ``r``. Scope ``0`` is the process instance; its variables
+live in ``vars`` (read them outside the engine through :mod:`dsf_bridge.engine.state`).
 
-Errors in the model found while running (no exclusive-gateway flow, an unset variable in a
-condition) fail the instance with effects, so the outcome is durable like any other step.
-Events that no longer apply (a timer that fired after its wait ended, a handler result for a
-cancelled token) change nothing. Events that cannot apply (a message that correlates to nothing)
-raise :class:`~dsf_bridge.engine.exceptions.CorrelationError` and leave the state untouched.
+A handler that raises fails the instance with effects, as DSF's delegate wrappers do. Engine
+errors (no exclusive-gateway flow, an unset variable in a condition) undo the step when a Task
+or a job started it (:class:`~dsf_bridge.engine.exceptions.RolledBackError`; the job is retried,
+then becomes an incident) and fail the instance otherwise, so the outcome is durable like any
+other step. Events that no longer apply (a timer that fired after its wait ended, a handler
+result for a cancelled token) change nothing. Events that cannot apply (a message that
+correlates to nothing) raise :class:`~dsf_bridge.engine.exceptions.CorrelationError` and leave
+the state untouched.
 """
 
 from __future__ import annotations
@@ -174,7 +181,7 @@ def step(definition: ProcessDefinition, state: Mapping[str, Any] | None, event: 
     # A step that a Task or a job started is a transaction of its own in Camunda: an engine
     # error in it (an expression, a gateway without a way on) undoes it instead of failing the
     # instance. The Task fails with the error; the job is retried, then becomes an incident.
-    run.rollback = isinstance(event, MessageReceived | JobDue)
+    run.rollback = type(event) in _ROLLBACK_EVENTS
     try:
         handler(run, event)
         if definition.has_conditionals and run.state["st"] == "run":
@@ -281,7 +288,9 @@ class _Run:
         self.rollback = False
         # Variable changes in this step, (name, "create" | "update"), for conditional events.
         self.changes: set[tuple[str, str]] = set()
-        # Elements each token entered in this step, and the last ones of a suspect token.
+        # Elements entered in this step, then per token once that is suspiciously many, and
+        # the last ones of a suspect token.
+        self.moved = 0
         self.moves: dict[str, int] = {}
         self.trace: dict[str, list[str]] = {}
 
@@ -307,23 +316,28 @@ class _Run:
         """
         pending = self.pending
         tokens = self.tokens
-        moves = self.moves
         while pending:
             tid = pending.popleft()
             if tid in tokens and self.state["st"] == "run":
-                count = moves.get(tid, 0) + 1
-                moves[tid] = count
-                if count > _LOOP_BOUND - _LOOP_TRACE and self.looping(tid, count):
+                self.moved += 1
+                if self.moved > _LOOP_BOUND and self.looping(tid):
                     continue
                 self.enter(tid)
 
-    def looping(self, tid: str, count: int) -> bool:
-        """Watch a token that has moved suspiciously often in one step; at the bound, park it
-        as an incident that names the loop, instead of spinning forever (Camunda would).
+    def looping(self, tid: str) -> bool:
+        """Watch the tokens of a step that has moved suspiciously often; park one that keeps
+        moving as an incident that names its loop, instead of spinning forever (Camunda would).
 
-        A token keeps its id along a path, so one that passes :data:`_LOOP_BOUND` elements in
-        one step without reaching a wait state runs in a cycle: its last elements name it.
+        A token keeps its id along a path, so one that passes :data:`_LOOP_BOUND` more elements
+        after the step as a whole passed that many, without reaching a wait state, runs in a
+        cycle: its last elements name it. Many tokens that move a few times each (a large
+        multi-instance) never trip it.
         """
+        moves = self.moves
+        count = moves.get(tid, 0) + 1
+        moves[tid] = count
+        if count <= _LOOP_BOUND - _LOOP_TRACE:
+            return False
         trace = self.trace.setdefault(tid, [])
         trace.append(self.tokens[tid]["n"])
         if count <= _LOOP_BOUND:
@@ -334,7 +348,7 @@ class _Run:
         token["r"] = 0
         token["x"] = {
             "m": f"Path loops without a wait state ({' -> '.join(cycle)}): stopped after "
-            f"{_LOOP_BOUND} steps",
+            f"{self.moved} steps",
             "e": token["n"],
             "at": self.now.isoformat(),
         }
@@ -1279,6 +1293,8 @@ _BEHAVIOUR: dict[NodeKind, Any] = {
     NodeKind.USER_TASK: _Run.user_task,
     NodeKind.SUB_PROCESS: _Run.sub_process,
 }
+
+_ROLLBACK_EVENTS = frozenset({MessageReceived, JobDue})
 
 _DISPATCH: dict[type, Any] = {
     MessageReceived: _Run.on_message,

@@ -83,11 +83,12 @@ async def invoke(
         return Invocation(failed)
     except Exception as exc:  # a handler's bug must fail its step, not the runtime
         # Its other variables are rolled back; Task outputs it added go with the failing PUT.
+        # The message alone, as DSF writes exception.getMessage() into the failed Task.
         failed = HandlerFailed(
             effect.token,
             now,
             None,
-            f"{type(exc).__name__}: {exc}",
+            str(exc) or type(exc).__name__,
             variables=context.task_output_updates,
         )
         return Invocation(failed)

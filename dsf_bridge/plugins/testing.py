@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dsf_bridge.dsf.tasks import task_outputs
+from dsf_bridge.engine import state as instance_state
 from dsf_bridge.engine.correlation import correlate, message_subscriptions
 from dsf_bridge.engine.events import (
     CallHandler,
@@ -81,13 +81,27 @@ class Instance:
 
     @property
     def status(self) -> str:
-        status: str = self.state["st"]
-        return {"run": "running", "done": "completed", "failed": "failed"}[status]
+        """running, completed or failed (as the runtime stores it)."""
+        return instance_state.instance_status(self.state).label
 
     @property
-    def variables(self) -> dict[str, Any]:
-        variables: dict[str, Any] = self.state["vars"]
-        return variables
+    def variables(self) -> Mapping[str, Any]:
+        return instance_state.process_variables(self.state)
+
+    @property
+    def tokens(self) -> list[instance_state.TokenView]:
+        """Where the instance stands: its tokens, oldest first."""
+        return instance_state.tokens(self.state)
+
+    @property
+    def waiting_for(self) -> list[instance_state.Wait]:
+        """What it waits for: catch events, event-based gateways and boundary events."""
+        return instance_state.waiting_for(self.state)
+
+    @property
+    def incidents(self) -> list[instance_state.Incident]:
+        """Executions whose job used up its retries (the instance stays running)."""
+        return instance_state.incidents(self.state)
 
 
 @dataclass
@@ -189,7 +203,7 @@ class ProcessHarness:
 
     def signal(self, signal_name: str) -> None:
         for instance in list(self.instances.values()):
-            if instance.state["st"] == "run":
+            if instance_state.is_running(instance.state):
                 self._apply(instance, instance.state, SignalReceived(signal_name, self.now))
         self.run_jobs()
 
@@ -243,13 +257,11 @@ class ProcessHarness:
     def _apply(self, instance: Instance, state: dict[str, Any] | None, event: Event) -> None:
         result = step(instance.definition, state, event)
         new_state = result.state
+        text = instance_state.dumps(new_state)
         if self.roundtrip_json:
-            text = json.dumps(new_state, separators=(",", ":"))
-            new_state = json.loads(text)
+            new_state = instance_state.loads(text)
         instance.state = new_state
-        self.max_state_bytes = max(
-            self.max_state_bytes, len(json.dumps(new_state, separators=(",", ":")))
-        )
+        self.max_state_bytes = max(self.max_state_bytes, len(text))
         instance.history.append(type(event).__name__)
         # Effects run in the order the engine emitted them, breadth first: a handler's own
         # effects queue up behind those of the step that called it.

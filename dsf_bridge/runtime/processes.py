@@ -34,6 +34,7 @@ import structlog
 
 from dsf_bridge.dsf.tasks import task_output_task_ids, task_outputs
 from dsf_bridge.dsf.vocabulary import parse_instant
+from dsf_bridge.engine import state as instance_state
 from dsf_bridge.engine.correlation import (
     ALTERNATIVE_BUSINESS_KEY,
     correlate,
@@ -79,8 +80,6 @@ __all__ = ["TAKEN_IN", "DeployedProcess", "ProcessRuntime", "RuntimeSettings"]
 log = structlog.get_logger("dsf_bridge.runtime")
 
 Clock = Callable[[], dt.datetime]
-
-_STATUS = {"run": "running", "done": "completed", "failed": "failed"}
 
 
 def _utcnow() -> dt.datetime:
@@ -285,7 +284,7 @@ class ProcessRuntime:
                     instance_id=instance_id,
                     definition_id=deployed.definition_id,
                     business_key=business_key,
-                    status=_STATUS[result.state["st"]],
+                    status=instance_state.instance_status(result.state).label,
                     state=result.state,
                     now=now,
                 )
@@ -1045,11 +1044,15 @@ class ProcessRuntime:
     ) -> _Pending:
         """Write the new state and the effects' records, all in the caller's transaction."""
         state = result.state
-        status = _STATUS[state["st"]]
+        status = instance_state.instance_status(state).label
         now = self.clock()
         before = set() if fresh else set(_subscription_keys(record.state))
-        alternative = state["vars"].get(ALTERNATIVE_BUSINESS_KEY)
-        alternative_before = None if fresh else record.state["vars"].get(ALTERNATIVE_BUSINESS_KEY)
+        alternative = instance_state.process_variables(state).get(ALTERNATIVE_BUSINESS_KEY)
+        alternative_before = (
+            None
+            if fresh
+            else instance_state.process_variables(record.state).get(ALTERNATIVE_BUSINESS_KEY)
+        )
         if not fresh:
             record = await repo.save_instance(
                 session, record, state=state, status=status, now=now, ended=status != "running"
@@ -1187,16 +1190,18 @@ class ProcessRuntime:
                     session,
                     record,
                     state=state,
-                    status=_STATUS[state["st"]],
+                    status=instance_state.instance_status(state).label,
                     now=now,
-                    ended=state["st"] != "run",
+                    ended=not instance_state.is_running(state),
                 )
                 effects.extend(follow.effects)
                 await repo.replace_subscriptions(session, instance_id, _subscription_keys(state))
-                pending.status = _STATUS[state["st"]]
+                pending.status = instance_state.instance_status(state).label
             elif isinstance(effect, CompleteTasks | FailTasks):
                 incoming = await repo.tasks_of_instance(session, instance_id, "incoming")
-                strays = sorted(task_output_task_ids(state["vars"]) - set(incoming))
+                strays = sorted(
+                    task_output_task_ids(instance_state.process_variables(state)) - set(incoming)
+                )
                 if strays:
                     # add_task_output names a Task this instance did not take in: say so, as
                     # those outputs are written nowhere.
@@ -1211,7 +1216,9 @@ class ProcessRuntime:
                             now=now,
                             payload={
                                 "task_id": task_id,
-                                "outputs": task_outputs(state["vars"], task_id),
+                                "outputs": task_outputs(
+                                    instance_state.process_variables(state), task_id
+                                ),
                             },
                         )
                     else:
@@ -1224,7 +1231,9 @@ class ProcessRuntime:
                             payload={
                                 "task_id": task_id,
                                 "message": effect.message,
-                                "outputs": task_outputs(state["vars"], task_id),
+                                "outputs": task_outputs(
+                                    instance_state.process_variables(state), task_id
+                                ),
                             },
                         )
             elif isinstance(effect, ProcessCompleted | ProcessFailed):

@@ -15,6 +15,7 @@ from typing import Any, TypeVarTuple
 from sqlalchemy import Select, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dsf_bridge.engine import state as instance_state
 from dsf_bridge.store.tables import (
     AuditEvent,
     AuditHead,
@@ -30,6 +31,7 @@ from dsf_bridge.store.tables import (
 
 __all__ = [
     "AuditRow",
+    "IncidentRow",
     "InstanceDetail",
     "InstanceRow",
     "JobRow",
@@ -79,6 +81,16 @@ class WaitRow:
     business_key: str
     correlation_key: str | None
     since: dt.datetime
+
+
+@dataclass(frozen=True)
+class IncidentRow:
+    """An execution whose job used up its retries (read from the engine state)."""
+
+    token: str
+    element_id: str
+    message: str
+    at: dt.datetime | None
 
 
 @dataclass(frozen=True)
@@ -139,6 +151,7 @@ class InstanceDetail:
     # list_audit_events / list_tasks).
     tasks_truncated: bool = False
     audit_truncated: bool = False
+    incidents: tuple[IncidentRow, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -337,9 +350,10 @@ async def instance_detail(session: AsyncSession, instance_id: str) -> InstanceDe
     audit = await list_audit_events(
         session, subjects=[f"instance/{instance_id}", *task_subjects], limit=MAX_PAGE + 1
     )
+    state = dict(row[9])
     return InstanceDetail(
         instance=instance,
-        state=dict(row[9]),
+        state=state,
         version=int(row[10]),
         tasks=tuple(reversed(tasks[:MAX_PAGE])),
         waits=tuple(WaitRow(*wait) for wait in waits),
@@ -349,6 +363,10 @@ async def instance_detail(session: AsyncSession, instance_id: str) -> InstanceDe
         audit=tuple(reversed(audit[:MAX_PAGE])),
         tasks_truncated=len(tasks) > MAX_PAGE,
         audit_truncated=len(audit) > MAX_PAGE,
+        incidents=tuple(
+            IncidentRow(incident.token, incident.element, incident.message, incident.at)
+            for incident in instance_state.incidents(state)
+        ),
     )
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import update
 from dsf_bridge.api import create_app, heartbeat_probe
 from dsf_bridge.config import ApiSettings
 from dsf_bridge.store import Database, append_event
-from dsf_bridge.store.tables import AuditEvent
+from dsf_bridge.store.tables import AuditEvent, ProcessInstance
 from tests.api.seed import KEY, Seeded, seed
 
 TOKEN = "s3cret-token-for-tests"
@@ -130,6 +130,36 @@ async def test_instance_detail_explains_where_it_stands(
     missing = await client.get("/api/v1/instances/nope", headers=AUTH)
     assert missing.status_code == 404
     assert missing.json()["detail"] == "no process instance nope"
+    assert waiting["incidents"] == done["incidents"] == []
+
+
+async def test_instance_detail_lists_incidents(
+    client: httpx.AsyncClient, database: Database, seeded: Seeded
+) -> None:
+    # The engine marks an execution whose job used up its retries with "x" (the instance keeps
+    # running); written here by hand so the API is tested apart from the interpreter.
+    before = (await client.get(f"/api/v1/instances/{seeded.waiting}", headers=AUTH)).json()
+    state = before["state"]
+    token_id = min(state["tk"], key=int)
+    element = state["tk"][token_id]["n"]
+    state["tk"][token_id]["x"] = {"m": "no <answer>", "e": element, "at": "2026-01-01T00:05:00Z"}
+    async with database.transaction() as session:
+        await session.execute(
+            update(ProcessInstance).where(ProcessInstance.id == seeded.waiting).values(state=state)
+        )
+    detail = (await client.get(f"/api/v1/instances/{seeded.waiting}", headers=AUTH)).json()
+    assert detail["incidents"] == [
+        {
+            "token": token_id,
+            "element_id": element,
+            "message": "no <answer>",
+            "at": "2026-01-01T00:05:00Z",
+        }
+    ]
+    assert detail["instance"]["status"] == "running"
+    page = (await client.get(f"/ui/instances/{seeded.waiting}", headers=AUTH)).text
+    assert 'id="incidents"' in page
+    assert "incident: no &lt;answer&gt;" in page
 
 
 async def test_audit_pages_and_verification_detects_tampering(

@@ -92,3 +92,68 @@ def test_wrong_message_name_does_not_match() -> None:
             business_key="bk-2",
             correlation_key=None,
         )
+
+
+def _nested(catch_in: str) -> list[tuple[str, list[MessageSubscription]]]:
+    """An outer subprocess that sets ``correlationKey`` as its input, with the message catch
+    either directly in it (``outer``) or in an inner subprocess (``inner``)."""
+    catch = (
+        '<bpmn:intermediateCatchEvent id="wait"><bpmn:messageEventDefinition messageRef="reply"/>'
+        "</bpmn:intermediateCatchEvent>"
+    )
+    inner_body = '<bpmn:startEvent id="is"/><bpmn:endEvent id="ie"/>'
+    inner_flows = '<bpmn:sequenceFlow id="if1" sourceRef="is" targetRef="ie"/>'
+    outer_body = '<bpmn:startEvent id="os"/><bpmn:endEvent id="oe"/>'
+    outer_flows = ""
+    if catch_in == "inner":
+        inner_body += catch
+        inner_flows = (
+            '<bpmn:sequenceFlow id="if1" sourceRef="is" targetRef="wait"/>'
+            '<bpmn:sequenceFlow id="if2" sourceRef="wait" targetRef="ie"/>'
+        )
+        outer_flows = (
+            '<bpmn:sequenceFlow id="of1" sourceRef="os" targetRef="inner"/>'
+            '<bpmn:sequenceFlow id="of2" sourceRef="inner" targetRef="oe"/>'
+        )
+        outer_body += f'<bpmn:subProcess id="inner">{inner_body}{inner_flows}</bpmn:subProcess>'
+    else:
+        outer_body += catch
+        outer_flows = (
+            '<bpmn:sequenceFlow id="of1" sourceRef="os" targetRef="wait"/>'
+            '<bpmn:sequenceFlow id="of2" sourceRef="wait" targetRef="oe"/>'
+        )
+    definition = model(
+        '<bpmn:startEvent id="s"><bpmn:messageEventDefinition messageRef="start"/>'
+        '</bpmn:startEvent><bpmn:subProcess id="outer"><bpmn:extensionElements>'
+        '<camunda:inputOutput><camunda:inputParameter name="correlationKey">k-outer'
+        "</camunda:inputParameter></camunda:inputOutput></bpmn:extensionElements>"
+        f"{outer_body}{outer_flows}</bpmn:subProcess><bpmn:endEvent id='e'/>"
+        '<bpmn:sequenceFlow id="f1" sourceRef="s" targetRef="outer"/>'
+        '<bpmn:sequenceFlow id="f2" sourceRef="outer" targetRef="e"/>',
+        extra='<bpmn:message id="reply" name="reply"/>',
+    )
+    state = start(definition, Start("start", "bk-n", NOW)).state
+    return [("nested", message_subscriptions(state))]
+
+
+def test_correlation_key_of_the_immediate_scope_correlates() -> None:
+    instances = _nested("outer")
+    assert [s.correlation_key for s in instances[0][1]] == ["k-outer"]
+    instance, _ = correlate(
+        instances, message_name="reply", business_key="bk-n", correlation_key="k-outer"
+    )
+    assert instance == "nested"
+
+
+def test_correlation_key_of_an_outer_scope_does_not_correlate() -> None:
+    # Camunda's localVariableEquals sees the waiting execution's own variables only: the
+    # token waits in the inner subprocess, the key is a local of the outer one.
+    instances = _nested("inner")
+    assert [s.correlation_key for s in instances[0][1]] == [None]
+    with pytest.raises(CorrelationError, match="0 waiting executions"):
+        correlate(instances, message_name="reply", business_key="bk-n", correlation_key="k-outer")
+    # Without a correlation key the business key alone still finds it.
+    instance, _ = correlate(
+        instances, message_name="reply", business_key="bk-n", correlation_key=None
+    )
+    assert instance == "nested"

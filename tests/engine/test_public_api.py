@@ -16,6 +16,7 @@ from dsf_bridge.errors import ProcessExecutionError, ProcessModelError
         "dsf_bridge.engine",
         "dsf_bridge.engine.events",
         "dsf_bridge.engine.exceptions",
+        "dsf_bridge.engine.state",
         "dsf_bridge.plugins",
         "dsf_bridge.plugins.registry",
         "dsf_bridge.plugins.testing",

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from dsf_bridge.engine import CorrelationError, load_process
 from dsf_bridge.errors import RemoteError
-from dsf_bridge.plugins.registry import BpmnError, HandlerContext, HandlerRegistry, SendContext
+from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry, SendContext
 from dsf_bridge.runtime.ports import OutgoingTask, UserTaskRequest
 from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
 from dsf_bridge.store import Database, verify_chain
@@ -116,7 +116,7 @@ def handlers(calls: Calls, *, alternative_business_key: bool = False) -> Handler
     @registry.service("org.test.HandleTimeout")
     def handle_timeout(ctx: HandlerContext) -> None:
         calls.timeouts += 1
-        raise BpmnError("timeout", "no reply within 5 minutes")
+        raise RuntimeError("timeout: no reply within 5 minutes")
 
     return registry
 
@@ -231,20 +231,26 @@ async def test_unknown_business_key_does_not_correlate(
         await runtime.correlate(message_name="reply", business_key="nobody", task_id="x")
 
 
-async def test_failed_async_handler_is_retried_by_the_retry_cycle(
+async def test_a_failing_handler_is_fatal_as_in_dsf_even_at_an_async_element(
     database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
 ) -> None:
+    """DSF's delegate wrapper catches the exception: Tasks failed, instance ended, no retry."""
     calls.prepare_failures = 2
     runtime = await _runtime(database, gateway, clock, calls)
-    await runtime.start(KEY, message_name="start", business_key="bk-3")
+    instance_id = await runtime.start(KEY, message_name="start", business_key="bk-3", task_id="t3")
     await runtime.run_until_idle()
-    assert calls.prepare == 1
-    assert gateway.sent == []
     for _ in range(2):
         clock.advance(seconds=10)
         await runtime.run_until_idle()
-    assert calls.prepare == 3
-    assert len(gateway.sent) == 1
+    assert calls.prepare == 1
+    assert gateway.sent == []
+    assert await _status(database, instance_id) == "failed"
+    ((task_id, message),) = gateway.failed
+    assert task_id == "t3"
+    assert message == (
+        "Process testorg_requestReply has fatal error in step Prepare, "
+        "reason: archive not reachable"
+    )
 
 
 async def test_send_is_retried_on_transient_errors_and_delivered_once(
@@ -531,24 +537,43 @@ async def _run_for(runtime: ProcessRuntime, clock: Clock, seconds: int) -> None:
     await runtime.run_until_idle()
 
 
-async def test_task_outputs_keep_their_order_and_a_retried_attempt_leaves_none(
+async def test_task_outputs_keep_their_order(
     database: Database, gateway: FakeGateway, clock: Clock
 ) -> None:
     """On both stores (PostgreSQL's JSONB keeps no key order): the outputs come out in the
-    order they were added; the two failed attempts' outputs are dropped with their retry."""
-    attempts: list[int] = []
+    order they were added."""
+    attempts: list[int] = [1, 2]  # the handler succeeds at once
     runtime = await _outputs_runtime(database, gateway, clock, attempts)
     instance_id = await runtime.start(
         "testorg_outputs", message_name="start", business_key="bk-o", task_id="start-task"
     )
-    await _run_for(runtime, clock, 10)
-    assert len(attempts) == 3
+    await _run_for(runtime, clock, 2)
     assert len(gateway.user_tasks) == 1  # waits at the user task now
     await runtime.complete_user_task(gateway.user_tasks[0].user_task_id, {})
     await runtime.run_until_idle()
     assert await _status(database, instance_id) == "completed"
     texts = [o["valueString"] for o in gateway.outputs["start-task"]]
     assert texts == ["attempt 3", *(f"value {n}" for n in range(12))]
+
+
+async def test_a_failing_handlers_outputs_go_with_the_failing_put(
+    database: Database, gateway: FakeGateway, clock: Clock
+) -> None:
+    """As a DSF delegate's error handling: what the handler added before it raised is written
+    with the PUT that fails the Task, in order, after DSF's error output."""
+    attempts: list[int] = []
+    runtime = await _outputs_runtime(database, gateway, clock, attempts)
+    instance_id = await runtime.start(
+        "testorg_outputs", message_name="start", business_key="bk-f", task_id="start-task"
+    )
+    await _run_for(runtime, clock, 5)
+    assert len(attempts) == 1
+    assert await _status(database, instance_id) == "failed"
+    ((task_id, message),) = gateway.failed
+    assert task_id == "start-task"
+    assert message.endswith("reason: archive not reachable (1)")
+    texts = [o["valueString"] for o in gateway.outputs["start-task"]]
+    assert texts == ["attempt 1", *(f"value {n}" for n in range(12))]
 
 
 class FlakyLocalServer(FakeGateway):
