@@ -9,6 +9,7 @@ configuration.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import signal
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,7 @@ from dsf_bridge.logs import configure_logging
 from dsf_bridge.plugins.api import ProcessPlugin
 from dsf_bridge.plugins.commands import plugins_app
 from dsf_bridge.plugins.loader import discover_plugins
+from dsf_bridge.runtime import operations
 from dsf_bridge.runtime.daemon import Bridge
 from dsf_bridge.sandbox.commands import sandbox_app
 from dsf_bridge.sandbox.demo import run_demo
@@ -62,10 +64,15 @@ api_app = typer.Typer(
     help="The admin HTTP API and web page (health, readiness, metrics, audit).",
     no_args_is_help=True,
 )
+instances_app = typer.Typer(
+    help="Incidents of process instances: list them, retry one, cancel an instance.",
+    no_args_is_help=True,
+)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
 app.add_typer(api_app, name="api")
+app.add_typer(instances_app, name="instances")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(sandbox_app, name="sandbox")
 
@@ -139,6 +146,15 @@ def _require_existing_database(url: str) -> None:
     path = sqlite_path(url)
     if path is not None and not path.exists():
         raise ConfigError(f"db.url: SQLite database {path} does not exist", field="db.url")
+
+
+def _require_schema(url: str) -> None:
+    """An existing database with our schema, or a ConfigError saying what to run."""
+    _require_existing_database(url)
+    if schema.schema_status(url, read_only=True).current is None:
+        raise ConfigError(
+            f"{redact_url(url)}: no schema; run 'dsf-bridge db upgrade' first", field="db.url"
+        )
 
 
 def _toml_value(value: Any) -> str:
@@ -241,13 +257,7 @@ def audit_verify(ctx: typer.Context, db_url: DbUrlOption = None) -> None:
             await database.dispose()
 
     try:
-        _require_existing_database(settings.db.url)
-        status = schema.schema_status(settings.db.url, read_only=True)
-        if status.current is None:
-            raise ConfigError(
-                f"{redact_url(settings.db.url)}: no schema; run 'dsf-bridge db upgrade' first",
-                field="db.url",
-            )
+        _require_schema(settings.db.url)
         report = asyncio.run(run())
     except BridgeError as exc:
         raise _fail(exc) from exc
@@ -257,6 +267,94 @@ def audit_verify(ctx: typer.Context, db_url: DbUrlOption = None) -> None:
         )
         raise typer.Exit(EXIT_FAILED)
     typer.echo(f"audit chain intact: {report.events} events, head {report.head_hash}")
+
+
+def _with_store(
+    ctx: typer.Context, db_url: str | None, work: Callable[[Any], Awaitable[Any]]
+) -> Any:
+    """Run ``work(session)`` in one transaction of the configured, migrated store."""
+    settings = _settings(ctx, db_url)
+
+    async def run() -> Any:
+        database = Database(settings.db.url, echo=settings.db.echo)
+        try:
+            async with database.transaction() as session:
+                return await work(session)
+        finally:
+            await database.dispose()
+
+    try:
+        _require_schema(settings.db.url)
+        return asyncio.run(run())
+    except BridgeError as exc:
+        raise _fail(exc) from exc
+
+
+@instances_app.command("incidents")
+def instances_incidents(
+    ctx: typer.Context,
+    db_url: DbUrlOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the incidents of running instances: jobs out of retries, loops without a wait."""
+    found = _with_store(ctx, db_url, operations.list_incidents)
+    if as_json:
+        rows = [
+            {
+                "instance": i.instance_id,
+                "process": i.process,
+                "token": i.token,
+                "element": i.element,
+                "message": i.message,
+                "at": i.at.isoformat() if i.at else None,
+            }
+            for i in found
+        ]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not found:
+        typer.echo("no incidents")
+    for i in found:
+        typer.echo(f"{i.instance_id} {i.process} token {i.token} at {i.element}: {i.message}")
+
+
+@instances_app.command("retry")
+def instances_retry(
+    ctx: typer.Context,
+    instance: Annotated[str, typer.Argument(help="Instance id.")],
+    token: Annotated[str, typer.Argument(help="Token of the incident (see 'incidents').")],
+    retries: Annotated[int, typer.Option(help="New tries for the job.", min=1, max=100)] = 1,
+    db_url: DbUrlOption = None,
+) -> None:
+    """Give the job parked in an incident new tries; the bridge runs it again from there."""
+
+    async def work(session: Any) -> int:
+        return await operations.request_retry(
+            session, instance, token, retries=retries, actor="cli", now=dt.datetime.now(dt.UTC)
+        )
+
+    job = _with_store(ctx, db_url, work)
+    typer.echo(f"queued: {retries} new tries for token {token} of {instance} (job {job})")
+
+
+@instances_app.command("cancel")
+def instances_cancel(
+    ctx: typer.Context,
+    instance: Annotated[str, typer.Argument(help="Instance id.")],
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why; the instance's Tasks are failed with it.")
+    ],
+    db_url: DbUrlOption = None,
+) -> None:
+    """Cancel a running instance; the Tasks it took in are failed with the reason."""
+
+    async def work(session: Any) -> int:
+        return await operations.request_cancel(
+            session, instance, reason=reason, actor="cli", now=dt.datetime.now(dt.UTC)
+        )
+
+    job = _with_store(ctx, db_url, work)
+    typer.echo(f"queued: cancel {instance} (job {job})")
 
 
 @app.command("run")

@@ -36,6 +36,9 @@ def test_help_lists_the_commands() -> None:
         ("db", "current"),
         ("audit", "verify"),
         ("config", "show"),
+        ("instances", "incidents"),
+        ("instances", "retry"),
+        ("instances", "cancel"),
     ):
         sub_help = run(group, sub, "--help")
         assert sub_help.returncode == 0, sub_help.stderr

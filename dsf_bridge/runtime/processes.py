@@ -51,6 +51,8 @@ from dsf_bridge.engine.events import (
     FailTasks,
     HandlerCompleted,
     HandlerFailed,
+    IncidentRetried,
+    InstanceCancelled,
     JobDue,
     MessageReceived,
     ProcessCompleted,
@@ -71,6 +73,7 @@ from dsf_bridge.errors import BridgeError, ConcurrencyError, ProcessExecutionErr
 from dsf_bridge.logs import bound_context
 from dsf_bridge.plugins.invocation import invoke
 from dsf_bridge.plugins.registry import HandlerRegistry
+from dsf_bridge.runtime.operations import OPERATOR_JOB
 from dsf_bridge.runtime.ports import OutgoingTask, TaskGateway, UserTaskRequest
 from dsf_bridge.store import Database, Session, append_event
 from dsf_bridge.store import repository as repo
@@ -129,6 +132,7 @@ class _Pending:
     instance_id: str
     status: str
     effects: list[str] = field(default_factory=list)
+    incidents: list[str] = field(default_factory=list)
 
 
 _REMEMBERED_INSTANCES = 10_000
@@ -686,6 +690,9 @@ class ProcessRuntime:
         if job.kind == "signal":
             await self._deliver_signal(job, instance_id)
             return
+        if job.kind == OPERATOR_JOB:
+            await self._run_operator(job, instance_id)
+            return
         deployed = await self._deployed_for(instance_id)
         if job.kind == "handler":
             effect = CallHandler(
@@ -713,6 +720,44 @@ class ProcessRuntime:
             await self._prepare_send(job, instance_id, deployed)
             return
         raise ProcessExecutionError(f"unknown job kind {job.kind!r}")  # pragma: no cover
+
+    async def _run_operator(self, job: repo.ClaimedJob, instance_id: str) -> None:
+        """Apply an operator's request (see :mod:`dsf_bridge.runtime.operations`)."""
+        payload = job.payload
+        actor = str(payload.get("actor") or "operator")
+        make_event: Callable[[dt.datetime], Event]
+        if payload.get("op") == "retry":
+            token, retries = str(payload["token"]), int(payload["retries"])
+            reason = f"{actor}: {retries} new tries for the incident at token {token}"
+
+            def make_event(now: dt.datetime) -> Event:
+                return IncidentRetried(token, now, retries)
+
+            action = "incident.retried"
+        else:
+            reason = f"Process instance cancelled by {actor}: {payload['reason']}"
+
+            def make_event(now: dt.datetime) -> Event:
+                return InstanceCancelled(now, reason)
+
+            action = "instance.cancelled"
+        try:
+            await self._apply_event(
+                instance_id, make_event, action=action, reason=reason, job_id=job.id
+            )
+        except ProcessExecutionError as exc:
+            # It no longer applies (retried meanwhile, ended): say so and drop it, no retry.
+            async with self.database.transaction() as session:
+                await append_event(
+                    session,
+                    actor=actor,
+                    subject=f"instance/{instance_id}",
+                    action="operator.refused",
+                    reason=f"{action}: {exc}",
+                    payload=dict(payload),
+                )
+                await repo.complete_job(session, job.id, self.owner)
+            log.warning("operator.refused", instance_id=instance_id, action=action, error=str(exc))
 
     async def _deliver_signal(self, job: repo.ClaimedJob, instance_id: str) -> None:
         """Give an instance a signal thrown by another one, deciding in the transaction that
@@ -1047,6 +1092,7 @@ class ProcessRuntime:
         status = instance_state.instance_status(state).label
         now = self.clock()
         before = set() if fresh else set(_subscription_keys(record.state))
+        known = set() if fresh else {i.token for i in instance_state.incidents(record.state)}
         alternative = instance_state.process_variables(state).get(ALTERNATIVE_BUSINESS_KEY)
         alternative_before = (
             None
@@ -1069,6 +1115,18 @@ class ProcessRuntime:
                 # is due now that the instance waits again.
                 await repo.hasten_jobs(session, instance_id, "signal", now)
         pending = _Pending(instance_id, status)
+        for incident in instance_state.incidents(state):
+            if incident.token not in known:
+                # A job out of retries, or a loop without a wait state: an operator decides.
+                await append_event(
+                    session,
+                    actor=self.owner,
+                    subject=f"instance/{instance_id}",
+                    action="incident.created",
+                    reason=f"at {incident.element}: {incident.message}",
+                    payload={"token": incident.token, "element": incident.element},
+                )
+                pending.incidents.append(incident.element)
         effects = list(result.effects)
         while effects:
             effect = effects.pop(0)
@@ -1272,6 +1330,8 @@ class ProcessRuntime:
     def _after_commit(self, pending: _Pending) -> None:
         if pending.effects:
             self._wakeup.set()
+        for element in pending.incidents:  # the message is in the audit trail and the API
+            log.warning("incident.created", instance_id=pending.instance_id, element=element)
         log.info(
             "instance.stepped",
             instance_id=pending.instance_id,

@@ -1,0 +1,194 @@
+"""Incidents through the durable runtime, on both databases: a job out of retries parks, the
+instance and its other branch go on, an operator lists it, retries it or cancels the instance,
+and every step is in the audit trail."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from dsf_bridge.engine import load_process
+from dsf_bridge.errors import ProcessExecutionError
+from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
+from dsf_bridge.runtime import operations
+from dsf_bridge.runtime.processes import ProcessRuntime
+from dsf_bridge.store import Database
+from dsf_bridge.store.tables import AuditEvent
+from tests.runtime.test_processes import FAST, Clock, FakeGateway, _status
+from tests.test_cli import run
+
+KEY = "testorg_incident"
+MODEL = b"""<?xml version="1.0" encoding="UTF-8"?>
+<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"
+    xmlns:camunda="http://camunda.org/schema/1.0/bpmn" id="incident"
+    targetNamespace="http://bpmn.io/schema/bpmn">
+  <bpmn:process id="testorg_incident" isExecutable="true" camunda:versionTag="1.0">
+    <bpmn:startEvent id="Start"><bpmn:messageEventDefinition messageRef="m_start" />
+    </bpmn:startEvent>
+    <bpmn:parallelGateway id="Fork" />
+    <bpmn:exclusiveGateway id="Choose" camunda:asyncBefore="true">
+      <bpmn:extensionElements>
+        <camunda:failedJobRetryTimeCycle>R2/PT10S</camunda:failedJobRetryTimeCycle>
+      </bpmn:extensionElements>
+    </bpmn:exclusiveGateway>
+    <bpmn:serviceTask id="Work" camunda:class="org.test.Work" />
+    <bpmn:receiveTask id="Wait" messageRef="m_go" />
+    <bpmn:parallelGateway id="Join" />
+    <bpmn:endEvent id="End" /><bpmn:endEvent id="Skip" />
+    <bpmn:sequenceFlow id="f1" sourceRef="Start" targetRef="Fork" />
+    <bpmn:sequenceFlow id="f2" sourceRef="Fork" targetRef="Choose" />
+    <bpmn:sequenceFlow id="f3" sourceRef="Fork" targetRef="Wait" />
+    <bpmn:sequenceFlow id="f4" sourceRef="Choose" targetRef="Work">
+      <bpmn:conditionExpression>${mode == 'run'}</bpmn:conditionExpression>
+    </bpmn:sequenceFlow>
+    <bpmn:sequenceFlow id="f5" sourceRef="Choose" targetRef="Skip">
+      <bpmn:conditionExpression>${mode == 'skip'}</bpmn:conditionExpression>
+    </bpmn:sequenceFlow>
+    <bpmn:sequenceFlow id="f6" sourceRef="Work" targetRef="Join" />
+    <bpmn:sequenceFlow id="f7" sourceRef="Wait" targetRef="Join" />
+    <bpmn:sequenceFlow id="f8" sourceRef="Join" targetRef="End" />
+  </bpmn:process>
+  <bpmn:message id="m_start" name="start" />
+  <bpmn:message id="m_go" name="go" />
+</bpmn:definitions>
+"""
+
+
+@pytest.fixture(name="clock")
+def _clock() -> Clock:
+    return Clock()
+
+
+async def _runtime(database: Database, gateway: FakeGateway, clock: Clock) -> ProcessRuntime:
+    registry = HandlerRegistry()
+
+    @registry.service("org.test.Work")
+    def work(ctx: HandlerContext) -> None:
+        ctx.set("worked", True)
+
+    runtime = ProcessRuntime(database, gateway, owner="a", clock=clock, settings=FAST)
+    definition = load_process(MODEL, "incident.bpmn", resource_version="1.0")
+    await runtime.deploy(definition, registry, plugin="test", model_hash="i" * 64)
+    return runtime
+
+
+async def _until_incident(
+    runtime: ProcessRuntime, database: Database, clock: Clock
+) -> list[operations.IncidentListing]:
+    for _ in range(5):
+        await runtime.run_until_idle()
+        clock.advance(seconds=10)
+    async with database.transaction() as session:
+        return await operations.list_incidents(session)
+
+
+async def _actions(database: Database) -> list[str]:
+    async with database.transaction() as session:
+        return list((await session.scalars(select(AuditEvent.action))).all())
+
+
+async def test_an_incident_is_listed_retried_by_an_operator_and_the_instance_ends(
+    database: Database, clock: Clock
+) -> None:
+    gateway = FakeGateway()
+    runtime = await _runtime(database, gateway, clock)
+    instance_id = await runtime.start(
+        KEY, message_name="start", business_key="bk-i", task_id="t-i", variables={"mode": "idle"}
+    )
+    [incident] = await _until_incident(runtime, database, clock)
+    assert (incident.instance_id, incident.process, incident.element) == (
+        instance_id,
+        KEY,
+        "Choose",
+    )
+    assert "exclusive gateway 'Choose'" in incident.message
+    assert await _status(database, instance_id) == "running"
+    assert (await _actions(database)).count("job.continued") == 2  # R2: two tries in all
+    assert "incident.created" in await _actions(database)
+    # The other branch goes on and changes what the gateway will see.
+    await runtime.correlate(
+        message_name="go", business_key="bk-i", task_id="t-go", variables={"mode": "run"}
+    )
+    async with database.transaction() as session:
+        with pytest.raises(ProcessExecutionError, match="no incident at token '99'"):
+            await operations.request_retry(
+                session, instance_id, "99", retries=1, actor="test", now=clock()
+            )
+        await operations.request_retry(
+            session, instance_id, incident.token, retries=1, actor="test", now=clock()
+        )
+    await runtime.run_until_idle()
+    assert await _status(database, instance_id) == "completed"
+    assert sorted(gateway.completed) == ["t-go", "t-i"]
+    assert "incident.retried" in await _actions(database)
+
+
+async def test_an_operator_cancels_an_instance_and_its_tasks_fail_with_the_reason(
+    database: Database, clock: Clock
+) -> None:
+    gateway = FakeGateway()
+    runtime = await _runtime(database, gateway, clock)
+    instance_id = await runtime.start(
+        KEY, message_name="start", business_key="bk-c", task_id="t-c", variables={"mode": "idle"}
+    )
+    await _until_incident(runtime, database, clock)
+    async with database.transaction() as session:
+        with pytest.raises(ProcessExecutionError, match="give a reason"):
+            await operations.request_cancel(
+                session, instance_id, reason="  ", actor="test", now=clock()
+            )
+        await operations.request_cancel(
+            session, instance_id, reason="wrong study", actor="test", now=clock()
+        )
+    await runtime.run_until_idle()
+    assert await _status(database, instance_id) == "failed"
+    [(task, message)] = gateway.failed
+    assert task == "t-c"
+    assert message == "Process instance cancelled by test: wrong study"
+    async with database.transaction() as session:
+        assert await operations.list_incidents(session) == []
+        with pytest.raises(ProcessExecutionError, match="already ended"):
+            await operations.request_cancel(
+                session, instance_id, reason="again", actor="test", now=clock()
+            )
+
+
+async def test_the_command_line_lists_retries_and_cancels(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'bridge.db'}"
+    assert (await asyncio.to_thread(run, "db", "upgrade", "--db-url", url)).returncode == 0
+    database = Database(url)
+    fake_clock = Clock()
+    try:
+        runtime = await _runtime(database, FakeGateway(), fake_clock)
+        instance_id = await runtime.start(
+            KEY, message_name="start", business_key="bk-x", variables={"mode": "idle"}
+        )
+        [incident] = await _until_incident(runtime, database, fake_clock)
+    finally:
+        await database.dispose()
+
+    listed = await asyncio.to_thread(run, "instances", "incidents", "--json", "--db-url", url)
+    assert listed.returncode == 0, listed.stderr
+    [row] = json.loads(listed.stdout)
+    assert (row["instance"], row["token"], row["element"]) == (
+        instance_id,
+        incident.token,
+        "Choose",
+    )
+    wrong = await asyncio.to_thread(run, "instances", "retry", instance_id, "99", "--db-url", url)
+    assert wrong.returncode == 1
+    assert "no incident at token '99'" in wrong.stderr
+    retried = await asyncio.to_thread(
+        run, "instances", "retry", instance_id, incident.token, "--retries", "2", "--db-url", url
+    )
+    assert retried.returncode == 0, retried.stderr
+    assert "queued: 2 new tries" in retried.stdout
+    no_reason = await asyncio.to_thread(
+        run, "instances", "cancel", instance_id, "--reason", " ", "--db-url", url
+    )
+    assert no_reason.returncode == 1
+    assert "give a reason" in no_reason.stderr
