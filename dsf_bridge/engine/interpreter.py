@@ -178,9 +178,10 @@ def step(definition: ProcessDefinition, state: Mapping[str, Any] | None, event: 
             )
         return Step(run.state, ())
     handler = _DISPATCH[type(event)]
-    # A step that a Task or a job started is a transaction of its own in Camunda: an engine
-    # error in it (an expression, a gateway without a way on) undoes it instead of failing the
-    # instance. The Task fails with the error; the job is retried, then becomes an incident.
+    # A step that a Task, a completed user task or a job started is a transaction of its own
+    # in Camunda: an engine error in it (an expression, a gateway without a way on) undoes it
+    # instead of failing the instance. The Task fails with the error (the user task stays
+    # open); the job is retried, then becomes an incident.
     run.rollback = type(event) in _ROLLBACK_EVENTS
     try:
         handler(run, event)
@@ -189,7 +190,7 @@ def step(definition: ProcessDefinition, state: Mapping[str, Any] | None, event: 
     except CorrelationError:
         raise
     except ProcessExecutionError as exc:
-        if isinstance(event, MessageReceived):
+        if isinstance(event, MessageReceived | UserTaskCompleted):
             raise RolledBackError(exc.message) from exc
         if isinstance(event, JobDue):
             return _job_failed(definition, state, event, exc.message)
@@ -1294,7 +1295,7 @@ _BEHAVIOUR: dict[NodeKind, Any] = {
     NodeKind.SUB_PROCESS: _Run.sub_process,
 }
 
-_ROLLBACK_EVENTS = frozenset({MessageReceived, JobDue})
+_ROLLBACK_EVENTS = frozenset({MessageReceived, JobDue, UserTaskCompleted})
 
 _DISPATCH: dict[type, Any] = {
     MessageReceived: _Run.on_message,

@@ -36,7 +36,7 @@ from dsf_bridge.dsf.organization import LocalOrganization, find_local_organizati
 from dsf_bridge.dsf.publication import publish
 from dsf_bridge.dsf.subscription import TaskSubscription
 from dsf_bridge.dsf.versions import DsfRelease, server_release
-from dsf_bridge.errors import ConfigError, MigrationError
+from dsf_bridge.errors import ConfigError, MigrationError, ProcessExecutionError
 from dsf_bridge.plugins.api import LoadedPlugin, ProcessPlugin
 from dsf_bridge.plugins.inference import SERVICE_DICOMWEB_SSL_CONTEXT, SERVICE_OMI_SETTINGS
 from dsf_bridge.plugins.registry import SERVICE_FHIR_CLIENT, SERVICE_LOCAL_ORGANIZATION
@@ -203,7 +203,13 @@ class Bridge:
         user_task_id = answers.pop(QUESTIONNAIRE_ITEM_USER_TASK_ID, None)
         if not isinstance(user_task_id, str):
             return  # not one of ours
-        await self.runtime.complete_user_task(user_task_id, answers)
+        try:
+            await self.runtime.complete_user_task(user_task_id, answers)
+        except ProcessExecutionError as exc:
+            # As DSF's QuestionnaireResponseHandler: "Unable to complete UserTask", logged, the
+            # response left as it is (no such instance any more, or the step was undone).
+            log.warning("user_task.not_completed", user_task_id=user_task_id, error=str(exc))
+            return
         response["status"] = "amended"
         version = int((response.get("meta") or {}).get("versionId") or 0)
         await self.client.update(response, if_match=version, return_minimal=True)

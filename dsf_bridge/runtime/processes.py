@@ -1205,15 +1205,11 @@ class ProcessRuntime:
                     },
                 )
             elif isinstance(effect, CancelUserTask):
-                user_task_id = f"{instance_id}/{effect.token}"
-                await repo.enqueue_outbox(
-                    session,
-                    idempotency_key=f"cancel-user-task:{user_task_id}:{record.version}",
-                    kind="cancel-user-task",
-                    instance_id=instance_id,
-                    now=now,
-                    payload={"user_task_id": user_task_id},
-                )
+                # As the DSF BPE: it registers only a 'create' task listener, so the
+                # QuestionnaireResponse of a cancelled user task stays as it is (in-progress);
+                # completing it later reaches no user task and is only logged. (Outbox entries
+                # of kind 'cancel-user-task' queued by earlier versions are still performed.)
+                continue
             elif isinstance(effect, ThrowSignal):
                 # A broadcast, as in Camunda: every instance waiting for the signal, of any
                 # process, gets it. The others by a job each (their own transaction, retried

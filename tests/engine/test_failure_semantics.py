@@ -31,6 +31,7 @@ from dsf_bridge.engine.events import (
     MessageReceived,
     ScheduleJob,
     Start,
+    UserTaskCompleted,
 )
 from dsf_bridge.engine.exceptions import RolledBackError
 from dsf_bridge.errors import ProcessExecutionError
@@ -310,3 +311,24 @@ def test_a_loop_without_a_wait_state_stops_with_an_incident_naming_it() -> None:
     retried = step(definition, first.state, IncidentRetried(tid, NOW, 1))
     again = step(definition, retried.state, JobDue(tid, NOW))
     assert "x" in again.state["tk"][tid]
+
+
+def test_an_engine_error_after_a_completed_user_task_is_rolled_back() -> None:
+    """DSF's QuestionnaireResponseHandler completes the user task in one engine call: an error
+    in it undoes the call, so the user task stays open (the handler only logs)."""
+    definition = model(
+        START
+        + '<bpmn:userTask id="ask" camunda:formKey="http://x.org/fhir/Questionnaire/q|1.0"/>'
+        + '<bpmn:exclusiveGateway id="choose"/>'
+        + '<bpmn:endEvent id="e"/><bpmn:endEvent id="e2"/>'
+        + _flow("f1", "s", "ask")
+        + _flow("f2", "ask", "choose")
+        + _flow("f3", "choose", "e", "${answer == 'yes'}")
+        + _flow("f4", "choose", "e2", "${answer == 'no'}")
+    )
+    first = start(definition, Start("start", "bk", NOW))
+    [token] = first.state["tk"]
+    with pytest.raises(RolledBackError, match="'answer'"):
+        step(definition, first.state, UserTaskCompleted(token, NOW))
+    done = step(definition, first.state, UserTaskCompleted(token, NOW, {"answer": "no"}))
+    assert done.state["st"] == "done"

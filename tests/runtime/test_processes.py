@@ -56,6 +56,7 @@ class FakeGateway:
     user_tasks: list[UserTaskRequest] = field(default_factory=list)
     failures: list[Exception] = field(default_factory=list)
     send_attempts: int = 0
+    cancelled_user_tasks: list[str] = field(default_factory=list)
 
     async def send_task(self, task: OutgoingTask) -> str:
         self.send_attempts += 1
@@ -81,7 +82,7 @@ class FakeGateway:
         return f"QuestionnaireResponse/{len(self.user_tasks)}"
 
     async def cancel_user_task(self, user_task_id: str) -> None:
-        return None
+        self.cancelled_user_tasks.append(user_task_id)
 
 
 @dataclass
@@ -605,6 +606,43 @@ async def test_a_local_server_outage_does_not_fail_a_user_task(
     assert len(gateway.user_tasks) == 1
     assert await _status(database, instance_id) == "running"
     assert gateway.failed == []
+
+
+async def test_a_user_task_ended_by_its_boundary_event_leaves_its_response_as_dsf(
+    database: Database, gateway: FakeGateway, clock: Clock
+) -> None:
+    """DSF registers only a 'create' task listener: the QuestionnaireResponse of a user task
+    that a boundary event ended is left as it is; the bridge sends nothing for it."""
+    registry = HandlerRegistry()
+
+    @registry.service("org.test.Work")
+    def work(ctx: HandlerContext) -> None:
+        return None
+
+    late = _OUTPUTS_MODEL.replace(
+        b'<bpmn:endEvent id="End">',
+        b'<bpmn:boundaryEvent id="Late" attachedToRef="Ask"><bpmn:timerEventDefinition>'
+        b"<bpmn:timeDuration>PT1M</bpmn:timeDuration></bpmn:timerEventDefinition>"
+        b'</bpmn:boundaryEvent><bpmn:endEvent id="Gone" />'
+        b'<bpmn:sequenceFlow id="f4" sourceRef="Late" targetRef="Gone" />'
+        b'<bpmn:endEvent id="End">',
+    )
+    runtime = ProcessRuntime(database, gateway, owner="a", clock=clock, settings=FAST)
+    await runtime.deploy(
+        load_process(late, "late.bpmn", resource_version="1.0"),
+        registry,
+        plugin="test",
+        model_hash="l" * 64,
+    )
+    instance_id = await runtime.start(
+        "testorg_outputs", message_name="start", business_key="bk-l", task_id="start-task"
+    )
+    await _run_for(runtime, clock, 5)
+    assert len(gateway.user_tasks) == 1
+    clock.advance(minutes=2)
+    await _run_for(runtime, clock, 2)
+    assert await _status(database, instance_id) == "completed"
+    assert gateway.cancelled_user_tasks == []
 
 
 async def test_a_reply_to_a_task_sent_with_the_alternative_business_key_reaches_its_instance(
