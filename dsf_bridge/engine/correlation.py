@@ -67,9 +67,8 @@ def message_subscriptions(state: Mapping[str, Any]) -> list[MessageSubscription]
     result: list[MessageSubscription] = []
     for tid, element, name in instance_state.message_waits(state):
         correlation_key = _correlation_key(state, tid)
-        result.extend(
-            MessageSubscription(name, each, correlation_key, tid, element) for each in keys
-        )
+        for each in keys:
+            result.append(MessageSubscription(name, each, correlation_key, tid, element))
     return result
 
 

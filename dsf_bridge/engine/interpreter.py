@@ -292,8 +292,8 @@ class _Run:
         # Elements entered in this step, then per token once that is suspiciously many, and
         # the last ones of a suspect token.
         self.moved = 0
-        self.moves: dict[str, int] = {}
-        self.trace: dict[str, list[str]] = {}
+        self.moves: dict[str, int] | None = None
+        self.trace: dict[str, list[str]] | None = None
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -317,13 +317,17 @@ class _Run:
         """
         pending = self.pending
         tokens = self.tokens
+        moved = self.moved
         while pending:
             tid = pending.popleft()
             if tid in tokens and self.state["st"] == "run":
-                self.moved += 1
-                if self.moved > _LOOP_BOUND and self.looping(tid):
-                    continue
+                moved += 1
+                if moved > _LOOP_BOUND:
+                    self.moved = moved
+                    if self.looping(tid):
+                        continue
                 self.enter(tid)
+        self.moved = moved
 
     def looping(self, tid: str) -> bool:
         """Watch the tokens of a step that has moved suspiciously often; park one that keeps
@@ -334,6 +338,8 @@ class _Run:
         cycle: its last elements name it. Many tokens that move a few times each (a large
         multi-instance) never trip it.
         """
+        if self.moves is None or self.trace is None:
+            self.moves, self.trace = {}, {}
         moves = self.moves
         count = moves.get(tid, 0) + 1
         moves[tid] = count
@@ -546,19 +552,21 @@ class _Run:
         self.wait_started(token)
 
     def event_gateway(self, tid: str, token: dict[str, Any], node: Node) -> None:
-        # A conditional event behind the gateway whose condition already holds wins at once,
-        # before any other event is subscribed (Camunda evaluates it on subscribing).
-        for target_id in node.targets:
-            target = self.d.nodes[target_id]
-            if target.event is EventKind.CONDITIONAL and _truthy(
-                _need(target.condition)(self.view(token))
-            ):
-                token["n"] = target_id
-                self.leave(tid)
-                return
+        nodes = self.d.nodes
+        if self.d.has_conditionals:
+            # A conditional event behind the gateway whose condition already holds wins at
+            # once, before any other event is subscribed (Camunda evaluates it on subscribing).
+            for target_id in node.targets:
+                target = nodes[target_id]
+                if target.event is EventKind.CONDITIONAL and _truthy(
+                    _need(target.condition)(self.view(token))
+                ):
+                    token["n"] = target_id
+                    self.leave(tid)
+                    return
         entries = []
         for target_id in node.targets:
-            target = self.d.nodes[target_id]
+            target = nodes[target_id]
             if target.event is EventKind.CONDITIONAL:
                 entries.append([target_id, "c", ""])
                 continue
@@ -1001,23 +1009,27 @@ class _Run:
 
     def on_message(self, event: MessageReceived) -> None:
         candidates: list[tuple[str, list[str], bool]] = []
+        name = event.message_name
+        only = event.token
         for tid, token in self.tokens.items():
-            if event.token is not None and tid != event.token:
+            if only is not None and tid != only:
                 continue
-            entries: list[tuple[list[str], bool]] = []
-            if token["p"] == "w":
-                entries.extend((entry, False) for entry in token["w"])
-            entries.extend((entry, True) for entry in token.get("bw", ()))
-            for entry, boundary in entries:
-                if entry[1] != "m" or entry[2] != event.message_name:
+            for entries, boundary in (
+                (token.get("w") if token["p"] == "w" else None, False),
+                (token.get("bw"), True),
+            ):
+                if not entries:
                     continue
-                if event.correlation_key is not None:
-                    # DSF correlates with localVariableEquals: the waiting execution's own
-                    # variable, not one inherited from an outer scope.
-                    found, key = self.view(token).lookup_local("correlationKey")
-                    if not found or key != event.correlation_key:
+                for entry in entries:
+                    if entry[1] != "m" or entry[2] != name:
                         continue
-                candidates.append((tid, entry, boundary))
+                    if event.correlation_key is not None:
+                        # DSF correlates with localVariableEquals: the waiting execution's own
+                        # variable, not one inherited from an outer scope.
+                        found, key = self.view(token).lookup_local("correlationKey")
+                        if not found or key != event.correlation_key:
+                            continue
+                    candidates.append((tid, entry, boundary))
         if len(candidates) != 1:
             raise CorrelationError(
                 f"Unable to correlate Task{_task_label(event.task_id)}: {len(candidates)} "

@@ -21,7 +21,7 @@ and raise :class:`~dsf_bridge.engine.exceptions.StateError` only for codes they 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -339,22 +339,24 @@ def waiting_for(state: Mapping[str, Any]) -> list[Wait]:
     return result
 
 
-def message_waits(state: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
+def message_waits(state: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """``(token, element, message name)`` of every message the instance waits for: catch
     events, receive tasks and event-based gateways, then boundary events. The hot path of
     correlation (every Task and every stored step), so it walks the raw tokens in stored order
     and builds no views."""
+    result: list[tuple[str, str, str]] = []
     if state["st"] != "run":
-        return
+        return result
     for tid, raw in state["tk"].items():
         if raw["p"] == "w":
             for element, kind, key in raw["w"]:
                 if kind == "m":
-                    yield tid, element, key
+                    result.append((tid, element, key))
         boundary = raw.get("bw")
         if boundary:
             for element, _, key in boundary:
-                yield tid, element, key
+                result.append((tid, element, key))
+    return result
 
 
 def incidents(state: Mapping[str, Any]) -> list[Incident]:
