@@ -67,6 +67,7 @@ from dsf_bridge.engine.events import (
     UserTaskCompleted,
 )
 from dsf_bridge.engine.exceptions import CorrelationError, NoOutgoingFlowError, RolledBackError
+from dsf_bridge.engine.expressions import Expression, UnknownVariableError
 from dsf_bridge.engine.model import EventKind, Node, NodeKind, ProcessDefinition, TimerSpec
 from dsf_bridge.engine.timers import (
     TimerError,
@@ -109,6 +110,8 @@ class Step:
 
     state: State
     effects: tuple[Effect, ...]
+    error: str | None = None
+    """Set when the step was undone: the engine error of a failed job (retried or parked)."""
 
 
 def start(definition: ProcessDefinition, event: Start) -> Step:
@@ -216,10 +219,10 @@ def _job_failed(
     if retries <= 0:
         token["r"] = 0
         token["x"] = {"m": message, "e": node.id, "at": event.now.isoformat()}
-        return Step(run.state, ())
+        return Step(run.state, (), message)
     token["r"] = retries - 1
     due = add_duration(event.now, policy.delay(retries))
-    return Step(run.state, (ScheduleJob(event.token, node.id, due, retries - 1),))
+    return Step(run.state, (ScheduleJob(event.token, node.id, due, retries - 1),), message)
 
 
 def _task_label(task_id: str | None) -> str:
@@ -268,6 +271,10 @@ class _View:
         local = self.token.get("v")
         if local is not None and name in local:
             return True, local[name]
+        if self.token["p"] == "sp":  # a subprocess's own execution: its scope's variables
+            own = self.run.state["sc"][str(self.token["c"])]["v"]
+            if name in own:
+                return True, own[name]
         sid = self.token["s"]
         scope_vars = self.run.state["sc"][str(sid)]["v"] if sid else self.run.state["vars"]
         if name in scope_vars:
@@ -293,7 +300,7 @@ class _Run:
         # the last ones of a suspect token.
         self.moved = 0
         self.moves: dict[str, int] | None = None
-        self.trace: dict[str, list[str]] | None = None
+        self.trace: deque[str] | None = None
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -330,33 +337,32 @@ class _Run:
         self.moved = moved
 
     def looping(self, tid: str) -> bool:
-        """Watch the tokens of a step that has moved suspiciously often; park one that keeps
-        moving as an incident that names its loop, instead of spinning forever (Camunda would).
+        """Watch a step that has moved suspiciously often; park a token arriving at an element
+        it keeps entering as an incident that names the loop, instead of spinning forever (as
+        Camunda would, holding the whole bridge).
 
-        A token keeps its id along a path, so one that passes :data:`_LOOP_BOUND` more elements
-        after the step as a whole passed that many, without reaching a wait state, runs in a
-        cycle: its last elements name it. Many tokens that move a few times each (a large
-        multi-instance) never trip it.
+        Once the step as a whole has entered :data:`_LOOP_BOUND` elements, each element's
+        entries are counted; an element entered :data:`_LOOP_BOUND` more times in the same
+        step lies on a cycle without a wait state, whether one token runs it or a parallel
+        gateway hands it from token to token. A large multi-instance enters each of its
+        elements once per instance and never trips it.
         """
         if self.moves is None or self.trace is None:
-            self.moves, self.trace = {}, {}
-        moves = self.moves
-        count = moves.get(tid, 0) + 1
-        moves[tid] = count
-        if count <= _LOOP_BOUND - _LOOP_TRACE:
-            return False
-        trace = self.trace.setdefault(tid, [])
-        trace.append(self.tokens[tid]["n"])
+            self.moves, self.trace = {}, deque(maxlen=_LOOP_TRACE)
+        node = self.tokens[tid]["n"]
+        count = self.moves.get(node, 0) + 1
+        self.moves[node] = count
+        self.trace.append(node)
         if count <= _LOOP_BOUND:
             return False
         token = self.tokens[tid]
-        cycle = _cycle(trace)
+        cycle = _cycle(list(self.trace))
         token["p"] = "ab"
         token["r"] = 0
         token["x"] = {
             "m": f"Path loops without a wait state ({' -> '.join(cycle)}): stopped after "
             f"{self.moved} steps",
-            "e": token["n"],
+            "e": node,
             "at": self.now.isoformat(),
         }
         return True
@@ -558,8 +564,8 @@ class _Run:
             # once, before any other event is subscribed (Camunda evaluates it on subscribing).
             for target_id in node.targets:
                 target = nodes[target_id]
-                if target.event is EventKind.CONDITIONAL and _truthy(
-                    _need(target.condition)(self.view(token))
+                if target.event is EventKind.CONDITIONAL and _holds(
+                    target.condition, self.view(token)
                 ):
                     token["n"] = target_id
                     self.leave(tid)
@@ -680,7 +686,7 @@ class _Run:
             return [node.id, "t", self.timer(tid, token, node)]
         if node.event is EventKind.SIGNAL:
             return [node.id, "s", _need(node.signal_name)]
-        if _truthy(_need(node.condition)(self.view(token))):
+        if _holds(node.condition, self.view(token)):
             return None
         return [node.id, "c", ""]
 
@@ -1127,7 +1133,7 @@ class _Run:
                     node = self.d.nodes[entry[0]]
                     if not self.changed_for(node):
                         continue
-                    if _truthy(_need(node.condition)(self.view(token))):
+                    if _holds(node.condition, self.view(token)):
                         self.trigger(tid, entry)
                         self.drain()
                         fired = True
@@ -1280,6 +1286,15 @@ def _cycle(trace: list[str]) -> list[str]:
         if trace[-1 - length] == last:
             return trace[-1 - length :]
     return trace[-8:]
+
+
+def _holds(condition: Expression | None, view: _View) -> bool:
+    """A conditional event's condition, as Camunda's ``tryEvaluate``: a variable that is not
+    set yet makes it false (the event waits), any other error is an error."""
+    try:
+        return _truthy(_need(condition)(view))
+    except UnknownVariableError:
+        return False
 
 
 def _truthy(value: object) -> bool:

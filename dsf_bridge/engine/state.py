@@ -309,6 +309,10 @@ def local_variable(state: Mapping[str, Any], token_id: str, name: str, default: 
     own = raw.get("v")
     if own is not None and name in own:
         return own[name]
+    if raw["p"] == "sp":  # a subprocess's own execution: its scope's variables
+        inner = state["sc"][str(raw["c"])]["v"]
+        if name in inner:
+            return inner[name]
     sid = raw["s"]
     scope_vars: Mapping[str, Any] = state["sc"][str(sid)]["v"] if sid else state["vars"]
     return scope_vars.get(name, default)

@@ -22,6 +22,7 @@ Instances are updated with optimistic locking; a lost race is replayed on the fr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import uuid
 from collections import OrderedDict
@@ -137,6 +138,8 @@ class _Pending:
 
 _REMEMBERED_INSTANCES = 10_000
 
+# How soon a job whose instance kept changing under it runs again.
+_CONFLICT_BACKOFF = dt.timedelta(milliseconds=100)
 # Signal waits live in the subscription table under this prefix and an empty business key.
 SIGNAL_SUBSCRIPTION = "signal:"
 # How soon a signal job looks again at an instance that was busy between two waits.
@@ -664,6 +667,16 @@ class ProcessRuntime:
     async def _run_job_or_retry(self, job: repo.ClaimedJob) -> None:
         try:
             await self._run_job(job)
+        except ConcurrencyError as exc:
+            # The instance kept changing under it (many executions of one instance at once):
+            # not a failure of the job, so no retry is used up (Camunda's job executor skips
+            # the decrement for an OptimisticLockingException too). It runs again shortly.
+            log.info("job.postponed", job_id=job.id, kind=job.kind, reason=str(exc))
+            async with self.database.transaction() as session:
+                with contextlib.suppress(ConcurrencyError):  # the lease expired meanwhile
+                    await repo.postpone_job(
+                        session, job.id, self.owner, due_at=self.clock() + _CONFLICT_BACKOFF
+                    )
         except BridgeError as exc:
             await self._job_failed(job, str(exc))
 
@@ -741,23 +754,43 @@ class ProcessRuntime:
                 return InstanceCancelled(now, reason)
 
             action = "instance.cancelled"
+
+        async def refused(session: Session, why: str) -> None:
+            await append_event(
+                session,
+                actor=actor,
+                subject=f"instance/{instance_id}",
+                action="operator.refused",
+                reason=f"{action}: {why}",
+                payload=dict(payload),
+            )
+            await repo.complete_job(session, job.id, self.owner)
+            log.warning("operator.refused", instance_id=instance_id, action=action, error=why)
+
+        async def no_longer_applies(session: Session, record: repo.InstanceRecord) -> bool:
+            # Checked in the transaction that would apply it: the instance may have ended, or
+            # the incident been retried, since the request was queued.
+            if not instance_state.is_running(record.state):
+                await refused(session, f"the instance has ended ({record.status})")
+                return True
+            tokens = {i.token for i in instance_state.incidents(record.state)}
+            if payload.get("op") == "retry" and str(payload["token"]) not in tokens:
+                await refused(session, f"no incident at token {payload['token']!r} any more")
+                return True
+            return False
+
         try:
             await self._apply_event(
-                instance_id, make_event, action=action, reason=reason, job_id=job.id
+                instance_id,
+                make_event,
+                action=action,
+                reason=reason,
+                job_id=job.id,
+                unless=no_longer_applies,
             )
-        except ProcessExecutionError as exc:
-            # It no longer applies (retried meanwhile, ended): say so and drop it, no retry.
+        except _InstanceGoneError as exc:
             async with self.database.transaction() as session:
-                await append_event(
-                    session,
-                    actor=actor,
-                    subject=f"instance/{instance_id}",
-                    action="operator.refused",
-                    reason=f"{action}: {exc}",
-                    payload=dict(payload),
-                )
-                await repo.complete_job(session, job.id, self.owner)
-            log.warning("operator.refused", instance_id=instance_id, action=action, error=str(exc))
+                await refused(session, str(exc))
 
     async def _deliver_signal(self, job: repo.ClaimedJob, instance_id: str) -> None:
         """Give an instance a signal thrown by another one, deciding in the transaction that
@@ -1063,8 +1096,9 @@ class ProcessRuntime:
                             session,
                             actor=self.owner,
                             subject=f"instance/{instance_id}",
-                            action=action,
-                            reason=reason,
+                            # An undone job step: retried later, or parked as an incident.
+                            action="job.failed" if result.error else action,
+                            reason=f"{reason}: {result.error}" if result.error else reason,
                             payload=result.state,
                         )
                         pending = await self._persist(session, deployed, record, result)

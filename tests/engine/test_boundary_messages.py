@@ -270,3 +270,30 @@ def test_message_boundary_correlates_by_the_local_correlation_key() -> None:
     assert not any(t["n"] == "top" for t in top.state["tk"].values())
     with pytest.raises(CorrelationError):
         step(definition, one.state, MessageReceived("reply", NOW, correlation_key="p"))
+
+
+def test_a_boundary_on_a_subprocess_correlates_by_the_subprocess_own_key() -> None:
+    """An input parameter correlationKey of the subprocess is its own execution's variable:
+    the message boundary on it correlates by it."""
+    definition = model(
+        START
+        + '<bpmn:subProcess id="sub"><bpmn:extensionElements><camunda:inputOutput>'
+        + '<camunda:inputParameter name="correlationKey">k-sub</camunda:inputParameter>'
+        + "</camunda:inputOutput></bpmn:extensionElements>"
+        + '<bpmn:startEvent id="ss"/><bpmn:receiveTask id="wait" messageRef="reply"/>'
+        + '<bpmn:endEvent id="se"/>'
+        + _flow("g1", "ss", "wait")
+        + _flow("g2", "wait", "se")
+        + "</bpmn:subProcess>"
+        + _boundary("stopped", "sub")
+        + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
+        + _flow("f1", "s", "sub")
+        + _flow("f2", "sub", "e1")
+        + _flow("f3", "stopped", "e2"),
+        extra=MESSAGES,
+    )
+    first = start(definition, Start("start", "bk", NOW))
+    with pytest.raises(CorrelationError):
+        step(definition, first.state, MessageReceived("stop", NOW, correlation_key="other"))
+    stopped = step(definition, first.state, MessageReceived("stop", NOW, correlation_key="k-sub"))
+    assert stopped.state["st"] == "done"

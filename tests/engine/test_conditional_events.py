@@ -108,7 +108,7 @@ def test_a_create_listener_fires_on_creation() -> None:
     assert not _cond_waiting(_run_a(definition, first.state, ready=True).state)
 
 
-def test_without_variable_changes_nothing_is_evaluated() -> None:
+def test_a_change_of_another_variable_does_not_evaluate_a_variable_name_condition() -> None:
     """A step that changes no variable evaluates no condition, even one that would now hold
     for another reason (here: a variable the handler result leaves untouched)."""
     definition = model(_beside_a_loop("${go}", 'camunda:variableName="go"'))
@@ -185,3 +185,19 @@ def test_the_message_behind_the_gateway_still_wins_while_the_condition_is_false(
     after = step(definition, got.state, HandlerCompleted(a.token, NOW, {"ready": True}))
     assert after.state["st"] == "done"
     assert not [e for e in after.effects if isinstance(e, CallHandler)]
+
+
+def test_a_condition_on_a_variable_not_set_yet_waits_as_camunda() -> None:
+    """Camunda's tryEvaluate takes an unknown variable as false: the event waits, also behind
+    an event-based gateway, and fires once the variable is set and true."""
+    definition = model(_beside_a_loop("${ready}"))
+    first = start(definition, Start("start", "bk", NOW))
+    assert first.state["st"] == "run"
+    assert _cond_waiting(first.state)
+    assert not _cond_waiting(_run_a(definition, first.state, ready=True).state)
+    gateway = model(_gateway_model(), extra='<bpmn:message id="go" name="go"/>')
+    waiting = start(gateway, Start("start", "bk", NOW))
+    assert waiting.state["st"] == "run"
+    [a] = [e for e in waiting.effects if isinstance(e, CallHandler)]
+    fired = step(gateway, waiting.state, HandlerCompleted(a.token, NOW, {"ready": True}))
+    assert [e.element_id for e in fired.effects if isinstance(e, CallHandler)] == ["on_cond"]

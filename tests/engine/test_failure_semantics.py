@@ -332,3 +332,34 @@ def test_an_engine_error_after_a_completed_user_task_is_rolled_back() -> None:
         step(definition, first.state, UserTaskCompleted(token, NOW))
     done = step(definition, first.state, UserTaskCompleted(token, NOW, {"answer": "no"}))
     assert done.state["st"] == "done"
+
+
+@pytest.mark.parametrize("join", [True, False])
+def test_a_loop_through_a_parallel_gateway_stops_too(join: bool) -> None:
+    """A fork hands the loop to a new token each round (and a join keeps the last one): the
+    bound counts the elements entered, not one token's moves."""
+    if join:
+        body = (
+            '<bpmn:parallelGateway id="join"/>'
+            + _flow("a1", "fork", "join")
+            + _flow("a2", "fork", "join")
+            + _flow("f2", "join", "more")
+        )
+    else:
+        body = _flow("a1", "fork", "e") + _flow("a2", "fork", "more")
+    definition = model(
+        START
+        + '<bpmn:exclusiveGateway id="merge"/><bpmn:parallelGateway id="fork"/>'
+        + '<bpmn:exclusiveGateway id="more" default="back"/><bpmn:endEvent id="e"/>'
+        + _flow("f0", "s", "merge")
+        + _flow("f1", "merge", "fork")
+        + _flow("back", "more", "merge")
+        + _flow("out", "more", "e", "${done}")
+        + body
+    )
+    first = start(definition, Start("start", "bk", NOW, {"done": False}))
+    assert first.state["st"] == "run"
+    incidents = [t["x"] for t in first.state["tk"].values() if "x" in t]
+    assert incidents
+    assert "Path loops without a wait state (" in incidents[0]["m"]
+    assert "fork" in incidents[0]["m"]

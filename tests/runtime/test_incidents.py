@@ -107,8 +107,10 @@ async def test_an_incident_is_listed_retried_by_an_operator_and_the_instance_end
     )
     assert "exclusive gateway 'Choose'" in incident.message
     assert await _status(database, instance_id) == "running"
-    assert (await _actions(database)).count("job.continued") == 2  # R2: two tries in all
-    assert "incident.created" in await _actions(database)
+    actions = await _actions(database)
+    assert actions.count("job.failed") == 2  # R2: two tries in all, both undone
+    assert "job.continued" not in actions
+    assert "incident.created" in actions
     # The other branch goes on and changes what the gateway will see.
     await runtime.correlate(
         message_name="go", business_key="bk-i", task_id="t-go", variables={"mode": "run"}
@@ -192,3 +194,93 @@ async def test_the_command_line_lists_retries_and_cancels(tmp_path: Path) -> Non
     )
     assert no_reason.returncode == 1
     assert "give a reason" in no_reason.stderr
+
+
+async def test_a_request_that_no_longer_applies_is_refused_not_applied(
+    database: Database, clock: Clock
+) -> None:
+    """Queued while the incident was there; by the time it runs the instance has ended."""
+    gateway = FakeGateway()
+    runtime = await _runtime(database, gateway, clock)
+    instance_id = await runtime.start(
+        KEY, message_name="start", business_key="bk-r", task_id="t-r", variables={"mode": "idle"}
+    )
+    [incident] = await _until_incident(runtime, database, clock)
+    async with database.transaction() as session:
+        await operations.request_retry(
+            session, instance_id, incident.token, retries=1, actor="test", now=clock()
+        )
+        await operations.request_cancel(
+            session, instance_id, reason="first", actor="test", now=clock()
+        )
+        await operations.request_cancel(
+            session, instance_id, reason="second", actor="test", now=clock()
+        )
+    await runtime.run_until_idle()
+    assert await _status(database, instance_id) == "failed"
+    actions = await _actions(database)
+    # One of the queued requests wins; the ones after it find nothing to do and say so.
+    assert actions.count("instance.cancelled") + actions.count("incident.retried") >= 1
+    assert actions.count("operator.refused") >= 1
+    assert len(gateway.failed) == 1
+
+
+MANY = b"""<?xml version="1.0" encoding="UTF-8"?>
+<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"
+    xmlns:camunda="http://camunda.org/schema/1.0/bpmn" id="many"
+    targetNamespace="http://bpmn.io/schema/bpmn">
+  <bpmn:process id="testorg_many" isExecutable="true" camunda:versionTag="1.0">
+    <bpmn:startEvent id="Start"><bpmn:messageEventDefinition messageRef="m_start" />
+    </bpmn:startEvent>
+    <bpmn:subProcess id="PerTarget">
+      <bpmn:multiInstanceLoopCharacteristics camunda:asyncBefore="true"
+          camunda:collection="${targets}" camunda:elementVariable="target" />
+      <bpmn:startEvent id="S" /><bpmn:serviceTask id="Touch" camunda:class="org.test.Touch" />
+      <bpmn:endEvent id="E" />
+      <bpmn:sequenceFlow id="s1" sourceRef="S" targetRef="Touch" />
+      <bpmn:sequenceFlow id="s2" sourceRef="Touch" targetRef="E" />
+    </bpmn:subProcess>
+    <bpmn:endEvent id="End" />
+    <bpmn:sequenceFlow id="f1" sourceRef="Start" targetRef="PerTarget" />
+    <bpmn:sequenceFlow id="f2" sourceRef="PerTarget" targetRef="End" />
+  </bpmn:process>
+  <bpmn:message id="m_start" name="start" />
+</bpmn:definitions>
+"""
+
+
+async def test_many_async_executions_of_one_instance_all_finish(
+    database: Database, clock: Clock
+) -> None:
+    """40 multi-instance jobs of one instance race for it: a job that keeps losing the race is
+    postponed, never dropped (it used to be, with its retries used up by the conflicts)."""
+    registry = HandlerRegistry()
+    touched: list[str] = []
+
+    @registry.service("org.test.Touch")
+    def touch(ctx: HandlerContext) -> None:
+        touched.append(str(ctx.get("target")))
+
+    gateway = FakeGateway()
+    runtime = ProcessRuntime(database, gateway, owner="a", clock=clock, settings=FAST)
+    await runtime.deploy(
+        load_process(MANY, "many.bpmn", resource_version="1.0"),
+        registry,
+        plugin="test",
+        model_hash="m" * 64,
+    )
+    targets = [f"org-{n}" for n in range(40)]
+    instance_id = await runtime.start(
+        "testorg_many",
+        message_name="start",
+        business_key="bk-m",
+        task_id="t-m",
+        variables={"targets": targets},
+    )
+    for _ in range(60):
+        await runtime.run_until_idle()
+        if await _status(database, instance_id) != "running":
+            break
+        clock.advance(seconds=1)
+    assert await _status(database, instance_id) == "completed"
+    assert sorted(set(touched)) == sorted(targets)
