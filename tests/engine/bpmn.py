@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from dsf_bridge.engine import ProcessDefinition, load_process
 
-__all__ = ["model", "process_xml"]
+__all__ = ["NOW", "START", "flow", "model", "process_xml"]
+
+NOW = datetime(2026, 5, 1, 8, 0, tzinfo=UTC)
+"""The clock reading the engine tests step with."""
+START = (
+    '<bpmn:startEvent id="s"><bpmn:messageEventDefinition messageRef="start"/></bpmn:startEvent>'
+)
+"""A message start event for the message ``start`` that :func:`process_xml` declares."""
 
 HEAD = (
     '<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL" '
@@ -28,3 +37,14 @@ def process_xml(body: str, *, extra: str = "", key: str = "testorg_test") -> byt
 
 def model(body: str, *, extra: str = "") -> ProcessDefinition:
     return load_process(process_xml(body, extra=extra), "inline.bpmn", resource_version="1.0")
+
+
+def flow(ident: str, source: str, target: str, condition: str | None = None) -> str:
+    """A sequence flow, with a condition expression when ``condition`` is given."""
+    if condition is None:
+        return f'<bpmn:sequenceFlow id="{ident}" sourceRef="{source}" targetRef="{target}"/>'
+    return (
+        f'<bpmn:sequenceFlow id="{ident}" sourceRef="{source}" targetRef="{target}">'
+        f'<bpmn:conditionExpression xsi:type="bpmn:tFormalExpression">{condition}'
+        "</bpmn:conditionExpression></bpmn:sequenceFlow>"
+    )

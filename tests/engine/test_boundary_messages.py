@@ -8,8 +8,6 @@ the subscription stays for further messages while the activity runs.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 
 from dsf_bridge.engine import CorrelationError, start, step
@@ -24,18 +22,10 @@ from dsf_bridge.engine.events import (
     Start,
     StartTimer,
 )
-from tests.engine.bpmn import model
+from tests.engine.bpmn import NOW, START, flow, model
 
-NOW = datetime(2026, 5, 1, 8, 0, tzinfo=UTC)
-START = (
-    '<bpmn:startEvent id="s"><bpmn:messageEventDefinition messageRef="start"/></bpmn:startEvent>'
-)
 MESSAGES = '<bpmn:message id="stop" name="stop"/><bpmn:message id="reply" name="reply"/>'
 FORM = 'camunda:formKey="http://x.org/fhir/Questionnaire/q|1.0"'
-
-
-def _flow(ident: str, source: str, target: str) -> str:
-    return f'<bpmn:sequenceFlow id="{ident}" sourceRef="{source}" targetRef="{target}"/>'
 
 
 def _boundary(ident: str, attached: str, *, interrupting: bool = True) -> str:
@@ -57,10 +47,10 @@ def test_interrupting_message_on_a_user_task_cancels_it_and_takes_the_boundary_p
         + _boundary("stopped", "u")
         + '<bpmn:serviceTask id="cleanup" camunda:class="Cleanup"/>'
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "u")
-        + _flow("f2", "u", "e1")
-        + _flow("f3", "stopped", "cleanup")
-        + _flow("f4", "cleanup", "e2"),
+        + flow("f1", "s", "u")
+        + flow("f2", "u", "e1")
+        + flow("f3", "stopped", "cleanup")
+        + flow("f4", "cleanup", "e2"),
         extra=MESSAGES,
     )
     first = start(definition, Start("start", "bk", NOW))
@@ -87,10 +77,10 @@ def test_non_interrupting_message_fires_each_time_while_the_activity_runs() -> N
         + _boundary("note", "work", interrupting=False)
         + '<bpmn:serviceTask id="log" camunda:class="Log"/>'
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "work")
-        + _flow("f2", "work", "e1")
-        + _flow("f3", "note", "log")
-        + _flow("f4", "log", "e2"),
+        + flow("f1", "s", "work")
+        + flow("f2", "work", "e1")
+        + flow("f3", "note", "log")
+        + flow("f4", "log", "e2"),
         extra=MESSAGES,
     )
     first = start(definition, Start("start", "bk", NOW))
@@ -118,10 +108,10 @@ def test_a_cancelled_handlers_late_result_never_reaches_the_boundary_path() -> N
         + _boundary("stopped", "work")
         + '<bpmn:serviceTask id="cleanup" camunda:class="Cleanup"/>'
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "work")
-        + _flow("f2", "work", "e1")
-        + _flow("f3", "stopped", "cleanup")
-        + _flow("f4", "cleanup", "e2"),
+        + flow("f1", "s", "work")
+        + flow("f2", "work", "e1")
+        + flow("f3", "stopped", "cleanup")
+        + flow("f4", "cleanup", "e2"),
         extra=MESSAGES,
     )
     first = start(definition, Start("start", "bk", NOW))
@@ -144,9 +134,9 @@ def test_interrupting_message_on_a_receive_task_beats_its_own_message() -> None:
         + '<bpmn:receiveTask id="wait" messageRef="reply"/>'
         + _boundary("stopped", "wait")
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "wait")
-        + _flow("f2", "wait", "e1")
-        + _flow("f3", "stopped", "e2"),
+        + flow("f1", "s", "wait")
+        + flow("f2", "wait", "e1")
+        + flow("f3", "stopped", "e2"),
         extra=MESSAGES,
     )
     first = start(definition, Start("start", "bk", NOW))
@@ -169,18 +159,18 @@ def test_interrupting_message_on_a_subprocess_cancels_inner_timers_and_user_task
         + "<bpmn:timeDuration>PT1H</bpmn:timeDuration></bpmn:timerEventDefinition>"
         + "</bpmn:intermediateCatchEvent>"
         + '<bpmn:parallelGateway id="join"/><bpmn:endEvent id="se"/>'
-        + _flow("g1", "ss", "fork")
-        + _flow("g2", "fork", "u")
-        + _flow("g3", "fork", "t")
-        + _flow("g4", "u", "join")
-        + _flow("g5", "t", "join")
-        + _flow("g6", "join", "se")
+        + flow("g1", "ss", "fork")
+        + flow("g2", "fork", "u")
+        + flow("g3", "fork", "t")
+        + flow("g4", "u", "join")
+        + flow("g5", "t", "join")
+        + flow("g6", "join", "se")
         + "</bpmn:subProcess>"
         + _boundary("stopped", "sub")
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "sub")
-        + _flow("f2", "sub", "e1")
-        + _flow("f3", "stopped", "e2"),
+        + flow("f1", "s", "sub")
+        + flow("f2", "sub", "e1")
+        + flow("f3", "stopped", "e2"),
         extra=MESSAGES,
     )
     first = start(definition, Start("start", "bk", NOW))
@@ -204,17 +194,17 @@ def test_interrupting_message_on_a_multi_instance_body_cancels_every_instance() 
         + '<bpmn:boundaryEvent id="late" attachedToRef="u"><bpmn:timerEventDefinition>'
         + "<bpmn:timeDuration>PT1H</bpmn:timeDuration></bpmn:timerEventDefinition>"
         + '</bpmn:boundaryEvent><bpmn:endEvent id="se"/><bpmn:endEvent id="se2"/>'
-        + _flow("g1", "ss", "u")
-        + _flow("g2", "u", "se")
-        + _flow("g3", "late", "se2")
+        + flow("g1", "ss", "u")
+        + flow("g2", "u", "se")
+        + flow("g3", "late", "se2")
         + "</bpmn:subProcess>"
         + _boundary("stopped", "sub")
         + '<bpmn:serviceTask id="after" camunda:class="After"/>'
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "sub")
-        + _flow("f2", "sub", "e1")
-        + _flow("f3", "stopped", "after")
-        + _flow("f4", "after", "e2"),
+        + flow("f1", "s", "sub")
+        + flow("f2", "sub", "e1")
+        + flow("f3", "stopped", "after")
+        + flow("f4", "after", "e2"),
         extra=MESSAGES,
     )
     first = start(definition, Start("start", "bk", NOW, {"targets": ["a", "b", "c"]}))
@@ -245,16 +235,16 @@ def test_message_boundary_correlates_by_the_local_correlation_key() -> None:
         + 'camunda:elementVariable="correlationKey"/>'
         + '<bpmn:startEvent id="ss"/><bpmn:receiveTask id="wait" messageRef="reply"/>'
         + '<bpmn:endEvent id="se"/>'
-        + _flow("g1", "ss", "wait")
-        + _flow("g2", "wait", "se")
+        + flow("g1", "ss", "wait")
+        + flow("g2", "wait", "se")
         + "</bpmn:subProcess>"
         + '<bpmn:receiveTask id="top" messageRef="stop"/>'
         + '<bpmn:parallelGateway id="fork"/><bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "fork")
-        + _flow("f2", "fork", "sub")
-        + _flow("f3", "fork", "top")
-        + _flow("f4", "sub", "e1")
-        + _flow("f5", "top", "e2"),
+        + flow("f1", "s", "fork")
+        + flow("f2", "fork", "sub")
+        + flow("f3", "fork", "top")
+        + flow("f4", "sub", "e1")
+        + flow("f5", "top", "e2"),
         extra=MESSAGES,
     )
     first = start(
@@ -282,14 +272,14 @@ def test_a_boundary_on_a_subprocess_correlates_by_the_subprocess_own_key() -> No
         + "</camunda:inputOutput></bpmn:extensionElements>"
         + '<bpmn:startEvent id="ss"/><bpmn:receiveTask id="wait" messageRef="reply"/>'
         + '<bpmn:endEvent id="se"/>'
-        + _flow("g1", "ss", "wait")
-        + _flow("g2", "wait", "se")
+        + flow("g1", "ss", "wait")
+        + flow("g2", "wait", "se")
         + "</bpmn:subProcess>"
         + _boundary("stopped", "sub")
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "sub")
-        + _flow("f2", "sub", "e1")
-        + _flow("f3", "stopped", "e2"),
+        + flow("f1", "s", "sub")
+        + flow("f2", "sub", "e1")
+        + flow("f3", "stopped", "e2"),
         extra=MESSAGES,
     )
     first = start(definition, Start("start", "bk", NOW))

@@ -4,8 +4,6 @@ event-based gateway, next to timers and messages."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 
 from dsf_bridge.engine import ProcessDefinition, start, step
@@ -19,17 +17,9 @@ from dsf_bridge.engine.events import (
 )
 from dsf_bridge.engine.interpreter import Step
 from dsf_bridge.errors import ProcessModelError
-from tests.engine.bpmn import model
+from tests.engine.bpmn import NOW, START, flow, model
 
-NOW = datetime(2026, 5, 1, 8, 0, tzinfo=UTC)
-START = (
-    '<bpmn:startEvent id="s"><bpmn:messageEventDefinition messageRef="start"/></bpmn:startEvent>'
-)
 GUARDED = "${execution.hasVariable('ready') &amp;&amp; ready}"
-
-
-def _flow(ident: str, source: str, target: str) -> str:
-    return f'<bpmn:sequenceFlow id="{ident}" sourceRef="{source}" targetRef="{target}"/>'
 
 
 def _conditional(ident: str, condition: str, attrs: str = "") -> str:
@@ -49,12 +39,12 @@ def _beside_a_loop(condition: str, attrs: str = "") -> str:
         + '<bpmn:serviceTask id="a" camunda:class="A"/>'
         + '<bpmn:exclusiveGateway id="again" default="f6"/>'
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "fork")
-        + _flow("f2", "fork", "cond")
-        + _flow("f3", "fork", "a")
-        + _flow("f4", "cond", "e1")
-        + _flow("f5", "a", "again")
-        + _flow("f6", "again", "a")
+        + flow("f1", "s", "fork")
+        + flow("f2", "fork", "cond")
+        + flow("f3", "fork", "a")
+        + flow("f4", "cond", "e1")
+        + flow("f5", "a", "again")
+        + flow("f6", "again", "a")
         + '<bpmn:sequenceFlow id="f7" sourceRef="again" targetRef="e2">'
         + '<bpmn:conditionExpression xsi:type="bpmn:tFormalExpression">${stop}'
         + "</bpmn:conditionExpression></bpmn:sequenceFlow>"
@@ -138,17 +128,17 @@ def _gateway_model() -> str:
         + '<bpmn:serviceTask id="on_cond" camunda:class="OnCond"/>'
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/><bpmn:endEvent id="e3"/>'
         + '<bpmn:endEvent id="e4"/>'
-        + _flow("f1", "s", "fork")
-        + _flow("f2", "fork", "gw")
-        + _flow("f3", "fork", "a")
-        + _flow("f4", "gw", "cond")
-        + _flow("f5", "gw", "late")
-        + _flow("f6", "gw", "msg")
-        + _flow("f7", "cond", "on_cond")
-        + _flow("f8", "on_cond", "e1")
-        + _flow("f9", "late", "e2")
-        + _flow("f10", "msg", "e3")
-        + _flow("f11", "a", "e4")
+        + flow("f1", "s", "fork")
+        + flow("f2", "fork", "gw")
+        + flow("f3", "fork", "a")
+        + flow("f4", "gw", "cond")
+        + flow("f5", "gw", "late")
+        + flow("f6", "gw", "msg")
+        + flow("f7", "cond", "on_cond")
+        + flow("f8", "on_cond", "e1")
+        + flow("f9", "late", "e2")
+        + flow("f10", "msg", "e3")
+        + flow("f11", "a", "e4")
     )
 
 

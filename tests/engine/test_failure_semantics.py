@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
@@ -35,23 +35,9 @@ from dsf_bridge.engine.events import (
 )
 from dsf_bridge.engine.exceptions import RolledBackError
 from dsf_bridge.errors import ProcessExecutionError
-from tests.engine.bpmn import model
+from tests.engine.bpmn import NOW, START, flow, model
 
-NOW = datetime(2026, 5, 1, 8, 0, tzinfo=UTC)
-START = (
-    '<bpmn:startEvent id="s"><bpmn:messageEventDefinition messageRef="start"/></bpmn:startEvent>'
-)
 MESSAGES = '<bpmn:message id="go" name="go"/>'
-
-
-def _flow(ident: str, source: str, target: str, condition: str | None = None) -> str:
-    if condition is None:
-        return f'<bpmn:sequenceFlow id="{ident}" sourceRef="{source}" targetRef="{target}"/>'
-    return (
-        f'<bpmn:sequenceFlow id="{ident}" sourceRef="{source}" targetRef="{target}">'
-        f'<bpmn:conditionExpression xsi:type="bpmn:tFormalExpression">{condition}'
-        "</bpmn:conditionExpression></bpmn:sequenceFlow>"
-    )
 
 
 def _calls(effects: tuple[object, ...]) -> list[CallHandler]:
@@ -68,8 +54,8 @@ def test_a_raising_handler_is_fatal_at_once_even_at_an_async_element_with_retrie
         + "<bpmn:extensionElements><camunda:failedJobRetryTimeCycle>R3/PT5S"
         + "</camunda:failedJobRetryTimeCycle></bpmn:extensionElements></bpmn:serviceTask>"
         + '<bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "a")
-        + _flow("f2", "a", "e")
+        + flow("f1", "s", "a")
+        + flow("f2", "a", "e")
     )
     first = start(definition, Start("start", "bk", NOW))
     [job] = first.effects
@@ -94,12 +80,12 @@ def test_an_uncaught_bpmn_error_ends_its_execution_like_a_none_end_event() -> No
         + '<bpmn:serviceTask id="after_a" camunda:class="AfterA"/>'
         + '<bpmn:receiveTask id="wait" messageRef="go"/>'
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "fork")
-        + _flow("f2", "fork", "a")
-        + _flow("f3", "fork", "wait")
-        + _flow("f4", "a", "after_a")
-        + _flow("f5", "after_a", "e1")
-        + _flow("f6", "wait", "e2"),
+        + flow("f1", "s", "fork")
+        + flow("f2", "fork", "a")
+        + flow("f3", "fork", "wait")
+        + flow("f4", "a", "after_a")
+        + flow("f5", "after_a", "e1")
+        + flow("f6", "wait", "e2"),
         extra=MESSAGES,
     )
     first = start(definition, Start("start", "bk", NOW))
@@ -119,12 +105,12 @@ def test_an_uncaught_error_end_event_completes_its_subprocess_which_goes_on() ->
         START
         + '<bpmn:subProcess id="sub"><bpmn:startEvent id="ss"/>'
         + '<bpmn:endEvent id="boom"><bpmn:errorEventDefinition errorRef="err"/></bpmn:endEvent>'
-        + _flow("g1", "ss", "boom")
+        + flow("g1", "ss", "boom")
         + "</bpmn:subProcess>"
         + '<bpmn:serviceTask id="next" camunda:class="Next"/><bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "sub")
-        + _flow("f2", "sub", "next")
-        + _flow("f3", "next", "e"),
+        + flow("f1", "s", "sub")
+        + flow("f2", "sub", "next")
+        + flow("f3", "next", "e"),
         extra='<bpmn:error id="err" name="err" errorCode="E9"/>',
     )
     first = start(definition, Start("start", "bk", NOW))
@@ -138,9 +124,9 @@ def test_an_uncaught_error_in_a_multi_instance_ends_that_instance_only() -> None
         + '<bpmn:multiInstanceLoopCharacteristics camunda:collection="${items}" '
         + 'camunda:elementVariable="item"/></bpmn:serviceTask>'
         + '<bpmn:serviceTask id="after" camunda:class="After"/><bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "a")
-        + _flow("f2", "a", "after")
-        + _flow("f3", "after", "e")
+        + flow("f1", "s", "a")
+        + flow("f2", "a", "after")
+        + flow("f3", "after", "e")
     )
     first = start(definition, Start("start", "bk", NOW, {"items": [1, 2]}))
     one, two = _calls(first.effects)
@@ -156,20 +142,20 @@ def test_error_code_variable_is_set_as_set_variable_and_outlives_the_subprocess(
         + '<bpmn:subProcess id="outer"><bpmn:startEvent id="os"/>'
         + '<bpmn:subProcess id="inner"><bpmn:startEvent id="is"/>'
         + '<bpmn:serviceTask id="a" camunda:class="A"/><bpmn:endEvent id="ie"/>'
-        + _flow("h1", "is", "a")
-        + _flow("h2", "a", "ie")
+        + flow("h1", "is", "a")
+        + flow("h2", "a", "ie")
         + "</bpmn:subProcess>"
         + '<bpmn:boundaryEvent id="caught" attachedToRef="inner"><bpmn:errorEventDefinition '
         + 'camunda:errorCodeVariable="code" camunda:errorMessageVariable="why"/>'
         + '</bpmn:boundaryEvent><bpmn:endEvent id="oe"/><bpmn:endEvent id="oe2"/>'
-        + _flow("g1", "os", "inner")
-        + _flow("g2", "inner", "oe")
-        + _flow("g3", "caught", "oe2")
+        + flow("g1", "os", "inner")
+        + flow("g2", "inner", "oe")
+        + flow("g3", "caught", "oe2")
         + "</bpmn:subProcess>"
         + '<bpmn:serviceTask id="report" camunda:class="Report"/><bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "outer")
-        + _flow("f2", "outer", "report")
-        + _flow("f3", "report", "e")
+        + flow("f1", "s", "outer")
+        + flow("f2", "outer", "report")
+        + flow("f3", "report", "e")
     )
     first = start(definition, Start("start", "bk", NOW))
     [a] = _calls(first.effects)
@@ -200,13 +186,13 @@ def _job_model(cycle: str = "R3/PT5S") -> str:
         + '<bpmn:serviceTask id="a" camunda:class="A"/>'
         + '<bpmn:receiveTask id="wait" messageRef="go"/>'
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/><bpmn:endEvent id="e3"/>'
-        + _flow("f1", "s", "fork")
-        + _flow("f2", "fork", "choose")
-        + _flow("f3", "fork", "wait")
-        + _flow("f4", "choose", "a", "${mode == 'run'}")
-        + _flow("f7", "choose", "e3", "${mode == 'skip'}")
-        + _flow("f5", "a", "e1")
-        + _flow("f6", "wait", "e2")
+        + flow("f1", "s", "fork")
+        + flow("f2", "fork", "choose")
+        + flow("f3", "fork", "wait")
+        + flow("f4", "choose", "a", "${mode == 'run'}")
+        + flow("f7", "choose", "e3", "${mode == 'skip'}")
+        + flow("f5", "a", "e1")
+        + flow("f6", "wait", "e2")
     )
 
 
@@ -274,10 +260,10 @@ def test_an_engine_error_in_a_step_a_message_started_is_rolled_back() -> None:
         + '<bpmn:receiveTask id="wait" messageRef="go"/>'
         + '<bpmn:exclusiveGateway id="choose"/>'
         + '<bpmn:endEvent id="e"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "wait")
-        + _flow("f2", "wait", "choose")
-        + _flow("f3", "choose", "e", "${answer == 'yes'}")
-        + _flow("f4", "choose", "e2", "${answer == 'maybe'}"),
+        + flow("f1", "s", "wait")
+        + flow("f2", "wait", "choose")
+        + flow("f3", "choose", "e", "${answer == 'yes'}")
+        + flow("f4", "choose", "e2", "${answer == 'maybe'}"),
         extra=MESSAGES,
     )
     first = start(definition, Start("start", "bk", NOW))
@@ -297,10 +283,10 @@ def test_a_loop_without_a_wait_state_stops_with_an_incident_naming_it() -> None:
         + '<bpmn:intermediateThrowEvent id="again"/>'
         + '<bpmn:exclusiveGateway id="more" default="back"/>'
         + '<bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "again")
-        + _flow("f2", "again", "more")
-        + _flow("back", "more", "again")
-        + _flow("out", "more", "e", "${done}")
+        + flow("f1", "s", "again")
+        + flow("f2", "again", "more")
+        + flow("back", "more", "again")
+        + flow("out", "more", "e", "${done}")
     )
     first = start(definition, Start("start", "bk", NOW, {"done": False}))
     assert first.state["st"] == "run"
@@ -321,10 +307,10 @@ def test_an_engine_error_after_a_completed_user_task_is_rolled_back() -> None:
         + '<bpmn:userTask id="ask" camunda:formKey="http://x.org/fhir/Questionnaire/q|1.0"/>'
         + '<bpmn:exclusiveGateway id="choose"/>'
         + '<bpmn:endEvent id="e"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "ask")
-        + _flow("f2", "ask", "choose")
-        + _flow("f3", "choose", "e", "${answer == 'yes'}")
-        + _flow("f4", "choose", "e2", "${answer == 'no'}")
+        + flow("f1", "s", "ask")
+        + flow("f2", "ask", "choose")
+        + flow("f3", "choose", "e", "${answer == 'yes'}")
+        + flow("f4", "choose", "e2", "${answer == 'no'}")
     )
     first = start(definition, Start("start", "bk", NOW))
     [token] = first.state["tk"]
@@ -341,20 +327,20 @@ def test_a_loop_through_a_parallel_gateway_stops_too(join: bool) -> None:
     if join:
         body = (
             '<bpmn:parallelGateway id="join"/>'
-            + _flow("a1", "fork", "join")
-            + _flow("a2", "fork", "join")
-            + _flow("f2", "join", "more")
+            + flow("a1", "fork", "join")
+            + flow("a2", "fork", "join")
+            + flow("f2", "join", "more")
         )
     else:
-        body = _flow("a1", "fork", "e") + _flow("a2", "fork", "more")
+        body = flow("a1", "fork", "e") + flow("a2", "fork", "more")
     definition = model(
         START
         + '<bpmn:exclusiveGateway id="merge"/><bpmn:parallelGateway id="fork"/>'
         + '<bpmn:exclusiveGateway id="more" default="back"/><bpmn:endEvent id="e"/>'
-        + _flow("f0", "s", "merge")
-        + _flow("f1", "merge", "fork")
-        + _flow("back", "more", "merge")
-        + _flow("out", "more", "e", "${done}")
+        + flow("f0", "s", "merge")
+        + flow("f1", "merge", "fork")
+        + flow("back", "more", "merge")
+        + flow("out", "more", "e", "${done}")
         + body
     )
     first = start(definition, Start("start", "bk", NOW, {"done": False}))

@@ -29,22 +29,7 @@ from dsf_bridge.engine.events import (
 from dsf_bridge.errors import ProcessExecutionError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
 from dsf_bridge.plugins.testing import ProcessHarness
-from tests.engine.bpmn import model
-
-NOW = datetime(2026, 5, 1, 8, 0, tzinfo=UTC)
-START = (
-    '<bpmn:startEvent id="s"><bpmn:messageEventDefinition messageRef="start"/></bpmn:startEvent>'
-)
-
-
-def _flow(ident: str, source: str, target: str, condition: str | None = None) -> str:
-    if condition is None:
-        return f'<bpmn:sequenceFlow id="{ident}" sourceRef="{source}" targetRef="{target}"/>'
-    return (
-        f'<bpmn:sequenceFlow id="{ident}" sourceRef="{source}" targetRef="{target}">'
-        f'<bpmn:conditionExpression xsi:type="bpmn:tFormalExpression">{condition}'
-        "</bpmn:conditionExpression></bpmn:sequenceFlow>"
-    )
+from tests.engine.bpmn import NOW, START, flow, model
 
 
 def _service(ident: str, handler: str, attrs: str = "", inner: str = "") -> str:
@@ -75,13 +60,13 @@ def test_parallel_fork_and_join() -> None:
         + _service("b", "B")
         + _service("c", "C")
         + '<bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "fork")
-        + _flow("f2", "fork", "a")
-        + _flow("f3", "fork", "b")
-        + _flow("f4", "a", "join")
-        + _flow("f5", "b", "join")
-        + _flow("f6", "join", "c")
-        + _flow("f7", "c", "e")
+        + flow("f1", "s", "fork")
+        + flow("f2", "fork", "a")
+        + flow("f3", "fork", "b")
+        + flow("f4", "a", "join")
+        + flow("f5", "b", "join")
+        + flow("f6", "join", "c")
+        + flow("f7", "c", "e")
     )
     first = start(definition, Start("start", "bk", NOW))
     calls = [effect for effect in first.effects if isinstance(effect, CallHandler)]
@@ -103,8 +88,8 @@ def test_step_does_not_modify_the_given_state() -> None:
         START
         + _service("a", "A")
         + '<bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "a")
-        + _flow("f2", "a", "e")
+        + flow("f1", "s", "a")
+        + flow("f2", "a", "e")
     )
     first = start(definition, Start("start", "bk", NOW, {"x": {"nested": [1]}}))
     frozen = copy.deepcopy(first.state)
@@ -125,9 +110,9 @@ def test_sequential_multi_instance_on_a_task() -> None:
         )
         + _service("b", "B")
         + '<bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "a")
-        + _flow("f2", "a", "b")
-        + _flow("f3", "b", "e")
+        + flow("f1", "s", "a")
+        + flow("f2", "a", "b")
+        + flow("f3", "b", "e")
     )
     result = start(definition, Start("start", "bk", NOW, {"items": ["x", "y", "z"]}))
     seen = []
@@ -152,8 +137,8 @@ def test_empty_multi_instance_collection_skips_the_activity() -> None:
             'camunda:elementVariable="item"/>',
         )
         + '<bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "a")
-        + _flow("f2", "a", "e")
+        + flow("f1", "s", "a")
+        + flow("f2", "a", "e")
     )
     result = start(definition, Start("start", "bk", NOW, {"items": []}))
     assert result.state["st"] == "done"
@@ -163,9 +148,9 @@ def test_exclusive_gateway_without_a_true_condition_fails_the_instance() -> None
     definition = model(
         START
         + '<bpmn:exclusiveGateway id="g"/><bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "g")
-        + _flow("f2", "g", "e1", "${x == 1}")
-        + _flow("f3", "g", "e2", "${x == 2}")
+        + flow("f1", "s", "g")
+        + flow("f2", "g", "e1", "${x == 1}")
+        + flow("f3", "g", "e2", "${x == 2}")
     )
     result = start(definition, Start("start", "bk", NOW, {"x": 3}))
     assert result.state["st"] == "failed"
@@ -179,9 +164,9 @@ def test_unset_variable_in_condition_fails_with_its_name() -> None:
         START
         + '<bpmn:exclusiveGateway id="g" default="f3"/><bpmn:endEvent id="e1"/>'
         + '<bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "g")
-        + _flow("f2", "g", "e1", "${missing}")
-        + _flow("f3", "g", "e2")
+        + flow("f1", "s", "g")
+        + flow("f2", "g", "e1", "${missing}")
+        + flow("f3", "g", "e2")
     )
     result = start(definition, Start("start", "bk", NOW))
     assert result.state["st"] == "failed"
@@ -198,9 +183,9 @@ def test_interrupting_timer_boundary_cancels_a_user_task() -> None:
         + "<bpmn:timeDuration>PT1H</bpmn:timeDuration></bpmn:timerEventDefinition>"
         + "</bpmn:boundaryEvent>"
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "u")
-        + _flow("f2", "u", "e1")
-        + _flow("f3", "late", "e2")
+        + flow("f1", "s", "u")
+        + flow("f2", "u", "e1")
+        + flow("f3", "late", "e2")
     )
     first = start(definition, Start("start", "bk", NOW))
     timer = next(effect for effect in first.effects if isinstance(effect, StartTimer))
@@ -221,8 +206,8 @@ def test_a_user_task_whose_form_cannot_be_created_fails_the_instance_as_dsf() ->
         START
         + '<bpmn:userTask id="u" camunda:formKey="http://x.org/fhir/Questionnaire/q|1.0"/>'
         + '<bpmn:endEvent id="e1"/>'
-        + _flow("f1", "s", "u")
-        + _flow("f2", "u", "e1")
+        + flow("f1", "s", "u")
+        + flow("f2", "u", "e1")
     )
     first = start(definition, Start("start", "bk", NOW))
     [create] = [e for e in first.effects if isinstance(e, CreateQuestionnaireResponse)]
@@ -258,12 +243,12 @@ def test_signal_and_conditional_catch_events() -> None:
         + "</bpmn:conditionalEventDefinition></bpmn:intermediateCatchEvent>"
         + _service("a", "A")
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "fork")
-        + _flow("f2", "fork", "sig")
-        + _flow("f3", "fork", "cond")
-        + _flow("f4", "sig", "a")
-        + _flow("f5", "a", "e1")
-        + _flow("f6", "cond", "e2"),
+        + flow("f1", "s", "fork")
+        + flow("f2", "fork", "sig")
+        + flow("f3", "fork", "cond")
+        + flow("f4", "sig", "a")
+        + flow("f5", "a", "e1")
+        + flow("f6", "cond", "e2"),
         extra='<bpmn:signal id="go" name="go-signal"/>',
     )
     first = start(definition, Start("start", "bk", NOW, {"ready": False}))
@@ -281,16 +266,16 @@ def test_error_end_event_in_subprocess_is_caught_by_its_boundary() -> None:
         START
         + '<bpmn:subProcess id="sub"><bpmn:startEvent id="ss"/>'
         + '<bpmn:endEvent id="boom"><bpmn:errorEventDefinition errorRef="err"/></bpmn:endEvent>'
-        + _flow("sf", "ss", "boom")
+        + flow("sf", "ss", "boom")
         + "</bpmn:subProcess>"
         + '<bpmn:boundaryEvent id="caught" attachedToRef="sub"><bpmn:errorEventDefinition '
         + 'errorRef="err" camunda:errorCodeVariable="code"/></bpmn:boundaryEvent>'
         + _service("a", "A")
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "sub")
-        + _flow("f2", "sub", "e1")
-        + _flow("f3", "caught", "a")
-        + _flow("f4", "a", "e2"),
+        + flow("f1", "s", "sub")
+        + flow("f2", "sub", "e1")
+        + flow("f3", "caught", "a")
+        + flow("f4", "a", "e2"),
         extra='<bpmn:error id="err" name="err" errorCode="E42"/>',
     )
     first = start(definition, Start("start", "bk", NOW))
@@ -306,8 +291,8 @@ def test_state_is_json_and_versioned() -> None:
         START
         + _service("a", "A")
         + '<bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "a")
-        + _flow("f2", "a", "e")
+        + flow("f1", "s", "a")
+        + flow("f2", "a", "e")
     )
     first = start(definition, Start("start", "bk", NOW))
     assert json.loads(json.dumps(first.state)) == first.state
@@ -324,13 +309,13 @@ def test_state_is_json_and_versioned() -> None:
 
 
 def test_unknown_start_message_is_a_correlation_error() -> None:
-    definition = model(START + '<bpmn:endEvent id="e"/>' + _flow("f1", "s", "e"))
+    definition = model(START + '<bpmn:endEvent id="e"/>' + flow("f1", "s", "e"))
     with pytest.raises(CorrelationError, match="no message start event for 'other'"):
         start(definition, Start("other", "bk", NOW))
 
 
 def test_message_to_an_ended_instance_is_refused() -> None:
-    definition = model(START + '<bpmn:endEvent id="e"/>' + _flow("f1", "s", "e"))
+    definition = model(START + '<bpmn:endEvent id="e"/>' + flow("f1", "s", "e"))
     done = start(definition, Start("start", "bk", NOW))
     assert done.state["st"] == "done"
     with pytest.raises(CorrelationError, match="Unable to correlate Task t1"):
@@ -347,11 +332,11 @@ def test_event_based_gateway_message_cancels_the_timer() -> None:
         + "2026-05-02T00:00:00Z</bpmn:timeDate></bpmn:timerEventDefinition>"
         + "</bpmn:intermediateCatchEvent>"
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "g")
-        + _flow("f2", "g", "msg")
-        + _flow("f3", "g", "tmo")
-        + _flow("f4", "msg", "e1")
-        + _flow("f5", "tmo", "e2"),
+        + flow("f1", "s", "g")
+        + flow("f2", "g", "msg")
+        + flow("f3", "g", "tmo")
+        + flow("f4", "msg", "e1")
+        + flow("f5", "tmo", "e2"),
         extra='<bpmn:message id="reply" name="reply"/>',
     )
     first = start(definition, Start("start", "bk", NOW))
@@ -369,8 +354,8 @@ def test_harness_reports_missing_handler_as_failure() -> None:
         START
         + _service("a", "Missing")
         + '<bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "a")
-        + _flow("f2", "a", "e")
+        + flow("f1", "s", "a")
+        + flow("f2", "a", "e")
     )
     harness = ProcessHarness([definition], HandlerRegistry())
     instance = harness.start("testorg_test", "start", business_key="bk")
@@ -387,10 +372,10 @@ def test_non_interrupting_timer_boundary_runs_alongside() -> None:
         + "</bpmn:timerEventDefinition></bpmn:boundaryEvent>"
         + _service("b", "B")
         + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/>'
-        + _flow("f1", "s", "a")
-        + _flow("f2", "a", "e1")
-        + _flow("f3", "remind", "b")
-        + _flow("f4", "b", "e2")
+        + flow("f1", "s", "a")
+        + flow("f2", "a", "e1")
+        + flow("f3", "remind", "b")
+        + flow("f4", "b", "e2")
     )
     first = start(definition, Start("start", "bk", NOW))
     timer = next(effect for effect in first.effects if isinstance(effect, StartTimer))
@@ -411,8 +396,8 @@ def test_async_handlers_run_in_the_harness() -> None:
         START
         + _service("a", "A")
         + '<bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "a")
-        + _flow("f2", "a", "e")
+        + flow("f1", "s", "a")
+        + flow("f2", "a", "e")
     )
     handlers = HandlerRegistry()
 
@@ -441,9 +426,9 @@ def test_input_parameters_are_local_and_outputs_reach_the_scope() -> None:
         + _service("a", "A", inner=io)
         + _service("b", "B")
         + '<bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "a")
-        + _flow("f2", "a", "b")
-        + _flow("f3", "b", "e")
+        + flow("f1", "s", "a")
+        + flow("f2", "a", "b")
+        + flow("f3", "b", "e")
     )
     first = start(definition, Start("start", "bk", NOW, {"name": "Ada"}))
     call = first.effects[0]
@@ -470,12 +455,12 @@ def test_sequential_multi_instance_subprocess_gets_its_own_scope() -> None:
         + '<bpmn:startEvent id="ss"/>'
         + _service("a", "A")
         + '<bpmn:endEvent id="se"/>'
-        + _flow("sf1", "ss", "a")
-        + _flow("sf2", "a", "se")
+        + flow("sf1", "ss", "a")
+        + flow("sf2", "a", "se")
         + "</bpmn:subProcess>"
         + '<bpmn:endEvent id="e"/>'
-        + _flow("f1", "s", "sub")
-        + _flow("f2", "sub", "e")
+        + flow("f1", "s", "sub")
+        + flow("f2", "sub", "e")
     )
     result = start(definition, Start("start", "bk", NOW, {"items": [10, 20]}))
     seen = []
@@ -493,11 +478,11 @@ def test_sequential_multi_instance_subprocess_gets_its_own_scope() -> None:
 def test_long_chains_of_pass_through_nodes_do_not_exhaust_the_stack() -> None:
     count = 2000
     gateways = "".join(f'<bpmn:exclusiveGateway id="g{i}"/>' for i in range(count))
-    flows = _flow("f-start", "s", "g0") + "".join(
-        _flow(f"f{i}", f"g{i}", f"g{i + 1}") for i in range(count - 1)
+    flows = flow("f-start", "s", "g0") + "".join(
+        flow(f"f{i}", f"g{i}", f"g{i + 1}") for i in range(count - 1)
     )
     definition = model(
-        START + gateways + '<bpmn:endEvent id="e"/>' + flows + _flow("f-end", f"g{count - 1}", "e")
+        START + gateways + '<bpmn:endEvent id="e"/>' + flows + flow("f-end", f"g{count - 1}", "e")
     )
     result = start(definition, Start("start", "bk", NOW))
     assert result.state["st"] == "done"

@@ -6,30 +6,14 @@ Refused models must name the file, the line and the element; the structures Camu
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 
 from dsf_bridge.engine import DsfValidationError, ProcessDefinition, load_process, start, step
 from dsf_bridge.engine.events import CallHandler, HandlerCompleted, ProcessCompleted, Start
 from dsf_bridge.engine.structure import check_structure, structure_warnings
-from tests.engine.bpmn import model, process_xml
+from tests.engine.bpmn import NOW, START, flow, model, process_xml
 
-NOW = datetime(2026, 5, 1, 8, 0, tzinfo=UTC)
-START = (
-    '<bpmn:startEvent id="s"><bpmn:messageEventDefinition messageRef="start"/></bpmn:startEvent>'
-)
 REPLY = '<bpmn:message id="reply" name="reply"/>\n'
-
-
-def _flow(ident: str, source: str, target: str, condition: str | None = None) -> str:
-    if condition is None:
-        return f'<bpmn:sequenceFlow id="{ident}" sourceRef="{source}" targetRef="{target}"/>'
-    return (
-        f'<bpmn:sequenceFlow id="{ident}" sourceRef="{source}" targetRef="{target}">'
-        f'<bpmn:conditionExpression xsi:type="bpmn:tFormalExpression">{condition}'
-        "</bpmn:conditionExpression></bpmn:sequenceFlow>"
-    )
 
 
 def _service(ident: str, handler: str) -> str:
@@ -71,7 +55,7 @@ def _run(definition: ProcessDefinition, variables: dict[str, object]) -> list[st
 
 
 def test_exclusive_gateway_without_outgoing_flows_is_refused() -> None:
-    body = _body(START, '<bpmn:exclusiveGateway id="g"/>', _flow("f1", "s", "g"))
+    body = _body(START, '<bpmn:exclusiveGateway id="g"/>', flow("f1", "s", "g"))
     error = _refused(body)
     assert error.line == _line_of(body, 'id="g"')
     assert error.message == (
@@ -85,8 +69,8 @@ def test_exclusive_gateway_whose_only_flow_has_a_condition_is_refused() -> None:
         START,
         '<bpmn:exclusiveGateway id="g"/>',
         '<bpmn:endEvent id="e"/>',
-        _flow("f1", "s", "g"),
-        _flow("f2", "g", "e", "${x == 1}"),
+        flow("f1", "s", "g"),
+        flow("f2", "g", "e", "${x == 1}"),
     )
     error = _refused(body)
     assert error.line == _line_of(body, 'id="g"')
@@ -102,9 +86,9 @@ def test_default_flow_with_a_condition_is_refused() -> None:
         '<bpmn:exclusiveGateway id="g" default="f3"/>',
         '<bpmn:endEvent id="e1"/>',
         '<bpmn:endEvent id="e2"/>',
-        _flow("f1", "s", "g"),
-        _flow("f2", "g", "e1", "${x == 1}"),
-        _flow("f3", "g", "e2", "${x == 2}"),
+        flow("f1", "s", "g"),
+        flow("f2", "g", "e1", "${x == 1}"),
+        flow("f3", "g", "e2", "${x == 2}"),
     )
     error = _refused(body)
     assert error.line == _line_of(body, 'id="g"')
@@ -120,9 +104,9 @@ def test_unconditional_flow_beside_the_default_is_refused() -> None:
         '<bpmn:exclusiveGateway id="g" default="f3"/>',
         '<bpmn:endEvent id="e1"/>',
         '<bpmn:endEvent id="e2"/>',
-        _flow("f1", "s", "g"),
-        _flow("f2", "g", "e1"),
-        _flow("f3", "g", "e2"),
+        flow("f1", "s", "g"),
+        flow("f2", "g", "e1"),
+        flow("f3", "g", "e2"),
     )
     error = _refused(body)
     assert error.line == _line_of(body, 'id="g"')
@@ -139,10 +123,10 @@ def test_two_unconditional_flows_without_default_are_refused_each() -> None:
         '<bpmn:endEvent id="e1"/>',
         '<bpmn:endEvent id="e2"/>',
         '<bpmn:endEvent id="e3"/>',
-        _flow("f1", "s", "g"),
-        _flow("f2", "g", "e1"),
-        _flow("f3", "g", "e2", "${x == 1}"),
-        _flow("f4", "g", "e3"),
+        flow("f1", "s", "g"),
+        flow("f2", "g", "e1"),
+        flow("f3", "g", "e2", "${x == 1}"),
+        flow("f4", "g", "e3"),
     )
     error = _refused(body)
     assert error.line == _line_of(body, 'id="g"')
@@ -164,11 +148,11 @@ def test_event_based_gateway_followed_by_a_receive_task_is_refused() -> None:
         "<bpmn:timeDuration>PT1H</bpmn:timeDuration></bpmn:timerEventDefinition>"
         "</bpmn:intermediateCatchEvent>",
         '<bpmn:endEvent id="e"/>',
-        _flow("f1", "s", "g"),
-        _flow("f2", "g", "r"),
-        _flow("f3", "g", "t"),
-        _flow("f4", "r", "e"),
-        _flow("f5", "t", "e"),
+        flow("f1", "s", "g"),
+        flow("f2", "g", "r"),
+        flow("f3", "g", "t"),
+        flow("f4", "r", "e"),
+        flow("f5", "t", "e"),
     )
     error = _refused(body, extra=REPLY)
     assert error.line == _line_of(body, 'id="g"')
@@ -190,11 +174,11 @@ def test_async_after_on_an_event_based_gateway_is_refused() -> None:
         timer.format("t1"),
         timer.format("t2"),
         '<bpmn:endEvent id="e"/>',
-        _flow("f1", "s", "g"),
-        _flow("f2", "g", "t1"),
-        _flow("f3", "g", "t2"),
-        _flow("f4", "t1", "e"),
-        _flow("f5", "t2", "e"),
+        flow("f1", "s", "g"),
+        flow("f2", "g", "t1"),
+        flow("f3", "g", "t2"),
+        flow("f4", "t1", "e"),
+        flow("f5", "t2", "e"),
     )
     error = _refused(body)
     assert error.line == _line_of(body, 'id="g"')
@@ -215,12 +199,12 @@ def test_another_incoming_flow_into_a_catch_event_after_an_event_gateway_is_refu
         "</bpmn:intermediateCatchEvent>",
         _service("a", "A"),
         '<bpmn:endEvent id="e"/>',
-        _flow("f1", "s", "g"),
-        _flow("f2", "g", "m"),
-        _flow("f3", "g", "t"),
-        _flow("f4", "t", "a"),
-        _flow("f5", "a", "m"),
-        _flow("f6", "m", "e"),
+        flow("f1", "s", "g"),
+        flow("f2", "g", "m"),
+        flow("f3", "g", "t"),
+        flow("f4", "t", "a"),
+        flow("f5", "a", "m"),
+        flow("f6", "m", "e"),
     )
     error = _refused(body, extra=REPLY)
     assert error.line == _line_of(body, 'id="f5"')
@@ -232,7 +216,7 @@ def test_another_incoming_flow_into_a_catch_event_after_an_event_gateway_is_refu
 
 def test_structure_problems_follow_the_dsf_rules_in_one_message() -> None:
     xml = process_xml(
-        _body(START, '<bpmn:exclusiveGateway id="g"/>', _flow("f1", "s", "g")), key="nounderscore"
+        _body(START, '<bpmn:exclusiveGateway id="g"/>', flow("f1", "s", "g")), key="nounderscore"
     )
     with pytest.raises(DsfValidationError) as caught:
         load_process(xml, "inline.bpmn", resource_version="1.0")
@@ -245,7 +229,7 @@ def test_structure_problems_follow_the_dsf_rules_in_one_message() -> None:
 
 
 def _one_unconditional(first: str) -> ProcessDefinition:
-    flows = [_flow("fu", "g", "a"), _flow("fc", "g", "b", "${x == 1}")]
+    flows = [flow("fu", "g", "a"), flow("fc", "g", "b", "${x == 1}")]
     if first == "conditional":
         flows.reverse()
     return model(
@@ -255,10 +239,10 @@ def _one_unconditional(first: str) -> ProcessDefinition:
             _service("a", "A"),
             _service("b", "B"),
             '<bpmn:endEvent id="e"/>',
-            _flow("f1", "s", "g"),
+            flow("f1", "s", "g"),
             *flows,
-            _flow("f2", "a", "e"),
-            _flow("f3", "b", "e"),
+            flow("f2", "a", "e"),
+            flow("f3", "b", "e"),
         )
     )
 
@@ -290,9 +274,9 @@ def test_exclusive_gateway_with_one_unconditional_flow_loads_without_warning() -
             '<bpmn:exclusiveGateway id="g"/>',
             _service("a", "A"),
             '<bpmn:endEvent id="e"/>',
-            _flow("f1", "s", "g"),
-            _flow("f2", "g", "a"),
-            _flow("f3", "a", "e"),
+            flow("f1", "s", "g"),
+            flow("f2", "g", "a"),
+            flow("f3", "a", "e"),
         )
     )
     assert structure_warnings(definition) == []
@@ -316,10 +300,10 @@ def test_parallel_gateway_without_outgoing_flow_ends_only_its_path() -> None:
             '<bpmn:parallelGateway id="dead"/>',
             _service("a", "A"),
             '<bpmn:endEvent id="e"/>',
-            _flow("f1", "s", "fork"),
-            _flow("f2", "fork", "dead"),
-            _flow("f3", "fork", "a"),
-            _flow("f4", "a", "e"),
+            flow("f1", "s", "fork"),
+            flow("f2", "fork", "dead"),
+            flow("f3", "fork", "a"),
+            flow("f4", "a", "e"),
         )
     )
     first = start(definition, Start("start", "bk", NOW))
@@ -338,10 +322,10 @@ def _unreachable_join() -> ProcessDefinition:
             '<bpmn:parallelGateway id="join"/>',
             _service("a", "A"),
             '<bpmn:endEvent id="e"/>',
-            _flow("f1", "s", "join"),
-            _flow("f2", "orphan", "join"),
-            _flow("f3", "join", "a"),
-            _flow("f4", "a", "e"),
+            flow("f1", "s", "join"),
+            flow("f2", "orphan", "join"),
+            flow("f3", "join", "a"),
+            flow("f4", "a", "e"),
         )
     )
 
