@@ -4,6 +4,8 @@ event-based gateway, next to timers and messages."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from dsf_bridge.engine import ProcessDefinition, start, step
@@ -51,18 +53,18 @@ def _beside_a_loop(condition: str, attrs: str = "") -> str:
     )
 
 
-def _run_a(definition: ProcessDefinition, state: dict, **variables: object) -> Step:  # type: ignore[type-arg]
+def _run_a(definition: ProcessDefinition, state: dict[str, Any], **variables: object) -> Step:
     """Complete the running handler A with ``variables`` (A then runs again)."""
     call = _pending_call(state)
     return step(definition, state, HandlerCompleted(call, NOW, {"stop": False, **variables}))
 
 
-def _pending_call(state: dict) -> str:  # type: ignore[type-arg]
-    [tid] = [tid for tid, token in state["tk"].items() if token["p"] == "h"]
+def _pending_call(state: dict[str, Any]) -> str:
+    [tid] = [str(tid) for tid, token in state["tk"].items() if token["p"] == "h"]
     return tid
 
 
-def _cond_waiting(state: dict) -> bool:  # type: ignore[type-arg]
+def _cond_waiting(state: dict[str, Any]) -> bool:
     return any(token["n"] == "cond" for token in state["tk"].values())
 
 
