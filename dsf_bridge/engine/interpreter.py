@@ -197,8 +197,34 @@ def step(definition: ProcessDefinition, state: Mapping[str, Any] | None, event: 
             raise RolledBackError(exc.message) from exc
         if isinstance(event, JobDue):
             return _job_failed(definition, state, event, exc.message)
+        if isinstance(event, TimerFired):
+            return _timer_failed(definition, state, event, exc.message)
         raise
     return Step(run.state, tuple(run.effects))
+
+
+def _timer_failed(
+    definition: ProcessDefinition, state: Mapping[str, Any], event: TimerFired, message: str
+) -> Step:
+    """Undo a fired timer's failed step; the timer fires again after the retry cycle's delay
+    (the timer event's own ``failedJobRetryTimeCycle``, else three tries at once), then it is
+    parked as an incident, still waiting (Camunda's timer jobs retry like any job)."""
+    run = _Run(definition, _copy_state(state), event.now)
+    tid, _, rest = event.timer_id.partition("/")
+    token = run.tokens[tid]
+    node = run.d.nodes[rest.partition("/")[0]]
+    policy = node.retry or _DEFAULT_RETRY
+    left: int = token.get("tr", {}).get(event.timer_id, policy.retries)
+    if left <= 0:
+        token["x"] = {
+            "m": message,
+            "e": node.id,
+            "at": event.now.isoformat(),
+            "t": event.timer_id,
+        }
+        return Step(run.state, (), message)
+    run.rearm(tid, token, event.timer_id, add_duration(event.now, policy.delay(left)), left - 1)
+    return Step(run.state, tuple(run.effects), message)
 
 
 def _job_failed(
@@ -1265,8 +1291,27 @@ class _Run:
             raise ProcessExecutionError(f"Execution {event.token!r} has no incident to retry")
         if event.retries < 1:
             raise ProcessExecutionError(f"Retries must be at least 1, not {event.retries}")
-        del token["x"]
+        incident = token.pop("x")
+        if "t" in incident:  # a timer's incident: it fires again now
+            self.rearm(event.token, token, incident["t"], self.now, event.retries - 1)
+            return
         self.schedule(event.token, token, token["p"], event.retries - 1)
+
+    def rearm(
+        self, tid: str, token: dict[str, Any], timer_id: str, due: datetime, left: int
+    ) -> None:
+        """Start a timer again under a new id (the old one has fired), ``left`` retries after."""
+        element = timer_id.split("/")[1]
+        fresh = f"{tid}/{element}/{self.next_id()}"
+        if "w" in token:  # entries are shared with the caller's state: replace, never mutate
+            token["w"] = [
+                [entry[0], entry[1], fresh] if entry[1] == "t" and entry[2] == timer_id else entry
+                for entry in token["w"]
+            ]
+        if "bt" in token:
+            token["bt"] = [fresh if each == timer_id else each for each in token["bt"]]
+        token["tr"] = {fresh: left}
+        self.effects.append(StartTimer(fresh, element, tid, due))
 
     def on_instance_cancelled(self, event: InstanceCancelled) -> None:
         self.fail(event.reason)
@@ -1322,7 +1367,7 @@ _BEHAVIOUR: dict[NodeKind, Any] = {
     NodeKind.SUB_PROCESS: _Run.sub_process,
 }
 
-_ROLLBACK_EVENTS = frozenset({MessageReceived, JobDue, UserTaskCompleted})
+_ROLLBACK_EVENTS = frozenset({MessageReceived, JobDue, UserTaskCompleted, TimerFired})
 
 _DISPATCH: dict[type, Any] = {
     MessageReceived: _Run.on_message,

@@ -639,8 +639,10 @@ class ProcessRuntime:
                             session,
                             actor=self.owner,
                             subject=f"instance/{instance_id}",
-                            action="timer.fired",
-                            reason=f"{timer.element_id} due {timer.due_at.isoformat()}",
+                            # An undone step: the timer fires again later, or is an incident.
+                            action="timer.failed" if result.error else "timer.fired",
+                            reason=f"{timer.element_id} due {timer.due_at.isoformat()}"
+                            + (f": {result.error}" if result.error else ""),
                             payload=result.state,
                         )
                         pending = await self._persist(session, deployed, record, result)

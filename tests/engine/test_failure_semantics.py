@@ -31,6 +31,8 @@ from dsf_bridge.engine.events import (
     MessageReceived,
     ScheduleJob,
     Start,
+    StartTimer,
+    TimerFired,
     UserTaskCompleted,
 )
 from dsf_bridge.engine.exceptions import RolledBackError
@@ -349,3 +351,47 @@ def test_a_loop_through_a_parallel_gateway_stops_too(join: bool) -> None:
     assert incidents
     assert "Path loops without a wait state (" in incidents[0]["m"]
     assert "fork" in incidents[0]["m"]
+
+
+def test_an_engine_error_after_a_timer_fires_retries_the_timer_then_parks_it() -> None:
+    """Camunda's timer jobs retry like any job: the step is undone, the timer fires again (no
+    cycle: three tries in all, at once), then an incident; the token still waits there, and an
+    operator's retry fires it again."""
+    definition = model(
+        START
+        + '<bpmn:parallelGateway id="fork"/>'
+        + '<bpmn:intermediateCatchEvent id="later"><bpmn:timerEventDefinition>'
+        + "<bpmn:timeDuration>PT1H</bpmn:timeDuration></bpmn:timerEventDefinition>"
+        + "</bpmn:intermediateCatchEvent>"
+        + '<bpmn:exclusiveGateway id="choose"/>'
+        + '<bpmn:receiveTask id="wait" messageRef="go"/>'
+        + '<bpmn:endEvent id="e1"/><bpmn:endEvent id="e2"/><bpmn:endEvent id="e3"/>'
+        + flow("f1", "s", "fork")
+        + flow("f2", "fork", "later")
+        + flow("f3", "fork", "wait")
+        + flow("f4", "later", "choose")
+        + flow("f5", "choose", "e1", "${mode == 'a'}")
+        + flow("f6", "choose", "e2", "${mode == 'b'}")
+        + flow("f7", "wait", "e3"),
+        extra=MESSAGES,
+    )
+    first = start(definition, Start("start", "bk", NOW))
+    [timer] = [e for e in first.effects if isinstance(e, StartTimer)]
+    state, fired, ids = first.state, timer, []
+    for _ in range(2):
+        result = step(definition, state, TimerFired(fired.timer_id, fired.due))
+        assert result.error is not None and "'mode'" in result.error
+        [fired] = [e for e in result.effects if isinstance(e, StartTimer)]
+        ids.append(fired.timer_id)
+        state = result.state
+    assert len(set(ids)) == 2 and timer.timer_id not in ids
+    parked = step(definition, state, TimerFired(fired.timer_id, fired.due))
+    assert parked.effects == ()
+    [(tid, token)] = [(k, t) for k, t in parked.state["tk"].items() if "x" in t]
+    assert token["n"] == "later" and token["p"] == "w"
+    state = step(definition, parked.state, MessageReceived("go", NOW, variables={"mode": "b"}))
+    retried = step(definition, state.state, IncidentRetried(tid, NOW, 1))
+    [again] = [e for e in retried.effects if isinstance(e, StartTimer)]
+    assert again.due == NOW
+    done = step(definition, retried.state, TimerFired(again.timer_id, NOW))
+    assert done.state["st"] == "done"
