@@ -17,13 +17,10 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from dsf_bridge.engine import state as instance_state
 from dsf_bridge.errors import ProcessExecutionError
+from dsf_bridge.store import Session as AsyncSession
 from dsf_bridge.store import repository as repo
-from dsf_bridge.store.tables import ProcessDefinition, ProcessInstance
 
 __all__ = [
     "OPERATOR_JOB",
@@ -52,14 +49,7 @@ class IncidentListing:
 
 async def list_incidents(session: AsyncSession) -> list[IncidentListing]:
     """Every incident of every running instance, oldest instance first."""
-    rows = (
-        await session.execute(
-            select(ProcessInstance.id, ProcessDefinition.process_key, ProcessInstance.state)
-            .join(ProcessDefinition, ProcessDefinition.id == ProcessInstance.definition_id)
-            .where(ProcessInstance.status == "running")
-            .order_by(ProcessInstance.created_at, ProcessInstance.id)
-        )
-    ).all()
+    rows = await repo.running_instance_states(session)
     return [
         IncidentListing(instance_id, key, i.token, i.element, i.message, i.at)
         for instance_id, key, state in rows

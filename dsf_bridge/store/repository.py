@@ -67,6 +67,7 @@ __all__ = [
     "replace_subscriptions",
     "retry_job",
     "retry_outbox",
+    "running_instance_states",
     "running_instances_of",
     "save_instance",
     "sends_in_flight",
@@ -252,6 +253,21 @@ async def instances_waiting_for(session: AsyncSession, message_name: str) -> lis
         .order_by(MessageSubscription.instance_id)
     )
     return [row.instance_id for row in rows]
+
+
+async def running_instance_states(
+    session: AsyncSession,
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(instance id, process key, state)`` of every running instance, oldest first."""
+    rows = (
+        await session.execute(
+            select(ProcessInstance.id, ProcessDefinition.process_key, ProcessInstance.state)
+            .join(ProcessDefinition, ProcessDefinition.id == ProcessInstance.definition_id)
+            .where(ProcessInstance.status == "running")
+            .order_by(ProcessInstance.created_at, ProcessInstance.id)
+        )
+    ).all()
+    return [(str(i), str(key), dict(state)) for i, key, state in rows]
 
 
 async def running_instances_of(session: AsyncSession, definition_ids: Sequence[int]) -> list[str]:
