@@ -389,8 +389,8 @@ def test_an_engine_error_after_a_timer_fires_retries_the_timer_then_parks_it() -
     assert parked.effects == ()
     [(tid, token)] = [(k, t) for k, t in parked.state["tk"].items() if "x" in t]
     assert token["n"] == "later" and token["p"] == "w"
-    state = step(definition, parked.state, MessageReceived("go", NOW, variables={"mode": "b"}))
-    retried = step(definition, state.state, IncidentRetried(tid, NOW, 1))
+    went_on = step(definition, parked.state, MessageReceived("go", NOW, variables={"mode": "b"}))
+    retried = step(definition, went_on.state, IncidentRetried(tid, NOW, 1))
     [again] = [e for e in retried.effects if isinstance(e, StartTimer)]
     assert again.due == NOW
     done = step(definition, retried.state, TimerFired(again.timer_id, NOW))
