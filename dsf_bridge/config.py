@@ -37,6 +37,7 @@ __all__ = [
     "ApiSettings",
     "DatabaseSettings",
     "DsfSettings",
+    "IntakeSettings",
     "LogSettings",
     "OmiServiceSettings",
     "OmiSettings",
@@ -142,6 +143,30 @@ class DsfSettings(_Section):
         if parts.scheme != "https" or not parts.hostname:
             raise ValueError("must be an https:// URL: the DSF side speaks mutual TLS only")
         return value.rstrip("/")
+
+
+class IntakeSettings(_Section):
+    """Bounds on every Task taken in, checked before the bridge reads anything else of it. A
+    Task beyond them is failed with the bound it breaks (or, when the server will not take even
+    that, recorded and skipped with an audit event); it never stops start-up or other Tasks."""
+
+    max_task_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        description="Largest Task taken in, in bytes of compact JSON (escapes not counted)",
+    )
+    max_depth: int = Field(
+        default=64,
+        ge=8,
+        le=200,
+        description="Deepest nesting of JSON objects and arrays in a Task",
+    )
+    max_string_length: int = Field(
+        default=65_536,
+        ge=256,
+        description="Longest string (value or key) in a Task, in characters",
+    )
+    max_inputs: int = Field(default=200, ge=1, description="Most Task.input parameters in one Task")
 
 
 class OmiServiceSettings(_Section):
@@ -264,6 +289,7 @@ class Settings(BaseSettings):
     db: DatabaseSettings = Field(default_factory=DatabaseSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     dsf: DsfSettings = Field(default_factory=DsfSettings)
+    intake: IntakeSettings = Field(default_factory=IntakeSettings)
     omi: OmiSettings = Field(default_factory=OmiSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
 

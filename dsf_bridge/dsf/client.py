@@ -16,8 +16,6 @@ Tests inject an ``httpx`` transport (``httpx.MockTransport``) through ``transpor
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import email.utils
 import json
 import socket
 import ssl
@@ -32,6 +30,7 @@ from lxml import etree
 
 from dsf_bridge.dsf.vocabulary import FHIR_JSON, outcome_diagnostics
 from dsf_bridge.errors import RemoteError
+from dsf_bridge.retry import RetryPolicy, retry_after_seconds
 
 __all__ = ["FhirClient", "FhirResult", "RetryPolicy", "parse_outcome"]
 
@@ -41,27 +40,6 @@ _FHIR_NS = "{http://hl7.org/fhir}"
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
 # Raised before a request was sent: always safe to repeat.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how patiently a request is repeated; ``attempts`` counts the first try."""
-
-    attempts: int = 4
-    initial_delay: float = 0.5
-    multiplier: float = 2.0
-    max_delay: float = 10.0
-    retry_after_cap: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError("RetryPolicy.attempts counts the first try and must be at least 1")
-        if min(self.initial_delay, self.max_delay, self.retry_after_cap) < 0:
-            raise ValueError("RetryPolicy delays must not be negative")
-
-    def delay(self, attempt: int) -> float:
-        """Back-off before attempt ``attempt + 1`` (``attempt`` counts from 1)."""
-        return float(min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1)))
 
 
 @dataclass(frozen=True)
@@ -135,18 +113,7 @@ def parse_outcome(content: bytes, content_type: str) -> str:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value.strip())
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
+    return retry_after_seconds(response.headers.get("retry-after"))
 
 
 def _tls_cause(exc: BaseException) -> ssl.SSLError | None:

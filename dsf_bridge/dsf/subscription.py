@@ -118,6 +118,9 @@ class TaskSubscription:
         self.heartbeat: dt.datetime | None = None
         self.bound = asyncio.Event()
         self.connections = 0
+        # Connections that were bound and finished their first catch-up; a change resets the
+        # reconnect back-off in :meth:`run`.
+        self.caught_up_connections = 0
 
     # -- one subscription ----------------------------------------------------------------------
 
@@ -233,6 +236,7 @@ class TaskSubscription:
             _log.info("subscription.bound", subscription_id=subscription_id, url=url)
             try:
                 await self.catch_up(overlap=self.settings.resync_overlap)
+                self.caught_up_connections += 1
                 next_resync = self.clock() + self.settings.resync_interval
                 while not stop.is_set():
                     timeout = max(0.0, (next_resync - self.clock()).total_seconds())
@@ -257,18 +261,25 @@ class TaskSubscription:
                 self.bound.clear()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Stay subscribed until ``stop`` is set, reconnecting with back-off after any failure."""
+        """Stay subscribed until ``stop`` is set, reconnecting with back-off after any failure.
+
+        The back-off doubles only while connecting keeps failing: a connection that was bound
+        and caught up counts as a success, so the next outage starts again at
+        ``backoff_initial`` (otherwise eight short drops in a day would leave a minute's gap).
+        """
         delay = self.settings.backoff_initial
         while not stop.is_set():
+            caught_up_before = self.caught_up_connections
             try:
                 await self.run_connected(stop)
-                delay = self.settings.backoff_initial
             except (ConnectionClosed, InvalidHandshake, OSError, TimeoutError) as exc:
                 _log.warning("subscription.disconnected", error=str(exc) or type(exc).__name__)
             except BridgeError as exc:
                 _log.warning("subscription.failed", error=str(exc), retryable=exc.retryable)
             if stop.is_set():
                 return
+            if self.caught_up_connections != caught_up_before:
+                delay = self.settings.backoff_initial
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
             delay = min(self.settings.backoff_max, delay * 2)

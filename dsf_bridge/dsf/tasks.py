@@ -38,7 +38,9 @@ __all__ = [
     "MESSAGE_NAME",
     "ProcessReference",
     "TaskFormatError",
+    "TaskLimits",
     "TaskMessage",
+    "bounds_violation",
     "build_task",
     "input_values",
     "organization_reference",
@@ -99,6 +101,66 @@ def parse_instantiates_canonical(value: object) -> ProcessReference:
             "e.g. http://dsf.dev/bpe/Process/ping|1.0"
         )
     return ProcessReference(value, match["domain"], match["name"], match["version"])
+
+
+@dataclass(frozen=True, slots=True)
+class TaskLimits:
+    """Bounds on a received Task (``[intake]`` in the configuration, same defaults)."""
+
+    max_task_bytes: int = 1_048_576
+    max_depth: int = 64
+    max_string_length: int = 65_536
+    max_inputs: int = 200
+
+
+def bounds_violation(task: Mapping[str, Any], limits: TaskLimits) -> str | None:
+    """Which bound ``task`` breaks, said without quoting it; ``None`` when it keeps them all.
+
+    Walks the Task without recursion and stops at the first broken bound, so a Task nested far
+    deeper than Python's recursion limit, or one of many megabytes, costs one bounded pass:
+    nothing else of it (copies, JSON encoding, the authorizer, the store) may run before this.
+    Sizes are of compact JSON, escapes not counted.
+    """
+    inputs = task.get("input")
+    if isinstance(inputs, list) and len(inputs) > limits.max_inputs:
+        return f"Task has {len(inputs)} inputs; this site takes at most {limits.max_inputs}"
+    size = 0
+    stack: list[tuple[object, int]] = [(task, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, Mapping | list):
+            if depth > limits.max_depth:
+                return (
+                    f"Task is nested more than {limits.max_depth} levels deep; this site takes "
+                    f"at most {limits.max_depth}"
+                )
+            size += 2 + max(len(value) - 1, 0)  # brackets and commas
+            if isinstance(value, Mapping):
+                for key, item in value.items():
+                    stack.append((str(key), depth))
+                    size += 1  # the colon
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            if len(value) > limits.max_string_length:
+                return (
+                    f"Task has a string of {len(value)} characters; this site takes at most "
+                    f"{limits.max_string_length}"
+                )
+            size += len(value) + 2
+        elif isinstance(value, bool) or value is None:
+            size += 5
+        elif isinstance(value, int):
+            size += value.bit_length() // 3 + 1  # str() of a huge int raises (3.11 digit limit)
+        else:
+            size += len(repr(value))
+        if size > limits.max_task_bytes:
+            return (
+                f"Task is larger than {limits.max_task_bytes} bytes as JSON; this site takes at "
+                f"most {limits.max_task_bytes}"
+            )
+    return None
 
 
 def _codings(element: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -268,9 +330,18 @@ def updated_task(
     error: str | None = None,
 ) -> dict[str, Any]:
     """A copy of ``task`` with a new status, a business-key input added if it had none, and an
-    ``error`` output; nothing else changes."""
-    updated = copy.deepcopy(dict(task))
+    ``error`` output; nothing else changes.
+
+    Only what changes is copied (the Task, its ``meta``, ``input`` and ``output`` lists), the
+    rest is shared with ``task``: a deep copy recurses once per level, and a hostile Task nested
+    hundreds of levels deep must still be failed. Callers must not change nested parts."""
+    updated = dict(task)
     updated["status"] = status
+    if isinstance(task.get("meta"), Mapping):
+        updated["meta"] = dict(task["meta"])
+    for name in ("input", "output"):
+        if isinstance(task.get(name), list):
+            updated[name] = list(task[name])
     if business_key is not None and not input_values(updated, BUSINESS_KEY):
         updated.setdefault("input", []).append(
             task_input(BPMN_MESSAGE_SYSTEM, BUSINESS_KEY, business_key)

@@ -43,26 +43,32 @@ def parse_duration(text: str) -> Duration:
     if match is None:
         raise TimerError(f"Not an ISO 8601 duration: {text!r}")
     parts = {k: v for k, v in match.groupdict().items() if v is not None}
-    months = int(parts.get("y", 0)) * 12 + int(parts.get("mo", 0))
-    fixed = timedelta(
-        weeks=int(parts.get("w", 0)),
-        days=int(parts.get("d", 0)),
-        hours=int(parts.get("h", 0)),
-        minutes=int(parts.get("mi", 0)),
-        seconds=float(parts.get("s", 0)),
-    )
+    try:
+        months = int(parts.get("y", 0)) * 12 + int(parts.get("mo", 0))
+        fixed = timedelta(
+            weeks=int(parts.get("w", 0)),
+            days=int(parts.get("d", 0)),
+            hours=int(parts.get("h", 0)),
+            minutes=int(parts.get("mi", 0)),
+            seconds=float(parts.get("s", 0)),
+        )
+    except (OverflowError, ValueError):  # values from Tasks: P99999999999D, 5000-digit numbers
+        raise TimerError("ISO 8601 duration out of range") from None
     return months, fixed
 
 
 def add_duration(moment: datetime, duration: Duration) -> datetime:
     """``moment`` plus ``duration``; months are added on the calendar (Jan 31 + P1M = Feb 28)."""
     months, fixed = duration
-    if months:
-        total = moment.month - 1 + months
-        year, month = moment.year + total // 12, total % 12 + 1
-        day = min(moment.day, calendar.monthrange(year, month)[1])
-        moment = moment.replace(year=year, month=month, day=day)
-    return moment + fixed
+    try:
+        if months:
+            total = moment.month - 1 + months
+            year, month = moment.year + total // 12, total % 12 + 1
+            day = min(moment.day, calendar.monthrange(year, month)[1])
+            moment = moment.replace(year=year, month=month, day=day)
+        return moment + fixed
+    except (OverflowError, ValueError):  # P9999Y from a Task: past the year 9999
+        raise TimerError("due time after the year 9999") from None
 
 
 def parse_date(text: str) -> datetime:
@@ -73,6 +79,10 @@ def parse_date(text: str) -> datetime:
         raise TimerError(f"Not an ISO 8601 date-time: {text!r}") from None
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
+    try:
+        value.astimezone(UTC)  # what the store keeps: 9999-12-31T23:00-05:00 is past year 9999
+    except OverflowError:
+        raise TimerError(f"ISO 8601 date-time out of range: {text!r}") from None
     return value
 
 

@@ -10,14 +10,25 @@ the error tree::
         ├── ModelNotFoundError        the server does not know the model (404)
         └── ModelNotReadyError        the model exists but is not ready yet (retryable)
 
+Every call is repeated within a :class:`~dsf_bridge.retry.RetryPolicy` (the policy object the
+FHIR client uses; by default four attempts over 7 s, :data:`DEFAULT_RETRY`) when the server
+cannot be reached or answers 502, 503, 504 or 429, honouring ``Retry-After`` up to the policy's
+cap, so a model server that restarts for a few seconds does not fail the inference. A 500 (the
+model itself failed) and a read timeout (the model is too slow for ``timeout``) are not repeated
+here: trying again at once would fail the same way or multiply the wait; the error stays
+retryable for the runtime. 4xx answers are never repeated. Inference is a pure function of its
+inputs, so repeating the POST is harmless. Readiness calls take 503 as the verdict "not
+ready", not as a failure.
+
 Payloads are never logged: tensors hold image data.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -29,9 +40,11 @@ import numpy.typing as npt
 import structlog
 
 from dsf_bridge.errors import RemoteError
+from dsf_bridge.retry import RetryPolicy
 
 __all__ = [
     "DATATYPES",
+    "DEFAULT_RETRY",
     "HttpInferenceClient",
     "InferenceError",
     "InferenceResult",
@@ -43,6 +56,14 @@ __all__ = [
 ]
 
 _log = structlog.get_logger()
+
+# Waits of 1, 2 and 4 s (or what the server asks for in Retry-After, up to 30 s): 7 s in all
+# outlast a model server restarting for a few seconds, which DICOMweb's 0.5 + 1 s would not.
+DEFAULT_RETRY = RetryPolicy(attempts=4, initial_delay=1.0, max_delay=10.0, retry_after_cap=30.0)
+# Answers that say "the server, or a gateway in front of it, is briefly unavailable".
+_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# Readiness calls: 503 is a verdict (KServe's "not ready"), not a failure to repeat.
+_READINESS_RETRY_STATUSES = _RETRY_STATUSES - {503}
 
 # OIP v2 datatypes and the numpy dtypes they travel as (BYTES is not needed by our models).
 DATATYPES: Mapping[str, np.dtype[Any]] = {
@@ -156,7 +177,8 @@ class HttpInferenceClient:
 
     ``timeout`` bounds connect and read of every call; inference on a large series may need
     more than the default, so sites set it per service. ``verify`` is an ``ssl.SSLContext``
-    (mutual TLS carries the client certificate in it) or a bool.
+    (mutual TLS carries the client certificate in it) or a bool. ``retry`` bounds how often a
+    call is repeated after a connection failure or a 429/502/503/504 (module docstring).
     """
 
     def __init__(
@@ -167,8 +189,12 @@ class HttpInferenceClient:
         verify: ssl.SSLContext | bool = True,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._retry = retry
+        self._sleep = sleep
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=timeout,
@@ -193,12 +219,19 @@ class HttpInferenceClient:
 
     async def server_ready(self) -> bool:
         """``/v2/health/ready``: True on 200, False on another answer; errors if unreachable."""
-        response = await self._request("GET", "/v2/health/ready", model=None)
+        response = await self._request(
+            "GET", "/v2/health/ready", model=None, retry_statuses=_READINESS_RETRY_STATUSES
+        )
         return response.status_code == 200
 
     async def model_ready(self, model: str, version: str | None = None) -> bool:
         """``/v2/models/{name}/ready``: True on 200; unknown models raise ModelNotFoundError."""
-        response = await self._request("GET", f"{_model_path(model, version)}/ready", model=model)
+        response = await self._request(
+            "GET",
+            f"{_model_path(model, version)}/ready",
+            model=model,
+            retry_statuses=_READINESS_RETRY_STATUSES,
+        )
         # Servers answer "not ready" with 400 (MLServer, Triton) or 503 (KServe); other
         # failures are errors, not a readiness verdict.
         if response.status_code == 404 or (
@@ -268,22 +301,72 @@ class HttpInferenceClient:
         )
 
     async def _request(
-        self, method: str, path: str, *, model: str | None, json: Any = None
+        self,
+        method: str,
+        path: str,
+        *,
+        model: str | None,
+        json: Any = None,
+        retry_statuses: frozenset[int] = _RETRY_STATUSES,
     ) -> httpx.Response:
-        try:
-            return await self._client.request(method, path, json=json)
-        except httpx.TimeoutException as exc:
-            raise InferenceError(
-                f"inference server {self.base_url} did not answer {method} {path} in time",
-                retryable=True,
-                model=model,
-            ) from exc
-        except httpx.TransportError as exc:
-            raise InferenceError(
-                f"inference server {self.base_url} is unreachable: {exc}",
-                retryable=True,
-                model=model,
-            ) from exc
+        """One call with the retry policy; the last answer, whatever its status."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = await self._client.request(method, path, json=json)
+            except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
+                raise InferenceError(
+                    f"inference server {self.base_url} did not answer {method} {path} in time",
+                    retryable=True,
+                    model=model,
+                ) from exc
+            except httpx.TransportError as exc:
+                # Refused, reset, or closed before answering: the server is (re)starting.
+                if attempt < self._retry.attempts:
+                    await self._wait(attempt, method, path, model, error=type(exc).__name__)
+                    continue
+                raise InferenceError(
+                    f"inference server {self.base_url} is unreachable "
+                    f"({attempt} attempts, {type(exc).__name__}): {exc}",
+                    retryable=True,
+                    model=model,
+                ) from exc
+            if response.status_code in retry_statuses and attempt < self._retry.attempts:
+                await self._wait(
+                    attempt,
+                    method,
+                    path,
+                    model,
+                    status=response.status_code,
+                    retry_after=response.headers.get("retry-after"),
+                )
+                continue
+            return response
+
+    async def _wait(
+        self,
+        attempt: int,
+        method: str,
+        path: str,
+        model: str | None,
+        *,
+        error: str | None = None,
+        status: int | None = None,
+        retry_after: str | None = None,
+    ) -> None:
+        delay = self._retry.delay_for_answer(attempt, retry_after)
+        _log.warning(
+            "inference_request.retried",
+            method=method,
+            path=path,
+            model=model,
+            attempt=attempt,
+            error=error,
+            status=status,
+            delay=delay,
+        )
+        await self._sleep(delay)
 
 
 def _model_path(model: str, version: str | None) -> str:

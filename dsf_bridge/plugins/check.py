@@ -14,6 +14,11 @@ each file, after placeholder substitution (``#{version}``, ``#{date}``, ``#{orga
   detail extension its code needs (organization identifier, parent organization and role,
   practitioner role). DSF 1.x and 2.x use the same structure and codes.
 
+Files are bounded before they are parsed: 10 MB at most, JSON nested at most
+:data:`MAX_JSON_DEPTH` levels (objects and arrays; the limit of the R4B models' JSON parser),
+XML at most 256 levels (lxml's own limit). A file beyond a bound is reported invalid with the
+reason, never a traceback.
+
 In a folder, ``*.bpmn`` files are checked, and ``*.xml``/``*.json`` files when they are FHIR
 resources (root in the FHIR namespace, or a ``resourceType``); other files are skipped, as are
 DSF's ``.post`` criteria files. A file named explicitly is always checked.
@@ -42,6 +47,7 @@ from dsf_bridge.plugins.placeholders import Placeholders
 __all__ = [
     "DEFAULT_ORGANIZATION",
     "DEFAULT_VERSION",
+    "MAX_JSON_DEPTH",
     "CheckReport",
     "FileReport",
     "check_authorization",
@@ -71,6 +77,16 @@ _CODE_DETAIL: dict[str, str | None] = {
 }
 _RECIPIENT_CODES = {"LOCAL_ALL", "LOCAL_ORGANIZATION", "LOCAL_ROLE"}
 _PROCESS_URL = re.compile(r"^https?://[^/]+/bpe/Process/[-a-zA-Z0-9]+$")
+
+MAX_JSON_DEPTH = 200
+"""Objects and arrays nested in a JSON file, at most. pydantic-core, which validates the R4B
+models, refuses deeper JSON anyway, and Python's ``json`` recurses once per level (a few
+thousand levels end in ``RecursionError``); real DSF resources stay below 20."""
+# Outside strings: the next bracket or string; inside one: the rest of it up to its closing quote.
+_JSON_SPECIAL = re.compile(rb'[\[\]{}"]')
+_JSON_STRING_REST = re.compile(rb'(?:[^"\\]|\\.)*"')
+# lxml's message when a document is nested deeper than it parses without XML_PARSE_HUGE.
+_LXML_DEPTH = "Excessive depth in document"
 
 
 @dataclass
@@ -168,6 +184,56 @@ def _check_file(path: Path, values: Placeholders, report: CheckReport, *, explic
         )
         return
     data = path.read_bytes()
+    if suffix == ".json" and _json_too_deep(data):
+        # Unparsed, the file cannot say whether it is a FHIR resource; a folder's other JSON
+        # files (package.json) are skipped as usual unless they mention a resourceType.
+        if explicit or b'"resourceType"' in data:
+            problem = f"nested deeper than {MAX_JSON_DEPTH} levels (objects and arrays)"
+            report.files.append(FileReport(str(path), "fhir-json", None, [problem]))
+        else:
+            report.skipped.append(str(path))
+        return
+    try:
+        _check_parsed(path, data, values, report, explicit=explicit)
+    except RecursionError:
+        # The bounds above should make this unreachable; a traceback would be worse.
+        report.files.append(
+            FileReport(str(path), suffix[1:], None, ["nested too deeply to be checked"])
+        )
+
+
+def _json_too_deep(data: bytes) -> bool:
+    """Whether brackets nest deeper than :data:`MAX_JSON_DEPTH`, in one linear pass that
+    skips strings (each is matched once, so no input makes it quadratic)."""
+    depth = 0
+    position = 0
+    while found := _JSON_SPECIAL.search(data, position):
+        char = found.group()
+        position = found.end()
+        if char == b'"':
+            rest = _JSON_STRING_REST.match(data, position)
+            if rest is None:
+                return False  # an unterminated string: the parser reports it
+            position = rest.end()
+        elif char in (b"{", b"["):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _xml_problem(message: str) -> str:
+    if _LXML_DEPTH in message:
+        return f"nested deeper than 256 levels (lxml's limit): {message}"
+    return message
+
+
+def _check_parsed(
+    path: Path, data: bytes, values: Placeholders, report: CheckReport, *, explicit: bool
+) -> None:
+    suffix = path.suffix.lower()
     if suffix == ".bpmn" or (suffix == ".xml" and BPMN_NS in data[:2048]):
         report.files.append(_check_bpmn(path, data, values))
         return
@@ -187,7 +253,7 @@ def _check_bpmn(path: Path, data: bytes, values: Placeholders) -> FileReport:
         file_report.resource_type = f"BPMN {process.key}"
         file_report.warnings = structure_warnings(process)
     except BridgeError as exc:
-        file_report.problems.append(exc.message)
+        file_report.problems.append(_xml_problem(exc.message))
     except UnicodeDecodeError as exc:
         file_report.problems.append(f"not UTF-8: {exc}")
     return file_report
@@ -215,7 +281,7 @@ def _check_fhir(
             value = parsed.get("resourceType") if isinstance(parsed, dict) else None
             resource_type = value if isinstance(value, str) else None
     except BridgeError as exc:
-        file_report.problems.append(exc.message)
+        file_report.problems.append(_xml_problem(exc.message))
         return file_report
     except (ValueError, UnicodeDecodeError) as exc:
         if not explicit and kind == "fhir-json":

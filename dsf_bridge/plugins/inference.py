@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import ssl
 from collections.abc import Mapping
-from datetime import date
+from datetime import date, timedelta
 from typing import Any, cast
 
 import structlog
@@ -115,6 +115,10 @@ SEGMENTATION_SERIES = "segmentation-series-instance-uid"
 ERROR = "error"
 ERROR_KIND = "error-kind"
 INFERENCE_RESULT = "inference-result"
+
+# The longest result-timeout a start Task may ask for: an OMI answer comes in minutes or hours,
+# and a timer decades ahead (P9999Y is past the year 9999) holds an instance for nothing.
+MAX_RESULT_TIMEOUT = timedelta(days=366)
 
 # Error kinds a provider reports (CodeSystem omi-error), and the requester's own.
 REQUEST_INVALID = "request-invalid"
@@ -256,9 +260,18 @@ async def resolve_service(ctx: HandlerContext) -> None:
     service_id = _text_input(task, SERVICE, required=True)
     timeout = _text_input(task, RESULT_TIMEOUT) or settings.result_timeout
     try:
-        parse_duration(timeout)
+        months, fixed = parse_duration(timeout)
     except TimerError as exc:
         raise BpmnError(REQUEST_INVALID, f"input '{RESULT_TIMEOUT}': {exc}") from exc
+    # A month counted as 31 days: the bound holds on any calendar date.
+    if months > MAX_RESULT_TIMEOUT.days // 31 or months * timedelta(days=31) + fixed > (
+        MAX_RESULT_TIMEOUT
+    ):
+        raise BpmnError(
+            REQUEST_INVALID,
+            f"input '{RESULT_TIMEOUT}' is longer than P{MAX_RESULT_TIMEOUT.days}D, "
+            "the longest this site waits for a result",
+        )
     try:
         registry = ctx.services.get(SERVICE_OMI_REGISTRY)
         service = await _resolve(settings, str(service_id), cast(ServiceRegistry | None, registry))

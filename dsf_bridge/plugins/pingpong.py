@@ -14,7 +14,8 @@ ping Task.
 A local ``startPingAutostart`` Task starts ``dsfdev_pingAutostart``: it stops any older autostart
 instance (signal ``stop_dsfdev_pingAutostart_1.0``), then sends this site a ``startPing`` Task
 (with the start Task's ``target-endpoints``, if any) every ``timer-interval`` (ISO 8601, ``PT24H``
-unless the start Task names another), until a local ``stopPingAutostart`` Task throws the signal.
+unless the start Task names another, at least :data:`MIN_TIMER_INTERVAL`), until a local
+``stopPingAutostart`` Task throws the signal.
 
 The models (``bpmn/ping.bpmn``, ``bpmn/pong.bpmn``, ``bpmn/ping-autostart.bpmn``) and FHIR
 resources (``profiles/pingpong``) are ours; process ids, message and signal names, canonical
@@ -32,7 +33,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Protocol, cast
 from urllib.parse import parse_qsl, urlsplit
@@ -59,6 +60,7 @@ from dsf_bridge.plugins.registry import (
 )
 
 __all__ = [
+    "MIN_TIMER_INTERVAL",
     "PING_AUTOSTART_PROCESS",
     "PING_PROCESS",
     "PONG_PROCESS",
@@ -97,6 +99,11 @@ ENDPOINT_IDENTIFIER = "endpoint-identifier"
 TARGET_ENDPOINTS = "target-endpoints"
 TIMER_INTERVAL = "timer-interval"
 DEFAULT_TIMER_INTERVAL = "PT24H"
+#: The shortest ``timer-interval`` a ``startPingAutostart`` Task may ask for. DSF's plugin has
+#: none (its profile only demands an ISO 8601 duration), so ``PT0.001S`` would send this site a
+#: ``startPing`` Task, and every target a ``ping``, a thousand times a second. Ten seconds still
+#: serves a test network; production sites ping hourly or daily.
+MIN_TIMER_INTERVAL = timedelta(seconds=10)
 
 NOT_ALLOWED = "not-allowed"
 NOT_REACHABLE = "not-reachable"
@@ -118,7 +125,8 @@ class PongNotDeliveredError(BridgeError):
 
 class TimerIntervalError(BridgeError):
     """The ``timer-interval`` of a ``startPingAutostart`` Task is not a positive ISO 8601
-    duration; the autostart instance fails and its start Task with it."""
+    duration, or is shorter than :data:`MIN_TIMER_INTERVAL`; the autostart instance fails and
+    its start Task with it."""
 
 
 # -- where the plugin's files are -------------------------------------------------------------
@@ -507,11 +515,17 @@ def _timer_interval(value: object) -> str:
         months, fixed = parse_duration(text)
         positive = months > 0 or fixed.total_seconds() > 0
     except TimerError:
-        positive = False
+        months, fixed, positive = 0, timedelta(0), False
     if not positive:  # PT0S would send startPing Tasks as fast as the bridge can
         raise TimerIntervalError(
             f"Task input {TIMER_INTERVAL} ({CODESYSTEM_PING}) is {value!r}, not a positive ISO "
             "8601 duration such as PT24H, PT30M or P1D; ping autostart not started"
+        )
+    if months == 0 and fixed < MIN_TIMER_INTERVAL:
+        raise TimerIntervalError(
+            f"Task input {TIMER_INTERVAL} ({CODESYSTEM_PING}) is {value!r}, shorter than the "
+            f"minimum of PT{MIN_TIMER_INTERVAL.seconds}S this site accepts; ping autostart not "
+            "started"
         )
     return text
 

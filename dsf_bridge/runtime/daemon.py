@@ -35,6 +35,7 @@ from dsf_bridge.dsf.identity import build_ssl_context, load_identity
 from dsf_bridge.dsf.organization import LocalOrganization, find_local_organization
 from dsf_bridge.dsf.publication import publish
 from dsf_bridge.dsf.subscription import TaskSubscription
+from dsf_bridge.dsf.tasks import TaskLimits
 from dsf_bridge.dsf.versions import DsfRelease, server_release
 from dsf_bridge.errors import ConfigError, MigrationError, ProcessExecutionError
 from dsf_bridge.plugins.api import LoadedPlugin, ProcessPlugin
@@ -179,6 +180,7 @@ class Bridge:
             self.database,
             local_organization=local,
             authorizer=TaskAuthorizer(self.client, local, release=self.dsf_release),
+            limits=TaskLimits(**self.settings.intake.model_dump()),
         )
         recovered = await self.intake.recover()
         if recovered:

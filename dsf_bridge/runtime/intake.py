@@ -4,9 +4,13 @@ process instance, or to a ``failed`` Task whose ``error`` output says what was w
 The steps, as the DSF BPE takes them, with the bridge's additions:
 
 1. Record the Task version as ``claiming`` (idempotency: a version already taken in is skipped).
-2. Check it before any process step: DSF Task conventions, a deployed process for
-   ``instantiatesCanonical``, the recipient is this site, and the ActivityDefinition's process
-   authorization admits requester and recipient for the message name and Task profile.
+   A Task whose id or version cannot be one of DSF's (nor fit the claim's columns) is ignored.
+2. Check its bounds before reading anything else of it (``[intake]`` in the configuration:
+   size, nesting depth, string lengths, number of inputs) and that every value the store keeps
+   of it fits its column on both databases. Then check it before any process step: DSF Task
+   conventions, a deployed process for ``instantiatesCanonical``, the recipient is this site,
+   and the ActivityDefinition's process authorization admits requester and recipient for the
+   message name and Task profile.
    Failures end the Task ``failed`` with an error an administrator can act on.
    A business-key input is added first when the Task has none, so a failed Task carries it.
 3. ``PUT`` it ``in-progress`` with ``If-Match``.
@@ -15,12 +19,16 @@ The steps, as the DSF BPE takes them, with the bridge's additions:
    ``failed`` with "Unable to correlate Task ...".
 
 A crash between the steps loses nothing: at start-up :meth:`TaskIntake.recover` re-reads every
-Task still ``claiming`` and finishes what the previous run began.
+Task still ``claiming`` and finishes what the previous run began. One Task never stops the
+others or start-up: a Task the server no longer has (404/410), or that breaks a bound and that
+the server will not even take back ``failed``, is recorded ``skipped`` with an audit event
+``task.skipped`` giving the reason.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -31,7 +39,9 @@ from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.tasks import (
     BUSINESS_KEY,
     TaskFormatError,
+    TaskLimits,
     TaskMessage,
+    bounds_violation,
     input_values,
     read_message,
     requester_identifier,
@@ -44,6 +54,7 @@ from dsf_bridge.logs import bound_context
 from dsf_bridge.runtime.processes import TAKEN_IN, ProcessRuntime
 from dsf_bridge.store import Database, append_event
 from dsf_bridge.store import repository as repo
+from dsf_bridge.store.tables import AuditEvent, MessageSubscription, ProcessInstance, TaskSeen
 
 __all__ = ["Authorizer", "SqlCursorStore", "TaskIntake", "task_variables"]
 
@@ -53,6 +64,32 @@ CLAIMING = "claiming"
 FAILED = "failed"
 LOST = "claimed-elsewhere"
 REFUSED = "refused"
+SKIPPED = "skipped"
+
+# FHIR's id type; DSF servers assign UUIDs. Versions are DSF's counters.
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+
+def _length(model: type[Any], column: str) -> int:
+    """The length of a String column: PostgreSQL refuses longer values, SQLite keeps them."""
+    length = getattr(model.__table__.c[column].type, "length", None)
+    if not isinstance(length, int):
+        raise TypeError(f"{model.__name__}.{column} has no length")
+    return length
+
+
+_TASK_ID_LENGTH = _length(TaskSeen, "task_id")
+_VERSION_LENGTH = _length(TaskSeen, "task_version")
+# Every value of a Task the store keeps, and the columns it goes into.
+_STORED_FIELDS: tuple[tuple[str, int], ...] = (
+    (
+        "input 'business-key'",
+        min(_length(ProcessInstance, "business_key"), _length(MessageSubscription, "business_key")),
+    ),
+    ("input 'correlation-key'", _length(MessageSubscription, "correlation_key")),
+    ("input 'message-name'", _length(MessageSubscription, "message_name")),
+    ("requester", _length(AuditEvent, "actor")),
+)
 
 
 def _refused(exc: RemoteError) -> bool:
@@ -60,6 +97,15 @@ def _refused(exc: RemoteError) -> bool:
     nothing, unlike an outage (5xx, 429, no connection) or a server that does not know our
     certificate (401: an allow list being changed), which pass."""
     return exc.status is not None and 400 <= exc.status < 500 and exc.status not in (401, 429)
+
+
+def _unfit(message: TaskMessage, actor: str) -> str | None:
+    """Which value of the Task does not fit its column (said without quoting the value)."""
+    values = (message.business_key, message.correlation_key, message.message_name, actor)
+    for (name, limit), value in zip(_STORED_FIELDS, values, strict=True):
+        if value is not None and len(value) > limit:
+            return f"Task {name} has {len(value)} characters; this site stores at most {limit}"
+    return None
 
 
 class Authorizer(Protocol):
@@ -97,12 +143,14 @@ class TaskIntake:
         *,
         local_organization: str,
         authorizer: Authorizer | None,
+        limits: TaskLimits | None = None,
     ) -> None:
         self.client = client
         self.runtime = runtime
         self.database = database
         self.local_organization = local_organization
         self.authorizer = authorizer
+        self.limits = limits or TaskLimits()
 
     async def handle(self, task: dict[str, Any]) -> None:
         if task.get("resourceType") != "Task" or task.get("status") != "requested":
@@ -111,6 +159,10 @@ class TaskIntake:
         version = str((task.get("meta") or {}).get("versionId") or "")
         if not task_id or not version:
             log.warning("task.ignored", reason="no id or versionId")
+            return
+        if not _FHIR_ID.match(task_id) or not version.isdigit() or len(version) > _VERSION_LENGTH:
+            # Not a Task a DSF server could hold (a bogus frame): nothing to claim or fail.
+            log.warning("task.ignored", reason="id or versionId not of the FHIR id type")
             return
         with bound_context(task_id=task_id):
             async with self.database.transaction() as session:
@@ -129,6 +181,11 @@ class TaskIntake:
             await self._take_in(task, task_id, version)
 
     async def _take_in(self, task: dict[str, Any], task_id: str, version: str) -> None:
+        # Bounds first: nothing else may walk, copy or store a hostile Task before this.
+        violation = bounds_violation(task, self.limits)
+        if violation is not None:
+            await self._fail(task, version, violation, hostile=True)
+            return
         # As the DSF BPE: a Task without a business key gets one before anything else, so the
         # failed Task carries it too (DSF's profiles require one on in-progress and failed).
         given = input_values(task, BUSINESS_KEY)
@@ -136,7 +193,7 @@ class TaskIntake:
         task = updated_task(task, status=str(task.get("status")), business_key=business_key)
         try:
             message = read_message(task)
-            refusal = await self._refusal(task, message)
+            refusal = _unfit(message, requester_label(task)) or await self._refusal(task, message)
         except TaskFormatError as exc:
             await self._fail(task, version, str(exc))
             return
@@ -161,7 +218,7 @@ class TaskIntake:
                 return
             raise
         new_version = str(result.version or int(version) + 1)
-        in_progress.setdefault("meta", {})["versionId"] = new_version
+        in_progress["meta"] = {**(in_progress.get("meta") or {}), "versionId": new_version}
         await self._deliver(
             in_progress,
             task_id=task_id,
@@ -226,15 +283,40 @@ class TaskIntake:
         error: str,
         *,
         claimed_version: str | None = None,
+        hostile: bool = False,
     ) -> None:
-        """PUT the Task ``failed`` with ``error``; the claim row records the outcome."""
+        """PUT the Task ``failed`` with ``error``; the claim row records the outcome.
+
+        ``hostile``: the Task breaks a bound. As DSF's profiles want, it gets a business key if
+        it has none; when the server will not take it back failed, it is skipped for good
+        rather than tried again at every start."""
         task_id = str(task.get("id"))
-        failed = updated_task(task, status="failed", error=error)
+        business_key = None
+        if hostile and not input_values(task, BUSINESS_KEY):
+            business_key = str(uuid.uuid4())
+        failed = updated_task(task, status="failed", business_key=business_key, error=error)
         try:
-            await self.client.update(failed, if_match=int(current_version))
+            await self.client.update(failed, if_match=int(current_version), return_minimal=True)
+        except RecursionError:
+            if not hostile:
+                raise
+            # Too deep even to encode as JSON: it cannot be set failed from here.
+            await self._skip(
+                task_id, claimed_version or current_version, f"{error}; too deep to set failed"
+            )
+            return
         except RemoteError as exc:
             if exc.status in (409, 412):
                 await self._mark(task_id, claimed_version or current_version, LOST)
+                return
+            if hostile and (_refused(exc) or exc.status == 500):
+                # A server error on this Task alone is as final as a refusal (it may choke on
+                # what we were sent): trying again at every start would stop nothing but us.
+                await self._skip(
+                    task_id,
+                    claimed_version or current_version,
+                    f"{error}; the FHIR server refused to set it failed: {exc}",
+                )
                 return
             if not _refused(exc):
                 raise  # the server is down or busy: the claim stays, a later round retries
@@ -263,6 +345,19 @@ class TaskIntake:
             )
         log.warning("task.failed", error=error)
 
+    async def _skip(self, task_id: str, version: str, reason: str) -> None:
+        """Record the Task version ``skipped`` for good, with an audit event saying why."""
+        async with self.database.transaction() as session:
+            await repo.set_task_seen_status(session, task_id, version, SKIPPED)
+            await append_event(
+                session,
+                actor=f"organization:{self.local_organization}",
+                subject=f"Task/{task_id}",
+                action="task.skipped",
+                reason=reason,
+            )
+        log.error("task.skipped", reason=reason)
+
     async def _mark(
         self, task_id: str, version: str, status: str, *, instance_id: str | None = None
     ) -> None:
@@ -284,7 +379,20 @@ class TaskIntake:
         return len(claims)
 
     async def _recover(self, claim: repo.TaskSeenRecord) -> None:
-        task = await self.client.read("Task", claim.task_id)
+        try:
+            task = await self.client.read("Task", claim.task_id)
+        except RemoteError as exc:
+            if exc.status not in (404, 410):
+                raise
+            # Deleted by an administrator, or an id from a bogus frame: nothing left to take
+            # in or to fail, and asking at every start would only stop the bridge.
+            await self._skip(
+                claim.task_id,
+                claim.task_version,
+                f"the FHIR server answers {exc.status} for Task/{claim.task_id}: "
+                "deleted, or never there",
+            )
+            return
         status = task.get("status")
         version = str((task.get("meta") or {}).get("versionId") or "")
         if status == "requested" and version == claim.task_version:
@@ -300,7 +408,20 @@ class TaskIntake:
                     claim.task_id, claim.task_version, TAKEN_IN, instance_id=delivered.instance_id
                 )
                 return
-            message = read_message(task)
+            violation = bounds_violation(task, self.limits)
+            if violation is not None:
+                await self._fail(
+                    task, version, violation, claimed_version=claim.task_version, hostile=True
+                )
+                return
+            try:
+                message = read_message(task)
+                error = _unfit(message, requester_label(task))
+            except TaskFormatError as exc:
+                error = str(exc)
+            if error is not None:
+                await self._fail(task, version, error, claimed_version=claim.task_version)
+                return
             business_key = message.business_key or str(uuid.uuid4())
             await self._deliver(
                 task,

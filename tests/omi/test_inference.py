@@ -3,7 +3,11 @@ and against httpx.MockTransport for answers a healthy server never gives."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -18,12 +22,14 @@ from dsf_bridge.omi.inference import (
     ModelNotReadyError,
     Tensor,
 )
+from dsf_bridge.retry import RetryPolicy
 from dsf_bridge.sandbox.components import MLServerProcess, free_port
 from dsf_bridge.sandbox.refmodel import TISSUES, tissue_composition
 from tests.components import BROKEN_MODEL, REFERENCE_MODEL, WARMING_MODEL
 from tests.omi.test_refmodel import REFERENCE_AREAS_CM2, REFERENCE_MUSCLE_MEAN_HU
 
 MODEL = REFERENCE_MODEL.name
+FAST = RetryPolicy(attempts=3, initial_delay=0.001, max_delay=0.001, retry_after_cap=0.01)
 
 
 def _inputs(hu: np.ndarray, spacing: tuple[float, float, float]) -> list[Tensor]:
@@ -126,9 +132,102 @@ async def test_model_crash_is_a_retryable_server_error(
     assert info.value.model == BROKEN_MODEL.name
 
 
+class BlinkingFront:
+    """A loopback front for MLServer that is down for ``down_for`` seconds (connections
+    refused), then answers one request 503 with ``Retry-After: 1``, then forwards to MLServer:
+    a model server restarting behind its gateway."""
+
+    def __init__(self, upstream: str, down_for: float) -> None:
+        self.upstream = urlsplit(upstream)
+        self.down_for = down_for
+        self.port = free_port()
+        self.answers: list[str] = []
+        self._server: asyncio.Server | None = None
+        self._opener: asyncio.Task[None] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> BlinkingFront:
+        self._opener = asyncio.create_task(self._open_later())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._opener is not None
+        await self._opener
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _open_later(self) -> None:
+        await asyncio.sleep(self.down_for)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.answers:
+            self.answers.append("503")
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
+            await reader.readexactly(length)
+            writer.write(
+                b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+                b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            await writer.drain()
+            writer.close()
+            return
+        self.answers.append("forwarded")
+        up_reader, up_writer = await asyncio.open_connection(
+            self.upstream.hostname, self.upstream.port
+        )
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def blinking(mlserver: MLServerProcess) -> AsyncIterator[BlinkingFront]:
+    async with BlinkingFront(mlserver.base_url, down_for=0.5) as front:
+        yield front
+
+
+async def test_inference_outlasts_a_model_server_blip(
+    blinking: BlinkingFront, ct_small: Dataset
+) -> None:
+    """Refused connections, then 503 with Retry-After: the default policy waits it out."""
+    started = time.monotonic()
+    async with HttpInferenceClient(blinking.base_url) as client:
+        result = await client.infer(MODEL, _ct_small_inputs(ct_small))
+    assert blinking.answers == ["503", "forwarded"]
+    # Retry-After: 1 was honoured (the policy's own next wait is 2 s; 1 s at least either way).
+    assert time.monotonic() - started >= 1.0 + blinking.down_for
+    assert float(result["muscle_mean_hu"].data[0]) == pytest.approx(
+        REFERENCE_MUSCLE_MEAN_HU, abs=0.05
+    )
+
+
 async def test_unreachable_server_is_retryable() -> None:
-    async with HttpInferenceClient(f"http://127.0.0.1:{free_port()}", timeout=2.0) as client:
-        with pytest.raises(InferenceError, match="unreachable") as info:
+    async with HttpInferenceClient(
+        f"http://127.0.0.1:{free_port()}", timeout=2.0, retry=FAST
+    ) as client:
+        with pytest.raises(InferenceError, match=r"unreachable \(3 attempts") as info:
             await client.model_ready(MODEL)
     assert info.value.retryable
     assert isinstance(info.value, RemoteError)
@@ -138,7 +237,7 @@ async def test_unreachable_server_is_retryable() -> None:
 
 
 def _mock(handler: httpx.MockTransport) -> HttpInferenceClient:
-    return HttpInferenceClient("http://inference.test", transport=handler)
+    return HttpInferenceClient("http://inference.test", transport=handler, retry=FAST)
 
 
 async def test_request_body_is_typed_tensors() -> None:
@@ -179,15 +278,34 @@ async def test_request_body_is_typed_tensors() -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "retryable"), [(429, True), (502, True), (503, True), (403, False), (422, False)]
+    ("status", "retryable", "tries"),
+    [
+        (429, True, 3),
+        (502, True, 3),
+        (503, True, 3),
+        (504, True, 3),
+        # The model itself failed: retryable for the runtime, not repeated at once.
+        (500, True, 1),
+        (400, False, 1),
+        (403, False, 1),
+        (422, False, 1),
+    ],
 )
-async def test_status_codes_decide_retryable(status: int, retryable: bool) -> None:
-    transport = httpx.MockTransport(lambda _: httpx.Response(status, text="nope"))
-    async with _mock(transport) as client:
+async def test_status_codes_decide_retryable_and_4xx_are_never_repeated(
+    status: int, retryable: bool, tries: int
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(status, text="nope", headers={"Retry-After": "0"})
+
+    async with _mock(httpx.MockTransport(handler)) as client:
         with pytest.raises(InferenceError) as info:
             await client.infer("m", [Tensor.of("x", [1], "FP32")])
     assert info.value.retryable is retryable
     assert info.value.status == status
+    assert len(seen) == tries
 
 
 async def test_timeout_is_retryable() -> None:

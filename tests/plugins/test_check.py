@@ -237,6 +237,42 @@ def test_hostile_xml_is_reported_not_parsed(tmp_path: Path) -> None:
     assert "DOCTYPE" in report.files[0].problems[0]
 
 
+def test_deeply_nested_files_are_reported_invalid_not_a_traceback(tmp_path: Path) -> None:
+    """JSON nested 50,000 levels used to end the command in RecursionError (``json`` recurses
+    once per level); 150 levels got pydantic's "recursion limit exceeded" instead of a reason."""
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    head = '{"resourceType": "CodeSystem", "status": "active", "concept": ['
+    for levels in (50_000, 150):
+        nested = '{"code": "a", "concept": [' * levels + '{"code": "b"}' + "]}" * levels
+        (folder / f"deep-{levels}.json").write_text(head + nested + "]}")
+    # Brackets inside strings are no nesting: this one is fine (and valid).
+    (folder / "brackets.json").write_text(
+        '{"resourceType": "CodeSystem", "status": "active", "content": "complete", '
+        '"title": "' + "[{" * 300 + '\\"[{"}'
+    )
+    (folder / "deep.xml").write_text(
+        '<CodeSystem xmlns="http://hl7.org/fhir"><status value="active"/>'
+        + '<concept><code value="a"/>' * 300
+        + "</concept>" * 300
+        + "</CodeSystem>"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "dsf_bridge", "plugins", "check", "--json", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1
+    report = {Path(file["path"]).name: file for file in json.loads(result.stdout)["files"]}
+    assert report["brackets.json"]["valid"], report["brackets.json"]
+    for name in ("deep-50000.json", "deep-150.json"):
+        assert report[name]["problems"] == ["nested deeper than 200 levels (objects and arrays)"]
+    assert report["deep.xml"]["problems"][0].startswith("nested deeper than 256 levels")
+
+
 def test_cli_subprocess_lines_json_and_exit_codes(tmp_path: Path) -> None:
     ping_pong = reference_dir() / "dsf-process-ping-pong"
     result = subprocess.run(

@@ -603,3 +603,33 @@ def test_demo_json_prints_the_reference_values(tmp_path: Path, dsf_version: str)
     assert "completed" in done.stderr  # progress went to stderr
     assert f"DSF {dsf_version}.0 sandbox FHIR server" in done.stderr
     assert list(tmp_path.iterdir()) == []  # the demo removed its temporary directory
+
+
+@pytest.mark.parametrize("result_timeout", ["P9999Y", "P99999999999D", "P13M"])
+async def test_a_result_timeout_beyond_the_bound_fails_the_request(
+    tmp_path: Path, result_timeout: str
+) -> None:
+    """Issue 10: a start Task's result-timeout of P9999Y (a timer past the year 9999) crashed
+    the bridge. Durations from Tasks are bounded: the request fails before anything is sent."""
+    catalogue = [{"id": "silent", "organization": "Silent_Provider"}]
+    async with InferenceNetwork(
+        tmp_path / "sites",
+        {REQUESTER: {"catalogue": catalogue}},
+        published={"Silent_Provider": plugin_resources("Silent_Provider")},
+    ) as network:
+        task_id = await network.request(
+            REQUESTER,
+            study_instance_uid="1.2.3.4",
+            service="silent",
+            dicomweb_endpoint="http://127.0.0.1:1/dicom-web",
+            result_timeout=result_timeout,
+        )
+        finished = await network.finished(REQUESTER, [task_id], 20)
+        [error] = [
+            o["valueString"]
+            for o in finished[task_id].get("output") or []
+            if o["type"]["coding"][0]["code"] == "error"
+        ]
+        assert finished[task_id]["status"] == "failed"
+        assert "request-invalid: input 'result-timeout'" in error
+        assert network.tasks("Silent_Provider") == []  # nothing was sent

@@ -407,6 +407,40 @@ def test_a_malformed_timer_interval_fails_the_autostart_with_a_clear_error(inter
     assert f"is {interval!r}, not a positive ISO 8601 duration such as PT24H" in error
 
 
+@pytest.mark.parametrize("interval", ["PT0.001S", "PT1S", "PT9.999S", "PT0H0M9S"])
+def test_a_timer_interval_below_the_floor_fails_the_autostart_with_a_clear_error(
+    interval: str,
+) -> None:
+    """DSF has no minimum; 1 ms would flood the site with startPing Tasks."""
+    harness = _harness(FakeSite(SITE_A, [SITE_B]))
+    instance = harness.start(
+        PING_AUTOSTART_PROCESS,
+        "startPingAutostart",
+        business_key="auto-4",
+        variables=_autostart_task({"system": PING, "code": "timer-interval", "value": interval}),
+    )
+    assert instance.status == "failed"
+    assert harness.sent == []
+    assert harness.open_timers() == 0
+    error = harness.task_status["auto-4"]
+    assert "TimerIntervalError: Task input timer-interval" in error
+    assert f"is {interval!r}, shorter than the minimum of PT10S this site accepts" in error
+
+
+def test_the_floor_itself_is_a_valid_timer_interval() -> None:
+    harness = _harness(FakeSite(SITE_A, [SITE_B]))
+    instance = harness.start(
+        PING_AUTOSTART_PROCESS,
+        "startPingAutostart",
+        business_key="auto-5",
+        variables=_autostart_task({"system": PING, "code": "timer-interval", "value": "PT10S"}),
+    )
+    assert instance.variables["timerInterval"] == "PT10S"
+    assert len(harness.sent) == 1
+    harness.advance(10)
+    assert len(harness.sent) == 2
+
+
 @pytest.mark.parametrize("load", [reference_profile, our_profile], ids=["reference", "ours"])
 @pytest.mark.parametrize(
     ("name", "message", "extra"),
@@ -853,7 +887,7 @@ async def test_autostart_pings_every_interval_until_a_stop_task_stops_it(
             _autostart_wire_task(
                 "startPingAutostart",
                 {"system": PING, "code": "target-endpoints", "value": search},
-                {"system": PING, "code": "timer-interval", "value": "PT1S"},
+                {"system": PING, "code": "timer-interval", "value": "PT10S"},
             )
         )
         assert started.id is not None
@@ -872,7 +906,7 @@ async def test_autostart_pings_every_interval_until_a_stop_task_stops_it(
         # The first round at once; the next one when the interval has passed on the clock.
         await _until(completed_pings(1))
         [instance_id] = await _autostart_waiting(database)
-        clock.advance(1)
+        clock.advance(10)
         await _until(completed_pings(2))
         assert await _autostart_waiting(database) == [instance_id]
 

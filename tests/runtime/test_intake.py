@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -34,6 +36,7 @@ from dsf_bridge.runtime.processes import ProcessRuntime
 from dsf_bridge.sandbox import resources
 from dsf_bridge.sandbox.server import SandboxServer
 from dsf_bridge.store import Database
+from dsf_bridge.store import repository as repo
 from dsf_bridge.store.tables import AuditEvent, ProcessInstance
 from tests.sandbox.harness import (
     LOCAL,
@@ -452,3 +455,129 @@ async def test_a_result_the_server_refuses_fails_the_task_instead_of_stranding_i
     assert final["status"] == "failed"
     assert "the FHIR server refused the result" in _error(final)
     assert output not in (final.get("output") or [])
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    """An extension nested ``depth`` times (two JSON levels each: object and array)."""
+    value: dict[str, Any] = {"url": "http://test.org/leaf", "valueString": "x"}
+    for _ in range(depth):
+        value = {"url": "http://test.org/nested", "extension": [value]}
+    return value
+
+
+async def _audited(site: Site, action: str) -> list[str]:
+    async with site.database.transaction() as session:
+        reasons = await session.execute(
+            select(AuditEvent.reason).where(AuditEvent.action == action)
+        )
+    return [str(reason) for reason in reasons.scalars()]
+
+
+async def test_a_task_nested_300_levels_deep_is_failed_and_intake_goes_on(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10: such a Task crashed intake with RecursionError, and again at every restart.
+    (The sandbox copies resources by deep copy, which a Java DSF server does not: here it copies
+    through JSON, so that it can hold the Task at all.)"""
+    monkeypatch.setattr(
+        resources, "copy", SimpleNamespace(deepcopy=lambda value: json.loads(json.dumps(value)))
+    )
+    hostile = task()
+    hostile["extension"] = [_nested(300)]
+    stored = site.insert_directly(hostile)
+    await site.intake.handle(stored)
+
+    final = await site.server_task(stored["id"])
+    assert final["status"] == "failed"
+    assert "nested more than 64 levels deep" in _error(final)
+    assert len(input_values(final, "business-key")) == 1
+    assert site.work == []
+    assert await site.intake.recover() == 0  # recorded: nothing left for the next start
+
+    after = await site.remote.create(task())
+    assert after.id is not None
+    await site.intake.handle(await site.server_task(after.id))
+    await site.runtime.run_until_idle()
+    assert site.work == [after.id]
+
+
+@pytest.mark.parametrize(
+    ("hostile", "expected"),
+    [
+        ({"note": [{"text": "x" * 70_000}]}, "a string of 70000 characters"),
+        ({"note": [{"text": "x" * 60_000}] * 20}, "larger than 1048576 bytes"),
+        ({"extension": [_nested(40)]}, "nested more than 64 levels deep"),
+        ({"input_count": 200}, "201 inputs"),
+    ],
+    ids=["long-string", "too-large", "too-deep", "too-many-inputs"],
+)
+async def test_tasks_beyond_the_bounds_are_failed_with_the_bound(
+    site: Site, hostile: dict[str, Any], expected: str
+) -> None:
+    made, hostile = task(), dict(hostile)
+    count = hostile.pop("input_count", 0)
+    made["input"] += [
+        {"type": {"coding": [{"system": "http://test.org/t", "code": "x"}]}, "valueString": "v"}
+    ] * count
+    stored = site.insert_directly({**made, **hostile})
+    await site.intake.handle(stored)
+    final = await site.server_task(stored["id"])
+    assert final["status"] == "failed"
+    assert expected in _error(final)
+    assert site.work == []
+
+
+async def test_a_claimed_task_the_server_no_longer_has_is_skipped_at_start_up(
+    site: Site,
+) -> None:
+    """Issue 10: a Task left claiming that the server answers 404 (or 410) for stopped the
+    bridge from ever starting. Now it is recorded skipped, with an audit event, and the other
+    claims are finished."""
+    deleted = site.insert_directly(task())
+    waiting = site.insert_directly(task())
+    async with site.database.transaction() as session:
+        for claimed in (deleted, waiting):
+            await repo.record_task_seen(
+                session, task_id=claimed["id"], task_version="1", role="incoming", status="claiming"
+            )
+    assert site.sandbox.server.service.store.delete("Task", deleted["id"])
+
+    assert await site.intake.recover() == 2  # no exception: start-up goes on
+    await site.runtime.run_until_idle()
+    assert site.work == [waiting["id"]]
+    async with site.database.transaction() as session:
+        seen = await repo.get_task_seen(session, deleted["id"], "1")
+    assert seen is not None
+    assert seen.status == "skipped"
+    [reason] = await _audited(site, "task.skipped")
+    assert f"answers 410 for Task/{deleted['id']}" in reason or "answers 404" in reason
+    assert await site.intake.recover() == 0
+
+
+async def test_a_business_key_longer_than_its_column_fails_the_task(site: Site) -> None:
+    """Issue 10: on PostgreSQL (String(200)) a business key of 201 characters left the Task
+    stuck and crashed start-up; SQLite stored it. On both it is failed now, not half-stored."""
+    made = build_task(
+        instantiates_canonical=CANONICAL,
+        message_name="start",
+        profile=PROFILE,
+        business_key="k" * 201,
+        correlation_key=None,
+        requester=REMOTE,
+        recipient=LOCAL,
+        authored_on=dt.datetime.now(dt.UTC),
+    )
+    stored = site.insert_directly(made)
+    await site.intake.handle(stored)
+    await site.runtime.run_until_idle()
+
+    final = await site.server_task(stored["id"])
+    assert final["status"] == "failed"
+    error = _error(final)
+    assert "business-key' has 201 characters; this site stores at most 200" in error
+    assert "k" * 201 not in error  # reasons name the field, never its value
+    assert site.work == []
+    async with site.database.transaction() as session:
+        instances = (await session.execute(select(func.count(ProcessInstance.id)))).scalar_one()
+    assert instances == 0
+    assert await site.intake.recover() == 0

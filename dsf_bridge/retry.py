@@ -1,0 +1,58 @@
+"""The retry policy of the HTTP adapters: how often and how patiently a call is repeated.
+
+It lives beside :mod:`dsf_bridge.errors`, outside the adapter packages, because the FHIR client
+(:mod:`dsf_bridge.dsf.client`) and the inference client (:mod:`dsf_bridge.omi.inference`) share
+it while the layer contracts keep ``dsf`` and ``omi`` from importing each other.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+from dataclasses import dataclass
+
+__all__ = ["RetryPolicy", "retry_after_seconds"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a request is repeated; ``attempts`` counts the first try."""
+
+    attempts: int = 4
+    initial_delay: float = 0.5
+    multiplier: float = 2.0
+    max_delay: float = 10.0
+    retry_after_cap: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts counts the first try and must be at least 1")
+        if min(self.initial_delay, self.max_delay, self.retry_after_cap) < 0:
+            raise ValueError("RetryPolicy delays must not be negative")
+
+    def delay(self, attempt: int) -> float:
+        """Back-off before attempt ``attempt + 1`` (``attempt`` counts from 1)."""
+        return float(min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1)))
+
+    def delay_for_answer(self, attempt: int, retry_after: str | None) -> float:
+        """Back-off after an answer: the server's ``Retry-After`` when longer, within the cap."""
+        delay = self.delay(attempt)
+        asked = retry_after_seconds(retry_after)
+        if asked is not None:
+            delay = min(max(delay, asked), self.retry_after_cap)
+        return delay
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header (seconds or an HTTP date) in seconds from now; None if absent."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
