@@ -47,8 +47,9 @@ def retry_after_seconds(value: str | None) -> float | None:
     """A ``Retry-After`` header (seconds or an HTTP date) in seconds from now; None if absent."""
     if not value:
         return None
-    if value.strip().isdigit():
-        return float(value.strip())
+    text = value.strip()
+    if text.isascii() and text.isdigit():  # "²".isdigit() is true, float("²") fails
+        return float(text)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

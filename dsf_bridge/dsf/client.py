@@ -393,6 +393,12 @@ class FhirClient:
                 f"(content type {response.headers.get('content-type', '?')})",
                 status=response.status_code,
             ) from exc
+        except RecursionError as exc:  # nesting deeper than the parser's recursion
+            raise RemoteError(
+                f"{response.request.method} {response.request.url} answered JSON nested too "
+                "deeply to read",
+                status=response.status_code,
+            ) from exc
         if not isinstance(parsed, dict):
             raise RemoteError("answer is no FHIR resource", status=response.status_code)
         return parsed

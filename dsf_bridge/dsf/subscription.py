@@ -65,6 +65,9 @@ class SubscriptionSettings:
     bind_timeout: dt.timedelta = dt.timedelta(seconds=10)
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
+    # A connection that stayed bound and caught up this long resets the back-off; one that
+    # drops sooner (a server that accepts and fails at once) lets it keep growing.
+    stable_after: float = 30.0
 
 
 def websocket_url(base_url: str) -> str:
@@ -218,6 +221,11 @@ class TaskSubscription:
         except json.JSONDecodeError:
             _log.warning("subscription.frame_ignored", reason="not JSON")
             return False
+        except (ValueError, RecursionError) as exc:
+            # A number too long for Python's int limit, or nesting deeper than the parser's
+            # recursion: hostile, never readable. The frame goes; catch-up reads the page.
+            _log.warning("subscription.frame_ignored", reason=type(exc).__name__)
+            return False
         if isinstance(resource, dict) and resource.get("resourceType") == self.resource_type:
             await self.handle(resource)
         return False
@@ -263,13 +271,17 @@ class TaskSubscription:
     async def run(self, stop: asyncio.Event) -> None:
         """Stay subscribed until ``stop`` is set, reconnecting with back-off after any failure.
 
-        The back-off doubles only while connecting keeps failing: a connection that was bound
-        and caught up counts as a success, so the next outage starts again at
-        ``backoff_initial`` (otherwise eight short drops in a day would leave a minute's gap).
+        The back-off doubles while connecting keeps failing. A connection that was bound,
+        caught up and stayed up for ``stable_after`` seconds counts as a success, so the next
+        outage starts again at ``backoff_initial`` (otherwise eight short drops in a day would
+        leave a minute's gap); one that drops sooner does not, so a server that accepts and
+        fails at once is not hammered.
         """
         delay = self.settings.backoff_initial
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
             caught_up_before = self.caught_up_connections
+            started = loop.time()
             try:
                 await self.run_connected(stop)
             except (ConnectionClosed, InvalidHandshake, OSError, TimeoutError) as exc:
@@ -278,7 +290,8 @@ class TaskSubscription:
                 _log.warning("subscription.failed", error=str(exc), retryable=exc.retryable)
             if stop.is_set():
                 return
-            if self.caught_up_connections != caught_up_before:
+            stable = loop.time() - started >= self.settings.stable_after
+            if self.caught_up_connections != caught_up_before and stable:
                 delay = self.settings.backoff_initial
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)

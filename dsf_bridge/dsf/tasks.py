@@ -248,8 +248,14 @@ def requester_label(task: Mapping[str, Any]) -> str:
     organization = requester_identifier(task)
     if organization is not None:
         return f"organization:{organization}"
-    identifier = (task.get("requester") or {}).get("identifier") or {}
-    if identifier.get("system") == PRACTITIONER_IDENTIFIER_SYSTEM and identifier.get("value"):
+    requester = task.get("requester")
+    identifier = requester.get("identifier") if isinstance(requester, Mapping) else None
+    if (
+        isinstance(identifier, Mapping)
+        and identifier.get("system") == PRACTITIONER_IDENTIFIER_SYSTEM
+        and isinstance(identifier.get("value"), str)
+        and identifier["value"]
+    ):
         return f"practitioner:{identifier['value']}"
     return "unknown requester"
 

@@ -12,13 +12,14 @@ the error tree::
 
 Every call is repeated within a :class:`~dsf_bridge.retry.RetryPolicy` (the policy object the
 FHIR client uses; by default four attempts over 7 s, :data:`DEFAULT_RETRY`) when the server
-cannot be reached or answers 502, 503, 504 or 429, honouring ``Retry-After`` up to the policy's
-cap, so a model server that restarts for a few seconds does not fail the inference. A 500 (the
-model itself failed) and a read timeout (the model is too slow for ``timeout``) are not repeated
-here: trying again at once would fail the same way or multiply the wait; the error stays
-retryable for the runtime. 4xx answers are never repeated. Inference is a pure function of its
-inputs, so repeating the POST is harmless. Readiness calls take 503 as the verdict "not
-ready", not as a failure.
+cannot be reached, honouring ``Retry-After`` up to the policy's cap, so a model server that
+restarts for a few seconds does not fail the inference. The metadata and readiness GETs are
+also repeated on a connection lost mid-call and on 502, 503, 504 and 429. The inference POST
+is repeated only when it cannot have been processed (the connection was refused, or the
+answer is 429 or 503): OIP v2 has no idempotency key, so a POST lost mid-call or answered
+502/504 by a gateway may still be computing, and a second copy would run the model twice. A
+500 (the model itself failed) and a read timeout are not repeated. 4xx answers are never
+repeated. Readiness calls take 503 as the verdict "not ready", not as a failure.
 
 Payloads are never logged: tensors hold image data.
 """
@@ -62,6 +63,9 @@ _log = structlog.get_logger()
 DEFAULT_RETRY = RetryPolicy(attempts=4, initial_delay=1.0, max_delay=10.0, retry_after_cap=30.0)
 # Answers that say "the server, or a gateway in front of it, is briefly unavailable".
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# Answers that say the request was not processed: the only ones an inference POST repeats on
+# (a 502/504 from a gateway may come while the model still computes the first copy).
+_NOT_PROCESSED = frozenset({429, 503})
 # Readiness calls: 503 is a verdict (KServe's "not ready"), not a failure to repeat.
 _READINESS_RETRY_STATUSES = _RETRY_STATUSES - {503}
 
@@ -322,8 +326,12 @@ class HttpInferenceClient:
                     model=model,
                 ) from exc
             except httpx.TransportError as exc:
-                # Refused, reset, or closed before answering: the server is (re)starting.
-                if attempt < self._retry.attempts:
+                # Refused, reset, or closed before answering: the server is (re)starting. An
+                # inference POST is repeated only when it never reached the server: OIP v2 has
+                # no idempotency key, and a reset mid-request may mean the model is working on
+                # it (or was killed by it); a second copy would run it again.
+                sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+                if attempt < self._retry.attempts and not (sent and method != "GET"):
                     await self._wait(attempt, method, path, model, error=type(exc).__name__)
                     continue
                 raise InferenceError(
@@ -332,7 +340,8 @@ class HttpInferenceClient:
                     retryable=True,
                     model=model,
                 ) from exc
-            if response.status_code in retry_statuses and attempt < self._retry.attempts:
+            statuses = retry_statuses if method == "GET" else retry_statuses & _NOT_PROCESSED
+            if response.status_code in statuses and attempt < self._retry.attempts:
                 await self._wait(
                     attempt,
                     method,

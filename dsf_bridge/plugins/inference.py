@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import ssl
 from collections.abc import Mapping
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
 import structlog
@@ -35,7 +35,7 @@ import structlog
 from dsf_bridge.config import OmiServiceSettings, OmiSettings
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.vocabulary import READ_ACCESS_TAG_SYSTEM
-from dsf_bridge.engine.timers import TimerError, parse_duration
+from dsf_bridge.engine.timers import TimerError, add_duration, parse_duration
 from dsf_bridge.errors import BridgeError, RemoteError
 from dsf_bridge.omi.conversion import (
     MEASUREMENT_CODE_SYSTEM,
@@ -263,10 +263,13 @@ async def resolve_service(ctx: HandlerContext) -> None:
         months, fixed = parse_duration(timeout)
     except TimerError as exc:
         raise BpmnError(REQUEST_INVALID, f"input '{RESULT_TIMEOUT}': {exc}") from exc
-    # A month counted as 31 days: the bound holds on any calendar date.
-    if months > MAX_RESULT_TIMEOUT.days // 31 or months * timedelta(days=31) + fixed > (
-        MAX_RESULT_TIMEOUT
-    ):
+    # On the calendar from today, as the timer will count it: P1Y and P12M are 365 or 366 days.
+    today = datetime.now(UTC)
+    try:
+        too_long = add_duration(today, (months, fixed)) - today > MAX_RESULT_TIMEOUT
+    except TimerError:
+        too_long = True
+    if too_long:
         raise BpmnError(
             REQUEST_INVALID,
             f"input '{RESULT_TIMEOUT}' is longer than P{MAX_RESULT_TIMEOUT.days}D, "

@@ -105,6 +105,8 @@ def _unfit(message: TaskMessage, actor: str) -> str | None:
     for (name, limit), value in zip(_STORED_FIELDS, values, strict=True):
         if value is not None and len(value) > limit:
             return f"Task {name} has {len(value)} characters; this site stores at most {limit}"
+        if value is not None and "\x00" in value:  # PostgreSQL text cannot hold NUL
+            return f"Task {name} contains a NUL character, which this site cannot store"
     return None
 
 

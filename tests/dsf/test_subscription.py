@@ -114,7 +114,7 @@ async def test_the_back_off_starts_again_after_each_successful_bind(
         sandbox.context(LOCAL),
         handle,
         MemoryCursor(),
-        settings=SubscriptionSettings(backoff_initial=0.05, backoff_max=60.0),
+        settings=SubscriptionSettings(backoff_initial=0.05, backoff_max=60.0, stable_after=0.2),
     )
     stop = asyncio.Event()
     runner = asyncio.create_task(subscription.run(stop))
@@ -122,6 +122,7 @@ async def test_the_back_off_starts_again_after_each_successful_bind(
         await asyncio.wait_for(_caught_up(subscription, 1), 10)
         reconnects: list[float] = []
         for drop in range(1, 11):
+            await asyncio.sleep(0.3)  # the connection has been stable for stable_after
             started = time.monotonic()
             relay.cut()
             await asyncio.wait_for(_caught_up(subscription, drop + 1), 5)
@@ -133,4 +134,71 @@ async def test_the_back_off_starts_again_after_each_successful_bind(
         stop.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(runner, 10)
+        await client.aclose()
+
+
+async def test_a_server_that_drops_right_after_catch_up_still_gets_a_growing_back_off(
+    sandbox: Sandbox, relay: Relay
+) -> None:
+    """Bound and caught up, then cut at once, again and again: not a stable connection, so the
+    waits keep doubling instead of reconnecting at ``backoff_initial`` forever."""
+    client = FhirClient(
+        f"https://127.0.0.1:{relay.port}/fhir",
+        ssl_context=sandbox.context(LOCAL),
+        retry=FAST_RETRY,
+    )
+
+    async def handle(resource: dict[str, Any]) -> None:
+        return None
+
+    subscription = TaskSubscription(
+        client,
+        sandbox.context(LOCAL),
+        handle,
+        MemoryCursor(),
+        settings=SubscriptionSettings(backoff_initial=0.05, backoff_max=60.0, stable_after=30.0),
+    )
+    stop = asyncio.Event()
+    runner = asyncio.create_task(subscription.run(stop))
+    try:
+        await asyncio.wait_for(_caught_up(subscription, 1), 10)
+        gaps: list[float] = []
+        for drop in range(1, 6):
+            started = time.monotonic()
+            relay.cut()
+            await asyncio.wait_for(_caught_up(subscription, drop + 1), 10)
+            gaps.append(time.monotonic() - started)
+        # 0.05, 0.1, 0.2, 0.4, 0.8 s of back-off (plus the reconnect itself).
+        assert gaps[-1] >= 0.8, gaps
+        assert gaps[-1] > 2 * gaps[0], gaps
+    finally:
+        stop.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(runner, 10)
+        await client.aclose()
+
+
+async def test_a_frame_no_parser_can_read_is_dropped_not_fatal(
+    sandbox: Sandbox, relay: Relay
+) -> None:
+    """A number past Python's int digit limit or nesting past the parser's recursion: the
+    frame is dropped with a log line (catch-up reads the page), the bridge goes on."""
+    client = FhirClient(
+        f"https://127.0.0.1:{relay.port}/fhir", ssl_context=sandbox.context(LOCAL), retry=FAST_RETRY
+    )
+    seen: list[dict[str, Any]] = []
+
+    async def handle(resource: dict[str, Any]) -> None:
+        seen.append(resource)
+
+    subscription = TaskSubscription(client, sandbox.context(LOCAL), handle, MemoryCursor())
+    try:
+        huge = '{"resourceType": "Task", "n": ' + "9" * 5000 + "}"
+        deep = '{"resourceType": "Task", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+        for frame in (huge, deep):
+            assert await subscription._frame(frame, "sub") is False
+        assert seen == []
+        assert await subscription._frame('{"resourceType": "Task", "id": "1"}', "sub") is False
+        assert seen == [{"resourceType": "Task", "id": "1"}]
+    finally:
         await client.aclose()

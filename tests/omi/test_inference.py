@@ -281,9 +281,10 @@ async def test_request_body_is_typed_tensors() -> None:
     ("status", "retryable", "tries"),
     [
         (429, True, 3),
-        (502, True, 3),
         (503, True, 3),
-        (504, True, 3),
+        # A gateway's 502/504 may come while the model computes: the POST is not repeated.
+        (502, True, 1),
+        (504, True, 1),
         # The model itself failed: retryable for the runtime, not repeated at once.
         (500, True, 1),
         (400, False, 1),

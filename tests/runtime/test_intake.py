@@ -581,3 +581,33 @@ async def test_a_business_key_longer_than_its_column_fails_the_task(site: Site) 
         instances = (await session.execute(select(func.count(ProcessInstance.id)))).scalar_one()
     assert instances == 0
     assert await site.intake.recover() == 0
+
+
+async def test_a_nul_in_the_business_key_and_a_malformed_requester_fail_the_task(
+    site: Site,
+) -> None:
+    """PostgreSQL text cannot hold NUL (SQLite can): failed on both, never a crash; and a
+    requester whose identifier is not an object reaches authorization, not an AttributeError."""
+    made = build_task(
+        instantiates_canonical=CANONICAL,
+        message_name="start",
+        profile=PROFILE,
+        business_key="bk\x00x",
+        correlation_key=None,
+        requester=REMOTE,
+        recipient=LOCAL,
+        authored_on=dt.datetime.now(dt.UTC),
+    )
+    stored = site.insert_directly(made)
+    await site.intake.handle(stored)
+    odd = site.insert_directly(
+        {**made, "requester": {"identifier": "x"}} | {"input": made["input"][:1]}
+    )
+    await site.intake.handle(odd)
+    await site.runtime.run_until_idle()
+    final = await site.server_task(stored["id"])
+    assert final["status"] == "failed"
+    assert "business-key' contains a NUL character" in _error(final)
+    assert (await site.server_task(odd["id"]))["status"] == "failed"
+    assert site.work == []
+    assert await site.intake.recover() == 0
