@@ -9,6 +9,7 @@ configuration.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import signal
@@ -32,6 +33,7 @@ from dsf_bridge.config import (
 from dsf_bridge.dsf.connection import check_connection
 from dsf_bridge.dsf.subscription import TaskSubscription
 from dsf_bridge.dsf.versions import UnknownDsfVersionError, release
+from dsf_bridge.engine import state as instance_state
 from dsf_bridge.errors import BridgeError, ConfigError, MigrationError
 from dsf_bridge.logs import configure_logging
 from dsf_bridge.plugins.api import ProcessPlugin
@@ -41,7 +43,7 @@ from dsf_bridge.runtime import operations
 from dsf_bridge.runtime.daemon import Bridge
 from dsf_bridge.sandbox.commands import sandbox_app
 from dsf_bridge.sandbox.demo import run_demo
-from dsf_bridge.store import Database, sqlite_path, verify_chain
+from dsf_bridge.store import Database, queries, sqlite_path, verify_chain
 from dsf_bridge.store import migrations as schema
 
 __all__ = ["app", "main"]
@@ -65,7 +67,7 @@ api_app = typer.Typer(
     no_args_is_help=True,
 )
 instances_app = typer.Typer(
-    help="Incidents of process instances: list them, retry one, cancel an instance.",
+    help="Process instances: list and show them, their incidents; retry one, cancel one.",
     no_args_is_help=True,
 )
 app.add_typer(config_app, name="config")
@@ -270,13 +272,17 @@ def audit_verify(ctx: typer.Context, db_url: DbUrlOption = None) -> None:
 
 
 def _with_store(
-    ctx: typer.Context, db_url: str | None, work: Callable[[Any], Awaitable[Any]]
+    ctx: typer.Context,
+    db_url: str | None,
+    work: Callable[[Any], Awaitable[Any]],
+    *,
+    read_only: bool = False,
 ) -> Any:
     """Run ``work(session)`` in one transaction of the configured, migrated store."""
     settings = _settings(ctx, db_url)
 
     async def run() -> Any:
-        database = Database(settings.db.url, echo=settings.db.echo)
+        database = Database(settings.db.url, echo=settings.db.echo, read_only=read_only)
         try:
             async with database.transaction() as session:
                 return await work(session)
@@ -288,6 +294,84 @@ def _with_store(
         return asyncio.run(run())
     except BridgeError as exc:
         raise _fail(exc) from exc
+
+
+@instances_app.command("list")
+def instances_list(
+    ctx: typer.Context,
+    *,
+    status: Annotated[
+        str | None, typer.Option(help="running, completed or failed (default: all).")
+    ] = None,
+    process: Annotated[str | None, typer.Option(help="Process key, e.g. dsfdev_ping.")] = None,
+    limit: Annotated[
+        int, typer.Option(help="At most this many, newest first.", min=1, max=500)
+    ] = 50,
+    db_url: DbUrlOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List process instances, newest first."""
+    if status is not None and status not in ("running", "completed", "failed"):
+        typer.echo("dsf-bridge: --status must be running, completed or failed", err=True)
+        raise typer.Exit(EXIT_USAGE)
+
+    async def work(session: Any) -> list[queries.InstanceRow]:
+        return await queries.list_instances(
+            session, status=status, process_key=process, limit=limit
+        )
+
+    rows = _with_store(ctx, db_url, work, read_only=True)
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2, default=str))
+        return
+    if not rows:
+        typer.echo("no instances")
+    for r in rows:
+        typer.echo(
+            f"{r.id} {r.status:9} {r.process_key}|{r.process_version} "
+            f"business-key {r.business_key} since {r.created_at.isoformat(timespec='seconds')}"
+        )
+
+
+@instances_app.command("show")
+def instances_show(
+    ctx: typer.Context,
+    instance: Annotated[str, typer.Argument(help="Instance id.")],
+    db_url: DbUrlOption = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print everything the admin API shows, as JSON.")
+    ] = False,
+) -> None:
+    """Show where an instance stands: status, what it waits for, incidents, its Tasks."""
+
+    async def work(session: Any) -> queries.InstanceDetail | None:
+        return await queries.instance_detail(session, instance)
+
+    detail = _with_store(ctx, db_url, work, read_only=True)
+    if detail is None:
+        typer.echo(f"dsf-bridge: no instance {instance!r}", err=True)
+        raise typer.Exit(EXIT_FAILED)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(detail), indent=2, default=str))
+        return
+    row = detail.instance
+    typer.echo(f"instance      {row.id}")
+    typer.echo(f"process       {row.process_key}|{row.process_version} ({row.plugin})")
+    typer.echo(f"status        {row.status}")
+    typer.echo(f"business-key  {row.business_key}")
+    typer.echo(f"since         {row.created_at.isoformat(timespec='seconds')}")
+    for view in instance_state.tokens(detail.state):
+        waits = "; ".join(f"{w.kind.name.lower()} {w.key} at {w.element}" for w in view.waits)
+        line = f"token {view.id:>4}  {view.element}  {view.phase.name.lower()}"
+        typer.echo(line + (f"  waits for {waits}" if waits else ""))
+    for incident in detail.incidents:
+        typer.echo(
+            f"incident      token {incident.token} at {incident.element_id}: {incident.message}"
+        )
+    for task in detail.tasks:
+        typer.echo(
+            f"task          {task.role} Task/{task.task_id} v{task.task_version} {task.status}"
+        )
 
 
 @instances_app.command("incidents")

@@ -36,6 +36,8 @@ def test_help_lists_the_commands() -> None:
         ("db", "current"),
         ("audit", "verify"),
         ("config", "show"),
+        ("instances", "list"),
+        ("instances", "show"),
         ("instances", "incidents"),
         ("instances", "retry"),
         ("instances", "cancel"),

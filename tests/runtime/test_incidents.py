@@ -173,6 +173,23 @@ async def test_the_command_line_lists_retries_and_cancels(tmp_path: Path) -> Non
     finally:
         await database.dispose()
 
+    instances = await asyncio.to_thread(
+        run, "instances", "list", "--status", "running", "--json", "--db-url", url
+    )
+    assert instances.returncode == 0, instances.stderr
+    [listed_instance] = json.loads(instances.stdout)
+    assert (listed_instance["id"], listed_instance["process_key"]) == (instance_id, KEY)
+    shown = await asyncio.to_thread(run, "instances", "show", instance_id, "--db-url", url)
+    assert shown.returncode == 0, shown.stderr
+    assert f"incident      token {incident.token} at Choose:" in shown.stdout
+    assert "status        running" in shown.stdout
+    detail = await asyncio.to_thread(
+        run, "instances", "show", instance_id, "--json", "--db-url", url
+    )
+    assert json.loads(detail.stdout)["incidents"][0]["element_id"] == "Choose"
+    missing = await asyncio.to_thread(run, "instances", "show", "nope", "--db-url", url)
+    assert missing.returncode == 1
+    assert "no instance 'nope'" in missing.stderr
     listed = await asyncio.to_thread(run, "instances", "incidents", "--json", "--db-url", url)
     assert listed.returncode == 0, listed.stderr
     [row] = json.loads(listed.stdout)
