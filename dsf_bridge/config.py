@@ -12,6 +12,7 @@ import time: callers build settings with :func:`load_settings`.
 from __future__ import annotations
 
 import contextvars
+import datetime as dt
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from dsf_bridge.engine.timers import TimerError, add_duration, parse_duration
 from dsf_bridge.errors import ConfigError
 
 __all__ = [
@@ -228,6 +230,15 @@ class OmiSettings(_Section):
     def _check_duration(cls, value: str) -> str:
         if not _DURATION.match(value.strip()):
             raise ValueError(f"not an ISO 8601 duration such as PT10M: {value!r}")
+        # The bound a start Task's result-timeout has (plugins/inference.py): a site default
+        # past it would fail every request as if the requester had asked for too much.
+        now = dt.datetime.now(dt.UTC)
+        try:
+            too_long = add_duration(now, parse_duration(value.strip())) - now > _MAX_RESULT_TIMEOUT
+        except TimerError:
+            too_long = True
+        if too_long:
+            raise ValueError(f"longer than P{_MAX_RESULT_TIMEOUT.days}D: {value!r}")
         return value.strip()
 
 
@@ -272,6 +283,8 @@ class ApiSettings(_Section):
 
 
 # The duration forms the engine's timers accept (dsf_bridge.engine.timers).
+# The longest result-timeout a request may wait (also the bound for a start Task's input).
+_MAX_RESULT_TIMEOUT = dt.timedelta(days=366)
 _DURATION = re.compile(
     r"^P(?!$)(?:\d+Y)?(?:\d+M)?(?:\d+W)?(?:\d+D)?"
     r"(?:T(?=\d)(?:\d+H)?(?:\d+M)?(?:\d+(?:\.\d+)?S)?)?$"

@@ -194,6 +194,9 @@ def test_omi_catalogue_from_file_and_environment(tmp_path: Path) -> None:
     ("toml", "field"),
     [
         ('[omi]\nresult_timeout = "10 minutes"\n', "omi.result_timeout"),
+        # Longer than a start Task may ask for: every request would fail as if it had.
+        ('[omi]\nresult_timeout = "P2Y"\n', "omi.result_timeout"),
+        ('[omi]\nresult_timeout = "P9999Y"\n', "omi.result_timeout"),
         ('[[omi.catalogue]]\nid = "x"\nmodel = "m"\n', "omi.catalogue.0.model"),
         ("[omi]\ndicomweb_attempts = 0\n", "omi.dicomweb_attempts"),
     ],
@@ -202,3 +205,8 @@ def test_bad_omi_settings_name_the_field(tmp_path: Path, toml: str, field: str) 
     with pytest.raises(ConfigError) as caught:
         load_settings(_write(tmp_path, toml), environ={})
     assert caught.value.field == field
+
+
+def test_a_year_is_the_longest_result_timeout(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, '[omi]\nresult_timeout = "P1Y"\n'), environ={})
+    assert settings.omi.result_timeout == "P1Y"

@@ -116,8 +116,9 @@ ERROR = "error"
 ERROR_KIND = "error-kind"
 INFERENCE_RESULT = "inference-result"
 
-# The longest result-timeout a start Task may ask for: an OMI answer comes in minutes or hours,
-# and a timer decades ahead (P9999Y is past the year 9999) holds an instance for nothing.
+# The longest result-timeout a start Task may ask for (and [omi] result_timeout may be): an OMI
+# answer comes in minutes or hours, and a timer decades ahead (P9999Y is past the year 9999)
+# holds an instance for nothing.
 MAX_RESULT_TIMEOUT = timedelta(days=366)
 
 # Error kinds a provider reports (CodeSystem omi-error), and the requester's own.
