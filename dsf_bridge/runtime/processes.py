@@ -1151,18 +1151,7 @@ class ProcessRuntime:
                 # is due now that the instance waits again.
                 await repo.hasten_jobs(session, instance_id, "signal", now)
         pending = _Pending(instance_id, status)
-        for incident in instance_state.incidents(state):
-            if incident.token not in known:
-                # A job out of retries, or a loop without a wait state: an operator decides.
-                await append_event(
-                    session,
-                    actor=self.owner,
-                    subject=f"instance/{instance_id}",
-                    action="incident.created",
-                    reason=f"at {incident.element}: {incident.message}",
-                    payload={"token": incident.token, "element": incident.element},
-                )
-                pending.incidents.append(incident.element)
+        await self._audit_incidents(session, instance_id, known, state, pending)
         effects = list(result.effects)
         while effects:
             effect = effects.pop(0)
@@ -1274,8 +1263,10 @@ class ProcessRuntime:
                         payload={"signal": effect.signal_name, "thrown_by": instance_id},
                     )
                     pending.effects.append("SignalJob")
+                known = {i.token for i in instance_state.incidents(state)}
                 follow = step(deployed.definition, state, SignalReceived(effect.signal_name, now))
                 state = follow.state
+                await self._audit_incidents(session, instance_id, known, state, pending)
                 record = await repo.save_instance(
                     session,
                     record,
@@ -1358,6 +1349,28 @@ class ProcessRuntime:
             await repo.set_task_seen_status(
                 session, task_id, claimed_version, TAKEN_IN, instance_id=instance_id
             )
+
+    async def _audit_incidents(
+        self,
+        session: Session,
+        instance_id: str,
+        known: set[str],
+        state: Mapping[str, Any],
+        pending: _Pending,
+    ) -> None:
+        """Record each incident of ``state`` not among the ``known`` tokens: a job out of
+        retries, or a loop without a wait state. An operator decides what happens next."""
+        for incident in instance_state.incidents(state):
+            if incident.token not in known:
+                await append_event(
+                    session,
+                    actor=self.owner,
+                    subject=f"instance/{instance_id}",
+                    action="incident.created",
+                    reason=f"at {incident.element}: {incident.message}",
+                    payload={"token": incident.token, "element": incident.element},
+                )
+                pending.incidents.append(incident.element)
 
     def _after_commit(self, pending: _Pending) -> None:
         if pending.effects:

@@ -301,3 +301,56 @@ async def test_many_async_executions_of_one_instance_all_finish(
         clock.advance(seconds=1)
     assert await _status(database, instance_id) == "completed"
     assert sorted(set(touched)) == sorted(targets)
+
+
+SIGNALLED_LOOP = b"""<?xml version="1.0" encoding="UTF-8"?>
+<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"
+    xmlns:camunda="http://camunda.org/schema/1.0/bpmn" id="sigloop"
+    targetNamespace="http://bpmn.io/schema/bpmn">
+  <bpmn:process id="testorg_sigloop" isExecutable="true" camunda:versionTag="1.0">
+    <bpmn:startEvent id="Start"><bpmn:messageEventDefinition messageRef="m_start" />
+    </bpmn:startEvent>
+    <bpmn:parallelGateway id="Fork" />
+    <bpmn:intermediateCatchEvent id="Go"><bpmn:signalEventDefinition signalRef="s_go" />
+    </bpmn:intermediateCatchEvent>
+    <bpmn:intermediateThrowEvent id="Again" />
+    <bpmn:exclusiveGateway id="More" default="back" />
+    <bpmn:endEvent id="Done" />
+    <bpmn:endEvent id="Throw"><bpmn:signalEventDefinition signalRef="s_go" /></bpmn:endEvent>
+    <bpmn:sequenceFlow id="f1" sourceRef="Start" targetRef="Fork" />
+    <bpmn:sequenceFlow id="f2" sourceRef="Fork" targetRef="Go" />
+    <bpmn:sequenceFlow id="f3" sourceRef="Fork" targetRef="Throw" />
+    <bpmn:sequenceFlow id="f4" sourceRef="Go" targetRef="Again" />
+    <bpmn:sequenceFlow id="f5" sourceRef="Again" targetRef="More" />
+    <bpmn:sequenceFlow id="back" sourceRef="More" targetRef="Again" />
+    <bpmn:sequenceFlow id="out" sourceRef="More" targetRef="Done">
+      <bpmn:conditionExpression>${done}</bpmn:conditionExpression>
+    </bpmn:sequenceFlow>
+  </bpmn:process>
+  <bpmn:message id="m_start" name="start" />
+  <bpmn:signal id="s_go" name="go-sigloop" />
+</bpmn:definitions>
+"""
+
+
+async def test_an_incident_in_the_step_a_signal_continues_is_audited(
+    database: Database, clock: Clock
+) -> None:
+    """The instance throws a signal it catches itself; the path the signal wakes loops: the
+    incident of that follow-up step is in the audit trail too."""
+    runtime = ProcessRuntime(database, FakeGateway(), owner="a", clock=clock, settings=FAST)
+    await runtime.deploy(
+        load_process(SIGNALLED_LOOP, "sigloop.bpmn", resource_version="1.0"),
+        HandlerRegistry(),
+        plugin="test",
+        model_hash="s" * 64,
+    )
+    instance_id = await runtime.start(
+        "testorg_sigloop", message_name="start", business_key="bk-s", variables={"done": False}
+    )
+    await runtime.run_until_idle()
+    assert await _status(database, instance_id) == "running"
+    async with database.transaction() as session:
+        [incident] = await operations.list_incidents(session)
+    assert "Path loops without a wait state" in incident.message
+    assert (await _actions(database)).count("incident.created") == 1
