@@ -604,7 +604,9 @@ class FhirService:
             return _forbidden("delete", identity, resource_type, "local organization only")
         if not self.store.is_deleted(resource_type, resource_id):
             return _error(
-                400, f"{resource_type}/{resource_id} is not marked as deleted", code="processing"
+                400,
+                f"{resource_type} with id {resource_id} is not marked deleted",
+                code="processing",
             )
         self.store.purge(resource_type, resource_id)
         return FhirResponse(

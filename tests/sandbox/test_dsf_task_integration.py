@@ -762,7 +762,10 @@ def test_delete_permanently_by_local_deletion_user_not_marked_as_deleted(
     """testDeletePermanentlyByLocalDeletionUserNotMarkedAsDeleted"""
     dsf = DsfIntegration.start(release)
     task_id = _deleted_draft(dsf, delete=False)
-    assert dsf.request(LOCAL, "POST", f"Task/{task_id}/$permanent-delete").status == 400
+    response = dsf.request(LOCAL, "POST", f"Task/{task_id}/$permanent-delete")
+    assert response.status == 400
+    # ExceptionHandler.notMarkedDeleted's text, both versions.
+    assert f"Task with id {task_id} is not marked deleted" in str(response.resource)
     assert dsf.service.store.read("Task", task_id) is not None
 
 
