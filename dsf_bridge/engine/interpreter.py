@@ -216,12 +216,7 @@ def _timer_failed(
     policy = node.retry or _DEFAULT_RETRY
     left: int = token.get("tr", {}).get(event.timer_id, policy.retries)
     if left <= 0:
-        token["x"] = {
-            "m": message,
-            "e": node.id,
-            "at": event.now.isoformat(),
-            "t": event.timer_id,
-        }
+        _park(token, message, node.id, event.now, t=event.timer_id)
         return Step(run.state, (), message)
     run.rearm(tid, token, event.timer_id, add_duration(event.now, policy.delay(left)), left - 1)
     return Step(run.state, tuple(run.effects), message)
@@ -244,11 +239,17 @@ def _job_failed(
         policy = node.retry or _DEFAULT_RETRY
     if retries <= 0:
         token["r"] = 0
-        token["x"] = {"m": message, "e": node.id, "at": event.now.isoformat()}
+        _park(token, message, node.id, event.now)
         return Step(run.state, (), message)
     token["r"] = retries - 1
     due = add_duration(event.now, policy.delay(retries))
     return Step(run.state, (ScheduleJob(event.token, node.id, due, retries - 1),), message)
+
+
+def _park(token: dict[str, Any], message: str, element: str, now: datetime, **extra: str) -> None:
+    """Mark ``token`` as an incident (``x``): what failed, where, when (and, for a timer's,
+    the timer ``t`` a retry fires again)."""
+    token["x"] = {"m": message, "e": element, "at": now.isoformat(), **extra}
 
 
 def _task_label(task_id: str | None) -> str:
@@ -322,6 +323,7 @@ class _Run:
         self.rollback = False
         # Variable changes in this step, (name, "create" | "update"), for conditional events.
         self.changes: set[tuple[str, str]] = set()
+        self.track = definition.has_conditionals  # only conditional events read them
         # Elements entered in this step, then per token once that is suspiciously many, and
         # the last ones of a suspect token.
         self.moved = 0
@@ -385,12 +387,11 @@ class _Run:
         cycle = _cycle(list(self.trace))
         token["p"] = "ab"
         token["r"] = 0
-        token["x"] = {
-            "m": f"Path loops without a wait state ({' -> '.join(cycle)}): stopped after "
-            f"{self.moved} steps",
-            "e": node,
-            "at": self.now.isoformat(),
-        }
+        message = (
+            f"Path loops without a wait state ({' -> '.join(cycle)}): stopped after "
+            f"{self.moved} steps"
+        )
+        _park(token, message, node, self.now)
         return True
 
     def next_id(self) -> int:
@@ -431,7 +432,8 @@ class _Run:
         local = token.get("v")
         if local is not None and name in local:
             local[name] = value
-            self.changes.add((name, "update"))
+            if self.track:
+                self.changes.add((name, "update"))
             return
         scopes = self.state["sc"]
         sid = token["s"]
@@ -439,11 +441,13 @@ class _Run:
             scope = scopes[str(sid)]
             if name in scope["v"]:
                 scope["v"][name] = value
-                self.changes.add((name, "update"))
+                if self.track:
+                    self.changes.add((name, "update"))
                 return
             sid = scope["p"]
         variables = self.state["vars"]
-        self.changes.add((name, "update" if name in variables else "create"))
+        if self.track:
+            self.changes.add((name, "update" if name in variables else "create"))
         variables[name] = value
 
     def set_local(self, token: dict[str, Any], name: str, value: object) -> None:
@@ -452,7 +456,8 @@ class _Run:
         local = token.get("v")
         if local is None:
             local = self.state["sc"][str(token["s"])]["v"] if token["s"] else self.state["vars"]
-        self.changes.add((name, "update" if name in local else "create"))
+        if self.track:
+            self.changes.add((name, "update" if name in local else "create"))
         local[name] = value
 
     def apply(self, token: dict[str, Any], variables: Mapping[str, object]) -> None:

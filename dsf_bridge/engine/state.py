@@ -43,6 +43,7 @@ __all__ = [
     "business_key",
     "check",
     "dumps",
+    "incident_tokens",
     "incidents",
     "instance_status",
     "is_running",
@@ -361,6 +362,11 @@ def message_waits(state: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             for element, _, key in boundary:
                 result.append((tid, element, key))
     return result
+
+
+def incident_tokens(state: Mapping[str, Any]) -> set[str]:
+    """The tokens parked in an incident (cheap: no views; for "did a step add one?")."""
+    return {tid for tid, raw in state["tk"].items() if "x" in raw}
 
 
 def incidents(state: Mapping[str, Any]) -> list[Incident]:

@@ -34,6 +34,7 @@ from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity
 from dsf_bridge.dsf.organization import LocalOrganization, find_local_organization
 from dsf_bridge.dsf.publication import publish
+from dsf_bridge.dsf.questionnaires import USER_TASK_ID_ITEM
 from dsf_bridge.dsf.subscription import TaskSubscription
 from dsf_bridge.dsf.tasks import TaskLimits
 from dsf_bridge.dsf.versions import DsfRelease, server_release
@@ -41,7 +42,7 @@ from dsf_bridge.errors import ConfigError, MigrationError, ProcessExecutionError
 from dsf_bridge.plugins.api import LoadedPlugin, ProcessPlugin
 from dsf_bridge.plugins.inference import SERVICE_DICOMWEB_SSL_CONTEXT, SERVICE_OMI_SETTINGS
 from dsf_bridge.plugins.registry import SERVICE_FHIR_CLIENT, SERVICE_LOCAL_ORGANIZATION
-from dsf_bridge.runtime.gateway import QUESTIONNAIRE_ITEM_USER_TASK_ID, DsfTaskGateway
+from dsf_bridge.runtime.gateway import DsfTaskGateway
 from dsf_bridge.runtime.intake import SqlCursorStore, TaskIntake
 from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
 from dsf_bridge.store import Database, schema_status
@@ -202,7 +203,7 @@ class Bridge:
         if response.get("status") != "completed" or self.runtime is None or self.client is None:
             return
         answers = _answers(response)
-        user_task_id = answers.pop(QUESTIONNAIRE_ITEM_USER_TASK_ID, None)
+        user_task_id = answers.pop(USER_TASK_ID_ITEM, None)
         if not isinstance(user_task_id, str):
             return  # not one of ours
         try:

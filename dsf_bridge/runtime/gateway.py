@@ -13,7 +13,6 @@ import structlog
 from dsf_bridge.dsf.client import FhirClient, RetryPolicy
 from dsf_bridge.dsf.endpoints import TargetError, resolve_target
 from dsf_bridge.dsf.questionnaires import (
-    BUSINESS_KEY_ITEM,
     USER_TASK_ID_ITEM,
     missing_questionnaire_message,
     questionnaire_response,
@@ -45,9 +44,6 @@ def _fingerprint(task: Mapping[str, Any]) -> tuple[object, ...]:
 
 
 log = structlog.get_logger("dsf_bridge.gateway")
-
-QUESTIONNAIRE_ITEM_BUSINESS_KEY = BUSINESS_KEY_ITEM
-QUESTIONNAIRE_ITEM_USER_TASK_ID = USER_TASK_ID_ITEM
 
 
 class DsfTaskGateway:
@@ -255,7 +251,7 @@ class DsfTaskGateway:
             for item in response.get("item") or []:
                 answers = item.get("answer") or [{}]
                 if (
-                    item.get("linkId") == QUESTIONNAIRE_ITEM_USER_TASK_ID
+                    item.get("linkId") == USER_TASK_ID_ITEM
                     and answers[0].get("valueString") == user_task_id
                 ):
                     response["status"] = "stopped"

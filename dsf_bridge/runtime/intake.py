@@ -78,7 +78,6 @@ def _length(model: type[Any], column: str) -> int:
     return length
 
 
-_TASK_ID_LENGTH = _length(TaskSeen, "task_id")
 _VERSION_LENGTH = _length(TaskSeen, "task_version")
 # Every value of a Task the store keeps, and the columns it goes into.
 _STORED_FIELDS: tuple[tuple[str, int], ...] = (

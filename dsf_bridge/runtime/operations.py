@@ -70,7 +70,7 @@ async def request_retry(
     if not 1 <= retries <= MAX_RETRIES:
         raise ProcessExecutionError(f"retries must be between 1 and {MAX_RETRIES}, not {retries}")
     record = await _running(session, instance_id)
-    if token not in {i.token for i in instance_state.incidents(record.state)}:
+    if token not in instance_state.incident_tokens(record.state):
         raise ProcessExecutionError(
             f"instance {instance_id} has no incident at token {token!r} "
             "(see 'dsf-bridge instances incidents')"

@@ -775,7 +775,7 @@ class ProcessRuntime:
             if not instance_state.is_running(record.state):
                 await refused(session, f"the instance has ended ({record.status})")
                 return True
-            tokens = {i.token for i in instance_state.incidents(record.state)}
+            tokens = instance_state.incident_tokens(record.state)
             if payload.get("op") == "retry" and str(payload["token"]) not in tokens:
                 await refused(session, f"no incident at token {payload['token']!r} any more")
                 return True
@@ -1128,7 +1128,7 @@ class ProcessRuntime:
         status = instance_state.instance_status(state).label
         now = self.clock()
         before = set() if fresh else set(_subscription_keys(record.state))
-        known = set() if fresh else {i.token for i in instance_state.incidents(record.state)}
+        known = set() if fresh else instance_state.incident_tokens(record.state)
         alternative = instance_state.process_variables(state).get(ALTERNATIVE_BUSINESS_KEY)
         alternative_before = (
             None
@@ -1263,7 +1263,7 @@ class ProcessRuntime:
                         payload={"signal": effect.signal_name, "thrown_by": instance_id},
                     )
                     pending.effects.append("SignalJob")
-                known = {i.token for i in instance_state.incidents(state)}
+                known = instance_state.incident_tokens(state)
                 follow = step(deployed.definition, state, SignalReceived(effect.signal_name, now))
                 state = follow.state
                 await self._audit_incidents(session, instance_id, known, state, pending)
@@ -1280,43 +1280,28 @@ class ProcessRuntime:
                 pending.status = instance_state.instance_status(state).label
             elif isinstance(effect, CompleteTasks | FailTasks):
                 incoming = await repo.tasks_of_instance(session, instance_id, "incoming")
-                strays = sorted(
-                    task_output_task_ids(instance_state.process_variables(state)) - set(incoming)
-                )
+                variables = instance_state.process_variables(state)
+                strays = sorted(task_output_task_ids(variables) - set(incoming))
                 if strays:
                     # add_task_output names a Task this instance did not take in: say so, as
                     # those outputs are written nowhere.
                     log.warning("task_outputs.unwritten", task_ids=strays)
+                completing = isinstance(effect, CompleteTasks)
                 for task_id in incoming:
-                    if isinstance(effect, CompleteTasks):
-                        await repo.enqueue_outbox(
-                            session,
-                            idempotency_key=f"complete:{task_id}",
-                            kind="complete-task",
-                            instance_id=instance_id,
-                            now=now,
-                            payload={
-                                "task_id": task_id,
-                                "outputs": task_outputs(
-                                    instance_state.process_variables(state), task_id
-                                ),
-                            },
-                        )
-                    else:
-                        await repo.enqueue_outbox(
-                            session,
-                            idempotency_key=f"fail:{task_id}",
-                            kind="fail-task",
-                            instance_id=instance_id,
-                            now=now,
-                            payload={
-                                "task_id": task_id,
-                                "message": effect.message,
-                                "outputs": task_outputs(
-                                    instance_state.process_variables(state), task_id
-                                ),
-                            },
-                        )
+                    payload: dict[str, Any] = {
+                        "task_id": task_id,
+                        "outputs": task_outputs(variables, task_id),
+                    }
+                    if isinstance(effect, FailTasks):
+                        payload["message"] = effect.message
+                    await repo.enqueue_outbox(
+                        session,
+                        idempotency_key=f"{'complete' if completing else 'fail'}:{task_id}",
+                        kind="complete-task" if completing else "fail-task",
+                        instance_id=instance_id,
+                        now=now,
+                        payload=payload,
+                    )
             elif isinstance(effect, ProcessCompleted | ProcessFailed):
                 await append_event(
                     session,
@@ -1360,6 +1345,8 @@ class ProcessRuntime:
     ) -> None:
         """Record each incident of ``state`` not among the ``known`` tokens: a job out of
         retries, or a loop without a wait state. An operator decides what happens next."""
+        if instance_state.incident_tokens(state) <= known:  # almost every step
+            return
         for incident in instance_state.incidents(state):
             if incident.token not in known:
                 await append_event(

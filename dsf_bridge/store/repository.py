@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import Insert
@@ -283,6 +283,14 @@ async def running_instances_of(session: AsyncSession, definition_ids: Sequence[i
     return [row.id for row in rows]
 
 
+def _has_business_key(business_key: str) -> ColumnElement[bool]:
+    """An instance's own business key or DSF's alternative business key is ``business_key``."""
+    return or_(
+        ProcessInstance.business_key == business_key,
+        ProcessInstance.alternative_business_key == business_key,
+    )
+
+
 async def running_with_business_key(
     session: AsyncSession, definition_id: int, business_key: str
 ) -> bool:
@@ -290,12 +298,7 @@ async def running_with_business_key(
     this alternative business key)."""
     row = await session.execute(
         select(ProcessInstance.id)
-        .where(
-            or_(
-                ProcessInstance.business_key == business_key,
-                ProcessInstance.alternative_business_key == business_key,
-            )
-        )
+        .where(_has_business_key(business_key))
         .where(ProcessInstance.definition_id == definition_id)
         .where(ProcessInstance.status == "running")
         .limit(1)
@@ -820,24 +823,14 @@ async def sends_in_flight(session: AsyncSession, business_key: str) -> int:
     outbox = await session.execute(
         select(func.count(OutboxEntry.id))
         .join(ProcessInstance, ProcessInstance.id == OutboxEntry.instance_id)
-        .where(
-            or_(
-                ProcessInstance.business_key == business_key,
-                ProcessInstance.alternative_business_key == business_key,
-            )
-        )
+        .where(_has_business_key(business_key))
         .where(OutboxEntry.kind == "send-task")
         .where(OutboxEntry.status == "pending")
     )
     jobs = await session.execute(
         select(func.count(Job.id))
         .join(ProcessInstance, ProcessInstance.id == Job.instance_id)
-        .where(
-            or_(
-                ProcessInstance.business_key == business_key,
-                ProcessInstance.alternative_business_key == business_key,
-            )
-        )
+        .where(_has_business_key(business_key))
         .where(Job.kind == "send")
     )
     return int(outbox.scalar_one()) + int(jobs.scalar_one())
