@@ -45,13 +45,6 @@ class MessageSubscription:
     element_id: str
 
 
-def _correlation_key(state: Mapping[str, Any], token: str) -> str | None:
-    # DSF correlates with Camunda's localVariableEquals("correlationKey", ...): the waiting
-    # execution's own variable, never one inherited from an outer subprocess.
-    value = instance_state.local_variable(state, token, "correlationKey")
-    return value if isinstance(value, str) else None
-
-
 def message_subscriptions(state: Mapping[str, Any]) -> list[MessageSubscription]:
     """The message subscriptions of one instance state (empty once it has ended).
 
@@ -65,8 +58,10 @@ def message_subscriptions(state: Mapping[str, Any]) -> list[MessageSubscription]
     if alternative is not None:
         keys.append(alternative)
     result: list[MessageSubscription] = []
-    for tid, element, name in instance_state.message_waits(state):
-        correlation_key = _correlation_key(state, tid)
+    for tid, element, name, key in instance_state.message_waits(state):
+        # DSF correlates with Camunda's localVariableEquals("correlationKey", ...): the waiting
+        # execution's own variable, never one inherited from an outer subprocess.
+        correlation_key = key if isinstance(key, str) else None
         for each in keys:
             result.append(MessageSubscription(name, each, correlation_key, tid, element))
     return result

@@ -90,6 +90,7 @@ _T = TypeVar("_T")
 _DEFAULT_RETRY = parse_retry_cycle("R3/PT0S")
 _HANDLER_PHASES = frozenset({"h", "sl", "el", "tl"})
 _MAX_CONDITIONAL_ROUNDS = 100
+_NO_CHANGES: set[tuple[str, str]] = set()  # shared, never written (``_Run.track`` is off)
 # A token that enters this many elements in one step without a wait state is in a loop.
 _LOOP_BOUND = 10_000
 _LOOP_TRACE = 64
@@ -312,6 +313,15 @@ class _View:
 class _Run:
     """One step in progress: the state being changed, the clock reading and collected effects."""
 
+    # Defaults at class level: most steps never set them (one step is the engine's hot path).
+    # True when an engine error undoes the step rather than failing the instance.
+    rollback = False
+    # Elements entered in this step, then per element once that is suspiciously many, and the
+    # last elements entered (see ``looping``).
+    moved = 0
+    moves: dict[str, int] | None = None
+    trace: deque[str] | None = None
+
     def __init__(self, definition: ProcessDefinition, state: State, now: datetime) -> None:
         self.d = definition
         self.state = state
@@ -319,16 +329,10 @@ class _Run:
         self.effects: list[Effect] = []
         self.tokens: dict[str, dict[str, Any]] = state["tk"]
         self.pending: deque[str] = deque()
-        # True when an engine error undoes the step rather than failing the instance.
-        self.rollback = False
-        # Variable changes in this step, (name, "create" | "update"), for conditional events.
-        self.changes: set[tuple[str, str]] = set()
-        self.track = definition.has_conditionals  # only conditional events read them
-        # Elements entered in this step, then per token once that is suspiciously many, and
-        # the last ones of a suspect token.
-        self.moved = 0
-        self.moves: dict[str, int] | None = None
-        self.trace: deque[str] | None = None
+        # Variable changes in this step, (name, "create" | "update"): only conditional events
+        # read them, so only a model that has some records them.
+        self.track = definition.has_conditionals
+        self.changes: set[tuple[str, str]] = set() if self.track else _NO_CHANGES
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -353,11 +357,12 @@ class _Run:
         pending = self.pending
         tokens = self.tokens
         moved = self.moved
+        bound = _LOOP_BOUND
         while pending:
             tid = pending.popleft()
             if tid in tokens and self.state["st"] == "run":
                 moved += 1
-                if moved > _LOOP_BOUND:
+                if moved > bound:
                     self.moved = moved
                     if self.looping(tid):
                         continue
@@ -1051,22 +1056,11 @@ class _Run:
         for tid, token in self.tokens.items():
             if only is not None and tid != only:
                 continue
-            for entries, boundary in (
-                (token.get("w") if token["p"] == "w" else None, False),
-                (token.get("bw"), True),
-            ):
-                if not entries:
-                    continue
-                for entry in entries:
-                    if entry[1] != "m" or entry[2] != name:
-                        continue
-                    if event.correlation_key is not None:
-                        # DSF correlates with localVariableEquals: the waiting execution's own
-                        # variable, not one inherited from an outer scope.
-                        found, key = self.view(token).lookup_local("correlationKey")
-                        if not found or key != event.correlation_key:
-                            continue
-                    candidates.append((tid, entry, boundary))
+            waits = token["w"] if token["p"] == "w" else ()
+            boundary = token.get("bw") or ()
+            for entry in (*waits, *boundary):
+                if entry[1] == "m" and entry[2] == name and self.key_matches(token, event):
+                    candidates.append((tid, entry, entry in boundary))
         if len(candidates) != 1:
             raise CorrelationError(
                 f"Unable to correlate Task{_task_label(event.task_id)}: {len(candidates)} "
@@ -1084,6 +1078,14 @@ class _Run:
             self.trigger(tid, entry)
 
         self.guarded(_continue)
+
+    def key_matches(self, token: dict[str, Any], event: MessageReceived) -> bool:
+        """No correlation-key, or the waiting execution's own one equals it. DSF correlates with
+        localVariableEquals: a key inherited from an outer scope does not count."""
+        if event.correlation_key is None:
+            return True
+        found, key = self.view(token).lookup_local("correlationKey")
+        return found and key == event.correlation_key
 
     def trigger(self, tid: str, entry: list[str]) -> None:
         """A wait entry fired: cancel the other alternatives and leave the caught node."""

@@ -344,23 +344,25 @@ def waiting_for(state: Mapping[str, Any]) -> list[Wait]:
     return result
 
 
-def message_waits(state: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    """``(token, element, message name)`` of every message the instance waits for: catch
-    events, receive tasks and event-based gateways, then boundary events. The hot path of
-    correlation (every Task and every stored step), so it walks the raw tokens in stored order
-    and builds no views."""
-    result: list[tuple[str, str, str]] = []
+def message_waits(state: Mapping[str, Any]) -> list[tuple[str, str, str, object]]:
+    """``(token, element, message name, local correlationKey)`` of every message the instance
+    waits for: catch events, receive tasks and event-based gateways, then boundary events. The
+    hot path of correlation (every Task and every stored step), so it walks the raw tokens in
+    stored order, builds no views, and looks the key up as :func:`local_variable` does."""
+    result: list[tuple[str, str, str, object]] = []
     if state["st"] != "run":
         return result
     for tid, raw in state["tk"].items():
-        if raw["p"] == "w":
-            for element, kind, key in raw["w"]:
-                if kind == "m":
-                    result.append((tid, element, key))
-        boundary = raw.get("bw")
-        if boundary:
-            for element, _, key in boundary:
-                result.append((tid, element, key))
+        waits = raw["w"] if raw["p"] == "w" else ()
+        boundary = raw.get("bw") or ()
+        if not waits and not boundary:
+            continue
+        key = local_variable(state, tid, "correlationKey")
+        for element, kind, name in waits:
+            if kind == "m":
+                result.append((tid, element, name, key))
+        for element, _, name in boundary:
+            result.append((tid, element, name, key))
     return result
 
 
