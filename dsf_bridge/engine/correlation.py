@@ -34,9 +34,12 @@ __all__ = [
 K = TypeVar("K")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageSubscription:
-    """One waiting message catch: what the runtime stores per instance."""
+    """One waiting message catch: what the runtime stores per instance.
+
+    Never changed after construction; not declared ``frozen``, which constructs several
+    times slower, as the engine's events and effects (this is on every step's path)."""
 
     message_name: str
     business_key: str

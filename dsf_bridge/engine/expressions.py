@@ -92,10 +92,15 @@ _Eval = Callable[[VariableSource], object]
 
 @dataclass(frozen=True, slots=True)
 class Expression:
-    """A compiled expression; ``source`` is the text as written, for error messages."""
+    """A compiled expression; ``source`` is the text as written, for error messages.
+
+    ``constant`` marks plain text (no ``${...}``): its value is ``source`` itself, which the
+    interpreter reads without a call on its hot path.
+    """
 
     source: str
     evaluate: _Eval
+    constant: bool = False
 
     def __call__(self, variables: VariableSource) -> object:
         try:
@@ -149,7 +154,7 @@ def compile_value(text: str) -> Expression:
         return compile_expression(text)
     if "${" in text:
         raise ExpressionError(f"Composite expressions are not supported: {text!r}")
-    return Expression(text, _const(text))
+    return Expression(text, _const(text), constant=True)
 
 
 def compile_expression(text: str) -> Expression:

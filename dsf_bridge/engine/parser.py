@@ -783,4 +783,4 @@ def _constant(text: str) -> Expression:
     def _value(_: VariableSource) -> object:
         return text
 
-    return Expression(text, _value)
+    return Expression(text, _value, constant=True)
