@@ -16,17 +16,22 @@ The steps, as the DSF BPE takes them, with the bridge's additions:
 3. ``PUT`` it ``in-progress`` with ``If-Match``.
    Losing that race (409/412) means another replica owns the Task.
 4. Hand the message to the runtime: continue the waiting instance, or start one. No match:
-   ``failed`` with "Unable to correlate Task ...".
+   ``failed`` with "Unable to correlate Task ...". A reply that arrives while a send of its
+   instance is unresolved (it overtook the commit that records its request as sent, or the
+   bridge died after the remote server accepted the request) is recorded ``held`` and
+   delivered again once that send resolves, never refused for timing
+   (:class:`~dsf_bridge.runtime.processes.MessageHeldError`).
 
 A crash between the steps loses nothing: at start-up :meth:`TaskIntake.recover` re-reads every
-Task still ``claiming`` and finishes what the previous run began. One Task never stops the
-others or start-up: a Task the server no longer has (404/410), or that breaks a bound and that
-the server will not even take back ``failed``, is recorded ``skipped`` with an audit event
-``task.skipped`` giving the reason.
+Task still ``claiming`` or ``held`` and finishes what the previous run began. One Task never
+stops the others or start-up: a Task the server no longer has (404/410), or that breaks a bound
+and that the server will not even take back ``failed``, is recorded ``skipped`` with an audit
+event ``task.skipped`` giving the reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 import uuid
@@ -51,7 +56,7 @@ from dsf_bridge.dsf.tasks import (
 from dsf_bridge.engine.exceptions import CorrelationError
 from dsf_bridge.errors import ProcessExecutionError, RemoteError
 from dsf_bridge.logs import bound_context
-from dsf_bridge.runtime.processes import TAKEN_IN, ProcessRuntime
+from dsf_bridge.runtime.processes import TAKEN_IN, MessageHeldError, ProcessRuntime
 from dsf_bridge.store import Database, append_event
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.tables import AuditEvent, MessageSubscription, ProcessInstance, TaskSeen
@@ -65,6 +70,10 @@ FAILED = "failed"
 LOST = "claimed-elsewhere"
 REFUSED = "refused"
 SKIPPED = "skipped"
+HELD = "held"
+
+# How soon a held reply whose delivery failed (the FHIR server away) is tried again.
+_HELD_RETRY = 5.0
 
 # FHIR's id type; DSF servers assign UUIDs. Versions are DSF's counters.
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -152,6 +161,12 @@ class TaskIntake:
         self.local_organization = local_organization
         self.authorizer = authorizer
         self.limits = limits or TaskLimits()
+        # Replies held in this run: claim (Task id, claimed version) -> business key. Every
+        # commit that may resolve a send looks here; one delivery round runs at a time.
+        self._held: dict[tuple[str, str], str] = {}
+        self._redelivery: asyncio.Task[None] | None = None
+        self._again = False
+        runtime.on_send_resolved(self._send_resolved)
 
     async def handle(self, task: dict[str, Any]) -> None:
         if task.get("resourceType") != "Task" or task.get("status") != "requested":
@@ -272,10 +287,67 @@ class TaskIntake:
                 actor=requester_label(task),
                 claimed_version=version,
             )
+        except MessageHeldError:
+            await self._hold(task_id, version, business_key)
+            return
         except (CorrelationError, ProcessExecutionError) as exc:
             await self._fail(task, new_version, str(exc), claimed_version=version)
             return
         log.info("task.accepted", instance_id=instance_id, business_key=business_key)
+
+    # -- replies held until their send resolves -------------------------------------------
+
+    async def _hold(self, task_id: str, version: str, business_key: str) -> None:
+        """Keep the claim ``held`` (durably: a restart delivers it again) and watch its send."""
+        again = (task_id, version) in self._held
+        async with self.database.transaction() as session:
+            await repo.set_task_seen_status(session, task_id, version, HELD)
+            if not again:
+                await append_event(
+                    session,
+                    actor=f"organization:{self.local_organization}",
+                    subject=f"Task/{task_id}",
+                    action="task.held",
+                    reason="a send of the instance it answers is unresolved; delivered "
+                    "again once that send is recorded delivered or failed",
+                )
+        self._held[(task_id, version)] = business_key
+        if not again:
+            log.info("task.held")
+        # The send may have resolved between the runtime's look and this commit, before a
+        # listener could see the held claim: look once more after it.
+        if not await self.runtime.sends_in_flight(business_key):
+            self._send_resolved()
+
+    def _send_resolved(self) -> None:
+        """The runtime committed a step: deliver held replies whose send has resolved."""
+        if not self._held:
+            return
+        self._again = True
+        if self._redelivery is None or self._redelivery.done():
+            self._redelivery = asyncio.get_running_loop().create_task(self._deliver_held())
+
+    async def _deliver_held(self) -> None:
+        while self._again:
+            self._again = False
+            resolved: dict[str, bool] = {}
+            for (task_id, version), business_key in list(self._held.items()):
+                if business_key not in resolved:
+                    resolved[business_key] = not await self.runtime.sends_in_flight(business_key)
+                if not resolved[business_key]:
+                    continue
+                del self._held[(task_id, version)]
+                async with self.database.transaction() as session:
+                    claim = await repo.get_task_seen(session, task_id, version)
+                if claim is None or claim.status != HELD:
+                    continue  # another replica delivered it
+                with bound_context(task_id=task_id):
+                    try:
+                        await self._recover(claim)
+                    except Exception:  # one held reply must not stop the others
+                        log.exception("task.held_delivery_failed")
+                        self._held[(task_id, version)] = business_key
+                        asyncio.get_running_loop().call_later(_HELD_RETRY, self._send_resolved)
 
     async def _fail(
         self,
@@ -368,11 +440,12 @@ class TaskIntake:
             )
 
     async def recover(self) -> int:
-        """Finish the intake of Tasks a previous run left ``claiming``, and try again those
-        the server refused to update (as the DSF BPE takes up every requested Task after a
-        restart); return how many."""
+        """Finish the intake of Tasks a previous run left ``claiming``, deliver again the
+        replies it held, and try again those the server refused to update (as the DSF BPE
+        takes up every requested Task after a restart); return how many."""
         async with self.database.transaction() as session:
             claims = await repo.tasks_with_status(session, "incoming", CLAIMING)
+            claims += await repo.tasks_with_status(session, "incoming", HELD)
             claims += await repo.tasks_with_status(session, "incoming", REFUSED)
         for claim in claims:
             with bound_context(task_id=claim.task_id):

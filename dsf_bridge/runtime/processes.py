@@ -103,8 +103,6 @@ class RuntimeSettings:
     batch: int = 20
     idle_poll: dt.timedelta = dt.timedelta(seconds=1)
     conflict_retries: int = 10
-    # How long a reply may wait for its own request's send to be recorded (see deliver()).
-    reply_grace: dt.timedelta = dt.timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -159,6 +157,20 @@ class _InstanceWaitingError(Exception):
     """Raised inside ``start(unless_running=True)``: an instance has the business key."""
 
 
+class MessageHeldError(Exception):
+    """A reply arrived while a send of the instance it is for is still unresolved.
+
+    The reply may have overtaken the commit that records its own request as sent (a fast
+    remote site, or a crash after the remote server accepted the request). It is neither
+    correlated nor refused now: the caller keeps it durably and delivers it again once the
+    send resolves (:meth:`ProcessRuntime.on_send_resolved`).
+    """
+
+    def __init__(self, business_key: str) -> None:
+        super().__init__(f"a send of the instance with business-key {business_key!r} is unresolved")
+        self.business_key = business_key
+
+
 class ProcessRuntime:
     """Runs deployed processes durably on a :class:`Database` against a :class:`TaskGateway`."""
 
@@ -185,6 +197,7 @@ class ProcessRuntime:
         self._by_version: dict[tuple[str, str], DeployedProcess] = {}
         self._by_id: dict[int, DeployedProcess] = {}
         self._wakeup = asyncio.Event()
+        self._send_listeners: list[Callable[[], None]] = []
         self._definitions: OrderedDict[str, int] = OrderedDict()
         # When run_forever last began a round: the readiness check's sign of life.
         self.heartbeat: dt.datetime | None = None
@@ -333,6 +346,9 @@ class ProcessRuntime:
         with start message-name ... not found" when the message starts none).
         ``claimed_version`` is the Task version intake claimed: the commit that takes the
         message in also marks that claim taken in (:data:`TAKEN_IN`).
+
+        Raises :class:`MessageHeldError` instead of "Unable to correlate" while a send of the
+        instance is unresolved (the reply may have overtaken it).
         """
         deployed = self.process(process_key, version)
         if deployed is None:
@@ -343,35 +359,31 @@ class ProcessRuntime:
             )
         version = deployed.definition.version_tag or ""
         starts = message_name in deployed.definition.message_starts
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.reply_grace.total_seconds()
-        while True:
-            if starts:
-                # The common case in one transaction: no instance has the business key, so
-                # the message starts one.
-                try:
-                    return await self.start(
-                        process_key,
-                        business_key=business_key or str(uuid.uuid4()),
-                        message_name=message_name,
-                        variables=variables,
-                        task_id=task_id,
-                        task_version=task_version,
-                        actor=actor,
-                        claimed_version=claimed_version,
-                        unless_running=business_key is not None,
-                        version=version,
-                    )
-                except _InstanceWaitingError:
-                    pass  # a running instance has the business key: the message is for it
-            elif business_key is None or not await self._running_with(deployed, business_key):
-                raise CorrelationError(
-                    f"Process with start message-name '{message_name}' not found: no running "
-                    f"instance of {process_key} has business-key {business_key!r}, and the "
-                    "message starts none"
+        if starts:
+            # The common case in one transaction: no instance has the business key, so the
+            # message starts one.
+            try:
+                return await self.start(
+                    process_key,
+                    business_key=business_key or str(uuid.uuid4()),
+                    message_name=message_name,
+                    variables=variables,
+                    task_id=task_id,
+                    task_version=task_version,
+                    actor=actor,
+                    claimed_version=claimed_version,
+                    unless_running=business_key is not None,
+                    version=version,
                 )
-            if business_key is None:
-                break  # (a keyless start message started an instance above)
+            except _InstanceWaitingError:
+                pass  # a running instance has the business key: the message is for it
+        elif business_key is None or not await self._running_with(deployed, business_key):
+            raise CorrelationError(
+                f"Process with start message-name '{message_name}' not found: no running "
+                f"instance of {process_key} has business-key {business_key!r}, and the "
+                "message starts none"
+            )
+        if business_key is not None:
             # A reply can overtake the commit that records its request as sent: while such a
             # send is in flight, its instance is about to wait for exactly this message. Looked
             # at before the wait: the send is recorded in the commit that makes the instance
@@ -390,9 +402,10 @@ class ProcessRuntime:
                     claimed_version=claimed_version,
                     definition_id=deployed.definition_id,
                 )
-            if not in_flight or loop.time() >= deadline:
-                break
-            await asyncio.sleep(0.05)
+            if in_flight:
+                # Never refused for timing: the caller keeps it and delivers it again when
+                # the send resolves.
+                raise MessageHeldError(business_key)
         raise CorrelationError(
             f"Unable to correlate Task{f' {task_id}' if task_id else ''}: the instance of "
             f"{process_key} with business-key {business_key!r} does not wait for message "
@@ -536,6 +549,13 @@ class ProcessRuntime:
         """Whether an instance with this business key has a Task send queued or under way."""
         async with self.database.transaction() as session:
             return await repo.sends_in_flight(session, business_key) > 0
+
+    def on_send_resolved(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every commit that may have resolved a send: a step (a
+        send recorded delivered or failed, a send handler failed, an instance cancelled).
+        Held replies (:class:`MessageHeldError`) are delivered again from there; the
+        listener must return at once (schedule work, do not await it)."""
+        self._send_listeners.append(listener)
 
     async def complete_user_task(
         self, user_task_id: str, variables: Mapping[str, object] | None = None
@@ -1062,6 +1082,7 @@ class ProcessRuntime:
                 pass  # the instance is gone: record the failure alone
         async with self.database.transaction() as session:
             await record_failure(session)
+        self._sends_resolved()
 
     # -- applying events ----------------------------------------------------------------------
 
@@ -1359,9 +1380,14 @@ class ProcessRuntime:
                 )
                 pending.incidents.append(incident.element)
 
+    def _sends_resolved(self) -> None:
+        for listener in self._send_listeners:
+            listener()
+
     def _after_commit(self, pending: _Pending) -> None:
         if pending.effects:
             self._wakeup.set()
+        self._sends_resolved()
         for element in pending.incidents:  # the message is in the audit trail and the API
             log.warning("incident.created", instance_id=pending.instance_id, element=element)
         log.info(

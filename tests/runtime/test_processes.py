@@ -18,7 +18,7 @@ from dsf_bridge.engine import CorrelationError, load_process
 from dsf_bridge.errors import RemoteError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry, SendContext
 from dsf_bridge.runtime.ports import OutgoingTask, UserTaskRequest
-from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
+from dsf_bridge.runtime.processes import MessageHeldError, ProcessRuntime, RuntimeSettings
 from dsf_bridge.store import Database, verify_chain
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.tables import AuditEvent, Job, OutboxEntry, ProcessInstance, Timer
@@ -367,37 +367,46 @@ async def test_outbox_keeps_sends_that_did_not_happen(
     assert len(gateway.sent) == 1
 
 
-async def test_a_reply_that_overtakes_the_commit_of_its_send_still_correlates(
+async def test_a_reply_that_overtakes_the_commit_of_its_send_is_held_not_refused(
     database: Database, clock: Clock, calls: Calls
 ) -> None:
-    """The remote site answers before this site recorded the send: the reply waits for it."""
-    replies: list[asyncio.Task[str]] = []
+    """The remote site answers before this site recorded the send: the runtime neither
+    correlates nor refuses the reply (MessageHeldError), however long the send takes; once the
+    send is recorded, the same reply correlates, and listeners heard of the resolution."""
+    outcomes: list[BaseException | str] = []
+    resolved: list[bool] = []
 
     class FastRemote(FakeGateway):
         async def send_task(self, task: OutgoingTask) -> str:
             location = await super().send_task(task)
-            # The remote pongs at once, while this side has not committed the send yet.
-            replies.append(
-                asyncio.create_task(
-                    runtime.deliver(
-                        KEY,
-                        message_name="reply",
-                        business_key=task.business_key,
-                        variables={"result": "fast"},
-                        task_id="fast-reply",
+            # The remote answers at once; this side has not committed the send, and takes long.
+            try:
+                outcomes.append(
+                    await runtime.deliver(
+                        KEY, message_name="reply", business_key=task.business_key, task_id="r"
                     )
                 )
-            )
-            await asyncio.sleep(0.2)
+            except MessageHeldError as exc:
+                outcomes.append(exc)
+            resolved.clear()
+            await asyncio.sleep(0.5)
             return location
 
     runtime = await _runtime(database, FastRemote(), clock, calls)
+    runtime.on_send_resolved(lambda: resolved.append(True))
     instance_id = await runtime.start(KEY, message_name="start", business_key="bk-fast")
     await runtime.run_until_idle()
-    (reply,) = replies
-    assert await asyncio.wait_for(reply, 15) == instance_id
+    (held,) = outcomes
+    assert isinstance(held, MessageHeldError)
+    assert held.business_key == "bk-fast"
+    assert resolved, "the commit that recorded the send told no listener"
+    assert not await runtime.sends_in_flight("bk-fast")
+    replied = await runtime.deliver(
+        KEY, message_name="reply", business_key="bk-fast", variables={"result": "late"}
+    )
+    assert replied == instance_id
     await runtime.run_until_idle()
-    assert calls.results == ["fast"]
+    assert calls.results == ["late"]
     assert await _status(database, instance_id) == "completed"
 
 
