@@ -222,6 +222,9 @@ def _text(ctx: HandlerContext, name: str) -> str:
 # -- the requesting site -----------------------------------------------------------------------
 
 handlers = HandlerRegistry()
+# Stricter than DSF, which correlates by business key whoever sends: a result counts only
+# from the provider the request went to.
+handlers.replies_only_from_recipients("inferenceResult")
 _PREFIX = "dsf_bridge.plugins.inference."
 
 

@@ -324,6 +324,9 @@ def _target(ctx: HandlerContext) -> Mapping[str, object]:
 # -- handlers ---------------------------------------------------------------------------------
 
 handlers = HandlerRegistry()
+# Stricter than DSF, which correlates by business key whoever sends: a pong counts only
+# from the organization pinged (with the correlation key of that ping).
+handlers.replies_only_from_recipients("pong")
 
 _PREFIX = "dsf_bridge.plugins.pingpong."
 

@@ -200,6 +200,7 @@ class HandlerRegistry:
 
     def __init__(self) -> None:
         self._handlers: dict[str, RegisteredHandler] = {}
+        self._replies: set[str] = set()
 
     def register(self, class_name: str, kind: str, function: Handler) -> None:
         if not class_name.strip():
@@ -231,6 +232,24 @@ class HandlerRegistry:
     def task_listener(self, class_name: str) -> Callable[[_F], _F]:
         """Register a user task listener (``camunda:taskListener class=...``)."""
         return self._decorator(class_name, HandlerKind.TASK_LISTENER)
+
+    def replies_only_from_recipients(self, *message_names: str) -> None:
+        """Accept these messages, when they continue a running instance, only from an
+        organization the instance sent a Task to (for a message with a correlation-key: the
+        Task sent with that key). Anyone else's Task fails "Unable to correlate Task ...".
+
+        DSF correlates a message by business key (and correlation key) whoever sent it; a
+        plugin that does not declare this keeps that behaviour.
+        """
+        for name in message_names:
+            if not name.strip():
+                raise ProcessModelError("message name must not be blank")
+        self._replies.update(message_names)
+
+    @property
+    def reply_only_from_recipients(self) -> frozenset[str]:
+        """The message names declared with :meth:`replies_only_from_recipients`."""
+        return frozenset(self._replies)
 
     def get(self, class_name: str) -> RegisteredHandler | None:
         return self._handlers.get(class_name)

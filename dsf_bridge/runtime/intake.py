@@ -286,6 +286,7 @@ class TaskIntake:
                 task_version=new_version,
                 actor=requester_label(task),
                 claimed_version=version,
+                requester=requester_identifier(task),
             )
         except MessageHeldError:
             await self._hold(task_id, version, business_key)

@@ -338,6 +338,7 @@ class ProcessRuntime:
         actor: str = "remote",
         claimed_version: str | None = None,
         version: str | None = None,
+        requester: str | None = None,
     ) -> str:
         """The DSF BPE's rule for a received Task (``TaskHandler.onMessage``): when a running
         instance of ``process_key`` has the Task's business key, the message goes to its
@@ -348,7 +349,9 @@ class ProcessRuntime:
         message in also marks that claim taken in (:data:`TAKEN_IN`).
 
         Raises :class:`MessageHeldError` instead of "Unable to correlate" while a send of the
-        instance is unresolved (the reply may have overtaken it).
+        instance is unresolved (the reply may have overtaken it). ``requester`` is the
+        organization identifier of the Task's requester, for plugins that accept replies only
+        from the organizations they asked (:meth:`HandlerRegistry.replies_only_from_recipients`).
         """
         deployed = self.process(process_key, version)
         if deployed is None:
@@ -401,6 +404,7 @@ class ProcessRuntime:
                     process_key=process_key,
                     claimed_version=claimed_version,
                     definition_id=deployed.definition_id,
+                    requester=requester,
                 )
             if in_flight:
                 # Never refused for timing: the caller keeps it and delivers it again when
@@ -453,6 +457,7 @@ class ProcessRuntime:
         process_key: str | None = None,
         claimed_version: str | None = None,
         definition_id: int | None = None,
+        requester: str | None = None,
     ) -> str:
         """Continue the one instance waiting for this message; return its id (of process
         ``process_key``, of the deployed definition ``definition_id``, when given).
@@ -473,6 +478,7 @@ class ProcessRuntime:
                     process_key=process_key,
                     claimed_version=claimed_version,
                     definition_id=definition_id,
+                    requester=requester,
                 )
             except ConcurrencyError:
                 continue
@@ -491,6 +497,7 @@ class ProcessRuntime:
         process_key: str | None,
         claimed_version: str | None = None,
         definition_id: int | None = None,
+        requester: str | None = None,
     ) -> str:
         now = self.clock()
         async with self.database.transaction() as session:
@@ -523,6 +530,15 @@ class ProcessRuntime:
             )
             record = records[instance_id]
             deployed = self._deployed(record)
+            if message_name in deployed.handlers.reply_only_from_recipients:
+                await self._check_replier(
+                    session,
+                    instance_id,
+                    message_name=message_name,
+                    requester=requester,
+                    correlation_key=correlation_key,
+                    task_id=task_id,
+                )
             event = MessageReceived(
                 message_name, now, correlation_key, variables, subscription.token, task_id
             )
@@ -544,6 +560,32 @@ class ProcessRuntime:
                 pending = await self._persist(session, deployed, record, result)
         self._after_commit(pending)
         return instance_id
+
+    async def _check_replier(
+        self,
+        session: Session,
+        instance_id: str,
+        *,
+        message_name: str,
+        requester: str | None,
+        correlation_key: str | None,
+        task_id: str | None,
+    ) -> None:
+        """Refuse a reply from an organization the instance did not send a Task to (with
+        this correlation key, when the reply has one): a third organization that learnt the
+        business key must not answer for the one asked."""
+        recipients = await repo.task_recipients(session, instance_id)
+        asked = {organization for organization, _ in recipients}
+        if correlation_key is not None:
+            asked = {org for org, key in recipients if key == correlation_key}
+        if requester is not None and requester in asked:
+            return
+        raise CorrelationError(
+            f"Unable to correlate Task{f' {task_id}' if task_id else ''}: message "
+            f"{message_name!r} is accepted only from the organization the request went to"
+            + (f" with correlation-key {correlation_key!r}" if correlation_key else "")
+            + f", not from {requester or 'a requester without an organization identifier'}"
+        )
 
     async def sends_in_flight(self, business_key: str) -> bool:
         """Whether an instance with this business key has a Task send queued or under way."""

@@ -72,6 +72,7 @@ __all__ = [
     "save_instance",
     "sends_in_flight",
     "set_task_seen_status",
+    "task_recipients",
     "tasks_of_instance",
     "tasks_with_status",
 ]
@@ -812,6 +813,24 @@ async def mark_outbox_failed(
     session: AsyncSession, entry_id: int, owner: str, *, error: str, now: dt.datetime
 ) -> None:
     await _release(session, entry_id, owner, status="failed", last_error=error, done_at=now)
+
+
+async def task_recipients(session: AsyncSession, instance_id: str) -> set[tuple[str, str | None]]:
+    """(organization identifier, correlation key) of every Task the instance has sent."""
+    rows = await session.execute(
+        select(OutboxEntry.payload)
+        .where(OutboxEntry.instance_id == instance_id)
+        .where(OutboxEntry.kind == "send-task")
+        .where(OutboxEntry.status == "done")
+    )
+    recipients: set[tuple[str, str | None]] = set()
+    for (payload,) in rows:
+        target = payload.get("target") if isinstance(payload, dict) else None
+        organization = target.get("organizationIdentifier") if isinstance(target, dict) else None
+        if isinstance(organization, str):
+            key = payload.get("correlation_key")
+            recipients.add((organization, key if isinstance(key, str) else None))
+    return recipients
 
 
 async def sends_in_flight(session: AsyncSession, business_key: str) -> int:

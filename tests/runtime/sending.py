@@ -67,6 +67,9 @@ PROVIDER_DEFINITION: dict[str, Any] = {
 
 def handlers() -> HandlerRegistry:
     registry = HandlerRegistry()
+    # Replies only from the organization asked: a reply taken in through intake proves that
+    # intake hands the requester on.
+    registry.replies_only_from_recipients("reply")
 
     @registry.service("org.test.Prepare")
     def prepare(ctx: HandlerContext) -> None:

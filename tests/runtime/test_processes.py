@@ -410,6 +410,56 @@ async def test_a_reply_that_overtakes_the_commit_of_its_send_is_held_not_refused
     assert await _status(database, instance_id) == "completed"
 
 
+async def test_a_declared_reply_is_accepted_only_from_the_organization_asked(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    """Issue 10: a third organization that learnt the business key cannot answer for the one
+    asked, when the plugin declares the reply (``replies_only_from_recipients``); the refusal
+    leaves the instance waiting for the real answer."""
+    registry = handlers(calls)
+    registry.replies_only_from_recipients("reply")
+    runtime = ProcessRuntime(database, gateway, owner="a", clock=clock, settings=FAST)
+    definition = load_process(MODEL.read_bytes(), MODEL.name, resource_version="1.0")
+    await runtime.deploy(definition, registry, plugin="test", model_hash="h" * 64)
+    instance_id = await runtime.start(
+        KEY,
+        message_name="start",
+        business_key="bk-asked",
+        variables={"target": {"organizationIdentifier": "provider.example.org"}},
+    )
+    await runtime.run_until_idle()
+    assert [sent.target for sent in gateway.sent] == [
+        {"organizationIdentifier": "provider.example.org"}
+    ]
+
+    for intruder in ("intruder.example.org", None):
+        with pytest.raises(
+            CorrelationError,
+            match=r"^Unable to correlate Task forged: message 'reply' is accepted only from the "
+            r"organization the request went to, not from ",
+        ):
+            await runtime.deliver(
+                KEY,
+                message_name="reply",
+                business_key="bk-asked",
+                variables={"result": "invented"},
+                task_id="forged",
+                requester=intruder,
+            )
+    assert await _status(database, instance_id) == "running"
+    replied = await runtime.deliver(
+        KEY,
+        message_name="reply",
+        business_key="bk-asked",
+        variables={"result": "real"},
+        requester="provider.example.org",
+    )
+    assert replied == instance_id
+    await runtime.run_until_idle()
+    assert calls.results == ["real"]
+    assert await _status(database, instance_id) == "completed"
+
+
 async def test_a_start_message_for_a_running_business_key_correlates_as_the_dsf_bpe_does(
     database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
 ) -> None:
