@@ -221,6 +221,9 @@ def _text(ctx: HandlerContext, name: str) -> str:
 
 # -- the requesting site -----------------------------------------------------------------------
 
+# Bundle.identifier of a stored result: the id of the result Task it was made from.
+RESULT_BUNDLE_IDENTIFIER_SYSTEM = "http://dsf-bridge.dev/sid/inference-result-task"
+
 handlers = HandlerRegistry()
 # Stricter than DSF, which correlates by business key whoever sends: a result counts only
 # from the provider the request went to.
@@ -393,8 +396,18 @@ async def store_result(ctx: HandlerContext) -> None:
             for entry in bundle["entry"]
         ],
     }
+    # Identified by the result Task and created only if none has that identifier: the handler
+    # runs at least once, and a crash after this POST and before the step's commit repeats it.
+    result_id = str(result.get("id") or "")
+    if result_id:
+        stored["identifier"] = {"system": RESULT_BUNDLE_IDENTIFIER_SYSTEM, "value": result_id}
     client = _local_client(ctx)
-    created = await client.create(stored)
+    created = await client.create(
+        stored,
+        if_none_exist=(
+            f"identifier={RESULT_BUNDLE_IDENTIFIER_SYSTEM}|{result_id}" if result_id else None
+        ),
+    )
     if created.id is None:
         raise RemoteError("the local FHIR server answered the result Bundle without an id")
     outputs: list[dict[str, Any]] = [
