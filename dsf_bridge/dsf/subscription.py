@@ -164,6 +164,7 @@ class TaskSubscription:
         start = None if since is None else since - (overlap or dt.timedelta(0))
         seen: set[tuple[str, str]] = set()
         handled = 0
+        deferred = False
         while True:
             params = [
                 *self._criteria_params,
@@ -175,11 +176,25 @@ class TaskSubscription:
             page = await self._first_page(params)
             fresh = [r for r in page if (str(r.get("id")), _version(r)) not in seen]
             for resource in fresh:
-                await self.handle(resource)
                 seen.add((str(resource.get("id")), _version(resource)))
+                try:
+                    await self.handle(resource)
+                except RemoteError as exc:
+                    if exc.status is None:
+                        raise  # the server is away: stop, reconnect, catch up again
+                    # The server answered an error for this resource alone: the others go
+                    # on; the cursor stays before it, so the next catch-up brings it again.
+                    _log.warning(
+                        "subscription.resource_deferred",
+                        resource_type=self.resource_type,
+                        resource_id=str(resource.get("id")),
+                        error=str(exc),
+                    )
+                    deferred = True
+                    continue
                 handled += 1
                 updated = _last_updated(resource)
-                if updated is not None and (since is None or updated > since):
+                if not deferred and updated is not None and (since is None or updated > since):
                     await self.cursor.save(self.resource_type, updated)
                     since = updated
             if not fresh or len(page) < self.settings.page_size:

@@ -35,7 +35,7 @@ import asyncio
 import datetime as dt
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
 import structlog
@@ -54,7 +54,7 @@ from dsf_bridge.dsf.tasks import (
     updated_task,
 )
 from dsf_bridge.engine.exceptions import CorrelationError
-from dsf_bridge.errors import ProcessExecutionError, RemoteError
+from dsf_bridge.errors import BridgeError, ProcessExecutionError, RemoteError
 from dsf_bridge.logs import bound_context
 from dsf_bridge.runtime.processes import TAKEN_IN, MessageHeldError, ProcessRuntime
 from dsf_bridge.store import Database, append_event
@@ -74,6 +74,12 @@ HELD = "held"
 
 # How soon a held reply whose delivery failed (the FHIR server away) is tried again.
 _HELD_RETRY = 5.0
+# How often the server may answer a server error (5xx) while one Task version is taken in
+# before that Task is recorded ``skipped``: it chokes on this Task, and trying it at every
+# catch-up would hold up the Tasks behind it. Counted per run of the bridge.
+SERVER_ERROR_ATTEMPTS = 5
+# Server errors that say the server (or a proxy before it) is away, not that it chokes on a Task.
+_OUTAGE = frozenset({502, 503, 504})
 
 # FHIR's id type; DSF servers assign UUIDs. Versions are DSF's counters.
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -164,6 +170,8 @@ class TaskIntake:
         # Replies held in this run: claim (Task id, claimed version) -> business key. Every
         # commit that may resolve a send looks here; one delivery round runs at a time.
         self._held: dict[tuple[str, str], str] = {}
+        # Server errors (5xx) per claim while taking it in, in this run.
+        self._server_errors: dict[tuple[str, str], int] = {}
         self._redelivery: asyncio.Task[None] | None = None
         self._again = False
         runtime.on_send_resolved(self._send_resolved)
@@ -194,7 +202,30 @@ class TaskIntake:
                         status=CLAIMING,
                     )
             log.info("task.received", version=version)
-            await self._take_in(task, task_id, version)
+            await self._isolated(task_id, version, self._take_in(task, task_id, version))
+
+    async def _isolated(self, task_id: str, version: str, work: Awaitable[None]) -> None:
+        """Run the intake of one Task version; a server error on it (5xx other than 502, 503
+        and 504, which say the server is away) is raised again
+        (retryable: the claim stays and a later catch-up takes it up) until it has happened
+        :data:`SERVER_ERROR_ATTEMPTS` times, then the Task is recorded ``skipped`` with the
+        reason, so that it never holds up the Tasks behind it or start-up."""
+        try:
+            await work
+        except RemoteError as exc:
+            if exc.status is None or exc.status < 500 or exc.status in _OUTAGE:
+                raise  # the server is away or busy: no verdict on this Task
+            claim = (task_id, version)
+            count = self._server_errors.get(claim, 0) + 1
+            self._server_errors[claim] = count
+            if count < SERVER_ERROR_ATTEMPTS:
+                raise RemoteError(str(exc), retryable=True, status=exc.status) from exc
+            del self._server_errors[claim]
+            await self._skip(
+                task_id,
+                version,
+                f"the FHIR server answered {exc.status} {count} times while this Task was taken in",
+            )
 
     async def _take_in(self, task: dict[str, Any], task_id: str, version: str) -> None:
         # Bounds first: nothing else may walk, copy or store a hostile Task before this.
@@ -450,7 +481,12 @@ class TaskIntake:
             claims += await repo.tasks_with_status(session, "incoming", REFUSED)
         for claim in claims:
             with bound_context(task_id=claim.task_id):
-                await self._recover(claim)
+                try:
+                    await self._isolated(claim.task_id, claim.task_version, self._recover(claim))
+                except BridgeError as exc:
+                    # One Task must not stop start-up: its claim stays, and the catch-up
+                    # that follows (or the next start) takes it up again.
+                    log.warning("task.recovery_deferred", error=str(exc))
         return len(claims)
 
     async def _recover(self, claim: repo.TaskSeenRecord) -> None:

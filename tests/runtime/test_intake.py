@@ -31,7 +31,7 @@ from dsf_bridge.engine import load_process
 from dsf_bridge.errors import RemoteError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
 from dsf_bridge.runtime.gateway import DsfTaskGateway
-from dsf_bridge.runtime.intake import SqlCursorStore, TaskIntake
+from dsf_bridge.runtime.intake import SERVER_ERROR_ATTEMPTS, SqlCursorStore, TaskIntake
 from dsf_bridge.runtime.processes import ProcessRuntime
 from dsf_bridge.sandbox import resources
 from dsf_bridge.sandbox.server import SandboxServer
@@ -611,3 +611,57 @@ async def test_a_nul_in_the_business_key_and_a_malformed_requester_fail_the_task
     assert (await site.server_task(odd["id"]))["status"] == "failed"
     assert site.work == []
     assert await site.intake.recover() == 0
+
+
+async def test_a_task_the_server_chokes_on_is_skipped_after_bounded_tries_and_blocks_nothing(
+    site: Site,
+) -> None:
+    """Issue 10: a Task whose in-progress PUT the server answers 500 held up every Task behind
+    it in the catch-up, and start-up. Now the catch-up goes on with the others and keeps its
+    cursor before that Task; after SERVER_ERROR_ATTEMPTS tries it is recorded skipped."""
+    service = site.sandbox.server.service
+    choking = site.insert_directly(task())
+    service.inject_failures("PUT", f"Task/{choking['id']}", [500] * 100)
+    behind = await site.remote.create(task())
+    assert behind.id is not None
+    subscription = site.subscription()
+
+    assert await subscription.catch_up() == 1  # the one behind it, taken in
+    await site.runtime.run_until_idle()
+    assert site.work == [behind.id]
+    assert (await site.server_task(choking["id"]))["status"] == "requested"
+    # The cursor stays before the choking Task: the next catch-up brings it again.
+    cursor = await SqlCursorStore(site.database).load("Task")
+    assert cursor is None or cursor < dt.datetime.fromisoformat(
+        choking["meta"]["lastUpdated"].replace("Z", "+00:00")
+    )
+    # A restart meanwhile: recover() meets the same 500 and start-up goes on.
+    assert await site.intake.recover() == 1
+    for _ in range(SERVER_ERROR_ATTEMPTS - 3):
+        await subscription.catch_up()
+    async with site.database.transaction() as session:
+        seen = await repo.get_task_seen(session, choking["id"], "1")
+    assert seen is not None
+    assert seen.status == "claiming"
+    await subscription.catch_up()  # the last try
+    async with site.database.transaction() as session:
+        seen = await repo.get_task_seen(session, choking["id"], "1")
+    assert seen is not None
+    assert seen.status == "skipped"
+    [reason] = await _audited(site, "task.skipped")
+    assert f"answered 500 {SERVER_ERROR_ATTEMPTS} times" in reason
+    assert await subscription.catch_up() == 1  # seen, skipped: the cursor moves past it
+    assert await SqlCursorStore(site.database).load("Task") is not None
+
+
+async def test_an_outage_is_no_verdict_on_a_task_however_often(site: Site) -> None:
+    """503, 502 and 504 say the server is away: they never count towards skipping a Task."""
+    stored = site.insert_directly(task())
+    site.sandbox.server.service.inject_failures("PUT", f"Task/{stored['id']}", [503] * 100)
+    for _ in range(SERVER_ERROR_ATTEMPTS + 2):
+        with pytest.raises(RemoteError):
+            await site.intake.handle(stored)
+    async with site.database.transaction() as session:
+        seen = await repo.get_task_seen(session, stored["id"], "1")
+    assert seen is not None
+    assert seen.status == "claiming"
