@@ -503,8 +503,10 @@ async def _serve_api(
     runs."""
     api = settings.api
     database = Database(settings.db.url, pool_size=2, read_only=True)
+    # Operator requests (api.operator_token) queue jobs: they alone get a writable connection.
+    operator = Database(settings.db.url, pool_size=1) if api.operator_token is not None else None
     try:
-        admin = create_app(database, api, probes=probes)
+        admin = create_app(database, api, probes=probes, operator_database=operator)
         async with ApiServer(admin, host=api.host, port=api.port) as server:
             log.info("api.listening", url=server.url, closed=api.token is None)
             if api.token is None:
@@ -515,6 +517,8 @@ async def _serve_api(
             await main(admin)
     finally:
         await database.dispose()
+        if operator is not None:
+            await operator.dispose()
 
 
 @api_app.command("serve")

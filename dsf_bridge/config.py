@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -263,6 +271,12 @@ class ApiSettings(_Section):
         description="Bearer token (or Basic auth password) for metrics, audit API and web page; "
         "at least 16 characters; unset: those stay closed",
     )
+    operator_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token (or Basic auth password) with the operator role: reads, and "
+        "retries incidents and cancels instances through the API; at least 16 characters and "
+        "not the read token; unset: no operator actions through the API",
+    )
     stale_after: float = Field(
         default=900.0,
         gt=0,
@@ -270,7 +284,7 @@ class ApiSettings(_Section):
         "which /ready answers 503",
     )
 
-    @field_validator("token")
+    @field_validator("token", "operator_token")
     @classmethod
     def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
@@ -280,6 +294,16 @@ class ApiSettings(_Section):
         if len(token) < 16:
             raise ValueError("the API token must have at least 16 characters")
         return SecretStr(token)
+
+    @model_validator(mode="after")
+    def _roles_apart(self) -> ApiSettings:
+        if (
+            self.token is not None
+            and self.operator_token is not None
+            and self.token.get_secret_value() == self.operator_token.get_secret_value()
+        ):
+            raise ValueError("operator_token must differ from token (the read-only role)")
+        return self
 
 
 # The duration forms the engine's timers accept (dsf_bridge.engine.timers).

@@ -3,27 +3,32 @@
 ``/health`` and ``/ready`` are open (orchestrators probe them); everything else needs the token
 (:mod:`dsf_bridge.api.security`). The JSON API lives under ``/api/v1``, the web page under
 ``/ui`` (:mod:`dsf_bridge.api.ui`); both read the store through
-:mod:`dsf_bridge.store.queries` and never write.
+:mod:`dsf_bridge.store.queries`. The only writes are the operator's requests (retry an
+incident, cancel an instance), with the operator token alone; they are queued through
+:mod:`dsf_bridge.runtime.operations` as the CLI's are, and the bridge's job worker applies them
+with an audit event naming the operator.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from dsf_bridge import __version__
 from dsf_bridge.api.context import ApiContext
 from dsf_bridge.api.metrics import CONTENT_TYPE, render_metrics
 from dsf_bridge.api.probes import Clock, Probe, ProbeResult, utcnow
-from dsf_bridge.api.security import TokenGuard
+from dsf_bridge.api.security import OperatorGuard, TokenGuard
 from dsf_bridge.api.ui import ui_router
 from dsf_bridge.config import ApiSettings
-from dsf_bridge.errors import StoreError
+from dsf_bridge.errors import ProcessExecutionError, StoreError
+from dsf_bridge.runtime import operations
 from dsf_bridge.store import Database
 from dsf_bridge.store import queries as q
 
@@ -105,9 +110,14 @@ def create_app(
     probes: Sequence[Probe] = (),
     clock: Clock = utcnow,
     site: str | None = None,
+    operator_database: Database | None = None,
 ) -> FastAPI:
-    """The admin app over ``database``; ``probes`` add to the database probe for ``/ready``."""
-    context = ApiContext(database, probes, clock=clock, site=site)
+    """The admin app over ``database``; ``probes`` add to the database probe for ``/ready``.
+    ``operator_database`` is a writable connection for the operator's requests (given only
+    with ``settings.operator_token``); ``database`` may be read-only."""
+    context = ApiContext(
+        database, probes, clock=clock, site=site, operator_database=operator_database
+    )
     app = FastAPI(
         title="dsf-bridge admin API",
         version=__version__,
@@ -116,7 +126,8 @@ def create_app(
         openapi_url=None,  # served under /api/v1 behind the token
     )
     app.state.context = context
-    guard = Depends(TokenGuard(settings.token))
+    guard = Depends(TokenGuard(settings.token, settings.operator_token))
+    operator_guard = OperatorGuard(settings.operator_token)
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Any) -> Response:
@@ -246,6 +257,65 @@ def create_app(
         report = await context.verify_chain()
         return ChainOut.model_validate(report)
 
+    @api.get("/incidents", response_model=list[IncidentOut])
+    async def incidents() -> list[IncidentOut]:
+        """Every incident (a job out of retries) of every running instance."""
+        rows = await context.read(operations.list_incidents)
+        return [IncidentOut.model_validate(row, from_attributes=True) for row in rows]
+
+    async def _queue(work: Any) -> int:
+        try:
+            job: int = await context.write(work)
+        except ProcessExecutionError as exc:
+            code = 404 if exc.message.startswith("no instance") else 409
+            raise HTTPException(code, exc.message) from exc
+        return job
+
+    @api.post(
+        "/instances/{instance_id}/incidents/{token}/retry",
+        status_code=202,
+        response_model=QueuedOut,
+        tags=["operations"],
+    )
+    async def retry_incident(
+        instance_id: str,
+        token: str,
+        body: RetryIn,
+        request: Request,
+        actor: str = Depends(operator_guard),
+    ) -> QueuedOut:
+        """Give the incident at ``token`` new tries (operator token only)."""
+        _json_only(request)
+        job = await _queue(
+            lambda s: operations.request_retry(
+                s, instance_id, token, retries=body.retries, actor=actor, now=context.clock()
+            )
+        )
+        log.info("operator.requested", action="retry", instance_id=instance_id, actor=actor)
+        return QueuedOut(job=job, instance_id=instance_id, action="retry", actor=actor)
+
+    @api.post(
+        "/instances/{instance_id}/cancel",
+        status_code=202,
+        response_model=QueuedOut,
+        tags=["operations"],
+    )
+    async def cancel_instance(
+        instance_id: str,
+        body: CancelIn,
+        request: Request,
+        actor: str = Depends(operator_guard),
+    ) -> QueuedOut:
+        """Cancel a running instance; its Tasks fail with ``reason`` (operator token only)."""
+        _json_only(request)
+        job = await _queue(
+            lambda s: operations.request_cancel(
+                s, instance_id, reason=body.reason, actor=actor, now=context.clock()
+            )
+        )
+        log.info("operator.requested", action="cancel", instance_id=instance_id, actor=actor)
+        return QueuedOut(job=job, instance_id=instance_id, action="cancel", actor=actor)
+
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
@@ -253,6 +323,42 @@ def create_app(
     app.include_router(api)
     app.include_router(ui_router(context, TokenGuard(settings.token)))
     return app
+
+
+class IncidentOut(BaseModel):
+    instance_id: str
+    process: str
+    token: str
+    element: str
+    message: str
+    at: dt.datetime | None
+
+
+class RetryIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    retries: int = Field(1, ge=1, le=operations.MAX_RETRIES)
+
+
+class CancelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=operations.MAX_REASON)
+
+
+class QueuedOut(BaseModel):
+    """An operator request queued for the bridge's job worker."""
+
+    job: int
+    instance_id: str
+    action: str
+    actor: str
+
+
+def _json_only(request: Request) -> None:
+    """Operator requests are JSON: a cross-site HTML form (which a browser sends with the Basic
+    credentials it remembers) cannot be, without a CORS preflight this API never answers."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise HTTPException(415, "send the request body as application/json")
 
 
 def _result_fields(result: ProbeResult) -> dict[str, Any]:

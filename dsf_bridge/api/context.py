@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from dsf_bridge.api.probes import Clock, Probe, ProbeResult, database_probe, utcnow
+from dsf_bridge.errors import StoreError
 from dsf_bridge.store import ChainReport, Database, Session, verify_chain
 
 __all__ = ["ApiContext"]
@@ -26,8 +27,12 @@ class ApiContext:
         *,
         clock: Clock = utcnow,
         site: str | None = None,
+        operator_database: Database | None = None,
     ) -> None:
         self.database = database
+        # A writable connection for the operator's requests alone; every read goes through
+        # ``database``, which cannot write.
+        self.operator_database = operator_database
         self.probes = [database_probe(database), *probes]
         self.clock = clock
         self.site = site
@@ -57,6 +62,14 @@ class ApiContext:
         """Run one read-only query in its own transaction."""
         async with self.database.transaction() as session:
             return await query(session)
+
+    async def write(self, work: Callable[[Session], Awaitable[T]]) -> T:
+        """Run one write (an operator request) in its own transaction, over the operator's
+        connection (:class:`StoreError` when there is none)."""
+        if self.operator_database is None:
+            raise StoreError("operator requests need a writable store connection; none given")
+        async with self.operator_database.transaction() as session:
+            return await work(session)
 
     async def verify_chain(self) -> ChainReport:
         """Walk the whole audit hash chain (as ``dsf-bridge audit verify``)."""

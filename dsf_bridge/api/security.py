@@ -1,9 +1,14 @@
-"""Who may read the admin API: closed unless a token is configured.
+"""Who may read the admin API, and who may act on instances: closed unless configured.
 
 Clients send ``Authorization: Bearer <token>``; browsers answer the Basic prompt with any user
 name and the token as password (the challenge is Basic everywhere, so a browser can open the
 JSON and metrics paths too). Tokens are compared in constant time. Without ``api.token``
 every protected path answers 403 with a message saying how to open it.
+
+Reading is the default role. ``api.operator_token`` is a second token with the operator role:
+it reads too, and it alone may retry incidents and cancel instances (:class:`OperatorGuard`);
+without it those endpoints answer 403. The operator's name in the audit trail is the Basic
+user name, or ``operator`` for a Bearer token.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import hmac
 from fastapi import HTTPException, Request, status
 from pydantic import SecretStr
 
-__all__ = ["TokenGuard"]
+__all__ = ["OperatorGuard", "TokenGuard"]
 
 REALM = "dsf-bridge admin"
 
@@ -23,8 +28,10 @@ REALM = "dsf-bridge admin"
 class TokenGuard:
     """A FastAPI dependency that lets a request through only with the configured token."""
 
-    def __init__(self, token: SecretStr | None) -> None:
+    def __init__(self, token: SecretStr | None, operator_token: SecretStr | None = None) -> None:
         self._token = None if token is None else token.get_secret_value().encode()
+        # The operator may read as well; without a read token the API stays closed.
+        self._operator = None if operator_token is None else operator_token.get_secret_value()
 
     def __call__(self, request: Request) -> None:
         if self._token is None:
@@ -34,23 +41,60 @@ class TokenGuard:
                 "to open it",
             )
         given = _credentials(request.headers.get("authorization", ""))
-        if given is None or not hmac.compare_digest(given, self._token):
+        if given is not None:
+            _user, password = given
+            if hmac.compare_digest(password, self._token):
+                return
+            if self._operator is not None and hmac.compare_digest(
+                password, self._operator.encode()
+            ):
+                return
+        raise _unauthorized("missing or wrong token: send 'Authorization: Bearer <api.token>'")
+
+
+class OperatorGuard:
+    """A FastAPI dependency for the operator role: only ``api.operator_token`` passes; it
+    returns the operator's name for the audit trail (``api:<Basic user>``, ``api:operator``)."""
+
+    def __init__(self, operator_token: SecretStr | None) -> None:
+        self._token = None if operator_token is None else operator_token.get_secret_value()
+
+    def __call__(self, request: Request) -> str:
+        if self._token is None:
             raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "missing or wrong token: send 'Authorization: Bearer <api.token>'",
-                headers={"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'},
+                status.HTTP_403_FORBIDDEN,
+                "operator actions are closed: set api.operator_token (environment "
+                "DSF_BRIDGE_API__OPERATOR_TOKEN) to open them; the read token cannot act",
             )
+        given = _credentials(request.headers.get("authorization", ""))
+        if given is None or not hmac.compare_digest(given[1], self._token.encode()):
+            raise _unauthorized(
+                "this action needs the operator token: send "
+                "'Authorization: Bearer <api.operator_token>'"
+            )
+        user = given[0].decode("utf-8", "replace").strip()
+        name = "".join(ch for ch in user if ch.isalnum() or ch in "._@-")[:64]
+        return f"api:{name or 'operator'}"
 
 
-def _credentials(header: str) -> bytes | None:
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        message,
+        headers={"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'},
+    )
+
+
+def _credentials(header: str) -> tuple[bytes, bytes] | None:
+    """(user, token) of a Bearer (no user) or Basic authorization header."""
     scheme, _, value = header.strip().partition(" ")
     if scheme.lower() == "bearer" and value.strip():
-        return value.strip().encode()
+        return b"", value.strip().encode()
     if scheme.lower() == "basic":
         try:
             decoded = base64.b64decode(value.strip(), validate=True)
         except (binascii.Error, ValueError):
             return None
-        _user, sep, password = decoded.partition(b":")
-        return password if sep else None
+        user, sep, password = decoded.partition(b":")
+        return (user, password) if sep else None
     return None

@@ -851,6 +851,7 @@ class ProcessRuntime:
                 reason=reason,
                 job_id=job.id,
                 unless=no_longer_applies,
+                actor=actor,
             )
         except _InstanceGoneError as exc:
             async with self.database.transaction() as session:
@@ -1138,12 +1139,14 @@ class ProcessRuntime:
         job_id: int | None = None,
         unless: Callable[[Session, repo.InstanceRecord], Awaitable[bool]] | None = None,
         also: Callable[[Session], Awaitable[None]] | None = None,
+        actor: str | None = None,
     ) -> None:
         """Apply one event to an instance in one transaction, replaying on lost races.
 
         ``unless`` sees the instance in that transaction first; when it answers ``True`` it has
         dealt with the job itself and no step is taken. ``also`` writes in the same transaction
-        (the record of the effect that caused the event).
+        (the record of the effect that caused the event). ``actor`` names who caused it in the
+        audit event (an operator); the bridge itself by default.
         """
         for _ in range(self.settings.conflict_retries):
             now = self.clock()
@@ -1159,7 +1162,7 @@ class ProcessRuntime:
                         result = step(deployed.definition, record.state, make_event(now))
                         await append_event(
                             session,
-                            actor=self.owner,
+                            actor=actor or self.owner,
                             subject=f"instance/{instance_id}",
                             # An undone job step: retried later, or parked as an incident.
                             action="job.failed" if result.error else action,

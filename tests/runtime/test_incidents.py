@@ -5,12 +5,17 @@ and every step is in the audit trail."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from pathlib import Path
 
+import httpx
 import pytest
+from pydantic import SecretStr, ValidationError
 from sqlalchemy import select
 
+from dsf_bridge.api.app import create_app
+from dsf_bridge.config import ApiSettings
 from dsf_bridge.engine import load_process
 from dsf_bridge.errors import ProcessExecutionError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
@@ -354,3 +359,96 @@ async def test_an_incident_in_the_step_a_signal_continues_is_audited(
         [incident] = await operations.list_incidents(session)
     assert "Path loops without a wait state" in incident.message
     assert (await _actions(database)).count("incident.created") == 1
+
+
+async def test_the_admin_api_retries_and_cancels_with_the_operator_token_alone(
+    database: Database, clock: Clock
+) -> None:
+    """Issue 10: the admin API's operator endpoints. The read token lists incidents but cannot
+    act; the operator token retries an incident and cancels an instance, the audit trail names
+    the operator (the Basic user name); no operator token configured: the actions are closed."""
+    gateway = FakeGateway()
+    runtime = await _runtime(database, gateway, clock)
+    retried = await runtime.start(
+        KEY, message_name="start", business_key="bk-r", task_id="t-r", variables={"mode": "idle"}
+    )
+    cancelled = await runtime.start(
+        KEY, message_name="start", business_key="bk-x", task_id="t-x", variables={"mode": "idle"}
+    )
+    incidents = await _until_incident(runtime, database, clock)
+    while len(incidents) < 2:
+        incidents = await _until_incident(runtime, database, clock)
+    [incident] = [i for i in incidents if i.instance_id == retried]
+
+    read, operator = "read-token-for-tests", "operator-token-for-tests"
+    app = create_app(
+        database,
+        ApiSettings(token=SecretStr(read), operator_token=SecretStr(operator)),
+        clock=clock,
+        operator_database=database,
+    )
+    closed = create_app(database, ApiSettings(token=SecretStr(read)), clock=clock)
+    as_reader = {"Authorization": f"Bearer {read}"}
+    as_operator = {
+        "Authorization": "Basic " + base64.b64encode(b"alice:" + operator.encode()).decode()
+    }
+    retry_path = f"/api/v1/instances/{retried}/incidents/{incident.token}/retry"
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://admin") as http:
+        listed = await http.get("/api/v1/incidents", headers=as_reader)
+        assert listed.status_code == 200
+        assert {i["instance_id"] for i in listed.json()} == {retried, cancelled}
+        assert (await http.get("/api/v1/incidents", headers=as_operator)).status_code == 200
+        refused = await http.post(retry_path, json={"retries": 1}, headers=as_reader)
+        assert refused.status_code == 401
+        assert "operator token" in refused.json()["detail"]
+        form = await http.post(
+            retry_path, content=b"retries=1", headers={**as_operator, "Content-Type": "text/plain"}
+        )
+        assert form.status_code in (415, 422)
+        unknown = await http.post(
+            f"/api/v1/instances/{retried}/incidents/99/retry", json={}, headers=as_operator
+        )
+        assert unknown.status_code == 409
+        assert "no incident at token '99'" in unknown.json()["detail"]
+        missing = await http.post(
+            "/api/v1/instances/nope/cancel", json={"reason": "x"}, headers=as_operator
+        )
+        assert missing.status_code == 404
+        queued = await http.post(retry_path, json={"retries": 1}, headers=as_operator)
+        assert queued.status_code == 202
+        assert queued.json()["actor"] == "api:alice"
+        cancel = await http.post(
+            f"/api/v1/instances/{cancelled}/cancel",
+            json={"reason": "wrong study"},
+            headers={"Authorization": f"Bearer {operator}"},
+        )
+        assert cancel.status_code == 202
+        assert cancel.json()["actor"] == "api:operator"
+    closed_transport = httpx.ASGITransport(app=closed)
+    async with httpx.AsyncClient(transport=closed_transport, base_url="http://admin") as http:
+        shut = await http.post(retry_path, json={"retries": 1}, headers=as_reader)
+        assert shut.status_code == 403
+        assert "api.operator_token" in shut.json()["detail"]
+
+    await runtime.correlate(
+        message_name="go", business_key="bk-r", task_id="t-go", variables={"mode": "run"}
+    )
+    await runtime.run_until_idle()
+    assert await _status(database, retried) == "completed"
+    assert await _status(database, cancelled) == "failed"
+    assert ("t-x", "Process instance cancelled by api:operator: wrong study") in gateway.failed
+    async with database.transaction() as session:
+        actors = {
+            (row.action, row.actor)
+            for row in (await session.execute(select(AuditEvent))).scalars()
+            if row.action in ("incident.retried", "instance.cancelled")
+        }
+    assert actors == {("incident.retried", "api:alice"), ("instance.cancelled", "api:operator")}
+
+
+def test_the_operator_token_must_differ_from_the_read_token() -> None:
+    with pytest.raises(ValidationError, match="operator_token must differ from token"):
+        ApiSettings(
+            token=SecretStr("same-token-for-both"), operator_token=SecretStr("same-token-for-both")
+        )
