@@ -223,6 +223,8 @@ class Bridge:
             raise RuntimeError("Bridge.run before start")
         loops = [asyncio.ensure_future(s.run(stop)) for s in self.subscriptions]
         loops.append(asyncio.ensure_future(self.runtime.run_forever(stop)))
+        if self.intake is not None:
+            loops.append(asyncio.ensure_future(self.intake.run_held_sweeps(stop)))
         log.info("bridge.started", organization=getattr(self.organization, "identifier", None))
         try:
             done, _ = await asyncio.wait(
@@ -236,6 +238,8 @@ class Bridge:
             for task in loops:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(task, 10)
+            if self.intake is not None:
+                await self.intake.aclose()
             log.info("bridge.stopped")
 
     async def aclose(self) -> None:

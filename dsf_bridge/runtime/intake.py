@@ -32,10 +32,13 @@ event ``task.skipped`` giving the reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import datetime as dt
 import re
 import uuid
 from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -72,8 +75,22 @@ REFUSED = "refused"
 SKIPPED = "skipped"
 HELD = "held"
 
-# How soon a held reply whose delivery failed (the FHIR server away) is tried again.
+# How soon a held reply whose delivery failed (the FHIR server away) is tried again, doubling
+# up to _HELD_RETRY_MAX.
 _HELD_RETRY = 5.0
+_HELD_RETRY_MAX = 300.0
+
+
+@dataclass
+class _Held:
+    """A held claim this run watches: the business key whose sends it waits for (``None``
+    when a sweep found it: deliver it and see), and its delivery back-off."""
+
+    business_key: str | None
+    failures: int = 0
+    not_before: float = 0.0
+
+
 # How often the server may answer a server error (5xx) while one Task version is taken in
 # before that Task is recorded ``skipped``: it chokes on this Task, and trying it at every
 # catch-up would hold up the Tasks behind it. Counted per run of the bridge.
@@ -167,13 +184,16 @@ class TaskIntake:
         self.local_organization = local_organization
         self.authorizer = authorizer
         self.limits = limits or TaskLimits()
-        # Replies held in this run: claim (Task id, claimed version) -> business key. Every
-        # commit that may resolve a send looks here; one delivery round runs at a time.
-        self._held: dict[tuple[str, str], str] = {}
+        # Replies held, watched by this run: claim (Task id, claimed version) -> its business
+        # key and back-off. Every commit that may resolve a send looks here; one delivery
+        # round runs at a time; a sweep adds held claims of other replicas.
+        self._held: dict[tuple[str, str], _Held] = {}
+        self._audited_held: set[tuple[str, str]] = set()
+        self._redelivery: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._again = False
         # Server errors (5xx) per claim while taking it in, in this run.
         self._server_errors: dict[tuple[str, str], int] = {}
-        self._redelivery: asyncio.Task[None] | None = None
-        self._again = False
         runtime.on_send_resolved(self._send_resolved)
 
     async def handle(self, task: dict[str, Any]) -> None:
@@ -331,10 +351,15 @@ class TaskIntake:
 
     async def _hold(self, task_id: str, version: str, business_key: str) -> None:
         """Keep the claim ``held`` (durably: a restart delivers it again) and watch its send."""
-        again = (task_id, version) in self._held
+        claim = (task_id, version)
         async with self.database.transaction() as session:
-            await repo.set_task_seen_status(session, task_id, version, HELD)
-            if not again:
+            # Only a claim this run is taking in may become held: never one another replica
+            # has finished meanwhile.
+            if not await repo.set_task_seen_status(
+                session, task_id, version, HELD, only_from=(CLAIMING, HELD)
+            ):
+                return
+            if claim not in self._audited_held:
                 await append_event(
                     session,
                     actor=f"organization:{self.local_organization}",
@@ -343,9 +368,10 @@ class TaskIntake:
                     reason="a send of the instance it answers is unresolved; delivered "
                     "again once that send is recorded delivered or failed",
                 )
-        self._held[(task_id, version)] = business_key
-        if not again:
+        if claim not in self._audited_held:
+            self._audited_held.add(claim)
             log.info("task.held")
+        self._held[claim] = _Held(business_key)
         # The send may have resolved between the runtime's look and this commit, before a
         # listener could see the held claim: look once more after it.
         if not await self.runtime.sends_in_flight(business_key):
@@ -357,29 +383,122 @@ class TaskIntake:
             return
         self._again = True
         if self._redelivery is None or self._redelivery.done():
-            self._redelivery = asyncio.get_running_loop().create_task(self._deliver_held())
+            # A context of its own: the round must not log with the identifiers of the
+            # instance whose commit woke it.
+            self._redelivery = asyncio.get_running_loop().create_task(
+                self._deliver_held(), context=contextvars.Context()
+            )
 
     async def _deliver_held(self) -> None:
-        while self._again:
-            self._again = False
-            resolved: dict[str, bool] = {}
-            for (task_id, version), business_key in list(self._held.items()):
-                if business_key not in resolved:
-                    resolved[business_key] = not await self.runtime.sends_in_flight(business_key)
-                if not resolved[business_key]:
-                    continue
-                del self._held[(task_id, version)]
-                async with self.database.transaction() as session:
-                    claim = await repo.get_task_seen(session, task_id, version)
-                if claim is None or claim.status != HELD:
-                    continue  # another replica delivered it
-                with bound_context(task_id=task_id):
-                    try:
-                        await self._recover(claim)
-                    except Exception:  # one held reply must not stop the others
-                        log.exception("task.held_delivery_failed")
-                        self._held[(task_id, version)] = business_key
-                        asyncio.get_running_loop().call_later(_HELD_RETRY, self._send_resolved)
+        try:
+            while self._again:
+                self._again = False
+                await self._delivery_round()
+        except Exception:  # a round must never die silently: the claims stay held
+            log.exception("task.held_round_failed")
+            self._retry_later(_HELD_RETRY)
+
+    async def _delivery_round(self) -> None:
+        now = asyncio.get_running_loop().time()
+        resolved: dict[str, bool] = {}
+        for claim, held in list(self._held.items()):
+            if held.not_before > now:
+                self._retry_later(held.not_before - now)
+                continue
+            key = held.business_key
+            if key is None:
+                resolved[""] = True
+            elif key not in resolved:
+                resolved[key] = not await self.runtime.sends_in_flight(key)
+            if not resolved[key or ""]:
+                continue
+            del self._held[claim]
+            task_id, version = claim
+            with bound_context(task_id=task_id):
+                try:
+                    await self._deliver_one(task_id, version)
+                except Exception as exc:  # one held reply must not stop the others
+                    held.failures += 1
+                    delay = min(_HELD_RETRY * 2 ** (held.failures - 1), _HELD_RETRY_MAX)
+                    held.not_before = asyncio.get_running_loop().time() + delay
+                    self._held.setdefault(claim, held)
+                    log.warning(
+                        "task.held_delivery_failed",
+                        error=str(exc) or type(exc).__name__,
+                        attempt=held.failures,
+                        retry_in=delay,
+                    )
+                    self._retry_later(delay)
+
+    async def _deliver_one(self, task_id: str, version: str) -> None:
+        """Take a held claim (atomically: one replica, one delivery) and deliver it again."""
+        async with self.database.transaction() as session:
+            if not await repo.set_task_seen_status(
+                session, task_id, version, CLAIMING, only_from=(HELD,)
+            ):
+                return  # delivered meanwhile, by this replica or another
+            claim = await repo.get_task_seen(session, task_id, version)
+        if claim is None:  # pragma: no cover - the row was just updated
+            return
+        try:
+            await self._recover(claim)
+        except Exception:
+            async with self.database.transaction() as session:
+                await repo.set_task_seen_status(
+                    session, task_id, version, HELD, only_from=(CLAIMING,)
+                )
+            raise
+
+    def _retry_later(self, delay: float) -> None:
+        """One timer at a time wakes the rounds for claims that wait out a back-off."""
+        if self._timer is not None:
+            return
+
+        def fire() -> None:
+            self._timer = None
+            self._send_resolved()
+
+        self._timer = asyncio.get_running_loop().call_later(max(delay, 0.05), fire)
+
+    async def sweep_held(self) -> int:
+        """Take up every ``held`` claim in the store that this run does not watch (held by a
+        replica that stopped, or whose send another replica resolved): the next round
+        delivers it if its send has resolved (its Task is read again). Returns how many."""
+        async with self.database.transaction() as session:
+            rows = await repo.tasks_with_status(session, "incoming", HELD)
+        added = 0
+        for row in rows:
+            claim = (row.task_id, row.task_version)
+            if claim not in self._held:
+                self._held[claim] = _Held(None)
+                added += 1
+        if self._held:
+            self._send_resolved()
+        return added
+
+    async def run_held_sweeps(self, stop: asyncio.Event, interval: float = 30.0) -> None:
+        """:meth:`sweep_held` every ``interval`` seconds until ``stop``: a reply held by one
+        replica is delivered even when another resolved its send (listeners are per
+        process)."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+            if stop.is_set():
+                return
+            try:
+                await self.sweep_held()
+            except BridgeError as exc:
+                log.warning("task.held_sweep_failed", error=str(exc))
+
+    async def aclose(self) -> None:
+        """Stop the delivery rounds and their timer (the claims stay held in the store)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._redelivery is not None and not self._redelivery.done():
+            self._redelivery.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._redelivery
 
     async def _fail(
         self,
@@ -468,7 +587,14 @@ class TaskIntake:
     ) -> None:
         async with self.database.transaction() as session:
             await repo.set_task_seen_status(
-                session, task_id, version, status, instance_id=instance_id
+                session,
+                task_id,
+                version,
+                status,
+                instance_id=instance_id,
+                # Lost to another replica: only a claim still being taken in says so, never
+                # one the winner has held, taken in or failed meanwhile.
+                only_from=(CLAIMING, REFUSED) if status == LOST else None,
             )
 
     async def recover(self) -> int:

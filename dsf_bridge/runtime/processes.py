@@ -79,7 +79,13 @@ from dsf_bridge.runtime.ports import OutgoingTask, TaskGateway, UserTaskRequest
 from dsf_bridge.store import Database, Session, append_event
 from dsf_bridge.store import repository as repo
 
-__all__ = ["TAKEN_IN", "DeployedProcess", "ProcessRuntime", "RuntimeSettings"]
+__all__ = [
+    "TAKEN_IN",
+    "DeployedProcess",
+    "MessageHeldError",
+    "ProcessRuntime",
+    "RuntimeSettings",
+]
 
 log = structlog.get_logger("dsf_bridge.runtime")
 

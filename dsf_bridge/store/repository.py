@@ -662,18 +662,27 @@ async def set_task_seen_status(
     *,
     instance_id: str | None = None,
     role: str = "incoming",
-) -> None:
+    only_from: Sequence[str] | None = None,
+) -> bool:
+    """Set a Task version's intake status; with ``only_from``, only when its status is one of
+    those (compare and set, for replicas). ``True`` when a row changed."""
     values: dict[str, Any] = {"status": status}
     if instance_id is not None:
         values["instance_id"] = instance_id
-    await session.execute(
+    statement = (
         update(TaskSeen)
         .where(TaskSeen.task_id == task_id)
         .where(TaskSeen.task_version == task_version)
         .where(TaskSeen.role == role)
-        .values(**values)
+    )
+    if only_from is not None:
+        statement = statement.where(TaskSeen.status.in_(only_from))
+    result = await session.execute(
+        statement.values(**values)
+        .returning(TaskSeen.task_id)
         .execution_options(synchronize_session=False)
     )
+    return result.first() is not None
 
 
 async def tasks_with_status(session: AsyncSession, role: str, status: str) -> list[TaskSeenRecord]:
@@ -845,12 +854,16 @@ async def sends_in_flight(session: AsyncSession, business_key: str) -> int:
         .where(_has_business_key(business_key))
         .where(OutboxEntry.kind == "send-task")
         .where(OutboxEntry.status == "pending")
+        .where(ProcessInstance.status == "running")
     )
     jobs = await session.execute(
         select(func.count(Job.id))
         .join(ProcessInstance, ProcessInstance.id == Job.instance_id)
         .where(_has_business_key(business_key))
         .where(Job.kind == "send")
+        # A job out of retries (an incident) is never run again: it resolves nothing.
+        .where(Job.retries_left >= 0)
+        .where(ProcessInstance.status == "running")
     )
     return int(outbox.scalar_one()) + int(jobs.scalar_one())
 

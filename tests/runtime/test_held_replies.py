@@ -283,3 +283,61 @@ async def test_a_held_reply_survives_a_restart_and_reaches_its_instance(
         await close(gateway)
         await intake.client.aclose()
         await database.dispose()
+
+
+async def test_a_reply_held_by_a_replica_that_stopped_is_delivered_by_the_sweep(
+    network: SandboxNetwork, migrated_url: str
+) -> None:
+    """Listeners are per process: when the replica that held a reply stops and another one
+    resolves the send, the other one's periodic sweep finds the held claim in the store and
+    delivers it (a claim another replica finished is never overwritten)."""
+    database = Database(migrated_url)
+    runtime, gateway, _release, workers = await _posted_then_blocked(
+        network, database, "stopped", SHORT_LEASE
+    )
+    holder = _intake(runtime, database, _config(network, REQUESTER))
+    reply = await _reply_from_provider(network)
+    await holder.handle(reply)
+    assert await _claim_status(database, reply) == HELD
+    workers.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await workers
+    await holder.aclose()
+    await close(gateway)
+    await holder.client.aclose()
+
+    other, gateway = await runtime_for(
+        database, _config(network, REQUESTER), owner="other", settings=SHORT_LEASE
+    )
+    intake = _intake(other, database, _config(network, REQUESTER))
+    try:
+        # The other replica's intake never saw the reply: only the store knows it is held.
+        async def send_recorded() -> bool:
+            await other.run_until_idle()
+            return not await other.sends_in_flight("bk-held")
+
+        await _until(send_recorded, seconds=30)
+        assert await _claim_status(database, reply) == HELD
+        # A losing replica's late "claimed elsewhere" does not overwrite the held claim.
+        async with database.transaction() as session:
+            assert not await repo.set_task_seen_status(
+                session,
+                reply["id"],
+                reply["meta"]["versionId"],
+                "claimed-elsewhere",
+                only_from=("claiming",),
+            )
+        assert await intake.sweep_held() == 1
+
+        async def completed() -> bool:
+            await other.run_until_idle()
+            return await _instance_status(database, "bk-held") == "completed"
+
+        await _until(completed, seconds=30)
+        assert await _claim_status(database, reply) == TAKEN_IN
+        assert await _audited(database, "task.held") == 1
+    finally:
+        await intake.aclose()
+        await close(gateway)
+        await intake.client.aclose()
+        await database.dispose()

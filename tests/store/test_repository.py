@@ -6,10 +6,12 @@ import asyncio
 import datetime as dt
 
 import pytest
+from sqlalchemy import update
 
 from dsf_bridge.errors import ConcurrencyError
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
+from dsf_bridge.store.tables import Job, ProcessInstance
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 LEASE = dt.timedelta(seconds=30)
@@ -280,3 +282,25 @@ async def test_a_task_sent_to_the_own_site_is_both_sent_and_taken_in(database: D
     assert incoming.status == "claiming"
     assert outgoing is not None
     assert outgoing.status == "requested"
+
+
+async def test_sends_in_flight_leaves_out_dead_jobs_and_ended_instances(
+    database: Database,
+) -> None:
+    """A reply is held while its instance has a send in flight; a send job out of retries is
+    never run again, and an ended instance sends nothing: neither may hold a reply forever."""
+    await _instance(database)
+    async with database.transaction() as session:
+        job_id = await repo.enqueue_job(
+            session, kind="send", payload={}, due_at=T0, instance_id="i-1", retries=0
+        )
+        assert await repo.sends_in_flight(session, "bk-1") == 1
+        assert await repo.sends_in_flight(session, "bk-other") == 0
+    async with database.transaction() as session:
+        await session.execute(update(Job).where(Job.id == job_id).values(retries_left=-1))
+        assert await repo.sends_in_flight(session, "bk-1") == 0
+        await session.execute(update(Job).where(Job.id == job_id).values(retries_left=0))
+        await session.execute(
+            update(ProcessInstance).where(ProcessInstance.id == "i-1").values(status="failed")
+        )
+        assert await repo.sends_in_flight(session, "bk-1") == 0
