@@ -11,7 +11,6 @@ with an audit event naming the operator.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -257,19 +256,19 @@ def create_app(
         report = await context.verify_chain()
         return ChainOut.model_validate(report)
 
-    @api.get("/incidents", response_model=list[IncidentOut])
-    async def incidents() -> list[IncidentOut]:
+    @api.get("/incidents", response_model=list[operations.IncidentListing])
+    async def incidents() -> list[operations.IncidentListing]:
         """Every incident (a job out of retries) of every running instance."""
-        rows = await context.read(operations.list_incidents)
-        return [IncidentOut.model_validate(row, from_attributes=True) for row in rows]
+        return await context.read(operations.list_incidents)
 
-    async def _queue(work: Any) -> int:
+    async def _queue(work: Any, instance_id: str, action: str, actor: str) -> QueuedOut:
         try:
             job: int = await context.write(work)
         except ProcessExecutionError as exc:
             code = 404 if exc.message.startswith("no instance") else 409
             raise HTTPException(code, exc.message) from exc
-        return job
+        log.info("operator.requested", action=action, instance_id=instance_id, actor=actor)
+        return QueuedOut(job=job, instance_id=instance_id, action=action, actor=actor)
 
     @api.post(
         "/instances/{instance_id}/incidents/{token}/retry",
@@ -286,13 +285,14 @@ def create_app(
     ) -> QueuedOut:
         """Give the incident at ``token`` new tries (operator token only)."""
         _json_only(request)
-        job = await _queue(
+        return await _queue(
             lambda s: operations.request_retry(
                 s, instance_id, token, retries=body.retries, actor=actor, now=context.clock()
-            )
+            ),
+            instance_id,
+            "retry",
+            actor,
         )
-        log.info("operator.requested", action="retry", instance_id=instance_id, actor=actor)
-        return QueuedOut(job=job, instance_id=instance_id, action="retry", actor=actor)
 
     @api.post(
         "/instances/{instance_id}/cancel",
@@ -308,13 +308,14 @@ def create_app(
     ) -> QueuedOut:
         """Cancel a running instance; its Tasks fail with ``reason`` (operator token only)."""
         _json_only(request)
-        job = await _queue(
+        return await _queue(
             lambda s: operations.request_cancel(
                 s, instance_id, reason=body.reason, actor=actor, now=context.clock()
-            )
+            ),
+            instance_id,
+            "cancel",
+            actor,
         )
-        log.info("operator.requested", action="cancel", instance_id=instance_id, actor=actor)
-        return QueuedOut(job=job, instance_id=instance_id, action="cancel", actor=actor)
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:
@@ -323,15 +324,6 @@ def create_app(
     app.include_router(api)
     app.include_router(ui_router(context, TokenGuard(settings.token)))
     return app
-
-
-class IncidentOut(BaseModel):
-    instance_id: str
-    process: str
-    token: str
-    element: str
-    message: str
-    at: dt.datetime | None
 
 
 class RetryIn(BaseModel):

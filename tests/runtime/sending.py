@@ -22,6 +22,7 @@ from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry, SendCon
 from dsf_bridge.runtime.gateway import DsfTaskGateway
 from dsf_bridge.runtime.ports import OutgoingTask
 from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
+from dsf_bridge.sandbox.network import SandboxNetwork
 from dsf_bridge.store import Database
 from dsf_bridge.store.tables import OutboxEntry
 
@@ -29,40 +30,52 @@ MODEL = Path(__file__).with_name("request_reply.bpmn")
 KEY = "testorg_requestReply"
 FAST = RetryPolicy(attempts=4, initial_delay=0.01, max_delay=0.05, retry_after_cap=0.1)
 
-PROVIDER_DEFINITION: dict[str, Any] = {
-    "resourceType": "ActivityDefinition",
-    "meta": {"tag": [{"system": "http://dsf.dev/fhir/CodeSystem/read-access-tag", "code": "ALL"}]},
-    "url": "http://test.org/bpe/Process/provide",
-    "version": "1.0",
-    "status": "active",
-    "kind": "Task",
-    "extension": [
-        {
-            "url": "http://dsf.dev/fhir/StructureDefinition/extension-process-authorization",
-            "extension": [
-                {"url": "message-name", "valueString": "request"},
-                {
-                    "url": "task-profile",
-                    "valueCanonical": "http://test.org/fhir/StructureDefinition/task-request|1.0",
-                },
-                {
-                    "url": "requester",
-                    "valueCoding": {
-                        "system": "http://dsf.dev/fhir/CodeSystem/process-authorization",
-                        "code": "REMOTE_ALL",
-                    },
-                },
-                {
-                    "url": "recipient",
-                    "valueCoding": {
-                        "system": "http://dsf.dev/fhir/CodeSystem/process-authorization",
-                        "code": "LOCAL_ALL",
-                    },
-                },
-            ],
-        }
-    ],
-}
+
+def activity_definition(url: str, message: str, profile: str) -> dict[str, Any]:
+    """An ActivityDefinition that lets any remote organization send ``message`` with
+    ``profile`` to this site's process ``url`` (version 1.0)."""
+    coding = "http://dsf.dev/fhir/CodeSystem/process-authorization"
+    return {
+        "resourceType": "ActivityDefinition",
+        "meta": {
+            "tag": [{"system": "http://dsf.dev/fhir/CodeSystem/read-access-tag", "code": "ALL"}]
+        },
+        "url": url,
+        "version": "1.0",
+        "status": "active",
+        "kind": "Task",
+        "extension": [
+            {
+                "url": "http://dsf.dev/fhir/StructureDefinition/extension-process-authorization",
+                "extension": [
+                    {"url": "message-name", "valueString": message},
+                    {"url": "task-profile", "valueCanonical": profile},
+                    {"url": "requester", "valueCoding": {"system": coding, "code": "REMOTE_ALL"}},
+                    {"url": "recipient", "valueCoding": {"system": coding, "code": "LOCAL_ALL"}},
+                ],
+            }
+        ],
+    }
+
+
+PROVIDER_DEFINITION = activity_definition(
+    "http://test.org/bpe/Process/provide",
+    "request",
+    "http://test.org/fhir/StructureDefinition/task-request|1.0",
+)
+
+
+def site_config(net: SandboxNetwork, organization: str, target: str) -> dict[str, str]:
+    """What a bridge of ``organization`` in ``net`` needs, sending to ``target``."""
+    site = net.sites[organization]
+    return {
+        "organization": organization,
+        "base_url": net.base_url(organization),
+        "certificate": str(site.client_certificate),
+        "key": str(site.client_key),
+        "ca": str(site.ca),
+        "target": target,
+    }
 
 
 def handlers() -> HandlerRegistry:

@@ -28,9 +28,11 @@ from tests.runtime.sending import (
     KEY,
     PROVIDER_DEFINITION,
     SHORT_LEASE,
+    activity_definition,
     close,
     runtime_for,
     site_client,
+    site_config,
 )
 from tests.sandbox.harness import task_profile
 
@@ -40,49 +42,13 @@ REQUEST_PROFILE = "http://test.org/fhir/StructureDefinition/task-request|1.0"
 REPLY_PROFILE = "http://test.org/fhir/StructureDefinition/task-reply|1.0"
 CANONICAL = "http://test.org/bpe/Process/requestReply|1.0"
 
-REPLY_DEFINITION: dict[str, Any] = {
-    "resourceType": "ActivityDefinition",
-    "meta": {"tag": [{"system": "http://dsf.dev/fhir/CodeSystem/read-access-tag", "code": "ALL"}]},
-    "url": "http://test.org/bpe/Process/requestReply",
-    "version": "1.0",
-    "status": "active",
-    "kind": "Task",
-    "extension": [
-        {
-            "url": "http://dsf.dev/fhir/StructureDefinition/extension-process-authorization",
-            "extension": [
-                {"url": "message-name", "valueString": "reply"},
-                {"url": "task-profile", "valueCanonical": REPLY_PROFILE},
-                {
-                    "url": "requester",
-                    "valueCoding": {
-                        "system": "http://dsf.dev/fhir/CodeSystem/process-authorization",
-                        "code": "REMOTE_ALL",
-                    },
-                },
-                {
-                    "url": "recipient",
-                    "valueCoding": {
-                        "system": "http://dsf.dev/fhir/CodeSystem/process-authorization",
-                        "code": "LOCAL_ALL",
-                    },
-                },
-            ],
-        }
-    ],
-}
+REPLY_DEFINITION = activity_definition(
+    "http://test.org/bpe/Process/requestReply", "reply", REPLY_PROFILE
+)
 
 
 def _config(net: SandboxNetwork, organization: str) -> dict[str, str]:
-    site = net.sites[organization]
-    return {
-        "organization": organization,
-        "base_url": net.base_url(organization),
-        "certificate": str(site.client_certificate),
-        "key": str(site.client_key),
-        "ca": str(site.ca),
-        "target": PROVIDER,
-    }
+    return site_config(net, organization, PROVIDER)
 
 
 @pytest.fixture
@@ -204,6 +170,25 @@ async def _posted_then_blocked(
     return runtime, gateway, release, workers
 
 
+async def _held_then_stopped(net: SandboxNetwork, database: Database, owner: str) -> dict[str, Any]:
+    """A bridge holds the provider's reply while its send is unresolved, then stops ("killed":
+    its workers stop mid-send, its short lease stays on the queued send); the reply."""
+    runtime, gateway, _release, workers = await _posted_then_blocked(
+        net, database, owner, SHORT_LEASE
+    )
+    intake = _intake(runtime, database, _config(net, REQUESTER))
+    reply = await _reply_from_provider(net)
+    await intake.handle(reply)
+    assert await _claim_status(database, reply) == HELD
+    workers.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await workers
+    await intake.aclose()
+    await close(gateway)
+    await intake.client.aclose()
+    return reply
+
+
 async def test_a_reply_before_its_send_is_recorded_is_held_then_delivered(
     network: SandboxNetwork, migrated_url: str
 ) -> None:
@@ -245,19 +230,7 @@ async def test_a_held_reply_survives_a_restart_and_reaches_its_instance(
     lease runs out, the send is found delivered and recorded, and the held reply correlates:
     no lost result, no second request."""
     database = Database(migrated_url)
-    runtime, gateway, _release, workers = await _posted_then_blocked(
-        network, database, "doomed", SHORT_LEASE
-    )
-    intake = _intake(runtime, database, _config(network, REQUESTER))
-    reply = await _reply_from_provider(network)
-    await intake.handle(reply)
-    assert await _claim_status(database, reply) == HELD
-    # "Killed": its workers stop mid-send, its lease stays on the queued send.
-    workers.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await workers
-    await close(gateway)
-    await intake.client.aclose()
+    reply = await _held_then_stopped(network, database, "doomed")
 
     restarted, gateway = await runtime_for(
         database, _config(network, REQUESTER), owner="restarted", settings=SHORT_LEASE
@@ -292,19 +265,7 @@ async def test_a_reply_held_by_a_replica_that_stopped_is_delivered_by_the_sweep(
     resolves the send, the other one's periodic sweep finds the held claim in the store and
     delivers it (a claim another replica finished is never overwritten)."""
     database = Database(migrated_url)
-    runtime, gateway, _release, workers = await _posted_then_blocked(
-        network, database, "stopped", SHORT_LEASE
-    )
-    holder = _intake(runtime, database, _config(network, REQUESTER))
-    reply = await _reply_from_provider(network)
-    await holder.handle(reply)
-    assert await _claim_status(database, reply) == HELD
-    workers.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await workers
-    await holder.aclose()
-    await close(gateway)
-    await holder.client.aclose()
+    reply = await _held_then_stopped(network, database, "stopped")
 
     other, gateway = await runtime_for(
         database, _config(network, REQUESTER), owner="other", settings=SHORT_LEASE

@@ -138,11 +138,19 @@ def gateway() -> FakeGateway:
 
 
 async def _runtime(
-    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls, owner: str = "a"
+    database: Database,
+    gateway: FakeGateway,
+    clock: Clock,
+    calls: Calls,
+    owner: str = "a",
+    *,
+    registry: HandlerRegistry | None = None,
 ) -> ProcessRuntime:
     runtime = ProcessRuntime(database, gateway, owner=owner, clock=clock, settings=FAST)
     definition = load_process(MODEL.read_bytes(), MODEL.name, resource_version="1.0")
-    await runtime.deploy(definition, handlers(calls), plugin="test", model_hash="h" * 64)
+    await runtime.deploy(
+        definition, registry or handlers(calls), plugin="test", model_hash="h" * 64
+    )
     return runtime
 
 
@@ -418,9 +426,7 @@ async def test_a_declared_reply_is_accepted_only_from_the_organization_asked(
     leaves the instance waiting for the real answer."""
     registry = handlers(calls)
     registry.replies_only_from_recipients("reply")
-    runtime = ProcessRuntime(database, gateway, owner="a", clock=clock, settings=FAST)
-    definition = load_process(MODEL.read_bytes(), MODEL.name, resource_version="1.0")
-    await runtime.deploy(definition, registry, plugin="test", model_hash="h" * 64)
+    runtime = await _runtime(database, gateway, clock, calls, registry=registry)
     instance_id = await runtime.start(
         KEY,
         message_name="start",
@@ -711,9 +717,7 @@ async def test_a_reply_to_a_task_sent_with_the_alternative_business_key_reaches_
     request carries a key of its own, the reply carries it back, and intake's rules (running
     instance, correlation, a reply overtaking the send's commit) treat it as the instance's."""
     registry = handlers(calls, alternative_business_key=True)
-    runtime = ProcessRuntime(database, gateway, owner="a", clock=clock, settings=FAST)
-    definition = load_process(MODEL.read_bytes(), MODEL.name, resource_version="1.0")
-    await runtime.deploy(definition, registry, plugin="test", model_hash="h" * 64)
+    runtime = await _runtime(database, gateway, clock, calls, registry=registry)
     instance_id = await runtime.start(KEY, message_name="start", business_key="bk-own")
     await runtime.run_until_idle()
     (sent,) = gateway.sent

@@ -28,6 +28,7 @@ from tests.runtime.sending import (
     close,
     runtime_for,
     site_client,
+    site_config,
 )
 from tests.sandbox.harness import task_profile
 
@@ -48,15 +49,7 @@ async def network(tmp_path: Path) -> AsyncIterator[SandboxNetwork]:
 
 
 def _config(net: SandboxNetwork, organization: str) -> dict[str, str]:
-    site = net.sites[organization]
-    return {
-        "organization": organization,
-        "base_url": net.base_url(organization),
-        "certificate": str(site.client_certificate),
-        "key": str(site.client_key),
-        "ca": str(site.ca),
-        "target": PROVIDER,
-    }
+    return site_config(net, organization, PROVIDER)
 
 
 def _requests_at_provider(net: SandboxNetwork) -> list[dict[str, Any]]:
