@@ -498,15 +498,22 @@ async def _serve_api(
     settings: Settings,
     probes: list[Probe],
     main: Callable[[FastAPI], Awaitable[None]],
+    *,
+    operator: bool = True,
 ) -> None:
     """Serve the admin API, over its own read-only connection to the store, while ``main``
-    runs."""
+    runs; with ``operator`` (beside a running bridge) and ``api.operator_token``, operator
+    requests get a writable connection of their own."""
     api = settings.api
     database = Database(settings.db.url, pool_size=2, read_only=True)
     # Operator requests (api.operator_token) queue jobs: they alone get a writable connection.
-    operator = Database(settings.db.url, pool_size=1) if api.operator_token is not None else None
+    writer = (
+        Database(settings.db.url, pool_size=1)
+        if operator and api.operator_token is not None
+        else None
+    )
     try:
-        admin = create_app(database, api, probes=probes, operator_database=operator)
+        admin = create_app(database, api, probes=probes, operator_database=writer)
         async with ApiServer(admin, host=api.host, port=api.port) as server:
             log.info("api.listening", url=server.url, closed=api.token is None)
             if api.token is None:
@@ -517,8 +524,8 @@ async def _serve_api(
             await main(admin)
     finally:
         await database.dispose()
-        if operator is not None:
-            await operator.dispose()
+        if writer is not None:
+            await writer.dispose()
 
 
 @api_app.command("serve")
@@ -563,7 +570,8 @@ async def _api_only(settings: Settings) -> None:
     async def until_stopped(_admin: FastAPI) -> None:
         await stop.wait()
 
-    await _serve_api(settings, [], until_stopped)
+    # An audit of a store (perhaps a copy): no bridge runs the operator's requests here.
+    await _serve_api(settings, [], until_stopped, operator=False)
 
 
 @app.command("check-connection")

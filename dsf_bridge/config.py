@@ -297,6 +297,8 @@ class ApiSettings(_Section):
 
     @model_validator(mode="after")
     def _roles_apart(self) -> ApiSettings:
+        if self.operator_token is not None and self.token is None:
+            raise ValueError("operator_token needs token (the API is closed without it)")
         if (
             self.token is not None
             and self.operator_token is not None

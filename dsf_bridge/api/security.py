@@ -72,8 +72,10 @@ class OperatorGuard:
                 "this action needs the operator token: send "
                 "'Authorization: Bearer <api.operator_token>'"
             )
-        user = given[0].decode("utf-8", "replace").strip()
-        name = "".join(ch for ch in user if ch.isalnum() or ch in "._@-")[:64]
+        # Self-asserted (anyone with the token may give any name): ASCII letters, digits and
+        # "._@-" only, so that no look-alike or control character reaches the audit trail.
+        user = given[0].decode("ascii", "replace").strip()
+        name = "".join(ch for ch in user if (ch.isascii() and ch.isalnum()) or ch in "._@-")[:64]
         return f"api:{name or 'operator'}"
 
 

@@ -91,10 +91,12 @@ class _Held:
     not_before: float = 0.0
 
 
-# How often the server may answer a server error (5xx) while one Task version is taken in
-# before that Task is recorded ``skipped``: it chokes on this Task, and trying it at every
-# catch-up would hold up the Tasks behind it. Counted per run of the bridge.
+# How often, and over how long at least, the server may answer a server error (5xx) while
+# one Task version is taken in before that Task is recorded ``skipped``: then it chokes on
+# this Task (a database outage ends sooner), and trying it at every catch-up would hold up the
+# Tasks behind it once a page is full of such Tasks. Counted per run of the bridge.
 SERVER_ERROR_ATTEMPTS = 5
+SERVER_ERROR_SPAN = 3600.0
 # Server errors that say the server (or a proxy before it) is away, not that it chokes on a Task.
 _OUTAGE = frozenset({502, 503, 504})
 
@@ -192,8 +194,12 @@ class TaskIntake:
         self._redelivery: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._again = False
-        # Server errors (5xx) per claim while taking it in, in this run.
-        self._server_errors: dict[tuple[str, str], int] = {}
+        # Server errors (5xx) per claim while taking it in, in this run: how many, and the
+        # loop time of the first.
+        self._server_errors: dict[tuple[str, str], tuple[int, float]] = {}
+        # Claims whose recovery at start-up met a server error on that Task: the sweeps try
+        # them again (a claim already in-progress on the server is not in any catch-up).
+        self._deferred: dict[tuple[str, str], repo.TaskSeenRecord] = {}
         runtime.on_send_resolved(self._send_resolved)
 
     async def handle(self, task: dict[str, Any]) -> None:
@@ -225,26 +231,30 @@ class TaskIntake:
             await self._isolated(task_id, version, self._take_in(task, task_id, version))
 
     async def _isolated(self, task_id: str, version: str, work: Awaitable[None]) -> None:
-        """Run the intake of one Task version; a server error on it (5xx other than 502, 503
-        and 504, which say the server is away) is raised again
-        (retryable: the claim stays and a later catch-up takes it up) until it has happened
-        :data:`SERVER_ERROR_ATTEMPTS` times, then the Task is recorded ``skipped`` with the
-        reason, so that it never holds up the Tasks behind it or start-up."""
+        """Run the intake of one Task version. A server error on it (a 5xx other than 502,
+        503 and 504, which say the server is away) is raised again, retryable: the claim
+        stays and a later catch-up takes it up while the Tasks behind it go on. Only when the
+        server has answered so for :data:`SERVER_ERROR_ATTEMPTS` tries spread over at least
+        :data:`SERVER_ERROR_SPAN` (a Task it chokes on, not a database outage) is the Task
+        recorded ``skipped`` with the reason."""
         try:
             await work
         except RemoteError as exc:
             if exc.status is None or exc.status < 500 or exc.status in _OUTAGE:
                 raise  # the server is away or busy: no verdict on this Task
             claim = (task_id, version)
-            count = self._server_errors.get(claim, 0) + 1
-            self._server_errors[claim] = count
-            if count < SERVER_ERROR_ATTEMPTS:
+            now = asyncio.get_running_loop().time()
+            count, first = self._server_errors.get(claim, (0, now))
+            count += 1
+            self._server_errors[claim] = (count, first)
+            if count < SERVER_ERROR_ATTEMPTS or now - first < SERVER_ERROR_SPAN:
                 raise RemoteError(str(exc), retryable=True, status=exc.status) from exc
             del self._server_errors[claim]
             await self._skip(
                 task_id,
                 version,
-                f"the FHIR server answered {exc.status} {count} times while this Task was taken in",
+                f"the FHIR server answered {exc.status} {count} times over "
+                f"{(now - first) / 60:.0f} minutes while this Task was taken in",
             )
 
     async def _take_in(self, task: dict[str, Any], task_id: str, version: str) -> None:
@@ -476,10 +486,17 @@ class TaskIntake:
             self._send_resolved()
         return added
 
+    async def retry_deferred(self) -> int:
+        """Try again the claims whose recovery at start-up met a server error on their Task;
+        return how many are still deferred."""
+        for claim in list(self._deferred.values()):
+            await self._recover_or_defer(claim)
+        return len(self._deferred)
+
     async def run_held_sweeps(self, stop: asyncio.Event, interval: float = 30.0) -> None:
         """:meth:`sweep_held` every ``interval`` seconds until ``stop``: a reply held by one
         replica is delivered even when another resolved its send (listeners are per
-        process)."""
+        process). Claims whose recovery was deferred at start-up are tried again too."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
@@ -487,6 +504,7 @@ class TaskIntake:
                 return
             try:
                 await self.sweep_held()
+                await self.retry_deferred()
             except BridgeError as exc:
                 log.warning("task.held_sweep_failed", error=str(exc))
 
@@ -606,14 +624,23 @@ class TaskIntake:
             claims += await repo.tasks_with_status(session, "incoming", HELD)
             claims += await repo.tasks_with_status(session, "incoming", REFUSED)
         for claim in claims:
-            with bound_context(task_id=claim.task_id):
-                try:
-                    await self._isolated(claim.task_id, claim.task_version, self._recover(claim))
-                except BridgeError as exc:
-                    # One Task must not stop start-up: its claim stays, and the catch-up
-                    # that follows (or the next start) takes it up again.
-                    log.warning("task.recovery_deferred", error=str(exc))
+            await self._recover_or_defer(claim)
         return len(claims)
+
+    async def _recover_or_defer(self, claim: repo.TaskSeenRecord) -> None:
+        """:meth:`_recover` one claim; a server error on that Task alone defers it to the
+        sweeps (one Task must not stop start-up); an outage is raised."""
+        key = (claim.task_id, claim.task_version)
+        with bound_context(task_id=claim.task_id):
+            try:
+                await self._isolated(claim.task_id, claim.task_version, self._recover(claim))
+            except RemoteError as exc:
+                if exc.status is None or exc.status in _OUTAGE:
+                    raise
+                self._deferred[key] = claim
+                log.warning("task.recovery_deferred", error=str(exc))
+                return
+        self._deferred.pop(key, None)
 
     async def _recover(self, claim: repo.TaskSeenRecord) -> None:
         try:

@@ -542,7 +542,7 @@ class ProcessRuntime:
                     instance_id,
                     message_name=message_name,
                     requester=requester,
-                    correlation_key=correlation_key,
+                    waiting_key=subscription.correlation_key,
                     task_id=task_id,
                 )
             event = MessageReceived(
@@ -574,22 +574,32 @@ class ProcessRuntime:
         *,
         message_name: str,
         requester: str | None,
-        correlation_key: str | None,
+        waiting_key: str | None,
         task_id: str | None,
     ) -> None:
-        """Refuse a reply from an organization the instance did not send a Task to (with
-        this correlation key, when the reply has one): a third organization that learnt the
-        business key must not answer for the one asked."""
+        """Refuse a reply from an organization the instance did not send a Task to (with the
+        correlation key of the execution the reply reaches, when that has one): a third
+        organization that learnt the business key must not answer for the one asked.
+
+        A Task sent to a target given by its endpoint alone names no organization here; for
+        such an instance the check cannot be made and DSF's behaviour applies (logged)."""
         recipients = await repo.task_recipients(session, instance_id)
-        asked = {organization for organization, _ in recipients}
-        if correlation_key is not None:
-            asked = {org for org, key in recipients if key == correlation_key}
+        if waiting_key is not None:
+            recipients = {(org, key) for org, key in recipients if key == waiting_key}
+        asked = {org for org, _ in recipients}
+        if None in asked:
+            log.warning(
+                "reply.sender_unchecked",
+                message_name=message_name,
+                reason="a Task was sent to a target without an organization identifier",
+            )
+            return
         if requester is not None and requester in asked:
             return
         raise CorrelationError(
             f"Unable to correlate Task{f' {task_id}' if task_id else ''}: message "
             f"{message_name!r} is accepted only from the organization the request went to"
-            + (f" with correlation-key {correlation_key!r}" if correlation_key else "")
+            + (f" with correlation-key {waiting_key!r}" if waiting_key else "")
             + f", not from {requester or 'a requester without an organization identifier'}"
         )
 

@@ -137,6 +137,10 @@ class FhirService:
         before doing anything (as an overloaded or restarting server would)."""
         self._faults.extend((method.upper(), path_prefix.strip("/"), s) for s in statuses)
 
+    def clear_failures(self) -> None:
+        """Test hook: drop the injected failures not answered yet (the server is well again)."""
+        self._faults.clear()
+
     def _injected_failure(self, method: str, path: str) -> FhirResponse | None:
         for index, (fault_method, prefix, status) in enumerate(self._faults):
             if fault_method == method and path.strip("/").startswith(prefix):

@@ -824,21 +824,32 @@ async def mark_outbox_failed(
     await _release(session, entry_id, owner, status="failed", last_error=error, done_at=now)
 
 
-async def task_recipients(session: AsyncSession, instance_id: str) -> set[tuple[str, str | None]]:
-    """(organization identifier, correlation key) of every Task the instance has sent."""
+async def task_recipients(
+    session: AsyncSession, instance_id: str
+) -> set[tuple[str | None, str | None]]:
+    """(organization identifier, correlation key) of every Task the instance has sent or is
+    sending; the organization is ``None`` for a target given by its endpoint alone."""
     rows = await session.execute(
         select(OutboxEntry.payload)
         .where(OutboxEntry.instance_id == instance_id)
         .where(OutboxEntry.kind == "send-task")
-        .where(OutboxEntry.status == "done")
+        .where(OutboxEntry.status.in_(("pending", "done")))
     )
-    recipients: set[tuple[str, str | None]] = set()
+    recipients: set[tuple[str | None, str | None]] = set()
     for (payload,) in rows:
         target = payload.get("target") if isinstance(payload, dict) else None
-        organization = target.get("organizationIdentifier") if isinstance(target, dict) else None
-        if isinstance(organization, str):
-            key = payload.get("correlation_key")
-            recipients.add((organization, key if isinstance(key, str) else None))
+        organization = None
+        if isinstance(target, dict):
+            organization = target.get("organizationIdentifier") or target.get(
+                "organizationIdentifierValue"
+            )
+        key = payload.get("correlation_key") if isinstance(payload, dict) else None
+        recipients.add(
+            (
+                organization if isinstance(organization, str) else None,
+                key if isinstance(key, str) else None,
+            )
+        )
     return recipients
 
 

@@ -415,6 +415,10 @@ async def test_the_admin_api_retries_and_cancels_with_the_operator_token_alone(
             "/api/v1/instances/nope/cancel", json={"reason": "x"}, headers=as_operator
         )
         assert missing.status_code == 404
+        blank = await http.post(
+            f"/api/v1/instances/{cancelled}/cancel", json={"reason": "   "}, headers=as_operator
+        )
+        assert blank.status_code == 422
         queued = await http.post(retry_path, json={"retries": 1}, headers=as_operator)
         assert queued.status_code == 202
         assert queued.json()["actor"] == "api:alice"
@@ -447,7 +451,9 @@ async def test_the_admin_api_retries_and_cancels_with_the_operator_token_alone(
     assert actors == {("incident.retried", "api:alice"), ("instance.cancelled", "api:operator")}
 
 
-def test_the_operator_token_must_differ_from_the_read_token() -> None:
+def test_the_operator_token_must_differ_from_the_read_token_and_needs_it() -> None:
+    with pytest.raises(ValidationError, match="operator_token needs token"):
+        ApiSettings(operator_token=SecretStr("operator-token-alone"))
     with pytest.raises(ValidationError, match="operator_token must differ from token"):
         ApiSettings(
             token=SecretStr("same-token-for-both"), operator_token=SecretStr("same-token-for-both")

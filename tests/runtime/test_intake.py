@@ -30,6 +30,7 @@ from dsf_bridge.dsf.vocabulary import (
 from dsf_bridge.engine import load_process
 from dsf_bridge.errors import RemoteError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
+from dsf_bridge.runtime import intake as intake_module
 from dsf_bridge.runtime.gateway import DsfTaskGateway
 from dsf_bridge.runtime.intake import SERVER_ERROR_ATTEMPTS, SqlCursorStore, TaskIntake
 from dsf_bridge.runtime.processes import ProcessRuntime
@@ -614,11 +615,13 @@ async def test_a_nul_in_the_business_key_and_a_malformed_requester_fail_the_task
 
 
 async def test_a_task_the_server_chokes_on_is_skipped_after_bounded_tries_and_blocks_nothing(
-    site: Site,
+    site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 10: a Task whose in-progress PUT the server answers 500 held up every Task behind
     it in the catch-up, and start-up. Now the catch-up goes on with the others and keeps its
-    cursor before that Task; after SERVER_ERROR_ATTEMPTS tries it is recorded skipped."""
+    cursor before that Task; after SERVER_ERROR_ATTEMPTS tries (over SERVER_ERROR_SPAN, here
+    no time at all) it is recorded skipped."""
+    monkeypatch.setattr(intake_module, "SERVER_ERROR_SPAN", 0.0)
     service = site.sandbox.server.service
     choking = site.insert_directly(task())
     service.inject_failures("PUT", f"Task/{choking['id']}", [500] * 100)
@@ -652,6 +655,49 @@ async def test_a_task_the_server_chokes_on_is_skipped_after_bounded_tries_and_bl
     assert f"answered 500 {SERVER_ERROR_ATTEMPTS} times" in reason
     assert await subscription.catch_up() == 1  # seen, skipped: the cursor moves past it
     assert await SqlCursorStore(site.database).load("Task") is not None
+
+
+async def test_a_burst_of_server_errors_skips_nothing(site: Site) -> None:
+    """A database outage behind the FHIR server answers 500 for a while: more tries than
+    SERVER_ERROR_ATTEMPTS within SERVER_ERROR_SPAN leave the Task claimed, and it is taken in
+    once the server answers again."""
+    stored = site.insert_directly(task())
+    site.sandbox.server.service.inject_failures("PUT", f"Task/{stored['id']}", [500] * 40)
+    subscription = site.subscription()
+    for _ in range(SERVER_ERROR_ATTEMPTS + 2):
+        assert await subscription.catch_up() == 0
+    site.sandbox.server.service.clear_failures()
+    assert await subscription.catch_up() == 1
+    await site.runtime.run_until_idle()
+    assert site.work == [stored["id"]]
+
+
+async def test_a_claim_whose_recovery_meets_a_server_error_is_tried_again(site: Site) -> None:
+    """A claim already in-progress on the server (the previous run crashed before delivering
+    it) is in no catch-up: a server error while recovering it at start-up defers it, start-up
+    goes on, and the sweeps deliver it later."""
+    stored = site.insert_directly(task())
+    in_progress = {**stored, "status": "in-progress"}
+    in_progress["input"] = [
+        *stored["input"],
+        {
+            "type": {"coding": [{"system": BPMN_MESSAGE_SYSTEM, "code": "business-key"}]},
+            "valueString": "bk-deferred",
+        },
+    ]
+    await site.local.update(in_progress, if_match=1)
+    async with site.database.transaction() as session:
+        await repo.record_task_seen(
+            session, task_id=stored["id"], task_version="1", role="incoming", status="claiming"
+        )
+    site.sandbox.server.service.inject_failures("GET", f"Task/{stored['id']}", [500] * 40)
+    assert await site.intake.recover() == 1  # no exception: start-up goes on
+    assert await site.intake.retry_deferred() == 1
+    site.sandbox.server.service.clear_failures()
+    assert await site.intake.retry_deferred() == 0
+    await site.runtime.run_until_idle()
+    assert site.work == [stored["id"]]
+    assert (await site.server_task(stored["id"]))["status"] == "completed"
 
 
 async def test_an_outage_is_no_verdict_on_a_task_however_often(site: Site) -> None:
