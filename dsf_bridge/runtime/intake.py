@@ -60,7 +60,7 @@ from dsf_bridge.engine.exceptions import CorrelationError
 from dsf_bridge.errors import BridgeError, ProcessExecutionError, RemoteError
 from dsf_bridge.logs import bound_context
 from dsf_bridge.runtime.processes import TAKEN_IN, MessageHeldError, ProcessRuntime
-from dsf_bridge.store import Database, append_event
+from dsf_bridge.store import Database, Session, append_event
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.tables import AuditEvent, MessageSubscription, ProcessInstance, TaskSeen
 
@@ -370,12 +370,11 @@ class TaskIntake:
             ):
                 return
             if claim not in self._audited_held:
-                await append_event(
+                await self._audit(
                     session,
-                    actor=f"organization:{self.local_organization}",
-                    subject=f"Task/{task_id}",
-                    action="task.held",
-                    reason="a send of the instance it answers is unresolved; delivered "
+                    task_id,
+                    "task.held",
+                    "a send of the instance it answers is unresolved; delivered "
                     "again once that send is recorded delivered or failed",
                 )
         if claim not in self._audited_held:
@@ -565,12 +564,11 @@ class TaskIntake:
             # The server refuses even the failed Task: record it and go on with the others.
             await self._mark(task_id, claimed_version or current_version, REFUSED)
             async with self.database.transaction() as session:
-                await append_event(
+                await self._audit(
                     session,
-                    actor=f"organization:{self.local_organization}",
-                    subject=f"Task/{task_id}",
-                    action="task.refused",
-                    reason=f"{error}; the FHIR server refused to set it failed: {exc}",
+                    task_id,
+                    "task.refused",
+                    f"{error}; the FHIR server refused to set it failed: {exc}",
                 )
             log.error("task.refused", error=error, refusal=str(exc))
             return
@@ -578,27 +576,25 @@ class TaskIntake:
             await repo.set_task_seen_status(
                 session, task_id, claimed_version or current_version, FAILED
             )
-            await append_event(
-                session,
-                actor=f"organization:{self.local_organization}",
-                subject=f"Task/{task_id}",
-                action="task.failed",
-                reason=error,
-            )
+            await self._audit(session, task_id, "task.failed", error)
         log.warning("task.failed", error=error)
 
     async def _skip(self, task_id: str, version: str, reason: str) -> None:
         """Record the Task version ``skipped`` for good, with an audit event saying why."""
         async with self.database.transaction() as session:
             await repo.set_task_seen_status(session, task_id, version, SKIPPED)
-            await append_event(
-                session,
-                actor=f"organization:{self.local_organization}",
-                subject=f"Task/{task_id}",
-                action="task.skipped",
-                reason=reason,
-            )
+            await self._audit(session, task_id, "task.skipped", reason)
         log.error("task.skipped", reason=reason)
+
+    async def _audit(self, session: Session, task_id: str, action: str, reason: str) -> None:
+        """An audit event of this site's intake about ``Task/<task_id>``."""
+        await append_event(
+            session,
+            actor=f"organization:{self.local_organization}",
+            subject=f"Task/{task_id}",
+            action=action,
+            reason=reason,
+        )
 
     async def _mark(
         self, task_id: str, version: str, status: str, *, instance_id: str | None = None

@@ -99,26 +99,7 @@ async def test_the_back_off_starts_again_after_each_successful_bind(
 ) -> None:
     """Ten short drops in a row: each reconnect waits ``backoff_initial``, not 2**n times it
     (before the fix the tenth waited 0.05 s * 2**9 = 25 s)."""
-    client = FhirClient(
-        f"https://127.0.0.1:{relay.port}/fhir",
-        ssl_context=sandbox.context(LOCAL),
-        retry=FAST_RETRY,
-    )
-    seen: list[dict[str, Any]] = []
-
-    async def handle(resource: dict[str, Any]) -> None:
-        seen.append(resource)
-
-    subscription = TaskSubscription(
-        client,
-        sandbox.context(LOCAL),
-        handle,
-        MemoryCursor(),
-        settings=SubscriptionSettings(backoff_initial=0.05, backoff_max=60.0, stable_after=0.2),
-    )
-    stop = asyncio.Event()
-    runner = asyncio.create_task(subscription.run(stop))
-    try:
+    async with _running(sandbox, relay, stable_after=0.2) as subscription:
         await asyncio.wait_for(_caught_up(subscription, 1), 10)
         reconnects: list[float] = []
         for drop in range(1, 11):
@@ -130,11 +111,6 @@ async def test_the_back_off_starts_again_after_each_successful_bind(
         assert subscription.connections == 11
         # Bind, find the Subscription and catch up take a few tens of milliseconds here.
         assert max(reconnects) < 2.0, reconnects
-    finally:
-        stop.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(runner, 10)
-        await client.aclose()
 
 
 async def test_a_server_that_drops_right_after_catch_up_still_gets_a_growing_back_off(
@@ -142,25 +118,7 @@ async def test_a_server_that_drops_right_after_catch_up_still_gets_a_growing_bac
 ) -> None:
     """Bound and caught up, then cut at once, again and again: not a stable connection, so the
     waits keep doubling instead of reconnecting at ``backoff_initial`` forever."""
-    client = FhirClient(
-        f"https://127.0.0.1:{relay.port}/fhir",
-        ssl_context=sandbox.context(LOCAL),
-        retry=FAST_RETRY,
-    )
-
-    async def handle(resource: dict[str, Any]) -> None:
-        return None
-
-    subscription = TaskSubscription(
-        client,
-        sandbox.context(LOCAL),
-        handle,
-        MemoryCursor(),
-        settings=SubscriptionSettings(backoff_initial=0.05, backoff_max=60.0, stable_after=30.0),
-    )
-    stop = asyncio.Event()
-    runner = asyncio.create_task(subscription.run(stop))
-    try:
+    async with _running(sandbox, relay, stable_after=30.0) as subscription:
         await asyncio.wait_for(_caught_up(subscription, 1), 10)
         gaps: list[float] = []
         for drop in range(1, 6):
@@ -171,6 +129,34 @@ async def test_a_server_that_drops_right_after_catch_up_still_gets_a_growing_bac
         # 0.05, 0.1, 0.2, 0.4, 0.8 s of back-off (plus the reconnect itself).
         assert gaps[-1] >= 0.8, gaps
         assert gaps[-1] > 2 * gaps[0], gaps
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    sandbox: Sandbox, relay: Relay, *, stable_after: float
+) -> AsyncIterator[TaskSubscription]:
+    """A subscription through ``relay`` running in the background (back-off from 0.05 s),
+    stopped and closed on exit."""
+    client = FhirClient(
+        f"https://127.0.0.1:{relay.port}/fhir", ssl_context=sandbox.context(LOCAL), retry=FAST_RETRY
+    )
+
+    async def handle(resource: dict[str, Any]) -> None:
+        return None
+
+    subscription = TaskSubscription(
+        client,
+        sandbox.context(LOCAL),
+        handle,
+        MemoryCursor(),
+        settings=SubscriptionSettings(
+            backoff_initial=0.05, backoff_max=60.0, stable_after=stable_after
+        ),
+    )
+    stop = asyncio.Event()
+    runner = asyncio.create_task(subscription.run(stop))
+    try:
+        yield subscription
     finally:
         stop.set()
         with contextlib.suppress(TimeoutError):

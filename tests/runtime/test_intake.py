@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from dsf_bridge.dsf.authorization import TaskAuthorizer
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.subscription import SubscriptionSettings, TaskSubscription
-from dsf_bridge.dsf.tasks import build_task, input_values
+from dsf_bridge.dsf.tasks import build_task, input_values, updated_task
 from dsf_bridge.dsf.vocabulary import (
     BPMN_MESSAGE_SYSTEM,
     PROCESS_AUTHORIZATION_EXTENSION,
@@ -437,15 +437,9 @@ async def test_a_result_the_server_refuses_fails_the_task_instead_of_stranding_i
     """The completing PUT is refused (an output its profile does not allow, say): the Task is
     failed plainly, saying why, never left in-progress."""
     stored = site.insert_directly(task())
-    in_progress = {**stored, "status": "in-progress"}
-    in_progress["input"] = [
-        *stored["input"],
-        {
-            "type": {"coding": [{"system": BPMN_MESSAGE_SYSTEM, "code": "business-key"}]},
-            "valueString": "bk-refused",
-        },
-    ]
-    await site.local.update(in_progress, if_match=1)
+    await site.local.update(
+        updated_task(stored, status="in-progress", business_key="bk-refused"), if_match=1
+    )
     site.sandbox.server.service.inject_failures("PUT", f"Task/{stored['id']}", [403])
     output = {
         "type": {"coding": [{"system": "http://test.org/fhir/CodeSystem/t", "code": "x"}]},
@@ -677,15 +671,9 @@ async def test_a_claim_whose_recovery_meets_a_server_error_is_tried_again(site: 
     it) is in no catch-up: a server error while recovering it at start-up defers it, start-up
     goes on, and the sweeps deliver it later."""
     stored = site.insert_directly(task())
-    in_progress = {**stored, "status": "in-progress"}
-    in_progress["input"] = [
-        *stored["input"],
-        {
-            "type": {"coding": [{"system": BPMN_MESSAGE_SYSTEM, "code": "business-key"}]},
-            "valueString": "bk-deferred",
-        },
-    ]
-    await site.local.update(in_progress, if_match=1)
+    await site.local.update(
+        updated_task(stored, status="in-progress", business_key="bk-deferred"), if_match=1
+    )
     async with site.database.transaction() as session:
         await repo.record_task_seen(
             session, task_id=stored["id"], task_version="1", role="incoming", status="claiming"
