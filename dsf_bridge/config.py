@@ -51,6 +51,7 @@ __all__ = [
     "LogSettings",
     "OmiServiceSettings",
     "OmiSettings",
+    "RuntimeConfig",
     "Settings",
     "display_settings",
     "load_settings",
@@ -177,6 +178,55 @@ class IntakeSettings(_Section):
         description="Longest string (value or key) in a Task, in characters",
     )
     max_inputs: int = Field(default=200, ge=1, description="Most Task.input parameters in one Task")
+
+
+class RuntimeConfig(_Section):
+    """The one retry and lease policy of the workers (jobs, timers, the outbox). The runtime
+    alone decides on a retry; adapters only say whether an error is retryable."""
+
+    lease: float = Field(
+        default=60.0,
+        ge=1,
+        le=3600,
+        description="Seconds a worker holds a job or outbox entry; a crashed worker's work is "
+        "taken over after this",
+    )
+    job_retries: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Retries of a failing job before it becomes an incident (Camunda's R3)",
+    )
+    job_retry_delay: float = Field(
+        default=5.0, gt=0, le=86_400, description="Seconds between the tries of a failing job"
+    )
+    outbox_retry_delays: list[float] = Field(
+        default_factory=lambda: [1.0, 5.0, 15.0, 60.0, 300.0],
+        min_length=1,
+        max_length=50,
+        description="Seconds before each new try of a send the network refused; after the last "
+        "the send fails",
+    )
+    idle_poll: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="Seconds an idle worker waits before it looks for due work again",
+    )
+    shutdown_grace: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="Seconds a stopping bridge lets running jobs and sends finish before it "
+        "gives their leases back",
+    )
+
+    @field_validator("outbox_retry_delays")
+    @classmethod
+    def _positive_delays(cls, value: list[float]) -> list[float]:
+        if any(not 0 < delay <= 86_400 for delay in value):
+            raise ValueError("every delay must be above 0 and at most 86400 seconds")
+        return value
 
 
 class OmiServiceSettings(_Section):
@@ -330,6 +380,7 @@ class Settings(BaseSettings):
     dsf: DsfSettings = Field(default_factory=DsfSettings)
     intake: IntakeSettings = Field(default_factory=IntakeSettings)
     omi: OmiSettings = Field(default_factory=OmiSettings)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     api: ApiSettings = Field(default_factory=ApiSettings)
 
     @classmethod

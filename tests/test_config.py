@@ -210,3 +210,35 @@ def test_bad_omi_settings_name_the_field(tmp_path: Path, toml: str, field: str) 
 def test_a_year_is_the_longest_result_timeout(tmp_path: Path) -> None:
     settings = load_settings(_write(tmp_path, '[omi]\nresult_timeout = "P1Y"\n'), environ={})
     assert settings.omi.result_timeout == "P1Y"
+
+
+def test_the_runtime_policy_from_file_and_environment(tmp_path: Path) -> None:
+    settings = load_settings(
+        _write(tmp_path, "[runtime]\nlease = 5\njob_retries = 0\n"),
+        environ={
+            "DSF_BRIDGE_RUNTIME__OUTBOX_RETRY_DELAYS": "[0.5, 2]",
+            "DSF_BRIDGE_RUNTIME__SHUTDOWN_GRACE": "3",
+        },
+    )
+    assert settings.runtime.lease == 5.0
+    assert settings.runtime.job_retries == 0
+    assert settings.runtime.outbox_retry_delays == [0.5, 2.0]
+    assert settings.runtime.shutdown_grace == 3.0
+    assert settings.runtime.idle_poll == 1.0
+
+
+@pytest.mark.parametrize(
+    ("toml", "field"),
+    [
+        ("[runtime]\nlease = 0.5\n", "runtime.lease"),
+        ("[runtime]\njob_retries = -1\n", "runtime.job_retries"),
+        ("[runtime]\noutbox_retry_delays = []\n", "runtime.outbox_retry_delays"),
+        ("[runtime]\noutbox_retry_delays = [1, 0]\n", "runtime.outbox_retry_delays"),
+        ("[runtime]\nidle_poll = 0\n", "runtime.idle_poll"),
+        ("[runtime]\nshutdown_grace = -1\n", "runtime.shutdown_grace"),
+    ],
+)
+def test_bad_runtime_settings_name_the_field(tmp_path: Path, toml: str, field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_write(tmp_path, toml), environ={})
+    assert caught.value.field == field

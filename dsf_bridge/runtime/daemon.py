@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import os
 import socket
@@ -28,7 +29,7 @@ from typing import Any
 
 import structlog
 
-from dsf_bridge.config import Settings
+from dsf_bridge.config import RuntimeConfig, Settings
 from dsf_bridge.dsf.authorization import TaskAuthorizer
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity
@@ -64,6 +65,22 @@ def _answers(response: dict[str, Any]) -> dict[str, object]:
     return values
 
 
+def _runtime_settings(config: RuntimeConfig) -> RuntimeSettings:
+    """The workers' timing from the ``[runtime]`` section (seconds become timedeltas)."""
+
+    def seconds(value: float) -> dt.timedelta:
+        return dt.timedelta(seconds=value)
+
+    return RuntimeSettings(
+        lease=seconds(config.lease),
+        job_retries=config.job_retries,
+        job_retry_delay=seconds(config.job_retry_delay),
+        outbox_retry_delays=tuple(seconds(delay) for delay in config.outbox_retry_delays),
+        idle_poll=seconds(config.idle_poll),
+        shutdown_grace=seconds(config.shutdown_grace),
+    )
+
+
 class Bridge:
     """One running bridge for one site; use as an async context manager."""
 
@@ -76,11 +93,12 @@ class Bridge:
         runtime_settings: RuntimeSettings | None = None,
     ) -> None:
         """``services`` are added to what handlers get (``HandlerContext.services``) besides
-        the local FHIR client and organization; ``runtime_settings`` tune the workers."""
+        the local FHIR client and organization; ``runtime_settings`` tune the workers (default:
+        the ``[runtime]`` section)."""
         self.settings = settings
         self.plugins = list(plugins)
         self.extra_services = dict(services or {})
-        self.runtime_settings = runtime_settings
+        self.runtime_settings = runtime_settings or _runtime_settings(settings.runtime)
         self.owner = f"{socket.gethostname()}-{os.getpid()}"
         self.database: Database | None = None
         self.client: FhirClient | None = None
@@ -235,9 +253,12 @@ class Bridge:
                     raise task.exception()  # type: ignore[misc]
         finally:
             stop.set()
+            # The workers drain within the grace period and give their leases back; the
+            # subscriptions only close their sockets.
+            grace = self.runtime_settings.shutdown_grace.total_seconds()
             for task in loops:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(task, 10)
+                    await asyncio.wait_for(task, grace + 10)
             if self.intake is not None:
                 await self.intake.aclose()
             log.info("bridge.stopped")

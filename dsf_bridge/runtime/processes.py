@@ -109,6 +109,9 @@ class RuntimeSettings:
     batch: int = 20
     idle_poll: dt.timedelta = dt.timedelta(seconds=1)
     conflict_retries: int = 10
+    # How long a stopping worker lets its round finish before it cancels it and gives back
+    # its leases (temporal's graceful shutdown: stop claiming, drain, release, exit).
+    shutdown_grace: dt.timedelta = dt.timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -670,14 +673,26 @@ class ProcessRuntime:
         raise ProcessExecutionError(f"still busy after {max_rounds} rounds")
 
     async def run_forever(self, stop: asyncio.Event) -> None:
-        """The worker loop of the daemon: work, then sleep until woken or the next poll."""
+        """The worker loop of the daemon: work, then sleep until woken or the next poll.
+
+        Once ``stop`` is set no new round starts; a round under way may finish within
+        ``settings.shutdown_grace``, after which it is cancelled (its transactions roll back,
+        as in a crash). Then every lease this worker still holds is given back, so that a
+        restarted bridge or another replica takes the work at once instead of after the lease.
+        """
+        try:
+            await self._work_until(stop)
+        finally:
+            await self._release_leases()
+
+    async def _work_until(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.heartbeat = self.clock()
             # Cleared before the round, not after: work committed while the round runs (a Task
             # taken in by the subscription, say) must wake the next round, not wait for the poll.
             self._wakeup.clear()
             try:
-                done = await self.run_once()
+                done = await self._round(stop)
             except BridgeError as exc:
                 log.warning("worker.failed", error=str(exc), retryable=exc.retryable)
                 done = 0
@@ -694,6 +709,38 @@ class ProcessRuntime:
             finally:
                 sleeper.cancel()
                 stopper.cancel()
+
+    async def _round(self, stop: asyncio.Event) -> int:
+        """One :meth:`run_once`, drained within the grace period when ``stop`` is set."""
+        work = asyncio.ensure_future(self.run_once())
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                grace = self.settings.shutdown_grace.total_seconds()
+                log.info("worker.draining", grace_seconds=grace)
+                await asyncio.wait({work}, timeout=grace)
+            if not work.done():
+                log.warning("worker.drain_timeout", grace_seconds=grace)
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+                return 0
+            return work.result()
+        finally:
+            stopper.cancel()
+            if not work.done():  # the loop itself was cancelled
+                work.cancel()
+
+    async def _release_leases(self) -> None:
+        try:
+            async with self.database.transaction() as session:
+                released = await repo.release_leases(session, self.owner)
+        except BridgeError as exc:  # the store is gone: the leases run out instead
+            log.warning("worker.leases_kept", error=str(exc))
+            return
+        if released:
+            log.info("worker.leases_released", count=released)
 
     async def _fire_due_timers(self) -> int:
         fired = 0

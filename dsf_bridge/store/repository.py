@@ -64,6 +64,7 @@ __all__ = [
     "next_timer_due",
     "postpone_job",
     "record_task_seen",
+    "release_leases",
     "replace_subscriptions",
     "retry_job",
     "retry_outbox",
@@ -822,6 +823,21 @@ async def mark_outbox_failed(
     session: AsyncSession, entry_id: int, owner: str, *, error: str, now: dt.datetime
 ) -> None:
     await _release(session, entry_id, owner, status="failed", last_error=error, done_at=now)
+
+
+async def release_leases(session: AsyncSession, owner: str) -> int:
+    """Give back every job and outbox lease ``owner`` holds (a graceful stop); return how many.
+
+    The work is due again at once for any worker, as if the lease had run out."""
+    released = 0
+    for model in (Job, OutboxEntry):
+        result = await session.execute(
+            update(model)
+            .where(model.lease_owner == owner)
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+        released += int(result.rowcount)  # type: ignore[attr-defined]
+    return released
 
 
 async def task_recipients(

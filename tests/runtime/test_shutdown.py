@@ -1,0 +1,122 @@
+"""A stopping worker in temporal's style: no new round, the running one drains within the grace
+period, then every lease is given back (on SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+
+from sqlalchemy import select
+
+from dsf_bridge.engine import load_process
+from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
+from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
+from dsf_bridge.store import Database
+from dsf_bridge.store.tables import Job, ProcessInstance
+from tests.runtime.test_processes import FakeGateway
+
+MODEL = Path(__file__).with_name("one_step.bpmn")
+KEY = "testorg_oneStep"
+
+
+class SlowWork:
+    """The service task's handler: it starts, then waits until released."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.runs = 0
+
+    def registry(self) -> HandlerRegistry:
+        registry = HandlerRegistry()
+
+        @registry.service("org.test.Work")
+        async def work(ctx: HandlerContext) -> None:
+            self.runs += 1
+            self.started.set()
+            await self.release.wait()
+
+        return registry
+
+
+async def _runtime(
+    database: Database, work: SlowWork, owner: str, grace: float, lease: float = 60
+) -> ProcessRuntime:
+    settings = RuntimeSettings(
+        lease=dt.timedelta(seconds=lease),
+        idle_poll=dt.timedelta(milliseconds=50),
+        shutdown_grace=dt.timedelta(seconds=grace),
+    )
+    runtime = ProcessRuntime(database, FakeGateway(), owner=owner, settings=settings)
+    definition = load_process(MODEL.read_bytes(), MODEL.name, resource_version="1.0")
+    await runtime.deploy(definition, work.registry(), plugin="test", model_hash="h" * 64)
+    return runtime
+
+
+async def _leases(database: Database) -> list[str | None]:
+    async with database.transaction() as session:
+        return list((await session.scalars(select(Job.lease_owner))).all())
+
+
+async def _statuses(database: Database) -> list[str]:
+    async with database.transaction() as session:
+        return list((await session.scalars(select(ProcessInstance.status))).all())
+
+
+async def test_a_running_job_finishes_within_the_grace_period(database: Database) -> None:
+    work = SlowWork()
+    runtime = await _runtime(database, work, owner="stopping", grace=30)
+    await runtime.start(KEY, message_name="start", business_key="bk-drain")
+    stop = asyncio.Event()
+    worker = asyncio.create_task(runtime.run_forever(stop))
+    await asyncio.wait_for(work.started.wait(), 10)
+
+    stop.set()
+    await asyncio.sleep(0.3)
+    assert not worker.done()  # draining, not abandoning the handler
+    work.release.set()
+    await asyncio.wait_for(worker, 10)
+
+    assert await _statuses(database) == ["completed"]
+    assert await _leases(database) == []
+    assert work.runs == 1
+
+
+async def test_past_the_grace_period_the_job_is_cancelled_and_its_lease_given_back(
+    database: Database,
+) -> None:
+    work = SlowWork()
+    first = await _runtime(database, work, owner="stopping", grace=0.2)
+    await first.start(KEY, message_name="start", business_key="bk-abandon")
+    stop = asyncio.Event()
+    worker = asyncio.create_task(first.run_forever(stop))
+    await asyncio.wait_for(work.started.wait(), 10)
+
+    stop.set()
+    await asyncio.wait_for(worker, 5)  # returns soon after the grace, never hangs
+    assert await _leases(database) == [None]  # the job is there, held by nobody
+    assert await _statuses(database) == ["running"]
+
+    # Another bridge takes the job at once: without the release it would wait 60 s.
+    work.release.set()
+    second = await _runtime(database, work, owner="next", grace=30)
+    assert await second.run_until_idle() >= 1
+    assert await _statuses(database) == ["completed"]
+    assert work.runs == 2  # at least once: the cancelled run is repeated
+
+
+async def test_without_a_release_the_lease_would_hold_the_job(database: Database) -> None:
+    """The counterpart that shows the release matters: a worker cancelled from outside (a
+    crash-like stop with no graceful path) leaves its lease, and nobody else takes the job."""
+    work = SlowWork()
+    first = await _runtime(database, work, owner="killed", grace=30)
+    await first.start(KEY, message_name="start", business_key="bk-killed")
+    runner = asyncio.create_task(first.run_once())
+    await asyncio.wait_for(work.started.wait(), 10)
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+
+    assert await _leases(database) == ["killed"]
+    second = await _runtime(database, work, owner="next", grace=30)
+    assert await second.run_until_idle() == 0
