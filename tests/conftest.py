@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import settings
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
@@ -26,6 +27,12 @@ from dsf_bridge.store import Database, upgrade
 from tests.components import mlserver, orthanc
 
 __all__ = ["mlserver", "orthanc"]
+
+# Hypothesis: under CI=true the examples are derived from each test's name (the same ones on
+# every run) and no example database is read or written; elsewhere they are random, and the
+# failing ones are kept in .hypothesis/ and tried first next time.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") == "true" else "default")
 
 POSTGRES_URL = os.environ.get(
     "DSF_BRIDGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -119,3 +126,13 @@ def pytest_runtest_makereport(
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, which is not allowed: {report.longrepr}"
     return report
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        default=False,
+        help="long fault and load runs (the crash test: more requests, kills and seeds); "
+        "never under CI",
+    )
