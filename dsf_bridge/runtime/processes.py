@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import enum
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -82,6 +83,8 @@ from dsf_bridge.store import repository as repo
 __all__ = [
     "TAKEN_IN",
     "DeployedProcess",
+    "FaultHook",
+    "FaultPoint",
     "MessageHeldError",
     "ProcessRuntime",
     "RuntimeSettings",
@@ -90,6 +93,27 @@ __all__ = [
 log = structlog.get_logger("dsf_bridge.runtime")
 
 Clock = Callable[[], dt.datetime]
+
+
+class FaultPoint(enum.StrEnum):
+    """The commit boundaries of the runtime, where tests stop it as a crash would
+    (:attr:`ProcessRuntime.fault_hook`). The detail passed with each names what is at stake."""
+
+    # Jobs or outbox entries leased and committed; nothing of them done (detail: "jobs/entries").
+    WORK_CLAIMED = "work-claimed"
+    # A handler ran; the step it ends is not written (detail: the handler).
+    HANDLER_RAN = "handler-ran"
+    # A step is written in its transaction, not committed (detail: its audit action).
+    STEP_WRITTEN = "step-written"
+    # A step is committed; nothing after it (wake-ups, listeners) is done (detail: its action).
+    STEP_COMMITTED = "step-committed"
+    # The other side accepted a send or a Task update; nothing of it is recorded (detail: kind).
+    EFFECT_PERFORMED = "effect-performed"
+
+
+# Called at every fault point; a test's hook raises (a BaseException, so nothing catches it)
+# to stop the runtime there. Never configuration: a site cannot set it.
+FaultHook = Callable[[FaultPoint, str], None]
 
 
 def _utcnow() -> dt.datetime:
@@ -210,6 +234,12 @@ class ProcessRuntime:
         self._definitions: OrderedDict[str, int] = OrderedDict()
         # When run_forever last began a round: the readiness check's sign of life.
         self.heartbeat: dt.datetime | None = None
+        # Tests only (FaultPoint): called at each commit boundary.
+        self.fault_hook: FaultHook | None = None
+
+    def _fault(self, point: FaultPoint, detail: str) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(point, detail)
 
     # -- deployment ---------------------------------------------------------------------------
 
@@ -331,6 +361,8 @@ class ProcessRuntime:
                     payload=result.state,
                 )
                 pending = await self._persist(session, deployed, record, result, fresh=True)
+                self._fault(FaultPoint.STEP_WRITTEN, "instance.started")
+            self._fault(FaultPoint.STEP_COMMITTED, "instance.started")
             self._after_commit(pending)
         return instance_id
 
@@ -567,6 +599,8 @@ class ProcessRuntime:
                     payload=result.state,
                 )
                 pending = await self._persist(session, deployed, record, result)
+                self._fault(FaultPoint.STEP_WRITTEN, "message.correlated")
+        self._fault(FaultPoint.STEP_COMMITTED, "message.correlated")
         self._after_commit(pending)
         return instance_id
 
@@ -653,6 +687,8 @@ class ProcessRuntime:
             entries = await repo.claim_outbox(
                 session, owner=self.owner, now=now, lease=settings.lease, limit=settings.batch
             )
+        if jobs or entries:
+            self._fault(FaultPoint.WORK_CLAIMED, f"{len(jobs)}/{len(entries)}")
         fired = await self._fire_due_timers() if timer_due else 0
         await _all(
             [
@@ -771,7 +807,9 @@ class ProcessRuntime:
                             payload=result.state,
                         )
                         pending = await self._persist(session, deployed, record, result)
+                        self._fault(FaultPoint.STEP_WRITTEN, "timer.fired")
             if pending is not None:
+                self._fault(FaultPoint.STEP_COMMITTED, "timer.fired")
                 self._after_commit(pending)
             fired += 1
         return fired
@@ -847,6 +885,7 @@ class ProcessRuntime:
             )
             with bound_context(instance_id=instance_id, business_key=effect.business_key):
                 outcome = await invoke(deployed.handlers, effect, self.clock(), self.services)
+            self._fault(FaultPoint.HANDLER_RAN, effect.handler)
             await self._apply_event(
                 instance_id,
                 lambda now: outcome.event,
@@ -1045,6 +1084,7 @@ class ProcessRuntime:
             status = getattr(exc, "status", None)
             await self._effect_failed(entry, str(exc), status=status)
             return
+        self._fault(FaultPoint.EFFECT_PERFORMED, entry.kind)
         if entry.kind != "send-task" or entry.instance_id is None:
             async with self.database.transaction() as session:
                 await repo.mark_outbox_done(
@@ -1237,8 +1277,10 @@ class ProcessRuntime:
                             await repo.complete_job(session, job_id, self.owner)
                         if also is not None:
                             await also(session)
+                        self._fault(FaultPoint.STEP_WRITTEN, action)
             except ConcurrencyError:
                 continue
+            self._fault(FaultPoint.STEP_COMMITTED, action)
             self._after_commit(pending)
             return
         raise ConcurrencyError(f"instance {instance_id} kept changing")

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +115,13 @@ async def runtime_for(
     config: dict[str, str],
     owner: str,
     settings: RuntimeSettings | None = None,
+    clock: Callable[[], dt.datetime] | None = None,
 ) -> tuple[ProcessRuntime, DsfTaskGateway]:
     client, context = site_client(config)
     gateway = DsfTaskGateway(client, context, config["organization"], retry=FAST)
     runtime = ProcessRuntime(database, gateway, owner=owner, settings=settings)
+    if clock is not None:
+        runtime.clock = clock
     definition = load_process(MODEL.read_bytes(), MODEL.name, resource_version="1.0")
     await runtime.deploy(definition, handlers(), plugin="test", model_hash="0" * 64)
     return runtime, gateway
