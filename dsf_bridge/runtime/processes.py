@@ -26,15 +26,12 @@ import contextlib
 import datetime as dt
 import enum
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from dsf_bridge.dsf.tasks import task_output_task_ids, task_outputs
 from dsf_bridge.dsf.vocabulary import parse_instant
 from dsf_bridge.engine import state as instance_state
 from dsf_bridge.engine.correlation import (
@@ -45,36 +42,32 @@ from dsf_bridge.engine.correlation import (
 )
 from dsf_bridge.engine.events import (
     CallHandler,
-    CancelTimer,
-    CancelUserTask,
-    CompleteTasks,
-    CreateQuestionnaireResponse,
     Event,
-    FailTasks,
     HandlerCompleted,
     HandlerFailed,
     IncidentRetried,
     InstanceCancelled,
     JobDue,
     MessageReceived,
-    ProcessCompleted,
-    ProcessFailed,
-    ScheduleJob,
     SendTask,
     SignalReceived,
     Start,
-    StartTimer,
-    ThrowSignal,
     TimerFired,
     UserTaskCompleted,
 )
 from dsf_bridge.engine.exceptions import CorrelationError
 from dsf_bridge.engine.interpreter import step
-from dsf_bridge.engine.model import EventKind, NodeKind, ProcessDefinition
+from dsf_bridge.engine.model import ProcessDefinition
 from dsf_bridge.errors import BridgeError, ConcurrencyError, ProcessExecutionError
 from dsf_bridge.logs import bound_context
 from dsf_bridge.plugins.invocation import invoke
 from dsf_bridge.plugins.registry import HandlerRegistry
+from dsf_bridge.runtime.deployments import DeployedProcess, Deployments
+from dsf_bridge.runtime.effects import (
+    TAKEN_IN,
+    EffectWriter,
+    StepRecord,
+)
 from dsf_bridge.runtime.operations import OPERATOR_JOB
 from dsf_bridge.runtime.ports import OutgoingTask, TaskGateway, UserTaskRequest
 from dsf_bridge.store import Database, Session, append_event
@@ -138,48 +131,11 @@ class RuntimeSettings:
     shutdown_grace: dt.timedelta = dt.timedelta(seconds=30)
 
 
-@dataclass(frozen=True)
-class DeployedProcess:
-    definition: ProcessDefinition
-    handlers: HandlerRegistry
-    definition_id: int
-    plugin: str
-
-    @cached_property
-    def caught_signals(self) -> frozenset[str]:
-        """Names of the signals the model catches (intermediate and boundary events)."""
-        return frozenset(
-            node.signal_name
-            for node in self.definition.nodes.values()
-            if node.event is EventKind.SIGNAL
-            and node.signal_name
-            and node.kind in (NodeKind.INTERMEDIATE_CATCH_EVENT, NodeKind.BOUNDARY_EVENT)
-        )
-
-
-@dataclass
-class _Pending:
-    """What one transaction wrote for one instance, for logging after commit."""
-
-    instance_id: str
-    status: str
-    effects: list[str] = field(default_factory=list)
-    incidents: list[str] = field(default_factory=list)
-
-
-_REMEMBERED_INSTANCES = 10_000
-
 # How soon a job whose instance kept changing under it runs again.
 _CONFLICT_BACKOFF = dt.timedelta(milliseconds=100)
-# Signal waits live in the subscription table under this prefix and an empty business key.
-SIGNAL_SUBSCRIPTION = "signal:"
 # How soon a signal job looks again at an instance that was busy between two waits.
 _SIGNAL_RECHECK = dt.timedelta(milliseconds=200)
 _SIGNAL_PATIENCE = dt.timedelta(seconds=5)
-
-
-# The status of a Task version intake claimed once its message reached an instance.
-TAKEN_IN = "started"
 
 
 class _InstanceGoneError(ProcessExecutionError):
@@ -220,22 +176,35 @@ class ProcessRuntime:
         self.database = database
         self.gateway = gateway
         self.owner = owner or f"bridge-{uuid.uuid4().hex[:12]}"
-        self.clock = clock
+        self._clock = clock
         self.settings = settings or RuntimeSettings()
         # What handlers may reach outside the engine (HandlerContext.services).
         self.services: Mapping[str, object] = dict(services or {})
         # The newest deployed version per key (what a new start without a version gets), and
         # every deployed version: instances started on 1.0 finish on 1.0 after 1.1 arrives.
-        self._by_key: dict[str, DeployedProcess] = {}
-        self._by_version: dict[tuple[str, str], DeployedProcess] = {}
-        self._by_id: dict[int, DeployedProcess] = {}
+        self.deployments = Deployments(database, self.owner)
+        self.effects = EffectWriter(
+            owner=self.owner,
+            clock=clock,
+            job_retries=self.settings.job_retries,
+            deployments=self.deployments,
+        )
         self._wakeup = asyncio.Event()
         self._send_listeners: list[Callable[[], None]] = []
-        self._definitions: OrderedDict[str, int] = OrderedDict()
         # When run_forever last began a round: the readiness check's sign of life.
         self.heartbeat: dt.datetime | None = None
         # Tests only (FaultPoint): called at each commit boundary.
         self.fault_hook: FaultHook | None = None
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock: Clock) -> None:
+        """Tests move a runtime's time; every part of it follows."""
+        self._clock = clock
+        self.effects.clock = clock
 
     def _fault(self, point: FaultPoint, detail: str) -> None:
         if self.fault_hook is not None:
@@ -251,51 +220,18 @@ class ProcessRuntime:
         plugin: str,
         model_hash: str,
     ) -> DeployedProcess:
-        """Record a process definition and make it startable; its handlers must all exist."""
-        missing = handlers.missing([definition])
-        if missing:
-            raise ProcessExecutionError(
-                f"process {definition.key!r} uses handlers that plugin {plugin!r} does not "
-                f"register: {', '.join(missing)}"
-            )
-        async with self.database.transaction() as session:
-            definition_id = await repo.deploy_definition(
-                session,
-                process_key=definition.key,
-                version=definition.version_tag or "",
-                plugin=plugin,
-                model_hash=model_hash,
-            )
-            await append_event(
-                session,
-                actor=self.owner,
-                subject=f"ProcessDefinition/{definition.key}|{definition.version_tag}",
-                action="process.deployed",
-                reason=f"plugin {plugin}",
-                payload=model_hash,
-            )
-        deployed = DeployedProcess(definition, handlers, definition_id, plugin)
-        version = definition.version_tag or ""
-        self._by_version[(definition.key, version)] = deployed
-        newest = self._by_key.get(definition.key)
-        if newest is None or _version_order(version) >= _version_order(
-            newest.definition.version_tag or ""
-        ):
-            self._by_key[definition.key] = deployed
-        self._by_id[definition_id] = deployed
-        return deployed
+        """Record a process definition and make it startable (:meth:`Deployments.deploy`)."""
+        return await self.deployments.deploy(
+            definition, handlers, plugin=plugin, model_hash=model_hash
+        )
 
     def process(self, process_key: str, version: str | None = None) -> DeployedProcess | None:
-        """The deployed ``version`` of a process (as in a Task's ``instantiatesCanonical``),
-        or its newest one when no version is given."""
-        if version is None:
-            return self._by_key.get(process_key)
-        return self._by_version.get((process_key, version))
+        """The deployed ``version`` of a process, or its newest (:meth:`Deployments.process`)."""
+        return self.deployments.process(process_key, version)
 
     def versions(self, process_key: str) -> list[str]:
         """The deployed versions of a process, oldest first."""
-        found = [v for (key, v) in self._by_version if key == process_key]
-        return sorted(found, key=_version_order)
+        return self.deployments.versions(process_key)
 
     # -- events from outside ------------------------------------------------------------------
 
@@ -337,7 +273,7 @@ class ProcessRuntime:
                 ):
                     raise _InstanceWaitingError
                 result = step(deployed.definition, None, event)
-                self._remember(instance_id, deployed.definition_id)
+                self.deployments.remember(instance_id, deployed.definition_id)
                 record = await repo.create_instance(
                     session,
                     instance_id=instance_id,
@@ -348,7 +284,7 @@ class ProcessRuntime:
                     now=now,
                 )
                 if task_id is not None:
-                    await self._record_incoming(
+                    await self.effects.record_incoming(
                         session, task_id, task_version, instance_id, claimed_version
                     )
                 await append_event(
@@ -360,7 +296,7 @@ class ProcessRuntime:
                     + (f", Task/{task_id}" if task_id else ""),
                     payload=result.state,
                 )
-                pending = await self._persist(session, deployed, record, result, fresh=True)
+                pending = await self.effects.write(session, deployed, record, result, fresh=True)
                 self._fault(FaultPoint.STEP_WRITTEN, "instance.started")
             self._fault(FaultPoint.STEP_COMMITTED, "instance.started")
             self._after_commit(pending)
@@ -556,7 +492,7 @@ class ProcessRuntime:
                         record is not None
                         and (
                             process_key is None
-                            or self._deployed(record).definition.key == process_key
+                            or self.deployments.of_record(record).definition.key == process_key
                         )
                         and (definition_id is None or record.definition_id == definition_id)
                     ):
@@ -570,7 +506,7 @@ class ProcessRuntime:
                 task_id=task_id,
             )
             record = records[instance_id]
-            deployed = self._deployed(record)
+            deployed = self.deployments.of_record(record)
             if message_name in deployed.handlers.reply_only_from_recipients:
                 await self._check_replier(
                     session,
@@ -586,7 +522,7 @@ class ProcessRuntime:
             with bound_context(instance_id=instance_id, business_key=business_key):
                 result = step(deployed.definition, record.state, event)
                 if task_id is not None:
-                    await self._record_incoming(
+                    await self.effects.record_incoming(
                         session, task_id, task_version, instance_id, claimed_version
                     )
                 await append_event(
@@ -598,7 +534,7 @@ class ProcessRuntime:
                     + (f", Task/{task_id}" if task_id else ""),
                     payload=result.state,
                 )
-                pending = await self._persist(session, deployed, record, result)
+                pending = await self.effects.write(session, deployed, record, result)
                 self._fault(FaultPoint.STEP_WRITTEN, "message.correlated")
         self._fault(FaultPoint.STEP_COMMITTED, "message.correlated")
         self._after_commit(pending)
@@ -791,7 +727,7 @@ class ProcessRuntime:
                 await repo.cancel_timer(session, instance_id, timer.timer_id)
                 pending = None
                 if record is not None:
-                    deployed = self._deployed(record)
+                    deployed = self.deployments.of_record(record)
                     with bound_context(instance_id=instance_id, business_key=record.business_key):
                         result = step(
                             deployed.definition, record.state, TimerFired(timer.timer_id, now)
@@ -806,7 +742,7 @@ class ProcessRuntime:
                             + (f": {result.error}" if result.error else ""),
                             payload=result.state,
                         )
-                        pending = await self._persist(session, deployed, record, result)
+                        pending = await self.effects.write(session, deployed, record, result)
                         self._fault(FaultPoint.STEP_WRITTEN, "timer.fired")
             if pending is not None:
                 self._fault(FaultPoint.STEP_COMMITTED, "timer.fired")
@@ -871,7 +807,7 @@ class ProcessRuntime:
         if job.kind == OPERATOR_JOB:
             await self._run_operator(job, instance_id)
             return
-        deployed = await self._deployed_for(instance_id)
+        deployed = await self.deployments.of_instance(instance_id)
         if job.kind == "handler":
             effect = CallHandler(
                 handler=str(payload["handler"]),
@@ -1260,7 +1196,7 @@ class ProcessRuntime:
                         raise _InstanceGoneError(f"instance {instance_id} does not exist")
                     if unless is not None and await unless(session, record):
                         return
-                    deployed = self._deployed(record)
+                    deployed = self.deployments.of_record(record)
                     with bound_context(instance_id=instance_id, business_key=record.business_key):
                         result = step(deployed.definition, record.state, make_event(now))
                         await append_event(
@@ -1272,7 +1208,7 @@ class ProcessRuntime:
                             reason=f"{reason}: {result.error}" if result.error else reason,
                             payload=result.state,
                         )
-                        pending = await self._persist(session, deployed, record, result)
+                        pending = await self.effects.write(session, deployed, record, result)
                         if job_id is not None:
                             await repo.complete_job(session, job_id, self.owner)
                         if also is not None:
@@ -1285,256 +1221,11 @@ class ProcessRuntime:
             return
         raise ConcurrencyError(f"instance {instance_id} kept changing")
 
-    async def _persist(
-        self,
-        session: Session,
-        deployed: DeployedProcess,
-        record: repo.InstanceRecord,
-        result: Any,
-        *,
-        fresh: bool = False,
-    ) -> _Pending:
-        """Write the new state and the effects' records, all in the caller's transaction."""
-        state = result.state
-        status = instance_state.instance_status(state).label
-        now = self.clock()
-        before = set() if fresh else set(_subscription_keys(record.state))
-        known = set() if fresh else instance_state.incident_tokens(record.state)
-        alternative = instance_state.process_variables(state).get(ALTERNATIVE_BUSINESS_KEY)
-        alternative_before = (
-            None
-            if fresh
-            else instance_state.process_variables(record.state).get(ALTERNATIVE_BUSINESS_KEY)
-        )
-        if not fresh:
-            record = await repo.save_instance(
-                session, record, state=state, status=status, now=now, ended=status != "running"
-            )
-        instance_id = record.id
-        if isinstance(alternative, str) and alternative and alternative != alternative_before:
-            # A handler set it (as a port of an API v1 plugin may): intake looks it up here.
-            await repo.set_alternative_business_key(session, instance_id, alternative)
-        keys = _subscription_keys(state)
-        if set(keys) != before:  # most steps wait for no new message: spare the round trips
-            await repo.replace_subscriptions(session, instance_id, keys)
-            if any(key.message_name.startswith(SIGNAL_SUBSCRIPTION) for key in keys):
-                # A signal thrown while this instance was busy waits in a postponed job: it
-                # is due now that the instance waits again.
-                await repo.hasten_jobs(session, instance_id, "signal", now)
-        pending = _Pending(instance_id, status)
-        await self._audit_incidents(session, instance_id, known, state, pending)
-        effects = list(result.effects)
-        while effects:
-            effect = effects.pop(0)
-            pending.effects.append(type(effect).__name__)
-            if isinstance(effect, CallHandler):
-                await repo.enqueue_job(
-                    session,
-                    kind="handler",
-                    instance_id=instance_id,
-                    due_at=now,
-                    retries=self.settings.job_retries,
-                    payload={
-                        "handler": effect.handler,
-                        "kind": effect.kind,
-                        "element_id": effect.element_id,
-                        "token": effect.token,
-                        "business_key": effect.business_key,
-                        "variables": dict(effect.variables),
-                        "fields": dict(effect.fields),
-                        "event": effect.event,
-                    },
-                )
-            elif isinstance(effect, SendTask):
-                await repo.enqueue_job(
-                    session,
-                    kind="send",
-                    instance_id=instance_id,
-                    due_at=now,
-                    retries=self.settings.job_retries,
-                    payload={
-                        "send_id": uuid.uuid4().hex,  # the outbox's idempotency key
-                        "handler": effect.handler,
-                        "element_id": effect.element_id,
-                        "token": effect.token,
-                        "business_key": effect.business_key,
-                        "instantiates_canonical": effect.instantiates_canonical,
-                        "message_name": effect.message_name,
-                        "profile": effect.profile,
-                        "correlation_key": effect.correlation_key,
-                        "target": dict(effect.target) if effect.target is not None else None,
-                        "variables": dict(effect.variables),
-                        "fields": dict(effect.fields),
-                    },
-                )
-            elif isinstance(effect, ScheduleJob):
-                await repo.enqueue_job(
-                    session,
-                    kind="continue",
-                    instance_id=instance_id,
-                    due_at=effect.due,
-                    retries=0,
-                    payload={"token": effect.token, "element_id": effect.element_id},
-                )
-            elif isinstance(effect, StartTimer):
-                await repo.add_timer(
-                    session,
-                    instance_id,
-                    repo.TimerKey(effect.timer_id, effect.element_id, effect.due),
-                )
-            elif isinstance(effect, CancelTimer):
-                await repo.cancel_timer(session, instance_id, effect.timer_id)
-            elif isinstance(effect, CreateQuestionnaireResponse):
-                user_task_id = f"{instance_id}/{effect.token}"
-                await repo.enqueue_outbox(
-                    session,
-                    idempotency_key=f"user-task:{user_task_id}:{record.version}",
-                    kind="create-user-task",
-                    instance_id=instance_id,
-                    now=now,
-                    payload={
-                        "business_key": effect.business_key,
-                        "user_task_id": user_task_id,
-                        "form_key": effect.form_key,
-                        "token": effect.token,
-                        "element_id": effect.element_id,
-                    },
-                )
-            elif isinstance(effect, CancelUserTask):
-                # As the DSF BPE: it registers only a 'create' task listener, so the
-                # QuestionnaireResponse of a cancelled user task stays as it is (in-progress);
-                # completing it later reaches no user task and is only logged. (Outbox entries
-                # of kind 'cancel-user-task' queued by earlier versions are still performed.)
-                continue
-            elif isinstance(effect, ThrowSignal):
-                # A broadcast, as in Camunda: every instance waiting for the signal, of any
-                # process, gets it. The others by a job each (their own transaction, retried
-                # like any job); this one at once, in this step.
-                # Also running instances that can catch it but are between two waits right now
-                # (a handler job of theirs is under way): their signal job waits for them to
-                # settle (see _deliver_signal), as Camunda's locking would make them.
-                catchers = [
-                    deployed_id
-                    for deployed_id, other_process in self._by_id.items()
-                    if effect.signal_name in other_process.caught_signals
-                ]
-                waiting = set(
-                    await repo.instances_waiting_for(
-                        session, f"{SIGNAL_SUBSCRIPTION}{effect.signal_name}"
-                    )
-                )
-                waiting.update(await repo.running_instances_of(session, catchers))
-                waiting.discard(instance_id)
-                for other in sorted(waiting):
-                    await repo.enqueue_job(
-                        session,
-                        kind="signal",
-                        instance_id=other,
-                        due_at=now,
-                        payload={"signal": effect.signal_name, "thrown_by": instance_id},
-                    )
-                    pending.effects.append("SignalJob")
-                known = instance_state.incident_tokens(state)
-                follow = step(deployed.definition, state, SignalReceived(effect.signal_name, now))
-                state = follow.state
-                await self._audit_incidents(session, instance_id, known, state, pending)
-                record = await repo.save_instance(
-                    session,
-                    record,
-                    state=state,
-                    status=instance_state.instance_status(state).label,
-                    now=now,
-                    ended=not instance_state.is_running(state),
-                )
-                effects.extend(follow.effects)
-                await repo.replace_subscriptions(session, instance_id, _subscription_keys(state))
-                pending.status = instance_state.instance_status(state).label
-            elif isinstance(effect, CompleteTasks | FailTasks):
-                incoming = await repo.tasks_of_instance(session, instance_id, "incoming")
-                variables = instance_state.process_variables(state)
-                strays = sorted(task_output_task_ids(variables) - set(incoming))
-                if strays:
-                    # add_task_output names a Task this instance did not take in: say so, as
-                    # those outputs are written nowhere.
-                    log.warning("task_outputs.unwritten", task_ids=strays)
-                completing = isinstance(effect, CompleteTasks)
-                for task_id in incoming:
-                    payload: dict[str, Any] = {
-                        "task_id": task_id,
-                        "outputs": task_outputs(variables, task_id),
-                    }
-                    if isinstance(effect, FailTasks):
-                        payload["message"] = effect.message
-                    await repo.enqueue_outbox(
-                        session,
-                        idempotency_key=f"{'complete' if completing else 'fail'}:{task_id}",
-                        kind="complete-task" if completing else "fail-task",
-                        instance_id=instance_id,
-                        now=now,
-                        payload=payload,
-                    )
-            elif isinstance(effect, ProcessCompleted | ProcessFailed):
-                await append_event(
-                    session,
-                    actor=self.owner,
-                    subject=f"instance/{instance_id}",
-                    action="instance.completed"
-                    if isinstance(effect, ProcessCompleted)
-                    else "instance.failed",
-                    reason=getattr(effect, "message", "") or deployed.definition.key,
-                )
-        return pending
-
-    async def _record_incoming(
-        self,
-        session: Session,
-        task_id: str,
-        task_version: str,
-        instance_id: str,
-        claimed_version: str | None = None,
-    ) -> None:
-        await repo.record_task_seen(
-            session,
-            task_id=task_id,
-            task_version=task_version,
-            role="incoming",
-            status="in-progress",
-            instance_id=instance_id,
-        )
-        if claimed_version is not None:
-            await repo.set_task_seen_status(
-                session, task_id, claimed_version, TAKEN_IN, instance_id=instance_id
-            )
-
-    async def _audit_incidents(
-        self,
-        session: Session,
-        instance_id: str,
-        known: set[str],
-        state: Mapping[str, Any],
-        pending: _Pending,
-    ) -> None:
-        """Record each incident of ``state`` not among the ``known`` tokens: a job out of
-        retries, or a loop without a wait state. An operator decides what happens next."""
-        if instance_state.incident_tokens(state) <= known:  # almost every step
-            return
-        for incident in instance_state.incidents(state):
-            if incident.token not in known:
-                await append_event(
-                    session,
-                    actor=self.owner,
-                    subject=f"instance/{instance_id}",
-                    action="incident.created",
-                    reason=f"at {incident.element}: {incident.message}",
-                    payload={"token": incident.token, "element": incident.element},
-                )
-                pending.incidents.append(incident.element)
-
     def _sends_resolved(self) -> None:
         for listener in self._send_listeners:
             listener()
 
-    def _after_commit(self, pending: _Pending) -> None:
+    def _after_commit(self, pending: StepRecord) -> None:
         if pending.effects:
             self._wakeup.set()
         self._sends_resolved()
@@ -1547,41 +1238,8 @@ class ProcessRuntime:
             effects=pending.effects,
         )
 
-    def _deployed(self, record: repo.InstanceRecord) -> DeployedProcess:
-        deployed = self._by_id.get(record.definition_id)
-        if deployed is None:
-            raise ProcessExecutionError(
-                f"instance {record.id} belongs to process definition {record.definition_id}, "
-                "which is not deployed in this bridge"
-            )
-        self._remember(record.id, record.definition_id)
-        return deployed
-
-    def _remember(self, instance_id: str, definition_id: int) -> None:
-        """An instance's definition never changes: remember it (boundedly) so that running a
-        job needs no extra round trip to the store."""
-        self._definitions[instance_id] = definition_id
-        self._definitions.move_to_end(instance_id)
-        while len(self._definitions) > _REMEMBERED_INSTANCES:
-            self._definitions.popitem(last=False)
-
-    async def _deployed_for(self, instance_id: str) -> DeployedProcess:
-        known = self._definitions.get(instance_id)
-        if known is not None and known in self._by_id:
-            return self._by_id[known]
-        async with self.database.transaction() as session:
-            record = await repo.load_instance(session, instance_id)
-        if record is None:
-            raise ProcessExecutionError(f"instance {instance_id} does not exist")
-        return self._deployed(record)
-
 
 _LOCAL_EFFECTS = frozenset({"complete-task", "fail-task", "create-user-task", "cancel-user-task"})
-
-
-def _version_order(version: str) -> tuple[tuple[int, str], ...]:
-    """``1.10`` after ``1.9``: versions compare part by part, numbers as numbers."""
-    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in version.split("."))
 
 
 def _created_task_id(result: str) -> str:
@@ -1602,24 +1260,6 @@ async def _all(work: Iterable[Awaitable[None]]) -> None:
     for result in results:
         if isinstance(result, BaseException):
             raise result
-
-
-def _subscription_keys(state: Mapping[str, Any]) -> list[repo.SubscriptionKey]:
-    """What an instance state waits for, as the store indexes it: messages by name and
-    business key, signals under :data:`SIGNAL_SUBSCRIPTION` + name for every business key."""
-    keys = [
-        repo.SubscriptionKey(
-            sub.token, sub.element_id, sub.message_name, sub.business_key, sub.correlation_key
-        )
-        for sub in message_subscriptions(state)
-    ]
-    keys.extend(
-        repo.SubscriptionKey(
-            wait.token, wait.element_id, f"{SIGNAL_SUBSCRIPTION}{wait.signal_name}", "", None
-        )
-        for wait in signal_waits(state)
-    )
-    return keys
 
 
 def _target_label(payload: Mapping[str, Any]) -> str:

@@ -1,0 +1,340 @@
+"""Effect writing: a step's new instance state and the records of its effects (jobs, timers,
+outbox entries, subscriptions, signal jobs, audit events), all in the step's transaction.
+
+Nothing here talks to the network: effects become rows that the workers perform later (jobs,
+the outbox), so a crash before the commit leaves no trace and one after it loses nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from dsf_bridge.dsf.tasks import task_output_task_ids, task_outputs
+from dsf_bridge.engine import state as instance_state
+from dsf_bridge.engine.correlation import (
+    ALTERNATIVE_BUSINESS_KEY,
+    message_subscriptions,
+    signal_waits,
+)
+from dsf_bridge.engine.events import (
+    CallHandler,
+    CancelTimer,
+    CancelUserTask,
+    CompleteTasks,
+    CreateQuestionnaireResponse,
+    FailTasks,
+    ProcessCompleted,
+    ProcessFailed,
+    ScheduleJob,
+    SendTask,
+    SignalReceived,
+    StartTimer,
+    ThrowSignal,
+)
+from dsf_bridge.engine.interpreter import step
+from dsf_bridge.runtime.deployments import DeployedProcess, Deployments
+from dsf_bridge.store import Session, append_event
+from dsf_bridge.store import repository as repo
+
+__all__ = ["SIGNAL_SUBSCRIPTION", "TAKEN_IN", "EffectWriter", "StepRecord", "subscription_keys"]
+
+log = structlog.get_logger("dsf_bridge.runtime")
+
+# Signal waits live in the subscription table under this prefix and an empty business key.
+SIGNAL_SUBSCRIPTION = "signal:"
+
+# The status of a Task version intake claimed once its message reached an instance.
+TAKEN_IN = "started"
+
+
+@dataclass
+class StepRecord:
+    """What one transaction wrote for one instance, for logging after commit."""
+
+    instance_id: str
+    status: str
+    effects: list[str] = field(default_factory=list)
+    incidents: list[str] = field(default_factory=list)
+
+
+class EffectWriter:
+    """Writes steps of one runtime: ``owner`` is the audit actor, ``clock`` the time source,
+    ``job_retries`` the retries of a new job."""
+
+    def __init__(
+        self,
+        *,
+        owner: str,
+        clock: Callable[[], dt.datetime],
+        job_retries: int,
+        deployments: Deployments,
+    ) -> None:
+        self.owner = owner
+        self.clock = clock
+        self.job_retries = job_retries
+        self.deployments = deployments
+
+    async def write(
+        self,
+        session: Session,
+        deployed: DeployedProcess,
+        record: repo.InstanceRecord,
+        result: Any,
+        *,
+        fresh: bool = False,
+    ) -> StepRecord:
+        """Write the new state and the effects' records, all in the caller's transaction."""
+        state = result.state
+        status = instance_state.instance_status(state).label
+        now = self.clock()
+        before = set() if fresh else set(subscription_keys(record.state))
+        known = set() if fresh else instance_state.incident_tokens(record.state)
+        alternative = instance_state.process_variables(state).get(ALTERNATIVE_BUSINESS_KEY)
+        alternative_before = (
+            None
+            if fresh
+            else instance_state.process_variables(record.state).get(ALTERNATIVE_BUSINESS_KEY)
+        )
+        if not fresh:
+            record = await repo.save_instance(
+                session, record, state=state, status=status, now=now, ended=status != "running"
+            )
+        instance_id = record.id
+        if isinstance(alternative, str) and alternative and alternative != alternative_before:
+            # A handler set it (as a port of an API v1 plugin may): intake looks it up here.
+            await repo.set_alternative_business_key(session, instance_id, alternative)
+        keys = subscription_keys(state)
+        if set(keys) != before:  # most steps wait for no new message: spare the round trips
+            await repo.replace_subscriptions(session, instance_id, keys)
+            if any(key.message_name.startswith(SIGNAL_SUBSCRIPTION) for key in keys):
+                # A signal thrown while this instance was busy waits in a postponed job: it
+                # is due now that the instance waits again.
+                await repo.hasten_jobs(session, instance_id, "signal", now)
+        pending = StepRecord(instance_id, status)
+        await self.audit_incidents(session, instance_id, known, state, pending)
+        effects = list(result.effects)
+        while effects:
+            effect = effects.pop(0)
+            pending.effects.append(type(effect).__name__)
+            if isinstance(effect, CallHandler):
+                await repo.enqueue_job(
+                    session,
+                    kind="handler",
+                    instance_id=instance_id,
+                    due_at=now,
+                    retries=self.job_retries,
+                    payload={
+                        "handler": effect.handler,
+                        "kind": effect.kind,
+                        "element_id": effect.element_id,
+                        "token": effect.token,
+                        "business_key": effect.business_key,
+                        "variables": dict(effect.variables),
+                        "fields": dict(effect.fields),
+                        "event": effect.event,
+                    },
+                )
+            elif isinstance(effect, SendTask):
+                await repo.enqueue_job(
+                    session,
+                    kind="send",
+                    instance_id=instance_id,
+                    due_at=now,
+                    retries=self.job_retries,
+                    payload={
+                        "send_id": uuid.uuid4().hex,  # the outbox's idempotency key
+                        "handler": effect.handler,
+                        "element_id": effect.element_id,
+                        "token": effect.token,
+                        "business_key": effect.business_key,
+                        "instantiates_canonical": effect.instantiates_canonical,
+                        "message_name": effect.message_name,
+                        "profile": effect.profile,
+                        "correlation_key": effect.correlation_key,
+                        "target": dict(effect.target) if effect.target is not None else None,
+                        "variables": dict(effect.variables),
+                        "fields": dict(effect.fields),
+                    },
+                )
+            elif isinstance(effect, ScheduleJob):
+                await repo.enqueue_job(
+                    session,
+                    kind="continue",
+                    instance_id=instance_id,
+                    due_at=effect.due,
+                    retries=0,
+                    payload={"token": effect.token, "element_id": effect.element_id},
+                )
+            elif isinstance(effect, StartTimer):
+                await repo.add_timer(
+                    session,
+                    instance_id,
+                    repo.TimerKey(effect.timer_id, effect.element_id, effect.due),
+                )
+            elif isinstance(effect, CancelTimer):
+                await repo.cancel_timer(session, instance_id, effect.timer_id)
+            elif isinstance(effect, CreateQuestionnaireResponse):
+                user_task_id = f"{instance_id}/{effect.token}"
+                await repo.enqueue_outbox(
+                    session,
+                    idempotency_key=f"user-task:{user_task_id}:{record.version}",
+                    kind="create-user-task",
+                    instance_id=instance_id,
+                    now=now,
+                    payload={
+                        "business_key": effect.business_key,
+                        "user_task_id": user_task_id,
+                        "form_key": effect.form_key,
+                        "token": effect.token,
+                        "element_id": effect.element_id,
+                    },
+                )
+            elif isinstance(effect, CancelUserTask):
+                # As the DSF BPE: it registers only a 'create' task listener, so the
+                # QuestionnaireResponse of a cancelled user task stays as it is (in-progress);
+                # completing it later reaches no user task and is only logged. (Outbox entries
+                # of kind 'cancel-user-task' queued by earlier versions are still performed.)
+                continue
+            elif isinstance(effect, ThrowSignal):
+                # A broadcast, as in Camunda: every instance waiting for the signal, of any
+                # process, gets it. The others by a job each (their own transaction, retried
+                # like any job); this one at once, in this step.
+                # Also running instances that can catch it but are between two waits right now
+                # (a handler job of theirs is under way): their signal job waits for them to
+                # settle (see _deliver_signal), as Camunda's locking would make them.
+                catchers = self.deployments.catching(effect.signal_name)
+                waiting = set(
+                    await repo.instances_waiting_for(
+                        session, f"{SIGNAL_SUBSCRIPTION}{effect.signal_name}"
+                    )
+                )
+                waiting.update(await repo.running_instances_of(session, catchers))
+                waiting.discard(instance_id)
+                for other in sorted(waiting):
+                    await repo.enqueue_job(
+                        session,
+                        kind="signal",
+                        instance_id=other,
+                        due_at=now,
+                        payload={"signal": effect.signal_name, "thrown_by": instance_id},
+                    )
+                    pending.effects.append("SignalJob")
+                known = instance_state.incident_tokens(state)
+                follow = step(deployed.definition, state, SignalReceived(effect.signal_name, now))
+                state = follow.state
+                await self.audit_incidents(session, instance_id, known, state, pending)
+                record = await repo.save_instance(
+                    session,
+                    record,
+                    state=state,
+                    status=instance_state.instance_status(state).label,
+                    now=now,
+                    ended=not instance_state.is_running(state),
+                )
+                effects.extend(follow.effects)
+                await repo.replace_subscriptions(session, instance_id, subscription_keys(state))
+                pending.status = instance_state.instance_status(state).label
+            elif isinstance(effect, CompleteTasks | FailTasks):
+                incoming = await repo.tasks_of_instance(session, instance_id, "incoming")
+                variables = instance_state.process_variables(state)
+                strays = sorted(task_output_task_ids(variables) - set(incoming))
+                if strays:
+                    # add_task_output names a Task this instance did not take in: say so, as
+                    # those outputs are written nowhere.
+                    log.warning("task_outputs.unwritten", task_ids=strays)
+                completing = isinstance(effect, CompleteTasks)
+                for task_id in incoming:
+                    payload: dict[str, Any] = {
+                        "task_id": task_id,
+                        "outputs": task_outputs(variables, task_id),
+                    }
+                    if isinstance(effect, FailTasks):
+                        payload["message"] = effect.message
+                    await repo.enqueue_outbox(
+                        session,
+                        idempotency_key=f"{'complete' if completing else 'fail'}:{task_id}",
+                        kind="complete-task" if completing else "fail-task",
+                        instance_id=instance_id,
+                        now=now,
+                        payload=payload,
+                    )
+            elif isinstance(effect, ProcessCompleted | ProcessFailed):
+                await append_event(
+                    session,
+                    actor=self.owner,
+                    subject=f"instance/{instance_id}",
+                    action="instance.completed"
+                    if isinstance(effect, ProcessCompleted)
+                    else "instance.failed",
+                    reason=getattr(effect, "message", "") or deployed.definition.key,
+                )
+        return pending
+
+    async def record_incoming(
+        self,
+        session: Session,
+        task_id: str,
+        task_version: str,
+        instance_id: str,
+        claimed_version: str | None = None,
+    ) -> None:
+        await repo.record_task_seen(
+            session,
+            task_id=task_id,
+            task_version=task_version,
+            role="incoming",
+            status="in-progress",
+            instance_id=instance_id,
+        )
+        if claimed_version is not None:
+            await repo.set_task_seen_status(
+                session, task_id, claimed_version, TAKEN_IN, instance_id=instance_id
+            )
+
+    async def audit_incidents(
+        self,
+        session: Session,
+        instance_id: str,
+        known: set[str],
+        state: Mapping[str, Any],
+        pending: StepRecord,
+    ) -> None:
+        """Record each incident of ``state`` not among the ``known`` tokens: a job out of
+        retries, or a loop without a wait state. An operator decides what happens next."""
+        if instance_state.incident_tokens(state) <= known:  # almost every step
+            return
+        for incident in instance_state.incidents(state):
+            if incident.token not in known:
+                await append_event(
+                    session,
+                    actor=self.owner,
+                    subject=f"instance/{instance_id}",
+                    action="incident.created",
+                    reason=f"at {incident.element}: {incident.message}",
+                    payload={"token": incident.token, "element": incident.element},
+                )
+                pending.incidents.append(incident.element)
+
+
+def subscription_keys(state: Mapping[str, Any]) -> list[repo.SubscriptionKey]:
+    """What an instance state waits for, as the store indexes it: messages by name and
+    business key, signals under :data:`SIGNAL_SUBSCRIPTION` + name for every business key."""
+    keys = [
+        repo.SubscriptionKey(
+            sub.token, sub.element_id, sub.message_name, sub.business_key, sub.correlation_key
+        )
+        for sub in message_subscriptions(state)
+    ]
+    keys.extend(
+        repo.SubscriptionKey(
+            wait.token, wait.element_id, f"{SIGNAL_SUBSCRIPTION}{wait.signal_name}", "", None
+        )
+        for wait in signal_waits(state)
+    )
+    return keys
