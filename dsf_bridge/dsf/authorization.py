@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsf_bridge.dsf.client import FhirClient
-from dsf_bridge.dsf.tasks import TaskMessage, recipient_identifier
+from dsf_bridge.dsf.tasks import TaskMessage, recipient_identifier, shortened
 from dsf_bridge.dsf.versions import DsfRelease
 from dsf_bridge.dsf.vocabulary import (
     ORGANIZATION_IDENTIFIER_SYSTEM,
@@ -338,7 +338,7 @@ def authorization_denied(
         return (
             f"ActivityDefinition {activity_definition.get('url')}|"
             f"{activity_definition.get('version')} authorizes no message {message_name!r} "
-            f"with Task profile {list(profiles)}"
+            f"with Task profile {shortened(list(profiles))}"
         )
     affiliations = list(affiliations)
     recipient_ok = any(
@@ -427,8 +427,8 @@ class TaskAuthorizer:
         recipient = recipient_identifier(task)
         if recipient != self.local_identifier:
             return (
-                f"Task.restriction.recipient is {recipient or '(missing)'}, not this site's "
-                f"organization {self.local_identifier}"
+                f"Task.restriction.recipient is {shortened(recipient or '(missing)')}, not "
+                f"this site's organization {self.local_identifier}"
             )
         process_url, _, version = message.process.canonical.partition("|")
         definitions = await self._cached(

@@ -49,6 +49,8 @@ __all__ = [
     "recipient_identifier",
     "requester_identifier",
     "requester_label",
+    "shape_violation",
+    "shortened",
     "task_input",
     "task_output_task_ids",
     "task_output_value",
@@ -67,6 +69,15 @@ _CANONICAL = re.compile(
     r"^(?P<base>https?://(?P<domain>[A-Za-z0-9.-]+))/bpe/Process/"
     r"(?P<name>[A-Za-z0-9_-]+)\|(?P<version>\d+\.\d+)$"
 )
+
+
+def shortened(value: object, limit: int = 120) -> str:
+    """``value`` as text for an error or audit reason, cut after ``limit`` characters: a value
+    from a Task may be tens of kilobytes, and an error must stay one line to read."""
+    text = str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 class TaskFormatError(BridgeError):
@@ -96,7 +107,7 @@ def parse_instantiates_canonical(value: object) -> ProcessReference:
     match = _CANONICAL.match(value)
     if match is None:
         raise TaskFormatError(
-            f"Task.instantiatesCanonical {value!r} is malformed; expected "
+            f"Task.instantiatesCanonical {shortened(repr(value))} is malformed; expected "
             "http(s)://<domain>/bpe/Process/<name>|<major.minor>, "
             "e.g. http://dsf.dev/bpe/Process/ping|1.0"
         )
@@ -163,6 +174,100 @@ def bounds_violation(task: Mapping[str, Any], limits: TaskLimits) -> str | None:
     return None
 
 
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+
+
+def _json_type(value: object) -> str:
+    return _JSON_TYPES.get(type(value), "a number" if isinstance(value, int | float) else "null")
+
+
+def _shape_of_reference(path: str, reference: object) -> str | None:
+    if not isinstance(reference, Mapping):
+        return f"{path} is {_json_type(reference)}, not an object"
+    identifier = reference.get("identifier")
+    if identifier is None:
+        return None
+    if not isinstance(identifier, Mapping):
+        return f"{path}.identifier is {_json_type(identifier)}, not an object"
+    for name in ("system", "value"):
+        if identifier.get(name) is not None and not isinstance(identifier[name], str):
+            return f"{path}.identifier.{name} is {_json_type(identifier[name])}, not a string"
+    return None
+
+
+def _shape_of_parameters(path: str, parameters: object) -> str | None:
+    if not isinstance(parameters, list):
+        return f"{path} is {_json_type(parameters)}, not an array"
+    for number, parameter in enumerate(parameters):
+        where = f"{path}[{number}]"
+        if not isinstance(parameter, Mapping):
+            return f"{where} is {_json_type(parameter)}, not an object"
+        concept = parameter.get("type")
+        if concept is None:
+            return f"{where} has no type"
+        if not isinstance(concept, Mapping):
+            return f"{where}.type is {_json_type(concept)}, not an object"
+        codings = concept.get("coding")
+        if codings is None:
+            continue
+        if not isinstance(codings, list):
+            return f"{where}.type.coding is {_json_type(codings)}, not an array"
+        for index, coding in enumerate(codings):
+            if not isinstance(coding, Mapping):
+                return f"{where}.type.coding[{index}] is {_json_type(coding)}, not an object"
+            for name in ("system", "code"):
+                if coding.get(name) is not None and not isinstance(coding[name], str):
+                    return (
+                        f"{where}.type.coding[{index}].{name} is {_json_type(coding[name])}, "
+                        "not a string"
+                    )
+    return None
+
+
+def shape_violation(task: Mapping[str, Any]) -> str | None:
+    """Which element the bridge reads of ``task`` has a JSON type FHIR does not allow there (an
+    input that is no object, a coding list that is an object, a requester that is a string),
+    naming the element, never quoting it; ``None`` when all are well-typed.
+
+    A Java DSF server cannot even parse such a Task; the bridge fails it before reading more of
+    it (:func:`bounds_violation` first: this walks only the elements named here)."""
+    meta = task.get("meta")
+    if meta is not None and not isinstance(meta, Mapping):
+        return f"Task.meta is {_json_type(meta)}, not an object"
+    profiles = meta.get("profile") if isinstance(meta, Mapping) else None
+    if profiles is not None:
+        if not isinstance(profiles, list):
+            return f"Task.meta.profile is {_json_type(profiles)}, not an array"
+        for number, profile in enumerate(profiles):
+            if not isinstance(profile, str):
+                return f"Task.meta.profile[{number}] is {_json_type(profile)}, not a string"
+    for name in ("instantiatesCanonical", "status"):
+        if task.get(name) is not None and not isinstance(task[name], str):
+            return f"Task.{name} is {_json_type(task[name])}, not a string"
+    if task.get("requester") is not None:
+        problem = _shape_of_reference("Task.requester", task["requester"])
+        if problem is not None:
+            return problem
+    restriction = task.get("restriction")
+    if restriction is not None:
+        if not isinstance(restriction, Mapping):
+            return f"Task.restriction is {_json_type(restriction)}, not an object"
+        recipients = restriction.get("recipient")
+        if recipients is not None:
+            if not isinstance(recipients, list):
+                return f"Task.restriction.recipient is {_json_type(recipients)}, not an array"
+            for number, recipient in enumerate(recipients):
+                problem = _shape_of_reference(f"Task.restriction.recipient[{number}]", recipient)
+                if problem is not None:
+                    return problem
+    for name in ("input", "output"):
+        if task.get(name) is not None:
+            problem = _shape_of_parameters(f"Task.{name}", task[name])
+            if problem is not None:
+                return problem
+    return None
+
+
 def _codings(element: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     concept = element.get("type")
     codings = concept.get("coding") if isinstance(concept, Mapping) else None
@@ -174,7 +279,8 @@ def input_values(
 ) -> list[Any]:
     """The ``value[x]`` of every input of ``task`` coded ``system|code``."""
     values: list[Any] = []
-    for parameter in task.get("input") or []:
+    parameters = task.get("input")
+    for parameter in parameters if isinstance(parameters, list) else []:
         if not isinstance(parameter, Mapping):
             continue
         if any(c.get("system") == system and c.get("code") == code for c in _codings(parameter)):
@@ -348,11 +454,19 @@ def updated_task(
     for name in ("input", "output"):
         if isinstance(task.get(name), list):
             updated[name] = list(task[name])
-    if business_key is not None and not input_values(updated, BUSINESS_KEY):
+    # A hostile Task's input may be no list (failed by shape_violation): it gets no business
+    # key then, and an error output replaces an output that is no list.
+    if (
+        business_key is not None
+        and isinstance(updated.get("input", []), list)
+        and not input_values(updated, BUSINESS_KEY)
+    ):
         updated.setdefault("input", []).append(
             task_input(BPMN_MESSAGE_SYSTEM, BUSINESS_KEY, business_key)
         )
     if error is not None:
+        if not isinstance(updated.get("output", []), list):
+            updated["output"] = []
         updated.setdefault("output", []).append(
             {
                 "type": {"coding": [{"system": BPMN_MESSAGE_SYSTEM, "code": ERROR}]},

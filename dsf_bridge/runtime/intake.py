@@ -6,8 +6,10 @@ The steps, as the DSF BPE takes them, with the bridge's additions:
 1. Record the Task version as ``claiming`` (idempotency: a version already taken in is skipped).
    A Task whose id or version cannot be one of DSF's (nor fit the claim's columns) is ignored.
 2. Check its bounds before reading anything else of it (``[intake]`` in the configuration:
-   size, nesting depth, string lengths, number of inputs) and that every value the store keeps
-   of it fits its column on both databases. Then check it before any process step: DSF Task
+   size, nesting depth, string lengths, number of inputs), the JSON types of the elements the
+   bridge reads (an input that is no object, a coding list that is a string: a DSF server could
+   not parse such a Task), and that every value the store keeps of it fits its column on both
+   databases. Then check it before any process step: DSF Task
    conventions, a deployed process for ``instantiatesCanonical``, the recipient is this site,
    and the ActivityDefinition's process authorization admits requester and recipient for the
    message name and Task profile.
@@ -25,8 +27,8 @@ The steps, as the DSF BPE takes them, with the bridge's additions:
 A crash between the steps loses nothing: at start-up :meth:`TaskIntake.recover` re-reads every
 Task still ``claiming`` or ``held`` and finishes what the previous run began. One Task never
 stops the others or start-up: a Task the server no longer has (404/410), or that breaks a bound
-and that the server will not even take back ``failed``, is recorded ``skipped`` with an audit
-event ``task.skipped`` giving the reason.
+or has elements of the wrong JSON type and that the server will not even take back ``failed``,
+is recorded ``skipped`` with an audit event ``task.skipped`` giving the reason.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ from dsf_bridge.dsf.tasks import (
     read_message,
     requester_identifier,
     requester_label,
+    shape_violation,
+    shortened,
     updated_task,
 )
 from dsf_bridge.engine.exceptions import CorrelationError
@@ -206,7 +210,8 @@ class TaskIntake:
         if task.get("resourceType") != "Task" or task.get("status") != "requested":
             return
         task_id = str(task.get("id") or "")
-        version = str((task.get("meta") or {}).get("versionId") or "")
+        meta = task.get("meta")
+        version = str(meta.get("versionId") or "") if isinstance(meta, Mapping) else ""
         if not task_id or not version:
             log.warning("task.ignored", reason="no id or versionId")
             return
@@ -258,8 +263,9 @@ class TaskIntake:
             )
 
     async def _take_in(self, task: dict[str, Any], task_id: str, version: str) -> None:
-        # Bounds first: nothing else may walk, copy or store a hostile Task before this.
-        violation = bounds_violation(task, self.limits)
+        # Bounds first: nothing else may walk, copy or store a hostile Task before this; then
+        # the JSON types of what the bridge reads (a DSF server could not even parse others).
+        violation = bounds_violation(task, self.limits) or shape_violation(task)
         if violation is not None:
             await self._fail(task, version, violation, hostile=True)
             return
@@ -312,14 +318,15 @@ class TaskIntake:
         versions = self.runtime.versions(message.process.key)
         if not versions:
             return (
-                f"Process not found: {message.process.canonical} is not deployed at this site "
-                f"({self.local_organization}); ask its administrator to install the plugin"
+                f"Process not found: {shortened(message.process.canonical)} is not deployed "
+                f"at this site ({self.local_organization}); ask its administrator to install "
+                "the plugin"
             )
         if message.process.version not in versions:
             return (
                 f"Process not found: {message.process.key} runs in version "
                 f"{', '.join(versions)} at this site, the Task asks for "
-                f"{message.process.version}"
+                f"{shortened(message.process.version)}"
             )
         if self.authorizer is not None:
             return await self.authorizer.denied(task, message)
@@ -528,9 +535,10 @@ class TaskIntake:
     ) -> None:
         """PUT the Task ``failed`` with ``error``; the claim row records the outcome.
 
-        ``hostile``: the Task breaks a bound. As DSF's profiles want, it gets a business key if
-        it has none; when the server will not take it back failed, it is skipped for good
-        rather than tried again at every start."""
+        ``hostile``: the Task breaks a bound or has elements of the wrong JSON type. As DSF's
+        profiles want, it gets a business key if it has none (and a list of inputs); when the
+        server will not take it back failed, it is skipped for good rather than tried again at
+        every start."""
         task_id = str(task.get("id"))
         business_key = None
         if hostile and not input_values(task, BUSINESS_KEY):
@@ -668,7 +676,7 @@ class TaskIntake:
                     claim.task_id, claim.task_version, TAKEN_IN, instance_id=delivered.instance_id
                 )
                 return
-            violation = bounds_violation(task, self.limits)
+            violation = bounds_violation(task, self.limits) or shape_violation(task)
             if violation is not None:
                 await self._fail(
                     task, version, violation, claimed_version=claim.task_version, hostile=True
