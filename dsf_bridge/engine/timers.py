@@ -30,7 +30,8 @@ class TimerError(ProcessModelError):
 
 _DURATION_RE = re.compile(
     r"^P(?!$)(?:(?P<y>\d+)Y)?(?:(?P<mo>\d+)M)?(?:(?P<w>\d+)W)?(?:(?P<d>\d+)D)?"
-    r"(?:T(?=\d)(?:(?P<h>\d+)H)?(?:(?P<mi>\d+)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
+    r"(?:T(?=\d)(?:(?P<h>\d+)H)?(?:(?P<mi>\d+)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$",
+    re.ASCII,  # "P١D" is no duration: \d would take any Unicode digit
 )
 
 Duration = tuple[int, timedelta]
@@ -41,7 +42,7 @@ def parse_duration(text: str) -> Duration:
     """Parse an ISO 8601 duration into ``(months, timedelta)``."""
     match = _DURATION_RE.match(text.strip())
     if match is None:
-        raise TimerError(f"Not an ISO 8601 duration: {text!r}")
+        raise TimerError(f"Not an ISO 8601 duration: {_quoted(text)}")
     parts = {k: v for k, v in match.groupdict().items() if v is not None}
     try:
         months = int(parts.get("y", 0)) * 12 + int(parts.get("mo", 0))
@@ -76,7 +77,7 @@ def parse_date(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise TimerError(f"Not an ISO 8601 date-time: {text!r}") from None
+        raise TimerError(f"Not an ISO 8601 date-time: {_quoted(text)}") from None
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     try:
@@ -110,7 +111,14 @@ class RetryPolicy:
 
 
 _NO_DELAY = parse_duration("PT0S")
-_REPEAT_RE = re.compile(r"^R(\d+)/(P.+)$")
+_REPEAT_RE = re.compile(r"^R(\d+)/(P.+)$", re.ASCII)
+
+
+def _quoted(text: str, limit: int = 60) -> str:
+    """``text`` quoted for an error, cut after ``limit`` characters: it may come from a Task."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def parse_retry_cycle(text: str) -> RetryPolicy:

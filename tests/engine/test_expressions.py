@@ -135,8 +135,14 @@ def test_durations_dates_and_retry_cycles() -> None:
     assert parse_retry_cycle("R1/PT5S").retries == parse_retry_cycle("R0/PT5S").retries == 0
     assert parse_retry_cycle("PT1M,PT5M").retries == 2
     assert parse_retry_cycle("PT1M,PT5M").delay(1)[1].total_seconds() == 300
-    for bad in ("P", "PT", "5 minutes"):
+    # Arabic-Indic and full-width digits are digits to \d, not to ISO 8601.
+    for bad in ("P", "PT", "5 minutes", "P\u0661D", "PT\uff15S"):
         with pytest.raises(TimerError):
             parse_duration(bad)
+    # A duration from a Task may be huge: the error quotes only its start.
+    with pytest.raises(TimerError) as caught:
+        parse_duration("P" + "x" * 70_000)
+    assert len(str(caught.value)) < 200
+    assert "70001 characters" in str(caught.value)
     with pytest.raises(TimerError, match="Unbounded"):
         parse_retry_cycle("R/PT5S")
