@@ -158,6 +158,9 @@ class DicomWebArchive:
         # dicomweb-client logs request headers (tokens) at DEBUG and UIDs at INFO through its
         # own logger; our structlog events say what happened without them.
         logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+        # Its retry decorator (the "retrying" package) logs every failed try with a traceback
+        # at WARNING even with retries off; dicomweb.retried says the same in one line.
+        logging.getLogger("retrying").setLevel(logging.ERROR)
 
     def close(self) -> None:
         self._session.close()
@@ -305,7 +308,7 @@ class DicomWebArchive:
         if response is None:
             kind = "timed out" if isinstance(exc, requests.Timeout) else "cannot be reached"
             error: DicomWebError = ArchiveUnavailableError(
-                f"the DICOMweb archive at {self.url} {kind} ({operation}): {exc}",
+                f"the DICOMweb archive at {self.url} {kind} ({operation}: {_reason(exc)})",
                 url=self.url,
                 retryable=True,
             )
@@ -331,6 +334,26 @@ class DicomWebArchive:
             )
         error.__cause__ = exc
         return error
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a request got no answer, in the operating system's words ("Connection refused",
+    "Name or service not known", a TLS alert). Not ``str(exc)``: requests puts the request's
+    URL in it, which names the study, and the error travels to the requester in a Task."""
+    seen: set[int] = set()
+    current: BaseException = exc
+    while id(current) not in seen:
+        seen.add(id(current))
+        # urllib3's MaxRetryError keeps the failure in ``reason``, the rest chain their causes.
+        reason = getattr(current, "reason", None)
+        below = reason if isinstance(reason, BaseException) else None
+        below = below or current.__cause__ or current.__context__
+        if below is None:
+            break
+        current = below
+    if isinstance(current, OSError) and current.strerror:
+        return str(current.strerror)
+    return type(current).__name__
 
 
 def _value(item: Mapping[str, Any], tag: str) -> Any:

@@ -3,9 +3,9 @@ and real MLServer, on one machine (``dsf-bridge demo``; tests build the same net
 
 :class:`InferenceNetwork` serves every organization's sandbox DSF FHIR server (each with its
 own certificates), runs a :class:`~dsf_bridge.runtime.daemon.Bridge` with its own SQLite store
-for the organizations that have one, and can publish the inference plugin's resources to
-servers without a bridge (a site that accepts requests and never answers). Organizations
-listed as ``offline`` are in the allow list but serve nothing.
+(or the database a test names) for the organizations that have one, and can publish the
+inference plugin's resources to servers without a bridge (a site that accepts requests and
+never answers). Organizations listed as ``offline`` are in the allow list but serve nothing.
 
 :func:`run_demo` is the command: ``Hospital_A`` asks ``AI_Provider`` for the tissue composition
 of ``CT_small.dcm`` (from the pydicom wheel) and of a five-slice series made from it.
@@ -21,11 +21,10 @@ import json
 import secrets
 import shutil
 import signal
-import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -36,6 +35,7 @@ from pydantic import SecretStr
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from sqlalchemy import text
 
 from dsf_bridge.api import ApiServer, create_app
 from dsf_bridge.config import ApiSettings, load_settings
@@ -61,7 +61,7 @@ from dsf_bridge.sandbox.components import (
 from dsf_bridge.sandbox.network import _free_ports
 from dsf_bridge.sandbox.server import SandboxServer
 from dsf_bridge.sandbox.sites import SiteFiles, build_service, init_sandbox
-from dsf_bridge.store import Database, upgrade, verify_chain
+from dsf_bridge.store import Database, create_sync_engine, upgrade, verify_chain
 
 __all__ = [
     "DEMO_PROVIDER",
@@ -147,13 +147,15 @@ def site_client(site: SiteFiles) -> FhirClient:
 class InferenceNetwork:
     """Sandbox sites: ``bridges`` maps an organization to its ``[omi]`` settings (a bridge runs
     there), ``published`` to plugin resources put on a server without a bridge, ``offline``
-    organizations are in the allow list only; ``services`` adds handler services per bridge."""
+    organizations are in the allow list only; ``services`` adds handler services per bridge;
+    ``databases`` gives a bridge's store URL (default: an SQLite file in the site's folder)."""
 
     directory: Path
     bridges: Mapping[str, Mapping[str, Any]]
     published: Mapping[str, Sequence[tuple[str, bytes]]] = field(default_factory=dict)
     offline: Sequence[str] = ()
     services: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    databases: Mapping[str, str] = field(default_factory=dict)
     ca: CertificateAuthority | None = None
     runtime_settings: RuntimeSettings = FAST_RUNTIME
     dsf_release: DsfRelease = DSF_2
@@ -213,7 +215,9 @@ class InferenceNetwork:
                 await publish(client, list(files), dsf_release=self.dsf_release)
         for organization, omi in self.bridges.items():
             site = self.sites[organization]
-            url = f"sqlite:///{(self.directory / organization / 'bridge.db').resolve()}"
+            url = self.databases.get(organization) or (
+                f"sqlite:///{(self.directory / organization / 'bridge.db').resolve()}"
+            )
             upgrade(url)
             settings = load_settings(
                 site.bridge_config,
@@ -242,6 +246,26 @@ class InferenceNetwork:
 
     def client(self, organization: str) -> FhirClient:
         return site_client(self.sites[organization])
+
+    @contextlib.asynccontextmanager
+    async def server_away(self, organization: str) -> AsyncIterator[None]:
+        """The organization's FHIR server is stopped (REST and websocket) while in the block,
+        then served again on the same port from the same store, as after a restart."""
+        server = self.servers[organization]
+        await server.stop()
+        try:
+            yield
+        finally:
+            site = self.sites[organization]
+            self.servers[organization] = await self._stack.enter_async_context(
+                SandboxServer(
+                    server.service,
+                    certificate=site.server_certificate,
+                    key=site.server_key,
+                    ca_files=[site.ca],
+                    port=server.port,
+                )
+            )
 
     def tasks(self, organization: str) -> list[dict[str, Any]]:
         """Every Task on a site's FHIR server but published drafts."""
@@ -311,16 +335,19 @@ class InferenceNetwork:
 
 
 def waiting_state(db_url: str) -> dict[str, int]:
-    """What a bridge's SQLite store still waits for: running instances, timers, subscriptions."""
-    path = db_url.removeprefix("sqlite:///")
-    with contextlib.closing(sqlite3.connect(path)) as connection:
-        running = connection.execute(
-            "SELECT count(*) FROM process_instances WHERE status = 'running'"
-        ).fetchone()[0]
-        timers = connection.execute("SELECT count(*) FROM timers").fetchone()[0]
-        subscriptions = connection.execute("SELECT count(*) FROM message_subscriptions").fetchone()[
-            0
-        ]
+    """What a bridge's store still waits for: running instances, timers, subscriptions."""
+    engine = create_sync_engine(db_url, read_only=True)
+    try:
+        with engine.connect() as connection:
+            running = connection.execute(
+                text("SELECT count(*) FROM process_instances WHERE status = 'running'")
+            ).scalar_one()
+            timers = connection.execute(text("SELECT count(*) FROM timers")).scalar_one()
+            subscriptions = connection.execute(
+                text("SELECT count(*) FROM message_subscriptions")
+            ).scalar_one()
+    finally:
+        engine.dispose()
     return {"running": int(running), "timers": int(timers), "subscriptions": int(subscriptions)}
 
 

@@ -105,6 +105,10 @@ async def test_closed_port_is_archive_down() -> None:
         client.close()
     assert info.value.retryable
     assert not isinstance(info.value, StudyNotFoundError)
+    # The reason in the system's words, not requests' text with the URL (which names the
+    # study): the message goes back to the requesting site in the result Task.
+    assert str(info.value).endswith("cannot be reached (search_series: Connection refused)")
+    assert "1.2.3.4.5" not in str(info.value)
 
 
 async def test_stopped_orthanc_is_archive_down(tmp_path: Path, ct_small: Dataset) -> None:
