@@ -39,7 +39,7 @@ import contextvars
 import datetime as dt
 import re
 import uuid
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -201,9 +201,11 @@ class TaskIntake:
         # Server errors (5xx) per claim while taking it in, in this run: how many, and the
         # loop time of the first.
         self._server_errors: dict[tuple[str, str], tuple[int, float]] = {}
-        # Claims whose recovery at start-up met a server error on that Task: the sweeps try
-        # them again (a claim already in-progress on the server is not in any catch-up).
+        # Claims whose recovery at start-up met a server error on that Task, or whose intake
+        # met a retryable failure: the sweeps try them again (a claim already in-progress on
+        # the server is not in any catch-up); a new one wakes the sweeps after a short delay.
         self._deferred: dict[tuple[str, str], repo.TaskSeenRecord] = {}
+        self._retry_soon = asyncio.Event()
         runtime.on_send_resolved(self._send_resolved)
 
     async def handle(self, task: dict[str, Any]) -> None:
@@ -233,7 +235,15 @@ class TaskIntake:
                         status=CLAIMING,
                     )
             log.info("task.received", version=version)
-            await self._isolated(task_id, version, self._take_in(task, task_id, version))
+            try:
+                await self._isolated(task_id, version, self._take_in(task, task_id, version))
+            except BridgeError as exc:
+                if exc.retryable:
+                    # The PUT in-progress may have gone through before the store failed: then
+                    # no catch-up (they ask for requested Tasks) finds it again. The sweeps
+                    # take the claim up, soon.
+                    self._defer(repo.TaskSeenRecord(task_id, version, "incoming", CLAIMING, None))
+                raise
 
     async def _isolated(self, task_id: str, version: str, work: Awaitable[None]) -> None:
         """Run the intake of one Task version. A server error on it (a 5xx other than 502,
@@ -492,27 +502,43 @@ class TaskIntake:
             self._send_resolved()
         return added
 
+    def _defer(self, claim: repo.TaskSeenRecord) -> None:
+        self._deferred[(claim.task_id, claim.task_version)] = claim
+        self._retry_soon.set()
+
     async def retry_deferred(self) -> int:
-        """Try again the claims whose recovery at start-up met a server error on their Task;
-        return how many are still deferred."""
+        """Try again the claims whose recovery at start-up met a server error on their Task,
+        or whose intake met a retryable failure; return how many are still deferred."""
         for claim in list(self._deferred.values()):
             await self._recover_or_defer(claim)
         return len(self._deferred)
 
-    async def run_held_sweeps(self, stop: asyncio.Event, interval: float = 30.0) -> None:
+    async def run_held_sweeps(
+        self, stop: asyncio.Event, interval: float = 30.0, soon: float = 1.0
+    ) -> None:
         """:meth:`sweep_held` every ``interval`` seconds until ``stop``: a reply held by one
         replica is delivered even when another resolved its send (listeners are per
-        process). Claims whose recovery was deferred at start-up are tried again too."""
+        process). Deferred claims are tried again too: ``soon`` after one was deferred, then
+        with the delay doubling up to ``interval`` while they stay deferred."""
+        delay = soon
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+            self._retry_soon.clear()
+            timeout = delay if self._deferred else interval
+            await _first_of([stop.wait(), self._retry_soon.wait()], timeout)
             if stop.is_set():
                 return
+            if self._retry_soon.is_set():  # just deferred: give its cause a moment to pass
+                delay = soon
+                await _first_of([stop.wait()], soon)
+                if stop.is_set():
+                    return
             try:
                 await self.sweep_held()
-                await self.retry_deferred()
+                still_deferred = await self.retry_deferred()
             except BridgeError as exc:
                 log.warning("task.held_sweep_failed", error=str(exc))
+                still_deferred = True
+            delay = min(delay * 2, interval) if still_deferred else soon
 
     async def aclose(self) -> None:
         """Stop the delivery rounds and their timer (the claims stay held in the store)."""
@@ -716,3 +742,13 @@ class SqlCursorStore:
     async def save(self, resource_type: str, last_updated: dt.datetime) -> None:
         async with self.database.transaction() as session:
             await repo.advance_cursor(session, resource_type, last_updated)
+
+
+async def _first_of(waits: list[Coroutine[Any, Any, Any]], seconds: float) -> None:
+    """Until the first of ``waits`` ends or ``seconds`` pass; the others are dropped."""
+    futures = {asyncio.ensure_future(w) for w in waits}
+    try:
+        await asyncio.wait(futures, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in futures:
+            future.cancel()

@@ -438,13 +438,6 @@ async def test_a_database_away_right_after_a_send_repeats_no_send(
         assert attempts == 2, "the send was made, not recorded, and made again"
 
 
-@pytest.mark.xfail(
-    raises=TimeoutError,
-    strict=True,
-    reason="defect (runtime/intake.py): a claim whose commit fails after the PUT in-progress "
-    "stays 'claiming' until the bridge restarts; the Task is in-progress, so no catch-up "
-    "finds it again",
-)
 async def test_a_database_away_while_a_task_is_taken_in_leaves_no_task_in_progress(
     tmp_path: Path,
     archive: OrthancProcess,
