@@ -58,7 +58,7 @@ from dsf_bridge.engine.events import (
 from dsf_bridge.engine.exceptions import CorrelationError
 from dsf_bridge.engine.interpreter import step
 from dsf_bridge.engine.model import ProcessDefinition
-from dsf_bridge.errors import BridgeError, ConcurrencyError, ProcessExecutionError
+from dsf_bridge.errors import BridgeError, ConcurrencyError, ProcessExecutionError, StoreError
 from dsf_bridge.logs import bound_context
 from dsf_bridge.plugins.invocation import invoke
 from dsf_bridge.plugins.registry import HandlerRegistry
@@ -778,6 +778,23 @@ class ProcessRuntime:
                     await repo.postpone_job(
                         session, job.id, self.owner, due_at=self.clock() + _CONFLICT_BACKOFF
                     )
+        except StoreError as exc:
+            if not exc.retryable:
+                await self._job_failed(job, str(exc))
+                return
+            # The store went away under the job (its handler may have run): not a failure of
+            # the job, so no retry is used up. Given back at once, it runs again when the
+            # store is back instead of after the lease; if the store is still away, the lease
+            # runs out instead.
+            log.warning("job.interrupted", job_id=job.id, kind=job.kind, error=str(exc))
+            with contextlib.suppress(BridgeError):
+                async with self.database.transaction() as session:
+                    await repo.postpone_job(
+                        session,
+                        job.id,
+                        self.owner,
+                        due_at=self.clock() + self.settings.job_retry_delay,
+                    )
         except BridgeError as exc:
             await self._job_failed(job, str(exc))
 
@@ -998,7 +1015,6 @@ class ProcessRuntime:
         self._wakeup.set()
 
     async def _perform(self, entry: repo.ClaimedOutboxEntry) -> None:
-        payload = entry.payload
         try:
             result = await self._perform_remote(entry)
         except BridgeError as exc:
@@ -1021,6 +1037,25 @@ class ProcessRuntime:
             await self._effect_failed(entry, str(exc), status=status)
             return
         self._fault(FaultPoint.EFFECT_PERFORMED, entry.kind)
+        try:
+            await self._record_effect(entry, result)
+        except StoreError as exc:
+            if not exc.retryable or isinstance(exc, ConcurrencyError):
+                raise
+            # Done on the other side, not recorded here. Given back at once, the entry is
+            # tried again when the store is back (a send first looks for the Task it created)
+            # instead of after the lease; if the store is still away, the lease runs out.
+            log.warning("effect.unrecorded", kind=entry.kind, error=str(exc))
+            retry_at = self.clock() + self.settings.outbox_retry_delays[0]
+            with contextlib.suppress(BridgeError):
+                async with self.database.transaction() as session:
+                    await repo.retry_outbox(
+                        session, entry.id, self.owner, error=str(exc), retry_at=retry_at
+                    )
+
+    async def _record_effect(self, entry: repo.ClaimedOutboxEntry, result: str) -> None:
+        """Record a performed effect done; a send also steps its instance on, in one commit."""
+        payload = entry.payload
         if entry.kind != "send-task" or entry.instance_id is None:
             async with self.database.transaction() as session:
                 await repo.mark_outbox_done(

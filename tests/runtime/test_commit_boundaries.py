@@ -21,11 +21,12 @@ import pytest
 from sqlalchemy import select
 
 from dsf_bridge.dsf.tasks import input_values
+from dsf_bridge.errors import StoreError
 from dsf_bridge.runtime.processes import FaultPoint, ProcessRuntime
 from dsf_bridge.sandbox.network import SandboxNetwork
 from dsf_bridge.store import Database, verify_chain
 from dsf_bridge.store import repository as repo
-from dsf_bridge.store.tables import ProcessInstance
+from dsf_bridge.store.tables import Job, OutboxEntry, ProcessInstance
 from tests.runtime.sending import (
     KEY,
     PROVIDER_DEFINITION,
@@ -172,3 +173,64 @@ async def test_a_crash_at_any_commit_boundary_loses_and_repeats_nothing(
     async with database.transaction() as session:
         report = await verify_chain(session)
     assert report.ok, report.problem
+
+
+@dataclass
+class StoreLostAt:
+    """Fault hook: the store goes away once, inside the transaction of the step ``action``."""
+
+    action: str
+    lost: int = 0
+
+    def __call__(self, point: FaultPoint, detail: str) -> None:
+        if point is FaultPoint.STEP_WRITTEN and detail == self.action and not self.lost:
+            self.lost += 1
+            raise StoreError("database unavailable: connection refused", retryable=True)
+
+
+async def _leases(database: Database) -> list[tuple[str | None, int]]:
+    async with database.transaction() as session:
+        jobs = (await session.execute(select(Job.lease_owner, Job.retries_left))).all()
+        entries = (
+            await session.execute(
+                select(OutboxEntry.lease_owner, OutboxEntry.attempts).where(
+                    OutboxEntry.status == "pending"
+                )
+            )
+        ).all()
+    return [(owner, number) for owner, number in [*jobs, *entries]]
+
+
+@pytest.mark.parametrize("action", ["send.completed", "handler.completed"])
+async def test_work_done_but_not_recorded_is_given_back_at_once(
+    network: SandboxNetwork, database: Database, action: str
+) -> None:
+    """The store goes away in the commit after a send reached its target, or after a handler
+    ran: the worker gives the lease back (no job retry used up) instead of holding it until it
+    runs out, and the next round, with the store back, finishes with one request sent."""
+    config = site_config(network, REQUESTER, PROVIDER)
+    lost = StoreLostAt(action)
+    runtime, gateway = await runtime_for(database, config, owner="only")
+    runtime.fault_hook = lost
+    business_key = f"bk-lost-{action}"
+    try:
+        await runtime.start(
+            KEY,
+            message_name="start",
+            business_key=business_key,
+            variables={"target": {"organizationIdentifier": PROVIDER}},
+        )
+        while not lost.lost:
+            await runtime.run_once()
+        held = await _leases(database)
+        assert held, "the interrupted work is still there"
+        assert all(owner is None for owner, _ in held), held  # nobody holds it
+        if action == "handler.completed":
+            assert [retries for _, retries in held] == [3]  # no retry used up
+        # Due again within the first retry delay, not after the 60 s lease.
+        runtime.clock = lambda: dt.datetime.now(dt.UTC) + dt.timedelta(seconds=6)
+        await runtime.run_until_idle()
+    finally:
+        await close(gateway)
+    assert await _awaits_reply(database, business_key)
+    assert len(_requests(network, business_key)) == 1
