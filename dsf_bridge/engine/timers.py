@@ -31,7 +31,7 @@ class TimerError(ProcessModelError):
 _DURATION_RE = re.compile(
     r"^P(?!$)(?:(?P<y>\d+)Y)?(?:(?P<mo>\d+)M)?(?:(?P<w>\d+)W)?(?:(?P<d>\d+)D)?"
     r"(?:T(?=\d)(?:(?P<h>\d+)H)?(?:(?P<mi>\d+)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$",
-    re.ASCII,  # "P١D" is no duration: \d would take any Unicode digit
+    re.ASCII,  # \d alone would take any Unicode digit (Arabic-Indic, full-width)
 )
 
 Duration = tuple[int, timedelta]

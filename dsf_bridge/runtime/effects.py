@@ -41,6 +41,7 @@ from dsf_bridge.engine.interpreter import step
 from dsf_bridge.runtime.deployments import DeployedProcess, Deployments
 from dsf_bridge.store import Session, append_event
 from dsf_bridge.store import repository as repo
+from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
 
 __all__ = ["SIGNAL_SUBSCRIPTION", "TAKEN_IN", "EffectWriter", "StepRecord", "subscription_keys"]
 
@@ -50,7 +51,7 @@ log = structlog.get_logger("dsf_bridge.runtime")
 SIGNAL_SUBSCRIPTION = "signal:"
 
 # The status of a Task version intake claimed once its message reached an instance.
-TAKEN_IN = "started"
+TAKEN_IN = TaskSeenStatus.TAKEN_IN
 
 
 @dataclass
@@ -115,7 +116,7 @@ class EffectWriter:
             if any(key.message_name.startswith(SIGNAL_SUBSCRIPTION) for key in keys):
                 # A signal thrown while this instance was busy waits in a postponed job: it
                 # is due now that the instance waits again.
-                await repo.hasten_jobs(session, instance_id, "signal", now)
+                await repo.hasten_jobs(session, instance_id, JobKind.SIGNAL, now)
         pending = StepRecord(instance_id, status)
         await self.audit_incidents(session, instance_id, known, state, pending)
         effects = list(result.effects)
@@ -125,7 +126,7 @@ class EffectWriter:
             if isinstance(effect, CallHandler):
                 await repo.enqueue_job(
                     session,
-                    kind="handler",
+                    kind=JobKind.HANDLER,
                     instance_id=instance_id,
                     due_at=now,
                     retries=self.job_retries,
@@ -143,7 +144,7 @@ class EffectWriter:
             elif isinstance(effect, SendTask):
                 await repo.enqueue_job(
                     session,
-                    kind="send",
+                    kind=JobKind.SEND,
                     instance_id=instance_id,
                     due_at=now,
                     retries=self.job_retries,
@@ -165,7 +166,7 @@ class EffectWriter:
             elif isinstance(effect, ScheduleJob):
                 await repo.enqueue_job(
                     session,
-                    kind="continue",
+                    kind=JobKind.CONTINUE,
                     instance_id=instance_id,
                     due_at=effect.due,
                     retries=0,
@@ -184,7 +185,7 @@ class EffectWriter:
                 await repo.enqueue_outbox(
                     session,
                     idempotency_key=f"user-task:{user_task_id}:{record.version}",
-                    kind="create-user-task",
+                    kind=OutboxKind.CREATE_USER_TASK,
                     instance_id=instance_id,
                     now=now,
                     payload={
@@ -219,7 +220,7 @@ class EffectWriter:
                 for other in sorted(waiting):
                     await repo.enqueue_job(
                         session,
-                        kind="signal",
+                        kind=JobKind.SIGNAL,
                         instance_id=other,
                         due_at=now,
                         payload={"signal": effect.signal_name, "thrown_by": instance_id},
@@ -259,7 +260,7 @@ class EffectWriter:
                     await repo.enqueue_outbox(
                         session,
                         idempotency_key=f"{'complete' if completing else 'fail'}:{task_id}",
-                        kind="complete-task" if completing else "fail-task",
+                        kind=OutboxKind.COMPLETE_TASK if completing else OutboxKind.FAIL_TASK,
                         instance_id=instance_id,
                         now=now,
                         payload=payload,
@@ -289,7 +290,7 @@ class EffectWriter:
             task_id=task_id,
             task_version=task_version,
             role="incoming",
-            status="in-progress",
+            status=TaskSeenStatus.IN_PROGRESS,
             instance_id=instance_id,
         )
         if claimed_version is not None:

@@ -66,18 +66,20 @@ from dsf_bridge.logs import bound_context
 from dsf_bridge.runtime.processes import TAKEN_IN, MessageHeldError, ProcessRuntime
 from dsf_bridge.store import Database, Session, append_event
 from dsf_bridge.store import repository as repo
+from dsf_bridge.store.kinds import TaskSeenStatus
 from dsf_bridge.store.tables import AuditEvent, MessageSubscription, ProcessInstance, TaskSeen
 
 __all__ = ["Authorizer", "SqlCursorStore", "TaskIntake", "task_variables"]
 
 log = structlog.get_logger("dsf_bridge.intake")
 
-CLAIMING = "claiming"
-FAILED = "failed"
-LOST = "claimed-elsewhere"
-REFUSED = "refused"
-SKIPPED = "skipped"
-HELD = "held"
+# The intake's statuses of a claimed Task version (TaskSeenStatus, short names).
+CLAIMING = TaskSeenStatus.CLAIMING
+FAILED = TaskSeenStatus.FAILED
+LOST = TaskSeenStatus.CLAIMED_ELSEWHERE
+REFUSED = TaskSeenStatus.REFUSED
+SKIPPED = TaskSeenStatus.SKIPPED
+HELD = TaskSeenStatus.HELD
 
 # How soon a held reply whose delivery failed (the FHIR server away) is tried again, doubling
 # up to _HELD_RETRY_MAX.
@@ -631,7 +633,12 @@ class TaskIntake:
         )
 
     async def _mark(
-        self, task_id: str, version: str, status: str, *, instance_id: str | None = None
+        self,
+        task_id: str,
+        version: str,
+        status: TaskSeenStatus,
+        *,
+        instance_id: str | None = None,
     ) -> None:
         async with self.database.transaction() as session:
             await repo.set_task_seen_status(

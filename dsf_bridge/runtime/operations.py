@@ -21,6 +21,7 @@ from dsf_bridge.engine import state as instance_state
 from dsf_bridge.errors import ProcessExecutionError
 from dsf_bridge.store import Session as AsyncSession
 from dsf_bridge.store import repository as repo
+from dsf_bridge.store.kinds import JobKind
 
 __all__ = [
     "OPERATOR_JOB",
@@ -30,7 +31,7 @@ __all__ = [
     "request_retry",
 ]
 
-OPERATOR_JOB = "operator"
+OPERATOR_JOB = JobKind.OPERATOR
 MAX_RETRIES = 100
 MAX_REASON = 500
 

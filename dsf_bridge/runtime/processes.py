@@ -68,10 +68,10 @@ from dsf_bridge.runtime.effects import (
     EffectWriter,
     StepRecord,
 )
-from dsf_bridge.runtime.operations import OPERATOR_JOB
 from dsf_bridge.runtime.ports import OutgoingTask, TaskGateway, UserTaskRequest
 from dsf_bridge.store import Database, Session, append_event
 from dsf_bridge.store import repository as repo
+from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
 
 __all__ = [
     "TAKEN_IN",
@@ -809,7 +809,7 @@ class ProcessRuntime:
         instance_id = job.instance_id
         if instance_id is None:  # pragma: no cover - every job we create belongs to an instance
             raise ProcessExecutionError(f"job {job.id} has no instance")
-        if job.kind == "continue":
+        if job.kind is JobKind.CONTINUE:
             await self._apply_event(
                 instance_id,
                 lambda now: JobDue(str(payload["token"]), now),
@@ -818,14 +818,14 @@ class ProcessRuntime:
                 job_id=job.id,
             )
             return
-        if job.kind == "signal":
+        if job.kind is JobKind.SIGNAL:
             await self._deliver_signal(job, instance_id)
             return
-        if job.kind == OPERATOR_JOB:
+        if job.kind is JobKind.OPERATOR:
             await self._run_operator(job, instance_id)
             return
         deployed = await self.deployments.of_instance(instance_id)
-        if job.kind == "handler":
+        if job.kind is JobKind.HANDLER:
             effect = CallHandler(
                 handler=str(payload["handler"]),
                 kind=str(payload["kind"]),
@@ -848,7 +848,7 @@ class ProcessRuntime:
                 job_id=job.id,
             )
             return
-        if job.kind == "send":
+        if job.kind is JobKind.SEND:
             await self._prepare_send(job, instance_id, deployed)
             return
         raise ProcessExecutionError(f"unknown job kind {job.kind!r}")  # pragma: no cover
@@ -1006,7 +1006,7 @@ class ProcessRuntime:
                 # Not the job id alone: SQLite reuses the id of a deleted newest job, and a
                 # reused id would make this send a "duplicate" of an earlier one, lost.
                 idempotency_key=f"send:{payload.get('send_id') or job.id}",
-                kind="send-task",
+                kind=OutboxKind.SEND_TASK,
                 payload=entry,
                 instance_id=instance_id,
                 now=self.clock(),
@@ -1022,7 +1022,7 @@ class ProcessRuntime:
             # Effects on the site's own FHIR server wait out its outages, as the DSF BPE's
             # withRetryForever does (DefaultUserTaskListener, the Task updates): giving up
             # would fail or strand an instance because the local server restarted.
-            forever = entry.kind in _LOCAL_EFFECTS
+            forever = entry.kind.local
             if exc.retryable and retries and (forever or entry.attempts <= len(retries)):
                 retry_at = self.clock() + retries[min(entry.attempts, len(retries)) - 1]
                 async with self.database.transaction() as session:
@@ -1056,7 +1056,7 @@ class ProcessRuntime:
     async def _record_effect(self, entry: repo.ClaimedOutboxEntry, result: str) -> None:
         """Record a performed effect done; a send also steps its instance on, in one commit."""
         payload = entry.payload
-        if entry.kind != "send-task" or entry.instance_id is None:
+        if entry.kind is not OutboxKind.SEND_TASK or entry.instance_id is None:
             async with self.database.transaction() as session:
                 await repo.mark_outbox_done(
                     session, entry.id, self.owner, result=result, now=self.clock()
@@ -1072,7 +1072,7 @@ class ProcessRuntime:
                 task_id=_created_task_id(result),
                 task_version="1",
                 role="outgoing",
-                status="requested",
+                status=TaskSeenStatus.REQUESTED,
                 instance_id=entry.instance_id,
             )
             await append_event(
@@ -1100,7 +1100,7 @@ class ProcessRuntime:
 
     async def _perform_remote(self, entry: repo.ClaimedOutboxEntry) -> str:
         payload = entry.payload
-        if entry.kind == "send-task":
+        if entry.kind is OutboxKind.SEND_TASK:
             return await self.gateway.send_task(
                 OutgoingTask(
                     instance_id=entry.instance_id or "",
@@ -1117,19 +1117,19 @@ class ProcessRuntime:
                     maybe_delivered=entry.attempts > 1,
                 )
             )
-        if entry.kind == "complete-task":
+        if entry.kind is OutboxKind.COMPLETE_TASK:
             await self.gateway.complete_task(
                 str(payload["task_id"]), outputs=payload.get("outputs") or ()
             )
             return str(payload["task_id"])
-        if entry.kind == "fail-task":
+        if entry.kind is OutboxKind.FAIL_TASK:
             await self.gateway.fail_task(
                 str(payload["task_id"]),
                 str(payload["message"]),
                 outputs=payload.get("outputs") or (),
             )
             return str(payload["task_id"])
-        if entry.kind == "create-user-task":
+        if entry.kind is OutboxKind.CREATE_USER_TASK:
             return await self.gateway.create_user_task(
                 UserTaskRequest(
                     instance_id=entry.instance_id or "",
@@ -1138,7 +1138,7 @@ class ProcessRuntime:
                     form_key=str(payload["form_key"]),
                 )
             )
-        if entry.kind == "cancel-user-task":
+        if entry.kind is OutboxKind.CANCEL_USER_TASK:
             await self.gateway.cancel_user_task(str(payload["user_task_id"]))
             return str(payload["user_task_id"])
         raise ProcessExecutionError(f"unknown outbox kind {entry.kind!r}")  # pragma: no cover
@@ -1164,7 +1164,7 @@ class ProcessRuntime:
         log.error("effect.failed", kind=entry.kind, error=error, instance_id=entry.instance_id)
         event: Callable[[dt.datetime], Event] | None = None
         action = reason = ""
-        if entry.kind == "send-task" and entry.instance_id is not None:
+        if entry.kind is OutboxKind.SEND_TASK and entry.instance_id is not None:
             token = str(payload["token"])
             target = _target_label(payload)
             reason = f"Sending Task {payload['message_name']} to {target} failed: {error}"
@@ -1176,7 +1176,7 @@ class ProcessRuntime:
             def event(now: dt.datetime) -> Event:
                 return HandlerFailed(token, now, code, reason)
 
-        elif entry.kind == "create-user-task" and entry.instance_id is not None:
+        elif entry.kind is OutboxKind.CREATE_USER_TASK and entry.instance_id is not None:
             # As DSF's DefaultUserTaskListener: no form, no user task; the instance fails and
             # its Tasks with it, saying why (never a Task left in-progress).
             user_task = str(payload.get("token") or str(payload["user_task_id"]).rsplit("/", 1)[-1])
@@ -1272,9 +1272,6 @@ class ProcessRuntime:
             status=pending.status,
             effects=pending.effects,
         )
-
-
-_LOCAL_EFFECTS = frozenset({"complete-task", "fail-task", "create-user-task", "cancel-user-task"})
 
 
 def _created_task_id(result: str) -> str:

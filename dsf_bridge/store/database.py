@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, StatementError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -189,6 +189,9 @@ class Database:
             raise StoreError(
                 f"database error: {exc.orig}", retryable=bool(exc.connection_invalidated)
             ) from exc
+        except StatementError as exc:
+            # A value the column's codec refuses (dsf_bridge.store.kinds), on the way in or out.
+            raise StoreError(f"database error: {exc.orig}") from exc
 
     @asynccontextmanager
     async def _writing(self) -> AsyncIterator[None]:

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import Insert
 
 from dsf_bridge.errors import ConcurrencyError, StoreError
+from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
 from dsf_bridge.store.tables import (
     Job,
     MessageSubscription,
@@ -344,7 +345,7 @@ async def has_live_work(session: AsyncSession, instance_id: str) -> bool:
     job = await session.execute(
         select(Job.id)
         .where(Job.instance_id == instance_id)
-        .where(Job.kind != "signal")
+        .where(Job.kind != JobKind.SIGNAL)
         .where(Job.retries_left >= 0)
         .limit(1)
     )
@@ -353,7 +354,7 @@ async def has_live_work(session: AsyncSession, instance_id: str) -> bool:
     send = await session.execute(
         select(OutboxEntry.id)
         .where(OutboxEntry.instance_id == instance_id)
-        .where(OutboxEntry.kind == "send-task")
+        .where(OutboxEntry.kind == OutboxKind.SEND_TASK)
         .where(OutboxEntry.status == "pending")
         .limit(1)
     )
@@ -376,7 +377,7 @@ async def postpone_job(
 
 
 async def hasten_jobs(
-    session: AsyncSession, instance_id: str, kind: str, due_at: dt.datetime
+    session: AsyncSession, instance_id: str, kind: JobKind, due_at: dt.datetime
 ) -> None:
     """Make the instance's unleased jobs of ``kind`` due at ``due_at`` at the latest."""
     await session.execute(
@@ -483,7 +484,7 @@ async def next_timer_due(session: AsyncSession) -> dt.datetime | None:
 class ClaimedJob:
     id: int
     instance_id: str | None
-    kind: str
+    kind: JobKind
     payload: dict[str, Any]
     attempts: int
     retries_left: int
@@ -492,7 +493,7 @@ class ClaimedJob:
 async def enqueue_job(
     session: AsyncSession,
     *,
-    kind: str,
+    kind: JobKind,
     payload: dict[str, Any],
     due_at: dt.datetime,
     instance_id: str | None = None,
@@ -606,7 +607,7 @@ async def record_task_seen(
     task_id: str,
     task_version: str,
     role: str,
-    status: str,
+    status: TaskSeenStatus,
     instance_id: str | None = None,
 ) -> bool:
     """Remember a Task version; ``False`` when it was seen before (intake is idempotent)."""
@@ -631,7 +632,7 @@ class TaskSeenRecord:
     task_id: str
     task_version: str
     role: str
-    status: str
+    status: TaskSeenStatus
     instance_id: str | None
 
 
@@ -659,11 +660,11 @@ async def set_task_seen_status(
     session: AsyncSession,
     task_id: str,
     task_version: str,
-    status: str,
+    status: TaskSeenStatus,
     *,
     instance_id: str | None = None,
     role: str = "incoming",
-    only_from: Sequence[str] | None = None,
+    only_from: Sequence[TaskSeenStatus] | None = None,
 ) -> bool:
     """Set a Task version's intake status; with ``only_from``, only when its status is one of
     those (compare and set, for replicas). ``True`` when a row changed."""
@@ -686,7 +687,9 @@ async def set_task_seen_status(
     return result.first() is not None
 
 
-async def tasks_with_status(session: AsyncSession, role: str, status: str) -> list[TaskSeenRecord]:
+async def tasks_with_status(
+    session: AsyncSession, role: str, status: TaskSeenStatus
+) -> list[TaskSeenRecord]:
     """Task versions in one intake state, e.g. the ``claiming`` ones to recover at start-up."""
     rows = await session.execute(
         select(
@@ -723,7 +726,7 @@ class ClaimedOutboxEntry:
     id: int
     idempotency_key: str
     instance_id: str | None
-    kind: str
+    kind: OutboxKind
     payload: dict[str, Any]
     attempts: int
 
@@ -732,7 +735,7 @@ async def enqueue_outbox(
     session: AsyncSession,
     *,
     idempotency_key: str,
-    kind: str,
+    kind: OutboxKind,
     payload: dict[str, Any],
     instance_id: str | None = None,
     now: dt.datetime,
@@ -848,7 +851,7 @@ async def task_recipients(
     rows = await session.execute(
         select(OutboxEntry.payload)
         .where(OutboxEntry.instance_id == instance_id)
-        .where(OutboxEntry.kind == "send-task")
+        .where(OutboxEntry.kind == OutboxKind.SEND_TASK)
         .where(OutboxEntry.status.in_(("pending", "done")))
     )
     recipients: set[tuple[str | None, str | None]] = set()
@@ -879,7 +882,7 @@ async def sends_in_flight(session: AsyncSession, business_key: str) -> int:
         select(func.count(OutboxEntry.id))
         .join(ProcessInstance, ProcessInstance.id == OutboxEntry.instance_id)
         .where(_has_business_key(business_key))
-        .where(OutboxEntry.kind == "send-task")
+        .where(OutboxEntry.kind == OutboxKind.SEND_TASK)
         .where(OutboxEntry.status == "pending")
         .where(ProcessInstance.status == "running")
     )

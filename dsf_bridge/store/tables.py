@@ -11,7 +11,8 @@ too, because the DSF catch-up cursor and lease expiry compare them across hosts.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+import enum
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -30,10 +31,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from dsf_bridge.errors import StoreError
+from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
+
 __all__ = [
     "AuditEvent",
     "AuditHead",
     "Base",
+    "EnumText",
     "Job",
     "MessageSubscription",
     "OutboxEntry",
@@ -86,6 +91,37 @@ class UtcDateTime(TypeDecorator[dt.datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=dt.UTC)
         return value.astimezone(dt.UTC)
+
+
+_Kind = TypeVar("_Kind", bound=enum.StrEnum)
+
+
+class EnumText(TypeDecorator[_Kind]):
+    """One of a closed set of values (:mod:`dsf_bridge.store.kinds`), kept as its text."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, kind: type[_Kind], length: int) -> None:
+        super().__init__(length)
+        self.kind = kind
+
+    def process_bind_param(self, value: _Kind | str | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        return self.kind(value).value  # a misspelt value raises here, where it is written
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> _Kind | None:
+        if value is None:
+            return None
+        try:
+            return self.kind(value)
+        except ValueError:
+            known = ", ".join(member.value for member in self.kind)
+            raise StoreError(
+                f"{value!r} is no {self.kind.__name__} this release knows ({known}); "
+                "was the store written by a newer dsf-bridge?"
+            ) from None
 
 
 def utcnow() -> dt.datetime:
@@ -181,7 +217,7 @@ class Job(Base):
     instance_id: Mapped[str | None] = mapped_column(
         ForeignKey("process_instances.id", ondelete="CASCADE"), nullable=True, index=True
     )
-    kind: Mapped[str] = mapped_column(String(50))
+    kind: Mapped[JobKind] = mapped_column(EnumText(JobKind, 50))
     payload: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
     due_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -203,7 +239,7 @@ class TaskSeen(Base):
     task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     task_version: Mapped[str] = mapped_column(String(20), primary_key=True)
     role: Mapped[str] = mapped_column(String(20), primary_key=True)
-    status: Mapped[str] = mapped_column(String(20))
+    status: Mapped[TaskSeenStatus] = mapped_column(EnumText(TaskSeenStatus, 20))
     instance_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
     seen_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
@@ -220,7 +256,7 @@ class OutboxEntry(Base):
     instance_id: Mapped[str | None] = mapped_column(
         ForeignKey("process_instances.id", ondelete="SET NULL"), nullable=True, index=True
     )
-    kind: Mapped[str] = mapped_column(String(50))
+    kind: Mapped[OutboxKind] = mapped_column(EnumText(OutboxKind, 50))
     payload: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
     status: Mapped[str] = mapped_column(String(20), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -23,6 +23,7 @@ from dsf_bridge.runtime.processes import TAKEN_IN, ProcessRuntime, RuntimeSettin
 from dsf_bridge.sandbox.network import SandboxNetwork
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
+from dsf_bridge.store.kinds import TaskSeenStatus
 from dsf_bridge.store.tables import AuditEvent, ProcessInstance
 from tests.runtime.sending import (
     KEY,
@@ -285,8 +286,8 @@ async def test_a_reply_held_by_a_replica_that_stopped_is_delivered_by_the_sweep(
                 session,
                 reply["id"],
                 reply["meta"]["versionId"],
-                "claimed-elsewhere",
-                only_from=("claiming",),
+                TaskSeenStatus.CLAIMED_ELSEWHERE,
+                only_from=(TaskSeenStatus.CLAIMING,),
             )
         assert await intake.sweep_held() == 1
 

@@ -38,6 +38,7 @@ from dsf_bridge.sandbox import resources
 from dsf_bridge.sandbox.server import SandboxServer
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
+from dsf_bridge.store.kinds import TaskSeenStatus
 from dsf_bridge.store.tables import AuditEvent, ProcessInstance
 from tests.sandbox.harness import (
     LOCAL,
@@ -533,7 +534,11 @@ async def test_a_claimed_task_the_server_no_longer_has_is_skipped_at_start_up(
     async with site.database.transaction() as session:
         for claimed in (deleted, waiting):
             await repo.record_task_seen(
-                session, task_id=claimed["id"], task_version="1", role="incoming", status="claiming"
+                session,
+                task_id=claimed["id"],
+                task_version="1",
+                role="incoming",
+                status=TaskSeenStatus.CLAIMING,
             )
     assert site.sandbox.server.service.store.delete("Task", deleted["id"])
 
@@ -676,7 +681,11 @@ async def test_a_claim_whose_recovery_meets_a_server_error_is_tried_again(site: 
     )
     async with site.database.transaction() as session:
         await repo.record_task_seen(
-            session, task_id=stored["id"], task_version="1", role="incoming", status="claiming"
+            session,
+            task_id=stored["id"],
+            task_version="1",
+            role="incoming",
+            status=TaskSeenStatus.CLAIMING,
         )
     site.sandbox.server.service.inject_failures("GET", f"Task/{stored['id']}", [500] * 40)
     assert await site.intake.recover() == 1  # no exception: start-up goes on

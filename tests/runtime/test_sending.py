@@ -20,6 +20,7 @@ from dsf_bridge.runtime.ports import OutgoingTask
 from dsf_bridge.sandbox.network import SandboxNetwork
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
+from dsf_bridge.store.kinds import TaskSeenStatus
 from tests.runtime.sending import (
     FAST,
     KEY,
@@ -138,7 +139,7 @@ async def test_killed_after_the_target_accepted_the_task_sends_no_second_one(
     try:
         await runtime.run_until_idle()
         async with database.transaction() as session:
-            (sent,) = await repo.tasks_with_status(session, "outgoing", "requested")
+            (sent,) = await repo.tasks_with_status(session, "outgoing", TaskSeenStatus.REQUESTED)
             assert sent.instance_id is not None
             record = await repo.load_instance(session, sent.instance_id)
     finally:

@@ -119,7 +119,8 @@ async def test_a_signal_for_an_instance_stuck_behind_a_dead_job_is_dropped(
     runtime: ProcessRuntime, database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def store_down(*_args: object, **_kwargs: object) -> None:
-        raise StoreError("store hiccup", retryable=True)
+        # Not retryable: a lost connection would give the job back without using a retry.
+        raise StoreError("store refused the write", retryable=False)
 
     monkeypatch.setattr(processes, "invoke", store_down)
     stuck = await runtime.start(KEY, message_name="startPingAutostart", business_key="auto")

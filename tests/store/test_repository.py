@@ -6,11 +6,12 @@ import asyncio
 import datetime as dt
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 
-from dsf_bridge.errors import ConcurrencyError
+from dsf_bridge.errors import ConcurrencyError, StoreError
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
+from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
 from dsf_bridge.store.tables import Job, ProcessInstance
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
@@ -61,7 +62,9 @@ async def test_optimistic_locking_rejects_a_stale_write(database: Database) -> N
 
     with pytest.raises(ConcurrencyError) as caught:
         async with database.transaction() as session:
-            await repo.save_instance(session, record, state={"stale": True}, status="x", now=T0)
+            await repo.save_instance(
+                session, record, state={"stale": True}, status=TaskSeenStatus.IN_PROGRESS, now=T0
+            )
     assert caught.value.retryable
 
     async with database.transaction() as session:
@@ -127,7 +130,7 @@ async def test_due_timers_come_back_in_order_and_time_zone_aware(database: Datab
 async def test_job_lease_retry_and_exhaustion(database: Database) -> None:
     async with database.transaction() as session:
         job_id = await repo.enqueue_job(
-            session, kind="async-continue", payload={"element": "a"}, due_at=T0, retries=1
+            session, kind=JobKind.CONTINUE, payload={"element": "a"}, due_at=T0, retries=1
         )
     async with database.transaction() as session:
         claimed = await repo.claim_jobs(session, owner="w1", now=T0, lease=LEASE)
@@ -157,7 +160,7 @@ async def test_job_lease_retry_and_exhaustion(database: Database) -> None:
 
 async def test_completed_job_is_gone(database: Database) -> None:
     async with database.transaction() as session:
-        job_id = await repo.enqueue_job(session, kind="k", payload={}, due_at=T0)
+        job_id = await repo.enqueue_job(session, kind=JobKind.HANDLER, payload={}, due_at=T0)
     async with database.transaction() as session:
         await repo.claim_jobs(session, owner="w1", now=T0, lease=LEASE)
         await repo.complete_job(session, job_id, "w1")
@@ -169,13 +172,25 @@ async def test_completed_job_is_gone(database: Database) -> None:
 async def test_task_seen_is_idempotent(database: Database) -> None:
     async with database.transaction() as session:
         first = await repo.record_task_seen(
-            session, task_id="t1", task_version="1", role="incoming", status="requested"
+            session,
+            task_id="t1",
+            task_version="1",
+            role="incoming",
+            status=TaskSeenStatus.REQUESTED,
         )
         again = await repo.record_task_seen(
-            session, task_id="t1", task_version="1", role="incoming", status="requested"
+            session,
+            task_id="t1",
+            task_version="1",
+            role="incoming",
+            status=TaskSeenStatus.REQUESTED,
         )
         newer = await repo.record_task_seen(
-            session, task_id="t1", task_version="2", role="incoming", status="in-progress"
+            session,
+            task_id="t1",
+            task_version="2",
+            role="incoming",
+            status=TaskSeenStatus.IN_PROGRESS,
         )
     assert (first, again, newer) == (True, False, True)
 
@@ -194,7 +209,7 @@ async def test_tasks_of_an_instance_by_role(database: Database) -> None:
                 task_id=task_id,
                 task_version=version,
                 role=role,
-                status="x",
+                status=TaskSeenStatus.IN_PROGRESS,
                 instance_id="i-1",
             )
         incoming = await repo.tasks_of_instance(session, "i-1", "incoming")
@@ -206,10 +221,18 @@ async def test_tasks_of_an_instance_by_role(database: Database) -> None:
 async def test_outbox_enqueues_once_and_is_claimed_once(database: Database) -> None:
     async with database.transaction() as session:
         assert await repo.enqueue_outbox(
-            session, idempotency_key="send:bk-1:pong", kind="send-task", payload={"a": 1}, now=T0
+            session,
+            idempotency_key="send:bk-1:pong",
+            kind=OutboxKind.SEND_TASK,
+            payload={"a": 1},
+            now=T0,
         )
         assert not await repo.enqueue_outbox(
-            session, idempotency_key="send:bk-1:pong", kind="send-task", payload={"a": 2}, now=T0
+            session,
+            idempotency_key="send:bk-1:pong",
+            kind=OutboxKind.SEND_TASK,
+            payload={"a": 2},
+            now=T0,
         )
     async with database.transaction() as session:
         (entry,) = await repo.claim_outbox(session, owner="w1", now=T0, lease=LEASE)
@@ -253,7 +276,7 @@ async def test_concurrent_claims_never_share_work(database: Database) -> None:
     """Two replicas claiming at once on PostgreSQL get disjoint jobs (SKIP LOCKED)."""
     async with database.transaction() as session:
         for number in range(20):
-            await repo.enqueue_job(session, kind="k", payload={"n": number}, due_at=T0)
+            await repo.enqueue_job(session, kind=JobKind.HANDLER, payload={"n": number}, due_at=T0)
 
     async def worker(owner: str) -> list[int]:
         async with database.transaction() as session:
@@ -269,11 +292,19 @@ async def test_concurrent_claims_never_share_work(database: Database) -> None:
 async def test_a_task_sent_to_the_own_site_is_both_sent_and_taken_in(database: Database) -> None:
     async with database.transaction() as session:
         sent = await repo.record_task_seen(
-            session, task_id="t-self", task_version="1", role="outgoing", status="requested"
+            session,
+            task_id="t-self",
+            task_version="1",
+            role="outgoing",
+            status=TaskSeenStatus.REQUESTED,
         )
         assert await repo.get_task_seen(session, "t-self", "1") is None  # not taken in yet
         taken = await repo.record_task_seen(
-            session, task_id="t-self", task_version="1", role="incoming", status="claiming"
+            session,
+            task_id="t-self",
+            task_version="1",
+            role="incoming",
+            status=TaskSeenStatus.CLAIMING,
         )
         incoming = await repo.get_task_seen(session, "t-self", "1")
         outgoing = await repo.get_task_seen(session, "t-self", "1", role="outgoing")
@@ -292,7 +323,7 @@ async def test_sends_in_flight_leaves_out_dead_jobs_and_ended_instances(
     await _instance(database)
     async with database.transaction() as session:
         job_id = await repo.enqueue_job(
-            session, kind="send", payload={}, due_at=T0, instance_id="i-1", retries=0
+            session, kind=JobKind.SEND, payload={}, due_at=T0, instance_id="i-1", retries=0
         )
         assert await repo.sends_in_flight(session, "bk-1") == 1
         assert await repo.sends_in_flight(session, "bk-other") == 0
@@ -304,3 +335,31 @@ async def test_sends_in_flight_leaves_out_dead_jobs_and_ended_instances(
             update(ProcessInstance).where(ProcessInstance.id == "i-1").values(status="failed")
         )
         assert await repo.sends_in_flight(session, "bk-1") == 0
+
+
+async def test_kinds_and_statuses_pass_one_codec(database: Database) -> None:
+    """Job kinds, outbox kinds and Task-seen statuses are written as their text and read back
+    as enum members; a misspelt value is refused where it is written, and a value this release
+    does not know (a newer release wrote it) is an error naming the enum where it is read."""
+    async with database.transaction() as session:
+        job_id = await repo.enqueue_job(session, kind=JobKind.SIGNAL, payload={}, due_at=T0)
+    async with database.transaction() as session:
+        [claimed] = await repo.claim_jobs(
+            session, owner="w", now=T0, lease=dt.timedelta(seconds=30)
+        )
+        raw = await session.scalar(text("SELECT kind FROM jobs WHERE id = :id"), {"id": job_id})
+    assert claimed.kind is JobKind.SIGNAL
+    assert raw == "signal"
+
+    with pytest.raises(StoreError, match="'sgnal' is not a valid JobKind"):
+        async with database.transaction() as session:
+            await repo.enqueue_job(session, kind="sgnal", payload={}, due_at=T0)  # type: ignore[arg-type]
+
+    async with database.transaction() as session:
+        await session.execute(
+            text("UPDATE jobs SET kind = 'teleport', lease_expires_at = NULL WHERE id = :id"),
+            {"id": job_id},
+        )
+    with pytest.raises(StoreError, match="'teleport' is no JobKind this release knows"):
+        async with database.transaction() as session:
+            await repo.claim_jobs(session, owner="w", now=T0, lease=dt.timedelta(seconds=30))
