@@ -234,7 +234,8 @@ class DicomWebArchive:
                 f"instances from {self.url}",
                 url=self.url,
             )
-        _log.info("dicomweb.retrieved", study=study_instance_uid, instances=len(datasets))
+        # Never the study UID: it identifies a patient's examination.
+        _log.info("dicomweb.retrieved", instances=len(datasets))
         return datasets
 
     async def retrieve_study(

@@ -10,6 +10,7 @@ the runtime can decide on a retry from ``retryable``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -82,10 +83,15 @@ async def infer_study(
     # Readiness first: no study is fetched for a model that cannot take it.
     await client.ensure_model_ready(model, model_version)
     datasets = await archive.retrieve_study(study_instance_uid, series_instance_uid)
-    volume = volume_from_datasets(datasets, series_instance_uid=series_instance_uid)
+    # Decoding pixels and building the SEG take seconds of CPU for a large series: in a worker
+    # thread, so that the event loop keeps serving the websocket and the other Tasks meanwhile.
+    volume = await asyncio.to_thread(
+        volume_from_datasets, datasets, series_instance_uid=series_instance_uid
+    )
+    tensors = await asyncio.to_thread(volume.to_tensors)
     result = await client.infer(
         model,
-        volume.to_tensors(),
+        tensors,
         version=model_version,
         request_id=request_id,
         outputs=[*COMPOSITION_OUTPUTS, "tissue_labels"] if segmentation else None,
@@ -100,7 +106,8 @@ async def infer_study(
     )
     segmentation_series_uid = None
     if segmentation:
-        seg = segmentation_dataset(
+        seg = await asyncio.to_thread(
+            segmentation_dataset,
             volume,
             datasets,
             result["tissue_labels"].data,
@@ -109,9 +116,9 @@ async def infer_study(
         )
         await archive.store([seg])
         segmentation_series_uid = str(seg.SeriesInstanceUID)
+    # No study or series UID in the log: they identify a patient's examination.
     _log.info(
         "study_inference.completed",
-        study=volume.study_instance_uid,
         slices=volume.slices,
         measurements=len(measurements),
     )

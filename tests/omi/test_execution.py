@@ -4,12 +4,17 @@ unknown model, model failing."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
+import structlog.testing
 from fhir.resources.R4B.bundle import Bundle
 from pydicom.dataset import Dataset
 
+from dsf_bridge.omi import execution
+from dsf_bridge.omi.conversion import volume_from_datasets
 from dsf_bridge.omi.dicomweb import ArchiveUnavailableError, DicomWebArchive, StudyNotFoundError
 from dsf_bridge.omi.execution import infer_study
 from dsf_bridge.omi.inference import (
@@ -18,6 +23,7 @@ from dsf_bridge.omi.inference import (
     ModelNotFoundError,
     ModelNotReadyError,
 )
+from dsf_bridge.omi.segmentation import segmentation_dataset
 from dsf_bridge.sandbox.components import MLServerProcess, OrthancProcess, free_port
 from tests.components import BROKEN_MODEL, REFERENCE_MODEL, WARMING_MODEL
 from tests.omi.test_refmodel import REFERENCE_AREAS_CM2
@@ -152,3 +158,43 @@ async def test_model_failures(
             model=model,
             device=DEVICE,
         )
+
+
+async def test_pixels_and_the_seg_are_built_off_the_event_loop_and_no_uid_is_logged(
+    archive: DicomWebArchive,
+    inference: HttpInferenceClient,
+    ct_series: list[Dataset],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Decoding a series and building its SEG take seconds of CPU on a large study: they run in
+    worker threads, never on the loop that serves the websocket and the other Tasks. The
+    study's UIDs stay out of the log."""
+    await archive.store(ct_series)
+    threads: dict[str, bool] = {}
+
+    def watched(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            threads[name] = threading.current_thread() is threading.main_thread()
+            return function(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(execution, "volume_from_datasets", watched("volume", volume_from_datasets))
+    monkeypatch.setattr(execution, "segmentation_dataset", watched("seg", segmentation_dataset))
+    study = str(ct_series[0].StudyInstanceUID)
+    with structlog.testing.capture_logs() as logged:
+        outcome = await infer_study(
+            archive,
+            inference,
+            study_instance_uid=study,
+            series_instance_uid=str(ct_series[0].SeriesInstanceUID),
+            model=REFERENCE_MODEL.name,
+            device=DEVICE,
+            segmentation=True,
+        )
+    assert outcome.segmentation_series_uid is not None
+    assert threads == {"volume": False, "seg": False}  # neither on the loop's thread
+    text = repr(logged)
+    assert logged, "infer_study logs its steps"
+    assert study not in text
+    assert str(ct_series[0].SeriesInstanceUID) not in text
