@@ -69,6 +69,7 @@ from dsf_bridge.runtime.effects import (
     StepRecord,
 )
 from dsf_bridge.runtime.ports import OutgoingTask, TaskGateway, UserTaskRequest
+from dsf_bridge.runtime.workers import WorkerLoop
 from dsf_bridge.store import Database, Session, append_event
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
@@ -191,8 +192,8 @@ class ProcessRuntime:
         )
         self._wakeup = asyncio.Event()
         self._send_listeners: list[Callable[[], None]] = []
-        # When run_forever last began a round: the readiness check's sign of life.
-        self.heartbeat: dt.datetime | None = None
+        # The worker loop while run_forever runs (its heartbeat is the readiness check's).
+        self._loop: WorkerLoop | None = None
         # Tests only (FaultPoint): called at each commit boundary.
         self.fault_hook: FaultHook | None = None
 
@@ -645,74 +646,23 @@ class ProcessRuntime:
         raise ProcessExecutionError(f"still busy after {max_rounds} rounds")
 
     async def run_forever(self, stop: asyncio.Event) -> None:
-        """The worker loop of the daemon: work, then sleep until woken or the next poll.
+        """The worker loop of the daemon until ``stop`` (:class:`WorkerLoop`: rounds of
+        :meth:`run_once`, a graceful stop that drains, then gives every lease back)."""
+        self._loop = WorkerLoop(
+            self.run_once,
+            database=self.database,
+            owner=self.owner,
+            wakeup=self._wakeup,
+            idle_poll=self.settings.idle_poll,
+            grace=self.settings.shutdown_grace,
+            clock=self.clock,
+        )
+        await self._loop.run(stop)
 
-        Once ``stop`` is set no new round starts; a round under way may finish within
-        ``settings.shutdown_grace``, after which it is cancelled (its transactions roll back,
-        as in a crash). Then every lease this worker still holds is given back, so that a
-        restarted bridge or another replica takes the work at once instead of after the lease.
-        """
-        try:
-            await self._work_until(stop)
-        finally:
-            await self._release_leases()
-
-    async def _work_until(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            self.heartbeat = self.clock()
-            # Cleared before the round, not after: work committed while the round runs (a Task
-            # taken in by the subscription, say) must wake the next round, not wait for the poll.
-            self._wakeup.clear()
-            try:
-                done = await self._round(stop)
-            except BridgeError as exc:
-                log.warning("worker.failed", error=str(exc), retryable=exc.retryable)
-                done = 0
-            if done:
-                continue
-            sleeper = asyncio.ensure_future(self._wakeup.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            try:
-                await asyncio.wait(
-                    {sleeper, stopper},
-                    timeout=self.settings.idle_poll.total_seconds(),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                sleeper.cancel()
-                stopper.cancel()
-
-    async def _round(self, stop: asyncio.Event) -> int:
-        """One :meth:`run_once`, drained within the grace period when ``stop`` is set."""
-        work = asyncio.ensure_future(self.run_once())
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                grace = self.settings.shutdown_grace.total_seconds()
-                log.info("worker.draining", grace_seconds=grace)
-                await asyncio.wait({work}, timeout=grace)
-            if not work.done():
-                log.warning("worker.drain_timeout", grace_seconds=grace)
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
-                return 0
-            return work.result()
-        finally:
-            stopper.cancel()
-            if not work.done():  # the loop itself was cancelled
-                work.cancel()
-
-    async def _release_leases(self) -> None:
-        try:
-            async with self.database.transaction() as session:
-                released = await repo.release_leases(session, self.owner)
-        except BridgeError as exc:  # the store is gone: the leases run out instead
-            log.warning("worker.leases_kept", error=str(exc))
-            return
-        if released:
-            log.info("worker.leases_released", count=released)
+    @property
+    def heartbeat(self) -> dt.datetime | None:
+        """When the worker loop last began a round: the readiness check's sign of life."""
+        return None if self._loop is None else self._loop.heartbeat
 
     async def _fire_due_timers(self) -> int:
         fired = 0

@@ -1,0 +1,115 @@
+"""The daemon's worker loop: rounds of due work (timers, jobs, the outbox), a sleep until new
+work wakes it or the next poll, and a graceful stop in temporal's style.
+
+Once stopped, no new round starts; a round under way may finish within the grace period, after
+which it is cancelled (its transactions roll back, as in a crash). Then every lease the worker
+still holds is given back, so that a restarted bridge or another replica takes the work at once
+instead of after the lease. The loop never raises a :class:`~dsf_bridge.errors.BridgeError` of
+a round: it logs it and goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from dsf_bridge.errors import BridgeError
+from dsf_bridge.store import Database
+from dsf_bridge.store import repository as repo
+
+__all__ = ["WorkerLoop"]
+
+log = structlog.get_logger("dsf_bridge.runtime")
+
+
+class WorkerLoop:
+    """Runs ``run_once`` (one round, returning how much it did) until stopped.
+
+    ``wakeup`` ends a sleep early (work committed elsewhere); ``idle_poll`` bounds a sleep;
+    ``grace`` is how long a round may go on after the stop; the leases of ``owner`` in
+    ``database`` are given back at the end. ``heartbeat`` is when the last round began.
+    """
+
+    def __init__(
+        self,
+        run_once: Callable[[], Awaitable[int]],
+        *,
+        database: Database,
+        owner: str,
+        wakeup: asyncio.Event,
+        idle_poll: dt.timedelta,
+        grace: dt.timedelta,
+        clock: Callable[[], dt.datetime],
+    ) -> None:
+        self.run_once = run_once
+        self.database = database
+        self.owner = owner
+        self.wakeup = wakeup
+        self.idle_poll = idle_poll.total_seconds()
+        self.grace = grace.total_seconds()
+        self.clock = clock
+        self.heartbeat: dt.datetime | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._work_until(stop)
+        finally:
+            await self._release_leases()
+
+    async def _work_until(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.heartbeat = self.clock()
+            # Cleared before the round, not after: work committed while the round runs (a Task
+            # taken in by the subscription, say) must wake the next round, not wait for the poll.
+            self.wakeup.clear()
+            try:
+                done = await self._round(stop)
+            except BridgeError as exc:
+                log.warning("worker.failed", error=str(exc), retryable=exc.retryable)
+                done = 0
+            if done:
+                continue
+            sleeper = asyncio.ensure_future(self.wakeup.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait(
+                    {sleeper, stopper}, timeout=self.idle_poll, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                sleeper.cancel()
+                stopper.cancel()
+
+    async def _round(self, stop: asyncio.Event) -> int:
+        """One round, drained within the grace period when ``stop`` is set meanwhile."""
+        work = asyncio.ensure_future(self.run_once())
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                log.info("worker.draining", grace_seconds=self.grace)
+                await asyncio.wait({work}, timeout=self.grace)
+            if not work.done():
+                log.warning("worker.drain_timeout", grace_seconds=self.grace)
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+                return 0
+            return work.result()
+        finally:
+            stopper.cancel()
+            if not work.done():  # the loop itself was cancelled
+                work.cancel()
+
+    async def _release_leases(self) -> None:
+        try:
+            async with self.database.transaction() as session:
+                released = await repo.release_leases(session, self.owner)
+        except BridgeError as exc:  # the store is gone: the leases run out instead
+            log.warning("worker.leases_kept", error=str(exc))
+            return
+        if released:
+            log.info("worker.leases_released", count=released)
