@@ -5,10 +5,11 @@ with the HTTP status and the server's OperationOutcome diagnostics (JSON or XML,
 parsed with entities, DTDs and network access off). Retries are bounded with exponential
 back-off, for HTTP 5xx, 429 (honouring ``Retry-After`` up to a cap) and connection failures only;
 4xx answers are never retried. A request that may have reached the server (the connection broke
-after sending) is retried only when repeating it is harmless: GET, PUT, DELETE, and POST with
-``If-None-Exist``. A plain POST would risk a second Task, so that failure is reported retryable
-for the runtime to decide with its outbox. TLS failures are not retried and say which side
-refused whom.
+after sending), or that the server may have processed (a 5xx other than 503), is retried only
+when repeating it is harmless: GET, PUT, DELETE, and POST with ``If-None-Exist``. A plain POST
+would risk a second Task, so that failure is reported retryable for the runtime to decide with
+its outbox, which looks for the earlier delivery first. TLS failures are not retried and say
+which side refused whom.
 
 Tests inject an ``httpx`` transport (``httpx.MockTransport``) through ``transport=``.
 """
@@ -110,6 +111,10 @@ def parse_outcome(content: bytes, content_type: str) -> str:
     if isinstance(parsed, dict) and parsed.get("resourceType") == "OperationOutcome":
         return outcome_diagnostics(parsed)
     return ""
+
+
+# Answers that say the server did not process the request: a plain POST may be repeated.
+_NOT_PROCESSED = frozenset({429, 503})
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -348,7 +353,12 @@ class FhirClient:
             if response.is_success:
                 return response
             retryable = response.status_code >= 500 or response.status_code == 429
-            if retryable and attempt < self._retry.attempts:
+            # A plain POST answered 500, 502 or 504 may have been processed (a proxy that lost
+            # the backend's answer): repeating it here could make a second Task. Only 429 and
+            # 503 say "not processed"; the rest goes to the runtime, whose outbox first looks
+            # for the earlier delivery.
+            again = repeatable or response.status_code in _NOT_PROCESSED
+            if retryable and again and attempt < self._retry.attempts:
                 delay = self._retry.delay(attempt)
                 retry_after = _retry_after(response)
                 if retry_after is not None:

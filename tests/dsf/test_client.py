@@ -338,3 +338,24 @@ async def test_bare_401_explains_the_likely_cause() -> None:
             await client.read("Task", "t1")
     assert caught.value.status == 401
     assert caught.value.retryable is False
+
+
+@pytest.mark.parametrize("code", [500, 502, 504])
+async def test_a_plain_post_that_may_have_been_processed_is_left_to_the_outbox(code: int) -> None:
+    """500, 502 or 504 to a POST: the server (or the backend behind a proxy) may have created
+    the Task. The client does not repeat it; the error is retryable for the runtime, whose
+    outbox looks for the earlier delivery before it posts again. 503 and 429 say "not
+    processed" and are repeated at once; a PUT is repeated whatever the 5xx."""
+    server = FakeServer([status(code), status(201)])
+    sleeps: list[float] = []
+    async with client_for(server, sleeps) as client:
+        with pytest.raises(RemoteError) as caught:
+            await client.create(TASK, return_minimal=True)
+        assert len(server.requests) == 1
+        assert caught.value.retryable is True
+        assert caught.value.status == code
+
+        repeated = FakeServer([status(code), status(200)])
+    async with client_for(repeated, sleeps) as client:
+        await client.update({**TASK, "id": "t1"})
+    assert len(repeated.requests) == 2
