@@ -228,6 +228,17 @@ class RuntimeConfig(_Section):
             raise ValueError("every delay must be above 0 and at most 86400 seconds")
         return value
 
+    @model_validator(mode="after")
+    def _grace_within_lease(self) -> RuntimeConfig:
+        # Past its lease a draining send or job could be taken by another replica while it
+        # still runs here.
+        if self.shutdown_grace >= self.lease:
+            raise ValueError(
+                f"shutdown_grace ({self.shutdown_grace:g} s) must be shorter than lease "
+                f"({self.lease:g} s)"
+            )
+        return self
+
 
 class OmiServiceSettings(_Section):
     """One inference service of the local catalogue. A requesting site needs ``organization``

@@ -236,6 +236,7 @@ def test_the_runtime_policy_from_file_and_environment(tmp_path: Path) -> None:
         ("[runtime]\noutbox_retry_delays = [1, 0]\n", "runtime.outbox_retry_delays"),
         ("[runtime]\nidle_poll = 0\n", "runtime.idle_poll"),
         ("[runtime]\nshutdown_grace = -1\n", "runtime.shutdown_grace"),
+        ("[runtime]\nlease = 20\nshutdown_grace = 30\n", "runtime"),
     ],
 )
 def test_bad_runtime_settings_name_the_field(tmp_path: Path, toml: str, field: str) -> None:

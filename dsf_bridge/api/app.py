@@ -30,6 +30,7 @@ from dsf_bridge.errors import ProcessExecutionError, StoreError
 from dsf_bridge.runtime import operations
 from dsf_bridge.store import Database
 from dsf_bridge.store import queries as q
+from dsf_bridge.store.kinds import TaskSeenStatus
 
 __all__ = ["create_app"]
 
@@ -227,7 +228,7 @@ def create_app(
     @api.get("/tasks", response_model=list[q.TaskRow])
     async def tasks(
         role: Literal["incoming", "outgoing"] | None = None,
-        status: str | None = None,
+        status: TaskSeenStatus | None = None,
         limit: int = Query(50, ge=1, le=q.MAX_PAGE),
     ) -> list[q.TaskRow]:
         """Task versions taken in or sent, newest first (failed intakes have no instance)."""

@@ -208,6 +208,9 @@ class TaskIntake:
         # the server is not in any catch-up); a new one wakes the sweeps after a short delay.
         self._deferred: dict[tuple[str, str], repo.TaskSeenRecord] = {}
         self._retry_soon = asyncio.Event()
+        # Claims being taken in or recovered in this process right now: a catch-up and a
+        # sweep never work on the same claim at once (two instances for one Task).
+        self._working: set[tuple[str, str]] = set()
         runtime.on_send_resolved(self._send_resolved)
 
     async def handle(self, task: dict[str, Any]) -> None:
@@ -236,7 +239,11 @@ class TaskIntake:
                         role="incoming",
                         status=CLAIMING,
                     )
+            key = (task_id, version)
+            if key in self._working:
+                return  # the sweeps are on this claim now; they defer it again if they fail
             log.info("task.received", version=version)
+            self._working.add(key)
             try:
                 await self._isolated(task_id, version, self._take_in(task, task_id, version))
             except BridgeError as exc:
@@ -246,6 +253,8 @@ class TaskIntake:
                     # take the claim up, soon.
                     self._defer(repo.TaskSeenRecord(task_id, version, "incoming", CLAIMING, None))
                 raise
+            finally:
+                self._working.discard(key)
 
     async def _isolated(self, task_id: str, version: str, work: Awaitable[None]) -> None:
         """Run the intake of one Task version. A server error on it (a 5xx other than 502,
@@ -512,7 +521,10 @@ class TaskIntake:
         """Try again the claims whose recovery at start-up met a server error on their Task,
         or whose intake met a retryable failure; return how many are still deferred."""
         for claim in list(self._deferred.values()):
-            await self._recover_or_defer(claim)
+            try:
+                await self._recover_or_defer(claim)
+            except BridgeError as exc:  # still away: this one waits, the others are tried
+                log.warning("task.recovery_deferred", task_id=claim.task_id, error=str(exc))
         return len(self._deferred)
 
     async def run_held_sweeps(
@@ -668,6 +680,9 @@ class TaskIntake:
         """:meth:`_recover` one claim; a server error on that Task alone defers it to the
         sweeps (one Task must not stop start-up); an outage is raised."""
         key = (claim.task_id, claim.task_version)
+        if key in self._working:
+            return  # a catch-up is taking it in now; a deferred claim stays deferred
+        self._working.add(key)
         with bound_context(task_id=claim.task_id):
             try:
                 await self._isolated(claim.task_id, claim.task_version, self._recover(claim))
@@ -677,6 +692,8 @@ class TaskIntake:
                 self._deferred[key] = claim
                 log.warning("task.recovery_deferred", error=str(exc))
                 return
+            finally:
+                self._working.discard(key)
         self._deferred.pop(key, None)
 
     async def _recover(self, claim: repo.TaskSeenRecord) -> None:

@@ -132,6 +132,9 @@ class RuntimeSettings:
     shutdown_grace: dt.timedelta = dt.timedelta(seconds=30)
 
 
+# How often a job's lease is given back without using a retry because the store went away
+# under it (the job's leases in all, counting its retries).
+_MAX_INTERRUPTIONS = 5
 # How soon a job whose instance kept changing under it runs again.
 _CONFLICT_BACKOFF = dt.timedelta(milliseconds=100)
 # How soon a signal job looks again at an instance that was busy between two waits.
@@ -729,7 +732,10 @@ class ProcessRuntime:
                         session, job.id, self.owner, due_at=self.clock() + _CONFLICT_BACKOFF
                     )
         except StoreError as exc:
-            if not exc.retryable:
+            # A store error that repeats (a statement timeout, a full disk) must not rerun the
+            # handler for ever: past a few interruptions the job uses its retries, then is an
+            # incident, as before.
+            if not exc.retryable or job.attempts > _MAX_INTERRUPTIONS:
                 await self._job_failed(job, str(exc))
                 return
             # The store went away under the job (its handler may have run): not a failure of
@@ -996,7 +1002,8 @@ class ProcessRuntime:
             # tried again when the store is back (a send first looks for the Task it created)
             # instead of after the lease; if the store is still away, the lease runs out.
             log.warning("effect.unrecorded", kind=entry.kind, error=str(exc))
-            retry_at = self.clock() + self.settings.outbox_retry_delays[0]
+            delays = self.settings.outbox_retry_delays  # backing off while the store fails
+            retry_at = self.clock() + delays[min(entry.attempts, len(delays)) - 1]
             with contextlib.suppress(BridgeError):
                 async with self.database.transaction() as session:
                     await repo.retry_outbox(

@@ -11,7 +11,6 @@ a round: it logs it and goes on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 from collections.abc import Awaitable, Callable
 
@@ -94,15 +93,13 @@ class WorkerLoop:
                 await asyncio.wait({work}, timeout=self.grace)
             if not work.done():
                 log.warning("worker.drain_timeout", grace_seconds=self.grace)
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
+                await _cancelled(work)
                 return 0
             return work.result()
         finally:
             stopper.cancel()
-            if not work.done():  # the loop itself was cancelled
-                work.cancel()
+            if not work.done():  # the loop itself was cancelled: the round unwinds first
+                await _cancelled(work)
 
     async def _release_leases(self) -> None:
         try:
@@ -113,3 +110,11 @@ class WorkerLoop:
             return
         if released:
             log.info("worker.leases_released", count=released)
+
+
+async def _cancelled(work: asyncio.Future[int]) -> None:
+    """Cancel ``work`` and wait until it has unwound (its transactions rolled back), so that
+    the leases are given back after, not during, its rollback. A cancellation of the caller
+    meanwhile is not swallowed."""
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)

@@ -16,6 +16,7 @@ from sqlalchemy import Select, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dsf_bridge.engine import state as instance_state
+from dsf_bridge.store.kinds import TaskSeenStatus
 from dsf_bridge.store.tables import (
     AuditEvent,
     AuditHead,
@@ -247,7 +248,10 @@ async def list_tasks(
     instance_id: str | None = None,
     limit: int = 50,
 ) -> list[TaskRow]:
-    """Task versions taken in or sent, newest first."""
+    """Task versions taken in or sent, newest first. A ``status`` that is no
+    :class:`TaskSeenStatus` matches nothing (a search box, not an error)."""
+    if status is not None and status not in set(TaskSeenStatus):
+        return []
     query = select(
         TaskSeen.task_id,
         TaskSeen.task_version,

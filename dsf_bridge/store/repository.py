@@ -558,6 +558,8 @@ async def claim_jobs(
         select(Job)
         .where(Job.due_at <= now)
         .where(Job.retries_left >= 0)
+        # A kind only a newer release knows stays for it: one such row must not stop the rest.
+        .where(Job.kind.in_(list(JobKind)))
         .order_by(Job.due_at, Job.id)
     )
     jobs = await _lease(session, Job, query, owner=owner, now=now, lease=lease, limit=limit)
@@ -771,6 +773,7 @@ async def claim_outbox(
         select(OutboxEntry)
         .where(OutboxEntry.status == "pending")
         .where(OutboxEntry.next_attempt_at <= now)
+        .where(OutboxEntry.kind.in_(list(OutboxKind)))  # as claim_jobs: newer kinds stay
         .order_by(OutboxEntry.next_attempt_at, OutboxEntry.id)
     )
     entries = await _lease(

@@ -204,6 +204,17 @@ async def test_tasks_list_includes_intake_failures_without_instance(
     assert len(outgoing) == 3  # one request per instance
     bad = await client.get("/api/v1/tasks?role=sideways", headers=AUTH)
     assert bad.status_code == 422
+    # A status is one of the intake's: another is refused with the list, never a 503.
+    claimed = (await client.get("/api/v1/tasks?status=claiming", headers=AUTH)).json()
+    assert all(t["status"] == "claiming" for t in claimed)
+    unknown = await client.get("/api/v1/tasks?status=completed", headers=AUTH)
+    assert unknown.status_code == 422
+    assert "claiming" in unknown.text
+    # The web page's field is free text: an unknown status lists nothing.
+    page = await client.get("/ui/tasks?status=completed", headers=AUTH)
+    assert page.status_code == 200
+    assert "start-wait" not in page.text
+    assert "start-wait" in (await client.get("/ui/tasks", headers=AUTH)).text
 
 
 async def test_metrics_count_the_store_in_prometheus_format(

@@ -152,12 +152,15 @@ async def test_a_crash_at_any_commit_boundary_loses_and_repeats_nothing(
     for index, (point, detail) in enumerate(boundaries):
         business_key = f"bk-{index}"
         doomed, gateway = await runtime_for(database, config, owner=f"doomed-{index}")
-        doomed.fault_hook = CrashAt(index)
+        crash = CrashAt(index)
+        doomed.fault_hook = crash
         try:
             with pytest.raises(Crash):
                 await _advance(doomed, business_key)
         finally:
             await close(gateway)
+        # It died where it was meant to, on the same way as the recording run.
+        assert crash.reached == boundaries[: index + 1]
 
         restarted, gateway = await runtime_for(
             database, config, owner=f"restarted-{index}", clock=_later
@@ -177,13 +180,19 @@ async def test_a_crash_at_any_commit_boundary_loses_and_repeats_nothing(
 
 @dataclass
 class StoreLostAt:
-    """Fault hook: the store goes away once, inside the transaction of the step ``action``."""
+    """Fault hook: the store goes away inside the transaction of the step ``action``: once, or
+    every time with ``repeat``."""
 
     action: str
+    repeat: bool = False
     lost: int = 0
 
     def __call__(self, point: FaultPoint, detail: str) -> None:
-        if point is FaultPoint.STEP_WRITTEN and detail == self.action and not self.lost:
+        if (
+            point is FaultPoint.STEP_WRITTEN
+            and detail == self.action
+            and (self.repeat or not self.lost)
+        ):
             self.lost += 1
             raise StoreError("database unavailable: connection refused", retryable=True)
 
@@ -234,3 +243,34 @@ async def test_work_done_but_not_recorded_is_given_back_at_once(
         await close(gateway)
     assert await _awaits_reply(database, business_key)
     assert len(_requests(network, business_key)) == 1
+
+
+async def test_a_store_error_that_repeats_ends_in_an_incident_not_a_loop(
+    network: SandboxNetwork, database: Database
+) -> None:
+    """A 'retryable' store error that comes back every time (a statement timeout, a full disk)
+    gives the job back a few times without using a retry, then uses its retries, then leaves
+    it out of retries for an operator: the handler is not run for ever."""
+    config = site_config(network, REQUESTER, PROVIDER)
+    always = StoreLostAt("handler.completed", repeat=True)
+    moment = [dt.datetime.now(dt.UTC)]
+    runtime, gateway = await runtime_for(database, config, owner="only", clock=lambda: moment[0])
+    runtime.fault_hook = always
+    try:
+        await runtime.start(
+            KEY,
+            message_name="start",
+            business_key="bk-always",
+            variables={"target": {"organizationIdentifier": PROVIDER}},
+        )
+        for _ in range(40):
+            await runtime.run_once()
+            moment[0] += dt.timedelta(minutes=1)
+    finally:
+        await close(gateway)
+    async with database.transaction() as session:
+        retries_left = (await session.scalars(select(Job.retries_left))).all()
+    # Out of retries, parked where an operator sees it (dsf-bridge instances incidents).
+    assert retries_left == [-1]
+    # Five leases given back without using a retry, then a try and its three retries.
+    assert always.lost == 5 + 1 + 3, always.lost

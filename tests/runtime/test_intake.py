@@ -697,6 +697,35 @@ async def test_a_claim_whose_recovery_meets_a_server_error_is_tried_again(site: 
     assert (await site.server_task(stored["id"]))["status"] == "completed"
 
 
+async def test_one_deferred_claim_that_keeps_failing_holds_up_no_other(site: Site) -> None:
+    """The sweeps try every deferred claim: one whose Task the server will not give (503, an
+    outage: raised, not a verdict) waits, and the claim deferred after it is delivered."""
+    claims = []
+    for key in ("bk-stuck", "bk-next"):
+        stored = site.insert_directly(task())
+        await site.local.update(
+            updated_task(stored, status="in-progress", business_key=key), if_match=1
+        )
+        async with site.database.transaction() as session:
+            await repo.record_task_seen(
+                session,
+                task_id=stored["id"],
+                task_version="1",
+                role="incoming",
+                status=TaskSeenStatus.CLAIMING,
+            )
+        claims.append(stored["id"])
+    stuck, following = claims
+    site.sandbox.server.service.inject_failures("GET", f"Task/{stuck}", [500] * 40)
+    site.sandbox.server.service.inject_failures("GET", f"Task/{following}", [500] * 40)
+    assert await site.intake.recover() == 2  # both deferred
+    site.sandbox.server.service.clear_failures()
+    site.sandbox.server.service.inject_failures("GET", f"Task/{stuck}", [503] * 40)
+    assert await site.intake.retry_deferred() == 1  # the outage did not stop the loop
+    await site.runtime.run_until_idle()
+    assert site.work == [following]
+
+
 async def test_an_outage_is_no_verdict_on_a_task_however_often(site: Site) -> None:
     """503, 502 and 504 say the server is away: they never count towards skipping a Task."""
     stored = site.insert_directly(task())

@@ -360,6 +360,15 @@ async def test_kinds_and_statuses_pass_one_codec(database: Database) -> None:
             text("UPDATE jobs SET kind = 'teleport', lease_expires_at = NULL WHERE id = :id"),
             {"id": job_id},
         )
+    # A worker leaves such a row alone (a newer release may run it) and claims the others.
+    async with database.transaction() as session:
+        other = await repo.enqueue_job(session, kind=JobKind.HANDLER, payload={}, due_at=T0)
+    async with database.transaction() as session:
+        claimed_now = await repo.claim_jobs(
+            session, owner="w", now=T0, lease=dt.timedelta(seconds=30)
+        )
+    assert [job.id for job in claimed_now] == [other]
+    # Read anyway (the API's view of the instance), it is an error naming the enum.
     with pytest.raises(StoreError, match="'teleport' is no JobKind this release knows"):
         async with database.transaction() as session:
-            await repo.claim_jobs(session, owner="w", now=T0, lease=dt.timedelta(seconds=30))
+            await session.get(Job, job_id)
