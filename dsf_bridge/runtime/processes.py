@@ -24,15 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import enum
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
-from dsf_bridge.dsf.vocabulary import parse_instant
 from dsf_bridge.engine import state as instance_state
 from dsf_bridge.engine.correlation import (
     ALTERNATIVE_BUSINESS_KEY,
@@ -43,8 +40,6 @@ from dsf_bridge.engine.correlation import (
 from dsf_bridge.engine.events import (
     CallHandler,
     Event,
-    HandlerCompleted,
-    HandlerFailed,
     IncidentRetried,
     InstanceCancelled,
     JobDue,
@@ -68,11 +63,13 @@ from dsf_bridge.runtime.effects import (
     EffectWriter,
     StepRecord,
 )
-from dsf_bridge.runtime.ports import OutgoingTask, TaskGateway, UserTaskRequest
+from dsf_bridge.runtime.faults import FaultHook, FaultPoint, InstanceGoneError
+from dsf_bridge.runtime.outbox import OutboxWorker
+from dsf_bridge.runtime.ports import TaskGateway
 from dsf_bridge.runtime.workers import WorkerLoop
 from dsf_bridge.store import Database, Session, append_event
 from dsf_bridge.store import repository as repo
-from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
+from dsf_bridge.store.kinds import JobKind, OutboxKind
 
 __all__ = [
     "TAKEN_IN",
@@ -87,27 +84,6 @@ __all__ = [
 log = structlog.get_logger("dsf_bridge.runtime")
 
 Clock = Callable[[], dt.datetime]
-
-
-class FaultPoint(enum.StrEnum):
-    """The commit boundaries of the runtime, where tests stop it as a crash would
-    (:attr:`ProcessRuntime.fault_hook`). The detail passed with each names what is at stake."""
-
-    # Jobs or outbox entries leased and committed; nothing of them done (detail: "jobs/entries").
-    WORK_CLAIMED = "work-claimed"
-    # A handler ran; the step it ends is not written (detail: the handler).
-    HANDLER_RAN = "handler-ran"
-    # A step is written in its transaction, not committed (detail: its audit action).
-    STEP_WRITTEN = "step-written"
-    # A step is committed; nothing after it (wake-ups, listeners) is done (detail: its action).
-    STEP_COMMITTED = "step-committed"
-    # The other side accepted a send or a Task update; nothing of it is recorded (detail: kind).
-    EFFECT_PERFORMED = "effect-performed"
-
-
-# Called at every fault point; a test's hook raises (a BaseException, so nothing catches it)
-# to stop the runtime there. Never configuration: a site cannot set it.
-FaultHook = Callable[[FaultPoint, str], None]
 
 
 def _utcnow() -> dt.datetime:
@@ -140,10 +116,6 @@ _CONFLICT_BACKOFF = dt.timedelta(milliseconds=100)
 # How soon a signal job looks again at an instance that was busy between two waits.
 _SIGNAL_RECHECK = dt.timedelta(milliseconds=200)
 _SIGNAL_PATIENCE = dt.timedelta(seconds=5)
-
-
-class _InstanceGoneError(ProcessExecutionError):
-    """The instance an event was for does not exist (any more)."""
 
 
 class _InstanceWaitingError(Exception):
@@ -187,6 +159,7 @@ class ProcessRuntime:
         # The newest deployed version per key (what a new start without a version gets), and
         # every deployed version: instances started on 1.0 finish on 1.0 after 1.1 arrives.
         self.deployments = Deployments(database, self.owner)
+        self.outbox = OutboxWorker(self)
         self.effects = EffectWriter(
             owner=self.owner,
             clock=clock,
@@ -633,7 +606,7 @@ class ProcessRuntime:
         await _all(
             [
                 *(self._run_job_or_retry(job) for job in jobs),
-                *(self._perform(entry) for entry in entries),
+                *(self.outbox.perform(entry) for entry in entries),
             ]
         )
         return fired + len(jobs) + len(entries)
@@ -864,7 +837,7 @@ class ProcessRuntime:
                 unless=no_longer_applies,
                 actor=actor,
             )
-        except _InstanceGoneError as exc:
+        except InstanceGoneError as exc:
             async with self.database.transaction() as session:
                 await refused(session, str(exc))
 
@@ -970,194 +943,6 @@ class ProcessRuntime:
             await repo.complete_job(session, job.id, self.owner)
         self._wakeup.set()
 
-    async def _perform(self, entry: repo.ClaimedOutboxEntry) -> None:
-        try:
-            result = await self._perform_remote(entry)
-        except BridgeError as exc:
-            retries = self.settings.outbox_retry_delays
-            # Effects on the site's own FHIR server wait out its outages, as the DSF BPE's
-            # withRetryForever does (DefaultUserTaskListener, the Task updates): giving up
-            # would fail or strand an instance because the local server restarted.
-            forever = entry.kind.local
-            if exc.retryable and retries and (forever or entry.attempts <= len(retries)):
-                retry_at = self.clock() + retries[min(entry.attempts, len(retries)) - 1]
-                async with self.database.transaction() as session:
-                    await repo.retry_outbox(
-                        session, entry.id, self.owner, error=str(exc), retry_at=retry_at
-                    )
-                log.warning(
-                    "effect.retried", kind=entry.kind, attempt=entry.attempts, error=str(exc)
-                )
-                return
-            status = getattr(exc, "status", None)
-            await self._effect_failed(entry, str(exc), status=status)
-            return
-        self._fault(FaultPoint.EFFECT_PERFORMED, entry.kind)
-        try:
-            await self._record_effect(entry, result)
-        except StoreError as exc:
-            if not exc.retryable or isinstance(exc, ConcurrencyError):
-                raise
-            # Done on the other side, not recorded here. Given back at once, the entry is
-            # tried again when the store is back (a send first looks for the Task it created)
-            # instead of after the lease; if the store is still away, the lease runs out.
-            log.warning("effect.unrecorded", kind=entry.kind, error=str(exc))
-            delays = self.settings.outbox_retry_delays  # backing off while the store fails
-            retry_at = self.clock() + delays[min(entry.attempts, len(delays)) - 1]
-            with contextlib.suppress(BridgeError):
-                async with self.database.transaction() as session:
-                    await repo.retry_outbox(
-                        session, entry.id, self.owner, error=str(exc), retry_at=retry_at
-                    )
-
-    async def _record_effect(self, entry: repo.ClaimedOutboxEntry, result: str) -> None:
-        """Record a performed effect done; a send also steps its instance on, in one commit."""
-        payload = entry.payload
-        if entry.kind is not OutboxKind.SEND_TASK or entry.instance_id is None:
-            async with self.database.transaction() as session:
-                await repo.mark_outbox_done(
-                    session, entry.id, self.owner, result=result, now=self.clock()
-                )
-            return
-
-        async def record_send(session: Session) -> None:
-            await repo.mark_outbox_done(
-                session, entry.id, self.owner, result=result, now=self.clock()
-            )
-            await repo.record_task_seen(
-                session,
-                task_id=_created_task_id(result),
-                task_version="1",
-                role="outgoing",
-                status=TaskSeenStatus.REQUESTED,
-                instance_id=entry.instance_id,
-            )
-            await append_event(
-                session,
-                actor=self.owner,
-                subject=f"instance/{entry.instance_id}",
-                action="task.sent",
-                reason=f"{payload['message_name']} to {_target_label(payload)} as {result}",
-                payload=payload,
-            )
-
-        # The send is recorded done in the transaction that steps the instance on: between two
-        # commits the instance would neither send nor wait, and a fast reply (or a crash) in
-        # that gap would find nothing to correlate with.
-        token = str(payload["token"])
-        await self._apply_event(
-            entry.instance_id,
-            lambda now: HandlerCompleted(
-                token, now, payload.get("updates") or {}, payload.get("local_updates") or {}
-            ),
-            action="send.completed",
-            reason=f"{payload['message_name']} at {payload['element_id']}",
-            also=record_send,
-        )
-
-    async def _perform_remote(self, entry: repo.ClaimedOutboxEntry) -> str:
-        payload = entry.payload
-        if entry.kind is OutboxKind.SEND_TASK:
-            return await self.gateway.send_task(
-                OutgoingTask(
-                    instance_id=entry.instance_id or "",
-                    business_key=str(payload["business_key"]),
-                    instantiates_canonical=str(payload["instantiates_canonical"]),
-                    message_name=str(payload["message_name"]),
-                    profile=str(payload["profile"]),
-                    correlation_key=payload.get("correlation_key"),
-                    target=payload.get("target"),
-                    inputs=tuple(payload.get("inputs") or ()),
-                    authored_on=parse_instant(payload.get("authored_on")),
-                    # The lease counts attempts: from the second on, an earlier one may have
-                    # delivered the Task (a crash or a lost answer after the POST).
-                    maybe_delivered=entry.attempts > 1,
-                )
-            )
-        if entry.kind is OutboxKind.COMPLETE_TASK:
-            await self.gateway.complete_task(
-                str(payload["task_id"]), outputs=payload.get("outputs") or ()
-            )
-            return str(payload["task_id"])
-        if entry.kind is OutboxKind.FAIL_TASK:
-            await self.gateway.fail_task(
-                str(payload["task_id"]),
-                str(payload["message"]),
-                outputs=payload.get("outputs") or (),
-            )
-            return str(payload["task_id"])
-        if entry.kind is OutboxKind.CREATE_USER_TASK:
-            return await self.gateway.create_user_task(
-                UserTaskRequest(
-                    instance_id=entry.instance_id or "",
-                    business_key=str(payload["business_key"]),
-                    user_task_id=str(payload["user_task_id"]),
-                    form_key=str(payload["form_key"]),
-                )
-            )
-        if entry.kind is OutboxKind.CANCEL_USER_TASK:
-            await self.gateway.cancel_user_task(str(payload["user_task_id"]))
-            return str(payload["user_task_id"])
-        raise ProcessExecutionError(f"unknown outbox kind {entry.kind!r}")  # pragma: no cover
-
-    async def _effect_failed(
-        self, entry: repo.ClaimedOutboxEntry, error: str, *, status: int | None = None
-    ) -> None:
-        payload = entry.payload
-
-        async def record_failure(session: Session) -> None:
-            await repo.mark_outbox_failed(
-                session, entry.id, self.owner, error=error, now=self.clock()
-            )
-            await append_event(
-                session,
-                actor=self.owner,
-                subject=f"instance/{entry.instance_id}",
-                action="effect.failed",
-                reason=f"{entry.kind}: {error}",
-                payload=payload,
-            )
-
-        log.error("effect.failed", kind=entry.kind, error=error, instance_id=entry.instance_id)
-        event: Callable[[dt.datetime], Event] | None = None
-        action = reason = ""
-        if entry.kind is OutboxKind.SEND_TASK and entry.instance_id is not None:
-            token = str(payload["token"])
-            target = _target_label(payload)
-            reason = f"Sending Task {payload['message_name']} to {target} failed: {error}"
-            # The send handler may have asked for a BPMN error instead of a failed instance.
-            errors = payload.get("failure_errors") or {}
-            code = errors.get(str(status)) or errors.get("default")
-            action = "send.failed"
-
-            def event(now: dt.datetime) -> Event:
-                return HandlerFailed(token, now, code, reason)
-
-        elif entry.kind is OutboxKind.CREATE_USER_TASK and entry.instance_id is not None:
-            # As DSF's DefaultUserTaskListener: no form, no user task; the instance fails and
-            # its Tasks with it, saying why (never a Task left in-progress).
-            user_task = str(payload.get("token") or str(payload["user_task_id"]).rsplit("/", 1)[-1])
-            action, reason = "user_task.failed", error
-
-            element = str(payload.get("element_id") or "")
-
-            def event(now: dt.datetime) -> Event:
-                return HandlerFailed(user_task, now, None, error, user_task=element or None)
-
-        if event is not None and entry.instance_id is not None:
-            # One transaction records the failure and steps the instance: a crash between two
-            # commits would leave the effect failed and the instance waiting for nothing.
-            try:
-                await self._apply_event(
-                    entry.instance_id, event, action=action, reason=reason, also=record_failure
-                )
-                return
-            except _InstanceGoneError:
-                pass  # the instance is gone: record the failure alone
-        async with self.database.transaction() as session:
-            await record_failure(session)
-        self._sends_resolved()
-
     # -- applying events ----------------------------------------------------------------------
 
     async def _apply_event(
@@ -1185,7 +970,7 @@ class ProcessRuntime:
                 async with self.database.transaction() as session:
                     record = await repo.load_instance(session, instance_id)
                     if record is None:
-                        raise _InstanceGoneError(f"instance {instance_id} does not exist")
+                        raise InstanceGoneError(f"instance {instance_id} does not exist")
                     if unless is not None and await unless(session, record):
                         return
                     deployed = self.deployments.of_record(record)
@@ -1231,29 +1016,9 @@ class ProcessRuntime:
         )
 
 
-def _created_task_id(result: str) -> str:
-    """The id of a Task the gateway created: it answers with an id or the ``Location`` URL
-    (``https://host/fhir/Task/<id>/_history/1``), and ``tasks_seen`` keys are ids (64
-    characters at most; PostgreSQL refuses longer ones)."""
-    parts = result.rstrip("/").split("/")
-    if "Task" in parts:
-        index = len(parts) - 1 - parts[::-1].index("Task")
-        if index + 1 < len(parts):
-            return parts[index + 1]
-    return result
-
-
 async def _all(work: Iterable[Awaitable[None]]) -> None:
     """Run all of ``work`` to the end, then raise the first failure, if any."""
     results = await asyncio.gather(*work, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result
-
-
-def _target_label(payload: Mapping[str, Any]) -> str:
-    target = payload.get("target") or {}
-    for key in ("organizationIdentifier", "organizationIdentifierValue", "endpointUrl"):
-        if isinstance(target, Mapping) and target.get(key):
-            return str(target[key])
-    return "the target"
