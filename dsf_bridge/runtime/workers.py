@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import structlog
 
@@ -20,7 +20,7 @@ from dsf_bridge.errors import BridgeError
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
 
-__all__ = ["WorkerLoop"]
+__all__ = ["WorkerLoop", "run_all"]
 
 log = structlog.get_logger("dsf_bridge.runtime")
 
@@ -118,3 +118,11 @@ async def _cancelled(work: asyncio.Future[int]) -> None:
     meanwhile is not swallowed."""
     work.cancel()
     await asyncio.gather(work, return_exceptions=True)
+
+
+async def run_all(work: Iterable[Awaitable[None]]) -> None:
+    """Run all of ``work`` to the end, then raise the first failure, if any."""
+    results = await asyncio.gather(*work, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result

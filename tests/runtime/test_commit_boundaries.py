@@ -148,6 +148,8 @@ async def test_a_crash_at_any_commit_boundary_loses_and_repeats_nothing(
     assert points == set(FaultPoint), points
     assert (FaultPoint.EFFECT_PERFORMED, "send-task") in boundaries
     assert (FaultPoint.STEP_WRITTEN, "send.completed") in boundaries
+    assert (FaultPoint.STEP_WRITTEN, "send.queued") in boundaries  # the send job's own commit
+    assert (FaultPoint.HANDLER_RAN, "org.test.SendRequest") in boundaries
 
     for index, (point, detail) in enumerate(boundaries):
         business_key = f"bk-{index}"

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from dsf_bridge.errors import StoreError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry, SendContext
-from dsf_bridge.runtime import processes
+from dsf_bridge.runtime import jobs
 from dsf_bridge.runtime.processes import ProcessRuntime
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
@@ -122,7 +122,7 @@ async def test_a_signal_for_an_instance_stuck_behind_a_dead_job_is_dropped(
         # Not retryable: a lost connection would give the job back without using a retry.
         raise StoreError("store refused the write", retryable=False)
 
-    monkeypatch.setattr(processes, "invoke", store_down)
+    monkeypatch.setattr(jobs, "invoke", store_down)
     stuck = await runtime.start(KEY, message_name="startPingAutostart", business_key="auto")
     for _ in range(6):  # the handler job uses up its retries: an incident, never run again
         await runtime.run_until_idle()
