@@ -10,6 +10,7 @@ promises these integrations, so they are never skipped. Import the fixtures into
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypeVar
 
 import pytest
 
@@ -27,6 +28,7 @@ __all__ = [
     "WARMING_MODEL",
     "mlserver",
     "orthanc",
+    "running",
 ]
 
 # Variants of the reference model that stand for failures: never ready, and failing every call.
@@ -34,10 +36,12 @@ WARMING_MODEL = ModelSpec("tissue-composition-warming", extra={"ready": False})
 BROKEN_MODEL = ModelSpec("tissue-composition-broken", extra={"fail": True})
 
 
-@pytest.fixture(scope="session")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
-    """A running Orthanc with DICOMweb at ``orthanc.dicomweb_url``, empty at session start."""
-    server = OrthancProcess(tmp_path_factory.mktemp("orthanc"))
+_Server = TypeVar("_Server", OrthancProcess, MLServerProcess)
+
+
+def running(server: _Server) -> Iterator[_Server]:
+    """Start ``server``, yield it, stop it; a component not installed fails the test with
+    the command that installs it (for fixtures: ``yield from running(...)``)."""
     try:
         server.start()
     except ComponentMissingError as exc:
@@ -46,20 +50,20 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
+    """A running Orthanc with DICOMweb at ``orthanc.dicomweb_url``, empty at session start."""
+    yield from running(OrthancProcess(tmp_path_factory.mktemp("orthanc")))
 
 
 @pytest.fixture(scope="session")
 def mlserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MLServerProcess]:
     """A running MLServer serving the reference model and its failure variants."""
-    server = MLServerProcess(
-        tmp_path_factory.mktemp("mlserver"),
-        models=(REFERENCE_MODEL, WARMING_MODEL, BROKEN_MODEL),
+    yield from running(
+        MLServerProcess(
+            tmp_path_factory.mktemp("mlserver"),
+            models=(REFERENCE_MODEL, WARMING_MODEL, BROKEN_MODEL),
+        )
     )
-    try:
-        server.start()
-    except ComponentMissingError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield server
-    finally:
-        server.stop()

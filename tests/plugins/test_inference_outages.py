@@ -36,11 +36,11 @@ from dsf_bridge.omi.inference import DEFAULT_RETRY
 from dsf_bridge.plugins.inference import result_summary
 from dsf_bridge.sandbox.components import (
     REFERENCE_MODEL,
-    ComponentMissingError,
     MLServerProcess,
     OrthancProcess,
 )
 from dsf_bridge.sandbox.demo import FAST_RUNTIME, InferenceNetwork, audit_events, waiting_state
+from tests.components import running
 from tests.omi.data import load_ct_small
 
 REQUESTER = "Hospital_A"
@@ -56,28 +56,14 @@ INFERENCE_ATTEMPTS = DEFAULT_RETRY.attempts
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
-    server = OrthancProcess(tmp_path_factory.mktemp("outage-orthanc"))
-    try:
-        server.start()
-    except ComponentMissingError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from running(OrthancProcess(tmp_path_factory.mktemp("outage-orthanc")))
 
 
 @pytest.fixture(scope="module")
 def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MLServerProcess]:
-    server = MLServerProcess(tmp_path_factory.mktemp("outage-mlserver"), models=(REFERENCE_MODEL,))
-    try:
-        server.start()
-    except ComponentMissingError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from running(
+        MLServerProcess(tmp_path_factory.mktemp("outage-mlserver"), models=(REFERENCE_MODEL,))
+    )
 
 
 @pytest.fixture
@@ -399,6 +385,35 @@ def _once_written(network: InferenceNetwork, organization: str, hook: Any) -> as
     return done
 
 
+async def _database_away_after(
+    network: InferenceNetwork,
+    organization: str,
+    status: str,
+    *,
+    db_url: str,
+    archive: OrthancProcess,
+    study: str,
+) -> str:
+    """Start a request; the moment ``organization``'s server stores a Task with ``status``,
+    the database at ``db_url`` refuses connections, for a second. Returns the start Task."""
+    admin, name = _admin(db_url), _database(db_url)
+
+    def written(resource: dict[str, Any]) -> bool:
+        if resource.get("resourceType") == "Task" and resource.get("status") == status:
+            _allow_connections(admin, name, allowed=False)
+            return True
+        return False
+
+    seen = _once_written(network, organization, written)
+    try:
+        task_id = await _request(network, archive, study)
+        await _set_within(seen, 10)
+        await asyncio.sleep(1)
+    finally:
+        await asyncio.to_thread(_allow_connections, admin, name, True)
+    return task_id
+
+
 async def test_a_database_away_right_after_a_send_repeats_no_send(
     tmp_path: Path,
     archive: OrthancProcess,
@@ -412,23 +427,11 @@ async def test_a_database_away_right_after_a_send_repeats_no_send(
     shortened here from 60 s to 3 s); the next try finds the request it posted, and the
     request completes with one request on the wire."""
     urls = databases
-    admin, requester_db = _admin(urls[REQUESTER]), _database(urls[REQUESTER])
     runtime = dataclasses.replace(FAST_RUNTIME, lease=dt.timedelta(seconds=3))
     async with _pg_network(tmp_path, model_server, urls, runtime_settings=runtime) as network:
-
-        def request_stored(resource: dict[str, Any]) -> bool:
-            if resource.get("resourceType") == "Task" and resource.get("status") == "requested":
-                _allow_connections(admin, requester_db, allowed=False)
-                return True
-            return False
-
-        stored = _once_written(network, PROVIDER, request_stored)
-        try:
-            task_id = await _request(network, archive, study)
-            await _set_within(stored, 10)
-            await asyncio.sleep(1)
-        finally:
-            await asyncio.to_thread(_allow_connections, admin, requester_db, True)
+        task_id = await _database_away_after(
+            network, PROVIDER, "requested", db_url=urls[REQUESTER], archive=archive, study=study
+        )
         finished = await network.finished(REQUESTER, [task_id], 20)
         await _assert_completed(network, finished[task_id])
         assert len(network.tasks(PROVIDER)) == 1, "the repeated send found the first request"
@@ -450,21 +453,9 @@ async def test_a_database_away_while_a_task_is_taken_in_leaves_no_task_in_progre
     start Task ``in-progress`` (the intake's PUT) until a second later: the intake cannot
     record the instance it starts. The running bridge must take the claim up again."""
     urls = databases
-    admin, requester_db = _admin(urls[REQUESTER]), _database(urls[REQUESTER])
     async with _pg_network(tmp_path, model_server, urls) as network:
-
-        def taken_in(resource: dict[str, Any]) -> bool:
-            if resource.get("resourceType") == "Task" and resource.get("status") == "in-progress":
-                _allow_connections(admin, requester_db, allowed=False)
-                return True
-            return False
-
-        claimed = _once_written(network, REQUESTER, taken_in)
-        try:
-            task_id = await _request(network, archive, study)
-            await _set_within(claimed, 10)
-            await asyncio.sleep(1)
-        finally:
-            await asyncio.to_thread(_allow_connections, admin, requester_db, True)
+        task_id = await _database_away_after(
+            network, REQUESTER, "in-progress", db_url=urls[REQUESTER], archive=archive, study=study
+        )
         finished = await network.finished(REQUESTER, [task_id], 20)
         await _assert_completed(network, finished[task_id])
