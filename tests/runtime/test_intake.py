@@ -671,13 +671,11 @@ async def test_a_burst_of_server_errors_skips_nothing(site: Site) -> None:
     assert site.work == [stored["id"]]
 
 
-async def test_a_claim_whose_recovery_meets_a_server_error_is_tried_again(site: Site) -> None:
-    """A claim already in-progress on the server (the previous run crashed before delivering
-    it) is in no catch-up: a server error while recovering it at start-up defers it, start-up
-    goes on, and the sweeps deliver it later."""
+async def _claimed_in_progress(site: Site, business_key: str) -> dict[str, Any]:
+    """A Task a previous run claimed and PUT in-progress, then crashed before delivering."""
     stored = site.insert_directly(task())
     await site.local.update(
-        updated_task(stored, status="in-progress", business_key="bk-deferred"), if_match=1
+        updated_task(stored, status="in-progress", business_key=business_key), if_match=1
     )
     async with site.database.transaction() as session:
         await repo.record_task_seen(
@@ -687,6 +685,14 @@ async def test_a_claim_whose_recovery_meets_a_server_error_is_tried_again(site: 
             role="incoming",
             status=TaskSeenStatus.CLAIMING,
         )
+    return stored
+
+
+async def test_a_claim_whose_recovery_meets_a_server_error_is_tried_again(site: Site) -> None:
+    """A claim already in-progress on the server (the previous run crashed before delivering
+    it) is in no catch-up: a server error while recovering it at start-up defers it, start-up
+    goes on, and the sweeps deliver it later."""
+    stored = await _claimed_in_progress(site, "bk-deferred")
     site.sandbox.server.service.inject_failures("GET", f"Task/{stored['id']}", [500] * 40)
     assert await site.intake.recover() == 1  # no exception: start-up goes on
     assert await site.intake.retry_deferred() == 1
@@ -700,22 +706,7 @@ async def test_a_claim_whose_recovery_meets_a_server_error_is_tried_again(site: 
 async def test_one_deferred_claim_that_keeps_failing_holds_up_no_other(site: Site) -> None:
     """The sweeps try every deferred claim: one whose Task the server will not give (503, an
     outage: raised, not a verdict) waits, and the claim deferred after it is delivered."""
-    claims = []
-    for key in ("bk-stuck", "bk-next"):
-        stored = site.insert_directly(task())
-        await site.local.update(
-            updated_task(stored, status="in-progress", business_key=key), if_match=1
-        )
-        async with site.database.transaction() as session:
-            await repo.record_task_seen(
-                session,
-                task_id=stored["id"],
-                task_version="1",
-                role="incoming",
-                status=TaskSeenStatus.CLAIMING,
-            )
-        claims.append(stored["id"])
-    stuck, following = claims
+    stuck, following = [(await _claimed_in_progress(site, key))["id"] for key in ("a", "b")]
     site.sandbox.server.service.inject_failures("GET", f"Task/{stuck}", [500] * 40)
     site.sandbox.server.service.inject_failures("GET", f"Task/{following}", [500] * 40)
     assert await site.intake.recover() == 2  # both deferred
