@@ -30,7 +30,8 @@ class WorkerLoop:
 
     ``wakeup`` ends a sleep early (work committed elsewhere); ``idle_poll`` bounds a sleep;
     ``grace`` is how long a round may go on after the stop; the leases of ``owner`` in
-    ``database`` are given back at the end. ``heartbeat`` is when the last round began.
+    ``database`` are given back at the end. ``heartbeat`` is when the last round that did not
+    fail began.
     """
 
     def __init__(
@@ -61,7 +62,7 @@ class WorkerLoop:
 
     async def _work_until(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            self.heartbeat = self.clock()
+            began = self.clock()
             # Cleared before the round, not after: work committed while the round runs (a Task
             # taken in by the subscription, say) must wake the next round, not wait for the poll.
             self.wakeup.clear()
@@ -70,6 +71,10 @@ class WorkerLoop:
             except BridgeError as exc:
                 log.warning("worker.failed", error=str(exc), retryable=exc.retryable)
                 done = 0
+            else:
+                # Only a round that did not fail is a sign of life: a store that fails every
+                # round must turn /ready red, not keep it green.
+                self.heartbeat = began
             if done:
                 continue
             sleeper = asyncio.ensure_future(self.wakeup.wait())

@@ -10,6 +10,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from dsf_bridge.engine import load_process
+from dsf_bridge.errors import StoreError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
 from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
 from dsf_bridge.store import Database
@@ -120,3 +121,27 @@ async def test_without_a_release_the_lease_would_hold_the_job(database: Database
     assert await _leases(database) == ["killed"]
     second = await _runtime(database, work, owner="next", grace=30)
     assert await second.run_until_idle() == 0
+
+
+async def test_only_a_round_that_did_not_fail_is_a_sign_of_life(database: Database) -> None:
+    """The readiness check reads the worker's heartbeat: rounds that fail (the store away)
+    leave it where it was, so /ready turns red after stale_after instead of staying green."""
+    work = SlowWork()
+    runtime = await _runtime(database, work, owner="failing", grace=1)
+    failing = True
+
+    async def round_that_fails() -> int:
+        if failing:
+            raise StoreError("database unavailable: connection refused", retryable=True)
+        return 0
+
+    runtime.run_once = round_that_fails  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    worker = asyncio.create_task(runtime.run_forever(stop))
+    await asyncio.sleep(0.3)  # a few failed rounds (idle_poll 50 ms)
+    assert runtime.heartbeat is None
+    failing = False
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.wait_for(worker, 5)
+    assert runtime.heartbeat is not None
