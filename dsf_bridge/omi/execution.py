@@ -11,9 +11,11 @@ the runtime can decide on a retry from ``retryable``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import os
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -29,6 +31,8 @@ from dsf_bridge.omi.inference import HttpInferenceClient
 from dsf_bridge.omi.segmentation import segmentation_dataset
 
 __all__ = ["StudyInference", "infer_study"]
+
+_T = TypeVar("_T")
 
 _log = structlog.get_logger()
 
@@ -85,10 +89,10 @@ async def infer_study(
     datasets = await archive.retrieve_study(study_instance_uid, series_instance_uid)
     # Decoding pixels and building the SEG take seconds of CPU for a large series: in a worker
     # thread, so that the event loop keeps serving the websocket and the other Tasks meanwhile.
-    volume = await asyncio.to_thread(
+    volume = await _off_loop(
         volume_from_datasets, datasets, series_instance_uid=series_instance_uid
     )
-    tensors = await asyncio.to_thread(volume.to_tensors)
+    tensors = await _off_loop(volume.to_tensors)
     result = await client.infer(
         model,
         tensors,
@@ -106,7 +110,7 @@ async def infer_study(
     )
     segmentation_series_uid = None
     if segmentation:
-        seg = await asyncio.to_thread(
+        seg = await _off_loop(
             segmentation_dataset,
             volume,
             datasets,
@@ -130,3 +134,18 @@ async def infer_study(
         bundle=bundle,
         segmentation_series_uid=segmentation_series_uid,
     )
+
+
+# At most this many studies are decoded or turned into a SEG at once (one per core): many
+# concurrent inference jobs must not hold that many volumes in memory side by side.
+_DECODING = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+
+
+async def _off_loop(function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """``function`` in a worker thread, among at most :data:`_DECODING` at a time."""
+
+    def bounded() -> _T:
+        with _DECODING:
+            return function(*args, **kwargs)
+
+    return await asyncio.to_thread(bounded)

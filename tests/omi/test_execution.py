@@ -4,7 +4,10 @@ unknown model, model failing."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -198,3 +201,22 @@ async def test_pixels_and_the_seg_are_built_off_the_event_loop_and_no_uid_is_log
     assert logged, "infer_study logs its steps"
     assert study not in text
     assert str(ct_series[0].SeriesInstanceUID) not in text
+
+
+async def test_no_more_studies_are_decoded_at_once_than_there_are_cores() -> None:
+    """Twenty inference jobs at once decode their volumes one per core at a time, not all
+    side by side in memory."""
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def decode() -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.02)
+        with lock:
+            running -= 1
+
+    await asyncio.gather(*(execution._off_loop(decode) for _ in range(20)))
+    assert 1 <= most <= max(1, os.cpu_count() or 1)
