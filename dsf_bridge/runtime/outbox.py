@@ -76,15 +76,16 @@ class OutboxWorker:
             # withRetryForever does (DefaultUserTaskListener, the Task updates): giving up
             # would fail or strand an instance because the local server restarted.
             forever = entry.kind.local
-            if exc.retryable and retries and (forever or entry.attempts <= len(retries)):
-                retry_at = self.runtime.clock() + retries[min(entry.attempts, len(retries)) - 1]
+            # Counted in refused tries, not leases: a shutdown or a lost store in between
+            # does not bring the giving up closer.
+            failure = entry.failures + 1
+            if exc.retryable and retries and (forever or failure <= len(retries)):
+                retry_at = self.runtime.clock() + retries[min(failure, len(retries)) - 1]
                 async with self.runtime.database.transaction() as session:
                     await repo.retry_outbox(
                         session, entry.id, self.runtime.owner, error=str(exc), retry_at=retry_at
                     )
-                log.warning(
-                    "effect.retried", kind=entry.kind, attempt=entry.attempts, error=str(exc)
-                )
+                log.warning("effect.retried", kind=entry.kind, attempt=failure, error=str(exc))
                 return
             status = getattr(exc, "status", None)
             await self._effect_failed(entry, str(exc), status=status)
@@ -100,11 +101,17 @@ class OutboxWorker:
             # instead of after the lease; if the store is still away, the lease runs out.
             log.warning("effect.unrecorded", kind=entry.kind, error=str(exc))
             delays = self.runtime.settings.outbox_retry_delays  # backing off while the store fails
-            retry_at = self.runtime.clock() + delays[min(entry.attempts, len(delays)) - 1]
+            interrupted = max(1, entry.attempts - entry.failures)
+            retry_at = self.runtime.clock() + delays[min(interrupted, len(delays)) - 1]
             with contextlib.suppress(BridgeError):
                 async with self.runtime.database.transaction() as session:
                     await repo.retry_outbox(
-                        session, entry.id, self.runtime.owner, error=str(exc), retry_at=retry_at
+                        session,
+                        entry.id,
+                        self.runtime.owner,
+                        error=str(exc),
+                        retry_at=retry_at,
+                        failed=False,
                     )
 
     async def _record_effect(self, entry: repo.ClaimedOutboxEntry, result: str) -> None:

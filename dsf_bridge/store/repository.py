@@ -731,6 +731,7 @@ class ClaimedOutboxEntry:
     kind: OutboxKind
     payload: dict[str, Any]
     attempts: int
+    failures: int = 0
 
 
 async def enqueue_outbox(
@@ -787,6 +788,7 @@ async def claim_outbox(
             entry.kind,
             entry.payload,
             entry.attempts,
+            entry.failures,
         )
         for entry in entries
     ]
@@ -820,9 +822,25 @@ async def mark_outbox_done(
 
 
 async def retry_outbox(
-    session: AsyncSession, entry_id: int, owner: str, *, error: str, retry_at: dt.datetime
+    session: AsyncSession,
+    entry_id: int,
+    owner: str,
+    *,
+    error: str,
+    retry_at: dt.datetime,
+    failed: bool = True,
 ) -> None:
-    await _release(session, entry_id, owner, last_error=error, next_attempt_at=retry_at)
+    """Give the entry back for another try at ``retry_at``; ``failed``: the network refused
+    this try (counted in ``failures``), else it was interrupted (the store went away)."""
+    entry = await _leased_entry(session, entry_id, owner)
+    await _release(
+        session,
+        entry_id,
+        owner,
+        last_error=error,
+        next_attempt_at=retry_at,
+        failures=entry.failures + (1 if failed else 0),
+    )
 
 
 async def mark_outbox_failed(

@@ -259,7 +259,10 @@ class OutboxEntry(Base):
     kind: Mapped[OutboxKind] = mapped_column(EnumText(OutboxKind, 50))
     payload: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
     status: Mapped[str] = mapped_column(String(20), default="pending")
+    # Every lease (a later one may find an earlier one's delivery) ...
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # ... and only the tries the network refused: they decide the delays and the giving up.
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_attempt_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     result: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -4,6 +4,7 @@ delivery failures (``throw_on_failure``), handler services, how a sent Task is r
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import select, update
 
 from dsf_bridge.engine import load_process
 from dsf_bridge.errors import RemoteError
@@ -12,6 +13,7 @@ from dsf_bridge.runtime.ports import OutgoingTask
 from dsf_bridge.runtime.processes import ProcessRuntime
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
+from dsf_bridge.store.tables import OutboxEntry
 from tests.runtime.test_processes import FAST, Clock, FakeGateway
 
 KEY = "testorg_sendOrRecord"
@@ -147,3 +149,32 @@ async def test_a_sent_task_is_recorded_by_its_id_not_its_location(database: Data
     assert instance is not None and instance.status == "completed"
     assert outgoing is not None and outgoing.role == "outgoing"
     assert len(gateway.sent) == 1
+
+
+async def test_interrupted_leases_do_not_bring_the_giving_up_closer(database: Database) -> None:
+    """A send whose lease was given back many times (shutdowns, a lost store) and then meets a
+    refusal the network may heal is tried again per ``outbox_retry_delays``: only refused
+    tries count towards giving up, not leases."""
+    clock = Clock()
+    gateway = FakeGateway(failures=[RemoteError("answered 503", retryable=True, status=503)])
+    seen: list[tuple[object, object, object]] = []
+    runtime = ProcessRuntime(database, gateway, owner="a", clock=clock, settings=FAST)
+    definition = load_process(MODEL, "send.bpmn", resource_version="1.0")
+    await runtime.deploy(definition, _handlers(True, seen), plugin="test", model_hash="h" * 64)
+    instance_id = await runtime.start(
+        KEY, business_key="bk-9", variables={"target": {"organizationIdentifier": "Site_B"}}
+    )
+    await runtime._run_due_jobs()  # the send handler: the Task is queued, not yet posted
+    async with database.transaction() as session:
+        await session.execute(update(OutboxEntry).values(attempts=9))  # nine interruptions
+    await runtime.run_until_idle()  # refused once: retried, not given up
+    assert seen == []
+    clock.advance(seconds=5)
+    await runtime.run_until_idle()
+    async with database.transaction() as session:
+        instance = await repo.load_instance(session, instance_id)
+        failures = (await session.scalars(select(OutboxEntry.failures))).all()
+    assert len(gateway.sent) == 1
+    assert seen == [(None, None, None)]  # delivered: no error went to the handler
+    assert instance is not None and instance.status == "completed"
+    assert failures == [1]
