@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -137,15 +137,20 @@ async def infer_study(
 
 
 # At most this many studies are decoded or turned into a SEG at once (one per core): many
-# concurrent inference jobs must not hold that many volumes in memory side by side.
-_DECODING = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+# concurrent inference jobs must not hold that many volumes in memory side by side. Waiting
+# happens on the event loop, not in a worker thread: a thread blocked on a semaphore would hold
+# one of the default executor's few threads, which DICOMweb calls need too.
+_DECODERS = max(1, os.cpu_count() or 1)
+_decoding: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def _off_loop(function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-    """``function`` in a worker thread, among at most :data:`_DECODING` at a time."""
-
-    def bounded() -> _T:
-        with _DECODING:
-            return function(*args, **kwargs)
-
-    return await asyncio.to_thread(bounded)
+    """``function`` in a worker thread, among at most :data:`_DECODERS` at a time."""
+    loop = asyncio.get_running_loop()
+    gate = _decoding.get(loop)
+    if gate is None:
+        gate = _decoding[loop] = asyncio.Semaphore(_DECODERS)
+    async with gate:
+        return await asyncio.to_thread(function, *args, **kwargs)
