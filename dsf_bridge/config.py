@@ -230,8 +230,9 @@ class RuntimeConfig(_Section):
 
     @model_validator(mode="after")
     def _grace_within_lease(self) -> RuntimeConfig:
-        # Past its lease a draining send or job could be taken by another replica while it
-        # still runs here.
+        # A grace past the lease would let every draining job run on after its lease, so that
+        # another replica may take it while it still runs here. (A job leased long before the
+        # stop can still outlive its lease while draining: handlers run at least once.)
         if self.shutdown_grace >= self.lease:
             raise ValueError(
                 f"shutdown_grace ({self.shutdown_grace:g} s) must be shorter than lease "

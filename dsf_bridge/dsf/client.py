@@ -113,6 +113,22 @@ def parse_outcome(content: bytes, content_type: str) -> str:
     return ""
 
 
+def _idempotent_batch(bundle: Mapping[str, Any]) -> bool:
+    """Whether repeating this batch or transaction is harmless: every entry reads, updates,
+    deletes, or creates only if none exists (``request.ifNoneExist``; the plugin resources a
+    bridge publishes at start-up)."""
+    for entry in bundle.get("entry") or []:
+        request = entry.get("request") if isinstance(entry, Mapping) else None
+        if not isinstance(request, Mapping):
+            return False
+        method = str(request.get("method") or "").upper()
+        if method == "POST" and not request.get("ifNoneExist"):
+            return False
+        if method not in ("GET", "HEAD", "PUT", "DELETE", "POST"):
+            return False
+    return True
+
+
 # Answers that say the server did not process the request: a plain POST may be repeated.
 _NOT_PROCESSED = frozenset({429, 503})
 
@@ -290,7 +306,9 @@ class FhirClient:
         if bundle.get("type") not in ("batch", "transaction"):
             raise ValueError("Bundle.type must be batch or transaction")
         headers = {"Prefer": "return=minimal" if return_minimal else "return=representation"}
-        response = await self.request("POST", "", json_body=bundle, headers=headers)
+        response = await self.request(
+            "POST", "", json_body=bundle, headers=headers, repeatable=_idempotent_batch(bundle)
+        )
         return self._json(response)
 
     # -- transport ------------------------------------------------------------------------------
@@ -303,8 +321,12 @@ class FhirClient:
         params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         json_body: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
+        repeatable: bool = False,
     ) -> httpx.Response:
-        """One request with the retry policy; a non-2xx answer raises :class:`RemoteError`."""
+        """One request with the retry policy; a non-2xx answer raises :class:`RemoteError`.
+
+        ``repeatable``: repeating this POST is harmless (a batch of conditional creates), so
+        it is retried like a GET or PUT."""
         url = path_or_url if "://" in path_or_url else f"{self.base_url}/{path_or_url}".rstrip("/")
         all_headers = dict(headers or {})
         content: bytes | None = None
@@ -314,7 +336,7 @@ class FhirClient:
         query: list[tuple[str, str | int | float | bool | None]] | None = None
         if params is not None:
             query = list(params.items()) if isinstance(params, Mapping) else list(params)
-        repeatable = method in _IDEMPOTENT or "If-None-Exist" in all_headers
+        repeatable = repeatable or method in _IDEMPOTENT or "If-None-Exist" in all_headers
         attempt = 0
         while True:
             attempt += 1

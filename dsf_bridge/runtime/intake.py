@@ -61,7 +61,7 @@ from dsf_bridge.dsf.tasks import (
     updated_task,
 )
 from dsf_bridge.engine.exceptions import CorrelationError
-from dsf_bridge.errors import BridgeError, ProcessExecutionError, RemoteError
+from dsf_bridge.errors import BridgeError, ProcessExecutionError, RemoteError, StoreError
 from dsf_bridge.logs import bound_context
 from dsf_bridge.runtime.processes import TAKEN_IN, MessageHeldError, ProcessRuntime
 from dsf_bridge.store import Database, Session, append_event
@@ -469,6 +469,16 @@ class TaskIntake:
 
     async def _deliver_one(self, task_id: str, version: str) -> None:
         """Take a held claim (atomically: one replica, one delivery) and deliver it again."""
+        key = (task_id, version)
+        if key in self._working:
+            return  # a sweep or a catch-up is on it now; the next round looks again
+        self._working.add(key)
+        try:
+            await self._take_held(task_id, version)
+        finally:
+            self._working.discard(key)
+
+    async def _take_held(self, task_id: str, version: str) -> None:
         async with self.database.transaction() as session:
             if not await repo.set_task_seen_status(
                 session, task_id, version, CLAIMING, only_from=(HELD,)
@@ -523,8 +533,11 @@ class TaskIntake:
         for claim in list(self._deferred.values()):
             try:
                 await self._recover_or_defer(claim)
-            except BridgeError as exc:  # still away: this one waits, the others are tried
+            except BridgeError as exc:
                 log.warning("task.recovery_deferred", task_id=claim.task_id, error=str(exc))
+                if _outage(exc):
+                    break  # the server or the store is away: every other claim would wait too
+                # an error about this Task alone: the others are tried
         return len(self._deferred)
 
     async def run_held_sweeps(
@@ -776,3 +789,10 @@ async def _first_of(waits: list[Coroutine[Any, Any, Any]], seconds: float) -> No
     finally:
         for future in futures:
             future.cancel()
+
+
+def _outage(exc: BridgeError) -> bool:
+    """Whether ``exc`` says the FHIR server or the store is away, not that one Task is bad."""
+    if isinstance(exc, RemoteError):
+        return exc.status is None or exc.status in _OUTAGE
+    return isinstance(exc, StoreError) and exc.retryable

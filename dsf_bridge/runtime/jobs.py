@@ -45,7 +45,7 @@ __all__ = ["JobWorker"]
 log = structlog.get_logger("dsf_bridge.runtime")
 
 # How often a job's lease is given back without using a retry because the store went away
-# under it (the job's leases in all, counting its retries).
+# under it (``jobs.interruptions``; other leases, postponements and retries do not count).
 _MAX_INTERRUPTIONS = 5
 # How soon a job whose instance kept changing under it runs again.
 _CONFLICT_BACKOFF = dt.timedelta(milliseconds=100)
@@ -98,7 +98,7 @@ class JobWorker:
             # A store error that repeats (a statement timeout, a full disk) must not rerun the
             # handler for ever: past a few interruptions the job uses its retries, then is an
             # incident, as before.
-            if not exc.retryable or job.attempts > _MAX_INTERRUPTIONS:
+            if not exc.retryable or job.interruptions >= _MAX_INTERRUPTIONS:
                 await self._job_failed(job, str(exc))
                 return
             # The store went away under the job (its handler may have run): not a failure of
@@ -113,6 +113,7 @@ class JobWorker:
                         job.id,
                         self.runtime.owner,
                         due_at=self.runtime.clock() + self.runtime.settings.job_retry_delay,
+                        interrupted=True,
                     )
         except BridgeError as exc:
             await self._job_failed(job, str(exc))

@@ -31,7 +31,7 @@ class WorkerLoop:
     ``wakeup`` ends a sleep early (work committed elsewhere); ``idle_poll`` bounds a sleep;
     ``grace`` is how long a round may go on after the stop; the leases of ``owner`` in
     ``database`` are given back at the end. ``heartbeat`` is when the last round that did not
-    fail began.
+    fail ended.
     """
 
     def __init__(
@@ -62,7 +62,6 @@ class WorkerLoop:
 
     async def _work_until(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            began = self.clock()
             # Cleared before the round, not after: work committed while the round runs (a Task
             # taken in by the subscription, say) must wake the next round, not wait for the poll.
             self.wakeup.clear()
@@ -74,7 +73,7 @@ class WorkerLoop:
             else:
                 # Only a round that did not fail is a sign of life: a store that fails every
                 # round must turn /ready red, not keep it green.
-                self.heartbeat = began
+                self.heartbeat = self.clock()
             if done:
                 continue
             sleeper = asyncio.ensure_future(self.wakeup.wait())

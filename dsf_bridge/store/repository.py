@@ -362,14 +362,23 @@ async def has_live_work(session: AsyncSession, instance_id: str) -> bool:
 
 
 async def postpone_job(
-    session: AsyncSession, job_id: int, owner: str, *, due_at: dt.datetime
+    session: AsyncSession,
+    job_id: int,
+    owner: str,
+    *,
+    due_at: dt.datetime,
+    interrupted: bool = False,
 ) -> None:
-    """Release a leased job to run again at ``due_at`` without using up a retry."""
+    """Release a leased job to run again at ``due_at`` without using up a retry;
+    ``interrupted``: the store went away under it (counted in ``interruptions``)."""
+    changes: dict[str, Any] = {"due_at": due_at, "lease_owner": None, "lease_expires_at": None}
+    if interrupted:
+        changes["interruptions"] = Job.interruptions + 1
     result = await session.execute(
         update(Job)
         .where(Job.id == job_id)
         .where(Job.lease_owner == owner)
-        .values(due_at=due_at, lease_owner=None, lease_expires_at=None)
+        .values(**changes)
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -488,6 +497,7 @@ class ClaimedJob:
     payload: dict[str, Any]
     attempts: int
     retries_left: int
+    interruptions: int = 0
 
 
 async def enqueue_job(
@@ -564,7 +574,15 @@ async def claim_jobs(
     )
     jobs = await _lease(session, Job, query, owner=owner, now=now, lease=lease, limit=limit)
     return [
-        ClaimedJob(job.id, job.instance_id, job.kind, job.payload, job.attempts, job.retries_left)
+        ClaimedJob(
+            job.id,
+            job.instance_id,
+            job.kind,
+            job.payload,
+            job.attempts,
+            job.retries_left,
+            job.interruptions,
+        )
         for job in jobs
     ]
 

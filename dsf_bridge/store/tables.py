@@ -221,6 +221,8 @@ class Job(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
     due_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Leases given back because the store went away under the job (no retry used for them).
+    interruptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     retries_left: Mapped[int] = mapped_column(Integer, default=3)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     lease_owner: Mapped[str | None] = mapped_column(String(100), nullable=True)

@@ -359,3 +359,39 @@ async def test_a_plain_post_that_may_have_been_processed_is_left_to_the_outbox(c
     async with client_for(repeated, sleeps) as client:
         await client.update({**TASK, "id": "t1"})
     assert len(repeated.requests) == 2
+
+
+async def test_a_batch_of_conditional_creates_is_repeated_a_plain_post_in_one_is_not() -> None:
+    """The plugin resources published at start-up go as a batch of conditional creates:
+    repeating it is harmless, so a 502 from a proxy while the server starts is tried again.
+    A batch with a plain POST may have created something and is left to the caller."""
+    conditional = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {
+                "resource": {"resourceType": "ActivityDefinition"},
+                "request": {"method": "POST", "url": "ActivityDefinition", "ifNoneExist": "url=x"},
+            },
+            {
+                "resource": {"resourceType": "CodeSystem"},
+                "request": {"method": "PUT", "url": "CodeSystem?url=y"},
+            },
+        ],
+    }
+    answered = {"resourceType": "Bundle", "type": "batch-response", "entry": []}
+    server = FakeServer([status(502), lambda request: httpx.Response(200, json=answered)])
+    sleeps: list[float] = []
+    async with client_for(server, sleeps) as client:
+        assert (await client.bundle(conditional))["type"] == "batch-response"
+    assert len(server.requests) == 2
+
+    plain = {
+        **conditional,
+        "entry": [{"resource": TASK, "request": {"method": "POST", "url": "Task"}}],
+    }
+    refused = FakeServer([status(502), lambda request: httpx.Response(200, json=answered)])
+    async with client_for(refused, sleeps) as client:
+        with pytest.raises(RemoteError):
+            await client.bundle(plain)
+    assert len(refused.requests) == 1

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from dsf_bridge.dsf.tasks import input_values
 from dsf_bridge.errors import StoreError
@@ -276,3 +276,31 @@ async def test_a_store_error_that_repeats_ends_in_an_incident_not_a_loop(
     assert retries_left == [-1]
     # Five leases given back without using a retry, then a try and its three retries.
     assert always.lost == 5 + 1 + 3, always.lost
+
+
+async def test_other_leases_do_not_count_as_interruptions(
+    network: SandboxNetwork, database: Database
+) -> None:
+    """A job leased many times for other reasons (postponed behind a busy instance, taken over
+    after a crash) still gets its lease back without using a retry when the store goes away
+    under it: only interruptions count towards the bound."""
+    config = site_config(network, REQUESTER, PROVIDER)
+    lost = StoreLostAt("handler.completed")
+    runtime, gateway = await runtime_for(database, config, owner="only")
+    runtime.fault_hook = lost
+    try:
+        await runtime.start(
+            KEY,
+            message_name="start",
+            business_key="bk-leased-often",
+            variables={"target": {"organizationIdentifier": PROVIDER}},
+        )
+        while not lost.lost:
+            async with database.transaction() as session:  # every job leased often before
+                await session.execute(update(Job).values(attempts=10))
+            await runtime.run_once()
+    finally:
+        await close(gateway)
+    async with database.transaction() as session:
+        rows = (await session.execute(select(Job.retries_left, Job.interruptions))).all()
+    assert [tuple(row) for row in rows] == [(3, 1)]

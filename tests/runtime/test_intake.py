@@ -704,15 +704,19 @@ async def test_a_claim_whose_recovery_meets_a_server_error_is_tried_again(site: 
 
 
 async def test_one_deferred_claim_that_keeps_failing_holds_up_no_other(site: Site) -> None:
-    """The sweeps try every deferred claim: one whose Task the server will not give (503, an
-    outage: raised, not a verdict) waits, and the claim deferred after it is delivered."""
+    """The sweeps try every deferred claim: one whose Task the server chokes on (500) waits,
+    and the claim deferred after it is delivered. An outage (503: the server away) ends the
+    sweep at the first claim instead: every other one would wait out the same back-off."""
     stuck, following = [(await _claimed_in_progress(site, key))["id"] for key in ("a", "b")]
-    site.sandbox.server.service.inject_failures("GET", f"Task/{stuck}", [500] * 40)
-    site.sandbox.server.service.inject_failures("GET", f"Task/{following}", [500] * 40)
+    for task_id in (stuck, following):
+        site.sandbox.server.service.inject_failures("GET", f"Task/{task_id}", [500] * 40)
     assert await site.intake.recover() == 2  # both deferred
     site.sandbox.server.service.clear_failures()
     site.sandbox.server.service.inject_failures("GET", f"Task/{stuck}", [503] * 40)
-    assert await site.intake.retry_deferred() == 1  # the outage did not stop the loop
+    assert await site.intake.retry_deferred() == 2  # the outage stopped the sweep early
+    site.sandbox.server.service.clear_failures()
+    site.sandbox.server.service.inject_failures("GET", f"Task/{stuck}", [500] * 40)
+    assert await site.intake.retry_deferred() == 1  # the Task the server chokes on waits
     await site.runtime.run_until_idle()
     assert site.work == [following]
 
