@@ -850,15 +850,10 @@ async def retry_outbox(
 ) -> None:
     """Give the entry back for another try at ``retry_at``; ``failed``: the network refused
     this try (counted in ``failures``), else it was interrupted (the store went away)."""
-    entry = await _leased_entry(session, entry_id, owner)
-    await _release(
-        session,
-        entry_id,
-        owner,
-        last_error=error,
-        next_attempt_at=retry_at,
-        failures=entry.failures + (1 if failed else 0),
-    )
+    changes: dict[str, object] = {"last_error": error, "next_attempt_at": retry_at}
+    if failed:
+        changes["failures"] = OutboxEntry.failures + 1  # counted by the UPDATE itself
+    await _release(session, entry_id, owner, **changes)
 
 
 async def mark_outbox_failed(
