@@ -40,7 +40,7 @@ from dsf_bridge.dsf.identity import thumbprint
 from dsf_bridge.dsf.vocabulary import FHIR_JSON, operation_outcome
 from dsf_bridge.sandbox.authorization import OrganizationIdentity, PractitionerIdentity
 from dsf_bridge.sandbox.resources import matches
-from dsf_bridge.sandbox.service import FhirResponse, FhirService, binary_resource
+from dsf_bridge.sandbox.service import FhirResponse, FhirService, binary_resource, unparsable
 
 __all__ = [
     "SandboxServer",
@@ -220,15 +220,11 @@ def create_app(service: FhirService, hub: SubscriptionHub) -> Starlette:
             else:
                 try:
                     parsed = json.loads(raw) if raw else None
-                except ValueError:
-                    return _render(
-                        FhirResponse(
-                            400, operation_outcome("body is not valid JSON", code="invalid")
-                        ),
-                        "",
-                        accept,
-                    )
-                body = parsed if isinstance(parsed, dict) else None
+                except ValueError as exc:
+                    return _render(unparsable(f"not JSON: {exc}"), "", accept)
+                if parsed is not None and not isinstance(parsed, dict):
+                    return _render(unparsable("the body is no JSON object"), "", accept)
+                body = parsed
         headers = {k.lower(): v for k, v in request.headers.items()}
         params = list(request.query_params.multi_items())
         response = service.handle(

@@ -39,6 +39,7 @@ from dsf_bridge.sandbox.authorization import (
     TaskAuthorization,
     questionnaire_response_denied,
 )
+from dsf_bridge.sandbox.parsing import UnparsableBodyError, as_parsed
 from dsf_bridge.sandbox.resources import (
     INCLUDES,
     RESOURCE_TYPES,
@@ -49,7 +50,7 @@ from dsf_bridge.sandbox.resources import (
     walk,
 )
 
-__all__ = ["FhirResponse", "FhirService"]
+__all__ = ["FhirResponse", "FhirService", "unparsable"]
 
 _log = structlog.get_logger()
 
@@ -80,6 +81,13 @@ class FhirResponse:
 
 def _error(status: int, text: str, code: str = "processing") -> FhirResponse:
     return FhirResponse(status, operation_outcome(text, code=code))
+
+
+def unparsable(reason: str) -> FhirResponse:
+    """DSF's ``DataFormatExceptionHandler`` (2.1 and 1.9): a body HAPI cannot parse is
+    answered 403 with "Unable to parse resource"; the parser's message goes to the log."""
+    _log.warning("request.unparsable", reason=reason)
+    return _error(403, "Unable to parse resource", code="structure")
 
 
 def _forbidden(
@@ -261,6 +269,12 @@ class FhirService:
         lacking = _role_lacking(identity, method, parts)
         if lacking is not None:
             return _forbidden(lacking[0].lower(), identity, lacking[1] or "(base)", "no DSF role")
+        if body is not None and method in ("POST", "PUT"):
+            # DSF parses the body before any rule reads it (HAPI, lenient): see parsing.py.
+            try:
+                body = as_parsed(body)
+            except UnparsableBodyError as exc:
+                return unparsable(str(exc))
         try:
             if not parts and method == "POST":
                 return self._bundle(identity, body, headers)

@@ -8,6 +8,7 @@ import asyncio
 import copy
 from typing import Any
 
+import httpx
 import pytest
 
 from dsf_bridge.errors import RemoteError
@@ -389,3 +390,26 @@ async def test_batch_create_entries_follow_dsf_create_command(
     assert diagnostics in first["response"]["outcome"]["issue"][0]["diagnostics"]
     assert second["response"]["status"] == "201 Created"
     assert caught.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b'{"resourceType": "Task", ', "not JSON"),
+        (b"[1, 2]", "no JSON object"),
+        (b'{"resourceType": "NoSuchType"}', "unknown resourceType"),
+    ],
+)
+async def test_a_body_hapi_cannot_parse_is_403_unable_to_parse(
+    sandbox: Sandbox, body: bytes, why: str
+) -> None:
+    """DSF's DataFormatExceptionHandler (2.1 and 1.9): 403, "Unable to parse resource"."""
+    async with httpx.AsyncClient(verify=sandbox.context(LOCAL)) as http:
+        response = await http.post(
+            f"{sandbox.base_url}/Task",
+            content=body,
+            headers={"content-type": "application/fhir+json", "accept": "application/fhir+json"},
+        )
+    assert response.status_code == 403, (why, response.text)
+    issue = response.json()["issue"][0]
+    assert (issue["code"], issue["diagnostics"]) == ("structure", "Unable to parse resource")
