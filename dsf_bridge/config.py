@@ -41,6 +41,7 @@ from pydantic_settings import (
 
 from dsf_bridge.engine.timers import TimerError, add_duration, parse_duration
 from dsf_bridge.errors import ConfigError
+from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
 __all__ = [
     "CONFIG_ENV_VAR",
@@ -221,6 +222,42 @@ class RuntimeConfig(_Section):
         "gives their leases back",
     )
 
+    call_attempts: int = Field(
+        default=CALL_RETRY.attempts,
+        ge=1,
+        le=10,
+        description="Tries of one call to a remote server (the DSF FHIR servers, DICOMweb, the "
+        "inference server) that could not connect or got 429/502/503/504; a POST that may have "
+        "arrived is never repeated here (the outbox repeats sends)",
+    )
+    call_retry_delay: float = Field(
+        default=CALL_RETRY.initial_delay,
+        ge=0,
+        le=60,
+        description="Seconds before the second try of a call; doubled for each further try",
+    )
+    call_retry_max_delay: float = Field(
+        default=CALL_RETRY.max_delay,
+        ge=0,
+        le=300,
+        description="Longest wait between two tries of a call",
+    )
+    retry_after_cap: float = Field(
+        default=CALL_RETRY.retry_after_cap,
+        ge=0,
+        le=600,
+        description="Longest Retry-After a server may ask for between two tries of a call",
+    )
+
+    def call_retry(self) -> RetryPolicy:
+        """The adapters' policy for one call (see :mod:`dsf_bridge.retry`)."""
+        return RetryPolicy(
+            attempts=self.call_attempts,
+            initial_delay=self.call_retry_delay,
+            max_delay=self.call_retry_max_delay,
+            retry_after_cap=self.retry_after_cap,
+        )
+
     @field_validator("outbox_retry_delays")
     @classmethod
     def _positive_delays(cls, value: list[float]) -> list[float]:
@@ -263,6 +300,16 @@ class OmiServiceSettings(_Section):
 class OmiSettings(_Section):
     """OMI inference: the service catalogue, the registry, and timeouts of both process sides."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: object) -> object:
+        if isinstance(data, Mapping) and "dicomweb_attempts" in data:
+            raise ValueError(
+                "omi.dicomweb_attempts is gone: every call follows [runtime] call_attempts "
+                "(one retry policy, see docs/configuration.md)"
+            )
+        return data
+
     catalogue: list[OmiServiceSettings] = Field(
         default_factory=list, description="Inference services known to this site"
     )
@@ -278,9 +325,6 @@ class OmiSettings(_Section):
     )
     dicomweb_timeout: float = Field(
         default=30.0, gt=0, description="Seconds per DICOMweb request at the providing site"
-    )
-    dicomweb_attempts: int = Field(
-        default=3, ge=1, le=10, description="Tries per DICOMweb request (connection errors, 5xx)"
     )
     inference_timeout: float = Field(
         default=60.0, gt=0, description="Seconds per call to the inference server"

@@ -1,5 +1,12 @@
 """The retry policy of the HTTP adapters: how often and how patiently a call is repeated.
 
+One policy for every adapter (the DSF FHIR client, DICOMweb, the inference server), set in the
+configuration (``[runtime] call_attempts``, ``call_retry_delay``, ``call_retry_max_delay``,
+``retry_after_cap``) and handed to each adapter by the runtime. It repeats a call only where
+repeating is safe: connection failures and 429/502/503/504 of reads and idempotent writes, and
+of a POST only when the server cannot have processed it; anything else is the runtime's to
+decide (job retries, the outbox).
+
 It lives beside :mod:`dsf_bridge.errors`, outside the adapter packages, because the FHIR client
 (:mod:`dsf_bridge.dsf.client`) and the inference client (:mod:`dsf_bridge.omi.inference`) share
 it while the layer contracts keep ``dsf`` and ``omi`` from importing each other.
@@ -11,7 +18,7 @@ import datetime as dt
 import email.utils
 from dataclasses import dataclass
 
-__all__ = ["RetryPolicy", "retry_after_seconds"]
+__all__ = ["CALL_RETRY", "RetryPolicy", "retry_after_seconds"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,11 @@ class RetryPolicy:
         if asked is not None:
             delay = min(max(delay, asked), self.retry_after_cap)
         return delay
+
+
+# The default of ``[runtime] call_*``: waits of 1, 2 and 4 s (7 s in all, or what a server
+# asks for in Retry-After, up to 30 s), so a server that restarts within seconds is waited for.
+CALL_RETRY = RetryPolicy(attempts=4, initial_delay=1.0, max_delay=10.0, retry_after_cap=30.0)
 
 
 def retry_after_seconds(value: str | None) -> float | None:

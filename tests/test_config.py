@@ -11,6 +11,7 @@ import pytest
 
 from dsf_bridge.config import Settings, display_settings, load_settings
 from dsf_bridge.errors import ConfigError
+from dsf_bridge.runtime.daemon import _runtime_settings
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "config.example.toml"
 
@@ -198,13 +199,33 @@ def test_omi_catalogue_from_file_and_environment(tmp_path: Path) -> None:
         ('[omi]\nresult_timeout = "P2Y"\n', "omi.result_timeout"),
         ('[omi]\nresult_timeout = "P9999Y"\n', "omi.result_timeout"),
         ('[[omi.catalogue]]\nid = "x"\nmodel = "m"\n', "omi.catalogue.0.model"),
-        ("[omi]\ndicomweb_attempts = 0\n", "omi.dicomweb_attempts"),
     ],
 )
 def test_bad_omi_settings_name_the_field(tmp_path: Path, toml: str, field: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(_write(tmp_path, toml), environ={})
     assert caught.value.field == field
+
+
+def test_the_removed_dicomweb_attempts_points_to_the_one_retry_policy(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_write(tmp_path, "[omi]\ndicomweb_attempts = 3\n"), environ={})
+    assert "omi.dicomweb_attempts" in str(caught.value)
+    assert "[runtime] call_attempts" in str(caught.value)
+
+
+def test_the_call_retry_policy_from_the_runtime_section(tmp_path: Path) -> None:
+    toml = "[runtime]\ncall_attempts = 2\ncall_retry_delay = 0.25\nretry_after_cap = 5\n"
+    policy = load_settings(_write(tmp_path, toml), environ={}).runtime.call_retry()
+    assert (policy.attempts, policy.delay(1), policy.delay(2), policy.retry_after_cap) == (
+        2,
+        0.25,
+        0.5,
+        5.0,
+    )
+    # The bridge hands this one policy to its FHIR clients and to plugins (SERVICE_CALL_RETRY).
+    runtime = _runtime_settings(load_settings(_write(tmp_path, toml), environ={}).runtime)
+    assert runtime.call_retry == policy
 
 
 def test_a_year_is_the_longest_result_timeout(tmp_path: Path) -> None:
@@ -232,6 +253,8 @@ def test_the_runtime_policy_from_file_and_environment(tmp_path: Path) -> None:
     [
         ("[runtime]\nlease = 0.5\n", "runtime.lease"),
         ("[runtime]\njob_retries = -1\n", "runtime.job_retries"),
+        ("[runtime]\ncall_attempts = 0\n", "runtime.call_attempts"),
+        ("[runtime]\ncall_retry_delay = -1\n", "runtime.call_retry_delay"),
         ("[runtime]\noutbox_retry_delays = []\n", "runtime.outbox_retry_delays"),
         ("[runtime]\noutbox_retry_delays = [1, 0]\n", "runtime.outbox_retry_delays"),
         ("[runtime]\nidle_poll = 0\n", "runtime.idle_poll"),

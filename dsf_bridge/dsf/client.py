@@ -31,7 +31,7 @@ from lxml import etree
 
 from dsf_bridge.dsf.vocabulary import FHIR_JSON, outcome_diagnostics
 from dsf_bridge.errors import RemoteError
-from dsf_bridge.retry import RetryPolicy, retry_after_seconds
+from dsf_bridge.retry import CALL_RETRY, RetryPolicy, retry_after_seconds
 
 __all__ = ["FhirClient", "FhirResult", "RetryPolicy", "parse_outcome"]
 
@@ -190,7 +190,7 @@ class FhirClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._retry = retry or RetryPolicy()
+        self._retry = retry or CALL_RETRY
         self._sleep = sleep
         if transport is None:
             # TCP_NODELAY: a request goes out as headers and body; without it Nagle's algorithm

@@ -3,7 +3,8 @@
 Built on ``dicomweb-client``, which is synchronous (requests); every call runs in a worker
 thread so the event loop never blocks. Each call has a timeout and bounded retries with
 exponential back-off for what can pass (connection errors, timeouts, 429 and 5xx); dicomweb-
-client's own retrying is switched off so that there is exactly one retry policy.
+client's own retrying is switched off so that there is exactly one retry policy (the
+site's ``[runtime] call_*``, :mod:`dsf_bridge.retry`).
 
 Mutual TLS takes the same ``ssl.SSLContext`` the DSF side uses (client certificate and trusted
 CAs inside it), mounted into the requests session so no CA bundle of requests is mixed in.
@@ -34,6 +35,7 @@ from pydicom.dataset import Dataset
 from requests.adapters import HTTPAdapter
 
 from dsf_bridge.errors import RemoteError
+from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
 __all__ = [
     "ArchiveUnavailableError",
@@ -128,8 +130,9 @@ class _SslContextAdapter(HTTPAdapter):
 class DicomWebArchive:
     """One DICOMweb archive (QIDO-RS, WADO-RS and STOW-RS under one base URL).
 
-    ``timeout`` is per HTTP request in seconds; ``attempts`` bounds tries per call (1 = no
-    retry), waiting ``backoff`` x 2^n seconds between them.
+    ``timeout`` is per HTTP request in seconds; ``retry`` is the site's policy for one call
+    (``[runtime] call_*``): a connection failure, a timeout or a 5xx/429 answer is tried again
+    up to ``retry.attempts`` times in all, honouring ``Retry-After`` up to its cap.
     """
 
     def __init__(
@@ -138,16 +141,12 @@ class DicomWebArchive:
         *,
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = 30.0,
-        attempts: int = 3,
-        backoff: float = 0.5,
+        retry: RetryPolicy = CALL_RETRY,
         headers: Mapping[str, str] | None = None,
         session: requests.Session | None = None,
     ) -> None:
-        if attempts < 1:
-            raise ValueError("attempts must be at least 1")
         self.url = url.rstrip("/")
-        self._attempts = attempts
-        self._backoff = backoff
+        self._retry = retry
         self._session = session if session is not None else requests.Session()
         if ssl_context is not None:
             self._session.mount("https://", _SslContextAdapter(ssl_context))
@@ -288,14 +287,16 @@ class DicomWebArchive:
         return StoreResult(stored=stored, failed=failed)
 
     async def _call(self, operation: str, call: Callable[[], _T], *, study: str | None) -> _T:
-        for attempt in range(1, self._attempts + 1):
+        for attempt in range(1, self._retry.attempts + 1):
             try:
                 return await asyncio.to_thread(call)
             except requests.RequestException as exc:
                 error = self._translate(operation, exc, study)
-            if not error.retryable or attempt == self._attempts:
+                answer = exc.response if isinstance(exc, requests.HTTPError) else None
+            if not error.retryable or attempt == self._retry.attempts:
                 raise error
-            delay = self._backoff * 2 ** (attempt - 1)
+            retry_after = answer.headers.get("retry-after") if answer is not None else None
+            delay = self._retry.delay_for_answer(attempt, retry_after)
             _log.warning(
                 "dicomweb.retried", operation=operation, attempt=attempt, status=error.status
             )

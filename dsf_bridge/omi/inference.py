@@ -11,7 +11,8 @@ the error tree::
         └── ModelNotReadyError        the model exists but is not ready yet (retryable)
 
 Every call is repeated within a :class:`~dsf_bridge.retry.RetryPolicy` (the policy object the
-FHIR client uses; by default four attempts over 7 s, :data:`DEFAULT_RETRY`) when the server
+FHIR client and DICOMweb use: ``[runtime] call_*``, by default four attempts over 7 s,
+:data:`~dsf_bridge.retry.CALL_RETRY`) when the server
 cannot be reached, honouring ``Retry-After`` up to the policy's cap, so a model server that
 restarts for a few seconds does not fail the inference. The metadata and readiness GETs are
 also repeated on a connection lost mid-call and on 502, 503, 504 and 429. The inference POST
@@ -41,11 +42,10 @@ import numpy.typing as npt
 import structlog
 
 from dsf_bridge.errors import RemoteError
-from dsf_bridge.retry import RetryPolicy
+from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
 __all__ = [
     "DATATYPES",
-    "DEFAULT_RETRY",
     "HttpInferenceClient",
     "InferenceError",
     "InferenceResult",
@@ -58,9 +58,6 @@ __all__ = [
 
 _log = structlog.get_logger()
 
-# Waits of 1, 2 and 4 s (or what the server asks for in Retry-After, up to 30 s): 7 s in all
-# outlast a model server restarting for a few seconds, which DICOMweb's 0.5 + 1 s would not.
-DEFAULT_RETRY = RetryPolicy(attempts=4, initial_delay=1.0, max_delay=10.0, retry_after_cap=30.0)
 # Answers that say "the server, or a gateway in front of it, is briefly unavailable".
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # Answers that say the request was not processed: the only ones an inference POST repeats on
@@ -193,7 +190,7 @@ class HttpInferenceClient:
         verify: ssl.SSLContext | bool = True,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        retry: RetryPolicy = DEFAULT_RETRY,
+        retry: RetryPolicy = CALL_RETRY,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.base_url = base_url.rstrip("/")

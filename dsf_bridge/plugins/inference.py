@@ -66,12 +66,14 @@ from dsf_bridge.omi.registry import (
 from dsf_bridge.plugins.api import ProcessPlugin
 from dsf_bridge.plugins.pingpong import bpmn_dir, profiles_dir
 from dsf_bridge.plugins.registry import (
+    SERVICE_CALL_RETRY,
     SERVICE_FHIR_CLIENT,
     BpmnError,
     HandlerContext,
     HandlerRegistry,
     SendContext,
 )
+from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
 __all__ = [
     "CODESYSTEM_OMI",
@@ -513,6 +515,12 @@ def check_request(ctx: HandlerContext) -> None:
     log.info("inference.request_checked", requester=requester, service=entry.id)
 
 
+def _call_retry(ctx: HandlerContext) -> RetryPolicy:
+    """The site's policy for one call (``[runtime] call_*``); the default outside a bridge."""
+    policy = ctx.services.get(SERVICE_CALL_RETRY)
+    return policy if isinstance(policy, RetryPolicy) else CALL_RETRY
+
+
 @handlers.service(_PREFIX + "RunInference")
 async def run_inference(ctx: HandlerContext) -> None:
     """Fetch, convert, infer; a failure becomes a BPMN error whose code is the error kind."""
@@ -528,12 +536,12 @@ async def run_inference(ctx: HandlerContext) -> None:
         if endpoint.startswith("https://") and isinstance(context, ssl.SSLContext)
         else None,
         timeout=settings.dicomweb_timeout,
-        attempts=settings.dicomweb_attempts,
+        retry=_call_retry(ctx),
     )
     series = ctx.get("seriesInstanceUid")
     try:
         async with HttpInferenceClient(
-            entry.inference_url, timeout=settings.inference_timeout
+            entry.inference_url, timeout=settings.inference_timeout, retry=_call_retry(ctx)
         ) as client:
             outcome = await infer_study(
                 archive,

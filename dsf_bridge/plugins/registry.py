@@ -21,8 +21,10 @@ other exception for a technical failure. Handlers may be ``async def``.
 Handlers that need the outside world (the local FHIR server, the site's identity) get it from
 ``ctx.services``, a mapping the runtime fills: the bridge provides :data:`SERVICE_FHIR_CLIENT`
 (a :class:`~dsf_bridge.dsf.client.FhirClient` of the local DSF FHIR server) and
-:data:`SERVICE_LOCAL_ORGANIZATION` (a :class:`~dsf_bridge.dsf.organization.LocalOrganization`);
-tests put fakes under a plugin's own names. ``ctx.service(name, kind)`` reads one, typed.
+:data:`SERVICE_LOCAL_ORGANIZATION` (a :class:`~dsf_bridge.dsf.organization.LocalOrganization`)
+and :data:`SERVICE_CALL_RETRY` (the site's :class:`~dsf_bridge.retry.RetryPolicy` for one call to
+a remote server, ``[runtime] call_*``: a handler's own HTTP clients follow it); tests put fakes
+under a plugin's own names. ``ctx.service(name, kind)`` reads one, typed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from dsf_bridge.engine.model import NodeKind, ProcessDefinition
 from dsf_bridge.errors import ProcessExecutionError, ProcessModelError
 
 __all__ = [
+    "SERVICE_CALL_RETRY",
     "SERVICE_FHIR_CLIENT",
     "SERVICE_LOCAL_ORGANIZATION",
     "BpmnError",
@@ -51,6 +54,7 @@ __all__ = [
 
 
 SERVICE_FHIR_CLIENT = "dsf.fhir_client"
+SERVICE_CALL_RETRY = "bridge.call_retry"
 SERVICE_LOCAL_ORGANIZATION = "dsf.local_organization"
 
 _T = TypeVar("_T")

@@ -42,7 +42,11 @@ from dsf_bridge.dsf.versions import DsfRelease, server_release
 from dsf_bridge.errors import ConfigError, MigrationError, ProcessExecutionError
 from dsf_bridge.plugins.api import LoadedPlugin, ProcessPlugin
 from dsf_bridge.plugins.inference import SERVICE_DICOMWEB_SSL_CONTEXT, SERVICE_OMI_SETTINGS
-from dsf_bridge.plugins.registry import SERVICE_FHIR_CLIENT, SERVICE_LOCAL_ORGANIZATION
+from dsf_bridge.plugins.registry import (
+    SERVICE_CALL_RETRY,
+    SERVICE_FHIR_CLIENT,
+    SERVICE_LOCAL_ORGANIZATION,
+)
 from dsf_bridge.runtime.gateway import DsfTaskGateway
 from dsf_bridge.runtime.intake import SqlCursorStore, TaskIntake
 from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
@@ -78,6 +82,7 @@ def _runtime_settings(config: RuntimeConfig) -> RuntimeSettings:
         outbox_retry_delays=tuple(seconds(delay) for delay in config.outbox_retry_delays),
         idle_poll=seconds(config.idle_poll),
         shutdown_grace=seconds(config.shutdown_grace),
+        call_retry=config.call_retry(),
     )
 
 
@@ -140,7 +145,8 @@ class Bridge:
         self.database = Database(
             self.settings.db.url, pool_size=self.settings.db.pool_size, echo=self.settings.db.echo
         )
-        self.client = FhirClient(dsf.fhir_base_url, ssl_context=context)
+        call_retry = self.runtime_settings.call_retry
+        self.client = FhirClient(dsf.fhir_base_url, ssl_context=context, retry=call_retry)
         # From the server, never from configuration: a site upgraded to 2.x needs no new config.
         self.dsf_release = await server_release(self.client)
         log.info(
@@ -153,10 +159,13 @@ class Bridge:
         local = self.organization.identifier
         log.info("organization.found", organization=local)
 
-        self.gateway = DsfTaskGateway(self.client, context, local, dsf_release=self.dsf_release)
+        self.gateway = DsfTaskGateway(
+            self.client, context, local, dsf_release=self.dsf_release, retry=call_retry
+        )
         services: dict[str, object] = {
             SERVICE_FHIR_CLIENT: self.client,
             SERVICE_LOCAL_ORGANIZATION: self.organization,
+            SERVICE_CALL_RETRY: call_retry,
             SERVICE_OMI_SETTINGS: self.settings.omi,
             # https DICOMweb archives see the site's DSF identity (mutual TLS).
             SERVICE_DICOMWEB_SSL_CONTEXT: build_ssl_context(

@@ -47,6 +47,7 @@ from dsf_bridge.engine.model import ProcessDefinition
 from dsf_bridge.errors import ConcurrencyError, ProcessExecutionError
 from dsf_bridge.logs import bound_context
 from dsf_bridge.plugins.registry import HandlerRegistry
+from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 from dsf_bridge.runtime.deployments import DeployedProcess, Deployments
 from dsf_bridge.runtime.effects import (
     TAKEN_IN,
@@ -96,6 +97,8 @@ class RuntimeSettings:
     # How long a stopping worker lets its round finish before it cancels it and gives back
     # its leases (temporal's graceful shutdown: stop claiming, drain, release, exit).
     shutdown_grace: dt.timedelta = dt.timedelta(seconds=30)
+    # How one call to a remote server is repeated (every adapter: FHIR, DICOMweb, inference).
+    call_retry: RetryPolicy = CALL_RETRY
 
 
 class _InstanceWaitingError(Exception):

@@ -28,6 +28,7 @@ from dsf_bridge.omi.conversion import (
 )
 from dsf_bridge.omi.dicomweb import DicomWebArchive
 from dsf_bridge.omi.inference import HttpInferenceClient, InferenceResult, Tensor
+from dsf_bridge.retry import RetryPolicy
 from dsf_bridge.sandbox.components import MLServerProcess, OrthancProcess
 from dsf_bridge.sandbox.refmodel import TISSUES, tissue_composition
 from tests.components import REFERENCE_MODEL
@@ -242,7 +243,9 @@ def test_missing_or_misshapen_outputs_are_refused(ct_small: Dataset) -> None:
 
 @pytest.fixture
 async def archive(orthanc: OrthancProcess) -> AsyncIterator[DicomWebArchive]:
-    client = DicomWebArchive(orthanc.dicomweb_url, timeout=10.0, attempts=2, backoff=0.05)
+    client = DicomWebArchive(
+        orthanc.dicomweb_url, timeout=10.0, retry=RetryPolicy(attempts=2, initial_delay=0.05)
+    )
     try:
         yield client
     finally:

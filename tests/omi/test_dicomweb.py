@@ -18,12 +18,15 @@ from dsf_bridge.omi.dicomweb import (
     DicomWebError,
     StudyNotFoundError,
 )
+from dsf_bridge.retry import RetryPolicy
 from dsf_bridge.sandbox.components import OrthancProcess, free_port
 
 
 @pytest.fixture
 async def archive(orthanc: OrthancProcess) -> AsyncIterator[DicomWebArchive]:
-    client = DicomWebArchive(orthanc.dicomweb_url, timeout=10.0, attempts=2, backoff=0.05)
+    client = DicomWebArchive(
+        orthanc.dicomweb_url, timeout=10.0, retry=RetryPolicy(attempts=2, initial_delay=0.05)
+    )
     try:
         yield client
     finally:
@@ -96,7 +99,9 @@ async def test_study_not_in_archive(archive: DicomWebArchive, stored: list[Datas
 
 async def test_closed_port_is_archive_down() -> None:
     client = DicomWebArchive(
-        f"http://127.0.0.1:{free_port()}/dicom-web", timeout=2.0, attempts=2, backoff=0.01
+        f"http://127.0.0.1:{free_port()}/dicom-web",
+        timeout=2.0,
+        retry=RetryPolicy(attempts=2, initial_delay=0.01),
     )
     try:
         with pytest.raises(ArchiveUnavailableError, match="cannot be reached") as info:
@@ -113,7 +118,7 @@ async def test_closed_port_is_archive_down() -> None:
 
 async def test_stopped_orthanc_is_archive_down(tmp_path: Path, ct_small: Dataset) -> None:
     with OrthancProcess(tmp_path / "orthanc").start() as server:
-        client = DicomWebArchive(server.dicomweb_url, timeout=5.0, attempts=1)
+        client = DicomWebArchive(server.dicomweb_url, timeout=5.0, retry=RetryPolicy(attempts=1))
         try:
             await client.store([ct_small])
             assert await client.search_series(str(ct_small.StudyInstanceUID))
@@ -158,7 +163,9 @@ def _canned_archive(adapter: _CannedAdapter) -> DicomWebArchive:
     session = requests.Session()
     session.mount("http://", adapter)
     return DicomWebArchive(
-        "http://archive.test/dicom-web", session=session, attempts=3, backoff=0.001
+        "http://archive.test/dicom-web",
+        session=session,
+        retry=RetryPolicy(attempts=3, initial_delay=0.001),
     )
 
 

@@ -19,6 +19,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dsf_bridge.omi.dicomweb import ArchiveUnavailableError, DicomWebArchive
+from dsf_bridge.retry import RetryPolicy
 from dsf_bridge.sandbox.certs import CertificateAuthority
 from dsf_bridge.sandbox.components import OrthancProcess
 
@@ -81,7 +82,9 @@ async def tls_front(orthanc: OrthancProcess, tmp_path: Path) -> AsyncIterator[Tl
 
 
 async def test_store_and_retrieve_over_mutual_tls(tls_front: TlsFront, ct_small: Dataset) -> None:
-    archive = DicomWebArchive(tls_front.dicomweb_url, ssl_context=tls_front.context(), attempts=1)
+    archive = DicomWebArchive(
+        tls_front.dicomweb_url, ssl_context=tls_front.context(), retry=RetryPolicy(attempts=1)
+    )
     try:
         await archive.store([ct_small])
         [dataset] = await archive.retrieve_study(str(ct_small.StudyInstanceUID))
@@ -93,7 +96,9 @@ async def test_store_and_retrieve_over_mutual_tls(tls_front: TlsFront, ct_small:
 
 async def test_without_client_certificate_the_archive_refuses(tls_front: TlsFront) -> None:
     context = tls_front.context(client=False)
-    archive = DicomWebArchive(tls_front.dicomweb_url, ssl_context=context, attempts=1, timeout=5)
+    archive = DicomWebArchive(
+        tls_front.dicomweb_url, ssl_context=context, retry=RetryPolicy(attempts=1), timeout=5
+    )
     try:
         with pytest.raises(ArchiveUnavailableError, match="cannot be reached"):
             await archive.search_series("1.2.3")
@@ -105,7 +110,9 @@ async def test_without_client_certificate_the_archive_refuses(tls_front: TlsFron
 async def test_an_untrusted_server_is_refused(tls_front: TlsFront) -> None:
     CertificateAuthority("someone else").write(tls_front.directory / "other-ca.pem")
     context = tls_front.context(ca="other-ca.pem")
-    archive = DicomWebArchive(tls_front.dicomweb_url, ssl_context=context, attempts=1, timeout=5)
+    archive = DicomWebArchive(
+        tls_front.dicomweb_url, ssl_context=context, retry=RetryPolicy(attempts=1), timeout=5
+    )
     try:
         with pytest.raises(ArchiveUnavailableError, match="CERTIFICATE_VERIFY_FAILED"):
             await archive.search_series("1.2.3")

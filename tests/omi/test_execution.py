@@ -27,6 +27,7 @@ from dsf_bridge.omi.inference import (
     ModelNotReadyError,
 )
 from dsf_bridge.omi.segmentation import segmentation_dataset
+from dsf_bridge.retry import RetryPolicy
 from dsf_bridge.sandbox.components import MLServerProcess, OrthancProcess, free_port
 from tests.components import BROKEN_MODEL, REFERENCE_MODEL, WARMING_MODEL
 from tests.omi.test_refmodel import REFERENCE_AREAS_CM2
@@ -36,7 +37,9 @@ DEVICE = {"reference": "Device/tissue-composition", "type": "Device"}
 
 @pytest.fixture
 async def archive(orthanc: OrthancProcess, ct_small: Dataset) -> AsyncIterator[DicomWebArchive]:
-    client = DicomWebArchive(orthanc.dicomweb_url, timeout=10.0, attempts=2, backoff=0.05)
+    client = DicomWebArchive(
+        orthanc.dicomweb_url, timeout=10.0, retry=RetryPolicy(attempts=2, initial_delay=0.05)
+    )
     await client.store([ct_small])
     try:
         yield client
@@ -122,7 +125,10 @@ async def test_study_not_in_archive(
 
 
 async def test_archive_down(inference: HttpInferenceClient) -> None:
-    down = DicomWebArchive(f"http://127.0.0.1:{free_port()}/dicom-web", attempts=2, backoff=0.01)
+    down = DicomWebArchive(
+        f"http://127.0.0.1:{free_port()}/dicom-web",
+        retry=RetryPolicy(attempts=2, initial_delay=0.01),
+    )
     try:
         with pytest.raises(ArchiveUnavailableError, match="cannot be reached") as info:
             await infer_study(

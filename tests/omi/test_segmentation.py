@@ -19,6 +19,7 @@ from dsf_bridge.omi.segmentation import (
     segment_masks,
     segmentation_dataset,
 )
+from dsf_bridge.retry import RetryPolicy
 from dsf_bridge.sandbox.components import MLServerProcess, OrthancProcess
 from dsf_bridge.sandbox.refmodel import LABELS, tissue_composition, tissue_labels
 from tests.components import REFERENCE_MODEL
@@ -63,7 +64,9 @@ def test_label_map_must_match_the_series(ct_small: Dataset) -> None:
 
 @pytest.fixture
 async def archive(orthanc: OrthancProcess) -> AsyncIterator[DicomWebArchive]:
-    client = DicomWebArchive(orthanc.dicomweb_url, timeout=10.0, attempts=2, backoff=0.05)
+    client = DicomWebArchive(
+        orthanc.dicomweb_url, timeout=10.0, retry=RetryPolicy(attempts=2, initial_delay=0.05)
+    )
     try:
         yield client
     finally:

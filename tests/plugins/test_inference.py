@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -56,9 +57,11 @@ from dsf_bridge.plugins.inference import (
 )
 from dsf_bridge.plugins.inference import plugin as inference_plugin
 from dsf_bridge.plugins.placeholders import Placeholders
+from dsf_bridge.retry import RetryPolicy
 from dsf_bridge.sandbox.certs import CertificateAuthority
 from dsf_bridge.sandbox.components import MLServerProcess, OrthancProcess, free_port
 from dsf_bridge.sandbox.demo import (
+    FAST_RUNTIME,
     InferenceNetwork,
     audit_events,
     plugin_resources,
@@ -310,7 +313,6 @@ async def test_failures_end_the_start_task_with_their_own_error(
             _service("warming", WARMING_MODEL.name, mlserver),
             _service("broken", BROKEN_MODEL.name, mlserver),
         ],
-        "dicomweb_attempts": 2,
     }
     closed_port = free_port()
     study = str(ct_small.StudyInstanceUID)
@@ -361,6 +363,10 @@ async def test_failures_end_the_start_task_with_their_own_error(
         },
         offline=["Down_Provider"],
         dsf_release=release(dsf_version),
+        # Two tries per call ([runtime] call_attempts): the archive that is down fails fast.
+        runtime_settings=dataclasses.replace(
+            FAST_RUNTIME, call_retry=RetryPolicy(attempts=2, initial_delay=0.5)
+        ),
     ) as network:
         started = {}
         for label, (inputs, _) in cases.items():

@@ -32,8 +32,8 @@ from pydicom.dataset import Dataset
 from sqlalchemy.engine import make_url
 
 from dsf_bridge.omi.dicomweb import DicomWebArchive
-from dsf_bridge.omi.inference import DEFAULT_RETRY
 from dsf_bridge.plugins.inference import result_summary
+from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 from dsf_bridge.sandbox.components import (
     REFERENCE_MODEL,
     MLServerProcess,
@@ -48,10 +48,9 @@ PROVIDER = "AI_Provider"
 SERVICE = "tissue-composition"
 # DESIGN 5a: the body area of CT_small.dcm in cm2.
 CT_SMALL_BODY = 56.18
-# Five tries per DICOMweb call: back-off of 0.5 + 1 + 2 + 4 s, room for an archive restart.
-DICOMWEB_ATTEMPTS = 5
-# The OIP v2 client's own policy: four tries over 7 s.
-INFERENCE_ATTEMPTS = DEFAULT_RETRY.attempts
+# The site's one policy for a call ([runtime] call_*, the default here): four tries with
+# back-off of 1 + 2 + 4 s, room for an archive or a model server restarting.
+CALL_ATTEMPTS = CALL_RETRY.attempts
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +82,12 @@ async def study(archive: OrthancProcess, model_server: MLServerProcess) -> Async
                 await asyncio.to_thread(component.start)
 
 
-def _bridges(
-    model_server: MLServerProcess, dicomweb_attempts: int = DICOMWEB_ATTEMPTS
-) -> dict[str, Mapping[str, Any]]:
+def _bridges(model_server: MLServerProcess) -> dict[str, Mapping[str, Any]]:
     service = {"id": SERVICE, "model_name": REFERENCE_MODEL.name}
     return {
         REQUESTER: {"catalogue": [{"id": SERVICE, "organization": PROVIDER}]},
         PROVIDER: {
             "catalogue": [{**service, "inference_url": model_server.base_url}],
-            "dicomweb_attempts": dicomweb_attempts,
         },
     }
 
@@ -165,10 +161,14 @@ async def test_an_archive_back_within_the_retries_completes_the_request(
 async def test_an_archive_that_stays_away_fails_the_request_naming_it(
     tmp_path: Path, archive: OrthancProcess, model_server: MLServerProcess, study: str
 ) -> None:
-    attempts = 3  # the default: 0.5 + 1 s of back-off
-    bridges = _bridges(model_server, dicomweb_attempts=attempts)
+    attempts = 3  # [runtime] call_attempts: 0.5 + 1 s of back-off
+    runtime = dataclasses.replace(
+        FAST_RUNTIME, call_retry=RetryPolicy(attempts=attempts, initial_delay=0.5)
+    )
     with structlog.testing.capture_logs() as logs:
-        async with InferenceNetwork(tmp_path / "sites", bridges) as network:
+        async with InferenceNetwork(
+            tmp_path / "sites", _bridges(model_server), runtime_settings=runtime
+        ) as network:
             await asyncio.to_thread(archive.stop)
             task_id = await _request(network, archive, study)
             finished = await network.finished(REQUESTER, [task_id], 30)
@@ -224,7 +224,7 @@ async def test_a_model_server_that_stays_away_fails_the_request_naming_it(
             assert f"inference server {model_server.base_url} is unreachable" in error, error
             assert study not in error, error
             await _assert_all_ended(network)
-    assert len(_events(logs, "inference_request.retried")) == INFERENCE_ATTEMPTS - 1
+    assert len(_events(logs, "inference_request.retried")) == CALL_ATTEMPTS - 1
     assert not _events(logs, "dicomweb.retrieved")  # no study fetched for a model not there
 
 
