@@ -28,6 +28,7 @@ from dsf_bridge.engine.events import (
     CancelUserTask,
     CompleteTasks,
     CreateQuestionnaireResponse,
+    Event,
     FailTasks,
     ProcessCompleted,
     ProcessFailed,
@@ -37,7 +38,7 @@ from dsf_bridge.engine.events import (
     StartTimer,
     ThrowSignal,
 )
-from dsf_bridge.engine.interpreter import step
+from dsf_bridge.engine.model import ProcessDefinition
 from dsf_bridge.runtime.deployments import DeployedProcess, Deployments
 from dsf_bridge.store import Session, append_event
 from dsf_bridge.store import repository as repo
@@ -66,7 +67,8 @@ class StepRecord:
 
 class EffectWriter:
     """Writes steps of one runtime: ``owner`` is the audit actor, ``clock`` the time source,
-    ``job_retries`` the retries of a new job."""
+    ``job_retries`` the retries of a new job, ``step`` the engine's step (the stepper's: a
+    signal an instance throws to itself is stepped in the same transaction)."""
 
     def __init__(
         self,
@@ -75,7 +77,9 @@ class EffectWriter:
         clock: Callable[[], dt.datetime],
         job_retries: int,
         deployments: Deployments,
+        step: Callable[[ProcessDefinition, Mapping[str, Any] | None, Event], Any],
     ) -> None:
+        self.step = step
         self.owner = owner
         self.clock = clock
         self.job_retries = job_retries
@@ -227,7 +231,9 @@ class EffectWriter:
                     )
                     pending.effects.append("SignalJob")
                 known = instance_state.incident_tokens(state)
-                follow = step(deployed.definition, state, SignalReceived(effect.signal_name, now))
+                follow = self.step(
+                    deployed.definition, state, SignalReceived(effect.signal_name, now)
+                )
                 state = follow.state
                 await self.audit_incidents(session, instance_id, known, state, pending)
                 record = await repo.save_instance(

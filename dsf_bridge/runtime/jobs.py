@@ -56,7 +56,7 @@ _SIGNAL_PATIENCE = dt.timedelta(seconds=5)
 
 class JobWorker:
     """Runs leased jobs for ``runtime``, stepping instances through its one way to step
-    them (:meth:`ProcessRuntime._apply_event`)."""
+    them (:meth:`InstanceStepper.apply`)."""
 
     def __init__(self, runtime: ProcessRuntime) -> None:
         self.runtime = runtime
@@ -132,7 +132,7 @@ class JobWorker:
         if instance_id is None:  # pragma: no cover - every job we create belongs to an instance
             raise ProcessExecutionError(f"job {job.id} has no instance")
         if job.kind is JobKind.CONTINUE:
-            await self.runtime._apply_event(
+            await self.runtime.stepper.apply(
                 instance_id,
                 lambda now: JobDue(str(payload["token"]), now),
                 action="job.continued",
@@ -163,7 +163,7 @@ class JobWorker:
                     deployed.handlers, effect, self.runtime.clock(), self.runtime.services
                 )
             self.runtime._fault(FaultPoint.HANDLER_RAN, effect.handler)
-            await self.runtime._apply_event(
+            await self.runtime.stepper.apply(
                 instance_id,
                 lambda now: outcome.event,
                 action="handler.completed" if outcome.ok else "handler.failed",
@@ -223,7 +223,7 @@ class JobWorker:
             return False
 
         try:
-            await self.runtime._apply_event(
+            await self.runtime.stepper.apply(
                 instance_id,
                 make_event,
                 action=action,
@@ -263,7 +263,7 @@ class JobWorker:
                 await repo.complete_job(session, job.id, self.runtime.owner)
             return True
 
-        await self.runtime._apply_event(
+        await self.runtime.stepper.apply(
             instance_id,
             lambda now: SignalReceived(name, now),
             action="signal.received",
@@ -295,7 +295,7 @@ class JobWorker:
             )
         self.runtime._fault(FaultPoint.HANDLER_RAN, effect.handler)
         if not outcome.ok or outcome.send is None:
-            await self.runtime._apply_event(
+            await self.runtime.stepper.apply(
                 instance_id,
                 lambda now: outcome.event,
                 action="handler.failed",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -28,6 +28,7 @@ from dsf_bridge.store.kinds import OutboxKind, TaskSeenStatus
 
 if TYPE_CHECKING:
     from dsf_bridge.runtime.processes import RuntimeSettings
+    from dsf_bridge.runtime.stepping import InstanceStepper
 
 __all__ = ["OutboxWorker"]
 
@@ -36,7 +37,7 @@ log = structlog.get_logger("dsf_bridge.runtime")
 
 class _Runtime(Protocol):
     """What the outbox worker uses of its runtime: the store, the gateway, the clock, and the
-    one way to step an instance (:meth:`ProcessRuntime._apply_event`)."""
+    one way to step an instance (:meth:`InstanceStepper.apply`)."""
 
     database: Database
     gateway: TaskGateway
@@ -47,17 +48,8 @@ class _Runtime(Protocol):
 
     def _fault(self, point: FaultPoint, detail: str) -> None: ...
 
-    def _sends_resolved(self) -> None: ...
-
-    async def _apply_event(
-        self,
-        instance_id: str,
-        make_event: Callable[[dt.datetime], Event],
-        *,
-        action: str,
-        reason: str,
-        also: Callable[[Session], Awaitable[None]] | None = None,
-    ) -> None: ...
+    @property
+    def stepper(self) -> InstanceStepper: ...
 
 
 class OutboxWorker:
@@ -149,7 +141,7 @@ class OutboxWorker:
         # commits the instance would neither send nor wait, and a fast reply (or a crash) in
         # that gap would find nothing to correlate with.
         token = str(payload["token"])
-        await self.runtime._apply_event(
+        await self.runtime.stepper.apply(
             entry.instance_id,
             lambda now: HandlerCompleted(
                 token, now, payload.get("updates") or {}, payload.get("local_updates") or {}
@@ -252,7 +244,7 @@ class OutboxWorker:
             # One transaction records the failure and steps the instance: a crash between two
             # commits would leave the effect failed and the instance waiting for nothing.
             try:
-                await self.runtime._apply_event(
+                await self.runtime.stepper.apply(
                     entry.instance_id, event, action=action, reason=reason, also=record_failure
                 )
                 return
@@ -260,7 +252,7 @@ class OutboxWorker:
                 pass  # the instance is gone: record the failure alone
         async with self.runtime.database.transaction() as session:
             await record_failure(session)
-        self.runtime._sends_resolved()
+        self.runtime.stepper.sends_resolved()
 
 
 def _created_task_id(result: str) -> str:

@@ -54,33 +54,54 @@ def _resource_model(resource_type: object) -> type[BaseModel] | None:
 
 
 def _element(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
-    kept: dict[str, Any] = {}
-    for key, value in data.items():
-        kind = _kind(model, key)
-        if kind is None:
-            kept[key] = value
+    """``data`` read as an element of ``model``; iterative, so that no nesting depth a JSON
+    parser accepts can exhaust Python's stack (Jackson, under HAPI, allows 1,000 levels)."""
+    root: dict[str, Any] = {}
+    stack: list[tuple[type[BaseModel], dict[str, Any], dict[str, Any]]] = [(model, data, root)]
+    # Complex elements in the order they were created: each after its parent.
+    created: list[tuple[dict[str, Any], str, dict[str, Any]]] = []
+    while stack:
+        current, source, target = stack.pop()
+        for key, value in source.items():
+            kind = _kind(current, key)
+            if kind is None:
+                target[key] = value
+                continue
+            kept: list[object] = []
+            for item in value if isinstance(value, list) else [value]:
+                if kind == "primitive":
+                    if item is not None and not isinstance(item, dict | list):
+                        kept.append(item)
+                    continue
+                if not isinstance(item, dict):
+                    continue
+                child: dict[str, Any] = {}
+                if kind == "resource":
+                    resource_model = _resource_model(item.get("resourceType"))
+                    if resource_model is None:
+                        kept.append(item)
+                        continue
+                    stack.append((resource_model, item, child))
+                else:
+                    stack.append((kind, item, child))
+                    created.append((target, key, child))
+                kept.append(child)
+            if kept:
+                target[key] = kept if isinstance(value, list) else kept[0]
+    # HAPI drops elements left empty: children first, so that a parent emptied by them goes too.
+    for parent, key, child in reversed(created):
+        if child:
             continue
-        if isinstance(value, list):
-            items = [item for item in (_value(kind, item) for item in value) if item is not None]
-            if items:
-                kept[key] = items
-        else:
-            single = _value(kind, value)
-            if single is not None:
-                kept[key] = single
-    return kept
-
-
-def _value(kind: _Kind, value: object) -> object | None:
-    """The value HAPI keeps for one element of ``kind``, or None if it drops it."""
-    if kind == "primitive":
-        return None if isinstance(value, dict | list) else value
-    if not isinstance(value, dict):
-        return None
-    if kind == "resource":
-        model = _resource_model(value.get("resourceType"))
-        return value if model is None else _element(model, value)
-    return _element(kind, value) or None
+        held = parent.get(key)
+        if isinstance(held, list):
+            remaining = [item for item in held if item is not child]
+            if remaining:
+                parent[key] = remaining
+            else:
+                del parent[key]
+        elif held is child:
+            del parent[key]
+    return root
 
 
 @functools.cache

@@ -97,17 +97,17 @@ async def test_a_catcher_that_moves_just_before_the_signal_still_gets_it(
 ) -> None:
     running = await runtime.start(KEY, message_name="startPingAutostart", business_key="auto")
     await runtime.run_until_idle()
-    apply_event = runtime._apply_event
+    apply_event = runtime.stepper.apply
     raced: list[int] = []
 
     async def timer_first(instance_id: str, make_event: Any, **options: Any) -> None:
         if options.get("action") == "signal.received" and not raced:
             # Another worker fires the loop's timer just before the signal is applied.
             runtime.clock.advance(minutes=11)  # type: ignore[attr-defined]
-            raced.append(await runtime._fire_due_timers())
+            raced.append(await runtime.timers.fire_due())
         await apply_event(instance_id, make_event, **options)
 
-    monkeypatch.setattr(runtime, "_apply_event", timer_first)
+    monkeypatch.setattr(runtime.stepper, "apply", timer_first)
     await runtime.start(KEY, message_name="stopPingAutostart", business_key="stop")
     await runtime.run_until_idle()
 

@@ -61,3 +61,25 @@ def test_a_task_update_with_inputs_that_are_no_objects_is_forbidden(
         dsf.update(LOCAL, {**created, "status": "completed", "input": inputs}), "update"
     )
     assert dsf.service.store.read("Task", created["id"]) == created
+
+
+def test_elements_left_empty_are_dropped_up_to_the_first_one_with_content() -> None:
+    body = {"resourceType": "Task", "input": [{"type": {"coding": [3]}}, {"valueString": "v"}]}
+    assert as_parsed(body) == {"resourceType": "Task", "input": [{"valueString": "v"}]}
+
+
+def test_nesting_deeper_than_pythons_stack_is_read() -> None:
+    """A JSON parser accepts 1,000 levels (Jackson under HAPI): reading them must not crash
+    the sandbox (the bridge's own bounds then refuse such a Task)."""
+    body: dict[str, Any] = {"resourceType": "Task"}
+    innermost = body
+    for _ in range(2_000):
+        nested: dict[str, Any] = {"url": "http://example.org/x"}
+        innermost["extension"] = [nested]
+        innermost = nested
+    innermost["valueString"] = "deep"
+    parsed = as_parsed(body)
+    depth, element = 0, parsed
+    while "extension" in element:
+        element, depth = element["extension"][0], depth + 1
+    assert (depth, element.get("valueString")) == (2_000, "deep")

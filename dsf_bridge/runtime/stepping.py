@@ -1,0 +1,213 @@
+"""Instance stepping: the one caller of the engine.
+
+Every event reaches an instance here (:meth:`InstanceStepper.create` for a start,
+:meth:`InstanceStepper.write` for any later event, :meth:`InstanceStepper.apply` for an event
+in a transaction of its own): the engine steps, the audit event is appended, the new state and
+the records of the effects are written (:class:`~dsf_bridge.runtime.effects.EffectWriter`),
+all in one transaction. After the commit (:meth:`InstanceStepper.committed`) the workers are
+woken for the new work and the listeners told that a send may have resolved.
+
+Instances are updated with optimistic locking; a lost race is replayed on the fresh state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from dsf_bridge.engine import state as instance_state
+from dsf_bridge.engine.events import Event, Start
+from dsf_bridge.engine.interpreter import Step
+from dsf_bridge.engine.interpreter import step as engine_step
+from dsf_bridge.engine.model import ProcessDefinition
+from dsf_bridge.errors import ConcurrencyError
+from dsf_bridge.logs import bound_context
+from dsf_bridge.runtime.deployments import DeployedProcess
+from dsf_bridge.runtime.effects import EffectWriter, StepRecord
+from dsf_bridge.runtime.faults import FaultPoint, InstanceGoneError
+from dsf_bridge.store import Session, append_event
+from dsf_bridge.store import repository as repo
+
+if TYPE_CHECKING:
+    from dsf_bridge.runtime.processes import ProcessRuntime
+
+__all__ = ["InstanceStepper", "engine_step_of"]
+
+log = structlog.get_logger("dsf_bridge.runtime")
+
+
+def engine_step_of(
+    definition: ProcessDefinition, state: Mapping[str, Any] | None, event: Event
+) -> Step:
+    """The engine's step: the only call of :func:`dsf_bridge.engine.interpreter.step` in the
+    runtime (the effect writer steps a signal an instance throws to itself through it too)."""
+    return engine_step(definition, state, event)
+
+
+class InstanceStepper:
+    """Steps the instances of ``runtime`` (its store, clock, deployments and effect writer)."""
+
+    def __init__(self, runtime: ProcessRuntime, wakeup: asyncio.Event) -> None:
+        self.runtime = runtime
+        self.wakeup = wakeup
+        self._send_listeners: list[Callable[[], None]] = []
+
+    @property
+    def effects(self) -> EffectWriter:
+        return self.runtime.effects
+
+    # -- inside the caller's transaction --------------------------------------------------------
+
+    async def create(
+        self,
+        session: Session,
+        deployed: DeployedProcess,
+        *,
+        instance_id: str,
+        business_key: str,
+        event: Start,
+        actor: str,
+        action: str,
+        reason: str,
+        before_audit: Callable[[], Awaitable[None]] | None = None,
+    ) -> StepRecord:
+        """A new instance from its start event; ``before_audit`` writes what caused it (the
+        Task taken in) before the audit event."""
+        result = engine_step_of(deployed.definition, None, event)
+        self.runtime.deployments.remember(instance_id, deployed.definition_id)
+        record = await repo.create_instance(
+            session,
+            instance_id=instance_id,
+            definition_id=deployed.definition_id,
+            business_key=business_key,
+            status=instance_state.instance_status(result.state).label,
+            state=result.state,
+            now=event.now,
+        )
+        if before_audit is not None:
+            await before_audit()
+        await append_event(
+            session,
+            actor=actor,
+            subject=f"instance/{instance_id}",
+            action=action,
+            reason=reason,
+            payload=result.state,
+        )
+        pending = await self.effects.write(session, deployed, record, result, fresh=True)
+        self.runtime._fault(FaultPoint.STEP_WRITTEN, action)
+        return pending
+
+    async def write(
+        self,
+        session: Session,
+        deployed: DeployedProcess,
+        record: repo.InstanceRecord,
+        event: Event,
+        *,
+        actor: str,
+        action: str,
+        reason: str,
+        failed_action: str | None = None,
+        before_audit: Callable[[], Awaitable[None]] | None = None,
+    ) -> StepRecord:
+        """Step an existing instance by ``event``. A step the engine undid (a handler's
+        technical error) is audited as ``failed_action`` with the error, when given."""
+        with bound_context(instance_id=record.id, business_key=record.business_key):
+            result = engine_step_of(deployed.definition, record.state, event)
+            if before_audit is not None:
+                await before_audit()
+            undone = failed_action is not None and result.error
+            await append_event(
+                session,
+                actor=actor,
+                subject=f"instance/{record.id}",
+                action=failed_action if undone and failed_action else action,
+                reason=f"{reason}: {result.error}" if undone else reason,
+                payload=result.state,
+            )
+            pending = await self.effects.write(session, deployed, record, result)
+            self.runtime._fault(FaultPoint.STEP_WRITTEN, action)
+        return pending
+
+    # -- a transaction of its own -----------------------------------------------------------------
+
+    async def apply(
+        self,
+        instance_id: str,
+        make_event: Callable[[dt.datetime], Event],
+        *,
+        action: str,
+        reason: str,
+        job_id: int | None = None,
+        unless: Callable[[Session, repo.InstanceRecord], Awaitable[bool]] | None = None,
+        also: Callable[[Session], Awaitable[None]] | None = None,
+        actor: str | None = None,
+    ) -> None:
+        """Apply one event to an instance in one transaction, replaying on lost races.
+
+        ``unless`` sees the instance in that transaction first; when it answers ``True`` it has
+        dealt with the job itself and no step is taken. ``also`` writes in the same transaction
+        (the record of the effect that caused the event). ``actor`` names who caused it in the
+        audit event (an operator); the bridge itself by default. An undone job step is audited
+        ``job.failed`` (retried later, or parked as an incident).
+        """
+        runtime = self.runtime
+        for _ in range(runtime.settings.conflict_retries):
+            now = runtime.clock()
+            try:
+                async with runtime.database.transaction() as session:
+                    record = await repo.load_instance(session, instance_id)
+                    if record is None:
+                        raise InstanceGoneError(f"instance {instance_id} does not exist")
+                    if unless is not None and await unless(session, record):
+                        return
+                    pending = await self.write(
+                        session,
+                        runtime.deployments.of_record(record),
+                        record,
+                        make_event(now),
+                        actor=actor or runtime.owner,
+                        action=action,
+                        reason=reason,
+                        failed_action="job.failed",
+                    )
+                    if job_id is not None:
+                        await repo.complete_job(session, job_id, runtime.owner)
+                    if also is not None:
+                        await also(session)
+            except ConcurrencyError:
+                continue
+            self.committed(pending, action)
+            return
+        raise ConcurrencyError(f"instance {instance_id} kept changing")
+
+    # -- after the commit -----------------------------------------------------------------------
+
+    def committed(self, pending: StepRecord, action: str) -> None:
+        """The step's transaction committed: wake the workers for its effects, tell the
+        listeners a send may have resolved, log incidents and the step."""
+        self.runtime._fault(FaultPoint.STEP_COMMITTED, action)
+        if pending.effects:
+            self.wakeup.set()
+        self.sends_resolved()
+        for element in pending.incidents:  # the message is in the audit trail and the API
+            log.warning("incident.created", instance_id=pending.instance_id, element=element)
+        log.info(
+            "instance.stepped",
+            instance_id=pending.instance_id,
+            status=pending.status,
+            effects=pending.effects,
+        )
+
+    def on_send_resolved(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every commit that may have resolved a send."""
+        self._send_listeners.append(listener)
+
+    def sends_resolved(self) -> None:
+        for listener in self._send_listeners:
+            listener()

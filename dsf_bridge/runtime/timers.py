@@ -1,0 +1,56 @@
+"""The timer worker: fires due timers, one instance step each.
+
+A timer is taken (its row deleted) in the transaction that steps its instance, so a crash
+before the commit leaves it due and a second runtime fires it. A step the engine undid is
+audited ``timer.failed``: the timer fires again later, or becomes an incident.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dsf_bridge.engine.events import TimerFired
+from dsf_bridge.runtime.effects import StepRecord
+from dsf_bridge.store import repository as repo
+
+if TYPE_CHECKING:
+    from dsf_bridge.runtime.processes import ProcessRuntime
+
+__all__ = ["TimerWorker"]
+
+
+class TimerWorker:
+    """Fires the due timers of ``runtime``."""
+
+    def __init__(self, runtime: ProcessRuntime) -> None:
+        self.runtime = runtime
+
+    async def fire_due(self) -> int:
+        """Fire due timers (at most a batch), each in its own transaction; return how many."""
+        runtime = self.runtime
+        fired = 0
+        while fired < runtime.settings.batch:
+            now = runtime.clock()
+            pending: StepRecord | None = None
+            async with runtime.database.transaction() as session:
+                due = await repo.due_timers(session, now, limit=1)
+                if not due:
+                    return fired
+                instance_id, timer = due[0]
+                record = await repo.load_instance(session, instance_id)
+                await repo.cancel_timer(session, instance_id, timer.timer_id)
+                if record is not None:
+                    pending = await runtime.stepper.write(
+                        session,
+                        runtime.deployments.of_record(record),
+                        record,
+                        TimerFired(timer.timer_id, now),
+                        actor=runtime.owner,
+                        action="timer.fired",
+                        failed_action="timer.failed",
+                        reason=f"{timer.element_id} due {timer.due_at.isoformat()}",
+                    )
+            if pending is not None:
+                runtime.stepper.committed(pending, "timer.fired")
+            fired += 1
+        return fired
