@@ -4,8 +4,9 @@
 - :mod:`~dsf_bridge.plugins.registry`: :class:`HandlerRegistry` and the handler contexts;
 - :mod:`~dsf_bridge.plugins.placeholders`: ``#{version}``, ``#{date}``, ``#{organization}``...;
 - :mod:`~dsf_bridge.plugins.loader`: entry points and plugin folders;
-- :mod:`~dsf_bridge.plugins.check`: ``dsf-bridge plugins check``;
-- :mod:`~dsf_bridge.plugins.testing`: an in-memory harness for plugin tests.
+- :mod:`~dsf_bridge.plugins.check`: ``dsf-bridge plugins check``.
+
+Plugin tests run on the real runtime: :mod:`dsf_bridge.runtime.testing`.
 """
 
 from __future__ import annotations

@@ -221,6 +221,14 @@ class EffectWriter:
                 )
                 waiting.update(await repo.running_instances_of(session, catchers))
                 waiting.discard(instance_id)
+                await append_event(
+                    session,
+                    actor=self.owner,
+                    subject=f"instance/{instance_id}",
+                    action="signal.thrown",
+                    reason=f"{effect.signal_name} to {len(waiting)} other instance(s)",
+                    payload={"signal": effect.signal_name, "instances": sorted(waiting)},
+                )
                 for other in sorted(waiting):
                     await repo.enqueue_job(
                         session,

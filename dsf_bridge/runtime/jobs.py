@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import structlog
@@ -72,10 +72,28 @@ class JobWorker:
                 lease=self.runtime.settings.lease,
                 limit=self.runtime.settings.batch,
             )
-        # Concurrently: a slow handler (an inference, a download) must not hold up the others.
-        # Jobs of one instance that race are replayed by optimistic locking.
-        await run_all(self.run_or_retry(job) for job in jobs)
+        await run_all(self.exclusive(jobs))
         return len(jobs)
+
+    def exclusive(self, jobs: Sequence[repo.ClaimedJob]) -> list[Awaitable[None]]:
+        """One run per instance: instances concurrently (a slow handler, an inference, must
+        not hold up the others), the jobs of one instance one after the other in due order,
+        as Camunda's exclusive jobs. A job whose instance ended meanwhile (its jobs were
+        deleted with it) is skipped, so a parallel multi-instance stops at a failing send."""
+        by_instance: dict[str | None, list[repo.ClaimedJob]] = {}
+        for job in jobs:
+            by_instance.setdefault(job.instance_id, []).append(job)
+        return [self._one_by_one(group) for group in by_instance.values()]
+
+    async def _one_by_one(self, jobs: Sequence[repo.ClaimedJob]) -> None:
+        for position, job in enumerate(jobs):
+            if position > 0:
+                async with self.runtime.database.transaction() as session:
+                    held = await repo.job_held(session, job.id, self.runtime.owner)
+                if not held:
+                    log.info("job.skipped", job_id=job.id, kind=job.kind, reason="instance ended")
+                    continue
+            await self.run_or_retry(job)
 
     async def run_or_retry(self, job: repo.ClaimedJob) -> None:
         """Run one leased job; a failure uses a retry (or, past them, parks the job)."""

@@ -214,7 +214,7 @@ class ProcessRuntime:
         fired = await self.timers.fire_due() if timer_due else 0
         await run_all(
             [
-                *(self.jobs.run_or_retry(job) for job in jobs),
+                *self.jobs.exclusive(jobs),
                 *(self.outbox.perform(entry) for entry in entries),
             ]
         )

@@ -131,6 +131,10 @@ class InstanceStepper:
                 payload=result.state,
             )
             pending = await self.effects.write(session, deployed, record, result)
+            if pending.status != "running":
+                # Camunda deletes an ended execution's jobs: a sibling's handler or send that
+                # is still queued (a parallel multi-instance) never runs.
+                await repo.delete_jobs_of(session, record.id)
             self.runtime._fault(FaultPoint.STEP_WRITTEN, action)
         return pending
 
@@ -166,6 +170,8 @@ class InstanceStepper:
                         raise InstanceGoneError(f"instance {instance_id} does not exist")
                     if unless is not None and await unless(session, record):
                         return
+                    if job_id is not None:
+                        await repo.complete_job(session, job_id, runtime.owner)
                     pending = await self.write(
                         session,
                         runtime.deployments.of_record(record),
@@ -176,8 +182,6 @@ class InstanceStepper:
                         reason=reason,
                         failed_action="job.failed",
                     )
-                    if job_id is not None:
-                        await repo.complete_job(session, job_id, runtime.owner)
                     if also is not None:
                         await also(session)
             except ConcurrencyError:

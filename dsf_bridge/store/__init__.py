@@ -6,7 +6,13 @@ history (``migrations/``) and the same code.
 
 from sqlalchemy.ext.asyncio import AsyncSession as Session
 
-from dsf_bridge.store.audit import ChainReport, append_event, digest_payload, verify_chain
+from dsf_bridge.store.audit import (
+    ChainReport,
+    append_event,
+    digest_payload,
+    reasons_of,
+    verify_chain,
+)
 from dsf_bridge.store.database import (
     Database,
     async_url,
@@ -21,6 +27,7 @@ from dsf_bridge.store.migrations import (
     schema_drift,
     schema_status,
     upgrade,
+    upgrade_in_place,
 )
 
 __all__ = [
@@ -34,10 +41,12 @@ __all__ = [
     "digest_payload",
     "downgrade",
     "migrations_dir",
+    "reasons_of",
     "schema_drift",
     "schema_status",
     "sqlite_path",
     "sync_url",
     "upgrade",
+    "upgrade_in_place",
     "verify_chain",
 ]

@@ -210,3 +210,11 @@ async def verify_chain(session: AsyncSession) -> ChainReport:
             "the newest events were deleted or the head was altered",
         )
     return ChainReport(count, previous)
+
+
+async def reasons_of(session: AsyncSession, action: str) -> list[str]:
+    """The reasons of every event with ``action``, in the order they were appended."""
+    rows = await session.scalars(
+        select(AuditEvent.reason).where(AuditEvent.action == action).order_by(AuditEvent.sequence)
+    )
+    return list(rows)

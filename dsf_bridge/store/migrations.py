@@ -17,20 +17,22 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import MetaData
+from sqlalchemy import Connection, MetaData
 from sqlalchemy.exc import OperationalError
 
 from dsf_bridge.errors import MigrationError, StoreError
-from dsf_bridge.store.database import create_sync_engine
+from dsf_bridge.store.database import Database, create_sync_engine
 from dsf_bridge.store.tables import metadata
 
 __all__ = [
     "SchemaStatus",
     "downgrade",
+    "migration_config",
     "migrations_dir",
     "schema_drift",
     "schema_status",
     "upgrade",
+    "upgrade_in_place",
 ]
 
 
@@ -43,7 +45,9 @@ def migrations_dir() -> Path:
     raise MigrationError("the migrations folder is missing from this installation")
 
 
-def _config(url: str) -> Config:
+def migration_config(url: str) -> Config:
+    """Alembic's configuration for ``url`` (pass an open connection in
+    ``config.attributes["connection"]`` to migrate on it)."""
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     # Alembic's ini interpolation treats % specially; URL-encoded passwords contain it.
@@ -52,7 +56,7 @@ def _config(url: str) -> Config:
 
 
 def _run(action: str, url: str, fn: Any, *args: Any) -> None:
-    config = _config(url)
+    config = migration_config(url)
     engine = create_sync_engine(url)
     try:
         with engine.begin() as connection:
@@ -69,6 +73,19 @@ def _run(action: str, url: str, fn: Any, *args: Any) -> None:
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the schema up to ``revision`` (default: the newest)."""
     _run("upgrade", url, command.upgrade, revision)
+
+
+async def upgrade_in_place(database: Database) -> None:
+    """Bring the schema up to the newest revision on ``database``'s own connection: the way
+    to migrate an in-memory SQLite store, which no second connection can see."""
+
+    def run(connection: Connection) -> None:
+        config = migration_config(str(database.url))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    async with database.engine.begin() as connection:
+        await connection.run_sync(run)
 
 
 def downgrade(url: str, revision: str) -> None:
@@ -89,7 +106,7 @@ class SchemaStatus:
 def schema_status(url: str, *, read_only: bool = False) -> SchemaStatus:
     """The database's revision and the newest revision this release knows; ``read_only``
     looks without writing anything (not even SQLite's journal mode)."""
-    head = ScriptDirectory.from_config(_config(url)).get_current_head()
+    head = ScriptDirectory.from_config(migration_config(url)).get_current_head()
     if head is None:  # pragma: no cover - the package always ships revisions
         raise MigrationError("no migration revisions found")
     engine = create_sync_engine(url, read_only=read_only)

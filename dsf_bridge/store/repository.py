@@ -177,6 +177,40 @@ async def load_instance(session: AsyncSession, instance_id: str) -> InstanceReco
     return None if row is None else InstanceRecord(*row)
 
 
+async def all_instances(session: AsyncSession) -> list[InstanceRecord]:
+    """Every instance, oldest first (the test harness; a site has too many for this)."""
+    rows = await session.execute(
+        select(
+            ProcessInstance.id,
+            ProcessInstance.definition_id,
+            ProcessInstance.business_key,
+            ProcessInstance.status,
+            ProcessInstance.state,
+            ProcessInstance.version,
+        ).order_by(ProcessInstance.created_at, ProcessInstance.id)
+    )
+    return [InstanceRecord(*row) for row in rows]
+
+
+async def count_timers(session: AsyncSession) -> int:
+    """How many timers wait, of every instance."""
+    return int(await session.scalar(select(func.count()).select_from(Timer)) or 0)
+
+
+async def next_due(session: AsyncSession) -> dt.datetime | None:
+    """When the next timer, job (not parked) or pending outbox entry falls due, leases aside:
+    how a test clock knows where to move next."""
+    moments = [
+        await session.scalar(select(func.min(Timer.due_at))),
+        await session.scalar(select(func.min(Job.due_at)).where(Job.retries_left >= 0)),
+        await session.scalar(
+            select(func.min(OutboxEntry.next_attempt_at)).where(OutboxEntry.status == "pending")
+        ),
+    ]
+    found = [moment for moment in moments if moment is not None]
+    return min(found) if found else None
+
+
 async def save_instance(
     session: AsyncSession,
     record: InstanceRecord,
@@ -383,6 +417,21 @@ async def postpone_job(
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise ConcurrencyError(f"job {job_id} is no longer leased to {owner}")
+
+
+async def delete_jobs_of(session: AsyncSession, instance_id: str) -> int:
+    """Remove every job of an ended instance (Camunda deletes an execution's jobs with it):
+    a handler or send still queued for it never runs. Returns how many were removed."""
+    result = await session.execute(delete(Job).where(Job.instance_id == instance_id))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+async def job_held(session: AsyncSession, job_id: int, owner: str) -> bool:
+    """Whether job ``job_id`` still exists and is leased to ``owner``."""
+    found = await session.scalar(
+        select(Job.id).where(Job.id == job_id).where(Job.lease_owner == owner)
+    )
+    return found is not None
 
 
 async def hasten_jobs(

@@ -1,22 +1,20 @@
 """The DSF BPE's own v2 test plugin (``dsfdev_test``): one branch per test activity, each
 exercising a feature the Java BPE tests (field injection, catch-all error boundaries, send and
-continue, parallel user task), with and without JSON restarts."""
+continue, parallel user task), on the real runtime through the test harness."""
 
 from __future__ import annotations
 
 import pytest
 
 from dsf_bridge.plugins.registry import BpmnError, HandlerContext, HandlerRegistry, SendContext
-from dsf_bridge.plugins.testing import ProcessHarness
+from dsf_bridge.runtime.testing import ProcessHarness
 from tests.engine.corpus import load_reference
 
 TEST_PLUGIN = "dsf/dsf-bpe/dsf-bpe-test-plugin-v2/src/main/resources/bpe/test.bpmn"
 SERVICE = "dev.dsf.bpe.test.service."
 
-restarts = pytest.mark.parametrize("roundtrip", [False, True], ids=["memory", "json-restarts"])
 
-
-def _harness(roundtrip: bool, seen: dict[str, object]) -> ProcessHarness:
+def _harness(seen: dict[str, object]) -> ProcessHarness:
     handlers = HandlerRegistry()
 
     @handlers.service(SERVICE + "TestActivitySelector")
@@ -67,71 +65,71 @@ def _harness(roundtrip: bool, seen: dict[str, object]) -> ProcessHarness:
         seen["answer"] = ctx.get("answer")
 
     definition = load_reference(TEST_PLUGIN)
-    return ProcessHarness([definition], handlers, roundtrip_json=roundtrip)
+    return ProcessHarness([definition], handlers, stub_missing=True)
 
 
-@restarts
-def test_field_injection_with_strings_and_expressions(roundtrip: bool) -> None:
+async def test_field_injection_with_strings_and_expressions() -> None:
     seen: dict[str, object] = {}
-    harness = _harness(roundtrip, seen)
-    instance = harness.start(
-        "dsfdev_test", "start", business_key="f", variables={"activity": "FieldInjectionTest"}
-    )
-    assert seen["fields"] == {
-        "stringField": "stringFieldValue",
-        "stringFieldFromExpression": "testVariableValue",
-        "intField": 42,
-    }
-    assert instance.status == "completed"
+    async with _harness(seen) as harness:
+        instance = await harness.start(
+            "dsfdev_test", "start", business_key="f", variables={"activity": "FieldInjectionTest"}
+        )
+        assert seen["fields"] == {
+            "stringField": "stringFieldValue",
+            "stringFieldFromExpression": "testVariableValue",
+            "intField": 42,
+        }
+        assert instance.status == "completed"
 
 
-@restarts
-def test_catch_all_error_boundary_sets_code_and_message(roundtrip: bool) -> None:
+async def test_catch_all_error_boundary_sets_code_and_message() -> None:
     seen: dict[str, object] = {}
-    harness = _harness(roundtrip, seen)
-    instance = harness.start(
-        "dsfdev_test", "start", business_key="e", variables={"activity": "ErrorBoundaryEventTest"}
-    )
-    assert seen["error"] == ("test-error", "thrown on purpose")
-    assert instance.status == "completed"
+    async with _harness(seen) as harness:
+        instance = await harness.start(
+            "dsfdev_test",
+            "start",
+            business_key="e",
+            variables={"activity": "ErrorBoundaryEventTest"},
+        )
+        assert seen["error"] == ("test-error", "thrown on purpose")
+        assert instance.status == "completed"
 
 
-@restarts
-def test_send_task_profile_from_expression(roundtrip: bool) -> None:
+async def test_send_task_profile_from_expression() -> None:
     seen: dict[str, object] = {}
-    harness = _harness(roundtrip, seen)
-    harness.start("dsfdev_test", "start", business_key="s", variables={"activity": "SendTaskTest"})
-    assert seen["profile"] == "http://dsf.dev/fhir/StructureDefinition/task-test|1.0"
-    assert harness.sent[0].instantiates_canonical == "instantiatesCanonicalValue"
+    async with _harness(seen) as harness:
+        await harness.start(
+            "dsfdev_test", "start", business_key="s", variables={"activity": "SendTaskTest"}
+        )
+        assert seen["profile"] == "http://dsf.dev/fhir/StructureDefinition/task-test|1.0"
+        assert harness.sent[0].instantiates_canonical == "instantiatesCanonicalValue"
 
 
-@restarts
 @pytest.mark.parametrize(("reply", "result"), [(True, "received"), (False, "timeout")])
-def test_continue_send_receives_or_times_out(roundtrip: bool, reply: bool, result: str) -> None:
+async def test_continue_send_receives_or_times_out(reply: bool, result: str) -> None:
     seen: dict[str, object] = {}
-    harness = _harness(roundtrip, seen)
-    instance = harness.start(
-        "dsfdev_test", "start", business_key="c", variables={"activity": "ContinueSendTest"}
-    )
-    assert seen["sent"] == "continue-send-test"
-    if reply:
-        harness.message("continue-send-test", business_key="c")
-    else:
-        harness.advance(60)
-    assert seen["result"] == result
-    assert instance.status == "completed"
+    async with _harness(seen) as harness:
+        instance = await harness.start(
+            "dsfdev_test", "start", business_key="c", variables={"activity": "ContinueSendTest"}
+        )
+        assert seen["sent"] == "continue-send-test"
+        if reply:
+            await harness.message("continue-send-test", business_key="c")
+        else:
+            await harness.advance(60)
+        assert seen["result"] == result
+        assert instance.status == "completed"
 
 
-@restarts
-def test_questionnaire_branch_joins_user_task_and_answer(roundtrip: bool) -> None:
+async def test_questionnaire_branch_joins_user_task_and_answer() -> None:
     seen: dict[str, object] = {}
-    harness = _harness(roundtrip, seen)
-    instance = harness.start(
-        "dsfdev_test", "start", business_key="q", variables={"activity": "QuestionnaireTest"}
-    )
-    assert seen["answered"] is True
-    assert [task.element_id for task in harness.user_tasks] == ["QuestionnaireTest"]
-    assert instance.status == "running"
-    harness.complete_user_task("QuestionnaireTest", {"answer": "42"})
-    assert seen["answer"] == "42"
-    assert instance.status == "completed"
+    async with _harness(seen) as harness:
+        instance = await harness.start(
+            "dsfdev_test", "start", business_key="q", variables={"activity": "QuestionnaireTest"}
+        )
+        assert seen["answered"] is True
+        assert [task.element_id for task in harness.user_tasks] == ["QuestionnaireTest"]
+        assert instance.status == "running"
+        await harness.complete_user_task("QuestionnaireTest", {"answer": "42"})
+        assert seen["answer"] == "42"
+        assert instance.status == "completed"

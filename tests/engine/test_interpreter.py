@@ -28,7 +28,7 @@ from dsf_bridge.engine.events import (
 )
 from dsf_bridge.errors import ProcessExecutionError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
-from dsf_bridge.plugins.testing import ProcessHarness
+from dsf_bridge.runtime.testing import ProcessHarness
 from tests.engine.bpmn import NOW, START, flow, model
 
 
@@ -349,7 +349,7 @@ def test_event_based_gateway_message_cancels_the_timer() -> None:
     assert done.state["st"] == "done"
 
 
-def test_harness_reports_missing_handler_as_failure() -> None:
+async def test_the_harness_refuses_a_missing_handler_as_deployment_does() -> None:
     definition = model(
         START
         + _service("a", "Missing")
@@ -357,10 +357,14 @@ def test_harness_reports_missing_handler_as_failure() -> None:
         + flow("f1", "s", "a")
         + flow("f2", "a", "e")
     )
-    harness = ProcessHarness([definition], HandlerRegistry())
-    instance = harness.start("testorg_test", "start", business_key="bk")
-    assert instance.status == "failed"
-    assert "no handler registered for 'Missing'" in harness.task_status["bk"]
+    with pytest.raises(ProcessExecutionError, match="does not register: Missing"):
+        async with ProcessHarness([definition], HandlerRegistry()):
+            pass
+    # Stubs instead: the step that reaches one fails, as a handler that raises does.
+    async with ProcessHarness([definition], HandlerRegistry(), stub_missing=True) as harness:
+        instance = await harness.start("testorg_test", "start", business_key="bk")
+        assert instance.status == "failed"
+        assert "handler Missing is a stub of the test harness" in harness.task_status["bk"]
 
 
 def test_non_interrupting_timer_boundary_runs_alongside() -> None:
@@ -391,7 +395,7 @@ def test_non_interrupting_timer_boundary_runs_alongside() -> None:
     assert done.state["st"] == "done"
 
 
-def test_async_handlers_run_in_the_harness() -> None:
+async def test_async_handlers_run_in_the_harness() -> None:
     definition = model(
         START
         + _service("a", "A")
@@ -405,10 +409,10 @@ def test_async_handlers_run_in_the_harness() -> None:
     async def handler(ctx: HandlerContext) -> None:
         ctx.set("ran", "async")
 
-    harness = ProcessHarness([definition], handlers)
-    instance = harness.start("testorg_test", "start", business_key="bk")
-    assert instance.status == "completed"
-    assert instance.variables["ran"] == "async"
+    async with ProcessHarness([definition], handlers) as harness:
+        instance = await harness.start("testorg_test", "start", business_key="bk")
+        assert instance.status == "completed"
+        assert instance.variables["ran"] == "async"
 
 
 def test_input_parameters_are_local_and_outputs_reach_the_scope() -> None:

@@ -19,7 +19,7 @@ from dsf_bridge.errors import ProcessExecutionError, ProcessModelError
         "dsf_bridge.engine.state",
         "dsf_bridge.plugins",
         "dsf_bridge.plugins.registry",
-        "dsf_bridge.plugins.testing",
+        "dsf_bridge.runtime.testing",
     ],
 )
 def test_all_names_exist(module: str) -> None:

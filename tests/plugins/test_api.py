@@ -21,7 +21,7 @@ from dsf_bridge.plugins import (
 )
 from dsf_bridge.plugins.loader import process_key
 from dsf_bridge.plugins.placeholders import PlaceholderError
-from dsf_bridge.plugins.testing import ProcessHarness
+from dsf_bridge.runtime.testing import ProcessHarness
 from tests.reference import reference_dir
 
 PING_PONG = "dsf-process-ping-pong/src/main/resources"
@@ -97,7 +97,7 @@ def test_load_refuses_models_with_unregistered_handlers() -> None:
         _ping_pong_plugin(HandlerRegistry()).load(organization="org.example", environment={})
 
 
-def test_loaded_plugin_runs_with_its_handlers() -> None:
+async def test_loaded_plugin_runs_with_its_handlers() -> None:
     handlers = HandlerRegistry()
     for name in (
         "dev.dsf.bpe.service.LogPing",
@@ -124,10 +124,10 @@ def test_loaded_plugin_runs_with_its_handlers() -> None:
     published = next(data for path, data in activity.items() if path.name == "dsf-ping.xml")
     assert b"#{" not in published
     assert b"task-start-ping|1.0" in published
-    harness = ProcessHarness(list(loaded.definitions.values()), handlers)
-    instance = harness.start("dsfdev_pong", "ping", business_key="bk")
-    assert instance.status == "completed"
-    assert harness.sent[0].correlation_key == "ck"
+    async with ProcessHarness(list(loaded.definitions.values()), handlers) as harness:
+        instance = await harness.start("dsfdev_pong", "ping", business_key="bk")
+        assert instance.status == "completed"
+        assert harness.sent[0].correlation_key == "ck"
 
 
 @pytest.fixture

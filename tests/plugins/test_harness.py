@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dsf_bridge.engine.state import Phase
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
-from dsf_bridge.plugins.testing import ProcessHarness
+from dsf_bridge.runtime.testing import ProcessHarness
 from tests.engine.bpmn import model
 
 
-def test_a_job_out_of_retries_is_an_incident_the_harness_shows() -> None:
+async def test_a_job_out_of_retries_is_an_incident_the_harness_shows() -> None:
     # An engine error in a job step (here an expression over an unset variable) is retried per
     # the cycle and then becomes an incident; the instance keeps running.
     definition = model(
@@ -27,16 +27,16 @@ def test_a_job_out_of_retries_is_an_incident_the_harness_shows() -> None:
     def work(ctx: HandlerContext) -> None:
         pass
 
-    harness = ProcessHarness([definition], registry, roundtrip_json=True)
-    instance = harness.start("testorg_test", "start", business_key="bk")
-    harness.advance(60)
-    assert instance.status == "running"
-    (incident,) = instance.incidents
-    assert incident.element == "work"
-    assert "missing" in incident.message
-    assert incident.at is not None
-    (token,) = instance.tokens
-    assert token.incident == incident
-    assert token.phase is Phase.ASYNC_BEFORE
-    assert instance.waiting_for == []
-    assert harness.calls == []
+    async with ProcessHarness([definition], registry) as harness:
+        instance = await harness.start("testorg_test", "start", business_key="bk")
+        await harness.advance(60)
+        assert instance.status == "running"
+        (incident,) = instance.incidents
+        assert incident.element == "work"
+        assert "missing" in incident.message
+        assert incident.at is not None
+        (token,) = instance.tokens
+        assert token.incident == incident
+        assert token.phase is Phase.ASYNC_BEFORE
+        assert instance.waiting_for == []
+        assert harness.calls == []

@@ -18,7 +18,7 @@ from dsf_bridge.plugins.inference import (
     SERVICE_OMI_SETTINGS,
     plugin,
 )
-from dsf_bridge.plugins.testing import ProcessHarness
+from dsf_bridge.runtime.testing import ProcessHarness
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 
@@ -28,7 +28,6 @@ def _harness(omi: dict[str, Any], organization: str = "Hospital_A") -> ProcessHa
     return ProcessHarness(
         list(loaded.definitions.values()),
         plugin.handlers,
-        roundtrip_json=True,
         services={SERVICE_OMI_SETTINGS: OmiSettings.model_validate(omi)},
     )
 
@@ -50,74 +49,75 @@ START = {
 }
 
 
-def test_request_goes_to_the_provider_and_times_out_after_the_default() -> None:
-    harness = _harness(REQUESTER_OMI)
-    instance = harness.start(
-        REQUEST_PROCESS,
-        "startInferenceRequest",
-        business_key="bk-1",
-        variables=_task("startInferenceRequest", "Hospital_A", **START),
-    )
-    [sent] = harness.sent
-    assert sent.message_name == "inferenceRequest"
-    assert sent.instantiates_canonical == (
-        "http://dsf-bridge.dev/bpe/Process/inferenceExecution|1.0"
-    )
-    assert sent.profile == (
-        "http://dsf-bridge.dev/fhir/StructureDefinition/task-inference-request|1.0"
-    )
-    assert sent.target == {"organizationIdentifier": "AI_Provider"}
-    assert sent.business_key == "bk-1"
-    assert sent.correlation_key is None
-    assert {i["code"]: i["value"] for i in sent.inputs} == {
-        "study-instance-uid": STUDY,
-        "dicomweb-endpoint": "https://pacs.example/dicom-web",
-        "service": "tissue-composition",
-    }
-    assert harness.open_timers() == 1
-    harness.advance(599)
-    assert instance.status == "running"
-    harness.advance(2)  # [omi] result_timeout: PT10M
-    assert instance.status == "failed"
-    assert harness.open_timers() == 0
-    assert (
-        "result-timeout: no inference result from AI_Provider within PT10M"
-        in (harness.task_status["bk-1"])
-    )
+async def test_request_goes_to_the_provider_and_times_out_after_the_default() -> None:
+    async with _harness(REQUESTER_OMI) as harness:
+        instance = await harness.start(
+            REQUEST_PROCESS,
+            "startInferenceRequest",
+            business_key="bk-1",
+            variables=_task("startInferenceRequest", "Hospital_A", **START),
+        )
+        [sent] = harness.sent
+        assert sent.message_name == "inferenceRequest"
+        assert sent.instantiates_canonical == (
+            "http://dsf-bridge.dev/bpe/Process/inferenceExecution|1.0"
+        )
+        assert sent.profile == (
+            "http://dsf-bridge.dev/fhir/StructureDefinition/task-inference-request|1.0"
+        )
+        assert sent.target == {"organizationIdentifier": "AI_Provider"}
+        assert sent.business_key == "bk-1"
+        assert sent.correlation_key is None
+        assert {i["code"]: i["value"] for i in sent.inputs} == {
+            "study-instance-uid": STUDY,
+            "dicomweb-endpoint": "https://pacs.example/dicom-web",
+            "service": "tissue-composition",
+        }
+        assert await harness.open_timers() == 1
+        await harness.advance(599)
+        assert instance.status == "running"
+        await harness.advance(2)  # [omi] result_timeout: PT10M
+        assert instance.status == "failed"
+        assert await harness.open_timers() == 0
+        assert (
+            "result-timeout: no inference result from AI_Provider within PT10M"
+            in (harness.task_status["bk-1"])
+        )
 
 
-def test_a_provider_error_fails_the_request_with_its_kind() -> None:
-    harness = _harness(REQUESTER_OMI)
-    instance = harness.start(
-        REQUEST_PROCESS,
-        "startInferenceRequest",
-        business_key="bk-2",
-        variables=_task("startInferenceRequest", "Hospital_A", result_timeout="PT1M", **START),
-    )
-    harness.message(
-        "inferenceResult",
-        business_key="bk-2",
-        variables={
-            "task": {
-                "id": "result-1",
-                "requester": "AI_Provider",
-                "inputs": [
-                    {
-                        "system": CODESYSTEM_OMI,
-                        "code": "error-kind",
-                        "value": {"system": CODESYSTEM_OMI_ERROR, "code": "model-not-ready"},
-                    },
-                    {"system": CODESYSTEM_OMI, "code": "error", "value": "model m is loading"},
-                ],
-            }
-        },
-    )
-    assert instance.status == "failed"
-    assert harness.open_timers() == 0  # the gateway's timer went with the message
-    assert (
-        "inference failed at AI_Provider (model-not-ready): model m is loading"
-        in (harness.task_status["bk-2"])
-    )
+async def test_a_provider_error_fails_the_request_with_its_kind() -> None:
+    async with _harness(REQUESTER_OMI) as harness:
+        instance = await harness.start(
+            REQUEST_PROCESS,
+            "startInferenceRequest",
+            business_key="bk-2",
+            variables=_task("startInferenceRequest", "Hospital_A", result_timeout="PT1M", **START),
+        )
+        await harness.message(
+            "inferenceResult",
+            business_key="bk-2",
+            requester="AI_Provider",
+            variables={
+                "task": {
+                    "id": "result-1",
+                    "requester": "AI_Provider",
+                    "inputs": [
+                        {
+                            "system": CODESYSTEM_OMI,
+                            "code": "error-kind",
+                            "value": {"system": CODESYSTEM_OMI_ERROR, "code": "model-not-ready"},
+                        },
+                        {"system": CODESYSTEM_OMI, "code": "error", "value": "model m is loading"},
+                    ],
+                }
+            },
+        )
+        assert instance.status == "failed"
+        assert await harness.open_timers() == 0  # the gateway's timer went with the message
+        assert (
+            "inference failed at AI_Provider (model-not-ready): model m is loading"
+            in (harness.task_status["bk-2"])
+        )
 
 
 @pytest.mark.parametrize(
@@ -129,18 +129,18 @@ def test_a_provider_error_fails_the_request_with_its_kind() -> None:
         ({**START, "result_timeout": "ten minutes"}, "Not an ISO 8601 duration"),
     ],
 )
-def test_a_malformed_start_task_sends_nothing(inputs: dict[str, str], expected: str) -> None:
-    harness = _harness(REQUESTER_OMI)
-    instance = harness.start(
-        REQUEST_PROCESS,
-        "startInferenceRequest",
-        business_key="bk-3",
-        variables=_task("startInferenceRequest", "Hospital_A", **inputs),
-    )
-    assert instance.status == "failed"
-    assert harness.sent == []
-    assert "request-invalid" in harness.task_status["bk-3"]
-    assert expected in harness.task_status["bk-3"]
+async def test_a_malformed_start_task_sends_nothing(inputs: dict[str, str], expected: str) -> None:
+    async with _harness(REQUESTER_OMI) as harness:
+        instance = await harness.start(
+            REQUEST_PROCESS,
+            "startInferenceRequest",
+            business_key="bk-3",
+            variables=_task("startInferenceRequest", "Hospital_A", **inputs),
+        )
+        assert instance.status == "failed"
+        assert harness.sent == []
+        assert "request-invalid" in harness.task_status["bk-3"]
+        assert expected in harness.task_status["bk-3"]
 
 
 PROVIDER_OMI = {
@@ -171,23 +171,25 @@ PROVIDER_OMI = {
         ),
     ],
 )
-def test_the_provider_answers_a_request_it_cannot_take_with_an_error(
+async def test_the_provider_answers_a_request_it_cannot_take_with_an_error(
     inputs: dict[str, str], kind: str, expected: str
 ) -> None:
-    harness = _harness(PROVIDER_OMI, organization="AI_Provider")
-    instance = harness.start(
-        EXECUTION_PROCESS,
-        "inferenceRequest",
-        business_key="bk-4",
-        variables=_task("inferenceRequest", "Hospital_A", **inputs),
-    )
-    assert instance.status == "completed"
-    assert harness.task_status["bk-4"] == "completed"
-    [result] = harness.sent
-    assert result.message_name == "inferenceResult"
-    assert result.target == {"organizationIdentifier": "Hospital_A"}
-    assert result.business_key == "bk-4"
-    answer = {i["code"]: i["value"] for i in result.inputs}
-    assert answer["error-kind"] == {"valueCoding": {"system": CODESYSTEM_OMI_ERROR, "code": kind}}
-    assert expected in str(answer["error"])
-    assert not any(str(i["code"]).endswith("-area") for i in result.inputs)
+    async with _harness(PROVIDER_OMI, organization="AI_Provider") as harness:
+        instance = await harness.start(
+            EXECUTION_PROCESS,
+            "inferenceRequest",
+            business_key="bk-4",
+            variables=_task("inferenceRequest", "Hospital_A", **inputs),
+        )
+        assert instance.status == "completed"
+        assert harness.task_status["bk-4"] == "completed"
+        [result] = harness.sent
+        assert result.message_name == "inferenceResult"
+        assert result.target == {"organizationIdentifier": "Hospital_A"}
+        assert result.business_key == "bk-4"
+        answer = {i["code"]: i["value"] for i in result.inputs}
+        assert answer["error-kind"] == {
+            "valueCoding": {"system": CODESYSTEM_OMI_ERROR, "code": kind}
+        }
+        assert expected in str(answer["error"])
+        assert not any(str(i["code"]).endswith("-area") for i in result.inputs)

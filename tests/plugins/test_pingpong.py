@@ -43,9 +43,9 @@ from dsf_bridge.plugins.pingpong import (
     plugin,
     profiles_dir,
 )
-from dsf_bridge.plugins.testing import ProcessHarness, SentTask
 from dsf_bridge.runtime.daemon import Bridge
 from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
+from dsf_bridge.runtime.testing import ProcessHarness, SentTask
 from dsf_bridge.sandbox.certs import CertificateAuthority
 from dsf_bridge.sandbox.server import SandboxServer
 from dsf_bridge.sandbox.sites import SiteFiles, build_service, init_sandbox
@@ -86,12 +86,11 @@ SITE_B = SiteEndpoint("Site_B", "Site_B_Endpoint", "https://b.example/fhir")
 SITE_C = SiteEndpoint("Site_C", "Site_C_Endpoint", "https://c.example/fhir")
 
 
-def _harness(site: FakeSite, *, roundtrip_json: bool = True) -> ProcessHarness:
+def _harness(site: FakeSite) -> ProcessHarness:
     loaded = plugin.load(organization=site.local.organization, environment={})
     return ProcessHarness(
         list(loaded.definitions.values()),
         plugin.handlers,
-        roundtrip_json=roundtrip_json,
         services={SERVICE_SITE: site, SERVICE_PONG_TIMEOUT: "PT20S"},
     )
 
@@ -142,89 +141,90 @@ def _wire_task(sent: SentTask, requester: str, recipient: str) -> dict[str, Any]
     )
 
 
-def test_ping_gets_one_pong_and_times_out_on_the_other_target() -> None:
+async def test_ping_gets_one_pong_and_times_out_on_the_other_target() -> None:
     site = FakeSite(SITE_A, [SITE_B, SITE_C])
-    harness = _harness(site)
-    instance = harness.start(
-        PING_PROCESS, "startPing", business_key="bk-1", variables=_start_task()
-    )
-    harness.run_jobs()  # the multi-instance loop is asynchronous before each target
+    async with _harness(site) as harness:
+        instance = await harness.start(
+            PING_PROCESS, "startPing", business_key="bk-1", variables=_start_task()
+        )
+        await harness.run_jobs()  # the multi-instance loop is asynchronous before each target
 
-    assert site.searches == [None]
-    pings = {str(s.target["organizationIdentifier"]): s for s in harness.sent if s.target}
-    assert sorted(pings) == ["Site_B", "Site_C"]
-    ping_b = pings["Site_B"]
-    assert ping_b.instantiates_canonical == "http://dsf.dev/bpe/Process/pong|1.0"
-    assert ping_b.profile == "http://dsf.dev/fhir/StructureDefinition/task-ping|1.0"
-    assert ping_b.message_name == "ping"
-    assert ping_b.correlation_key is not None
-    assert ping_b.correlation_key != pings["Site_C"].correlation_key
-    assert ping_b.inputs == [
-        {
-            "system": PING,
-            "code": "endpoint-identifier",
-            "value": {
-                "valueReference": {
-                    "type": "Endpoint",
-                    "identifier": {
-                        "system": ENDPOINT_IDENTIFIER_SYSTEM,
-                        "value": "Site_A_Endpoint",
-                    },
-                }
-            },
+        assert site.searches == [None]
+        pings = {str(s.target["organizationIdentifier"]): s for s in harness.sent if s.target}
+        assert sorted(pings) == ["Site_B", "Site_C"]
+        ping_b = pings["Site_B"]
+        assert ping_b.instantiates_canonical == "http://dsf.dev/bpe/Process/pong|1.0"
+        assert ping_b.profile == "http://dsf.dev/fhir/StructureDefinition/task-ping|1.0"
+        assert ping_b.message_name == "ping"
+        assert ping_b.correlation_key is not None
+        assert ping_b.correlation_key != pings["Site_C"].correlation_key
+        assert list(ping_b.inputs) == [
+            {
+                "system": PING,
+                "code": "endpoint-identifier",
+                "value": {
+                    "valueReference": {
+                        "type": "Endpoint",
+                        "identifier": {
+                            "system": ENDPOINT_IDENTIFIER_SYSTEM,
+                            "value": "Site_A_Endpoint",
+                        },
+                    }
+                },
+            }
+        ]
+        assert await harness.open_timers() == 2
+
+        await harness.message(
+            "pong",
+            business_key="bk-1",
+            correlation_key=ping_b.correlation_key,
+            requester="Site_B",
+            variables={"task": {"id": "pong-1", "requester": "Site_B", "inputs": []}},
+        )
+        assert instance.status == "running"  # Site_C has not answered
+        await harness.advance(19)
+        assert instance.status == "running"
+        await harness.advance(2)
+        assert instance.status == "completed"
+        assert harness.task_status["bk-1"] == "completed"
+        assert _statuses(harness.task_outputs("start-1")) == {
+            "Site_B_Endpoint": "pong-received",
+            "Site_C_Endpoint": "pong-missing",
         }
-    ]
-    assert harness.open_timers() == 2
-
-    harness.message(
-        "pong",
-        business_key="bk-1",
-        correlation_key=ping_b.correlation_key,
-        variables={"task": {"id": "pong-1", "requester": "Site_B", "inputs": []}},
-    )
-    assert instance.status == "running"  # Site_C has not answered
-    harness.advance(19)
-    assert instance.status == "running"
-    harness.advance(2)
-    assert instance.status == "completed"
-    assert harness.task_status["bk-1"] == "completed"
-    assert _statuses(harness.task_outputs("start-1")) == {
-        "Site_B_Endpoint": "pong-received",
-        "Site_C_Endpoint": "pong-missing",
-    }
-    first = harness.task_outputs("start-1")[0]
-    assert first["type"]["coding"] == [{"system": PING, "code": "ping-status"}]
-    assert first["valueCoding"]["system"] == PING_STATUS
-    extension = {e["url"]: e for e in first["extension"][0]["extension"]}
-    assert extension["correlation-key"]["valueString"] == ping_b.correlation_key
-    assert extension["organization-identifier"]["valueIdentifier"]["value"] == "Site_B"
+        first = harness.task_outputs("start-1")[0]
+        assert first["type"]["coding"] == [{"system": PING, "code": "ping-status"}]
+        assert first["valueCoding"]["system"] == PING_STATUS
+        extension = {e["url"]: e for e in first["extension"][0]["extension"]}
+        assert extension["correlation-key"]["valueString"] == ping_b.correlation_key
+        assert extension["organization-identifier"]["valueIdentifier"]["value"] == "Site_B"
 
 
-def test_ping_targets_from_the_start_task_search() -> None:
+async def test_ping_targets_from_the_start_task_search() -> None:
     site = FakeSite(SITE_A, [SITE_B, SITE_C])
-    harness = _harness(site, roundtrip_json=False)
-    search = "Endpoint?identifier=http://dsf.dev/sid/endpoint-identifier|Site_C_Endpoint"
-    harness.start(
-        PING_PROCESS,
-        "startPing",
-        business_key="bk-2",
-        variables=_start_task({"system": PING, "code": "target-endpoints", "value": search}),
-    )
-    harness.run_jobs()
-    assert site.searches == [search]
-    assert [s.target["organizationIdentifier"] for s in harness.sent if s.target] == ["Site_C"]
+    async with _harness(site) as harness:
+        search = "Endpoint?identifier=http://dsf.dev/sid/endpoint-identifier|Site_C_Endpoint"
+        await harness.start(
+            PING_PROCESS,
+            "startPing",
+            business_key="bk-2",
+            variables=_start_task({"system": PING, "code": "target-endpoints", "value": search}),
+        )
+        await harness.run_jobs()
+        assert site.searches == [search]
+        assert [s.target["organizationIdentifier"] for s in harness.sent if s.target] == ["Site_C"]
 
 
-def test_ping_with_no_targets_completes_without_outputs() -> None:
+async def test_ping_with_no_targets_completes_without_outputs() -> None:
     site = FakeSite(SITE_A, [])
-    harness = _harness(site)
-    instance = harness.start(
-        PING_PROCESS, "startPing", business_key="bk-3", variables=_start_task()
-    )
-    harness.run_jobs()
-    assert instance.status == "completed"
-    assert harness.sent == []
-    assert harness.task_outputs("start-1") == []
+    async with _harness(site) as harness:
+        instance = await harness.start(
+            PING_PROCESS, "startPing", business_key="bk-3", variables=_start_task()
+        )
+        await harness.run_jobs()
+        assert instance.status == "completed"
+        assert harness.sent == []
+        assert harness.task_outputs("start-1") == []
 
 
 def _ping_task(endpoint: str, correlation_key: str = "ck-1") -> dict[str, object]:
@@ -254,33 +254,33 @@ def _ping_task(endpoint: str, correlation_key: str = "ck-1") -> dict[str, object
     }
 
 
-def test_pong_answers_the_endpoint_the_ping_names() -> None:
+async def test_pong_answers_the_endpoint_the_ping_names() -> None:
     site = FakeSite(SITE_B, [SITE_A])
-    harness = _harness(site)
-    instance = harness.start(
-        PONG_PROCESS, "ping", business_key="bk-9", variables=_ping_task("Site_A_Endpoint")
-    )
-    assert instance.status == "completed"
-    [pong] = harness.sent
-    assert pong.message_name == "pong"
-    assert pong.instantiates_canonical == "http://dsf.dev/bpe/Process/ping|1.0"
-    assert pong.profile == "http://dsf.dev/fhir/StructureDefinition/task-pong|1.0"
-    assert pong.business_key == "bk-9"
-    assert pong.correlation_key == "ck-1"
-    assert pong.inputs == []
-    assert pong.target is not None and pong.target["endpointUrl"] == "https://a.example/fhir"
-    assert _statuses(harness.task_outputs("ping-1")) == {"Site_A_Endpoint": "pong-send"}
+    async with _harness(site) as harness:
+        instance = await harness.start(
+            PONG_PROCESS, "ping", business_key="bk-9", variables=_ping_task("Site_A_Endpoint")
+        )
+        assert instance.status == "completed"
+        [pong] = harness.sent
+        assert pong.message_name == "pong"
+        assert pong.instantiates_canonical == "http://dsf.dev/bpe/Process/ping|1.0"
+        assert pong.profile == "http://dsf.dev/fhir/StructureDefinition/task-pong|1.0"
+        assert pong.business_key == "bk-9"
+        assert pong.correlation_key == "ck-1"
+        assert list(pong.inputs) == []
+        assert pong.target is not None and pong.target["endpointUrl"] == "https://a.example/fhir"
+        assert _statuses(harness.task_outputs("ping-1")) == {"Site_A_Endpoint": "pong-send"}
 
 
-def test_pong_to_an_unknown_endpoint_is_not_sent() -> None:
+async def test_pong_to_an_unknown_endpoint_is_not_sent() -> None:
     site = FakeSite(SITE_B, [SITE_A])
-    harness = _harness(site)
-    instance = harness.start(
-        PONG_PROCESS, "ping", business_key="bk-9", variables=_ping_task("Nobody_Endpoint")
-    )
-    assert instance.status == "completed"  # the error boundary ends it, as in the Java model
-    assert harness.sent == []
-    assert harness.task_outputs("ping-1") == []
+    async with _harness(site) as harness:
+        instance = await harness.start(
+            PONG_PROCESS, "ping", business_key="bk-9", variables=_ping_task("Nobody_Endpoint")
+        )
+        assert instance.status == "completed"  # the error boundary ends it, as in the Java model
+        assert harness.sent == []
+        assert harness.task_outputs("ping-1") == []
 
 
 def test_plugin_files_pass_the_plugin_check() -> None:
@@ -316,129 +316,139 @@ def _autostart_task(*inputs: dict[str, object]) -> dict[str, object]:
     return _local_task("autostart-1", "task-start-ping-autostart", "startPingAutostart", *inputs)
 
 
-def test_autostart_sends_start_ping_to_this_site_every_interval_until_stopped() -> None:
+async def test_autostart_sends_start_ping_to_this_site_every_interval_until_stopped() -> None:
     site = FakeSite(SITE_A, [SITE_B, SITE_C])
-    harness = _harness(site)
-    instance = harness.start(
-        PING_AUTOSTART_PROCESS,
-        "startPingAutostart",
-        business_key="auto-1",
-        variables=_autostart_task(
-            {"system": PING, "code": "target-endpoints", "value": SEARCH_B},
-            {"system": PING, "code": "timer-interval", "value": "PT1M"},
-        ),
-    )
-    # It stops older autostart instances first, then sends the first startPing at once.
-    assert harness.signals == [STOP_SIGNAL]
-    assert instance.variables["timerInterval"] == "PT1M"
-    [first] = harness.sent
-    assert first.message_name == "startPing"
-    assert first.instantiates_canonical == "http://dsf.dev/bpe/Process/ping|1.0"
-    assert first.profile == "http://dsf.dev/fhir/StructureDefinition/task-start-ping|1.0"
-    assert first.correlation_key is None
-    assert first.target == {
-        "organizationIdentifier": "Site_A",
-        "endpointIdentifier": "Site_A_Endpoint",
-        "endpointUrl": "https://a.example/fhir",
-    }
-    assert first.inputs == [{"system": PING, "code": "target-endpoints", "value": SEARCH_B}]
-    # The Task the runtime posts from it is a startPing as the Java plugin's profile wants it.
-    reference_profile("task-start-ping").check(_wire_task(first, "Site_A", "Site_A"))
+    async with _harness(site) as harness:
+        instance = await harness.start(
+            PING_AUTOSTART_PROCESS,
+            "startPingAutostart",
+            business_key="auto-1",
+            variables=_autostart_task(
+                {"system": PING, "code": "target-endpoints", "value": SEARCH_B},
+                {"system": PING, "code": "timer-interval", "value": "PT1M"},
+            ),
+        )
+        # It stops older autostart instances first, then sends the first startPing at once.
+        assert harness.signals == [STOP_SIGNAL]
+        assert instance.variables["timerInterval"] == "PT1M"
+        [first] = harness.sent
+        assert first.message_name == "startPing"
+        assert first.instantiates_canonical == "http://dsf.dev/bpe/Process/ping|1.0"
+        assert first.profile == "http://dsf.dev/fhir/StructureDefinition/task-start-ping|1.0"
+        assert first.correlation_key is None
+        assert first.target == {
+            "organizationIdentifier": "Site_A",
+            "endpointIdentifier": "Site_A_Endpoint",
+            "endpointUrl": "https://a.example/fhir",
+        }
+        assert list(first.inputs) == [
+            {"system": PING, "code": "target-endpoints", "value": SEARCH_B}
+        ]
+        # The Task the runtime posts from it is a startPing as the Java plugin's profile wants it.
+        reference_profile("task-start-ping").check(_wire_task(first, "Site_A", "Site_A"))
 
-    harness.advance(59)
-    assert len(harness.sent) == 1
-    harness.advance(1)
-    assert len(harness.sent) == 2
-    harness.advance(60)
-    assert len(harness.sent) == 3
-    assert instance.status == "running"
-    assert harness.open_timers() == 1
+        await harness.advance(59)
+        assert len(harness.sent) == 1
+        await harness.advance(1)
+        assert len(harness.sent) == 2
+        await harness.advance(60)
+        assert len(harness.sent) == 3
+        assert instance.status == "running"
+        assert await harness.open_timers() == 1
 
-    harness.signal(STOP_SIGNAL)  # what a stopPingAutostart instance throws
-    assert instance.status == "completed"
-    assert harness.task_status["auto-1"] == "completed"
-    assert harness.open_timers() == 0
-    harness.advance(3600)
-    assert len(harness.sent) == 3
+        await harness.signal(STOP_SIGNAL)  # what a stopPingAutostart instance throws
+        assert instance.status == "completed"
+        assert harness.task_status["auto-1"] == "completed"
+        assert await harness.open_timers() == 0
+        await harness.advance(3600)
+        assert len(harness.sent) == 3
 
 
-def test_autostart_defaults_to_a_day_and_pings_every_target() -> None:
+async def test_autostart_defaults_to_a_day_and_pings_every_target() -> None:
     site = FakeSite(SITE_A, [SITE_B])
-    harness = _harness(site)
-    instance = harness.start(
-        PING_AUTOSTART_PROCESS,
-        "startPingAutostart",
-        business_key="auto-2",
-        variables=_autostart_task(),
-    )
-    assert instance.variables["timerInterval"] == "PT24H"
-    [first] = harness.sent
-    assert first.inputs == []  # no target-endpoints: the ping process pings every target
-    harness.advance(24 * 3600 - 1)
-    assert len(harness.sent) == 1
-    harness.advance(1)
-    assert len(harness.sent) == 2
+    async with _harness(site) as harness:
+        instance = await harness.start(
+            PING_AUTOSTART_PROCESS,
+            "startPingAutostart",
+            business_key="auto-2",
+            variables=_autostart_task(),
+        )
+        assert instance.variables["timerInterval"] == "PT24H"
+        [first] = harness.sent
+        assert list(first.inputs) == []  # no target-endpoints: the ping process pings every target
+        await harness.advance(24 * 3600 - 1)
+        assert len(harness.sent) == 1
+        await harness.advance(1)
+        assert len(harness.sent) == 2
 
 
-def test_stop_ping_autostart_throws_the_stop_signal_and_ends() -> None:
-    harness = _harness(FakeSite(SITE_A, []))
-    stop = harness.start(PING_AUTOSTART_PROCESS, "stopPingAutostart", business_key="stop-1")
-    assert stop.status == "completed"
-    assert harness.signals == [STOP_SIGNAL]
-    assert harness.sent == []
-    assert harness.task_status["stop-1"] == "completed"
+async def test_stop_ping_autostart_throws_the_stop_signal_and_ends() -> None:
+    async with _harness(FakeSite(SITE_A, [])) as harness:
+        stop = await harness.start(
+            PING_AUTOSTART_PROCESS, "stopPingAutostart", business_key="stop-1"
+        )
+        assert stop.status == "completed"
+        assert harness.signals == [STOP_SIGNAL]
+        assert harness.sent == []
+        assert harness.task_status["stop-1"] == "completed"
 
 
 @pytest.mark.parametrize("interval", ["P1X", "24h", "PT", "PT0S", "", "-PT1H"])
-def test_a_malformed_timer_interval_fails_the_autostart_with_a_clear_error(interval: str) -> None:
-    harness = _harness(FakeSite(SITE_A, [SITE_B]))
-    instance = harness.start(
-        PING_AUTOSTART_PROCESS,
-        "startPingAutostart",
-        business_key="auto-3",
-        variables=_autostart_task({"system": PING, "code": "timer-interval", "value": interval}),
-    )
-    assert instance.status == "failed"
-    assert harness.sent == []
-    assert harness.open_timers() == 0
-    error = harness.task_status["auto-3"]
-    assert "SetTargetAndConfigureTimer" in error
-    assert "TimerIntervalError: Task input timer-interval" in error
-    assert f"is {interval!r}, not a positive ISO 8601 duration such as PT24H" in error
+async def test_a_malformed_timer_interval_fails_the_autostart_with_a_clear_error(
+    interval: str,
+) -> None:
+    async with _harness(FakeSite(SITE_A, [SITE_B])) as harness:
+        instance = await harness.start(
+            PING_AUTOSTART_PROCESS,
+            "startPingAutostart",
+            business_key="auto-3",
+            variables=_autostart_task(
+                {"system": PING, "code": "timer-interval", "value": interval}
+            ),
+        )
+        assert instance.status == "failed"
+        assert harness.sent == []
+        assert await harness.open_timers() == 0
+        error = harness.task_status["auto-3"]
+        assert "SetTargetAndConfigureTimer" in error
+        assert "reason: Task input timer-interval" in error
+        assert f"is {interval!r}, not a positive ISO 8601 duration such as PT24H" in error
 
 
 @pytest.mark.parametrize("interval", ["PT0.001S", "PT1S", "PT9.999S", "PT0H0M9S"])
-def test_a_timer_interval_below_the_floor_fails_the_autostart_with_a_clear_error(
+async def test_a_timer_interval_below_the_floor_fails_the_autostart_with_a_clear_error(
     interval: str,
 ) -> None:
     """DSF has no minimum; 1 ms would flood the site with startPing Tasks."""
-    harness = _harness(FakeSite(SITE_A, [SITE_B]))
-    instance = harness.start(
-        PING_AUTOSTART_PROCESS,
-        "startPingAutostart",
-        business_key="auto-4",
-        variables=_autostart_task({"system": PING, "code": "timer-interval", "value": interval}),
-    )
-    assert instance.status == "failed"
-    assert harness.sent == []
-    assert harness.open_timers() == 0
-    error = harness.task_status["auto-4"]
-    assert "TimerIntervalError: Task input timer-interval" in error
-    assert f"is {interval!r}, shorter than the minimum of PT10S this site accepts" in error
+    async with _harness(FakeSite(SITE_A, [SITE_B])) as harness:
+        instance = await harness.start(
+            PING_AUTOSTART_PROCESS,
+            "startPingAutostart",
+            business_key="auto-4",
+            variables=_autostart_task(
+                {"system": PING, "code": "timer-interval", "value": interval}
+            ),
+        )
+        assert instance.status == "failed"
+        assert harness.sent == []
+        assert await harness.open_timers() == 0
+        error = harness.task_status["auto-4"]
+        assert "reason: Task input timer-interval" in error
+        assert f"is {interval!r}, shorter than the minimum of PT10S this site accepts" in error
 
 
-def test_the_floor_itself_is_a_valid_timer_interval() -> None:
-    harness = _harness(FakeSite(SITE_A, [SITE_B]))
-    instance = harness.start(
-        PING_AUTOSTART_PROCESS,
-        "startPingAutostart",
-        business_key="auto-5",
-        variables=_autostart_task({"system": PING, "code": "timer-interval", "value": "PT10S"}),
-    )
-    assert instance.variables["timerInterval"] == "PT10S"
-    assert len(harness.sent) == 1
-    harness.advance(10)
-    assert len(harness.sent) == 2
+async def test_the_floor_itself_is_a_valid_timer_interval() -> None:
+    async with _harness(FakeSite(SITE_A, [SITE_B])) as harness:
+        instance = await harness.start(
+            PING_AUTOSTART_PROCESS,
+            "startPingAutostart",
+            business_key="auto-5",
+            variables=_autostart_task({"system": PING, "code": "timer-interval", "value": "PT10S"}),
+        )
+        assert instance.variables["timerInterval"] == "PT10S"
+        assert len(harness.sent) == 1
+        await harness.advance(10)
+        assert len(harness.sent) == 2
 
 
 @pytest.mark.parametrize("load", [reference_profile, our_profile], ids=["reference", "ours"])
