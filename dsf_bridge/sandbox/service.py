@@ -83,6 +83,15 @@ def _error(status: int, text: str, code: str = "processing") -> FhirResponse:
     return FhirResponse(status, operation_outcome(text, code=code))
 
 
+def _as_stored(resource: dict[str, Any]) -> dict[str, Any]:
+    """A stored resource as DSF would hold it: parsed by HAPI when it was written. (Tests put
+    resources into the sandbox's store directly, values of any JSON kind included.)"""
+    try:
+        return as_parsed(resource)
+    except UnparsableBodyError:
+        return resource
+
+
 def unparsable(reason: str) -> FhirResponse:
     """DSF's ``DataFormatExceptionHandler`` (2.1 and 1.9): a body HAPI cannot parse is
     answered 403 with "Unable to parse resource"; the parser's message goes to the log."""
@@ -696,7 +705,7 @@ class FhirService:
             reason = (
                 self.tasks.create_denied(identity, resource)
                 if old is None
-                else self.tasks.update_denied(identity, old, resource)
+                else self.tasks.update_denied(identity, _as_stored(old), resource)
             )
         elif resource_type == "QuestionnaireResponse":
             reason = questionnaire_response_denied(identity, old, resource, self.release)

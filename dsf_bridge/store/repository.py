@@ -420,9 +420,12 @@ async def postpone_job(
 
 
 async def delete_jobs_of(session: AsyncSession, instance_id: str) -> int:
-    """Remove every job of an ended instance (Camunda deletes an execution's jobs with it):
-    a handler or send still queued for it never runs. Returns how many were removed."""
-    result = await session.execute(delete(Job).where(Job.instance_id == instance_id))
+    """Remove the jobs of an ended instance (Camunda deletes an execution's jobs with it): a
+    handler or send still queued for it never runs. Operators' requests stay, to be answered
+    ``operator.refused``. Returns how many were removed."""
+    result = await session.execute(
+        delete(Job).where(Job.instance_id == instance_id).where(Job.kind != JobKind.OPERATOR)
+    )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 

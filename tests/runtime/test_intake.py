@@ -16,6 +16,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 from sqlalchemy import func, select
 
 from dsf_bridge.dsf.authorization import TaskAuthorizer
@@ -216,6 +218,25 @@ async def test_a_repeated_delivery_is_taken_in_once(site: Site) -> None:
         instances = (await session.execute(select(func.count(ProcessInstance.id)))).scalar_one()
     assert instances == 1
     assert site.work == [created.id]
+
+
+async def test_two_deliveries_at_once_take_the_task_in_once(site: Site) -> None:
+    """A websocket frame and a catch-up (or a sweep) deliver the same Task at the same moment:
+    the second meets the first at work on the claim and leaves it (``TaskIntake._working``),
+    so one PUT, one instance, one log of the Task's receipt."""
+    created = await site.remote.create(task())
+    assert created.id is not None
+    received = await site.server_task(created.id)
+    with structlog.testing.capture_logs() as logs:
+        await asyncio.gather(site.intake.handle(received), site.intake.handle(received))
+    await site.runtime.run_until_idle()
+    assert [e["event"] for e in logs].count("task.received") == 1
+    async with site.database.transaction() as session:
+        instances = (await session.execute(select(func.count(ProcessInstance.id)))).scalar_one()
+    assert instances == 1
+    assert site.work == [created.id]
+    final = await site.server_task(created.id)
+    assert (final["status"], final["meta"]["versionId"]) == ("completed", "3")
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from dsf_bridge.engine import load_process
@@ -14,6 +16,7 @@ from dsf_bridge.errors import StoreError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
 from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
 from dsf_bridge.store import Database
+from dsf_bridge.store import repository as repo
 from dsf_bridge.store.tables import Job, ProcessInstance
 from tests.runtime.test_processes import FakeGateway
 
@@ -145,3 +148,62 @@ async def test_only_a_round_that_did_not_fail_is_a_sign_of_life(database: Databa
     stop.set()
     await asyncio.wait_for(worker, 5)
     assert runtime.heartbeat is not None
+
+
+async def test_a_cancelled_round_unwinds_before_its_leases_are_given_back(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the grace period the round is cancelled and awaited until it has unwound (its
+    transaction rolled back) before the leases are given back, never during the rollback."""
+    work = SlowWork()
+    runtime = await _runtime(database, work, owner="unwinding", grace=0.1)
+    order: list[str] = []
+
+    async def stuck_round() -> int:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            await asyncio.sleep(0.05)  # a rollback takes a moment
+            order.append("unwound")
+        return 0
+
+    real_release = repo.release_leases
+
+    async def release(session: Any, owner: str) -> int:
+        order.append("released")
+        released: int = await real_release(session, owner)
+        return released
+
+    runtime.run_once = stuck_round  # type: ignore[method-assign]
+    monkeypatch.setattr(repo, "release_leases", release)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(runtime.run_forever(stop))
+    await asyncio.sleep(0.1)
+    stop.set()
+    await asyncio.wait_for(worker, 5)
+    assert order == ["unwound", "released"]
+
+
+async def test_a_cancelled_worker_loop_unwinds_its_round_and_stays_cancelled(
+    database: Database,
+) -> None:
+    """The loop's own task cancelled (the process stops otherwise): the round unwinds first,
+    and the cancellation is not swallowed."""
+    work = SlowWork()
+    runtime = await _runtime(database, work, owner="cancelled", grace=5)
+    unwound = asyncio.Event()
+
+    async def stuck_round() -> int:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            unwound.set()
+        return 0
+
+    runtime.run_once = stuck_round  # type: ignore[method-assign]
+    worker = asyncio.create_task(runtime.run_forever(asyncio.Event()))
+    await asyncio.sleep(0.1)
+    worker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(worker, 5)
+    assert unwound.is_set()
