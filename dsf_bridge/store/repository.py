@@ -161,18 +161,20 @@ async def create_instance(
     return InstanceRecord(instance_id, definition_id, business_key, status, state, 1)
 
 
+# The columns of an InstanceRecord, in its field order.
+_INSTANCE_COLUMNS = (
+    ProcessInstance.id,
+    ProcessInstance.definition_id,
+    ProcessInstance.business_key,
+    ProcessInstance.status,
+    ProcessInstance.state,
+    ProcessInstance.version,
+)
+
+
 async def load_instance(session: AsyncSession, instance_id: str) -> InstanceRecord | None:
     row = (
-        await session.execute(
-            select(
-                ProcessInstance.id,
-                ProcessInstance.definition_id,
-                ProcessInstance.business_key,
-                ProcessInstance.status,
-                ProcessInstance.state,
-                ProcessInstance.version,
-            ).where(ProcessInstance.id == instance_id)
-        )
+        await session.execute(select(*_INSTANCE_COLUMNS).where(ProcessInstance.id == instance_id))
     ).one_or_none()
     return None if row is None else InstanceRecord(*row)
 
@@ -180,14 +182,7 @@ async def load_instance(session: AsyncSession, instance_id: str) -> InstanceReco
 async def all_instances(session: AsyncSession) -> list[InstanceRecord]:
     """Every instance, oldest first (the test harness; a site has too many for this)."""
     rows = await session.execute(
-        select(
-            ProcessInstance.id,
-            ProcessInstance.definition_id,
-            ProcessInstance.business_key,
-            ProcessInstance.status,
-            ProcessInstance.state,
-            ProcessInstance.version,
-        ).order_by(ProcessInstance.created_at, ProcessInstance.id)
+        select(*_INSTANCE_COLUMNS).order_by(ProcessInstance.created_at, ProcessInstance.id)
     )
     return [InstanceRecord(*row) for row in rows]
 
