@@ -227,8 +227,9 @@ class RuntimeConfig(_Section):
         ge=1,
         le=10,
         description="Tries of one call to a remote server (the DSF FHIR servers, DICOMweb, the "
-        "inference server) that could not connect or got 429/502/503/504; a POST that may have "
-        "arrived is never repeated here (the outbox repeats sends)",
+        "inference server) that could not connect or got a 5xx or 429 answer; a Task POST or "
+        "an inference POST that may have been processed is never repeated here (the outbox "
+        "repeats sends)",
     )
     call_retry_delay: float = Field(
         default=CALL_RETRY.initial_delay,

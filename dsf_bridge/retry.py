@@ -3,9 +3,9 @@
 One policy for every adapter (the DSF FHIR client, DICOMweb, the inference server), set in the
 configuration (``[runtime] call_attempts``, ``call_retry_delay``, ``call_retry_max_delay``,
 ``retry_after_cap``) and handed to each adapter by the runtime. It repeats a call only where
-repeating is safe: connection failures and 429/502/503/504 of reads and idempotent writes, and
-of a POST only when the server cannot have processed it; anything else is the runtime's to
-decide (job retries, the outbox).
+repeating is safe: connection failures and 5xx/429 answers of reads, idempotent writes and
+DICOMweb calls, and of a Task or inference POST only when the server cannot have processed it;
+anything else is the runtime's to decide (job retries, the outbox).
 
 It lives beside :mod:`dsf_bridge.errors`, outside the adapter packages, because the FHIR client
 (:mod:`dsf_bridge.dsf.client`) and the inference client (:mod:`dsf_bridge.omi.inference`) share
@@ -42,11 +42,12 @@ class RetryPolicy:
         return float(min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1)))
 
     def delay_for_answer(self, attempt: int, retry_after: str | None) -> float:
-        """Back-off after an answer: the server's ``Retry-After`` when longer, within the cap."""
+        """Back-off after an answer: the server's ``Retry-After`` (up to the cap) when it asks
+        for longer; never shorter than the back-off, whatever the cap."""
         delay = self.delay(attempt)
         asked = retry_after_seconds(retry_after)
         if asked is not None:
-            delay = min(max(delay, asked), self.retry_after_cap)
+            delay = max(delay, min(asked, self.retry_after_cap))
         return delay
 
 

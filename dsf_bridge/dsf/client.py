@@ -31,7 +31,7 @@ from lxml import etree
 
 from dsf_bridge.dsf.vocabulary import FHIR_JSON, outcome_diagnostics
 from dsf_bridge.errors import RemoteError
-from dsf_bridge.retry import CALL_RETRY, RetryPolicy, retry_after_seconds
+from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
 __all__ = ["FhirClient", "FhirResult", "RetryPolicy", "parse_outcome"]
 
@@ -131,10 +131,6 @@ def _idempotent_batch(bundle: Mapping[str, Any]) -> bool:
 
 # Answers that say the server did not process the request: a plain POST may be repeated.
 _NOT_PROCESSED = frozenset({429, 503})
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    return retry_after_seconds(response.headers.get("retry-after"))
 
 
 def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
@@ -381,10 +377,7 @@ class FhirClient:
             # for the earlier delivery.
             again = repeatable or response.status_code in _NOT_PROCESSED
             if retryable and again and attempt < self._retry.attempts:
-                delay = self._retry.delay(attempt)
-                retry_after = _retry_after(response)
-                if retry_after is not None:
-                    delay = min(max(delay, retry_after), self._retry.retry_after_cap)
+                delay = self._retry.delay_for_answer(attempt, response.headers.get("retry-after"))
                 _log.warning(
                     "fhir_request.retried",
                     method=method,

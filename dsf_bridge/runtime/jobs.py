@@ -78,20 +78,30 @@ class JobWorker:
     def exclusive(self, jobs: Sequence[repo.ClaimedJob]) -> list[Awaitable[None]]:
         """One run per instance: instances concurrently (a slow handler, an inference, must
         not hold up the others), the jobs of one instance one after the other in due order,
-        as Camunda's exclusive jobs. A job whose instance ended meanwhile (its jobs were
-        deleted with it) is skipped, so a parallel multi-instance stops at a failing send."""
+        as Camunda's exclusive jobs (within this bridge; another replica's steps on the same
+        instance are ordered by optimistic locking). Each later job renews its lease before it
+        runs; one whose instance ended meanwhile (its jobs were deleted with it) is skipped,
+        so a parallel multi-instance stops at a failing send."""
         by_instance: dict[str | None, list[repo.ClaimedJob]] = {}
         for job in jobs:
             by_instance.setdefault(job.instance_id, []).append(job)
         return [self._one_by_one(group) for group in by_instance.values()]
 
     async def _one_by_one(self, jobs: Sequence[repo.ClaimedJob]) -> None:
+        runtime = self.runtime
         for position, job in enumerate(jobs):
             if position > 0:
-                async with self.runtime.database.transaction() as session:
-                    held = await repo.job_held(session, job.id, self.runtime.owner)
+                # Its lease was taken with the round's; the jobs before it used some of it.
+                async with runtime.database.transaction() as session:
+                    held = await repo.renew_job_lease(
+                        session,
+                        job.id,
+                        runtime.owner,
+                        now=runtime.clock(),
+                        lease=runtime.settings.lease,
+                    )
                 if not held:
-                    log.info("job.skipped", job_id=job.id, kind=job.kind, reason="instance ended")
+                    log.info("job.skipped", job_id=job.id, kind=job.kind, reason="not held")
                     continue
             await self.run_or_retry(job)
 

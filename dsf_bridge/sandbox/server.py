@@ -220,8 +220,9 @@ def create_app(service: FhirService, hub: SubscriptionHub) -> Starlette:
             else:
                 try:
                     parsed = json.loads(raw) if raw else None
-                except ValueError as exc:
-                    return _render(unparsable(f"not JSON: {exc}"), "", accept)
+                except (ValueError, RecursionError) as exc:
+                    # Python's parser gives up on deep nesting where Jackson does too (1,000).
+                    return _render(unparsable(f"not JSON: {type(exc).__name__}"), "", accept)
                 if parsed is not None and not isinstance(parsed, dict):
                     return _render(unparsable("the body is no JSON object"), "", accept)
                 body = parsed

@@ -321,6 +321,11 @@ class FhirService:
             return _error(405, f"{method} /{'/'.join(parts)} is not supported")
         except SearchError as exc:
             return _error(400, str(exc), code="invalid")
+        except RecursionError:
+            # The validator (pydantic) recurses where DSF's Java validator does not run out of
+            # stack; refusing is stricter than DSF, never more lenient (docs/sandbox.md).
+            _log.warning("request.too_deep", method=method, path=path)
+            return _error(403, "the sandbox cannot judge a resource nested this deeply")
 
     # -- interactions ---------------------------------------------------------------------------
 
@@ -701,11 +706,12 @@ class FhirService:
         old: dict[str, Any] | None,
     ) -> FhirResponse | None:
         resource_type = resource["resourceType"]
+        old = None if old is None else _as_stored(old)
         if resource_type == "Task":
             reason = (
                 self.tasks.create_denied(identity, resource)
                 if old is None
-                else self.tasks.update_denied(identity, _as_stored(old), resource)
+                else self.tasks.update_denied(identity, old, resource)
             )
         elif resource_type == "QuestionnaireResponse":
             reason = questionnaire_response_denied(identity, old, resource, self.release)

@@ -424,12 +424,19 @@ async def delete_jobs_of(session: AsyncSession, instance_id: str) -> int:
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-async def job_held(session: AsyncSession, job_id: int, owner: str) -> bool:
-    """Whether job ``job_id`` still exists and is leased to ``owner``."""
-    found = await session.scalar(
-        select(Job.id).where(Job.id == job_id).where(Job.lease_owner == owner)
+async def renew_job_lease(
+    session: AsyncSession, job_id: int, owner: str, *, now: dt.datetime, lease: dt.timedelta
+) -> bool:
+    """Lease job ``job_id`` to ``owner`` for ``lease`` from ``now`` again; False when the job
+    is gone (its instance ended) or another worker holds it now."""
+    result = await session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .where(Job.lease_owner == owner)
+        .values(lease_expires_at=now + lease)
+        .execution_options(synchronize_session=False)
     )
-    return found is not None
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 async def hasten_jobs(

@@ -395,3 +395,10 @@ async def test_a_batch_of_conditional_creates_is_repeated_a_plain_post_in_one_is
         with pytest.raises(RemoteError):
             await client.bundle(plain)
     assert len(refused.requests) == 1
+
+
+def test_a_cap_below_the_back_off_never_shortens_it() -> None:
+    policy = RetryPolicy(attempts=3, initial_delay=2.0, retry_after_cap=0.0)
+    assert policy.delay_for_answer(1, "30") == 2.0
+    assert policy.delay_for_answer(1, None) == 2.0
+    assert RetryPolicy(initial_delay=1.0, retry_after_cap=10).delay_for_answer(1, "30") == 10.0

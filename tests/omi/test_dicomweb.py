@@ -3,6 +3,7 @@ and the failures a process must tell apart (study not in the archive, archive do
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,7 @@ class _CannedAdapter(BaseAdapter):
         super().__init__()
         self.status, self.body, self.content_type = status, body, content_type
         self.calls = 0
+        self.extra_headers: dict[str, str] = {}
 
     def send(  # noqa: PLR0917 - requests fixes this signature
         self,
@@ -151,6 +153,7 @@ class _CannedAdapter(BaseAdapter):
         response.status_code = self.status
         response._content = self.body
         response.headers["Content-Type"] = self.content_type
+        response.headers.update(self.extra_headers)
         response.url = str(request.url)
         response.request = request
         return response
@@ -186,6 +189,25 @@ async def test_server_errors_are_retried_then_reported() -> None:
         await archive.search_series("1.2.3")
     archive.close()
     assert adapter.calls == 3
+
+
+async def test_retry_after_is_honoured_up_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter = _CannedAdapter(503)
+    adapter.extra_headers = {"Retry-After": "2"}
+    session = requests.Session()
+    session.mount("http://", adapter)
+    policy = RetryPolicy(attempts=3, initial_delay=0.001, retry_after_cap=1.5)
+    archive = DicomWebArchive("http://archive.test/dicom-web", session=session, retry=policy)
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    with pytest.raises(ArchiveUnavailableError):
+        await archive.search_series("1.2.3")
+    archive.close()
+    assert waits == [1.5, 1.5]  # the server asked for 2 s; the cap allows 1.5
 
 
 async def test_forbidden_is_not_retried() -> None:

@@ -398,6 +398,8 @@ async def test_batch_create_entries_follow_dsf_create_command(
         (b'{"resourceType": "Task", ', "not JSON"),
         (b"[1, 2]", "no JSON object"),
         (b'{"resourceType": "NoSuchType"}', "unknown resourceType"),
+        (b'{"resourceType": "Task", "x": ' + b"[" * 1500 + b"]" * 1500 + b"}", "too deep"),
+        (b'{"resourceType": "Bundle", "entry": [{"resource": {"id": "1"}}]}', "no type inside"),
     ],
 )
 async def test_a_body_hapi_cannot_parse_is_403_unable_to_parse(
