@@ -88,22 +88,26 @@ class JobWorker:
         return [self._one_by_one(group) for group in by_instance.values()]
 
     async def _one_by_one(self, jobs: Sequence[repo.ClaimedJob]) -> None:
-        runtime = self.runtime
+        failure: BridgeError | None = None
         for position, job in enumerate(jobs):
-            if position > 0:
-                # Its lease was taken with the round's; the jobs before it used some of it.
-                async with runtime.database.transaction() as session:
-                    held = await repo.renew_job_lease(
-                        session,
-                        job.id,
-                        runtime.owner,
-                        now=runtime.clock(),
-                        lease=runtime.settings.lease,
-                    )
-                if not held:
-                    log.info("job.skipped", job_id=job.id, kind=job.kind, reason="not held")
-                    continue
-            await self.run_or_retry(job)
+            try:
+                # A later job's lease was taken with the round's; those before it used some.
+                if position == 0 or await self._renewed(job):
+                    await self.run_or_retry(job)
+            except BridgeError as exc:  # the store failed under it: the others still run
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    async def _renewed(self, job: repo.ClaimedJob) -> bool:
+        runtime = self.runtime
+        async with runtime.database.transaction() as session:
+            held = await repo.renew_job_lease(
+                session, job.id, runtime.owner, now=runtime.clock(), lease=runtime.settings.lease
+            )
+        if not held:
+            log.info("job.skipped", job_id=job.id, kind=job.kind, reason="not held")
+        return held
 
     async def run_or_retry(self, job: repo.ClaimedJob) -> None:
         """Run one leased job; a failure uses a retry (or, past them, parks the job)."""
