@@ -73,7 +73,7 @@ def _depth(value: object) -> int:
     return deepest
 
 
-@functools.cache
+@functools.lru_cache(maxsize=512)  # keyed by what clients send: bounded
 def _resource_model(resource_type: object) -> type[BaseModel] | None:
     """The model of a concrete resource type; None for anything else (data types too)."""
     if not isinstance(resource_type, str) or not resource_type.isidentifier():
