@@ -1,9 +1,11 @@
 """Database URLs, engines and transactions for the two supported stores.
 
 Users write plain ``sqlite:///PATH`` or ``postgresql://USER@HOST:PORT/DB``; the bridge picks the
-driver: ``aiosqlite``/``pysqlite`` for SQLite, ``psycopg`` (version 3) for PostgreSQL, async for
-the service and sync for migrations. SQLite runs in WAL mode with foreign keys on and a busy
-timeout, so the embedded default behaves like a small server database.
+driver: ``psycopg`` (version 3) for PostgreSQL, async for the service and sync for migrations;
+for SQLite ``pysqlite`` for migrations and, in the service, :mod:`sqlite3` run on the event loop
+(:mod:`dsf_bridge.store.inline_sqlite`) for the writer and ``aiosqlite`` for read-only stores.
+SQLite runs in WAL mode with foreign keys on and a busy timeout, so the embedded default behaves
+like a small server database.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from dsf_bridge.errors import ConfigError, StoreError
+from dsf_bridge.store import inline_sqlite
 
 __all__ = [
     "Database",
@@ -65,11 +68,13 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
-def async_url(url: str) -> URL:
-    """The URL with the asyncio driver (the service)."""
+def async_url(url: str, *, read_only: bool = False) -> URL:
+    """The URL with the asyncio driver (the service): SQLite runs on the event loop for a
+    writer, in ``aiosqlite``'s worker thread for a reader whose scans must not stall it."""
     parsed = sync_url(url)
     if parsed.get_backend_name() == "sqlite":
-        return parsed.set(drivername="sqlite+aiosqlite")
+        driver = "aiosqlite" if read_only else inline_sqlite.DRIVER
+        return parsed.set(drivername=f"sqlite+{driver}")
     return parsed
 
 
@@ -150,7 +155,7 @@ class Database:
         """``read_only`` stores (the admin API) never write and never take a write lock: on
         SQLite the file is opened read-only (it must exist) and transactions are deferred, on
         PostgreSQL every transaction is ``READ ONLY``."""
-        target = async_url(url)
+        target = async_url(url, read_only=read_only)
         options: dict[str, Any] = {"echo": echo}
         backend = target.get_backend_name()
         if backend == "postgresql":

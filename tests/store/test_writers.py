@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from dsf_bridge.errors import StoreError
 from dsf_bridge.store import Database, database
@@ -35,3 +37,54 @@ async def test_a_writer_held_too_long_is_a_retryable_error(
     assert caught.value.retryable
     async with sqlite_database.transaction() as session:  # released: the next writer gets in
         await session.execute(text("SELECT 1"))
+
+
+async def test_the_writer_runs_sqlite_on_the_event_loop_thread(sqlite_database: Database) -> None:
+    # No worker thread per statement (aiosqlite's four thread hops per statement cost ~1 ms of
+    # CPU each); the admin API's read-only store keeps its worker thread.
+    threads: set[int] = set()
+
+    def seen(*_args: object) -> None:
+        threads.add(threading.get_ident())
+
+    event.listen(sqlite_database.engine.sync_engine, "before_cursor_execute", seen)
+    async with sqlite_database.transaction() as session:
+        await session.execute(text("UPDATE audit_head SET sequence = sequence"))
+        await session.execute(text("SELECT count(*) FROM jobs"))
+    assert threads == {threading.get_ident()}
+    assert sqlite_database.url.drivername == "sqlite+dsfinline"
+    reader = Database(
+        sqlite_database.url.render_as_string().replace("+dsfinline", ""), read_only=True
+    )
+    try:
+        assert reader.url.drivername == "sqlite+aiosqlite"
+    finally:
+        await reader.dispose()
+
+
+async def test_a_cancelled_writer_leaves_the_write_lock_free(
+    sqlite_database: Database, sqlite_url: str
+) -> None:
+    # A worker round cancelled at the end of the shutdown grace unwinds between statements and
+    # rolls back at once: another process can write right after (it used to wait for a
+    # statement still running in aiosqlite's thread, or until the process exited).
+    inside = asyncio.Event()
+
+    async def hold() -> None:
+        async with sqlite_database.transaction() as session:
+            await session.execute(text("UPDATE jobs SET attempts = attempts"))
+            inside.set()
+            await asyncio.Event().wait()
+
+    holder = asyncio.ensure_future(hold())
+    await inside.wait()
+    other = sqlite3.connect(str(database.sqlite_path(sqlite_url)), timeout=0, isolation_level=None)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+        holder.cancel()
+        await asyncio.gather(holder, return_exceptions=True)
+        other.execute("BEGIN IMMEDIATE")  # free at once
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
