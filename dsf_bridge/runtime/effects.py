@@ -57,12 +57,17 @@ TAKEN_IN = TaskSeenStatus.TAKEN_IN
 
 @dataclass
 class StepRecord:
-    """What one transaction wrote for one instance, for logging after commit."""
+    """What one transaction wrote for one instance, for logging after commit; ``jobs`` and
+    ``outbox`` are the work it queued leased already, to be run right after the commit."""
 
     instance_id: str
     status: str
     effects: list[str] = field(default_factory=list)
     incidents: list[str] = field(default_factory=list)
+    jobs: list[repo.ClaimedJob] = field(default_factory=list)
+    outbox: list[repo.ClaimedOutboxEntry] = field(default_factory=list)
+    # Work written for a polling round to find (not leased, a timer, another's signal job).
+    for_rounds: int = 0
 
 
 class EffectWriter:
@@ -84,6 +89,70 @@ class EffectWriter:
         self.clock = clock
         self.job_retries = job_retries
         self.deployments = deployments
+        # While the runtime runs queued work right after the commit that queued it (its
+        # worker loop is on), the handler, send and continuation jobs due now and the outbox
+        # entries are written leased to it for this long; otherwise left for a polling round.
+        self.lease: dt.timedelta | None = None
+
+    def _leased(self, now: dt.datetime) -> repo.Lease | None:
+        return None if self.lease is None else (self.owner, now + self.lease)
+
+    async def _job(
+        self,
+        session: Session,
+        pending: StepRecord,
+        *,
+        kind: JobKind,
+        due_at: dt.datetime,
+        retries: int,
+        payload: dict[str, Any],
+        now: dt.datetime,
+    ) -> None:
+        leased = self._leased(now) if due_at <= now else None
+        job_id = await repo.enqueue_job(
+            session,
+            kind=kind,
+            instance_id=pending.instance_id,
+            due_at=due_at,
+            retries=retries,
+            payload=payload,
+            leased_to=leased,
+        )
+        if leased is not None:
+            pending.jobs.append(
+                repo.ClaimedJob(job_id, pending.instance_id, kind, payload, 1, retries)
+            )
+        else:
+            pending.for_rounds += 1
+
+    async def _outbox(
+        self,
+        session: Session,
+        pending: StepRecord,
+        *,
+        idempotency_key: str,
+        kind: OutboxKind,
+        payload: dict[str, Any],
+        now: dt.datetime,
+    ) -> None:
+        leased = self._leased(now)
+        entry_id = await repo.enqueue_outbox(
+            session,
+            idempotency_key=idempotency_key,
+            kind=kind,
+            instance_id=pending.instance_id,
+            now=now,
+            payload=payload,
+            leased_to=leased,
+        )
+        if leased is not None and entry_id is not None:
+            pending.outbox.append(
+                repo.ClaimedOutboxEntry(
+                    entry_id, idempotency_key, pending.instance_id, kind, payload, 1
+                )
+            )
+        elif entry_id is not None:
+            pending.for_rounds += 1
 
     async def write(
         self,
@@ -128,11 +197,12 @@ class EffectWriter:
             effect = effects.pop(0)
             pending.effects.append(type(effect).__name__)
             if isinstance(effect, CallHandler):
-                await repo.enqueue_job(
+                await self._job(
                     session,
+                    pending,
                     kind=JobKind.HANDLER,
-                    instance_id=instance_id,
                     due_at=now,
+                    now=now,
                     retries=self.job_retries,
                     payload={
                         "handler": effect.handler,
@@ -146,11 +216,12 @@ class EffectWriter:
                     },
                 )
             elif isinstance(effect, SendTask):
-                await repo.enqueue_job(
+                await self._job(
                     session,
+                    pending,
                     kind=JobKind.SEND,
-                    instance_id=instance_id,
                     due_at=now,
+                    now=now,
                     retries=self.job_retries,
                     payload={
                         "send_id": uuid.uuid4().hex,  # the outbox's idempotency key
@@ -168,15 +239,17 @@ class EffectWriter:
                     },
                 )
             elif isinstance(effect, ScheduleJob):
-                await repo.enqueue_job(
+                await self._job(
                     session,
+                    pending,
                     kind=JobKind.CONTINUE,
-                    instance_id=instance_id,
                     due_at=effect.due,
+                    now=now,
                     retries=0,
                     payload={"token": effect.token, "element_id": effect.element_id},
                 )
             elif isinstance(effect, StartTimer):
+                pending.for_rounds += 1
                 await repo.add_timer(
                     session,
                     instance_id,
@@ -186,11 +259,11 @@ class EffectWriter:
                 await repo.cancel_timer(session, instance_id, effect.timer_id)
             elif isinstance(effect, CreateQuestionnaireResponse):
                 user_task_id = f"{instance_id}/{effect.token}"
-                await repo.enqueue_outbox(
+                await self._outbox(
                     session,
+                    pending,
                     idempotency_key=f"user-task:{user_task_id}:{record.version}",
                     kind=OutboxKind.CREATE_USER_TASK,
-                    instance_id=instance_id,
                     now=now,
                     payload={
                         "business_key": effect.business_key,
@@ -238,6 +311,7 @@ class EffectWriter:
                         payload={"signal": effect.signal_name, "thrown_by": instance_id},
                     )
                     pending.effects.append("SignalJob")
+                    pending.for_rounds += 1
                 known = instance_state.incident_tokens(state)
                 follow = self.step(
                     deployed.definition, state, SignalReceived(effect.signal_name, now)
@@ -271,11 +345,11 @@ class EffectWriter:
                     }
                     if isinstance(effect, FailTasks):
                         payload["message"] = effect.message
-                    await repo.enqueue_outbox(
+                    await self._outbox(
                         session,
+                        pending,
                         idempotency_key=f"{'complete' if completing else 'fail'}:{task_id}",
                         kind=OutboxKind.COMPLETE_TASK if completing else OutboxKind.FAIL_TASK,
-                        instance_id=instance_id,
                         now=now,
                         payload=payload,
                     )

@@ -9,6 +9,7 @@ job with no retries left).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import Awaitable, Callable, Sequence
@@ -60,6 +61,8 @@ class JobWorker:
 
     def __init__(self, runtime: ProcessRuntime) -> None:
         self.runtime = runtime
+        # The instances whose jobs run now, with how many groups run or wait for each.
+        self._instances: dict[str | None, tuple[asyncio.Lock, int]] = {}
 
     async def run_due(self) -> int:
         """Lease the due jobs and run them concurrently; return how many."""
@@ -79,23 +82,38 @@ class JobWorker:
         """One run per instance: instances concurrently (a slow handler, an inference, must
         not hold up the others), the jobs of one instance one after the other in due order,
         as Camunda's exclusive jobs (within this bridge; another replica's steps on the same
-        instance are ordered by optimistic locking). Each later job renews its lease before it
-        runs; one whose instance ended meanwhile (its jobs were deleted with it) is skipped,
-        so a parallel multi-instance stops at a failing send."""
+        instance are ordered by optimistic locking). Runs for the same instance (a polling
+        round's, and the jobs a step queued for right after its commit) wait for each other.
+        A job that waited renews its lease before it runs; one whose instance ended meanwhile
+        (its jobs were deleted with it) is skipped, so a parallel multi-instance stops at a
+        failing send."""
         by_instance: dict[str | None, list[repo.ClaimedJob]] = {}
         for job in jobs:
             by_instance.setdefault(job.instance_id, []).append(job)
         return [self._one_by_one(group) for group in by_instance.values()]
 
     async def _one_by_one(self, jobs: Sequence[repo.ClaimedJob]) -> None:
+        instance_id = jobs[0].instance_id
+        lock, users = self._instances.get(instance_id) or (asyncio.Lock(), 0)
+        self._instances[instance_id] = (lock, users + 1)
+        waited = lock.locked()
         failure: BridgeError | None = None
-        for position, job in enumerate(jobs):
-            try:
-                # A later job's lease was taken with the round's; those before it used some.
-                if position == 0 or await self._renewed(job):
-                    await self.run_or_retry(job)
-            except BridgeError as exc:  # the store failed under it: the others still run
-                failure = failure or exc
+        try:
+            async with lock:
+                for position, job in enumerate(jobs):
+                    try:
+                        # A lease taken before a wait (for the jobs before it, or for another
+                        # run on the instance) may have run short.
+                        if (position == 0 and not waited) or await self._renewed(job):
+                            await self.run_or_retry(job)
+                    except BridgeError as exc:  # the store failed under it: the others run
+                        failure = failure or exc
+        finally:
+            lock, users = self._instances[instance_id]
+            if users == 1:
+                del self._instances[instance_id]
+            else:
+                self._instances[instance_id] = (lock, users - 1)
         if failure is not None:
             raise failure
 
@@ -352,6 +370,7 @@ class JobWorker:
             "updates": dict(completed.variables),
             "local_updates": dict(getattr(completed, "local_variables", {})),
         }
+        leased = self.runtime.effects._leased(self.runtime.clock())
         async with self.runtime.database.transaction() as session:
             if send.business_key != effect.business_key:
                 # Sent with the alternative business key: the instance has exactly one (sends
@@ -362,17 +381,29 @@ class JobWorker:
                 )
                 entry["business_key"] = key
                 entry["updates"] = {**dict(completed.variables), ALTERNATIVE_BUSINESS_KEY: key}
-            await repo.enqueue_outbox(
+            # Not the job id alone: SQLite reuses the id of a deleted newest job, and a
+            # reused id would make this send a "duplicate" of an earlier one, lost.
+            idempotency_key = f"send:{payload.get('send_id') or job.id}"
+            entry_id = await repo.enqueue_outbox(
                 session,
-                # Not the job id alone: SQLite reuses the id of a deleted newest job, and a
-                # reused id would make this send a "duplicate" of an earlier one, lost.
-                idempotency_key=f"send:{payload.get('send_id') or job.id}",
+                idempotency_key=idempotency_key,
                 kind=OutboxKind.SEND_TASK,
                 payload=entry,
                 instance_id=instance_id,
                 now=self.runtime.clock(),
+                leased_to=leased,
             )
             await repo.complete_job(session, job.id, self.runtime.owner)
             self.runtime._fault(FaultPoint.STEP_WRITTEN, "send.queued")
         self.runtime._fault(FaultPoint.STEP_COMMITTED, "send.queued")
-        self.runtime._wakeup.set()
+        if leased is not None and entry_id is not None:
+            self.runtime.dispatch(
+                [],
+                [
+                    repo.ClaimedOutboxEntry(
+                        entry_id, idempotency_key, instance_id, OutboxKind.SEND_TASK, entry, 1
+                    )
+                ],
+            )
+        else:
+            self.runtime._wakeup.set()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -45,8 +45,8 @@ from dsf_bridge.runtime.outbox import OutboxWorker
 from dsf_bridge.runtime.ports import TaskGateway
 from dsf_bridge.runtime.stepping import InstanceStepper, engine_step_of
 from dsf_bridge.runtime.timers import TimerWorker
-from dsf_bridge.runtime.workers import WorkerLoop, run_all
-from dsf_bridge.store import Database
+from dsf_bridge.runtime.workers import Dispatcher, WorkerLoop, run_all
+from dsf_bridge.store import Database, seal_events
 from dsf_bridge.store import repository as repo
 
 __all__ = [
@@ -119,6 +119,8 @@ class ProcessRuntime:
             step=engine_step_of,
         )
         self._wakeup = asyncio.Event()
+        # Runs the work a step queued right after its commit while the worker loop runs.
+        self._dispatcher = Dispatcher()
         self.stepper = InstanceStepper(self, self._wakeup)
         self.delivery = MessageDelivery(self)
         self.jobs = JobWorker(self)
@@ -194,14 +196,16 @@ class ProcessRuntime:
     async def run_once(self) -> int:
         """Perform what is due now: timers, jobs, outbox entries. Return how many were done.
 
-        One transaction looks for a due timer and leases the due jobs and outbox entries
-        (an idle round costs one round trip to the store, not three); then the timers fire,
+        One transaction seals the audit events appended since the last round into the chain,
+        looks for a due timer and leases the due jobs and outbox entries; then the timers fire,
         and the jobs and effects run concurrently. Work they create is left to the next round,
-        which the wake-up starts at once.
+        which the wake-up starts at once (or, while :meth:`run_forever` runs, is run right
+        after the commit that created it: :meth:`dispatch`).
         """
         now = self.clock()
         settings = self.settings
         async with self.database.transaction() as session:
+            await seal_events(session)
             timer_due = bool(await repo.due_timers(session, now, limit=1))
             jobs = await repo.claim_jobs(
                 session, owner=self.owner, now=now, lease=settings.lease, limit=settings.batch
@@ -219,6 +223,19 @@ class ProcessRuntime:
             ]
         )
         return fired + len(jobs) + len(entries)
+
+    def dispatch(
+        self, jobs: Sequence[repo.ClaimedJob], entries: Sequence[repo.ClaimedOutboxEntry]
+    ) -> None:
+        """Run jobs and outbox entries a commit queued leased to this runtime, now, beside the
+        worker loop's rounds (only while :meth:`run_forever` runs: the effect writer leases
+        them only then)."""
+        if not jobs and not entries:
+            return
+        self._fault(FaultPoint.WORK_CLAIMED, f"{len(jobs)}/{len(entries)}")
+        for work in (*self.jobs.exclusive(jobs), *(self.outbox.perform(e) for e in entries)):
+            if not self._dispatcher.spawn(work):
+                self._wakeup.set()  # stopping: the leases are given back at the end
 
     async def run_until_idle(self, max_rounds: int = 10_000) -> int:
         """Work until nothing is due (tests, the demo); return the number of items done."""
@@ -241,8 +258,21 @@ class ProcessRuntime:
             idle_poll=self.settings.idle_poll,
             grace=self.settings.shutdown_grace,
             clock=self.clock,
+            dispatcher=self._dispatcher,
         )
-        await self._loop.run(stop)
+        # From now on a step's jobs and effects due at once are queued leased to this bridge
+        # and run right after the commit, without a polling round to find them.
+        self.effects.lease = self.settings.lease
+        stopping = asyncio.ensure_future(self._no_more_leasing(stop))
+        try:
+            await self._loop.run(stop)
+        finally:
+            stopping.cancel()
+            self.effects.lease = None
+
+    async def _no_more_leasing(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self.effects.lease = None
 
     @property
     def heartbeat(self) -> dt.datetime | None:

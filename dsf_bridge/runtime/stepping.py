@@ -135,6 +135,7 @@ class InstanceStepper:
                 # Camunda deletes an ended execution's jobs: a sibling's handler or send that
                 # is still queued (a parallel multi-instance) never runs.
                 await repo.delete_jobs_of(session, record.id)
+                pending.jobs.clear()
             self.runtime._fault(FaultPoint.STEP_WRITTEN, action)
         return pending
 
@@ -196,8 +197,9 @@ class InstanceStepper:
         """The step's transaction committed: wake the workers for its effects, tell the
         listeners a send may have resolved, log incidents and the step."""
         self.runtime._fault(FaultPoint.STEP_COMMITTED, action)
-        if pending.effects:
+        if pending.for_rounds:  # a round finds the rest (timers, others' signals)
             self.wakeup.set()
+        self.runtime.dispatch(pending.jobs, pending.outbox)
         self.sends_resolved()
         for element in pending.incidents:  # the message is in the audit trail and the API
             log.warning("incident.created", instance_id=pending.instance_id, element=element)

@@ -17,12 +17,66 @@ from collections.abc import Awaitable, Callable, Iterable
 import structlog
 
 from dsf_bridge.errors import BridgeError
-from dsf_bridge.store import Database
+from dsf_bridge.store import Database, seal_events
 from dsf_bridge.store import repository as repo
 
-__all__ = ["WorkerLoop", "run_all"]
+__all__ = ["Dispatcher", "WorkerLoop", "run_all"]
 
 log = structlog.get_logger("dsf_bridge.runtime")
+
+_SEAL_BATCH = 1000  # seal_events' default
+
+
+class Dispatcher:
+    """Runs work handed over after a commit (the jobs and effects a step queued leased to this
+    bridge) in tasks of its own, next to the worker loop's rounds, without a polling round.
+
+    A failure is logged as a round's would be; the lease it holds runs out or is given back,
+    and a round takes the work up again. Once closed, nothing new starts: work handed over
+    then keeps its lease until the loop gives every lease back.
+    """
+
+    def __init__(self) -> None:
+        self._running: set[asyncio.Task[None]] = set()
+        self.open = False
+
+    def spawn(self, work: Awaitable[None]) -> bool:
+        """Start ``work`` now; ``False`` (and ``work`` closed unrun) once closed."""
+        if not self.open:
+            if asyncio.iscoroutine(work):
+                work.close()
+            return False
+        task = asyncio.ensure_future(self._logged(work))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return True
+
+    @staticmethod
+    async def _logged(work: Awaitable[None]) -> None:
+        try:
+            await work
+        except BridgeError as exc:
+            log.warning("worker.failed", error=str(exc), retryable=exc.retryable)
+        except Exception:  # one bad piece of work must not stop the others: a round retries it
+            log.exception("worker.crashed")
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def close(self, grace: float) -> None:
+        """Start nothing more; let what runs finish within ``grace`` seconds, then cancel it
+        and wait until it has unwound (its transactions rolled back)."""
+        self.open = False
+        if not self._running:
+            return
+        log.info("worker.draining", grace_seconds=grace, dispatched=len(self._running))
+        _done, late = await asyncio.wait(set(self._running), timeout=max(grace, 0.0))
+        if late:
+            log.warning("worker.drain_timeout", grace_seconds=grace, dispatched=len(late))
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
 
 class WorkerLoop:
@@ -44,8 +98,10 @@ class WorkerLoop:
         idle_poll: dt.timedelta,
         grace: dt.timedelta,
         clock: Callable[[], dt.datetime],
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         self.run_once = run_once
+        self.dispatcher = dispatcher
         self.database = database
         self.owner = owner
         self.wakeup = wakeup
@@ -55,9 +111,25 @@ class WorkerLoop:
         self.heartbeat: dt.datetime | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        stopped_at: list[float] = []
+
+        async def note_stop() -> None:
+            await stop.wait()
+            stopped_at.append(loop.time())
+
+        watcher = asyncio.ensure_future(note_stop())
+        if self.dispatcher is not None:
+            self.dispatcher.open = True
         try:
             await self._work_until(stop)
         finally:
+            watcher.cancel()
+            if self.dispatcher is not None:
+                # The work handed over after commits drains within the same grace as the round;
+                # a loop cancelled outright cancels it at once.
+                left = self.grace - (loop.time() - stopped_at[0]) if stopped_at else 0.0
+                await self.dispatcher.close(left)
             await self._release_leases()
 
     async def _work_until(self, stop: asyncio.Event) -> None:
@@ -109,6 +181,9 @@ class WorkerLoop:
         try:
             async with self.database.transaction() as session:
                 released = await repo.release_leases(session, self.owner)
+                # What this bridge appended is in the chain when it has stopped.
+                while await seal_events(session) == _SEAL_BATCH:
+                    pass
         except BridgeError as exc:  # the store is gone: the leases run out instead
             log.warning("worker.leases_kept", error=str(exc))
             return

@@ -39,6 +39,7 @@ __all__ = [
     "ClaimedJob",
     "ClaimedOutboxEntry",
     "InstanceRecord",
+    "Lease",
     "SubscriptionKey",
     "TaskSeenRecord",
     "TimerKey",
@@ -543,6 +544,10 @@ async def next_timer_due(session: AsyncSession) -> dt.datetime | None:
 # --- jobs ---------------------------------------------------------------------------------
 
 
+# Who holds a lease and until when.
+Lease = tuple[str, dt.datetime]
+
+
 @dataclass(frozen=True)
 class ClaimedJob:
     id: int
@@ -562,15 +567,20 @@ async def enqueue_job(
     due_at: dt.datetime,
     instance_id: str | None = None,
     retries: int = 3,
+    leased_to: Lease | None = None,
 ) -> int:
+    """Queue a job; ``leased_to`` queues it leased already (its first attempt taken), for the
+    runtime to run it right after the commit instead of finding it in a polling round."""
     job = Job(
         instance_id=instance_id,
         kind=kind,
         payload=payload,
         due_at=due_at,
-        attempts=0,
+        attempts=0 if leased_to is None else 1,
         retries_left=retries,
     )
+    if leased_to is not None:
+        job.lease_owner, job.lease_expires_at = leased_to
     session.add(job)
     await session.flush()
     return job.id
@@ -814,8 +824,11 @@ async def enqueue_outbox(
     payload: dict[str, Any],
     instance_id: str | None = None,
     now: dt.datetime,
-) -> bool:
-    """Queue an effect; ``False`` if an effect with this key was queued before."""
+    leased_to: Lease | None = None,
+) -> int | None:
+    """Queue an effect and return its id; ``None`` if an effect with this key was queued
+    before. ``leased_to`` queues it leased already (see :func:`enqueue_job`)."""
+    owner, expires = leased_to if leased_to is not None else (None, None)
     result = await session.execute(
         _insert_ignoring_duplicates(session, OutboxEntry)
         .values(
@@ -824,13 +837,16 @@ async def enqueue_outbox(
             kind=kind,
             payload=payload,
             status="pending",
-            attempts=0,
+            attempts=0 if leased_to is None else 1,
             next_attempt_at=now,
             created_at=now,
+            lease_owner=owner,
+            lease_expires_at=expires,
         )
         .returning(OutboxEntry.id)
     )
-    return result.first() is not None
+    row = result.first()
+    return None if row is None else int(row[0])
 
 
 async def claim_outbox(
