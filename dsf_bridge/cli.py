@@ -268,7 +268,13 @@ def audit_verify(ctx: typer.Context, db_url: DbUrlOption = None) -> None:
             f"audit chain BROKEN at event {report.first_bad_sequence}: {report.problem}", err=True
         )
         raise typer.Exit(EXIT_FAILED)
-    typer.echo(f"audit chain intact: {report.events} events, head {report.head_hash}")
+    unsealed = (
+        f"; {report.unsealed} newer events not yet sealed into it (a running bridge seals them "
+        "within seconds, a stopped one before it exits)"
+        if report.unsealed
+        else ""
+    )
+    typer.echo(f"audit chain intact: {report.events} events, head {report.head_hash}{unsealed}")
 
 
 def _with_store(

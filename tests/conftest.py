@@ -107,6 +107,17 @@ async def sqlite_database(sqlite_url: str) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
+async def postgres_database(postgres_url: str) -> AsyncIterator[Database]:
+    """A migrated PostgreSQL store alone, for tests about PostgreSQL (row locks, replicas)."""
+    upgrade(postgres_url)
+    db = Database(postgres_url)
+    try:
+        yield db
+    finally:
+        await db.dispose()
+
+
+@pytest.fixture
 async def database(migrated_url: str) -> AsyncIterator[Database]:
     db = Database(migrated_url)
     try:

@@ -36,7 +36,7 @@ __all__ = ["create_app"]
 
 log = structlog.get_logger("dsf_bridge.api")
 
-MAX_SEQUENCE = 2**63 - 1  # audit sequences are BIGINT
+MAX_SEQUENCE = 2**63 - 1  # audit ids are BIGINT
 
 
 def _has_nul(request: Request) -> bool:
@@ -86,6 +86,7 @@ class ChainOut(_Model):
     events: int
     first_bad_sequence: int | None
     problem: str | None
+    unsealed: int
 
 
 # -- the app -------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def create_app(
         )
         return AuditPage(
             events=rows[:limit],
-            next_before=rows[limit - 1].sequence if len(rows) > limit else None,
+            next_before=rows[limit - 1].id if len(rows) > limit else None,
         )
 
     @api.get("/audit/verify", response_model=ChainOut)

@@ -182,7 +182,7 @@ def ui_router(context: ApiContext, guard: TokenGuard) -> APIRouter:
             "audit.html",
             rows=rows[:limit],
             subject=subject or "",
-            next_before=rows[limit - 1].sequence if len(rows) > limit else None,
+            next_before=rows[limit - 1].id if len(rows) > limit else None,
             chain=chain,
         )
 

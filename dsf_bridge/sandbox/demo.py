@@ -361,6 +361,8 @@ async def audit_events(db_url: str) -> int:
         await database.dispose()
     if not report.ok:
         raise BridgeError(f"audit chain of {db_url} is broken: {report.problem}")
+    if report.unsealed:  # a stopped bridge seals everything before it exits
+        raise BridgeError(f"audit chain of {db_url}: {report.unsealed} events not sealed")
     return int(report.events)
 
 

@@ -11,6 +11,7 @@ from dsf_bridge.store.audit import (
     append_event,
     digest_payload,
     reasons_of,
+    seal_events,
     verify_chain,
 )
 from dsf_bridge.store.database import (
@@ -44,6 +45,7 @@ __all__ = [
     "reasons_of",
     "schema_drift",
     "schema_status",
+    "seal_events",
     "sqlite_path",
     "sync_url",
     "upgrade",

@@ -1,9 +1,19 @@
 """The audit trail: append-only events chained by SHA-256, and their verification.
 
-Each event's hash covers its own fields and the previous event's hash, so changing, deleting or
-reordering any stored row breaks the chain from that row on. Sequence numbers are assigned by
-the writer as head + 1 while holding the head row's lock: the chain has no gaps, appends from
-several replicas are serialized, and the head row detects deletion of the newest events.
+Each sealed event's hash covers its own fields and the previous event's hash, so changing,
+deleting or reordering any sealed row breaks the chain from that row on.
+
+Appending takes no lock: an event is inserted unsealed, with an ``id`` that orders the appends,
+in the transaction of the step it records (it commits or rolls back with it). A sealer, one at
+a time (the workers' rounds, :func:`seal_events`), then takes the unsealed events in ``id``
+order and gives each its ``sequence`` (head + 1: the chain has no gaps), ``previous_hash`` and
+``event_hash``, and moves the head, which detects deletion of the newest sealed events. Before,
+every append locked the head row until its transaction committed, so every step of the bridge,
+and of every replica on one PostgreSQL, queued behind the others' commits.
+
+What that costs: an event is covered by the chain once sealed, within about a second (the
+workers' idle poll) of its commit; until then a change to it, or its removal, is not detected.
+``dsf-bridge audit verify`` names the unsealed events it found.
 
 An attacker who can rewrite the whole table and recompute every hash is not detected by the
 chain alone; ``dsf-bridge audit verify`` prints the head hash so that operators can anchor it
@@ -18,9 +28,9 @@ import datetime as dt
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dsf_bridge.store.tables import AuditEvent, AuditHead
@@ -31,6 +41,7 @@ __all__ = [
     "append_event",
     "digest_payload",
     "event_hash",
+    "seal_events",
     "verify_chain",
 ]
 
@@ -88,45 +99,108 @@ async def append_event(
     reason: str = "",
     payload: Any = None,
     occurred_at: dt.datetime | None = None,
-) -> AuditEvent:
-    """Append one event in the caller's transaction; it commits or rolls back with it."""
+) -> None:
+    """Append one event, unsealed, in the caller's transaction; it commits or rolls back with
+    it. :func:`seal_events` chains it later."""
+    await session.execute(
+        _INSERT,
+        {
+            "occurred_at": (occurred_at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC),
+            "actor": actor,
+            "subject": subject,
+            "action": action,
+            "reason": reason,
+            "payload_digest": None if payload is None else digest_payload(payload),
+        },
+    )
+
+
+_INSERT = insert(AuditEvent).values(
+    occurred_at=bindparam("occurred_at"),
+    actor=bindparam("actor"),
+    subject=bindparam("subject"),
+    action=bindparam("action"),
+    reason=bindparam("reason"),
+    payload_digest=bindparam("payload_digest"),
+)
+# Core, not ORM: one executemany for a whole batch of seals.
+_EVENTS = cast(Table, AuditEvent.__table__)
+_SEAL = (
+    update(_EVENTS)
+    .where(_EVENTS.c.id == bindparam("event_id"))
+    .where(_EVENTS.c.sequence.is_(None))
+    .values(
+        sequence=bindparam("new_sequence"),
+        previous_hash=bindparam("new_previous_hash"),
+        event_hash=bindparam("new_event_hash"),
+    )
+)
+
+
+async def seal_events(session: AsyncSession, limit: int = _VERIFY_BATCH) -> int:
+    """Chain up to ``limit`` unsealed events in ``id`` order; return how many.
+
+    Under the head row's lock, taken without waiting: while another sealer holds it (a
+    replica's round on PostgreSQL), this one seals nothing and returns 0.
+    """
     head = (
-        await session.execute(select(AuditHead).where(AuditHead.id == _HEAD_ID).with_for_update())
+        await session.execute(
+            select(AuditHead).where(AuditHead.id == _HEAD_ID).with_for_update(skip_locked=True)
+        )
     ).scalar_one_or_none()
     if head is None:
-        # First event ever; a concurrent first writer makes one of the two inserts fail on the
-        # primary key, and that transaction is retried by its caller.
+        if await session.scalar(select(func.count()).select_from(AuditHead)):
+            return 0  # held by another sealer
+        # The first seal ever; a concurrent first sealer makes one of the two inserts fail on
+        # the primary key, and that round is retried.
         head = AuditHead(id=_HEAD_ID, sequence=0, event_hash=GENESIS_HASH)
         session.add(head)
         await session.flush()
-    when = (occurred_at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
-    digest = None if payload is None else digest_payload(payload)
-    sequence = head.sequence + 1
-    event = AuditEvent(
-        sequence=sequence,
-        occurred_at=when,
-        actor=actor,
-        subject=subject,
-        action=action,
-        reason=reason,
-        payload_digest=digest,
-        previous_hash=head.event_hash,
-        event_hash=event_hash(
+    rows = (
+        await session.execute(
+            select(
+                AuditEvent.id,
+                AuditEvent.occurred_at,
+                AuditEvent.actor,
+                AuditEvent.subject,
+                AuditEvent.action,
+                AuditEvent.reason,
+                AuditEvent.payload_digest,
+            )
+            .where(AuditEvent.sequence.is_(None))
+            .order_by(AuditEvent.id)
+            .limit(limit)
+        )
+    ).all()
+    if not rows:
+        return 0
+    sequence, previous = head.sequence, head.event_hash
+    seals = []
+    for row in rows:
+        sequence += 1
+        hashed = event_hash(
             sequence=sequence,
-            occurred_at=when,
-            actor=actor,
-            subject=subject,
-            action=action,
-            reason=reason,
-            payload_digest=digest,
-            previous_hash=head.event_hash,
-        ),
-    )
-    session.add(event)
-    head.sequence = sequence
-    head.event_hash = event.event_hash
+            occurred_at=row.occurred_at,
+            actor=row.actor,
+            subject=row.subject,
+            action=row.action,
+            reason=row.reason,
+            payload_digest=row.payload_digest,
+            previous_hash=previous,
+        )
+        seals.append(
+            {
+                "event_id": row.id,
+                "new_sequence": sequence,
+                "new_previous_hash": previous,
+                "new_event_hash": hashed,
+            }
+        )
+        previous = hashed
+    await session.execute(_SEAL, seals)
+    head.sequence, head.event_hash = sequence, previous
     await session.flush()
-    return event
+    return len(seals)
 
 
 @dataclass(frozen=True)
@@ -137,6 +211,8 @@ class ChainReport:
     head_hash: str
     first_bad_sequence: int | None = None
     problem: str | None = None
+    # Events appended but not yet sealed into the chain (not covered by ``ok``).
+    unsealed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -146,7 +222,9 @@ class ChainReport:
 def _check_event(
     event: AuditEvent, expected_sequence: int, previous: str
 ) -> tuple[int, str] | None:
-    """The first problem with one event given its predecessor's hash, or ``None``."""
+    """The first problem with one sealed event given its predecessor's hash, or ``None``."""
+    if event.sequence is None or event.previous_hash is None:  # pragma: no cover - not selected
+        return (expected_sequence, f"event {expected_sequence} is not sealed")
     if event.sequence != expected_sequence:
         return (
             expected_sequence,
@@ -177,20 +255,30 @@ def _check_event(
 
 
 async def verify_chain(session: AsyncSession) -> ChainReport:
-    """Walk the whole chain in sequence order and report the first inconsistency."""
+    """Walk the whole sealed chain in sequence order and report the first inconsistency, and
+    how many events wait to be sealed."""
+    unsealed = int(
+        await session.scalar(
+            select(func.count()).select_from(AuditEvent).where(AuditEvent.sequence.is_(None))
+        )
+        or 0
+    )
     expected_sequence = 1
     previous = GENESIS_HASH
     count = 0
     stream = await session.stream_scalars(
-        select(AuditEvent).order_by(AuditEvent.sequence).execution_options(yield_per=_VERIFY_BATCH)
+        select(AuditEvent)
+        .where(AuditEvent.sequence.is_not(None))
+        .order_by(AuditEvent.sequence)
+        .execution_options(yield_per=_VERIFY_BATCH)
     )
     try:
         async for event in stream:
             problem = _check_event(event, expected_sequence, previous)
             if problem is not None:
                 bad_sequence, message = problem
-                return ChainReport(count, previous, bad_sequence, message)
-            previous = event.event_hash
+                return ChainReport(count, previous, bad_sequence, message, unsealed)
+            previous = str(event.event_hash)
             expected_sequence += 1
             count += 1
     finally:
@@ -208,13 +296,14 @@ async def verify_chain(session: AsyncSession) -> ChainReport:
             count + 1 if head_sequence > count else head_sequence,
             f"the chain ends at event {count} but its head records event {head_sequence}: "
             "the newest events were deleted or the head was altered",
+            unsealed,
         )
-    return ChainReport(count, previous)
+    return ChainReport(count, previous, unsealed=unsealed)
 
 
 async def reasons_of(session: AsyncSession, action: str) -> list[str]:
     """The reasons of every event with ``action``, in the order they were appended."""
     rows = await session.scalars(
-        select(AuditEvent.reason).where(AuditEvent.action == action).order_by(AuditEvent.sequence)
+        select(AuditEvent.reason).where(AuditEvent.action == action).order_by(AuditEvent.id)
     )
     return list(rows)

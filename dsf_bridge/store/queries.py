@@ -19,7 +19,6 @@ from dsf_bridge.engine import state as instance_state
 from dsf_bridge.store.kinds import TaskSeenStatus
 from dsf_bridge.store.tables import (
     AuditEvent,
-    AuditHead,
     Job,
     MessageSubscription,
     OutboxEntry,
@@ -124,15 +123,17 @@ class OutboxRow:
 
 @dataclass(frozen=True)
 class AuditRow:
-    sequence: int
+    id: int
+    # None (with the hashes) until the event is sealed into the chain.
+    sequence: int | None
     occurred_at: dt.datetime
     actor: str
     subject: str
     action: str
     reason: str
     payload_digest: str | None
-    previous_hash: str
-    event_hash: str
+    previous_hash: str | None
+    event_hash: str | None
 
 
 @dataclass(frozen=True)
@@ -280,8 +281,9 @@ async def list_audit_events(
     before: int | None = None,
     limit: int = 100,
 ) -> list[AuditRow]:
-    """Audit events, newest first; ``before`` pages by sequence."""
+    """Audit events, newest first (in the order they were appended); ``before`` pages by id."""
     query = select(
+        AuditEvent.id,
         AuditEvent.sequence,
         AuditEvent.occurred_at,
         AuditEvent.actor,
@@ -297,9 +299,9 @@ async def list_audit_events(
         query = query.where(AuditEvent.subject.in_(wanted))
     query = _filtered(query, (AuditEvent.action, action))
     if before is not None:
-        query = query.where(AuditEvent.sequence < before)
-    rows = await session.execute(query.order_by(AuditEvent.sequence.desc()).limit(_page(limit)))
-    return [AuditRow(*row) for row in rows]
+        query = query.where(AuditEvent.id < before)
+    rows = await session.execute(query.order_by(AuditEvent.id.desc()).limit(_page(limit)))
+    return [AuditRow(**row._asdict()) for row in rows]
 
 
 async def instance_detail(session: AsyncSession, instance_id: str) -> InstanceDetail | None:
@@ -401,7 +403,7 @@ async def count_store(session: AsyncSession, now: dt.datetime) -> StoreCounts:
         select(OutboxEntry.status, func.count()).group_by(OutboxEntry.status)
     )
     timers = (await session.execute(select(func.count()).select_from(Timer))).scalar_one()
-    head = (await session.execute(select(AuditHead.sequence))).scalar_one_or_none()
+    head = (await session.execute(select(func.count()).select_from(AuditEvent))).scalar_one()
     cursors = await session.execute(select(SyncCursor.resource_type, SyncCursor.last_updated))
     return StoreCounts(
         instances={(key, status): int(n) for key, status, n in instances},

@@ -285,24 +285,29 @@ class SyncCursor(Base):
 
 
 class AuditEvent(Base):
-    """One append-only audit event; ``event_hash`` chains it to its predecessor."""
+    """One append-only audit event; once sealed, ``event_hash`` chains it to its predecessor."""
 
     __tablename__ = "audit_events"
 
-    # Assigned by the writer as head + 1 under the head lock, so the sequence has no gaps.
-    sequence: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=False)
+    # The order of appends; the writer needs no lock to take one.
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    # Assigned by the sealer as head + 1 under the head lock, in id order, so the sequence has
+    # no gaps; NULL (with the hashes) until the event is sealed.
+    sequence: Mapped[int | None] = mapped_column(
+        BigIntKey, unique=True, nullable=True, autoincrement=False
+    )
     occurred_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), index=True)
     actor: Mapped[str] = mapped_column(String(200))
     subject: Mapped[str] = mapped_column(String(300), index=True)
     action: Mapped[str] = mapped_column(String(100))
     reason: Mapped[str] = mapped_column(Text, default="")
     payload_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    previous_hash: Mapped[str] = mapped_column(String(64))
-    event_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    previous_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    event_hash: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
 
 
 class AuditHead(Base):
-    """The chain's head (one row): detects deletion of the newest events, serializes appends."""
+    """The chain's head (one row): detects deletion of the newest events, serializes sealers."""
 
     __tablename__ = "audit_head"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import subprocess
 import sys
@@ -9,16 +10,17 @@ import sys
 import pytest
 from sqlalchemy import delete, insert, select, text, update
 
-from dsf_bridge.store import Database, append_event, digest_payload, verify_chain
+from dsf_bridge.store import Database, append_event, digest_payload, seal_events, verify_chain
 from dsf_bridge.store.audit import GENESIS_HASH
 from dsf_bridge.store.tables import AuditEvent
 
 
-async def _append(database: Database, count: int) -> list[str]:
-    hashes = []
+async def _append(database: Database, count: int, *, seal: bool = True) -> list[str]:
+    """Append ``count`` events in one transaction and, as a worker round does after it, seal
+    them; return the hashes of the events sealed."""
     async with database.transaction() as session:
         for number in range(count):
-            event = await append_event(
+            await append_event(
                 session,
                 actor="organization:test.org",
                 subject=f"Task/{number}",
@@ -26,8 +28,12 @@ async def _append(database: Database, count: int) -> list[str]:
                 reason="test",
                 payload={"resourceType": "Task", "id": str(number)},
             )
-            hashes.append(event.event_hash)
-    return hashes
+    if not seal:
+        return []
+    async with database.transaction() as session:
+        assert await seal_events(session) == count
+        events = (await session.scalars(select(AuditEvent).order_by(AuditEvent.id))).all()
+    return [str(event.event_hash) for event in events[-count:]] if count else []
 
 
 async def _verify(database: Database) -> tuple[bool, int | None, str | None, int]:
@@ -127,7 +133,7 @@ async def test_row_inserted_out_of_order_is_detected(database: Database) -> None
         forged = {
             column.name: getattr(first, column.key) for column in AuditEvent.__table__.columns
         }
-    forged.update(sequence=7, event_hash="f" * 64)
+    forged.update(id=99, sequence=7, event_hash="f" * 64)
     await _tamper(database, insert(AuditEvent).values(**forged))
     ok, bad, problem, _ = await _verify(database)
     assert (ok, bad) == (False, 4)
@@ -141,6 +147,79 @@ async def test_swapped_rows_are_detected(database: Database) -> None:
         await session.execute(text("UPDATE audit_events SET sequence = 2 WHERE sequence = 3"))
         await session.execute(text("UPDATE audit_events SET sequence = 3 WHERE sequence = -1"))
     assert (await _verify(database))[:2] == (False, 2)
+
+
+async def test_unsealed_events_are_counted_apart_and_sealed_in_append_order(
+    database: Database,
+) -> None:
+    await _append(database, 2)
+    await _append(database, 3, seal=False)
+    async with database.transaction() as session:
+        report = await verify_chain(session)
+    assert (report.ok, report.events, report.unsealed) == (True, 2, 3)
+    async with database.transaction() as session:
+        assert await seal_events(session, limit=2) == 2  # in batches, oldest first
+        assert await seal_events(session) == 1
+        assert await seal_events(session) == 0
+        events = (await session.scalars(select(AuditEvent).order_by(AuditEvent.id))).all()
+    assert [event.sequence for event in events] == [1, 2, 3, 4, 5]
+    assert [event.previous_hash for event in events[1:]] == [e.event_hash for e in events[:-1]]
+    assert await _verify(database) == (True, None, None, 5)
+
+
+async def test_an_unsealed_sealed_event_is_detected(database: Database) -> None:
+    # Turning a sealed event back into an unsealed one (to edit it and have it sealed again)
+    # leaves a gap in the chain.
+    await _append(database, 3)
+    await _tamper(
+        database,
+        update(AuditEvent)
+        .where(AuditEvent.sequence == 2)
+        .values(sequence=None, previous_hash=None, event_hash=None, reason="edited"),
+    )
+    async with database.transaction() as session:
+        report = await verify_chain(session)
+    assert (report.ok, report.first_bad_sequence, report.unsealed) == (False, 2, 1)
+
+
+async def test_appends_do_not_wait_for_each_other(postgres_database: Database) -> None:
+    # Before, an append locked the chain's head until its transaction committed: a second
+    # step (or replica) appending meanwhile waited for the first one's commit.
+    first_in = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow() -> None:
+        async with postgres_database.transaction() as session:
+            await append_event(session, actor="a", subject="s/1", action="slow")
+            first_in.set()
+            await release.wait()
+
+    holder = asyncio.ensure_future(slow())
+    await first_in.wait()
+    try:
+        async with asyncio.timeout(5):
+            async with postgres_database.transaction() as session:
+                await append_event(session, actor="a", subject="s/2", action="fast")
+    finally:
+        release.set()
+        await holder
+    async with postgres_database.transaction() as session:
+        assert await seal_events(session) == 2
+    assert (await _verify(postgres_database))[:2] == (True, None)
+
+
+async def test_a_second_sealer_skips_while_the_first_holds_the_head(
+    postgres_database: Database,
+) -> None:
+    await _append(postgres_database, 1)
+    await _append(postgres_database, 2, seal=False)
+    async with postgres_database.transaction() as first:
+        await first.execute(text("SELECT 1 FROM audit_head FOR UPDATE"))
+        async with asyncio.timeout(5), postgres_database.transaction() as second:
+            assert await seal_events(second) == 0  # no wait, nothing sealed twice
+    async with postgres_database.transaction() as session:
+        assert await seal_events(session) == 2
+    assert await _verify(postgres_database) == (True, None, None, 3)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+
 import sqlalchemy as sa
 from sqlalchemy import inspect
 
-from dsf_bridge.store import create_sync_engine, downgrade, schema_drift, schema_status, upgrade
-from dsf_bridge.store.tables import NAMING_CONVENTION, metadata
+from dsf_bridge.store import (
+    Database,
+    append_event,
+    create_sync_engine,
+    downgrade,
+    schema_drift,
+    schema_status,
+    seal_events,
+    upgrade,
+    verify_chain,
+)
+from dsf_bridge.store.audit import GENESIS_HASH, event_hash
+from dsf_bridge.store.tables import NAMING_CONVENTION, AuditEvent, metadata
 
 EXPECTED_TABLES = {
     "audit_events",
@@ -112,3 +126,79 @@ def test_0002_down_and_up_keeps_instances_and_their_work(db_url: str) -> None:
     finally:
         engine.dispose()
     assert (instances, jobs) == (1, 1)
+
+
+def test_0004_keeps_the_sealed_chain_and_continues_it(db_url: str) -> None:
+    """Events chained before 0004 keep their sequence and hashes (their id is their sequence),
+    new events are sealed after them, and the downgrade keeps every sealed event."""
+    upgrade(db_url, "0003")
+    previous, rows = GENESIS_HASH, []
+    for sequence in (1, 2, 3):
+        when = dt.datetime(2026, 1, sequence, tzinfo=dt.UTC)
+        hashed = event_hash(
+            sequence=sequence,
+            occurred_at=when,
+            actor="bridge",
+            subject=f"instance/{sequence}",
+            action="instance.started",
+            reason="",
+            payload_digest=None,
+            previous_hash=previous,
+        )
+        rows.append((sequence, when, previous, hashed))
+        previous = hashed
+    engine = create_sync_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            for sequence, when, before, hashed in rows:
+                connection.execute(
+                    sa.text(
+                        "INSERT INTO audit_events (sequence, occurred_at, actor, subject, action,"
+                        " reason, previous_hash, event_hash) VALUES (:s, :at, 'bridge',"
+                        " :subject, 'instance.started', '', :before, :hashed)"
+                    ),
+                    {
+                        "s": sequence,
+                        "at": when,
+                        "subject": f"instance/{sequence}",
+                        "before": before,
+                        "hashed": hashed,
+                    },
+                )
+            connection.execute(
+                sa.text("INSERT INTO audit_head (id, sequence, event_hash) VALUES (1, 3, :h)"),
+                {"h": previous},
+            )
+    finally:
+        engine.dispose()
+
+    upgrade(db_url)
+
+    async def continue_chain() -> tuple[int, bool, int]:
+        database = Database(db_url)
+        try:
+            async with database.transaction() as session:
+                await append_event(session, actor="bridge", subject="instance/4", action="x")
+            async with database.transaction() as session:
+                await seal_events(session)
+                report = await verify_chain(session)
+                newest = await session.scalar(sa.select(sa.func.max(AuditEvent.id)))
+        finally:
+            await database.dispose()
+        return report.events, report.ok, int(newest or 0)
+
+    assert asyncio.run(continue_chain()) == (4, True, 4)
+    downgrade(db_url, "0003")
+    engine = create_sync_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            sequences = (
+                connection.execute(sa.text("SELECT sequence FROM audit_events ORDER BY sequence"))
+                .scalars()
+                .all()
+            )
+    finally:
+        engine.dispose()
+    assert sequences == [1, 2, 3, 4]
+    upgrade(db_url)
+    assert schema_drift(db_url) == []
