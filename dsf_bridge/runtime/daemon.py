@@ -209,6 +209,7 @@ class Bridge:
             local_organization=local,
             authorizer=TaskAuthorizer(self.client, local, release=self.dsf_release),
             limits=TaskLimits(**self.settings.intake.model_dump()),
+            remember=self.gateway.remember_task,
         )
         recovered = await self.intake.recover()
         if recovered:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,10 @@ def _fingerprint(task: Mapping[str, Any]) -> tuple[object, ...]:
 
 log = structlog.get_logger("dsf_bridge.gateway")
 
+# Tasks this bridge put in-progress, as the server answered, until it finishes them: the
+# completing PUT needs no GET first. Bounded: an instance that waits long falls back to a GET.
+_KNOWN_TASKS = 1_000
+
 
 class DsfTaskGateway:
     """Implements :class:`~dsf_bridge.runtime.ports.TaskGateway` with FHIR clients."""
@@ -67,6 +72,18 @@ class DsfTaskGateway:
         self.clock = clock
         self.dsf_release = dsf_release
         self._remotes: dict[str, FhirClient] = {}
+        self._known: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def remember_task(self, task: Mapping[str, Any]) -> None:
+        """The local server holds ``task`` as it is (intake's in-progress PUT answered it):
+        finishing it starts from this copy instead of a GET; a server that changed it since
+        answers 412, and the finish reads it then."""
+        task_id = task.get("id")
+        if isinstance(task_id, str):
+            self._known[task_id] = dict(task)
+            self._known.move_to_end(task_id)
+            while len(self._known) > _KNOWN_TASKS:
+                self._known.popitem(last=False)
 
     def _client_for(self, address: str) -> FhirClient:
         if address == self.local.base_url:
@@ -178,8 +195,9 @@ class DsfTaskGateway:
         error: str | None,
         outputs: Sequence[Mapping[str, Any]],
     ) -> None:
+        known = self._known.pop(task_id, None)
         for _ in range(5):  # another writer may win a race (412): read again
-            task = await self.local.read("Task", task_id)
+            task, known = known or await self.local.read("Task", task_id), None
             if task.get("status") != "in-progress":
                 return  # already finished (a repeated effect after a crash) or never ours
             version = int((task.get("meta") or {}).get("versionId") or 0)

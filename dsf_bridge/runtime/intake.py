@@ -39,7 +39,7 @@ import contextvars
 import datetime as dt
 import re
 import uuid
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -185,8 +185,12 @@ class TaskIntake:
         local_organization: str,
         authorizer: Authorizer | None,
         limits: TaskLimits | None = None,
+        remember: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> None:
+        """``remember`` is told each Task as the server holds it after the in-progress PUT
+        (the gateway finishes it from that copy, :meth:`DsfTaskGateway.remember_task`)."""
         self.client = client
+        self._remember = remember
         self.runtime = runtime
         self.database = database
         self.local_organization = local_organization
@@ -228,17 +232,17 @@ class TaskIntake:
             return
         with bound_context(task_id=task_id):
             async with self.database.transaction() as session:
-                seen = await repo.get_task_seen(session, task_id, version)
-                if seen is not None and seen.status != CLAIMING:
-                    return
-                if seen is None:
-                    await repo.record_task_seen(
-                        session,
-                        task_id=task_id,
-                        task_version=version,
-                        role="incoming",
-                        status=CLAIMING,
-                    )
+                # A new Task version (the usual case) costs one statement: the claim's insert.
+                if not await repo.record_task_seen(
+                    session,
+                    task_id=task_id,
+                    task_version=version,
+                    role="incoming",
+                    status=CLAIMING,
+                ):
+                    seen = await repo.get_task_seen(session, task_id, version)
+                    if seen is not None and seen.status != CLAIMING:
+                        return
             key = (task_id, version)
             if key in self._working:
                 return  # the sweeps are on this claim now; they defer it again if they fail
@@ -323,6 +327,8 @@ class TaskIntake:
             raise
         new_version = str(result.version or int(version) + 1)
         in_progress["meta"] = {**(in_progress.get("meta") or {}), "versionId": new_version}
+        if self._remember is not None and result.resource is not None:
+            self._remember(result.resource)
         await self._deliver(
             in_progress,
             task_id=task_id,

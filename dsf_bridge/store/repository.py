@@ -882,25 +882,20 @@ async def claim_outbox(
     ]
 
 
-async def _leased_entry(session: AsyncSession, entry_id: int, owner: str) -> OutboxEntry:
-    entry = (
-        await session.execute(
-            select(OutboxEntry).where(OutboxEntry.id == entry_id).with_for_update()
-        )
-    ).scalar_one_or_none()
-    if entry is None or entry.lease_owner != owner or entry.status != "pending":
-        raise ConcurrencyError(f"outbox entry {entry_id} is no longer leased to {owner}")
-    return entry
-
-
 async def _release(session: AsyncSession, entry_id: int, owner: str, **changes: object) -> None:
-    """Apply ``changes`` to an entry ``owner`` still leases, and give up the lease."""
-    entry = await _leased_entry(session, entry_id, owner)
-    for name, value in changes.items():
-        setattr(entry, name, value)
-    entry.lease_owner = None
-    entry.lease_expires_at = None
-    await session.flush()
+    """Apply ``changes`` to an entry ``owner`` still leases, and give up the lease (one
+    statement: the lease is checked by the UPDATE itself)."""
+    result = await session.execute(
+        update(OutboxEntry)
+        .where(OutboxEntry.id == entry_id)
+        .where(OutboxEntry.lease_owner == owner)
+        .where(OutboxEntry.status == "pending")
+        .values(**changes, lease_owner=None, lease_expires_at=None)
+        .returning(OutboxEntry.id)
+        .execution_options(synchronize_session=False)
+    )
+    if result.first() is None:
+        raise ConcurrencyError(f"outbox entry {entry_id} is no longer leased to {owner}")
 
 
 async def mark_outbox_done(

@@ -166,6 +166,7 @@ async def site(sandbox: Sandbox, database: Database) -> AsyncIterator[Site]:
         database,
         local_organization=LOCAL,
         authorizer=TaskAuthorizer(local, LOCAL),
+        remember=gateway.remember_task,
     )
     try:
         yield Site(sandbox, local, remote, database, runtime, intake, gateway, work)
@@ -205,6 +206,46 @@ async def test_a_remote_task_runs_to_completed(site: Site) -> None:
     assert final["restriction"] == received["restriction"]
     assert final["instantiatesCanonical"] == received["instantiatesCanonical"]
     assert input_values(final, "message-name") == ["start"]
+
+
+def _counted_reads(site: Site, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    reads: list[str] = []
+    read = site.local.read
+
+    async def counting(resource_type: str, resource_id: str) -> dict[str, Any]:
+        reads.append(f"{resource_type}/{resource_id}")
+        return await read(resource_type, resource_id)
+
+    monkeypatch.setattr(site.local, "read", counting)
+    return reads
+
+
+async def test_a_task_is_finished_from_the_copy_its_in_progress_put_returned(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = await site.remote.create(task())
+    assert created.id is not None
+    await site.intake.handle(await site.server_task(created.id))
+    reads = _counted_reads(site, monkeypatch)
+    await site.runtime.run_until_idle()
+    assert reads == []  # no GET before the completing PUT
+    assert (await site.server_task(created.id))["status"] == "completed"
+
+
+async def test_a_task_changed_since_its_in_progress_put_is_read_again_before_finishing(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = await site.remote.create(task())
+    assert created.id is not None
+    await site.intake.handle(await site.server_task(created.id))
+    current = await site.server_task(created.id)
+    await site.local.update(current, if_match=int(current["meta"]["versionId"]))  # a new version
+    reads = _counted_reads(site, monkeypatch)
+    await site.runtime.run_until_idle()
+    assert reads == [f"Task/{created.id}"]  # the stale copy met 412, then one GET
+    final = await site.server_task(created.id)
+    assert final["status"] == "completed"
+    assert int(final["meta"]["versionId"]) == int(current["meta"]["versionId"]) + 2
 
 
 async def test_a_repeated_delivery_is_taken_in_once(site: Site) -> None:
