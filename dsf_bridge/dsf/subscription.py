@@ -68,6 +68,12 @@ class SubscriptionSettings:
     # A connection that stayed bound and caught up this long resets the back-off; one that
     # drops sooner (a server that accepts and fails at once) lets it keep growing.
     stable_after: float = 30.0
+    # Resources pushed over the websocket handled at once; the receive loop reads the next
+    # frame while they run (one slow intake must not hold up the others), and waits for a
+    # free slot past this many.
+    frames_at_once: int = 32
+    # How long a stopping subscription lets the resources it is handling finish.
+    drain_grace: float = 10.0
 
 
 def websocket_url(base_url: str) -> str:
@@ -124,6 +130,11 @@ class TaskSubscription:
         # Connections that were bound and finished their first catch-up; a change resets the
         # reconnect back-off in :meth:`run`.
         self.caught_up_connections = 0
+        # Resources of frames being handled off the receive loop, the slots they hold, and
+        # whether one failed (the loop then catches up, as a failure in the loop did).
+        self._handling: set[asyncio.Task[None]] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self._resync = asyncio.Event()
 
     # -- one subscription ----------------------------------------------------------------------
 
@@ -175,10 +186,14 @@ class TaskSubscription:
                 params.append(("_lastUpdated", f"ge{start.isoformat(timespec='microseconds')}"))
             page = await self._first_page(params)
             fresh = [r for r in page if (str(r.get("id")), _version(r)) not in seen]
-            for resource in fresh:
+            # A page's resources are handled side by side (``frames_at_once``), the cursor
+            # then moved in their order, as if they had been handled one after the other.
+            outcomes = await self._handle_all(fresh)
+            for resource, outcome in zip(fresh, outcomes, strict=True):
                 seen.add((str(resource.get("id")), _version(resource)))
                 try:
-                    await self.handle(resource)
+                    if outcome is not None:
+                        raise outcome
                 except RemoteError as exc:
                     if exc.status is None:
                         raise  # the server is away: stop, reconnect, catch up again
@@ -203,6 +218,22 @@ class TaskSubscription:
         if handled:
             _log.info("subscription.caught_up", resource_type=self.resource_type, count=handled)
         return handled
+
+    async def _handle_all(self, resources: list[dict[str, Any]]) -> list[Exception | None]:
+        """Handle ``resources`` concurrently within the free slots; each one's failure."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.settings.frames_at_once)
+        slots = self._slots
+
+        async def one(resource: dict[str, Any]) -> Exception | None:
+            async with slots:
+                try:
+                    await self.handle(resource)
+                except Exception as exc:  # returned: the caller raises it in the page's order
+                    return exc
+                return None
+
+        return list(await asyncio.gather(*(one(resource) for resource in resources)))
 
     async def _first_page(self, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
         async for bundle in self.client.search_pages(self.resource_type, params):
@@ -242,8 +273,40 @@ class TaskSubscription:
             _log.warning("subscription.frame_ignored", reason=type(exc).__name__)
             return False
         if isinstance(resource, dict) and resource.get("resourceType") == self.resource_type:
-            await self.handle(resource)
+            await self._hand_off(resource)
         return False
+
+    async def _hand_off(self, resource: dict[str, Any]) -> None:
+        """Handle ``resource`` in a task of its own once a slot is free."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.settings.frames_at_once)
+        await self._slots.acquire()
+        task = asyncio.ensure_future(self._handled(resource, self._slots))
+        self._handling.add(task)
+        task.add_done_callback(self._handling.discard)
+
+    async def _handled(self, resource: dict[str, Any], slots: asyncio.Semaphore) -> None:
+        try:
+            await self.handle(resource)
+        except Exception as exc:  # the next catch-up brings it again, as before the hand-off
+            if isinstance(exc, BridgeError):
+                _log.warning("subscription.frame_failed", error=str(exc), retryable=exc.retryable)
+            else:
+                _log.exception("subscription.frame_crashed")
+            self._resync.set()
+        finally:
+            slots.release()
+
+    async def settled(self, grace: float | None = None) -> None:
+        """Wait until the resources handed off so far are handled; past ``grace`` seconds,
+        cancel the rest and wait until they have unwound."""
+        if not self._handling:
+            return
+        _done, late = await asyncio.wait(set(self._handling), timeout=grace)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.gather(*late, return_exceptions=True)
 
     async def run_connected(self, stop: asyncio.Event) -> None:
         """One connection: find, connect, bind, catch up, then handle frames until it drops."""
@@ -265,10 +328,22 @@ class TaskSubscription:
                     timeout = max(0.0, (next_resync - self.clock()).total_seconds())
                     receive = asyncio.ensure_future(connection.recv())
                     stopper = asyncio.ensure_future(stop.wait())
+                    resync = asyncio.ensure_future(self._resync.wait())
                     done, _ = await asyncio.wait(
-                        {receive, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                        {receive, stopper, resync},
+                        timeout=timeout,
+                        return_when=asyncio.FIRST_COMPLETED,
                     )
                     stopper.cancel()
+                    resync.cancel()
+                    if self._resync.is_set() and receive not in done:
+                        # A handed-off resource failed: read the matching ones again now.
+                        receive.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                            await receive
+                        self._resync.clear()
+                        await self.catch_up(overlap=self.settings.resync_overlap)
+                        continue
                     if receive not in done:
                         receive.cancel()
                         with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
@@ -292,6 +367,12 @@ class TaskSubscription:
         leave a minute's gap); one that drops sooner does not, so a server that accepts and
         fails at once is not hammered.
         """
+        try:
+            await self._run(stop)
+        finally:
+            await self.settled(self.settings.drain_grace)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         delay = self.settings.backoff_initial
         loop = asyncio.get_running_loop()
         while not stop.is_set():

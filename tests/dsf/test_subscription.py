@@ -17,6 +17,7 @@ import pytest
 
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.subscription import SubscriptionSettings, TaskSubscription
+from dsf_bridge.errors import StoreError
 from tests.sandbox.harness import (
     FAST_RETRY,
     LOCAL,
@@ -183,8 +184,69 @@ async def test_a_frame_no_parser_can_read_is_dropped_not_fatal(
         deep = '{"resourceType": "Task", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
         for frame in (huge, deep):
             assert await subscription._frame(frame, "sub") is False
+        await subscription.settled()
         assert seen == []
         assert await subscription._frame('{"resourceType": "Task", "id": "1"}', "sub") is False
+        await subscription.settled()
         assert seen == [{"resourceType": "Task", "id": "1"}]
+    finally:
+        await client.aclose()
+
+
+async def test_a_slow_resource_does_not_hold_up_the_frames_after_it(sandbox: Sandbox) -> None:
+    """Frames are handed off: the receive loop reads the next while one is still handled (an
+    intake waiting for its server), up to ``frames_at_once``; a failure makes it catch up."""
+    client = FhirClient(sandbox.base_url, ssl_context=sandbox.context(LOCAL), retry=FAST_RETRY)
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    async def handle(resource: dict[str, Any]) -> None:
+        if str(resource["id"]).startswith("slow"):
+            await release.wait()
+        handled.append(str(resource["id"]))
+
+    subscription = TaskSubscription(
+        client,
+        sandbox.context(LOCAL),
+        handle,
+        MemoryCursor(),
+        settings=SubscriptionSettings(frames_at_once=2),
+    )
+    try:
+        await subscription._frame('{"resourceType": "Task", "id": "slow"}', "sub")
+        await asyncio.wait_for(
+            subscription._frame('{"resourceType": "Task", "id": "quick"}', "sub"), 1
+        )
+        for _ in range(100):
+            if handled:
+                break
+            await asyncio.sleep(0.01)
+        assert handled == ["quick"]  # past the slow one
+        await subscription._frame('{"resourceType": "Task", "id": "slow-too"}', "sub")
+        # Both slots are held by slow ones: the loop waits for a free slot before reading on.
+        blocked = asyncio.ensure_future(
+            subscription._frame('{"resourceType": "Task", "id": "third"}', "sub")
+        )
+        await asyncio.sleep(0.2)
+        assert not blocked.done()
+        release.set()
+        await asyncio.wait_for(blocked, 5)
+        await subscription.settled(5)
+        assert sorted(handled) == ["quick", "slow", "slow-too", "third"]
+    finally:
+        await client.aclose()
+
+
+async def test_a_handed_off_resource_that_fails_asks_for_a_catch_up(sandbox: Sandbox) -> None:
+    client = FhirClient(sandbox.base_url, ssl_context=sandbox.context(LOCAL), retry=FAST_RETRY)
+
+    async def handle(resource: dict[str, Any]) -> None:
+        raise StoreError("database unavailable", retryable=True)
+
+    subscription = TaskSubscription(client, sandbox.context(LOCAL), handle, MemoryCursor())
+    try:
+        await subscription._frame('{"resourceType": "Task", "id": "1"}', "sub")
+        await subscription.settled(5)
+        assert subscription._resync.is_set()  # the receive loop catches up next
     finally:
         await client.aclose()
