@@ -39,6 +39,7 @@ import contextvars
 import datetime as dt
 import re
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -131,6 +132,16 @@ _STORED_FIELDS: tuple[tuple[str, int], ...] = (
 )
 
 
+# How long a claim counts as being worked on by whoever made it: longer than an intake takes
+# (a claim, a PUT, a step), far shorter than the subscription's re-sync.
+_CLAIM_IN_PROGRESS = dt.timedelta(seconds=30)
+_CLAIMS_REMEMBERED = 10_000
+
+
+def _claimed_moments_ago(seen: repo.TaskSeenRecord) -> bool:
+    return seen.seen_at is not None and dt.datetime.now(dt.UTC) - seen.seen_at < _CLAIM_IN_PROGRESS
+
+
 def _refused(exc: RemoteError) -> bool:
     """The server answered that it will not take this update (4xx): asking again now changes
     nothing, unlike an outage (5xx, 429, no connection) or a server that does not know our
@@ -215,6 +226,9 @@ class TaskIntake:
         # Claims being taken in or recovered in this process right now: a catch-up and a
         # sweep never work on the same claim at once (two instances for one Task).
         self._working: set[tuple[str, str]] = set()
+        # Claims this process made (the newest): one of them left claiming by a failure is
+        # taken up again at the next delivery, another replica's only once it is old.
+        self._claimed_here: OrderedDict[tuple[str, str], None] = OrderedDict()
         runtime.on_send_resolved(self._send_resolved)
 
     async def handle(self, task: dict[str, Any]) -> None:
@@ -233,15 +247,29 @@ class TaskIntake:
         with bound_context(task_id=task_id):
             async with self.database.transaction() as session:
                 # A new Task version (the usual case) costs one statement: the claim's insert.
-                if not await repo.record_task_seen(
+                if await repo.record_task_seen(
                     session,
                     task_id=task_id,
                     task_version=version,
                     role="incoming",
                     status=CLAIMING,
                 ):
+                    self._claimed_here[(task_id, version)] = None
+                    while len(self._claimed_here) > _CLAIMS_REMEMBERED:
+                        self._claimed_here.popitem(last=False)
+                else:
                     seen = await repo.get_task_seen(session, task_id, version)
                     if seen is not None and seen.status != CLAIMING:
+                        return
+                    if (
+                        seen is not None
+                        and (task_id, version) not in self._claimed_here
+                        and _claimed_moments_ago(seen)
+                    ):
+                        # Another replica (they all receive every Task) is taking it in right
+                        # now: no second in-progress PUT racing it. A claim a crash left
+                        # behind is older, and taken up again.
+                        log.info("task.claimed_elsewhere", reason="claimed moments ago")
                         return
             key = (task_id, version)
             if key in self._working:

@@ -718,6 +718,7 @@ class TaskSeenRecord:
     role: str
     status: TaskSeenStatus
     instance_id: str | None
+    seen_at: dt.datetime | None = None
 
 
 async def get_task_seen(
@@ -731,6 +732,7 @@ async def get_task_seen(
                 TaskSeen.role,
                 TaskSeen.status,
                 TaskSeen.instance_id,
+                TaskSeen.seen_at,
             )
             .where(TaskSeen.task_id == task_id)
             .where(TaskSeen.task_version == task_version)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import structlog
 import structlog.testing
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from dsf_bridge.dsf.authorization import TaskAuthorizer
 from dsf_bridge.dsf.client import FhirClient
@@ -41,7 +41,7 @@ from dsf_bridge.sandbox.server import SandboxServer
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.kinds import TaskSeenStatus
-from dsf_bridge.store.tables import AuditEvent, ProcessInstance
+from dsf_bridge.store.tables import AuditEvent, ProcessInstance, TaskSeen
 from tests.sandbox.harness import (
     LOCAL,
     REMOTE,
@@ -278,6 +278,36 @@ async def test_two_deliveries_at_once_take_the_task_in_once(site: Site) -> None:
     assert site.work == [created.id]
     final = await site.server_task(created.id)
     assert (final["status"], final["meta"]["versionId"]) == ("completed", "3")
+
+
+@pytest.mark.parametrize(("claimed_ago", "taken_here"), [(1, False), (120, True)])
+async def test_a_task_another_replica_claimed_moments_ago_is_left_to_it(
+    site: Site, claimed_ago: int, taken_here: bool
+) -> None:
+    """Replicas on one store all receive every Task: the one whose claim came second leaves
+    the Task to the first instead of racing its in-progress PUT (work twice, a 412). A claim
+    left behind by a crashed replica is older, and taken up."""
+    created = await site.remote.create(task())
+    assert created.id is not None
+    received = await site.server_task(created.id)
+    async with site.database.transaction() as session:
+        await repo.record_task_seen(
+            session,
+            task_id=created.id,
+            task_version=received["meta"]["versionId"],
+            role="incoming",
+            status=TaskSeenStatus.CLAIMING,
+        )
+        await session.execute(
+            update(TaskSeen)
+            .where(TaskSeen.task_id == created.id)
+            .values(seen_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=claimed_ago))
+        )
+    await site.intake.handle(received)
+    await site.runtime.run_until_idle()
+    status = (await site.server_task(created.id))["status"]
+    assert status == ("completed" if taken_here else "requested")
+    assert site.work == ([created.id] if taken_here else [])
 
 
 @pytest.mark.parametrize(
