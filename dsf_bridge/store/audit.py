@@ -115,7 +115,7 @@ async def append_event(
     )
 
 
-_INSERT = insert(AuditEvent).values(
+_INSERT = insert(cast(Table, AuditEvent.__table__)).values(
     occurred_at=bindparam("occurred_at"),
     actor=bindparam("actor"),
     subject=bindparam("subject"),

@@ -30,15 +30,39 @@ from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.engine.interfaces import AdaptedConnection
+from sqlalchemy.util.concurrency import await_, in_greenlet
 
 __all__ = ["DRIVER", "InlineConnection", "InlineCursor", "SQLiteDialect_inline"]
 
 DRIVER = "dsfinline"
 
 
+async def _ready() -> None:
+    return None
+
+
+def _as_awaited() -> None:
+    """Pass once through the event loop's side of SQLAlchemy's greenlet bridge (a coroutine
+    that is done at once: no loop iteration). ``AsyncConnection.execute`` refuses an execution
+    that awaited nothing (``AwaitRequired``): with this, the writer's engine works through
+    connections as it does through sessions."""
+    if in_greenlet():
+        await_(_ready())
+
+
 class InlineCursor(sqlite3.Cursor):
     """A :mod:`sqlite3` cursor that also answers the async engine's soft close (its rows are
     read on this thread when asked for, so there is nothing to buffer)."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> InlineCursor:
+        _as_awaited()
+        super().execute(sql, parameters)
+        return self
+
+    def executemany(self, sql: str, parameters: Any, /) -> InlineCursor:
+        _as_awaited()
+        super().executemany(sql, parameters)
+        return self
 
     async def _async_soft_close(self) -> None:
         return None

@@ -15,9 +15,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import ColumnElement, Select, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, Table, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import Insert
@@ -34,6 +34,14 @@ from dsf_bridge.store.tables import (
     TaskSeen,
     Timer,
 )
+
+# The tables as Core sees them. Statements on the hot path of every Task (claims, steps, jobs,
+# outbox entries) are written against these, not the ORM classes: an ORM-enabled statement
+# costs about twice the CPU through the session (measured: an insert 170 µs against 90 µs).
+_INSTANCES = cast(Table, ProcessInstance.__table__)
+_JOBS = cast(Table, Job.__table__)
+_OUTBOX = cast(Table, OutboxEntry.__table__)
+_SEEN = cast(Table, TaskSeen.__table__)
 
 __all__ = [
     "ClaimedJob",
@@ -146,8 +154,8 @@ async def create_instance(
     state: dict[str, Any],
     now: dt.datetime,
 ) -> InstanceRecord:
-    session.add(
-        ProcessInstance(
+    await session.execute(
+        insert(_INSTANCES).values(
             id=instance_id,
             definition_id=definition_id,
             business_key=business_key,
@@ -158,24 +166,23 @@ async def create_instance(
             updated_at=now,
         )
     )
-    await session.flush()
     return InstanceRecord(instance_id, definition_id, business_key, status, state, 1)
 
 
 # The columns of an InstanceRecord, in its field order.
 _INSTANCE_COLUMNS = (
-    ProcessInstance.id,
-    ProcessInstance.definition_id,
-    ProcessInstance.business_key,
-    ProcessInstance.status,
-    ProcessInstance.state,
-    ProcessInstance.version,
+    _INSTANCES.c.id,
+    _INSTANCES.c.definition_id,
+    _INSTANCES.c.business_key,
+    _INSTANCES.c.status,
+    _INSTANCES.c.state,
+    _INSTANCES.c.version,
 )
 
 
 async def load_instance(session: AsyncSession, instance_id: str) -> InstanceRecord | None:
     row = (
-        await session.execute(select(*_INSTANCE_COLUMNS).where(ProcessInstance.id == instance_id))
+        await session.execute(select(*_INSTANCE_COLUMNS).where(_INSTANCES.c.id == instance_id))
     ).one_or_none()
     return None if row is None else InstanceRecord(*row)
 
@@ -222,9 +229,9 @@ async def save_instance(
     and replays its event on the fresh state.
     """
     result = await session.execute(
-        update(ProcessInstance)
-        .where(ProcessInstance.id == record.id)
-        .where(ProcessInstance.version == record.version)
+        update(_INSTANCES)
+        .where(_INSTANCES.c.id == record.id)
+        .where(_INSTANCES.c.version == record.version)
         .values(
             state=state,
             status=status,
@@ -232,7 +239,6 @@ async def save_instance(
             updated_at=now,
             ended_at=now if ended else None,
         )
-        .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise ConcurrencyError(
@@ -319,8 +325,8 @@ async def running_instances_of(session: AsyncSession, definition_ids: Sequence[i
 def _has_business_key(business_key: str) -> ColumnElement[bool]:
     """An instance's own business key or DSF's alternative business key is ``business_key``."""
     return or_(
-        ProcessInstance.business_key == business_key,
-        ProcessInstance.alternative_business_key == business_key,
+        _INSTANCES.c.business_key == business_key,
+        _INSTANCES.c.alternative_business_key == business_key,
     )
 
 
@@ -330,10 +336,10 @@ async def running_with_business_key(
     """Whether a running instance of this deployed definition has this business key (or
     this alternative business key)."""
     row = await session.execute(
-        select(ProcessInstance.id)
+        select(_INSTANCES.c.id)
         .where(_has_business_key(business_key))
-        .where(ProcessInstance.definition_id == definition_id)
-        .where(ProcessInstance.status == "running")
+        .where(_INSTANCES.c.definition_id == definition_id)
+        .where(_INSTANCES.c.status == "running")
         .limit(1)
     )
     return row.first() is not None
@@ -420,7 +426,9 @@ async def delete_jobs_of(session: AsyncSession, instance_id: str) -> int:
     handler or send still queued for it never runs. Operators' requests stay, to be answered
     ``operator.refused``. Returns how many were removed."""
     result = await session.execute(
-        delete(Job).where(Job.instance_id == instance_id).where(Job.kind != JobKind.OPERATOR)
+        delete(_JOBS)
+        .where(_JOBS.c.instance_id == instance_id)
+        .where(_JOBS.c.kind != JobKind.OPERATOR)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
@@ -571,19 +579,22 @@ async def enqueue_job(
 ) -> int:
     """Queue a job; ``leased_to`` queues it leased already (its first attempt taken), for the
     runtime to run it right after the commit instead of finding it in a polling round."""
-    job = Job(
-        instance_id=instance_id,
-        kind=kind,
-        payload=payload,
-        due_at=due_at,
-        attempts=0 if leased_to is None else 1,
-        retries_left=retries,
+    owner, expires = leased_to if leased_to is not None else (None, None)
+    result = await session.execute(
+        insert(_JOBS)
+        .values(
+            instance_id=instance_id,
+            kind=kind,
+            payload=payload,
+            due_at=due_at,
+            attempts=0 if leased_to is None else 1,
+            retries_left=retries,
+            lease_owner=owner,
+            lease_expires_at=expires,
+        )
+        .returning(_JOBS.c.id)
     )
-    if leased_to is not None:
-        job.lease_owner, job.lease_expires_at = leased_to
-    session.add(job)
-    await session.flush()
-    return job.id
+    return int(result.scalar_one())
 
 
 _Leased = TypeVar("_Leased", Job, OutboxEntry)
@@ -654,7 +665,7 @@ async def claim_jobs(
 async def complete_job(session: AsyncSession, job_id: int, owner: str) -> None:
     """Remove a finished job; a lease that was lost to another worker is an error."""
     result = await session.execute(
-        delete(Job).where(Job.id == job_id).where(Job.lease_owner == owner)
+        delete(_JOBS).where(_JOBS.c.id == job_id).where(_JOBS.c.lease_owner == owner)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise ConcurrencyError(f"job {job_id} is no longer leased to {owner}")
@@ -696,7 +707,7 @@ async def record_task_seen(
 ) -> bool:
     """Remember a Task version; ``False`` when it was seen before (intake is idempotent)."""
     result = await session.execute(
-        _insert_ignoring_duplicates(session, TaskSeen)
+        _insert_ignoring_duplicates(session, _SEEN)
         .values(
             task_id=task_id,
             task_version=task_version,
@@ -705,7 +716,7 @@ async def record_task_seen(
             instance_id=instance_id,
             seen_at=dt.datetime.now(dt.UTC),
         )
-        .returning(TaskSeen.task_id)
+        .returning(_SEEN.c.task_id)
     )
     # RETURNING, not rowcount: ORM-enabled inserts do not report rowcount on every driver.
     return result.first() is not None
@@ -727,16 +738,16 @@ async def get_task_seen(
     row = (
         await session.execute(
             select(
-                TaskSeen.task_id,
-                TaskSeen.task_version,
-                TaskSeen.role,
-                TaskSeen.status,
-                TaskSeen.instance_id,
-                TaskSeen.seen_at,
+                _SEEN.c.task_id,
+                _SEEN.c.task_version,
+                _SEEN.c.role,
+                _SEEN.c.status,
+                _SEEN.c.instance_id,
+                _SEEN.c.seen_at,
             )
-            .where(TaskSeen.task_id == task_id)
-            .where(TaskSeen.task_version == task_version)
-            .where(TaskSeen.role == role)
+            .where(_SEEN.c.task_id == task_id)
+            .where(_SEEN.c.task_version == task_version)
+            .where(_SEEN.c.role == role)
         )
     ).one_or_none()
     return None if row is None else TaskSeenRecord(*row)
@@ -758,18 +769,14 @@ async def set_task_seen_status(
     if instance_id is not None:
         values["instance_id"] = instance_id
     statement = (
-        update(TaskSeen)
-        .where(TaskSeen.task_id == task_id)
-        .where(TaskSeen.task_version == task_version)
-        .where(TaskSeen.role == role)
+        update(_SEEN)
+        .where(_SEEN.c.task_id == task_id)
+        .where(_SEEN.c.task_version == task_version)
+        .where(_SEEN.c.role == role)
     )
     if only_from is not None:
-        statement = statement.where(TaskSeen.status.in_(only_from))
-    result = await session.execute(
-        statement.values(**values)
-        .returning(TaskSeen.task_id)
-        .execution_options(synchronize_session=False)
-    )
+        statement = statement.where(_SEEN.c.status.in_(only_from))
+    result = await session.execute(statement.values(**values).returning(_SEEN.c.task_id))
     return result.first() is not None
 
 
@@ -795,11 +802,11 @@ async def tasks_with_status(
 async def tasks_of_instance(session: AsyncSession, instance_id: str, role: str) -> list[str]:
     """Ids of the Tasks an instance took in (``incoming``) or sent (``outgoing``), oldest first."""
     rows = await session.execute(
-        select(TaskSeen.task_id, func.min(TaskSeen.seen_at).label("first_seen"))
-        .where(TaskSeen.instance_id == instance_id)
-        .where(TaskSeen.role == role)
-        .group_by(TaskSeen.task_id)
-        .order_by("first_seen", TaskSeen.task_id)
+        select(_SEEN.c.task_id, func.min(_SEEN.c.seen_at).label("first_seen"))
+        .where(_SEEN.c.instance_id == instance_id)
+        .where(_SEEN.c.role == role)
+        .group_by(_SEEN.c.task_id)
+        .order_by("first_seen", _SEEN.c.task_id)
     )
     return [row.task_id for row in rows]
 
@@ -832,7 +839,7 @@ async def enqueue_outbox(
     before. ``leased_to`` queues it leased already (see :func:`enqueue_job`)."""
     owner, expires = leased_to if leased_to is not None else (None, None)
     result = await session.execute(
-        _insert_ignoring_duplicates(session, OutboxEntry)
+        _insert_ignoring_duplicates(session, _OUTBOX)
         .values(
             idempotency_key=idempotency_key,
             instance_id=instance_id,
@@ -845,7 +852,7 @@ async def enqueue_outbox(
             lease_owner=owner,
             lease_expires_at=expires,
         )
-        .returning(OutboxEntry.id)
+        .returning(_OUTBOX.c.id)
     )
     row = result.first()
     return None if row is None else int(row[0])
@@ -888,13 +895,12 @@ async def _release(session: AsyncSession, entry_id: int, owner: str, **changes: 
     """Apply ``changes`` to an entry ``owner`` still leases, and give up the lease (one
     statement: the lease is checked by the UPDATE itself)."""
     result = await session.execute(
-        update(OutboxEntry)
-        .where(OutboxEntry.id == entry_id)
-        .where(OutboxEntry.lease_owner == owner)
-        .where(OutboxEntry.status == "pending")
+        update(_OUTBOX)
+        .where(_OUTBOX.c.id == entry_id)
+        .where(_OUTBOX.c.lease_owner == owner)
+        .where(_OUTBOX.c.status == "pending")
         .values(**changes, lease_owner=None, lease_expires_at=None)
-        .returning(OutboxEntry.id)
-        .execution_options(synchronize_session=False)
+        .returning(_OUTBOX.c.id)
     )
     if result.first() is None:
         raise ConcurrencyError(f"outbox entry {entry_id} is no longer leased to {owner}")
@@ -919,7 +925,7 @@ async def retry_outbox(
     this try (counted in ``failures``), else it was interrupted (the store went away)."""
     changes: dict[str, object] = {"last_error": error, "next_attempt_at": retry_at}
     if failed:
-        changes["failures"] = OutboxEntry.failures + 1  # counted by the UPDATE itself
+        changes["failures"] = _OUTBOX.c.failures + 1  # counted by the UPDATE itself
     await _release(session, entry_id, owner, **changes)
 
 
