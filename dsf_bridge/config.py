@@ -124,6 +124,13 @@ class LogSettings(_Section):
         description="auto: readable on a terminal, JSON lines otherwise",
     )
 
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: object) -> object:
+        # DEBUG and Info as much as debug: Java sites and Docker setups write level names in
+        # capitals. A wrong name still fails, naming the field and the names it takes.
+        return value.lower() if isinstance(value, str) else value
+
 
 class DsfSettings(_Section):
     """The site's identity in the DSF network and its local DSF FHIR server."""

@@ -77,6 +77,21 @@ def test_bad_file_names_the_field(tmp_path: Path, toml: str, field: str) -> None
     assert str(caught.value).startswith(f"{field}:")
 
 
+@pytest.mark.parametrize("name", ["DEBUG", "Debug", "debug"])
+def test_log_level_names_in_any_case(name: str) -> None:
+    settings = load_settings(
+        environ={"DSF_BRIDGE_LOG__LEVEL": name, "DSF_BRIDGE_LOG__FORMAT": "JSON"}
+    )
+    assert (settings.log.level, settings.log.format) == ("debug", "json")
+
+
+def test_a_wrong_log_level_names_the_field_and_the_choices() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"DSF_BRIDGE_LOG__LEVEL": "VERBOSE"})
+    assert caught.value.field == "log.level"
+    assert "'debug', 'info', 'warning' or 'error'" in str(caught.value)
+
+
 def test_unknown_environment_variable_is_refused() -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(environ={"DSF_BRIDGE_DB__ULR": "sqlite:///x.db"})
