@@ -21,7 +21,7 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -57,6 +57,7 @@ __all__ = [
     "display_settings",
     "load_settings",
     "redact_url",
+    "secret_settings",
 ]
 
 CONFIG_ENV_VAR = "DSF_BRIDGE_CONFIG"
@@ -96,6 +97,31 @@ class DatabaseSettings(_Section):
         default=5, ge=1, le=100, description="PostgreSQL connections kept open per process"
     )
     echo: bool = Field(default=False, description="Log every SQL statement (debugging only)")
+    password: SecretStr | None = Field(
+        default=None,
+        description="Password of the PostgreSQL user named in url, kept apart from the URL "
+        "(DSF_BRIDGE_DB__PASSWORD_FILE for a Docker secret); url must then carry none",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_into_url(cls, data: object) -> object:
+        # DSF's own setups keep the database password in a secret file apart from the URL
+        # (DEV_DSF_BPE_DB_USER_PASSWORD_FILE); everything downstream reads one URL.
+        if not isinstance(data, Mapping) or data.get("password") is None:
+            return data
+        password = data["password"]
+        secret = password.get_secret_value() if isinstance(password, SecretStr) else str(password)
+        parts = urlsplit(str(data.get("url", DEFAULT_DB_URL)))
+        if not parts.scheme.startswith("postgresql"):
+            raise ValueError("db.password is set, but db.url names no PostgreSQL server")
+        if parts.password is not None:
+            raise ValueError("db.url carries a password and db.password is set too: give one")
+        if not parts.username:
+            raise ValueError("db.password needs the user in db.url: postgresql://USER@HOST:PORT/DB")
+        host = parts.netloc.rpartition("@")[2]
+        netloc = f"{parts.username}:{quote(secret, safe='')}@{host}"
+        return {**data, "url": urlunsplit(parts._replace(netloc=netloc))}
 
     @field_validator("url")
     @classmethod
@@ -481,10 +507,14 @@ def _env_values(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
 
     Variables of that form with an unknown section or key stop start-up like unknown TOML keys
     do: a typo must not pass silently. Other ``DSF_BRIDGE_*`` variables are not settings.
-    List-valued settings take JSON (``'["a.pem", "b.pem"]'``) or a comma-separated list.
+    List-valued settings take JSON (``'["a.pem", "b.pem"]'``) or a comma-separated list. A
+    secret (:func:`secret_settings`) may come from a file instead, named by
+    ``DSF_BRIDGE_SECTION__KEY_FILE`` (Docker's and DSF's convention).
     """
     sections = _sections()
+    secrets = secret_settings()
     values: dict[str, dict[str, Any]] = {}
+    origins: dict[tuple[str, str], str] = {}
     for key in sorted(environ):
         if not key.startswith(ENV_PREFIX):
             continue
@@ -493,7 +523,9 @@ def _env_values(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
             # Not a setting (DSF_BRIDGE_CONFIG, test and tool variables), unless it looks like
             # one with a single underscore, a typo that would otherwise pass silently.
             guess_section, _, guess_key = name.partition("_")
-            if guess_key in getattr(sections.get(guess_section), "model_fields", {}):
+            if guess_key in getattr(sections.get(guess_section), "model_fields", {}) or (
+                f"{guess_section}.{guess_key.removesuffix('_file')}" in secrets
+            ):
                 fixed = f"{ENV_PREFIX}{guess_section.upper()}__{guess_key.upper()}"
                 raise ConfigError(
                     f"{key}: settings use two underscores after the section: {fixed}", field=key
@@ -501,17 +533,81 @@ def _env_values(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
             continue
         parts = name.split("__")
         section = sections.get(parts[0])
-        if section is None or len(parts) != 2 or parts[1] not in section.model_fields:
+        from_file = (
+            len(parts) == 2
+            and parts[1].endswith("_file")
+            and f"{parts[0]}.{parts[1].removesuffix('_file')}" in secrets
+        )
+        setting = (parts[0], parts[1].removesuffix("_file") if from_file else parts[-1])
+        if section is None or len(parts) != 2 or setting[1] not in section.model_fields:
             raise ConfigError(
                 f"{key}: unknown setting in the environment (expected DSF_BRIDGE_SECTION__KEY, "
-                "see docs/config.example.toml)",
+                "see docs/config.example.toml)"
+                + (
+                    f"; only secrets are read from a file (*_FILE): {', '.join(secrets)}"
+                    if name.endswith("_file")
+                    else ""
+                ),
                 field=key,
             )
-        raw: Any = environ[key]
-        if typing.get_origin(section.model_fields[parts[1]].annotation) is list:
+        if setting in origins:
+            raise ConfigError(
+                f"{origins[setting]} and {key} both set {'.'.join(setting)}: set only one",
+                field=key,
+            )
+        origins[setting] = key
+        raw: Any = _read_secret_file(key, environ[key]) if from_file else environ[key]
+        if typing.get_origin(section.model_fields[setting[1]].annotation) is list:
             raw = _parse_list(key, raw)
-        values.setdefault(parts[0], {})[parts[1]] = raw
+        values.setdefault(setting[0], {})[setting[1]] = raw
     return values
+
+
+# A secret file is a password or a token; a bigger one is the wrong file.
+_MAX_SECRET_BYTES = 65_536
+
+
+def _read_secret_file(variable: str, path_text: str) -> str:
+    """The content of the file ``variable`` names, without its trailing newline.
+
+    Errors name the variable and the path, never what the file holds."""
+    if not path_text.strip():
+        raise ConfigError(f"{variable}: names no file", field=variable)
+    path = Path(path_text)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(_MAX_SECRET_BYTES + 1)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{variable}: cannot read {path}: {reason}", field=variable) from exc
+    if len(data) > _MAX_SECRET_BYTES:
+        raise ConfigError(
+            f"{variable}: {path} is larger than {_MAX_SECRET_BYTES} bytes, not a secret",
+            field=variable,
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        # Not chained: the decode error holds the file's bytes.
+        raise ConfigError(f"{variable}: {path} is not UTF-8 text", field=variable) from None
+    # `echo secret > file` and most editors end the file with a newline no one means.
+    text = text.rstrip("\r\n")
+    if not text:
+        raise ConfigError(f"{variable}: {path} is empty", field=variable)
+    return text
+
+
+def secret_settings() -> tuple[str, ...]:
+    """The settings that hold secrets (``section.key``): hidden by ``config show`` and
+    readable from a file named by ``DSF_BRIDGE_SECTION__KEY_FILE``. ``db.url`` is one: it may
+    carry the database password."""
+    found = ["db.url"]
+    for section_name, section in _sections().items():
+        for key, field in section.model_fields.items():
+            annotation = field.annotation
+            if annotation is SecretStr or SecretStr in typing.get_args(annotation):
+                found.append(f"{section_name}.{key}")
+    return tuple(found)
 
 
 def _parse_list(key: str, raw: str) -> list[Any]:

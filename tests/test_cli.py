@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -131,3 +132,20 @@ def test_config_show_toml_round_trips() -> None:
     data = tomllib.loads(result.stdout)
     assert data["db"]["url"] == "sqlite:///a.db"
     assert data["log"]["level"] == "info"
+
+
+def test_secrets_from_files_as_docker_mounts_them(tmp_path: Path) -> None:
+    token = tmp_path / "api-token"
+    token.write_text("token-from-a-docker-secret\n")
+    env = {**os.environ, "DSF_BRIDGE_API__TOKEN_FILE": str(token)}
+    shown = run("config", "show", "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["api"]["token"] == "***"
+    assert "token-from" not in shown.stdout
+
+    token.chmod(0)
+    if os.access(token, os.R_OK):  # root reads anything: a path that is no file then
+        token = tmp_path
+    refused = run("config", "show", env={**os.environ, "DSF_BRIDGE_API__TOKEN_FILE": str(token)})
+    assert refused.returncode == 2
+    assert f"DSF_BRIDGE_API__TOKEN_FILE: cannot read {token}" in refused.stderr
