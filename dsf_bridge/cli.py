@@ -582,7 +582,7 @@ def check_connection_command(ctx: typer.Context) -> None:
 
     async def run() -> bool:
         ok = True
-        async for result in check_connection(settings.dsf):
+        async for result in check_connection(settings.dsf, proxy=settings.proxy.forward_proxy()):
             mark = "OK  " if result.ok else "FAIL"
             typer.echo(f"{mark} {result.name}: {result.detail}")
             ok = ok and result.ok

@@ -41,6 +41,7 @@ from pydantic_settings import (
 
 from dsf_bridge.engine.timers import TimerError, add_duration, parse_duration
 from dsf_bridge.errors import ConfigError
+from dsf_bridge.proxy import ForwardProxy
 from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "LogSettings",
     "OmiServiceSettings",
     "OmiSettings",
+    "ProxySettings",
     "RuntimeConfig",
     "Settings",
     "display_settings",
@@ -448,6 +450,75 @@ class ApiSettings(_Section):
         return self
 
 
+class ProxySettings(_Section):
+    """The HTTP forward proxy of every outgoing call: the DSF FHIR servers (local and remote,
+    REST and websocket), DICOMweb archives, the OMI registry and inference servers. Unset: all
+    connect directly. The proxy environment (HTTPS_PROXY, NO_PROXY) is never read."""
+
+    url: str | None = Field(
+        default=None,
+        description="The proxy, http://HOST:PORT; https targets are tunnelled through it "
+        "(CONNECT), TLS and the client certificate end to end",
+    )
+    username: str | None = Field(
+        default=None, description="User for the proxy's Basic authentication"
+    )
+    password: SecretStr | None = Field(default=None, description="Password of that user")
+    no_proxy: list[str] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "::1"],
+        description="Hosts reached without the proxy: a name (with its subdomains), an "
+        "address, either with :PORT for that port only, or * for all",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(
+                "must be an http:// URL, http://HOST:PORT (https targets are tunnelled through "
+                "it; a proxy spoken to over TLS is not supported)"
+            )
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("put the credentials in proxy.username and proxy.password")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("a proxy URL is http://HOST:PORT, without a path")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return f"http://{parts.netloc}" if port else f"http://{parts.netloc}:80"
+
+    @field_validator("no_proxy")
+    @classmethod
+    def _check_no_proxy(cls, value: list[str]) -> list[str]:
+        entries = [entry.strip() for entry in value]
+        if any(not entry or " " in entry or "/" in entry for entry in entries):
+            raise ValueError("entries are host names or addresses, optionally :PORT, or *")
+        return entries
+
+    @model_validator(mode="after")
+    def _credentials_need_a_proxy(self) -> ProxySettings:
+        if self.url is None and (self.username is not None or self.password is not None):
+            raise ValueError("proxy.username and proxy.password need proxy.url")
+        if self.password is not None and self.username is None:
+            raise ValueError("proxy.password needs proxy.username")
+        return self
+
+    def forward_proxy(self) -> ForwardProxy | None:
+        """The proxy the adapters route through, or None when there is none."""
+        if self.url is None:
+            return None
+        return ForwardProxy(
+            url=self.url,
+            username=self.username,
+            password=self.password.get_secret_value() if self.password is not None else None,
+            no_proxy=tuple(self.no_proxy),
+        )
+
+
 # The duration forms the engine's timers accept (dsf_bridge.engine.timers).
 # The longest result-timeout a request may wait (also the bound for a start Task's input).
 _MAX_RESULT_TIMEOUT = dt.timedelta(days=366)
@@ -472,6 +543,7 @@ class Settings(BaseSettings):
     omi: OmiSettings = Field(default_factory=OmiSettings)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
 
     @classmethod
     def settings_customise_sources(

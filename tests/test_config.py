@@ -182,6 +182,7 @@ def test_the_secrets_are_every_secret_field_and_the_database_url() -> None:
         "dsf.client_key_password",
         "api.token",
         "api.operator_token",
+        "proxy.password",
     }
 
 
@@ -268,6 +269,52 @@ def test_a_database_password_that_cannot_apply(url: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=problem) as caught:
         load_settings(environ={"DSF_BRIDGE_DB__URL": url, "DSF_BRIDGE_DB__PASSWORD": "pw"})
     assert caught.value.field == "db"
+
+
+def test_no_proxy_by_default() -> None:
+    settings = load_settings(environ={})
+    assert settings.proxy.url is None
+    assert settings.proxy.forward_proxy() is None
+
+
+def test_the_proxy_from_file_and_environment(tmp_path: Path) -> None:
+    password = tmp_path / "proxy-password"
+    password.write_text("proxy-secret\n")
+    settings = load_settings(
+        _write(tmp_path, '[proxy]\nurl = "http://proxy.example.org:3128/"\nusername = "site"\n'),
+        environ={
+            "DSF_BRIDGE_PROXY__PASSWORD_FILE": str(password),
+            "DSF_BRIDGE_PROXY__NO_PROXY": "localhost, .klinik.example, pacs:8042",
+        },
+    )
+    proxy = settings.proxy.forward_proxy()
+    assert proxy is not None
+    assert (proxy.url, proxy.auth) == ("http://proxy.example.org:3128", ("site", "proxy-secret"))
+    assert proxy.no_proxy == ("localhost", ".klinik.example", "pacs:8042")
+    assert proxy.route("https://dsf.other-site.example/fhir") is proxy
+    assert proxy.route("http://pacs.klinik.example/dicom-web") is None
+    shown = display_settings(settings)["proxy"]
+    assert shown["password"] == "***"
+    assert "proxy-secret" not in repr(shown)
+
+
+@pytest.mark.parametrize(
+    ("toml", "problem"),
+    [
+        ('[proxy]\nurl = "https://proxy:3128"\n', "must be an http:// URL"),
+        ('[proxy]\nurl = "socks5://proxy:1080"\n', "must be an http:// URL"),
+        ('[proxy]\nurl = "http://u:p@proxy:3128"\n', "proxy.username and proxy.password"),
+        ('[proxy]\nurl = "http://proxy:3128/path"\n', "without a path"),
+        ('[proxy]\nurl = "http://proxy:port"\n', "bad port"),
+        ('[proxy]\nno_proxy = ["a b"]\n', "entries are host names"),
+        ('[proxy]\nusername = "site"\n', "need proxy.url"),
+        ('[proxy]\nurl = "http://proxy:3128"\npassword = "x"\n', "needs proxy.username"),
+    ],
+)
+def test_bad_proxy_settings_name_the_field(tmp_path: Path, toml: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem) as caught:
+        load_settings(_write(tmp_path, toml), environ={})
+    assert (caught.value.field or "").startswith("proxy")
 
 
 def _commented_keys(text: str) -> dict[str, set[str]]:
