@@ -7,8 +7,14 @@ import os
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from dsf_bridge.cli import app
 from dsf_bridge.store import schema_status
 
 
@@ -149,3 +155,119 @@ def test_secrets_from_files_as_docker_mounts_them(tmp_path: Path) -> None:
     refused = run("config", "show", env={**os.environ, "DSF_BRIDGE_API__TOKEN_FILE": str(token)})
     assert refused.returncode == 2
     assert f"DSF_BRIDGE_API__TOKEN_FILE: cannot read {token}" in refused.stderr
+
+
+def _commands(
+    group: typer.core.TyperGroup, path: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
+    context = typer.Context(group)
+    for name in group.list_commands(context):
+        command = group.get_command(context, name)
+        yield (*path, name)
+        if isinstance(command, typer.core.TyperGroup):
+            yield from _commands(command, (*path, name))
+
+
+def test_help_of_every_command_works() -> None:
+    root = typer.main.get_group(app)
+    commands = list(_commands(root))
+    # The lazily imported groups are walked too.
+    assert ("sandbox", "init") in commands and ("plugins", "check") in commands
+    runner = CliRunner()
+    for command in commands:
+        result = runner.invoke(app, [*command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+        assert "Usage" in result.output, command
+
+
+def test_help_imports_no_engine_store_web_or_http_stack() -> None:
+    # What makes `dsf-bridge --help` instant (bench/cli.py times it): the command line
+    # imports what a command uses only when that command runs.
+    probe = (
+        "import sys\n"
+        "from dsf_bridge.cli import main\n"
+        "sys.argv = ['dsf-bridge', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('MODULES', *sorted(sys.modules), file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "Usage" in result.stdout
+    modules = set(result.stderr.split("MODULES", 1)[1].split())
+    heavy = {
+        "fastapi",
+        "sqlalchemy",
+        "httpx",
+        "pydantic",
+        "pydantic_settings",
+        "structlog",
+        "numpy",
+        "pydicom",
+        "lxml",
+        "cryptography",
+        "dsf_bridge.config",
+        "dsf_bridge.engine",
+        "dsf_bridge.store",
+        "dsf_bridge.runtime",
+        "dsf_bridge.plugins",
+        "dsf_bridge.sandbox",
+        "dsf_bridge.api",
+    }
+    assert heavy & modules == set()
+
+
+def test_config_after_the_command_as_before_it(tmp_path: Path) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text('[log]\nlevel = "DEBUG"\n[db]\nurl = "sqlite:///from-file.db"\n')
+    before = run("--config", str(config), "config", "show", "--json")
+    after = run("config", "show", "--json", "--config", str(config))
+    short = run("config", "show", "-c", str(config), "--json")
+    both = run("-c", str(config), "config", "show", "--json", "--config", str(config))
+    for result in (before, after, short, both):
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["db"]["url"] == "sqlite:///from-file.db"
+        assert json.loads(result.stdout)["log"]["level"] == "debug"
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[db]\npool_size = -1\n")
+    # `run` reads --config after the command (it was "No such option"); the bad file stops it.
+    refused = run("run", "--config", str(bad))
+    assert refused.returncode == 2
+    assert "db.pool_size" in refused.stderr
+
+    twice = run("--config", str(config), "run", "--config", str(bad))
+    assert twice.returncode == 2
+    assert f"--config given twice, {config} before the command and {bad} after it" in (twice.stderr)
+
+
+SETTINGS_COMMANDS = [
+    ("config", "show"),
+    ("db", "upgrade"),
+    ("db", "downgrade", "base"),
+    ("db", "current"),
+    ("audit", "verify"),
+    ("instances", "list"),
+    ("instances", "show", "some-instance"),
+    ("instances", "incidents"),
+    ("instances", "retry", "some-instance", "1"),
+    ("instances", "cancel", "some-instance", "--reason", "test"),
+    ("run",),
+    ("api", "serve"),
+    ("check-connection",),
+]
+
+
+@pytest.mark.parametrize("command", SETTINGS_COMMANDS, ids=" ".join)
+def test_every_command_with_settings_takes_config_after_it(
+    command: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("[db]\npool_size = 3\n")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[db]\npool_size = -1\n")
+    # The flag beats DSF_BRIDGE_CONFIG, after the command as before it.
+    monkeypatch.setenv("DSF_BRIDGE_CONFIG", str(good))
+    result = CliRunner().invoke(app, [*command, "--config", str(bad)])
+    assert result.exit_code == 2, result.output
+    assert "db.pool_size" in result.output
