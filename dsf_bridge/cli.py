@@ -760,6 +760,41 @@ def demo_command(
         raise typer.Exit(status)
 
 
+@app.command("version")
+def version_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Print the bridge's version, Python's, and the DSF versions it speaks."""
+    import platform
+
+    from dsf_bridge.dsf.versions import DSF_RELEASES
+
+    dsf = [
+        {
+            "line": f"{release.major}.x",
+            "tested_as": release.software_version,
+            "task_base_profile": release.task_base_canonical,
+        }
+        for release in DSF_RELEASES.values()
+    ]
+    if as_json:
+        shown = {
+            "dsf_bridge": __version__,
+            "python": platform.python_version(),
+            "python_implementation": platform.python_implementation(),
+            "dsf": dsf,
+        }
+        typer.echo(json.dumps(shown, indent=2))
+        return
+    typer.echo(f"dsf-bridge  {__version__}")
+    typer.echo(f"python      {platform.python_version()} ({platform.python_implementation()})")
+    for line in dsf:
+        typer.echo(
+            f"dsf         {line['line']} (tested as {line['tested_as']}; base Task profile "
+            f"{line['task_base_profile']})"
+        )
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import typer
 from typer.testing import CliRunner
 
 from dsf_bridge.cli import app
+from dsf_bridge.dsf.versions import DSF_RELEASES
 from dsf_bridge.store import schema_status
 
 
@@ -173,6 +176,7 @@ def test_help_of_every_command_works() -> None:
     commands = list(_commands(root))
     # The lazily imported groups are walked too.
     assert ("sandbox", "init") in commands and ("plugins", "check") in commands
+    assert ("version",) in commands
     runner = CliRunner()
     for command in commands:
         result = runner.invoke(app, [*command, "--help"])
@@ -215,6 +219,27 @@ def test_help_imports_no_engine_store_web_or_http_stack() -> None:
         "dsf_bridge.api",
     }
     assert heavy & modules == set()
+
+
+def test_version_names_the_package_python_and_the_dsf_versions() -> None:
+    result = run("version")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"dsf-bridge  {version('dsf-bridge')}"
+    assert lines[1].startswith(f"python      {platform.python_version()} ")
+    assert [line.split()[1] for line in lines[2:]] == ["2.x", "1.x"]
+
+    as_json = run("version", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    shown = json.loads(as_json.stdout)
+    assert shown["dsf_bridge"] == version("dsf-bridge")
+    assert shown["python"] == platform.python_version()
+    assert [d["tested_as"] for d in shown["dsf"]] == [
+        r.software_version for r in DSF_RELEASES.values()
+    ]
+    assert shown["dsf"][0]["task_base_profile"] == (
+        "http://dsf.dev/fhir/StructureDefinition/task|2.1.0"
+    )
 
 
 def test_config_after_the_command_as_before_it(tmp_path: Path) -> None:
