@@ -141,17 +141,20 @@ def _root(
     _show_version: Annotated[
         bool,
         typer.Option(
-            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+            "--version",
+            callback=_version,
+            is_eager=True,
+            help="Print the version and exit ('dsf-bridge version' says more).",
         ),
     ] = False,
 ) -> None:
-    """The options here apply to every command; --config may also follow the command."""
+    """Options before the command; the commands read ``--config`` (:func:`_config_file`)."""
 
 
 def _config_file(ctx: typer.Context, config: Path | None) -> Path | None:
     """The configuration file: ``--config`` before the command or after it, never two."""
     before: Path | None = ctx.find_root().params.get("config")
-    if before is not None and config is not None and before != config:
+    if before is not None and config is not None and before.resolve() != config.resolve():
         typer.echo(
             f"dsf-bridge: --config given twice, {before} before the command and {config} "
             "after it: give it once",
