@@ -2,54 +2,69 @@
 
 Each command builds its settings from the configuration file, the environment and its own flags
 (in that order of increasing precedence), so ``--db-url`` beats ``DSF_BRIDGE_DB__URL`` beats
-``[db] url`` in the file. Exit codes: 0 success, 1 the check or operation failed, 2 bad usage or
-configuration.
+``[db] url`` in the file. ``--config`` may come before the command or after it, with the same
+meaning. Exit codes: 0 success, 1 the check or operation failed, 2 bad usage or configuration.
+
+Every command imports what it uses in its body, and the ``plugins`` and ``sandbox`` groups are
+imported only when one of their commands runs: ``dsf-bridge --help`` loads typer and this
+module, not the engine, the store, FastAPI or the sandbox (``bench/cli.py`` times it).
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import datetime as dt
+import functools
+import importlib
 import json
-import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-import structlog
 import typer
-from fastapi import FastAPI
+from typer.core import TyperGroup
 
 from dsf_bridge import __version__
-from dsf_bridge.api import ApiServer, Probe, create_app, heartbeat_probe
-from dsf_bridge.config import (
-    CONFIG_ENV_VAR,
-    Settings,
-    display_settings,
-    load_settings,
-    redact_url,
-)
-from dsf_bridge.dsf.connection import check_connection
-from dsf_bridge.dsf.subscription import TaskSubscription
-from dsf_bridge.dsf.versions import UnknownDsfVersionError, release
-from dsf_bridge.engine import state as instance_state
 from dsf_bridge.errors import BridgeError, ConfigError, MigrationError
-from dsf_bridge.logs import configure_logging
-from dsf_bridge.plugins.api import ProcessPlugin
-from dsf_bridge.plugins.commands import plugins_app
-from dsf_bridge.plugins.loader import discover_plugins
-from dsf_bridge.runtime import operations
-from dsf_bridge.runtime.daemon import Bridge
-from dsf_bridge.sandbox.commands import sandbox_app
-from dsf_bridge.sandbox.demo import run_demo
-from dsf_bridge.store import Database, queries, sqlite_path, verify_chain
-from dsf_bridge.store import migrations as schema
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from dsf_bridge.api import Probe
+    from dsf_bridge.config import Settings
+    from dsf_bridge.dsf.subscription import TaskSubscription
+    from dsf_bridge.plugins.api import ProcessPlugin
+    from dsf_bridge.store import queries
 
 __all__ = ["app", "main"]
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+
+
+class _LazyGroup(TyperGroup):
+    """A command group whose module is imported only when it is used: the root ``--help``
+    lists it from the help given here, without importing what its commands need."""
+
+    target: ClassVar[str] = ""  # "module:attribute" of the typer.Typer with the commands
+
+    @functools.cached_property
+    def _group(self) -> TyperGroup:
+        module, _, attribute = self.target.partition(":")
+        return typer.main.get_group(getattr(importlib.import_module(module), attribute))
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return self._group.list_commands(ctx)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        return self._group.get_command(ctx, cmd_name)
+
+
+class _PluginsGroup(_LazyGroup):
+    target = "dsf_bridge.plugins.commands:plugins_app"
+
+
+class _SandboxGroup(_LazyGroup):
+    target = "dsf_bridge.sandbox.commands:sandbox_app"
+
 
 app = typer.Typer(
     name="dsf-bridge",
@@ -75,10 +90,25 @@ app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
 app.add_typer(api_app, name="api")
 app.add_typer(instances_app, name="instances")
-app.add_typer(plugins_app, name="plugins")
-app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(
+    typer.Typer(no_args_is_help=True),
+    name="plugins",
+    cls=_PluginsGroup,
+    help="Process plugins: check BPMN models and FHIR resources.",
+)
+app.add_typer(
+    typer.Typer(no_args_is_help=True),
+    name="sandbox",
+    cls=_SandboxGroup,
+    help="A local DSF test network: certificates, allow list and DSF-compatible FHIR servers.",
+)
 
-log = structlog.get_logger("dsf_bridge.cli")
+
+def _log() -> Any:
+    import structlog
+
+    return structlog.get_logger("dsf_bridge.cli")
+
 
 DbUrlOption = Annotated[
     str | None,
@@ -88,6 +118,14 @@ DbUrlOption = Annotated[
         "overrides db.url and DSF_BRIDGE_DB__URL.",
         show_default=False,
     ),
+]
+_CONFIG_HELP = (
+    "TOML configuration file (see docs/config.example.toml); default: DSF_BRIDGE_CONFIG. "
+    "Before or after the command, with the same meaning."
+)
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help=_CONFIG_HELP, show_default=False),
 ]
 
 
@@ -99,38 +137,50 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    ctx: typer.Context,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            "-c",
-            envvar=CONFIG_ENV_VAR,
-            help="TOML configuration file (see docs/config.example.toml).",
-            show_default=False,
-        ),
-    ] = None,
+    config: ConfigOption = None,
     _show_version: Annotated[
         bool,
         typer.Option(
-            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+            "--version",
+            callback=_version,
+            is_eager=True,
+            help="Print the version and exit ('dsf-bridge version' says more).",
         ),
     ] = False,
 ) -> None:
-    ctx.obj = config
+    """Options before the command; the commands read ``--config`` (:func:`_config_file`)."""
+
+
+def _config_file(ctx: typer.Context, config: Path | None) -> Path | None:
+    """The configuration file: ``--config`` before the command or after it, never two."""
+    before: Path | None = ctx.find_root().params.get("config")
+    if before is not None and config is not None and before.resolve() != config.resolve():
+        typer.echo(
+            f"dsf-bridge: --config given twice, {before} before the command and {config} "
+            "after it: give it once",
+            err=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
+    return config if config is not None else before
 
 
 def _settings(
-    ctx: typer.Context, db_url: str | None = None, *, api: dict[str, Any] | None = None
+    ctx: typer.Context,
+    config: Path | None,
+    db_url: str | None = None,
+    *,
+    api: dict[str, Any] | None = None,
 ) -> Settings:
+    from dsf_bridge.config import load_settings
+    from dsf_bridge.logs import configure_logging
+
     overrides: dict[str, dict[str, Any]] = {}
     if db_url is not None:
         overrides["db"] = {"url": db_url}
     if api:
         overrides["api"] = api
-    config_file = ctx.find_root().obj
     try:
-        settings = load_settings(config_file, overrides)
+        settings = load_settings(_config_file(ctx, config), overrides)
     except ConfigError as exc:
         typer.echo(f"dsf-bridge: configuration error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from exc
@@ -145,6 +195,8 @@ def _fail(exc: BridgeError) -> typer.Exit:
 
 def _require_existing_database(url: str) -> None:
     """Refuse to inspect an SQLite file that does not exist (connecting would create it)."""
+    from dsf_bridge.store import sqlite_path
+
     path = sqlite_path(url)
     if path is not None and not path.exists():
         raise ConfigError(f"db.url: SQLite database {path} does not exist", field="db.url")
@@ -152,6 +204,9 @@ def _require_existing_database(url: str) -> None:
 
 def _require_schema(url: str) -> None:
     """An existing database with our schema, or a ConfigError saying what to run."""
+    from dsf_bridge.config import redact_url
+    from dsf_bridge.store import migrations as schema
+
     _require_existing_database(url)
     if schema.schema_status(url, read_only=True).current is None:
         raise ConfigError(
@@ -176,9 +231,12 @@ def config_show(
     ctx: typer.Context,
     db_url: DbUrlOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of TOML.")] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Print the effective configuration, secrets hidden."""
-    shown = display_settings(_settings(ctx, db_url))
+    from dsf_bridge.config import display_settings
+
+    shown = display_settings(_settings(ctx, config, db_url))
     if as_json:
         typer.echo(json.dumps(shown, indent=2))
         return
@@ -199,15 +257,18 @@ def db_upgrade(
     ctx: typer.Context,
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
     db_url: DbUrlOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Create the schema or bring it up to REVISION (default: the newest)."""
-    settings = _settings(ctx, db_url)
+    from dsf_bridge.store import migrations as schema
+
+    settings = _settings(ctx, config, db_url)
     try:
         schema.upgrade(settings.db.url, revision)
         status = schema.schema_status(settings.db.url)
     except BridgeError as exc:
         raise _fail(exc) from exc
-    log.info("schema.upgraded", revision=status.current)
+    _log().info("schema.upgraded", revision=status.current)
     typer.echo(f"schema at revision {status.current} (newest: {status.head})")
 
 
@@ -216,22 +277,27 @@ def db_downgrade(
     ctx: typer.Context,
     revision: Annotated[str, typer.Argument(help="Target revision; 'base' drops every table.")],
     db_url: DbUrlOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Take the schema down to REVISION."""
-    settings = _settings(ctx, db_url)
+    from dsf_bridge.store import migrations as schema
+
+    settings = _settings(ctx, config, db_url)
     try:
         schema.downgrade(settings.db.url, revision)
         status = schema.schema_status(settings.db.url)
     except BridgeError as exc:
         raise _fail(exc) from exc
-    log.info("schema.downgraded", revision=status.current)
+    _log().info("schema.downgraded", revision=status.current)
     typer.echo(f"schema at revision {status.current or 'base (no tables)'}")
 
 
 @db_app.command("current")
-def db_current(ctx: typer.Context, db_url: DbUrlOption = None) -> None:
+def db_current(ctx: typer.Context, db_url: DbUrlOption = None, config: ConfigOption = None) -> None:
     """Print the schema revision; exit 1 when it is not the newest this release knows."""
-    settings = _settings(ctx, db_url)
+    from dsf_bridge.store import migrations as schema
+
+    settings = _settings(ctx, config, db_url)
     try:
         _require_existing_database(settings.db.url)
         status = schema.schema_status(settings.db.url)
@@ -245,9 +311,15 @@ def db_current(ctx: typer.Context, db_url: DbUrlOption = None) -> None:
 
 
 @audit_app.command("verify")
-def audit_verify(ctx: typer.Context, db_url: DbUrlOption = None) -> None:
+def audit_verify(
+    ctx: typer.Context, db_url: DbUrlOption = None, config: ConfigOption = None
+) -> None:
     """Verify the audit trail's hash chain; exit 1 naming the first bad event."""
-    settings = _settings(ctx, db_url)
+    import asyncio
+
+    from dsf_bridge.store import Database, verify_chain
+
+    settings = _settings(ctx, config, db_url)
 
     async def run() -> Any:
         # Read-only: verifying must neither write nor hold up a running bridge's writers.
@@ -279,13 +351,18 @@ def audit_verify(ctx: typer.Context, db_url: DbUrlOption = None) -> None:
 
 def _with_store(
     ctx: typer.Context,
+    config: Path | None,
     db_url: str | None,
     work: Callable[[Any], Awaitable[Any]],
     *,
     read_only: bool = False,
 ) -> Any:
     """Run ``work(session)`` in one transaction of the configured, migrated store."""
-    settings = _settings(ctx, db_url)
+    import asyncio
+
+    from dsf_bridge.store import Database
+
+    settings = _settings(ctx, config, db_url)
 
     async def run() -> Any:
         database = Database(settings.db.url, echo=settings.db.echo, read_only=read_only)
@@ -315,8 +392,13 @@ def instances_list(
     ] = 50,
     db_url: DbUrlOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
 ) -> None:
     """List process instances, newest first."""
+    import dataclasses
+
+    from dsf_bridge.store import queries
+
     if status is not None and status not in ("running", "completed", "failed"):
         typer.echo("dsf-bridge: --status must be running, completed or failed", err=True)
         raise typer.Exit(EXIT_USAGE)
@@ -326,7 +408,7 @@ def instances_list(
             session, status=status, process_key=process, limit=limit
         )
 
-    rows = _with_store(ctx, db_url, work, read_only=True)
+    rows = _with_store(ctx, config, db_url, work, read_only=True)
     if as_json:
         typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2, default=str))
         return
@@ -347,13 +429,18 @@ def instances_show(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print everything the admin API shows, as JSON.")
     ] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Show where an instance stands: status, what it waits for, incidents, its Tasks."""
+    import dataclasses
+
+    from dsf_bridge.engine import state as instance_state
+    from dsf_bridge.store import queries
 
     async def work(session: Any) -> queries.InstanceDetail | None:
         return await queries.instance_detail(session, instance)
 
-    detail = _with_store(ctx, db_url, work, read_only=True)
+    detail = _with_store(ctx, config, db_url, work, read_only=True)
     if detail is None:
         typer.echo(f"dsf-bridge: no instance {instance!r}", err=True)
         raise typer.Exit(EXIT_FAILED)
@@ -385,9 +472,12 @@ def instances_incidents(
     ctx: typer.Context,
     db_url: DbUrlOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
 ) -> None:
     """List the incidents of running instances: jobs out of retries, loops without a wait."""
-    found = _with_store(ctx, db_url, operations.list_incidents)
+    from dsf_bridge.runtime import operations
+
+    found = _with_store(ctx, config, db_url, operations.list_incidents)
     if as_json:
         rows = [
             {
@@ -413,17 +503,22 @@ def instances_retry(
     ctx: typer.Context,
     instance: Annotated[str, typer.Argument(help="Instance id.")],
     token: Annotated[str, typer.Argument(help="Token of the incident (see 'incidents').")],
+    *,
     retries: Annotated[int, typer.Option(help="New tries for the job.", min=1, max=100)] = 1,
     db_url: DbUrlOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Give the job parked in an incident new tries; the bridge runs it again from there."""
+    import datetime as dt
+
+    from dsf_bridge.runtime import operations
 
     async def work(session: Any) -> int:
         return await operations.request_retry(
             session, instance, token, retries=retries, actor="cli", now=dt.datetime.now(dt.UTC)
         )
 
-    job = _with_store(ctx, db_url, work)
+    job = _with_store(ctx, config, db_url, work)
     typer.echo(f"queued: {retries} new tries for token {token} of {instance} (job {job})")
 
 
@@ -435,15 +530,19 @@ def instances_cancel(
         str, typer.Option("--reason", help="Why; the instance's Tasks are failed with it.")
     ],
     db_url: DbUrlOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Cancel a running instance; the Tasks it took in are failed with the reason."""
+    import datetime as dt
+
+    from dsf_bridge.runtime import operations
 
     async def work(session: Any) -> int:
         return await operations.request_cancel(
             session, instance, reason=reason, actor="cli", now=dt.datetime.now(dt.UTC)
         )
 
-    job = _with_store(ctx, db_url, work)
+    job = _with_store(ctx, config, db_url, work)
     typer.echo(f"queued: cancel {instance} (job {job})")
 
 
@@ -454,9 +553,15 @@ def run_command(
     upgrade_db: Annotated[
         bool, typer.Option("--upgrade-db", help="Migrate the schema to the newest first.")
     ] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Run the bridge for this site until SIGTERM or Ctrl-C (plugins from entry points)."""
-    settings = _settings(ctx, db_url)
+    import asyncio
+
+    from dsf_bridge.plugins.loader import discover_plugins
+    from dsf_bridge.store import migrations as schema
+
+    settings = _settings(ctx, config, db_url)
     try:
         plugins = discover_plugins()
         if upgrade_db:
@@ -467,6 +572,12 @@ def run_command(
 
 
 async def _run_bridge(settings: Settings, plugins: list[ProcessPlugin]) -> None:
+    import asyncio
+    import signal
+
+    from dsf_bridge.api import heartbeat_probe
+    from dsf_bridge.runtime.daemon import Bridge
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -510,6 +621,9 @@ async def _serve_api(
     """Serve the admin API, over its own read-only connection to the store, while ``main``
     runs; with ``operator`` (beside a running bridge) and ``api.operator_token``, operator
     requests get a writable connection of their own."""
+    from dsf_bridge.api import ApiServer, create_app
+    from dsf_bridge.store import Database
+
     api = settings.api
     database = Database(settings.db.url, pool_size=2, read_only=True)
     # Operator requests (api.operator_token) queue jobs: they alone get a writable connection.
@@ -521,9 +635,9 @@ async def _serve_api(
     try:
         admin = create_app(database, api, probes=probes, operator_database=writer)
         async with ApiServer(admin, host=api.host, port=api.port) as server:
-            log.info("api.listening", url=server.url, closed=api.token is None)
+            _log().info("api.listening", url=server.url, closed=api.token is None)
             if api.token is None:
-                log.warning(
+                _log().warning(
                     "api.closed",
                     reason="api.token is not set: only /health and /ready answer",
                 )
@@ -545,15 +659,20 @@ def api_serve_command(
         int | None,
         typer.Option("--port", help="Overrides api.port.", min=1, max=65535, show_default=False),
     ] = None,
+    config: ConfigOption = None,
 ) -> None:
     """Serve the admin API and web page over a store without running the bridge: audit a
     site's database, or a copy of it. Readiness checks the database only. Stops on SIGTERM."""
+    import asyncio
+
+    from dsf_bridge.store import migrations as schema
+
     overrides: dict[str, Any] = {}
     if host is not None:
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
-    settings = _settings(ctx, db_url, api=overrides)
+    settings = _settings(ctx, config, db_url, api=overrides)
     try:
         _require_existing_database(settings.db.url)
         status = schema.schema_status(settings.db.url, read_only=True)
@@ -568,6 +687,9 @@ def api_serve_command(
 
 
 async def _api_only(settings: Settings) -> None:
+    import asyncio
+    import signal
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -581,14 +703,18 @@ async def _api_only(settings: Settings) -> None:
 
 
 @app.command("check-connection")
-def check_connection_command(ctx: typer.Context) -> None:
+def check_connection_command(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Check the DSF connection step by step: certificate, TLS, FHIR server, local organization,
     Subscription, websocket. Exit 0 only if every step passes."""
-    settings = _settings(ctx)
+    import asyncio
+
+    from dsf_bridge.dsf.connection import check_connection
+
+    settings = _settings(ctx, config)
 
     async def run() -> bool:
         ok = True
-        async for result in check_connection(settings.dsf):
+        async for result in check_connection(settings.dsf, proxy=settings.proxy.forward_proxy()):
             mark = "OK  " if result.ok else "FAIL"
             typer.echo(f"{mark} {result.name}: {result.detail}")
             ok = ok and result.ok
@@ -626,6 +752,10 @@ def demo_command(
 ) -> None:
     """OMI inference on one machine: two sandbox sites (Hospital_A asks, AI_Provider infers),
     Orthanc with CT data, MLServer with the reference model. Exit 1 if a request failed."""
+    from dsf_bridge.dsf.versions import UnknownDsfVersionError, release
+    from dsf_bridge.logs import configure_logging
+    from dsf_bridge.sandbox.demo import run_demo
+
     # Warnings only: progress lines go to stderr, results to stdout.
     configure_logging("warning", "console")
     try:
@@ -637,6 +767,41 @@ def demo_command(
     )
     if status:
         raise typer.Exit(status)
+
+
+@app.command("version")
+def version_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Print the bridge's version, Python's, and the DSF versions it speaks."""
+    import platform
+
+    from dsf_bridge.dsf.versions import DSF_RELEASES
+
+    dsf = [
+        {
+            "line": f"{release.major}.x",
+            "tested_as": release.software_version,
+            "task_base_profile": release.task_base_canonical,
+        }
+        for release in DSF_RELEASES.values()
+    ]
+    if as_json:
+        shown = {
+            "dsf_bridge": __version__,
+            "python": platform.python_version(),
+            "python_implementation": platform.python_implementation(),
+            "dsf": dsf,
+        }
+        typer.echo(json.dumps(shown, indent=2))
+        return
+    typer.echo(f"dsf-bridge  {__version__}")
+    typer.echo(f"python      {platform.python_version()} ({platform.python_implementation()})")
+    for line in dsf:
+        typer.echo(
+            f"dsf         {line['line']} (tested as {line['tested_as']}; base Task profile "
+            f"{line['task_base_profile']})"
+        )
 
 
 def main() -> None:

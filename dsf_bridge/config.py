@@ -21,7 +21,7 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -41,6 +41,7 @@ from pydantic_settings import (
 
 from dsf_bridge.engine.timers import TimerError, add_duration, parse_duration
 from dsf_bridge.errors import ConfigError
+from dsf_bridge.proxy import ForwardProxy
 from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
 __all__ = [
@@ -52,11 +53,13 @@ __all__ = [
     "LogSettings",
     "OmiServiceSettings",
     "OmiSettings",
+    "ProxySettings",
     "RuntimeConfig",
     "Settings",
     "display_settings",
     "load_settings",
     "redact_url",
+    "secret_settings",
 ]
 
 CONFIG_ENV_VAR = "DSF_BRIDGE_CONFIG"
@@ -96,6 +99,31 @@ class DatabaseSettings(_Section):
         default=5, ge=1, le=100, description="PostgreSQL connections kept open per process"
     )
     echo: bool = Field(default=False, description="Log every SQL statement (debugging only)")
+    password: SecretStr | None = Field(
+        default=None,
+        description="Password of the PostgreSQL user named in url, kept apart from the URL "
+        "(DSF_BRIDGE_DB__PASSWORD_FILE for a Docker secret); url must then carry none",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_into_url(cls, data: object) -> object:
+        # DSF's own setups keep the database password in a secret file apart from the URL
+        # (DEV_DSF_BPE_DB_USER_PASSWORD_FILE); everything downstream reads one URL.
+        if not isinstance(data, Mapping) or data.get("password") is None:
+            return data
+        password = data["password"]
+        secret = password.get_secret_value() if isinstance(password, SecretStr) else str(password)
+        parts = urlsplit(str(data.get("url", DEFAULT_DB_URL)))
+        if not parts.scheme.startswith("postgresql"):
+            raise ValueError("db.password is set, but db.url names no PostgreSQL server")
+        if parts.password is not None:
+            raise ValueError("db.url carries a password and db.password is set too: give one")
+        if not parts.username:
+            raise ValueError("db.password needs the user in db.url: postgresql://USER@HOST:PORT/DB")
+        host = parts.netloc.rpartition("@")[2]
+        netloc = f"{parts.username}:{quote(secret, safe='')}@{host}"
+        return {**data, "url": urlunsplit(parts._replace(netloc=netloc))}
 
     @field_validator("url")
     @classmethod
@@ -123,6 +151,13 @@ class LogSettings(_Section):
         default="auto",
         description="auto: readable on a terminal, JSON lines otherwise",
     )
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: object) -> object:
+        # DEBUG and Info as much as debug: Java sites and Docker setups write level names in
+        # capitals. A wrong name still fails, naming the field and the names it takes.
+        return value.lower() if isinstance(value, str) else value
 
 
 class DsfSettings(_Section):
@@ -415,6 +450,75 @@ class ApiSettings(_Section):
         return self
 
 
+class ProxySettings(_Section):
+    """The HTTP forward proxy of every outgoing call: the DSF FHIR servers (local and remote,
+    REST and websocket), DICOMweb archives, the OMI registry and inference servers. Unset: all
+    connect directly. The proxy environment (HTTPS_PROXY, NO_PROXY) is never read."""
+
+    url: str | None = Field(
+        default=None,
+        description="The proxy, http://HOST:PORT; https targets are tunnelled through it "
+        "(CONNECT), TLS and the client certificate end to end",
+    )
+    username: str | None = Field(
+        default=None, description="User for the proxy's Basic authentication"
+    )
+    password: SecretStr | None = Field(default=None, description="Password of that user")
+    no_proxy: list[str] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "::1"],
+        description="Hosts reached without the proxy: a name (with its subdomains), an "
+        "address, either with :PORT for that port only, or * for all",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(
+                "must be an http:// URL, http://HOST:PORT (https targets are tunnelled through "
+                "it; a proxy spoken to over TLS is not supported)"
+            )
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("put the credentials in proxy.username and proxy.password")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("a proxy URL is http://HOST:PORT, without a path")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return f"http://{parts.netloc}" if port else f"http://{parts.netloc}:80"
+
+    @field_validator("no_proxy")
+    @classmethod
+    def _check_no_proxy(cls, value: list[str]) -> list[str]:
+        entries = [entry.strip() for entry in value]
+        if any(not entry or " " in entry or "/" in entry for entry in entries):
+            raise ValueError("entries are host names or addresses, optionally :PORT, or *")
+        return entries
+
+    @model_validator(mode="after")
+    def _credentials_need_a_proxy(self) -> ProxySettings:
+        if self.url is None and (self.username is not None or self.password is not None):
+            raise ValueError("proxy.username and proxy.password need proxy.url")
+        if self.password is not None and self.username is None:
+            raise ValueError("proxy.password needs proxy.username")
+        return self
+
+    def forward_proxy(self) -> ForwardProxy | None:
+        """The proxy the adapters route through, or None when there is none."""
+        if self.url is None:
+            return None
+        return ForwardProxy(
+            url=self.url,
+            username=self.username,
+            password=self.password.get_secret_value() if self.password is not None else None,
+            no_proxy=tuple(self.no_proxy),
+        )
+
+
 # The duration forms the engine's timers accept (dsf_bridge.engine.timers).
 # The longest result-timeout a request may wait (also the bound for a start Task's input).
 _MAX_RESULT_TIMEOUT = dt.timedelta(days=366)
@@ -439,6 +543,7 @@ class Settings(BaseSettings):
     omi: OmiSettings = Field(default_factory=OmiSettings)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
 
     @classmethod
     def settings_customise_sources(
@@ -474,10 +579,14 @@ def _env_values(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
 
     Variables of that form with an unknown section or key stop start-up like unknown TOML keys
     do: a typo must not pass silently. Other ``DSF_BRIDGE_*`` variables are not settings.
-    List-valued settings take JSON (``'["a.pem", "b.pem"]'``) or a comma-separated list.
+    List-valued settings take JSON (``'["a.pem", "b.pem"]'``) or a comma-separated list. A
+    secret (:func:`secret_settings`) may come from a file instead, named by
+    ``DSF_BRIDGE_SECTION__KEY_FILE`` (Docker's and DSF's convention).
     """
     sections = _sections()
+    secrets = secret_settings()
     values: dict[str, dict[str, Any]] = {}
+    origins: dict[tuple[str, str], str] = {}
     for key in sorted(environ):
         if not key.startswith(ENV_PREFIX):
             continue
@@ -486,7 +595,9 @@ def _env_values(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
             # Not a setting (DSF_BRIDGE_CONFIG, test and tool variables), unless it looks like
             # one with a single underscore, a typo that would otherwise pass silently.
             guess_section, _, guess_key = name.partition("_")
-            if guess_key in getattr(sections.get(guess_section), "model_fields", {}):
+            if guess_key in getattr(sections.get(guess_section), "model_fields", {}) or (
+                f"{guess_section}.{guess_key.removesuffix('_file')}" in secrets
+            ):
                 fixed = f"{ENV_PREFIX}{guess_section.upper()}__{guess_key.upper()}"
                 raise ConfigError(
                     f"{key}: settings use two underscores after the section: {fixed}", field=key
@@ -494,17 +605,81 @@ def _env_values(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
             continue
         parts = name.split("__")
         section = sections.get(parts[0])
-        if section is None or len(parts) != 2 or parts[1] not in section.model_fields:
+        from_file = (
+            len(parts) == 2
+            and parts[1].endswith("_file")
+            and f"{parts[0]}.{parts[1].removesuffix('_file')}" in secrets
+        )
+        setting = (parts[0], parts[1].removesuffix("_file") if from_file else parts[-1])
+        if section is None or len(parts) != 2 or setting[1] not in section.model_fields:
             raise ConfigError(
                 f"{key}: unknown setting in the environment (expected DSF_BRIDGE_SECTION__KEY, "
-                "see docs/config.example.toml)",
+                "see docs/config.example.toml)"
+                + (
+                    f"; only secrets are read from a file (*_FILE): {', '.join(secrets)}"
+                    if name.endswith("_file")
+                    else ""
+                ),
                 field=key,
             )
-        raw: Any = environ[key]
-        if typing.get_origin(section.model_fields[parts[1]].annotation) is list:
+        if setting in origins:
+            raise ConfigError(
+                f"{origins[setting]} and {key} both set {'.'.join(setting)}: set only one",
+                field=key,
+            )
+        origins[setting] = key
+        raw: Any = _read_secret_file(key, environ[key]) if from_file else environ[key]
+        if typing.get_origin(section.model_fields[setting[1]].annotation) is list:
             raw = _parse_list(key, raw)
-        values.setdefault(parts[0], {})[parts[1]] = raw
+        values.setdefault(setting[0], {})[setting[1]] = raw
     return values
+
+
+# A secret file is a password or a token; a bigger one is the wrong file.
+_MAX_SECRET_BYTES = 65_536
+
+
+def _read_secret_file(variable: str, path_text: str) -> str:
+    """The content of the file ``variable`` names, without its trailing newline.
+
+    Errors name the variable and the path, never what the file holds."""
+    if not path_text.strip():
+        raise ConfigError(f"{variable}: names no file", field=variable)
+    path = Path(path_text)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(_MAX_SECRET_BYTES + 1)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{variable}: cannot read {path}: {reason}", field=variable) from exc
+    if len(data) > _MAX_SECRET_BYTES:
+        raise ConfigError(
+            f"{variable}: {path} is larger than {_MAX_SECRET_BYTES} bytes, not a secret",
+            field=variable,
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        # Not chained: the decode error holds the file's bytes.
+        raise ConfigError(f"{variable}: {path} is not UTF-8 text", field=variable) from None
+    # `echo secret > file` and most editors end the file with a newline no one means.
+    text = text.rstrip("\r\n")
+    if not text:
+        raise ConfigError(f"{variable}: {path} is empty", field=variable)
+    return text
+
+
+def secret_settings() -> tuple[str, ...]:
+    """The settings that hold secrets (``section.key``): hidden by ``config show`` and
+    readable from a file named by ``DSF_BRIDGE_SECTION__KEY_FILE``. ``db.url`` is one: it may
+    carry the database password."""
+    found = ["db.url"]
+    for section_name, section in _sections().items():
+        for key, field in section.model_fields.items():
+            annotation = field.annotation
+            if annotation is SecretStr or SecretStr in typing.get_args(annotation):
+                found.append(f"{section_name}.{key}")
+    return tuple(found)
 
 
 def _parse_list(key: str, raw: str) -> list[Any]:

@@ -22,7 +22,7 @@ def free_port() -> int:
 
 
 def cli(
-    *args: str, cwd: Path | None = None, timeout: float = 60
+    *args: str, cwd: Path | None = None, timeout: float = 60, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "dsf_bridge", *args],
@@ -31,6 +31,7 @@ def cli(
         timeout=timeout,
         check=False,
         cwd=cwd,
+        env=env,
     )
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
+from sqlalchemy.engine import make_url
 
-from dsf_bridge.config import Settings, display_settings, load_settings
+from dsf_bridge.config import Settings, display_settings, load_settings, secret_settings
 from dsf_bridge.errors import ConfigError
 from dsf_bridge.runtime.daemon import _runtime_settings
 
@@ -77,6 +79,21 @@ def test_bad_file_names_the_field(tmp_path: Path, toml: str, field: str) -> None
     assert str(caught.value).startswith(f"{field}:")
 
 
+@pytest.mark.parametrize("name", ["DEBUG", "Debug", "debug"])
+def test_log_level_names_in_any_case(name: str) -> None:
+    settings = load_settings(
+        environ={"DSF_BRIDGE_LOG__LEVEL": name, "DSF_BRIDGE_LOG__FORMAT": "JSON"}
+    )
+    assert (settings.log.level, settings.log.format) == ("debug", "json")
+
+
+def test_a_wrong_log_level_names_the_field_and_the_choices() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"DSF_BRIDGE_LOG__LEVEL": "VERBOSE"})
+    assert caught.value.field == "log.level"
+    assert "'debug', 'info', 'warning' or 'error'" in str(caught.value)
+
+
 def test_unknown_environment_variable_is_refused() -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(environ={"DSF_BRIDGE_DB__ULR": "sqlite:///x.db"})
@@ -134,6 +151,170 @@ def test_secrets_are_hidden_in_display() -> None:
     assert "hunter2" not in repr(shown) and "s3cret-pass" not in repr(shown)
     assert settings.dsf.client_key_password is not None
     assert settings.dsf.client_key_password.get_secret_value() == "s3cret-pass"
+
+
+@pytest.mark.parametrize(
+    ("variable", "content", "read"),
+    [
+        ("DSF_BRIDGE_API__TOKEN_FILE", "token-from-a-docker-secret\n", "api.token"),
+        ("DSF_BRIDGE_API__OPERATOR_TOKEN_FILE", "operator-token-from-a-file", "api.operator_token"),
+        ("DSF_BRIDGE_DSF__CLIENT_KEY_PASSWORD_FILE", "key pass\r\n", "dsf.client_key_password"),
+        ("DSF_BRIDGE_DB__URL_FILE", "postgresql://u:pw@db:5432/x\n", "db.url"),
+    ],
+)
+def test_every_secret_from_a_file(tmp_path: Path, variable: str, content: str, read: str) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text(content)
+    env = {variable: str(secret)}
+    if read == "api.operator_token":
+        env["DSF_BRIDGE_API__TOKEN"] = "the-read-only-token"
+    settings = load_settings(environ=env)
+    section, key = read.split(".")
+    value = getattr(getattr(settings, section), key)
+    plain = value.get_secret_value() if isinstance(value, SecretStr) else value
+    assert plain == content.rstrip("\r\n")
+
+
+def test_the_secrets_are_every_secret_field_and_the_database_url() -> None:
+    assert set(secret_settings()) == {
+        "db.url",
+        "db.password",
+        "dsf.client_key_password",
+        "api.token",
+        "api.operator_token",
+        "proxy.password",
+    }
+
+
+def test_a_secret_set_twice_names_both_variables(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("token-from-a-docker-secret")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            environ={
+                "DSF_BRIDGE_API__TOKEN": "token-from-the-environment",
+                "DSF_BRIDGE_API__TOKEN_FILE": str(secret),
+            }
+        )
+    assert "DSF_BRIDGE_API__TOKEN and DSF_BRIDGE_API__TOKEN_FILE" in str(caught.value)
+    assert "token-from" not in str(caught.value)
+
+
+def test_an_unreadable_secret_file_names_the_variable_and_the_path(tmp_path: Path) -> None:
+    for path, reason in (
+        (tmp_path / "absent", "No such file or directory"),
+        (tmp_path, "Is a directory"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            load_settings(environ={"DSF_BRIDGE_DSF__CLIENT_KEY_PASSWORD_FILE": str(path)})
+        assert caught.value.field == "DSF_BRIDGE_DSF__CLIENT_KEY_PASSWORD_FILE"
+        assert str(caught.value) == (
+            f"DSF_BRIDGE_DSF__CLIENT_KEY_PASSWORD_FILE: cannot read {path}: {reason}"
+        )
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match=f"DSF_BRIDGE_API__TOKEN_FILE: {empty} is empty"):
+        load_settings(environ={"DSF_BRIDGE_API__TOKEN_FILE": str(empty)})
+
+
+def test_a_bad_secret_from_a_file_is_never_printed(tmp_path: Path) -> None:
+    short = tmp_path / "token"
+    short.write_text("tiny-secret\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"DSF_BRIDGE_API__TOKEN_FILE": str(short)})
+    assert caught.value.field == "api.token"
+    assert "tiny-secret" not in str(caught.value)
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfehidden")
+    with pytest.raises(ConfigError, match="not UTF-8 text") as caught:
+        load_settings(environ={"DSF_BRIDGE_API__TOKEN_FILE": str(binary)})
+    assert caught.value.__cause__ is None and "hidden" not in str(caught.value)
+
+
+def test_only_secrets_come_from_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="only secrets are read from a file") as caught:
+        load_settings(environ={"DSF_BRIDGE_DB__POOL_SIZE_FILE": str(tmp_path)})
+    assert caught.value.field == "DSF_BRIDGE_DB__POOL_SIZE_FILE"
+    with pytest.raises(ConfigError, match="DSF_BRIDGE_API__TOKEN_FILE"):
+        load_settings(environ={"DSF_BRIDGE_API_TOKEN_FILE": str(tmp_path)})
+
+
+def test_the_database_password_apart_from_the_url(tmp_path: Path) -> None:
+    secret = tmp_path / "db-password"
+    secret.write_text("p@ss/w:rd%\n")
+    settings = load_settings(
+        environ={
+            "DSF_BRIDGE_DB__URL": "postgresql://bridge@db:5432/x",
+            "DSF_BRIDGE_DB__PASSWORD_FILE": str(secret),
+        }
+    )
+    assert make_url(settings.db.url).password == "p@ss/w:rd%"
+    assert display_settings(settings)["db"] == {
+        "url": "postgresql://bridge:***@db:5432/x",
+        "pool_size": 5,
+        "echo": False,
+        "password": "***",
+    }
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("sqlite:///x.db", "names no PostgreSQL server"),
+        ("postgresql://bridge:other@db/x", "give one"),
+        ("postgresql://db/x", "needs the user"),
+    ],
+)
+def test_a_database_password_that_cannot_apply(url: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem) as caught:
+        load_settings(environ={"DSF_BRIDGE_DB__URL": url, "DSF_BRIDGE_DB__PASSWORD": "pw"})
+    assert caught.value.field == "db"
+
+
+def test_no_proxy_by_default() -> None:
+    settings = load_settings(environ={})
+    assert settings.proxy.url is None
+    assert settings.proxy.forward_proxy() is None
+
+
+def test_the_proxy_from_file_and_environment(tmp_path: Path) -> None:
+    password = tmp_path / "proxy-password"
+    password.write_text("proxy-secret\n")
+    settings = load_settings(
+        _write(tmp_path, '[proxy]\nurl = "http://proxy.example.org:3128/"\nusername = "site"\n'),
+        environ={
+            "DSF_BRIDGE_PROXY__PASSWORD_FILE": str(password),
+            "DSF_BRIDGE_PROXY__NO_PROXY": "localhost, .klinik.example, pacs:8042",
+        },
+    )
+    proxy = settings.proxy.forward_proxy()
+    assert proxy is not None
+    assert (proxy.url, proxy.auth) == ("http://proxy.example.org:3128", ("site", "proxy-secret"))
+    assert proxy.no_proxy == ("localhost", ".klinik.example", "pacs:8042")
+    assert proxy.route("https://dsf.other-site.example/fhir") is proxy
+    assert proxy.route("http://pacs.klinik.example/dicom-web") is None
+    shown = display_settings(settings)["proxy"]
+    assert shown["password"] == "***"
+    assert "proxy-secret" not in repr(shown)
+
+
+@pytest.mark.parametrize(
+    ("toml", "problem"),
+    [
+        ('[proxy]\nurl = "https://proxy:3128"\n', "must be an http:// URL"),
+        ('[proxy]\nurl = "socks5://proxy:1080"\n', "must be an http:// URL"),
+        ('[proxy]\nurl = "http://u:p@proxy:3128"\n', "proxy.username and proxy.password"),
+        ('[proxy]\nurl = "http://proxy:3128/path"\n', "without a path"),
+        ('[proxy]\nurl = "http://proxy:port"\n', "bad port"),
+        ('[proxy]\nno_proxy = ["a b"]\n', "entries are host names"),
+        ('[proxy]\nusername = "site"\n', "need proxy.url"),
+        ('[proxy]\nurl = "http://proxy:3128"\npassword = "x"\n', "needs proxy.username"),
+    ],
+)
+def test_bad_proxy_settings_name_the_field(tmp_path: Path, toml: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem) as caught:
+        load_settings(_write(tmp_path, toml), environ={})
+    assert (caught.value.field or "").startswith("proxy")
 
 
 def _commented_keys(text: str) -> dict[str, set[str]]:

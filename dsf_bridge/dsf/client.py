@@ -11,6 +11,10 @@ would risk a second Task, so that failure is reported retryable for the runtime 
 its outbox, which looks for the earlier delivery first. TLS failures are not retried and say
 which side refused whom.
 
+``proxy`` routes the calls through the site's forward proxy (``[proxy]``) unless the base URL's
+host bypasses it; an https server is then reached through a CONNECT tunnel, with TLS and the
+client certificate end to end. The proxy environment (``HTTPS_PROXY``) is not read.
+
 Tests inject an ``httpx`` transport (``httpx.MockTransport``) through ``transport=``.
 """
 
@@ -31,6 +35,7 @@ from lxml import etree
 
 from dsf_bridge.dsf.vocabulary import FHIR_JSON, outcome_diagnostics
 from dsf_bridge.errors import RemoteError
+from dsf_bridge.proxy import ForwardProxy
 from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
 __all__ = ["FhirClient", "FhirResult", "RetryPolicy", "parse_outcome"]
@@ -184,19 +189,23 @@ class FhirClient:
         retry: RetryPolicy | None = None,
         timeout: float = 30.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        proxy: ForwardProxy | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._retry = retry or CALL_RETRY
         self._sleep = sleep
+        # The proxy this server is reached through (None: directly); the websocket follows it.
+        self.proxy = proxy.route(self.base_url) if proxy is not None else None
         if transport is None:
             # TCP_NODELAY: a request goes out as headers and body; without it Nagle's algorithm
             # and the peer's delayed ACK add ~40 ms to every POST and PUT.
             transport = httpx.AsyncHTTPTransport(
                 verify=ssl_context if ssl_context is not None else True,
                 socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+                proxy=httpx.Proxy(self.proxy.url, auth=self.proxy.auth) if self.proxy else None,
             )
         self._http = httpx.AsyncClient(
-            transport=transport,
+            transport=transport,  # given a transport, httpx reads no proxy from the environment
             timeout=timeout,
             headers={"Accept": FHIR_JSON},
             follow_redirects=False,

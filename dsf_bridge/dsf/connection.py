@@ -17,6 +17,7 @@ from dsf_bridge.dsf.organization import find_local_organization
 from dsf_bridge.dsf.subscription import SubscriptionSettings, TaskSubscription, websocket_url
 from dsf_bridge.dsf.versions import server_release
 from dsf_bridge.errors import BridgeError, ConfigError
+from dsf_bridge.proxy import ForwardProxy
 
 __all__ = ["ConnectionStep", "check_connection"]
 
@@ -55,8 +56,12 @@ def _required(settings: DsfSettings) -> tuple[str, Path]:
     return settings.fhir_base_url, settings.client_certificate
 
 
-async def check_connection(settings: DsfSettings) -> AsyncIterator[ConnectionStep]:
-    """Run the checks in order; stop after the first failure (later steps depend on it)."""
+async def check_connection(
+    settings: DsfSettings, *, proxy: ForwardProxy | None = None
+) -> AsyncIterator[ConnectionStep]:
+    """Run the checks in order; stop after the first failure (later steps depend on it).
+    ``proxy`` is the site's forward proxy (``[proxy]``): REST and websocket go through it
+    unless the server's host bypasses it."""
     try:
         base_url, certificate = _required(settings)
         password = (
@@ -80,9 +85,15 @@ async def check_connection(settings: DsfSettings) -> AsyncIterator[ConnectionSte
     except BridgeError as exc:
         yield ConnectionStep("TLS configuration", False, str(exc))
         return
-    yield ConnectionStep("TLS configuration", True, f"{len(settings.ca_certificates)} CA file(s)")
+    route = proxy.route(base_url) if proxy is not None else None
+    through = f", through the proxy {route.url}" if route is not None else ""
+    yield ConnectionStep(
+        "TLS configuration", True, f"{len(settings.ca_certificates)} CA file(s){through}"
+    )
 
-    async with FhirClient(base_url, ssl_context=context, retry=_NO_RETRY, timeout=15) as client:
+    async with FhirClient(
+        base_url, ssl_context=context, retry=_NO_RETRY, timeout=15, proxy=proxy
+    ) as client:
         try:
             dsf_release = await server_release(client)
         except BridgeError as exc:

@@ -312,8 +312,16 @@ class TaskSubscription:
         """One connection: find, connect, bind, catch up, then handle frames until it drops."""
         subscription_id, _payload = await self.find_subscription()
         url = websocket_url(self.client.base_url)
+        # Through the FHIR client's proxy, if it has one; never one from the environment
+        # (websockets would read HTTPS_PROXY by default).
+        proxy = self.client.proxy.url_with_credentials() if self.client.proxy else None
         async with connect(
-            url, ssl=self.ssl_context, open_timeout=10, ping_interval=30, max_size=2**24
+            url,
+            ssl=self.ssl_context,
+            open_timeout=10,
+            ping_interval=30,
+            max_size=2**24,
+            proxy=proxy,
         ) as connection:
             await self._bind(connection, subscription_id)
             self.connections += 1

@@ -18,10 +18,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.errors import BridgeError
+
+if TYPE_CHECKING:  # the HTTP client only to ask a server; `dsf-bridge version` needs none
+    from dsf_bridge.dsf.client import FhirClient
 
 __all__ = [
     "DSF_1",

@@ -35,6 +35,7 @@ from pydicom.dataset import Dataset
 from requests.adapters import HTTPAdapter
 
 from dsf_bridge.errors import RemoteError
+from dsf_bridge.proxy import ForwardProxy
 from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
 __all__ = [
@@ -132,7 +133,9 @@ class DicomWebArchive:
 
     ``timeout`` is per HTTP request in seconds; ``retry`` is the site's policy for one call
     (``[runtime] call_*``): a connection failure, a timeout or a 5xx/429 answer is tried again
-    up to ``retry.attempts`` times in all, honouring ``Retry-After`` up to its cap.
+    up to ``retry.attempts`` times in all, honouring ``Retry-After`` up to its cap. ``proxy`` is
+    the site's forward proxy (``[proxy]``), used unless the archive's host bypasses it; the
+    proxy environment (``HTTPS_PROXY``) is never read.
     """
 
     def __init__(
@@ -144,10 +147,19 @@ class DicomWebArchive:
         retry: RetryPolicy = CALL_RETRY,
         headers: Mapping[str, str] | None = None,
         session: requests.Session | None = None,
+        proxy: ForwardProxy | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self._retry = retry
         self._session = session if session is not None else requests.Session()
+        # The proxy is [proxy]'s, never HTTPS_PROXY's (nor a CA bundle from REQUESTS_CA_BUNDLE).
+        self._session.trust_env = False
+        route = proxy.route(self.url) if proxy is not None else None
+        if route is not None:
+            # An https archive is reached through a CONNECT tunnel; the adapter's SSLContext
+            # (the site's client certificate) does the TLS inside it.
+            through = route.url_with_credentials()
+            self._session.proxies = {"http": through, "https": through}
         if ssl_context is not None:
             self._session.mount("https://", _SslContextAdapter(ssl_context))
         self._client = DICOMwebClient(

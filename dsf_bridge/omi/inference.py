@@ -42,6 +42,7 @@ import numpy.typing as npt
 import structlog
 
 from dsf_bridge.errors import RemoteError
+from dsf_bridge.proxy import ForwardProxy
 from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
 __all__ = [
@@ -180,6 +181,8 @@ class HttpInferenceClient:
     more than the default, so sites set it per service. ``verify`` is an ``ssl.SSLContext``
     (mutual TLS carries the client certificate in it) or a bool. ``retry`` bounds how often a
     call is repeated after a connection failure or a 429/502/503/504 (module docstring).
+    ``proxy`` is the site's forward proxy (``[proxy]``), used unless the server's host bypasses
+    it (by default a server on the loopback does); the proxy environment is never read.
     """
 
     def __init__(
@@ -192,16 +195,20 @@ class HttpInferenceClient:
         transport: httpx.AsyncBaseTransport | None = None,
         retry: RetryPolicy = CALL_RETRY,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        proxy: ForwardProxy | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._retry = retry
         self._sleep = sleep
+        route = proxy.route(self.base_url) if proxy is not None else None
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=timeout,
             verify=verify,
             headers=dict(headers or {}),
             transport=transport,
+            proxy=httpx.Proxy(route.url, auth=route.auth) if route is not None else None,
+            trust_env=False,  # the proxy is [proxy]'s, never HTTPS_PROXY's
         )
 
     async def aclose(self) -> None:

@@ -35,6 +35,7 @@ import httpx
 import structlog
 
 from dsf_bridge.errors import RemoteError
+from dsf_bridge.proxy import ForwardProxy
 
 __all__ = [
     "ALGORITHM_EXTENSION",
@@ -201,7 +202,8 @@ class LocalCatalogue:
 
 class FhirRegistryClient:
     """Searches an OMI registry FHIR server for active HealthcareServices with their Endpoints,
-    Organizations and Devices."""
+    Organizations and Devices. ``proxy`` is the site's forward proxy (``[proxy]``), used unless
+    the registry's host bypasses it; the proxy environment is never read."""
 
     def __init__(
         self,
@@ -211,15 +213,19 @@ class FhirRegistryClient:
         verify: ssl.SSLContext | bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
         page_limit: int = 20,
+        proxy: ForwardProxy | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._page_limit = page_limit
+        route = proxy.route(self.base_url) if proxy is not None else None
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=timeout,
             verify=verify,
             headers={"Accept": "application/fhir+json"},
             transport=transport,
+            proxy=httpx.Proxy(route.url, auth=route.auth) if route is not None else None,
+            trust_env=False,  # the proxy is [proxy]'s, never HTTPS_PROXY's
         )
 
     async def aclose(self) -> None:

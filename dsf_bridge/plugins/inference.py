@@ -68,11 +68,13 @@ from dsf_bridge.plugins.pingpong import bpmn_dir, profiles_dir
 from dsf_bridge.plugins.registry import (
     SERVICE_CALL_RETRY,
     SERVICE_FHIR_CLIENT,
+    SERVICE_FORWARD_PROXY,
     BpmnError,
     HandlerContext,
     HandlerRegistry,
     SendContext,
 )
+from dsf_bridge.proxy import ForwardProxy
 from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
 __all__ = [
@@ -234,7 +236,10 @@ _PREFIX = "dsf_bridge.plugins.inference."
 
 
 async def _resolve(
-    settings: OmiSettings, service_id: str, registry: ServiceRegistry | None
+    settings: OmiSettings,
+    service_id: str,
+    registry: ServiceRegistry | None,
+    proxy: ForwardProxy | None = None,
 ) -> InferenceService:
     entry = _entry(settings, service_id)
     if entry is not None:
@@ -253,7 +258,7 @@ async def _resolve(
             f"service {service_id} is not in this site's catalogue ([omi] catalogue) and no "
             "OMI registry is configured"
         )
-    async with FhirRegistryClient(settings.registry_url) as client:
+    async with FhirRegistryClient(settings.registry_url, proxy=proxy) as client:
         return await client.get_service(service_id)
 
 
@@ -286,7 +291,9 @@ async def resolve_service(ctx: HandlerContext) -> None:
         )
     try:
         registry = ctx.services.get(SERVICE_OMI_REGISTRY)
-        service = await _resolve(settings, str(service_id), cast(ServiceRegistry | None, registry))
+        service = await _resolve(
+            settings, str(service_id), cast(ServiceRegistry | None, registry), _proxy(ctx)
+        )
         check_heartbeat(service)
     except RegistryError as exc:
         raise BpmnError(SERVICE_UNAVAILABLE, str(exc)) from exc
@@ -515,6 +522,12 @@ def check_request(ctx: HandlerContext) -> None:
     log.info("inference.request_checked", requester=requester, service=entry.id)
 
 
+def _proxy(ctx: HandlerContext) -> ForwardProxy | None:
+    """The site's forward proxy (``[proxy]``), if it has one."""
+    proxy = ctx.services.get(SERVICE_FORWARD_PROXY)
+    return proxy if isinstance(proxy, ForwardProxy) else None
+
+
 def _call_retry(ctx: HandlerContext) -> RetryPolicy:
     """The site's policy for one call (``[runtime] call_*``); the default outside a bridge."""
     policy = ctx.services.get(SERVICE_CALL_RETRY)
@@ -537,11 +550,15 @@ async def run_inference(ctx: HandlerContext) -> None:
         else None,
         timeout=settings.dicomweb_timeout,
         retry=_call_retry(ctx),
+        proxy=_proxy(ctx),
     )
     series = ctx.get("seriesInstanceUid")
     try:
         async with HttpInferenceClient(
-            entry.inference_url, timeout=settings.inference_timeout, retry=_call_retry(ctx)
+            entry.inference_url,
+            timeout=settings.inference_timeout,
+            retry=_call_retry(ctx),
+            proxy=_proxy(ctx),
         ) as client:
             outcome = await infer_study(
                 archive,

@@ -23,7 +23,9 @@ Handlers that need the outside world (the local FHIR server, the site's identity
 (a :class:`~dsf_bridge.dsf.client.FhirClient` of the local DSF FHIR server) and
 :data:`SERVICE_LOCAL_ORGANIZATION` (a :class:`~dsf_bridge.dsf.organization.LocalOrganization`)
 and :data:`SERVICE_CALL_RETRY` (the site's :class:`~dsf_bridge.retry.RetryPolicy` for one call to
-a remote server, ``[runtime] call_*``: a handler's own HTTP clients follow it); tests put fakes
+a remote server, ``[runtime] call_*``: a handler's own HTTP clients follow it) and, when the site
+has one, :data:`SERVICE_FORWARD_PROXY` (its :class:`~dsf_bridge.proxy.ForwardProxy`, ``[proxy]``:
+a handler's own HTTP clients route through it, asking ``proxy.route(url)``); tests put fakes
 under a plugin's own names. ``ctx.service(name, kind)`` reads one, typed.
 """
 
@@ -42,6 +44,7 @@ from dsf_bridge.errors import ProcessExecutionError, ProcessModelError
 __all__ = [
     "SERVICE_CALL_RETRY",
     "SERVICE_FHIR_CLIENT",
+    "SERVICE_FORWARD_PROXY",
     "SERVICE_LOCAL_ORGANIZATION",
     "BpmnError",
     "Handler",
@@ -55,6 +58,7 @@ __all__ = [
 
 SERVICE_FHIR_CLIENT = "dsf.fhir_client"
 SERVICE_CALL_RETRY = "bridge.call_retry"
+SERVICE_FORWARD_PROXY = "bridge.forward_proxy"
 SERVICE_LOCAL_ORGANIZATION = "dsf.local_organization"
 
 _T = TypeVar("_T")

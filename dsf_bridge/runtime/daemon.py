@@ -45,6 +45,7 @@ from dsf_bridge.plugins.inference import SERVICE_DICOMWEB_SSL_CONTEXT, SERVICE_O
 from dsf_bridge.plugins.registry import (
     SERVICE_CALL_RETRY,
     SERVICE_FHIR_CLIENT,
+    SERVICE_FORWARD_PROXY,
     SERVICE_LOCAL_ORGANIZATION,
 )
 from dsf_bridge.runtime.gateway import DsfTaskGateway
@@ -146,7 +147,12 @@ class Bridge:
             self.settings.db.url, pool_size=self.settings.db.pool_size, echo=self.settings.db.echo
         )
         call_retry = self.runtime_settings.call_retry
-        self.client = FhirClient(dsf.fhir_base_url, ssl_context=context, retry=call_retry)
+        proxy = self.settings.proxy.forward_proxy()
+        if proxy is not None:
+            log.info("proxy.configured", url=proxy.url, no_proxy=list(proxy.no_proxy))
+        self.client = FhirClient(
+            dsf.fhir_base_url, ssl_context=context, retry=call_retry, proxy=proxy
+        )
         # From the server, never from configuration: a site upgraded to 2.x needs no new config.
         self.dsf_release = await server_release(self.client)
         log.info(
@@ -160,12 +166,18 @@ class Bridge:
         log.info("organization.found", organization=local)
 
         self.gateway = DsfTaskGateway(
-            self.client, context, local, dsf_release=self.dsf_release, retry=call_retry
+            self.client,
+            context,
+            local,
+            dsf_release=self.dsf_release,
+            retry=call_retry,
+            proxy=proxy,
         )
         services: dict[str, object] = {
             SERVICE_FHIR_CLIENT: self.client,
             SERVICE_LOCAL_ORGANIZATION: self.organization,
             SERVICE_CALL_RETRY: call_retry,
+            **({SERVICE_FORWARD_PROXY: proxy} if proxy is not None else {}),
             SERVICE_OMI_SETTINGS: self.settings.omi,
             # https DICOMweb archives see the site's DSF identity (mutual TLS).
             SERVICE_DICOMWEB_SSL_CONTEXT: build_ssl_context(

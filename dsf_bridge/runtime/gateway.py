@@ -22,6 +22,7 @@ from dsf_bridge.dsf.tasks import build_task, input_values, updated_task, with_ou
 from dsf_bridge.dsf.versions import DSF_2, DsfRelease
 from dsf_bridge.dsf.vocabulary import ORGANIZATION_IDENTIFIER_SYSTEM, parse_instant
 from dsf_bridge.errors import ProcessExecutionError, RemoteError
+from dsf_bridge.proxy import ForwardProxy
 from dsf_bridge.runtime.ports import OutgoingTask, UserTaskRequest
 
 __all__ = ["DsfTaskGateway"]
@@ -63,14 +64,17 @@ class DsfTaskGateway:
         retry: RetryPolicy | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         dsf_release: DsfRelease = DSF_2,
+        proxy: ForwardProxy | None = None,
     ) -> None:
-        """``dsf_release`` is the local FHIR server's (user task responses differ by it)."""
+        """``dsf_release`` is the local FHIR server's (user task responses differ by it);
+        ``proxy`` is the site's forward proxy for the remote FHIR servers (``[proxy]``)."""
         self.local = local
         self.ssl_context = ssl_context
         self.local_organization = local_organization
         self.retry = retry
         self.clock = clock
         self.dsf_release = dsf_release
+        self.proxy = proxy
         self._remotes: dict[str, FhirClient] = {}
         self._known: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
@@ -90,7 +94,9 @@ class DsfTaskGateway:
             return self.local
         client = self._remotes.get(address)
         if client is None:
-            client = FhirClient(address, ssl_context=self.ssl_context, retry=self.retry)
+            client = FhirClient(
+                address, ssl_context=self.ssl_context, retry=self.retry, proxy=self.proxy
+            )
             self._remotes[address] = client
         return client
 

@@ -7,26 +7,22 @@ server at ``https://127.0.0.1:<port>/fhir`` until interrupted. For tests, demos 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import signal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from dsf_bridge.dsf.identity import load_identity
 from dsf_bridge.dsf.versions import DSF_RELEASES, DsfRelease, release
 from dsf_bridge.errors import BridgeError
-from dsf_bridge.sandbox.server import SandboxServer
-from dsf_bridge.sandbox.sites import (
-    DEFAULT_BASE_PORT,
-    SiteFiles,
-    build_service,
-    init_sandbox,
-    sandbox_release,
-)
+from dsf_bridge.sandbox import DEFAULT_BASE_PORT
+
+if TYPE_CHECKING:
+    from dsf_bridge.sandbox.sites import SiteFiles
+
+# The commands import the sandbox (certificates, FHIR service, validator) in their bodies:
+# `dsf-bridge sandbox --help` needs none of it.
 
 __all__ = ["sandbox_app"]
 
@@ -69,6 +65,9 @@ def init(
     ] = "2.1",
 ) -> None:
     """Mint a CA, per organization server and client certificates, bridge.toml and allow list."""
+    from dsf_bridge.dsf.identity import load_identity
+    from dsf_bridge.sandbox.sites import init_sandbox
+
     if (directory / "ca.pem").exists() and not force:
         typer.echo(
             f"{directory} already holds a sandbox (ca.pem); use --force to replace its keys",
@@ -107,6 +106,10 @@ def serve(
     ] = None,
 ) -> None:
     """Serve one organization's DSF FHIR server at https://127.0.0.1:PORT/fhir."""
+    import asyncio
+
+    from dsf_bridge.sandbox.sites import sandbox_release
+
     allow_list_path = directory / "allow-list.json"
     if not allow_list_path.is_file():
         typer.echo(f"{allow_list_path} not found: run 'dsf-bridge sandbox init' first", err=True)
@@ -125,6 +128,8 @@ def serve(
 
 
 def _site(directory: Path, organization: str, allow_list: dict[str, Any]) -> SiteFiles:
+    from dsf_bridge.sandbox.sites import SiteFiles
+
     port = DEFAULT_BASE_PORT
     for entry in allow_list.get("entry") or []:
         resource = entry.get("resource") or {}
@@ -145,6 +150,12 @@ def _site(directory: Path, organization: str, allow_list: dict[str, Any]) -> Sit
 async def _serve(
     site: SiteFiles, allow_list: dict[str, Any], port: int, dsf_release: DsfRelease
 ) -> None:
+    import asyncio
+    import signal
+
+    from dsf_bridge.sandbox.server import SandboxServer
+    from dsf_bridge.sandbox.sites import build_service
+
     service = build_service(
         site.organization,
         allow_list,

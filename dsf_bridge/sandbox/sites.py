@@ -32,6 +32,7 @@ from dsf_bridge.dsf.vocabulary import (
     READ_ACCESS_TAG_SYSTEM,
     THUMBPRINT_EXTENSION,
 )
+from dsf_bridge.sandbox import DEFAULT_BASE_PORT
 from dsf_bridge.sandbox.certs import CertificateAuthority
 from dsf_bridge.sandbox.resources import MemoryResourceStore
 from dsf_bridge.sandbox.service import FhirService
@@ -51,7 +52,6 @@ __all__ = [
 
 READ_ACCESS_ALL = {"system": READ_ACCESS_TAG_SYSTEM, "code": "ALL"}
 _ORGANIZATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-DEFAULT_BASE_PORT = 8443
 SANDBOX_FILE = "sandbox.json"
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from dsf_bridge.sandbox.certs import CertificateAuthority
+from tests.forward_proxy import ForwardProxyServer
 from tests.served import cli, served_sandbox
 
 __all__ = ["served_sandbox"]
@@ -30,6 +32,28 @@ def test_all_steps_pass_against_a_good_configuration(served: Path) -> None:
     ):
         assert any(line.startswith(f"OK   {step}") for line in lines), result.stdout
     assert "FAIL" not in result.stdout
+
+
+def test_all_steps_pass_through_the_configured_proxy(served: Path) -> None:
+    with ForwardProxyServer.in_thread(credentials=("site-a", "proxy-pass")) as proxy:
+        env = {
+            **os.environ,
+            "DSF_BRIDGE_PROXY__URL": proxy.url,
+            "DSF_BRIDGE_PROXY__USERNAME": "site-a",
+            "DSF_BRIDGE_PROXY__PASSWORD": "proxy-pass",
+            "DSF_BRIDGE_PROXY__NO_PROXY": "[]",  # the sandbox is on the loopback
+        }
+        result = cli(
+            "--config", str(served / "Site_A" / "bridge.toml"), "check-connection", env=env
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"OK   TLS configuration: 1 CA file(s), through the proxy {proxy.url}" in result.stdout
+    assert any(line.startswith("OK   websocket") for line in result.stdout.splitlines())
+    # REST and the websocket: two tunnels at least, every one authenticated.
+    assert len(proxy.seen) >= 2
+    assert {(seen.method, seen.authorization is not None) for seen in proxy.seen} == {
+        ("CONNECT", True)
+    }
 
 
 def test_a_certificate_of_another_organization_is_refused(served: Path) -> None:

@@ -20,6 +20,7 @@ from dsf_bridge.dsf.client import FhirClient, RetryPolicy
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity
 from dsf_bridge.engine import load_process
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry, SendContext
+from dsf_bridge.proxy import ForwardProxy
 from dsf_bridge.runtime.gateway import DsfTaskGateway
 from dsf_bridge.runtime.ports import OutgoingTask
 from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
@@ -116,9 +117,11 @@ async def runtime_for(
     owner: str,
     settings: RuntimeSettings | None = None,
     clock: Callable[[], dt.datetime] | None = None,
+    *,
+    proxy: ForwardProxy | None = None,
 ) -> tuple[ProcessRuntime, DsfTaskGateway]:
     client, context = site_client(config)
-    gateway = DsfTaskGateway(client, context, config["organization"], retry=FAST)
+    gateway = DsfTaskGateway(client, context, config["organization"], retry=FAST, proxy=proxy)
     runtime = ProcessRuntime(database, gateway, owner=owner, settings=settings)
     if clock is not None:
         runtime.clock = clock

@@ -15,12 +15,14 @@ from typing import Any
 import pytest
 
 from dsf_bridge.dsf.tasks import input_values
+from dsf_bridge.proxy import ForwardProxy
 from dsf_bridge.runtime.gateway import DsfTaskGateway
 from dsf_bridge.runtime.ports import OutgoingTask
 from dsf_bridge.sandbox.network import SandboxNetwork
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.kinds import TaskSeenStatus
+from tests.forward_proxy import ForwardProxyServer, ProxiedRequest
 from tests.runtime.sending import (
     FAST,
     KEY,
@@ -86,6 +88,34 @@ async def test_503_twice_then_201_delivers_one_task(
     assert record.status == "running"  # now waiting for the reply
     assert len(sent) == 1
     assert arrived["id"] in sent[0]
+
+
+async def test_tasks_to_a_remote_site_go_through_the_proxy(
+    network: SandboxNetwork, sqlite_database: Database
+) -> None:
+    def authority(organization: str) -> str:
+        return network.base_url(organization).split("://", 1)[1].split("/", 1)[0]
+
+    async with ForwardProxyServer() as proxy:
+        # The local FHIR server is reached directly (no_proxy), the remote one through the proxy.
+        forward = ForwardProxy(proxy.url, no_proxy=(authority(REQUESTER),))
+        runtime, gateway = await runtime_for(
+            sqlite_database, _config(network, REQUESTER), owner="a", proxy=forward
+        )
+        try:
+            await runtime.start(
+                KEY,
+                message_name="start",
+                business_key="bk-proxy",
+                variables={"target": {"organizationIdentifier": PROVIDER}},
+            )
+            await runtime.run_until_idle()
+        finally:
+            await close(gateway)
+    (arrived,) = _requests_at_provider(network)
+    assert input_values(arrived, "business-key") == ["bk-proxy"]
+    assert proxy.seen
+    assert set(proxy.seen) == {ProxiedRequest("CONNECT", authority(PROVIDER), None)}
 
 
 async def _killed_bridge(db_url: str, config: dict[str, str], *mode: str) -> None:
