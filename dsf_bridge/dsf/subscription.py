@@ -39,6 +39,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.tasks import BUSINESS_KEY, input_values
 from dsf_bridge.dsf.vocabulary import FHIR_JSON, parse_instant
 from dsf_bridge.errors import BridgeError, RemoteError
 
@@ -91,6 +92,26 @@ def _version(resource: Mapping[str, Any]) -> str:
     return str((resource.get("meta") or {}).get("versionId") or "")
 
 
+class ResourceDeferredError(BridgeError):
+    """Raised by a handler that leaves a resource for now (another replica is taking it in):
+    the cursor stays before it, and a later catch-up brings it again."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)
+
+
+def _order_key(resource: Mapping[str, Any]) -> str:
+    """What orders the handling of resources: a Task's business key (its messages reach one
+    instance in the order they came), else the resource itself."""
+    try:
+        keys = input_values(resource, BUSINESS_KEY)
+    except (AttributeError, TypeError):  # a hostile shape: intake refuses it by itself
+        keys = []
+    if keys and isinstance(keys[0], str):
+        return f"business-key:{keys[0]}"
+    return f"{resource.get('resourceType')}/{resource.get('id')}"
+
+
 def _search_criteria(criteria: str) -> tuple[str, list[tuple[str, str]]]:
     resource_type, _, query = criteria.partition("?")
     params = [tuple(part.split("=", 1)) for part in query.split("&") if "=" in part]
@@ -132,7 +153,9 @@ class TaskSubscription:
         self.caught_up_connections = 0
         # Resources of frames being handled off the receive loop, the slots they hold, and
         # whether one failed (the loop then catches up, as a failure in the loop did).
-        self._handling: set[asyncio.Task[None]] = set()
+        self._handling: set[asyncio.Task[Exception | None]] = set()
+        # The newest resource handed off per business key (its handling ends the future).
+        self._last_of: dict[str, asyncio.Future[None]] = {}
         self._slots: asyncio.Semaphore | None = None
         self._resync = asyncio.Event()
 
@@ -186,14 +209,26 @@ class TaskSubscription:
                 params.append(("_lastUpdated", f"ge{start.isoformat(timespec='microseconds')}"))
             page = await self._first_page(params)
             fresh = [r for r in page if (str(r.get("id")), _version(r)) not in seen]
-            # A page's resources are handled side by side (``frames_at_once``), the cursor
-            # then moved in their order, as if they had been handled one after the other.
-            outcomes = await self._handle_all(fresh)
+            # A page's resources are handled side by side (``frames_at_once``), those of one
+            # business key one after the other in the page's order; the cursor is then moved
+            # in their order, as if all had been handled one after the other.
+            handing = [await self._hand_off(resource, report=False) for resource in fresh]
+            outcomes = [await task for task in handing]
             for resource, outcome in zip(fresh, outcomes, strict=True):
                 seen.add((str(resource.get("id")), _version(resource)))
                 try:
                     if outcome is not None:
                         raise outcome
+                except ResourceDeferredError as exc:
+                    # Left for now (another replica takes it in): the cursor stays before it.
+                    _log.info(
+                        "subscription.resource_left",
+                        resource_type=self.resource_type,
+                        resource_id=str(resource.get("id")),
+                        reason=str(exc),
+                    )
+                    deferred = True
+                    continue
                 except RemoteError as exc:
                     if exc.status is None:
                         raise  # the server is away: stop, reconnect, catch up again
@@ -218,22 +253,6 @@ class TaskSubscription:
         if handled:
             _log.info("subscription.caught_up", resource_type=self.resource_type, count=handled)
         return handled
-
-    async def _handle_all(self, resources: list[dict[str, Any]]) -> list[Exception | None]:
-        """Handle ``resources`` concurrently within the free slots; each one's failure."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.settings.frames_at_once)
-        slots = self._slots
-
-        async def one(resource: dict[str, Any]) -> Exception | None:
-            async with slots:
-                try:
-                    await self.handle(resource)
-                except Exception as exc:  # returned: the caller raises it in the page's order
-                    return exc
-                return None
-
-        return list(await asyncio.gather(*(one(resource) for resource in resources)))
 
     async def _first_page(self, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
         async for bundle in self.client.search_pages(self.resource_type, params):
@@ -276,19 +295,46 @@ class TaskSubscription:
             await self._hand_off(resource)
         return False
 
-    async def _hand_off(self, resource: dict[str, Any]) -> None:
-        """Handle ``resource`` in a task of its own once a slot is free."""
+    async def _hand_off(
+        self, resource: dict[str, Any], *, report: bool = True
+    ) -> asyncio.Task[Exception | None]:
+        """Handle ``resource`` in a task of its own once a slot is free, after the resources
+        of its business key handed off before it; the task returns the failure, if any.
+        ``report``: a frame's failure is logged and asks for a catch-up (the catch-up's own
+        resources are judged by the catch-up)."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.settings.frames_at_once)
         await self._slots.acquire()
-        task = asyncio.ensure_future(self._handled(resource, self._slots))
+        key = _order_key(resource)
+        before = self._last_of.get(key)
+        mine = asyncio.get_running_loop().create_future()
+        self._last_of[key] = mine
+        task = asyncio.ensure_future(
+            self._handled(resource, self._slots, key, before, mine, report=report)
+        )
         self._handling.add(task)
         task.add_done_callback(self._handling.discard)
+        return task
 
-    async def _handled(self, resource: dict[str, Any], slots: asyncio.Semaphore) -> None:
+    async def _handled(
+        self,
+        resource: dict[str, Any],
+        slots: asyncio.Semaphore,
+        key: str,
+        before: asyncio.Future[None] | None,
+        mine: asyncio.Future[None],
+        *,
+        report: bool,
+    ) -> Exception | None:
         try:
+            if before is not None:
+                await before  # in the order received: a start, then the messages of its key
             await self.handle(resource)
+        except ResourceDeferredError:
+            return None if report else ResourceDeferredError(str(resource.get("id")))
         except Exception as exc:  # the next catch-up brings it again, as before the hand-off
+            if not report:
+                return exc
             if isinstance(exc, BridgeError):
                 _log.warning("subscription.frame_failed", error=str(exc), retryable=exc.retryable)
             else:
@@ -296,6 +342,10 @@ class TaskSubscription:
             self._resync.set()
         finally:
             slots.release()
+            mine.set_result(None)
+            if self._last_of.get(key) is mine:
+                del self._last_of[key]
+        return None
 
     async def settled(self, grace: float | None = None) -> None:
         """Wait until the resources handed off so far are handled; past ``grace`` seconds,

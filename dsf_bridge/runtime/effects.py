@@ -93,9 +93,16 @@ class EffectWriter:
         # worker loop is on), the handler, send and continuation jobs due now and the outbox
         # entries are written leased to it for this long; otherwise left for a polling round.
         self.lease: dt.timedelta | None = None
+        # Whether the runtime can run more work right after the commit (its dispatch is
+        # bounded); when not, work is written for a polling round (bounded by its batch).
+        self.has_room: Callable[[], bool] = lambda: True
 
-    def _leased(self, now: dt.datetime) -> repo.Lease | None:
-        return None if self.lease is None else (self.owner, now + self.lease)
+    def leased(self, now: dt.datetime) -> repo.Lease | None:
+        """The lease to write new work with, to run it right after the commit; ``None``: for
+        a polling round (the worker loop is off, or the runtime runs enough at once)."""
+        if self.lease is None or not self.has_room():
+            return None
+        return (self.owner, now + self.lease)
 
     async def _job(
         self,
@@ -108,7 +115,7 @@ class EffectWriter:
         payload: dict[str, Any],
         now: dt.datetime,
     ) -> None:
-        leased = self._leased(now) if due_at <= now else None
+        leased = self.leased(now) if due_at <= now else None
         job_id = await repo.enqueue_job(
             session,
             kind=kind,
@@ -135,7 +142,7 @@ class EffectWriter:
         payload: dict[str, Any],
         now: dt.datetime,
     ) -> None:
-        leased = self._leased(now)
+        leased = self.leased(now)
         entry_id = await repo.enqueue_outbox(
             session,
             idempotency_key=idempotency_key,

@@ -47,6 +47,7 @@ from typing import Any, Protocol
 import structlog
 
 from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.subscription import ResourceDeferredError
 from dsf_bridge.dsf.tasks import (
     BUSINESS_KEY,
     TaskFormatError,
@@ -270,7 +271,9 @@ class TaskIntake:
                         # now: no second in-progress PUT racing it. A claim a crash left
                         # behind is older, and taken up again.
                         log.info("task.claimed_elsewhere", reason="claimed moments ago")
-                        return
+                        raise ResourceDeferredError(
+                            f"Task/{task_id} was claimed by another replica moments ago"
+                        )
             key = (task_id, version)
             if key in self._working:
                 return  # the sweeps are on this claim now; they defer it again if they fail

@@ -96,7 +96,9 @@ class JobWorker:
         instance_id = jobs[0].instance_id
         lock, users = self._instances.get(instance_id) or (asyncio.Lock(), 0)
         self._instances[instance_id] = (lock, users + 1)
-        waited = lock.locked()
+        # Another run on the instance holds the lock or waits for it: this one waits behind
+        # it (asyncio's lock is fair), even in the moment its holder has let go.
+        waited = users > 0
         failure: BridgeError | None = None
         try:
             async with lock:
@@ -370,7 +372,7 @@ class JobWorker:
             "updates": dict(completed.variables),
             "local_updates": dict(getattr(completed, "local_variables", {})),
         }
-        leased = self.runtime.effects._leased(self.runtime.clock())
+        leased = self.runtime.effects.leased(self.runtime.clock())
         async with self.runtime.database.transaction() as session:
             if send.business_key != effect.business_key:
                 # Sent with the alternative business key: the instance has exactly one (sends

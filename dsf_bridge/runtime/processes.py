@@ -45,7 +45,7 @@ from dsf_bridge.runtime.outbox import OutboxWorker
 from dsf_bridge.runtime.ports import TaskGateway
 from dsf_bridge.runtime.stepping import InstanceStepper, engine_step_of
 from dsf_bridge.runtime.timers import TimerWorker
-from dsf_bridge.runtime.workers import Dispatcher, WorkerLoop, run_all
+from dsf_bridge.runtime.workers import Dispatcher, WorkerLoop, run_all, seal_forever
 from dsf_bridge.store import Database, seal_events
 from dsf_bridge.store import repository as repo
 
@@ -81,6 +81,9 @@ class RuntimeSettings:
     batch: int = 20
     idle_poll: dt.timedelta = dt.timedelta(seconds=1)
     conflict_retries: int = 10
+    # How many jobs and effects a bridge runs at once right after the commits that queued
+    # them; work beyond it waits for a polling round (``batch`` per round).
+    dispatch_limit: int = 50
     # How long a stopping worker lets its round finish before it cancels it and gives back
     # its leases (temporal's graceful shutdown: stop claiming, drain, release, exit).
     shutdown_grace: dt.timedelta = dt.timedelta(seconds=30)
@@ -120,7 +123,8 @@ class ProcessRuntime:
         )
         self._wakeup = asyncio.Event()
         # Runs the work a step queued right after its commit while the worker loop runs.
-        self._dispatcher = Dispatcher()
+        self._dispatcher = Dispatcher(self.settings.dispatch_limit)
+        self.effects.has_room = self._dispatcher.has_room
         self.stepper = InstanceStepper(self, self._wakeup)
         self.delivery = MessageDelivery(self)
         self.jobs = JobWorker(self)
@@ -264,10 +268,15 @@ class ProcessRuntime:
         # and run right after the commit, without a polling round to find them.
         self.effects.lease = self.settings.lease
         stopping = asyncio.ensure_future(self._no_more_leasing(stop))
+        sealing = asyncio.ensure_future(
+            seal_forever(self.database, stop, self.settings.idle_poll.total_seconds())
+        )
         try:
             await self._loop.run(stop)
         finally:
             stopping.cancel()
+            sealing.cancel()
+            await asyncio.gather(sealing, return_exceptions=True)
             self.effects.lease = None
 
     async def _no_more_leasing(self, stop: asyncio.Event) -> None:

@@ -11,6 +11,7 @@ a round: it logs it and goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -20,7 +21,7 @@ from dsf_bridge.errors import BridgeError
 from dsf_bridge.store import Database, seal_events
 from dsf_bridge.store import repository as repo
 
-__all__ = ["Dispatcher", "WorkerLoop", "run_all"]
+__all__ = ["Dispatcher", "WorkerLoop", "run_all", "seal_all", "seal_forever"]
 
 log = structlog.get_logger("dsf_bridge.runtime")
 
@@ -36,9 +37,15 @@ class Dispatcher:
     then keeps its lease until the loop gives every lease back.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 50) -> None:
+        """``limit``: how many pieces of work may run at once; past it, :meth:`has_room`
+        answers ``False`` and new work is left to the rounds."""
         self._running: set[asyncio.Task[None]] = set()
         self.open = False
+        self.limit = limit
+
+    def has_room(self) -> bool:
+        return self.open and len(self._running) < self.limit
 
     def spawn(self, work: Awaitable[None]) -> bool:
         """Start ``work`` now; ``False`` (and ``work`` closed unrun) once closed."""
@@ -181,14 +188,38 @@ class WorkerLoop:
         try:
             async with self.database.transaction() as session:
                 released = await repo.release_leases(session, self.owner)
-                # What this bridge appended is in the chain when it has stopped.
-                while await seal_events(session) == _SEAL_BATCH:
-                    pass
         except BridgeError as exc:  # the store is gone: the leases run out instead
             log.warning("worker.leases_kept", error=str(exc))
             return
         if released:
             log.info("worker.leases_released", count=released)
+        await seal_all(self.database)
+
+
+async def seal_all(database: Database, *, batches: int = 10) -> int:
+    """Seal the unsealed audit events, a batch per transaction, ``batches`` at most (a
+    stopping bridge must not outlast its orchestrator's patience); return how many."""
+    sealed = 0
+    try:
+        for _ in range(batches):
+            async with database.transaction() as session:
+                count = await seal_events(session, limit=_SEAL_BATCH)
+            sealed += count
+            if count < _SEAL_BATCH:
+                break
+    except BridgeError as exc:  # the next round, or the next start, seals them
+        log.warning("audit.seal_failed", error=str(exc))
+    return sealed
+
+
+async def seal_forever(database: Database, stop: asyncio.Event, every: float) -> None:
+    """Seal what was appended every ``every`` seconds until ``stop``, apart from the rounds
+    (a round that runs a long job must not hold the sealing up)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=max(every, 0.05))
+        if not stop.is_set():
+            await seal_all(database)
 
 
 async def _cancelled(work: asyncio.Future[int]) -> None:

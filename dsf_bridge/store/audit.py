@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dsf_bridge.store.tables import AuditEvent, AuditHead
@@ -123,6 +124,16 @@ _INSERT = insert(cast(Table, AuditEvent.__table__)).values(
     reason=bindparam("reason"),
     payload_digest=bindparam("payload_digest"),
 )
+
+
+def _insert_head(session: AsyncSession) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING`` of the head row in the session's dialect."""
+    table = cast(Table, AuditHead.__table__)
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
+
+
 # Core, not ORM: one executemany for a whole batch of seals.
 _EVENTS = cast(Table, AuditEvent.__table__)
 _SEAL = (
@@ -151,11 +162,17 @@ async def seal_events(session: AsyncSession, limit: int = _VERIFY_BATCH) -> int:
     if head is None:
         if await session.scalar(select(func.count()).select_from(AuditHead)):
             return 0  # held by another sealer
-        # The first seal ever; a concurrent first sealer makes one of the two inserts fail on
-        # the primary key, and that round is retried.
-        head = AuditHead(id=_HEAD_ID, sequence=0, event_hash=GENESIS_HASH)
-        session.add(head)
-        await session.flush()
+        # The first seal ever: whichever sealer inserts the head first, the other finds it.
+        await session.execute(
+            _insert_head(session).values(id=_HEAD_ID, sequence=0, event_hash=GENESIS_HASH)
+        )
+        head = (
+            await session.execute(
+                select(AuditHead).where(AuditHead.id == _HEAD_ID).with_for_update(skip_locked=True)
+            )
+        ).scalar_one_or_none()
+        if head is None:
+            return 0
     rows = (
         await session.execute(
             select(

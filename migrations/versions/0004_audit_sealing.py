@@ -99,7 +99,7 @@ def downgrade() -> None:
     )
     if unsealed.scalar_one():
         raise RuntimeError(
-            "audit events not yet sealed into the chain: run the bridge (or "
-            "`dsf-bridge audit verify --seal`) once more before downgrading"
+            "audit events not yet sealed into the chain: start and stop the bridge once more "
+            "(a stopping bridge seals them) before downgrading"
         )
     _replace(from_old_shape=False)

@@ -17,6 +17,7 @@ import pytest
 
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.subscription import SubscriptionSettings, TaskSubscription
+from dsf_bridge.dsf.vocabulary import BPMN_MESSAGE_SYSTEM
 from dsf_bridge.errors import StoreError
 from tests.sandbox.harness import (
     FAST_RETRY,
@@ -250,3 +251,62 @@ async def test_a_handed_off_resource_that_fails_asks_for_a_catch_up(sandbox: San
         assert subscription._resync.is_set()  # the receive loop catches up next
     finally:
         await client.aclose()
+
+
+class _OnePage:
+    """A server whose first search answers ``resources`` and every later one nothing."""
+
+    base_url = "https://fake.invalid/fhir"
+
+    def __init__(self, resources: list[dict[str, Any]]) -> None:
+        self.resources = resources
+        self.searches = 0
+
+    async def search_pages(self, resource_type: str, params: Any) -> AsyncIterator[Any]:
+        self.searches += 1
+        yield {"entry": [{"resource": r} for r in self.resources if self.searches == 1]}
+
+
+def _requested(task_id: str, second: int, business_key: str | None) -> dict[str, Any]:
+    task: dict[str, Any] = {
+        "resourceType": "Task",
+        "id": task_id,
+        "status": "requested",
+        "meta": {"versionId": "1", "lastUpdated": f"2026-01-01T00:00:0{second}Z"},
+    }
+    if business_key is not None:
+        task["input"] = [
+            {
+                "type": {"coding": [{"system": BPMN_MESSAGE_SYSTEM, "code": "business-key"}]},
+                "valueString": business_key,
+            }
+        ]
+    return task
+
+
+async def test_a_pages_tasks_of_one_business_key_are_taken_in_in_order() -> None:
+    """A start and the message after it (one business key) in one catch-up page: the message
+    waits for the start, however slow its intake; other keys go on beside them."""
+    done: list[str] = []
+    release = asyncio.Event()
+
+    async def handle(resource: dict[str, Any]) -> None:
+        if resource["id"] == "start":
+            await release.wait()  # its in-progress PUT is slow
+        done.append(str(resource["id"]))
+        if resource["id"] == "other":
+            release.set()  # ran while the start of the other key waited
+
+    page = [
+        _requested("start", 1, "bk-1"),
+        _requested("message", 2, "bk-1"),
+        _requested("other", 3, "bk-2"),
+    ]
+    subscription = TaskSubscription(
+        _OnePage(page),  # type: ignore[arg-type]
+        None,
+        handle,
+        MemoryCursor(),
+    )
+    assert await asyncio.wait_for(subscription.catch_up(), 5) == 3
+    assert done == ["other", "start", "message"]

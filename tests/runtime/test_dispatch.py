@@ -7,11 +7,14 @@ import asyncio
 import dataclasses
 import datetime as dt
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from dsf_bridge.runtime.jobs import JobWorker
 from dsf_bridge.runtime.processes import ProcessRuntime
 from dsf_bridge.store import Database
-from dsf_bridge.store.tables import Job, OutboxEntry
+from dsf_bridge.store import repository as repo
+from dsf_bridge.store.kinds import JobKind
+from dsf_bridge.store.tables import AuditEvent, Job, OutboxEntry
 from tests.runtime.test_shutdown import KEY, SlowWork, _leases, _runtime, _statuses
 
 
@@ -110,3 +113,95 @@ async def test_a_dispatched_job_past_the_grace_is_cancelled_and_given_back(
     second = await _runtime(database, work, owner="next", grace=30)
     assert await second.run_until_idle() >= 1
     assert await _statuses(database) == ["completed"]
+
+
+async def test_dispatched_work_is_bounded_and_the_rest_left_to_the_rounds(
+    database: Database,
+) -> None:
+    """Sixty starts at once run at most ``dispatch_limit`` handlers right after their commits,
+    plus a round's ``batch``; all of them complete."""
+    work = SlowWork()
+    runtime = await _runtime(database, work, owner="bounded", grace=5)
+    runtime.settings = dataclasses.replace(runtime.settings, dispatch_limit=5, batch=3)
+    runtime._dispatcher.limit = 5
+    running: list[int] = []
+
+    stop = asyncio.Event()
+    worker = asyncio.create_task(runtime.run_forever(stop))
+    await _first_round(runtime)
+    for number in range(60):
+        await runtime.start(KEY, message_name="start", business_key=f"bk-bound-{number}")
+    await asyncio.sleep(0.5)
+    running.append(work.runs)
+    work.release.set()
+    for _ in range(1000):
+        if await _statuses(database) == ["completed"] * 60:
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(worker, 20)
+    assert 0 < running[0] <= 5 + 3, running
+    assert await _statuses(database) == ["completed"] * 60
+
+
+async def test_a_job_that_waited_for_its_instance_renews_its_lease() -> None:
+    """A run that queued behind others on its instance renews its lease before it runs, even
+    when it arrives in the moment the lock's holder lets go (the lock then looks free)."""
+    worker = JobWorker(object())  # type: ignore[arg-type]
+    gate = asyncio.Event()
+    renewed: list[int] = []
+
+    async def run(job: repo.ClaimedJob) -> None:
+        if job.id == 1:
+            await gate.wait()
+
+    async def renew(job: repo.ClaimedJob) -> bool:
+        renewed.append(job.id)
+        return True
+
+    worker.run_or_retry = run  # type: ignore[method-assign]
+    worker._renewed = renew  # type: ignore[method-assign]
+
+    def job(number: int) -> repo.ClaimedJob:
+        return repo.ClaimedJob(number, "instance-x", JobKind.HANDLER, {}, 1, 3)
+
+    first = asyncio.ensure_future(worker._one_by_one([job(1)]))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(worker._one_by_one([job(2)]))
+    await asyncio.sleep(0)
+    gate.set()  # the first ends in the next step; the third arrives in that same step
+    third = asyncio.ensure_future(worker._one_by_one([job(3)]))
+    await asyncio.gather(first, second, third)
+    assert renewed == [2, 3]
+    assert worker._instances == {}
+
+
+async def test_events_are_sealed_while_a_round_runs_a_long_job(database: Database) -> None:
+    """Sealing runs apart from the rounds: a round waiting for a long handler does not leave
+    the audit events of other steps unsealed."""
+    work = SlowWork()
+    runtime = await _runtime(database, work, owner="sealing", grace=1)
+    # Queued before the loop runs: a polling round claims this handler job and waits for it.
+    await runtime.start(KEY, message_name="start", business_key="bk-round")
+    stop = asyncio.Event()
+    worker = asyncio.create_task(runtime.run_forever(stop))
+    await asyncio.wait_for(work.started.wait(), 5)
+    await runtime.start(KEY, message_name="start", business_key="bk-later")
+    unsealed = -1
+    for _ in range(100):  # idle_poll is 50 ms here
+        async with database.transaction() as session:
+            unsealed = int(
+                await session.scalar(
+                    select(func.count())
+                    .select_from(AuditEvent)
+                    .where(AuditEvent.sequence.is_(None))
+                )
+                or 0
+            )
+        if unsealed == 0:
+            break
+        await asyncio.sleep(0.05)
+    work.release.set()
+    stop.set()
+    await asyncio.wait_for(worker, 20)
+    assert unsealed == 0

@@ -22,7 +22,11 @@ from sqlalchemy import func, select, update
 
 from dsf_bridge.dsf.authorization import TaskAuthorizer
 from dsf_bridge.dsf.client import FhirClient
-from dsf_bridge.dsf.subscription import SubscriptionSettings, TaskSubscription
+from dsf_bridge.dsf.subscription import (
+    ResourceDeferredError,
+    SubscriptionSettings,
+    TaskSubscription,
+)
 from dsf_bridge.dsf.tasks import build_task, input_values, updated_task
 from dsf_bridge.dsf.vocabulary import (
     BPMN_MESSAGE_SYSTEM,
@@ -303,11 +307,44 @@ async def test_a_task_another_replica_claimed_moments_ago_is_left_to_it(
             .where(TaskSeen.task_id == created.id)
             .values(seen_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=claimed_ago))
         )
-    await site.intake.handle(received)
+    if taken_here:
+        await site.intake.handle(received)
+    else:  # left for now: a catch-up keeps its cursor before it and brings it again
+        with pytest.raises(ResourceDeferredError, match="another replica"):
+            await site.intake.handle(received)
     await site.runtime.run_until_idle()
     status = (await site.server_task(created.id))["status"]
     assert status == ("completed" if taken_here else "requested")
     assert site.work == ([created.id] if taken_here else [])
+
+
+async def test_a_task_left_to_a_replica_that_crashed_is_taken_in_by_a_later_catch_up(
+    site: Site,
+) -> None:
+    """The replica that claimed it died: the catch-up that left it keeps its cursor before
+    it, so a later one (once the claim is old) takes it in, even after newer Tasks."""
+    first = site.insert_directly(task())
+    async with site.database.transaction() as session:
+        await repo.record_task_seen(
+            session,
+            task_id=first["id"],
+            task_version="1",
+            role="incoming",
+            status=TaskSeenStatus.CLAIMING,
+        )
+    subscription = site.subscription()
+    assert await subscription.catch_up() == 0
+    second = site.insert_directly(task())
+    assert await subscription.catch_up() == 1  # the newer one is taken in meanwhile
+    async with site.database.transaction() as session:  # the claim grows old
+        await session.execute(
+            update(TaskSeen)
+            .where(TaskSeen.task_id == first["id"])
+            .values(seen_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
+        )
+    assert await subscription.catch_up() == 1
+    await site.runtime.run_until_idle()
+    assert sorted(site.work) == sorted([first["id"], second["id"]])
 
 
 @pytest.mark.parametrize(
