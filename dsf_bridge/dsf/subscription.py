@@ -216,32 +216,23 @@ class TaskSubscription:
             outcomes = [await task for task in handing]
             for resource, outcome in zip(fresh, outcomes, strict=True):
                 seen.add((str(resource.get("id")), _version(resource)))
-                try:
-                    if outcome is not None:
-                        raise outcome
-                except ResourceDeferredError as exc:
-                    # Left for now (another replica takes it in): the cursor stays before it.
-                    _log.info(
-                        "subscription.resource_left",
+                if isinstance(outcome, RemoteError) and outcome.status is None:
+                    raise outcome  # the server is away: stop, reconnect, catch up again
+                if isinstance(outcome, ResourceDeferredError | RemoteError):
+                    # Left for now (another replica takes it in), or the server answered an
+                    # error for this resource alone: the others go on; the cursor stays before
+                    # it, so the next catch-up brings it again.
+                    left = isinstance(outcome, ResourceDeferredError)
+                    (_log.info if left else _log.warning)(
+                        "subscription.resource_left" if left else "subscription.resource_deferred",
                         resource_type=self.resource_type,
                         resource_id=str(resource.get("id")),
-                        reason=str(exc),
+                        error=str(outcome),
                     )
                     deferred = True
                     continue
-                except RemoteError as exc:
-                    if exc.status is None:
-                        raise  # the server is away: stop, reconnect, catch up again
-                    # The server answered an error for this resource alone: the others go
-                    # on; the cursor stays before it, so the next catch-up brings it again.
-                    _log.warning(
-                        "subscription.resource_deferred",
-                        resource_type=self.resource_type,
-                        resource_id=str(resource.get("id")),
-                        error=str(exc),
-                    )
-                    deferred = True
-                    continue
+                if outcome is not None:
+                    raise outcome
                 handled += 1
                 updated = _last_updated(resource)
                 if not deferred and updated is not None and (since is None or updated > since):
