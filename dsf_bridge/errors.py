@@ -63,6 +63,11 @@ class ConcurrencyError(StoreError):
     retryable = True
 
 
+class TaskAlreadyDeliveredError(BridgeError):
+    """The Task version was delivered to an instance already (by another replica, or an
+    earlier run): the transaction that would deliver it again is rolled back."""
+
+
 class MigrationError(StoreError):
     """The database schema is missing, outdated, or a migration revision is unknown."""
 

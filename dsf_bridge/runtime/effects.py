@@ -39,6 +39,7 @@ from dsf_bridge.engine.events import (
     ThrowSignal,
 )
 from dsf_bridge.engine.model import ProcessDefinition
+from dsf_bridge.errors import TaskAlreadyDeliveredError
 from dsf_bridge.runtime.deployments import DeployedProcess, Deployments
 from dsf_bridge.store import Session, append_event
 from dsf_bridge.store import repository as repo
@@ -380,14 +381,19 @@ class EffectWriter:
         instance_id: str,
         claimed_version: str | None = None,
     ) -> None:
-        await repo.record_task_seen(
+        """Record the Task version as delivered to ``instance_id``, once: a version delivered
+        already (two replicas recovering one claim) rolls the delivering step back."""
+        if not await repo.record_task_seen(
             session,
             task_id=task_id,
             task_version=task_version,
             role="incoming",
             status=TaskSeenStatus.IN_PROGRESS,
             instance_id=instance_id,
-        )
+        ):
+            raise TaskAlreadyDeliveredError(
+                f"Task/{task_id} version {task_version} was delivered already"
+            )
         if claimed_version is not None:
             await repo.set_task_seen_status(
                 session, task_id, claimed_version, TAKEN_IN, instance_id=instance_id

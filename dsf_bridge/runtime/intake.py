@@ -63,7 +63,13 @@ from dsf_bridge.dsf.tasks import (
     updated_task,
 )
 from dsf_bridge.engine.exceptions import CorrelationError
-from dsf_bridge.errors import BridgeError, ProcessExecutionError, RemoteError, StoreError
+from dsf_bridge.errors import (
+    BridgeError,
+    ProcessExecutionError,
+    RemoteError,
+    StoreError,
+    TaskAlreadyDeliveredError,
+)
 from dsf_bridge.logs import bound_context
 from dsf_bridge.runtime.processes import TAKEN_IN, MessageHeldError, ProcessRuntime
 from dsf_bridge.store import Database, Session, append_event
@@ -349,6 +355,12 @@ class TaskIntake:
                 log.info("task.claimed_elsewhere")
                 return
             if _refused(exc):
+                if await self._taken_elsewhere(task_id, version):
+                    # DSF checks authorization before versions: the replica that lost the race
+                    # for the in-progress PUT hears 403 ("modified: Task.input"), not 412.
+                    await self._mark(task_id, version, LOST)
+                    log.info("task.claimed_elsewhere", reason=f"in-progress PUT refused: {exc}")
+                    return
                 # As the DSF BPE: the Task is failed with DSF's words; one Task the server
                 # will not take must not stop the intake of all the others.
                 await self._fail(
@@ -368,6 +380,15 @@ class TaskIntake:
             message=message,
             business_key=business_key,
         )
+
+    async def _taken_elsewhere(self, task_id: str, version: str) -> bool:
+        """Whether the server holds the Task past ``version`` (another replica took it)."""
+        try:
+            current = await self.client.read("Task", task_id)
+        except RemoteError:
+            return False
+        now = str((current.get("meta") or {}).get("versionId") or "")
+        return current.get("status") != "requested" or now != version
 
     async def _refusal(self, task: Mapping[str, Any], message: TaskMessage) -> str | None:
         # "Process not found" first: the DSF BPE's words, which Java sites' operators know.
@@ -417,10 +438,24 @@ class TaskIntake:
         except MessageHeldError:
             await self._hold(task_id, version, business_key)
             return
+        except TaskAlreadyDeliveredError:
+            # Another replica delivered it (both recovered one claim): once is enough.
+            log.info("task.claimed_elsewhere", reason="delivered already")
+            return
         except (CorrelationError, ProcessExecutionError) as exc:
+            if await self._delivered(task_id, new_version):
+                # Another replica delivered it a moment ago (both recovered one claim): its
+                # instance has moved on, which is why this delivery found nothing to reach.
+                log.info("task.claimed_elsewhere", reason="delivered already")
+                return
             await self._fail(task, new_version, str(exc), claimed_version=version)
             return
         log.info("task.accepted", instance_id=instance_id, business_key=business_key)
+
+    async def _delivered(self, task_id: str, version: str) -> bool:
+        async with self.database.transaction() as session:
+            delivered = await repo.get_task_seen(session, task_id, version)
+        return delivered is not None and delivered.instance_id is not None
 
     # -- replies held until their send resolves -------------------------------------------
 
@@ -709,9 +744,9 @@ class TaskIntake:
                 version,
                 status,
                 instance_id=instance_id,
-                # Lost to another replica: only a claim still being taken in says so, never
-                # one the winner has held, taken in or failed meanwhile.
-                only_from=(CLAIMING, REFUSED) if status == LOST else None,
+                # Lost to another replica, or refused: only a claim still being taken in says
+                # so, never one the winner has held, taken in or failed meanwhile.
+                only_from=(CLAIMING, REFUSED) if status in (LOST, REFUSED) else None,
             )
 
     async def recover(self) -> int:
@@ -747,6 +782,10 @@ class TaskIntake:
         self._deferred.pop(key, None)
 
     async def _recover(self, claim: repo.TaskSeenRecord) -> None:
+        async with self.database.transaction() as session:
+            now = await repo.get_task_seen(session, claim.task_id, claim.task_version)
+        if now is None or now.status != claim.status:
+            return  # decided meanwhile (by another replica, say): nothing left to recover
         try:
             task = await self.client.read("Task", claim.task_id)
         except RemoteError as exc:

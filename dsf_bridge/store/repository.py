@@ -791,6 +791,7 @@ async def tasks_with_status(
             TaskSeen.role,
             TaskSeen.status,
             TaskSeen.instance_id,
+            TaskSeen.seen_at,
         )
         .where(TaskSeen.role == role)
         .where(TaskSeen.status == status)

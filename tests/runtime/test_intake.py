@@ -318,6 +318,47 @@ async def test_a_task_another_replica_claimed_moments_ago_is_left_to_it(
     assert site.work == ([created.id] if taken_here else [])
 
 
+async def test_losing_the_in_progress_race_with_a_403_is_no_refusal(site: Site) -> None:
+    """DSF checks authorization before versions: the replica whose in-progress PUT comes
+    second hears 403 (its Task differs from the stored one), not 412. It must leave the Task
+    to the winner, not fail it."""
+    created = await site.remote.create(task())
+    assert created.id is not None
+    received = await site.server_task(created.id)
+    winner = updated_task(received, status="in-progress", business_key="bk-winner")
+    await site.local.update(winner, if_match=1)  # the other replica's PUT
+    await site.intake.handle(received)
+    await site.runtime.run_until_idle()
+    final = await site.server_task(created.id)
+    assert final["status"] == "in-progress"
+    assert input_values(final, "business-key") == ["bk-winner"]
+    async with site.database.transaction() as session:
+        claim = await repo.get_task_seen(session, created.id, "1")
+        instances = (await session.execute(select(func.count(ProcessInstance.id)))).scalar_one()
+    assert claim is not None and claim.status is TaskSeenStatus.CLAIMED_ELSEWHERE
+    assert instances == 0
+
+
+async def test_two_replicas_recovering_one_claim_deliver_it_once(site: Site) -> None:
+    """A bridge starting beside a running one recovers that one's claim in flight (claims
+    carry no owner): both deliver it, and the Task version's record of its delivery lets one
+    of them through. The other leaves it; nothing is failed, one instance runs."""
+    stored = await _claimed_in_progress(site, "bk-twice")
+    claims = await _claims(site)
+    await asyncio.gather(*(site.intake._recover(claim) for claim in claims * 2))
+    await site.runtime.run_until_idle()
+    assert site.work == [stored["id"]]
+    assert (await site.server_task(stored["id"]))["status"] == "completed"
+    async with site.database.transaction() as session:
+        instances = (await session.execute(select(func.count(ProcessInstance.id)))).scalar_one()
+    assert instances == 1
+
+
+async def _claims(site: Site) -> list[repo.TaskSeenRecord]:
+    async with site.database.transaction() as session:
+        return await repo.tasks_with_status(session, "incoming", TaskSeenStatus.CLAIMING)
+
+
 async def test_a_task_left_to_a_replica_that_crashed_is_taken_in_by_a_later_catch_up(
     site: Site,
 ) -> None:
