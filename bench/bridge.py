@@ -942,8 +942,9 @@ async def run(plan: Plan) -> int:
             )
         print("starting the sandbox servers", file=sys.stderr, flush=True)
         await asyncio.gather(*(s.start() for s in sandboxes))
-        for sandbox in sandboxes:
-            sandbox.follow(completions.notice)
+        # The bare side's notices are read (a full pipe would stop its server) and dropped.
+        sandboxes[0].follow(completions.notice)
+        sandboxes[1].follow(lambda _line: None)
         await _publish(directory, sites[BARE])
         remote_to_local = _client(sites[REMOTE], sites[LOCAL].base_url)
         remote_to_bare = _client(sites[REMOTE], sites[BARE].base_url)
@@ -1083,7 +1084,7 @@ def main() -> None:
         print(f"bench/bridge.py: {exc}", file=sys.stderr)
         sys.exit(2)
     except Lost as exc:
-        print(f"bench/bridge.py: a Task was lost: {exc}", file=sys.stderr)
+        print(f"bench/bridge.py: a Task was lost: {exc} (--keep keeps the logs)", file=sys.stderr)
         sys.exit(1)
     sys.exit(status)
 
