@@ -632,6 +632,16 @@ class PostgresAdmin:
         self.created.append(name)
         return name, self._parsed.set(database=name).render_as_string(hide_password=False)
 
+    def sessions(self, name: str) -> int:
+        """Connections opened to database ``name`` so far (``pg_stat_database``; a pool that
+        closes and opens connections under load shows here, and their backends' CPU does not
+        show in the figures)."""
+        with self._connect() as connection:
+            row = connection.execute(
+                "SELECT sessions FROM pg_stat_database WHERE datname = %s", (name,)
+            ).fetchone()
+        return int(row[0]) if row is not None and row[0] is not None else 0
+
     def drop_all(self) -> None:
         for name in self.created:
             with contextlib.suppress(BenchError, Exception), self._connect() as connection:
@@ -809,6 +819,8 @@ class Bench:
             )
         await self.stop(bridge)
         result = _store_figures(store, rounds)
+        if admin is not None and database is not None:
+            result.lines.append(f"{store}_database_sessions={admin.sessions(database)}")
         lines, problems = _store_check(db_url, side.posted)
         result.lines.extend(f"{store}_{line}" for line in lines)
         self.problems.extend(f"{store}: {p}" for p in problems)
@@ -861,6 +873,7 @@ class Bench:
             for line in _cpu_lines(prefix, blocks):
                 self.emit(line)
         self.emit(f"replicas_2_vs_1_per_round={per_round}")
+        self.emit(f"replicas_database_sessions={admin.sessions(database)}")
         lines, problems = _store_check(db_url, posted)
         for line in lines:
             self.emit(f"replicas_{line}")
