@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import datetime as dt
 import json
 import os
@@ -103,6 +104,7 @@ SETTLE = 0.2  # seconds after a block before CPU is read: the last Task's traili
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 STORES = ("sqlite", "postgresql")
+_PARENT_VARIABLE = "DSF_BRIDGE_BENCH_PARENT"
 _LOG_EVENT = re.compile(r"\[(warning|error|critical)\s*\]\s+(\S+)")
 
 
@@ -261,6 +263,7 @@ class Child:
                 stdout=subprocess.PIPE,
                 stderr=log,
                 cwd=ROOT,
+                env={**os.environ, _PARENT_VARIABLE: str(os.getpid())},
             )
         assert self.process.stdout is not None  # noqa: S101 - asked for above
         try:
@@ -933,6 +936,10 @@ def _free_ports(count: int) -> list[int]:
 
 
 async def run(plan: Plan) -> int:
+    # SIGTERM cancels the run: the children are stopped and the database dropped.
+    main_task = asyncio.current_task()
+    assert main_task is not None  # noqa: S101 - run by asyncio.run
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     if find_reference_dir() is None:
         raise BenchError(
             "the DSF reference corpus is not found (the sandbox validates Tasks as DSF does): "
@@ -1027,8 +1034,19 @@ async def run(plan: Plan) -> int:
             shutil.rmtree(directory, ignore_errors=True)
 
 
+def _end_with_parent() -> None:
+    """SIGTERM this child when the bench process ends, however it ends (Linux's
+    ``PR_SET_PDEATHSIG``), so that no server or bridge outlives a killed bench."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if str(os.getppid()) != os.environ.get(_PARENT_VARIABLE):  # it ended before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _child_main(argv: list[str]) -> bool:
     """Run a child process's part if ``argv`` asks for one."""
+    if argv[:1] in (["--serve-sandbox"], ["--serve-bridge"]):
+        _end_with_parent()
     if argv[:1] == ["--serve-sandbox"]:
         _serve_sandbox(Path(argv[1]), argv[2], int(argv[3]))
         return True
@@ -1108,6 +1126,9 @@ def main() -> None:
     except Lost as exc:
         print(f"bench/bridge.py: a Task was lost: {exc} (--keep keeps the logs)", file=sys.stderr)
         sys.exit(1)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench/bridge.py: stopped", file=sys.stderr)
+        sys.exit(130)
     sys.exit(status)
 
 
