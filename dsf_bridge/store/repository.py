@@ -13,11 +13,22 @@ serializes claims (one process per SQLite file).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import ColumnElement, Select, Table, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import Insert
@@ -42,6 +53,99 @@ _INSTANCES = cast(Table, ProcessInstance.__table__)
 _JOBS = cast(Table, Job.__table__)
 _OUTBOX = cast(Table, OutboxEntry.__table__)
 _SEEN = cast(Table, TaskSeen.__table__)
+
+# The hot path's statements, built once with bound parameters: building a statement costs more
+# than running it (coercions and cache keys each time); a built one is compiled once too.
+_SAVE_INSTANCE = (
+    update(_INSTANCES)
+    .where(_INSTANCES.c.id == bindparam("b_id"))
+    .where(_INSTANCES.c.version == bindparam("b_version"))
+    .values(
+        state=bindparam("state"),
+        status=bindparam("status"),
+        version=bindparam("new_version"),
+        updated_at=bindparam("updated_at"),
+        ended_at=bindparam("ended_at"),
+    )
+)
+_CREATE_INSTANCE = insert(_INSTANCES).values(
+    id=bindparam("id"),
+    definition_id=bindparam("definition_id"),
+    business_key=bindparam("business_key"),
+    status=bindparam("status"),
+    state=bindparam("state"),
+    version=1,
+    created_at=bindparam("created_at"),
+    updated_at=bindparam("updated_at"),
+)
+_ENQUEUE_JOB = (
+    insert(_JOBS)
+    .values(
+        instance_id=bindparam("instance_id"),
+        kind=bindparam("kind"),
+        payload=bindparam("payload"),
+        due_at=bindparam("due_at"),
+        attempts=bindparam("attempts"),
+        retries_left=bindparam("retries_left"),
+        lease_owner=bindparam("lease_owner"),
+        lease_expires_at=bindparam("lease_expires_at"),
+    )
+    .returning(_JOBS.c.id)
+)
+_COMPLETE_JOB = (
+    delete(_JOBS)
+    .where(_JOBS.c.id == bindparam("b_id"))
+    .where(_JOBS.c.lease_owner == bindparam("b_owner"))
+)
+_DELETE_JOBS_OF = (
+    delete(_JOBS)
+    .where(_JOBS.c.instance_id == bindparam("b_instance"))
+    .where(_JOBS.c.kind != JobKind.OPERATOR)
+)
+_GET_TASK_SEEN = select(
+    _SEEN.c.task_id,
+    _SEEN.c.task_version,
+    _SEEN.c.role,
+    _SEEN.c.status,
+    _SEEN.c.instance_id,
+    _SEEN.c.seen_at,
+).where(
+    _SEEN.c.task_id == bindparam("b_task"),
+    _SEEN.c.task_version == bindparam("b_version"),
+    _SEEN.c.role == bindparam("b_role"),
+)
+_TASKS_OF_INSTANCE = (
+    select(_SEEN.c.task_id, func.min(_SEEN.c.seen_at).label("first_seen"))
+    .where(_SEEN.c.instance_id == bindparam("b_instance"))
+    .where(_SEEN.c.role == bindparam("b_role"))
+    .group_by(_SEEN.c.task_id)
+    .order_by("first_seen", _SEEN.c.task_id)
+)
+_OUTBOX_DONE = (
+    update(_OUTBOX)
+    .where(_OUTBOX.c.id == bindparam("b_id"))
+    .where(_OUTBOX.c.lease_owner == bindparam("b_owner"))
+    .where(_OUTBOX.c.status == "pending")
+    .values(
+        status="done",
+        result=bindparam("result"),
+        done_at=bindparam("done_at"),
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+    .returning(_OUTBOX.c.id)
+)
+# Per dialect: INSERT ... ON CONFLICT DO NOTHING differs between the two.
+_BY_DIALECT: dict[tuple[str, str], Any] = {}
+
+
+def _for_dialect(session: AsyncSession, name: str, build: Callable[[str], Any]) -> Any:
+    dialect = session.get_bind().dialect.name
+    statement = _BY_DIALECT.get((name, dialect))
+    if statement is None:
+        statement = _BY_DIALECT[(name, dialect)] = build(dialect)
+    return statement
+
 
 __all__ = [
     "ClaimedJob",
@@ -91,7 +195,10 @@ __all__ = [
 
 def _insert_ignoring_duplicates(session: AsyncSession, table: Any) -> Insert:
     """``INSERT ... ON CONFLICT DO NOTHING`` in the session's dialect."""
-    name = session.get_bind().dialect.name
+    return _insert_ignoring_duplicates_in(session.get_bind().dialect.name, table)
+
+
+def _insert_ignoring_duplicates_in(name: str, table: Any) -> Insert:
     if name == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing()
     if name == "sqlite":
@@ -155,16 +262,16 @@ async def create_instance(
     now: dt.datetime,
 ) -> InstanceRecord:
     await session.execute(
-        insert(_INSTANCES).values(
-            id=instance_id,
-            definition_id=definition_id,
-            business_key=business_key,
-            status=status,
-            state=state,
-            version=1,
-            created_at=now,
-            updated_at=now,
-        )
+        _CREATE_INSTANCE,
+        {
+            "id": instance_id,
+            "definition_id": definition_id,
+            "business_key": business_key,
+            "status": status,
+            "state": state,
+            "created_at": now,
+            "updated_at": now,
+        },
     )
     return InstanceRecord(instance_id, definition_id, business_key, status, state, 1)
 
@@ -180,10 +287,11 @@ _INSTANCE_COLUMNS = (
 )
 
 
+_LOAD_INSTANCE = select(*_INSTANCE_COLUMNS).where(_INSTANCES.c.id == bindparam("b_id"))
+
+
 async def load_instance(session: AsyncSession, instance_id: str) -> InstanceRecord | None:
-    row = (
-        await session.execute(select(*_INSTANCE_COLUMNS).where(_INSTANCES.c.id == instance_id))
-    ).one_or_none()
+    row = (await session.execute(_LOAD_INSTANCE, {"b_id": instance_id})).one_or_none()
     return None if row is None else InstanceRecord(*row)
 
 
@@ -229,16 +337,16 @@ async def save_instance(
     and replays its event on the fresh state.
     """
     result = await session.execute(
-        update(_INSTANCES)
-        .where(_INSTANCES.c.id == record.id)
-        .where(_INSTANCES.c.version == record.version)
-        .values(
-            state=state,
-            status=status,
-            version=record.version + 1,
-            updated_at=now,
-            ended_at=now if ended else None,
-        )
+        _SAVE_INSTANCE,
+        {
+            "b_id": record.id,
+            "b_version": record.version,
+            "state": state,
+            "status": status,
+            "new_version": record.version + 1,
+            "updated_at": now,
+            "ended_at": now if ended else None,
+        },
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise ConcurrencyError(
@@ -425,11 +533,7 @@ async def delete_jobs_of(session: AsyncSession, instance_id: str) -> int:
     """Remove the jobs of an ended instance (Camunda deletes an execution's jobs with it): a
     handler or send still queued for it never runs. Operators' requests stay, to be answered
     ``operator.refused``. Returns how many were removed."""
-    result = await session.execute(
-        delete(_JOBS)
-        .where(_JOBS.c.instance_id == instance_id)
-        .where(_JOBS.c.kind != JobKind.OPERATOR)
-    )
+    result = await session.execute(_DELETE_JOBS_OF, {"b_instance": instance_id})
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
@@ -581,18 +685,17 @@ async def enqueue_job(
     runtime to run it right after the commit instead of finding it in a polling round."""
     owner, expires = leased_to if leased_to is not None else (None, None)
     result = await session.execute(
-        insert(_JOBS)
-        .values(
-            instance_id=instance_id,
-            kind=kind,
-            payload=payload,
-            due_at=due_at,
-            attempts=0 if leased_to is None else 1,
-            retries_left=retries,
-            lease_owner=owner,
-            lease_expires_at=expires,
-        )
-        .returning(_JOBS.c.id)
+        _ENQUEUE_JOB,
+        {
+            "instance_id": instance_id,
+            "kind": kind,
+            "payload": payload,
+            "due_at": due_at,
+            "attempts": 0 if leased_to is None else 1,
+            "retries_left": retries,
+            "lease_owner": owner,
+            "lease_expires_at": expires,
+        },
     )
     return int(result.scalar_one())
 
@@ -664,9 +767,7 @@ async def claim_jobs(
 
 async def complete_job(session: AsyncSession, job_id: int, owner: str) -> None:
     """Remove a finished job; a lease that was lost to another worker is an error."""
-    result = await session.execute(
-        delete(_JOBS).where(_JOBS.c.id == job_id).where(_JOBS.c.lease_owner == owner)
-    )
+    result = await session.execute(_COMPLETE_JOB, {"b_id": job_id, "b_owner": owner})
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise ConcurrencyError(f"job {job_id} is no longer leased to {owner}")
 
@@ -706,17 +807,32 @@ async def record_task_seen(
     instance_id: str | None = None,
 ) -> bool:
     """Remember a Task version; ``False`` when it was seen before (intake is idempotent)."""
+    statement = _for_dialect(
+        session,
+        "seen.insert",
+        lambda dialect: (
+            _insert_ignoring_duplicates_in(dialect, _SEEN)
+            .values(
+                task_id=bindparam("task_id"),
+                task_version=bindparam("task_version"),
+                role=bindparam("role"),
+                status=bindparam("status"),
+                instance_id=bindparam("instance_id"),
+                seen_at=bindparam("seen_at"),
+            )
+            .returning(_SEEN.c.task_id)
+        ),
+    )
     result = await session.execute(
-        _insert_ignoring_duplicates(session, _SEEN)
-        .values(
-            task_id=task_id,
-            task_version=task_version,
-            role=role,
-            status=status,
-            instance_id=instance_id,
-            seen_at=dt.datetime.now(dt.UTC),
-        )
-        .returning(_SEEN.c.task_id)
+        statement,
+        {
+            "task_id": task_id,
+            "task_version": task_version,
+            "role": role,
+            "status": status,
+            "instance_id": instance_id,
+            "seen_at": dt.datetime.now(dt.UTC),
+        },
     )
     # RETURNING, not rowcount: ORM-enabled inserts do not report rowcount on every driver.
     return result.first() is not None
@@ -737,17 +853,7 @@ async def get_task_seen(
 ) -> TaskSeenRecord | None:
     row = (
         await session.execute(
-            select(
-                _SEEN.c.task_id,
-                _SEEN.c.task_version,
-                _SEEN.c.role,
-                _SEEN.c.status,
-                _SEEN.c.instance_id,
-                _SEEN.c.seen_at,
-            )
-            .where(_SEEN.c.task_id == task_id)
-            .where(_SEEN.c.task_version == task_version)
-            .where(_SEEN.c.role == role)
+            _GET_TASK_SEEN, {"b_task": task_id, "b_version": task_version, "b_role": role}
         )
     ).one_or_none()
     return None if row is None else TaskSeenRecord(*row)
@@ -802,13 +908,7 @@ async def tasks_with_status(
 
 async def tasks_of_instance(session: AsyncSession, instance_id: str, role: str) -> list[str]:
     """Ids of the Tasks an instance took in (``incoming``) or sent (``outgoing``), oldest first."""
-    rows = await session.execute(
-        select(_SEEN.c.task_id, func.min(_SEEN.c.seen_at).label("first_seen"))
-        .where(_SEEN.c.instance_id == instance_id)
-        .where(_SEEN.c.role == role)
-        .group_by(_SEEN.c.task_id)
-        .order_by("first_seen", _SEEN.c.task_id)
-    )
+    rows = await session.execute(_TASKS_OF_INSTANCE, {"b_instance": instance_id, "b_role": role})
     return [row.task_id for row in rows]
 
 
@@ -910,7 +1010,11 @@ async def _release(session: AsyncSession, entry_id: int, owner: str, **changes: 
 async def mark_outbox_done(
     session: AsyncSession, entry_id: int, owner: str, *, result: str | None, now: dt.datetime
 ) -> None:
-    await _release(session, entry_id, owner, status="done", result=result, done_at=now)
+    released = await session.execute(
+        _OUTBOX_DONE, {"b_id": entry_id, "b_owner": owner, "result": result, "done_at": now}
+    )
+    if released.first() is None:
+        raise ConcurrencyError(f"outbox entry {entry_id} is no longer leased to {owner}")
 
 
 async def retry_outbox(
