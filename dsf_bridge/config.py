@@ -96,7 +96,11 @@ class DatabaseSettings(_Section):
         ),
     )
     pool_size: int = Field(
-        default=5, ge=1, le=100, description="PostgreSQL connections kept open per process"
+        default=20,
+        ge=1,
+        le=100,
+        description="PostgreSQL connections kept open per process (10 more are opened and "
+        "closed again at peaks)",
     )
     echo: bool = Field(default=False, description="Log every SQL statement (debugging only)")
     password: SecretStr | None = Field(
