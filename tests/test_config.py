@@ -251,7 +251,7 @@ def test_the_database_password_apart_from_the_url(tmp_path: Path) -> None:
     assert make_url(settings.db.url).password == "p@ss/w:rd%"
     assert display_settings(settings)["db"] == {
         "url": "postgresql://bridge:***@db:5432/x",
-        "pool_size": 5,
+        "pool_size": 20,
         "echo": False,
         "password": "***",
     }
