@@ -75,6 +75,9 @@ class SubscriptionSettings:
     frames_at_once: int = 32
     # How long a stopping subscription lets the resources it is handling finish.
     drain_grace: float = 10.0
+    # How soon after a frame left to another replica (its claim moments old) a catch-up looks
+    # again: by then a claim left behind by a crash counts as abandoned.
+    deferred_resync: float = 35.0
 
 
 def websocket_url(base_url: str) -> str:
@@ -157,7 +160,9 @@ class TaskSubscription:
         # The newest resource handed off per business key (its handling ends the future).
         self._last_of: dict[str, asyncio.Future[None]] = {}
         self._slots: asyncio.Semaphore | None = None
+        self._queued: asyncio.Semaphore | None = None
         self._resync = asyncio.Event()
+        self._resync_timer: asyncio.TimerHandle | None = None
 
     # -- one subscription ----------------------------------------------------------------------
 
@@ -289,40 +294,57 @@ class TaskSubscription:
     async def _hand_off(
         self, resource: dict[str, Any], *, report: bool = True
     ) -> asyncio.Task[Exception | None]:
-        """Handle ``resource`` in a task of its own once a slot is free, after the resources
-        of its business key handed off before it; the task returns the failure, if any.
-        ``report``: a frame's failure is logged and asks for a catch-up (the catch-up's own
-        resources are judged by the catch-up)."""
-        if self._slots is None:
+        """Handle ``resource`` in a task of its own, after the resources of its business key
+        handed off before it, in one of ``frames_at_once`` slots; the task returns the
+        failure, if any. The caller waits while four times that many are queued (memory
+        stays bounded). ``report``: a frame's failure is logged and asks for a catch-up (the
+        catch-up's own resources are judged by the catch-up)."""
+        if self._slots is None or self._queued is None:
             self._slots = asyncio.Semaphore(self.settings.frames_at_once)
-        await self._slots.acquire()
+            self._queued = asyncio.Semaphore(4 * self.settings.frames_at_once)
+        queued = self._queued
+        await queued.acquire()
         key = _order_key(resource)
         before = self._last_of.get(key)
-        mine = asyncio.get_running_loop().create_future()
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._last_of[key] = mine
-        task = asyncio.ensure_future(
-            self._handled(resource, self._slots, key, before, mine, report=report)
-        )
+        task = asyncio.ensure_future(self._handled(resource, before, self._slots, report=report))
+
+        def done(finished: asyncio.Task[Exception | None]) -> None:
+            # Also when the task was cancelled before it ran a line: the next of its key
+            # must not wait for ever, and its place in the queue is free again.
+            queued.release()
+            if not mine.done():
+                mine.set_result(None)
+            if self._last_of.get(key) is mine:
+                del self._last_of[key]
+            self._handling.discard(finished)
+
         self._handling.add(task)
-        task.add_done_callback(self._handling.discard)
+        task.add_done_callback(done)
         return task
 
     async def _handled(
         self,
         resource: dict[str, Any],
-        slots: asyncio.Semaphore,
-        key: str,
         before: asyncio.Future[None] | None,
-        mine: asyncio.Future[None],
+        slots: asyncio.Semaphore,
         *,
         report: bool,
     ) -> Exception | None:
         try:
             if before is not None:
-                await before  # in the order received: a start, then the messages of its key
-            await self.handle(resource)
-        except ResourceDeferredError:
-            return None if report else ResourceDeferredError(str(resource.get("id")))
+                # In the order received (a start, then the messages of its key); shielded, so
+                # a cancelled successor does not cancel what its predecessor resolves.
+                await asyncio.shield(before)
+            async with slots:  # taken after the wait: waiting holds up no other key
+                await self.handle(resource)
+        except ResourceDeferredError as exc:
+            if not report:
+                return exc
+            # Left to another replica: a catch-up once its claim is old enough brings it
+            # again if that replica died meanwhile.
+            self._resync_later()
         except Exception as exc:  # the next catch-up brings it again, as before the hand-off
             if not report:
                 return exc
@@ -331,12 +353,17 @@ class TaskSubscription:
             else:
                 _log.exception("subscription.frame_crashed")
             self._resync.set()
-        finally:
-            slots.release()
-            mine.set_result(None)
-            if self._last_of.get(key) is mine:
-                del self._last_of[key]
         return None
+
+    def _resync_later(self) -> None:
+        if self._resync_timer is None or self._resync_timer.cancelled():
+            loop = asyncio.get_running_loop()
+
+            def due() -> None:
+                self._resync_timer = None
+                self._resync.set()
+
+            self._resync_timer = loop.call_later(self.settings.deferred_resync, due)
 
     async def settled(self, grace: float | None = None) -> None:
         """Wait until the resources handed off so far are handled; past ``grace`` seconds,
@@ -419,6 +446,8 @@ class TaskSubscription:
         try:
             await self._run(stop)
         finally:
+            if self._resync_timer is not None:
+                self._resync_timer.cancel()
             await self.settled(self.settings.drain_grace)
 
     async def _run(self, stop: asyncio.Event) -> None:

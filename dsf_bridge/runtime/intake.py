@@ -350,17 +350,27 @@ class TaskIntake:
         try:
             result = await self.client.update(in_progress, if_match=int(version))
         except RemoteError as exc:
-            if exc.status in (409, 412):
-                await self._mark(task_id, version, LOST)
-                log.info("task.claimed_elsewhere")
-                return
-            if _refused(exc):
-                if await self._taken_elsewhere(task_id, version):
-                    # DSF checks authorization before versions: the replica that lost the race
-                    # for the in-progress PUT hears 403 ("modified: Task.input"), not 412.
-                    await self._mark(task_id, version, LOST)
-                    log.info("task.claimed_elsewhere", reason=f"in-progress PUT refused: {exc}")
+            if exc.status in (409, 412) or _refused(exc):
+                # Taken already: by another replica (DSF checks authorization before versions,
+                # so the loser of the race hears 403 "modified: Task.input", not 412), or by
+                # this very PUT, repeated after its first answer was lost.
+                server = await self._server_state(task_id, version)
+                if server == "in-progress":
+                    # Ours or a replica's: deliver it from the server's copy, as a recovery
+                    # does. A Task version is delivered once, whoever gets there first; the
+                    # claim row, shared by the replicas, is never marked lost under a winner
+                    # still at work.
+                    log.info("task.claimed_elsewhere", reason=f"in-progress PUT: {exc}")
+                    await self._recover(
+                        repo.TaskSeenRecord(task_id, version, "incoming", CLAIMING, None)
+                    )
                     return
+                if server == "moved-on":
+                    await self._mark(task_id, version, LOST)
+                    log.info("task.claimed_elsewhere", reason=f"in-progress PUT: {exc}")
+                    return
+                if exc.status in (409, 412) or server is None:
+                    raise RemoteError(str(exc), retryable=True, status=exc.status) from exc
                 # As the DSF BPE: the Task is failed with DSF's words; one Task the server
                 # will not take must not stop the intake of all the others.
                 await self._fail(
@@ -381,14 +391,19 @@ class TaskIntake:
             business_key=business_key,
         )
 
-    async def _taken_elsewhere(self, task_id: str, version: str) -> bool:
-        """Whether the server holds the Task past ``version`` (another replica took it)."""
+    async def _server_state(self, task_id: str, version: str) -> str | None:
+        """Where the server's Task stands against our claim of ``version``: ``requested``
+        (still as claimed), ``in-progress`` (taken in by someone), ``moved-on`` (ended, or a
+        newer version to claim anew), or ``None`` (unreadable now)."""
         try:
             current = await self.client.read("Task", task_id)
         except RemoteError:
-            return False
+            return None
         now = str((current.get("meta") or {}).get("versionId") or "")
-        return current.get("status") != "requested" or now != version
+        status = current.get("status")
+        if status == "requested" and now == version:
+            return "requested"
+        return "in-progress" if status == "in-progress" else "moved-on"
 
     async def _refusal(self, task: Mapping[str, Any], message: TaskMessage) -> str | None:
         # "Process not found" first: the DSF BPE's words, which Java sites' operators know.

@@ -193,17 +193,18 @@ class WorkerLoop:
             return
         if released:
             log.info("worker.leases_released", count=released)
-        await seal_all(self.database)
+        await seal_all(self.database, wait=True)
 
 
-async def seal_all(database: Database, *, batches: int = 10) -> int:
+async def seal_all(database: Database, *, batches: int = 10, wait: bool = False) -> int:
     """Seal the unsealed audit events, a batch per transaction, ``batches`` at most (a
-    stopping bridge must not outlast its orchestrator's patience); return how many."""
+    stopping bridge must not outlast its orchestrator's patience); return how many.
+    ``wait``: for a sealer at work elsewhere, rather than leave the events to it."""
     sealed = 0
     try:
         for _ in range(batches):
             async with database.transaction() as session:
-                count = await seal_events(session, limit=_SEAL_BATCH)
+                count = await seal_events(session, limit=_SEAL_BATCH, wait=wait)
             sealed += count
             if count < _SEAL_BATCH:
                 break
@@ -219,7 +220,10 @@ async def seal_forever(database: Database, stop: asyncio.Event, every: float) ->
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=max(every, 0.05))
         if not stop.is_set():
-            await seal_all(database)
+            try:
+                await seal_all(database)
+            except Exception:  # a bug must not end the sealing for good: logged, tried again
+                log.exception("audit.seal_crashed")
 
 
 async def _cancelled(work: asyncio.Future[int]) -> None:

@@ -148,15 +148,17 @@ _SEAL = (
 )
 
 
-async def seal_events(session: AsyncSession, limit: int = _VERIFY_BATCH) -> int:
+async def seal_events(
+    session: AsyncSession, limit: int = _VERIFY_BATCH, *, wait: bool = False
+) -> int:
     """Chain up to ``limit`` unsealed events in ``id`` order; return how many.
 
-    Under the head row's lock, taken without waiting: while another sealer holds it (a
-    replica's round on PostgreSQL), this one seals nothing and returns 0.
+    Under the head row's lock, taken without waiting unless ``wait``: while another sealer
+    holds it (a replica's round on PostgreSQL), this one seals nothing and returns 0.
     """
     head = (
         await session.execute(
-            select(AuditHead).where(AuditHead.id == _HEAD_ID).with_for_update(skip_locked=True)
+            select(AuditHead).where(AuditHead.id == _HEAD_ID).with_for_update(skip_locked=not wait)
         )
     ).scalar_one_or_none()
     if head is None:

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, StatementError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -198,6 +199,9 @@ class Database:
         except StatementError as exc:
             # A value the column's codec refuses (dsf_bridge.store.kinds), on the way in or out.
             raise StoreError(f"database error: {exc.orig}") from exc
+        except PoolTimeoutError as exc:
+            # Every pooled connection busy for pool_timeout: a peak, not a broken store.
+            raise StoreError(f"database busy: {exc}", retryable=True) from exc
 
     @asynccontextmanager
     async def _writing(self) -> AsyncIterator[None]:

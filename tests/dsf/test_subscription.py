@@ -224,16 +224,26 @@ async def test_a_slow_resource_does_not_hold_up_the_frames_after_it(sandbox: San
             await asyncio.sleep(0.01)
         assert handled == ["quick"]  # past the slow one
         await subscription._frame('{"resourceType": "Task", "id": "slow-too"}', "sub")
-        # Both slots are held by slow ones: the loop waits for a free slot before reading on.
+        # Both slots are held by slow ones: the next waits for a slot, the loop reads on.
+        await asyncio.wait_for(
+            subscription._frame('{"resourceType": "Task", "id": "third"}', "sub"), 1
+        )
+        await asyncio.sleep(0.2)
+        assert handled == ["quick"]
+        # Past four times frames_at_once handed off, the loop itself waits (bounded memory).
+        for number in range(5):
+            await subscription._frame(f'{{"resourceType": "Task", "id": "slow-{number}"}}', "sub")
         blocked = asyncio.ensure_future(
-            subscription._frame('{"resourceType": "Task", "id": "third"}', "sub")
+            subscription._frame('{"resourceType": "Task", "id": "ninth"}', "sub")
         )
         await asyncio.sleep(0.2)
         assert not blocked.done()
         release.set()
         await asyncio.wait_for(blocked, 5)
         await subscription.settled(5)
-        assert sorted(handled) == ["quick", "slow", "slow-too", "third"]
+        assert sorted(handled) == sorted(
+            ["quick", "slow", "slow-too", "third", "ninth", *(f"slow-{n}" for n in range(5))]
+        )
     finally:
         await client.aclose()
 
@@ -310,3 +320,32 @@ async def test_a_pages_tasks_of_one_business_key_are_taken_in_in_order() -> None
     )
     assert await asyncio.wait_for(subscription.catch_up(), 5) == 3
     assert done == ["other", "start", "message"]
+
+
+async def test_a_cancelled_waiter_neither_breaks_its_predecessor_nor_blocks_its_key() -> None:
+    """Two Tasks of one business key: the second, waiting for the first, is cancelled (a
+    stopping bridge). The first ends normally and a third of the key still runs."""
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    async def handle(resource: dict[str, Any]) -> None:
+        if resource["id"] == "first":
+            await release.wait()
+        handled.append(str(resource["id"]))
+
+    subscription = TaskSubscription(
+        _OnePage([]),  # type: ignore[arg-type]
+        None,
+        handle,
+        MemoryCursor(),
+    )
+    first = await subscription._hand_off(_requested("first", 1, "bk"), report=False)
+    second = await subscription._hand_off(_requested("second", 2, "bk"), report=False)
+    await asyncio.sleep(0)
+    second.cancel()
+    third = await subscription._hand_off(_requested("third", 3, "bk"), report=False)
+    release.set()
+    assert await asyncio.wait_for(first, 5) is None
+    assert await asyncio.wait_for(third, 5) is None
+    assert handled == ["first", "third"]
+    assert subscription._last_of == {}

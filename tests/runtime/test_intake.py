@@ -320,8 +320,9 @@ async def test_a_task_another_replica_claimed_moments_ago_is_left_to_it(
 
 async def test_losing_the_in_progress_race_with_a_403_is_no_refusal(site: Site) -> None:
     """DSF checks authorization before versions: the replica whose in-progress PUT comes
-    second hears 403 (its Task differs from the stored one), not 412. It must leave the Task
-    to the winner, not fail it."""
+    second hears 403 (its Task differs from the stored one), not 412. It must not fail the
+    Task, nor mark the shared claim lost under the winner: it delivers the Task from the
+    server's copy, once (here the winner died right after its PUT)."""
     created = await site.remote.create(task())
     assert created.id is not None
     received = await site.server_task(created.id)
@@ -330,13 +331,41 @@ async def test_losing_the_in_progress_race_with_a_403_is_no_refusal(site: Site) 
     await site.intake.handle(received)
     await site.runtime.run_until_idle()
     final = await site.server_task(created.id)
-    assert final["status"] == "in-progress"
+    assert final["status"] == "completed"
     assert input_values(final, "business-key") == ["bk-winner"]
     async with site.database.transaction() as session:
         claim = await repo.get_task_seen(session, created.id, "1")
         instances = (await session.execute(select(func.count(ProcessInstance.id)))).scalar_one()
-    assert claim is not None and claim.status is TaskSeenStatus.CLAIMED_ELSEWHERE
-    assert instances == 0
+    assert claim is not None and claim.status is TaskSeenStatus.TAKEN_IN
+    assert instances == 1
+    assert site.work == [created.id]
+
+
+async def test_an_in_progress_put_repeated_after_its_answer_was_lost_strands_nothing(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PUT reached the server but its answer was lost (a read timeout, a proxy's 504);
+    the client repeats it and hears 412 (403 on DSF). The Task is ours: it is delivered, not
+    left in-progress with no instance."""
+    created = await site.remote.create(task())
+    assert created.id is not None
+    received = await site.server_task(created.id)
+    update_task = site.local.update
+    lost: list[int] = []
+
+    async def answer_lost(resource: dict[str, Any], **options: Any) -> Any:
+        result = await update_task(resource, **options)
+        if not lost and resource.get("status") == "in-progress":
+            lost.append(1)
+            raise RemoteError("PUT failed: 412 Precondition Failed", status=412)
+        return result
+
+    monkeypatch.setattr(site.local, "update", answer_lost)
+    await site.intake.handle(received)
+    await site.runtime.run_until_idle()
+    assert lost == [1]
+    assert (await site.server_task(created.id))["status"] == "completed"
+    assert site.work == [created.id]
 
 
 async def test_two_replicas_recovering_one_claim_deliver_it_once(site: Site) -> None:

@@ -88,3 +88,22 @@ async def test_a_cancelled_writer_leaves_the_write_lock_free(
         other.execute("ROLLBACK")
     finally:
         other.close()
+
+
+async def test_every_pooled_connection_busy_is_a_retryable_store_error(
+    postgres_database: Database,
+) -> None:
+    # A peak beyond pool_size + max_overflow waits pool_timeout, then the step is tried again.
+    busy = Database(postgres_database.url.render_as_string(False), pool_size=1)
+    pool = busy.engine.sync_engine.pool
+    pool._timeout = 0.2  # type: ignore[attr-defined]
+    pool._max_overflow = 0  # type: ignore[attr-defined]
+    try:
+        async with busy.transaction() as session:
+            await session.execute(text("SELECT 1"))
+            with pytest.raises(StoreError, match="database busy") as caught:
+                async with busy.transaction() as other:
+                    await other.execute(text("SELECT 1"))
+        assert caught.value.retryable
+    finally:
+        await busy.dispose()
