@@ -117,12 +117,10 @@ async def append_event(
 
 
 _INSERT = insert(cast(Table, AuditEvent.__table__)).values(
-    occurred_at=bindparam("occurred_at"),
-    actor=bindparam("actor"),
-    subject=bindparam("subject"),
-    action=bindparam("action"),
-    reason=bindparam("reason"),
-    payload_digest=bindparam("payload_digest"),
+    {
+        name: bindparam(name)
+        for name in ("occurred_at", "actor", "subject", "action", "reason", "payload_digest")
+    }
 )
 
 

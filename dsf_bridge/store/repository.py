@@ -56,6 +56,13 @@ _SEEN = cast(Table, TaskSeen.__table__)
 
 # The hot path's statements, built once with bound parameters: building a statement costs more
 # than running it (coercions and cache keys each time); a built one is compiled once too.
+
+
+def _binds(*names: str) -> dict[str, Any]:
+    """``name=bindparam(name)`` for each of ``names``: the values of a prebuilt statement."""
+    return {name: bindparam(name) for name in names}
+
+
 _SAVE_INSTANCE = (
     update(_INSTANCES)
     .where(_INSTANCES.c.id == bindparam("b_id"))
@@ -69,26 +76,22 @@ _SAVE_INSTANCE = (
     )
 )
 _CREATE_INSTANCE = insert(_INSTANCES).values(
-    id=bindparam("id"),
-    definition_id=bindparam("definition_id"),
-    business_key=bindparam("business_key"),
-    status=bindparam("status"),
-    state=bindparam("state"),
     version=1,
-    created_at=bindparam("created_at"),
-    updated_at=bindparam("updated_at"),
+    **_binds("id", "definition_id", "business_key", "status", "state", "created_at", "updated_at"),
 )
 _ENQUEUE_JOB = (
     insert(_JOBS)
     .values(
-        instance_id=bindparam("instance_id"),
-        kind=bindparam("kind"),
-        payload=bindparam("payload"),
-        due_at=bindparam("due_at"),
-        attempts=bindparam("attempts"),
-        retries_left=bindparam("retries_left"),
-        lease_owner=bindparam("lease_owner"),
-        lease_expires_at=bindparam("lease_expires_at"),
+        **_binds(
+            "instance_id",
+            "kind",
+            "payload",
+            "due_at",
+            "attempts",
+            "retries_left",
+            "lease_owner",
+            "lease_expires_at",
+        )
     )
     .returning(_JOBS.c.id)
 )
@@ -812,14 +815,7 @@ async def record_task_seen(
         "seen.insert",
         lambda dialect: (
             _insert_ignoring_duplicates_in(dialect, _SEEN)
-            .values(
-                task_id=bindparam("task_id"),
-                task_version=bindparam("task_version"),
-                role=bindparam("role"),
-                status=bindparam("status"),
-                instance_id=bindparam("instance_id"),
-                seen_at=bindparam("seen_at"),
-            )
+            .values(**_binds("task_id", "task_version", "role", "status", "instance_id", "seen_at"))
             .returning(_SEEN.c.task_id)
         ),
     )
