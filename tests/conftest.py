@@ -95,26 +95,27 @@ def migrated_url(db_url: str) -> str:
     return db_url
 
 
-@pytest.fixture
-async def sqlite_database(sqlite_url: str) -> AsyncIterator[Database]:
-    """A migrated SQLite store alone, for tests about SQLite or that need only one kind."""
-    upgrade(sqlite_url)
-    db = Database(sqlite_url)
+async def _migrated(url: str) -> AsyncIterator[Database]:
+    upgrade(url)
+    db = Database(url)
     try:
         yield db
     finally:
         await db.dispose()
+
+
+@pytest.fixture
+async def sqlite_database(sqlite_url: str) -> AsyncIterator[Database]:
+    """A migrated SQLite store alone, for tests about SQLite or that need only one kind."""
+    async for db in _migrated(sqlite_url):
+        yield db
 
 
 @pytest.fixture
 async def postgres_database(postgres_url: str) -> AsyncIterator[Database]:
     """A migrated PostgreSQL store alone, for tests about PostgreSQL (row locks, replicas)."""
-    upgrade(postgres_url)
-    db = Database(postgres_url)
-    try:
+    async for db in _migrated(postgres_url):
         yield db
-    finally:
-        await db.dispose()
 
 
 @pytest.fixture

@@ -20,12 +20,11 @@ import structlog
 from dsf_bridge.errors import BridgeError
 from dsf_bridge.store import Database, seal_events
 from dsf_bridge.store import repository as repo
+from dsf_bridge.store.audit import SEAL_BATCH
 
 __all__ = ["Dispatcher", "WorkerLoop", "run_all", "seal_all", "seal_forever"]
 
 log = structlog.get_logger("dsf_bridge.runtime")
-
-_SEAL_BATCH = 1000  # seal_events' default
 
 
 class Dispatcher:
@@ -204,9 +203,9 @@ async def seal_all(database: Database, *, batches: int = 10, wait: bool = False)
     try:
         for _ in range(batches):
             async with database.transaction() as session:
-                count = await seal_events(session, limit=_SEAL_BATCH, wait=wait)
+                count = await seal_events(session, limit=SEAL_BATCH, wait=wait)
             sealed += count
-            if count < _SEAL_BATCH:
+            if count < SEAL_BATCH:
                 break
     except BridgeError as exc:  # the next round, or the next start, seals them
         log.warning("audit.seal_failed", error=str(exc))

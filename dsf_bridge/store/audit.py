@@ -38,6 +38,7 @@ from dsf_bridge.store.tables import AuditEvent, AuditHead
 
 __all__ = [
     "GENESIS_HASH",
+    "SEAL_BATCH",
     "ChainReport",
     "append_event",
     "digest_payload",
@@ -48,7 +49,8 @@ __all__ = [
 
 GENESIS_HASH = "0" * 64
 _HEAD_ID = 1
-_VERIFY_BATCH = 1000
+# Events sealed per transaction, and read per batch when the chain is verified.
+SEAL_BATCH = 1000
 
 
 def digest_payload(payload: Any) -> str:
@@ -146,9 +148,7 @@ _SEAL = (
 )
 
 
-async def seal_events(
-    session: AsyncSession, limit: int = _VERIFY_BATCH, *, wait: bool = False
-) -> int:
+async def seal_events(session: AsyncSession, limit: int = SEAL_BATCH, *, wait: bool = False) -> int:
     """Chain up to ``limit`` unsealed events in ``id`` order; return how many.
 
     Under the head row's lock, taken without waiting unless ``wait``: while another sealer
@@ -287,7 +287,7 @@ async def verify_chain(session: AsyncSession) -> ChainReport:
         select(AuditEvent)
         .where(AuditEvent.sequence.is_not(None))
         .order_by(AuditEvent.sequence)
-        .execution_options(yield_per=_VERIFY_BATCH)
+        .execution_options(yield_per=SEAL_BATCH)
     )
     try:
         async for event in stream:
