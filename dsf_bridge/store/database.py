@@ -11,6 +11,7 @@ like a small server database.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +19,13 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, StatementError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InvalidatePoolError,
+    OperationalError,
+    StatementError,
+)
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -41,6 +48,12 @@ __all__ = [
 _SQLITE_BUSY_TIMEOUT_MS = 10_000
 # Readers (the admin API) give up sooner than writers: a probe must answer within seconds.
 _SQLITE_READ_BUSY_TIMEOUT_MS = 2_000
+# A pooled PostgreSQL connection idle for longer than this is pinged before use: one that the
+# server ended meanwhile (a restart, a fail-over, an idle timeout) is replaced, with every other
+# connection of the pool, before a step runs on it. A connection in steady use is not pinged:
+# a ping per transaction was a fifth of a Task's round trips. A connection that dies between
+# two uses less than this apart fails that one transaction, as a retryable store error.
+PING_AFTER_IDLE_SECONDS = 1.0
 
 
 def _parse(url: str) -> URL:
@@ -127,6 +140,27 @@ def _read_only_url(target: URL, url: str) -> URL:
     return target.set(database=f"file:{path.resolve()}?mode=ro", query={"uri": "true"})
 
 
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection at checkout only when it was idle for longer than
+    :data:`PING_AFTER_IDLE_SECONDS` (SQLAlchemy's ``pool_pre_ping`` pings at every checkout)."""
+    dialect = engine.dialect
+
+    def checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    def checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since <= PING_AFTER_IDLE_SECONDS:
+            return
+        # Not a disconnect (a statement timeout, say): the error goes to the caller.
+        if not dialect._do_ping_w_event(dbapi_connection):
+            # The pool replaces this connection and every one checked in before now.
+            raise InvalidatePoolError("the server ended an idle connection")
+
+    event.listen(engine.pool, "checkin", checked_in)
+    event.listen(engine.pool, "checkout", checked_out)
+
+
 def _prepare(engine: Engine, *, read_only: bool) -> None:
     backend = engine.dialect.name
     if backend == "sqlite" and read_only:
@@ -134,8 +168,10 @@ def _prepare(engine: Engine, *, read_only: bool) -> None:
         event.listen(engine, "begin", _sqlite_begin_deferred)
     elif backend == "sqlite":
         _prepare_sqlite(engine)
-    elif read_only:
-        event.listen(engine, "begin", _postgresql_read_only)
+    else:
+        _ping_when_idle(engine)
+        if read_only:
+            event.listen(engine, "begin", _postgresql_read_only)
 
 
 def create_sync_engine(url: str, *, echo: bool = False, read_only: bool = False) -> Engine:
@@ -161,7 +197,9 @@ class Database:
         options: dict[str, Any] = {"echo": echo}
         backend = target.get_backend_name()
         if backend == "postgresql":
-            options.update(pool_size=pool_size, pool_pre_ping=True)
+            # Last in, first out: under a light load the same few connections serve every
+            # step and are never idle long enough to need a ping (_ping_when_idle).
+            options.update(pool_size=pool_size, pool_use_lifo=True)
         if read_only:
             target = _read_only_url(target, url)
         self.url = target

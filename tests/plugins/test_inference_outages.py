@@ -354,7 +354,7 @@ async def test_connections_terminated_while_the_provider_works_do_not_stop_the_r
             assert ended >= 2, "the bridges had connections to terminate"
             assert not any(runner.done() for runner in network._runners)
             await _assert_completed(network, finished[task_id])
-            # Afterwards, connections of the pool that died idle are replaced (pre-ping).
+            # Afterwards, connections of the pool that died idle are replaced (pinged after idling).
             ended = await asyncio.to_thread(_terminate_backends, admin, names)
             again = await _request(network, archive, study)
             finished = await network.finished(REQUESTER, [again], 30)

@@ -107,3 +107,73 @@ async def test_every_pooled_connection_busy_is_a_retryable_store_error(
         assert caught.value.retryable
     finally:
         await busy.dispose()
+
+
+def _terminate_others(database_url: str) -> int:
+    """End every other backend connected to the database of ``database_url``."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    admin = url.set(drivername="postgresql", database="postgres").render_as_string(False)
+    with psycopg.connect(admin, autocommit=True) as connection:
+        rows = connection.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            [url.database],
+        ).fetchall()
+    return sum(1 for (ended,) in rows if ended)
+
+
+async def test_postgresql_pings_only_connections_that_were_idle(
+    postgres_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection in steady use is not pinged; one idle for longer than the threshold is,
+    and one the server ended meanwhile is replaced before the transaction runs on it."""
+    url = postgres_database.url.render_as_string(False)
+    store = Database(url, pool_size=2)
+    dialect = store.engine.sync_engine.dialect
+    pings = 0
+    real_ping = dialect.do_ping
+
+    def counted(dbapi_connection: object) -> bool:
+        nonlocal pings
+        pings += 1
+        return real_ping(dbapi_connection)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dialect, "do_ping", counted)
+    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 0.3)
+    try:
+        for _ in range(5):
+            async with store.transaction() as session:
+                await session.execute(text("SELECT 1"))
+        assert pings == 0, "a connection reused at once was pinged"
+        assert await asyncio.to_thread(_terminate_others, url) >= 1
+        await asyncio.sleep(0.4)
+        async with store.transaction() as session:
+            assert (await session.execute(text("SELECT 41 + 1"))).scalar_one() == 42
+        assert pings >= 1, "the idle connection was used without a ping"
+    finally:
+        await store.dispose()
+
+
+async def test_postgresql_connection_ended_in_use_is_a_retryable_error(
+    postgres_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a ping (reused at once), a connection the server ended fails that transaction
+    as retryable, and the next one runs on a new connection."""
+    url = postgres_database.url.render_as_string(False)
+    store = Database(url, pool_size=1)
+    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 60.0)
+    try:
+        async with store.transaction() as session:
+            await session.execute(text("SELECT 1"))
+        assert await asyncio.to_thread(_terminate_others, url) >= 1
+        with pytest.raises(StoreError) as caught:
+            async with store.transaction() as session:
+                await session.execute(text("SELECT 1"))
+        assert caught.value.retryable
+        async with store.transaction() as session:
+            assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+    finally:
+        await store.dispose()
