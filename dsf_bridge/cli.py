@@ -555,23 +555,25 @@ def run_command(
     ] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Run the bridge for this site until SIGTERM or Ctrl-C (plugins from entry points)."""
+    """Run the bridge for this site until SIGTERM or Ctrl-C (the installed plugins and those
+    of [plugins] folder)."""
     import asyncio
 
-    from dsf_bridge.plugins.loader import discover_plugins
+    from dsf_bridge.plugins.dropin import site_plugins
     from dsf_bridge.store import migrations as schema
 
     settings = _settings(ctx, config, db_url)
     try:
-        plugins = discover_plugins()
+        plugins, dropins = site_plugins(settings.plugins.folder)
         if upgrade_db:
             schema.upgrade(settings.db.url)
-        asyncio.run(_run_bridge(settings, plugins))
+        optional = set(dropins.sources) if dropins is not None else set()
+        asyncio.run(_run_bridge(settings, plugins, optional))
     except BridgeError as exc:
         raise _fail(exc) from exc
 
 
-async def _run_bridge(settings: Settings, plugins: list[ProcessPlugin]) -> None:
+async def _run_bridge(settings: Settings, plugins: list[ProcessPlugin], optional: set[str]) -> None:
     import asyncio
     import signal
 
@@ -582,7 +584,7 @@ async def _run_bridge(settings: Settings, plugins: list[ProcessPlugin]) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    bridge = Bridge(settings, plugins)
+    bridge = Bridge(settings, plugins, optional=optional)
     if not settings.api.enabled:
         async with bridge:
             await bridge.run(stop)
