@@ -726,6 +726,126 @@ def check_connection_command(ctx: typer.Context, config: ConfigOption = None) ->
         raise typer.Exit(EXIT_FAILED)
 
 
+@app.command("start")
+def start_command(
+    ctx: typer.Context,
+    process: Annotated[
+        str,
+        typer.Argument(
+            help="Process key (dsfdev_ping) or URL (http://dsf.dev/bpe/Process/ping, "
+            "optionally |VERSION).",
+            show_default=False,
+        ),
+    ],
+    *,
+    inputs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="CODE=VALUE: an input by its code in the plugin's CodeSystem, typed as the Task "
+            "profile says (string, integer, boolean, Reference: Type/id or SYSTEM|VALUE...). "
+            "Repeat for more.",
+            show_default=False,
+        ),
+    ] = None,
+    business_key: Annotated[
+        str | None,
+        typer.Option(
+            "--business-key",
+            help="Business key of the new instance (default: the bridge's).",
+            show_default=False,
+        ),
+    ] = None,
+    message: Annotated[
+        str | None,
+        typer.Option(
+            "--message",
+            help="Message name of the draft Task to use, when the process ships several "
+            "(default: the one that starts it).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the created Task's id and URL as JSON.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Start a process: create its start Task on the local DSF FHIR server from the plugin's
+    draft Task, as the DSF web UI does (requester the local organization, status requested).
+    The bridge running for this site takes it in."""
+    import asyncio
+
+    from dsf_bridge.dsf.drafts import parse_input
+
+    settings = _settings(ctx, config)
+    try:
+        given = [parse_input(text) for text in inputs or []]
+        created = asyncio.run(_start_process(settings, process, given, business_key, message))
+    except BridgeError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(created, indent=2))
+        return
+    typer.echo(
+        f"created Task/{created['id']} (requested) for {created['process']}, message "
+        f"{created['message']}: {created['url']}"
+    )
+
+
+async def _start_process(
+    settings: Settings,
+    process: str,
+    inputs: list[tuple[str, str]],
+    business_key: str | None,
+    message: str | None,
+) -> dict[str, str]:
+    import datetime as dt
+
+    from dsf_bridge.dsf.client import FhirClient
+    from dsf_bridge.dsf.identity import build_ssl_context, load_identity
+    from dsf_bridge.dsf.organization import find_local_organization
+    from dsf_bridge.errors import RemoteError
+    from dsf_bridge.plugins.dropin import site_plugins
+    from dsf_bridge.plugins.starting import find_start_form
+
+    dsf = settings.dsf
+    if dsf.fhir_base_url is None or dsf.client_certificate is None:
+        field = "dsf.fhir_base_url" if dsf.fhir_base_url is None else "dsf.client_certificate"
+        raise ConfigError(f"{field} is not set; see docs/operations.md", field=field)
+    plugins, _dropins = site_plugins(settings.plugins.folder)
+    password = dsf.client_key_password.get_secret_value() if dsf.client_key_password else None
+    identity = load_identity(dsf.client_certificate, dsf.client_key, password=password)
+    context = build_ssl_context(identity, dsf.ca_certificates, password=password)
+    async with FhirClient(
+        dsf.fhir_base_url,
+        ssl_context=context,
+        retry=settings.runtime.call_retry(),
+        proxy=settings.proxy.forward_proxy(),
+    ) as client:
+        organization = await find_local_organization(client, dsf.fhir_base_url)
+        organization.require_thumbprint(identity.thumbprint)
+        plugin, definition, form = find_start_form(
+            plugins, process, organization=organization.identifier, message=message
+        )
+        task = form.task(
+            inputs,
+            requester=organization.identifier,
+            business_key=business_key,
+            authored_on=dt.datetime.now(dt.UTC),
+        )
+        created = await client.create(task, return_minimal=True)
+    if created.id is None:
+        raise RemoteError("the FHIR server created the Task without saying its id")
+    _log().info("task.created", task_id=created.id, process=definition.key)
+    return {
+        "id": created.id,
+        "url": f"{client.base_url}/Task/{created.id}",
+        "process": f"{definition.key}|{plugin.resource_version}",
+        "message": form.message_name,
+    }
+
+
 @app.command("demo")
 def demo_command(
     as_json: Annotated[
