@@ -15,19 +15,23 @@ import pytest
 
 from dsf_bridge.dsf.drafts import StartForm, StartFormError, parse_input
 from dsf_bridge.dsf.profiles import TaskProfile
-from dsf_bridge.dsf.publication import read_resource
+from dsf_bridge.dsf.publication import publish, read_resource
 from dsf_bridge.dsf.tasks import input_values
 from dsf_bridge.dsf.vocabulary import ENDPOINT_IDENTIFIER_SYSTEM, TASK_IDENTIFIER_SYSTEM
 from dsf_bridge.plugins.inference import CODESYSTEM_OMI
 from dsf_bridge.plugins.inference import plugin as inference_plugin
 from dsf_bridge.plugins.pingpong import plugin as pingpong_plugin
 from dsf_bridge.plugins.starting import find_start_form
+from dsf_bridge.sandbox.demo import plugin_resources
 from tests.plugins.test_pingpong import (  # the two-site ping/pong network and its helpers
     Network,
     _finished,
     _statuses,
     network,  # noqa: F401 - the fixture
 )
+from tests.sandbox.harness import LOCAL, Sandbox, sandbox, sandbox_ca, sandbox_sites
+
+__all__ = ["sandbox", "sandbox_ca", "sandbox_sites"]
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
@@ -88,6 +92,25 @@ COMPLETE = [
     ("dicomweb-endpoint", "https://pacs.example.org/dicom-web"),
     ("service", "tissue-composition"),
 ]
+
+
+async def test_the_omi_start_task_is_accepted_by_a_strict_dsf_server(sandbox: Sandbox) -> None:
+    """The sandbox validates it against the plugin's profile and DSF's base Task profile, and
+    checks the ActivityDefinition's authorization, as a DSF 2.1 FHIR server does."""
+    async with sandbox.client(LOCAL) as client:
+        await publish(client, plugin_resources(LOCAL))
+        _plugin, _definition, form = find_start_form(
+            [inference_plugin], INFERENCE, organization=LOCAL
+        )
+        task = form.task(
+            [*COMPLETE, ("series-instance-uid", "1.2.3.4"), ("result-timeout", "PT5M")],
+            requester=LOCAL,
+            authored_on=dt.datetime.now(dt.UTC),
+        )
+        created = await client.create(task)
+    assert created.status == 201
+    assert created.resource is not None
+    assert created.resource["status"] == "requested"
 
 
 @pytest.mark.parametrize(
