@@ -93,9 +93,14 @@ def parse_input(text: str) -> tuple[str, str]:
 
 
 def _value_of(parameter: Mapping[str, Any]) -> tuple[str | None, object]:
+    """The FHIR type and value of ``value[x]``: ``valueString`` is a ``string``,
+    ``valueReference`` a ``Reference`` (primitive type codes start in lower case)."""
     for key, value in parameter.items():
         if key.startswith("value") and len(key) > 5:
-            return key[5].lower() + key[6:], value
+            kind = key[5:]
+            primitive = kind[0].lower() + kind[1:]
+            known = primitive in _TEXT_TYPES or primitive in _INTEGER_BOUNDS
+            return (primitive if known or primitive in ("decimal", "boolean") else kind), value
     return None, None
 
 
@@ -124,7 +129,7 @@ def _typed(code: str, kind: str, text: str) -> dict[str, Any]:
         try:
             number = int(text)
         except ValueError:
-            raise StartFormError(f"input {code}: {text!r} is not an {kind}") from None
+            raise StartFormError(f"input {code}: {text!r} is not an integer ({kind})") from None
         low = _INTEGER_BOUNDS[kind]
         if (low is not None and number < low) or abs(number) > 2**31 - 1:
             raise StartFormError(f"input {code}: {number} is out of range for {kind}")
@@ -192,6 +197,10 @@ class StartForm:
                 continue
             system = _fixed(elements.get(f"{element_id}.type.coding.system"))
             code = _fixed(elements.get(f"{element_id}.type.coding.code"))
+            pattern = _fixed(elements.get(f"{element_id}.type"))
+            if code is None and isinstance(pattern, Mapping):  # patternCodeableConcept
+                codings = pattern.get("coding") or [{}]
+                code, system = codings[0].get("code"), codings[0].get("system", system)
             if code is None and match[1] in examples:
                 code, system = match[1], examples[match[1]][0]
             if not isinstance(code, str) or system == BPMN_MESSAGE_SYSTEM:

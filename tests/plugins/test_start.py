@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,13 @@ from dsf_bridge.dsf.drafts import StartForm, StartFormError, parse_input
 from dsf_bridge.dsf.profiles import TaskProfile
 from dsf_bridge.dsf.publication import publish, read_resource
 from dsf_bridge.dsf.tasks import input_values
-from dsf_bridge.dsf.vocabulary import ENDPOINT_IDENTIFIER_SYSTEM, TASK_IDENTIFIER_SYSTEM
+from dsf_bridge.dsf.vocabulary import (
+    BPMN_MESSAGE_SYSTEM as BPMN_MESSAGE,
+)
+from dsf_bridge.dsf.vocabulary import (
+    ENDPOINT_IDENTIFIER_SYSTEM,
+    TASK_IDENTIFIER_SYSTEM,
+)
 from dsf_bridge.plugins.inference import CODESYSTEM_OMI
 from dsf_bridge.plugins.inference import plugin as inference_plugin
 from dsf_bridge.plugins.pingpong import plugin as pingpong_plugin
@@ -233,3 +240,99 @@ async def test_start_creates_the_ping_start_task_and_the_bridge_runs_it(
     code, _out, err = await _cli("start", "dsfdev_nothing", config=config)
     assert code == 1
     assert "unknown process 'dsfdev_nothing'" in err
+
+
+def _slice(
+    name: str, kind: str, *, minimum: int = 0, pattern: bool = False
+) -> list[dict[str, Any]]:
+    system = "http://example.org/fhir/CodeSystem/x"
+    base = f"Task.input:{name}"
+    if pattern:  # sliced by a pattern on type instead of fixed system and code
+        coding = {"coding": [{"system": system, "code": name}]}
+        elements = [{"id": f"{base}.type", "patternCodeableConcept": coding}]
+    else:
+        elements = [
+            {"id": f"{base}.type.coding.system", "fixedUri": system},
+            {"id": f"{base}.type.coding.code", "fixedCode": name},
+        ]
+    return [
+        {"id": base, "sliceName": name, "min": minimum, "max": "1"},
+        *elements,
+        {"id": f"{base}.value[x]", "type": [{"code": kind}]},
+    ]
+
+
+def test_values_are_typed_as_each_slice_declares() -> None:
+    profile = {
+        "resourceType": "StructureDefinition",
+        "url": "http://example.org/fhir/StructureDefinition/task-x",
+        "version": "1.0",
+        "type": "Task",
+        "differential": {
+            "element": [
+                *_slice("count", "positiveInt", minimum=1),
+                *_slice("target", "Reference"),
+                *_slice("kind", "Coding", pattern=True),
+                *_slice("ratio", "decimal"),
+            ]
+        },
+    }
+    draft = {
+        "resourceType": "Task",
+        "meta": {"profile": ["http://example.org/fhir/StructureDefinition/task-x|1.0"]},
+        "instantiatesCanonical": "http://example.org/bpe/Process/x|1.0",
+        "status": "draft",
+        "input": [
+            {
+                "type": {"coding": [{"system": BPMN_MESSAGE, "code": "message-name"}]},
+                "valueString": "startX",
+            },
+            {  # in the draft only, not sliced by the profile: typed as the draft's value
+                "type": {"coding": [{"system": "http://example.org/s", "code": "extra"}]},
+                "valueReference": {"reference": "Endpoint/1"},
+            },
+        ],
+    }
+    form = StartForm.from_draft(draft, [profile])
+    assert {code: f.types for code, f in form.fields.items()} == {
+        "count": ("positiveInt",),
+        "target": ("Reference",),
+        "kind": ("Coding",),
+        "ratio": ("decimal",),
+        "extra": ("Reference",),
+    }
+    task = form.task(
+        [
+            ("count", "3"),
+            ("target", "http://example.org/sid/organization|Site_B"),
+            ("kind", "http://example.org/k|big"),
+            ("ratio", "0.25"),
+            ("extra", "Endpoint/2"),
+        ],
+        requester="Site_A",
+        authored_on=NOW,
+    )
+    values = {
+        p["type"]["coding"][0]["code"]: {k: v for k, v in p.items() if k != "type"}
+        for p in task["input"]
+    }
+    assert values == {
+        "message-name": {"valueString": "startX"},
+        "count": {"valuePositiveInt": 3},
+        "target": {
+            "valueReference": {
+                "identifier": {"system": "http://example.org/sid/organization", "value": "Site_B"}
+            }
+        },
+        "kind": {"valueCoding": {"system": "http://example.org/k", "code": "big"}},
+        "ratio": {"valueDecimal": 0.25},
+        "extra": {"valueReference": {"reference": "Endpoint/2"}},
+    }
+    for bad, message in [
+        ("0", "0 is out of range for positiveInt"),
+        ("three", re.escape("'three' is not an integer (positiveInt)")),
+    ]:
+        with pytest.raises(StartFormError, match=message):
+            form.task([("count", bad)], requester="Site_A", authored_on=NOW)
+    with pytest.raises(StartFormError, match=re.escape("'big' is not SYSTEM|CODING")):
+        form.task([("count", "1"), ("kind", "big")], requester="Site_A", authored_on=NOW)
