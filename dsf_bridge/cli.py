@@ -766,8 +766,19 @@ def start_command(
             show_default=False,
         ),
     ] = None,
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            "--wait",
+            help="Then wait up to this many seconds for the Task to end and print its status "
+            "and outputs; exit 1 unless it completed.",
+            min=0,
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the created Task's id and URL as JSON.")
+        bool,
+        typer.Option("--json", help="Print the created Task's id and URL (and end) as JSON."),
     ] = False,
     config: ConfigOption = None,
 ) -> None:
@@ -781,26 +792,41 @@ def start_command(
     settings = _settings(ctx, config)
     try:
         given = [parse_input(text) for text in inputs or []]
-        created = asyncio.run(_start_process(settings, process, given, business_key, message))
+        created = asyncio.run(
+            _start_process(
+                settings, process, given, business_key=business_key, message=message, wait=wait
+            )
+        )
     except BridgeError as exc:
         raise _fail(exc) from exc
+    status = created.get("status", "requested")
     if as_json:
         typer.echo(json.dumps(created, indent=2))
-        return
-    typer.echo(
-        f"created Task/{created['id']} (requested) for {created['process']}, message "
-        f"{created['message']}: {created['url']}"
-    )
+    else:
+        typer.echo(
+            f"created Task/{created['id']} (requested) for {created['process']}, message "
+            f"{created['message']}: {created['url']}"
+        )
+        if wait is not None:
+            typer.echo(f"Task/{created['id']} {status}")
+            for line in created.get("outputs", []):
+                typer.echo(f"  output {line}")
+    if wait is not None and status != "completed":
+        raise typer.Exit(EXIT_FAILED)
 
 
 async def _start_process(
     settings: Settings,
     process: str,
     inputs: list[tuple[str, str]],
+    *,
     business_key: str | None,
     message: str | None,
-) -> dict[str, str]:
+    wait: float | None = None,
+) -> dict[str, Any]:
+    import asyncio
     import datetime as dt
+    import time
 
     from dsf_bridge.dsf.client import FhirClient
     from dsf_bridge.dsf.identity import build_ssl_context, load_identity
@@ -835,15 +861,34 @@ async def _start_process(
             authored_on=dt.datetime.now(dt.UTC),
         )
         created = await client.create(task, return_minimal=True)
-    if created.id is None:
-        raise RemoteError("the FHIR server created the Task without saying its id")
-    _log().info("task.created", task_id=created.id, process=definition.key)
-    return {
-        "id": created.id,
-        "url": f"{client.base_url}/Task/{created.id}",
-        "process": f"{definition.key}|{plugin.resource_version}",
-        "message": form.message_name,
-    }
+        if created.id is None:
+            raise RemoteError("the FHIR server created the Task without saying its id")
+        _log().info("task.created", task_id=created.id, process=definition.key)
+        result: dict[str, Any] = {
+            "id": created.id,
+            "url": f"{client.base_url}/Task/{created.id}",
+            "process": f"{definition.key}|{plugin.resource_version}",
+            "message": form.message_name,
+        }
+        if wait is None:
+            return result
+        deadline = time.monotonic() + wait
+        while True:  # the server offers no event for a Task's end: read it until it ends
+            current = await client.read("Task", created.id)
+            if current.get("status") in ("completed", "failed") or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.5)
+    result["status"] = str(current.get("status"))
+    result["outputs"] = [_shown_output(output) for output in current.get("output") or []]
+    return result
+
+
+def _shown_output(output: dict[str, Any]) -> str:
+    """``code: value`` of a Task output, the value as compact JSON unless it is text."""
+    codings = (output.get("type") or {}).get("coding") or [{}]
+    value = next((v for k, v in output.items() if k.startswith("value")), None)
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return f"{codings[0].get('code')}: {text}"
 
 
 @app.command("demo")

@@ -218,6 +218,7 @@ async def test_start_creates_the_ping_start_task_and_the_bridge_runs_it(
     created: dict[str, Any] = json.loads(out)
     assert created["process"] == "dsfdev_ping|1.0"
     assert created["url"] == f"{network.sites['Site_A'].base_url}/Task/{created['id']}"
+    assert "status" not in created  # it did not wait
     async with network.client("Site_A") as client:
         final = await _finished(client, created["id"], 30)
     assert final["status"] == "completed", final.get("output")
@@ -232,6 +233,18 @@ async def test_start_creates_the_ping_start_task_and_the_bridge_runs_it(
         if t.get("status") == "draft" and "ping|" in t["instantiatesCanonical"]
     ]
     assert len(drafts) == 1
+
+    # --wait: until the Task ends, its status and outputs printed.
+    code, out, err = await _cli(
+        "start", "dsfdev_ping", "-i", f"target-endpoints={target}", "--wait", "30", config=config
+    )
+    assert code == 0, err
+    created_line, status_line, *outputs = out.splitlines()
+    assert created_line.startswith("created Task/")
+    assert status_line.endswith(" completed")
+    assert len(outputs) == 1
+    assert outputs[0].startswith("  output ping-status: ")
+    assert "pong-received" in outputs[0]
 
     code, _out, err = await _cli("start", "dsfdev_ping", "--input", "target=x", config=config)
     assert code == 1
