@@ -9,7 +9,8 @@ Start-up, in order, each step refusing to go on with a message that says what to
    it decides how plugin resources are published and how Task outputs are written;
 4. the local organization is found by its Endpoint address and owns the certificate;
 5. the plugins load (placeholders replaced, models validated, every handler registered), their
-   FHIR resources are published and their processes deployed;
+   FHIR resources are published and their processes deployed; an optional plugin (a drop-in)
+   that fails here is logged and left out;
 6. Tasks a previous run left half taken in are recovered.
 
 Then three loops run until stopped: the Task subscription, the QuestionnaireResponse
