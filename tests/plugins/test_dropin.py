@@ -117,7 +117,8 @@ def plugins_dir(tmp_path: Path) -> Iterator[Path]:
     path = list(sys.path)
     yield folder
     for added in set(sys.modules) - modules:  # what the drop-ins imported
-        if "dropin" in added or "_plugin" in added:
+        top = added.split(".", 1)[0]
+        if top.startswith("dsf_bridge_dropin_") or top.endswith("_plugin"):
             del sys.modules[added]
     sys.path[:] = path
 
