@@ -42,7 +42,7 @@ import sys
 import tempfile
 import tomllib
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from importlib.metadata import EntryPoint
@@ -138,9 +138,9 @@ def load_plugin_folder(
             else:
                 if unpacked is None:
                     unpacked = _private_temporary_folder()
-                found = _wheel_plugins(entry, unpacked)
-            for plugin in found:
-                _check(plugin, names, keys)
+                found = _wheel_plugins(entry, unpacked, lambda p: _check(p, names, keys))
+            if kind == "folder":
+                _check(found[0], names, keys)
         except (Exception, SystemExit) as exc:  # a plugin's import may raise anything
             reason = str(exc) if isinstance(exc, BridgeError) else f"{type(exc).__name__}: {exc}"
             result.rejected.append(RejectedPlugin(entry, reason))
@@ -264,8 +264,11 @@ def _import_from_folder(folder: Path, module: str, plugin: str) -> ModuleType:
     return loaded
 
 
-def _wheel_plugins(wheel: Path, unpack_to: Path) -> list[ProcessPlugin]:
-    """The plugins a wheel's ``dsf_bridge.plugins`` entry points name, its files unpacked."""
+def _wheel_plugins(
+    wheel: Path, unpack_to: Path, check: Callable[[ProcessPlugin], None]
+) -> list[ProcessPlugin]:
+    """The plugins a wheel's ``dsf_bridge.plugins`` entry points name, its files unpacked,
+    each passed through ``check``; a wheel that fails leaves nothing on ``sys.path``."""
     try:
         archive = zipfile.ZipFile(wheel)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -304,10 +307,13 @@ def _wheel_plugins(wheel: Path, unpack_to: Path) -> list[ProcessPlugin]:
             destination.write_bytes(archive.read(member))
     sys.path.append(str(target))
     try:
-        return [
+        plugins = [
             load_entry_point(EntryPoint(name, value, ENTRY_POINT_GROUP), f"{wheel}: ")
             for name, value in sorted(declared.items())
         ]
+        for plugin in plugins:
+            check(plugin)
+        return plugins
     except BaseException:
         sys.path.remove(str(target))
         for module in [m for m in sys.modules if m.split(".", 1)[0] in top_level]:

@@ -297,3 +297,36 @@ def test_plugins_list_shows_loaded_and_rejected_drop_ins(plugins_dir: Path, tmp_
     [rejected] = listing["rejected"]
     assert rejected["source"] == str(plugins_dir / "noimport")
     assert "a_module_nobody_installed" in rejected["reason"]
+
+
+def test_a_wheel_that_fails_its_checks_leaves_nothing_importable(
+    plugins_dir: Path, tmp_path: Path
+) -> None:
+    path = wheel(plugins_dir, "unchecked")
+    with zipfile.ZipFile(path, "a") as archive:  # a second model naming an unknown handler
+        archive.writestr(
+            "unchecked_plugin/other.bpmn",
+            BPMN.format(domain="exampleorg", name="other", handler="org.example.Missing"),
+        )
+        code = archive.read("unchecked_plugin/__init__.py").decode()
+    rewritten = tmp_path / "rewritten.whl"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(rewritten, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "unchecked_plugin/__init__.py":
+                data = code.replace(
+                    "bpmn_files=(Path(__file__).parent / 'unchecked.bpmn',)",
+                    "bpmn_files=(Path(__file__).parent / 'unchecked.bpmn', "
+                    "Path(__file__).parent / 'other.bpmn')",
+                ).encode()
+            target.writestr(item, data)
+    rewritten.replace(path)
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+
+    found = load_plugin_folder(plugins_dir, unpack_to=unpacked)
+
+    assert found.plugins == []
+    assert "no handler registered for org.example.Missing" in found.rejected[0].reason
+    assert not any(entry.startswith(str(unpacked)) for entry in sys.path)
+    assert "unchecked_plugin" not in sys.modules
