@@ -555,23 +555,25 @@ def run_command(
     ] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Run the bridge for this site until SIGTERM or Ctrl-C (plugins from entry points)."""
+    """Run the bridge for this site until SIGTERM or Ctrl-C (the installed plugins and those
+    of [plugins] folder)."""
     import asyncio
 
-    from dsf_bridge.plugins.loader import discover_plugins
+    from dsf_bridge.plugins.dropin import site_plugins
     from dsf_bridge.store import migrations as schema
 
     settings = _settings(ctx, config, db_url)
     try:
-        plugins = discover_plugins()
+        plugins, dropins = site_plugins(settings.plugins.folder)
         if upgrade_db:
             schema.upgrade(settings.db.url)
-        asyncio.run(_run_bridge(settings, plugins))
+        optional = set(dropins.sources) if dropins is not None else set()
+        asyncio.run(_run_bridge(settings, plugins, optional))
     except BridgeError as exc:
         raise _fail(exc) from exc
 
 
-async def _run_bridge(settings: Settings, plugins: list[ProcessPlugin]) -> None:
+async def _run_bridge(settings: Settings, plugins: list[ProcessPlugin], optional: set[str]) -> None:
     import asyncio
     import signal
 
@@ -582,7 +584,7 @@ async def _run_bridge(settings: Settings, plugins: list[ProcessPlugin]) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    bridge = Bridge(settings, plugins)
+    bridge = Bridge(settings, plugins, optional=optional)
     if not settings.api.enabled:
         async with bridge:
             await bridge.run(stop)
@@ -722,6 +724,171 @@ def check_connection_command(ctx: typer.Context, config: ConfigOption = None) ->
 
     if not asyncio.run(run()):
         raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("start")
+def start_command(
+    ctx: typer.Context,
+    process: Annotated[
+        str,
+        typer.Argument(
+            help="Process key (dsfdev_ping) or URL (http://dsf.dev/bpe/Process/ping, "
+            "optionally |VERSION).",
+            show_default=False,
+        ),
+    ],
+    *,
+    inputs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="CODE=VALUE: an input by its code in the plugin's CodeSystem, typed as the Task "
+            "profile says (string, integer, boolean, Reference: Type/id or SYSTEM|VALUE...). "
+            "Repeat for more.",
+            show_default=False,
+        ),
+    ] = None,
+    business_key: Annotated[
+        str | None,
+        typer.Option(
+            "--business-key",
+            help="Business key of the new instance (default: the bridge's).",
+            show_default=False,
+        ),
+    ] = None,
+    message: Annotated[
+        str | None,
+        typer.Option(
+            "--message",
+            help="Message name of the draft Task to use, when the process ships several "
+            "(default: the one that starts it).",
+            show_default=False,
+        ),
+    ] = None,
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            "--wait",
+            help="Then wait up to this many seconds for the Task to end and print its status "
+            "and outputs; exit 1 unless it completed.",
+            min=0,
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the created Task's id and URL (and end) as JSON."),
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Start a process: create its start Task on the local DSF FHIR server from the plugin's
+    draft Task, as the DSF web UI does (requester the local organization, status requested).
+    The bridge running for this site takes it in."""
+    import asyncio
+
+    from dsf_bridge.dsf.drafts import parse_input
+
+    settings = _settings(ctx, config)
+    try:
+        given = [parse_input(text) for text in inputs or []]
+        created = asyncio.run(
+            _start_process(
+                settings, process, given, business_key=business_key, message=message, wait=wait
+            )
+        )
+    except BridgeError as exc:
+        raise _fail(exc) from exc
+    status = created.get("status", "requested")
+    if as_json:
+        typer.echo(json.dumps(created, indent=2))
+    else:
+        typer.echo(
+            f"created Task/{created['id']} (requested) for {created['process']}, message "
+            f"{created['message']}: {created['url']}"
+        )
+        if wait is not None:
+            typer.echo(f"Task/{created['id']} {status}")
+            for line in created.get("outputs", []):
+                typer.echo(f"  output {line}")
+    if wait is not None and status != "completed":
+        raise typer.Exit(EXIT_FAILED)
+
+
+async def _start_process(
+    settings: Settings,
+    process: str,
+    inputs: list[tuple[str, str]],
+    *,
+    business_key: str | None,
+    message: str | None,
+    wait: float | None = None,
+) -> dict[str, Any]:
+    import asyncio
+    import datetime as dt
+    import time
+
+    from dsf_bridge.dsf.client import FhirClient
+    from dsf_bridge.dsf.identity import build_ssl_context, load_identity
+    from dsf_bridge.dsf.organization import find_local_organization
+    from dsf_bridge.errors import RemoteError
+    from dsf_bridge.plugins.dropin import site_plugins
+    from dsf_bridge.plugins.starting import find_start_form
+
+    dsf = settings.dsf
+    if dsf.fhir_base_url is None or dsf.client_certificate is None:
+        field = "dsf.fhir_base_url" if dsf.fhir_base_url is None else "dsf.client_certificate"
+        raise ConfigError(f"{field} is not set; see docs/operations.md", field=field)
+    plugins, _dropins = site_plugins(settings.plugins.folder)
+    password = dsf.client_key_password.get_secret_value() if dsf.client_key_password else None
+    identity = load_identity(dsf.client_certificate, dsf.client_key, password=password)
+    context = build_ssl_context(identity, dsf.ca_certificates, password=password)
+    async with FhirClient(
+        dsf.fhir_base_url,
+        ssl_context=context,
+        retry=settings.runtime.call_retry(),
+        proxy=settings.proxy.forward_proxy(),
+    ) as client:
+        organization = await find_local_organization(client, dsf.fhir_base_url)
+        organization.require_thumbprint(identity.thumbprint)
+        plugin, definition, form = find_start_form(
+            plugins, process, organization=organization.identifier, message=message
+        )
+        task = form.task(
+            inputs,
+            requester=organization.identifier,
+            business_key=business_key,
+            authored_on=dt.datetime.now(dt.UTC),
+        )
+        created = await client.create(task, return_minimal=True)
+        if created.id is None:
+            raise RemoteError("the FHIR server created the Task without saying its id")
+        _log().info("task.created", task_id=created.id, process=definition.key)
+        result: dict[str, Any] = {
+            "id": created.id,
+            "url": f"{client.base_url}/Task/{created.id}",
+            "process": f"{definition.key}|{plugin.resource_version}",
+            "message": form.message_name,
+        }
+        if wait is None:
+            return result
+        deadline = time.monotonic() + wait
+        while True:  # the server offers no event for a Task's end: read it until it ends
+            current = await client.read("Task", created.id)
+            if current.get("status") in ("completed", "failed") or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.5)
+    result["status"] = str(current.get("status"))
+    result["outputs"] = [_shown_output(output) for output in current.get("output") or []]
+    return result
+
+
+def _shown_output(output: dict[str, Any]) -> str:
+    """``code: value`` of a Task output, the value as compact JSON unless it is text."""
+    codings = (output.get("type") or {}).get("coding") or [{}]
+    value = next((v for k, v in output.items() if k.startswith("value")), None)
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return f"{codings[0].get('code')}: {text}"
 
 
 @app.command("demo")

@@ -53,6 +53,7 @@ __all__ = [
     "LogSettings",
     "OmiServiceSettings",
     "OmiSettings",
+    "PluginsSettings",
     "ProxySettings",
     "RuntimeConfig",
     "Settings",
@@ -523,6 +524,18 @@ class ProxySettings(_Section):
         )
 
 
+class PluginsSettings(_Section):
+    """Drop-in process plugins: a folder the bridge loads plugins from at start-up, besides the
+    installed ones (entry points). Trusted like site-packages: its code runs in the bridge."""
+
+    folder: Path | None = Field(
+        default=None,
+        description="Folder of drop-in plugins: plugin folders (plugin.toml, BPMN, FHIR "
+        "resources, an optional Python module) and wheel files; unset: installed plugins only. "
+        "Owner-only permissions recommended; a world-writable folder is refused",
+    )
+
+
 # The duration forms the engine's timers accept (dsf_bridge.engine.timers).
 # The longest result-timeout a request may wait (also the bound for a start Task's input).
 _MAX_RESULT_TIMEOUT = dt.timedelta(days=366)
@@ -548,6 +561,7 @@ class Settings(BaseSettings):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     api: ApiSettings = Field(default_factory=ApiSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
+    plugins: PluginsSettings = Field(default_factory=PluginsSettings)
 
     @classmethod
     def settings_customise_sources(

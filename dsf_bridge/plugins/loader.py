@@ -20,7 +20,7 @@ import json
 import re
 from collections.abc import Callable
 from datetime import date
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from dsf_bridge.engine import parse_bpmn_file
@@ -29,7 +29,14 @@ from dsf_bridge.errors import BridgeError, ProcessModelError
 from dsf_bridge.plugins.api import ProcessPlugin
 from dsf_bridge.plugins.registry import HandlerRegistry
 
-__all__ = ["ENTRY_POINT_GROUP", "discover_plugins", "plugin_from_folder", "process_key"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "as_plugin",
+    "discover_plugins",
+    "load_entry_point",
+    "plugin_from_folder",
+    "process_key",
+]
 
 ENTRY_POINT_GROUP = "dsf_bridge.plugins"
 _FHIR_NS = "{http://hl7.org/fhir}"
@@ -44,26 +51,33 @@ def process_key(canonical_url: str) -> str:
     return f"{match[1].replace('.', '')}_{match[2]}"
 
 
+def as_plugin(loaded: object, label: str) -> ProcessPlugin:
+    """What an entry point names, a :class:`ProcessPlugin` or a callable returning one, as the
+    plugin; ``label`` names the entry point in the error."""
+    if not isinstance(loaded, ProcessPlugin) and callable(loaded):
+        factory: Callable[[], object] = loaded
+        loaded = factory()
+    if not isinstance(loaded, ProcessPlugin):
+        raise ProcessModelError(f"{label} is {type(loaded).__name__}, not a ProcessPlugin")
+    return loaded
+
+
+def load_entry_point(entry_point: EntryPoint, where: str = "") -> ProcessPlugin:
+    """Import an entry point of the group and return its plugin; any failure of the import is
+    a :class:`ProcessModelError` naming it (``where`` says where it was declared)."""
+    label = f"{where}plugin entry point {entry_point.name!r}"
+    try:
+        loaded: object = entry_point.load()
+    except (Exception, SystemExit) as exc:  # a plugin's import may raise anything
+        raise ProcessModelError(
+            f"{label} ({entry_point.value}) failed to load: {type(exc).__name__}: {exc}"
+        ) from exc
+    return as_plugin(loaded, label)
+
+
 def discover_plugins() -> list[ProcessPlugin]:
     """Load every plugin registered under the entry point group, sorted by name."""
-    plugins: list[ProcessPlugin] = []
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            loaded: object = entry_point.load()
-        except Exception as exc:
-            raise ProcessModelError(
-                f"plugin entry point {entry_point.name!r} ({entry_point.value}) failed to load: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        if not isinstance(loaded, ProcessPlugin) and callable(loaded):
-            factory: Callable[[], object] = loaded
-            loaded = factory()
-        if not isinstance(loaded, ProcessPlugin):
-            raise ProcessModelError(
-                f"plugin entry point {entry_point.name!r} is {type(loaded).__name__}, "
-                "not a ProcessPlugin"
-            )
-        plugins.append(loaded)
+    plugins = [load_entry_point(ep) for ep in entry_points(group=ENTRY_POINT_GROUP)]
     names = [plugin.name for plugin in plugins]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:

@@ -9,7 +9,8 @@ Start-up, in order, each step refusing to go on with a message that says what to
    it decides how plugin resources are published and how Task outputs are written;
 4. the local organization is found by its Endpoint address and owns the certificate;
 5. the plugins load (placeholders replaced, models validated, every handler registered), their
-   FHIR resources are published and their processes deployed;
+   FHIR resources are published and their processes deployed; an optional plugin (a drop-in)
+   that fails here is logged and left out;
 6. Tasks a previous run left half taken in are recovered.
 
 Then three loops run until stopped: the Task subscription, the QuestionnaireResponse
@@ -24,7 +25,7 @@ import datetime as dt
 import hashlib
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -39,7 +40,7 @@ from dsf_bridge.dsf.questionnaires import USER_TASK_ID_ITEM
 from dsf_bridge.dsf.subscription import TaskSubscription
 from dsf_bridge.dsf.tasks import TaskLimits
 from dsf_bridge.dsf.versions import DsfRelease, server_release
-from dsf_bridge.errors import ConfigError, MigrationError, ProcessExecutionError
+from dsf_bridge.errors import BridgeError, ConfigError, MigrationError, ProcessExecutionError
 from dsf_bridge.plugins.api import LoadedPlugin, ProcessPlugin
 from dsf_bridge.plugins.inference import SERVICE_DICOMWEB_SSL_CONTEXT, SERVICE_OMI_SETTINGS
 from dsf_bridge.plugins.registry import (
@@ -97,13 +98,17 @@ class Bridge:
         *,
         services: Mapping[str, object] | None = None,
         runtime_settings: RuntimeSettings | None = None,
+        optional: Collection[str] = (),
     ) -> None:
         """``services`` are added to what handlers get (``HandlerContext.services``) besides
         the local FHIR client and organization; ``runtime_settings`` tune the workers (default:
-        the ``[runtime]`` section)."""
+        the ``[runtime]`` section); ``optional`` names plugins (drop-ins) that are left out,
+        logged at error, when they fail to load or the server refuses their resources, instead
+        of stopping start-up."""
         self.settings = settings
         self.plugins = list(plugins)
         self.extra_services = dict(services or {})
+        self.optional = frozenset(optional)
         self.runtime_settings = runtime_settings or _runtime_settings(settings.runtime)
         self.owner = f"{socket.gethostname()}-{os.getpid()}"
         self.database: Database | None = None
@@ -194,13 +199,24 @@ class Bridge:
             settings=self.runtime_settings,
             services=services,
         )
-        self.loaded = [plugin.load(organization=local) for plugin in self.plugins]
-        for loaded in self.loaded:
-            files = [
-                (str(path), data) for entries in loaded.resources.values() for path, data in entries
-            ]
-            unique = list(dict(files).items())  # shared resources are listed per process
-            await publish(self.client, unique, dsf_release=self.dsf_release)
+        self.loaded = []
+        for plugin in self.plugins:
+            try:
+                loaded = plugin.load(organization=local)
+                files = [
+                    (str(path), data)
+                    for entries in loaded.resources.values()
+                    for path, data in entries
+                ]
+                unique = list(dict(files).items())  # shared resources are listed per process
+                await publish(self.client, unique, dsf_release=self.dsf_release)
+            except BridgeError as exc:
+                if plugin.name not in self.optional or exc.retryable:
+                    raise
+                # A drop-in the server refuses is left out; it never stops the others.
+                log.error("plugin.rejected", plugin=plugin.name, reason=str(exc))
+                continue
+            self.loaded.append(loaded)
             for definition in loaded.definitions.values():
                 await self.runtime.deploy(
                     definition,

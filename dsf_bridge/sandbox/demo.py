@@ -19,6 +19,7 @@ import copy
 import datetime as dt
 import json
 import secrets
+import shlex
 import shutil
 import signal
 import sys
@@ -69,6 +70,7 @@ __all__ = [
     "DemoResult",
     "InferenceNetwork",
     "audit_events",
+    "audit_summary",
     "make_series",
     "plugin_resources",
     "run_demo",
@@ -528,6 +530,28 @@ async def _demo(
             return results, dict(network.db_urls), events
 
 
+def audit_summary(
+    db_urls: Mapping[str, str], events: Mapping[str, int], *, kept: bool, served: bool
+) -> str:
+    """What the demo says about the sites' audit trails, and only commands that work after it
+    ends: they read the stores, which stay only with ``--keep``."""
+    lines = ["Audit trail (hash chain verified):"]
+    for organization, url in db_urls.items():
+        lines.append(f"  {organization}: {events[organization]} events")
+        if kept:
+            db_url = shlex.quote(url)
+            lines.append(f"    dsf-bridge audit verify --db-url {db_url}")
+            lines.append(f"    dsf-bridge instances list --db-url {db_url}")
+    if not kept:
+        lines.append(
+            "  The stores are removed with the demo's temporary files; run it with --keep to "
+            "inspect them afterwards (dsf-bridge audit verify, instances list, api serve)"
+        )
+    if not served:
+        lines.append("  Read them in a browser: run the demo with --serve")
+    return "\n".join(lines)
+
+
 def _table(results: Sequence[DemoResult]) -> str:
     lines = []
     for result in results:
@@ -612,19 +636,7 @@ def run_demo(
             print(json.dumps({"results": [r.as_json() for r in results]}), file=stdout)
         else:
             print(_table(results), file=stdout)
-            print("Audit trail (hash chain verified):", file=stdout)
-            for organization, url in db_urls.items():
-                print(
-                    f"  {organization}: {events[organization]} events; "
-                    f"dsf-bridge audit verify --db-url {url}",
-                    file=stdout,
-                )
-            if not serve:
-                print(
-                    "  Read it in a browser: run the demo with --serve, or keep the files "
-                    "(--keep) and run dsf-bridge api serve --db-url URL",
-                    file=stdout,
-                )
+            print(audit_summary(db_urls, events, kept=keep, served=serve), file=stdout)
         if serve:
             asyncio.run(_serve_until_signalled(db_urls, say))
         if keep:
