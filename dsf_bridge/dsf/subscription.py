@@ -19,7 +19,8 @@ Where DSF is weak we do better:
   frame never announced (DSF users lost Tasks after network drops).
 
 :attr:`TaskSubscription.heartbeat` is the time of the last sign of life (bound, frame, or a
-completed catch-up) for the readiness check.
+completed catch-up), :attr:`TaskSubscription.connected` whether the websocket is bound now and
+:attr:`TaskSubscription.disconnected_at` since when it is not, for the readiness check.
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ class TaskSubscription:
         self.clock = clock
         self.heartbeat: dt.datetime | None = None
         self.bound = asyncio.Event()
+        # When the bound websocket was lost (None while bound, and before the first bind).
+        self.disconnected_at: dt.datetime | None = None
         self.connections = 0
         # Connections that were bound and finished their first catch-up; a change resets the
         # reconnect back-off in :meth:`run`.
@@ -163,6 +166,11 @@ class TaskSubscription:
         self._queued: asyncio.Semaphore | None = None
         self._resync = asyncio.Event()
         self._resync_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the websocket is bound now (it may be catching up)."""
+        return self.bound.is_set()
 
     # -- one subscription ----------------------------------------------------------------------
 
@@ -394,6 +402,7 @@ class TaskSubscription:
             await self._bind(connection, subscription_id)
             self.connections += 1
             self.heartbeat = self.clock()
+            self.disconnected_at = None
             self.bound.set()
             _log.info("subscription.bound", subscription_id=subscription_id, url=url)
             try:
@@ -433,6 +442,7 @@ class TaskSubscription:
                         await self.catch_up(overlap=self.settings.resync_overlap)
             finally:
                 self.bound.clear()
+                self.disconnected_at = self.clock()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay subscribed until ``stop`` is set, reconnecting with back-off after any failure.
