@@ -109,6 +109,11 @@ def _store_families(counts: StoreCounts, now: dt.datetime) -> list[GaugeMetricFa
     audit = GaugeMetricFamily(
         "dsf_bridge_audit_events", "Events in the audit chain", value=counts.audit_events
     )
+    unsealed = GaugeMetricFamily(
+        "dsf_bridge_audit_events_unsealed",
+        "Audit events appended and not sealed into the chain yet (sealed within a second or so)",
+        value=counts.audit_unsealed,
+    )
     lag = GaugeMetricFamily(
         "dsf_bridge_catch_up_cursor_age_seconds",
         "Age of the newest lastUpdated handled, per subscribed resource type",
@@ -140,4 +145,4 @@ def _store_families(counts: StoreCounts, now: dt.datetime) -> list[GaugeMetricFa
         ("incidents_open", sum(counts.incidents.values())),
     ):
         backlog.add_metric([queue], value)
-    return [instances, tasks, jobs, outbox, timers, audit, lag, incidents, backlog]
+    return [instances, tasks, jobs, outbox, timers, audit, unsealed, lag, incidents, backlog]

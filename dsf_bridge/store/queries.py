@@ -169,6 +169,7 @@ class StoreCounts:
     audit_events: int
     cursors: dict[str, dt.datetime]  # resource type -> last lastUpdated handled
     incidents: dict[str, int] = field(default_factory=dict)  # process key -> open incidents
+    audit_unsealed: int = 0  # events appended, not sealed into the chain yet
 
 
 _InstanceSelect = Select[str, str, str, str, str, str, dt.datetime, dt.datetime, dt.datetime | None]
@@ -435,4 +436,5 @@ async def count_store(session: AsyncSession, now: dt.datetime) -> StoreCounts:
         audit_events=int(head or 0),
         cursors={resource_type: updated for resource_type, updated in cursors},
         incidents=incidents,
+        audit_unsealed=int(unsealed),
     )

@@ -16,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.served import cli, free_port, serve_sandbox
 
+HEALTHCHECK = Path(__file__).resolve().parents[2] / "deploy" / "healthcheck.py"
+
 TOKEN = "readiness-token-for-tests"
 DISCONNECTED_AFTER = 2.0
 
@@ -30,6 +32,17 @@ def _connected(api: str) -> dict[str, float]:
         for sample in family.samples
         if sample.name == "dsf_bridge_subscription_connected"
     }
+
+
+def _healthcheck(api_port: int) -> int:
+    """The container's health check (deploy/healthcheck.py) against this bridge."""
+    return subprocess.run(
+        [sys.executable, str(HEALTHCHECK)],
+        capture_output=True,
+        timeout=30,
+        check=False,
+        env={"DSF_BRIDGE_API__PORT": str(api_port)},
+    ).returncode
 
 
 def _until(
@@ -85,6 +98,7 @@ def test_ready_fails_while_the_fhir_server_is_away_and_recovers(tmp_path: Path) 
     try:
         _until(api, lambda r: r.status_code == 200, 90, bridge)
         assert set(_connected(api).values()) == {1.0}
+        assert _healthcheck(api_port) == 0
         assert set(_connected(api)) == {
             "subscription Task",
             "subscription QuestionnaireResponse",
@@ -103,6 +117,7 @@ def test_ready_fails_while_the_fhir_server_is_away_and_recovers(tmp_path: Path) 
         assert f"(limit {DISCONNECTED_AFTER:.0f} s), reconnecting" in task["detail"]
         assert checks["database"]["ok"] and checks["workers"]["ok"]
         assert set(_connected(api).values()) == {0.0}
+        assert _healthcheck(api_port) == 1
 
         server = serve_sandbox(directory, "Site_A", port)
         # The reconnect back-off doubles from 1 s while the server is away.
