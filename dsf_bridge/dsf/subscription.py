@@ -151,7 +151,8 @@ class TaskSubscription:
         self.clock = clock
         self.heartbeat: dt.datetime | None = None
         self.bound = asyncio.Event()
-        # When the bound websocket was lost (None while bound, and before the first bind).
+        # When the websocket was lost: set at a drop, kept through failed reconnects and
+        # connections that drop again before their catch-up, cleared once one has caught up.
         self.disconnected_at: dt.datetime | None = None
         self.connections = 0
         # Connections that were bound and finished their first catch-up; a change resets the
@@ -169,8 +170,8 @@ class TaskSubscription:
 
     @property
     def connected(self) -> bool:
-        """Whether the websocket is bound now (it may be catching up)."""
-        return self.bound.is_set()
+        """Whether the websocket is bound now, and, after a drop, has caught up since."""
+        return self.bound.is_set() and self.disconnected_at is None
 
     # -- one subscription ----------------------------------------------------------------------
 
@@ -402,12 +403,12 @@ class TaskSubscription:
             await self._bind(connection, subscription_id)
             self.connections += 1
             self.heartbeat = self.clock()
-            self.disconnected_at = None
             self.bound.set()
             _log.info("subscription.bound", subscription_id=subscription_id, url=url)
             try:
                 await self.catch_up(overlap=self.settings.resync_overlap)
                 self.caught_up_connections += 1
+                self.disconnected_at = None
                 next_resync = self.clock() + self.settings.resync_interval
                 while not stop.is_set():
                     timeout = max(0.0, (next_resync - self.clock()).total_seconds())
@@ -442,7 +443,8 @@ class TaskSubscription:
                         await self.catch_up(overlap=self.settings.resync_overlap)
             finally:
                 self.bound.clear()
-                self.disconnected_at = self.clock()
+                if self.disconnected_at is None:
+                    self.disconnected_at = self.clock()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay subscribed until ``stop`` is set, reconnecting with back-off after any failure.
