@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from pydantic import SecretStr
@@ -28,11 +27,11 @@ from pydantic import SecretStr
 from dsf_bridge.api import create_app, heartbeat_probe, subscription_probe
 from dsf_bridge.config import ApiSettings, load_settings
 from dsf_bridge.store import Database
+from tests.api.test_metrics import TOKEN, _scrape
 from tests.served import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-TOKEN = "deploy-token-for-tests"
 METRIC = re.compile(r"\bdsf_bridge_[a-z0-9_]+")
 HISTOGRAM_SAMPLES = ("_bucket", "_count", "_sum")
 
@@ -61,12 +60,9 @@ async def _exposed(database: Database) -> set[str]:
         heartbeat_probe("workers", lambda: alive, 900, kind="worker"),
     ]
     app = create_app(database, ApiSettings(token=SecretStr(TOKEN)), probes=probes)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://admin") as http:
-        response = await http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
-    assert response.status_code == 200
+    text, _samples = await _scrape(app)
     names: set[str] = set()
-    for line in response.text.splitlines():
+    for line in text.splitlines():
         if line.startswith("# TYPE "):
             _hash, _type, name, kind = line.split(" ")
             names.add(name)
