@@ -577,7 +577,7 @@ async def _run_bridge(settings: Settings, plugins: list[ProcessPlugin], optional
     import asyncio
     import signal
 
-    from dsf_bridge.api import heartbeat_probe
+    from dsf_bridge.api import heartbeat_probe, subscription_probe
     from dsf_bridge.runtime.daemon import Bridge
 
     stop = asyncio.Event()
@@ -597,7 +597,9 @@ async def _run_bridge(settings: Settings, plugins: list[ProcessPlugin], optional
 
     stale = settings.api.stale_after
     probes = [
-        heartbeat_probe(f"subscription {kind}", subscription(kind), stale, kind="subscription")
+        subscription_probe(
+            f"subscription {kind}", subscription(kind), stale, settings.api.disconnected_after
+        )
         for kind in ("Task", "QuestionnaireResponse")
     ]
     probes.append(heartbeat_probe("workers", lambda: bridge.runtime, stale, kind="worker"))

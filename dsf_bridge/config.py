@@ -430,6 +430,12 @@ class ApiSettings(_Section):
         description="Seconds without a sign of life from a subscription or the workers after "
         "which /ready answers 503",
     )
+    disconnected_after: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a subscription's websocket may stay down (the bridge reconnecting) "
+        "after which /ready answers 503",
+    )
 
     @field_validator("token", "operator_token")
     @classmethod

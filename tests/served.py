@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["cli", "free_port", "served_sandbox"]
+__all__ = ["cli", "free_port", "serve_sandbox", "served_sandbox"]
 
 
 def free_port() -> int:
@@ -52,21 +52,39 @@ def served_sandbox(tmp_path: Path) -> Iterator[Path]:
         str(port),
     )
     assert init.returncode == 0, init.stderr
-    server = subprocess.Popen(
-        [sys.executable, "-m", "dsf_bridge", "sandbox", "serve", str(directory), "--org", "Site_A"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = serve_sandbox(directory, "Site_A", port)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
-        else:
-            pytest.fail("sandbox server did not start")
         yield directory
     finally:
         server.terminate()
         server.wait(10)
+
+
+def serve_sandbox(directory: Path, organization: str, port: int) -> subprocess.Popen[bytes]:
+    """``sandbox serve DIR --org ORG`` in its own process, once it accepts connections on
+    ``port`` (its port from ``sandbox init``); the caller stops it."""
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dsf_bridge",
+            "sandbox",
+            "serve",
+            str(directory),
+            "--org",
+            organization,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return server
+        if server.poll() is not None:
+            break
+        time.sleep(0.1)
+    server.kill()
+    server.wait(10)
+    pytest.fail(f"the sandbox server of {organization} did not start on port {port}")

@@ -2,7 +2,13 @@
 process state. Read-only: it reads the store and the probes, and never changes a process."""
 
 from dsf_bridge.api.app import create_app
-from dsf_bridge.api.probes import Probe, ProbeResult, database_probe, heartbeat_probe
+from dsf_bridge.api.probes import (
+    Probe,
+    ProbeResult,
+    database_probe,
+    heartbeat_probe,
+    subscription_probe,
+)
 from dsf_bridge.api.server import ApiServer
 
 __all__ = [
@@ -12,4 +18,5 @@ __all__ = [
     "create_app",
     "database_probe",
     "heartbeat_probe",
+    "subscription_probe",
 ]

@@ -58,6 +58,7 @@ class ProbeOut(_Model):
     ok: bool
     detail: str
     age_seconds: float | None = None
+    connected: bool | None = None
 
 
 class Readiness(_Model):
@@ -348,4 +349,9 @@ class QueuedOut(BaseModel):
 
 
 def _result_fields(result: ProbeResult) -> dict[str, Any]:
-    return {"ok": result.ok, "detail": result.detail, "age_seconds": result.age_seconds}
+    return {
+        "ok": result.ok,
+        "detail": result.detail,
+        "age_seconds": result.age_seconds,
+        "connected": result.connected,
+    }

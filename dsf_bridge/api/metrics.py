@@ -1,8 +1,9 @@
 """``/metrics`` in the Prometheus text format, computed from the store when scraped.
 
 Counts come from SQL, not from in-process counters, so they survive restarts and agree across
-replicas sharing one PostgreSQL; every replica reports the whole store. Heartbeat ages are this
-process's own. Names follow ``dsf_bridge_<noun>[_<unit>]``.
+replicas sharing one PostgreSQL; every replica reports the whole store. Heartbeat ages, whether
+the subscriptions are connected, and the duration histograms (:mod:`dsf_bridge.telemetry`) are
+this process's own. Names follow ``dsf_bridge_<noun>[_<unit>]``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from dsf_bridge.api.probes import Probe, ProbeResult
+from dsf_bridge.store.kinds import TaskSeenStatus
 from dsf_bridge.store.queries import StoreCounts
+from dsf_bridge.telemetry import REGISTRY
 
 __all__ = ["CONTENT_TYPE", "render_metrics"]
 
@@ -53,15 +56,22 @@ def render_metrics(
         "Seconds since a subscription or the workers last showed life",
         labels=["probe", "kind"],
     )
+    connected = GaugeMetricFamily(
+        "dsf_bridge_subscription_connected",
+        "1 while the subscription's websocket is bound, 0 while it is down (reconnecting)",
+        labels=["probe"],
+    )
     for probe, result in probes:
         ready.add_metric([probe.name, probe.kind], 1.0 if result.ok else 0.0)
         if result.age_seconds is not None:
             ages.add_metric([probe.name, probe.kind], result.age_seconds)
-    families.extend([ready, ages])
+        if result.connected is not None:
+            connected.add_metric([probe.name], 1.0 if result.connected else 0.0)
+    families.extend([ready, ages, connected])
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(families))
-    return generate_latest(registry)
+    return generate_latest(registry) + generate_latest(REGISTRY)
 
 
 def _store_families(counts: StoreCounts, now: dt.datetime) -> list[GaugeMetricFamily]:
@@ -99,6 +109,11 @@ def _store_families(counts: StoreCounts, now: dt.datetime) -> list[GaugeMetricFa
     audit = GaugeMetricFamily(
         "dsf_bridge_audit_events", "Events in the audit chain", value=counts.audit_events
     )
+    unsealed = GaugeMetricFamily(
+        "dsf_bridge_audit_events_unsealed",
+        "Audit events appended and not sealed into the chain yet (sealed within a second or so)",
+        value=counts.audit_unsealed,
+    )
     lag = GaugeMetricFamily(
         "dsf_bridge_catch_up_cursor_age_seconds",
         "Age of the newest lastUpdated handled, per subscribed resource type",
@@ -106,4 +121,28 @@ def _store_families(counts: StoreCounts, now: dt.datetime) -> list[GaugeMetricFa
     )
     for resource_type, updated in sorted(counts.cursors.items()):
         lag.add_metric([resource_type], max(0.0, (now - updated).total_seconds()))
-    return [instances, tasks, jobs, outbox, timers, audit, lag]
+    incidents = GaugeMetricFamily(
+        "dsf_bridge_incidents_open",
+        "Incidents (jobs out of retries) of running instances, by process",
+        labels=["process"],
+    )
+    for process, value in sorted(counts.incidents.items()):
+        incidents.add_metric([process], value)
+    backlog = GaugeMetricFamily(
+        "dsf_bridge_backlog",
+        "Work waiting: jobs due, outbox entries pending, incoming Tasks waiting for intake "
+        "(claimed or held), incidents open",
+        labels=["queue"],
+    )
+    waiting = sum(
+        counts.tasks.get(("incoming", status), 0)
+        for status in (TaskSeenStatus.CLAIMING, TaskSeenStatus.HELD)
+    )
+    for queue, value in (
+        ("jobs_due", counts.jobs.get("due", 0)),
+        ("outbox_pending", counts.outbox.get("pending", 0)),
+        ("tasks_waiting", waiting),
+        ("incidents_open", sum(counts.incidents.values())),
+    ):
+        backlog.add_metric([queue], value)
+    return [instances, tasks, jobs, outbox, timers, audit, unsealed, lag, incidents, backlog]

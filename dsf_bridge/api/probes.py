@@ -18,11 +18,13 @@ from dsf_bridge.store.queries import ping
 
 __all__ = [
     "Clock",
+    "HasConnection",
     "HasHeartbeat",
     "Probe",
     "ProbeResult",
     "database_probe",
     "heartbeat_probe",
+    "subscription_probe",
     "utcnow",
 ]
 
@@ -38,6 +40,8 @@ class ProbeResult:
     ok: bool
     detail: str
     age_seconds: float | None = None
+    # A subscription's websocket bound now (``None``: the probe checks no connection).
+    connected: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,16 @@ class HasHeartbeat(Protocol):
 
     @property
     def heartbeat(self) -> dt.datetime | None: ...
+
+
+class HasConnection(HasHeartbeat, Protocol):
+    """A subscription: its heartbeat, whether its websocket is bound, and since when not."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def disconnected_at(self) -> dt.datetime | None: ...
 
 
 def database_probe(database: Database) -> Probe:
@@ -95,3 +109,36 @@ def heartbeat_probe(
         return ProbeResult(True, f"last sign of life {age:.1f} s ago", age)
 
     return Probe(name, check, kind=kind)
+
+
+def subscription_probe(
+    name: str,
+    source: Callable[[], HasConnection | None],
+    stale_after: float,
+    disconnected_after: float,
+    *,
+    clock: Clock = utcnow,
+) -> Probe:
+    """A subscription's probe: fails when its websocket has been down for more than
+    ``disconnected_after`` seconds (the bridge reconnecting without success), and, as
+    :func:`heartbeat_probe`, when it shows no life within ``stale_after`` seconds. A drop
+    shorter than ``disconnected_after`` passes (a reconnect takes a moment); the result says
+    whether the websocket is bound now.
+    """
+    heartbeat = heartbeat_probe(name, source, stale_after, kind="subscription", clock=clock)
+
+    async def check() -> ProbeResult:
+        result = await heartbeat.check()
+        found = source()
+        connected = found is not None and found.connected
+        since = None if found is None else found.disconnected_at
+        if connected or since is None:
+            return ProbeResult(result.ok, result.detail, result.age_seconds, connected=connected)
+        down = max(0.0, (clock() - since).total_seconds())
+        if down > disconnected_after:
+            detail = f"websocket down for {down:.0f} s (limit {disconnected_after:.0f} s)"
+            return ProbeResult(False, f"{detail}, reconnecting", result.age_seconds, False)
+        detail = f"websocket down for {down:.1f} s, reconnecting; {result.detail}"
+        return ProbeResult(result.ok, detail, result.age_seconds, connected=False)
+
+    return Probe(name, check, kind="subscription")

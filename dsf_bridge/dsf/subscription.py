@@ -19,7 +19,8 @@ Where DSF is weak we do better:
   frame never announced (DSF users lost Tasks after network drops).
 
 :attr:`TaskSubscription.heartbeat` is the time of the last sign of life (bound, frame, or a
-completed catch-up) for the readiness check.
+completed catch-up), :attr:`TaskSubscription.connected` whether the websocket is bound now and
+:attr:`TaskSubscription.disconnected_at` since when it is not, for the readiness check.
 """
 
 from __future__ import annotations
@@ -150,6 +151,9 @@ class TaskSubscription:
         self.clock = clock
         self.heartbeat: dt.datetime | None = None
         self.bound = asyncio.Event()
+        # When the websocket was lost: set at a drop, kept through failed reconnects and
+        # connections that drop again before their catch-up, cleared once one has caught up.
+        self.disconnected_at: dt.datetime | None = None
         self.connections = 0
         # Connections that were bound and finished their first catch-up; a change resets the
         # reconnect back-off in :meth:`run`.
@@ -163,6 +167,11 @@ class TaskSubscription:
         self._queued: asyncio.Semaphore | None = None
         self._resync = asyncio.Event()
         self._resync_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the websocket is bound now, and, after a drop, has caught up since."""
+        return self.bound.is_set() and self.disconnected_at is None
 
     # -- one subscription ----------------------------------------------------------------------
 
@@ -399,6 +408,7 @@ class TaskSubscription:
             try:
                 await self.catch_up(overlap=self.settings.resync_overlap)
                 self.caught_up_connections += 1
+                self.disconnected_at = None
                 next_resync = self.clock() + self.settings.resync_interval
                 while not stop.is_set():
                     timeout = max(0.0, (next_resync - self.clock()).total_seconds())
@@ -433,6 +443,8 @@ class TaskSubscription:
                         await self.catch_up(overlap=self.settings.resync_overlap)
             finally:
                 self.bound.clear()
+                if self.disconnected_at is None:
+                    self.disconnected_at = self.clock()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay subscribed until ``stop`` is set, reconnecting with back-off after any failure.

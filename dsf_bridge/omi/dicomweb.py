@@ -37,6 +37,7 @@ from requests.adapters import HTTPAdapter
 from dsf_bridge.errors import RemoteError
 from dsf_bridge.proxy import ForwardProxy
 from dsf_bridge.retry import CALL_RETRY, RetryPolicy
+from dsf_bridge.telemetry import DICOMWEB_SECONDS, timed
 
 __all__ = [
     "ArchiveUnavailableError",
@@ -301,7 +302,8 @@ class DicomWebArchive:
     async def _call(self, operation: str, call: Callable[[], _T], *, study: str | None) -> _T:
         for attempt in range(1, self._retry.attempts + 1):
             try:
-                return await asyncio.to_thread(call)
+                with timed(DICOMWEB_SECONDS, operation=operation):
+                    return await asyncio.to_thread(call)
             except requests.RequestException as exc:
                 error = self._translate(operation, exc, study)
                 answer = exc.response if isinstance(exc, requests.HTTPError) else None

@@ -44,6 +44,7 @@ import structlog
 from dsf_bridge.errors import RemoteError
 from dsf_bridge.proxy import ForwardProxy
 from dsf_bridge.retry import CALL_RETRY, RetryPolicy
+from dsf_bridge.telemetry import INFERENCE_SECONDS, timed
 
 __all__ = [
     "DATATYPES",
@@ -285,11 +286,12 @@ class HttpInferenceClient:
             body["id"] = request_id
         if outputs is not None:
             body["outputs"] = [{"name": name} for name in outputs]
-        response = await self._request(
-            "POST", f"{_model_path(model, version)}/infer", model=model, json=body
-        )
-        if response.status_code != 200:
-            raise _error_for(response, model, self.base_url)
+        with timed(INFERENCE_SECONDS):
+            response = await self._request(
+                "POST", f"{_model_path(model, version)}/infer", model=model, json=body
+            )
+            if response.status_code != 200:
+                raise _error_for(response, model, self.base_url)
         answer = _json_object(response, model)
         try:
             tensors = {

@@ -18,12 +18,20 @@ from dsf_bridge.dsf.questionnaires import (
     missing_questionnaire_message,
     questionnaire_response,
 )
-from dsf_bridge.dsf.tasks import build_task, input_values, updated_task, with_outputs
+from dsf_bridge.dsf.tasks import (
+    TaskFormatError,
+    build_task,
+    input_values,
+    parse_instantiates_canonical,
+    updated_task,
+    with_outputs,
+)
 from dsf_bridge.dsf.versions import DSF_2, DsfRelease
 from dsf_bridge.dsf.vocabulary import ORGANIZATION_IDENTIFIER_SYSTEM, parse_instant
 from dsf_bridge.errors import ProcessExecutionError, RemoteError
 from dsf_bridge.proxy import ForwardProxy
 from dsf_bridge.runtime.ports import OutgoingTask, UserTaskRequest
+from dsf_bridge.telemetry import SEND_SECONDS, timed
 
 __all__ = ["DsfTaskGateway"]
 
@@ -50,6 +58,14 @@ log = structlog.get_logger("dsf_bridge.gateway")
 # Tasks this bridge put in-progress, as the server answered, until it finishes them: the
 # completing PUT needs no GET first. Bounded: an instance that waits long falls back to a GET.
 _KNOWN_TASKS = 1_000
+
+
+def _process_key(canonical: str) -> str:
+    """The key of the process a Task instantiates (a metric label; a process model names few)."""
+    try:
+        return parse_instantiates_canonical(canonical).key
+    except TaskFormatError:
+        return "unknown"
 
 
 class DsfTaskGateway:
@@ -132,12 +148,20 @@ class DsfTaskGateway:
                     location=delivered,
                 )
                 return delivered
-        result = await client.create(body, return_minimal=True)
-        if result.status != 201 or not result.location:
-            raise RemoteError(
-                f"{target.address} answered {result.status} without a Location to the Task",
-                status=result.status,
-            )
+        with timed(SEND_SECONDS, process=_process_key(task.instantiates_canonical)) as timing:
+            try:
+                result = await client.create(body, return_minimal=True)
+            except RemoteError as exc:
+                # 4xx: the server refused the Task (authorization, profile); else unreachable.
+                refused = exc.status is not None and 400 <= exc.status < 500
+                timing.outcome = "refused" if refused else "error"
+                raise
+            if result.status != 201 or not result.location:
+                timing.outcome = "error"
+                raise RemoteError(
+                    f"{target.address} answered {result.status} without a Location to the Task",
+                    status=result.status,
+                )
         log.info(
             "task.sent",
             message_name=task.message_name,

@@ -37,6 +37,7 @@ from dsf_bridge.runtime.workers import run_all
 from dsf_bridge.store import Session, append_event
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.kinds import JobKind, OutboxKind
+from dsf_bridge.telemetry import STEP_SECONDS, timed
 
 if TYPE_CHECKING:
     from dsf_bridge.runtime.processes import ProcessRuntime
@@ -210,19 +211,21 @@ class JobWorker:
                 fields=payload["fields"],
                 event=payload.get("event"),
             )
-            with bound_context(instance_id=instance_id, business_key=effect.business_key):
-                outcome = await invoke(
-                    deployed.handlers, effect, self.runtime.clock(), self.runtime.services
+            with timed(STEP_SECONDS, process=deployed.definition.key) as timing:
+                with bound_context(instance_id=instance_id, business_key=effect.business_key):
+                    outcome = await invoke(
+                        deployed.handlers, effect, self.runtime.clock(), self.runtime.services
+                    )
+                self.runtime._fault(FaultPoint.HANDLER_RAN, effect.handler)
+                timing.outcome = "ok" if outcome.ok else "failed"
+                await self.runtime.stepper.apply(
+                    instance_id,
+                    lambda now: outcome.event,
+                    action="handler.completed" if outcome.ok else "handler.failed",
+                    reason=f"{effect.handler} at {effect.element_id}"
+                    + ("" if outcome.ok else f": {getattr(outcome.event, 'message', '')}"),
+                    job_id=job.id,
                 )
-            self.runtime._fault(FaultPoint.HANDLER_RAN, effect.handler)
-            await self.runtime.stepper.apply(
-                instance_id,
-                lambda now: outcome.event,
-                action="handler.completed" if outcome.ok else "handler.failed",
-                reason=f"{effect.handler} at {effect.element_id}"
-                + ("" if outcome.ok else f": {getattr(outcome.event, 'message', '')}"),
-                job_id=job.id,
-            )
             return
         if job.kind is JobKind.SEND:
             await self._prepare_send(job, instance_id, deployed)

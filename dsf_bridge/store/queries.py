@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVarTuple
 
 from sqlalchemy import Select, func, select, text
@@ -168,6 +168,8 @@ class StoreCounts:
     timers: int
     audit_events: int
     cursors: dict[str, dt.datetime]  # resource type -> last lastUpdated handled
+    incidents: dict[str, int] = field(default_factory=dict)  # process key -> open incidents
+    audit_unsealed: int = 0  # events appended, not sealed into the chain yet
 
 
 _InstanceSelect = Select[str, str, str, str, str, str, dt.datetime, dt.datetime, dt.datetime | None]
@@ -413,6 +415,18 @@ async def count_store(session: AsyncSession, now: dt.datetime) -> StoreCounts:
     ).scalar_one()
     head = int(sealed or 0) + int(unsealed)
     cursors = await session.execute(select(SyncCursor.resource_type, SyncCursor.last_updated))
+    # Incidents live in the running instances' states (an execution parked on a job out of
+    # retries): read those states, never the ended ones.
+    incidents: dict[str, int] = {}
+    running = await session.execute(
+        select(ProcessDefinition.process_key, ProcessInstance.state)
+        .join(ProcessDefinition, ProcessDefinition.id == ProcessInstance.definition_id)
+        .where(ProcessInstance.status == "running")
+    )
+    for key, state in running:
+        found = len(instance_state.incidents(state))
+        if found:
+            incidents[key] = incidents.get(key, 0) + found
     return StoreCounts(
         instances={(key, status): int(n) for key, status, n in instances},
         tasks={(role, status): int(n) for role, status, n in tasks},
@@ -421,4 +435,6 @@ async def count_store(session: AsyncSession, now: dt.datetime) -> StoreCounts:
         timers=int(timers),
         audit_events=int(head or 0),
         cursors={resource_type: updated for resource_type, updated in cursors},
+        incidents=incidents,
+        audit_unsealed=int(unsealed),
     )

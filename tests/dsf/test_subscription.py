@@ -135,7 +135,7 @@ async def test_a_server_that_drops_right_after_catch_up_still_gets_a_growing_bac
 
 @contextlib.asynccontextmanager
 async def _running(
-    sandbox: Sandbox, relay: Relay, *, stable_after: float
+    sandbox: Sandbox, relay: Relay, *, stable_after: float, cursor: MemoryCursor | None = None
 ) -> AsyncIterator[TaskSubscription]:
     """A subscription through ``relay`` running in the background (back-off from 0.05 s),
     stopped and closed on exit."""
@@ -150,7 +150,7 @@ async def _running(
         client,
         sandbox.context(LOCAL),
         handle,
-        MemoryCursor(),
+        cursor or MemoryCursor(),
         settings=SubscriptionSettings(
             backoff_initial=0.05, backoff_max=60.0, stable_after=stable_after
         ),
@@ -164,6 +164,75 @@ async def _running(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(runner, 10)
         await client.aclose()
+
+
+class FailingCursor(MemoryCursor):
+    """Fails the next ``failures`` loads (a store away): each catch-up after a bind fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+
+    async def load(self, resource_type: str) -> dt.datetime | None:
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("database unavailable", retryable=True)
+        return await super().load(resource_type)
+
+
+def _dropped_at(subscription: TaskSubscription) -> dt.datetime | None:
+    # A call, so that the type checker does not carry an earlier assert on the attribute over.
+    return subscription.disconnected_at
+
+
+async def _until_connected(subscription: TaskSubscription, connected: bool) -> None:
+    while subscription.connected is not connected:  # noqa: ASYNC110 - a state, not an event
+        await asyncio.sleep(0.01)
+
+
+async def test_disconnected_since_the_first_drop_until_a_connection_caught_up(
+    sandbox: Sandbox, relay: Relay
+) -> None:
+    """What /ready reads: a drop sets ``disconnected_at``; reconnects that bind and drop again
+    before their catch-up keep the first drop's time (a flapping server stays down for
+    readiness); the first connection that catches up clears it."""
+    cursor = FailingCursor()
+    async with _running(sandbox, relay, stable_after=30.0, cursor=cursor) as subscription:
+        await asyncio.wait_for(_caught_up(subscription, 1), 10)
+        assert subscription.connected and subscription.disconnected_at is None
+
+        cursor.failures = 3
+        relay.cut()
+        await asyncio.wait_for(_until_connected(subscription, False), 10)
+        dropped = _dropped_at(subscription)
+        assert dropped is not None
+        # Three binds whose catch-up fails, then one that catches up.
+        await asyncio.wait_for(_caught_up(subscription, 2), 20)
+        assert subscription.connections == 5
+        assert subscription.connected and subscription.disconnected_at is None
+
+        relay.cut()
+        await asyncio.wait_for(_until_connected(subscription, False), 10)
+        again = _dropped_at(subscription)
+        assert again is not None and again > dropped
+
+
+async def test_a_flapping_connection_keeps_its_first_drop_time(
+    sandbox: Sandbox, relay: Relay
+) -> None:
+    cursor = FailingCursor()
+    async with _running(sandbox, relay, stable_after=30.0, cursor=cursor) as subscription:
+        await asyncio.wait_for(_caught_up(subscription, 1), 10)
+        cursor.failures = 1_000_000  # every catch-up fails from now on
+        relay.cut()
+        await asyncio.wait_for(_until_connected(subscription, False), 10)
+        dropped = subscription.disconnected_at
+        binds = subscription.connections
+        while subscription.connections < binds + 3:  # noqa: ASYNC110 - a count
+            await asyncio.sleep(0.01)
+        assert not subscription.connected
+        assert subscription.disconnected_at == dropped
+        cursor.failures = 0
 
 
 async def test_a_frame_no_parser_can_read_is_dropped_not_fatal(

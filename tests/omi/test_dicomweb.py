@@ -21,6 +21,14 @@ from dsf_bridge.omi.dicomweb import (
 )
 from dsf_bridge.retry import RetryPolicy
 from dsf_bridge.sandbox.components import OrthancProcess, free_port
+from dsf_bridge.telemetry import REGISTRY
+
+
+def _requests(operation: str, outcome: str) -> float:
+    """DICOMweb requests measured so far (``dsf_bridge_dicomweb_request_duration_seconds``)."""
+    labels = {"operation": operation, "outcome": outcome}
+    count = REGISTRY.get_sample_value("dsf_bridge_dicomweb_request_duration_seconds_count", labels)
+    return count or 0.0
 
 
 @pytest.fixture
@@ -57,6 +65,7 @@ async def test_search_series_and_instances(
     archive: DicomWebArchive, stored: list[Dataset], ct_series: list[Dataset]
 ) -> None:
     study = str(ct_series[0].StudyInstanceUID)
+    before = _requests("search_series", "ok"), _requests("search_instances", "ok")
     series = await archive.search_series(study)
     assert [(s.series_instance_uid, s.modality, s.instance_count) for s in series] == [
         (str(ct_series[0].SeriesInstanceUID), "CT", 5)
@@ -64,6 +73,9 @@ async def test_search_series_and_instances(
     instances = await archive.search_instances(study, str(ct_series[0].SeriesInstanceUID))
     assert {i.sop_instance_uid for i in instances} == {str(ds.SOPInstanceUID) for ds in ct_series}
     assert {i.instance_number for i in instances} == {1, 2, 3, 4, 5}
+    # Each request is measured, by operation and outcome (never by study).
+    assert _requests("search_series", "ok") == before[0] + 1
+    assert _requests("search_instances", "ok") == before[1] + 1
 
 
 async def test_retrieve_study_returns_the_pixels(
@@ -104,11 +116,13 @@ async def test_closed_port_is_archive_down() -> None:
         timeout=2.0,
         retry=RetryPolicy(attempts=2, initial_delay=0.01),
     )
+    before = _requests("search_series", "error")
     try:
         with pytest.raises(ArchiveUnavailableError, match="cannot be reached") as info:
             await client.retrieve_study("1.2.3.4.5")
     finally:
         client.close()
+    assert _requests("search_series", "error") == before + 2  # both tries
     assert info.value.retryable
     assert not isinstance(info.value, StudyNotFoundError)
     # The reason in the system's words, not requests' text with the URL (which names the

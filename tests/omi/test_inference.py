@@ -25,11 +25,18 @@ from dsf_bridge.omi.inference import (
 from dsf_bridge.retry import RetryPolicy
 from dsf_bridge.sandbox.components import MLServerProcess, free_port
 from dsf_bridge.sandbox.refmodel import TISSUES, tissue_composition
+from dsf_bridge.telemetry import REGISTRY
 from tests.components import BROKEN_MODEL, REFERENCE_MODEL, WARMING_MODEL
 from tests.omi.test_refmodel import REFERENCE_AREAS_CM2, REFERENCE_MUSCLE_MEAN_HU
 
 MODEL = REFERENCE_MODEL.name
 FAST = RetryPolicy(attempts=3, initial_delay=0.001, max_delay=0.001, retry_after_cap=0.01)
+
+
+def _infers(outcome: str) -> float:
+    """Infer requests measured so far (``dsf_bridge_inference_request_duration_seconds``)."""
+    name = "dsf_bridge_inference_request_duration_seconds_count"
+    return REGISTRY.get_sample_value(name, {"outcome": outcome}) or 0.0
 
 
 def _inputs(hu: np.ndarray, spacing: tuple[float, float, float]) -> list[Tensor]:
@@ -61,8 +68,10 @@ async def test_metadata_names_the_model(mlserver: MLServerProcess) -> None:
 async def test_infer_ct_small_gives_design_reference(
     mlserver: MLServerProcess, ct_small: Dataset
 ) -> None:
+    before = _infers("ok")
     async with HttpInferenceClient(mlserver.base_url) as client:
         result = await client.infer(MODEL, _ct_small_inputs(ct_small), request_id="req-1")
+    assert _infers("ok") == before + 1
     assert result.model_name == MODEL
     assert result.id == "req-1"
     for tissue, expected in REFERENCE_AREAS_CM2.items():

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from dsf_bridge.dsf.tasks import input_values
+from dsf_bridge.dsf.tasks import input_values, parse_instantiates_canonical
 from dsf_bridge.proxy import ForwardProxy
 from dsf_bridge.runtime.gateway import DsfTaskGateway
 from dsf_bridge.runtime.ports import OutgoingTask
@@ -22,6 +22,7 @@ from dsf_bridge.sandbox.network import SandboxNetwork
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.kinds import TaskSeenStatus
+from dsf_bridge.telemetry import REGISTRY
 from tests.forward_proxy import ForwardProxyServer, ProxiedRequest
 from tests.runtime.sending import (
     FAST,
@@ -34,6 +35,9 @@ from tests.runtime.sending import (
     site_config,
 )
 from tests.sandbox.harness import task_profile
+
+# The process request_reply.bpmn's send instantiates (http://test.org/bpe/Process/provide|1.0).
+KEY_SENT = "testorg_provide"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUESTER = "Site_A"
@@ -68,6 +72,11 @@ async def test_503_twice_then_201_delivers_one_task(
 ) -> None:
     network.servers[PROVIDER].service.inject_failures("POST", "Task", [503, 503])
     runtime, gateway = await runtime_for(database, _config(network, REQUESTER), owner="a")
+    sends = "dsf_bridge_send_duration_seconds_count"
+    sent_before = {
+        outcome: REGISTRY.get_sample_value(sends, {"process": KEY_SENT, "outcome": outcome}) or 0
+        for outcome in ("ok", "error")
+    }
     try:
         instance_id = await runtime.start(
             KEY,
@@ -88,6 +97,13 @@ async def test_503_twice_then_201_delivers_one_task(
     assert record.status == "running"  # now waiting for the reply
     assert len(sent) == 1
     assert arrived["id"] in sent[0]
+    # One send measured, by the key of the process it instantiates, its client retries inside.
+    assert parse_instantiates_canonical(arrived["instantiatesCanonical"]).key == KEY_SENT
+    sent_after = {
+        outcome: REGISTRY.get_sample_value(sends, {"process": KEY_SENT, "outcome": outcome}) or 0
+        for outcome in ("ok", "error")
+    }
+    assert sent_after == {"ok": sent_before["ok"] + 1, "error": sent_before["error"]}
 
 
 async def test_tasks_to_a_remote_site_go_through_the_proxy(
