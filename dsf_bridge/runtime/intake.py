@@ -252,7 +252,9 @@ class TaskIntake:
             log.warning("task.ignored", reason="id or versionId not of the FHIR id type")
             return
         with bound_context(task_id=task_id):
-            async with self.database.transaction() as session:
+            # Nothing here needs two statements to commit together: the claim's insert either
+            # wins or finds the row it lost to, and that row is only read.
+            async with self.database.autocommit() as session:
                 # A new Task version (the usual case) costs one statement: the claim's insert.
                 if await repo.record_task_seen(
                     session,

@@ -110,7 +110,7 @@ class OutboxWorker:
         """Record a performed effect done; a send also steps its instance on, in one commit."""
         payload = entry.payload
         if entry.kind is not OutboxKind.SEND_TASK or entry.instance_id is None:
-            async with self.runtime.database.transaction() as session:
+            async with self.runtime.database.autocommit() as session:  # one UPDATE
                 await repo.mark_outbox_done(
                     session, entry.id, self.runtime.owner, result=result, now=self.runtime.clock()
                 )

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,25 @@ def create_sync_engine(url: str, *, echo: bool = False, read_only: bool = False)
     return engine
 
 
+@contextmanager
+def _store_errors() -> Iterator[None]:
+    """Database failures as :class:`StoreError`; connection losses and peaks are retryable."""
+    try:
+        yield
+    except OperationalError as exc:
+        raise StoreError(f"database unavailable: {exc.orig}", retryable=True) from exc
+    except DBAPIError as exc:
+        raise StoreError(
+            f"database error: {exc.orig}", retryable=bool(exc.connection_invalidated)
+        ) from exc
+    except StatementError as exc:
+        # A value the column's codec refuses (dsf_bridge.store.kinds), on the way in or out.
+        raise StoreError(f"database error: {exc.orig}") from exc
+    except PoolTimeoutError as exc:
+        # Every pooled connection busy for pool_timeout: a peak, not a broken store.
+        raise StoreError(f"database busy: {exc}", retryable=True) from exc
+
+
 class Database:
     """The async engine and session factory of one store; close it with :meth:`dispose`."""
 
@@ -225,21 +244,27 @@ class Database:
 
         Database failures leave as :class:`StoreError`; connection losses are retryable.
         """
-        try:
+        with _store_errors():
             async with self._writing(), self._sessions() as session, session.begin():
                 yield session
-        except OperationalError as exc:
-            raise StoreError(f"database unavailable: {exc.orig}", retryable=True) from exc
-        except DBAPIError as exc:
-            raise StoreError(
-                f"database error: {exc.orig}", retryable=bool(exc.connection_invalidated)
-            ) from exc
-        except StatementError as exc:
-            # A value the column's codec refuses (dsf_bridge.store.kinds), on the way in or out.
-            raise StoreError(f"database error: {exc.orig}") from exc
-        except PoolTimeoutError as exc:
-            # Every pooled connection busy for pool_timeout: a peak, not a broken store.
-            raise StoreError(f"database busy: {exc}", retryable=True) from exc
+
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncSession]:
+        """Work of one statement, or of statements that need not commit together: on
+        PostgreSQL each statement commits on its own, without ``BEGIN`` and ``COMMIT`` (one
+        round trip instead of three; at ``READ COMMITTED`` each statement sees its own
+        snapshot anyway); elsewhere a :meth:`transaction` (SQLite's write lock). What ran
+        before the block raised stays on PostgreSQL: use it only where that is what a
+        transaction would do too. Errors as for :meth:`transaction`."""
+        if self.dialect != "postgresql":
+            async with self.transaction() as session:
+                yield session
+            return
+        with _store_errors():
+            async with self.engine.connect() as connection:
+                single = await connection.execution_options(isolation_level="AUTOCOMMIT")
+                async with self._sessions(bind=single) as session:
+                    yield session
 
     @asynccontextmanager
     async def _writing(self) -> AsyncIterator[None]:

@@ -177,3 +177,40 @@ async def test_postgresql_connection_ended_in_use_is_a_retryable_error(
             assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
     finally:
         await store.dispose()
+
+
+class _BlockError(Exception):
+    pass
+
+
+async def _insert_then_raise(database: Database) -> None:
+    async with database.autocommit() as session:
+        await session.execute(text("INSERT INTO scratch (value) VALUES (1)"))
+        raise _BlockError
+
+
+async def test_autocommit_commits_each_statement_on_postgresql_and_is_a_transaction_on_sqlite(
+    database: Database,
+) -> None:
+    """On PostgreSQL a statement in ``autocommit`` is committed when it ran (no BEGIN, no
+    COMMIT); on SQLite the block is a transaction, rolled back when it raises."""
+    async with database.transaction() as session:
+        await session.execute(text("CREATE TABLE scratch (value INTEGER)"))
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(statement.strip().upper())
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        with pytest.raises(_BlockError):
+            await _insert_then_raise(database)
+    finally:
+        event.remove(database.engine.sync_engine, "before_cursor_execute", seen)
+    async with database.transaction() as session:
+        kept = (await session.execute(text("SELECT count(*) FROM scratch"))).scalar_one()
+    if database.dialect == "postgresql":
+        assert kept == 1, "the insert was not committed on its own"
+    else:
+        assert kept == 0, "SQLite's block was not rolled back"
+        assert "BEGIN IMMEDIATE" in statements, "SQLite ran without the write lock"
