@@ -196,7 +196,7 @@ def ui_router(
                 diagram, detail.state, [(e.action, e.reason) for e in detail.audit]
             )
             marks = {element: mark.value for element, mark in found.items()}
-            svg = Markup(render_svg(diagram, found))  # escaped by lxml
+            svg = Markup(render_svg(diagram, found))  # noqa: S704 - lxml escaped its text
         facts = await context.read(lambda s: q.task_facts(s, detail.tasks))
         return page(
             request,
@@ -214,6 +214,7 @@ def ui_router(
     @router.get("/tasks")
     async def tasks(
         request: Request,
+        *,
         role: str | None = None,
         status: str | None = None,
         instance: str | None = None,
