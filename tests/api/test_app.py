@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -14,7 +16,9 @@ from pydantic import SecretStr
 from sqlalchemy import update
 
 from dsf_bridge.api import create_app, heartbeat_probe
+from dsf_bridge.api.fhir import TaskReader
 from dsf_bridge.config import ApiSettings
+from dsf_bridge.errors import RemoteError
 from dsf_bridge.store import Database, append_event
 from dsf_bridge.store.tables import AuditEvent, ProcessInstance
 from tests.api.seed import KEY, Seeded, seed
@@ -195,17 +199,17 @@ async def test_audit_pages_and_verification_detects_tampering(
 async def test_tasks_list_includes_intake_failures_without_instance(
     client: httpx.AsyncClient, seeded: Seeded
 ) -> None:
-    incoming = (await client.get("/api/v1/tasks?role=incoming", headers=AUTH)).json()
+    incoming = (await client.get("/api/v1/tasks?role=incoming", headers=AUTH)).json()["tasks"]
     assert {t["role"] for t in incoming} == {"incoming"}
     assert {"start-wait", "start-late", "start-done", "reply-done"} <= {
         t["task_id"] for t in incoming
     }
-    outgoing = (await client.get("/api/v1/tasks?role=outgoing", headers=AUTH)).json()
+    outgoing = (await client.get("/api/v1/tasks?role=outgoing", headers=AUTH)).json()["tasks"]
     assert len(outgoing) == 3  # one request per instance
     bad = await client.get("/api/v1/tasks?role=sideways", headers=AUTH)
     assert bad.status_code == 422
     # A status is one of the intake's: another is refused with the list, never a 503.
-    claimed = (await client.get("/api/v1/tasks?status=claiming", headers=AUTH)).json()
+    claimed = (await client.get("/api/v1/tasks?status=claiming", headers=AUTH)).json()["tasks"]
     assert all(t["status"] == "claiming" for t in claimed)
     unknown = await client.get("/api/v1/tasks?status=completed", headers=AUTH)
     assert unknown.status_code == 422
@@ -354,3 +358,146 @@ async def test_instance_detail_lists_the_newest_500_events_and_says_so(
     assert len(reasons) == 500
     assert reasons[-1] == "note 500"  # the newest kept, still oldest first
     assert 'id="audit-truncated"' in page.text
+
+
+async def test_tasks_page_through_with_a_cursor(client: httpx.AsyncClient) -> None:
+    everything = (await client.get("/api/v1/tasks?limit=500", headers=AUTH)).json()
+    assert everything["next_before"] is None
+    paged: list[dict[str, object]] = []
+    before = ""
+    while True:
+        page = (await client.get(f"/api/v1/tasks?limit=2{before}", headers=AUTH)).json()
+        assert len(page["tasks"]) <= 2
+        paged += page["tasks"]
+        if page["next_before"] is None:
+            break
+        before = f"&before={page['next_before']}"
+    assert paged == everything["tasks"]  # same order, nothing twice, nothing left out
+    assert len(paged) > 4
+    gone = await client.get("/api/v1/tasks?before=incoming:no-such-task:1", headers=AUTH)
+    assert gone.json() == {"tasks": [], "next_before": None}
+    mine = (await client.get("/api/v1/tasks?instance=nope", headers=AUTH)).json()
+    assert mine["tasks"] == []
+
+
+async def test_a_task_says_its_message_requester_status_and_failure(
+    client: httpx.AsyncClient, seeded: Seeded
+) -> None:
+    """Issue 15: the bridge's last word on a Task, not the intake's in-progress."""
+
+    async def facts(task_id: str) -> dict[str, dict[str, object]]:
+        body = (await client.get(f"/api/v1/tasks/{task_id}", headers=AUTH)).json()
+        assert body["server"]["unavailable"].startswith("the API has no access to the FHIR")
+        return {f["role"]: f for f in body["facts"]}
+
+    late = (await facts("start-late"))["incoming"]
+    assert late["message_name"] == "start"
+    assert late["requester"] == "local"  # the audit actor of the start
+    assert late["last_status"] == "failed"
+    assert late["status_source"] == "set failed by the bridge"
+    assert "no reply within 5 minutes" in late["failure"]
+    done = (await facts("start-done"))["incoming"]
+    assert (done["last_status"], done["failure"]) == ("completed", None)
+    reply = (await facts("reply-done"))["incoming"]
+    assert reply["message_name"] == "reply"
+    assert reply["last_status"] == "completed"
+    waiting = (await facts("start-wait"))["incoming"]
+    assert waiting["last_status"] == "in-progress"
+    sent = (await client.get("/api/v1/tasks?role=outgoing&limit=1", headers=AUTH)).json()
+    [request] = sent["tasks"]
+    outgoing = (await facts(request["task_id"]))["outgoing"]
+    assert (outgoing["message_name"], outgoing["last_status"]) == ("request", "requested")
+    assert outgoing["status_source"] == "as sent"
+    detail = (await client.get("/api/v1/tasks/start-late", headers=AUTH)).json()
+    assert detail["instances"] == [seeded.failed]
+    assert [e["action"] for e in detail["audit"]] == ["instance.started"]
+    missing = await client.get("/api/v1/tasks/nope", headers=AUTH)
+    assert missing.status_code == 404
+
+
+async def test_every_task_link_of_the_pages_lands_on_the_task(client: httpx.AsyncClient) -> None:
+    listing = (await client.get("/ui/tasks?limit=500", headers=AUTH)).text
+    links = set(re.findall(r'href="(/ui/tasks/[^"]+)"', listing))
+    assert len(links) >= 6
+    for link in links:
+        page = await client.get(link, headers=AUTH)
+        assert page.status_code == 200, link
+        assert "No audit event" not in page.text, link
+        assert 'id="task-versions"' in page.text
+    assert "in-progress</span>" not in listing.split("start-late", 1)[1].split("</tr>")[0]
+    late_row = listing.split("Task/start-late", 1)[1].split("</tr>")[0]
+    assert '<span class="status failed">failed</span>' in late_row
+    assert "set failed by the bridge" in late_row
+    assert "no reply within 5 minutes" in late_row
+    assert (await client.get("/ui/tasks/nope", headers=AUTH)).status_code == 404
+
+
+async def test_the_server_status_wins_over_the_store_when_it_can_be_read(
+    database: Database, seeded: Seeded
+) -> None:
+    """Beside a running bridge, the lists show what the FHIR server says (read through the
+    bridge's client: an in-memory fake of its ``read`` here), and why not when it cannot."""
+
+    async def read(task_id: str) -> dict[str, object]:
+        if task_id == "start-wait":
+            return {
+                "resourceType": "Task",
+                "id": task_id,
+                "status": "completed",  # completed on the server meanwhile
+                "requester": {
+                    "identifier": {
+                        "system": "http://dsf.dev/sid/organization-identifier",
+                        "value": "Hospital_B",
+                    }
+                },
+                "input": [
+                    {
+                        "type": {
+                            "coding": [
+                                {
+                                    "system": "http://dsf.dev/fhir/CodeSystem/bpmn-message",
+                                    "code": "message-name",
+                                }
+                            ]
+                        },
+                        "valueString": "start",
+                    }
+                ],
+                "instantiatesCanonical": "http://test.org/bpe/Process/requestReply|1.0",
+            }
+        if task_id == "start-done":
+            await asyncio.sleep(5)  # longer than the reader waits
+        raise RemoteError("HTTP 403 forbidden", status=403)
+
+    app = create_app(
+        database,
+        ApiSettings(token=SecretStr(TOKEN)),
+        clock=seeded.clock,
+        task_reader=TaskReader(read, timeout=0.5),
+    )
+    async with _client(app) as http:
+        listing = (await http.get("/ui/tasks?role=incoming", headers=AUTH)).text
+        api = (await http.get("/api/v1/tasks/start-wait", headers=AUTH)).json()
+    wait_row = listing.split("Task/start-wait", 1)[1].split("</tr>")[0]
+    assert '<span class="status completed">completed</span>' in wait_row
+    assert "on the FHIR server" in wait_row
+    assert "organization:Hospital_B" in wait_row
+    done_row = listing.split("Task/start-done", 1)[1].split("</tr>")[0]
+    assert "no answer from the FHIR server within 0.5 s" in done_row
+    assert "set completed by the bridge" in done_row
+    late_row = listing.split("Task/start-late", 1)[1].split("</tr>")[0]
+    assert "not read from the FHIR server: HTTP 403 forbidden" in late_row
+    assert api["server"]["status"] == "completed"
+    assert api["server"]["requester"] == "organization:Hospital_B"
+    assert api["server"]["message_name"] == "start"
+
+
+async def test_process_versions_with_their_instance_counts(client: httpx.AsyncClient) -> None:
+    [definition] = (await client.get("/api/v1/definitions", headers=AUTH)).json()
+    assert definition["process_key"] == KEY
+    assert definition["version"] == "1.0"
+    assert definition["instances"] == {"running": 1, "completed": 1, "failed": 1}
+    assert definition["total"] == 3
+    page = (await client.get("/ui/processes", headers=AUTH)).text
+    assert f'href="/ui/?process={KEY}&amp;status=failed">1</a>' in page
+    assert f'href="/ui/?process={KEY}">3</a>' in page
