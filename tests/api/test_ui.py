@@ -85,23 +85,34 @@ def test_the_svg_draws_each_kind_with_its_shape_and_mark() -> None:
     marks = {"Prepare": Mark.COMPLETED, "Wait": Mark.ACTIVE, "StoreResult": Mark.INCIDENT}
     svg = etree.fromstring(render_svg(diagram, marks))
     groups = {g.get("data-element"): g for g in svg.iter("g")}
-    assert groups["Prepare"].get("class") == "element serviceTask completed"
-    assert groups["Prepare"].find("rect").get("rx") == "10"  # a rounded rectangle
-    assert "Prepare" in "".join(groups["Prepare"].find("text").itertext())
+    assert _attr(groups["Prepare"], "class") == "element serviceTask completed"
+    assert _attr(_child(groups["Prepare"], "rect"), "rx") == "10"  # a rounded rectangle
+    assert "Prepare" in "".join(str(t) for t in _child(groups["Prepare"], "text").itertext())
     assert groups["Start"].find("circle") is not None
-    assert groups["Wait"].get("class") == "element eventBasedGateway active"
-    assert len(groups["Wait"].find("polygon").get("points").split()) == 4  # a diamond
-    assert groups["StoreResult"].get("class").endswith("incident")
-    assert groups["HandleTimeout"].get("class") == "element serviceTask"
-    line = groups["f1"].find("polyline")
-    assert line.get("marker-end") == "url(#arrow)"
+    assert _attr(groups["Wait"], "class") == "element eventBasedGateway active"
+    assert len(_attr(_child(groups["Wait"], "polygon"), "points").split()) == 4  # a diamond
+    assert _attr(groups["StoreResult"], "class").endswith("incident")
+    assert _attr(groups["HandleTimeout"], "class") == "element serviceTask"
+    assert _attr(_child(groups["f1"], "polyline"), "marker-end") == "url(#arrow)"
     assert {m.get("id") for m in svg.iter("marker")} >= {"arrow", "arrow-completed"}
     # Everything lies inside the view box.
-    x, y, width, height = map(float, svg.get("viewBox").split())
+    x, y, width, height = map(float, _attr(svg, "viewBox").split())
     for group in groups.values():
         for rect in group.iter("rect"):
-            assert x <= float(rect.get("x")) <= x + width
-            assert y <= float(rect.get("y")) <= y + height
+            assert x <= float(_attr(rect, "x")) <= x + width
+            assert y <= float(_attr(rect, "y")) <= y + height
+
+
+def _child(element: etree._Element, tag: str) -> etree._Element:
+    found = element.find(tag)
+    assert found is not None, tag
+    return found
+
+
+def _attr(element: etree._Element, name: str) -> str:
+    value = element.get(name)
+    assert value is not None, name
+    return str(value)
 
 
 def test_names_and_ids_are_escaped_in_the_svg(tmp_path: Path) -> None:
