@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from dsf_bridge.api import create_app, heartbeat_probe
 from dsf_bridge.api.fhir import TaskReader
@@ -22,6 +22,11 @@ from dsf_bridge.errors import RemoteError
 from dsf_bridge.store import Database, append_event
 from dsf_bridge.store.tables import AuditEvent, ProcessInstance
 from tests.api.seed import KEY, Seeded, seed
+from tests.runtime.test_incidents import KEY as INCIDENT_KEY
+from tests.runtime.test_incidents import _runtime as incident_runtime
+from tests.runtime.test_incidents import _until_incident as until_incident
+from tests.runtime.test_processes import Clock as IncidentClock
+from tests.runtime.test_processes import FakeGateway
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -501,3 +506,99 @@ async def test_process_versions_with_their_instance_counts(client: httpx.AsyncCl
     page = (await client.get("/ui/processes", headers=AUTH)).text
     assert f'href="/ui/?process={KEY}&amp;status=failed">1</a>' in page
     assert f'href="/ui/?process={KEY}">3</a>' in page
+
+
+async def test_the_operator_retries_and_cancels_from_the_web_page(database: Database) -> None:
+    """Issue 15: incidents on the web page, with retry and cancel for the operator token alone;
+    each form carries a MAC under the operator token, so a cross-site post cannot act."""
+    clock = IncidentClock()
+    runtime = await incident_runtime(database, FakeGateway(), clock)
+    retried = await runtime.start(
+        INCIDENT_KEY, message_name="start", business_key="bk-r", variables={"mode": "idle"}
+    )
+    cancelled = await runtime.start(
+        INCIDENT_KEY, message_name="start", business_key="bk-x", variables={"mode": "idle"}
+    )
+    incidents = await until_incident(runtime, database, clock)
+    while len(incidents) < 2:
+        incidents = await until_incident(runtime, database, clock)
+    [incident] = [i for i in incidents if i.instance_id == retried]
+    operator = "operator-token-for-tests"
+    app = create_app(
+        database,
+        ApiSettings(token=SecretStr(TOKEN), operator_token=SecretStr(operator)),
+        clock=clock,
+        operator_database=database,
+    )
+    as_operator = {
+        "Authorization": "Basic " + base64.b64encode(b"alice:" + operator.encode()).decode()
+    }
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    async with _client(app) as http:
+        read_view = (await http.get("/ui/incidents", headers=AUTH)).text
+        assert 'id="incident-list"' in read_view
+        assert "<form" not in read_view.split("<main>", 1)[1].split("incident-list", 1)[1]
+        assert "Sign in with the operator token" in read_view
+        page = (await http.get("/ui/incidents", headers=as_operator)).text
+        tokens = dict(
+            re.findall(
+                r'action="(/ui/instances/[^"]+)">\s*<input type="hidden" name="form" '
+                r'value="([0-9a-f]{64})"',
+                page,
+            )
+        )
+        retry_path = f"/ui/instances/{retried}/incidents/{incident.token}/retry"
+        cancel_path = f"/ui/instances/{cancelled}/cancel"
+        assert {retry_path, cancel_path} <= set(tokens)
+        reader = await http.post(
+            retry_path, content=f"form={tokens[retry_path]}", headers={**AUTH, **form}
+        )
+        assert reader.status_code == 401
+        forged = await http.post(
+            retry_path, content="form=" + "0" * 64, headers={**as_operator, **form}
+        )
+        assert forged.status_code == 403
+        swapped = await http.post(  # a MAC is bound to its action and instance
+            cancel_path,
+            content=f"form={tokens[retry_path]}&reason=x",
+            headers={**as_operator, **form},
+        )
+        assert swapped.status_code == 403
+        as_json = await http.post(
+            retry_path,
+            json={"form": tokens[retry_path]},
+            headers=as_operator,
+        )
+        assert as_json.status_code == 415
+        blank = await http.post(
+            cancel_path,
+            content=f"form={tokens[cancel_path]}&reason=+",
+            headers={**as_operator, **form},
+        )
+        assert blank.status_code == 422
+        queued = await http.post(
+            retry_path,
+            content=f"form={tokens[retry_path]}&retries=2",
+            headers={**as_operator, **form},
+        )
+        assert queued.status_code == 200
+        assert 'id="queued"' in queued.text
+        assert "api:alice" in queued.text
+        cancel = await http.post(
+            cancel_path,
+            content=f"form={tokens[cancel_path]}&reason=wrong+study",
+            headers={**as_operator, **form},
+        )
+        assert cancel.status_code == 200
+    await runtime.run_until_idle()
+    async with database.transaction() as session:
+        actors = {
+            (row.action, row.actor, row.reason)
+            for row in (await session.execute(select(AuditEvent))).scalars()
+            if row.action in ("incident.retried", "instance.cancelled")
+        }
+    assert {(action, actor) for action, actor, _ in actors} == {
+        ("incident.retried", "api:alice"),
+        ("instance.cancelled", "api:alice"),
+    }
+    assert any("wrong study" in reason for _, _, reason in actors)
