@@ -421,8 +421,9 @@ def render_svg(diagram: Diagram, marks: Mapping[str, Mark] | None = None) -> str
             viewBox="0 0 10 10",
             refX="10",
             refY="5",
-            markerWidth="7",
-            markerHeight="7",
+            markerUnits="userSpaceOnUse",  # the same size on thick (marked) flows
+            markerWidth="10",
+            markerHeight="10",
             orient="auto-start-reverse",
         )
         _sub(marker, "path", d="M0,0 L10,5 L0,10 z", **{"class": f"arrow {mark}".strip()})
