@@ -602,3 +602,32 @@ async def test_the_operator_retries_and_cancels_from_the_web_page(database: Data
         ("instance.cancelled", "api:alice"),
     }
     assert any("wrong study" in reason for _, _, reason in actors)
+
+
+async def test_every_link_of_the_web_page_lands_on_something(
+    client: httpx.AsyncClient, seeded: Seeded
+) -> None:
+    """Issue 15: follow every link from the instance list, breadth first, and each answers 200
+    with a page that has something to show (never "No audit event matches" for a Task)."""
+    queue, seen = ["/ui/"], {"/ui/"}
+    visited = 0
+    while queue and visited < 150:
+        path = queue.pop(0)
+        page = await client.get(path, headers=AUTH)
+        visited += 1
+        assert page.status_code == 200, path
+        if "/ui/tasks/" in path or "subject=Task/" in path:
+            assert "No audit event matches" not in page.text, path
+        if not page.headers["content-type"].startswith("text/html"):
+            continue
+        for link in re.findall(r'href="(/[^"]*)"', page.text):
+            link = link.replace("&amp;", "&")
+            if link.startswith("/ui/static/") or link in seen:
+                continue
+            seen.add(link)
+            queue.append(link)
+    assert visited > 20
+    assert any(link.startswith("/ui/tasks/") for link in seen)
+    assert f"/ui/instances/{seeded.failed}" in seen
+    assert "/ui/processes" in seen
+    assert "/ui/incidents" in seen
