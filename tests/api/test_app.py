@@ -620,8 +620,8 @@ async def test_every_link_of_the_web_page_lands_on_something(
             assert "No audit event matches" not in page.text, path
         if not page.headers["content-type"].startswith("text/html"):
             continue
-        for link in re.findall(r'href="(/[^"]*)"', page.text):
-            link = link.replace("&amp;", "&")
+        for href in re.findall(r'href="(/[^"]*)"', page.text):
+            link = href.replace("&amp;", "&")
             if link.startswith("/ui/static/") or link in seen:
                 continue
             seen.add(link)
