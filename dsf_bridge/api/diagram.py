@@ -82,8 +82,10 @@ _GATEWAYS = frozenset(
 )
 _FLOWS = frozenset({"sequenceFlow", "messageFlow", "association", "dataInputAssociation"})
 _MARGIN = 20.0
-# Element ids named in audit reasons ("<handler> at <element>", "<element> due <time>").
-_WORD = re.compile(r"[A-Za-z_][\w.\-]*")
+# Where audit reasons name an element (runtime.jobs, .timers, .delivery, .outbox, .effects):
+# "<handler> at <element>", "async continuation at <element>", "<message> at <element>, ...",
+# "at <element>: <error>" and "<element> due <time>".
+_NAMED = re.compile(r"(?:^|\s)at ([A-Za-z_][\w.\-]*)|^([A-Za-z_][\w.\-]*) due ")
 
 
 class Mark(enum.StrEnum):
@@ -561,7 +563,7 @@ def instance_marks(
     marks: dict[str, Mark] = {}
     failed_at: str | None = None
     for action, reason in audit:
-        named = [word for word in _WORD.findall(reason) if word in known]
+        named = [word for pair in _NAMED.findall(reason) for word in pair if word and word in known]
         for element in named:
             marks[element] = Mark.COMPLETED
         if action.endswith(".failed") and named:

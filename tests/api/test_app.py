@@ -550,6 +550,11 @@ async def test_the_operator_retries_and_cancels_from_the_web_page(database: Data
         retry_path = f"/ui/instances/{retried}/incidents/{incident.token}/retry"
         cancel_path = f"/ui/instances/{cancelled}/cancel"
         assert {retry_path, cancel_path} <= set(tokens)
+        instance_page = (await http.get(f"/ui/instances/{retried}", headers=as_operator)).text
+        assert f'action="{retry_path}"' in instance_page  # the instance's incidents too
+        assert tokens[retry_path] in instance_page
+        read_instance = (await http.get(f"/ui/instances/{retried}", headers=AUTH)).text
+        assert f'action="{retry_path}"' not in read_instance
         reader = await http.post(
             retry_path, content=f"form={tokens[retry_path]}", headers={**AUTH, **form}
         )
