@@ -17,12 +17,19 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
 from pydantic import SecretStr
+from sqlalchemy import select
 
 from dsf_bridge.api import ApiServer, create_app
 from dsf_bridge.api.diagram import DiagramLibrary
 from dsf_bridge.config import ApiSettings
 from dsf_bridge.store import Database
+from dsf_bridge.store.tables import AuditEvent
 from tests.api.seed import Seeded, seed
+from tests.runtime.test_incidents import KEY as INCIDENT_KEY
+from tests.runtime.test_incidents import _runtime as incident_runtime
+from tests.runtime.test_incidents import _until_incident as until_incident
+from tests.runtime.test_processes import Clock as IncidentClock
+from tests.runtime.test_processes import FakeGateway
 
 TOKEN = "browser-test-token-0123"
 REQUEST_REPLY = Path(__file__).parents[1] / "runtime" / "request_reply.bpmn"
@@ -222,3 +229,59 @@ async def test_an_auditor_reads_the_diagram_follows_tasks_and_pages(
         print(f"\nscreenshots of the web page in {SCREENSHOTS}:")
         for path in sorted(SCREENSHOTS.glob("*.png")):
             print(f"  {path}")
+
+
+async def test_an_operator_retries_an_incident_from_the_page(
+    sqlite_database: Database, browser: Browser, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The operator signs in with the operator token and retries an incident with the page's
+    form (posted by Chromium under the page's CSP); the reader sees no form."""
+    store = sqlite_database
+    clock = IncidentClock()
+    runtime = await incident_runtime(store, FakeGateway(), clock)
+    instance_id = await runtime.start(
+        INCIDENT_KEY, message_name="start", business_key="bk-r", variables={"mode": "idle"}
+    )
+    incidents = await until_incident(runtime, store, clock)
+    while not incidents:
+        incidents = await until_incident(runtime, store, clock)
+    operator = "browser-operator-token-0123"
+    app = create_app(
+        store,
+        ApiSettings(token=SecretStr(TOKEN), operator_token=SecretStr(operator)),
+        clock=clock,
+        site="Hospital_A",
+        operator_database=store,
+    )
+    errors: list[str] = []
+    async with ApiServer(app) as server:
+        reader = await _page(browser, server.url, errors)
+        await reader.goto("/ui/incidents")
+        await expect(reader.locator("#incident-list tbody tr")).to_have_count(1)
+        await expect(reader.locator("form.act")).to_have_count(0)
+        await reader.context.close()
+
+        page = await _page(browser, server.url, errors, token=operator)
+        await page.goto("/ui/incidents")
+        row = page.locator("#incident-list tbody tr")
+        await expect(row).to_have_count(1)
+        await expect(row.locator(".error")).to_contain_text("exclusive gateway 'Choose'")
+        shot = await _screenshot(page, "incidents-operator")
+        with capsys.disabled():
+            print(f"\nscreenshot of the operator's incident page: {shot}")
+        await row.locator("input[name=retries]").fill("2")
+        await row.locator("button.retry").click()
+        await expect(page.locator("#queued")).to_contain_text("api:admin")
+        await expect(page.locator("#queued")).to_contain_text(instance_id)
+        await page.click("text=Back to the instance")
+        await expect(page).to_have_url(f"{server.url}/ui/instances/{instance_id}")
+        assert errors == []
+        await page.context.close()
+    await runtime.run_until_idle()
+    async with store.transaction() as session:
+        actions = [
+            (e.action, e.actor)
+            for e in (await session.execute(select(AuditEvent))).scalars()
+            if e.action == "incident.retried"
+        ]
+    assert actions == [("incident.retried", "api:admin")]
