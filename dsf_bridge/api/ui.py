@@ -169,10 +169,12 @@ def ui_router(
         for (_process, state), count in counts.instances.items():
             by_status[state] = by_status.get(state, 0) + count
         probes = await context.run_probes()
+        facts = await context.read(lambda s: q.instance_facts(s, [r.id for r in rows[:limit]]))
         return page(
             request,
             "instances.html",
             rows=rows[:limit],
+            facts=facts,
             statuses=INSTANCE_STATUSES,
             filters={"status": status or "", "process": process or "", "bk": business_key or ""},
             next_before=rows[limit - 1].id if len(rows) > limit else None,

@@ -36,6 +36,7 @@ __all__ = [
     "DefinitionRow",
     "IncidentRow",
     "InstanceDetail",
+    "InstanceFacts",
     "InstanceRow",
     "JobRow",
     "OutboxRow",
@@ -47,6 +48,7 @@ __all__ = [
     "WaitRow",
     "count_store",
     "instance_detail",
+    "instance_facts",
     "list_audit_events",
     "list_definitions",
     "list_instances",
@@ -735,3 +737,46 @@ async def list_definitions(session: AsyncSession) -> list[DefinitionRow]:
         DefinitionRow(key, version, plugin, status, deployed_at, counts.get(ident, {}))
         for ident, key, version, plugin, status, deployed_at in definitions
     ]
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    """Who started an instance, by which message, and why it failed: from its audit trail."""
+
+    started_by: str | None = None
+    message_name: str | None = None
+    failure: str | None = None
+
+
+async def instance_facts(
+    session: AsyncSession, instance_ids: Sequence[str]
+) -> dict[str, InstanceFacts]:
+    """The :class:`InstanceFacts` of each instance (one query for a page of them)."""
+    if not instance_ids:
+        return {}
+    events = await session.execute(
+        select(AuditEvent.subject, AuditEvent.actor, AuditEvent.action, AuditEvent.reason)
+        .where(
+            AuditEvent.subject.in_([f"instance/{i}" for i in instance_ids]),
+            AuditEvent.action.in_(("instance.started", "instance.failed", "instance.cancelled")),
+        )
+        .order_by(AuditEvent.id)
+    )
+    started: dict[str, tuple[str, str | None]] = {}
+    failures: dict[str, str] = {}
+    for subject, actor, action, reason in events:
+        instance_id = subject.removeprefix("instance/")
+        if action == "instance.started":
+            match = _TAKEN_IN.match(reason)
+            head = match.group("head") if match is not None else reason
+            started[instance_id] = (actor, _message_of(action, head))
+        else:
+            failures[instance_id] = reason  # the newest wins
+    return {
+        instance_id: InstanceFacts(
+            started_by=started.get(instance_id, (None, None))[0],
+            message_name=started.get(instance_id, (None, None))[1],
+            failure=failures.get(instance_id),
+        )
+        for instance_id in instance_ids
+    }

@@ -636,3 +636,19 @@ async def test_every_link_of_the_web_page_lands_on_something(
     assert f"/ui/instances/{seeded.failed}" in seen
     assert "/ui/processes" in seen
     assert "/ui/incidents" in seen
+
+
+async def test_the_instance_list_says_who_started_each_and_why_it_failed(
+    client: httpx.AsyncClient, seeded: Seeded
+) -> None:
+    listing = (await client.get("/ui/", headers=AUTH)).text
+    rows = {
+        instance_id: listing.split(f"/ui/instances/{instance_id}", 1)[1].split("</tr>")[0]
+        for instance_id in (seeded.failed, seeded.completed, seeded.waiting)
+    }
+    failed = rows[seeded.failed]
+    assert '<td class="requester">local</td>' in failed  # the start's audit actor
+    assert '<td class="message">start</td>' in failed
+    assert "no reply within 5 minutes" in failed
+    assert '<td class="error failure"></td>' in rows[seeded.completed]
+    assert '<td class="error failure"></td>' in rows[seeded.waiting]
