@@ -298,7 +298,7 @@ def create_app(
         detail = await context.read(lambda s: q.task_detail(s, task_id))
         if detail is None:
             raise HTTPException(404, f"no Task {task_id} taken in or sent")
-        server = await server_status(context, [task_id])
+        server = await context.server_tasks(detail.versions)
         return TaskOut(
             task_id=detail.task_id,
             versions=list(detail.versions),
@@ -433,16 +433,6 @@ class QueuedOut(BaseModel):
     actor: str
 
 
-async def server_status(
-    context: ApiContext, task_ids: Sequence[str]
-) -> dict[str, ServerTask | str]:
-    """The FHIR server's word on ``task_ids``, or why there is none (no reader configured)."""
-    if context.task_reader is None:
-        reason = "the API has no access to the FHIR server (dsf-bridge api serve, the demo)"
-        return dict.fromkeys(task_ids, reason)
-    return await context.task_reader.read_many(task_ids)
-
-
 def _server_out(found: ServerTask | str | None) -> ServerTaskOut:
     if isinstance(found, ServerTask):
         return ServerTaskOut(
@@ -451,7 +441,14 @@ def _server_out(found: ServerTask | str | None) -> ServerTaskOut:
             message_name=found.message_name,
             failure=found.failure,
         )
-    return ServerTaskOut(unavailable=found or "not read")
+    if found is None:
+        return ServerTaskOut(
+            unavailable="only Tasks taken in are read: a Task sent lives on its recipient's server"
+        )
+    return ServerTaskOut(
+        unavailable=found
+        or "the API has no access to the FHIR server (dsf-bridge api serve, the demo)"
+    )
 
 
 def _result_fields(result: ProbeResult) -> dict[str, Any]:

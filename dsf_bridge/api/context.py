@@ -12,10 +12,11 @@ import structlog
 from fastapi import HTTPException
 
 from dsf_bridge.api.diagram import DiagramLibrary
-from dsf_bridge.api.fhir import TaskReader
+from dsf_bridge.api.fhir import ServerTask, TaskReader
 from dsf_bridge.api.probes import Clock, Probe, ProbeResult, database_probe, utcnow
 from dsf_bridge.errors import ProcessExecutionError, StoreError
 from dsf_bridge.store import ChainReport, Database, Session, verify_chain
+from dsf_bridge.store.queries import TaskRow
 
 __all__ = ["ApiContext"]
 
@@ -84,6 +85,17 @@ class ApiContext:
             raise StoreError("operator requests need a writable store connection; none given")
         async with self.operator_database.transaction() as session:
             return await work(session)
+
+    async def server_tasks(self, rows: Sequence[TaskRow]) -> dict[str, ServerTask | str]:
+        """The FHIR server's word on the Tasks of ``rows`` taken in (those live on the site's
+        own server; Tasks sent live on the recipient's), or why there is none: an empty reason
+        when the API has no reader (``dsf-bridge api serve``, the demo)."""
+        ids = [row.task_id for row in rows if row.role == "incoming"]
+        if not ids:
+            return {}
+        if self.task_reader is None:
+            return dict.fromkeys(ids, "")
+        return await self.task_reader.read_many(ids)
 
     async def queue(
         self, work: Callable[[Session], Awaitable[int]], instance_id: str, action: str, actor: str

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -26,7 +26,6 @@ from markupsafe import Markup
 from dsf_bridge import __version__
 from dsf_bridge.api.context import ApiContext
 from dsf_bridge.api.diagram import instance_marks, render_svg
-from dsf_bridge.api.fhir import ServerTask
 from dsf_bridge.api.security import OperatorGuard, TokenGuard
 from dsf_bridge.engine import state as instance_state
 from dsf_bridge.engine.state import InstanceStatus, Phase, Wait, WaitKind
@@ -99,19 +98,6 @@ def _environment() -> Environment:
     env.filters["pretty"] = lambda value: json.dumps(value, indent=2, sort_keys=True, default=str)
     env.globals["version"] = __version__
     return env
-
-
-async def _server_view(
-    context: ApiContext, rows: Sequence[q.TaskRow]
-) -> dict[str, ServerTask | str]:
-    """The FHIR server's word on the Tasks of ``rows`` taken in (those live on the site's own
-    server), or why there is none."""
-    ids = [row.task_id for row in rows if row.role == "incoming"]
-    if not ids:
-        return {}
-    if context.task_reader is None:
-        return dict.fromkeys(ids, "")
-    return await context.task_reader.read_many(ids)
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -210,7 +196,7 @@ def ui_router(
             diagram_note=note,
             marks=marks,
             facts=facts,
-            server=await _server_view(context, detail.tasks),
+            server=await context.server_tasks(detail.tasks),
         )
 
     @router.get("/tasks")
@@ -240,7 +226,7 @@ def ui_router(
             "tasks.html",
             rows=shown,
             facts=facts,
-            server=await _server_view(context, shown),
+            server=await context.server_tasks(shown),
             filters={"role": role or "", "status": status or "", "instance": instance or ""},
             next_before=q.task_cursor(rows[limit - 1]) if len(rows) > limit else None,
             limit=limit,
@@ -256,7 +242,7 @@ def ui_router(
             "task.html",
             t=detail,
             facts={(f.task_id, f.role): f for f in detail.facts},
-            server=await _server_view(context, detail.versions),
+            server=await context.server_tasks(detail.versions),
         )
 
     @router.get("/processes")
