@@ -142,9 +142,9 @@ def test_every_shipped_model_has_a_diagram_of_all_its_elements() -> None:
         }
         flows = {e.get("id") for e in process.iter("{*}sequenceFlow")}
         redraw = "open it in a BPMN modeler (Camunda Modeler) and save it with its diagram"
-        assert nodes <= drawn, f"{path.name}: {sorted(nodes - drawn)} not drawn: {redraw}"
+        assert nodes <= drawn, f"{path.name}: {sorted(map(str, nodes - drawn))} not drawn: {redraw}"
         undrawn = flows - {edge.element for edge in diagram.edges}
-        assert not undrawn, f"{path.name}: {sorted(undrawn)} not drawn: {redraw}"
+        assert not undrawn, f"{path.name}: {sorted(map(str, undrawn))} not drawn: {redraw}"
         for shape in diagram.shapes:  # no two nodes on top of each other
             for other in diagram.shapes:
                 if shape is other or shape.kind in ("subProcess", "boundaryEvent"):
