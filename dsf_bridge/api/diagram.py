@@ -551,7 +551,8 @@ def instance_marks(
 ) -> dict[str, Mark]:
     """The marks of one instance's elements and flows.
 
-    ``active`` and ``incident`` come from the engine state (where its tokens stand). The state
+    ``active`` and ``incident`` come from the engine state (where its tokens stand and the
+    events they wait at). The state
     keeps no history, so ``completed`` and ``failed`` come from the instance's audit trail
     (``audit`` as ``(action, reason)`` pairs, oldest first): every element an event names was
     passed; the element of the last ``*.failed`` event of a failed instance is where it
@@ -572,6 +573,9 @@ def instance_marks(
     for token in instance_state.tokens(state):
         if token.element in known:
             marks[token.element] = Mark.INCIDENT if token.incident is not None else Mark.ACTIVE
+        for wait in token.waits:  # the events an event-based gateway waits at
+            if not wait.boundary and wait.element in known and wait.element not in marks:
+                marks[wait.element] = Mark.ACTIVE
     if status is instance_state.InstanceStatus.FAILED and failed_at is not None:
         marks[failed_at] = Mark.FAILED
     sequence = [edge for edge in diagram.edges if edge.kind == "sequenceFlow"]

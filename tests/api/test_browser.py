@@ -181,6 +181,10 @@ async def test_an_auditor_reads_the_diagram_follows_tasks_and_pages(
         await expect(page.locator('svg#diagram g[data-element="Prepare"]')).to_have_class(
             "element serviceTask completed"
         )
+        for waiting_at in ("Reply", "Timeout"):  # what the event-based gateway waits for
+            await expect(page.locator(f'svg#diagram g[data-element="{waiting_at}"]')).to_have_class(
+                "element intermediateCatchEvent active"
+            )
         await _screenshot(page, "instance-waiting")
 
         await page.goto(f"/ui/instances/{seeded.completed}")
