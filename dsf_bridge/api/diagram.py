@@ -556,9 +556,9 @@ def instance_marks(
     keeps no history, so ``completed`` and ``failed`` come from the instance's audit trail
     (``audit`` as ``(action, reason)`` pairs, oldest first): every element an event names was
     passed; the element of the last ``*.failed`` event of a failed instance is where it
-    failed. Flows between two marked elements, the start events before them and the gateways
-    and events on the way are completed too; so is an end event after them once the instance
-    has completed.
+    failed. Flows out of a passed element into a marked one, the start events before them and
+    the gateways and events on the way are completed too; so is an end event after them once
+    the instance has completed.
     """
     known = {shape.element: shape for shape in diagram.shapes}
     marks: dict[str, Mark] = {}
@@ -608,8 +608,8 @@ def instance_marks(
             if (before and after) or ended:
                 marks[shape.element] = Mark.COMPLETED
                 changed = True
-    for edge in sequence:
-        if marks.get(edge.source) and marks.get(edge.target):
+    for edge in sequence:  # taken: out of a passed element into a marked one
+        if marks.get(edge.source) is Mark.COMPLETED and marks.get(edge.target):
             marks[edge.element] = Mark.COMPLETED
     return marks
 

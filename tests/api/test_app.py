@@ -8,6 +8,7 @@ import datetime as dt
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +17,7 @@ from pydantic import SecretStr
 from sqlalchemy import select, update
 
 from dsf_bridge.api import create_app, heartbeat_probe
+from dsf_bridge.api.diagram import DiagramLibrary
 from dsf_bridge.api.fhir import TaskReader
 from dsf_bridge.config import ApiSettings
 from dsf_bridge.errors import RemoteError
@@ -658,3 +660,46 @@ async def test_the_instance_list_says_who_started_each_and_why_it_failed(
     assert "no reply within 5 minutes" in failed
     assert '<td class="error failure"></td>' in rows[seeded.completed]
     assert '<td class="error failure"></td>' in rows[seeded.waiting]
+
+
+async def test_the_instance_pages_mark_the_diagram(database: Database, seeded: Seeded) -> None:
+    diagrams = DiagramLibrary()
+    diagrams.add(Path(__file__).parents[1] / "runtime" / "request_reply.bpmn", version="1.0")
+    app = create_app(
+        database, ApiSettings(token=SecretStr(TOKEN)), clock=seeded.clock, diagrams=diagrams
+    )
+
+    async def marks(instance_id: str) -> dict[str, str]:
+        page = (await http.get(f"/ui/instances/{instance_id}", headers=AUTH)).text
+        found = re.findall(
+            r'<g class="(?:element|flow) (\w+)(?: (\w+))?" data-element="(\w+)"', page
+        )
+        return {element: mark for _kind, mark, element in found if mark}
+
+    async with _client(app) as http:
+        failed, done, waiting = (
+            await marks(seeded.failed),
+            await marks(seeded.completed),
+            await marks(seeded.waiting),
+        )
+        closed = create_app(database, ApiSettings(token=SecretStr(TOKEN)), clock=seeded.clock)
+        async with _client(closed) as bare:
+            note = (await bare.get(f"/ui/instances/{seeded.failed}", headers=AUTH)).text
+    assert failed["HandleTimeout"] == "failed"
+    assert failed["Timeout"] == failed["f7"] == failed["Start"] == "completed"
+    assert "StoreResult" not in failed and "TimedOut" not in failed
+    assert done["StoreResult"] == done["Done"] == done["f8"] == "completed"
+    assert "HandleTimeout" not in done and "Timeout" not in done
+    assert waiting == {
+        "Start": "completed",
+        "Prepare": "completed",
+        "SendRequest": "completed",
+        "Wait": "active",
+        "Reply": "active",
+        "Timeout": "active",
+        "f1": "completed",
+        "f2": "completed",
+        "f3": "completed",
+    }
+    assert 'id="diagram"' not in note
+    assert "no deployed plugin here has a model for testorg_requestReply" in note
