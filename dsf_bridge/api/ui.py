@@ -178,12 +178,10 @@ def ui_router(
             detail.instance.process_key, detail.instance.process_version
         )
         svg = None
-        marks: dict[str, str] = {}
         if diagram is not None:
             found = instance_marks(
                 diagram, detail.state, [(e.action, e.reason) for e in detail.audit]
             )
-            marks = {element: mark.value for element, mark in found.items()}
             svg = Markup(render_svg(diagram, found))  # noqa: S704 - lxml escaped its text
         facts = await context.read(lambda s: q.task_facts(s, detail.tasks))
         return page(
@@ -194,7 +192,6 @@ def ui_router(
             variables=sorted(instance_state.process_variables(detail.state).items()),
             diagram=svg,
             diagram_note=note,
-            marks=marks,
             facts=facts,
             server=await context.server_tasks(detail.tasks),
         )
