@@ -80,7 +80,8 @@ _GATEWAYS = frozenset(
         "complexGateway",
     }
 )
-_FLOWS = frozenset({"sequenceFlow", "messageFlow", "association", "dataInputAssociation"})
+# Elements a token passes without waiting (once it is past the element before them).
+_PASSED_THROUGH = _GATEWAYS | {"endEvent", "intermediateThrowEvent"}
 _MARGIN = 20.0
 # Where audit reasons name an element (runtime.jobs, .timers, .delivery, .outbox, .effects):
 # "<handler> at <element>", "async continuation at <element>", "<message> at <element>, ...",
@@ -556,9 +557,9 @@ def instance_marks(
     keeps no history, so ``completed`` and ``failed`` come from the instance's audit trail
     (``audit`` as ``(action, reason)`` pairs, oldest first): every element an event names was
     passed; the element of the last ``*.failed`` event of a failed instance is where it
-    failed. Flows out of a passed element into a marked one, the start events before them and
-    the gateways and events on the way are completed too; so is an end event after them once
-    the instance has completed.
+    failed. Flows out of a passed element into a marked one, the start events before them, the
+    gateways and events on the way and the gateways, end and throw events right after a passed
+    element with one way out are completed too.
     """
     known = {shape.element: shape for shape in diagram.shapes}
     marks: dict[str, Mark] = {}
@@ -590,7 +591,9 @@ def instance_marks(
                 ahead = [e.target for e in outgoing.get(shape.element, [])]
                 if any(target in marks for target in ahead) or len(_starts(diagram)) == 1:
                     marks[shape.element] = Mark.COMPLETED
-    # Unmarked gateways and events between marked elements were passed on the way.
+    # Unmarked gateways and events between marked elements were passed on the way; so were a
+    # gateway, end or throw event right after a passed element with a single way out (the
+    # token left it along that flow and stands nowhere there now).
     changed = True
     while changed:
         changed = False
@@ -599,13 +602,11 @@ def instance_marks(
                 continue
             before = any(e.source in marks for e in incoming.get(shape.element, []))
             after = any(e.target in marks for e in outgoing.get(shape.element, []))
-            ended = (
-                shape.kind == "endEvent"
-                and status is instance_state.InstanceStatus.COMPLETED
-                and len(incoming.get(shape.element, [])) > 0
-                and all(e.source in marks for e in incoming[shape.element])
+            onward = shape.kind in _PASSED_THROUGH and any(
+                marks.get(e.source) is Mark.COMPLETED and len(outgoing.get(e.source, [])) == 1
+                for e in incoming.get(shape.element, [])
             )
-            if (before and after) or ended:
+            if (before and after) or onward:
                 marks[shape.element] = Mark.COMPLETED
                 changed = True
     for edge in sequence:  # taken: out of a passed element into a marked one
