@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
@@ -578,6 +578,7 @@ async def _run_bridge(settings: Settings, plugins: list[ProcessPlugin], optional
     import signal
 
     from dsf_bridge.api import heartbeat_probe, subscription_probe
+    from dsf_bridge.api.fhir import TaskReader
     from dsf_bridge.runtime.daemon import Bridge
 
     stop = asyncio.Event()
@@ -610,9 +611,15 @@ async def _run_bridge(settings: Settings, plugins: list[ProcessPlugin], optional
         async with bridge:
             if bridge.organization is not None:
                 admin.state.context.site = bridge.organization.identifier
+            client = bridge.client
+            if client is not None:
+                # The lists show the Tasks' status on the FHIR server, read over this client.
+                admin.state.context.task_reader = TaskReader(
+                    lambda task_id: client.read("Task", task_id)
+                )
             await bridge.run(stop)
 
-    await _serve_api(settings, probes, run_bridge)
+    await _serve_api(settings, probes, run_bridge, plugins=plugins)
 
 
 async def _serve_api(
@@ -621,11 +628,14 @@ async def _serve_api(
     main: Callable[[FastAPI], Awaitable[None]],
     *,
     operator: bool = True,
+    plugins: Sequence[ProcessPlugin] = (),
 ) -> None:
     """Serve the admin API, over its own read-only connection to the store, while ``main``
     runs; with ``operator`` (beside a running bridge) and ``api.operator_token``, operator
-    requests get a writable connection of their own."""
+    requests get a writable connection of their own. The instance page draws its diagrams
+    from the ``plugins``' models."""
     from dsf_bridge.api import ApiServer, create_app
+    from dsf_bridge.api.diagram import DiagramLibrary
     from dsf_bridge.store import Database
 
     api = settings.api
@@ -637,7 +647,13 @@ async def _serve_api(
         else None
     )
     try:
-        admin = create_app(database, api, probes=probes, operator_database=writer)
+        admin = create_app(
+            database,
+            api,
+            probes=probes,
+            operator_database=writer,
+            diagrams=DiagramLibrary(plugins),
+        )
         async with ApiServer(admin, host=api.host, port=api.port) as server:
             _log().info("api.listening", url=server.url, closed=api.token is None)
             if api.token is None:
@@ -702,8 +718,11 @@ async def _api_only(settings: Settings) -> None:
     async def until_stopped(_admin: FastAPI) -> None:
         await stop.wait()
 
-    # An audit of a store (perhaps a copy): no bridge runs the operator's requests here.
-    await _serve_api(settings, [], until_stopped, operator=False)
+    # An audit of a store (perhaps a copy): no bridge runs the operator's requests here. The
+    # diagrams come from the plugins installed here.
+    from dsf_bridge.plugins.loader import discover_plugins
+
+    await _serve_api(settings, [], until_stopped, operator=False, plugins=discover_plugins())
 
 
 @app.command("check-connection")

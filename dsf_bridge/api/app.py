@@ -11,6 +11,7 @@ with an audit event naming the operator.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -21,12 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dsf_bridge import __version__
 from dsf_bridge.api.context import ApiContext
+from dsf_bridge.api.diagram import DiagramLibrary
+from dsf_bridge.api.fhir import ServerTask, TaskReader
 from dsf_bridge.api.metrics import CONTENT_TYPE, render_metrics
 from dsf_bridge.api.probes import Clock, Probe, ProbeResult, utcnow
 from dsf_bridge.api.security import OperatorGuard, TokenGuard
 from dsf_bridge.api.ui import ui_router
 from dsf_bridge.config import ApiSettings
-from dsf_bridge.errors import ProcessExecutionError, StoreError
+from dsf_bridge.errors import StoreError
 from dsf_bridge.runtime import operations
 from dsf_bridge.store import Database
 from dsf_bridge.store import queries as q
@@ -77,6 +80,40 @@ class InstancePage(_Model):
     next_before: str | None
 
 
+class TaskPage(_Model):
+    tasks: list[q.TaskRow]
+    next_before: str | None
+
+
+class ServerTaskOut(_Model):
+    """The Task as read from the FHIR server now, or why it could not be read."""
+
+    status: str | None = None
+    requester: str | None = None
+    message_name: str | None = None
+    failure: str | None = None
+    unavailable: str | None = None
+
+
+class TaskOut(_Model):
+    task_id: str
+    versions: list[q.TaskRow]
+    facts: list[q.TaskFacts]
+    instances: list[str]
+    audit: list[q.AuditRow]
+    server: ServerTaskOut
+
+
+class DefinitionOut(_Model):
+    process_key: str
+    version: str
+    plugin: str
+    status: str
+    deployed_at: dt.datetime
+    instances: dict[str, int]
+    total: int
+
+
 class AuditPage(_Model):
     events: list[q.AuditRow]
     next_before: int | None
@@ -113,12 +150,22 @@ def create_app(
     clock: Clock = utcnow,
     site: str | None = None,
     operator_database: Database | None = None,
+    diagrams: DiagramLibrary | None = None,
+    task_reader: TaskReader | None = None,
 ) -> FastAPI:
     """The admin app over ``database``; ``probes`` add to the database probe for ``/ready``.
     ``operator_database`` is a writable connection for the operator's requests (given only
-    with ``settings.operator_token``); ``database`` may be read-only."""
+    with ``settings.operator_token``); ``database`` may be read-only. ``diagrams`` holds the
+    deployed models the instance page draws; ``task_reader`` reads Tasks from the local FHIR
+    server (without it, pages show the store's last word on a Task, labelled as such)."""
     context = ApiContext(
-        database, probes, clock=clock, site=site, operator_database=operator_database
+        database,
+        probes,
+        clock=clock,
+        site=site,
+        operator_database=operator_database,
+        diagrams=diagrams,
+        task_reader=task_reader,
     )
     app = FastAPI(
         title="dsf-bridge admin API",
@@ -227,15 +274,57 @@ def create_app(
             raise HTTPException(404, f"no process instance {instance_id}")
         return detail
 
-    @api.get("/tasks", response_model=list[q.TaskRow])
+    @api.get("/tasks", response_model=TaskPage)
     async def tasks(
         role: Literal["incoming", "outgoing"] | None = None,
         status: TaskSeenStatus | None = None,
+        instance: str | None = Query(None, description="only the Tasks of this instance"),
+        before: str | None = Query(None, description="next_before of the previous page"),
         limit: int = Query(50, ge=1, le=q.MAX_PAGE),
-    ) -> list[q.TaskRow]:
+    ) -> TaskPage:
         """Task versions taken in or sent, newest first (failed intakes have no instance)."""
-        rows = await context.read(lambda s: q.list_tasks(s, role=role, status=status, limit=limit))
-        return rows
+        rows = await context.read(
+            lambda s: q.list_tasks(
+                s, role=role, status=status, instance_id=instance, before=before, limit=limit + 1
+            )
+        )
+        return TaskPage(
+            tasks=rows[:limit],
+            next_before=q.task_cursor(rows[limit - 1]) if len(rows) > limit else None,
+        )
+
+    @api.get("/tasks/{task_id}", response_model=TaskOut)
+    async def task(task_id: str) -> TaskOut:
+        """One Task: its versions, what the store knows of it, the FHIR server's status."""
+        detail = await context.read(lambda s: q.task_detail(s, task_id))
+        if detail is None:
+            raise HTTPException(404, f"no Task {task_id} taken in or sent")
+        server = await context.server_tasks(detail.versions)
+        return TaskOut(
+            task_id=detail.task_id,
+            versions=list(detail.versions),
+            facts=list(detail.facts),
+            instances=list(detail.instances),
+            audit=list(detail.audit),
+            server=_server_out(server.get(task_id)),
+        )
+
+    @api.get("/definitions", response_model=list[DefinitionOut])
+    async def definitions() -> list[DefinitionOut]:
+        """Deployed process versions with their instance counts per status."""
+        rows = await context.read(q.list_definitions)
+        return [
+            DefinitionOut(
+                process_key=r.process_key,
+                version=r.version,
+                plugin=r.plugin,
+                status=r.status,
+                deployed_at=r.deployed_at,
+                instances=dict(r.instances),
+                total=r.total,
+            )
+            for r in rows
+        ]
 
     @api.get("/audit", response_model=AuditPage)
     async def audit(
@@ -269,12 +358,7 @@ def create_app(
         return await context.read(operations.list_incidents)
 
     async def _queue(work: Any, instance_id: str, action: str, actor: str) -> QueuedOut:
-        try:
-            job: int = await context.write(work)
-        except ProcessExecutionError as exc:
-            code = 404 if exc.message.startswith("no instance") else 409
-            raise HTTPException(code, exc.message) from exc
-        log.info("operator.requested", action=action, instance_id=instance_id, actor=actor)
+        job = await context.queue(work, instance_id, action, actor)
         return QueuedOut(job=job, instance_id=instance_id, action=action, actor=actor)
 
     @api.post(
@@ -325,7 +409,9 @@ def create_app(
         return JSONResponse(app.openapi())
 
     app.include_router(api)
-    app.include_router(ui_router(context, TokenGuard(settings.token)))
+    app.include_router(
+        ui_router(context, TokenGuard(settings.token, settings.operator_token), operator_guard)
+    )
     return app
 
 
@@ -346,6 +432,24 @@ class QueuedOut(BaseModel):
     instance_id: str
     action: str
     actor: str
+
+
+def _server_out(found: ServerTask | str | None) -> ServerTaskOut:
+    if isinstance(found, ServerTask):
+        return ServerTaskOut(
+            status=found.status,
+            requester=found.requester,
+            message_name=found.message_name,
+            failure=found.failure,
+        )
+    if found is None:
+        return ServerTaskOut(
+            unavailable="only Tasks taken in are read: a Task sent lives on its recipient's server"
+        )
+    return ServerTaskOut(
+        unavailable=found
+        or "the API has no access to the FHIR server (dsf-bridge api serve, the demo)"
+    )
 
 
 def _result_fields(result: ProbeResult) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""What the admin routes share: the store, the readiness probes, the clock, the site's name."""
+"""What the admin routes share: the store, the readiness probes, the clock, the site's name, the
+process models (for diagrams) and, beside a running bridge, a reader of the FHIR server's
+Tasks."""
 
 from __future__ import annotations
 
@@ -6,13 +8,21 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+import structlog
+from fastapi import HTTPException
+
+from dsf_bridge.api.diagram import DiagramLibrary
+from dsf_bridge.api.fhir import ServerTask, TaskReader
 from dsf_bridge.api.probes import Clock, Probe, ProbeResult, database_probe, utcnow
-from dsf_bridge.errors import StoreError
+from dsf_bridge.errors import ProcessExecutionError, StoreError
 from dsf_bridge.store import ChainReport, Database, Session, verify_chain
+from dsf_bridge.store.queries import TaskRow
 
 __all__ = ["ApiContext"]
 
 T = TypeVar("T")
+
+log = structlog.get_logger("dsf_bridge.api")
 
 PROBE_TIMEOUT = 5.0
 
@@ -28,6 +38,8 @@ class ApiContext:
         clock: Clock = utcnow,
         site: str | None = None,
         operator_database: Database | None = None,
+        diagrams: DiagramLibrary | None = None,
+        task_reader: TaskReader | None = None,
     ) -> None:
         self.database = database
         # A writable connection for the operator's requests alone; every read goes through
@@ -36,6 +48,9 @@ class ApiContext:
         self.probes = [database_probe(database), *probes]
         self.clock = clock
         self.site = site
+        self.diagrams = diagrams if diagrams is not None else DiagramLibrary()
+        # Set by ``dsf-bridge run`` once the bridge's FHIR client exists; None: the store's word.
+        self.task_reader = task_reader
 
     async def run_probes(self) -> list[tuple[Probe, ProbeResult]]:
         """Every probe, each given :data:`PROBE_TIMEOUT` seconds.
@@ -70,6 +85,30 @@ class ApiContext:
             raise StoreError("operator requests need a writable store connection; none given")
         async with self.operator_database.transaction() as session:
             return await work(session)
+
+    async def server_tasks(self, rows: Sequence[TaskRow]) -> dict[str, ServerTask | str]:
+        """The FHIR server's word on the Tasks of ``rows`` taken in (those live on the site's
+        own server; Tasks sent live on the recipient's), or why there is none: an empty reason
+        when the API has no reader (``dsf-bridge api serve``, the demo)."""
+        ids = [row.task_id for row in rows if row.role == "incoming"]
+        if not ids:
+            return {}
+        if self.task_reader is None:
+            return dict.fromkeys(ids, "")
+        return await self.task_reader.read_many(ids)
+
+    async def queue(
+        self, work: Callable[[Session], Awaitable[int]], instance_id: str, action: str, actor: str
+    ) -> int:
+        """Queue an operator's request (``work`` from :mod:`dsf_bridge.runtime.operations`)
+        and return its job: 404 for an unknown instance, 409 when it does not apply."""
+        try:
+            job = await self.write(work)
+        except ProcessExecutionError as exc:
+            code = 404 if exc.message.startswith("no instance") else 409
+            raise HTTPException(code, exc.message) from exc
+        log.info("operator.requested", action=action, instance_id=instance_id, actor=actor)
+        return job
 
     async def verify_chain(self) -> ChainReport:
         """Walk the whole audit hash chain (as ``dsf-bridge audit verify``)."""

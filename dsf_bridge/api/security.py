@@ -7,7 +7,9 @@ every protected path answers 403 with a message saying how to open it.
 
 Reading is the default role. ``api.operator_token`` is a second token with the operator role:
 it reads too, and it alone may retry incidents and cancel instances (:class:`OperatorGuard`);
-without it those endpoints answer 403. The operator's name in the audit trail is the Basic
+without it those endpoints answer 403. The web page's forms for the same actions carry a MAC
+under the operator token besides (:meth:`OperatorGuard.form_token`), as a browser posts a form
+cross-site with the credentials it remembers. The operator's name in the audit trail is the Basic
 user name, or ``operator`` for a Bearer token.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 
 from fastapi import HTTPException, Request, status
@@ -72,11 +75,33 @@ class OperatorGuard:
                 "this action needs the operator token: send "
                 "'Authorization: Bearer <api.operator_token>'"
             )
-        # Self-asserted (anyone with the token may give any name): ASCII letters, digits and
-        # "._@-" only, so that no look-alike or control character reaches the audit trail.
-        user = given[0].decode("ascii", "replace").strip()
-        name = "".join(ch for ch in user if (ch.isascii() and ch.isalnum()) or ch in "._@-")[:64]
-        return f"api:{name or 'operator'}"
+        return _actor(given[0])
+
+    def admits(self, request: Request) -> bool:
+        """Whether ``request`` carries the operator token (the page shows its forms then)."""
+        if self._token is None:
+            return False
+        given = _credentials(request.headers.get("authorization", ""))
+        return given is not None and hmac.compare_digest(given[1], self._token.encode())
+
+    def form_token(self, *parts: str) -> str:
+        """A token for one operator form (the web page's retry and cancel buttons): a MAC of
+        ``parts`` under the operator token. A cross-site page that makes the browser post the
+        form, with the Basic credentials it remembers, cannot know it."""
+        key = (self._token or "").encode()
+        return hmac.new(key, "\x1f".join(parts).encode(), hashlib.sha256).hexdigest()
+
+    def check_form_token(self, given: str, *parts: str) -> bool:
+        return self._token is not None and hmac.compare_digest(given, self.form_token(*parts))
+
+
+def _actor(user_bytes: bytes) -> str:
+    """The operator's name for the audit trail: ``api:<Basic user>`` or ``api:operator``."""
+    # Self-asserted (anyone with the token may give any name): ASCII letters, digits and
+    # "._@-" only, so that no look-alike or control character reaches the audit trail.
+    user = user_bytes.decode("ascii", "replace").strip()
+    name = "".join(ch for ch in user if (ch.isascii() and ch.isalnum()) or ch in "._@-")[:64]
+    return f"api:{name or 'operator'}"
 
 
 def _unauthorized(message: str) -> HTTPException:

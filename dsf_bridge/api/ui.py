@@ -1,8 +1,12 @@
-"""The web page: instances, where each one stands and how it got there, Tasks and the audit chain.
+"""The web page: instances, where each one stands (drawn on the process diagram) and how it got
+there, Tasks with their status on the FHIR server, process versions, incidents and the audit
+chain.
 
-Server-rendered HTML (Jinja2 with autoescaping), no JavaScript and no external assets, so it
-works under the strict Content-Security-Policy the app sends and on an air-gapped site.
-Everything behind the token guard; the browser asks for it with a Basic prompt.
+Server-rendered HTML (Jinja2 with autoescaping) and inline SVG, no JavaScript and no external
+assets, so it works under the strict Content-Security-Policy the app sends and on an air-gapped
+site. Everything behind the token guard; the browser asks for it with a Basic prompt. Signed in
+with the operator token, the incident and instance pages offer retry and cancel as forms that
+carry a MAC under that token (:meth:`~dsf_bridge.api.security.OperatorGuard.form_token`).
 """
 
 from __future__ import annotations
@@ -12,16 +16,20 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
 
 from dsf_bridge import __version__
 from dsf_bridge.api.context import ApiContext
-from dsf_bridge.api.security import TokenGuard
+from dsf_bridge.api.diagram import instance_marks, render_svg
+from dsf_bridge.api.security import OperatorGuard, TokenGuard
 from dsf_bridge.engine import state as instance_state
 from dsf_bridge.engine.state import InstanceStatus, Phase, Wait, WaitKind
+from dsf_bridge.runtime import operations
 from dsf_bridge.store import queries as q
 
 __all__ = ["describe_state", "ui_router"]
@@ -49,6 +57,7 @@ _WAIT_KINDS = {
 }
 INSTANCE_STATUSES = tuple(status.label for status in InstanceStatus)
 _STATIC = {"style.css": "text/css", "favicon.svg": "image/svg+xml"}
+_MAX_FORM = 8192
 
 
 def describe_state(state: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -91,13 +100,35 @@ def _environment() -> Environment:
     return env
 
 
-def ui_router(context: ApiContext, guard: TokenGuard) -> APIRouter:
-    """The ``/ui`` pages over the app's :class:`~dsf_bridge.api.app.ApiContext`."""
+async def _form(request: Request) -> dict[str, str]:
+    """A posted HTML form (``application/x-www-form-urlencoded``, at most 8 KiB)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded":
+        raise HTTPException(415, "post the page's form (application/x-www-form-urlencoded)")
+    body = await request.body()
+    if len(body) > _MAX_FORM:
+        raise HTTPException(413, "form too large")
+    fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+    return {name: values[-1] for name, values in fields.items()}
+
+
+def ui_router(
+    context: ApiContext, guard: TokenGuard, operator: OperatorGuard | None = None
+) -> APIRouter:
+    """The ``/ui`` pages over the app's :class:`~dsf_bridge.api.app.ApiContext`; with
+    ``operator``, the forms for retry and cancel (shown to the operator token alone)."""
     env = _environment()
+    operator = operator or OperatorGuard(None)
     router = APIRouter(prefix="/ui", dependencies=[Depends(guard)], include_in_schema=False)
 
     def page(request: Request, template: str, **values: Any) -> HTMLResponse:
-        html = env.get_template(template).render(site=context.site, path=request.url.path, **values)
+        html = env.get_template(template).render(
+            site=context.site,
+            path=request.url.path,
+            operator=operator.admits(request),
+            form_token=operator.form_token,
+            **values,
+        )
         return HTMLResponse(html)
 
     @router.get("/")
@@ -124,10 +155,12 @@ def ui_router(context: ApiContext, guard: TokenGuard) -> APIRouter:
         for (_process, state), count in counts.instances.items():
             by_status[state] = by_status.get(state, 0) + count
         probes = await context.run_probes()
+        facts = await context.read(lambda s: q.instance_facts(s, [r.id for r in rows[:limit]]))
         return page(
             request,
             "instances.html",
             rows=rows[:limit],
+            facts=facts,
             statuses=INSTANCE_STATUSES,
             filters={"status": status or "", "process": process or "", "bk": business_key or ""},
             next_before=rows[limit - 1].id if len(rows) > limit else None,
@@ -141,26 +174,129 @@ def ui_router(context: ApiContext, guard: TokenGuard) -> APIRouter:
         detail = await context.read(lambda s: q.instance_detail(s, instance_id))
         if detail is None:
             raise HTTPException(404, f"no process instance {instance_id}")
+        diagram, note = context.diagrams.diagram(
+            detail.instance.process_key, detail.instance.process_version
+        )
+        svg = None
+        if diagram is not None:
+            found = instance_marks(
+                diagram, detail.state, [(e.action, e.reason) for e in detail.audit]
+            )
+            svg = Markup(render_svg(diagram, found))  # noqa: S704 - lxml escaped its text
+        facts = await context.read(lambda s: q.task_facts(s, detail.tasks))
         return page(
             request,
             "instance.html",
             d=detail,
             tokens=describe_state(detail.state),
             variables=sorted(instance_state.process_variables(detail.state).items()),
+            diagram=svg,
+            diagram_note=note,
+            facts=facts,
+            server=await context.server_tasks(detail.tasks),
         )
 
     @router.get("/tasks")
     async def tasks(
         request: Request,
+        *,
         role: str | None = None,
         status: str | None = None,
-        limit: int = Query(100, ge=1, le=q.MAX_PAGE),
+        instance: str | None = None,
+        before: str | None = None,
+        limit: int = Query(50, ge=1, le=q.MAX_PAGE),
     ) -> HTMLResponse:
         rows = await context.read(
-            lambda s: q.list_tasks(s, role=role or None, status=status or None, limit=limit)
+            lambda s: q.list_tasks(
+                s,
+                role=role or None,
+                status=status or None,
+                instance_id=instance or None,
+                before=before or None,
+                limit=limit + 1,
+            )
+        )
+        shown = rows[:limit]
+        facts = await context.read(lambda s: q.task_facts(s, shown))
+        return page(
+            request,
+            "tasks.html",
+            rows=shown,
+            facts=facts,
+            server=await context.server_tasks(shown),
+            filters={"role": role or "", "status": status or "", "instance": instance or ""},
+            next_before=q.task_cursor(rows[limit - 1]) if len(rows) > limit else None,
+            limit=limit,
+        )
+
+    @router.get("/tasks/{task_id}")
+    async def task(request: Request, task_id: str) -> HTMLResponse:
+        detail = await context.read(lambda s: q.task_detail(s, task_id))
+        if detail is None:
+            raise HTTPException(404, f"no Task {task_id} taken in or sent")
+        return page(
+            request,
+            "task.html",
+            t=detail,
+            facts={(f.task_id, f.role): f for f in detail.facts},
+            server=await context.server_tasks(detail.versions),
+        )
+
+    @router.get("/processes")
+    async def processes(request: Request) -> HTMLResponse:
+        rows = await context.read(q.list_definitions)
+        return page(request, "processes.html", rows=rows, statuses=INSTANCE_STATUSES)
+
+    @router.get("/incidents")
+    async def incidents(request: Request) -> HTMLResponse:
+        rows = await context.read(operations.list_incidents)
+        return page(request, "incidents.html", rows=rows)
+
+    @router.post("/instances/{instance_id}/incidents/{token}/retry")
+    async def retry(request: Request, instance_id: str, token: str) -> HTMLResponse:
+        actor = operator(request)
+        form = await _form(request)
+        if not operator.check_form_token(form.get("form", ""), "retry", instance_id, token):
+            raise HTTPException(403, "the form is not this page's: open the page and retry")
+        try:
+            retries = int(form.get("retries", "1"))
+        except ValueError:
+            retries = 0
+        if not 1 <= retries <= operations.MAX_RETRIES:
+            raise HTTPException(422, f"retries must be 1 to {operations.MAX_RETRIES}")
+        job = await context.queue(
+            lambda s: operations.request_retry(
+                s, instance_id, token, retries=retries, actor=actor, now=context.clock()
+            ),
+            instance_id,
+            "retry",
+            actor,
         )
         return page(
-            request, "tasks.html", rows=rows, filters={"role": role or "", "status": status or ""}
+            request, "queued.html", action="retry", instance_id=instance_id, job=job, actor=actor
+        )
+
+    @router.post("/instances/{instance_id}/cancel")
+    async def cancel(request: Request, instance_id: str) -> HTMLResponse:
+        actor = operator(request)
+        form = await _form(request)
+        if not operator.check_form_token(form.get("form", ""), "cancel", instance_id):
+            raise HTTPException(403, "the form is not this page's: open the page and retry")
+        reason = form.get("reason", "").strip()
+        if not reason or len(reason) > operations.MAX_REASON:
+            raise HTTPException(
+                422, f"give a reason (1 to {operations.MAX_REASON} characters) to cancel"
+            )
+        job = await context.queue(
+            lambda s: operations.request_cancel(
+                s, instance_id, reason=reason, actor=actor, now=context.clock()
+            ),
+            instance_id,
+            "cancel",
+            actor,
+        )
+        return page(
+            request, "queued.html", action="cancel", instance_id=instance_id, job=job, actor=actor
         )
 
     @router.get("/audit")

@@ -39,6 +39,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import text
 
 from dsf_bridge.api import ApiServer, create_app
+from dsf_bridge.api.diagram import DiagramLibrary
 from dsf_bridge.config import ApiSettings, load_settings
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity
@@ -584,7 +585,12 @@ async def serve_audit(
         for organization, url in db_urls.items():
             database = Database(url, read_only=True)
             stack.push_async_callback(database.dispose)
-            app = create_app(database, settings, site=organization)
+            app = create_app(
+                database,
+                settings,
+                site=organization,
+                diagrams=DiagramLibrary([inference_plugin]),
+            )
             server = await stack.enter_async_context(ApiServer(app))
             urls[organization] = f"{server.url}/ui/"
             say(f"{organization}: audit web page at {urls[organization]}")

@@ -8,15 +8,16 @@ return plain frozen records the API turns into JSON and HTML.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVarTuple
 
-from sqlalchemy import Select, func, select, text
+from sqlalchemy import Select, func, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dsf_bridge.engine import state as instance_state
-from dsf_bridge.store.kinds import TaskSeenStatus
+from dsf_bridge.store.kinds import OutboxKind, TaskSeenStatus
 from dsf_bridge.store.tables import (
     AuditEvent,
     AuditHead,
@@ -32,21 +33,30 @@ from dsf_bridge.store.tables import (
 
 __all__ = [
     "AuditRow",
+    "DefinitionRow",
     "IncidentRow",
     "InstanceDetail",
+    "InstanceFacts",
     "InstanceRow",
     "JobRow",
     "OutboxRow",
     "StoreCounts",
+    "TaskDetail",
+    "TaskFacts",
     "TaskRow",
     "TimerRow",
     "WaitRow",
     "count_store",
     "instance_detail",
+    "instance_facts",
     "list_audit_events",
+    "list_definitions",
     "list_instances",
     "list_tasks",
     "ping",
+    "task_cursor",
+    "task_detail",
+    "task_facts",
 ]
 
 MAX_PAGE = 500
@@ -244,16 +254,26 @@ async def list_instances(
     return [InstanceRow(*row) for row in rows]
 
 
+def task_cursor(row: TaskRow) -> str:
+    """The paging cursor after ``row`` (``before`` of :func:`list_tasks`): role, id, version.
+    FHIR ids and versions hold no ``:``."""
+    return f"{row.role}:{row.task_id}:{row.task_version}"
+
+
 async def list_tasks(
     session: AsyncSession,
     *,
     role: str | None = None,
     status: str | None = None,
     instance_id: str | None = None,
+    task_id: str | None = None,
+    before: str | None = None,
     limit: int = 50,
 ) -> list[TaskRow]:
     """Task versions taken in or sent, newest first. A ``status`` that is no
-    :class:`TaskSeenStatus` matches nothing (a search box, not an error)."""
+    :class:`TaskSeenStatus` matches nothing (a search box, not an error). ``before`` is the
+    :func:`task_cursor` of the last row of the previous page (keyset paging); a cursor that
+    names no Task version gives an empty page."""
     if status is not None and status not in set(TaskSeenStatus):
         return []
     query = select(
@@ -269,8 +289,35 @@ async def list_tasks(
         (TaskSeen.role, role),
         (TaskSeen.status, status),
         (TaskSeen.instance_id, instance_id),
+        (TaskSeen.task_id, task_id),
     )
-    query = query.order_by(TaskSeen.seen_at.desc(), TaskSeen.task_id, TaskSeen.task_version)
+    if before is not None:
+        anchor_role, _, rest = before.partition(":")
+        anchor_id, _, anchor_version = rest.partition(":")
+        anchor = (
+            await session.execute(
+                select(TaskSeen.seen_at).where(
+                    TaskSeen.role == anchor_role,
+                    TaskSeen.task_id == anchor_id,
+                    TaskSeen.task_version == anchor_version,
+                )
+            )
+        ).scalar_one_or_none()
+        if anchor is None:
+            return []
+        query = query.where(
+            (TaskSeen.seen_at < anchor)
+            | (
+                (TaskSeen.seen_at == anchor)
+                & (
+                    tuple_(TaskSeen.task_id, TaskSeen.task_version, TaskSeen.role)
+                    > tuple_(anchor_id, anchor_version, anchor_role)
+                )
+            )
+        )
+    query = query.order_by(
+        TaskSeen.seen_at.desc(), TaskSeen.task_id, TaskSeen.task_version, TaskSeen.role
+    )
     rows = await session.execute(query.limit(_page(limit)))
     return [TaskRow(*row) for row in rows]
 
@@ -438,3 +485,314 @@ async def count_store(session: AsyncSession, now: dt.datetime) -> StoreCounts:
         incidents=incidents,
         audit_unsealed=int(unsealed),
     )
+
+
+# -- Tasks as an auditor reads them ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskFacts:
+    """What the store knows of one Task in one direction, gathered from its intake records, the
+    instance's audit events and the effects that finished or sent it.
+
+    ``last_status`` is the status the bridge last set on the FHIR server or saw there, and
+    ``status_source`` says which (the server may have moved on since: only a read from the
+    server tells). ``requester`` is an audit actor (``organization:<id>``); for Tasks this site
+    sent, ``recipient`` names the target instead.
+    """
+
+    task_id: str
+    role: str
+    message_name: str | None = None
+    requester: str | None = None
+    recipient: str | None = None
+    last_status: str | None = None
+    status_source: str = ""
+    failure: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskDetail:
+    """One Task: every version seen in both directions, what is known of it, the instances it
+    reached and the audit events that name it, oldest first."""
+
+    task_id: str
+    versions: tuple[TaskRow, ...]
+    facts: tuple[TaskFacts, ...]
+    instances: tuple[str, ...]
+    audit: tuple[AuditRow, ...]
+
+
+@dataclass(frozen=True)
+class DefinitionRow:
+    """A deployed process version and how many instances it has per status."""
+
+    process_key: str
+    version: str
+    plugin: str
+    status: str
+    deployed_at: dt.datetime
+    instances: Mapping[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.instances.values())
+
+
+# The instance's audit events that took a Task in end with ", Task/<id>" (runtime.delivery):
+# "<process> by <message>, Task/<id>" (instance.started), "<message> at <element>, Task/<id>"
+# (message.correlated).
+_TAKEN_IN = re.compile(r"^(?P<head>.*), Task/(?P<task>[A-Za-z0-9\-.]{1,64})$")
+_CREATED = re.compile(r"(?:^|/)Task/(?P<task>[A-Za-z0-9\-.]{1,64})(?:/|$)")
+
+
+def _message_of(action: str, head: str) -> str | None:
+    if action == "instance.started":
+        _process, by, message = head.partition(" by ")
+        return message if by and message != "none start event" else None
+    message, at, _element = head.rpartition(" at ")
+    return message if at else None
+
+
+def _sent_task_id(result: str | None) -> str | None:
+    """The id of a Task the bridge created: the gateway answers with its id or its URL."""
+    if not result:
+        return None
+    found = _CREATED.search(result)
+    return found.group("task") if found else result.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _target_label(target: object) -> str | None:
+    if isinstance(target, Mapping):
+        for key in ("organizationIdentifier", "organizationIdentifierValue", "endpointUrl"):
+            if target.get(key):
+                return f"organization:{target[key]}" if key != "endpointUrl" else str(target[key])
+    return None
+
+
+def _incoming_status(
+    statuses: Sequence[TaskSeenStatus], finishing: Mapping[str, Any] | None
+) -> tuple[str | None, str, str | None]:
+    """(last status, where it comes from, failure) of a Task taken in."""
+    if finishing is not None:
+        completing = finishing["kind"] == "complete-task"
+        word = "completed" if completing else "failed"
+        reason = None if completing else str(finishing["payload"].get("message") or "")
+        if finishing["status"] == "done":
+            return word, f"set {word} by the bridge", reason
+        if finishing["status"] == "failed":
+            error = finishing["last_error"] or "no answer"
+            return (
+                "in-progress",
+                f"set in-progress by the bridge; setting it {word} failed",
+                f"setting it {word} failed: {error}" + (f" ({reason})" if reason else ""),
+            )
+        return "in-progress", f"set in-progress by the bridge; {word} pending", reason
+    seen = set(statuses)
+    if TaskSeenStatus.FAILED in seen:
+        return "failed", "set failed by the bridge at intake", None
+    if TaskSeenStatus.REFUSED in seen:
+        return "requested", "as received; the server refused the bridge's update", None
+    if TaskSeenStatus.SKIPPED in seen:
+        return None, "skipped by the bridge", None
+    if seen & {TaskSeenStatus.IN_PROGRESS, TaskSeenStatus.TAKEN_IN, TaskSeenStatus.HELD}:
+        return "in-progress", "set in-progress by the bridge", None
+    if seen == {TaskSeenStatus.CLAIMED_ELSEWHERE}:
+        return None, "taken in by another bridge", None
+    return "requested", "as received", None
+
+
+async def task_facts(
+    session: AsyncSession, rows: Sequence[TaskRow]
+) -> dict[tuple[str, str], TaskFacts]:
+    """What the store knows of the Tasks of ``rows``, by (Task id, role): a few queries for a
+    whole page."""
+    incoming = sorted({row.task_id for row in rows if row.role == "incoming"})
+    instance_ids = sorted({row.instance_id for row in rows if row.instance_id})
+    statuses: dict[str, list[TaskSeenStatus]] = {}
+    finishing: dict[str, dict[str, Any]] = {}
+    intake_reasons: dict[str, str] = {}
+    taken_in: dict[str, tuple[str, str | None]] = {}  # Task id -> (requester, message name)
+    if incoming:
+        seen = await session.execute(
+            select(TaskSeen.task_id, TaskSeen.status)
+            .where(TaskSeen.role == "incoming", TaskSeen.task_id.in_(incoming))
+            .order_by(TaskSeen.seen_at)
+        )
+        for seen_id, seen_status in seen:
+            statuses.setdefault(seen_id, []).append(seen_status)
+        keys = [f"{prefix}:{task_id}" for task_id in incoming for prefix in ("complete", "fail")]
+        entries = await session.execute(
+            select(
+                OutboxEntry.idempotency_key,
+                OutboxEntry.kind,
+                OutboxEntry.status,
+                OutboxEntry.payload,
+                OutboxEntry.last_error,
+            )
+            .where(OutboxEntry.idempotency_key.in_(keys))
+            .order_by(OutboxEntry.id)
+        )
+        for key, kind, status, payload, last_error in entries:
+            finishing[key.partition(":")[2]] = {
+                "kind": str(kind),
+                "status": status,
+                "payload": payload or {},
+                "last_error": last_error,
+            }
+        intake_events = await session.execute(
+            select(AuditEvent.subject, AuditEvent.reason)
+            .where(AuditEvent.subject.in_([f"Task/{task_id}" for task_id in incoming]))
+            .order_by(AuditEvent.id)
+        )
+        for subject, reason in intake_events:
+            intake_reasons[subject.removeprefix("Task/")] = reason  # the newest wins
+    sent: dict[str, tuple[str | None, str | None]] = {}  # Task id -> (message, recipient)
+    if instance_ids:
+        events = await session.execute(
+            select(AuditEvent.actor, AuditEvent.action, AuditEvent.reason)
+            .where(
+                AuditEvent.subject.in_([f"instance/{i}" for i in instance_ids]),
+                AuditEvent.action.in_(("instance.started", "message.correlated")),
+            )
+            .order_by(AuditEvent.id)
+        )
+        for actor, action, reason in events:
+            match = _TAKEN_IN.match(reason)
+            if match is not None:
+                taken_in[match.group("task")] = (actor, _message_of(action, match.group("head")))
+        sends = await session.execute(
+            select(OutboxEntry.result, OutboxEntry.payload).where(
+                OutboxEntry.kind == OutboxKind.SEND_TASK,
+                OutboxEntry.instance_id.in_(instance_ids),
+                OutboxEntry.status == "done",
+            )
+        )
+        for result, payload in sends:
+            sent_id = _sent_task_id(result)
+            if sent_id is not None:
+                body = payload or {}
+                sent[sent_id] = (body.get("message_name"), _target_label(body.get("target")))
+    facts: dict[tuple[str, str], TaskFacts] = {}
+    for row in rows:
+        key = (row.task_id, row.role)
+        if key in facts:
+            continue
+        if row.role == "incoming":
+            last, source, failure = _incoming_status(
+                statuses.get(row.task_id, [TaskSeenStatus(row.status)]),
+                finishing.get(row.task_id),
+            )
+            requester, message = taken_in.get(row.task_id, (None, None))
+            facts[key] = TaskFacts(
+                row.task_id,
+                row.role,
+                message_name=message,
+                requester=requester,
+                last_status=last,
+                status_source=source,
+                failure=failure or intake_reasons.get(row.task_id),
+            )
+        else:
+            message, recipient = sent.get(row.task_id, (None, None))
+            facts[key] = TaskFacts(
+                row.task_id,
+                row.role,
+                message_name=message,
+                recipient=recipient,
+                last_status="requested",
+                status_source="as sent",
+            )
+    return facts
+
+
+async def task_detail(session: AsyncSession, task_id: str) -> TaskDetail | None:
+    """One Task by id: its versions in both directions, their facts, and the audit events
+    that name it (the intake's, and those of the instances it reached that name it)."""
+    versions = await list_tasks(session, task_id=task_id, limit=MAX_PAGE)
+    if not versions:
+        return None
+    facts = await task_facts(session, versions)
+    instances = tuple(sorted({v.instance_id for v in versions if v.instance_id}))
+    named = re.compile(rf"Task/{re.escape(task_id)}(?![A-Za-z0-9\-.])")
+    events = await list_audit_events(
+        session,
+        subjects=[f"Task/{task_id}", *(f"instance/{i}" for i in instances)],
+        limit=MAX_PAGE,
+    )
+    audit = [e for e in events if e.subject == f"Task/{task_id}" or named.search(e.reason)]
+    return TaskDetail(
+        task_id=task_id,
+        versions=tuple(versions),
+        facts=tuple(facts.values()),
+        instances=instances,
+        audit=tuple(reversed(audit)),
+    )
+
+
+async def list_definitions(session: AsyncSession) -> list[DefinitionRow]:
+    """Every deployed process version with its instances per status, by key then version."""
+    definitions = await session.execute(
+        select(
+            ProcessDefinition.id,
+            ProcessDefinition.process_key,
+            ProcessDefinition.version,
+            ProcessDefinition.plugin,
+            ProcessDefinition.status,
+            ProcessDefinition.deployed_at,
+        ).order_by(ProcessDefinition.process_key, ProcessDefinition.id)
+    )
+    counts: dict[int, dict[str, int]] = {}
+    for definition_id, status, count in await session.execute(
+        select(ProcessInstance.definition_id, ProcessInstance.status, func.count()).group_by(
+            ProcessInstance.definition_id, ProcessInstance.status
+        )
+    ):
+        counts.setdefault(definition_id, {})[status] = int(count)
+    return [
+        DefinitionRow(key, version, plugin, status, deployed_at, counts.get(ident, {}))
+        for ident, key, version, plugin, status, deployed_at in definitions
+    ]
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    """Who started an instance, by which message, and why it failed: from its audit trail."""
+
+    started_by: str | None = None
+    message_name: str | None = None
+    failure: str | None = None
+
+
+async def instance_facts(
+    session: AsyncSession, instance_ids: Sequence[str]
+) -> dict[str, InstanceFacts]:
+    """The :class:`InstanceFacts` of each instance (one query for a page of them)."""
+    if not instance_ids:
+        return {}
+    events = await session.execute(
+        select(AuditEvent.subject, AuditEvent.actor, AuditEvent.action, AuditEvent.reason)
+        .where(
+            AuditEvent.subject.in_([f"instance/{i}" for i in instance_ids]),
+            AuditEvent.action.in_(("instance.started", "instance.failed", "instance.cancelled")),
+        )
+        .order_by(AuditEvent.id)
+    )
+    started: dict[str, tuple[str, str | None]] = {}
+    failures: dict[str, str] = {}
+    for subject, actor, action, reason in events:
+        instance_id = subject.removeprefix("instance/")
+        if action == "instance.started":
+            match = _TAKEN_IN.match(reason)
+            head = match.group("head") if match is not None else reason
+            started[instance_id] = (actor, _message_of(action, head))
+        else:
+            failures[instance_id] = reason  # the newest wins
+    return {
+        instance_id: InstanceFacts(
+            started_by=started.get(instance_id, (None, None))[0],
+            message_name=started.get(instance_id, (None, None))[1],
+            failure=failures.get(instance_id),
+        )
+        for instance_id in instance_ids
+    }

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from dsf_bridge.api import create_app, heartbeat_probe
+from dsf_bridge.api.diagram import DiagramLibrary
+from dsf_bridge.api.fhir import TaskReader
 from dsf_bridge.config import ApiSettings
+from dsf_bridge.errors import RemoteError
 from dsf_bridge.store import Database, append_event
 from dsf_bridge.store.tables import AuditEvent, ProcessInstance
 from tests.api.seed import KEY, Seeded, seed
+from tests.runtime.test_incidents import KEY as INCIDENT_KEY
+from tests.runtime.test_incidents import _runtime as incident_runtime
+from tests.runtime.test_incidents import _until_incident as until_incident
+from tests.runtime.test_processes import Clock as IncidentClock
+from tests.runtime.test_processes import FakeGateway
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -195,17 +206,17 @@ async def test_audit_pages_and_verification_detects_tampering(
 async def test_tasks_list_includes_intake_failures_without_instance(
     client: httpx.AsyncClient, seeded: Seeded
 ) -> None:
-    incoming = (await client.get("/api/v1/tasks?role=incoming", headers=AUTH)).json()
+    incoming = (await client.get("/api/v1/tasks?role=incoming", headers=AUTH)).json()["tasks"]
     assert {t["role"] for t in incoming} == {"incoming"}
     assert {"start-wait", "start-late", "start-done", "reply-done"} <= {
         t["task_id"] for t in incoming
     }
-    outgoing = (await client.get("/api/v1/tasks?role=outgoing", headers=AUTH)).json()
+    outgoing = (await client.get("/api/v1/tasks?role=outgoing", headers=AUTH)).json()["tasks"]
     assert len(outgoing) == 3  # one request per instance
     bad = await client.get("/api/v1/tasks?role=sideways", headers=AUTH)
     assert bad.status_code == 422
     # A status is one of the intake's: another is refused with the list, never a 503.
-    claimed = (await client.get("/api/v1/tasks?status=claiming", headers=AUTH)).json()
+    claimed = (await client.get("/api/v1/tasks?status=claiming", headers=AUTH)).json()["tasks"]
     assert all(t["status"] == "claiming" for t in claimed)
     unknown = await client.get("/api/v1/tasks?status=completed", headers=AUTH)
     assert unknown.status_code == 422
@@ -354,3 +365,341 @@ async def test_instance_detail_lists_the_newest_500_events_and_says_so(
     assert len(reasons) == 500
     assert reasons[-1] == "note 500"  # the newest kept, still oldest first
     assert 'id="audit-truncated"' in page.text
+
+
+async def test_tasks_page_through_with_a_cursor(client: httpx.AsyncClient) -> None:
+    everything = (await client.get("/api/v1/tasks?limit=500", headers=AUTH)).json()
+    assert everything["next_before"] is None
+    paged: list[dict[str, object]] = []
+    before = ""
+    while True:
+        page = (await client.get(f"/api/v1/tasks?limit=2{before}", headers=AUTH)).json()
+        assert len(page["tasks"]) <= 2
+        paged += page["tasks"]
+        if page["next_before"] is None:
+            break
+        before = f"&before={page['next_before']}"
+    assert paged == everything["tasks"]  # same order, nothing twice, nothing left out
+    assert len(paged) > 4
+    gone = await client.get("/api/v1/tasks?before=incoming:no-such-task:1", headers=AUTH)
+    assert gone.json() == {"tasks": [], "next_before": None}
+    mine = (await client.get("/api/v1/tasks?instance=nope", headers=AUTH)).json()
+    assert mine["tasks"] == []
+
+
+async def test_a_task_says_its_message_requester_status_and_failure(
+    client: httpx.AsyncClient, seeded: Seeded
+) -> None:
+    """Issue 15: the bridge's last word on a Task, not the intake's in-progress."""
+
+    async def facts(task_id: str) -> dict[str, dict[str, object]]:
+        body = (await client.get(f"/api/v1/tasks/{task_id}", headers=AUTH)).json()
+        roles = {f["role"] for f in body["facts"]}
+        expected = (
+            "the API has no access to the FHIR server"
+            if "incoming" in roles
+            else "only Tasks taken in are read"
+        )
+        assert body["server"]["unavailable"].startswith(expected)
+        return {f["role"]: f for f in body["facts"]}
+
+    late = (await facts("start-late"))["incoming"]
+    assert late["message_name"] == "start"
+    assert late["requester"] == "local"  # the audit actor of the start
+    assert late["last_status"] == "failed"
+    assert late["status_source"] == "set failed by the bridge"
+    assert "no reply within 5 minutes" in str(late["failure"])
+    done = (await facts("start-done"))["incoming"]
+    assert (done["last_status"], done["failure"]) == ("completed", None)
+    reply = (await facts("reply-done"))["incoming"]
+    assert reply["message_name"] == "reply"
+    assert reply["last_status"] == "completed"
+    waiting = (await facts("start-wait"))["incoming"]
+    assert waiting["last_status"] == "in-progress"
+    sent = (await client.get("/api/v1/tasks?role=outgoing&limit=1", headers=AUTH)).json()
+    [request] = sent["tasks"]
+    outgoing = (await facts(request["task_id"]))["outgoing"]
+    assert (outgoing["message_name"], outgoing["last_status"]) == ("request", "requested")
+    assert outgoing["status_source"] == "as sent"
+    detail = (await client.get("/api/v1/tasks/start-late", headers=AUTH)).json()
+    assert detail["instances"] == [seeded.failed]
+    assert [e["action"] for e in detail["audit"]] == ["instance.started"]
+    missing = await client.get("/api/v1/tasks/nope", headers=AUTH)
+    assert missing.status_code == 404
+
+
+async def test_every_task_link_of_the_pages_lands_on_the_task(client: httpx.AsyncClient) -> None:
+    listing = (await client.get("/ui/tasks?limit=500", headers=AUTH)).text
+    links = set(re.findall(r'href="(/ui/tasks/[^"]+)"', listing))
+    assert len(links) >= 6
+    for link in links:
+        page = await client.get(link, headers=AUTH)
+        assert page.status_code == 200, link
+        assert "No audit event" not in page.text, link
+        assert 'id="task-versions"' in page.text
+    assert "in-progress</span>" not in listing.split("start-late", 1)[1].split("</tr>")[0]
+    late_row = listing.split("Task/start-late", 1)[1].split("</tr>")[0]
+    assert '<span class="status failed">failed</span>' in late_row
+    assert "set failed by the bridge" in late_row
+    assert "no reply within 5 minutes" in late_row
+    assert (await client.get("/ui/tasks/nope", headers=AUTH)).status_code == 404
+
+
+async def test_the_server_status_wins_over_the_store_when_it_can_be_read(
+    database: Database, seeded: Seeded
+) -> None:
+    """Beside a running bridge, the lists show what the FHIR server says (read through the
+    bridge's client: an in-memory fake of its ``read`` here), and why not when it cannot."""
+
+    async def read(task_id: str) -> dict[str, object]:
+        if task_id == "start-wait":
+            return {
+                "resourceType": "Task",
+                "id": task_id,
+                "status": "completed",  # completed on the server meanwhile
+                "requester": {
+                    "identifier": {
+                        "system": "http://dsf.dev/sid/organization-identifier",
+                        "value": "Hospital_B",
+                    }
+                },
+                "input": [
+                    {
+                        "type": {
+                            "coding": [
+                                {
+                                    "system": "http://dsf.dev/fhir/CodeSystem/bpmn-message",
+                                    "code": "message-name",
+                                }
+                            ]
+                        },
+                        "valueString": "start",
+                    }
+                ],
+                "instantiatesCanonical": "http://test.org/bpe/Process/requestReply|1.0",
+            }
+        if task_id == "start-done":
+            await asyncio.sleep(5)  # longer than the reader waits
+        raise RemoteError("HTTP 403 forbidden", status=403)
+
+    app = create_app(
+        database,
+        ApiSettings(token=SecretStr(TOKEN)),
+        clock=seeded.clock,
+        task_reader=TaskReader(read, timeout=0.5),
+    )
+    async with _client(app) as http:
+        listing = (await http.get("/ui/tasks?role=incoming", headers=AUTH)).text
+        api = (await http.get("/api/v1/tasks/start-wait", headers=AUTH)).json()
+    wait_row = listing.split("Task/start-wait", 1)[1].split("</tr>")[0]
+    assert '<span class="status completed">completed</span>' in wait_row
+    assert "on the FHIR server" in wait_row
+    assert "organization:Hospital_B" in wait_row
+    done_row = listing.split("Task/start-done", 1)[1].split("</tr>")[0]
+    assert "no answer from the FHIR server within 0.5 s" in done_row
+    assert "set completed by the bridge" in done_row
+    late_row = listing.split("Task/start-late", 1)[1].split("</tr>")[0]
+    assert "not read from the FHIR server: HTTP 403 forbidden" in late_row
+    assert api["server"]["status"] == "completed"
+    assert api["server"]["requester"] == "organization:Hospital_B"
+    assert api["server"]["message_name"] == "start"
+
+
+async def test_process_versions_with_their_instance_counts(client: httpx.AsyncClient) -> None:
+    [definition] = (await client.get("/api/v1/definitions", headers=AUTH)).json()
+    assert definition["process_key"] == KEY
+    assert definition["version"] == "1.0"
+    assert definition["instances"] == {"running": 1, "completed": 1, "failed": 1}
+    assert definition["total"] == 3
+    page = (await client.get("/ui/processes", headers=AUTH)).text
+    assert f'href="/ui/?process={KEY}&amp;status=failed">1</a>' in page
+    assert f'href="/ui/?process={KEY}">3</a>' in page
+
+
+async def test_the_operator_retries_and_cancels_from_the_web_page(database: Database) -> None:
+    """Issue 15: incidents on the web page, with retry and cancel for the operator token alone;
+    each form carries a MAC under the operator token, so a cross-site post cannot act."""
+    clock = IncidentClock()
+    runtime = await incident_runtime(database, FakeGateway(), clock)
+    retried = await runtime.start(
+        INCIDENT_KEY, message_name="start", business_key="bk-r", variables={"mode": "idle"}
+    )
+    cancelled = await runtime.start(
+        INCIDENT_KEY, message_name="start", business_key="bk-x", variables={"mode": "idle"}
+    )
+    incidents = await until_incident(runtime, database, clock)
+    while len(incidents) < 2:
+        incidents = await until_incident(runtime, database, clock)
+    [incident] = [i for i in incidents if i.instance_id == retried]
+    operator = "operator-token-for-tests"
+    app = create_app(
+        database,
+        ApiSettings(token=SecretStr(TOKEN), operator_token=SecretStr(operator)),
+        clock=clock,
+        operator_database=database,
+    )
+    as_operator = {
+        "Authorization": "Basic " + base64.b64encode(b"alice:" + operator.encode()).decode()
+    }
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    async with _client(app) as http:
+        read_view = (await http.get("/ui/incidents", headers=AUTH)).text
+        assert 'id="incident-list"' in read_view
+        assert "<form" not in read_view.split("<main>", 1)[1].split("incident-list", 1)[1]
+        assert "Sign in with the operator token" in read_view
+        page = (await http.get("/ui/incidents", headers=as_operator)).text
+        tokens = dict(
+            re.findall(
+                r'action="(/ui/instances/[^"]+)">\s*<input type="hidden" name="form" '
+                r'value="([0-9a-f]{64})"',
+                page,
+            )
+        )
+        retry_path = f"/ui/instances/{retried}/incidents/{incident.token}/retry"
+        cancel_path = f"/ui/instances/{cancelled}/cancel"
+        assert {retry_path, cancel_path} <= set(tokens)
+        instance_page = (await http.get(f"/ui/instances/{retried}", headers=as_operator)).text
+        assert f'action="{retry_path}"' in instance_page  # the instance's incidents too
+        assert tokens[retry_path] in instance_page
+        read_instance = (await http.get(f"/ui/instances/{retried}", headers=AUTH)).text
+        assert f'action="{retry_path}"' not in read_instance
+        reader = await http.post(
+            retry_path, content=f"form={tokens[retry_path]}", headers={**AUTH, **form}
+        )
+        assert reader.status_code == 401
+        forged = await http.post(
+            retry_path, content="form=" + "0" * 64, headers={**as_operator, **form}
+        )
+        assert forged.status_code == 403
+        swapped = await http.post(  # a MAC is bound to its action and instance
+            cancel_path,
+            content=f"form={tokens[retry_path]}&reason=x",
+            headers={**as_operator, **form},
+        )
+        assert swapped.status_code == 403
+        as_json = await http.post(
+            retry_path,
+            json={"form": tokens[retry_path]},
+            headers=as_operator,
+        )
+        assert as_json.status_code == 415
+        blank = await http.post(
+            cancel_path,
+            content=f"form={tokens[cancel_path]}&reason=+",
+            headers={**as_operator, **form},
+        )
+        assert blank.status_code == 422
+        queued = await http.post(
+            retry_path,
+            content=f"form={tokens[retry_path]}&retries=2",
+            headers={**as_operator, **form},
+        )
+        assert queued.status_code == 200
+        assert 'id="queued"' in queued.text
+        assert "api:alice" in queued.text
+        cancel = await http.post(
+            cancel_path,
+            content=f"form={tokens[cancel_path]}&reason=wrong+study",
+            headers={**as_operator, **form},
+        )
+        assert cancel.status_code == 200
+    await runtime.run_until_idle()
+    async with database.transaction() as session:
+        actors = {
+            (row.action, row.actor, row.reason)
+            for row in (await session.execute(select(AuditEvent))).scalars()
+            if row.action in ("incident.retried", "instance.cancelled")
+        }
+    assert {(action, actor) for action, actor, _ in actors} == {
+        ("incident.retried", "api:alice"),
+        ("instance.cancelled", "api:alice"),
+    }
+    assert any("wrong study" in reason for _, _, reason in actors)
+
+
+async def test_every_link_of_the_web_page_lands_on_something(
+    client: httpx.AsyncClient, seeded: Seeded
+) -> None:
+    """Issue 15: follow every link from the instance list, breadth first, and each answers 200
+    with a page that has something to show (never "No audit event matches" for a Task)."""
+    queue, seen = ["/ui/"], {"/ui/"}
+    visited = 0
+    while queue and visited < 150:
+        path = queue.pop(0)
+        page = await client.get(path, headers=AUTH)
+        visited += 1
+        assert page.status_code == 200, path
+        if "/ui/tasks/" in path or "subject=Task/" in path:
+            assert "No audit event matches" not in page.text, path
+        if not page.headers["content-type"].startswith("text/html"):
+            continue
+        for href in re.findall(r'href="(/[^"]*)"', page.text):
+            link = href.replace("&amp;", "&")
+            if link.startswith("/ui/static/") or link in seen:
+                continue
+            seen.add(link)
+            queue.append(link)
+    assert visited > 20
+    assert any(link.startswith("/ui/tasks/") for link in seen)
+    assert f"/ui/instances/{seeded.failed}" in seen
+    assert "/ui/processes" in seen
+    assert "/ui/incidents" in seen
+
+
+async def test_the_instance_list_says_who_started_each_and_why_it_failed(
+    client: httpx.AsyncClient, seeded: Seeded
+) -> None:
+    listing = (await client.get("/ui/", headers=AUTH)).text
+    rows = {
+        instance_id: listing.split(f"/ui/instances/{instance_id}", 1)[1].split("</tr>")[0]
+        for instance_id in (seeded.failed, seeded.completed, seeded.waiting)
+    }
+    failed = rows[seeded.failed]
+    assert '<td class="requester">local</td>' in failed  # the start's audit actor
+    assert '<td class="message">start</td>' in failed
+    assert "no reply within 5 minutes" in failed
+    assert '<td class="error failure"></td>' in rows[seeded.completed]
+    assert '<td class="error failure"></td>' in rows[seeded.waiting]
+
+
+async def test_the_instance_pages_mark_the_diagram(database: Database, seeded: Seeded) -> None:
+    diagrams = DiagramLibrary()
+    diagrams.add(Path(__file__).parents[1] / "runtime" / "request_reply.bpmn", version="1.0")
+    app = create_app(
+        database, ApiSettings(token=SecretStr(TOKEN)), clock=seeded.clock, diagrams=diagrams
+    )
+
+    async def marks(instance_id: str) -> dict[str, str]:
+        page = (await http.get(f"/ui/instances/{instance_id}", headers=AUTH)).text
+        found = re.findall(
+            r'<g class="(?:element|flow) (\w+)(?: (\w+))?" data-element="(\w+)"', page
+        )
+        return {element: mark for _kind, mark, element in found if mark}
+
+    async with _client(app) as http:
+        failed, done, waiting = (
+            await marks(seeded.failed),
+            await marks(seeded.completed),
+            await marks(seeded.waiting),
+        )
+        closed = create_app(database, ApiSettings(token=SecretStr(TOKEN)), clock=seeded.clock)
+        async with _client(closed) as bare:
+            note = (await bare.get(f"/ui/instances/{seeded.failed}", headers=AUTH)).text
+    assert failed["HandleTimeout"] == "failed"
+    assert failed["Timeout"] == failed["f7"] == failed["Start"] == "completed"
+    assert "StoreResult" not in failed and "TimedOut" not in failed
+    assert done["StoreResult"] == done["Done"] == done["f8"] == "completed"
+    assert "HandleTimeout" not in done and "Timeout" not in done
+    assert waiting == {
+        "Start": "completed",
+        "Prepare": "completed",
+        "SendRequest": "completed",
+        "Wait": "active",
+        "Reply": "active",
+        "Timeout": "active",
+        "f1": "completed",
+        "f2": "completed",
+        "f3": "completed",
+    }
+    assert 'id="diagram"' not in note
+    assert "no deployed plugin here has a model for testorg_requestReply" in note
