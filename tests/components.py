@@ -15,6 +15,7 @@ from typing import TypeVar
 import pytest
 
 from dsf_bridge.sandbox.components import (
+    NODULE_MODEL,
     REFERENCE_MODEL,
     ComponentMissingError,
     MLServerProcess,
@@ -24,6 +25,7 @@ from dsf_bridge.sandbox.components import (
 
 __all__ = [
     "BROKEN_MODEL",
+    "NODULE_MODEL",
     "REFERENCE_MODEL",
     "WARMING_MODEL",
     "mlserver",
@@ -60,10 +62,11 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess
 
 @pytest.fixture(scope="session")
 def mlserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MLServerProcess]:
-    """A running MLServer serving the reference model and its failure variants."""
+    """A running MLServer serving the reference model, its failure variants and ``my-model``
+    (the second reference model, with a contract of its own)."""
     yield from running(
         MLServerProcess(
             tmp_path_factory.mktemp("mlserver"),
-            models=(REFERENCE_MODEL, WARMING_MODEL, BROKEN_MODEL),
+            models=(REFERENCE_MODEL, WARMING_MODEL, BROKEN_MODEL, NODULE_MODEL),
         )
     )

@@ -36,6 +36,7 @@ from dsf_bridge.errors import BridgeError
 
 __all__ = [
     "MLSERVER_SETUP_COMMAND",
+    "NODULE_MODEL",
     "ORTHANC_INSTALL_COMMAND",
     "ComponentError",
     "ComponentMissingError",
@@ -227,11 +228,13 @@ class OrthancProcess(_ChildProcess):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model folder of an MLServer repository served by the reference runtime."""
+    """One model folder of an MLServer repository, served by a runtime of ``refmodel/``
+    (``implementation``: the reference tissue-composition model unless named)."""
 
     name: str
     version: str = "1"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    implementation: str = "tissue_model.TissueCompositionModel"
 
     def settings(self) -> dict[str, Any]:
         parameters: dict[str, Any] = {"version": self.version}
@@ -239,12 +242,15 @@ class ModelSpec:
             parameters["extra"] = dict(self.extra)
         return {
             "name": self.name,
-            "implementation": "tissue_model.TissueCompositionModel",
+            "implementation": self.implementation,
             "parameters": parameters,
         }
 
 
 REFERENCE_MODEL = ModelSpec("tissue-composition")
+#: The second reference model, ``my-model`` (``refmodel/nodule.py``): the worked example of a
+#: provider's own contract (docs/examples/my-model.toml).
+NODULE_MODEL = ModelSpec("my-model", implementation="nodule_model.NoduleModel")
 
 
 class MLServerProcess(_ChildProcess):
