@@ -547,12 +547,6 @@ async def store_result(ctx: HandlerContext) -> None:
             "valueReference": {"reference": f"Bundle/{created.id}", "type": "Bundle"},
         }
     ]
-    for finding in found:
-        outputs.extend(
-            {"type": {"coding": [{"system": finding.code.system, "code": finding.code.code}]}}
-            | value
-            for value in _wire_values(finding)
-        )
     segmentation = _first_text(result, SEGMENTATION_SERIES)
     if segmentation is not None:
         outputs.append(
@@ -560,6 +554,14 @@ async def store_result(ctx: HandlerContext) -> None:
                 "type": {"coding": [{"system": CODESYSTEM_OMI, "code": SEGMENTATION_SERIES}]},
                 "valueString": segmentation,
             }
+        )
+    # Findings last, as in the result Task: outputs without a slice of their own follow the
+    # sliced ones (openAtEnd).
+    for finding in found:
+        outputs.extend(
+            {"type": {"coding": [{"system": finding.code.system, "code": finding.code.code}]}}
+            | value
+            for value in _wire_values(finding)
         )
     start_task = _text(ctx, "startTaskId")
     for output in outputs:
@@ -749,7 +751,7 @@ def record_failure(ctx: HandlerContext) -> None:
 
 @handlers.message_send(_PREFIX + "SendInferenceResult")
 def send_inference_result(ctx: SendContext) -> None:
-    """Measurements, or the error kind and message; study identity only as UIDs."""
+    """Findings, or the error kind and message; study identity only as UIDs."""
     code = ctx.get("errorCode")
     if code is not None:
         ctx.add_input(
@@ -759,9 +761,6 @@ def send_inference_result(ctx: SendContext) -> None:
         )
         ctx.add_input(CODESYSTEM_OMI, ERROR, str(ctx.get("errorMessage") or code))
         return
-    found = ctx.get("findings")
-    for item in found if isinstance(found, list) else []:
-        ctx.add_input(str(item["system"]), str(item["code"]), item["value"])
     ctx.add_input(CODESYSTEM_OMI, MODEL_NAME, _text(ctx, "modelName"))
     version = ctx.get("modelVersion")
     if isinstance(version, str) and version:
@@ -771,6 +770,11 @@ def send_inference_result(ctx: SendContext) -> None:
     segmentation = ctx.get("segmentationSeriesUid")
     if isinstance(segmentation, str) and segmentation:
         ctx.add_input(CODESYSTEM_OMI, SEGMENTATION_SERIES, segmentation)
+    # Last: a finding under a code the profile has no slice for may only follow the sliced
+    # inputs (DSF's Task.input slicing is openAtEnd).
+    found = ctx.get("findings")
+    for item in found if isinstance(found, list) else []:
+        ctx.add_input(str(item["system"]), str(item["code"]), item["value"])
 
 
 # -- reading results ---------------------------------------------------------------------------
