@@ -378,7 +378,12 @@ class InferenceContract(_Part):
                 f"service contract {self.name}: accepts.max_slices is {accepts.max_slices}, "
                 f"the series has {slices}"
             )
-        if slices is not None and self.pixels.dimensions == 2 and slices != 1:
+        if slices is not None:
+            self.check_slices(slices)
+
+    def check_slices(self, slices: int) -> None:
+        """Raise :class:`RequestNotAcceptedError` when a 2-D contract gets several slices."""
+        if self.pixels.dimensions == 2 and slices != 1:
             raise RequestNotAcceptedError(
                 f"service contract {self.name}: pixels.dimensions is 2 (one slice), "
                 f"the series has {slices} slices"

@@ -139,7 +139,13 @@ def volume_from_datasets(
         raise ImageConversionError(
             f"series {series_instance_uid} mixes image sizes {sorted(shapes)}"
         )
-    row_mm, column_mm = _pixel_spacing(images[0], series_instance_uid)
+    # Only a contract that sends the spacing or resamples needs it; others take any image.
+    needs_spacing = contract.inputs.spacing is not None or contract.pixels.resample_mm is not None
+    row_mm, column_mm = (
+        _pixel_spacing(images[0], series_instance_uid)
+        if needs_spacing or "PixelSpacing" in images[0]
+        else (1.0, 1.0)
+    )
     if contract.pixels.slice_order == "instance-number":
         ordered, slice_mm = _by_instance_number(images, series_instance_uid)
     else:
@@ -175,7 +181,7 @@ def model_inputs(volume: ImageVolume, contract: InferenceContract) -> list[Tenso
         deviation = float(data.std())
         data = (data - float(data.mean())) / (deviation if deviation > 0 else 1.0)
     if handling.dimensions == 2:
-        contract.check_series(modalities=contract.accepts.modality[:1], slices=volume.slices)
+        contract.check_slices(volume.slices)
         data = data[0]
     if DATATYPES[handling.datatype].kind in "iub":
         data = np.rint(data)
@@ -215,7 +221,7 @@ def _by_instance_number(images: Sequence[Dataset], series: str) -> tuple[list[Da
 def _pixel_spacing(ds: Dataset, series: str) -> tuple[float, float]:
     spacing = ds.get("PixelSpacing")
     if spacing is None or len(spacing) != 2:
-        raise ImageConversionError(f"series {series} has no PixelSpacing: the model input needs it")
+        raise ImageConversionError(f"series {series} has no PixelSpacing: the contract needs it")
     row_mm, column_mm = float(spacing[0]), float(spacing[1])
     if not (row_mm > 0 and column_mm > 0):
         raise ImageConversionError(f"series {series} has a PixelSpacing that is not positive")

@@ -221,6 +221,15 @@ def test_window_and_unit_normalisation_in_two_dimensions(ct_small: Dataset) -> N
     np.testing.assert_allclose(image.data, expected, atol=1e-6)
 
 
+def test_spacing_is_needed_only_by_a_contract_that_uses_it(ct_small: Dataset) -> None:
+    ds = copy.deepcopy(ct_small)
+    del ds.PixelSpacing
+    [image] = model_inputs(volume_from_datasets([ds], MY_MODEL), MY_MODEL)
+    assert image.shape == (128, 128)
+    with pytest.raises(Exception, match="has no PixelSpacing: the contract needs it"):
+        volume_from_datasets([ds], TISSUE)
+
+
 def test_raw_values_resampling_zscore_and_integer_datatype(ct_small: Dataset) -> None:
     contract = TISSUE.model_copy(
         update={
