@@ -57,6 +57,7 @@ _SERIES_UID = "0020000E"
 _SOP_INSTANCE_UID = "00080018"
 _SOP_CLASS_UID = "00080016"
 _MODALITY = "00080060"
+_BODY_PART = "00180015"
 _SERIES_INSTANCES = "00201209"
 _INSTANCE_NUMBER = "00200013"
 _DERIVED_MODALITIES = frozenset({"SEG", "SR", "PR", "KO", "RTSTRUCT", "DOC"})
@@ -85,6 +86,7 @@ class SeriesInfo:
     series_instance_uid: str
     modality: str | None
     instance_count: int | None
+    body_part: str | None = None  # BodyPartExamined, when the archive returns it
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ class DicomWebArchive:
             "search_series",
             lambda: self._client.search_for_series(
                 study_instance_uid=study_instance_uid,
-                fields=[_MODALITY, _SERIES_INSTANCES],
+                fields=[_MODALITY, _SERIES_INSTANCES, _BODY_PART],
             ),
             study=study_instance_uid,
         )
@@ -195,6 +197,7 @@ class DicomWebArchive:
                 series_instance_uid=_text(item, _SERIES_UID) or "",
                 modality=_text(item, _MODALITY),
                 instance_count=_int(item, _SERIES_INSTANCES),
+                body_part=_text(item, _BODY_PART),
             )
             for item in found
         ]

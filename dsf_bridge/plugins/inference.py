@@ -355,14 +355,16 @@ async def _check_study(
     study: str,
     series: str | None,
 ) -> None:
-    """The series the provider would take (QIDO-RS at the requesting site's archive) must fit
-    the contract: nothing leaves the site for a study the service does not accept."""
+    """The series the provider would take (QIDO-RS at the requesting site's archive: modality,
+    body part, instances) must fit the contract: nothing leaves the site for a study the
+    service does not accept."""
     archive = _archive(ctx, endpoint)
     try:
         found = await archive.search_series(study)
         chosen = archive.choose_series(found, study, series)
         contract.check_series(
             modalities=[chosen.modality or ""],
+            body_parts=[chosen.body_part or ""],
             slices=chosen.instance_count,
             series_named=series is not None,
         )

@@ -6,6 +6,7 @@ contract, at the provider otherwise."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,10 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from dsf_bridge.config import load_settings
+from dsf_bridge.dsf.versions import release
 from dsf_bridge.dsf.vocabulary import READ_ACCESS_TAG_SYSTEM
 from dsf_bridge.omi.contract import load_contract
 from dsf_bridge.omi.conversion import model_inputs, volume_from_datasets
@@ -48,13 +51,25 @@ def _error(task: dict[str, Any]) -> str:
     return str(error)
 
 
+def _head_ct(ct_small: Dataset) -> Dataset:
+    """CT_small as a study of its own whose series says it shows the head."""
+    head = copy.deepcopy(ct_small)
+    head.StudyInstanceUID, head.SeriesInstanceUID = generate_uid(), generate_uid()
+    head.SOPInstanceUID = generate_uid()
+    head.file_meta.MediaStorageSOPInstanceUID = head.SOPInstanceUID
+    head.BodyPartExamined = "HEAD"
+    return head
+
+
+@pytest.mark.parametrize("dsf_version", ["2.1", "1.9"], ids=lambda v: f"dsf{v}")
 async def test_my_model_configured_by_environment_only_and_contract_mismatches(
-    tmp_path: Path, orthanc: OrthancProcess, mlserver: MLServerProcess
+    tmp_path: Path, orthanc: OrthancProcess, mlserver: MLServerProcess, dsf_version: str
 ) -> None:
     ct_small, mr_small = load_ct_small(), _mr_small()
+    head = _head_ct(ct_small)
     archive = DicomWebArchive(orthanc.dicomweb_url)
     try:
-        await archive.store([ct_small, mr_small])
+        await archive.store([ct_small, mr_small, head])
     finally:
         archive.close()
     [image] = model_inputs(volume_from_datasets([ct_small], MY_MODEL), MY_MODEL)
@@ -75,23 +90,30 @@ async def test_my_model_configured_by_environment_only_and_contract_mismatches(
         )
     }
     provider = load_settings(environ=environment).omi.model_dump(mode="json")
-    # The requester knows the contract of "my-model" only.
+    # The requester knows the contract of "my-model", and a stricter one for "my-model-chest"
+    # (a service the provider does not even offer: the request never gets there).
+    chest = MY_MODEL.model_dump(mode="json")
+    chest["accepts"]["body_part"] = ["CHEST"]
     requester = {
         "catalogue": [
             {"id": "my-model", "organization": PROVIDER, "contract": str(MY_MODEL_FILE)},
+            {"id": "my-model-chest", "organization": PROVIDER, "contract": chest},
             {"id": "my-model-unchecked", "organization": PROVIDER},
             {"id": "my-model-wrong", "organization": PROVIDER},
         ]
     }
     ct, mr = str(ct_small.StudyInstanceUID), str(mr_small.StudyInstanceUID)
     async with InferenceNetwork(
-        tmp_path / "sites", {REQUESTER: requester, PROVIDER: provider}
+        tmp_path / "sites",
+        {REQUESTER: requester, PROVIDER: provider},
+        dsf_release=release(dsf_version),
     ) as network:
         started = {}
         for label, study, service in (
             ("ct", ct, "my-model"),
             ("mr checked here", mr, "my-model"),
             ("mr checked there", mr, "my-model-unchecked"),
+            ("head", str(head.StudyInstanceUID), "my-model-chest"),
             ("wrong contract", ct, "my-model-wrong"),
         ):
             task_id = await network.request(
@@ -142,6 +164,12 @@ async def test_my_model_configured_by_environment_only_and_contract_mismatches(
             "reason: request-invalid: service contract my-model: accepts.modality is CT, "
             "the series is MR"
         ) in _error(checked_here)
+        wrong_part = finished[started["head"]]
+        assert wrong_part["status"] == "failed"
+        assert (
+            "reason: request-invalid: service contract my-model: accepts.body_part is CHEST, "
+            "the series is HEAD"
+        ) in _error(wrong_part)
         checked_there = finished[started["mr checked there"]]
         assert checked_there["status"] == "failed"
         assert "(request-invalid)" in _error(checked_there)
@@ -154,8 +182,9 @@ async def test_my_model_configured_by_environment_only_and_contract_mismatches(
             "outputs.measurements[0].tensor)"
         ) in _error(wrong_contract)
 
-        # The MR study never left Hospital_A for the service whose contract it knows: the
-        # provider saw three requests, each answered; every Task fits our profiles as sent.
+        # Neither the MR study nor the head CT left Hospital_A for a service whose contract it
+        # knows: the provider saw three requests, each answered; every Task fits the DSF
+        # version's profiles as stored.
         provider_tasks = network.tasks(PROVIDER)
         assert len(provider_tasks) == 3
         assert {t["status"] for t in provider_tasks} == {"completed"}
