@@ -368,11 +368,7 @@ class InferenceContract(_Part):
                 f"service contract {self.name}: accepts.body_part is "
                 f"{', '.join(accepts.body_part)}, the series is {', '.join(parts)}"
             )
-        if accepts.series == "named" and not series_named:
-            raise RequestNotAcceptedError(
-                f"service contract {self.name}: accepts.series is 'named', the request names "
-                "no series"
-            )
+        self.check_request(series_named=series_named)
         if slices is not None and accepts.max_slices is not None and slices > accepts.max_slices:
             raise RequestNotAcceptedError(
                 f"service contract {self.name}: accepts.max_slices is {accepts.max_slices}, "
@@ -380,6 +376,20 @@ class InferenceContract(_Part):
             )
         if slices is not None:
             self.check_slices(slices)
+
+    def check_request(self, *, series_named: bool = True, segmentation: bool = False) -> None:
+        """Raise :class:`RequestNotAcceptedError` when the request leaves out a series the
+        contract wants named, or asks for a segmentation the contract has no label map for."""
+        if self.accepts.series == "named" and not series_named:
+            raise RequestNotAcceptedError(
+                f"service contract {self.name}: accepts.series is 'named', the request names "
+                "no series"
+            )
+        if segmentation and not self.outputs.label_maps:
+            raise RequestNotAcceptedError(
+                f"service contract {self.name} declares no outputs.label_maps: it cannot "
+                "answer a segmentation request"
+            )
 
     def check_slices(self, slices: int) -> None:
         """Raise :class:`RequestNotAcceptedError` when a 2-D contract gets several slices."""

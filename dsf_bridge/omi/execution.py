@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from dsf_bridge.omi.contract import InferenceContract, RequestNotAcceptedError
+from dsf_bridge.omi.contract import InferenceContract
 from dsf_bridge.omi.conversion import (
     Classification,
     Finding,
@@ -92,12 +92,8 @@ async def infer_study(
     """
     model = model or contract.model.name
     model_version = model_version or contract.model.version
+    contract.check_request(series_named=series_instance_uid is not None, segmentation=segmentation)
     label_map = contract.outputs.label_maps[0] if contract.outputs.label_maps else None
-    if segmentation and label_map is None:
-        raise RequestNotAcceptedError(
-            f"service contract {contract.name} declares no outputs.label_maps: it cannot "
-            "answer a segmentation request"
-        )
     # Readiness first: no study is fetched for a model that cannot take it.
     await client.ensure_model_ready(model, model_version)
     datasets = await archive.retrieve_study(study_instance_uid, series_instance_uid)

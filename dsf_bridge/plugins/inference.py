@@ -327,13 +327,11 @@ async def resolve_service(ctx: HandlerContext) -> None:
     entry = _entry(settings, service.service_id)
     contract = _contract(entry.contract if entry is not None else None)
     if contract is not None:
+        try:
+            contract.check_request(segmentation=_flag(task, SEGMENTATION))
+        except RequestNotAcceptedError as exc:
+            raise BpmnError(REQUEST_INVALID, str(exc)) from exc
         await _check_study(ctx, contract, endpoint, str(study), series)
-        if _flag(task, SEGMENTATION) and not contract.outputs.label_maps:
-            raise BpmnError(
-                REQUEST_INVALID,
-                f"service contract {contract.name} declares no outputs.label_maps: it cannot "
-                "answer a segmentation request",
-            )
     ctx.set("studyInstanceUid", study)
     ctx.set("seriesInstanceUid", series)
     ctx.set("dicomwebEndpoint", endpoint)
@@ -643,20 +641,13 @@ def check_request(ctx: HandlerContext) -> None:
         raise BpmnError(
             REQUEST_REFUSED, f"this site does not fetch studies from {endpoint} (not allowed)"
         )
-    contract = _provider_contract(entry)
     segmentation = _flag(task, SEGMENTATION)
-    if segmentation and not contract.outputs.label_maps:
-        raise BpmnError(
-            REQUEST_INVALID,
-            f"service contract {contract.name} declares no outputs.label_maps: it cannot "
-            "answer a segmentation request",
+    try:
+        _provider_contract(entry).check_request(
+            series_named=series is not None, segmentation=segmentation
         )
-    if series is None and contract.accepts.series == "named":
-        raise BpmnError(
-            REQUEST_INVALID,
-            f"service contract {contract.name}: accepts.series is 'named', the request names "
-            "no series",
-        )
+    except RequestNotAcceptedError as exc:
+        raise BpmnError(REQUEST_INVALID, str(exc)) from exc
     ctx.set("studyInstanceUid", study)
     ctx.set("seriesInstanceUid", series)
     ctx.set("dicomwebEndpoint", endpoint)
@@ -685,6 +676,7 @@ async def run_inference(ctx: HandlerContext) -> None:
     if entry is None or entry.inference_url is None:
         raise BpmnError(REQUEST_REFUSED, "the service is no longer offered at this site")
     contract = _provider_contract(entry)
+    model = entry.model_name or contract.model.name
     archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
     series = ctx.get("seriesInstanceUid")
     try:
@@ -700,11 +692,11 @@ async def run_inference(ctx: HandlerContext) -> None:
                 study_instance_uid=_text(ctx, "studyInstanceUid"),
                 series_instance_uid=series if isinstance(series, str) and series else None,
                 contract=contract,
-                model=entry.model_name,
+                model=model,
                 model_version=entry.model_version,
                 device={
                     "type": "Device",
-                    "identifier": {"system": DEVICE_IDENTIFIER_SYSTEM, "value": entry.model_name},
+                    "identifier": {"system": DEVICE_IDENTIFIER_SYSTEM, "value": model},
                 },
                 request_id=ctx.business_key,
                 segmentation=ctx.get("segmentation") is True,
@@ -733,7 +725,7 @@ async def run_inference(ctx: HandlerContext) -> None:
             for value in _wire_values(finding)  # an absent value has nothing to send
         ],
     )
-    ctx.set("modelName", entry.model_name or contract.model.name)
+    ctx.set("modelName", model)
     ctx.set("modelVersion", entry.model_version or contract.model.version)
     ctx.set("resultSeriesInstanceUid", outcome.series_instance_uid)
     ctx.set("slices", outcome.slices)
