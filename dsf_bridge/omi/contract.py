@@ -194,6 +194,13 @@ class PixelHandling(_Part):
         description="'unit': the window mapped to 0..1 (needs window); 'zscore': zero mean, "
         "unit variance",
     )
+    histogram_bins: int | None = Field(
+        default=None,
+        ge=2,
+        le=4096,
+        description="Send features instead of pixels: the share of the windowed values in each "
+        "of this many equal bins over the window, one row (1, bins); needs window",
+    )
     datatype: Datatype = Field(default="FP32", description="OIP v2 datatype of the tensor")
 
     @field_validator("resample_mm")
@@ -207,7 +214,17 @@ class PixelHandling(_Part):
     def _unit_needs_window(self) -> PixelHandling:
         if self.normalise == "unit" and self.window is None:
             raise ValueError("normalise = 'unit' maps the window to 0..1: declare a window")
+        if self.histogram_bins is not None and (self.window is None or self.normalise == "zscore"):
+            raise ValueError(
+                "histogram_bins counts values over the window: declare a window (and no zscore)"
+            )
         return self
+
+    @property
+    def tensor_dimensions(self) -> int:
+        """How many dimensions the image tensor has: 2 for a histogram's one row of features,
+        else ``dimensions``."""
+        return 2 if self.histogram_bins is not None else self.dimensions
 
 
 class InputTensors(_Part):
@@ -336,11 +353,13 @@ class InferenceContract(_Part):
     @model_validator(mode="after")
     def _shape_fits_dimensions(self) -> InferenceContract:
         shape = self.inputs.shape
-        if shape is not None and len(shape) != self.pixels.dimensions:
-            raise ValueError(
-                f"inputs.shape has {len(shape)} dimensions, pixels.dimensions is "
-                f"{self.pixels.dimensions}"
+        if shape is not None and len(shape) != self.pixels.tensor_dimensions:
+            source = (
+                "a histogram is one row (1, bins)"
+                if self.pixels.histogram_bins is not None
+                else f"pixels.dimensions is {self.pixels.dimensions}"
             )
+            raise ValueError(f"inputs.shape has {len(shape)} dimensions, {source}")
         return self
 
     def check_series(
@@ -399,16 +418,15 @@ class InferenceContract(_Part):
                 f"the series has {slices} slices"
             )
 
-    def requested_outputs(self, *, label_maps: bool) -> list[str] | None:
-        """The output names to ask the server for: None (all it returns) unless a label map
-        that is only sent on request is wanted, since OIP servers then return only what a
-        request names."""
-        if not label_maps or not any(m.on_request for m in self.outputs.label_maps):
-            return None
+    def requested_outputs(self, *, label_maps: bool) -> list[str]:
+        """The output names to ask the server for: every declared output, label maps sent on
+        request only when wanted. Servers that compute outputs by name (MLServer's scikit-learn
+        runtime: ``predict_proba``) need them named; OIP servers return only what a request
+        names."""
         return [
             *(m.tensor for m in self.outputs.measurements),
             *(c.tensor for c in self.outputs.classifications),
-            *(m.tensor for m in self.outputs.label_maps),
+            *(m.tensor for m in self.outputs.label_maps if label_maps or not m.on_request),
         ]
 
 

@@ -183,6 +183,16 @@ def model_inputs(volume: ImageVolume, contract: InferenceContract) -> list[Tenso
     if handling.dimensions == 2:
         contract.check_slices(volume.slices)
         data = data[0]
+    if handling.histogram_bins is not None and handling.window is not None:
+        unit = handling.normalise == "unit"
+        window = handling.window
+        data = _histogram(
+            data,
+            handling.histogram_bins,
+            (0.0, 1.0)
+            if unit
+            else (window.center - window.width / 2, window.center + window.width / 2),
+        )
     if DATATYPES[handling.datatype].kind in "iub":
         data = np.rint(data)
     image = Tensor.of(contract.inputs.image, data, handling.datatype)
@@ -197,6 +207,16 @@ def model_inputs(volume: ImageVolume, contract: InferenceContract) -> list[Tenso
         spacing = (slice_mm, row_mm, column_mm) if handling.dimensions == 3 else (row_mm, column_mm)
         tensors.append(Tensor.of(contract.inputs.spacing, spacing, "FP32"))
     return tensors
+
+
+def _histogram(
+    data: npt.NDArray[np.float64], bins: int, value_range: tuple[float, float]
+) -> npt.NDArray[np.float64]:
+    """The share of the windowed values in each of ``bins`` equal bins over the window: one
+    row of features, comparable between images."""
+    counts, _ = np.histogram(data, bins=bins, range=value_range)
+    features: npt.NDArray[np.float64] = (counts / data.size).reshape(1, bins)
+    return features
 
 
 def _pixels(ds: Dataset, *, rescale: bool) -> npt.NDArray[np.float64]:

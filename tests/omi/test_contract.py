@@ -19,6 +19,7 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.observation import Observation
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from dsf_bridge.errors import ConfigError
 from dsf_bridge.omi.contract import (
@@ -44,8 +45,9 @@ from dsf_bridge.omi.dicomweb import DicomWebArchive
 from dsf_bridge.omi.execution import infer_study
 from dsf_bridge.omi.inference import HttpInferenceClient, InferenceResult, Tensor
 from dsf_bridge.sandbox.components import MLServerProcess, OrthancProcess
+from dsf_bridge.sandbox.refmodel.density import shifted
 from dsf_bridge.sandbox.refmodel.nodule import nodule_probability
-from tests.components import NODULE_MODEL
+from tests.components import DENSITY_CONTRACT, DENSITY_MODEL, NODULE_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 MY_MODEL_FILE = REPO / "docs" / "examples" / "my-model.toml"
@@ -416,3 +418,57 @@ async def test_the_reference_contract_against_my_model_fails_naming_the_output(
                 model=NODULE_MODEL.name,
                 device=DEVICE,
             )
+
+
+# --- ct-density: features, scikit-learn, MLServer's stock runtime -----------------------------
+
+
+def test_a_histogram_contract_sends_one_row_of_shares(ct_small: Dataset) -> None:
+    density = load_contract(DENSITY_CONTRACT)
+    [features] = model_inputs(volume_from_datasets([ct_small], density), density)
+    assert (features.name, features.datatype, features.shape) == ("features", "FP64", (1, 16))
+    hu = ct_small.pixel_array * float(ct_small.RescaleSlope) + float(ct_small.RescaleIntercept)
+    expected, _ = np.histogram(np.clip(hu, -200, 200), bins=16, range=(-200, 200))
+    np.testing.assert_allclose(features.data[0], expected / hu.size)
+    raw = _raw(DENSITY_CONTRACT)
+    raw["pixels"]["normalise"] = "zscore"
+    with pytest.raises(ContractError, match="histogram_bins counts values over the window"):
+        contract_of(raw)
+
+
+def _shifted_study(shift_hu: float) -> Dataset:
+    ds = shifted(shift_hu)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+@pytest.mark.parametrize(("shift_hu", "expected"), [(150, "dense"), (-150, "fatty")])
+async def test_ct_density_on_mlservers_stock_scikit_learn_runtime(
+    orthanc: OrthancProcess, mlserver: MLServerProcess, shift_hu: float, expected: str
+) -> None:
+    """Studies the classifier never saw (shifted by 150 HU, between its training shifts) come
+    back in their class, through real Orthanc and MLServer's scikit-learn runtime."""
+    density = load_contract(DENSITY_CONTRACT)
+    study = _shifted_study(shift_hu)
+    archive = DicomWebArchive(orthanc.dicomweb_url, timeout=10.0)
+    try:
+        await archive.store([study])
+        async with HttpInferenceClient(mlserver.base_url, timeout=30.0) as client:
+            outcome = await infer_study(
+                archive,
+                client,
+                study_instance_uid=str(study.StudyInstanceUID),
+                contract=density,
+                device=DEVICE,
+            )
+    finally:
+        archive.close()
+    Bundle.model_validate(outcome.bundle)
+    [finding] = outcome.findings
+    assert isinstance(finding, Classification)
+    assert finding.code.code == "density-class"
+    assert finding.value.code == expected
+    assert 0.5 < finding.probability <= 1.0
+    assert DENSITY_MODEL.name == density.model.name
