@@ -2,7 +2,8 @@
 MLServer: a provider's own model configured through the environment only (a catalogue entry
 naming its contract file, docs/examples/my-model.toml), and each contract mismatch failing with
 a reason that names the field, at the requesting site before anything is sent when it knows the
-contract, at the provider otherwise."""
+contract, at the provider otherwise. ``ct-density`` (docs/examples/ct-density.toml, MLServer's
+stock scikit-learn runtime) runs beside it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ from dsf_bridge.omi.dicomweb import DicomWebArchive
 from dsf_bridge.plugins.inference import CODESYSTEM_OMI, result_summary
 from dsf_bridge.sandbox.components import MLServerProcess, OrthancProcess
 from dsf_bridge.sandbox.demo import InferenceNetwork
+from dsf_bridge.sandbox.refmodel.density import shifted
 from dsf_bridge.sandbox.refmodel.nodule import nodule_probability
+from tests.components import DENSITY_CONTRACT
 from tests.omi.data import load_ct_small
 
 REQUESTER = "Hospital_A"
@@ -51,14 +54,15 @@ def _error(task: dict[str, Any]) -> str:
     return str(error)
 
 
-def _head_ct(ct_small: Dataset) -> Dataset:
-    """CT_small as a study of its own whose series says it shows the head."""
-    head = copy.deepcopy(ct_small)
-    head.StudyInstanceUID, head.SeriesInstanceUID = generate_uid(), generate_uid()
-    head.SOPInstanceUID = generate_uid()
-    head.file_meta.MediaStorageSOPInstanceUID = head.SOPInstanceUID
-    head.BodyPartExamined = "HEAD"
-    return head
+def _new_study(source: Dataset, body_part: str | None = None) -> Dataset:
+    """``source`` as a study of its own, its series saying what it shows when asked."""
+    copied = copy.deepcopy(source)
+    copied.StudyInstanceUID, copied.SeriesInstanceUID = generate_uid(), generate_uid()
+    copied.SOPInstanceUID = generate_uid()
+    copied.file_meta.MediaStorageSOPInstanceUID = copied.SOPInstanceUID
+    if body_part is not None:
+        copied.BodyPartExamined = body_part
+    return copied
 
 
 @pytest.mark.parametrize("dsf_version", ["2.1", "1.9"], ids=lambda v: f"dsf{v}")
@@ -66,10 +70,11 @@ async def test_my_model_configured_by_environment_only_and_contract_mismatches(
     tmp_path: Path, orthanc: OrthancProcess, mlserver: MLServerProcess, dsf_version: str
 ) -> None:
     ct_small, mr_small = load_ct_small(), _mr_small()
-    head = _head_ct(ct_small)
+    head = _new_study(ct_small, body_part="HEAD")
+    dense = _new_study(shifted(150))
     archive = DicomWebArchive(orthanc.dicomweb_url)
     try:
-        await archive.store([ct_small, mr_small, head])
+        await archive.store([ct_small, mr_small, head, dense])
     finally:
         archive.close()
     [image] = model_inputs(volume_from_datasets([ct_small], MY_MODEL), MY_MODEL)
@@ -86,6 +91,11 @@ async def test_my_model_configured_by_environment_only_and_contract_mismatches(
                 {"id": "my-model", **served},
                 {"id": "my-model-unchecked", **served},
                 {"id": "my-model-wrong", "inference_url": mlserver.base_url, "contract": wrong},
+                {
+                    "id": "ct-density",
+                    "inference_url": mlserver.base_url,
+                    "contract": str(DENSITY_CONTRACT),
+                },
             ]
         )
     }
@@ -100,6 +110,7 @@ async def test_my_model_configured_by_environment_only_and_contract_mismatches(
             {"id": "my-model-chest", "organization": PROVIDER, "contract": chest},
             {"id": "my-model-unchecked", "organization": PROVIDER},
             {"id": "my-model-wrong", "organization": PROVIDER},
+            {"id": "ct-density", "organization": PROVIDER, "contract": str(DENSITY_CONTRACT)},
         ]
     }
     ct, mr = str(ct_small.StudyInstanceUID), str(mr_small.StudyInstanceUID)
@@ -114,6 +125,7 @@ async def test_my_model_configured_by_environment_only_and_contract_mismatches(
             ("mr checked here", mr, "my-model"),
             ("mr checked there", mr, "my-model-unchecked"),
             ("head", str(head.StudyInstanceUID), "my-model-chest"),
+            ("dense", str(dense.StudyInstanceUID), "ct-density"),
             ("wrong contract", ct, "my-model-wrong"),
         ):
             task_id = await network.request(
@@ -158,6 +170,12 @@ async def test_my_model_configured_by_environment_only_and_contract_mismatches(
             assert observation["bodySite"]["coding"][0]["code"] == "39607008"
             assert observation["device"]["identifier"]["value"] == "my-model"
 
+        # The second model, on MLServer's stock scikit-learn runtime, over features.
+        density = finished[started["dense"]]
+        assert density["status"] == "completed", density.get("output")
+        assert result_summary(density)["density-class"]["value"] == "dense"
+        assert result_summary(density)["density-class"]["probability"] > 0.5
+
         checked_here = finished[started["mr checked here"]]
         assert checked_here["status"] == "failed"
         assert (
@@ -183,10 +201,10 @@ async def test_my_model_configured_by_environment_only_and_contract_mismatches(
         ) in _error(wrong_contract)
 
         # Neither the MR study nor the head CT left Hospital_A for a service whose contract it
-        # knows: the provider saw three requests, each answered; every Task fits the DSF
+        # knows: the provider saw four requests, each answered; every Task fits the DSF
         # version's profiles as stored.
         provider_tasks = network.tasks(PROVIDER)
-        assert len(provider_tasks) == 3
+        assert len(provider_tasks) == 4
         assert {t["status"] for t in provider_tasks} == {"completed"}
         for organization in (REQUESTER, PROVIDER):
             validator = network.servers[organization].service.validator
