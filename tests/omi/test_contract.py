@@ -19,7 +19,6 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.observation import Observation
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from dsf_bridge.errors import ConfigError
 from dsf_bridge.omi.contract import (
@@ -48,6 +47,7 @@ from dsf_bridge.sandbox.components import MLServerProcess, OrthancProcess
 from dsf_bridge.sandbox.refmodel.density import shifted
 from dsf_bridge.sandbox.refmodel.nodule import nodule_probability
 from tests.components import DENSITY_CONTRACT, DENSITY_MODEL, NODULE_MODEL
+from tests.omi.data import make_series
 
 REPO = Path(__file__).resolve().parents[2]
 MY_MODEL_FILE = REPO / "docs" / "examples" / "my-model.toml"
@@ -436,14 +436,6 @@ def test_a_histogram_contract_sends_one_row_of_shares(ct_small: Dataset) -> None
         contract_of(raw)
 
 
-def _shifted_study(shift_hu: float) -> Dataset:
-    ds = shifted(shift_hu)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    return ds
-
-
 @pytest.mark.parametrize(("shift_hu", "expected"), [(150, "dense"), (-150, "fatty")])
 async def test_ct_density_on_mlservers_stock_scikit_learn_runtime(
     orthanc: OrthancProcess, mlserver: MLServerProcess, shift_hu: float, expected: str
@@ -451,7 +443,7 @@ async def test_ct_density_on_mlservers_stock_scikit_learn_runtime(
     """Studies the classifier never saw (shifted by 150 HU, between its training shifts) come
     back in their class, through real Orthanc and MLServer's scikit-learn runtime."""
     density = load_contract(DENSITY_CONTRACT)
-    study = _shifted_study(shift_hu)
+    [study] = make_series(shifted(shift_hu), 1)  # a study of its own
     archive = DicomWebArchive(orthanc.dicomweb_url, timeout=10.0)
     try:
         await archive.store([study])

@@ -7,7 +7,6 @@ stock scikit-learn runtime) runs beside it."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from dsf_bridge.config import load_settings
 from dsf_bridge.dsf.versions import release
@@ -30,7 +28,7 @@ from dsf_bridge.sandbox.demo import InferenceNetwork
 from dsf_bridge.sandbox.refmodel.density import shifted
 from dsf_bridge.sandbox.refmodel.nodule import nodule_probability
 from tests.components import DENSITY_CONTRACT
-from tests.omi.data import load_ct_small
+from tests.omi.data import load_ct_small, make_series
 
 REQUESTER = "Hospital_A"
 PROVIDER = "AI_Provider"
@@ -54,24 +52,15 @@ def _error(task: dict[str, Any]) -> str:
     return str(error)
 
 
-def _new_study(source: Dataset, body_part: str | None = None) -> Dataset:
-    """``source`` as a study of its own, its series saying what it shows when asked."""
-    copied = copy.deepcopy(source)
-    copied.StudyInstanceUID, copied.SeriesInstanceUID = generate_uid(), generate_uid()
-    copied.SOPInstanceUID = generate_uid()
-    copied.file_meta.MediaStorageSOPInstanceUID = copied.SOPInstanceUID
-    if body_part is not None:
-        copied.BodyPartExamined = body_part
-    return copied
-
-
 @pytest.mark.parametrize("dsf_version", ["2.1", "1.9"], ids=lambda v: f"dsf{v}")
 async def test_my_model_configured_by_environment_only_and_contract_mismatches(
     tmp_path: Path, orthanc: OrthancProcess, mlserver: MLServerProcess, dsf_version: str
 ) -> None:
     ct_small, mr_small = load_ct_small(), _mr_small()
-    head = _new_study(ct_small, body_part="HEAD")
-    dense = _new_study(shifted(150))
+    # Studies of their own (new UIDs): CT_small saying it shows the head, and shifted by 150 HU.
+    [head] = make_series(ct_small, 1)
+    head.BodyPartExamined = "HEAD"
+    [dense] = make_series(shifted(150), 1)
     archive = DicomWebArchive(orthanc.dicomweb_url)
     try:
         await archive.store([ct_small, mr_small, head, dense])
