@@ -173,6 +173,7 @@ def _settings(
 ) -> Settings:
     from dsf_bridge.config import load_settings
     from dsf_bridge.logs import configure_logging
+    from dsf_bridge.omi.contract import check_catalogue
 
     overrides: dict[str, dict[str, Any]] = {}
     if db_url is not None:
@@ -181,6 +182,8 @@ def _settings(
         overrides["api"] = api
     try:
         settings = load_settings(_config_file(ctx, config), overrides)
+        # The services' contracts live in omi/, which config.py may not import (layers).
+        check_catalogue([entry.contract for entry in settings.omi.catalogue])
     except ConfigError as exc:
         typer.echo(f"dsf-bridge: configuration error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from exc

@@ -336,6 +336,13 @@ class OmiServiceSettings(_Section):
     inference_url: str | None = Field(
         default=None, description="Base URL of the Open Inference Protocol v2 server"
     )
+    contract: str | dict[str, Any] | None = Field(
+        default=None,
+        description="The service contract (docs/omi.md): a shipped contract's name "
+        "(tissue-composition), a .toml or .json file, or the contract inline. A requesting "
+        "site that names it checks requests before they leave; a providing site without one "
+        "serves the tissue-composition contract",
+    )
 
 
 class OmiSettings(_Section):

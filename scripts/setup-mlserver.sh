@@ -13,7 +13,9 @@ PYTHON=${PYTHON:-python3}
 VENV=${DSF_BRIDGE_MLSERVER_VENV:-$ROOT/.cache/mlserver-venv}
 # Pinned so every machine serves the model with the same server; bump deliberately.
 MLSERVER_VERSION=1.7.1
-MARKER="$VENV/.dsf-bridge-mlserver-$MLSERVER_VERSION"
+# Bumped whenever the packages below change, so that an older venv is rebuilt.
+SETUP_REVISION=2
+MARKER="$VENV/.dsf-bridge-mlserver-$MLSERVER_VERSION-$SETUP_REVISION"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 if [ -f "$MARKER" ] && [ -x "$VENV/bin/mlserver" ]; then
@@ -26,8 +28,11 @@ rm -rf "$VENV"
 mkdir -p "$(dirname "$VENV")"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-# numpy and scipy: the reference model's tissue composition (dsf_bridge/sandbox/refmodel).
-"$VENV/bin/python" -m pip install --quiet "mlserver==$MLSERVER_VERSION" numpy scipy
+# numpy and scipy: the reference model's tissue composition (dsf_bridge/sandbox/refmodel);
+# mlserver-sklearn and scikit-learn: the stock runtime of the density classifier, trained when
+# a test or the demo starts MLServer (dsf_bridge/sandbox/refmodel/density.py).
+"$VENV/bin/python" -m pip install --quiet "mlserver==$MLSERVER_VERSION" \
+  "mlserver-sklearn==$MLSERVER_VERSION" scikit-learn numpy scipy
 "$VENV/bin/mlserver" --help >/dev/null
 touch "$MARKER"
 echo "MLServer $MLSERVER_VERSION venv ready at $VENV"

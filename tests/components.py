@@ -10,11 +10,14 @@ promises these integrations, so they are never skipped. Import the fixtures into
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
+from dsf_bridge.omi.contract import load_contract
 from dsf_bridge.sandbox.components import (
+    NODULE_MODEL,
     REFERENCE_MODEL,
     ComponentMissingError,
     MLServerProcess,
@@ -24,6 +27,9 @@ from dsf_bridge.sandbox.components import (
 
 __all__ = [
     "BROKEN_MODEL",
+    "DENSITY_CONTRACT",
+    "DENSITY_MODEL",
+    "NODULE_MODEL",
     "REFERENCE_MODEL",
     "WARMING_MODEL",
     "mlserver",
@@ -34,6 +40,24 @@ __all__ = [
 # Variants of the reference model that stand for failures: never ready, and failing every call.
 WARMING_MODEL = ModelSpec("tissue-composition-warming", extra={"ready": False})
 BROKEN_MODEL = ModelSpec("tissue-composition-broken", extra={"fail": True})
+# The second real model: a scikit-learn classifier over DICOM-derived features, trained when
+# MLServer starts and served by MLServer's stock scikit-learn runtime.
+DENSITY_CONTRACT = Path(__file__).resolve().parents[1] / "docs" / "examples" / "ct-density.toml"
+
+
+def _train_density(folder: Path, python: Path) -> None:
+    from dsf_bridge.sandbox.refmodel.density import train
+
+    train(folder, python, load_contract(DENSITY_CONTRACT))
+
+
+DENSITY_MODEL = ModelSpec(
+    "ct-density",
+    implementation="mlserver_sklearn.SKLearnModel",
+    uri="./model.joblib",
+    requires="mlserver_sklearn",
+    train=_train_density,
+)
 
 
 _Server = TypeVar("_Server", OrthancProcess, MLServerProcess)
@@ -60,10 +84,11 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess
 
 @pytest.fixture(scope="session")
 def mlserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MLServerProcess]:
-    """A running MLServer serving the reference model and its failure variants."""
+    """A running MLServer serving the reference model, its failure variants, ``my-model`` and
+    ``ct-density`` (models with contracts of their own; the latter on a stock runtime)."""
     yield from running(
         MLServerProcess(
             tmp_path_factory.mktemp("mlserver"),
-            models=(REFERENCE_MODEL, WARMING_MODEL, BROKEN_MODEL),
+            models=(REFERENCE_MODEL, WARMING_MODEL, BROKEN_MODEL, NODULE_MODEL, DENSITY_MODEL),
         )
     )

@@ -1,19 +1,26 @@
-"""Conversion at both ends of a model call: DICOM pixels to the model's input tensors, and the
+"""Conversion at both ends of a model call, as the service contract
+(:mod:`dsf_bridge.omi.contract`) declares it: DICOM pixels to the model's input tensors, and the
 model's outputs to FHIR R4 resources (JSON dicts).
 
-Input side: one series of CT slices is sorted along the slice normal, converted to Hounsfield
-units by RescaleSlope/RescaleIntercept and given its spacing from PixelSpacing and the distance
-between slice positions (SpacingBetweenSlices, then SliceThickness when there is one slice).
+Input side: one series is checked against the contract's ``accepts``, its slices ordered (along
+the slice normal, or by InstanceNumber), its pixels rescaled (RescaleSlope/RescaleIntercept for
+Hounsfield units, or left raw), optionally resampled in-plane, windowed and normalised, and
+given the datatype and shape the contract names; the spacing comes from PixelSpacing and the
+distance between slice positions (SpacingBetweenSlices, then SliceThickness for one slice).
 
-Output side: one ``Observation`` per measurement (UCUM units ``cm2``, ``mL``, ``[hnsf'U]``),
-grouped by a ``DiagnosticReport``; both point at the study by its Study Instance UID
-(identifier system ``urn:dicom:uid``, value ``urn:oid:<uid>``) and the Observations name the
-``device`` (the model) that measured. No patient attribute is ever read from the DICOM data or
-written to FHIR: no subject, names, birth dates or patient IDs.
+Output side: the answer is checked against the contract's ``outputs`` (every declared tensor
+present, of an allowed datatype and shape); each measurement becomes an ``Observation`` with a
+``valueQuantity`` in its UCUM unit, each classification an ``Observation`` with the most probable
+class as ``valueCodeableConcept`` and its probability as a component; a ``DiagnosticReport``
+groups them. Both point at the study by its Study Instance UID (identifier system
+``urn:dicom:uid``, value ``urn:oid:<uid>``) and the Observations name the ``device`` (the model)
+that measured. No patient attribute is ever read from the DICOM data or written to FHIR: no
+subject, names, birth dates or patient IDs.
 
-Errors: :class:`ImageConversionError` (a :class:`~dsf_bridge.errors.BridgeError`, not
+Errors: :class:`~dsf_bridge.omi.contract.RequestNotAcceptedError` when the series does not fit
+the contract, :class:`ImageConversionError` (a :class:`~dsf_bridge.errors.BridgeError`, not
 retryable) when the images cannot feed the model, :class:`OutputConversionError` when the
-model's outputs miss what the report needs.
+model's outputs do not match the contract.
 """
 
 from __future__ import annotations
@@ -29,22 +36,27 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
+from scipy import ndimage
 
 from dsf_bridge.errors import BridgeError
-from dsf_bridge.omi.inference import InferenceResult, Tensor
+from dsf_bridge.omi.contract import Coding, InferenceContract
+from dsf_bridge.omi.inference import DATATYPES, InferenceResult, Tensor
 
 __all__ = [
-    "COMPOSITION_OUTPUTS",
     "DICOM_UID_SYSTEM",
     "MEASUREMENT_CODE_SYSTEM",
-    "TISSUES",
+    "PROBABILITY",
     "UCUM",
+    "Classification",
+    "Finding",
     "ImageConversionError",
     "ImageVolume",
     "Measurement",
     "OutputConversionError",
-    "composition_measurements",
+    "check_outputs",
+    "findings",
     "measurements_from_bundle",
+    "model_inputs",
     "report_bundle",
     "study_reference",
     "volume_from_datasets",
@@ -52,56 +64,34 @@ __all__ = [
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 UCUM = "http://unitsofmeasure.org"
-# Our codes for the measurements of the reference contract; the process plugin's CodeSystem
-# resource (profiles/) publishes them under this URL.
+# The bridge's own codes (the process plugin's CodeSystem resource in profiles/ publishes them):
+# the reference contract's measurements, and the probability component of a classification.
 MEASUREMENT_CODE_SYSTEM = "http://dsf-bridge.dev/fhir/CodeSystem/omi-measurement"
+PROBABILITY = Coding(
+    system=MEASUREMENT_CODE_SYSTEM, code="probability", display="Probability of the class"
+)
 _OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 _REPORT_CATEGORY = "http://terminology.hl7.org/CodeSystem/v2-0074"
-
-# The tissues of the reference contract, in its order (dsf_bridge.sandbox.refmodel.TISSUES;
-# a test keeps both equal, since omi may not import the sandbox).
-TISSUES: tuple[str, ...] = ("body", "bone", "muscle", "adipose", "air")
-# Every output of the reference contract; OIP servers return only the outputs a request names
-# when it names any, so a request for an extra output names these as well.
-COMPOSITION_OUTPUTS: tuple[str, ...] = tuple(
-    f"{tissue}_{quantity}"
-    for tissue in TISSUES
-    for quantity in ("area_cm2", "volume_ml", "mean_hu")
-)
-_TISSUE_NAMES = {
-    "body": "body",
-    "bone": "bone",
-    "muscle": "skeletal muscle",
-    "adipose": "adipose tissue",
-    "air": "air inside the body",
-}
-# quantity -> (UCUM code, human unit, display template)
-_QUANTITIES = {
-    "area_cm2": ("cm2", "cm2", "{tissue} cross-sectional area"),
-    "volume_ml": ("mL", "mL", "{tissue} volume"),
-    "mean_hu": ("[hnsf'U]", "HU", "{tissue} mean attenuation"),
-}
-
-_QUANTITY_CODES = {"area_cm2": "area", "volume_ml": "volume", "mean_hu": "mean-hu"}
+_REDUCE = {"first": None, "mean": np.mean, "sum": np.sum, "min": np.min, "max": np.max}
 
 
 class ImageConversionError(BridgeError):
-    """The images cannot be turned into the model's input (wrong modality, missing spacing)."""
+    """The images cannot be turned into the model's input (missing spacing, mixed sizes)."""
 
     retryable = False
 
 
 class OutputConversionError(BridgeError):
-    """The model's outputs lack a measurement the result needs, or carry nonsense."""
+    """The model's outputs do not match the contract, or carry nonsense."""
 
     retryable = False
 
 
 @dataclass(frozen=True)
 class ImageVolume:
-    """One series in Hounsfield units, ordered along the slice normal, with its geometry."""
+    """One series ordered as the contract says, its pixels rescaled or raw, with its geometry."""
 
-    hu: npt.NDArray[np.float32]
+    pixels: npt.NDArray[np.float32]
     spacing_mm: tuple[float, float, float]  # slice, row, column
     study_instance_uid: str
     series_instance_uid: str
@@ -109,53 +99,61 @@ class ImageVolume:
 
     @property
     def slices(self) -> int:
-        return int(self.hu.shape[0])
-
-    def to_tensors(self) -> list[Tensor]:
-        """The reference contract's inputs: ``hu`` and ``spacing_mm``, both FP32."""
-        return [
-            Tensor.of("hu", self.hu, "FP32"),
-            Tensor.of("spacing_mm", self.spacing_mm, "FP32"),
-        ]
+        return int(self.pixels.shape[0])
 
 
 def volume_from_datasets(
-    datasets: Sequence[Dataset], *, series_instance_uid: str | None = None
+    datasets: Sequence[Dataset],
+    contract: InferenceContract,
+    *,
+    series_instance_uid: str | None = None,
 ) -> ImageVolume:
-    """Stack CT slices of one series into an :class:`ImageVolume`.
+    """Stack the images of one series into an :class:`ImageVolume` after checking the series
+    against ``contract.accepts``.
 
-    With several series and none named, the series with the most slices is taken.
+    With several series and none named, the series with the most images is taken.
     """
     images = [ds for ds in datasets if "PixelData" in ds]
     if not images:
         raise ImageConversionError("no image with pixel data was retrieved")
+    named = series_instance_uid is not None
     if series_instance_uid is None:
         counts = Counter(str(ds.get("SeriesInstanceUID", "")) for ds in images)
         series_instance_uid = counts.most_common(1)[0][0]
     images = [ds for ds in images if str(ds.get("SeriesInstanceUID", "")) == series_instance_uid]
     if not images:
         raise ImageConversionError(f"no image of series {series_instance_uid} was retrieved")
-    modalities = {str(ds.get("Modality", "")) for ds in images}
-    if modalities != {"CT"}:
-        raise ImageConversionError(
-            f"Hounsfield units need CT images; series {series_instance_uid} is "
-            f"{', '.join(sorted(modalities)) or 'of unknown modality'}"
-        )
+    contract.check_series(
+        modalities=[str(ds.get("Modality", "")) for ds in images],
+        body_parts=[str(ds.get("BodyPartExamined", "") or "") for ds in images],
+        slices=len(images),
+        series_named=named,
+    )
     if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in images):
         raise ImageConversionError(
             f"series {series_instance_uid} holds multi-frame images; one frame per instance "
-            "(classic CT) is supported"
+            "(classic CT, MR) is supported"
         )
     shapes = {(int(ds.Rows), int(ds.Columns)) for ds in images}
     if len(shapes) != 1:
         raise ImageConversionError(
             f"series {series_instance_uid} mixes image sizes {sorted(shapes)}"
         )
-    row_mm, column_mm = _pixel_spacing(images[0], series_instance_uid)
-    ordered, slice_mm = _order_slices(images, series_instance_uid)
-    hu = np.stack([_hounsfield(ds) for ds in ordered]).astype(np.float32)
+    # Only a contract that sends the spacing or resamples needs it; others take any image.
+    needs_spacing = contract.inputs.spacing is not None or contract.pixels.resample_mm is not None
+    row_mm, column_mm = (
+        _pixel_spacing(images[0], series_instance_uid)
+        if needs_spacing or "PixelSpacing" in images[0]
+        else (1.0, 1.0)
+    )
+    if contract.pixels.slice_order == "instance-number":
+        ordered, slice_mm = _by_instance_number(images, series_instance_uid)
+    else:
+        ordered, slice_mm = _order_slices(images, series_instance_uid)
+    rescale = contract.pixels.values == "hounsfield"
+    pixels = np.stack([_pixels(ds, rescale=rescale) for ds in ordered]).astype(np.float32)
     return ImageVolume(
-        hu=hu,
+        pixels=pixels,
         spacing_mm=(slice_mm, row_mm, column_mm),
         study_instance_uid=str(ordered[0].StudyInstanceUID),
         series_instance_uid=series_instance_uid,
@@ -163,17 +161,87 @@ def volume_from_datasets(
     )
 
 
-def _hounsfield(ds: Dataset) -> npt.NDArray[np.float64]:
-    slope = float(ds.get("RescaleSlope", 1.0))
-    intercept = float(ds.get("RescaleIntercept", 0.0))
-    pixels: npt.NDArray[np.float64] = ds.pixel_array.astype(np.float64) * slope + intercept
+def model_inputs(volume: ImageVolume, contract: InferenceContract) -> list[Tensor]:
+    """The model's input tensors: the image as ``contract.pixels`` and ``contract.inputs``
+    declare it, and the spacing tensor when the contract names one."""
+    handling = contract.pixels
+    data = volume.pixels.astype(np.float64)
+    slice_mm, row_mm, column_mm = volume.spacing_mm
+    if handling.resample_mm is not None:
+        target_row, target_column = handling.resample_mm
+        data = ndimage.zoom(data, (1.0, row_mm / target_row, column_mm / target_column), order=1)
+        row_mm, column_mm = target_row, target_column
+    if handling.window is not None:
+        low = handling.window.center - handling.window.width / 2
+        high = handling.window.center + handling.window.width / 2
+        data = np.clip(data, low, high)
+        if handling.normalise == "unit":
+            data = (data - low) / (high - low)
+    if handling.normalise == "zscore":
+        deviation = float(data.std())
+        data = (data - float(data.mean())) / (deviation if deviation > 0 else 1.0)
+    if handling.dimensions == 2:
+        contract.check_slices(volume.slices)
+        data = data[0]
+    if handling.histogram_bins is not None and handling.window is not None:
+        unit = handling.normalise == "unit"
+        window = handling.window
+        data = _histogram(
+            data,
+            handling.histogram_bins,
+            (0.0, 1.0)
+            if unit
+            else (window.center - window.width / 2, window.center + window.width / 2),
+        )
+    if DATATYPES[handling.datatype].kind in "iub":
+        data = np.rint(data)
+    image = Tensor.of(contract.inputs.image, data, handling.datatype)
+    declared = contract.inputs.shape
+    if declared is not None and not _fits(image.shape, declared, volume.slices):
+        raise ImageConversionError(
+            f"input {image.name!r} would have shape {list(image.shape)}; contract "
+            f"{contract.name} inputs.shape is {_shown(declared, volume.slices)}"
+        )
+    tensors = [image]
+    if contract.inputs.spacing is not None:
+        spacing = (slice_mm, row_mm, column_mm) if handling.dimensions == 3 else (row_mm, column_mm)
+        tensors.append(Tensor.of(contract.inputs.spacing, spacing, "FP32"))
+    return tensors
+
+
+def _histogram(
+    data: npt.NDArray[np.float64], bins: int, value_range: tuple[float, float]
+) -> npt.NDArray[np.float64]:
+    """The share of the windowed values in each of ``bins`` equal bins over the window: one
+    row of features, comparable between images."""
+    counts, _ = np.histogram(data, bins=bins, range=value_range)
+    features: npt.NDArray[np.float64] = (counts / data.size).reshape(1, bins)
+    return features
+
+
+def _pixels(ds: Dataset, *, rescale: bool) -> npt.NDArray[np.float64]:
+    pixels: npt.NDArray[np.float64] = ds.pixel_array.astype(np.float64)
+    if rescale:
+        slope = float(ds.get("RescaleSlope", 1.0))
+        intercept = float(ds.get("RescaleIntercept", 0.0))
+        pixels = pixels * slope + intercept
     return pixels
+
+
+def _by_instance_number(images: Sequence[Dataset], series: str) -> tuple[list[Dataset], float]:
+    thickness = _positive(images[0].get("SpacingBetweenSlices")) or _positive(
+        images[0].get("SliceThickness")
+    )
+    if any(ds.get("InstanceNumber") is None for ds in images):
+        raise ImageConversionError(f"series {series} lacks InstanceNumber: cannot order it")
+    ordered = sorted(images, key=lambda ds: int(ds.InstanceNumber))
+    return ordered, thickness or 1.0
 
 
 def _pixel_spacing(ds: Dataset, series: str) -> tuple[float, float]:
     spacing = ds.get("PixelSpacing")
     if spacing is None or len(spacing) != 2:
-        raise ImageConversionError(f"series {series} has no PixelSpacing: areas need it")
+        raise ImageConversionError(f"series {series} has no PixelSpacing: the contract needs it")
     row_mm, column_mm = float(spacing[0]), float(spacing[1])
     if not (row_mm > 0 and column_mm > 0):
         raise ImageConversionError(f"series {series} has a PixelSpacing that is not positive")
@@ -216,55 +284,170 @@ def _positive(value: Any) -> float | None:
 
 @dataclass(frozen=True)
 class Measurement:
-    """One reported number: ``tissue`` and ``quantity`` (``area_cm2``, ``volume_ml``,
-    ``mean_hu``), its value and UCUM unit; ``value`` is None when the tissue is absent."""
+    """One reported number in its UCUM ``unit``; ``value`` is None when the model found
+    nothing to measure (``absent_text`` says what)."""
 
-    tissue: str
-    quantity: str
+    code: Coding
     value: float | None
     unit: str
+    unit_text: str | None = None
+    body_site: Coding | None = None
+    absent_text: str | None = None
 
-    @property
-    def code(self) -> str:
-        """Its code in :data:`MEASUREMENT_CODE_SYSTEM`, e.g. ``muscle-area``."""
-        return f"{self.tissue}-{_QUANTITY_CODES[self.quantity]}"
+    def quantity(self) -> dict[str, Any]:
+        """The FHIR Quantity of a present value."""
+        if self.value is None:
+            raise ValueError(f"measurement {self.code.code} has no value")
+        return {
+            "value": round(self.value, 4),
+            "unit": self.unit_text or self.unit,
+            "system": UCUM,
+            "code": self.unit,
+        }
 
 
-def composition_measurements(result: InferenceResult, *, slices: int) -> list[Measurement]:
-    """The reference contract's outputs as measurements.
+@dataclass(frozen=True)
+class Classification:
+    """The most probable class of a classification output, with its probability."""
 
-    Areas are per slice: for one slice its area, for a series the mean area per slice. Volumes
-    are reported for a series only (one slice has no meaningful volume). Mean HU always.
-    """
-    measurements = []
-    for tissue in TISSUES:
-        area = _floats(result, f"{tissue}_area_cm2")
-        if area.size != slices:
-            raise OutputConversionError(
-                f"output {tissue}_area_cm2 has {area.size} values for {slices} slices"
+    code: Coding
+    value: Coding
+    probability: float
+    body_site: Coding | None = None
+
+    def quantity(self) -> dict[str, Any]:
+        """The probability as a FHIR Quantity (UCUM ``1``)."""
+        return {"value": round(self.probability, 4), "unit": "1", "system": UCUM, "code": "1"}
+
+
+Finding = Measurement | Classification
+
+
+def check_outputs(
+    result: InferenceResult,
+    contract: InferenceContract,
+    *,
+    slices: int,
+    label_maps: bool = False,
+) -> None:
+    """Raise :class:`OutputConversionError` unless the answer holds every output the contract
+    declares (label maps only when asked for), each of an allowed datatype and shape. The
+    message names the tensor and the contract field."""
+    declared: list[tuple[str, str, Sequence[str], Sequence[int | str] | None]] = []
+    for index, measurement in enumerate(contract.outputs.measurements):
+        if slices >= measurement.min_slices:
+            declared.append(
+                (
+                    f"outputs.measurements[{index}]",
+                    measurement.tensor,
+                    measurement.datatype,
+                    measurement.shape,
+                )
             )
-        measurements.append(Measurement(tissue, "area_cm2", _finite(area.mean()), "cm2"))
-        if slices > 1:
-            volume = _floats(result, f"{tissue}_volume_ml")
-            measurements.append(Measurement(tissue, "volume_ml", _finite(volume[0]), "mL"))
-        mean_hu = _floats(result, f"{tissue}_mean_hu")
-        measurements.append(Measurement(tissue, "mean_hu", _finite(mean_hu[0]), "[hnsf'U]"))
-    return measurements
+    for index, classification in enumerate(contract.outputs.classifications):
+        declared.append(
+            (
+                f"outputs.classifications[{index}]",
+                classification.tensor,
+                classification.datatype,
+                None,
+            )
+        )
+    if label_maps:
+        for index, label_map in enumerate(contract.outputs.label_maps):
+            declared.append(
+                (
+                    f"outputs.label_maps[{index}]",
+                    label_map.tensor,
+                    label_map.datatype,
+                    ["slices", -1, -1],
+                )
+            )
+    for field, name, datatypes, shape in declared:
+        tensor = result.outputs.get(name)
+        where = f"contract {contract.name} {field}"
+        if tensor is None:
+            raise OutputConversionError(
+                f"model {result.model_name} returned no output {name!r} ({where}.tensor)"
+            )
+        if tensor.datatype not in datatypes:
+            raise OutputConversionError(
+                f"output {name!r} of model {result.model_name} is {tensor.datatype}; "
+                f"{where}.datatype allows {', '.join(datatypes)}"
+            )
+        if shape is not None and not _fits(tensor.shape, shape, slices):
+            raise OutputConversionError(
+                f"output {name!r} of model {result.model_name} has shape "
+                f"{list(tensor.shape)}; {where}.shape is {_shown(shape, slices)}"
+            )
+    for index, classification in enumerate(contract.outputs.classifications):
+        size = result.outputs[classification.tensor].data.size
+        if size != len(classification.classes):
+            raise OutputConversionError(
+                f"output {classification.tensor!r} of model {result.model_name} has {size} "
+                f"values; contract {contract.name} outputs.classifications[{index}].classes "
+                f"declares {len(classification.classes)}"
+            )
 
 
-def _floats(result: InferenceResult, name: str) -> npt.NDArray[np.float64]:
-    tensor = result.outputs.get(name)
-    if tensor is None:
-        raise OutputConversionError(f"model {result.model_name} returned no output {name!r}")
-    values = np.asarray(tensor.data, dtype=np.float64).ravel()
-    if values.size == 0:
-        raise OutputConversionError(f"output {name!r} of model {result.model_name} is empty")
-    return values
+def findings(result: InferenceResult, contract: InferenceContract, *, slices: int) -> list[Finding]:
+    """The contract's measurements and classifications from a checked answer
+    (:func:`check_outputs`), in the contract's order."""
+    check_outputs(result, contract, slices=slices)
+    found: list[Finding] = []
+    for measurement in contract.outputs.measurements:
+        if slices < measurement.min_slices:
+            continue
+        values = np.asarray(result.outputs[measurement.tensor].data, dtype=np.float64).ravel()
+        if values.size == 0:
+            raise OutputConversionError(
+                f"output {measurement.tensor!r} of model {result.model_name} is empty"
+            )
+        reduce = _REDUCE[measurement.reduce]
+        value = float(values[0]) if reduce is None else float(reduce(values))
+        found.append(
+            Measurement(
+                code=measurement.code,
+                value=None if math.isnan(value) else value,
+                unit=measurement.unit,
+                unit_text=measurement.unit_text,
+                body_site=measurement.body_site,
+                absent_text=measurement.absent_text,
+            )
+        )
+    for classification in contract.outputs.classifications:
+        probabilities = np.asarray(
+            result.outputs[classification.tensor].data, dtype=np.float64
+        ).ravel()
+        if not np.all(np.isfinite(probabilities)):
+            raise OutputConversionError(
+                f"output {classification.tensor!r} of model {result.model_name} holds a "
+                "value that is not a number"
+            )
+        best = int(probabilities.argmax())
+        found.append(
+            Classification(
+                code=classification.code,
+                value=classification.classes[best].code,
+                probability=float(probabilities[best]),
+                body_site=classification.body_site,
+            )
+        )
+    return found
 
 
-def _finite(value: float) -> float | None:
-    number = float(value)
-    return None if math.isnan(number) else number
+def _fits(actual: Sequence[int], declared: Sequence[int | str], slices: int) -> bool:
+    if len(actual) != len(declared):
+        return False
+    for size, expected in zip(actual, declared, strict=True):
+        wanted = slices if expected == "slices" else int(expected)
+        if wanted not in (-1, size):
+            return False
+    return True
+
+
+def _shown(declared: Sequence[int | str], slices: int) -> str:
+    return "[" + ", ".join(f"slices={slices}" if d == "slices" else str(d) for d in declared) + "]"
 
 
 def study_reference(study_instance_uid: str) -> dict[str, Any]:
@@ -276,31 +459,30 @@ def study_reference(study_instance_uid: str) -> dict[str, Any]:
 
 
 def report_bundle(
-    measurements: Sequence[Measurement],
+    found: Sequence[Finding],
     *,
     study_instance_uid: str,
     device: Mapping[str, Any],
+    report_code: Coding,
     series_instance_uid: str | None = None,
     slices: int = 1,
     issued: dt.datetime | None = None,
-    report_code: str = "tissue-composition",
-    report_display: str = "CT tissue composition by Hounsfield units",
 ) -> dict[str, Any]:
-    """A transaction Bundle: one Observation per measurement and the DiagnosticReport over them.
+    """A transaction Bundle: one Observation per finding and the DiagnosticReport over them.
 
     ``device`` is a FHIR Reference to the model's Device (for instance a logical reference by
-    identifier from the OMI registry). Entries reference each other by ``urn:uuid`` so the
-    receiving server assigns ids.
+    identifier from the OMI registry); ``report_code`` is the contract's. Entries reference each
+    other by ``urn:uuid`` so the receiving server assigns ids.
     """
     when = (issued or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds")
     study = study_reference(study_instance_uid)
     where = f"over {slices} slices of series {series_instance_uid}" if series_instance_uid else ""
     entries: list[dict[str, Any]] = []
     result_refs: list[dict[str, Any]] = []
-    for measurement in measurements:
+    for finding in found:
         full_url = f"urn:uuid:{uuid.uuid4()}"
         result_refs.append({"reference": full_url})
-        observation = _observation(measurement, study, device, when, slices)
+        observation = _observation(finding, study, device, when)
         if where:
             observation["note"] = [{"text": f"Measured {where}."}]
         entries.append(
@@ -316,12 +498,7 @@ def report_bundle(
         "category": [
             {"coding": [{"system": _REPORT_CATEGORY, "code": "RAD", "display": "Radiology"}]}
         ],
-        "code": {
-            "coding": [
-                {"system": MEASUREMENT_CODE_SYSTEM, "code": report_code, "display": report_display}
-            ],
-            "text": report_display,
-        },
+        "code": {"coding": [report_code.fhir()], "text": report_code.display},
         "issued": when,
         "imagingStudy": [study],
         "result": result_refs,
@@ -337,34 +514,32 @@ def report_bundle(
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
+def _concept(coding: Coding) -> dict[str, Any]:
+    return {"coding": [coding.fhir()], "text": coding.display}
+
+
 def _observation(
-    measurement: Measurement,
-    study: Mapping[str, Any],
-    device: Mapping[str, Any],
-    issued: str,
-    slices: int,
+    finding: Finding, study: Mapping[str, Any], device: Mapping[str, Any], issued: str
 ) -> dict[str, Any]:
-    unit_code, unit, template = _QUANTITIES[measurement.quantity]
-    display = template.format(tissue=_TISSUE_NAMES[measurement.tissue]).capitalize()
-    if measurement.quantity == "area_cm2":
-        display += " per slice" if slices == 1 else " per slice (mean)"
     observation: dict[str, Any] = {
         "resourceType": "Observation",
         "status": "final",
         "category": [
             {"coding": [{"system": _OBSERVATION_CATEGORY, "code": "imaging", "display": "Imaging"}]}
         ],
-        "code": {
-            "coding": [
-                {"system": MEASUREMENT_CODE_SYSTEM, "code": measurement.code, "display": display}
-            ],
-            "text": display,
-        },
+        "code": _concept(finding.code),
         "issued": issued,
         "derivedFrom": [dict(study)],
         "device": dict(device),
     }
-    if measurement.value is None:
+    if finding.body_site is not None:
+        observation["bodySite"] = _concept(finding.body_site)
+    if isinstance(finding, Classification):
+        observation["valueCodeableConcept"] = _concept(finding.value)
+        observation["component"] = [
+            {"code": _concept(PROBABILITY), "valueQuantity": finding.quantity()}
+        ]
+    elif finding.value is None:
         observation["dataAbsentReason"] = {
             "coding": [
                 {
@@ -373,37 +548,36 @@ def _observation(
                     "display": "Not Applicable",
                 }
             ],
-            "text": f"no {_TISSUE_NAMES[measurement.tissue]} found",
+            "text": finding.absent_text or "the model returned no value",
         }
     else:
-        observation["valueQuantity"] = {
-            "value": round(measurement.value, 4),
-            "unit": unit,
-            "system": UCUM,
-            "code": unit_code,
-        }
+        observation["valueQuantity"] = finding.quantity()
     return observation
 
 
 def measurements_from_bundle(bundle: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Read back ``{code: {"value": v, "unit": u}}`` from a :func:`report_bundle` Bundle."""
+    """Read back ``{code: {"value": v, "unit": u}}`` from a :func:`report_bundle` Bundle: the
+    value of a measurement (None when absent), or the class code of a classification with its
+    probability (``"probability": p``)."""
     found: dict[str, dict[str, Any]] = {}
     for entry in bundle.get("entry", []):
         resource = entry.get("resource", {})
         if resource.get("resourceType") != "Observation":
             continue
-        coding = next(
-            (
-                c
-                for c in resource.get("code", {}).get("coding", [])
-                if c.get("system") == MEASUREMENT_CODE_SYSTEM
-            ),
-            None,
-        )
-        if coding is None:
+        codings = resource.get("code", {}).get("coding") or []
+        if not codings:
+            continue
+        code = str(codings[0]["code"])
+        concept = resource.get("valueCodeableConcept")
+        if concept is not None:
+            probability = resource["component"][0]["valueQuantity"]
+            found[code] = {
+                "value": concept["coding"][0]["code"],
+                "probability": probability.get("value"),
+            }
             continue
         quantity = resource.get("valueQuantity")
-        found[str(coding["code"])] = {
+        found[code] = {
             "value": None if quantity is None else quantity.get("value"),
             "unit": None if quantity is None else quantity.get("code"),
         }

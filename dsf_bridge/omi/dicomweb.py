@@ -58,6 +58,7 @@ _SERIES_UID = "0020000E"
 _SOP_INSTANCE_UID = "00080018"
 _SOP_CLASS_UID = "00080016"
 _MODALITY = "00080060"
+_BODY_PART = "00180015"
 _SERIES_INSTANCES = "00201209"
 _INSTANCE_NUMBER = "00200013"
 _DERIVED_MODALITIES = frozenset({"SEG", "SR", "PR", "KO", "RTSTRUCT", "DOC"})
@@ -86,6 +87,7 @@ class SeriesInfo:
     series_instance_uid: str
     modality: str | None
     instance_count: int | None
+    body_part: str | None = None  # BodyPartExamined, when the archive returns it
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ class DicomWebArchive:
             "search_series",
             lambda: self._client.search_for_series(
                 study_instance_uid=study_instance_uid,
-                fields=[_MODALITY, _SERIES_INSTANCES],
+                fields=[_MODALITY, _SERIES_INSTANCES, _BODY_PART],
             ),
             study=study_instance_uid,
         )
@@ -196,6 +198,7 @@ class DicomWebArchive:
                 series_instance_uid=_text(item, _SERIES_UID) or "",
                 modality=_text(item, _MODALITY),
                 instance_count=_int(item, _SERIES_INSTANCES),
+                body_part=_text(item, _BODY_PART),
             )
             for item in found
         ]
@@ -260,19 +263,29 @@ class DicomWebArchive:
         and keeps a study with scouts and reformats from mixing series into one volume.
         """
         series = await self.search_series(study_instance_uid)
+        chosen = self.choose_series(series, study_instance_uid, series_instance_uid)
+        return await self.retrieve_series(study_instance_uid, chosen.series_instance_uid)
+
+    def choose_series(
+        self,
+        series: Sequence[SeriesInfo],
+        study_instance_uid: str,
+        series_instance_uid: str | None = None,
+    ) -> SeriesInfo:
+        """The named series of a :meth:`search_series` answer, or the image series with most
+        instances; :class:`StudyNotFoundError` when the named one is not in the study."""
         if series_instance_uid is not None:
-            if series_instance_uid not in {s.series_instance_uid for s in series}:
-                raise StudyNotFoundError(
-                    f"series {series_instance_uid} is not part of study {study_instance_uid} "
-                    f"in the archive at {self.url}",
-                    url=self.url,
-                )
-            chosen = series_instance_uid
-        else:
-            # Results stored back into the study (SEG, SR, ...) are no input for a model.
-            images = [s for s in series if s.modality not in _DERIVED_MODALITIES] or series
-            chosen = max(images, key=lambda s: s.instance_count or 0).series_instance_uid
-        return await self.retrieve_series(study_instance_uid, chosen)
+            for item in series:
+                if item.series_instance_uid == series_instance_uid:
+                    return item
+            raise StudyNotFoundError(
+                f"series {series_instance_uid} is not part of study {study_instance_uid} "
+                f"in the archive at {self.url}",
+                url=self.url,
+            )
+        # Results stored back into the study (SEG, SR, ...) are no input for a model.
+        images = [s for s in series if s.modality not in _DERIVED_MODALITIES] or list(series)
+        return max(images, key=lambda s: s.instance_count or 0)
 
     async def store(self, datasets: Sequence[Dataset]) -> StoreResult:
         """Store instances (STOW-RS); raises :class:`DicomWebError` if any failed."""

@@ -1,11 +1,13 @@
-"""One inference on one imaging study, as the providing site's process runs it: check the model
-is ready, fetch the study (QIDO-RS then WADO-RS), convert it, infer, build the FHIR result and,
-when asked, store the label map as a DICOM SEG back into the archive (STOW-RS).
+"""One inference on one imaging study, as the providing site's process runs it under the
+service's contract: check the model is ready, fetch the study (QIDO-RS then WADO-RS), check it
+against the contract and convert it, infer, check the answer against the contract, build the
+FHIR result and, when asked, store the label map as a DICOM SEG back into the archive (STOW-RS).
 
 The steps raise the adapters' own errors unchanged (``StudyNotFoundError``,
 ``ArchiveUnavailableError``, ``ModelNotReadyError``, ``InferenceError``,
-``ImageConversionError``, ...), so the process can tell the requester which step failed and
-the runtime can decide on a retry from ``retryable``.
+``RequestNotAcceptedError``, ``ImageConversionError``, ``OutputConversionError``, ...), so the
+process can tell the requester which step failed and the runtime can decide on a retry from
+``retryable``.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from typing import Any, TypeVar
 
 import structlog
 
+from dsf_bridge.omi.contract import InferenceContract
 from dsf_bridge.omi.conversion import (
-    COMPOSITION_OUTPUTS,
-    Measurement,
-    composition_measurements,
+    Classification,
+    Finding,
+    check_outputs,
+    findings,
+    model_inputs,
     report_bundle,
     volume_from_datasets,
 )
@@ -44,27 +49,26 @@ class StudyInference:
     study_instance_uid: str
     series_instance_uid: str
     slices: int
-    measurements: tuple[Measurement, ...]
+    findings: tuple[Finding, ...]
     bundle: dict[str, Any]
     segmentation_series_uid: str | None = None
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """Measurements by name for people and the demo's JSON: ``body`` ... ``air`` are areas
-        (cm2, per slice; the mean per slice for a series), ``<tissue>_volume`` volumes (mL,
-        series only), ``<tissue>_mean_hu`` mean attenuation."""
-        names = {
-            "area_cm2": "{tissue}",
-            "volume_ml": "{tissue}_volume",
-            "mean_hu": "{tissue}_mean_hu",
-        }
-        units = {"area_cm2": "cm2", "volume_ml": "mL", "mean_hu": "HU"}
-        return {
-            names[m.quantity].format(tissue=m.tissue): {
-                "value": None if m.value is None else round(m.value, 2),
-                "unit": units[m.quantity],
-            }
-            for m in self.measurements
-        }
+        """Findings by code for people and the demo's JSON: a measurement's value and unit
+        (None when absent), a classification's class code and probability."""
+        shown: dict[str, dict[str, Any]] = {}
+        for finding in self.findings:
+            if isinstance(finding, Classification):
+                shown[finding.code.code] = {
+                    "value": finding.value.code,
+                    "probability": round(finding.probability, 4),
+                }
+            else:
+                shown[finding.code.code] = {
+                    "value": None if finding.value is None else round(finding.value, 2),
+                    "unit": finding.unit_text or finding.unit,
+                }
+        return shown
 
 
 async def infer_study(
@@ -72,65 +76,75 @@ async def infer_study(
     client: HttpInferenceClient,
     *,
     study_instance_uid: str,
-    model: str,
+    contract: InferenceContract,
     device: Mapping[str, Any],
     series_instance_uid: str | None = None,
+    model: str | None = None,
     model_version: str | None = None,
     request_id: str | None = None,
     segmentation: bool = False,
 ) -> StudyInference:
-    """Run the model on the study (or the named series) and return the FHIR result.
+    """Run the contract's model on the study (or the named series) and return the FHIR result.
 
-    With ``segmentation``, the model's ``tissue_labels`` output becomes a DICOM SEG stored in
-    the same archive, in the same study.
+    ``model`` and ``model_version`` override the contract's (a site may serve a contract under
+    another name). With ``segmentation``, the contract's label map becomes a DICOM SEG stored
+    in the same archive, in the same study.
     """
+    model = model or contract.model.name
+    model_version = model_version or contract.model.version
+    contract.check_request(series_named=series_instance_uid is not None, segmentation=segmentation)
+    label_map = contract.outputs.label_maps[0] if contract.outputs.label_maps else None
     # Readiness first: no study is fetched for a model that cannot take it.
     await client.ensure_model_ready(model, model_version)
     datasets = await archive.retrieve_study(study_instance_uid, series_instance_uid)
     # Decoding pixels and building the SEG take seconds of CPU for a large series: in a worker
     # thread, so that the event loop keeps serving the websocket and the other Tasks meanwhile.
     volume = await _off_loop(
-        volume_from_datasets, datasets, series_instance_uid=series_instance_uid
+        volume_from_datasets, datasets, contract, series_instance_uid=series_instance_uid
     )
-    tensors = await _off_loop(volume.to_tensors)
+    tensors = await _off_loop(model_inputs, volume, contract)
     result = await client.infer(
         model,
         tensors,
         version=model_version,
         request_id=request_id,
-        outputs=[*COMPOSITION_OUTPUTS, "tissue_labels"] if segmentation else None,
+        outputs=contract.requested_outputs(label_maps=segmentation),
     )
-    measurements = composition_measurements(result, slices=volume.slices)
+    check_outputs(result, contract, slices=volume.slices, label_maps=segmentation)
+    found = findings(result, contract, slices=volume.slices)
     bundle = report_bundle(
-        measurements,
+        found,
         study_instance_uid=volume.study_instance_uid,
         series_instance_uid=volume.series_instance_uid if volume.slices > 1 else None,
         slices=volume.slices,
         device=device,
+        report_code=contract.report_code,
     )
     segmentation_series_uid = None
-    if segmentation:
+    if segmentation and label_map is not None:
         seg = await _off_loop(
             segmentation_dataset,
             volume,
             datasets,
-            result["tissue_labels"].data,
+            result[label_map.tensor].data,
             algorithm_name=model,
             algorithm_version=model_version or result.model_version or "1",
+            segment_labels={segment.type.code: segment.label for segment in label_map.segments},
         )
         await archive.store([seg])
         segmentation_series_uid = str(seg.SeriesInstanceUID)
     # No study or series UID in the log: they identify a patient's examination.
     _log.info(
         "study_inference.completed",
+        contract=contract.name,
         slices=volume.slices,
-        measurements=len(measurements),
+        findings=len(found),
     )
     return StudyInference(
         study_instance_uid=volume.study_instance_uid,
         series_instance_uid=volume.series_instance_uid,
         slices=volume.slices,
-        measurements=tuple(measurements),
+        findings=tuple(found),
         bundle=bundle,
         segmentation_series_uid=segmentation_series_uid,
     )

@@ -82,10 +82,10 @@ def segmentation_dataset(
     ``sources`` are the retrieved images of the volume's series, in any order.
     """
     label_map = np.asarray(labels)
-    if label_map.shape != volume.hu.shape:
+    if label_map.shape != volume.pixels.shape:
         raise ImageConversionError(
             f"label map of shape {list(label_map.shape)} does not match the series "
-            f"{list(volume.hu.shape)}"
+            f"{list(volume.pixels.shape)}"
         )
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     try:

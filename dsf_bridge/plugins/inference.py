@@ -34,13 +34,23 @@ import structlog
 
 from dsf_bridge.config import OmiServiceSettings, OmiSettings
 from dsf_bridge.dsf.client import FhirClient
-from dsf_bridge.dsf.vocabulary import READ_ACCESS_TAG_SYSTEM
+from dsf_bridge.dsf.vocabulary import BPMN_MESSAGE_SYSTEM, READ_ACCESS_TAG_SYSTEM
 from dsf_bridge.engine.timers import TimerError, add_duration, parse_duration
 from dsf_bridge.errors import BridgeError, RemoteError
+from dsf_bridge.omi.contract import (
+    REFERENCE_CONTRACT,
+    ClassificationOutput,
+    Coding,
+    ContractError,
+    InferenceContract,
+    MeasurementOutput,
+    RequestNotAcceptedError,
+    contract_of,
+)
 from dsf_bridge.omi.conversion import (
     MEASUREMENT_CODE_SYSTEM,
-    TISSUES,
-    UCUM,
+    Classification,
+    Finding,
     ImageConversionError,
     Measurement,
     OutputConversionError,
@@ -140,13 +150,12 @@ NOT_AUTHORIZED = "request-not-authorized"
 RESULT_TIMED_OUT = "result-timeout"
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-# measurement code suffix (conversion.Measurement.code) -> (quantity, UCUM code)
-_QUANTITY_BY_SUFFIX = {
-    "area": ("area_cm2", "cm2"),
-    "volume": ("volume_ml", "mL"),
-    "mean-hu": ("mean_hu", "[hnsf'U]"),
-}
-_UNIT_TEXT = {"cm2": "cm2", "mL": "mL", "[hnsf'U]": "HU"}
+# The report code of a result whose contract the requesting site does not know.
+INFERENCE_REPORT = Coding(
+    system=MEASUREMENT_CODE_SYSTEM, code="inference-report", display="OMI inference result"
+)
+# Inputs of a result Task that are not findings: the process's own and DSF's.
+_NOT_FINDINGS = frozenset({CODESYSTEM_OMI, BPMN_MESSAGE_SYSTEM})
 
 
 class InferenceRequestError(BridgeError):
@@ -214,6 +223,20 @@ def _settings(ctx: HandlerContext) -> OmiSettings:
 
 def _entry(settings: OmiSettings, service_id: str) -> OmiServiceSettings | None:
     return next((entry for entry in settings.catalogue if entry.id == service_id), None)
+
+
+def _contract(value: str | Mapping[str, Any] | None) -> InferenceContract | None:
+    try:
+        return contract_of(value)
+    except ContractError as exc:  # checked at start-up; a file may have gone since
+        raise BpmnError(REQUEST_REFUSED, f"the service's contract is not usable: {exc}") from exc
+
+
+def _provider_contract(entry: OmiServiceSettings) -> InferenceContract:
+    """The contract this site serves the entry under (the reference one unless it names one)."""
+    contract = _contract(entry.contract) or _contract(REFERENCE_CONTRACT)
+    assert contract is not None  # noqa: S101 - the reference contract ships with the bridge
+    return contract
 
 
 def _text(ctx: HandlerContext, name: str) -> str:
@@ -301,6 +324,14 @@ async def resolve_service(ctx: HandlerContext) -> None:
         raise BpmnError(
             SERVICE_UNAVAILABLE, f"service {service.service_id} names no providing organization"
         )
+    entry = _entry(settings, service.service_id)
+    contract = _contract(entry.contract if entry is not None else None)
+    if contract is not None:
+        try:
+            contract.check_request(segmentation=_flag(task, SEGMENTATION))
+        except RequestNotAcceptedError as exc:
+            raise BpmnError(REQUEST_INVALID, str(exc)) from exc
+        await _check_study(ctx, contract, endpoint, str(study), series)
     ctx.set("studyInstanceUid", study)
     ctx.set("seriesInstanceUid", series)
     ctx.set("dicomwebEndpoint", endpoint)
@@ -312,6 +343,48 @@ async def resolve_service(ctx: HandlerContext) -> None:
     ctx.set("target", {"organizationIdentifier": service.organization})
     log.info(
         "inference.service_resolved", service=service.service_id, provider=service.organization
+    )
+
+
+async def _check_study(
+    ctx: HandlerContext,
+    contract: InferenceContract,
+    endpoint: str,
+    study: str,
+    series: str | None,
+) -> None:
+    """The series the provider would take (QIDO-RS at the requesting site's archive: modality,
+    body part, instances) must fit the contract: nothing leaves the site for a study the
+    service does not accept."""
+    archive = _archive(ctx, endpoint)
+    try:
+        found = await archive.search_series(study)
+        chosen = archive.choose_series(found, study, series)
+        contract.check_series(
+            modalities=[chosen.modality or ""],
+            body_parts=[chosen.body_part or ""],
+            slices=chosen.instance_count,
+            series_named=series is not None,
+        )
+    except (RequestNotAcceptedError, StudyNotFoundError) as exc:
+        raise BpmnError(REQUEST_INVALID, str(exc)) from exc
+    except RemoteError as exc:
+        raise BpmnError(ARCHIVE_UNAVAILABLE, str(exc)) from exc
+    finally:
+        archive.close()
+
+
+def _archive(ctx: HandlerContext, endpoint: str) -> DicomWebArchive:
+    """The DICOMweb archive at ``endpoint``, reached as the site's settings say."""
+    context = ctx.services.get(SERVICE_DICOMWEB_SSL_CONTEXT)
+    return DicomWebArchive(
+        endpoint,
+        ssl_context=context
+        if endpoint.startswith("https://") and isinstance(context, ssl.SSLContext)
+        else None,
+        timeout=_settings(ctx).dicomweb_timeout,
+        retry=_call_retry(ctx),
+        proxy=_proxy(ctx),
     )
 
 
@@ -341,21 +414,67 @@ def result_timed_out(ctx: HandlerContext) -> None:
     log.warning("inference.result_timed_out", provider=ctx.get("provider"))
 
 
-def _measurements(result: Mapping[str, Any]) -> list[Measurement]:
-    found = []
+def _findings(result: Mapping[str, Any], contract: InferenceContract | None) -> list[Finding]:
+    """The findings of a result Task: an input with a valueQuantity is a measurement; a
+    valueCoding and a valueQuantity under the same code are a classification and its
+    probability. Display names and body sites come from the contract when this site knows it."""
+    known: dict[tuple[str, str], MeasurementOutput | ClassificationOutput] = {}
+    if contract is not None:
+        for measurement in contract.outputs.measurements:
+            known[(measurement.code.system, measurement.code.code)] = measurement
+        for classification in contract.outputs.classifications:
+            known[(classification.code.system, classification.code.code)] = classification
+    quantities: dict[tuple[str, str], Mapping[str, Any]] = {}
+    classes: dict[tuple[str, str], Mapping[str, Any]] = {}
     for item in result.get("inputs") or []:
-        if item.get("system") != MEASUREMENT_CODE_SYSTEM:
+        system, code = str(item.get("system") or ""), str(item.get("code") or "")
+        if not system or system in _NOT_FINDINGS:
             continue
-        code = str(item.get("code"))
-        tissue, _, suffix = code.partition("-")
-        quantity = _QUANTITY_BY_SUFFIX.get(suffix)
         value = item.get("value")
-        if tissue not in TISSUES or quantity is None or not isinstance(value, Mapping):
-            raise BpmnError(PROVIDER_FAILED, f"the result has an unknown measurement {code!r}")
-        number = value.get("value")
-        if not isinstance(number, int | float):
-            raise BpmnError(PROVIDER_FAILED, f"measurement {code} has no numeric value")
-        found.append(Measurement(tissue, quantity[0], float(number), quantity[1]))
+        if not isinstance(value, Mapping):
+            raise BpmnError(PROVIDER_FAILED, f"finding {code} has neither quantity nor class")
+        if "value" in value:
+            if not isinstance(value.get("value"), int | float) or isinstance(
+                value.get("value"), bool
+            ):
+                raise BpmnError(PROVIDER_FAILED, f"measurement {code} has no numeric value")
+            quantities[(system, code)] = value
+        elif value.get("system") and value.get("code"):
+            classes[(system, code)] = value
+        else:
+            raise BpmnError(PROVIDER_FAILED, f"finding {code} has neither quantity nor class")
+    found: list[Finding] = []
+    for key, quantity in quantities.items():
+        declared: MeasurementOutput | ClassificationOutput | None = known.get(key)
+        coding = (
+            declared.code
+            if declared is not None
+            else Coding(system=key[0], code=key[1], display=key[1])
+        )
+        body_site = declared.body_site if declared is not None else None
+        chosen = classes.pop(key, None)
+        if chosen is not None:
+            value = Coding(
+                system=str(chosen["system"]),
+                code=str(chosen["code"]),
+                display=str(chosen.get("display") or chosen["code"]),
+            )
+            found.append(Classification(coding, value, float(quantity["value"]), body_site))
+            continue
+        unit = str(quantity.get("code") or quantity.get("unit") or "1")
+        found.append(
+            Measurement(
+                code=coding,
+                value=float(quantity["value"]),
+                unit=unit,
+                unit_text=str(quantity.get("unit") or unit),
+                body_site=body_site,
+            )
+        )
+    if classes:
+        raise BpmnError(
+            PROVIDER_FAILED, f"classification {sorted(classes)[0][1]} comes without probability"
+        )
     return found
 
 
@@ -374,9 +493,11 @@ async def store_result(ctx: HandlerContext) -> None:
         kinds = _inputs(result, CODESYSTEM_OMI, ERROR_KIND)
         kind = _code_of(kinds[0]) if kinds else PROVIDER_FAILED
         raise BpmnError(PROVIDER_FAILED, f"inference failed at {provider} ({kind}): {errors[0]}")
-    measurements = _measurements(result)
-    if not measurements:
-        raise BpmnError(PROVIDER_FAILED, f"the result from {provider} holds no measurement")
+    entry = _entry(_settings(ctx), str(ctx.get("serviceId") or ""))
+    contract = _contract(entry.contract if entry is not None else None)
+    found = _findings(result, contract)
+    if not found:
+        raise BpmnError(PROVIDER_FAILED, f"the result from {provider} holds no finding")
     model = _first_text(result, MODEL_NAME) or str(ctx.get("modelName") or "")
     version = _first_text(result, MODEL_VERSION)
     series = _first_text(result, SERIES_INSTANCE_UID)
@@ -388,11 +509,12 @@ async def store_result(ctx: HandlerContext) -> None:
         "display": f"{model} {version}" if version else model,
     }
     bundle = report_bundle(
-        measurements,
+        found,
         study_instance_uid=_text(ctx, "studyInstanceUid"),
         series_instance_uid=series if slices > 1 else None,
         slices=slices,
         device=device,
+        report_code=contract.report_code if contract is not None else INFERENCE_REPORT,
     )
     # The DSF FHIR server stores no Observation or DiagnosticReport: the report is kept as a
     # collection Bundle, readable by the local organization only.
@@ -425,13 +547,6 @@ async def store_result(ctx: HandlerContext) -> None:
             "valueReference": {"reference": f"Bundle/{created.id}", "type": "Bundle"},
         }
     ]
-    outputs.extend(
-        {
-            "type": {"coding": [{"system": MEASUREMENT_CODE_SYSTEM, "code": m.code}]},
-            "valueQuantity": _quantity(m),
-        }
-        for m in measurements
-    )
     segmentation = _first_text(result, SEGMENTATION_SERIES)
     if segmentation is not None:
         outputs.append(
@@ -440,11 +555,19 @@ async def store_result(ctx: HandlerContext) -> None:
                 "valueString": segmentation,
             }
         )
+    # Findings last, as in the result Task: outputs without a slice of their own follow the
+    # sliced ones (openAtEnd).
+    for finding in found:
+        outputs.extend(
+            {"type": {"coding": [{"system": finding.code.system, "code": finding.code.code}]}}
+            | value
+            for value in _wire_values(finding)
+        )
     start_task = _text(ctx, "startTaskId")
     for output in outputs:
         ctx.add_task_output(start_task, output)
     ctx.set("resultBundle", f"Bundle/{created.id}")
-    log.info("inference.result_stored", provider=provider, measurements=len(measurements))
+    log.info("inference.result_stored", provider=provider, findings=len(found))
 
 
 def _code_of(value: object) -> str:
@@ -458,14 +581,18 @@ def _first_text(task: Mapping[str, Any], code: str) -> str | None:
     return str(values[0]) if values and isinstance(values[0], str) else None
 
 
-def _quantity(measurement: Measurement) -> dict[str, Any]:
-    assert measurement.value is not None  # noqa: S101 - absent values are never sent
-    return {
-        "value": round(measurement.value, 4),
-        "unit": _UNIT_TEXT[measurement.unit],
-        "system": UCUM,
-        "code": measurement.unit,
-    }
+def _wire_values(finding: Finding) -> list[dict[str, Any]]:
+    """How a finding travels in a Task (input or output) under its code: a measurement as a
+    valueQuantity; a classification as a valueCoding (the class) and a valueQuantity (its
+    probability). A measurement without value does not travel."""
+    if isinstance(finding, Classification):
+        return [
+            {"valueCoding": finding.value.fhir()},
+            {"valueQuantity": finding.quantity()},
+        ]
+    if finding.value is None:
+        return []
+    return [{"valueQuantity": finding.quantity()}]
 
 
 _REQUESTER_MESSAGES = {
@@ -507,17 +634,24 @@ def check_request(ctx: HandlerContext) -> None:
     endpoint = _endpoint(task)
     service_id = _text_input(task, SERVICE, required=True)
     entry = _entry(settings, str(service_id))
-    if entry is None or not entry.model_name or not entry.inference_url:
+    if entry is None or not entry.inference_url:
         raise BpmnError(REQUEST_REFUSED, f"service {service_id} is not offered at this site")
     allowed = settings.dicomweb_allowed
     if allowed and not any(endpoint.startswith(prefix.rstrip("/")) for prefix in allowed):
         raise BpmnError(
             REQUEST_REFUSED, f"this site does not fetch studies from {endpoint} (not allowed)"
         )
+    segmentation = _flag(task, SEGMENTATION)
+    try:
+        _provider_contract(entry).check_request(
+            series_named=series is not None, segmentation=segmentation
+        )
+    except RequestNotAcceptedError as exc:
+        raise BpmnError(REQUEST_INVALID, str(exc)) from exc
     ctx.set("studyInstanceUid", study)
     ctx.set("seriesInstanceUid", series)
     ctx.set("dicomwebEndpoint", endpoint)
-    ctx.set("segmentation", _flag(task, SEGMENTATION))
+    ctx.set("segmentation", segmentation)
     ctx.set("serviceId", entry.id)
     log.info("inference.request_checked", requester=requester, service=entry.id)
 
@@ -539,19 +673,11 @@ async def run_inference(ctx: HandlerContext) -> None:
     """Fetch, convert, infer; a failure becomes a BPMN error whose code is the error kind."""
     settings = _settings(ctx)
     entry = _entry(settings, _text(ctx, "serviceId"))
-    if entry is None or entry.model_name is None or entry.inference_url is None:
+    if entry is None or entry.inference_url is None:
         raise BpmnError(REQUEST_REFUSED, "the service is no longer offered at this site")
-    endpoint = _text(ctx, "dicomwebEndpoint")
-    context = ctx.services.get(SERVICE_DICOMWEB_SSL_CONTEXT)
-    archive = DicomWebArchive(
-        endpoint,
-        ssl_context=context
-        if endpoint.startswith("https://") and isinstance(context, ssl.SSLContext)
-        else None,
-        timeout=settings.dicomweb_timeout,
-        retry=_call_retry(ctx),
-        proxy=_proxy(ctx),
-    )
+    contract = _provider_contract(entry)
+    model = entry.model_name or contract.model.name
+    archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
     series = ctx.get("seriesInstanceUid")
     try:
         async with HttpInferenceClient(
@@ -565,11 +691,12 @@ async def run_inference(ctx: HandlerContext) -> None:
                 client,
                 study_instance_uid=_text(ctx, "studyInstanceUid"),
                 series_instance_uid=series if isinstance(series, str) and series else None,
-                model=entry.model_name,
+                contract=contract,
+                model=model,
                 model_version=entry.model_version,
                 device={
                     "type": "Device",
-                    "identifier": {"system": DEVICE_IDENTIFIER_SYSTEM, "value": entry.model_name},
+                    "identifier": {"system": DEVICE_IDENTIFIER_SYSTEM, "value": model},
                 },
                 request_id=ctx.business_key,
                 segmentation=ctx.get("segmentation") is True,
@@ -582,6 +709,8 @@ async def run_inference(ctx: HandlerContext) -> None:
         raise BpmnError(MODEL_NOT_READY, str(exc)) from exc
     except InferenceError as exc:
         raise BpmnError(MODEL_ERROR, str(exc)) from exc
+    except RequestNotAcceptedError as exc:
+        raise BpmnError(REQUEST_INVALID, str(exc)) from exc
     except (ImageConversionError, OutputConversionError) as exc:
         raise BpmnError(CONVERSION_FAILED, str(exc)) from exc
     except RemoteError as exc:  # the archive answered something else unusable
@@ -589,19 +718,24 @@ async def run_inference(ctx: HandlerContext) -> None:
     finally:
         archive.close()
     ctx.set(
-        "measurements",
+        "findings",
         [
-            {"measurement": m.code, "quantity": _quantity(m)}
-            for m in outcome.measurements
-            if m.value is not None  # an absent tissue has no number to send
+            {"system": finding.code.system, "code": finding.code.code, "value": value}
+            for finding in outcome.findings
+            for value in _wire_values(finding)  # an absent value has nothing to send
         ],
     )
-    ctx.set("modelName", entry.model_name)
-    ctx.set("modelVersion", entry.model_version)
+    ctx.set("modelName", model)
+    ctx.set("modelVersion", entry.model_version or contract.model.version)
     ctx.set("resultSeriesInstanceUid", outcome.series_instance_uid)
     ctx.set("slices", outcome.slices)
     ctx.set("segmentationSeriesUid", outcome.segmentation_series_uid)
-    log.info("inference.executed", service=entry.id, measurements=len(outcome.measurements))
+    log.info(
+        "inference.executed",
+        service=entry.id,
+        contract=contract.name,
+        findings=len(outcome.findings),
+    )
 
 
 @handlers.service(_PREFIX + "RecordFailure")
@@ -611,7 +745,7 @@ def record_failure(ctx: HandlerContext) -> None:
 
 @handlers.message_send(_PREFIX + "SendInferenceResult")
 def send_inference_result(ctx: SendContext) -> None:
-    """Measurements, or the error kind and message; study identity only as UIDs."""
+    """Findings, or the error kind and message; study identity only as UIDs."""
     code = ctx.get("errorCode")
     if code is not None:
         ctx.add_input(
@@ -621,11 +755,6 @@ def send_inference_result(ctx: SendContext) -> None:
         )
         ctx.add_input(CODESYSTEM_OMI, ERROR, str(ctx.get("errorMessage") or code))
         return
-    measurements = ctx.get("measurements")
-    for item in measurements if isinstance(measurements, list) else []:
-        ctx.add_input(
-            MEASUREMENT_CODE_SYSTEM, str(item["measurement"]), {"valueQuantity": item["quantity"]}
-        )
     ctx.add_input(CODESYSTEM_OMI, MODEL_NAME, _text(ctx, "modelName"))
     version = ctx.get("modelVersion")
     if isinstance(version, str) and version:
@@ -635,27 +764,42 @@ def send_inference_result(ctx: SendContext) -> None:
     segmentation = ctx.get("segmentationSeriesUid")
     if isinstance(segmentation, str) and segmentation:
         ctx.add_input(CODESYSTEM_OMI, SEGMENTATION_SERIES, segmentation)
+    # Last: a finding under a code the profile has no slice for may only follow the sliced
+    # inputs (DSF's Task.input slicing is openAtEnd).
+    found = ctx.get("findings")
+    for item in found if isinstance(found, list) else []:
+        ctx.add_input(str(item["system"]), str(item["code"]), item["value"])
 
 
 # -- reading results ---------------------------------------------------------------------------
 
 
 def result_summary(task: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The measurement outputs of a completed start Task by name, as the demo prints them:
-    ``body`` ... ``air`` areas (cm2 per slice), ``<tissue>_volume`` (mL), ``<tissue>_mean_hu``."""
-    names = {"area": "{tissue}", "volume": "{tissue}_volume", "mean-hu": "{tissue}_mean_hu"}
+    """The findings of a completed start Task by code, as the demo prints them: a
+    measurement's ``value`` and ``unit`` (as people read it), a classification's class code as
+    ``value`` and its ``probability``."""
     summary: dict[str, dict[str, Any]] = {}
     for output in task.get("output") or []:
         coding = ((output.get("type") or {}).get("coding") or [{}])[0]
-        quantity = output.get("valueQuantity")
-        if coding.get("system") != MEASUREMENT_CODE_SYSTEM or not isinstance(quantity, Mapping):
+        if coding.get("system") in _NOT_FINDINGS:
             continue
-        tissue, _, suffix = str(coding.get("code")).partition("-")
-        if suffix in names:
-            summary[names[suffix].format(tissue=tissue)] = {
-                "value": round(float(quantity["value"]), 2),
-                "unit": _UNIT_TEXT.get(str(quantity.get("code")), str(quantity.get("unit"))),
-            }
+        code = str(coding.get("code"))
+        quantity = output.get("valueQuantity")
+        chosen = output.get("valueCoding")
+        if isinstance(quantity, Mapping):
+            shown = summary.setdefault(code, {})
+            if "value" in shown:  # the class came first: this is its probability
+                shown["probability"] = round(float(quantity["value"]), 4)
+            else:
+                shown["value"] = round(float(quantity["value"]), 2)
+                shown["unit"] = str(quantity.get("unit") or quantity.get("code"))
+        elif isinstance(chosen, Mapping):
+            shown = summary.setdefault(code, {})
+            probability = shown.pop("value", None)
+            shown.pop("unit", None)
+            shown["value"] = str(chosen.get("code"))
+            if probability is not None:
+                shown["probability"] = probability
     return summary
 
 

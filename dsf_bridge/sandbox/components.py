@@ -8,7 +8,8 @@ downloaded at run time.
 - MLServer lives in its own virtual environment made by ``scripts/setup-mlserver.sh`` (its pins
   clash with ours). Each server gets ``settings.json`` (``parallel_workers: 0``: its worker pool
   crashes with current uvloop; no metrics server; gRPC on a free port, it cannot be turned off)
-  and one folder per model, all served by ``refmodel/tissue_model.py`` from this source tree.
+  and one folder per model, served by a runtime of ``refmodel/`` from this source tree or by a
+  stock MLServer runtime (scikit-learn), a model file trained into its folder first.
 
 A component that is not installed raises :class:`ComponentMissingError`, whose message is the
 command that installs it.
@@ -23,7 +24,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -36,6 +37,7 @@ from dsf_bridge.errors import BridgeError
 
 __all__ = [
     "MLSERVER_SETUP_COMMAND",
+    "NODULE_MODEL",
     "ORTHANC_INSTALL_COMMAND",
     "ComponentError",
     "ComponentMissingError",
@@ -227,24 +229,37 @@ class OrthancProcess(_ChildProcess):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model folder of an MLServer repository served by the reference runtime."""
+    """One model folder of an MLServer repository, served by ``implementation``: a runtime of
+    ``refmodel/`` (the reference tissue-composition model unless named) or a stock MLServer
+    runtime. ``train(folder, python)`` writes the model's files into its folder before MLServer
+    starts, with ``python`` MLServer's interpreter; ``uri`` names the file the runtime loads;
+    ``requires`` a module the runtime needs in MLServer's environment."""
 
     name: str
     version: str = "1"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    implementation: str = "tissue_model.TissueCompositionModel"
+    uri: str | None = None
+    requires: str | None = None
+    train: Callable[[Path, Path], None] | None = None
 
     def settings(self) -> dict[str, Any]:
         parameters: dict[str, Any] = {"version": self.version}
+        if self.uri is not None:
+            parameters["uri"] = self.uri
         if self.extra:
             parameters["extra"] = dict(self.extra)
         return {
             "name": self.name,
-            "implementation": "tissue_model.TissueCompositionModel",
+            "implementation": self.implementation,
             "parameters": parameters,
         }
 
 
 REFERENCE_MODEL = ModelSpec("tissue-composition")
+#: The second reference model, ``my-model`` (``refmodel/nodule.py``): the worked example of a
+#: provider's own contract (docs/examples/my-model.toml).
+NODULE_MODEL = ModelSpec("my-model", implementation="nodule_model.NoduleModel")
 
 
 class MLServerProcess(_ChildProcess):
@@ -287,6 +302,15 @@ class MLServerProcess(_ChildProcess):
                 f"the MLServer environment is missing at {self.venv}; create it with: "
                 f"{MLSERVER_SETUP_COMMAND}"
             )
+        for model in self.models:
+            if model.requires is not None and not any(
+                (path / model.requires).is_dir()
+                for path in self.venv.glob("lib/python3*/site-packages")
+            ):
+                raise ComponentMissingError(
+                    f"the MLServer environment at {self.venv} lacks {model.requires} (model "
+                    f"{model.name}); rebuild it with: {MLSERVER_SETUP_COMMAND}"
+                )
         repository = self.workdir / "models"
         repository.mkdir(parents=True, exist_ok=True)
         (repository / "settings.json").write_text(json.dumps(self.settings(), indent=2))
@@ -294,6 +318,8 @@ class MLServerProcess(_ChildProcess):
             folder = repository / model.name
             folder.mkdir(exist_ok=True)
             (folder / "model-settings.json").write_text(json.dumps(model.settings(), indent=2))
+            if model.train is not None:
+                model.train(folder, self.venv / "bin" / "python")
         # Only MLServer's venv on the path: our own venv's packages must not leak into it.
         env = {
             key: value

@@ -562,8 +562,12 @@ def _table(results: Sequence[DemoResult]) -> str:
         if result.measurements:
             lines.append(f"  {'measurement':<22} {'value':>10}  unit")
             for name, value in result.measurements.items():
-                number = "-" if value["value"] is None else f"{value['value']:.2f}"
-                lines.append(f"  {name:<22} {number:>10}  {value['unit']}")
+                if isinstance(value["value"], str):  # a classification: class, probability
+                    number, unit = value["value"], f"p = {value.get('probability')}"
+                else:
+                    number = "-" if value["value"] is None else f"{value['value']:.2f}"
+                    unit = value.get("unit", "")
+                lines.append(f"  {name:<22} {number:>10}  {unit}")
         lines.append("")
     return "\n".join(lines)
 

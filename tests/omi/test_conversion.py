@@ -16,13 +16,15 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 from pydicom.dataset import Dataset
 
-from dsf_bridge.omi import conversion
+from dsf_bridge.omi.contract import Coding, RequestNotAcceptedError, resolve_contract
 from dsf_bridge.omi.conversion import (
+    MEASUREMENT_CODE_SYSTEM,
     ImageConversionError,
     Measurement,
     OutputConversionError,
-    composition_measurements,
+    findings,
     measurements_from_bundle,
+    model_inputs,
     report_bundle,
     volume_from_datasets,
 )
@@ -44,18 +46,28 @@ DEVICE = {
 }
 
 
-def test_tissue_order_matches_the_reference_model() -> None:
-    assert conversion.TISSUES == TISSUES
+TISSUE = resolve_contract("tissue-composition")
+
+
+def test_the_shipped_contract_declares_what_the_reference_model_returns() -> None:
+    declared = [m.tensor for m in TISSUE.outputs.measurements]
+    assert declared == [
+        f"{tissue}_{quantity}"
+        for tissue in TISSUES
+        for quantity in ("area_cm2", "volume_ml", "mean_hu")
+    ]
+    assert [m.tensor for m in TISSUE.outputs.label_maps] == ["tissue_labels"]
+    assert TISSUE.accepts.modality == ["CT"]
 
 
 def test_ct_small_to_volume(ct_small: Dataset) -> None:
-    volume = volume_from_datasets([ct_small])
-    assert volume.hu.shape == (1, 128, 128)
-    assert volume.hu.dtype == np.float32
+    volume = volume_from_datasets([ct_small], TISSUE)
+    assert volume.pixels.shape == (1, 128, 128)
+    assert volume.pixels.dtype == np.float32
     assert volume.spacing_mm == pytest.approx((5.0, 0.661468, 0.661468))
-    assert float(volume.hu.min()) == float(ct_small.pixel_array.min()) - 1024
+    assert float(volume.pixels.min()) == float(ct_small.pixel_array.min()) - 1024
     assert volume.study_instance_uid == ct_small.StudyInstanceUID
-    tensors = {t.name: t for t in volume.to_tensors()}
+    tensors = {t.name: t for t in model_inputs(volume, TISSUE)}
     assert tensors["hu"].datatype == "FP32"
     assert tensors["spacing_mm"].shape == (3,)
 
@@ -64,26 +76,26 @@ def test_series_is_ordered_by_position_with_spacing_from_positions(
     ct_series: list[Dataset],
 ) -> None:
     shuffled = [ct_series[i] for i in (3, 0, 4, 1, 2)]
-    volume = volume_from_datasets(shuffled)
+    volume = volume_from_datasets(shuffled, TISSUE)
     # Positions fall by 5 mm per instance number, so ascending position is reverse order.
     assert volume.sop_instance_uids == tuple(str(ds.SOPInstanceUID) for ds in ct_series[::-1])
     assert volume.spacing_mm[0] == pytest.approx(5.0)
-    np.testing.assert_array_equal(volume.hu[-1], ct_series[0].pixel_array - 1024.0)
+    np.testing.assert_array_equal(volume.pixels[-1], ct_series[0].pixel_array - 1024.0)
 
 
 def test_rescale_slope_and_intercept_are_applied(ct_small: Dataset) -> None:
     ds = copy.deepcopy(ct_small)
     ds.RescaleSlope, ds.RescaleIntercept = 2, -2048
-    volume = volume_from_datasets([ds])
-    np.testing.assert_array_equal(volume.hu[0], ct_small.pixel_array * 2.0 - 2048)
+    volume = volume_from_datasets([ds], TISSUE)
+    np.testing.assert_array_equal(volume.pixels[0], ct_small.pixel_array * 2.0 - 2048)
 
 
 def test_the_largest_series_is_taken_unless_one_is_named(
     ct_small: Dataset, ct_series: list[Dataset]
 ) -> None:
-    assert volume_from_datasets([ct_small, *ct_series]).slices == 5
+    assert volume_from_datasets([ct_small, *ct_series], TISSUE).slices == 5
     named = volume_from_datasets(
-        [ct_small, *ct_series], series_instance_uid=str(ct_small.SeriesInstanceUID)
+        [ct_small, *ct_series], TISSUE, series_instance_uid=str(ct_small.SeriesInstanceUID)
     )
     assert named.slices == 1
 
@@ -91,7 +103,6 @@ def test_the_largest_series_is_taken_unless_one_is_named(
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"Modality": "MR"}, "need CT images"),
         ({"PixelSpacing": None}, "no PixelSpacing"),
         ({"NumberOfFrames": 2}, "multi-frame"),
     ],
@@ -106,14 +117,26 @@ def test_images_that_cannot_feed_the_model(
         else:
             setattr(ds, keyword, value)
     with pytest.raises(ImageConversionError, match=message):
-        volume_from_datasets([ds])
+        volume_from_datasets([ds], TISSUE)
+
+
+def test_a_series_the_contract_does_not_accept_is_refused_naming_field_and_values(
+    ct_small: Dataset,
+) -> None:
+    ds = copy.deepcopy(ct_small)
+    ds.Modality = "MR"
+    with pytest.raises(
+        RequestNotAcceptedError,
+        match=r"service contract tissue-composition: accepts\.modality is CT, the series is MR",
+    ):
+        volume_from_datasets([ds], TISSUE)
 
 
 def test_duplicate_slice_positions_are_refused(ct_series: list[Dataset]) -> None:
     twin = copy.deepcopy(ct_series[1])
     twin.ImagePositionPatient = ct_series[0].ImagePositionPatient
     with pytest.raises(ImageConversionError, match="same position"):
-        volume_from_datasets([ct_series[0], twin])
+        volume_from_datasets([ct_series[0], twin], TISSUE)
 
 
 def _fake_result(hu: np.ndarray, spacing: tuple[float, float, float]) -> InferenceResult:
@@ -144,14 +167,15 @@ def _validate(bundle: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, An
 
 
 def test_single_slice_report_is_valid_fhir(ct_small: Dataset) -> None:
-    volume = volume_from_datasets([ct_small])
-    measurements = composition_measurements(
-        _fake_result(volume.hu, volume.spacing_mm), slices=volume.slices
+    volume = volume_from_datasets([ct_small], TISSUE)
+    measurements = findings(
+        _fake_result(volume.pixels, volume.spacing_mm), TISSUE, slices=volume.slices
     )
     bundle = report_bundle(
         measurements,
         study_instance_uid=volume.study_instance_uid,
         device=DEVICE,
+        report_code=TISSUE.report_code,
         issued=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
     )
     report, observations = _validate(bundle)
@@ -178,11 +202,12 @@ def test_single_slice_report_is_valid_fhir(ct_small: Dataset) -> None:
 
 
 def test_no_patient_identifier_reaches_the_report(ct_small: Dataset) -> None:
-    volume = volume_from_datasets([ct_small])
+    volume = volume_from_datasets([ct_small], TISSUE)
     bundle = report_bundle(
-        composition_measurements(_fake_result(volume.hu, volume.spacing_mm), slices=1),
+        findings(_fake_result(volume.pixels, volume.spacing_mm), TISSUE, slices=1),
         study_instance_uid=volume.study_instance_uid,
         device=DEVICE,
+        report_code=TISSUE.report_code,
     )
     text = json.dumps(bundle)
     for value in CT_SMALL_PATIENT_VALUES:
@@ -193,15 +218,16 @@ def test_no_patient_identifier_reaches_the_report(ct_small: Dataset) -> None:
 
 
 def test_series_report_has_volumes_and_mean_areas(ct_series: list[Dataset]) -> None:
-    volume = volume_from_datasets(ct_series)
-    result = _fake_result(volume.hu, volume.spacing_mm)
-    measurements = composition_measurements(result, slices=5)
+    volume = volume_from_datasets(ct_series, TISSUE)
+    result = _fake_result(volume.pixels, volume.spacing_mm)
+    measurements = findings(result, TISSUE, slices=5)
     bundle = report_bundle(
         measurements,
         study_instance_uid=volume.study_instance_uid,
         series_instance_uid=volume.series_instance_uid,
         slices=5,
         device=DEVICE,
+        report_code=TISSUE.report_code,
     )
     _, observations = _validate(bundle)
     assert len(observations) == 15
@@ -217,25 +243,42 @@ def test_series_report_has_volumes_and_mean_areas(ct_series: list[Dataset]) -> N
 
 def test_absent_tissue_is_reported_as_absent() -> None:
     bundle = report_bundle(
-        [Measurement("bone", "mean_hu", None, "[hnsf'U]")],
+        [
+            Measurement(
+                code=Coding(system=MEASUREMENT_CODE_SYSTEM, code="bone-mean-hu", display="Bone"),
+                value=None,
+                unit="[hnsf'U]",
+                absent_text="no bone found",
+            )
+        ],
         study_instance_uid="1.2.3",
         device=DEVICE,
+        report_code=TISSUE.report_code,
     )
     _, [observation] = _validate(bundle)
     assert "valueQuantity" not in observation
     assert observation["dataAbsentReason"]["coding"][0]["code"] == "not-applicable"
+    assert observation["dataAbsentReason"]["text"] == "no bone found"
 
 
 def test_missing_or_misshapen_outputs_are_refused(ct_small: Dataset) -> None:
-    volume = volume_from_datasets([ct_small])
-    result = _fake_result(volume.hu, volume.spacing_mm)
-    with pytest.raises(OutputConversionError, match="1 values for 2 slices"):
-        composition_measurements(result, slices=2)
+    volume = volume_from_datasets([ct_small], TISSUE)
+    result = _fake_result(volume.pixels, volume.spacing_mm)
+    with pytest.raises(
+        OutputConversionError,
+        match=r"output 'body_area_cm2' of model tissue-composition has shape \[1\]; contract "
+        r"tissue-composition outputs.measurements\[0\].shape is \[slices=2\]",
+    ):
+        findings(result, TISSUE, slices=2)
     partial = InferenceResult(
         result.model_name, None, None, {k: v for k, v in result.outputs.items() if "bone" not in k}
     )
-    with pytest.raises(OutputConversionError, match="no output 'bone_area_cm2'"):
-        composition_measurements(partial, slices=1)
+    with pytest.raises(
+        OutputConversionError,
+        match=r"returned no output 'bone_area_cm2' \(contract tissue-composition "
+        r"outputs.measurements\[3\].tensor\)",
+    ):
+        findings(partial, TISSUE, slices=1)
 
 
 # --- the chain with real peers ---------------------------------------------------------------
@@ -256,16 +299,17 @@ async def _run_chain(
     archive: DicomWebArchive, mlserver: MLServerProcess, study_uid: str
 ) -> tuple[dict[str, Any], int]:
     datasets = await archive.retrieve_study(study_uid)
-    volume = volume_from_datasets(datasets)
+    volume = volume_from_datasets(datasets, TISSUE)
     async with HttpInferenceClient(mlserver.base_url, timeout=30.0) as client:
         await client.ensure_model_ready(REFERENCE_MODEL.name)
-        result = await client.infer(REFERENCE_MODEL.name, volume.to_tensors())
+        result = await client.infer(REFERENCE_MODEL.name, model_inputs(volume, TISSUE))
     bundle = report_bundle(
-        composition_measurements(result, slices=volume.slices),
+        findings(result, TISSUE, slices=volume.slices),
         study_instance_uid=volume.study_instance_uid,
         series_instance_uid=volume.series_instance_uid if volume.slices > 1 else None,
         slices=volume.slices,
         device=DEVICE,
+        report_code=TISSUE.report_code,
     )
     _validate(bundle)
     return measurements_from_bundle(bundle), volume.slices

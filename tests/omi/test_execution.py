@@ -17,6 +17,7 @@ from fhir.resources.R4B.bundle import Bundle
 from pydicom.dataset import Dataset
 
 from dsf_bridge.omi import execution
+from dsf_bridge.omi.contract import resolve_contract
 from dsf_bridge.omi.conversion import volume_from_datasets
 from dsf_bridge.omi.dicomweb import ArchiveUnavailableError, DicomWebArchive, StudyNotFoundError
 from dsf_bridge.omi.execution import infer_study
@@ -33,6 +34,7 @@ from tests.components import BROKEN_MODEL, REFERENCE_MODEL, WARMING_MODEL
 from tests.omi.test_refmodel import REFERENCE_AREAS_CM2
 
 DEVICE = {"reference": "Device/tissue-composition", "type": "Device"}
+TISSUE = resolve_contract("tissue-composition")
 
 
 @pytest.fixture
@@ -60,6 +62,7 @@ async def test_ct_small_summary_matches_the_reference(
         archive,
         inference,
         study_instance_uid=str(ct_small.StudyInstanceUID),
+        contract=TISSUE,
         model=REFERENCE_MODEL.name,
         device=DEVICE,
         request_id="business-key-1",
@@ -67,9 +70,12 @@ async def test_ct_small_summary_matches_the_reference(
     Bundle.model_validate(outcome.bundle)
     summary = outcome.summary()
     for tissue, expected in REFERENCE_AREAS_CM2.items():
-        assert summary[tissue] == {"value": pytest.approx(expected, abs=0.01), "unit": "cm2"}
-    assert summary["muscle_mean_hu"] == {"value": 38.27, "unit": "HU"}
-    assert "body_volume" not in summary
+        assert summary[f"{tissue}-area"] == {
+            "value": pytest.approx(expected, abs=0.01),
+            "unit": "cm2",
+        }
+    assert summary["muscle-mean-hu"] == {"value": 38.27, "unit": "HU"}
+    assert "body-volume" not in summary
     assert outcome.slices == 1
 
 
@@ -82,12 +88,13 @@ async def test_series_summary_has_volumes(
         inference,
         study_instance_uid=str(ct_series[0].StudyInstanceUID),
         series_instance_uid=str(ct_series[0].SeriesInstanceUID),
+        contract=TISSUE,
         model=REFERENCE_MODEL.name,
         device=DEVICE,
     )
     assert outcome.slices == 5
-    assert outcome.summary()["body_volume"]["unit"] == "mL"
-    assert outcome.summary()["body_volume"]["value"] > 5 * 0.5 * 56
+    assert outcome.summary()["body-volume"]["unit"] == "mL"
+    assert outcome.summary()["body-volume"]["value"] > 5 * 0.5 * 56
     assert outcome.segmentation_series_uid is None
 
 
@@ -100,6 +107,7 @@ async def test_segmentation_is_stored_in_the_study(
         archive,
         inference,
         study_instance_uid=study,
+        contract=TISSUE,
         model=REFERENCE_MODEL.name,
         device=DEVICE,
         segmentation=True,
@@ -108,7 +116,7 @@ async def test_segmentation_is_stored_in_the_study(
     series = {s.series_instance_uid: s for s in await archive.search_series(study)}
     seg = series[outcome.segmentation_series_uid]
     assert (seg.modality, seg.instance_count) == ("SEG", 1)
-    assert outcome.summary()["body_volume"]["unit"] == "mL"  # measurements still complete
+    assert outcome.summary()["body-volume"]["unit"] == "mL"  # measurements still complete
 
 
 async def test_study_not_in_archive(
@@ -119,6 +127,7 @@ async def test_study_not_in_archive(
             archive,
             inference,
             study_instance_uid="1.2.3.9",
+            contract=TISSUE,
             model=REFERENCE_MODEL.name,
             device=DEVICE,
         )
@@ -135,6 +144,7 @@ async def test_archive_down(inference: HttpInferenceClient) -> None:
                 down,
                 inference,
                 study_instance_uid="1.2.3",
+                contract=TISSUE,
                 model=REFERENCE_MODEL.name,
                 device=DEVICE,
             )
@@ -164,6 +174,7 @@ async def test_model_failures(
             archive,
             inference,
             study_instance_uid=str(ct_small.StudyInstanceUID),
+            contract=TISSUE,
             model=model,
             device=DEVICE,
         )
@@ -197,6 +208,7 @@ async def test_pixels_and_the_seg_are_built_off_the_event_loop_and_no_uid_is_log
             inference,
             study_instance_uid=study,
             series_instance_uid=str(ct_series[0].SeriesInstanceUID),
+            contract=TISSUE,
             model=REFERENCE_MODEL.name,
             device=DEVICE,
             segmentation=True,

@@ -10,7 +10,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dsf_bridge.omi.conversion import ImageConversionError, volume_from_datasets
+from dsf_bridge.omi.contract import resolve_contract
+from dsf_bridge.omi.conversion import ImageConversionError, model_inputs, volume_from_datasets
 from dsf_bridge.omi.dicomweb import DicomWebArchive
 from dsf_bridge.omi.inference import HttpInferenceClient
 from dsf_bridge.omi.segmentation import (
@@ -24,15 +25,20 @@ from dsf_bridge.sandbox.components import MLServerProcess, OrthancProcess
 from dsf_bridge.sandbox.refmodel import LABELS, tissue_composition, tissue_labels
 from tests.components import REFERENCE_MODEL
 
+TISSUE = resolve_contract("tissue-composition")
+
 
 def test_segment_labels_match_the_reference_model() -> None:
     assert {name: LABELS[name] for name in SEGMENT_LABELS} == dict(SEGMENT_LABELS)
+    # ... and the shipped contract's label map describes the same labels.
+    [label_map] = TISSUE.outputs.label_maps
+    assert {s.type.code: s.label for s in label_map.segments} == dict(SEGMENT_LABELS)
 
 
 def test_label_map_agrees_with_the_composition(ct_series: list[Dataset]) -> None:
-    volume = volume_from_datasets(ct_series)
-    labels = tissue_labels(volume.hu)
-    composition = tissue_composition(volume.hu, volume.spacing_mm)
+    volume = volume_from_datasets(ct_series, TISSUE)
+    labels = tissue_labels(volume.pixels)
+    composition = tissue_composition(volume.pixels, volume.spacing_mm)
     counts = np.bincount(labels.ravel(), minlength=6)
     assert counts[1:].sum() == composition.voxel_count[0]  # body
     assert [counts[LABELS[t]] for t in ("bone", "muscle", "adipose", "air")] == list(
@@ -41,8 +47,8 @@ def test_label_map_agrees_with_the_composition(ct_series: list[Dataset]) -> None
 
 
 def test_seg_structure_and_round_trip(ct_series: list[Dataset]) -> None:
-    volume = volume_from_datasets(ct_series)
-    labels = tissue_labels(volume.hu)
+    volume = volume_from_datasets(ct_series, TISSUE)
+    labels = tissue_labels(volume.pixels)
     seg = segmentation_dataset(volume, ct_series, labels, algorithm_name="tissue-composition")
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, seg, enforce_file_format=True)
@@ -57,7 +63,7 @@ def test_seg_structure_and_round_trip(ct_series: list[Dataset]) -> None:
 
 
 def test_label_map_must_match_the_series(ct_small: Dataset) -> None:
-    volume = volume_from_datasets([ct_small])
+    volume = volume_from_datasets([ct_small], TISSUE)
     with pytest.raises(ImageConversionError, match="does not match"):
         segmentation_dataset(volume, [ct_small], np.zeros((2, 128, 128)), algorithm_name="m")
 
@@ -79,15 +85,15 @@ async def test_seg_from_mlserver_stored_in_orthanc(
     await archive.store(ct_series)
     study = str(ct_series[0].StudyInstanceUID)
     sources = await archive.retrieve_study(study)
-    volume = volume_from_datasets(sources)
+    volume = volume_from_datasets(sources, TISSUE)
     async with HttpInferenceClient(mlserver.base_url) as client:
         result = await client.infer(
-            REFERENCE_MODEL.name, volume.to_tensors(), outputs=["tissue_labels"]
+            REFERENCE_MODEL.name, model_inputs(volume, TISSUE), outputs=["tissue_labels"]
         )
     labels = result["tissue_labels"]
     assert labels.datatype == "UINT8"
-    assert labels.shape == volume.hu.shape
-    np.testing.assert_array_equal(labels.data, tissue_labels(volume.hu))
+    assert labels.shape == volume.pixels.shape
+    np.testing.assert_array_equal(labels.data, tissue_labels(volume.pixels))
 
     seg = segmentation_dataset(volume, sources, labels.data, algorithm_name=REFERENCE_MODEL.name)
     stored = await archive.store([seg])
@@ -105,9 +111,9 @@ async def test_a_stored_seg_is_never_taken_as_model_input(
     archive: DicomWebArchive, ct_small: Dataset
 ) -> None:
     await archive.store([ct_small])
-    volume = volume_from_datasets([ct_small])
+    volume = volume_from_datasets([ct_small], TISSUE)
     seg = segmentation_dataset(
-        volume, [ct_small], tissue_labels(volume.hu), algorithm_name="tissue-composition"
+        volume, [ct_small], tissue_labels(volume.pixels), algorithm_name="tissue-composition"
     )
     await archive.store([seg])
     # One CT instance and one SEG instance: the tie must go to the CT.

@@ -161,16 +161,17 @@ async def test_two_sites_infer_ct_small_and_a_series_end_to_end(
         assert start["status"] == "completed", start.get("output")
         summary = result_summary(start)
         for tissue, area in CT_SMALL_AREAS.items():
-            assert summary[tissue]["unit"] == "cm2"
-            assert summary[tissue]["value"] == pytest.approx(area, abs=0.01), tissue
-        assert summary["muscle_mean_hu"]["value"] == pytest.approx(38.3, abs=0.05)
-        assert "muscle_volume" not in summary  # one slice has no volume
+            assert summary[f"{tissue}-area"]["unit"] == "cm2"
+            assert summary[f"{tissue}-area"]["value"] == pytest.approx(area, abs=0.01), tissue
+        assert summary["muscle-mean-hu"]["value"] == pytest.approx(38.3, abs=0.05)
+        assert summary["muscle-mean-hu"]["unit"] == "HU"
+        assert "muscle-volume" not in summary  # one slice has no volume
         series_start = finished[multi]
         assert series_start["status"] == "completed", series_start.get("output")
         series_summary = result_summary(series_start)
-        assert series_summary["muscle_volume"]["unit"] == "mL"
-        assert series_summary["muscle_volume"]["value"] > 0
-        assert set(CT_SMALL_AREAS) <= set(series_summary)
+        assert series_summary["muscle-volume"]["unit"] == "mL"
+        assert series_summary["muscle-volume"]["value"] > 0
+        assert {f"{tissue}-area" for tissue in CT_SMALL_AREAS} <= set(series_summary)
         # Asked for: the label map went into the study as a DICOM SEG; only its UID travelled.
         [seg_uid] = [
             o["valueString"]
@@ -504,7 +505,7 @@ async def test_services_from_the_omi_registry_and_their_heartbeat(
         await network.settled()
     assert finished[found]["status"] == "completed", finished[found].get("output")
     summary = result_summary(finished[found])
-    assert summary["muscle"]["value"] == pytest.approx(CT_SMALL_AREAS["muscle"], abs=0.01)
+    assert summary["muscle-area"]["value"] == pytest.approx(CT_SMALL_AREAS["muscle"], abs=0.01)
     assert finished[off]["status"] == "failed"
     [error] = [o["valueString"] for o in finished[off]["output"]]
     assert "service-unavailable" in error
@@ -579,7 +580,7 @@ async def test_the_provider_fetches_over_mutual_tls_with_its_dsf_identity(
         finished = await network.finished(REQUESTER, [task_id], 30)
     assert finished[task_id]["status"] == "completed", finished[task_id].get("output")
     summary = result_summary(finished[task_id])
-    assert summary["body"]["value"] == pytest.approx(CT_SMALL_AREAS["body"], abs=0.01)
+    assert summary["body-area"]["value"] == pytest.approx(CT_SMALL_AREAS["body"], abs=0.01)
     assert clients and set(clients) == {f"{PROVIDER} client"}
 
 
@@ -602,9 +603,9 @@ def test_demo_json_prints_the_reference_values(tmp_path: Path, dsf_version: str)
     single, series = output["results"]
     assert single["status"] == series["status"] == "completed"
     for tissue, area in CT_SMALL_AREAS.items():
-        assert single["measurements"][tissue]["value"] == pytest.approx(area, abs=0.01)
-        assert single["measurements"][tissue]["unit"] == "cm2"
-        assert series["measurements"][f"{tissue}_volume"]["unit"] == "mL"
+        assert single["measurements"][f"{tissue}-area"]["value"] == pytest.approx(area, abs=0.01)
+        assert single["measurements"][f"{tissue}-area"]["unit"] == "cm2"
+        assert series["measurements"][f"{tissue}-volume"]["unit"] == "mL"
     assert single["study_instance_uid"] == str(load_ct_small().StudyInstanceUID)
     assert "completed" in done.stderr  # progress went to stderr
     assert f"DSF {dsf_version}.0 sandbox FHIR server" in done.stderr

@@ -4,6 +4,8 @@ with Orthanc and MLServer is in test_inference.py."""
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -193,3 +195,52 @@ async def test_the_provider_answers_a_request_it_cannot_take_with_an_error(
         }
         assert expected in str(answer["error"])
         assert not any(str(i["code"]).endswith("-area") for i in result.inputs)
+
+
+MY_MODEL_FILE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "my-model.toml"
+
+
+@pytest.mark.parametrize(
+    ("contract", "extra", "expected"),
+    [
+        (
+            str(MY_MODEL_FILE),
+            {"segmentation": True},
+            "service contract my-model declares no outputs.label_maps",
+        ),
+        (
+            {
+                **tomllib.loads(MY_MODEL_FILE.read_text()),
+                "accepts": {"modality": ["CT"], "series": "named"},
+            },
+            {},
+            "service contract my-model: accepts.series is 'named', the request names no series",
+        ),
+    ],
+    ids=["segmentation-without-label-map", "series-not-named"],
+)
+async def test_the_provider_refuses_what_the_contract_cannot_take(
+    contract: object, extra: dict[str, object], expected: str
+) -> None:
+    omi = {
+        "catalogue": [
+            {"id": "my-model", "inference_url": "http://127.0.0.1:9", "contract": contract}
+        ]
+    }
+    variables = _task("inferenceRequest", "Hospital_A", **{**START, "service": "my-model"})
+    task = variables["task"]
+    assert isinstance(task, dict)
+    task["inputs"] += [
+        {"system": CODESYSTEM_OMI, "code": code, "value": value} for code, value in extra.items()
+    ]
+    async with _harness(omi, organization="AI_Provider") as harness:
+        instance = await harness.start(
+            EXECUTION_PROCESS, "inferenceRequest", business_key="bk-5", variables=variables
+        )
+        assert instance.status == "completed"
+        [result] = harness.sent
+        answer = {i["code"]: i["value"] for i in result.inputs}
+        assert answer["error-kind"] == {
+            "valueCoding": {"system": CODESYSTEM_OMI_ERROR, "code": "request-invalid"}
+        }
+        assert expected in str(answer["error"])

@@ -128,7 +128,7 @@ async def _request(network: InferenceNetwork, archive: OrthancProcess, study: st
 
 async def _assert_completed(network: InferenceNetwork, task: Mapping[str, Any]) -> None:
     assert task["status"] == "completed", task.get("output")
-    assert result_summary(task)["body"]["value"] == pytest.approx(CT_SMALL_BODY, abs=0.01)
+    assert result_summary(task)["body-area"]["value"] == pytest.approx(CT_SMALL_BODY, abs=0.01)
     await _assert_all_ended(network)
 
 

@@ -34,13 +34,13 @@ from mlserver.errors import MLServerError
 from mlserver.types import InferenceRequest, InferenceResponse, ResponseOutput
 
 
-def _load_composition() -> ModuleType:
-    name = "dsf_bridge_refmodel_composition"
+def load_sibling(filename: str, name: str) -> ModuleType:
+    """The module in ``filename`` beside this one, imported by path as ``name`` (once)."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("composition.py"))
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
     if spec is None or spec.loader is None:  # pragma: no cover - the file ships beside this one
-        raise ImportError("composition.py not found beside tissue_model.py")
+        raise ImportError(f"{filename} not found beside tissue_model.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses resolve their module through sys.modules
     spec.loader.exec_module(module)
@@ -58,7 +58,7 @@ class TissueCompositionModel(MLModel):  # type: ignore[misc]  # mlserver is unty
     """Tissue areas, volumes and mean HU by Hounsfield-unit ranges."""
 
     async def load(self) -> bool:
-        self._composition = _load_composition()
+        self._composition = load_sibling("composition.py", "dsf_bridge_refmodel_composition")
         extra: dict[str, Any] = {}
         if self.settings.parameters is not None and self.settings.parameters.extra:
             extra = dict(self.settings.parameters.extra)
