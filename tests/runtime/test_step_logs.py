@@ -215,3 +215,41 @@ async def test_an_incident_is_an_error_record_with_element_and_message(
     assert record["instance_id"] == instance.id
     assert record["process"] == "testorg_test"
     assert record["business_key"] == "bk-5"
+
+
+async def test_an_expression_that_fails_the_instance_is_an_error_record(
+    logs: io.StringIO,
+) -> None:
+    definition = model(
+        START + '<bpmn:serviceTask id="Work" camunda:class="org.test.Work">'
+        "<bpmn:extensionElements><camunda:inputOutput>"
+        '<camunda:inputParameter name="x">${missing}</camunda:inputParameter>'
+        "</camunda:inputOutput></bpmn:extensionElements></bpmn:serviceTask>"
+        '<bpmn:endEvent id="e"/><bpmn:sequenceFlow id="f1" sourceRef="s" targetRef="Work"/>'
+        '<bpmn:sequenceFlow id="f2" sourceRef="Work" targetRef="e"/>'
+    )
+    registry = HandlerRegistry()
+
+    @registry.service("org.test.Work")
+    def work(ctx: HandlerContext) -> None:
+        pass
+
+    async with ProcessHarness([definition], registry) as harness:
+        instance = await harness.start(
+            "testorg_test",
+            "start",
+            business_key="bk-6",
+            variables=_start_task("task-6"),
+            task_id="task-6",
+        )
+        assert instance.status == "failed"
+
+    (record,) = [r for r in _records(logs) if r["event"] == "instance.failed"]
+    assert record["level"] == "error"
+    assert "missing" in record["error"]
+    assert record["error"] == harness.task_status["task-6"].removeprefix("failed: ")
+    assert (record["process"], record["task_id"], record["instance_id"]) == (
+        "testorg_test",
+        "task-6",
+        instance.id,
+    )
