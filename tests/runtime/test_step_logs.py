@@ -150,6 +150,14 @@ async def test_every_record_of_a_step_carries_its_context(logs: io.StringIO) -> 
         logging.getLogger("my_plugin.stdlib").warning("plain %s", "logging")
 
     async with ProcessHarness([ONE_TASK], registry) as harness:
+        complete = harness.gateway.complete_task
+
+        async def completing(task_id: str, **kwargs: Any) -> None:
+            # The gateway logs the Task it completes (after the step, from the outbox).
+            handler_log.info("gateway.completing")
+            await complete(task_id, **kwargs)
+
+        harness.gateway.complete_task = completing  # type: ignore[method-assign]
         instance = await harness.start(
             "testorg_test",
             "start",
@@ -176,6 +184,8 @@ async def test_every_record_of_a_step_carries_its_context(logs: io.StringIO) -> 
     assert len(stepped) == 2  # the start, and the handler's step that completes it
     for record in stepped:
         assert {key: record.get(key) for key in context} == context
+    (finish,) = [r for r in records if r["event"] == "gateway.completing"]
+    assert (finish["instance_id"], finish["task_id"]) == (instance.id, "task-4")
 
 
 async def test_an_incident_is_an_error_record_with_element_and_message(
