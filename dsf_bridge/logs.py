@@ -17,7 +17,7 @@ import hashlib
 import logging
 import re
 import sys
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import Any, Literal, TextIO
 
@@ -79,11 +79,21 @@ def redact_uids(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     """Structlog processor: replace DICOM UIDs in string values (the event, a library's
-    message, an error text, a formatted traceback) by ``uid:`` and their :func:`uid_digest`."""
+    message, an error text, a formatted traceback, strings in lists and mappings) by ``uid:``
+    and their :func:`uid_digest`."""
     for key, value in event_dict.items():
-        if isinstance(value, str) and "." in value:
-            event_dict[key] = _digest_uids(value)
+        event_dict[key] = _without_uids(value)
     return event_dict
+
+
+def _without_uids(value: Any) -> Any:
+    if isinstance(value, str):
+        return _digest_uids(value) if "." in value else value
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_without_uids(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _without_uids(item) for key, item in value.items()}
+    return value
 
 
 def redact_sensitive(

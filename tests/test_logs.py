@@ -89,6 +89,7 @@ def test_dicom_uids_become_digests_in_every_value_and_library_line() -> None:
         raise LookupError(f"no study {study}")
     except LookupError:
         log.exception("lookup.failed")
+    log.info("task.outputs", values=[study, {"series": (uuid_uid,)}])
     log.info(
         "kept",
         transfer_syntax="1.2.840.10008.1.2.1",
@@ -100,11 +101,15 @@ def test_dicom_uids_become_digests_in_every_value_and_library_line() -> None:
     text = out.getvalue()
     assert study not in text
     assert uuid_uid not in text
-    first, library, failed, kept = (json.loads(line) for line in text.splitlines())
+    first, library, failed, nested, kept = (json.loads(line) for line in text.splitlines())
     assert first["event"] == f"study uid:{uid_digest(study)}."
     assert first["reason"] == f"series uid:{uid_digest(uuid_uid)} is missing"
     assert library["event"] == f'"GET /studies/uid:{uid_digest(study)}/series HTTP/1.1"'
     assert f"LookupError: no study uid:{uid_digest(study)}" in failed["exception"]
+    assert nested["values"] == [
+        f"uid:{uid_digest(study)}",
+        {"series": [f"uid:{uid_digest(uuid_uid)}"]},
+    ]
     assert kept["transfer_syntax"] == "1.2.840.10008.1.2.1"
     assert kept["version"] == "1.0.0.0"
     assert kept["address"] == "192.168.100.200"
