@@ -1,9 +1,9 @@
 """Logging: structlog over the standard library, JSON lines off a terminal, readable on one.
 
-Every record carries the context bound for the current step (``process``, ``version``,
-``instance_id``, ``business_key``, ``task_id``, ``element_id``) through context variables, so a
-handler deep in a process plugin logs with the Task it serves without passing it around. Events
-are named ``noun.past_verb``.
+Every record carries the context bound for the current step (``process``,
+``process_version``, ``instance_id``, ``business_key``, ``task_id``, ``element_id``) through
+context variables, so a handler deep in a process plugin logs with the Task it serves without
+passing it around. Events are named ``noun.past_verb``.
 
 Logs must never carry payloads or patient data: :func:`redact_sensitive` replaces the values of
 keys that typically hold them, as a last line of defence behind careful call sites. DICOM UIDs
@@ -52,7 +52,14 @@ SENSITIVE_KEYS = frozenset(
     }
 )
 
-CONTEXT_KEYS = ("process", "version", "instance_id", "business_key", "task_id", "element_id")
+CONTEXT_KEYS = (
+    "process",
+    "process_version",
+    "instance_id",
+    "business_key",
+    "task_id",
+    "element_id",
+)
 """The context a step's records carry (:func:`bound_context`), in the order of the docs."""
 
 

@@ -127,10 +127,14 @@ def test_the_uid_digest_is_short_stable_and_tells_uids_apart() -> None:
 def test_the_step_context_is_carried_past_its_block() -> None:
     out = io.StringIO()
     configure_logging("info", "json", stream=out)
-    with bound_context(process="p", version="1.0", element_id="Work", task_id=None):
+    with bound_context(process="p", process_version="1.0", element_id="Work", task_id=None):
         context = step_log_context()
-    assert context == {"process": "p", "version": "1.0", "element_id": "Work"}
+    assert context == {"process": "p", "process_version": "1.0", "element_id": "Work"}
     with bound_context(**context):
         structlog.get_logger().info("instance.stepped")
     record = json.loads(out.getvalue())
-    assert (record["process"], record["version"], record["element_id"]) == ("p", "1.0", "Work")
+    assert (record["process"], record["process_version"], record["element_id"]) == (
+        "p",
+        "1.0",
+        "Work",
+    )

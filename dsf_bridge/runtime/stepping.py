@@ -69,7 +69,7 @@ def step_context(
         task_id = None  # the Task being taken in (intake's) is the one this step serves
     with bound_context(
         process=definition.key,
-        version=definition.version_tag,
+        process_version=definition.version_tag,
         instance_id=instance_id,
         business_key=business_key,
         task_id=task_id,

@@ -90,7 +90,7 @@ async def test_a_raising_handler_logs_an_error_with_its_traceback_and_the_task_s
     assert failed["exception"].rstrip().endswith("KeyError: 'b'")
     for key, value in {
         "process": "testorg_test",
-        "version": "1.0",
+        "process_version": "1.0",
         "instance_id": instance.id,
         "business_key": "bk-1",
         "task_id": "task-1",
@@ -170,7 +170,7 @@ async def test_every_record_of_a_step_carries_its_context(logs: io.StringIO) -> 
     records = _records(logs)
     context = {
         "process": "testorg_test",
-        "version": "1.0",
+        "process_version": "1.0",
         "instance_id": instance.id,
         "business_key": "bk-4",
         "task_id": "task-4",
