@@ -9,14 +9,16 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
+from dsf_bridge.engine import load_process
 from dsf_bridge.errors import ProcessExecutionError
 from dsf_bridge.logs import configure_logging
-from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
+from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry, SendContext
 from dsf_bridge.runtime.intake import task_variables
 from dsf_bridge.runtime.testing import ProcessHarness
 from tests.engine.bpmn import START, model
@@ -263,3 +265,41 @@ async def test_an_expression_that_fails_the_instance_is_an_error_record(
         "task-6",
         instance.id,
     )
+
+
+async def test_a_raising_send_handler_fails_the_task_saying_where(logs: io.StringIO) -> None:
+    model_file = Path(__file__).with_name("request_reply.bpmn")
+    definition = load_process(model_file.read_bytes(), model_file.name, resource_version="1.0")
+    registry = HandlerRegistry()
+    for name in ("org.test.Prepare", "org.test.StoreResult", "org.test.HandleTimeout"):
+        registry.service(name)(lambda ctx: None)
+
+    @registry.message_send("org.test.SendRequest")
+    def send_request(ctx: SendContext) -> None:
+        ctx.add_input("http://test.org/fhir/CodeSystem/omi", "study", int(str(PATIENT)))
+
+    async with ProcessHarness([definition], registry) as harness:
+        instance = await harness.start(
+            "testorg_requestReply",
+            "start",
+            business_key="bk-7",
+            variables=_start_task("task-7"),
+            task_id="task-7",
+        )
+        await harness.advance(1)
+        assert instance.status == "failed"
+        assert harness.sent == []
+
+    where = f"tests/runtime/test_step_logs.py:{_line_of(send_request, 'int(str(PATIENT))')}"
+    # DSF fails the Tasks with the send's own text: here what and where, without the message.
+    assert harness.task_status["task-7"] == (
+        f"failed: ValueError in handler org.test.SendRequest at element SendRequest, {where}"
+    )
+    (failed,) = [r for r in _records(logs) if r["event"] == "handler.failed"]
+    assert (failed["level"], failed["element_id"], failed["task_id"]) == (
+        "error",
+        "SendRequest",
+        "task-7",
+    )
+    assert PATIENT in failed["error"]  # the message is the site's own log's
+    assert failed["exception"].rstrip().endswith(failed["error"])
