@@ -16,9 +16,11 @@ plugin's message may quote the data it choked on.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import traceback
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -139,12 +141,14 @@ def raised_at(exc: BaseException, function: Handler) -> str | None:
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:
         return None
-    code = getattr(inspect.unwrap(function), "__code__", None)
-    own = code.co_filename if code is not None else None
+    target: object = inspect.unwrap(function)
+    if isinstance(target, functools.partial):
+        target = target.func
+    # A function or a method has its code; an object called as a handler, its __call__'s.
+    code = getattr(target, "__code__", None) or getattr(type(target).__call__, "__code__", None)
+    own = code.co_filename if isinstance(code, types.CodeType) else None
     frame = next((f for f in reversed(frames) if f.filename == own), frames[-1])
-    module = (
-        getattr(inspect.unwrap(function), "__module__", None) if frame.filename == own else None
-    )
+    module = getattr(target, "__module__", None) if frame.filename == own else None
     return f"{_short_path(frame.filename, module)}:{frame.lineno}"
 
 

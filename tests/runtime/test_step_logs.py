@@ -303,3 +303,21 @@ async def test_a_raising_send_handler_fails_the_task_saying_where(logs: io.Strin
     )
     assert PATIENT in failed["error"]  # the message is the site's own log's
     assert failed["exception"].rstrip().endswith(failed["error"])
+
+
+async def test_a_handler_object_is_located_at_its_call(logs: io.StringIO) -> None:
+    class Work:
+        def __call__(self, ctx: HandlerContext) -> None:
+            names = {"a": PATIENT}
+            ctx.set("name", names["b"])
+
+    registry = HandlerRegistry()
+    registry.service("org.test.Work")(Work())
+
+    async with ProcessHarness([ONE_TASK], registry) as harness:
+        await harness.start("testorg_test", "start", business_key="bk-8", task_id="task-8")
+
+    where = f"tests/runtime/test_step_logs.py:{_line_of(Work.__call__, 'names[')}"
+    assert harness.task_status["task-8"].endswith(
+        f"reason: KeyError in handler org.test.Work at element Work, {where}"
+    )
