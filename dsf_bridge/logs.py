@@ -8,7 +8,8 @@ passing it around. Events are named ``noun.past_verb``.
 Logs must never carry payloads or patient data: :func:`redact_sensitive` replaces the values of
 keys that typically hold them, as a last line of defence behind careful call sites. DICOM UIDs
 (study, series, SOP instance) identify a patient's examination: a line that needs to correlate
-one logs :func:`uid_digest` of it, never the UID.
+one logs :func:`uid_digest` of it, never the UID, and :func:`redact_uids` replaces any UID left
+in a record (a library's request line, an exception's message) by its digest.
 """
 
 from __future__ import annotations
@@ -184,5 +185,5 @@ def step_log_context() -> dict[str, str]:
 def uid_digest(uid: str) -> str:
     """A short digest of a DICOM UID for log lines: the same UID always gives the same 12 hex
     characters (to follow one study across records and sites), and the UID cannot be read back
-    from it. Search the logs for ``uid_digest(uid)`` to find a study's records."""
+    from it; whoever knows the UID finds its records by searching the logs for its digest."""
     return hashlib.sha256(uid.encode()).hexdigest()[:12]
