@@ -1,24 +1,39 @@
 """Logging: structlog over the standard library, JSON lines off a terminal, readable on one.
 
-Every record carries the context bound for the current step (``task_id``, ``instance_id``,
-``business_key``, ``process``) through context variables, so a handler deep in a process plugin
-logs with the Task it serves without passing it around. Events are named ``noun.past_verb``.
+Every record carries the context bound for the current step (``process``,
+``process_version``, ``instance_id``, ``business_key``, ``task_id``, ``element_id``) through
+context variables, so a handler deep in a process plugin logs with the Task it serves without
+passing it around. Events are named ``noun.past_verb``.
 
 Logs must never carry payloads or patient data: :func:`redact_sensitive` replaces the values of
-keys that typically hold them, as a last line of defence behind careful call sites.
+keys that typically hold them, as a last line of defence behind careful call sites. DICOM UIDs
+(study, series, SOP instance) identify a patient's examination: a line that needs to correlate
+one logs :func:`uid_digest` of it, never the UID, and :func:`redact_uids` replaces any UID left
+in a record (a library's request line, an exception's message) by its digest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import sys
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import Any, Literal, TextIO
 
 import structlog
 
-__all__ = ["SENSITIVE_KEYS", "bound_context", "configure_logging", "redact_sensitive"]
+__all__ = [
+    "CONTEXT_KEYS",
+    "SENSITIVE_KEYS",
+    "bound_context",
+    "configure_logging",
+    "redact_sensitive",
+    "redact_uids",
+    "step_log_context",
+    "uid_digest",
+]
 
 SENSITIVE_KEYS = frozenset(
     {
@@ -38,7 +53,55 @@ SENSITIVE_KEYS = frozenset(
     }
 )
 
-_CONTEXT_KEYS = ("task_id", "instance_id", "business_key", "process")
+CONTEXT_KEYS = (
+    "process",
+    "process_version",
+    "instance_id",
+    "business_key",
+    "task_id",
+    "element_id",
+)
+"""The context a step's records carry (:func:`bound_context`), in the order of the docs."""
+
+
+# A DICOM UID as it names a study, series or instance: an OID of five components or more
+# (an organization's root plus its suffixes), or a long one of fewer ("2.25." and a UUID as a
+# number). The standard's own UIDs (transfer syntaxes, SOP classes: "1.2.840.10008.…") name no
+# examination and stay readable; versions ("1.0.0.0") and IPv4 addresses are short.
+_OID = re.compile(r"(?<![\w.])[0-2](?:\.(?:0|[1-9][0-9]*)){2,}(?!\w)(?!\.[0-9])")
+_STANDARD_UIDS = "1.2.840.10008."
+
+
+def _digest_uid(match: re.Match[str]) -> str:
+    oid = match.group()
+    if oid.startswith(_STANDARD_UIDS) or (oid.count(".") < 4 and len(oid) < 16):
+        return oid
+    return "uid:" + uid_digest(oid)
+
+
+def _digest_uids(text: str) -> str:
+    return _OID.sub(_digest_uid, text)
+
+
+def redact_uids(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Structlog processor: replace DICOM UIDs in string values (the event, a library's
+    message, an error text, a formatted traceback, strings in lists and mappings) by ``uid:``
+    and their :func:`uid_digest`."""
+    for key, value in event_dict.items():
+        event_dict[key] = _without_uids(value)
+    return event_dict
+
+
+def _without_uids(value: Any) -> Any:
+    if isinstance(value, str):
+        return _digest_uids(value) if "." in value else value
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_without_uids(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _without_uids(item) for key, item in value.items()}
+    return value
 
 
 def redact_sensitive(
@@ -64,11 +127,13 @@ def configure_logging(
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact_sensitive,
+        # The traceback as text before the UIDs go: an exception's message is a UID's way in.
+        structlog.processors.format_exc_info,
+        redact_uids,
     ]
     renderer: structlog.types.Processor
     if as_json:
         renderer = structlog.processors.JSONRenderer()
-        shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
 
@@ -98,14 +163,27 @@ def configure_logging(
 
 @contextmanager
 def bound_context(**values: str | None) -> Iterator[None]:
-    """Bind process context (``task_id``, ``instance_id``, ``business_key``, ``process``).
+    """Bind step context (any of :data:`CONTEXT_KEYS`) for the records logged inside.
 
-    Values that are ``None`` are left out; unknown keys are refused so that a typo does not
-    silently split the log context.
+    Values that are ``None`` are left out (an outer binding stays); unknown keys are refused so
+    that a typo does not silently split the log context.
     """
-    unknown = set(values) - set(_CONTEXT_KEYS)
+    unknown = set(values) - set(CONTEXT_KEYS)
     if unknown:
         raise ValueError(f"unknown log context keys: {sorted(unknown)}")
     present = {key: value for key, value in values.items() if value is not None}
     with structlog.contextvars.bound_contextvars(**present):
         yield
+
+
+def step_log_context() -> dict[str, str]:
+    """The step context bound now (to carry it past the block that bound it)."""
+    bound = structlog.contextvars.get_contextvars()
+    return {key: str(bound[key]) for key in CONTEXT_KEYS if bound.get(key) is not None}
+
+
+def uid_digest(uid: str) -> str:
+    """A short digest of a DICOM UID for log lines: the same UID always gives the same 12 hex
+    characters (to follow one study across records and sites), and the UID cannot be read back
+    from it; whoever knows the UID finds its records by searching the logs for its digest."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:12]

@@ -9,7 +9,7 @@ import logging
 import pytest
 import structlog
 
-from dsf_bridge.logs import bound_context, configure_logging
+from dsf_bridge.logs import bound_context, configure_logging, step_log_context, uid_digest
 
 
 @pytest.fixture(autouse=True)
@@ -75,3 +75,66 @@ def test_console_format_is_not_json() -> None:
 def test_unknown_context_key_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown log context"), bound_context(taskid="x"):
         pass
+
+
+def test_dicom_uids_become_digests_in_every_value_and_library_line() -> None:
+    study = "1.2.826.0.1.3680043.8.498.4482903"
+    uuid_uid = "2.25.329800735698586629295641978511506172918"
+    out = io.StringIO()
+    configure_logging("debug", "json", stream=out)
+    log = structlog.get_logger("test")
+    log.info(f"study {study}.", reason=f"series {uuid_uid} is missing")
+    logging.getLogger("urllib3.connectionpool").debug('"GET /studies/%s/series HTTP/1.1"', study)
+    try:
+        raise LookupError(f"no study {study}")
+    except LookupError:
+        log.exception("lookup.failed")
+    log.info("task.outputs", values=[study, {"series": (uuid_uid,)}])
+    log.info(
+        "kept",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        version="1.0.0.0",
+        address="192.168.100.200",
+        duration="0.25",
+    )
+
+    text = out.getvalue()
+    assert study not in text
+    assert uuid_uid not in text
+    first, library, failed, nested, kept = (json.loads(line) for line in text.splitlines())
+    assert first["event"] == f"study uid:{uid_digest(study)}."
+    assert first["reason"] == f"series uid:{uid_digest(uuid_uid)} is missing"
+    assert library["event"] == f'"GET /studies/uid:{uid_digest(study)}/series HTTP/1.1"'
+    assert f"LookupError: no study uid:{uid_digest(study)}" in failed["exception"]
+    assert nested["values"] == [
+        f"uid:{uid_digest(study)}",
+        {"series": [f"uid:{uid_digest(uuid_uid)}"]},
+    ]
+    assert kept["transfer_syntax"] == "1.2.840.10008.1.2.1"
+    assert kept["version"] == "1.0.0.0"
+    assert kept["address"] == "192.168.100.200"
+    assert kept["duration"] == "0.25"
+
+
+def test_the_uid_digest_is_short_stable_and_tells_uids_apart() -> None:
+    digest = uid_digest("1.2.3.4.5.6")
+    assert digest == uid_digest("1.2.3.4.5.6")
+    assert digest != uid_digest("1.2.3.4.5.7")
+    assert len(digest) == 12
+    assert int(digest, 16) >= 0
+
+
+def test_the_step_context_is_carried_past_its_block() -> None:
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    with bound_context(process="p", process_version="1.0", element_id="Work", task_id=None):
+        context = step_log_context()
+    assert context == {"process": "p", "process_version": "1.0", "element_id": "Work"}
+    with bound_context(**context):
+        structlog.get_logger().info("instance.stepped")
+    record = json.loads(out.getvalue())
+    assert (record["process"], record["process_version"], record["element_id"]) == (
+        "p",
+        "1.0",
+        "Work",
+    )

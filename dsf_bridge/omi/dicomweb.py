@@ -16,7 +16,9 @@ Errors::
         ├── StudyNotFoundError        the archive answers, but does not hold the study/series
         └── ArchiveUnavailableError   the archive cannot be reached or fails (retryable)
 
-Logs carry UIDs and counts, never pixel data or patient attributes.
+Logs carry counts, never UIDs, pixel data or patient attributes; the error messages name the
+study and series (they are for the Task), and the log renderer puts digests in their place
+(:func:`dsf_bridge.logs.redact_uids`).
 """
 
 from __future__ import annotations

@@ -405,13 +405,13 @@ def send_inference_request(ctx: SendContext) -> None:
 
 @handlers.service(_PREFIX + "ResultTimedOut")
 def result_timed_out(ctx: HandlerContext) -> None:
-    ctx.set("errorCode", RESULT_TIMED_OUT)
-    ctx.set(
-        "errorMessage",
+    reason = (
         f"no inference result from {ctx.get('provider')} within {ctx.get('resultTimeout')} "
-        "(result-timeout); the request was delivered but not answered",
+        "(result-timeout); the request was delivered but not answered"
     )
-    log.warning("inference.result_timed_out", provider=ctx.get("provider"))
+    ctx.set("errorCode", RESULT_TIMED_OUT)
+    ctx.set("errorMessage", reason)
+    log.warning("inference.result_timed_out", provider=ctx.get("provider"), reason=reason)
 
 
 def _findings(result: Mapping[str, Any], contract: InferenceContract | None) -> list[Finding]:
@@ -611,7 +611,11 @@ def inference_failed(ctx: HandlerContext) -> None:
     message = str(ctx.get("errorMessage") or "no detail")
     provider = str(ctx.get("provider") or "the provider")
     text = _REQUESTER_MESSAGES.get(code, "{message}").format(provider=provider, message=message)
-    log.warning("inference.request_failed", error_code=code, provider=ctx.get("provider"))
+    # The reason may quote the provider's or the archive's words, with a study's UID: the log
+    # renderer puts a digest in its place (dsf_bridge.logs.redact_uids).
+    log.error(
+        "inference.request_failed", error_code=code, provider=ctx.get("provider"), reason=text
+    )
     raise InferenceRequestError(f"{code}: {text}")
 
 
@@ -740,7 +744,11 @@ async def run_inference(ctx: HandlerContext) -> None:
 
 @handlers.service(_PREFIX + "RecordFailure")
 def record_failure(ctx: HandlerContext) -> None:
-    log.warning("inference.execution_failed", error_code=ctx.get("errorCode"))
+    log.error(
+        "inference.execution_failed",
+        error_code=ctx.get("errorCode"),
+        reason=ctx.get("errorMessage") or "no detail",
+    )
 
 
 @handlers.message_send(_PREFIX + "SendInferenceResult")

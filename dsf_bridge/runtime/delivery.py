@@ -20,8 +20,8 @@ from dsf_bridge.engine.correlation import correlate, message_subscriptions
 from dsf_bridge.engine.events import MessageReceived, Start
 from dsf_bridge.engine.exceptions import CorrelationError
 from dsf_bridge.errors import ConcurrencyError, ProcessExecutionError
-from dsf_bridge.logs import bound_context
 from dsf_bridge.runtime.deployments import DeployedProcess
+from dsf_bridge.runtime.stepping import step_context
 from dsf_bridge.store import Session
 from dsf_bridge.store import repository as repo
 
@@ -88,7 +88,9 @@ class MessageDelivery:
             )
         instance_id = str(uuid.uuid4())
         event = Start(message_name, business_key, runtime.clock(), dict(variables or {}))
-        with bound_context(instance_id=instance_id, business_key=business_key, process=process_key):
+        with step_context(
+            deployed, instance_id=instance_id, business_key=business_key, task_id=task_id
+        ):
             async with runtime.database.transaction() as session:
                 if unless_running and await repo.running_with_business_key(
                     session, deployed.definition_id, business_key

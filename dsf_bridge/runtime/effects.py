@@ -40,6 +40,7 @@ from dsf_bridge.engine.events import (
 )
 from dsf_bridge.engine.model import ProcessDefinition
 from dsf_bridge.errors import TaskAlreadyDeliveredError
+from dsf_bridge.logs import step_log_context
 from dsf_bridge.runtime.deployments import DeployedProcess, Deployments
 from dsf_bridge.store import Session, append_event
 from dsf_bridge.store import repository as repo
@@ -64,7 +65,12 @@ class StepRecord:
     instance_id: str
     status: str
     effects: list[str] = field(default_factory=list)
-    incidents: list[str] = field(default_factory=list)
+    # The element and message of each new incident, and why the instance failed in this step.
+    incidents: list[tuple[str, str]] = field(default_factory=list)
+    failure: str | None = None
+    # The log context the step was written in (process, version, instance, business key, Task):
+    # the records logged after the commit carry it too.
+    log_context: dict[str, str] = field(default_factory=dict)
     jobs: list[repo.ClaimedJob] = field(default_factory=list)
     outbox: list[repo.ClaimedOutboxEntry] = field(default_factory=list)
     # Work written for a polling round to find (not leased, a timer, another's signal job).
@@ -198,7 +204,7 @@ class EffectWriter:
                 # A signal thrown while this instance was busy waits in a postponed job: it
                 # is due now that the instance waits again.
                 await repo.hasten_jobs(session, instance_id, JobKind.SIGNAL, now)
-        pending = StepRecord(instance_id, status)
+        pending = StepRecord(instance_id, status, log_context=step_log_context())
         await self.audit_incidents(session, instance_id, known, state, pending)
         effects = list(result.effects)
         while effects:
@@ -362,6 +368,8 @@ class EffectWriter:
                         payload=payload,
                     )
             elif isinstance(effect, ProcessCompleted | ProcessFailed):
+                if isinstance(effect, ProcessFailed):
+                    pending.failure = effect.message
                 await append_event(
                     session,
                     actor=self.owner,
@@ -421,7 +429,7 @@ class EffectWriter:
                     reason=f"at {incident.element}: {incident.message}",
                     payload={"token": incident.token, "element": incident.element},
                 )
-                pending.incidents.append(incident.element)
+                pending.incidents.append((incident.element, incident.message))
 
 
 def subscription_keys(state: Mapping[str, Any]) -> list[repo.SubscriptionKey]:

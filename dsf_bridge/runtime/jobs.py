@@ -33,6 +33,7 @@ from dsf_bridge.logs import bound_context
 from dsf_bridge.plugins.invocation import invoke
 from dsf_bridge.runtime.deployments import DeployedProcess
 from dsf_bridge.runtime.faults import FaultPoint, InstanceGoneError
+from dsf_bridge.runtime.stepping import step_context, task_id_of
 from dsf_bridge.runtime.workers import run_all
 from dsf_bridge.store import Session, append_event
 from dsf_bridge.store import repository as repo
@@ -132,6 +133,14 @@ class JobWorker:
 
     async def run_or_retry(self, job: repo.ClaimedJob) -> None:
         """Run one leased job; a failure uses a retry (or, past them, parks the job)."""
+        element_id = job.payload.get("element_id")
+        with bound_context(
+            instance_id=job.instance_id,
+            element_id=str(element_id) if element_id is not None else None,
+        ):
+            await self._run_or_retry(job)
+
+    async def _run_or_retry(self, job: repo.ClaimedJob) -> None:
         try:
             await self._run_job(job)
         except ConcurrencyError as exc:
@@ -211,11 +220,17 @@ class JobWorker:
                 fields=payload["fields"],
                 event=payload.get("event"),
             )
-            with timed(STEP_SECONDS, process=deployed.definition.key) as timing:
-                with bound_context(instance_id=instance_id, business_key=effect.business_key):
-                    outcome = await invoke(
-                        deployed.handlers, effect, self.runtime.clock(), self.runtime.services
-                    )
+            with (
+                timed(STEP_SECONDS, process=deployed.definition.key) as timing,
+                step_context(
+                    deployed,
+                    business_key=effect.business_key,
+                    task_id=task_id_of(effect.variables),
+                ),
+            ):
+                outcome = await invoke(
+                    deployed.handlers, effect, self.runtime.clock(), self.runtime.services
+                )
                 self.runtime._fault(FaultPoint.HANDLER_RAN, effect.handler)
                 timing.outcome = "ok" if outcome.ok else "failed"
                 await self.runtime.stepper.apply(
@@ -344,7 +359,9 @@ class JobWorker:
             variables=payload["variables"],
             fields=payload["fields"],
         )
-        with bound_context(instance_id=instance_id, business_key=effect.business_key):
+        with step_context(
+            deployed, business_key=effect.business_key, task_id=task_id_of(effect.variables)
+        ):
             outcome = await invoke(
                 deployed.handlers, effect, self.runtime.clock(), self.runtime.services
             )

@@ -20,6 +20,7 @@ import structlog
 from dsf_bridge.dsf.vocabulary import parse_instant
 from dsf_bridge.engine.events import Event, HandlerCompleted, HandlerFailed
 from dsf_bridge.errors import BridgeError, ConcurrencyError, ProcessExecutionError, StoreError
+from dsf_bridge.logs import bound_context
 from dsf_bridge.runtime.faults import FaultPoint, InstanceGoneError
 from dsf_bridge.runtime.ports import OutgoingTask, TaskGateway, UserTaskRequest
 from dsf_bridge.store import Database, Session, append_event
@@ -60,6 +61,16 @@ class OutboxWorker:
 
     async def perform(self, entry: repo.ClaimedOutboxEntry) -> None:
         """Perform one leased entry: retried, failed (the instance told) or recorded done."""
+        payload = entry.payload
+        with bound_context(
+            instance_id=entry.instance_id,
+            business_key=_text(payload.get("business_key")),
+            task_id=_text(payload.get("task_id")),  # the Task a finish updates
+            element_id=_text(payload.get("element_id")),
+        ):
+            await self._perform(entry)
+
+    async def _perform(self, entry: repo.ClaimedOutboxEntry) -> None:
         try:
             result = await self._perform_remote(entry)
         except BridgeError as exc:
@@ -273,3 +284,7 @@ def _target_label(payload: Mapping[str, Any]) -> str:
         if isinstance(target, Mapping) and target.get(key):
             return str(target[key])
     return "the target"
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None

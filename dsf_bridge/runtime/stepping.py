@@ -8,13 +8,18 @@ all in one transaction. After the commit (:meth:`InstanceStepper.committed`) the
 woken for the new work and the listeners told that a send may have resolved.
 
 Instances are updated with optimistic locking; a lost race is replayed on the fresh state.
+
+Every record logged while an instance steps (and by the handlers it calls) carries the step's
+context, :func:`step_context`: process key and version, instance id, business key, the Task
+being served and the element.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -35,7 +40,7 @@ from dsf_bridge.store import repository as repo
 if TYPE_CHECKING:
     from dsf_bridge.runtime.processes import ProcessRuntime
 
-__all__ = ["InstanceStepper", "engine_step_of"]
+__all__ = ["InstanceStepper", "engine_step_of", "step_context", "task_id_of"]
 
 log = structlog.get_logger("dsf_bridge.runtime")
 
@@ -46,6 +51,39 @@ def engine_step_of(
     """The engine's step: the only call of :func:`dsf_bridge.engine.interpreter.step` in the
     runtime (the effect writer steps a signal an instance throws to itself through it too)."""
     return engine_step(definition, state, event)
+
+
+@contextmanager
+def step_context(
+    deployed: DeployedProcess,
+    *,
+    instance_id: str | None = None,
+    business_key: str | None = None,
+    task_id: str | None = None,
+    element_id: str | None = None,
+) -> Iterator[None]:
+    """Bind the log context of a step of ``deployed``'s instance (values left ``None`` keep an
+    outer binding: the Task bound at intake stays on the records of the step it causes)."""
+    definition = deployed.definition
+    if task_id is not None and structlog.contextvars.get_contextvars().get("task_id"):
+        task_id = None  # the Task being taken in (intake's) is the one this step serves
+    with bound_context(
+        process=definition.key,
+        process_version=definition.version_tag,
+        instance_id=instance_id,
+        business_key=business_key,
+        task_id=task_id,
+        element_id=element_id,
+    ):
+        yield
+
+
+def task_id_of(variables: Mapping[str, Any]) -> str | None:
+    """The id of the Task an instance serves now: the last one delivered to it (its ``task``
+    variable, :func:`~dsf_bridge.runtime.intake.task_variables`), if a Task started it."""
+    task = variables.get("task")
+    task_id = task.get("id") if isinstance(task, Mapping) else None
+    return task_id if isinstance(task_id, str) and task_id else None
 
 
 class InstanceStepper:
@@ -117,7 +155,12 @@ class InstanceStepper:
     ) -> StepRecord:
         """Step an existing instance by ``event``. A step the engine undid (a handler's
         technical error) is audited as ``failed_action`` with the error, when given."""
-        with bound_context(instance_id=record.id, business_key=record.business_key):
+        with step_context(
+            deployed,
+            instance_id=record.id,
+            business_key=record.business_key,
+            task_id=task_id_of(instance_state.process_variables(record.state)),
+        ):
             result = engine_step_of(deployed.definition, record.state, event)
             if before_audit is not None:
                 await before_audit()
@@ -201,14 +244,17 @@ class InstanceStepper:
             self.wakeup.set()
         self.runtime.dispatch(pending.jobs, pending.outbox)
         self.sends_resolved()
-        for element in pending.incidents:  # the message is in the audit trail and the API
-            log.warning("incident.created", instance_id=pending.instance_id, element=element)
-        log.info(
-            "instance.stepped",
-            instance_id=pending.instance_id,
-            status=pending.status,
-            effects=pending.effects,
-        )
+        with bound_context(**pending.log_context):
+            for element, message in pending.incidents:  # an operator retries or cancels it
+                log.error("incident.created", element_id=element, error=message)
+            if pending.failure is not None:
+                log.error("instance.failed", error=pending.failure)
+            log.info(
+                "instance.stepped",
+                instance_id=pending.instance_id,
+                status=pending.status,
+                effects=pending.effects,
+            )
 
     def on_send_resolved(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after every commit that may have resolved a send."""

@@ -22,6 +22,7 @@ What the DSF side would see is recorded: :attr:`ProcessHarness.sent` (Tasks post
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import itertools
 from collections.abc import Mapping, Sequence
@@ -411,6 +412,8 @@ def _counted(handlers: HandlerRegistry, calls: list[tuple[str, str]]) -> Handler
 
 
 def _recording(function: Handler, kind: str, calls: list[tuple[str, str]]) -> Handler:
+    # ``wraps``: a failure's location is looked up in the handler's module through the wrapper.
+    @functools.wraps(function)
     def call(ctx: HandlerContext) -> Any:
         calls.append((kind, ctx.handler))
         return function(ctx)

@@ -1,0 +1,91 @@
+"""Inference failures are logged with their reason, at error, with no study UID in the line."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+
+from dsf_bridge.logs import configure_logging, uid_digest
+from dsf_bridge.omi.dicomweb import StudyNotFoundError
+from dsf_bridge.plugins.inference import (
+    NOT_DELIVERED,
+    STUDY_NOT_FOUND,
+    InferenceRequestError,
+    inference_failed,
+    record_failure,
+)
+from dsf_bridge.plugins.registry import HandlerContext
+
+STUDY = "1.2.826.0.1.3680043.8.498.77312904551"
+ARCHIVE = "https://pacs.example.org/dicom-web"
+
+
+@pytest.fixture
+def logs() -> Iterator[io.StringIO]:
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    yield out
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    structlog.reset_defaults()
+
+
+def _only(out: io.StringIO, event: str) -> dict[str, Any]:
+    records: list[dict[str, Any]] = [json.loads(line) for line in out.getvalue().splitlines()]
+    (record,) = [r for r in records if r["event"] == event]
+    return record
+
+
+def test_a_providers_failure_is_logged_with_the_reason_and_no_study_uid(
+    logs: io.StringIO,
+) -> None:
+    # The archive's own error text, as the execution handler turns it into the BPMN error.
+    reason = str(
+        StudyNotFoundError(f"study {STUDY} is not in the archive at {ARCHIVE}", url=ARCHIVE)
+    )
+    ctx = HandlerContext(
+        "RecordFailure",
+        "RecordFailure",
+        "bk",
+        {"errorCode": STUDY_NOT_FOUND, "errorMessage": reason},
+    )
+    record_failure(ctx)
+
+    record = _only(logs, "inference.execution_failed")
+    assert record["level"] == "error"
+    assert record["error_code"] == STUDY_NOT_FOUND
+    assert record["reason"] == f"study uid:{uid_digest(STUDY)} is not in the archive at {ARCHIVE}"
+    assert STUDY not in logs.getvalue()
+
+
+def test_a_failed_request_is_logged_with_the_reason_at_the_requesting_site(
+    logs: io.StringIO,
+) -> None:
+    ctx = HandlerContext(
+        "InferenceFailed",
+        "InferenceFailed",
+        "bk",
+        {
+            "errorCode": NOT_DELIVERED,
+            "errorMessage": "POST https://ai.example.org/fhir/Task: connection refused",
+            "provider": "ai.example.org",
+        },
+    )
+    with pytest.raises(InferenceRequestError, match=r"not delivered to ai\.example\.org"):
+        inference_failed(ctx)
+
+    record = _only(logs, "inference.request_failed")
+    assert record["level"] == "error"
+    assert record["error_code"] == NOT_DELIVERED
+    assert record["provider"] == "ai.example.org"
+    assert record["reason"] == (
+        "inference request not delivered to ai.example.org: "
+        "POST https://ai.example.org/fhir/Task: connection refused"
+    )
