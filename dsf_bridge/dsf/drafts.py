@@ -312,7 +312,20 @@ class StartForm:
         problems: list[str] = []
         for kind in field.types:
             try:
-                return _typed(field.code, kind, text)
+                value = _typed(field.code, kind, text)
             except StartFormError as exc:
                 problems.append(str(exc))
+                continue
+            reference = value.get("valueReference")
+            example = field.example
+            if (
+                isinstance(reference, dict)
+                and "identifier" in reference
+                and isinstance(example, Mapping)
+                and isinstance(example.get("type"), str)
+            ):
+                # A logical reference keeps the draft's target type, as the DSF UI's does: the
+                # DSF FHIR server resolves an identifier only together with a type.
+                reference["type"] = example["type"]
+            return value
         raise StartFormError("; ".join(problems))

@@ -36,6 +36,7 @@ from tests.plugins.test_pingpong import (  # the two-site ping/pong network and 
     _statuses,
     network,  # noqa: F401 - the fixture
 )
+from tests.reference import reference_file
 from tests.sandbox.harness import LOCAL, Sandbox, sandbox, sandbox_ca, sandbox_sites
 
 __all__ = ["sandbox", "sandbox_ca", "sandbox_sites"]
@@ -349,3 +350,38 @@ def test_values_are_typed_as_each_slice_declares() -> None:
             form.task([("count", bad)], requester="Site_A", authored_on=NOW)
     with pytest.raises(StartFormError, match=re.escape("'big' is not SYSTEM|CODING")):
         form.task([("count", "1"), ("kind", "big")], requester="Site_A", authored_on=NOW)
+
+
+def test_a_logical_reference_keeps_the_drafts_target_type() -> None:
+    """MII's dataSend start draft: dms-identifier is an Organization by identifier. The DSF
+    FHIR server resolves an identifier-only reference only with its type (ResourceReference:
+    without one it is UNKNOWN), so the Task keeps the draft's ``type`` as the DSF UI does."""
+    fhir = "mii-process-data-transfer/src/main/resources/fhir"
+
+    def resource(relative: str) -> dict[str, Any]:
+        path = reference_file(f"{fhir}/{relative}")
+        text = path.read_text(encoding="utf-8")
+        for placeholder, value in (("version", "1.0"), ("organization", "Site_A")):
+            text = text.replace(f"#{{{placeholder}}}", value)
+        return read_resource(str(path), text.replace("#{date}", "2026-01-01").encode())
+
+    form = StartForm.from_draft(
+        resource("Task/task-data-send-start.xml"),
+        [resource("StructureDefinition/task-data-send-start.xml")],
+    )
+    task = form.task(
+        [
+            ("dms-identifier", "http://dsf.dev/sid/organization-identifier|Site_B"),
+            (
+                "project-identifier",
+                "http://medizininformatik-initiative.de/sid/project-identifier|P1",
+            ),
+        ],
+        requester="Site_A",
+        authored_on=NOW,
+    )
+    [dms] = [p for p in task["input"] if p["type"]["coding"][0]["code"] == "dms-identifier"]
+    assert dms["valueReference"] == {
+        "type": "Organization",
+        "identifier": {"system": "http://dsf.dev/sid/organization-identifier", "value": "Site_B"},
+    }
