@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -139,7 +140,8 @@ def _typed(code: str, kind: str, text: str) -> dict[str, Any]:
             decimal = Decimal(text)
         except InvalidOperation:
             raise StartFormError(f"input {code}: {text!r} is not a decimal") from None
-        if not decimal.is_finite():
+        if not decimal.is_finite() or not math.isfinite(float(decimal)):
+            # 1e400 is finite as a Decimal, but inf as JSON's number: "Infinity", not JSON.
             raise StartFormError(f"input {code}: {text!r} is not a decimal")
         return {key: float(decimal)}
     if kind == "boolean":

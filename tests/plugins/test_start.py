@@ -342,6 +342,9 @@ def test_values_are_typed_as_each_slice_declares() -> None:
         "ratio": {"valueDecimal": 0.25},
         "extra": {"valueReference": {"reference": "Endpoint/2"}},
     }
+    for huge in ("1e400", "NaN", "-Infinity"):  # no JSON number
+        with pytest.raises(StartFormError, match="is not a decimal"):
+            form.task([("count", "1"), ("ratio", huge)], requester="Site_A", authored_on=NOW)
     for bad, message in [
         ("0", "0 is out of range for positiveInt"),
         ("three", re.escape("'three' is not an integer (positiveInt)")),
