@@ -102,21 +102,23 @@ def _world_writable(path: Path) -> bool:
 
 
 def _world_writable_in(entry: Path) -> Path | None:
-    """The first path of a drop-in (the wheel, or the plugin folder and everything below it,
-    symbolic links followed) that every user may change: the file itself, or, for a link, the
-    folder holding its target (unless sticky, as /tmp is). None when there is none."""
-    pending, seen = [entry], set()
+    """The first path of a drop-in (the wheel, or the plugin folder and everything below it)
+    that every user may change: the file or folder a path names (links followed), or, for a
+    symbolic link, the folder holding its target (unless sticky, as /tmp is). A linked folder
+    is checked, not walked (a link to a big shared folder costs no walk). None when there is
+    none."""
+    pending = [entry]
     while pending:
         path = pending.pop()
         status = path.stat()
         if status.st_mode & stat.S_IWOTH:
             return path
-        if path.is_symlink():
+        linked = path.is_symlink()
+        if linked:
             holder = path.resolve().parent.stat().st_mode
             if holder & stat.S_IWOTH and not holder & stat.S_ISVTX:
                 return path
-        if stat.S_ISDIR(status.st_mode) and (status.st_dev, status.st_ino) not in seen:
-            seen.add((status.st_dev, status.st_ino))
+        if stat.S_ISDIR(status.st_mode) and (not linked or path == entry):
             pending.extend(sorted(path.iterdir()))
     return None
 
