@@ -165,7 +165,7 @@ def load_plugin_folder(
             else:
                 if unpacked is None:
                     unpacked = _private_temporary_folder()
-                found = _wheel_plugins(entry, unpacked, lambda p: _check(p, names, keys))
+                found = _wheel_plugins(entry, unpacked, _checker(names, keys))
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # a plugin's import may raise anything (CancelledError...)
@@ -190,6 +190,19 @@ def _private_temporary_folder() -> Path:
 
 def _process_keys(plugin: ProcessPlugin) -> set[str]:
     return {p.key for path in plugin.bpmn_files for p in parse_bpmn_file(path).processes}
+
+
+def _checker(names: set[str], keys: set[str]) -> Callable[[ProcessPlugin], None]:
+    """:func:`_check` for the plugins of one wheel: each also against the ones before it in
+    the wheel (two entry points naming one plugin, or two plugins running one process)."""
+    names, keys = set(names), set(keys)
+
+    def check(plugin: ProcessPlugin) -> None:
+        _check(plugin, names, keys)
+        names.add(plugin.name)
+        keys.update(_process_keys(plugin))
+
+    return check
 
 
 def _check(plugin: ProcessPlugin, names: set[str], keys: set[str]) -> None:

@@ -422,3 +422,23 @@ def test_a_world_writable_file_in_a_plugin_is_rejected(
     assert found.plugins == []
     [rejected] = found.rejected
     assert rejected.reason == f"{module} is writable by every user (chmod o-w)"
+
+
+def test_a_wheel_naming_one_plugin_twice_is_rejected(plugins_dir: Path) -> None:
+    """Two entry points of one wheel are checked against each other too: one plugin twice
+    (or two running one process) would be deployed twice."""
+    path = wheel(plugins_dir, "twice")
+    with zipfile.ZipFile(path) as archive:
+        files = {item.filename: archive.read(item) for item in archive.infolist()}
+    files["twice_plugin-1.0.dist-info/entry_points.txt"] = (
+        b"[dsf_bridge.plugins]\ntwice = twice_plugin:plugin\nagain = twice_plugin:plugin\n"
+    )
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+
+    found = load_plugin_folder(plugins_dir)
+
+    assert found.plugins == []
+    assert [r.reason for r in found.rejected] == ["plugin name 'twice' is already taken"]
+    assert "twice_plugin" not in sys.modules
