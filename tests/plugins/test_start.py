@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from dsf_bridge.dsf.drafts import StartForm, StartFormError, parse_input
+from dsf_bridge.dsf.drafts import InputField, StartForm, StartFormError, parse_input
 from dsf_bridge.dsf.profiles import TaskProfile
 from dsf_bridge.dsf.publication import publish, read_resource
 from dsf_bridge.dsf.tasks import input_values
@@ -388,3 +388,32 @@ def test_a_logical_reference_keeps_the_drafts_target_type() -> None:
         "type": "Organization",
         "identifier": {"system": "http://dsf.dev/sid/organization-identifier", "value": "Site_B"},
     }
+
+
+@pytest.mark.parametrize(
+    ("kind", "good", "bad"),
+    [
+        ("dateTime", "2026-03-01T10:00:00+01:00", "tomorrow"),
+        ("dateTime", "2026-03-01", "2026-03-01T10:00:00"),  # a time needs its zone
+        ("date", "2026-03", "01.03.2026"),
+        ("instant", "2026-03-01T09:00:00.5Z", "2026-03-01"),
+        ("time", "23:59:60", "24:00:00"),
+        ("uri", "urn:x:y", "a b"),
+        ("id", "abc-1.2", "a_b"),
+        ("oid", "urn:oid:1.2.840", "1.2.840"),
+    ],
+)
+def test_text_values_are_checked_against_their_fhir_type(kind: str, good: str, bad: str) -> None:
+    """A strict DSF server refuses a Task whose primitive does not match its FHIR type: such a
+    value exits before anything is sent, as docs/operations.md says."""
+    message = {
+        "type": {"coding": [{"system": BPMN_MESSAGE, "code": "message-name"}]},
+        "valueString": "startX",
+    }
+    form = StartForm(
+        {"input": [message]}, {"when": InputField("when", "http://example.org/s", 1, 1, (kind,))}
+    )
+    [_, given] = form.task([("when", good)], requester="Site_A", authored_on=NOW)["input"]
+    assert given["value" + kind[0].upper() + kind[1:]] == good
+    with pytest.raises(StartFormError, match=re.escape(f"{bad!r} is not a {kind} (")):
+        form.task([("when", bad)], requester="Site_A", authored_on=NOW)
