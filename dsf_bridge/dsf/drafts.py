@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,37 @@ _TEXT_TYPES = frozenset(
     }
 )
 _INTEGER_BOUNDS = {"integer": None, "positiveInt": 1, "unsignedInt": 0}
+# The regular expressions of FHIR R4's primitive types (a strict server checks them), with what
+# an error shows as the expected form.
+_YEAR = r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)"
+_MONTH, _DAY = r"(0[1-9]|1[0-2])", r"(0[1-9]|[1-2][0-9]|3[0-1])"
+_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?"
+_ZONE = r"(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))"
+_PRIMITIVE_FORMS: dict[str, tuple[re.Pattern[str], str]] = {
+    kind: (re.compile(pattern), shown)
+    for kind, pattern, shown in (
+        ("date", rf"{_YEAR}(-{_MONTH}(-{_DAY})?)?", "YYYY, YYYY-MM or YYYY-MM-DD"),
+        (
+            "dateTime",
+            rf"{_YEAR}(-{_MONTH}(-{_DAY}(T{_TIME}{_ZONE})?)?)?",
+            "YYYY-MM-DD or YYYY-MM-DDThh:mm:ss with a zone (Z, +01:00)",
+        ),
+        ("instant", rf"{_YEAR}-{_MONTH}-{_DAY}T{_TIME}{_ZONE}", "YYYY-MM-DDThh:mm:ss+zz:zz"),
+        ("time", _TIME, "hh:mm:ss"),
+        ("uri", r"\S+", "no white space"),
+        ("url", r"\S+", "no white space"),
+        ("canonical", r"\S+", "no white space"),
+        ("id", r"[A-Za-z0-9\-\.]{1,64}", "up to 64 letters, digits, '-' and '.'"),
+        ("code", r"[^\s]+( [^\s]+)*", "no leading, trailing or double white space"),
+        ("oid", r"urn:oid:[0-2](\.(0|[1-9][0-9]*))+", "urn:oid:1.2.3"),
+        (
+            "uuid",
+            r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+            "urn:uuid: and a lower-case UUID",
+        ),
+        ("base64Binary", r"[A-Za-z0-9+/\s]*={0,2}\s*", "base64"),
+    )
+}
 
 
 class StartFormError(BridgeError):
@@ -124,6 +156,9 @@ def _typed(code: str, kind: str, text: str) -> dict[str, Any]:
     if kind in _TEXT_TYPES:
         if not text:
             raise StartFormError(f"input {code}: empty value")
+        form = _PRIMITIVE_FORMS.get(kind)
+        if form is not None and not form[0].fullmatch(text):
+            raise StartFormError(f"input {code}: {text!r} is not a {kind} ({form[1]})")
         return {key: text}
     if kind in _INTEGER_BOUNDS:
         try:
@@ -139,7 +174,8 @@ def _typed(code: str, kind: str, text: str) -> dict[str, Any]:
             decimal = Decimal(text)
         except InvalidOperation:
             raise StartFormError(f"input {code}: {text!r} is not a decimal") from None
-        if not decimal.is_finite():
+        if not decimal.is_finite() or not math.isfinite(float(decimal)):
+            # 1e400 is finite as a Decimal, but inf as JSON's number: "Infinity", not JSON.
             raise StartFormError(f"input {code}: {text!r} is not a decimal")
         return {key: float(decimal)}
     if kind == "boolean":
@@ -312,7 +348,20 @@ class StartForm:
         problems: list[str] = []
         for kind in field.types:
             try:
-                return _typed(field.code, kind, text)
+                value = _typed(field.code, kind, text)
             except StartFormError as exc:
                 problems.append(str(exc))
+                continue
+            reference = value.get("valueReference")
+            example = field.example
+            if (
+                isinstance(reference, dict)
+                and "identifier" in reference
+                and isinstance(example, Mapping)
+                and isinstance(example.get("type"), str)
+            ):
+                # A logical reference keeps the draft's target type, as the DSF UI's does: the
+                # DSF FHIR server resolves an identifier only together with a type.
+                reference["type"] = example["type"]
+            return value
         raise StartFormError("; ".join(problems))

@@ -23,11 +23,13 @@ it never stops the others.
 Trust: the folder is trusted like site-packages, since the code in it runs inside the bridge
 with the bridge's rights. Only the module ``plugin.toml`` names (a wheel: the module its entry
 point names) is imported, and it imports what it wants; nothing else in the folder is executed.
-A world-writable folder is refused (:class:`~dsf_bridge.errors.ConfigError`), a world-writable
-plugin in it is rejected; owner-only permissions (``chmod 700``, owned by the bridge's user) are
-recommended. A wheel is unpacked to a private temporary folder (removed at exit) that goes to
-the end of ``sys.path``: its modules never shadow installed ones (a wheel that would is
-rejected), and its entry points are not unpacked, so it is not mistaken for an installed plugin.
+A world-writable folder is refused (:class:`~dsf_bridge.errors.ConfigError`), a plugin with
+anything world-writable in it (below a plugin folder, links followed) is rejected, and a plugin
+folder whose name is taken is rejected before its module is imported; owner-only permissions
+(``chmod 700``, owned by the bridge's user) are recommended. A wheel is unpacked to a private
+temporary folder (removed at exit) that goes to the end of ``sys.path``: its modules never
+shadow installed ones (a wheel that would is rejected), and its entry points are not unpacked,
+so it is not mistaken for an installed plugin.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import atexit
 import configparser
 import importlib.util
+import itertools
 import re
 import shutil
 import stat
@@ -72,6 +75,7 @@ _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MANIFEST_KEYS = frozenset({"name", "version", "release_date", "module"})
 # A wheel unpacked bigger than this is refused (a plugin is models, resources and a little code).
 MAX_WHEEL_BYTES = 200 * 1024 * 1024
+_SUFFIXES = itertools.count(2)  # of drop-in module names a plugin's own name would repeat
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,28 @@ class DropInPlugins:
 
 def _world_writable(path: Path) -> bool:
     return bool(path.stat().st_mode & stat.S_IWOTH)
+
+
+def _world_writable_in(entry: Path) -> Path | None:
+    """The first path of a drop-in (the wheel, or the plugin folder and everything below it)
+    that every user may change: the file or folder a path names (links followed), or, for a
+    symbolic link, the folder holding its target (unless sticky, as /tmp is). A linked folder
+    is checked, not walked (a link to a big shared folder costs no walk). None when there is
+    none."""
+    pending = [entry]
+    while pending:
+        path = pending.pop()
+        status = path.stat()
+        if status.st_mode & stat.S_IWOTH:
+            return path
+        linked = path.is_symlink()
+        if linked:
+            holder = path.resolve().parent.stat().st_mode
+            if holder & stat.S_IWOTH and not holder & stat.S_ISVTX:
+                return path
+        if stat.S_ISDIR(status.st_mode) and (not linked or path == entry):
+            pending.extend(sorted(path.iterdir()))
+    return None
 
 
 def load_plugin_folder(
@@ -131,17 +157,18 @@ def load_plugin_folder(
         else:
             continue  # a README or the like: not a plugin
         try:
-            if _world_writable(entry):
-                raise ProcessModelError(f"{entry} is writable by every user (chmod o-w)")
+            writable = _world_writable_in(entry)
+            if writable is not None:
+                raise ProcessModelError(f"{writable} is writable by every user (chmod o-w)")
             if kind == "folder":
-                found = [_folder_plugin(entry)]
+                found = [_folder_plugin(entry, names, lambda p: _check(p, names, keys))]
             else:
                 if unpacked is None:
                     unpacked = _private_temporary_folder()
-                found = _wheel_plugins(entry, unpacked, lambda p: _check(p, names, keys))
-            if kind == "folder":
-                _check(found[0], names, keys)
-        except (Exception, SystemExit) as exc:  # a plugin's import may raise anything
+                found = _wheel_plugins(entry, unpacked, _checker(names, keys))
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a plugin's import may raise anything (CancelledError...)
             reason = str(exc) if isinstance(exc, BridgeError) else f"{type(exc).__name__}: {exc}"
             result.rejected.append(RejectedPlugin(entry, reason))
             log.error("plugin.rejected", source=str(entry), reason=reason)
@@ -163,6 +190,19 @@ def _private_temporary_folder() -> Path:
 
 def _process_keys(plugin: ProcessPlugin) -> set[str]:
     return {p.key for path in plugin.bpmn_files for p in parse_bpmn_file(path).processes}
+
+
+def _checker(names: set[str], keys: set[str]) -> Callable[[ProcessPlugin], None]:
+    """:func:`_check` for the plugins of one wheel: each also against the ones before it in
+    the wheel (two entry points naming one plugin, or two plugins running one process)."""
+    names, keys = set(names), set(keys)
+
+    def check(plugin: ProcessPlugin) -> None:
+        _check(plugin, names, keys)
+        names.add(plugin.name)
+        keys.update(_process_keys(plugin))
+
+    return check
 
 
 def _check(plugin: ProcessPlugin, names: set[str], keys: set[str]) -> None:
@@ -207,7 +247,12 @@ def _manifest(folder: Path) -> dict[str, object]:
     return data
 
 
-def _folder_plugin(folder: Path) -> ProcessPlugin:
+def _folder_plugin(
+    folder: Path, names: set[str], check: Callable[[ProcessPlugin], None]
+) -> ProcessPlugin:
+    """The plugin of a plugin folder, passed through ``check``. Its name is checked before
+    its module is imported (a second copy of a plugin runs no code), and a plugin that fails
+    leaves nothing in ``sys.modules``."""
     data = _manifest(folder)
     path = folder / MANIFEST
     release = data["release_date"]
@@ -221,21 +266,38 @@ def _folder_plugin(folder: Path) -> ProcessPlugin:
     name, version, module = data["name"], data["version"], data.get("module")
     if not isinstance(name, str) or not isinstance(version, str):
         raise ProcessModelError(f"{path}: name and version must be strings")
+    if name in names:
+        raise ProcessModelError(f"plugin name {name!r} is already taken")
+    if module is not None and (not isinstance(module, str) or not _MODULE_NAME.match(module)):
+        raise ProcessModelError(f"{path}: module must be a Python module name, not {module!r}")
     handlers = HandlerRegistry()
-    if module is not None:
-        if not isinstance(module, str) or not _MODULE_NAME.match(module):
-            raise ProcessModelError(f"{path}: module must be a Python module name, not {module!r}")
-        found = _import_from_folder(folder, module, name)
-        registry = getattr(found, "handlers", None)
-        if not isinstance(registry, HandlerRegistry):
-            raise ProcessModelError(
-                f"{folder / module}: defines no 'handlers' (a HandlerRegistry), found "
-                f"{type(registry).__name__}"
-            )
-        handlers = registry
-    return plugin_from_folder(
-        folder, name=name, version=version, release_date=release, handlers=handlers
-    )
+    imported: str | None = None
+    try:
+        if module is not None:
+            found = _import_from_folder(folder, module, name)
+            imported = found.__name__
+            registry = getattr(found, "handlers", None)
+            if not isinstance(registry, HandlerRegistry):
+                raise ProcessModelError(
+                    f"{folder / module}: defines no 'handlers' (a HandlerRegistry), found "
+                    f"{type(registry).__name__}"
+                )
+            handlers = registry
+        plugin = plugin_from_folder(
+            folder, name=name, version=version, release_date=release, handlers=handlers
+        )
+        check(plugin)
+    except BaseException:
+        if imported is not None:
+            _forget_modules(imported)
+        raise
+    return plugin
+
+
+def _forget_modules(top: str) -> None:
+    """Remove module ``top`` and its submodules from ``sys.modules``."""
+    for loaded in [m for m in sys.modules if m == top or m.startswith(f"{top}.")]:
+        sys.modules.pop(loaded, None)
 
 
 def _import_from_folder(folder: Path, module: str, plugin: str) -> ModuleType:
@@ -243,7 +305,11 @@ def _import_from_folder(folder: Path, module: str, plugin: str) -> ModuleType:
     putting the folder on ``sys.path``: nothing else in it can be imported by accident."""
     package = folder / module / "__init__.py"
     single = folder / f"{module}.py"
-    unique = "dsf_bridge_dropin_" + re.sub(r"\W", "_", plugin)
+    # Its own name, never one an earlier drop-in's module holds ("a-b" and "a_b" would both
+    # be dsf_bridge_dropin_a_b): a package's submodules are found by it in sys.modules.
+    base = unique = "dsf_bridge_dropin_" + re.sub(r"\W", "_", plugin)
+    while any(m == unique or m.startswith(f"{unique}.") for m in sys.modules):
+        unique = f"{base}_{next(_SUFFIXES)}"
     if package.is_file():
         spec = importlib.util.spec_from_file_location(
             unique, package, submodule_search_locations=[str(package.parent)]
@@ -259,7 +325,7 @@ def _import_from_folder(folder: Path, module: str, plugin: str) -> ModuleType:
     try:
         spec.loader.exec_module(loaded)
     except BaseException:
-        sys.modules.pop(unique, None)
+        _forget_modules(unique)
         raise
     return loaded
 

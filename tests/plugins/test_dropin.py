@@ -330,3 +330,115 @@ def test_a_wheel_that_fails_its_checks_leaves_nothing_importable(
     assert "no handler registered for org.example.Missing" in found.rejected[0].reason
     assert not any(entry.startswith(str(unpacked)) for entry in sys.path)
     assert "unchecked_plugin" not in sys.modules
+
+
+def test_a_second_copy_of_a_plugin_runs_no_code_and_leaves_the_first_alone(
+    plugins_dir: Path,
+) -> None:
+    """An old version left beside the new one: the second copy's module is never imported,
+    and the accepted copy's module stays the one in sys.modules."""
+    plugin_folder(plugins_dir / "a-old", "hello")
+    plugin_folder(plugins_dir / "b-new", "hello")
+    with (plugins_dir / "a-old" / "handlers.py").open("a") as module:
+        module.write("\nCOPY = 'old'\n")
+    with (plugins_dir / "b-new" / "handlers.py").open("a") as module:
+        module.write("\nraise RuntimeError('the second copy ran')\n")
+
+    found = load_plugin_folder(plugins_dir)
+
+    assert [r.reason for r in found.rejected] == ["plugin name 'hello' is already taken"]
+    assert [p.name for p in found.plugins] == ["hello"]
+    assert found.sources == {"hello": plugins_dir / "a-old"}
+    assert sys.modules["dsf_bridge_dropin_hello"].COPY == "old"
+
+
+def test_plugins_whose_names_spell_one_module_name_keep_their_own_modules(
+    plugins_dir: Path,
+) -> None:
+    """Plugins "x-y" and "x_y" once shared dsf_bridge_dropin_x_y: a package plugin's submodules
+    (found through sys.modules) were then the other plugin's."""
+    for folder, name, word in (("p1", "x-y", "first"), ("p2", "x_y", "second")):
+        plugin_folder(plugins_dir / folder, "xy", module=None)
+        manifest = plugins_dir / folder / "plugin.toml"
+        manifest.write_text(
+            manifest.read_text().replace('name = "xy"', f'name = "{name}"') + 'module = "pkg"\n'
+        )
+        bpmn = plugins_dir / folder / "bpe" / "xy.bpmn"
+        bpmn.write_text(bpmn.read_text().replace("exampleorg_xy", f"exampleorg_{folder}"))
+        (plugins_dir / folder / "fhir").rename(plugins_dir / f".{folder}-fhir")
+        package = plugins_dir / folder / "pkg"
+        package.mkdir()
+        (package / "__init__.py").write_text("from .work import handlers\n")
+        (package / "work.py").write_text(HANDLERS.format(handler="org.example.xy.Work", name=word))
+
+    found = load_plugin_folder(plugins_dir)
+
+    assert found.rejected == []
+    greetings = {}
+    for plugin in found.plugins:
+        handler = plugin.handlers.get("org.example.xy.Work")
+        assert handler is not None
+        module = sys.modules[handler.function.__module__]
+        greetings[plugin.name] = module.__name__, module.__file__
+    assert greetings["x-y"][1] == str(plugins_dir / "p1" / "pkg" / "work.py")
+    assert greetings["x_y"][1] == str(plugins_dir / "p2" / "pkg" / "work.py")
+    assert greetings["x-y"][0] != greetings["x_y"][0]
+
+
+def test_a_plugin_rejected_after_its_import_leaves_no_module(plugins_dir: Path) -> None:
+    _broken_bpmn(plugins_dir / "broken")
+    found = load_plugin_folder(plugins_dir)
+    assert len(found.rejected) == 1
+    assert not [m for m in sys.modules if m.startswith("dsf_bridge_dropin_broken")]
+
+
+def test_an_import_raising_a_base_exception_stops_no_one(plugins_dir: Path) -> None:
+    plugin_folder(plugins_dir / "a-cancels", "cancels")
+    (plugins_dir / "a-cancels" / "handlers.py").write_text(
+        "import asyncio\nraise asyncio.CancelledError()\n"
+    )
+    plugin_folder(plugins_dir / "b-good", "good")
+    found = load_plugin_folder(plugins_dir)
+    assert [p.name for p in found.plugins] == ["good"]
+    assert [r.reason for r in found.rejected] == ["CancelledError: "]
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["file", "linked file"])
+def test_a_world_writable_file_in_a_plugin_is_rejected(
+    plugins_dir: Path, tmp_path: Path, link: bool
+) -> None:
+    folder = plugin_folder(plugins_dir / "hello", "hello")
+    module = folder / "handlers.py"
+    if link:
+        elsewhere = tmp_path / "shared"
+        elsewhere.mkdir()
+        (elsewhere / "handlers.py").write_text(module.read_text())
+        elsewhere.chmod(0o777)  # anyone may replace the file the link points to
+        module.unlink()
+        module.symlink_to(elsewhere / "handlers.py")
+    else:
+        module.chmod(0o666)
+    found = load_plugin_folder(plugins_dir)
+    assert found.plugins == []
+    [rejected] = found.rejected
+    assert rejected.reason == f"{module} is writable by every user (chmod o-w)"
+
+
+def test_a_wheel_naming_one_plugin_twice_is_rejected(plugins_dir: Path) -> None:
+    """Two entry points of one wheel are checked against each other too: one plugin twice
+    (or two running one process) would be deployed twice."""
+    path = wheel(plugins_dir, "twice")
+    with zipfile.ZipFile(path) as archive:
+        files = {item.filename: archive.read(item) for item in archive.infolist()}
+    files["twice_plugin-1.0.dist-info/entry_points.txt"] = (
+        b"[dsf_bridge.plugins]\ntwice = twice_plugin:plugin\nagain = twice_plugin:plugin\n"
+    )
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+
+    found = load_plugin_folder(plugins_dir)
+
+    assert found.plugins == []
+    assert [r.reason for r in found.rejected] == ["plugin name 'twice' is already taken"]
+    assert "twice_plugin" not in sys.modules

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from dsf_bridge.dsf.drafts import StartForm, StartFormError, parse_input
+from dsf_bridge.dsf.drafts import InputField, StartForm, StartFormError, parse_input
 from dsf_bridge.dsf.profiles import TaskProfile
 from dsf_bridge.dsf.publication import publish, read_resource
 from dsf_bridge.dsf.tasks import input_values
@@ -36,6 +36,7 @@ from tests.plugins.test_pingpong import (  # the two-site ping/pong network and 
     _statuses,
     network,  # noqa: F401 - the fixture
 )
+from tests.reference import reference_file
 from tests.sandbox.harness import LOCAL, Sandbox, sandbox, sandbox_ca, sandbox_sites
 
 __all__ = ["sandbox", "sandbox_ca", "sandbox_sites"]
@@ -341,6 +342,9 @@ def test_values_are_typed_as_each_slice_declares() -> None:
         "ratio": {"valueDecimal": 0.25},
         "extra": {"valueReference": {"reference": "Endpoint/2"}},
     }
+    for huge in ("1e400", "NaN", "-Infinity"):  # no JSON number
+        with pytest.raises(StartFormError, match="is not a decimal"):
+            form.task([("count", "1"), ("ratio", huge)], requester="Site_A", authored_on=NOW)
     for bad, message in [
         ("0", "0 is out of range for positiveInt"),
         ("three", re.escape("'three' is not an integer (positiveInt)")),
@@ -349,3 +353,67 @@ def test_values_are_typed_as_each_slice_declares() -> None:
             form.task([("count", bad)], requester="Site_A", authored_on=NOW)
     with pytest.raises(StartFormError, match=re.escape("'big' is not SYSTEM|CODING")):
         form.task([("count", "1"), ("kind", "big")], requester="Site_A", authored_on=NOW)
+
+
+def test_a_logical_reference_keeps_the_drafts_target_type() -> None:
+    """MII's dataSend start draft: dms-identifier is an Organization by identifier. The DSF
+    FHIR server resolves an identifier-only reference only with its type (ResourceReference:
+    without one it is UNKNOWN), so the Task keeps the draft's ``type`` as the DSF UI does."""
+    fhir = "mii-process-data-transfer/src/main/resources/fhir"
+
+    def resource(relative: str) -> dict[str, Any]:
+        path = reference_file(f"{fhir}/{relative}")
+        text = path.read_text(encoding="utf-8")
+        for placeholder, value in (("version", "1.0"), ("organization", "Site_A")):
+            text = text.replace(f"#{{{placeholder}}}", value)
+        return read_resource(str(path), text.replace("#{date}", "2026-01-01").encode())
+
+    form = StartForm.from_draft(
+        resource("Task/task-data-send-start.xml"),
+        [resource("StructureDefinition/task-data-send-start.xml")],
+    )
+    task = form.task(
+        [
+            ("dms-identifier", "http://dsf.dev/sid/organization-identifier|Site_B"),
+            (
+                "project-identifier",
+                "http://medizininformatik-initiative.de/sid/project-identifier|P1",
+            ),
+        ],
+        requester="Site_A",
+        authored_on=NOW,
+    )
+    [dms] = [p for p in task["input"] if p["type"]["coding"][0]["code"] == "dms-identifier"]
+    assert dms["valueReference"] == {
+        "type": "Organization",
+        "identifier": {"system": "http://dsf.dev/sid/organization-identifier", "value": "Site_B"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "good", "bad"),
+    [
+        ("dateTime", "2026-03-01T10:00:00+01:00", "tomorrow"),
+        ("dateTime", "2026-03-01", "2026-03-01T10:00:00"),  # a time needs its zone
+        ("date", "2026-03", "01.03.2026"),
+        ("instant", "2026-03-01T09:00:00.5Z", "2026-03-01"),
+        ("time", "23:59:60", "24:00:00"),
+        ("uri", "urn:x:y", "a b"),
+        ("id", "abc-1.2", "a_b"),
+        ("oid", "urn:oid:1.2.840", "1.2.840"),
+    ],
+)
+def test_text_values_are_checked_against_their_fhir_type(kind: str, good: str, bad: str) -> None:
+    """A strict DSF server refuses a Task whose primitive does not match its FHIR type: such a
+    value exits before anything is sent, as docs/operations.md says."""
+    message = {
+        "type": {"coding": [{"system": BPMN_MESSAGE, "code": "message-name"}]},
+        "valueString": "startX",
+    }
+    form = StartForm(
+        {"input": [message]}, {"when": InputField("when", "http://example.org/s", 1, 1, (kind,))}
+    )
+    [_, given] = form.task([("when", good)], requester="Site_A", authored_on=NOW)["input"]
+    assert given["value" + kind[0].upper() + kind[1:]] == good
+    with pytest.raises(StartFormError, match=re.escape(f"{bad!r} is not a {kind} (")):
+        form.task([("when", bad)], requester="Site_A", authored_on=NOW)
