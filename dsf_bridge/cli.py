@@ -75,7 +75,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
-db_app = typer.Typer(help="Create and migrate the SQL store.", no_args_is_help=True)
+db_app = typer.Typer(help="Create, migrate and back up the SQL store.", no_args_is_help=True)
 audit_app = typer.Typer(help="Check the audit trail.", no_args_is_help=True)
 api_app = typer.Typer(
     help="The admin HTTP API and web page (health, readiness, metrics, audit).",
@@ -310,11 +310,43 @@ def db_current(ctx: typer.Context, db_url: DbUrlOption = None, config: ConfigOpt
         raise typer.Exit(EXIT_FAILED)
 
 
+@db_app.command("backup")
+def db_backup(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="The copy to write (must not exist).")],
+    db_url: DbUrlOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Copy the store to FILE while the bridge runs (SQLite: the backup API, the write-ahead
+    log included; PostgreSQL: print the pg_dump command to run, and do nothing else)."""
+    from dsf_bridge.store import backup, sqlite_path
+
+    settings = _settings(ctx, config, db_url)
+    try:
+        if sqlite_path(settings.db.url) is None:
+            typer.echo(backup.pg_dump_command(settings.db.url, file))
+            return
+        done = backup.backup_sqlite(settings.db.url, file)
+    except BridgeError as exc:
+        raise _fail(exc) from exc
+    if done.integrity != "ok":
+        typer.echo(
+            f"dsf-bridge: the copy {file} fails its integrity check: {done.integrity}", err=True
+        )
+        raise typer.Exit(EXIT_FAILED)
+    _log().info("store.backed_up", pages=done.pages)
+    typer.echo(
+        f"backup of {done.source} written to {file} ({done.pages} pages, integrity ok); "
+        f"check its audit trail with: dsf-bridge audit verify --db-url sqlite:///{file.resolve()}"
+    )
+
+
 @audit_app.command("verify")
 def audit_verify(
     ctx: typer.Context, db_url: DbUrlOption = None, config: ConfigOption = None
 ) -> None:
-    """Verify the audit trail's hash chain; exit 1 naming the first bad event."""
+    """Verify the audit trail's hash chain and compare the instance and Task rows with the
+    records of their last events; exit 1 naming the first bad event and every changed row."""
     import asyncio
 
     from dsf_bridge.store import Database, verify_chain
@@ -335,10 +367,13 @@ def audit_verify(
         report = asyncio.run(run())
     except BridgeError as exc:
         raise _fail(exc) from exc
-    if not report.ok:
+    if report.problem is not None:
         typer.echo(
             f"audit chain BROKEN at event {report.first_bad_sequence}: {report.problem}", err=True
         )
+    for problem in report.record_problems:
+        typer.echo(f"audit record BROKEN: {problem}", err=True)
+    if not report.ok:
         raise typer.Exit(EXIT_FAILED)
     unsealed = (
         f"; {report.unsealed} newer events not yet sealed into it (a running bridge seals them "
@@ -347,6 +382,15 @@ def audit_verify(
         else ""
     )
     typer.echo(f"audit chain intact: {report.events} events, head {report.head_hash}{unsealed}")
+    unrecorded = (
+        f" ({report.unrecorded} rows have no record: written before dsf-bridge kept them, "
+        "or a Task version in intake)"
+        if report.unrecorded
+        else ""
+    )
+    typer.echo(
+        f"records intact: {report.records} rows as their last event recorded them{unrecorded}"
+    )
 
 
 def _with_store(
