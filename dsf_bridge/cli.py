@@ -12,6 +12,7 @@ module, not the engine, the store, FastAPI or the sandbox (``bench/cli.py`` time
 
 from __future__ import annotations
 
+import enum
 import functools
 import importlib
 import json
@@ -76,7 +77,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
 db_app = typer.Typer(help="Create, migrate and back up the SQL store.", no_args_is_help=True)
-audit_app = typer.Typer(help="Check the audit trail.", no_args_is_help=True)
+audit_app = typer.Typer(help="Check and export the audit trail.", no_args_is_help=True)
 api_app = typer.Typer(
     help="The admin HTTP API and web page (health, readiness, metrics, audit).",
     no_args_is_help=True,
@@ -391,6 +392,85 @@ def audit_verify(
     typer.echo(
         f"records intact: {report.records} rows as their last event recorded them{unrecorded}"
     )
+
+
+class ExportFormat(enum.StrEnum):
+    JSONL = "jsonl"
+    FHIR = "fhir"
+
+
+def _since(value: str | None) -> Any:
+    """``--since`` as an aware datetime (a date is its midnight; no zone is UTC)."""
+    import datetime as dt
+
+    if value is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is no ISO 8601 date or time (2026-01-31, 2026-01-31T12:00:00+01:00)",
+            param_hint="--since",
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
+
+
+@audit_app.command("export")
+def audit_export(
+    ctx: typer.Context,
+    *,
+    export_format: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            help="jsonl: one stored event per line, as the chain hashes it; fhir: one FHIR R4 "
+            "AuditEvent per line (NDJSON), after IHE BALP.",
+        ),
+    ] = ExportFormat.JSONL,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Only events at or after this time (ISO 8601, e.g. 2026-01-31 or "
+            "2026-01-31T12:00:00+01:00; without a zone: UTC).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write to FILE instead of standard output.", show_default=False),
+    ] = None,
+    db_url: DbUrlOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Export the audit trail, oldest first, read-only (a running bridge is not held up)."""
+    import sys
+
+    from dsf_bridge.dsf.audit_events import audit_event_resource
+    from dsf_bridge.store import export_events
+    from dsf_bridge.store.owner import store_owner
+
+    start = _since(since)
+
+    async def work(session: Any) -> int:
+        organization = await store_owner(session)
+        target = sys.stdout if out is None else out.open("w", encoding="utf-8")
+        count = 0
+        try:
+            async for event in export_events(session, since=start):
+                line = (
+                    audit_event_resource(event, organization)
+                    if export_format is ExportFormat.FHIR
+                    else event
+                )
+                target.write(json.dumps(line, separators=(",", ":")) + "\n")
+                count += 1
+        finally:
+            if out is not None:
+                target.close()
+        return count
+
+    count = _with_store(ctx, config, db_url, work, read_only=True)
+    typer.echo(f"exported {count} audit events" + (f" to {out}" if out else ""), err=True)
 
 
 def _with_store(

@@ -36,7 +36,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -61,6 +61,7 @@ __all__ = [
     "append_event",
     "digest_payload",
     "event_hash",
+    "export_events",
     "instance_record",
     "seal_events",
     "task_record",
@@ -585,6 +586,39 @@ async def verify_records(session: AsyncSession) -> RecordCheck:
             f"the {table} row {row} was deleted after {_where(sequence, event_id)} recorded it"
         )
     return check
+
+
+async def export_events(
+    session: AsyncSession, *, since: dt.datetime | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    """Every event (``since``: those that occurred at or after it) in the order they were
+    appended, as plain data: the fields the chain hashes, in the form it hashes them (UTC
+    times to the microsecond, ``record`` as its canonical text)."""
+    query = select(
+        AuditEvent.id,
+        AuditEvent.sequence,
+        AuditEvent.occurred_at,
+        AuditEvent.actor,
+        AuditEvent.subject,
+        AuditEvent.action,
+        AuditEvent.reason,
+        AuditEvent.payload_digest,
+        AuditEvent.record,
+        AuditEvent.previous_hash,
+        AuditEvent.event_hash,
+    )
+    if since is not None:
+        query = query.where(AuditEvent.occurred_at >= since)
+    stream = await session.stream(
+        query.order_by(AuditEvent.id).execution_options(yield_per=SEAL_BATCH)
+    )
+    try:
+        async for row in stream:
+            event = row._asdict()
+            event["occurred_at"] = _timestamp(row.occurred_at)
+            yield event
+    finally:
+        await stream.close()
 
 
 async def reasons_of(session: AsyncSession, action: str) -> list[str]:
