@@ -3,12 +3,21 @@ bridge's back is found by ``audit verify`` and named, field by field (SQLite and
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, event, insert, select, update
 
 from dsf_bridge.errors import RemoteError
-from dsf_bridge.store import ChainReport, Database, seal_events, verify_chain
+from dsf_bridge.store import (
+    ChainReport,
+    Database,
+    create_sync_engine,
+    digest_payload,
+    instance_record,
+    seal_events,
+    verify_chain,
+)
 from dsf_bridge.store.tables import AuditEvent, ProcessInstance, TaskSeen
 from tests.runtime.test_send_failures import KEY, _run
 from tests.served import cli
@@ -151,3 +160,67 @@ async def test_cli_verify_names_the_edited_instance(database: Database, migrated
     assert broken.returncode == 1
     assert f"audit record BROKEN: process instance {instance_id} was changed" in broken.stderr
     assert "status is 'completed', recorded 'failed'" in broken.stderr
+
+
+async def test_a_step_committed_while_verify_reads_is_no_edit(
+    postgres_database: Database, postgres_url: str
+) -> None:
+    """PostgreSQL gives each statement of verify its own snapshot: a step that commits after
+    the events were read and before the rows are leaves a row newer than the last record
+    read. Verify looks again and finds that step's record."""
+    instance_id = await _instance(postgres_database, fail=True)
+    writer = create_sync_engine(postgres_url)
+    stepped: list[bool] = []
+
+    def a_step_commits(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if stepped or "FROM process_instances" not in statement:
+            return
+        stepped.append(True)
+        # What a step writes in one transaction: the row and its event's record of it.
+        with writer.begin() as connection:
+            row = connection.execute(
+                select(ProcessInstance).where(ProcessInstance.id == instance_id)
+            ).one()
+            connection.execute(
+                update(ProcessInstance)
+                .where(ProcessInstance.id == instance_id)
+                .values(status="cancelled", version=row.version + 1)
+            )
+            connection.execute(
+                insert(AuditEvent).values(
+                    occurred_at=dt.datetime.now(dt.UTC),
+                    actor="other-replica",
+                    subject=f"instance/{instance_id}",
+                    action="instance.cancelled",
+                    reason="test",
+                    record=json.dumps(
+                        instance_record(
+                            instance_id,
+                            process=f"{KEY}|1.0",
+                            business_key=row.business_key,
+                            status="cancelled",
+                            version=row.version + 1,
+                            state_digest=digest_payload(row.state),
+                        ),
+                        sort_keys=True,
+                        separators=(",", ":"),
+                    ),
+                )
+            )
+
+    engine = postgres_database.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", a_step_commits)
+    try:
+        report = await _report(postgres_database)
+    finally:
+        event.remove(engine, "before_cursor_execute", a_step_commits)
+        writer.dispose()
+    assert stepped == [True]
+    assert (report.ok, report.record_problems) == (True, ())
+    # And an edit is still one: the same check after a change without a record.
+    await _edit(
+        postgres_database,
+        update(ProcessInstance).where(ProcessInstance.id == instance_id).values(status="failed"),
+    )
+    [problem] = (await _report(postgres_database)).record_problems
+    assert problem.endswith("status is 'failed', recorded 'cancelled'")
