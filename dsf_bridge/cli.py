@@ -258,19 +258,50 @@ def db_upgrade(
     ctx: typer.Context,
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
     db_url: DbUrlOption = None,
+    organization: Annotated[
+        str | None,
+        typer.Option(
+            help="Also tie the store to this DSF organization identifier now (the first run "
+            "does it otherwise); refused if it belongs to another.",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Create the schema or bring it up to REVISION (default: the newest)."""
+    import asyncio
+
+    from dsf_bridge.store import Database
     from dsf_bridge.store import migrations as schema
+    from dsf_bridge.store.owner import bind_store
 
     settings = _settings(ctx, config, db_url)
+
+    async def bind(identifier: str) -> None:
+        database = Database(settings.db.url, echo=settings.db.echo)
+        try:
+            async with database.transaction() as session:
+                await bind_store(session, identifier, actor="dsf-bridge db upgrade")
+        finally:
+            await database.dispose()
+
     try:
         schema.upgrade(settings.db.url, revision)
         status = schema.schema_status(settings.db.url)
+        if organization is not None:
+            if not status.up_to_date:
+                raise ConfigError(
+                    "--organization needs the newest schema (the store records its "
+                    f"organization from revision 0005 on), not {status.current}",
+                    field="organization",
+                )
+            asyncio.run(bind(organization))
     except BridgeError as exc:
         raise _fail(exc) from exc
     _log().info("schema.upgraded", revision=status.current)
     typer.echo(f"schema at revision {status.current} (newest: {status.head})")
+    if organization is not None:
+        typer.echo(f"the store belongs to organization {organization}")
 
 
 @db_app.command("downgrade")
