@@ -720,44 +720,40 @@ class TaskIntake:
                 )
             log.error("task.refused", error=error, refusal=str(exc))
             return
-        failed_version = claimed_version or current_version
         async with self.database.transaction() as session:
-            await repo.set_task_seen_status(session, task_id, failed_version, FAILED)
-            seen = await repo.get_task_seen(session, task_id, failed_version)
-            await self._audit(
-                session,
-                task_id,
-                "task.failed",
-                error,
-                record=task_record(
-                    task_id,
-                    failed_version,
-                    "incoming",
-                    status=FAILED,
-                    instance_id=seen.instance_id if seen is not None else None,
-                ),
+            version = claimed_version or current_version
+            await self._settle(
+                session, task_id, version, status=FAILED, action="task.failed", reason=error
             )
         log.warning("task.failed", error=error)
 
     async def _skip(self, task_id: str, version: str, reason: str) -> None:
         """Record the Task version ``skipped`` for good, with an audit event saying why."""
         async with self.database.transaction() as session:
-            await repo.set_task_seen_status(session, task_id, version, SKIPPED)
-            seen = await repo.get_task_seen(session, task_id, version)
-            await self._audit(
-                session,
-                task_id,
-                "task.skipped",
-                reason,
-                record=task_record(
-                    task_id,
-                    version,
-                    "incoming",
-                    status=SKIPPED,
-                    instance_id=seen.instance_id if seen is not None else None,
-                ),
+            await self._settle(
+                session, task_id, version, status=SKIPPED, action="task.skipped", reason=reason
             )
         log.error("task.skipped", reason=reason)
+
+    async def _settle(
+        self,
+        session: Session,
+        task_id: str,
+        version: str,
+        *,
+        status: TaskSeenStatus,
+        action: str,
+        reason: str,
+    ) -> None:
+        """Set a Task version's final intake status, with an audit event that records it."""
+        record: Records | None = None
+        if await repo.set_task_seen_status(session, task_id, version, status):
+            seen = await repo.get_task_seen(session, task_id, version)
+            instance_id = seen.instance_id if seen is not None else None
+            record = task_record(
+                task_id, version, "incoming", status=status, instance_id=instance_id
+            )
+        await self._audit(session, task_id, action, reason, record=record)
 
     async def _audit(
         self,
