@@ -12,6 +12,7 @@ module, not the engine, the store, FastAPI or the sandbox (``bench/cli.py`` time
 
 from __future__ import annotations
 
+import enum
 import functools
 import importlib
 import json
@@ -75,8 +76,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
-db_app = typer.Typer(help="Create and migrate the SQL store.", no_args_is_help=True)
-audit_app = typer.Typer(help="Check the audit trail.", no_args_is_help=True)
+db_app = typer.Typer(help="Create, migrate and back up the SQL store.", no_args_is_help=True)
+audit_app = typer.Typer(help="Check and export the audit trail.", no_args_is_help=True)
 api_app = typer.Typer(
     help="The admin HTTP API and web page (health, readiness, metrics, audit).",
     no_args_is_help=True,
@@ -260,19 +261,50 @@ def db_upgrade(
     ctx: typer.Context,
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
     db_url: DbUrlOption = None,
+    organization: Annotated[
+        str | None,
+        typer.Option(
+            help="Also tie the store to this DSF organization identifier now (the first run "
+            "does it otherwise); refused if it belongs to another.",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Create the schema or bring it up to REVISION (default: the newest)."""
+    import asyncio
+
+    from dsf_bridge.store import Database
     from dsf_bridge.store import migrations as schema
+    from dsf_bridge.store.owner import bind_store
 
     settings = _settings(ctx, config, db_url)
+
+    async def bind(identifier: str) -> None:
+        database = Database(settings.db.url, echo=settings.db.echo)
+        try:
+            async with database.transaction() as session:
+                await bind_store(session, identifier, actor="dsf-bridge db upgrade")
+        finally:
+            await database.dispose()
+
     try:
         schema.upgrade(settings.db.url, revision)
         status = schema.schema_status(settings.db.url)
+        if organization is not None:
+            if not status.up_to_date:
+                raise ConfigError(
+                    "--organization needs the newest schema (the store records its "
+                    f"organization from revision 0005 on), not {status.current}",
+                    field="organization",
+                )
+            asyncio.run(bind(organization))
     except BridgeError as exc:
         raise _fail(exc) from exc
     _log().info("schema.upgraded", revision=status.current)
     typer.echo(f"schema at revision {status.current} (newest: {status.head})")
+    if organization is not None:
+        typer.echo(f"the store belongs to organization {organization}")
 
 
 @db_app.command("downgrade")
@@ -313,11 +345,43 @@ def db_current(ctx: typer.Context, db_url: DbUrlOption = None, config: ConfigOpt
         raise typer.Exit(EXIT_FAILED)
 
 
+@db_app.command("backup")
+def db_backup(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="The copy to write (must not exist).")],
+    db_url: DbUrlOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Copy the store to FILE while the bridge runs (SQLite: the backup API, the write-ahead
+    log included; PostgreSQL: print the pg_dump command to run, and do nothing else)."""
+    from dsf_bridge.store import backup, sqlite_path
+
+    settings = _settings(ctx, config, db_url)
+    try:
+        if sqlite_path(settings.db.url) is None:
+            typer.echo(backup.pg_dump_command(settings.db.url, file))
+            return
+        done = backup.backup_sqlite(settings.db.url, file)
+    except BridgeError as exc:
+        raise _fail(exc) from exc
+    if done.integrity != "ok":
+        typer.echo(
+            f"dsf-bridge: the copy {file} fails its integrity check: {done.integrity}", err=True
+        )
+        raise typer.Exit(EXIT_FAILED)
+    _log().info("store.backed_up", pages=done.pages)
+    typer.echo(
+        f"backup of {done.source} written to {file} ({done.pages} pages, integrity ok); "
+        f"check its audit trail with: dsf-bridge audit verify --db-url sqlite:///{file.resolve()}"
+    )
+
+
 @audit_app.command("verify")
 def audit_verify(
     ctx: typer.Context, db_url: DbUrlOption = None, config: ConfigOption = None
 ) -> None:
-    """Verify the audit trail's hash chain; exit 1 naming the first bad event."""
+    """Verify the audit trail's hash chain and compare the instance and Task rows with the
+    records of their last events; exit 1 naming the first bad event and every changed row."""
     import asyncio
 
     from dsf_bridge.store import Database, verify_chain
@@ -338,10 +402,13 @@ def audit_verify(
         report = asyncio.run(run())
     except BridgeError as exc:
         raise _fail(exc) from exc
-    if not report.ok:
+    if report.problem is not None:
         typer.echo(
             f"audit chain BROKEN at event {report.first_bad_sequence}: {report.problem}", err=True
         )
+    for problem in report.record_problems:
+        typer.echo(f"audit record BROKEN: {problem}", err=True)
+    if not report.ok:
         raise typer.Exit(EXIT_FAILED)
     unsealed = (
         f"; {report.unsealed} newer events not yet sealed into it (a running bridge seals them "
@@ -350,6 +417,94 @@ def audit_verify(
         else ""
     )
     typer.echo(f"audit chain intact: {report.events} events, head {report.head_hash}{unsealed}")
+    unrecorded = (
+        f" ({report.unrecorded} rows have no record: written before dsf-bridge kept them, "
+        "or a Task version in intake)"
+        if report.unrecorded
+        else ""
+    )
+    typer.echo(
+        f"records intact: {report.records} rows as their last event recorded them{unrecorded}"
+    )
+
+
+class ExportFormat(enum.StrEnum):
+    JSONL = "jsonl"
+    FHIR = "fhir"
+
+
+def _since(value: str | None) -> Any:
+    """``--since`` as an aware datetime (a date is its midnight; no zone is UTC)."""
+    import datetime as dt
+
+    if value is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is no ISO 8601 date or time (2026-01-31, 2026-01-31T12:00:00+01:00)",
+            param_hint="--since",
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
+
+
+@audit_app.command("export")
+def audit_export(
+    ctx: typer.Context,
+    *,
+    export_format: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            help="jsonl: one stored event per line, as the chain hashes it; fhir: one FHIR R4 "
+            "AuditEvent per line (NDJSON), after IHE BALP.",
+        ),
+    ] = ExportFormat.JSONL,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Only events at or after this time (ISO 8601, e.g. 2026-01-31 or "
+            "2026-01-31T12:00:00+01:00; without a zone: UTC).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write to FILE instead of standard output.", show_default=False),
+    ] = None,
+    db_url: DbUrlOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Export the audit trail, oldest first, read-only (a running bridge is not held up)."""
+    import sys
+
+    from dsf_bridge.dsf.audit_events import audit_event_resource
+    from dsf_bridge.store import export_events
+    from dsf_bridge.store.owner import store_owner
+
+    start = _since(since)
+
+    async def work(session: Any) -> int:
+        organization = await store_owner(session)
+        target = sys.stdout if out is None else out.open("w", encoding="utf-8")
+        count = 0
+        try:
+            async for event in export_events(session, since=start):
+                line = (
+                    audit_event_resource(event, organization)
+                    if export_format is ExportFormat.FHIR
+                    else event
+                )
+                target.write(json.dumps(line, separators=(",", ":")) + "\n")
+                count += 1
+        finally:
+            if out is not None:
+                target.close()
+        return count
+
+    count = _with_store(ctx, config, db_url, work, read_only=True)
+    typer.echo(f"exported {count} audit events" + (f" to {out}" if out else ""), err=True)
 
 
 def _with_store(

@@ -125,6 +125,9 @@ class ChainOut(_Model):
     first_bad_sequence: int | None
     problem: str | None
     unsealed: int
+    records: int
+    unrecorded: int
+    record_problems: list[str]
 
 
 # -- the app -------------------------------------------------------------------------------

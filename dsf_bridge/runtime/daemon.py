@@ -52,7 +52,8 @@ from dsf_bridge.plugins.registry import (
 from dsf_bridge.runtime.gateway import DsfTaskGateway
 from dsf_bridge.runtime.intake import SqlCursorStore, TaskIntake
 from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
-from dsf_bridge.store import Database, schema_status
+from dsf_bridge.store import Database, schema_status, sqlite_path
+from dsf_bridge.store.owner import bind_store
 
 __all__ = ["Bridge"]
 
@@ -142,6 +143,13 @@ class Bridge:
         log.info("certificate.loaded", **identity.describe())
         context = build_ssl_context(identity, dsf.ca_certificates, password=password)
 
+        # Connecting would create an empty SQLite file where the store was expected.
+        path = sqlite_path(self.settings.db.url)
+        if path is not None and not path.exists():
+            raise MigrationError(
+                f"the SQLite database {path} does not exist: run 'dsf-bridge db upgrade' first "
+                "(or point db.url at this site's store)"
+            )
         status = schema_status(self.settings.db.url)
         if not status.up_to_date:
             raise MigrationError(
@@ -169,6 +177,9 @@ class Bridge:
         self.organization.require_thumbprint(identity.thumbprint)
         local = self.organization.identifier
         log.info("organization.found", organization=local)
+        async with self.database.transaction() as session:
+            if await bind_store(session, local, actor=self.owner):
+                log.info("store.bound", organization=local)
 
         self.gateway = DsfTaskGateway(
             self.client,

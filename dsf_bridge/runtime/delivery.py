@@ -22,7 +22,7 @@ from dsf_bridge.engine.exceptions import CorrelationError
 from dsf_bridge.errors import ConcurrencyError, ProcessExecutionError
 from dsf_bridge.runtime.deployments import DeployedProcess
 from dsf_bridge.runtime.stepping import step_context
-from dsf_bridge.store import Session
+from dsf_bridge.store import Records, Session
 from dsf_bridge.store import repository as repo
 
 if TYPE_CHECKING:
@@ -97,11 +97,12 @@ class MessageDelivery:
                 ):
                     raise _InstanceWaitingError
 
-                async def taken_in() -> None:
-                    if task_id is not None:
-                        await runtime.effects.record_incoming(
-                            session, task_id, task_version, instance_id, claimed_version
-                        )
+                async def taken_in() -> Records | None:
+                    if task_id is None:
+                        return None
+                    return await runtime.effects.record_incoming(
+                        session, task_id, task_version, instance_id, claimed_version
+                    )
 
                 pending = await runtime.stepper.create(
                     session,
@@ -337,11 +338,12 @@ class MessageDelivery:
                 message_name, now, correlation_key, variables, subscription.token, task_id
             )
 
-            async def taken_in() -> None:
-                if task_id is not None:
-                    await runtime.effects.record_incoming(
-                        session, task_id, task_version, instance_id, claimed_version
-                    )
+            async def taken_in() -> Records | None:
+                if task_id is None:
+                    return None
+                return await runtime.effects.record_incoming(
+                    session, task_id, task_version, instance_id, claimed_version
+                )
 
             pending = await runtime.stepper.write(
                 session,

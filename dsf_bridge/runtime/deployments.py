@@ -30,6 +30,11 @@ class DeployedProcess:
     definition_id: int
     plugin: str
 
+    @property
+    def audited_process(self) -> str:
+        """``key|version`` as the store records the definition (``process_definitions``)."""
+        return f"{self.definition.key}|{self.definition.version_tag or ''}"
+
     @cached_property
     def caught_signals(self) -> frozenset[str]:
         """Names of the signals the model catches (intermediate and boundary events)."""

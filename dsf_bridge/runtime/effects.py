@@ -42,7 +42,14 @@ from dsf_bridge.engine.model import ProcessDefinition
 from dsf_bridge.errors import TaskAlreadyDeliveredError
 from dsf_bridge.logs import step_log_context
 from dsf_bridge.runtime.deployments import DeployedProcess, Deployments
-from dsf_bridge.store import Session, append_event
+from dsf_bridge.store import (
+    Records,
+    Session,
+    append_event,
+    digest_payload,
+    instance_record,
+    task_record,
+)
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
 
@@ -308,6 +315,14 @@ class EffectWriter:
                 )
                 waiting.update(await repo.running_instances_of(session, catchers))
                 waiting.discard(instance_id)
+                known = instance_state.incident_tokens(state)
+                follow = self.step(
+                    deployed.definition, state, SignalReceived(effect.signal_name, now)
+                )
+                state = follow.state
+                status = instance_state.instance_status(state).label
+                # This event records the row as saved below, after the instance caught its own
+                # signal (the step's event recorded it before).
                 await append_event(
                     session,
                     actor=self.owner,
@@ -315,6 +330,14 @@ class EffectWriter:
                     action="signal.thrown",
                     reason=f"{effect.signal_name} to {len(waiting)} other instance(s)",
                     payload={"signal": effect.signal_name, "instances": sorted(waiting)},
+                    record=instance_record(
+                        instance_id,
+                        process=deployed.audited_process,
+                        business_key=record.business_key,
+                        status=status,
+                        version=record.version + 1,
+                        state_digest=digest_payload(state),
+                    ),
                 )
                 for other in sorted(waiting):
                     await repo.enqueue_job(
@@ -326,17 +349,12 @@ class EffectWriter:
                     )
                     pending.effects.append("SignalJob")
                     pending.for_rounds += 1
-                known = instance_state.incident_tokens(state)
-                follow = self.step(
-                    deployed.definition, state, SignalReceived(effect.signal_name, now)
-                )
-                state = follow.state
                 await self.audit_incidents(session, instance_id, known, state, pending)
                 record = await repo.save_instance(
                     session,
                     record,
                     state=state,
-                    status=instance_state.instance_status(state).label,
+                    status=status,
                     now=now,
                     ended=not instance_state.is_running(state),
                 )
@@ -388,9 +406,10 @@ class EffectWriter:
         task_version: str,
         instance_id: str,
         claimed_version: str | None = None,
-    ) -> None:
+    ) -> Records:
         """Record the Task version as delivered to ``instance_id``, once: a version delivered
-        already (two replicas recovering one claim) rolls the delivering step back."""
+        already (two replicas recovering one claim) rolls the delivering step back. Returns
+        the rows' records for the step's audit event."""
         if not await repo.record_task_seen(
             session,
             task_id=task_id,
@@ -402,10 +421,23 @@ class EffectWriter:
             raise TaskAlreadyDeliveredError(
                 f"Task/{task_id} version {task_version} was delivered already"
             )
+        described = task_record(
+            task_id,
+            task_version,
+            "incoming",
+            status=TaskSeenStatus.IN_PROGRESS,
+            instance_id=instance_id,
+        )
         if claimed_version is not None:
             await repo.set_task_seen_status(
                 session, task_id, claimed_version, TAKEN_IN, instance_id=instance_id
             )
+            described.update(
+                task_record(
+                    task_id, claimed_version, "incoming", status=TAKEN_IN, instance_id=instance_id
+                )
+            )
+        return described
 
     async def audit_incidents(
         self,

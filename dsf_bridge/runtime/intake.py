@@ -72,7 +72,7 @@ from dsf_bridge.errors import (
 )
 from dsf_bridge.logs import bound_context
 from dsf_bridge.runtime.processes import TAKEN_IN, MessageHeldError, ProcessRuntime
-from dsf_bridge.store import Database, Session, append_event
+from dsf_bridge.store import Database, Records, Session, append_event, task_record
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.kinds import TaskSeenStatus
 from dsf_bridge.store.tables import AuditEvent, MessageSubscription, ProcessInstance, TaskSeen
@@ -723,27 +723,58 @@ class TaskIntake:
             log.error("task.refused", error=error, refusal=str(exc))
             return
         async with self.database.transaction() as session:
-            await repo.set_task_seen_status(
-                session, task_id, claimed_version or current_version, FAILED
+            version = claimed_version or current_version
+            await self._settle(
+                session, task_id, version, status=FAILED, action="task.failed", reason=error
             )
-            await self._audit(session, task_id, "task.failed", error)
         log.warning("task.failed", error=error)
 
     async def _skip(self, task_id: str, version: str, reason: str) -> None:
         """Record the Task version ``skipped`` for good, with an audit event saying why."""
         async with self.database.transaction() as session:
-            await repo.set_task_seen_status(session, task_id, version, SKIPPED)
-            await self._audit(session, task_id, "task.skipped", reason)
+            await self._settle(
+                session, task_id, version, status=SKIPPED, action="task.skipped", reason=reason
+            )
         log.error("task.skipped", reason=reason)
 
-    async def _audit(self, session: Session, task_id: str, action: str, reason: str) -> None:
-        """An audit event of this site's intake about ``Task/<task_id>``."""
+    async def _settle(
+        self,
+        session: Session,
+        task_id: str,
+        version: str,
+        *,
+        status: TaskSeenStatus,
+        action: str,
+        reason: str,
+    ) -> None:
+        """Set a Task version's final intake status, with an audit event that records it."""
+        record: Records | None = None
+        if await repo.set_task_seen_status(session, task_id, version, status):
+            seen = await repo.get_task_seen(session, task_id, version)
+            instance_id = seen.instance_id if seen is not None else None
+            record = task_record(
+                task_id, version, "incoming", status=status, instance_id=instance_id
+            )
+        await self._audit(session, task_id, action, reason, record=record)
+
+    async def _audit(
+        self,
+        session: Session,
+        task_id: str,
+        action: str,
+        reason: str,
+        *,
+        record: Records | None = None,
+    ) -> None:
+        """An audit event of this site's intake about ``Task/<task_id>``; ``record``: the
+        Task version's row as this transaction leaves it."""
         await append_event(
             session,
             actor=f"organization:{self.local_organization}",
             subject=f"Task/{task_id}",
             action=action,
             reason=reason,
+            record=record,
         )
 
     async def _mark(

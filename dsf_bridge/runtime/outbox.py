@@ -23,7 +23,7 @@ from dsf_bridge.errors import BridgeError, ConcurrencyError, ProcessExecutionErr
 from dsf_bridge.logs import bound_context
 from dsf_bridge.runtime.faults import FaultPoint, InstanceGoneError
 from dsf_bridge.runtime.ports import OutgoingTask, TaskGateway, UserTaskRequest
-from dsf_bridge.store import Database, Session, append_event
+from dsf_bridge.store import Database, Session, append_event, task_record
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.kinds import OutboxKind, TaskSeenStatus
 
@@ -131,9 +131,10 @@ class OutboxWorker:
             await repo.mark_outbox_done(
                 session, entry.id, self.runtime.owner, result=result, now=self.runtime.clock()
             )
+            sent = _created_task_id(result)
             await repo.record_task_seen(
                 session,
-                task_id=_created_task_id(result),
+                task_id=sent,
                 task_version="1",
                 role="outgoing",
                 status=TaskSeenStatus.REQUESTED,
@@ -146,6 +147,13 @@ class OutboxWorker:
                 action="task.sent",
                 reason=f"{payload['message_name']} to {_target_label(payload)} as {result}",
                 payload=payload,
+                record=task_record(
+                    sent,
+                    "1",
+                    "outgoing",
+                    status=TaskSeenStatus.REQUESTED,
+                    instance_id=entry.instance_id,
+                ),
             )
 
         # The send is recorded done in the transaction that steps the instance on: between two

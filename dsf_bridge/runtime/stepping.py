@@ -34,7 +34,7 @@ from dsf_bridge.logs import bound_context
 from dsf_bridge.runtime.deployments import DeployedProcess
 from dsf_bridge.runtime.effects import EffectWriter, StepRecord
 from dsf_bridge.runtime.faults import FaultPoint, InstanceGoneError
-from dsf_bridge.store import Session, append_event
+from dsf_bridge.store import Records, Session, append_event, digest_payload, instance_record
 from dsf_bridge.store import repository as repo
 
 if TYPE_CHECKING:
@@ -111,30 +111,41 @@ class InstanceStepper:
         actor: str,
         action: str,
         reason: str,
-        before_audit: Callable[[], Awaitable[None]] | None = None,
+        before_audit: Callable[[], Awaitable[Records | None]] | None = None,
     ) -> StepRecord:
         """A new instance from its start event; ``before_audit`` writes what caused it (the
-        Task taken in) before the audit event."""
+        Task taken in) before the audit event, and returns the records of the rows it wrote."""
         result = engine_step_of(deployed.definition, None, event)
         self.runtime.deployments.remember(instance_id, deployed.definition_id)
+        status = instance_state.instance_status(result.state).label
         record = await repo.create_instance(
             session,
             instance_id=instance_id,
             definition_id=deployed.definition_id,
             business_key=business_key,
-            status=instance_state.instance_status(result.state).label,
+            status=status,
             state=result.state,
             now=event.now,
         )
+        digest = digest_payload(result.state)
+        described = instance_record(
+            instance_id,
+            process=deployed.audited_process,
+            business_key=business_key,
+            status=status,
+            version=record.version,
+            state_digest=digest,
+        )
         if before_audit is not None:
-            await before_audit()
+            described.update(await before_audit() or {})
         await append_event(
             session,
             actor=actor,
             subject=f"instance/{instance_id}",
             action=action,
             reason=reason,
-            payload=result.state,
+            payload_digest=digest,
+            record=described,
         )
         pending = await self.effects.write(session, deployed, record, result, fresh=True)
         self.runtime._fault(FaultPoint.STEP_WRITTEN, action)
@@ -151,7 +162,7 @@ class InstanceStepper:
         action: str,
         reason: str,
         failed_action: str | None = None,
-        before_audit: Callable[[], Awaitable[None]] | None = None,
+        before_audit: Callable[[], Awaitable[Records | None]] | None = None,
     ) -> StepRecord:
         """Step an existing instance by ``event``. A step the engine undid (a handler's
         technical error) is audited as ``failed_action`` with the error, when given."""
@@ -162,8 +173,19 @@ class InstanceStepper:
             task_id=task_id_of(instance_state.process_variables(record.state)),
         ):
             result = engine_step_of(deployed.definition, record.state, event)
+            digest = digest_payload(result.state)
+            # The row as the effect writer saves it (a signal the instance throws to itself
+            # steps it once more: that event records the row again).
+            described = instance_record(
+                record.id,
+                process=deployed.audited_process,
+                business_key=record.business_key,
+                status=instance_state.instance_status(result.state).label,
+                version=record.version + 1,
+                state_digest=digest,
+            )
             if before_audit is not None:
-                await before_audit()
+                described.update(await before_audit() or {})
             undone = failed_action is not None and result.error
             await append_event(
                 session,
@@ -171,7 +193,8 @@ class InstanceStepper:
                 subject=f"instance/{record.id}",
                 action=failed_action if undone and failed_action else action,
                 reason=f"{reason}: {result.error}" if undone else reason,
-                payload=result.state,
+                payload_digest=digest,
+                record=described,
             )
             pending = await self.effects.write(session, deployed, record, result)
             if pending.status != "running":

@@ -8,10 +8,14 @@ from sqlalchemy.ext.asyncio import AsyncSession as Session
 
 from dsf_bridge.store.audit import (
     ChainReport,
+    Records,
     append_event,
     digest_payload,
+    export_events,
+    instance_record,
     reasons_of,
     seal_events,
+    task_record,
     verify_chain,
 )
 from dsf_bridge.store.database import (
@@ -34,6 +38,7 @@ from dsf_bridge.store.migrations import (
 __all__ = [
     "ChainReport",
     "Database",
+    "Records",
     "SchemaStatus",
     "Session",
     "append_event",
@@ -41,6 +46,8 @@ __all__ = [
     "create_sync_engine",
     "digest_payload",
     "downgrade",
+    "export_events",
+    "instance_record",
     "migrations_dir",
     "reasons_of",
     "schema_drift",
@@ -48,6 +55,7 @@ __all__ = [
     "seal_events",
     "sqlite_path",
     "sync_url",
+    "task_record",
     "upgrade",
     "upgrade_in_place",
     "verify_chain",

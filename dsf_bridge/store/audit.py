@@ -19,33 +19,58 @@ An attacker who can rewrite the whole table and recompute every hash is not dete
 chain alone; ``dsf-bridge audit verify`` prints the head hash so that operators can anchor it
 elsewhere (a ticket, a log server) and compare later.
 
+The chain also covers the records the events describe. An event whose step wrote an instance
+row (its process, business key, status, version and a SHA-256 of its state) or a Task version's
+intake status carries those audited columns as canonical JSON in ``record``, hashed with the
+event; :func:`verify_records` compares every row with the record of the last event that wrote
+it, so that a row edited behind the bridge's back (``UPDATE process_instances SET
+status='completed'``) is found and named, field by field. It costs the hot path no statement
+and no hash of its own: the state digest is the step event's payload digest.
+
 Events carry a digest of their payload, never the payload: the trail holds no patient data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dsf_bridge.store.tables import AuditEvent, AuditHead
+from dsf_bridge.errors import StoreError
+from dsf_bridge.store.tables import (
+    AuditEvent,
+    AuditHead,
+    ProcessDefinition,
+    ProcessInstance,
+    TaskSeen,
+)
 
 __all__ = [
     "GENESIS_HASH",
     "SEAL_BATCH",
     "ChainReport",
+    "Records",
     "append_event",
     "digest_payload",
     "event_hash",
+    "export_events",
+    "instance_record",
     "seal_events",
+    "task_record",
     "verify_chain",
+    "verify_records",
 ]
+
+# What an event's ``record`` describes: {row key: {audited column: value}}.
+Records = Mapping[str, Mapping[str, Any]]
 
 GENESIS_HASH = "0" * 64
 _HEAD_ID = 1
@@ -64,6 +89,48 @@ def digest_payload(payload: Any) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def instance_record(
+    instance_id: str,
+    *,
+    process: str,
+    business_key: str,
+    status: str,
+    version: int,
+    state_digest: str,
+) -> dict[str, Mapping[str, Any]]:
+    """The audited columns of an instance row as written: ``process`` is ``key|version`` of its
+    definition, ``state_digest`` the :func:`digest_payload` of its state."""
+    columns = {
+        "business_key": business_key,
+        "process": process,
+        "state": state_digest,
+        "status": status,
+        "version": version,
+    }
+    return {_instance_key(instance_id): columns}
+
+
+def _instance_key(instance_id: str) -> str:
+    return f"process_instances/{instance_id}"
+
+
+def _task_key(task_id: str, task_version: str, role: str) -> str:
+    return f"tasks_seen/{role}/{task_id}/{task_version}"
+
+
+def task_record(
+    task_id: str, task_version: str, role: str, *, status: str, instance_id: str | None
+) -> dict[str, Mapping[str, Any]]:
+    """The audited columns of a Task version's row (``tasks_seen``) as written."""
+    return {
+        _task_key(task_id, task_version, role): {"instance": instance_id, "status": str(status)}
+    }
+
+
 def _timestamp(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -78,8 +145,10 @@ def event_hash(
     reason: str,
     payload_digest: str | None,
     previous_hash: str,
+    record: str | None = None,
 ) -> str:
-    """The hash of one event: SHA-256 over a canonical JSON array of its fields."""
+    """The hash of one event: SHA-256 over a canonical JSON array of its fields (``record``
+    only when the event has one: events written before it existed keep their hashes)."""
     fields = [
         sequence,
         _timestamp(occurred_at),
@@ -90,6 +159,8 @@ def event_hash(
         payload_digest or "",
         previous_hash,
     ]
+    if record is not None:
+        fields.append(record)
     return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -102,9 +173,20 @@ async def append_event(
     reason: str = "",
     payload: Any = None,
     occurred_at: dt.datetime | None = None,
+    payload_digest: str | None = None,
+    record: Records | None = None,
 ) -> None:
     """Append one event, unsealed, in the caller's transaction; it commits or rolls back with
-    it. :func:`seal_events` chains it later."""
+    it. :func:`seal_events` chains it later.
+
+    ``payload_digest`` stands for ``payload`` when the caller has its digest already;
+    ``record`` gives the audited columns of the rows this transaction writes (see
+    :func:`instance_record`, :func:`task_record`) as they will be at its commit.
+    """
+    if payload is not None:
+        if payload_digest is not None:
+            raise StoreError("append_event takes a payload or its digest, not both")
+        payload_digest = digest_payload(payload)
     await session.execute(
         _INSERT,
         {
@@ -113,7 +195,8 @@ async def append_event(
             "subject": subject,
             "action": action,
             "reason": reason,
-            "payload_digest": None if payload is None else digest_payload(payload),
+            "payload_digest": payload_digest,
+            "record": None if not record else _canonical(record),
         },
     )
 
@@ -121,7 +204,15 @@ async def append_event(
 _INSERT = insert(cast(Table, AuditEvent.__table__)).values(
     {
         name: bindparam(name)
-        for name in ("occurred_at", "actor", "subject", "action", "reason", "payload_digest")
+        for name in (
+            "occurred_at",
+            "actor",
+            "subject",
+            "action",
+            "reason",
+            "payload_digest",
+            "record",
+        )
     }
 )
 
@@ -183,6 +274,7 @@ async def seal_events(session: AsyncSession, limit: int = SEAL_BATCH, *, wait: b
                 AuditEvent.action,
                 AuditEvent.reason,
                 AuditEvent.payload_digest,
+                AuditEvent.record,
             )
             .where(AuditEvent.sequence.is_(None))
             .order_by(AuditEvent.id)
@@ -204,6 +296,7 @@ async def seal_events(session: AsyncSession, limit: int = SEAL_BATCH, *, wait: b
             reason=row.reason,
             payload_digest=row.payload_digest,
             previous_hash=previous,
+            record=row.record,
         )
         seals.append(
             {
@@ -230,10 +323,15 @@ class ChainReport:
     problem: str | None = None
     # Events appended but not yet sealed into the chain (not covered by ``ok``).
     unsealed: int = 0
+    # Rows compared with the record of their last event, rows no event records (written
+    # before the records were kept, or intake states in passing), and the rows that differ.
+    records: int = 0
+    unrecorded: int = 0
+    record_problems: tuple[str, ...] = field(default=())
 
     @property
     def ok(self) -> bool:
-        return self.problem is None
+        return self.problem is None and not self.record_problems
 
 
 def _check_event(
@@ -262,6 +360,7 @@ def _check_event(
         reason=event.reason,
         payload_digest=event.payload_digest,
         previous_hash=event.previous_hash,
+        record=event.record,
     )
     if recomputed != event.event_hash:
         return (
@@ -273,7 +372,19 @@ def _check_event(
 
 async def verify_chain(session: AsyncSession) -> ChainReport:
     """Walk the whole sealed chain in sequence order and report the first inconsistency, and
-    how many events wait to be sealed."""
+    how many events wait to be sealed; then compare the rows with their records
+    (:func:`verify_records`)."""
+    report = await _verify_sealed(session)
+    checks = await verify_records(session)
+    return dataclasses.replace(
+        report,
+        records=checks.records,
+        unrecorded=checks.unrecorded,
+        record_problems=tuple(checks.problems),
+    )
+
+
+async def _verify_sealed(session: AsyncSession) -> ChainReport:
     unsealed = int(
         await session.scalar(
             select(func.count()).select_from(AuditEvent).where(AuditEvent.sequence.is_(None))
@@ -316,6 +427,239 @@ async def verify_chain(session: AsyncSession) -> ChainReport:
             unsealed,
         )
     return ChainReport(count, previous, unsealed=unsealed)
+
+
+# Problems named one by one; beyond, a count (a rewritten table would name every row).
+_PROBLEMS_NAMED = 50
+
+
+@dataclass
+class RecordCheck:
+    """What :func:`verify_records` found."""
+
+    records: int = 0
+    unrecorded: int = 0
+    problems: list[str] = field(default_factory=list)
+    _more: int = 0
+
+    def add(self, problem: str) -> None:
+        if len(self.problems) < _PROBLEMS_NAMED:
+            self.problems.append(problem)
+            return
+        self._more += 1
+        more = f"... and {self._more} more rows differ from their records"
+        if len(self.problems) == _PROBLEMS_NAMED:
+            self.problems.append(more)
+        else:
+            self.problems[-1] = more
+
+
+def _where(sequence: int | None, event_id: int) -> str:
+    if sequence is None:
+        return f"the unsealed event with id {event_id}"
+    return f"event {sequence}"
+
+
+def _differences(current: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
+    """The audited columns that differ, each as ``column is X, recorded Y``."""
+    found = []
+    for column in sorted(set(current) | set(recorded)):
+        now, then = current.get(column), recorded.get(column)
+        if now == then:
+            continue
+        if column == "state":  # a digest: its value says nothing to a reader
+            found.append("state differs from the state recorded")
+        else:
+            found.append(f"{column} is {now!r}, recorded {then!r}")
+    return found
+
+
+async def _latest_records(
+    session: AsyncSession, check: RecordCheck
+) -> dict[str, tuple[Mapping[str, Any], int | None, int]]:
+    """For each row key: the columns recorded by the last event that wrote the row, with the
+    event's sequence (``None`` while unsealed) and id. The id orders the writes of one row:
+    a step reads the row committed before it, then appends its event."""
+    latest: dict[str, tuple[Mapping[str, Any], int | None, int]] = {}
+    stream = await session.stream(
+        select(AuditEvent.id, AuditEvent.sequence, AuditEvent.record)
+        .where(AuditEvent.record.is_not(None))
+        .order_by(AuditEvent.id)
+        .execution_options(yield_per=SEAL_BATCH)
+    )
+    try:
+        async for event_id, sequence, text in stream:
+            try:
+                described = json.loads(str(text))
+            except ValueError:
+                described = None
+            if not isinstance(described, dict):
+                check.add(f"{_where(sequence, event_id)} has a record that is no JSON object")
+                continue
+            for key, columns in described.items():
+                if isinstance(columns, dict):
+                    latest[key] = (columns, sequence, event_id)
+    finally:
+        await stream.close()
+    return latest
+
+
+@dataclass(frozen=True)
+class _Mismatch:
+    key: str
+    label: str
+    current: Mapping[str, Any]
+    recorded: Mapping[str, Any]
+    sequence: int | None
+    event_id: int
+
+
+@dataclass
+class _Comparison:
+    """Rows compared with the last records of them; what differs is looked at again later."""
+
+    check: RecordCheck
+    latest: dict[str, tuple[Mapping[str, Any], int | None, int]]
+    mismatches: list[_Mismatch] = field(default_factory=list)
+
+    def compare(self, key: str, label: str, current: Mapping[str, Any]) -> None:
+        recorded = self.latest.pop(key, None)
+        if recorded is None:
+            self.check.unrecorded += 1
+            return
+        self.check.records += 1
+        columns, sequence, event_id = recorded
+        if _differences(current, columns):
+            self.mismatches.append(_Mismatch(key, label, current, columns, sequence, event_id))
+
+
+# Rows that differ looked at again, one query each; beyond, reported as they are.
+_RECHECKED = 200
+
+
+async def _recorded_since(session: AsyncSession, mismatch: _Mismatch) -> bool:
+    """Whether an event newer than the one compared records the row as it was read: a step
+    that committed between the read of the events and the read of the rows (PostgreSQL reads
+    each statement's own snapshot), not an edit."""
+    texts = await session.scalars(
+        select(AuditEvent.record)
+        .where(AuditEvent.id > mismatch.event_id)
+        .where(AuditEvent.record.contains(f'"{mismatch.key}":', autoescape=True))
+        .order_by(AuditEvent.id)
+    )
+    for text in texts:
+        try:
+            columns = json.loads(str(text)).get(mismatch.key)
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(columns, dict) and not _differences(mismatch.current, columns):
+            return True
+    return False
+
+
+async def verify_records(session: AsyncSession) -> RecordCheck:
+    """Compare every instance row and every Task version row with the record of the last
+    event that wrote it; name each row that differs, field by field, and each recorded row
+    that is gone."""
+    check = RecordCheck()
+    rows = _Comparison(check, await _latest_records(session, check))
+    instances = await session.stream(
+        select(
+            ProcessInstance.id,
+            ProcessDefinition.process_key,
+            ProcessDefinition.version,
+            ProcessInstance.business_key,
+            ProcessInstance.status,
+            ProcessInstance.version,
+            ProcessInstance.state,
+        )
+        .outerjoin(ProcessDefinition, ProcessDefinition.id == ProcessInstance.definition_id)
+        .order_by(ProcessInstance.id)
+        .execution_options(yield_per=SEAL_BATCH)
+    )
+    try:
+        async for instance_id, key, version, business_key, status, row_version, state in instances:
+            row = _instance_key(instance_id)
+            current = instance_record(
+                instance_id,
+                process=f"{key}|{version}",
+                business_key=business_key,
+                status=status,
+                version=row_version,
+                state_digest=digest_payload(state),
+            )[row]
+            label = f"process instance {instance_id}"
+            rows.compare(row, label, current)
+    finally:
+        await instances.close()
+    tasks = await session.stream(
+        select(
+            TaskSeen.task_id,
+            TaskSeen.task_version,
+            TaskSeen.role,
+            TaskSeen.status,
+            TaskSeen.instance_id,
+        )
+        .order_by(TaskSeen.task_id, TaskSeen.task_version, TaskSeen.role)
+        .execution_options(yield_per=SEAL_BATCH)
+    )
+    try:
+        async for task_id, task_version, role, status, instance_id in tasks:
+            row = _task_key(task_id, task_version, role)
+            current = task_record(
+                task_id, task_version, role, status=status, instance_id=instance_id
+            )[row]
+            label = f"Task/{task_id} version {task_version} ({role})"
+            rows.compare(row, label, current)
+    finally:
+        await tasks.close()
+    for number, mismatch in enumerate(rows.mismatches):
+        if number < _RECHECKED and await _recorded_since(session, mismatch):
+            continue
+        check.add(
+            f"{mismatch.label} was changed after "
+            f"{_where(mismatch.sequence, mismatch.event_id)} recorded it: "
+            + "; ".join(_differences(mismatch.current, mismatch.recorded))
+        )
+    for key, (_, sequence, event_id) in sorted(rows.latest.items()):
+        table, _, row = key.partition("/")
+        check.add(
+            f"the {table} row {row} was deleted after {_where(sequence, event_id)} recorded it"
+        )
+    return check
+
+
+async def export_events(
+    session: AsyncSession, *, since: dt.datetime | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    """Every event (``since``: those that occurred at or after it) in the order they were
+    appended, as plain data: the fields the chain hashes, in the form it hashes them (UTC
+    times to the microsecond, ``record`` as its canonical text)."""
+    query = select(
+        AuditEvent.id,
+        AuditEvent.sequence,
+        AuditEvent.occurred_at,
+        AuditEvent.actor,
+        AuditEvent.subject,
+        AuditEvent.action,
+        AuditEvent.reason,
+        AuditEvent.payload_digest,
+        AuditEvent.record,
+        AuditEvent.previous_hash,
+        AuditEvent.event_hash,
+    )
+    if since is not None:
+        query = query.where(AuditEvent.occurred_at >= since)
+    stream = await session.stream(
+        query.order_by(AuditEvent.id).execution_options(yield_per=SEAL_BATCH)
+    )
+    try:
+        async for row in stream:
+            event = row._asdict()
+            event["occurred_at"] = _timestamp(row.occurred_at)
+            yield event
+    finally:
+        await stream.close()
 
 
 async def reasons_of(session: AsyncSession, action: str) -> list[str]:

@@ -174,6 +174,7 @@ __all__ = [
     "get_task_seen",
     "has_live_work",
     "hasten_jobs",
+    "insert_ignoring_duplicates",
     "instances_waiting_for",
     "load_instance",
     "mark_outbox_done",
@@ -196,7 +197,7 @@ __all__ = [
 ]
 
 
-def _insert_ignoring_duplicates(session: AsyncSession, table: Any) -> Insert:
+def insert_ignoring_duplicates(session: AsyncSession, table: Any) -> Insert:
     """``INSERT ... ON CONFLICT DO NOTHING`` in the session's dialect."""
     return _insert_ignoring_duplicates_in(session.get_bind().dialect.name, table)
 
@@ -936,7 +937,7 @@ async def enqueue_outbox(
     before. ``leased_to`` queues it leased already (see :func:`enqueue_job`)."""
     owner, expires = leased_to if leased_to is not None else (None, None)
     result = await session.execute(
-        _insert_ignoring_duplicates(session, _OUTBOX)
+        insert_ignoring_duplicates(session, _OUTBOX)
         .values(
             idempotency_key=idempotency_key,
             instance_id=instance_id,
@@ -1122,7 +1123,7 @@ async def advance_cursor(
 ) -> dt.datetime:
     """Move the cursor forward to ``last_updated`` (never backwards); return the stored value."""
     await session.execute(
-        _insert_ignoring_duplicates(session, SyncCursor).values(
+        insert_ignoring_duplicates(session, SyncCursor).values(
             resource_type=resource_type,
             last_updated=last_updated,
             updated_at=dt.datetime.now(dt.UTC),

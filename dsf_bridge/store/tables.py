@@ -44,6 +44,7 @@ __all__ = [
     "OutboxEntry",
     "ProcessDefinition",
     "ProcessInstance",
+    "StoreOwner",
     "SyncCursor",
     "TaskSeen",
     "Timer",
@@ -302,6 +303,9 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(100))
     reason: Mapped[str] = mapped_column(Text, default="")
     payload_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The audited columns of the rows the event's step wrote, as canonical JSON (see
+    # dsf_bridge.store.audit): chained with the event, compared with the rows by verify.
+    record: Mapped[str | None] = mapped_column(Text, nullable=True)
     previous_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     event_hash: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
 
@@ -314,3 +318,14 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     sequence: Mapped[int] = mapped_column(BigIntKey)
     event_hash: Mapped[str] = mapped_column(String(64))
+
+
+class StoreOwner(Base):
+    """The organization the store belongs to (one row, written at the first run): a bridge of
+    another organization refuses to run on it."""
+
+    __tablename__ = "store_owner"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    organization: Mapped[str] = mapped_column(String(200))
+    bound_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)

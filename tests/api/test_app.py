@@ -203,6 +203,28 @@ async def test_audit_pages_and_verification_detects_tampering(
     assert "changed after it was written" in broken["problem"]
 
 
+async def test_verification_names_an_instance_row_changed_behind_the_bridge(
+    client: httpx.AsyncClient, seeded: Seeded, database: Database
+) -> None:
+    verified = (await client.get("/api/v1/audit/verify", headers=AUTH)).json()
+    assert (verified["ok"], verified["record_problems"]) == (True, [])
+    assert verified["records"] >= 3  # the three instances, and their Tasks
+    async with database.transaction() as session:
+        await session.execute(
+            update(ProcessInstance)
+            .where(ProcessInstance.id == seeded.failed)
+            .values(status="completed")
+        )
+    broken = (await client.get("/api/v1/audit/verify", headers=AUTH)).json()
+    assert (broken["ok"], broken["problem"]) == (False, None)
+    [problem] = broken["record_problems"]
+    assert problem.startswith(f"process instance {seeded.failed} was changed after event")
+    assert problem.endswith("status is 'completed', recorded 'failed'")
+    page = (await client.get("/ui/audit?verify=true", headers=AUTH)).text
+    assert "Hash chain intact, but rows differ from their records" in page
+    assert f"Record broken: process instance {seeded.failed} was changed" in page
+
+
 async def test_tasks_list_includes_intake_failures_without_instance(
     client: httpx.AsyncClient, seeded: Seeded
 ) -> None:

@@ -705,7 +705,7 @@ async def _audit_ok(url: str) -> int:
             report = await verify_chain(session)
     finally:
         await database.dispose()
-    assert report.ok, report.problem
+    assert report.ok, (report.problem, report.record_problems)
     return report.events
 
 

@@ -177,7 +177,7 @@ async def test_a_crash_at_any_commit_boundary_loses_and_repeats_nothing(
 
     async with database.transaction() as session:
         report = await verify_chain(session)
-    assert report.ok, report.problem
+    assert report.ok, (report.problem, report.record_problems)
 
 
 @dataclass

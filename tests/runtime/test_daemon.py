@@ -13,6 +13,8 @@ from pathlib import Path
 from dsf_bridge.config import load_settings
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity
+from dsf_bridge.store import Database, upgrade
+from dsf_bridge.store.owner import bind_store
 from tests.served import cli, served_sandbox
 
 __all__ = ["served_sandbox"]
@@ -31,6 +33,33 @@ def test_run_refuses_an_outdated_schema(served_sandbox: Path, tmp_path: Path) ->
     result = cli("--config", str(config), "run", "--db-url", f"sqlite:///{tmp_path / 'new.db'}")
     assert result.returncode == 1
     assert "run 'dsf-bridge db upgrade' first" in result.stderr
+    assert not (tmp_path / "new.db").exists()  # no empty store left where one was expected
+
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    (tmp_path / "empty.db").touch()
+    result = cli("--config", str(config), "run", "--db-url", empty)
+    assert result.returncode == 1
+    assert "run 'dsf-bridge db upgrade' first" in result.stderr
+
+
+def test_run_refuses_a_store_of_another_organization(served_sandbox: Path, tmp_path: Path) -> None:
+    config = served_sandbox / "Site_A" / "bridge.toml"
+    db_url = f"sqlite:///{tmp_path / 'bridge.db'}"
+    upgrade(db_url)
+
+    async def bind_elsewhere() -> None:
+        database = Database(db_url)
+        try:
+            async with database.transaction() as session:
+                await bind_store(session, "other-site.example.org", actor="test")
+        finally:
+            await database.dispose()
+
+    asyncio.run(bind_elsewhere())
+    result = cli("--config", str(config), "run", "--db-url", db_url)
+    assert result.returncode == 2, result.stderr
+    assert "this store belongs to organization 'other-site.example.org'" in result.stderr
+    assert "but this bridge runs for organization 'Site_A'" in result.stderr
 
 
 def test_run_publishes_deploys_and_stops_on_sigterm(served_sandbox: Path, tmp_path: Path) -> None:

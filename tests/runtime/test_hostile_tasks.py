@@ -455,7 +455,7 @@ async def test_a_hostile_task_ends_as_documented_and_the_next_good_task_is_taken
     await take_in_a_good_task(site)
     async with site.database.transaction() as session:
         report = await verify_chain(session)
-    assert report.ok, report.problem
+    assert report.ok, (report.problem, report.record_problems)
 
 
 @settings(SHARED, max_examples=6)

@@ -42,7 +42,7 @@ from dsf_bridge.runtime.intake import SERVER_ERROR_ATTEMPTS, SqlCursorStore, Tas
 from dsf_bridge.runtime.processes import ProcessRuntime
 from dsf_bridge.sandbox import resources
 from dsf_bridge.sandbox.server import SandboxServer
-from dsf_bridge.store import Database
+from dsf_bridge.store import Database, verify_chain
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.kinds import TaskSeenStatus
 from dsf_bridge.store.tables import AuditEvent, ProcessInstance, TaskSeen
@@ -751,6 +751,17 @@ async def test_a_claimed_task_the_server_no_longer_has_is_skipped_at_start_up(
     [reason] = await _audited(site, "task.skipped")
     assert f"answers 410 for Task/{deleted['id']}" in reason or "answers 404" in reason
     assert await site.intake.recover() == 0
+    # The skip is recorded with its event: put back to claiming behind the bridge's back, the
+    # row is named by audit verify.
+    async with site.database.transaction() as session:
+        assert (await verify_chain(session)).ok
+        await session.execute(
+            update(TaskSeen).where(TaskSeen.task_id == deleted["id"]).values(status="claiming")
+        )
+    async with site.database.transaction() as session:
+        [problem] = (await verify_chain(session)).record_problems
+    assert problem.startswith(f"Task/{deleted['id']} version 1 (incoming) was changed after")
+    assert problem.endswith("status is 'claiming', recorded 'skipped'")
 
 
 async def test_a_business_key_longer_than_its_column_fails_the_task(site: Site) -> None:

@@ -12,7 +12,7 @@ from dsf_bridge.errors import StoreError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry, SendContext
 from dsf_bridge.runtime import jobs
 from dsf_bridge.runtime.processes import ProcessRuntime
-from dsf_bridge.store import Database
+from dsf_bridge.store import Database, verify_chain
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.tables import AuditEvent, Job, MessageSubscription
 from tests.engine.corpus import PING_PONG, load_reference
@@ -78,6 +78,7 @@ async def test_a_stop_instance_stops_the_running_one(
         ).all()
     assert left == []
     assert received == [f"{SIGNAL} thrown by instance/{stop}"]
+    await _assert_records_intact(database)
 
 
 async def test_a_new_start_stops_the_older_instance(
@@ -90,6 +91,15 @@ async def test_a_new_start_stops_the_older_instance(
 
     assert await _status(database, first) == "completed"
     assert await _status(database, second) == "running"  # it threw before it waited
+    await _assert_records_intact(database)
+
+
+async def _assert_records_intact(database: Database) -> None:
+    """The events of signal throws record each instance row as its step left it."""
+    async with database.transaction() as session:
+        report = await verify_chain(session)
+    assert (report.ok, report.record_problems) == (True, ())
+    assert report.records >= 2
 
 
 async def test_a_catcher_that_moves_just_before_the_signal_still_gets_it(

@@ -30,6 +30,7 @@ EXPECTED_TABLES = {
     "outbox",
     "process_definitions",
     "process_instances",
+    "store_owner",
     "sync_cursors",
     "tasks_seen",
     "timers",
