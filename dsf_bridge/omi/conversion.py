@@ -72,6 +72,8 @@ PROBABILITY = Coding(
 )
 _OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 _REPORT_CATEGORY = "http://terminology.hl7.org/CodeSystem/v2-0074"
+# Rounding a softmax in FP32 may land a hair outside 0..1.
+_PROBABILITY_SLACK = 1e-6
 _REDUCE = {"first": None, "mean": np.mean, "sum": np.sum, "min": np.min, "max": np.max}
 
 
@@ -395,7 +397,7 @@ def findings(result: InferenceResult, contract: InferenceContract, *, slices: in
     (:func:`check_outputs`), in the contract's order."""
     check_outputs(result, contract, slices=slices)
     found: list[Finding] = []
-    for measurement in contract.outputs.measurements:
+    for index, measurement in enumerate(contract.outputs.measurements):
         if slices < measurement.min_slices:
             continue
         values = np.asarray(result.outputs[measurement.tensor].data, dtype=np.float64).ravel()
@@ -403,8 +405,21 @@ def findings(result: InferenceResult, contract: InferenceContract, *, slices: in
             raise OutputConversionError(
                 f"output {measurement.tensor!r} of model {result.model_name} is empty"
             )
+        if np.any(np.isinf(values)):
+            # NaN is null (no value); an infinity is no number FHIR or JSON can carry.
+            raise OutputConversionError(
+                f"output {measurement.tensor!r} of model {result.model_name} holds an infinite "
+                f"value (contract {contract.name} outputs.measurements[{index}])"
+            )
         reduce = _REDUCE[measurement.reduce]
-        value = float(values[0]) if reduce is None else float(reduce(values))
+        with np.errstate(over="ignore"):
+            value = float(values[0]) if reduce is None else float(reduce(values))
+        if math.isinf(value):
+            raise OutputConversionError(
+                f"output {measurement.tensor!r} of model {result.model_name} reduces to an "
+                f"infinite value (contract {contract.name} outputs.measurements[{index}].reduce "
+                f"is {measurement.reduce})"
+            )
         found.append(
             Measurement(
                 code=measurement.code,
@@ -415,7 +430,7 @@ def findings(result: InferenceResult, contract: InferenceContract, *, slices: in
                 absent_text=measurement.absent_text,
             )
         )
-    for classification in contract.outputs.classifications:
+    for index, classification in enumerate(contract.outputs.classifications):
         probabilities = np.asarray(
             result.outputs[classification.tensor].data, dtype=np.float64
         ).ravel()
@@ -424,6 +439,15 @@ def findings(result: InferenceResult, contract: InferenceContract, *, slices: in
                 f"output {classification.tensor!r} of model {result.model_name} holds a "
                 "value that is not a number"
             )
+        if np.any(probabilities < -_PROBABILITY_SLACK) or np.any(
+            probabilities > 1 + _PROBABILITY_SLACK
+        ):
+            raise OutputConversionError(
+                f"output {classification.tensor!r} of model {result.model_name} holds a value "
+                f"outside 0..1; contract {contract.name} outputs.classifications[{index}] "
+                "declares one probability per class"
+            )
+        probabilities = np.clip(probabilities, 0.0, 1.0)
         best = int(probabilities.argmax())
         found.append(
             Classification(

@@ -316,6 +316,48 @@ def test_an_answer_that_breaks_the_contract_names_tensor_and_field(
         check_outputs(_answer(**outputs), MY_MODEL, slices=1)
 
 
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        (
+            {**GOOD, "nodule_probability": Tensor.of("nodule_probability", [np.inf], "FP32")},
+            r"output 'nodule_probability' of model my-model holds an infinite value "
+            r"\(contract my-model outputs\.measurements\[0\]\)",
+        ),
+        (
+            {**GOOD, "nodule_probability": Tensor.of("nodule_probability", [-np.inf], "FP32")},
+            r"holds an infinite value \(contract my-model outputs\.measurements\[0\]\)",
+        ),
+        (
+            {**GOOD, "nodule_class": Tensor.of("nodule_class", [-3.0, 7.0], "FP32")},
+            r"output 'nodule_class' of model my-model holds a value outside 0\.\.1; contract "
+            r"my-model outputs\.classifications\[0\]",
+        ),
+    ],
+    ids=["inf", "minus-inf", "probability-7"],
+)
+def test_values_fhir_cannot_carry_or_that_are_no_probability_fail_naming_the_field(
+    outputs: dict[str, Tensor], message: str
+) -> None:
+    # An infinity became valueQuantity.value inf: "Infinity" in the JSON, no FHIR decimal.
+    with pytest.raises(OutputConversionError, match=message):
+        findings(_answer(**outputs), MY_MODEL, slices=1)
+
+
+def test_a_mean_that_overflows_fails_naming_the_reduce() -> None:
+    area = Tensor.of("body_area_cm2", [1.7e308, 1.7e308], "FP64")
+    answer = InferenceResult("tissue-composition", "1", None, {"body_area_cm2": area})
+    contract = TISSUE.model_copy(
+        update={
+            "outputs": TISSUE.outputs.model_copy(
+                update={"measurements": TISSUE.outputs.measurements[:1]}
+            )
+        }
+    )
+    with pytest.raises(OutputConversionError, match=r"outputs\.measurements\[0\]\.reduce"):
+        findings(answer, contract, slices=2)
+
+
 def test_a_classification_becomes_an_observation_with_its_probability() -> None:
     found = findings(_answer(**GOOD), MY_MODEL, slices=1)
     measurement, classification = found
