@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
@@ -475,7 +475,68 @@ def _findings(result: Mapping[str, Any], contract: InferenceContract | None) -> 
         raise BpmnError(
             PROVIDER_FAILED, f"classification {sorted(classes)[0][1]} comes without probability"
         )
+    for finding in found:
+        if isinstance(finding, Classification) and not 0.0 <= finding.probability <= 1.0:
+            raise BpmnError(
+                PROVIDER_FAILED,
+                f"classification {finding.code.code} has the probability {finding.probability}, "
+                "outside 0..1",
+            )
+    if contract is not None:
+        _check_findings(found, contract)
     return found
+
+
+def _check_findings(found: Sequence[Finding], contract: InferenceContract) -> None:
+    """A result must say what the contract this site knows declares: each finding one of its
+    outputs, of the same kind, a measurement in its unit, a class one of its classes, every
+    classification present (a measurement may be absent: null, or a series too short)."""
+    measurements = {
+        (m.code.system, m.code.code): (i, m) for i, m in enumerate(contract.outputs.measurements)
+    }
+    classifications = {
+        (c.code.system, c.code.code): (i, c) for i, c in enumerate(contract.outputs.classifications)
+    }
+    where = f"service contract {contract.name}"
+    for finding in found:
+        key = (finding.code.system, finding.code.code)
+        if isinstance(finding, Classification):
+            if key not in classifications:
+                raise BpmnError(
+                    PROVIDER_FAILED,
+                    f"the result's classification {key[0]}|{key[1]} is not one of {where}'s "
+                    "outputs.classifications",
+                )
+            index, declared = classifications[key]
+            allowed = {(c.code.system, c.code.code) for c in declared.classes}
+            if (finding.value.system, finding.value.code) not in allowed:
+                raise BpmnError(
+                    PROVIDER_FAILED,
+                    f"the result's class {finding.value.system}|{finding.value.code} for "
+                    f"{key[1]} is not one of {where} outputs.classifications[{index}].classes",
+                )
+            continue
+        if key not in measurements:
+            raise BpmnError(
+                PROVIDER_FAILED,
+                f"the result's measurement {key[0]}|{key[1]} is not one of {where}'s "
+                "outputs.measurements",
+            )
+        index, measurement = measurements[key]
+        if finding.unit != measurement.unit:
+            raise BpmnError(
+                PROVIDER_FAILED,
+                f"the result's measurement {key[1]} is in {finding.unit!r}; {where} "
+                f"outputs.measurements[{index}].unit is {measurement.unit!r}",
+            )
+    present = {(f.code.system, f.code.code) for f in found if isinstance(f, Classification)}
+    for key, (index, _) in classifications.items():
+        if key not in present:
+            raise BpmnError(
+                PROVIDER_FAILED,
+                f"the result has no classification {key[1]} ({where} "
+                f"outputs.classifications[{index}])",
+            )
 
 
 def _local_client(ctx: HandlerContext) -> FhirClient:
