@@ -129,7 +129,8 @@ async def infer_study(
             result[label_map.tensor].data,
             algorithm_name=model,
             algorithm_version=model_version or result.model_version or "1",
-            segment_labels={segment.type.code: segment.label for segment in label_map.segments},
+            segments=label_map.segments,
+            description=contract.title,
         )
         await archive.store([seg])
         segmentation_series_uid = str(seg.SeriesInstanceUID)
