@@ -197,6 +197,16 @@ def model_inputs(volume: ImageVolume, contract: InferenceContract) -> list[Tenso
         )
     if DATATYPES[handling.datatype].kind in "iub":
         data = np.rint(data)
+    if DATATYPES[handling.datatype].kind in "iu" and data.size:
+        # A cast would wrap around silently (-849 HU as UINT8 is 175): refuse instead.
+        limits = np.iinfo(DATATYPES[handling.datatype])
+        low, high = float(data.min()), float(data.max())
+        if low < limits.min or high > limits.max:
+            raise ImageConversionError(
+                f"the pixel values {low:g}..{high:g} do not fit contract {contract.name} "
+                f"pixels.datatype {handling.datatype} ({limits.min}..{limits.max}): declare a "
+                "window and normalisation or a wider datatype"
+            )
     image = Tensor.of(contract.inputs.image, data, handling.datatype)
     declared = contract.inputs.shape
     if declared is not None and not _fits(image.shape, declared, volume.slices):

@@ -24,7 +24,9 @@ from dsf_bridge.errors import ConfigError
 from dsf_bridge.omi.contract import (
     ContractError,
     InferenceContract,
+    PixelHandling,
     RequestNotAcceptedError,
+    Window,
     check_catalogue,
     contract_of,
     load_contract,
@@ -32,6 +34,7 @@ from dsf_bridge.omi.contract import (
 )
 from dsf_bridge.omi.conversion import (
     Classification,
+    ImageConversionError,
     OutputConversionError,
     check_outputs,
     findings,
@@ -259,6 +262,33 @@ def test_raw_values_resampling_zscore_and_integer_datatype(ct_small: Dataset) ->
     )
     with pytest.raises(Exception, match=r"inputs\.shape is \[slices=1, 128, 128\]"):
         model_inputs(volume, wrong)
+
+
+def test_pixel_values_an_integer_datatype_cannot_hold_are_refused(ct_small: Dataset) -> None:
+    # Hounsfield units as UINT8 wrapped around silently: -849 HU reached the model as 175.
+    contract = MY_MODEL.model_copy(
+        update={"pixels": PixelHandling(values="hounsfield", dimensions=2, datatype="UINT8")}
+    )
+    volume = volume_from_datasets([ct_small], contract)
+    with pytest.raises(
+        ImageConversionError,
+        match=r"pixel values -896\.\.1167 do not fit contract my-model pixels\.datatype UINT8 "
+        r"\(0\.\.255\)",
+    ):
+        model_inputs(volume, contract)
+    windowed = contract.model_copy(
+        update={
+            "pixels": PixelHandling(
+                values="hounsfield",
+                dimensions=2,
+                window=Window(center=40, width=400),
+                normalise="unit",
+                datatype="UINT8",
+            )
+        }
+    )
+    [image] = model_inputs(volume, windowed)
+    assert set(np.unique(image.data)) <= {0, 1}
 
 
 def test_slices_ordered_by_instance_number(ct_series: list[Dataset]) -> None:
