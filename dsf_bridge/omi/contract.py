@@ -92,6 +92,16 @@ Datatype = Literal[
 ]
 # A dimension of a declared shape: a size, -1 for any, or the number of slices of the series.
 Dimension = Annotated[int, Field(ge=-1)] | Literal["slices"]
+# Systems of the Task inputs and outputs that are not findings (docs/protocol.md), and the
+# bridge's own measurement system, whose codes the Task profiles slice as Quantities.
+_WIRE_SYSTEMS = frozenset(
+    {
+        "http://dsf-bridge.dev/fhir/CodeSystem/omi",
+        "http://dsf-bridge.dev/fhir/CodeSystem/omi-error",
+        "http://dsf.dev/fhir/CodeSystem/bpmn-message",
+    }
+)
+_MEASUREMENT_SYSTEM = "http://dsf-bridge.dev/fhir/CodeSystem/omi-measurement"
 _TENSOR_NAME = r"^[A-Za-z0-9_.\-]{1,128}$"
 
 
@@ -369,6 +379,25 @@ class Outputs(_Part):
         twice = sorted({f"{s}|{c}" for s, c in codes if codes.count((s, c)) > 1})
         if twice:
             raise ValueError(f"code declared twice: {', '.join(twice)}")
+        # Findings travel in Task inputs under their codes: the process's own and DSF's systems
+        # name other inputs (their slices), and a class's Coding has no place in a slice of the
+        # bridge's measurement system (a Quantity).
+        reserved = sorted({f"{s}|{c}" for s, c in codes if s in _WIRE_SYSTEMS})
+        if reserved:
+            raise ValueError(
+                f"code {', '.join(reserved)} is in a system the Task inputs use for the "
+                "protocol itself: use the provider's own system"
+            )
+        classes = sorted(
+            f"{c.code.system}|{c.code.code}"
+            for c in self.classifications
+            if c.code.system == _MEASUREMENT_SYSTEM
+        )
+        if classes:
+            raise ValueError(
+                f"classification {', '.join(classes)}: the bridge's measurement system holds "
+                "quantities; use the provider's own system"
+            )
         return self
 
 

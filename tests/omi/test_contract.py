@@ -115,6 +115,22 @@ def test_toml_json_and_inline_give_the_same_contract(tmp_path: Path) -> None:
             lambda raw: raw["inputs"].update(shape=[-1, -1, -1]),
             r"contract: Value error, inputs\.shape has 3 dimensions, pixels\.dimensions is 2",
         ),
+        (
+            # A finding under the wire's own codes collided with the Task's slices and was
+            # dropped by the requesting site as no finding.
+            lambda raw: raw["outputs"]["measurements"][0]["code"].update(
+                system="http://dsf-bridge.dev/fhir/CodeSystem/omi", code="slices"
+            ),
+            r"outputs: Value error, code http://dsf-bridge\.dev/fhir/CodeSystem/omi\|slices is "
+            r"in a system the Task inputs use for the protocol itself",
+        ),
+        (
+            lambda raw: raw["outputs"]["classifications"][0]["code"].update(
+                system="http://dsf-bridge.dev/fhir/CodeSystem/omi-measurement", code="body-area"
+            ),
+            r"outputs: Value error, classification .*omi-measurement\|body-area: the bridge's "
+            r"measurement system holds quantities",
+        ),
     ],
     ids=[
         "missing-unit",
@@ -123,6 +139,8 @@ def test_toml_json_and_inline_give_the_same_contract(tmp_path: Path) -> None:
         "tensor-twice",
         "bad-dtype",
         "shape",
+        "wire-system",
+        "class-in-measurement-system",
     ],
 )
 def test_a_bad_contract_file_names_the_file_and_the_field(
