@@ -617,8 +617,8 @@ async def store_result(ctx: HandlerContext) -> None:
             }
         )
     # Findings last, as in the result Task: outputs without a slice of their own follow the
-    # sliced ones (openAtEnd).
-    for finding in found:
+    # sliced ones (openAtEnd), the bridge's own measurement codes (sliced) first.
+    for finding in sorted(found, key=lambda f: f.code.system != MEASUREMENT_CODE_SYSTEM):
         outputs.extend(
             {"type": {"coding": [{"system": finding.code.system, "code": finding.code.code}]}}
             | value
@@ -827,8 +827,11 @@ def send_inference_result(ctx: SendContext) -> None:
         ctx.add_input(CODESYSTEM_OMI, SEGMENTATION_SERIES, segmentation)
     # Last: a finding under a code the profile has no slice for may only follow the sliced
     # inputs (DSF's Task.input slicing is openAtEnd).
+    # Of the findings, the bridge's own measurement codes have slices (the reference
+    # contract's): they go first, whatever order the contract declares its outputs in.
     found = ctx.get("findings")
-    for item in found if isinstance(found, list) else []:
+    items = found if isinstance(found, list) else []
+    for item in sorted(items, key=lambda i: str(i["system"]) != MEASUREMENT_CODE_SYSTEM):
         ctx.add_input(str(item["system"]), str(item["code"]), item["value"])
 
 
