@@ -244,9 +244,18 @@ def _by_instance_number(images: Sequence[Dataset], series: str) -> tuple[list[Da
     thickness = _positive(images[0].get("SpacingBetweenSlices")) or _positive(
         images[0].get("SliceThickness")
     )
-    if any(ds.get("InstanceNumber") is None for ds in images):
-        raise ImageConversionError(f"series {series} lacks InstanceNumber: cannot order it")
-    ordered = sorted(images, key=lambda ds: int(ds.InstanceNumber))
+    # InstanceNumber is type 2: present, maybe empty.
+    numbers: dict[int, int] = {}
+    for ds in images:
+        try:
+            numbers[id(ds)] = int(ds.get("InstanceNumber"))
+        except (TypeError, ValueError):
+            raise ImageConversionError(
+                f"series {series} lacks InstanceNumber: cannot order it"
+            ) from None
+    if len(set(numbers.values())) != len(images):
+        raise ImageConversionError(f"series {series} has two images with one InstanceNumber")
+    ordered = sorted(images, key=lambda ds: numbers[id(ds)])
     return ordered, thickness or 1.0
 
 

@@ -320,6 +320,29 @@ def test_slices_ordered_by_instance_number(ct_series: list[Dataset]) -> None:
     assert volume.sop_instance_uids == tuple(by_number[n] for n in numbers)
 
 
+@pytest.mark.parametrize(
+    ("number", "message"),
+    [("", "lacks InstanceNumber"), (None, "lacks InstanceNumber"), ("1", "two images with one")],
+    ids=["empty", "missing", "repeated"],
+)
+def test_an_instance_number_order_without_usable_numbers_fails_as_conversion(
+    ct_series: list[Dataset], number: str | None, message: str
+) -> None:
+    # InstanceNumber is type 2: an empty one raised ValueError from int(''), no BridgeError.
+    contract = TISSUE.model_copy(
+        update={"pixels": TISSUE.pixels.model_copy(update={"slice_order": "instance-number"})}
+    )
+    series = [copy.deepcopy(ds) for ds in ct_series]
+    if number is None:
+        del series[2].InstanceNumber
+    elif number == "":
+        series[2].InstanceNumber = ""
+    else:
+        series[2].InstanceNumber = series[0].InstanceNumber
+    with pytest.raises(ImageConversionError, match=message):
+        volume_from_datasets(series, contract)
+
+
 # --- answers against the contract ------------------------------------------------------------
 
 
