@@ -129,7 +129,8 @@ class RequestNotAcceptedError(ContractError):
 
 
 class _Part(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Not-a-number and infinities are no sizes, windows or spacings (TOML writes them: nan, inf).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Coding(_Part):

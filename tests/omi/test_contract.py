@@ -131,6 +131,15 @@ def test_toml_json_and_inline_give_the_same_contract(tmp_path: Path) -> None:
             r"outputs: Value error, classification .*omi-measurement\|body-area: the bridge's "
             r"measurement system holds quantities",
         ),
+        (
+            # A window of infinite width turned every pixel into NaN, sent as the model's input.
+            lambda raw: raw["pixels"]["window"].update(width=float("inf")),
+            r"pixels\.window\.width: Input should be a finite number",
+        ),
+        (
+            lambda raw: raw["pixels"]["window"].update(center=float("nan")),
+            r"pixels\.window\.center: Input should be a finite number",
+        ),
     ],
     ids=[
         "missing-unit",
@@ -141,6 +150,8 @@ def test_toml_json_and_inline_give_the_same_contract(tmp_path: Path) -> None:
         "shape",
         "wire-system",
         "class-in-measurement-system",
+        "infinite-width",
+        "nan-center",
     ],
 )
 def test_a_bad_contract_file_names_the_file_and_the_field(
