@@ -459,6 +459,16 @@ def _findings(result: Mapping[str, Any], contract: InferenceContract | None) -> 
                 code=str(chosen["code"]),
                 display=str(chosen.get("display") or chosen["code"]),
             )
+            if isinstance(declared, ClassificationOutput):
+                # The class's display as the contract declares it, not as the provider wrote it.
+                value = next(
+                    (
+                        c.code
+                        for c in declared.classes
+                        if (c.code.system, c.code.code) == (value.system, value.code)
+                    ),
+                    value,
+                )
             found.append(Classification(coding, value, float(quantity["value"]), body_site))
             continue
         unit = str(quantity.get("code") or quantity.get("unit") or "1")

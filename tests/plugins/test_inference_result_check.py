@@ -17,10 +17,12 @@ from dsf_bridge.config import OmiServiceSettings, OmiSettings
 from dsf_bridge.dsf.publication import read_resource
 from dsf_bridge.dsf.tasks import task_input
 from dsf_bridge.dsf.vocabulary import BPMN_MESSAGE_SYSTEM
-from dsf_bridge.omi.conversion import MEASUREMENT_CODE_SYSTEM
+from dsf_bridge.omi.contract import load_contract
+from dsf_bridge.omi.conversion import MEASUREMENT_CODE_SYSTEM, Classification
 from dsf_bridge.plugins.inference import (
     PROVIDER_FAILED,
     SERVICE_OMI_SETTINGS,
+    _findings,
     send_inference_result,
     store_result,
 )
@@ -117,6 +119,22 @@ async def test_a_result_that_breaks_the_known_contract_fails_naming_the_field(
     with pytest.raises(BpmnError, match=message) as caught:
         await store_result(_context(inputs))
     assert caught.value.code == PROVIDER_FAILED
+
+
+def test_a_known_class_is_shown_with_the_contracts_display() -> None:
+    # The provider's display travelled into the stored report: "present" could read "Benign".
+    inputs = [
+        _probability(),
+        {
+            "system": SYSTEM,
+            "code": "nodule-presence",
+            "value": {"system": SYSTEM, "code": "present", "display": "Benign, no follow-up"},
+        },
+        {"system": SYSTEM, "code": "nodule-presence", "value": _quantity(0.75)},
+    ]
+    found = _findings({"inputs": inputs}, load_contract(MY_MODEL_FILE))
+    [classification] = [f for f in found if isinstance(f, Classification)]
+    assert classification.value.display == "Nodule present"
 
 
 async def test_without_the_contract_only_the_probability_is_checked() -> None:
