@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -48,6 +49,7 @@ __all__ = [
     "check_catalogue",
     "contract_of",
     "describe_validation_error",
+    "dicom_scheme",
     "load_contract",
     "resolve_contract",
 ]
@@ -90,6 +92,16 @@ Datatype = Literal[
 ]
 # A dimension of a declared shape: a size, -1 for any, or the number of slices of the series.
 Dimension = Annotated[int, Field(ge=-1)] | Literal["slices"]
+# Systems of the Task inputs and outputs that are not findings (docs/protocol.md), and the
+# bridge's own measurement system, whose codes the Task profiles slice as Quantities.
+_WIRE_SYSTEMS = frozenset(
+    {
+        "http://dsf-bridge.dev/fhir/CodeSystem/omi",
+        "http://dsf-bridge.dev/fhir/CodeSystem/omi-error",
+        "http://dsf.dev/fhir/CodeSystem/bpmn-message",
+    }
+)
+_MEASUREMENT_SYSTEM = "http://dsf-bridge.dev/fhir/CodeSystem/omi-measurement"
 _TENSOR_NAME = r"^[A-Za-z0-9_.\-]{1,128}$"
 
 
@@ -117,7 +129,8 @@ class RequestNotAcceptedError(ContractError):
 
 
 class _Part(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Not-a-number and infinities are no sizes, windows or spacings (TOML writes them: nan, inf).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Coding(_Part):
@@ -290,18 +303,42 @@ class ClassificationOutput(_Part):
     datatype: list[Datatype] = Field(default_factory=_floats)
 
 
+# FHIR code systems and their DICOM coding scheme designators (PS3.16 8), for DICOM SEG codes.
+_DICOM_SCHEMES = {
+    "http://snomed.info/sct": "SCT",
+    "http://dicom.nema.org/resources/ontology/DCM": "DCM",
+    "http://loinc.org": "LN",
+}
+_DESIGNATOR = re.compile(r"^[A-Za-z0-9_.\-]{1,16}$")
+
+
+def dicom_scheme(system: str) -> str:
+    """The DICOM coding scheme designator of a FHIR code system (a designator stays itself)."""
+    return _DICOM_SCHEMES.get(system, system)
+
+
 class Segment(_Part):
     """One label of a label map: SNOMED CT coded, as DICOM SEG requires."""
 
     label: int = Field(ge=1, le=255)
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=64, description="SegmentLabel (LO)")
     category: Coding
     type: Coding
 
+    @field_validator("category", "type")
+    @classmethod
+    def _dicom_codable(cls, coding: Coding) -> Coding:
+        if coding.system not in _DICOM_SCHEMES and not _DESIGNATOR.match(coding.system):
+            raise ValueError(
+                f"system {coding.system!r} has no DICOM coding scheme designator: use "
+                f"{', '.join(_DICOM_SCHEMES)} or a designator of up to 16 characters (99...)"
+            )
+        return coding
+
 
 class LabelMapOutput(_Part):
-    """A label map (slices, rows, columns). Turning it into DICOM SEG and SR from these segment
-    descriptions is a later step; today the reference label map becomes a SEG as before."""
+    """A label map (slices, rows, columns): a DICOM SEG with one segment per description (its
+    label, name and codes). A DICOM SR from it is a later step."""
 
     tensor: str = Field(pattern=_TENSOR_NAME)
     datatype: list[Datatype] = Field(default_factory=_bytes)
@@ -309,6 +346,14 @@ class LabelMapOutput(_Part):
         default=True, description="Asked for only when the request wants a segmentation"
     )
     segments: list[Segment] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _labels_once(self) -> LabelMapOutput:
+        labels = [segment.label for segment in self.segments]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"label declared twice: {', '.join(map(str, twice))}")
+        return self
 
 
 class Outputs(_Part):
@@ -335,6 +380,25 @@ class Outputs(_Part):
         twice = sorted({f"{s}|{c}" for s, c in codes if codes.count((s, c)) > 1})
         if twice:
             raise ValueError(f"code declared twice: {', '.join(twice)}")
+        # Findings travel in Task inputs under their codes: the process's own and DSF's systems
+        # name other inputs (their slices), and a class's Coding has no place in a slice of the
+        # bridge's measurement system (a Quantity).
+        reserved = sorted({f"{s}|{c}" for s, c in codes if s in _WIRE_SYSTEMS})
+        if reserved:
+            raise ValueError(
+                f"code {', '.join(reserved)} is in a system the Task inputs use for the "
+                "protocol itself: use the provider's own system"
+            )
+        classes = sorted(
+            f"{c.code.system}|{c.code.code}"
+            for c in self.classifications
+            if c.code.system == _MEASUREMENT_SYSTEM
+        )
+        if classes:
+            raise ValueError(
+                f"classification {', '.join(classes)}: the bridge's measurement system holds "
+                "quantities; use the provider's own system"
+            )
         return self
 
 

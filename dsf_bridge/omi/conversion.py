@@ -72,6 +72,8 @@ PROBABILITY = Coding(
 )
 _OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 _REPORT_CATEGORY = "http://terminology.hl7.org/CodeSystem/v2-0074"
+# Rounding a softmax in FP32 may land a hair outside 0..1.
+_PROBABILITY_SLACK = 1e-6
 _REDUCE = {"first": None, "mean": np.mean, "sum": np.sum, "min": np.min, "max": np.max}
 
 
@@ -195,6 +197,16 @@ def model_inputs(volume: ImageVolume, contract: InferenceContract) -> list[Tenso
         )
     if DATATYPES[handling.datatype].kind in "iub":
         data = np.rint(data)
+    if DATATYPES[handling.datatype].kind in "iu" and data.size:
+        # A cast would wrap around silently (-849 HU as UINT8 is 175): refuse instead.
+        limits = np.iinfo(DATATYPES[handling.datatype])
+        low, high = float(data.min()), float(data.max())
+        if low < limits.min or high > limits.max:
+            raise ImageConversionError(
+                f"the pixel values {low:g}..{high:g} do not fit contract {contract.name} "
+                f"pixels.datatype {handling.datatype} ({limits.min}..{limits.max}): declare a "
+                "window and normalisation or a wider datatype"
+            )
     image = Tensor.of(contract.inputs.image, data, handling.datatype)
     declared = contract.inputs.shape
     if declared is not None and not _fits(image.shape, declared, volume.slices):
@@ -232,9 +244,18 @@ def _by_instance_number(images: Sequence[Dataset], series: str) -> tuple[list[Da
     thickness = _positive(images[0].get("SpacingBetweenSlices")) or _positive(
         images[0].get("SliceThickness")
     )
-    if any(ds.get("InstanceNumber") is None for ds in images):
-        raise ImageConversionError(f"series {series} lacks InstanceNumber: cannot order it")
-    ordered = sorted(images, key=lambda ds: int(ds.InstanceNumber))
+    # InstanceNumber is type 2: present, maybe empty.
+    numbers: dict[int, int] = {}
+    for ds in images:
+        try:
+            numbers[id(ds)] = int(ds.get("InstanceNumber"))
+        except (TypeError, ValueError):
+            raise ImageConversionError(
+                f"series {series} lacks InstanceNumber: cannot order it"
+            ) from None
+    if len(set(numbers.values())) != len(images):
+        raise ImageConversionError(f"series {series} has two images with one InstanceNumber")
+    ordered = sorted(images, key=lambda ds: numbers[id(ds)])
     return ordered, thickness or 1.0
 
 
@@ -395,7 +416,7 @@ def findings(result: InferenceResult, contract: InferenceContract, *, slices: in
     (:func:`check_outputs`), in the contract's order."""
     check_outputs(result, contract, slices=slices)
     found: list[Finding] = []
-    for measurement in contract.outputs.measurements:
+    for index, measurement in enumerate(contract.outputs.measurements):
         if slices < measurement.min_slices:
             continue
         values = np.asarray(result.outputs[measurement.tensor].data, dtype=np.float64).ravel()
@@ -403,8 +424,21 @@ def findings(result: InferenceResult, contract: InferenceContract, *, slices: in
             raise OutputConversionError(
                 f"output {measurement.tensor!r} of model {result.model_name} is empty"
             )
+        if np.any(np.isinf(values)):
+            # NaN is null (no value); an infinity is no number FHIR or JSON can carry.
+            raise OutputConversionError(
+                f"output {measurement.tensor!r} of model {result.model_name} holds an infinite "
+                f"value (contract {contract.name} outputs.measurements[{index}])"
+            )
         reduce = _REDUCE[measurement.reduce]
-        value = float(values[0]) if reduce is None else float(reduce(values))
+        with np.errstate(over="ignore"):
+            value = float(values[0]) if reduce is None else float(reduce(values))
+        if math.isinf(value):
+            raise OutputConversionError(
+                f"output {measurement.tensor!r} of model {result.model_name} reduces to an "
+                f"infinite value (contract {contract.name} outputs.measurements[{index}].reduce "
+                f"is {measurement.reduce})"
+            )
         found.append(
             Measurement(
                 code=measurement.code,
@@ -415,7 +449,7 @@ def findings(result: InferenceResult, contract: InferenceContract, *, slices: in
                 absent_text=measurement.absent_text,
             )
         )
-    for classification in contract.outputs.classifications:
+    for index, classification in enumerate(contract.outputs.classifications):
         probabilities = np.asarray(
             result.outputs[classification.tensor].data, dtype=np.float64
         ).ravel()
@@ -424,6 +458,15 @@ def findings(result: InferenceResult, contract: InferenceContract, *, slices: in
                 f"output {classification.tensor!r} of model {result.model_name} holds a "
                 "value that is not a number"
             )
+        if np.any(probabilities < -_PROBABILITY_SLACK) or np.any(
+            probabilities > 1 + _PROBABILITY_SLACK
+        ):
+            raise OutputConversionError(
+                f"output {classification.tensor!r} of model {result.model_name} holds a value "
+                f"outside 0..1; contract {contract.name} outputs.classifications[{index}] "
+                "declares one probability per class"
+            )
+        probabilities = np.clip(probabilities, 0.0, 1.0)
         best = int(probabilities.argmax())
         found.append(
             Classification(

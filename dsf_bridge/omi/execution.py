@@ -96,7 +96,19 @@ async def infer_study(
     label_map = contract.outputs.label_maps[0] if contract.outputs.label_maps else None
     # Readiness first: no study is fetched for a model that cannot take it.
     await client.ensure_model_ready(model, model_version)
-    datasets = await archive.retrieve_study(study_instance_uid, series_instance_uid)
+    # The series the model would take, checked against the contract from what QIDO-RS says of
+    # it before its instances are retrieved: a 2,000-slice series for a one-slice contract is
+    # refused without holding 2,000 images in memory first.
+    in_study = await archive.search_series(study_instance_uid)
+    chosen = archive.choose_series(in_study, study_instance_uid, series_instance_uid)
+    if chosen.modality:
+        contract.check_series(
+            modalities=[chosen.modality],
+            body_parts=[chosen.body_part or ""],
+            slices=chosen.instance_count,
+            series_named=series_instance_uid is not None,
+        )
+    datasets = await archive.retrieve_series(study_instance_uid, chosen.series_instance_uid)
     # Decoding pixels and building the SEG take seconds of CPU for a large series: in a worker
     # thread, so that the event loop keeps serving the websocket and the other Tasks meanwhile.
     volume = await _off_loop(
@@ -129,7 +141,8 @@ async def infer_study(
             result[label_map.tensor].data,
             algorithm_name=model,
             algorithm_version=model_version or result.model_version or "1",
-            segment_labels={segment.type.code: segment.label for segment in label_map.segments},
+            segments=label_map.segments,
+            description=contract.title,
         )
         await archive.store([seg])
         segmentation_series_uid = str(seg.SeriesInstanceUID)

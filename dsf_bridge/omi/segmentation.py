@@ -4,9 +4,11 @@ The SEG belongs to the study it was computed from: it repeats that study's patie
 attributes, as DICOM requires, and goes back over DICOMweb (STOW-RS) to the archive that holds
 the study. It never travels in a DSF Task; the Task carries only its Series Instance UID.
 
-One segment per tissue label, one frame per segment and slice; frames are ordered segment by
-segment, slices in the order of :class:`~dsf_bridge.omi.conversion.ImageVolume`. Segment codes
-use the private coding scheme :data:`CODING_SCHEME` until we map them to SNOMED CT.
+One segment per label the contract describes (its name, category and type codes; a FHIR
+system such as SNOMED CT becomes its DICOM coding scheme designator, ``SCT``), one frame per
+segment and slice; frames are ordered segment by segment, slices in the order of
+:class:`~dsf_bridge.omi.conversion.ImageVolume`. Without descriptions, the reference model's
+labels (:data:`SEGMENT_LABELS`) under the private coding scheme :data:`CODING_SCHEME`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.pixels.utils import pack_bits
 from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage, generate_uid
 
+from dsf_bridge.omi.contract import Coding, Segment, dicom_scheme
 from dsf_bridge.omi.conversion import ImageConversionError, ImageVolume
 
 __all__ = [
@@ -74,6 +77,8 @@ def segmentation_dataset(
     algorithm_name: str,
     algorithm_version: str = "1",
     segment_labels: Mapping[str, int] = SEGMENT_LABELS,
+    segments: Sequence[Segment] | None = None,
+    description: str = "Tissue composition by Hounsfield units",
     series_number: int = 900,
     now: dt.datetime | None = None,
 ) -> Dataset:
@@ -109,7 +114,7 @@ def segmentation_dataset(
     seg.Modality = "SEG"
     seg.SeriesInstanceUID = generate_uid()
     seg.SeriesNumber = series_number
-    seg.SeriesDescription = f"{algorithm_name} tissue segmentation"
+    seg.SeriesDescription = f"{algorithm_name} segmentation"
     seg.InstanceNumber = 1
     seg.FrameOfReferenceUID = first.get("FrameOfReferenceUID", generate_uid())
     seg.PositionReferenceIndicator = ""
@@ -121,8 +126,8 @@ def segmentation_dataset(
     seg.ContentTime = moment.strftime("%H%M%S")
     seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime
     seg.InstanceCreationDate, seg.InstanceCreationTime = seg.ContentDate, seg.ContentTime
-    seg.ContentLabel = "TISSUES"
-    seg.ContentDescription = "Tissue composition by Hounsfield units"
+    seg.ContentLabel = "SEGMENTATION"
+    seg.ContentDescription = description[:64]
     seg.ContentCreatorName = ""
     seg.ImageType = ["DERIVED", "PRIMARY"]
     seg.SamplesPerPixel = 1
@@ -135,9 +140,15 @@ def segmentation_dataset(
     seg.LossyImageCompression = "00"
     seg.SegmentationType = "BINARY"
 
-    segments = list(segment_labels.items())
+    # The contract's segment descriptions when given (their codes, names and labels), else the
+    # reference model's labels under the private scheme.
+    described = (
+        list(segments)
+        if segments is not None
+        else [_reference_segment(name, value) for name, value in segment_labels.items()]
+    )
     seg.SegmentSequence = [
-        _segment(number, name, algorithm_name) for number, (name, _) in enumerate(segments, 1)
+        _segment(number, segment, algorithm_name) for number, segment in enumerate(described, 1)
     ]
     referenced = Dataset()
     referenced.SeriesInstanceUID = volume.series_instance_uid
@@ -154,9 +165,9 @@ def segmentation_dataset(
 
     frames: list[npt.NDArray[np.bool_]] = []
     per_frame: list[Dataset] = []
-    for number, (_, value) in enumerate(segments, 1):
+    for number, segment in enumerate(described, 1):
         for index, source in enumerate(ordered):
-            frames.append(label_map[index] == value)
+            frames.append(label_map[index] == segment.label)
             per_frame.append(_frame(number, index, source))
     seg.PerFrameFunctionalGroupsSequence = per_frame
     seg.NumberOfFrames = len(frames)
@@ -164,16 +175,28 @@ def segmentation_dataset(
     return seg
 
 
-def _segment(number: int, name: str, algorithm_name: str) -> Dataset:
+def _reference_segment(name: str, label: int) -> Segment:
+    meaning = _SEGMENT_NAMES.get(name, name)
+    return Segment(
+        label=label,
+        name=meaning,
+        category=Coding(system=CODING_SCHEME, code="tissue", display="Tissue"),
+        type=Coding(system=CODING_SCHEME, code=name, display=meaning),
+    )
+
+
+def _coded(coding: Coding) -> Dataset:
+    return _code(coding.code, dicom_scheme(coding.system), coding.display)
+
+
+def _segment(number: int, segment: Segment, algorithm_name: str) -> Dataset:
     item = Dataset()
     item.SegmentNumber = number
-    item.SegmentLabel = _SEGMENT_NAMES.get(name, name)
+    item.SegmentLabel = segment.name
     item.SegmentAlgorithmType = "AUTOMATIC"
     item.SegmentAlgorithmName = algorithm_name
-    item.SegmentedPropertyCategoryCodeSequence = [_code("tissue", CODING_SCHEME, "Tissue")]
-    item.SegmentedPropertyTypeCodeSequence = [
-        _code(name, CODING_SCHEME, _SEGMENT_NAMES.get(name, name))
-    ]
+    item.SegmentedPropertyCategoryCodeSequence = [_coded(segment.category)]
+    item.SegmentedPropertyTypeCodeSequence = [_coded(segment.type)]
     return item
 
 

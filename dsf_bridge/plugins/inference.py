@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
@@ -459,6 +459,16 @@ def _findings(result: Mapping[str, Any], contract: InferenceContract | None) -> 
                 code=str(chosen["code"]),
                 display=str(chosen.get("display") or chosen["code"]),
             )
+            if isinstance(declared, ClassificationOutput):
+                # The class's display as the contract declares it, not as the provider wrote it.
+                value = next(
+                    (
+                        c.code
+                        for c in declared.classes
+                        if (c.code.system, c.code.code) == (value.system, value.code)
+                    ),
+                    value,
+                )
             found.append(Classification(coding, value, float(quantity["value"]), body_site))
             continue
         unit = str(quantity.get("code") or quantity.get("unit") or "1")
@@ -475,7 +485,68 @@ def _findings(result: Mapping[str, Any], contract: InferenceContract | None) -> 
         raise BpmnError(
             PROVIDER_FAILED, f"classification {sorted(classes)[0][1]} comes without probability"
         )
+    for finding in found:
+        if isinstance(finding, Classification) and not 0.0 <= finding.probability <= 1.0:
+            raise BpmnError(
+                PROVIDER_FAILED,
+                f"classification {finding.code.code} has the probability {finding.probability}, "
+                "outside 0..1",
+            )
+    if contract is not None:
+        _check_findings(found, contract)
     return found
+
+
+def _check_findings(found: Sequence[Finding], contract: InferenceContract) -> None:
+    """A result must say what the contract this site knows declares: each finding one of its
+    outputs, of the same kind, a measurement in its unit, a class one of its classes, every
+    classification present (a measurement may be absent: null, or a series too short)."""
+    measurements = {
+        (m.code.system, m.code.code): (i, m) for i, m in enumerate(contract.outputs.measurements)
+    }
+    classifications = {
+        (c.code.system, c.code.code): (i, c) for i, c in enumerate(contract.outputs.classifications)
+    }
+    where = f"service contract {contract.name}"
+    for finding in found:
+        key = (finding.code.system, finding.code.code)
+        if isinstance(finding, Classification):
+            if key not in classifications:
+                raise BpmnError(
+                    PROVIDER_FAILED,
+                    f"the result's classification {key[0]}|{key[1]} is not one of {where}'s "
+                    "outputs.classifications",
+                )
+            index, declared = classifications[key]
+            allowed = {(c.code.system, c.code.code) for c in declared.classes}
+            if (finding.value.system, finding.value.code) not in allowed:
+                raise BpmnError(
+                    PROVIDER_FAILED,
+                    f"the result's class {finding.value.system}|{finding.value.code} for "
+                    f"{key[1]} is not one of {where} outputs.classifications[{index}].classes",
+                )
+            continue
+        if key not in measurements:
+            raise BpmnError(
+                PROVIDER_FAILED,
+                f"the result's measurement {key[0]}|{key[1]} is not one of {where}'s "
+                "outputs.measurements",
+            )
+        index, measurement = measurements[key]
+        if finding.unit != measurement.unit:
+            raise BpmnError(
+                PROVIDER_FAILED,
+                f"the result's measurement {key[1]} is in {finding.unit!r}; {where} "
+                f"outputs.measurements[{index}].unit is {measurement.unit!r}",
+            )
+    present = {(f.code.system, f.code.code) for f in found if isinstance(f, Classification)}
+    for key, (index, _) in classifications.items():
+        if key not in present:
+            raise BpmnError(
+                PROVIDER_FAILED,
+                f"the result has no classification {key[1]} ({where} "
+                f"outputs.classifications[{index}])",
+            )
 
 
 def _local_client(ctx: HandlerContext) -> FhirClient:
@@ -556,8 +627,8 @@ async def store_result(ctx: HandlerContext) -> None:
             }
         )
     # Findings last, as in the result Task: outputs without a slice of their own follow the
-    # sliced ones (openAtEnd).
-    for finding in found:
+    # sliced ones (openAtEnd), the bridge's own measurement codes (sliced) first.
+    for finding in sorted(found, key=lambda f: f.code.system != MEASUREMENT_CODE_SYSTEM):
         outputs.extend(
             {"type": {"coding": [{"system": finding.code.system, "code": finding.code.code}]}}
             | value
@@ -774,8 +845,11 @@ def send_inference_result(ctx: SendContext) -> None:
         ctx.add_input(CODESYSTEM_OMI, SEGMENTATION_SERIES, segmentation)
     # Last: a finding under a code the profile has no slice for may only follow the sliced
     # inputs (DSF's Task.input slicing is openAtEnd).
+    # Of the findings, the bridge's own measurement codes have slices (the reference
+    # contract's): they go first, whatever order the contract declares its outputs in.
     found = ctx.get("findings")
-    for item in found if isinstance(found, list) else []:
+    items = found if isinstance(found, list) else []
+    for item in sorted(items, key=lambda i: str(i["system"]) != MEASUREMENT_CODE_SYSTEM):
         ctx.add_input(str(item["system"]), str(item["code"]), item["value"])
 
 

@@ -24,7 +24,9 @@ from dsf_bridge.errors import ConfigError
 from dsf_bridge.omi.contract import (
     ContractError,
     InferenceContract,
+    PixelHandling,
     RequestNotAcceptedError,
+    Window,
     check_catalogue,
     contract_of,
     load_contract,
@@ -32,6 +34,7 @@ from dsf_bridge.omi.contract import (
 )
 from dsf_bridge.omi.conversion import (
     Classification,
+    ImageConversionError,
     OutputConversionError,
     check_outputs,
     findings,
@@ -112,6 +115,31 @@ def test_toml_json_and_inline_give_the_same_contract(tmp_path: Path) -> None:
             lambda raw: raw["inputs"].update(shape=[-1, -1, -1]),
             r"contract: Value error, inputs\.shape has 3 dimensions, pixels\.dimensions is 2",
         ),
+        (
+            # A finding under the wire's own codes collided with the Task's slices and was
+            # dropped by the requesting site as no finding.
+            lambda raw: raw["outputs"]["measurements"][0]["code"].update(
+                system="http://dsf-bridge.dev/fhir/CodeSystem/omi", code="slices"
+            ),
+            r"outputs: Value error, code http://dsf-bridge\.dev/fhir/CodeSystem/omi\|slices is "
+            r"in a system the Task inputs use for the protocol itself",
+        ),
+        (
+            lambda raw: raw["outputs"]["classifications"][0]["code"].update(
+                system="http://dsf-bridge.dev/fhir/CodeSystem/omi-measurement", code="body-area"
+            ),
+            r"outputs: Value error, classification .*omi-measurement\|body-area: the bridge's "
+            r"measurement system holds quantities",
+        ),
+        (
+            # A window of infinite width turned every pixel into NaN, sent as the model's input.
+            lambda raw: raw["pixels"]["window"].update(width=float("inf")),
+            r"pixels\.window\.width: Input should be a finite number",
+        ),
+        (
+            lambda raw: raw["pixels"]["window"].update(center=float("nan")),
+            r"pixels\.window\.center: Input should be a finite number",
+        ),
     ],
     ids=[
         "missing-unit",
@@ -120,6 +148,10 @@ def test_toml_json_and_inline_give_the_same_contract(tmp_path: Path) -> None:
         "tensor-twice",
         "bad-dtype",
         "shape",
+        "wire-system",
+        "class-in-measurement-system",
+        "infinite-width",
+        "nan-center",
     ],
 )
 def test_a_bad_contract_file_names_the_file_and_the_field(
@@ -261,6 +293,33 @@ def test_raw_values_resampling_zscore_and_integer_datatype(ct_small: Dataset) ->
         model_inputs(volume, wrong)
 
 
+def test_pixel_values_an_integer_datatype_cannot_hold_are_refused(ct_small: Dataset) -> None:
+    # Hounsfield units as UINT8 wrapped around silently: -849 HU reached the model as 175.
+    contract = MY_MODEL.model_copy(
+        update={"pixels": PixelHandling(values="hounsfield", dimensions=2, datatype="UINT8")}
+    )
+    volume = volume_from_datasets([ct_small], contract)
+    with pytest.raises(
+        ImageConversionError,
+        match=r"pixel values -896\.\.1167 do not fit contract my-model pixels\.datatype UINT8 "
+        r"\(0\.\.255\)",
+    ):
+        model_inputs(volume, contract)
+    windowed = contract.model_copy(
+        update={
+            "pixels": PixelHandling(
+                values="hounsfield",
+                dimensions=2,
+                window=Window(center=40, width=400),
+                normalise="unit",
+                datatype="UINT8",
+            )
+        }
+    )
+    [image] = model_inputs(volume, windowed)
+    assert set(np.unique(image.data)) <= {0, 1}
+
+
 def test_slices_ordered_by_instance_number(ct_series: list[Dataset]) -> None:
     contract = TISSUE.model_copy(
         update={"pixels": TISSUE.pixels.model_copy(update={"slice_order": "instance-number"})}
@@ -270,6 +329,29 @@ def test_slices_ordered_by_instance_number(ct_series: list[Dataset]) -> None:
     numbers = sorted(int(ds.InstanceNumber) for ds in ct_series)
     by_number = {int(ds.InstanceNumber): str(ds.SOPInstanceUID) for ds in ct_series}
     assert volume.sop_instance_uids == tuple(by_number[n] for n in numbers)
+
+
+@pytest.mark.parametrize(
+    ("number", "message"),
+    [("", "lacks InstanceNumber"), (None, "lacks InstanceNumber"), ("1", "two images with one")],
+    ids=["empty", "missing", "repeated"],
+)
+def test_an_instance_number_order_without_usable_numbers_fails_as_conversion(
+    ct_series: list[Dataset], number: str | None, message: str
+) -> None:
+    # InstanceNumber is type 2: an empty one raised ValueError from int(''), no BridgeError.
+    contract = TISSUE.model_copy(
+        update={"pixels": TISSUE.pixels.model_copy(update={"slice_order": "instance-number"})}
+    )
+    series = [copy.deepcopy(ds) for ds in ct_series]
+    if number is None:
+        del series[2].InstanceNumber
+    elif number == "":
+        series[2].InstanceNumber = ""
+    else:
+        series[2].InstanceNumber = series[0].InstanceNumber
+    with pytest.raises(ImageConversionError, match=message):
+        volume_from_datasets(series, contract)
 
 
 # --- answers against the contract ------------------------------------------------------------
@@ -314,6 +396,48 @@ def test_an_answer_that_breaks_the_contract_names_tensor_and_field(
 ) -> None:
     with pytest.raises(OutputConversionError, match=message):
         check_outputs(_answer(**outputs), MY_MODEL, slices=1)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        (
+            {**GOOD, "nodule_probability": Tensor.of("nodule_probability", [np.inf], "FP32")},
+            r"output 'nodule_probability' of model my-model holds an infinite value "
+            r"\(contract my-model outputs\.measurements\[0\]\)",
+        ),
+        (
+            {**GOOD, "nodule_probability": Tensor.of("nodule_probability", [-np.inf], "FP32")},
+            r"holds an infinite value \(contract my-model outputs\.measurements\[0\]\)",
+        ),
+        (
+            {**GOOD, "nodule_class": Tensor.of("nodule_class", [-3.0, 7.0], "FP32")},
+            r"output 'nodule_class' of model my-model holds a value outside 0\.\.1; contract "
+            r"my-model outputs\.classifications\[0\]",
+        ),
+    ],
+    ids=["inf", "minus-inf", "probability-7"],
+)
+def test_values_fhir_cannot_carry_or_that_are_no_probability_fail_naming_the_field(
+    outputs: dict[str, Tensor], message: str
+) -> None:
+    # An infinity became valueQuantity.value inf: "Infinity" in the JSON, no FHIR decimal.
+    with pytest.raises(OutputConversionError, match=message):
+        findings(_answer(**outputs), MY_MODEL, slices=1)
+
+
+def test_a_mean_that_overflows_fails_naming_the_reduce() -> None:
+    area = Tensor.of("body_area_cm2", [1.7e308, 1.7e308], "FP64")
+    answer = InferenceResult("tissue-composition", "1", None, {"body_area_cm2": area})
+    contract = TISSUE.model_copy(
+        update={
+            "outputs": TISSUE.outputs.model_copy(
+                update={"measurements": TISSUE.outputs.measurements[:1]}
+            )
+        }
+    )
+    with pytest.raises(OutputConversionError, match=r"outputs\.measurements\[0\]\.reduce"):
+        findings(answer, contract, slices=2)
 
 
 def test_a_classification_becomes_an_observation_with_its_probability() -> None:

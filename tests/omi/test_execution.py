@@ -17,9 +17,14 @@ from fhir.resources.R4B.bundle import Bundle
 from pydicom.dataset import Dataset
 
 from dsf_bridge.omi import execution
-from dsf_bridge.omi.contract import resolve_contract
+from dsf_bridge.omi.contract import RequestNotAcceptedError, resolve_contract
 from dsf_bridge.omi.conversion import volume_from_datasets
-from dsf_bridge.omi.dicomweb import ArchiveUnavailableError, DicomWebArchive, StudyNotFoundError
+from dsf_bridge.omi.dicomweb import (
+    ArchiveUnavailableError,
+    DicomWebArchive,
+    SeriesInfo,
+    StudyNotFoundError,
+)
 from dsf_bridge.omi.execution import infer_study
 from dsf_bridge.omi.inference import (
     HttpInferenceClient,
@@ -238,3 +243,47 @@ async def test_no_more_studies_are_decoded_at_once_than_there_are_cores() -> Non
 
     await asyncio.gather(*(execution._off_loop(decode) for _ in range(20)))
     assert 1 <= most <= max(1, os.cpu_count() or 1)
+
+
+class _HugeSeriesArchive(DicomWebArchive):
+    """An archive whose only series has far more slices than the contract takes; retrieving
+    it is a test failure."""
+
+    def __init__(self) -> None:
+        super().__init__("http://archive.invalid/dicom-web", timeout=1.0)
+
+    async def search_series(self, study_instance_uid: str) -> list[SeriesInfo]:
+        return [SeriesInfo("1.2.3.4", "CT", 2000)]
+
+    async def retrieve_series(
+        self, study_instance_uid: str, series_instance_uid: str
+    ) -> list[Dataset]:
+        raise AssertionError("the series was retrieved before the contract check")
+
+
+class _ReadyModel(HttpInferenceClient):
+    def __init__(self) -> None:
+        super().__init__("http://model.invalid", timeout=1.0)
+
+    async def ensure_model_ready(self, model: str, version: str | None = None) -> None:
+        return None
+
+
+async def test_a_series_too_long_for_the_contract_is_refused_before_it_is_retrieved() -> None:
+    contract = resolve_contract("tissue-composition")
+    one_slice = contract.model_copy(
+        update={"accepts": contract.accepts.model_copy(update={"max_slices": 1})}
+    )
+    archive, model = _HugeSeriesArchive(), _ReadyModel()
+    try:
+        with pytest.raises(
+            RequestNotAcceptedError,
+            match=r"accepts\.max_slices is 1, the "
+            r"series has 2000",
+        ):
+            await infer_study(
+                archive, model, study_instance_uid="1.2.3", contract=one_slice, device=DEVICE
+            )
+    finally:
+        archive.close()
+        await model.aclose()

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pydicom
 import pytest
+from pydantic import ValidationError
 from pydicom.dataset import Dataset
 
-from dsf_bridge.omi.contract import resolve_contract
+from dsf_bridge.omi.contract import LabelMapOutput, Segment, resolve_contract
 from dsf_bridge.omi.conversion import ImageConversionError, model_inputs, volume_from_datasets
 from dsf_bridge.omi.dicomweb import DicomWebArchive
 from dsf_bridge.omi.inference import HttpInferenceClient
@@ -60,6 +61,70 @@ def test_seg_structure_and_round_trip(ct_series: list[Dataset]) -> None:
     masks = segment_masks(again)
     np.testing.assert_array_equal(masks["Skeletal muscle"], labels == LABELS["muscle"])
     np.testing.assert_array_equal(masks["Bone"], labels == LABELS["bone"])
+
+
+_SNOMED = "http://snomed.info/sct"
+_ABNORMAL = {"system": _SNOMED, "code": "49755003", "display": "Morphologically abnormal structure"}
+_NODULE = {"system": _SNOMED, "code": "27925004", "display": "Nodule"}
+
+
+def _nodule_segments(*labels: int) -> list[Segment]:
+    names = ["Left lung nodule", "Right lung nodule", "Third nodule"]
+    return [
+        Segment.model_validate(
+            {"label": label, "name": name, "category": _ABNORMAL, "type": _NODULE}
+        )
+        for label, name in zip(labels, names, strict=False)
+    ]
+
+
+def test_a_contracts_segments_become_the_segs_segments(ct_small: Dataset) -> None:
+    # Two segments of the same type: before, a dict keyed by the type's code kept one of them,
+    # and every code went out under the private scheme 99DSFB with the code as its meaning.
+    volume = volume_from_datasets([ct_small], TISSUE)
+    labels = np.zeros(volume.pixels.shape, dtype=np.uint8)
+    labels[0, :5, :5] = 1
+    labels[0, 10:15, 10:15] = 2
+    seg = segmentation_dataset(
+        volume,
+        [ct_small],
+        labels,
+        algorithm_name="my-model",
+        segments=_nodule_segments(1, 2),
+        description="Lung nodules",
+    )
+    assert [item.SegmentLabel for item in seg.SegmentSequence] == [
+        "Left lung nodule",
+        "Right lung nodule",
+    ]
+    for item in seg.SegmentSequence:
+        [kind] = item.SegmentedPropertyTypeCodeSequence
+        [category] = item.SegmentedPropertyCategoryCodeSequence
+        assert (kind.CodeValue, kind.CodingSchemeDesignator, kind.CodeMeaning) == (
+            "27925004",
+            "SCT",
+            "Nodule",
+        )
+        assert (category.CodeValue, category.CodingSchemeDesignator) == ("49755003", "SCT")
+    assert seg.ContentDescription == "Lung nodules"
+    masks = segment_masks(seg)
+    np.testing.assert_array_equal(masks["Left lung nodule"], labels == 1)
+    np.testing.assert_array_equal(masks["Right lung nodule"], labels == 2)
+
+
+def test_a_label_map_refuses_a_label_twice_and_a_system_dicom_cannot_name() -> None:
+    segments = [s.model_dump() for s in _nodule_segments(1, 2, 2)]
+    with pytest.raises(ValidationError, match="label declared twice: 2"):
+        LabelMapOutput.model_validate({"tensor": "labels", "segments": segments})
+    with pytest.raises(ValidationError, match="has no DICOM coding scheme designator"):
+        Segment.model_validate(
+            {
+                "label": 1,
+                "name": "x",
+                "category": _ABNORMAL,
+                "type": {"system": "http://example.org/codes", "code": "x", "display": "x"},
+            }
+        )
 
 
 def test_label_map_must_match_the_series(ct_small: Dataset) -> None:
