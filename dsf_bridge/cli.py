@@ -1051,15 +1051,29 @@ async def _start_process(
         }
         if wait is None:
             return result
+        # Said at once: a read failing while we wait must not hide what was created.
+        typer.echo(f"created Task/{created.id}: {result['url']}; waiting for its end", err=True)
         deadline = time.monotonic() + wait
         while True:  # the server offers no event for a Task's end: read it until it ends
-            current = await client.read("Task", created.id)
-            if current.get("status") in ("completed", "failed") or time.monotonic() >= deadline:
+            try:
+                current = await client.read("Task", created.id)
+            except RemoteError as exc:
+                raise RemoteError(
+                    f"Task/{created.id} was created ({result['url']}), but reading it failed: "
+                    f"{exc.message}; do not start it again, look at it on the FHIR server",
+                    status=exc.status,
+                ) from exc
+            if current.get("status") in _TASK_ENDS or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.5)
     result["status"] = str(current.get("status"))
     result["outputs"] = [_shown_output(output) for output in current.get("output") or []]
     return result
+
+
+# FHIR R4 Task states that end it (DSF ends Tasks completed or failed; the others may be set
+# by hand).
+_TASK_ENDS = frozenset({"completed", "failed", "cancelled", "rejected", "entered-in-error"})
 
 
 def _shown_output(output: dict[str, Any]) -> str:

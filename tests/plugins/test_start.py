@@ -242,6 +242,10 @@ async def test_start_creates_the_ping_start_task_and_the_bridge_runs_it(
     assert code == 0, err
     created_line, status_line, *outputs = out.splitlines()
     assert created_line.startswith("created Task/")
+    # Said on stderr before the wait: a read failing later does not hide the Task made.
+    task_ref = created_line.split()[1]
+    assert f"created {task_ref}: " in err
+    assert "waiting for its end" in err
     assert status_line.endswith(" completed")
     assert len(outputs) == 1
     assert outputs[0].startswith("  output ping-status: ")
