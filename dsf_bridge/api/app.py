@@ -229,10 +229,12 @@ def create_app(
         """Prometheus text format."""
         now = context.clock()
         results = await context.run_probes()
-        try:
-            counts: q.StoreCounts | None = await context.read(lambda s: q.count_store(s, now))
-        except StoreError:
-            counts = None  # the probe metrics still say that the store is down
+        # The probe metrics still say that the store is down: the counts are not read from a
+        # store whose probe failed, and not waited for longer than a probe (a store that
+        # hangs would hold the scrape past Prometheus's scrape timeout, losing every metric).
+        counts: q.StoreCounts | None = None
+        if all(result.ok for probe, result in results if probe.kind == "database"):
+            counts = await context.read_within(lambda s: q.count_store(s, now))
         body = render_metrics(counts, results, version=__version__, now=now)
         return Response(body, media_type=CONTENT_TYPE)
 

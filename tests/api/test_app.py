@@ -305,6 +305,36 @@ async def test_a_store_that_is_gone_gives_503_and_metrics_that_say_so() -> None:
         assert response.headers["X-Frame-Options"] == "DENY"
 
 
+async def test_a_store_that_hangs_leaves_metrics_that_say_so_within_a_probe_timeout() -> None:
+    """A PostgreSQL that accepts connections and never answers (a network partition, a
+    server stuck in I/O): the scrape answers within the probe timeout with the failing probe,
+    instead of waiting out the driver's timeouts (over two minutes) past Prometheus's scrape
+    timeout, which loses every metric."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never answers
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    database = Database(f"postgresql://nobody@127.0.0.1:{port}/none", read_only=True)
+    try:
+        app = create_app(database, ApiSettings(token=SecretStr(TOKEN)))
+        async with _client(app) as http:
+            started = asyncio.get_running_loop().time()
+            metrics = await asyncio.wait_for(http.get("/metrics", headers=AUTH), 30)
+            took = asyncio.get_running_loop().time() - started
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await database.dispose()
+    assert metrics.status_code == 200
+    assert took < 15
+    assert 'dsf_bridge_probe_ok{kind="database",probe="database"} 0.0' in metrics.text
+    assert "dsf_bridge_instances" not in metrics.text
+
+
 async def test_bad_parameters_are_client_errors(client: httpx.AsyncClient) -> None:
     too_big = await client.get(f"/api/v1/audit?before={2**64}", headers=AUTH)
     page_too_big = await client.get(f"/ui/audit?before={2**64}", headers=AUTH)
