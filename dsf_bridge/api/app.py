@@ -180,7 +180,15 @@ def create_app(
     )
     app.state.context = context
     guard = Depends(TokenGuard(settings.token, settings.operator_token))
-    operator_guard = OperatorGuard(settings.operator_token)
+    # Without a writable connection no bridge runs the requests here (dsf-bridge api serve):
+    # the operator's actions are closed (403), and the page shows no forms for them.
+    operator_guard = OperatorGuard(
+        settings.operator_token,
+        closed=None
+        if operator_database is not None or settings.operator_token is None
+        else "operator actions are closed: this API serves a store without a bridge to run "
+        "them (dsf-bridge api serve); use the API of 'dsf-bridge run' or the CLI",
+    )
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Any) -> Response:

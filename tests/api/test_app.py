@@ -546,6 +546,43 @@ async def test_process_versions_with_their_instance_counts(client: httpx.AsyncCl
     assert f'href="/ui/?process={KEY}">3</a>' in page
 
 
+async def test_without_a_writable_store_the_operator_cannot_act(database: Database) -> None:
+    """``dsf-bridge api serve`` (no bridge runs the requests, no writable connection): the
+    operator token reads, its actions answer 403 saying why (not 503 "the store does not
+    answer"), and the page offers no forms that could only fail."""
+    clock = IncidentClock()
+    runtime = await incident_runtime(database, FakeGateway(), clock)
+    instance = await runtime.start(
+        INCIDENT_KEY, message_name="start", business_key="bk-s", variables={"mode": "idle"}
+    )
+    [incident] = await until_incident(runtime, database, clock)
+    operator = "operator-token-for-tests"
+    app = create_app(
+        database,
+        ApiSettings(token=SecretStr(TOKEN), operator_token=SecretStr(operator)),
+        clock=clock,
+    )
+    as_operator = {"Authorization": f"Bearer {operator}"}
+    async with _client(app) as http:
+        listed = await http.get("/api/v1/incidents", headers=as_operator)
+        cancel = await http.post(
+            f"/api/v1/instances/{instance}/cancel", json={"reason": "x"}, headers=as_operator
+        )
+        retry = await http.post(
+            f"/api/v1/instances/{instance}/incidents/{incident.token}/retry",
+            json={"retries": 1},
+            headers=as_operator,
+        )
+        page = await http.get("/ui/incidents", headers=as_operator)
+        detail = await http.get(f"/ui/instances/{instance}", headers=as_operator)
+    assert listed.status_code == page.status_code == detail.status_code == 200
+    assert cancel.status_code == retry.status_code == 403
+    assert "dsf-bridge api serve" in cancel.json()["detail"]
+    assert 'id="incident-list"' in page.text
+    assert '<form method="post"' not in page.text
+    assert '<form method="post"' not in detail.text
+
+
 async def test_the_operator_retries_and_cancels_from_the_web_page(database: Database) -> None:
     """Issue 15: incidents on the web page, with retry and cancel for the operator token alone;
     each form carries a MAC under the operator token, so a cross-site post cannot act."""
