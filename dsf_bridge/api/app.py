@@ -243,6 +243,10 @@ def create_app(
         counts: q.StoreCounts | None = None
         if all(result.ok for probe, result in results if probe.kind == "database"):
             counts = await context.read_within(lambda s: q.count_store(s, now))
+            if counts is None:
+                log.warning(
+                    "api.metrics_without_store_counts", reason="the store failed or was slow"
+                )
         body = render_metrics(counts, results, version=__version__, now=now)
         return Response(body, media_type=CONTENT_TYPE)
 
