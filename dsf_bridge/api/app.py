@@ -183,7 +183,15 @@ def create_app(
     )
     app.state.context = context
     guard = Depends(TokenGuard(settings.token, settings.operator_token))
-    operator_guard = OperatorGuard(settings.operator_token)
+    # Without a writable connection no bridge runs the requests here (dsf-bridge api serve):
+    # the operator's actions are closed (403), and the page shows no forms for them.
+    operator_guard = OperatorGuard(
+        settings.operator_token,
+        closed=None
+        if operator_database is not None or settings.operator_token is None
+        else "operator actions are closed: this API serves a store without a bridge to run "
+        "them (dsf-bridge api serve); use the API of 'dsf-bridge run' or the CLI",
+    )
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Any) -> Response:
@@ -232,10 +240,16 @@ def create_app(
         """Prometheus text format."""
         now = context.clock()
         results = await context.run_probes()
-        try:
-            counts: q.StoreCounts | None = await context.read(lambda s: q.count_store(s, now))
-        except StoreError:
-            counts = None  # the probe metrics still say that the store is down
+        # The probe metrics still say that the store is down: the counts are not read from a
+        # store whose probe failed, and not waited for longer than a probe (a store that
+        # hangs would hold the scrape past Prometheus's scrape timeout, losing every metric).
+        counts: q.StoreCounts | None = None
+        if all(result.ok for probe, result in results if probe.kind == "database"):
+            counts = await context.read_within(lambda s: q.count_store(s, now))
+            if counts is None:
+                log.warning(
+                    "api.metrics_without_store_counts", reason="the store failed or was slow"
+                )
         body = render_metrics(counts, results, version=__version__, now=now)
         return Response(body, media_type=CONTENT_TYPE)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from fastapi import HTTPException
@@ -78,6 +78,23 @@ class ApiContext:
         async with self.database.transaction() as session:
             return await query(session)
 
+    async def read_within(
+        self, query: Callable[[Session], Awaitable[T]], seconds: float = PROBE_TIMEOUT
+    ) -> T | None:
+        """:meth:`read`, or ``None`` when the store fails or has not answered within
+        ``seconds`` (the query is cancelled then): for ``/metrics``, whose scrape must
+        still report the failing probes while the store hangs."""
+        task = asyncio.ensure_future(self.read(query))
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+        if not done:
+            task.cancel()
+            task.add_done_callback(_discard)
+            return None
+        try:
+            return task.result()
+        except StoreError:
+            return None
+
     async def write(self, work: Callable[[Session], Awaitable[T]]) -> T:
         """Run one write (an operator request) in its own transaction, over the operator's
         connection (:class:`StoreError` when there is none)."""
@@ -115,7 +132,8 @@ class ApiContext:
         return await self.read(verify_chain)
 
 
-def _discard(task: asyncio.Future[ProbeResult]) -> None:
-    """Collect the late outcome of a probe so that asyncio does not report it as lost."""
+def _discard(task: asyncio.Future[Any]) -> None:
+    """Collect the late outcome of a probe or query so that asyncio does not report it as
+    lost."""
     if not task.cancelled():
         task.exception()

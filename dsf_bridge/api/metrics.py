@@ -24,6 +24,19 @@ __all__ = ["CONTENT_TYPE", "render_metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+# Every status a Task version or an outbox entry can have is exposed, 0 when none has it: a
+# series that first appears at 1 has no increase() in Prometheus, so an alert on the first
+# failed effect or refused Task would never fire (deploy/alerts.yaml).
+_TASK_STATUSES = (
+    *(
+        ("incoming", status.value)
+        for status in TaskSeenStatus
+        if status != TaskSeenStatus.REQUESTED
+    ),
+    ("outgoing", TaskSeenStatus.REQUESTED.value),
+)
+_OUTBOX_STATUSES = ("pending", "done", "failed")
+
 
 class _Snapshot(Collector):
     def __init__(self, families: Sequence[GaugeMetricFamily | InfoMetricFamily]) -> None:
@@ -88,7 +101,8 @@ def _store_families(counts: StoreCounts, now: dt.datetime) -> list[GaugeMetricFa
         "Task versions taken in (incoming) or sent (outgoing), by intake status",
         labels=["role", "status"],
     )
-    for (role, status), value in sorted(counts.tasks.items()):
+    task_counts = dict.fromkeys(_TASK_STATUSES, 0) | dict(counts.tasks)
+    for (role, status), value in sorted(task_counts.items()):
         tasks.add_metric([role, status], value)
 
     jobs = GaugeMetricFamily(
@@ -102,7 +116,7 @@ def _store_families(counts: StoreCounts, now: dt.datetime) -> list[GaugeMetricFa
     outbox = GaugeMetricFamily(
         "dsf_bridge_outbox_entries", "Effects to perform after commit, by status", labels=["status"]
     )
-    for status, value in sorted(counts.outbox.items()):
+    for status, value in sorted((dict.fromkeys(_OUTBOX_STATUSES, 0) | counts.outbox).items()):
         outbox.add_metric([status], value)
 
     timers = GaugeMetricFamily("dsf_bridge_timers", "Timers waiting to fire", value=counts.timers)

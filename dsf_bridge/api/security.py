@@ -59,16 +59,19 @@ class OperatorGuard:
     """A FastAPI dependency for the operator role: only ``api.operator_token`` passes; it
     returns the operator's name for the audit trail (``api:<Basic user>``, ``api:operator``)."""
 
-    def __init__(self, operator_token: SecretStr | None) -> None:
-        self._token = None if operator_token is None else operator_token.get_secret_value()
+    def __init__(self, operator_token: SecretStr | None, *, closed: str | None = None) -> None:
+        """``closed`` keeps the role closed whatever the token, with that reason (an API
+        without a bridge to run the requests: ``dsf-bridge api serve``)."""
+        given = None if operator_token is None else operator_token.get_secret_value()
+        self._token = None if closed is not None else given
+        self._closed = closed or (
+            "operator actions are closed: set api.operator_token (environment "
+            "DSF_BRIDGE_API__OPERATOR_TOKEN) to open them; the read token cannot act"
+        )
 
     def __call__(self, request: Request) -> str:
         if self._token is None:
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN,
-                "operator actions are closed: set api.operator_token (environment "
-                "DSF_BRIDGE_API__OPERATOR_TOKEN) to open them; the read token cannot act",
-            )
+            raise HTTPException(status.HTTP_403_FORBIDDEN, self._closed)
         given = _credentials(request.headers.get("authorization", ""))
         if given is None or not hmac.compare_digest(given[1], self._token.encode()):
             raise _unauthorized(

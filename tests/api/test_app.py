@@ -327,6 +327,36 @@ async def test_a_store_that_is_gone_gives_503_and_metrics_that_say_so() -> None:
         assert response.headers["X-Frame-Options"] == "DENY"
 
 
+async def test_a_store_that_hangs_leaves_metrics_that_say_so_within_a_probe_timeout() -> None:
+    """A PostgreSQL that accepts connections and never answers (a network partition, a
+    server stuck in I/O): the scrape answers within the probe timeout with the failing probe,
+    instead of waiting out the driver's timeouts (over two minutes) past Prometheus's scrape
+    timeout, which loses every metric."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never answers
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    database = Database(f"postgresql://nobody@127.0.0.1:{port}/none", read_only=True)
+    try:
+        app = create_app(database, ApiSettings(token=SecretStr(TOKEN)))
+        async with _client(app) as http:
+            started = asyncio.get_running_loop().time()
+            metrics = await asyncio.wait_for(http.get("/metrics", headers=AUTH), 30)
+            took = asyncio.get_running_loop().time() - started
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await database.dispose()
+    assert metrics.status_code == 200
+    assert took < 15
+    assert 'dsf_bridge_probe_ok{kind="database",probe="database"} 0.0' in metrics.text
+    assert "dsf_bridge_instances" not in metrics.text
+
+
 async def test_bad_parameters_are_client_errors(client: httpx.AsyncClient) -> None:
     too_big = await client.get(f"/api/v1/audit?before={2**64}", headers=AUTH)
     page_too_big = await client.get(f"/ui/audit?before={2**64}", headers=AUTH)
@@ -536,6 +566,43 @@ async def test_process_versions_with_their_instance_counts(client: httpx.AsyncCl
     page = (await client.get("/ui/processes", headers=AUTH)).text
     assert f'href="/ui/?process={KEY}&amp;status=failed">1</a>' in page
     assert f'href="/ui/?process={KEY}">3</a>' in page
+
+
+async def test_without_a_writable_store_the_operator_cannot_act(database: Database) -> None:
+    """``dsf-bridge api serve`` (no bridge runs the requests, no writable connection): the
+    operator token reads, its actions answer 403 saying why (not 503 "the store does not
+    answer"), and the page offers no forms that could only fail."""
+    clock = IncidentClock()
+    runtime = await incident_runtime(database, FakeGateway(), clock)
+    instance = await runtime.start(
+        INCIDENT_KEY, message_name="start", business_key="bk-s", variables={"mode": "idle"}
+    )
+    [incident] = await until_incident(runtime, database, clock)
+    operator = "operator-token-for-tests"
+    app = create_app(
+        database,
+        ApiSettings(token=SecretStr(TOKEN), operator_token=SecretStr(operator)),
+        clock=clock,
+    )
+    as_operator = {"Authorization": f"Bearer {operator}"}
+    async with _client(app) as http:
+        listed = await http.get("/api/v1/incidents", headers=as_operator)
+        cancel = await http.post(
+            f"/api/v1/instances/{instance}/cancel", json={"reason": "x"}, headers=as_operator
+        )
+        retry = await http.post(
+            f"/api/v1/instances/{instance}/incidents/{incident.token}/retry",
+            json={"retries": 1},
+            headers=as_operator,
+        )
+        page = await http.get("/ui/incidents", headers=as_operator)
+        detail = await http.get(f"/ui/instances/{instance}", headers=as_operator)
+    assert listed.status_code == page.status_code == detail.status_code == 200
+    assert cancel.status_code == retry.status_code == 403
+    assert "dsf-bridge api serve" in cancel.json()["detail"]
+    assert 'id="incident-list"' in page.text
+    assert '<form method="post"' not in page.text
+    assert '<form method="post"' not in detail.text
 
 
 async def test_the_operator_retries_and_cancels_from_the_web_page(database: Database) -> None:

@@ -105,3 +105,14 @@ async def test_subscription_connected_follows_the_websocket(database: Database) 
     assert (up[connected], up[ready]) == (1, 1)
     assert (dropped[connected], dropped[ready]) == (0, 1)  # a reconnect takes a moment
     assert (down[connected], down[ready]) == (0, 0)  # past api.disconnected_after
+
+
+async def test_a_fresh_store_exposes_failed_effects_and_tasks_at_zero(database: Database) -> None:
+    """The alerts on the first failed effect and the first refused Task take increase() of
+    these series: one that first appears at 1 has none, so they are there at 0 from the start."""
+    app = create_app(database, ApiSettings(token=SecretStr(TOKEN)))
+    _text, samples = await _scrape(app)
+    assert samples[("dsf_bridge_outbox_entries", (("status", "failed"),))] == 0
+    assert samples[("dsf_bridge_outbox_entries", (("status", "pending"),))] == 0
+    assert samples[("dsf_bridge_tasks", (("role", "incoming"), ("status", "failed")))] == 0
+    assert samples[("dsf_bridge_tasks", (("role", "outgoing"), ("status", "requested")))] == 0
