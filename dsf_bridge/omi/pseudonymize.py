@@ -38,23 +38,20 @@ from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.tag import BaseTag, Tag
 
-from dsf_bridge.errors import BridgeError
+from dsf_bridge.config import PseudonymizationSettings
+from dsf_bridge.errors import BridgeError, ConfigError
 
 __all__ = [
-    "DEFAULT_REFUSED_MODALITIES",
     "DESCRIPTORS",
     "DEVICE_IDENTITY",
     "PseudonymizationPolicy",
     "PseudonymizationRefusedError",
     "PseudonymizedInstance",
     "Pseudonymizer",
+    "policy_from_settings",
     "reidentify",
     "replace_uid",
 ]
-
-# Modalities whose pixels often carry burned-in text (ultrasound, secondary capture, external
-# camera, endoscopy, other): refused unless a site allows them.
-DEFAULT_REFUSED_MODALITIES = ("US", "SC", "XC", "ES", "OT")
 
 # Retain Device Identity Option: K in its column of Table E.1-1.
 DEVICE_IDENTITY = frozenset(
@@ -183,8 +180,8 @@ class PseudonymizationPolicy:
     private attributes (private creator, element byte) it knows to be safe."""
 
     secret: bytes
-    dates: Literal["shift", "keep"] = "shift"
-    refused_modalities: frozenset[str] = frozenset(DEFAULT_REFUSED_MODALITIES)
+    dates: Literal["shift", "keep"]
+    refused_modalities: frozenset[str]
     safe_private: frozenset[tuple[str, int]] = frozenset()
 
     def __post_init__(self) -> None:
@@ -199,6 +196,22 @@ class PseudonymizedInstance:
     dataset: Dataset
     original_study_uid: str
     uids: dict[str, str] = field(default_factory=dict)
+
+
+def policy_from_settings(settings: PseudonymizationSettings) -> PseudonymizationPolicy:
+    """The policy of ``[pseudonymization]``; a site without a secret cannot pseudonymize."""
+    if settings.secret is None:
+        raise ConfigError(
+            "pseudonymization needs a secret: set pseudonymization.secret (at least 32 "
+            "characters), better from a file with DSF_BRIDGE_PSEUDONYMIZATION__SECRET_FILE",
+            field="pseudonymization.secret",
+        )
+    return PseudonymizationPolicy(
+        secret=settings.secret.get_secret_value().encode("utf-8"),
+        dates=settings.dates,
+        refused_modalities=frozenset(settings.refused_modalities),
+        safe_private=settings.safe_private_attributes(),
+    )
 
 
 def replace_uid(secret: bytes, uid: str) -> str:
