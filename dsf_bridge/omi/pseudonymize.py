@@ -34,6 +34,7 @@ from typing import Any, Literal
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as profile
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.tag import BaseTag, Tag
@@ -107,7 +108,8 @@ def _actions() -> tuple[dict[BaseTag, str], tuple[tuple[int, int, int, int, str]
     resolved to the one we take.
 
     X/Z, Z/D and X/Z/D become Z (an empty value keeps a type 2 attribute valid), X/D becomes D
-    (the attribute may be type 1), X/Z/U* becomes U for UIDs and Z otherwise ("ZU").
+    (the attribute may be type 1), X/Z/U* becomes U for UIDs and for sequences (a reference
+    sequence is kept, every UID in it replaced) and Z otherwise ("ZU").
     """
     table: dict[BaseTag, str] = {}
     masked: list[tuple[int, int, int, int, str]] = []
@@ -325,7 +327,7 @@ class Pseudonymizer:
                 # Retain Longitudinal Temporal Information: the dates of the study and its
                 # procedures are shifted (or kept); the patient's own (birth) dates are not.
                 self._values(element, offset, identifiers, uids)
-            elif action == "Z" or (action == "ZU" and element.VR != "UI"):
+            elif action == "Z" or (action == "ZU" and element.VR not in ("UI", "SQ")):
                 element.value = Sequence() if element.VR == "SQ" else None
             elif action == "D" and element.VR == "SQ":
                 # A dummy item would invent content; an empty sequence is the safe dummy.
@@ -460,7 +462,7 @@ def _identifiers(instance: Dataset) -> tuple[str, ...]:
         value = instance.get(keyword)
         if value is None or value == "":
             continue
-        values = [value] if isinstance(value, str) or not hasattr(value, "__iter__") else value
+        values = list(value) if isinstance(value, MultiValue | list) else [value]
         for item in values:
             for part in re.split(r"[\^=\s,]+", str(item)):
                 if len(part) >= 3:
