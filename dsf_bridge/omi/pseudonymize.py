@@ -147,6 +147,8 @@ def _profile_action(tag: BaseTag) -> str | None:
 
 
 _DUMMY_TEXT = "ANONYMIZED"
+# A dummy of a binary attribute (a certificate, an encapsulated document) is an empty value.
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 _DUMMY_BY_VR: dict[str, Any] = {
     "PN": "ANONYMIZED",
     "AE": "ANONYMIZED",
@@ -231,17 +233,21 @@ def _study_offset(secret: bytes, study_uid: str) -> dt.timedelta:
 
 def _shift_date(value: str, offset: dt.timedelta) -> str:
     text = value.strip()
-    if len(text) < 8:
-        return ""  # a partial date (year or year-month) cannot be shifted by days: drop it
-    shifted = dt.date(int(text[:4]), int(text[4:6]), int(text[6:8])) + offset
-    return shifted.strftime("%Y%m%d")
+    try:
+        day = dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        # A partial date (year or year-month), a range or an old "1993.04.14" cannot be
+        # shifted by days: it is dropped rather than sent as it is.
+        return ""
+    if len(text) != 8 or not text.isdigit():
+        return ""
+    return (day + offset).strftime("%Y%m%d")
 
 
 def _shift_datetime(value: str, offset: dt.timedelta) -> str:
     text = value.strip()
-    if len(text) < 8:
-        return ""
-    return _shift_date(text[:8], offset) + text[8:]
+    day = _shift_date(text[:8], offset)
+    return day + text[8:] if day else ""
 
 
 class Pseudonymizer:
@@ -332,6 +338,8 @@ class Pseudonymizer:
             elif action == "D" and element.VR == "SQ":
                 # A dummy item would invent content; an empty sequence is the safe dummy.
                 element.value = Sequence()
+            elif action == "D" and element.VR in _BINARY_VRS:
+                element.value = b""
             elif action == "D" and element.VR != "UI":
                 element.value = _DUMMY_BY_VR.get(element.VR, _DUMMY_TEXT)
             else:

@@ -389,3 +389,21 @@ async def test_the_mapping_is_kept_in_the_store_and_re_identifies_results(
         ds.SOPInstanceUID for ds in originals
     ]
     assert returned.StudyInstanceUID == copies[0].StudyInstanceUID  # the input is untouched
+
+
+def test_values_that_cannot_be_shifted_or_dummied_are_dropped_and_the_copy_still_writes() -> None:
+    instance = load_ct_small()
+    with pytest.warns(UserWarning, match="Invalid value for VR DA"):
+        instance.SeriesDate = "1997.04.30"  # ACR-NEMA style: no day arithmetic possible
+    with pytest.warns(UserWarning, match="Invalid value for VR DA"):
+        instance.AcquisitionDate = "1997"
+    instance.AcquisitionDateTime = "19970430112936+0100"
+    instance.EncapsulatedDocument = b"%PDF-1.4 Mustermann"  # D on a binary attribute
+    pseudonymized = _pseudonymizer().pseudonymize(instance).dataset
+    assert pseudonymized.SeriesDate == "" and pseudonymized.AcquisitionDate == ""
+    assert pseudonymized.AcquisitionDateTime.endswith("112936+0100")
+    assert pseudonymized.AcquisitionDateTime[:8] != "19970430"
+    assert pseudonymized.EncapsulatedDocument == b""
+    written = _written(pseudonymized)
+    assert b"Mustermann" not in written and b"1997.04.30" not in written
+    assert pydicom.dcmread(io.BytesIO(written)).StudyInstanceUID == pseudonymized.StudyInstanceUID
