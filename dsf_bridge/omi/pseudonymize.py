@@ -54,7 +54,8 @@ __all__ = [
     "replace_uid",
 ]
 
-# Retain Device Identity Option: K in its column of Table E.1-1.
+# Retain Device Identity Option: K in its column of Table E.1-1. Device UID is not among them:
+# it is replaced like every other UID (consistently, so one device stays one device).
 DEVICE_IDENTITY = frozenset(
     Tag(keyword)
     for keyword in (
@@ -63,7 +64,6 @@ DEVICE_IDENTITY = frozenset(
         "DeviceDescription",
         "DeviceLabel",
         "DeviceSerialNumber",
-        "DeviceUID",
         "GantryID",
         "GeneratorID",
         "PerformedStationName",
@@ -290,7 +290,7 @@ class Pseudonymizer:
         if burned_in == "YES":
             raise PseudonymizationRefusedError(
                 "an instance is flagged BurnedInAnnotation=YES: its pixels may show the "
-                "patient's identity, which attribute rules cannot remove; it is not sent"
+                "patient's identity, which attribute rules cannot remove; no copy is made"
             )
         if modality in self._policy.refused_modalities:
             raise PseudonymizationRefusedError(

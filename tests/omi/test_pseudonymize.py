@@ -97,6 +97,7 @@ def _identified_study() -> list[Dataset]:
         ds.SeriesDescription = "Abdomen 5mm"
         ds.DeviceSerialNumber = "SN-4711"
         ds.StationName = "CT01"
+        ds.DeviceUID = "1.2.826.0.1.3680043.8.498.4711"
         ds.AcquisitionDateTime = "19970430112936.000000"
         request = Dataset()
         request.RequestedProcedureID = IDENTIFIERS[7]
@@ -217,6 +218,7 @@ def test_no_attribute_the_profile_removes_or_replaces_keeps_its_original_value()
 
     # Nothing identifying is anywhere in the written files: no original UID, name or ID.
     original_uids_seen = set().union(*(_uids(ds) for ds in originals))
+    assert "1.2.826.0.1.3680043.8.498.4711" in original_uids_seen
     assert len(original_uids_seen) >= 12
     for pseudonymized in copies:
         written = _written(pseudonymized)
@@ -407,3 +409,13 @@ def test_values_that_cannot_be_shifted_or_dummied_are_dropped_and_the_copy_still
     written = _written(pseudonymized)
     assert b"Mustermann" not in written and b"1997.04.30" not in written
     assert pydicom.dcmread(io.BytesIO(written)).StudyInstanceUID == pseudonymized.StudyInstanceUID
+
+
+def test_by_default_no_private_attribute_leaves() -> None:
+    instance = load_ct_small()
+    assert sum(1 for element in instance if element.tag.is_private) > 100
+    pseudonymized = _pseudonymizer().pseudonymize(instance).dataset
+    assert [element.tag for element in pseudonymized if element.tag.is_private] == []
+    # The station name in GE's private header (0009,1002) left with it; the public one stays
+    # (Retain Device Identity).
+    assert pseudonymized.StationName == instance.StationName
