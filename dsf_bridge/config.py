@@ -55,6 +55,7 @@ __all__ = [
     "OmiSettings",
     "PluginsSettings",
     "ProxySettings",
+    "PseudonymizationSettings",
     "RuntimeConfig",
     "Settings",
     "display_settings",
@@ -404,6 +405,70 @@ class OmiSettings(_Section):
         return value.strip()
 
 
+class PseudonymizationSettings(_Section):
+    """How a requesting site pseudonymizes a study before it leaves (docs/privacy.md)."""
+
+    enabled: bool = Field(
+        default=True, description="Pseudonymize studies before they leave the site"
+    )
+    dates: Literal["shift", "keep"] = Field(
+        default="shift",
+        description="shift: every date of a study moves by one per-study offset (intervals "
+        "kept); keep: dates stay as they are",
+    )
+    refused_modalities: list[str] = Field(
+        default_factory=lambda: ["US", "SC", "XC", "ES", "OT"],
+        description="Modalities refused because their pixels often carry burned-in text",
+    )
+    safe_private: list[str] = Field(
+        default_factory=list,
+        description="Private attributes kept, as 'PRIVATE CREATOR:xx' (xx: the element byte in "
+        "hex, e.g. 'GEMS_PARM_01:39'); every other private attribute is removed",
+    )
+    secret: SecretStr | None = Field(
+        default=None,
+        description="The site's key for replacement UIDs and date offsets, at least 32 "
+        "characters (DSF_BRIDGE_PSEUDONYMIZATION__SECRET_FILE for a Docker secret); never share "
+        "it: with it, replacements can be matched to guessed originals",
+    )
+
+    @field_validator("refused_modalities")
+    @classmethod
+    def _check_modalities(cls, value: list[str]) -> list[str]:
+        modalities = [item.strip().upper() for item in value]
+        for modality in modalities:
+            if not re.fullmatch(r"[A-Z0-9]{1,16}", modality):
+                raise ValueError(f"not a DICOM modality code: {modality!r}")
+        return modalities
+
+    @field_validator("safe_private")
+    @classmethod
+    def _check_safe_private(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            creator, _, element = entry.rpartition(":")
+            if not creator.strip() or not re.fullmatch(r"[0-9A-Fa-f]{2}", element):
+                raise ValueError(f"not 'PRIVATE CREATOR:xx' with xx two hex digits: {entry!r}")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        secret = value.get_secret_value().strip()
+        if len(secret) < 32:
+            raise ValueError("the pseudonymization secret must have at least 32 characters")
+        return SecretStr(secret)
+
+    def safe_private_attributes(self) -> frozenset[tuple[str, int]]:
+        """``safe_private`` as (private creator, element byte) pairs."""
+        pairs = set()
+        for entry in self.safe_private:
+            creator, _, element = entry.rpartition(":")
+            pairs.add((creator.strip(), int(element, 16)))
+        return frozenset(pairs)
+
+
 class ApiSettings(_Section):
     """The admin HTTP API and web page: health, readiness, metrics, the audit of every instance.
 
@@ -571,6 +636,7 @@ class Settings(BaseSettings):
     dsf: DsfSettings = Field(default_factory=DsfSettings)
     intake: IntakeSettings = Field(default_factory=IntakeSettings)
     omi: OmiSettings = Field(default_factory=OmiSettings)
+    pseudonymization: PseudonymizationSettings = Field(default_factory=PseudonymizationSettings)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     api: ApiSettings = Field(default_factory=ApiSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)

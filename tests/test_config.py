@@ -160,6 +160,11 @@ def test_secrets_are_hidden_in_display() -> None:
         ("DSF_BRIDGE_API__OPERATOR_TOKEN_FILE", "operator-token-from-a-file", "api.operator_token"),
         ("DSF_BRIDGE_DSF__CLIENT_KEY_PASSWORD_FILE", "key pass\r\n", "dsf.client_key_password"),
         ("DSF_BRIDGE_DB__URL_FILE", "postgresql://u:pw@db:5432/x\n", "db.url"),
+        (
+            "DSF_BRIDGE_PSEUDONYMIZATION__SECRET_FILE",
+            "a-site-key-of-at-least-32-characters\n",
+            "pseudonymization.secret",
+        ),
     ],
 )
 def test_every_secret_from_a_file(tmp_path: Path, variable: str, content: str, read: str) -> None:
@@ -180,6 +185,7 @@ def test_the_secrets_are_every_secret_field_and_the_database_url() -> None:
         "db.url",
         "db.password",
         "dsf.client_key_password",
+        "pseudonymization.secret",
         "api.token",
         "api.operator_token",
         "proxy.password",
@@ -447,3 +453,39 @@ def test_bad_runtime_settings_name_the_field(tmp_path: Path, toml: str, field: s
     with pytest.raises(ConfigError) as caught:
         load_settings(_write(tmp_path, toml), environ={})
     assert caught.value.field == field
+
+
+def test_pseudonymization_settings_from_file_and_environment(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        '[pseudonymization]\ndates = "keep"\nrefused_modalities = ["us", " sc"]\n'
+        'safe_private = ["GEMS_PARM_01:39", "SIEMENS MED:0A"]\n',
+    )
+    settings = load_settings(
+        path, environ={"DSF_BRIDGE_PSEUDONYMIZATION__SECRET": "k" * 32 + "\n"}
+    ).pseudonymization
+    assert settings.enabled is True
+    assert settings.dates == "keep"
+    assert settings.refused_modalities == ["US", "SC"]
+    assert settings.safe_private_attributes() == {("GEMS_PARM_01", 0x39), ("SIEMENS MED", 0x0A)}
+    assert settings.secret is not None and settings.secret.get_secret_value() == "k" * 32
+    assert display_settings(load_settings(path, environ={}))["pseudonymization"]["secret"] is None
+
+
+@pytest.mark.parametrize(
+    ("toml", "problem"),
+    [
+        ('[pseudonymization]\ndates = "jitter"\n', "pseudonymization.dates"),
+        ('[pseudonymization]\nsecret = "too short"\n', "at least 32 characters"),
+        ('[pseudonymization]\nrefused_modalities = ["U S"]\n', "not a DICOM modality"),
+        ('[pseudonymization]\nsafe_private = ["GEMS_PARM_01"]\n', "two hex digits"),
+        ('[pseudonymization]\nsafe_private = ["GEMS_PARM_01:1039"]\n', "two hex digits"),
+    ],
+)
+def test_bad_pseudonymization_settings_name_the_problem(
+    tmp_path: Path, toml: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_write(tmp_path, toml), environ={})
+    assert (caught.value.field or "").startswith("pseudonymization")
+    assert problem in str(caught.value) or problem == caught.value.field

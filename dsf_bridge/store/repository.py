@@ -13,7 +13,7 @@ serializes claims (one process per SQLite file).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -41,6 +41,7 @@ from dsf_bridge.store.tables import (
     OutboxEntry,
     ProcessDefinition,
     ProcessInstance,
+    PseudonymMapping,
     SyncCursor,
     TaskSeen,
     Timer,
@@ -180,7 +181,9 @@ __all__ = [
     "mark_outbox_done",
     "mark_outbox_failed",
     "next_timer_due",
+    "original_uids",
     "postpone_job",
+    "record_pseudonyms",
     "record_task_seen",
     "release_leases",
     "replace_subscriptions",
@@ -1105,6 +1108,50 @@ async def sends_in_flight(session: AsyncSession, business_key: str) -> int:
         .where(ProcessInstance.status == "running")
     )
     return int(outbox.scalar_one()) + int(jobs.scalar_one())
+
+
+# --- pseudonym mappings (docs/privacy.md) -----------------------------------------------------
+
+# Rows per INSERT: well under SQLite's limit of bound parameters for a large series.
+_PSEUDONYM_BATCH = 500
+
+
+async def record_pseudonyms(
+    session: AsyncSession, original_study_uid: str, uids: Mapping[str, str]
+) -> None:
+    """Keep the pairs (original -> replacement) a pseudonymized study used; pairs already kept
+    (a replacement is the same every time) are left as they are."""
+    now = dt.datetime.now(dt.UTC)
+    rows = [
+        {
+            "replaced_uid": replaced,
+            "original_uid": original,
+            "original_study_uid": original_study_uid,
+            "created_at": now,
+        }
+        for original, replaced in uids.items()
+    ]
+    for start in range(0, len(rows), _PSEUDONYM_BATCH):
+        await session.execute(
+            insert_ignoring_duplicates(session, PseudonymMapping).values(
+                rows[start : start + _PSEUDONYM_BATCH]
+            )
+        )
+
+
+async def original_uids(session: AsyncSession, replaced: Iterable[str]) -> dict[str, str]:
+    """The originals of the given replacement UIDs (replacement -> original); replacements this
+    site never made are absent."""
+    wanted = sorted(set(replaced))
+    found: dict[str, str] = {}
+    for start in range(0, len(wanted), _PSEUDONYM_BATCH):
+        rows = await session.execute(
+            select(PseudonymMapping.replaced_uid, PseudonymMapping.original_uid).where(
+                PseudonymMapping.replaced_uid.in_(wanted[start : start + _PSEUDONYM_BATCH])
+            )
+        )
+        found.update((row.replaced_uid, row.original_uid) for row in rows)
+    return found
 
 
 # --- catch-up cursors ---------------------------------------------------------------------

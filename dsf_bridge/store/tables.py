@@ -44,6 +44,7 @@ __all__ = [
     "OutboxEntry",
     "ProcessDefinition",
     "ProcessInstance",
+    "PseudonymMapping",
     "StoreOwner",
     "SyncCursor",
     "TaskSeen",
@@ -329,3 +330,18 @@ class StoreOwner(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     organization: Mapped[str] = mapped_column(String(200))
     bound_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class PseudonymMapping(Base):
+    """A UID the site replaced before a study left it, and the original (docs/privacy.md).
+
+    Only the site's own store holds this: it is what re-identifies a result. Keyed by the
+    replacement, which is what comes back; ``original_study_uid`` groups a study's rows.
+    """
+
+    __tablename__ = "pseudonym_mappings"
+
+    replaced_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    original_uid: Mapped[str] = mapped_column(String(64), index=True)
+    original_study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)

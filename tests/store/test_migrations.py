@@ -30,6 +30,7 @@ EXPECTED_TABLES = {
     "outbox",
     "process_definitions",
     "process_instances",
+    "pseudonym_mappings",
     "store_owner",
     "sync_cursors",
     "tasks_seen",
