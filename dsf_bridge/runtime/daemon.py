@@ -11,10 +11,13 @@ Start-up, in order, each step refusing to go on with a message that says what to
 5. the plugins load (placeholders replaced, models validated, every handler registered), their
    FHIR resources are published and their processes deployed; an optional plugin (a drop-in)
    that fails here is logged and left out;
-6. Tasks a previous run left half taken in are recovered.
+6. Tasks a previous run left half taken in are recovered;
+7. with ``[omi] publish``, the site's services are published in the OMI registry (a registry
+   that fails is logged and tried again, it never stops start-up).
 
 Then three loops run until stopped: the Task subscription, the QuestionnaireResponse
-subscription (user tasks), and the runtime's workers.
+subscription (user tasks), and the runtime's workers; with ``[omi] publish`` a fourth sends
+the services' heartbeats.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from dsf_bridge.plugins.registry import (
 from dsf_bridge.runtime.gateway import DsfTaskGateway
 from dsf_bridge.runtime.intake import SqlCursorStore, TaskIntake
 from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
+from dsf_bridge.runtime.publishing import ServicePublication, open_registry, service_offers
 from dsf_bridge.store import Database, schema_status, sqlite_path
 from dsf_bridge.store.owner import bind_store
 
@@ -121,6 +125,7 @@ class Bridge:
         self.dsf_release: DsfRelease | None = None
         self.loaded: list[LoadedPlugin] = []
         self.subscriptions: list[TaskSubscription] = []
+        self.publication: ServicePublication | None = None
 
     async def __aenter__(self) -> Bridge:
         try:
@@ -264,6 +269,20 @@ class Bridge:
                 criteria="QuestionnaireResponse?status=completed",
             ),
         ]
+        if self.settings.omi.publish:
+            self.publication = ServicePublication(
+                open_registry(self.settings),
+                local,
+                service_offers(self.settings.omi),
+                self.database,
+                interval=self.settings.omi.heartbeat_interval,
+                inference_timeout=self.settings.omi.inference_timeout,
+                proxy=proxy,
+            )
+            try:
+                await self.publication.publish()
+            except BridgeError as exc:
+                log.warning("registry.publish_failed", reason=str(exc), retry="next heartbeat")
 
     async def _questionnaire_response(self, response: dict[str, Any]) -> None:
         """A user task answered: continue its instance and mark the response ``amended``."""
@@ -292,6 +311,8 @@ class Bridge:
         loops.append(asyncio.ensure_future(self.runtime.run_forever(stop)))
         if self.intake is not None:
             loops.append(asyncio.ensure_future(self.intake.run_held_sweeps(stop)))
+        if self.publication is not None:
+            loops.append(asyncio.ensure_future(self.publication.run(stop)))
         log.info("bridge.started", organization=getattr(self.organization, "identifier", None))
         try:
             done, _ = await asyncio.wait(
@@ -313,6 +334,8 @@ class Bridge:
             log.info("bridge.stopped")
 
     async def aclose(self) -> None:
+        if self.publication is not None:
+            await self.publication.publisher.client.aclose()
         if self.gateway is not None:
             await self.gateway.aclose()
         if self.client is not None:
