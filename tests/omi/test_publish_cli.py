@@ -1,0 +1,126 @@
+"""``dsf-bridge omi publish`` and ``omi search`` as users run them: a subprocess against a
+registry served over HTTP (``tests/omi/fhir_registry.py``), their help and their errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+
+from dsf_bridge.api.server import EmbeddedUvicorn
+from tests.omi.fhir_registry import FhirRegistry
+from tests.served import cli
+
+CATALOGUE = [
+    {"id": "tc", "name": "Tissue composition", "inference_url": "http://127.0.0.1:8080"},
+    {"id": "elsewhere", "organization": "other.test"},
+]
+
+
+def _env(**settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSF_BRIDGE_")}
+    env.update({f"DSF_BRIDGE_{key.upper()}": value for key, value in settings.items()})
+    return env
+
+
+def _run(*args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    return cli(*args, env=_env(**settings))
+
+
+def test_help() -> None:
+    root = _run("omi", "--help")
+    assert root.returncode == 0
+    assert "publish" in root.stdout
+    assert "search" in root.stdout
+    publish = _run("omi", "publish", "--help")
+    assert publish.returncode == 0
+    for option in ("--dry-run", "--organization", "--json", "--config"):
+        assert option in publish.stdout
+    search = _run("omi", "search", "--help")
+    assert search.returncode == 0
+    for option in ("--modality", "--body-part", "--task", "--json"):
+        assert option in search.stdout
+
+
+def test_errors_say_what_to_set() -> None:
+    nothing = _run("omi", "publish")
+    assert nothing.returncode == 2
+    assert "offers no service to publish" in nothing.stderr
+    no_registry = _run("omi", "publish", OMI__CATALOGUE=json.dumps(CATALOGUE))
+    assert no_registry.returncode == 2
+    assert "omi.registry_url is not set" in no_registry.stderr
+    no_site = _run(
+        "omi",
+        "publish",
+        OMI__CATALOGUE=json.dumps(CATALOGUE),
+        OMI__REGISTRY_URL="http://127.0.0.1:9/fhir",
+    )
+    assert no_site.returncode == 2
+    assert "dsf.fhir_base_url is not set" in no_site.stderr
+    publish_alone = _run("config", "show", OMI__PUBLISH="true")
+    assert publish_alone.returncode == 2
+    assert "publish = true needs registry_url" in publish_alone.stderr
+    bad_task = _run("omi", "search", "--task", "painting", OMI__REGISTRY_URL="http://x/fhir")
+    assert bad_task.returncode == 2
+    assert "task must be one of" in bad_task.stderr
+
+
+def test_dry_run_prints_the_resources_and_contacts_nothing() -> None:
+    shown = _run(
+        "omi",
+        "publish",
+        "--dry-run",
+        "--organization",
+        "provider.test",
+        "--json",
+        OMI__CATALOGUE=json.dumps(CATALOGUE),
+        # Nothing listens there: a dry run must not ask.
+        OMI__REGISTRY_URL="http://127.0.0.1:9/fhir",
+    )
+    assert shown.returncode == 0, shown.stderr
+    body = json.loads(shown.stdout)
+    assert body["dry_run"] is True
+    assert list(body["services"]) == ["tc"]
+    resources = body["services"]["tc"]
+    assert sorted(resources) == ["Device", "Endpoint", "HealthcareService"]
+    assert resources["Endpoint"]["address"] == "http://127.0.0.1:8080"
+    assert resources["HealthcareService"]["providedBy"]["identifier"]["value"] == "provider.test"
+
+
+async def test_publish_twice_then_search() -> None:
+    registry = FhirRegistry()
+    server = EmbeddedUvicorn(registry.app)
+    await server.start()
+    settings = {
+        "OMI__CATALOGUE": json.dumps(CATALOGUE),
+        "OMI__REGISTRY_URL": f"http://127.0.0.1:{server.port}/fhir",
+    }
+
+    async def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(_run, *args, **settings)
+
+    try:
+        publish = ("omi", "publish", "--organization", "provider.test")
+        first = await run(*publish)
+        assert first.returncode == 0, first.stderr
+        assert "HealthcareService/" in first.stdout
+        assert first.stdout.count("created") == 3
+        second = await run(*publish, "--json")
+        assert second.returncode == 0, second.stderr
+        outcomes = [r["outcome"] for r in json.loads(second.stdout)["services"]["tc"]]
+        assert outcomes == ["unchanged"] * 3
+        found = await run("omi", "search", "--modality", "CT", "--body-part", "ABDOMEN", "--json")
+        assert found.returncode == 0, found.stderr
+        [row] = json.loads(found.stdout)
+        assert (row["name"], row["organization"], row["modalities"]) == (
+            "Tissue composition",
+            "provider.test",
+            ["CT"],
+        )
+        none = await run("omi", "search", "--modality", "MR")
+        assert none.returncode == 1
+        assert "no service matches" in none.stderr
+    finally:
+        await server.stop()
+    assert len(registry.all("HealthcareService")) == 1
