@@ -6,11 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 from dsf_bridge.api.server import EmbeddedUvicorn
 from tests.omi.fhir_registry import FhirRegistry
-from tests.served import cli
+from tests.served import cli, free_port, served_sandbox
+
+__all__ = ["served_sandbox"]
 
 CATALOGUE = [
     {"id": "tc", "name": "Tissue composition", "inference_url": "http://127.0.0.1:8080"},
@@ -124,3 +130,67 @@ async def test_publish_twice_then_search() -> None:
     finally:
         await server.stop()
     assert len(registry.all("HealthcareService")) == 1
+
+
+async def test_run_publishes_and_beats_as_the_site(served_sandbox: Path, tmp_path: Path) -> None:
+    """``omi publish`` finds the site's organization on its DSF FHIR server; ``run`` with
+    ``[omi] publish`` publishes at start-up and sends heartbeats (a model server that is not
+    there: unavailable), and stops on SIGTERM as before."""
+    config = served_sandbox / "Site_A" / "bridge.toml"
+    db_url = f"sqlite:///{tmp_path / 'bridge.db'}"
+    registry = FhirRegistry()
+    server = EmbeddedUvicorn(registry.app)
+    await server.start()
+    catalogue = [{"id": "tc", "inference_url": f"http://127.0.0.1:{free_port()}"}]
+    env = _env(
+        OMI__CATALOGUE=json.dumps(catalogue),
+        OMI__REGISTRY_URL=f"http://127.0.0.1:{server.port}/fhir",
+        OMI__HEARTBEAT_INTERVAL="0.3",
+    )
+    bridge: asyncio.subprocess.Process | None = None
+    try:
+        published = await asyncio.to_thread(
+            cli, "--config", str(config), "omi", "publish", "--json", env=env
+        )
+        assert published.returncode == 0, published.stderr
+        assert json.loads(published.stdout)["organization"] == "Site_A"
+        upgraded = await asyncio.to_thread(
+            cli, "--config", str(config), "db", "upgrade", "--db-url", db_url, env=env
+        )
+        assert upgraded.returncode == 0, upgraded.stderr
+        bridge = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dsf_bridge",
+            "--config",
+            str(config),
+            "run",
+            "--db-url",
+            db_url,
+            env={**env, "DSF_BRIDGE_OMI__PUBLISH": "true"},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        beats: list[dict[str, Any]] = []
+        for _ in range(600):
+            [service] = registry.all("HealthcareService")
+            beats = [e for e in service.get("extension", []) if e["url"].endswith("/heartbeat")]
+            if beats or bridge.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert beats, "no heartbeat within 60 s"
+        parts = {part["url"]: part for part in beats[0]["extension"]}
+        assert parts["status"]["valueCode"] == "unavailable"
+        assert parts["queueLength"]["valueInteger"] == 0
+        bridge.send_signal(signal.SIGTERM)
+        _out, err = await asyncio.wait_for(bridge.communicate(), 30)
+        assert bridge.returncode == 0, err.decode()[-2000:]
+        events = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+        assert "heartbeat.sent" in [e.get("event") for e in events]
+    finally:
+        if bridge is not None and bridge.returncode is None:
+            bridge.kill()
+            await bridge.wait()
+        await server.stop()
+    # Published by the command, then again at start-up: still one of each.
+    assert len(registry.all("Device")) == len(registry.all("Endpoint")) == 1
