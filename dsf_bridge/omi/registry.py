@@ -137,6 +137,9 @@ class InferenceService:
     modalities: tuple[str, ...] = ()
     body_parts: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ()
+    # The id the provider's own catalogue knows the service by (a published service's
+    # identifier without the organization): what a request Task's 'service' input names.
+    offered_as: str | None = None
 
     def offers(self, query: ServiceQuery) -> bool:
         """Whether the service, as far as it is known, takes what ``query`` asks for; a
@@ -358,8 +361,15 @@ class FhirRegistryClient:
         return found
 
     async def get_service(self, service_id: str) -> InferenceService:
+        """The service by its id in the registry, or by its published identifier
+        ``<organization>/<catalogue id>`` (a FHIR id holds no ``/``)."""
+        key = (
+            {"identifier": f"{SERVICE_IDENTIFIER_SYSTEM}|{service_id}"}
+            if "/" in service_id
+            else {"_id": service_id}
+        )
         params = {
-            "_id": service_id,
+            **key,
             "_include": ["HealthcareService:endpoint", "HealthcareService:organization"],
         }
         services = await self._assemble(await self.search("HealthcareService", params))
@@ -568,7 +578,20 @@ def _service_from(
         modalities=_codes(resource.get("characteristic"), MODALITY_SYSTEM),
         body_parts=_codes(resource.get("characteristic"), BODY_PART_SYSTEM),
         tasks=_codes(resource.get("type"), TASK_SYSTEM),
+        offered_as=_offered_as(resource, organization),
     )
+
+
+def _offered_as(resource: Mapping[str, Any], organization: str | None) -> str | None:
+    """The catalogue id in the service's identifier ``<organization>/<id>``, when the
+    organization is the one that provides it."""
+    for identifier in resource.get("identifier") or ():
+        value = str(identifier.get("value") or "")
+        if identifier.get("system") == SERVICE_IDENTIFIER_SYSTEM and organization:
+            head, _, tail = value.partition("/")
+            if head == organization and tail:
+                return tail
+    return None
 
 
 def _codes(concepts: object, system: str) -> tuple[str, ...]:

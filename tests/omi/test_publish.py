@@ -149,6 +149,11 @@ async def test_search_by_what_a_service_accepts(
     assert (nodules.modalities, nodules.body_parts) == (("MR",), ("HEAD",))
     assert nodules.organization == ORG
     assert nodules.model_name == "my-model"
+    # A request names the service as the provider's catalogue knows it, found by either key.
+    assert nodules.offered_as == "nodules"
+    assert (await client.get_service(nodules.service_id)).offered_as == "nodules"
+    by_key = await client.get_service(f"{ORG}/nodules")
+    assert (by_key.service_id, by_key.model_name) == (nodules.service_id, "my-model")
     # The registry searched (it refuses parameters it does not know).
     searches = [url for method, url in registry.requests if "characteristic=" in url]
     assert searches
