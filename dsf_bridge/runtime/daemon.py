@@ -44,8 +44,13 @@ from dsf_bridge.dsf.subscription import TaskSubscription
 from dsf_bridge.dsf.tasks import TaskLimits
 from dsf_bridge.dsf.versions import DsfRelease, server_release
 from dsf_bridge.errors import BridgeError, ConfigError, MigrationError, ProcessExecutionError
+from dsf_bridge.omi.registry import FhirRegistryClient
 from dsf_bridge.plugins.api import LoadedPlugin, ProcessPlugin
-from dsf_bridge.plugins.inference import SERVICE_DICOMWEB_SSL_CONTEXT, SERVICE_OMI_SETTINGS
+from dsf_bridge.plugins.inference import (
+    SERVICE_DICOMWEB_SSL_CONTEXT,
+    SERVICE_OMI_REGISTRY,
+    SERVICE_OMI_SETTINGS,
+)
 from dsf_bridge.plugins.registry import (
     SERVICE_CALL_RETRY,
     SERVICE_FHIR_CLIENT,
@@ -126,6 +131,7 @@ class Bridge:
         self.loaded: list[LoadedPlugin] = []
         self.subscriptions: list[TaskSubscription] = []
         self.publication: ServicePublication | None = None
+        self.registry: FhirRegistryClient | None = None
 
     async def __aenter__(self) -> Bridge:
         try:
@@ -194,12 +200,16 @@ class Bridge:
             retry=call_retry,
             proxy=proxy,
         )
+        if self.settings.omi.registry_url is not None:
+            # One client for look-ups and publishing, with the site's TLS identity and proxy.
+            self.registry = open_registry(self.settings)
         services: dict[str, object] = {
             SERVICE_FHIR_CLIENT: self.client,
             SERVICE_LOCAL_ORGANIZATION: self.organization,
             SERVICE_CALL_RETRY: call_retry,
             **({SERVICE_FORWARD_PROXY: proxy} if proxy is not None else {}),
             SERVICE_OMI_SETTINGS: self.settings.omi,
+            **({SERVICE_OMI_REGISTRY: self.registry} if self.registry is not None else {}),
             # https DICOMweb archives see the site's DSF identity (mutual TLS).
             SERVICE_DICOMWEB_SSL_CONTEXT: build_ssl_context(
                 identity,
@@ -269,9 +279,9 @@ class Bridge:
                 criteria="QuestionnaireResponse?status=completed",
             ),
         ]
-        if self.settings.omi.publish:
+        if self.settings.omi.publish and self.registry is not None:
             self.publication = ServicePublication(
-                open_registry(self.settings),
+                self.registry,
                 local,
                 service_offers(self.settings.omi),
                 self.database,
@@ -334,8 +344,8 @@ class Bridge:
             log.info("bridge.stopped")
 
     async def aclose(self) -> None:
-        if self.publication is not None:
-            await self.publication.publisher.client.aclose()
+        if self.registry is not None:
+            await self.registry.aclose()
         if self.gateway is not None:
             await self.gateway.aclose()
         if self.client is not None:
