@@ -90,7 +90,7 @@ def open_registry(settings: Settings) -> FhirRegistryClient:
     url = settings.omi.registry_url
     if url is None:
         raise ConfigError(
-            "omi.registry_url is not set: name the OMI registry to publish in",
+            "omi.registry_url is not set: name the site's OMI registry",
             field="omi.registry_url",
         )
     verify = _registry_tls(settings) if url.startswith("https://") else True
@@ -138,7 +138,7 @@ class ServicePublication:
         """One heartbeat for every service (publishing first if that has not succeeded)."""
         if not self.published:
             await self.publish()
-        async with self.database.transaction() as session:
+        async with self.database.autocommit() as session:  # two reads, nothing to commit
             load = await process_load(session, EXECUTION_PROCESS, recent=_RECENT)
         for offer in self.offers:
             async with HttpInferenceClient(

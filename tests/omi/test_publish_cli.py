@@ -67,6 +67,9 @@ def test_errors_say_what_to_set() -> None:
     publish_alone = _run("config", "show", OMI__PUBLISH="true")
     assert publish_alone.returncode == 2
     assert "publish = true needs registry_url" in publish_alone.stderr
+    no_registry_to_search = _run("omi", "search", "--modality", "CT")
+    assert no_registry_to_search.returncode == 2
+    assert "omi.registry_url is not set" in no_registry_to_search.stderr
     bad_task = _run("omi", "search", "--task", "painting", OMI__REGISTRY_URL="http://x/fhir")
     assert bad_task.returncode == 2
     assert "task must be one of" in bad_task.stderr
