@@ -12,11 +12,12 @@ module, not the engine, the store, FastAPI or the sandbox (``bench/cli.py`` time
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import importlib
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
     from dsf_bridge.api import Probe
     from dsf_bridge.config import Settings
+    from dsf_bridge.dsf.client import FhirClient
+    from dsf_bridge.dsf.organization import LocalOrganization
     from dsf_bridge.dsf.subscription import TaskSubscription
     from dsf_bridge.plugins.api import ProcessPlugin
     from dsf_bridge.store import queries
@@ -86,11 +89,16 @@ instances_app = typer.Typer(
     help="Process instances: list and show them, their incidents; retry one, cancel one.",
     no_args_is_help=True,
 )
+omi_app = typer.Typer(
+    help="The OMI registry: publish this site's inference services, search for services.",
+    no_args_is_help=True,
+)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
 app.add_typer(api_app, name="api")
 app.add_typer(instances_app, name="instances")
+app.add_typer(omi_app, name="omi")
 app.add_typer(
     typer.Typer(no_args_is_help=True),
     name="plugins",
@@ -994,6 +1002,39 @@ def start_command(
         raise typer.Exit(EXIT_FAILED)
 
 
+def _require_dsf(settings: Settings) -> tuple[str, Path]:
+    """The local DSF FHIR server's base URL and the client certificate, both required."""
+    dsf = settings.dsf
+    if dsf.fhir_base_url is None or dsf.client_certificate is None:
+        field = "dsf.fhir_base_url" if dsf.fhir_base_url is None else "dsf.client_certificate"
+        raise ConfigError(f"{field} is not set; see docs/operations.md", field=field)
+    return dsf.fhir_base_url, dsf.client_certificate
+
+
+@contextlib.asynccontextmanager
+async def _local_site(settings: Settings) -> AsyncIterator[tuple[FhirClient, LocalOrganization]]:
+    """A client of the local DSF FHIR server and the local organization, found by its Endpoint
+    and checked against the client certificate, as ``run`` finds it."""
+    from dsf_bridge.dsf.client import FhirClient
+    from dsf_bridge.dsf.identity import build_ssl_context, load_identity
+    from dsf_bridge.dsf.organization import find_local_organization
+
+    base_url, certificate = _require_dsf(settings)
+    dsf = settings.dsf
+    password = dsf.client_key_password.get_secret_value() if dsf.client_key_password else None
+    identity = load_identity(certificate, dsf.client_key, password=password)
+    context = build_ssl_context(identity, dsf.ca_certificates, password=password)
+    async with FhirClient(
+        base_url,
+        ssl_context=context,
+        retry=settings.runtime.call_retry(),
+        proxy=settings.proxy.forward_proxy(),
+    ) as client:
+        organization = await find_local_organization(client, base_url)
+        organization.require_thumbprint(identity.thumbprint)
+        yield client, organization
+
+
 async def _start_process(
     settings: Settings,
     process: str,
@@ -1007,29 +1048,13 @@ async def _start_process(
     import datetime as dt
     import time
 
-    from dsf_bridge.dsf.client import FhirClient
-    from dsf_bridge.dsf.identity import build_ssl_context, load_identity
-    from dsf_bridge.dsf.organization import find_local_organization
     from dsf_bridge.errors import RemoteError
     from dsf_bridge.plugins.dropin import site_plugins
     from dsf_bridge.plugins.starting import find_start_form
 
-    dsf = settings.dsf
-    if dsf.fhir_base_url is None or dsf.client_certificate is None:
-        field = "dsf.fhir_base_url" if dsf.fhir_base_url is None else "dsf.client_certificate"
-        raise ConfigError(f"{field} is not set; see docs/operations.md", field=field)
+    _require_dsf(settings)
     plugins, _dropins = site_plugins(settings.plugins.folder)
-    password = dsf.client_key_password.get_secret_value() if dsf.client_key_password else None
-    identity = load_identity(dsf.client_certificate, dsf.client_key, password=password)
-    context = build_ssl_context(identity, dsf.ca_certificates, password=password)
-    async with FhirClient(
-        dsf.fhir_base_url,
-        ssl_context=context,
-        retry=settings.runtime.call_retry(),
-        proxy=settings.proxy.forward_proxy(),
-    ) as client:
-        organization = await find_local_organization(client, dsf.fhir_base_url)
-        organization.require_thumbprint(identity.thumbprint)
+    async with _local_site(settings) as (client, organization):
         plugin, definition, form = find_start_form(
             plugins, process, organization=organization.identifier, message=message
         )
@@ -1082,6 +1107,172 @@ def _shown_output(output: dict[str, Any]) -> str:
     value = next((v for k, v in output.items() if k.startswith("value")), None)
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
     return f"{codings[0].get('code')}: {text}"
+
+
+@omi_app.command("publish")
+def omi_publish_command(
+    ctx: typer.Context,
+    *,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the Device, Endpoint and HealthcareService of each service instead of "
+            "publishing them; the registry is not contacted.",
+        ),
+    ] = False,
+    organization: Annotated[
+        str | None,
+        typer.Option(
+            "--organization",
+            help="DSF organization identifier to publish as (default: the local organization, "
+            "found on the DSF FHIR server as 'run' finds it).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Publish the inference services this site offers ([omi] catalogue entries with an
+    inference_url) in the OMI registry ([omi] registry_url): each service's Device, Endpoint
+    and HealthcareService, created or updated by identifier. Running it twice changes nothing.
+    Exit 1 if the registry fails."""
+    import asyncio
+    import dataclasses
+
+    from dsf_bridge.omi.publish import service_resources
+    from dsf_bridge.runtime.publishing import open_registry, publish_services, service_offers
+
+    settings = _settings(ctx, config)
+
+    async def site() -> str:
+        if organization is not None:
+            return organization
+        async with _local_site(settings) as (_client, local):
+            return local.identifier
+
+    async def publish(identifier: str) -> dict[str, Any]:
+        async with open_registry(settings) as registry:
+            done = await publish_services(registry, identifier, offers)
+        return {key: [dataclasses.asdict(r) for r in value] for key, value in done.items()}
+
+    try:
+        offers = service_offers(settings.omi)
+        if not offers:
+            raise ConfigError(
+                "omi.catalogue has no entry with inference_url: this site offers no service "
+                "to publish (docs/omi.md, 'Publishing a service')",
+                field="omi.catalogue",
+            )
+        if not dry_run and settings.omi.registry_url is None:
+            raise ConfigError(
+                "omi.registry_url is not set: name the OMI registry to publish in",
+                field="omi.registry_url",
+            )
+        identifier = asyncio.run(site())
+        if dry_run:
+            shown: dict[str, Any] = {
+                offer.service_id: service_resources(offer, identifier) for offer in offers
+            }
+        else:
+            shown = asyncio.run(publish(identifier))
+    except BridgeError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "organization": identifier,
+                    "registry": settings.omi.registry_url,
+                    "dry_run": dry_run,
+                    "services": shown,
+                },
+                indent=2,
+            )
+        )
+        return
+    for service_id, resources in shown.items():
+        if dry_run:
+            typer.echo(f"service {service_id} (as {identifier}), not published:")
+            for kind, resource in resources.items():
+                typer.echo(f"  {kind} {resource['identifier'][0]['value']}")
+                typer.echo("    " + json.dumps(resource, separators=(",", ":")))
+            continue
+        done = ", ".join(f"{r['resource_type']}/{r['id']} {r['outcome']}" for r in resources)
+        typer.echo(f"service {service_id}: {done}")
+
+
+@omi_app.command("search")
+def omi_search_command(
+    ctx: typer.Context,
+    *,
+    modality: Annotated[
+        str | None,
+        typer.Option("--modality", help="DICOM Modality the service accepts, e.g. CT."),
+    ] = None,
+    body_part: Annotated[
+        str | None,
+        typer.Option(
+            "--body-part",
+            help="DICOM BodyPartExamined the service accepts, e.g. CHEST (services that take "
+            "any body part match).",
+        ),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option("--task", help="measurement, classification or segmentation."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Search the OMI registry ([omi] registry_url) for active services by what they accept
+    and do. Exit 1 if none matches or the registry fails."""
+    import asyncio
+
+    from dsf_bridge.omi.registry import ServiceQuery
+    from dsf_bridge.runtime.publishing import open_registry
+
+    settings = _settings(ctx, config)
+    try:
+        query = ServiceQuery(modality=modality, body_part=body_part, task=task)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--task") from exc
+
+    async def search() -> list[Any]:
+        async with open_registry(settings) as registry:
+            return await registry.find_services(query=query)
+
+    try:
+        found = asyncio.run(search())
+    except BridgeError as exc:
+        raise _fail(exc) from exc
+    rows = [
+        {
+            "id": s.service_id,
+            "name": s.name,
+            "organization": s.organization,
+            "model": s.model_name,
+            "model_version": s.model_version,
+            "modalities": list(s.modalities),
+            "body_parts": list(s.body_parts),
+            "tasks": list(s.tasks),
+            "status": s.heartbeat.status if s.heartbeat is not None else None,
+        }
+        for s in found
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            typer.echo(
+                f"{row['id']}  {row['name']}  at {row['organization']}  model {row['model']}  "
+                f"{'/'.join(row['modalities'])} {'/'.join(row['body_parts'])}  "
+                f"{', '.join(row['tasks'])}  {row['status'] or 'no heartbeat'}"
+            )
+        if not rows:
+            typer.echo("no service matches", err=True)
+    if not rows:
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command("demo")

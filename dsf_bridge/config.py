@@ -367,6 +367,24 @@ class OmiSettings(_Section):
         description="Base URL of an OMI registry (FHIR); services not in the catalogue are "
         "looked up there",
     )
+    registry_ca_certificates: list[Path] = Field(
+        default_factory=list,
+        description="PEM files with the CAs trusted for an https registry (default: "
+        "dsf.ca_certificates); the site's DSF client certificate is presented to it",
+    )
+    publish: bool = Field(
+        default=False,
+        description="Providing site: `dsf-bridge run` publishes the services it offers (catalogue "
+        "entries with inference_url) in the registry at start-up and keeps their heartbeats "
+        "current; needs registry_url",
+    )
+    heartbeat_interval: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Seconds between two heartbeats of each published service (requesting sites "
+        "refuse a service whose heartbeat is older than ten minutes)",
+    )
     result_timeout: str = Field(
         default="PT10M",
         description="ISO 8601 duration a request waits for its result unless the start Task "
@@ -403,6 +421,17 @@ class OmiSettings(_Section):
         if too_long:
             raise ValueError(f"longer than P{_MAX_RESULT_TIMEOUT.days}D: {value!r}")
         return value.strip()
+
+    @model_validator(mode="after")
+    def _publish_needs_registry(self) -> OmiSettings:
+        if self.publish and self.registry_url is None:
+            raise ValueError("publish = true needs registry_url (the OMI registry to publish in)")
+        if self.publish and not any(entry.inference_url for entry in self.catalogue):
+            raise ValueError(
+                "publish = true needs a catalogue entry with inference_url (a service this "
+                "site offers)"
+            )
+        return self
 
 
 class PseudonymizationSettings(_Section):

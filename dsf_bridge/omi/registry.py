@@ -16,6 +16,16 @@ these, so the bridge defines them under ``http://omi.de/fhir/registry/`` (docume
   ``status`` (valueCode ``available`` | ``busy`` | ``unavailable``), ``queueLength``
   (valueInteger), ``estimatedWaitingTime`` (valueDuration, seconds) and ``lastSeen``
   (valueInstant).
+- What a service accepts, as elements a FHIR server can search (``docs/omi.md``, "Publishing a
+  service"): ``HealthcareService.characteristic`` holds one CodeableConcept per accepted
+  modality (:data:`MODALITY_SYSTEM`, DICOM's own codes) and per accepted body part
+  (:data:`BODY_PART_SYSTEM`, the DICOM BodyPartExamined value; :data:`ANY_BODY_PART` when the
+  contract takes any), searched with ``characteristic``; ``HealthcareService.type`` holds what
+  the service does (:data:`TASK_SYSTEM`: ``measurement``, ``classification``,
+  ``segmentation``), searched with ``service-type``. ``HealthcareService.identifier``
+  (:data:`SERVICE_IDENTIFIER_SYSTEM`), ``Device.identifier`` and ``Endpoint.identifier``
+  (:data:`ENDPOINT_IDENTIFIER_SYSTEM`) carry ``<organization>/<catalogue id>``, the keys a
+  provider publishes by (``dsf_bridge.omi.publish``).
 
 Errors: :class:`RegistryError` (a :class:`~dsf_bridge.errors.RemoteError`) when the registry
 fails, :class:`ServiceNotFoundError` when no service matches, :class:`ServiceUnavailableError`
@@ -39,19 +49,28 @@ from dsf_bridge.proxy import ForwardProxy
 
 __all__ = [
     "ALGORITHM_EXTENSION",
+    "ANY_BODY_PART",
+    "BODY_PART_SYSTEM",
     "DEVICE_IDENTIFIER_SYSTEM",
     "DSF_ORGANIZATION_IDENTIFIER_SYSTEM",
+    "ENDPOINT_IDENTIFIER_SYSTEM",
     "HEARTBEAT_EXTENSION",
+    "MODALITY_SYSTEM",
     "OIP_CONNECTION_TYPE",
+    "SERVICE_IDENTIFIER_SYSTEM",
+    "TASKS",
+    "TASK_SYSTEM",
     "FhirRegistryClient",
     "Heartbeat",
     "InferenceService",
     "LocalCatalogue",
     "RegistryError",
     "ServiceNotFoundError",
+    "ServiceQuery",
     "ServiceRegistry",
     "ServiceUnavailableError",
     "check_heartbeat",
+    "heartbeat_extension",
 ]
 
 _log = structlog.get_logger()
@@ -62,6 +81,17 @@ HEARTBEAT_EXTENSION = f"{_REGISTRY}/StructureDefinition/heartbeat"
 DEVICE_IDENTIFIER_SYSTEM = f"{_REGISTRY}/sid/device"
 OIP_CONNECTION_TYPE = (f"{_REGISTRY}/CodeSystem/endpoint-connection-type", "oip-v2-rest")
 DSF_ORGANIZATION_IDENTIFIER_SYSTEM = "http://dsf.dev/sid/organization-identifier"
+SERVICE_IDENTIFIER_SYSTEM = f"{_REGISTRY}/sid/service"
+ENDPOINT_IDENTIFIER_SYSTEM = f"{_REGISTRY}/sid/endpoint"
+#: DICOM's code system (PS3.16): its modality codes (CID 29) are DICOM's Modality values.
+MODALITY_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
+#: DICOM BodyPartExamined values (PS3.16 Annex L) as codes; DICOM gives them no code system.
+BODY_PART_SYSTEM = f"{_REGISTRY}/CodeSystem/body-part-examined"
+#: The body part code of a service whose contract takes any body part.
+ANY_BODY_PART = "ANY"
+TASK_SYSTEM = f"{_REGISTRY}/CodeSystem/inference-task"
+#: What a service can do, by the outputs its contract declares.
+TASKS = ("measurement", "classification", "segmentation")
 
 _STATUSES = frozenset({"available", "busy", "unavailable"})
 
@@ -103,6 +133,24 @@ class InferenceService:
     model_version: str | None = None
     device: Mapping[str, Any] = field(default_factory=dict)
     heartbeat: Heartbeat | None = None
+    # What it accepts and does, as published (empty: not known, as for a catalogue entry).
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    # The id the provider's own catalogue knows the service by (a published service's
+    # identifier without the organization): what a request Task's 'service' input names.
+    offered_as: str | None = None
+
+    def offers(self, query: ServiceQuery) -> bool:
+        """Whether the service, as far as it is known, takes what ``query`` asks for; a
+        service that publishes nothing about it does not."""
+        if query.modality is not None and query.modality not in self.modalities:
+            return False
+        if query.body_part is not None and not (
+            query.body_part in self.body_parts or ANY_BODY_PART in self.body_parts
+        ):
+            return False
+        return query.task is None or query.task in self.tasks
 
     def device_reference(self) -> dict[str, Any]:
         """A FHIR Reference to the model's Device for results' ``Observation.device``."""
@@ -115,11 +163,56 @@ class InferenceService:
         }
 
 
+@dataclass(frozen=True)
+class ServiceQuery:
+    """What a requesting site looks for: a modality (DICOM Modality, e.g. ``CT``), a body part
+    (DICOM BodyPartExamined, e.g. ``CHEST``; services that take any body part match) and a
+    task (:data:`TASKS`); None: any."""
+
+    modality: str | None = None
+    body_part: str | None = None
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        for name in ("modality", "body_part"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, value.strip().upper() or None)
+
+    def search_params(self) -> dict[str, str]:
+        """The FHIR search parameters of the query (``docs/omi.md``, the mapping)."""
+        characteristic = []
+        if self.modality is not None:
+            characteristic.append(f"{MODALITY_SYSTEM}|{_escaped(self.modality)}")
+        if self.body_part is not None:
+            # A comma is FHIR's "or": the body part itself, or a service that takes any.
+            characteristic.append(
+                f"{BODY_PART_SYSTEM}|{_escaped(self.body_part)},{BODY_PART_SYSTEM}|{ANY_BODY_PART}"
+            )
+        params: dict[str, Any] = {}
+        if characteristic:
+            params["characteristic"] = characteristic
+        if self.task is not None:
+            params["service-type"] = f"{TASK_SYSTEM}|{self.task}"
+        return params
+
+
+def _escaped(value: str) -> str:
+    """A token value with FHIR's search separators escaped."""
+    return value.replace("\\", "\\\\").replace(",", "\\,").replace("|", "\\|").replace("$", "\\$")
+
+
 class ServiceRegistry(Protocol):
     """What the inference request process needs: find services, resolve one by id."""
 
     async def find_services(
-        self, *, model_name: str | None = None, organization: str | None = None
+        self,
+        *,
+        model_name: str | None = None,
+        organization: str | None = None,
+        query: ServiceQuery | None = None,
     ) -> list[InferenceService]: ...
 
     async def get_service(self, service_id: str) -> InferenceService: ...
@@ -187,9 +280,13 @@ class LocalCatalogue:
         return cls(services)
 
     async def find_services(
-        self, *, model_name: str | None = None, organization: str | None = None
+        self,
+        *,
+        model_name: str | None = None,
+        organization: str | None = None,
+        query: ServiceQuery | None = None,
     ) -> list[InferenceService]:
-        return _matching(self._services.values(), model_name, organization)
+        return _matching(self._services.values(), model_name, organization, query)
 
     async def get_service(self, service_id: str) -> InferenceService:
         try:
@@ -243,24 +340,39 @@ class FhirRegistryClient:
         await self.aclose()
 
     async def find_services(
-        self, *, model_name: str | None = None, organization: str | None = None
+        self,
+        *,
+        model_name: str | None = None,
+        organization: str | None = None,
+        query: ServiceQuery | None = None,
     ) -> list[InferenceService]:
-        params = {
+        """Active services; with ``query``, those that accept its modality, body part and
+        task, searched by the registry and checked again here (a server that does not know a
+        search parameter ignores it)."""
+        params: dict[str, Any] = {
             "active": "true",
             "_include": ["HealthcareService:endpoint", "HealthcareService:organization"],
+            **(query.search_params() if query is not None else {}),
         }
-        resources = await self._search("HealthcareService", params)
+        resources = await self.search("HealthcareService", params)
         services = await self._assemble(resources)
-        found = _matching(services, model_name, organization)
+        found = _matching(services, model_name, organization, query)
         _log.info("registry.searched", services=len(found))
         return found
 
     async def get_service(self, service_id: str) -> InferenceService:
+        """The service by its id in the registry, or by its published identifier
+        ``<organization>/<catalogue id>`` (a FHIR id holds no ``/``)."""
+        key = (
+            {"identifier": f"{SERVICE_IDENTIFIER_SYSTEM}|{service_id}"}
+            if "/" in service_id
+            else {"_id": service_id}
+        )
         params = {
-            "_id": service_id,
+            **key,
             "_include": ["HealthcareService:endpoint", "HealthcareService:organization"],
         }
-        services = await self._assemble(await self._search("HealthcareService", params))
+        services = await self._assemble(await self.search("HealthcareService", params))
         if not services:
             raise ServiceNotFoundError(
                 f"service {service_id} is not in the registry at {self.base_url}"
@@ -277,7 +389,7 @@ class FhirRegistryClient:
             and ref.startswith("Device/")
         }
         if device_ids:
-            devices = await self._search("Device", {"_id": ",".join(sorted(device_ids))})
+            devices = await self.search("Device", {"_id": ",".join(sorted(device_ids))})
             by_ref.update({f"Device/{d.get('id')}": d for d in devices})
         services = []
         for resource in healthcare:
@@ -286,7 +398,8 @@ class FhirRegistryClient:
                 services.append(service)
         return services
 
-    async def _search(self, resource_type: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    async def search(self, resource_type: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Every resource of a search, following ``next`` links up to ``page_limit`` pages."""
         found: list[dict[str, Any]] = []
         url: str | None = f"/{resource_type}"
         query: Mapping[str, Any] | None = params
@@ -308,7 +421,76 @@ class FhirRegistryClient:
             query = None  # the next link carries the query
         return found
 
-    async def _get(self, url: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    async def create(self, resource: Mapping[str, Any], *, if_none_exist: str) -> dict[str, Any]:
+        """A conditional create (``If-None-Exist``): the resource as the registry holds it,
+        new or the one that matched."""
+        kind = str(resource["resourceType"])
+        response = await self._send(
+            "POST", f"/{kind}", resource, {"If-None-Exist": if_none_exist}, (200, 201)
+        )
+        return await self._stored(response, kind)
+
+    async def update(self, resource: Mapping[str, Any], *, version: str | None) -> dict[str, Any]:
+        """``PUT`` of a resource with an id; with ``version``, only over that version
+        (``If-Match``: a registry change in between answers 412, retryable)."""
+        kind = str(resource["resourceType"])
+        headers = {"If-Match": f'W/"{version}"'} if version is not None else {}
+        response = await self._send(
+            "PUT", f"/{kind}/{resource['id']}", resource, headers, (200, 201)
+        )
+        return await self._stored(response, kind)
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        resource: Mapping[str, Any],
+        headers: Mapping[str, str],
+        expected: tuple[int, ...],
+    ) -> httpx.Response:
+        try:
+            response = await self._client.request(
+                method,
+                url,
+                json=resource,
+                headers={
+                    "Content-Type": "application/fhir+json",
+                    "Prefer": "return=representation",
+                    **headers,
+                },
+            )
+        except httpx.TransportError as exc:
+            raise RegistryError(
+                f"the OMI registry at {self.base_url} is unreachable: {exc}", retryable=True
+            ) from exc
+        if response.status_code not in expected:
+            raise RegistryError(
+                f"the OMI registry at {self.base_url} answered HTTP {response.status_code} to "
+                f"{method} {url}",
+                retryable=response.status_code in (409, 412, 429) or response.status_code >= 500,
+                status=response.status_code,
+            )
+        return response
+
+    async def _stored(self, response: httpx.Response, kind: str) -> dict[str, Any]:
+        """The resource a write answered with, read back when the registry sent none."""
+        try:
+            body = response.json() if response.content else None
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and body.get("resourceType") == kind and body.get("id"):
+            return body
+        location = response.headers.get("Location") or response.headers.get("Content-Location")
+        parts = (location or "").split("/_history/")[0].rstrip("/").split("/")
+        if len(parts) < 2 or parts[-2] != kind:
+            raise RegistryError(
+                f"the OMI registry at {self.base_url} stored a {kind} without saying its id"
+            )
+        return await self._get(f"/{kind}/{parts[-1]}", None, kind=kind)
+
+    async def _get(
+        self, url: str, params: Mapping[str, Any] | None, *, kind: str = "Bundle"
+    ) -> dict[str, Any]:
         try:
             response = await self._client.get(url, params=params)
         except httpx.TransportError as exc:
@@ -325,19 +507,24 @@ class FhirRegistryClient:
             bundle = response.json()
         except ValueError as exc:
             raise RegistryError(f"the OMI registry at {self.base_url} sent no JSON") from exc
-        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-            raise RegistryError(f"the OMI registry at {self.base_url} sent no search Bundle")
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != kind:
+            shown = "search Bundle" if kind == "Bundle" else kind
+            raise RegistryError(f"the OMI registry at {self.base_url} sent no {shown}")
         return bundle
 
 
 def _matching(
-    services: Iterable[InferenceService], model_name: str | None, organization: str | None
+    services: Iterable[InferenceService],
+    model_name: str | None,
+    organization: str | None,
+    query: ServiceQuery | None = None,
 ) -> list[InferenceService]:
     return [
         service
         for service in services
         if (model_name is None or service.model_name == model_name)
         and (organization is None or service.organization == organization)
+        and (query is None or service.offers(query))
     ]
 
 
@@ -388,7 +575,33 @@ def _service_from(
         model_version=(device or {}).get("version", [{}])[0].get("value"),
         device=device_reference,
         heartbeat=_heartbeat(resource),
+        modalities=_codes(resource.get("characteristic"), MODALITY_SYSTEM),
+        body_parts=_codes(resource.get("characteristic"), BODY_PART_SYSTEM),
+        tasks=_codes(resource.get("type"), TASK_SYSTEM),
+        offered_as=_offered_as(resource, organization),
     )
+
+
+def _offered_as(resource: Mapping[str, Any], organization: str | None) -> str | None:
+    """The catalogue id in the service's identifier ``<organization>/<id>``, when the
+    organization is the one that provides it."""
+    for identifier in resource.get("identifier") or ():
+        value = str(identifier.get("value") or "")
+        if identifier.get("system") == SERVICE_IDENTIFIER_SYSTEM and organization:
+            head, _, tail = value.partition("/")
+            if head == organization and tail:
+                return tail
+    return None
+
+
+def _codes(concepts: object, system: str) -> tuple[str, ...]:
+    """The codes of ``system`` in a list of CodeableConcepts, in order."""
+    found: list[str] = []
+    for concept in concepts if isinstance(concepts, list) else ():
+        for coding in (concept.get("coding") or ()) if isinstance(concept, dict) else ():
+            if coding.get("system") == system and coding.get("code"):
+                found.append(str(coding["code"]))
+    return tuple(found)
 
 
 def _is_oip(endpoint: Mapping[str, Any]) -> bool:
@@ -422,6 +635,30 @@ def _heartbeat(resource: Mapping[str, Any]) -> Heartbeat | None:
         estimated_waiting_time=_duration(waiting),
         last_seen=dt.datetime.fromisoformat(seen) if seen else None,
     )
+
+
+def heartbeat_extension(beat: Heartbeat) -> dict[str, Any]:
+    """The heartbeat extension of a HealthcareService (what :func:`_heartbeat` reads)."""
+    parts: list[dict[str, Any]] = [{"url": "status", "valueCode": beat.status}]
+    if beat.queue_length is not None:
+        parts.append({"url": "queueLength", "valueInteger": beat.queue_length})
+    if beat.estimated_waiting_time is not None:
+        seconds = round(beat.estimated_waiting_time.total_seconds(), 1)
+        parts.append(
+            {
+                "url": "estimatedWaitingTime",
+                "valueDuration": {
+                    "value": seconds,
+                    "unit": "s",
+                    "system": "http://unitsofmeasure.org",
+                    "code": "s",
+                },
+            }
+        )
+    if beat.last_seen is not None:
+        seen = beat.last_seen.astimezone(dt.UTC).isoformat(timespec="milliseconds")
+        parts.append({"url": "lastSeen", "valueInstant": seen})
+    return {"url": HEARTBEAT_EXTENSION, "extension": parts}
 
 
 def _duration(value: Mapping[str, Any] | None) -> dt.timedelta | None:

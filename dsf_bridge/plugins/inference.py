@@ -336,7 +336,8 @@ async def resolve_service(ctx: HandlerContext) -> None:
     ctx.set("seriesInstanceUid", series)
     ctx.set("dicomwebEndpoint", endpoint)
     ctx.set("segmentation", _flag(task, SEGMENTATION))
-    ctx.set("serviceId", service.service_id)
+    # The provider knows the service by its own catalogue id (a registry's is the resource's).
+    ctx.set("serviceId", service.offered_as or service.service_id)
     ctx.set("modelName", service.model_name)
     ctx.set("provider", service.organization)
     ctx.set("resultTimeout", timeout)

@@ -11,10 +11,13 @@ Start-up, in order, each step refusing to go on with a message that says what to
 5. the plugins load (placeholders replaced, models validated, every handler registered), their
    FHIR resources are published and their processes deployed; an optional plugin (a drop-in)
    that fails here is logged and left out;
-6. Tasks a previous run left half taken in are recovered.
+6. Tasks a previous run left half taken in are recovered;
+7. with ``[omi] publish``, the site's services are published in the OMI registry (a registry
+   that fails is logged and tried again, it never stops start-up).
 
 Then three loops run until stopped: the Task subscription, the QuestionnaireResponse
-subscription (user tasks), and the runtime's workers.
+subscription (user tasks), and the runtime's workers; with ``[omi] publish`` a fourth sends
+the services' heartbeats.
 """
 
 from __future__ import annotations
@@ -41,8 +44,13 @@ from dsf_bridge.dsf.subscription import TaskSubscription
 from dsf_bridge.dsf.tasks import TaskLimits
 from dsf_bridge.dsf.versions import DsfRelease, server_release
 from dsf_bridge.errors import BridgeError, ConfigError, MigrationError, ProcessExecutionError
+from dsf_bridge.omi.registry import FhirRegistryClient
 from dsf_bridge.plugins.api import LoadedPlugin, ProcessPlugin
-from dsf_bridge.plugins.inference import SERVICE_DICOMWEB_SSL_CONTEXT, SERVICE_OMI_SETTINGS
+from dsf_bridge.plugins.inference import (
+    SERVICE_DICOMWEB_SSL_CONTEXT,
+    SERVICE_OMI_REGISTRY,
+    SERVICE_OMI_SETTINGS,
+)
 from dsf_bridge.plugins.registry import (
     SERVICE_CALL_RETRY,
     SERVICE_FHIR_CLIENT,
@@ -52,6 +60,7 @@ from dsf_bridge.plugins.registry import (
 from dsf_bridge.runtime.gateway import DsfTaskGateway
 from dsf_bridge.runtime.intake import SqlCursorStore, TaskIntake
 from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
+from dsf_bridge.runtime.publishing import ServicePublication, open_registry, service_offers
 from dsf_bridge.store import Database, schema_status, sqlite_path
 from dsf_bridge.store.owner import bind_store
 
@@ -121,6 +130,8 @@ class Bridge:
         self.dsf_release: DsfRelease | None = None
         self.loaded: list[LoadedPlugin] = []
         self.subscriptions: list[TaskSubscription] = []
+        self.publication: ServicePublication | None = None
+        self.registry: FhirRegistryClient | None = None
 
     async def __aenter__(self) -> Bridge:
         try:
@@ -189,12 +200,16 @@ class Bridge:
             retry=call_retry,
             proxy=proxy,
         )
+        if self.settings.omi.registry_url is not None:
+            # One client for look-ups and publishing, with the site's TLS identity and proxy.
+            self.registry = open_registry(self.settings)
         services: dict[str, object] = {
             SERVICE_FHIR_CLIENT: self.client,
             SERVICE_LOCAL_ORGANIZATION: self.organization,
             SERVICE_CALL_RETRY: call_retry,
             **({SERVICE_FORWARD_PROXY: proxy} if proxy is not None else {}),
             SERVICE_OMI_SETTINGS: self.settings.omi,
+            **({SERVICE_OMI_REGISTRY: self.registry} if self.registry is not None else {}),
             # https DICOMweb archives see the site's DSF identity (mutual TLS).
             SERVICE_DICOMWEB_SSL_CONTEXT: build_ssl_context(
                 identity,
@@ -264,6 +279,20 @@ class Bridge:
                 criteria="QuestionnaireResponse?status=completed",
             ),
         ]
+        if self.settings.omi.publish and self.registry is not None:
+            self.publication = ServicePublication(
+                self.registry,
+                local,
+                service_offers(self.settings.omi),
+                self.database,
+                interval=self.settings.omi.heartbeat_interval,
+                inference_timeout=self.settings.omi.inference_timeout,
+                proxy=proxy,
+            )
+            try:
+                await self.publication.publish()
+            except BridgeError as exc:
+                log.warning("registry.publish_failed", reason=str(exc), retry="next heartbeat")
 
     async def _questionnaire_response(self, response: dict[str, Any]) -> None:
         """A user task answered: continue its instance and mark the response ``amended``."""
@@ -292,6 +321,8 @@ class Bridge:
         loops.append(asyncio.ensure_future(self.runtime.run_forever(stop)))
         if self.intake is not None:
             loops.append(asyncio.ensure_future(self.intake.run_held_sweeps(stop)))
+        if self.publication is not None:
+            loops.append(asyncio.ensure_future(self.publication.run(stop)))
         log.info("bridge.started", organization=getattr(self.organization, "identifier", None))
         try:
             done, _ = await asyncio.wait(
@@ -313,6 +344,8 @@ class Bridge:
             log.info("bridge.stopped")
 
     async def aclose(self) -> None:
+        if self.registry is not None:
+            await self.registry.aclose()
         if self.gateway is not None:
             await self.gateway.aclose()
         if self.client is not None:

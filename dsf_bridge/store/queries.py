@@ -40,6 +40,7 @@ __all__ = [
     "InstanceRow",
     "JobRow",
     "OutboxRow",
+    "ProcessLoad",
     "StoreCounts",
     "TaskDetail",
     "TaskFacts",
@@ -54,6 +55,7 @@ __all__ = [
     "list_instances",
     "list_tasks",
     "ping",
+    "process_load",
     "task_cursor",
     "task_detail",
     "task_facts",
@@ -796,3 +798,43 @@ async def instance_facts(
         )
         for instance_id in instance_ids
     }
+
+
+@dataclass(frozen=True)
+class ProcessLoad:
+    """How busy a process is: its running instances, and how long its latest completed
+    instances took (seconds, newest first)."""
+
+    running: int
+    recent_durations: tuple[float, ...] = ()
+
+
+async def process_load(session: AsyncSession, process_key: str, *, recent: int = 20) -> ProcessLoad:
+    """The :class:`ProcessLoad` of ``process_key`` over all its deployed versions, from the
+    ``recent`` latest completed instances (failed ones say nothing about how long work takes)."""
+    running = (
+        await session.execute(
+            select(func.count())
+            .select_from(ProcessInstance)
+            .join(ProcessDefinition, ProcessDefinition.id == ProcessInstance.definition_id)
+            .where(
+                ProcessDefinition.process_key == process_key,
+                ProcessInstance.status == "running",
+            )
+        )
+    ).scalar_one()
+    rows = await session.execute(
+        select(ProcessInstance.created_at, ProcessInstance.ended_at)
+        .join(ProcessDefinition, ProcessDefinition.id == ProcessInstance.definition_id)
+        .where(
+            ProcessDefinition.process_key == process_key,
+            ProcessInstance.status == "completed",
+            ProcessInstance.ended_at.is_not(None),
+        )
+        .order_by(ProcessInstance.ended_at.desc(), ProcessInstance.id.desc())
+        .limit(max(1, recent))
+    )
+    durations = tuple(
+        max(0.0, (ended - created).total_seconds()) for created, ended in rows if ended is not None
+    )
+    return ProcessLoad(running=int(running), recent_durations=durations)

@@ -1,0 +1,293 @@
+"""The provider side of OMI against a registry that behaves as a FHIR server does
+(``tests/omi/fhir_registry.py``): publishing, idempotently; heartbeats measured on real MLServer;
+search by what a service accepts; mutual TLS to the registry."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fhir.resources.R4B.device import Device
+from fhir.resources.R4B.endpoint import Endpoint
+from fhir.resources.R4B.healthcareservice import HealthcareService
+
+from dsf_bridge.api.server import EmbeddedUvicorn
+from dsf_bridge.config import load_settings
+from dsf_bridge.omi.contract import Accepts, load_contract, resolve_contract
+from dsf_bridge.omi.inference import HttpInferenceClient
+from dsf_bridge.omi.publish import RegistryPublisher, ServiceOffer, measure_heartbeat
+from dsf_bridge.omi.registry import (
+    BODY_PART_SYSTEM,
+    HEARTBEAT_EXTENSION,
+    MODALITY_SYSTEM,
+    TASK_SYSTEM,
+    FhirRegistryClient,
+    Heartbeat,
+    RegistryError,
+    ServiceQuery,
+    ServiceUnavailableError,
+    check_heartbeat,
+)
+from dsf_bridge.retry import RetryPolicy
+from dsf_bridge.runtime.publishing import open_registry, publish_services, service_offers
+from dsf_bridge.sandbox.certs import CertificateAuthority
+from dsf_bridge.sandbox.components import REFERENCE_MODEL, MLServerProcess
+from tests.components import WARMING_MODEL, running
+from tests.omi.fhir_registry import FhirRegistry
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
+ORG = "provider.test"
+
+
+def _reference(url: str = "http://127.0.0.1:8080") -> ServiceOffer:
+    contract = resolve_contract("tissue-composition")
+    return ServiceOffer("tc", "Tissue composition", "tissue-composition", url, contract)
+
+
+def _head_mr() -> ServiceOffer:
+    contract = load_contract(EXAMPLES / "my-model.toml")
+    contract = contract.model_copy(update={"accepts": Accepts(modality=["MR"], body_part=["HEAD"])})
+    return ServiceOffer("nodules", "Nodules", "my-model", "http://127.0.0.1:8081", contract)
+
+
+@pytest.fixture
+def registry() -> FhirRegistry:
+    return FhirRegistry()
+
+
+@pytest.fixture
+async def client(registry: FhirRegistry) -> AsyncIterator[FhirRegistryClient]:
+    transport = httpx.ASGITransport(app=registry.app)
+    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as client:
+        yield client
+
+
+async def test_publish_creates_then_changes_nothing_then_updates(
+    registry: FhirRegistry, client: FhirRegistryClient
+) -> None:
+    publisher = RegistryPublisher(client, ORG)
+    first = await publisher.publish(_reference())
+    assert [(p.resource_type, p.outcome) for p in first] == [
+        ("Device", "created"),
+        ("Endpoint", "created"),
+        ("HealthcareService", "created"),
+    ]
+    [device] = registry.all("Device")
+    [endpoint] = registry.all("Endpoint")
+    [service] = registry.all("HealthcareService")
+    for model, resource in ((Device, device), (Endpoint, endpoint), (HealthcareService, service)):
+        model.model_validate(resource)
+        assert resource["identifier"][0]["value"] == f"{ORG}/tc"
+    assert device["deviceName"][0] == {"name": "tissue-composition", "type": "model-name"}
+    assert endpoint["address"] == "http://127.0.0.1:8080"
+    assert service["providedBy"]["identifier"]["value"] == ORG
+    assert service["endpoint"] == [{"reference": f"Endpoint/{endpoint['id']}"}]
+    assert {"system": MODALITY_SYSTEM, "code": "CT"} in [
+        c["coding"][0] for c in service["characteristic"]
+    ]
+    # The reference contract takes any body part, measures and segments on request.
+    assert {"system": BODY_PART_SYSTEM, "code": "ANY"} in [
+        c["coding"][0] for c in service["characteristic"]
+    ]
+    assert [t["coding"][0] for t in service["type"]] == [
+        {"system": TASK_SYSTEM, "code": "measurement"},
+        {"system": TASK_SYSTEM, "code": "segmentation"},
+    ]
+    writes = registry.writes
+
+    second = await publisher.publish(_reference())
+    assert [p.outcome for p in second] == ["unchanged"] * 3
+    assert [p.id for p in second] == [p.id for p in first]
+    assert registry.writes == writes  # running it twice changes nothing
+
+    # A heartbeat, then a changed contract (a body part) and a new address: updated, the
+    # heartbeat kept, nothing duplicated.
+    await publisher.beat(_reference(), Heartbeat("available", 0, last_seen=dt.datetime.now(dt.UTC)))
+    changed = _reference("http://127.0.0.1:9090")
+    changed = ServiceOffer(
+        changed.service_id,
+        changed.name,
+        changed.model_name,
+        changed.inference_url,
+        changed.contract.model_copy(
+            update={"accepts": Accepts(modality=["CT"], body_part=["CHEST"])}
+        ),
+    )
+    third = await publisher.publish(changed)
+    assert [p.outcome for p in third] == ["updated", "updated", "updated"]
+    assert len(registry.all("HealthcareService")) == len(registry.all("Device")) == 1
+    [service] = registry.all("HealthcareService")
+    assert service["meta"]["versionId"] == "3"  # created, beat, updated
+    assert any(e["url"] == HEARTBEAT_EXTENSION for e in service["extension"])
+    assert {"system": BODY_PART_SYSTEM, "code": "CHEST"} in [
+        c["coding"][0] for c in service["characteristic"]
+    ]
+    assert registry.all("Endpoint")[0]["address"] == "http://127.0.0.1:9090"
+
+
+async def test_search_by_what_a_service_accepts(
+    registry: FhirRegistry, client: FhirRegistryClient
+) -> None:
+    await publish_services(client, ORG, [_reference(), _head_mr()])
+
+    async def ids(**query: str) -> list[str]:
+        found = await client.find_services(query=ServiceQuery(**query))
+        return sorted(s.name for s in found)
+
+    assert await ids(modality="CT") == ["Tissue composition"]
+    assert await ids(modality="mr", body_part="head") == ["Nodules"]
+    assert await ids(modality="MR", body_part="CHEST") == []
+    # A service that takes any body part is found by every body part.
+    assert await ids(modality="CT", body_part="CHEST") == ["Tissue composition"]
+    assert await ids(task="segmentation") == ["Tissue composition"]
+    assert await ids(modality="US") == []
+    [nodules] = await client.find_services(query=ServiceQuery(modality="MR"))
+    assert (nodules.modalities, nodules.body_parts) == (("MR",), ("HEAD",))
+    assert nodules.organization == ORG
+    assert nodules.model_name == "my-model"
+    # A request names the service as the provider's catalogue knows it, found by either key.
+    assert nodules.offered_as == "nodules"
+    assert (await client.get_service(nodules.service_id)).offered_as == "nodules"
+    by_key = await client.get_service(f"{ORG}/nodules")
+    assert (by_key.service_id, by_key.model_name) == (nodules.service_id, "my-model")
+    # The registry searched (it refuses parameters it does not know).
+    searches = [url for method, url in registry.requests if "characteristic=" in url]
+    assert searches
+    with pytest.raises(ValueError, match="task must be one of"):
+        ServiceQuery(task="segmentatoin")
+
+
+async def test_a_registry_that_ignores_the_search_is_checked_here(
+    registry: FhirRegistry,
+) -> None:
+    """A FHIR server ignores search parameters it does not support (lenient handling): the
+    client checks what it got."""
+    transport = httpx.ASGITransport(app=registry.app)
+    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as client:
+        await publish_services(client, ORG, [_reference(), _head_mr()])
+
+    def lenient(request: httpx.Request) -> httpx.Response:
+        kept = [
+            (k, v)
+            for k, v in request.url.params.multi_items()
+            if k not in ("characteristic", "service-type")
+        ]
+        answer = registry.search(request.url.path.rsplit("/", 1)[1], kept)
+        return httpx.Response(answer.status_code, content=bytes(answer.body))
+
+    async with FhirRegistryClient(
+        "http://registry.test/fhir", transport=httpx.MockTransport(lenient)
+    ) as client:
+        found = await client.find_services(query=ServiceQuery(modality="MR", body_part="HEAD"))
+    assert [s.name for s in found] == ["Nodules"]
+
+
+async def test_heartbeats_reflect_the_model_server(
+    registry: FhirRegistry, client: FhirRegistryClient, tmp_path: Path
+) -> None:
+    server = MLServerProcess(tmp_path / "mlserver", models=(REFERENCE_MODEL, WARMING_MODEL))
+    offer = _reference(server.base_url)
+    warming = ServiceOffer(
+        "warming", "Warming", WARMING_MODEL.name, server.base_url, offer.contract
+    )
+    publisher = RegistryPublisher(client, ORG)
+    await publisher.publish(offer)
+    one_try = RetryPolicy(attempts=1)
+    for _ in running(server):
+        async with HttpInferenceClient(server.base_url, retry=one_try) as inference:
+            idle = await measure_heartbeat(inference, offer, queue_length=0, recent_durations=[])
+            busy = await measure_heartbeat(
+                inference, offer, queue_length=2, recent_durations=[3.0, 5.0]
+            )
+            loading = await measure_heartbeat(
+                inference, warming, queue_length=0, recent_durations=[]
+            )
+    assert (idle.status, idle.queue_length, idle.estimated_waiting_time) == (
+        "available",
+        0,
+        dt.timedelta(0),
+    )
+    assert (busy.status, busy.estimated_waiting_time) == ("busy", dt.timedelta(seconds=8))
+    assert loading.status == "unavailable"
+    # The server has stopped now.
+    async with HttpInferenceClient(server.base_url, retry=one_try, timeout=5) as inference:
+        stopped = await measure_heartbeat(inference, offer, queue_length=1, recent_durations=[4.0])
+    assert stopped.status == "unavailable"
+    assert stopped.estimated_waiting_time == dt.timedelta(seconds=4)
+
+    await publisher.beat(offer, busy)
+    [found] = await client.find_services()
+    assert found.heartbeat is not None
+    assert (found.heartbeat.status, found.heartbeat.queue_length) == ("busy", 2)
+    assert found.heartbeat.estimated_waiting_time == dt.timedelta(seconds=8)
+    check_heartbeat(found)
+    await publisher.beat(offer, stopped)
+    [found] = await client.find_services()
+    with pytest.raises(ServiceUnavailableError, match="reports itself unavailable"):
+        check_heartbeat(found)
+
+
+async def test_a_registry_that_is_down_fails_retryably(
+    registry: FhirRegistry, client: FhirRegistryClient
+) -> None:
+    registry.up = False
+    with pytest.raises(RegistryError, match="HTTP 503") as info:
+        await RegistryPublisher(client, ORG).publish(_reference())
+    assert info.value.retryable
+    registry.up = True
+    with pytest.raises(RegistryError, match="not published"):
+        await RegistryPublisher(client, ORG).beat(_reference(), Heartbeat("available"))
+
+
+async def test_publishing_over_mutual_tls_with_the_site_settings(
+    registry: FhirRegistry, tmp_path: Path
+) -> None:
+    ca = CertificateAuthority("Registry test CA")
+    ca.write(tmp_path / "ca.pem")
+    ca.issue_server("localhost").write(tmp_path / "server.pem", tmp_path / "server.key")
+    ca.issue_client("provider").write(tmp_path / "client.pem", tmp_path / "client.key")
+    server = EmbeddedUvicorn(
+        registry.app,
+        ssl_certfile=str(tmp_path / "server.pem"),
+        ssl_keyfile=str(tmp_path / "server.key"),
+        ssl_ca_certs=str(tmp_path / "ca.pem"),
+        ssl_cert_reqs=ssl.CERT_REQUIRED,
+    )
+    await server.start()
+    try:
+        settings = load_settings(
+            None,
+            {
+                "dsf": {
+                    "client_certificate": str(tmp_path / "client.pem"),
+                    "client_key": str(tmp_path / "client.key"),
+                    "ca_certificates": [str(tmp_path / "ca.pem")],
+                },
+                "omi": {
+                    "registry_url": f"https://localhost:{server.port}/fhir",
+                    "publish": True,
+                    "catalogue": [
+                        {"id": "tc", "inference_url": "http://127.0.0.1:8080"},
+                        {"id": "requested-only", "organization": "other.test"},
+                    ],
+                },
+            },
+        )
+        offers = service_offers(settings.omi)
+        assert [o.service_id for o in offers] == ["tc"]  # what this site offers
+        async with open_registry(settings) as client:
+            done = await publish_services(client, ORG, offers)
+        assert [p.outcome for p in done["tc"]] == ["created"] * 3
+        # Without the client certificate the registry refuses the handshake.
+        plain = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        async with FhirRegistryClient(
+            f"https://localhost:{server.port}/fhir", verify=plain
+        ) as client:
+            with pytest.raises(RegistryError, match="unreachable"):
+                await client.find_services()
+    finally:
+        await server.stop()
