@@ -98,8 +98,25 @@ _LONG_DIGITS = re.compile(r"\d{6,}")
 _DATE_VRS = frozenset({"DA", "DT"})
 _MAX_SHIFT_DAYS = 3650
 _PATIENT_GROUP = 0x0010
-# File meta attributes that name the sending system, not the study.
-_FILE_META_REMOVED = (Tag("SourceApplicationEntityTitle"), Tag("SendingApplicationEntityTitle"))
+# File meta attributes a copy keeps (its UIDs replaced like any UID); every other one (AE
+# titles, presentation addresses, Private Information and its creator) is removed.
+_FILE_META_KEPT = frozenset(
+    Tag(keyword)
+    for keyword in (
+        "FileMetaInformationVersion",
+        "MediaStorageSOPClassUID",
+        "MediaStorageSOPInstanceUID",
+        "TransferSyntaxUID",
+        "ImplementationClassUID",
+        "ImplementationVersionName",
+    )
+)
+# Identifying attributes the library's table lacks: the patient's birth and death dates in an
+# alternative calendar (free text, group 0010) are removed like the Gregorian ones.
+_EXTRA_ACTIONS: dict[BaseTag, str] = {
+    Tag(0x0010, 0x0033): "X",
+    Tag(0x0010, 0x0034): "X",
+}
 
 
 def _actions() -> tuple[dict[BaseTag, str], tuple[tuple[int, int, int, int, str], ...]]:
@@ -137,7 +154,7 @@ _PROFILE, _PROFILE_MASKED = _actions()
 
 
 def _profile_action(tag: BaseTag) -> str | None:
-    action = _PROFILE.get(tag)
+    action = _PROFILE.get(tag) or _EXTRA_ACTIONS.get(tag)
     if action is not None:
         return action
     for group, element, group_mask, element_mask, masked in _PROFILE_MASKED:
@@ -221,12 +238,12 @@ def policy_from_settings(settings: PseudonymizationSettings) -> Pseudonymization
 def replace_uid(secret: bytes, uid: str) -> str:
     """The site's replacement of ``uid``: ``2.25.`` and the decimal of 128 bits of
     HMAC-SHA-256(secret, uid); a valid UID of at most 44 characters."""
-    digest = hmac.new(secret, b"uid:" + uid.encode("ascii"), hashlib.sha256).digest()
+    digest = hmac.new(secret, b"uid:" + uid.encode("utf-8"), hashlib.sha256).digest()
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
 def _study_offset(secret: bytes, study_uid: str) -> dt.timedelta:
-    digest = hmac.new(secret, b"date-shift:" + study_uid.encode("ascii"), hashlib.sha256).digest()
+    digest = hmac.new(secret, b"date-shift:" + study_uid.encode("utf-8"), hashlib.sha256).digest()
     # 1..MAX days into the past: never zero, so a shifted date is never the original.
     return -dt.timedelta(days=1 + int.from_bytes(digest[:4], "big") % _MAX_SHIFT_DAYS)
 
@@ -241,7 +258,10 @@ def _shift_date(value: str, offset: dt.timedelta) -> str:
         return ""
     if len(text) != 8 or not text.isdigit():
         return ""
-    return (day + offset).strftime("%Y%m%d")
+    try:
+        return (day + offset).strftime("%Y%m%d")
+    except OverflowError:  # a date in the first years of the calendar: nothing to move it to
+        return ""
 
 
 def _shift_datetime(value: str, offset: dt.timedelta) -> str:
@@ -272,9 +292,9 @@ class Pseudonymizer:
         uids: dict[str, str] = {}
         self._clean(dataset, offset, identifiers, uids)
         if hasattr(dataset, "file_meta"):
-            for tag in _FILE_META_REMOVED:
-                if tag in dataset.file_meta:
-                    del dataset.file_meta[tag]
+            meta = dataset.file_meta
+            for tag in [e.tag for e in meta if e.tag not in _FILE_META_KEPT]:
+                del meta[tag]
             self._clean(dataset.file_meta, offset, identifiers, uids)
         self._mark(dataset)
         return PseudonymizedInstance(dataset=dataset, original_study_uid=study_uid, uids=uids)
@@ -316,6 +336,8 @@ class Pseudonymizer:
                 self._values(element, offset, identifiers, uids)
                 continue
             action = _profile_action(tag)
+            if action is None and element.VR == "PN":
+                action = "Z"  # a person's name the table does not list is a name all the same
             if tag in DEVICE_IDENTITY:
                 action = "K"
             elif tag in DESCRIPTORS:

@@ -419,3 +419,41 @@ def test_by_default_no_private_attribute_leaves() -> None:
     # The station name in GE's private header (0009,1002) left with it; the public one stays
     # (Retain Device Identity).
     assert pseudonymized.StationName == instance.StationName
+
+
+def test_identifying_attributes_outside_the_library_table_do_not_leave() -> None:
+    """Review: the alternative-calendar birth and death dates (0010,0033/0034) are not in the
+    library's table and left verbatim; so did person names it does not list and the file meta
+    information's Private Information, receiving AE title and presentation addresses."""
+    instance = load_ct_small()
+    instance.add_new(0x00100033, "LO", "1369-08-13 Mustermann hijri")
+    instance.add_new(0x00100034, "LO", "1440-01-01")
+    instance.add_new(0x00140104, "PN", "Mustermann^Erika")  # Secondary Reviewer Name
+    meta = instance.file_meta
+    meta.add_new(0x00020018, "AE", "RECEIVINGPACS")
+    meta.add_new(0x00020026, "UR", "dicom://10.1.2.3:104")
+    meta.add_new(0x00020100, "UI", "1.2.999.1")
+    meta.add_new(0x00020102, "OB", b"Mustermann PID-778899")
+    pseudonymized = _pseudonymizer().pseudonymize(instance).dataset
+    assert Tag(0x00100033) not in pseudonymized and Tag(0x00100034) not in pseudonymized
+    assert _empty(pseudonymized.get(Tag(0x00140104)))
+    kept = (0x0001, 0x0002, 0x0003, 0x0010, 0x0012, 0x0013)
+    assert [e.tag for e in pseudonymized.file_meta] == [
+        e.tag for e in instance.file_meta if e.tag.element in kept
+    ]
+    written = _written(pseudonymized)
+    for value in (b"Mustermann", b"1369-08-13", b"RECEIVINGPACS", b"10.1.2.3", b"PID-778899"):
+        assert value not in written
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_bad_uids_and_dates_at_the_calendar_edge_still_make_a_copy() -> None:
+    """Review: a UID with a non-ASCII character raised UnicodeEncodeError and a date in year 1
+    OverflowError, neither a bridge error; now the UID is replaced and the date dropped."""
+    instance = load_ct_small()
+    instance.SeriesInstanceUID = "1.2.\u00e94"
+    instance.StudyDate = "00010105"
+    instance.AcquisitionDateTime = "00010105120000"
+    pseudonymized = _pseudonymizer().pseudonymize(instance).dataset
+    assert pseudonymized.SeriesInstanceUID.startswith("2.25.")
+    assert pseudonymized.StudyDate == "" and pseudonymized.AcquisitionDateTime == ""
