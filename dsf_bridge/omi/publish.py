@@ -112,7 +112,12 @@ def _concept(system: str, code: str, display: str | None = None) -> dict[str, An
 
 
 def _property(code: str, values: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    return {"type": _concept(DEVICE_PROPERTY_SYSTEM, code), "valueCode": list(values)}
+    # FHIR JSON has no empty arrays: a server drops one, and the comparison of what is
+    # published with what is declared would then differ on every run.
+    prop: dict[str, Any] = {"type": _concept(DEVICE_PROPERTY_SYSTEM, code)}
+    if values:
+        prop["valueCode"] = list(values)
+    return prop
 
 
 def service_resources(offer: ServiceOffer, organization: str) -> dict[str, dict[str, Any]]:
@@ -230,7 +235,18 @@ class RegistryPublisher:
 
     async def _find(self, kind: str, system: str, value: str) -> dict[str, Any] | None:
         found = await self.client.search(kind, {"identifier": f"{system}|{value}"})
-        matches = [r for r in found if r.get("resourceType") == kind]
+        # Checked here: a registry that ignored the search would otherwise have this site
+        # update another site's resource.
+        matches = [
+            r
+            for r in found
+            if r.get("resourceType") == kind
+            and isinstance(r.get("id"), str)
+            and any(
+                isinstance(i, dict) and i.get("system") == system and i.get("value") == value
+                for i in _listed(r.get("identifier"))
+            )
+        ]
         if len(matches) > 1:
             raise RegistryError(
                 f"the OMI registry at {self.client.base_url} holds {len(matches)} {kind} "
@@ -260,6 +276,10 @@ class RegistryPublisher:
             stored = await self.client.update(update, version=_version(current))
             outcome = "updated"
         return PublishedResource(kind, value, str(stored["id"]), outcome)
+
+
+def _listed(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _version(resource: Mapping[str, Any]) -> str | None:

@@ -393,7 +393,17 @@ class FhirRegistryClient:
             by_ref.update({f"Device/{d.get('id')}": d for d in devices})
         services = []
         for resource in healthcare:
-            service = _service_from(resource, by_ref)
+            try:
+                service = _service_from(resource, by_ref)
+            except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+                # A registry's malformed resource (a string where an object belongs, a
+                # lastSeen that is no instant) is one service fewer, never a crash.
+                _log.warning(
+                    "registry.service_malformed",
+                    service_id=str(resource.get("id")),
+                    reason=repr(exc),
+                )
+                continue
             if service is not None:
                 services.append(service)
         return services
@@ -407,14 +417,19 @@ class FhirRegistryClient:
             if url is None:
                 break
             bundle = await self._get(url, query)
+            # A registry's garbage (an entry, resource or link that is no JSON object, a
+            # resource without its type) is left out here, not raised as a TypeError later.
             found.extend(
-                entry["resource"] for entry in bundle.get("entry") or () if "resource" in entry
+                entry["resource"]
+                for entry in _objects(bundle.get("entry"))
+                if isinstance(entry.get("resource"), dict)
+                and isinstance(entry["resource"].get("resourceType"), str)
             )
             url = next(
                 (
-                    link.get("url")
-                    for link in bundle.get("link") or ()
-                    if link.get("relation") == "next"
+                    str(link["url"])
+                    for link in _objects(bundle.get("link"))
+                    if link.get("relation") == "next" and link.get("url")
                 ),
                 None,
             )
@@ -511,6 +526,11 @@ class FhirRegistryClient:
             shown = "search Bundle" if kind == "Bundle" else kind
             raise RegistryError(f"the OMI registry at {self.base_url} sent no {shown}")
         return bundle
+
+
+def _objects(value: object) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON array; nothing for anything else."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
 def _matching(

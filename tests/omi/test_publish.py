@@ -4,10 +4,13 @@ search by what a service accepts; mutual TLS to the registry."""
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import json
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,7 +22,12 @@ from dsf_bridge.api.server import EmbeddedUvicorn
 from dsf_bridge.config import load_settings
 from dsf_bridge.omi.contract import Accepts, load_contract, resolve_contract
 from dsf_bridge.omi.inference import HttpInferenceClient
-from dsf_bridge.omi.publish import RegistryPublisher, ServiceOffer, measure_heartbeat
+from dsf_bridge.omi.publish import (
+    RegistryPublisher,
+    ServiceOffer,
+    measure_heartbeat,
+    service_resources,
+)
 from dsf_bridge.omi.registry import (
     BODY_PART_SYSTEM,
     HEARTBEAT_EXTENSION,
@@ -291,3 +299,106 @@ async def test_publishing_over_mutual_tls_with_the_site_settings(
                 await client.find_services()
     finally:
         await server.stop()
+
+
+class _LikeAServer(httpx.AsyncBaseTransport):
+    """Review: what real FHIR servers do that the test registry does not. ``strip``: empty
+    arrays are dropped from what is stored (FHIR JSON has none); ``ignore``: search parameters
+    the server does not support are ignored."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, *, ignore: tuple[str, ...] = ()) -> None:
+        self.inner = inner
+        self.ignore = ignore
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and self.ignore:
+            params = httpx.QueryParams(
+                [(k, v) for k, v in request.url.params.multi_items() if k not in self.ignore]
+            )
+            url = request.url.copy_with(params=params)
+            request = httpx.Request("GET", url, headers=request.headers)
+        elif request.method in ("POST", "PUT"):
+            body = _without_empty(json.loads(await request.aread()))
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+            request = httpx.Request(request.method, request.url, headers=headers, json=body)
+        return await self.inner.handle_async_request(request)
+
+
+def _without_empty(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_empty(v) for k, v in value.items() if v != []}
+    if isinstance(value, list):
+        return [_without_empty(v) for v in value]
+    return value
+
+
+def _segmentation_only() -> ServiceOffer:
+    contract = resolve_contract("tissue-composition")
+    contract = contract.model_copy(
+        update={"outputs": contract.outputs.model_copy(update={"measurements": []})}
+    )
+    return ServiceOffer("seg", "Segmentation", "tissue-composition", "http://x:8080", contract)
+
+
+async def test_a_service_without_output_codes_publishes_once(registry: FhirRegistry) -> None:
+    """Review: an empty ``valueCode`` array (a segmentation-only contract has no output
+    codes) is dropped by a FHIR server, so every publish compared unequal and wrote again."""
+    offer = _segmentation_only()
+    for resource in service_resources(offer, ORG).values():
+        assert "[]" not in json.dumps(resource)
+    transport = _LikeAServer(httpx.ASGITransport(app=registry.app))
+    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as client:
+        publisher = RegistryPublisher(client, ORG)
+        await publisher.publish(offer)
+        writes = registry.writes
+        again = await publisher.publish(offer)
+    assert [p.outcome for p in again] == ["unchanged"] * 3
+    assert registry.writes == writes
+
+
+async def test_a_registry_that_ignores_the_identifier_search_keeps_other_sites_resources(
+    registry: FhirRegistry, client: FhirRegistryClient
+) -> None:
+    """Review: the publisher took whatever one resource a search returned as its own and
+    updated it; a registry that ignores ``identifier`` had it overwrite another site's."""
+    await RegistryPublisher(client, "other.test").publish(_reference())
+    theirs = copy.deepcopy(registry.resources)
+    transport = _LikeAServer(httpx.ASGITransport(app=registry.app), ignore=("identifier",))
+    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as lenient:
+        done = await RegistryPublisher(lenient, ORG).publish(_reference())
+    assert [p.outcome for p in done] == ["created"] * 3
+    for kind, resources in theirs.items():
+        for rid, resource in resources.items():
+            assert registry.resources[kind][rid] == resource
+
+
+@pytest.mark.parametrize(
+    "bundle",
+    [
+        {"resourceType": "Bundle", "entry": [{"resource": "HealthcareService"}]},
+        {"resourceType": "Bundle", "entry": [{"resource": {"id": "1"}}]},
+        {"resourceType": "Bundle", "entry": [7], "link": "next"},
+        {
+            "resourceType": "Bundle",
+            "entry": [
+                {
+                    "resource": {
+                        "resourceType": "HealthcareService",
+                        "id": "1",
+                        "endpoint": "Endpoint/2",
+                        "identifier": 5,
+                    }
+                }
+            ],
+        },
+    ],
+)
+async def test_a_registry_answering_garbage_is_an_error_or_nothing_never_a_crash(
+    bundle: dict[str, Any],
+) -> None:
+    """Review: these raised TypeError, KeyError or AttributeError out of the client."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=bundle))
+    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as client:
+        assert await client.find_services() == []
+        with pytest.raises(RegistryError):
+            await RegistryPublisher(client, ORG).publish(_reference())
