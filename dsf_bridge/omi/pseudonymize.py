@@ -95,6 +95,9 @@ _STANDARD_UID_ROOT = "1.2.840.10008."
 # Values a cleaned descriptor must not contain besides the instance's own identifiers: digit
 # runs that look like a date, an ID or a phone number.
 _LONG_DIGITS = re.compile(r"\d{6,}")
+# A written date ("05.01.2020", "2020-01-05", "5/1/20"): in a descriptor it would give away the
+# study's real date next to its shifted one.
+_WRITTEN_DATE = re.compile(r"\d{1,4}[./-]\d{1,2}[./-]\d{2,4}")
 _DATE_VRS = frozenset({"DA", "DT"})
 _MAX_SHIFT_DAYS = 3650
 _PATIENT_GROUP = 0x0010
@@ -477,6 +480,7 @@ def _identifiers(instance: Dataset) -> tuple[str, ...]:
     for keyword in (
         "PatientName",
         "PatientID",
+        "OtherPatientIDs",
         "OtherPatientNames",
         "PatientBirthName",
         "PatientMotherBirthName",
@@ -495,7 +499,7 @@ def _identifiers(instance: Dataset) -> tuple[str, ...]:
         values = list(value) if isinstance(value, MultiValue | list) else [value]
         for item in values:
             for part in re.split(r"[\^=\s,]+", str(item)):
-                if len(part) >= 3:
+                if len(part) >= 2:  # two-letter names ("Li", "Ng") as whole words
                     found.add(part.lower())
     return tuple(sorted(found))
 
@@ -504,4 +508,9 @@ def _carries_identity(value: Any, identifiers: tuple[str, ...]) -> bool:
     if value is None:
         return False
     text = str(value).lower()
-    return bool(_LONG_DIGITS.search(text)) or any(part in text for part in identifiers)
+    if _LONG_DIGITS.search(text) or _WRITTEN_DATE.search(text):
+        return True
+    return any(
+        part in text if len(part) >= 3 else re.search(rf"\b{re.escape(part)}\b", text)
+        for part in identifiers
+    )

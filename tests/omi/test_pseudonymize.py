@@ -457,3 +457,21 @@ def test_bad_uids_and_dates_at_the_calendar_edge_still_make_a_copy() -> None:
     pseudonymized = _pseudonymizer().pseudonymize(instance).dataset
     assert pseudonymized.SeriesInstanceUID.startswith("2.25.")
     assert pseudonymized.StudyDate == "" and pseudonymized.AcquisitionDateTime == ""
+
+
+def test_a_written_date_or_a_short_name_in_a_descriptor_is_cleaned() -> None:
+    """Review: Clean Descriptors kept "05.01.2020" (the real study date next to the shifted
+    one, which gives the study's offset away), names of two letters and Other Patient IDs."""
+    instance = load_ct_small()
+    instance.PatientName = "Li^Bo"
+    instance.StudyDate = "20200105"
+    instance.SeriesDescription = "Thorax nativ 05.01.2020"
+    instance.StudyDescription = "CT Abdomen 2020-01-05"
+    instance.ProtocolName = "Li Bo"
+    instance.ImageComments = "portal venous, 5 mm"
+    instance.OtherPatientIDs = "KIS-4711"
+    instance.AcquisitionComments = "see KIS-4711"
+    pseudonymized = _pseudonymizer().pseudonymize(instance).dataset
+    for keyword in ("SeriesDescription", "StudyDescription", "ProtocolName", "AcquisitionComments"):
+        assert _empty(pseudonymized.data_element(keyword)), keyword
+    assert pseudonymized.ImageComments == "portal venous, 5 mm"  # "li" is no word of it
