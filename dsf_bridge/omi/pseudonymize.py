@@ -341,6 +341,10 @@ class Pseudonymizer:
             action = _profile_action(tag)
             if action is None and element.VR == "PN":
                 action = "Z"  # a person's name the table does not list is a name all the same
+            elif action is None and element.VR == "UR":
+                # A URL the table does not list (Retrieve URL, Retrieve URI, Pixel Data Provider
+                # URL...) names the site's systems and carries original UIDs in its path.
+                action = "X"
             if tag in DEVICE_IDENTITY:
                 action = "K"
             elif tag in DESCRIPTORS:

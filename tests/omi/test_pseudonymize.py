@@ -475,3 +475,20 @@ def test_a_written_date_or_a_short_name_in_a_descriptor_is_cleaned() -> None:
     for keyword in ("SeriesDescription", "StudyDescription", "ProtocolName", "AcquisitionComments"):
         assert _empty(pseudonymized.data_element(keyword)), keyword
     assert pseudonymized.ImageComments == "portal venous, 5 mm"  # "li" is no word of it
+
+
+def test_a_url_does_not_carry_an_original_uid_out() -> None:
+    """Review: Retrieve URL (0008,1190) is not in the library's table; in a referenced series
+    it left with the original study and series UIDs in its path."""
+    instance = load_ct_small()
+    study, series = instance.StudyInstanceUID, instance.SeriesInstanceUID
+    url = f"https://pacs.example/dicom-web/studies/{study}/series/{series}"
+    item = Dataset()
+    item.SeriesInstanceUID = series
+    item.RetrieveURL = url
+    instance.ReferencedSeriesSequence = Sequence([item])
+    instance.RetrieveURL = url
+    pseudonymized = _pseudonymizer().pseudonymize(instance).dataset
+    written = _written(pseudonymized)
+    assert study.encode() not in written and series.encode() not in written
+    assert b"pacs.example" not in written
