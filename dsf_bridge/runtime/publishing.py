@@ -75,7 +75,21 @@ def _registry_tls(settings: Settings) -> ssl.SSLContext | bool:
     """Mutual TLS with the site's DSF client certificate for an https registry."""
     dsf = settings.dsf
     if dsf.client_certificate is None:
-        return True
+        # No identity to present, but the CAs named for the registry are still the ones trusted.
+        cas = settings.omi.registry_ca_certificates or dsf.ca_certificates
+        if not cas:
+            return True
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # hostname checked, cert required
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        for ca in cas:
+            try:
+                context.load_verify_locations(cafile=str(ca))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"CA file {ca} is not a readable PEM file ({exc})",
+                    field="omi.registry_ca_certificates",
+                ) from exc
+        return context
     password = dsf.client_key_password.get_secret_value() if dsf.client_key_password else None
     identity = load_identity(dsf.client_certificate, dsf.client_key, password=password)
     return build_ssl_context(

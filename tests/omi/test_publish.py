@@ -41,7 +41,12 @@ from dsf_bridge.omi.registry import (
     check_heartbeat,
 )
 from dsf_bridge.retry import RetryPolicy
-from dsf_bridge.runtime.publishing import open_registry, publish_services, service_offers
+from dsf_bridge.runtime.publishing import (
+    _registry_tls,
+    open_registry,
+    publish_services,
+    service_offers,
+)
 from dsf_bridge.sandbox.certs import CertificateAuthority
 from dsf_bridge.sandbox.components import REFERENCE_MODEL, MLServerProcess
 from tests.components import WARMING_MODEL, running
@@ -402,3 +407,26 @@ async def test_a_registry_answering_garbage_is_an_error_or_nothing_never_a_crash
         assert await client.find_services() == []
         with pytest.raises(RegistryError):
             await RegistryPublisher(client, ORG).publish(_reference())
+
+
+def test_a_site_without_a_client_certificate_still_trusts_only_the_registry_cas(
+    tmp_path: Path,
+) -> None:
+    """Review: without [dsf] client_certificate, registry_ca_certificates was ignored and the
+    system's CAs were trusted instead (verify=True)."""
+    ca = CertificateAuthority("Registry only CA")
+    ca.write(tmp_path / "ca.pem")
+    settings = load_settings(
+        None,
+        {
+            "omi": {
+                "registry_url": "https://registry.example/fhir",
+                "registry_ca_certificates": [str(tmp_path / "ca.pem")],
+            }
+        },
+    )
+    verify = _registry_tls(settings)
+    assert isinstance(verify, ssl.SSLContext)
+    assert [c["subject"] for c in verify.get_ca_certs()] == [
+        ((("commonName", "Registry only CA"),),)
+    ]
