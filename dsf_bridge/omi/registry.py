@@ -364,7 +364,7 @@ class FhirRegistryClient:
         """The service by its id in the registry, or by its published identifier
         ``<organization>/<catalogue id>`` (a FHIR id holds no ``/``)."""
         key = (
-            {"identifier": f"{SERVICE_IDENTIFIER_SYSTEM}|{service_id}"}
+            {"identifier": f"{SERVICE_IDENTIFIER_SYSTEM}|{_escaped(service_id)}"}
             if "/" in service_id
             else {"_id": service_id}
         )
@@ -372,7 +372,12 @@ class FhirRegistryClient:
             **key,
             "_include": ["HealthcareService:endpoint", "HealthcareService:organization"],
         }
-        services = await self._assemble(await self.search("HealthcareService", params))
+        services = [
+            service
+            for service in await self._assemble(await self.search("HealthcareService", params))
+            # Checked here: a registry that ignored the search answers with other services.
+            if service_id in (service.service_id, f"{service.organization}/{service.offered_as}")
+        ]
         if not services:
             raise ServiceNotFoundError(
                 f"service {service_id} is not in the registry at {self.base_url}"

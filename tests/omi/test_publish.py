@@ -36,6 +36,7 @@ from dsf_bridge.omi.registry import (
     FhirRegistryClient,
     Heartbeat,
     RegistryError,
+    ServiceNotFoundError,
     ServiceQuery,
     ServiceUnavailableError,
     check_heartbeat,
@@ -430,3 +431,20 @@ def test_a_site_without_a_client_certificate_still_trusts_only_the_registry_cas(
     assert [c["subject"] for c in verify.get_ca_certs()] == [
         ((("commonName", "Registry only CA"),),)
     ]
+
+
+async def test_a_registry_that_ignores_the_lookup_does_not_pick_another_service(
+    registry: FhirRegistry, client: FhirRegistryClient
+) -> None:
+    """Review: get_service took the first service of whatever the registry answered; one that
+    ignores ``identifier`` (or ``_id``) sent the request to another site's service."""
+    await RegistryPublisher(client, "other.test").publish(_head_mr())
+    await RegistryPublisher(client, ORG).publish(_reference())
+    transport = _LikeAServer(httpx.ASGITransport(app=registry.app), ignore=("identifier", "_id"))
+    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as lenient:
+        found = await lenient.get_service(f"{ORG}/tc")
+        assert (found.organization, found.offered_as) == (ORG, "tc")
+        with pytest.raises(ServiceNotFoundError):
+            await lenient.get_service(f"{ORG}/nodules")
+        with pytest.raises(ServiceNotFoundError):
+            await lenient.get_service("999")
