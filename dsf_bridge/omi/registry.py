@@ -479,7 +479,7 @@ class FhirRegistryClient:
                     **headers,
                 },
             )
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # unreachable, or an answer httpx cannot read
             raise RegistryError(
                 f"the OMI registry at {self.base_url} is unreachable: {exc}", retryable=True
             ) from exc
@@ -513,7 +513,7 @@ class FhirRegistryClient:
     ) -> dict[str, Any]:
         try:
             response = await self._client.get(url, params=params)
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # unreachable, or an answer httpx cannot read
             raise RegistryError(
                 f"the OMI registry at {self.base_url} is unreachable: {exc}", retryable=True
             ) from exc

@@ -448,3 +448,23 @@ async def test_a_registry_that_ignores_the_lookup_does_not_pick_another_service(
             await lenient.get_service(f"{ORG}/nodules")
         with pytest.raises(ServiceNotFoundError):
             await lenient.get_service("999")
+
+
+async def test_an_answer_httpx_cannot_decode_is_a_registry_error() -> None:
+    """Review: a body that claims gzip and is not raised httpx.DecodingError out of the client;
+    at start-up of 'run' (which catches BridgeError only) that stopped the bridge."""
+
+    def broken(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/fhir+json"},
+            stream=httpx.ByteStream(b"not gzip"),
+        )
+
+    async with FhirRegistryClient(
+        "http://registry.test/fhir", transport=httpx.MockTransport(broken)
+    ) as client:
+        with pytest.raises(RegistryError):
+            await client.find_services()
+        with pytest.raises(RegistryError):
+            await RegistryPublisher(client, ORG).publish(_reference())
