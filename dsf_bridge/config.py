@@ -381,9 +381,11 @@ class OmiSettings(_Section):
     heartbeat_interval: float = Field(
         default=60.0,
         gt=0,
-        le=3600,
-        description="Seconds between two heartbeats of each published service (requesting sites "
-        "refuse a service whose heartbeat is older than ten minutes)",
+        # Requesting sites refuse a heartbeat older than ten minutes: at most half of that, so
+        # that one lost beat does not take the service out.
+        le=300,
+        description="Seconds between two heartbeats of each published service, at most 300 "
+        "(requesting sites refuse a service whose heartbeat is older than ten minutes)",
     )
     result_timeout: str = Field(
         default="PT10M",

@@ -489,3 +489,15 @@ def test_bad_pseudonymization_settings_name_the_problem(
         load_settings(_write(tmp_path, toml), environ={})
     assert (caught.value.field or "").startswith("pseudonymization")
     assert problem in str(caught.value) or problem == caught.value.field
+
+
+def test_a_heartbeat_interval_requesters_would_call_stale_is_refused() -> None:
+    """Review: up to 3600 s was accepted, but requesting sites refuse a heartbeat older than
+    ten minutes: the service was refused for most of every interval."""
+    omi = {"registry_url": "http://registry.test/fhir"}
+    assert (
+        load_settings(None, {"omi": {**omi, "heartbeat_interval": 300}}).omi.heartbeat_interval
+        == 300
+    )
+    with pytest.raises(ConfigError, match="heartbeat_interval"):
+        load_settings(None, {"omi": {**omi, "heartbeat_interval": 900}})
