@@ -440,7 +440,10 @@ class PseudonymizationSettings(_Section):
     """How a requesting site pseudonymizes a study before it leaves (docs/privacy.md)."""
 
     enabled: bool = Field(
-        default=True, description="Pseudonymize studies before they leave the site"
+        default=True,
+        description="Pseudonymize studies before they leave the site, once the request "
+        "process uses it (not yet: the direct DICOMweb pull still sends the original study; "
+        "docs/privacy.md)",
     )
     dates: Literal["shift", "keep"] = Field(
         default="shift",
