@@ -33,6 +33,7 @@ __all__ = [
     "redact_uids",
     "step_log_context",
     "uid_digest",
+    "without_uids",
 ]
 
 SENSITIVE_KEYS = frozenset(
@@ -83,6 +84,12 @@ def _digest_uid(match: re.Match[str]) -> str:
 
 def _digest_uids(text: str) -> str:
     return _OID.sub(_digest_uid, text)
+
+
+def without_uids(text: str) -> str:
+    """``text`` with each DICOM UID replaced by ``uid:`` and its :func:`uid_digest`, as the
+    log records have them (for texts kept beyond the logs: the audit trail's reasons)."""
+    return _digest_uids(text) if "." in text else text
 
 
 def redact_uids(

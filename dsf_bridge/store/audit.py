@@ -27,7 +27,9 @@ it, so that a row edited behind the bridge's back (``UPDATE process_instances SE
 status='completed'``) is found and named, field by field. It costs the hot path no statement
 and no hash of its own: the state digest is the step event's payload digest.
 
-Events carry a digest of their payload, never the payload: the trail holds no patient data.
+Events carry a digest of their payload, never the payload: the trail holds no patient data; a
+DICOM UID in a reason (an error's text quoting the archive) is replaced by its digest, as in
+the logs.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dsf_bridge.errors import StoreError
+from dsf_bridge.logs import without_uids
 from dsf_bridge.store.tables import (
     AuditEvent,
     AuditHead,
@@ -225,7 +228,9 @@ async def append_event(
             "actor": actor,
             "subject": subject,
             "action": action,
-            "reason": reason,
+            # An error's text may quote a study's UID (the archive's "study 1.2.… is not in
+            # the archive"): the trail, and the AuditEvents exported from it, hold its digest.
+            "reason": without_uids(reason),
             "payload_digest": payload_digest,
             "record": None if not record else _canonical(record),
         },
