@@ -300,3 +300,60 @@ async def test_a_state_recorded_with_the_earlier_digest_verifies(database: Datab
     assert state_digest(state) != digest_payload(state)
     report = await _report(database)
     assert (report.ok, report.record_problems) == (True, ())
+
+
+async def test_more_steps_than_were_looked_at_again_while_verify_reads_are_no_edits(
+    postgres_database: Database, postgres_url: str
+) -> None:
+    """A busy store moves many rows while verify reads the events; each was looked at again
+    with a query of its own, the first 200 only, and the rest were named as edits."""
+    rows = 250
+
+    def recorded(number: int, status: str) -> str:
+        return json.dumps(
+            {f"tasks_seen/incoming/t{number}/1": {"instance": None, "status": status}},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+    def event_of(number: int, status: str) -> dict[str, object]:
+        return {
+            "occurred_at": dt.datetime.now(dt.UTC),
+            "actor": "bridge",
+            "subject": f"Task/t{number}",
+            "action": "task.failed",
+            "reason": "test",
+            "record": recorded(number, status),
+        }
+
+    async with postgres_database.transaction() as session:
+        await session.execute(
+            insert(TaskSeen),
+            [
+                {"task_id": f"t{n}", "task_version": "1", "role": "incoming", "status": "claiming"}
+                for n in range(rows)
+            ],
+        )
+        await session.execute(insert(AuditEvent), [event_of(n, "claiming") for n in range(rows)])
+        await seal_events(session)
+    assert (await _report(postgres_database)).ok
+    writer = create_sync_engine(postgres_url)
+    stepped: list[bool] = []
+
+    def steps_commit(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if stepped or "FROM tasks_seen" not in statement:
+            return
+        stepped.append(True)
+        with writer.begin() as connection:  # each Task's row and its event's record of it
+            connection.execute(update(TaskSeen).values(status="failed"))
+            connection.execute(insert(AuditEvent), [event_of(n, "failed") for n in range(rows)])
+
+    engine = postgres_database.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", steps_commit)
+    try:
+        report = await _report(postgres_database)
+    finally:
+        event.remove(engine, "before_cursor_execute", steps_commit)
+        writer.dispose()
+    assert stepped == [True]
+    assert (report.ok, report.records, report.record_problems[:1]) == (True, rows, ())
