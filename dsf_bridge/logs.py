@@ -33,6 +33,7 @@ __all__ = [
     "redact_uids",
     "step_log_context",
     "uid_digest",
+    "without_uids",
 ]
 
 SENSITIVE_KEYS = frozenset(
@@ -68,7 +69,9 @@ CONTEXT_KEYS = (
 # (an organization's root plus its suffixes), or a long one of fewer ("2.25." and a UUID as a
 # number). The standard's own UIDs (transfer syntaxes, SOP classes: "1.2.840.10008.…") name no
 # examination and stay readable; versions ("1.0.0.0") and IPv4 addresses are short.
-_OID = re.compile(r"(?<![\w.])[0-2](?:\.(?:0|[1-9][0-9]*)){2,}(?!\w)(?!\.[0-9])")
+# Components with leading zeros too: archives send such UIDs, and pydicom's warning about one
+# quotes it. Letters or an underscore next to a UID do not protect it ("series_1.2.…_seg").
+_OID = re.compile(r"(?<![0-9.])[0-2](?:\.[0-9]+){2,}(?![0-9])(?!\.[0-9])")
 _STANDARD_UIDS = "1.2.840.10008."
 
 
@@ -83,6 +86,12 @@ def _digest_uids(text: str) -> str:
     return _OID.sub(_digest_uid, text)
 
 
+def without_uids(text: str) -> str:
+    """``text`` with each DICOM UID replaced by ``uid:`` and its :func:`uid_digest`, as the
+    log records have them (for texts kept beyond the logs: the audit trail's reasons)."""
+    return _digest_uids(text) if "." in text else text
+
+
 def redact_uids(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
@@ -90,18 +99,22 @@ def redact_uids(
     message, an error text, a formatted traceback, strings in lists and mappings) by ``uid:``
     and their :func:`uid_digest`."""
     for key, value in event_dict.items():
-        event_dict[key] = _without_uids(value)
+        if not key.startswith("_"):  # structlog's own (the stdlib record of a library line)
+            event_dict[key] = _without_uids(value)
     return event_dict
 
 
 def _without_uids(value: Any) -> Any:
     if isinstance(value, str):
         return _digest_uids(value) if "." in value else value
+    if value is None or isinstance(value, int | float):
+        return value
     if isinstance(value, list | tuple | set | frozenset):
         return [_without_uids(item) for item in value]
     if isinstance(value, Mapping):
-        return {key: _without_uids(item) for key, item in value.items()}
-    return value
+        return {_without_uids(key): _without_uids(item) for key, item in value.items()}
+    # An exception, bytes, a URL or a path: the renderers would write its repr.
+    return _without_uids(repr(value))
 
 
 def redact_sensitive(
@@ -148,6 +161,9 @@ def configure_logging(
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Python's warnings (pydicom's about an invalid value quote it) as records through the
+    # processors above, not printed straight to standard error.
+    logging.captureWarnings(True)
     # Alembic narrates its connection setup and httpx every request at INFO (with URLs that can
     # carry search parameters); keep that for debugging sessions only.
     for chatty in ("alembic", "httpx", "httpcore"):

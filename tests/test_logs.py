@@ -15,6 +15,7 @@ from dsf_bridge.logs import bound_context, configure_logging, step_log_context, 
 @pytest.fixture(autouse=True)
 def _restore_logging() -> object:
     yield None
+    logging.captureWarnings(False)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -138,3 +139,31 @@ def test_the_step_context_is_carried_past_its_block() -> None:
         "1.0",
         "Work",
     )
+
+
+def test_uids_archives_send_are_redacted_wherever_they_stand() -> None:
+    """A UID with a leading zero in a component (pydicom warns about it, quoting it), a UID
+    next to letters or an underscore, in a dict key, an exception object or bytes, and a
+    warning, which Python printed straight to standard error."""
+    import warnings
+
+    odd = "1.2.826.0.1.3680043.8.498.0123456789"
+    study = "1.2.826.0.1.3680043.8.498.4482903"
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    logging.getLogger("pydicom").warning("Invalid value for VR UI: '%s'.", odd)
+    log = structlog.get_logger("test")
+    log.info("file", path=f"series_{study}_seg.dcm", counts={study: 1})
+    log.info("objects", error=LookupError(f"no study {study}"), raw=study.encode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn(f"Invalid value for VR UI: '{odd}'", UserWarning, stacklevel=1)
+    text = out.getvalue()
+    assert odd not in text and study not in text, text
+    library, file, objects, warned = (json.loads(line) for line in text.splitlines())
+    assert library["event"] == f"Invalid value for VR UI: 'uid:{uid_digest(odd)}'."
+    assert file["path"] == f"series_uid:{uid_digest(study)}_seg.dcm"
+    assert file["counts"] == {f"uid:{uid_digest(study)}": 1}
+    assert objects["error"] == f"LookupError('no study uid:{uid_digest(study)}')"
+    assert warned["logger"] == "py.warnings"
+    assert f"uid:{uid_digest(odd)}" in warned["event"]

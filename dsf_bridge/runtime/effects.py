@@ -46,8 +46,8 @@ from dsf_bridge.store import (
     Records,
     Session,
     append_event,
-    digest_payload,
     instance_record,
+    state_digest,
     task_record,
 )
 from dsf_bridge.store import repository as repo
@@ -336,7 +336,7 @@ class EffectWriter:
                         business_key=record.business_key,
                         status=status,
                         version=record.version + 1,
-                        state_digest=digest_payload(state),
+                        state_digest=state_digest(state),
                     ),
                 )
                 for other in sorted(waiting):

@@ -34,7 +34,7 @@ from dsf_bridge.logs import bound_context
 from dsf_bridge.runtime.deployments import DeployedProcess
 from dsf_bridge.runtime.effects import EffectWriter, StepRecord
 from dsf_bridge.runtime.faults import FaultPoint, InstanceGoneError
-from dsf_bridge.store import Records, Session, append_event, digest_payload, instance_record
+from dsf_bridge.store import Records, Session, append_event, instance_record, state_digest
 from dsf_bridge.store import repository as repo
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ class InstanceStepper:
             state=result.state,
             now=event.now,
         )
-        digest = digest_payload(result.state)
+        digest = state_digest(result.state)
         described = instance_record(
             instance_id,
             process=deployed.audited_process,
@@ -173,7 +173,7 @@ class InstanceStepper:
             task_id=task_id_of(instance_state.process_variables(record.state)),
         ):
             result = engine_step_of(deployed.definition, record.state, event)
-            digest = digest_payload(result.state)
+            digest = state_digest(result.state)
             # The row as the effect writer saves it (a signal the instance throws to itself
             # steps it once more: that event records the row again).
             described = instance_record(

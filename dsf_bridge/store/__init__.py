@@ -15,6 +15,7 @@ from dsf_bridge.store.audit import (
     instance_record,
     reasons_of,
     seal_events,
+    state_digest,
     task_record,
     verify_chain,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "schema_status",
     "seal_events",
     "sqlite_path",
+    "state_digest",
     "sync_url",
     "task_record",
     "upgrade",

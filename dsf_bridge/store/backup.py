@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shlex
 import sqlite3
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,10 @@ def backup_sqlite(url: str, target: Path) -> SqliteBackup:
         raise StoreError(f"{target} is the store itself")
     try:
         # Read-only: the copy neither writes to the store nor changes its journal mode.
-        reader = sqlite3.connect(f"file:{source.resolve()}?mode=ro", uri=True, timeout=30)
+        # The path quoted: a "#", "?" or "%" in it would end or change it (a folder "a#b"
+        # opened, and created, the empty database "a", and the backup copied that).
+        quoted = urllib.parse.quote(str(source.resolve()))
+        reader = sqlite3.connect(f"file:{quoted}?mode=ro", uri=True, timeout=30)
         try:
             writer = sqlite3.connect(target)
             try:

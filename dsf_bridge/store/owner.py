@@ -32,6 +32,13 @@ async def bind_store(session: AsyncSession, organization: str, *, actor: str) ->
     """Tie the store to ``organization`` if it belongs to none yet (``True``, audited as
     ``store.bound``); raise :class:`ConfigError` naming both identifiers if it belongs to
     another."""
+    if not organization or organization != organization.strip():
+        # ``db upgrade --organization ""`` (an unset variable) bound the store to no site,
+        # and every run after refused it.
+        raise ConfigError(
+            f"organization: {organization!r} is no DSF organization identifier",
+            field="organization",
+        )
     owner = await store_owner(session)
     bound = False
     if owner is None:

@@ -242,3 +242,49 @@ async def test_cli_verify_exit_codes(database: Database, migrated_url: str) -> N
     broken = _cli("audit", "verify", "--db-url", migrated_url)
     assert broken.returncode == 1
     assert "BROKEN at event 2" in broken.stderr
+
+
+async def test_a_study_uid_in_a_failure_reaches_neither_the_trail_nor_its_audit_events(
+    database: Database,
+) -> None:
+    """The requesting site's failure quotes the archive ("study <UID> is not in the archive"),
+    a bridge error whose message the handler's failure keeps; the instance's failure event
+    carried that UID, and ``audit export --format fhir`` put it in ``outcomeDesc``."""
+    import json
+
+    from dsf_bridge.dsf.audit_events import audit_event_resource
+    from dsf_bridge.logs import uid_digest
+    from dsf_bridge.plugins.inference import (
+        REQUEST_INVALID,
+        InferenceRequestError,
+        inference_failed,
+    )
+    from dsf_bridge.plugins.invocation import failure_message
+    from dsf_bridge.plugins.registry import HandlerContext
+    from dsf_bridge.store import export_events
+
+    study = "1.2.826.0.1.3680043.8.498.77312904551"
+    ctx = HandlerContext(
+        "InferenceFailed",
+        "InferenceFailed",
+        "bk",
+        {
+            "errorCode": REQUEST_INVALID,
+            "errorMessage": f"study {study} is not in the archive at https://pacs.example.org",
+        },
+    )
+    with pytest.raises(InferenceRequestError) as raised:
+        inference_failed(ctx)
+    reason = failure_message(raised.value, "InferenceFailed", "Failed", None)
+    assert study in reason
+    async with database.transaction() as session:
+        await append_event(
+            session, actor="bridge", subject="instance/x", action="instance.failed", reason=reason
+        )
+        await seal_events(session)
+    async with database.transaction() as session:
+        [event] = [event async for event in export_events(session)]
+        assert (await verify_chain(session)).ok
+    resource = audit_event_resource(event, "site-a.example.org")
+    assert study not in json.dumps(event) + json.dumps(resource)
+    assert f"study uid:{uid_digest(study)} is not in the archive" in resource["outcomeDesc"]

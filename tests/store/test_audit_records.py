@@ -8,7 +8,10 @@ import json
 
 from sqlalchemy import delete, event, insert, select, update
 
+from dsf_bridge.engine import load_process
 from dsf_bridge.errors import RemoteError
+from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry, SendContext
+from dsf_bridge.runtime.processes import ProcessRuntime
 from dsf_bridge.store import (
     ChainReport,
     Database,
@@ -16,10 +19,12 @@ from dsf_bridge.store import (
     digest_payload,
     instance_record,
     seal_events,
+    state_digest,
     verify_chain,
 )
 from dsf_bridge.store.tables import AuditEvent, ProcessInstance, TaskSeen
-from tests.runtime.test_send_failures import KEY, _run
+from tests.runtime.test_processes import FAST, Clock, FakeGateway
+from tests.runtime.test_send_failures import KEY, MODEL, _run
 from tests.served import cli
 
 REFUSED = RemoteError("answered 403", retryable=False, status=403)
@@ -224,3 +229,131 @@ async def test_a_step_committed_while_verify_reads_is_no_edit(
     )
     [problem] = (await _report(postgres_database)).record_problems
     assert problem.endswith("status is 'failed', recorded 'cancelled'")
+
+
+async def test_whole_number_floats_set_by_a_handler_verify(database: Database) -> None:
+    """PostgreSQL's JSONB gives ``1e16`` back as ``10000000000000000`` and ``-0.0`` as
+    ``0.0``: a state digested as written differed from the state read back, and verify named
+    an untouched instance whose last step set such a variable."""
+    runtime = ProcessRuntime(
+        database, FakeGateway(failures=[]), owner="a", clock=Clock(), settings=FAST
+    )
+    registry = HandlerRegistry()
+
+    @registry.message_send("org.test.Send")
+    def send(ctx: SendContext) -> None:
+        ctx.throw_on_failure("not-reachable", forbidden="not-allowed")
+
+    @registry.service("org.test.Record")
+    def record(ctx: HandlerContext) -> None:  # measurements, as a handler sets them
+        ctx.set("volume", 1e16)
+        ctx.set("delta", -0.0)
+        ctx.set("mean", 1.0)
+
+    definition = load_process(MODEL, "send.bpmn", resource_version="1.0")
+    await runtime.deploy(definition, registry, plugin="test", model_hash="h" * 64)
+    await runtime.start(
+        KEY,
+        business_key="bk-1",
+        task_id="start-task",
+        variables={"target": {"organizationIdentifier": "Site_B"}},
+    )
+    await runtime.run_until_idle()
+    async with database.transaction() as session:
+        await seal_events(session)
+    report = await _report(database)
+    assert (report.ok, report.records, report.record_problems) == (True, 3, ())
+
+
+async def test_a_state_recorded_with_the_earlier_digest_verifies(database: Database) -> None:
+    """Records written before whole-number floats were digested as ints still match."""
+    instance_id = await _instance(database, fail=False)
+    async with database.transaction() as session:
+        row = (
+            await session.execute(select(ProcessInstance).where(ProcessInstance.id == instance_id))
+        ).scalar_one()
+        state = {**dict(row.state), "mean": 1.0}
+        row.state = state
+        row.version += 1
+        await session.flush()
+        await session.execute(
+            insert(AuditEvent).values(
+                occurred_at=dt.datetime.now(dt.UTC),
+                actor="earlier-release",
+                subject=f"instance/{instance_id}",
+                action="instance.stepped",
+                reason="test",
+                record=json.dumps(
+                    instance_record(
+                        instance_id,
+                        process=f"{KEY}|1.0",
+                        business_key=row.business_key,
+                        status=row.status,
+                        version=row.version,
+                        state_digest=digest_payload(state),
+                    ),
+                    sort_keys=True,
+                    separators=(",", ":"),
+                ),
+            )
+        )
+    assert state_digest(state) != digest_payload(state)
+    report = await _report(database)
+    assert (report.ok, report.record_problems) == (True, ())
+
+
+async def test_more_steps_than_were_looked_at_again_while_verify_reads_are_no_edits(
+    postgres_database: Database, postgres_url: str
+) -> None:
+    """A busy store moves many rows while verify reads the events; each was looked at again
+    with a query of its own, the first 200 only, and the rest were named as edits."""
+    rows = 250
+
+    def recorded(number: int, status: str) -> str:
+        return json.dumps(
+            {f"tasks_seen/incoming/t{number}/1": {"instance": None, "status": status}},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+    def event_of(number: int, status: str) -> dict[str, object]:
+        return {
+            "occurred_at": dt.datetime.now(dt.UTC),
+            "actor": "bridge",
+            "subject": f"Task/t{number}",
+            "action": "task.failed",
+            "reason": "test",
+            "record": recorded(number, status),
+        }
+
+    async with postgres_database.transaction() as session:
+        await session.execute(
+            insert(TaskSeen),
+            [
+                {"task_id": f"t{n}", "task_version": "1", "role": "incoming", "status": "claiming"}
+                for n in range(rows)
+            ],
+        )
+        await session.execute(insert(AuditEvent), [event_of(n, "claiming") for n in range(rows)])
+        await seal_events(session)
+    assert (await _report(postgres_database)).ok
+    writer = create_sync_engine(postgres_url)
+    stepped: list[bool] = []
+
+    def steps_commit(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if stepped or "FROM tasks_seen" not in statement:
+            return
+        stepped.append(True)
+        with writer.begin() as connection:  # each Task's row and its event's record of it
+            connection.execute(update(TaskSeen).values(status="failed"))
+            connection.execute(insert(AuditEvent), [event_of(n, "failed") for n in range(rows)])
+
+    engine = postgres_database.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", steps_commit)
+    try:
+        report = await _report(postgres_database)
+    finally:
+        event.remove(engine, "before_cursor_execute", steps_commit)
+        writer.dispose()
+    assert stepped == [True]
+    assert (report.ok, report.records, report.record_problems[:1]) == (True, rows, ())

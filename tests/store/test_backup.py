@@ -124,3 +124,24 @@ def test_postgresql_prints_the_pg_dump_command_and_does_nothing(tmp_path: Path) 
     )
     assert "s3cret" not in printed.stdout + printed.stderr
     assert not target.exists()
+
+
+def test_a_store_below_a_folder_with_uri_characters_is_copied(tmp_path: Path) -> None:
+    """The store's path went into a ``file:`` URI as it was: below a folder ``a#b`` the copy
+    was of a new, empty database ``a`` (created beside it), reported as a backup."""
+    folder = tmp_path / "site #1 100%"
+    folder.mkdir()
+    store = folder / "store.db"
+    with sqlite3.connect(store) as connection:
+        connection.execute("CREATE TABLE kept (x)")
+        connection.execute("INSERT INTO kept VALUES (42)")
+    connection.close()
+    target = tmp_path / "copy.db"
+    done = cli("db", "backup", str(target), "--db-url", f"sqlite:///{store}")
+    assert done.returncode == 0, done.stderr
+    copy = sqlite3.connect(target)
+    try:
+        assert copy.execute("SELECT x FROM kept").fetchall() == [(42,)]
+    finally:
+        copy.close()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["copy.db", folder.name]

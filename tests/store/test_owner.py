@@ -57,3 +57,15 @@ def test_db_upgrade_to_an_older_revision_takes_no_organization(tmp_path: Path) -
     assert older.returncode == 2
     assert "--organization needs the newest schema" in older.stderr
     assert "not 0004" in older.stderr
+
+
+@pytest.mark.parametrize("identifier", ["", " ", "site-a.example.org "])
+def test_db_upgrade_binds_no_blank_or_padded_organization(sqlite_url: str, identifier: str) -> None:
+    """``--organization "$ORG"`` with the variable unset bound the store to ``''``: every
+    run after was refused as another organization's."""
+    refused = cli("db", "upgrade", "--organization", identifier, "--db-url", sqlite_url)
+    assert refused.returncode == 2, refused.stdout
+    assert "is no DSF organization identifier" in refused.stderr
+    bound = cli("db", "upgrade", "--organization", "site-a.example.org", "--db-url", sqlite_url)
+    assert bound.returncode == 0, bound.stderr
+    assert "the store belongs to organization site-a.example.org" in bound.stdout
