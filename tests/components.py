@@ -1,6 +1,6 @@
 """Session fixtures for the real components of DESIGN section 7: Orthanc with DICOMweb, and
-MLServer and KServe serving the reference model. Each starts once per test session on free ports in a
-temporary directory and is stopped by PID at the end.
+MLServer and KServe serving the reference model. Each starts once per test session on free
+ports in a temporary directory and is stopped by PID at the end.
 
 A component that is not installed FAILS the test with the command that installs it: the README
 promises these integrations, so they are never skipped. Import the fixtures into a conftest.py

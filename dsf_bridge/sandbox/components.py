@@ -1,6 +1,6 @@
 """Real peers started as child processes: Orthanc with DICOMweb, and MLServer and KServe
-serving the reference model (DESIGN section 7). Tests and ``dsf-bridge demo`` start them; nothing here is
-downloaded at run time.
+serving the reference model (DESIGN section 7). Tests and ``dsf-bridge demo`` start them;
+nothing here is downloaded at run time.
 
 - Orthanc comes from Debian (``apt-get install orthanc orthanc-dicomweb``). Each server gets a
   config in its own directory: local access only, no DICOM port, storage in that directory,
@@ -40,12 +40,12 @@ import structlog
 from dsf_bridge.errors import BridgeError
 
 __all__ = [
+    "KSERVE_SETUP_COMMAND",
     "MLSERVER_SETUP_COMMAND",
     "NODULE_MODEL",
     "ORTHANC_INSTALL_COMMAND",
     "ComponentError",
     "ComponentMissingError",
-    "KSERVE_SETUP_COMMAND",
     "KServeProcess",
     "MLServerProcess",
     "ModelSpec",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import numpy as np
@@ -110,7 +111,8 @@ async def test_kserve_binary_series_and_label_map_match_local_computation(
             result[f"{tissue}_area_cm2"].data, expected.area_cm2[:, column], rtol=1e-6
         )
     labels = result["tissue_labels"]
-    assert (labels.datatype, labels.data.dtype) == ("UINT8", np.uint8)
+    assert labels.datatype == "UINT8"
+    assert labels.data.dtype == np.dtype(np.uint8)
     np.testing.assert_array_equal(labels.data, tissue_labels(hu))
 
 
@@ -119,10 +121,10 @@ async def test_auto_chooses_binary_for_kserve_from_its_metadata(
 ) -> None:
     wire = Recording()
     async with HttpInferenceClient(kserve.base_url, transport=wire, tensor_encoding="auto") as c:
-        assert c.binary is None
+        before = c.binary
         await c.infer(MODEL, _ct_small_inputs(ct_small))
         await c.infer(MODEL, _ct_small_inputs(ct_small))
-        assert c.binary is True
+        assert (before, c.binary) == (None, True)
     # One look at the server metadata, then binary both ways, no JSON try.
     assert [r.url.path for r in wire.requests].count("/v2") == 1
     assert wire.infers() == [(True, True), (True, True)]
@@ -153,7 +155,7 @@ async def test_answer_larger_than_the_limit_is_refused(
         kserve.base_url, tensor_encoding="binary", max_response_bytes=4096
     ) as client:
         # The label map alone is slices x rows x columns bytes, far above 4 KiB.
-        with pytest.raises(InferenceError, match="limit of 4096 bytes.*max_response_bytes"):
+        with pytest.raises(InferenceError, match=r"limit of 4096 bytes.*max_response_bytes"):
             await client.infer(MODEL, inputs, outputs=["tissue_labels"])
         # Small answers pass the same limit.
         result = await client.infer(MODEL, inputs, outputs=["body_volume_ml"])
@@ -215,7 +217,7 @@ def _mock(
     )
 
 
-def _binary_answer(outputs: list[dict[str, object]], tail: bytes, **extra: str) -> httpx.Response:
+def _binary_answer(outputs: list[dict[str, Any]], tail: bytes, **extra: str) -> httpx.Response:
     head = json.dumps({"model_name": "m", "outputs": outputs}).encode()
     return httpx.Response(
         200, content=head + tail, headers={HEADER_LENGTH: extra.get("length", str(len(head)))}
@@ -223,7 +225,12 @@ def _binary_answer(outputs: list[dict[str, object]], tail: bytes, **extra: str) 
 
 
 ONE_INPUT = [Tensor.of("x", [1.0, 2.0], "FP32")]
-FP32_OUT = {"name": "y", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 8}}
+FP32_OUT: dict[str, object] = {
+    "name": "y",
+    "datatype": "FP32",
+    "shape": [2],
+    "parameters": {"binary_data_size": 8},
+}
 
 
 @pytest.mark.parametrize(
@@ -321,7 +328,7 @@ async def test_request_over_the_byte_limit_is_refused_before_sending(
 
     volume = Tensor.of("hu", np.zeros((4, 8, 8)), "FP32")  # 1024 bytes
     async with _mock(handler, tensor_encoding=encoding, max_request_bytes=1000) as client:
-        with pytest.raises(TensorLimitError, match="1024 bytes.*limit of 1000.*max_request_bytes"):
+        with pytest.raises(TensorLimitError, match=r"1024 bytes.*limit of 1000.*max_request_bytes"):
             await client.infer("m", [volume])
     assert seen == []
     assert math.prod(volume.shape) * 4 == 1024
