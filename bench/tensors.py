@@ -36,13 +36,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from dsf_bridge.omi.inference import (  # noqa: E402 - after the path set-up above
+from dsf_bridge.omi.inference import (
     HttpInferenceClient,
     InferenceResult,
     Tensor,
     TensorEncoding,
 )
-from dsf_bridge.sandbox.components import (  # noqa: E402
+from dsf_bridge.sandbox.components import (
     ComponentMissingError,
     KServeProcess,
 )
