@@ -24,13 +24,14 @@ repeated. Readiness calls take 503 as the verdict "not ready", not as a failure.
 
 Tensors travel in one of two encodings, chosen per client (``tensor_encoding``):
 
-- ``json``: every value as a JSON number, which every OIP v2 server takes (MLServer's REST
-  endpoint takes nothing else);
+- ``json``: every value as a JSON number (BYTES as UTF-8 text), which every OIP v2 server
+  takes (MLServer's REST endpoint takes nothing else);
 - ``binary``: the protocol's binary tensor data extension: the JSON header without ``data``,
   ``parameters.binary_data_size`` per input, header ``Inference-Header-Content-Length`` giving
   the header's length, then each input's raw little-endian bytes in input order (BOOL one byte
-  per value); outputs are asked for as binary (``binary_data_output`` and per-output
-  ``binary_data``) and a binary answer is decoded the same way (KServe's Python server, Triton);
+  per value, BYTES each element as a 4-byte little-endian length and its bytes); outputs are
+  asked for as binary (``binary_data_output`` and per-output ``binary_data``) and a binary
+  answer is decoded the same way (KServe's Python server, Triton);
 - ``auto`` (the default of a catalogue service, ``[[omi.catalogue]] tensor_encoding``): asks
   the server once (``GET /v2``): a server that lists the ``binary_tensor_data`` extension
   (Triton) gets binary; one that does not is known by the name it gives (``kserve``: binary,
@@ -52,6 +53,7 @@ import asyncio
 import json
 import math
 import ssl
+import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -69,6 +71,7 @@ from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 from dsf_bridge.telemetry import INFERENCE_SECONDS, timed
 
 __all__ = [
+    "BYTES",
     "DATATYPES",
     "HttpInferenceClient",
     "InferenceError",
@@ -112,7 +115,11 @@ _SERVERS_BY_NAME: Mapping[str, bool] = {"kserve": True, "mlserver": False}
 DEFAULT_MAX_REQUEST_BYTES = 1 << 30
 DEFAULT_MAX_RESPONSE_BYTES = 256 << 20
 
-# OIP v2 datatypes and the numpy dtypes they travel as (BYTES is not needed by our models).
+#: The OIP v2 datatype of byte strings: a numpy object array of ``bytes`` here, strings in
+#: JSON, and in binary each element as a 4-byte little-endian length and its bytes.
+BYTES = "BYTES"
+
+# OIP v2 numeric datatypes and the numpy dtypes they travel as.
 DATATYPES: Mapping[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype(np.uint8),
@@ -170,6 +177,8 @@ class Tensor:
 
     @classmethod
     def of(cls, name: str, values: npt.ArrayLike, datatype: str) -> Tensor:
+        if datatype == BYTES:
+            return cls(name, datatype, _bytes_array(values))
         if datatype not in DATATYPES:
             raise ValueError(f"unsupported tensor datatype {datatype!r}")
         return cls(name, datatype, np.asarray(values, dtype=DATATYPES[datatype]))
@@ -178,12 +187,24 @@ class Tensor:
     def shape(self) -> tuple[int, ...]:
         return tuple(int(n) for n in self.data.shape)
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes of its values as the binary extension carries them."""
+        if self.datatype == BYTES:
+            return sum(4 + len(value) for value in self.data.ravel())
+        return int(self.data.nbytes)
+
     def to_json(self) -> dict[str, Any]:
+        if self.datatype == BYTES:
+            # JSON has no byte strings: BYTES travel as text (UTF-8), as OIP v2 servers expect.
+            data: list[Any] = [bytes(value).decode("utf-8") for value in self.data.ravel()]
+        else:
+            data = self.data.ravel().tolist()
         return {
             "name": self.name,
             "datatype": self.datatype,
             "shape": list(self.shape),
-            "data": self.data.ravel().tolist(),
+            "data": data,
         }
 
 
@@ -372,7 +393,7 @@ class HttpInferenceClient:
         Raises :class:`TensorLimitError` before anything is sent when the tensors hold more
         than ``max_request_bytes``.
         """
-        size = sum(int(tensor.data.nbytes) for tensor in inputs)
+        size = sum(tensor.nbytes for tensor in inputs)
         if size > self.max_request_bytes:
             raise TensorLimitError(
                 f"the request's tensors hold {size} bytes, more than the limit of "
@@ -661,7 +682,24 @@ def decode_binary_response(
     return answer, tensors
 
 
+def _bytes_array(values: Any) -> npt.NDArray[Any]:
+    """An object array of ``bytes`` (text as UTF-8) in the shape of ``values``."""
+    array = np.asarray(values, dtype=object)
+    flat = [
+        value.encode("utf-8") if isinstance(value, str) else bytes(value) for value in array.ravel()
+    ]
+    result = np.empty(len(flat), dtype=object)
+    result[:] = flat
+    return result.reshape(array.shape)
+
+
 def _raw_bytes(tensor: Tensor) -> bytes:
+    if tensor.datatype == BYTES:
+        parts: list[bytes] = []
+        for value in tensor.data.ravel():
+            parts.append(struct.pack("<I", len(value)))
+            parts.append(bytes(value))
+        return b"".join(parts)
     dtype = DATATYPES[tensor.datatype]
     # Little-endian as the extension says; BOOL as one byte per value (numpy's own layout).
     array = np.ascontiguousarray(tensor.data, dtype=dtype.newbyteorder("<"))
@@ -671,6 +709,22 @@ def _raw_bytes(tensor: Tensor) -> bytes:
 def _tensor_from_bytes(item: Mapping[str, Any], data: bytes) -> Tensor:
     name = str(item["name"])
     datatype = str(item["datatype"])
+    if datatype == BYTES:
+        shape = tuple(int(n) for n in item["shape"])
+        values: list[bytes] = []
+        offset = 0
+        while offset < len(data):
+            if offset + 4 > len(data):
+                raise ValueError(f"output {name!r} ends inside the length of an element")
+            (length,) = struct.unpack_from("<I", data, offset)
+            offset += 4
+            if offset + length > len(data):
+                raise ValueError(f"output {name!r} has an element longer than its bytes")
+            values.append(data[offset : offset + length])
+            offset += length
+        if len(values) != math.prod(shape):
+            raise ValueError(f"output {name!r} has {len(values)} elements for shape {shape}")
+        return Tensor(name, BYTES, _bytes_array(values).reshape(shape))
     if datatype not in DATATYPES:
         raise ValueError(f"output {name!r} has unsupported datatype {datatype!r}")
     shape = tuple(int(n) for n in item["shape"])
@@ -748,6 +802,12 @@ def _tensor_spec(item: Mapping[str, Any]) -> TensorSpec:
 
 def _decode_tensor(item: Mapping[str, Any]) -> Tensor:
     datatype = str(item["datatype"])
+    if datatype == BYTES:
+        shape = tuple(int(n) for n in item["shape"])
+        texts = _flatten(item["data"])
+        if len(texts) != math.prod(shape) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"output {item['name']!r} is no {shape} of strings")
+        return Tensor(str(item["name"]), BYTES, _bytes_array(texts).reshape(shape))
     if datatype not in DATATYPES:
         raise ValueError(f"output {item['name']!r} has unsupported datatype {datatype!r}")
     shape = tuple(int(n) for n in item["shape"])

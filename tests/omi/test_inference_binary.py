@@ -194,6 +194,51 @@ def test_binary_round_trip_of_every_datatype(datatype: str) -> None:
     np.testing.assert_array_equal(tensors["t"].data, tensor.data)
 
 
+def test_bytes_tensors_follow_the_extension_in_binary_and_travel_as_text_in_json() -> None:
+    tensor = Tensor.of("words", [["ab", ""], ["é", "xyz"]], "BYTES")
+    # Byte strings are taken as they are, text as UTF-8.
+    assert Tensor.of("b", np.array([b"\xc3\xa9"], dtype=object), "BYTES").data.tolist() == [
+        tensor.data[1, 0]
+    ]
+    assert tensor.nbytes == 4 * 4 + 2 + 0 + 2 + 3
+    assert tensor.to_json()["data"] == ["ab", "", "é", "xyz"]
+    content, headers = encode_binary_request([tensor])
+    length = int(headers[HEADER_LENGTH])
+    raw = content[length:]
+    assert raw == (b"\x02\x00\x00\x00ab\x00\x00\x00\x00\x02\x00\x00\x00\xc3\xa9\x03\x00\x00\x00xyz")
+    [declared] = json.loads(content[:length])["inputs"]
+    assert declared["parameters"] == {"binary_data_size": len(raw)}
+    cases = [
+        (raw, None),
+        (raw[:-1], "declares 23 binary bytes, 22 are left"),
+        (raw + b"\x01", "1 binary bytes in the answer belong to no output"),
+    ]
+    for tail, reason in cases:
+        head = json.dumps({"outputs": [dict(declared)]}).encode()
+        response = httpx.Response(200, content=head + tail, headers={HEADER_LENGTH: str(len(head))})
+        if reason is None:
+            _, tensors = decode_binary_response(response)
+            assert tensors["words"].data.tolist() == [[b"ab", b""], [b"\xc3\xa9", b"xyz"]]
+        else:
+            with pytest.raises(ValueError, match=reason):
+                decode_binary_response(response)
+    # Sizes that add up but elements that do not: too long, cut inside a length, too few.
+    for tail, reason in (
+        (b"\x09\x00\x00\x00ab", "an element longer than its bytes"),
+        (b"\x01\x00\x00\x00a\x00\x00", "ends inside the length"),
+        (b"\x01\x00\x00\x00a", "1 elements for shape \\(2, 2\\)"),
+    ):
+        item = {**declared, "parameters": {"binary_data_size": len(tail)}}
+        head = json.dumps({"outputs": [item]}).encode()
+        response = httpx.Response(200, content=head + tail, headers={HEADER_LENGTH: str(len(head))})
+        with pytest.raises(ValueError, match=reason):
+            decode_binary_response(response)
+    # In JSON answers BYTES come as strings.
+    text = {"outputs": [{"name": "w", "datatype": "BYTES", "shape": [2], "data": ["a", "é"]}]}
+    _, tensors = decode_binary_response(httpx.Response(200, json=text))
+    assert tensors["w"].data.tolist() == [b"a", b"\xc3\xa9"]
+
+
 def test_binary_bytes_are_little_endian_whatever_the_array() -> None:
     big = np.array([1, 256], dtype=">i2")
     content, headers = encode_binary_request([Tensor("t", "INT16", big)])
