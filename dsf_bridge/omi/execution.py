@@ -97,6 +97,8 @@ async def infer_study(
     label_map = contract.outputs.label_maps[0] if contract.outputs.label_maps else None
     # Readiness first: no study is fetched for a model that cannot take it.
     await client.ensure_model_ready(model, model_version)
+    # The tensor encoding too (auto: one GET /v2), while the server is known to answer.
+    await client.choose_encoding()
     # The series the model would take, checked against the contract from what QIDO-RS says of
     # it before its instances are retrieved: a 2,000-slice series for a one-slice contract is
     # refused without holding 2,000 images in memory first.

@@ -371,8 +371,17 @@ class HttpInferenceClient:
         extensions = frozenset(str(e) for e in listed) if isinstance(listed, list) else frozenset()
         return str(body.get("name") or ""), extensions
 
+    async def choose_encoding(self) -> bool | None:
+        """``auto``: read the server metadata once and decide from it when it says enough
+        (module docstring); :attr:`binary` after that. Called by the first inference unless
+        called before (the providing site does, with the readiness check, before it fetches
+        the study)."""
+        if self._binary is None and not self._asked:
+            self._asked = True
+            await self._choose_encoding()
+        return self._binary
+
     async def _choose_encoding(self) -> None:
-        """``auto``: decide from the server metadata when it says enough (module docstring)."""
         name, extensions = await self.server_metadata()
         if _BINARY_EXTENSION in extensions:
             self._decided(binary=True, reason="extension listed")
@@ -402,9 +411,7 @@ class HttpInferenceClient:
             )
         path = f"{_model_path(model, version)}/infer"
         with timed(INFERENCE_SECONDS):
-            if self._binary is None and not self._asked:
-                self._asked = True
-                await self._choose_encoding()
+            await self.choose_encoding()
             response: httpx.Response | None = None
             if self._binary is not False:
                 content, headers = await asyncio.to_thread(
