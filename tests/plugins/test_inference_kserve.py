@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import structlog.testing
 
 from dsf_bridge.omi.dicomweb import DicomWebArchive
 from dsf_bridge.plugins.inference import result_summary
@@ -59,20 +60,25 @@ async def test_inference_on_kserve_between_two_sites(
         ]
     }
     study = str(series[0].StudyInstanceUID)
-    async with InferenceNetwork(
-        tmp_path / "sites", {REQUESTER: requester, PROVIDER: provider}
-    ) as network:
-        started = {
-            service: await network.request(
-                REQUESTER,
-                study_instance_uid=study,
-                dicomweb_endpoint=orthanc.dicomweb_url,
-                service=service,
-            )
-            for service in ("tissue-kserve", "tissue-kserve-short")
-        }
-        finished = await network.finished(REQUESTER, list(started.values()), 60)
-        await network.settled()
+    with structlog.testing.capture_logs() as logs:
+        async with InferenceNetwork(
+            tmp_path / "sites", {REQUESTER: requester, PROVIDER: provider}
+        ) as network:
+            started = {
+                service: await network.request(
+                    REQUESTER,
+                    study_instance_uid=study,
+                    dicomweb_endpoint=orthanc.dicomweb_url,
+                    service=service,
+                )
+                for service in ("tissue-kserve", "tissue-kserve-short")
+            }
+            finished = await network.finished(REQUESTER, list(started.values()), 60)
+            await network.settled()
+    # The provider chose binary tensors for KServe (tensor_encoding auto), once per job.
+    chosen = [e for e in logs if e["event"] == "tensor_encoding.chosen"]
+    assert chosen
+    assert {(e["encoding"], e["reason"]) for e in chosen} == {("binary", "server kserve")}
 
     done = finished[started["tissue-kserve"]]
     assert done["status"] == "completed", done.get("output")
