@@ -344,6 +344,30 @@ class OmiServiceSettings(_Section):
         "site that names it checks requests before they leave; a providing site without one "
         "serves the tissue-composition contract",
     )
+    tensor_encoding: Literal["auto", "json", "binary"] = Field(
+        default="auto",
+        description="Providing site: how tensors travel to the inference server: binary (the "
+        "OIP v2 binary tensor data extension: KServe, Triton), json (any server; MLServer's "
+        "REST takes nothing else), or auto (asked of the server once, docs/omi.md)",
+    )
+    max_slices: int | None = Field(
+        default=None,
+        ge=1,
+        description="Providing site: most slices one request may have (besides the contract's "
+        "accepts.max_slices); more fail with request-invalid before the images are fetched",
+    )
+    max_request_bytes: int = Field(
+        default=1 << 30,
+        ge=1,
+        description="Providing site: most bytes of model input tensors per request (raw, "
+        "before encoding); more fail with request-invalid before anything is sent",
+    )
+    max_response_bytes: int = Field(
+        default=256 << 20,
+        ge=1,
+        description="Providing site: most bytes of one answer of the inference server; a "
+        "larger answer fails the inference",
+    )
 
 
 class OmiSettings(_Section):

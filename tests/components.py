@@ -1,10 +1,10 @@
-"""Session fixtures for the real components of DESIGN section 7: Orthanc with DICOMweb and
-MLServer serving the reference model. Each starts once per test session on free ports in a
-temporary directory and is stopped by PID at the end.
+"""Session fixtures for the real components of DESIGN section 7: Orthanc with DICOMweb, and
+MLServer and KServe serving the reference model. Each starts once per test session on free
+ports in a temporary directory and is stopped by PID at the end.
 
 A component that is not installed FAILS the test with the command that installs it: the README
 promises these integrations, so they are never skipped. Import the fixtures into a conftest.py
-(``from tests.components import mlserver, orthanc``).
+(``from tests.components import kserve, mlserver, orthanc``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dsf_bridge.sandbox.components import (
     NODULE_MODEL,
     REFERENCE_MODEL,
     ComponentMissingError,
+    KServeProcess,
     MLServerProcess,
     ModelSpec,
     OrthancProcess,
@@ -32,6 +33,7 @@ __all__ = [
     "NODULE_MODEL",
     "REFERENCE_MODEL",
     "WARMING_MODEL",
+    "kserve",
     "mlserver",
     "orthanc",
     "running",
@@ -60,7 +62,7 @@ DENSITY_MODEL = ModelSpec(
 )
 
 
-_Server = TypeVar("_Server", OrthancProcess, MLServerProcess)
+_Server = TypeVar("_Server", OrthancProcess, MLServerProcess, KServeProcess)
 
 
 def running(server: _Server) -> Iterator[_Server]:
@@ -92,3 +94,9 @@ def mlserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MLServerProce
             models=(REFERENCE_MODEL, WARMING_MODEL, BROKEN_MODEL, NODULE_MODEL, DENSITY_MODEL),
         )
     )
+
+
+@pytest.fixture(scope="session")
+def kserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KServeProcess]:
+    """A running KServe model server serving the reference model (binary tensors over REST)."""
+    yield from running(KServeProcess(tmp_path_factory.mktemp("kserve")))

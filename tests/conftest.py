@@ -24,9 +24,9 @@ from dsf_bridge.store import Database, upgrade
 
 # The real components' session fixtures, registered once here: a second conftest importing
 # them would make a second fixture of the same name, and start the component twice.
-from tests.components import mlserver, orthanc
+from tests.components import kserve, mlserver, orthanc
 
-__all__ = ["mlserver", "orthanc"]
+__all__ = ["kserve", "mlserver", "orthanc"]
 
 # Hypothesis: under CI=true the examples are derived from each test's name (the same ones on
 # every run) and no example database is read or written; elsewhere they are random, and the

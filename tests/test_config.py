@@ -373,9 +373,29 @@ def test_omi_catalogue_from_file_and_environment(tmp_path: Path) -> None:
         environ={"DSF_BRIDGE_OMI__CATALOGUE": '[{"id": "x", "model_name": "m"}]'}
     )
     assert from_env.omi.catalogue[0].model_name == "m"
+    # The effective settings: the per-service defaults in force are shown too.
     assert display_settings(from_file)["omi"]["catalogue"] == [
-        {"id": "tissue-composition", "organization": "ai-provider.example.org"}
+        {
+            "id": "tissue-composition",
+            "organization": "ai-provider.example.org",
+            "tensor_encoding": "auto",
+            "max_request_bytes": 1 << 30,
+            "max_response_bytes": 256 << 20,
+        }
     ]
+
+
+def test_omi_catalogue_tensor_encoding_and_limits(tmp_path: Path) -> None:
+    [default] = load_settings(environ={"DSF_BRIDGE_OMI__CATALOGUE": '[{"id": "x"}]'}).omi.catalogue
+    assert (default.tensor_encoding, default.max_slices) == ("auto", None)
+    assert (default.max_request_bytes, default.max_response_bytes) == (1 << 30, 256 << 20)
+    toml = (
+        '[[omi.catalogue]]\nid = "x"\ntensor_encoding = "binary"\nmax_slices = 400\n'
+        "max_request_bytes = 1000\nmax_response_bytes = 2000\n"
+    )
+    [entry] = load_settings(_write(tmp_path, toml), environ={}).omi.catalogue
+    assert (entry.tensor_encoding, entry.max_slices) == ("binary", 400)
+    assert (entry.max_request_bytes, entry.max_response_bytes) == (1000, 2000)
 
 
 @pytest.mark.parametrize(
@@ -386,6 +406,15 @@ def test_omi_catalogue_from_file_and_environment(tmp_path: Path) -> None:
         ('[omi]\nresult_timeout = "P2Y"\n', "omi.result_timeout"),
         ('[omi]\nresult_timeout = "P9999Y"\n', "omi.result_timeout"),
         ('[[omi.catalogue]]\nid = "x"\nmodel = "m"\n', "omi.catalogue.0.model"),
+        (
+            '[[omi.catalogue]]\nid = "x"\ntensor_encoding = "xml"\n',
+            "omi.catalogue.0.tensor_encoding",
+        ),
+        ('[[omi.catalogue]]\nid = "x"\nmax_slices = 0\n', "omi.catalogue.0.max_slices"),
+        (
+            '[[omi.catalogue]]\nid = "x"\nmax_request_bytes = 0\n',
+            "omi.catalogue.0.max_request_bytes",
+        ),
     ],
 )
 def test_bad_omi_settings_name_the_field(tmp_path: Path, toml: str, field: str) -> None:

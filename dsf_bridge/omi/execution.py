@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from dsf_bridge.omi.contract import InferenceContract
+from dsf_bridge.omi.contract import InferenceContract, RequestNotAcceptedError
 from dsf_bridge.omi.conversion import (
     Classification,
     Finding,
@@ -32,7 +32,7 @@ from dsf_bridge.omi.conversion import (
     volume_from_datasets,
 )
 from dsf_bridge.omi.dicomweb import DicomWebArchive
-from dsf_bridge.omi.inference import HttpInferenceClient
+from dsf_bridge.omi.inference import HttpInferenceClient, TensorLimitError
 from dsf_bridge.omi.segmentation import segmentation_dataset
 
 __all__ = ["StudyInference", "infer_study"]
@@ -83,6 +83,7 @@ async def infer_study(
     model_version: str | None = None,
     request_id: str | None = None,
     segmentation: bool = False,
+    max_slices: int | None = None,
 ) -> StudyInference:
     """Run the contract's model on the study (or the named series) and return the FHIR result.
 
@@ -96,6 +97,8 @@ async def infer_study(
     label_map = contract.outputs.label_maps[0] if contract.outputs.label_maps else None
     # Readiness first: no study is fetched for a model that cannot take it.
     await client.ensure_model_ready(model, model_version)
+    # The tensor encoding too (auto: one GET /v2), while the server is known to answer.
+    await client.choose_encoding()
     # The series the model would take, checked against the contract from what QIDO-RS says of
     # it before its instances are retrieved: a 2,000-slice series for a one-slice contract is
     # refused without holding 2,000 images in memory first.
@@ -108,20 +111,26 @@ async def infer_study(
             slices=chosen.instance_count,
             series_named=series_instance_uid is not None,
         )
+    _check_slices(chosen.instance_count, max_slices)
     datasets = await archive.retrieve_series(study_instance_uid, chosen.series_instance_uid)
     # Decoding pixels and building the SEG take seconds of CPU for a large series: in a worker
     # thread, so that the event loop keeps serving the websocket and the other Tasks meanwhile.
     volume = await _off_loop(
         volume_from_datasets, datasets, contract, series_instance_uid=series_instance_uid
     )
+    _check_slices(volume.slices, max_slices)
     tensors = await _off_loop(model_inputs, volume, contract)
-    result = await client.infer(
-        model,
-        tensors,
-        version=model_version,
-        request_id=request_id,
-        outputs=contract.requested_outputs(label_maps=segmentation),
-    )
+    try:
+        result = await client.infer(
+            model,
+            tensors,
+            version=model_version,
+            request_id=request_id,
+            outputs=contract.requested_outputs(label_maps=segmentation),
+        )
+    except TensorLimitError as exc:
+        raise RequestNotAcceptedError(f"the series is too large for this site: {exc}") from exc
+    del tensors
     check_outputs(result, contract, slices=volume.slices, label_maps=segmentation)
     found = findings(result, contract, slices=volume.slices)
     bundle = report_bundle(
@@ -161,6 +170,14 @@ async def infer_study(
         bundle=bundle,
         segmentation_series_uid=segmentation_series_uid,
     )
+
+
+def _check_slices(slices: int | None, max_slices: int | None) -> None:
+    if slices is not None and max_slices is not None and slices > max_slices:
+        raise RequestNotAcceptedError(
+            f"the series has {slices} slices, more than the limit of {max_slices} this site "
+            "takes per request (max_slices)"
+        )
 
 
 # At most this many studies are decoded or turned into a SEG at once (one per core): many

@@ -761,6 +761,9 @@ async def run_inference(ctx: HandlerContext) -> None:
             timeout=settings.inference_timeout,
             retry=_call_retry(ctx),
             proxy=_proxy(ctx),
+            tensor_encoding=entry.tensor_encoding,
+            max_request_bytes=entry.max_request_bytes,
+            max_response_bytes=entry.max_response_bytes,
         ) as client:
             outcome = await infer_study(
                 archive,
@@ -776,6 +779,7 @@ async def run_inference(ctx: HandlerContext) -> None:
                 },
                 request_id=ctx.business_key,
                 segmentation=ctx.get("segmentation") is True,
+                max_slices=entry.max_slices,
             )
     except StudyNotFoundError as exc:
         raise BpmnError(STUDY_NOT_FOUND, str(exc)) from exc

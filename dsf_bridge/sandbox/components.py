@@ -1,6 +1,6 @@
-"""Real peers started as child processes: Orthanc with DICOMweb, and MLServer serving the
-reference model (DESIGN section 7). Tests and ``dsf-bridge demo`` start them; nothing here is
-downloaded at run time.
+"""Real peers started as child processes: Orthanc with DICOMweb, and MLServer and KServe
+serving the reference model (DESIGN section 7). Tests and ``dsf-bridge demo`` start them;
+nothing here is downloaded at run time.
 
 - Orthanc comes from Debian (``apt-get install orthanc orthanc-dicomweb``). Each server gets a
   config in its own directory: local access only, no DICOM port, storage in that directory,
@@ -10,6 +10,10 @@ downloaded at run time.
   crashes with current uvloop; no metrics server; gRPC on a free port, it cannot be turned off)
   and one folder per model, served by a runtime of ``refmodel/`` from this source tree or by a
   stock MLServer runtime (scikit-learn), a model file trained into its folder first.
+- KServe's Python model server lives in its own virtual environment made by
+  ``scripts/setup-kserve.sh``; it runs ``refmodel/kserve_model.py`` (a ``kserve.Model``
+  subclass around the same tissue composition) on a free port, gRPC off. Its REST endpoint
+  speaks the binary tensor data extension, which MLServer's does not.
 
 A component that is not installed raises :class:`ComponentMissingError`, whose message is the
 command that installs it.
@@ -36,16 +40,19 @@ import structlog
 from dsf_bridge.errors import BridgeError
 
 __all__ = [
+    "KSERVE_SETUP_COMMAND",
     "MLSERVER_SETUP_COMMAND",
     "NODULE_MODEL",
     "ORTHANC_INSTALL_COMMAND",
     "ComponentError",
     "ComponentMissingError",
+    "KServeProcess",
     "MLServerProcess",
     "ModelSpec",
     "OrthancProcess",
     "find_orthanc",
     "free_port",
+    "kserve_venv",
     "mlserver_venv",
 ]
 
@@ -53,6 +60,7 @@ _log = structlog.get_logger()
 
 ORTHANC_INSTALL_COMMAND = "apt-get update && apt-get install -y orthanc orthanc-dicomweb"
 MLSERVER_SETUP_COMMAND = "scripts/setup-mlserver.sh"
+KSERVE_SETUP_COMMAND = "scripts/setup-kserve.sh"
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _REFMODEL_DIR = Path(__file__).resolve().with_name("refmodel")
@@ -98,6 +106,23 @@ def mlserver_venv() -> Path:
     """The MLServer virtual environment: ``DSF_BRIDGE_MLSERVER_VENV`` or the checkout's cache."""
     configured = os.environ.get("DSF_BRIDGE_MLSERVER_VENV")
     return Path(configured) if configured else _REPO_ROOT / ".cache" / "mlserver-venv"
+
+
+def kserve_venv() -> Path:
+    """The KServe virtual environment: ``DSF_BRIDGE_KSERVE_VENV`` or the checkout's cache."""
+    configured = os.environ.get("DSF_BRIDGE_KSERVE_VENV")
+    return Path(configured) if configured else _REPO_ROOT / ".cache" / "kserve-venv"
+
+
+def _own_env(pythonpath: Path) -> dict[str, str]:
+    """The environment of a server in a venv of its own: our venv's packages must not leak."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"}
+    }
+    env["PYTHONPATH"] = str(pythonpath)
+    return env
 
 
 class _ChildProcess:
@@ -321,13 +346,7 @@ class MLServerProcess(_ChildProcess):
             if model.train is not None:
                 model.train(folder, self.venv / "bin" / "python")
         # Only MLServer's venv on the path: our own venv's packages must not leak into it.
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if key not in {"PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"}
-        }
-        env["PYTHONPATH"] = str(_REFMODEL_DIR)
-        self._spawn([str(executable), "start", str(repository)], env=env)
+        self._spawn([str(executable), "start", str(repository)], env=_own_env(_REFMODEL_DIR))
         ready_models = [model.name for model in self.models if model.extra.get("ready", True)]
 
         def ready(client: httpx.Client) -> bool:
@@ -339,6 +358,56 @@ class MLServerProcess(_ChildProcess):
                 client.get(f"{self.base_url}/v2/models/{name}/ready").status_code == 200
                 for name in ready_models
             )
+
+        self._wait_until(ready, timeout)
+        return self
+
+
+class KServeProcess(_ChildProcess):
+    """KServe's Python model server serving the reference model as ``model`` on ``base_url``
+    (``refmodel/kserve_model.py``; REST only, gRPC off)."""
+
+    name = "kserve"
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        model: str = REFERENCE_MODEL.name,
+        venv: Path | None = None,
+        port: int | None = None,
+    ) -> None:
+        super().__init__(workdir)
+        self.model = model
+        self.venv = venv if venv is not None else kserve_venv()
+        self.port = port if port is not None else free_port()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> Self:
+        python = self.venv / "bin" / "python"
+        if not (python.exists() and any(self.venv.glob("lib/python3*/site-packages/kserve"))):
+            raise ComponentMissingError(
+                f"the KServe environment is missing at {self.venv}; create it with: "
+                f"{KSERVE_SETUP_COMMAND}"
+            )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        command = [
+            str(python),
+            str(_REFMODEL_DIR / "kserve_model.py"),
+            f"--model_name={self.model}",
+            f"--http_port={self.port}",
+            f"--grpc_port={free_port()}",
+            "--enable_grpc=false",
+            "--workers=1",
+        ]
+        self._spawn(command, env=_own_env(_REFMODEL_DIR))
+
+        def ready(client: httpx.Client) -> bool:
+            response = client.get(f"{self.base_url}/v2/models/{self.model}/ready")
+            return response.status_code == 200
 
         self._wait_until(ready, timeout)
         return self

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import pytest
 import structlog.testing
 from fhir.resources.R4B.bundle import Bundle
@@ -34,7 +35,12 @@ from dsf_bridge.omi.inference import (
 )
 from dsf_bridge.omi.segmentation import segmentation_dataset
 from dsf_bridge.retry import RetryPolicy
-from dsf_bridge.sandbox.components import MLServerProcess, OrthancProcess, free_port
+from dsf_bridge.sandbox.components import (
+    KServeProcess,
+    MLServerProcess,
+    OrthancProcess,
+    free_port,
+)
 from tests.components import BROKEN_MODEL, REFERENCE_MODEL, WARMING_MODEL
 from tests.omi.test_refmodel import REFERENCE_AREAS_CM2
 
@@ -287,3 +293,84 @@ async def test_a_series_too_long_for_the_contract_is_refused_before_it_is_retrie
     finally:
         archive.close()
         await model.aclose()
+
+
+async def test_a_series_past_the_site_slice_limit_is_refused_before_it_is_retrieved() -> None:
+    archive, model = _HugeSeriesArchive(), _ReadyModel()
+    try:
+        with pytest.raises(
+            RequestNotAcceptedError,
+            match=r"2000 slices, more than the limit of 500 .*\(max_slices\)",
+        ):
+            await infer_study(
+                archive,
+                model,
+                study_instance_uid="1.2.3",
+                contract=TISSUE,
+                device=DEVICE,
+                max_slices=500,
+            )
+    finally:
+        archive.close()
+        await model.aclose()
+
+
+async def test_series_on_kserve_with_binary_tensors(
+    archive: DicomWebArchive, kserve: KServeProcess, ct_series: list[Dataset]
+) -> None:
+    await archive.store(ct_series)
+    async with HttpInferenceClient(kserve.base_url, tensor_encoding="auto") as client:
+        outcome = await infer_study(
+            archive,
+            client,
+            study_instance_uid=str(ct_series[0].StudyInstanceUID),
+            series_instance_uid=str(ct_series[0].SeriesInstanceUID),
+            contract=TISSUE,
+            device=DEVICE,
+            segmentation=True,
+            max_slices=5,
+        )
+        assert client.binary is True
+    assert outcome.slices == 5
+    assert outcome.summary()["body-volume"]["value"] > 5 * 0.5 * 56
+    assert outcome.segmentation_series_uid is not None
+
+
+@pytest.mark.parametrize(("max_slices", "max_bytes"), [(4, 1 << 30), (5, 1000)])
+async def test_series_past_a_site_limit_is_refused_before_the_model_sees_it(
+    archive: DicomWebArchive,
+    kserve: KServeProcess,
+    ct_series: list[Dataset],
+    max_slices: int,
+    max_bytes: int,
+) -> None:
+    # The slice limit is met after QIDO-RS or after retrieval (whether the archive counts the
+    # series' instances), the byte limit after conversion: both before anything is sent.
+    await archive.store(ct_series)
+    wire = _CountingTransport()
+    async with HttpInferenceClient(
+        kserve.base_url, transport=wire, tensor_encoding="binary", max_request_bytes=max_bytes
+    ) as client:
+        limit = "max_slices" if max_slices == 4 else "max_request_bytes"
+        with pytest.raises(RequestNotAcceptedError, match=rf"limit of .*\({limit}\)"):
+            await infer_study(
+                archive,
+                client,
+                study_instance_uid=str(ct_series[0].StudyInstanceUID),
+                series_instance_uid=str(ct_series[0].SeriesInstanceUID),
+                contract=TISSUE,
+                device=DEVICE,
+                max_slices=max_slices,
+            )
+    assert wire.infers == 0
+
+
+class _CountingTransport(httpx.AsyncHTTPTransport):
+    """The real network, counting the requests that reach ``/infer``."""
+
+    infers = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/infer"):
+            self.infers += 1
+        return await super().handle_async_request(request)

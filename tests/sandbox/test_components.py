@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from dsf_bridge.sandbox.components import (
+    KSERVE_SETUP_COMMAND,
     MLSERVER_SETUP_COMMAND,
     ComponentMissingError,
+    KServeProcess,
     MLServerProcess,
     ModelSpec,
     mlserver_venv,
@@ -29,3 +31,16 @@ def test_a_model_whose_runtime_the_mlserver_venv_lacks_names_the_setup_command(
     assert MLSERVER_SETUP_COMMAND in str(info.value)
     assert server.pid is None  # nothing was started
     assert not (tmp_path / "models").exists()
+
+
+def test_a_missing_kserve_venv_names_the_setup_command(tmp_path: Path) -> None:
+    # A venv without kserve (an interrupted setup) counts as missing too.
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").touch()
+    for venv in (tmp_path / "nowhere", tmp_path / "venv"):
+        server = KServeProcess(tmp_path / "work", venv=venv)
+        with pytest.raises(ComponentMissingError) as info:
+            server.start()
+        assert f"the KServe environment is missing at {venv}" in str(info.value)
+        assert KSERVE_SETUP_COMMAND in str(info.value)
+        assert server.pid is None  # nothing was started
