@@ -33,6 +33,7 @@ from dsf_bridge.dsf.tasks import task_outputs
 from dsf_bridge.engine import state as instance_state
 from dsf_bridge.engine.events import SignalReceived
 from dsf_bridge.engine.model import ProcessDefinition
+from dsf_bridge.errors import ProcessExecutionError
 from dsf_bridge.plugins.registry import Handler, HandlerContext, HandlerRegistry
 from dsf_bridge.runtime.effects import SIGNAL_SUBSCRIPTION
 from dsf_bridge.runtime.ports import OutgoingTask, UserTaskRequest
@@ -422,4 +423,5 @@ def _recording(function: Handler, kind: str, calls: list[tuple[str, str]]) -> Ha
 
 
 def _stub(ctx: HandlerContext) -> None:
-    raise NotImplementedError(f"handler {ctx.handler} is a stub of the test harness")
+    # The bridge's own error: its message, which names no patient, reaches the failed Task.
+    raise ProcessExecutionError(f"handler {ctx.handler} is a stub of the test harness")

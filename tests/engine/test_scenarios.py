@@ -569,7 +569,12 @@ async def test_ping_send_handler_that_raises_fails_the_instance_without_retry() 
         instance = await harness.start("dsfdev_ping", "startPing", business_key="bk")
         await harness.advance(60)
         assert instance.status == "failed"
-        assert "ck-2 unreachable" in harness.task_status["bk"]
+        # The Task says what failed where; the exception's message stays in the local log.
+        status = harness.task_status["bk"]
+        assert (
+            "ConnectionError in handler dev.dsf.bpe.message.SendPing at element SendPing" in status
+        )
+        assert "ck-2 unreachable" not in status
         # Nothing after the failure is sent: the instance ended at the failing send.
         assert [task.correlation_key for task in harness.sent] == ["ck-1"]
         assert await harness.open_timers() == 0
