@@ -21,7 +21,7 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -61,21 +61,6 @@ SHIPPED_CONTRACTS: tuple[str, ...] = ("tissue-composition",)
 #: model's, which every service followed before contracts were declared.
 REFERENCE_CONTRACT = "tissue-composition"
 
-# The Open Inference Protocol v2 datatypes a contract may declare (those the client decodes).
-DATATYPES = (
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-)
 Datatype = Literal[
     "BOOL",
     "UINT8",
@@ -90,6 +75,8 @@ Datatype = Literal[
     "FP32",
     "FP64",
 ]
+# The Open Inference Protocol v2 datatypes a contract may declare (those the client decodes).
+DATATYPES: tuple[str, ...] = get_args(Datatype)
 # A dimension of a declared shape: a size, -1 for any, or the number of slices of the series.
 Dimension = Annotated[int, Field(ge=-1)] | Literal["slices"]
 # Systems of the Task inputs and outputs that are not findings (docs/protocol.md), and the
