@@ -127,6 +127,7 @@ def ui_router(
             path=request.url.path,
             operator=operator.admits(request),
             form_token=operator.form_token,
+            incident_moment=operations.incident_moment,
             **values,
         )
         return HTMLResponse(html)
@@ -256,7 +257,12 @@ def ui_router(
     async def retry(request: Request, instance_id: str, token: str) -> HTMLResponse:
         actor = operator(request)
         form = await _form(request)
-        if not operator.check_form_token(form.get("form", ""), "retry", instance_id, token):
+        # The form names the incident's moment: an old form (or a page reloaded later) cannot
+        # retry another incident that came back at the same token.
+        seen_at = form.get("at", "")
+        if not operator.check_form_token(
+            form.get("form", ""), "retry", instance_id, token, seen_at
+        ):
             raise HTTPException(403, "the form is not this page's: open the page and retry")
         try:
             retries = int(form.get("retries", "1"))
@@ -266,7 +272,13 @@ def ui_router(
             raise HTTPException(422, f"retries must be 1 to {operations.MAX_RETRIES}")
         job = await context.queue(
             lambda s: operations.request_retry(
-                s, instance_id, token, retries=retries, actor=actor, now=context.clock()
+                s,
+                instance_id,
+                token,
+                retries=retries,
+                actor=actor,
+                now=context.clock(),
+                seen_at=seen_at,
             ),
             instance_id,
             "retry",

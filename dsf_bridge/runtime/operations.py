@@ -58,6 +58,11 @@ async def list_incidents(session: AsyncSession) -> list[IncidentListing]:
     ]
 
 
+def incident_moment(at: dt.datetime | None) -> str:
+    """An incident's moment as the operator's form carries it (ISO 8601; empty when unknown)."""
+    return at.isoformat() if at is not None else ""
+
+
 async def request_retry(
     session: AsyncSession,
     instance_id: str,
@@ -66,15 +71,25 @@ async def request_retry(
     retries: int,
     actor: str,
     now: dt.datetime,
+    seen_at: str | None = None,
 ) -> int:
-    """Queue new tries for the incident at ``token``; returns the job id."""
+    """Queue new tries for the incident at ``token``; returns the job id. ``seen_at``: the
+    moment of the incident the operator saw (:func:`incident_moment`); an incident at the same
+    token that came back since (another one) is refused, not retried on an old decision."""
     if not 1 <= retries <= MAX_RETRIES:
         raise ProcessExecutionError(f"retries must be between 1 and {MAX_RETRIES}, not {retries}")
     record = await _running(session, instance_id)
-    if token not in instance_state.incident_tokens(record.state):
+    found = {i.token: i for i in instance_state.incidents(record.state)}
+    if token not in found:
         raise ProcessExecutionError(
             f"instance {instance_id} has no incident at token {token!r} "
             "(see 'dsf-bridge instances incidents')"
+        )
+    if seen_at is not None and incident_moment(found[token].at) != seen_at:
+        raise ProcessExecutionError(
+            f"the incident of instance {instance_id} at token {token!r} is not the one shown "
+            f"(that was at {seen_at or 'an unknown time'}, this one at "
+            f"{incident_moment(found[token].at) or 'an unknown time'}): open the page again"
         )
     return await repo.enqueue_job(
         session,

@@ -9,6 +9,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -21,6 +22,7 @@ from dsf_bridge.api.diagram import DiagramLibrary
 from dsf_bridge.api.fhir import TaskReader
 from dsf_bridge.config import ApiSettings
 from dsf_bridge.errors import RemoteError
+from dsf_bridge.runtime import operations
 from dsf_bridge.store import Database, append_event
 from dsf_bridge.store.tables import AuditEvent, ProcessInstance
 from tests.api.seed import KEY, Seeded, seed
@@ -647,13 +649,24 @@ async def test_the_operator_retries_and_cancels_from_the_web_page(database: Data
         retry_path = f"/ui/instances/{retried}/incidents/{incident.token}/retry"
         cancel_path = f"/ui/instances/{cancelled}/cancel"
         assert {retry_path, cancel_path} <= set(tokens)
+        # The retry form names the incident's moment, under the MAC too.
+        moment = operations.incident_moment(incident.at)
+        assert moment
+        at = "at=" + quote(moment)
+        assert f'name="at" value="{moment}"' in page
+        moved = await http.post(  # another moment than the form's MAC covers
+            retry_path,
+            content=f"form={tokens[retry_path]}&at=2000-01-01T00%3A00%3A00%2B00%3A00",
+            headers={**as_operator, **form},
+        )
+        assert moved.status_code == 403
         instance_page = (await http.get(f"/ui/instances/{retried}", headers=as_operator)).text
         assert f'action="{retry_path}"' in instance_page  # the instance's incidents too
         assert tokens[retry_path] in instance_page
         read_instance = (await http.get(f"/ui/instances/{retried}", headers=AUTH)).text
         assert f'action="{retry_path}"' not in read_instance
         reader = await http.post(
-            retry_path, content=f"form={tokens[retry_path]}", headers={**AUTH, **form}
+            retry_path, content=f"form={tokens[retry_path]}&{at}", headers={**AUTH, **form}
         )
         assert reader.status_code == 401
         forged = await http.post(
@@ -680,7 +693,7 @@ async def test_the_operator_retries_and_cancels_from_the_web_page(database: Data
         assert blank.status_code == 422
         queued = await http.post(
             retry_path,
-            content=f"form={tokens[retry_path]}&retries=2",
+            content=f"form={tokens[retry_path]}&{at}&retries=2",
             headers={**as_operator, **form},
         )
         assert queued.status_code == 200

@@ -125,8 +125,26 @@ async def test_an_incident_is_listed_retried_by_an_operator_and_the_instance_end
             await operations.request_retry(
                 session, instance_id, "99", retries=1, actor="test", now=clock()
             )
+        # A form shown for another incident at this token (one that came back since) acts on
+        # nothing: the operator decided on what the page showed then.
+        with pytest.raises(ProcessExecutionError, match="is not the one shown"):
+            await operations.request_retry(
+                session,
+                instance_id,
+                incident.token,
+                retries=1,
+                actor="test",
+                now=clock(),
+                seen_at="2000-01-01T00:00:00+00:00",
+            )
         await operations.request_retry(
-            session, instance_id, incident.token, retries=1, actor="test", now=clock()
+            session,
+            instance_id,
+            incident.token,
+            retries=1,
+            actor="test",
+            now=clock(),
+            seen_at=operations.incident_moment(incident.at),
         )
     await runtime.run_until_idle()
     assert await _status(database, instance_id) == "completed"
