@@ -281,6 +281,20 @@ def _sub(parent: etree._Element, tag: str, **attributes: str) -> etree._Element:
     return etree.SubElement(parent, tag, attributes)
 
 
+def _frame(group: etree._Element, shape: Shape, css: str, **corners: str) -> None:
+    """The rectangle of ``shape``'s bounds."""
+    _sub(
+        group,
+        "rect",
+        x=_fmt(shape.x),
+        y=_fmt(shape.y),
+        width=_fmt(shape.width),
+        height=_fmt(shape.height),
+        **corners,
+        **{"class": css},
+    )
+
+
 def _text_lines(parent: etree._Element, lines: Sequence[str], cx: float, top: float) -> None:
     text = _sub(parent, "text", x=_fmt(cx), y=_fmt(top), **{"class": "label"})
     for index, line in enumerate(lines):
@@ -295,17 +309,7 @@ def _wrap(name: str, width: float) -> list[str]:
 
 
 def _activity(group: etree._Element, shape: Shape) -> None:
-    _sub(
-        group,
-        "rect",
-        x=_fmt(shape.x),
-        y=_fmt(shape.y),
-        width=_fmt(shape.width),
-        height=_fmt(shape.height),
-        rx="10",
-        ry="10",
-        **{"class": "shape"},
-    )
+    _frame(group, shape, "shape", rx="10", ry="10")
     lines = _wrap(shape.name or shape.element, shape.width - 8)
     if shape.expanded:
         _text_lines(group, lines[:1], shape.x + shape.width / 2, shape.y + 16)
@@ -445,15 +449,7 @@ def render_svg(diagram: Diagram, marks: Mapping[str, Mark] | None = None) -> str
             _gateway(group, shape)
             _outside_label(group, shape)
         else:  # pools, lanes, data objects, annotations: a frame with the name
-            _sub(
-                group,
-                "rect",
-                x=_fmt(shape.x),
-                y=_fmt(shape.y),
-                width=_fmt(shape.width),
-                height=_fmt(shape.height),
-                **{"class": "shape frame"},
-            )
+            _frame(group, shape, "shape frame")
             if shape.name:
                 _text_lines(group, [shape.name], shape.x + shape.width / 2, shape.y + 14)
     for edge in diagram.edges:

@@ -54,6 +54,15 @@ class Composition:
     mean_hu: FloatArray
     voxel_count: npt.NDArray[np.int64]
 
+    def named_outputs(self) -> list[tuple[str, FloatArray]]:
+        """The model's output tensors by name, in the order both servers answer them."""
+        outputs: list[tuple[str, FloatArray]] = []
+        for column, tissue in enumerate(TISSUES):
+            outputs.append((f"{tissue}_area_cm2", self.area_cm2[:, column]))
+            outputs.append((f"{tissue}_volume_ml", self.volume_ml[column : column + 1]))
+            outputs.append((f"{tissue}_mean_hu", self.mean_hu[column : column + 1]))
+        return outputs
+
 
 def body_mask(hu_slice: npt.ArrayLike) -> npt.NDArray[np.bool_]:
     """The body of one axial slice: HU > -500, largest connected component, holes filled.

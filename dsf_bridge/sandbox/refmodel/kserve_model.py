@@ -67,11 +67,7 @@ class TissueCompositionModel(Model):  # type: ignore[misc]  # kserve is untyped 
             result = self._composition.tissue_composition(hu, spacing)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from exc
-        outputs: list[InferOutput] = []
-        for column, tissue in enumerate(self._composition.TISSUES):
-            outputs.append(_output(f"{tissue}_area_cm2", result.area_cm2[:, column]))
-            outputs.append(_output(f"{tissue}_volume_ml", result.volume_ml[column : column + 1]))
-            outputs.append(_output(f"{tissue}_mean_hu", result.mean_hu[column : column + 1]))
+        outputs: list[InferOutput] = [_output(*named) for named in result.named_outputs()]
         requested = {output.name for output in payload.request_outputs or ()}
         if "tissue_labels" in requested:
             outputs.append(_output("tissue_labels", self._composition.tissue_labels(hu)))

@@ -85,11 +85,7 @@ class TissueCompositionModel(MLModel):  # type: ignore[misc]  # mlserver is unty
             result = self._composition.tissue_composition(hu, spacing)
         except ValueError as exc:
             raise InvalidInputError(str(exc)) from exc
-        outputs: list[ResponseOutput] = []
-        for column, tissue in enumerate(self._composition.TISSUES):
-            outputs.append(_fp64(f"{tissue}_area_cm2", result.area_cm2[:, column]))
-            outputs.append(_fp64(f"{tissue}_volume_ml", result.volume_ml[column : column + 1]))
-            outputs.append(_fp64(f"{tissue}_mean_hu", result.mean_hu[column : column + 1]))
+        outputs: list[ResponseOutput] = [_fp64(*named) for named in result.named_outputs()]
         requested = {output.name for output in payload.outputs or ()}
         if "tissue_labels" in requested:
             labels = self._composition.tissue_labels(hu)
