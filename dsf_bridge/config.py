@@ -368,6 +368,14 @@ class OmiServiceSettings(_Section):
         description="Providing site: most bytes of one answer of the inference server; a "
         "larger answer fails the inference",
     )
+    transfer: Literal["dsf", "dicomweb"] = Field(
+        default="dsf",
+        description="Requesting site: how the study reaches the provider. dsf: pseudonymized, "
+        "packaged, encrypted for the provider and stored as a Binary on this site's DSF FHIR "
+        "server, readable by the provider only (docs/privacy.md); dicomweb: the provider "
+        "fetches the original study from the start Task's dicomweb-endpoint (a provider inside "
+        "this organization only: nothing is pseudonymized)",
+    )
 
 
 class OmiSettings(_Section):
@@ -427,12 +435,33 @@ class OmiSettings(_Section):
         description="Providing site: PEM files with the CAs trusted for https DICOMweb archives "
         "(default: dsf.ca_certificates); the site's DSF client certificate is presented to them",
     )
+    transfer_dir: Path | None = Field(
+        default=None,
+        description="Directory for study and result packages while they are made, encrypted or "
+        "read (default: the system's temporary directory); each is deleted when its step ends",
+    )
+    max_package_bytes: int = Field(
+        default=4 << 30,
+        ge=1 << 20,
+        description="Most bytes of one study or result package this site downloads and "
+        "decrypts; a larger Binary is refused before or while it is read",
+    )
+    max_package_instances: int = Field(
+        default=10_000,
+        ge=1,
+        description="Most DICOM instances one package may hold",
+    )
+    transfer_retention: str = Field(
+        default="PT24H",
+        description="Providing site: how long a result package (a SEG) stays on this site's DSF "
+        "FHIR server when the requester does not confirm it (ISO 8601 duration)",
+    )
     dicomweb_allowed: list[str] = Field(
         default_factory=list,
         description="URL prefixes of DICOMweb archives the providing site fetches from; empty: any",
     )
 
-    @field_validator("result_timeout")
+    @field_validator("result_timeout", "transfer_retention")
     @classmethod
     def _check_duration(cls, value: str) -> str:
         if not _DURATION.match(value.strip()):
@@ -465,9 +494,9 @@ class PseudonymizationSettings(_Section):
 
     enabled: bool = Field(
         default=True,
-        description="Pseudonymize studies before they leave the site, once the request "
-        "process uses it (not yet: the direct DICOMweb pull still sends the original study; "
-        "docs/privacy.md)",
+        description='Pseudonymize studies before they leave the site (transfer = "dsf"); '
+        "false: this site sends no study through DSF, such requests fail with "
+        "request-invalid (docs/privacy.md)",
     )
     dates: Literal["shift", "keep"] = Field(
         default="shift",

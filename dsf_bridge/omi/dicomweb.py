@@ -255,6 +255,43 @@ class DicomWebArchive:
         _log.info("dicomweb.retrieved", instances=len(datasets))
         return datasets
 
+    async def each_instance(
+        self,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        handle: Callable[[Dataset], None],
+    ) -> int:
+        """Hand every instance of one series to ``handle`` as it arrives (WADO-RS, the
+        multipart answer read as a stream), in a worker thread; returns how many.
+
+        Unlike :meth:`retrieve_series`, never more than one instance is held here, so a series
+        of any size passes in constant memory. It is not retried: ``handle`` has seen part of
+        the series when a transfer breaks, so the caller starts over (the process step is
+        retried as a whole)."""
+
+        def stream() -> int:
+            count = 0
+            for dataset in self._client.iter_series(
+                study_instance_uid=study_instance_uid, series_instance_uid=series_instance_uid
+            ):
+                handle(dataset)
+                count += 1
+            return count
+
+        try:
+            with timed(DICOMWEB_SECONDS, operation="retrieve_series"):
+                count = await asyncio.to_thread(stream)
+        except requests.RequestException as exc:
+            raise self._translate("retrieve_series", exc, study_instance_uid) from exc
+        if not count:
+            raise StudyNotFoundError(
+                f"series {series_instance_uid} of study {study_instance_uid} returned no "
+                f"instances from {self.url}",
+                url=self.url,
+            )
+        _log.info("dicomweb.retrieved", instances=count)
+        return count
+
     async def retrieve_study(
         self, study_instance_uid: str, series_instance_uid: str | None = None
     ) -> list[Dataset]:

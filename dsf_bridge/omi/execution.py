@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import os
 import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import structlog
+from pydicom.dataset import Dataset
 
 from dsf_bridge.omi.contract import InferenceContract, RequestNotAcceptedError
 from dsf_bridge.omi.conversion import (
@@ -31,15 +32,78 @@ from dsf_bridge.omi.conversion import (
     report_bundle,
     volume_from_datasets,
 )
-from dsf_bridge.omi.dicomweb import DicomWebArchive
+from dsf_bridge.omi.dicomweb import SeriesInfo, StoreResult, StudyNotFoundError
 from dsf_bridge.omi.inference import HttpInferenceClient, TensorLimitError
 from dsf_bridge.omi.segmentation import segmentation_dataset
 
-__all__ = ["StudyInference", "infer_study"]
+__all__ = ["ReceivedSeries", "StudyInference", "StudySource", "infer_study"]
 
 _T = TypeVar("_T")
 
 _log = structlog.get_logger()
+
+
+class StudySource(Protocol):
+    """Where a study comes from and where a SEG goes: a DICOMweb archive
+    (:class:`~dsf_bridge.omi.dicomweb.DicomWebArchive`) or a series received as a package
+    (:class:`ReceivedSeries`)."""
+
+    async def search_series(self, study_instance_uid: str) -> list[SeriesInfo]: ...
+
+    def choose_series(
+        self,
+        series: Sequence[SeriesInfo],
+        study_instance_uid: str,
+        series_instance_uid: str | None = None,
+    ) -> SeriesInfo: ...
+
+    async def retrieve_series(
+        self, study_instance_uid: str, series_instance_uid: str
+    ) -> list[Dataset]: ...
+
+    async def store(self, datasets: Sequence[Dataset]) -> StoreResult: ...
+
+
+@dataclass
+class ReceivedSeries:
+    """One series that arrived as a package (issue 13): what QIDO-RS would say of it, and its
+    instances read when the model needs them. A SEG is kept in :attr:`stored` to travel back
+    the same way instead of being written into an archive."""
+
+    study_instance_uid: str
+    series: SeriesInfo
+    load: Callable[[], list[Dataset]]
+    stored: list[Dataset] = field(default_factory=list)
+
+    async def search_series(self, study_instance_uid: str) -> list[SeriesInfo]:
+        if study_instance_uid != self.study_instance_uid:
+            raise StudyNotFoundError(
+                f"the package holds study {self.study_instance_uid}, not {study_instance_uid}"
+            )
+        return [self.series]
+
+    def choose_series(
+        self,
+        series: Sequence[SeriesInfo],
+        study_instance_uid: str,
+        series_instance_uid: str | None = None,
+    ) -> SeriesInfo:
+        if series_instance_uid not in (None, self.series.series_instance_uid):
+            raise StudyNotFoundError(
+                f"the package holds series {self.series.series_instance_uid}, not "
+                f"{series_instance_uid}"
+            )
+        return self.series
+
+    async def retrieve_series(
+        self, study_instance_uid: str, series_instance_uid: str
+    ) -> list[Dataset]:
+        # Reading verifies each instance's digest: CPU and disk, off the event loop.
+        return await _off_loop(self.load)
+
+    async def store(self, datasets: Sequence[Dataset]) -> StoreResult:
+        self.stored.extend(datasets)
+        return StoreResult(stored=tuple(str(d.SOPInstanceUID) for d in datasets), failed=())
 
 
 @dataclass(frozen=True)
@@ -72,7 +136,7 @@ class StudyInference:
 
 
 async def infer_study(
-    archive: DicomWebArchive,
+    archive: StudySource,
     client: HttpInferenceClient,
     *,
     study_instance_uid: str,

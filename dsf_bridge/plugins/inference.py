@@ -24,6 +24,7 @@ numbers with UCUM units.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
 from collections.abc import Mapping, Sequence
@@ -33,7 +34,9 @@ from typing import Any, cast
 import structlog
 
 from dsf_bridge.config import OmiServiceSettings, OmiSettings
+from dsf_bridge.dsf.certificates import RecipientKeyError
 from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.crypto import DecryptionError
 from dsf_bridge.dsf.vocabulary import BPMN_MESSAGE_SYSTEM, READ_ACCESS_TAG_SYSTEM
 from dsf_bridge.engine.timers import TimerError, add_duration, parse_duration
 from dsf_bridge.errors import BridgeError, RemoteError
@@ -56,14 +59,21 @@ from dsf_bridge.omi.conversion import (
     OutputConversionError,
     report_bundle,
 )
-from dsf_bridge.omi.dicomweb import ArchiveUnavailableError, DicomWebArchive, StudyNotFoundError
-from dsf_bridge.omi.execution import infer_study
+from dsf_bridge.omi.dicomweb import (
+    ArchiveUnavailableError,
+    DicomWebArchive,
+    DicomWebError,
+    StudyNotFoundError,
+)
+from dsf_bridge.omi.execution import ReceivedSeries, StudyInference, StudySource, infer_study
 from dsf_bridge.omi.inference import (
     HttpInferenceClient,
     InferenceError,
     ModelNotFoundError,
     ModelNotReadyError,
 )
+from dsf_bridge.omi.package import PackageError
+from dsf_bridge.omi.pseudonymize import PseudonymizationRefusedError, reidentify
 from dsf_bridge.omi.registry import (
     DEVICE_IDENTIFIER_SYSTEM,
     FhirRegistryClient,
@@ -84,6 +94,20 @@ from dsf_bridge.plugins.registry import (
     HandlerRegistry,
     SendContext,
 )
+from dsf_bridge.plugins.transfer import (
+    SERVICE_TRANSFER,
+    PseudonymStore,
+    TransferError,
+    TransferSite,
+    open_package,
+    package_datasets,
+    package_series,
+    publish_package,
+    receive_package,
+    series_info,
+    uids_in,
+    withdraw_package,
+)
 from dsf_bridge.proxy import ForwardProxy
 from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
@@ -95,6 +119,8 @@ __all__ = [
     "SERVICE_DICOMWEB_SSL_CONTEXT",
     "SERVICE_OMI_REGISTRY",
     "SERVICE_OMI_SETTINGS",
+    "STUDY_PACKAGE_BYTES",
+    "STUDY_PACKAGE_SECONDS",
     "InferenceRequestError",
     "handlers",
     "plugin",
@@ -126,6 +152,10 @@ MODEL_VERSION = "model-version"
 SLICES = "slices"
 SEGMENTATION = "segmentation"
 SEGMENTATION_SERIES = "segmentation-series-instance-uid"
+STUDY_PACKAGE = "study-package"
+STUDY_PACKAGE_BYTES = "study-package-bytes"
+STUDY_PACKAGE_SECONDS = "study-package-seconds"
+SEGMENTATION_PACKAGE = "segmentation-package"
 ERROR = "error"
 ERROR_KIND = "error-kind"
 INFERENCE_RESULT = "inference-result"
@@ -148,6 +178,7 @@ SERVICE_UNAVAILABLE = "service-unavailable"
 NOT_DELIVERED = "request-not-delivered"
 NOT_AUTHORIZED = "request-not-authorized"
 RESULT_TIMED_OUT = "result-timeout"
+TRANSFER_FAILED = "transfer-failed"
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 # The report code of a result whose contract the requesting site does not know.
@@ -214,6 +245,24 @@ def _endpoint(task: Mapping[str, Any]) -> str:
     if not re.match(r"^https?://[^\s/]+", value):
         raise BpmnError(REQUEST_INVALID, f"input '{DICOMWEB_ENDPOINT}' is not an http(s) URL")
     return value.rstrip("/")
+
+
+def _reference(task: Mapping[str, Any], code: str) -> str | None:
+    """The ``reference`` of a valueReference input (a package's absolute Binary URL)."""
+    values = _inputs(task, CODESYSTEM_OMI, code)
+    if not values:
+        return None
+    value = values[0]
+    if len(values) > 1 or not isinstance(value, Mapping) or not value.get("reference"):
+        raise BpmnError(REQUEST_INVALID, f"input '{code}' must be one valueReference")
+    reference = str(value["reference"])
+    if not reference.startswith("https://"):
+        raise BpmnError(REQUEST_INVALID, f"input '{code}' is not an absolute https reference")
+    return reference
+
+
+def _transfer(ctx: HandlerContext) -> TransferSite:
+    return ctx.service(SERVICE_TRANSFER, TransferSite)
 
 
 def _settings(ctx: HandlerContext) -> OmiSettings:
@@ -336,6 +385,8 @@ async def resolve_service(ctx: HandlerContext) -> None:
     ctx.set("seriesInstanceUid", series)
     ctx.set("dicomwebEndpoint", endpoint)
     ctx.set("segmentation", _flag(task, SEGMENTATION))
+    # A service found in the registry is outside the organization: through DSF, pseudonymized.
+    ctx.set("transfer", entry.transfer if entry is not None else "dsf")
     # The provider knows the service by its own catalogue id (a registry's is the resource's).
     ctx.set("serviceId", service.offered_as or service.service_id)
     ctx.set("modelName", service.model_name)
@@ -389,14 +440,110 @@ def _archive(ctx: HandlerContext, endpoint: str) -> DicomWebArchive:
     )
 
 
+@handlers.service(_PREFIX + "PrepareStudy")
+async def prepare_study(ctx: HandlerContext) -> None:
+    """Through DSF (``transfer = "dsf"``): the series is pseudonymized instance by instance into
+    a package, the UID mapping kept in this site's store, the package encrypted for the
+    provider and stored as a Binary on this site's DSF FHIR server readable by the provider
+    only. Nothing for ``transfer = "dicomweb"`` (the provider fetches the study itself)."""
+    if ctx.get("transfer") != "dsf":
+        return
+    site = _transfer(ctx)
+    if site.pseudonymizer is None or site.pseudonyms is None:
+        raise BpmnError(
+            REQUEST_INVALID,
+            "this site sends no study to another organization without pseudonymizing it "
+            "(pseudonymization.enabled is false or pseudonymization.secret is not set)",
+        )
+    study = _text(ctx, "studyInstanceUid")
+    named = ctx.get("seriesInstanceUid")
+    series = named if isinstance(named, str) and named else None
+    provider = _text(ctx, "provider")
+    archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
+    try:
+        with site.workspace() as workspace:
+            chosen = archive.choose_series(await archive.search_series(study), study, series)
+            packaged = await package_series(
+                archive,
+                study,
+                chosen.series_instance_uid,
+                workspace / "study.zip",
+                pseudonymizer=site.pseudonymizer,
+                max_instances=site.max_instances,
+            )
+            # The mapping first: nothing leaves that this site could not map back.
+            await site.pseudonyms.record(study, packaged.uids)
+            published = await publish_package(
+                site,
+                packaged.path,
+                recipient=provider,
+                transfer_id=f"{ctx.business_key}/study",
+                title="OMI inference: pseudonymized series",
+            )
+    except (PseudonymizationRefusedError, StudyNotFoundError, RequestNotAcceptedError) as exc:
+        raise BpmnError(REQUEST_INVALID, str(exc)) from exc
+    except RecipientKeyError as exc:
+        raise BpmnError(SERVICE_UNAVAILABLE, str(exc)) from exc
+    except (TransferError, PackageError) as exc:
+        if exc.retryable:
+            raise
+        raise BpmnError(REQUEST_INVALID, str(exc)) from exc
+    except DicomWebError as exc:
+        if exc.retryable:
+            raise
+        raise BpmnError(ARCHIVE_UNAVAILABLE, str(exc)) from exc
+    finally:
+        archive.close()
+    manifest = packaged.manifest
+    # What crossed, on the start Task: an operator sees it in the DSF FHIR UI.
+    start_task = _text(ctx, "startTaskId")
+    ctx.add_task_output(
+        start_task,
+        {
+            "type": {"coding": [{"system": CODESYSTEM_OMI, "code": STUDY_PACKAGE_BYTES}]},
+            "valueInteger": published.encrypted_bytes,
+        },
+    )
+    ctx.add_task_output(
+        start_task,
+        {
+            "type": {"coding": [{"system": CODESYSTEM_OMI, "code": STUDY_PACKAGE_SECONDS}]},
+            "valueDecimal": round(published.seconds, 3),
+        },
+    )
+    ctx.set("studyPackage", published.binary_url)
+    ctx.set("studyDocument", published.document_reference)
+    ctx.set("sentStudyInstanceUid", manifest.study_instance_uid)
+    ctx.set("sentSeriesInstanceUid", manifest.series_instance_uid)
+    ctx.set("transferBytes", published.encrypted_bytes)
+    ctx.set("transferSeconds", round(published.seconds, 3))
+    log.info(
+        "inference.study_prepared",
+        instances=manifest.instance_count,
+        bytes=published.encrypted_bytes,
+        seconds=round(published.seconds, 3),
+    )
+
+
 @handlers.message_send(_PREFIX + "SendInferenceRequest")
 def send_inference_request(ctx: SendContext) -> None:
-    """The request names the study by UIDs, the archive, and the service: nothing else."""
-    ctx.add_input(CODESYSTEM_OMI, STUDY_INSTANCE_UID, _text(ctx, "studyInstanceUid"))
-    series = ctx.get("seriesInstanceUid")
-    if isinstance(series, str) and series:
-        ctx.add_input(CODESYSTEM_OMI, SERIES_INSTANCE_UID, series)
-    ctx.add_input(CODESYSTEM_OMI, DICOMWEB_ENDPOINT, _text(ctx, "dicomwebEndpoint"))
+    """The request names the study by UIDs and the service, and where the study is: a
+    package on this site's DSF FHIR server (its UIDs pseudonymized), or a DICOMweb archive."""
+    package = ctx.get("studyPackage")
+    if isinstance(package, str) and package:
+        ctx.add_input(CODESYSTEM_OMI, STUDY_INSTANCE_UID, _text(ctx, "sentStudyInstanceUid"))
+        ctx.add_input(CODESYSTEM_OMI, SERIES_INSTANCE_UID, _text(ctx, "sentSeriesInstanceUid"))
+        ctx.add_input(
+            CODESYSTEM_OMI,
+            STUDY_PACKAGE,
+            {"valueReference": {"reference": package, "type": "Binary"}},
+        )
+    else:
+        ctx.add_input(CODESYSTEM_OMI, STUDY_INSTANCE_UID, _text(ctx, "studyInstanceUid"))
+        series = ctx.get("seriesInstanceUid")
+        if isinstance(series, str) and series:
+            ctx.add_input(CODESYSTEM_OMI, SERIES_INSTANCE_UID, series)
+        ctx.add_input(CODESYSTEM_OMI, DICOMWEB_ENDPOINT, _text(ctx, "dicomwebEndpoint"))
     ctx.add_input(CODESYSTEM_OMI, SERVICE, _text(ctx, "serviceId"))
     if ctx.get("segmentation") is True:
         ctx.add_input(CODESYSTEM_OMI, SEGMENTATION, True)
@@ -573,6 +720,14 @@ async def store_result(ctx: HandlerContext) -> None:
     model = _first_text(result, MODEL_NAME) or str(ctx.get("modelName") or "")
     version = _first_text(result, MODEL_VERSION)
     series = _first_text(result, SERIES_INSTANCE_UID)
+    try:
+        package = _reference(result, SEGMENTATION_PACKAGE)
+    except BpmnError as exc:
+        raise BpmnError(PROVIDER_FAILED, f"the result from {provider}: {exc.message}") from exc
+    if ctx.get("transfer") == "dsf" and series is not None:
+        # The provider saw the replacement UIDs only; the report names the original series.
+        known = await _pseudonyms(ctx).originals([series])
+        series = known.get(series)
     slices_values = _inputs(result, CODESYSTEM_OMI, SLICES)
     slices = int(slices_values[0]) if slices_values and isinstance(slices_values[0], int) else 1
     device = {
@@ -620,6 +775,10 @@ async def store_result(ctx: HandlerContext) -> None:
         }
     ]
     segmentation = _first_text(result, SEGMENTATION_SERIES)
+    ctx.set("sendReceipt", package is not None)
+    if package is not None:
+        await _store_segmentation(ctx, package, provider)
+        ctx.set("resultPackage", package)
     if segmentation is not None:
         outputs.append(
             {
@@ -640,6 +799,68 @@ async def store_result(ctx: HandlerContext) -> None:
         ctx.add_task_output(start_task, output)
     ctx.set("resultBundle", f"Bundle/{created.id}")
     log.info("inference.result_stored", provider=provider, findings=len(found))
+
+
+def _pseudonyms(ctx: HandlerContext) -> PseudonymStore:
+    site = _transfer(ctx)
+    if site.pseudonyms is None:
+        raise BridgeError("this site keeps no pseudonym mapping ([pseudonymization])")
+    return site.pseudonyms
+
+
+async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) -> None:
+    """The SEG the provider stored as a package: downloaded, decrypted, mapped back to the
+    original study (every UID this site replaced becomes its original again), and stored
+    into the site's archive next to the study (STOW-RS)."""
+    site = _transfer(ctx)
+    archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
+    try:
+        with site.workspace() as workspace:
+            received = await receive_package(
+                site, package, sender=provider, target=workspace / "segmentation.zip"
+            )
+            _, load = open_package(site, received.path)
+            datasets = await asyncio.to_thread(load)
+            originals = await _pseudonyms(ctx).originals(sorted(uids_in(datasets)))
+            await archive.store([reidentify(dataset, originals) for dataset in datasets])
+    except (TransferError, PackageError, DecryptionError, RecipientKeyError) as exc:
+        if exc.retryable:
+            raise
+        raise BpmnError(
+            PROVIDER_FAILED, f"the segmentation package from {provider} is not usable: {exc}"
+        ) from exc
+    except DicomWebError as exc:
+        if exc.retryable:
+            raise
+        raise BpmnError(
+            PROVIDER_FAILED, f"the segmentation could not be stored in the archive: {exc}"
+        ) from exc
+    finally:
+        archive.close()
+    log.info("inference.segmentation_stored", instances=len(datasets))
+
+
+@handlers.message_send(_PREFIX + "SendInferenceReceipt")
+def send_inference_receipt(ctx: SendContext) -> None:
+    """Tells the provider its segmentation package was retrieved: it may delete it."""
+    ctx.add_input(
+        CODESYSTEM_OMI,
+        SEGMENTATION_PACKAGE,
+        {"valueReference": {"reference": _text(ctx, "resultPackage"), "type": "Binary"}},
+    )
+    # A provider gone by now keeps its package until its retention ends: no reason to fail.
+    ctx.throw_on_failure(NOT_DELIVERED)
+
+
+@handlers.service(_PREFIX + "WithdrawStudy")
+async def withdraw_study(ctx: HandlerContext) -> None:
+    """The study's package goes once the provider answered or can no longer (result, error,
+    timeout): its Binary and DocumentReference are deleted from this site's server."""
+    package = ctx.get("studyPackage")
+    document = ctx.get("studyDocument")
+    if not isinstance(package, str) or not package or not isinstance(document, str):
+        return
+    await withdraw_package(_transfer(ctx), package, document)
 
 
 def _code_of(value: object) -> str:
@@ -704,16 +925,32 @@ def check_request(ctx: HandlerContext) -> None:
     if not isinstance(requester, str) or not requester:
         raise BridgeError("the inference request names no requester organization")
     ctx.set("target", {"organizationIdentifier": requester})
+    ctx.set("requester", requester)
     ctx.set("requestTaskId", task.get("id"))
+    # Whatever happens next, the instance knows whether it keeps a package and for how long.
+    ctx.set("resultPackageStored", False)
+    ctx.set("resultRetention", settings.transfer_retention)
     study = _uid(task, STUDY_INSTANCE_UID, required=True)
     series = _uid(task, SERIES_INSTANCE_UID, required=False)
-    endpoint = _endpoint(task)
+    package = _reference(task, STUDY_PACKAGE)
+    has_endpoint = bool(_inputs(task, CODESYSTEM_OMI, DICOMWEB_ENDPOINT))
+    if (package is None) == (not has_endpoint):
+        raise BpmnError(
+            REQUEST_INVALID,
+            f"the request must name the study's place once: '{STUDY_PACKAGE}' (a package "
+            f"through DSF) or '{DICOMWEB_ENDPOINT}', not both, not neither",
+        )
+    endpoint = _endpoint(task) if package is None else None
     service_id = _text_input(task, SERVICE, required=True)
     entry = _entry(settings, str(service_id))
     if entry is None or not entry.inference_url:
         raise BpmnError(REQUEST_REFUSED, f"service {service_id} is not offered at this site")
     allowed = settings.dicomweb_allowed
-    if allowed and not any(endpoint.startswith(prefix.rstrip("/")) for prefix in allowed):
+    if (
+        endpoint is not None
+        and allowed
+        and not any(endpoint.startswith(prefix.rstrip("/")) for prefix in allowed)
+    ):
         raise BpmnError(
             REQUEST_REFUSED, f"this site does not fetch studies from {endpoint} (not allowed)"
         )
@@ -727,6 +964,7 @@ def check_request(ctx: HandlerContext) -> None:
     ctx.set("studyInstanceUid", study)
     ctx.set("seriesInstanceUid", series)
     ctx.set("dicomwebEndpoint", endpoint)
+    ctx.set("studyPackage", package)
     ctx.set("segmentation", segmentation)
     ctx.set("serviceId", entry.id)
     log.info("inference.request_checked", requester=requester, service=entry.id)
@@ -753,7 +991,83 @@ async def run_inference(ctx: HandlerContext) -> None:
         raise BpmnError(REQUEST_REFUSED, "the service is no longer offered at this site")
     contract = _provider_contract(entry)
     model = entry.model_name or contract.model.name
+    package = ctx.get("studyPackage")
+    if isinstance(package, str) and package:
+        await _run_on_package(ctx, entry, contract, model, package)
+        return
     archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
+    try:
+        outcome = await _infer(ctx, entry, contract, model, archive)
+    finally:
+        archive.close()
+    _record_outcome(ctx, entry, contract, model, outcome)
+
+
+async def _run_on_package(
+    ctx: HandlerContext,
+    entry: OmiServiceSettings,
+    contract: InferenceContract,
+    model: str,
+    package: str,
+) -> None:
+    """The study came as a package: downloaded from the requester's DSF FHIR server (mutual
+    TLS, streamed, size-limited), decrypted into this step's workspace and verified; a SEG goes
+    back as a package on this site's server, encrypted for the requester."""
+    site = _transfer(ctx)
+    requester = _text(ctx, "requester")
+    with site.workspace() as workspace:
+        try:
+            received = await receive_package(
+                site, package, sender=requester, target=workspace / "study.zip"
+            )
+            manifest, load = open_package(site, received.path)
+        except (TransferError, PackageError, DecryptionError, RecipientKeyError) as exc:
+            if exc.retryable:
+                raise
+            raise BpmnError(TRANSFER_FAILED, str(exc)) from exc
+        except RemoteError as exc:
+            if exc.retryable:
+                raise
+            raise BpmnError(TRANSFER_FAILED, f"the study package could not be read: {exc}") from exc
+        if manifest.study_instance_uid != _text(ctx, "studyInstanceUid"):
+            raise BpmnError(
+                REQUEST_INVALID, "the study package holds another study than the request names"
+            )
+        source = ReceivedSeries(
+            study_instance_uid=manifest.study_instance_uid,
+            series=series_info(manifest),
+            load=load,
+        )
+        outcome = await _infer(ctx, entry, contract, model, source)
+        _record_outcome(ctx, entry, contract, model, outcome)
+        if source.stored:
+            path = workspace / "segmentation.zip"
+            await asyncio.to_thread(package_datasets, source.stored, path)
+            try:
+                published = await publish_package(
+                    site,
+                    path,
+                    recipient=requester,
+                    transfer_id=f"{ctx.business_key}/segmentation",
+                    title="OMI inference: segmentation",
+                )
+            except RecipientKeyError as exc:
+                raise BpmnError(TRANSFER_FAILED, str(exc)) from exc
+            ctx.set("resultPackage", published.binary_url)
+            ctx.set("resultDocument", published.document_reference)
+            ctx.set("resultPackageStored", True)
+
+
+async def _infer(
+    ctx: HandlerContext,
+    entry: OmiServiceSettings,
+    contract: InferenceContract,
+    model: str,
+    archive: StudySource,
+) -> StudyInference:
+    """Convert and infer; a failure becomes a BPMN error whose code is the error kind."""
+    settings = _settings(ctx)
+    assert entry.inference_url is not None  # noqa: S101 - checked by the caller
     series = ctx.get("seriesInstanceUid")
     try:
         async with HttpInferenceClient(
@@ -793,10 +1107,20 @@ async def run_inference(ctx: HandlerContext) -> None:
         raise BpmnError(REQUEST_INVALID, str(exc)) from exc
     except (ImageConversionError, OutputConversionError) as exc:
         raise BpmnError(CONVERSION_FAILED, str(exc)) from exc
+    except PackageError as exc:  # an instance of a received package failed its digest
+        raise BpmnError(TRANSFER_FAILED, str(exc)) from exc
     except RemoteError as exc:  # the archive answered something else unusable
         raise BpmnError(ARCHIVE_UNAVAILABLE, str(exc)) from exc
-    finally:
-        archive.close()
+    return outcome
+
+
+def _record_outcome(
+    ctx: HandlerContext,
+    entry: OmiServiceSettings,
+    contract: InferenceContract,
+    model: str,
+    outcome: StudyInference,
+) -> None:
     ctx.set(
         "findings",
         [
@@ -818,8 +1142,18 @@ async def run_inference(ctx: HandlerContext) -> None:
     )
 
 
+@handlers.service(_PREFIX + "WithdrawResult")
+async def withdraw_result(ctx: HandlerContext) -> None:
+    """The requester confirmed its segmentation package, or the retention ended: it goes."""
+    package = ctx.get("resultPackage")
+    document = ctx.get("resultDocument")
+    if isinstance(package, str) and package and isinstance(document, str):
+        await withdraw_package(_transfer(ctx), package, document)
+
+
 @handlers.service(_PREFIX + "RecordFailure")
 def record_failure(ctx: HandlerContext) -> None:
+    ctx.set("resultPackageStored", False)
     log.error(
         "inference.execution_failed",
         error_code=ctx.get("errorCode"),
@@ -848,6 +1182,13 @@ def send_inference_result(ctx: SendContext) -> None:
     segmentation = ctx.get("segmentationSeriesUid")
     if isinstance(segmentation, str) and segmentation:
         ctx.add_input(CODESYSTEM_OMI, SEGMENTATION_SERIES, segmentation)
+    package = ctx.get("resultPackage")
+    if isinstance(package, str) and package:
+        ctx.add_input(
+            CODESYSTEM_OMI,
+            SEGMENTATION_PACKAGE,
+            {"valueReference": {"reference": package, "type": "Binary"}},
+        )
     # Last: a finding under a code the profile has no slice for may only follow the sliced
     # inputs (DSF's Task.input slicing is openAtEnd).
     # Of the findings, the bridge's own measurement codes have slices (the reference

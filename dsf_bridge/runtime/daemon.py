@@ -57,10 +57,12 @@ from dsf_bridge.plugins.registry import (
     SERVICE_FORWARD_PROXY,
     SERVICE_LOCAL_ORGANIZATION,
 )
+from dsf_bridge.plugins.transfer import SERVICE_TRANSFER
 from dsf_bridge.runtime.gateway import DsfTaskGateway
 from dsf_bridge.runtime.intake import SqlCursorStore, TaskIntake
 from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
 from dsf_bridge.runtime.publishing import ServicePublication, open_registry, service_offers
+from dsf_bridge.runtime.transfers import transfer_site
 from dsf_bridge.store import Database, schema_status, sqlite_path
 from dsf_bridge.store.owner import bind_store
 
@@ -210,6 +212,9 @@ class Bridge:
             **({SERVICE_FORWARD_PROXY: proxy} if proxy is not None else {}),
             SERVICE_OMI_SETTINGS: self.settings.omi,
             **({SERVICE_OMI_REGISTRY: self.registry} if self.registry is not None else {}),
+            SERVICE_TRANSFER: transfer_site(
+                self.settings, identity, self.client, self.gateway.client_for, self.database, local
+            ),
             # https DICOMweb archives see the site's DSF identity (mutual TLS).
             SERVICE_DICOMWEB_SSL_CONTEXT: build_ssl_context(
                 identity,

@@ -105,7 +105,9 @@ class DsfTaskGateway:
             while len(self._known) > _KNOWN_TASKS:
                 self._known.popitem(last=False)
 
-    def _client_for(self, address: str) -> FhirClient:
+    def client_for(self, address: str) -> FhirClient:
+        """The client for the DSF FHIR server at ``address`` (the local one, or one kept per
+        remote server with the site's mutual TLS identity)."""
         if address == self.local.base_url:
             return self.local
         client = self._remotes.get(address)
@@ -137,7 +139,7 @@ class DsfTaskGateway:
             inputs=task.inputs,
             authored_on=task.authored_on or self.clock(),
         )
-        client = self._client_for(target.address)
+        client = self.client_for(target.address)
         if task.maybe_delivered and task.authored_on is not None:
             delivered = await self._delivered_before(client, body)
             if delivered is not None:

@@ -49,7 +49,12 @@ from dsf_bridge.dsf.versions import DSF_2, DsfRelease
 from dsf_bridge.errors import BridgeError
 from dsf_bridge.omi.dicomweb import DicomWebArchive
 from dsf_bridge.plugins.api import ProcessPlugin
-from dsf_bridge.plugins.inference import CODESYSTEM_OMI, result_summary
+from dsf_bridge.plugins.inference import (
+    CODESYSTEM_OMI,
+    STUDY_PACKAGE_BYTES,
+    STUDY_PACKAGE_SECONDS,
+    result_summary,
+)
 from dsf_bridge.plugins.inference import plugin as inference_plugin
 from dsf_bridge.runtime.daemon import Bridge
 from dsf_bridge.runtime.processes import RuntimeSettings
@@ -151,7 +156,9 @@ class InferenceNetwork:
     """Sandbox sites: ``bridges`` maps an organization to its ``[omi]`` settings (a bridge runs
     there), ``published`` to plugin resources put on a server without a bridge, ``offline``
     organizations are in the allow list only; ``services`` adds handler services per bridge;
-    ``databases`` gives a bridge's store URL (default: an SQLite file in the site's folder)."""
+    ``databases`` gives a bridge's store URL (default: an SQLite file in the site's folder);
+    ``pseudonymization`` overrides a bridge's ``[pseudonymization]`` (default: a random
+    secret per site)."""
 
     directory: Path
     bridges: Mapping[str, Mapping[str, Any]]
@@ -159,6 +166,7 @@ class InferenceNetwork:
     offline: Sequence[str] = ()
     services: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     databases: Mapping[str, str] = field(default_factory=dict)
+    pseudonymization: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     ca: CertificateAuthority | None = None
     runtime_settings: RuntimeSettings = FAST_RUNTIME
     dsf_release: DsfRelease = DSF_2
@@ -224,7 +232,14 @@ class InferenceNetwork:
             upgrade(url)
             settings = load_settings(
                 site.bridge_config,
-                overrides={"db": {"url": url}, "log": {"level": "warning"}, "omi": dict(omi)},
+                overrides={
+                    "db": {"url": url},
+                    "log": {"level": "warning"},
+                    "omi": dict(omi),
+                    # Each site its own key for replacement UIDs (docs/privacy.md).
+                    "pseudonymization": {"secret": secrets.token_urlsafe(36)}
+                    | dict(self.pseudonymization.get(organization) or {}),
+                },
                 environ={},
             )
             bridge = Bridge(
@@ -422,6 +437,9 @@ class DemoResult:
     status: str
     measurements: dict[str, dict[str, Any]]
     error: str | None = None
+    # The encrypted study package that crossed to the provider through DSF (None: no transfer).
+    transfer_bytes: int | None = None
+    transfer_seconds: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -429,9 +447,27 @@ class DemoResult:
             "status": self.status,
             "measurements": self.measurements,
         }
+        if self.transfer_bytes is not None:
+            entry["transfer"] = {"bytes": self.transfer_bytes, "seconds": self.transfer_seconds}
         if self.error is not None:
             entry["error"] = self.error
         return entry
+
+
+def _output(task: Mapping[str, Any], code: str) -> object:
+    for output in task.get("output") or []:
+        codes = [c.get("code") for c in (output.get("type") or {}).get("coding") or []]
+        if code in codes:
+            return next((v for k, v in output.items() if k.startswith("value")), None)
+    return None
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _float_or_none(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _error_of(task: Mapping[str, Any]) -> str | None:
@@ -521,6 +557,10 @@ async def _demo(
                     status=finished[task_id]["status"],
                     measurements=result_summary(finished[task_id]),
                     error=_error_of(finished[task_id]),
+                    transfer_bytes=_int_or_none(_output(finished[task_id], STUDY_PACKAGE_BYTES)),
+                    transfer_seconds=_float_or_none(
+                        _output(finished[task_id], STUDY_PACKAGE_SECONDS)
+                    ),
                 )
                 for task_id in labels  # request order, not the order they finished in
             ]
@@ -557,6 +597,11 @@ def _table(results: Sequence[DemoResult]) -> str:
     lines = []
     for result in results:
         lines.append(f"{result.label}  study {result.study_instance_uid}: {result.status}")
+        if result.transfer_bytes is not None:
+            lines.append(
+                f"  study package: {result.transfer_bytes:,} bytes crossed to the provider "
+                f"through DSF in {result.transfer_seconds or 0:.2f} s (pseudonymized, encrypted)"
+            )
         if result.error:
             lines.append(f"  error: {result.error}")
         if result.measurements:

@@ -1,0 +1,411 @@
+"""Studies and results cross sites the way DSF moves data (issue 13, ``docs/privacy.md``).
+
+The sender packages a series (:mod:`dsf_bridge.omi.package`), encrypts the package for the
+recipient organization's certificate (:mod:`dsf_bridge.dsf.crypto`, DSF API v2's KEM format;
+the certificate found with :func:`~dsf_bridge.dsf.certificates.recipient_certificate`, which
+checks it against the recipient's thumbprints in the allow list), and stores it as a
+``Binary`` on its *own* DSF FHIR server. The Binary's security context is a
+``DocumentReference`` tagged readable by the local and the recipient organization only, so the
+DSF FHIR server gives it to nobody else (DSF copies the security context's read access to the
+Binary, ``on_binaries_insert.sql``). The recipient downloads it over DSF mutual TLS, streamed
+and size-limited, decrypts it into a file, and uses it only after the GCM tag verified.
+
+Files live in a temporary directory per step (``[omi] transfer_dir``), removed when the step
+ends; nothing of a study is held in memory as a whole on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import hashlib
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+from urllib.parse import urlsplit
+
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from pydicom.dataset import Dataset
+
+from dsf_bridge.dsf.certificates import recipient_certificate
+from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.crypto import StreamDecryptor, certificate_public_key, encrypt_to
+from dsf_bridge.dsf.endpoints import resolve_target
+from dsf_bridge.dsf.vocabulary import READ_ACCESS_TAG_SYSTEM
+from dsf_bridge.errors import BridgeError
+from dsf_bridge.omi.dicomweb import DicomWebArchive, SeriesInfo
+from dsf_bridge.omi.package import PackageManifest, PackageWriter, read_package
+from dsf_bridge.omi.pseudonymize import Pseudonymizer
+
+__all__ = [
+    "SERVICE_TRANSFER",
+    "PackagedSeries",
+    "PseudonymStore",
+    "PublishedPackage",
+    "ReceivedPackage",
+    "TransferError",
+    "TransferSite",
+    "package_datasets",
+    "package_series",
+    "publish_package",
+    "receive_package",
+    "series_info",
+    "uids_in",
+    "withdraw_package",
+]
+
+log = structlog.get_logger("dsf_bridge.plugins.transfer")
+
+#: Service name of the site's :class:`TransferSite` (the daemon provides it).
+SERVICE_TRANSFER = "omi.transfer"
+
+#: Identifies the DocumentReference of a package by the process instance and its role.
+TRANSFER_IDENTIFIER_SYSTEM = "http://dsf-bridge.dev/fhir/NamingSystem/transfer"
+_READ_ACCESS_ORGANIZATION_EXTENSION = (
+    "http://dsf.dev/fhir/StructureDefinition/extension-read-access-organization"
+)
+_ORGANIZATION_IDENTIFIER_SYSTEM = "http://dsf.dev/sid/organization-identifier"
+_CHUNK = 1 << 20
+PACKAGE_MEDIA_TYPE = "application/octet-stream"
+
+
+class TransferError(BridgeError):
+    """A package could not be made, sent, received or verified."""
+
+
+class PseudonymStore(Protocol):
+    """The site's mapping of original and replacement UIDs (its own SQL store)."""
+
+    async def record(self, original_study_uid: str, uids: Mapping[str, str]) -> None: ...
+
+    async def originals(self, replaced: list[str]) -> dict[str, str]: ...
+
+
+@dataclass
+class TransferSite:
+    """What the transfer needs of the site: its FHIR clients, key and certificate, the
+    pseudonymizer and its mapping store, and the limits of ``[omi]``."""
+
+    local: FhirClient
+    remote: Callable[[str], FhirClient]
+    private_key: PrivateKeyTypes
+    certificate: x509.Certificate
+    local_organization: str
+    pseudonymizer: Pseudonymizer | None = None
+    pseudonyms: PseudonymStore | None = None
+    directory: Path | None = None
+    max_bytes: int = 4 << 30
+    max_instances: int = 10_000
+
+    @contextlib.contextmanager
+    def workspace(self) -> Iterator[Path]:
+        """A private directory for one step's files, removed when the step ends."""
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="dsf-bridge-transfer-", dir=self.directory))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    async def client_of(self, organization: str) -> FhirClient:
+        """A client for ``organization``'s DSF FHIR server (its active Endpoint in the allow
+        list), with this site's mutual TLS identity."""
+        target = await resolve_target(self.local, {"organizationIdentifier": organization})
+        return self.remote(target.address)
+
+
+@dataclass
+class PackagedSeries:
+    """A series written as a package: its manifest and, for a pseudonymized copy, the UIDs it
+    replaced (original -> replacement)."""
+
+    path: Path
+    manifest: PackageManifest
+    uids: dict[str, str] = field(default_factory=dict)
+    original_study_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class PublishedPackage:
+    """A package stored on the local DSF FHIR server for one recipient."""
+
+    binary_url: str
+    document_reference: str
+    encrypted_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ReceivedPackage:
+    """A package downloaded, decrypted and ready to read (the tag verified)."""
+
+    path: Path
+    encrypted_bytes: int
+    seconds: float
+
+
+async def package_series(
+    archive: DicomWebArchive,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    target: Path,
+    *,
+    pseudonymizer: Pseudonymizer | None,
+    max_instances: int,
+) -> PackagedSeries:
+    """Write one series of ``archive`` into a package at ``target``, each instance
+    pseudonymized on the way when ``pseudonymizer`` is given (one instance in memory at a
+    time: WADO-RS read as a stream)."""
+    uids: dict[str, str] = {}
+    originals: set[str] = set()
+    with target.open("wb") as file:
+        writer = PackageWriter(file)
+
+        def handle(instance: Dataset) -> None:
+            if writer.count >= max_instances:
+                raise TransferError(
+                    f"the series has more than {max_instances} instances, the most one package "
+                    "may hold ([omi] max_package_instances)",
+                    retryable=False,
+                )
+            if pseudonymizer is None:
+                writer.add(instance)
+                return
+            copy = pseudonymizer.pseudonymize(instance)
+            uids.update(copy.uids)
+            originals.add(copy.original_study_uid)
+            writer.add(copy.dataset)
+
+        await archive.each_instance(study_instance_uid, series_instance_uid, handle)
+        manifest = await asyncio.to_thread(writer.close)
+    return PackagedSeries(
+        path=target,
+        manifest=manifest,
+        uids=uids,
+        original_study_uid=study_instance_uid if pseudonymizer is not None else None,
+    )
+
+
+def package_datasets(datasets: list[Dataset], target: Path) -> PackageManifest:
+    """Write ``datasets`` (a result: a SEG) into a package at ``target``."""
+    with target.open("wb") as file:
+        writer = PackageWriter(file)
+        for dataset in datasets:
+            writer.add(dataset)
+        return writer.close()
+
+
+async def _chunks(path: Path) -> AsyncIterator[bytes]:
+    with path.open("rb") as file:
+        while chunk := await asyncio.to_thread(file.read, _CHUNK):
+            yield chunk
+
+
+def _encrypt(source: Path, target: Path, certificate: x509.Certificate) -> int:
+    with source.open("rb") as plain, target.open("wb") as sealed:
+        return encrypt_to(plain, sealed, certificate_public_key(certificate))
+
+
+def _sha256(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.digest()
+
+
+async def publish_package(
+    site: TransferSite,
+    package: Path,
+    *,
+    recipient: str,
+    transfer_id: str,
+    title: str,
+) -> PublishedPackage:
+    """Encrypt ``package`` for ``recipient`` (an organization identifier) and store it on the
+    local DSF FHIR server, readable by the local and the recipient organization only.
+
+    The DocumentReference (identified by ``transfer_id``, created once even when the step
+    runs again) is the Binary's security context and says what it holds: size and SHA-256
+    of the encrypted bytes, the Binary's URL."""
+    started = time.monotonic()
+    remote = await site.client_of(recipient)
+    certificate = await recipient_certificate(remote, site.local, recipient)
+    sealed = package.with_suffix(".sealed")
+    size = await asyncio.to_thread(_encrypt, package, sealed, certificate)
+    digest = await asyncio.to_thread(_sha256, sealed)
+    document: dict[str, Any] = {
+        "resourceType": "DocumentReference",
+        "meta": {
+            "tag": [
+                {"system": READ_ACCESS_TAG_SYSTEM, "code": "LOCAL"},
+                {
+                    "system": READ_ACCESS_TAG_SYSTEM,
+                    "code": "ORGANIZATION",
+                    "extension": [
+                        {
+                            "url": _READ_ACCESS_ORGANIZATION_EXTENSION,
+                            "valueIdentifier": {
+                                "system": _ORGANIZATION_IDENTIFIER_SYSTEM,
+                                "value": recipient,
+                            },
+                        }
+                    ],
+                },
+            ]
+        },
+        "masterIdentifier": {"system": TRANSFER_IDENTIFIER_SYSTEM, "value": transfer_id},
+        "status": "current",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "description": title,
+        "content": [
+            {
+                "attachment": {
+                    "contentType": PACKAGE_MEDIA_TYPE,
+                    "size": size,
+                    "hash": _base64(digest),
+                    "title": title,
+                }
+            }
+        ],
+    }
+    created = await site.local.create(
+        document, if_none_exist=f"identifier={TRANSFER_IDENTIFIER_SYSTEM}|{transfer_id}"
+    )
+    if created.id is None:
+        raise TransferError("the local DSF FHIR server answered a DocumentReference without id")
+    context = f"DocumentReference/{created.id}"
+    uploaded = await site.local.upload_binary(
+        lambda: _chunks(sealed), content_type=PACKAGE_MEDIA_TYPE, security_context=context
+    )
+    if uploaded.id is None:
+        raise TransferError("the local DSF FHIR server answered the Binary without an id")
+    url = f"{site.local.base_url.rstrip('/')}/Binary/{uploaded.id}"
+    # The DocumentReference points at its Binary, so that a package left behind (a step that
+    # broke between upload and process variables) can be found and deleted.
+    stored = await site.local.read("DocumentReference", created.id)
+    stored["content"][0]["attachment"]["url"] = url
+    await site.local.update(stored)
+    seconds = time.monotonic() - started
+    log.info("transfer.published", bytes=size, seconds=round(seconds, 3), recipient=recipient)
+    return PublishedPackage(
+        binary_url=url, document_reference=context, encrypted_bytes=size, seconds=seconds
+    )
+
+
+def _base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def check_package_url(url: str, server: str) -> str:
+    """The Binary id of ``url`` when it is a Binary on ``server`` (the sender organization's
+    DSF FHIR server from the allow list); a package is never fetched from anywhere else."""
+    base = server.rstrip("/") + "/"
+    if not url.startswith(base):
+        raise TransferError(
+            f"the package {url} is not on the sender's DSF FHIR server {server} (allow list)",
+            retryable=False,
+        )
+    rest = url[len(base) :].split("/")
+    if len(rest) not in (2, 4) or rest[0] != "Binary" or not rest[1]:
+        raise TransferError(f"the package reference {url} names no Binary", retryable=False)
+    if urlsplit(url).query or urlsplit(url).fragment:
+        raise TransferError(f"the package reference {url} names no Binary", retryable=False)
+    return rest[1]
+
+
+async def receive_package(
+    site: TransferSite, url: str, *, sender: str, target: Path
+) -> ReceivedPackage:
+    """Download the package at ``url`` from ``sender``'s DSF FHIR server, decrypting it into
+    ``target`` while it streams; at most ``site.max_bytes``. ``target`` is complete and
+    authentic only when this returns (the tag verified); on any error it is removed."""
+    started = time.monotonic()
+    remote = await site.client_of(sender)
+    check_package_url(url, remote.base_url)
+    decryptor = StreamDecryptor(site.private_key, max_plaintext_bytes=site.max_bytes)
+    file: BinaryIO = target.open("wb")
+    try:
+
+        def sink(chunk: bytes) -> None:
+            file.write(decryptor.update(chunk))
+
+        size = await remote.download_binary(url, sink, max_bytes=site.max_bytes + 4096)
+        file.write(decryptor.finalize())
+        file.close()
+    except BaseException:
+        file.close()
+        # Unauthenticated plaintext never stays on disk.
+        await asyncio.to_thread(target.unlink, missing_ok=True)
+        raise
+    seconds = time.monotonic() - started
+    log.info("transfer.received", bytes=size, seconds=round(seconds, 3), sender=sender)
+    return ReceivedPackage(path=target, encrypted_bytes=size, seconds=seconds)
+
+
+def open_package(
+    site: TransferSite, path: Path
+) -> tuple[PackageManifest, Callable[[], list[Dataset]]]:
+    """The manifest of a received package and a loader of its instances (each verified
+    against its digest as it is read)."""
+    manifest, _ = read_package(path, max_instances=site.max_instances, max_bytes=site.max_bytes)
+
+    def load() -> list[Dataset]:
+        _, instances = read_package(
+            path, max_instances=site.max_instances, max_bytes=site.max_bytes
+        )
+        return list(instances)
+
+    return manifest, load
+
+
+def series_info(manifest: PackageManifest) -> SeriesInfo:
+    """What QIDO-RS would say of the packaged series."""
+    return SeriesInfo(
+        series_instance_uid=manifest.series_instance_uid,
+        modality=manifest.modality,
+        instance_count=manifest.instance_count,
+        body_part=manifest.body_part,
+    )
+
+
+async def withdraw_package(site: TransferSite, binary_url: str, document_reference: str) -> None:
+    """Delete a package this site published (its Binary, then its DocumentReference); gone
+    already is fine."""
+    binary_id = check_package_url(binary_url, site.local.base_url)
+    await site.local.delete("Binary", binary_id)
+    kind, _, document_id = document_reference.partition("/")
+    if kind == "DocumentReference" and document_id:
+        await site.local.delete("DocumentReference", document_id)
+    log.info("transfer.withdrawn")
+
+
+def uids_in(datasets: list[Dataset]) -> set[str]:
+    """Every UID value (VR UI) in ``datasets``, in sequences and file meta information too: what
+    a returned result may reference of the study this site sent."""
+    found: set[str] = set()
+
+    def walk(dataset: Dataset) -> None:
+        for element in dataset:
+            if element.VR == "SQ":
+                for item in element.value or []:
+                    walk(item)
+            elif element.VR == "UI" and element.value:
+                values = element.value if element.VM > 1 else [element.value]
+                found.update(str(value) for value in values if value)
+
+    for dataset in datasets:
+        walk(dataset)
+        meta = getattr(dataset, "file_meta", None)
+        if meta is not None:
+            walk(meta)
+    return found

@@ -1,0 +1,70 @@
+"""The site's side of issue 13's transfers: the :class:`~dsf_bridge.plugins.transfer.TransferSite`
+handlers get (``omi.transfer``), built from the site's identity, store and settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import structlog
+
+from dsf_bridge.config import Settings
+from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.identity import ClientIdentity
+from dsf_bridge.omi.pseudonymize import Pseudonymizer, policy_from_settings
+from dsf_bridge.plugins.transfer import TransferSite
+from dsf_bridge.store import Database
+from dsf_bridge.store.repository import original_uids, record_pseudonyms
+
+__all__ = ["SqlPseudonyms", "transfer_site"]
+
+log = structlog.get_logger("dsf_bridge.runtime.transfers")
+
+
+class SqlPseudonyms:
+    """The mapping of original and replacement UIDs in the site's own store (``0006``)."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    async def record(self, original_study_uid: str, uids: Mapping[str, str]) -> None:
+        async with self._database.transaction() as session:
+            await record_pseudonyms(session, original_study_uid, uids)
+
+    async def originals(self, replaced: list[str]) -> dict[str, str]:
+        async with self._database.transaction() as session:
+            return await original_uids(session, replaced)
+
+
+def transfer_site(  # noqa: PLR0917 - six parts of one site, each named at the call
+    settings: Settings,
+    identity: ClientIdentity,
+    local: FhirClient,
+    remote: Callable[[str], FhirClient],
+    database: Database,
+    organization: str,
+) -> TransferSite:
+    """The transfer service of a site. Without ``[pseudonymization] secret`` (or with
+    ``enabled = false``) the site can still provide inference and receive packages; it only
+    refuses to send a study (the request fails with request-invalid, saying why)."""
+    pseudonymization = settings.pseudonymization
+    pseudonymizer = None
+    if pseudonymization.enabled and pseudonymization.secret is not None:
+        pseudonymizer = Pseudonymizer(policy_from_settings(pseudonymization))
+    else:
+        log.info(
+            "transfer.no_pseudonymization",
+            reason="disabled" if not pseudonymization.enabled else "no secret",
+        )
+    omi = settings.omi
+    return TransferSite(
+        local=local,
+        remote=remote,
+        private_key=identity.key,
+        certificate=identity.certificate,
+        local_organization=organization,
+        pseudonymizer=pseudonymizer,
+        pseudonyms=SqlPseudonyms(database),
+        directory=omi.transfer_dir,
+        max_bytes=omi.max_package_bytes,
+        max_instances=omi.max_package_instances,
+    )
