@@ -42,7 +42,7 @@ from dsf_bridge.dsf.endpoints import resolve_target
 from dsf_bridge.dsf.vocabulary import READ_ACCESS_TAG_SYSTEM
 from dsf_bridge.errors import BridgeError
 from dsf_bridge.omi.dicomweb import DicomWebArchive, SeriesInfo
-from dsf_bridge.omi.package import PackageManifest, PackageWriter, read_package
+from dsf_bridge.omi.package import PackageManifest, PackageReader, PackageWriter
 from dsf_bridge.omi.pseudonymize import Pseudonymizer
 
 __all__ = [
@@ -166,12 +166,14 @@ async def package_series(
     pseudonymized on the way when ``pseudonymizer`` is given (one instance in memory at a
     time: WADO-RS read as a stream)."""
     uids: dict[str, str] = {}
-    originals: set[str] = set()
+    count = 0
     with target.open("wb") as file:
         writer = PackageWriter(file)
 
         def handle(instance: Dataset) -> None:
-            if writer.count >= max_instances:
+            nonlocal count
+            count += 1
+            if count > max_instances:
                 raise TransferError(
                     f"the series has more than {max_instances} instances, the most one package "
                     "may hold ([omi] max_package_instances)",
@@ -182,7 +184,6 @@ async def package_series(
                 return
             copy = pseudonymizer.pseudonymize(instance)
             uids.update(copy.uids)
-            originals.add(copy.original_study_uid)
             writer.add(copy.dataset)
 
         await archive.each_instance(study_instance_uid, series_instance_uid, handle)
@@ -355,15 +356,18 @@ async def receive_package(
 def open_package(
     site: TransferSite, path: Path
 ) -> tuple[PackageManifest, Callable[[], list[Dataset]]]:
-    """The manifest of a received package and a loader of its instances (each verified
-    against its digest as it is read)."""
-    manifest, _ = read_package(path, max_instances=site.max_instances, max_bytes=site.max_bytes)
+    """The manifest of a received package (checked against the ZIP) and a loader of its
+    instances, each verified against its digest as it is read."""
+    with PackageReader(
+        path, max_instances=site.max_instances, max_bytes=site.max_bytes
+    ) as reader:
+        manifest = reader.manifest
 
     def load() -> list[Dataset]:
-        _, instances = read_package(
+        with PackageReader(
             path, max_instances=site.max_instances, max_bytes=site.max_bytes
-        )
-        return list(instances)
+        ) as reader:
+            return list(reader.instances())
 
     return manifest, load
 
@@ -374,7 +378,7 @@ def series_info(manifest: PackageManifest) -> SeriesInfo:
         series_instance_uid=manifest.series_instance_uid,
         modality=manifest.modality,
         instance_count=manifest.instance_count,
-        body_part=manifest.body_part,
+        body_part=manifest.body_part or None,
     )
 
 
