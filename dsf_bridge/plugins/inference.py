@@ -1244,8 +1244,8 @@ def _plugin() -> ProcessPlugin:
     activity = profiles / "ActivityDefinition"
     return ProcessPlugin(
         name="dsf-bridge-omi-inference",
-        version="1.0.0.0",
-        release_date=date(2026, 11, 23),
+        version="1.1.0.0",
+        release_date=date(2026, 11, 30),
         bpmn_files=(bpmn_dir() / "inference-request.bpmn", bpmn_dir() / "inference-execution.bpmn"),
         fhir_resources={
             REQUEST_PROCESS: (activity / "inference-request.json", *shared),

@@ -87,8 +87,8 @@ __all__ = [
 DEMO_REQUESTER = "Hospital_A"
 DEMO_PROVIDER = "AI_Provider"
 SERVICE_ID = "tissue-composition"
-START_PROFILE = "http://dsf-bridge.dev/fhir/StructureDefinition/task-start-inference-request|1.0"
-START_CANONICAL = "http://dsf-bridge.dev/bpe/Process/inferenceRequest|1.0"
+START_PROFILE = "http://dsf-bridge.dev/fhir/StructureDefinition/task-start-inference-request|1.1"
+START_CANONICAL = "http://dsf-bridge.dev/bpe/Process/inferenceRequest|1.1"
 # Short waits between worker rounds: a sandbox network should answer in about a second.
 FAST_RUNTIME = RuntimeSettings(
     idle_poll=dt.timedelta(milliseconds=100),

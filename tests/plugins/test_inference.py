@@ -99,7 +99,7 @@ def _service(service_id: str, model: str, mlserver: MLServerProcess) -> dict[str
 def _our_profile(url: str) -> TaskProfile:
     """One of our Task profiles (by canonical with version) over DSF's task-base 1.0.0."""
     name = url.split("|", maxsplit=1)[0].rsplit("/", 1)[-1]
-    values = Placeholders("1.0", "2026-11-23", REQUESTER, {})
+    values = Placeholders("1.1", "2026-11-30", REQUESTER, {})
     path = REPO / "profiles" / "omi" / "StructureDefinition" / f"{name}.json"
     profile = read_resource(path, values.replace_fhir_bytes(path.read_bytes(), source=str(path)))
     base_path = reference_file(TASK_BASE)

@@ -62,10 +62,10 @@ async def test_request_goes_to_the_provider_and_times_out_after_the_default() ->
         [sent] = harness.sent
         assert sent.message_name == "inferenceRequest"
         assert sent.instantiates_canonical == (
-            "http://dsf-bridge.dev/bpe/Process/inferenceExecution|1.0"
+            "http://dsf-bridge.dev/bpe/Process/inferenceExecution|1.1"
         )
         assert sent.profile == (
-            "http://dsf-bridge.dev/fhir/StructureDefinition/task-inference-request|1.0"
+            "http://dsf-bridge.dev/fhir/StructureDefinition/task-inference-request|1.1"
         )
         assert sent.target == {"organizationIdentifier": "AI_Provider"}
         assert sent.business_key == "bk-1"

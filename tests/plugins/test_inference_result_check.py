@@ -143,7 +143,7 @@ async def test_without_the_contract_only_the_probability_is_checked() -> None:
 
 
 def _validator() -> ProfileValidator:
-    values = Placeholders("1.0", "2026-01-01", "Site_A", {})
+    values = Placeholders("1.1", "2026-01-01", "Site_A", {})
     ours = [
         read_resource(path, values.replace_fhir_bytes(path.read_bytes(), source=str(path)))
         for path in sorted((REPO / "profiles" / "omi").glob("*/*.json"))
@@ -174,8 +174,8 @@ def test_the_bridges_own_measurement_codes_go_first_whatever_the_contracts_order
     send_inference_result(ctx)
     task = {
         "resourceType": "Task",
-        "meta": {"profile": [f"{RESULT_PROFILE}|1.0"]},
-        "instantiatesCanonical": "http://dsf-bridge.dev/bpe/Process/inferenceRequest|1.0",
+        "meta": {"profile": [f"{RESULT_PROFILE}|1.1"]},
+        "instantiatesCanonical": "http://dsf-bridge.dev/bpe/Process/inferenceRequest|1.1",
         "status": "requested",
         "intent": "order",
         "authoredOn": "2026-01-01T00:00:00Z",

@@ -86,7 +86,7 @@ def test_the_omi_start_task_is_typed_by_the_profile() -> None:
     assert task["authoredOn"] == "2026-03-01T12:00:00.000+00:00"
     assert task["requester"]["identifier"]["value"] == "Hospital_A"
     assert task["restriction"]["recipient"][0]["identifier"]["value"] == "Hospital_A"
-    assert task["instantiatesCanonical"] == "http://dsf-bridge.dev/bpe/Process/inferenceRequest|1.0"
+    assert task["instantiatesCanonical"] == "http://dsf-bridge.dev/bpe/Process/inferenceRequest|1.1"
     assert "identifier" not in task  # the draft's task-identifier stays with the draft
     assert input_values(task, "segmentation", CODESYSTEM_OMI) == [True]
     assert input_values(task, "business-key") == ["bk-1"]
