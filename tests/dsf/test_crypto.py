@@ -8,8 +8,10 @@ import io
 import shutil
 import struct
 import subprocess
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -369,3 +371,53 @@ def test_keys_load_from_files_and_certificates(tmp_path: Path) -> None:
 
     issued = CertificateAuthority("crypto test CA").issue_client("Test Client")
     assert certificate_public_key(issued.certificate) == issued.key.public_key()
+
+
+class _Zeros(io.RawIOBase):
+    """``size`` zero bytes, made as they are read: a large source that takes no memory."""
+
+    def __init__(self, size: int) -> None:
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        count = self._left if size < 0 else min(size, self._left)
+        self._left -= count
+        return bytes(count)
+
+
+class _Sink(io.RawIOBase):
+    """Counts and hashes what is written, keeps nothing."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.digest = hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.size += len(data)
+        self.digest.update(data)
+        return len(data)
+
+
+def test_encryption_and_decryption_run_in_constant_memory(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    size = 48 << 20
+    encrypted = tmp_path / "big.bin"
+    tracemalloc.start()
+    try:
+        with encrypted.open("wb") as target:
+            encrypt_to(_Zeros(size), target, key.public_key())  # type: ignore[arg-type]
+        sink = _Sink()
+        with encrypted.open("rb") as source:
+            decrypt_to(source, sink, key, max_plaintext_bytes=size)  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sink.size == size
+    assert sink.digest.hexdigest() == hashlib.sha256(bytes(size)).hexdigest()
+    assert peak < 8 << 20, f"peak {peak} bytes for a {size}-byte stream"
