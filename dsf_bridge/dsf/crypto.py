@@ -222,19 +222,18 @@ def _check_private(key: object) -> KemPrivateKey:
 
 def load_private_key(path: Path, password: bytes | str | None = None) -> KemPrivateKey:
     """The private key in ``path`` (PEM or DER, PKCS#8 or traditional, encrypted when
-    ``password`` is given), checked to be one DSF's Kem can decrypt with."""
+    ``password`` is given), checked to be one DSF's Kem can decrypt with. A site whose DSF
+    client key is in a PKCS#12 file takes ``ClientIdentity.key`` from ``identity.load_identity``
+    instead."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise CryptoError(f"cannot read the private key {path}: {exc.strerror}") from exc
     secret = password.encode() if isinstance(password, str) else password
-    loaders = (
-        (serialization.load_pem_private_key, serialization.load_der_private_key)
-        if b"-----BEGIN" in data
-        else (serialization.load_der_private_key,)
-    )
+    pem = b"-----BEGIN" in data
+    load = serialization.load_pem_private_key if pem else serialization.load_der_private_key
     try:
-        key = loaders[0](data, secret)
+        key = load(data, secret)
     except TypeError as exc:  # password missing, or given for an unencrypted key
         raise CryptoError(f"the private key {path}: {exc}") from exc
     except ValueError as exc:

@@ -368,6 +368,25 @@ def test_keys_load_from_files_and_certificates(tmp_path: Path) -> None:
         load_private_key(path, "wrong")
     with pytest.raises(CryptoError, match="cannot read the private key"):
         load_private_key(tmp_path / "missing.pem")
+    der = tmp_path / "key.der"
+    der.write_bytes(
+        x25519.X25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    assert isinstance(load_private_key(der), x25519.X25519PrivateKey)
+    signing = tmp_path / "ed25519.pem"
+    signing.write_bytes(
+        ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(UnsupportedKeyError, match="Ed25519PrivateKey cannot decrypt"):
+        load_private_key(signing)
 
     issued = CertificateAuthority("crypto test CA").issue_client("Test Client")
     assert certificate_public_key(issued.certificate) == issued.key.public_key()
