@@ -1,0 +1,294 @@
+"""The study package: a CT series round trip, and every way a package can lie."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from dsf_bridge.omi.package import (
+    FORMAT,
+    MANIFEST_NAME,
+    PackageError,
+    PackageManifest,
+    PackageReader,
+    PackageWriter,
+)
+from tests.omi.data import SERIES_SLICES, make_series
+
+LIMITS = {"max_instances": 100, "max_bytes": 100 << 20}
+
+
+def _write(path: Path, series: list[Dataset]) -> PackageManifest:
+    with path.open("wb") as target, PackageWriter(target) as writer:
+        for dataset in series:
+            writer.add(dataset)
+    return writer.close()
+
+
+@pytest.fixture
+def package(tmp_path: Path, ct_series: list[Dataset]) -> Path:
+    path = tmp_path / "series.zip"
+    _write(path, ct_series)
+    return path
+
+
+def _rewrite(
+    source: Path,
+    target: Path,
+    *,
+    manifest: Callable[[dict[str, object]], None] | None = None,
+    files: Callable[[dict[str, bytes]], None] | None = None,
+    compression: int = zipfile.ZIP_STORED,
+) -> Path:
+    """A copy of ``source`` with its manifest and files edited: a forged package."""
+    with zipfile.ZipFile(source) as original:
+        contents = {name: original.read(name) for name in original.namelist()}
+    document = json.loads(contents.pop(MANIFEST_NAME))
+    if manifest is not None:
+        manifest(document)
+    if files is not None:
+        files(contents)
+    with zipfile.ZipFile(target, "w", compression=compression) as forged:
+        for name, data in contents.items():
+            forged.writestr(name, data)
+        forged.writestr(MANIFEST_NAME, json.dumps(document))
+    return target
+
+
+def test_a_ct_series_round_trips_with_its_manifest(package: Path, ct_series: list[Dataset]) -> None:
+    with PackageReader(package, **LIMITS) as reader:
+        manifest = reader.manifest
+        read = list(reader.instances())
+    assert manifest.study_instance_uid == ct_series[0].StudyInstanceUID
+    assert manifest.series_instance_uid == ct_series[0].SeriesInstanceUID
+    assert manifest.modality == "CT"
+    assert manifest.instance_count == SERIES_SLICES
+    assert [e.sop_instance_uid for e in manifest.entries] == [d.SOPInstanceUID for d in ct_series]
+    assert [d.SOPInstanceUID for d in read] == [d.SOPInstanceUID for d in ct_series]
+    assert [d.PixelData for d in read] == [d.PixelData for d in ct_series]
+    with zipfile.ZipFile(package) as archive:
+        infos = archive.infolist()
+        assert infos[-1].filename == MANIFEST_NAME  # written last
+        assert {i.compress_type for i in infos} == {zipfile.ZIP_STORED}
+        for entry in manifest.entries:
+            data = archive.read(entry.name)
+            assert len(data) == entry.size
+            assert hashlib.sha256(data).hexdigest() == entry.sha256
+            assert data[128:132] == b"DICM"  # Part 10 preamble and prefix
+        document = json.loads(archive.read(MANIFEST_NAME))
+    assert document["format"] == FORMAT
+    assert document["total_bytes"] == manifest.total_bytes == sum(e.size for e in manifest.entries)
+
+
+def test_a_deflated_package_from_elsewhere_is_read_too(package: Path, tmp_path: Path) -> None:
+    forged = _rewrite(package, tmp_path / "deflated.zip", compression=zipfile.ZIP_DEFLATED)
+    with PackageReader(forged, **LIMITS) as reader:
+        assert len(list(reader.instances())) == SERIES_SLICES
+
+
+def test_the_writer_refuses_a_second_series(ct_small: Dataset, tmp_path: Path) -> None:
+    with (tmp_path / "x.zip").open("wb") as target, PackageWriter(target) as writer:
+        writer.add(make_series(ct_small, 1)[0])
+        with pytest.raises(PackageError, match="one series"):
+            writer.add(make_series(ct_small, 1)[0])
+
+
+def test_limits_are_checked_before_anything_is_read(package: Path) -> None:
+    with pytest.raises(PackageError, match=f"{SERIES_SLICES} instances, more than the limit of 4"):
+        PackageReader(package, max_instances=4, max_bytes=100 << 20)
+    with pytest.raises(PackageError, match="more than the limit of 1000"):
+        PackageReader(package, max_instances=100, max_bytes=1000)
+
+
+def _first(document: dict[str, object]) -> dict[str, object]:
+    instances = document["instances"]
+    assert isinstance(instances, list)
+    first = instances[0]
+    assert isinstance(first, dict)
+    return first
+
+
+def _unlisted(files: dict[str, bytes]) -> None:
+    files["instances/00099.dcm"] = files["instances/00001.dcm"]
+
+
+def _traversal(files: dict[str, bytes]) -> None:
+    files["../../etc/cron.d/x"] = b"* * * * * root true"
+
+
+def _absolute(files: dict[str, bytes]) -> None:
+    files["/srv/x.dcm"] = b"x"
+
+
+def _missing(files: dict[str, bytes]) -> None:
+    del files["instances/00002.dcm"]
+
+
+def _swapped(files: dict[str, bytes]) -> None:
+    files["instances/00001.dcm"], files["instances/00002.dcm"] = (
+        files["instances/00002.dcm"],
+        files["instances/00001.dcm"],
+    )
+
+
+def _format(document: dict[str, object]) -> None:
+    document["format"] = "dsf-bridge-dicom-series/9"
+
+
+def _count(document: dict[str, object]) -> None:
+    document["instance_count"] = 1
+
+
+def _total(document: dict[str, object]) -> None:
+    document["total_bytes"] = 10
+
+
+def _size(document: dict[str, object]) -> None:
+    first = _first(document)
+    first["size"] = int(str(first["size"])) + 1
+    document["total_bytes"] = int(str(document["total_bytes"])) + 1
+
+
+def _unlist(document: dict[str, object]) -> None:
+    instances = document["instances"]
+    assert isinstance(instances, list)
+    del instances[-1]
+    document["instance_count"] = len(instances)
+    document["total_bytes"] = sum(int(i["size"]) for i in instances)
+
+
+@pytest.mark.parametrize(
+    ("manifest", "files", "message"),
+    [
+        (None, _unlisted, r"does not list: \['instances/00099.dcm'\]"),
+        (None, _traversal, "unexpected file '../../etc/cron.d/x'"),
+        (None, _absolute, "unexpected file '/srv/x.dcm'"),
+        (None, _missing, r"lacks files its manifest lists: \['instances/00002.dcm'\]"),
+        (_format, None, "format is 'dsf-bridge-dicom-series/9'"),
+        (_count, None, "declares 1 instances but lists 5"),
+        (_total, None, "declares 10 bytes"),
+        (_size, None, "the ZIP declares .* bytes for instances/00001.dcm"),
+        (_unlist, None, r"does not list: \['instances/00005.dcm'\]"),
+    ],
+)
+def test_a_manifest_that_does_not_match_the_zip_is_refused_on_opening(
+    package: Path,
+    tmp_path: Path,
+    manifest: Callable[[dict[str, object]], None] | None,
+    files: Callable[[dict[str, bytes]], None] | None,
+    message: str,
+) -> None:
+    forged = _rewrite(package, tmp_path / "forged.zip", manifest=manifest, files=files)
+    with pytest.raises(PackageError, match=message):
+        PackageReader(forged, **LIMITS)
+
+
+def test_an_altered_instance_fails_its_digest_before_it_is_parsed(
+    package: Path, tmp_path: Path
+) -> None:
+    def alter(files: dict[str, bytes]) -> None:
+        data = bytearray(files["instances/00003.dcm"])
+        data[-1] ^= 0xFF
+        files["instances/00003.dcm"] = bytes(data)
+
+    forged = _rewrite(package, tmp_path / "forged.zip", files=alter)
+    with PackageReader(forged, **LIMITS) as reader:
+        instances = reader.instances()
+        assert next(instances).InstanceNumber == 1
+        assert next(instances).InstanceNumber == 2
+        with pytest.raises(PackageError, match=r"00003\.dcm does not match its SHA-256"):
+            next(instances)
+
+
+def test_swapped_files_fail_their_digests(package: Path, tmp_path: Path) -> None:
+    forged = _rewrite(package, tmp_path / "forged.zip", files=_swapped)
+    with PackageReader(forged, **LIMITS) as reader, pytest.raises(PackageError, match="SHA-256"):
+        list(reader.instances())
+
+
+def test_a_zip_bomb_is_refused_by_its_declared_and_its_actual_size(
+    package: Path, tmp_path: Path
+) -> None:
+    # Declared: a deflated manifest of 20 MB of spaces is refused from its header alone.
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(MANIFEST_NAME, b" " * (20 << 20))
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(PackageError, match="declares 20971520 bytes"):
+        PackageReader(bomb, **LIMITS)
+
+    # Actual: headers lowered to claim a small entry while the data inflates to more.
+    big = b"\x00" * (3 << 20)
+    lying = tmp_path / "lying.zip"
+    with zipfile.ZipFile(lying, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("instances/00001.dcm", big)
+    raw = bytearray(lying.read_bytes())
+    size = len(big).to_bytes(4, "little")
+    small = (1000).to_bytes(4, "little")
+    assert raw.count(size) == 2  # local header and central directory
+    raw = raw.replace(size, small)
+    lying.write_bytes(bytes(raw))
+    document = {
+        "format": FORMAT,
+        "study_instance_uid": "1.2.3",
+        "series_instance_uid": "1.2.3.4",
+        "modality": "CT",
+        "instance_count": 1,
+        "total_bytes": 1000,
+        "instances": [
+            {
+                "name": "instances/00001.dcm",
+                "sop_instance_uid": "1.2.3.4.5",
+                "size": 1000,
+                "sha256": hashlib.sha256(big[:1000]).hexdigest(),
+            }
+        ],
+    }
+    with zipfile.ZipFile(lying, "a") as archive:
+        archive.writestr(MANIFEST_NAME, json.dumps(document))
+    with PackageReader(lying, **LIMITS) as reader, pytest.raises(PackageError, match="damaged"):
+        list(reader.instances())
+
+
+def test_not_a_zip_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "x.zip"
+    path.write_bytes(b"PK\x03\x04 but nothing else")
+    with pytest.raises(PackageError, match="not a readable ZIP"):
+        PackageReader(path, **LIMITS)
+
+
+def test_the_writer_streams_into_any_binary_file(ct_series: list[Dataset]) -> None:
+    buffer = io.BytesIO()
+    with PackageWriter(buffer) as writer:
+        writer.add(ct_series[0])
+    manifest = writer.close()
+    assert manifest.instance_count == 1
+    assert zipfile.ZipFile(io.BytesIO(buffer.getvalue())).namelist() == [
+        "instances/00001.dcm",
+        MANIFEST_NAME,
+    ]
+
+
+def test_nested_sequences_are_written_without_seeking(
+    ct_series: list[Dataset], tmp_path: Path
+) -> None:
+    dataset = copy.deepcopy(ct_series[0])
+    inner = Dataset()
+    inner.CodeValue = "T-D0050"
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = ct_series[1].SOPInstanceUID
+    item.PurposeOfReferenceCodeSequence = [inner]
+    dataset.ReferencedImageSequence = [item, item]
+    path = tmp_path / "sq.zip"
+    _write(path, [dataset])
+    with PackageReader(path, **LIMITS) as reader:
+        (read,) = reader.instances()
+    assert read.ReferencedImageSequence[1].PurposeOfReferenceCodeSequence[0].CodeValue == "T-D0050"
