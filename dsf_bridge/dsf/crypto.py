@@ -62,6 +62,7 @@ __all__ = [
     "UnsupportedKeyError",
     "certificate_public_key",
     "decrypt_to",
+    "decryption_key",
     "encrypt_to",
     "load_private_key",
 ]
@@ -208,7 +209,8 @@ def _check_public(key: object) -> KemPublicKey:
     )
 
 
-def _check_private(key: object) -> KemPrivateKey:
+def decryption_key(key: object) -> KemPrivateKey:
+    """``key`` if the KEM can decrypt with it; :class:`UnsupportedKeyError` says why not."""
     if isinstance(key, ec.EllipticCurvePrivateKey):
         _nist_kem(key.curve)
         return key
@@ -241,7 +243,7 @@ def load_private_key(path: Path, password: bytes | str | None = None) -> KemPriv
             f"the private key {path} cannot be read: not a PEM or DER private key, or the "
             "password is wrong"
         ) from exc
-    return _check_private(key)
+    return decryption_key(key)
 
 
 def certificate_public_key(certificate: x509.Certificate) -> KemPublicKey:
@@ -354,7 +356,7 @@ class StreamDecryptor:
     def __init__(self, private_key: KemPrivateKey, *, max_plaintext_bytes: int) -> None:
         if max_plaintext_bytes < 0:
             raise ValueError("max_plaintext_bytes must not be negative")
-        self._key = _check_private(private_key)
+        self._key = decryption_key(private_key)
         self._expected = _encapsulation_length(self._key)
         self._limit = max_plaintext_bytes
         self._header = bytearray()

@@ -78,7 +78,8 @@ class ReceivedSeries:
     async def search_series(self, study_instance_uid: str) -> list[SeriesInfo]:
         if study_instance_uid != self.study_instance_uid:
             raise StudyNotFoundError(
-                f"the package holds study {self.study_instance_uid}, not {study_instance_uid}"
+                f"the package holds study {self.study_instance_uid}, not {study_instance_uid}",
+                url="package",
             )
         return [self.series]
 
@@ -91,7 +92,8 @@ class ReceivedSeries:
         if series_instance_uid not in (None, self.series.series_instance_uid):
             raise StudyNotFoundError(
                 f"the package holds series {self.series.series_instance_uid}, not "
-                f"{series_instance_uid}"
+                f"{series_instance_uid}",
+                url="package",
             )
         return self.series
 

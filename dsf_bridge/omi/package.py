@@ -83,6 +83,8 @@ class PackageManifest:
     series_instance_uid: str
     modality: str
     entries: tuple[PackageEntry, ...]
+    # BodyPartExamined of the first instance ("" when it has none): what a contract checks.
+    body_part: str = ""
 
     @property
     def instance_count(self) -> int:
@@ -99,6 +101,7 @@ class PackageManifest:
                 "study_instance_uid": self.study_instance_uid,
                 "series_instance_uid": self.series_instance_uid,
                 "modality": self.modality,
+                "body_part": self.body_part,
                 "instance_count": self.instance_count,
                 "total_bytes": self.total_bytes,
                 "instances": [
@@ -149,7 +152,10 @@ class PackageManifest:
             entries.append(
                 PackageEntry(_text(item, "name"), _text(item, "sop_instance_uid"), size, digest)
             )
-        manifest = cls(study, series, modality, tuple(entries))
+        body_part = document.get("body_part", "")
+        if not isinstance(body_part, str):
+            raise PackageError(f"the package's {MANIFEST_NAME} gives no text 'body_part'")
+        manifest = cls(study, series, modality, tuple(entries), body_part)
         if document.get("instance_count") != manifest.instance_count:
             raise PackageError(
                 f"{MANIFEST_NAME} declares {document.get('instance_count')} instances but lists "
@@ -202,6 +208,7 @@ class PackageWriter:
         self._zip = zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         self._entries: list[PackageEntry] = []
         self._series: tuple[str, str, str] | None = None
+        self._body_part = ""
         self._manifest: PackageManifest | None = None
 
     def __enter__(self) -> PackageWriter:
@@ -231,6 +238,7 @@ class PackageWriter:
             )
         if self._series is None:
             self._series = (study, series, str(dataset.get("Modality", "")))
+            self._body_part = str(dataset.get("BodyPartExamined", "") or "")
         elif (study, series) != self._series[:2]:
             raise PackageError(
                 "a package holds one series; an instance of another series or study was added"
@@ -251,7 +259,7 @@ class PackageWriter:
             self._zip.close()
             raise PackageError("an empty package: no instance was added")
         study, series, modality = self._series
-        manifest = PackageManifest(study, series, modality, tuple(self._entries))
+        manifest = PackageManifest(study, series, modality, tuple(self._entries), self._body_part)
         info = zipfile.ZipInfo(MANIFEST_NAME, date_time=(1980, 1, 1, 0, 0, 0))
         self._zip.writestr(info, manifest.to_json())
         self._zip.close()

@@ -32,12 +32,16 @@ from urllib.parse import urlsplit
 
 import structlog
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from pydicom.dataset import Dataset
 
 from dsf_bridge.dsf.certificates import recipient_certificate
 from dsf_bridge.dsf.client import FhirClient
-from dsf_bridge.dsf.crypto import StreamDecryptor, certificate_public_key, encrypt_to
+from dsf_bridge.dsf.crypto import (
+    KemPrivateKey,
+    StreamDecryptor,
+    certificate_public_key,
+    encrypt_to,
+)
 from dsf_bridge.dsf.endpoints import resolve_target
 from dsf_bridge.dsf.vocabulary import READ_ACCESS_TAG_SYSTEM
 from dsf_bridge.errors import BridgeError
@@ -96,7 +100,8 @@ class TransferSite:
 
     local: FhirClient
     remote: Callable[[str], FhirClient]
-    private_key: PrivateKeyTypes
+    # None: the site's client key cannot decrypt (an Ed25519 key only signs); it sends only.
+    private_key: KemPrivateKey | None
     certificate: x509.Certificate
     local_organization: str
     pseudonymizer: Pseudonymizer | None = None
@@ -333,6 +338,12 @@ async def receive_package(
     started = time.monotonic()
     remote = await site.client_of(sender)
     check_package_url(url, remote.base_url)
+    if site.private_key is None:
+        raise TransferError(
+            "this site's DSF client key cannot decrypt (DSF's KEM takes RSA or EC keys): it "
+            "cannot receive packages",
+            retryable=False,
+        )
     decryptor = StreamDecryptor(site.private_key, max_plaintext_bytes=site.max_bytes)
     file: BinaryIO = target.open("wb")
     try:
@@ -358,9 +369,7 @@ def open_package(
 ) -> tuple[PackageManifest, Callable[[], list[Dataset]]]:
     """The manifest of a received package (checked against the ZIP) and a loader of its
     instances, each verified against its digest as it is read."""
-    with PackageReader(
-        path, max_instances=site.max_instances, max_bytes=site.max_bytes
-    ) as reader:
+    with PackageReader(path, max_instances=site.max_instances, max_bytes=site.max_bytes) as reader:
         manifest = reader.manifest
 
     def load() -> list[Dataset]:

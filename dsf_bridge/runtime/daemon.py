@@ -32,9 +32,11 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import structlog
+from cryptography.hazmat.primitives import serialization
 
 from dsf_bridge.config import RuntimeConfig, Settings
 from dsf_bridge.dsf.authorization import TaskAuthorizer
+from dsf_bridge.dsf.certificates import publish_certificate
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity
 from dsf_bridge.dsf.organization import LocalOrganization, find_local_organization
@@ -51,6 +53,7 @@ from dsf_bridge.plugins.inference import (
     SERVICE_OMI_REGISTRY,
     SERVICE_OMI_SETTINGS,
 )
+from dsf_bridge.plugins.inference import plugin as inference_plugin
 from dsf_bridge.plugins.registry import (
     SERVICE_CALL_RETRY,
     SERVICE_FHIR_CLIENT,
@@ -261,6 +264,12 @@ class Bridge:
                 version=loaded.plugin.version,
                 processes=sorted(loaded.definitions),
             )
+        if any(loaded.plugin.name == inference_plugin.name for loaded in self.loaded):
+            # Sites encrypt study and result packages for this certificate (docs/privacy.md).
+            await publish_certificate(
+                self.client, identity.certificate.public_bytes(serialization.Encoding.PEM)
+            )
+            log.info("certificate.published", thumbprint=identity.thumbprint)
         self.intake = TaskIntake(
             self.client,
             self.runtime,

@@ -9,6 +9,7 @@ import structlog
 
 from dsf_bridge.config import Settings
 from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.crypto import KemPrivateKey, UnsupportedKeyError, decryption_key
 from dsf_bridge.dsf.identity import ClientIdentity
 from dsf_bridge.omi.pseudonymize import Pseudonymizer, policy_from_settings
 from dsf_bridge.plugins.transfer import TransferSite
@@ -55,11 +56,16 @@ def transfer_site(  # noqa: PLR0917 - six parts of one site, each named at the c
             "transfer.no_pseudonymization",
             reason="disabled" if not pseudonymization.enabled else "no secret",
         )
+    try:
+        private_key: KemPrivateKey | None = decryption_key(identity.key)
+    except UnsupportedKeyError as exc:
+        private_key = None
+        log.warning("transfer.cannot_decrypt", reason=str(exc))
     omi = settings.omi
     return TransferSite(
         local=local,
         remote=remote,
-        private_key=identity.key,
+        private_key=private_key,
         certificate=identity.certificate,
         local_organization=organization,
         pseudonymizer=pseudonymizer,

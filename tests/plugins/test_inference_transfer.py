@@ -217,9 +217,7 @@ async def test_the_provider_gets_a_pseudonymized_copy_and_the_seg_comes_back_to_
             assert uid not in text, "an original UID left the site"
         assert copy.PatientIdentityRemoved == "YES"
         # Which original it is: the instance number survives (the profile keeps it).
-        [original] = [
-            o for o in originals.values() if o.InstanceNumber == copy.InstanceNumber
-        ]
+        [original] = [o for o in originals.values() if o.InstanceNumber == copy.InstanceNumber]
         for element in original:
             tag = element.tag
             if tag.is_private:
