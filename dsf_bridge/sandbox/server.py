@@ -354,6 +354,10 @@ def create_app(service: FhirService, hub: SubscriptionHub) -> Starlette:
                 body = binary_resource(content_type, security_context)
                 if method == "PUT" and len(parts) == 2:
                     body["id"] = parts[1]
+                elif method == "POST":
+                    denied = service.upload_denied(identity, body)
+                    if denied is not None:
+                        return _render(service, denied, "", accept)
                 content = await service.binaries.receive(request.stream())
             else:
                 raw = await request.body()

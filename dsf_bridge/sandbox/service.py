@@ -292,6 +292,19 @@ class FhirService:
             # Stored content was moved to its version's file; what is left was refused.
             self.binaries.discard(content)
 
+    def upload_denied(
+        self, identity: OrganizationIdentity, body: dict[str, Any]
+    ) -> FhirResponse | None:
+        """A raw Binary create judged before its content is read: DSF authorizes the resource
+        (content type, security context) before the DAO streams the data into its database,
+        so a refused upload costs the server no disk. None: go on and read the body."""
+        if any(method == "POST" for method, _, _ in self._faults):
+            return None  # the test hook answers first, as in handle()
+        lacking = _role_lacking(identity, "POST", ["Binary"])
+        if lacking is not None:
+            return _forbidden("create", identity, "Binary", "no DSF role")
+        return self._write_denied(identity, "create", body, None)
+
     def _handle(
         self,
         identity: OrganizationIdentity,

@@ -207,16 +207,37 @@ async def test_a_raw_upload_needs_one_security_context_header(network: Network) 
     assert network.server.service.store.all("Binary") == []
 
 
-async def test_a_remote_organization_may_not_upload(network: Network) -> None:
+async def test_a_remote_organization_may_not_upload(
+    network: Network, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused before the body is read: DSF authorizes the Binary (content type, security
+    context) before its DAO streams the data, so a refused upload costs no disk."""
     context = await _security_context(network, REMOTE)
+    service = network.server.service
+    received: list[str] = []
+    receive = service.binaries.receive
+
+    async def spy(body: Any) -> Any:
+        received.append("read")
+        return await receive(body)
+
+    monkeypatch.setattr(service.binaries, "receive", spy)
     async with network.http(REMOTE) as http:
         response = await http.post(
             "Binary",
             content=b"x",
             headers={"Content-Type": "text/plain", "X-Security-Context": context},
         )
+    async with network.http(LOCAL) as http:
+        allowed = await http.post(
+            "Binary",
+            content=b"x",
+            headers={"Content-Type": "text/plain", "X-Security-Context": context},
+        )
     assert response.status_code == 403
     assert response.json()["issue"][0]["diagnostics"] == "Operation create forbidden"
+    assert allowed.status_code == 201
+    assert received == ["read"]  # the local organization's upload only
 
 
 async def test_reads_as_fhir_json_raw_and_not_acceptable(network: Network) -> None:
