@@ -13,6 +13,7 @@ only the runtime decides to retry or to fail a Task::
     ├── ProcessModelError        a BPMN model or plugin resource is malformed or unsupported
     ├── ProcessExecutionError    a running instance cannot continue (correlation, handler failure)
     └── RemoteError              a remote peer (DSF FHIR, DICOMweb, inference server) failed
+        └── BinaryTooLargeError  a Binary exceeds the caller's size limit (dsf/client.py)
 
 ``retryable`` is a property of the error instance, never of its class alone: a ``RemoteError``
 for HTTP 503 is retryable, one for HTTP 403 is not.

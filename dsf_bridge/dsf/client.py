@@ -21,10 +21,11 @@ Tests inject an ``httpx`` transport (``httpx.MockTransport``) through ``transpor
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,7 +39,7 @@ from dsf_bridge.errors import RemoteError
 from dsf_bridge.proxy import ForwardProxy
 from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
-__all__ = ["FhirClient", "FhirResult", "RetryPolicy", "parse_outcome"]
+__all__ = ["BinaryTooLargeError", "FhirClient", "FhirResult", "RetryPolicy", "parse_outcome"]
 
 _log = structlog.get_logger()
 
@@ -46,6 +47,32 @@ _FHIR_NS = "{http://hl7.org/fhir}"
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
 # Raised before a request was sent: always safe to repeat.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# An error answer is read this far for its OperationOutcome, never further.
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+class BinaryTooLargeError(RemoteError):
+    """A Binary's content exceeds the size the caller allows (``max_bytes``): the download
+    stopped there, or did not start when ``Content-Length`` said so. Never retryable: the
+    same Binary stays too large. A bound on every download is the guard against unbounded
+    memory (DSF advisory GHSA-xfv4-vhh2-m2j8)."""
+
+    def __init__(self, message: str, *, limit: int, status: int | None = None) -> None:
+        super().__init__(message, retryable=False, status=status)
+        self.limit = limit
+
+
+async def _read_bounded(response: httpx.Response) -> bytes:
+    """An error answer's body, at most ``_ERROR_BODY_LIMIT`` bytes of it; closes the response."""
+    body = b""
+    try:
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) >= _ERROR_BODY_LIMIT:
+                break
+    finally:
+        await response.aclose()
+    return body[:_ERROR_BODY_LIMIT]
 
 
 @dataclass(frozen=True)
@@ -116,6 +143,19 @@ def parse_outcome(content: bytes, content_type: str) -> str:
     if isinstance(parsed, dict) and parsed.get("resourceType") == "OperationOutcome":
         return outcome_diagnostics(parsed)
     return ""
+
+
+# Bodies DSF's BinaryServiceJaxrs parses as a FHIR resource, not as Binary content.
+_FHIR_BODY_TYPES = frozenset(
+    {
+        "application/fhir+json",
+        "application/json+fhir",
+        "application/json",
+        "application/fhir+xml",
+        "application/xml+fhir",
+        "application/xml",
+    }
+)
 
 
 def _idempotent_batch(bundle: Mapping[str, Any]) -> bool:
@@ -316,6 +356,151 @@ class FhirClient:
         )
         return self._json(response)
 
+    async def delete(self, resource_type: str, resource_id: str) -> None:
+        """DELETE a resource; one that is not there (404) or deleted already (410) is gone
+        as wanted, not an error (a repeated clean-up after a crash)."""
+        try:
+            await self.request("DELETE", f"{resource_type}/{resource_id}")
+        except RemoteError as exc:
+            if exc.status in (404, 410):
+                _log.info(
+                    "fhir_resource.already_gone",
+                    resource_type=resource_type,
+                    resource_id=resource_id,
+                    status=exc.status,
+                )
+                return
+            raise
+
+    # -- Binary content -------------------------------------------------------------------------
+
+    async def upload_binary(
+        self,
+        content: AsyncIterable[bytes] | Callable[[], AsyncIterable[bytes]],
+        *,
+        content_type: str,
+        security_context: str,
+    ) -> FhirResult:
+        """POST raw content as a Binary, streamed, never whole in memory.
+
+        DSF builds the Binary from the body, ``Content-Type`` and ``X-Security-Context``
+        (``BinaryServiceJaxrs``): it is readable by exactly who may read the
+        ``security_context`` resource (a literal ``Type/id`` on this server; DSF refuses a
+        Task or Binary there, and a missing header with 400). The answer is asked for as
+        ``return=minimal``: DSF would otherwise send the whole content back as base64.
+
+        ``content``: an async iterable of chunks, or a factory making a fresh one per
+        attempt. A streamed body cannot be sent twice, so only a factory is retried (after a
+        dropped connection or a 5xx/429; a repeat after the server stored the first upload
+        leaves an orphan Binary with the same security context, which the caller's retention
+        clean-up deletes). Without a factory a failure is raised as it comes."""
+        if content_type.split(";", maxsplit=1)[0].strip().lower() in _FHIR_BODY_TYPES:
+            raise ValueError(
+                f"content type {content_type} would make DSF parse the body as a FHIR resource; "
+                "upload raw content as application/octet-stream or its own media type"
+            )
+        factory: Callable[[], AsyncIterable[bytes]]
+        if callable(content):
+            factory = content
+            repeatable = True
+        else:
+            used = False
+            stream = content
+
+            def factory() -> AsyncIterable[bytes]:
+                nonlocal used
+                if used:  # pragma: no cover - guarded by repeatable=False
+                    raise RuntimeError("a streamed body cannot be sent twice")
+                used = True
+                return stream
+
+            repeatable = False
+        headers = {
+            "Content-Type": content_type,
+            "X-Security-Context": security_context,
+            "Prefer": "return=minimal",
+        }
+        response = await self._send(
+            "POST",
+            "Binary",
+            content=factory,
+            headers=headers,
+            repeatable=repeatable,
+            # A plain POST is never repeated on a dropped connection; with a factory it is.
+            retry_unsent_only=not repeatable,
+        )
+        return self._result(response)
+
+    async def download_binary(
+        self,
+        url: str,
+        sink: Callable[[bytes], Awaitable[None] | None],
+        *,
+        max_bytes: int,
+        accept: str = "application/octet-stream",
+    ) -> int:
+        """GET a Binary's raw content, handing it chunk by chunk to ``sink``; the byte count.
+
+        ``url``: an absolute URL on this client's server or a ``Binary/<id>`` reference
+        (``Binary/<id>/_history/<n>`` for one version); other servers are refused, as for
+        paging links. ``accept``: the Binary's media type or a wildcard; DSF answers 406 when
+        it is not compatible with the stored content type, and a FHIR media type would get
+        the resource instead of the content. More than ``max_bytes`` raises
+        :class:`BinaryTooLargeError` (from ``Content-Length`` before reading, else once the
+        limit is crossed); bytes already handed to ``sink`` stay there, the caller discards
+        them. A connection lost before the first byte is retried; after it, the error is
+        retryable for the caller (the sink holds a partial content)."""
+        if max_bytes < 0:
+            raise ValueError("max_bytes must not be negative")
+        if "://" in url:
+            self._check_same_server(url)
+        elif not url.startswith("Binary/"):
+            raise ValueError(f"{url!r} is neither an absolute URL nor a Binary/<id> reference")
+        # identity: the limit counts the bytes that arrive; a compressed body could expand far
+        # beyond it within one chunk.
+        headers = {"Accept": accept, "Accept-Encoding": "identity"}
+        response = await self._send("GET", url, content=lambda: None, headers=headers, stream=True)
+        target = str(response.request.url)
+        received = 0
+        try:
+            if response.headers.get("content-encoding", "identity") != "identity":
+                raise RemoteError(
+                    f"GET {target}: the server compressed the Binary "
+                    f"({response.headers['content-encoding']}) though asked not to; refusing it"
+                )
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise BinaryTooLargeError(
+                    f"GET {target}: the Binary has {int(declared)} bytes, more than the limit "
+                    f"of {max_bytes} bytes; nothing was read (raise the limit if the content "
+                    "is expected to be this large)",
+                    limit=max_bytes,
+                    status=response.status_code,
+                )
+            async for chunk in response.aiter_raw():
+                received += len(chunk)
+                if received > max_bytes:
+                    raise BinaryTooLargeError(
+                        f"GET {target}: the Binary exceeds the limit of {max_bytes} bytes; the "
+                        "download was aborted (raise the limit if the content is expected to "
+                        "be this large)",
+                        limit=max_bytes,
+                        status=response.status_code,
+                    )
+                result = sink(chunk)
+                if inspect.isawaitable(result):
+                    await result
+        except httpx.TransportError as exc:
+            raise RemoteError(
+                f"GET {target}: connection lost after {received} bytes "
+                f"({type(exc).__name__}: {exc})",
+                retryable=True,
+            ) from exc
+        finally:
+            await response.aclose()
+        _log.info("binary.downloaded", bytes=received)
+        return received
+
     # -- transport ------------------------------------------------------------------------------
 
     async def request(
@@ -332,12 +517,38 @@ class FhirClient:
 
         ``repeatable``: repeating this POST is harmless (a batch of conditional creates), so
         it is retried like a GET or PUT."""
-        url = path_or_url if "://" in path_or_url else f"{self.base_url}/{path_or_url}".rstrip("/")
         all_headers = dict(headers or {})
-        content: bytes | None = None
+        body: bytes | None = None
         if json_body is not None:
-            content = json.dumps(json_body).encode()
+            body = json.dumps(json_body).encode()
             all_headers["Content-Type"] = FHIR_JSON
+        return await self._send(
+            method,
+            path_or_url,
+            params=params,
+            content=lambda: body,
+            headers=all_headers,
+            repeatable=repeatable,
+        )
+
+    async def _send(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        content: Callable[[], bytes | AsyncIterable[bytes] | None],
+        headers: Mapping[str, str],
+        repeatable: bool = False,
+        stream: bool = False,
+        retry_unsent_only: bool = False,
+    ) -> httpx.Response:
+        """:meth:`request` with the body from ``content`` (called once per attempt: a streamed
+        body cannot be sent twice). ``stream``: the answer's body is left unread (the caller
+        reads and closes it); error answers are read (bounded) and raised as usual.
+        ``retry_unsent_only``: not even a connection error is retried (the body is gone)."""
+        url = path_or_url if "://" in path_or_url else f"{self.base_url}/{path_or_url}".rstrip("/")
+        all_headers = dict(headers)
         query: list[tuple[str, str | int | float | bool | None]] | None = None
         if params is not None:
             query = list(params.items()) if isinstance(params, Mapping) else list(params)
@@ -346,14 +557,15 @@ class FhirClient:
         while True:
             attempt += 1
             try:
-                response = await self._http.request(
-                    method, url, params=query, content=content, headers=all_headers
+                request = self._http.build_request(
+                    method, url, params=query, content=content(), headers=all_headers
                 )
+                response = await self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
                 tls = _tls_cause(exc)
                 if tls is not None:
                     raise RemoteError(f"{method} {url}: {_describe_tls(tls, url)}") from exc
-                may_repeat = isinstance(exc, _NOT_SENT) or repeatable
+                may_repeat = (isinstance(exc, _NOT_SENT) and not retry_unsent_only) or repeatable
                 text = f"{method} {url}: connection failed ({type(exc).__name__}: {exc})"
                 if url.startswith("https://") and _reset_by_peer(exc):
                     # Python's asyncio TLS servers drop the connection without sending the alert
@@ -379,12 +591,13 @@ class FhirClient:
                 raise RemoteError(text, retryable=True) from exc
             if response.is_success:
                 return response
+            error_body = await _read_bounded(response) if stream else response.content
             retryable = response.status_code >= 500 or response.status_code == 429
             # A plain POST answered 500, 502 or 504 may have been processed (a proxy that lost
             # the backend's answer): repeating it here could make a second Task. Only 429 and
             # 503 say "not processed"; the rest goes to the runtime, whose outbox first looks
             # for the earlier delivery.
-            again = repeatable or response.status_code in _NOT_PROCESSED
+            again = repeatable or (response.status_code in _NOT_PROCESSED and not retry_unsent_only)
             if retryable and again and attempt < self._retry.attempts:
                 delay = self._retry.delay_for_answer(attempt, response.headers.get("retry-after"))
                 _log.warning(
@@ -397,7 +610,7 @@ class FhirClient:
                 )
                 await self._sleep(delay)
                 continue
-            diagnostics = parse_outcome(response.content, response.headers.get("content-type", ""))
+            diagnostics = parse_outcome(error_body, response.headers.get("content-type", ""))
             message = f"{method} {url} failed with HTTP {response.status_code}"
             if diagnostics:
                 message += f": {diagnostics}"

@@ -32,7 +32,7 @@ Tasks name the organization as requester.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,7 @@ from dsf_bridge.sandbox.resources import RESOURCE_TYPES, MemoryResourceStore
 __all__ = [
     "DSF_OPERATIONS",
     "INSTANTIATES_CANONICAL",
+    "SECURITY_CONTEXT_TYPES",
     "TAGGED_RESOURCE_TYPES",
     "OrganizationIdentity",
     "PractitionerIdentity",
@@ -74,6 +75,17 @@ __all__ = [
 # Types whose read access DSF governs by read-access tags (AbstractMetaTagAuthorizationRule).
 TAGGED_RESOURCE_TYPES = RESOURCE_TYPES - {"QuestionnaireResponse", "Task"}
 _READ_ACCESS_CODES = frozenset({"LOCAL", "ORGANIZATION", "ROLE", "ALL"})
+# The types a Binary.securityContext may name: the rules DSF's AuthorizationConfig hands to
+# BinaryAuthorizationRule ("Binary and Task not supported as securityContext rule"), 2.1 and 1.9.
+SECURITY_CONTEXT_TYPES = RESOURCE_TYPES & frozenset(
+    {
+        "ActivityDefinition", "Bundle", "CodeSystem", "DocumentReference", "Endpoint", "Group",
+        "HealthcareService", "Library", "Location", "Measure", "MeasureReport", "NamingSystem",
+        "Organization", "OrganizationAffiliation", "Patient", "Practitioner", "PractitionerRole",
+        "Provenance", "Questionnaire", "QuestionnaireResponse", "ResearchStudy",
+        "StructureDefinition", "Subscription", "ValueSet",
+    }
+)  # fmt: skip
 
 INSTANTIATES_CANONICAL = re.compile(
     r"(?P<process_url>https?://(?P<domain>(?:[a-zA-Z0-9][a-zA-Z0-9-]{0,61}[a-zA-Z0-9]\.)+"
@@ -655,10 +667,27 @@ class ReadAccess:
     local organization reads ``LOCAL`` and ``ALL``; a remote one ``ALL``, ``ORGANIZATION`` naming it
     and ``ROLE`` when an affiliation gives it that role. Tasks are not tagged: the local
     organization reads all, a remote one those it requested. QuestionnaireResponses are local.
+
+    Binaries (``BinaryAuthorizationRule``): a valid read-access tag or a valid
+    ``securityContext``, not both and not neither. A Binary is read by whoever may read its
+    security context's tags (``on_binaries_insert.sql`` copies the ``read_access`` rows of the
+    resource a literal ``securityContext.reference`` names; ``on_resources_insert.sql`` renews
+    them when that resource gets a new version and ``on_resources_update.sql`` drops them when
+    it is deleted), plus whoever its own tags admit. ``security_context`` resolves a Binary's
+    literal security context to the resource whose tags count now (the current version, or the
+    version a ``_history`` reference pins; None when there is none); ``valid_security_context``
+    says whether the security context resolves (literal or logical) to a type DSF accepts.
     """
 
-    def __init__(self, tasks: TaskAuthorization) -> None:
+    def __init__(
+        self,
+        tasks: TaskAuthorization,
+        security_context: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+        valid_security_context: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> None:
         self._tasks = tasks
+        self._security_context = security_context or (lambda _binary: None)
+        self._valid_security_context = valid_security_context or (lambda _binary: False)
 
     @staticmethod
     def _tags(resource: dict[str, Any]) -> list[dict[str, Any]]:
@@ -674,11 +703,20 @@ class ReadAccess:
         """Why the read-access tags of ``resource`` are invalid, or None."""
         if resource.get("resourceType") not in TAGGED_RESOURCE_TYPES:
             return None
+        reason = self._tags_invalid(resource)
+        if resource.get("resourceType") != "Binary":
+            return reason
+        security_context = bool(resource.get("securityContext")) and (
+            self._valid_security_context(resource)
+        )
+        if reason is not None and not security_context:
+            return "Binary is missing a valid read access tag or a valid securityContext"
+        if reason is None and security_context:
+            return "Binary cannot have a valid read access tag and a valid securityContext"
+        return None
+
+    def _tags_invalid(self, resource: dict[str, Any]) -> str | None:
         tags = self._tags(resource)
-        if resource.get("resourceType") == "Binary" and not tags:
-            # Raw Binary uploads carry no meta (DSF takes their access from a security
-            # context); the sandbox accepts them and lets only the local organization read them.
-            return None
         codes = [str(tag["code"]) for tag in tags]
         local = codes.count("LOCAL") == 1
         everyone = codes.count("ALL") == 1
@@ -711,11 +749,17 @@ class ReadAccess:
             )
         if resource_type not in TAGGED_RESOURCE_TYPES:
             return identity.local
+        if self._tags_admit(identity, resource):
+            return True
+        if resource_type == "Binary":
+            context = self._security_context(resource)
+            return context is not None and self._tags_admit(identity, context)
+        return False
+
+    def _tags_admit(self, identity: OrganizationIdentity, resource: dict[str, Any]) -> bool:
+        """Whether the read-access tags of ``resource`` admit ``identity``."""
         codes = {str(tag["code"]) for tag in self._tags(resource)}
         if "ALL" in codes or (identity.local and "LOCAL" in codes):
-            return True
-        if identity.local and resource_type == "Binary" and not codes:
-            # A Binary posted raw carries no tags; the local organization still reads it.
             return True
         for tag in self._tags(resource):
             if tag["code"] == "ORGANIZATION" and self._tag_organization(tag) == identity.identifier:

@@ -16,11 +16,10 @@ to the local organization only) with 1008 (policy violation).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import ssl
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,7 +28,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -39,6 +38,12 @@ from dsf_bridge.api.server import EmbeddedUvicorn
 from dsf_bridge.dsf.identity import thumbprint
 from dsf_bridge.dsf.vocabulary import FHIR_JSON, operation_outcome
 from dsf_bridge.sandbox.authorization import OrganizationIdentity, PractitionerIdentity
+from dsf_bridge.sandbox.binaries import (
+    BinaryContent,
+    ByteRange,
+    accepts,
+    fhir_media_type_requested,
+)
 from dsf_bridge.sandbox.resources import matches
 from dsf_bridge.sandbox.service import FhirResponse, FhirService, binary_resource, unparsable
 
@@ -151,7 +156,71 @@ class SubscriptionHub:
                     queue.put_nowait(text)
 
 
-def _render(response: FhirResponse, prefer: str, accept: str) -> Response:
+# The media types DSF's BinaryServiceJaxrs reads as a FHIR resource on POST and PUT (@Consumes);
+# any other body is the raw content of a Binary.
+_FHIR_BODY_TYPES = frozenset(
+    {
+        "application/fhir+json",
+        "application/json+fhir",
+        "application/json",
+        "application/fhir+xml",
+        "application/xml+fhir",
+        "application/xml",
+    }
+)
+# ResponseGenerator.PRIVATE_NO_CACHE_NO_TRANSFORM as JAX-RS writes it.
+_CACHE_CONTROL = "private, no-cache, no-transform"
+_FILE_EXTENSIONS = {
+    "image/jpeg": ".jpeg",
+    "image/png": ".png",
+    "image/svg+xml": ".svg",
+    "image/tiff": ".tiff",
+    "text/csv": ".csv",
+    "text/html": ".html",
+    "text/plain": ".txt",
+    "application/dicom": ".dicom",
+    "application/dicom+json": ".json",
+    "application/dicom+xml": ".xml",
+    "application/gzip": ".gz",
+    "application/json": ".json",
+    "application/pdf": ".pdf",
+    "application/pem-certificate-chain": ".pem",
+    "application/x-ndjson": ".ndjson",
+    "application/xml": ".xml",
+    "application/zip": ".zip",
+}
+
+
+def _inline_binaries(service: FhirService, body: dict[str, Any]) -> dict[str, Any]:
+    """Bundles (search, history, batch answers) carry their Binaries with ``data``, as DSF
+    writes them; only a Binary read on its own is streamed."""
+    if body.get("resourceType") != "Bundle":
+        return body
+    for entry in body.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict) or resource.get("resourceType") != "Binary":
+            continue
+        content = service.binaries.get(resource["id"], resource["meta"]["versionId"])
+        if content is not None and content.size:
+            entry["resource"] = {**resource, "data": content.base64()}
+    return body
+
+
+async def _json_with_data(resource: dict[str, Any], content: BinaryContent) -> AsyncIterator[bytes]:
+    """A Binary resource as JSON with its content as ``data``, written as it is read."""
+    text = json.dumps(resource)
+    if not content.size:
+        yield text.encode()
+        return
+    yield (text[:-1] + ', "data": "').encode()
+    async for chunk in content.base64_chunks():
+        yield chunk
+    yield b'"}'
+
+
+def _render(
+    service: FhirService, response: FhirResponse, prefer: str, accept: str, *, head: bool = False
+) -> Response:
     headers = dict(response.headers)
     body: dict[str, Any] | None = response.resource
     if response.status < 400 and body is not None:
@@ -159,27 +228,86 @@ def _render(response: FhirResponse, prefer: str, accept: str) -> Response:
             body = None
         elif "return=OperationOutcome" in prefer:
             body = operation_outcome("ok", severity="information", code="informational")
-        elif (
-            body.get("resourceType") == "Binary"
-            and accept
-            and "json" not in accept
-            and "xml" not in accept
-            and "*/*" not in accept
-        ):
-            return Response(
-                base64.b64decode(body.get("data", "")),
-                status_code=response.status,
-                headers=headers,
-                media_type=str(body.get("contentType", "application/octet-stream")),
-            )
     if body is None:
         return Response(status_code=response.status, headers=headers)
+    if response.content is not None and body.get("resourceType") == "Binary":
+        media_type = f"{FHIR_JSON};charset=UTF-8"
+        if head:
+            return Response(status_code=response.status, headers=headers, media_type=media_type)
+        return StreamingResponse(
+            _json_with_data(body, response.content),
+            status_code=response.status,
+            headers=headers,
+            media_type=media_type,
+        )
     return Response(
-        json.dumps(body),
+        json.dumps(_inline_binaries(service, body)),
         status_code=response.status,
         headers=headers,
         media_type=f"{FHIR_JSON};charset=UTF-8",
     )
+
+
+def _render_binary(
+    service: FhirService,
+    response: FhirResponse,
+    request: Request,
+    *,
+    head: bool,
+) -> Response:
+    """A Binary read as DSF's ``BinaryServiceJaxrs`` answers it: the resource (JSON) when the
+    first ``Accept`` type is a FHIR media type or ``_format`` is given, else the raw content
+    if an ``Accept`` type is compatible with the Binary's content type (406 if none is).
+    2.x: ``Content-Length``, ``Accept-Ranges: bytes``, a ``Range`` (206, or 416 when not
+    satisfiable), ``Content-Disposition: attachment``, ``Vary: Accept``; 1.9: none of these."""
+    accept = request.headers.get("accept", "")
+    resource = response.resource or {}
+    content = response.content
+    if content is None or fhir_media_type_requested(accept, request.query_params.get("_format")):
+        return _render(service, response, "", accept, head=head)
+    content_type = str(resource.get("contentType") or "application/octet-stream")
+    if not accepts(accept, content_type):
+        return Response(status_code=406)
+    headers = {
+        "Cache-Control": _CACHE_CONTROL,
+        "ETag": f'W/"{resource["meta"]["versionId"]}"',
+        "Last-Modified": response.headers.get("Last-Modified", ""),
+    }
+    reference = (resource.get("securityContext") or {}).get("reference")
+    if reference:
+        headers["X-Security-Context"] = str(reference)
+    start, length = 0, content.size
+    status = 200
+    if service.release.major >= 2:
+        headers["Vary"] = "Accept"
+        headers["Accept-Ranges"] = "bytes"
+        extension = _FILE_EXTENSIONS.get(content_type, ".bin")
+        headers["Content-Disposition"] = f"attachment; filename=Binary_{resource['id']}{extension}"
+        byte_range = ByteRange.parse(request.headers.get("range"))
+        span = None if head else byte_range.span(content.size)
+        if not head and span is None:
+            return Response(
+                b"", status_code=416, headers={"Content-Range": f"bytes */{content.size}"}
+            )
+        if span is not None and byte_range.defined:
+            start, length = span
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{content.size}"
+        headers["Content-Length"] = str(length)
+    if head:
+        return Response(status_code=status, headers=headers, media_type=content_type)
+    return StreamingResponse(
+        content.chunks(start, length), status_code=status, headers=headers, media_type=content_type
+    )
+
+
+def _header_once(request: Request, name: str) -> str | None:
+    """The one non-blank value of a header, else None (DSF: 400 when absent, blank or
+    repeated; ``getHeaderValueOrThrowBadRequest``)."""
+    values = request.headers.getlist(name)
+    if len(values) != 1 or not values[0].strip():
+        return None
+    return values[0]
 
 
 def create_app(service: FhirService, hub: SubscriptionHub) -> Starlette:
@@ -196,45 +324,82 @@ def create_app(service: FhirService, hub: SubscriptionHub) -> Starlette:
         accept = request.headers.get("accept", "")
         identity = identify(request.scope)
         if isinstance(identity, FhirResponse):
-            return _render(identity, "", accept)
+            return _render(service, identity, "", accept)
         path = request.path_params.get("path", "")
+        parts = [p for p in path.strip("/").split("/") if p]
         if path == "metadata" and request.method == "GET":
-            return _render(FhirResponse(200, _capability_statement(service)), "", accept)
+            return _render(service, FhirResponse(200, _capability_statement(service)), "", accept)
+        method = request.method
+        # DSF 2.x answers HEAD on a Binary (readHead, vreadHead); 1.9 has no HEAD.
+        head = (
+            method == "HEAD"
+            and service.release.major >= 2
+            and parts[:1] == ["Binary"]
+            and len(parts) in (2, 4)
+        )
+        if head:
+            method = "GET"
         body: dict[str, Any] | None = None
-        if request.method in ("POST", "PUT"):
-            raw = await request.body()
+        content: BinaryContent | None = None
+        if method in ("POST", "PUT"):
             content_type = request.headers.get("content-type", FHIR_JSON).split(";")[0].strip()
-            if path.split("/")[0] == "Binary" and "json" not in content_type:
-                body = binary_resource(raw, content_type)
-            elif "xml" in content_type:
-                return _render(
-                    FhirResponse(
-                        415,
-                        operation_outcome(
-                            "the sandbox accepts application/fhir+json only", code="not-supported"
-                        ),
-                    ),
-                    "",
-                    accept,
-                )
+            if parts[:1] == ["Binary"] and content_type.lower() not in _FHIR_BODY_TYPES:
+                # A raw upload (BinaryServiceJaxrs.create(InputStream ...)): the content type
+                # and X-Security-Context headers make the resource; DSF answers a missing,
+                # blank or repeated one with a bare 400 before it reads the body.
+                security_context = _header_once(request, "x-security-context")
+                if security_context is None or _header_once(request, "content-type") is None:
+                    _log.warning("binary.upload_refused", reason="X-Security-Context header")
+                    return Response(status_code=400)
+                body = binary_resource(content_type, security_context)
+                if method == "PUT" and len(parts) == 2:
+                    body["id"] = parts[1]
+                elif method == "POST":
+                    denied = service.upload_denied(identity, body)
+                    if denied is not None:
+                        return _render(service, denied, "", accept)
+                content = await service.binaries.receive(request.stream())
             else:
+                raw = await request.body()
+                if "xml" in content_type:
+                    return _render(
+                        service,
+                        FhirResponse(
+                            415,
+                            operation_outcome(
+                                "the sandbox accepts application/fhir+json only",
+                                code="not-supported",
+                            ),
+                        ),
+                        "",
+                        accept,
+                    )
                 try:
                     parsed = json.loads(raw) if raw else None
                 except (ValueError, RecursionError) as exc:
                     # Python's parser gives up on deep nesting where Jackson does too (1,000).
-                    return _render(unparsable(f"not JSON: {type(exc).__name__}"), "", accept)
+                    return _render(
+                        service, unparsable(f"not JSON: {type(exc).__name__}"), "", accept
+                    )
                 if parsed is not None and not isinstance(parsed, dict):
-                    return _render(unparsable("the body is no JSON object"), "", accept)
+                    return _render(service, unparsable("the body is no JSON object"), "", accept)
                 body = parsed
         headers = {k.lower(): v for k, v in request.headers.items()}
         params = list(request.query_params.multi_items())
         response = service.handle(
-            identity, request.method, path, params, headers=headers, body=body
+            identity, method, path, params, headers=headers, body=body, content=content
         )
+        if (
+            method == "GET"
+            and parts[:1] == ["Binary"]
+            and len(parts) in (2, 4)
+            and response.status == 200
+        ):
+            return _render_binary(service, response, request, head=head)
         # Prefer concerns creates and updates; for Bundles it applies to the entries, which the
         # service already honoured.
-        writes = request.method in ("POST", "PUT") and path.strip("/")
-        return _render(response, prefer if writes else "", accept)
+        writes = method in ("POST", "PUT") and path.strip("/")
+        return _render(service, response, prefer if writes else "", accept)
 
     async def websocket(ws: WebSocket) -> None:
         identity = identify(ws.scope)
@@ -283,7 +448,7 @@ def create_app(service: FhirService, hub: SubscriptionHub) -> Starlette:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender
 
-    methods = ["GET", "POST", "PUT", "DELETE"]
+    methods = ["GET", "HEAD", "POST", "PUT", "DELETE"]
     return Starlette(
         routes=[
             WebSocketRoute("/fhir/ws", websocket),

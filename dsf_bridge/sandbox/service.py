@@ -15,11 +15,12 @@ DSF roles (``hasDsfRole``: 403 for an operation their roles lack).
 
 from __future__ import annotations
 
-import base64
 import copy
+import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -32,6 +33,7 @@ from dsf_bridge.dsf.vocabulary import (
     operation_outcome,
 )
 from dsf_bridge.sandbox.authorization import (
+    SECURITY_CONTEXT_TYPES,
     OrganizationIdentity,
     PractitionerIdentity,
     ReadAccess,
@@ -39,6 +41,7 @@ from dsf_bridge.sandbox.authorization import (
     TaskAuthorization,
     questionnaire_response_denied,
 )
+from dsf_bridge.sandbox.binaries import BinaryContent, BinaryContentStore, InvalidBase64Error
 from dsf_bridge.sandbox.parsing import UnparsableBodyError, as_parsed
 from dsf_bridge.sandbox.resources import (
     INCLUDES,
@@ -72,11 +75,14 @@ _REASONS = {
 
 @dataclass
 class FhirResponse:
-    """One answer: status, headers and the resource, if any."""
+    """One answer: status, headers and the resource, if any; for a Binary read, created or
+    updated, its content (the resource itself never carries ``data``: the HTTP layer streams
+    the content raw or inlines it as base64)."""
 
     status: int
     resource: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    content: BinaryContent | None = None
 
 
 def _error(status: int, text: str, code: str = "processing") -> FhirResponse:
@@ -136,6 +142,7 @@ class FhirService:
         base_url: str,
         *,
         release: DsfRelease = DSF_2,
+        binary_directory: Path | None = None,
     ) -> None:
         self.store = store
         self.local_organization = local_organization
@@ -144,7 +151,11 @@ class FhirService:
         self.tasks = TaskAuthorization(store, local_organization, release)
         # Profile validation (sandbox.validation), set by build_service; None validates nothing.
         self.validator: Callable[[dict[str, Any]], list[str]] | None = None
-        self.read_access = ReadAccess(self.tasks)
+        self.read_access = ReadAccess(
+            self.tasks, self._security_context, self._valid_security_context
+        )
+        # Binary content in files (binary_directory, else a temporary directory).
+        self.binaries = BinaryContentStore(binary_directory)
         self.roles = RoleConfig()
         self._faults: list[tuple[str, str, int]] = []
         self._in_bundle = False
@@ -268,9 +279,43 @@ class FhirService:
         *,
         headers: Mapping[str, str],
         body: dict[str, Any] | None,
+        content: BinaryContent | None = None,
     ) -> FhirResponse:
         """One REST interaction; ``path`` is relative to the base (``Task/123``), ``headers``
-        have lower-case names."""
+        have lower-case names. ``content``: the staged body of a raw Binary upload (``body`` is
+        then the Binary resource without ``data``); it is stored or discarded here."""
+        try:
+            return self._handle(
+                identity, method, path, params, headers=headers, body=body, content=content
+            )
+        finally:
+            # Stored content was moved to its version's file; what is left was refused.
+            self.binaries.discard(content)
+
+    def upload_denied(
+        self, identity: OrganizationIdentity, body: dict[str, Any]
+    ) -> FhirResponse | None:
+        """A raw Binary create judged before its content is read: DSF authorizes the resource
+        (content type, security context) before the DAO streams the data into its database,
+        so a refused upload costs the server no disk. None: go on and read the body."""
+        if any(method == "POST" for method, _, _ in self._faults):
+            return None  # the test hook answers first, as in handle()
+        lacking = _role_lacking(identity, "POST", ["Binary"])
+        if lacking is not None:
+            return _forbidden("create", identity, "Binary", "no DSF role")
+        return self._write_denied(identity, "create", body, None)
+
+    def _handle(
+        self,
+        identity: OrganizationIdentity,
+        method: str,
+        path: str,
+        params: Sequence[tuple[str, str]],
+        *,
+        headers: Mapping[str, str],
+        body: dict[str, Any] | None,
+        content: BinaryContent | None,
+    ) -> FhirResponse:
         injected = self._injected_failure(method, path)
         if injected is not None:
             return injected
@@ -300,14 +345,16 @@ class FhirService:
                 if method == "GET":
                     return self.search(identity, resource_type, params, headers)
                 if method == "POST":
-                    return self.create(identity, resource_type, body, headers)
+                    return self.create(identity, resource_type, body, headers, content=content)
                 if method == "PUT":
                     return self._conditional_update(identity, resource_type, params, body, headers)
             elif len(parts) == 2 and parts[1] != "_history":
                 if method == "GET":
                     return self.read(identity, resource_type, parts[1], headers)
                 if method == "PUT":
-                    return self.update(identity, resource_type, parts[1], body, headers)
+                    return self.update(
+                        identity, resource_type, parts[1], body, headers, content=content
+                    )
                 if method == "DELETE":
                     return self.delete(identity, resource_type, parts[1])
             elif len(parts) == 2 and parts[1] == "_history" and method == "GET":
@@ -356,7 +403,7 @@ class FhirService:
             known = _version_from_etag(if_none_match)
             if known is not None and str(known) == resource["meta"]["versionId"]:
                 return self._with_headers(FhirResponse(304), resource)
-        return self._with_headers(FhirResponse(200, resource), resource)
+        return self._with_headers(self._found(resource), resource)
 
     def vread(
         self, identity: OrganizationIdentity, resource_type: str, resource_id: str, version: str
@@ -372,7 +419,7 @@ class FhirService:
             )
         if not self.may_read(identity, resource):
             return _forbidden("read", identity, resource_type, f"{resource_type}/{resource_id}")
-        return self._with_headers(FhirResponse(200, resource), resource)
+        return self._with_headers(self._found(resource), resource)
 
     def search(
         self,
@@ -468,12 +515,23 @@ class FhirService:
         headers: Mapping[str, str],
         *,
         resource_id: str | None = None,
+        content: BinaryContent | None = None,
     ) -> FhirResponse:
         invalid = self._invalid_body(resource_type, body)
         if invalid is not None:
             return invalid
         if body is None:  # narrowed by _invalid_body; kept for the type checker
             return _error(400, "request body missing", code="invalid")
+        if resource_type == "Binary" and content is None and body.get("data") is not None:
+            staged = self._stage_data(body)
+            if isinstance(staged, FhirResponse):
+                return staged
+            try:
+                return self.create(
+                    identity, resource_type, body, headers, resource_id=resource_id, content=staged
+                )
+            finally:
+                self.binaries.discard(staged)
         # As DSF's AbstractResourceServiceSecure.create: authorization rules first, then profile
         # validation, then If-None-Exist. Inside a Bundle (DSF's CreateCommand) If-None-Exist
         # comes first: preExecute finds the existing resource before execute validates and
@@ -521,9 +579,13 @@ class FhirService:
                 return denied
         resource = copy.deepcopy(body)
         resource.pop("id", None)
+        resource.pop("data", None)
         created = self.store.create(resource, resource_id=resource_id)
         _log.info("resource.created", resource_type=resource_type, resource_id=created["id"])
-        return self._with_headers(FhirResponse(201, created), created, location=True)
+        response = FhirResponse(201, created)
+        if resource_type == "Binary":
+            response.content = self._store_content(created, content)
+        return self._with_headers(response, created, location=True)
 
     def update(
         self,
@@ -532,12 +594,24 @@ class FhirService:
         resource_id: str,
         body: dict[str, Any] | None,
         headers: Mapping[str, str],
+        *,
+        content: BinaryContent | None = None,
     ) -> FhirResponse:
         invalid = self._invalid_body(resource_type, body)
         if invalid is not None:
             return invalid
         if body is None:
             return _error(400, "request body missing", code="invalid")
+        if resource_type == "Binary" and content is None and body.get("data") is not None:
+            staged = self._stage_data(body)
+            if isinstance(staged, FhirResponse):
+                return staged
+            try:
+                return self.update(
+                    identity, resource_type, resource_id, body, headers, content=staged
+                )
+            finally:
+                self.binaries.discard(staged)
         if body.get("id") != resource_id:
             return _error(400, "resource id in body does not match the URL", code="invalid")
         old = self.store.read(resource_type, resource_id)
@@ -555,8 +629,9 @@ class FhirService:
         )
         if denied is not None:
             return denied
+        stored = {k: v for k, v in body.items() if k != "data"}
         try:
-            updated = self.store.update(body, expected_version=expected)
+            updated = self.store.update(stored, expected_version=expected)
         except VersionConflictError as exc:
             return _error(412, f"Resource with id {resource_id} {exc}", code="conflict")
         _log.info(
@@ -565,7 +640,10 @@ class FhirService:
             resource_id=resource_id,
             version=updated["meta"]["versionId"],
         )
-        return self._with_headers(FhirResponse(200, updated), updated, location=True)
+        response = FhirResponse(200, updated)
+        if resource_type == "Binary":
+            response.content = self._store_content(updated, content)
+        return self._with_headers(response, updated, location=True)
 
     def _conditional_update(
         self,
@@ -641,6 +719,8 @@ class FhirService:
                 code="processing",
             )
         self.store.purge(resource_type, resource_id)
+        if resource_type == "Binary":
+            self.binaries.purge(resource_id)
         return FhirResponse(
             200,
             operation_outcome("permanently deleted", severity="information", code="informational"),
@@ -669,6 +749,77 @@ class FhirService:
         )
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _found(self, resource: dict[str, Any]) -> FhirResponse:
+        response = FhirResponse(200, resource)
+        if resource.get("resourceType") == "Binary":
+            response.content = self.binaries.get(resource["id"], resource["meta"]["versionId"])
+        return response
+
+    def _stage_data(self, body: dict[str, Any]) -> BinaryContent | FhirResponse:
+        """A Binary resource's ``data`` into a file; not base64: HAPI's parser refuses it."""
+        data = body.get("data")
+        if not isinstance(data, str):
+            return unparsable("Binary.data is no string")
+        try:
+            return self.binaries.stage_base64(data)
+        except InvalidBase64Error as exc:
+            return unparsable(str(exc))
+
+    def _store_content(
+        self, stored: dict[str, Any], content: BinaryContent | None
+    ) -> BinaryContent | None:
+        version = str(stored["meta"]["versionId"])
+        self.binaries.commit(content, stored["id"], version)
+        return self.binaries.get(stored["id"], version)
+
+    def _security_context(self, binary: dict[str, Any]) -> dict[str, Any] | None:
+        """The resource whose read-access tags a Binary inherits now, as DSF's triggers keep
+        ``read_access``: a literal ``securityContext.reference`` (any base URL, the id is what
+        counts), the current version or a pinned ``_history`` version, none once deleted.
+        Logical references have no ``reference`` and give no read access."""
+        reference = (binary.get("securityContext") or {}).get("reference")
+        match = _SECURITY_CONTEXT.search(reference) if isinstance(reference, str) else None
+        if match is None:
+            return None
+        resource_type, resource_id, version = match["type"], match["id"], match["version"]
+        if self.store.is_deleted(resource_type, resource_id):
+            return None
+        if version is not None:
+            return self.store.read_version(resource_type, resource_id, int(version))
+        return self.store.read(resource_type, resource_id)
+
+    def _valid_security_context(self, binary: dict[str, Any]) -> bool:
+        """``BinaryAuthorizationRule.hasValidSecurityContext``: a literal internal or logical
+        reference that resolves, to a type with a security-context rule (not Binary, not
+        Task)."""
+        context = binary.get("securityContext")
+        if not isinstance(context, dict):
+            return False
+        reference = context.get("reference")
+        if isinstance(reference, str) and reference:
+            if reference.startswith(self.base_url + "/"):
+                reference = reference[len(self.base_url) + 1 :]
+            if "://" in reference:
+                return False  # external: DSF does not resolve it for a security context
+            parts = reference.split("/")
+            if len(parts) == 4 and parts[2] == "_history" and parts[3].isdigit():
+                resolved = self.store.read_version(parts[0], parts[1], int(parts[3]))
+            elif len(parts) == 2:
+                resolved = self.store.read(parts[0], parts[1])
+            else:
+                return False
+            return resolved is not None and parts[0] in SECURITY_CONTEXT_TYPES
+        identifier = context.get("identifier")
+        resource_type = context.get("type")
+        if not isinstance(identifier, dict) or resource_type not in SECURITY_CONTEXT_TYPES:
+            return False
+        found = [
+            r
+            for r in self.store.all(str(resource_type))
+            if (str(identifier.get("system")), str(identifier.get("value"))) in _identifiers(r)
+        ]
+        return len(found) == 1
 
     def _invalid_body(self, resource_type: str, body: dict[str, Any] | None) -> FhirResponse | None:
         if not isinstance(body, dict):
@@ -1023,10 +1174,19 @@ def _rewrite_references(node: Any, mapping: Mapping[str, str]) -> None:
             _rewrite_references(item, mapping)
 
 
-def binary_resource(content: bytes, content_type: str) -> dict[str, Any]:
-    """A Binary resource wrapping raw request content (DSF accepts Binary in any media type)."""
+_SECURITY_CONTEXT = re.compile(
+    r"((http|https)://([A-Za-z0-9\-\\.:%$]*/)+)?"
+    rf"(?P<type>{'|'.join(sorted(RESOURCE_TYPES))})/(?P<id>[A-Za-z0-9\-.]{{1,64}})"
+    r"(/_history/(?P<version>[0-9]{1,18}))?"
+)
+
+
+def binary_resource(content_type: str, security_context: str) -> dict[str, Any]:
+    """The Binary resource of a raw upload (DSF's ``BinaryServiceJaxrs.createBinary``): its
+    content type and the ``X-Security-Context`` header as ``securityContext``; the content
+    itself travels beside it (:class:`~dsf_bridge.sandbox.binaries.BinaryContent`)."""
     return {
         "resourceType": "Binary",
         "contentType": content_type,
-        "data": base64.b64encode(content).decode("ascii"),
+        "securityContext": {"reference": security_context},
     }

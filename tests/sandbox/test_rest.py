@@ -208,15 +208,26 @@ async def test_remote_organization_may_not_write_definitions(sandbox: Sandbox) -
 
 
 async def test_binary_round_trip_in_its_own_media_type(sandbox: Sandbox) -> None:
+    """A raw upload needs ``X-Security-Context`` (DSF: bare 400 without); the Binary then reads
+    as FHIR JSON with ``data`` or as its own media type."""
+    local_organization = next(
+        o
+        for o in sandbox.server.service.store.all("Organization")
+        if any(i.get("value") == LOCAL for i in o.get("identifier") or [])
+    )
     async with sandbox.client(LOCAL) as client:
-        created = await client.request(
-            "POST", "Binary", headers={"Content-Type": "application/pdf"}, json_body=None
-        )
-        assert created.status_code == 201
+        with pytest.raises(RemoteError) as refused:
+            await client.request(
+                "POST", "Binary", headers={"Content-Type": "application/pdf"}, json_body=None
+            )
         raw = await client.request(
             "POST",
             "Binary",
-            headers={"Content-Type": "application/octet-stream", "Prefer": "return=minimal"},
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Prefer": "return=minimal",
+                "X-Security-Context": f"Organization/{local_organization['id']}",
+            },
         )
         location = raw.headers["location"]
         binary_id = location.split("/Binary/")[1].split("/")[0]
@@ -224,7 +235,9 @@ async def test_binary_round_trip_in_its_own_media_type(sandbox: Sandbox) -> None
         as_bytes = await client.request(
             "GET", f"Binary/{binary_id}", headers={"Accept": "application/octet-stream"}
         )
+    assert refused.value.status == 400
     assert as_json["contentType"] == "application/octet-stream"
+    assert as_json["securityContext"] == {"reference": f"Organization/{local_organization['id']}"}
     assert as_bytes.headers["content-type"].startswith("application/octet-stream")
     assert as_bytes.content == b""
 

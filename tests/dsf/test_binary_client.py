@@ -1,0 +1,290 @@
+"""``FhirClient``'s Binary transfer against the sandbox over mutual TLS: streamed upload with
+``X-Security-Context`` (retried only with a factory), bounded streamed download, delete."""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from dsf_bridge.dsf.client import BinaryTooLargeError, FhirClient
+from dsf_bridge.dsf.vocabulary import (
+    ORGANIZATION_IDENTIFIER_SYSTEM,
+    READ_ACCESS_ORGANIZATION_EXTENSION,
+    READ_ACCESS_TAG_SYSTEM,
+)
+from dsf_bridge.errors import RemoteError
+from tests.sandbox.harness import FAST_RETRY, LOCAL, REMOTE, Sandbox
+
+MB = 1024 * 1024
+
+
+async def _security_context(client: FhirClient, reader: str = REMOTE) -> str:
+    """A ResearchStudy the local organization and ``reader`` may read."""
+    study: dict[str, Any] = {
+        "resourceType": "ResearchStudy",
+        "status": "active",
+        "meta": {
+            "tag": [
+                {"system": READ_ACCESS_TAG_SYSTEM, "code": "LOCAL"},
+                {
+                    "system": READ_ACCESS_TAG_SYSTEM,
+                    "code": "ORGANIZATION",
+                    "extension": [
+                        {
+                            "url": READ_ACCESS_ORGANIZATION_EXTENSION,
+                            "valueIdentifier": {
+                                "system": ORGANIZATION_IDENTIFIER_SYSTEM,
+                                "value": reader,
+                            },
+                        }
+                    ],
+                },
+            ]
+        },
+    }
+    created = await client.create(study)
+    return f"ResearchStudy/{created.id}"
+
+
+async def _chunks(total: int, size: int = MB) -> AsyncIterator[bytes]:
+    block = bytes(range(256)) * (size // 256)
+    sent = 0
+    while sent < total:
+        piece = block[: min(size, total - sent)]
+        sent += len(piece)
+        yield piece
+
+
+def _expected(total: int, size: int = MB) -> bytes:
+    block = bytes(range(256)) * (size // 256)
+    return (block * (total // size + 1))[:total]
+
+
+async def test_upload_and_download_round_trip(sandbox: Sandbox) -> None:
+    async with sandbox.client(LOCAL) as local, sandbox.client(REMOTE) as remote:
+        context = await _security_context(local)
+        created = await local.upload_binary(
+            lambda: _chunks(3 * MB + 17), content_type="application/zip", security_context=context
+        )
+        received = bytearray()
+
+        async def sink(chunk: bytes) -> None:
+            received.extend(chunk)
+
+        count = await remote.download_binary(
+            f"Binary/{created.id}", sink, max_bytes=4 * MB, accept="application/zip"
+        )
+        again = bytearray()
+        absolute = f"{sandbox.base_url}/Binary/{created.id}/_history/1"
+        await local.download_binary(absolute, again.extend, max_bytes=4 * MB, accept="*/*")
+        # DSF answers 406 when Accept does not fit the stored content type.
+        with pytest.raises(RemoteError) as not_acceptable:
+            await local.download_binary(absolute, again.extend, max_bytes=4 * MB)
+    assert not_acceptable.value.status == 406 and not not_acceptable.value.retryable
+    assert created.status == 201 and created.version == 1 and created.resource is None
+    assert count == 3 * MB + 17
+    assert bytes(received) == _expected(3 * MB + 17) == bytes(again)
+    stored = sandbox.server.service.store.read("Binary", str(created.id))
+    assert stored is not None and stored["securityContext"] == {"reference": context}
+
+
+async def test_content_length_above_the_limit_is_refused_before_reading(sandbox: Sandbox) -> None:
+    async with sandbox.client(LOCAL) as local:
+        context = await _security_context(local)
+        created = await local.upload_binary(
+            lambda: _chunks(2 * MB),
+            content_type="application/octet-stream",
+            security_context=context,
+        )
+        handed: list[bytes] = []
+        with pytest.raises(BinaryTooLargeError) as caught:
+            await local.download_binary(f"Binary/{created.id}", handed.append, max_bytes=MB)
+    assert handed == []
+    assert caught.value.retryable is False and caught.value.limit == MB
+    assert f"limit of {MB} bytes" in caught.value.message
+    assert f"has {2 * MB} bytes" in caught.value.message
+
+
+async def test_a_stream_without_length_is_cut_at_the_limit() -> None:
+    """A server that sends no ``Content-Length`` (DSF 1.9 writes raw Binaries chunked) is cut
+    off as soon as the limit is crossed, not after the whole body."""
+    produced = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal produced
+        while True:
+            produced += 64 * 1024
+            yield bytes(64 * 1024)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, headers={"Content-Type": "application/octet-stream"}, content=endless()
+        )
+
+    received = 0
+
+    def sink(chunk: bytes) -> None:
+        nonlocal received
+        received += len(chunk)
+
+    client = FhirClient("https://dsf.test/fhir", transport=httpx.MockTransport(handler))
+    async with client:
+        with pytest.raises(BinaryTooLargeError) as caught:
+            await client.download_binary("Binary/abc", sink, max_bytes=MB)
+    assert received <= MB
+    assert produced <= MB + 2 * 64 * 1024
+    assert "exceeds the limit of 1048576 bytes" in caught.value.message
+
+
+async def test_a_download_from_another_server_is_refused(sandbox: Sandbox) -> None:
+    async with sandbox.client(LOCAL) as local:
+        with pytest.raises(RemoteError, match="leaves the server"):
+            await local.download_binary(
+                "https://elsewhere.test/fhir/Binary/x", lambda _c: None, max_bytes=MB
+            )
+        with pytest.raises(ValueError, match="neither an absolute URL nor a Binary"):
+            await local.download_binary("Task/x", lambda _c: None, max_bytes=MB)
+
+
+async def test_a_third_party_gets_403_and_not_the_bytes(sandbox: Sandbox) -> None:
+    """The security context admits Site_A only (no ORGANIZATION tag for Site_B)."""
+    async with sandbox.client(LOCAL) as local, sandbox.client(REMOTE) as remote:
+        context = await _security_context(local, reader=LOCAL)
+        created = await local.upload_binary(
+            lambda: _chunks(10), content_type="text/plain", security_context=context
+        )
+        handed: list[bytes] = []
+        with pytest.raises(RemoteError) as caught:
+            await remote.download_binary(f"Binary/{created.id}", handed.append, max_bytes=MB)
+    assert caught.value.status == 403 and not caught.value.retryable
+    assert "Operation read forbidden" in caught.value.message
+    assert handed == []
+
+
+class _DropFirstUpload(httpx.AsyncBaseTransport):
+    """A real TLS transport whose first POST loses its connection halfway through the body."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.dropped = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and self.dropped == 0:
+            self.dropped += 1
+            assert isinstance(request.stream, AsyncIterable)
+            async for _chunk in request.stream:
+                break  # part of the body went out, then the connection broke
+            raise httpx.WriteError("connection dropped during the upload")
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_an_upload_with_a_factory_is_retried_after_a_dropped_connection(
+    sandbox: Sandbox,
+) -> None:
+    transport = _DropFirstUpload(httpx.AsyncHTTPTransport(verify=sandbox.context(LOCAL)))
+    fresh = 0
+
+    def factory() -> AsyncIterator[bytes]:
+        nonlocal fresh
+        fresh += 1
+        return _chunks(2 * MB)
+
+    async with sandbox.client(LOCAL) as local:
+        context = await _security_context(local)
+    client = FhirClient(sandbox.base_url, transport=transport, retry=FAST_RETRY)
+    async with client:
+        created = await client.upload_binary(
+            factory, content_type="application/octet-stream", security_context=context
+        )
+    assert transport.dropped == 1 and fresh == 2
+    stored = sandbox.server.service.binaries.get(str(created.id), "1")
+    assert stored is not None and stored.path.read_bytes() == _expected(2 * MB)
+    assert len(sandbox.server.service.store.all("Binary")) == 1
+
+
+async def test_an_upload_without_a_factory_is_not_retried(sandbox: Sandbox) -> None:
+    transport = _DropFirstUpload(httpx.AsyncHTTPTransport(verify=sandbox.context(LOCAL)))
+    async with sandbox.client(LOCAL) as local:
+        context = await _security_context(local)
+    client = FhirClient(sandbox.base_url, transport=transport, retry=FAST_RETRY)
+    async with client:
+        with pytest.raises(RemoteError) as caught:
+            await client.upload_binary(
+                _chunks(MB), content_type="application/octet-stream", security_context=context
+            )
+    assert transport.dropped == 1
+    assert caught.value.retryable  # the runtime decides; the body cannot be sent again here
+    assert sandbox.server.service.store.all("Binary") == []
+
+
+async def test_an_upload_without_security_context_answer_is_a_clear_error(
+    sandbox: Sandbox,
+) -> None:
+    """A security context DSF does not accept (a Task) is refused with 403, not retried."""
+    async with sandbox.client(LOCAL) as local:
+        with pytest.raises(RemoteError) as caught:
+            await local.upload_binary(
+                lambda: _chunks(10), content_type="text/plain", security_context="Task/unknown"
+            )
+        with pytest.raises(ValueError, match="parse the body as a FHIR resource"):
+            await local.upload_binary(
+                lambda: _chunks(10), content_type="application/fhir+json", security_context="x"
+            )
+    assert caught.value.status == 403 and not caught.value.retryable
+
+
+async def test_delete_is_done_when_the_binary_is_gone(sandbox: Sandbox) -> None:
+    async with sandbox.client(LOCAL) as local:
+        context = await _security_context(local)
+        created = await local.upload_binary(
+            lambda: _chunks(10), content_type="text/plain", security_context=context
+        )
+        await local.delete("Binary", str(created.id))
+        await local.delete("Binary", str(created.id))  # deleted already
+        await local.delete("Binary", "00000000-0000-0000-0000-000000000000")  # never there
+        with pytest.raises(RemoteError) as caught:
+            await local.read("Binary", str(created.id))
+    assert caught.value.status == 410
+
+
+async def test_delete_refused_is_an_error(sandbox: Sandbox) -> None:
+    async with sandbox.client(LOCAL) as local, sandbox.client(REMOTE) as remote:
+        context = await _security_context(local)
+        created = await local.upload_binary(
+            lambda: _chunks(10), content_type="text/plain", security_context=context
+        )
+        with pytest.raises(RemoteError) as caught:
+            await remote.delete("Binary", str(created.id))
+    assert caught.value.status == 403
+
+
+async def test_download_memory_stays_bounded(sandbox: Sandbox) -> None:
+    """30 MB through upload_binary and download_binary: the heap (client and sandbox share
+    this process) peaks at a few megabytes."""
+    total = 30 * MB
+    async with sandbox.client(LOCAL) as local, sandbox.client(REMOTE) as remote:
+        context = await _security_context(local)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            created = await local.upload_binary(
+                lambda: _chunks(total),
+                content_type="application/octet-stream",
+                security_context=context,
+            )
+            count = await remote.download_binary(
+                f"Binary/{created.id}", lambda _chunk: None, max_bytes=total
+            )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert count == total
+    assert peak < 10 * MB, f"peak {peak / MB:.1f} MB for {total // MB} MB"
