@@ -191,16 +191,23 @@ _FILE_EXTENSIONS = {
 }
 
 
+# Bundles the server writes from what it stores (their Binaries' content is in its files).
+_SERVER_BUNDLES = frozenset({"searchset", "history", "batch-response", "transaction-response"})
+
+
 def _inline_binaries(service: FhirService, body: dict[str, Any]) -> dict[str, Any]:
     """Bundles (search, history, batch answers) carry their Binaries with ``data``, as DSF
     writes them; only a Binary read on its own is streamed."""
-    if body.get("resourceType") != "Bundle":
-        return body
+    if body.get("resourceType") != "Bundle" or body.get("type") not in _SERVER_BUNDLES:
+        return body  # a stored Bundle (a document, a collection) holds its Binaries itself
     for entry in body.get("entry") or []:
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict) or resource.get("resourceType") != "Binary":
             continue
-        content = service.binaries.get(resource["id"], resource["meta"]["versionId"])
+        version = (resource.get("meta") or {}).get("versionId")
+        if not resource.get("id") or not version:
+            continue
+        content = service.binaries.get(resource["id"], version)
         if content is not None and content.size:
             entry["resource"] = {**resource, "data": content.base64()}
     return body
