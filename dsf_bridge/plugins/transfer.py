@@ -172,8 +172,9 @@ async def package_series(
     time: WADO-RS read as a stream)."""
     uids: dict[str, str] = {}
     count = 0
-    with target.open("wb") as file:
-        writer = PackageWriter(file)
+    # The writer is closed on every way out (a refused instance included): an open ZIP would
+    # try to finish itself later on a closed file.
+    with target.open("wb") as file, PackageWriter(file) as writer:
 
         def handle(instance: Dataset) -> None:
             nonlocal count
@@ -203,8 +204,7 @@ async def package_series(
 
 def package_datasets(datasets: list[Dataset], target: Path) -> PackageManifest:
     """Write ``datasets`` (a result: a SEG) into a package at ``target``."""
-    with target.open("wb") as file:
-        writer = PackageWriter(file)
+    with target.open("wb") as file, PackageWriter(file) as writer:
         for dataset in datasets:
             writer.add(dataset)
         return writer.close()
