@@ -350,7 +350,12 @@ def create_app(service: FhirService, hub: SubscriptionHub) -> Starlette:
         content: BinaryContent | None = None
         if method in ("POST", "PUT"):
             content_type = request.headers.get("content-type", FHIR_JSON).split(";")[0].strip()
-            if parts[:1] == ["Binary"] and content_type.lower() not in _FHIR_BODY_TYPES:
+            raw_target = parts == ["Binary"] if method == "POST" else len(parts) == 2
+            if (
+                parts[:1] == ["Binary"]
+                and raw_target
+                and content_type.lower() not in _FHIR_BODY_TYPES
+            ):
                 # A raw upload (BinaryServiceJaxrs.create(InputStream ...)): the content type
                 # and X-Security-Context headers make the resource; DSF answers a missing,
                 # blank or repeated one with a bare 400 before it reads the body.

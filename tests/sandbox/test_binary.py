@@ -269,6 +269,22 @@ async def test_reads_as_fhir_json_raw_and_not_acceptable(network: Network) -> No
     assert vread.content == content
 
 
+async def test_a_raw_update_makes_a_new_version_with_new_content(network: Network) -> None:
+    context = await _security_context(network, REMOTE)
+    binary_id = await _upload(network, b"first", context)
+    async with network.http(LOCAL) as http:
+        updated = await http.put(
+            f"Binary/{binary_id}",
+            content=b"second",
+            headers={"Content-Type": "text/plain", "X-Security-Context": context},
+        )
+        first = await http.get(f"Binary/{binary_id}/_history/1", headers={"Accept": "*/*"})
+        current = await http.get(f"Binary/{binary_id}", headers={"Accept": "*/*"})
+    assert updated.status_code == 200, updated.text
+    assert updated.json()["meta"]["versionId"] == "2"
+    assert first.content == b"first" and current.content == b"second"
+
+
 async def test_ranges_as_dsf_2(network: Network) -> None:
     """DSF 2.x's ``RangeRequestImpl`` as ``BinaryIntegrationTest.testCreateReadRange`` uses
     it, and its edges: ``bytes=0-0`` and a range past the end are not satisfiable (416)."""
@@ -331,7 +347,10 @@ async def test_delete_and_permanent_delete_remove_the_content(network: Network) 
         assert (await http.delete(f"Binary/{binary_id}")).status_code == 200
         assert (await http.get(f"Binary/{binary_id}")).status_code == 410
         assert service.binaries.get(binary_id, "1") is not None  # history keeps it, as DSF
-        purged = await http.post(f"Binary/{binary_id}/$permanent-delete")
+        # An operation on a Binary is no upload, whatever Content-Type the client sends.
+        purged = await http.post(
+            f"Binary/{binary_id}/$permanent-delete", headers={"Content-Type": "text/plain"}
+        )
     assert purged.status_code == 200
     assert service.binaries.get(binary_id, "1") is None
 
