@@ -842,12 +842,10 @@ async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) 
 
 @handlers.message_send(_PREFIX + "SendInferenceReceipt")
 def send_inference_receipt(ctx: SendContext) -> None:
-    """Tells the provider its segmentation package was retrieved: it may delete it."""
-    ctx.add_input(
-        CODESYSTEM_OMI,
-        SEGMENTATION_PACKAGE,
-        {"valueReference": {"reference": _text(ctx, "resultPackage"), "type": "Binary"}},
-    )
+    """Tells the provider its segmentation package was retrieved: it may delete it. The
+    business key says which; the Task names no package, because DSF checks a Task's local
+    references when it completes (``ValidationRules.checkReferenceAfterUpdate``) and the
+    provider deletes its package before its receipt Task completes."""
     # A provider gone by now keeps its package until its retention ends: no reason to fail.
     ctx.throw_on_failure(NOT_DELIVERED)
 
