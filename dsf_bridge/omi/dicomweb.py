@@ -292,6 +292,28 @@ class DicomWebArchive:
         _log.info("dicomweb.retrieved", instances=count)
         return count
 
+    async def instance_metadata(
+        self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str
+    ) -> Dataset:
+        """The attributes of one instance without its bulk data (WADO-RS metadata)."""
+        found: dict[str, Any] = await self._call(
+            "retrieve_metadata",
+            lambda: self._client.retrieve_instance_metadata(
+                study_instance_uid=study_instance_uid,
+                series_instance_uid=series_instance_uid,
+                sop_instance_uid=sop_instance_uid,
+            ),
+            study=study_instance_uid,
+        )
+        if not found:
+            raise StudyNotFoundError(
+                f"instance {sop_instance_uid} of study {study_instance_uid} is not in the "
+                f"archive at {self.url}",
+                url=self.url,
+            )
+        # Bulk data (pixels) would be a URI to fetch; only the attributes are wanted.
+        return Dataset.from_json(found, bulk_data_uri_handler=lambda *_: b"")
+
     async def retrieve_study(
         self, study_instance_uid: str, series_instance_uid: str | None = None
     ) -> list[Dataset]:

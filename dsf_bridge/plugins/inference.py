@@ -32,6 +32,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
 import structlog
+from pydicom.dataset import Dataset
 
 from dsf_bridge.config import OmiServiceSettings, OmiSettings
 from dsf_bridge.dsf.certificates import RecipientKeyError
@@ -104,6 +105,7 @@ from dsf_bridge.plugins.transfer import (
     package_series,
     publish_package,
     receive_package,
+    restore_identity,
     series_info,
     uids_in,
     withdraw_package,
@@ -822,7 +824,9 @@ async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) 
             _, load = open_package(site, received.path)
             datasets = await asyncio.to_thread(load)
             originals = await _pseudonyms(ctx).originals(sorted(uids_in(datasets)))
-            await archive.store([reidentify(dataset, originals) for dataset in datasets])
+            results = [reidentify(dataset, originals) for dataset in datasets]
+            source = await _source_instance(archive, ctx, results)
+            await archive.store([restore_identity(result, source) for result in results])
     except (TransferError, PackageError, DecryptionError, RecipientKeyError) as exc:
         if exc.retryable:
             raise
@@ -838,6 +842,24 @@ async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) 
     finally:
         archive.close()
     log.info("inference.segmentation_stored", instances=len(datasets))
+
+
+async def _source_instance(
+    archive: DicomWebArchive, ctx: HandlerContext, results: list[Dataset]
+) -> Dataset:
+    """An original instance the returned SEG references (mapped back), read as metadata: its
+    patient and study attributes replace the pseudonymized ones."""
+    study = _text(ctx, "studyInstanceUid")
+    for result in results:
+        for series in result.get("ReferencedSeriesSequence", []):
+            for instance in series.get("ReferencedInstanceSequence", []):
+                sop = str(instance.get("ReferencedSOPInstanceUID", ""))
+                series_uid = str(series.get("SeriesInstanceUID", ""))
+                if sop and series_uid:
+                    return await archive.instance_metadata(study, series_uid, sop)
+    raise BpmnError(
+        PROVIDER_FAILED, "the returned segmentation references no instance of the study"
+    )
 
 
 @handlers.message_send(_PREFIX + "SendInferenceReceipt")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import datetime as dt
 import hashlib
 import shutil
@@ -44,7 +45,7 @@ from dsf_bridge.dsf.crypto import (
 )
 from dsf_bridge.dsf.endpoints import resolve_target
 from dsf_bridge.dsf.vocabulary import READ_ACCESS_TAG_SYSTEM
-from dsf_bridge.errors import BridgeError
+from dsf_bridge.errors import BridgeError, RemoteError
 from dsf_bridge.omi.dicomweb import DicomWebArchive, SeriesInfo
 from dsf_bridge.omi.package import PackageManifest, PackageReader, PackageWriter
 from dsf_bridge.omi.pseudonymize import Pseudonymizer
@@ -61,6 +62,7 @@ __all__ = [
     "package_series",
     "publish_package",
     "receive_package",
+    "restore_identity",
     "series_info",
     "uids_in",
     "withdraw_package",
@@ -396,10 +398,23 @@ async def withdraw_package(site: TransferSite, binary_url: str, document_referen
     already is fine."""
     binary_id = check_package_url(binary_url, site.local.base_url)
     await site.local.delete("Binary", binary_id)
+    # A deleted Binary keeps its versions in DSF's history: gone for good where the server
+    # lets this site (DSF's $permanent-delete, a role a site may not have given its bridge).
+    purged = await _purge(site.local, "Binary", binary_id)
     kind, _, document_id = document_reference.partition("/")
     if kind == "DocumentReference" and document_id:
         await site.local.delete("DocumentReference", document_id)
-    log.info("transfer.withdrawn")
+    log.info("transfer.withdrawn", purged=purged)
+
+
+async def _purge(client: FhirClient, resource_type: str, resource_id: str) -> bool:
+    try:
+        await client.request("POST", f"{resource_type}/{resource_id}/$permanent-delete")
+    except RemoteError as exc:
+        if exc.retryable:
+            raise
+        return False  # 401/403 (no role), 404 (purged before): the delete stands
+    return True
 
 
 def uids_in(datasets: list[Dataset]) -> set[str]:
@@ -422,3 +437,45 @@ def uids_in(datasets: list[Dataset]) -> set[str]:
         if meta is not None:
             walk(meta)
     return found
+
+
+# What a result made from the pseudonymized copy says of the patient and the study, put back
+# from the original (DICOM Patient, Patient Study and General Study modules): the SEG then
+# belongs to the study it is stored in, also for an archive that keys studies by patient.
+IDENTITY_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "EthnicGroup",
+    "PatientComments",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "LongitudinalTemporalInformationModified",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "StudyID",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
+
+
+def restore_identity(result: Dataset, original: Dataset) -> Dataset:
+    """``result`` with the patient and study attributes of ``original`` (an instance of the
+    study it was made from) in place of the pseudonymized ones; absent there, absent here."""
+    for keyword in IDENTITY_ATTRIBUTES:
+        if keyword in original:
+            result[keyword] = copy.deepcopy(original[keyword])
+        elif keyword in result:
+            del result[keyword]
+    return result

@@ -272,6 +272,10 @@ async def test_the_provider_gets_a_pseudonymized_copy_and_the_seg_comes_back_to_
         originals
     )
     assert seg.FrameOfReferenceUID == series[0].FrameOfReferenceUID
+    # ... and names the patient and study again, as the archive holds them.
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate"):
+        assert str(seg.get(keyword)) == IDENTITY[keyword], keyword
+    assert "PatientIdentityRemoved" not in seg
 
 
 async def test_a_study_with_burned_in_annotation_never_leaves(
