@@ -381,6 +381,7 @@ def test_omi_catalogue_from_file_and_environment(tmp_path: Path) -> None:
             "tensor_encoding": "auto",
             "max_request_bytes": 1 << 30,
             "max_response_bytes": 256 << 20,
+            "transfer": "dsf",
         }
     ]
 
