@@ -178,6 +178,11 @@ class DicomWebArchive:
         # at WARNING even with retries off; dicomweb.retried says the same in one line.
         logging.getLogger("retrying").setLevel(logging.ERROR)
 
+    @property
+    def retry(self) -> RetryPolicy:
+        """The policy of one call (a caller that repeats a whole stream follows it too)."""
+        return self._retry
+
     def close(self) -> None:
         self._session.close()
 

@@ -38,6 +38,7 @@ from dsf_bridge.config import OmiServiceSettings, OmiSettings
 from dsf_bridge.dsf.certificates import RecipientKeyError
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.crypto import DecryptionError
+from dsf_bridge.dsf.endpoints import TargetError
 from dsf_bridge.dsf.vocabulary import BPMN_MESSAGE_SYSTEM, READ_ACCESS_TAG_SYSTEM
 from dsf_bridge.engine.timers import TimerError, add_duration, parse_duration
 from dsf_bridge.errors import BridgeError, RemoteError
@@ -100,6 +101,7 @@ from dsf_bridge.plugins.transfer import (
     PseudonymStore,
     TransferError,
     TransferSite,
+    encryption_certificate,
     open_package,
     package_datasets,
     package_series,
@@ -461,6 +463,19 @@ async def prepare_study(ctx: HandlerContext) -> None:
     named = ctx.get("seriesInstanceUid")
     series = named if isinstance(named, str) and named else None
     provider = _text(ctx, "provider")
+    # The provider's certificate first: nothing is read or made for a provider that cannot
+    # receive it.
+    try:
+        certificate = await encryption_certificate(site, provider)
+    except RecipientKeyError as exc:
+        raise BpmnError(SERVICE_UNAVAILABLE, str(exc)) from exc
+    except TargetError as exc:
+        raise BpmnError(SERVICE_UNAVAILABLE, str(exc)) from exc
+    except RemoteError as exc:  # after the call's own retries ([runtime] call_*)
+        # The message names the server that failed (the provider's, or this site's own).
+        raise BpmnError(
+            NOT_DELIVERED, f"the provider's encryption certificate could not be read: {exc}"
+        ) from exc
     archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
     try:
         with site.workspace() as workspace:
@@ -481,6 +496,7 @@ async def prepare_study(ctx: HandlerContext) -> None:
                 recipient=provider,
                 transfer_id=f"{ctx.business_key}/study",
                 title="OMI inference: pseudonymized series",
+                certificate=certificate,
             )
     except (PseudonymizationRefusedError, StudyNotFoundError, RequestNotAcceptedError) as exc:
         raise BpmnError(REQUEST_INVALID, str(exc)) from exc
@@ -490,9 +506,7 @@ async def prepare_study(ctx: HandlerContext) -> None:
         if exc.retryable:
             raise
         raise BpmnError(REQUEST_INVALID, str(exc)) from exc
-    except DicomWebError as exc:
-        if exc.retryable:
-            raise
+    except DicomWebError as exc:  # after the call's own retries ([runtime] call_*)
         raise BpmnError(ARCHIVE_UNAVAILABLE, str(exc)) from exc
     finally:
         archive.close()

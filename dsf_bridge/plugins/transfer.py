@@ -46,7 +46,7 @@ from dsf_bridge.dsf.crypto import (
 from dsf_bridge.dsf.endpoints import resolve_target
 from dsf_bridge.dsf.vocabulary import READ_ACCESS_TAG_SYSTEM
 from dsf_bridge.errors import BridgeError, RemoteError
-from dsf_bridge.omi.dicomweb import DicomWebArchive, SeriesInfo
+from dsf_bridge.omi.dicomweb import DicomWebArchive, DicomWebError, SeriesInfo
 from dsf_bridge.omi.package import PackageManifest, PackageReader, PackageWriter
 from dsf_bridge.omi.pseudonymize import Pseudonymizer
 
@@ -58,6 +58,7 @@ __all__ = [
     "ReceivedPackage",
     "TransferError",
     "TransferSite",
+    "encryption_certificate",
     "package_datasets",
     "package_series",
     "publish_package",
@@ -171,7 +172,36 @@ async def package_series(
 ) -> PackagedSeries:
     """Write one series of ``archive`` into a package at ``target``, each instance
     pseudonymized on the way when ``pseudonymizer`` is given (one instance in memory at a
-    time: WADO-RS read as a stream)."""
+    time: WADO-RS read as a stream). A stream that breaks (the archive away, a timeout) is read
+    again from the start, as often as the archive's retry policy says."""
+    policy = archive.retry
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return await _package_once(
+                archive,
+                study_instance_uid,
+                series_instance_uid,
+                target,
+                pseudonymizer=pseudonymizer,
+                max_instances=max_instances,
+            )
+        except DicomWebError as exc:
+            if not exc.retryable or attempt == policy.attempts:
+                raise
+            log.warning("transfer.stream_retried", attempt=attempt, status=exc.status)
+            await asyncio.sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+async def _package_once(
+    archive: DicomWebArchive,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    target: Path,
+    *,
+    pseudonymizer: Pseudonymizer | None,
+    max_instances: int,
+) -> PackagedSeries:
     uids: dict[str, str] = {}
     count = 0
     # The writer is closed on every way out (a refused instance included): an open ZIP would
@@ -231,6 +261,14 @@ def _sha256(path: Path) -> bytes:
     return digest.digest()
 
 
+async def encryption_certificate(site: TransferSite, recipient: str) -> x509.Certificate:
+    """``recipient``'s certificate to encrypt for: published on its DSF FHIR server, one of
+    its thumbprints in this site's allow list
+    (:func:`~dsf_bridge.dsf.certificates.recipient_certificate`)."""
+    remote = await site.client_of(recipient)
+    return await recipient_certificate(remote, site.local, recipient)
+
+
 async def publish_package(
     site: TransferSite,
     package: Path,
@@ -238,16 +276,18 @@ async def publish_package(
     recipient: str,
     transfer_id: str,
     title: str,
+    certificate: x509.Certificate | None = None,
 ) -> PublishedPackage:
-    """Encrypt ``package`` for ``recipient`` (an organization identifier) and store it on the
-    local DSF FHIR server, readable by the local and the recipient organization only.
+    """Encrypt ``package`` for ``recipient`` (an organization identifier; its
+    :func:`encryption_certificate` unless given) and store it on the local DSF FHIR server,
+    readable by the local and the recipient organization only.
 
     The DocumentReference (identified by ``transfer_id``, created once even when the step
     runs again) is the Binary's security context and says what it holds: size and SHA-256
     of the encrypted bytes, the Binary's URL."""
     started = time.monotonic()
-    remote = await site.client_of(recipient)
-    certificate = await recipient_certificate(remote, site.local, recipient)
+    if certificate is None:
+        certificate = await encryption_certificate(site, recipient)
     sealed = package.with_suffix(".sealed")
     size = await asyncio.to_thread(_encrypt, package, sealed, certificate)
     digest = await asyncio.to_thread(_sha256, sealed)

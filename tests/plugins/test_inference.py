@@ -30,6 +30,7 @@ import httpx
 import pytest
 from pydicom.dataset import Dataset
 
+from dsf_bridge.dsf.certificates import publish_certificate
 from dsf_bridge.dsf.profiles import TaskProfile
 from dsf_bridge.dsf.publication import read_resource
 from dsf_bridge.dsf.tasks import input_values
@@ -212,11 +213,12 @@ async def test_two_sites_infer_ct_small_and_a_series_end_to_end(
                 await remote.request("GET", f"{network.sites[REQUESTER].base_url}/{reference}")
 
         # Every Task on both sites completed: two start Tasks and two results at Hospital_A,
-        # two requests at AI_Provider; each as sent conforms to our profiles.
+        # two requests and the SEG package's receipt at AI_Provider; each as sent conforms to
+        # our profiles.
         requester_tasks = network.tasks(REQUESTER)
         provider_tasks = network.tasks(PROVIDER)
         assert len(requester_tasks) == 4
-        assert len(provider_tasks) == 2
+        assert len(provider_tasks) == 3
         for task in [*requester_tasks, *provider_tasks]:
             assert task["status"] == "completed", task.get("output")
             _our_profile(task["meta"]["profile"][0]).check(task)
@@ -235,13 +237,18 @@ async def test_two_sites_infer_ct_small_and_a_series_end_to_end(
             if p["type"]["coding"][0]["system"] == MEASUREMENT_CODE_SYSTEM
         ]
         assert all(p["valueQuantity"]["system"] == "http://unitsofmeasure.org" for p in measured)
-        requests = provider_tasks
+        requests = [
+            t for t in provider_tasks if input_values(t, "message-name") == ["inferenceRequest"]
+        ]
         assert {input_values(t, "business-key")[0] for t in requests} == {
             input_values(t, "business-key")[0] for t in results
         }
-        assert input_values(requests[0], "dicomweb-endpoint", CODESYSTEM_OMI) == [
-            orthanc.dicomweb_url
-        ]
+        # Through DSF by default: a package on Hospital_A's server, never the archive's URL.
+        for request in requests:
+            assert input_values(request, "dicomweb-endpoint", CODESYSTEM_OMI) == []
+            [package] = input_values(request, "study-package", CODESYSTEM_OMI)
+            assert package["reference"].startswith(network.sites[REQUESTER].base_url + "/Binary/")
+        assert orthanc.dicomweb_url not in json.dumps(provider_tasks)
         _assert_no_patient_identifiers([*requester_tasks, *provider_tasks], ct_small)
 
         # Nothing waits any more, and each site's audit trail verifies and shows every step.
@@ -301,7 +308,10 @@ async def test_failures_end_the_start_task_with_their_own_error(
 ) -> None:
     ct_small, _ = studies
     catalogue = [
-        {"id": "tissue-composition", "organization": PROVIDER},
+        # The provider fetches the study itself: its archive errors travel back as error kinds.
+        {"id": "tissue-composition", "organization": PROVIDER, "transfer": "dicomweb"},
+        # Through DSF the requesting site reads its own archive first: nothing is sent.
+        {"id": "via-dsf", "organization": PROVIDER},
         {"id": "warming", "organization": PROVIDER},
         {"id": "broken", "organization": PROVIDER},
         {"id": "silent", "organization": "Silent_Provider"},
@@ -329,6 +339,18 @@ async def test_failures_end_the_start_task_with_their_own_error(
                 "dicomweb_endpoint": f"http://127.0.0.1:{closed_port}/dicom-web",
             },
             ["(archive-unavailable)", f"127.0.0.1:{closed_port}"],
+        ),
+        "study not in archive, through DSF": (
+            {"study_instance_uid": "1.2.3.4.998", "service": "via-dsf"},
+            ["request-invalid", "1.2.3.4.998 is not in the archive"],
+        ),
+        "archive down, through DSF": (
+            {
+                "study_instance_uid": study,
+                "service": "via-dsf",
+                "dicomweb_endpoint": f"http://127.0.0.1:{closed_port}/dicom-web",
+            },
+            ["archive-unavailable", f"127.0.0.1:{closed_port}", "cannot be reached"],
         ),
         "model not ready": (
             {"study_instance_uid": study, "service": "warming"},
@@ -369,6 +391,12 @@ async def test_failures_end_the_start_task_with_their_own_error(
             FAST_RUNTIME, call_retry=RetryPolicy(attempts=2, initial_delay=0.5)
         ),
     ) as network:
+        # Their bridges ran once (their certificates are published): Silent_Provider's is gone
+        # now, Strict_Provider's server refuses us.
+        for organization in ("Silent_Provider", "Strict_Provider"):
+            async with network.client(organization) as client:
+                certificate = network.sites[organization].client_certificate.read_bytes()
+                await publish_certificate(client, certificate)
         started = {}
         for label, (inputs, _) in cases.items():
             inputs.setdefault("dicomweb_endpoint", orthanc.dicomweb_url)
@@ -564,7 +592,12 @@ async def test_the_provider_fetches_over_mutual_tls_with_its_dsf_identity(
     ca = CertificateAuthority("OMI mTLS test CA")
     (tmp_path / "front").mkdir()
     bridges = {
-        REQUESTER: {"catalogue": [{"id": "tissue-composition", "organization": PROVIDER}]},
+        # The provider fetches the study itself from the archive behind mutual TLS.
+        REQUESTER: {
+            "catalogue": [
+                {"id": "tissue-composition", "organization": PROVIDER, "transfer": "dicomweb"}
+            ]
+        },
         PROVIDER: {"catalogue": [_service("tissue-composition", REFERENCE_MODEL.name, mlserver)]},
     }
     async with (

@@ -43,7 +43,13 @@ def _task(message: str, requester: str, **inputs: str) -> dict[str, object]:
     return {"task": {"id": "task-1", "requester": requester, "inputs": values}}
 
 
-REQUESTER_OMI = {"catalogue": [{"id": "tissue-composition", "organization": "AI_Provider"}]}
+# The harness has no archive and no DSF FHIR server: the request names the archive
+# (transfer = "dicomweb"); the way through DSF is tested end to end in test_inference_transfer.
+REQUESTER_OMI = {
+    "catalogue": [
+        {"id": "tissue-composition", "organization": "AI_Provider", "transfer": "dicomweb"}
+    ]
+}
 START = {
     "study_instance_uid": STUDY,
     "dicomweb_endpoint": "https://pacs.example/dicom-web",

@@ -85,7 +85,12 @@ async def study(archive: OrthancProcess, model_server: MLServerProcess) -> Async
 def _bridges(model_server: MLServerProcess) -> dict[str, Mapping[str, Any]]:
     service = {"id": SERVICE, "model_name": REFERENCE_MODEL.name}
     return {
-        REQUESTER: {"catalogue": [{"id": SERVICE, "organization": PROVIDER}]},
+        # The provider fetches from the archive itself (transfer = "dicomweb"): these outages
+        # hit the providing bridge between its fetch and its inference. The way through DSF
+        # reads the archive at the requesting site (tests/plugins/test_inference_transfer.py).
+        REQUESTER: {
+            "catalogue": [{"id": SERVICE, "organization": PROVIDER, "transfer": "dicomweb"}]
+        },
         PROVIDER: {
             "catalogue": [{**service, "inference_url": model_server.base_url}],
         },
