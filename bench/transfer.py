@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import resource
@@ -99,9 +100,8 @@ def _slices(megabytes: int) -> Iterator[Dataset]:
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     rng = np.random.default_rng(7)
     for index in range(count):
-        dataset = Dataset()
-        dataset.update(template)
-        dataset.file_meta = template.file_meta
+        # A copy of a real Part 10 file (preamble, file meta), as an archive stores it.
+        dataset = copy.deepcopy(template)
         dataset.PatientName = "Mustermann^Erika"
         dataset.PatientID = "PID-4711"
         dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
@@ -159,8 +159,9 @@ def _site(directory: Path, organization: str, ports: dict[str, int]) -> Transfer
 
 
 @contextlib.contextmanager
-def _servers(directory: Path) -> Iterator[dict[str, int]]:
-    ports = {REQUESTER: free_port(), PROVIDER: free_port()}
+def _servers(directory: Path, base_port: int) -> Iterator[dict[str, int]]:
+    # The ports sandbox init wrote into the allow list's Endpoints (one after the other).
+    ports = {REQUESTER: base_port, PROVIDER: base_port + 1}
     processes = []
     try:
         for organization, port in ports.items():
@@ -202,6 +203,7 @@ async def run(megabytes: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as temporary:
         root = Path(temporary)
         directory = root / "sandbox"
+        base_port = free_port()
         subprocess.run(  # noqa: S603, ASYNC221 - our own CLI, before anything else runs
             [
                 sys.executable,
@@ -214,11 +216,13 @@ async def run(megabytes: int) -> dict[str, Any]:
                 REQUESTER,
                 "--org",
                 PROVIDER,
+                "--base-port",
+                str(base_port),
             ],
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        with OrthancProcess(root / "orthanc").start() as orthanc, _servers(directory) as ports:
+        with OrthancProcess(root / "orthanc").start() as orthanc, _servers(directory, base_port) as ports:
             started = time.monotonic()
             study, series, count = await _store(orthanc, megabytes)
             stored_seconds = time.monotonic() - started
