@@ -374,7 +374,13 @@ class OmiServiceSettings(_Section):
         "packaged, encrypted for the provider and stored as a Binary on this site's DSF FHIR "
         "server, readable by the provider only (docs/privacy.md); dicomweb: the provider "
         "fetches the original study from the start Task's dicomweb-endpoint (a provider inside "
-        "this organization only: nothing is pseudonymized)",
+        "this organization only: nothing is pseudonymized) or from dicomweb_gateway",
+    )
+    dicomweb_gateway: str | None = Field(
+        default=None,
+        description='Requesting site, transfer = "dicomweb": base URL of an OMI DICOMweb '
+        "gateway the provider may read; the pseudonymized copy of the series is stored there "
+        "(STOW-RS) and named in the request instead of this site's archive",
     )
 
 

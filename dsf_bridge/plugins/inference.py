@@ -75,7 +75,11 @@ from dsf_bridge.omi.inference import (
     ModelNotReadyError,
 )
 from dsf_bridge.omi.package import PackageError
-from dsf_bridge.omi.pseudonymize import PseudonymizationRefusedError, reidentify
+from dsf_bridge.omi.pseudonymize import (
+    PseudonymizationRefusedError,
+    Pseudonymizer,
+    reidentify,
+)
 from dsf_bridge.omi.registry import (
     DEVICE_IDENTIFIER_SYSTEM,
     FhirRegistryClient,
@@ -101,6 +105,7 @@ from dsf_bridge.plugins.transfer import (
     PseudonymStore,
     TransferError,
     TransferSite,
+    copy_series,
     encryption_certificate,
     open_package,
     package_datasets,
@@ -391,6 +396,8 @@ async def resolve_service(ctx: HandlerContext) -> None:
     ctx.set("segmentation", _flag(task, SEGMENTATION))
     # A service found in the registry is outside the organization: through DSF, pseudonymized.
     ctx.set("transfer", entry.transfer if entry is not None else "dsf")
+    gateway = entry.dicomweb_gateway if entry is not None and entry.transfer == "dicomweb" else None
+    ctx.set("dicomwebGateway", gateway.rstrip("/") if gateway else None)
     # The provider knows the service by its own catalogue id (a registry's is the resource's).
     ctx.set("serviceId", service.offered_as or service.service_id)
     ctx.set("modelName", service.model_name)
@@ -449,8 +456,10 @@ async def prepare_study(ctx: HandlerContext) -> None:
     """Through DSF (``transfer = "dsf"``): the series is pseudonymized instance by instance into
     a package, the UID mapping kept in this site's store, the package encrypted for the
     provider and stored as a Binary on this site's DSF FHIR server readable by the provider
-    only. Nothing for ``transfer = "dicomweb"`` (the provider fetches the study itself)."""
-    if ctx.get("transfer") != "dsf":
+    only. With ``transfer = "dicomweb"`` and a ``dicomweb_gateway``: the pseudonymized copy is
+    stored into the gateway instead; without one, nothing (the provider fetches the study)."""
+    gateway = ctx.get("dicomwebGateway")
+    if ctx.get("transfer") != "dsf" and not gateway:
         return
     site = _transfer(ctx)
     if site.pseudonymizer is None or site.pseudonyms is None:
@@ -459,6 +468,9 @@ async def prepare_study(ctx: HandlerContext) -> None:
             "this site sends no study to another organization without pseudonymizing it "
             "(pseudonymization.enabled is false or pseudonymization.secret is not set)",
         )
+    if isinstance(gateway, str) and gateway:
+        await _copy_to_gateway(ctx, site, gateway, site.pseudonymizer, site.pseudonyms)
+        return
     study = _text(ctx, "studyInstanceUid")
     named = ctx.get("seriesInstanceUid")
     series = named if isinstance(named, str) and named else None
@@ -541,6 +553,45 @@ async def prepare_study(ctx: HandlerContext) -> None:
     )
 
 
+async def _copy_to_gateway(
+    ctx: HandlerContext,
+    site: TransferSite,
+    gateway: str,
+    pseudonymizer: Pseudonymizer,
+    pseudonyms: PseudonymStore,
+) -> None:
+    """The pseudonymized copy of the series into the OMI DICOMweb gateway (STOW-RS)."""
+    study = _text(ctx, "studyInstanceUid")
+    named = ctx.get("seriesInstanceUid")
+    archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
+    target = _archive(ctx, gateway)
+    try:
+        chosen = archive.choose_series(
+            await archive.search_series(study), study, named if isinstance(named, str) else None
+        )
+        copied = await copy_series(
+            archive,
+            target,
+            study,
+            chosen.series_instance_uid,
+            pseudonymizer=pseudonymizer,
+            max_instances=site.max_instances,
+            record=pseudonyms.record,
+        )
+    except (PseudonymizationRefusedError, StudyNotFoundError, TransferError) as exc:
+        if isinstance(exc, TransferError) and exc.retryable:
+            raise
+        raise BpmnError(REQUEST_INVALID, str(exc)) from exc
+    except DicomWebError as exc:  # after the call's own retries ([runtime] call_*)
+        raise BpmnError(ARCHIVE_UNAVAILABLE, str(exc)) from exc
+    finally:
+        archive.close()
+        target.close()
+    ctx.set("sentStudyInstanceUid", copied.study_instance_uid)
+    ctx.set("sentSeriesInstanceUid", copied.series_instance_uid)
+    log.info("inference.study_copied", instances=copied.instances)
+
+
 @handlers.message_send(_PREFIX + "SendInferenceRequest")
 def send_inference_request(ctx: SendContext) -> None:
     """The request names the study by UIDs and the service, and where the study is: a
@@ -554,6 +605,11 @@ def send_inference_request(ctx: SendContext) -> None:
             STUDY_PACKAGE,
             {"valueReference": {"reference": package, "type": "Binary"}},
         )
+    elif ctx.get("dicomwebGateway"):
+        # The pseudonymized copy in the OMI DICOMweb gateway: its UIDs and the gateway only.
+        ctx.add_input(CODESYSTEM_OMI, STUDY_INSTANCE_UID, _text(ctx, "sentStudyInstanceUid"))
+        ctx.add_input(CODESYSTEM_OMI, SERIES_INSTANCE_UID, _text(ctx, "sentSeriesInstanceUid"))
+        ctx.add_input(CODESYSTEM_OMI, DICOMWEB_ENDPOINT, _text(ctx, "dicomwebGateway"))
     else:
         ctx.add_input(CODESYSTEM_OMI, STUDY_INSTANCE_UID, _text(ctx, "studyInstanceUid"))
         series = ctx.get("seriesInstanceUid")
@@ -740,7 +796,8 @@ async def store_result(ctx: HandlerContext) -> None:
         package = _reference(result, SEGMENTATION_PACKAGE)
     except BpmnError as exc:
         raise BpmnError(PROVIDER_FAILED, f"the result from {provider}: {exc.message}") from exc
-    if ctx.get("transfer") == "dsf" and series is not None:
+    pseudonymized = ctx.get("transfer") == "dsf" or bool(ctx.get("dicomwebGateway"))
+    if pseudonymized and series is not None:
         # The provider saw the replacement UIDs only; the report names the original series.
         known = await _pseudonyms(ctx).originals([series])
         series = known.get(series)
@@ -795,6 +852,8 @@ async def store_result(ctx: HandlerContext) -> None:
     if package is not None:
         await _store_segmentation(ctx, package, provider)
         ctx.set("resultPackage", package)
+    elif segmentation is not None and ctx.get("dicomwebGateway"):
+        await _fetch_segmentation(ctx, segmentation, provider)
     if segmentation is not None:
         outputs.append(
             {
@@ -854,6 +913,29 @@ async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) 
             PROVIDER_FAILED, f"the segmentation could not be stored in the archive: {exc}"
         ) from exc
     finally:
+        archive.close()
+    log.info("inference.segmentation_stored", instances=len(datasets))
+
+
+async def _fetch_segmentation(ctx: HandlerContext, series: str, provider: str) -> None:
+    """The SEG the provider stored into the gateway next to the pseudonymized copy: read,
+    mapped back to the original study and stored into this site's archive."""
+    gateway = _archive(ctx, _text(ctx, "dicomwebGateway"))
+    archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
+    try:
+        datasets = await gateway.retrieve_series(_text(ctx, "sentStudyInstanceUid"), series)
+        originals = await _pseudonyms(ctx).originals(sorted(uids_in(datasets)))
+        results = [reidentify(dataset, originals) for dataset in datasets]
+        source = await _source_instance(archive, ctx, results)
+        await archive.store([restore_identity(result, source) for result in results])
+    except DicomWebError as exc:
+        if exc.retryable:
+            raise
+        raise BpmnError(
+            PROVIDER_FAILED, f"the segmentation from {provider} is not usable: {exc}"
+        ) from exc
+    finally:
+        gateway.close()
         archive.close()
     log.info("inference.segmentation_stored", instances=len(datasets))
 

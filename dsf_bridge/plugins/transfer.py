@@ -25,7 +25,7 @@ import hashlib
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -52,12 +52,14 @@ from dsf_bridge.omi.pseudonymize import Pseudonymizer
 
 __all__ = [
     "SERVICE_TRANSFER",
+    "CopiedSeries",
     "PackagedSeries",
     "PseudonymStore",
     "PublishedPackage",
     "ReceivedPackage",
     "TransferError",
     "TransferSite",
+    "copy_series",
     "encryption_certificate",
     "package_datasets",
     "package_series",
@@ -519,3 +521,71 @@ def restore_identity(result: Dataset, original: Dataset) -> Dataset:
         elif keyword in result:
             del result[keyword]
     return result
+
+
+@dataclass
+class CopiedSeries:
+    """A series copied, pseudonymized, into another archive (an OMI DICOMweb gateway)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    instances: int
+    uids: dict[str, str] = field(default_factory=dict)
+
+
+async def copy_series(
+    archive: DicomWebArchive,
+    gateway: DicomWebArchive,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    *,
+    pseudonymizer: Pseudonymizer,
+    max_instances: int,
+    record: Callable[[str, Mapping[str, str]], Awaitable[None]],
+    batch: int = 16,
+) -> CopiedSeries:
+    """Stream one series from ``archive``, pseudonymize each instance and store the copies
+    into ``gateway`` (STOW-RS, ``batch`` instances per request): the direct DICOMweb pull with
+    the same pseudonymization as the way through DSF. At most ``batch`` instances are held;
+    the UIDs of each batch are ``record``-ed before it leaves."""
+    loop = asyncio.get_running_loop()
+    uids: dict[str, str] = {}
+    pending: list[Dataset] = []
+    replaced: list[tuple[str, str]] = []
+    count = 0
+
+    async def store(datasets: list[Dataset]) -> None:
+        await record(study_instance_uid, dict(uids))
+        await gateway.store(datasets)
+
+    def flush() -> None:
+        # From the worker thread that reads the stream: the store runs on the event loop
+        # (with its retries) and the thread waits for it.
+        asyncio.run_coroutine_threadsafe(store(list(pending)), loop).result()
+        pending.clear()
+
+    def handle(instance: Dataset) -> None:
+        nonlocal count
+        count += 1
+        if count > max_instances:
+            raise TransferError(
+                f"the series has more than {max_instances} instances, the most one copy may "
+                "hold ([omi] max_package_instances)",
+                retryable=False,
+            )
+        copy = pseudonymizer.pseudonymize(instance)
+        uids.update(copy.uids)
+        if not replaced:
+            replaced.append(
+                (str(copy.dataset.StudyInstanceUID), str(copy.dataset.SeriesInstanceUID))
+            )
+        pending.append(copy.dataset)
+        if len(pending) >= batch:
+            flush()
+
+    await archive.each_instance(study_instance_uid, series_instance_uid, handle)
+    if pending:
+        await store(list(pending))
+    [(study, series)] = replaced
+    log.info("transfer.copied", instances=count)
+    return CopiedSeries(study, series, count, uids)

@@ -361,3 +361,71 @@ async def test_only_the_recipient_reads_a_package(tmp_path: Path) -> None:
         finally:
             for client in clients:
                 await client.aclose()
+
+
+async def test_through_a_dicomweb_gateway_the_copy_is_the_same_pseudonymized_one(
+    tmp_path: Path,
+    orthanc: OrthancProcess,
+    mlserver: MLServerProcess,
+) -> None:
+    """``transfer = "dicomweb"`` with a ``dicomweb_gateway``: the pseudonymized copy goes into
+    the gateway (a second Orthanc), the provider fetches it there by its replacement UIDs and
+    stores the SEG there; the requester maps the SEG back into its own archive."""
+    series = _identifying_series()
+    await _store(orthanc, series)
+    study = str(series[0].StudyInstanceUID)
+    with OrthancProcess(tmp_path / "gateway").start() as gateway:
+        bridges = _bridges(mlserver)
+        bridges[REQUESTER] = {
+            "catalogue": [
+                {
+                    "id": SERVICE,
+                    "organization": PROVIDER,
+                    "transfer": "dicomweb",
+                    "dicomweb_gateway": gateway.dicomweb_url,
+                }
+            ]
+        }
+        async with InferenceNetwork(tmp_path / "sites", bridges) as network:
+            task_id = await network.request(
+                REQUESTER,
+                study_instance_uid=study,
+                dicomweb_endpoint=orthanc.dicomweb_url,
+                service=SERVICE,
+                segmentation=True,
+            )
+            finished = await network.finished(REQUESTER, [task_id], 60)
+            await network.settled()
+            assert finished[task_id]["status"] == "completed", finished[task_id].get("output")
+            [request] = network.tasks(PROVIDER)
+            inputs = {
+                i["type"]["coding"][0]["code"]: i.get("valueString") for i in request["input"]
+            }
+            assert inputs["dicomweb-endpoint"] == gateway.dicomweb_url
+            copied_study = inputs["study-instance-uid"]
+            assert copied_study != study
+            # No package: nothing on either DSF FHIR server.
+            assert network.resources(REQUESTER, "Binary") == []
+        exchange = DicomWebArchive(gateway.dicomweb_url)
+        try:
+            found = await exchange.search_series(copied_study)
+            [copy_series] = [s for s in found if s.modality == "CT"]
+            copies = await exchange.retrieve_series(copied_study, copy_series.series_instance_uid)
+        finally:
+            exchange.close()
+    original_uids = set().union(*(_uids(s) for s in series))
+    assert len(copies) == len(series)
+    for copy in copies:
+        text = _texts(copy)
+        assert copy.PatientIdentityRemoved == "YES"
+        for value in (*IDENTITY.values(), "Erika", "Mustermann"):
+            assert value not in text
+        assert not original_uids & _uids(copy)
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        [seg_series] = [s for s in await archive.search_series(study) if s.modality == "SEG"]
+        [seg] = await archive.retrieve_series(study, seg_series.series_instance_uid)
+    finally:
+        archive.close()
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series[0].SeriesInstanceUID
+    assert seg.PatientID == IDENTITY["PatientID"]
