@@ -640,6 +640,11 @@ def test_demo_json_prints_the_reference_values(tmp_path: Path, dsf_version: str)
         assert single["measurements"][f"{tissue}-area"]["unit"] == "cm2"
         assert series["measurements"][f"{tissue}-volume"]["unit"] == "mL"
     assert single["study_instance_uid"] == str(load_ct_small().StudyInstanceUID)
+    # Through DSF by default: the encrypted package of each study crossed, and how fast.
+    for result in (single, series):
+        assert result["transfer"]["bytes"] > 30_000
+        assert result["transfer"]["seconds"] > 0
+    assert series["transfer"]["bytes"] > 4 * single["transfer"]["bytes"]
     assert "completed" in done.stderr  # progress went to stderr
     assert f"DSF {dsf_version}.0 sandbox FHIR server" in done.stderr
     assert list(tmp_path.iterdir()) == []  # the demo removed its temporary directory
