@@ -210,7 +210,13 @@ def test_an_altered_instance_fails_its_digest_before_it_is_parsed(
 
 def test_swapped_files_fail_their_digests(package: Path, tmp_path: Path) -> None:
     forged = _rewrite(package, tmp_path / "forged.zip", files=_swapped)
-    with PackageReader(forged, **LIMITS) as reader, pytest.raises(PackageError, match="SHA-256"):
+    # Two instances of one series differ in size when their generated UIDs differ in length:
+    # then the sizes the ZIP declares give the swap away when the package is opened, else the
+    # digests when the instances are read. Either way nothing of it is used.
+    with (
+        pytest.raises(PackageError, match=r"SHA-256|the ZIP declares"),
+        PackageReader(forged, **LIMITS) as reader,
+    ):
         list(reader.instances())
 
 
