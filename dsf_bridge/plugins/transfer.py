@@ -22,6 +22,7 @@ import contextlib
 import copy
 import datetime as dt
 import hashlib
+import re
 import shutil
 import tempfile
 import time
@@ -81,6 +82,8 @@ _READ_ACCESS_ORGANIZATION_EXTENSION = (
 )
 _ORGANIZATION_IDENTIFIER_SYSTEM = "http://dsf.dev/sid/organization-identifier"
 _CHUNK = 1 << 20
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_VERSION = re.compile(r"[1-9][0-9]{0,17}")
 PACKAGE_MEDIA_TYPE = "application/octet-stream"
 
 
@@ -364,9 +367,18 @@ def check_package_url(url: str, server: str) -> str:
             retryable=False,
         )
     rest = url[len(base) :].split("/")
-    if len(rest) not in (2, 4) or rest[0] != "Binary" or not rest[1]:
-        raise TransferError(f"the package reference {url} names no Binary", retryable=False)
-    if urlsplit(url).query or urlsplit(url).fragment:
+    # Exactly Binary/<id> or Binary/<id>/_history/<n>, the id a FHIR id: the HTTP client
+    # removes dot segments ("Binary/x/../.." is the server's base), and a server may decode
+    # %2F or honour ";" parameters, so anything looser could fetch another path.
+    if (
+        len(rest) not in (2, 4)
+        or rest[0] != "Binary"
+        or not _FHIR_ID.fullmatch(rest[1])
+        or rest[1] in (".", "..")
+        or (len(rest) == 4 and (rest[2] != "_history" or not _VERSION.fullmatch(rest[3])))
+        or urlsplit(url).query
+        or urlsplit(url).fragment
+    ):
         raise TransferError(f"the package reference {url} names no Binary", retryable=False)
     return rest[1]
 
