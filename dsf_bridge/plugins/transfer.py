@@ -335,15 +335,25 @@ async def publish_package(
     if created.id is None:
         raise TransferError("the local DSF FHIR server answered a DocumentReference without id")
     context = f"DocumentReference/{created.id}"
+    # A DocumentReference found (not created) is an earlier run's of this step, which stopped
+    # after its upload but before its process variables were kept: the Binary it names would
+    # stay readable by the recipient with nothing left to delete it. It goes first.
+    stored = await site.local.read("DocumentReference", created.id)
+    earlier = ((stored.get("content") or [{}])[0].get("attachment") or {}).get("url")
+    if isinstance(earlier, str) and earlier:
+        earlier_id = check_package_url(earlier, site.local.base_url)
+        await site.local.delete("Binary", earlier_id)
+        await _purge(site.local, "Binary", earlier_id)
+        log.info("transfer.earlier_package_withdrawn")
     uploaded = await site.local.upload_binary(
         lambda: _chunks(sealed), content_type=PACKAGE_MEDIA_TYPE, security_context=context
     )
     if uploaded.id is None:
         raise TransferError("the local DSF FHIR server answered the Binary without an id")
     url = f"{site.local.base_url.rstrip('/')}/Binary/{uploaded.id}"
-    # The DocumentReference points at its Binary, so that a package left behind (a step that
-    # broke between upload and process variables) can be found and deleted.
-    stored = await site.local.read("DocumentReference", created.id)
+    # The DocumentReference points at its Binary, so that a run of this step that broke
+    # between upload and process variables is cleaned up by the next run (above). Only a stop
+    # between the upload and this update leaves a Binary nothing names (docs/privacy.md).
     stored["content"][0]["attachment"]["url"] = url
     await site.local.update(stored)
     seconds = time.monotonic() - started

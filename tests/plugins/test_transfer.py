@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
-from dsf_bridge.plugins.transfer import TransferError, check_package_url
+from dsf_bridge.dsf.certificates import publish_certificate
+from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.identity import build_ssl_context, load_identity
+from dsf_bridge.plugins.transfer import (
+    TransferError,
+    TransferSite,
+    check_package_url,
+    package_datasets,
+    publish_package,
+    withdraw_package,
+)
+from dsf_bridge.sandbox.demo import InferenceNetwork
+from tests.omi.data import load_ct_small, make_series
 
 SERVER = "https://dsf.hospital-a.example/fhir"
+REQUESTER = "Hospital_A"
+PROVIDER = "AI_Provider"
 
 
 @pytest.mark.parametrize(
@@ -47,3 +63,53 @@ def test_a_dot_segment_would_leave_the_binary_endpoint() -> None:
 )
 def test_a_binary_url_is_accepted(url: str, expected: str) -> None:
     assert check_package_url(url, SERVER) == expected
+
+
+def _site(network: InferenceNetwork, organization: str, clients: list[FhirClient]) -> TransferSite:
+    files = network.sites[organization]
+    identity = load_identity(files.client_certificate, files.client_key)
+    context = build_ssl_context(identity, [files.ca])
+
+    def client(url: str) -> FhirClient:
+        opened = FhirClient(url, ssl_context=context)
+        clients.append(opened)
+        return opened
+
+    return TransferSite(
+        local=client(files.base_url),
+        remote=client,
+        private_key=identity.key,
+        certificate=identity.certificate,
+        local_organization=organization,
+    )
+
+
+async def test_a_step_run_again_leaves_no_package_behind(tmp_path: Path) -> None:
+    """PrepareStudy published its package, then the bridge stopped before the step committed:
+    the step runs again with the same transfer id. The first Binary must not stay readable
+    by the provider after the withdrawal (nothing would ever find it again)."""
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        for organization in (REQUESTER, PROVIDER):
+            async with network.client(organization) as client:
+                pem = network.sites[organization].client_certificate.read_bytes()
+                await publish_certificate(client, pem)
+        clients: list[FhirClient] = []
+        try:
+            sender = _site(network, REQUESTER, clients)
+            package = tmp_path / "package.zip"
+            package_datasets(make_series(load_ct_small())[:2], package)
+            first = await publish_package(
+                sender, package, recipient=PROVIDER, transfer_id="bk/study", title="test"
+            )
+            second = await publish_package(
+                sender, package, recipient=PROVIDER, transfer_id="bk/study", title="test"
+            )
+            assert second.document_reference == first.document_reference
+            await withdraw_package(sender, second.binary_url, second.document_reference)
+            assert network.resources(REQUESTER, "Binary") == []
+            assert network.resources(REQUESTER, "DocumentReference") == []
+        finally:
+            for client in clients:
+                await client.aclose()
