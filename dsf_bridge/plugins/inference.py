@@ -742,6 +742,12 @@ async def store_result(ctx: HandlerContext) -> None:
         raise BpmnError(PROVIDER_FAILED, f"the result from {provider}: {exc.message}") from exc
     if ctx.get("transfer") == "dsf" and series is not None:
         # The provider saw the replacement UIDs only; the report names the original series.
+        # Only the series it was sent: the mapping holds every study this site ever sent, and
+        # another one's series would put another patient's images into this report.
+        if series != ctx.get("sentSeriesInstanceUid"):
+            raise BpmnError(
+                PROVIDER_FAILED, f"the result from {provider} names a series it was not sent"
+            )
         known = await _pseudonyms(ctx).originals([series])
         series = known.get(series)
     slices_values = _inputs(result, CODESYSTEM_OMI, SLICES)
@@ -837,8 +843,10 @@ async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) 
             )
             _, load = open_package(site, received.path)
             datasets = await asyncio.to_thread(load)
-            originals = await _pseudonyms(ctx).originals(sorted(uids_in(datasets)))
+            sent = _text(ctx, "sentSeriesInstanceUid")
+            originals = await _pseudonyms(ctx).originals(sorted(uids_in(datasets) | {sent}))
             results = [reidentify(dataset, originals) for dataset in datasets]
+            _check_returned(results, _text(ctx, "studyInstanceUid"), originals.get(sent))
             source = await _source_instance(archive, ctx, results)
             await archive.store([restore_identity(result, source) for result in results])
     except (TransferError, PackageError, DecryptionError, RecipientKeyError) as exc:
@@ -856,6 +864,25 @@ async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) 
     finally:
         archive.close()
     log.info("inference.segmentation_stored", instances=len(datasets))
+
+
+def _check_returned(results: list[Dataset], study: str, series: str | None) -> None:
+    """A returned SEG, mapped back, must belong to the study and reference the series this
+    site sent: the mapping holds every study the site ever sent, so a provider naming another
+    one's pseudonyms would otherwise file the SEG into another patient's study."""
+    for result in results:
+        referenced = [
+            str(item.get("SeriesInstanceUID", ""))
+            for item in result.get("ReferencedSeriesSequence", [])
+        ]
+        if str(result.get("StudyInstanceUID", "")) != study or any(
+            uid != series for uid in referenced
+        ):
+            raise BpmnError(
+                PROVIDER_FAILED,
+                "the returned segmentation belongs to another study or references another "
+                "series than the one this site sent; it was not stored",
+            )
 
 
 async def _source_instance(
