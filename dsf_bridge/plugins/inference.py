@@ -183,6 +183,8 @@ NOT_DELIVERED = "request-not-delivered"
 NOT_AUTHORIZED = "request-not-authorized"
 RESULT_TIMED_OUT = "result-timeout"
 TRANSFER_FAILED = "transfer-failed"
+# The provider's own: its result Task could not be posted (never sent to anyone).
+RESULT_NOT_DELIVERED = "result-not-delivered"
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 # The report code of a result whose contract the requesting site does not know.
@@ -1212,6 +1214,15 @@ async def withdraw_result(ctx: HandlerContext) -> None:
         await withdraw_package(_transfer(ctx), package, document)
 
 
+@handlers.service(_PREFIX + "ResultNotDelivered")
+def result_not_delivered(ctx: HandlerContext) -> None:
+    """The result Task could not be posted (its SEG package is deleted already): the instance
+    fails, and the request Task with it, saying why."""
+    message = str(ctx.get("errorMessage") or "no detail")
+    log.error("inference.result_not_delivered", reason=message)
+    raise BridgeError(f"{RESULT_NOT_DELIVERED}: {message}", retryable=False)
+
+
 @handlers.service(_PREFIX + "RecordFailure")
 def record_failure(ctx: HandlerContext) -> None:
     ctx.set("resultPackageStored", False)
@@ -1225,6 +1236,9 @@ def record_failure(ctx: HandlerContext) -> None:
 @handlers.message_send(_PREFIX + "SendInferenceResult")
 def send_inference_result(ctx: SendContext) -> None:
     """Findings, or the error kind and message; study identity only as UIDs."""
+    # Not delivered: a SEG package on this site's server would wait for a receipt that never
+    # comes, so the model deletes it before the instance fails (ResultNotDelivered).
+    ctx.throw_on_failure(RESULT_NOT_DELIVERED)
     code = ctx.get("errorCode")
     if code is not None:
         ctx.add_input(
