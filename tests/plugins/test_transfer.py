@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from dsf_bridge.dsf.certificates import publish_certificate
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity
+from dsf_bridge.errors import RemoteError
 from dsf_bridge.plugins.transfer import (
     TransferError,
     TransferSite,
@@ -110,6 +112,58 @@ async def test_a_step_run_again_leaves_no_package_behind(tmp_path: Path) -> None
             await withdraw_package(sender, second.binary_url, second.document_reference)
             assert network.resources(REQUESTER, "Binary") == []
             assert network.resources(REQUESTER, "DocumentReference") == []
+        finally:
+            for client in clients:
+                await client.aclose()
+
+
+async def _get(client: FhirClient, path: str) -> tuple[int, dict[str, Any]]:
+    try:
+        answer = await client.request("GET", path, headers={"Accept": "application/fhir+json"})
+    except RemoteError as exc:
+        return exc.status or 0, {}
+    return answer.status_code, answer.json()
+
+
+async def test_a_third_organization_finds_no_trace_of_a_package(tmp_path: Path) -> None:
+    """Not by read, version read, search or history: neither the Binary nor the
+    DocumentReference that is its security context."""
+    third = "Other_Clinic"
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: [], third: []}
+    ) as network:
+        for organization in (REQUESTER, PROVIDER):
+            async with network.client(organization) as client:
+                pem = network.sites[organization].client_certificate.read_bytes()
+                await publish_certificate(client, pem)
+        clients: list[FhirClient] = []
+        try:
+            sender = _site(network, REQUESTER, clients)
+            package = tmp_path / "package.zip"
+            package_datasets(make_series(load_ct_small())[:1], package)
+            published = await publish_package(
+                sender, package, recipient=PROVIDER, transfer_id="bk/study", title="test"
+            )
+            binary = published.binary_url.rsplit("/", 1)[1]
+            document = published.document_reference
+            remote = await _site(network, third, clients).client_of(REQUESTER)
+            for path in (
+                f"Binary/{binary}",
+                f"Binary/{binary}/_history/1",
+                f"Binary/{binary}/_history",
+                document,
+                f"{document}/_history",
+                f"{document}/_history/1",
+            ):
+                status, body = await _get(remote, path)
+                if status == 200:
+                    assert body.get("resourceType") == "Bundle", (path, body)
+                    assert not body.get("entry"), path
+                else:
+                    assert status in (403, 404), (path, status)
+            for resource_type in ("Binary", "DocumentReference"):
+                found = await remote.search(resource_type, {})
+                assert found == [], resource_type
         finally:
             for client in clients:
                 await client.aclose()
