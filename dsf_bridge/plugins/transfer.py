@@ -532,12 +532,32 @@ IDENTITY_ATTRIBUTES = (
 )
 
 
+# Type 2 in the Patient and General Study modules of every IOD (a SEG included): present, if
+# need be empty. An original without them leaves them empty rather than removed.
+_TYPE_2 = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
+    }
+)
+
+
 def restore_identity(result: Dataset, original: Dataset) -> Dataset:
     """``result`` with the patient and study attributes of ``original`` (an instance of the
-    study it was made from) in place of the pseudonymized ones; absent there, absent here."""
+    study it was made from) in place of the pseudonymized ones; absent there, absent here,
+    except that a Type 2 attribute stays present and empty."""
     for keyword in IDENTITY_ATTRIBUTES:
         if keyword in original:
             result[keyword] = copy.deepcopy(original[keyword])
+        elif keyword in _TYPE_2 and keyword in result:
+            result[keyword].value = None
         elif keyword in result:
             del result[keyword]
     return result

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydicom.dataset import Dataset
 
 from dsf_bridge.dsf.certificates import publish_certificate
 from dsf_bridge.dsf.client import FhirClient
@@ -18,6 +19,7 @@ from dsf_bridge.plugins.transfer import (
     check_package_url,
     package_datasets,
     publish_package,
+    restore_identity,
     withdraw_package,
 )
 from dsf_bridge.sandbox.demo import InferenceNetwork
@@ -167,3 +169,27 @@ async def test_a_third_organization_finds_no_trace_of_a_package(tmp_path: Path) 
         finally:
             for client in clients:
                 await client.aclose()
+
+
+def test_restoring_identity_keeps_the_segs_type_2_attributes_present() -> None:
+    """An original without an accession number or a birth date (research data often has
+    none): the SEG must still carry them, empty (Type 2 in the Patient and General Study
+    modules), and must not keep the pseudonymized values."""
+    original = Dataset()
+    original.PatientName = "Musterfrau^Erika"
+    original.PatientID = "PID-1"
+    result = Dataset()
+    result.PatientName = "pseudonym"
+    result.PatientID = "pseudonym"
+    result.PatientBirthDate = "19000101"
+    result.PatientSex = "O"
+    result.AccessionNumber = "pseudonym"
+    result.StudyID = "pseudonym"
+    result.PatientIdentityRemoved = "YES"
+    restored = restore_identity(result, original)
+    assert restored.PatientName == "Musterfrau^Erika"
+    assert restored.PatientID == "PID-1"
+    for keyword in ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID"):
+        assert keyword in restored, keyword
+        assert restored[keyword].value in ("", None), keyword
+    assert "PatientIdentityRemoved" not in restored
