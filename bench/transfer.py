@@ -222,7 +222,10 @@ async def run(megabytes: int) -> dict[str, Any]:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        with OrthancProcess(root / "orthanc").start() as orthanc, _servers(directory, base_port) as ports:
+        with (
+            OrthancProcess(root / "orthanc").start() as orthanc,
+            _servers(directory, base_port) as ports,
+        ):
             started = time.monotonic()
             study, series, count = await _store(orthanc, megabytes)
             stored_seconds = time.monotonic() - started

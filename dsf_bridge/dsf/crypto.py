@@ -197,10 +197,19 @@ def _rsa_decapsulate(key: rsa.RSAPrivateKey, encapsulation: bytes) -> bytes:
 # -- keys -----------------------------------------------------------------------------------------
 
 
+_MIN_RSA_BITS = 2048
+
+
 def _check_public(key: object) -> KemPublicKey:
     if isinstance(key, ec.EllipticCurvePublicKey):
         _nist_kem(key.curve)
         return key
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < _MIN_RSA_BITS:
+        # RSA-KEM is only as strong as the modulus; DSF's own certificates have 2048 and more.
+        raise UnsupportedKeyError(
+            f"an RSA key of {key.key_size} bits is too weak to encrypt for; at least "
+            f"{_MIN_RSA_BITS} bits are needed (the organization must renew its certificate)"
+        )
     if isinstance(key, rsa.RSAPublicKey | x25519.X25519PublicKey | x448.X448PublicKey):
         return key
     raise UnsupportedKeyError(

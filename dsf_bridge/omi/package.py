@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import re
+import struct
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +57,15 @@ _INSTANCE_NAME = re.compile(r"instances/[0-9]{5}\.dcm")
 _MAX_MANIFEST_BYTES = 16 << 20  # ~100 000 instances; more is no series
 _READ_CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# What one entry of our central directory may take: 46 fixed bytes, a 19-character name, a
+# ZIP64 extra field (28) and room to spare. Beyond it per allowed entry, a sender's directory
+# is refused before Python's ZipFile builds a ZipInfo for every entry in it.
+_CENTRAL_ENTRY_BYTES = 256
+_END_RECORD = b"PK\x05\x06"
+_END_RECORD_BYTES = 22
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP64_LOCATOR_BYTES = 20
+_ZIP64_END_RECORD = b"PK\x06\x06"
 
 
 class PackageError(BridgeError):
@@ -277,6 +287,9 @@ class PackageReader:
     def __init__(self, path: Path, *, max_instances: int, max_bytes: int) -> None:
         self._max_instances = max_instances
         self._max_bytes = max_bytes
+        # The instances and the manifest, with slack: the manifest's own check says more
+        # precisely what is over; this one only keeps a directory from exhausting memory.
+        _check_directory(path, 2 * (max_instances + 1) + 16)
         try:
             self._zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
@@ -396,3 +409,37 @@ class PackageReader:
                 if str(dataset.get(keyword, "")) != expected:
                     raise PackageError(f"{entry.name}: its {keyword} differs from the manifest's")
             yield dataset
+
+
+def _check_directory(path: Path, max_entries: int) -> None:
+    """Refuse a ZIP whose end record declares more than ``max_entries`` entries or a central
+    directory larger than they need, read from the end records alone (as ``zipfile`` reads
+    them: the ZIP64 record wins where its locator is present). ``zipfile`` parses the whole
+    directory when it opens a file, whatever the manifest later says."""
+    with path.open("rb") as file:
+        size = file.seek(0, io.SEEK_END)
+        tail_size = min(size, _END_RECORD_BYTES + 0xFFFF + _ZIP64_LOCATOR_BYTES)
+        file.seek(size - tail_size)
+        tail = file.read(tail_size)
+        at = tail.rfind(_END_RECORD)
+        if at < 0 or len(tail) - at < _END_RECORD_BYTES:
+            raise PackageError("the package is not a readable ZIP file: it has no end record")
+        entries, directory_bytes = struct.unpack("<HI", tail[at + 10 : at + 16])
+        locator = at - _ZIP64_LOCATOR_BYTES
+        if locator >= 0 and tail[locator : locator + 4] == _ZIP64_LOCATOR:
+            (offset,) = struct.unpack("<Q", tail[locator + 8 : locator + 16])
+            file.seek(offset)
+            record = file.read(56)
+            if len(record) < 56 or record[:4] != _ZIP64_END_RECORD:
+                raise PackageError("the package is not a readable ZIP file: bad ZIP64 end record")
+            entries, directory_bytes = struct.unpack("<QQ", record[32:48])
+    if entries > max_entries:
+        raise PackageError(
+            f"the package's ZIP directory declares {entries} entries, far more than a package "
+            "within the limits has ([omi] max_package_instances)"
+        )
+    if directory_bytes > max_entries * _CENTRAL_ENTRY_BYTES:
+        raise PackageError(
+            f"the package's ZIP directory has {directory_bytes} bytes, far more than a "
+            "package within the limits needs ([omi] max_package_instances)"
+        )

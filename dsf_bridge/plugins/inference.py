@@ -188,6 +188,8 @@ NOT_DELIVERED = "request-not-delivered"
 NOT_AUTHORIZED = "request-not-authorized"
 RESULT_TIMED_OUT = "result-timeout"
 TRANSFER_FAILED = "transfer-failed"
+# The provider's own: its result Task could not be posted (never sent to anyone).
+RESULT_NOT_DELIVERED = "result-not-delivered"
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 # The report code of a result whose contract the requesting site does not know.
@@ -799,6 +801,12 @@ async def store_result(ctx: HandlerContext) -> None:
     pseudonymized = ctx.get("transfer") == "dsf" or bool(ctx.get("dicomwebGateway"))
     if pseudonymized and series is not None:
         # The provider saw the replacement UIDs only; the report names the original series.
+        # Only the series it was sent: the mapping holds every study this site ever sent, and
+        # another one's series would put another patient's images into this report.
+        if series != ctx.get("sentSeriesInstanceUid"):
+            raise BpmnError(
+                PROVIDER_FAILED, f"the result from {provider} names a series it was not sent"
+            )
         known = await _pseudonyms(ctx).originals([series])
         series = known.get(series)
     slices_values = _inputs(result, CODESYSTEM_OMI, SLICES)
@@ -896,8 +904,10 @@ async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) 
             )
             _, load = open_package(site, received.path)
             datasets = await asyncio.to_thread(load)
-            originals = await _pseudonyms(ctx).originals(sorted(uids_in(datasets)))
+            sent = _text(ctx, "sentSeriesInstanceUid")
+            originals = await _pseudonyms(ctx).originals(sorted(uids_in(datasets) | {sent}))
             results = [reidentify(dataset, originals) for dataset in datasets]
+            _check_returned(results, _text(ctx, "studyInstanceUid"), originals.get(sent))
             source = await _source_instance(archive, ctx, results)
             await archive.store([restore_identity(result, source) for result in results])
     except (TransferError, PackageError, DecryptionError, RecipientKeyError) as exc:
@@ -924,8 +934,10 @@ async def _fetch_segmentation(ctx: HandlerContext, series: str, provider: str) -
     archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
     try:
         datasets = await gateway.retrieve_series(_text(ctx, "sentStudyInstanceUid"), series)
-        originals = await _pseudonyms(ctx).originals(sorted(uids_in(datasets)))
+        sent = _text(ctx, "sentSeriesInstanceUid")
+        originals = await _pseudonyms(ctx).originals(sorted(uids_in(datasets) | {sent}))
         results = [reidentify(dataset, originals) for dataset in datasets]
+        _check_returned(results, _text(ctx, "studyInstanceUid"), originals.get(sent))
         source = await _source_instance(archive, ctx, results)
         await archive.store([restore_identity(result, source) for result in results])
     except DicomWebError as exc:
@@ -938,6 +950,25 @@ async def _fetch_segmentation(ctx: HandlerContext, series: str, provider: str) -
         gateway.close()
         archive.close()
     log.info("inference.segmentation_stored", instances=len(datasets))
+
+
+def _check_returned(results: list[Dataset], study: str, series: str | None) -> None:
+    """A returned SEG, mapped back, must belong to the study and reference the series this
+    site sent: the mapping holds every study the site ever sent, so a provider naming another
+    one's pseudonyms would otherwise file the SEG into another patient's study."""
+    for result in results:
+        referenced = [
+            str(item.get("SeriesInstanceUID", ""))
+            for item in result.get("ReferencedSeriesSequence", [])
+        ]
+        if str(result.get("StudyInstanceUID", "")) != study or any(
+            uid != series for uid in referenced
+        ):
+            raise BpmnError(
+                PROVIDER_FAILED,
+                "the returned segmentation belongs to another study or references another "
+                "series than the one this site sent; it was not stored",
+            )
 
 
 async def _source_instance(
@@ -1267,6 +1298,15 @@ async def withdraw_result(ctx: HandlerContext) -> None:
         await withdraw_package(_transfer(ctx), package, document)
 
 
+@handlers.service(_PREFIX + "ResultNotDelivered")
+def result_not_delivered(ctx: HandlerContext) -> None:
+    """The result Task could not be posted (its SEG package is deleted already): the instance
+    fails, and the request Task with it, saying why."""
+    message = str(ctx.get("errorMessage") or "no detail")
+    log.error("inference.result_not_delivered", reason=message)
+    raise BridgeError(f"{RESULT_NOT_DELIVERED}: {message}", retryable=False)
+
+
 @handlers.service(_PREFIX + "RecordFailure")
 def record_failure(ctx: HandlerContext) -> None:
     ctx.set("resultPackageStored", False)
@@ -1280,6 +1320,9 @@ def record_failure(ctx: HandlerContext) -> None:
 @handlers.message_send(_PREFIX + "SendInferenceResult")
 def send_inference_result(ctx: SendContext) -> None:
     """Findings, or the error kind and message; study identity only as UIDs."""
+    # Not delivered: a SEG package on this site's server would wait for a receipt that never
+    # comes, so the model deletes it before the instance fails (ResultNotDelivered).
+    ctx.throw_on_failure(RESULT_NOT_DELIVERED)
     code = ctx.get("errorCode")
     if code is not None:
         ctx.add_input(

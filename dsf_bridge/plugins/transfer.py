@@ -22,6 +22,7 @@ import contextlib
 import copy
 import datetime as dt
 import hashlib
+import re
 import shutil
 import tempfile
 import time
@@ -83,6 +84,8 @@ _READ_ACCESS_ORGANIZATION_EXTENSION = (
 )
 _ORGANIZATION_IDENTIFIER_SYSTEM = "http://dsf.dev/sid/organization-identifier"
 _CHUNK = 1 << 20
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_VERSION = re.compile(r"[1-9][0-9]{0,17}")
 PACKAGE_MEDIA_TYPE = "application/octet-stream"
 
 
@@ -334,15 +337,25 @@ async def publish_package(
     if created.id is None:
         raise TransferError("the local DSF FHIR server answered a DocumentReference without id")
     context = f"DocumentReference/{created.id}"
+    # A DocumentReference found (not created) is an earlier run's of this step, which stopped
+    # after its upload but before its process variables were kept: the Binary it names would
+    # stay readable by the recipient with nothing left to delete it. It goes first.
+    stored = await site.local.read("DocumentReference", created.id)
+    earlier = ((stored.get("content") or [{}])[0].get("attachment") or {}).get("url")
+    if isinstance(earlier, str) and earlier:
+        earlier_id = check_package_url(earlier, site.local.base_url)
+        await site.local.delete("Binary", earlier_id)
+        await _purge(site.local, "Binary", earlier_id)
+        log.info("transfer.earlier_package_withdrawn")
     uploaded = await site.local.upload_binary(
         lambda: _chunks(sealed), content_type=PACKAGE_MEDIA_TYPE, security_context=context
     )
     if uploaded.id is None:
         raise TransferError("the local DSF FHIR server answered the Binary without an id")
     url = f"{site.local.base_url.rstrip('/')}/Binary/{uploaded.id}"
-    # The DocumentReference points at its Binary, so that a package left behind (a step that
-    # broke between upload and process variables) can be found and deleted.
-    stored = await site.local.read("DocumentReference", created.id)
+    # The DocumentReference points at its Binary, so that a run of this step that broke
+    # between upload and process variables is cleaned up by the next run (above). Only a stop
+    # between the upload and this update leaves a Binary nothing names (docs/privacy.md).
     stored["content"][0]["attachment"]["url"] = url
     await site.local.update(stored)
     seconds = time.monotonic() - started
@@ -366,9 +379,18 @@ def check_package_url(url: str, server: str) -> str:
             retryable=False,
         )
     rest = url[len(base) :].split("/")
-    if len(rest) not in (2, 4) or rest[0] != "Binary" or not rest[1]:
-        raise TransferError(f"the package reference {url} names no Binary", retryable=False)
-    if urlsplit(url).query or urlsplit(url).fragment:
+    # Exactly Binary/<id> or Binary/<id>/_history/<n>, the id a FHIR id: the HTTP client
+    # removes dot segments ("Binary/x/../.." is the server's base), and a server may decode
+    # %2F or honour ";" parameters, so anything looser could fetch another path.
+    if (
+        len(rest) not in (2, 4)
+        or rest[0] != "Binary"
+        or not _FHIR_ID.fullmatch(rest[1])
+        or rest[1] in (".", "..")
+        or (len(rest) == 4 and (rest[2] != "_history" or not _VERSION.fullmatch(rest[3])))
+        or urlsplit(url).query
+        or urlsplit(url).fragment
+    ):
         raise TransferError(f"the package reference {url} names no Binary", retryable=False)
     return rest[1]
 
@@ -512,12 +534,32 @@ IDENTITY_ATTRIBUTES = (
 )
 
 
+# Type 2 in the Patient and General Study modules of every IOD (a SEG included): present, if
+# need be empty. An original without them leaves them empty rather than removed.
+_TYPE_2 = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
+    }
+)
+
+
 def restore_identity(result: Dataset, original: Dataset) -> Dataset:
     """``result`` with the patient and study attributes of ``original`` (an instance of the
-    study it was made from) in place of the pseudonymized ones; absent there, absent here."""
+    study it was made from) in place of the pseudonymized ones; absent there, absent here,
+    except that a Type 2 attribute stays present and empty."""
     for keyword in IDENTITY_ATTRIBUTES:
         if keyword in original:
             result[keyword] = copy.deepcopy(original[keyword])
+        elif keyword in _TYPE_2 and keyword in result:
+            result[keyword].value = None
         elif keyword in result:
             del result[keyword]
     return result

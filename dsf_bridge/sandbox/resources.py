@@ -71,7 +71,8 @@ SEARCH_PARAMETERS: dict[str, tuple[Kind, str]] = {
     "_lastUpdated": ("date", "meta.lastUpdated"),
     "_profile": ("uri", "meta.profile"),
     "_tag": ("token", "meta.tag"),
-    "identifier": ("token", "identifier"),
+    # DocumentReference: masterIdentifier too (DSF's DocumentReferenceIdentifier).
+    "identifier": ("token", "identifier|masterIdentifier"),
     "status": ("token", "status"),
     "active": ("token", "active"),
     "intent": ("token", "intent"),

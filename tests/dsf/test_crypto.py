@@ -440,3 +440,12 @@ def test_encryption_and_decryption_run_in_constant_memory(tmp_path: Path) -> Non
     assert sink.size == size
     assert sink.digest.hexdigest() == hashlib.sha256(bytes(size)).hexdigest()
     assert peak < 8 << 20, f"peak {peak} bytes for a {size}-byte stream"
+
+
+@pytest.mark.parametrize("bits", [1024, 1536])
+def test_nothing_is_encrypted_for_a_weak_rsa_key(bits: int) -> None:
+    """RSA-KEM is as strong as the modulus: a recipient key under 2048 bits (NIST SP 800-57,
+    BSI TR-02102) would protect a patient's study with a key that can be factored."""
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    with pytest.raises(UnsupportedKeyError, match=f"{bits} bits"):
+        crypto.encrypt_to(io.BytesIO(b"study"), io.BytesIO(), weak.public_key())

@@ -298,3 +298,51 @@ def test_nested_sequences_are_written_without_seeking(
     with PackageReader(path, **LIMITS) as reader:
         (read,) = reader.instances()
     assert read.ReferencedImageSequence[1].PurposeOfReferenceCodeSequence[0].CodeValue == "T-D0050"
+
+
+def test_a_central_directory_of_too_many_entries_is_refused_before_it_is_parsed(
+    tmp_path: Path,
+) -> None:
+    """Python's ZipFile builds one ZipInfo per central directory entry when it opens a file:
+    a sender's package of millions of empty entries would take gigabytes before the manifest
+    and its instance limit were looked at. The entry count in the end record is checked
+    first."""
+    import tracemalloc
+
+    path = tmp_path / "many.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for number in range(70_000):  # beyond 65535: a ZIP64 end record too
+            archive.writestr(f"instances/{number % 99999:05d}.dcm", b"")
+    tracemalloc.start()
+    try:
+        with pytest.raises(PackageError, match="entries"):
+            PackageReader(path, max_instances=100, max_bytes=100 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, peak
+
+
+@pytest.mark.parametrize("count", [40, 70_000])
+def test_the_entry_count_is_read_from_either_end_record(tmp_path: Path, count: int) -> None:
+    path = tmp_path / "entries.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for number in range(count):
+            archive.writestr(f"e{number}", b"")
+        archive.comment = b"a comment moves the end record"
+    with pytest.raises(PackageError, match=f"{count} entries"):
+        PackageReader(path, max_instances=1, max_bytes=100 << 20)
+
+
+def test_a_central_directory_larger_than_its_count_is_refused(tmp_path: Path) -> None:
+    """zipfile walks the directory by its size, not by the count: both are checked."""
+    path = tmp_path / "long.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for number in range(300):
+            archive.writestr(f"{number:05d}" + "x" * 200, b"")
+    data = bytearray(path.read_bytes())
+    end = data.rfind(b"PK\x05\x06")
+    data[end + 8 : end + 12] = (2).to_bytes(2, "little") * 2  # claim two entries
+    path.write_bytes(bytes(data))
+    with pytest.raises(PackageError, match="directory has"):
+        PackageReader(path, max_instances=1, max_bytes=100 << 20)

@@ -85,6 +85,30 @@ async def test_conditional_create_of_an_existing_resource_as_dsf(sandbox: Sandbo
     assert len(found) == 1
 
 
+async def test_a_document_reference_is_found_by_its_master_identifier_as_dsf(
+    sandbox: Sandbox,
+) -> None:
+    """DSF's DocumentReference ``identifier`` parameter matches ``masterIdentifier`` too
+    (``DocumentReferenceIdentifier``), and DocumentReference has no unique criteria: a
+    conditional create by it finds the first one instead of making a second."""
+    document = {
+        "resourceType": "DocumentReference",
+        **ALL,
+        "masterIdentifier": {"system": "http://example.org/sid/transfer", "value": "bk/study"},
+        "status": "current",
+        "content": [{"attachment": {"contentType": "application/octet-stream"}}],
+    }
+    criteria = "identifier=http://example.org/sid/transfer|bk/study"
+    async with sandbox.client(LOCAL) as client:
+        first = await client.create(document, if_none_exist=criteria)
+        second = await client.create(document, if_none_exist=criteria)
+        found = await client.search(
+            "DocumentReference", {"identifier": "http://example.org/sid/transfer|bk/study"}
+        )
+    assert second.id == first.id
+    assert [d["id"] for d in found] == [first.id]
+
+
 async def test_search_by_last_updated_sorted_and_paged(sandbox: Sandbox) -> None:
     async with sandbox.client(LOCAL) as client:
         stamps = []

@@ -1,0 +1,228 @@
+"""Re-identification at the requesting site maps back only what belongs to the request: the
+pseudonym mapping holds every study the site ever sent, and a provider (malicious or broken)
+that names another study's pseudonyms must not get a result filed under another patient."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from dsf_bridge.dsf.certificates import publish_certificate
+from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.identity import build_ssl_context, load_identity
+from dsf_bridge.omi.conversion import MEASUREMENT_CODE_SYSTEM
+from dsf_bridge.omi.dicomweb import DicomWebArchive, StudyNotFoundError
+from dsf_bridge.plugins.inference import CODESYSTEM_OMI, store_result
+from dsf_bridge.plugins.registry import SERVICE_FHIR_CLIENT, BpmnError, HandlerContext
+from dsf_bridge.plugins.transfer import (
+    SERVICE_TRANSFER,
+    TransferSite,
+    package_datasets,
+    publish_package,
+)
+from dsf_bridge.sandbox.components import OrthancProcess
+from dsf_bridge.sandbox.demo import InferenceNetwork
+from tests.omi.data import load_ct_small, make_series
+
+REQUESTER = "Hospital_A"
+PROVIDER = "AI_Provider"
+# Pseudonyms this site handed out earlier: study A went out before, study B now.
+OTHER_STUDY = "1.2.826.0.1.3680043.8.498.424242"
+OTHER_SERIES = "1.2.826.0.1.3680043.8.498.424243"
+PSEUDO_OTHER_STUDY = "2.25.100"
+PSEUDO_OTHER_SERIES = "2.25.101"
+PSEUDO_STUDY = "2.25.300"
+PSEUDO_SERIES = "2.25.200"
+PSEUDO_INSTANCE = "2.25.201"
+
+
+class MemoryPseudonyms:
+    """The site's mapping store, in memory (replacement -> original)."""
+
+    def __init__(self, mapping: dict[str, str]) -> None:
+        self.mapping = mapping
+
+    async def record(self, original_study_uid: str, uids: dict[str, str]) -> None:
+        self.mapping.update({replaced: original for original, replaced in uids.items()})
+
+    async def originals(self, replaced: list[str]) -> dict[str, str]:
+        return {uid: self.mapping[uid] for uid in replaced if uid in self.mapping}
+
+
+def _site(
+    network: InferenceNetwork,
+    organization: str,
+    clients: list[FhirClient],
+    pseudonyms: MemoryPseudonyms | None = None,
+) -> TransferSite:
+    files = network.sites[organization]
+    identity = load_identity(files.client_certificate, files.client_key)
+    context = build_ssl_context(identity, [files.ca])
+
+    def client(url: str) -> FhirClient:
+        opened = FhirClient(url, ssl_context=context)
+        clients.append(opened)
+        return opened
+
+    return TransferSite(
+        local=client(files.base_url),
+        remote=client,
+        private_key=identity.key,
+        certificate=identity.certificate,
+        local_organization=organization,
+        pseudonyms=pseudonyms,
+    )
+
+
+def _result_task(extra: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": "result-1",
+        "requester": PROVIDER,
+        "inputs": [
+            {
+                "system": MEASUREMENT_CODE_SYSTEM,
+                "code": "muscle-area",
+                "value": {"value": 41.5, "unit": "cm2"},
+            },
+            *extra,
+        ],
+    }
+
+
+async def test_a_result_naming_another_studys_series_is_refused(tmp_path: Path) -> None:
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: []}
+    ) as network:
+        clients: list[FhirClient] = []
+        try:
+            pseudonyms = MemoryPseudonyms({PSEUDO_OTHER_SERIES: OTHER_SERIES})
+            site = _site(network, REQUESTER, clients, pseudonyms)
+            task = _result_task(
+                [
+                    {
+                        "system": CODESYSTEM_OMI,
+                        "code": "series-instance-uid",
+                        "value": PSEUDO_OTHER_SERIES,
+                    },
+                    {"system": CODESYSTEM_OMI, "code": "slices", "value": 3},
+                ]
+            )
+            ctx = HandlerContext(
+                handler="StoreResult",
+                element_id="StoreResult",
+                business_key="bk-1",
+                variables={
+                    "task": task,
+                    "studyInstanceUid": "1.2.826.0.1.3680043.8.498.1",
+                    "startTaskId": "start-1",
+                    "modelName": "tissue-composition",
+                    "transfer": "dsf",
+                    "sentSeriesInstanceUid": PSEUDO_SERIES,
+                },
+                services={SERVICE_FHIR_CLIENT: site.local, SERVICE_TRANSFER: site},
+            )
+            with pytest.raises(BpmnError) as refused:
+                await store_result(ctx)
+            assert refused.value.code == "provider-failed"
+            stored = network.resources(REQUESTER, "Bundle")
+            assert OTHER_SERIES not in str(stored)
+        finally:
+            for client in clients:
+                await client.aclose()
+
+
+async def test_a_seg_naming_another_studys_pseudonym_is_not_filed_there(
+    tmp_path: Path, orthanc: OrthancProcess
+) -> None:
+    """The SEG references the series this site sent but calls itself part of study A (whose
+    pseudonym the provider saw in an earlier request): mapped back, it would be stored into
+    study A with study B's patient attributes."""
+    series = make_series(load_ct_small())[:2]
+    for instance in series:
+        instance.PatientName = "Patient^B"
+        instance.PatientID = "PID-B"
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        await archive.store(series)
+    finally:
+        archive.close()
+    study = str(series[0].StudyInstanceUID)
+    seg: Dataset = copy.deepcopy(series[0])
+    seg.StudyInstanceUID = PSEUDO_OTHER_STUDY
+    seg.SeriesInstanceUID = "2.25.555"
+    seg.SOPInstanceUID = "2.25.556"
+    seg.file_meta.MediaStorageSOPInstanceUID = "2.25.556"
+    seg.PatientName = "Pseudonym"
+    referenced = Dataset()
+    referenced.SeriesInstanceUID = PSEUDO_SERIES
+    item = Dataset()
+    item.ReferencedSOPClassUID = series[0].SOPClassUID
+    item.ReferencedSOPInstanceUID = PSEUDO_INSTANCE
+    referenced.ReferencedInstanceSequence = Sequence([item])
+    seg.ReferencedSeriesSequence = Sequence([referenced])
+    pseudonyms = MemoryPseudonyms(
+        {
+            PSEUDO_OTHER_STUDY: OTHER_STUDY,
+            PSEUDO_STUDY: study,
+            PSEUDO_SERIES: str(series[0].SeriesInstanceUID),
+            PSEUDO_INSTANCE: str(series[0].SOPInstanceUID),
+        }
+    )
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        for organization in (REQUESTER, PROVIDER):
+            async with network.client(organization) as client:
+                pem = network.sites[organization].client_certificate.read_bytes()
+                await publish_certificate(client, pem)
+        clients: list[FhirClient] = []
+        try:
+            provider = _site(network, PROVIDER, clients)
+            package = tmp_path / "seg.zip"
+            package_datasets([seg], package)
+            published = await publish_package(
+                provider, package, recipient=REQUESTER, transfer_id="bk/seg", title="test"
+            )
+            site = _site(network, REQUESTER, clients, pseudonyms)
+            task = _result_task(
+                [
+                    {
+                        "system": CODESYSTEM_OMI,
+                        "code": "segmentation-package",
+                        "value": {"reference": published.binary_url, "type": "Binary"},
+                    }
+                ]
+            )
+            ctx = HandlerContext(
+                handler="StoreResult",
+                element_id="StoreResult",
+                business_key="bk-1",
+                variables={
+                    "task": task,
+                    "studyInstanceUid": study,
+                    "startTaskId": "start-1",
+                    "modelName": "tissue-composition",
+                    "transfer": "dsf",
+                    "sentSeriesInstanceUid": PSEUDO_SERIES,
+                    "dicomwebEndpoint": orthanc.dicomweb_url,
+                    "provider": PROVIDER,
+                },
+                services={SERVICE_FHIR_CLIENT: site.local, SERVICE_TRANSFER: site},
+            )
+            with pytest.raises(BpmnError) as refused:
+                await store_result(ctx)
+            assert refused.value.code == "provider-failed"
+        finally:
+            for client in clients:
+                await client.aclose()
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        with pytest.raises(StudyNotFoundError):
+            await archive.search_series(OTHER_STUDY)
+    finally:
+        archive.close()

@@ -1,0 +1,195 @@
+"""dsf_bridge.plugins.transfer: what a malicious peer could make a site fetch or keep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydicom.dataset import Dataset
+
+from dsf_bridge.dsf.certificates import publish_certificate
+from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.identity import build_ssl_context, load_identity
+from dsf_bridge.errors import RemoteError
+from dsf_bridge.plugins.transfer import (
+    TransferError,
+    TransferSite,
+    check_package_url,
+    package_datasets,
+    publish_package,
+    restore_identity,
+    withdraw_package,
+)
+from dsf_bridge.sandbox.demo import InferenceNetwork
+from tests.omi.data import load_ct_small, make_series
+
+SERVER = "https://dsf.hospital-a.example/fhir"
+REQUESTER = "Hospital_A"
+PROVIDER = "AI_Provider"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"{SERVER}/Binary/..",  # httpx removes the dot segment: GET /fhir
+        f"{SERVER}/Binary/.",
+        f"{SERVER}/Binary/../../../admin",
+        f"{SERVER}/Binary/x/../..",  # four segments, but no _history: GET /fhir
+        f"{SERVER}/Binary/x/anything/1",
+        f"{SERVER}/Binary/x/_history/..",
+        f"{SERVER}/Binary/a%2F..%2F..%2FTask",
+        f"{SERVER}/Binary/%2e%2e",
+        f"{SERVER}/Binary/x;jsessionid=1",
+        f"{SERVER}/Binary/" + "a" * 65,
+    ],
+)
+def test_a_package_url_is_exactly_a_binary_on_the_senders_server(url: str) -> None:
+    with pytest.raises(TransferError):
+        check_package_url(url, SERVER)
+
+
+def test_a_dot_segment_would_leave_the_binary_endpoint() -> None:
+    """Why dot segments matter: the client normalizes them away before it sends."""
+    assert httpx.URL(f"{SERVER}/Binary/x/../..").path == "/fhir"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            f"{SERVER}/Binary/4f0c1f5e-1111-4222-8333-944445555666",
+            "4f0c1f5e-1111-4222-8333-944445555666",
+        ),
+        (f"{SERVER}/Binary/abc.1-2/_history/3", "abc.1-2"),
+    ],
+)
+def test_a_binary_url_is_accepted(url: str, expected: str) -> None:
+    assert check_package_url(url, SERVER) == expected
+
+
+def _site(network: InferenceNetwork, organization: str, clients: list[FhirClient]) -> TransferSite:
+    files = network.sites[organization]
+    identity = load_identity(files.client_certificate, files.client_key)
+    context = build_ssl_context(identity, [files.ca])
+
+    def client(url: str) -> FhirClient:
+        opened = FhirClient(url, ssl_context=context)
+        clients.append(opened)
+        return opened
+
+    return TransferSite(
+        local=client(files.base_url),
+        remote=client,
+        private_key=identity.key,
+        certificate=identity.certificate,
+        local_organization=organization,
+    )
+
+
+async def test_a_step_run_again_leaves_no_package_behind(tmp_path: Path) -> None:
+    """PrepareStudy published its package, then the bridge stopped before the step committed:
+    the step runs again with the same transfer id. The first Binary must not stay readable
+    by the provider after the withdrawal (nothing would ever find it again)."""
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        for organization in (REQUESTER, PROVIDER):
+            async with network.client(organization) as client:
+                pem = network.sites[organization].client_certificate.read_bytes()
+                await publish_certificate(client, pem)
+        clients: list[FhirClient] = []
+        try:
+            sender = _site(network, REQUESTER, clients)
+            package = tmp_path / "package.zip"
+            package_datasets(make_series(load_ct_small())[:2], package)
+            first = await publish_package(
+                sender, package, recipient=PROVIDER, transfer_id="bk/study", title="test"
+            )
+            second = await publish_package(
+                sender, package, recipient=PROVIDER, transfer_id="bk/study", title="test"
+            )
+            assert second.document_reference == first.document_reference
+            await withdraw_package(sender, second.binary_url, second.document_reference)
+            assert network.resources(REQUESTER, "Binary") == []
+            assert network.resources(REQUESTER, "DocumentReference") == []
+        finally:
+            for client in clients:
+                await client.aclose()
+
+
+async def _get(client: FhirClient, path: str) -> tuple[int, dict[str, Any]]:
+    try:
+        answer = await client.request("GET", path, headers={"Accept": "application/fhir+json"})
+    except RemoteError as exc:
+        return exc.status or 0, {}
+    return answer.status_code, answer.json()
+
+
+async def test_a_third_organization_finds_no_trace_of_a_package(tmp_path: Path) -> None:
+    """Not by read, version read, search or history: neither the Binary nor the
+    DocumentReference that is its security context."""
+    third = "Other_Clinic"
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: [], third: []}
+    ) as network:
+        for organization in (REQUESTER, PROVIDER):
+            async with network.client(organization) as client:
+                pem = network.sites[organization].client_certificate.read_bytes()
+                await publish_certificate(client, pem)
+        clients: list[FhirClient] = []
+        try:
+            sender = _site(network, REQUESTER, clients)
+            package = tmp_path / "package.zip"
+            package_datasets(make_series(load_ct_small())[:1], package)
+            published = await publish_package(
+                sender, package, recipient=PROVIDER, transfer_id="bk/study", title="test"
+            )
+            binary = published.binary_url.rsplit("/", 1)[1]
+            document = published.document_reference
+            remote = await _site(network, third, clients).client_of(REQUESTER)
+            for path in (
+                f"Binary/{binary}",
+                f"Binary/{binary}/_history/1",
+                f"Binary/{binary}/_history",
+                document,
+                f"{document}/_history",
+                f"{document}/_history/1",
+            ):
+                status, body = await _get(remote, path)
+                if status == 200:
+                    assert body.get("resourceType") == "Bundle", (path, body)
+                    assert not body.get("entry"), path
+                else:
+                    assert status in (403, 404), (path, status)
+            for resource_type in ("Binary", "DocumentReference"):
+                found = await remote.search(resource_type, {})
+                assert found == [], resource_type
+        finally:
+            for client in clients:
+                await client.aclose()
+
+
+def test_restoring_identity_keeps_the_segs_type_2_attributes_present() -> None:
+    """An original without an accession number or a birth date (research data often has
+    none): the SEG must still carry them, empty (Type 2 in the Patient and General Study
+    modules), and must not keep the pseudonymized values."""
+    original = Dataset()
+    original.PatientName = "Musterfrau^Erika"
+    original.PatientID = "PID-1"
+    result = Dataset()
+    result.PatientName = "pseudonym"
+    result.PatientID = "pseudonym"
+    result.PatientBirthDate = "19000101"
+    result.PatientSex = "O"
+    result.AccessionNumber = "pseudonym"
+    result.StudyID = "pseudonym"
+    result.PatientIdentityRemoved = "YES"
+    restored = restore_identity(result, original)
+    assert restored.PatientName == "Musterfrau^Erika"
+    assert restored.PatientID == "PID-1"
+    for keyword in ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID"):
+        assert keyword in restored, keyword
+        assert restored[keyword].value in ("", None), keyword
+    assert "PatientIdentityRemoved" not in restored
