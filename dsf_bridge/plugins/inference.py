@@ -798,6 +798,14 @@ async def store_result(ctx: HandlerContext) -> None:
         package = _reference(result, SEGMENTATION_PACKAGE)
     except BpmnError as exc:
         raise BpmnError(PROVIDER_FAILED, f"the result from {provider}: {exc.message}") from exc
+    if ctx.get("segmentation") is not True and (
+        package is not None or _first_text(result, SEGMENTATION_SERIES) is not None
+    ):
+        # Nothing is stored into this site's archive that it did not ask for.
+        raise BpmnError(
+            PROVIDER_FAILED,
+            f"the result from {provider} holds a segmentation this site did not ask for",
+        )
     pseudonymized = ctx.get("transfer") == "dsf" or bool(ctx.get("dicomwebGateway"))
     if pseudonymized and series is not None:
         # The provider saw the replacement UIDs only; the report names the original series.

@@ -211,12 +211,14 @@ async def test_a_seg_naming_another_studys_pseudonym_is_not_filed_there(
                     "sentSeriesInstanceUid": PSEUDO_SERIES,
                     "dicomwebEndpoint": orthanc.dicomweb_url,
                     "provider": PROVIDER,
+                    "segmentation": True,
                 },
                 services={SERVICE_FHIR_CLIENT: site.local, SERVICE_TRANSFER: site},
             )
             with pytest.raises(BpmnError) as refused:
                 await store_result(ctx)
             assert refused.value.code == "provider-failed"
+            assert "another study" in refused.value.message
         finally:
             for client in clients:
                 await client.aclose()
@@ -226,3 +228,42 @@ async def test_a_seg_naming_another_studys_pseudonym_is_not_filed_there(
             await archive.search_series(OTHER_STUDY)
     finally:
         archive.close()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {
+            "system": CODESYSTEM_OMI,
+            "code": "segmentation-package",
+            "value": {"reference": "https://dsf.ai-provider.example/fhir/Binary/x1"},
+        },
+        {
+            "system": CODESYSTEM_OMI,
+            "code": "segmentation-series-instance-uid",
+            "value": "2.25.777",
+        },
+    ],
+    ids=["package", "series"],
+)
+async def test_a_segmentation_this_site_did_not_ask_for_is_refused(extra: dict[str, Any]) -> None:
+    """Nothing goes into the site's archive that it did not ask for: the check comes before
+    anything is downloaded or stored."""
+    ctx = HandlerContext(
+        handler="StoreResult",
+        element_id="StoreResult",
+        business_key="bk-1",
+        variables={
+            "task": _result_task([extra]),
+            "studyInstanceUid": "1.2.826.0.1.3680043.8.498.1",
+            "startTaskId": "start-1",
+            "modelName": "tissue-composition",
+            "transfer": "dsf",
+            "provider": PROVIDER,
+            "segmentation": False,
+        },
+    )
+    with pytest.raises(BpmnError) as refused:
+        await store_result(ctx)
+    assert refused.value.code == "provider-failed"
+    assert "did not ask for" in refused.value.message
