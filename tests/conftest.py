@@ -1,5 +1,10 @@
 """Shared fixtures: real SQLite files and real PostgreSQL databases, one fresh store per test.
 
+A migrated store is a copy of one migrated once per session (a file copy on SQLite, ``CREATE
+DATABASE ... TEMPLATE`` on PostgreSQL): running the migrations for each of about a thousand
+tests cost several minutes of CI, and ``tests/store/test_migrations.py`` runs them on empty
+databases of its own. Empty databases (``db_url``) stay empty.
+
 PostgreSQL comes from ``DSF_BRIDGE_TEST_POSTGRES_URL`` (default
 ``postgresql://postgres@127.0.0.1:5432/postgres``, an account allowed to create databases).
 Each test that asks for it gets its own database, dropped afterwards. When the server is not
@@ -10,6 +15,7 @@ is never skipped.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
@@ -60,19 +66,49 @@ def postgres_server() -> str:
     return POSTGRES_URL
 
 
-@pytest.fixture
-def postgres_url(postgres_server: str) -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for one test."""
+def _postgres_database(server_url: str, template: str | None = None) -> Iterator[str]:
+    """A new PostgreSQL database (a copy of ``template`` if given), dropped afterwards."""
     name = f"dsfb_test_{uuid.uuid4().hex[:16]}"
+    create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template is not None:
+        create = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(template)
+        )
     with psycopg.connect(_admin_conninfo(), autocommit=True) as connection:
-        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        connection.execute(create)
     try:
-        yield make_url(postgres_server).set(database=name).render_as_string(False)
+        yield make_url(server_url).set(database=name).render_as_string(False)
     finally:
         with psycopg.connect(_admin_conninfo(), autocommit=True) as connection:
             connection.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    yield from _postgres_database(postgres_server)
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres_server: str) -> Iterator[str]:
+    """The name of a PostgreSQL database migrated to the newest revision once per session;
+    nothing connects to it after the migration (``CREATE DATABASE ... TEMPLATE`` needs that)."""
+    for url in _postgres_database(postgres_server):
+        upgrade(url)
+        name = make_url(url).database
+        assert name is not None
+        yield name
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated to the newest revision once per session, never opened again
+    (its engine is disposed: no write-ahead log is left beside it)."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "bridge.db"
+    upgrade(f"sqlite:///{path}")
+    return path
 
 
 @pytest.fixture
@@ -89,14 +125,28 @@ def db_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def migrated_url(db_url: str) -> str:
+def migrated_sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
+    """A SQLite store at the newest revision, copied from the session's template."""
+    path = tmp_path / "bridge.db"
+    shutil.copyfile(sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def migrated_postgres_url(postgres_server: str, postgres_template: str) -> Iterator[str]:
+    """A PostgreSQL store at the newest revision, copied from the session's template."""
+    yield from _postgres_database(postgres_server, template=postgres_template)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def migrated_url(request: pytest.FixtureRequest) -> str:
     """A database of each kind, migrated to the newest revision."""
-    upgrade(db_url)
-    return db_url
+    fixture = "migrated_sqlite_url" if request.param == "sqlite" else "migrated_postgres_url"
+    url: str = request.getfixturevalue(fixture)
+    return url
 
 
-async def _migrated(url: str) -> AsyncIterator[Database]:
-    upgrade(url)
+async def _opened(url: str) -> AsyncIterator[Database]:
     db = Database(url)
     try:
         yield db
@@ -105,16 +155,20 @@ async def _migrated(url: str) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
-async def sqlite_database(sqlite_url: str) -> AsyncIterator[Database]:
+async def sqlite_database(migrated_sqlite_url: str) -> AsyncIterator[Database]:
     """A migrated SQLite store alone, for tests about SQLite or that need only one kind."""
-    async for db in _migrated(sqlite_url):
+    async for db in _opened(migrated_sqlite_url):
         yield db
 
 
 @pytest.fixture
 async def postgres_database(postgres_url: str) -> AsyncIterator[Database]:
-    """A migrated PostgreSQL store alone, for tests about PostgreSQL (row locks, replicas)."""
-    async for db in _migrated(postgres_url):
+    """A migrated PostgreSQL store alone, for tests about PostgreSQL (row locks, replicas).
+
+    Migrated in place, not copied: its tests also ask for ``postgres_url`` and must get the
+    same database (a handful of tests; ``sqlite_database`` copies to ``sqlite_url``'s path)."""
+    upgrade(postgres_url)
+    async for db in _opened(postgres_url):
         yield db
 
 

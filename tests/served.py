@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["cli", "free_port", "serve_sandbox", "served_sandbox"]
+__all__ = ["cli", "free_port", "serve_sandbox", "served_sandbox", "served_sandbox_module"]
 
 
 def free_port() -> int:
@@ -38,6 +38,18 @@ def cli(
 @pytest.fixture
 def served_sandbox(tmp_path: Path) -> Iterator[Path]:
     """``sandbox init`` for Site_A and Site_B, and Site_A's server running; yields the folder."""
+    yield from _served(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def served_sandbox_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """:func:`served_sandbox` once for a module whose tests only read from the server (a
+    ``sandbox init`` and a server start cost about 5 s per test): they may add files of their
+    own to the folder, never change the ones ``sandbox init`` wrote."""
+    yield from _served(tmp_path_factory.mktemp("served"))
+
+
+def _served(tmp_path: Path) -> Iterator[Path]:
     port = free_port()
     directory = tmp_path / "sandbox"
     init = cli(

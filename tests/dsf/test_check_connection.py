@@ -9,14 +9,16 @@ import pytest
 
 from dsf_bridge.sandbox.certs import CertificateAuthority
 from tests.forward_proxy import ForwardProxyServer
-from tests.served import cli, served_sandbox
+from tests.served import cli, served_sandbox_module
 
-__all__ = ["served_sandbox"]
+__all__ = ["served_sandbox_module"]
 
 
 @pytest.fixture
-def served(served_sandbox: Path) -> Path:
-    return served_sandbox
+def served(served_sandbox_module: Path) -> Path:
+    """One server for the module: ``check-connection`` only reads from it, and the tests that
+    write a configuration of their own give it a name of its own."""
+    return served_sandbox_module
 
 
 def test_all_steps_pass_against_a_good_configuration(served: Path) -> None:

@@ -4,8 +4,10 @@ moments and restarted. Afterwards every start Task has ended with a result or a 
 the wire there is exactly one request and one result per start Task, and one result Bundle.
 
 The sandbox DSF FHIR servers run in this process (they outlive every kill and are what the
-assertions read); Orthanc and MLServer are the session's real components. Each seed is one run
-on SQLite and one on PostgreSQL; ``pytest --long`` runs more requests, kills and seeds.
+assertions read); Orthanc and MLServer are the session's real components. The default run is
+two seeds, one on SQLite and the other on PostgreSQL (each store still sees a whole kill
+schedule with every assertion; each run costs most of a minute, mostly bridges starting again);
+``pytest --long`` runs more requests, kills and seeds, each seed on both stores.
 """
 
 from __future__ import annotations
@@ -78,20 +80,29 @@ _START_UP = frozenset(
 
 @dataclass(frozen=True)
 class Plan:
-    """One run: how many start Tasks, how many kills, and the seed of the kill schedule."""
+    """One run: how many start Tasks, how many kills, the seed of the kill schedule and the
+    kind of store both bridges keep their state in."""
 
     requests: int
     kills: int
     seed: int
+    store: str
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "plan" in metafunc.fixturenames:
         if metafunc.config.getoption("--long"):
-            plans = [Plan(requests=40, kills=30, seed=s) for s in (101, 102, 103, 104, 105)]
+            plans = [
+                Plan(requests=40, kills=30, seed=seed, store=store)
+                for seed in (101, 102, 103, 104, 105)
+                for store in ("sqlite", "postgresql")
+            ]
         else:
-            plans = [Plan(requests=8, kills=6, seed=s) for s in (11, 12)]
-        metafunc.parametrize("plan", plans, ids=lambda p: f"seed{p.seed}")
+            plans = [
+                Plan(requests=8, kills=6, seed=11, store="sqlite"),
+                Plan(requests=8, kills=6, seed=12, store="postgresql"),
+            ]
+        metafunc.parametrize("plan", plans, ids=lambda p: f"seed{p.seed}-{p.store}")
 
 
 @dataclass
@@ -196,11 +207,13 @@ async def studies(orthanc: OrthancProcess) -> Studies:
     )
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
-    """One empty, migrated store per site, of each kind."""
+@pytest.fixture
+def store_urls(
+    plan: Plan, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[dict[str, str]]:
+    """One empty, migrated store per site, of the plan's kind."""
     organizations = (REQUESTER, PROVIDER)
-    if request.param == "sqlite":
+    if plan.store == "sqlite":
         urls = {o: f"sqlite:///{tmp_path / f'{o}.db'}" for o in organizations}
         for url in urls.values():
             upgrade(url)

@@ -151,7 +151,7 @@ async def _killed_bridge(db_url: str, config: dict[str, str], *mode: str) -> Non
     assert doomed.returncode == -signal.SIGKILL, err.decode()[-2000:]
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("migrated_url", ["sqlite"], indirect=True)
 async def test_killed_between_commit_and_send_delivers_once_after_restart(
     network: SandboxNetwork, migrated_url: str
 ) -> None:
@@ -171,7 +171,7 @@ async def test_killed_between_commit_and_send_delivers_once_after_restart(
     assert input_values(arrived, "business-key") == ["bk-kill"]
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("migrated_url", ["sqlite"], indirect=True)
 async def test_killed_after_the_target_accepted_the_task_sends_no_second_one(
     network: SandboxNetwork, migrated_url: str
 ) -> None:

@@ -271,7 +271,7 @@ async def test_cursor_only_moves_forward_and_keeps_the_time_zone(database: Datab
     assert newer.utcoffset() == dt.timedelta(0)
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("migrated_url", ["postgresql"], indirect=True)
 async def test_concurrent_claims_never_share_work(database: Database) -> None:
     """Two replicas claiming at once on PostgreSQL get disjoint jobs (SKIP LOCKED)."""
     async with database.transaction() as session:
