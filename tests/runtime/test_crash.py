@@ -276,6 +276,8 @@ def bridges(
                 **RUNTIME_ENV,
                 "DSF_BRIDGE_DB__URL": store_urls[organization],
                 "DSF_BRIDGE_OMI__CATALOGUE": json.dumps(catalogue),
+                # Studies go through DSF, pseudonymized: the kills hit that way too.
+                "DSF_BRIDGE_PSEUDONYMIZATION__SECRET": f"crash-test-secret-of-{organization}-0123",
             },
             logs,
         )
