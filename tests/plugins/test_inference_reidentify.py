@@ -14,20 +14,19 @@ from pydicom.sequence import Sequence
 
 from dsf_bridge.dsf.certificates import publish_certificate
 from dsf_bridge.dsf.client import FhirClient
-from dsf_bridge.dsf.identity import build_ssl_context, load_identity
 from dsf_bridge.omi.conversion import MEASUREMENT_CODE_SYSTEM
 from dsf_bridge.omi.dicomweb import DicomWebArchive, StudyNotFoundError
 from dsf_bridge.plugins.inference import CODESYSTEM_OMI, store_result
 from dsf_bridge.plugins.registry import SERVICE_FHIR_CLIENT, BpmnError, HandlerContext
 from dsf_bridge.plugins.transfer import (
     SERVICE_TRANSFER,
-    TransferSite,
     package_datasets,
     publish_package,
 )
 from dsf_bridge.sandbox.components import OrthancProcess
 from dsf_bridge.sandbox.demo import InferenceNetwork
 from tests.omi.data import load_ct_small, make_series
+from tests.plugins.transfer_sites import transfer_site
 
 REQUESTER = "Hospital_A"
 PROVIDER = "AI_Provider"
@@ -54,31 +53,6 @@ class MemoryPseudonyms:
         return {uid: self.mapping[uid] for uid in replaced if uid in self.mapping}
 
 
-def _site(
-    network: InferenceNetwork,
-    organization: str,
-    clients: list[FhirClient],
-    pseudonyms: MemoryPseudonyms | None = None,
-) -> TransferSite:
-    files = network.sites[organization]
-    identity = load_identity(files.client_certificate, files.client_key)
-    context = build_ssl_context(identity, [files.ca])
-
-    def client(url: str) -> FhirClient:
-        opened = FhirClient(url, ssl_context=context)
-        clients.append(opened)
-        return opened
-
-    return TransferSite(
-        local=client(files.base_url),
-        remote=client,
-        private_key=identity.key,
-        certificate=identity.certificate,
-        local_organization=organization,
-        pseudonyms=pseudonyms,
-    )
-
-
 def _result_task(extra: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "id": "result-1",
@@ -101,7 +75,7 @@ async def test_a_result_naming_another_studys_series_is_refused(tmp_path: Path) 
         clients: list[FhirClient] = []
         try:
             pseudonyms = MemoryPseudonyms({PSEUDO_OTHER_SERIES: OTHER_SERIES})
-            site = _site(network, REQUESTER, clients, pseudonyms)
+            site = transfer_site(network, REQUESTER, clients, pseudonyms)
             task = _result_task(
                 [
                     {
@@ -182,13 +156,13 @@ async def test_a_seg_naming_another_studys_pseudonym_is_not_filed_there(
                 await publish_certificate(client, pem)
         clients: list[FhirClient] = []
         try:
-            provider = _site(network, PROVIDER, clients)
+            provider = transfer_site(network, PROVIDER, clients)
             package = tmp_path / "seg.zip"
             package_datasets([seg], package)
             published = await publish_package(
                 provider, package, recipient=REQUESTER, transfer_id="bk/seg", title="test"
             )
-            site = _site(network, REQUESTER, clients, pseudonyms)
+            site = transfer_site(network, REQUESTER, clients, pseudonyms)
             task = _result_task(
                 [
                     {

@@ -20,8 +20,8 @@ from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as t
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
+from dsf_bridge.dsf.certificates import publish_certificate
 from dsf_bridge.dsf.client import FhirClient
-from dsf_bridge.dsf.identity import build_ssl_context, load_identity
 from dsf_bridge.errors import RemoteError
 from dsf_bridge.omi.dicomweb import DicomWebArchive
 from dsf_bridge.omi.pseudonymize import DESCRIPTORS, DEVICE_IDENTITY
@@ -37,6 +37,7 @@ from dsf_bridge.sandbox.components import MLServerProcess, OrthancProcess
 from dsf_bridge.sandbox.demo import InferenceNetwork
 from tests.components import REFERENCE_MODEL
 from tests.omi.data import load_ct_small, make_series
+from tests.plugins.transfer_sites import transfer_site
 
 REQUESTER = "Hospital_A"
 PROVIDER = "AI_Provider"
@@ -306,25 +307,6 @@ async def test_a_study_with_burned_in_annotation_never_leaves(
         assert network.tasks(PROVIDER) == []
 
 
-def _site(network: InferenceNetwork, organization: str, clients: list[FhirClient]) -> TransferSite:
-    files = network.sites[organization]
-    identity = load_identity(files.client_certificate, files.client_key)
-    context = build_ssl_context(identity, [files.ca])
-
-    def client(url: str) -> FhirClient:
-        opened = FhirClient(url, ssl_context=context)
-        clients.append(opened)
-        return opened
-
-    return TransferSite(
-        local=client(files.base_url),
-        remote=client,
-        private_key=identity.key,
-        certificate=identity.certificate,
-        local_organization=organization,
-    )
-
-
 async def test_only_the_recipient_reads_a_package(tmp_path: Path) -> None:
     """A package stored for AI_Provider on Hospital_A's server: AI_Provider downloads and
     decrypts it; Other_Clinic, in the same network and allow list, gets 403 or 404."""
@@ -333,27 +315,25 @@ async def test_only_the_recipient_reads_a_package(tmp_path: Path) -> None:
         tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: [], THIRD: []}
     ) as network:
         for organization in (REQUESTER, PROVIDER, THIRD):
-            from dsf_bridge.dsf.certificates import publish_certificate
-
             site_files = network.sites[organization]
             async with network.client(organization) as client:
                 await publish_certificate(client, site_files.client_certificate.read_bytes())
         clients: list[FhirClient] = []
         try:
-            sender = _site(network, REQUESTER, clients)
+            sender = transfer_site(network, REQUESTER, clients)
             package = tmp_path / "package.zip"
             package_datasets(series, package)
             published = await publish_package(
                 sender, package, recipient=PROVIDER, transfer_id="t-1", title="test"
             )
-            third = _site(network, THIRD, clients)
+            third = transfer_site(network, THIRD, clients)
             remote = await third.client_of(REQUESTER)
             with pytest.raises(RemoteError) as refused:
                 await remote.download_binary(
                     published.binary_url, lambda chunk: None, max_bytes=1 << 30
                 )
             assert refused.value.status in (403, 404)
-            recipient = _site(network, PROVIDER, clients)
+            recipient = transfer_site(network, PROVIDER, clients)
             got = await receive_package(
                 recipient, published.binary_url, sender=REQUESTER, target=tmp_path / "got.zip"
             )

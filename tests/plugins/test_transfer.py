@@ -11,11 +11,9 @@ from pydicom.dataset import Dataset
 
 from dsf_bridge.dsf.certificates import publish_certificate
 from dsf_bridge.dsf.client import FhirClient
-from dsf_bridge.dsf.identity import build_ssl_context, load_identity
 from dsf_bridge.errors import RemoteError
 from dsf_bridge.plugins.transfer import (
     TransferError,
-    TransferSite,
     check_package_url,
     package_datasets,
     publish_package,
@@ -24,6 +22,7 @@ from dsf_bridge.plugins.transfer import (
 )
 from dsf_bridge.sandbox.demo import InferenceNetwork
 from tests.omi.data import load_ct_small, make_series
+from tests.plugins.transfer_sites import transfer_site
 
 SERVER = "https://dsf.hospital-a.example/fhir"
 REQUESTER = "Hospital_A"
@@ -69,25 +68,6 @@ def test_a_binary_url_is_accepted(url: str, expected: str) -> None:
     assert check_package_url(url, SERVER) == expected
 
 
-def _site(network: InferenceNetwork, organization: str, clients: list[FhirClient]) -> TransferSite:
-    files = network.sites[organization]
-    identity = load_identity(files.client_certificate, files.client_key)
-    context = build_ssl_context(identity, [files.ca])
-
-    def client(url: str) -> FhirClient:
-        opened = FhirClient(url, ssl_context=context)
-        clients.append(opened)
-        return opened
-
-    return TransferSite(
-        local=client(files.base_url),
-        remote=client,
-        private_key=identity.key,
-        certificate=identity.certificate,
-        local_organization=organization,
-    )
-
-
 async def test_a_step_run_again_leaves_no_package_behind(tmp_path: Path) -> None:
     """PrepareStudy published its package, then the bridge stopped before the step committed:
     the step runs again with the same transfer id. The first Binary must not stay readable
@@ -101,7 +81,7 @@ async def test_a_step_run_again_leaves_no_package_behind(tmp_path: Path) -> None
                 await publish_certificate(client, pem)
         clients: list[FhirClient] = []
         try:
-            sender = _site(network, REQUESTER, clients)
+            sender = transfer_site(network, REQUESTER, clients)
             package = tmp_path / "package.zip"
             package_datasets(make_series(load_ct_small())[:2], package)
             first = await publish_package(
@@ -140,7 +120,7 @@ async def test_a_third_organization_finds_no_trace_of_a_package(tmp_path: Path) 
                 await publish_certificate(client, pem)
         clients: list[FhirClient] = []
         try:
-            sender = _site(network, REQUESTER, clients)
+            sender = transfer_site(network, REQUESTER, clients)
             package = tmp_path / "package.zip"
             package_datasets(make_series(load_ct_small())[:1], package)
             published = await publish_package(
@@ -148,7 +128,7 @@ async def test_a_third_organization_finds_no_trace_of_a_package(tmp_path: Path) 
             )
             binary = published.binary_url.rsplit("/", 1)[1]
             document = published.document_reference
-            remote = await _site(network, third, clients).client_of(REQUESTER)
+            remote = await transfer_site(network, third, clients).client_of(REQUESTER)
             for path in (
                 f"Binary/{binary}",
                 f"Binary/{binary}/_history/1",

@@ -1,0 +1,37 @@
+"""A sandbox site's :class:`~dsf_bridge.plugins.transfer.TransferSite` for tests that call the
+transfer functions directly (the bridges build theirs in ``runtime/transfers.py``)."""
+
+from __future__ import annotations
+
+from dsf_bridge.dsf.client import FhirClient
+from dsf_bridge.dsf.crypto import decryption_key
+from dsf_bridge.dsf.identity import build_ssl_context, load_identity
+from dsf_bridge.plugins.transfer import PseudonymStore, TransferSite
+from dsf_bridge.sandbox.demo import InferenceNetwork
+
+
+def transfer_site(
+    network: InferenceNetwork,
+    organization: str,
+    clients: list[FhirClient],
+    pseudonyms: PseudonymStore | None = None,
+) -> TransferSite:
+    """``organization``'s transfer service with its sandbox identity; every FHIR client it
+    opens is appended to ``clients`` for the test to close."""
+    files = network.sites[organization]
+    identity = load_identity(files.client_certificate, files.client_key)
+    context = build_ssl_context(identity, [files.ca])
+
+    def client(url: str) -> FhirClient:
+        opened = FhirClient(url, ssl_context=context)
+        clients.append(opened)
+        return opened
+
+    return TransferSite(
+        local=client(files.base_url),
+        remote=client,
+        private_key=decryption_key(identity.key),
+        certificate=identity.certificate,
+        local_organization=organization,
+        pseudonyms=pseudonyms,
+    )
