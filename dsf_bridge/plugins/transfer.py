@@ -68,6 +68,7 @@ __all__ = [
     "receive_package",
     "restore_identity",
     "series_info",
+    "sweep_packages",
     "uids_in",
     "withdraw_package",
 ]
@@ -631,3 +632,44 @@ async def copy_series(
     [(study, series)] = replaced
     log.info("transfer.copied", instances=count)
     return CopiedSeries(study, series, count, uids)
+
+
+async def sweep_packages(client: FhirClient, running: Callable[[str], Awaitable[bool]]) -> int:
+    """Withdraw the packages this site published whose process instance no longer runs: what
+    a stop between an upload and its withdrawal left on the local DSF FHIR server. Each
+    package's DocumentReference names its instance (``<business key>/<role>``) and its Binary;
+    ``running`` says whether an instance with that business key still runs (its package is
+    still in use then). Returns how many were withdrawn; one that fails is logged and left."""
+    found: list[dict[str, Any]] = []
+    async for page in client.search_pages("DocumentReference", [("_count", "100")]):
+        for entry in page.get("entry") or []:
+            resource = entry.get("resource") or {}
+            identifier = resource.get("masterIdentifier") or {}
+            if identifier.get("system") == TRANSFER_IDENTIFIER_SYSTEM and resource.get("id"):
+                found.append(resource)
+    withdrawn = 0
+    for resource in found:
+        business_key = str(resource["masterIdentifier"].get("value") or "").rpartition("/")[0]
+        if business_key and await running(business_key):
+            continue
+        url = next(
+            (
+                str((content.get("attachment") or {}).get("url"))
+                for content in resource.get("content") or []
+                if (content.get("attachment") or {}).get("url")
+            ),
+            None,
+        )
+        try:
+            if url is not None:
+                binary_id = check_package_url(url, client.base_url)
+                await client.delete("Binary", binary_id)
+                await _purge(client, "Binary", binary_id)
+            await client.delete("DocumentReference", str(resource["id"]))
+        except (RemoteError, TransferError) as exc:
+            log.warning("transfer.sweep_failed", reason=str(exc))
+            continue
+        withdrawn += 1
+    if withdrawn:
+        log.info("transfer.swept", packages=withdrawn)
+    return withdrawn

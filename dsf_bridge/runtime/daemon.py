@@ -65,7 +65,7 @@ from dsf_bridge.runtime.gateway import DsfTaskGateway
 from dsf_bridge.runtime.intake import SqlCursorStore, TaskIntake
 from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
 from dsf_bridge.runtime.publishing import ServicePublication, open_registry, service_offers
-from dsf_bridge.runtime.transfers import transfer_site
+from dsf_bridge.runtime.transfers import sweep_left_packages, transfer_site
 from dsf_bridge.store import Database, schema_status, sqlite_path
 from dsf_bridge.store.owner import bind_store
 
@@ -270,6 +270,12 @@ class Bridge:
                 self.client, identity.certificate.public_bytes(serialization.Encoding.PEM)
             )
             log.info("certificate.published", thumbprint=identity.thumbprint)
+            # What a stop left between an upload and its withdrawal goes now; a server that
+            # fails here must not keep the bridge from starting (the next start tries again).
+            try:
+                await sweep_left_packages(self.client, self.database)
+            except BridgeError as exc:
+                log.warning("transfer.sweep_failed", reason=str(exc))
         self.intake = TaskIntake(
             self.client,
             self.runtime,

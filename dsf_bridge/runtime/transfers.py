@@ -12,11 +12,15 @@ from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.crypto import KemPrivateKey, UnsupportedKeyError, decryption_key
 from dsf_bridge.dsf.identity import ClientIdentity
 from dsf_bridge.omi.pseudonymize import Pseudonymizer, policy_from_settings
-from dsf_bridge.plugins.transfer import TransferSite
+from dsf_bridge.plugins.transfer import TransferSite, sweep_packages
 from dsf_bridge.store import Database
-from dsf_bridge.store.repository import original_uids, record_pseudonyms
+from dsf_bridge.store.repository import (
+    any_running_with_business_key,
+    original_uids,
+    record_pseudonyms,
+)
 
-__all__ = ["SqlPseudonyms", "transfer_site"]
+__all__ = ["SqlPseudonyms", "sweep_left_packages", "transfer_site"]
 
 log = structlog.get_logger("dsf_bridge.runtime.transfers")
 
@@ -34,6 +38,17 @@ class SqlPseudonyms:
     async def originals(self, replaced: list[str]) -> dict[str, str]:
         async with self._database.transaction() as session:
             return await original_uids(session, replaced)
+
+
+async def sweep_left_packages(client: FhirClient, database: Database) -> int:
+    """At start-up: the packages a stop left on this site's DSF FHIR server whose instance no
+    longer runs are withdrawn (:func:`~dsf_bridge.plugins.transfer.sweep_packages`)."""
+
+    async def running(business_key: str) -> bool:
+        async with database.transaction() as session:
+            return await any_running_with_business_key(session, business_key)
+
+    return await sweep_packages(client, running)
 
 
 def transfer_site(  # noqa: PLR0917 - six parts of one site, each named at the call

@@ -161,6 +161,7 @@ __all__ = [
     "TimerKey",
     "add_timer",
     "advance_cursor",
+    "any_running_with_business_key",
     "cancel_timer",
     "claim_jobs",
     "claim_outbox",
@@ -454,6 +455,17 @@ async def running_with_business_key(
         select(_INSTANCES.c.id)
         .where(_has_business_key(business_key))
         .where(_INSTANCES.c.definition_id == definition_id)
+        .where(_INSTANCES.c.status == "running")
+        .limit(1)
+    )
+    return row.first() is not None
+
+
+async def any_running_with_business_key(session: AsyncSession, business_key: str) -> bool:
+    """Whether any running instance has this business key (or alternative business key)."""
+    row = await session.execute(
+        select(_INSTANCES.c.id)
+        .where(_has_business_key(business_key))
         .where(_INSTANCES.c.status == "running")
         .limit(1)
     )

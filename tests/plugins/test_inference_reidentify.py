@@ -5,12 +5,14 @@ that names another study's pseudonyms must not get a result filed under another 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.uid import UID
 
 from dsf_bridge.dsf.certificates import publish_certificate
 from dsf_bridge.dsf.client import FhirClient
@@ -46,7 +48,7 @@ class MemoryPseudonyms:
     def __init__(self, mapping: dict[str, str]) -> None:
         self.mapping = mapping
 
-    async def record(self, original_study_uid: str, uids: dict[str, str]) -> None:
+    async def record(self, original_study_uid: str, uids: Mapping[str, str]) -> None:
         self.mapping.update({replaced: original for original, replaced in uids.items()})
 
     async def originals(self, replaced: list[str]) -> dict[str, str]:
@@ -130,7 +132,7 @@ async def test_a_seg_naming_another_studys_pseudonym_is_not_filed_there(
     seg.StudyInstanceUID = PSEUDO_OTHER_STUDY
     seg.SeriesInstanceUID = "2.25.555"
     seg.SOPInstanceUID = "2.25.556"
-    seg.file_meta.MediaStorageSOPInstanceUID = "2.25.556"
+    seg.file_meta.MediaStorageSOPInstanceUID = UID("2.25.556")
     seg.PatientName = "Pseudonym"
     referenced = Dataset()
     referenced.SeriesInstanceUID = PSEUDO_SERIES

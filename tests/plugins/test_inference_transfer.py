@@ -25,7 +25,7 @@ from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.errors import RemoteError
 from dsf_bridge.omi.dicomweb import DicomWebArchive
 from dsf_bridge.omi.pseudonymize import DESCRIPTORS, DEVICE_IDENTITY
-from dsf_bridge.plugins import inference
+from dsf_bridge.plugins import inference, transfer
 from dsf_bridge.plugins.inference import CODESYSTEM_OMI, result_summary
 from dsf_bridge.plugins.transfer import (
     TransferSite,
@@ -100,7 +100,7 @@ def _elements(dataset: Dataset) -> Iterator[Any]:
 
 
 def _uids(dataset: Dataset) -> set[str]:
-    found = set()
+    found: set[str] = set()
     for element in _elements(dataset):
         if element.VR == "UI" and element.value:
             values = element.value if element.VM > 1 else [element.value]
@@ -125,7 +125,7 @@ def _spy_on_packages(
 ) -> dict[str, list[Dataset]]:
     """The datasets each organization's bridge read from a package it received."""
     received: dict[str, list[Dataset]] = {}
-    original = inference.open_package
+    original = transfer.open_package
 
     def spy(site: TransferSite, path: Path) -> tuple[Any, Callable[[], list[Dataset]]]:
         manifest, load = original(site, path)
@@ -137,7 +137,7 @@ def _spy_on_packages(
 
         return manifest, recorded
 
-    monkeypatch.setattr(inference, "open_package", spy)
+    monkeypatch.setattr(inference, "open_package", spy)  # where the handlers look it up
     return received
 
 

@@ -18,6 +18,7 @@ from dsf_bridge.plugins.transfer import (
     package_datasets,
     publish_package,
     restore_identity,
+    sweep_packages,
     withdraw_package,
 )
 from dsf_bridge.sandbox.demo import InferenceNetwork
@@ -173,3 +174,44 @@ def test_restoring_identity_keeps_the_segs_type_2_attributes_present() -> None:
         assert keyword in restored, keyword
         assert restored[keyword].value in ("", None), keyword
     assert "PatientIdentityRemoved" not in restored
+
+
+async def test_the_sweep_withdraws_what_no_running_instance_needs(tmp_path: Path) -> None:
+    """A stop between an upload and its withdrawal leaves a package; at the next start the
+    sweep deletes it, unless its instance (named in the DocumentReference) still runs."""
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        for organization in (REQUESTER, PROVIDER):
+            async with network.client(organization) as client:
+                pem = network.sites[organization].client_certificate.read_bytes()
+                await publish_certificate(client, pem)
+        clients: list[FhirClient] = []
+        try:
+            sender = transfer_site(network, REQUESTER, clients)
+            package = tmp_path / "package.zip"
+            package_datasets(make_series(load_ct_small())[:1], package)
+            left = await publish_package(
+                sender, package, recipient=PROVIDER, transfer_id="gone/study", title="test"
+            )
+            kept = await publish_package(
+                sender, package, recipient=PROVIDER, transfer_id="alive/study", title="test"
+            )
+            asked: list[str] = []
+
+            async def running(business_key: str) -> bool:
+                asked.append(business_key)
+                return business_key == "alive"
+
+            assert await sweep_packages(sender.local, running) == 1
+            assert sorted(asked) == ["alive", "gone"]
+            binaries = {b["id"] for b in network.resources(REQUESTER, "Binary")}
+            documents = {d["id"] for d in network.resources(REQUESTER, "DocumentReference")}
+            assert binaries == {kept.binary_url.rsplit("/", 1)[1]}
+            assert documents == {kept.document_reference.split("/")[1]}
+            assert left.binary_url.rsplit("/", 1)[1] not in binaries
+            # Nothing else to do the second time.
+            assert await sweep_packages(sender.local, running) == 0
+        finally:
+            for client in clients:
+                await client.aclose()
