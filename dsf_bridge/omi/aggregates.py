@@ -85,17 +85,18 @@ class LaplaceCountObfuscator:
     """Laplace noise, rounded to tens, never negative, the same answer for the same count.
 
     The rule of the MII feasibility plugin's ``FeasibilityCachingLaplaceCountObfuscator``
-    (medizininformatik-initiative/mii-process-feasibility,
-    ``feasibility-dsf-process/src/main/java/de/medizininformatik_initiative/
-    feasibility_dsf_process/FeasibilityCachingLaplaceCountObfuscator.java``, with the defaults
-    sensitivity 1.0 and epsilon 0.5 of its ``ConstantsFeasibility``): draw ``noise`` from a
-    Laplace distribution with location 0 and scale ``sensitivity / epsilon`` (inverse CDF of a
-    uniform on [-0.5, 0.5)), publish ``max(0, round((count + noise) / 10) * 10)`` with Java's
-    ``Math.round`` (half up). The obfuscated value is cached per true count (at most 10,000
-    entries, as there): asking the same question again returns the same answer, so repeated
-    requests cannot average the noise away. The plugin's older ``FeasibilityCountObfuscator``
-    (uniform offset in [-5, 5], results below 5 set to 0) is no longer used there; we do not
-    offer it.
+    (medizininformatik-initiative/mii-process-feasibility at v1.0.0.9,
+    ``mii-process-feasibility/src/main/java/de/medizininformatik_initiative/process/
+    feasibility/FeasibilityCachingLaplaceCountObfuscator.java``; its defaults, sensitivity 1.0
+    and epsilon 0.5, in ``variables/ConstantsFeasibility.java``; switched on per network by
+    the plugin's ``obfuscate`` setting): draw ``noise`` from a Laplace distribution with
+    location 0 and scale ``sensitivity / epsilon`` (inverse CDF of a uniform on [-0.5, 0.5)),
+    publish ``max(0, round((count + noise) / 10) * 10)`` with Java's ``Math.round`` (half up).
+    The obfuscated value is cached per true count (at most 10,000 entries, as there): asking
+    the same question again returns the same answer, so repeated requests cannot average the
+    noise away. (A 2024 change there that cut the uniform to [0.1, 0.9) was reverted two days
+    later; the plugin's older ``FeasibilityCountObfuscator``, a uniform offset in [-5, 5] with
+    results below 5 set to 0, is no longer used.)
 
     The cache lives in this object: one per site process, kept for the bridge's lifetime, as
     the plugin keeps its bean. ``rng`` is for tests; by default the operating system's CSPRNG.

@@ -160,6 +160,21 @@ def test_laplace_obfuscation_rounds_to_tens_and_repeats_itself() -> None:
     assert [obfuscator.obfuscate(count) for count in range(0, 500)] == results
 
 
+class _NoNoise(random.Random):
+    """A uniform draw of exactly 0.5: Laplace noise 0, so only the rounding shows."""
+
+    def random(self) -> float:
+        return 0.5
+
+
+@pytest.mark.parametrize(
+    ("count", "published"), [(0, 0), (4, 0), (5, 10), (15, 20), (25, 30), (34, 30), (35, 40)]
+)
+def test_obfuscation_rounds_half_up_as_java_does(count: int, published: int) -> None:
+    # Python's round() would give 20 for 25 (half to even); the plugin's Math.round gives 30.
+    assert LaplaceCountObfuscator(rng=_NoNoise()).obfuscate(count) == published
+
+
 def test_laplace_noise_has_the_plugins_scale() -> None:
     obfuscator = LaplaceCountObfuscator(sensitivity=1.0, epsilon=0.05, rng=_seeded(11))
     # Scale 20: the mean absolute deviation of a Laplace distribution is its scale.
