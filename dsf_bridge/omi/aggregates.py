@@ -53,6 +53,7 @@ __all__ = [
     "PooledNumeric",
     "SiteAnswer",
     "SiteStatus",
+    "aggregates_from_json",
     "class_counts",
     "effective_k",
     "merge",
@@ -337,6 +338,106 @@ class SiteAnswer:
             "reason": self.reason,
             "aggregates": [aggregate.to_json() for aggregate in self.aggregates],
         }
+
+
+def aggregates_from_json(data: object) -> tuple[Aggregate, ...]:
+    """A data site's aggregates as the coordinator reads them from the site's answer.
+
+    The inverse of ``[a.to_json() for a in aggregates]``, and strict: the answer comes from
+    another organization, so anything but the documented shape raises :class:`ValueError`
+    with a sentence saying what is wrong (the caller records the site as failed with it).
+    A class table with exactly one suppressed class is refused: its value would follow from
+    the total, and refusing it keeps it out of everything the coordinator stores. The site's
+    organization is not in the data: the caller takes it from the authenticated Task, never
+    from the payload.
+    """
+    if not isinstance(data, list):
+        raise ValueError("the aggregates must be a JSON list")
+    out: list[Aggregate] = []
+    seen: set[str] = set()
+    for item in data:
+        aggregate = _aggregate_from_json(item)
+        if aggregate.measurement in seen:
+            raise ValueError(f"measurement {aggregate.measurement!r} appears twice")
+        seen.add(aggregate.measurement)
+        out.append(aggregate)
+    return tuple(out)
+
+
+def _aggregate_from_json(item: object) -> Aggregate:
+    if not isinstance(item, dict):
+        raise ValueError("each aggregate must be a JSON object")
+    measurement = item.get("measurement")
+    kind = item.get("kind")
+    if not isinstance(measurement, str) or not measurement:
+        raise ValueError("an aggregate has no measurement name")
+    if kind not in ("numeric", "classes"):
+        raise ValueError(f"aggregate {measurement!r} has an unknown kind {kind!r}")
+    if item.get("suppressed") is True:
+        if set(item) != {"measurement", "kind", "suppressed"}:
+            raise ValueError(f"suppressed aggregate {measurement!r} carries figures")
+        if kind == "numeric":
+            return NumericAggregate(measurement=measurement, suppressed=True)
+        return ClassCounts(measurement=measurement, suppressed=True)
+    if item.get("suppressed") is not False:
+        raise ValueError(f"aggregate {measurement!r} does not say whether it is suppressed")
+    obfuscated = item.get("obfuscated")
+    if not isinstance(obfuscated, bool):
+        raise ValueError(f"aggregate {measurement!r} does not say whether it is obfuscated")
+    n = _count(item.get("n"), f"n of {measurement!r}")
+    if kind == "numeric":
+        keys = {"measurement", "kind", "suppressed", "obfuscated", "n"}
+        keys |= {"mean", "sd", "median", "q1", "q3"}
+        if set(item) != keys:
+            raise ValueError(f"aggregate {measurement!r} must have exactly {sorted(keys)}")
+        mean, sd, median, q1, q3 = (
+            _finite(item[name], f"{name} of {measurement!r}")
+            for name in ("mean", "sd", "median", "q1", "q3")
+        )
+        if sd < 0 or not q1 <= median <= q3:
+            raise ValueError(f"the figures of {measurement!r} contradict each other")
+        return NumericAggregate(
+            measurement=measurement,
+            suppressed=False,
+            n=n,
+            mean=mean,
+            sd=sd,
+            median=median,
+            q1=q1,
+            q3=q3,
+            obfuscated=obfuscated,
+        )
+    if set(item) != {"measurement", "kind", "suppressed", "obfuscated", "n", "counts"}:
+        raise ValueError(f"class table {measurement!r} has unexpected or missing fields")
+    raw = item["counts"]
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"class table {measurement!r} has no classes")
+    counts: dict[str, int | None] = {}
+    for label, value in raw.items():
+        if value == {"suppressed": True}:
+            counts[label] = None
+        else:
+            counts[label] = _count(value, f"class {label!r} of {measurement!r}")
+    if sum(value is None for value in counts.values()) == 1:
+        raise ValueError(
+            f"class table {measurement!r} hides a single class, which follows from its total: "
+            "the site's suppression is broken"
+        )
+    return ClassCounts(
+        measurement=measurement, suppressed=False, n=n, counts=counts, obfuscated=obfuscated
+    )
+
+
+def _count(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a count (an integer of at least 0)")
+    return value
+
+
+def _finite(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number")
+    return float(value)
 
 
 def pool_moments(parts: Iterable[tuple[int, float, float]]) -> tuple[int, float, float]:

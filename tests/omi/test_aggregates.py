@@ -23,6 +23,7 @@ from dsf_bridge.omi.aggregates import (
     PooledNumeric,
     SiteAnswer,
     SiteStatus,
+    aggregates_from_json,
     class_counts,
     effective_k,
     merge,
@@ -336,3 +337,72 @@ def test_an_incomplete_cell_from_a_site_is_refused() -> None:
     )
     with pytest.raises(ValueError, match="neither suppressed nor complete"):
         merge([broken])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    values=st.lists(st.floats(min_value=-1e3, max_value=1e3, allow_nan=False), max_size=30),
+    class_sizes=st.lists(st.integers(min_value=0, max_value=12), min_size=2, max_size=5),
+    k=st.integers(min_value=1, max_value=8),
+)
+def test_what_a_site_sends_the_coordinator_reads_back_unchanged(
+    values: list[float], class_sizes: list[int], k: int
+) -> None:
+    classes = tuple(f"c{i}" for i in range(len(class_sizes)))
+    labels = [c for c, size in zip(classes, class_sizes, strict=True) for _ in range(size)]
+    sent = (
+        numeric_aggregate("volume", values, k=k),
+        class_counts("density", labels, classes, k=k),
+    )
+    wire = json.loads(json.dumps([aggregate.to_json() for aggregate in sent]))
+    assert aggregates_from_json(wire) == sent
+
+
+SHOWN = {
+    "measurement": "volume",
+    "kind": "numeric",
+    "suppressed": False,
+    "n": 7,
+    "mean": 1.0,
+    "sd": 0.5,
+    "median": 1.0,
+    "q1": 0.5,
+    "q3": 1.5,
+    "obfuscated": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ({"measurements": []}, "must be a JSON list"),
+        ([{**SHOWN, "sd": -1.0}], "contradict"),
+        ([{**SHOWN, "q1": 2.0}], "contradict"),
+        ([{**SHOWN, "n": -3}], "must be a count"),
+        ([{**SHOWN, "n": True}], "must be a count"),
+        ([{**SHOWN, "mean": "NaN"}], "finite number"),
+        ([{**SHOWN, "study": "1.2.3"}], "must have exactly"),
+        ([SHOWN, SHOWN], "appears twice"),
+        (
+            [{"measurement": "volume", "kind": "numeric", "suppressed": True, "n": 3}],
+            "carries figures",
+        ),
+        ([{**SHOWN, "kind": "table"}], "unknown kind"),
+        (
+            [
+                {
+                    "measurement": "density",
+                    "kind": "classes",
+                    "suppressed": False,
+                    "n": 20,
+                    "counts": {"a": 9, "b": 8, "c": {"suppressed": True}},
+                    "obfuscated": False,
+                }
+            ],
+            "hides a single class",
+        ),
+    ],
+)
+def test_a_malformed_answer_is_refused_with_a_reason(answer: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        aggregates_from_json(answer)
