@@ -25,7 +25,8 @@ Pooling (:func:`merge`): the pooled mean and standard deviation are exact, combi
 site's (n, mean, sd) with the parallel-variance formula of Chan, Golub and LeVeque; the same as
 computing over all studies at once, up to floating point. Pooled quartiles cannot be exact from
 per-site quartiles; they are the n-weighted mean of the sites' quartiles and marked
-approximate.
+approximate. :func:`aggregates_from_json` is the coordinator's strict reading of what a site
+sent, so that a broken or hostile answer is refused before anything of it is stored.
 """
 
 from __future__ import annotations
