@@ -10,13 +10,13 @@ promises these integrations, so they are never skipped. Import the fixtures into
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
-from dsf_bridge.omi.contract import load_contract
+from dsf_bridge.omi.contract import CONTRACTS_DIR
 from dsf_bridge.sandbox.components import (
+    DENSITY_MODEL,
     NODULE_MODEL,
     REFERENCE_MODEL,
     ComponentMissingError,
@@ -43,23 +43,8 @@ __all__ = [
 WARMING_MODEL = ModelSpec("tissue-composition-warming", extra={"ready": False})
 BROKEN_MODEL = ModelSpec("tissue-composition-broken", extra={"fail": True})
 # The second real model: a scikit-learn classifier over DICOM-derived features, trained when
-# MLServer starts and served by MLServer's stock scikit-learn runtime.
-DENSITY_CONTRACT = Path(__file__).resolve().parents[1] / "docs" / "examples" / "ct-density.toml"
-
-
-def _train_density(folder: Path, python: Path) -> None:
-    from dsf_bridge.sandbox.refmodel.density import train
-
-    train(folder, python, load_contract(DENSITY_CONTRACT))
-
-
-DENSITY_MODEL = ModelSpec(
-    "ct-density",
-    implementation="mlserver_sklearn.SKLearnModel",
-    uri="./model.joblib",
-    requires="mlserver_sklearn",
-    train=_train_density,
-)
+# MLServer starts and served by MLServer's stock scikit-learn runtime (the demo serves it too).
+DENSITY_CONTRACT = CONTRACTS_DIR / "ct-density.toml"
 
 
 _Server = TypeVar("_Server", OrthancProcess, MLServerProcess, KServeProcess)

@@ -56,7 +56,7 @@ __all__ = [
 
 CONTRACTS_DIR = Path(__file__).resolve().with_name("contracts")
 #: Contracts that ship with the bridge, by name (the file name without ``.toml``).
-SHIPPED_CONTRACTS: tuple[str, ...] = ("tissue-composition",)
+SHIPPED_CONTRACTS: tuple[str, ...] = ("tissue-composition", "ct-density")
 #: The contract a providing site serves for a catalogue entry that names none: the reference
 #: model's, which every service followed before contracts were declared.
 REFERENCE_CONTRACT = "tissue-composition"

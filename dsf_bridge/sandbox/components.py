@@ -40,6 +40,7 @@ import structlog
 from dsf_bridge.errors import BridgeError
 
 __all__ = [
+    "DENSITY_MODEL",
     "KSERVE_SETUP_COMMAND",
     "MLSERVER_SETUP_COMMAND",
     "NODULE_MODEL",
@@ -285,6 +286,25 @@ REFERENCE_MODEL = ModelSpec("tissue-composition")
 #: The second reference model, ``my-model`` (``refmodel/nodule.py``): the worked example of a
 #: provider's own contract (docs/examples/my-model.toml).
 NODULE_MODEL = ModelSpec("my-model", implementation="nodule_model.NoduleModel")
+
+
+def _train_density(folder: Path, python: Path) -> None:
+    from dsf_bridge.omi.contract import resolve_contract  # noqa: PLC0415 - only when trained
+    from dsf_bridge.sandbox.refmodel.density import train  # noqa: PLC0415
+
+    train(folder, python, resolve_contract("ct-density"))
+
+
+#: The second real model, ``ct-density`` (the shipped contract of that name): a scikit-learn
+#: classifier over DICOM-derived features, trained when MLServer starts and served by
+#: MLServer's stock scikit-learn runtime (the demo and the tests).
+DENSITY_MODEL = ModelSpec(
+    "ct-density",
+    implementation="mlserver_sklearn.SKLearnModel",
+    uri="./model.joblib",
+    requires="mlserver_sklearn",
+    train=_train_density,
+)
 
 
 class MLServerProcess(_ChildProcess):

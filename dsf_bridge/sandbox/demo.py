@@ -60,12 +60,14 @@ from dsf_bridge.runtime.daemon import Bridge
 from dsf_bridge.runtime.processes import RuntimeSettings
 from dsf_bridge.sandbox.certs import CertificateAuthority
 from dsf_bridge.sandbox.components import (
+    DENSITY_MODEL,
     REFERENCE_MODEL,
     ComponentMissingError,
     MLServerProcess,
     OrthancProcess,
 )
 from dsf_bridge.sandbox.network import _free_ports
+from dsf_bridge.sandbox.refmodel.density import shifted
 from dsf_bridge.sandbox.server import SandboxServer
 from dsf_bridge.sandbox.sites import SiteFiles, build_service, init_sandbox
 from dsf_bridge.store import Database, create_sync_engine, upgrade, verify_chain
@@ -87,6 +89,8 @@ __all__ = [
 DEMO_REQUESTER = "Hospital_A"
 DEMO_PROVIDER = "AI_Provider"
 SERVICE_ID = "tissue-composition"
+# The second model of the demo: a scikit-learn classifier with the shipped contract ct-density.
+DENSITY_SERVICE_ID = "ct-density"
 START_PROFILE = "http://dsf-bridge.dev/fhir/StructureDefinition/task-start-inference-request|1.1"
 START_CANONICAL = "http://dsf-bridge.dev/bpe/Process/inferenceRequest|1.1"
 # Short waits between worker rounds: a sandbox network should answer in about a second.
@@ -490,20 +494,31 @@ async def _demo(
         orthanc = processes.enter_context(OrthancProcess(workdir / "orthanc").start())
         progress(f"Orthanc (DICOMweb) at {orthanc.dicomweb_url}")
         mlserver = processes.enter_context(
-            MLServerProcess(workdir / "mlserver", models=(REFERENCE_MODEL,)).start()
+            MLServerProcess(workdir / "mlserver", models=(REFERENCE_MODEL, DENSITY_MODEL)).start()
         )
-        progress(f"MLServer with model {REFERENCE_MODEL.name} at {mlserver.base_url}")
+        progress(
+            f"MLServer with models {REFERENCE_MODEL.name} and {DENSITY_MODEL.name} (scikit-learn, "
+            f"trained at start-up) at {mlserver.base_url}"
+        )
         ct_small = load_ct_small()
         series = make_series(ct_small)
+        # A slice 150 HU denser than CT_small, in a study of its own: for the density model.
+        [dense] = make_series(shifted(150), 1)
         archive = DicomWebArchive(orthanc.dicomweb_url)
         try:
-            await archive.store([ct_small, *series])
+            await archive.store([ct_small, *series, dense])
         finally:
             archive.close()
-        progress(f"stored CT_small.dcm and a {len(series)}-slice series in Orthanc")
+        progress(f"stored CT_small.dcm, a {len(series)}-slice series and a denser slice in Orthanc")
         requester_omi = {
             "catalogue": [
-                {"id": SERVICE_ID, "name": "CT tissue composition", "organization": DEMO_PROVIDER}
+                {"id": SERVICE_ID, "name": "CT tissue composition", "organization": DEMO_PROVIDER},
+                {
+                    "id": DENSITY_SERVICE_ID,
+                    "name": "CT slice density",
+                    "organization": DEMO_PROVIDER,
+                    "contract": DENSITY_MODEL.name,
+                },
             ]
         }
         provider_omi = {
@@ -514,7 +529,13 @@ async def _demo(
                     "model_name": REFERENCE_MODEL.name,
                     "model_version": REFERENCE_MODEL.version,
                     "inference_url": mlserver.base_url,
-                }
+                },
+                {
+                    "id": DENSITY_SERVICE_ID,
+                    "name": "CT slice density",
+                    "contract": DENSITY_MODEL.name,
+                    "inference_url": mlserver.base_url,
+                },
             ]
         }
         async with InferenceNetwork(
@@ -529,16 +550,17 @@ async def _demo(
                 "and SQLite store"
             )
             studies = [
-                ("CT_small.dcm (1 slice)", str(ct_small.StudyInstanceUID)),
-                (f"series ({len(series)} slices)", str(series[0].StudyInstanceUID)),
+                ("CT_small.dcm (1 slice)", str(ct_small.StudyInstanceUID), SERVICE_ID),
+                (f"series ({len(series)} slices)", str(series[0].StudyInstanceUID), SERVICE_ID),
+                ("denser slice, density model", str(dense.StudyInstanceUID), DENSITY_SERVICE_ID),
             ]
             labels: dict[str, tuple[str, str]] = {}
-            for label, study in studies:
+            for label, study, service in studies:
                 task_id = await network.request(
                     DEMO_REQUESTER,
                     study_instance_uid=study,
                     dicomweb_endpoint=orthanc.dicomweb_url,
-                    service=SERVICE_ID,
+                    service=service,
                 )
                 labels[task_id] = (label, study)
                 progress(f"{DEMO_REQUESTER}: start Task/{task_id} for {label}")

@@ -633,8 +633,11 @@ def test_demo_json_prints_the_reference_values(tmp_path: Path, dsf_version: str)
     )
     assert done.returncode == 0, done.stderr[-3000:]
     output = json.loads(done.stdout)
-    single, series = output["results"]
-    assert single["status"] == series["status"] == "completed"
+    single, series, dense = output["results"]
+    assert single["status"] == series["status"] == dense["status"] == "completed"
+    # The second model, on MLServer's stock scikit-learn runtime: a class and its probability.
+    assert dense["measurements"]["density-class"]["value"] == "dense"
+    assert dense["measurements"]["density-class"]["probability"] > 0.5
     for tissue, area in CT_SMALL_AREAS.items():
         assert single["measurements"][f"{tissue}-area"]["value"] == pytest.approx(area, abs=0.01)
         assert single["measurements"][f"{tissue}-area"]["unit"] == "cm2"

@@ -2,8 +2,9 @@
 MLServer: a provider's own model configured through the environment only (a catalogue entry
 naming its contract file, docs/examples/my-model.toml), and each contract mismatch failing with
 a reason that names the field, at the requesting site before anything is sent when it knows the
-contract, at the provider otherwise. ``ct-density`` (docs/examples/ct-density.toml, MLServer's
-stock scikit-learn runtime) runs beside it."""
+contract, at the provider otherwise. ``ct-density`` (the shipped contract
+dsf_bridge/omi/contracts/ct-density.toml, MLServer's stock scikit-learn runtime) runs beside
+it."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""``ct-density``: the second real model of the tests with a contract of its own
-(``docs/examples/ct-density.toml``), served by MLServer's stock scikit-learn runtime. It says
-whether a CT slice is denser or less dense than ``CT_small.dcm``: a logistic regression over
-the histogram of the slice's Hounsfield units, trained when MLServer starts on copies of
-``CT_small.dcm`` shifted by -300..300 HU. Real DICOM, real features (computed by the bridge's
-own conversion, as the contract declares), real training; not medicine.
+"""``ct-density``: the second real model of the demo and the tests, with a contract of its
+own (the shipped ``dsf_bridge/omi/contracts/ct-density.toml``), served by MLServer's stock
+scikit-learn runtime. It says whether a CT slice is denser or less dense than
+``CT_small.dcm``: a logistic regression over the histogram of the slice's Hounsfield units,
+trained when MLServer starts on copies of ``CT_small.dcm`` shifted by -300..300 HU. Real
+DICOM, real features (computed by the bridge's own conversion, as the contract declares),
+real training; not medicine.
 
 :func:`train` runs in our environment: it makes the training set with
 :func:`~dsf_bridge.omi.conversion.model_inputs` and leaves the fit to ``density_train.py`` in
