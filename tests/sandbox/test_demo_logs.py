@@ -66,7 +66,7 @@ def test_the_demo_logs_no_study_uid_and_no_patient(monkeypatch: pytest.MonkeyPat
     assert status == 0, err.getvalue()
     identifiers = _identifiers(loaded)
     studies = {str(ds.StudyInstanceUID) for ds in loaded}
-    assert len(studies) == 2  # CT_small.dcm's study and the series made from it
+    assert len(studies) == 3  # CT_small.dcm's study, the series and the denser slice made from it
     assert studies <= identifiers
     assert all(study in out.getvalue() for study in studies)  # the demo did ask for them
     lines = logs.getvalue().splitlines()
