@@ -30,6 +30,7 @@ __all__ = [
     "InvalidBase64Error",
     "accepts",
     "fhir_media_type_requested",
+    "format_supported",
 ]
 
 CHUNK = 64 * 1024
@@ -192,6 +193,29 @@ def fhir_media_type_requested(accept: str, format_parameter: str | None) -> bool
         return True
     name, parameters = _media_types(accept)[0]
     return name in FHIR_MEDIA_TYPES and not parameters
+
+
+# ParameterConverter.getMediaTypeIfSupported (2.1 and 1.9): the _format values DSF knows; 2.x
+# adds "inline".
+_FORMATS = frozenset(FHIR_MEDIA_TYPES | {"application/json", "application/xml", "text/xml"}) | {
+    "text/html",
+    "xml",
+    "json",
+    "html",
+}
+# ParameterConverter.getMediaType: an Accept header containing none of these has no FHIR format.
+_ACCEPT_FORMATS = ("text/html", *sorted(FHIR_MEDIA_TYPES), "application/json", "application/xml")
+_ACCEPT_FORMATS += ("text/xml", "*/*")
+
+
+def format_supported(format_parameter: str, accept: str, *, inline: bool) -> bool:
+    """Whether DSF's ``getMediaTypeThrowIfNotSupported`` accepts a Binary read's ``_format``
+    (else it answers 415): a known format, or, when ``_format`` is blank, an ``Accept`` header
+    naming a FHIR or HTML media type or ``*/*`` (an absent one counts as ``*/*``). ``inline``:
+    DSF 2.x also knows ``_format=inline``."""
+    if format_parameter.strip():
+        return format_parameter in _FORMATS or (inline and format_parameter == "inline")
+    return not accept.strip() or any(media_type in accept for media_type in _ACCEPT_FORMATS)
 
 
 def accepts(accept: str, content_type: str) -> bool:

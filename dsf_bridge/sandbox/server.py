@@ -43,6 +43,7 @@ from dsf_bridge.sandbox.binaries import (
     ByteRange,
     accepts,
     fhir_media_type_requested,
+    format_supported,
 )
 from dsf_bridge.sandbox.resources import matches
 from dsf_bridge.sandbox.service import FhirResponse, FhirService, binary_resource, unparsable
@@ -270,7 +271,14 @@ def _render_binary(
     accept = request.headers.get("accept", "")
     resource = response.resource or {}
     content = response.content
-    if content is None or fhir_media_type_requested(accept, request.query_params.get("_format")):
+    format_parameter = request.query_params.get("_format")
+    if format_parameter is not None and not format_supported(
+        format_parameter, accept, inline=service.release.major >= 2
+    ):
+        # BinaryServiceJaxrs.getValidFhirMediaType: an unknown _format is a bare 415.
+        _log.warning("binary.read_refused", reason="unsupported _format")
+        return Response(status_code=415)
+    if content is None or fhir_media_type_requested(accept, format_parameter):
         return _render(service, response, "", accept, head=head)
     content_type = str(resource.get("contentType") or "application/octet-stream")
     if not accepts(accept, content_type):

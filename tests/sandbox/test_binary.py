@@ -401,3 +401,26 @@ async def test_fifty_megabytes_pass_through_without_being_held(network: Network)
     stored = network.server.service.binaries.get(binary_id, "1")
     assert stored is not None and stored.size == total
     assert peak < 12 * MB, f"peak {peak / MB:.1f} MB for a {total // MB} MB body"
+
+
+async def test_an_unknown_format_is_refused_with_415(network: Network) -> None:
+    """DSF answers a Binary read whose ``_format`` it does not know with a bare 415 (2.1
+    ``BinaryServiceJaxrs.getValidFhirMediaType`` lines 377-381 calling
+    ``ParameterConverter.getMediaTypeThrowIfNotSupported``, lines 104-135; 1.9 the same at
+    ``BinaryServiceJaxrs`` line 222); the sandbox used to take any ``_format`` as "FHIR JSON,
+    please" and served the resource."""
+    context = await _security_context(network, REMOTE)
+    binary_id = await _upload(network, b"payload", context)
+    async with network.http(REMOTE) as http:
+        unknown = await http.get(f"Binary/{binary_id}", params={"_format": "text/plain"})
+        blank_with_text = await http.get(
+            f"Binary/{binary_id}", params={"_format": ""}, headers={"Accept": "text/plain"}
+        )
+        known = await http.get(f"Binary/{binary_id}", params={"_format": "json"})
+        blank_with_wildcard = await http.get(
+            f"Binary/{binary_id}", params={"_format": ""}, headers={"Accept": "*/*"}
+        )
+    assert unknown.status_code == 415 and blank_with_text.status_code == 415
+    assert known.status_code == 200 and known.json()["resourceType"] == "Binary"
+    assert blank_with_wildcard.status_code == 200
+    assert blank_with_wildcard.json()["resourceType"] == "Binary"
