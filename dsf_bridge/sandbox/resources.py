@@ -97,6 +97,8 @@ SEARCH_PARAMETERS: dict[str, tuple[Kind, str]] = {
     "role": ("token", "code"),
     "questionnaire": ("uri", "questionnaire"),
     "subject": ("reference", "subject"),
+    # Binary (DSF's BinaryContentType: the top-level contentType, compared exactly).
+    "contentType": ("token", "contentType"),
 }
 
 # _include targets: "Type:param" -> dotted reference path on Type.

@@ -424,3 +424,22 @@ async def test_an_unknown_format_is_refused_with_415(network: Network) -> None:
     assert known.status_code == 200 and known.json()["resourceType"] == "Binary"
     assert blank_with_wildcard.status_code == 200
     assert blank_with_wildcard.json()["resourceType"] == "Binary"
+
+
+async def test_a_search_by_content_type(network: Network) -> None:
+    """DSF searches Binaries by ``contentType``, exactly (2.1 ``BinaryDaoJdbc`` lines 63-65,
+    ``search/parameters/BinaryContentType.java``: ``binary_json->>'contentType' = ?``); the
+    sandbox ignored the parameter as unknown and answered every Binary."""
+    context = await _security_context(network, REMOTE)
+    text_id = await _upload(network, b"text", context, "text/plain")
+    pdf_id = await _upload(network, b"%PDF", context, "application/pdf")
+    async with network.http(LOCAL) as http:
+        text = await http.get("Binary", params={"contentType": "text/plain"})
+        pdf = await http.get("Binary", params={"contentType": "application/pdf"})
+        other = await http.get("Binary", params={"contentType": "text/csv"})
+
+    def ids(response: httpx.Response) -> list[str]:
+        assert response.status_code == 200, response.text
+        return [e["resource"]["id"] for e in response.json().get("entry", [])]
+
+    assert ids(text) == [text_id] and ids(pdf) == [pdf_id] and ids(other) == []
