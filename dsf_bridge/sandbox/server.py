@@ -368,10 +368,12 @@ def create_app(service: FhirService, hub: SubscriptionHub) -> Starlette:
                 # and X-Security-Context headers make the resource; DSF answers a missing,
                 # blank or repeated one with a bare 400 before it reads the body.
                 security_context = _header_once(request, "x-security-context")
-                if security_context is None or _header_once(request, "content-type") is None:
+                raw_content_type = _header_once(request, "content-type")
+                if security_context is None or raw_content_type is None:
                     _log.warning("binary.upload_refused", reason="X-Security-Context header")
                     return Response(status_code=400)
-                body = binary_resource(content_type, security_context)
+                # The header as sent, parameters included, as DSF's createBinary takes it.
+                body = binary_resource(raw_content_type, security_context)
                 if method == "PUT" and len(parts) == 2:
                     body["id"] = parts[1]
                 elif method == "POST":

@@ -443,3 +443,21 @@ async def test_a_search_by_content_type(network: Network) -> None:
         return [e["resource"]["id"] for e in response.json().get("entry", [])]
 
     assert ids(text) == [text_id] and ids(pdf) == [pdf_id] and ids(other) == []
+
+
+async def test_a_raw_upload_keeps_the_whole_content_type(network: Network) -> None:
+    """DSF makes ``Binary.contentType`` of the raw upload's ``Content-Type`` header as sent,
+    parameters included (2.1 ``BinaryServiceJaxrs.getContentType`` and ``createBinary``, lines
+    118-121 and 104-111: ``resource.setContentType(contentType)`` with the header's value); the
+    sandbox dropped ``; charset=...``, so the resource, the raw read's ``Content-Type`` and a
+    ``contentType`` search differed from DSF's."""
+    context = await _security_context(network, REMOTE)
+    binary_id = await _upload(network, b"text", context, "text/plain; charset=utf-8")
+    async with network.http(REMOTE) as http:
+        resource = await http.get(
+            f"Binary/{binary_id}", headers={"Accept": "application/fhir+json"}
+        )
+        raw = await http.get(f"Binary/{binary_id}", headers={"Accept": "text/plain"})
+    assert resource.json()["contentType"] == "text/plain; charset=utf-8"
+    assert raw.status_code == 200 and raw.content == b"text"
+    assert raw.headers["content-type"] == "text/plain; charset=utf-8"
