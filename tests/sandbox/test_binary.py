@@ -461,3 +461,42 @@ async def test_a_raw_upload_keeps_the_whole_content_type(network: Network) -> No
     assert resource.json()["contentType"] == "text/plain; charset=utf-8"
     assert raw.status_code == 200 and raw.content == b"text"
     assert raw.headers["content-type"] == "text/plain; charset=utf-8"
+
+
+async def test_document_reference_and_binary_know_only_dsf_search_parameters(
+    network: Network,
+) -> None:
+    """DSF's DocumentReference knows ``identifier`` only, its Binary ``contentType`` only (2.1
+    ``DocumentReferenceDaoJdbc`` lines 38-39, ``BinaryDaoJdbc`` lines 63-65, besides ``_id``,
+    ``_lastUpdated`` and ``_profile`` of ``AbstractResourceDaoJdbc`` lines 208-213); another
+    parameter is unknown: ignored with a warning, 400 with ``handling=strict``. The sandbox
+    filtered by ``status`` and ``_tag`` all the same and hid what DSF answers."""
+    async with network.http(LOCAL) as http:
+        created = await http.post(
+            "DocumentReference",
+            json={
+                "resourceType": "DocumentReference",
+                "meta": _readable_by(REMOTE),
+                "status": "current",
+                "content": [{"attachment": {"contentType": "text/plain"}}],
+            },
+            headers={"Content-Type": "application/fhir+json"},
+        )
+        assert created.status_code == 201, created.text
+        by_status = await http.get("DocumentReference", params={"status": "superseded"})
+        strict = await http.get(
+            "DocumentReference",
+            params={"status": "superseded"},
+            headers={"Prefer": "handling=strict"},
+        )
+    context = await _security_context(network, REMOTE)
+    binary_id = await _upload(network, b"text", context)
+    async with network.http(LOCAL) as http:
+        binary_by_tag = await http.get("Binary", params={"_tag": "nothing|such"})
+    entries = [e["resource"] for e in by_status.json().get("entry", []) if "resource" in e]
+    assert [r["id"] for r in entries if r["resourceType"] == "DocumentReference"] == [
+        created.json()["id"]
+    ]
+    assert strict.status_code == 400
+    binaries = [e["resource"] for e in binary_by_tag.json().get("entry", []) if "resource" in e]
+    assert [r["id"] for r in binaries if r["resourceType"] == "Binary"] == [binary_id]
