@@ -165,9 +165,13 @@ def _safe(text: str) -> str:
 
 
 def _media_types(accept: str) -> list[tuple[str, dict[str, str]]]:
-    """``Accept`` as (type/subtype, parameters without q), highest quality first (stable), as
-    JAX-RS's ``getAcceptableMediaTypes``; an absent header is ``*/*``."""
-    entries: list[tuple[float, int, str, dict[str, str]]] = []
+    """``Accept`` as (type/subtype, parameters), in the order of Jersey's
+    ``getAcceptableMediaTypes`` (``AcceptableMediaType.COMPARATOR``): highest quality first,
+    then concrete types before ``type/*`` before ``*/*``, then as sent; an absent header is
+    ``*/*``. An explicit ``q`` stays among the parameters, as Jersey keeps it
+    (``Quality.enhanceWithQualityParameter``), so ``application/fhir+json;q=1.0`` is not
+    DSF's FHIR media type."""
+    entries: list[tuple[float, int, int, str, dict[str, str]]] = []
     for index, part in enumerate(p for p in accept.split(",") if p.strip()):
         name, *raw_parameters = (s.strip() for s in part.split(";"))
         parameters: dict[str, str] = {}
@@ -177,12 +181,14 @@ def _media_types(accept: str) -> list[tuple[str, dict[str, str]]]:
             if key.strip().lower() == "q":
                 with contextlib.suppress(ValueError):
                     quality = float(value)
-            elif key.strip():
+            if key.strip():
                 parameters[key.strip().lower()] = value.strip().strip('"')
-        entries.append((-quality, index, name.lower(), parameters))
+        main, _, sub = name.lower().partition("/")
+        rank = (main == "*") << 1 | (sub == "*")
+        entries.append((-quality, rank, index, name.lower(), parameters))
     if not entries:
         return [("*/*", {})]
-    return [(name, parameters) for _, _, name, parameters in sorted(entries)]
+    return [(name, parameters) for *_, name, parameters in sorted(entries, key=lambda e: e[:3])]
 
 
 def fhir_media_type_requested(accept: str, format_parameter: str | None) -> bool:
