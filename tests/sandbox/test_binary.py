@@ -500,3 +500,29 @@ async def test_document_reference_and_binary_know_only_dsf_search_parameters(
     assert strict.status_code == 400
     binaries = [e["resource"] for e in binary_by_tag.json().get("entry", []) if "resource" in e]
     assert [r["id"] for r in binaries if r["resourceType"] == "Binary"] == [binary_id]
+
+
+async def test_an_organization_tag_must_name_an_organization_the_server_knows(
+    network: Network,
+) -> None:
+    """DSF's read-access tags are valid only when an ORGANIZATION tag (and a ROLE tag's parent
+    organization) names an Organization on the server (2.1 ``ReadAccessHelperImpl.isValid``
+    lines 365-370 with ``AbstractMetaTagAuthorizationRule.hasValidReadAccessTag`` lines
+    55-60 passing ``organizationWithIdentifierExists``, ``AbstractAuthorizationRule`` lines
+    197-219); a Binary (or any tagged resource) readable by an unknown organization is refused
+    with 403. The sandbox only checked that the extension was there."""
+    tagged = {"resourceType": "Binary", "contentType": "text/plain", "data": "dGV4dA=="}
+    async with network.http(LOCAL) as http:
+        unknown = await http.post(
+            "Binary",
+            json={**tagged, "meta": _readable_by("unknown.example.org")},
+            headers={"Content-Type": "application/fhir+json"},
+        )
+        known = await http.post(
+            "Binary",
+            json={**tagged, "meta": _readable_by(REMOTE)},
+            headers={"Content-Type": "application/fhir+json"},
+        )
+    assert unknown.status_code == 403, unknown.text
+    assert "unknown.example.org" in unknown.text
+    assert known.status_code == 201, known.text
