@@ -523,6 +523,6 @@ async def test_an_organization_tag_must_name_an_organization_the_server_knows(
             json={**tagged, "meta": _readable_by(REMOTE)},
             headers={"Content-Type": "application/fhir+json"},
         )
+    # DSF's body names no reason ("Operation create forbidden"); the sandbox logs it.
     assert unknown.status_code == 403, unknown.text
-    assert "unknown.example.org" in unknown.text
     assert known.status_code == 201, known.text
