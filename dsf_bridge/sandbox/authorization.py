@@ -663,7 +663,9 @@ class ReadAccess:
 
     Valid tags (``ReadAccessHelperImpl.isValid``): exactly one ``LOCAL`` with any number of
     ``ORGANIZATION`` (extension ``extension-read-access-organization``), ``ROLE`` (extension
-    ``extension-read-access-parent-organization-role``) and ``ALL`` tags, or ``ALL`` alone. The
+    ``extension-read-access-parent-organization-role``) and ``ALL`` tags, or ``ALL`` alone;
+    ``organization_exists`` says whether an ``ORGANIZATION`` tag's organization (and a ``ROLE``
+    tag's parent organization) is on the server, as DSF demands. The
     local organization reads ``LOCAL`` and ``ALL``; a remote one ``ALL``, ``ORGANIZATION`` naming it
     and ``ROLE`` when an affiliation gives it that role. Tasks are not tagged: the local
     organization reads all, a remote one those it requested. QuestionnaireResponses are local.
@@ -684,10 +686,15 @@ class ReadAccess:
         tasks: TaskAuthorization,
         security_context: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
         valid_security_context: Callable[[dict[str, Any]], bool] | None = None,
+        organization_exists: Callable[[str], bool] | None = None,
     ) -> None:
         self._tasks = tasks
         self._security_context = security_context or (lambda _binary: None)
         self._valid_security_context = valid_security_context or (lambda _binary: False)
+        # DSF's isValid(resource) without a server behind it takes every organization as
+        # existing; the FHIR server passes organizationWithIdentifierExists. (Its roleExists,
+        # a CodeSystem defining the role, is not checked: see docs/sandbox.md.)
+        self._organization_exists = organization_exists or (lambda _identifier: True)
 
     @staticmethod
     def _tags(resource: dict[str, Any]) -> list[dict[str, Any]]:
@@ -726,10 +733,25 @@ class ReadAccess:
                 "(with optional ORGANIZATION, ROLE and ALL tags) or ALL alone"
             )
         for tag in tags:
-            if tag["code"] == "ORGANIZATION" and self._tag_organization(tag) is None:
-                return "read-access tag ORGANIZATION without a valid organization extension"
-            if tag["code"] == "ROLE" and self._tag_role(tag) is None:
-                return "read-access tag ROLE without a valid parent-organization-role extension"
+            if tag["code"] == "ORGANIZATION":
+                organization = self._tag_organization(tag)
+                if organization is None:
+                    return "read-access tag ORGANIZATION without a valid organization extension"
+                if not self._organization_exists(organization):
+                    return (
+                        f"read-access tag ORGANIZATION names organization {organization!r}, "
+                        "which this FHIR server does not know"
+                    )
+            if tag["code"] == "ROLE":
+                parent_role = self._tag_role(tag)
+                if parent_role is None:
+                    return "read-access tag ROLE without a valid parent-organization-role extension"
+                parent = parent_role[0]
+                if not self._organization_exists(parent):
+                    return (
+                        f"read-access tag ROLE names parent organization {parent!r}, which this "
+                        "FHIR server does not know"
+                    )
         return None
 
     def may_read(self, identity: OrganizationIdentity, resource: dict[str, Any]) -> bool:

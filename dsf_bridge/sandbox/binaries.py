@@ -30,6 +30,7 @@ __all__ = [
     "InvalidBase64Error",
     "accepts",
     "fhir_media_type_requested",
+    "format_supported",
 ]
 
 CHUNK = 64 * 1024
@@ -164,9 +165,13 @@ def _safe(text: str) -> str:
 
 
 def _media_types(accept: str) -> list[tuple[str, dict[str, str]]]:
-    """``Accept`` as (type/subtype, parameters without q), highest quality first (stable), as
-    JAX-RS's ``getAcceptableMediaTypes``; an absent header is ``*/*``."""
-    entries: list[tuple[float, int, str, dict[str, str]]] = []
+    """``Accept`` as (type/subtype, parameters), in the order of Jersey's
+    ``getAcceptableMediaTypes`` (``AcceptableMediaType.COMPARATOR``): highest quality first,
+    then concrete types before ``type/*`` before ``*/*``, then as sent; an absent header is
+    ``*/*``. An explicit ``q`` stays among the parameters, as Jersey keeps it
+    (``Quality.enhanceWithQualityParameter``), so ``application/fhir+json;q=1.0`` is not
+    DSF's FHIR media type."""
+    entries: list[tuple[float, int, int, str, dict[str, str]]] = []
     for index, part in enumerate(p for p in accept.split(",") if p.strip()):
         name, *raw_parameters = (s.strip() for s in part.split(";"))
         parameters: dict[str, str] = {}
@@ -176,12 +181,14 @@ def _media_types(accept: str) -> list[tuple[str, dict[str, str]]]:
             if key.strip().lower() == "q":
                 with contextlib.suppress(ValueError):
                     quality = float(value)
-            elif key.strip():
+            if key.strip():
                 parameters[key.strip().lower()] = value.strip().strip('"')
-        entries.append((-quality, index, name.lower(), parameters))
+        main, _, sub = name.lower().partition("/")
+        rank = (main == "*") << 1 | (sub == "*")
+        entries.append((-quality, rank, index, name.lower(), parameters))
     if not entries:
         return [("*/*", {})]
-    return [(name, parameters) for _, _, name, parameters in sorted(entries)]
+    return [(name, parameters) for *_, name, parameters in sorted(entries, key=lambda e: e[:3])]
 
 
 def fhir_media_type_requested(accept: str, format_parameter: str | None) -> bool:
@@ -192,6 +199,29 @@ def fhir_media_type_requested(accept: str, format_parameter: str | None) -> bool
         return True
     name, parameters = _media_types(accept)[0]
     return name in FHIR_MEDIA_TYPES and not parameters
+
+
+# ParameterConverter.getMediaTypeIfSupported (2.1 and 1.9): the _format values DSF knows; 2.x
+# adds "inline".
+_FORMATS = frozenset(FHIR_MEDIA_TYPES | {"application/json", "application/xml", "text/xml"}) | {
+    "text/html",
+    "xml",
+    "json",
+    "html",
+}
+# ParameterConverter.getMediaType: an Accept header containing none of these has no FHIR format.
+_ACCEPT_FORMATS = ("text/html", *sorted(FHIR_MEDIA_TYPES), "application/json", "application/xml")
+_ACCEPT_FORMATS += ("text/xml", "*/*")
+
+
+def format_supported(format_parameter: str, accept: str, *, inline: bool) -> bool:
+    """Whether DSF's ``getMediaTypeThrowIfNotSupported`` accepts a Binary read's ``_format``
+    (else it answers 415): a known format, or, when ``_format`` is blank, an ``Accept`` header
+    naming a FHIR or HTML media type or ``*/*`` (an absent one counts as ``*/*``). ``inline``:
+    DSF 2.x also knows ``_format=inline``."""
+    if format_parameter.strip():
+        return format_parameter in _FORMATS or (inline and format_parameter == "inline")
+    return not accept.strip() or any(media_type in accept for media_type in _ACCEPT_FORMATS)
 
 
 def accepts(accept: str, content_type: str) -> bool:

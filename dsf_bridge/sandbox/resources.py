@@ -21,6 +21,7 @@ __all__ = [
     "INCLUDES",
     "RESOURCE_TYPES",
     "SEARCH_PARAMETERS",
+    "TYPE_PARAMETERS",
     "MemoryResourceStore",
     "SearchError",
     "SearchQuery",
@@ -97,6 +98,18 @@ SEARCH_PARAMETERS: dict[str, tuple[Kind, str]] = {
     "role": ("token", "code"),
     "questionnaire": ("uri", "questionnaire"),
     "subject": ("reference", "subject"),
+    # Binary (DSF's BinaryContentType: the top-level contentType, compared exactly).
+    "contentType": ("token", "contentType"),
+}
+
+# Types whose search parameters follow DSF's DAO exactly (others share the table above): every
+# DSF type has _id, _lastUpdated and _profile (AbstractResourceDaoJdbc), Binary adds contentType
+# (BinaryDaoJdbc), DocumentReference identifier (DocumentReferenceDaoJdbc); anything else is an
+# unknown parameter there (ignored with a warning, 400 with handling=strict).
+_COMMON_PARAMETERS = frozenset({"_id", "_lastUpdated", "_profile"})
+TYPE_PARAMETERS: dict[str, frozenset[str]] = {
+    "Binary": _COMMON_PARAMETERS | {"contentType"},
+    "DocumentReference": _COMMON_PARAMETERS | {"identifier"},
 }
 
 # _include targets: "Type:param" -> dotted reference path on Type.
@@ -183,7 +196,9 @@ class SearchQuery:
                 query.summary_count = value == "count"
             elif name in _RESULT_PARAMETERS:
                 continue
-            elif name in SEARCH_PARAMETERS:
+            elif name in SEARCH_PARAMETERS and name in TYPE_PARAMETERS.get(
+                resource_type, SEARCH_PARAMETERS
+            ):
                 if SEARCH_PARAMETERS[name][0] == "date":
                     # Reject a bad date now, not only once some resource is compared with it.
                     parse_instant(value[2:] if value[:2] in _PREFIXES else value)

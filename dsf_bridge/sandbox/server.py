@@ -43,6 +43,7 @@ from dsf_bridge.sandbox.binaries import (
     ByteRange,
     accepts,
     fhir_media_type_requested,
+    format_supported,
 )
 from dsf_bridge.sandbox.resources import matches
 from dsf_bridge.sandbox.service import FhirResponse, FhirService, binary_resource, unparsable
@@ -270,7 +271,14 @@ def _render_binary(
     accept = request.headers.get("accept", "")
     resource = response.resource or {}
     content = response.content
-    if content is None or fhir_media_type_requested(accept, request.query_params.get("_format")):
+    format_parameter = request.query_params.get("_format")
+    if format_parameter is not None and not format_supported(
+        format_parameter, accept, inline=service.release.major >= 2
+    ):
+        # BinaryServiceJaxrs.getValidFhirMediaType: an unknown _format is a bare 415.
+        _log.warning("binary.read_refused", reason="unsupported _format")
+        return Response(status_code=415)
+    if content is None or fhir_media_type_requested(accept, format_parameter):
         return _render(service, response, "", accept, head=head)
     content_type = str(resource.get("contentType") or "application/octet-stream")
     if not accepts(accept, content_type):
@@ -360,10 +368,12 @@ def create_app(service: FhirService, hub: SubscriptionHub) -> Starlette:
                 # and X-Security-Context headers make the resource; DSF answers a missing,
                 # blank or repeated one with a bare 400 before it reads the body.
                 security_context = _header_once(request, "x-security-context")
-                if security_context is None or _header_once(request, "content-type") is None:
+                raw_content_type = _header_once(request, "content-type")
+                if security_context is None or raw_content_type is None:
                     _log.warning("binary.upload_refused", reason="X-Security-Context header")
                     return Response(status_code=400)
-                body = binary_resource(content_type, security_context)
+                # The header as sent, parameters included, as DSF's createBinary takes it.
+                body = binary_resource(raw_content_type, security_context)
                 if method == "PUT" and len(parts) == 2:
                     body["id"] = parts[1]
                 elif method == "POST":

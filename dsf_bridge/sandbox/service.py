@@ -152,7 +152,10 @@ class FhirService:
         # Profile validation (sandbox.validation), set by build_service; None validates nothing.
         self.validator: Callable[[dict[str, Any]], list[str]] | None = None
         self.read_access = ReadAccess(
-            self.tasks, self._security_context, self._valid_security_context
+            self.tasks,
+            self._security_context,
+            self._valid_security_context,
+            self._organization_exists,
         )
         # Binary content in files (binary_directory, else a temporary directory).
         self.binaries = BinaryContentStore(binary_directory)
@@ -788,6 +791,12 @@ class FhirService:
         if version is not None:
             return self.store.read_version(resource_type, resource_id, int(version))
         return self.store.read(resource_type, resource_id)
+
+    def _organization_exists(self, identifier: str) -> bool:
+        """``AbstractAuthorizationRule.organizationWithIdentifierExists``: an Organization (active
+        or not) with this organization identifier is on the server."""
+        wanted = (ORGANIZATION_IDENTIFIER_SYSTEM, identifier)
+        return any(wanted in _identifiers(o) for o in self.store.all("Organization"))
 
     def _valid_security_context(self, binary: dict[str, Any]) -> bool:
         """``BinaryAuthorizationRule.hasValidSecurityContext``: a literal internal or logical

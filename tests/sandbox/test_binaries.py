@@ -58,6 +58,27 @@ def test_which_accept_asks_for_the_resource(accept: str, fhir: bool) -> None:
     assert fhir_media_type_requested(accept, None) is fhir
 
 
+@pytest.mark.parametrize(
+    ("accept", "fhir"),
+    [
+        ("*/*, application/fhir+json", True),
+        ("application/*, application/fhir+json", True),
+        ("text/*, application/fhir+json", True),
+        ("application/fhir+json;q=1.0", False),
+        ("application/fhir+json;q=0.9, */*;q=0.8", False),
+        ("application/fhir+json, text/plain;q=1", True),
+    ],
+)
+def test_the_first_accept_type_is_the_one_jersey_sorts_first(accept: str, fhir: bool) -> None:
+    """DSF 2.1 ``BinaryServiceJaxrs.getValidFhirMediaType`` (lines 385-390) takes the first of
+    Jersey's ``getAcceptableMediaTypes``: sorted by quality, then more specific before
+    wildcards (``AcceptableMediaType.COMPARATOR``: ``Quality.QUALIFIED_COMPARATOR``, then
+    ``MediaTypes.PARTIAL_ORDER_COMPARATOR``), and compares its ``toString()``, which keeps an
+    explicit ``q`` (``Quality.enhanceWithQualityParameter`` leaves it among the parameters).
+    The sandbox kept the header's order among equal qualities and dropped ``q``."""
+    assert fhir_media_type_requested(accept, None) is fhir
+
+
 def test_format_asks_for_the_resource_whatever_accept_says() -> None:
     assert fhir_media_type_requested("application/octet-stream", "json")
 

@@ -401,3 +401,128 @@ async def test_fifty_megabytes_pass_through_without_being_held(network: Network)
     stored = network.server.service.binaries.get(binary_id, "1")
     assert stored is not None and stored.size == total
     assert peak < 12 * MB, f"peak {peak / MB:.1f} MB for a {total // MB} MB body"
+
+
+async def test_an_unknown_format_is_refused_with_415(network: Network) -> None:
+    """DSF answers a Binary read whose ``_format`` it does not know with a bare 415 (2.1
+    ``BinaryServiceJaxrs.getValidFhirMediaType`` lines 377-381 calling
+    ``ParameterConverter.getMediaTypeThrowIfNotSupported``, lines 104-135; 1.9 the same at
+    ``BinaryServiceJaxrs`` line 222); the sandbox used to take any ``_format`` as "FHIR JSON,
+    please" and served the resource."""
+    context = await _security_context(network, REMOTE)
+    binary_id = await _upload(network, b"payload", context)
+    async with network.http(REMOTE) as http:
+        unknown = await http.get(f"Binary/{binary_id}", params={"_format": "text/plain"})
+        blank_with_text = await http.get(
+            f"Binary/{binary_id}", params={"_format": ""}, headers={"Accept": "text/plain"}
+        )
+        known = await http.get(f"Binary/{binary_id}", params={"_format": "json"})
+        blank_with_wildcard = await http.get(
+            f"Binary/{binary_id}", params={"_format": ""}, headers={"Accept": "*/*"}
+        )
+    assert unknown.status_code == 415 and blank_with_text.status_code == 415
+    assert known.status_code == 200 and known.json()["resourceType"] == "Binary"
+    assert blank_with_wildcard.status_code == 200
+    assert blank_with_wildcard.json()["resourceType"] == "Binary"
+
+
+async def test_a_search_by_content_type(network: Network) -> None:
+    """DSF searches Binaries by ``contentType``, exactly (2.1 ``BinaryDaoJdbc`` lines 63-65,
+    ``search/parameters/BinaryContentType.java``: ``binary_json->>'contentType' = ?``); the
+    sandbox ignored the parameter as unknown and answered every Binary."""
+    context = await _security_context(network, REMOTE)
+    text_id = await _upload(network, b"text", context, "text/plain")
+    pdf_id = await _upload(network, b"%PDF", context, "application/pdf")
+    async with network.http(LOCAL) as http:
+        text = await http.get("Binary", params={"contentType": "text/plain"})
+        pdf = await http.get("Binary", params={"contentType": "application/pdf"})
+        other = await http.get("Binary", params={"contentType": "text/csv"})
+
+    def ids(response: httpx.Response) -> list[str]:
+        assert response.status_code == 200, response.text
+        return [e["resource"]["id"] for e in response.json().get("entry", [])]
+
+    assert ids(text) == [text_id] and ids(pdf) == [pdf_id] and ids(other) == []
+
+
+async def test_a_raw_upload_keeps_the_whole_content_type(network: Network) -> None:
+    """DSF makes ``Binary.contentType`` of the raw upload's ``Content-Type`` header as sent,
+    parameters included (2.1 ``BinaryServiceJaxrs.getContentType`` and ``createBinary``, lines
+    118-121 and 104-111: ``resource.setContentType(contentType)`` with the header's value); the
+    sandbox dropped ``; charset=...``, so the resource, the raw read's ``Content-Type`` and a
+    ``contentType`` search differed from DSF's."""
+    context = await _security_context(network, REMOTE)
+    binary_id = await _upload(network, b"text", context, "text/plain; charset=utf-8")
+    async with network.http(REMOTE) as http:
+        resource = await http.get(
+            f"Binary/{binary_id}", headers={"Accept": "application/fhir+json"}
+        )
+        raw = await http.get(f"Binary/{binary_id}", headers={"Accept": "text/plain"})
+    assert resource.json()["contentType"] == "text/plain; charset=utf-8"
+    assert raw.status_code == 200 and raw.content == b"text"
+    assert raw.headers["content-type"] == "text/plain; charset=utf-8"
+
+
+async def test_document_reference_and_binary_know_only_dsf_search_parameters(
+    network: Network,
+) -> None:
+    """DSF's DocumentReference knows ``identifier`` only, its Binary ``contentType`` only (2.1
+    ``DocumentReferenceDaoJdbc`` lines 38-39, ``BinaryDaoJdbc`` lines 63-65, besides ``_id``,
+    ``_lastUpdated`` and ``_profile`` of ``AbstractResourceDaoJdbc`` lines 208-213); another
+    parameter is unknown: ignored with a warning, 400 with ``handling=strict``. The sandbox
+    filtered by ``status`` and ``_tag`` all the same and hid what DSF answers."""
+    async with network.http(LOCAL) as http:
+        created = await http.post(
+            "DocumentReference",
+            json={
+                "resourceType": "DocumentReference",
+                "meta": _readable_by(REMOTE),
+                "status": "current",
+                "content": [{"attachment": {"contentType": "text/plain"}}],
+            },
+            headers={"Content-Type": "application/fhir+json"},
+        )
+        assert created.status_code == 201, created.text
+        by_status = await http.get("DocumentReference", params={"status": "superseded"})
+        strict = await http.get(
+            "DocumentReference",
+            params={"status": "superseded"},
+            headers={"Prefer": "handling=strict"},
+        )
+    context = await _security_context(network, REMOTE)
+    binary_id = await _upload(network, b"text", context)
+    async with network.http(LOCAL) as http:
+        binary_by_tag = await http.get("Binary", params={"_tag": "nothing|such"})
+    entries = [e["resource"] for e in by_status.json().get("entry", []) if "resource" in e]
+    assert [r["id"] for r in entries if r["resourceType"] == "DocumentReference"] == [
+        created.json()["id"]
+    ]
+    assert strict.status_code == 400
+    binaries = [e["resource"] for e in binary_by_tag.json().get("entry", []) if "resource" in e]
+    assert [r["id"] for r in binaries if r["resourceType"] == "Binary"] == [binary_id]
+
+
+async def test_an_organization_tag_must_name_an_organization_the_server_knows(
+    network: Network,
+) -> None:
+    """DSF's read-access tags are valid only when an ORGANIZATION tag (and a ROLE tag's parent
+    organization) names an Organization on the server (2.1 ``ReadAccessHelperImpl.isValid``
+    lines 365-370 with ``AbstractMetaTagAuthorizationRule.hasValidReadAccessTag`` lines
+    55-60 passing ``organizationWithIdentifierExists``, ``AbstractAuthorizationRule`` lines
+    197-219); a Binary (or any tagged resource) readable by an unknown organization is refused
+    with 403. The sandbox only checked that the extension was there."""
+    tagged = {"resourceType": "Binary", "contentType": "text/plain", "data": "dGV4dA=="}
+    async with network.http(LOCAL) as http:
+        unknown = await http.post(
+            "Binary",
+            json={**tagged, "meta": _readable_by("unknown.example.org")},
+            headers={"Content-Type": "application/fhir+json"},
+        )
+        known = await http.post(
+            "Binary",
+            json={**tagged, "meta": _readable_by(REMOTE)},
+            headers={"Content-Type": "application/fhir+json"},
+        )
+    # DSF's body names no reason ("Operation create forbidden"); the sandbox logs it.
+    assert unknown.status_code == 403, unknown.text
+    assert known.status_code == 201, known.text
