@@ -912,12 +912,7 @@ async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) 
             )
             _, load = open_package(site, received.path)
             datasets = await asyncio.to_thread(load)
-            sent = _text(ctx, "sentSeriesInstanceUid")
-            originals = await _pseudonyms(ctx).originals(sorted(uids_in(datasets) | {sent}))
-            results = [reidentify(dataset, originals) for dataset in datasets]
-            _check_returned(results, _text(ctx, "studyInstanceUid"), originals.get(sent))
-            source = await _source_instance(archive, ctx, results)
-            await archive.store([restore_identity(result, source) for result in results])
+            await _file_segmentation(ctx, archive, datasets)
     except (TransferError, PackageError, DecryptionError, RecipientKeyError) as exc:
         if exc.retryable:
             raise
@@ -942,12 +937,7 @@ async def _fetch_segmentation(ctx: HandlerContext, series: str, provider: str) -
     archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
     try:
         datasets = await gateway.retrieve_series(_text(ctx, "sentStudyInstanceUid"), series)
-        sent = _text(ctx, "sentSeriesInstanceUid")
-        originals = await _pseudonyms(ctx).originals(sorted(uids_in(datasets) | {sent}))
-        results = [reidentify(dataset, originals) for dataset in datasets]
-        _check_returned(results, _text(ctx, "studyInstanceUid"), originals.get(sent))
-        source = await _source_instance(archive, ctx, results)
-        await archive.store([restore_identity(result, source) for result in results])
+        await _file_segmentation(ctx, archive, datasets)
     except DicomWebError as exc:
         if exc.retryable:
             raise
@@ -958,6 +948,20 @@ async def _fetch_segmentation(ctx: HandlerContext, series: str, provider: str) -
         gateway.close()
         archive.close()
     log.info("inference.segmentation_stored", instances=len(datasets))
+
+
+async def _file_segmentation(
+    ctx: HandlerContext, archive: DicomWebArchive, datasets: list[Dataset]
+) -> None:
+    """A SEG made from the pseudonymized copy (a package's, or the gateway's): its UIDs mapped
+    back, checked to belong to the study and series this request sent, its patient and study
+    attributes the original's, stored into this site's archive (STOW-RS)."""
+    sent = _text(ctx, "sentSeriesInstanceUid")
+    originals = await _pseudonyms(ctx).originals(sorted(uids_in(datasets) | {sent}))
+    results = [reidentify(dataset, originals) for dataset in datasets]
+    _check_returned(results, _text(ctx, "studyInstanceUid"), originals.get(sent))
+    source = await _source_instance(archive, ctx, results)
+    await archive.store([restore_identity(result, source) for result in results])
 
 
 def _check_returned(results: list[Dataset], study: str, series: str | None) -> None:

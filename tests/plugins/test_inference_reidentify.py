@@ -14,7 +14,6 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
-from dsf_bridge.dsf.certificates import publish_certificate
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.omi.conversion import MEASUREMENT_CODE_SYSTEM
 from dsf_bridge.omi.dicomweb import DicomWebArchive, StudyNotFoundError
@@ -28,7 +27,7 @@ from dsf_bridge.plugins.transfer import (
 from dsf_bridge.sandbox.components import OrthancProcess
 from dsf_bridge.sandbox.demo import InferenceNetwork
 from tests.omi.data import load_ct_small, make_series
-from tests.plugins.transfer_sites import transfer_site
+from tests.plugins.transfer_sites import publish_certificates, transfer_site
 
 REQUESTER = "Hospital_A"
 PROVIDER = "AI_Provider"
@@ -152,10 +151,7 @@ async def test_a_seg_naming_another_studys_pseudonym_is_not_filed_there(
     async with InferenceNetwork(
         tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
     ) as network:
-        for organization in (REQUESTER, PROVIDER):
-            async with network.client(organization) as client:
-                pem = network.sites[organization].client_certificate.read_bytes()
-                await publish_certificate(client, pem)
+        await publish_certificates(network, REQUESTER, PROVIDER)
         clients: list[FhirClient] = []
         try:
             provider = transfer_site(network, PROVIDER, clients)

@@ -20,7 +20,6 @@ from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as t
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
-from dsf_bridge.dsf.certificates import publish_certificate
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.errors import RemoteError
 from dsf_bridge.omi.dicomweb import DicomWebArchive
@@ -37,7 +36,7 @@ from dsf_bridge.sandbox.components import MLServerProcess, OrthancProcess
 from dsf_bridge.sandbox.demo import InferenceNetwork
 from tests.components import REFERENCE_MODEL
 from tests.omi.data import load_ct_small, make_series
-from tests.plugins.transfer_sites import transfer_site
+from tests.plugins.transfer_sites import publish_certificates, transfer_site
 
 REQUESTER = "Hospital_A"
 PROVIDER = "AI_Provider"
@@ -314,10 +313,7 @@ async def test_only_the_recipient_reads_a_package(tmp_path: Path) -> None:
     async with InferenceNetwork(
         tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: [], THIRD: []}
     ) as network:
-        for organization in (REQUESTER, PROVIDER, THIRD):
-            site_files = network.sites[organization]
-            async with network.client(organization) as client:
-                await publish_certificate(client, site_files.client_certificate.read_bytes())
+        await publish_certificates(network, REQUESTER, PROVIDER, THIRD)
         clients: list[FhirClient] = []
         try:
             sender = transfer_site(network, REQUESTER, clients)

@@ -9,7 +9,6 @@ import httpx
 import pytest
 from pydicom.dataset import Dataset
 
-from dsf_bridge.dsf.certificates import publish_certificate
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.errors import RemoteError
 from dsf_bridge.plugins.transfer import (
@@ -23,7 +22,7 @@ from dsf_bridge.plugins.transfer import (
 )
 from dsf_bridge.sandbox.demo import InferenceNetwork
 from tests.omi.data import load_ct_small, make_series
-from tests.plugins.transfer_sites import transfer_site
+from tests.plugins.transfer_sites import publish_certificates, transfer_site
 
 SERVER = "https://dsf.hospital-a.example/fhir"
 REQUESTER = "Hospital_A"
@@ -76,10 +75,7 @@ async def test_a_step_run_again_leaves_no_package_behind(tmp_path: Path) -> None
     async with InferenceNetwork(
         tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
     ) as network:
-        for organization in (REQUESTER, PROVIDER):
-            async with network.client(organization) as client:
-                pem = network.sites[organization].client_certificate.read_bytes()
-                await publish_certificate(client, pem)
+        await publish_certificates(network, REQUESTER, PROVIDER)
         clients: list[FhirClient] = []
         try:
             sender = transfer_site(network, REQUESTER, clients)
@@ -115,10 +111,7 @@ async def test_a_third_organization_finds_no_trace_of_a_package(tmp_path: Path) 
     async with InferenceNetwork(
         tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: [], third: []}
     ) as network:
-        for organization in (REQUESTER, PROVIDER):
-            async with network.client(organization) as client:
-                pem = network.sites[organization].client_certificate.read_bytes()
-                await publish_certificate(client, pem)
+        await publish_certificates(network, REQUESTER, PROVIDER)
         clients: list[FhirClient] = []
         try:
             sender = transfer_site(network, REQUESTER, clients)
@@ -182,10 +175,7 @@ async def test_the_sweep_withdraws_what_no_running_instance_needs(tmp_path: Path
     async with InferenceNetwork(
         tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
     ) as network:
-        for organization in (REQUESTER, PROVIDER):
-            async with network.client(organization) as client:
-                pem = network.sites[organization].client_certificate.read_bytes()
-                await publish_certificate(client, pem)
+        await publish_certificates(network, REQUESTER, PROVIDER)
         clients: list[FhirClient] = []
         try:
             sender = transfer_site(network, REQUESTER, clients)

@@ -3,6 +3,7 @@ transfer functions directly (the bridges build theirs in ``runtime/transfers.py`
 
 from __future__ import annotations
 
+from dsf_bridge.dsf.certificates import publish_certificate
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.crypto import decryption_key
 from dsf_bridge.dsf.identity import build_ssl_context, load_identity
@@ -35,3 +36,12 @@ def transfer_site(
         local_organization=organization,
         pseudonyms=pseudonyms,
     )
+
+
+async def publish_certificates(network: InferenceNetwork, *organizations: str) -> None:
+    """Each organization's encryption certificate on its own server, as its bridge publishes
+    it at start-up (for sites that run no bridge in the test)."""
+    for organization in organizations:
+        async with network.client(organization) as client:
+            pem = network.sites[organization].client_certificate.read_bytes()
+            await publish_certificate(client, pem)
