@@ -1276,7 +1276,7 @@ def omi_search_command(
 
 
 @app.command("demo")
-def demo_command(
+def demo_command(  # noqa: PLR0917 - typer options are parameters
     as_json: Annotated[
         bool, typer.Option("--json", help='Print one JSON object {"results": [...]}.')
     ] = False,
@@ -1300,12 +1300,21 @@ def demo_command(
             "learn it from the servers.",
         ),
     ] = "2.1",
+    consortium: Annotated[
+        bool,
+        typer.Option(
+            "--consortium",
+            help="Consortium inference instead (docs/consortium.md): a coordinator and three "
+            "data sites, each with its own Orthanc; one holds fewer than k studies, one times "
+            'out. With --json: one object {"sites": [...], "pooled": {...}}.',
+        ),
+    ] = False,
 ) -> None:
     """OMI inference on one machine: two sandbox sites (Hospital_A asks, AI_Provider infers),
-    Orthanc with CT data, MLServer with the reference model. Exit 1 if a request failed."""
+    Orthanc with CT data, MLServer with the reference model. Exit 1 if a request failed.
+    With --consortium: one consortium request over three data sites."""
     from dsf_bridge.dsf.versions import UnknownDsfVersionError, release
     from dsf_bridge.logs import configure_logging
-    from dsf_bridge.sandbox.demo import run_demo
 
     # Warnings only: progress lines go to stderr, results to stdout.
     configure_logging("warning", "console")
@@ -1313,9 +1322,20 @@ def demo_command(
         dsf_release = release(dsf_version)
     except UnknownDsfVersionError as exc:
         raise typer.BadParameter(str(exc), param_hint="--dsf-version") from exc
-    status = run_demo(
-        as_json=as_json, timeout=timeout, keep=keep, serve=serve, dsf_release=dsf_release
-    )
+    if consortium:
+        if serve:
+            raise typer.BadParameter("not with --consortium", param_hint="--serve")
+        from dsf_bridge.sandbox.consortium import run_consortium_demo
+
+        status = run_consortium_demo(
+            as_json=as_json, timeout=timeout, keep=keep, dsf_release=dsf_release
+        )
+    else:
+        from dsf_bridge.sandbox.demo import run_demo
+
+        status = run_demo(
+            as_json=as_json, timeout=timeout, keep=keep, serve=serve, dsf_release=dsf_release
+        )
     if status:
         raise typer.Exit(status)
 

@@ -47,6 +47,7 @@ from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 __all__ = [
     "CONFIG_ENV_VAR",
     "ApiSettings",
+    "ConsortiumSettings",
     "DatabaseSettings",
     "DsfSettings",
     "IntakeSettings",
@@ -384,6 +385,73 @@ class OmiServiceSettings(_Section):
     )
 
 
+def _bounded_duration(value: str) -> str:
+    """An ISO 8601 duration of at most P366D, stripped; ValueError otherwise."""
+    if not _DURATION.match(value.strip()):
+        raise ValueError(f"not an ISO 8601 duration such as PT10M: {value!r}")
+    # The bound a start Task's result-timeout has (plugins/inference.py): a site default
+    # past it would fail every request as if the requester had asked for too much.
+    now = dt.datetime.now(dt.UTC)
+    try:
+        too_long = add_duration(now, parse_duration(value.strip())) - now > _MAX_RESULT_TIMEOUT
+    except TimerError:
+        too_long = True
+    if too_long:
+        raise ValueError(f"longer than P{_MAX_RESULT_TIMEOUT.days}D: {value!r}")
+    return value.strip()
+
+
+class ConsortiumSettings(_Section):
+    """Consortium inference (docs/consortium.md): what a data site answers, how long a
+    coordinator waits."""
+
+    dicomweb_url: str | None = Field(
+        default=None,
+        description="Data site: base URL of this site's own DICOMweb archive, where the cohort is "
+        "searched and read; unset: this site refuses consortium requests",
+    )
+    k: int = Field(
+        default=5,
+        ge=2,
+        le=1000,
+        description="Data site: no figure computed from fewer than k studies leaves this site "
+        "(a request may ask for more, never for less)",
+    )
+    max_studies: int = Field(
+        default=500,
+        ge=1,
+        description="Data site: most studies one consortium request may run the model on; a "
+        "larger cohort is refused",
+    )
+    obfuscate: bool = Field(
+        default=False,
+        description="Data site: obfuscate every published count as the MII feasibility plugin "
+        "does (Laplace noise, rounded to tens)",
+    )
+    sensitivity: float = Field(default=1.0, gt=0, description="Laplace sensitivity")
+    epsilon: float = Field(default=0.5, gt=0, description="Laplace epsilon")
+    approval: bool = Field(
+        default=False,
+        description="Data site: a person approves each consortium request (a DSF "
+        "QuestionnaireResponse or the bridge's web page) before the cohort is searched",
+    )
+    approval_timeout: str = Field(
+        default="P7D",
+        description="Data site: an approval not given within this ISO 8601 duration refuses "
+        "the request",
+    )
+    site_timeout: str = Field(
+        default="PT2H",
+        description="Coordinator: how long to wait for each data site unless the start Task "
+        "names a site-timeout (ISO 8601 duration)",
+    )
+
+    @field_validator("approval_timeout", "site_timeout")
+    @classmethod
+    def _check_duration(cls, value: str) -> str:
+        return _bounded_duration(value)
+
+
 class OmiSettings(_Section):
     """OMI inference: the service catalogue, the registry, and timeouts of both process sides."""
 
@@ -466,22 +534,15 @@ class OmiSettings(_Section):
         default_factory=list,
         description="URL prefixes of DICOMweb archives the providing site fetches from; empty: any",
     )
+    consortium: ConsortiumSettings = Field(
+        default_factory=ConsortiumSettings,
+        description="Consortium inference ([omi.consortium], docs/consortium.md)",
+    )
 
     @field_validator("result_timeout", "transfer_retention")
     @classmethod
     def _check_duration(cls, value: str) -> str:
-        if not _DURATION.match(value.strip()):
-            raise ValueError(f"not an ISO 8601 duration such as PT10M: {value!r}")
-        # The bound a start Task's result-timeout has (plugins/inference.py): a site default
-        # past it would fail every request as if the requester had asked for too much.
-        now = dt.datetime.now(dt.UTC)
-        try:
-            too_long = add_duration(now, parse_duration(value.strip())) - now > _MAX_RESULT_TIMEOUT
-        except TimerError:
-            too_long = True
-        if too_long:
-            raise ValueError(f"longer than P{_MAX_RESULT_TIMEOUT.days}D: {value!r}")
-        return value.strip()
+        return _bounded_duration(value)
 
     @model_validator(mode="after")
     def _publish_needs_registry(self) -> OmiSettings:

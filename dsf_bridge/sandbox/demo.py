@@ -176,6 +176,8 @@ class InferenceNetwork:
     dsf_release: DsfRelease = DSF_2
     # True: DSF's profiles must be found (tests); None: validate if they are (the demo).
     validate: bool | None = True
+    # The plugins every bridge runs (default: OMI inference).
+    plugins: Sequence[ProcessPlugin] = (inference_plugin,)
     sites: dict[str, SiteFiles] = field(default_factory=dict)
     servers: dict[str, SandboxServer] = field(default_factory=dict)
     running: dict[str, Bridge] = field(default_factory=dict)
@@ -248,7 +250,7 @@ class InferenceNetwork:
             )
             bridge = Bridge(
                 settings,
-                [inference_plugin],
+                list(self.plugins),
                 services=self.services.get(organization),
                 runtime_settings=self.runtime_settings,
             )
