@@ -42,6 +42,9 @@ from dsf_bridge.omi.consortium_report import (
 )
 from dsf_bridge.omi.contract import InferenceContract
 from dsf_bridge.plugins.placeholders import Placeholders
+from dsf_bridge.sandbox.authorization import OrganizationIdentity
+from dsf_bridge.sandbox.service import FhirService
+from dsf_bridge.sandbox.sites import allow_list_bundle, build_service, organization_entry
 
 PROFILES = Path(__file__).resolve().parents[2] / "profiles"
 EXAMPLE = "http://ai-provider.example.org/fhir/CodeSystem/consortium-test"
@@ -521,6 +524,32 @@ def test_figures_of_a_site_that_did_not_answer_are_not_stored() -> None:
     bundle = result_bundle(merge([failed]), CONTRACT, issued=ISSUED)
     assert [_code_of(o["code"]) for o in _observations(bundle)] == ["report"]
     assert str(sent.mean) not in json.dumps(bundle)
+
+
+def test_the_coordinators_dsf_server_stores_it_once_for_itself_only(
+    bundle: dict[str, Any],
+) -> None:
+    entries = [
+        *organization_entry("coordinator.test", "c" * 128, "https://coordinator.test/fhir"),
+        *organization_entry("hospital-a.test", "a" * 128, "https://hospital-a.test/fhir"),
+    ]
+    service: FhirService = build_service(
+        "coordinator.test", allow_list_bundle(entries), "https://coordinator.test/fhir"
+    )
+    local = service.local_identity()
+    condition = {"if-none-exist": f"identifier={RESULT_IDENTIFIER_SYSTEM}|start-task-1"}
+    created = service.create(local, "Bundle", bundle, condition)
+    assert created.status == 201, created.resource
+    assert created.resource is not None
+    stored = service.store.resolve(f"Bundle/{created.resource['id']}")
+    assert stored is not None and stored["entry"] == bundle["entry"]
+    # The handler runs at least once: a second store finds the first.
+    assert service.create(local, "Bundle", bundle, condition).status == 200
+    assert len(service.store.all("Bundle")) == 1
+    site = service.identify("a" * 128)
+    assert isinstance(site, OrganizationIdentity)
+    assert not service.may_read(site, stored)
+    assert service.may_read(local, stored)
 
 
 def test_summary_outputs_count_answered_and_missing_sites(result: ConsortiumResult) -> None:
