@@ -44,7 +44,7 @@ import structlog
 from dsf_bridge.config import ConsortiumSettings, OmiServiceSettings, OmiSettings
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.dsf.members import Member, members_with_role
-from dsf_bridge.dsf.vocabulary import ORGANIZATION_IDENTIFIER_SYSTEM, READ_ACCESS_TAG_SYSTEM
+from dsf_bridge.dsf.vocabulary import ORGANIZATION_IDENTIFIER_SYSTEM
 from dsf_bridge.engine.timers import TimerError, add_duration, parse_duration
 from dsf_bridge.errors import BridgeError, RemoteError
 from dsf_bridge.omi.aggregates import (
@@ -65,7 +65,12 @@ from dsf_bridge.omi.cohort import (
     select_series,
     site_aggregates,
 )
-from dsf_bridge.omi.consortium_report import check_aggregates, result_bundle
+from dsf_bridge.omi.consortium_report import (
+    RESULT_IDENTIFIER_SYSTEM,
+    check_aggregates,
+    result_bundle,
+    summary_outputs,
+)
 from dsf_bridge.omi.contract import (
     REFERENCE_CONTRACT,
     ContractError,
@@ -116,7 +121,6 @@ DATA_SITE_PROCESS = "dsf-bridgedev_consortiumExecution"
 CODESYSTEM_CONSORTIUM = "http://dsf-bridge.dev/fhir/CodeSystem/omi-consortium"
 CODESYSTEM_CONSORTIUM_STATUS = "http://dsf-bridge.dev/fhir/CodeSystem/omi-consortium-status"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
-RESULT_IDENTIFIER_SYSTEM = "http://dsf-bridge.dev/sid/consortium-result"
 
 SERVICE = "service"
 COHORT_MODALITY = "cohort-modality"
@@ -631,9 +635,6 @@ async def merge_results(ctx: HandlerContext) -> None:
     result = merge(answers)
     contract = _contract(ctx)
     bundle = result_bundle(result, contract, issued=datetime.now(UTC), request_id=ctx.business_key)
-    bundle.setdefault("meta", {}).setdefault("tag", [])
-    if not any(tag.get("code") == "LOCAL" for tag in bundle["meta"]["tag"]):
-        bundle["meta"]["tag"].append({"system": READ_ACCESS_TAG_SYSTEM, "code": "LOCAL"})
     # Created only if none has this instance's key: the handler runs at least once, and a
     # crash after this POST and before the step's commit repeats it.
     created = await _local_client(ctx).create(
@@ -642,11 +643,12 @@ async def merge_results(ctx: HandlerContext) -> None:
     if created.id is None:
         raise RemoteError("the local FHIR server answered the result Bundle without an id")
     start_task = str(ctx.get("startTaskId") or "")
-    done = sum(1 for a in answers if a.status in (SiteStatus.DONE, SiteStatus.SUPPRESSED))
+    counts = summary_outputs(result)
+    done = counts[SITES_DONE]
     outputs: list[dict[str, Any]] = [
         _output(CONSORTIUM_RESULT, {"valueReference": {"reference": f"Bundle/{created.id}"}}),
         _output(SITES_DONE, {"valueUnsignedInt": done}),
-        _output(SITES_MISSING, {"valueUnsignedInt": len(answers) - done}),
+        _output(SITES_MISSING, {"valueUnsignedInt": counts[SITES_MISSING]}),
     ]
     for answer in answers:
         text = f"{answer.organization}: {answer.status.value}"
