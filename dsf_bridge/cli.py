@@ -610,8 +610,18 @@ def instances_show(
     if detail is None:
         typer.echo(f"dsf-bridge: no instance {instance!r}", err=True)
         raise typer.Exit(EXIT_FAILED)
+    from dsf_bridge.plugins.api import progress_of
+    from dsf_bridge.plugins.loader import discover_plugins
+
+    # What the process's plugin shows of it (e.g. a consortium request's sites).
+    progress = progress_of(
+        discover_plugins(),
+        detail.instance.process_key,
+        instance_state.process_variables(detail.state),
+    )
     if as_json:
-        typer.echo(json.dumps(dataclasses.asdict(detail), indent=2, default=str))
+        shown = dataclasses.asdict(detail) | {"progress": progress}
+        typer.echo(json.dumps(shown, indent=2, default=str))
         return
     row = detail.instance
     typer.echo(f"instance      {row.id}")
@@ -623,6 +633,8 @@ def instances_show(
         waits = "; ".join(f"{w.kind.name.lower()} {w.key} at {w.element}" for w in view.waits)
         line = f"token {view.id:>4}  {view.element}  {view.phase.name.lower()}"
         typer.echo(line + (f"  waits for {waits}" if waits else ""))
+    for item in progress or []:
+        typer.echo("progress      " + "  ".join(str(v) for v in item.values() if v is not None))
     for incident in detail.incidents:
         typer.echo(
             f"incident      token {incident.token} at {incident.element_id}: {incident.message}"

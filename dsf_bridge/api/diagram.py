@@ -28,7 +28,7 @@ from lxml import etree
 from dsf_bridge.engine import state as instance_state
 from dsf_bridge.engine.exceptions import UnsafeXmlError
 from dsf_bridge.engine.safexml import read_xml_file
-from dsf_bridge.plugins.api import ProcessPlugin
+from dsf_bridge.plugins.api import ProcessPlugin, progress_of
 
 __all__ = [
     "Diagram",
@@ -485,9 +485,17 @@ class DiagramLibrary:
     def __init__(self, plugins: Iterable[ProcessPlugin] = ()) -> None:
         self._files: dict[str, list[tuple[str, Path]]] = {}
         self._cache: dict[tuple[str, str], tuple[Diagram | None, str]] = {}
-        for plugin in plugins:
+        self._plugins = tuple(plugins)
+        for plugin in self._plugins:
             for path in plugin.bpmn_files:
                 self.add(path, version=plugin.resource_version, label=plugin.name)
+
+    def progress(
+        self, process_key: str, variables: Mapping[str, Any]
+    ) -> list[dict[str, Any]] | None:
+        """What the process's plugin shows of an instance beyond its state (e.g. the sites of
+        a consortium request with their states); None if it shows nothing."""
+        return progress_of(self._plugins, process_key, variables)
 
     def add(self, path: Path, *, version: str, label: str = "") -> None:
         """Offer the processes of ``path`` at ``version``; ``label`` names the plugin."""

@@ -191,6 +191,9 @@ def ui_router(
             d=detail,
             tokens=describe_state(detail.state),
             variables=sorted(instance_state.process_variables(detail.state).items()),
+            progress=context.diagrams.progress(
+                detail.instance.process_key, instance_state.process_variables(detail.state)
+            ),
             diagram=svg,
             diagram_note=note,
             facts=facts,

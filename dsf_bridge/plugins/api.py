@@ -28,17 +28,27 @@ validates every model, and refuses a plugin whose models name a handler it does 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from typing import Any
+
+import structlog
 
 from dsf_bridge.engine import ProcessDefinition, load_process
 from dsf_bridge.errors import ProcessModelError
 from dsf_bridge.plugins.placeholders import Placeholders, resource_version
 from dsf_bridge.plugins.registry import HandlerRegistry
 
-__all__ = ["LoadedPlugin", "ProcessPlugin"]
+__all__ = ["LoadedPlugin", "ProcessPlugin", "Progress", "progress_of"]
+
+_log = structlog.get_logger("dsf_bridge.plugins")
+
+#: What a plugin shows of one of its instances, beyond the engine's state: rows of a table
+#: (e.g. one per site with its state), from the process key and the process variables; None
+#: when it has nothing to show for that process.
+Progress = Callable[[str, Mapping[str, Any]], list[dict[str, Any]] | None]
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,7 @@ class ProcessPlugin:
     bpmn_files: tuple[Path, ...]
     fhir_resources: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
     handlers: HandlerRegistry = field(default_factory=HandlerRegistry)
+    progress: Progress | None = None
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -115,3 +126,22 @@ class ProcessPlugin:
             for key, paths in self.fhir_resources.items()
         }
         return LoadedPlugin(self, definitions, resources)
+
+
+def progress_of(
+    plugins: Iterable[ProcessPlugin], process_key: str, variables: Mapping[str, Any]
+) -> list[dict[str, Any]] | None:
+    """The progress rows the first plugin that knows ``process_key`` shows for an instance
+    (the instance page and ``dsf-bridge instances show``); None if none shows any. A plugin
+    whose hook fails shows nothing: a page must not break on one instance's variables."""
+    for plugin in plugins:
+        if plugin.progress is None:
+            continue
+        try:
+            rows = plugin.progress(process_key, variables)
+        except Exception as exc:  # a broken hook hides its rows, never the page
+            _log.warning("plugin.progress_failed", plugin=plugin.name, error=repr(exc))
+            continue
+        if rows is not None:
+            return rows
+    return None

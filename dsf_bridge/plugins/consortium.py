@@ -605,6 +605,11 @@ def site_states(variables: Mapping[str, object]) -> list[dict[str, Any]]:
     return sorted(states, key=lambda state: str(state["organization"]))
 
 
+def _progress(process_key: str, variables: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The instance page's and ``instances show``'s rows: a coordinator's sites."""
+    return site_states(variables) if process_key == COORDINATOR_PROCESS else None
+
+
 def _answers(variables: Mapping[str, object]) -> list[SiteAnswer]:
     targets = variables.get("targets")
     entries = targets.get("entries") if isinstance(targets, Mapping) else None
@@ -932,6 +937,7 @@ def _plugin() -> ProcessPlugin:
             DATA_SITE_PROCESS: (activity / "consortium-execution.json", *shared),
         },
         handlers=handlers,
+        progress=_progress,
     )
 
 
