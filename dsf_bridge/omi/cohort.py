@@ -101,7 +101,9 @@ class Cohort:
     series_description: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.modalities, tuple) or not self.modalities:
+        if not isinstance(self.modalities, tuple):
+            raise CohortError("cohort-modality: the modalities must be a tuple of codes")
+        if not self.modalities:
             raise CohortError("cohort-modality: the cohort names no modality; give at least one")
         for modality in self.modalities:
             if not isinstance(modality, str) or not _MODALITY.match(modality):

@@ -92,6 +92,7 @@ def test_create_normalises_and_round_trips_through_json() -> None:
     ("make", "message"),
     [
         (lambda: Cohort(modalities=()), "cohort-modality: the cohort names no modality"),
+        (lambda: Cohort(modalities=["CT"]), "must be a tuple"),  # type: ignore[arg-type]
         (lambda: Cohort(modalities=("ct",)), "'ct' is not a DICOM modality code"),
         (lambda: Cohort.create(["C T"]), "'C T' is not a DICOM modality code"),
         (lambda: Cohort(modalities=("CT", "CT")), "named twice"),
