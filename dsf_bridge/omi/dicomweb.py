@@ -24,11 +24,13 @@ study and series (they are for the Task), and the log renderer puts digests in t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import requests
 import structlog
@@ -56,6 +58,7 @@ _log = structlog.get_logger()
 _T = TypeVar("_T")
 
 # DICOM JSON tags (PS3.18 F.2) of the attributes the bridge reads from QIDO-RS answers.
+_STUDY_UID = "0020000D"
 _SERIES_UID = "0020000E"
 _SOP_INSTANCE_UID = "00080018"
 _SOP_CLASS_UID = "00080016"
@@ -90,6 +93,8 @@ class SeriesInfo:
     modality: str | None
     instance_count: int | None
     body_part: str | None = None  # BodyPartExamined, when the archive returns it
+    # Set by the archive-wide search (:meth:`DicomWebArchive.search_all_series`) only.
+    study_instance_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,7 @@ class DicomWebArchive:
     ) -> None:
         self.url = url.rstrip("/")
         self._retry = retry
+        self._timeout = timeout
         self._session = session if session is not None else requests.Session()
         # The proxy is [proxy]'s, never HTTPS_PROXY's (nor a CA bundle from REQUESTS_CA_BUNDLE).
         self._session.trust_env = False
@@ -209,6 +215,81 @@ class DicomWebArchive:
             )
             for item in found
         ]
+
+    async def search_all_series(
+        self, filters: Mapping[str, str], *, page_size: int = 500
+    ) -> AsyncGenerator[list[SeriesInfo], None]:
+        """The series of the whole archive that match ``filters`` (QIDO-RS ``/series``), one
+        page of at most ``page_size`` at a time, each with its study's UID, modality, body part
+        and instance count.
+
+        Pages follow with ``limit`` and ``offset`` until the archive answers an empty page,
+        not merely a short one: an archive that caps its answers below ``limit`` (Orthanc's
+        ``LimitFindResults``) then still yields everything. An archive that ignores ``offset``
+        would return the first page again; that is a :class:`DicomWebError`, not a loop.
+
+        The query is written here, not by dicomweb-client: its ``quote_plus`` sends ``*`` as
+        ``%2A`` and a space as ``+``, and Orthanc 1.10's DICOMweb plugin (1.7) matches the
+        query values as they arrive, undecoded, so a wildcard would never match there. ``*``,
+        ``?`` and ``,`` go as they are (RFC 3986 allows them in a query); anything else that
+        is not unreserved is percent-encoded, which archives that decode match as meant.
+        """
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, not {page_size}")
+        fields = (_STUDY_UID, _MODALITY, _BODY_PART, _SERIES_INSTANCES)
+        query = [*filters.items(), *(("includefield", tag) for tag in fields)]
+        seen: set[str] = set()
+        offset = 0
+        while True:
+            page = [*query, ("limit", str(page_size)), ("offset", str(offset))]
+            url = f"{self.url}/series?" + "&".join(
+                f"{quote(key, safe='')}={quote(value, safe='*?,')}" for key, value in page
+            )
+            found = await self._call(
+                "search_series", functools.partial(self._get_json, url), study=None
+            )
+            if not found:
+                return
+            series = [
+                SeriesInfo(
+                    series_instance_uid=_text(item, _SERIES_UID) or "",
+                    modality=_text(item, _MODALITY),
+                    instance_count=_int(item, _SERIES_INSTANCES),
+                    body_part=_text(item, _BODY_PART),
+                    study_instance_uid=_text(item, _STUDY_UID),
+                )
+                for item in found
+            ]
+            fresh = [s for s in series if s.series_instance_uid not in seen]
+            if not fresh:
+                raise DicomWebError(
+                    f"the DICOMweb archive at {self.url} answered QIDO-RS offset {offset} with "
+                    "series it had already returned: it does not page with limit and offset",
+                    url=self.url,
+                )
+            seen.update(s.series_instance_uid for s in fresh)
+            yield fresh
+            offset += len(found)
+
+    def _get_json(self, url: str) -> list[Mapping[str, Any]]:
+        """One QIDO-RS GET of a URL with its query already written (in a worker thread)."""
+        response = self._session.get(
+            url, headers={"Accept": "application/dicom+json"}, timeout=self._timeout
+        )
+        response.raise_for_status()
+        if response.status_code == 204 or not response.content:
+            return []
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, list) or not all(isinstance(item, Mapping) for item in data):
+            raise DicomWebError(
+                f"the DICOMweb archive at {self.url} answered QIDO-RS with something that is "
+                "not a DICOM JSON array",
+                url=self.url,
+            )
+        return data
 
     async def search_instances(
         self, study_instance_uid: str, series_instance_uid: str | None = None
