@@ -10,7 +10,9 @@ status-like elements the model leaves open. Per profile element:
 - cardinality (``min``, ``max``) within each instance of the parent element;
 - ``fixed[x]`` (equal) and ``pattern[x]`` (contained) values;
 - allowed types of a choice element (``value[x]`` restricted to ``string``);
-- slicing with ``value``, ``pattern``, ``exists`` and ``type`` discriminators
+- slicing with ``value``, ``pattern``, ``exists`` and ``type`` discriminators (a ``value``
+  discriminator the slice fixes no value for is left to the others; ``value`` of a primitive
+  is the primitive itself)
   (``type.coding.system`` and ``type.coding.code``, ``url``, ``linkId``): each item belongs to
   the first slice whose discriminators it matches (else to ``@default`` when there is one),
   per-slice cardinality and the slice's own elements apply to its members, ``closed`` and
