@@ -267,13 +267,21 @@ class FhirClient:
         return self._json(response)
 
     async def search_pages(
-        self, resource_type: str, params: Mapping[str, str] | Sequence[tuple[str, str]]
+        self,
+        resource_type: str,
+        params: Mapping[str, str] | Sequence[tuple[str, str]],
+        *,
+        strict: bool = False,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Every searchset Bundle, following ``next`` links on this server until there is none."""
+        """Every searchset Bundle, following ``next`` links on this server until there is none.
+
+        ``strict``: ``Prefer: handling=strict``, so that the server refuses a parameter it does
+        not know instead of ignoring it (DSF's ``searchWithStrictHandling``)."""
         url: str | None = resource_type
         query: Mapping[str, str] | Sequence[tuple[str, str]] | None = params
+        headers = {"Prefer": "handling=strict"} if strict else None
         while url is not None:
-            response = await self.request("GET", url, params=query)
+            response = await self.request("GET", url, params=query, headers=headers)
             bundle = self._json(response)
             if bundle.get("resourceType") != "Bundle":
                 raise RemoteError(
@@ -299,10 +307,12 @@ class FhirClient:
         params: Mapping[str, str] | Sequence[tuple[str, str]],
         *,
         include_mode: bool = False,
+        strict: bool = False,
     ) -> list[dict[str, Any]]:
-        """All matching resources over all pages; with ``include_mode`` also ``_include``d ones."""
+        """All matching resources over all pages; with ``include_mode`` also ``_include``d ones
+        (``strict``: as for :meth:`search_pages`)."""
         found: list[dict[str, Any]] = []
-        async for bundle in self.search_pages(resource_type, params):
+        async for bundle in self.search_pages(resource_type, params, strict=strict):
             for entry in bundle.get("entry") or []:
                 mode = (entry.get("search") or {}).get("mode", "match")
                 resource = entry.get("resource")

@@ -1,8 +1,10 @@
 """``dsf-bridge sandbox``: mint a local DSF test network and serve its FHIR servers.
 
 ``sandbox init DIR --org A --org B`` writes a CA, per organization server and client certificates
-and a ready ``bridge.toml``, and one allow list; ``sandbox serve DIR --org A`` serves A's DSF FHIR
-server at ``https://127.0.0.1:<port>/fhir`` until interrupted. For tests, demos and benchmarks.
+and a ready ``bridge.toml``, and one allow list (``--parent P --member A=DIC`` adds a parent
+organization and its members' OrganizationAffiliations); ``sandbox serve DIR --org A`` serves
+A's DSF FHIR server at ``https://127.0.0.1:<port>/fhir`` until interrupted. For tests, demos and
+benchmarks.
 """
 
 from __future__ import annotations
@@ -42,9 +44,30 @@ def _release(name: str) -> DsfRelease:
         raise typer.BadParameter(str(exc), param_hint="--dsf-version") from exc
 
 
+def _consortium(parent: str | None, members: list[str]) -> dict[str, dict[str, list[str]]]:
+    """``--parent`` and ``--member ORG=ROLE[,ROLE]`` as :func:`init_sandbox` takes them."""
+    if parent is None:
+        if members:
+            raise ValueError("--member needs --parent (the organization it is a member of)")
+        return {}
+    if not members:
+        raise ValueError(f"--parent {parent} needs at least one --member ORG=ROLE[,ROLE]")
+    affiliated: dict[str, list[str]] = {}
+    for text in members:
+        organization, _, roles = text.partition("=")
+        codes = [code.strip() for code in roles.split(",") if code.strip()]
+        if not organization.strip() or not codes:
+            raise ValueError(f"--member {text!r}: expected ORG=ROLE[,ROLE], e.g. Site_1=DIC")
+        if organization.strip() in affiliated:
+            raise ValueError(f"--member {organization.strip()} is given twice")
+        affiliated[organization.strip()] = codes
+    return {parent: affiliated}
+
+
 @sandbox_app.command("init")
 def init(
     directory: DirectoryArgument,
+    *,
     org: Annotated[
         list[str],
         typer.Option("--org", help="Organization identifier; repeat for each organization."),
@@ -63,11 +86,32 @@ def init(
             "and rules of that version; 'serve' takes it from here.",
         ),
     ] = "2.1",
+    parent: Annotated[
+        str | None,
+        typer.Option(
+            "--parent",
+            help="A parent organization (consortium) in the allow list; its members are the "
+            "--member options.",
+        ),
+    ] = None,
+    member: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--member",
+            help="ORG=ROLE[,ROLE]: an --org that is a member of --parent with DSF "
+            "organization-role codes (DIC, HRP, TTP, COS, DMS, ...): an active "
+            "OrganizationAffiliation pointing at ORG's Endpoint. Repeat for each member.",
+        ),
+    ] = None,
 ) -> None:
     """Mint a CA, per organization server and client certificates, bridge.toml and allow list."""
     from dsf_bridge.dsf.identity import load_identity
     from dsf_bridge.sandbox.sites import init_sandbox
 
+    try:
+        consortium = _consortium(parent, member or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--member") from exc
     if (directory / "ca.pem").exists() and not force:
         typer.echo(
             f"{directory} already holds a sandbox (ca.pem); use --force to replace its keys",
@@ -75,13 +119,22 @@ def init(
         )
         raise typer.Exit(2)
     try:
-        sites = init_sandbox(directory, org, base_port=base_port, dsf_release=_release(dsf_version))
+        sites = init_sandbox(
+            directory,
+            org,
+            base_port=base_port,
+            dsf_release=_release(dsf_version),
+            consortium=consortium,
+        )
     except ValueError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"DSF version: {dsf_version}")
     typer.echo(f"CA: {sites[0].ca}")
     typer.echo(f"allow list: {sites[0].allow_list}")
+    for name, affiliated in consortium.items():
+        listed = ", ".join(f"{o} ({','.join(r)})" for o, r in affiliated.items())
+        typer.echo(f"parent organization {name}: {listed}")
     for site in sites:
         identity = load_identity(site.client_certificate, site.client_key)
         typer.echo(

@@ -107,18 +107,36 @@ SEARCH_PARAMETERS: dict[str, tuple[Kind, str]] = {
 # (BinaryDaoJdbc), DocumentReference identifier (DocumentReferenceDaoJdbc); anything else is an
 # unknown parameter there (ignored with a warning, 400 with handling=strict).
 _COMMON_PARAMETERS = frozenset({"_id", "_lastUpdated", "_profile"})
+# OrganizationAffiliation as OrganizationAffiliationDaoJdbc lists them (2.1 and 1.9 alike).
 TYPE_PARAMETERS: dict[str, frozenset[str]] = {
     "Binary": _COMMON_PARAMETERS | {"contentType"},
     "DocumentReference": _COMMON_PARAMETERS | {"identifier"},
+    "OrganizationAffiliation": _COMMON_PARAMETERS
+    | {
+        "active",
+        "endpoint",
+        "identifier",
+        "participating-organization",
+        "primary-organization",
+        "role",
+    },
 }
 
-# _include targets: "Type:param" -> dotted reference path on Type.
+# _include targets: "Type:param" -> dotted reference path on Type. DSF also takes each with its
+# target type ("Type:param:Target"; the parameters' getIncludeParameterValues).
+_INCLUDE_PATHS: dict[tuple[str, str, str], str] = {
+    ("Endpoint", "organization", "Organization"): "managingOrganization",
+    ("Organization", "endpoint", "Endpoint"): "endpoint",
+    ("OrganizationAffiliation", "endpoint", "Endpoint"): "endpoint",
+    ("OrganizationAffiliation", "participating-organization", "Organization"): (
+        "participatingOrganization"
+    ),
+    ("OrganizationAffiliation", "primary-organization", "Organization"): "organization",
+}
 INCLUDES: dict[str, str] = {
-    "Endpoint:organization": "managingOrganization",
-    "Organization:endpoint": "endpoint",
-    "OrganizationAffiliation:endpoint": "endpoint",
-    "OrganizationAffiliation:participating-organization": "participatingOrganization",
-    "OrganizationAffiliation:primary-organization": "organization",
+    name: path
+    for (source, parameter, target), path in _INCLUDE_PATHS.items()
+    for name in (f"{source}:{parameter}", f"{source}:{parameter}:{target}")
 }
 
 _RESULT_PARAMETERS = frozenset(
@@ -188,7 +206,8 @@ class SearchQuery:
                         raise SearchError(f"_sort by {key!r} is not supported")
                     query.sort.append((key, descending))
             elif name == "_include":
-                if value not in INCLUDES:
+                # DSF knows an include only on the type it belongs to.
+                if value not in INCLUDES or value.partition(":")[0] != resource_type:
                     query.unsupported.append(f"_include={value}")
                 else:
                     query.includes.append(value)

@@ -1,7 +1,8 @@
 """Sandbox sites on disk and in memory: ``sandbox init`` writes a CA, per organization its server
 and client certificates and a ready ``bridge.toml``, and one allow list (a transaction Bundle
-with every Organization, its thumbprint and Endpoint); :func:`build_service` turns an allow list
-into a running organization's FHIR service with DSF's two standard Subscriptions.
+with every Organization, its thumbprint and Endpoint, and optionally parent organizations with
+their members' OrganizationAffiliations); :func:`build_service` turns an allow list into a
+running organization's FHIR service with DSF's two standard Subscriptions.
 
 Layout::
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from dsf_bridge.dsf.vocabulary import (
     ENDPOINT_IDENTIFIER_SYSTEM,
     FHIR_JSON,
     ORGANIZATION_IDENTIFIER_SYSTEM,
+    ORGANIZATION_ROLE_SYSTEM,
     READ_ACCESS_TAG_SYSTEM,
     THUMBPRINT_EXTENSION,
 )
@@ -41,11 +43,17 @@ from dsf_bridge.sandbox.validation import attach_validator
 _log = structlog.get_logger()
 
 __all__ = [
+    "ORGANIZATION_ROLES",
+    "Consortium",
     "SiteFiles",
+    "affiliation_entry",
     "allow_list_bundle",
     "build_service",
+    "check_consortium",
+    "consortium_entries",
     "init_sandbox",
     "organization_entry",
+    "parent_organization_entry",
     "sandbox_release",
     "standard_subscriptions",
 ]
@@ -53,6 +61,21 @@ __all__ = [
 READ_ACCESS_ALL = {"system": READ_ACCESS_TAG_SYSTEM, "code": "ALL"}
 _ORGANIZATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 SANDBOX_FILE = "sandbox.json"
+
+PARENT_ORGANIZATION_PROFILE = "http://dsf.dev/fhir/StructureDefinition/organization-parent"
+AFFILIATION_PROFILE = "http://dsf.dev/fhir/StructureDefinition/organization-affiliation"
+
+# The codes of DSF's CodeSystem organization-role: version 1.0.0 in DSF 1.9, 2.0.0 in DSF 2.x
+# (which adds five). An affiliation's binding to them is only "preferred" in DSF's profile, so a
+# server would take others; ``sandbox init`` refuses them to catch typos.
+_ROLES_1 = frozenset({"UAC", "COS", "CRR", "DIC", "DMS", "DTS", "HRP", "TTP", "AMS"})
+ORGANIZATION_ROLES: Mapping[str, frozenset[str]] = {
+    "1.9": _ROLES_1,
+    "2.1": _ROLES_1 | {"ASP", "SPR", "TSP", "PPH", "BIO"},
+}
+
+Consortium = Mapping[str, Mapping[str, Sequence[str]]]
+"""Parent organization identifier -> member organization identifier -> role codes."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +172,128 @@ def organization_entry(
     ]
 
 
+def parent_organization_entry(identifier: str) -> dict[str, Any]:
+    """The allow-list entry (a conditional PUT) for a parent organization: DSF's
+    ``organization-parent`` profile, an identifier and ``active``; no thumbprint, no Endpoint
+    (the profile asks for neither, as in DSF's own test allow list)."""
+    organization = {
+        "resourceType": "Organization",
+        "meta": {"profile": [PARENT_ORGANIZATION_PROFILE], "tag": [READ_ACCESS_ALL]},
+        "identifier": [{"system": ORGANIZATION_IDENTIFIER_SYSTEM, "value": identifier}],
+        "active": True,
+        "name": identifier,
+    }
+    return {
+        "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+        "resource": organization,
+        "request": {
+            "method": "PUT",
+            "url": f"Organization?identifier={ORGANIZATION_IDENTIFIER_SYSTEM}|{identifier}",
+        },
+    }
+
+
+def affiliation_entry(
+    parent: str,
+    member: str,
+    roles: Sequence[str],
+    *,
+    parent_url: str,
+    member_url: str,
+    endpoint_url: str,
+    active: bool = True,
+) -> dict[str, Any]:
+    """The allow-list entry (a conditional PUT by parent and member, as DSF's test allow list
+    writes it) for ``member``'s OrganizationAffiliation under ``parent``: one ``code`` per role
+    (``http://dsf.dev/fhir/CodeSystem/organization-role``) and the member's Endpoint. The
+    ``*_url`` arguments are the ``fullUrl``s of those resources in the same Bundle."""
+    affiliation = {
+        "resourceType": "OrganizationAffiliation",
+        "meta": {"profile": [AFFILIATION_PROFILE], "tag": [READ_ACCESS_ALL]},
+        "active": active,
+        "organization": {"reference": parent_url, "type": "Organization"},
+        "participatingOrganization": {"reference": member_url, "type": "Organization"},
+        "code": [
+            {"coding": [{"system": ORGANIZATION_ROLE_SYSTEM, "code": role}]} for role in roles
+        ],
+        "endpoint": [{"reference": endpoint_url, "type": "Endpoint"}],
+    }
+    criteria = (
+        f"primary-organization:identifier={ORGANIZATION_IDENTIFIER_SYSTEM}|{parent}"
+        f"&participating-organization:identifier={ORGANIZATION_IDENTIFIER_SYSTEM}|{member}"
+    )
+    return {
+        "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+        "resource": affiliation,
+        "request": {"method": "PUT", "url": f"OrganizationAffiliation?{criteria}"},
+    }
+
+
+def check_consortium(
+    consortium: Consortium, organizations: Sequence[str], dsf_release: DsfRelease = DSF_2
+) -> None:
+    """Raise :class:`ValueError` naming what is wrong with ``consortium`` (see
+    :func:`init_sandbox`) for a sandbox of ``organizations`` running ``dsf_release``."""
+    known_roles = ORGANIZATION_ROLES[dsf_release.name]
+    for parent, affiliated in consortium.items():
+        if not _ORGANIZATION_ID.match(parent):
+            raise ValueError(
+                f"parent organization identifier {parent!r} must be letters, digits, '.', '_' "
+                "or '-'"
+            )
+        if parent in organizations:
+            raise ValueError(
+                f"{parent!r} is a site of the sandbox and cannot also be a parent organization"
+            )
+        if not affiliated:
+            raise ValueError(f"parent organization {parent!r} has no members")
+        for member, roles in affiliated.items():
+            if member not in organizations:
+                raise ValueError(
+                    f"member {member!r} of parent organization {parent!r} is not an "
+                    "organization of the sandbox"
+                )
+            if isinstance(roles, str) or not roles:
+                raise ValueError(f"member {member!r} of {parent!r} needs a list of role codes")
+            unknown = sorted(set(roles) - known_roles)
+            if unknown:
+                raise ValueError(
+                    f"role {', '.join(unknown)} of member {member!r} is not a code of DSF "
+                    f"{dsf_release.name}'s CodeSystem {ORGANIZATION_ROLE_SYSTEM} (known: "
+                    f"{', '.join(sorted(known_roles))})"
+                )
+            if len(set(roles)) != len(roles):
+                raise ValueError(f"member {member!r} of {parent!r} names a role twice")
+
+
+def consortium_entries(
+    consortium: Consortium,
+    members: Mapping[str, tuple[str, str]],
+    dsf_release: DsfRelease = DSF_2,
+) -> list[dict[str, Any]]:
+    """Allow-list entries for ``consortium``: each parent organization, then one
+    OrganizationAffiliation per member. ``members``: organization identifier -> the
+    ``fullUrl``s of its Organization and Endpoint in the same Bundle."""
+    check_consortium(consortium, list(members), dsf_release)
+    entries: list[dict[str, Any]] = []
+    for parent, affiliated in consortium.items():
+        parent_entry = parent_organization_entry(parent)
+        entries.append(parent_entry)
+        for member, roles in affiliated.items():
+            member_url, endpoint_url = members[member]
+            entries.append(
+                affiliation_entry(
+                    parent,
+                    member,
+                    roles,
+                    parent_url=str(parent_entry["fullUrl"]),
+                    member_url=member_url,
+                    endpoint_url=endpoint_url,
+                )
+            )
+    return entries
+
+
 def allow_list_bundle(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
 
@@ -215,10 +360,16 @@ def init_sandbox(
     ports: Sequence[int] | None = None,
     ca: CertificateAuthority | None = None,
     dsf_release: DsfRelease = DSF_2,
+    consortium: Consortium | None = None,
 ) -> list[SiteFiles]:
     """Mint certificates and write the layout above; ports count up from ``base_port`` unless
     ``ports`` names one per organization. ``sandbox.json`` records the DSF version the sites
-    run (``sandbox serve`` reads it)."""
+    run (``sandbox serve`` reads it).
+
+    ``consortium``: parent organization identifier -> member organization (one of
+    ``organizations``) -> DSF organization-role codes (``DIC``, ``HRP``, ``TTP``, ...). The
+    allow list then also holds each parent Organization and one active OrganizationAffiliation
+    per member, pointing at the member's Endpoint (as DSF's allow lists do)."""
     if ports is not None and len(ports) != len(organizations):
         raise ValueError("give one port per organization")
     for organization in organizations:
@@ -229,6 +380,8 @@ def init_sandbox(
             )
     if len(set(organizations)) != len(organizations):
         raise ValueError("organization identifiers must be unique")
+    if consortium:
+        check_consortium(consortium, organizations, dsf_release)
     directory.mkdir(parents=True, exist_ok=True)
     ca = ca or CertificateAuthority()
     ca_path = directory / "ca.pem"
@@ -236,6 +389,7 @@ def init_sandbox(
     allow_list_path = directory / "allow-list.json"
     sites: list[SiteFiles] = []
     entries: list[dict[str, Any]] = []
+    members: dict[str, tuple[str, str]] = {}
     for index, organization in enumerate(organizations):
         port = ports[index] if ports is not None else base_port + index
         site = SiteFiles(organization, directory / organization, ca_path, allow_list_path, port)
@@ -244,11 +398,18 @@ def init_sandbox(
         client = ca.issue_client(f"{organization} client")
         server.write(site.server_certificate, site.server_key)
         client.write(site.client_certificate, site.client_key)
-        entries.extend(
-            organization_entry(organization, thumbprint(client.certificate), site.base_url)
+        organization_entries = organization_entry(
+            organization, thumbprint(client.certificate), site.base_url
+        )
+        entries.extend(organization_entries)
+        members[organization] = (
+            str(organization_entries[0]["fullUrl"]),
+            str(organization_entries[1]["fullUrl"]),
         )
         site.bridge_config.write_text(bridge_toml(site))
         sites.append(site)
+    if consortium:
+        entries.extend(consortium_entries(consortium, members, dsf_release))
     allow_list_path.write_text(json.dumps(allow_list_bundle(entries), indent=2) + "\n")
     (directory / SANDBOX_FILE).write_text(
         json.dumps({"dsf_version": dsf_release.name}, indent=2) + "\n"

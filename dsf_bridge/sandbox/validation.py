@@ -10,7 +10,9 @@ status-like elements the model leaves open. Per profile element:
 - cardinality (``min``, ``max``) within each instance of the parent element;
 - ``fixed[x]`` (equal) and ``pattern[x]`` (contained) values;
 - allowed types of a choice element (``value[x]`` restricted to ``string``);
-- slicing with ``value``, ``pattern``, ``exists`` and ``type`` discriminators
+- slicing with ``value``, ``pattern``, ``exists`` and ``type`` discriminators (a ``value``
+  discriminator the slice fixes no value for is left to the others; ``value`` of a primitive
+  is the primitive itself)
   (``type.coding.system`` and ``type.coding.code``, ``url``, ``linkId``): each item belongs to
   the first slice whose discriminators it matches (else to ``@default`` when there is one),
   per-slice cardinality and the slice's own elements apply to its members, ``closed`` and
@@ -30,6 +32,7 @@ not been checked because it is unknown", ``errorForUnknownProfiles``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -214,6 +217,20 @@ def _merge_raw(into: dict[str, Any], element: Mapping[str, Any]) -> None:
         into["constraint"] = list(constraints.values())
 
 
+def _id_by_path(element_id: str, path: str) -> str:
+    """The id an element's path says it has. DSF's ``meta`` profile (2.x) names the extension
+    slice of a tag slice ``Meta.tag:read-access-parent-organization-role:role-extension`` with
+    path ``Meta.tag.extension``; HAPI builds the snapshot by path, so the slice is
+    ``Meta.tag:read-access-parent-organization-role.extension:role-extension``."""
+    id_parts = element_id.split(".")
+    path_parts = path.split(".")
+    if len(path_parts) == len(id_parts) + 1:
+        head, _, slice_name = id_parts[-1].rpartition(":")
+        if ":" in head:
+            return ".".join([*id_parts[:-1], head, f"{path_parts[-1]}:{slice_name}"])
+    return element_id
+
+
 def _with_ids(elements: Sequence[Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
     """Elements with their ids; a missing id is derived from path and the slice above it."""
     result: list[tuple[str, Mapping[str, Any]]] = []
@@ -221,7 +238,7 @@ def _with_ids(elements: Sequence[Mapping[str, Any]]) -> list[tuple[str, Mapping[
     for element in elements:
         path = str(element.get("path") or "")
         if element.get("id"):
-            result.append((str(element["id"]), element))
+            result.append((_id_by_path(str(element["id"]), path), element))
             continue
         if element.get("sliceName"):
             open_slices[path] = str(element["sliceName"])
@@ -318,9 +335,13 @@ def _matchers(sliced: _Element, item: _Element) -> tuple[_Matcher, ...] | None:
     if not discriminators:
         return None  # slices nothing can tell apart: no item is theirs
     matchers: list[_Matcher] = []
+    unvalued = 0
     for discriminator in discriminators:
         steps = () if discriminator.path == "$this" else tuple(discriminator.path.split("."))
         target = _descend(item, steps)
+        if target is None and steps == ("value",):
+            # ``value`` of a primitive is the primitive itself (Endpoint.payloadMimeType).
+            steps, target = (), item
         if target is None:
             return None
         if discriminator.kind in ("value", "pattern"):
@@ -332,7 +353,10 @@ def _matchers(sliced: _Element, item: _Element) -> tuple[_Matcher, ...] | None:
                 # An extension slice is known by the url of the Extension profile it names.
                 matchers.append(_Matcher("equal", steps, _profile_urls(item)[0]))
             else:
-                return None
+                # A discriminator the slice gives no value for tells nothing apart (DSF's
+                # identifier slices: system fixed, value free); the others decide.
+                unvalued += 1
+                continue
         elif discriminator.kind == "exists":
             if target.min:
                 matchers.append(_Matcher("exists", steps))
@@ -344,6 +368,8 @@ def _matchers(sliced: _Element, item: _Element) -> tuple[_Matcher, ...] | None:
             matchers.append(_Matcher("type", steps, frozenset(t.code for t in target.types)))
         else:
             return None
+    if unvalued and not matchers:
+        return None
     return tuple(matchers)
 
 
@@ -827,6 +853,13 @@ class _Check:
         except Exception as exc:  # fhirpathpy raises bare exceptions on bad data
             self.errors.append(f"{label}: invariant {constraint.key} failed to evaluate: {exc}")
             return
+        if result != [True] and not isinstance(subject, Mapping | list | ResourceNode):
+            # A primitive also has a ``value`` (FHIR's model, as HAPI evaluates it:
+            # ``value.matches(...)`` in DSF's thumbprint extension); fhirpathpy knows only the
+            # bare value. An expression about the bare value fails on this form: its verdict
+            # stands.
+            with contextlib.suppress(Exception):
+                result = evaluate({"value": subject}, {"resource": self.resource})
         # As HAPI: true passes; false, empty or anything else fails.
         if result != [True]:
             self.errors.append(

@@ -108,3 +108,29 @@ async def test_serve_answers_the_bridge_configuration_of_its_site(tmp_path: Path
             process.send_signal(signal.SIGTERM)
         await process.communicate()
     assert process.returncode == 0
+
+
+async def test_init_with_a_parent_organization_writes_its_affiliations(tmp_path: Path) -> None:
+    directory = tmp_path / "net"
+    args = ["sandbox", "init", str(directory), "--org", "Hub", "--org", "S1", "--org", "S2"]
+    code, out, err = await _run(
+        *args, "--parent", "Net", "--member", "S1=DIC,COS", "--member", "S2=HRP"
+    )
+    assert code == 0, err
+    assert "parent organization Net: S1 (DIC,COS), S2 (HRP)" in out
+    bundle = json.loads((directory / "allow-list.json").read_text())
+    affiliations = [
+        e for e in bundle["entry"] if e["resource"]["resourceType"] == "OrganizationAffiliation"
+    ]
+    assert [e["request"]["url"].rsplit("|", 1)[-1] for e in affiliations] == ["S1", "S2"]
+    assert [[c["coding"][0]["code"] for c in e["resource"]["code"]] for e in affiliations] == [
+        ["DIC", "COS"],
+        ["HRP"],
+    ]
+
+    unknown = await _run(*args, "--force", "--parent", "Net", "--member", "S3=DIC")
+    assert unknown[0] == 2
+    assert "member 'S3' of parent organization 'Net' is not an organization" in unknown[2]
+    orphan = await _run(*args, "--force", "--member", "S1=DIC")
+    assert orphan[0] == 2
+    assert "--member needs --parent" in orphan[2]
