@@ -71,7 +71,7 @@ DATA_SITES: tuple[tuple[str, int, bool], ...] = (
     ("Hospital_C", 6, True),
 )
 SERVICE_ID = "tissue-composition"
-SITE_TIMEOUT = "PT20S"
+SITE_TIMEOUT = "PT10S"
 
 
 def consortium_start_task(
