@@ -1024,6 +1024,8 @@ def display_settings(settings: Settings) -> dict[str, dict[str, Any]]:
                     else item
                     for item in value
                 ]
+            elif isinstance(value, BaseModel):  # a nested section ([omi.consortium])
+                value = value.model_dump(mode="json")
             if section_name == "db" and key == "url":
                 value = redact_url(value)
             values[key] = value

@@ -43,7 +43,7 @@ import structlog
 
 from dsf_bridge.config import ConsortiumSettings, OmiServiceSettings, OmiSettings
 from dsf_bridge.dsf.client import FhirClient
-from dsf_bridge.dsf.members import Member, members_with_role
+from dsf_bridge.dsf.members import Member, members_with_role, organization_members
 from dsf_bridge.dsf.vocabulary import ORGANIZATION_IDENTIFIER_SYSTEM
 from dsf_bridge.engine.timers import TimerError, add_duration, parse_duration
 from dsf_bridge.errors import BridgeError, RemoteError
@@ -372,25 +372,38 @@ async def select_sites(ctx: HandlerContext) -> None:
     minimum_k = _minimum_k(task)
     timeout = _one(task, SITE_TIMEOUT, str) or settings.consortium.site_timeout
     _duration(timeout, f"'{SITE_TIMEOUT}'")
-    members = await _targets(ctx, task)
-    if not members:
+    members, rejected = await _targets(ctx, task)
+    if not members and not rejected:
         raise BpmnError(REQUEST_INVALID, "the request names no data site")
     entries = []
+    sites = []
     for member in members:
         key = str(uuid4())
         entry: dict[str, object] = {
             "organizationIdentifier": member.organization,
             "correlationKey": key,
+            "endpointIdentifier": member.endpoint_identifier,
+            "endpointUrl": member.endpoint_address,
         }
-        if member.endpoint_identifier:
-            entry["endpointIdentifier"] = member.endpoint_identifier
-        if member.endpoint_address:
-            entry["endpointUrl"] = member.endpoint_address
         entries.append(entry)
+        sites.append({"organizationIdentifier": member.organization, "correlationKey": key})
         ctx.set(
             _state_variable(key),
             {"organization": member.organization, "status": SENT, "reason": None},
         )
+    for organization, reason in rejected:
+        # Not sent at all: recorded at once, with the reason the allow list gives.
+        key = str(uuid4())
+        sites.append({"organizationIdentifier": organization, "correlationKey": key})
+        ctx.set(
+            _state_variable(key),
+            {
+                "organization": organization,
+                "status": SiteStatus.FAILED.value,
+                "reason": f"request not sent: {reason}",
+            },
+        )
+    ctx.set("sites", sorted(sites, key=lambda site: str(site["organizationIdentifier"])))
     ctx.set("targets", {"entries": entries})
     ctx.set(
         "consortiumRequest",
@@ -402,7 +415,10 @@ async def select_sites(ctx: HandlerContext) -> None:
     )
 
 
-async def _targets(ctx: HandlerContext, task: Mapping[str, Any]) -> list[Member]:
+async def _targets(
+    ctx: HandlerContext, task: Mapping[str, Any]
+) -> tuple[list[Member], list[tuple[str, str]]]:
+    """The data sites to send to, and those named that cannot be sent to, with the reason."""
     named = []
     for value in _inputs(task, TARGET_ORGANIZATION):
         if (
@@ -431,33 +447,40 @@ async def _targets(ctx: HandlerContext, task: Mapping[str, Any]) -> list[Member]
         )
     if len(set(named)) != len(named):
         raise BpmnError(REQUEST_INVALID, f"a '{TARGET_ORGANIZATION}' is named twice")
-    members: list[Member]
-    if parent is not None and role is not None:
-        if parent.get("system") != ORGANIZATION_IDENTIFIER_SYSTEM or not parent.get("value"):
-            raise BpmnError(
-                REQUEST_INVALID, f"input '{TARGET_PARENT}' must be an organization Identifier"
-            )
-        if not role.get("system") or not role.get("code"):
-            raise BpmnError(REQUEST_INVALID, f"input '{TARGET_ROLE}' must be a Coding")
-        try:
+    client = _local_client(ctx)
+    rejected: list[tuple[str, str]] = []
+    try:
+        if parent is not None and role is not None:
+            if parent.get("system") != ORGANIZATION_IDENTIFIER_SYSTEM or not parent.get("value"):
+                raise BpmnError(
+                    REQUEST_INVALID, f"input '{TARGET_PARENT}' must be an organization Identifier"
+                )
+            if not role.get("system") or not role.get("code"):
+                raise BpmnError(REQUEST_INVALID, f"input '{TARGET_ROLE}' must be a Coding")
             found = await members_with_role(
-                _local_client(ctx), str(parent["value"]), (str(role["system"]), str(role["code"]))
+                client, str(parent["value"]), (str(role["system"]), str(role["code"]))
             )
-        except BridgeError as exc:
-            if exc.retryable:
-                raise
-            raise BpmnError(REQUEST_INVALID, str(exc)) from exc
-        local = _local_organization(ctx)
-        members = [member for member in found if member.organization != local]
-    else:
-        # Resolved when each request is sent: a name not in the allow list fails that site.
-        members = [Member(name, "", "") for name in sorted(named)]
-    if len(members) > MAX_SITES:
+            local = _local_organization(ctx)
+            members = [member for member in found if member.organization != local]
+            if not members:
+                raise BpmnError(
+                    REQUEST_INVALID,
+                    f"no other organization has role {role['code']} under {parent['value']} in "
+                    "the allow list",
+                )
+        else:
+            members, rejected = await organization_members(client, named)
+    except BridgeError as exc:
+        if exc.retryable:
+            raise
+        raise BpmnError(REQUEST_INVALID, str(exc)) from exc
+    if len(members) + len(rejected) > MAX_SITES:
         raise BpmnError(
             REQUEST_INVALID,
-            f"{len(members)} data sites, more than the {MAX_SITES} one request asks",
+            f"{len(members) + len(rejected)} data sites, more than the {MAX_SITES} one request "
+            "asks",
         )
-    return members
+    return members, rejected
 
 
 @handlers.listener(_PREFIX + "SetCorrelationKey")
@@ -589,10 +612,9 @@ def _contract(ctx: HandlerContext) -> InferenceContract:
 def site_states(variables: Mapping[str, object]) -> list[dict[str, Any]]:
     """Every data site of a coordinator instance with its state and reason, by organization
     (for the instance page, ``instances show`` and the demo); no aggregates."""
-    targets = variables.get("targets")
-    entries = targets.get("entries") if isinstance(targets, Mapping) else None
+    sites = variables.get("sites")
     states = []
-    for target in entries or []:
+    for target in sites if isinstance(sites, list) else []:
         state = variables.get(_state_variable(str(target.get("correlationKey"))))
         state = state if isinstance(state, Mapping) else {}
         states.append(
@@ -611,10 +633,9 @@ def _progress(process_key: str, variables: Mapping[str, Any]) -> list[dict[str, 
 
 
 def _answers(variables: Mapping[str, object]) -> list[SiteAnswer]:
-    targets = variables.get("targets")
-    entries = targets.get("entries") if isinstance(targets, Mapping) else None
+    sites = variables.get("sites")
     answers = []
-    for target in entries or []:
+    for target in sites if isinstance(sites, list) else []:
         state = variables.get(_state_variable(str(target.get("correlationKey"))))
         state = state if isinstance(state, Mapping) else {}
         status = str(state.get("status") or SiteStatus.TIMED_OUT.value)

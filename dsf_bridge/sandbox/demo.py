@@ -69,7 +69,7 @@ from dsf_bridge.sandbox.components import (
 from dsf_bridge.sandbox.network import _free_ports
 from dsf_bridge.sandbox.refmodel.density import shifted
 from dsf_bridge.sandbox.server import SandboxServer
-from dsf_bridge.sandbox.sites import SiteFiles, build_service, init_sandbox
+from dsf_bridge.sandbox.sites import Consortium, SiteFiles, build_service, init_sandbox
 from dsf_bridge.store import Database, create_sync_engine, upgrade, verify_chain
 
 __all__ = [
@@ -178,6 +178,8 @@ class InferenceNetwork:
     validate: bool | None = True
     # The plugins every bridge runs (default: OMI inference).
     plugins: Sequence[ProcessPlugin] = (inference_plugin,)
+    # Parent organizations and their members' roles in the allow list (OrganizationAffiliation).
+    consortium: Consortium | None = None
     sites: dict[str, SiteFiles] = field(default_factory=dict)
     servers: dict[str, SandboxServer] = field(default_factory=dict)
     running: dict[str, Bridge] = field(default_factory=dict)
@@ -204,7 +206,12 @@ class InferenceNetwork:
         ports = _free_ports(len(organizations))
         ca = self.ca or CertificateAuthority("dsf-bridge OMI sandbox CA")
         sites = init_sandbox(
-            self.directory, organizations, ports=ports, ca=ca, dsf_release=self.dsf_release
+            self.directory,
+            organizations,
+            ports=ports,
+            ca=ca,
+            dsf_release=self.dsf_release,
+            consortium=self.consortium,
         )
         self.sites = {site.organization: site for site in sites}
         allow_list: dict[str, Any] = json.loads(sites[0].allow_list.read_text())

@@ -9,6 +9,7 @@ own synthetic patient.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -263,3 +264,172 @@ async def test_one_request_four_sites_partial_result_k_rule_and_exact_pooling(
         leaked = sorted(secret for secret in secrets if secret in text)
         assert not leaked, f"{where} holds {leaked[:3]}"
     assert "consortium.merged" in logs.getvalue()
+
+
+def _outputs(task: dict[str, Any], code: str) -> list[Any]:
+    return [
+        next(v for k, v in o.items() if k.startswith("value"))
+        for o in task.get("output") or []
+        if o["type"]["coding"][0]["code"] == code
+    ]
+
+
+async def test_refusals_failures_and_invalid_requests_each_with_its_reason(
+    tmp_path: Path, orthanc: OrthancProcess, mlserver: MLServerProcess
+) -> None:
+    """``Closed_Site`` takes no consortium requests; ``Other_Site`` does not run the service;
+    ``Nowhere`` is not in the allow list. Requests the coordinator cannot run at all fail."""
+    catalogue = [{"id": "ct-density", "contract": "ct-density", "inference_url": mlserver.base_url}]
+    bridges: dict[str, dict[str, Any]] = {
+        COORDINATOR: {},
+        "Closed_Site": {},
+        "Other_Site": {
+            "catalogue": catalogue,
+            "consortium": {"dicomweb_url": orthanc.dicomweb_url},
+        },
+    }
+    async with InferenceNetwork(
+        tmp_path / "sites", bridges, dsf_release=release("2.1"), plugins=(consortium_plugin,)
+    ) as network:
+        tasks = {
+            "partial": consortium_start_task(
+                COORDINATOR, service=SERVICE, targets=["Closed_Site", "Other_Site", "Nowhere"]
+            ),
+            # A cohort is a query: an identifying input is refused, not ignored.
+            "identifying": consortium_start_task(
+                COORDINATOR,
+                service=SERVICE,
+                targets=["Closed_Site"],
+                extra_inputs=[
+                    {"system": CODESYSTEM_CONSORTIUM, "code": "patient-id", "value": "PID-1"}
+                ],
+            ),
+            "no-contract": consortium_start_task(
+                COORDINATOR, service="unknown-service", targets=["Closed_Site"]
+            ),
+            "both-targets": consortium_start_task(
+                COORDINATOR,
+                service=SERVICE,
+                targets=["Closed_Site"],
+                parent="Research_Network",
+                role=("http://dsf.dev/fhir/CodeSystem/organization-role", "DIC"),
+            ),
+            "wrong-modality": consortium_start_task(
+                COORDINATOR, service=SERVICE, modalities=["MR"], targets=["Closed_Site"]
+            ),
+        }
+        ids = {}
+        async with network.client(COORDINATOR) as client:
+            for name, task in tasks.items():
+                created = await client.create(task)
+                assert created.id is not None
+                ids[name] = created.id
+        finished = await network.finished(COORDINATOR, list(ids.values()), 60)
+        await network.settled()
+
+    partial = finished[ids["partial"]]
+    assert partial["status"] == "completed", partial.get("output")
+    assert _outputs(partial, "sites-done") == [0]
+    assert _outputs(partial, "sites-missing") == [3]
+    statuses = sorted(_outputs(partial, "site-status"))
+    assert statuses[0] == (
+        "Closed_Site: refused (this site takes no consortium requests ([omi.consortium] "
+        "dicomweb_url))"
+    )
+    assert statuses[1] == "Nowhere: failed (request not sent: not in the allow list)"
+    assert statuses[2] == "Other_Site: refused (service tissue-composition is not run at this site)"
+
+    def error(name: str) -> str:
+        task = finished[ids[name]]
+        assert task["status"] == "failed", name
+        return str(_outputs(task, "error")[0])
+
+    assert "input 'patient-id' is not part of this request" in error("identifying")
+    assert "service 'unknown-service' has no contract at this site" in error("no-contract")
+    assert "not both" in error("both-targets")
+    assert "accepts CT, not MR" in error("wrong-modality")
+
+
+async def test_sites_by_role_under_a_parent_and_an_approval_given_in_the_questionnaire(
+    tmp_path: Path, orthanc: OrthancProcess, mlserver: MLServerProcess
+) -> None:
+    """Targets: every organization with role DIC under ``Research_Network`` (``Site_P`` and
+    ``Site_Q``; ``Site_R`` is HRP and not asked). ``Site_P`` wants each request approved: its
+    administrator approves in the QuestionnaireResponse the bridge created. Both sites read the
+    same archive, the cohort is this test's series description."""
+    marker = "CONSORTIUM-ROLE-TEST"
+    studies = synthetic_studies(5, offset_hu=20.0)
+    for ds in studies:
+        ds.SeriesDescription = marker
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        await archive.store(studies)
+    finally:
+        archive.close()
+    site = {
+        "catalogue": [
+            {"id": SERVICE, "model_name": REFERENCE_MODEL.name, "inference_url": mlserver.base_url}
+        ],
+        "consortium": {"dicomweb_url": orthanc.dicomweb_url},
+    }
+    bridges: dict[str, dict[str, Any]] = {
+        COORDINATOR: {},
+        "Site_P": site | {"consortium": {**site["consortium"], "approval": True}},
+        "Site_Q": site,
+        "Site_R": site,
+    }
+    async with InferenceNetwork(
+        tmp_path / "sites",
+        bridges,
+        dsf_release=release("2.1"),
+        plugins=(consortium_plugin,),
+        consortium={"Research_Network": {"Site_P": ["DIC"], "Site_Q": ["DIC"], "Site_R": ["HRP"]}},
+    ) as network:
+        async with network.client(COORDINATOR) as client:
+            created = await client.create(
+                consortium_start_task(
+                    COORDINATOR,
+                    service=SERVICE,
+                    parent="Research_Network",
+                    role=("http://dsf.dev/fhir/CodeSystem/organization-role", "DIC"),
+                    series_description=marker,
+                )
+            )
+        assert created.id is not None
+        # Site_P's administrator finds the form and approves.
+        response = None
+        for _ in range(200):
+            found = [
+                r
+                for r in network.resources("Site_P", "QuestionnaireResponse")
+                if r.get("status") == "in-progress"
+            ]
+            if found:
+                response = found[0]
+                break
+            await asyncio.sleep(0.1)
+        assert response is not None, "no approval form at Site_P"
+        assert response["questionnaire"].startswith(
+            "http://dsf-bridge.dev/fhir/Questionnaire/consortium-approval|"
+        )
+        response["status"] = "completed"
+        response["authored"] = "2026-11-30T10:00:00.000Z"
+        response["item"] = [
+            {**item, "answer": [{"valueBoolean": True}]} if item["linkId"] == "approve" else item
+            for item in response["item"]
+        ]
+        async with network.client("Site_P") as client:
+            await client.update(response)
+        finished = await network.finished(COORDINATOR, [created.id], 60)
+        await network.settled()
+        [variables] = instance_variables(network.db_urls[COORDINATOR], COORDINATOR_PROCESS)
+        site_r_tasks = network.tasks("Site_R")
+
+    start = finished[created.id]
+    assert start["status"] == "completed", start.get("output")
+    states = {state["organization"]: state["status"] for state in site_states(variables)}
+    assert states == {"Site_P": "done", "Site_Q": "done"}
+    assert site_r_tasks == []
+    merged = consortium_result(variables)
+    assert merged is not None
+    assert merged["pooled"]["body-area"]["n"] == 10  # the same five studies, at both sites
