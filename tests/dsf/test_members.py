@@ -158,3 +158,63 @@ async def test_strict_search_refuses_a_parameter_dsf_lacks(network: Sandbox) -> 
         lenient = await client.search("OrganizationAffiliation", [("name", "Site_1")])
     assert refused.value.status == 400
     assert len(lenient) == 7  # every affiliation: the unknown parameter was ignored
+
+
+def _add_member(store: Any, parent_id: str, name: str) -> None:
+    """An Organization, its Endpoint and its affiliation under ``parent_id``, put into the
+    sandbox's store directly (as an allow list would; no certificates needed)."""
+    tag = {"tag": [{"system": "http://dsf.dev/fhir/CodeSystem/read-access-tag", "code": "ALL"}]}
+    organization = store.create(
+        {
+            "resourceType": "Organization",
+            "meta": tag,
+            "identifier": [{"system": ORG, "value": name}],
+            "active": True,
+        }
+    )
+    endpoint = store.create(
+        {
+            "resourceType": "Endpoint",
+            "meta": tag,
+            "identifier": [
+                {"system": "http://dsf.dev/sid/endpoint-identifier", "value": f"{name}_Endpoint"}
+            ],
+            "status": "active",
+            "managingOrganization": {"reference": f"Organization/{organization['id']}"},
+            "address": f"https://{name.lower()}.test/fhir",
+        }
+    )
+    store.create(
+        {
+            "resourceType": "OrganizationAffiliation",
+            "meta": tag,
+            "active": True,
+            "organization": {"reference": f"Organization/{parent_id}"},
+            "participatingOrganization": {"reference": f"Organization/{organization['id']}"},
+            "code": [{"coding": [{"system": ROLE, "code": "DIC"}]}],
+            "endpoint": [{"reference": f"Endpoint/{endpoint['id']}"}],
+        }
+    )
+
+
+async def test_members_over_several_result_pages(network: Sandbox) -> None:
+    """More members than one page holds (the sandbox's 20, as DSF's default): every page's
+    includes resolve its own affiliations."""
+    store = network.server.service.store
+    parent = store.create(
+        {
+            "resourceType": "Organization",
+            "meta": {
+                "tag": [{"system": "http://dsf.dev/fhir/CodeSystem/read-access-tag", "code": "ALL"}]
+            },
+            "identifier": [{"system": ORG, "value": "Big_Net"}],
+            "active": True,
+        }
+    )
+    names = [f"Member_{i:02d}" for i in range(45)]
+    for name in reversed(names):
+        _add_member(store, parent["id"], name)
+    async with network.client(HUB) as client:
+        members = await members_with_role(client, "Big_Net", (ROLE, "DIC"))
+    assert [m.organization for m in members] == names
+    assert members[7] == Member("Member_07", "Member_07_Endpoint", "https://member_07.test/fhir")
