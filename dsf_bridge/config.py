@@ -1025,7 +1025,7 @@ def display_settings(settings: Settings) -> dict[str, dict[str, Any]]:
                     for item in value
                 ]
             elif isinstance(value, BaseModel):  # a nested section ([omi.consortium])
-                value = value.model_dump(mode="json")
+                value = value.model_dump(mode="json", exclude_none=True)
             if section_name == "db" and key == "url":
                 value = redact_url(value)
             values[key] = value

@@ -328,7 +328,7 @@ def _commented_keys(text: str) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     section = ""
     for line in text.splitlines():
-        header = re.match(r"^\[(\w+)\]$", line)
+        header = re.match(r"^\[([\w.]+)\]$", line)
         if header:
             section = header.group(1)
         commented = re.match(r"^# (\w+) = ", line)
@@ -351,6 +351,13 @@ def test_example_file_documents_every_setting_with_its_default() -> None:
             assert value == values[key], f"{section}.{key}: example shows {value!r}"
         for key in commented.get(section, set()):
             assert values[key] is None, f"{section}.{key} has a default; show it uncommented"
+        for key, value in values.items():  # a nested section ([omi.consortium])
+            if isinstance(value, dict):
+                unset = commented.get(f"{section}.{key}", set())
+                fields = type(getattr(Settings(), section)).model_fields[key].annotation
+                assert isinstance(fields, type)
+                assert set(value) | unset == set(fields.model_fields), f"[{section}.{key}]"
+                assert all(key_ not in value for key_ in unset), f"[{section}.{key}] {unset}"
     # The example itself is a valid configuration.
     assert load_settings(EXAMPLE, environ={}) == Settings()
 
