@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 from sqlalchemy.engine import make_url
 
 from dsf_bridge.config import Settings, display_settings, load_settings, secret_settings
@@ -355,7 +355,7 @@ def test_example_file_documents_every_setting_with_its_default() -> None:
             if isinstance(value, dict):
                 unset = commented.get(f"{section}.{key}", set())
                 fields = type(getattr(Settings(), section)).model_fields[key].annotation
-                assert isinstance(fields, type)
+                assert isinstance(fields, type) and issubclass(fields, BaseModel)
                 assert set(value) | unset == set(fields.model_fields), f"[{section}.{key}]"
                 assert all(key_ not in value for key_ in unset), f"[{section}.{key}] {unset}"
     # The example itself is a valid configuration.

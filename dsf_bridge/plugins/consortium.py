@@ -49,7 +49,9 @@ from dsf_bridge.engine.timers import TimerError, add_duration, parse_duration
 from dsf_bridge.errors import BridgeError, RemoteError
 from dsf_bridge.omi.aggregates import (
     Aggregate,
+    ClassCounts,
     LaplaceCountObfuscator,
+    NumericAggregate,
     SiteAnswer,
     SiteStatus,
     aggregates_from_json,
@@ -260,7 +262,7 @@ def _cohort(task: Mapping[str, Any]) -> Cohort:
 
 
 def _minimum_k(task: Mapping[str, Any]) -> int | None:
-    value = _one(task, MINIMUM_K, int)
+    value: int | None = _one(task, MINIMUM_K, int)
     if value is not None and not 1 <= value <= 1000:
         raise BpmnError(REQUEST_INVALID, f"input '{MINIMUM_K}' must be between 1 and 1000")
     return value
@@ -546,7 +548,7 @@ def record_result(ctx: HandlerContext) -> None:
     it is kept."""
     result = _task(ctx)
     try:
-        status, reason, aggregates = _read_answer(result, _contract(ctx))
+        status, reason, aggregates = _read_answer(result, _contract(ctx), _requested_k(ctx))
     except _BrokenAnswerError as exc:
         _record(ctx, SiteStatus.FAILED.value, f"the site's answer was refused: {exc}")
         log.warning("consortium.answer_refused", organization=_target_name(ctx), reason=str(exc))
@@ -565,7 +567,7 @@ class _BrokenAnswerError(Exception):
 
 
 def _read_answer(
-    result: Mapping[str, Any], contract: InferenceContract
+    result: Mapping[str, Any], contract: InferenceContract, minimum_k: int
 ) -> tuple[SiteStatus, str | None, tuple[Aggregate, ...]]:
     statuses = _inputs(result, CONSORTIUM_STATUS)
     if len(statuses) != 1 or not isinstance(statuses[0], Mapping):
@@ -597,7 +599,32 @@ def _read_answer(
         raise _BrokenAnswerError(str(exc)) from exc
     if status is SiteStatus.SUPPRESSED and any(not a.suppressed for a in aggregates):
         raise _BrokenAnswerError("a suppressed answer shows figures")
+    _check_k(aggregates, minimum_k)
     return status, None, aggregates
+
+
+def _check_k(aggregates: tuple[Aggregate, ...], minimum_k: int) -> None:
+    """A figure from fewer studies than the request allowed cannot have been under the k rule
+    (an obfuscated count may be anything and is not checked)."""
+    for aggregate in aggregates:
+        if aggregate.suppressed or aggregate.obfuscated:
+            continue
+        counts = [aggregate.n] if isinstance(aggregate, NumericAggregate) else []
+        if isinstance(aggregate, ClassCounts):
+            counts = [aggregate.n, *(c for c in aggregate.counts.values() if c is not None)]
+        small = [count for count in counts if count is not None and count < minimum_k]
+        if small:
+            raise _BrokenAnswerError(
+                f"{aggregate.measurement!r} shows a figure from {min(small)} studies, fewer "
+                f"than {minimum_k}: the site's k rule is broken"
+            )
+
+
+def _requested_k(ctx: HandlerContext) -> int:
+    """The smallest group any site may report on: what the request asked, at least 2."""
+    request = ctx.get("consortiumRequest")
+    asked = request.get("minimumK") if isinstance(request, Mapping) else None
+    return max(2, asked if isinstance(asked, int) else 2)
 
 
 def _contract(ctx: HandlerContext) -> InferenceContract:

@@ -75,7 +75,7 @@ def _identifiers(datasets: list[Dataset]) -> set[str]:
     found: set[str] = set()
     for ds in datasets:
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"):
-            found.add(str(ds.data_element(keyword).value))
+            found.add(str(ds[keyword].value))
         found.add(str(ds.PatientName))
         found.add(str(ds.PatientName).replace("^", " "))
     return found
@@ -368,7 +368,7 @@ async def test_sites_by_role_under_a_parent_and_an_approval_given_in_the_questio
         await archive.store(studies)
     finally:
         archive.close()
-    site = {
+    site: dict[str, Any] = {
         "catalogue": [
             {"id": SERVICE, "model_name": REFERENCE_MODEL.name, "inference_url": mlserver.base_url}
         ],
