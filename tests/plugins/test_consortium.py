@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -352,14 +353,15 @@ async def test_refusals_failures_and_invalid_requests_each_with_its_reason(
     assert "accepts CT, not MR" in error("wrong-modality")
 
 
+@pytest.mark.parametrize("dsf_version", ["2.1", "1.9"], ids=lambda v: f"dsf{v}")
 async def test_sites_by_role_under_a_parent_and_an_approval_given_in_the_questionnaire(
-    tmp_path: Path, orthanc: OrthancProcess, mlserver: MLServerProcess
+    tmp_path: Path, orthanc: OrthancProcess, mlserver: MLServerProcess, dsf_version: str
 ) -> None:
     """Targets: every organization with role DIC under ``Research_Network`` (``Site_P`` and
     ``Site_Q``; ``Site_R`` is HRP and not asked). ``Site_P`` wants each request approved: its
     administrator approves in the QuestionnaireResponse the bridge created. Both sites read the
     same archive, the cohort is this test's series description."""
-    marker = "CONSORTIUM-ROLE-TEST"
+    marker = f"CONSORTIUM-ROLE-{uuid.uuid4().hex[:12]}"  # the session's archive is shared
     studies = synthetic_studies(5, offset_hu=20.0)
     for ds in studies:
         ds.SeriesDescription = marker
@@ -383,7 +385,7 @@ async def test_sites_by_role_under_a_parent_and_an_approval_given_in_the_questio
     async with InferenceNetwork(
         tmp_path / "sites",
         bridges,
-        dsf_release=release("2.1"),
+        dsf_release=release(dsf_version),
         plugins=(consortium_plugin,),
         consortium={"Research_Network": {"Site_P": ["DIC"], "Site_Q": ["DIC"], "Site_R": ["HRP"]}},
     ) as network:
