@@ -154,6 +154,7 @@ async def infer_study(
     model_version: str | None = None,
     request_id: str | None = None,
     segmentation: bool = False,
+    with_report: bool = True,
     max_slices: int | None = None,
 ) -> StudyInference:
     """Run the contract's model on the study (or the named series) and return the FHIR result.
@@ -161,7 +162,8 @@ async def infer_study(
     ``model`` and ``model_version`` override the contract's (a site may serve a contract under
     another name). With ``segmentation``, the contract's label map becomes a DICOM SEG stored
     in the same archive, in the same study, and the measurements that name its segments a
-    DICOM SR (TID 1500) stored with it.
+    DICOM SR (TID 1500) stored with it unless ``with_report`` is false (a result package holds
+    one series: the SEG's).
     """
     model = model or contract.model.name
     model_version = model_version or contract.model.version
@@ -227,7 +229,7 @@ async def infer_study(
             description=contract.title,
         )
         results = [seg]
-        if reports_segments(contract):
+        if with_report and reports_segments(contract):
             report = await _off_loop(
                 measurement_report,
                 seg,

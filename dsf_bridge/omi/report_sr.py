@@ -13,6 +13,7 @@ the SEG's (which repeats its source images'), nothing more. Built with highdicom
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -124,7 +125,7 @@ def measurement_report(
     # The SEG first: the SR takes its patient and study attributes from the first evidence.
     try:
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[seg, *source_datasets],
+            evidence=[_without_patient_name(seg), *source_datasets],
             content=report,
             series_instance_uid=generate_uid(),
             series_number=series_number,
@@ -136,8 +137,22 @@ def measurement_report(
         )
     except ValueError as exc:
         raise ImageConversionError(f"the DICOM SR could not be built: {exc}") from exc
+    sr.PatientName = seg.get("PatientName", "")
     dataset: Dataset = sr
     return dataset
+
+
+def _without_patient_name(seg: Dataset) -> Dataset:
+    """The SEG's attributes but its pixels, with an empty PatientName: highdicom warns about a
+    name of one component (``Doe``, a pseudonym) and puts the name into the warning, which
+    would land in the log. The SR gets the SEG's name back once built."""
+    header = Dataset()
+    for element in seg:
+        if element.keyword not in ("PixelData", "PatientName"):
+            # Copies: highdicom sets attributes of what it takes over, and the SEG is stored too.
+            header.add(copy.deepcopy(element))
+    header.PatientName = ""
+    return header
 
 
 def _segment_numbers(seg: Dataset, segments: Sequence[Segment]) -> dict[int, int]:

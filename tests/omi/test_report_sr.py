@@ -194,6 +194,22 @@ def test_absent_values_are_left_out_and_no_values_make_no_report(
     )
 
 
+def test_a_name_of_one_component_is_kept_and_stays_out_of_warnings(
+    ct_series: list[Dataset],
+) -> None:
+    """highdicom warns about a PatientName without a caret, naming it: a warning is an error
+    in these tests, and in production it would put the name into the log."""
+    seg, found = _seg_and_findings(ct_series)
+    seg.PatientName = "Pseudonym"
+    pixels = seg.PixelData
+    sr = measurement_report(
+        seg, ct_series, found, TISSUE, algorithm_name="t", algorithm_version="1"
+    )
+    assert sr is not None
+    assert sr.PatientName == seg.PatientName == "Pseudonym"
+    assert seg.PixelData is pixels  # the SEG itself untouched
+
+
 def test_a_seg_of_another_contract_is_refused(ct_series: list[Dataset]) -> None:
     seg, found = _seg_and_findings(ct_series)
     seg.SegmentSequence[1].SegmentLabel = "Lung"
