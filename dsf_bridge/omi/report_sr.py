@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
 from dsf_bridge.omi.contract import (
     Coding,
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["COMPREHENSIVE_3D_SR", "measurement_report", "reports_segments"]
 
-COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+COMPREHENSIVE_3D_SR = Comprehensive3DSRStorage
 _UCUM = "UCUM"
 
 
