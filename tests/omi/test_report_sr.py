@@ -4,12 +4,17 @@ and measurements without a segment left out; a SEG of another contract refused."
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 from collections.abc import AsyncIterator
 
 import highdicom as hd
 import pytest
+import structlog
 from pydicom.dataset import Dataset
 
+from dsf_bridge.logs import configure_logging
 from dsf_bridge.omi.contract import InferenceContract, resolve_contract
 from dsf_bridge.omi.conversion import ImageConversionError, Measurement, volume_from_datasets
 from dsf_bridge.omi.dicomweb import DicomWebArchive
@@ -208,6 +213,29 @@ def test_a_name_of_one_component_is_kept_and_stays_out_of_warnings(
     assert sr is not None
     assert sr.PatientName == seg.PatientName == "Pseudonym"
     assert seg.PixelData is pixels  # the SEG itself untouched
+
+
+def test_building_an_sr_logs_no_name_and_no_highdicom_chatter(ct_series: list[Dataset]) -> None:
+    seg, found = _seg_and_findings(ct_series)
+    seg.PatientName = "Doe"
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    try:
+        sr = measurement_report(
+            seg, ct_series, found, TISSUE, algorithm_name="t", algorithm_version="1"
+        )
+        logging.getLogger("highdicom.base").warning("still heard at warning")
+    finally:
+        logging.captureWarnings(False)
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        structlog.reset_defaults()
+    assert sr is not None
+    assert sr.PatientName == "Doe"
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["still heard at warning"]
+    assert "Doe" not in out.getvalue()
 
 
 def test_a_seg_of_another_contract_is_refused(ct_series: list[Dataset]) -> None:
