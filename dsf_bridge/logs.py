@@ -164,9 +164,10 @@ def configure_logging(
     # Python's warnings (pydicom's about an invalid value quote it) as records through the
     # processors above, not printed straight to standard error.
     logging.captureWarnings(True)
-    # Alembic narrates its connection setup and httpx every request at INFO (with URLs that can
-    # carry search parameters); keep that for debugging sessions only.
-    for chatty in ("alembic", "httpx", "httpcore"):
+    # Alembic narrates its connection setup, httpx every request (with URLs that can carry
+    # search parameters) and highdicom every module it copies into an SR at INFO; keep that for
+    # debugging sessions only.
+    for chatty in ("alembic", "httpx", "httpcore", "highdicom"):
         logging.getLogger(chatty).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
     structlog.configure(

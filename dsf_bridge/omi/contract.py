@@ -50,6 +50,7 @@ __all__ = [
     "contract_of",
     "describe_validation_error",
     "dicom_scheme",
+    "has_dicom_scheme",
     "load_contract",
     "resolve_contract",
 ]
@@ -269,6 +270,13 @@ class MeasurementOutput(_Part):
     absent_text: str | None = Field(
         default=None, description="dataAbsentReason text when the model returns null"
     )
+    segment: int | None = Field(
+        default=None,
+        ge=1,
+        le=255,
+        description="Label of the label map's segment this measures: the DICOM SR's measurement "
+        "group of that segment reports it",
+    )
 
 
 class ClassSpec(_Part):
@@ -290,11 +298,14 @@ class ClassificationOutput(_Part):
     datatype: list[Datatype] = Field(default_factory=_floats)
 
 
-# FHIR code systems and their DICOM coding scheme designators (PS3.16 8), for DICOM SEG codes.
+# FHIR code systems and their DICOM coding scheme designators (PS3.16 8), for DICOM SEG and SR
+# codes. The bridge's own measurement system is its private scheme 99DSFB (private schemes start
+# with "99", PS3.3 8.2), which the reference contract's segments use too.
 _DICOM_SCHEMES = {
     "http://snomed.info/sct": "SCT",
     "http://dicom.nema.org/resources/ontology/DCM": "DCM",
     "http://loinc.org": "LN",
+    _MEASUREMENT_SYSTEM: "99DSFB",
 }
 _DESIGNATOR = re.compile(r"^[A-Za-z0-9_.\-]{1,16}$")
 
@@ -302,6 +313,21 @@ _DESIGNATOR = re.compile(r"^[A-Za-z0-9_.\-]{1,16}$")
 def dicom_scheme(system: str) -> str:
     """The DICOM coding scheme designator of a FHIR code system (a designator stays itself)."""
     return _DICOM_SCHEMES.get(system, system)
+
+
+def has_dicom_scheme(system: str) -> bool:
+    """Whether codes of ``system`` can be written into DICOM: a FHIR system with a DICOM coding
+    scheme designator, or a designator itself."""
+    return system in _DICOM_SCHEMES or bool(_DESIGNATOR.match(system))
+
+
+def _dicom_codable(coding: Coding) -> Coding:
+    if not has_dicom_scheme(coding.system):
+        raise ValueError(
+            f"system {coding.system!r} has no DICOM coding scheme designator: use "
+            f"{', '.join(_DICOM_SCHEMES)} or a designator of up to 16 characters (99...)"
+        )
+    return coding
 
 
 class Segment(_Part):
@@ -314,18 +340,13 @@ class Segment(_Part):
 
     @field_validator("category", "type")
     @classmethod
-    def _dicom_codable(cls, coding: Coding) -> Coding:
-        if coding.system not in _DICOM_SCHEMES and not _DESIGNATOR.match(coding.system):
-            raise ValueError(
-                f"system {coding.system!r} has no DICOM coding scheme designator: use "
-                f"{', '.join(_DICOM_SCHEMES)} or a designator of up to 16 characters (99...)"
-            )
-        return coding
+    def _codable(cls, coding: Coding) -> Coding:
+        return _dicom_codable(coding)
 
 
 class LabelMapOutput(_Part):
     """A label map (slices, rows, columns): a DICOM SEG with one segment per description (its
-    label, name and codes). A DICOM SR from it is a later step."""
+    label, name and codes), and a DICOM SR of the measurements that name its segments."""
 
     tensor: str = Field(pattern=_TENSOR_NAME)
     datatype: list[Datatype] = Field(default_factory=_bytes)
@@ -386,7 +407,32 @@ class Outputs(_Part):
                 f"classification {', '.join(classes)}: the bridge's measurement system holds "
                 "quantities; use the provider's own system"
             )
+        self._segments_declared()
         return self
+
+    def _segments_declared(self) -> None:
+        # A measurement's segment is a label of the label map that becomes the SEG (the first),
+        # and its code goes into the DICOM SR: it needs a coding scheme designator there.
+        labels = [s.label for s in self.label_maps[0].segments] if self.label_maps else []
+        for index, measurement in enumerate(self.measurements):
+            field = f"outputs.measurements[{index}]"
+            if measurement.segment is None:
+                continue
+            if measurement.segment not in labels:
+                declared = (
+                    f"outputs.label_maps[0].segments declares {', '.join(map(str, labels))}"
+                    if labels
+                    else "outputs.label_maps is empty"
+                )
+                raise ValueError(
+                    f"{field}.segment is {measurement.segment}, a label no segment has: {declared}"
+                )
+            try:
+                _dicom_codable(measurement.code)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{field}.code: {exc} (a segment's measurement goes into the DICOM SR)"
+                ) from None
 
 
 class InferenceContract(_Part):

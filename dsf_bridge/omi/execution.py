@@ -1,7 +1,8 @@
 """One inference on one imaging study, as the providing site's process runs it under the
 service's contract: check the model is ready, fetch the study (QIDO-RS then WADO-RS), check it
 against the contract and convert it, infer, check the answer against the contract, build the
-FHIR result and, when asked, store the label map as a DICOM SEG back into the archive (STOW-RS).
+FHIR result and, when asked, store the label map as a DICOM SEG back into the archive (STOW-RS),
+with a DICOM SR measurement report of the segments' measurements when the contract has any.
 
 The steps raise the adapters' own errors unchanged (``StudyNotFoundError``,
 ``ArchiveUnavailableError``, ``ModelNotReadyError``, ``InferenceError``,
@@ -34,6 +35,7 @@ from dsf_bridge.omi.conversion import (
 )
 from dsf_bridge.omi.dicomweb import SeriesInfo, StoreResult, StudyNotFoundError
 from dsf_bridge.omi.inference import HttpInferenceClient, TensorLimitError
+from dsf_bridge.omi.report_sr import measurement_report, reports_segments
 from dsf_bridge.omi.segmentation import segmentation_dataset
 
 __all__ = ["ReceivedSeries", "StudyInference", "StudySource", "infer_study"]
@@ -44,7 +46,7 @@ _log = structlog.get_logger()
 
 
 class StudySource(Protocol):
-    """Where a study comes from and where a SEG goes: a DICOMweb archive
+    """Where a study comes from and where a SEG (and its SR) goes: a DICOMweb archive
     (:class:`~dsf_bridge.omi.dicomweb.DicomWebArchive`) or a series received as a package
     (:class:`ReceivedSeries`)."""
 
@@ -67,8 +69,8 @@ class StudySource(Protocol):
 @dataclass
 class ReceivedSeries:
     """One series that arrived as a package (issue 13): what QIDO-RS would say of it, and its
-    instances read when the model needs them. A SEG is kept in :attr:`stored` to travel back
-    the same way instead of being written into an archive."""
+    instances read when the model needs them. A SEG (and its SR) is kept in :attr:`stored` to
+    travel back the same way instead of being written into an archive."""
 
     study_instance_uid: str
     series: SeriesInfo
@@ -118,6 +120,9 @@ class StudyInference:
     findings: tuple[Finding, ...]
     bundle: dict[str, Any]
     segmentation_series_uid: str | None = None
+    # The DICOM SR measurement report stored with the SEG, when the contract's measurements
+    # name segments (omi/report_sr.py).
+    report_series_uid: str | None = None
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Findings by code for people and the demo's JSON: a measurement's value and unit
@@ -149,13 +154,16 @@ async def infer_study(
     model_version: str | None = None,
     request_id: str | None = None,
     segmentation: bool = False,
+    with_report: bool = True,
     max_slices: int | None = None,
 ) -> StudyInference:
     """Run the contract's model on the study (or the named series) and return the FHIR result.
 
     ``model`` and ``model_version`` override the contract's (a site may serve a contract under
     another name). With ``segmentation``, the contract's label map becomes a DICOM SEG stored
-    in the same archive, in the same study.
+    in the same archive, in the same study, and the measurements that name its segments a
+    DICOM SR (TID 1500) stored with it unless ``with_report`` is false (a result package holds
+    one series: the SEG's).
     """
     model = model or contract.model.name
     model_version = model_version or contract.model.version
@@ -207,19 +215,35 @@ async def infer_study(
         device=device,
         report_code=contract.report_code,
     )
-    segmentation_series_uid = None
+    segmentation_series_uid = report_series_uid = None
     if segmentation and label_map is not None:
+        version = model_version or result.model_version or "1"
         seg = await _off_loop(
             segmentation_dataset,
             volume,
             datasets,
             result[label_map.tensor].data,
             algorithm_name=model,
-            algorithm_version=model_version or result.model_version or "1",
+            algorithm_version=version,
             segments=label_map.segments,
             description=contract.title,
         )
-        await archive.store([seg])
+        results = [seg]
+        if with_report and reports_segments(contract):
+            report = await _off_loop(
+                measurement_report,
+                seg,
+                datasets,
+                found,
+                contract,
+                algorithm_name=model,
+                algorithm_version=version,
+            )
+            if report is not None:
+                results.append(report)
+                report_series_uid = str(report.SeriesInstanceUID)
+        # One STOW-RS: the SR never lands in an archive without the SEG it refers to.
+        await archive.store(results)
         segmentation_series_uid = str(seg.SeriesInstanceUID)
     # No study or series UID in the log: they identify a patient's examination.
     _log.info(
@@ -235,6 +259,7 @@ async def infer_study(
         findings=tuple(found),
         bundle=bundle,
         segmentation_series_uid=segmentation_series_uid,
+        report_series_uid=report_series_uid,
     )
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
@@ -931,12 +931,15 @@ async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) 
 
 
 async def _fetch_segmentation(ctx: HandlerContext, series: str, provider: str) -> None:
-    """The SEG the provider stored into the gateway next to the pseudonymized copy: read,
-    mapped back to the original study and stored into this site's archive."""
+    """The SEG the provider stored into the gateway next to the pseudonymized copy, and the
+    DICOM SR measurement report that refers to it: read, mapped back to the original study and
+    stored into this site's archive."""
     gateway = _archive(ctx, _text(ctx, "dicomwebGateway"))
     archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
+    sent_study = _text(ctx, "sentStudyInstanceUid")
     try:
-        datasets = await gateway.retrieve_series(_text(ctx, "sentStudyInstanceUid"), series)
+        datasets = await gateway.retrieve_series(sent_study, series)
+        datasets += await _reports_on(gateway, sent_study, datasets)
         await _file_segmentation(ctx, archive, datasets)
     except DicomWebError as exc:
         if exc.retryable:
@@ -948,6 +951,23 @@ async def _fetch_segmentation(ctx: HandlerContext, series: str, provider: str) -
         gateway.close()
         archive.close()
     log.info("inference.segmentation_stored", instances=len(datasets))
+
+
+async def _reports_on(
+    gateway: DicomWebArchive, study: str, segmentations: list[Dataset]
+) -> list[Dataset]:
+    """The SRs in ``study`` of the gateway whose evidence names one of ``segmentations``: the
+    Task names the SEG's series only, and the pseudonymized study may hold the SRs of earlier
+    requests for the same study."""
+    wanted = {str(seg.SOPInstanceUID) for seg in segmentations}
+    reports: list[Dataset] = []
+    for found in await gateway.search_series(study):
+        if found.modality != "SR":
+            continue
+        for report in await gateway.retrieve_series(study, found.series_instance_uid):
+            if wanted & {sop for _, _, sop in _evidence(report)}:
+                reports.append(report)
+    return reports
 
 
 async def _file_segmentation(
@@ -967,20 +987,74 @@ async def _file_segmentation(
 def _check_returned(results: list[Dataset], study: str, series: str | None) -> None:
     """A returned SEG, mapped back, must belong to the study and reference the series this
     site sent: the mapping holds every study the site ever sent, so a provider naming another
-    one's pseudonyms would otherwise file the SEG into another patient's study."""
+    one's pseudonyms would otherwise file the SEG into another patient's study. A returned SR
+    (its measurement report) may besides reference the SEGs returned with it, nothing else."""
+    segmentations = {
+        str(result.get("SeriesInstanceUID", ""))
+        for result in results
+        if str(result.get("Modality", "")) == "SEG"
+    }
     for result in results:
         referenced = [
             str(item.get("SeriesInstanceUID", ""))
             for item in result.get("ReferencedSeriesSequence", [])
         ]
-        if str(result.get("StudyInstanceUID", "")) != study or any(
-            uid != series for uid in referenced
+        if (
+            str(result.get("StudyInstanceUID", "")) != study
+            or any(uid != series for uid in referenced)
+            or not _report_fits(result, study, series, segmentations)
         ):
             raise BpmnError(
                 PROVIDER_FAILED,
                 "the returned segmentation belongs to another study or references another "
                 "series than the one this site sent; it was not stored",
             )
+
+
+# DICOM "Source Series for Segmentation" (DCM 121232): the UIDREF of an SR measurement group.
+_SOURCE_SERIES = "121232"
+
+
+def _evidence(report: Dataset) -> Iterator[tuple[str, str, str]]:
+    """(study, series, SOP instance) of every instance an SR lists as its evidence."""
+    for keyword in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for study in report.get(keyword, []):
+            for series in study.get("ReferencedSeriesSequence", []):
+                for instance in series.get("ReferencedSOPSequence", []):
+                    yield (
+                        str(study.get("StudyInstanceUID", "")),
+                        str(series.get("SeriesInstanceUID", "")),
+                        str(instance.get("ReferencedSOPInstanceUID", "")),
+                    )
+
+
+def _report_fits(result: Dataset, study: str, series: str | None, seg_series: set[str]) -> bool:
+    """An SR's evidence is the sent series and the returned SEGs, in the study; what its
+    content references is evidence, and its source series is the sent one. True for what is
+    no SR."""
+    if "ContentSequence" not in result:
+        return True
+    evidence = list(_evidence(result))
+    allowed = {series, *seg_series}
+    if not evidence or any(s != study or uid not in allowed for s, uid, _ in evidence):
+        return False
+    instances = {sop for _, _, sop in evidence}
+    items = list(result.ContentSequence)
+    while items:
+        item = items.pop()
+        items.extend(item.get("ContentSequence", []))
+        for reference in item.get("ReferencedSOPSequence", []):
+            if str(reference.get("ReferencedSOPInstanceUID", "")) not in instances:
+                return False
+        names = item.get("ConceptNameCodeSequence", [])
+        if (
+            item.get("ValueType") == "UIDREF"
+            and names
+            and names[0].get("CodeValue") == _SOURCE_SERIES
+            and str(item.get("UID", "")) != series
+        ):
+            return False
+    return True
 
 
 async def _source_instance(
@@ -1197,7 +1271,8 @@ async def _run_on_package(
             series=series_info(manifest),
             load=load,
         )
-        outcome = await _infer(ctx, entry, contract, model, source)
+        # No DICOM SR here: a package holds one series (omi/package.py), and the SEG's is it.
+        outcome = await _infer(ctx, entry, contract, model, source, with_report=False)
         _record_outcome(ctx, entry, contract, model, outcome)
         if source.stored:
             path = workspace / "segmentation.zip"
@@ -1223,6 +1298,8 @@ async def _infer(
     contract: InferenceContract,
     model: str,
     archive: StudySource,
+    *,
+    with_report: bool = True,
 ) -> StudyInference:
     """Convert and infer; a failure becomes a BPMN error whose code is the error kind."""
     settings = _settings(ctx)
@@ -1252,6 +1329,7 @@ async def _infer(
                 },
                 request_id=ctx.business_key,
                 segmentation=ctx.get("segmentation") is True,
+                with_report=with_report,
                 max_slices=entry.max_slices,
             )
     except StudyNotFoundError as exc:

@@ -164,6 +164,47 @@ def test_a_bad_contract_file_names_the_file_and_the_field(
         load_contract(path)
 
 
+_TISSUE_FILE = REPO / "dsf_bridge" / "omi" / "contracts" / "tissue-composition.toml"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda raw: raw["outputs"]["measurements"][3].update(segment=7),
+            r"outputs: Value error, outputs\.measurements\[3\]\.segment is 7, a label no segment "
+            r"has: outputs\.label_maps\[0\]\.segments declares 2, 3, 4, 5",
+        ),
+        (
+            lambda raw: raw["outputs"].pop("label_maps"),
+            r"outputs: Value error, outputs\.measurements\[3\]\.segment is 2, a label no segment "
+            r"has: "
+            r"outputs\.label_maps is empty",
+        ),
+        (
+            lambda raw: raw["outputs"]["measurements"][3]["code"].update(
+                system="https://provider.example/codes"
+            ),
+            r"outputs: Value error, outputs\.measurements\[3\]\.code: system "
+            r"'https://provider\.example/codes' has no DICOM coding scheme designator: .* \(a "
+            r"segment's measurement goes into the DICOM SR\)",
+        ),
+        (
+            lambda raw: raw["outputs"]["measurements"][3].update(segment=0),
+            r"outputs\.measurements\[3\]\.segment: Input should be greater than or equal to 1",
+        ),
+    ],
+    ids=["undeclared-label", "no-label-map", "code-without-designator", "label-zero"],
+)
+def test_a_measurement_names_a_declared_segment(tmp_path: Path, change: Any, message: str) -> None:
+    raw = _raw(_TISSUE_FILE)
+    assert raw["outputs"]["measurements"][3]["segment"] == 2  # bone-area, of the bone segment
+    change(raw)
+    path = _write(tmp_path, "tissue.json", raw)
+    with pytest.raises(ContractError, match=f"contract file {path}: {message}"):
+        load_contract(path)
+
+
 def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ContractError, match="cannot be read: No such file"):
         load_contract(tmp_path / "missing.toml")

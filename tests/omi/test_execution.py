@@ -33,6 +33,7 @@ from dsf_bridge.omi.inference import (
     ModelNotFoundError,
     ModelNotReadyError,
 )
+from dsf_bridge.omi.report_sr import measurement_report
 from dsf_bridge.omi.segmentation import segmentation_dataset
 from dsf_bridge.retry import RetryPolicy
 from dsf_bridge.sandbox.components import (
@@ -107,6 +108,7 @@ async def test_series_summary_has_volumes(
     assert outcome.summary()["body-volume"]["unit"] == "mL"
     assert outcome.summary()["body-volume"]["value"] > 5 * 0.5 * 56
     assert outcome.segmentation_series_uid is None
+    assert outcome.report_series_uid is None
 
 
 async def test_segmentation_is_stored_in_the_study(
@@ -127,6 +129,9 @@ async def test_segmentation_is_stored_in_the_study(
     series = {s.series_instance_uid: s for s in await archive.search_series(study)}
     seg = series[outcome.segmentation_series_uid]
     assert (seg.modality, seg.instance_count) == ("SEG", 1)
+    # The reference contract's tissue measurements name their segments: an SR comes along.
+    assert outcome.report_series_uid is not None
+    assert series[outcome.report_series_uid].modality == "SR"
     assert outcome.summary()["body-volume"]["unit"] == "mL"  # measurements still complete
 
 
@@ -212,6 +217,7 @@ async def test_pixels_and_the_seg_are_built_off_the_event_loop_and_no_uid_is_log
 
     monkeypatch.setattr(execution, "volume_from_datasets", watched("volume", volume_from_datasets))
     monkeypatch.setattr(execution, "segmentation_dataset", watched("seg", segmentation_dataset))
+    monkeypatch.setattr(execution, "measurement_report", watched("sr", measurement_report))
     study = str(ct_series[0].StudyInstanceUID)
     with structlog.testing.capture_logs() as logged:
         outcome = await infer_study(
@@ -225,7 +231,8 @@ async def test_pixels_and_the_seg_are_built_off_the_event_loop_and_no_uid_is_log
             segmentation=True,
         )
     assert outcome.segmentation_series_uid is not None
-    assert threads == {"volume": False, "seg": False}  # neither on the loop's thread
+    assert outcome.report_series_uid is not None
+    assert threads == {"volume": False, "seg": False, "sr": False}  # none on the loop's thread
     text = repr(logged)
     assert logged, "infer_study logs its steps"
     assert study not in text

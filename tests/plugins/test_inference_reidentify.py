@@ -5,7 +5,7 @@ that names another study's pseudonyms must not get a result filed under another 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,11 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
 from dsf_bridge.dsf.client import FhirClient
-from dsf_bridge.omi.conversion import MEASUREMENT_CODE_SYSTEM
+from dsf_bridge.omi.contract import resolve_contract
+from dsf_bridge.omi.conversion import MEASUREMENT_CODE_SYSTEM, Measurement, volume_from_datasets
 from dsf_bridge.omi.dicomweb import DicomWebArchive, StudyNotFoundError
+from dsf_bridge.omi.report_sr import measurement_report
+from dsf_bridge.omi.segmentation import segmentation_dataset
 from dsf_bridge.plugins.inference import CODESYSTEM_OMI, store_result
 from dsf_bridge.plugins.registry import SERVICE_FHIR_CLIENT, BpmnError, HandlerContext
 from dsf_bridge.plugins.transfer import (
@@ -26,6 +29,7 @@ from dsf_bridge.plugins.transfer import (
 )
 from dsf_bridge.sandbox.components import OrthancProcess
 from dsf_bridge.sandbox.demo import InferenceNetwork
+from dsf_bridge.sandbox.refmodel import tissue_labels
 from tests.omi.data import load_ct_small, make_series
 from tests.plugins.transfer_sites import publish_certificates, transfer_site
 
@@ -239,3 +243,153 @@ async def test_a_segmentation_this_site_did_not_ask_for_is_refused(extra: dict[s
         await store_result(ctx)
     assert refused.value.code == "provider-failed"
     assert "did not ask for" in refused.value.message
+
+
+def _tamper_evidence(report: Dataset) -> None:
+    evidence = report.CurrentRequestedProcedureEvidenceSequence[0]
+    for series in evidence.ReferencedSeriesSequence:
+        if series.SeriesInstanceUID == PSEUDO_SERIES:
+            series.SeriesInstanceUID = PSEUDO_OTHER_SERIES
+
+
+def _tamper_source_series(report: Dataset) -> None:
+    items = list(report.ContentSequence)
+    while items:
+        item = items.pop()
+        items.extend(item.get("ContentSequence", []))
+        if item.get("ValueType") == "UIDREF" and item.get("UID") == PSEUDO_SERIES:
+            item.UID = PSEUDO_OTHER_SERIES
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [None, _tamper_evidence, _tamper_source_series],
+    ids=["as-made", "evidence-names-another-series", "source-series-is-another"],
+)
+async def test_an_sr_from_the_gateway_is_filed_only_when_it_names_the_sent_series(
+    tmp_path: Path, orthanc: OrthancProcess, tamper: Callable[[Dataset], None] | None
+) -> None:
+    """The gateway path brings the SEG's measurement report along: mapped back, it must list
+    the sent series and the SEG as its evidence and name the sent series as the source of the
+    segmentation; a report naming another study's pseudonyms is refused, SEG and all."""
+    originals = make_series(load_ct_small(), slices=2)
+    study = str(originals[0].StudyInstanceUID)
+    copies: list[Dataset] = []
+    mapping = {PSEUDO_STUDY: study, PSEUDO_SERIES: str(originals[0].SeriesInstanceUID)}
+    mapping[PSEUDO_OTHER_SERIES] = OTHER_SERIES
+    for index, original in enumerate(originals):
+        pseudonymized = copy.deepcopy(original)
+        pseudonymized.StudyInstanceUID = PSEUDO_STUDY
+        pseudonymized.SeriesInstanceUID = PSEUDO_SERIES
+        pseudonymized.SOPInstanceUID = f"2.25.40{index}"
+        pseudonymized.file_meta.MediaStorageSOPInstanceUID = UID(f"2.25.40{index}")
+        pseudonymized.PatientName = "Pseudonym"
+        mapping[f"2.25.40{index}"] = str(original.SOPInstanceUID)
+        copies.append(pseudonymized)
+    contract = resolve_contract("tissue-composition")
+    volume = volume_from_datasets(copies, contract)
+    seg = segmentation_dataset(
+        volume,
+        copies,
+        tissue_labels(volume.pixels),
+        algorithm_name="tissue-composition",
+        segments=contract.outputs.label_maps[0].segments,
+    )
+    found = [
+        Measurement(code=m.code, value=1.0, unit=m.unit) for m in contract.outputs.measurements
+    ]
+    report = measurement_report(
+        seg, copies, found, contract, algorithm_name="tissue-composition", algorithm_version="1"
+    )
+    assert report is not None
+    if tamper is not None:
+        tamper(report)
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        await archive.store(originals)
+    finally:
+        archive.close()
+    with OrthancProcess(tmp_path / "gateway").start() as gateway:
+        exchange = DicomWebArchive(gateway.dicomweb_url)
+        try:
+            await exchange.store([*copies, seg, report])
+        finally:
+            exchange.close()
+        await _store_result_from(
+            tmp_path, gateway, orthanc, mapping, seg=seg, accepted=tamper is None
+        )
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        filed = {s.modality: s for s in await archive.search_series(study)}
+        if tamper is not None:
+            assert set(filed) == {"CT"}  # neither the SEG nor the SR
+            return
+        [sr] = await archive.retrieve_series(study, filed["SR"].series_instance_uid)
+    finally:
+        archive.close()
+    assert set(filed) == {"CT", "SEG", "SR"}
+    [evidence] = sr.CurrentRequestedProcedureEvidenceSequence
+    assert evidence.StudyInstanceUID == study
+    assert {str(s.SeriesInstanceUID) for s in evidence.ReferencedSeriesSequence} == {
+        str(originals[0].SeriesInstanceUID),
+        filed["SEG"].series_instance_uid,
+    }
+    assert sr.PatientName == originals[0].PatientName  # the original's, not "Pseudonym"
+
+
+async def _store_result_from(
+    tmp_path: Path,
+    gateway: OrthancProcess,
+    orthanc: OrthancProcess,
+    mapping: dict[str, str],
+    *,
+    seg: Dataset,
+    accepted: bool,
+) -> None:
+    """StoreResult of a result Task naming ``seg``'s series in ``gateway``: it succeeds when
+    ``accepted``, else fails ``provider-failed`` for naming another series."""
+    study = mapping[PSEUDO_STUDY]
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: []}
+    ) as network:
+        clients: list[FhirClient] = []
+        try:
+            site = transfer_site(network, REQUESTER, clients, MemoryPseudonyms(mapping))
+            task = _result_task(
+                [
+                    {
+                        "system": CODESYSTEM_OMI,
+                        "code": "segmentation-series-instance-uid",
+                        "value": str(seg.SeriesInstanceUID),
+                    }
+                ]
+            )
+            ctx = HandlerContext(
+                handler="StoreResult",
+                element_id="StoreResult",
+                business_key="bk-1",
+                variables={
+                    "task": task,
+                    "studyInstanceUid": study,
+                    "startTaskId": "start-1",
+                    "modelName": "tissue-composition",
+                    "transfer": "dicomweb",
+                    "dicomwebGateway": gateway.dicomweb_url,
+                    "dicomwebEndpoint": orthanc.dicomweb_url,
+                    "sentStudyInstanceUid": PSEUDO_STUDY,
+                    "sentSeriesInstanceUid": PSEUDO_SERIES,
+                    "provider": PROVIDER,
+                    "segmentation": True,
+                },
+                services={SERVICE_FHIR_CLIENT: site.local, SERVICE_TRANSFER: site},
+            )
+            if accepted:
+                await store_result(ctx)
+            else:
+                with pytest.raises(BpmnError) as refused:
+                    await store_result(ctx)
+                assert refused.value.code == "provider-failed"
+                assert "another series" in refused.value.message
+        finally:
+            for client in clients:
+                await client.aclose()

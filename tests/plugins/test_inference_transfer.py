@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import pytest
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as table
 from pydicom.dataset import Dataset
@@ -265,6 +266,8 @@ async def test_the_provider_gets_a_pseudonymized_copy_and_the_seg_comes_back_to_
         [seg] = await archive.retrieve_series(study, seg_series.series_instance_uid)
     finally:
         archive.close()
+    # A package holds one series, the SEG's: the DICOM SR stays out of this path (docs/omi.md).
+    assert [s.modality for s in found if s.modality not in ("CT", "SEG")] == []
     assert seg.StudyInstanceUID == study
     referenced = seg.ReferencedSeriesSequence[0]
     assert referenced.SeriesInstanceUID == series[0].SeriesInstanceUID
@@ -399,9 +402,37 @@ async def test_through_a_dicomweb_gateway_the_copy_is_the_same_pseudonymized_one
         assert not original_uids & _uids(copy)
     archive = DicomWebArchive(orthanc.dicomweb_url)
     try:
-        [seg_series] = [s for s in await archive.search_series(study) if s.modality == "SEG"]
+        found = await archive.search_series(study)
+        [seg_series] = [s for s in found if s.modality == "SEG"]
         [seg] = await archive.retrieve_series(study, seg_series.series_instance_uid)
+        [sr_series] = [s for s in found if s.modality == "SR"]
+        [sr] = await archive.retrieve_series(study, sr_series.series_instance_uid)
     finally:
         archive.close()
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series[0].SeriesInstanceUID
     assert seg.PatientID == IDENTITY["PatientID"]
+    # The measurement report came along from the gateway, mapped back like the SEG: it refers
+    # to the original series and to the SEG, and names the patient again.
+    assert sr.StudyInstanceUID == study
+    assert sr.PatientID == IDENTITY["PatientID"]
+    assert "PatientIdentityRemoved" not in sr
+    [evidence] = sr.CurrentRequestedProcedureEvidenceSequence
+    assert evidence.StudyInstanceUID == study
+    assert {str(s.SeriesInstanceUID) for s in evidence.ReferencedSeriesSequence} == {
+        str(series[0].SeriesInstanceUID),
+        str(seg.SeriesInstanceUID),
+    }
+    copied_uids = set().union(*(_uids(c) for c in copies))
+    assert not copied_uids & _uids(sr), "a pseudonym stayed in the SR"
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    groups = report.get_volumetric_roi_measurement_groups()
+    assert {str(g.tracking_identifier) for g in groups} == {
+        str(item.SegmentLabel) for item in seg.SegmentSequence
+    }
+    for group in groups:
+        assert group.referenced_segment is not None
+        assert group.referenced_segment[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+            seg.SOPInstanceUID
+        )
+        assert str(group.referenced_segment[1].UID) == str(series[0].SeriesInstanceUID)
