@@ -909,15 +909,21 @@ async def run_cohort_step(ctx: HandlerContext) -> None:
                     max_slices=entry.max_slices,
                     request_id=ctx.business_key,
                 )
+    # The coordinator gets the bridge's own sentence; what the server or archive said stays
+    # in this site's log (its text is another system's and could quote anything).
     except (ModelNotReadyError, ModelNotFoundError) as exc:
-        raise BpmnError(FAILED, f"the model is not ready at this site: {_short(exc)}") from exc
+        _log_failure(exc)
+        raise BpmnError(FAILED, "the model is not ready at this site") from exc
     except ArchiveUnavailableError as exc:
+        _log_failure(exc)
         raise BpmnError(FAILED, "this site's archive did not answer") from exc
     except InferenceError as exc:
-        raise BpmnError(FAILED, f"the inference server failed: {_short(exc)}") from exc
+        _log_failure(exc)
+        raise BpmnError(FAILED, "this site's inference server failed") from exc
     except RemoteError as exc:
         if exc.retryable:
             raise
+        _log_failure(exc)
         raise BpmnError(FAILED, "this site's archive answered something unusable") from exc
     finally:
         archive.close()
@@ -936,10 +942,8 @@ async def run_cohort_step(ctx: HandlerContext) -> None:
     )
 
 
-def _short(exc: BaseException) -> str:
-    """An error's first line, cut: reasons go to another site and must stay the bridge's own
-    words (no archive or server text with identifiers in it)."""
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+def _log_failure(exc: BaseException) -> None:
+    log.warning("consortium.cohort_failed", error_type=type(exc).__name__, error=str(exc))
 
 
 @handlers.message_send(_PREFIX + "SendConsortiumResult")
