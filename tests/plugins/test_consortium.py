@@ -14,17 +14,27 @@ import contextlib
 import io
 import json
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import structlog
+from pydantic import SecretStr
 from pydicom.dataset import Dataset
+from typer.testing import CliRunner
 
+from dsf_bridge.api.app import create_app
+from dsf_bridge.api.diagram import DiagramLibrary
+from dsf_bridge.cli import app as cli_app
+from dsf_bridge.config import ApiSettings
 from dsf_bridge.dsf.tasks import input_values
 from dsf_bridge.dsf.versions import release
 from dsf_bridge.logs import configure_logging
@@ -47,6 +57,7 @@ from dsf_bridge.sandbox.consortium import (
     synthetic_studies,
 )
 from dsf_bridge.sandbox.demo import InferenceNetwork, audit_events
+from dsf_bridge.store import Database
 from tests.components import REFERENCE_MODEL, running
 
 COORDINATOR = "Coordinator"
@@ -182,7 +193,8 @@ async def test_one_request_four_sites_partial_result_k_rule_and_exact_pooling(
                 for resource_type in ("Task", "Bundle", "Binary", "DocumentReference")
                 for resource in network.resources(COORDINATOR, resource_type)
             ]
-            coordinator_db = _database_text(network.db_urls[COORDINATOR])
+            coordinator_db_url = network.db_urls[COORDINATOR]
+            coordinator_db = _database_text(coordinator_db_url)
             coordinator_tasks = network.tasks(COORDINATOR)
             assert await audit_events(network.db_urls[COORDINATOR]) > 10
 
@@ -265,6 +277,44 @@ async def test_one_request_four_sites_partial_result_k_rule_and_exact_pooling(
         leaked = sorted(secret for secret in secrets if secret in text)
         assert not leaked, f"{where} holds {leaked[:3]}"
     assert "consortium.merged" in logs.getvalue()
+    await _progress_is_shown(coordinator_db_url)
+
+
+async def _progress_is_shown(db_url: str) -> None:
+    """The coordinator's instance page and ``instances show`` list every site's state."""
+    connection = sqlite3.connect(db_url.removeprefix("sqlite:///"))
+    try:
+        [(instance_id,)] = connection.execute(
+            "SELECT i.id FROM process_instances i JOIN process_definitions d "
+            "ON d.id = i.definition_id WHERE d.process_key = ?",
+            (COORDINATOR_PROCESS,),
+        ).fetchall()
+    finally:
+        connection.close()
+    database = Database(db_url, read_only=True)
+    try:
+        app = create_app(
+            database,
+            ApiSettings(token=SecretStr("consortium-page-token")),
+            site=COORDINATOR,
+            diagrams=DiagramLibrary([consortium_plugin]),
+        )
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:
+            page = await client.get(
+                f"/ui/instances/{instance_id}", auth=("admin", "consortium-page-token")
+            )
+    finally:
+        await database.dispose()
+    assert page.status_code == 200
+    table = page.text.split('id="progress"', 1)[1].split("</table>", 1)[0]
+    assert "<td>Site_D</td><td>timed-out</td><td>no answer within PT8S</td>" in table
+    assert "<td>Site_C</td><td>suppressed</td>" in table
+    shown = await asyncio.to_thread(  # the CLI runs its own event loop
+        CliRunner().invoke, cli_app, ["instances", "show", instance_id, "--db-url", db_url]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "progress      Site_D  timed-out  no answer within PT8S" in shown.output
 
 
 def _outputs(task: dict[str, Any], code: str) -> list[Any]:
@@ -437,3 +487,35 @@ async def test_sites_by_role_under_a_parent_and_an_approval_given_in_the_questio
     merged = consortium_result(variables)
     assert merged is not None
     assert merged["pooled"]["body-area"]["n"] == 10  # the same five studies, at both sites
+
+
+def test_demo_consortium_json_lists_every_site_and_the_pooled_figures(tmp_path: Path) -> None:
+    """``dsf-bridge demo --consortium --json`` as a user runs it (its own Orthancs, MLServer
+    and four sites): Hospital_A reports, Hospital_B is below k, Hospital_C times out."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "dsf_bridge", "demo", "--consortium", "--json", "--timeout", "90"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = json.loads(done.stdout)
+    assert output["status"] == "completed"
+    sites = {site["organization"]: site for site in output["sites"]}
+    assert {name: site["status"] for name, site in sites.items()} == {
+        "Hospital_A": "done",
+        "Hospital_B": "suppressed",
+        "Hospital_C": "timed-out",
+    }
+    assert sites["Hospital_C"]["reason"] == "no answer within PT10S"
+    assert all(a["suppressed"] for a in sites["Hospital_B"]["aggregates"])
+    area = output["pooled"]["body-area"]
+    assert area["n"] == 8 and area["sites"] == ["Hospital_A"]
+    assert area["suppressed_at"] == ["Hospital_B"]
+    [shown] = [a for a in sites["Hospital_A"]["aggregates"] if a["measurement"] == "body-area"]
+    assert (area["mean"], area["sd"]) == (shown["mean"], shown["sd"])  # one site: its figures
+    assert output["result"].startswith("Bundle/")
+    assert list(tmp_path.iterdir()) == []  # the demo removed its temporary directory
