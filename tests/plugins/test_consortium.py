@@ -299,7 +299,7 @@ async def _progress_is_shown(db_url: str) -> None:
             site=COORDINATOR,
             diagrams=DiagramLibrary([consortium_plugin]),
         )
-        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:
             page = await client.get(
                 f"/ui/instances/{instance_id}", auth=("admin", "consortium-page-token")
