@@ -27,12 +27,32 @@ from dsf_bridge.errors import ProcessExecutionError
 __all__ = [
     "BUSINESS_KEY_ITEM",
     "BUSINESS_KEY_TEXT",
+    "QUESTIONNAIRE_ITEM_TEXTS",
     "USER_TASK_ID_ITEM",
     "USER_TASK_ID_TEXT",
     "missing_questionnaire_message",
     "placeholder_answer",
+    "questionnaire_item_texts",
     "questionnaire_response",
 ]
+
+#: The local variable a user task's ``create`` listener sets to give QuestionnaireResponse
+#: items other texts (link id -> text), as DSF's ``beforeQuestionnaireResponseCreate`` may.
+QUESTIONNAIRE_ITEM_TEXTS = "questionnaireItemTexts"
+_MAX_ITEM_TEXT = 4000
+
+
+def questionnaire_item_texts(variables: Mapping[str, object]) -> dict[str, str]:
+    """The item texts a user task's listener set (strings only, each cut to 4,000
+    characters), never for ``business-key`` or ``user-task-id``."""
+    texts = variables.get(QUESTIONNAIRE_ITEM_TEXTS)
+    if not isinstance(texts, Mapping):
+        return {}
+    return {
+        str(link_id): text[:_MAX_ITEM_TEXT]
+        for link_id, text in texts.items()
+        if isinstance(text, str) and link_id not in (BUSINESS_KEY_ITEM, USER_TASK_ID_ITEM)
+    }
 
 BUSINESS_KEY_ITEM = "business-key"
 USER_TASK_ID_ITEM = "user-task-id"
@@ -121,9 +141,15 @@ def questionnaire_response(
     user_task_id: str,
     organization: str,
     dsf_release: DsfRelease = DSF_2,
+    item_texts: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The ``in-progress`` QuestionnaireResponse of a user task whose form key ``form_key``
-    found ``questionnaire``, authored by ``organization`` (its identifier)."""
+    found ``questionnaire``, authored by ``organization`` (its identifier).
+
+    ``item_texts`` replaces the text of the items with those link ids (never of
+    ``business-key`` or ``user-task-id``): what a plugin's ``beforeQuestionnaireResponseCreate``
+    does in DSF's ``DefaultUserTaskListener`` (API v1 and v2) to show, e.g., the request a
+    person is asked to approve."""
     items: list[dict[str, Any]] = [
         _item(BUSINESS_KEY_ITEM, BUSINESS_KEY_TEXT, {"valueString": business_key}),
         _item(USER_TASK_ID_ITEM, USER_TASK_ID_TEXT, {"valueString": user_task_id}),
@@ -135,7 +161,8 @@ def questionnaire_response(
         answer = (
             None if question.get("type") == "display" else placeholder_answer(question, dsf_release)
         )
-        items.append(_item(link_id, question.get("text"), answer))
+        text = (item_texts or {}).get(str(link_id), question.get("text"))
+        items.append(_item(link_id, text, answer))
     response: dict[str, Any] = {"resourceType": "QuestionnaireResponse"}
     if dsf_release.major >= 2:
         response["meta"] = {"profile": [QUESTIONNAIRE_RESPONSE_PROFILE]}

@@ -170,6 +170,9 @@ _REQUEST_INPUTS = frozenset(
     }
 )
 
+# The approval form's display item that shows the request (profiles/consortium/Questionnaire).
+APPROVAL_REQUEST_ITEM = "request"
+
 # BPMN error codes (errorCode variable) and what they become.
 REQUEST_INVALID = "request-invalid"
 REFUSED = "refused"
@@ -788,14 +791,24 @@ def check_consortium_request(ctx: HandlerContext) -> None:
 
 @handlers.task_listener(_PREFIX + "DescribeRequest")
 def describe_request(ctx: HandlerContext) -> None:
-    """Logs what the approver is asked, for the site's administrators."""
+    """The approver sees the request in the form (the ``request`` item) and in the log."""
     cohort = ctx.get("cohort")
+    described = Cohort.from_json(cohort).describe() if isinstance(cohort, Mapping) else "?"
+    requester, service, k = ctx.get("requester"), ctx.get("serviceId"), ctx.get("k")
+    ctx.set_questionnaire_item_text(
+        APPROVAL_REQUEST_ITEM,
+        f"{requester} asks this site to run the service {service} on every study of this "
+        f"site's archive in the cohort {described}, on this site's own inference server, and to "
+        f"send back aggregates only (count, mean, standard deviation, median and quartiles per "
+        f"measurement; class counts), none computed from fewer than {k} studies. No image, "
+        "study or patient identifier leaves the site.",
+    )
     log.info(
         "consortium.approval_requested",
-        requester=ctx.get("requester"),
-        service=ctx.get("serviceId"),
-        cohort=Cohort.from_json(cohort).describe() if isinstance(cohort, Mapping) else None,
-        k=ctx.get("k"),
+        requester=requester,
+        service=service,
+        cohort=described,
+        k=k,
     )
 
 

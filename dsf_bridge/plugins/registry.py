@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from dsf_bridge.dsf.questionnaires import QUESTIONNAIRE_ITEM_TEXTS
 from dsf_bridge.dsf.tasks import TASK_OUTPUT_PREFIX, task_output_value, task_output_variable
 from dsf_bridge.engine.correlation import ALTERNATIVE_BUSINESS_KEY
 from dsf_bridge.engine.model import NodeKind, ProcessDefinition
@@ -113,6 +114,16 @@ class HandlerContext:
     def set(self, name: str, value: object) -> None:
         """Set a variable (Camunda ``setVariable``); values must be JSON-compatible."""
         self.updates[name] = value
+
+    def set_questionnaire_item_text(self, link_id: str, text: str) -> None:
+        """In a user task's ``create`` listener: the QuestionnaireResponse the bridge creates
+        shows ``text`` for item ``link_id`` (e.g. the request to approve, in a ``display``
+        item), as DSF's ``DefaultUserTaskListener.beforeQuestionnaireResponseCreate`` may
+        change it."""
+        texts = self.get(QUESTIONNAIRE_ITEM_TEXTS)
+        merged = dict(texts) if isinstance(texts, Mapping) else {}
+        merged[link_id] = text
+        self.set_local(QUESTIONNAIRE_ITEM_TEXTS, merged)
 
     def set_local(self, name: str, value: object) -> None:
         """Set a variable on this execution only (Camunda ``setVariableLocal``)."""

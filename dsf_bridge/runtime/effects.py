@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from dsf_bridge.dsf.questionnaires import questionnaire_item_texts
 from dsf_bridge.dsf.tasks import task_output_task_ids, task_outputs
 from dsf_bridge.engine import state as instance_state
 from dsf_bridge.engine.correlation import (
@@ -292,6 +293,7 @@ class EffectWriter:
                         "form_key": effect.form_key,
                         "token": effect.token,
                         "element_id": effect.element_id,
+                        "item_texts": questionnaire_item_texts(effect.variables),
                     },
                 )
             elif isinstance(effect, CancelUserTask):

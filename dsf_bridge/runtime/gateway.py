@@ -271,6 +271,7 @@ class DsfTaskGateway:
             user_task_id=request.user_task_id,
             organization=self.local_organization,
             dsf_release=self.dsf_release,
+            item_texts=request.item_texts,
         )
         result = await self.local.create(response, return_minimal=True)
         if result.status != 201 or not result.id:

@@ -208,6 +208,9 @@ class OutboxWorker:
                     business_key=str(payload["business_key"]),
                     user_task_id=str(payload["user_task_id"]),
                     form_key=str(payload["form_key"]),
+                    item_texts={
+                        str(k): str(v) for k, v in (payload.get("item_texts") or {}).items()
+                    },
                 )
             )
         if entry.kind is OutboxKind.CANCEL_USER_TASK:

@@ -45,6 +45,9 @@ class UserTaskRequest:
     business_key: str
     user_task_id: str
     form_key: str
+    # Texts of QuestionnaireResponse items by link id, as the user task's create listener set
+    # them (QUESTIONNAIRE_ITEM_TEXTS): DSF's beforeQuestionnaireResponseCreate.
+    item_texts: Mapping[str, str] = field(default_factory=dict)
 
 
 class TaskGateway(Protocol):

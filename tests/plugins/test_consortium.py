@@ -466,6 +466,13 @@ async def test_sites_by_role_under_a_parent_and_an_approval_given_in_the_questio
         assert response["questionnaire"].startswith(
             "http://dsf-bridge.dev/fhir/Questionnaire/consortium-approval|"
         )
+        # The form shows the request: who asks, which service, which cohort, which k.
+        [shown] = [i["text"] for i in response["item"] if i["linkId"] == "request"]
+        assert shown.startswith(
+            "Coordinator asks this site to run the service tissue-composition on every study"
+        )
+        assert f"series description '{marker}'" in shown
+        assert "fewer than 5 studies" in shown
         response["status"] = "completed"
         response["authored"] = "2026-11-30T10:00:00.000Z"
         response["item"] = [

@@ -5,15 +5,22 @@ refuses before anything runs, and what the result Task carries."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dsf_bridge.config import OmiSettings
+from dsf_bridge.dsf.questionnaires import (
+    QUESTIONNAIRE_ITEM_TEXTS,
+    questionnaire_item_texts,
+    questionnaire_response,
+)
 from dsf_bridge.plugins.consortium import (
     CODESYSTEM_CONSORTIUM,
     CODESYSTEM_CONSORTIUM_STATUS,
     check_consortium_request,
+    describe_request,
     record_result,
     send_consortium_result,
     site_states,
@@ -21,6 +28,7 @@ from dsf_bridge.plugins.consortium import (
 from dsf_bridge.plugins.inference import SERVICE_OMI_SETTINGS
 from dsf_bridge.plugins.registry import BpmnError, HandlerContext, SendContext
 
+REPO = Path(__file__).resolve().parents[2]
 KEY = "3f1c9a52-0000-4000-8000-000000000001"
 REQUEST = {"service": "tissue-composition", "cohort": {"modalities": ["CT"]}, "minimumK": None}
 TARGET = {"organizationIdentifier": "Site_A", "correlationKey": KEY}
@@ -210,3 +218,48 @@ def test_the_result_task_carries_aggregates_or_a_reason_never_both() -> None:
     refused = _send({"consortiumStatus": "refused", "errorMessage": "not approved"})
     assert [(i["code"], i["value"]) for i in refused][1] == ("error", "not approved")
     assert len(refused) == 2
+
+
+def test_the_approval_form_shows_the_request_and_keeps_its_keys() -> None:
+    """The user task's listener sets the text of the form's ``request`` item (DSF's
+    ``beforeQuestionnaireResponseCreate``); ``business-key`` and ``user-task-id`` keep theirs."""
+    ctx = HandlerContext(
+        handler="DescribeRequest",
+        element_id="Approve",
+        business_key="bk",
+        variables={
+            "requester": "Coordinator",
+            "serviceId": "tissue-composition",
+            "cohort": {"modalities": ["CT"], "body_part": "ABDOMEN"},
+            "k": 7,
+        },
+    )
+    describe_request(ctx)
+    texts = questionnaire_item_texts(
+        {
+            **ctx.local_updates,
+            QUESTIONNAIRE_ITEM_TEXTS: {
+                **ctx.local_updates[QUESTIONNAIRE_ITEM_TEXTS],  # type: ignore[dict-item]
+                "business-key": "forged",
+            },
+        }
+    )
+    assert set(texts) == {"request"}
+    assert "Coordinator asks this site to run the service tissue-composition" in texts["request"]
+    assert "CT, body part ABDOMEN" in texts["request"]
+    assert "fewer than 7 studies" in texts["request"]
+    questionnaire = json.loads(
+        (REPO / "profiles/consortium/Questionnaire/consortium-approval.json").read_text()
+    )
+    response = questionnaire_response(
+        questionnaire,
+        form_key="http://dsf-bridge.dev/fhir/Questionnaire/consortium-approval|1.0",
+        business_key="bk",
+        user_task_id="instance/1",
+        organization="Site_A",
+        item_texts={**texts, "business-key": "forged"},
+    )
+    items = {item["linkId"]: item for item in response["item"]}
+    assert items["request"]["text"] == texts["request"]
+    assert items["business-key"]["text"] == "The business-key of the process execution"
+    assert items["approve"]["answer"] == [{"valueBoolean": False}]  # the placeholder
