@@ -9,11 +9,16 @@ promises these integrations, so they are never skipped. Import the fixtures into
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from collections.abc import Iterator
 from typing import TypeVar
 
 import pytest
+import structlog
 
+from dsf_bridge.logs import configure_logging
 from dsf_bridge.omi.contract import CONTRACTS_DIR
 from dsf_bridge.sandbox.components import (
     DENSITY_MODEL,
@@ -85,3 +90,18 @@ def mlserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MLServerProce
 def kserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KServeProcess]:
     """A running KServe model server serving the reference model (binary tensors over REST)."""
     yield from running(KServeProcess(tmp_path_factory.mktemp("kserve")))
+
+
+@contextlib.contextmanager
+def json_logs(level: str) -> Iterator[io.StringIO]:
+    """Every log line (structlog and standard logging) at ``level`` and above, as JSON lines,
+    while in the block; logging is reset after."""
+    out = io.StringIO()
+    configure_logging(level, "json", stream=out)
+    try:
+        yield out
+    finally:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        structlog.reset_defaults()

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import io
 import json
-import logging
 import os
 import sqlite3
 import subprocess
@@ -26,7 +25,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import structlog
 from pydantic import SecretStr
 from pydicom.dataset import Dataset
 from typer.testing import CliRunner
@@ -37,7 +35,6 @@ from dsf_bridge.cli import app as cli_app
 from dsf_bridge.config import ApiSettings
 from dsf_bridge.dsf.tasks import input_values
 from dsf_bridge.dsf.versions import release
-from dsf_bridge.logs import configure_logging
 from dsf_bridge.omi.contract import contract_of
 from dsf_bridge.omi.conversion import Measurement
 from dsf_bridge.omi.dicomweb import DicomWebArchive
@@ -58,7 +55,7 @@ from dsf_bridge.sandbox.consortium import (
 )
 from dsf_bridge.sandbox.demo import InferenceNetwork, audit_events
 from dsf_bridge.store import Database
-from tests.components import REFERENCE_MODEL, running
+from tests.components import REFERENCE_MODEL, json_logs, running
 
 COORDINATOR = "Coordinator"
 # (organization, studies, HU offset, approval)
@@ -73,14 +70,9 @@ SERVICE = "tissue-composition"
 
 @pytest.fixture
 def logs() -> Iterator[io.StringIO]:
-    """Every log line of every bridge in the test, as JSON lines."""
-    out = io.StringIO()
-    configure_logging("info", "json", stream=out)
-    yield out
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    structlog.reset_defaults()
+    """Every log line of the test, as JSON lines."""
+    with json_logs("info") as out:
+        yield out
 
 
 def _identifiers(datasets: list[Dataset]) -> set[str]:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import structlog
 
-from dsf_bridge.logs import configure_logging, uid_digest
+from dsf_bridge.logs import uid_digest
 from dsf_bridge.omi.dicomweb import StudyNotFoundError
 from dsf_bridge.plugins.inference import (
     NOT_DELIVERED,
@@ -21,6 +19,7 @@ from dsf_bridge.plugins.inference import (
     record_failure,
 )
 from dsf_bridge.plugins.registry import HandlerContext
+from tests.components import json_logs
 
 STUDY = "1.2.826.0.1.3680043.8.498.77312904551"
 ARCHIVE = "https://pacs.example.org/dicom-web"
@@ -28,13 +27,9 @@ ARCHIVE = "https://pacs.example.org/dicom-web"
 
 @pytest.fixture
 def logs() -> Iterator[io.StringIO]:
-    out = io.StringIO()
-    configure_logging("info", "json", stream=out)
-    yield out
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    structlog.reset_defaults()
+    """Every log line of the test, as JSON lines."""
+    with json_logs("info") as out:
+        yield out
 
 
 def _only(out: io.StringIO, event: str) -> dict[str, Any]:

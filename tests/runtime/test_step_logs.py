@@ -17,10 +17,10 @@ import structlog
 
 from dsf_bridge.engine import load_process
 from dsf_bridge.errors import ProcessExecutionError
-from dsf_bridge.logs import configure_logging
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry, SendContext
 from dsf_bridge.runtime.intake import task_variables
 from dsf_bridge.runtime.testing import ProcessHarness
+from tests.components import json_logs
 from tests.engine.bpmn import START, model
 
 ONE_TASK = model(
@@ -33,13 +33,9 @@ PATIENT = "Doe^Jane"
 
 @pytest.fixture
 def logs() -> Iterator[io.StringIO]:
-    out = io.StringIO()
-    configure_logging("debug", "json", stream=out)
-    yield out
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    structlog.reset_defaults()
+    """Every log line of the test, as JSON lines."""
+    with json_logs("debug") as out:
+        yield out
 
 
 def _records(out: io.StringIO) -> list[dict[str, Any]]:
