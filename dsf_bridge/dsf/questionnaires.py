@@ -54,6 +54,7 @@ def questionnaire_item_texts(variables: Mapping[str, object]) -> dict[str, str]:
         if isinstance(text, str) and link_id not in (BUSINESS_KEY_ITEM, USER_TASK_ID_ITEM)
     }
 
+
 BUSINESS_KEY_ITEM = "business-key"
 USER_TASK_ID_ITEM = "user-task-id"
 BUSINESS_KEY_TEXT = "The business-key of the process execution"

@@ -91,69 +91,38 @@ def consortium_start_task(
     extra_inputs: Sequence[Mapping[str, object]] = (),
 ) -> dict[str, Any]:
     """A ``startConsortiumInference`` Task as a researcher or the FHIR UI would create it."""
-    inputs: list[dict[str, object]] = [
-        {"system": CODESYSTEM_CONSORTIUM, "code": "service", "value": service}
-    ]
+    inputs: list[dict[str, object]] = []
+
+    def add(code: str, value: object) -> None:
+        inputs.append({"system": CODESYSTEM_CONSORTIUM, "code": code, "value": value})
+
+    def identifier(name: str) -> dict[str, object]:
+        return {"valueIdentifier": {"system": ORGANIZATION_IDENTIFIER_SYSTEM, "value": name}}
+
+    add("service", service)
     for modality in modalities:
-        inputs.append(
-            {
-                "system": CODESYSTEM_CONSORTIUM,
-                "code": "cohort-modality",
-                "value": {"system": DCM, "code": modality},
-            }
-        )
-    texts = (
+        add("cohort-modality", {"system": DCM, "code": modality})
+    for code, value in (
         ("cohort-body-part", body_part),
         ("cohort-series-description", series_description),
         ("site-timeout", site_timeout),
-    )
-    for code, value in texts:
+    ):
         if value is not None:
-            inputs.append({"system": CODESYSTEM_CONSORTIUM, "code": code, "value": value})
-    for code, value in (
+            add(code, value)
+    for code, day in (
         ("cohort-study-date-from", study_date_from),
         ("cohort-study-date-to", study_date_to),
     ):
-        if value is not None:
-            inputs.append(
-                {"system": CODESYSTEM_CONSORTIUM, "code": code, "value": {"valueDate": value}}
-            )
+        if day is not None:
+            add(code, {"valueDate": day})
     for target in targets:
-        inputs.append(
-            {
-                "system": CODESYSTEM_CONSORTIUM,
-                "code": "target-organization",
-                "value": {
-                    "valueIdentifier": {"system": ORGANIZATION_IDENTIFIER_SYSTEM, "value": target}
-                },
-            }
-        )
+        add("target-organization", identifier(target))
     if parent is not None:
-        inputs.append(
-            {
-                "system": CODESYSTEM_CONSORTIUM,
-                "code": "target-parent-organization",
-                "value": {
-                    "valueIdentifier": {"system": ORGANIZATION_IDENTIFIER_SYSTEM, "value": parent}
-                },
-            }
-        )
+        add("target-parent-organization", identifier(parent))
     if role is not None:
-        inputs.append(
-            {
-                "system": CODESYSTEM_CONSORTIUM,
-                "code": "target-role",
-                "value": {"system": role[0], "code": role[1]},
-            }
-        )
+        add("target-role", {"system": role[0], "code": role[1]})
     if minimum_k is not None:
-        inputs.append(
-            {
-                "system": CODESYSTEM_CONSORTIUM,
-                "code": "minimum-k",
-                "value": {"valuePositiveInt": minimum_k},
-            }
-        )
+        add("minimum-k", {"valuePositiveInt": minimum_k})
     inputs.extend(dict(item) for item in extra_inputs)
     return build_task(
         instantiates_canonical=START_CANONICAL,
