@@ -16,6 +16,7 @@ from dsf_bridge.dsf.questionnaires import (
     questionnaire_item_texts,
     questionnaire_response,
 )
+from dsf_bridge.plugins import consortium
 from dsf_bridge.plugins.consortium import (
     CODESYSTEM_CONSORTIUM,
     CODESYSTEM_CONSORTIUM_STATUS,
@@ -263,3 +264,16 @@ def test_the_approval_form_shows_the_request_and_keeps_its_keys() -> None:
     assert items["request"]["text"] == texts["request"]
     assert items["business-key"]["text"] == "The business-key of the process execution"
     assert items["approve"]["answer"] == [{"valueBoolean": False}]  # the placeholder
+
+
+def test_one_obfuscator_per_setting_for_as_long_as_the_bridge_runs() -> None:
+    """The same true count gets the same published count across requests (asking again does
+    not average the noise away); no obfuscator unless configured."""
+    assert consortium._obfuscator(_data_site().consortium) is None
+    settings = _data_site(obfuscate=True, epsilon=0.25).consortium
+    first = consortium._obfuscator(settings)
+    assert first is not None
+    assert consortium._obfuscator(settings) is first
+    assert [first.obfuscate(7) for _ in range(5)] == [first.obfuscate(7)] * 5
+    other = consortium._obfuscator(_data_site(obfuscate=True).consortium)
+    assert other is not first
