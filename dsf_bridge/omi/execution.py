@@ -162,8 +162,7 @@ async def infer_study(
     ``model`` and ``model_version`` override the contract's (a site may serve a contract under
     another name). With ``segmentation``, the contract's label map becomes a DICOM SEG stored
     in the same archive, in the same study, and the measurements that name its segments a
-    DICOM SR (TID 1500) stored with it unless ``with_report`` is false (a result package holds
-    one series: the SEG's).
+    DICOM SR (TID 1500) stored with it unless ``with_report`` is false.
     """
     model = model or contract.model.name
     model_version = model_version or contract.model.version

@@ -1,13 +1,30 @@
-"""The study package: one DICOM series as a ZIP of Part 10 files with a manifest of digests.
+"""The study package: DICOM series of one study as a ZIP of Part 10 files with a manifest of
+digests.
 
-What crosses between sites (issue 13) is one series, packaged here, then encrypted
-(``dsf/crypto.py``) into a FHIR Binary. The ZIP holds ``instances/00001.dcm``, ... and, written
-last, ``manifest.json``::
+What crosses between sites (issue 13) is packaged here, then encrypted (``dsf/crypto.py``) into
+a FHIR Binary: a study package (requester to provider) holds one series, a result package
+(provider to requester) the SEG series and the SR series of the SEG's measurement report. The
+ZIP holds ``instances/00001.dcm``, ... and, written last, ``manifest.json``. A package of one
+series has the format ``/1``, as every bridge has written it since issue 13::
 
     {"format": "dsf-bridge-dicom-series/1", "study_instance_uid": ..., "series_instance_uid": ...,
      "modality": "CT", "instance_count": 2, "total_bytes": 1048700,
      "instances": [{"name": "instances/00001.dcm", "sop_instance_uid": ..., "size": 524350,
                     "sha256": "<64 hex>"}, ...]}
+
+A package of several series of the study has the format ``/2``: a list ``series`` (UID,
+modality, body part) in place of the one series' fields, and each instance names its series::
+
+    {"format": "dsf-bridge-dicom-series/2", "study_instance_uid": ...,
+     "series": [{"series_instance_uid": ..., "modality": "SEG", "body_part": ""}, ...],
+     "instance_count": 2, "total_bytes": 40960,
+     "instances": [{"name": "instances/00001.dcm", "series_instance_uid": ...,
+                    "sop_instance_uid": ..., "size": 30720, "sha256": "<64 hex>"}, ...]}
+
+The format string is the version: a bridge that reads ``/1`` only refuses a ``/2`` package
+("the sending site runs an incompatible version") instead of reading its second series as an
+instance that contradicts the manifest. The writer writes ``/1`` whenever it can, so that
+older readers keep reading one-series packages.
 
 Entries are stored, not deflated: on CT pixel data deflate saves about a third of the bytes at
 some 20 MB/s of one core (measured on pydicom's ``CT_small.dcm``: ratio 0.64 at level 1), so on
@@ -43,15 +60,19 @@ from dsf_bridge.errors import BridgeError
 
 __all__ = [
     "FORMAT",
+    "FORMAT_SERIES",
     "MANIFEST_NAME",
     "PackageEntry",
     "PackageError",
     "PackageManifest",
     "PackageReader",
+    "PackageSeries",
     "PackageWriter",
 ]
 
 FORMAT = "dsf-bridge-dicom-series/1"
+# Several series of one study (a SEG and its SR): written only when there are several.
+FORMAT_SERIES = "dsf-bridge-dicom-series/2"
 MANIFEST_NAME = "manifest.json"
 _INSTANCE_NAME = re.compile(r"instances/[0-9]{5}\.dcm")
 _MAX_MANIFEST_BYTES = 16 << 20  # ~100 000 instances; more is no series
@@ -83,11 +104,25 @@ class PackageEntry:
     sop_instance_uid: str
     size: int
     sha256: str
+    # The series it belongs to; the manifest's one series in a ``/1`` package.
+    series_instance_uid: str = ""
+
+
+@dataclass(frozen=True)
+class PackageSeries:
+    """One series of the package: what QIDO-RS would say of it."""
+
+    series_instance_uid: str
+    modality: str
+    # BodyPartExamined of its first instance ("" when it has none): what a contract checks.
+    body_part: str = ""
 
 
 @dataclass(frozen=True)
 class PackageManifest:
-    """What ``manifest.json`` says about the package."""
+    """What ``manifest.json`` says about the package. ``series_instance_uid``, ``modality``
+    and ``body_part`` are those of its first series; ``more_series`` the others (a result
+    package's SR)."""
 
     study_instance_uid: str
     series_instance_uid: str
@@ -95,6 +130,13 @@ class PackageManifest:
     entries: tuple[PackageEntry, ...]
     # BodyPartExamined of the first instance ("" when it has none): what a contract checks.
     body_part: str = ""
+    more_series: tuple[PackageSeries, ...] = ()
+
+    @property
+    def series(self) -> tuple[PackageSeries, ...]:
+        """Every series of the package, the first first."""
+        first = PackageSeries(self.series_instance_uid, self.modality, self.body_part)
+        return (first, *self.more_series)
 
     @property
     def instance_count(self) -> int:
@@ -105,27 +147,46 @@ class PackageManifest:
         return sum(entry.size for entry in self.entries)
 
     def to_json(self) -> bytes:
-        return json.dumps(
+        """``/1`` for one series (what every bridge reads), ``/2`` for several."""
+        instances: list[dict[str, Any]] = [
             {
+                "name": e.name,
+                "sop_instance_uid": e.sop_instance_uid,
+                "size": e.size,
+                "sha256": e.sha256,
+            }
+            for e in self.entries
+        ]
+        document: dict[str, Any]
+        if not self.more_series:
+            document = {
                 "format": FORMAT,
                 "study_instance_uid": self.study_instance_uid,
                 "series_instance_uid": self.series_instance_uid,
                 "modality": self.modality,
                 "body_part": self.body_part,
-                "instance_count": self.instance_count,
-                "total_bytes": self.total_bytes,
-                "instances": [
+            }
+        else:
+            document = {
+                "format": FORMAT_SERIES,
+                "study_instance_uid": self.study_instance_uid,
+                "series": [
                     {
-                        "name": e.name,
-                        "sop_instance_uid": e.sop_instance_uid,
-                        "size": e.size,
-                        "sha256": e.sha256,
+                        "series_instance_uid": s.series_instance_uid,
+                        "modality": s.modality,
+                        "body_part": s.body_part,
                     }
-                    for e in self.entries
+                    for s in self.series
                 ],
-            },
-            indent=1,
-        ).encode()
+            }
+            for item, entry in zip(instances, self.entries, strict=True):
+                item["series_instance_uid"] = entry.series_instance_uid
+        document |= {
+            "instance_count": self.instance_count,
+            "total_bytes": self.total_bytes,
+            "instances": instances,
+        }
+        return json.dumps(document, indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> PackageManifest:
@@ -136,14 +197,26 @@ class PackageManifest:
             raise PackageError(f"the package's {MANIFEST_NAME} is not JSON: {exc}") from exc
         if not isinstance(document, dict):
             raise PackageError(f"the package's {MANIFEST_NAME} is not a JSON object")
-        if document.get("format") != FORMAT:
+        version = document.get("format")
+        if version not in (FORMAT, FORMAT_SERIES):
             raise PackageError(
-                f"the package's format is {document.get('format')!r}, this bridge reads "
-                f"{FORMAT!r}: the sending site runs an incompatible version"
+                f"the package's format is {version!r}, this bridge reads {FORMAT!r} and "
+                f"{FORMAT_SERIES!r}: the sending site runs an incompatible version"
             )
         study = _text(document, "study_instance_uid")
-        series = _text(document, "series_instance_uid")
-        modality = _text(document, "modality", allow_empty=True)
+        if version == FORMAT:
+            body_part = document.get("body_part", "")
+            if not isinstance(body_part, str):
+                raise PackageError(f"the package's {MANIFEST_NAME} gives no text 'body_part'")
+            series = [
+                PackageSeries(
+                    _text(document, "series_instance_uid"),
+                    _text(document, "modality", allow_empty=True),
+                    body_part,
+                )
+            ]
+        else:
+            series = _series_list(document)
         items = document.get("instances")
         if not isinstance(items, list):
             raise PackageError(f"the package's {MANIFEST_NAME} has no list 'instances'")
@@ -159,13 +232,32 @@ class PackageManifest:
                 raise PackageError(
                     f"{MANIFEST_NAME} gives no valid SHA-256 for {item.get('name')!r}"
                 )
+            if version == FORMAT:
+                in_series = series[0].series_instance_uid
+            else:
+                in_series = _text(item, "series_instance_uid")
             entries.append(
-                PackageEntry(_text(item, "name"), _text(item, "sop_instance_uid"), size, digest)
+                PackageEntry(
+                    _text(item, "name"), _text(item, "sop_instance_uid"), size, digest, in_series
+                )
             )
-        body_part = document.get("body_part", "")
-        if not isinstance(body_part, str):
-            raise PackageError(f"the package's {MANIFEST_NAME} gives no text 'body_part'")
-        manifest = cls(study, series, modality, tuple(entries), body_part)
+        listed = {s.series_instance_uid for s in series}
+        used = {entry.series_instance_uid for entry in entries}
+        if unknown := sorted(used - listed):
+            raise PackageError(
+                f"{MANIFEST_NAME} lists instances of series it does not list: {unknown[:3]}"
+            )
+        if version == FORMAT_SERIES and (empty := sorted(listed - used)):
+            raise PackageError(f"{MANIFEST_NAME} lists series without instances: {empty[:3]}")
+        first, *more = series
+        manifest = cls(
+            study,
+            first.series_instance_uid,
+            first.modality,
+            tuple(entries),
+            first.body_part,
+            tuple(more),
+        )
         if document.get("instance_count") != manifest.instance_count:
             raise PackageError(
                 f"{MANIFEST_NAME} declares {document.get('instance_count')} instances but lists "
@@ -177,6 +269,31 @@ class PackageManifest:
                 f"instances add up to {manifest.total_bytes}"
             )
         return manifest
+
+
+def _series_list(document: dict[str, Any]) -> list[PackageSeries]:
+    """The ``series`` of a ``/2`` manifest: at least one, each UID once."""
+    items = document.get("series")
+    if not isinstance(items, list) or not items:
+        raise PackageError(f"the package's {MANIFEST_NAME} has no list 'series'")
+    series: list[PackageSeries] = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise PackageError(f"an entry of {MANIFEST_NAME} 'series' is not an object")
+        body_part = item.get("body_part", "")
+        if not isinstance(body_part, str):
+            raise PackageError(f"{MANIFEST_NAME} gives a series no text 'body_part'")
+        series.append(
+            PackageSeries(
+                _text(item, "series_instance_uid"),
+                _text(item, "modality", allow_empty=True),
+                body_part,
+            )
+        )
+    uids = [s.series_instance_uid for s in series]
+    if len(set(uids)) != len(uids):
+        raise PackageError(f"{MANIFEST_NAME} lists one series twice")
+    return series
 
 
 def _text(item: dict[str, Any], key: str, *, allow_empty: bool = False) -> str:
@@ -209,16 +326,19 @@ class _Hashing(io.RawIOBase):
 
 
 class PackageWriter:
-    """Writes one series into ``target`` (a binary file open for writing).
+    """Writes one series, or up to ``max_series`` series of one study, into ``target`` (a
+    binary file open for writing).
 
     Use as a context manager; :meth:`close` (called on a clean exit) writes the manifest and
-    returns it. Every instance must belong to the first instance's study and series."""
+    returns it. Every instance must belong to the first instance's study, and to one of at
+    most ``max_series`` series."""
 
-    def __init__(self, target: BinaryIO) -> None:
+    def __init__(self, target: BinaryIO, *, max_series: int = 1) -> None:
         self._zip = zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._max_series = max_series
         self._entries: list[PackageEntry] = []
-        self._series: tuple[str, str, str] | None = None
-        self._body_part = ""
+        self._study: str | None = None
+        self._series: dict[str, PackageSeries] = {}
         self._manifest: PackageManifest | None = None
 
     def __enter__(self) -> PackageWriter:
@@ -246,12 +366,20 @@ class PackageWriter:
             raise PackageError(
                 "an instance without Study, Series or SOP Instance UID cannot be packaged"
             )
-        if self._series is None:
-            self._series = (study, series, str(dataset.get("Modality", "")))
-            self._body_part = str(dataset.get("BodyPartExamined", "") or "")
-        elif (study, series) != self._series[:2]:
-            raise PackageError(
-                "a package holds one series; an instance of another series or study was added"
+        if self._study is None:
+            self._study = study
+        elif study != self._study:
+            raise PackageError("a package holds one study; an instance of another was added")
+        if series not in self._series:
+            if len(self._series) == self._max_series:
+                held = "one series" if self._max_series == 1 else f"{self._max_series} series"
+                raise PackageError(
+                    f"a package holds {held}; an instance of another series or study was added"
+                )
+            self._series[series] = PackageSeries(
+                series,
+                str(dataset.get("Modality", "")),
+                str(dataset.get("BodyPartExamined", "") or ""),
             )
         name = f"instances/{len(self._entries) + 1:05d}.dcm"
         info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
@@ -259,17 +387,26 @@ class PackageWriter:
         with self._zip.open(info, "w", force_zip64=True) as entry:
             hashing = _Hashing(entry)
             pydicom.dcmwrite(hashing, dataset, enforce_file_format=True)
-        self._entries.append(PackageEntry(name, sop, hashing.size, hashing.digest.hexdigest()))
+        self._entries.append(
+            PackageEntry(name, sop, hashing.size, hashing.digest.hexdigest(), series)
+        )
 
     def close(self) -> PackageManifest:
         """Write ``manifest.json`` and finish the ZIP; the manifest (idempotent)."""
         if self._manifest is not None:
             return self._manifest
-        if self._series is None:
+        if self._study is None:
             self._zip.close()
             raise PackageError("an empty package: no instance was added")
-        study, series, modality = self._series
-        manifest = PackageManifest(study, series, modality, tuple(self._entries), self._body_part)
+        first, *more = self._series.values()
+        manifest = PackageManifest(
+            self._study,
+            first.series_instance_uid,
+            first.modality,
+            tuple(self._entries),
+            first.body_part,
+            tuple(more),
+        )
         info = zipfile.ZipInfo(MANIFEST_NAME, date_time=(1980, 1, 1, 0, 0, 0))
         self._zip.writestr(info, manifest.to_json())
         self._zip.close()
@@ -281,12 +418,16 @@ class PackageReader:
     """Reads a package written by :class:`PackageWriter`, checking everything first.
 
     ``max_instances`` and ``max_bytes`` (the sum of the instance files) bound what the sending
-    site can make this site store and parse. Opening checks the manifest against the ZIP;
-    :meth:`instances` then yields one verified dataset at a time."""
+    site can make this site store and parse; ``max_series`` how many series it may hold (a
+    study package one, a result package its SEG and SR). Opening checks the manifest against
+    the ZIP; :meth:`instances` then yields one verified dataset at a time."""
 
-    def __init__(self, path: Path, *, max_instances: int, max_bytes: int) -> None:
+    def __init__(
+        self, path: Path, *, max_instances: int, max_bytes: int, max_series: int = 1
+    ) -> None:
         self._max_instances = max_instances
         self._max_bytes = max_bytes
+        self._max_series = max_series
         # The instances and the manifest, with slack: the manifest's own check says more
         # precisely what is over; this one only keeps a directory from exhausting memory.
         _check_directory(path, 2 * (max_instances + 1) + 16)
@@ -336,6 +477,11 @@ class PackageReader:
                 f"than the {_MAX_MANIFEST_BYTES} a manifest may have"
             )
         manifest = PackageManifest.from_json(self._read_bounded(manifest_info, _MAX_MANIFEST_BYTES))
+        if len(manifest.series) > self._max_series:
+            raise PackageError(
+                f"the package holds {len(manifest.series)} series, more than the "
+                f"{self._max_series} a package of this kind may hold (a study package holds one)"
+            )
         if manifest.instance_count > self._max_instances:
             raise PackageError(
                 f"the package holds {manifest.instance_count} instances, more than the limit "
@@ -403,7 +549,7 @@ class PackageReader:
             checks = (
                 ("SOPInstanceUID", entry.sop_instance_uid),
                 ("StudyInstanceUID", manifest.study_instance_uid),
-                ("SeriesInstanceUID", manifest.series_instance_uid),
+                ("SeriesInstanceUID", entry.series_instance_uid),
             )
             for keyword, expected in checks:
                 if str(dataset.get(keyword, "")) != expected:

@@ -74,7 +74,7 @@ from dsf_bridge.omi.inference import (
     ModelNotFoundError,
     ModelNotReadyError,
 )
-from dsf_bridge.omi.package import PackageError
+from dsf_bridge.omi.package import PackageError, PackageManifest
 from dsf_bridge.omi.pseudonymize import (
     PseudonymizationRefusedError,
     Pseudonymizer,
@@ -101,6 +101,7 @@ from dsf_bridge.plugins.registry import (
     SendContext,
 )
 from dsf_bridge.plugins.transfer import (
+    RESULT_SERIES,
     SERVICE_TRANSFER,
     PseudonymStore,
     TransferError,
@@ -900,9 +901,10 @@ def _pseudonyms(ctx: HandlerContext) -> PseudonymStore:
 
 
 async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) -> None:
-    """The SEG the provider stored as a package: downloaded, decrypted, mapped back to the
-    original study (every UID this site replaced becomes its original again), and stored
-    into the site's archive next to the study (STOW-RS)."""
+    """The SEG the provider stored as a package, with the DICOM SR measurement report on it
+    when the contract has one: downloaded, decrypted, mapped back to the original study (every
+    UID this site replaced becomes its original again), checked, and stored into the site's
+    archive next to the study (one STOW-RS)."""
     site = _transfer(ctx)
     archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
     try:
@@ -910,7 +912,8 @@ async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) 
             received = await receive_package(
                 site, package, sender=provider, target=workspace / "segmentation.zip"
             )
-            _, load = open_package(site, received.path)
+            manifest, load = open_package(site, received.path, max_series=RESULT_SERIES)
+            _check_result_series(manifest)
             datasets = await asyncio.to_thread(load)
             await _file_segmentation(ctx, archive, datasets)
     except (TransferError, PackageError, DecryptionError, RecipientKeyError) as exc:
@@ -928,6 +931,18 @@ async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) 
     finally:
         archive.close()
     log.info("inference.segmentation_stored", instances=len(datasets))
+
+
+def _check_result_series(manifest: PackageManifest) -> None:
+    """A result package holds one SEG series and at most one SR series, nothing else: this
+    site stores into its archive only what it asked for (the instances' own Modality is
+    checked again after they are read, :func:`_check_returned`)."""
+    modalities = sorted(series.modality for series in manifest.series)
+    if modalities not in (["SEG"], ["SEG", "SR"]):
+        raise PackageError(
+            f"it holds series of the modalities {modalities}; a result package holds one SEG "
+            "series and at most one SR series"
+        )
 
 
 async def _fetch_segmentation(ctx: HandlerContext, series: str, provider: str) -> None:
@@ -988,9 +1003,18 @@ def _check_returned(results: list[Dataset], study: str, series: str | None) -> N
     """A returned SEG, mapped back, must belong to the study and reference the series this
     site sent: the mapping holds every study the site ever sent, so a provider naming another
     one's pseudonyms would otherwise file the SEG into another patient's study. A returned SR
-    (its measurement report) may besides reference the SEGs returned with it, nothing else."""
+    (its measurement report) may besides reference the SEGs returned with it, nothing else.
+    Nothing but SEGs and SRs comes back."""
+    for result in results:
+        modality = str(result.get("Modality", ""))
+        if modality not in ("SEG", "SR"):
+            raise BpmnError(
+                PROVIDER_FAILED,
+                f"the returned segmentation holds a {modality or 'modality-less'} instance; "
+                "only a SEG and its SR come back; nothing was stored",
+            )
     segmentations = {
-        str(result.get("SeriesInstanceUID", ""))
+        (str(result.get("SeriesInstanceUID", "")), str(result.get("SOPInstanceUID", "")))
         for result in results
         if str(result.get("Modality", "")) == "SEG"
     }
@@ -1028,15 +1052,19 @@ def _evidence(report: Dataset) -> Iterator[tuple[str, str, str]]:
                     )
 
 
-def _report_fits(result: Dataset, study: str, series: str | None, seg_series: set[str]) -> bool:
-    """An SR's evidence is the sent series and the returned SEGs, in the study; what its
-    content references is evidence, and its source series is the sent one. True for what is
-    no SR."""
+def _report_fits(
+    result: Dataset, study: str, series: str | None, segmentations: set[tuple[str, str]]
+) -> bool:
+    """An SR's evidence is the sent series and the returned SEG instances ((series, SOP
+    instance) in ``segmentations``), in the study; what its content references is evidence,
+    and its source series is the sent one. True for what is no SR."""
     if "ContentSequence" not in result:
         return True
     evidence = list(_evidence(result))
-    allowed = {series, *seg_series}
-    if not evidence or any(s != study or uid not in allowed for s, uid, _ in evidence):
+    if not evidence or any(
+        s != study or (uid != series and (uid, sop) not in segmentations)
+        for s, uid, sop in evidence
+    ):
         return False
     instances = {sop for _, _, sop in evidence}
     items = list(result.ContentSequence)
@@ -1271,12 +1299,12 @@ async def _run_on_package(
             series=series_info(manifest),
             load=load,
         )
-        # No DICOM SR here: a package holds one series (omi/package.py), and the SEG's is it.
-        outcome = await _infer(ctx, entry, contract, model, source, with_report=False)
+        outcome = await _infer(ctx, entry, contract, model, source)
         _record_outcome(ctx, entry, contract, model, outcome)
         if source.stored:
+            # The SEG and its DICOM SR, when the contract has one: one package, two series.
             path = workspace / "segmentation.zip"
-            await asyncio.to_thread(package_datasets, source.stored, path)
+            await asyncio.to_thread(package_datasets, source.stored, path, max_series=RESULT_SERIES)
             try:
                 published = await publish_package(
                     site,
@@ -1298,8 +1326,6 @@ async def _infer(
     contract: InferenceContract,
     model: str,
     archive: StudySource,
-    *,
-    with_report: bool = True,
 ) -> StudyInference:
     """Convert and infer; a failure becomes a BPMN error whose code is the error kind."""
     settings = _settings(ctx)
@@ -1329,7 +1355,6 @@ async def _infer(
                 },
                 request_id=ctx.business_key,
                 segmentation=ctx.get("segmentation") is True,
-                with_report=with_report,
                 max_slices=entry.max_slices,
             )
     except StudyNotFoundError as exc:

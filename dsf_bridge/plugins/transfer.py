@@ -52,6 +52,7 @@ from dsf_bridge.omi.package import PackageManifest, PackageReader, PackageWriter
 from dsf_bridge.omi.pseudonymize import Pseudonymizer
 
 __all__ = [
+    "RESULT_SERIES",
     "SERVICE_TRANSFER",
     "CopiedSeries",
     "PackagedSeries",
@@ -77,6 +78,8 @@ log = structlog.get_logger("dsf_bridge.plugins.transfer")
 
 #: Service name of the site's :class:`TransferSite` (the daemon provides it).
 SERVICE_TRANSFER = "omi.transfer"
+#: Series a result package may hold: the SEG's and its DICOM SR measurement report's.
+RESULT_SERIES = 2
 
 #: Identifies the DocumentReference of a package by the process instance and its role.
 TRANSFER_IDENTIFIER_SYSTEM = "http://dsf-bridge.dev/fhir/NamingSystem/transfer"
@@ -240,9 +243,12 @@ async def _package_once(
     )
 
 
-def package_datasets(datasets: list[Dataset], target: Path) -> PackageManifest:
-    """Write ``datasets`` (a result: a SEG) into a package at ``target``."""
-    with target.open("wb") as file, PackageWriter(file) as writer:
+def package_datasets(
+    datasets: list[Dataset], target: Path, *, max_series: int = 1
+) -> PackageManifest:
+    """Write ``datasets`` (a result: a SEG, with ``max_series`` = :data:`RESULT_SERIES` its
+    SR too) into a package at ``target``."""
+    with target.open("wb") as file, PackageWriter(file, max_series=max_series) as writer:
         for dataset in datasets:
             writer.add(dataset)
         return writer.close()
@@ -432,17 +438,21 @@ async def receive_package(
 
 
 def open_package(
-    site: TransferSite, path: Path
+    site: TransferSite, path: Path, *, max_series: int = 1
 ) -> tuple[PackageManifest, Callable[[], list[Dataset]]]:
-    """The manifest of a received package (checked against the ZIP) and a loader of its
-    instances, each verified against its digest as it is read."""
-    with PackageReader(path, max_instances=site.max_instances, max_bytes=site.max_bytes) as reader:
+    """The manifest of a received package (checked against the ZIP; at most ``max_series``
+    series: one for a study package, :data:`RESULT_SERIES` for a result package) and a loader
+    of its instances, each verified against its digest as it is read."""
+    limits = {
+        "max_instances": site.max_instances,
+        "max_bytes": site.max_bytes,
+        "max_series": max_series,
+    }
+    with PackageReader(path, **limits) as reader:
         manifest = reader.manifest
 
     def load() -> list[Dataset]:
-        with PackageReader(
-            path, max_instances=site.max_instances, max_bytes=site.max_bytes
-        ) as reader:
+        with PackageReader(path, **limits) as reader:
             return list(reader.instances())
 
     return manifest, load

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from dsf_bridge.omi.package import (
     FORMAT,
+    FORMAT_SERIES,
     MANIFEST_NAME,
     PackageError,
     PackageManifest,
@@ -95,10 +97,143 @@ def test_a_deflated_package_from_elsewhere_is_read_too(package: Path, tmp_path: 
 
 
 def test_the_writer_refuses_a_second_series(ct_small: Dataset, tmp_path: Path) -> None:
+    first = make_series(ct_small, 1)[0]
+    second = _other_series(first, "SEG")
     with (tmp_path / "x.zip").open("wb") as target, PackageWriter(target) as writer:
-        writer.add(make_series(ct_small, 1)[0])
+        writer.add(first)
         with pytest.raises(PackageError, match="one series"):
+            writer.add(second)
+        with pytest.raises(PackageError, match="one study"):
             writer.add(make_series(ct_small, 1)[0])
+
+
+def _other_series(instance: Dataset, modality: str) -> Dataset:
+    """A copy of ``instance`` as the one instance of a new series of its study."""
+    other = copy.deepcopy(instance)
+    other.SeriesInstanceUID = generate_uid()
+    other.SOPInstanceUID = generate_uid()
+    other.file_meta.MediaStorageSOPInstanceUID = other.SOPInstanceUID
+    other.Modality = modality
+    return other
+
+
+@pytest.fixture
+def result_package(tmp_path: Path, ct_series: list[Dataset]) -> Path:
+    """A package of two series of one study (as a SEG and its SR come back)."""
+    path = tmp_path / "result.zip"
+    with path.open("wb") as target, PackageWriter(target, max_series=2) as writer:
+        writer.add(_other_series(ct_series[0], "SEG"))
+        writer.add(_other_series(ct_series[0], "SR"))
+    return path
+
+
+def test_two_series_of_one_study_round_trip_in_format_2(
+    result_package: Path, ct_series: list[Dataset]
+) -> None:
+    with PackageReader(result_package, **LIMITS, max_series=2) as reader:
+        manifest = reader.manifest
+        read = list(reader.instances())
+    assert [s.modality for s in manifest.series] == ["SEG", "SR"]
+    assert manifest.study_instance_uid == ct_series[0].StudyInstanceUID
+    assert [d.SeriesInstanceUID for d in read] == [s.series_instance_uid for s in manifest.series]
+    assert [e.series_instance_uid for e in manifest.entries] == [d.SeriesInstanceUID for d in read]
+    with zipfile.ZipFile(result_package) as archive:
+        document = json.loads(archive.read(MANIFEST_NAME))
+    assert document["format"] == FORMAT_SERIES
+    assert "series_instance_uid" not in document  # nothing a /1 reader could take for its one
+    assert [s["modality"] for s in document["series"]] == ["SEG", "SR"]
+
+
+def test_a_study_package_of_two_series_is_refused(result_package: Path) -> None:
+    with pytest.raises(PackageError, match="holds 2 series, more than the 1"):
+        PackageReader(result_package, **LIMITS)
+
+
+def test_a_one_series_package_is_written_as_format_1(package: Path) -> None:
+    """Bridges that read /1 only keep reading what holds one series."""
+    with zipfile.ZipFile(package) as archive:
+        document = json.loads(archive.read(MANIFEST_NAME))
+    assert document["format"] == FORMAT
+    assert "series" not in document
+    assert all("series_instance_uid" not in i for i in document["instances"])
+
+
+def test_a_format_1_package_opens_where_two_series_may_come(
+    package: Path, tmp_path: Path, ct_series: list[Dataset]
+) -> None:
+    """A result package of an older provider: its one series, the manifest exactly as /1
+    bridges wrote it."""
+
+    def as_written_before(document: dict[str, object]) -> None:
+        assert document["format"] == FORMAT
+        del document["body_part"]  # before contracts checked it
+
+    older = _rewrite(package, tmp_path / "older.zip", manifest=as_written_before)
+    with PackageReader(older, **LIMITS, max_series=2) as reader:
+        assert [s.series_instance_uid for s in reader.manifest.series] == [
+            ct_series[0].SeriesInstanceUID
+        ]
+        assert len(list(reader.instances())) == SERIES_SLICES
+
+
+def _unknown_series(document: dict[str, object]) -> None:
+    _first(document)["series_instance_uid"] = "2.25.1"
+
+
+def _unused_series(document: dict[str, object]) -> None:
+    series = document["series"]
+    assert isinstance(series, list)
+    series.append({"series_instance_uid": "2.25.2", "modality": "CT"})
+
+
+def _series_twice(document: dict[str, object]) -> None:
+    series = document["series"]
+    assert isinstance(series, list)
+    series.append(dict(series[0]))
+
+
+def _no_series(document: dict[str, object]) -> None:
+    document["series"] = []
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        (_unknown_series, r"instances of series it does not list: \['2.25.1'\]"),
+        (_unused_series, r"series without instances: \['2.25.2'\]"),
+        (_series_twice, "lists one series twice"),
+        (_no_series, "no list 'series'"),
+    ],
+)
+def test_a_two_series_manifest_that_does_not_add_up_is_refused(
+    result_package: Path,
+    tmp_path: Path,
+    manifest: Callable[[dict[str, object]], None],
+    message: str,
+) -> None:
+    forged = _rewrite(result_package, tmp_path / "forged.zip", manifest=manifest)
+    with pytest.raises(PackageError, match=message):
+        PackageReader(forged, **LIMITS, max_series=3)
+
+
+def test_an_instance_in_another_series_than_its_entry_says_is_refused(
+    result_package: Path, tmp_path: Path
+) -> None:
+    def swap(document: dict[str, object]) -> None:
+        instances = document["instances"]
+        assert isinstance(instances, list)
+        first, second = instances
+        first["series_instance_uid"], second["series_instance_uid"] = (
+            second["series_instance_uid"],
+            first["series_instance_uid"],
+        )
+
+    forged = _rewrite(result_package, tmp_path / "forged.zip", manifest=swap)
+    with (
+        PackageReader(forged, **LIMITS, max_series=2) as reader,
+        pytest.raises(PackageError, match="SeriesInstanceUID differs from the manifest's"),
+    ):
+        list(reader.instances())
 
 
 def test_limits_are_checked_before_anything_is_read(package: Path) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -23,7 +24,9 @@ from dsf_bridge.omi.segmentation import segmentation_dataset
 from dsf_bridge.plugins.inference import CODESYSTEM_OMI, store_result
 from dsf_bridge.plugins.registry import SERVICE_FHIR_CLIENT, BpmnError, HandlerContext
 from dsf_bridge.plugins.transfer import (
+    RESULT_SERIES,
     SERVICE_TRANSFER,
+    TransferSite,
     package_datasets,
     publish_package,
 )
@@ -136,6 +139,7 @@ async def test_a_seg_naming_another_studys_pseudonym_is_not_filed_there(
     seg.SeriesInstanceUID = "2.25.555"
     seg.SOPInstanceUID = "2.25.556"
     seg.file_meta.MediaStorageSOPInstanceUID = UID("2.25.556")
+    seg.Modality = "SEG"  # what a result package may hold
     seg.PatientName = "Pseudonym"
     referenced = Dataset()
     referenced.SeriesInstanceUID = PSEUDO_SERIES
@@ -274,34 +278,7 @@ async def test_an_sr_from_the_gateway_is_filed_only_when_it_names_the_sent_serie
     segmentation; a report naming another study's pseudonyms is refused, SEG and all."""
     originals = make_series(load_ct_small(), slices=2)
     study = str(originals[0].StudyInstanceUID)
-    copies: list[Dataset] = []
-    mapping = {PSEUDO_STUDY: study, PSEUDO_SERIES: str(originals[0].SeriesInstanceUID)}
-    mapping[PSEUDO_OTHER_SERIES] = OTHER_SERIES
-    for index, original in enumerate(originals):
-        pseudonymized = copy.deepcopy(original)
-        pseudonymized.StudyInstanceUID = PSEUDO_STUDY
-        pseudonymized.SeriesInstanceUID = PSEUDO_SERIES
-        pseudonymized.SOPInstanceUID = f"2.25.40{index}"
-        pseudonymized.file_meta.MediaStorageSOPInstanceUID = UID(f"2.25.40{index}")
-        pseudonymized.PatientName = "Pseudonym"
-        mapping[f"2.25.40{index}"] = str(original.SOPInstanceUID)
-        copies.append(pseudonymized)
-    contract = resolve_contract("tissue-composition")
-    volume = volume_from_datasets(copies, contract)
-    seg = segmentation_dataset(
-        volume,
-        copies,
-        tissue_labels(volume.pixels),
-        algorithm_name="tissue-composition",
-        segments=contract.outputs.label_maps[0].segments,
-    )
-    found = [
-        Measurement(code=m.code, value=1.0, unit=m.unit) for m in contract.outputs.measurements
-    ]
-    report = measurement_report(
-        seg, copies, found, contract, algorithm_name="tissue-composition", algorithm_version="1"
-    )
-    assert report is not None
+    copies, mapping, seg, report = _seg_and_report(originals)
     if tamper is not None:
         tamper(report)
     archive = DicomWebArchive(orthanc.dicomweb_url)
@@ -337,6 +314,249 @@ async def test_an_sr_from_the_gateway_is_filed_only_when_it_names_the_sent_serie
     assert sr.PatientName == originals[0].PatientName  # the original's, not "Pseudonym"
 
 
+def _seg_and_report(
+    originals: list[Dataset],
+) -> tuple[list[Dataset], dict[str, str], Dataset, Dataset]:
+    """The pseudonymized copies of ``originals`` as this site sent them, its mapping
+    (replacement -> original, with another study's series besides), and the SEG and SR a
+    provider makes of the copies."""
+    study = str(originals[0].StudyInstanceUID)
+    copies: list[Dataset] = []
+    mapping = {PSEUDO_STUDY: study, PSEUDO_SERIES: str(originals[0].SeriesInstanceUID)}
+    mapping[PSEUDO_OTHER_SERIES] = OTHER_SERIES
+    mapping[PSEUDO_OTHER_STUDY] = OTHER_STUDY
+    for index, original in enumerate(originals):
+        pseudonymized = copy.deepcopy(original)
+        pseudonymized.StudyInstanceUID = PSEUDO_STUDY
+        pseudonymized.SeriesInstanceUID = PSEUDO_SERIES
+        pseudonymized.SOPInstanceUID = f"2.25.40{index}"
+        pseudonymized.file_meta.MediaStorageSOPInstanceUID = UID(f"2.25.40{index}")
+        pseudonymized.PatientName = "Pseudonym"
+        mapping[f"2.25.40{index}"] = str(original.SOPInstanceUID)
+        copies.append(pseudonymized)
+    contract = resolve_contract("tissue-composition")
+    volume = volume_from_datasets(copies, contract)
+    seg = segmentation_dataset(
+        volume,
+        copies,
+        tissue_labels(volume.pixels),
+        algorithm_name="tissue-composition",
+        segments=contract.outputs.label_maps[0].segments,
+    )
+    found = [
+        Measurement(code=m.code, value=1.0, unit=m.unit) for m in contract.outputs.measurements
+    ]
+    report = measurement_report(
+        seg, copies, found, contract, algorithm_name="tissue-composition", algorithm_version="1"
+    )
+    assert report is not None
+    return copies, mapping, seg, report
+
+
+def _tamper_evidence_study(report: Dataset) -> None:
+    report.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID = PSEUDO_OTHER_STUDY
+
+
+def _tamper_seg_instance(report: Dataset) -> None:
+    """The evidence lists, in the SEG's series, another instance besides the SEG (one of
+    another study, mapped back)."""
+    evidence = report.CurrentRequestedProcedureEvidenceSequence[0]
+    for series in evidence.ReferencedSeriesSequence:
+        if series.SeriesInstanceUID != PSEUDO_SERIES:
+            other = copy.deepcopy(series.ReferencedSOPSequence[0])
+            other.ReferencedSOPInstanceUID = PSEUDO_OTHER_SERIES
+            series.ReferencedSOPSequence.append(other)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [None, _tamper_evidence_study, _tamper_evidence, _tamper_seg_instance, _tamper_source_series],
+    ids=[
+        "as-made",
+        "evidence-in-another-study",
+        "evidence-names-another-series",
+        "evidence-names-another-instance",
+        "source-series-is-another",
+    ],
+)
+async def test_an_sr_in_the_result_package_is_filed_only_when_it_names_the_sent_series(
+    tmp_path: Path, orthanc: OrthancProcess, tamper: Callable[[Dataset], None] | None
+) -> None:
+    """Through DSF the SEG and its SR come back in one package of two series: mapped back,
+    the SR is stored with the SEG under the original study and patient, referencing the
+    original series and the SEG; an SR naming another study's pseudonyms is refused, SEG and
+    all, and nothing is stored."""
+    originals = make_series(load_ct_small(), slices=2)
+    study = str(originals[0].StudyInstanceUID)
+    _, mapping, seg, report = _seg_and_report(originals)
+    if tamper is not None:
+        tamper(report)
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        await archive.store(originals)
+    finally:
+        archive.close()
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        await publish_certificates(network, REQUESTER, PROVIDER)
+        clients: list[FhirClient] = []
+        try:
+            provider = transfer_site(network, PROVIDER, clients)
+            package = tmp_path / "result.zip"
+            package_datasets([seg, report], package, max_series=RESULT_SERIES)
+            published = await publish_package(
+                provider, package, recipient=REQUESTER, transfer_id="bk/seg", title="test"
+            )
+            site = transfer_site(network, REQUESTER, clients, MemoryPseudonyms(mapping))
+            ctx = _package_result_context(site, published.binary_url, study, orthanc)
+            if tamper is None:
+                await store_result(ctx)
+            else:
+                with pytest.raises(BpmnError) as refused:
+                    await store_result(ctx)
+                assert refused.value.code == "provider-failed"
+                assert "was not stored" in refused.value.message
+        finally:
+            for client in clients:
+                await client.aclose()
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        filed = {s.modality: s for s in await archive.search_series(study)}
+        if tamper is not None:
+            assert set(filed) == {"CT"}  # neither the SEG nor the SR
+            with pytest.raises(StudyNotFoundError):
+                await archive.search_series(OTHER_STUDY)
+            return
+        [stored_seg] = await archive.retrieve_series(study, filed["SEG"].series_instance_uid)
+        [sr] = await archive.retrieve_series(study, filed["SR"].series_instance_uid)
+    finally:
+        archive.close()
+    assert set(filed) == {"CT", "SEG", "SR"}
+    assert sr.StudyInstanceUID == study
+    assert sr.PatientName == originals[0].PatientName  # the original's, not "Pseudonym"
+    assert sr.PatientID == originals[0].PatientID
+    [evidence] = sr.CurrentRequestedProcedureEvidenceSequence
+    assert evidence.StudyInstanceUID == study
+    assert {str(s.SeriesInstanceUID) for s in evidence.ReferencedSeriesSequence} == {
+        str(originals[0].SeriesInstanceUID),
+        str(stored_seg.SeriesInstanceUID),
+    }
+    groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    assert isinstance(groups, hd.sr.MeasurementReport)
+    for group in groups.get_volumetric_roi_measurement_groups():
+        assert group.referenced_segment is not None
+        [segment_reference, source] = group.referenced_segment
+        assert segment_reference.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+            stored_seg.SOPInstanceUID
+        )
+        assert str(source.UID) == str(originals[0].SeriesInstanceUID)
+
+
+async def test_a_result_package_with_another_series_than_the_seg_and_sr_is_refused(
+    tmp_path: Path, orthanc: OrthancProcess
+) -> None:
+    """A result package of the SEG and a CT series (the provider's copy of the images, or
+    another series): nothing but a SEG and its SR is stored into this site's archive."""
+    originals = make_series(load_ct_small(), slices=2)
+    study = str(originals[0].StudyInstanceUID)
+    copies, mapping, seg, _ = _seg_and_report(originals)
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        await archive.store(originals)
+    finally:
+        archive.close()
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        await publish_certificates(network, REQUESTER, PROVIDER)
+        clients: list[FhirClient] = []
+        try:
+            provider = transfer_site(network, PROVIDER, clients)
+            package = tmp_path / "result.zip"
+            package_datasets([seg, copies[0]], package, max_series=RESULT_SERIES)
+            published = await publish_package(
+                provider, package, recipient=REQUESTER, transfer_id="bk/seg", title="test"
+            )
+            site = transfer_site(network, REQUESTER, clients, MemoryPseudonyms(mapping))
+            ctx = _package_result_context(site, published.binary_url, study, orthanc)
+            with pytest.raises(BpmnError) as refused:
+                await store_result(ctx)
+        finally:
+            for client in clients:
+                await client.aclose()
+    assert refused.value.code == "provider-failed"
+    assert "modalities ['CT', 'SEG']" in refused.value.message
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        assert [s.modality for s in await archive.search_series(study)] == ["CT"]
+    finally:
+        archive.close()
+
+
+def _package_result_context(
+    site: TransferSite, package: str, study: str, orthanc: OrthancProcess
+) -> HandlerContext:
+    """StoreResult's context for a result Task naming the segmentation ``package``."""
+    task = _result_task(
+        [
+            {
+                "system": CODESYSTEM_OMI,
+                "code": "segmentation-package",
+                "value": {"reference": package, "type": "Binary"},
+            }
+        ]
+    )
+    return HandlerContext(
+        handler="StoreResult",
+        element_id="StoreResult",
+        business_key="bk-1",
+        variables={
+            "task": task,
+            "studyInstanceUid": study,
+            "startTaskId": "start-1",
+            "modelName": "tissue-composition",
+            "transfer": "dsf",
+            "sentSeriesInstanceUid": PSEUDO_SERIES,
+            "dicomwebEndpoint": orthanc.dicomweb_url,
+            "provider": PROVIDER,
+            "segmentation": True,
+        },
+        services={SERVICE_FHIR_CLIENT: site.local, SERVICE_TRANSFER: site},
+    )
+
+
+async def test_a_segmentation_series_that_is_the_sent_images_is_refused(
+    tmp_path: Path, orthanc: OrthancProcess
+) -> None:
+    """The result names the pseudonymized CT series in the gateway as its segmentation:
+    mapped back, it would be stored into this site's archive as if it were a result."""
+    originals = make_series(load_ct_small(), slices=2)
+    study = str(originals[0].StudyInstanceUID)
+    copies, mapping, _, _ = _seg_and_report(originals)
+    with OrthancProcess(tmp_path / "gateway").start() as gateway:
+        exchange = DicomWebArchive(gateway.dicomweb_url)
+        try:
+            await exchange.store(copies)
+        finally:
+            exchange.close()
+        await _store_result_from(
+            tmp_path,
+            gateway,
+            orthanc,
+            mapping,
+            seg=copies[0],
+            accepted=False,
+            refusal="holds a CT instance",
+        )
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        with pytest.raises(StudyNotFoundError):
+            await archive.search_series(study)
+    finally:
+        archive.close()
+
+
 async def _store_result_from(
     tmp_path: Path,
     gateway: OrthancProcess,
@@ -345,9 +565,10 @@ async def _store_result_from(
     *,
     seg: Dataset,
     accepted: bool,
+    refusal: str = "another series",
 ) -> None:
     """StoreResult of a result Task naming ``seg``'s series in ``gateway``: it succeeds when
-    ``accepted``, else fails ``provider-failed`` for naming another series."""
+    ``accepted``, else fails ``provider-failed`` with ``refusal`` in its message."""
     study = mapping[PSEUDO_STUDY]
     async with InferenceNetwork(
         tmp_path / "sites", {}, offline=(), published={REQUESTER: []}
@@ -389,7 +610,7 @@ async def _store_result_from(
                 with pytest.raises(BpmnError) as refused:
                     await store_result(ctx)
                 assert refused.value.code == "provider-failed"
-                assert "another series" in refused.value.message
+                assert refusal in refused.value.message
         finally:
             for client in clients:
                 await client.aclose()

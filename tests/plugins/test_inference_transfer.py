@@ -127,8 +127,10 @@ def _spy_on_packages(
     received: dict[str, list[Dataset]] = {}
     original = transfer.open_package
 
-    def spy(site: TransferSite, path: Path) -> tuple[Any, Callable[[], list[Dataset]]]:
-        manifest, load = original(site, path)
+    def spy(
+        site: TransferSite, path: Path, *, max_series: int = 1
+    ) -> tuple[Any, Callable[[], list[Dataset]]]:
+        manifest, load = original(site, path, max_series=max_series)
 
         def recorded() -> list[Dataset]:
             datasets = load()
@@ -258,16 +260,19 @@ async def test_the_provider_gets_a_pseudonymized_copy_and_the_seg_comes_back_to_
         assert copy.StudyDate != original.StudyDate  # dates shifted (the default)
         assert dt.datetime.strptime(copy.StudyDate, "%Y%m%d") < dt.datetime(2026, 4, 12)
 
-    # The SEG came back as a package, was mapped back and stored next to the original series.
+    # The SEG and its measurement report came back in one package, were mapped back and
+    # stored next to the original series.
     archive = DicomWebArchive(orthanc.dicomweb_url)
     try:
         found = await archive.search_series(study)
         [seg_series] = [s for s in found if s.modality == "SEG"]
         [seg] = await archive.retrieve_series(study, seg_series.series_instance_uid)
+        [sr_series] = [s for s in found if s.modality == "SR"]
+        [sr] = await archive.retrieve_series(study, sr_series.series_instance_uid)
     finally:
         archive.close()
-    # A package holds one series, the SEG's: the DICOM SR stays out of this path (docs/omi.md).
-    assert [s.modality for s in found if s.modality not in ("CT", "SEG")] == []
+    assert sorted(str(s.modality) for s in found) == ["CT", "SEG", "SR"]
+    assert sorted(str(d.Modality) for d in received[REQUESTER]) == ["SEG", "SR"]
     assert seg.StudyInstanceUID == study
     referenced = seg.ReferencedSeriesSequence[0]
     assert referenced.SeriesInstanceUID == series[0].SeriesInstanceUID
@@ -279,6 +284,40 @@ async def test_the_provider_gets_a_pseudonymized_copy_and_the_seg_comes_back_to_
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate"):
         assert str(seg.get(keyword)) == IDENTITY[keyword], keyword
     assert "PatientIdentityRemoved" not in seg
+    _assert_report_mapped_back(sr, seg, series, copies)
+
+
+def _assert_report_mapped_back(
+    sr: Dataset, seg: Dataset, series: list[Dataset], copies: list[Dataset]
+) -> None:
+    """The SR names the original study, patient and series and the SEG as stored; no pseudonym
+    of ``copies`` stayed in it, and highdicom reads it as a TID 1500 report whose groups
+    reference the SEG's segments and the original series."""
+    study = str(series[0].StudyInstanceUID)
+    assert sr.StudyInstanceUID == study
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate"):
+        assert str(sr.get(keyword)) == IDENTITY[keyword], keyword
+    assert "PatientIdentityRemoved" not in sr
+    [evidence] = sr.CurrentRequestedProcedureEvidenceSequence
+    assert evidence.StudyInstanceUID == study
+    assert {str(s.SeriesInstanceUID) for s in evidence.ReferencedSeriesSequence} == {
+        str(series[0].SeriesInstanceUID),
+        str(seg.SeriesInstanceUID),
+    }
+    copied_uids = set().union(*(_uids(c) for c in copies))
+    assert not copied_uids & _uids(sr), "a pseudonym stayed in the SR"
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    groups = report.get_volumetric_roi_measurement_groups()
+    assert {str(g.tracking_identifier) for g in groups} == {
+        str(item.SegmentLabel) for item in seg.SegmentSequence
+    }
+    for group in groups:
+        assert group.referenced_segment is not None
+        assert group.referenced_segment[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+            seg.SOPInstanceUID
+        )
+        assert str(group.referenced_segment[1].UID) == str(series[0].SeriesInstanceUID)
 
 
 async def test_a_study_with_burned_in_annotation_never_leaves(
@@ -413,26 +452,4 @@ async def test_through_a_dicomweb_gateway_the_copy_is_the_same_pseudonymized_one
     assert seg.PatientID == IDENTITY["PatientID"]
     # The measurement report came along from the gateway, mapped back like the SEG: it refers
     # to the original series and to the SEG, and names the patient again.
-    assert sr.StudyInstanceUID == study
-    assert sr.PatientID == IDENTITY["PatientID"]
-    assert "PatientIdentityRemoved" not in sr
-    [evidence] = sr.CurrentRequestedProcedureEvidenceSequence
-    assert evidence.StudyInstanceUID == study
-    assert {str(s.SeriesInstanceUID) for s in evidence.ReferencedSeriesSequence} == {
-        str(series[0].SeriesInstanceUID),
-        str(seg.SeriesInstanceUID),
-    }
-    copied_uids = set().union(*(_uids(c) for c in copies))
-    assert not copied_uids & _uids(sr), "a pseudonym stayed in the SR"
-    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
-    assert isinstance(report, hd.sr.MeasurementReport)
-    groups = report.get_volumetric_roi_measurement_groups()
-    assert {str(g.tracking_identifier) for g in groups} == {
-        str(item.SegmentLabel) for item in seg.SegmentSequence
-    }
-    for group in groups:
-        assert group.referenced_segment is not None
-        assert group.referenced_segment[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
-            seg.SOPInstanceUID
-        )
-        assert str(group.referenced_segment[1].UID) == str(series[0].SeriesInstanceUID)
+    _assert_report_mapped_back(sr, seg, series, copies)

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
+from dsf_bridge.config import OmiServiceSettings, OmiSettings
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.errors import RemoteError
+from dsf_bridge.plugins.inference import SERVICE_OMI_SETTINGS, TRANSFER_FAILED, run_inference
+from dsf_bridge.plugins.registry import BpmnError, HandlerContext
 from dsf_bridge.plugins.transfer import (
+    RESULT_SERIES,
+    SERVICE_TRANSFER,
     TransferError,
     check_package_url,
     package_datasets,
@@ -205,3 +212,46 @@ async def test_the_sweep_withdraws_what_no_running_instance_needs(tmp_path: Path
         finally:
             for client in clients:
                 await client.aclose()
+
+
+async def test_a_study_package_of_two_series_is_refused_by_the_provider(tmp_path: Path) -> None:
+    """A study package holds exactly one series: one of two (format /2, as a result package)
+    fails the request ``transfer-failed`` before anything reaches the model."""
+    ct = make_series(load_ct_small(), 2)
+    other = copy.deepcopy(ct[1])
+    other.SeriesInstanceUID = generate_uid()
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        await publish_certificates(network, REQUESTER, PROVIDER)
+        clients: list[FhirClient] = []
+        try:
+            sender = transfer_site(network, REQUESTER, clients)
+            package = tmp_path / "study.zip"
+            package_datasets([ct[0], other], package, max_series=RESULT_SERIES)
+            published = await publish_package(
+                sender, package, recipient=PROVIDER, transfer_id="bk/study", title="test"
+            )
+            entry = OmiServiceSettings(id="svc", inference_url="http://127.0.0.1:9")
+            ctx = HandlerContext(
+                handler="RunInference",
+                element_id="RunInference",
+                business_key="bk",
+                variables={
+                    "studyPackage": published.binary_url,
+                    "requester": REQUESTER,
+                    "serviceId": "svc",
+                    "studyInstanceUid": str(ct[0].StudyInstanceUID),
+                },
+                services={
+                    SERVICE_OMI_SETTINGS: OmiSettings(catalogue=[entry]),
+                    SERVICE_TRANSFER: transfer_site(network, PROVIDER, clients),
+                },
+            )
+            with pytest.raises(BpmnError) as refused:
+                await run_inference(ctx)
+        finally:
+            for client in clients:
+                await client.aclose()
+    assert refused.value.code == TRANSFER_FAILED
+    assert "holds 2 series, more than the 1" in refused.value.message
