@@ -909,12 +909,10 @@ async def run_cohort_step(ctx: HandlerContext) -> None:
                     max_slices=entry.max_slices,
                     request_id=ctx.business_key,
                 )
-    except (ModelNotReadyError, ModelNotFoundError) as exc:
-        raise BpmnError(FAILED, f"the model is not ready at this site: {_short(exc)}") from exc
     except ArchiveUnavailableError as exc:
         raise BpmnError(FAILED, "this site's archive did not answer") from exc
     except InferenceError as exc:
-        raise BpmnError(FAILED, f"the inference server failed: {_short(exc)}") from exc
+        raise BpmnError(FAILED, _inference_failure(exc)) from exc
     except RemoteError as exc:
         if exc.retryable:
             raise
@@ -936,10 +934,19 @@ async def run_cohort_step(ctx: HandlerContext) -> None:
     )
 
 
-def _short(exc: BaseException) -> str:
-    """An error's first line, cut: reasons go to another site and must stay the bridge's own
-    words (no archive or server text with identifiers in it)."""
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+def _inference_failure(exc: InferenceError) -> str:
+    """Why the inference server failed, in the bridge's own words: the reason goes to another
+    site, so neither the server's text (which may quote what it was sent) nor this site's
+    addresses (both in ``str(exc)``) are in it. Nor in this site's log: the server's text is
+    not ours to vouch for."""
+    log.warning("consortium.inference_failed", error_type=type(exc).__name__, status=exc.status)
+    if isinstance(exc, ModelNotFoundError):
+        return "this site's inference server does not serve the model"
+    if isinstance(exc, ModelNotReadyError):
+        return "the model is not ready at this site's inference server"
+    if exc.status is not None:
+        return f"this site's inference server failed (HTTP {exc.status})"
+    return "this site's inference server did not answer usably"
 
 
 @handlers.message_send(_PREFIX + "SendConsortiumResult")

@@ -5,7 +5,11 @@ refuses before anything runs, and what the result Task carries."""
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -15,11 +19,18 @@ from dsf_bridge.plugins.consortium import (
     CODESYSTEM_CONSORTIUM_STATUS,
     check_consortium_request,
     record_result,
+    run_cohort_step,
     send_consortium_result,
     site_states,
 )
 from dsf_bridge.plugins.inference import SERVICE_OMI_SETTINGS
-from dsf_bridge.plugins.registry import BpmnError, HandlerContext, SendContext
+from dsf_bridge.plugins.registry import (
+    SERVICE_CALL_RETRY,
+    BpmnError,
+    HandlerContext,
+    SendContext,
+)
+from dsf_bridge.retry import RetryPolicy
 
 KEY = "3f1c9a52-0000-4000-8000-000000000001"
 REQUEST = {"service": "tissue-composition", "cohort": {"modalities": ["CT"]}, "minimumK": None}
@@ -210,3 +221,93 @@ def test_the_result_task_carries_aggregates_or_a_reason_never_both() -> None:
     refused = _send({"consortiumStatus": "refused", "errorMessage": "not approved"})
     assert [(i["code"], i["value"]) for i in refused][1] == ("error", "not approved")
     assert len(refused) == 2
+
+
+# -- what a data site's failure tells the coordinator ---------------------------------------------
+
+# What a hostile or chatty server might put in its error text: a name and a study UID.
+LEAK = "DOE^JANE 1.2.826.0.1.3680043.8.498.4711"
+
+
+class _SiteServers(BaseHTTPRequestHandler):
+    """A data site's archive (QIDO-RS: two studies) and inference server (readiness answers
+    ``ready_status`` with ``LEAK`` in its error text), on one real loopback socket."""
+
+    ready_status = 500
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        if url.path == "/dicom-web/series":
+            first = parse_qs(url.query).get("offset") == ["0"]
+            items = [
+                {
+                    "0020000D": {"vr": "UI", "Value": [f"1.2.826.0.1.3680043.8.498.{n}"]},
+                    "0020000E": {"vr": "UI", "Value": [f"1.2.826.0.1.3680043.8.498.{n}.1"]},
+                    "00080060": {"vr": "CS", "Value": ["CT"]},
+                    "00201209": {"vr": "IS", "Value": [1]},
+                }
+                for n in (1, 2)
+            ]
+            self._answer(200, "application/dicom+json", items if first else [])
+        elif url.path.endswith("/ready"):
+            self._answer(type(self).ready_status, "application/json", {"error": LEAK})
+        else:
+            self._answer(404, "application/json", {"error": LEAK})
+
+    def _answer(self, status: int, content_type: str, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def site_servers() -> Iterator[tuple[str, type[_SiteServers]]]:
+    handler = type("Servers", (_SiteServers,), {})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(500, "failed"), (404, "does not serve the model"), (400, "not ready")],
+)
+async def test_an_inference_server_failure_reaches_the_coordinator_in_the_bridges_words(
+    site_servers: tuple[str, type[_SiteServers]], status: int, kind: str
+) -> None:
+    base, handler = site_servers
+    handler.ready_status = status
+    settings = OmiSettings(
+        catalogue=[{"id": "tissue-composition", "inference_url": base}],
+        consortium={"dicomweb_url": f"{base}/dicom-web", "k": 2},
+    )
+    ctx = HandlerContext(
+        handler="RunCohort",
+        element_id="RunCohort",
+        business_key="bk",
+        variables={"serviceId": "tissue-composition", "cohort": {"modalities": ["CT"]}, "k": 2},
+        services={
+            SERVICE_OMI_SETTINGS: settings,
+            SERVICE_CALL_RETRY: RetryPolicy(attempts=1, initial_delay=0.01),
+        },
+    )
+    with pytest.raises(BpmnError) as raised:
+        await run_cohort_step(ctx)
+    assert raised.value.code == "failed"
+    reason = raised.value.message
+    assert "inference server" in reason and kind in reason
+    # Neither the server's own text nor where this site's servers are goes to another site.
+    for private in ("DOE", "1.2.826", "127.0.0.1", base):
+        assert private not in reason
