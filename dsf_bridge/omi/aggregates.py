@@ -424,6 +424,16 @@ def _aggregate_from_json(item: object) -> Aggregate:
             f"class table {measurement!r} hides a single class, which follows from its total: "
             "the site's suppression is broken"
         )
+    shown = sum(value for value in counts.values() if value is not None)
+    if not obfuscated and shown > n:
+        raise ValueError(
+            f"class table {measurement!r} shows more studies in its classes ({shown}) than its "
+            f"total ({n})"
+        )
+    if not obfuscated and None not in counts.values() and shown != n:
+        raise ValueError(
+            f"the classes of table {measurement!r} add up to {shown}, not its total {n}"
+        )
     return ClassCounts(
         measurement=measurement, suppressed=False, n=n, counts=counts, obfuscated=obfuscated
     )

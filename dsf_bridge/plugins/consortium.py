@@ -618,6 +618,15 @@ def _check_k(aggregates: tuple[Aggregate, ...], minimum_k: int) -> None:
                 f"{aggregate.measurement!r} shows a figure from {min(small)} studies, fewer "
                 f"than {minimum_k}: the site's k rule is broken"
             )
+        if isinstance(aggregate, ClassCounts) and aggregate.n is not None:
+            # The total minus the shown classes is the hidden classes' sum: a figure too.
+            hidden = aggregate.n - sum(c for c in aggregate.counts.values() if c is not None)
+            if None in aggregate.counts.values() and hidden < minimum_k:
+                raise _BrokenAnswerError(
+                    f"the hidden classes of {aggregate.measurement!r} hold {hidden} studies "
+                    f"together (its total minus the shown classes), fewer than {minimum_k}: "
+                    "the site's complementary suppression is broken"
+                )
 
 
 def _requested_k(ctx: HandlerContext) -> int:

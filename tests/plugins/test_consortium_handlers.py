@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import threading
+import tomllib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -311,3 +313,88 @@ async def test_an_inference_server_failure_reaches_the_coordinator_in_the_bridge
     # Neither the server's own text nor where this site's servers are goes to another site.
     for private in ("DOE", "1.2.826", "127.0.0.1", base):
         assert private not in reason
+
+
+# -- class tables the coordinator must not store ------------------------------------------------
+
+
+def _three_classes() -> OmiSettings:
+    path = resources.files("dsf_bridge.omi") / "contracts" / "ct-density.toml"
+    table = tomllib.loads(path.read_text(encoding="utf-8"))
+    classes = table["outputs"]["classifications"][0]["classes"]
+    system = classes[0]["code"]["system"]
+    classes.append({"code": {"system": system, "code": "mixed", "display": "Mixed"}})
+    table["name"] = "three-classes"
+    return OmiSettings(catalogue=[{"id": "three-classes", "contract": table}])
+
+
+def _classes(n: int, counts: dict[str, object]) -> dict[str, Any]:
+    return {
+        "measurement": "density-class",
+        "kind": "classes",
+        "suppressed": False,
+        "n": n,
+        "counts": counts,
+        "obfuscated": False,
+    }
+
+
+def _class_answer(table: dict[str, Any], minimum_k: int = 5) -> dict[str, Any]:
+    ctx = HandlerContext(
+        handler="RecordResult",
+        element_id="RecordResult",
+        business_key="bk",
+        variables={
+            "task": {
+                "id": "t1",
+                "requester": "Site_A",
+                "inputs": [_status("done"), _input("consortium-aggregates", json.dumps([table]))],
+            },
+            "target": TARGET,
+            "consortiumRequest": {**REQUEST, "service": "three-classes", "minimumK": minimum_k},
+            "sites": [TARGET],
+        },
+        services={SERVICE_OMI_SETTINGS: _three_classes()},
+    )
+    record_result(ctx)
+    state = ctx.updates[f"site_{KEY}"]
+    assert isinstance(state, dict)
+    return state
+
+
+HIDDEN = {"suppressed": True}
+
+
+def test_a_class_table_hiding_enough_is_kept() -> None:
+    # 20 studies, 'fatty' 12 shown, 'dense' and 'mixed' hidden: together 8, at least k = 5.
+    state = _class_answer(_classes(20, {"fatty": 12, "dense": HIDDEN, "mixed": HIDDEN}))
+    assert state["status"] == "done"
+
+
+@pytest.mark.parametrize(
+    ("table", "reason"),
+    [
+        # The hidden classes hold 3 studies together: a figure from fewer than k by subtraction.
+        (
+            _classes(15, {"fatty": 12, "dense": HIDDEN, "mixed": HIDDEN}),
+            "hidden classes of 'density-class' hold 3 studies",
+        ),
+        # A class left out of the table is hidden without saying so: 'mixed' = 20 - 12 - 7 = 1.
+        (_classes(20, {"fatty": 12, "dense": 7}), "add up to 19, not its total 20"),
+        (
+            _classes(20, {"fatty": 10, "dense": 10}) | {"obfuscated": True},
+            "leaves out class mixed",
+        ),
+        # Its classes hold more studies than its total.
+        (_classes(10, {"fatty": 12, "dense": 7, "mixed": 6}), "than its total (10)"),
+        # Every class shown: they must add up to the total.
+        (_classes(30, {"fatty": 12, "dense": 7, "mixed": 6}), "add up to 25, not its total 30"),
+    ],
+)
+def test_a_class_table_leaking_a_small_figure_by_subtraction_is_refused(
+    table: dict[str, Any], reason: str
+) -> None:
+    state = _class_answer(table)
+    assert state["status"] == "failed"
+    assert reason in state["reason"]
+    assert "aggregates" not in state
