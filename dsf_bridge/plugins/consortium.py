@@ -928,6 +928,20 @@ async def run_cohort_step(ctx: HandlerContext) -> None:
         raise BpmnError(FAILED, "this site's archive answered something unusable") from exc
     finally:
         archive.close()
+    if outcome.inferred == 0 and outcome.failures:
+        # The model ran on a cohort of at least k and gave nothing: 'suppressed' would say the
+        # cohort was small. The failure kinds say why; how many failed is a count, not sent.
+        log.warning(
+            "consortium.cohort_failed",
+            service=entry.id,
+            matched=outcome.matched,
+            failures=outcome.failures,
+        )
+        raise BpmnError(
+            FAILED,
+            "the model gave no result for any study of the cohort "
+            f"({', '.join(sorted(outcome.failures))})",
+        )
     aggregates = site_aggregates(outcome, contract, k=k, obfuscator=_obfuscator(consortium))
     shown = any(not aggregate.suppressed for aggregate in aggregates)
     status = SiteStatus.DONE if shown else SiteStatus.SUPPRESSED

@@ -398,3 +398,33 @@ def test_a_class_table_leaking_a_small_figure_by_subtraction_is_refused(
     assert state["status"] == "failed"
     assert reason in state["reason"]
     assert "aggregates" not in state
+
+
+async def test_a_cohort_where_every_study_failed_is_failed_not_suppressed(
+    site_servers: tuple[str, type[_SiteServers]],
+) -> None:
+    # The model is ready, but neither study can be read (404): the site has no figure because
+    # nothing worked, not because its cohort was small; 'suppressed' would say the latter.
+    base, handler = site_servers
+    handler.ready_status = 200
+    settings = OmiSettings(
+        catalogue=[{"id": "tissue-composition", "inference_url": base}],
+        consortium={"dicomweb_url": f"{base}/dicom-web", "k": 2},
+    )
+    ctx = HandlerContext(
+        handler="RunCohort",
+        element_id="RunCohort",
+        business_key="bk",
+        variables={"serviceId": "tissue-composition", "cohort": {"modalities": ["CT"]}, "k": 2},
+        services={
+            SERVICE_OMI_SETTINGS: settings,
+            SERVICE_CALL_RETRY: RetryPolicy(attempts=1, initial_delay=0.01),
+        },
+    )
+    with pytest.raises(BpmnError) as raised:
+        await run_cohort_step(ctx)
+    assert raised.value.code == "failed"
+    assert "no result for any study" in raised.value.message
+    assert "study-not-found" in raised.value.message
+    assert "2" not in raised.value.message  # the kinds, never how many
+    assert "consortiumStatus" not in ctx.updates
