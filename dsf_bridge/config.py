@@ -451,6 +451,18 @@ class ConsortiumSettings(_Section):
     def _check_duration(cls, value: str) -> str:
         return _bounded_duration(value)
 
+    @field_validator("dicomweb_url")
+    @classmethod
+    def _check_dicomweb_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"must be an http:// or https:// URL of the DICOMweb archive, not {value!r}"
+            )
+        return value.rstrip("/")
+
 
 class OmiSettings(_Section):
     """OMI inference: the service catalogue, the registry, and timeouts of both process sides."""
