@@ -783,6 +783,10 @@ def check_consortium_request(ctx: HandlerContext) -> None:
     except CohortError as exc:
         raise BpmnError(REFUSED, str(exc)) from exc
     k = effective_k(consortium.k, _minimum_k(task))
+    if consortium.obfuscate and k > consortium.k:
+        # A cell shows iff n >= k: a coordinator asking k = 6, 7, 8 ... would find the exact
+        # count the obfuscation hides. A stricter k goes up to the obfuscation's tens.
+        k = -(-k // 10) * 10
     ctx.set("serviceId", service)
     ctx.set("cohort", cohort.to_json())
     ctx.set("k", k)

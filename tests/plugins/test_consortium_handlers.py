@@ -428,3 +428,18 @@ async def test_a_cohort_where_every_study_failed_is_failed_not_suppressed(
     assert "study-not-found" in raised.value.message
     assert "2" not in raised.value.message  # the kinds, never how many
     assert "consortiumStatus" not in ctx.updates
+
+
+@pytest.mark.parametrize(
+    ("asked", "k"), [(None, 5), (3, 5), (6, 10), (10, 10), (11, 20), (95, 100)]
+)
+def test_with_obfuscation_a_requested_k_cannot_probe_a_count(asked: int | None, k: int) -> None:
+    # Cells show iff n >= k: asking k = 6, 7, 8 ... would find the exact n that obfuscation
+    # hides. A k above the site's own goes up to the obfuscation's tens.
+    inputs = [SERVICE, CT] + ([] if asked is None else [_input("minimum-k", asked)])
+    ctx = _request(*inputs, settings=_data_site(k=5, obfuscate=True))
+    check_consortium_request(ctx)
+    assert ctx.updates["k"] == k
+    plain = _request(*inputs, settings=_data_site(k=5))
+    check_consortium_request(plain)
+    assert plain.updates["k"] == max(5, asked or 0)
