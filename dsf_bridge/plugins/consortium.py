@@ -179,6 +179,8 @@ FAILED = "failed"
 SENT = "sent"
 
 MAX_SITE_TIMEOUT = dt.timedelta(days=366)
+# A site's aggregates are a few kilobytes; this bounds what one answer may hold.
+MAX_ANSWER_CHARS = 1_000_000
 MAX_SITES = 200
 _ORGANIZATION = re.compile(r"^[A-Za-z0-9._\-]{1,200}$")
 
@@ -592,9 +594,16 @@ def _read_answer(
         return status, (reason or "no reason given")[:500], ()
     if len(raw) != 1 or not isinstance(raw[0], str):
         raise _BrokenAnswerError(f"a {status.value} answer has no single '{CONSORTIUM_AGGREGATES}'")
+    if len(raw[0]) > MAX_ANSWER_CHARS:
+        raise _BrokenAnswerError(
+            f"'{CONSORTIUM_AGGREGATES}' has more than {MAX_ANSWER_CHARS} characters"
+        )
     try:
         aggregates = aggregates_from_json(json.loads(raw[0]))
         check_aggregates(aggregates, contract)
+    except RecursionError:
+        # Raised, it would fail the whole request instead of this site's part.
+        raise _BrokenAnswerError(f"'{CONSORTIUM_AGGREGATES}' is nested too deeply") from None
     except (ValueError, TypeError) as exc:
         raise _BrokenAnswerError(str(exc)) from exc
     if status is SiteStatus.SUPPRESSED and any(not a.suppressed for a in aggregates):

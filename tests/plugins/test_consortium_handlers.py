@@ -123,6 +123,16 @@ def test_a_good_answer_is_kept_with_its_aggregates() -> None:
         ([_status("done")], "no single 'consortium-aggregates'"),
         ([_input("consortium-aggregates", "[]")], "no single 'consortium-status'"),
         ([_status("done"), _input("consortium-aggregates", "{not json")], ""),
+        # Hostile shapes must fail the site, not the coordinator's whole request (a handler
+        # that raises fails the instance): nesting past Python's recursion limit, and size.
+        (
+            [_status("done"), _input("consortium-aggregates", "[" * 100_000 + "]" * 100_000)],
+            "nested too deeply",
+        ),
+        (
+            [_status("done"), _input("consortium-aggregates", json.dumps([_numeric()] * 20_000))],
+            "more than 1000000 characters",
+        ),
     ],
 )
 def test_a_broken_answer_fails_the_site_and_keeps_nothing(
