@@ -623,18 +623,19 @@ def _check_k(aggregates: tuple[Aggregate, ...], minimum_k: int) -> None:
             counts = [aggregate.n, *(c for c in aggregate.counts.values() if c is not None)]
         small = [count for count in counts if count is not None and count < minimum_k]
         if small:
+            # The reason is stored: it names no figure of the answer.
             raise _BrokenAnswerError(
-                f"{aggregate.measurement!r} shows a figure from {min(small)} studies, fewer "
-                f"than {minimum_k}: the site's k rule is broken"
+                f"{aggregate.measurement!r} shows a figure from fewer than {minimum_k} studies: "
+                "the site's k rule is broken"
             )
         if isinstance(aggregate, ClassCounts) and aggregate.n is not None:
             # The total minus the shown classes is the hidden classes' sum: a figure too.
             hidden = aggregate.n - sum(c for c in aggregate.counts.values() if c is not None)
             if None in aggregate.counts.values() and hidden < minimum_k:
                 raise _BrokenAnswerError(
-                    f"the hidden classes of {aggregate.measurement!r} hold {hidden} studies "
-                    f"together (its total minus the shown classes), fewer than {minimum_k}: "
-                    "the site's complementary suppression is broken"
+                    f"the hidden classes of {aggregate.measurement!r} hold fewer than "
+                    f"{minimum_k} studies together (its total minus the shown classes): the "
+                    "site's complementary suppression is broken"
                 )
 
 
