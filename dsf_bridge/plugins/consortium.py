@@ -552,8 +552,10 @@ def record_result(ctx: HandlerContext) -> None:
     try:
         status, reason, aggregates = _read_answer(result, _contract(ctx), _requested_k(ctx))
     except _BrokenAnswerError as exc:
-        _record(ctx, SiteStatus.FAILED.value, f"the site's answer was refused: {exc}")
-        log.warning("consortium.answer_refused", organization=_target_name(ctx), reason=str(exc))
+        # It may quote what the site sent (a measurement's name): bounded like a site's reason.
+        reason = f"the site's answer was refused: {exc}"[:500]
+        _record(ctx, SiteStatus.FAILED.value, reason)
+        log.warning("consortium.answer_refused", organization=_target_name(ctx), reason=reason)
         return
     _record(
         ctx,

@@ -147,6 +147,14 @@ def test_a_broken_answer_fails_the_site_and_keeps_nothing(
     assert "1 studies" not in state["reason"]  # a refused figure is not kept in the reason
 
 
+def test_a_refused_answer_s_reason_is_bounded() -> None:
+    # The reason quotes the site's measurement name; it goes into the Bundle and the logs.
+    named = _numeric() | {"measurement": "x" * 50_000}
+    state = _answer(_status("done"), _input("consortium-aggregates", json.dumps([named])))
+    assert state["status"] == "failed"
+    assert len(state["reason"]) <= 500
+
+
 def test_a_refusal_keeps_its_reason() -> None:
     state = _answer(_status("refused"), _input("error", "not approved by this site"))
     assert (state["status"], state["reason"]) == ("refused", "not approved by this site")
