@@ -433,7 +433,7 @@ class ConsortiumSettings(_Section):
     approval: bool = Field(
         default=False,
         description="Data site: a person approves each consortium request (a DSF "
-        "QuestionnaireResponse or the bridge's web page) before the cohort is searched",
+        "QuestionnaireResponse in the DSF FHIR UI) before the cohort is searched",
     )
     approval_timeout: str = Field(
         default="P7D",
