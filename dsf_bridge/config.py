@@ -433,7 +433,7 @@ class ConsortiumSettings(_Section):
     approval: bool = Field(
         default=False,
         description="Data site: a person approves each consortium request (a DSF "
-        "QuestionnaireResponse or the bridge's web page) before the cohort is searched",
+        "QuestionnaireResponse in the DSF FHIR UI) before the cohort is searched",
     )
     approval_timeout: str = Field(
         default="P7D",
@@ -450,6 +450,18 @@ class ConsortiumSettings(_Section):
     @classmethod
     def _check_duration(cls, value: str) -> str:
         return _bounded_duration(value)
+
+    @field_validator("dicomweb_url")
+    @classmethod
+    def _check_dicomweb_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"must be an http:// or https:// URL of the DICOMweb archive, not {value!r}"
+            )
+        return value.rstrip("/")
 
 
 class OmiSettings(_Section):

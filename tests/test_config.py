@@ -70,6 +70,15 @@ def test_plain_urls_accepted_as_written() -> None:
         ('[db]\nurl = "sqlite://x.db"\n', "db.url"),
         ('[log]\nlevel = "loud"\n', "log.level"),
         ('[dsf]\nfhir_base_url = "http://dsf.example.org/fhir"\n', "dsf.fhir_base_url"),
+        # Without a scheme every consortium request would fail at its cohort search.
+        (
+            '[omi.consortium]\ndicomweb_url = "orthanc:8042/dicom-web"\n',
+            "omi.consortium.dicomweb_url",
+        ),
+        (
+            '[omi.consortium]\ndicomweb_url = "ftp://pacs/dicom-web"\n',
+            "omi.consortium.dicomweb_url",
+        ),
     ],
 )
 def test_bad_file_names_the_field(tmp_path: Path, toml: str, field: str) -> None:

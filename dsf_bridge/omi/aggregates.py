@@ -424,6 +424,15 @@ def _aggregate_from_json(item: object) -> Aggregate:
             f"class table {measurement!r} hides a single class, which follows from its total: "
             "the site's suppression is broken"
         )
+    shown = sum(value for value in counts.values() if value is not None)
+    # The messages name no figure: the caller stores them as the site's reason, and the
+    # difference of a broken table's figures may be a count under k.
+    if not obfuscated and shown > n:
+        raise ValueError(
+            f"class table {measurement!r} shows more studies in its classes than its total"
+        )
+    if not obfuscated and None not in counts.values() and shown != n:
+        raise ValueError(f"the classes of table {measurement!r} do not add up to its total")
     return ClassCounts(
         measurement=measurement, suppressed=False, n=n, counts=counts, obfuscated=obfuscated
     )

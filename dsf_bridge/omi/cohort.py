@@ -325,11 +325,14 @@ async def select_series(
                     chosen[candidate.study_instance_uid] = candidate
             if len(chosen) > max_studies:
                 await pages.aclose()
+                # Never how many were found: the refusal goes to the coordinator, and an exact
+                # count (the whole cohort, when its last page passed the limit) would bypass
+                # the k rule and the obfuscation of every published count.
                 raise CohortError(
                     f"the cohort ({cohort.describe()}) matches more than {max_studies} studies "
-                    f"in this site's archive ({len(chosen)} found before the search stopped); "
-                    f"this site takes at most {max_studies} in one request (max_studies): "
-                    "narrow the cohort by date range, body part or series description"
+                    f"in this site's archive; this site takes at most {max_studies} in one "
+                    "request (max_studies): narrow the cohort by date range, body part or "
+                    "series description"
                 )
     _log.info(
         "cohort.selected",

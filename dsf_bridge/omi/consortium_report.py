@@ -192,7 +192,7 @@ def result_bundle(
 
 def check_aggregates(aggregates: Sequence[Aggregate], contract: InferenceContract) -> None:
     """Raise :class:`ValueError` unless every aggregate is an output of ``contract``, of the
-    kind it declares, and every class label one of its classes.
+    kind it declares, and a shown class table lists exactly its classes.
 
     For the coordinator reading a site's answer (after
     :func:`~dsf_bridge.omi.aggregates.aggregates_from_json`): a site whose answer fails here
@@ -219,6 +219,17 @@ def check_aggregates(aggregates: Sequence[Aggregate], contract: InferenceContrac
                 raise ValueError(
                     f"class table {aggregate.measurement!r} names classes contract "
                     f"{contract.name} does not declare: {', '.join(unknown)}"
+                )
+            # A class left out is hidden without saying so, and with one hidden class it
+            # would follow from the total.
+            missing = [
+                spec.code.code for spec in output.classes if spec.code.code not in aggregate.counts
+            ]
+            if missing and not aggregate.suppressed:
+                raise ValueError(
+                    f"class table {aggregate.measurement!r} leaves out class "
+                    f"{', '.join(missing)} of contract {contract.name}: every class is listed, "
+                    "a hidden one as suppressed"
                 )
 
 

@@ -232,7 +232,17 @@ def _histogram(
 
 
 def _pixels(ds: Dataset, *, rescale: bool) -> npt.NDArray[np.float64]:
-    pixels: npt.NDArray[np.float64] = ds.pixel_array.astype(np.float64)
+    try:
+        pixels: npt.NDArray[np.float64] = ds.pixel_array.astype(np.float64)
+    except (ValueError, RuntimeError, AttributeError) as exc:
+        # pydicom: NotImplementedError (a RuntimeError) for a transfer syntax it cannot
+        # decode, ValueError for damaged pixel data. One study's images, not the bridge's
+        # failure: in a consortium cohort it is counted, and the run goes on.
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        named = getattr(syntax, "name", None) or "unknown transfer syntax"
+        raise ImageConversionError(
+            f"the pixel data of an image cannot be decoded ({named}, {type(exc).__name__})"
+        ) from exc
     if rescale:
         slope = float(ds.get("RescaleSlope", 1.0))
         intercept = float(ds.get("RescaleIntercept", 0.0))

@@ -182,6 +182,8 @@ FAILED = "failed"
 SENT = "sent"
 
 MAX_SITE_TIMEOUT = dt.timedelta(days=366)
+# A site's aggregates are a few kilobytes; this bounds what one answer may hold.
+MAX_ANSWER_CHARS = 1_000_000
 MAX_SITES = 200
 _ORGANIZATION = re.compile(r"^[A-Za-z0-9._\-]{1,200}$")
 
@@ -553,8 +555,10 @@ def record_result(ctx: HandlerContext) -> None:
     try:
         status, reason, aggregates = _read_answer(result, _contract(ctx), _requested_k(ctx))
     except _BrokenAnswerError as exc:
-        _record(ctx, SiteStatus.FAILED.value, f"the site's answer was refused: {exc}")
-        log.warning("consortium.answer_refused", organization=_target_name(ctx), reason=str(exc))
+        # It may quote what the site sent (a measurement's name): bounded like a site's reason.
+        reason = f"the site's answer was refused: {exc}"[:500]
+        _record(ctx, SiteStatus.FAILED.value, reason)
+        log.warning("consortium.answer_refused", organization=_target_name(ctx), reason=reason)
         return
     _record(
         ctx,
@@ -595,9 +599,16 @@ def _read_answer(
         return status, (reason or "no reason given")[:500], ()
     if len(raw) != 1 or not isinstance(raw[0], str):
         raise _BrokenAnswerError(f"a {status.value} answer has no single '{CONSORTIUM_AGGREGATES}'")
+    if len(raw[0]) > MAX_ANSWER_CHARS:
+        raise _BrokenAnswerError(
+            f"'{CONSORTIUM_AGGREGATES}' has more than {MAX_ANSWER_CHARS} characters"
+        )
     try:
         aggregates = aggregates_from_json(json.loads(raw[0]))
         check_aggregates(aggregates, contract)
+    except RecursionError:
+        # Raised, it would fail the whole request instead of this site's part.
+        raise _BrokenAnswerError(f"'{CONSORTIUM_AGGREGATES}' is nested too deeply") from None
     except (ValueError, TypeError) as exc:
         raise _BrokenAnswerError(str(exc)) from exc
     if status is SiteStatus.SUPPRESSED and any(not a.suppressed for a in aggregates):
@@ -617,10 +628,20 @@ def _check_k(aggregates: tuple[Aggregate, ...], minimum_k: int) -> None:
             counts = [aggregate.n, *(c for c in aggregate.counts.values() if c is not None)]
         small = [count for count in counts if count is not None and count < minimum_k]
         if small:
+            # The reason is stored: it names no figure of the answer.
             raise _BrokenAnswerError(
-                f"{aggregate.measurement!r} shows a figure from {min(small)} studies, fewer "
-                f"than {minimum_k}: the site's k rule is broken"
+                f"{aggregate.measurement!r} shows a figure from fewer than {minimum_k} studies: "
+                "the site's k rule is broken"
             )
+        if isinstance(aggregate, ClassCounts) and aggregate.n is not None:
+            # The total minus the shown classes is the hidden classes' sum: a figure too.
+            hidden = aggregate.n - sum(c for c in aggregate.counts.values() if c is not None)
+            if None in aggregate.counts.values() and hidden < minimum_k:
+                raise _BrokenAnswerError(
+                    f"the hidden classes of {aggregate.measurement!r} hold fewer than "
+                    f"{minimum_k} studies together (its total minus the shown classes): the "
+                    "site's complementary suppression is broken"
+                )
 
 
 def _requested_k(ctx: HandlerContext) -> int:
@@ -777,6 +798,10 @@ def check_consortium_request(ctx: HandlerContext) -> None:
     except CohortError as exc:
         raise BpmnError(REFUSED, str(exc)) from exc
     k = effective_k(consortium.k, _minimum_k(task))
+    if consortium.obfuscate and k > consortium.k:
+        # A cell shows iff n >= k: a coordinator asking k = 6, 7, 8 ... would find the exact
+        # count the obfuscation hides. A stricter k goes up to the obfuscation's tens.
+        k = -(-k // 10) * 10
     ctx.set("serviceId", service)
     ctx.set("cohort", cohort.to_json())
     ctx.set("k", k)
@@ -923,16 +948,12 @@ async def run_cohort_step(ctx: HandlerContext) -> None:
                     request_id=ctx.business_key,
                 )
     # The coordinator gets the bridge's own sentence; what the server or archive said stays
-    # in this site's log (its text is another system's and could quote anything).
-    except (ModelNotReadyError, ModelNotFoundError) as exc:
-        _log_failure(exc)
-        raise BpmnError(FAILED, "the model is not ready at this site") from exc
+    # out of the answer (its text is another system's and could quote anything).
     except ArchiveUnavailableError as exc:
         _log_failure(exc)
         raise BpmnError(FAILED, "this site's archive did not answer") from exc
     except InferenceError as exc:
-        _log_failure(exc)
-        raise BpmnError(FAILED, "this site's inference server failed") from exc
+        raise BpmnError(FAILED, _inference_failure(exc)) from exc
     except RemoteError as exc:
         if exc.retryable:
             raise
@@ -940,6 +961,20 @@ async def run_cohort_step(ctx: HandlerContext) -> None:
         raise BpmnError(FAILED, "this site's archive answered something unusable") from exc
     finally:
         archive.close()
+    if outcome.inferred == 0 and outcome.failures:
+        # The model ran on a cohort of at least k and gave nothing: 'suppressed' would say the
+        # cohort was small. The failure kinds say why; how many failed is a count, not sent.
+        log.warning(
+            "consortium.cohort_failed",
+            service=entry.id,
+            matched=outcome.matched,
+            failures=outcome.failures,
+        )
+        raise BpmnError(
+            FAILED,
+            "the model gave no result for any study of the cohort "
+            f"({', '.join(sorted(outcome.failures))})",
+        )
     aggregates = site_aggregates(outcome, contract, k=k, obfuscator=_obfuscator(consortium))
     shown = any(not aggregate.suppressed for aggregate in aggregates)
     status = SiteStatus.DONE if shown else SiteStatus.SUPPRESSED
@@ -956,7 +991,27 @@ async def run_cohort_step(ctx: HandlerContext) -> None:
 
 
 def _log_failure(exc: BaseException) -> None:
-    log.warning("consortium.cohort_failed", error_type=type(exc).__name__, error=str(exc))
+    """The type and HTTP status of an archive's failure, for this site's log; not its text."""
+    log.warning(
+        "consortium.cohort_failed",
+        error_type=type(exc).__name__,
+        status=getattr(exc, "status", None),
+    )
+
+
+def _inference_failure(exc: InferenceError) -> str:
+    """Why the inference server failed, in the bridge's own words: the reason goes to another
+    site, so neither the server's text (which may quote what it was sent) nor this site's
+    addresses (both in ``str(exc)``) are in it. Nor in this site's log: the server's text is
+    not ours to vouch for."""
+    log.warning("consortium.inference_failed", error_type=type(exc).__name__, status=exc.status)
+    if isinstance(exc, ModelNotFoundError):
+        return "this site's inference server does not serve the model"
+    if isinstance(exc, ModelNotReadyError):
+        return "the model is not ready at this site's inference server"
+    if exc.status is not None:
+        return f"this site's inference server failed (HTTP {exc.status})"
+    return "this site's inference server did not answer usably"
 
 
 @handlers.message_send(_PREFIX + "SendConsortiumResult")

@@ -375,9 +375,20 @@ async def test_an_archive_ignoring_offset_is_an_error_not_a_loop() -> None:
 async def test_the_search_stops_once_max_studies_is_passed() -> None:
     adapter = _FakeQido(_items(50), cap=500, offsets=True)
     archive = _fake_archive(adapter)
-    with pytest.raises(CohortError, match=r"more than 4 studies .* \(6 found before the search"):
+    with pytest.raises(CohortError, match=r"more than 4 studies .* at most 4"):
         await select_series(archive, Cohort.create("CT"), max_studies=4, page_size=3)
     assert adapter.requests == 2  # not the 17 pages of the whole answer
+
+
+@pytest.mark.parametrize("size", [101, 137, 499])
+async def test_a_refused_cohort_does_not_say_how_many_studies_it_has(size: int) -> None:
+    # The refusal goes to the coordinator: a cohort whose studies all come in the first page
+    # would be counted exactly (137 of 137), unobfuscated, and two such refusals differenced.
+    archive = _fake_archive(_FakeQido(_items(size), cap=500, offsets=True))
+    with pytest.raises(CohortError) as info:
+        await select_series(archive, Cohort.create("CT"), max_studies=100)
+    assert "more than 100 studies" in str(info.value)
+    assert str(size) not in str(info.value)
 
 
 # -- the model over the cohort on real MLServer ---------------------------------------------------

@@ -15,6 +15,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from dsf_bridge.omi.contract import Coding, RequestNotAcceptedError, resolve_contract
 from dsf_bridge.omi.conversion import (
@@ -34,7 +35,7 @@ from dsf_bridge.retry import RetryPolicy
 from dsf_bridge.sandbox.components import MLServerProcess, OrthancProcess
 from dsf_bridge.sandbox.refmodel import TISSUES, tissue_composition
 from tests.components import REFERENCE_MODEL
-from tests.omi.data import CT_SMALL_PATIENT_VALUES
+from tests.omi.data import CT_SMALL_PATIENT_VALUES, load_ct_small
 from tests.omi.test_refmodel import REFERENCE_AREAS_CM2, REFERENCE_MUSCLE_MEAN_HU
 
 DEVICE = {
@@ -118,6 +119,16 @@ def test_images_that_cannot_feed_the_model(
             setattr(ds, keyword, value)
     with pytest.raises(ImageConversionError, match=message):
         volume_from_datasets([ds], TISSUE)
+
+
+def test_pixel_data_that_cannot_be_decoded_is_a_conversion_error() -> None:
+    # pydicom raises NotImplementedError here; in a consortium cohort anything but a
+    # conversion error would end the whole site's run (and it would never answer).
+    ds = load_ct_small()  # its own copy: the session's may hold its decoded pixels
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.100")  # MPEG2 video
+    with pytest.raises(ImageConversionError, match="cannot be decoded") as info:
+        volume_from_datasets([ds], TISSUE)
+    assert str(ds.SOPInstanceUID) not in str(info.value)
 
 
 def test_a_series_the_contract_does_not_accept_is_refused_naming_field_and_values(

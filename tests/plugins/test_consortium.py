@@ -338,6 +338,8 @@ async def test_refusals_failures_and_invalid_requests_each_with_its_reason(
             "partial": consortium_start_task(
                 COORDINATOR, service=SERVICE, targets=["Closed_Site", "Other_Site", "Nowhere"]
             ),
+            # No site can be sent to: a multi-instance over no target, still a merged result.
+            "nobody": consortium_start_task(COORDINATOR, service=SERVICE, targets=["Nowhere"]),
             # A cohort is a query: an identifying input is refused, not ignored.
             "identifying": consortium_start_task(
                 COORDINATOR,
@@ -381,6 +383,13 @@ async def test_refusals_failures_and_invalid_requests_each_with_its_reason(
     )
     assert statuses[1] == "Nowhere: failed (request not sent: not in the allow list)"
     assert statuses[2] == "Other_Site: refused (service tissue-composition is not run at this site)"
+    nobody = finished[ids["nobody"]]
+    assert nobody["status"] == "completed", nobody.get("output")
+    assert (_outputs(nobody, "sites-done"), _outputs(nobody, "sites-missing")) == ([0], [1])
+    assert _outputs(nobody, "site-status") == [
+        "Nowhere: failed (request not sent: not in the allow list)"
+    ]
+    assert len(_outputs(nobody, "consortium-result")) == 1
 
     def error(name: str) -> str:
         task = finished[ids[name]]
