@@ -26,6 +26,8 @@ these, so the bridge defines them under ``http://omi.de/fhir/registry/`` (docume
   (:data:`SERVICE_IDENTIFIER_SYSTEM`), ``Device.identifier`` and ``Endpoint.identifier``
   (:data:`ENDPOINT_IDENTIFIER_SYSTEM`) carry ``<organization>/<catalogue id>``, the keys a
   provider publishes by (``dsf_bridge.omi.publish``).
+- The service contract on the ``Device`` (``dsf_bridge.omi.contract_resources``): read into
+  :attr:`InferenceService.contract`, or refused with :attr:`InferenceService.contract_problem`.
 
 Errors: :class:`RegistryError` (a :class:`~dsf_bridge.errors.RemoteError`) when the registry
 fails, :class:`ServiceNotFoundError` when no service matches, :class:`ServiceUnavailableError`

@@ -2,8 +2,10 @@
 site and ``inferenceExecution`` at the providing site (``docs/protocol.md`` is the wire format).
 
 Requesting site (``dsf-bridgedev_inferenceRequest``): a local ``startInferenceRequest`` Task
-names a study, the DICOMweb endpoint that serves it and a service. The service is resolved
-(local catalogue, else the OMI registry) and its heartbeat checked; an ``inferenceRequest``
+names a study, the DICOMweb endpoint that serves it and a service, or what the service must
+offer. The service is resolved (local catalogue, else the OMI registry) or chosen from a
+registry search, its heartbeat checked and the study checked against its contract (the
+catalogue's or the registry's) when there is one; an ``inferenceRequest``
 Task goes to the providing organization; an event-based gateway waits for the
 ``inferenceResult`` or a timer (``result-timeout``, default ``[omi] result_timeout``). A result
 is stored as a FHIR ``Bundle`` (DiagnosticReport and Observations; the DSF FHIR server has no
