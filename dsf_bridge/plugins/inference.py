@@ -975,11 +975,11 @@ async def store_result(ctx: HandlerContext) -> None:
         kinds = _inputs(result, CODESYSTEM_OMI, ERROR_KIND)
         kind = _code_of(kinds[0]) if kinds else PROVIDER_FAILED
         raise BpmnError(PROVIDER_FAILED, f"inference failed at {provider} ({kind}): {errors[0]}")
-    entry = _entry(_settings(ctx), str(ctx.get("serviceId") or ""))
     published = ctx.get("serviceContract")
-    if entry is None and isinstance(published, Mapping):
+    if isinstance(published, Mapping):
         contract = _contract(published)  # the registry's, read and checked by ResolveService
     else:
+        entry = _entry(_settings(ctx), str(ctx.get("serviceId") or ""))
         contract = _contract(entry.contract if entry is not None else None)
     found = _findings(result, contract)
     if not found:
