@@ -1269,6 +1269,8 @@ def omi_search_command(
             "body_parts": list(s.body_parts),
             "tasks": list(s.tasks),
             "status": s.heartbeat.status if s.heartbeat is not None else None,
+            "contract": s.contract.name if s.contract is not None else None,
+            "contract_problem": s.contract_problem,
         }
         for s in found
     ]
@@ -1279,7 +1281,14 @@ def omi_search_command(
             typer.echo(
                 f"{row['id']}  {row['name']}  at {row['organization']}  model {row['model']}  "
                 f"{'/'.join(row['modalities'])} {'/'.join(row['body_parts'])}  "
-                f"{', '.join(row['tasks'])}  {row['status'] or 'no heartbeat'}"
+                f"{', '.join(row['tasks'])}  {row['status'] or 'no heartbeat'}  "
+                + (
+                    f"contract {row['contract']}"
+                    if row["contract"]
+                    else f"contract refused: {row['contract_problem']}"
+                    if row["contract_problem"]
+                    else "no contract"
+                )
             )
         if not rows:
             typer.echo("no service matches", err=True)

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import structlog
 
 from dsf_bridge.omi.contract import InferenceContract
+from dsf_bridge.omi.contract_resources import contract_elements
 from dsf_bridge.omi.inference import HttpInferenceClient, InferenceError
 from dsf_bridge.omi.registry import (
     ALGORITHM_EXTENSION,
@@ -152,6 +153,9 @@ def service_resources(offer: ServiceOffer, organization: str) -> dict[str, dict[
     }
     if version:
         device["version"] = [{"value": version}]
+    # The full contract: the IG's input and output Parameters, contained, and the contract
+    # itself with its SHA-256 for what the IG has no element for (contract_resources.py).
+    device.update(contract_elements(contract))
     endpoint = {
         "resourceType": "Endpoint",
         "identifier": [{"system": ENDPOINT_IDENTIFIER_SYSTEM, "value": key}],

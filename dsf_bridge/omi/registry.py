@@ -26,6 +26,8 @@ these, so the bridge defines them under ``http://omi.de/fhir/registry/`` (docume
   (:data:`SERVICE_IDENTIFIER_SYSTEM`), ``Device.identifier`` and ``Endpoint.identifier``
   (:data:`ENDPOINT_IDENTIFIER_SYSTEM`) carry ``<organization>/<catalogue id>``, the keys a
   provider publishes by (``dsf_bridge.omi.publish``).
+- The service contract on the ``Device`` (``dsf_bridge.omi.contract_resources``): read into
+  :attr:`InferenceService.contract`, or refused with :attr:`InferenceService.contract_problem`.
 
 Errors: :class:`RegistryError` (a :class:`~dsf_bridge.errors.RemoteError`) when the registry
 fails, :class:`ServiceNotFoundError` when no service matches, :class:`ServiceUnavailableError`
@@ -45,6 +47,12 @@ import httpx
 import structlog
 
 from dsf_bridge.errors import RemoteError
+from dsf_bridge.omi.contract import ContractError, InferenceContract
+from dsf_bridge.omi.contract_resources import (
+    BODY_PART_SYSTEM,
+    MODALITY_SYSTEM,
+    contract_from_device,
+)
 from dsf_bridge.proxy import ForwardProxy
 
 __all__ = [
@@ -83,10 +91,6 @@ OIP_CONNECTION_TYPE = (f"{_REGISTRY}/CodeSystem/endpoint-connection-type", "oip-
 DSF_ORGANIZATION_IDENTIFIER_SYSTEM = "http://dsf.dev/sid/organization-identifier"
 SERVICE_IDENTIFIER_SYSTEM = f"{_REGISTRY}/sid/service"
 ENDPOINT_IDENTIFIER_SYSTEM = f"{_REGISTRY}/sid/endpoint"
-#: DICOM's code system (PS3.16): its modality codes (CID 29) are DICOM's Modality values.
-MODALITY_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
-#: DICOM BodyPartExamined values (PS3.16 Annex L) as codes; DICOM gives them no code system.
-BODY_PART_SYSTEM = f"{_REGISTRY}/CodeSystem/body-part-examined"
 #: The body part code of a service whose contract takes any body part.
 ANY_BODY_PART = "ANY"
 TASK_SYSTEM = f"{_REGISTRY}/CodeSystem/inference-task"
@@ -140,6 +144,10 @@ class InferenceService:
     # The id the provider's own catalogue knows the service by (a published service's
     # identifier without the organization): what a request Task's 'service' input names.
     offered_as: str | None = None
+    # The contract its Device publishes (None: none published), or why the published one is
+    # refused (damaged, tampered, invalid): then ``contract`` is None.
+    contract: InferenceContract | None = None
+    contract_problem: str | None = None
 
     def offers(self, query: ServiceQuery) -> bool:
         """Whether the service, as far as it is known, takes what ``query`` asks for; a
@@ -180,6 +188,19 @@ class ServiceQuery:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, value.strip().upper() or None)
+
+    def describe(self) -> str:
+        """The query as people read it, for messages: ``modality CT, body part CHEST``."""
+        named = [
+            f"{label} {value}"
+            for label, value in (
+                ("modality", self.modality),
+                ("body part", self.body_part),
+                ("task", self.task),
+            )
+            if value is not None
+        ]
+        return ", ".join(named) or "any service"
 
     def search_params(self) -> dict[str, str]:
         """The FHIR search parameters of the query (``docs/omi.md``, the mapping)."""
@@ -591,6 +612,12 @@ def _service_from(
         if identifier.get("system") == DSF_ORGANIZATION_IDENTIFIER_SYSTEM:
             organization = identifier.get("value")
     device_reference: dict[str, Any] = {"reference": device_ref, "type": "Device"}
+    contract, problem = None, None
+    try:
+        contract = contract_from_device(device or {})
+    except ContractError as exc:
+        problem = str(exc)
+        _log.warning("registry.contract_refused", service_id=service_id, reason=problem)
     return InferenceService(
         service_id=service_id,
         name=str(resource.get("name") or service_id),
@@ -604,6 +631,8 @@ def _service_from(
         body_parts=_codes(resource.get("characteristic"), BODY_PART_SYSTEM),
         tasks=_codes(resource.get("type"), TASK_SYSTEM),
         offered_as=_offered_as(resource, organization),
+        contract=contract,
+        contract_problem=problem,
     )
 
 

@@ -2,8 +2,10 @@
 site and ``inferenceExecution`` at the providing site (``docs/protocol.md`` is the wire format).
 
 Requesting site (``dsf-bridgedev_inferenceRequest``): a local ``startInferenceRequest`` Task
-names a study, the DICOMweb endpoint that serves it and a service. The service is resolved
-(local catalogue, else the OMI registry) and its heartbeat checked; an ``inferenceRequest``
+names a study, the DICOMweb endpoint that serves it and a service, or what the service must
+offer. The service is resolved (local catalogue, else the OMI registry) or chosen from a
+registry search, its heartbeat checked and the study checked against its contract (the
+catalogue's or the registry's) when there is one; an ``inferenceRequest``
 Task goes to the providing organization; an event-based gateway waits for the
 ``inferenceResult`` or a timer (``result-timeout``, default ``[omi] result_timeout``). A result
 is stored as a FHIR ``Bundle`` (DiagnosticReport and Observations; the DSF FHIR server has no
@@ -65,6 +67,7 @@ from dsf_bridge.omi.dicomweb import (
     ArchiveUnavailableError,
     DicomWebArchive,
     DicomWebError,
+    SeriesInfo,
     StudyNotFoundError,
 )
 from dsf_bridge.omi.execution import ReceivedSeries, StudyInference, StudySource, infer_study
@@ -86,6 +89,7 @@ from dsf_bridge.omi.registry import (
     InferenceService,
     RegistryError,
     ServiceNotFoundError,
+    ServiceQuery,
     ServiceRegistry,
     check_heartbeat,
 )
@@ -156,6 +160,11 @@ STUDY_INSTANCE_UID = "study-instance-uid"
 SERIES_INSTANCE_UID = "series-instance-uid"
 DICOMWEB_ENDPOINT = "dicomweb-endpoint"
 SERVICE = "service"
+# Instead of a service, what it must offer: the OMI registry is searched and one chosen.
+SERVICE_MODALITY = "service-modality"
+SERVICE_BODY_PART = "service-body-part"
+SERVICE_TASK = "service-task"
+SERVICE_CHOSEN = "service-chosen"
 RESULT_TIMEOUT = "result-timeout"
 MODEL_NAME = "model-name"
 MODEL_VERSION = "model-version"
@@ -346,16 +355,166 @@ async def _resolve(
         return await client.get_service(service_id)
 
 
+def _service_query(task: Mapping[str, Any]) -> ServiceQuery | None:
+    """What the start Task asks a service to offer, when it names no service."""
+    modality = _text_input(task, SERVICE_MODALITY)
+    body_part = _text_input(task, SERVICE_BODY_PART)
+    wanted = _text_input(task, SERVICE_TASK)
+    if modality is None and body_part is None and wanted is None:
+        return None
+    try:
+        return ServiceQuery(modality=modality, body_part=body_part, task=wanted)
+    except ValueError as exc:
+        raise BpmnError(REQUEST_INVALID, f"input '{SERVICE_TASK}': {exc}") from exc
+
+
+async def _search(
+    settings: OmiSettings,
+    query: ServiceQuery,
+    registry: ServiceRegistry | None,
+    proxy: ForwardProxy | None,
+) -> list[InferenceService]:
+    if registry is not None:
+        return await registry.find_services(query=query)
+    if settings.registry_url is None:
+        raise ServiceNotFoundError(
+            f"no OMI registry is configured to search for a service ({query.describe()}): "
+            "name a 'service' or set [omi] registry_url"
+        )
+    async with FhirRegistryClient(settings.registry_url, proxy=proxy) as client:
+        return await client.find_services(query=query)
+
+
+#: How a search's services are ranked (docs/omi.md, "Choosing among search results").
+CHOICE_RULE = (
+    "available before busy before no heartbeat, then shortest estimated waiting time, then id"
+)
+_STATUS_RANK = {"available": 0, "busy": 1}
+
+
+def _rank(service: InferenceService) -> tuple[int, float, str]:
+    beat = service.heartbeat
+    if beat is None:
+        return (2, float("inf"), service.service_id)
+    waiting = beat.estimated_waiting_time
+    return (
+        _STATUS_RANK.get(beat.status, 3),
+        waiting.total_seconds() if waiting is not None else float("inf"),
+        service.service_id,
+    )
+
+
+def _unusable(
+    service: InferenceService, series: SeriesInfo, named: bool, segmentation: bool
+) -> str | None:
+    """Why a search's service cannot take this study, or None."""
+    try:
+        check_heartbeat(service)
+    except RegistryError as exc:
+        return str(exc)
+    if not service.organization:
+        return "it names no providing organization"
+    if service.contract_problem is not None:
+        return f"its contract is refused: {service.contract_problem}"
+    if service.contract is None:
+        return "it publishes no contract, so the study cannot be checked before it leaves"
+    try:
+        service.contract.check_request(segmentation=segmentation)
+        service.contract.check_series(
+            modalities=[series.modality or ""],
+            body_parts=[series.body_part or ""],
+            slices=series.instance_count,
+            series_named=named,
+        )
+    except RequestNotAcceptedError as exc:
+        return str(exc)
+    return None
+
+
+async def _choose(
+    ctx: HandlerContext,
+    query: ServiceQuery,
+    endpoint: str,
+    study: str,
+    series: str | None,
+) -> InferenceService:
+    """Search the registry, drop what cannot take the study (stale or unavailable heartbeat, no
+    organization, no or a refused contract, a contract that does not accept the series), and
+    pick the best by :data:`CHOICE_RULE`."""
+    settings = _settings(ctx)
+    registry = cast(ServiceRegistry | None, ctx.services.get(SERVICE_OMI_REGISTRY))
+    try:
+        found = await _search(settings, query, registry, _proxy(ctx))
+    except RegistryError as exc:
+        raise BpmnError(SERVICE_UNAVAILABLE, str(exc)) from exc
+    if not found:
+        raise BpmnError(
+            SERVICE_UNAVAILABLE, f"no service in the OMI registry offers {query.describe()}"
+        )
+    archive = _archive(ctx, endpoint)
+    try:
+        chosen_series = archive.choose_series(await archive.search_series(study), study, series)
+    except StudyNotFoundError as exc:
+        raise BpmnError(REQUEST_INVALID, str(exc)) from exc
+    except RemoteError as exc:
+        raise BpmnError(ARCHIVE_UNAVAILABLE, str(exc)) from exc
+    finally:
+        archive.close()
+    segmentation = _flag(_task(ctx), SEGMENTATION)
+    dropped: dict[str, str] = {}
+    usable = []
+    for service in found:
+        reason = _unusable(service, chosen_series, series is not None, segmentation)
+        if reason is None:
+            usable.append(service)
+        else:
+            dropped[service.service_id] = reason
+    if not usable:
+        reasons = "; ".join(f"{sid}: {why}" for sid, why in sorted(dropped.items()))
+        raise BpmnError(
+            SERVICE_UNAVAILABLE,
+            f"none of the {len(found)} services in the OMI registry that offer "
+            f"{query.describe()} can take the study ({reasons})",
+        )
+    best = min(usable, key=_rank)
+    log.info(
+        "inference.service_chosen",
+        service=best.service_id,
+        provider=best.organization,
+        query=query.describe(),
+        found=len(found),
+        usable=len(usable),
+        dropped=dropped,
+        rule=CHOICE_RULE,
+    )
+    return best
+
+
 @handlers.service(_PREFIX + "ResolveService")
 async def resolve_service(ctx: HandlerContext) -> None:
-    """Read the start Task, find the service and its provider, check its heartbeat."""
+    """Read the start Task, find the service and its provider (the one it names, or the best of
+    a registry search for what it names), check its heartbeat and, when its contract is known,
+    the study against it."""
     task = _task(ctx)
     settings = _settings(ctx)
     ctx.set("startTaskId", task.get("id"))
     study = _uid(task, STUDY_INSTANCE_UID, required=True)
     series = _uid(task, SERIES_INSTANCE_UID, required=False)
     endpoint = _endpoint(task)
-    service_id = _text_input(task, SERVICE, required=True)
+    service_id = _text_input(task, SERVICE)
+    query = _service_query(task)
+    if service_id is not None and query is not None:
+        raise BpmnError(
+            REQUEST_INVALID,
+            f"the Task names a '{SERVICE}' and what it must offer ('{SERVICE_MODALITY}', "
+            f"'{SERVICE_BODY_PART}', '{SERVICE_TASK}'): one or the other",
+        )
+    if service_id is None and query is None:
+        raise BpmnError(
+            REQUEST_INVALID,
+            f"the Task has no '{SERVICE}' input and no '{SERVICE_MODALITY}', "
+            f"'{SERVICE_BODY_PART}' or '{SERVICE_TASK}' ({CODESYSTEM_OMI})",
+        )
     timeout = _text_input(task, RESULT_TIMEOUT) or settings.result_timeout
     try:
         months, fixed = parse_duration(timeout)
@@ -373,26 +532,56 @@ async def resolve_service(ctx: HandlerContext) -> None:
             f"input '{RESULT_TIMEOUT}' is longer than P{MAX_RESULT_TIMEOUT.days}D, "
             "the longest this site waits for a result",
         )
-    try:
-        registry = ctx.services.get(SERVICE_OMI_REGISTRY)
-        service = await _resolve(
-            settings, str(service_id), cast(ServiceRegistry | None, registry), _proxy(ctx)
+    if query is not None:
+        service = await _choose(ctx, query, endpoint, str(study), series)
+        entry = None
+        contract = service.contract  # checked against the study by _choose
+        chosen = (
+            f"{service.organization}/{service.offered_as}"
+            if service.offered_as
+            else service.service_id
         )
-        check_heartbeat(service)
-    except RegistryError as exc:
-        raise BpmnError(SERVICE_UNAVAILABLE, str(exc)) from exc
-    if not service.organization:
-        raise BpmnError(
-            SERVICE_UNAVAILABLE, f"service {service.service_id} names no providing organization"
+        ctx.add_task_output(
+            str(task.get("id") or ""),
+            {
+                "type": {"coding": [{"system": CODESYSTEM_OMI, "code": SERVICE_CHOSEN}]},
+                "valueString": chosen,
+            },
         )
-    entry = _entry(settings, service.service_id)
-    contract = _contract(entry.contract if entry is not None else None)
-    if contract is not None:
+    else:
         try:
-            contract.check_request(segmentation=_flag(task, SEGMENTATION))
-        except RequestNotAcceptedError as exc:
-            raise BpmnError(REQUEST_INVALID, str(exc)) from exc
-        await _check_study(ctx, contract, endpoint, str(study), series)
+            registry = ctx.services.get(SERVICE_OMI_REGISTRY)
+            service = await _resolve(
+                settings, str(service_id), cast(ServiceRegistry | None, registry), _proxy(ctx)
+            )
+            check_heartbeat(service)
+        except RegistryError as exc:
+            raise BpmnError(SERVICE_UNAVAILABLE, str(exc)) from exc
+        if not service.organization:
+            raise BpmnError(
+                SERVICE_UNAVAILABLE,
+                f"service {service.service_id} names no providing organization",
+            )
+        entry = _entry(settings, service.service_id)
+        if entry is not None:
+            contract = _contract(entry.contract)
+        elif service.contract_problem is not None:
+            raise BpmnError(
+                SERVICE_UNAVAILABLE,
+                f"service {service.service_id}: its contract in the OMI registry is refused: "
+                f"{service.contract_problem}",
+            )
+        else:
+            contract = service.contract  # published in the registry, or None
+        if contract is not None:
+            try:
+                contract.check_request(segmentation=_flag(task, SEGMENTATION))
+            except RequestNotAcceptedError as exc:
+                raise BpmnError(REQUEST_INVALID, str(exc)) from exc
+            await _check_study(ctx, contract, endpoint, str(study), series)
+    if entry is None and contract is not None:
+        # The registry's contract checks the result too (StoreResult).
+        ctx.set("serviceContract", contract.model_dump(mode="json"))
     ctx.set("studyInstanceUid", study)
     ctx.set("seriesInstanceUid", series)
     ctx.set("dicomwebEndpoint", endpoint)
@@ -787,8 +976,12 @@ async def store_result(ctx: HandlerContext) -> None:
         kinds = _inputs(result, CODESYSTEM_OMI, ERROR_KIND)
         kind = _code_of(kinds[0]) if kinds else PROVIDER_FAILED
         raise BpmnError(PROVIDER_FAILED, f"inference failed at {provider} ({kind}): {errors[0]}")
-    entry = _entry(_settings(ctx), str(ctx.get("serviceId") or ""))
-    contract = _contract(entry.contract if entry is not None else None)
+    published = ctx.get("serviceContract")
+    if isinstance(published, Mapping):
+        contract = _contract(published)  # the registry's, read and checked by ResolveService
+    else:
+        entry = _entry(_settings(ctx), str(ctx.get("serviceId") or ""))
+        contract = _contract(entry.contract if entry is not None else None)
     found = _findings(result, contract)
     if not found:
         raise BpmnError(PROVIDER_FAILED, f"the result from {provider} holds no finding")

@@ -115,12 +115,17 @@ def start_task(
     *,
     study_instance_uid: str,
     dicomweb_endpoint: str,
-    service: str,
+    service: str | None = None,
     series_instance_uid: str | None = None,
     result_timeout: str | None = None,
     segmentation: bool = False,
+    service_modality: str | None = None,
+    service_body_part: str | None = None,
+    service_task: str | None = None,
 ) -> dict[str, Any]:
-    """A ``startInferenceRequest`` Task as a clinician or the FHIR UI would create it."""
+    """A ``startInferenceRequest`` Task as a clinician or the FHIR UI would create it: naming a
+    ``service``, or what it must offer (``service_modality``, ...: the OMI registry is
+    searched)."""
     inputs: list[dict[str, object]] = [
         {"system": CODESYSTEM_OMI, "code": "study-instance-uid", "value": study_instance_uid}
     ]
@@ -131,7 +136,14 @@ def start_task(
     inputs.append(
         {"system": CODESYSTEM_OMI, "code": "dicomweb-endpoint", "value": dicomweb_endpoint}
     )
-    inputs.append({"system": CODESYSTEM_OMI, "code": "service", "value": service})
+    for code, value in (
+        ("service", service),
+        ("service-modality", service_modality),
+        ("service-body-part", service_body_part),
+        ("service-task", service_task),
+    ):
+        if value is not None:
+            inputs.append({"system": CODESYSTEM_OMI, "code": code, "value": value})
     if result_timeout is not None:
         inputs.append({"system": CODESYSTEM_OMI, "code": "result-timeout", "value": result_timeout})
     if segmentation:

@@ -136,6 +136,9 @@ async def test_publish_twice_then_search() -> None:
             "provider.test",
             ["CT"],
         )
+        assert (row["contract"], row["contract_problem"]) == ("tissue-composition", None)
+        text = await run("omi", "search", "--modality", "CT")
+        assert text.stdout.rstrip().endswith("contract tissue-composition"), text.stdout
         none = await run("omi", "search", "--modality", "MR")
         assert none.returncode == 1
         assert "no service matches" in none.stderr

@@ -1,7 +1,8 @@
 """The OMI registry between two sandbox sites: the provider publishes its service and a
 heartbeat measured on real MLServer; the requester, without a catalogue, finds it by what it
-accepts and asks for it by the registry's id; the provider takes the request under its own
-catalogue id."""
+accepts and asks for it by the registry's id, then by what it needs (the bridge searches and
+chooses, reading the contract from the registry); the provider takes the requests under its
+own catalogue id."""
 
 from __future__ import annotations
 
@@ -70,8 +71,23 @@ async def test_a_published_service_is_found_and_runs(
             study_instance_uid=str(ct_small.StudyInstanceUID),
             dicomweb_endpoint=orthanc.dicomweb_url,
         )
-        finished = await network.finished(REQUESTER, [request], 60)
+        # Naming what it needs instead: the registry is searched and this service chosen.
+        chosen = await network.request(
+            REQUESTER,
+            service_modality="CT",
+            service_task="measurement",
+            study_instance_uid=str(ct_small.StudyInstanceUID),
+            dicomweb_endpoint=orthanc.dicomweb_url,
+        )
+        finished = await network.finished(REQUESTER, [request, chosen], 60)
         await network.settled()
-    assert finished[request]["status"] == "completed", finished[request].get("output")
-    summary = result_summary(finished[request])
-    assert summary["muscle-area"]["value"] == pytest.approx(CT_SMALL_AREAS["muscle"], abs=0.01)
+    for task in (finished[request], finished[chosen]):
+        assert task["status"] == "completed", task.get("output")
+        summary = result_summary(task)
+        assert summary["muscle-area"]["value"] == pytest.approx(CT_SMALL_AREAS["muscle"], abs=0.01)
+    [service_chosen] = [
+        o["valueString"]
+        for o in finished[chosen]["output"]
+        if o["type"]["coding"][0]["code"] == "service-chosen"
+    ]
+    assert service_chosen == f"{PROVIDER}/body-composition"

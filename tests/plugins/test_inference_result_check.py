@@ -121,6 +121,24 @@ async def test_a_result_that_breaks_the_known_contract_fails_naming_the_field(
     assert caught.value.code == PROVIDER_FAILED
 
 
+async def test_a_contract_read_from_the_registry_checks_the_result_too() -> None:
+    """No catalogue entry: ResolveService kept the registry's contract as ``serviceContract``."""
+    ctx = _context([_probability(250, "mg"), *_presence()], contract=False)
+    ctx = HandlerContext(
+        handler=ctx.handler,
+        element_id=ctx.element_id,
+        business_key=ctx.business_key,
+        variables={
+            **ctx.variables,
+            "serviceContract": load_contract(MY_MODEL_FILE).model_dump(mode="json"),
+        },
+        services={SERVICE_OMI_SETTINGS: OmiSettings()},
+    )
+    with pytest.raises(BpmnError, match=r"outputs\.measurements\[0\]\.unit is '1'") as caught:
+        await store_result(ctx)
+    assert caught.value.code == PROVIDER_FAILED
+
+
 def test_a_known_class_is_shown_with_the_contracts_display() -> None:
     # The provider's display travelled into the stored report: "present" could read "Benign".
     inputs = [

@@ -121,10 +121,37 @@ async def test_the_omi_start_task_is_accepted_by_a_strict_dsf_server(sandbox: Sa
     assert created.resource["status"] == "requested"
 
 
+async def test_a_start_task_naming_what_it_needs_instead_of_a_service_is_accepted(
+    sandbox: Sandbox,
+) -> None:
+    """'service' is optional: 'service-modality', 'service-body-part' and 'service-task' ask the
+    bridge to search the OMI registry instead (docs/protocol.md)."""
+    async with sandbox.client(LOCAL) as client:
+        await publish(client, plugin_resources(LOCAL))
+        _plugin, _definition, form = find_start_form(
+            [inference_plugin], INFERENCE, organization=LOCAL
+        )
+        task = form.task(
+            [
+                *COMPLETE[:2],
+                ("service-modality", "CT"),
+                ("service-body-part", "CHEST"),
+                ("service-task", "measurement"),
+            ],
+            requester=LOCAL,
+            authored_on=dt.datetime.now(dt.UTC),
+        )
+        created = await client.create(task)
+    assert created.status == 201
+    codes = [i["type"]["coding"][0]["code"] for i in task["input"]]
+    assert "service" not in codes
+    assert {"service-modality", "service-body-part", "service-task"} <= set(codes)
+
+
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [
-        (COMPLETE[:1], "missing required input dicomweb-endpoint, service (--input CODE=VALUE)"),
+        (COMPLETE[:1], "missing required input dicomweb-endpoint (--input CODE=VALUE)"),
         ([*COMPLETE, ("studyuid", "1.2.3")], "unknown input 'studyuid'"),
         ([*COMPLETE, ("segmentation", "yes")], "'yes' is not a boolean (true or false)"),
         ([*COMPLETE, ("service", "b")], "input service given 2 times, at most 1"),
