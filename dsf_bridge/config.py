@@ -412,10 +412,11 @@ class ConsortiumSettings(_Section):
     )
     k: int = Field(
         default=5,
-        ge=2,
+        ge=3,
         le=1000,
-        description="Data site: no figure computed from fewer than k studies leaves this site "
-        "(a request may ask for more, never for less)",
+        description="Data site: no figure computed from fewer than k studies leaves this site, "
+        "no quartiles from fewer than 2k (a request may ask for more, never for less); at "
+        "least 3: two studies' mean and sd would be their values",
     )
     max_studies: int = Field(
         default=500,

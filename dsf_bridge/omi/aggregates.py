@@ -60,6 +60,7 @@ __all__ = [
     "merge",
     "numeric_aggregate",
     "pool_moments",
+    "quartile_minimum",
 ]
 
 # The issue's default and the usual small-cell threshold of German research data centres.
@@ -138,6 +139,14 @@ class LaplaceCountObfuscator:
         return value
 
 
+def quartile_minimum(k: int) -> int:
+    """The fewest studies a cell publishes quartiles from: 2k. Five figures (mean, sd, q1,
+    median, q3) of n values determine every value for n <= 5 (at n = 5 the quartiles are the
+    2nd to 4th values, mean and sd then give the 1st and 5th), and constrain them tightly a
+    little above; under 2k a cell shows n, mean and sd only."""
+    return 2 * k
+
+
 def effective_k(site_k: int, requested_k: int | None = None) -> int:
     """The k a site applies: its own, or the coordinator's when that is stricter.
 
@@ -176,15 +185,9 @@ class NumericAggregate:
             "suppressed": self.suppressed,
         }
         if not self.suppressed:
-            out.update(
-                n=self.n,
-                mean=self.mean,
-                sd=self.sd,
-                median=self.median,
-                q1=self.q1,
-                q3=self.q3,
-                obfuscated=self.obfuscated,
-            )
+            out.update(n=self.n, mean=self.mean, sd=self.sd, obfuscated=self.obfuscated)
+            if self.median is not None:  # shown from 2k studies on (quartile_minimum)
+                out.update(median=self.median, q1=self.q1, q3=self.q3)
         return out
 
 
@@ -244,7 +247,13 @@ def numeric_aggregate(
     if data.size < k or not np.all(np.isfinite(data)):
         return NumericAggregate(measurement=measurement, suppressed=True)
     n = int(data.size)
-    q1, median, q3 = (float(q) for q in np.quantile(data, [0.25, 0.5, 0.75]))
+    q1: float | None
+    median: float | None
+    q3: float | None
+    if n >= quartile_minimum(k):
+        q1, median, q3 = (float(q) for q in np.quantile(data, [0.25, 0.5, 0.75]))
+    else:  # with few studies the five figures would pin the values down (docs/consortium.md)
+        q1 = median = q3 = None
     return NumericAggregate(
         measurement=measurement,
         suppressed=False,
@@ -387,15 +396,20 @@ def _aggregate_from_json(item: object) -> Aggregate:
         raise ValueError(f"aggregate {measurement!r} does not say whether it is obfuscated")
     n = _count(item.get("n"), f"n of {measurement!r}")
     if kind == "numeric":
-        keys = {"measurement", "kind", "suppressed", "obfuscated", "n"}
-        keys |= {"mean", "sd", "median", "q1", "q3"}
-        if set(item) != keys:
-            raise ValueError(f"aggregate {measurement!r} must have exactly {sorted(keys)}")
-        mean, sd, median, q1, q3 = (
-            _finite(item[name], f"{name} of {measurement!r}")
-            for name in ("mean", "sd", "median", "q1", "q3")
-        )
-        if sd < 0 or not q1 <= median <= q3:
+        keys = {"measurement", "kind", "suppressed", "obfuscated", "n", "mean", "sd"}
+        quartile_keys = {"median", "q1", "q3"}
+        if set(item) not in (keys, keys | quartile_keys):
+            raise ValueError(
+                f"aggregate {measurement!r} must have exactly {sorted(keys)}, with or without "
+                f"{sorted(quartile_keys)}"
+            )
+        mean, sd = (_finite(item[name], f"{name} of {measurement!r}") for name in ("mean", "sd"))
+        median = q1 = q3 = None
+        if "median" in item:
+            median, q1, q3 = (
+                _finite(item[name], f"{name} of {measurement!r}") for name in ("median", "q1", "q3")
+            )
+        if sd < 0 or (median is not None and not q1 <= median <= q3):  # type: ignore[operator]
             raise ValueError(f"the figures of {measurement!r} contradict each other")
         return NumericAggregate(
             measurement=measurement,
@@ -496,27 +510,35 @@ class PooledNumeric:
     n: int
     mean: float
     sd: float
-    median: float
-    q1: float
-    q3: float
+    median: float | None
+    q1: float | None
+    q3: float | None
     exact: bool
     sites: tuple[str, ...]
     suppressed_at: tuple[str, ...]
+    # The sites whose quartiles the pooled ones weigh (those that showed quartiles), and their n.
+    quartile_sites: tuple[str, ...] = ()
+    quartile_n: int = 0
 
     def to_json(self) -> dict[str, Any]:
+        quartiles: dict[str, Any] | None = None
+        if self.median is not None:
+            quartiles = {
+                "q1": self.q1,
+                "median": self.median,
+                "q3": self.q3,
+                "approximate": True,
+                "method": "n-weighted mean of the site quartiles",
+                "n": self.quartile_n,
+                "sites": list(self.quartile_sites),
+            }
         return {
             "kind": "numeric",
             "n": self.n,
             "mean": self.mean,
             "sd": self.sd,
             "exact": self.exact,
-            "quartiles": {
-                "q1": self.q1,
-                "median": self.median,
-                "q3": self.q3,
-                "approximate": True,
-                "method": "n-weighted mean of the site quartiles",
-            },
+            "quartiles": quartiles,
             "sites": list(self.sites),
             "suppressed_at": list(self.suppressed_at),
         }
@@ -628,20 +650,24 @@ def _pool_numeric(
 ) -> PooledNumeric:
     moments = []
     quartiles = []
+    quartile_sites = []
     for organization, aggregate in parts:
-        figures = (aggregate.n, aggregate.mean, aggregate.sd, aggregate.q1, aggregate.median)
-        n, mean, sd, q1, median = figures
-        q3 = aggregate.q3
-        if n is None or mean is None or sd is None or q1 is None or median is None or q3 is None:
+        n, mean, sd = aggregate.n, aggregate.mean, aggregate.sd
+        if n is None or mean is None or sd is None:
             raise ValueError(
                 f"site {organization} sent {measurement!r} neither suppressed nor complete"
             )
         moments.append((n, mean, sd))
-        quartiles.append((n, q1, median, q3))
+        q1, median, q3 = aggregate.q1, aggregate.median, aggregate.q3
+        if q1 is not None and median is not None and q3 is not None and n > 0:
+            quartiles.append((n, q1, median, q3))
+            quartile_sites.append(organization)
     n_all, mean_all, sd_all = pool_moments(moments)
-    weights = np.array([w for w, *_ in quartiles], dtype=np.float64)
-    values = np.array([q for _, *q in quartiles], dtype=np.float64)
-    q1_all, median_all, q3_all = (float(v) for v in weights @ values / weights.sum())
+    q1_all = median_all = q3_all = None
+    if quartiles:
+        weights = np.array([w for w, *_ in quartiles], dtype=np.float64)
+        values = np.array([q for _, *q in quartiles], dtype=np.float64)
+        q1_all, median_all, q3_all = (float(v) for v in weights @ values / weights.sum())
     return PooledNumeric(
         measurement=measurement,
         n=n_all,
@@ -653,6 +679,8 @@ def _pool_numeric(
         exact=not any(aggregate.obfuscated for _, aggregate in parts),
         sites=tuple(org for org, _ in parts),
         suppressed_at=suppressed_at,
+        quartile_sites=tuple(quartile_sites),
+        quartile_n=sum(w for w, *_ in quartiles),
     )
 
 

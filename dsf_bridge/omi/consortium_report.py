@@ -99,6 +99,10 @@ _APPROXIMATE_QUARTILES = (
     "when the sites' distributions agree. n, mean and sd are pooled exactly from the sites' n, "
     "mean and sd."
 )
+_NO_QUARTILES = (
+    "No quartiles: no pooled site had the 2k studies a cell needs to show them (k studies "
+    "give n, mean and sd only)."
+)
 _NOT_EXACT = (
     "Not exact: at least one site's counts are obfuscated, so the pooled figures rest on noisy "
     "counts."
@@ -334,9 +338,10 @@ def _quantity(code: str, value: float | None, output: MeasurementOutput, what: s
 def _figures(
     figures: NumericAggregate | PooledNumeric, output: MeasurementOutput, what: str
 ) -> list[dict[str, Any]]:
+    shown = _FIGURES if figures.median is not None else ("mean", "sd")  # quartiles from 2k
     return [
         _count(figures.n, what),
-        *(_quantity(name, getattr(figures, name), output, what) for name in _FIGURES),
+        *(_quantity(name, getattr(figures, name), output, what) for name in shown),
     ]
 
 
@@ -414,7 +419,7 @@ def _pooled_numeric(pooled: PooledNumeric, output: MeasurementOutput) -> dict[st
     observation = _observation(output.code)
     observation["method"] = _method(output)
     observation["component"] = _figures(pooled, output, f"the pooled {pooled.measurement!r}")
-    notes = [_APPROXIMATE_QUARTILES]
+    notes = [_APPROXIMATE_QUARTILES] if pooled.median is not None else [_NO_QUARTILES]
     if not pooled.exact:
         notes.append(_NOT_EXACT)
     notes.append(_sites_note(pooled.sites, pooled.suppressed_at))

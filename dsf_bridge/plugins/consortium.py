@@ -57,6 +57,7 @@ from dsf_bridge.omi.aggregates import (
     aggregates_from_json,
     effective_k,
     merge,
+    quartile_minimum,
 )
 from dsf_bridge.omi.cohort import (
     Cohort,
@@ -182,6 +183,8 @@ FAILED = "failed"
 SENT = "sent"
 
 MAX_SITE_TIMEOUT = dt.timedelta(days=366)
+# The smallest k a site may set ([omi.consortium] k): two studies' mean and sd are both values.
+MIN_K = 3
 # A site's aggregates are a few kilobytes; this bounds what one answer may hold.
 MAX_ANSWER_CHARS = 1_000_000
 MAX_SITES = 200
@@ -633,6 +636,16 @@ def _check_k(aggregates: tuple[Aggregate, ...], minimum_k: int) -> None:
                 f"{aggregate.measurement!r} shows a figure from fewer than {minimum_k} studies: "
                 "the site's k rule is broken"
             )
+        if (
+            isinstance(aggregate, NumericAggregate)
+            and aggregate.median is not None
+            and aggregate.n is not None
+            and aggregate.n < quartile_minimum(minimum_k)
+        ):
+            raise _BrokenAnswerError(
+                f"{aggregate.measurement!r} shows quartiles from fewer than "
+                f"{quartile_minimum(minimum_k)} studies: the site's rule for quartiles is broken"
+            )
         if isinstance(aggregate, ClassCounts) and aggregate.n is not None:
             # The total minus the shown classes is the hidden classes' sum: a figure too.
             hidden = aggregate.n - sum(c for c in aggregate.counts.values() if c is not None)
@@ -645,10 +658,11 @@ def _check_k(aggregates: tuple[Aggregate, ...], minimum_k: int) -> None:
 
 
 def _requested_k(ctx: HandlerContext) -> int:
-    """The smallest group any site may report on: what the request asked, at least 2."""
+    """The smallest group any site may report on: what the request asked, at least 3 (the
+    smallest k a site may set: n = 2 with its mean and sd would be both values)."""
     request = ctx.get("consortiumRequest")
     asked = request.get("minimumK") if isinstance(request, Mapping) else None
-    return max(2, asked if isinstance(asked, int) else 2)
+    return max(MIN_K, asked if isinstance(asked, int) else MIN_K)
 
 
 def _contract(ctx: HandlerContext) -> InferenceContract:

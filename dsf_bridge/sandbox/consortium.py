@@ -66,7 +66,7 @@ START_CANONICAL = "http://dsf-bridge.dev/bpe/Process/consortiumInference|1.0"
 COORDINATOR = "Coordinator"
 # (organization, studies, approval): B holds fewer than k = 5, C waits for an approval.
 DATA_SITES: tuple[tuple[str, int, bool], ...] = (
-    ("Hospital_A", 8, False),
+    ("Hospital_A", 10, False),
     ("Hospital_B", 3, False),
     ("Hospital_C", 6, True),
 )

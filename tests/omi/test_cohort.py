@@ -542,7 +542,10 @@ def test_site_aggregates_follow_the_contract_and_k() -> None:
     by_name = {a.measurement: a for a in aggregates}
     area = by_name["body-area"]
     assert isinstance(area, NumericAggregate) and not area.suppressed
-    assert (area.n, area.mean, area.median) == (6, 425.0, 425.0)
+    assert (area.n, area.mean, area.median) == (6, 425.0, None)  # quartiles from 2k on
+    with_quartiles = site_aggregates(outcome, TISSUE, k=3)[0]
+    assert isinstance(with_quartiles, NumericAggregate)
+    assert (with_quartiles.q1, with_quartiles.median, with_quartiles.q3) == (412.5, 425.0, 437.5)
     assert by_name["body-mean-hu"].suppressed  # one value, below k
     assert by_name["body-volume"].suppressed  # no value at all
     assert not site_aggregates(outcome, TISSUE, k=6)[0].suppressed

@@ -521,7 +521,8 @@ def test_demo_consortium_json_lists_every_site_and_the_pooled_figures(tmp_path: 
     assert sites["Hospital_C"]["reason"] == "no answer within PT10S"
     assert all(a["suppressed"] for a in sites["Hospital_B"]["aggregates"])
     area = output["pooled"]["body-area"]
-    assert area["n"] == 8 and area["sites"] == ["Hospital_A"]
+    assert area["n"] == 10 and area["sites"] == ["Hospital_A"]
+    assert area["quartiles"]["n"] == 10  # 2k studies: quartiles shown
     assert area["suppressed_at"] == ["Hospital_B"]
     [shown] = [a for a in sites["Hospital_A"]["aggregates"] if a["measurement"] == "body-area"]
     assert (area["mean"], area["sd"]) == (shown["mean"], shown["sd"])  # one site: its figures

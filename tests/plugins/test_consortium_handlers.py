@@ -116,10 +116,10 @@ def test_a_good_answer_is_kept_with_its_aggregates() -> None:
             ],
             "not an output of contract",
         ),
-        # A cell from fewer than 2 studies cannot have been under the k rule.
+        # A cell from fewer than 3 studies cannot have been under the k rule.
         (
             [_status("done"), _input("consortium-aggregates", json.dumps([_numeric(1)]))],
-            "a figure from fewer than 2 studies",
+            "a figure from fewer than 3 studies",
         ),
         # 'suppressed' means nothing is shown.
         ([_status("suppressed"), _input("consortium-aggregates", json.dumps([_numeric()]))], ""),
@@ -319,7 +319,7 @@ LEAK = "DOE^JANE 1.2.826.0.1.3680043.8.498.4711"
 
 
 class _SiteServers(BaseHTTPRequestHandler):
-    """A data site's archive (QIDO-RS: two studies) and inference server (readiness answers
+    """A data site's archive (QIDO-RS: three studies) and inference server (readiness answers
     ``ready_status`` with ``LEAK`` in its error text), on one real loopback socket."""
 
     ready_status = 500
@@ -335,7 +335,7 @@ class _SiteServers(BaseHTTPRequestHandler):
                     "00080060": {"vr": "CS", "Value": ["CT"]},
                     "00201209": {"vr": "IS", "Value": [1]},
                 }
-                for n in (1, 2)
+                for n in (1, 2, 3)
             ]
             self._answer(200, "application/dicom+json", items if first else [])
         elif url.path.endswith("/ready"):
@@ -380,13 +380,13 @@ async def test_an_inference_server_failure_reaches_the_coordinator_in_the_bridge
     handler.ready_status = status
     settings = OmiSettings(
         catalogue=[{"id": "tissue-composition", "inference_url": base}],
-        consortium={"dicomweb_url": f"{base}/dicom-web", "k": 2},
+        consortium={"dicomweb_url": f"{base}/dicom-web", "k": 3},
     )
     ctx = HandlerContext(
         handler="RunCohort",
         element_id="RunCohort",
         business_key="bk",
-        variables={"serviceId": "tissue-composition", "cohort": {"modalities": ["CT"]}, "k": 2},
+        variables={"serviceId": "tissue-composition", "cohort": {"modalities": ["CT"]}, "k": 3},
         services={
             SERVICE_OMI_SETTINGS: settings,
             SERVICE_CALL_RETRY: RetryPolicy(attempts=1, initial_delay=0.01),
@@ -499,13 +499,13 @@ async def test_a_cohort_where_every_study_failed_is_failed_not_suppressed(
     handler.ready_status = 200
     settings = OmiSettings(
         catalogue=[{"id": "tissue-composition", "inference_url": base}],
-        consortium={"dicomweb_url": f"{base}/dicom-web", "k": 2},
+        consortium={"dicomweb_url": f"{base}/dicom-web", "k": 3},
     )
     ctx = HandlerContext(
         handler="RunCohort",
         element_id="RunCohort",
         business_key="bk",
-        variables={"serviceId": "tissue-composition", "cohort": {"modalities": ["CT"]}, "k": 2},
+        variables={"serviceId": "tissue-composition", "cohort": {"modalities": ["CT"]}, "k": 3},
         services={
             SERVICE_OMI_SETTINGS: settings,
             SERVICE_CALL_RETRY: RetryPolicy(attempts=1, initial_delay=0.01),

@@ -72,7 +72,12 @@ def test_run_loads_the_good_drop_ins_and_leaves_out_the_bad(
     assert bridge.returncode == 0
     assert "subscription.bound" in [e.get("event") for e in seen]
     deployed = {e.get("plugin") for e in seen if e.get("event") == "plugin.deployed"}
-    assert deployed == {"hello", "dsf-bridge-ping-pong", "dsf-bridge-omi-inference"}
+    assert deployed == {
+        "hello",
+        "dsf-bridge-ping-pong",
+        "dsf-bridge-omi-inference",
+        "dsf-bridge-omi-consortium",
+    }
     rejected = [e for e in seen if e.get("event") == "plugin.rejected"]
     assert {e["level"] for e in rejected} == {"error"}
     reasons = {str(e.get("source") or e.get("plugin")): str(e["reason"]) for e in rejected}
