@@ -39,7 +39,7 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from dsf_bridge.errors import BridgeError
-from dsf_bridge.omi.contract import Coding, InferenceContract
+from dsf_bridge.omi.contract import Coding, InferenceContract, RequestNotAcceptedError
 from dsf_bridge.omi.inference import DATATYPES, InferenceResult, Tensor
 
 __all__ = [
@@ -163,12 +163,32 @@ def volume_from_datasets(
     )
 
 
-def model_inputs(volume: ImageVolume, contract: InferenceContract) -> list[Tensor]:
+def model_inputs(
+    volume: ImageVolume, contract: InferenceContract, *, max_bytes: int | None = None
+) -> list[Tensor]:
     """The model's input tensors: the image as ``contract.pixels`` and ``contract.inputs``
-    declare it, and the spacing tensor when the contract names one."""
+    declare it, and the spacing tensor when the contract names one.
+
+    ``max_bytes`` bounds the working image (float64, after resampling): a series whose
+    resampled image would be larger is refused with :class:`RequestNotAcceptedError` before
+    that image is made (a fine target spacing multiplies the pixels)."""
     handling = contract.pixels
-    data = volume.pixels.astype(np.float64)
     slice_mm, row_mm, column_mm = volume.spacing_mm
+    if max_bytes is not None:
+        slices, rows, columns = volume.pixels.shape
+        if handling.resample_mm is not None:
+            rows = round(rows * row_mm / handling.resample_mm[0])
+            columns = round(columns * column_mm / handling.resample_mm[1])
+        working = slices * rows * columns * np.dtype(np.float64).itemsize
+        if working > max_bytes:
+            raise RequestNotAcceptedError(
+                f"the series would make a {slices}x{rows}x{columns} working image of "
+                f"{working:,} bytes (float64"
+                + (f", resampled to {handling.resample_mm} mm" if handling.resample_mm else "")
+                + f"), more than the limit of {max_bytes:,} bytes for a request's working "
+                "image at this site (twice max_request_bytes)"
+            )
+    data = volume.pixels.astype(np.float64)
     if handling.resample_mm is not None:
         target_row, target_column = handling.resample_mm
         data = ndimage.zoom(data, (1.0, row_mm / target_row, column_mm / target_column), order=1)

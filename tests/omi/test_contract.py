@@ -334,6 +334,25 @@ def test_raw_values_resampling_zscore_and_integer_datatype(ct_small: Dataset) ->
         model_inputs(volume, wrong)
 
 
+def test_a_fine_resampling_is_refused_before_its_image_is_made(ct_small: Dataset) -> None:
+    """128 x 128 pixels of 0.66 mm resampled to 0.01 mm would be 8,467 x 8,467 float64 values
+    (574 MB): refused by its size, computed from shape and spacing, naming the limit."""
+    contract = TISSUE.model_copy(
+        update={
+            "pixels": TISSUE.pixels.model_copy(update={"resample_mm": [0.01, 0.01]}),
+            "inputs": TISSUE.inputs.model_copy(update={"shape": None}),
+        }
+    )
+    volume = volume_from_datasets([ct_small], contract)
+    with pytest.raises(RequestNotAcceptedError) as refused:
+        model_inputs(volume, contract, max_bytes=64 << 20)
+    assert "1x8467x8467 working image of 573,520,712 bytes" in str(refused.value)
+    assert "more than the limit of 67,108,864 bytes" in str(refused.value)
+    # The same series at its own spacing stays far below the limit.
+    [image] = model_inputs(volume, MY_MODEL, max_bytes=64 << 20)
+    assert image.shape == (128, 128)
+
+
 def test_pixel_values_an_integer_datatype_cannot_hold_are_refused(ct_small: Dataset) -> None:
     # Hounsfield units as UINT8 wrapped around silently: -849 HU reached the model as 175.
     contract = MY_MODEL.model_copy(
