@@ -89,20 +89,20 @@ from dsf_bridge.omi.inference import (
 )
 from dsf_bridge.omi.registry import DEVICE_IDENTIFIER_SYSTEM
 from dsf_bridge.plugins.api import ProcessPlugin
-from dsf_bridge.plugins.inference import SERVICE_DICOMWEB_SSL_CONTEXT, SERVICE_OMI_SETTINGS
+from dsf_bridge.plugins.inference import (
+    SERVICE_DICOMWEB_SSL_CONTEXT,
+    catalogue_entry,
+    omi_settings,
+)
 from dsf_bridge.plugins.pingpong import bpmn_dir, profiles_dir
 from dsf_bridge.plugins.registry import (
-    SERVICE_CALL_RETRY,
     SERVICE_FHIR_CLIENT,
-    SERVICE_FORWARD_PROXY,
     SERVICE_LOCAL_ORGANIZATION,
     BpmnError,
     HandlerContext,
     HandlerRegistry,
     SendContext,
 )
-from dsf_bridge.proxy import ForwardProxy
-from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
 __all__ = [
     "CODESYSTEM_CONSORTIUM",
@@ -198,11 +198,7 @@ class ConsortiumRequestError(BridgeError):
 # -- reading Tasks and variables ---------------------------------------------------------------
 
 
-def _task(ctx: HandlerContext) -> Mapping[str, Any]:
-    task = ctx.get("task")
-    if not isinstance(task, Mapping):
-        raise BridgeError("the process has no 'task' variable (it was not started by a Task)")
-    return task
+_task = HandlerContext.task
 
 
 def _inputs(task: Mapping[str, Any], code: str) -> list[object]:
@@ -276,17 +272,14 @@ def _minimum_k(task: Mapping[str, Any]) -> int | None:
     return value
 
 
-def _settings(ctx: HandlerContext) -> OmiSettings:
-    settings = ctx.services.get(SERVICE_OMI_SETTINGS)
-    return settings if isinstance(settings, OmiSettings) else OmiSettings()
+_settings = omi_settings
 
 
 def _consortium(ctx: HandlerContext) -> ConsortiumSettings:
     return _settings(ctx).consortium
 
 
-def _entry(settings: OmiSettings, service_id: str) -> OmiServiceSettings | None:
-    return next((entry for entry in settings.catalogue if entry.id == service_id), None)
+_entry = catalogue_entry
 
 
 def _contract_for(settings: OmiSettings, service_id: str) -> InferenceContract | None:
@@ -875,14 +868,10 @@ def record_failure(ctx: HandlerContext) -> None:
     log.warning("consortium.request_failed_here", reason=ctx.get("errorMessage"))
 
 
-def _proxy(ctx: HandlerContext) -> ForwardProxy | None:
-    proxy = ctx.services.get(SERVICE_FORWARD_PROXY)
-    return proxy if isinstance(proxy, ForwardProxy) else None
+_proxy = HandlerContext.forward_proxy
 
 
-def _call_retry(ctx: HandlerContext) -> RetryPolicy:
-    policy = ctx.services.get(SERVICE_CALL_RETRY)
-    return policy if isinstance(policy, RetryPolicy) else CALL_RETRY
+_call_retry = HandlerContext.call_retry
 
 
 # One obfuscator per setting for as long as the bridge runs: the same true count gets the same

@@ -96,9 +96,7 @@ from dsf_bridge.omi.registry import (
 from dsf_bridge.plugins.api import ProcessPlugin
 from dsf_bridge.plugins.pingpong import bpmn_dir, profiles_dir
 from dsf_bridge.plugins.registry import (
-    SERVICE_CALL_RETRY,
     SERVICE_FHIR_CLIENT,
-    SERVICE_FORWARD_PROXY,
     BpmnError,
     HandlerContext,
     HandlerRegistry,
@@ -123,7 +121,6 @@ from dsf_bridge.plugins.transfer import (
     withdraw_package,
 )
 from dsf_bridge.proxy import ForwardProxy
-from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
 __all__ = [
     "CODESYSTEM_OMI",
@@ -217,11 +214,7 @@ class InferenceRequestError(BridgeError):
 # -- reading Tasks and variables ---------------------------------------------------------------
 
 
-def _task(ctx: HandlerContext) -> Mapping[str, Any]:
-    task = ctx.get("task")
-    if not isinstance(task, Mapping):
-        raise BridgeError("the process has no 'task' variable (it was not started by a Task)")
-    return task
+_task = HandlerContext.task
 
 
 def _inputs(task: Mapping[str, Any], system: str, code: str) -> list[object]:
@@ -286,13 +279,19 @@ def _transfer(ctx: HandlerContext) -> TransferSite:
     return ctx.service(SERVICE_TRANSFER, TransferSite)
 
 
-def _settings(ctx: HandlerContext) -> OmiSettings:
+def omi_settings(ctx: HandlerContext) -> OmiSettings:
+    """The site's ``[omi]`` settings (the defaults outside a bridge)."""
     settings = ctx.services.get(SERVICE_OMI_SETTINGS)
     return settings if isinstance(settings, OmiSettings) else OmiSettings()
 
 
-def _entry(settings: OmiSettings, service_id: str) -> OmiServiceSettings | None:
+def catalogue_entry(settings: OmiSettings, service_id: str) -> OmiServiceSettings | None:
+    """The site's catalogue entry of ``service_id``, if it has one."""
     return next((entry for entry in settings.catalogue if entry.id == service_id), None)
+
+
+_settings = omi_settings
+_entry = catalogue_entry
 
 
 def _contract(value: str | Mapping[str, Any] | None) -> InferenceContract | None:
@@ -1424,16 +1423,10 @@ def check_request(ctx: HandlerContext) -> None:
     log.info("inference.request_checked", requester=requester, service=entry.id)
 
 
-def _proxy(ctx: HandlerContext) -> ForwardProxy | None:
-    """The site's forward proxy (``[proxy]``), if it has one."""
-    proxy = ctx.services.get(SERVICE_FORWARD_PROXY)
-    return proxy if isinstance(proxy, ForwardProxy) else None
+_proxy = HandlerContext.forward_proxy
 
 
-def _call_retry(ctx: HandlerContext) -> RetryPolicy:
-    """The site's policy for one call (``[runtime] call_*``); the default outside a bridge."""
-    policy = ctx.services.get(SERVICE_CALL_RETRY)
-    return policy if isinstance(policy, RetryPolicy) else CALL_RETRY
+_call_retry = HandlerContext.call_retry
 
 
 @handlers.service(_PREFIX + "RunInference")

@@ -300,11 +300,7 @@ def status_output(
     }
 
 
-def _task(ctx: HandlerContext) -> Mapping[str, Any]:
-    task = ctx.get("task")
-    if not isinstance(task, Mapping):
-        raise BridgeError("the process has no 'task' variable (it was not started by a Task)")
-    return task
+_task = HandlerContext.task
 
 
 def _input(task: Mapping[str, Any], system: str, code: str) -> object:

@@ -40,7 +40,9 @@ from dsf_bridge.dsf.questionnaires import QUESTIONNAIRE_ITEM_TEXTS
 from dsf_bridge.dsf.tasks import TASK_OUTPUT_PREFIX, task_output_value, task_output_variable
 from dsf_bridge.engine.correlation import ALTERNATIVE_BUSINESS_KEY
 from dsf_bridge.engine.model import NodeKind, ProcessDefinition
-from dsf_bridge.errors import ProcessExecutionError, ProcessModelError
+from dsf_bridge.errors import BridgeError, ProcessExecutionError, ProcessModelError
+from dsf_bridge.proxy import ForwardProxy
+from dsf_bridge.retry import CALL_RETRY, RetryPolicy
 
 __all__ = [
     "SERVICE_CALL_RETRY",
@@ -99,6 +101,25 @@ class HandlerContext:
                 f"the runtime provides {found}"
             )
         return value
+
+    def task(self) -> Mapping[str, Any]:
+        """The ``task`` variable: what the runtime shows of the Task that started the instance
+        or last reached it (id, requester, profile, inputs)."""
+        task = self.get("task")
+        if not isinstance(task, Mapping):
+            raise BridgeError("the process has no 'task' variable (it was not started by a Task)")
+        return task
+
+    def forward_proxy(self) -> ForwardProxy | None:
+        """The site's forward proxy (``[proxy]``), if it has one."""
+        proxy = self.services.get(SERVICE_FORWARD_PROXY)
+        return proxy if isinstance(proxy, ForwardProxy) else None
+
+    def call_retry(self) -> RetryPolicy:
+        """The site's policy for one call (``[runtime] call_*``); the default outside a
+        bridge."""
+        policy = self.services.get(SERVICE_CALL_RETRY)
+        return policy if isinstance(policy, RetryPolicy) else CALL_RETRY
 
     def get(self, name: str, default: object = None) -> object:
         """A variable as set so far in this call, else as the execution sees it."""
