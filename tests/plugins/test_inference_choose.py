@@ -35,7 +35,6 @@ from tests.plugins.test_inference import studies
 
 __all__ = ["studies"]
 
-NOW = dt.datetime.now(dt.UTC)
 
 
 def _mr_only() -> InferenceContract:
@@ -49,7 +48,8 @@ def _beat(status: str = "available", *, waiting: float = 0, age: float = 5) -> H
         status=status,
         queue_length=0 if waiting == 0 else 2,
         estimated_waiting_time=dt.timedelta(seconds=waiting),
-        last_seen=NOW - dt.timedelta(seconds=age),
+        # From now, not from when the module was imported: a session runs for many minutes.
+        last_seen=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age),
     )
 
 
