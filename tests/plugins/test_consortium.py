@@ -404,7 +404,8 @@ async def test_refusals_failures_and_invalid_requests_each_with_its_reason(
     assert "accepts CT, not MR" in error("wrong-modality")
 
 
-@pytest.mark.parametrize("dsf_version", ["2.1", "1.9"], ids=lambda v: f"dsf{v}")
+# On DSF 1.9: the other end-to-end tests here run against 2.1 (CI time).
+@pytest.mark.parametrize("dsf_version", ["1.9"], ids=lambda v: f"dsf{v}")
 async def test_sites_by_role_under_a_parent_and_an_approval_given_in_the_questionnaire(
     tmp_path: Path, orthanc: OrthancProcess, mlserver: MLServerProcess, dsf_version: str
 ) -> None:
