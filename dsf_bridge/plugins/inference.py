@@ -1249,17 +1249,22 @@ def _report_fits(
 ) -> bool:
     """An SR's evidence is the sent series and the returned SEG instances ((series, SOP
     instance) in ``segmentations``), in the study; what its content references is evidence,
-    and its source series is the sent one. True for what is no SR."""
-    if "ContentSequence" not in result:
-        return True
+    and its source series is the sent one. What is no SR may list no other evidence either.
+
+    The evidence is checked whatever else the instance holds: an SR without content (or a SEG
+    carrying evidence sequences) would otherwise file references to another study."""
     evidence = list(_evidence(result))
-    if not evidence or any(
+    if any(
         s != study or (uid != series and (uid, sop) not in segmentations)
         for s, uid, sop in evidence
     ):
         return False
+    if str(result.get("Modality", "")) != "SR" and "ContentSequence" not in result:
+        return True
+    if not evidence:
+        return False
     instances = {sop for _, _, sop in evidence}
-    items = list(result.ContentSequence)
+    items = list(result.get("ContentSequence", []))
     while items:
         item = items.pop()
         items.extend(item.get("ContentSequence", []))

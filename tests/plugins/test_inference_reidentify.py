@@ -368,15 +368,30 @@ def _tamper_seg_instance(report: Dataset) -> None:
             series.ReferencedSOPSequence.append(other)
 
 
+def _tamper_evidence_without_content(report: Dataset) -> None:
+    """An SR without a ContentSequence (no measurement at all) whose evidence names another
+    study's series: its evidence must be checked all the same."""
+    del report.ContentSequence
+    _tamper_evidence(report)
+
+
 @pytest.mark.parametrize(
     "tamper",
-    [None, _tamper_evidence_study, _tamper_evidence, _tamper_seg_instance, _tamper_source_series],
+    [
+        None,
+        _tamper_evidence_study,
+        _tamper_evidence,
+        _tamper_seg_instance,
+        _tamper_source_series,
+        _tamper_evidence_without_content,
+    ],
     ids=[
         "as-made",
         "evidence-in-another-study",
         "evidence-names-another-series",
         "evidence-names-another-instance",
         "source-series-is-another",
+        "no-content-evidence-names-another-series",
     ],
 )
 async def test_an_sr_in_the_result_package_is_filed_only_when_it_names_the_sent_series(
