@@ -1187,8 +1187,29 @@ async def _file_segmentation(
     originals = await _pseudonyms(ctx).originals(sorted(uids_in(datasets) | {sent}))
     results = [reidentify(dataset, originals) for dataset in datasets]
     _check_returned(results, _text(ctx, "studyInstanceUid"), originals.get(sent))
+    _check_own_uids(datasets, originals)
     source = await _source_instance(archive, ctx, results)
     await archive.store([restore_identity(result, source) for result in results])
+
+
+def _check_own_uids(datasets: list[Dataset], originals: Mapping[str, str]) -> None:
+    """A returned instance's own UIDs (its series, its SOP instance) are new, made by the
+    provider: one that is a pseudonym this site handed out would, mapped back, store the result
+    as an image of the sent series (under one of its images' UIDs) or into a series of
+    another study."""
+    for dataset in datasets:
+        meta = getattr(dataset, "file_meta", None)
+        own = {
+            str(dataset.get("SeriesInstanceUID", "")),
+            str(dataset.get("SOPInstanceUID", "")),
+            str(meta.get("MediaStorageSOPInstanceUID", "")) if meta is not None else "",
+        }
+        if own & originals.keys():
+            raise BpmnError(
+                PROVIDER_FAILED,
+                "the returned segmentation takes a UID of the images this site sent (or of "
+                "another study it sent) as its own series or instance UID; it was not stored",
+            )
 
 
 def _check_returned(results: list[Dataset], study: str, series: str | None) -> None:

@@ -629,3 +629,56 @@ async def _store_result_from(
         finally:
             for client in clients:
                 await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "own",
+    [(PSEUDO_SERIES, "2.25.400"), (PSEUDO_OTHER_SERIES, "2.25.556")],
+    ids=["the-sent-series-and-instance", "another-studys-series"],
+)
+async def test_a_seg_taking_a_sent_uid_as_its_own_is_refused(
+    tmp_path: Path, orthanc: OrthancProcess, own: tuple[str, str]
+) -> None:
+    """A SEG whose own Series (and SOP) Instance UID is a pseudonym this site handed out:
+    mapped back, it would be stored as an instance of the sent CT series (under the UID of one
+    of its images) or into a series of another patient's study. A result's own UIDs are new."""
+    originals = make_series(load_ct_small(), slices=2)
+    study = str(originals[0].StudyInstanceUID)
+    _, mapping, seg, _ = _seg_and_report(originals)
+    seg.SeriesInstanceUID, seg.SOPInstanceUID = own
+    seg.file_meta.MediaStorageSOPInstanceUID = UID(own[1])
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        await archive.store(originals)
+    finally:
+        archive.close()
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        await publish_certificates(network, REQUESTER, PROVIDER)
+        clients: list[FhirClient] = []
+        try:
+            provider = transfer_site(network, PROVIDER, clients)
+            package = tmp_path / "result.zip"
+            package_datasets([seg], package, max_series=RESULT_SERIES)
+            published = await publish_package(
+                provider, package, recipient=REQUESTER, transfer_id="bk/seg", title="test"
+            )
+            site = transfer_site(network, REQUESTER, clients, MemoryPseudonyms(mapping))
+            ctx = _package_result_context(site, published.binary_url, study, orthanc)
+            with pytest.raises(BpmnError) as refused:
+                await store_result(ctx)
+        finally:
+            for client in clients:
+                await client.aclose()
+    assert refused.value.code == "provider-failed"
+    assert "was not stored" in refused.value.message
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        [series] = await archive.search_series(study)
+        assert series.modality == "CT"
+        assert series.instance_count == 2
+        stored = await archive.retrieve_series(study, series.series_instance_uid)
+        assert {str(ds.Modality) for ds in stored} == {"CT"}
+    finally:
+        archive.close()
