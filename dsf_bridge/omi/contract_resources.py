@@ -257,6 +257,9 @@ def contract_from_device(device: Mapping[str, Any]) -> InferenceContract | None:
         raw = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ContractError(f"the contract is not valid JSON: {exc}") from None
+    except RecursionError:
+        # A registry entry's contract must not crash the search that read it (every service).
+        raise ContractError("the contract is not valid JSON: nested too deeply") from None
     try:
         contract = InferenceContract.model_validate(raw)
     except ValidationError as exc:

@@ -226,6 +226,11 @@ def _truncated(device: dict[str, Any]) -> None:
     _with_data(device, data, rehash=True)
 
 
+def _deeply_nested(device: dict[str, Any]) -> None:
+    """Within the size limit, nested deeper than Python's JSON parser recurses."""
+    _with_data(device, b"[" * 100_000 + b"]" * 100_000, rehash=True)
+
+
 @pytest.mark.parametrize(
     ("tamper", "reason"),
     [
@@ -245,6 +250,7 @@ def _truncated(device: dict[str, Any]) -> None:
         (_not_base64, r"not base64"),
         (_no_hash, r"has no 'sha256'"),
         (_truncated, r"not valid JSON"),
+        (_deeply_nested, r"not valid JSON: nested too deeply"),
     ],
 )
 async def test_a_damaged_or_tampered_contract_is_refused_with_the_reason(
