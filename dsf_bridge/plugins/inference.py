@@ -1120,6 +1120,17 @@ async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) 
         raise BpmnError(
             PROVIDER_FAILED, f"the segmentation could not be stored in the archive: {exc}"
         ) from exc
+    except TargetError as exc:  # the provider left the allow list meanwhile
+        raise BpmnError(
+            PROVIDER_FAILED, f"the segmentation package from {provider} is not usable: {exc}"
+        ) from exc
+    except RemoteError as exc:  # the download: over this site's limit, gone (404), refused
+        if exc.retryable:
+            raise
+        raise BpmnError(
+            PROVIDER_FAILED,
+            f"the segmentation package from {provider} could not be downloaded: {exc}",
+        ) from exc
     finally:
         archive.close()
     log.info("inference.segmentation_stored", instances=len(datasets))

@@ -682,3 +682,47 @@ async def test_a_seg_taking_a_sent_uid_as_its_own_is_refused(
         assert {str(ds.Modality) for ds in stored} == {"CT"}
     finally:
         archive.close()
+
+
+@pytest.mark.parametrize("problem", ["too-large", "gone"])
+async def test_a_result_package_that_cannot_be_downloaded_fails_with_a_reason(
+    tmp_path: Path, orthanc: OrthancProcess, problem: str
+) -> None:
+    """A result package over this site's limit, or no longer on the provider's server (a
+    404): the provider failed, said as a BPMN error with the reason, not an exception that
+    ends the instance untranslated."""
+    originals = make_series(load_ct_small(), slices=2)
+    study = str(originals[0].StudyInstanceUID)
+    _, mapping, seg, report = _seg_and_report(originals)
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        await publish_certificates(network, REQUESTER, PROVIDER)
+        clients: list[FhirClient] = []
+        try:
+            provider = transfer_site(network, PROVIDER, clients)
+            package = tmp_path / "result.zip"
+            package_datasets([seg, report], package, max_series=RESULT_SERIES)
+            published = await publish_package(
+                provider, package, recipient=REQUESTER, transfer_id="bk/seg", title="test"
+            )
+            site = transfer_site(network, REQUESTER, clients, MemoryPseudonyms(mapping))
+            url = published.binary_url
+            if problem == "too-large":
+                site.max_bytes = 1024
+            else:
+                url = url.rsplit("/", 1)[0] + "/no-such-package"
+            ctx = _package_result_context(site, url, study, orthanc)
+            with pytest.raises(BpmnError) as refused:
+                await store_result(ctx)
+        finally:
+            for client in clients:
+                await client.aclose()
+    assert refused.value.code == "provider-failed"
+    assert "segmentation package from AI_Provider" in refused.value.message
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        with pytest.raises(StudyNotFoundError):
+            await archive.search_series(study)
+    finally:
+        archive.close()
