@@ -517,7 +517,7 @@ class FhirRegistryClient:
         """The resource a write answered with, read back when the registry sent none."""
         try:
             body = response.json() if response.content else None
-        except ValueError:
+        except (ValueError, RecursionError):
             body = None
         if isinstance(body, dict) and body.get("resourceType") == kind and body.get("id"):
             return body
@@ -548,6 +548,10 @@ class FhirRegistryClient:
             bundle = response.json()
         except ValueError as exc:
             raise RegistryError(f"the OMI registry at {self.base_url} sent no JSON") from exc
+        except RecursionError:
+            raise RegistryError(
+                f"the OMI registry at {self.base_url} sent JSON nested too deeply"
+            ) from None
         if not isinstance(bundle, dict) or bundle.get("resourceType") != kind:
             shown = "search Bundle" if kind == "Bundle" else kind
             raise RegistryError(f"the OMI registry at {self.base_url} sent no {shown}")

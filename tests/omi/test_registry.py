@@ -164,6 +164,17 @@ async def test_registry_failures(status: int, retryable: bool) -> None:
     assert info.value.retryable is retryable
 
 
+async def test_a_registry_answer_nested_too_deeply_is_a_registry_error() -> None:
+    """A hostile or broken registry's search Bundle nested deeper than Python's JSON parser
+    recurses: a RegistryError naming the registry, not a RecursionError out of the handler."""
+    body = b'{"resourceType": "Bundle", "entry": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    transport = httpx.MockTransport(lambda _: httpx.Response(200, content=body))
+    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as registry:
+        with pytest.raises(RegistryError, match=r"registry\.test.* nested too deeply") as info:
+            await registry.find_services()
+    assert not info.value.retryable
+
+
 def _with_beat(status: str, seen: dt.datetime | None) -> InferenceService:
     return InferenceService(
         "s", "Service S", "m", "http://x", heartbeat=Heartbeat(status, last_seen=seen)
