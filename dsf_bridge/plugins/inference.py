@@ -1195,12 +1195,48 @@ async def _file_segmentation(
     back, checked to belong to the study and series this request sent, its patient and study
     attributes the original's, stored into this site's archive (STOW-RS)."""
     sent = _text(ctx, "sentSeriesInstanceUid")
-    originals = await _pseudonyms(ctx).originals(sorted(uids_in(datasets) | {sent}))
+    study = _text(ctx, "studyInstanceUid")
+    pseudonyms = _pseudonyms(ctx)
+    originals = await pseudonyms.originals(sorted(uids_in(datasets) | {sent}))
     results = [reidentify(dataset, originals) for dataset in datasets]
-    _check_returned(results, _text(ctx, "studyInstanceUid"), originals.get(sent))
+    _check_returned(results, study, originals.get(sent))
     _check_own_uids(datasets, originals)
+    # Every study, series and instance a result names, where it is a pseudonym, must be one
+    # this site made for the request's study: the checks above look at the series, this one
+    # at every reference (source images, frames' derivation, evidence, private sequences).
+    referenced = _references(datasets) & originals.keys()
+    of_study = await pseudonyms.originals(sorted(referenced), study=study) if referenced else {}
+    if referenced - of_study.keys():
+        raise BpmnError(
+            PROVIDER_FAILED,
+            "the returned segmentation references an image, series or study of another study "
+            "this site sent; it was not stored",
+        )
     source = await _source_instance(archive, ctx, results)
     await archive.store([restore_identity(result, source) for result in results])
+
+
+# What names a study, a series or an instance, wherever it stands in a dataset; "UID" is the
+# value of an SR's UIDREF item (the source series of a segmentation).
+_REFERENCE_KEYWORDS = frozenset(
+    {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "ReferencedSOPInstanceUID", "UID"}
+)
+
+
+def _references(datasets: list[Dataset]) -> set[str]:
+    """Every UID in ``datasets`` (nested sequences included) that names a study, a series or
+    an instance."""
+    found: set[str] = set()
+    pending: list[Dataset] = list(datasets)
+    while pending:
+        dataset = pending.pop()
+        for element in dataset:
+            if element.VR == "SQ":
+                pending.extend(element.value or [])
+            elif element.keyword in _REFERENCE_KEYWORDS and element.value:
+                values = element.value if element.VM > 1 else [element.value]
+                found.update(str(value) for value in values)
+    return found
 
 
 def _check_own_uids(datasets: list[Dataset], originals: Mapping[str, str]) -> None:

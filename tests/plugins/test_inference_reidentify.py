@@ -43,13 +43,16 @@ OTHER_STUDY = "1.2.826.0.1.3680043.8.498.424242"
 OTHER_SERIES = "1.2.826.0.1.3680043.8.498.424243"
 PSEUDO_OTHER_STUDY = "2.25.100"
 PSEUDO_OTHER_SERIES = "2.25.101"
+OTHER_INSTANCE = "1.2.826.0.1.3680043.8.498.424244"
+PSEUDO_OTHER_INSTANCE = "2.25.102"
 PSEUDO_STUDY = "2.25.300"
 PSEUDO_SERIES = "2.25.200"
 PSEUDO_INSTANCE = "2.25.201"
 
 
 class MemoryPseudonyms:
-    """The site's mapping store, in memory (replacement -> original)."""
+    """The site's mapping store, in memory (replacement -> original). Every pair belongs to
+    the study of the request under test, but those of study A (:data:`OTHER_STUDY`)."""
 
     def __init__(self, mapping: dict[str, str]) -> None:
         self.mapping = mapping
@@ -57,8 +60,13 @@ class MemoryPseudonyms:
     async def record(self, original_study_uid: str, uids: Mapping[str, str]) -> None:
         self.mapping.update({replaced: original for original, replaced in uids.items()})
 
-    async def originals(self, replaced: list[str]) -> dict[str, str]:
-        return {uid: self.mapping[uid] for uid in replaced if uid in self.mapping}
+    async def originals(self, replaced: list[str], *, study: str | None = None) -> dict[str, str]:
+        other = {PSEUDO_OTHER_STUDY, PSEUDO_OTHER_SERIES, PSEUDO_OTHER_INSTANCE}
+        return {
+            uid: self.mapping[uid]
+            for uid in replaced
+            if uid in self.mapping and (study is None or (uid in other) == (study == OTHER_STUDY))
+        }
 
 
 def _result_task(extra: list[dict[str, Any]]) -> dict[str, Any]:
@@ -325,6 +333,7 @@ def _seg_and_report(
     mapping = {PSEUDO_STUDY: study, PSEUDO_SERIES: str(originals[0].SeriesInstanceUID)}
     mapping[PSEUDO_OTHER_SERIES] = OTHER_SERIES
     mapping[PSEUDO_OTHER_STUDY] = OTHER_STUDY
+    mapping[PSEUDO_OTHER_INSTANCE] = OTHER_INSTANCE
     for index, original in enumerate(originals):
         pseudonymized = copy.deepcopy(original)
         pseudonymized.StudyInstanceUID = PSEUDO_STUDY
@@ -724,5 +733,84 @@ async def test_a_result_package_that_cannot_be_downloaded_fails_with_a_reason(
     try:
         with pytest.raises(StudyNotFoundError):
             await archive.search_series(study)
+    finally:
+        archive.close()
+
+
+def _seg_references_another_instance(seg: Dataset, report: Dataset) -> None:
+    """The SEG lists, under the sent series, an image of another study among its sources."""
+    [referenced] = seg.ReferencedSeriesSequence
+    other = copy.deepcopy(referenced.ReferencedInstanceSequence[0])
+    other.ReferencedSOPInstanceUID = PSEUDO_OTHER_INSTANCE
+    referenced.ReferencedInstanceSequence.append(other)
+
+
+def _sr_evidence_names_another_instance(seg: Dataset, report: Dataset) -> None:
+    """The SR's evidence lists, under the sent series, an image of another study."""
+    for series in report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence:
+        if series.SeriesInstanceUID == PSEUDO_SERIES:
+            other = copy.deepcopy(series.ReferencedSOPSequence[0])
+            other.ReferencedSOPInstanceUID = PSEUDO_OTHER_INSTANCE
+            series.ReferencedSOPSequence.append(other)
+
+
+def _seg_derived_from_another_instance(seg: Dataset, report: Dataset) -> None:
+    """A frame of the SEG says it was derived from an image of another study."""
+    frame = seg.PerFrameFunctionalGroupsSequence[0]
+    source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+    source.ReferencedSOPInstanceUID = PSEUDO_OTHER_INSTANCE
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        _seg_references_another_instance,
+        _sr_evidence_names_another_instance,
+        _seg_derived_from_another_instance,
+    ],
+    ids=["seg-source-instances", "sr-evidence", "seg-derivation"],
+)
+async def test_a_result_referencing_an_image_of_another_study_is_refused(
+    tmp_path: Path,
+    orthanc: OrthancProcess,
+    tamper: Callable[[Dataset, Dataset], None],
+) -> None:
+    """The series is the sent one, but an instance referenced in it is a pseudonym of another
+    study's image (the provider saw it in an earlier request): mapped back, the SEG or SR this
+    site stores would reference another patient's image. Every study, series and SOP instance
+    a result references, once mapped back, belongs to the request's study."""
+    originals = make_series(load_ct_small(), slices=2)
+    study = str(originals[0].StudyInstanceUID)
+    _, mapping, seg, report = _seg_and_report(originals)
+    tamper(seg, report)
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        await archive.store(originals)
+    finally:
+        archive.close()
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        await publish_certificates(network, REQUESTER, PROVIDER)
+        clients: list[FhirClient] = []
+        try:
+            provider = transfer_site(network, PROVIDER, clients)
+            package = tmp_path / "result.zip"
+            package_datasets([seg, report], package, max_series=RESULT_SERIES)
+            published = await publish_package(
+                provider, package, recipient=REQUESTER, transfer_id="bk/seg", title="test"
+            )
+            site = transfer_site(network, REQUESTER, clients, MemoryPseudonyms(mapping))
+            ctx = _package_result_context(site, published.binary_url, study, orthanc)
+            with pytest.raises(BpmnError) as refused:
+                await store_result(ctx)
+        finally:
+            for client in clients:
+                await client.aclose()
+    assert refused.value.code == "provider-failed"
+    assert "was not stored" in refused.value.message
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        assert [s.modality for s in await archive.search_series(study)] == ["CT"]
     finally:
         archive.close()
