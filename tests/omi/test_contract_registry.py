@@ -270,6 +270,47 @@ async def test_a_damaged_or_tampered_contract_is_refused_with_the_reason(
     assert re.search(reason, service.contract_problem), service.contract_problem
 
 
+def _long_hash(device: dict[str, Any]) -> None:
+    _contract_parts(device)["sha256"]["valueString"] = "f" * 1_000_000
+
+
+def _long_content_type(device: dict[str, Any]) -> None:
+    _contract_parts(device)["contract"]["valueAttachment"]["contentType"] = "x" * 1_000_000
+
+
+def _long_parameter_name(device: dict[str, Any]) -> None:
+    output = next(r for r in device["contained"] if r["id"] == "output")
+    output["parameter"].append({"name": "x" * 1_000_000})
+
+
+def _long_unknown_field(device: dict[str, Any]) -> None:
+    def edit(raw: dict[str, Any]) -> None:
+        raw["x" * 100_000] = 1
+
+    _with_data(device, _edited(edit), rehash=True)
+
+
+@pytest.mark.parametrize(
+    "tamper", [_long_hash, _long_content_type, _long_parameter_name, _long_unknown_field]
+)
+async def test_a_refused_contracts_reason_quotes_no_more_than_a_little_registry_text(
+    tamper: Callable[[dict[str, Any]], None],
+    registry: FhirRegistry,
+    client: FhirRegistryClient,
+) -> None:
+    """The reason goes into the log and into the start Task's error: a registry's megabyte of
+    text in a field must not go along."""
+    await RegistryPublisher(client, ORG).publish(_offer(resolve_contract("tissue-composition")))
+    [device] = registry.all("Device")
+    tamper(device)
+    registry.resources["Device"][device["id"]] = device
+
+    [service] = await client.find_services()
+    assert service.contract is None
+    assert service.contract_problem is not None
+    assert len(service.contract_problem) < 500, service.contract_problem[:200]
+
+
 def test_a_device_without_a_contract_publishes_none() -> None:
     """A provider from before contracts were published: no contract, no problem."""
     assert contract_from_device({"resourceType": "Device"}) is None
