@@ -687,11 +687,16 @@ def _heartbeat(resource: Mapping[str, Any]) -> Heartbeat | None:
     queue = parts.get("queueLength", {}).get("valueInteger")
     waiting = parts.get("estimatedWaitingTime", {}).get("valueDuration")
     seen = parts.get("lastSeen", {}).get("valueInstant")
+    last_seen = dt.datetime.fromisoformat(seen) if seen else None
+    if last_seen is not None and last_seen.utcoffset() is None:
+        # A FHIR instant has a zone; a naive time cannot be compared with now (a TypeError in
+        # every heartbeat check): a malformed service, as for a lastSeen that is no time.
+        raise ValueError("the heartbeat's lastSeen has no time zone: it is no FHIR instant")
     return Heartbeat(
         status=status,
         queue_length=int(queue) if queue is not None else None,
         estimated_waiting_time=_duration(waiting),
-        last_seen=dt.datetime.fromisoformat(seen) if seen else None,
+        last_seen=last_seen,
     )
 
 

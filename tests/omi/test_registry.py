@@ -175,6 +175,30 @@ async def test_a_registry_answer_nested_too_deeply_is_a_registry_error() -> None
     assert not info.value.retryable
 
 
+async def test_a_heartbeat_seen_at_a_time_without_zone_is_a_malformed_service() -> None:
+    """A FHIR instant has a time zone; a registry's lastSeen without one is no instant. It
+    parsed to a naive time, which the heartbeat check (an aware now) then failed on with a
+    TypeError out of ResolveService."""
+    service = _service("hs1")
+    [beat] = [e for e in service["extension"] if e["url"] == HEARTBEAT_EXTENSION]
+    beat["extension"][-1]["valueInstant"] = "2026-11-01T11:58:00"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        # Not through _bundle: the answer is deliberately no valid FHIR.
+        found = [service, ENDPOINT, ORGANIZATION]
+        if request.url.path == "/fhir/Device":
+            found = [DEVICE]
+        entries = [{"resource": r} for r in found]
+        return httpx.Response(200, json={"resourceType": "Bundle", "entry": entries})
+
+    transport = httpx.MockTransport(handler)
+    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as registry:
+        services = await registry.find_services()
+    for found in services:
+        check_heartbeat(found, now=NOW)
+    assert services == []
+
+
 def _with_beat(status: str, seen: dt.datetime | None) -> InferenceService:
     return InferenceService(
         "s", "Service S", "m", "http://x", heartbeat=Heartbeat(status, last_seen=seen)
