@@ -35,6 +35,13 @@ from typing import Any, cast
 
 import structlog
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    BasicTextSRStorage,
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    SegmentationStorage,
+)
 
 from dsf_bridge.config import OmiServiceSettings, OmiSettings
 from dsf_bridge.dsf.certificates import RecipientKeyError
@@ -1259,6 +1266,15 @@ def _check_own_uids(datasets: list[Dataset], originals: Mapping[str, str]) -> No
             )
 
 
+# What may come back, by Modality: its SOP classes.
+_RESULT_CLASSES: dict[str, frozenset[str]] = {
+    "SEG": frozenset({SegmentationStorage}),
+    "SR": frozenset(
+        {Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage, BasicTextSRStorage}
+    ),
+}
+
+
 def _check_returned(results: list[Dataset], study: str, series: str | None) -> None:
     """A returned SEG, mapped back, must belong to the study and reference the series this
     site sent: the mapping holds every study the site ever sent, so a provider naming another
@@ -1267,11 +1283,19 @@ def _check_returned(results: list[Dataset], study: str, series: str | None) -> N
     Nothing but SEGs and SRs comes back."""
     for result in results:
         modality = str(result.get("Modality", ""))
-        if modality not in ("SEG", "SR"):
+        if modality not in _RESULT_CLASSES:
             raise BpmnError(
                 PROVIDER_FAILED,
                 f"the returned segmentation holds a {modality or 'modality-less'} instance; "
                 "only a SEG and its SR come back; nothing was stored",
+            )
+        if str(result.get("SOPClassUID", "")) not in _RESULT_CLASSES[modality]:
+            # The Modality is the provider's word; the SOP class says what the instance is
+            # (an image relabelled SEG would put pixels of another study into this one).
+            raise BpmnError(
+                PROVIDER_FAILED,
+                f"the returned {modality} instance is of no {modality} SOP class; only a "
+                "Segmentation and a structured report come back; nothing was stored",
             )
     segmentations = {
         (str(result.get("SeriesInstanceUID", "")), str(result.get("SOPInstanceUID", "")))

@@ -13,7 +13,7 @@ import highdicom as hd
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import UID
+from pydicom.uid import UID, SegmentationStorage
 
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.omi.contract import resolve_contract
@@ -148,6 +148,7 @@ async def test_a_seg_naming_another_studys_pseudonym_is_not_filed_there(
     seg.SOPInstanceUID = "2.25.556"
     seg.file_meta.MediaStorageSOPInstanceUID = UID("2.25.556")
     seg.Modality = "SEG"  # what a result package may hold
+    seg.SOPClassUID = seg.file_meta.MediaStorageSOPClassUID = SegmentationStorage
     seg.PatientName = "Pseudonym"
     referenced = Dataset()
     referenced.SeriesInstanceUID = PSEUDO_SERIES
@@ -809,6 +810,60 @@ async def test_a_result_referencing_an_image_of_another_study_is_refused(
                 await client.aclose()
     assert refused.value.code == "provider-failed"
     assert "was not stored" in refused.value.message
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        assert [s.modality for s in await archive.search_series(study)] == ["CT"]
+    finally:
+        archive.close()
+
+
+async def test_an_image_that_calls_itself_a_seg_is_refused(
+    tmp_path: Path, orthanc: OrthancProcess
+) -> None:
+    """A CT image (the SOP class of an image: pixels of a study the provider once received)
+    with Modality SEG, new UIDs and a reference to the sent series: only a Segmentation and an
+    SR come back, by SOP class, not by the Modality the provider wrote."""
+    originals = make_series(load_ct_small(), slices=2)
+    study = str(originals[0].StudyInstanceUID)
+    copies, mapping, _, _ = _seg_and_report(originals)
+    image = copy.deepcopy(copies[1])
+    image.Modality = "SEG"
+    image.SeriesInstanceUID = "2.25.777"
+    image.SOPInstanceUID = "2.25.778"
+    image.file_meta.MediaStorageSOPInstanceUID = UID("2.25.778")
+    referenced = Dataset()
+    referenced.SeriesInstanceUID = PSEUDO_SERIES
+    item = Dataset()
+    item.ReferencedSOPClassUID = copies[0].SOPClassUID
+    item.ReferencedSOPInstanceUID = copies[0].SOPInstanceUID
+    referenced.ReferencedInstanceSequence = Sequence([item])
+    image.ReferencedSeriesSequence = Sequence([referenced])
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        await archive.store(originals)
+    finally:
+        archive.close()
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        await publish_certificates(network, REQUESTER, PROVIDER)
+        clients: list[FhirClient] = []
+        try:
+            provider = transfer_site(network, PROVIDER, clients)
+            package = tmp_path / "result.zip"
+            package_datasets([image], package, max_series=RESULT_SERIES)
+            published = await publish_package(
+                provider, package, recipient=REQUESTER, transfer_id="bk/seg", title="test"
+            )
+            site = transfer_site(network, REQUESTER, clients, MemoryPseudonyms(mapping))
+            ctx = _package_result_context(site, published.binary_url, study, orthanc)
+            with pytest.raises(BpmnError) as refused:
+                await store_result(ctx)
+        finally:
+            for client in clients:
+                await client.aclose()
+    assert refused.value.code == "provider-failed"
+    assert "nothing was stored" in refused.value.message
     archive = DicomWebArchive(orthanc.dicomweb_url)
     try:
         assert [s.modality for s in await archive.search_series(study)] == ["CT"]
