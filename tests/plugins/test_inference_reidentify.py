@@ -869,3 +869,47 @@ async def test_an_image_that_calls_itself_a_seg_is_refused(
         assert [s.modality for s in await archive.search_series(study)] == ["CT"]
     finally:
         archive.close()
+
+
+async def test_private_attributes_of_a_result_are_not_stored(
+    tmp_path: Path, orthanc: OrthancProcess
+) -> None:
+    """A SEG with a private block: a UID of another study this site sent (mapped back like
+    every UID, and named by no keyword a check could look at) and a blob. This site asked for
+    a segmentation and its report; the provider's private data is not stored with them."""
+    originals = make_series(load_ct_small(), slices=2)
+    study = str(originals[0].StudyInstanceUID)
+    _, mapping, seg, report = _seg_and_report(originals)
+    block = seg.private_block(0x0099, "SOME PROVIDER", create=True)
+    block.add_new(0x01, "UI", PSEUDO_OTHER_SERIES)
+    block.add_new(0x02, "OB", b"\x00" * 64)
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        await archive.store(originals)
+    finally:
+        archive.close()
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        await publish_certificates(network, REQUESTER, PROVIDER)
+        clients: list[FhirClient] = []
+        try:
+            provider = transfer_site(network, PROVIDER, clients)
+            package = tmp_path / "result.zip"
+            package_datasets([seg, report], package, max_series=RESULT_SERIES)
+            published = await publish_package(
+                provider, package, recipient=REQUESTER, transfer_id="bk/seg", title="test"
+            )
+            site = transfer_site(network, REQUESTER, clients, MemoryPseudonyms(mapping))
+            await store_result(_package_result_context(site, published.binary_url, study, orthanc))
+        finally:
+            for client in clients:
+                await client.aclose()
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        filed = {s.modality: s for s in await archive.search_series(study)}
+        [stored] = await archive.retrieve_series(study, filed["SEG"].series_instance_uid)
+    finally:
+        archive.close()
+    assert not [element.tag for element in stored if element.tag.is_private]
+    assert OTHER_SERIES not in str(stored)
