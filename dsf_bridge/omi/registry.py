@@ -261,6 +261,13 @@ def check_heartbeat(
             raise ServiceUnavailableError(
                 f"service {service.name} sent no heartbeat for {int(age.total_seconds())} s"
             )
+        if -age > max_age:
+            # Beyond any clock skew: a time ahead never goes stale, so a provider gone with a
+            # fast clock would stay a choice until its lastSeen came.
+            raise ServiceUnavailableError(
+                f"service {service.name}'s heartbeat is dated {int(-age.total_seconds())} s "
+                "ahead of this site's clock"
+            )
 
 
 class LocalCatalogue:

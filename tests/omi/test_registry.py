@@ -213,6 +213,11 @@ def test_heartbeat_check() -> None:
     with pytest.raises(ServiceUnavailableError, match="no heartbeat for 3600 s"):
         check_heartbeat(_with_beat("available", NOW - dt.timedelta(hours=1)), now=NOW)
     check_heartbeat(InferenceService("s", "S", "m", "http://x"))  # no heartbeat: passes
+    # A lastSeen far ahead of this site's clock says nothing about now: it never went stale,
+    # so a provider gone with its clock a day fast stayed the first choice for a day.
+    with pytest.raises(ServiceUnavailableError, match="heartbeat is dated 86400 s ahead"):
+        check_heartbeat(_with_beat("available", NOW + dt.timedelta(days=1)), now=NOW)
+    check_heartbeat(_with_beat("available", NOW + dt.timedelta(minutes=1)), now=NOW)  # skew
 
 
 async def test_local_catalogue_from_config() -> None:
