@@ -4,6 +4,7 @@ check and the local catalogue."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ from dsf_bridge.omi.registry import (
     ALGORITHM_EXTENSION,
     DSF_ORGANIZATION_IDENTIFIER_SYSTEM,
     HEARTBEAT_EXTENSION,
+    MAX_PAGE_BYTES,
     OIP_CONNECTION_TYPE,
     FhirRegistryClient,
     Heartbeat,
@@ -173,6 +175,27 @@ async def test_a_registry_answer_nested_too_deeply_is_a_registry_error() -> None
         with pytest.raises(RegistryError, match=r"registry\.test.* nested too deeply") as info:
             await registry.find_services()
     assert not info.value.retryable
+
+
+async def test_a_registry_answer_larger_than_a_page_may_be_is_refused_unread() -> None:
+    """A registry's answer is read up to MAX_PAGE_BYTES, not whole into memory: a hostile or
+    broken registry's gigabyte would otherwise take the bridge (every process) down."""
+    sent: list[int] = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"resourceType": "Bundle", "entry": ['
+        for _ in range(64):
+            sent.append(1 << 20)
+            yield b" " * (1 << 20)
+        yield b"]}"
+
+    transport = httpx.MockTransport(lambda _: httpx.Response(200, content=chunks()))
+    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as registry:
+        with pytest.raises(RegistryError, match=r"larger than 16777216 bytes") as info:
+            await registry.find_services()
+    assert not info.value.retryable
+    assert MAX_PAGE_BYTES == 16 << 20
+    assert sum(sent) <= MAX_PAGE_BYTES + (2 << 20)  # stopped reading, not read and measured
 
 
 async def test_a_heartbeat_seen_at_a_time_without_zone_is_a_malformed_service() -> None:
