@@ -1224,6 +1224,17 @@ async def _file_segmentation(
             "this site sent; it was not stored",
         )
     source = await _source_instance(archive, ctx, results)
+    # A frame of reference that is a pseudonym must be the sent images' (read from an original
+    # instance): another study's would have a viewer register the SEG with its images. Not by
+    # the store's study as above: one frame of reference may span several studies.
+    frame = str(source.get("FrameOfReferenceUID", ""))
+    named = _references(datasets, _FRAME_KEYWORDS) & originals.keys()
+    if {originals[uid] for uid in named} - {frame}:
+        raise BpmnError(
+            PROVIDER_FAILED,
+            "the returned segmentation names another frame of reference than the images this "
+            "site sent; it was not stored",
+        )
     await archive.store([restore_identity(result, source) for result in results])
 
 
@@ -1232,11 +1243,14 @@ async def _file_segmentation(
 _REFERENCE_KEYWORDS = frozenset(
     {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "ReferencedSOPInstanceUID", "UID"}
 )
+_FRAME_KEYWORDS = frozenset({"FrameOfReferenceUID", "ReferencedFrameOfReferenceUID"})
 
 
-def _references(datasets: list[Dataset]) -> set[str]:
-    """Every UID in ``datasets`` (nested sequences included) that names a study, a series or
-    an instance."""
+def _references(
+    datasets: list[Dataset], keywords: frozenset[str] = _REFERENCE_KEYWORDS
+) -> set[str]:
+    """Every UID in ``datasets`` (nested sequences included) of an attribute in ``keywords``:
+    by default those that name a study, a series or an instance."""
     found: set[str] = set()
     pending: list[Dataset] = list(datasets)
     while pending:
@@ -1244,7 +1258,7 @@ def _references(datasets: list[Dataset]) -> set[str]:
         for element in dataset:
             if element.VR == "SQ":
                 pending.extend(element.value or [])
-            elif element.keyword in _REFERENCE_KEYWORDS and element.value:
+            elif element.keyword in keywords and element.value:
                 values = element.value if element.VM > 1 else [element.value]
                 found.update(str(value) for value in values)
     return found

@@ -45,6 +45,8 @@ PSEUDO_OTHER_STUDY = "2.25.100"
 PSEUDO_OTHER_SERIES = "2.25.101"
 OTHER_INSTANCE = "1.2.826.0.1.3680043.8.498.424244"
 PSEUDO_OTHER_INSTANCE = "2.25.102"
+OTHER_FRAME = "1.2.826.0.1.3680043.8.498.424245"
+PSEUDO_OTHER_FRAME = "2.25.103"
 PSEUDO_STUDY = "2.25.300"
 PSEUDO_SERIES = "2.25.200"
 PSEUDO_INSTANCE = "2.25.201"
@@ -61,7 +63,7 @@ class MemoryPseudonyms:
         self.mapping.update({replaced: original for original, replaced in uids.items()})
 
     async def originals(self, replaced: list[str], *, study: str | None = None) -> dict[str, str]:
-        other = {PSEUDO_OTHER_STUDY, PSEUDO_OTHER_SERIES, PSEUDO_OTHER_INSTANCE}
+        other = {PSEUDO_OTHER_STUDY, PSEUDO_OTHER_SERIES, PSEUDO_OTHER_INSTANCE, PSEUDO_OTHER_FRAME}
         return {
             uid: self.mapping[uid]
             for uid in replaced
@@ -335,6 +337,7 @@ def _seg_and_report(
     mapping[PSEUDO_OTHER_SERIES] = OTHER_SERIES
     mapping[PSEUDO_OTHER_STUDY] = OTHER_STUDY
     mapping[PSEUDO_OTHER_INSTANCE] = OTHER_INSTANCE
+    mapping[PSEUDO_OTHER_FRAME] = OTHER_FRAME
     for index, original in enumerate(originals):
         pseudonymized = copy.deepcopy(original)
         pseudonymized.StudyInstanceUID = PSEUDO_STUDY
@@ -762,14 +765,21 @@ def _seg_derived_from_another_instance(seg: Dataset, report: Dataset) -> None:
     source.ReferencedSOPInstanceUID = PSEUDO_OTHER_INSTANCE
 
 
+def _seg_in_another_frame_of_reference(seg: Dataset, report: Dataset) -> None:
+    """The SEG says its frame of reference is another study's (a viewer would register it
+    with that study's images)."""
+    seg.FrameOfReferenceUID = PSEUDO_OTHER_FRAME
+
+
 @pytest.mark.parametrize(
     "tamper",
     [
         _seg_references_another_instance,
         _sr_evidence_names_another_instance,
         _seg_derived_from_another_instance,
+        _seg_in_another_frame_of_reference,
     ],
-    ids=["seg-source-instances", "sr-evidence", "seg-derivation"],
+    ids=["seg-source-instances", "sr-evidence", "seg-derivation", "seg-frame-of-reference"],
 )
 async def test_a_result_referencing_an_image_of_another_study_is_refused(
     tmp_path: Path,
