@@ -1456,6 +1456,7 @@ def _wire_values(finding: Finding) -> list[dict[str, Any]]:
     return [{"valueQuantity": finding.quantity()}]
 
 
+_MAX_REASON_CHARACTERS = 1000
 _REQUESTER_MESSAGES = {
     NOT_DELIVERED: "inference request not delivered to {provider}: {message}",
     NOT_AUTHORIZED: (
@@ -1470,6 +1471,10 @@ def inference_failed(ctx: HandlerContext) -> None:
     """Every way the request ends without a result: fail the instance with what went wrong."""
     code = str(ctx.get("errorCode") or PROVIDER_FAILED)
     message = str(ctx.get("errorMessage") or "no detail")
+    if len(message) > _MAX_REASON_CHARACTERS:
+        # The reason quotes the provider's words (its result Task's error, its package's
+        # manifest): its megabyte goes neither into the log line nor into the failure.
+        message = f"{message[:_MAX_REASON_CHARACTERS]}... ({len(message)} characters)"
     provider = str(ctx.get("provider") or "the provider")
     text = _REQUESTER_MESSAGES.get(code, "{message}").format(provider=provider, message=message)
     # The reason may quote the provider's or the archive's words, with a study's UID: the log
