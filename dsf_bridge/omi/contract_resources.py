@@ -235,7 +235,8 @@ def contract_from_device(device: Mapping[str, Any]) -> InferenceContract | None:
         raise ContractError("the contract extension has no 'contract' attachment with data")
     if attachment.get("contentType") != "application/json":
         raise ContractError(
-            f"the contract attachment is {attachment.get('contentType')!r}, not application/json"
+            f"the contract attachment is {_quoted(attachment.get('contentType'))}, not "
+            "application/json"
         )
     encoded = attachment["data"]
     if len(encoded) > MAX_CONTRACT_BYTES * 4 // 3 + 4:
@@ -250,19 +251,38 @@ def contract_from_device(device: Mapping[str, Any]) -> InferenceContract | None:
     actual = hashlib.sha256(data).hexdigest()
     if actual != declared.strip().lower():
         raise ContractError(
-            f"the contract's SHA-256 is {actual}, the registry entry says {declared}: "
+            f"the contract's SHA-256 is {actual}, the registry entry says "
+            f"{_quoted(declared)}: "
             "the contract was changed or damaged"
         )
     try:
         raw = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ContractError(f"the contract is not valid JSON: {exc}") from None
+    except RecursionError:
+        # A registry entry's contract must not crash the search that read it (every service).
+        raise ContractError("the contract is not valid JSON: nested too deeply") from None
     try:
         contract = InferenceContract.model_validate(raw)
     except ValidationError as exc:
-        raise ContractError(f"the contract: {describe_validation_error(exc)}") from None
+        described = describe_validation_error(exc)
+        if len(described) > 4 * _QUOTED_CHARACTERS:  # a field path of the registry's making
+            described = f"{described[: 4 * _QUOTED_CHARACTERS]}... ({len(described)} characters)"
+        raise ContractError(f"the contract: {described}") from None
     _check_parameters(device, contract)
     return contract
+
+
+# What a refusal quotes of a registry's text: the reason goes into the log and the start
+# Task's error, which a registry's megabyte in one field must not fill.
+_QUOTED_CHARACTERS = 80
+
+
+def _quoted(value: object) -> str:
+    shown = repr(value)
+    if len(shown) <= _QUOTED_CHARACTERS:
+        return shown
+    return f"{shown[:_QUOTED_CHARACTERS]}... ({len(shown)} characters)"
 
 
 def _check_parameters(device: Mapping[str, Any], contract: InferenceContract) -> None:
@@ -287,5 +307,5 @@ def _check_parameters(device: Mapping[str, Any], contract: InferenceContract) ->
             extra = published[len(expected["parameter"])]
             name = extra.get("name") if isinstance(extra, Mapping) else extra
             raise ContractError(
-                f"the {which} Parameters name {name!r}, which the contract does not declare"
+                f"the {which} Parameters name {_quoted(name)}, which the contract does not declare"
             )

@@ -37,6 +37,7 @@ when the heartbeat says the service cannot take work (retryable: it may come bac
 from __future__ import annotations
 
 import datetime as dt
+import json
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ __all__ = [
     "DSF_ORGANIZATION_IDENTIFIER_SYSTEM",
     "ENDPOINT_IDENTIFIER_SYSTEM",
     "HEARTBEAT_EXTENSION",
+    "MAX_PAGE_BYTES",
     "MODALITY_SYSTEM",
     "OIP_CONNECTION_TYPE",
     "SERVICE_IDENTIFIER_SYSTEM",
@@ -98,6 +100,9 @@ TASK_SYSTEM = f"{_REGISTRY}/CodeSystem/inference-task"
 TASKS = ("measurement", "classification", "segmentation")
 
 _STATUSES = frozenset({"available", "busy", "unavailable"})
+#: The most of one registry answer (a search page, a resource) that is read: a search page of
+#: services with their Devices and contracts (256 KiB each at most) stays far below.
+MAX_PAGE_BYTES = 16 << 20
 
 
 class RegistryError(RemoteError):
@@ -260,6 +265,13 @@ def check_heartbeat(
         if age > max_age:
             raise ServiceUnavailableError(
                 f"service {service.name} sent no heartbeat for {int(age.total_seconds())} s"
+            )
+        if -age > max_age:
+            # Beyond any clock skew: a time ahead never goes stale, so a provider gone with a
+            # fast clock would stay a choice until its lastSeen came.
+            raise ServiceUnavailableError(
+                f"service {service.name}'s heartbeat is dated {int(-age.total_seconds())} s "
+                "ahead of this site's clock"
             )
 
 
@@ -517,7 +529,7 @@ class FhirRegistryClient:
         """The resource a write answered with, read back when the registry sent none."""
         try:
             body = response.json() if response.content else None
-        except ValueError:
+        except (ValueError, RecursionError):
             body = None
         if isinstance(body, dict) and body.get("resourceType") == kind and body.get("id"):
             return body
@@ -533,21 +545,34 @@ class FhirRegistryClient:
         self, url: str, params: Mapping[str, Any] | None, *, kind: str = "Bundle"
     ) -> dict[str, Any]:
         try:
-            response = await self._client.get(url, params=params)
+            async with self._client.stream("GET", url, params=params) as response:
+                if response.status_code != 200:
+                    raise RegistryError(
+                        f"the OMI registry at {self.base_url} answered HTTP {response.status_code}",
+                        retryable=response.status_code >= 500 or response.status_code == 429,
+                        status=response.status_code,
+                    )
+                # Read up to the bound, never whole: a registry's answer is not trusted.
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_PAGE_BYTES:
+                        raise RegistryError(
+                            f"the OMI registry at {self.base_url} sent an answer larger than "
+                            f"{MAX_PAGE_BYTES} bytes; it was not read further"
+                        )
         except httpx.HTTPError as exc:  # unreachable, or an answer httpx cannot read
             raise RegistryError(
                 f"the OMI registry at {self.base_url} is unreachable: {exc}", retryable=True
             ) from exc
-        if response.status_code != 200:
-            raise RegistryError(
-                f"the OMI registry at {self.base_url} answered HTTP {response.status_code}",
-                retryable=response.status_code >= 500 or response.status_code == 429,
-                status=response.status_code,
-            )
         try:
-            bundle = response.json()
+            bundle = json.loads(body)
         except ValueError as exc:
             raise RegistryError(f"the OMI registry at {self.base_url} sent no JSON") from exc
+        except RecursionError:
+            raise RegistryError(
+                f"the OMI registry at {self.base_url} sent JSON nested too deeply"
+            ) from None
         if not isinstance(bundle, dict) or bundle.get("resourceType") != kind:
             shown = "search Bundle" if kind == "Bundle" else kind
             raise RegistryError(f"the OMI registry at {self.base_url} sent no {shown}")
@@ -683,11 +708,16 @@ def _heartbeat(resource: Mapping[str, Any]) -> Heartbeat | None:
     queue = parts.get("queueLength", {}).get("valueInteger")
     waiting = parts.get("estimatedWaitingTime", {}).get("valueDuration")
     seen = parts.get("lastSeen", {}).get("valueInstant")
+    last_seen = dt.datetime.fromisoformat(seen) if seen else None
+    if last_seen is not None and last_seen.utcoffset() is None:
+        # A FHIR instant has a zone; a naive time cannot be compared with now (a TypeError in
+        # every heartbeat check): a malformed service, as for a lastSeen that is no time.
+        raise ValueError("the heartbeat's lastSeen has no time zone: it is no FHIR instant")
     return Heartbeat(
         status=status,
         queue_length=int(queue) if queue is not None else None,
         estimated_waiting_time=_duration(waiting),
-        last_seen=dt.datetime.fromisoformat(seen) if seen else None,
+        last_seen=last_seen,
     )
 
 

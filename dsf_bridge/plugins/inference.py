@@ -35,6 +35,13 @@ from typing import Any, cast
 
 import structlog
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    BasicTextSRStorage,
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    SegmentationStorage,
+)
 
 from dsf_bridge.config import OmiServiceSettings, OmiSettings
 from dsf_bridge.dsf.certificates import RecipientKeyError
@@ -1120,6 +1127,17 @@ async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) 
         raise BpmnError(
             PROVIDER_FAILED, f"the segmentation could not be stored in the archive: {exc}"
         ) from exc
+    except TargetError as exc:  # the provider left the allow list meanwhile
+        raise BpmnError(
+            PROVIDER_FAILED, f"the segmentation package from {provider} is not usable: {exc}"
+        ) from exc
+    except RemoteError as exc:  # the download: over this site's limit, gone (404), refused
+        if exc.retryable:
+            raise
+        raise BpmnError(
+            PROVIDER_FAILED,
+            f"the segmentation package from {provider} could not be downloaded: {exc}",
+        ) from exc
     finally:
         archive.close()
     log.info("inference.segmentation_stored", instances=len(datasets))
@@ -1184,11 +1202,95 @@ async def _file_segmentation(
     back, checked to belong to the study and series this request sent, its patient and study
     attributes the original's, stored into this site's archive (STOW-RS)."""
     sent = _text(ctx, "sentSeriesInstanceUid")
-    originals = await _pseudonyms(ctx).originals(sorted(uids_in(datasets) | {sent}))
+    study = _text(ctx, "studyInstanceUid")
+    pseudonyms = _pseudonyms(ctx)
+    for dataset in datasets:
+        # The provider's private data (nested too) is nothing this site asked for, and its
+        # UIDs would be mapped back unseen by the checks below, which go by keyword.
+        dataset.remove_private_tags()
+    originals = await pseudonyms.originals(sorted(uids_in(datasets) | {sent}))
     results = [reidentify(dataset, originals) for dataset in datasets]
-    _check_returned(results, _text(ctx, "studyInstanceUid"), originals.get(sent))
+    _check_returned(results, study, originals.get(sent))
+    _check_own_uids(datasets, originals)
+    # Every study, series and instance a result names, where it is a pseudonym, must be one
+    # this site made for the request's study: the checks above look at the series, this one
+    # at every reference (source images, frames' derivation, evidence, private sequences).
+    referenced = _references(datasets) & originals.keys()
+    of_study = await pseudonyms.originals(sorted(referenced), study=study) if referenced else {}
+    if referenced - of_study.keys():
+        raise BpmnError(
+            PROVIDER_FAILED,
+            "the returned segmentation references an image, series or study of another study "
+            "this site sent; it was not stored",
+        )
     source = await _source_instance(archive, ctx, results)
+    # A frame of reference that is a pseudonym must be the sent images' (read from an original
+    # instance): another study's would have a viewer register the SEG with its images. Not by
+    # the store's study as above: one frame of reference may span several studies.
+    frame = str(source.get("FrameOfReferenceUID", ""))
+    named = _references(datasets, _FRAME_KEYWORDS) & originals.keys()
+    if {originals[uid] for uid in named} - {frame}:
+        raise BpmnError(
+            PROVIDER_FAILED,
+            "the returned segmentation names another frame of reference than the images this "
+            "site sent; it was not stored",
+        )
     await archive.store([restore_identity(result, source) for result in results])
+
+
+# What names a study, a series or an instance, wherever it stands in a dataset; "UID" is the
+# value of an SR's UIDREF item (the source series of a segmentation).
+_REFERENCE_KEYWORDS = frozenset(
+    {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "ReferencedSOPInstanceUID", "UID"}
+)
+_FRAME_KEYWORDS = frozenset({"FrameOfReferenceUID", "ReferencedFrameOfReferenceUID"})
+
+
+def _references(
+    datasets: list[Dataset], keywords: frozenset[str] = _REFERENCE_KEYWORDS
+) -> set[str]:
+    """Every UID in ``datasets`` (nested sequences included) of an attribute in ``keywords``:
+    by default those that name a study, a series or an instance."""
+    found: set[str] = set()
+    pending: list[Dataset] = list(datasets)
+    while pending:
+        dataset = pending.pop()
+        for element in dataset:
+            if element.VR == "SQ":
+                pending.extend(element.value or [])
+            elif element.keyword in keywords and element.value:
+                values = element.value if element.VM > 1 else [element.value]
+                found.update(str(value) for value in values)
+    return found
+
+
+def _check_own_uids(datasets: list[Dataset], originals: Mapping[str, str]) -> None:
+    """A returned instance's own UIDs (its series, its SOP instance) are new, made by the
+    provider: one that is a pseudonym this site handed out would, mapped back, store the result
+    as an image of the sent series (under one of its images' UIDs) or into a series of
+    another study."""
+    for dataset in datasets:
+        meta = getattr(dataset, "file_meta", None)
+        own = {
+            str(dataset.get("SeriesInstanceUID", "")),
+            str(dataset.get("SOPInstanceUID", "")),
+            str(meta.get("MediaStorageSOPInstanceUID", "")) if meta is not None else "",
+        }
+        if own & originals.keys():
+            raise BpmnError(
+                PROVIDER_FAILED,
+                "the returned segmentation takes a UID of the images this site sent (or of "
+                "another study it sent) as its own series or instance UID; it was not stored",
+            )
+
+
+# What may come back, by Modality: its SOP classes.
+_RESULT_CLASSES: dict[str, frozenset[str]] = {
+    "SEG": frozenset({SegmentationStorage}),
+    "SR": frozenset(
+        {Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage, BasicTextSRStorage}
+    ),
+}
 
 
 def _check_returned(results: list[Dataset], study: str, series: str | None) -> None:
@@ -1199,11 +1301,19 @@ def _check_returned(results: list[Dataset], study: str, series: str | None) -> N
     Nothing but SEGs and SRs comes back."""
     for result in results:
         modality = str(result.get("Modality", ""))
-        if modality not in ("SEG", "SR"):
+        if modality not in _RESULT_CLASSES:
             raise BpmnError(
                 PROVIDER_FAILED,
                 f"the returned segmentation holds a {modality or 'modality-less'} instance; "
                 "only a SEG and its SR come back; nothing was stored",
+            )
+        if str(result.get("SOPClassUID", "")) not in _RESULT_CLASSES[modality]:
+            # The Modality is the provider's word; the SOP class says what the instance is
+            # (an image relabelled SEG would put pixels of another study into this one).
+            raise BpmnError(
+                PROVIDER_FAILED,
+                f"the returned {modality} instance is of no {modality} SOP class; only a "
+                "Segmentation and a structured report come back; nothing was stored",
             )
     segmentations = {
         (str(result.get("SeriesInstanceUID", "")), str(result.get("SOPInstanceUID", "")))
@@ -1249,17 +1359,22 @@ def _report_fits(
 ) -> bool:
     """An SR's evidence is the sent series and the returned SEG instances ((series, SOP
     instance) in ``segmentations``), in the study; what its content references is evidence,
-    and its source series is the sent one. True for what is no SR."""
-    if "ContentSequence" not in result:
-        return True
+    and its source series is the sent one. What is no SR may list no other evidence either.
+
+    The evidence is checked whatever else the instance holds: an SR without content (or a SEG
+    carrying evidence sequences) would otherwise file references to another study."""
     evidence = list(_evidence(result))
-    if not evidence or any(
+    if any(
         s != study or (uid != series and (uid, sop) not in segmentations)
         for s, uid, sop in evidence
     ):
         return False
+    if str(result.get("Modality", "")) != "SR" and "ContentSequence" not in result:
+        return True
+    if not evidence:
+        return False
     instances = {sop for _, _, sop in evidence}
-    items = list(result.ContentSequence)
+    items = list(result.get("ContentSequence", []))
     while items:
         item = items.pop()
         items.extend(item.get("ContentSequence", []))
@@ -1341,6 +1456,7 @@ def _wire_values(finding: Finding) -> list[dict[str, Any]]:
     return [{"valueQuantity": finding.quantity()}]
 
 
+_MAX_REASON_CHARACTERS = 1000
 _REQUESTER_MESSAGES = {
     NOT_DELIVERED: "inference request not delivered to {provider}: {message}",
     NOT_AUTHORIZED: (
@@ -1355,6 +1471,10 @@ def inference_failed(ctx: HandlerContext) -> None:
     """Every way the request ends without a result: fail the instance with what went wrong."""
     code = str(ctx.get("errorCode") or PROVIDER_FAILED)
     message = str(ctx.get("errorMessage") or "no detail")
+    if len(message) > _MAX_REASON_CHARACTERS:
+        # The reason quotes the provider's words (its result Task's error, its package's
+        # manifest): its megabyte goes neither into the log line nor into the failure.
+        message = f"{message[:_MAX_REASON_CHARACTERS]}... ({len(message)} characters)"
     provider = str(ctx.get("provider") or "the provider")
     text = _REQUESTER_MESSAGES.get(code, "{message}").format(provider=provider, message=message)
     # The reason may quote the provider's or the archive's words, with a study's UID: the log

@@ -102,7 +102,10 @@ class PseudonymStore(Protocol):
 
     async def record(self, original_study_uid: str, uids: Mapping[str, str]) -> None: ...
 
-    async def originals(self, replaced: list[str]) -> dict[str, str]: ...
+    async def originals(self, replaced: list[str], *, study: str | None = None) -> dict[str, str]:
+        """Replacement -> original for the replacements this site made; with ``study``, only
+        those it made when it sent that (original) study."""
+        ...
 
 
 @dataclass

@@ -35,9 +35,9 @@ class SqlPseudonyms:
         async with self._database.transaction() as session:
             await record_pseudonyms(session, original_study_uid, uids)
 
-    async def originals(self, replaced: list[str]) -> dict[str, str]:
+    async def originals(self, replaced: list[str], *, study: str | None = None) -> dict[str, str]:
         async with self._database.transaction() as session:
-            return await original_uids(session, replaced)
+            return await original_uids(session, replaced, study=study)
 
 
 async def sweep_left_packages(client: FhirClient, database: Database) -> int:

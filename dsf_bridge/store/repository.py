@@ -1151,17 +1151,21 @@ async def record_pseudonyms(
         )
 
 
-async def original_uids(session: AsyncSession, replaced: Iterable[str]) -> dict[str, str]:
+async def original_uids(
+    session: AsyncSession, replaced: Iterable[str], *, study: str | None = None
+) -> dict[str, str]:
     """The originals of the given replacement UIDs (replacement -> original); replacements this
-    site never made are absent."""
+    site never made are absent, and with ``study`` those it did not make for that original
+    study (the study a pair was first recorded with)."""
     wanted = sorted(set(replaced))
     found: dict[str, str] = {}
     for start in range(0, len(wanted), _PSEUDONYM_BATCH):
-        rows = await session.execute(
-            select(PseudonymMapping.replaced_uid, PseudonymMapping.original_uid).where(
-                PseudonymMapping.replaced_uid.in_(wanted[start : start + _PSEUDONYM_BATCH])
-            )
+        query = select(PseudonymMapping.replaced_uid, PseudonymMapping.original_uid).where(
+            PseudonymMapping.replaced_uid.in_(wanted[start : start + _PSEUDONYM_BATCH])
         )
+        if study is not None:
+            query = query.where(PseudonymMapping.original_study_uid == study)
+        rows = await session.execute(query)
         found.update((row.replaced_uid, row.original_uid) for row in rows)
     return found
 

@@ -226,6 +226,11 @@ def _truncated(device: dict[str, Any]) -> None:
     _with_data(device, data, rehash=True)
 
 
+def _deeply_nested(device: dict[str, Any]) -> None:
+    """Within the size limit, nested deeper than Python's JSON parser recurses."""
+    _with_data(device, b"[" * 100_000 + b"]" * 100_000, rehash=True)
+
+
 @pytest.mark.parametrize(
     ("tamper", "reason"),
     [
@@ -245,6 +250,7 @@ def _truncated(device: dict[str, Any]) -> None:
         (_not_base64, r"not base64"),
         (_no_hash, r"has no 'sha256'"),
         (_truncated, r"not valid JSON"),
+        (_deeply_nested, r"not valid JSON: nested too deeply"),
     ],
 )
 async def test_a_damaged_or_tampered_contract_is_refused_with_the_reason(
@@ -262,6 +268,47 @@ async def test_a_damaged_or_tampered_contract_is_refused_with_the_reason(
     assert service.contract is None
     assert service.contract_problem is not None
     assert re.search(reason, service.contract_problem), service.contract_problem
+
+
+def _long_hash(device: dict[str, Any]) -> None:
+    _contract_parts(device)["sha256"]["valueString"] = "f" * 1_000_000
+
+
+def _long_content_type(device: dict[str, Any]) -> None:
+    _contract_parts(device)["contract"]["valueAttachment"]["contentType"] = "x" * 1_000_000
+
+
+def _long_parameter_name(device: dict[str, Any]) -> None:
+    output = next(r for r in device["contained"] if r["id"] == "output")
+    output["parameter"].append({"name": "x" * 1_000_000})
+
+
+def _long_unknown_field(device: dict[str, Any]) -> None:
+    def edit(raw: dict[str, Any]) -> None:
+        raw["x" * 100_000] = 1
+
+    _with_data(device, _edited(edit), rehash=True)
+
+
+@pytest.mark.parametrize(
+    "tamper", [_long_hash, _long_content_type, _long_parameter_name, _long_unknown_field]
+)
+async def test_a_refused_contracts_reason_quotes_no_more_than_a_little_registry_text(
+    tamper: Callable[[dict[str, Any]], None],
+    registry: FhirRegistry,
+    client: FhirRegistryClient,
+) -> None:
+    """The reason goes into the log and into the start Task's error: a registry's megabyte of
+    text in a field must not go along."""
+    await RegistryPublisher(client, ORG).publish(_offer(resolve_contract("tissue-composition")))
+    [device] = registry.all("Device")
+    tamper(device)
+    registry.resources["Device"][device["id"]] = device
+
+    [service] = await client.find_services()
+    assert service.contract is None
+    assert service.contract_problem is not None
+    assert len(service.contract_problem) < 500, service.contract_problem[:200]
 
 
 def test_a_device_without_a_contract_publishes_none() -> None:

@@ -366,6 +366,13 @@ async def test_the_mapping_is_kept_in_the_store_and_re_identifies_results(
     assert found[copies[0].SeriesInstanceUID] == originals[0].SeriesInstanceUID
     assert [found[ds.SOPInstanceUID] for ds in copies] == [ds.SOPInstanceUID for ds in originals]
     assert "2.25.1" not in found
+    # Asked for one study: only the pairs recorded for it (what a result may reference).
+    async with database.transaction() as session:
+        await record_pseudonyms(session, "1.2.3.4.5", {"1.2.3.4.5.6": "2.25.1"})
+        of_study = await original_uids(session, [*asked, "2.25.1"], study=study_uid)
+        of_other = await original_uids(session, [*asked, "2.25.1"], study="1.2.3.4.5")
+    assert of_study == found
+    assert of_other == {"2.25.1": "1.2.3.4.5.6"}
 
     # A result that references the pseudonymized series comes back to the original one.
     returned = Dataset()

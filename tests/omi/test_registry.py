@@ -4,6 +4,7 @@ check and the local catalogue."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ from dsf_bridge.omi.registry import (
     ALGORITHM_EXTENSION,
     DSF_ORGANIZATION_IDENTIFIER_SYSTEM,
     HEARTBEAT_EXTENSION,
+    MAX_PAGE_BYTES,
     OIP_CONNECTION_TYPE,
     FhirRegistryClient,
     Heartbeat,
@@ -164,6 +166,62 @@ async def test_registry_failures(status: int, retryable: bool) -> None:
     assert info.value.retryable is retryable
 
 
+async def test_a_registry_answer_nested_too_deeply_is_a_registry_error() -> None:
+    """A hostile or broken registry's search Bundle nested deeper than Python's JSON parser
+    recurses: a RegistryError naming the registry, not a RecursionError out of the handler."""
+    body = b'{"resourceType": "Bundle", "entry": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    transport = httpx.MockTransport(lambda _: httpx.Response(200, content=body))
+    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as registry:
+        with pytest.raises(RegistryError, match=r"registry\.test.* nested too deeply") as info:
+            await registry.find_services()
+    assert not info.value.retryable
+
+
+async def test_a_registry_answer_larger_than_a_page_may_be_is_refused_unread() -> None:
+    """A registry's answer is read up to MAX_PAGE_BYTES, not whole into memory: a hostile or
+    broken registry's gigabyte would otherwise take the bridge (every process) down."""
+    sent: list[int] = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"resourceType": "Bundle", "entry": ['
+        for _ in range(64):
+            sent.append(1 << 20)
+            yield b" " * (1 << 20)
+        yield b"]}"
+
+    transport = httpx.MockTransport(lambda _: httpx.Response(200, content=chunks()))
+    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as registry:
+        with pytest.raises(RegistryError, match=r"larger than 16777216 bytes") as info:
+            await registry.find_services()
+    assert not info.value.retryable
+    assert MAX_PAGE_BYTES == 16 << 20
+    assert sum(sent) <= MAX_PAGE_BYTES + (2 << 20)  # stopped reading, not read and measured
+
+
+async def test_a_heartbeat_seen_at_a_time_without_zone_is_a_malformed_service() -> None:
+    """A FHIR instant has a time zone; a registry's lastSeen without one is no instant. It
+    parsed to a naive time, which the heartbeat check (an aware now) then failed on with a
+    TypeError out of ResolveService."""
+    service = _service("hs1")
+    [beat] = [e for e in service["extension"] if e["url"] == HEARTBEAT_EXTENSION]
+    beat["extension"][-1]["valueInstant"] = "2026-11-01T11:58:00"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        # Not through _bundle: the answer is deliberately no valid FHIR.
+        found = [service, ENDPOINT, ORGANIZATION]
+        if request.url.path == "/fhir/Device":
+            found = [DEVICE]
+        entries = [{"resource": r} for r in found]
+        return httpx.Response(200, json={"resourceType": "Bundle", "entry": entries})
+
+    transport = httpx.MockTransport(handler)
+    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as registry:
+        services = await registry.find_services()
+    for found in services:
+        check_heartbeat(found, now=NOW)
+    assert services == []
+
+
 def _with_beat(status: str, seen: dt.datetime | None) -> InferenceService:
     return InferenceService(
         "s", "Service S", "m", "http://x", heartbeat=Heartbeat(status, last_seen=seen)
@@ -178,6 +236,11 @@ def test_heartbeat_check() -> None:
     with pytest.raises(ServiceUnavailableError, match="no heartbeat for 3600 s"):
         check_heartbeat(_with_beat("available", NOW - dt.timedelta(hours=1)), now=NOW)
     check_heartbeat(InferenceService("s", "S", "m", "http://x"))  # no heartbeat: passes
+    # A lastSeen far ahead of this site's clock says nothing about now: it never went stale,
+    # so a provider gone with its clock a day fast stayed the first choice for a day.
+    with pytest.raises(ServiceUnavailableError, match="heartbeat is dated 86400 s ahead"):
+        check_heartbeat(_with_beat("available", NOW + dt.timedelta(days=1)), now=NOW)
+    check_heartbeat(_with_beat("available", NOW + dt.timedelta(minutes=1)), now=NOW)  # skew
 
 
 async def test_local_catalogue_from_config() -> None:

@@ -84,3 +84,27 @@ def test_a_failed_request_is_logged_with_the_reason_at_the_requesting_site(
         "inference request not delivered to ai.example.org: "
         "POST https://ai.example.org/fhir/Task: connection refused"
     )
+
+
+def test_a_providers_megabyte_of_reason_is_cut_short(logs: io.StringIO) -> None:
+    """The reason quotes the provider's words (its result Task's error, its package's manifest
+    text): a hostile provider's megabyte must not go whole into this site's log line and the
+    instance's failure."""
+    ctx = HandlerContext(
+        handler="InferenceFailed",
+        element_id="InferenceFailed",
+        business_key="bk-1",
+        variables={
+            "errorCode": "provider-failed",
+            "errorMessage": "inference failed at ai.example.org (model-error): " + "x" * 1_000_000,
+            "provider": "ai.example.org",
+        },
+    )
+    with pytest.raises(InferenceRequestError) as raised:
+        inference_failed(ctx)
+
+    assert len(str(raised.value)) < 2_000
+    assert str(raised.value).startswith("provider-failed: ")
+    assert "(1000050 characters)" in str(raised.value)
+    record = _only(logs, "inference.request_failed")
+    assert len(record["reason"]) < 2_000

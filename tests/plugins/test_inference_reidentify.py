@@ -13,7 +13,7 @@ import highdicom as hd
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import UID
+from pydicom.uid import UID, SegmentationStorage
 
 from dsf_bridge.dsf.client import FhirClient
 from dsf_bridge.omi.contract import resolve_contract
@@ -43,13 +43,18 @@ OTHER_STUDY = "1.2.826.0.1.3680043.8.498.424242"
 OTHER_SERIES = "1.2.826.0.1.3680043.8.498.424243"
 PSEUDO_OTHER_STUDY = "2.25.100"
 PSEUDO_OTHER_SERIES = "2.25.101"
+OTHER_INSTANCE = "1.2.826.0.1.3680043.8.498.424244"
+PSEUDO_OTHER_INSTANCE = "2.25.102"
+OTHER_FRAME = "1.2.826.0.1.3680043.8.498.424245"
+PSEUDO_OTHER_FRAME = "2.25.103"
 PSEUDO_STUDY = "2.25.300"
 PSEUDO_SERIES = "2.25.200"
 PSEUDO_INSTANCE = "2.25.201"
 
 
 class MemoryPseudonyms:
-    """The site's mapping store, in memory (replacement -> original)."""
+    """The site's mapping store, in memory (replacement -> original). Every pair belongs to
+    the study of the request under test, but those of study A (:data:`OTHER_STUDY`)."""
 
     def __init__(self, mapping: dict[str, str]) -> None:
         self.mapping = mapping
@@ -57,8 +62,13 @@ class MemoryPseudonyms:
     async def record(self, original_study_uid: str, uids: Mapping[str, str]) -> None:
         self.mapping.update({replaced: original for original, replaced in uids.items()})
 
-    async def originals(self, replaced: list[str]) -> dict[str, str]:
-        return {uid: self.mapping[uid] for uid in replaced if uid in self.mapping}
+    async def originals(self, replaced: list[str], *, study: str | None = None) -> dict[str, str]:
+        other = {PSEUDO_OTHER_STUDY, PSEUDO_OTHER_SERIES, PSEUDO_OTHER_INSTANCE, PSEUDO_OTHER_FRAME}
+        return {
+            uid: self.mapping[uid]
+            for uid in replaced
+            if uid in self.mapping and (study is None or (uid in other) == (study == OTHER_STUDY))
+        }
 
 
 def _result_task(extra: list[dict[str, Any]]) -> dict[str, Any]:
@@ -140,6 +150,7 @@ async def test_a_seg_naming_another_studys_pseudonym_is_not_filed_there(
     seg.SOPInstanceUID = "2.25.556"
     seg.file_meta.MediaStorageSOPInstanceUID = UID("2.25.556")
     seg.Modality = "SEG"  # what a result package may hold
+    seg.SOPClassUID = seg.file_meta.MediaStorageSOPClassUID = SegmentationStorage
     seg.PatientName = "Pseudonym"
     referenced = Dataset()
     referenced.SeriesInstanceUID = PSEUDO_SERIES
@@ -325,6 +336,8 @@ def _seg_and_report(
     mapping = {PSEUDO_STUDY: study, PSEUDO_SERIES: str(originals[0].SeriesInstanceUID)}
     mapping[PSEUDO_OTHER_SERIES] = OTHER_SERIES
     mapping[PSEUDO_OTHER_STUDY] = OTHER_STUDY
+    mapping[PSEUDO_OTHER_INSTANCE] = OTHER_INSTANCE
+    mapping[PSEUDO_OTHER_FRAME] = OTHER_FRAME
     for index, original in enumerate(originals):
         pseudonymized = copy.deepcopy(original)
         pseudonymized.StudyInstanceUID = PSEUDO_STUDY
@@ -368,15 +381,30 @@ def _tamper_seg_instance(report: Dataset) -> None:
             series.ReferencedSOPSequence.append(other)
 
 
+def _tamper_evidence_without_content(report: Dataset) -> None:
+    """An SR without a ContentSequence (no measurement at all) whose evidence names another
+    study's series: its evidence must be checked all the same."""
+    del report.ContentSequence
+    _tamper_evidence(report)
+
+
 @pytest.mark.parametrize(
     "tamper",
-    [None, _tamper_evidence_study, _tamper_evidence, _tamper_seg_instance, _tamper_source_series],
+    [
+        None,
+        _tamper_evidence_study,
+        _tamper_evidence,
+        _tamper_seg_instance,
+        _tamper_source_series,
+        _tamper_evidence_without_content,
+    ],
     ids=[
         "as-made",
         "evidence-in-another-study",
         "evidence-names-another-series",
         "evidence-names-another-instance",
         "source-series-is-another",
+        "no-content-evidence-names-another-series",
     ],
 )
 async def test_an_sr_in_the_result_package_is_filed_only_when_it_names_the_sent_series(
@@ -614,3 +642,284 @@ async def _store_result_from(
         finally:
             for client in clients:
                 await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "own",
+    [(PSEUDO_SERIES, "2.25.400"), (PSEUDO_OTHER_SERIES, "2.25.556")],
+    ids=["the-sent-series-and-instance", "another-studys-series"],
+)
+async def test_a_seg_taking_a_sent_uid_as_its_own_is_refused(
+    tmp_path: Path, orthanc: OrthancProcess, own: tuple[str, str]
+) -> None:
+    """A SEG whose own Series (and SOP) Instance UID is a pseudonym this site handed out:
+    mapped back, it would be stored as an instance of the sent CT series (under the UID of one
+    of its images) or into a series of another patient's study. A result's own UIDs are new."""
+    originals = make_series(load_ct_small(), slices=2)
+    study = str(originals[0].StudyInstanceUID)
+    _, mapping, seg, _ = _seg_and_report(originals)
+    seg.SeriesInstanceUID, seg.SOPInstanceUID = own
+    seg.file_meta.MediaStorageSOPInstanceUID = UID(own[1])
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        await archive.store(originals)
+    finally:
+        archive.close()
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        await publish_certificates(network, REQUESTER, PROVIDER)
+        clients: list[FhirClient] = []
+        try:
+            provider = transfer_site(network, PROVIDER, clients)
+            package = tmp_path / "result.zip"
+            package_datasets([seg], package, max_series=RESULT_SERIES)
+            published = await publish_package(
+                provider, package, recipient=REQUESTER, transfer_id="bk/seg", title="test"
+            )
+            site = transfer_site(network, REQUESTER, clients, MemoryPseudonyms(mapping))
+            ctx = _package_result_context(site, published.binary_url, study, orthanc)
+            with pytest.raises(BpmnError) as refused:
+                await store_result(ctx)
+        finally:
+            for client in clients:
+                await client.aclose()
+    assert refused.value.code == "provider-failed"
+    assert "was not stored" in refused.value.message
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        [series] = await archive.search_series(study)
+        assert series.modality == "CT"
+        assert series.instance_count == 2
+        stored = await archive.retrieve_series(study, series.series_instance_uid)
+        assert {str(ds.Modality) for ds in stored} == {"CT"}
+    finally:
+        archive.close()
+
+
+@pytest.mark.parametrize("problem", ["too-large", "gone"])
+async def test_a_result_package_that_cannot_be_downloaded_fails_with_a_reason(
+    tmp_path: Path, orthanc: OrthancProcess, problem: str
+) -> None:
+    """A result package over this site's limit, or no longer on the provider's server (a
+    404): the provider failed, said as a BPMN error with the reason, not an exception that
+    ends the instance untranslated."""
+    originals = make_series(load_ct_small(), slices=2)
+    study = str(originals[0].StudyInstanceUID)
+    _, mapping, seg, report = _seg_and_report(originals)
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        await publish_certificates(network, REQUESTER, PROVIDER)
+        clients: list[FhirClient] = []
+        try:
+            provider = transfer_site(network, PROVIDER, clients)
+            package = tmp_path / "result.zip"
+            package_datasets([seg, report], package, max_series=RESULT_SERIES)
+            published = await publish_package(
+                provider, package, recipient=REQUESTER, transfer_id="bk/seg", title="test"
+            )
+            site = transfer_site(network, REQUESTER, clients, MemoryPseudonyms(mapping))
+            url = published.binary_url
+            if problem == "too-large":
+                site.max_bytes = 1024
+            else:
+                url = url.rsplit("/", 1)[0] + "/no-such-package"
+            ctx = _package_result_context(site, url, study, orthanc)
+            with pytest.raises(BpmnError) as refused:
+                await store_result(ctx)
+        finally:
+            for client in clients:
+                await client.aclose()
+    assert refused.value.code == "provider-failed"
+    assert "segmentation package from AI_Provider" in refused.value.message
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        with pytest.raises(StudyNotFoundError):
+            await archive.search_series(study)
+    finally:
+        archive.close()
+
+
+def _seg_references_another_instance(seg: Dataset, report: Dataset) -> None:
+    """The SEG lists, under the sent series, an image of another study among its sources."""
+    [referenced] = seg.ReferencedSeriesSequence
+    other = copy.deepcopy(referenced.ReferencedInstanceSequence[0])
+    other.ReferencedSOPInstanceUID = PSEUDO_OTHER_INSTANCE
+    referenced.ReferencedInstanceSequence.append(other)
+
+
+def _sr_evidence_names_another_instance(seg: Dataset, report: Dataset) -> None:
+    """The SR's evidence lists, under the sent series, an image of another study."""
+    for series in report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence:
+        if series.SeriesInstanceUID == PSEUDO_SERIES:
+            other = copy.deepcopy(series.ReferencedSOPSequence[0])
+            other.ReferencedSOPInstanceUID = PSEUDO_OTHER_INSTANCE
+            series.ReferencedSOPSequence.append(other)
+
+
+def _seg_derived_from_another_instance(seg: Dataset, report: Dataset) -> None:
+    """A frame of the SEG says it was derived from an image of another study."""
+    frame = seg.PerFrameFunctionalGroupsSequence[0]
+    source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+    source.ReferencedSOPInstanceUID = PSEUDO_OTHER_INSTANCE
+
+
+def _seg_in_another_frame_of_reference(seg: Dataset, report: Dataset) -> None:
+    """The SEG says its frame of reference is another study's (a viewer would register it
+    with that study's images)."""
+    seg.FrameOfReferenceUID = PSEUDO_OTHER_FRAME
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        _seg_references_another_instance,
+        _sr_evidence_names_another_instance,
+        _seg_derived_from_another_instance,
+        _seg_in_another_frame_of_reference,
+    ],
+    ids=["seg-source-instances", "sr-evidence", "seg-derivation", "seg-frame-of-reference"],
+)
+async def test_a_result_referencing_an_image_of_another_study_is_refused(
+    tmp_path: Path,
+    orthanc: OrthancProcess,
+    tamper: Callable[[Dataset, Dataset], None],
+) -> None:
+    """The series is the sent one, but an instance referenced in it is a pseudonym of another
+    study's image (the provider saw it in an earlier request): mapped back, the SEG or SR this
+    site stores would reference another patient's image. Every study, series and SOP instance
+    a result references, once mapped back, belongs to the request's study."""
+    originals = make_series(load_ct_small(), slices=2)
+    study = str(originals[0].StudyInstanceUID)
+    _, mapping, seg, report = _seg_and_report(originals)
+    tamper(seg, report)
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        await archive.store(originals)
+    finally:
+        archive.close()
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        await publish_certificates(network, REQUESTER, PROVIDER)
+        clients: list[FhirClient] = []
+        try:
+            provider = transfer_site(network, PROVIDER, clients)
+            package = tmp_path / "result.zip"
+            package_datasets([seg, report], package, max_series=RESULT_SERIES)
+            published = await publish_package(
+                provider, package, recipient=REQUESTER, transfer_id="bk/seg", title="test"
+            )
+            site = transfer_site(network, REQUESTER, clients, MemoryPseudonyms(mapping))
+            ctx = _package_result_context(site, published.binary_url, study, orthanc)
+            with pytest.raises(BpmnError) as refused:
+                await store_result(ctx)
+        finally:
+            for client in clients:
+                await client.aclose()
+    assert refused.value.code == "provider-failed"
+    assert "was not stored" in refused.value.message
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        assert [s.modality for s in await archive.search_series(study)] == ["CT"]
+    finally:
+        archive.close()
+
+
+async def test_an_image_that_calls_itself_a_seg_is_refused(
+    tmp_path: Path, orthanc: OrthancProcess
+) -> None:
+    """A CT image (the SOP class of an image: pixels of a study the provider once received)
+    with Modality SEG, new UIDs and a reference to the sent series: only a Segmentation and an
+    SR come back, by SOP class, not by the Modality the provider wrote."""
+    originals = make_series(load_ct_small(), slices=2)
+    study = str(originals[0].StudyInstanceUID)
+    copies, mapping, _, _ = _seg_and_report(originals)
+    image = copy.deepcopy(copies[1])
+    image.Modality = "SEG"
+    image.SeriesInstanceUID = "2.25.777"
+    image.SOPInstanceUID = "2.25.778"
+    image.file_meta.MediaStorageSOPInstanceUID = UID("2.25.778")
+    referenced = Dataset()
+    referenced.SeriesInstanceUID = PSEUDO_SERIES
+    item = Dataset()
+    item.ReferencedSOPClassUID = copies[0].SOPClassUID
+    item.ReferencedSOPInstanceUID = copies[0].SOPInstanceUID
+    referenced.ReferencedInstanceSequence = Sequence([item])
+    image.ReferencedSeriesSequence = Sequence([referenced])
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        await archive.store(originals)
+    finally:
+        archive.close()
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        await publish_certificates(network, REQUESTER, PROVIDER)
+        clients: list[FhirClient] = []
+        try:
+            provider = transfer_site(network, PROVIDER, clients)
+            package = tmp_path / "result.zip"
+            package_datasets([image], package, max_series=RESULT_SERIES)
+            published = await publish_package(
+                provider, package, recipient=REQUESTER, transfer_id="bk/seg", title="test"
+            )
+            site = transfer_site(network, REQUESTER, clients, MemoryPseudonyms(mapping))
+            ctx = _package_result_context(site, published.binary_url, study, orthanc)
+            with pytest.raises(BpmnError) as refused:
+                await store_result(ctx)
+        finally:
+            for client in clients:
+                await client.aclose()
+    assert refused.value.code == "provider-failed"
+    assert "nothing was stored" in refused.value.message
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        assert [s.modality for s in await archive.search_series(study)] == ["CT"]
+    finally:
+        archive.close()
+
+
+async def test_private_attributes_of_a_result_are_not_stored(
+    tmp_path: Path, orthanc: OrthancProcess
+) -> None:
+    """A SEG with a private block: a UID of another study this site sent (mapped back like
+    every UID, and named by no keyword a check could look at) and a blob. This site asked for
+    a segmentation and its report; the provider's private data is not stored with them."""
+    originals = make_series(load_ct_small(), slices=2)
+    study = str(originals[0].StudyInstanceUID)
+    _, mapping, seg, report = _seg_and_report(originals)
+    block = seg.private_block(0x0099, "SOME PROVIDER", create=True)
+    block.add_new(0x01, "UI", PSEUDO_OTHER_SERIES)
+    block.add_new(0x02, "OB", b"\x00" * 64)
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        await archive.store(originals)
+    finally:
+        archive.close()
+    async with InferenceNetwork(
+        tmp_path / "sites", {}, offline=(), published={REQUESTER: [], PROVIDER: []}
+    ) as network:
+        await publish_certificates(network, REQUESTER, PROVIDER)
+        clients: list[FhirClient] = []
+        try:
+            provider = transfer_site(network, PROVIDER, clients)
+            package = tmp_path / "result.zip"
+            package_datasets([seg, report], package, max_series=RESULT_SERIES)
+            published = await publish_package(
+                provider, package, recipient=REQUESTER, transfer_id="bk/seg", title="test"
+            )
+            site = transfer_site(network, REQUESTER, clients, MemoryPseudonyms(mapping))
+            await store_result(_package_result_context(site, published.binary_url, study, orthanc))
+        finally:
+            for client in clients:
+                await client.aclose()
+    archive = DicomWebArchive(orthanc.dicomweb_url)
+    try:
+        filed = {s.modality: s for s in await archive.search_series(study)}
+        [stored] = await archive.retrieve_series(study, filed["SEG"].series_instance_uid)
+    finally:
+        archive.close()
+    assert not [element.tag for element in stored if element.tag.is_private]
+    assert OTHER_SERIES not in str(stored)
