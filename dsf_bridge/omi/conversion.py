@@ -169,9 +169,11 @@ def model_inputs(
     """The model's input tensors: the image as ``contract.pixels`` and ``contract.inputs``
     declare it, and the spacing tensor when the contract names one.
 
-    ``max_bytes`` bounds the working image (float64, after resampling): a series whose
-    resampled image would be larger is refused with :class:`RequestNotAcceptedError` before
-    that image is made (a fine target spacing multiplies the pixels)."""
+    ``max_bytes`` is the request's limit (``max_request_bytes``): a series whose image, after
+    resampling, would be larger at the contract's datatype (one byte per pixel for a histogram
+    contract, which sends features) is refused with :class:`RequestNotAcceptedError` before
+    the image is made (a fine target spacing multiplies the pixels), so the working copies
+    stay within a small multiple of it."""
     handling = contract.pixels
     slice_mm, row_mm, column_mm = volume.spacing_mm
     if max_bytes is not None:
@@ -179,14 +181,18 @@ def model_inputs(
         if handling.resample_mm is not None:
             rows = round(rows * row_mm / handling.resample_mm[0])
             columns = round(columns * column_mm / handling.resample_mm[1])
-        working = slices * rows * columns * np.dtype(np.float64).itemsize
-        if working > max_bytes:
+        per_pixel = (
+            1
+            if handling.histogram_bins is not None
+            else np.dtype(DATATYPES[handling.datatype]).itemsize
+        )
+        size = slices * rows * columns * per_pixel
+        if size > max_bytes:
+            resampled = f" (resampled to {handling.resample_mm} mm)" if handling.resample_mm else ""
             raise RequestNotAcceptedError(
-                f"the series would make a {slices}x{rows}x{columns} working image of "
-                f"{working:,} bytes (float64"
-                + (f", resampled to {handling.resample_mm} mm" if handling.resample_mm else "")
-                + f"), more than the limit of {max_bytes:,} bytes for a request's working "
-                "image at this site (twice max_request_bytes)"
+                f"the series would make a {slices}x{rows}x{columns} image{resampled} of "
+                f"{size:,} bytes as {handling.datatype}, more than the limit of {max_bytes:,} "
+                "bytes per request at this site (max_request_bytes)"
             )
     data = volume.pixels.astype(np.float64)
     if handling.resample_mm is not None:

@@ -192,11 +192,9 @@ async def infer_study(
         volume_from_datasets, datasets, contract, series_instance_uid=series_instance_uid
     )
     _check_slices(volume.slices, max_slices)
-    # The working image (float64) is bounded by twice the request's limit, checked before it
-    # is made: a fine resampling multiplies the pixels (docs/omi.md, "Memory").
-    tensors = await _off_loop(
-        model_inputs, volume, contract, max_bytes=2 * client.max_request_bytes
-    )
+    # The image is checked against the request's limit before it is made: a fine resampling
+    # multiplies the pixels (docs/omi.md, "Limits per request").
+    tensors = await _off_loop(model_inputs, volume, contract, max_bytes=client.max_request_bytes)
     try:
         result = await client.infer(
             model,

@@ -335,8 +335,8 @@ def test_raw_values_resampling_zscore_and_integer_datatype(ct_small: Dataset) ->
 
 
 def test_a_fine_resampling_is_refused_before_its_image_is_made(ct_small: Dataset) -> None:
-    """128 x 128 pixels of 0.66 mm resampled to 0.01 mm would be 8,467 x 8,467 float64 values
-    (574 MB): refused by its size, computed from shape and spacing, naming the limit."""
+    """128 x 128 pixels of 0.66 mm resampled to 0.01 mm would be 8,467 x 8,467 FP32 values
+    (287 MB): refused by its size, computed from shape and spacing, naming the limit."""
     contract = TISSUE.model_copy(
         update={
             "pixels": TISSUE.pixels.model_copy(update={"resample_mm": [0.01, 0.01]}),
@@ -346,8 +346,10 @@ def test_a_fine_resampling_is_refused_before_its_image_is_made(ct_small: Dataset
     volume = volume_from_datasets([ct_small], contract)
     with pytest.raises(RequestNotAcceptedError) as refused:
         model_inputs(volume, contract, max_bytes=64 << 20)
-    assert "1x8467x8467 working image of 573,520,712 bytes" in str(refused.value)
-    assert "more than the limit of 67,108,864 bytes" in str(refused.value)
+    assert "1x8467x8467 image (resampled to [0.01, 0.01] mm) of 286,760,356 bytes as FP32" in str(
+        refused.value
+    )
+    assert "more than the limit of 67,108,864 bytes per request" in str(refused.value)
     # The same series at its own spacing stays far below the limit.
     [image] = model_inputs(volume, MY_MODEL, max_bytes=64 << 20)
     assert image.shape == (128, 128)

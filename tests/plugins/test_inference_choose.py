@@ -36,7 +36,6 @@ from tests.plugins.test_inference import studies
 __all__ = ["studies"]
 
 
-
 def _mr_only() -> InferenceContract:
     raw = resolve_contract("tissue-composition").model_dump(mode="json")
     raw["accepts"]["modality"] = ["MR"]
