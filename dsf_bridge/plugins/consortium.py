@@ -32,7 +32,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import ssl
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -80,9 +79,8 @@ from dsf_bridge.omi.contract import (
     InferenceContract,
     contract_of,
 )
-from dsf_bridge.omi.dicomweb import ArchiveUnavailableError, DicomWebArchive
+from dsf_bridge.omi.dicomweb import ArchiveUnavailableError
 from dsf_bridge.omi.inference import (
-    HttpInferenceClient,
     InferenceError,
     ModelNotFoundError,
     ModelNotReadyError,
@@ -90,8 +88,9 @@ from dsf_bridge.omi.inference import (
 from dsf_bridge.omi.registry import DEVICE_IDENTIFIER_SYSTEM
 from dsf_bridge.plugins.api import ProcessPlugin
 from dsf_bridge.plugins.inference import (
-    SERVICE_DICOMWEB_SSL_CONTEXT,
     catalogue_entry,
+    dicomweb_archive,
+    inference_client,
     omi_settings,
 )
 from dsf_bridge.plugins.pingpong import bpmn_dir, profiles_dir
@@ -904,17 +903,7 @@ async def run_cohort_step(ctx: HandlerContext) -> None:
         raise BridgeError("the instance has no 'cohort' variable")
     cohort = Cohort.from_json(cohort_json)
     k = int(str(ctx.get("k")))
-    endpoint = consortium.dicomweb_url
-    context = ctx.services.get(SERVICE_DICOMWEB_SSL_CONTEXT)
-    archive = DicomWebArchive(
-        endpoint,
-        ssl_context=context
-        if endpoint.startswith("https://") and isinstance(context, ssl.SSLContext)
-        else None,
-        timeout=settings.dicomweb_timeout,
-        retry=_call_retry(ctx),
-        proxy=_proxy(ctx),
-    )
+    archive = dicomweb_archive(ctx, consortium.dicomweb_url)
     try:
         try:
             selected = await select_series(archive, cohort, max_studies=consortium.max_studies)
@@ -927,15 +916,7 @@ async def run_cohort_step(ctx: HandlerContext) -> None:
             )
         else:
             model = entry.model_name or contract.model.name
-            async with HttpInferenceClient(
-                entry.inference_url,
-                timeout=settings.inference_timeout,
-                retry=_call_retry(ctx),
-                proxy=_proxy(ctx),
-                tensor_encoding=entry.tensor_encoding,
-                max_request_bytes=entry.max_request_bytes,
-                max_response_bytes=entry.max_response_bytes,
-            ) as client:
+            async with inference_client(ctx, entry) as client:
                 outcome = await run_cohort(
                     archive,
                     client,

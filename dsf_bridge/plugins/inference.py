@@ -635,8 +635,9 @@ async def _check_study(
         archive.close()
 
 
-def _archive(ctx: HandlerContext, endpoint: str) -> DicomWebArchive:
-    """The DICOMweb archive at ``endpoint``, reached as the site's settings say."""
+def dicomweb_archive(ctx: HandlerContext, endpoint: str) -> DicomWebArchive:
+    """The DICOMweb archive at ``endpoint``, reached as the site's settings say (timeout,
+    retries, proxy, and its DSF identity for https)."""
     context = ctx.services.get(SERVICE_DICOMWEB_SSL_CONTEXT)
     return DicomWebArchive(
         endpoint,
@@ -646,6 +647,24 @@ def _archive(ctx: HandlerContext, endpoint: str) -> DicomWebArchive:
         timeout=_settings(ctx).dicomweb_timeout,
         retry=_call_retry(ctx),
         proxy=_proxy(ctx),
+    )
+
+
+_archive = dicomweb_archive
+
+
+def inference_client(ctx: HandlerContext, entry: OmiServiceSettings) -> HttpInferenceClient:
+    """A client of the entry's inference server, as the site's settings say."""
+    if entry.inference_url is None:
+        raise BpmnError(REQUEST_REFUSED, f"service {entry.id} is not run at this site")
+    return HttpInferenceClient(
+        entry.inference_url,
+        timeout=_settings(ctx).inference_timeout,
+        retry=_call_retry(ctx),
+        proxy=_proxy(ctx),
+        tensor_encoding=entry.tensor_encoding,
+        max_request_bytes=entry.max_request_bytes,
+        max_response_bytes=entry.max_response_bytes,
     )
 
 
@@ -1634,19 +1653,9 @@ async def _infer(
     archive: StudySource,
 ) -> StudyInference:
     """Convert and infer; a failure becomes a BPMN error whose code is the error kind."""
-    settings = _settings(ctx)
-    assert entry.inference_url is not None  # noqa: S101 - checked by the caller
     series = ctx.get("seriesInstanceUid")
     try:
-        async with HttpInferenceClient(
-            entry.inference_url,
-            timeout=settings.inference_timeout,
-            retry=_call_retry(ctx),
-            proxy=_proxy(ctx),
-            tensor_encoding=entry.tensor_encoding,
-            max_request_bytes=entry.max_request_bytes,
-            max_response_bytes=entry.max_response_bytes,
-        ) as client:
+        async with inference_client(ctx, entry) as client:
             outcome = await infer_study(
                 archive,
                 client,
