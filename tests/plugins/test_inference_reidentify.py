@@ -180,32 +180,7 @@ async def test_a_seg_naming_another_studys_pseudonym_is_not_filed_there(
                 provider, package, recipient=REQUESTER, transfer_id="bk/seg", title="test"
             )
             site = transfer_site(network, REQUESTER, clients, pseudonyms)
-            task = _result_task(
-                [
-                    {
-                        "system": CODESYSTEM_OMI,
-                        "code": "segmentation-package",
-                        "value": {"reference": published.binary_url, "type": "Binary"},
-                    }
-                ]
-            )
-            ctx = HandlerContext(
-                handler="StoreResult",
-                element_id="StoreResult",
-                business_key="bk-1",
-                variables={
-                    "task": task,
-                    "studyInstanceUid": study,
-                    "startTaskId": "start-1",
-                    "modelName": "tissue-composition",
-                    "transfer": "dsf",
-                    "sentSeriesInstanceUid": PSEUDO_SERIES,
-                    "dicomwebEndpoint": orthanc.dicomweb_url,
-                    "provider": PROVIDER,
-                    "segmentation": True,
-                },
-                services={SERVICE_FHIR_CLIENT: site.local, SERVICE_TRANSFER: site},
-            )
+            ctx = _package_result_context(site, published.binary_url, study, orthanc)
             with pytest.raises(BpmnError) as refused:
                 await store_result(ctx)
             assert refused.value.code == "provider-failed"
