@@ -318,6 +318,24 @@ def test_one_obfuscator_per_setting_for_as_long_as_the_bridge_runs() -> None:
 LEAK = "DOE^JANE 1.2.826.0.1.3680043.8.498.4711"
 
 
+def _run_cohort_context(base: str) -> HandlerContext:
+    """RunCohort at a data site whose archive and inference server are both at ``base``."""
+    settings = OmiSettings(
+        catalogue=[{"id": "tissue-composition", "inference_url": base}],
+        consortium={"dicomweb_url": f"{base}/dicom-web", "k": 3},
+    )
+    return HandlerContext(
+        handler="RunCohort",
+        element_id="RunCohort",
+        business_key="bk",
+        variables={"serviceId": "tissue-composition", "cohort": {"modalities": ["CT"]}, "k": 3},
+        services={
+            SERVICE_OMI_SETTINGS: settings,
+            SERVICE_CALL_RETRY: RetryPolicy(attempts=1, initial_delay=0.01),
+        },
+    )
+
+
 class _SiteServers(BaseHTTPRequestHandler):
     """A data site's archive (QIDO-RS: three studies) and inference server (readiness answers
     ``ready_status`` with ``LEAK`` in its error text), on one real loopback socket."""
@@ -378,20 +396,7 @@ async def test_an_inference_server_failure_reaches_the_coordinator_in_the_bridge
 ) -> None:
     base, handler = site_servers
     handler.ready_status = status
-    settings = OmiSettings(
-        catalogue=[{"id": "tissue-composition", "inference_url": base}],
-        consortium={"dicomweb_url": f"{base}/dicom-web", "k": 3},
-    )
-    ctx = HandlerContext(
-        handler="RunCohort",
-        element_id="RunCohort",
-        business_key="bk",
-        variables={"serviceId": "tissue-composition", "cohort": {"modalities": ["CT"]}, "k": 3},
-        services={
-            SERVICE_OMI_SETTINGS: settings,
-            SERVICE_CALL_RETRY: RetryPolicy(attempts=1, initial_delay=0.01),
-        },
-    )
+    ctx = _run_cohort_context(base)
     with pytest.raises(BpmnError) as raised:
         await run_cohort_step(ctx)
     assert raised.value.code == "failed"
@@ -493,30 +498,17 @@ def test_a_class_table_leaking_a_small_figure_by_subtraction_is_refused(
 async def test_a_cohort_where_every_study_failed_is_failed_not_suppressed(
     site_servers: tuple[str, type[_SiteServers]],
 ) -> None:
-    # The model is ready, but neither study can be read (404): the site has no figure because
+    # The model is ready, but no study can be read (404): the site has no figure because
     # nothing worked, not because its cohort was small; 'suppressed' would say the latter.
     base, handler = site_servers
     handler.ready_status = 200
-    settings = OmiSettings(
-        catalogue=[{"id": "tissue-composition", "inference_url": base}],
-        consortium={"dicomweb_url": f"{base}/dicom-web", "k": 3},
-    )
-    ctx = HandlerContext(
-        handler="RunCohort",
-        element_id="RunCohort",
-        business_key="bk",
-        variables={"serviceId": "tissue-composition", "cohort": {"modalities": ["CT"]}, "k": 3},
-        services={
-            SERVICE_OMI_SETTINGS: settings,
-            SERVICE_CALL_RETRY: RetryPolicy(attempts=1, initial_delay=0.01),
-        },
-    )
+    ctx = _run_cohort_context(base)
     with pytest.raises(BpmnError) as raised:
         await run_cohort_step(ctx)
     assert raised.value.code == "failed"
     assert "no result for any study" in raised.value.message
     assert "study-not-found" in raised.value.message
-    assert "2" not in raised.value.message  # the kinds, never how many
+    assert "3" not in raised.value.message  # the kinds, never how many (3 studies failed)
     assert "consortiumStatus" not in ctx.updates
 
 
