@@ -41,7 +41,13 @@ from dsf_bridge.errors import ProcessModelError
 from dsf_bridge.plugins.placeholders import Placeholders, resource_version
 from dsf_bridge.plugins.registry import HandlerRegistry
 
-__all__ = ["LoadedPlugin", "ProcessPlugin", "Progress", "progress_of"]
+__all__ = [
+    "LoadedPlugin",
+    "ProcessPlugin",
+    "Progress",
+    "progress_of",
+    "resources_per_process",
+]
 
 _log = structlog.get_logger("dsf_bridge.plugins")
 
@@ -145,3 +151,18 @@ def progress_of(
         if rows is not None:
             return rows
     return None
+
+
+def resources_per_process(
+    folder: Path, activity_definitions: Mapping[str, str]
+) -> dict[str, tuple[Path, ...]]:
+    """A plugin's FHIR resources by process key, from a folder laid out as DSF plugins lay
+    theirs out: ``ActivityDefinition/<file>`` per process (``activity_definitions``: process
+    key -> file name), every other ``*.json`` below ``folder`` shared by all processes."""
+    shared = tuple(
+        sorted(path for path in folder.rglob("*.json") if path.parent.name != "ActivityDefinition")
+    )
+    return {
+        process: (folder / "ActivityDefinition" / name, *shared)
+        for process, name in activity_definitions.items()
+    }

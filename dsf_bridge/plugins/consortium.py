@@ -34,7 +34,6 @@ import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
-from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -86,7 +85,7 @@ from dsf_bridge.omi.inference import (
     ModelNotReadyError,
 )
 from dsf_bridge.omi.registry import DEVICE_IDENTIFIER_SYSTEM
-from dsf_bridge.plugins.api import ProcessPlugin
+from dsf_bridge.plugins.api import ProcessPlugin, resources_per_process
 from dsf_bridge.plugins.inference import (
     catalogue_entry,
     dicomweb_archive,
@@ -1021,13 +1020,6 @@ def send_consortium_result(ctx: SendContext) -> None:
 
 
 def _plugin() -> ProcessPlugin:
-    profiles: Path = profiles_dir().parent / "consortium"
-    shared = tuple(
-        sorted(
-            path for path in profiles.rglob("*.json") if path.parent.name != "ActivityDefinition"
-        )
-    )
-    activity = profiles / "ActivityDefinition"
     return ProcessPlugin(
         name="dsf-bridge-omi-consortium",
         version="1.0.0.0",
@@ -1036,10 +1028,13 @@ def _plugin() -> ProcessPlugin:
             bpmn_dir() / "consortium-inference.bpmn",
             bpmn_dir() / "consortium-execution.bpmn",
         ),
-        fhir_resources={
-            COORDINATOR_PROCESS: (activity / "consortium-inference.json", *shared),
-            DATA_SITE_PROCESS: (activity / "consortium-execution.json", *shared),
-        },
+        fhir_resources=resources_per_process(
+            profiles_dir().parent / "consortium",
+            {
+                COORDINATOR_PROCESS: "consortium-inference.json",
+                DATA_SITE_PROCESS: "consortium-execution.json",
+            },
+        ),
         handlers=handlers,
         progress=_progress,
     )

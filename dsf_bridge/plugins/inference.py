@@ -100,7 +100,7 @@ from dsf_bridge.omi.registry import (
     ServiceRegistry,
     check_heartbeat,
 )
-from dsf_bridge.plugins.api import ProcessPlugin
+from dsf_bridge.plugins.api import ProcessPlugin, resources_per_process
 from dsf_bridge.plugins.pingpong import bpmn_dir, profiles_dir
 from dsf_bridge.plugins.registry import (
     SERVICE_FHIR_CLIENT,
@@ -1824,22 +1824,18 @@ def result_summary(task: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _plugin() -> ProcessPlugin:
-    profiles = profiles_dir().parent / "omi"
-    shared = tuple(
-        sorted(
-            path for path in profiles.rglob("*.json") if path.parent.name != "ActivityDefinition"
-        )
-    )
-    activity = profiles / "ActivityDefinition"
     return ProcessPlugin(
         name="dsf-bridge-omi-inference",
         version="1.1.0.0",
         release_date=date(2026, 11, 30),
         bpmn_files=(bpmn_dir() / "inference-request.bpmn", bpmn_dir() / "inference-execution.bpmn"),
-        fhir_resources={
-            REQUEST_PROCESS: (activity / "inference-request.json", *shared),
-            EXECUTION_PROCESS: (activity / "inference-execution.json", *shared),
-        },
+        fhir_resources=resources_per_process(
+            profiles_dir().parent / "omi",
+            {
+                REQUEST_PROCESS: "inference-request.json",
+                EXECUTION_PROCESS: "inference-execution.json",
+            },
+        ),
         handlers=handlers,
     )
 

@@ -49,7 +49,7 @@ from dsf_bridge.dsf.vocabulary import (
 )
 from dsf_bridge.engine.timers import TimerError, parse_duration
 from dsf_bridge.errors import BridgeError, ProcessModelError
-from dsf_bridge.plugins.api import ProcessPlugin
+from dsf_bridge.plugins.api import ProcessPlugin, resources_per_process
 from dsf_bridge.plugins.registry import (
     SERVICE_FHIR_CLIENT,
     SERVICE_LOCAL_ORGANIZATION,
@@ -559,13 +559,6 @@ def send_start_ping(ctx: SendContext) -> None:
 
 
 def _plugin() -> ProcessPlugin:
-    profiles = profiles_dir()
-    shared = tuple(
-        sorted(
-            path for path in profiles.rglob("*.json") if path.parent.name != "ActivityDefinition"
-        )
-    )
-    activity = profiles / "ActivityDefinition"
     return ProcessPlugin(
         name="dsf-bridge-ping-pong",
         # 1.0.x.y: the resource version 1.0 of the Java plugin, so both speak ping|1.0.
@@ -576,11 +569,14 @@ def _plugin() -> ProcessPlugin:
             bpmn_dir() / "pong.bpmn",
             bpmn_dir() / "ping-autostart.bpmn",
         ),
-        fhir_resources={
-            PING_PROCESS: (activity / "ping.json", *shared),
-            PONG_PROCESS: (activity / "pong.json", *shared),
-            PING_AUTOSTART_PROCESS: (activity / "ping-autostart.json", *shared),
-        },
+        fhir_resources=resources_per_process(
+            profiles_dir(),
+            {
+                PING_PROCESS: "ping.json",
+                PONG_PROCESS: "pong.json",
+                PING_AUTOSTART_PROCESS: "ping-autostart.json",
+            },
+        ),
         handlers=handlers,
     )
 
