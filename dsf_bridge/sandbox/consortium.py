@@ -16,9 +16,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,7 +45,7 @@ from dsf_bridge.sandbox.components import (
     MLServerProcess,
     OrthancProcess,
 )
-from dsf_bridge.sandbox.demo import InferenceNetwork, audit_events, make_series
+from dsf_bridge.sandbox.demo import InferenceNetwork, demo_workdir, make_series
 from dsf_bridge.sandbox.refmodel.density import shifted
 from dsf_bridge.store import create_sync_engine
 
@@ -170,7 +168,7 @@ def instance_variables(db_url: str, process: str) -> list[dict[str, Any]]:
 
 async def _consortium_demo(
     workdir: Path, limit: float, say: Any, dsf_release: DsfRelease
-) -> tuple[dict[str, Any], dict[str, str], dict[str, int]]:
+) -> dict[str, Any]:
     started = time.monotonic()
 
     def progress(text: str) -> None:
@@ -245,12 +243,7 @@ async def _consortium_demo(
                 **merged,
                 "states": site_states(variables),
             }
-            events = {
-                organization: await audit_events(url)
-                for organization, url in network.db_urls.items()
-                if organization != "Hospital_C"  # still waiting for its approval
-            }
-            return merged, dict(network.db_urls), events
+            return merged
 
 
 def _output_reference(task: Mapping[str, Any]) -> str | None:
@@ -300,10 +293,9 @@ def run_consortium_demo(
     def say(text: str) -> None:
         print(text, file=stderr, flush=True)
 
-    workdir = Path(tempfile.mkdtemp(prefix="dsf-bridge-consortium-"))
-    try:
+    with demo_workdir("dsf-bridge-consortium-", keep=keep, say=say) as workdir:
         try:
-            merged, _, _ = asyncio.run(_consortium_demo(workdir, timeout, say, dsf_release))
+            merged = asyncio.run(_consortium_demo(workdir, timeout, say, dsf_release))
         except ComponentMissingError as exc:
             say(f"dsf-bridge demo: {exc}")
             return 2
@@ -314,9 +306,4 @@ def run_consortium_demo(
             print(json.dumps(merged), file=stdout)
         else:
             print(_table(merged), file=stdout)
-        if keep:
-            say(f"kept the demo's files in {workdir}")
         return 0 if merged["status"] == "completed" else 1
-    finally:
-        if not keep:
-            shutil.rmtree(workdir, ignore_errors=True)

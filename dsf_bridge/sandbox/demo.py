@@ -25,7 +25,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -79,6 +79,7 @@ __all__ = [
     "InferenceNetwork",
     "audit_events",
     "audit_summary",
+    "demo_workdir",
     "make_series",
     "plugin_resources",
     "run_demo",
@@ -701,6 +702,20 @@ async def _serve_until_signalled(db_urls: Mapping[str, str], say: Any) -> None:
     await serve_audit(db_urls, stop, say)
 
 
+@contextlib.contextmanager
+def demo_workdir(prefix: str, *, keep: bool, say: Callable[[str], None]) -> Iterator[Path]:
+    """A temporary directory for a demo's sites and components: removed afterwards, or kept
+    (and said so) with ``keep``."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield workdir
+    finally:
+        if keep:
+            say(f"kept the demo's files in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def run_demo(
     *,
     as_json: bool = False,
@@ -720,8 +735,7 @@ def run_demo(
     def say(text: str) -> None:
         print(text, file=stderr, flush=True)
 
-    workdir = Path(tempfile.mkdtemp(prefix="dsf-bridge-demo-"))
-    try:
+    with demo_workdir("dsf-bridge-demo-", keep=keep, say=say) as workdir:
         try:
             results, db_urls, events = asyncio.run(_demo(workdir, timeout, say, dsf_release))
         except ComponentMissingError as exc:
@@ -737,9 +751,4 @@ def run_demo(
             print(audit_summary(db_urls, events, kept=keep, served=serve), file=stdout)
         if serve:
             asyncio.run(_serve_until_signalled(db_urls, say))
-        if keep:
-            say(f"kept the demo's files in {workdir}")
         return 0 if all(r.status == "completed" for r in results) else 1
-    finally:
-        if not keep:
-            shutil.rmtree(workdir, ignore_errors=True)
