@@ -40,20 +40,25 @@ the blocks (``/proc/stat``), whoever used them.
 **Replicas**: on one PostgreSQL database, blocks of 50 Tasks in flight with one bridge process
 and with two (the second started before its block and stopped after it), alternating.
 
+**Catch-up**: on a fresh PostgreSQL database, the bridge is stopped, ``--catch-up`` Tasks
+(10,000) are posted, and a new bridge process takes them up by its catch-up search; its rate,
+from its start to the last completion, against blocks of 50 in flight on the same store right
+before and after (``catch_up_vs_c50``).
+
 **Checks** (exit status 1 when one fails): every Task through the bridge completed exactly once
 (the server's notices) and none failed, each led to exactly one process instance and every
 instance completed (the store), ``dsf-bridge audit verify`` intact. Warnings and
 errors in the bridges' logs are counted (``--keep`` keeps them).
 
-Run: ``python bench/bridge.py`` (about 8 minutes; ``--quick`` under two; ``--only sqlite``,
-``postgresql`` or ``replicas``, repeatable). Needs the DSF reference corpus for validation (as
+Run: ``python bench/bridge.py`` (about 12 minutes; ``--quick`` under two; ``--only sqlite``,
+``postgresql``, ``replicas`` or ``catch-up``, repeatable). Needs the DSF reference corpus for validation (as
 the tests: ``../shared/reference/dsf`` or ``DSF_BRIDGE_REFERENCE_DIR``) and, but for
 ``--only sqlite``, a PostgreSQL server where it may create a throw-away database
 (``--postgres-url``). Prints one ``key=value`` line per figure and last
 ``bridge_vs_bare_latency_sqlite``, ``bridge_vs_bare_latency_postgresql``,
 ``bridge_vs_bare_throughput_c50_sqlite``, ``bridge_vs_bare_throughput_c50_postgresql``
-(latency: bridge / bare, 1.0 would be free; throughput: bridge / bare) and ``replicas_2_vs_1``
-(two bridges' throughput / one's).
+(latency: bridge / bare, 1.0 would be free; throughput: bridge / bare), ``replicas_2_vs_1``
+(two bridges' throughput / one's) and ``catch_up_vs_c50``.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import ctypes
 import datetime as dt
 import json
@@ -105,6 +111,7 @@ DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 STORES = ("sqlite", "postgresql")
 _PARENT_VARIABLE = "DSF_BRIDGE_BENCH_PARENT"
+_PROFILE_VARIABLE = "DSF_BRIDGE_BENCH_PROFILE"
 _LOG_EVENT = re.compile(r"\[(warning|error|critical)\s*\]\s+(\S+)")
 
 
@@ -232,7 +239,16 @@ def _serve_bridge(config: Path, db_url: str, *, publish_only: bool) -> None:
             _notify(channel, "ready")
             await runner
 
-    asyncio.run(run())
+    profile_directory = os.environ.get(_PROFILE_VARIABLE)
+    if not profile_directory or publish_only:
+        asyncio.run(run())
+        return
+    # --profile: CPU time (not wall time) of every function, for the whole life of the bridge.
+    profiler = cProfile.Profile(time.process_time)
+    try:
+        profiler.runcall(asyncio.run, run())
+    finally:
+        profiler.dump_stats(Path(profile_directory) / f"bridge-{os.getpid()}.prof")
 
 
 class Child:
@@ -744,6 +760,7 @@ class Plan:
     only: set[str]
     postgres_url: str
     keep: bool
+    catch_up: int = 10_000
 
 
 @dataclass
@@ -892,6 +909,84 @@ class Bench:
         self.problems.extend(f"replicas: {p}" for p in problems)
         return ratio
 
+    async def catch_up(self, admin: PostgresAdmin) -> float:
+        """Tasks posted while the bridge is down, taken up when it starts: the time from its
+        start to the last completion, against the same bridge's throughput at 50 in flight
+        measured right before and right after on the same store."""
+        from dsf_bridge.store import upgrade  # noqa: PLC0415
+
+        count = self.plan.catch_up
+        database, db_url = admin.create()
+        upgrade(db_url)
+        bridge = await self.bridge("bridge-catch-up", db_url)
+        side = self.bridge_side([bridge], database)
+        self.progress("catch-up: warming up")
+        await _warm_up(side, self.plan.warm_up)
+        reference = [await _run_block(side, "c50", self.plan.tasks)]
+        await self.stop(bridge)
+        self.progress(f"catch-up: the bridge is down; posting {count} Tasks")
+        missed: list[str] = []
+
+        async def post() -> float:
+            created = await self.remote_to_local.create(_task(LOCAL))
+            assert created.id is not None  # noqa: S101 - the server answers with the id
+            missed.append(created.id)
+            return 0.0
+
+        began = time.perf_counter()
+        await _in_flight(post, count, CONCURRENCY)
+        posting = time.perf_counter() - began
+        meter = Meter({"client": [os.getpid()], "sandbox": [self.sandbox_pids[LOCAL]]}, database)
+        before = meter.read()
+        began = time.perf_counter()
+        bridge = await self.bridge("bridge-catch-up", db_url)
+        ready = time.perf_counter() - began
+        deadline = began + max(self.plan.timeout, count * 0.5)
+        remaining = set(missed)
+        while remaining:
+            remaining = {t for t in remaining if self.completions.completed[t] == 0}
+            remaining -= self.completions.failed
+            if not remaining:
+                break
+            if time.perf_counter() > deadline:
+                raise Lost(
+                    f"catch-up: {len(remaining)} of {count} Tasks not completed within "
+                    f"{deadline - began:.0f} s, e.g. Task/{next(iter(remaining))}"
+                )
+            await asyncio.sleep(0.1)
+        wall = time.perf_counter() - began
+        await asyncio.sleep(SETTLE)
+        after = meter.read()
+        cpu = {k: after[k] - before.get(k, 0.0) for k in after if not k.startswith("_")}
+        cpu["bridge"] = _process_cpu(bridge.pid)  # its whole life: start-up included
+        busy = (after["_busy"] - before["_busy"]) / max(after["_ticks"] - before["_ticks"], 1)
+        taken_up = Block("bridge", "catch-up", [wall] * count, wall, cpu, busy)
+        restarted = self.bridge_side([bridge], database)
+        reference.append(await _run_block(restarted, "c50", self.plan.tasks))
+        await self.stop(bridge)
+        side.posted.extend(missed + restarted.posted)
+        self.check_completions(side, "catch-up")
+        c50 = sum(b.tasks for b in reference) / sum(b.wall for b in reference)
+        rate = count / wall  # from its start: the catch-up may begin before it is ready
+        self.emit(f"catch_up_tasks={count}")
+        self.emit(f"catch_up_posting_tasks_per_second={count / posting:.1f}")
+        self.emit(f"catch_up_start_seconds={ready:.1f}")
+        self.emit(f"catch_up_seconds={wall:.1f}")
+        self.emit(f"catch_up_tasks_per_second={rate:.1f}")
+        self.emit(f"catch_up_c50_tasks_per_second={c50:.1f}")
+        for line in _cpu_lines("catch_up", [taken_up]):
+            self.emit(line)
+        self.emit(f"catch_up_database_sessions={admin.sessions(database)}")
+        lines, problems = _store_check(db_url, side.posted)
+        for line in lines:
+            self.emit(f"catch_up_{line}")
+        self.problems.extend(f"catch-up: {p}" for p in problems)
+        self.progress(
+            f"catch-up: {count} Tasks in {wall:.1f} s ({ready:.1f} s of it to start), "
+            f"{rate:.1f}/s against {c50:.1f}/s at 50 in flight"
+        )
+        return rate / c50
+
     def log_findings(self) -> None:
         """Count the warnings and errors each child logged, by event."""
         for log in self.logs:
@@ -947,7 +1042,7 @@ async def run(plan: Plan) -> int:
             "the working directory; set DSF_BRIDGE_REFERENCE_DIR as for the tests"
         )
     admin = None
-    if plan.only & {"postgresql", "replicas"}:
+    if plan.only & {"postgresql", "replicas", "catch-up"}:
         admin = PostgresAdmin(plan.postgres_url)
         admin.check()
     started = time.perf_counter()
@@ -1008,6 +1103,10 @@ async def run(plan: Plan) -> int:
                 summary["replicas_2_vs_1"] = f"{await bench.replicas(admin):.2f}"
             else:
                 summary["replicas_2_vs_1"] = "skipped"
+            if "catch-up" in plan.only and admin is not None:
+                summary["catch_up_vs_c50"] = f"{await bench.catch_up(admin):.2f}"
+            else:
+                summary["catch_up_vs_c50"] = "skipped"
         bench.log_findings()
         bench.emit(f"problems={len(bench.problems)}")
         for problem in bench.problems:
@@ -1019,6 +1118,7 @@ async def run(plan: Plan) -> int:
             "bridge_vs_bare_throughput_c50_sqlite",
             "bridge_vs_bare_throughput_c50_postgresql",
             "replicas_2_vs_1",
+            "catch_up_vs_c50",
         ):
             bench.emit(f"{key}={summary[key]}")
         return 1 if bench.problems else 0
@@ -1090,8 +1190,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["sqlite", "postgresql", "replicas"],
-        help="run only this part (repeatable; default all three)",
+        choices=["sqlite", "postgresql", "replicas", "catch-up"],
+        help="run only this part (repeatable; default all four)",
     )
     parser.add_argument(
         "--postgres-url",
@@ -1103,9 +1203,28 @@ def main() -> None:
         "--timeout", type=float, default=60.0, help="seconds a Task may take (default 60)"
     )
     parser.add_argument(
+        "--catch-up",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Tasks posted while the bridge is down, for the catch-up part (default 10000; "
+        "--quick: 300)",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (logs, SQLite store)"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run every bridge under cProfile (CPU time) and write bridge-PID.prof files to DIR "
+        "(read them with python -m pstats; the profiler slows the bridge: its ratios are not "
+        "figures)",
+    )
     arguments = parser.parse_args()
+    if arguments.profile is not None:
+        arguments.profile.mkdir(parents=True, exist_ok=True)
+        os.environ[_PROFILE_VARIABLE] = str(arguments.profile.resolve())
     quick = arguments.quick
     plan = Plan(
         blocks=arguments.blocks or (2 if quick else 5),
@@ -1114,9 +1233,10 @@ def main() -> None:
         tasks=arguments.tasks or (60 if quick else 200),
         warm_up=CONCURRENCY if not quick else 10,
         timeout=arguments.timeout,
-        only=set(arguments.only or ("sqlite", "postgresql", "replicas")),
+        only=set(arguments.only or ("sqlite", "postgresql", "replicas", "catch-up")),
         postgres_url=arguments.postgres_url,
         keep=arguments.keep,
+        catch_up=arguments.catch_up or (300 if quick else 10_000),
     )
     try:
         status = asyncio.run(run(plan))
