@@ -102,8 +102,8 @@ class DatabaseSettings(_Section):
         default=20,
         ge=1,
         le=100,
-        description="PostgreSQL connections kept open per process (10 more are opened and "
-        "closed again at peaks)",
+        description="PostgreSQL connections of the bridge process (a fixed pool: at a peak "
+        "steps wait for a free one)",
     )
     echo: bool = Field(default=False, description="Log every SQL statement (debugging only)")
     password: SecretStr | None = Field(

@@ -228,6 +228,10 @@ class TaskSubscription:
             # in their order, as if all had been handled one after the other.
             handing = [await self._hand_off(resource, report=False) for resource in fresh]
             outcomes = [await task for task in handing]
+            # One write per page: where the cursor would stand after the page's resources one
+            # by one (a crash before it brings the page again; its claims are kept, so nothing
+            # is taken in twice).
+            moved_to: dt.datetime | None = None
             for resource, outcome in zip(fresh, outcomes, strict=True):
                 seen.add((str(resource.get("id")), _version(resource)))
                 if isinstance(outcome, RemoteError) and outcome.status is None:
@@ -250,8 +254,9 @@ class TaskSubscription:
                 handled += 1
                 updated = _last_updated(resource)
                 if not deferred and updated is not None and (since is None or updated > since):
-                    await self.cursor.save(self.resource_type, updated)
-                    since = updated
+                    moved_to = since = updated
+            if moved_to is not None:
+                await self.cursor.save(self.resource_type, moved_to)
             if not fresh or len(page) < self.settings.page_size:
                 break
         self.heartbeat = self.clock()

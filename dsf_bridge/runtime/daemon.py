@@ -172,8 +172,14 @@ class Bridge:
                 f"the database schema is at {status.current or 'no revision'}, this release needs "
                 f"{status.head}: run 'dsf-bridge db upgrade' first"
             )
+        # A fixed pool: a catch-up's pages and bursts of frames come and go, and connections
+        # opened for a peak and closed after it cost a new PostgreSQL backend each time (565
+        # for 10,000 Tasks of a catch-up with 10 of overflow; docs/benchmarks.md).
         self.database = Database(
-            self.settings.db.url, pool_size=self.settings.db.pool_size, echo=self.settings.db.echo
+            self.settings.db.url,
+            pool_size=self.settings.db.pool_size,
+            max_overflow=0,
+            echo=self.settings.db.echo,
         )
         call_retry = self.runtime_settings.call_retry
         proxy = self.settings.proxy.forward_proxy()

@@ -207,18 +207,26 @@ class Database:
     """The async engine and session factory of one store; close it with :meth:`dispose`."""
 
     def __init__(
-        self, url: str, *, pool_size: int = 5, echo: bool = False, read_only: bool = False
+        self,
+        url: str,
+        *,
+        pool_size: int = 5,
+        max_overflow: int = 10,
+        echo: bool = False,
+        read_only: bool = False,
     ) -> None:
         """``read_only`` stores (the admin API) never write and never take a write lock: on
         SQLite the file is opened read-only (it must exist) and transactions are deferred, on
-        PostgreSQL every transaction is ``READ ONLY``."""
+        PostgreSQL every transaction is ``READ ONLY``. ``max_overflow``: PostgreSQL connections
+        opened beyond ``pool_size`` at a peak and closed again after it (each a new backend
+        process on the server); 0 keeps a fixed pool whose users wait for a free connection."""
         target = async_url(url, read_only=read_only)
         options: dict[str, Any] = {"echo": echo}
         backend = target.get_backend_name()
         if backend == "postgresql":
             # Last in, first out: under a light load the same few connections serve every
             # step and are never idle long enough to need a ping (_ping_when_idle).
-            options.update(pool_size=pool_size, pool_use_lifo=True)
+            options.update(pool_size=pool_size, max_overflow=max_overflow, pool_use_lifo=True)
         if read_only:
             target = _read_only_url(target, url)
         self.url = target

@@ -16,7 +16,11 @@ from typing import Any
 import pytest
 
 from dsf_bridge.dsf.client import FhirClient
-from dsf_bridge.dsf.subscription import SubscriptionSettings, TaskSubscription
+from dsf_bridge.dsf.subscription import (
+    ResourceDeferredError,
+    SubscriptionSettings,
+    TaskSubscription,
+)
 from dsf_bridge.dsf.vocabulary import BPMN_MESSAGE_SYSTEM
 from dsf_bridge.errors import StoreError
 from tests.sandbox.harness import (
@@ -389,6 +393,83 @@ async def test_a_pages_tasks_of_one_business_key_are_taken_in_in_order() -> None
     )
     assert await asyncio.wait_for(subscription.catch_up(), 5) == 3
     assert done == ["other", "start", "message"]
+
+
+class _Pages:
+    """A server answering each search with the next of ``pages`` (then nothing), as DSF's
+    first page of ``Task?status=requested`` shrinks while the bridge takes Tasks in."""
+
+    base_url = "https://fake.invalid/fhir"
+
+    def __init__(self, pages: list[list[dict[str, Any]]]) -> None:
+        self.pages = pages
+        self.searches = 0
+
+    async def search_pages(self, resource_type: str, params: Any) -> AsyncIterator[Any]:
+        page = self.pages[self.searches] if self.searches < len(self.pages) else []
+        self.searches += 1
+        yield {"entry": [{"resource": r} for r in page]}
+
+
+class CountingCursor(MemoryCursor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved: list[dt.datetime] = []
+
+    async def save(self, resource_type: str, last_updated: dt.datetime) -> None:
+        self.saved.append(last_updated)
+        await super().save(resource_type, last_updated)
+
+
+async def test_the_catch_up_cursor_is_written_once_per_page_where_the_page_ended() -> None:
+    """A catch-up of two full pages and a short one writes the cursor three times (not once
+    per Task: a write per Task was a third of a catch-up's transactions), each time at the
+    newest Task of the page taken in."""
+    settings = SubscriptionSettings(page_size=3)
+    pages = [
+        [_requested(f"t{n}", n, None) for n in (1, 2, 3)],
+        [_requested(f"t{n}", n, None) for n in (4, 5, 6)],
+        [_requested("t7", 7, None)],
+    ]
+    taken: list[str] = []
+
+    async def handle(resource: dict[str, Any]) -> None:
+        taken.append(str(resource["id"]))
+
+    cursor = CountingCursor()
+    subscription = TaskSubscription(
+        _Pages(pages),  # type: ignore[arg-type]
+        None,
+        handle,
+        cursor,
+        settings=settings,
+    )
+    assert await asyncio.wait_for(subscription.catch_up(), 5) == 7
+    assert sorted(taken) == [f"t{n}" for n in range(1, 8)]
+    second = [dt.datetime(2026, 1, 1, 0, 0, n, tzinfo=dt.UTC) for n in (3, 6, 7)]
+    assert cursor.saved == second
+
+
+async def test_the_catch_up_cursor_stays_before_a_task_left_for_later() -> None:
+    """A Task left for now (another replica claimed it moments ago) in the middle of a page:
+    the cursor is written where the page stood before it, so the next catch-up brings it."""
+    settings = SubscriptionSettings(page_size=3)
+    pages = [[_requested(f"t{n}", n, None) for n in (1, 2, 3)]]
+
+    async def handle(resource: dict[str, Any]) -> None:
+        if resource["id"] == "t2":
+            raise ResourceDeferredError("claimed by another replica moments ago")
+
+    cursor = CountingCursor()
+    subscription = TaskSubscription(
+        _Pages(pages),  # type: ignore[arg-type]
+        None,
+        handle,
+        cursor,
+        settings=settings,
+    )
+    assert await asyncio.wait_for(subscription.catch_up(), 5) == 2
+    assert cursor.saved == [dt.datetime(2026, 1, 1, 0, 0, 1, tzinfo=dt.UTC)]
 
 
 async def test_a_cancelled_waiter_neither_breaks_its_predecessor_nor_blocks_its_key() -> None:
