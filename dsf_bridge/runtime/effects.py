@@ -83,6 +83,9 @@ class StepRecord:
     outbox: list[repo.ClaimedOutboxEntry] = field(default_factory=list)
     # Work written for a polling round to find (not leased, a timer, another's signal job).
     for_rounds: int = 0
+    # The instance as this step saved it (its state and version), for the jobs run right
+    # after the commit.
+    instance: repo.InstanceRecord | None = None
 
 
 class EffectWriter:
@@ -399,6 +402,7 @@ class EffectWriter:
                     else "instance.failed",
                     reason=getattr(effect, "message", "") or deployed.definition.key,
                 )
+        pending.instance = record
         return pending
 
     async def record_incoming(

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import structlog
@@ -108,8 +109,11 @@ class JobWorker:
                     try:
                         # A lease taken before a wait (for the jobs before it, or for another
                         # run on the instance) may have run short.
-                        if (position == 0 and not waited) or await self._renewed(job):
+                        if position == 0 and not waited:
                             await self.run_or_retry(job)
+                        elif await self._renewed(job):
+                            # After another step of the instance: it reads the instance.
+                            await self.run_or_retry(replace(job, instance=None))
                     except BridgeError as exc:  # the store failed under it: the others run
                         failure = failure or exc
         finally:
@@ -200,6 +204,7 @@ class JobWorker:
                 action="job.continued",
                 reason=f"async continuation at {payload.get('element_id')}",
                 job_id=job.id,
+                known=job.instance,
             )
             return
         if job.kind is JobKind.SIGNAL:
@@ -240,6 +245,7 @@ class JobWorker:
                     reason=f"{effect.handler} at {effect.element_id}"
                     + ("" if outcome.ok else f": {getattr(outcome.event, 'message', '')}"),
                     job_id=job.id,
+                    known=job.instance,
                 )
             return
         if job.kind is JobKind.SEND:

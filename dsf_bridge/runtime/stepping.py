@@ -20,6 +20,7 @@ import asyncio
 import datetime as dt
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -163,9 +164,12 @@ class InstanceStepper:
         reason: str,
         failed_action: str | None = None,
         before_audit: Callable[[], Awaitable[Records | None]] | None = None,
+        job_id: int | None = None,
     ) -> StepRecord:
         """Step an existing instance by ``event``. A step the engine undid (a handler's
-        technical error) is audited as ``failed_action`` with the error, when given."""
+        technical error) is audited as ``failed_action`` with the error, when given.
+        ``job_id``: the job leased to this runtime whose step this is, removed in the same
+        transaction (:class:`ConcurrencyError` when its lease was lost)."""
         with step_context(
             deployed,
             instance_id=record.id,
@@ -197,11 +201,18 @@ class InstanceStepper:
                 record=described,
             )
             pending = await self.effects.write(session, deployed, record, result)
+            owner = self.runtime.owner
             if pending.status != "running":
                 # Camunda deletes an ended execution's jobs: a sibling's handler or send that
-                # is still queued (a parallel multi-instance) never runs.
-                await repo.delete_jobs_of(session, record.id)
+                # is still queued (a parallel multi-instance) never runs. With the job of this
+                # step, in one statement.
+                if job_id is not None:
+                    await repo.complete_job_ending(session, job_id, owner, record.id)
+                else:
+                    await repo.delete_jobs_of(session, record.id)
                 pending.jobs.clear()
+            elif job_id is not None:
+                await repo.complete_job(session, job_id, owner)
             self.runtime._fault(FaultPoint.STEP_WRITTEN, action)
         return pending
 
@@ -218,6 +229,7 @@ class InstanceStepper:
         unless: Callable[[Session, repo.InstanceRecord], Awaitable[bool]] | None = None,
         also: Callable[[Session], Awaitable[None]] | None = None,
         actor: str | None = None,
+        known: repo.InstanceRecord | None = None,
     ) -> None:
         """Apply one event to an instance in one transaction, replaying on lost races.
 
@@ -225,20 +237,24 @@ class InstanceStepper:
         dealt with the job itself and no step is taken. ``also`` writes in the same transaction
         (the record of the effect that caused the event). ``actor`` names who caused it in the
         audit event (an operator); the bridge itself by default. An undone job step is audited
-        ``job.failed`` (retried later, or parked as an incident).
+        ``job.failed`` (retried later, or parked as an incident). ``known``: the instance as
+        the commit that queued the job left it, stepped at the first try instead of reading
+        it (not with ``unless``, which must judge the instance as it is); a version moved
+        meanwhile fails the save, and the next try reads the instance.
         """
         runtime = self.runtime
+        if unless is not None or (known is not None and known.id != instance_id):
+            known = None
         for _ in range(runtime.settings.conflict_retries):
             now = runtime.clock()
             try:
                 async with runtime.database.transaction() as session:
-                    record = await repo.load_instance(session, instance_id)
+                    record = known or await repo.load_instance(session, instance_id)
+                    known = None  # a replay reads the instance
                     if record is None:
                         raise InstanceGoneError(f"instance {instance_id} does not exist")
                     if unless is not None and await unless(session, record):
                         return
-                    if job_id is not None:
-                        await repo.complete_job(session, job_id, runtime.owner)
                     pending = await self.write(
                         session,
                         runtime.deployments.of_record(record),
@@ -248,6 +264,7 @@ class InstanceStepper:
                         action=action,
                         reason=reason,
                         failed_action="job.failed",
+                        job_id=job_id,
                     )
                     if also is not None:
                         await also(session)
@@ -265,7 +282,11 @@ class InstanceStepper:
         self.runtime._fault(FaultPoint.STEP_COMMITTED, action)
         if pending.for_rounds:  # a round finds the rest (timers, others' signals)
             self.wakeup.set()
-        self.runtime.dispatch(pending.jobs, pending.outbox)
+        jobs = pending.jobs
+        if jobs and pending.instance is not None:
+            # The first job runs on the instance as this step saved it, without reading it.
+            jobs = [replace(jobs[0], instance=pending.instance), *jobs[1:]]
+        self.runtime.dispatch(jobs, pending.outbox)
         self.sends_resolved()
         with bound_context(**pending.log_context):
             for element, message in pending.incidents:  # an operator retries or cancels it

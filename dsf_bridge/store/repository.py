@@ -106,6 +106,13 @@ _DELETE_JOBS_OF = (
     .where(_JOBS.c.instance_id == bindparam("b_instance"))
     .where(_JOBS.c.kind != JobKind.OPERATOR)
 )
+# The jobs of an ended instance and the job whose step ended it, in one statement.
+_END_JOBS_OF = (
+    delete(_JOBS)
+    .where(_JOBS.c.instance_id == bindparam("b_instance"))
+    .where(or_(_JOBS.c.kind != JobKind.OPERATOR, _JOBS.c.id == bindparam("b_id")))
+    .returning(_JOBS.c.id, _JOBS.c.lease_owner)
+)
 _GET_TASK_SEEN = select(
     _SEEN.c.task_id,
     _SEEN.c.task_version,
@@ -166,6 +173,7 @@ __all__ = [
     "claim_jobs",
     "claim_outbox",
     "complete_job",
+    "complete_job_ending",
     "create_instance",
     "deploy_definition",
     "due_timers",
@@ -556,6 +564,18 @@ async def delete_jobs_of(session: AsyncSession, instance_id: str) -> int:
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
+async def complete_job_ending(
+    session: AsyncSession, job_id: int, owner: str, instance_id: str
+) -> int:
+    """:func:`complete_job` and :func:`delete_jobs_of` in one statement, for the step of job
+    ``job_id`` that ended its instance; a lease lost to another worker is an error (and the
+    caller's transaction undoes the deletions). Returns how many other jobs were removed."""
+    rows = (await session.execute(_END_JOBS_OF, {"b_instance": instance_id, "b_id": job_id})).all()
+    if not any(found == job_id and holder == owner for found, holder in rows):
+        raise ConcurrencyError(f"job {job_id} is no longer leased to {owner}")
+    return len(rows) - 1
+
+
 async def renew_job_lease(
     session: AsyncSession, job_id: int, owner: str, *, now: dt.datetime, lease: dt.timedelta
 ) -> bool:
@@ -688,6 +708,10 @@ class ClaimedJob:
     attempts: int
     retries_left: int
     interruptions: int = 0
+    # The instance as the commit that queued this job left it, for a job run right after that
+    # commit: its step need not read the instance again (a version moved meanwhile is caught
+    # when the step saves, and the step is replayed on the instance as read then).
+    instance: InstanceRecord | None = None
 
 
 async def enqueue_job(

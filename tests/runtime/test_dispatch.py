@@ -7,14 +7,16 @@ import asyncio
 import dataclasses
 import datetime as dt
 
+import pytest
 from sqlalchemy import func, select
 
+from dsf_bridge.errors import ConcurrencyError
 from dsf_bridge.runtime.jobs import JobWorker
 from dsf_bridge.runtime.processes import ProcessRuntime
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.kinds import JobKind
-from dsf_bridge.store.tables import AuditEvent, Job, OutboxEntry
+from dsf_bridge.store.tables import AuditEvent, Job, OutboxEntry, ProcessInstance
 from tests.runtime.test_shutdown import KEY, SlowWork, _leases, _runtime, _statuses
 
 
@@ -205,3 +207,130 @@ async def test_events_are_sealed_while_a_round_runs_a_long_job(database: Databas
     stop.set()
     await asyncio.wait_for(worker, 20)
     assert unsealed == 0
+
+
+async def test_a_dispatched_handler_job_steps_the_instance_without_reading_it(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit that queued the handler job hands the instance on as it saved it: the job's
+    step does not read it again (a round trip of every step, and its whole state)."""
+    reads: list[str] = []
+    load_instance = repo.load_instance
+
+    async def counted(session: object, instance_id: str) -> repo.InstanceRecord | None:
+        reads.append(instance_id)
+        return await load_instance(session, instance_id)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repo, "load_instance", counted)
+    work = SlowWork()
+    work.release.set()
+    runtime = await _runtime(database, work, owner="known", grace=5)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(runtime.run_forever(stop))
+    await _first_round(runtime)
+    await runtime.deliver(
+        KEY, message_name="start", business_key="bk-known", task_id="t-1", task_version="2"
+    )
+    for _ in range(500):
+        if await _statuses(database) == ["completed"]:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    assert await _statuses(database) == ["completed"]
+    assert work.runs == 1
+    assert reads == []
+    async with database.transaction() as session:
+        assert (await session.scalars(select(Job))).all() == []
+
+
+async def test_a_job_whose_instance_moved_on_meanwhile_replays_on_the_instance_as_it_is(
+    database: Database,
+) -> None:
+    """Another step changed the instance while the handler ran: the step on the instance as
+    the job's commit left it fails to save, and is replayed on the instance read then. The
+    other step's change stays; the handler is not run again."""
+    work = SlowWork()
+    runtime = await _runtime(database, work, owner="replaying", grace=5)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(runtime.run_forever(stop))
+    await _first_round(runtime)
+    await runtime.deliver(
+        KEY, message_name="start", business_key="bk-moved", task_id="t-1", task_version="2"
+    )
+    await asyncio.wait_for(work.started.wait(), 10)
+    async with database.transaction() as session:
+        (instance_id,) = (await session.scalars(select(ProcessInstance.id))).all()
+        record = await repo.load_instance(session, instance_id)
+        assert record is not None
+        state = {**record.state, "vars": {**record.state["vars"], "moved": "meanwhile"}}
+        await repo.save_instance(
+            session, record, state=state, status=record.status, now=dt.datetime.now(dt.UTC)
+        )
+    work.release.set()
+    for _ in range(500):
+        if await _statuses(database) == ["completed"]:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    assert await _statuses(database) == ["completed"]
+    assert work.runs == 1
+    async with database.transaction() as session:
+        final = await repo.load_instance(session, instance_id)
+        assert (await session.scalars(select(Job))).all() == []
+    assert final is not None
+    assert final.state["vars"]["moved"] == "meanwhile"
+    assert final.version == record.version + 2  # the change in between, then the job's step
+
+
+async def test_the_step_that_ends_an_instance_removes_its_job_and_the_others_at_once(
+    database: Database,
+) -> None:
+    """The job whose step ended the instance and the instance's other jobs go in one
+    statement; an operator's request stays (it is answered ``operator.refused``), another
+    instance's job stays, and a lease lost to another worker undoes it all."""
+    now = dt.datetime.now(dt.UTC)
+    async with database.transaction() as session:
+        definition_id = await repo.deploy_definition(
+            session, process_key="p", version="1.0", plugin="test", model_hash="h" * 64
+        )
+        for instance_id in ("i-1", "i-2"):
+            await repo.create_instance(
+                session,
+                instance_id=instance_id,
+                definition_id=definition_id,
+                business_key=f"bk-{instance_id}",
+                status="running",
+                state={},
+                now=now,
+            )
+        ids = {}
+        for name, instance_id, kind in (
+            ("ours", "i-1", JobKind.HANDLER),
+            ("sibling", "i-1", JobKind.HANDLER),
+            ("operator", "i-1", JobKind.OPERATOR),
+            ("other", "i-2", JobKind.HANDLER),
+        ):
+            ids[name] = await repo.enqueue_job(
+                session, kind=kind, payload={}, due_at=now, instance_id=instance_id
+            )
+    async with database.transaction() as session:
+        claimed = await repo.claim_jobs(
+            session, owner="me", now=now, lease=dt.timedelta(minutes=1), limit=10
+        )
+    assert {job.id for job in claimed} == set(ids.values())
+
+    async def remaining() -> set[int]:
+        async with database.transaction() as session:
+            return set((await session.scalars(select(Job.id))).all())
+
+    with pytest.raises(ConcurrencyError):
+        async with database.transaction() as session:
+            await repo.complete_job_ending(session, ids["ours"], "someone-else", "i-1")
+    assert await remaining() == set(ids.values())
+
+    async with database.transaction() as session:
+        removed = await repo.complete_job_ending(session, ids["ours"], "me", "i-1")
+    assert removed == 1
+    assert await remaining() == {ids["operator"], ids["other"]}
