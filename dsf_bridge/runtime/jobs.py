@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -215,14 +216,20 @@ class JobWorker:
             return
         deployed = await self.runtime.deployments.of_instance(instance_id)
         if job.kind is JobKind.HANDLER:
+            variables, fields = payload["variables"], payload["fields"]
+            if job.instance is not None:
+                # The payload the commit queued shares its values with the instance it hands
+                # on (the step starts from it): the handler gets them as the store keeps them,
+                # so a change it makes in place (then fails, say) never reaches the instance.
+                variables, fields = json.loads(json.dumps([variables, fields]))
             effect = CallHandler(
                 handler=str(payload["handler"]),
                 kind=str(payload["kind"]),
                 element_id=str(payload["element_id"]),
                 token=str(payload["token"]),
                 business_key=str(payload["business_key"]),
-                variables=payload["variables"],
-                fields=payload["fields"],
+                variables=variables,
+                fields=fields,
                 event=payload.get("event"),
             )
             with (
