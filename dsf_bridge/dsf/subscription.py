@@ -232,10 +232,14 @@ class TaskSubscription:
             # by one (a crash before it brings the page again; its claims are kept, so nothing
             # is taken in twice).
             moved_to: dt.datetime | None = None
+            # What stops the catch-up, raised once the cursor stands after the resources
+            # before it (as when it was written per resource).
+            stop: Exception | None = None
             for resource, outcome in zip(fresh, outcomes, strict=True):
                 seen.add((str(resource.get("id")), _version(resource)))
                 if isinstance(outcome, RemoteError) and outcome.status is None:
-                    raise outcome  # the server is away: stop, reconnect, catch up again
+                    stop = outcome  # the server is away: stop, reconnect, catch up again
+                    break
                 if isinstance(outcome, ResourceDeferredError | RemoteError):
                     # Left for now (another replica takes it in), or the server answered an
                     # error for this resource alone: the others go on; the cursor stays before
@@ -250,13 +254,16 @@ class TaskSubscription:
                     deferred = True
                     continue
                 if outcome is not None:
-                    raise outcome
+                    stop = outcome
+                    break
                 handled += 1
                 updated = _last_updated(resource)
                 if not deferred and updated is not None and (since is None or updated > since):
                     moved_to = since = updated
             if moved_to is not None:
                 await self.cursor.save(self.resource_type, moved_to)
+            if stop is not None:
+                raise stop
             if not fresh or len(page) < self.settings.page_size:
                 break
         self.heartbeat = self.clock()
