@@ -472,6 +472,30 @@ async def test_the_catch_up_cursor_stays_before_a_task_left_for_later() -> None:
     assert cursor.saved == [dt.datetime(2026, 1, 1, 0, 0, 1, tzinfo=dt.UTC)]
 
 
+async def test_a_catch_up_stopped_mid_page_keeps_the_cursor_of_the_tasks_taken_in() -> None:
+    """The second Task of a page stops the catch-up (the store was busy past the pool's
+    timeout): the first was taken in, so the cursor stands after it, as it did when it was
+    written per Task; the next catch-up starts there."""
+    settings = SubscriptionSettings(page_size=3)
+    pages = [[_requested(f"t{n}", n, None) for n in (1, 2, 3)]]
+
+    async def handle(resource: dict[str, Any]) -> None:
+        if resource["id"] == "t2":
+            raise StoreError("database busy: QueuePool limit reached", retryable=True)
+
+    cursor = CountingCursor()
+    subscription = TaskSubscription(
+        _Pages(pages),  # type: ignore[arg-type]
+        None,
+        handle,
+        cursor,
+        settings=settings,
+    )
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(subscription.catch_up(), 5)
+    assert cursor.saved == [dt.datetime(2026, 1, 1, 0, 0, 1, tzinfo=dt.UTC)]
+
+
 async def test_a_cancelled_waiter_neither_breaks_its_predecessor_nor_blocks_its_key() -> None:
     """Two Tasks of one business key: the second, waiting for the first, is cancelled (a
     stopping bridge). The first ends normally and a third of the key still runs."""
