@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -421,11 +421,26 @@ class CountingCursor(MemoryCursor):
         await super().save(resource_type, last_updated)
 
 
+def _catching_up(
+    pages: list[list[dict[str, Any]]], handle: Callable[[dict[str, Any]], Awaitable[None]]
+) -> tuple[TaskSubscription, CountingCursor]:
+    """A subscription whose catch-up searches ``pages`` (pages of 3) and writes a counting
+    cursor."""
+    cursor = CountingCursor()
+    subscription = TaskSubscription(
+        _Pages(pages),  # type: ignore[arg-type]
+        None,
+        handle,
+        cursor,
+        settings=SubscriptionSettings(page_size=3),
+    )
+    return subscription, cursor
+
+
 async def test_the_catch_up_cursor_is_written_once_per_page_where_the_page_ended() -> None:
     """A catch-up of two full pages and a short one writes the cursor three times (not once
     per Task: a write per Task was a third of a catch-up's transactions), each time at the
     newest Task of the page taken in."""
-    settings = SubscriptionSettings(page_size=3)
     pages = [
         [_requested(f"t{n}", n, None) for n in (1, 2, 3)],
         [_requested(f"t{n}", n, None) for n in (4, 5, 6)],
@@ -436,14 +451,7 @@ async def test_the_catch_up_cursor_is_written_once_per_page_where_the_page_ended
     async def handle(resource: dict[str, Any]) -> None:
         taken.append(str(resource["id"]))
 
-    cursor = CountingCursor()
-    subscription = TaskSubscription(
-        _Pages(pages),  # type: ignore[arg-type]
-        None,
-        handle,
-        cursor,
-        settings=settings,
-    )
+    subscription, cursor = _catching_up(pages, handle)
     assert await asyncio.wait_for(subscription.catch_up(), 5) == 7
     assert sorted(taken) == [f"t{n}" for n in range(1, 8)]
     second = [dt.datetime(2026, 1, 1, 0, 0, n, tzinfo=dt.UTC) for n in (3, 6, 7)]
@@ -453,21 +461,13 @@ async def test_the_catch_up_cursor_is_written_once_per_page_where_the_page_ended
 async def test_the_catch_up_cursor_stays_before_a_task_left_for_later() -> None:
     """A Task left for now (another replica claimed it moments ago) in the middle of a page:
     the cursor is written where the page stood before it, so the next catch-up brings it."""
-    settings = SubscriptionSettings(page_size=3)
     pages = [[_requested(f"t{n}", n, None) for n in (1, 2, 3)]]
 
     async def handle(resource: dict[str, Any]) -> None:
         if resource["id"] == "t2":
             raise ResourceDeferredError("claimed by another replica moments ago")
 
-    cursor = CountingCursor()
-    subscription = TaskSubscription(
-        _Pages(pages),  # type: ignore[arg-type]
-        None,
-        handle,
-        cursor,
-        settings=settings,
-    )
+    subscription, cursor = _catching_up(pages, handle)
     assert await asyncio.wait_for(subscription.catch_up(), 5) == 2
     assert cursor.saved == [dt.datetime(2026, 1, 1, 0, 0, 1, tzinfo=dt.UTC)]
 
@@ -476,21 +476,13 @@ async def test_a_catch_up_stopped_mid_page_keeps_the_cursor_of_the_tasks_taken_i
     """The second Task of a page stops the catch-up (the store was busy past the pool's
     timeout): the first was taken in, so the cursor stands after it, as it did when it was
     written per Task; the next catch-up starts there."""
-    settings = SubscriptionSettings(page_size=3)
     pages = [[_requested(f"t{n}", n, None) for n in (1, 2, 3)]]
 
     async def handle(resource: dict[str, Any]) -> None:
         if resource["id"] == "t2":
             raise StoreError("database busy: QueuePool limit reached", retryable=True)
 
-    cursor = CountingCursor()
-    subscription = TaskSubscription(
-        _Pages(pages),  # type: ignore[arg-type]
-        None,
-        handle,
-        cursor,
-        settings=settings,
-    )
+    subscription, cursor = _catching_up(pages, handle)
     with pytest.raises(StoreError):
         await asyncio.wait_for(subscription.catch_up(), 5)
     assert cursor.saved == [dt.datetime(2026, 1, 1, 0, 0, 1, tzinfo=dt.UTC)]

@@ -212,6 +212,32 @@ async def test_events_are_sealed_while_a_round_runs_a_long_job(database: Databas
     assert unsealed == 0
 
 
+async def _working_on(
+    runtime: ProcessRuntime, business_key: str
+) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    """The worker loop running (one round done) and a Task delivered that starts an instance."""
+    stop = asyncio.Event()
+    worker = asyncio.create_task(runtime.run_forever(stop))
+    await _first_round(runtime)
+    await runtime.deliver(
+        KEY, message_name="start", business_key=business_key, task_id="t-1", task_version="2"
+    )
+    return stop, worker
+
+
+async def _completed_then_stopped(
+    database: Database, stop: asyncio.Event, worker: asyncio.Task[None]
+) -> None:
+    """Wait until the one instance completed, then stop the worker loop."""
+    for _ in range(500):
+        if await _statuses(database) == ["completed"]:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    assert await _statuses(database) == ["completed"]
+
+
 async def test_a_dispatched_handler_job_steps_the_instance_without_reading_it(
     database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -228,19 +254,8 @@ async def test_a_dispatched_handler_job_steps_the_instance_without_reading_it(
     work = SlowWork()
     work.release.set()
     runtime = await _runtime(database, work, owner="known", grace=5)
-    stop = asyncio.Event()
-    worker = asyncio.create_task(runtime.run_forever(stop))
-    await _first_round(runtime)
-    await runtime.deliver(
-        KEY, message_name="start", business_key="bk-known", task_id="t-1", task_version="2"
-    )
-    for _ in range(500):
-        if await _statuses(database) == ["completed"]:
-            break
-        await asyncio.sleep(0.01)
-    stop.set()
-    await asyncio.wait_for(worker, 10)
-    assert await _statuses(database) == ["completed"]
+    stop, worker = await _working_on(runtime, "bk-known")
+    await _completed_then_stopped(database, stop, worker)
     assert work.runs == 1
     assert reads == []
     async with database.transaction() as session:
@@ -255,12 +270,7 @@ async def test_a_job_whose_instance_moved_on_meanwhile_replays_on_the_instance_a
     other step's change stays; the handler is not run again."""
     work = SlowWork()
     runtime = await _runtime(database, work, owner="replaying", grace=5)
-    stop = asyncio.Event()
-    worker = asyncio.create_task(runtime.run_forever(stop))
-    await _first_round(runtime)
-    await runtime.deliver(
-        KEY, message_name="start", business_key="bk-moved", task_id="t-1", task_version="2"
-    )
+    stop, worker = await _working_on(runtime, "bk-moved")
     await asyncio.wait_for(work.started.wait(), 10)
     async with database.transaction() as session:
         (instance_id,) = (await session.scalars(select(ProcessInstance.id))).all()
@@ -271,13 +281,7 @@ async def test_a_job_whose_instance_moved_on_meanwhile_replays_on_the_instance_a
             session, record, state=state, status=record.status, now=dt.datetime.now(dt.UTC)
         )
     work.release.set()
-    for _ in range(500):
-        if await _statuses(database) == ["completed"]:
-            break
-        await asyncio.sleep(0.01)
-    stop.set()
-    await asyncio.wait_for(worker, 10)
-    assert await _statuses(database) == ["completed"]
+    await _completed_then_stopped(database, stop, worker)
     assert work.runs == 1
     async with database.transaction() as session:
         final = await repo.load_instance(session, instance_id)
