@@ -173,7 +173,7 @@ class Bridge:
                 f"{status.head}: run 'dsf-bridge db upgrade' first"
             )
         # A fixed pool: a catch-up's pages and bursts of frames come and go, and connections
-        # opened for a peak and closed after it cost a new PostgreSQL backend each time (565
+        # opened for a peak and closed after it cost a new PostgreSQL backend each time (990
         # for 10,000 Tasks of a catch-up with 10 of overflow; docs/benchmarks.md).
         self.database = Database(
             self.settings.db.url,
