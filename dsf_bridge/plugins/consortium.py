@@ -196,9 +196,6 @@ class ConsortiumRequestError(BridgeError):
 # -- reading Tasks and variables ---------------------------------------------------------------
 
 
-_task = HandlerContext.task
-
-
 def _inputs(task: Mapping[str, Any], code: str) -> list[object]:
     return [
         item.get("value")
@@ -270,20 +267,14 @@ def _minimum_k(task: Mapping[str, Any]) -> int | None:
     return value
 
 
-_settings = omi_settings
-
-
 def _consortium(ctx: HandlerContext) -> ConsortiumSettings:
-    return _settings(ctx).consortium
-
-
-_entry = catalogue_entry
+    return omi_settings(ctx).consortium
 
 
 def _contract_for(settings: OmiSettings, service_id: str) -> InferenceContract | None:
     """The contract of ``service_id`` as this site knows it: its catalogue entry's, else a
     shipped contract of that name."""
-    entry = _entry(settings, service_id)
+    entry = catalogue_entry(settings, service_id)
     try:
         if entry is not None and entry.contract is not None:
             return contract_of(entry.contract)
@@ -353,10 +344,10 @@ _PREFIX = "dsf_bridge.plugins.consortium."
 @handlers.service(_PREFIX + "SelectSites")
 async def select_sites(ctx: HandlerContext) -> None:
     """Check the start Task and choose the data sites, each with its own correlation key."""
-    task = _task(ctx)
+    task = ctx.task()
     ctx.set("startTaskId", task.get("id"))
     _unknown_inputs(task, _START_INPUTS)
-    settings = _settings(ctx)
+    settings = omi_settings(ctx)
     service = _one(task, SERVICE, str, required=True)
     contract = _contract_for(settings, service)
     if contract is None:
@@ -545,7 +536,7 @@ def _target_name(ctx: HandlerContext) -> object:
 def record_result(ctx: HandlerContext) -> None:
     """The site's answer, read strictly: a broken one makes the site ``failed`` and nothing of
     it is kept."""
-    result = _task(ctx)
+    result = ctx.task()
     try:
         status, reason, aggregates = _read_answer(result, _contract(ctx), _requested_k(ctx))
     except _BrokenAnswerError as exc:
@@ -659,7 +650,7 @@ def _requested_k(ctx: HandlerContext) -> int:
 def _contract(ctx: HandlerContext) -> InferenceContract:
     request = ctx.get("consortiumRequest")
     service = str(request.get("service")) if isinstance(request, Mapping) else ""
-    contract = _contract_for(_settings(ctx), service)
+    contract = _contract_for(omi_settings(ctx), service)
     if contract is None:
         raise BridgeError(f"service {service!r} lost its contract at this site")
     return contract
@@ -770,7 +761,7 @@ def consortium_result(variables: Mapping[str, object]) -> dict[str, Any] | None:
 @handlers.service(_PREFIX + "CheckConsortiumRequest")
 def check_consortium_request(ctx: HandlerContext) -> None:
     """Whoever asked gets the answer; the site must take such requests and run the service."""
-    task = _task(ctx)
+    task = ctx.task()
     requester = task.get("requester")
     if not isinstance(requester, str) or not requester:
         raise BridgeError("the consortium request names no requester organization")
@@ -783,7 +774,7 @@ def check_consortium_request(ctx: HandlerContext) -> None:
         raise BridgeError("the consortium request has no single correlation-key")
     ctx.set("target", {"organizationIdentifier": requester, "correlationKey": keys[0]})
     ctx.set("requester", requester)
-    settings = _settings(ctx)
+    settings = omi_settings(ctx)
     consortium = settings.consortium
     ctx.set("approvalNeeded", consortium.approval)
     ctx.set("approvalTimeout", consortium.approval_timeout)
@@ -793,7 +784,7 @@ def check_consortium_request(ctx: HandlerContext) -> None:
             REFUSED, "this site takes no consortium requests ([omi.consortium] dicomweb_url)"
         )
     service = _one(task, SERVICE, str, required=True)
-    entry = _entry(settings, service)
+    entry = catalogue_entry(settings, service)
     if entry is None or not entry.inference_url:
         raise BpmnError(REFUSED, f"service {service} is not run at this site")
     contract = _site_contract(entry)
@@ -866,12 +857,6 @@ def record_failure(ctx: HandlerContext) -> None:
     log.warning("consortium.request_failed_here", reason=ctx.get("errorMessage"))
 
 
-_proxy = HandlerContext.forward_proxy
-
-
-_call_retry = HandlerContext.call_retry
-
-
 # One obfuscator per setting for as long as the bridge runs: the same true count gets the same
 # published count, so asking again does not average the noise away (docs/consortium.md).
 _OBFUSCATORS: dict[tuple[float, float], LaplaceCountObfuscator] = {}
@@ -891,9 +876,9 @@ def _obfuscator(settings: ConsortiumSettings) -> LaplaceCountObfuscator | None:
 @handlers.service(_PREFIX + "RunCohort")
 async def run_cohort_step(ctx: HandlerContext) -> None:
     """Search the cohort, run the model on each study, keep only aggregates."""
-    settings = _settings(ctx)
+    settings = omi_settings(ctx)
     consortium = settings.consortium
-    entry = _entry(settings, str(ctx.get("serviceId") or ""))
+    entry = catalogue_entry(settings, str(ctx.get("serviceId") or ""))
     if entry is None or entry.inference_url is None or consortium.dicomweb_url is None:
         raise BpmnError(REFUSED, "the service is no longer run at this site")
     contract = _site_contract(entry)

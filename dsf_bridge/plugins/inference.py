@@ -221,9 +221,6 @@ class InferenceRequestError(BridgeError):
 # -- reading Tasks and variables ---------------------------------------------------------------
 
 
-_task = HandlerContext.task
-
-
 def _inputs(task: Mapping[str, Any], system: str, code: str) -> list[object]:
     return [
         item.get("value")
@@ -297,10 +294,6 @@ def catalogue_entry(settings: OmiSettings, service_id: str) -> OmiServiceSetting
     return next((entry for entry in settings.catalogue if entry.id == service_id), None)
 
 
-_settings = omi_settings
-_entry = catalogue_entry
-
-
 def _contract(value: str | Mapping[str, Any] | None) -> InferenceContract | None:
     try:
         return contract_of(value)
@@ -340,7 +333,7 @@ async def _resolve(
     registry: ServiceRegistry | None,
     proxy: ForwardProxy | None = None,
 ) -> InferenceService:
-    entry = _entry(settings, service_id)
+    entry = catalogue_entry(settings, service_id)
     if entry is not None:
         return InferenceService(
             service_id=entry.id,
@@ -447,17 +440,17 @@ async def _choose(
     """Search the registry, drop what cannot take the study (stale or unavailable heartbeat, no
     organization, no or a refused contract, a contract that does not accept the series), and
     pick the best by :data:`CHOICE_RULE`."""
-    settings = _settings(ctx)
+    settings = omi_settings(ctx)
     registry = cast(ServiceRegistry | None, ctx.services.get(SERVICE_OMI_REGISTRY))
     try:
-        found = await _search(settings, query, registry, _proxy(ctx))
+        found = await _search(settings, query, registry, ctx.forward_proxy())
     except RegistryError as exc:
         raise BpmnError(SERVICE_UNAVAILABLE, str(exc)) from exc
     if not found:
         raise BpmnError(
             SERVICE_UNAVAILABLE, f"no service in the OMI registry offers {query.describe()}"
         )
-    archive = _archive(ctx, endpoint)
+    archive = dicomweb_archive(ctx, endpoint)
     try:
         chosen_series = archive.choose_series(await archive.search_series(study), study, series)
     except StudyNotFoundError as exc:
@@ -466,7 +459,7 @@ async def _choose(
         raise BpmnError(ARCHIVE_UNAVAILABLE, str(exc)) from exc
     finally:
         archive.close()
-    segmentation = _flag(_task(ctx), SEGMENTATION)
+    segmentation = _flag(ctx.task(), SEGMENTATION)
     dropped: dict[str, str] = {}
     usable = []
     for service in found:
@@ -501,8 +494,8 @@ async def resolve_service(ctx: HandlerContext) -> None:
     """Read the start Task, find the service and its provider (the one it names, or the best of
     a registry search for what it names), check its heartbeat and, when its contract is known,
     the study against it."""
-    task = _task(ctx)
-    settings = _settings(ctx)
+    task = ctx.task()
+    settings = omi_settings(ctx)
     ctx.set("startTaskId", task.get("id"))
     study = _uid(task, STUDY_INSTANCE_UID, required=True)
     series = _uid(task, SERIES_INSTANCE_UID, required=False)
@@ -558,7 +551,10 @@ async def resolve_service(ctx: HandlerContext) -> None:
         try:
             registry = ctx.services.get(SERVICE_OMI_REGISTRY)
             service = await _resolve(
-                settings, str(service_id), cast(ServiceRegistry | None, registry), _proxy(ctx)
+                settings,
+                str(service_id),
+                cast(ServiceRegistry | None, registry),
+                ctx.forward_proxy(),
             )
             check_heartbeat(service)
         except RegistryError as exc:
@@ -568,7 +564,7 @@ async def resolve_service(ctx: HandlerContext) -> None:
                 SERVICE_UNAVAILABLE,
                 f"service {service.service_id} names no providing organization",
             )
-        entry = _entry(settings, service.service_id)
+        entry = catalogue_entry(settings, service.service_id)
         if entry is not None:
             contract = _contract(entry.contract)
         elif service.contract_problem is not None:
@@ -617,7 +613,7 @@ async def _check_study(
     """The series the provider would take (QIDO-RS at the requesting site's archive: modality,
     body part, instances) must fit the contract: nothing leaves the site for a study the
     service does not accept."""
-    archive = _archive(ctx, endpoint)
+    archive = dicomweb_archive(ctx, endpoint)
     try:
         found = await archive.search_series(study)
         chosen = archive.choose_series(found, study, series)
@@ -644,13 +640,10 @@ def dicomweb_archive(ctx: HandlerContext, endpoint: str) -> DicomWebArchive:
         ssl_context=context
         if endpoint.startswith("https://") and isinstance(context, ssl.SSLContext)
         else None,
-        timeout=_settings(ctx).dicomweb_timeout,
-        retry=_call_retry(ctx),
-        proxy=_proxy(ctx),
+        timeout=omi_settings(ctx).dicomweb_timeout,
+        retry=ctx.call_retry(),
+        proxy=ctx.forward_proxy(),
     )
-
-
-_archive = dicomweb_archive
 
 
 def inference_client(ctx: HandlerContext, entry: OmiServiceSettings) -> HttpInferenceClient:
@@ -659,9 +652,9 @@ def inference_client(ctx: HandlerContext, entry: OmiServiceSettings) -> HttpInfe
         raise BpmnError(REQUEST_REFUSED, f"service {entry.id} is not run at this site")
     return HttpInferenceClient(
         entry.inference_url,
-        timeout=_settings(ctx).inference_timeout,
-        retry=_call_retry(ctx),
-        proxy=_proxy(ctx),
+        timeout=omi_settings(ctx).inference_timeout,
+        retry=ctx.call_retry(),
+        proxy=ctx.forward_proxy(),
         tensor_encoding=entry.tensor_encoding,
         max_request_bytes=entry.max_request_bytes,
         max_response_bytes=entry.max_response_bytes,
@@ -705,7 +698,7 @@ async def prepare_study(ctx: HandlerContext) -> None:
         raise BpmnError(
             NOT_DELIVERED, f"the provider's encryption certificate could not be read: {exc}"
         ) from exc
-    archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
+    archive = dicomweb_archive(ctx, _text(ctx, "dicomwebEndpoint"))
     try:
         with site.workspace() as workspace:
             chosen = archive.choose_series(await archive.search_series(study), study, series)
@@ -780,8 +773,8 @@ async def _copy_to_gateway(
     """The pseudonymized copy of the series into the OMI DICOMweb gateway (STOW-RS)."""
     study = _text(ctx, "studyInstanceUid")
     named = ctx.get("seriesInstanceUid")
-    archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
-    target = _archive(ctx, gateway)
+    archive = dicomweb_archive(ctx, _text(ctx, "dicomwebEndpoint"))
+    target = dicomweb_archive(ctx, gateway)
     try:
         chosen = archive.choose_series(
             await archive.search_series(study), study, named if isinstance(named, str) else None
@@ -994,7 +987,7 @@ def _local_client(ctx: HandlerContext) -> FhirClient:
 async def store_result(ctx: HandlerContext) -> None:
     """A provider error becomes a BPMN error; measurements are stored as a Bundle readable by
     this site only, and become outputs of the start Task."""
-    result = _task(ctx)
+    result = ctx.task()
     provider = str(ctx.get("provider") or result.get("requester"))
     errors = _inputs(result, CODESYSTEM_OMI, ERROR)
     if errors:
@@ -1005,7 +998,7 @@ async def store_result(ctx: HandlerContext) -> None:
     if isinstance(published, Mapping):
         contract = _contract(published)  # the registry's, read and checked by ResolveService
     else:
-        entry = _entry(_settings(ctx), str(ctx.get("serviceId") or ""))
+        entry = catalogue_entry(omi_settings(ctx), str(ctx.get("serviceId") or ""))
         contract = _contract(entry.contract if entry is not None else None)
     found = _findings(result, contract)
     if not found:
@@ -1124,7 +1117,7 @@ async def _store_segmentation(ctx: HandlerContext, package: str, provider: str) 
     UID this site replaced becomes its original again), checked, and stored into the site's
     archive next to the study (one STOW-RS)."""
     site = _transfer(ctx)
-    archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
+    archive = dicomweb_archive(ctx, _text(ctx, "dicomwebEndpoint"))
     try:
         with site.workspace() as workspace:
             received = await receive_package(
@@ -1178,8 +1171,8 @@ async def _fetch_segmentation(ctx: HandlerContext, series: str, provider: str) -
     """The SEG the provider stored into the gateway next to the pseudonymized copy, and the
     DICOM SR measurement report that refers to it: read, mapped back to the original study and
     stored into this site's archive."""
-    gateway = _archive(ctx, _text(ctx, "dicomwebGateway"))
-    archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
+    gateway = dicomweb_archive(ctx, _text(ctx, "dicomwebGateway"))
+    archive = dicomweb_archive(ctx, _text(ctx, "dicomwebEndpoint"))
     sent_study = _text(ctx, "sentStudyInstanceUid")
     try:
         datasets = await gateway.retrieve_series(sent_study, series)
@@ -1511,8 +1504,8 @@ def inference_failed(ctx: HandlerContext) -> None:
 def check_request(ctx: HandlerContext) -> None:
     """The answer goes to the requester; the request must name a study, an allowed archive and
     a service this site runs."""
-    task = _task(ctx)
-    settings = _settings(ctx)
+    task = ctx.task()
+    settings = omi_settings(ctx)
     requester = task.get("requester")
     if not isinstance(requester, str) or not requester:
         raise BridgeError("the inference request names no requester organization")
@@ -1534,7 +1527,7 @@ def check_request(ctx: HandlerContext) -> None:
         )
     endpoint = _endpoint(task) if package is None else None
     service_id = _text_input(task, SERVICE, required=True)
-    entry = _entry(settings, str(service_id))
+    entry = catalogue_entry(settings, str(service_id))
     if entry is None or not entry.inference_url:
         raise BpmnError(REQUEST_REFUSED, f"service {service_id} is not offered at this site")
     allowed = settings.dicomweb_allowed
@@ -1562,17 +1555,11 @@ def check_request(ctx: HandlerContext) -> None:
     log.info("inference.request_checked", requester=requester, service=entry.id)
 
 
-_proxy = HandlerContext.forward_proxy
-
-
-_call_retry = HandlerContext.call_retry
-
-
 @handlers.service(_PREFIX + "RunInference")
 async def run_inference(ctx: HandlerContext) -> None:
     """Fetch, convert, infer; a failure becomes a BPMN error whose code is the error kind."""
-    settings = _settings(ctx)
-    entry = _entry(settings, _text(ctx, "serviceId"))
+    settings = omi_settings(ctx)
+    entry = catalogue_entry(settings, _text(ctx, "serviceId"))
     if entry is None or entry.inference_url is None:
         raise BpmnError(REQUEST_REFUSED, "the service is no longer offered at this site")
     contract = _provider_contract(entry)
@@ -1581,7 +1568,7 @@ async def run_inference(ctx: HandlerContext) -> None:
     if isinstance(package, str) and package:
         await _run_on_package(ctx, entry, contract, model, package)
         return
-    archive = _archive(ctx, _text(ctx, "dicomwebEndpoint"))
+    archive = dicomweb_archive(ctx, _text(ctx, "dicomwebEndpoint"))
     try:
         outcome = await _infer(ctx, entry, contract, model, archive)
     finally:

@@ -300,9 +300,6 @@ def status_output(
     }
 
 
-_task = HandlerContext.task
-
-
 def _input(task: Mapping[str, Any], system: str, code: str) -> object:
     for item in task.get("inputs") or []:
         if item.get("system") == system and item.get("code") == code:
@@ -330,7 +327,7 @@ _PREFIX = "dsf_bridge.plugins.pingpong."
 @handlers.service(_PREFIX + "SelectPingTargets")
 async def select_ping_targets(ctx: HandlerContext) -> None:
     """Targets: every remote active Endpoint, or those the start Task's search names."""
-    task = _task(ctx)
+    task = ctx.task()
     search = _input(task, CODESYSTEM_PING, TARGET_ENDPOINTS)
     endpoints = await _site(ctx).ping_targets(search if isinstance(search, str) else None)
     entries = [
@@ -435,7 +432,7 @@ async def save_results(ctx: HandlerContext) -> None:
 
 @handlers.service(_PREFIX + "LogPing")
 def log_ping(ctx: HandlerContext) -> None:
-    task = _task(ctx)
+    task = ctx.task()
     reference = _input(task, CODESYSTEM_PING, ENDPOINT_IDENTIFIER)
     log.info("ping.received", organization=task.get("requester"), endpoint=_endpoint_of(reference))
 
@@ -451,7 +448,7 @@ def _endpoint_of(reference: object) -> str | None:
 @handlers.service(_PREFIX + "SelectPongTarget")
 async def select_pong_target(ctx: HandlerContext) -> None:
     """The pong goes to the Endpoint the ping names, if this site knows it as active."""
-    task = _task(ctx)
+    task = ctx.task()
     endpoint = _endpoint_of(_input(task, CODESYSTEM_PING, ENDPOINT_IDENTIFIER))
     correlation_key = _input(task, BPMN_MESSAGE_SYSTEM, "correlation-key")
     requester = task.get("requester")
@@ -533,7 +530,7 @@ def _timer_interval(value: object) -> str:
 async def set_target_and_configure_timer(ctx: HandlerContext) -> None:
     """``timerInterval`` from the start Task (``PT24H`` by default); ``target``: this site's
     own Endpoint, where every ``startPing`` goes."""
-    interval = _timer_interval(_input(_task(ctx), CODESYSTEM_PING, TIMER_INTERVAL))
+    interval = _timer_interval(_input(ctx.task(), CODESYSTEM_PING, TIMER_INTERVAL))
     local = await _site(ctx).local_endpoint()
     log.info("ping_autostart.configured", timer_interval=interval, endpoint=local.identifier)
     ctx.set("timerInterval", interval)
@@ -550,7 +547,7 @@ async def set_target_and_configure_timer(ctx: HandlerContext) -> None:
 @handlers.message_send("dev.dsf.bpe.message.SendStartPing")
 def send_start_ping(ctx: SendContext) -> None:
     """The ``startPing`` Task carries the start Task's ``target-endpoints`` search, if any."""
-    search = _input(_task(ctx), CODESYSTEM_PING, TARGET_ENDPOINTS)
+    search = _input(ctx.task(), CODESYSTEM_PING, TARGET_ENDPOINTS)
     if isinstance(search, str) and search:
         ctx.add_input(CODESYSTEM_PING, TARGET_ENDPOINTS, search)
 
