@@ -12,7 +12,9 @@ resources and searches the bridge uses, no more.
   server does (``handling=strict``), so a client cannot rely on one the server ignores.
 
 ``writes`` counts the writes that changed something; ``up`` False answers 503 to everything
-(a registry that is down).
+(a registry that is down). The fixtures ``registry`` (a fresh one) and ``client`` (a
+:class:`~dsf_bridge.omi.registry.FhirRegistryClient` talking to it in-process) are for the
+tests that import them.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import copy
 import datetime as dt
 import itertools
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qsl
 
+import httpx
+import pytest
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -31,7 +36,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-__all__ = ["FhirRegistry"]
+from dsf_bridge.omi.registry import FhirRegistryClient
+
+__all__ = ["FhirRegistry", "client", "registry"]
 
 _SEARCH = {"_id", "identifier", "active", "characteristic", "service-type", "_include", "_count"}
 _TOKEN_ELEMENTS = {"characteristic": "characteristic", "service-type": "type"}
@@ -203,3 +210,15 @@ def _outcome(status: int, message: str) -> JSONResponse:
         },
         status_code=status,
     )
+
+
+@pytest.fixture
+def registry() -> FhirRegistry:
+    return FhirRegistry()
+
+
+@pytest.fixture
+async def client(registry: FhirRegistry) -> AsyncIterator[FhirRegistryClient]:
+    transport = httpx.ASGITransport(app=registry.app)
+    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as client:
+        yield client

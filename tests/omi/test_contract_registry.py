@@ -8,11 +8,10 @@ import base64
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from dsf_bridge.omi.contract import InferenceContract, load_contract, resolve_contract
@@ -25,7 +24,9 @@ from dsf_bridge.omi.contract_resources import (
 )
 from dsf_bridge.omi.publish import RegistryPublisher, ServiceOffer
 from dsf_bridge.omi.registry import FhirRegistryClient
-from tests.omi.fhir_registry import FhirRegistry
+from tests.omi.fhir_registry import FhirRegistry, client, registry
+
+__all__ = ["client", "registry"]
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 ORG = "provider.test"
@@ -71,18 +72,6 @@ CONTRACTS: dict[str, Callable[[], InferenceContract]] = {
     "my-model": lambda: load_contract(EXAMPLES / "my-model.toml"),
     "everything": _everything,
 }
-
-
-@pytest.fixture
-def registry() -> FhirRegistry:
-    return FhirRegistry()
-
-
-@pytest.fixture
-async def client(registry: FhirRegistry) -> AsyncIterator[FhirRegistryClient]:
-    transport = httpx.ASGITransport(app=registry.app)
-    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as client:
-        yield client
 
 
 def _offer(contract: InferenceContract, service_id: str = "svc") -> ServiceOffer:

@@ -8,7 +8,6 @@ import copy
 import datetime as dt
 import json
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,9 @@ from dsf_bridge.runtime.publishing import (
 from dsf_bridge.sandbox.certs import CertificateAuthority
 from dsf_bridge.sandbox.components import REFERENCE_MODEL, MLServerProcess
 from tests.components import WARMING_MODEL, running
-from tests.omi.fhir_registry import FhirRegistry
+from tests.omi.fhir_registry import FhirRegistry, client, registry
+
+__all__ = ["client", "registry"]
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 ORG = "provider.test"
@@ -66,18 +67,6 @@ def _head_mr() -> ServiceOffer:
     contract = load_contract(EXAMPLES / "my-model.toml")
     contract = contract.model_copy(update={"accepts": Accepts(modality=["MR"], body_part=["HEAD"])})
     return ServiceOffer("nodules", "Nodules", "my-model", "http://127.0.0.1:8081", contract)
-
-
-@pytest.fixture
-def registry() -> FhirRegistry:
-    return FhirRegistry()
-
-
-@pytest.fixture
-async def client(registry: FhirRegistry) -> AsyncIterator[FhirRegistryClient]:
-    transport = httpx.ASGITransport(app=registry.app)
-    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as client:
-        yield client
 
 
 async def test_publish_creates_then_changes_nothing_then_updates(

@@ -8,10 +8,9 @@ import datetime as dt
 import io
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 import structlog
 from pydicom.dataset import Dataset
@@ -30,10 +29,10 @@ from dsf_bridge.plugins.inference import (
 )
 from dsf_bridge.plugins.registry import BpmnError, HandlerContext
 from dsf_bridge.sandbox.components import OrthancProcess
-from tests.omi.fhir_registry import FhirRegistry
+from tests.omi.fhir_registry import FhirRegistry, client, registry
 from tests.plugins.test_inference import studies
 
-__all__ = ["studies"]
+__all__ = ["client", "registry", "studies"]
 
 
 def _mr_only() -> InferenceContract:
@@ -50,18 +49,6 @@ def _beat(status: str = "available", *, waiting: float = 0, age: float = 5) -> H
         # From now, not from when the module was imported: a session runs for many minutes.
         last_seen=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age),
     )
-
-
-@pytest.fixture
-def registry() -> FhirRegistry:
-    return FhirRegistry()
-
-
-@pytest.fixture
-async def client(registry: FhirRegistry) -> AsyncIterator[FhirRegistryClient]:
-    transport = httpx.ASGITransport(app=registry.app)
-    async with FhirRegistryClient("http://registry.test/fhir", transport=transport) as client:
-        yield client
 
 
 @pytest.fixture
