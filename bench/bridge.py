@@ -960,6 +960,8 @@ class Bench:
         cpu = {k: after[k] - before.get(k, 0.0) for k in after if not k.startswith("_")}
         cpu["bridge"] = _process_cpu(bridge.pid)  # its whole life: start-up included
         busy = (after["_busy"] - before["_busy"]) / max(after["_ticks"] - before["_ticks"], 1)
+        # One "latency" per Task only so that the block counts them for the CPU per Task; the
+        # catch-up reports its wall time, not latencies.
         taken_up = Block("bridge", "catch-up", [wall] * count, wall, cpu, busy)
         restarted = self.bridge_side([bridge], database)
         reference.append(await _run_block(restarted, "c50", self.plan.tasks))
