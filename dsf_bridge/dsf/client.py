@@ -217,8 +217,17 @@ def _reset_by_peer(exc: BaseException) -> bool:
     return False
 
 
+# Connections a client keeps to its server at most (see FhirClient).
+CONNECTIONS = 20
+
+
 class FhirClient:
-    """Async FHIR REST client for one FHIR base URL."""
+    """Async FHIR REST client for one FHIR base URL.
+
+    It keeps at most ``connections`` connections to the server, all of them alive between
+    requests (until the server or the 5 s keep-alive expiry closes them); a request beyond them
+    waits for one, within ``timeout``.
+    """
 
     def __init__(
         self,
@@ -230,6 +239,7 @@ class FhirClient:
         timeout: float = 30.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         proxy: ForwardProxy | None = None,
+        connections: int = CONNECTIONS,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._retry = retry or CALL_RETRY
@@ -243,6 +253,12 @@ class FhirClient:
                 verify=ssl_context if ssl_context is not None else True,
                 socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
                 proxy=httpx.Proxy(self.proxy.url, auth=self.proxy.auth) if self.proxy else None,
+                # Every connection is kept alive: httpx's default (100, of which 20 kept) closes
+                # each connection above 20 as soon as it is idle, and the next request pays a
+                # new mutual-TLS handshake on both sides. More requests at once wait for one.
+                limits=httpx.Limits(
+                    max_connections=connections, max_keepalive_connections=connections
+                ),
             )
         self._http = httpx.AsyncClient(
             transport=transport,  # given a transport, httpx reads no proxy from the environment
