@@ -48,6 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from dsf_bridge.errors import StoreError
 from dsf_bridge.logs import without_uids
+from dsf_bridge.store.database import at_commit
 from dsf_bridge.store.tables import (
     AuditEvent,
     AuditHead,
@@ -211,7 +212,8 @@ async def append_event(
     record: Records | None = None,
 ) -> None:
     """Append one event, unsealed, in the caller's transaction; it commits or rolls back with
-    it. :func:`seal_events` chains it later.
+    it. :func:`seal_events` chains it later. In a :meth:`Database.transaction` the events are
+    written at its end, all in one statement.
 
     ``payload_digest`` stands for ``payload`` when the caller has its digest already;
     ``record`` gives the audited columns of the rows this transaction writes (see
@@ -221,7 +223,8 @@ async def append_event(
         if payload_digest is not None:
             raise StoreError("append_event takes a payload or its digest, not both")
         payload_digest = digest_payload(payload)
-    await session.execute(
+    await at_commit(
+        session,
         _INSERT,
         {
             "occurred_at": (occurred_at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC),

@@ -40,6 +40,7 @@ from dsf_bridge.store import inline_sqlite
 __all__ = [
     "Database",
     "async_url",
+    "at_commit",
     "create_sync_engine",
     "sqlite_path",
     "sync_url",
@@ -203,6 +204,22 @@ def _store_errors() -> Iterator[None]:
         raise StoreError(f"database busy: {exc}", retryable=True) from exc
 
 
+_AT_COMMIT = "dsf_bridge.at_commit"
+
+
+async def at_commit(session: AsyncSession, statement: Any, row: dict[str, Any]) -> None:
+    """Execute ``statement`` with ``row`` in the session's transaction: in a
+    :meth:`Database.transaction`, at its end, with every other row given for that statement in
+    one execution (one round trip to PostgreSQL for all of them, in the order given); anywhere
+    else at once. For writes that nothing in the transaction reads back (the audit trail's
+    appends)."""
+    writes = session.info.get(_AT_COMMIT)
+    if writes is None:
+        await session.execute(statement, row)
+    else:
+        writes.setdefault(statement, []).append(row)
+
+
 class Database:
     """The async engine and session factory of one store; close it with :meth:`dispose`."""
 
@@ -254,7 +271,14 @@ class Database:
         """
         with _store_errors():
             async with self._writing(), self._sessions() as session, session.begin():
-                yield session
+                writes: dict[Any, list[dict[str, Any]]] = {}
+                session.info[_AT_COMMIT] = writes
+                try:
+                    yield session
+                    for statement, rows in writes.items():
+                        await session.execute(statement, rows[0] if len(rows) == 1 else rows)
+                finally:
+                    del session.info[_AT_COMMIT]
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncSession]:

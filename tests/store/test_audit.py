@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import delete, event, insert, select, text, update
 
 from dsf_bridge.store import Database, append_event, digest_payload, seal_events, verify_chain
 from dsf_bridge.store.audit import GENESIS_HASH
@@ -165,6 +165,34 @@ async def test_unsealed_events_are_counted_apart_and_sealed_in_append_order(
     assert [event.sequence for event in events] == [1, 2, 3, 4, 5]
     assert [event.previous_hash for event in events[1:]] == [e.event_hash for e in events[:-1]]
     assert await _verify(database) == (True, None, None, 5)
+
+
+async def test_a_transactions_events_are_written_at_its_end_in_one_statement_in_order(
+    database: Database,
+) -> None:
+    statements: list[tuple[str, bool]] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        words = statement.split()  # "SELECT ...", "INSERT INTO audit_events ..."
+        if words[0] != "BEGIN":  # SQLite's BEGIN IMMEDIATE
+            statements.append((" ".join(words[:3:2]), bool(_[-1])))  # and whether executemany
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        async with database.transaction() as session:
+            for number in range(3):
+                await append_event(
+                    session, actor="a", subject=f"Task/{number}", action="task.received"
+                )
+                await session.execute(select(AuditEvent.id).limit(1))
+            # Nothing of the transaction reads them back before its end.
+            assert statements == [("SELECT FROM", False)] * 3
+    finally:
+        event.remove(database.engine.sync_engine, "before_cursor_execute", seen)
+    assert statements[3:] == [("INSERT audit_events", True)]
+    async with database.transaction() as session:
+        subjects = (await session.scalars(select(AuditEvent.subject).order_by(AuditEvent.id))).all()
+    assert subjects == ["Task/0", "Task/1", "Task/2"]
 
 
 async def test_an_unsealed_sealed_event_is_detected(database: Database) -> None:
