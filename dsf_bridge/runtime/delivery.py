@@ -33,10 +33,6 @@ __all__ = ["MessageDelivery", "MessageHeldError"]
 log = structlog.get_logger("dsf_bridge.runtime")
 
 
-class _InstanceWaitingError(Exception):
-    """Raised inside ``start(unless_running=True)``: an instance has the business key."""
-
-
 class MessageHeldError(Exception):
     """A reply arrived while a send of the instance it is for is still unresolved.
 
@@ -74,9 +70,10 @@ class MessageDelivery:
         """Start an instance (by message start event, or the none start event); return its id.
 
         ``claimed_version``: the Task version intake claimed, marked taken in by the same
-        commit. ``unless_running``: raise :class:`_InstanceWaitingError` instead when a running
+        commit. ``unless_running``: raise
+        :class:`~dsf_bridge.store.repository.InstanceRunningError` instead when a running
         instance of this process has the business key (the DSF BPE then correlates), checked
-        in the same transaction.
+        by the statement that inserts the instance.
         """
         runtime = self.runtime
         deployed = runtime.process(process_key, version)
@@ -92,10 +89,6 @@ class MessageDelivery:
             deployed, instance_id=instance_id, business_key=business_key, task_id=task_id
         ):
             async with runtime.database.transaction() as session:
-                if unless_running and await repo.running_with_business_key(
-                    session, deployed.definition_id, business_key
-                ):
-                    raise _InstanceWaitingError
 
                 async def taken_in() -> Records | None:
                     if task_id is None:
@@ -115,6 +108,7 @@ class MessageDelivery:
                     reason=f"{process_key} by {message_name or 'none start event'}"
                     + (f", Task/{task_id}" if task_id else ""),
                     before_audit=taken_in,
+                    unless_running=unless_running,
                 )
             runtime.stepper.committed(pending, "instance.started")
         return instance_id
@@ -172,7 +166,7 @@ class MessageDelivery:
                     unless_running=business_key is not None,
                     version=version,
                 )
-            except _InstanceWaitingError:
+            except repo.InstanceRunningError:
                 pass  # a running instance has the business key: the message is for it
         elif business_key is None or not await self._running_with(deployed, business_key):
             raise CorrelationError(

@@ -416,14 +416,24 @@ class EffectWriter:
         """Record the Task version as delivered to ``instance_id``, once: a version delivered
         already (two replicas recovering one claim) rolls the delivering step back. Returns
         the rows' records for the step's audit event."""
-        if not await repo.record_task_seen(
-            session,
-            task_id=task_id,
-            task_version=task_version,
-            role="incoming",
-            status=TaskSeenStatus.IN_PROGRESS,
-            instance_id=instance_id,
-        ):
+        if claimed_version is not None:
+            recorded = await repo.take_in_task(
+                session,
+                task_id=task_id,
+                task_version=task_version,
+                claimed_version=claimed_version,
+                instance_id=instance_id,
+            )
+        else:
+            recorded = await repo.record_task_seen(
+                session,
+                task_id=task_id,
+                task_version=task_version,
+                role="incoming",
+                status=TaskSeenStatus.IN_PROGRESS,
+                instance_id=instance_id,
+            )
+        if not recorded:
             raise TaskAlreadyDeliveredError(
                 f"Task/{task_id} version {task_version} was delivered already"
             )
@@ -435,9 +445,6 @@ class EffectWriter:
             instance_id=instance_id,
         )
         if claimed_version is not None:
-            await repo.set_task_seen_status(
-                session, task_id, claimed_version, TAKEN_IN, instance_id=instance_id
-            )
             described.update(
                 task_record(
                     task_id, claimed_version, "incoming", status=TAKEN_IN, instance_id=instance_id

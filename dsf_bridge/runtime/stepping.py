@@ -113,11 +113,13 @@ class InstanceStepper:
         action: str,
         reason: str,
         before_audit: Callable[[], Awaitable[Records | None]] | None = None,
+        unless_running: bool = False,
     ) -> StepRecord:
         """A new instance from its start event; ``before_audit`` writes what caused it (the
-        Task taken in) before the audit event, and returns the records of the rows it wrote."""
+        Task taken in) before the audit event, and returns the records of the rows it wrote.
+        ``unless_running``: :class:`~dsf_bridge.store.repository.InstanceRunningError` instead
+        when a running instance of the process has the business key."""
         result = engine_step_of(deployed.definition, None, event)
-        self.runtime.deployments.remember(instance_id, deployed.definition_id)
         status = instance_state.instance_status(result.state).label
         record = await repo.create_instance(
             session,
@@ -127,7 +129,9 @@ class InstanceStepper:
             status=status,
             state=result.state,
             now=event.now,
+            unless_running=unless_running,
         )
+        self.runtime.deployments.remember(instance_id, deployed.definition_id)
         digest = state_digest(result.state)
         described = instance_record(
             instance_id,

@@ -23,8 +23,10 @@ from sqlalchemy import (
     Table,
     bindparam,
     delete,
+    exists,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -79,6 +81,30 @@ _SAVE_INSTANCE = (
 _CREATE_INSTANCE = insert(_INSTANCES).values(
     version=1,
     **_binds("id", "definition_id", "business_key", "status", "state", "created_at", "updated_at"),
+)
+# The same row, unless a running instance of the definition has the business key (as its own
+# or as DSF's alternative business key): the check and the insert in one statement.
+_INSTANCE_BINDS = ("id", "definition_id", "business_key", "status", "state", "created_at")
+_CREATE_INSTANCE_UNLESS_RUNNING = (
+    insert(_INSTANCES)
+    .from_select(
+        ["version", *_INSTANCE_BINDS, "updated_at"],
+        select(
+            literal(1),
+            *(bindparam(name, type_=_INSTANCES.c[name].type) for name in _INSTANCE_BINDS),
+            bindparam("updated_at", type_=_INSTANCES.c.updated_at.type),
+        ).where(
+            ~exists().where(
+                or_(
+                    _INSTANCES.c.business_key == bindparam("business_key"),
+                    _INSTANCES.c.alternative_business_key == bindparam("business_key"),
+                ),
+                _INSTANCES.c.definition_id == bindparam("definition_id"),
+                _INSTANCES.c.status == "running",
+            )
+        ),
+    )
+    .returning(_INSTANCES.c.id)
 )
 _ENQUEUE_JOB = (
     insert(_JOBS)
@@ -162,6 +188,7 @@ __all__ = [
     "ClaimedJob",
     "ClaimedOutboxEntry",
     "InstanceRecord",
+    "InstanceRunningError",
     "Lease",
     "SubscriptionKey",
     "TaskSeenRecord",
@@ -203,6 +230,7 @@ __all__ = [
     "save_instance",
     "sends_in_flight",
     "set_task_seen_status",
+    "take_in_task",
     "task_recipients",
     "tasks_of_instance",
     "tasks_with_status",
@@ -267,6 +295,10 @@ class InstanceRecord:
     version: int
 
 
+class InstanceRunningError(Exception):
+    """A running instance of the definition has the business key (:func:`create_instance`)."""
+
+
 async def create_instance(
     session: AsyncSession,
     *,
@@ -276,19 +308,24 @@ async def create_instance(
     status: str,
     state: dict[str, Any],
     now: dt.datetime,
+    unless_running: bool = False,
 ) -> InstanceRecord:
-    await session.execute(
-        _CREATE_INSTANCE,
-        {
-            "id": instance_id,
-            "definition_id": definition_id,
-            "business_key": business_key,
-            "status": status,
-            "state": state,
-            "created_at": now,
-            "updated_at": now,
-        },
-    )
+    """Insert a new instance at version 1. ``unless_running``: raise
+    :class:`InstanceRunningError` instead, in the same statement, when a running instance of
+    the definition has the business key."""
+    values = {
+        "id": instance_id,
+        "definition_id": definition_id,
+        "business_key": business_key,
+        "status": status,
+        "state": state,
+        "created_at": now,
+        "updated_at": now,
+    }
+    if not unless_running:
+        await session.execute(_CREATE_INSTANCE, values)
+    elif (await session.execute(_CREATE_INSTANCE_UNLESS_RUNNING, values)).first() is None:
+        raise InstanceRunningError(business_key)
     return InstanceRecord(instance_id, definition_id, business_key, status, state, 1)
 
 
@@ -872,6 +909,64 @@ async def record_task_seen(
     )
     # RETURNING, not rowcount: ORM-enabled inserts do not report rowcount on every driver.
     return result.first() is not None
+
+
+def _take_in_statement(dialect: str) -> Any:
+    row = _binds("task_id", "instance_id", "seen_at")
+    statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_SEEN).values(
+        [
+            {
+                **row,
+                "task_version": bindparam("task_version"),
+                "role": "incoming",
+                "status": TaskSeenStatus.IN_PROGRESS,
+            },
+            {
+                **row,
+                "task_version": bindparam("claimed_version"),
+                "role": "incoming",
+                "status": TaskSeenStatus.TAKEN_IN,
+            },
+        ]
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[_SEEN.c.task_id, _SEEN.c.task_version, _SEEN.c.role],
+        set_={"status": statement.excluded.status, "instance_id": statement.excluded.instance_id},
+        where=statement.excluded.status == TaskSeenStatus.TAKEN_IN,
+    ).returning(_SEEN.c.task_version)
+
+
+async def take_in_task(
+    session: AsyncSession,
+    *,
+    task_id: str,
+    task_version: str,
+    claimed_version: str,
+    instance_id: str,
+) -> bool:
+    """Record an incoming Task version ``in-progress`` at ``instance_id`` and mark the version
+    intake claimed taken in, in one statement; ``False`` (and the claim unchanged once the
+    caller rolls back) when that version was recorded before."""
+    if claimed_version == task_version:  # no claim of its own to mark: as record_task_seen
+        return await record_task_seen(
+            session,
+            task_id=task_id,
+            task_version=task_version,
+            role="incoming",
+            status=TaskSeenStatus.IN_PROGRESS,
+            instance_id=instance_id,
+        )
+    result = await session.execute(
+        _for_dialect(session, "seen.take_in", _take_in_statement),
+        {
+            "task_id": task_id,
+            "task_version": task_version,
+            "claimed_version": claimed_version,
+            "instance_id": instance_id,
+            "seen_at": dt.datetime.now(dt.UTC),
+        },
+    )
+    return task_version in {row.task_version for row in result}
 
 
 @dataclass(frozen=True)

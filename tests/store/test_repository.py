@@ -6,13 +6,13 @@ import asyncio
 import datetime as dt
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import select, text, update
 
 from dsf_bridge.errors import ConcurrencyError, StoreError
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
-from dsf_bridge.store.tables import Job, ProcessInstance
+from dsf_bridge.store.tables import Job, ProcessInstance, TaskSeen
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 LEASE = dt.timedelta(seconds=30)
@@ -50,6 +50,55 @@ async def test_redeploy_keeps_the_id_and_updates_the_hash(database: Database) ->
         )
     assert again == first
     assert other != first
+
+
+async def test_an_instance_is_not_created_while_one_with_its_business_key_runs(
+    database: Database,
+) -> None:
+    running = await _instance(database)  # "bk-1", running
+    async with database.transaction() as session:
+        await repo.set_alternative_business_key(session, running.id, "alt-1")
+        other_definition = await repo.deploy_definition(
+            session, process_key="dsfdev_pong", version="1.0", plugin="ping", model_hash="b" * 64
+        )
+
+    async def create(instance_id: str, business_key: str, definition_id: int) -> str:
+        async with database.transaction() as session:
+            record = await repo.create_instance(
+                session,
+                instance_id=instance_id,
+                definition_id=definition_id,
+                business_key=business_key,
+                status="running",
+                state={"v": 1, "tokens": []},
+                now=T0,
+                unless_running=True,
+            )
+            return record.id
+
+    for business_key in ("bk-1", "alt-1"):  # its own and its alternative business key
+        with pytest.raises(repo.InstanceRunningError):
+            await create("i-2", business_key, running.definition_id)
+    assert await create("i-3", "bk-1", other_definition) == "i-3"  # another process
+    assert await create("i-4", "bk-2", running.definition_id) == "i-4"
+    async with database.transaction() as session:
+        await session.execute(
+            update(ProcessInstance)
+            .where(ProcessInstance.id == running.id)
+            .values(status="completed")
+        )
+    assert await create("i-2", "bk-1", running.definition_id) == "i-2"  # it ended
+    async with database.transaction() as session:
+        created = await session.scalars(select(ProcessInstance.id).order_by(ProcessInstance.id))
+        assert created.all() == ["i-1", "i-2", "i-3", "i-4"]
+        again = await repo.load_instance(session, "i-2")
+    assert again is not None
+    assert (again.business_key, again.status, again.state, again.version) == (
+        "bk-1",
+        "running",
+        {"v": 1, "tokens": []},
+        1,
+    )
 
 
 async def test_optimistic_locking_rejects_a_stale_write(database: Database) -> None:
@@ -193,6 +242,48 @@ async def test_task_seen_is_idempotent(database: Database) -> None:
             status=TaskSeenStatus.IN_PROGRESS,
         )
     assert (first, again, newer) == (True, False, True)
+
+
+async def test_taking_in_a_task_marks_its_claim_and_is_refused_the_second_time(
+    database: Database,
+) -> None:
+    await _instance(database)
+    async with database.transaction() as session:
+        await repo.record_task_seen(
+            session, task_id="t1", task_version="3", role="incoming", status=TaskSeenStatus.CLAIMING
+        )
+    claimed = await _seen(database, "t1")
+    async with database.transaction() as session:
+        taken = await repo.take_in_task(
+            session, task_id="t1", task_version="4", claimed_version="3", instance_id="i-1"
+        )
+    assert taken is True
+    rows = await _seen(database, "t1")
+    assert rows == {
+        "3": (TaskSeenStatus.TAKEN_IN, "i-1", claimed["3"][2]),  # when it was claimed
+        "4": (TaskSeenStatus.IN_PROGRESS, "i-1", rows["4"][2]),
+    }
+    async with database.transaction() as session:
+        again = await repo.take_in_task(
+            session, task_id="t1", task_version="4", claimed_version="3", instance_id="i-1"
+        )
+    assert again is False  # the caller rolls its step back
+    # Without a claim of its own (the claimed version is the one taken in): refused as well.
+    async with database.transaction() as session:
+        same = await repo.take_in_task(
+            session, task_id="t1", task_version="3", claimed_version="3", instance_id="i-1"
+        )
+    assert same is False
+
+
+async def _seen(database: Database, task_id: str) -> dict[str, tuple[object, ...]]:
+    async with database.transaction() as session:
+        rows = await session.execute(
+            select(
+                TaskSeen.task_version, TaskSeen.status, TaskSeen.instance_id, TaskSeen.seen_at
+            ).where(TaskSeen.task_id == task_id)
+        )
+        return {row[0]: tuple(row[1:]) for row in rows}
 
 
 async def test_tasks_of_an_instance_by_role(database: Database) -> None:
