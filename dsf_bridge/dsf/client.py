@@ -226,7 +226,9 @@ class FhirClient:
 
     It keeps at most ``connections`` connections to the server, all of them alive between
     requests (until the server or the 5 s keep-alive expiry closes them); a request beyond them
-    waits for one, within ``timeout``.
+    waits for one, within ``timeout``. Binary content (:meth:`upload_binary`,
+    :meth:`download_binary`) goes over connections of its own, up to 100, so that long
+    transfers never hold up the Tasks. A given ``transport`` serves both.
     """
 
     def __init__(
@@ -246,23 +248,39 @@ class FhirClient:
         self._sleep = sleep
         # The proxy this server is reached through (None: directly); the websocket follows it.
         self.proxy = proxy.route(self.base_url) if proxy is not None else None
+        self.connections = connections
+        self._timeout = timeout
+        bulk: httpx.AsyncBaseTransport | None = transport
         if transport is None:
-            # TCP_NODELAY: a request goes out as headers and body; without it Nagle's algorithm
-            # and the peer's delayed ACK add ~40 ms to every POST and PUT.
-            transport = httpx.AsyncHTTPTransport(
-                verify=ssl_context if ssl_context is not None else True,
-                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-                proxy=httpx.Proxy(self.proxy.url, auth=self.proxy.auth) if self.proxy else None,
-                # Every connection is kept alive: httpx's default (100, of which 20 kept) closes
-                # each connection above 20 as soon as it is idle, and the next request pays a
-                # new mutual-TLS handshake on both sides. More requests at once wait for one.
-                limits=httpx.Limits(
-                    max_connections=connections, max_keepalive_connections=connections
-                ),
+            # Every connection is kept alive: httpx's default (100, of which 20 kept) closes
+            # each connection above 20 as soon as it is idle, and the next request pays a new
+            # mutual-TLS handshake on both sides. More requests at once wait for one.
+            transport = self._transport(
+                ssl_context,
+                httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
             )
-        self._http = httpx.AsyncClient(
+            # Binary content, up and down, on connections of its own (httpx's default pool):
+            # a transfer holds its connection for minutes, and must not hold up Tasks.
+            bulk = self._transport(ssl_context, httpx.Limits())
+        self._http = self._client(transport)
+        self._bulk = self._http if bulk is transport else self._client(bulk)
+
+    def _transport(
+        self, ssl_context: ssl.SSLContext | None, limits: httpx.Limits
+    ) -> httpx.AsyncHTTPTransport:
+        # TCP_NODELAY: a request goes out as headers and body; without it Nagle's algorithm
+        # and the peer's delayed ACK add ~40 ms to every POST and PUT.
+        return httpx.AsyncHTTPTransport(
+            verify=ssl_context if ssl_context is not None else True,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            proxy=httpx.Proxy(self.proxy.url, auth=self.proxy.auth) if self.proxy else None,
+            limits=limits,
+        )
+
+    def _client(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
             transport=transport,  # given a transport, httpx reads no proxy from the environment
-            timeout=timeout,
+            timeout=self._timeout,
             headers={"Accept": FHIR_JSON},
             follow_redirects=False,
         )
@@ -275,6 +293,8 @@ class FhirClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        if self._bulk is not self._http:
+            await self._bulk.aclose()
 
     # -- interactions ---------------------------------------------------------------------------
 
@@ -454,6 +474,7 @@ class FhirClient:
             repeatable=repeatable,
             # A plain POST is never repeated on a dropped connection; with a factory it is.
             retry_unsent_only=not repeatable,
+            bulk=True,
         )
         return self._result(response)
 
@@ -485,7 +506,9 @@ class FhirClient:
         # identity: the limit counts the bytes that arrive; a compressed body could expand far
         # beyond it within one chunk.
         headers = {"Accept": accept, "Accept-Encoding": "identity"}
-        response = await self._send("GET", url, content=lambda: None, headers=headers, stream=True)
+        response = await self._send(
+            "GET", url, content=lambda: None, headers=headers, stream=True, bulk=True
+        )
         target = str(response.request.url)
         received = 0
         try:
@@ -568,11 +591,14 @@ class FhirClient:
         repeatable: bool = False,
         stream: bool = False,
         retry_unsent_only: bool = False,
+        bulk: bool = False,
     ) -> httpx.Response:
         """:meth:`request` with the body from ``content`` (called once per attempt: a streamed
         body cannot be sent twice). ``stream``: the answer's body is left unread (the caller
         reads and closes it); error answers are read (bounded) and raised as usual.
-        ``retry_unsent_only``: not even a connection error is retried (the body is gone)."""
+        ``retry_unsent_only``: not even a connection error is retried (the body is gone).
+        ``bulk``: over the connections for Binary content."""
+        client = self._bulk if bulk else self._http
         url = path_or_url if "://" in path_or_url else f"{self.base_url}/{path_or_url}".rstrip("/")
         all_headers = dict(headers)
         query: list[tuple[str, str | int | float | bool | None]] | None = None
@@ -583,16 +609,21 @@ class FhirClient:
         while True:
             attempt += 1
             try:
-                request = self._http.build_request(
+                request = client.build_request(
                     method, url, params=query, content=content(), headers=all_headers
                 )
-                response = await self._http.send(request, stream=stream)
+                response = await client.send(request, stream=stream)
             except httpx.TransportError as exc:
                 tls = _tls_cause(exc)
                 if tls is not None:
                     raise RemoteError(f"{method} {url}: {_describe_tls(tls, url)}") from exc
                 may_repeat = (isinstance(exc, _NOT_SENT) and not retry_unsent_only) or repeatable
                 text = f"{method} {url}: connection failed ({type(exc).__name__}: {exc})"
+                if isinstance(exc, httpx.PoolTimeout):
+                    text = (
+                        f"{method} {url}: no free connection to the server within "
+                        f"{self._timeout:g} s (all {self.connections} busy)"
+                    )
                 if url.startswith("https://") and _reset_by_peer(exc):
                     # Python's asyncio TLS servers drop the connection without sending the alert
                     # when they refuse a client certificate; a reset is all the client sees.

@@ -210,9 +210,9 @@ _AT_COMMIT = "dsf_bridge.at_commit"
 async def at_commit(session: AsyncSession, statement: Any, row: dict[str, Any]) -> None:
     """Execute ``statement`` with ``row`` in the session's transaction: in a
     :meth:`Database.transaction`, at its end, with every other row given for that statement in
-    one execution (one round trip to PostgreSQL for all of them, in the order given); anywhere
-    else at once. For writes that nothing in the transaction reads back (the audit trail's
-    appends)."""
+    one execution (one round trip to PostgreSQL for all of them, in the order given; several
+    statements in the order of their first rows); anywhere else at once. For writes that
+    nothing in the transaction reads back (the audit trail's appends)."""
     writes = session.info.get(_AT_COMMIT)
     if writes is None:
         await session.execute(statement, row)

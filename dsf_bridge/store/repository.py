@@ -947,15 +947,20 @@ async def take_in_task(
     """Record an incoming Task version ``in-progress`` at ``instance_id`` and mark the version
     intake claimed taken in, in one statement; ``False`` (and the claim unchanged once the
     caller rolls back) when that version was recorded before."""
-    if claimed_version == task_version:  # no claim of its own to mark: as record_task_seen
-        return await record_task_seen(
+    if claimed_version == task_version:  # one row for both: inserted, then marked
+        if not await record_task_seen(
             session,
             task_id=task_id,
             task_version=task_version,
             role="incoming",
             status=TaskSeenStatus.IN_PROGRESS,
             instance_id=instance_id,
+        ):
+            return False
+        await set_task_seen_status(
+            session, task_id, task_version, TaskSeenStatus.TAKEN_IN, instance_id=instance_id
         )
+        return True
     result = await session.execute(
         _for_dialect(session, "seen.take_in", _take_in_statement),
         {

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import tracemalloc
 from collections.abc import AsyncIterable, AsyncIterator
@@ -18,6 +19,7 @@ from dsf_bridge.dsf.vocabulary import (
     READ_ACCESS_TAG_SYSTEM,
 )
 from dsf_bridge.errors import RemoteError
+from dsf_bridge.retry import RetryPolicy
 from tests.sandbox.harness import FAST_RETRY, LOCAL, REMOTE, Sandbox
 
 MB = 1024 * 1024
@@ -288,3 +290,91 @@ async def test_download_memory_stays_bounded(sandbox: Sandbox) -> None:
             tracemalloc.stop()
     assert count == total
     assert peak < 10 * MB, f"peak {peak / MB:.1f} MB for {total // MB} MB"
+
+
+class _SlowServer:
+    """Plain HTTP/1.1 on a real socket: a Binary and ``Task/slow`` come 10 bytes every 0.1 s
+    (10 s, never a read timeout), any other Task at once. Counts the requests it serves."""
+
+    def __init__(self) -> None:
+        self.busy = 0
+        self.changed = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                path = line.split()[1].decode()
+                while (await reader.readline()) not in (b"\r\n", b""):
+                    pass
+                self.busy += 1
+                self.changed.set()
+                if path.startswith("/Binary") or path == "/Task/slow":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+                    for _ in range(100):
+                        writer.write(b"x" * 10)
+                        await writer.drain()
+                        await asyncio.sleep(0.1)
+                body = b'{"resourceType":"Task","id":"t","status":"requested"}'
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+                self.busy -= 1
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def serving(self, count: int) -> None:
+        async with asyncio.timeout(5):
+            while self.busy < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def test_binary_transfers_do_not_hold_up_the_other_requests() -> None:
+    slow = _SlowServer()
+    async with slow as url:
+        client = FhirClient(url, timeout=2.0, retry=FAST_RETRY, connections=2)
+        downloads = [
+            asyncio.ensure_future(
+                client.download_binary(f"Binary/b{number}", lambda _chunk: None, max_bytes=MB)
+            )
+            for number in range(4)  # twice as many as the client keeps for its requests
+        ]
+        try:
+            await slow.serving(4)
+            async with asyncio.timeout(1):
+                assert (await client.read("Task", "t"))["status"] == "requested"
+        finally:
+            for download in downloads:
+                download.cancel()
+            await asyncio.gather(*downloads, return_exceptions=True)
+            await client.aclose()
+
+
+async def test_no_free_connection_is_a_clear_error() -> None:
+    slow = _SlowServer()
+    async with slow as url:
+        client = FhirClient(url, timeout=0.5, retry=RetryPolicy(attempts=1), connections=1)
+        hanging = asyncio.ensure_future(client.read("Task", "slow"))
+        try:
+            await slow.serving(1)
+            with pytest.raises(
+                RemoteError,
+                match=r"no free connection to the server within "
+                r"0\.5 s \(all 1 busy\)",
+            ) as caught:
+                await client.read("Task", "t")
+            assert caught.value.retryable
+        finally:
+            hanging.cancel()
+            await asyncio.gather(hanging, return_exceptions=True)
+            await client.aclose()

@@ -268,12 +268,16 @@ async def test_taking_in_a_task_marks_its_claim_and_is_refused_the_second_time(
             session, task_id="t1", task_version="4", claimed_version="3", instance_id="i-1"
         )
     assert again is False  # the caller rolls its step back
-    # Without a claim of its own (the claimed version is the one taken in): refused as well.
+    # The claimed version itself taken in: refused when recorded, else recorded and marked.
     async with database.transaction() as session:
         same = await repo.take_in_task(
             session, task_id="t1", task_version="3", claimed_version="3", instance_id="i-1"
         )
-    assert same is False
+        fresh = await repo.take_in_task(
+            session, task_id="t2", task_version="1", claimed_version="1", instance_id="i-1"
+        )
+    assert (same, fresh) == (False, True)
+    assert (await _seen(database, "t2"))["1"][:2] == (TaskSeenStatus.TAKEN_IN, "i-1")
 
 
 async def _seen(database: Database, task_id: str) -> dict[str, tuple[object, ...]]:
