@@ -416,24 +416,13 @@ class EffectWriter:
         """Record the Task version as delivered to ``instance_id``, once: a version delivered
         already (two replicas recovering one claim) rolls the delivering step back. Returns
         the rows' records for the step's audit event."""
-        if claimed_version is not None:
-            recorded = await repo.take_in_task(
-                session,
-                task_id=task_id,
-                task_version=task_version,
-                claimed_version=claimed_version,
-                instance_id=instance_id,
-            )
-        else:
-            recorded = await repo.record_task_seen(
-                session,
-                task_id=task_id,
-                task_version=task_version,
-                role="incoming",
-                status=TaskSeenStatus.IN_PROGRESS,
-                instance_id=instance_id,
-            )
-        if not recorded:
+        if not await repo.take_in_task(
+            session,
+            task_id=task_id,
+            task_version=task_version,
+            claimed_version=claimed_version,
+            instance_id=instance_id,
+        ):
             raise TaskAlreadyDeliveredError(
                 f"Task/{task_id} version {task_version} was delivered already"
             )

@@ -941,13 +941,13 @@ async def take_in_task(
     *,
     task_id: str,
     task_version: str,
-    claimed_version: str,
+    claimed_version: str | None,
     instance_id: str,
 ) -> bool:
     """Record an incoming Task version ``in-progress`` at ``instance_id`` and mark the version
-    intake claimed taken in, in one statement; ``False`` (and the claim unchanged once the
-    caller rolls back) when that version was recorded before."""
-    if claimed_version == task_version:  # one row for both: inserted, then marked
+    intake claimed (if any) taken in, in one statement; ``False`` (and the claim unchanged once
+    the caller rolls back) when that version was recorded before."""
+    if claimed_version is None or claimed_version == task_version:
         if not await record_task_seen(
             session,
             task_id=task_id,
@@ -957,9 +957,10 @@ async def take_in_task(
             instance_id=instance_id,
         ):
             return False
-        await set_task_seen_status(
-            session, task_id, task_version, TaskSeenStatus.TAKEN_IN, instance_id=instance_id
-        )
+        if claimed_version is not None:  # one row for both: inserted, then marked
+            await set_task_seen_status(
+                session, task_id, task_version, TaskSeenStatus.TAKEN_IN, instance_id=instance_id
+            )
         return True
     result = await session.execute(
         _for_dialect(session, "seen.take_in", _take_in_statement),

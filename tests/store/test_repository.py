@@ -276,8 +276,13 @@ async def test_taking_in_a_task_marks_its_claim_and_is_refused_the_second_time(
         fresh = await repo.take_in_task(
             session, task_id="t2", task_version="1", claimed_version="1", instance_id="i-1"
         )
-    assert (same, fresh) == (False, True)
+        unclaimed = await repo.take_in_task(
+            session, task_id="t3", task_version="2", claimed_version=None, instance_id="i-1"
+        )
+    assert (same, fresh, unclaimed) == (False, True, True)
     assert (await _seen(database, "t2"))["1"][:2] == (TaskSeenStatus.TAKEN_IN, "i-1")
+    assert list(await _seen(database, "t3")) == ["2"]
+    assert (await _seen(database, "t3"))["2"][:2] == (TaskSeenStatus.IN_PROGRESS, "i-1")
 
 
 async def _seen(database: Database, task_id: str) -> dict[str, tuple[object, ...]]:
