@@ -265,7 +265,8 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """One unit of work: committed when the block ends, rolled back if it raises.
+        """One unit of work: committed when the block ends, rolled back if it raises. What
+        :func:`at_commit` was given is written when the block ends, before the commit.
 
         Database failures leave as :class:`StoreError`; connection losses are retryable.
         """
