@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
+    BindParameter,
     ColumnElement,
     Select,
     Table,
@@ -66,6 +67,14 @@ def _binds(*names: str) -> dict[str, Any]:
     return {name: bindparam(name) for name in names}
 
 
+def _has_business_key(business_key: str | BindParameter[str]) -> ColumnElement[bool]:
+    """An instance's own business key or DSF's alternative business key is ``business_key``."""
+    return or_(
+        _INSTANCES.c.business_key == business_key,
+        _INSTANCES.c.alternative_business_key == business_key,
+    )
+
+
 _SAVE_INSTANCE = (
     update(_INSTANCES)
     .where(_INSTANCES.c.id == bindparam("b_id"))
@@ -95,10 +104,7 @@ _CREATE_INSTANCE_UNLESS_RUNNING = (
             bindparam("updated_at", type_=_INSTANCES.c.updated_at.type),
         ).where(
             ~exists().where(
-                or_(
-                    _INSTANCES.c.business_key == bindparam("business_key"),
-                    _INSTANCES.c.alternative_business_key == bindparam("business_key"),
-                ),
+                _has_business_key(bindparam("business_key")),
                 _INSTANCES.c.definition_id == bindparam("definition_id"),
                 _INSTANCES.c.status == "running",
             )
@@ -243,10 +249,15 @@ def insert_ignoring_duplicates(session: AsyncSession, table: Any) -> Insert:
 
 
 def _insert_ignoring_duplicates_in(name: str, table: Any) -> Insert:
+    return _insert_in(name, table).on_conflict_do_nothing()
+
+
+def _insert_in(name: str, table: Any) -> postgresql.Insert | sqlite.Insert:
+    """``INSERT`` in dialect ``name``, with its ``ON CONFLICT`` clauses."""
     if name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
+        return postgresql.insert(table)
     if name == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing()
+        return sqlite.insert(table)
     raise StoreError(f"unsupported database dialect {name!r}")  # pragma: no cover
 
 
@@ -481,14 +492,6 @@ async def running_instances_of(session: AsyncSession, definition_ids: Sequence[i
         .order_by(ProcessInstance.id)
     )
     return [row.id for row in rows]
-
-
-def _has_business_key(business_key: str) -> ColumnElement[bool]:
-    """An instance's own business key or DSF's alternative business key is ``business_key``."""
-    return or_(
-        _INSTANCES.c.business_key == business_key,
-        _INSTANCES.c.alternative_business_key == business_key,
-    )
 
 
 async def running_with_business_key(
@@ -913,7 +916,7 @@ async def record_task_seen(
 
 def _take_in_statement(dialect: str) -> Any:
     row = _binds("task_id", "instance_id", "seen_at")
-    statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_SEEN).values(
+    statement = _insert_in(dialect, _SEEN).values(
         [
             {
                 **row,
