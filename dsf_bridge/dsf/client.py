@@ -217,8 +217,9 @@ def _reset_by_peer(exc: BaseException) -> bool:
     return False
 
 
-# Connections a client keeps to its server at most (see FhirClient).
+# Connections a client keeps to its server at most (see FhirClient), and for Binary content.
 CONNECTIONS = 20
+_BULK_CONNECTIONS = 100
 
 
 class FhirClient:
@@ -250,20 +251,23 @@ class FhirClient:
         self.proxy = proxy.route(self.base_url) if proxy is not None else None
         self.connections = connections
         self._timeout = timeout
-        bulk: httpx.AsyncBaseTransport | None = transport
-        if transport is None:
-            # Every connection is kept alive: httpx's default (100, of which 20 kept) closes
-            # each connection above 20 as soon as it is idle, and the next request pays a new
-            # mutual-TLS handshake on both sides. More requests at once wait for one.
-            transport = self._transport(
+        if transport is not None:
+            self._http = self._bulk = self._client(transport)
+            return
+        # Every connection is kept alive: httpx's default (100, of which 20 kept) closes each
+        # connection above 20 as soon as it is idle, and the next request pays a new mutual-TLS
+        # handshake on both sides. More requests at once wait for one.
+        self._http = self._client(
+            self._transport(
                 ssl_context,
                 httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
             )
-            # Binary content, up and down, on connections of its own (httpx's default pool):
-            # a transfer holds its connection for minutes, and must not hold up Tasks.
-            bulk = self._transport(ssl_context, httpx.Limits())
-        self._http = self._client(transport)
-        self._bulk = self._http if bulk is transport else self._client(bulk)
+        )
+        # Binary content, up and down, on connections of its own (httpx's default pool): a
+        # transfer holds its connection for minutes, and must not hold up Tasks.
+        self._bulk = self._client(
+            self._transport(ssl_context, httpx.Limits(max_connections=_BULK_CONNECTIONS))
+        )
 
     def _transport(
         self, ssl_context: ssl.SSLContext | None, limits: httpx.Limits
@@ -277,7 +281,7 @@ class FhirClient:
             limits=limits,
         )
 
-    def _client(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+    def _client(self, transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             transport=transport,  # given a transport, httpx reads no proxy from the environment
             timeout=self._timeout,
@@ -622,7 +626,8 @@ class FhirClient:
                 if isinstance(exc, httpx.PoolTimeout):
                     text = (
                         f"{method} {url}: no free connection to the server within "
-                        f"{self._timeout:g} s (all {self.connections} busy)"
+                        f"{self._timeout:g} s "
+                        f"(all {_BULK_CONNECTIONS if bulk else self.connections} busy)"
                     )
                 if url.startswith("https://") and _reset_by_peer(exc):
                     # Python's asyncio TLS servers drop the connection without sending the alert
