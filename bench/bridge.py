@@ -50,9 +50,9 @@ before and after (``catch_up_vs_c50``).
 instance completed (the store), ``dsf-bridge audit verify`` intact. Warnings and
 errors in the bridges' logs are counted (``--keep`` keeps them).
 
-Run: ``python bench/bridge.py`` (about 12 minutes; ``--quick`` under two; ``--only sqlite``,
-``postgresql``, ``replicas`` or ``catch-up``, repeatable). Needs the DSF reference corpus for
-validation (as the tests: ``../shared/reference/dsf`` or ``DSF_BRIDGE_REFERENCE_DIR``) and, but for
+Run: ``python bench/bridge.py`` (about 8 minutes, half of them the catch-up; ``--quick``
+about one; ``--only sqlite``, ``postgresql``, ``replicas`` or ``catch-up``, repeatable). Needs
+the DSF reference corpus for validation (as the tests: ``../shared/reference/dsf`` or ``DSF_BRIDGE_REFERENCE_DIR``) and, but for
 ``--only sqlite``, a PostgreSQL server where it may create a throw-away database
 (``--postgres-url``). Prints one ``key=value`` line per figure and last
 ``bridge_vs_bare_latency_sqlite``, ``bridge_vs_bare_latency_postgresql``,
