@@ -52,9 +52,9 @@ errors in the bridges' logs are counted (``--keep`` keeps them).
 
 Run: ``python bench/bridge.py`` (about 8 minutes, half of them the catch-up; ``--quick``
 about one; ``--only sqlite``, ``postgresql``, ``replicas`` or ``catch-up``, repeatable). Needs
-the DSF reference corpus for validation (as the tests: ``../shared/reference/dsf`` or ``DSF_BRIDGE_REFERENCE_DIR``) and, but for
-``--only sqlite``, a PostgreSQL server where it may create a throw-away database
-(``--postgres-url``). Prints one ``key=value`` line per figure and last
+the DSF reference corpus for validation (as the tests: ``../shared/reference/dsf`` or
+``DSF_BRIDGE_REFERENCE_DIR``) and, but for ``--only sqlite``, a PostgreSQL server where it may
+create a throw-away database (``--postgres-url``). Prints one ``key=value`` line per figure and last
 ``bridge_vs_bare_latency_sqlite``, ``bridge_vs_bare_latency_postgresql``,
 ``bridge_vs_bare_throughput_c50_sqlite``, ``bridge_vs_bare_throughput_c50_postgresql``
 (latency: bridge / bare, 1.0 would be free; throughput: bridge / bare), ``replicas_2_vs_1``
