@@ -423,7 +423,23 @@ async def verify_chain(session: AsyncSession) -> ChainReport:
     )
 
 
+# Walks of the chain when its head is ahead of it: a bridge sealing while an administrator
+# verifies commits between the walk and the reading of the head (PostgreSQL reads each
+# statement's own snapshot); a walk after that sees both. A head ahead at every walk is
+# reported: its newest events were deleted.
+_WALKS = 5
+
+
 async def _verify_sealed(session: AsyncSession) -> ChainReport:
+    for _ in range(_WALKS):
+        report, head_ahead = await _walk_sealed(session)
+        if not head_ahead:
+            break
+    return report
+
+
+async def _walk_sealed(session: AsyncSession) -> tuple[ChainReport, bool]:
+    """The chain walked once, and whether its head records more events than the walk found."""
     unsealed = int(
         await session.scalar(
             select(func.count()).select_from(AuditEvent).where(AuditEvent.sequence.is_(None))
@@ -444,7 +460,7 @@ async def _verify_sealed(session: AsyncSession) -> ChainReport:
             problem = _check_event(event, expected_sequence, previous)
             if problem is not None:
                 bad_sequence, message = problem
-                return ChainReport(count, previous, bad_sequence, message, unsealed)
+                return ChainReport(count, previous, bad_sequence, message, unsealed), False
             previous = str(event.event_hash)
             expected_sequence += 1
             count += 1
@@ -457,7 +473,7 @@ async def _verify_sealed(session: AsyncSession) -> ChainReport:
     head_sequence = head.sequence if head is not None else 0
     head_hash = head.event_hash if head is not None else GENESIS_HASH
     if head_sequence != count or head_hash != previous:
-        return ChainReport(
+        report = ChainReport(
             count,
             previous,
             count + 1 if head_sequence > count else head_sequence,
@@ -465,7 +481,8 @@ async def _verify_sealed(session: AsyncSession) -> ChainReport:
             "the newest events were deleted or the head was altered",
             unsealed,
         )
-    return ChainReport(count, previous, unsealed=unsealed)
+        return report, head_sequence > count
+    return ChainReport(count, previous, unsealed=unsealed), False
 
 
 # Problems named one by one; beyond, a count (a rewritten table would name every row).
