@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -155,7 +156,13 @@ class ProcessInstance(Base):
     __tablename__ = "process_instances"
     __table_args__ = (
         Index("ix_process_instances_business_key", "business_key"),
-        Index("ix_process_instances_alternative_business_key", "alternative_business_key"),
+        # Only the instances that have one (migration 0007).
+        Index(
+            "ix_process_instances_alternative_business_key",
+            "alternative_business_key",
+            sqlite_where=text("alternative_business_key IS NOT NULL"),
+            postgresql_where=text("alternative_business_key IS NOT NULL"),
+        ),
         Index("ix_process_instances_status", "status"),
     )
 

@@ -6,7 +6,8 @@ import asyncio
 import datetime as dt
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import event, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from dsf_bridge.errors import ConcurrencyError, StoreError
 from dsf_bridge.store import Database
@@ -472,3 +473,101 @@ async def test_kinds_and_statuses_pass_one_codec(database: Database) -> None:
     with pytest.raises(StoreError, match="'teleport' is no JobKind this release knows"):
         async with database.transaction() as session:
             await session.get(Job, job_id)
+
+
+@pytest.mark.parametrize("statistics", [False, True], ids=["no-statistics", "analyzed"])
+async def test_looking_up_running_instances_by_key_reads_only_the_key_indexes(
+    database: Database, statistics: bool
+) -> None:
+    """Every Task asks whether a running instance has its business key (starting one, a reply,
+    a send in flight): with many instances waiting, the answer must come from the key columns'
+    indexes, not from reading every running instance. Checked with the databases' own plans
+    (``EXPLAIN``) of the statements the repository runs, with ANALYZE statistics and without
+    (SQLite's default: nothing runs ANALYZE), while no instance has an alternative business
+    key (the common case)."""
+    running = await _instance(database)
+    definition_id = running.definition_id
+    async with database.transaction() as session:
+        rows = [
+            {
+                "id": f"w-{n}",
+                "definition_id": definition_id,
+                "business_key": f"bk-w-{n}",
+                "status": "running" if n else "completed",
+                "state": {"v": 1, "tokens": []},
+                "version": 1,
+                "created_at": T0,
+                "updated_at": T0,
+            }
+            for n in range(20_000)
+        ]
+        await session.execute(insert(ProcessInstance), rows)
+        await repo.enqueue_job(
+            session, kind=JobKind.SEND, payload={}, due_at=T0, instance_id=running.id, retries=0
+        )
+    if statistics:
+        async with database.autocommit() as session:
+            await session.execute(text("ANALYZE"))
+
+    async def ask(session: AsyncSession, key: str, *, running: bool, sends: int) -> None:
+        assert await repo.running_with_business_key(session, definition_id, key) is running
+        assert await repo.any_running_with_business_key(session, key) is running
+        assert await repo.sends_in_flight(session, key) == sends
+
+    executed: list[tuple[str, object]] = []
+
+    def record(_c: object, _cur: object, statement: str, parameters: object, *_: object) -> None:
+        executed.append((statement, parameters))
+
+    sync_engine = database.engine.sync_engine
+    event.listen(sync_engine, "before_cursor_execute", record)
+    try:
+        async with database.transaction() as session:
+            await ask(session, "bk-1", running=True, sends=1)
+            await ask(session, "bk-w-0", running=False, sends=0)  # completed
+            await ask(session, "bk-w-1", running=True, sends=0)
+            with pytest.raises(repo.InstanceRunningError):
+                await repo.create_instance(
+                    session,
+                    instance_id="i-2",
+                    definition_id=definition_id,
+                    business_key="bk-1",
+                    status="running",
+                    state={"v": 1, "tokens": []},
+                    now=T0,
+                    unless_running=True,
+                )
+    finally:
+        event.remove(sync_engine, "before_cursor_execute", record)
+
+    by_key = [(s, p) for s, p in executed if "business_key" in s and "process_instances" in s]
+    assert len(by_key) >= 13  # per key: running_with, any_running, sends_in_flight (2); insert
+    explain = "EXPLAIN QUERY PLAN " if database.dialect == "sqlite" else "EXPLAIN "
+    async with database.transaction() as session:
+        connection = await session.connection()
+        for statement, parameters in by_key:
+            plan = await connection.exec_driver_sql(explain + statement, parameters)  # type: ignore[arg-type]
+            lines = [str(row[-1]) for row in plan]
+            reading = [line for line in lines if "process_instances" in line]
+            assert reading, (statement, lines)
+            for line in reading:
+                assert "ix_process_instances_status" not in line, (statement, lines)
+                assert not line.startswith("SCAN process_instances"), (statement, lines)
+                assert "Seq Scan on process_instances" not in line, (statement, lines)
+
+    # The alternative business key answers as the own one does.
+    async with database.transaction() as session:
+        await repo.set_alternative_business_key(session, running.id, "alt-1")
+    async with database.transaction() as session:
+        await ask(session, "alt-1", running=True, sends=1)
+        with pytest.raises(repo.InstanceRunningError):
+            await repo.create_instance(
+                session,
+                instance_id="i-2",
+                definition_id=definition_id,
+                business_key="alt-1",
+                status="running",
+                state={"v": 1, "tokens": []},
+                now=T0,
+                unless_running=True,
+            )
