@@ -31,6 +31,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     union_all,
     update,
 )
@@ -41,6 +42,7 @@ from sqlalchemy.sql.dml import Insert
 from dsf_bridge.errors import ConcurrencyError, StoreError
 from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
 from dsf_bridge.store.tables import (
+    TASKS_SEEN_OPEN,
     Job,
     MessageSubscription,
     OutboxEntry,
@@ -1042,10 +1044,16 @@ async def set_task_seen_status(
     return result.first() is not None
 
 
+_OPEN_CLAIMS = frozenset({TaskSeenStatus.CLAIMING, TaskSeenStatus.HELD, TaskSeenStatus.REFUSED})
+
+
 async def tasks_with_status(
     session: AsyncSession, role: str, status: TaskSeenStatus
 ) -> list[TaskSeenRecord]:
-    """Task versions in one intake state, e.g. the ``claiming`` ones to recover at start-up."""
+    """Task versions in one unfinished intake state (``claiming``, ``held``, ``refused``), e.g.
+    the ``claiming`` ones to recover at start-up; read from the partial index of those."""
+    if status not in _OPEN_CLAIMS:
+        raise ValueError(f"not an unfinished intake state: {status!r}")
     rows = await session.execute(
         select(
             TaskSeen.task_id,
@@ -1055,6 +1063,7 @@ async def tasks_with_status(
             TaskSeen.instance_id,
             TaskSeen.seen_at,
         )
+        .where(text(TASKS_SEEN_OPEN))  # the partial index's own predicate (tables.TaskSeen)
         .where(TaskSeen.role == role)
         .where(TaskSeen.status == status)
         .order_by(TaskSeen.seen_at)

@@ -475,6 +475,40 @@ async def test_kinds_and_statuses_pass_one_codec(database: Database) -> None:
             await session.get(Job, job_id)
 
 
+class _Statements:
+    """The statements a block runs on ``database``, with their parameters."""
+
+    def __init__(self, database: Database) -> None:
+        self.engine = database.engine.sync_engine
+        self.executed: list[tuple[str, object]] = []
+
+    def _record(
+        self, _c: object, _cur: object, statement: str, parameters: object, *_: object
+    ) -> None:
+        self.executed.append((statement, parameters))
+
+    def __enter__(self) -> list[tuple[str, object]]:
+        event.listen(self.engine, "before_cursor_execute", self._record)
+        return self.executed
+
+    def __exit__(self, *_: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._record)
+
+
+async def _plans(
+    database: Database, statements: list[tuple[str, object]]
+) -> list[tuple[str, list[str]]]:
+    """The database's own plan (``EXPLAIN``) of each statement, one line per plan step."""
+    explain = "EXPLAIN QUERY PLAN " if database.dialect == "sqlite" else "EXPLAIN "
+    plans = []
+    async with database.transaction() as session:
+        connection = await session.connection()
+        for statement, parameters in statements:
+            plan = await connection.exec_driver_sql(explain + statement, parameters)  # type: ignore[arg-type]
+            plans.append((statement, [str(row[-1]) for row in plan]))
+    return plans
+
+
 @pytest.mark.parametrize("statistics", [False, True], ids=["no-statistics", "analyzed"])
 async def test_looking_up_running_instances_by_key_reads_only_the_key_indexes(
     database: Database, statistics: bool
@@ -514,14 +548,7 @@ async def test_looking_up_running_instances_by_key_reads_only_the_key_indexes(
         assert await repo.any_running_with_business_key(session, key) is running
         assert await repo.sends_in_flight(session, key) == sends
 
-    executed: list[tuple[str, object]] = []
-
-    def record(_c: object, _cur: object, statement: str, parameters: object, *_: object) -> None:
-        executed.append((statement, parameters))
-
-    sync_engine = database.engine.sync_engine
-    event.listen(sync_engine, "before_cursor_execute", record)
-    try:
+    with _Statements(database) as executed:
         async with database.transaction() as session:
             await ask(session, "bk-1", running=True, sends=1)
             await ask(session, "bk-w-0", running=False, sends=0)  # completed
@@ -537,23 +564,16 @@ async def test_looking_up_running_instances_by_key_reads_only_the_key_indexes(
                     now=T0,
                     unless_running=True,
                 )
-    finally:
-        event.remove(sync_engine, "before_cursor_execute", record)
 
     by_key = [(s, p) for s, p in executed if "business_key" in s and "process_instances" in s]
     assert len(by_key) >= 13  # per key: running_with, any_running, sends_in_flight (2); insert
-    explain = "EXPLAIN QUERY PLAN " if database.dialect == "sqlite" else "EXPLAIN "
-    async with database.transaction() as session:
-        connection = await session.connection()
-        for statement, parameters in by_key:
-            plan = await connection.exec_driver_sql(explain + statement, parameters)  # type: ignore[arg-type]
-            lines = [str(row[-1]) for row in plan]
-            reading = [line for line in lines if "process_instances" in line]
-            assert reading, (statement, lines)
-            for line in reading:
-                assert "ix_process_instances_status" not in line, (statement, lines)
-                assert not line.startswith("SCAN process_instances"), (statement, lines)
-                assert "Seq Scan on process_instances" not in line, (statement, lines)
+    for statement, lines in await _plans(database, by_key):
+        reading = [line for line in lines if "process_instances" in line]
+        assert reading, (statement, lines)
+        for line in reading:
+            assert "ix_process_instances_status" not in line, (statement, lines)
+            assert not line.startswith("SCAN process_instances"), (statement, lines)
+            assert "Seq Scan on process_instances" not in line, (statement, lines)
 
     # The alternative business key answers as the own one does.
     async with database.transaction() as session:
@@ -571,3 +591,47 @@ async def test_looking_up_running_instances_by_key_reads_only_the_key_indexes(
                 now=T0,
                 unless_running=True,
             )
+
+
+@pytest.mark.parametrize("statistics", [False, True], ids=["no-statistics", "analyzed"])
+async def test_unfinished_claims_are_read_from_their_own_index(
+    database: Database, statistics: bool
+) -> None:
+    """Start-up recovery and the 30-second sweep of held replies read the unfinished claims:
+    from the partial index of those, not by reading every Task version ever seen."""
+    seen = [
+        {
+            "task_id": f"t-{n}",
+            "task_version": "1",
+            "role": "incoming",
+            "status": TaskSeenStatus.TAKEN_IN,
+            "instance_id": None,
+            "seen_at": T0,
+        }
+        for n in range(20_000)
+    ]
+    for n, status in enumerate((TaskSeenStatus.HELD, TaskSeenStatus.CLAIMING) * 2):
+        seen[n * 1000]["status"] = status
+        seen[n * 1000]["seen_at"] = T0 - dt.timedelta(minutes=n)
+    async with database.transaction() as session:
+        await session.execute(insert(TaskSeen), seen)
+    if statistics:
+        async with database.autocommit() as session:
+            await session.execute(text("ANALYZE"))
+    with _Statements(database) as executed:
+        async with database.transaction() as session:
+            held = await repo.tasks_with_status(session, "incoming", TaskSeenStatus.HELD)
+            claiming = await repo.tasks_with_status(session, "incoming", TaskSeenStatus.CLAIMING)
+            refused = await repo.tasks_with_status(session, "incoming", TaskSeenStatus.REFUSED)
+    assert [row.task_id for row in held] == ["t-2000", "t-0"]  # oldest first
+    assert [row.task_id for row in claiming] == ["t-3000", "t-1000"]
+    assert refused == []
+    reads = [(sql, parameters) for sql, parameters in executed if sql.startswith("SELECT")]
+    assert len(reads) == 3
+    for statement, lines in await _plans(database, reads):
+        assert any("ix_tasks_seen_open" in line for line in lines), (statement, lines)
+        assert not any(line.startswith("SCAN tasks_seen") for line in lines), (statement, lines)
+        assert not any("Seq Scan on tasks_seen" in line for line in lines), (statement, lines)
+    async with database.transaction() as session:
+        with pytest.raises(ValueError, match="not an unfinished intake state"):
+            await repo.tasks_with_status(session, "incoming", TaskSeenStatus.TAKEN_IN)
