@@ -429,11 +429,23 @@ async def instance_detail(session: AsyncSession, instance_id: str) -> InstanceDe
 
 
 async def count_store(session: AsyncSession, now: dt.datetime) -> StoreCounts:
-    instances = await session.execute(
-        select(ProcessDefinition.process_key, ProcessInstance.status, func.count())
-        .join(ProcessDefinition, ProcessDefinition.id == ProcessInstance.definition_id)
-        .group_by(ProcessDefinition.process_key, ProcessInstance.status)
-    )
+    # Counted by status and definition (ix_process_instances_status alone, not every instance
+    # with its state), then summed per process key: a key has one definition per version.
+    keys: dict[int, str] = {
+        ident: key
+        for ident, key in await session.execute(
+            select(ProcessDefinition.id, ProcessDefinition.process_key)
+        )
+    }
+    instances: dict[tuple[str, str], int] = {}
+    for status, definition_id, n in await session.execute(
+        select(ProcessInstance.status, ProcessInstance.definition_id, func.count()).group_by(
+            ProcessInstance.status, ProcessInstance.definition_id
+        )
+    ):
+        if definition_id in keys:  # as the join did (a foreign key: always)
+            key = (keys[definition_id], status)
+            instances[key] = instances.get(key, 0) + int(n)
     tasks = await session.execute(
         select(TaskSeen.role, TaskSeen.status, func.count()).group_by(
             TaskSeen.role, TaskSeen.status
@@ -477,7 +489,7 @@ async def count_store(session: AsyncSession, now: dt.datetime) -> StoreCounts:
         if found:
             incidents[key] = incidents.get(key, 0) + found
     return StoreCounts(
-        instances={(key, status): int(n) for key, status, n in instances},
+        instances=instances,
         tasks={(role, status): int(n) for role, status, n in tasks},
         jobs=jobs,
         outbox={status: int(n) for status, n in outbox},

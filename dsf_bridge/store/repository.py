@@ -31,7 +31,6 @@ from sqlalchemy import (
     literal,
     or_,
     select,
-    text,
     union_all,
     update,
 )
@@ -42,7 +41,6 @@ from sqlalchemy.sql.dml import Insert
 from dsf_bridge.errors import ConcurrencyError, StoreError
 from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
 from dsf_bridge.store.tables import (
-    TASKS_SEEN_OPEN,
     Job,
     MessageSubscription,
     OutboxEntry,
@@ -1044,16 +1042,10 @@ async def set_task_seen_status(
     return result.first() is not None
 
 
-_OPEN_CLAIMS = frozenset({TaskSeenStatus.CLAIMING, TaskSeenStatus.HELD, TaskSeenStatus.REFUSED})
-
-
 async def tasks_with_status(
     session: AsyncSession, role: str, status: TaskSeenStatus
 ) -> list[TaskSeenRecord]:
-    """Task versions in one unfinished intake state (``claiming``, ``held``, ``refused``), e.g.
-    the ``claiming`` ones to recover at start-up; read from the partial index of those."""
-    if status not in _OPEN_CLAIMS:
-        raise ValueError(f"not an unfinished intake state: {status!r}")
+    """Task versions in one intake state, e.g. the ``claiming`` ones to recover at start-up."""
     rows = await session.execute(
         select(
             TaskSeen.task_id,
@@ -1063,7 +1055,6 @@ async def tasks_with_status(
             TaskSeen.instance_id,
             TaskSeen.seen_at,
         )
-        .where(text(TASKS_SEEN_OPEN))  # the partial index's own predicate (tables.TaskSeen)
         .where(TaskSeen.role == role)
         .where(TaskSeen.status == status)
         .order_by(TaskSeen.seen_at)

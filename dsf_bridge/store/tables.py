@@ -163,7 +163,9 @@ class ProcessInstance(Base):
             sqlite_where=text("alternative_business_key IS NOT NULL"),
             postgresql_where=text("alternative_business_key IS NOT NULL"),
         ),
-        Index("ix_process_instances_status", "status"),
+        # With the definition: the counts per process and status (/metrics, the definitions
+        # list) read this index alone, not every instance's state (migration 0008).
+        Index("ix_process_instances_status", "status", "definition_id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -239,10 +241,6 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
-TASKS_SEEN_OPEN = "status IN ('claiming', 'held', 'refused')"
-"""The ``tasks_seen`` statuses of claims whose intake is not finished."""
-
-
 class TaskSeen(Base):
     """Every DSF Task version the bridge has taken in or sent: intake is idempotent on it.
 
@@ -250,20 +248,10 @@ class TaskSeen(Base):
     """
 
     __tablename__ = "tasks_seen"
-    # The claims intake has not finished (recovered at start-up, held replies swept every 30
-    # s): a partial index holds only them, so those queries read a handful of rows, not every
-    # Task ever seen (migration 0008). Its predicate is also written into those queries
-    # (repository.tasks_with_status): SQLite uses a partial index only for a query that says so.
-    __table_args__ = (
-        Index(
-            "ix_tasks_seen_open",
-            "role",
-            "status",
-            "seen_at",
-            sqlite_where=text(TASKS_SEEN_OPEN),
-            postgresql_where=text(TASKS_SEEN_OPEN),
-        ),
-    )
+    # By role and status: the claims intake has not finished (recovered at start-up, held
+    # replies swept every 30 s) are found without reading every Task version ever seen, and
+    # the counts of /metrics read this index, not the table (migration 0008).
+    __table_args__ = (Index("ix_tasks_seen_role_status", "role", "status", "seen_at"),)
 
     task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     task_version: Mapped[str] = mapped_column(String(20), primary_key=True)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
 from dsf_bridge.dsf.tasks import input_values, parse_instantiates_canonical
 from dsf_bridge.proxy import ForwardProxy
@@ -23,7 +22,6 @@ from dsf_bridge.sandbox.network import SandboxNetwork
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.kinds import TaskSeenStatus
-from dsf_bridge.store.tables import TaskSeen
 from dsf_bridge.telemetry import REGISTRY
 from tests.forward_proxy import ForwardProxyServer, ProxiedRequest
 from tests.runtime.sending import (
@@ -187,13 +185,7 @@ async def test_killed_after_the_target_accepted_the_task_sends_no_second_one(
     try:
         await runtime.run_until_idle()
         async with database.transaction() as session:
-            (sent,) = (
-                await session.scalars(
-                    select(TaskSeen)
-                    .where(TaskSeen.role == "outgoing")
-                    .where(TaskSeen.status == TaskSeenStatus.REQUESTED)
-                )
-            ).all()
+            (sent,) = await repo.tasks_with_status(session, "outgoing", TaskSeenStatus.REQUESTED)
             assert sent.instance_id is not None
             record = await repo.load_instance(session, sent.instance_id)
     finally:
