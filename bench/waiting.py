@@ -6,15 +6,20 @@ reply is checked against running instances and sends in flight
 (``running_with_business_key``, ``sends_in_flight``). These must cost the same whether ten or
 100,000 instances wait for their replies (DSF processes wait for days). This bench runs those
 three statements, each in a transaction of its own as the bridge does, through the
-repository's own functions, on two stores side by side: an empty one and one with ``--waiting``
-running instances (by default 50,000), in alternating blocks (ABBA), and reports CPU (this
-process) and wall time per lookup set for each, then ``waiting_vs_empty_cpu=`` and last
-``waiting_vs_empty_wall=``, the medians of the per-round ratios (1.0: the waiting instances cost
-nothing; on PostgreSQL the server's work shows in the wall time only).
+repository's own functions, on two stores side by side: a small one (100 running instances)
+and one with ``--waiting`` running instances (by default 50,000) and as many completed ones,
+one in a hundred with an alternative business key, in alternating blocks (ABBA). Both sides
+look up the same keys of running instances (the first hundred) and start instances with new
+keys. It reports CPU (this process) and wall time per lookup set for each, then
+``waiting_vs_small_cpu=`` and last ``waiting_vs_small_wall=``, the medians of the per-round
+ratios (1.0: the waiting instances cost nothing; on PostgreSQL the server's work shows in the
+wall time only).
 
-Run: ``python bench/waiting.py`` (SQLite, about 30 seconds) or ``python bench/waiting.py --db
-postgresql`` (a throw-away database on ``--postgres-url``). Without statistics, as a bridge
-leaves its store, unless ``--analyze``.
+Run: ``python bench/waiting.py`` (SQLite, about 10 seconds) or ``python bench/waiting.py --db
+postgresql`` (throw-away databases on ``--postgres-url``, about 20 seconds). Without statistics,
+as a bridge leaves its store, unless ``--analyze``. To measure another version of the bridge,
+run a copy of this script placed in that version's checkout: it imports the ``dsf_bridge`` next
+to it, whatever ``PYTHONPATH`` says.
 """
 
 from __future__ import annotations
@@ -43,26 +48,32 @@ T0 = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
 BATCH = 5_000
 
 
-async def _prepare(url: str, waiting: int, analyze: bool) -> tuple[Database, int]:
+SMALL = 100  # running instances of the small store, and the keys both sides look up
+
+
+async def _prepare(url: str, running: int, completed: int, analyze: bool) -> tuple[Database, int]:
     upgrade(url)
     database = Database(url)
     async with database.transaction() as session:
         definition_id = await repo.deploy_definition(
             session, process_key="bench_wait", version="1", plugin="bench", model_hash="a" * 64
         )
-        for first in range(0, waiting, BATCH):
+        # Running first (the keys looked up are among them), then the completed ones.
+        total = running + completed
+        for first in range(0, total, BATCH):
             rows = [
                 {
                     "id": f"w-{n}",
                     "definition_id": definition_id,
                     "business_key": f"bk-{n}",
-                    "status": "running",
+                    "alternative_business_key": f"alt-{n}" if n % 100 == 99 else None,
+                    "status": "running" if n < running else "completed",
                     "state": {"v": 1, "tokens": []},
                     "version": 1,
                     "created_at": T0,
                     "updated_at": T0,
                 }
-                for n in range(first, min(first + BATCH, waiting))
+                for n in range(first, min(first + BATCH, total))
             ]
             await session.execute(insert(ProcessInstance), rows)
     if analyze:
@@ -87,9 +98,11 @@ async def _block(database: Database, definition_id: int, count: int) -> tuple[fl
                 unless_running=True,
             )
         async with database.transaction() as session:
-            await repo.running_with_business_key(session, definition_id, f"bk-{n}")
+            key = f"bk-{n % SMALL}"
+            if not await repo.running_with_business_key(session, definition_id, key):
+                raise RuntimeError(f"the running instance with {key} was not found")
         async with database.transaction() as session:
-            await repo.sends_in_flight(session, f"bk-{n}")
+            await repo.sends_in_flight(session, f"bk-{n % SMALL}")
     return (time.process_time() - cpu) / count, (time.perf_counter() - wall) / count
 
 
@@ -110,7 +123,10 @@ def _drop_postgres(server: str, name: str) -> None:
 
 
 async def main(args: argparse.Namespace) -> int:
-    names = [f"bench_waiting_{os.getpid()}_{side}" for side in ("empty", "waiting")]
+    if args.waiting < SMALL:
+        print(f"--waiting: at least {SMALL}", file=sys.stderr)
+        return 2
+    names = [f"bench_waiting_{os.getpid()}_{side}" for side in ("small", "waiting")]
     with tempfile.TemporaryDirectory() as tmp:
         if args.db == "sqlite":
             urls = [f"sqlite:///{Path(tmp) / name}.db" for name in names]
@@ -118,15 +134,15 @@ async def main(args: argparse.Namespace) -> int:
             server = args.postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
             urls = [_postgres_database(server, name) for name in names]
         try:
-            empty = await _prepare(urls[0], 0, args.analyze)
-            waiting = await _prepare(urls[1], args.waiting, args.analyze)
-            sides = {"empty": empty, "waiting": waiting}
-            await _block(*empty, 20)  # warm-up: statement caches, connections
+            small = await _prepare(urls[0], SMALL, 0, args.analyze)
+            waiting = await _prepare(urls[1], args.waiting, args.waiting, args.analyze)
+            sides = {"small": small, "waiting": waiting}
+            await _block(*small, 20)  # warm-up: statement caches, connections
             await _block(*waiting, 20)
-            cpu: dict[str, list[float]] = {"empty": [], "waiting": []}
-            wall: dict[str, list[float]] = {"empty": [], "waiting": []}
+            cpu: dict[str, list[float]] = {"small": [], "waiting": []}
+            wall: dict[str, list[float]] = {"small": [], "waiting": []}
             for round_ in range(args.rounds):
-                order = ("empty", "waiting") if round_ % 2 == 0 else ("waiting", "empty")
+                order = ("small", "waiting") if round_ % 2 == 0 else ("waiting", "small")
                 for side in order:
                     used, took = await _block(*sides[side], args.count)
                     cpu[side].append(used)
@@ -138,26 +154,29 @@ async def main(args: argparse.Namespace) -> int:
                 for name in names:
                     _drop_postgres(server, name)
     print(f"db={args.db} waiting={args.waiting} analyzed={str(args.analyze).lower()}")
-    for side in ("empty", "waiting"):
+    for side in ("small", "waiting"):
         print(f"{side}_cpu_ms_per_lookup_set={statistics.median(cpu[side]) * 1e3:.3f}")
         print(f"{side}_wall_ms_per_lookup_set={statistics.median(wall[side]) * 1e3:.3f}")
     for name, figures in (("cpu", cpu), ("wall", wall)):
-        ratios = [w / e for w, e in zip(figures["waiting"], figures["empty"], strict=True)]
-        print(f"waiting_vs_empty_{name}={statistics.median(ratios):.2f}")
+        ratios = [w / e for w, e in zip(figures["waiting"], figures["small"], strict=True)]
+        print(f"waiting_vs_small_{name}={statistics.median(ratios):.2f}")
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Benchmark: a Task's business-key lookups with many instances waiting "
-        "against an empty store, side by side.",
-        epilog="Prints one key=value line per figure and last waiting_vs_empty_cpu= and "
-        "waiting_vs_empty_wall= (time per lookup set with --waiting instances over that of an "
-        "empty store).",
+        "against a store with 100, side by side.",
+        epilog="Prints one key=value line per figure and last waiting_vs_small_cpu= and "
+        "waiting_vs_small_wall= (time per lookup set with --waiting instances over that with "
+        "100).",
     )
     parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument(
-        "--waiting", type=int, default=50_000, help="running instances (default 50,000)"
+        "--waiting",
+        type=int,
+        default=50_000,
+        help="running instances, and as many completed (default 50,000)",
     )
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
     parser.add_argument("--count", type=int, default=200, help="lookup sets per block")
