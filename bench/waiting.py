@@ -13,7 +13,10 @@ look up the same keys of running instances (the first hundred) and start instanc
 keys. It reports CPU (this process) and wall time per lookup set for each, then
 ``waiting_vs_small_cpu=`` and last ``waiting_vs_small_wall=``, the medians of the per-round
 ratios (1.0: the waiting instances cost nothing; on PostgreSQL the server's work shows in the
-wall time only).
+wall time only). It also reads the store's counts (what ``/metrics`` reads at every scrape,
+``queries.count_store``) on both, with each instance's Task version in the history, and
+reports the wall time per reading and ``waiting_vs_small_store_count_wall=``: this one grows
+with the store (whole-table counts), but should read indexes, not rows.
 
 Run: ``python bench/waiting.py`` (SQLite, about 10 seconds) or ``python bench/waiting.py --db
 postgresql`` (throw-away databases on ``--postgres-url``, about 20 seconds). Without statistics,
@@ -39,15 +42,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from sqlalchemy import create_engine, insert, text
 
-from dsf_bridge.store import Database
+from dsf_bridge.store import Database, queries
 from dsf_bridge.store import repository as repo
+from dsf_bridge.store.kinds import TaskSeenStatus
 from dsf_bridge.store.migrations import upgrade
-from dsf_bridge.store.tables import ProcessInstance
+from dsf_bridge.store.tables import ProcessInstance, TaskSeen
 
 T0 = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
 BATCH = 5_000
 
 
+STATE = {"v": 1, "tk": {"1": {"p": "w"}}, "vars": {"note": "x" * 900}, "sc": {}, "j": {}}
 SMALL = 100  # running instances of the small store, and the keys both sides look up
 
 
@@ -68,7 +73,8 @@ async def _prepare(url: str, running: int, completed: int, analyze: bool) -> tup
                     "business_key": f"bk-{n}",
                     "alternative_business_key": f"alt-{n}" if n % 100 == 99 else None,
                     "status": "running" if n < running else "completed",
-                    "state": {"v": 1, "tokens": []},
+                    # A waiting instance's state, about 1 KB: a token, some variables.
+                    "state": STATE,
                     "version": 1,
                     "created_at": T0,
                     "updated_at": T0,
@@ -76,6 +82,19 @@ async def _prepare(url: str, running: int, completed: int, analyze: bool) -> tup
                 for n in range(first, min(first + BATCH, total))
             ]
             await session.execute(insert(ProcessInstance), rows)
+            # Each instance's Task as intake recorded it (the history /metrics counts).
+            seen = [
+                {
+                    "task_id": f"t-{n}",
+                    "task_version": "1",
+                    "role": "incoming",
+                    "status": TaskSeenStatus.TAKEN_IN,
+                    "instance_id": f"w-{n}",
+                    "seen_at": T0,
+                }
+                for n in range(first, min(first + BATCH, total))
+            ]
+            await session.execute(insert(TaskSeen), seen)
     if analyze:
         async with database.autocommit() as session:
             await session.execute(text("ANALYZE"))
@@ -93,7 +112,7 @@ async def _block(database: Database, definition_id: int, count: int) -> tuple[fl
                 definition_id=definition_id,
                 business_key=f"new-{uuid.uuid4()}",
                 status="running",
-                state={"v": 1, "tokens": []},
+                state=STATE,
                 now=T0,
                 unless_running=True,
             )
@@ -103,6 +122,15 @@ async def _block(database: Database, definition_id: int, count: int) -> tuple[fl
                 raise RuntimeError(f"the running instance with {key} was not found")
         async with database.transaction() as session:
             await repo.sends_in_flight(session, f"bk-{n % SMALL}")
+    return (time.process_time() - cpu) / count, (time.perf_counter() - wall) / count
+
+
+async def _counts(database: Database, count: int) -> tuple[float, float]:
+    """CPU and wall seconds per reading of the store's counts (what /metrics reads)."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(count):
+        async with database.transaction() as session:
+            await queries.count_store(session, T0)
     return (time.process_time() - cpu) / count, (time.perf_counter() - wall) / count
 
 
@@ -147,6 +175,11 @@ async def main(args: argparse.Namespace) -> int:
                     used, took = await _block(*sides[side], args.count)
                     cpu[side].append(used)
                     wall[side].append(took)
+            counts: dict[str, list[float]] = {"small": [], "waiting": []}
+            for round_ in range(args.rounds):
+                order = ("small", "waiting") if round_ % 2 == 0 else ("waiting", "small")
+                for side in order:
+                    counts[side].append((await _counts(sides[side][0], 5))[1])
             for database, _ in sides.values():
                 await database.dispose()
         finally:
@@ -157,6 +190,10 @@ async def main(args: argparse.Namespace) -> int:
     for side in ("small", "waiting"):
         print(f"{side}_cpu_ms_per_lookup_set={statistics.median(cpu[side]) * 1e3:.3f}")
         print(f"{side}_wall_ms_per_lookup_set={statistics.median(wall[side]) * 1e3:.3f}")
+    for side in ("small", "waiting"):
+        print(f"{side}_wall_ms_per_store_count={statistics.median(counts[side]) * 1e3:.2f}")
+    ratios = [w / e for w, e in zip(counts["waiting"], counts["small"], strict=True)]
+    print(f"waiting_vs_small_store_count_wall={statistics.median(ratios):.1f}")
     for name, figures in (("cpu", cpu), ("wall", wall)):
         ratios = [w / e for w, e in zip(figures["waiting"], figures["small"], strict=True)]
         print(f"waiting_vs_small_{name}={statistics.median(ratios):.2f}")

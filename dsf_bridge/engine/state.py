@@ -366,6 +366,12 @@ def message_waits(state: Mapping[str, Any]) -> list[tuple[str, str, str, object]
     return result
 
 
+def incident_count(state: Mapping[str, Any]) -> int:
+    """How many tokens are parked in an incident (the store keeps it beside the state, for the
+    counts of /metrics); 0 for a state without tokens."""
+    return sum(1 for raw in state.get("tk", {}).values() if "x" in raw)
+
+
 def incident_tokens(state: Mapping[str, Any]) -> set[str]:
     """The tokens parked in an incident (cheap: no views; for "did a step add one?")."""
     return {tid for tid, raw in state["tk"].items() if "x" in raw}

@@ -50,7 +50,7 @@ class IncidentListing:
 
 async def list_incidents(session: AsyncSession) -> list[IncidentListing]:
     """Every incident of every running instance, oldest instance first."""
-    rows = await repo.running_instance_states(session)
+    rows = await repo.states_with_incidents(session)
     return [
         IncidentListing(instance_id, key, i.token, i.element, i.message, i.at)
         for instance_id, key, state in rows

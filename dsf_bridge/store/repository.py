@@ -38,6 +38,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import Insert
 
+from dsf_bridge.engine import state as instance_state
 from dsf_bridge.errors import ConcurrencyError, StoreError
 from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
 from dsf_bridge.store.tables import (
@@ -69,27 +70,32 @@ def _binds(*names: str) -> dict[str, Any]:
     return {name: bindparam(name) for name in names}
 
 
-# Running instances by business key: one EXISTS (or SELECT) per key column, the status compared
-# as an expression (``status || ''``) that no index answers. Written as one EXISTS with an OR of
-# the two key columns and a plain ``status = 'running'``, SQLite (without statistics, its
-# default: nothing runs ANALYZE) looked the rows up by ix_process_instances_status and read
-# every running instance, for every Task (5 ms per statement with 50,000 waiting, on this
-# machine); PostgreSQL without statistics did the like. So written, the key columns' indexes
-# are the only ones that apply, on both databases; the alternative key's holds only the
-# instances that have one (migration 0007), or SQLite's statistics would make it look useless
-# (tests/store/test_repository.py).
+# Running instances by business key: one EXISTS (or SELECT) per key column, the status and the
+# definition compared as expressions (``status || ''``, ``definition_id + 0``) that no index
+# answers. Written as one EXISTS with an OR of the two key columns and plain comparisons,
+# SQLite (without statistics, its default: nothing runs ANALYZE) looked the rows up by
+# ix_process_instances_status and read every running instance, for every Task (15 ms per start
+# message and its lookups with 50,000 waiting, on this machine), and PostgreSQL without
+# statistics read the whole of that index (status, definition, incidents) for the
+# definition's sake. So written, the key columns' indexes are the only ones that apply, on
+# both databases: a key has a few rows at most, the rest is checked on them. The alternative
+# key's index holds only the instances that have one (migration 0007), or SQLite's statistics
+# would make it look useless (tests/store/test_repository.py).
 _KEY_COLUMNS = (_INSTANCES.c.business_key, _INSTANCES.c.alternative_business_key)
 _IS_RUNNING = _INSTANCES.c.status.concat("") == "running"
 
 
 def _running_with_key(
-    business_key: str | BindParameter[str], *conditions: ColumnElement[bool]
+    business_key: str | BindParameter[str], definition_id: int | BindParameter[int] | None = None
 ) -> ColumnElement[bool]:
-    """A running instance (meeting ``conditions``) has ``business_key`` as its own business key
-    or as DSF's alternative business key."""
+    """A running instance (of ``definition_id``, if given) has ``business_key`` as its own
+    business key or as DSF's alternative business key."""
+    of_definition = (
+        [] if definition_id is None else [(_INSTANCES.c.definition_id + 0) == definition_id]
+    )
     return or_(
         *(
-            exists().where(column == business_key, _IS_RUNNING, *conditions)
+            exists().where(column == business_key, _IS_RUNNING, *of_definition)
             for column in _KEY_COLUMNS
         )
     )
@@ -111,6 +117,7 @@ _SAVE_INSTANCE = (
     .where(_INSTANCES.c.version == bindparam("b_version"))
     .values(
         state=bindparam("state"),
+        incidents=bindparam("incidents"),
         status=bindparam("status"),
         version=bindparam("new_version"),
         updated_at=bindparam("updated_at"),
@@ -119,11 +126,28 @@ _SAVE_INSTANCE = (
 )
 _CREATE_INSTANCE = insert(_INSTANCES).values(
     version=1,
-    **_binds("id", "definition_id", "business_key", "status", "state", "created_at", "updated_at"),
+    **_binds(
+        "id",
+        "definition_id",
+        "business_key",
+        "status",
+        "state",
+        "incidents",
+        "created_at",
+        "updated_at",
+    ),
 )
 # The same row, unless a running instance of the definition has the business key (as its own
 # or as DSF's alternative business key): the check and the insert in one statement.
-_INSTANCE_BINDS = ("id", "definition_id", "business_key", "status", "state", "created_at")
+_INSTANCE_BINDS = (
+    "id",
+    "definition_id",
+    "business_key",
+    "status",
+    "state",
+    "incidents",
+    "created_at",
+)
 _CREATE_INSTANCE_UNLESS_RUNNING = (
     insert(_INSTANCES)
     .from_select(
@@ -132,11 +156,7 @@ _CREATE_INSTANCE_UNLESS_RUNNING = (
             literal(1),
             *(bindparam(name, type_=_INSTANCES.c[name].type) for name in _INSTANCE_BINDS),
             bindparam("updated_at", type_=_INSTANCES.c.updated_at.type),
-        ).where(
-            ~_running_with_key(
-                bindparam("business_key"), _INSTANCES.c.definition_id == bindparam("definition_id")
-            )
-        ),
+        ).where(~_running_with_key(bindparam("business_key"), bindparam("definition_id"))),
     )
     .returning(_INSTANCES.c.id)
 )
@@ -259,11 +279,11 @@ __all__ = [
     "replace_subscriptions",
     "retry_job",
     "retry_outbox",
-    "running_instance_states",
     "running_instances_of",
     "save_instance",
     "sends_in_flight",
     "set_task_seen_status",
+    "states_with_incidents",
     "take_in_task",
     "task_recipients",
     "tasks_of_instance",
@@ -358,6 +378,7 @@ async def create_instance(
         "business_key": business_key,
         "status": status,
         "state": state,
+        "incidents": instance_state.incident_count(state),
         "created_at": now,
         "updated_at": now,
     }
@@ -434,6 +455,7 @@ async def save_instance(
             "b_id": record.id,
             "b_version": record.version,
             "state": state,
+            "incidents": instance_state.incident_count(state),
             "status": status,
             "new_version": record.version + 1,
             "updated_at": now,
@@ -494,15 +516,17 @@ async def instances_waiting_for(session: AsyncSession, message_name: str) -> lis
     return [row.instance_id for row in rows]
 
 
-async def running_instance_states(
+async def states_with_incidents(
     session: AsyncSession,
 ) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(instance id, process key, state)`` of every running instance, oldest first."""
+    """``(instance id, process key, state)`` of every running instance with an incident,
+    oldest first: found by the count kept beside each state, no other state is read."""
     rows = (
         await session.execute(
             select(ProcessInstance.id, ProcessDefinition.process_key, ProcessInstance.state)
             .join(ProcessDefinition, ProcessDefinition.id == ProcessInstance.definition_id)
             .where(ProcessInstance.status == "running")
+            .where(ProcessInstance.incidents > 0)
             .order_by(ProcessInstance.created_at, ProcessInstance.id)
         )
     ).all()
@@ -527,7 +551,7 @@ async def running_with_business_key(
 ) -> bool:
     """Whether a running instance of this deployed definition has this business key (or
     this alternative business key)."""
-    running = _running_with_key(business_key, _INSTANCES.c.definition_id == definition_id)
+    running = _running_with_key(business_key, definition_id)
     return bool((await session.execute(select(running))).scalar_one())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 
 import sqlalchemy as sa
 from sqlalchemy import inspect
@@ -204,3 +205,62 @@ def test_0004_keeps_the_sealed_chain_and_continues_it(db_url: str) -> None:
     assert sequences == [1, 2, 3, 4]
     upgrade(db_url)
     assert schema_drift(db_url) == []
+
+
+def test_0008_counts_the_incidents_of_the_running_instances(db_url: str) -> None:
+    """0008 fills in ``incidents`` from the running instances' states (tokens marked ``x``):
+    /metrics then counts them without reading a state; ended instances are left at 0."""
+    upgrade(db_url, "0007")
+    stuck = {"v": 1, "tk": {"1": {"p": "w", "x": {"m": "boom"}}, "2": {"p": "w"}, "3": {"x": {}}}}
+    states = {"r-stuck": ("running", stuck), "r-fine": ("running", {"v": 1, "tk": {"1": {}}})}
+    states["r-bare"] = ("running", {"v": 1})
+    states["ended"] = ("failed", stuck)
+    states.update({f"r-{n:04d}": ("running", stuck) for n in range(1200)})  # pages of 500
+    engine = create_sync_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO process_definitions (process_key, version, plugin, model_hash,"
+                    " status, deployed_at) VALUES ('k', '1.0', 'p', 'h', 'active', :now)"
+                ),
+                {"now": "2026-01-01T00:00:00+00:00"},
+            )
+            definition_id = connection.execute(
+                sa.text("SELECT id FROM process_definitions")
+            ).scalar_one()
+            connection.execute(
+                sa.text(
+                    "INSERT INTO process_instances (id, definition_id, business_key, status,"
+                    " state, version, created_at, updated_at) VALUES (:id, :d, :id, :status,"
+                    " :state, 1, :now, :now)"
+                ),
+                [
+                    {
+                        "id": ident,
+                        "d": definition_id,
+                        "status": status,
+                        "state": json.dumps(state),
+                        "now": "2026-01-01T00:00:00+00:00",
+                    }
+                    for ident, (status, state) in states.items()
+                ],
+            )
+    finally:
+        engine.dispose()
+    upgrade(db_url)
+    engine = create_sync_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            found: dict[str, int] = dict(
+                connection.execute(sa.text("SELECT id, incidents FROM process_instances")).all()
+            )
+    finally:
+        engine.dispose()
+    assert {ident: found[ident] for ident in ("r-stuck", "r-fine", "r-bare", "ended")} == {
+        "r-stuck": 2,
+        "r-fine": 0,
+        "r-bare": 0,
+        "ended": 0,
+    }
+    assert {found[f"r-{n:04d}"] for n in range(1200)} == {2}

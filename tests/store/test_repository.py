@@ -537,13 +537,14 @@ async def test_looking_up_running_instances_by_key_reads_only_the_key_indexes(
                 "id": f"w-{n}",
                 "definition_id": definition_id,
                 "business_key": f"bk-w-{n}",
-                "status": "running" if n else "completed",
-                "state": {"v": 1, "tokens": []},
+                # Running, then as many completed; a waiting instance's state is about 1 KB.
+                "status": "running" if 0 < n < 25_000 else "completed",
+                "state": {"v": 1, "tk": {"1": {"p": "w"}}, "vars": {"note": "x" * 900}},
                 "version": 1,
                 "created_at": T0,
                 "updated_at": T0,
             }
-            for n in range(20_000)
+            for n in range(50_000)
         ]
         await session.execute(insert(ProcessInstance), rows)
         await repo.enqueue_job(
@@ -659,6 +660,7 @@ async def test_unfinished_claims_and_the_counts_read_indexes_not_tables(
             "business_key": f"bk-w-{n}",
             "status": "running" if n % 10 == 0 else "completed",
             "state": {"v": 1, "tk": {}},
+            "incidents": {10: 2, 20: 1, 11: 5}.get(n, 0),  # 11 has ended: not open
             "version": 1,
             "created_at": T0,
             "updated_at": T0,
@@ -694,6 +696,7 @@ async def test_unfinished_claims_and_the_counts_read_indexes_not_tables(
         ("incoming", "held"): 2,
         ("incoming", "claiming"): 2,
     }
+    assert counts.incidents == {"dsfdev_ping": 3}
     assert counts.instances == {("dsfdev_ping", "running"): 500, ("dsfdev_ping", "completed"): 4500}
     if database.dialect != "sqlite":
         return
@@ -702,8 +705,8 @@ async def test_unfinished_claims_and_the_counts_read_indexes_not_tables(
         for sql, parameters in executed
         if "GROUP BY" in sql and ("FROM tasks_seen" in sql or "FROM process_instances" in sql)
     ]
-    assert len(whole) == 2
+    assert len(whole) == 3  # instances and incidents, Task versions
     for statement, lines in await _plans(database, whole):
-        scans = [line for line in lines if line.startswith("SCAN")]
-        assert scans, (statement, lines)
-        assert all("COVERING INDEX" in line for line in scans), (statement, lines)
+        steps = [line for line in lines if line.startswith(("SCAN", "SEARCH"))]
+        assert steps, (statement, lines)
+        assert all("COVERING INDEX" in line for line in steps), (statement, lines)
