@@ -8,9 +8,10 @@ reply is checked against running instances and sends in flight
 three statements, each in a transaction of its own as the bridge does, through the
 repository's own functions, on two stores side by side: a small one (100 running instances)
 and one with ``--waiting`` running instances (by default 50,000) and as many completed ones,
-one in a hundred with an alternative business key, in alternating blocks (ABBA). Both sides
-look up the same keys of running instances (the first hundred) and start instances with new
-keys. It reports CPU (this process) and wall time per lookup set for each, then
+one in a hundred with an alternative business key, and 5,000 sends pending (a target site
+down), in alternating blocks (ABBA). Both sides look up the same keys of running instances (the
+first hundred) and start instances with new keys (which stay: each store gains about 1,300
+instances in a run). It reports CPU (this process) and wall time per lookup set for each, then
 ``waiting_vs_small_cpu=`` and last ``waiting_vs_small_wall=``, the medians of the per-round
 ratios (1.0: the waiting instances cost nothing; on PostgreSQL the server's work shows in the
 wall time only). It also reads the store's counts (what ``/metrics`` reads at every scrape,
@@ -44,15 +45,16 @@ from sqlalchemy import create_engine, insert, text
 
 from dsf_bridge.store import Database, queries
 from dsf_bridge.store import repository as repo
-from dsf_bridge.store.kinds import TaskSeenStatus
+from dsf_bridge.store.kinds import OutboxKind, TaskSeenStatus
 from dsf_bridge.store.migrations import upgrade
-from dsf_bridge.store.tables import ProcessInstance, TaskSeen
+from dsf_bridge.store.tables import OutboxEntry, ProcessInstance, TaskSeen
 
 T0 = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
 BATCH = 5_000
 
 
 STATE = {"v": 1, "tk": {"1": {"p": "w"}}, "vars": {"note": "x" * 900}, "sc": {}, "j": {}}
+BACKLOG = 5_000  # pending sends in the waiting store
 SMALL = 100  # running instances of the small store, and the keys both sides look up
 
 
@@ -95,6 +97,21 @@ async def _prepare(url: str, running: int, completed: int, analyze: bool) -> tup
                 for n in range(first, min(first + BATCH, total))
             ]
             await session.execute(insert(TaskSeen), seen)
+        if completed:
+            # A backlog of sends (a target site down), for instances not looked up.
+            backlog = [
+                {
+                    "idempotency_key": f"send-{n}",
+                    "instance_id": f"w-{n}",
+                    "kind": OutboxKind.SEND_TASK,
+                    "payload": {},
+                    "status": "pending",
+                    "next_attempt_at": T0,
+                    "created_at": T0,
+                }
+                for n in range(SMALL, SMALL + BACKLOG)
+            ]
+            await session.execute(insert(OutboxEntry), backlog)
     if analyze:
         async with database.autocommit() as session:
             await session.execute(text("ANALYZE"))

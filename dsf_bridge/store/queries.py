@@ -431,6 +431,25 @@ async def instance_detail(session: AsyncSession, instance_id: str) -> InstanceDe
 async def count_store(session: AsyncSession, now: dt.datetime) -> StoreCounts:
     # Counted by status and definition (ix_process_instances_status alone, not every instance
     # with its state), then summed per process key: a key has one definition per version.
+    by_definition = (
+        await session.execute(
+            select(ProcessInstance.status, ProcessInstance.definition_id, func.count()).group_by(
+                ProcessInstance.status, ProcessInstance.definition_id
+            )
+        )
+    ).all()
+    # Incidents live in the running instances' states (an execution parked on a job out of
+    # retries); each row counts its own (written with the state), so no state is read.
+    open_incidents = (
+        await session.execute(
+            select(ProcessInstance.definition_id, func.sum(ProcessInstance.incidents))
+            .where(ProcessInstance.status == "running")
+            .where(ProcessInstance.incidents > 0)
+            .group_by(ProcessInstance.definition_id)
+        )
+    ).all()
+    # Read after them: a definition is committed before its first instance, so each instance
+    # counted finds its process key even when each statement reads its own snapshot.
     keys: dict[int, str] = {
         ident: key
         for ident, key in await session.execute(
@@ -438,14 +457,14 @@ async def count_store(session: AsyncSession, now: dt.datetime) -> StoreCounts:
         )
     }
     instances: dict[tuple[str, str], int] = {}
-    for status, definition_id, n in await session.execute(
-        select(ProcessInstance.status, ProcessInstance.definition_id, func.count()).group_by(
-            ProcessInstance.status, ProcessInstance.definition_id
-        )
-    ):
+    for status, definition_id, n in by_definition:
         if definition_id in keys:  # as the join did (a foreign key: always)
             key = (keys[definition_id], status)
             instances[key] = instances.get(key, 0) + int(n)
+    incidents: dict[str, int] = {}
+    for definition_id, found in open_incidents:
+        if definition_id in keys and found:
+            incidents[keys[definition_id]] = incidents.get(keys[definition_id], 0) + int(found)
     tasks = await session.execute(
         select(TaskSeen.role, TaskSeen.status, func.count()).group_by(
             TaskSeen.role, TaskSeen.status
@@ -476,17 +495,6 @@ async def count_store(session: AsyncSession, now: dt.datetime) -> StoreCounts:
     ).scalar_one()
     head = int(sealed or 0) + int(unsealed)
     cursors = await session.execute(select(SyncCursor.resource_type, SyncCursor.last_updated))
-    # Incidents live in the running instances' states (an execution parked on a job out of
-    # retries); each row counts its own (written with the state), so no state is read.
-    incidents: dict[str, int] = {}
-    for definition_id, found in await session.execute(
-        select(ProcessInstance.definition_id, func.sum(ProcessInstance.incidents))
-        .where(ProcessInstance.status == "running")
-        .where(ProcessInstance.incidents > 0)
-        .group_by(ProcessInstance.definition_id)
-    ):
-        if definition_id in keys and found:
-            incidents[keys[definition_id]] = incidents.get(keys[definition_id], 0) + int(found)
     return StoreCounts(
         instances=instances,
         tasks={(role, status): int(n) for role, status, n in tasks},

@@ -74,13 +74,13 @@ def _binds(*names: str) -> dict[str, Any]:
 # definition compared as expressions (``status || ''``, ``definition_id + 0``) that no index
 # answers. Written as one EXISTS with an OR of the two key columns and plain comparisons,
 # SQLite (without statistics, its default: nothing runs ANALYZE) looked the rows up by
-# ix_process_instances_status and read every running instance, for every Task (15 ms per start
-# message and its lookups with 50,000 waiting, on this machine), and PostgreSQL without
-# statistics read the whole of that index (status, definition, incidents) for the
-# definition's sake. So written, the key columns' indexes are the only ones that apply, on
-# both databases: a key has a few rows at most, the rest is checked on them. The alternative
-# key's index holds only the instances that have one (migration 0007), or SQLite's statistics
-# would make it look useless (tests/store/test_repository.py).
+# ix_process_instances_status and read every running instance, for every Task (44 ms per
+# start message and its lookups with 50,000 waiting on this machine: bench/waiting.py), and
+# PostgreSQL without statistics read the whole of that index (status, definition,
+# incidents) for the definition's sake. So written, the key columns' indexes are the only
+# ones that apply, on both databases: a key has a few rows at most, the rest is checked on
+# them. The alternative key's index holds only the instances that have one (migration 0007),
+# or SQLite's statistics would make it look useless (tests/store/test_repository.py).
 _KEY_COLUMNS = (_INSTANCES.c.business_key, _INSTANCES.c.alternative_business_key)
 _IS_RUNNING = _INSTANCES.c.status.concat("") == "running"
 
@@ -1268,24 +1268,31 @@ async def sends_in_flight(session: AsyncSession, business_key: str) -> int:
     """Sends of instances with this business key that are queued or being performed.
 
     A reply can overtake the commit that records its request as sent; intake waits for these
-    before it calls a reply uncorrelatable.
+    before it calls a reply uncorrelatable. The running instances with the key first (by the
+    key indexes; most often one, none for a reply nobody waits for), then their sends by
+    instance id: a backlog of pending sends to a site that is down is never read whole, and
+    no planner has a subquery to run once per pending send.
     """
-    outbox = await session.execute(
+    ids = sorted(set((await session.execute(_running_ids_with_key(business_key))).scalars()))
+    if not ids:
+        return 0
+    queued = (
         select(func.count(OutboxEntry.id))
-        .where(OutboxEntry.instance_id.in_(_running_ids_with_key(business_key)))
+        .where(OutboxEntry.instance_id.in_(ids))
         .where(OutboxEntry.kind == OutboxKind.SEND_TASK)
-        # Not answered by ix_outbox_pending, which SQLite would read in full (every pending
-        # entry of the site: a backlog while a target is down); by the instances' ids instead.
+        # Not answered by ix_outbox_pending (every pending entry of the site), by instance.
         .where(OutboxEntry.status.concat("") == "pending")
+        .scalar_subquery()
     )
-    jobs = await session.execute(
+    jobs = (
         select(func.count(Job.id))
-        .where(Job.instance_id.in_(_running_ids_with_key(business_key)))
+        .where(Job.instance_id.in_(ids))
         .where(Job.kind == "send")
         # A job out of retries (an incident) is never run again: it resolves nothing.
         .where(Job.retries_left >= 0)
+        .scalar_subquery()
     )
-    return int(outbox.scalar_one()) + int(jobs.scalar_one())
+    return int((await session.execute(select(queued + jobs))).scalar_one())
 
 
 # --- pseudonym mappings (docs/privacy.md) -----------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -17,12 +18,13 @@ from sqlalchemy import select
 from dsf_bridge.api.app import create_app
 from dsf_bridge.config import ApiSettings
 from dsf_bridge.engine import load_process
+from dsf_bridge.engine import state as instance_state
 from dsf_bridge.errors import ProcessExecutionError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
 from dsf_bridge.runtime import operations
 from dsf_bridge.runtime.processes import ProcessRuntime
-from dsf_bridge.store import Database
-from dsf_bridge.store.tables import AuditEvent
+from dsf_bridge.store import Database, queries
+from dsf_bridge.store.tables import AuditEvent, ProcessInstance
 from tests.runtime.test_processes import FAST, Clock, FakeGateway, _status
 from tests.test_cli import run
 
@@ -91,6 +93,21 @@ async def _until_incident(
         return await operations.list_incidents(session)
 
 
+async def _incidents_counted(database: Database) -> tuple[dict[str, int], dict[str, int]]:
+    """The open incidents /metrics counts, and each instance's count kept beside its state
+    (checked against the state)."""
+    async with database.transaction() as session:
+        counts = await queries.count_store(session, dt.datetime.now(dt.UTC))
+        rows = (
+            await session.execute(
+                select(ProcessInstance.id, ProcessInstance.incidents, ProcessInstance.state)
+            )
+        ).all()
+    for instance_id, kept, state in rows:
+        assert kept == instance_state.incident_count(state), instance_id
+    return counts.incidents, {instance_id: kept for instance_id, kept, _ in rows}
+
+
 async def _actions(database: Database) -> list[str]:
     async with database.transaction() as session:
         return list((await session.scalars(select(AuditEvent.action))).all())
@@ -112,6 +129,7 @@ async def test_an_incident_is_listed_retried_by_an_operator_and_the_instance_end
     )
     assert "exclusive gateway 'Choose'" in incident.message
     assert await _status(database, instance_id) == "running"
+    assert await _incidents_counted(database) == ({KEY: 1}, {instance_id: 1})
     actions = await _actions(database)
     assert actions.count("job.failed") == 2  # R2: two tries in all, both undone
     assert "job.continued" not in actions
@@ -148,6 +166,7 @@ async def test_an_incident_is_listed_retried_by_an_operator_and_the_instance_end
         )
     await runtime.run_until_idle()
     assert await _status(database, instance_id) == "completed"
+    assert await _incidents_counted(database) == ({}, {instance_id: 0})
     assert sorted(gateway.completed) == ["t-go", "t-i"]
     assert "incident.retried" in await _actions(database)
 

@@ -106,6 +106,21 @@ async def test_an_edited_state_is_named(database: Database) -> None:
     assert "version is" in problem and "recorded" in problem
 
 
+async def test_an_incident_count_edited_apart_from_its_state_is_named(
+    database: Database,
+) -> None:
+    """/metrics and the incident lists go by the count kept beside each state: a count edited
+    alone (an incident hidden or invented) is named, as an edited state is."""
+    instance_id = await _instance(database, fail=False)
+    assert (await _report(database)).record_problems == ()
+    await _edit(
+        database,
+        update(ProcessInstance).where(ProcessInstance.id == instance_id).values(incidents=3),
+    )
+    [problem] = (await _report(database)).record_problems
+    assert f"process instance {instance_id}: its incident count is 3, its state has 0" in problem
+
+
 async def test_an_edited_task_row_is_named(database: Database) -> None:
     await _instance(database, fail=False)
     await _edit(
