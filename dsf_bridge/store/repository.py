@@ -124,21 +124,7 @@ _SAVE_INSTANCE = (
         ended_at=bindparam("ended_at"),
     )
 )
-_CREATE_INSTANCE = insert(_INSTANCES).values(
-    version=1,
-    **_binds(
-        "id",
-        "definition_id",
-        "business_key",
-        "status",
-        "state",
-        "incidents",
-        "created_at",
-        "updated_at",
-    ),
-)
-# The same row, unless a running instance of the definition has the business key (as its own
-# or as DSF's alternative business key): the check and the insert in one statement.
+# The columns a new instance is given, besides version 1.
 _INSTANCE_BINDS = (
     "id",
     "definition_id",
@@ -147,15 +133,18 @@ _INSTANCE_BINDS = (
     "state",
     "incidents",
     "created_at",
+    "updated_at",
 )
+_CREATE_INSTANCE = insert(_INSTANCES).values(version=1, **_binds(*_INSTANCE_BINDS))
+# The same row, unless a running instance of the definition has the business key (as its own
+# or as DSF's alternative business key): the check and the insert in one statement.
 _CREATE_INSTANCE_UNLESS_RUNNING = (
     insert(_INSTANCES)
     .from_select(
-        ["version", *_INSTANCE_BINDS, "updated_at"],
+        ["version", *_INSTANCE_BINDS],
         select(
             literal(1),
             *(bindparam(name, type_=_INSTANCES.c[name].type) for name in _INSTANCE_BINDS),
-            bindparam("updated_at", type_=_INSTANCES.c.updated_at.type),
         ).where(~_running_with_key(bindparam("business_key"), bindparam("definition_id"))),
     )
     .returning(_INSTANCES.c.id)

@@ -47,6 +47,18 @@ def _tables(url: str) -> set[str]:
         engine.dispose()
 
 
+def _definition(connection: sa.Connection) -> int:
+    """A deployed definition, inserted as the revision under test has the table; its id."""
+    connection.execute(
+        sa.text(
+            "INSERT INTO process_definitions (process_key, version, plugin, model_hash,"
+            " status, deployed_at) VALUES ('k', '1.0', 'p', 'h', 'active', :now)"
+        ),
+        {"now": "2026-01-01T00:00:00+00:00"},
+    )
+    return int(connection.execute(sa.text("SELECT id FROM process_definitions")).scalar_one())
+
+
 def test_upgrade_downgrade_upgrade_round_trip(db_url: str) -> None:
     assert schema_status(db_url).current is None
     upgrade(db_url)
@@ -89,16 +101,7 @@ def test_0002_down_and_up_keeps_instances_and_their_work(db_url: str) -> None:
     engine = create_sync_engine(db_url)
     try:
         with engine.begin() as connection:
-            connection.execute(
-                sa.text(
-                    "INSERT INTO process_definitions (process_key, version, plugin, model_hash,"
-                    " status, deployed_at) VALUES ('k', '1.0', 'p', 'h', 'active', :now)"
-                ),
-                {"now": "2026-01-01T00:00:00+00:00"},
-            )
-            definition_id = connection.execute(
-                sa.text("SELECT id FROM process_definitions")
-            ).scalar_one()
+            definition_id = _definition(connection)
             connection.execute(
                 sa.text(
                     "INSERT INTO process_instances (id, definition_id, business_key, status,"
@@ -219,16 +222,7 @@ def test_0008_counts_the_incidents_of_the_running_instances(db_url: str) -> None
     engine = create_sync_engine(db_url)
     try:
         with engine.begin() as connection:
-            connection.execute(
-                sa.text(
-                    "INSERT INTO process_definitions (process_key, version, plugin, model_hash,"
-                    " status, deployed_at) VALUES ('k', '1.0', 'p', 'h', 'active', :now)"
-                ),
-                {"now": "2026-01-01T00:00:00+00:00"},
-            )
-            definition_id = connection.execute(
-                sa.text("SELECT id FROM process_definitions")
-            ).scalar_one()
+            definition_id = _definition(connection)
             connection.execute(
                 sa.text(
                     "INSERT INTO process_instances (id, definition_id, business_key, status,"

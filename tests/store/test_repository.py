@@ -576,6 +576,19 @@ async def test_looking_up_running_instances_by_key_reads_only_the_key_indexes(
         async with database.autocommit() as session:
             await session.execute(text("ANALYZE"))
 
+    async def refused_start(session: AsyncSession, key: str) -> None:
+        with pytest.raises(repo.InstanceRunningError):
+            await repo.create_instance(
+                session,
+                instance_id="i-2",
+                definition_id=definition_id,
+                business_key=key,
+                status="running",
+                state={"v": 1, "tokens": []},
+                now=T0,
+                unless_running=True,
+            )
+
     async def ask(session: AsyncSession, key: str, *, running: bool, sends: int) -> None:
         assert await repo.running_with_business_key(session, definition_id, key) is running
         assert await repo.any_running_with_business_key(session, key) is running
@@ -587,17 +600,7 @@ async def test_looking_up_running_instances_by_key_reads_only_the_key_indexes(
             await ask(session, "bk-w-0", running=False, sends=0)  # completed
             await ask(session, "bk-w-1", running=True, sends=1)
             await ask(session, "bk-w-2", running=True, sends=0)
-            with pytest.raises(repo.InstanceRunningError):
-                await repo.create_instance(
-                    session,
-                    instance_id="i-2",
-                    definition_id=definition_id,
-                    business_key="bk-1",
-                    status="running",
-                    state={"v": 1, "tokens": []},
-                    now=T0,
-                    unless_running=True,
-                )
+            await refused_start(session, "bk-1")
 
     by_key = [
         (s, p)
@@ -623,17 +626,7 @@ async def test_looking_up_running_instances_by_key_reads_only_the_key_indexes(
         await repo.set_alternative_business_key(session, running.id, "alt-1")
     async with database.transaction() as session:
         await ask(session, "alt-1", running=True, sends=2)
-        with pytest.raises(repo.InstanceRunningError):
-            await repo.create_instance(
-                session,
-                instance_id="i-2",
-                definition_id=definition_id,
-                business_key="alt-1",
-                status="running",
-                state={"v": 1, "tokens": []},
-                now=T0,
-                unless_running=True,
-            )
+        await refused_start(session, "alt-1")
 
 
 @pytest.mark.parametrize("statistics", [False, True], ids=["no-statistics", "analyzed"])
