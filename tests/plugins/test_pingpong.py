@@ -703,14 +703,23 @@ async def _settled(network: Network, seconds: float = 10) -> None:
     await asyncio.wait_for(poll(), seconds)
 
 
-async def _audit_ok(url: str) -> int:
+async def _audit_ok(url: str, seconds: float = 10) -> int:
+    """The site's audit chain verified intact once its running bridge has sealed every event
+    (the last steps' events wait for the sealer's next round, every idle poll); the number
+    of events in it."""
     database = Database(url)
+    deadline = time.monotonic() + seconds
     try:
-        async with database.transaction() as session:
-            report = await verify_chain(session)
+        while True:
+            async with database.transaction() as session:
+                report = await verify_chain(session)
+            if report.unsealed == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
     finally:
         await database.dispose()
     assert report.ok, (report.problem, report.record_problems)
+    assert report.unsealed == 0, f"{report.unsealed} events still unsealed after {seconds} s"
     return report.events
 
 
