@@ -3,7 +3,7 @@
 - ``process_instances.incidents``: how many executions of the instance's state are parked in
   an incident, written with the state. ``/metrics`` counted the open incidents by reading and
   parsing the state of every running instance at every scrape (0.2 s for 20,000 running on
-  SQLite, growing with the instances waiting). Filled in here for the running instances.
+  SQLite, growing with the instances waiting). Filled in here for every instance.
 - ``ix_process_instances_status`` gets the definition and the incidents as further columns:
   the counts per process and status and the open incidents (``/metrics``, the definitions
   list) read the index alone instead of every instance with its state (0.15 s for 200,000
@@ -47,18 +47,16 @@ def _incidents(state: Any) -> int:
 
 
 def _fill_incidents() -> None:
-    """The running instances' incidents, read from their states a page at a time in the order
-    of the primary key (the status compared as an expression: on the status index each page
-    would read every remaining running row again); the few found are written in one
-    executemany."""
+    """Every instance's incidents (ended ones too: ``audit verify`` compares the column with
+    the state of every row), read from their states a page at a time in the order of the
+    primary key; the few found are written in one executemany."""
     bind = op.get_bind()
     found: list[dict[str, Any]] = []
     after = ""
     while True:
         rows = bind.execute(
             sa.text(
-                "SELECT id, state FROM process_instances"
-                " WHERE id > :after AND status || '' = 'running' ORDER BY id LIMIT :page"
+                "SELECT id, state FROM process_instances WHERE id > :after ORDER BY id LIMIT :page"
             ),
             {"after": after, "page": _PAGE},
         ).all()

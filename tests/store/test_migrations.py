@@ -211,8 +211,8 @@ def test_0004_keeps_the_sealed_chain_and_continues_it(db_url: str) -> None:
 
 
 def test_0008_counts_the_incidents_of_the_running_instances(db_url: str) -> None:
-    """0008 fills in ``incidents`` from the running instances' states (tokens marked ``x``):
-    /metrics then counts them without reading a state; ended instances are left at 0."""
+    """0008 fills in ``incidents`` from every instance's state (tokens marked ``x``): /metrics
+    then counts them without reading a state, and audit verify finds each row as its state."""
     upgrade(db_url, "0007")
     stuck = {"v": 1, "tk": {"1": {"p": "w", "x": {"m": "boom"}}, "2": {"p": "w"}, "3": {"x": {}}}}
     states = {"r-stuck": ("running", stuck), "r-fine": ("running", {"v": 1, "tk": {"1": {}}})}
@@ -255,6 +255,6 @@ def test_0008_counts_the_incidents_of_the_running_instances(db_url: str) -> None
         "r-stuck": 2,
         "r-fine": 0,
         "r-bare": 0,
-        "ended": 0,
+        "ended": 2,
     }
     assert {found[f"r-{n:04d}"] for n in range(1200)} == {2}
