@@ -264,6 +264,16 @@ class RuntimeConfig(_Section):
         "gives their leases back",
     )
 
+    inline_handler_budget: float = Field(
+        default=0.05,
+        ge=0,
+        le=10,
+        description="Seconds a Task that starts an instance waits for the handlers its start "
+        "reaches before it commits: handlers done by then are recorded in the start's "
+        "transaction (as Camunda runs synchronous service tasks), a slower one goes on in a "
+        "job; 0 runs every handler in a job after the commit",
+    )
+
     call_attempts: int = Field(
         default=CALL_RETRY.attempts,
         ge=1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import tomllib
 from pathlib import Path
@@ -479,6 +480,9 @@ def test_the_runtime_policy_from_file_and_environment(tmp_path: Path) -> None:
     assert settings.runtime.outbox_retry_delays == [0.5, 2.0]
     assert settings.runtime.shutdown_grace == 3.0
     assert settings.runtime.idle_poll == 1.0
+    assert settings.runtime.inline_handler_budget == 0.05
+    zero = load_settings(_write(tmp_path, "[runtime]\ninline_handler_budget = 0\n"), environ={})
+    assert _runtime_settings(zero.runtime).inline_handler_budget == dt.timedelta(0)
 
 
 @pytest.mark.parametrize(
@@ -492,6 +496,8 @@ def test_the_runtime_policy_from_file_and_environment(tmp_path: Path) -> None:
         ("[runtime]\noutbox_retry_delays = [1, 0]\n", "runtime.outbox_retry_delays"),
         ("[runtime]\nidle_poll = 0\n", "runtime.idle_poll"),
         ("[runtime]\nshutdown_grace = -1\n", "runtime.shutdown_grace"),
+        ("[runtime]\ninline_handler_budget = -0.1\n", "runtime.inline_handler_budget"),
+        ("[runtime]\ninline_handler_budget = 11\n", "runtime.inline_handler_budget"),
         ("[runtime]\nlease = 20\nshutdown_grace = 30\n", "runtime"),
     ],
 )

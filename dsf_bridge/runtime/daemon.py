@@ -100,6 +100,7 @@ def _runtime_settings(config: RuntimeConfig) -> RuntimeSettings:
         idle_poll=seconds(config.idle_poll),
         shutdown_grace=seconds(config.shutdown_grace),
         call_retry=config.call_retry(),
+        inline_handler_budget=seconds(config.inline_handler_budget),
     )
 
 

@@ -10,6 +10,7 @@ timing (:class:`MessageHeldError`). Every step goes through the
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -21,9 +22,11 @@ from dsf_bridge.engine.events import MessageReceived, Start
 from dsf_bridge.engine.exceptions import CorrelationError
 from dsf_bridge.errors import ConcurrencyError, ProcessExecutionError
 from dsf_bridge.runtime.deployments import DeployedProcess
-from dsf_bridge.runtime.stepping import step_context
+from dsf_bridge.runtime.jobs import handler_action, handler_reason
+from dsf_bridge.runtime.stepping import InlineRun, engine_step_of, step_context
 from dsf_bridge.store import Records, Session
 from dsf_bridge.store import repository as repo
+from dsf_bridge.telemetry import STEP_SECONDS
 
 if TYPE_CHECKING:
     from dsf_bridge.runtime.processes import ProcessRuntime
@@ -85,32 +88,70 @@ class MessageDelivery:
             )
         instance_id = str(uuid.uuid4())
         event = Start(message_name, business_key, runtime.clock(), dict(variables or {}))
+        stepper = runtime.stepper
         with step_context(
             deployed, instance_id=instance_id, business_key=business_key, task_id=task_id
         ):
-            async with runtime.database.transaction() as session:
+            first = engine_step_of(deployed.definition, None, event)
+            inline = InlineRun()
+            if stepper.inline_call(first) is not None and not (
+                unless_running and await self._running_with(deployed, business_key)
+            ):
+                # The handlers the start reaches run before its transaction, which records
+                # their outcomes too (only a start that will create the instance runs them).
+                inline = await stepper.run_inline(deployed, first)
+            try:
+                async with runtime.database.transaction() as session:
 
-                async def taken_in() -> Records | None:
-                    if task_id is None:
-                        return None
-                    return await runtime.effects.record_incoming(
-                        session, task_id, task_version, instance_id, claimed_version
-                    )
+                    async def taken_in() -> Records | None:
+                        if task_id is None:
+                            return None
+                        return await runtime.effects.record_incoming(
+                            session, task_id, task_version, instance_id, claimed_version
+                        )
 
-                pending = await runtime.stepper.create(
-                    session,
-                    deployed,
-                    instance_id=instance_id,
-                    business_key=business_key,
-                    event=event,
-                    actor=actor,
-                    action="instance.started",
-                    reason=f"{process_key} by {message_name or 'none start event'}"
-                    + (f", Task/{task_id}" if task_id else ""),
-                    before_audit=taken_in,
-                    unless_running=unless_running,
-                )
-            runtime.stepper.committed(pending, "instance.started")
+                    pending = [
+                        await stepper.create(
+                            session,
+                            deployed,
+                            instance_id=instance_id,
+                            business_key=business_key,
+                            event=event,
+                            actor=actor,
+                            action="instance.started",
+                            reason=f"{process_key} by {message_name or 'none start event'}"
+                            + (f", Task/{task_id}" if task_id else ""),
+                            before_audit=taken_in,
+                            unless_running=unless_running,
+                            result=first,
+                            inline=inline.call_of(0),
+                        )
+                    ]
+                    for position, ran in enumerate(inline.steps, start=1):
+                        record = pending[-1].instance
+                        assert record is not None  # noqa: S101 - the effect writer sets it
+                        pending.append(
+                            await stepper.write(
+                                session,
+                                deployed,
+                                record,
+                                ran.outcome.event,
+                                actor=runtime.owner,
+                                action=handler_action(ran.outcome),
+                                reason=handler_reason(ran.call, ran.outcome),
+                                result=ran.result,
+                                inline=inline.call_of(position),
+                            )
+                        )
+            except BaseException:
+                inline.cancel()
+                raise
+            stepper.committed(pending[0], "instance.started")
+            for ran, written in zip(inline.steps, pending[1:], strict=True):
+                STEP_SECONDS.labels(
+                    process=deployed.definition.key, outcome="ok" if ran.outcome.ok else "failed"
+                ).observe(time.perf_counter() - ran.started)
+                stepper.committed(written, handler_action(ran.outcome))
         return instance_id
 
     async def deliver(
@@ -127,6 +168,7 @@ class MessageDelivery:
         claimed_version: str | None = None,
         version: str | None = None,
         requester: str | None = None,
+        new_business_key: bool = False,
     ) -> str:
         """The DSF BPE's rule for a received Task (``TaskHandler.onMessage``): when a running
         instance of ``process_key`` has the Task's business key, the message goes to its
@@ -140,6 +182,8 @@ class MessageDelivery:
         instance is unresolved (the reply may have overtaken it). ``requester`` is the
         organization identifier of the Task's requester, for plugins that accept replies only
         from the organizations they asked (:meth:`HandlerRegistry.replies_only_from_recipients`).
+        ``new_business_key``: the Task had none and ``business_key`` was made up for it just
+        now (as the DSF BPE does), so no instance has it and none is looked for.
         """
         deployed = self.runtime.process(process_key, version)
         if deployed is None:
@@ -163,12 +207,16 @@ class MessageDelivery:
                     task_version=task_version,
                     actor=actor,
                     claimed_version=claimed_version,
-                    unless_running=business_key is not None,
+                    unless_running=business_key is not None and not new_business_key,
                     version=version,
                 )
             except repo.InstanceRunningError:
                 pass  # a running instance has the business key: the message is for it
-        elif business_key is None or not await self._running_with(deployed, business_key):
+        elif (
+            business_key is None
+            or new_business_key
+            or not await self._running_with(deployed, business_key)
+        ):
             raise CorrelationError(
                 f"Process with start message-name '{message_name}' not found: no running "
                 f"instance of {process_key} has business-key {business_key!r}, and the "
@@ -206,7 +254,7 @@ class MessageDelivery:
         )
 
     async def _running_with(self, deployed: DeployedProcess, business_key: str) -> bool:
-        async with self.runtime.database.transaction() as session:
+        async with self.runtime.database.autocommit() as session:
             return await repo.running_with_business_key(
                 session, deployed.definition_id, business_key
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +54,14 @@ from dsf_bridge.store import (
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
 
-__all__ = ["SIGNAL_SUBSCRIPTION", "TAKEN_IN", "EffectWriter", "StepRecord", "subscription_keys"]
+__all__ = [
+    "SIGNAL_SUBSCRIPTION",
+    "TAKEN_IN",
+    "EffectWriter",
+    "InlineCall",
+    "StepRecord",
+    "subscription_keys",
+]
 
 log = structlog.get_logger("dsf_bridge.runtime")
 
@@ -63,6 +70,38 @@ SIGNAL_SUBSCRIPTION = "signal:"
 
 # The status of a Task version intake claimed once its message reached an instance.
 TAKEN_IN = TaskSeenStatus.TAKEN_IN
+
+
+_FRESH = "dsf_bridge.fresh_instances"
+
+
+@dataclass
+class FreshInstance:
+    """An instance created by the current transaction: the Tasks it took in and how many of
+    its jobs were written, so that its later steps in the same transaction need not ask the
+    store (no other transaction sees it before the commit)."""
+
+    incoming: list[str] = field(default_factory=list)
+    jobs: int = 0
+
+
+def created_here(session: Session, instance_id: str) -> FreshInstance | None:
+    """What the current transaction wrote of ``instance_id``, if it created it
+    (:meth:`EffectWriter.created`)."""
+    fresh: dict[str, FreshInstance] | None = session.info.get(_FRESH)
+    return None if fresh is None else fresh.get(instance_id)
+
+
+@dataclass(frozen=True)
+class InlineCall:
+    """The handler call of a step that the caller ran before the step's transaction
+    (:meth:`~dsf_bridge.runtime.stepping.InstanceStepper.run_inline`): no job is written for
+    it when ``running`` is ``None`` (its outcome is the next step of the same transaction);
+    otherwise the job is written leased to this runtime, and runs by awaiting ``running``, the
+    call under way, instead of calling the handler again."""
+
+    token: str
+    running: Awaitable[Any] | None = None
 
 
 @dataclass
@@ -115,6 +154,11 @@ class EffectWriter:
         # bounded); when not, work is written for a polling round (bounded by its batch).
         self.has_room: Callable[[], bool] = lambda: True
 
+    @staticmethod
+    def created(session: Session, instance_id: str) -> None:
+        """Note that the current transaction creates ``instance_id`` (:func:`created_here`)."""
+        session.info.setdefault(_FRESH, {})[instance_id] = FreshInstance()
+
     def leased(self, now: dt.datetime) -> repo.Lease | None:
         """The lease to write new work with, to run it right after the commit; ``None``: for
         a polling round (the worker loop is off, or the runtime runs enough at once)."""
@@ -132,8 +176,15 @@ class EffectWriter:
         retries: int,
         payload: dict[str, Any],
         now: dt.datetime,
+        running: Awaitable[Any] | None = None,
     ) -> None:
+        fresh = created_here(session, pending.instance_id)
+        if fresh is not None:
+            fresh.jobs += 1
         leased = self.leased(now) if due_at <= now else None
+        if running is not None and self.lease is not None:
+            # Its handler runs already, here: no polling round may call it again.
+            leased = (self.owner, now + self.lease)
         job_id = await repo.enqueue_job(
             session,
             kind=kind,
@@ -145,7 +196,9 @@ class EffectWriter:
         )
         if leased is not None:
             pending.jobs.append(
-                repo.ClaimedJob(job_id, pending.instance_id, kind, payload, 1, retries)
+                repo.ClaimedJob(
+                    job_id, pending.instance_id, kind, payload, 1, retries, running=running
+                )
             )
         else:
             pending.for_rounds += 1
@@ -187,8 +240,10 @@ class EffectWriter:
         result: Any,
         *,
         fresh: bool = False,
+        inline: InlineCall | None = None,
     ) -> StepRecord:
-        """Write the new state and the effects' records, all in the caller's transaction."""
+        """Write the new state and the effects' records, all in the caller's transaction;
+        ``inline``: the handler call of this step that the caller ran already."""
         state = result.state
         status = instance_state.instance_status(state).label
         now = self.clock()
@@ -222,6 +277,11 @@ class EffectWriter:
             effect = effects.pop(0)
             pending.effects.append(type(effect).__name__)
             if isinstance(effect, CallHandler):
+                running = None
+                if inline is not None and effect.token == inline.token:
+                    if inline.running is None:
+                        continue  # its outcome is the next step of this transaction
+                    running = inline.running
                 await self._job(
                     session,
                     pending,
@@ -239,6 +299,7 @@ class EffectWriter:
                         "fields": dict(effect.fields),
                         "event": effect.event,
                     },
+                    running=running,
                 )
             elif isinstance(effect, SendTask):
                 await self._job(
@@ -367,7 +428,12 @@ class EffectWriter:
                 await repo.replace_subscriptions(session, instance_id, subscription_keys(state))
                 pending.status = instance_state.instance_status(state).label
             elif isinstance(effect, CompleteTasks | FailTasks):
-                incoming = await repo.tasks_of_instance(session, instance_id, "incoming")
+                created = created_here(session, instance_id)
+                incoming = (
+                    list(created.incoming)
+                    if created is not None
+                    else await repo.tasks_of_instance(session, instance_id, "incoming")
+                )
                 variables = instance_state.process_variables(state)
                 strays = sorted(task_output_task_ids(variables) - set(incoming))
                 if strays:
@@ -426,6 +492,9 @@ class EffectWriter:
             raise TaskAlreadyDeliveredError(
                 f"Task/{task_id} version {task_version} was delivered already"
             )
+        fresh = created_here(session, instance_id)
+        if fresh is not None and task_id not in fresh.incoming:
+            fresh.incoming.append(task_id)
         described = task_record(
             task_id,
             task_version,

@@ -347,6 +347,7 @@ class TaskIntake:
         if refusal is not None:
             await self._fail(task, version, refusal)
             return
+        new_business_key = not (given and isinstance(given[0], str))
         business_key = message.business_key or business_key
         in_progress = updated_task(task, status="in-progress", business_key=business_key)
         try:
@@ -391,6 +392,7 @@ class TaskIntake:
             new_version=new_version,
             message=message,
             business_key=business_key,
+            new_business_key=new_business_key,
         )
 
     async def _server_state(self, task_id: str, version: str) -> str | None:
@@ -437,13 +439,16 @@ class TaskIntake:
         new_version: str,
         message: TaskMessage,
         business_key: str,
+        new_business_key: bool = False,
     ) -> None:
+        """``new_business_key``: the Task had none, ``business_key`` was made up for it."""
         try:
             instance_id = await self.runtime.deliver(
                 message.process.key,
                 version=message.process.version,
                 message_name=message.message_name,
                 business_key=business_key,
+                new_business_key=new_business_key,
                 correlation_key=message.correlation_key,
                 variables=task_variables(task),
                 task_id=task_id,
@@ -885,6 +890,7 @@ class TaskIntake:
                 new_version=version,
                 message=message,
                 business_key=business_key,
+                new_business_key=message.business_key is None,
             )
             return
         await self._mark(claim.task_id, claim.task_version, LOST)

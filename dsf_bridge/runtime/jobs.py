@@ -32,7 +32,7 @@ from dsf_bridge.engine.events import (
 )
 from dsf_bridge.errors import BridgeError, ConcurrencyError, ProcessExecutionError, StoreError
 from dsf_bridge.logs import bound_context
-from dsf_bridge.plugins.invocation import invoke
+from dsf_bridge.plugins.invocation import Invocation, invoke
 from dsf_bridge.runtime.deployments import DeployedProcess
 from dsf_bridge.runtime.faults import FaultPoint, InstanceGoneError
 from dsf_bridge.runtime.stepping import step_context, task_id_of
@@ -45,7 +45,7 @@ from dsf_bridge.telemetry import STEP_SECONDS, timed
 if TYPE_CHECKING:
     from dsf_bridge.runtime.processes import ProcessRuntime
 
-__all__ = ["JobWorker"]
+__all__ = ["JobWorker", "handler_action", "handler_reason"]
 
 log = structlog.get_logger("dsf_bridge.runtime")
 
@@ -57,6 +57,18 @@ _CONFLICT_BACKOFF = dt.timedelta(milliseconds=100)
 # How soon a signal job looks again at an instance that was busy between two waits.
 _SIGNAL_RECHECK = dt.timedelta(milliseconds=200)
 _SIGNAL_PATIENCE = dt.timedelta(seconds=5)
+
+
+def handler_action(outcome: Invocation) -> str:
+    """The audit action of the step a handler's outcome takes."""
+    return "handler.completed" if outcome.ok else "handler.failed"
+
+
+def handler_reason(effect: CallHandler, outcome: Invocation) -> str:
+    """The audit reason of the step a handler's outcome takes."""
+    return f"{effect.handler} at {effect.element_id}" + (
+        "" if outcome.ok else f": {getattr(outcome.event, 'message', '')}"
+    )
 
 
 class JobWorker:
@@ -216,20 +228,14 @@ class JobWorker:
             return
         deployed = await self.runtime.deployments.of_instance(instance_id)
         if job.kind is JobKind.HANDLER:
-            variables, fields = payload["variables"], payload["fields"]
-            if job.instance is not None:
-                # The payload the commit queued shares its values with the instance it hands
-                # on (the step starts from it): the handler gets them as the store keeps them,
-                # so a change it makes in place (then fails, say) never reaches the instance.
-                variables, fields = json.loads(json.dumps([variables, fields]))
             effect = CallHandler(
                 handler=str(payload["handler"]),
                 kind=str(payload["kind"]),
                 element_id=str(payload["element_id"]),
                 token=str(payload["token"]),
                 business_key=str(payload["business_key"]),
-                variables=variables,
-                fields=fields,
+                variables=payload["variables"],
+                fields=payload["fields"],
                 event=payload.get("event"),
             )
             with (
@@ -240,17 +246,22 @@ class JobWorker:
                     task_id=task_id_of(effect.variables),
                 ),
             ):
-                outcome = await invoke(
-                    deployed.handlers, effect, self.runtime.clock(), self.runtime.services
-                )
-                self.runtime._fault(FaultPoint.HANDLER_RAN, effect.handler)
+                if job.running is not None:
+                    # Called before the commit that queued this job: awaited, not called
+                    # again (the duration observed begins at that commit).
+                    outcome: Invocation = await job.running
+                else:
+                    # The payload a commit queued shares its values with the instance it
+                    # hands on (the step starts from it): the handler gets a copy.
+                    outcome = await self.call_handler(
+                        deployed, effect, copy=job.instance is not None
+                    )
                 timing.outcome = "ok" if outcome.ok else "failed"
                 await self.runtime.stepper.apply(
                     instance_id,
                     lambda now: outcome.event,
-                    action="handler.completed" if outcome.ok else "handler.failed",
-                    reason=f"{effect.handler} at {effect.element_id}"
-                    + ("" if outcome.ok else f": {getattr(outcome.event, 'message', '')}"),
+                    action=handler_action(outcome),
+                    reason=handler_reason(effect, outcome),
                     job_id=job.id,
                     known=job.instance,
                 )
@@ -259,6 +270,24 @@ class JobWorker:
             await self._prepare_send(job, instance_id, deployed)
             return
         raise ProcessExecutionError(f"unknown job kind {job.kind!r}")  # pragma: no cover
+
+    async def call_handler(
+        self, deployed: DeployedProcess, effect: CallHandler, *, copy: bool = True
+    ) -> Invocation:
+        """Run the handler of ``effect`` in its step's log context. ``copy``: give it the
+        variables and fields as the store keeps them (a JSON copy), so that a change it makes
+        in place (then fails, say) never reaches the state they were taken from."""
+        if copy:
+            variables, fields = json.loads(json.dumps([effect.variables, effect.fields]))
+            effect = replace(effect, variables=variables, fields=fields)
+        with step_context(
+            deployed, business_key=effect.business_key, task_id=task_id_of(effect.variables)
+        ):
+            outcome = await invoke(
+                deployed.handlers, effect, self.runtime.clock(), self.runtime.services
+            )
+        self.runtime._fault(FaultPoint.HANDLER_RAN, effect.handler)
+        return outcome
 
     async def _run_operator(self, job: repo.ClaimedJob, instance_id: str) -> None:
         """Apply an operator's request (see :mod:`dsf_bridge.runtime.operations`)."""

@@ -89,6 +89,10 @@ class RuntimeSettings:
     shutdown_grace: dt.timedelta = dt.timedelta(seconds=30)
     # How one call to a remote server is repeated (every adapter: FHIR, DICOMweb, inference).
     call_retry: RetryPolicy = CALL_RETRY
+    # How long a start waits for the handlers it reaches before it commits: those done by
+    # then commit with it, in its transaction (InstanceStepper.run_inline); 0 runs every
+    # handler in a job after the commit.
+    inline_handler_budget: dt.timedelta = dt.timedelta(milliseconds=50)
 
 
 class ProcessRuntime:

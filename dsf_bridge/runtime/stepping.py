@@ -18,22 +18,24 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from dsf_bridge.engine import state as instance_state
-from dsf_bridge.engine.events import Event, Start
+from dsf_bridge.engine.events import CallHandler, Event, Start
 from dsf_bridge.engine.interpreter import Step
 from dsf_bridge.engine.interpreter import step as engine_step
 from dsf_bridge.engine.model import ProcessDefinition
-from dsf_bridge.errors import ConcurrencyError
+from dsf_bridge.errors import ConcurrencyError, ProcessExecutionError
 from dsf_bridge.logs import bound_context
+from dsf_bridge.plugins.invocation import Invocation
 from dsf_bridge.runtime.deployments import DeployedProcess
-from dsf_bridge.runtime.effects import EffectWriter, StepRecord
+from dsf_bridge.runtime.effects import EffectWriter, InlineCall, StepRecord, created_here
 from dsf_bridge.runtime.faults import FaultPoint, InstanceGoneError
 from dsf_bridge.store import Records, Session, append_event, instance_record, state_digest
 from dsf_bridge.store import repository as repo
@@ -87,6 +89,43 @@ def task_id_of(variables: Mapping[str, Any]) -> str | None:
     return task_id if isinstance(task_id, str) and task_id else None
 
 
+# Most handler steps one transaction takes (run_inline): a loop of service tasks without a
+# wait state commits every so many.
+_MOST_INLINE_STEPS = 20
+
+
+@dataclass(frozen=True)
+class InlineStep:
+    """A handler run before its step's transaction: the call, its outcome, the engine's step
+    of the outcome, and when it was called (``time.perf_counter()``)."""
+
+    call: CallHandler
+    outcome: Invocation
+    result: Step
+    started: float
+
+
+@dataclass
+class InlineRun:
+    """What :meth:`InstanceStepper.run_inline` ran: the handler steps to write after the
+    first step, in order, and the call still under way when its budget ran out."""
+
+    steps: list[InlineStep] = field(default_factory=list)
+    running: InlineCall | None = None
+
+    def call_of(self, position: int) -> InlineCall | None:
+        """The inline call of the step at ``position`` (0: the first step, ``i``: the step
+        of ``steps[i - 1]``)."""
+        if position < len(self.steps):
+            return InlineCall(self.steps[position].call.token)
+        return self.running if position == len(self.steps) else None
+
+    def cancel(self) -> None:
+        """The steps were not written: stop the call still under way (no job awaits it)."""
+        if self.running is not None and isinstance(self.running.running, asyncio.Future):
+            self.running.running.cancel()
+
+
 class InstanceStepper:
     """Steps the instances of ``runtime`` (its store, clock, deployments and effect writer)."""
 
@@ -114,12 +153,18 @@ class InstanceStepper:
         reason: str,
         before_audit: Callable[[], Awaitable[Records | None]] | None = None,
         unless_running: bool = False,
+        result: Step | None = None,
+        inline: InlineCall | None = None,
     ) -> StepRecord:
         """A new instance from its start event; ``before_audit`` writes what caused it (the
         Task taken in) before the audit event, and returns the records of the rows it wrote.
         ``unless_running``: :class:`~dsf_bridge.store.repository.InstanceRunningError` instead
-        when a running instance of the process has the business key."""
-        result = engine_step_of(deployed.definition, None, event)
+        when a running instance of the process has the business key. ``result``: the engine's
+        step of ``event``, when the caller took it already; ``inline``: its handler call that
+        the caller ran (:meth:`run_inline`)."""
+        if result is None:
+            result = engine_step_of(deployed.definition, None, event)
+        self.effects.created(session, instance_id)
         status = instance_state.instance_status(result.state).label
         record = await repo.create_instance(
             session,
@@ -152,7 +197,9 @@ class InstanceStepper:
             payload_digest=digest,
             record=described,
         )
-        pending = await self.effects.write(session, deployed, record, result, fresh=True)
+        pending = await self.effects.write(
+            session, deployed, record, result, fresh=True, inline=inline
+        )
         self.runtime._fault(FaultPoint.STEP_WRITTEN, action)
         return pending
 
@@ -169,18 +216,22 @@ class InstanceStepper:
         failed_action: str | None = None,
         before_audit: Callable[[], Awaitable[Records | None]] | None = None,
         job_id: int | None = None,
+        result: Step | None = None,
+        inline: InlineCall | None = None,
     ) -> StepRecord:
         """Step an existing instance by ``event``. A step the engine undid (a handler's
         technical error) is audited as ``failed_action`` with the error, when given.
         ``job_id``: the job leased to this runtime whose step this is, removed in the same
-        transaction (:class:`ConcurrencyError` when its lease was lost)."""
+        transaction (:class:`ConcurrencyError` when its lease was lost). ``result`` and
+        ``inline`` as for :meth:`create`."""
         with step_context(
             deployed,
             instance_id=record.id,
             business_key=record.business_key,
             task_id=task_id_of(instance_state.process_variables(record.state)),
         ):
-            result = engine_step_of(deployed.definition, record.state, event)
+            if result is None:
+                result = engine_step_of(deployed.definition, record.state, event)
             digest = state_digest(result.state)
             # The row as the effect writer saves it (a signal the instance throws to itself
             # steps it once more: that event records the row again).
@@ -204,21 +255,74 @@ class InstanceStepper:
                 payload_digest=digest,
                 record=described,
             )
-            pending = await self.effects.write(session, deployed, record, result)
+            pending = await self.effects.write(session, deployed, record, result, inline=inline)
             owner = self.runtime.owner
             if pending.status != "running":
                 # Camunda deletes an ended execution's jobs: a sibling's handler or send that
                 # is still queued (a parallel multi-instance) never runs. With the job of this
                 # step, in one statement.
+                fresh = created_here(session, record.id)
                 if job_id is not None:
                     await repo.complete_job_ending(session, job_id, owner, record.id)
-                else:
+                elif fresh is None or fresh.jobs:  # an instance created here has no others
                     await repo.delete_jobs_of(session, record.id)
                 pending.jobs.clear()
             elif job_id is not None:
                 await repo.complete_job(session, job_id, owner)
             self.runtime._fault(FaultPoint.STEP_WRITTEN, action)
         return pending
+
+    # -- before the transaction ---------------------------------------------------------------
+
+    def inline_call(self, result: Step) -> CallHandler | None:
+        """The handler call :meth:`run_inline` may run before ``result`` is written: its only
+        effect, while the runtime runs work right after commits (its worker loop is on and has
+        room) and the budget is not 0."""
+        runtime = self.runtime
+        if (
+            runtime.settings.inline_handler_budget <= dt.timedelta(0)
+            or result.error is not None
+            or len(result.effects) != 1
+            or not isinstance(result.effects[0], CallHandler)
+            or self.effects.leased(runtime.clock()) is None
+        ):
+            return None
+        return result.effects[0]
+
+    async def run_inline(self, deployed: DeployedProcess, first: Step) -> InlineRun:
+        """Run the handler of ``first`` (see :meth:`inline_call`), and of each step its outcome
+        takes, before the step is written: as Camunda runs a synchronous service task in the
+        transaction that reached it, so that a start and its handlers commit once instead of
+        once per handler. Within the runtime's ``inline_handler_budget``: a handler still
+        running then goes on, and its job, written leased to this runtime, awaits it after
+        the commit. A step of an outcome that the engine refuses or undoes is not taken here
+        either: the handler's job takes it, as it takes any handler's outcome."""
+        run = InlineRun()
+        jobs = self.runtime.jobs
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.runtime.settings.inline_handler_budget.total_seconds()
+        call = self.inline_call(first)
+        state = first.state
+        while call is not None:
+            started = time.perf_counter()
+            running = asyncio.ensure_future(jobs.call_handler(deployed, call))
+            done, _ = await asyncio.wait({running}, timeout=max(0.0, deadline - loop.time()))
+            if not done:
+                run.running = InlineCall(call.token, running)
+                return run
+            outcome = running.result()
+            try:
+                follow: Step | None = engine_step_of(deployed.definition, state, outcome.event)
+            except ProcessExecutionError:
+                follow = None
+            if follow is None or follow.error is not None:
+                # Not taken here: the job takes the outcome as it takes any handler's.
+                run.running = InlineCall(call.token, running)
+                return run
+            run.steps.append(InlineStep(call, outcome, follow, started))
+            state = follow.state
+            call = self.inline_call(follow) if len(run.steps) < _MOST_INLINE_STEPS else None
+        return run
 
     # -- a transaction of its own -----------------------------------------------------------------
 

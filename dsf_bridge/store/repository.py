@@ -13,7 +13,7 @@ serializes claims (one process per SQLite file).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -781,6 +781,9 @@ class ClaimedJob:
     # commit: its step need not read the instance again (a version moved meanwhile is caught
     # when the step saves, and the step is replayed on the instance as read then).
     instance: InstanceRecord | None = None
+    # A handler job whose handler already runs (started before the commit that queued the
+    # job, see InstanceStepper.run_inline): the job awaits it instead of calling it again.
+    running: Awaitable[Any] | None = None
 
 
 async def enqueue_job(

@@ -1,0 +1,388 @@
+"""Handlers a start reaches run before the start's transaction, which records their outcomes
+too (issue 11; Camunda runs a synchronous service task in the transaction that reached it):
+within the runtime's ``inline_handler_budget``, once each, and a crash anywhere loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import pytest
+from sqlalchemy import event, select
+
+from dsf_bridge.engine import load_process
+from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
+from dsf_bridge.runtime.processes import FaultPoint, ProcessRuntime, RuntimeSettings
+from dsf_bridge.store import Database, verify_chain
+from dsf_bridge.store import repository as repo
+from dsf_bridge.store.tables import AuditEvent, Job, ProcessInstance, TaskSeen
+from tests.runtime.test_dispatch import _first_round
+from tests.runtime.test_processes import FakeGateway
+from tests.runtime.test_shutdown import KEY, SlowWork, _runtime, _statuses
+
+_TWO_STEPS = """<?xml version="1.0" encoding="UTF-8"?>
+<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"
+    xmlns:camunda="http://camunda.org/schema/1.0/bpmn" id="TwoSteps"
+    targetNamespace="http://bpmn.io/schema/bpmn">
+  <bpmn:process id="testorg_twoSteps" isExecutable="true" camunda:versionTag="1.0">
+    <bpmn:startEvent id="Start">
+      <bpmn:outgoing>f1</bpmn:outgoing>
+      <bpmn:messageEventDefinition messageRef="m_start" />
+    </bpmn:startEvent>
+    <bpmn:serviceTask id="First" camunda:class="org.test.First">
+      <bpmn:incoming>f1</bpmn:incoming>
+      <bpmn:outgoing>f2</bpmn:outgoing>
+    </bpmn:serviceTask>
+    <bpmn:serviceTask id="Second" camunda:class="org.test.Second">
+      <bpmn:incoming>f2</bpmn:incoming>
+      <bpmn:outgoing>f3</bpmn:outgoing>
+    </bpmn:serviceTask>
+    <bpmn:exclusiveGateway id="Check" default="f5">
+      <bpmn:incoming>f3</bpmn:incoming>
+      <bpmn:outgoing>f4</bpmn:outgoing>
+      <bpmn:outgoing>f5</bpmn:outgoing>
+    </bpmn:exclusiveGateway>
+    <bpmn:endEvent id="Done">
+      <bpmn:incoming>f4</bpmn:incoming>
+      <bpmn:incoming>f5</bpmn:incoming>
+    </bpmn:endEvent>
+    <bpmn:sequenceFlow id="f1" sourceRef="Start" targetRef="First" />
+    <bpmn:sequenceFlow id="f2" sourceRef="First" targetRef="Second" />
+    <bpmn:sequenceFlow id="f3" sourceRef="Second" targetRef="Check" />
+    <bpmn:sequenceFlow id="f4" sourceRef="Check" targetRef="Done">
+      <bpmn:conditionExpression>${strict &amp;&amp; missing}</bpmn:conditionExpression>
+    </bpmn:sequenceFlow>
+    <bpmn:sequenceFlow id="f5" sourceRef="Check" targetRef="Done" />
+  </bpmn:process>
+  <bpmn:message id="m_start" name="start" />
+</bpmn:definitions>
+"""
+_TWO_KEY = "testorg_twoSteps"
+
+
+class Crash(BaseException):
+    """The simulated kill: no handler in the runtime catches a BaseException."""
+
+
+def _settings(**changes: Any) -> RuntimeSettings:
+    return dataclasses.replace(
+        RuntimeSettings(
+            lease=dt.timedelta(seconds=60),
+            idle_poll=dt.timedelta(milliseconds=50),
+            shutdown_grace=dt.timedelta(seconds=5),
+        ),
+        **changes,
+    )
+
+
+async def _two_steps(
+    database: Database, runs: list[str], *, owner: str, strict: bool = False, **settings: Any
+) -> ProcessRuntime:
+    registry = HandlerRegistry()
+
+    @registry.service("org.test.First")
+    def first(ctx: HandlerContext) -> None:
+        runs.append("First")
+        ctx.set("strict", strict)
+
+    @registry.service("org.test.Second")
+    async def second(ctx: HandlerContext) -> None:
+        runs.append("Second")
+
+    runtime = ProcessRuntime(database, FakeGateway(), owner=owner, settings=_settings(**settings))
+    definition = load_process(_TWO_STEPS.encode(), "two_steps.bpmn", resource_version="1.0")
+    await runtime.deploy(definition, registry, plugin="test", model_hash="t" * 64)
+    return runtime
+
+
+def _record(runtime: ProcessRuntime) -> list[tuple[FaultPoint, str]]:
+    reached: list[tuple[FaultPoint, str]] = []
+    runtime.fault_hook = lambda point, detail: reached.append((point, detail))
+    return reached
+
+
+async def _running(runtime: ProcessRuntime) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    stop = asyncio.Event()
+    worker = asyncio.create_task(runtime.run_forever(stop))
+    await _first_round(runtime)
+    return stop, worker
+
+
+async def _until(condition: Any, seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if await condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+async def _actions(database: Database) -> list[str]:
+    async with database.transaction() as session:
+        rows = await session.scalars(
+            select(AuditEvent.action)
+            .where(AuditEvent.subject.like("instance/%"))
+            .order_by(AuditEvent.id)
+        )
+        return list(rows)
+
+
+def _job_inserts(database: Database) -> list[str]:
+    """The statements that write a job, as the database receives them."""
+    written: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO JOBS"):
+            written.append(statement)
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", seen)
+    return written
+
+
+async def test_handlers_done_within_the_budget_commit_with_the_start(database: Database) -> None:
+    """Both handlers run before the start's one commit; no job is ever written for them; the
+    audit trail still has a step per handler, in order, and the chain verifies."""
+    runs: list[str] = []
+    runtime = await _two_steps(database, runs, owner="inline")
+    reached = _record(runtime)
+    jobs = _job_inserts(database)
+    stop, worker = await _running(runtime)
+    await runtime.deliver(
+        _TWO_KEY, message_name="start", business_key="bk-inline", task_id="t-1", task_version="2"
+    )
+    committed = [detail for point, detail in reached if point is FaultPoint.STEP_COMMITTED]
+    ran = [detail for point, detail in reached if point is FaultPoint.HANDLER_RAN]
+    # Both handlers ran before anything was committed; then the one transaction's steps.
+    assert ran == ["org.test.First", "org.test.Second"]
+    first_commit = next(i for i, (p, _) in enumerate(reached) if p is FaultPoint.STEP_COMMITTED)
+    assert all(i < first_commit for i, (p, _) in enumerate(reached) if p is FaultPoint.HANDLER_RAN)
+    assert committed == ["instance.started", "handler.completed", "handler.completed"]
+    await _until(lambda: _completed(runtime, "t-1"))
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    assert runs == ["First", "Second"]
+    assert jobs == []
+    assert await _statuses(database) == ["completed"]
+    assert await _actions(database) == [
+        "instance.started",
+        "handler.completed",
+        "handler.completed",
+        "instance.completed",
+    ]
+    async with database.transaction() as session:
+        (instance,) = await repo.all_instances(session)
+        assert instance.version == 3  # one version per step, as if each had committed
+        seen = (await session.scalars(select(TaskSeen.instance_id))).all()
+        assert seen == [instance.id]
+        assert (await verify_chain(session)).ok
+
+
+async def _completed(runtime: ProcessRuntime, task_id: str) -> bool:
+    return task_id in runtime.gateway.completed  # type: ignore[attr-defined]
+
+
+async def test_a_handler_slower_than_the_budget_goes_on_in_its_job_and_runs_once(
+    database: Database,
+) -> None:
+    """The start commits when the budget runs out: the instance is there, waiting at the
+    service task with its job leased to this bridge, while the handler goes on; the job
+    takes its outcome (the handler is not called a second time)."""
+    work = SlowWork()
+    runtime = await _runtime(database, work, owner="slow", grace=5)
+    runtime.settings = dataclasses.replace(
+        runtime.settings, inline_handler_budget=dt.timedelta(milliseconds=20)
+    )
+    stop, worker = await _running(runtime)
+    await asyncio.wait_for(
+        runtime.deliver(
+            KEY, message_name="start", business_key="bk-slow", task_id="t-1", task_version="2"
+        ),
+        5,
+    )
+    assert work.started.is_set()
+    assert await _statuses(database) == ["running"]
+    async with database.transaction() as session:
+        held = (await session.scalars(select(Job.lease_owner))).all()
+    assert held == ["slow"]  # no polling round may call it again
+    work.release.set()
+    await _until(lambda: _completed(runtime, "t-1"))
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    assert work.runs == 1
+    assert await _statuses(database) == ["completed"]
+    assert await _actions(database) == [
+        "instance.started",
+        "handler.completed",
+        "instance.completed",
+    ]
+
+
+async def test_with_a_budget_of_zero_every_handler_runs_in_a_job(database: Database) -> None:
+    runs: list[str] = []
+    runtime = await _two_steps(database, runs, owner="jobs", inline_handler_budget=dt.timedelta(0))
+    reached = _record(runtime)
+    jobs = _job_inserts(database)
+    stop, worker = await _running(runtime)
+    await runtime.deliver(
+        _TWO_KEY, message_name="start", business_key="bk-jobs", task_id="t-1", task_version="2"
+    )
+    await _until(lambda: _completed(runtime, "t-1"))
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    assert runs == ["First", "Second"]
+    assert len(jobs) == 2
+    order = [(p, d) for p, d in reached if p in (FaultPoint.STEP_COMMITTED, FaultPoint.HANDLER_RAN)]
+    assert order[0] == (FaultPoint.STEP_COMMITTED, "instance.started")  # before any handler
+    assert order[1] == (FaultPoint.HANDLER_RAN, "org.test.First")
+
+
+@pytest.mark.parametrize("budget", [dt.timedelta(milliseconds=50), dt.timedelta(0)])
+async def test_an_engine_error_after_a_handler_fails_the_instance_inline_or_not(
+    database: Database, budget: dt.timedelta
+) -> None:
+    """The step after the second handler fails in the engine (a condition on a variable that
+    does not exist): a handler's outcome continuing a path fails the instance with the error,
+    whether the handler ran inline or in its job, and the Task is failed with the same words."""
+    runs: list[str] = []
+    runtime = await _two_steps(
+        database, runs, owner="erring", strict=True, inline_handler_budget=budget
+    )
+    stop, worker = await _running(runtime)
+    await runtime.deliver(
+        _TWO_KEY, message_name="start", business_key="bk-err", task_id="t-1", task_version="2"
+    )
+    gateway: FakeGateway = runtime.gateway  # type: ignore[assignment]
+
+    async def failed() -> bool:
+        return bool(gateway.failed)
+
+    await _until(failed)
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    assert runs == ["First", "Second"]
+    assert await _statuses(database) == ["failed"]
+    ((task_id, message),) = gateway.failed
+    assert task_id == "t-1"
+    assert "Cannot resolve identifier 'missing'" in message
+    assert (await _actions(database))[-1] == "instance.failed"
+
+
+@pytest.mark.parametrize(
+    "crash_at",
+    [
+        (FaultPoint.HANDLER_RAN, "org.test.Second"),
+        (FaultPoint.STEP_WRITTEN, "handler.completed"),
+        (FaultPoint.STEP_COMMITTED, "instance.started"),
+    ],
+)
+async def test_a_crash_around_inline_handlers_loses_nothing_and_sends_one_result(
+    database: Database, crash_at: tuple[FaultPoint, str]
+) -> None:
+    """Killed after a handler ran but before the start committed (nothing is written: the
+    Task version is delivered again, as intake's recovery of its claim does, and the handlers
+    run again, at least once as every handler), or right after the commit (the Task version
+    is taken in: delivering it again is refused, and the completing PUT is sent once)."""
+    runs: list[str] = []
+    first = await _two_steps(database, runs, owner="killed")
+    dead = False
+
+    def hook(point: FaultPoint, detail: str) -> None:
+        nonlocal dead
+        if dead or (point, detail) == crash_at:
+            dead = True
+            raise Crash(f"{point.value} {detail}")
+
+    first.fault_hook = hook
+    stop, worker = await _running(first)
+    with pytest.raises(Crash):
+        await first.deliver(
+            _TWO_KEY, message_name="start", business_key="bk-k", task_id="t-1", task_version="2"
+        )
+    stop.set()
+    await asyncio.gather(worker, return_exceptions=True)
+    committed = crash_at[0] is FaultPoint.STEP_COMMITTED
+    async with database.transaction() as session:
+        instances = (await session.scalars(select(ProcessInstance.status))).all()
+    assert instances == (["completed"] if committed else [])
+
+    second = await _two_steps(database, runs, owner="restarted")
+    stop, worker = await _running(second)
+    if committed:
+        with pytest.raises(Exception, match="delivered already"):
+            await second.deliver(
+                _TWO_KEY, message_name="start", business_key="bk-k", task_id="t-1", task_version="2"
+            )
+        await second.run_until_idle()
+    else:
+        await second.deliver(
+            _TWO_KEY, message_name="start", business_key="bk-k", task_id="t-1", task_version="2"
+        )
+        await _until(lambda: _completed(second, "t-1"))
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    sent = first.gateway.completed + second.gateway.completed  # type: ignore[attr-defined]
+    assert sent == ["t-1"]
+    assert await _statuses(database) == ["completed"]
+    async with database.transaction() as session:
+        assert (await verify_chain(session)).ok
+
+
+async def test_a_start_for_a_key_a_running_instance_has_runs_no_handler(
+    database: Database,
+) -> None:
+    """The message goes to the running instance (DSF's rule), so no handler of a new instance
+    may run first: the look for one comes before the handlers."""
+    work = SlowWork()
+    runtime = await _runtime(database, work, owner="looked", grace=1)
+    runtime.settings = dataclasses.replace(
+        runtime.settings, inline_handler_budget=dt.timedelta(milliseconds=20)
+    )
+    stop, worker = await _running(runtime)
+    await runtime.deliver(
+        KEY, message_name="start", business_key="bk-same", task_id="t-1", task_version="2"
+    )
+    await asyncio.wait_for(work.started.wait(), 5)
+    with pytest.raises(Exception, match="Unable to correlate"):
+        await runtime.deliver(
+            KEY, message_name="start", business_key="bk-same", task_id="t-2", task_version="2"
+        )
+    assert work.runs == 1
+    work.release.set()
+    await _until(lambda: _completed(runtime, "t-1"))
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    assert work.runs == 1
+
+
+async def test_a_made_up_business_key_is_not_looked_up(database: Database) -> None:
+    """A Task without a business key gets a new one (as in the DSF BPE): no instance can have
+    it, so the start neither looks for one nor guards its insert with the look."""
+    runs: list[str] = []
+    runtime = await _two_steps(database, runs, owner="new-key")
+    statements: list[str] = []
+    event.listen(
+        database.engine.sync_engine,
+        "before_cursor_execute",
+        lambda _c, _k, statement, *_a: statements.append(statement),
+    )
+    stop, worker = await _running(runtime)
+    await runtime.deliver(
+        _TWO_KEY,
+        message_name="start",
+        business_key="bk-made-up",
+        new_business_key=True,
+        task_id="t-1",
+        task_version="2",
+    )
+    await runtime.deliver(
+        _TWO_KEY, message_name="start", business_key="bk-given", task_id="t-2", task_version="2"
+    )
+    await _until(lambda: _completed(runtime, "t-2"))
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    lookups = [s for s in statements if "EXISTS" in s.upper() and "business_key" in s]
+    # The given key is looked up (before the handlers, and in the insert); the made-up not.
+    assert len(lookups) == 2
+    assert runs == ["First", "Second"] * 2
