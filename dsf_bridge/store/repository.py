@@ -31,6 +31,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     union_all,
     update,
 )
@@ -947,28 +948,33 @@ async def record_task_seen(
 
 
 def _take_in_statement(dialect: str) -> Any:
-    row = _binds("task_id", "instance_id", "seen_at")
-    statement = _insert_in(dialect, _SEEN).values(
-        [
-            {
-                **row,
-                "task_version": bindparam("task_version"),
-                "role": "incoming",
-                "status": TaskSeenStatus.IN_PROGRESS,
-            },
-            {
-                **row,
-                "task_version": bindparam("claimed_version"),
-                "role": "incoming",
-                "status": TaskSeenStatus.TAKEN_IN,
-            },
-        ]
+    # One SQL text for both databases (SQLite 3.35 and PostgreSQL share this upsert): as a
+    # multi-row ``insert().values([...])`` SQLAlchemy could not cache it, and compiled it again
+    # for every Task (a tenth of the bridge's CPU).
+    del dialect
+    status = _SEEN.c.status.type
+    return (
+        text(
+            "INSERT INTO tasks_seen (task_id, task_version, role, status, instance_id, seen_at) "
+            "VALUES (:task_id, :task_version, :role, :in_progress, :instance_id, :seen_at), "
+            "(:task_id, :claimed_version, :role, :taken_in, :instance_id, :seen_at) "
+            "ON CONFLICT (task_id, task_version, role) DO UPDATE "
+            "SET status = excluded.status, instance_id = excluded.instance_id "
+            "WHERE excluded.status = :taken_in "
+            "RETURNING task_version"
+        )
+        .bindparams(
+            bindparam("role", "incoming", type_=_SEEN.c.role.type),
+            bindparam("in_progress", TaskSeenStatus.IN_PROGRESS, type_=status),
+            bindparam("taken_in", TaskSeenStatus.TAKEN_IN, type_=status),
+            bindparam("task_id", type_=_SEEN.c.task_id.type),
+            bindparam("task_version", type_=_SEEN.c.task_version.type),
+            bindparam("claimed_version", type_=_SEEN.c.task_version.type),
+            bindparam("instance_id", type_=_SEEN.c.instance_id.type),
+            bindparam("seen_at", type_=_SEEN.c.seen_at.type),
+        )
+        .columns(task_version=_SEEN.c.task_version.type)
     )
-    return statement.on_conflict_do_update(
-        index_elements=[_SEEN.c.task_id, _SEEN.c.task_version, _SEEN.c.role],
-        set_={"status": statement.excluded.status, "instance_id": statement.excluded.instance_id},
-        where=statement.excluded.status == TaskSeenStatus.TAKEN_IN,
-    ).returning(_SEEN.c.task_version)
 
 
 async def take_in_task(
