@@ -70,10 +70,11 @@ class Timing:
 
 
 @contextmanager
-def timed(histogram: Histogram, **labels: str) -> Iterator[Timing]:
-    """Observe the block's duration in ``histogram`` with ``labels`` and its outcome."""
+def timed(histogram: Histogram, since: float | None = None, **labels: str) -> Iterator[Timing]:
+    """Observe the block's duration in ``histogram`` with ``labels`` and its outcome; from
+    ``since`` (``time.perf_counter()``) when the work began before the block."""
     timing = Timing()
-    started = time.perf_counter()
+    started = time.perf_counter() if since is None else since
     try:
         yield timing
     except BaseException:

@@ -31,6 +31,7 @@ under a plugin's own names. ``ctx.service(name, kind)`` reads one, typed.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -74,6 +75,16 @@ class BpmnError(Exception):
         super().__init__(message or code)
         self.code = code
         self.message = message
+
+
+def _json_value(name: str, value: object) -> object:
+    """``value``, refused here, where a handler sets it, when the store cannot keep it (the
+    engine's state is JSON): at the handler's own line, not later in a write."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise ProcessExecutionError(f"variable {name!r} cannot be stored: {exc}") from None
+    return value
 
 
 @dataclass
@@ -133,8 +144,10 @@ class HandlerContext:
         return name in self.local_updates or name in self.updates or name in self.variables
 
     def set(self, name: str, value: object) -> None:
-        """Set a variable (Camunda ``setVariable``); values must be JSON-compatible."""
-        self.updates[name] = value
+        """Set a variable (Camunda ``setVariable``); values must be JSON-compatible (a
+        :class:`~dsf_bridge.errors.ProcessExecutionError` here otherwise, which fails the
+        step as any error of the handler)."""
+        self.updates[name] = _json_value(name, value)
 
     def set_questionnaire_item_text(self, link_id: str, text: str) -> None:
         """In a user task's ``create`` listener: the QuestionnaireResponse the bridge creates
@@ -147,8 +160,9 @@ class HandlerContext:
         self.set_local(QUESTIONNAIRE_ITEM_TEXTS, merged)
 
     def set_local(self, name: str, value: object) -> None:
-        """Set a variable on this execution only (Camunda ``setVariableLocal``)."""
-        self.local_updates[name] = value
+        """Set a variable on this execution only (Camunda ``setVariableLocal``); values must
+        be JSON-compatible, as for :meth:`set`."""
+        self.local_updates[name] = _json_value(name, value)
 
     def add_task_output(self, task_id: str, output: Mapping[str, Any]) -> None:
         """Add an output (a FHIR ``Task.output``, JSON) to a Task this instance took in.

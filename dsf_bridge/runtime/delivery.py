@@ -20,8 +20,16 @@ import structlog
 from dsf_bridge.engine.correlation import correlate, message_subscriptions
 from dsf_bridge.engine.events import MessageReceived, Start
 from dsf_bridge.engine.exceptions import CorrelationError
-from dsf_bridge.errors import ConcurrencyError, ProcessExecutionError
+from dsf_bridge.errors import (
+    BridgeError,
+    ConcurrencyError,
+    ProcessExecutionError,
+    StoreError,
+    TaskAlreadyDeliveredError,
+)
+from dsf_bridge.logs import bound_context
 from dsf_bridge.runtime.deployments import DeployedProcess
+from dsf_bridge.runtime.effects import StepRecord
 from dsf_bridge.runtime.jobs import handler_action, handler_reason
 from dsf_bridge.runtime.stepping import InlineRun, engine_step_of, step_context
 from dsf_bridge.store import Records, Session
@@ -48,6 +56,15 @@ class MessageHeldError(Exception):
     def __init__(self, business_key: str) -> None:
         super().__init__(f"a send of the instance with business-key {business_key!r} is unresolved")
         self.business_key = business_key
+
+
+def _unwritable(exc: Exception) -> bool:
+    """Whether ``exc``, raised by the transaction of a start with inline steps, may be the
+    steps' own (a value the store cannot hold), not the start's: not a refusal of the start
+    (a running instance with the key, a Task delivered already), not a passing store error."""
+    if isinstance(exc, repo.InstanceRunningError | TaskAlreadyDeliveredError):
+        return False
+    return not isinstance(exc, BridgeError) or (isinstance(exc, StoreError) and not exc.retryable)
 
 
 class MessageDelivery:
@@ -89,47 +106,41 @@ class MessageDelivery:
         instance_id = str(uuid.uuid4())
         event = Start(message_name, business_key, runtime.clock(), dict(variables or {}))
         stepper = runtime.stepper
-        with step_context(
-            deployed, instance_id=instance_id, business_key=business_key, task_id=task_id
-        ):
-            first = engine_step_of(deployed.definition, None, event)
-            inline = InlineRun()
-            if stepper.inline_call(first) is not None and not (
-                unless_running and await self._running_with(deployed, business_key)
-            ):
-                # The handlers the start reaches run before its transaction, which records
-                # their outcomes too (only a start that will create the instance runs them).
-                inline = await stepper.run_inline(deployed, first)
-            try:
-                async with runtime.database.transaction() as session:
+        reason = f"{process_key} by {message_name or 'none start event'}" + (
+            f", Task/{task_id}" if task_id else ""
+        )
 
-                    async def taken_in() -> Records | None:
-                        if task_id is None:
-                            return None
-                        return await runtime.effects.record_incoming(
-                            session, task_id, task_version, instance_id, claimed_version
-                        )
+        async def write(inline: InlineRun) -> list[StepRecord]:
+            """The start and its inline steps, in one transaction."""
+            async with runtime.database.transaction() as session:
 
-                    pending = [
-                        await stepper.create(
-                            session,
-                            deployed,
-                            instance_id=instance_id,
-                            business_key=business_key,
-                            event=event,
-                            actor=actor,
-                            action="instance.started",
-                            reason=f"{process_key} by {message_name or 'none start event'}"
-                            + (f", Task/{task_id}" if task_id else ""),
-                            before_audit=taken_in,
-                            unless_running=unless_running,
-                            result=first,
-                            inline=inline.call_of(0),
-                        )
-                    ]
-                    for position, ran in enumerate(inline.steps, start=1):
-                        record = pending[-1].instance
-                        assert record is not None  # noqa: S101 - the effect writer sets it
+                async def taken_in() -> Records | None:
+                    if task_id is None:
+                        return None
+                    return await runtime.effects.record_incoming(
+                        session, task_id, task_version, instance_id, claimed_version
+                    )
+
+                pending = [
+                    await stepper.create(
+                        session,
+                        deployed,
+                        instance_id=instance_id,
+                        business_key=business_key,
+                        event=event,
+                        actor=actor,
+                        action="instance.started",
+                        reason=reason,
+                        before_audit=taken_in,
+                        unless_running=unless_running,
+                        result=first,
+                        inline=inline.call_of(0),
+                    )
+                ]
+                for position, ran in enumerate(inline.steps, start=1):
+                    record = pending[-1].instance
+                    assert record is not None  # noqa: S101 - the effect writer sets it
+                    with bound_context(element_id=ran.call.element_id):
                         pending.append(
                             await stepper.write(
                                 session,
@@ -143,14 +154,44 @@ class MessageDelivery:
                                 inline=inline.call_of(position),
                             )
                         )
+            return pending
+
+        with step_context(
+            deployed, instance_id=instance_id, business_key=business_key, task_id=task_id
+        ):
+            first = engine_step_of(deployed.definition, None, event)
+            inline = InlineRun()
+            try:
+                if stepper.inline_call(first) is not None and not (
+                    unless_running and await self._running_with(deployed, business_key)
+                ):
+                    # The handlers the start reaches run before its transaction, which
+                    # records their outcomes too (only a start that will create the instance
+                    # runs them).
+                    inline = await stepper.run_inline(deployed, first)
+                began = time.perf_counter()
+                try:
+                    pending = await write(inline)
+                except Exception as exc:
+                    if not inline.steps or not _unwritable(exc):
+                        raise
+                    # A step of the handlers' outcomes could not be written (a variable the
+                    # store cannot hold): the first outcome goes to its job, which fails as
+                    # it fails without inline calls (retried, then an incident).
+                    log.warning("handler.inline_unwritten", error=str(exc))
+                    inline = inline.handed_over()
+                    began = time.perf_counter()
+                    pending = await write(inline)
             except BaseException:
                 inline.cancel()
                 raise
+            transaction = time.perf_counter() - began
             stepper.committed(pending[0], "instance.started")
             for ran, written in zip(inline.steps, pending[1:], strict=True):
+                # The handler's call and the transaction that recorded its outcome.
                 STEP_SECONDS.labels(
                     process=deployed.definition.key, outcome="ok" if ran.outcome.ok else "failed"
-                ).observe(time.perf_counter() - ran.started)
+                ).observe(ran.ended - ran.started + transaction)
                 stepper.committed(written, handler_action(ran.outcome))
         return instance_id
 

@@ -7,6 +7,7 @@ the outbox), so a crash before the commit leaves no trace and one after it loses
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -102,6 +103,8 @@ class InlineCall:
 
     token: str
     running: Awaitable[Any] | None = None
+    # When the call under way began (time.perf_counter()), for its step's duration.
+    since: float | None = None
 
 
 @dataclass
@@ -140,12 +143,15 @@ class EffectWriter:
         job_retries: int,
         deployments: Deployments,
         step: Callable[[ProcessDefinition, Mapping[str, Any] | None, Event], Any],
+        running_lease: dt.timedelta = dt.timedelta(seconds=60),
     ) -> None:
         self.step = step
         self.owner = owner
         self.clock = clock
         self.job_retries = job_retries
         self.deployments = deployments
+        # The lease of a handler job whose handler a start called already (InlineCall).
+        self.running_lease = running_lease
         # While the runtime runs queued work right after the commit that queued it (its
         # worker loop is on), the handler, send and continuation jobs due now and the outbox
         # entries are written leased to it for this long; otherwise left for a polling round.
@@ -176,15 +182,23 @@ class EffectWriter:
         retries: int,
         payload: dict[str, Any],
         now: dt.datetime,
-        running: Awaitable[Any] | None = None,
+        running: InlineCall | None = None,
     ) -> None:
         fresh = created_here(session, pending.instance_id)
         if fresh is not None:
             fresh.jobs += 1
         leased = self.leased(now) if due_at <= now else None
-        if running is not None and self.lease is not None:
-            # Its handler runs already, here: no polling round may call it again.
-            leased = (self.owner, now + self.lease)
+        if running is not None:
+            if self.lease is None:
+                # The bridge stops: nothing awaits the call after the commit, so it ends now,
+                # and its job is left to the next bridge's round (as a job cancelled by a
+                # stop, its handler runs again there).
+                if isinstance(running.running, asyncio.Future):
+                    running.running.cancel()
+                running = None
+            else:
+                # Its handler runs already, here: no polling round may call it again.
+                leased = (self.owner, now + self.running_lease)
         job_id = await repo.enqueue_job(
             session,
             kind=kind,
@@ -197,7 +211,14 @@ class EffectWriter:
         if leased is not None:
             pending.jobs.append(
                 repo.ClaimedJob(
-                    job_id, pending.instance_id, kind, payload, 1, retries, running=running
+                    job_id,
+                    pending.instance_id,
+                    kind,
+                    payload,
+                    1,
+                    retries,
+                    running=None if running is None else running.running,
+                    running_since=None if running is None else running.since,
                 )
             )
         else:
@@ -281,7 +302,7 @@ class EffectWriter:
                 if inline is not None and effect.token == inline.token:
                     if inline.running is None:
                         continue  # its outcome is the next step of this transaction
-                    running = inline.running
+                    running = inline
                 await self._job(
                     session,
                     pending,

@@ -239,7 +239,9 @@ class JobWorker:
                 event=payload.get("event"),
             )
             with (
-                timed(STEP_SECONDS, process=deployed.definition.key) as timing,
+                timed(
+                    STEP_SECONDS, since=job.running_since, process=deployed.definition.key
+                ) as timing,
                 step_context(
                     deployed,
                     business_key=effect.business_key,
@@ -248,7 +250,7 @@ class JobWorker:
             ):
                 if job.running is not None:
                     # Called before the commit that queued this job: awaited, not called
-                    # again (the duration observed begins at that commit).
+                    # again (the duration observed begins with that call).
                     outcome: Invocation = await job.running
                 else:
                     # The payload a commit queued shares its values with the instance it

@@ -124,6 +124,7 @@ class ProcessRuntime:
             job_retries=self.settings.job_retries,
             deployments=self.deployments,
             step=engine_step_of,
+            running_lease=self.settings.lease,
         )
         self._wakeup = asyncio.Event()
         # Runs the work a step queued right after its commit while the worker loop runs.
@@ -241,6 +242,12 @@ class ProcessRuntime:
         if not jobs and not entries:
             return
         self._fault(FaultPoint.WORK_CLAIMED, f"{len(jobs)}/{len(entries)}")
+        if not self._dispatcher.open:
+            # Stopped: a handler a start called before its commit would run on for no job
+            # that awaits it; its lease is given back with the others.
+            for job in jobs:
+                if isinstance(job.running, asyncio.Future):
+                    job.running.cancel()
         for work in (*self.jobs.exclusive(jobs), *(self.outbox.perform(e) for e in entries)):
             if not self._dispatcher.spawn(work):
                 self._wakeup.set()  # stopping: the leases are given back at the end

@@ -97,12 +97,13 @@ _MOST_INLINE_STEPS = 20
 @dataclass(frozen=True)
 class InlineStep:
     """A handler run before its step's transaction: the call, its outcome, the engine's step
-    of the outcome, and when it was called (``time.perf_counter()``)."""
+    of the outcome, and when it was called and returned (``time.perf_counter()``)."""
 
     call: CallHandler
     outcome: Invocation
     result: Step
     started: float
+    ended: float
 
 
 @dataclass
@@ -124,6 +125,17 @@ class InlineRun:
         """The steps were not written: stop the call still under way (no job awaits it)."""
         if self.running is not None and isinstance(self.running.running, asyncio.Future):
             self.running.running.cancel()
+
+    def handed_over(self) -> InlineRun:
+        """The first handler's outcome handed to its job instead of written here: the start
+        as it would be without inline calls, its handler called once already."""
+        if not self.steps:
+            return self
+        first = self.steps[0]
+        done: asyncio.Future[Invocation] = asyncio.get_running_loop().create_future()
+        done.set_result(first.outcome)
+        self.cancel()
+        return InlineRun(running=InlineCall(first.call.token, done, first.started))
 
 
 class InstanceStepper:
@@ -295,8 +307,10 @@ class InstanceStepper:
         transaction that reached it, so that a start and its handlers commit once instead of
         once per handler. Within the runtime's ``inline_handler_budget``: a handler still
         running then goes on, and its job, written leased to this runtime, awaits it after
-        the commit. A step of an outcome that the engine refuses or undoes is not taken here
-        either: the handler's job takes it, as it takes any handler's outcome."""
+        the commit instead of calling it again. An outcome the engine refuses is left to the
+        job too, which takes it as it takes any handler's; a call that failed outside the
+        handler (its variables are no JSON) ends the chain before it. Cancelled, it cancels
+        the call under way."""
         run = InlineRun()
         jobs = self.runtime.jobs
         loop = asyncio.get_running_loop()
@@ -305,21 +319,29 @@ class InstanceStepper:
         state = first.state
         while call is not None:
             started = time.perf_counter()
-            running = asyncio.ensure_future(jobs.call_handler(deployed, call))
-            done, _ = await asyncio.wait({running}, timeout=max(0.0, deadline - loop.time()))
+            with bound_context(element_id=call.element_id):  # the call's task copies it
+                running = asyncio.ensure_future(jobs.call_handler(deployed, call))
+            try:
+                done, _ = await asyncio.wait({running}, timeout=max(0.0, deadline - loop.time()))
+            except BaseException:
+                running.cancel()
+                raise
             if not done:
-                run.running = InlineCall(call.token, running)
+                run.running = InlineCall(call.token, running, started)
                 return run
+            error = running.exception()
+            if error is not None:
+                if not isinstance(error, Exception):
+                    raise error  # a kill goes on
+                return run  # failed outside the handler: its job calls it
+
             outcome = running.result()
             try:
-                follow: Step | None = engine_step_of(deployed.definition, state, outcome.event)
+                follow = engine_step_of(deployed.definition, state, outcome.event)
             except ProcessExecutionError:
-                follow = None
-            if follow is None or follow.error is not None:
-                # Not taken here: the job takes the outcome as it takes any handler's.
-                run.running = InlineCall(call.token, running)
+                run.running = InlineCall(call.token, running, started)
                 return run
-            run.steps.append(InlineStep(call, outcome, follow, started))
+            run.steps.append(InlineStep(call, outcome, follow, started, time.perf_counter()))
             state = follow.state
             call = self.inline_call(follow) if len(run.steps) < _MOST_INLINE_STEPS else None
         return run

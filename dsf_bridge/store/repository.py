@@ -785,6 +785,7 @@ class ClaimedJob:
     # A handler job whose handler already runs (started before the commit that queued the
     # job, see InstanceStepper.run_inline): the job awaits it instead of calling it again.
     running: Awaitable[Any] | None = None
+    running_since: float | None = None  # when that call began (time.perf_counter())
 
 
 async def enqueue_job(

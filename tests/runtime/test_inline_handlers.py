@@ -11,17 +11,20 @@ import datetime as dt
 from typing import Any
 
 import pytest
+import structlog
 from sqlalchemy import event, select
 
 from dsf_bridge.engine import load_process
+from dsf_bridge.errors import StoreError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
 from dsf_bridge.runtime.processes import FaultPoint, ProcessRuntime, RuntimeSettings
 from dsf_bridge.store import Database, verify_chain
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.tables import AuditEvent, Job, ProcessInstance, TaskSeen
+from dsf_bridge.telemetry import REGISTRY
 from tests.runtime.test_dispatch import _first_round
 from tests.runtime.test_processes import FakeGateway
-from tests.runtime.test_shutdown import KEY, SlowWork, _runtime, _statuses
+from tests.runtime.test_shutdown import KEY, MODEL, SlowWork, _runtime, _statuses
 
 _TWO_STEPS = """<?xml version="1.0" encoding="UTF-8"?>
 <bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"
@@ -386,3 +389,266 @@ async def test_a_made_up_business_key_is_not_looked_up(database: Database) -> No
     # The given key is looked up (before the handlers, and in the insert); the made-up not.
     assert len(lookups) == 2
     assert runs == ["First", "Second"] * 2
+
+
+class Counting:
+    """The one-step process's handler: counts its calls and those that finished, sleeps
+    ``seconds``, and keeps the log context it ran in."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self.calls = 0
+        self.finished = 0
+        self.started = asyncio.Event()
+        self.contexts: list[dict[str, Any]] = []
+        self.running = 0
+        self.most_at_once = 0
+
+    def registry(self) -> HandlerRegistry:
+        registry = HandlerRegistry()
+
+        @registry.service("org.test.Work")
+        async def work(ctx: HandlerContext) -> None:
+            self.calls += 1
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.contexts.append(dict(structlog.contextvars.get_contextvars()))
+            self.started.set()
+            try:
+                await asyncio.sleep(self.seconds)
+            finally:
+                self.running -= 1
+            self.finished += 1
+
+        return registry
+
+
+async def _one_step(
+    database: Database, work: Counting, owner: str, budget: dt.timedelta
+) -> ProcessRuntime:
+    settings = _settings(inline_handler_budget=budget)
+    runtime = ProcessRuntime(database, FakeGateway(), owner=owner, settings=settings)
+    definition = load_process(MODEL.read_bytes(), MODEL.name, resource_version="1.0")
+    await runtime.deploy(definition, work.registry(), plugin="test", model_hash="h" * 64)
+    return runtime
+
+
+_BUDGETS = pytest.mark.parametrize(
+    "budget", [dt.timedelta(milliseconds=300), dt.timedelta(0)], ids=["inline", "in-a-job"]
+)
+
+
+@_BUDGETS
+async def test_a_stop_while_a_start_waits_for_its_handler_never_runs_it_twice_at_once(
+    database: Database, budget: dt.timedelta
+) -> None:
+    """SIGTERM while the start waits for its handler. In a job (the start committed first)
+    the stopping bridge drains it. Inline, nothing awaits the call after the start's commit
+    any more: it is cancelled before the commit and its job left to the next bridge, which
+    calls the handler again (at least once, as for a job cancelled by a stop), never while
+    the first call runs, and the Task completes once."""
+    work = Counting(seconds=0.6)
+    first = await _one_step(database, work, "stopping", budget)
+    stop, worker = await _running(first)
+    delivering = asyncio.ensure_future(
+        first.deliver(
+            KEY, message_name="start", business_key="bk-stop", task_id="t-1", task_version="2"
+        )
+    )
+    await asyncio.wait_for(work.started.wait(), 5)
+    stop.set()
+    await delivering
+    await asyncio.wait_for(worker, 10)
+    second = await _one_step(database, work, "taking-over", budget)
+    stop, worker = await _running(second)
+    await _until(lambda: _completed_anywhere((first, second), "t-1"))
+    await asyncio.sleep(0.8)  # a second call would have finished by now
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    assert work.most_at_once == 1
+    assert work.finished == 1
+    assert work.calls == (2 if budget else 1)
+    assert await _statuses(database) == ["completed"]
+    assert (first.gateway.completed + second.gateway.completed) == ["t-1"]  # type: ignore[attr-defined]
+
+
+async def _completed_anywhere(runtimes: tuple[ProcessRuntime, ...], task_id: str) -> bool:
+    return any(task_id in r.gateway.completed for r in runtimes)  # type: ignore[attr-defined]
+
+
+@_BUDGETS
+async def test_a_start_cancelled_while_its_handler_runs_leaves_no_handler_running(
+    database: Database, budget: dt.timedelta
+) -> None:
+    """The delivery is cancelled (the subscription's shutdown past its grace) while the start
+    waits for its handler: nothing was written, so the call must not go on either."""
+    work = Counting(seconds=0.2)
+    runtime = await _one_step(database, work, "cancelled", budget)
+    stop, worker = await _running(runtime)
+    delivering = asyncio.ensure_future(
+        runtime.deliver(
+            KEY, message_name="start", business_key="bk-c", task_id="t-1", task_version="2"
+        )
+    )
+    await asyncio.sleep(0.05)
+    delivering.cancel()
+    await asyncio.gather(delivering, return_exceptions=True)
+    await asyncio.sleep(0.4)
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    if not await _statuses(database):
+        assert work.finished == 0  # cancelled with the start
+    else:  # committed before the cancel (in a job): its job ran the handler
+        assert work.finished == 1
+
+
+@_BUDGETS
+async def test_the_handler_and_its_step_log_with_its_element(
+    database: Database, budget: dt.timedelta, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = Counting()
+    runtime = await _one_step(database, work, "logs", budget)
+    stop, worker = await _running(runtime)
+    await runtime.deliver(
+        KEY, message_name="start", business_key="bk-l", task_id="t-1", task_version="2"
+    )
+    await _until(lambda: _completed(runtime, "t-1"))
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    ((context),) = work.contexts
+    assert context.get("element_id") == "Work"
+    assert context.get("instance_id")
+    stepped = [line for line in capsys.readouterr().out.splitlines() if "instance.stepped" in line]
+    assert any("element_id=Work" in line and "CompleteTasks" in line for line in stepped)
+
+
+def _step_seconds() -> tuple[float, float]:
+    total = count = 0.0
+    for metric in REGISTRY.collect():
+        if metric.name == "dsf_bridge_step_duration_seconds":
+            for sample in metric.samples:
+                if sample.labels.get("process") == _TWO_KEY:
+                    if sample.name.endswith("_sum"):
+                        total += sample.value
+                    elif sample.name.endswith("_count"):
+                        count += sample.value
+    return total, count
+
+
+@_BUDGETS
+async def test_each_handler_step_is_observed_once_with_its_own_duration(
+    database: Database, budget: dt.timedelta
+) -> None:
+    """First takes no time, Second 0.15 s: two observations adding up to about 0.15 s and the
+    transactions, inline or not (not Second's time twice)."""
+    registry = HandlerRegistry()
+
+    @registry.service("org.test.First")
+    def first(ctx: HandlerContext) -> None:
+        ctx.set("strict", False)
+
+    @registry.service("org.test.Second")
+    async def second(ctx: HandlerContext) -> None:
+        await asyncio.sleep(0.15)
+
+    runtime = ProcessRuntime(
+        database, FakeGateway(), owner="metrics", settings=_settings(inline_handler_budget=budget)
+    )
+    definition = load_process(_TWO_STEPS.encode(), "two_steps.bpmn", resource_version="1.0")
+    await runtime.deploy(definition, registry, plugin="test", model_hash="t" * 64)
+    stop, worker = await _running(runtime)
+    before = _step_seconds()
+    await runtime.deliver(
+        _TWO_KEY, message_name="start", business_key="bk-m", task_id="t-1", task_version="2"
+    )
+    await _until(lambda: _completed(runtime, "t-1"))
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    after = _step_seconds()
+    assert after[1] - before[1] == 2
+    assert 0.15 <= after[0] - before[0] < 0.3  # Second's 0.15 s twice would be 0.3
+
+
+@_BUDGETS
+async def test_a_variable_the_store_cannot_hold_fails_the_instance_inline_or_not(
+    database: Database, budget: dt.timedelta
+) -> None:
+    """The first handler sets a value JSON cannot hold: refused where it is set, as an error
+    of the handler, so the instance fails with a message naming the variable and the
+    handler's line, inline or not (before, PostgreSQL's driver raised it in the write and the
+    job ran again every lease)."""
+    runs: list[str] = []
+    registry = HandlerRegistry()
+
+    @registry.service("org.test.First")
+    def first(ctx: HandlerContext) -> None:
+        runs.append("First")
+        ctx.set("when", dt.datetime.now(dt.UTC))
+
+    @registry.service("org.test.Second")
+    async def second(ctx: HandlerContext) -> None:
+        runs.append("Second")
+
+    runtime = ProcessRuntime(
+        database, FakeGateway(), owner="json", settings=_settings(inline_handler_budget=budget)
+    )
+    definition = load_process(_TWO_STEPS.encode(), "two_steps.bpmn", resource_version="1.0")
+    await runtime.deploy(definition, registry, plugin="test", model_hash="t" * 64)
+    stop, worker = await _running(runtime)
+    await runtime.deliver(
+        _TWO_KEY, message_name="start", business_key="bk-j", task_id="t-1", task_version="2"
+    )
+    gateway: FakeGateway = runtime.gateway  # type: ignore[assignment]
+
+    async def failed() -> bool:
+        return bool(gateway.failed)
+
+    await _until(failed)
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    assert runs == ["First"]
+    assert await _statuses(database) == ["failed"]
+    ((task_id, message),) = gateway.failed
+    assert task_id == "t-1"
+    assert "variable 'when' cannot be stored" in message
+    assert "test_inline_handlers.py:" in message  # the handler's line
+
+
+async def test_a_start_whose_inline_steps_cannot_be_written_hands_the_outcome_to_its_job(
+    database: Database,
+) -> None:
+    """Writing the inline steps fails for good (not a passing store error, not a refusal of
+    the start): the start is written as without inline calls, and the first handler's job
+    takes the outcome it holds, without calling that handler again."""
+    runs: list[str] = []
+    runtime = await _two_steps(database, runs, owner="handing-over")
+    failed = False
+
+    def hook(point: FaultPoint, detail: str) -> None:
+        nonlocal failed
+        if not failed and (point, detail) == (FaultPoint.STEP_WRITTEN, "handler.completed"):
+            failed = True
+            raise StoreError("database error: value out of range", retryable=False)
+
+    runtime.fault_hook = hook
+    jobs = _job_inserts(database)
+    stop, worker = await _running(runtime)
+    await runtime.deliver(
+        _TWO_KEY, message_name="start", business_key="bk-h", task_id="t-1", task_version="2"
+    )
+    await _until(lambda: _completed(runtime, "t-1"))
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    assert failed
+    # First is not called again (its job holds its outcome); Second, whose outcome was lost
+    # with the steps that could not be written, is called again by its job.
+    assert runs == ["First", "Second", "Second"]
+    assert len(jobs) == 2  # First's, holding its outcome; then Second's
+    assert await _statuses(database) == ["completed"]
+    assert runtime.gateway.completed == ["t-1"]  # type: ignore[attr-defined]
+    assert await _actions(database) == [
+        "instance.started",
+        "handler.completed",
+        "handler.completed",
+        "instance.completed",
+    ]

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import structlog
 import structlog.testing
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
 from dsf_bridge.dsf.authorization import TaskAuthorizer
 from dsf_bridge.dsf.client import FhirClient
@@ -265,6 +265,37 @@ async def test_a_repeated_delivery_is_taken_in_once(site: Site) -> None:
         instances = (await session.execute(select(func.count(ProcessInstance.id)))).scalar_one()
     assert instances == 1
     assert site.work == [created.id]
+
+
+async def test_a_business_key_made_up_for_a_task_is_not_looked_up(site: Site) -> None:
+    """A Task without a business key gets a new one (as in the DSF BPE), which no instance
+    can have: its start is not guarded by a look for a running instance with it. A Task with
+    a business key is."""
+    statements: list[str] = []
+    event.listen(
+        site.database.engine.sync_engine,
+        "before_cursor_execute",
+        lambda _c, _k, statement, *_a: statements.append(statement),
+    )
+
+    async def lookups_for(given: str | None) -> int:
+        statements.clear()
+        created = await site.remote.create({**task(), **_business_key(given)})
+        assert created.id is not None
+        await site.intake.handle(await site.server_task(created.id))
+        return sum("EXISTS" in s.upper() and "business_key" in s for s in statements)
+
+    assert await lookups_for(None) == 0
+    assert await lookups_for("bk-given") == 1
+    await site.runtime.run_until_idle()
+    assert len(site.work) == 2
+
+
+def _business_key(key: str | None) -> dict[str, Any]:
+    if key is None:
+        return {}
+    with_key = updated_task(task(), status="requested", business_key=key)
+    return {"input": with_key["input"]}
 
 
 async def test_two_deliveries_at_once_take_the_task_in_once(site: Site) -> None:
