@@ -19,6 +19,7 @@ import copy
 import datetime as dt
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ __all__ = [
     "task_output_value",
     "task_output_variable",
     "task_outputs",
+    "unstorable",
     "updated_task",
     "with_outputs",
 ]
@@ -171,6 +173,27 @@ def bounds_violation(task: Mapping[str, Any], limits: TaskLimits) -> str | None:
                 f"Task is larger than {limits.max_task_bytes} bytes as JSON; this site takes at "
                 f"most {limits.max_task_bytes}"
             )
+    return None
+
+
+def unstorable(task: Mapping[str, Any]) -> str | None:
+    """What of ``task`` no FHIR value holds and PostgreSQL's JSONB cannot store (a NUL
+    character in a string, a number that is not finite), said without quoting it; ``None``
+    when there is none. For a Task within :func:`bounds_violation`'s bounds (one pass, no
+    recursion)."""
+    stack: list[object] = [task]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, Mapping):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            if "\x00" in value:
+                return "Task has a string with a NUL character, which FHIR strings cannot hold"
+        elif isinstance(value, float) and not math.isfinite(value):
+            return "Task has a number that is not finite (NaN or Infinity is no FHIR decimal)"
     return None
 
 

@@ -79,11 +79,25 @@ class BpmnError(Exception):
 
 def _json_value(name: str, value: object) -> object:
     """``value``, refused here, where a handler sets it, when the store cannot keep it (the
-    engine's state is JSON): at the handler's own line, not later in a write."""
+    engine's state is JSON, JSONB on PostgreSQL: no NaN or Infinity, no NUL in a string): at
+    the handler's own line, not later in a write that fails on one database only."""
     try:
-        json.dumps(value)
+        json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ProcessExecutionError(f"variable {name!r} cannot be stored: {exc}") from None
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise ProcessExecutionError(
+                    f"variable {name!r} cannot be stored: a string holds a NUL character"
+                )
+        elif isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
     return value
 
 

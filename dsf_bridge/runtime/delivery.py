@@ -178,10 +178,22 @@ class MessageDelivery:
                     # A step of the handlers' outcomes could not be written (a variable the
                     # store cannot hold): the first outcome goes to its job, which fails as
                     # it fails without inline calls (retried, then an incident).
-                    log.warning("handler.inline_unwritten", error=str(exc))
+                    log.warning(
+                        "handler.inline_unwritten", error=str(exc), error_type=type(exc).__name__
+                    )
                     inline = inline.handed_over()
                     began = time.perf_counter()
-                    pending = await write(inline)
+                    try:
+                        pending = await write(inline)
+                    except Exception as again:
+                        if not _unwritable(again):
+                            raise
+                        # Not the handlers' steps: the start itself cannot be stored. Failed
+                        # as a Task the bridge cannot take, not taken in (and its handlers
+                        # called) again and again.
+                        raise ProcessExecutionError(
+                            f"The start of {process_key} cannot be stored: {again}"
+                        ) from again
             except BaseException:
                 inline.cancel()
                 raise

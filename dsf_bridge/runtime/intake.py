@@ -60,6 +60,7 @@ from dsf_bridge.dsf.tasks import (
     requester_label,
     shape_violation,
     shortened,
+    unstorable,
     updated_task,
 )
 from dsf_bridge.engine.exceptions import CorrelationError
@@ -340,7 +341,11 @@ class TaskIntake:
         task = updated_task(task, status=str(task.get("status")), business_key=business_key)
         try:
             message = read_message(task)
-            refusal = _unfit(message, requester_label(task)) or await self._refusal(task, message)
+            refusal = (
+                _unfit(message, requester_label(task))
+                or unstorable(task)
+                or await self._refusal(task, message)
+            )
         except TaskFormatError as exc:
             await self._fail(task, version, str(exc))
             return
@@ -876,7 +881,7 @@ class TaskIntake:
                 return
             try:
                 message = read_message(task)
-                error = _unfit(message, requester_label(task))
+                error = _unfit(message, requester_label(task)) or unstorable(task)
             except TaskFormatError as exc:
                 error = str(exc)
             if error is not None:

@@ -740,8 +740,13 @@ async def test_a_task_nested_300_levels_deep_is_failed_and_intake_goes_on(
         ({"note": [{"text": "x" * 60_000}] * 20}, "larger than 1048576 bytes"),
         ({"extension": [_nested(40)]}, "nested more than 64 levels deep"),
         ({"input_count": 200}, "201 inputs"),
+        ({"note": [{"text": "a\x00b"}]}, "a string with a NUL character"),
+        (
+            {"extension": [{"url": "http://test.org/x", "valueDecimal": float("nan")}]},
+            "a number that is not finite",
+        ),
     ],
-    ids=["long-string", "too-large", "too-deep", "too-many-inputs"],
+    ids=["long-string", "too-large", "too-deep", "too-many-inputs", "nul", "nan"],
 )
 async def test_tasks_beyond_the_bounds_are_failed_with_the_bound(
     site: Site, hostile: dict[str, Any], expected: str
