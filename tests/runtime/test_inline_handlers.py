@@ -122,6 +122,25 @@ async def _until(condition: Any, seconds: float = 10) -> None:
     raise AssertionError("timed out")
 
 
+async def _failed_start(runtime: ProcessRuntime, business_key: str) -> tuple[str, str]:
+    """Deliver Task t-1 starting the two-step process while the workers run, wait until a
+    Task is failed, stop; the failed Task's id and error."""
+    stop, worker = await _running(runtime)
+    await runtime.deliver(
+        _TWO_KEY, message_name="start", business_key=business_key, task_id="t-1", task_version="2"
+    )
+    gateway: FakeGateway = runtime.gateway  # type: ignore[assignment]
+
+    async def failed() -> bool:
+        return bool(gateway.failed)
+
+    await _until(failed)
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+    ((task_id, message),) = gateway.failed
+    return task_id, message
+
+
 async def _actions(database: Database) -> list[str]:
     async with database.transaction() as session:
         rows = await session.scalars(
@@ -252,21 +271,9 @@ async def test_an_engine_error_after_a_handler_fails_the_instance_inline_or_not(
     runtime = await _two_steps(
         database, runs, owner="erring", strict=True, inline_handler_budget=budget
     )
-    stop, worker = await _running(runtime)
-    await runtime.deliver(
-        _TWO_KEY, message_name="start", business_key="bk-err", task_id="t-1", task_version="2"
-    )
-    gateway: FakeGateway = runtime.gateway  # type: ignore[assignment]
-
-    async def failed() -> bool:
-        return bool(gateway.failed)
-
-    await _until(failed)
-    stop.set()
-    await asyncio.wait_for(worker, 10)
+    task_id, message = await _failed_start(runtime, "bk-err")
     assert runs == ["First", "Second"]
     assert await _statuses(database) == ["failed"]
-    ((task_id, message),) = gateway.failed
     assert task_id == "t-1"
     assert "Cannot resolve identifier 'missing'" in message
     assert (await _actions(database))[-1] == "instance.failed"
@@ -594,21 +601,9 @@ async def test_a_variable_the_store_cannot_hold_fails_the_instance_inline_or_not
     )
     definition = load_process(_TWO_STEPS.encode(), "two_steps.bpmn", resource_version="1.0")
     await runtime.deploy(definition, registry, plugin="test", model_hash="t" * 64)
-    stop, worker = await _running(runtime)
-    await runtime.deliver(
-        _TWO_KEY, message_name="start", business_key="bk-j", task_id="t-1", task_version="2"
-    )
-    gateway: FakeGateway = runtime.gateway  # type: ignore[assignment]
-
-    async def failed() -> bool:
-        return bool(gateway.failed)
-
-    await _until(failed)
-    stop.set()
-    await asyncio.wait_for(worker, 10)
+    task_id, message = await _failed_start(runtime, "bk-j")
     assert runs == ["First"]
     assert await _statuses(database) == ["failed"]
-    ((task_id, message),) = gateway.failed
     assert task_id == "t-1"
     assert "variable 'when' cannot be stored" in message
     assert "test_inline_handlers.py:" in message  # the handler's line
