@@ -361,7 +361,8 @@ async def create_instance(
 ) -> InstanceRecord:
     """Insert a new instance at version 1. ``unless_running``: raise
     :class:`InstanceRunningError` instead, in the same statement, when a running instance of
-    the definition has the business key."""
+    the definition has the business key (on PostgreSQL after a transaction lock on the
+    definition and key, so that two such starts at once create one instance)."""
     values = {
         "id": instance_id,
         "definition_id": definition_id,
@@ -374,9 +375,26 @@ async def create_instance(
     }
     if not unless_running:
         await session.execute(_CREATE_INSTANCE, values)
-    elif (await session.execute(_CREATE_INSTANCE_UNLESS_RUNNING, values)).first() is None:
-        raise InstanceRunningError(business_key)
+    else:
+        if session.get_bind().dialect.name == "postgresql":
+            # At READ COMMITTED two starts with the key at once would both find none running
+            # and both insert (SQLite's writers take turns): the second waits here for the
+            # first's commit, and its insert then sees that instance.
+            await session.execute(
+                _LOCK_BUSINESS_KEY, {"definition_id": definition_id, "business_key": business_key}
+            )
+        if (await session.execute(_CREATE_INSTANCE_UNLESS_RUNNING, values)).first() is None:
+            raise InstanceRunningError(business_key)
     return InstanceRecord(instance_id, definition_id, business_key, status, state, 1)
+
+
+_LOCK_BUSINESS_KEY = text(
+    "SELECT pg_advisory_xact_lock("
+    "hashtextextended(CAST(:definition_id AS text) || ':' || :business_key, 0))"
+).bindparams(
+    bindparam("definition_id", type_=_INSTANCES.c.definition_id.type),
+    bindparam("business_key", type_=_INSTANCES.c.business_key.type),
+)
 
 
 # The columns of an InstanceRecord, in its field order.

@@ -687,3 +687,40 @@ async def test_a_start_whose_inline_steps_cannot_be_written_hands_the_outcome_to
         "handler.completed",
         "instance.completed",
     ]
+
+
+async def test_two_starts_at_once_with_one_business_key_create_one_instance(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two Tasks with the same business key at once (two replicas, say): DSF's rule sends the
+    second to the running instance, which does not wait for it ("Unable to correlate"). The
+    first start's transaction stays open after its insert until the second has inserted too:
+    on PostgreSQL both inserts found no running instance before the key was locked."""
+    work = SlowWork()
+    runtime = await _runtime(database, work, owner="racing", grace=1)
+    create_instance = repo.create_instance
+    calls = 0
+
+    async def slow_first(*args: Any, **kwargs: Any) -> repo.InstanceRecord:
+        nonlocal calls
+        calls += 1
+        first = calls == 1
+        record = await create_instance(*args, **kwargs)
+        if first:
+            await asyncio.sleep(0.3)  # the other start runs its insert meanwhile
+        return record
+
+    monkeypatch.setattr(repo, "create_instance", slow_first)
+    results = await asyncio.gather(
+        *(
+            runtime.deliver(
+                KEY, message_name="start", business_key="bk-same", task_id=t, task_version="2"
+            )
+            for t in ("t-1", "t-2")
+        ),
+        return_exceptions=True,
+    )
+    assert await _statuses(database) == ["running"]  # the handler's job waits: no worker
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(refused) == 1
+    assert "Unable to correlate" in str(refused[0])
