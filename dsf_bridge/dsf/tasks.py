@@ -58,6 +58,7 @@ __all__ = [
     "task_output_variable",
     "task_outputs",
     "unstorable",
+    "unstorable_json",
     "updated_task",
     "with_outputs",
 ]
@@ -176,25 +177,31 @@ def bounds_violation(task: Mapping[str, Any], limits: TaskLimits) -> str | None:
     return None
 
 
-def unstorable(task: Mapping[str, Any]) -> str | None:
-    """What of ``task`` no FHIR value holds and PostgreSQL's JSONB cannot store (a NUL
-    character in a string, a number that is not finite), said without quoting it; ``None``
-    when there is none. For a Task within :func:`bounds_violation`'s bounds (one pass, no
-    recursion)."""
-    stack: list[object] = [task]
+def unstorable_json(value: object) -> str | None:
+    """What of the JSON ``value`` PostgreSQL's JSONB cannot store although JSON can hold it
+    (a NUL character in a string, a number that is not finite), said without quoting it;
+    ``None`` when there is none. One pass, no recursion."""
+    stack: list[object] = [value]
     while stack:
-        value = stack.pop()
-        if isinstance(value, Mapping):
-            stack.extend(value.keys())
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, str):
-            if "\x00" in value:
-                return "Task has a string with a NUL character, which FHIR strings cannot hold"
-        elif isinstance(value, float) and not math.isfinite(value):
-            return "Task has a number that is not finite (NaN or Infinity is no FHIR decimal)"
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return "a string with a NUL character"
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "a number that is not finite (NaN or Infinity)"
     return None
+
+
+def unstorable(task: Mapping[str, Any]) -> str | None:
+    """What of ``task`` no FHIR value holds and PostgreSQL cannot store
+    (:func:`unstorable_json`), for a Task within :func:`bounds_violation`'s bounds."""
+    problem = unstorable_json(task)
+    return None if problem is None else f"Task has {problem}, which no FHIR value holds"
 
 
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}

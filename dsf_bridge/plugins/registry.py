@@ -38,7 +38,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from dsf_bridge.dsf.questionnaires import QUESTIONNAIRE_ITEM_TEXTS
-from dsf_bridge.dsf.tasks import TASK_OUTPUT_PREFIX, task_output_value, task_output_variable
+from dsf_bridge.dsf.tasks import (
+    TASK_OUTPUT_PREFIX,
+    task_output_value,
+    task_output_variable,
+    unstorable_json,
+)
 from dsf_bridge.engine.correlation import ALTERNATIVE_BUSINESS_KEY
 from dsf_bridge.engine.model import NodeKind, ProcessDefinition
 from dsf_bridge.errors import BridgeError, ProcessExecutionError, ProcessModelError
@@ -82,22 +87,12 @@ def _json_value(name: str, value: object) -> object:
     engine's state is JSON, JSONB on PostgreSQL: no NaN or Infinity, no NUL in a string): at
     the handler's own line, not later in a write that fails on one database only."""
     try:
-        json.dumps(value, allow_nan=False)
+        json.dumps(value)
+        problem = unstorable_json(value)
     except (TypeError, ValueError) as exc:
-        raise ProcessExecutionError(f"variable {name!r} cannot be stored: {exc}") from None
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                raise ProcessExecutionError(
-                    f"variable {name!r} cannot be stored: a string holds a NUL character"
-                )
-        elif isinstance(item, Mapping):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
+        problem = str(exc)
+    if problem is not None:
+        raise ProcessExecutionError(f"variable {name!r} cannot be stored: {problem}")
     return value
 
 

@@ -156,6 +156,34 @@ class MessageDelivery:
                         )
             return pending
 
+        async def written(inline: InlineRun) -> tuple[InlineRun, list[StepRecord], float]:
+            """The start written with its inline steps, or, when the steps cannot be written
+            for good (a value the store refuses), without them, the first outcome handed to
+            its job (which then fails as without inline calls: retried, then an incident).
+            Returns what was written and how long the transaction took."""
+            began = time.perf_counter()
+            try:
+                return inline, await write(inline), time.perf_counter() - began
+            except Exception as exc:
+                if not inline.steps or not _unwritable(exc):
+                    raise
+                log.warning(
+                    "handler.inline_unwritten", error=str(exc), error_type=type(exc).__name__
+                )
+            inline = inline.handed_over()
+            began = time.perf_counter()
+            try:
+                return inline, await write(inline), time.perf_counter() - began
+            except Exception as exc:
+                if not _unwritable(exc):
+                    raise
+                # Not the handlers' steps: the start itself cannot be stored. Failed as a
+                # Task the bridge cannot take, not taken in (and its handlers called) again
+                # and again.
+                raise ProcessExecutionError(
+                    f"The start of {process_key} cannot be stored: {exc}"
+                ) from exc
+
         with step_context(
             deployed, instance_id=instance_id, business_key=business_key, task_id=task_id
         ):
@@ -169,42 +197,17 @@ class MessageDelivery:
                     # records their outcomes too (only a start that will create the instance
                     # runs them).
                     inline = await stepper.run_inline(deployed, first)
-                began = time.perf_counter()
-                try:
-                    pending = await write(inline)
-                except Exception as exc:
-                    if not inline.steps or not _unwritable(exc):
-                        raise
-                    # A step of the handlers' outcomes could not be written (a variable the
-                    # store cannot hold): the first outcome goes to its job, which fails as
-                    # it fails without inline calls (retried, then an incident).
-                    log.warning(
-                        "handler.inline_unwritten", error=str(exc), error_type=type(exc).__name__
-                    )
-                    inline = inline.handed_over()
-                    began = time.perf_counter()
-                    try:
-                        pending = await write(inline)
-                    except Exception as again:
-                        if not _unwritable(again):
-                            raise
-                        # Not the handlers' steps: the start itself cannot be stored. Failed
-                        # as a Task the bridge cannot take, not taken in (and its handlers
-                        # called) again and again.
-                        raise ProcessExecutionError(
-                            f"The start of {process_key} cannot be stored: {again}"
-                        ) from again
+                inline, pending, transaction = await written(inline)
             except BaseException:
                 inline.cancel()
                 raise
-            transaction = time.perf_counter() - began
             stepper.committed(pending[0], "instance.started")
-            for ran, written in zip(inline.steps, pending[1:], strict=True):
+            for ran, step in zip(inline.steps, pending[1:], strict=True):
                 # The handler's call and the transaction that recorded its outcome.
                 STEP_SECONDS.labels(
                     process=deployed.definition.key, outcome="ok" if ran.outcome.ok else "failed"
                 ).observe(ran.ended - ran.started + transaction)
-                stepper.committed(written, handler_action(ran.outcome))
+                stepper.committed(step, handler_action(ran.outcome))
         return instance_id
 
     async def deliver(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +102,7 @@ class InlineCall:
     call under way, instead of calling the handler again."""
 
     token: str
-    running: Awaitable[Any] | None = None
+    running: asyncio.Future[Any] | None = None
     # When the call under way began (time.perf_counter()), for its step's duration.
     since: float | None = None
 
@@ -193,7 +193,7 @@ class EffectWriter:
                 # The bridge stops: nothing awaits the call after the commit, so it ends now,
                 # and its job is left to the next bridge's round (as a job cancelled by a
                 # stop, its handler runs again there).
-                if isinstance(running.running, asyncio.Future):
+                if running.running is not None:
                     running.running.cancel()
                 running = None
             else:

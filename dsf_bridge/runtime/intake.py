@@ -337,7 +337,8 @@ class TaskIntake:
         # As the DSF BPE: a Task without a business key gets one before anything else, so the
         # failed Task carries it too (DSF's profiles require one on in-progress and failed).
         given = input_values(task, BUSINESS_KEY)
-        business_key = str(given[0]) if given and isinstance(given[0], str) else str(uuid.uuid4())
+        new_business_key = not (given and isinstance(given[0], str))
+        business_key = str(uuid.uuid4()) if new_business_key else str(given[0])
         task = updated_task(task, status=str(task.get("status")), business_key=business_key)
         try:
             message = read_message(task)
@@ -352,7 +353,6 @@ class TaskIntake:
         if refusal is not None:
             await self._fail(task, version, refusal)
             return
-        new_business_key = not (given and isinstance(given[0], str))
         business_key = message.business_key or business_key
         in_progress = updated_task(task, status="in-progress", business_key=business_key)
         try:

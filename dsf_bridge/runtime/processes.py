@@ -244,9 +244,10 @@ class ProcessRuntime:
         self._fault(FaultPoint.WORK_CLAIMED, f"{len(jobs)}/{len(entries)}")
         if not self._dispatcher.open:
             # Stopped: a handler a start called before its commit would run on for no job
-            # that awaits it; its lease is given back with the others.
+            # that awaits it. Its lease is given back with the others, or runs out if they
+            # were given back already (the next bridge then waits for it to run out).
             for job in jobs:
-                if isinstance(job.running, asyncio.Future):
+                if job.running is not None:
                     job.running.cancel()
         for work in (*self.jobs.exclusive(jobs), *(self.outbox.perform(e) for e in entries)):
             if not self._dispatcher.spawn(work):

@@ -123,14 +123,13 @@ class InlineRun:
 
     def cancel(self) -> None:
         """The steps were not written: stop the call still under way (no job awaits it)."""
-        if self.running is not None and isinstance(self.running.running, asyncio.Future):
+        if self.running is not None and self.running.running is not None:
             self.running.running.cancel()
 
     def handed_over(self) -> InlineRun:
         """The first handler's outcome handed to its job instead of written here: the start
-        as it would be without inline calls, its handler called once already."""
-        if not self.steps:
-            return self
+        as it would be without inline calls, its handler called once already (``steps`` is
+        not empty)."""
         first = self.steps[0]
         done: asyncio.Future[Invocation] = asyncio.get_running_loop().create_future()
         done.set_result(first.outcome)
@@ -293,7 +292,6 @@ class InstanceStepper:
         runtime = self.runtime
         if (
             runtime.settings.inline_handler_budget <= dt.timedelta(0)
-            or result.error is not None
             or len(result.effects) != 1
             or not isinstance(result.effects[0], CallHandler)
             or self.effects.leased(runtime.clock()) is None

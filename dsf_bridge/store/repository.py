@@ -12,8 +12,9 @@ serializes claims (one process per SQLite file).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -802,7 +803,7 @@ class ClaimedJob:
     instance: InstanceRecord | None = None
     # A handler job whose handler already runs (started before the commit that queued the
     # job, see InstanceStepper.run_inline): the job awaits it instead of calling it again.
-    running: Awaitable[Any] | None = None
+    running: asyncio.Future[Any] | None = None
     running_since: float | None = None  # when that call began (time.perf_counter())
 
 
@@ -966,34 +967,31 @@ async def record_task_seen(
     return result.first() is not None
 
 
-def _take_in_statement(dialect: str) -> Any:
-    # One SQL text for both databases (SQLite 3.35 and PostgreSQL share this upsert): as a
-    # multi-row ``insert().values([...])`` SQLAlchemy could not cache it, and compiled it again
-    # for every Task (a tenth of the bridge's CPU).
-    del dialect
-    status = _SEEN.c.status.type
-    return (
-        text(
-            "INSERT INTO tasks_seen (task_id, task_version, role, status, instance_id, seen_at) "
-            "VALUES (:task_id, :task_version, :role, :in_progress, :instance_id, :seen_at), "
-            "(:task_id, :claimed_version, :role, :taken_in, :instance_id, :seen_at) "
-            "ON CONFLICT (task_id, task_version, role) DO UPDATE "
-            "SET status = excluded.status, instance_id = excluded.instance_id "
-            "WHERE excluded.status = :taken_in "
-            "RETURNING task_version"
-        )
-        .bindparams(
-            bindparam("role", "incoming", type_=_SEEN.c.role.type),
-            bindparam("in_progress", TaskSeenStatus.IN_PROGRESS, type_=status),
-            bindparam("taken_in", TaskSeenStatus.TAKEN_IN, type_=status),
-            bindparam("task_id", type_=_SEEN.c.task_id.type),
-            bindparam("task_version", type_=_SEEN.c.task_version.type),
-            bindparam("claimed_version", type_=_SEEN.c.task_version.type),
-            bindparam("instance_id", type_=_SEEN.c.instance_id.type),
-            bindparam("seen_at", type_=_SEEN.c.seen_at.type),
-        )
-        .columns(task_version=_SEEN.c.task_version.type)
+# One SQL text for both databases (SQLite 3.35 and PostgreSQL share this upsert): written as a
+# multi-row ``insert().values([...])`` SQLAlchemy could not cache it and compiled it again for
+# every Task (about a tenth of the bridge's busy samples in a profile, docs/benchmarks.md).
+_TAKE_IN = (
+    text(
+        "INSERT INTO tasks_seen (task_id, task_version, role, status, instance_id, seen_at) "
+        "VALUES (:task_id, :task_version, :role, :in_progress, :instance_id, :seen_at), "
+        "(:task_id, :claimed_version, :role, :taken_in, :instance_id, :seen_at) "
+        "ON CONFLICT (task_id, task_version, role) DO UPDATE "
+        "SET status = excluded.status, instance_id = excluded.instance_id "
+        "WHERE excluded.status = :taken_in "
+        "RETURNING task_version"
     )
+    .bindparams(
+        bindparam("role", "incoming", type_=_SEEN.c.role.type),
+        bindparam("in_progress", TaskSeenStatus.IN_PROGRESS, type_=_SEEN.c.status.type),
+        bindparam("taken_in", TaskSeenStatus.TAKEN_IN, type_=_SEEN.c.status.type),
+        bindparam("task_id", type_=_SEEN.c.task_id.type),
+        bindparam("task_version", type_=_SEEN.c.task_version.type),
+        bindparam("claimed_version", type_=_SEEN.c.task_version.type),
+        bindparam("instance_id", type_=_SEEN.c.instance_id.type),
+        bindparam("seen_at", type_=_SEEN.c.seen_at.type),
+    )
+    .columns(task_version=_SEEN.c.task_version.type)
+)
 
 
 async def take_in_task(
@@ -1023,7 +1021,7 @@ async def take_in_task(
             )
         return True
     result = await session.execute(
-        _for_dialect(session, "seen.take_in", _take_in_statement),
+        _TAKE_IN,
         {
             "task_id": task_id,
             "task_version": task_version,

@@ -82,18 +82,28 @@ def _settings(**changes: Any) -> RuntimeSettings:
 
 
 async def _two_steps(
-    database: Database, runs: list[str], *, owner: str, strict: bool = False, **settings: Any
+    database: Database,
+    runs: list[str],
+    *,
+    owner: str,
+    strict: bool = False,
+    sets: tuple[str, object] | None = None,
+    second_takes: float = 0.0,
+    **settings: Any,
 ) -> ProcessRuntime:
+    """The two-step process deployed: First records its run and sets ``strict`` (or ``sets``,
+    a name and a value), Second records its run and takes ``second_takes`` seconds."""
     registry = HandlerRegistry()
 
     @registry.service("org.test.First")
     def first(ctx: HandlerContext) -> None:
         runs.append("First")
-        ctx.set("strict", strict)
+        ctx.set(*(sets or ("strict", strict)))
 
     @registry.service("org.test.Second")
     async def second(ctx: HandlerContext) -> None:
         runs.append("Second")
+        await asyncio.sleep(second_takes)
 
     runtime = ProcessRuntime(database, FakeGateway(), owner=owner, settings=_settings(**settings))
     definition = load_process(_TWO_STEPS.encode(), "two_steps.bpmn", resource_version="1.0")
@@ -548,21 +558,9 @@ async def test_each_handler_step_is_observed_once_with_its_own_duration(
 ) -> None:
     """First takes no time, Second 0.3 s: two observations adding up to about 0.3 s and the
     transactions, inline or not (not Second's time twice)."""
-    registry = HandlerRegistry()
-
-    @registry.service("org.test.First")
-    def first(ctx: HandlerContext) -> None:
-        ctx.set("strict", False)
-
-    @registry.service("org.test.Second")
-    async def second(ctx: HandlerContext) -> None:
-        await asyncio.sleep(0.3)
-
-    runtime = ProcessRuntime(
-        database, FakeGateway(), owner="metrics", settings=_settings(inline_handler_budget=budget)
+    runtime = await _two_steps(
+        database, [], owner="metrics", second_takes=0.3, inline_handler_budget=budget
     )
-    definition = load_process(_TWO_STEPS.encode(), "two_steps.bpmn", resource_version="1.0")
-    await runtime.deploy(definition, registry, plugin="test", model_hash="t" * 64)
     stop, worker = await _running(runtime)
     before = _step_seconds()
     await runtime.deliver(
@@ -585,22 +583,13 @@ async def test_a_variable_the_store_cannot_hold_fails_the_instance_inline_or_not
     handler's line, inline or not (before, PostgreSQL's driver raised it in the write and the
     job ran again every lease)."""
     runs: list[str] = []
-    registry = HandlerRegistry()
-
-    @registry.service("org.test.First")
-    def first(ctx: HandlerContext) -> None:
-        runs.append("First")
-        ctx.set("when", dt.datetime.now(dt.UTC))
-
-    @registry.service("org.test.Second")
-    async def second(ctx: HandlerContext) -> None:
-        runs.append("Second")
-
-    runtime = ProcessRuntime(
-        database, FakeGateway(), owner="json", settings=_settings(inline_handler_budget=budget)
+    runtime = await _two_steps(
+        database,
+        runs,
+        owner="json",
+        sets=("when", dt.datetime.now(dt.UTC)),
+        inline_handler_budget=budget,
     )
-    definition = load_process(_TWO_STEPS.encode(), "two_steps.bpmn", resource_version="1.0")
-    await runtime.deploy(definition, registry, plugin="test", model_hash="t" * 64)
     task_id, message = await _failed_start(runtime, "bk-j")
     assert runs == ["First"]
     assert await _statuses(database) == ["failed"]
