@@ -132,21 +132,32 @@ async def _until(condition: Any, seconds: float = 10) -> None:
     raise AssertionError("timed out")
 
 
-async def _failed_start(runtime: ProcessRuntime, business_key: str) -> tuple[str, str]:
-    """Deliver Task t-1 starting the two-step process while the workers run, wait until a
-    Task is failed, stop; the failed Task's id and error."""
+async def _run_start(
+    runtime: ProcessRuntime,
+    business_key: str,
+    *,
+    process: str = _TWO_KEY,
+    until: Any = None,
+) -> None:
+    """With the workers running, deliver Task t-1 starting ``process``, wait for ``until``
+    (by default: t-1 completed), stop the workers."""
     stop, worker = await _running(runtime)
     await runtime.deliver(
-        _TWO_KEY, message_name="start", business_key=business_key, task_id="t-1", task_version="2"
+        process, message_name="start", business_key=business_key, task_id="t-1", task_version="2"
     )
+    await _until(until or (lambda: _completed(runtime, "t-1")))
+    stop.set()
+    await asyncio.wait_for(worker, 10)
+
+
+async def _failed_start(runtime: ProcessRuntime, business_key: str) -> tuple[str, str]:
+    """:func:`_run_start` until a Task is failed; the failed Task's id and error."""
     gateway: FakeGateway = runtime.gateway  # type: ignore[assignment]
 
     async def failed() -> bool:
         return bool(gateway.failed)
 
-    await _until(failed)
-    stop.set()
-    await asyncio.wait_for(worker, 10)
+    await _run_start(runtime, business_key, until=failed)
     ((task_id, message),) = gateway.failed
     return task_id, message
 
@@ -256,13 +267,7 @@ async def test_with_a_budget_of_zero_every_handler_runs_in_a_job(database: Datab
     runtime = await _two_steps(database, runs, owner="jobs", inline_handler_budget=dt.timedelta(0))
     reached = _record(runtime)
     jobs = _job_inserts(database)
-    stop, worker = await _running(runtime)
-    await runtime.deliver(
-        _TWO_KEY, message_name="start", business_key="bk-jobs", task_id="t-1", task_version="2"
-    )
-    await _until(lambda: _completed(runtime, "t-1"))
-    stop.set()
-    await asyncio.wait_for(worker, 10)
+    await _run_start(runtime, "bk-jobs")
     assert runs == ["First", "Second"]
     assert len(jobs) == 2
     order = [(p, d) for p, d in reached if p in (FaultPoint.STEP_COMMITTED, FaultPoint.HANDLER_RAN)]
@@ -525,13 +530,7 @@ async def test_the_handler_and_its_step_log_with_its_element(
 ) -> None:
     work = Counting()
     runtime = await _one_step(database, work, "logs", budget)
-    stop, worker = await _running(runtime)
-    await runtime.deliver(
-        KEY, message_name="start", business_key="bk-l", task_id="t-1", task_version="2"
-    )
-    await _until(lambda: _completed(runtime, "t-1"))
-    stop.set()
-    await asyncio.wait_for(worker, 10)
+    await _run_start(runtime, "bk-l", process=KEY)
     ((context),) = work.contexts
     assert context.get("element_id") == "Work"
     assert context.get("instance_id")
@@ -656,13 +655,7 @@ async def test_a_start_whose_inline_steps_cannot_be_written_hands_the_outcome_to
 
     runtime.fault_hook = hook
     jobs = _job_inserts(database)
-    stop, worker = await _running(runtime)
-    await runtime.deliver(
-        _TWO_KEY, message_name="start", business_key="bk-h", task_id="t-1", task_version="2"
-    )
-    await _until(lambda: _completed(runtime, "t-1"))
-    stop.set()
-    await asyncio.wait_for(worker, 10)
+    await _run_start(runtime, "bk-h")
     assert failed
     # First is not called again (its job holds its outcome); Second, whose outcome was lost
     # with the steps that could not be written, is called again by its job.
