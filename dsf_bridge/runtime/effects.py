@@ -84,6 +84,8 @@ class FreshInstance:
 
     incoming: list[str] = field(default_factory=list)
     jobs: int = 0
+    # The idempotency keys of the effects it queued (a key queued twice is queued once).
+    outbox_keys: set[str] = field(default_factory=set)
 
 
 def created_here(session: Session, instance_id: str) -> FreshInstance | None:
@@ -235,22 +237,39 @@ class EffectWriter:
         now: dt.datetime,
     ) -> None:
         leased = self.leased(now)
-        entry_id = await repo.enqueue_outbox(
-            session,
-            idempotency_key=idempotency_key,
-            kind=kind,
-            instance_id=pending.instance_id,
-            now=now,
-            payload=payload,
-            leased_to=leased,
-        )
-        if leased is not None and entry_id is not None:
+        fresh = created_here(session, pending.instance_id)
+        entry_id: int | None
+        if fresh is not None and idempotency_key not in fresh.outbox_keys:
+            # The instance's own key, new: nothing to read back (on PostgreSQL no round trip).
+            fresh.outbox_keys.add(idempotency_key)
+            await repo.enqueue_new_outbox(
+                session,
+                idempotency_key=idempotency_key,
+                kind=kind,
+                instance_id=pending.instance_id,
+                now=now,
+                payload=payload,
+                leased_to=leased,
+            )
+            entry_id, queued = None, True
+        else:
+            entry_id = await repo.enqueue_outbox(
+                session,
+                idempotency_key=idempotency_key,
+                kind=kind,
+                instance_id=pending.instance_id,
+                now=now,
+                payload=payload,
+                leased_to=leased,
+            )
+            queued = entry_id is not None
+        if leased is not None and queued:
             pending.outbox.append(
                 repo.ClaimedOutboxEntry(
                     entry_id, idempotency_key, pending.instance_id, kind, payload, 1
                 )
             )
-        elif entry_id is not None:
+        elif queued:
             pending.for_rounds += 1
 
     async def write(
@@ -278,7 +297,13 @@ class EffectWriter:
         )
         if not fresh:
             record = await repo.save_instance(
-                session, record, state=state, status=status, now=now, ended=status != "running"
+                session,
+                record,
+                state=state,
+                status=status,
+                now=now,
+                ended=status != "running",
+                created_here=created_here(session, record.id) is not None,
             )
         instance_id = record.id
         if isinstance(alternative, str) and alternative and alternative != alternative_before:
@@ -444,6 +469,7 @@ class EffectWriter:
                     status=status,
                     now=now,
                     ended=not instance_state.is_running(state),
+                    created_here=created_here(session, instance_id) is not None,
                 )
                 effects.extend(follow.effects)
                 await repo.replace_subscriptions(session, instance_id, subscription_keys(state))

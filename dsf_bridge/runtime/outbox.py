@@ -86,7 +86,11 @@ class OutboxWorker:
                 retry_at = self.runtime.clock() + retries[min(failure, len(retries)) - 1]
                 async with self.runtime.database.transaction() as session:
                     await repo.retry_outbox(
-                        session, entry.id, self.runtime.owner, error=str(exc), retry_at=retry_at
+                        session,
+                        entry.idempotency_key,
+                        self.runtime.owner,
+                        error=str(exc),
+                        retry_at=retry_at,
                     )
                 log.warning("effect.retried", kind=entry.kind, attempt=failure, error=str(exc))
                 return
@@ -110,7 +114,7 @@ class OutboxWorker:
                 async with self.runtime.database.transaction() as session:
                     await repo.retry_outbox(
                         session,
-                        entry.id,
+                        entry.idempotency_key,
                         self.runtime.owner,
                         error=str(exc),
                         retry_at=retry_at,
@@ -123,13 +127,21 @@ class OutboxWorker:
         if entry.kind is not OutboxKind.SEND_TASK or entry.instance_id is None:
             async with self.runtime.database.autocommit() as session:  # one UPDATE
                 await repo.mark_outbox_done(
-                    session, entry.id, self.runtime.owner, result=result, now=self.runtime.clock()
+                    session,
+                    entry.idempotency_key,
+                    self.runtime.owner,
+                    result=result,
+                    now=self.runtime.clock(),
                 )
             return
 
         async def record_send(session: Session) -> None:
             await repo.mark_outbox_done(
-                session, entry.id, self.runtime.owner, result=result, now=self.runtime.clock()
+                session,
+                entry.idempotency_key,
+                self.runtime.owner,
+                result=result,
+                now=self.runtime.clock(),
             )
             sent = _created_task_id(result)
             await repo.record_task_seen(
@@ -225,7 +237,11 @@ class OutboxWorker:
 
         async def record_failure(session: Session) -> None:
             await repo.mark_outbox_failed(
-                session, entry.id, self.runtime.owner, error=error, now=self.runtime.clock()
+                session,
+                entry.idempotency_key,
+                self.runtime.owner,
+                error=error,
+                now=self.runtime.clock(),
             )
             await append_event(
                 session,

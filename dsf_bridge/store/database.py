@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from dsf_bridge.errors import ConfigError, StoreError
-from dsf_bridge.store import inline_sqlite
+from dsf_bridge.store import batched_pg, inline_sqlite
 
 __all__ = [
     "Database",
@@ -90,6 +90,8 @@ def async_url(url: str, *, read_only: bool = False) -> URL:
     if parsed.get_backend_name() == "sqlite":
         driver = "aiosqlite" if read_only else inline_sqlite.DRIVER
         return parsed.set(drivername=f"sqlite+{driver}")
+    if not read_only:
+        return parsed.set(drivername=f"postgresql+{batched_pg.DRIVER}")
     return parsed
 
 

@@ -42,6 +42,7 @@ from sqlalchemy.sql.dml import Insert
 
 from dsf_bridge.engine import state as instance_state
 from dsf_bridge.errors import ConcurrencyError, StoreError
+from dsf_bridge.store import batched_pg
 from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
 from dsf_bridge.store.tables import (
     Job,
@@ -126,6 +127,7 @@ _SAVE_INSTANCE = (
         ended_at=bindparam("ended_at"),
     )
 )
+_SAVE_CREATED_INSTANCE = _SAVE_INSTANCE.execution_options(**{batched_pg.UNREAD: True})
 # The columns a new instance is given, besides version 1.
 _INSTANCE_BINDS = (
     "id",
@@ -203,9 +205,28 @@ _TASKS_OF_INSTANCE = (
     .group_by(_SEEN.c.task_id)
     .order_by("first_seen", _SEEN.c.task_id)
 )
+# Without ON CONFLICT: for a key that cannot exist yet (enqueue_new_outbox).
+_QUEUE_OUTBOX = (
+    insert(_OUTBOX)
+    .inline()  # no RETURNING of the new id: nothing reads it
+    .values(
+        status="pending",
+        **_binds(
+            "idempotency_key",
+            "instance_id",
+            "kind",
+            "payload",
+            "attempts",
+            "next_attempt_at",
+            "created_at",
+            "lease_owner",
+            "lease_expires_at",
+        ),
+    )
+)
 _OUTBOX_DONE = (
     update(_OUTBOX)
-    .where(_OUTBOX.c.id == bindparam("b_id"))
+    .where(_OUTBOX.c.idempotency_key == bindparam("b_key"))
     .where(_OUTBOX.c.lease_owner == bindparam("b_owner"))
     .where(_OUTBOX.c.status == "pending")
     .values(
@@ -250,6 +271,7 @@ __all__ = [
     "deploy_definition",
     "due_timers",
     "enqueue_job",
+    "enqueue_new_outbox",
     "enqueue_outbox",
     "find_subscriptions",
     "get_cursor",
@@ -452,14 +474,18 @@ async def save_instance(
     status: str,
     now: dt.datetime,
     ended: bool = False,
+    created_here: bool = False,
 ) -> InstanceRecord:
     """Write a new state if nobody changed the instance since ``record`` was read.
 
     Raises :class:`ConcurrencyError` (retryable) when the version moved on: the caller reloads
-    and replays its event on the fresh state.
+    and replays its event on the fresh state. ``created_here``: the caller's transaction
+    created the instance, which nobody else sees before it commits; the version is not
+    checked, and on PostgreSQL the write waits for the transaction's next read or its commit
+    (:mod:`dsf_bridge.store.batched_pg`) instead of a round trip of its own.
     """
     result = await session.execute(
-        _SAVE_INSTANCE,
+        _SAVE_CREATED_INSTANCE if created_here else _SAVE_INSTANCE,
         {
             "b_id": record.id,
             "b_version": record.version,
@@ -471,7 +497,7 @@ async def save_instance(
             "ended_at": now if ended else None,
         },
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if not created_here and result.rowcount != 1:  # type: ignore[attr-defined]
         raise ConcurrencyError(
             f"instance {record.id} changed since version {record.version} was read"
         )
@@ -1112,7 +1138,11 @@ async def tasks_of_instance(session: AsyncSession, instance_id: str, role: str) 
 
 @dataclass(frozen=True)
 class ClaimedOutboxEntry:
-    id: int
+    """An effect leased to this runtime; the store finds it by its ``idempotency_key``
+    (``id`` is ``None`` for an entry queued by :func:`enqueue_new_outbox`, whose id was not
+    read)."""
+
+    id: int | None
     idempotency_key: str
     instance_id: str | None
     kind: OutboxKind
@@ -1154,6 +1184,37 @@ async def enqueue_outbox(
     return None if row is None else int(row[0])
 
 
+async def enqueue_new_outbox(
+    session: AsyncSession,
+    *,
+    idempotency_key: str,
+    kind: OutboxKind,
+    payload: dict[str, Any],
+    instance_id: str | None,
+    now: dt.datetime,
+    leased_to: Lease | None = None,
+) -> None:
+    """Queue an effect of an instance the caller's transaction created, with a key not used
+    before (the instance's own): nothing is read back, so on PostgreSQL the insert waits for
+    the transaction's next read or its commit (:mod:`dsf_bridge.store.batched_pg`). A key
+    that exists after all fails the transaction (no effect is queued twice)."""
+    owner, expires = leased_to if leased_to is not None else (None, None)
+    await session.execute(
+        _QUEUE_OUTBOX,
+        {
+            "idempotency_key": idempotency_key,
+            "instance_id": instance_id,
+            "kind": kind,
+            "payload": payload,
+            "attempts": 0 if leased_to is None else 1,
+            "next_attempt_at": now,
+            "created_at": now,
+            "lease_owner": owner,
+            "lease_expires_at": expires,
+        },
+    )
+
+
 async def claim_outbox(
     session: AsyncSession,
     *,
@@ -1187,34 +1248,35 @@ async def claim_outbox(
     ]
 
 
-async def _release(session: AsyncSession, entry_id: int, owner: str, **changes: object) -> None:
-    """Apply ``changes`` to an entry ``owner`` still leases, and give up the lease (one
-    statement: the lease is checked by the UPDATE itself)."""
+async def _release(session: AsyncSession, key: str, owner: str, **changes: object) -> None:
+    """Apply ``changes`` to the entry with idempotency key ``key`` if ``owner`` still leases
+    it, and give up the lease (one statement: the lease is checked by the UPDATE itself)."""
     result = await session.execute(
         update(_OUTBOX)
-        .where(_OUTBOX.c.id == entry_id)
+        .where(_OUTBOX.c.idempotency_key == key)
         .where(_OUTBOX.c.lease_owner == owner)
         .where(_OUTBOX.c.status == "pending")
         .values(**changes, lease_owner=None, lease_expires_at=None)
         .returning(_OUTBOX.c.id)
     )
     if result.first() is None:
-        raise ConcurrencyError(f"outbox entry {entry_id} is no longer leased to {owner}")
+        raise ConcurrencyError(f"outbox entry {key} is no longer leased to {owner}")
 
 
 async def mark_outbox_done(
-    session: AsyncSession, entry_id: int, owner: str, *, result: str | None, now: dt.datetime
+    session: AsyncSession, key: str, owner: str, *, result: str | None, now: dt.datetime
 ) -> None:
+    """Record the effect with idempotency key ``key`` done, if ``owner`` still leases it."""
     released = await session.execute(
-        _OUTBOX_DONE, {"b_id": entry_id, "b_owner": owner, "result": result, "done_at": now}
+        _OUTBOX_DONE, {"b_key": key, "b_owner": owner, "result": result, "done_at": now}
     )
     if released.first() is None:
-        raise ConcurrencyError(f"outbox entry {entry_id} is no longer leased to {owner}")
+        raise ConcurrencyError(f"outbox entry {key} is no longer leased to {owner}")
 
 
 async def retry_outbox(
     session: AsyncSession,
-    entry_id: int,
+    key: str,
     owner: str,
     *,
     error: str,
@@ -1226,13 +1288,13 @@ async def retry_outbox(
     changes: dict[str, object] = {"last_error": error, "next_attempt_at": retry_at}
     if failed:
         changes["failures"] = _OUTBOX.c.failures + 1  # counted by the UPDATE itself
-    await _release(session, entry_id, owner, **changes)
+    await _release(session, key, owner, **changes)
 
 
 async def mark_outbox_failed(
-    session: AsyncSession, entry_id: int, owner: str, *, error: str, now: dt.datetime
+    session: AsyncSession, key: str, owner: str, *, error: str, now: dt.datetime
 ) -> None:
-    await _release(session, entry_id, owner, status="failed", last_error=error, done_at=now)
+    await _release(session, key, owner, status="failed", last_error=error, done_at=now)
 
 
 async def release_leases(session: AsyncSession, owner: str) -> int:

@@ -341,7 +341,7 @@ async def test_outbox_enqueues_once_and_is_claimed_once(database: Database) -> N
 
     async with database.transaction() as session:
         await repo.retry_outbox(
-            session, entry.id, "w1", error="503", retry_at=T0 + dt.timedelta(seconds=5)
+            session, entry.idempotency_key, "w1", error="503", retry_at=T0 + dt.timedelta(seconds=5)
         )
     async with database.transaction() as session:
         assert await repo.claim_outbox(session, owner="w1", now=T0, lease=LEASE) == []
@@ -349,12 +349,16 @@ async def test_outbox_enqueues_once_and_is_claimed_once(database: Database) -> N
             session, owner="w1", now=T0 + dt.timedelta(seconds=5), lease=LEASE
         )
         assert retry.attempts == 2
-        await repo.mark_outbox_done(session, retry.id, "w1", result="Task/42/_history/1", now=T0)
+        await repo.mark_outbox_done(
+            session, retry.idempotency_key, "w1", result="Task/42/_history/1", now=T0
+        )
     async with database.transaction() as session:
         later = T0 + dt.timedelta(hours=1)
         assert await repo.claim_outbox(session, owner="w1", now=later, lease=LEASE) == []
         with pytest.raises(ConcurrencyError):
-            await repo.mark_outbox_failed(session, retry.id, "w1", error="x", now=later)
+            await repo.mark_outbox_failed(
+                session, retry.idempotency_key, "w1", error="x", now=later
+            )
 
 
 async def test_cursor_only_moves_forward_and_keeps_the_time_zone(database: Database) -> None:
