@@ -240,7 +240,9 @@ class EffectWriter:
         fresh = created_here(session, pending.instance_id)
         entry_id: int | None
         if fresh is not None and idempotency_key not in fresh.outbox_keys:
-            # The instance's own key, new: nothing to read back (on PostgreSQL no round trip).
+            # Every key of an effect is the instance's own (it names the instance): new for an
+            # instance this transaction created, so nothing to read back (on PostgreSQL no
+            # round trip of its own).
             fresh.outbox_keys.add(idempotency_key)
             await repo.enqueue_new_outbox(
                 session,
@@ -498,7 +500,11 @@ class EffectWriter:
                     await self._outbox(
                         session,
                         pending,
-                        idempotency_key=f"{'complete' if completing else 'fail'}:{task_id}",
+                        # The instance's own: another instance that took in the same Task
+                        # id (a Task set back to requested and run again) ends it too.
+                        idempotency_key=(
+                            f"{'complete' if completing else 'fail'}:{task_id}:{instance_id}"
+                        ),
                         kind=OutboxKind.COMPLETE_TASK if completing else OutboxKind.FAIL_TASK,
                         now=now,
                         payload=payload,

@@ -10,25 +10,27 @@ answer: SQLAlchemy only reads their row counts, which the bridge does not look a
 This dialect is SQLAlchemy's ``psycopg`` asyncio dialect with one change: in a transaction, a
 write whose answer nobody reads (an ``INSERT`` without ``RETURNING``, or an ``UPDATE`` or
 ``DELETE`` run with the execution option ``unread_rowcount``, see :data:`UNREAD`) is not sent
-at once. Its parameters are bound on the client (psycopg's client-side binding, as Django uses
-by default) and it is held, with the transaction's ``BEGIN``, until the next statement whose
-answer is read, or the commit: those go to the server as one query (PostgreSQL's simple query
-protocol runs several statements in one message) and the answer of the last is the answer.
-A step with no read in it is one round trip, ``COMMIT`` included; a transaction that wrote
-nothing sends nothing at all.
+at once. It is held, with the transaction's ``BEGIN``, until the next statement whose answer is
+read, or the commit; those go to the server together in psycopg's pipeline mode (one write to
+the socket, one wait for the answers), each with its parameters bound by the server as before,
+so that an error the server logs never shows a value. A step with no read in it is one round
+trip, ``COMMIT`` included; a transaction that ran no statement sends nothing at all.
 
 What it trades:
-- An error in a held write (a constraint, a lost connection) is raised by the statement or the
-  commit that sends it, not by the write itself; the transaction fails just the same and is
-  rolled back. The bridge does not catch errors of single statements.
-- A held write is parsed and planned by the server each time (no prepared statement): a few
-  tens of microseconds of the server's CPU against a round trip of the bridge's.
+- An error in a held write (a constraint) is raised by the statement or the commit that sends
+  it, not by the write itself; the error names the held statements (their SQL, not their
+  values) in a note. The transaction fails just the same and is rolled back. The bridge does
+  not catch errors of single statements.
 - The psycopg connection is in autocommit mode; this dialect sends ``BEGIN``, ``COMMIT`` and
-  ``ROLLBACK`` itself, as the transaction's first and last statements.
+  ``ROLLBACK`` itself, as the transaction's first and last statements. SQL that an engine's
+  ``begin`` event listener runs would run before that ``BEGIN``, outside the transaction:
+  :class:`~dsf_bridge.store.database.Database` attaches none to this driver (its read-only
+  stores keep SQLAlchemy's own, see ``_prepare``).
 
 Outside a transaction (:meth:`dsf_bridge.store.database.Database.autocommit`) every statement
-is sent at once, as before. The admin API's read-only store, migrations and the command line
-keep SQLAlchemy's own drivers.
+is sent at once, as before. The bridge's stores use it (the service, the command line's
+writing commands, the admin API's operator actions); the admin API's read-only store and
+migrations keep SQLAlchemy's own psycopg driver.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any, cast
 import psycopg
 from psycopg.pq import ExecStatus, TransactionStatus
 from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.dialects.postgresql.psycopg import (
     AsyncAdapt_psycopg_connection,
     AsyncAdapt_psycopg_cursor,
@@ -54,13 +57,16 @@ DRIVER = "dsfbatch"
 # transaction it is held with the other writes (its result's rowcount is then -1).
 UNREAD = "unread_rowcount"
 
+# A statement held for later: its SQL and its parameters, as the cursor was given them.
+Held = tuple[str, Any]
+
 
 async def _ready() -> None:
     return None
 
 
 class BatchedCursor(AsyncAdapt_psycopg_cursor):
-    """A cursor that sends the connection's held statements before its own, in one query."""
+    """A cursor that sends the connection's held statements before its own, in one pipeline."""
 
     __slots__ = ()
 
@@ -68,33 +74,26 @@ class BatchedCursor(AsyncAdapt_psycopg_cursor):
 
     async def _execute_async(self, operation: Any, parameters: Any) -> Any:
         connection = self._adapt_connection
-        if not connection.held:
+        held = connection.take_held()
+        if not held:
             return await super()._execute_async(operation, parameters)  # type: ignore[no-untyped-call]
-        query = connection.take_held(connection.bind(operation, parameters))
         cursor = cast("psycopg.AsyncCursor[Any]", self._cursor)
-        # Never prepared: the literal values differ from one transaction to the next, and a
-        # query of several statements cannot be prepared.
-        result = await cursor.execute(query, prepare=False)
-        while cursor.nextset():  # the answer of the last statement, the caller's own
-            pass
-        status = cursor.pgresult.status if cursor.pgresult is not None else None
-        if status == ExecStatus.TUPLES_OK:
+        await connection.send(held, cursor, operation, parameters)
+        result = cursor.pgresult
+        if result is not None and result.status == ExecStatus.TUPLES_OK:
             self._rows = deque(await cursor.fetchall())
-        return result
+        return cursor
 
     async def _executemany_async(self, operation: Any, seq_of_parameters: Any) -> Any:
         connection = self._adapt_connection
-        if connection.held:  # the BEGIN (and writes) first: the rows belong to the transaction
-            statements, connection.held = connection.held, []
-            await self._cursor.execute(";\n".join(statements), prepare=False)  # type: ignore[call-arg]
+        held = connection.take_held()
+        if held:  # the BEGIN (and writes) first: the rows belong to the transaction
+            await connection.send(held)
         return await super()._executemany_async(operation, seq_of_parameters)  # type: ignore[no-untyped-call]
 
     def hold(self, operation: Any, parameters: Any) -> None:
         """Keep the write for the next statement that is read, or for the commit."""
-        try:
-            self._adapt_connection.held.append(self._adapt_connection.bind(operation, parameters))
-        except Exception as error:  # a value that cannot be bound, as execute would raise
-            self._adapt_connection._handle_exception(error)
+        self._adapt_connection.hold(operation, parameters)
         # SQLAlchemy's asyncio connection refuses an execution that awaited nothing.
         await_(_ready())
 
@@ -107,7 +106,7 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
     """psycopg's asyncio connection, always in autocommit mode, with the transaction's ``BEGIN``
     and its writes held until something reads (see the module's description)."""
 
-    __slots__ = ("_begin", "_binder", "_in_autocommit", "held")
+    __slots__ = ("_began", "_begin", "_in_autocommit", "held")
 
     _cursor_cls = BatchedCursor
 
@@ -115,22 +114,23 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
         super().__init__(dbapi, connection)
         # What SQLAlchemy asked for: AUTOCOMMIT (Database.autocommit) or transactions.
         self._in_autocommit = False
-        # BEGIN and the writes of this transaction that the server has not seen yet.
-        self.held: list[str] = []
+        # Whether SQLAlchemy began a transaction that it has not ended yet.
+        self._began = False
         self._begin = "BEGIN"
-        self._binder = psycopg.AsyncClientCursor(connection)
+        # The BEGIN and the writes of this transaction that the server has not seen yet.
+        self.held: list[Held] = []
+
+    @property
+    def _psycopg(self) -> psycopg.AsyncConnection[Any]:
+        return cast("psycopg.AsyncConnection[Any]", self._connection)
 
     def cursor(self, name: Any = None, /) -> Any:
         if name:  # a server-side cursor (streamed results): it needs the transaction begun
-            self.flush()
+            held = self.take_held()
+            if held:
+                self._run(self.send(held))
             return super().cursor(name)  # type: ignore[no-untyped-call]
         return BatchedCursor(self)
-
-    def flush(self) -> None:
-        """Send what is held (the ``BEGIN`` and writes), without a statement of the caller's."""
-        if self.held:
-            statements, self.held = self.held, []
-            self._send(";\n".join(statements))
 
     # SQLAlchemy's autocommit switch: kept here, the psycopg connection stays in autocommit.
     @property
@@ -144,52 +144,87 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
     def set_autocommit(self, value: bool) -> None:
         self._in_autocommit = bool(value)
 
-    def bind(self, operation: Any, parameters: Any) -> str:
-        """The statement with its parameters bound on the client, as one SQL text."""
-        if parameters is None:
-            return str(operation)
-        return self._binder.mogrify(operation, parameters)
-
-    def take_held(self, last: str) -> str:
-        statements = self.held
-        self.held = []
-        statements.append(last)
-        return ";\n".join(statements)
-
     @property
     def in_transaction(self) -> bool:
-        """Whether a transaction was begun (held or sent) that has not ended."""
-        return bool(self.held) or (
-            self._connection.info.transaction_status != TransactionStatus.IDLE
-        )
+        """Whether SQLAlchemy began a transaction (held or sent) that has not ended."""
+        return self._began
+
+    def _server_idle(self) -> bool:
+        return self._psycopg.info.transaction_status == TransactionStatus.IDLE
 
     def begin(self) -> None:
         """Begin a transaction: its ``BEGIN`` goes with its first statement that is sent."""
-        if self._in_autocommit or self.in_transaction:
+        if self._in_autocommit or self._began:
             return
+        self._began = True
         # isolation level, read only and deferrable as psycopg would begin it
-        self._begin = self._connection._get_tx_start_command().decode()
-        self.held = [self._begin]
+        self._begin = self._psycopg._get_tx_start_command().decode()
+        self.held = [(self._begin, None)]
+
+    def hold(self, operation: str, parameters: Any) -> None:
+        self._resume()
+        self.held.append((operation, parameters))
+
+    def _resume(self) -> None:
+        # A transaction the server ended under SQLAlchemy (psycopg's get_isolation_level rolls
+        # back): begun again before the next statement, as psycopg begins one implicitly.
+        if self._began and not self.held and self._server_idle():
+            self.held = [(self._begin, None)]
+
+    def take_held(self) -> list[Held]:
+        """The statements held, now to be sent (the list is emptied)."""
+        self._resume()
+        held, self.held = self.held, []
+        return held
+
+    async def send(
+        self,
+        held: list[Held],
+        cursor: psycopg.AsyncCursor[Any] | None = None,
+        operation: Any = None,
+        parameters: Any = None,
+    ) -> None:
+        """Send ``held``, then ``operation`` on ``cursor`` if given, in one pipeline: one write
+        to the socket and one wait for all answers. The first error is raised, with a note
+        naming the held statements."""
+        connection = self._psycopg
+        try:
+            async with connection.pipeline():
+                for statement, values in held:
+                    control = values is None and statement in (self._begin, "COMMIT")
+                    await connection.execute(statement, values, prepare=False if control else None)
+                if cursor is not None:
+                    await cursor.execute(operation, parameters)
+        except psycopg.Error as error:
+            statements = "; ".join(" ".join(statement.split())[:200] for statement, _ in held)
+            error.add_note(f"sent together with the statements held before it: {statements}")
+            raise
+
+    def _run(self, awaitable: Any) -> None:
+        try:
+            await_(awaitable)
+        except Exception as error:
+            self._handle_exception(error)
 
     def commit(self) -> None:
-        if self.held == [self._begin]:  # only the BEGIN: the server never saw this transaction
-            self.held = []
+        if not self._began:
+            if not self._server_idle():
+                self._run(self._psycopg.execute("COMMIT", prepare=False))
             return
-        if self.held:
-            self._send(self.take_held("COMMIT"))
-        elif self._connection.info.transaction_status != TransactionStatus.IDLE:
-            self._send("COMMIT")
+        held = self.take_held()
+        self._began = False
+        if held == [(self._begin, None)]:  # only the BEGIN: the server never saw it
+            return
+        if held:
+            self._run(self.send([*held, ("COMMIT", None)]))
+        elif not self._server_idle():
+            self._run(self._psycopg.execute("COMMIT", prepare=False))
 
     def rollback(self) -> None:
         self.held = []
-        if self._connection.info.transaction_status != TransactionStatus.IDLE:
-            self._send("ROLLBACK")
-
-    def _send(self, query: str) -> None:
-        try:
-            await_(self._connection.execute(query, prepare=False))
-        except Exception as error:
-            self._handle_exception(error)
+        self._began = False
+        if not self._server_idle():
+            self._run(self._psycopg.execute("ROLLBACK", prepare=False))
 
 
 class _BatchedDBAPI(PsycopgAdaptDBAPI):
@@ -226,6 +261,17 @@ class PGDialectAsync_batched(PGDialectAsync_psycopg):  # noqa: N801 - SQLAlchemy
     @classmethod
     def get_async_dialect_cls(cls, url: Any) -> Any:
         return cls  # not the psycopg dialect's own asyncio variant
+
+    def get_isolation_level(self, dbapi_connection: Any) -> Any:
+        """The level SQLAlchemy set, or the server's default: psycopg's own asks the server
+        and rolls back, which would end a transaction begun here (the connection is in
+        autocommit mode on the server's side)."""
+        if dbapi_connection.autocommit:
+            return "AUTOCOMMIT"
+        level = dbapi_connection.driver_connection.isolation_level
+        if level is not None:
+            return level.name.replace("_", " ")
+        return PGDialect.get_isolation_level(self, dbapi_connection)  # type: ignore[no-untyped-call]
 
     def do_begin(self, dbapi_connection: Any) -> None:
         dbapi_connection.begin()

@@ -174,6 +174,9 @@ def _prepare(engine: Engine, *, read_only: bool) -> None:
     else:
         _ping_when_idle(engine)
         if read_only:
+            if engine.dialect.driver == batched_pg.DRIVER:
+                # Its SQL would run before the batching driver's held BEGIN, outside it.
+                raise ValueError("a read-only store must use psycopg, not postgresql+dsfbatch")
             event.listen(engine, "begin", _postgresql_read_only)
 
 

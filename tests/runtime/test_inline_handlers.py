@@ -555,10 +555,10 @@ def _step_seconds() -> tuple[float, float]:
 async def test_each_handler_step_is_observed_once_with_its_own_duration(
     database: Database, budget: dt.timedelta
 ) -> None:
-    """First takes no time, Second 0.3 s: two observations adding up to about 0.3 s and the
+    """First takes no time, Second 0.5 s: two observations adding up to about 0.5 s and the
     transactions, inline or not (not Second's time twice)."""
     runtime = await _two_steps(
-        database, [], owner="metrics", second_takes=0.3, inline_handler_budget=budget
+        database, [], owner="metrics", second_takes=0.5, inline_handler_budget=budget
     )
     stop, worker = await _running(runtime)
     before = _step_seconds()
@@ -570,7 +570,8 @@ async def test_each_handler_step_is_observed_once_with_its_own_duration(
     await asyncio.wait_for(worker, 10)
     after = _step_seconds()
     assert after[1] - before[1] == 2
-    assert 0.3 <= after[0] - before[0] < 0.5  # Second's 0.3 s twice would be 0.6
+    # Second's 0.5 s twice would be 1.0; the margin takes a slow moment of a loaded machine.
+    assert 0.5 <= after[0] - before[0] < 0.9
 
 
 @_BUDGETS

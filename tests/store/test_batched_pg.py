@@ -3,12 +3,15 @@ same outcome. Round trips are counted as the queries psycopg sends to the server
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import psycopg
 import pytest
 from sqlalchemy import Table, bindparam, func, select, text, update
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from dsf_bridge.errors import StoreError
 from dsf_bridge.store import Database, batched_pg
@@ -21,19 +24,32 @@ T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 
 @pytest.fixture
 async def sent(postgres_database: Database, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every query psycopg sends to ``postgres_database`` from now on (one round trip each),
-    after its first connection's set-up queries."""
+    """One entry per round trip to ``postgres_database`` from now on (after its first
+    connection's set-up queries): a query sent alone, or the queries of one pipeline joined
+    by ``;``."""
     async with postgres_database.transaction() as session:
         await session.execute(text("SELECT 1"))
-    queries: list[str] = []
-    real = psycopg.AsyncCursor.execute
+    trips: list[str] = []
+    piped: list[list[str]] = []
+    real_execute = psycopg.AsyncCursor.execute
+    real_pipeline = psycopg.AsyncConnection.pipeline
 
     async def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        queries.append(str(query))
-        return await real(self, query, *args, **kwargs)
+        (piped[-1] if piped else trips).append(str(query))
+        return await real_execute(self, query, *args, **kwargs)
+
+    @contextlib.asynccontextmanager
+    async def pipeline(self: Any) -> AsyncIterator[Any]:
+        piped.append([])
+        try:
+            async with real_pipeline(self) as pipe:
+                yield pipe
+        finally:
+            trips.append(";".join(piped.pop()))
 
     monkeypatch.setattr(psycopg.AsyncCursor, "execute", execute)
-    return queries
+    monkeypatch.setattr(psycopg.AsyncConnection, "pipeline", pipeline)
+    return trips
 
 
 async def _queue(session: Any, key: str) -> None:
@@ -200,3 +216,79 @@ async def test_a_counted_update_of_many_rows_runs_in_the_transaction(
     async with postgres_database.transaction() as session:
         statuses = await session.execute(select(OutboxEntry.status))
         assert sorted(status for (status,) in statuses) == ["pending", "pending"]
+
+
+async def test_values_go_to_the_server_as_parameters_not_in_the_sql(
+    postgres_database: Database, sent: list[str]
+) -> None:
+    """Bound by the server as before: an error the server logs shows the SQL, never a value
+    (a held write's payload may hold a study's identifiers)."""
+    async with postgres_database.transaction() as session:
+        await repo.enqueue_new_outbox(
+            session,
+            idempotency_key="secret-key",
+            kind=OutboxKind.SEND_TASK,
+            payload={"study": "1.2.826.0.1.3680043.8.498.1"},
+            instance_id=None,
+            now=T0,
+        )
+    assert len(sent) == 1
+    assert "1.2.826.0.1.3680043.8.498.1" not in sent[0] and "secret-key" not in sent[0]
+    assert (await _payloads(postgres_database))["secret-key"] == {
+        "study": "1.2.826.0.1.3680043.8.498.1"
+    }
+
+
+async def test_the_error_of_a_held_write_names_the_held_statements(
+    postgres_database: Database,
+) -> None:
+    async with postgres_database.transaction() as session:
+        await _queue(session, "taken")
+
+    async def read_after() -> None:
+        async with postgres_database.transaction() as session:
+            await _queue(session, "taken")
+            await session.execute(text("SELECT 1"))
+
+    with pytest.raises(StoreError) as raised:
+        await read_after()
+    notes = "".join(getattr(raised.value.__cause__.orig, "__notes__", []))  # type: ignore[union-attr]
+    assert "held before it" in notes and "INSERT INTO outbox" in notes
+
+
+async def test_a_transaction_the_server_ended_under_it_is_begun_again(
+    postgres_database: Database,
+) -> None:
+    """As psycopg begins a transaction implicitly: a write after the server's transaction
+    ended (here by a COMMIT sent as SQL) belongs to a new one, rolled back with the step."""
+
+    async def ended_then_failed() -> None:
+        async with postgres_database.transaction() as session:
+            await _queue(session, "a")
+            await session.execute(text("COMMIT"))  # sends the BEGIN and the insert, commits
+            await _queue(session, "b")
+            await session.execute(text("SELECT 1"))  # sends a new BEGIN with the insert
+            raise RuntimeError("the step failed")
+
+    with pytest.raises(RuntimeError):
+        await ended_then_failed()
+    assert set(await _payloads(postgres_database)) == {"a"}
+
+
+async def test_an_isolation_level_given_to_the_engine_is_the_transactions(
+    postgres_database: Database,
+) -> None:
+    engine = create_async_engine(postgres_database.url, isolation_level="SERIALIZABLE")
+    try:
+        async with engine.connect() as connection:
+            level = await connection.scalar(text("SHOW transaction_isolation"))
+            assert level == "serializable"
+        assert engine.dialect.default_isolation_level == "SERIALIZABLE"
+        async with engine.connect() as connection:  # and back to it after AUTOCOMMIT
+            single = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            assert await single.scalar(text("SHOW transaction_isolation")) == "read committed"
+        async with engine.connect() as connection:
+            level = await connection.scalar(text("SHOW transaction_isolation"))
+            assert level == "serializable"
+    finally:
+        await engine.dispose()
