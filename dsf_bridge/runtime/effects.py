@@ -238,33 +238,23 @@ class EffectWriter:
     ) -> None:
         leased = self.leased(now)
         fresh = created_here(session, pending.instance_id)
-        entry_id: int | None
-        if fresh is not None and idempotency_key not in fresh.outbox_keys:
-            # Every key of an effect is the instance's own (it names the instance): new for an
-            # instance this transaction created, so nothing to read back (on PostgreSQL no
-            # round trip of its own).
+        # Every key of an effect is the instance's own (it names the instance): new for an
+        # instance this transaction created, so nothing to read back (on PostgreSQL no round
+        # trip of its own).
+        new = fresh is not None and idempotency_key not in fresh.outbox_keys
+        if fresh is not None:
             fresh.outbox_keys.add(idempotency_key)
-            await repo.enqueue_new_outbox(
-                session,
-                idempotency_key=idempotency_key,
-                kind=kind,
-                instance_id=pending.instance_id,
-                now=now,
-                payload=payload,
-                leased_to=leased,
-            )
-            entry_id, queued = None, True
-        else:
-            entry_id = await repo.enqueue_outbox(
-                session,
-                idempotency_key=idempotency_key,
-                kind=kind,
-                instance_id=pending.instance_id,
-                now=now,
-                payload=payload,
-                leased_to=leased,
-            )
-            queued = entry_id is not None
+        enqueue = repo.enqueue_new_outbox if new else repo.enqueue_outbox
+        entry_id = await enqueue(
+            session,
+            idempotency_key=idempotency_key,
+            kind=kind,
+            instance_id=pending.instance_id,
+            now=now,
+            payload=payload,
+            leased_to=leased,
+        )
+        queued = new or entry_id is not None
         if leased is not None and queued:
             pending.outbox.append(
                 repo.ClaimedOutboxEntry(

@@ -13,8 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVarTuple
 
-from sqlalchemy import Select, func, select, text, tuple_
+from sqlalchemy import Select, func, or_, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
 
 from dsf_bridge.engine import state as instance_state
 from dsf_bridge.store.kinds import OutboxKind, TaskSeenStatus
@@ -642,25 +643,39 @@ async def task_facts(
         )
         for seen_id, seen_status in seen:
             statuses.setdefault(seen_id, []).append(seen_status)
+        # The completion or failure of each: by the instances that took them in (its key
+        # names the instance), or by its key alone as written before the key did.
         keys = [f"{prefix}:{task_id}" for task_id in incoming for prefix in ("complete", "fail")]
+        takers = sorted(
+            {row.instance_id for row in rows if row.role == "incoming" and row.instance_id}
+        )
+        finished: ColumnElement[bool] = OutboxEntry.idempotency_key.in_(keys)
+        if takers:
+            finished = or_(
+                finished,
+                OutboxEntry.instance_id.in_(takers)
+                & OutboxEntry.kind.in_((OutboxKind.COMPLETE_TASK, OutboxKind.FAIL_TASK)),
+            )
         entries = await session.execute(
             select(
-                OutboxEntry.idempotency_key,
                 OutboxEntry.kind,
                 OutboxEntry.status,
                 OutboxEntry.payload,
                 OutboxEntry.last_error,
             )
-            .where(OutboxEntry.idempotency_key.in_(keys))
+            .where(finished)
             .order_by(OutboxEntry.id)
         )
-        for key, kind, status, payload, last_error in entries:
-            finishing[key.partition(":")[2]] = {
-                "kind": str(kind),
-                "status": status,
-                "payload": payload or {},
-                "last_error": last_error,
-            }
+        wanted = set(incoming)
+        for kind, status, payload, last_error in entries:
+            finished_id = (payload or {}).get("task_id")
+            if finished_id in wanted:  # the newest wins
+                finishing[finished_id] = {
+                    "kind": str(kind),
+                    "status": status,
+                    "payload": payload or {},
+                    "last_error": last_error,
+                }
         intake_events = await session.execute(
             select(AuditEvent.subject, AuditEvent.reason)
             .where(AuditEvent.subject.in_([f"Task/{task_id}" for task_id in incoming]))

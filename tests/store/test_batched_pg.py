@@ -124,39 +124,37 @@ async def test_a_transaction_that_wrote_nothing_or_rolled_back_sends_nothing(
     assert await _payloads(postgres_database) == {}
 
 
-async def test_a_held_write_that_fails_fails_its_commit_and_nothing_is_written(
-    postgres_database: Database,
-) -> None:
-    async with postgres_database.transaction() as session:
+async def _duplicate_held(database: Database, *, read_after: bool) -> StoreError:
+    """Queue a key that exists, held with a new one, in a transaction that then reads (or
+    commits at once): the error it ends with."""
+    async with database.transaction() as session:
         await _queue(session, "taken")
 
     async def twice() -> None:
-        async with postgres_database.transaction() as session:
+        async with database.transaction() as session:
             await _queue(session, "new")
-            await _queue(session, "taken")  # its error comes with the commit
+            await _queue(session, "taken")  # its error comes with the read or the commit
+            if read_after:
+                await session.execute(text("SELECT 1"))
 
-    with pytest.raises(StoreError, match="duplicate key"):
+    with pytest.raises(StoreError, match="duplicate key") as raised:
         await twice()
+    return raised.value
+
+
+@pytest.mark.parametrize("read_after", [False, True], ids=["commit", "read"])
+async def test_a_held_write_that_fails_fails_what_sends_it_and_nothing_is_written(
+    postgres_database: Database, read_after: bool
+) -> None:
+    error = await _duplicate_held(postgres_database, read_after=read_after)
+    assert not error.retryable
+    # The error names the held statements (their SQL, not their values).
+    notes = "".join(getattr(error.__cause__.orig, "__notes__", []))  # type: ignore[union-attr]
+    assert "held before it" in notes and "INSERT INTO outbox" in notes
     assert set(await _payloads(postgres_database)) == {"taken"}
     async with postgres_database.transaction() as session:  # the connection is fine again
         await _queue(session, "after")
     assert set(await _payloads(postgres_database)) == {"taken", "after"}
-
-
-async def test_a_failed_held_write_fails_the_read_that_sends_it(
-    postgres_database: Database,
-) -> None:
-    async with postgres_database.transaction() as session:
-        await _queue(session, "taken")
-
-    async def read_after() -> None:
-        async with postgres_database.transaction() as session:
-            await _queue(session, "taken")
-            await session.execute(text("SELECT 1"))  # its error comes with this read
-
-    with pytest.raises(StoreError, match="duplicate key"):
-        await read_after()
-    assert set(await _payloads(postgres_database)) == {"taken"}
 
 
 async def test_only_updates_said_unread_are_held_and_their_rowcount_is_unknown(
@@ -237,23 +235,6 @@ async def test_values_go_to_the_server_as_parameters_not_in_the_sql(
     assert (await _payloads(postgres_database))["secret-key"] == {
         "study": "1.2.826.0.1.3680043.8.498.1"
     }
-
-
-async def test_the_error_of_a_held_write_names_the_held_statements(
-    postgres_database: Database,
-) -> None:
-    async with postgres_database.transaction() as session:
-        await _queue(session, "taken")
-
-    async def read_after() -> None:
-        async with postgres_database.transaction() as session:
-            await _queue(session, "taken")
-            await session.execute(text("SELECT 1"))
-
-    with pytest.raises(StoreError) as raised:
-        await read_after()
-    notes = "".join(getattr(raised.value.__cause__.orig, "__notes__", []))  # type: ignore[union-attr]
-    assert "held before it" in notes and "INSERT INTO outbox" in notes
 
 
 async def test_a_transaction_the_server_ended_under_it_is_begun_again(

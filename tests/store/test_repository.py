@@ -713,3 +713,31 @@ async def test_unfinished_claims_and_the_counts_read_indexes_not_tables(
         steps = [line for line in lines if line.startswith(("SCAN", "SEARCH"))]
         assert steps, (statement, lines)
         assert all("COVERING INDEX" in line for line in steps), (statement, lines)
+
+
+async def test_task_facts_find_a_completion_queued_under_the_key_before_it_named_the_instance(
+    database: Database,
+) -> None:
+    """Entries queued before the key named the instance (``complete:TASK``) still say how the
+    bridge ended their Task."""
+    async with database.transaction() as session:
+        await repo.enqueue_outbox(
+            session,
+            idempotency_key="complete:t-old",
+            kind=OutboxKind.COMPLETE_TASK,
+            payload={"task_id": "t-old", "outputs": []},
+            now=T0,
+        )
+        await repo.enqueue_outbox(  # another Task's, not asked for
+            session,
+            idempotency_key="fail:t-other",
+            kind=OutboxKind.FAIL_TASK,
+            payload={"task_id": "t-other", "outputs": [], "error": "x"},
+            now=T0,
+        )
+        row = queries.TaskRow("t-old", "1", "incoming", TaskSeenStatus.IN_PROGRESS, None, T0)
+        facts = await queries.task_facts(session, [row])
+    assert (
+        facts[("t-old", "incoming")].status_source
+        == "set in-progress by the bridge; completed pending"
+    )
