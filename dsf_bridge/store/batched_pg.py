@@ -35,6 +35,7 @@ migrations keep SQLAlchemy's own psycopg driver.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Any, cast
 
@@ -49,6 +50,21 @@ from sqlalchemy.dialects.postgresql.psycopg import (
     PsycopgAdaptDBAPI,
 )
 from sqlalchemy.util.concurrency import await_
+
+
+class _PipelineAbortedNoise(logging.Filter):
+    """psycopg warns when it leaves a pipeline that a failed statement aborted; the failure
+    itself is raised to the caller, so the warning only repeats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        pipeline = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not (
+            str(record.msg).startswith("error ignored terminating")
+            and isinstance(pipeline, psycopg.AsyncPipeline)
+        )
+
+
+logging.getLogger("psycopg").addFilter(_PipelineAbortedNoise())
 
 __all__ = ["DRIVER", "UNREAD", "BatchedConnection", "BatchedCursor", "PGDialectAsync_batched"]
 
@@ -207,14 +223,18 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
             self._handle_exception(error)
 
     def commit(self) -> None:
-        if not self._began:
-            if not self._server_idle():
-                self._run(self._psycopg.execute("COMMIT", prepare=False))
-            return
-        held = self.take_held()
+        held = self.take_held() if self._began else []
         self._began = False
         if held == [(self._begin, None)]:  # only the BEGIN: the server never saw it
             return
+        if self._psycopg.info.transaction_status == TransactionStatus.INERROR:
+            # A held write failed and its error was caught (it surfaced at a later statement):
+            # PostgreSQL would answer this COMMIT with a ROLLBACK, and no error.
+            self._handle_exception(
+                psycopg.errors.InFailedSqlTransaction(
+                    "the transaction failed at an earlier statement; it cannot commit"
+                )
+            )
         if held:
             self._run(self.send([*held, ("COMMIT", None)]))
         elif not self._server_idle():
@@ -223,8 +243,9 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
     def rollback(self) -> None:
         self.held = []
         self._began = False
-        if not self._server_idle():
-            self._run(self._psycopg.execute("ROLLBACK", prepare=False))
+        # psycopg's own: it also forgets the statements it prepared, which the server may have
+        # skipped (a pipeline that an earlier statement aborted); nothing when the server idles.
+        self._run(self._psycopg.rollback())
 
 
 class _BatchedDBAPI(PsycopgAdaptDBAPI):

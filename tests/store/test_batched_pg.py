@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import psycopg
 import pytest
-from sqlalchemy import Table, bindparam, func, select, text, update
+from sqlalchemy import Table, bindparam, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from dsf_bridge.errors import StoreError
@@ -273,3 +273,75 @@ async def test_an_isolation_level_given_to_the_engine_is_the_transactions(
             assert level == "serializable"
     finally:
         await engine.dispose()
+
+
+async def test_a_statement_prepared_in_an_aborted_pipeline_does_not_poison_the_connection(
+    postgres_database: Database,
+) -> None:
+    """psycopg prepares a statement at its sixth execution; in a pipeline that a held write
+    before it aborted, the server skipped that PREPARE. The rollback forgets it, so the
+    statement runs again on the same connection (one connection: the pool's only one)."""
+    single = Database(postgres_database.url.render_as_string(False), pool_size=1, max_overflow=0)
+    outbox = cast(Table, OutboxEntry.__table__)
+    other = insert(outbox).inline()  # another held INSERT: another statement to prepare
+
+    async def other_insert(session: Any, key: str) -> None:
+        await session.execute(
+            other,
+            {
+                "idempotency_key": key,
+                "kind": OutboxKind.SEND_TASK,
+                "payload": {},
+                "status": "pending",
+                "next_attempt_at": T0,
+                "created_at": T0,
+            },
+        )
+
+    async def fails_early() -> None:  # a rollback before anything was prepared
+        async with single.transaction() as session:
+            await session.execute(text("SELECT 1"))
+            raise RuntimeError("the step failed")
+
+    async def aborted() -> None:
+        async with single.transaction() as session:
+            await other_insert(session, "taken")  # a duplicate: aborts the pipeline
+            await _queue(session, "k5")  # the sixth: prepared, and skipped
+
+    try:
+        with pytest.raises(RuntimeError):
+            await fails_early()
+        async with single.transaction() as session:
+            await other_insert(session, "taken")
+        for n in range(5):
+            async with single.transaction() as session:
+                await _queue(session, f"k{n}")
+        with pytest.raises(StoreError, match="duplicate key"):
+            await aborted()
+        for n in range(6, 9):
+            async with single.transaction() as session:
+                await _queue(session, f"k{n}")
+    finally:
+        await single.dispose()
+    assert {f"k{n}" for n in (*range(5), 6, 7, 8)} <= set(await _payloads(postgres_database))
+
+
+async def test_a_transaction_whose_held_write_failed_cannot_commit(
+    postgres_database: Database,
+) -> None:
+    """The error of a held write surfaces at a later statement; a caller that catches it and
+    commits gets an error, not PostgreSQL's silent ROLLBACK for a COMMIT of a failed
+    transaction."""
+    async with postgres_database.transaction() as session:
+        await _queue(session, "taken")
+
+    async def caught_then_committed() -> None:
+        async with postgres_database.transaction() as session:
+            await _queue(session, "new")
+            await _queue(session, "taken")
+            with contextlib.suppress(Exception):
+                await session.execute(text("SELECT 1"))  # the duplicate's error, caught
+
+    with pytest.raises(StoreError, match="cannot commit"):
+        await caught_then_committed()
+    assert set(await _payloads(postgres_database)) == {"taken"}
