@@ -243,9 +243,10 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
     def rollback(self) -> None:
         self.held = []
         self._began = False
-        # psycopg's own: it also forgets the statements it prepared, which the server may have
-        # skipped (a pipeline that an earlier statement aborted); nothing when the server idles.
-        self._run(self._psycopg.rollback())
+        if not self._server_idle():
+            # psycopg's own: it also forgets the statements it prepared, which the server may
+            # have skipped (a pipeline that an earlier statement aborted).
+            self._run(self._psycopg.rollback())
 
 
 class _BatchedDBAPI(PsycopgAdaptDBAPI):
