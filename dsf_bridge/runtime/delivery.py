@@ -161,19 +161,21 @@ class MessageDelivery:
             for good (a value the store refuses), without them, the first outcome handed to
             its job (which then fails as without inline calls: retried, then an incident).
             Returns what was written and how long the transaction took."""
-            began = time.perf_counter()
-            try:
+
+            async def timed(inline: InlineRun) -> tuple[InlineRun, list[StepRecord], float]:
+                began = time.perf_counter()
                 return inline, await write(inline), time.perf_counter() - began
+
+            try:
+                return await timed(inline)
             except Exception as exc:
                 if not inline.steps or not _unwritable(exc):
                     raise
                 log.warning(
                     "handler.inline_unwritten", error=str(exc), error_type=type(exc).__name__
                 )
-            inline = inline.handed_over()
-            began = time.perf_counter()
             try:
-                return inline, await write(inline), time.perf_counter() - began
+                return await timed(inline.handed_over())
             except Exception as exc:
                 if not _unwritable(exc):
                     raise

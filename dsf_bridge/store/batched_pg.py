@@ -51,6 +51,18 @@ from sqlalchemy.dialects.postgresql.psycopg import (
 )
 from sqlalchemy.util.concurrency import await_
 
+from dsf_bridge.store.inline_sqlite import as_awaited
+
+__all__ = ["DRIVER", "UNREAD", "BatchedConnection", "BatchedCursor", "PGDialectAsync_batched"]
+
+DRIVER = "dsfbatch"
+# Execution option of an UPDATE or DELETE whose row count the caller does not read: in a
+# transaction it is held with the other writes (its result's rowcount is then -1).
+UNREAD = "unread_rowcount"
+
+# A statement held for later: its SQL and its parameters, as the cursor was given them.
+Held = tuple[str, Any]
+
 
 class _PipelineAbortedNoise(logging.Filter):
     """psycopg warns when it leaves a pipeline that a failed statement aborted; the failure
@@ -65,20 +77,6 @@ class _PipelineAbortedNoise(logging.Filter):
 
 
 logging.getLogger("psycopg").addFilter(_PipelineAbortedNoise())
-
-__all__ = ["DRIVER", "UNREAD", "BatchedConnection", "BatchedCursor", "PGDialectAsync_batched"]
-
-DRIVER = "dsfbatch"
-# Execution option of an UPDATE or DELETE whose row count the caller does not read: in a
-# transaction it is held with the other writes (its result's rowcount is then -1).
-UNREAD = "unread_rowcount"
-
-# A statement held for later: its SQL and its parameters, as the cursor was given them.
-Held = tuple[str, Any]
-
-
-async def _ready() -> None:
-    return None
 
 
 class BatchedCursor(AsyncAdapt_psycopg_cursor):
@@ -101,17 +99,14 @@ class BatchedCursor(AsyncAdapt_psycopg_cursor):
         return cursor
 
     async def _executemany_async(self, operation: Any, seq_of_parameters: Any) -> Any:
-        connection = self._adapt_connection
-        held = connection.take_held()
-        if held:  # the BEGIN (and writes) first: the rows belong to the transaction
-            await connection.send(held)
+        # The BEGIN (and writes) first: the rows belong to the transaction.
+        await self._adapt_connection.send_held()
         return await super()._executemany_async(operation, seq_of_parameters)  # type: ignore[no-untyped-call]
 
     def hold(self, operation: Any, parameters: Any) -> None:
         """Keep the write for the next statement that is read, or for the commit."""
         self._adapt_connection.hold(operation, parameters)
-        # SQLAlchemy's asyncio connection refuses an execution that awaited nothing.
-        await_(_ready())
+        as_awaited()  # SQLAlchemy's asyncio connection refuses an execution that awaited nothing
 
     def hold_many(self, operation: Any, seq_of_parameters: Any) -> None:
         for parameters in seq_of_parameters:
@@ -122,7 +117,7 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
     """psycopg's asyncio connection, always in autocommit mode, with the transaction's ``BEGIN``
     and its writes held until something reads (see the module's description)."""
 
-    __slots__ = ("_began", "_begin", "_in_autocommit", "held")
+    __slots__ = ("_begin", "_in_autocommit", "held", "in_transaction")
 
     _cursor_cls = BatchedCursor
 
@@ -130,8 +125,8 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
         super().__init__(dbapi, connection)
         # What SQLAlchemy asked for: AUTOCOMMIT (Database.autocommit) or transactions.
         self._in_autocommit = False
-        # Whether SQLAlchemy began a transaction that it has not ended yet.
-        self._began = False
+        # Whether SQLAlchemy began a transaction (held or sent) that it has not ended yet.
+        self.in_transaction = False
         self._begin = "BEGIN"
         # The BEGIN and the writes of this transaction that the server has not seen yet.
         self.held: list[Held] = []
@@ -142,9 +137,7 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
 
     def cursor(self, name: Any = None, /) -> Any:
         if name:  # a server-side cursor (streamed results): it needs the transaction begun
-            held = self.take_held()
-            if held:
-                self._run(self.send(held))
+            self._run(self.send_held())
             return super().cursor(name)  # type: ignore[no-untyped-call]
         return BatchedCursor(self)
 
@@ -160,19 +153,14 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
     def set_autocommit(self, value: bool) -> None:
         self._in_autocommit = bool(value)
 
-    @property
-    def in_transaction(self) -> bool:
-        """Whether SQLAlchemy began a transaction (held or sent) that has not ended."""
-        return self._began
-
     def _server_idle(self) -> bool:
         return self._psycopg.info.transaction_status == TransactionStatus.IDLE
 
     def begin(self) -> None:
         """Begin a transaction: its ``BEGIN`` goes with its first statement that is sent."""
-        if self._in_autocommit or self._began:
+        if self._in_autocommit or self.in_transaction:
             return
-        self._began = True
+        self.in_transaction = True
         # isolation level, read only and deferrable as psycopg would begin it
         self._begin = self._psycopg._get_tx_start_command().decode()
         self.held = [(self._begin, None)]
@@ -184,7 +172,7 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
     def _resume(self) -> None:
         # A transaction the server ended under SQLAlchemy (psycopg's get_isolation_level rolls
         # back): begun again before the next statement, as psycopg begins one implicitly.
-        if self._began and not self.held and self._server_idle():
+        if self.in_transaction and not self.held and self._server_idle():
             self.held = [(self._begin, None)]
 
     def take_held(self) -> list[Held]:
@@ -192,6 +180,12 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
         self._resume()
         held, self.held = self.held, []
         return held
+
+    async def send_held(self) -> None:
+        """Send what is held (the ``BEGIN`` and writes) without a statement of the caller's."""
+        held = self.take_held()
+        if held:
+            await self.send(held)
 
     async def send(
         self,
@@ -223,8 +217,8 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
             self._handle_exception(error)
 
     def commit(self) -> None:
-        held = self.take_held() if self._began else []
-        self._began = False
+        held = self.take_held() if self.in_transaction else []
+        self.in_transaction = False
         if held == [(self._begin, None)]:  # only the BEGIN: the server never saw it
             return
         if self._psycopg.info.transaction_status == TransactionStatus.INERROR:
@@ -242,7 +236,7 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
 
     def rollback(self) -> None:
         self.held = []
-        self._began = False
+        self.in_transaction = False
         if not self._server_idle():
             # psycopg's own: it also forgets the statements it prepared, which the server may
             # have skipped (a pipeline that an earlier statement aborted).

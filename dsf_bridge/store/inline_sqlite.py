@@ -32,7 +32,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.engine.interfaces import AdaptedConnection
 from sqlalchemy.util.concurrency import await_, in_greenlet
 
-__all__ = ["DRIVER", "InlineConnection", "InlineCursor", "SQLiteDialect_inline"]
+__all__ = ["DRIVER", "InlineConnection", "InlineCursor", "SQLiteDialect_inline", "as_awaited"]
 
 DRIVER = "dsfinline"
 
@@ -41,7 +41,7 @@ async def _ready() -> None:
     return None
 
 
-def _as_awaited() -> None:
+def as_awaited() -> None:
     """Pass once through the event loop's side of SQLAlchemy's greenlet bridge (a coroutine
     that is done at once: no loop iteration). ``AsyncConnection.execute`` refuses an execution
     that awaited nothing (``AwaitRequired``): with this, the writer's engine works through
@@ -55,12 +55,12 @@ class InlineCursor(sqlite3.Cursor):
     read on this thread when asked for, so there is nothing to buffer)."""
 
     def execute(self, sql: str, parameters: Any = (), /) -> InlineCursor:
-        _as_awaited()
+        as_awaited()
         super().execute(sql, parameters)
         return self
 
     def executemany(self, sql: str, parameters: Any, /) -> InlineCursor:
-        _as_awaited()
+        as_awaited()
         super().executemany(sql, parameters)
         return self
 

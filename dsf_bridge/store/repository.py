@@ -1163,25 +1163,47 @@ async def enqueue_outbox(
 ) -> int | None:
     """Queue an effect and return its id; ``None`` if an effect with this key was queued
     before. ``leased_to`` queues it leased already (see :func:`enqueue_job`)."""
-    owner, expires = leased_to if leased_to is not None else (None, None)
     result = await session.execute(
         insert_ignoring_duplicates(session, _OUTBOX)
         .values(
-            idempotency_key=idempotency_key,
-            instance_id=instance_id,
-            kind=kind,
-            payload=payload,
             status="pending",
-            attempts=0 if leased_to is None else 1,
-            next_attempt_at=now,
-            created_at=now,
-            lease_owner=owner,
-            lease_expires_at=expires,
+            **_outbox_row(
+                idempotency_key=idempotency_key,
+                kind=kind,
+                payload=payload,
+                instance_id=instance_id,
+                now=now,
+                leased_to=leased_to,
+            ),
         )
         .returning(_OUTBOX.c.id)
     )
     row = result.first()
     return None if row is None else int(row[0])
+
+
+def _outbox_row(
+    *,
+    idempotency_key: str,
+    kind: OutboxKind,
+    payload: dict[str, Any],
+    instance_id: str | None,
+    now: dt.datetime,
+    leased_to: Lease | None,
+) -> dict[str, Any]:
+    """The columns of a new outbox entry, but its status (pending)."""
+    owner, expires = leased_to if leased_to is not None else (None, None)
+    return {
+        "idempotency_key": idempotency_key,
+        "instance_id": instance_id,
+        "kind": kind,
+        "payload": payload,
+        "attempts": 0 if leased_to is None else 1,
+        "next_attempt_at": now,
+        "created_at": now,
+        "lease_owner": owner,
+        "lease_expires_at": expires,
+    }
 
 
 async def enqueue_new_outbox(
@@ -1198,20 +1220,16 @@ async def enqueue_new_outbox(
     before (the instance's own): nothing is read back, so on PostgreSQL the insert waits for
     the transaction's next read or its commit (:mod:`dsf_bridge.store.batched_pg`). A key
     that exists after all fails the transaction (no effect is queued twice)."""
-    owner, expires = leased_to if leased_to is not None else (None, None)
     await session.execute(
         _QUEUE_OUTBOX,
-        {
-            "idempotency_key": idempotency_key,
-            "instance_id": instance_id,
-            "kind": kind,
-            "payload": payload,
-            "attempts": 0 if leased_to is None else 1,
-            "next_attempt_at": now,
-            "created_at": now,
-            "lease_owner": owner,
-            "lease_expires_at": expires,
-        },
+        _outbox_row(
+            idempotency_key=idempotency_key,
+            kind=kind,
+            payload=payload,
+            instance_id=instance_id,
+            now=now,
+            leased_to=leased_to,
+        ),
     )
 
 

@@ -472,11 +472,7 @@ async def test_a_stop_while_a_start_waits_for_its_handler_never_runs_it_twice_at
     work = Counting(seconds=0.6)
     first = await _one_step(database, work, "stopping", budget)
     stop, worker = await _running(first)
-    delivering = asyncio.ensure_future(
-        first.deliver(
-            KEY, message_name="start", business_key="bk-stop", task_id="t-1", task_version="2"
-        )
-    )
+    delivering = _delivering(first, "bk-stop")
     await asyncio.wait_for(work.started.wait(), 5)
     stop.set()
     await delivering
@@ -494,6 +490,15 @@ async def test_a_stop_while_a_start_waits_for_its_handler_never_runs_it_twice_at
     assert (first.gateway.completed + second.gateway.completed) == ["t-1"]  # type: ignore[attr-defined]
 
 
+def _delivering(runtime: ProcessRuntime, business_key: str) -> asyncio.Future[str]:
+    """The start of Task t-1 delivered to ``runtime``, under way."""
+    return asyncio.ensure_future(
+        runtime.deliver(
+            KEY, message_name="start", business_key=business_key, task_id="t-1", task_version="2"
+        )
+    )
+
+
 async def _completed_anywhere(runtimes: tuple[ProcessRuntime, ...], task_id: str) -> bool:
     return any(task_id in r.gateway.completed for r in runtimes)  # type: ignore[attr-defined]
 
@@ -507,11 +512,7 @@ async def test_a_start_cancelled_while_its_handler_runs_leaves_no_handler_runnin
     work = Counting(seconds=0.2)
     runtime = await _one_step(database, work, "cancelled", budget)
     stop, worker = await _running(runtime)
-    delivering = asyncio.ensure_future(
-        runtime.deliver(
-            KEY, message_name="start", business_key="bk-c", task_id="t-1", task_version="2"
-        )
-    )
+    delivering = _delivering(runtime, "bk-c")
     await asyncio.sleep(0.05)
     delivering.cancel()
     await asyncio.gather(delivering, return_exceptions=True)
