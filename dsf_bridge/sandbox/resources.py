@@ -506,8 +506,20 @@ class MemoryResourceStore:
         ]
 
     def search(self, query: SearchQuery) -> list[dict[str, Any]]:
-        """All matches of ``query``, sorted; paging is the caller's business."""
-        found = [r for r in self.all(query.resource_type) if query.matches(r, self.resolve)]
+        """All matches of ``query``, sorted, as copies; paging is the caller's business."""
+        return [copy.deepcopy(r) for r in self.matching(query)]
+
+    def matching(self, query: SearchQuery) -> list[dict[str, Any]]:
+        """All matches of ``query``, sorted: the stored versions themselves, not copies, so that
+        a search over many resources copies only the page it answers with (as a database reads
+        only the rows of its page). The caller must not change them; it copies what it hands
+        out."""
+        found = [
+            versions[-1]
+            for resource_id, versions in self._versions.get(query.resource_type, {}).items()
+            if (query.resource_type, resource_id) not in self._deleted
+            and query.matches(versions[-1], self.resolve)
+        ]
         for key, descending in reversed(query.sort):
             kind, path = SEARCH_PARAMETERS[key]
 

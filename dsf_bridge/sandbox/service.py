@@ -438,7 +438,8 @@ class FhirService:
                 f"unsupported search parameters: {', '.join(query.unsupported)}",
                 code="invalid",
             )
-        matches = [r for r in self.store.search(query) if self.may_read(identity, r)]
+        # The stored versions (not copies): only the page's are copied into the Bundle.
+        matches = [r for r in self.store.matching(query) if self.may_read(identity, r)]
         total = len(matches)
         link_params = [(k, v) for k, v in params if k != "_page"]
         bundle: dict[str, Any] = {
@@ -453,7 +454,7 @@ class FhirService:
             return FhirResponse(200, bundle)
         pages = max(1, -(-total // query.count))
         start = (query.page - 1) * query.count
-        page = matches[start : start + query.count]
+        page = [copy.deepcopy(r) for r in matches[start : start + query.count]]
 
         def link(relation: str, number: int) -> dict[str, str]:
             url = f"{self.base_url}/{resource_type}?" + urlencode(

@@ -125,6 +125,27 @@ def test_reference_identifier_through_literal_references(service: FhirService) -
     assert none["total"] == 0
 
 
+def test_a_search_answers_with_copies_of_its_page_and_skips_deleted_resources(
+    service: FhirService,
+) -> None:
+    # The search matches the stored versions themselves and copies only its page: a change to
+    # what it answered must not reach the store, and a deleted resource is not found.
+    paged = _search(service, "ActivityDefinition", ("_count", "1"), ("_page", "2"))
+    assert (paged["total"], len(paged["entry"])) == (2, 1)
+    found = paged["entry"][0]["resource"]
+    kept = found["version"]
+    found["version"] = "changed"
+    found["meta"]["versionId"] = "99"
+    stored = service.store.read("ActivityDefinition", found["id"])
+    assert stored is not None
+    assert (stored["version"], stored["meta"]["versionId"]) == (kept, "1")
+    again = _search(service, "ActivityDefinition")
+    assert sorted(e["resource"]["version"] for e in again["entry"]) == ["1.0", "1.1"]
+    service.store.delete("ActivityDefinition", found["id"])
+    left = "1.0" if kept == "1.1" else "1.1"
+    assert _ids(_search(service, "ActivityDefinition")) == [f"ActivityDefinition:{left}"]
+
+
 def test_includes_and_profile_and_summary(service: FhirService) -> None:
     bundle = _search(
         service, "Organization", ("identifier", f"{ORG}|A"), ("_include", "Organization:endpoint")
