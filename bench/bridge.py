@@ -38,7 +38,12 @@ that ends inside a block is missed). ``machine_busy`` is the share of both cores
 the blocks (``/proc/stat``), whoever used them.
 
 **Replicas**: on one PostgreSQL database, blocks of 50 Tasks in flight with one bridge process
-and with two (the second started before its block and stopped after it), alternating.
+and with two (the second started before its block and stopped after it), alternating. On two
+cores, one bridge with the sandbox and PostgreSQL already keeps the machine busy, so a second
+cannot add much (``replicas_2_vs_1``). The same rounds are then run with each bridge capped at
+``--replica-cpu`` cores (0.35) in a cgroup of its own, standing in for a machine per replica:
+the cap holds one bridge, and what two reach shows whether they hold each other up
+(``replicas_2_vs_1_capped``: the shared database, the claims, the audit trail).
 
 **Catch-up**: on a fresh PostgreSQL database, the bridge is stopped, ``--catch-up`` Tasks
 (10,000) are posted, and a new bridge process takes them up by its catch-up search; its rate,
@@ -58,7 +63,8 @@ create a throw-away database (``--postgres-url``). Prints one ``key=value`` line
 ``bridge_vs_bare_latency_sqlite``, ``bridge_vs_bare_latency_postgresql``,
 ``bridge_vs_bare_throughput_c50_sqlite``, ``bridge_vs_bare_throughput_c50_postgresql``
 (latency: bridge / bare, 1.0 would be free; throughput: bridge / bare), ``replicas_2_vs_1``
-(two bridges' throughput / one's) and ``catch_up_vs_c50``.
+(two bridges' throughput / one's), ``replicas_2_vs_1_capped`` (the same, each bridge capped) and
+``catch_up_vs_c50``.
 """
 
 from __future__ import annotations
@@ -106,6 +112,9 @@ REMOTE = "Bench_Requester"  # sends every Task
 CANONICAL = "http://bench.org/bpe/Process/oneStep|1.0"
 PROFILE = "http://bench.org/fhir/StructureDefinition/task-one-step|1.0"
 CONCURRENCY = 50
+# Cores each bridge gets in the capped replica rounds: one replica is then held by its own cap,
+# and two (0.7 cores) leave room on two cores for the sandbox, PostgreSQL and the clients.
+DEFAULT_REPLICA_CPU = 0.35
 SETTLE = 0.2  # seconds after a block before CPU is read: the last Task's trailing commits
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
@@ -335,6 +344,59 @@ def _process_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat", "rb") as stat:
         fields = stat.read().rsplit(b")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+
+
+class CpuCap:
+    """A CPU quota for one process, in a cgroup of its own (the cgroup v1 ``cpu`` controller,
+    or cgroup v2 with ``cpu`` enabled at the root): it stands in for a machine per replica on
+    this one. ``CpuCap.problem()`` says why there is none here."""
+
+    PERIOD_US = 20_000  # a short period: a capped process waits at most this long per turn
+
+    def __init__(self, cores: float, name: str) -> None:
+        self.cores = cores
+        root, version = _cgroup_root()
+        self.path = root / f"dsf-bench-{os.getpid()}-{name}"
+        self.path.mkdir(exist_ok=True)
+        quota = max(1000, int(cores * self.PERIOD_US))
+        if version == 1:
+            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+        else:
+            (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+
+    def add(self, pid: int) -> None:
+        """Move process ``pid`` (all its threads) into the cgroup."""
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def remove(self) -> None:
+        """Give the cgroup's processes back to the root and remove it."""
+        root = self.path.parent
+        with contextlib.suppress(OSError):
+            for pid in (self.path / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    (root / "cgroup.procs").write_text(pid)
+            self.path.rmdir()
+
+    @staticmethod
+    def problem() -> str | None:
+        try:
+            root, _version = _cgroup_root()
+        except OSError as exc:
+            return str(exc)
+        if not os.access(root, os.W_OK):
+            return f"{root} is not writable (root, with cgroups writable, is needed)"
+        return None
+
+
+def _cgroup_root() -> tuple[Path, int]:
+    v1 = Path("/sys/fs/cgroup/cpu")
+    if (v1 / "cpu.cfs_quota_us").exists():
+        return v1, 1
+    control = Path("/sys/fs/cgroup/cgroup.subtree_control")
+    if control.exists() and "cpu" in control.read_text().split():
+        return control.parent, 2
+    raise OSError("no cgroup with a cpu controller at /sys/fs/cgroup/cpu or /sys/fs/cgroup")
 
 
 def _database_backends_cpu(database: str) -> float:
@@ -761,6 +823,7 @@ class Plan:
     postgres_url: str
     keep: bool
     catch_up: int = 10_000
+    replica_cpu: float = 0.0
 
 
 @dataclass
@@ -857,43 +920,80 @@ class Bench:
         self.check_completions(side, store)
         return result
 
-    async def replicas(self, admin: PostgresAdmin) -> float:
+    async def replicas(self, admin: PostgresAdmin) -> tuple[float, float | None]:
+        """Blocks of 50 in flight with one bridge and with two on one database, alternating:
+        first as they come (both on this machine's cores), then, with ``--replica-cpu``, each
+        bridge capped at that many cores in a cgroup of its own (a machine per replica)."""
         from dsf_bridge.store import upgrade  # noqa: PLC0415
 
         database, db_url = admin.create()
         upgrade(db_url)
         first = await self.bridge("bridge-replica-1", db_url)
-        posted: list[str] = []
         one = self.bridge_side([first], database)
         self.progress("replicas: warming up")
         await _warm_up(one, self.plan.warm_up)
+        posted = list(one.posted)
+        ratio = await self._replica_rounds(first, db_url, database, posted, None)
+        capped: float | None = None
+        cores = self.plan.replica_cpu
+        problem = CpuCap.problem() if cores else "not asked for (--replica-cpu 0)"
+        if problem is None:
+            caps = [CpuCap(cores, f"replica-{n}") for n in (1, 2)]
+            try:
+                caps[0].add(first.pid)
+                capped = await self._replica_rounds(first, db_url, database, posted, caps)
+            finally:
+                for cap in caps:
+                    cap.remove()
+        else:
+            self.emit(f"replicas_capped_unavailable={problem}")
+        await self.stop(first)
+        self.emit(f"replicas_database_sessions={admin.sessions(database)}")
+        lines, problems = _store_check(db_url, posted)
+        for line in lines:
+            self.emit(f"replicas_{line}")
+        self.problems.extend(f"replicas: {p}" for p in problems)
+        return ratio, capped
+
+    async def _replica_rounds(
+        self,
+        first: Child,
+        db_url: str,
+        database: str,
+        posted: list[str],
+        caps: list[CpuCap] | None,
+    ) -> float:
+        label = "replicas" if caps is None else f"replicas capped at {caps[0].cores} cores each"
+        key = "replicas" if caps is None else "replicas_capped"
         runs: dict[int, list[Block]] = {1: [], 2: []}
         for number in range(self.plan.replica_blocks):
             for replicas in (1, 2) if number % 2 == 0 else (2, 1):
                 bridges = [first]
                 if replicas == 2:
                     bridges.append(await self.bridge("bridge-replica-2", db_url))
+                    if caps is not None:
+                        caps[1].add(bridges[1].pid)
                 side = self.bridge_side(bridges, database)
                 runs[replicas].append(await _run_block(side, "c50", self.plan.tasks))
                 posted.extend(side.posted)
-                self.check_completions(side, f"replicas {replicas}")
+                self.check_completions(side, f"{label}, {replicas}")
                 if replicas == 2:
                     await self.stop(bridges[1])
             last = {n: runs[n][-1] for n in (1, 2)}
             self.progress(
-                f"replicas round {number + 1}/{self.plan.replica_blocks}: "
+                f"{label}, round {number + 1}/{self.plan.replica_blocks}: "
                 + ", ".join(f"{n}: {b.tasks / b.wall:.1f}/s" for n, b in last.items())
             )
-        posted = one.posted + posted
-        await self.stop(first)
         ratio, per_round = _ratios(
             [
                 (b2.tasks / b2.wall, b1.tasks / b1.wall)
                 for b1, b2 in zip(runs[1], runs[2], strict=True)
             ]
         )
+        if caps is not None:
+            self.emit(f"{key}_cores_each={caps[0].cores}")
         for replicas, blocks in runs.items():
-            prefix = f"replicas_{replicas}_c50"
+            prefix = f"{key}_{replicas}_c50"
             rate = sum(b.tasks for b in blocks) / sum(b.wall for b in blocks)
             latencies = [x for b in blocks for x in b.latencies]
             self.emit(f"{prefix}_tasks={len(latencies)}")
@@ -901,12 +1001,7 @@ class Bench:
             self.emit(f"{prefix}_latency_median_ms={_ms(statistics.median(latencies))}")
             for line in _cpu_lines(prefix, blocks):
                 self.emit(line)
-        self.emit(f"replicas_2_vs_1_per_round={per_round}")
-        self.emit(f"replicas_database_sessions={admin.sessions(database)}")
-        lines, problems = _store_check(db_url, posted)
-        for line in lines:
-            self.emit(f"replicas_{line}")
-        self.problems.extend(f"replicas: {p}" for p in problems)
+        self.emit(f"{key}_2_vs_1_per_round={per_round}")
         return ratio
 
     async def catch_up(self, admin: PostgresAdmin) -> float:
@@ -1101,10 +1196,12 @@ async def run(plan: Plan) -> int:
                     bench.emit(line)
                 summary[f"bridge_vs_bare_latency_{key}"] = f"{result.latency_ratio:.2f}"
                 summary[f"bridge_vs_bare_throughput_c50_{key}"] = f"{result.throughput_ratio:.2f}"
+            summary["replicas_2_vs_1"] = summary["replicas_2_vs_1_capped"] = "skipped"
             if "replicas" in plan.only and admin is not None:
-                summary["replicas_2_vs_1"] = f"{await bench.replicas(admin):.2f}"
-            else:
-                summary["replicas_2_vs_1"] = "skipped"
+                ratio, capped = await bench.replicas(admin)
+                summary["replicas_2_vs_1"] = f"{ratio:.2f}"
+                if capped is not None:
+                    summary["replicas_2_vs_1_capped"] = f"{capped:.2f}"
             if "catch-up" in plan.only and admin is not None:
                 summary["catch_up_vs_c50"] = f"{await bench.catch_up(admin):.2f}"
             else:
@@ -1120,6 +1217,7 @@ async def run(plan: Plan) -> int:
             "bridge_vs_bare_throughput_c50_sqlite",
             "bridge_vs_bare_throughput_c50_postgresql",
             "replicas_2_vs_1",
+            "replicas_2_vs_1_capped",
             "catch_up_vs_c50",
         ):
             bench.emit(f"{key}={summary[key]}")
@@ -1213,6 +1311,15 @@ def main() -> None:
         "--quick: 300)",
     )
     parser.add_argument(
+        "--replica-cpu",
+        type=float,
+        default=DEFAULT_REPLICA_CPU,
+        metavar="CORES",
+        help="for the replicas part, also run its rounds with each bridge capped at CORES cores "
+        "in a cgroup of its own, standing in for a machine per replica (default "
+        "%(default)s; 0: not; needs root and a cgroup cpu controller)",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (logs, SQLite store)"
     )
     parser.add_argument(
@@ -1239,6 +1346,7 @@ def main() -> None:
         postgres_url=arguments.postgres_url,
         keep=arguments.keep,
         catch_up=arguments.catch_up or (300 if quick else 10_000),
+        replica_cpu=max(0.0, arguments.replica_cpu),
     )
     try:
         status = asyncio.run(run(plan))
