@@ -34,6 +34,7 @@ import httpx
 import structlog
 from lxml import etree
 
+from dsf_bridge.dsf import pool
 from dsf_bridge.dsf.vocabulary import FHIR_JSON, outcome_diagnostics
 from dsf_bridge.errors import RemoteError
 from dsf_bridge.proxy import ForwardProxy
@@ -274,11 +275,15 @@ class FhirClient:
     ) -> httpx.AsyncHTTPTransport:
         # TCP_NODELAY: a request goes out as headers and body; without it Nagle's algorithm
         # and the peer's delayed ACK add ~40 ms to every POST and PUT.
-        return httpx.AsyncHTTPTransport(
-            verify=ssl_context if ssl_context is not None else True,
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            proxy=httpx.Proxy(self.proxy.url, auth=self.proxy.auth) if self.proxy else None,
-            limits=limits,
+        # pool.install: the pool's check of idle connections, before every request, costs a
+        # poll instead of a walk through anyio's TLS attributes (dsf_bridge.dsf.pool).
+        return pool.install(
+            httpx.AsyncHTTPTransport(
+                verify=ssl_context if ssl_context is not None else True,
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+                proxy=httpx.Proxy(self.proxy.url, auth=self.proxy.auth) if self.proxy else None,
+                limits=limits,
+            )
         )
 
     def _client(self, transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
