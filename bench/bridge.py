@@ -348,35 +348,55 @@ def _process_cpu(pid: int) -> float:
 
 class CpuCap:
     """A CPU quota for one process, in a cgroup of its own (the cgroup v1 ``cpu`` controller,
-    or cgroup v2 with ``cpu`` enabled at the root): it stands in for a machine per replica on
-    this one. ``CpuCap.problem()`` says why there is none here."""
+    or cgroup v2 with ``cpu`` enabled at the root): on this machine, it stands in for a
+    smaller machine per replica. A quota is not a slower CPU: the process runs at full speed
+    until its share of each period is spent, then waits for the next period (at 0.35 cores, 13
+    of every 20 ms). ``CpuCap.problem()`` says why there is none here."""
 
-    PERIOD_US = 20_000  # a short period: a capped process waits at most this long per turn
+    PERIOD_US = 20_000  # a short period keeps each wait short
 
     def __init__(self, cores: float, name: str) -> None:
         self.cores = cores
-        root, version = _cgroup_root()
-        self.path = root / f"dsf-bench-{os.getpid()}-{name}"
+        self.root, self.version = _cgroup_root()
+        self.path = self.root / f"dsf-bench-{os.getpid()}-{name}"
+        # Where each process moved in came from, to go back there.
+        self.origins: dict[int, Path] = {}
         self.path.mkdir(exist_ok=True)
         quota = max(1000, int(cores * self.PERIOD_US))
-        if version == 1:
-            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
-            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
-        else:
-            (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        try:
+            if self.version == 1:
+                (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+                (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+            else:
+                (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        except OSError:
+            self.remove()
+            raise
 
     def add(self, pid: int) -> None:
         """Move process ``pid`` (all its threads) into the cgroup."""
+        self.origins[pid] = self._cgroup_of(pid)
         (self.path / "cgroup.procs").write_text(str(pid))
 
     def remove(self) -> None:
-        """Give the cgroup's processes back to the root and remove it."""
-        root = self.path.parent
+        """Give the cgroup's processes back to the cgroups they came from, and remove it."""
         with contextlib.suppress(OSError):
             for pid in (self.path / "cgroup.procs").read_text().split():
+                origin = self.origins.get(int(pid), self.root)
                 with contextlib.suppress(OSError):
-                    (root / "cgroup.procs").write_text(pid)
+                    (origin / "cgroup.procs").write_text(pid)
+        with contextlib.suppress(OSError):
             self.path.rmdir()
+
+    def _cgroup_of(self, pid: int) -> Path:
+        """The cgroup of ``pid`` in this hierarchy (``/proc/PID/cgroup``)."""
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            number, controllers, path = line.split(":", 2)
+            if (self.version == 1 and "cpu" in controllers.split(",")) or (
+                self.version == 2 and number == "0"
+            ):
+                return self.root / path.lstrip("/")
+        return self.root
 
     @staticmethod
     def problem() -> str | None:
@@ -937,16 +957,22 @@ class Bench:
         capped: float | None = None
         cores = self.plan.replica_cpu
         problem = CpuCap.problem() if cores else "not asked for (--replica-cpu 0)"
-        if problem is None:
-            caps = [CpuCap(cores, f"replica-{n}") for n in (1, 2)]
-            try:
+        caps: list[CpuCap] = []
+        try:
+            if problem is None:
+                for number in (1, 2):
+                    caps.append(CpuCap(cores, f"replica-{number}"))
                 caps[0].add(first.pid)
+        except OSError as exc:
+            problem = f"a cgroup could not be set up: {exc}"
+        try:
+            if problem is None:
                 capped = await self._replica_rounds(first, db_url, database, posted, caps)
-            finally:
-                for cap in caps:
-                    cap.remove()
-        else:
-            self.emit(f"replicas_capped_unavailable={problem}")
+            else:
+                self.emit(f"replicas_capped_unavailable={problem}")
+        finally:
+            for cap in caps:
+                cap.remove()
         await self.stop(first)
         self.emit(f"replicas_database_sessions={admin.sessions(database)}")
         lines, problems = _store_check(db_url, posted)

@@ -11,6 +11,8 @@ answers that question with one ``poll``. Everything else is passed through uncha
 httpx does not take a network backend, so :func:`install` reaches into the transport's pool;
 when a later httpx or httpcore lays it out otherwise, the transport is left as it is (slower,
 not wrong) and :func:`installed` says so (a test checks it against the versions we install).
+A later httpcore that adds a method to its stream interface would need it here too: the tests
+of the FHIR client, TLS and the proxy run every request through this backend.
 """
 
 from __future__ import annotations
@@ -42,15 +44,15 @@ def installed(transport: httpx.AsyncHTTPTransport) -> bool:
     return isinstance(getattr(pool, "_network_backend", None), _Backend)
 
 
-def _readable(sock: socket.socket | None) -> bool:
+def _readable(sock: socket.socket) -> bool:
     """Whether a read on ``sock`` would return at once: for an idle HTTP/1.1 connection, that
-    the server closed it (or sent what it should not have). A socket gone counts as readable,
-    so that the pool drops the connection."""
-    if sock is None:
-        return True
+    the server closed it (or sent what it should not have). A socket closed here counts as
+    readable, so that the pool drops the connection."""
     descriptor = sock.fileno()
     if descriptor < 0:
         return True
+    if not hasattr(select, "poll"):  # Windows, or eventlet's green select
+        return bool(select.select([descriptor], [], [], 0)[0])
     poller = select.poll()
     poller.register(descriptor, select.POLLIN)
     return bool(poller.poll(0))
@@ -83,8 +85,9 @@ class _Stream(httpcore.AsyncNetworkStream):
         return _Stream(wrapped, self._socket)
 
     def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable":
+        if info == "is_readable" and self._socket is not None:
             return _readable(self._socket)
+        # No socket (a stream of another kind): its own answer.
         return self._inner.get_extra_info(info)
 
 
@@ -99,9 +102,15 @@ class _Backend(httpcore.AsyncNetworkBackend):
         timeout: float | None = None,  # noqa: ASYNC109 - httpcore's signature
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
+        **more: Any,  # what a later httpcore may add, passed on
     ) -> httpcore.AsyncNetworkStream:
         stream = await self._inner.connect_tcp(
-            host, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+            host,
+            port,
+            timeout=timeout,
+            local_address=local_address,
+            socket_options=socket_options,
+            **more,
         )
         return _Stream(stream, stream.get_extra_info("socket"))
 
@@ -110,9 +119,10 @@ class _Backend(httpcore.AsyncNetworkBackend):
         path: str,
         timeout: float | None = None,  # noqa: ASYNC109 - httpcore's signature
         socket_options: Iterable[Any] | None = None,
+        **more: Any,
     ) -> httpcore.AsyncNetworkStream:
         stream = await self._inner.connect_unix_socket(
-            path, timeout=timeout, socket_options=socket_options
+            path, timeout=timeout, socket_options=socket_options, **more
         )
         return _Stream(stream, stream.get_extra_info("socket"))
 

@@ -507,9 +507,9 @@ class MemoryResourceStore:
 
     def search(self, query: SearchQuery) -> list[dict[str, Any]]:
         """All matches of ``query``, sorted, as copies; paging is the caller's business."""
-        return [copy.deepcopy(r) for r in self.matching(query)]
+        return [copy.deepcopy(r) for r in self.stored_matches(query)]
 
-    def matching(self, query: SearchQuery) -> list[dict[str, Any]]:
+    def stored_matches(self, query: SearchQuery) -> list[dict[str, Any]]:
         """All matches of ``query``, sorted: the stored versions themselves, not copies, so that
         a search over many resources copies only the page it answers with (as a database reads
         only the rows of its page). The caller must not change them; it copies what it hands

@@ -439,7 +439,7 @@ class FhirService:
                 code="invalid",
             )
         # The stored versions (not copies): only the page's are copied into the Bundle.
-        matches = [r for r in self.store.matching(query) if self.may_read(identity, r)]
+        matches = [r for r in self.store.stored_matches(query) if self.may_read(identity, r)]
         total = len(matches)
         link_params = [(k, v) for k, v in params if k != "_page"]
         bundle: dict[str, Any] = {

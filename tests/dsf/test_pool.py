@@ -10,6 +10,7 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpcore
 import httpx
 import pytest
 
@@ -94,7 +95,7 @@ async def test_the_fhir_client_pools_connections_with_it() -> None:
             assert pool.installed(http._transport)  # type: ignore[arg-type]
 
 
-def test_install_leaves_a_transport_it_does_not_know_as_it_is() -> None:
+def test_install_wraps_a_transport_once_and_leaves_one_it_does_not_know() -> None:
     transport = httpx.AsyncHTTPTransport()
     assert pool.install(transport) is transport
     assert pool.installed(transport)
@@ -104,3 +105,17 @@ def test_install_leaves_a_transport_it_does_not_know_as_it_is() -> None:
     mocked = httpx.MockTransport(lambda request: httpx.Response(200))
     pool.install(mocked)  # type: ignore[arg-type]
     assert not pool.installed(mocked)  # type: ignore[arg-type]
+
+
+async def test_a_stream_without_a_socket_answers_for_itself() -> None:
+    # httpcore's mock stream has no socket and says nothing of being readable: the connection
+    # is not taken for closed (it would never be used again).
+    answer = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"]
+    backend = pool._Backend(httpcore.AsyncMockBackend(answer * 2))
+    stream = await backend.connect_tcp("localhost", 443)
+    assert stream.get_extra_info("is_readable") is None
+    async with httpcore.AsyncConnectionPool(network_backend=backend) as connections:
+        for _ in range(2):
+            response = await connections.request("GET", "http://localhost/fhir/Task")
+            assert response.content == b"{}"
+        assert len(connections.connections) == 1
