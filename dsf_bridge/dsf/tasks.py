@@ -15,7 +15,6 @@ the helpers here copy the Task and touch only status, the business key and outpu
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import hashlib
 import json
@@ -551,12 +550,15 @@ def task_outputs(variables: Mapping[str, object], task_id: str) -> list[dict[str
 
 def with_outputs(task: Mapping[str, Any], outputs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """A copy of ``task`` with ``outputs`` added after those it has; an output already there is
-    not repeated (a PUT retried after a crash writes the same Task)."""
-    updated = copy.deepcopy(dict(task))
+    not repeated (a PUT retried after a crash writes the same Task).
+
+    As :func:`updated_task`, only what changes is copied (the Task and its ``output`` list);
+    the rest, and the outputs' nested parts, are shared: callers must not change them."""
+    updated = dict(task)
     present = list(updated.get("output") or [])
     for output in outputs:
         if output not in present:
-            present.append(copy.deepcopy(dict(output)))
+            present.append(dict(output))
     if present:
         updated["output"] = present
     return updated
