@@ -17,7 +17,10 @@ ratios (1.0: the waiting instances cost nothing; on PostgreSQL the server's work
 wall time only). It also reads the store's counts (what ``/metrics`` reads at every scrape,
 ``queries.count_store``) on both, with each instance's Task version in the history, and
 reports the wall time per reading and ``waiting_vs_small_store_count_wall=``: this one grows
-with the store (whole-table counts), but should read indexes, not rows.
+with the store (whole-table counts), but should read indexes, not rows. Last it reads the
+admin API's first two pages of instances and of Task versions, newest first
+(``queries.list_instances``, ``queries.list_tasks``), and reports
+``waiting_vs_small_list_pages_wall=`` (1.0: a page costs the same however large the store).
 
 Run: ``python bench/waiting.py`` (SQLite, about 10 seconds) or ``python bench/waiting.py --db
 postgresql`` (throw-away databases on ``--postgres-url``, about 20 seconds). Without statistics,
@@ -56,6 +59,7 @@ BATCH = 5_000
 STATE = {"v": 1, "tk": {"1": {"p": "w"}}, "vars": {"note": "x" * 900}, "sc": {}, "j": {}}
 BACKLOG = 5_000  # pending sends in the waiting store
 SMALL = 100  # running instances of the small store, and the keys both sides look up
+PAGE = 51  # rows per admin API page, as the web page asks (50 and one to know of a next)
 
 
 async def _prepare(url: str, running: int, completed: int, analyze: bool) -> tuple[Database, int]:
@@ -78,7 +82,9 @@ async def _prepare(url: str, running: int, completed: int, analyze: bool) -> tup
                     # A waiting instance's state, about 1 KB: a token, some variables.
                     "state": STATE,
                     "version": 1,
-                    "created_at": T0,
+                    # One after the other, as they were created (the admin API's pages
+                    # read them newest first).
+                    "created_at": T0 + dt.timedelta(milliseconds=n),
                     "updated_at": T0,
                 }
                 for n in range(first, min(first + BATCH, total))
@@ -92,7 +98,7 @@ async def _prepare(url: str, running: int, completed: int, analyze: bool) -> tup
                     "role": "incoming",
                     "status": TaskSeenStatus.TAKEN_IN,
                     "instance_id": f"w-{n}",
-                    "seen_at": T0,
+                    "seen_at": T0 + dt.timedelta(milliseconds=n),
                 }
                 for n in range(first, min(first + BATCH, total))
             ]
@@ -151,6 +157,19 @@ async def _counts(database: Database, count: int) -> tuple[float, float]:
     return (time.process_time() - cpu) / count, (time.perf_counter() - wall) / count
 
 
+async def _pages(database: Database, count: int) -> tuple[float, float]:
+    """CPU and wall seconds per reading of the admin API's first two pages of instances and of
+    Task versions, newest first (what the web page shows first)."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(count):
+        async with database.transaction() as session:
+            instances = await queries.list_instances(session, limit=PAGE)
+            await queries.list_instances(session, before=instances[-1].id, limit=PAGE)
+            tasks = await queries.list_tasks(session, limit=PAGE)
+            await queries.list_tasks(session, before=queries.task_cursor(tasks[-1]), limit=PAGE)
+    return (time.process_time() - cpu) / count, (time.perf_counter() - wall) / count
+
+
 def _postgres_database(server: str, name: str) -> str:
     admin = create_engine(server, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
@@ -197,6 +216,11 @@ async def main(args: argparse.Namespace) -> int:
                 order = ("small", "waiting") if round_ % 2 == 0 else ("waiting", "small")
                 for side in order:
                     counts[side].append((await _counts(sides[side][0], 5))[1])
+            pages: dict[str, list[float]] = {"small": [], "waiting": []}
+            for round_ in range(args.rounds):
+                order = ("small", "waiting") if round_ % 2 == 0 else ("waiting", "small")
+                for side in order:
+                    pages[side].append((await _pages(sides[side][0], 5))[1])
             for database, _ in sides.values():
                 await database.dispose()
         finally:
@@ -211,6 +235,10 @@ async def main(args: argparse.Namespace) -> int:
         print(f"{side}_wall_ms_per_store_count={statistics.median(counts[side]) * 1e3:.2f}")
     ratios = [w / e for w, e in zip(counts["waiting"], counts["small"], strict=True)]
     print(f"waiting_vs_small_store_count_wall={statistics.median(ratios):.1f}")
+    for side in ("small", "waiting"):
+        print(f"{side}_wall_ms_per_list_pages={statistics.median(pages[side]) * 1e3:.2f}")
+    ratios = [w / e for w, e in zip(pages["waiting"], pages["small"], strict=True)]
+    print(f"waiting_vs_small_list_pages_wall={statistics.median(ratios):.1f}")
     for name, figures in (("cpu", cpu), ("wall", wall)):
         ratios = [w / e for w, e in zip(figures["waiting"], figures["small"], strict=True)]
         print(f"waiting_vs_small_{name}={statistics.median(ratios):.2f}")

@@ -249,8 +249,9 @@ async def list_instances(
         if anchor is None:
             return []
         query = query.where(
+            ProcessInstance.created_at <= anchor,  # the index's range, as in list_tasks
             (ProcessInstance.created_at < anchor)
-            | ((ProcessInstance.created_at == anchor) & (ProcessInstance.id < before))
+            | ((ProcessInstance.created_at == anchor) & (ProcessInstance.id < before)),
         )
     query = query.order_by(ProcessInstance.created_at.desc(), ProcessInstance.id.desc())
     rows = await session.execute(query.limit(_page(limit)))
@@ -308,7 +309,10 @@ async def list_tasks(
         ).scalar_one_or_none()
         if anchor is None:
             return []
+        # The range first (``<=``, implied by the rest): it lets the database read the index
+        # from the anchor on; the rest alone made SQLite sort every older version.
         query = query.where(
+            TaskSeen.seen_at <= anchor,
             (TaskSeen.seen_at < anchor)
             | (
                 (TaskSeen.seen_at == anchor)
@@ -316,7 +320,7 @@ async def list_tasks(
                     tuple_(TaskSeen.task_id, TaskSeen.task_version, TaskSeen.role)
                     > tuple_(anchor_id, anchor_version, anchor_role)
                 )
-            )
+            ),
         )
     query = query.order_by(
         TaskSeen.seen_at.desc(), TaskSeen.task_id, TaskSeen.task_version, TaskSeen.role

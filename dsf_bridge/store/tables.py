@@ -167,6 +167,9 @@ class ProcessInstance(Base):
         # open incidents (/metrics, the definitions list) read this index alone, not every
         # instance's state (migration 0008).
         Index("ix_process_instances_status", "status", "definition_id", "incidents"),
+        # The admin API's pages of instances, newest first: read backwards from the top of
+        # this index, not sorted from every instance (migration 0009).
+        Index("ix_process_instances_created", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -255,7 +258,11 @@ class TaskSeen(Base):
     # By role and status: the claims intake has not finished (recovered at start-up, held
     # replies swept every 30 s) are found without reading every Task version ever seen, and
     # the counts of /metrics read this index, not the table (migration 0008).
-    __table_args__ = (Index("ix_tasks_seen_role_status", "role", "status", "seen_at"),)
+    # By time: the admin API's pages of Task versions, newest first (migration 0009).
+    __table_args__ = (
+        Index("ix_tasks_seen_role_status", "role", "status", "seen_at"),
+        Index("ix_tasks_seen_seen_at", "seen_at"),
+    )
 
     task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     task_version: Mapped[str] = mapped_column(String(20), primary_key=True)

@@ -715,6 +715,83 @@ async def test_unfinished_claims_and_the_counts_read_indexes_not_tables(
         assert all("COVERING INDEX" in line for line in steps), (statement, lines)
 
 
+@pytest.mark.parametrize("statistics", [False, True], ids=["no-statistics", "analyzed"])
+async def test_the_admin_pages_read_the_newest_rows_from_an_index_not_a_sort(
+    database: Database, statistics: bool
+) -> None:
+    """The admin API's pages of instances and of Task versions, newest first, the first page
+    and the next: each reads its rows from the top of an index (migration 0009), never sorts
+    every instance or every Task version ever seen; and the pages are right."""
+    definition_id = await _definition(database)
+    count = 20_000
+    async with database.transaction() as session:
+        await session.execute(
+            insert(ProcessInstance),
+            [
+                {
+                    "id": f"w-{n:05}",
+                    "definition_id": definition_id,
+                    "business_key": f"bk-{n}",
+                    "status": "running" if n % 10 == 0 else "completed",
+                    "state": {"v": 1, "tk": {}},
+                    "version": 1,
+                    # Pairs created at the same moment: the id orders them.
+                    "created_at": T0 + dt.timedelta(seconds=n // 2),
+                    "updated_at": T0,
+                }
+                for n in range(count)
+            ],
+        )
+        await session.execute(
+            insert(TaskSeen),
+            [
+                {
+                    "task_id": f"t-{n:05}",
+                    "task_version": "1",
+                    "role": "incoming",
+                    "status": TaskSeenStatus.TAKEN_IN,
+                    "instance_id": f"w-{n:05}",
+                    "seen_at": T0 + dt.timedelta(seconds=n // 2),
+                }
+                for n in range(count)
+            ],
+        )
+    if statistics:
+        async with database.autocommit() as session:
+            await session.execute(text("ANALYZE"))
+    with _Statements(database) as executed:
+        async with database.transaction() as session:
+            first = await queries.list_instances(session, limit=3)
+            second = await queries.list_instances(session, before=first[-1].id, limit=3)
+            tasks = await queries.list_tasks(session, limit=3)
+            older = await queries.list_tasks(
+                session, before=queries.task_cursor(tasks[-1]), limit=3
+            )
+    assert [i.id for i in first + second] == [f"w-{n:05}" for n in range(count - 1, count - 7, -1)]
+    # Same moment: by id, ascending, as the keyset cursor reads them.
+    expected = [f"t-{n:05}" for n in (19_998, 19_999, 19_996, 19_997, 19_994, 19_995)]
+    assert [t.task_id for t in tasks + older] == expected
+    pages = [
+        (sql, parameters)
+        for sql, parameters in executed
+        if "ORDER BY" in sql and ("FROM process_instances" in sql or "FROM tasks_seen" in sql)
+    ]
+    assert len(pages) == 4
+    for statement, lines in await _plans(database, pages):
+        table = "process_instances" if "FROM process_instances" in statement else "tasks_seen"
+        index = (
+            "ix_process_instances_created"
+            if table == "process_instances"
+            else ("ix_tasks_seen_seen_at")
+        )
+        assert any(index in line for line in lines), (statement, lines)
+        # No sort of the whole table: SQLite may sort the rows of one moment (the right
+        # part of the ORDER BY), PostgreSQL likewise (an incremental sort).
+        assert not any(line.endswith("USE TEMP B-TREE FOR ORDER BY") for line in lines), lines
+        assert not any(f"Seq Scan on {table}" in line for line in lines), (statement, lines)
+        assert not any(line.strip().startswith("->  Sort ") for line in lines), lines
+
+
 async def test_task_facts_find_a_completion_queued_under_the_key_before_it_named_the_instance(
     database: Database,
 ) -> None:
