@@ -30,6 +30,7 @@ from dsf_bridge.store.tables import (
     SyncCursor,
     TaskSeen,
     Timer,
+    not_by_index,
 )
 
 __all__ = [
@@ -240,6 +241,10 @@ async def list_instances(
         (ProcessDefinition.process_key, process_key),
         (ProcessInstance.business_key, business_key),
     )
+    # Unfiltered: read newest first from ix_process_instances_created. Filtered: the filter's
+    # own index, and a sort of what it finds (SQLite would walk the whole time index).
+    filtered = any(value is not None for value in (status, process_key, business_key))
+    created = not_by_index(ProcessInstance.created_at) if filtered else ProcessInstance.created_at
     if before is not None:
         anchor = (
             await session.execute(
@@ -249,11 +254,10 @@ async def list_instances(
         if anchor is None:
             return []
         query = query.where(
-            ProcessInstance.created_at <= anchor,  # the index's range, as in list_tasks
-            (ProcessInstance.created_at < anchor)
-            | ((ProcessInstance.created_at == anchor) & (ProcessInstance.id < before)),
+            created <= anchor,  # the index's range, as in list_tasks
+            (created < anchor) | ((created == anchor) & (ProcessInstance.id < before)),
         )
-    query = query.order_by(ProcessInstance.created_at.desc(), ProcessInstance.id.desc())
+    query = query.order_by(created.desc(), ProcessInstance.id.desc())
     rows = await session.execute(query.limit(_page(limit)))
     return [InstanceRow(*row) for row in rows]
 
@@ -295,6 +299,9 @@ async def list_tasks(
         (TaskSeen.instance_id, instance_id),
         (TaskSeen.task_id, task_id),
     )
+    # As in list_instances: the time index for the unfiltered pages only.
+    filtered = any(value is not None for value in (role, status, instance_id, task_id))
+    seen_at = not_by_index(TaskSeen.seen_at) if filtered else TaskSeen.seen_at
     if before is not None:
         anchor_role, _, rest = before.partition(":")
         anchor_id, _, anchor_version = rest.partition(":")
@@ -312,19 +319,17 @@ async def list_tasks(
         # The range first (``<=``, implied by the rest): it lets the database read the index
         # from the anchor on; the rest alone made SQLite sort every older version.
         query = query.where(
-            TaskSeen.seen_at <= anchor,
-            (TaskSeen.seen_at < anchor)
+            seen_at <= anchor,
+            (seen_at < anchor)
             | (
-                (TaskSeen.seen_at == anchor)
+                (seen_at == anchor)
                 & (
                     tuple_(TaskSeen.task_id, TaskSeen.task_version, TaskSeen.role)
                     > tuple_(anchor_id, anchor_version, anchor_role)
                 )
             ),
         )
-    query = query.order_by(
-        TaskSeen.seen_at.desc(), TaskSeen.task_id, TaskSeen.task_version, TaskSeen.role
-    )
+    query = query.order_by(seen_at.desc(), TaskSeen.task_id, TaskSeen.task_version, TaskSeen.role)
     rows = await session.execute(query.limit(_page(limit)))
     return [TaskRow(*row) for row in rows]
 

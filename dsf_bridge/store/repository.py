@@ -54,6 +54,7 @@ from dsf_bridge.store.tables import (
     SyncCursor,
     TaskSeen,
     Timer,
+    not_by_index,
 )
 
 # The tables as Core sees them. Statements on the hot path of every Task (claims, steps, jobs,
@@ -562,7 +563,8 @@ async def states_with_incidents(
             .join(ProcessDefinition, ProcessDefinition.id == ProcessInstance.definition_id)
             .where(ProcessInstance.status == "running")
             .where(ProcessInstance.incidents > 0)
-            .order_by(ProcessInstance.created_at, ProcessInstance.id)
+            # By the status index and a sort of the few found, not along the time index.
+            .order_by(not_by_index(ProcessInstance.created_at), ProcessInstance.id)
         )
     ).all()
     return [(str(i), str(key), dict(state)) for i, key, state in rows]

@@ -732,8 +732,10 @@ async def test_the_admin_pages_read_the_newest_rows_from_an_index_not_a_sort(
                     "id": f"w-{n:05}",
                     "definition_id": definition_id,
                     "business_key": f"bk-{n}",
-                    "status": "running" if n % 10 == 0 else "completed",
+                    # The 20 oldest failed; three running ones with an incident.
+                    "status": "failed" if n < 20 else "running" if n % 10 == 0 else "completed",
                     "state": {"v": 1, "tk": {}},
+                    "incidents": 1 if n in (100, 5000, 15000) else 0,
                     "version": 1,
                     # Pairs created at the same moment: the id orders them.
                     "created_at": T0 + dt.timedelta(seconds=n // 2),
@@ -748,7 +750,7 @@ async def test_the_admin_pages_read_the_newest_rows_from_an_index_not_a_sort(
                 {
                     "task_id": f"t-{n:05}",
                     "task_version": "1",
-                    "role": "incoming",
+                    "role": "outgoing" if n < 20 else "incoming",  # the 20 oldest: sent
                     "status": TaskSeenStatus.TAKEN_IN,
                     "instance_id": f"w-{n:05}",
                     "seen_at": T0 + dt.timedelta(seconds=n // 2),
@@ -790,6 +792,36 @@ async def test_the_admin_pages_read_the_newest_rows_from_an_index_not_a_sort(
         assert not any(line.endswith("USE TEMP B-TREE FOR ORDER BY") for line in lines), lines
         assert not any(f"Seq Scan on {table}" in line for line in lines), (statement, lines)
         assert not any(line.strip().startswith("->  Sort ") for line in lines), lines
+
+    # Filtered, and the incidents: the filter's index finds the few rows, which are sorted;
+    # with statistics SQLite walked the whole time index instead (12 to 24 ms with 100,000).
+    with _Statements(database) as executed:
+        async with database.transaction() as session:
+            failed = await queries.list_instances(session, status="failed", limit=3)
+            failed += await queries.list_instances(
+                session, status="failed", before=failed[-1].id, limit=3
+            )
+            sent = await queries.list_tasks(session, role="outgoing", limit=3)
+            sent += await queries.list_tasks(
+                session, role="outgoing", before=queries.task_cursor(sent[-1]), limit=3
+            )
+            incidents = await repo.states_with_incidents(session)
+    assert [i.id for i in failed] == [f"w-{n:05}" for n in range(19, 13, -1)]
+    assert [t.task_id for t in sent] == [f"t-{n:05}" for n in (18, 19, 16, 17, 14, 15)]
+    assert [i for i, _key, _state in incidents] == ["w-00100", "w-05000", "w-15000"]
+    filtered = [
+        (sql, parameters)
+        for sql, parameters in executed
+        if "ORDER BY" in sql and ("FROM process_instances" in sql or "FROM tasks_seen" in sql)
+    ]
+    assert len(filtered) == 5
+    if database.dialect != "sqlite":
+        return  # PostgreSQL weighs both ways by its estimates, and chose well here
+    for statement, lines in await _plans(database, filtered):
+        index = "ix_process_instances" if "FROM process_instances" in statement else "ix_tasks_seen"
+        assert any(f"SEARCH {index.removeprefix('ix_')}" in line for line in lines), lines
+        assert not any("ix_process_instances_created" in line for line in lines), lines
+        assert not any("ix_tasks_seen_seen_at" in line for line in lines), lines
 
 
 async def test_task_facts_find_a_completion_queued_under_the_key_before_it_named_the_instance(
