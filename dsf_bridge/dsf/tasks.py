@@ -555,7 +555,8 @@ def with_outputs(task: Mapping[str, Any], outputs: Sequence[Mapping[str, Any]]) 
     As :func:`updated_task`, only what changes is copied (the Task and its ``output`` list);
     the rest, and the outputs' nested parts, are shared: callers must not change them."""
     updated = dict(task)
-    present = list(updated.get("output") or [])
+    # An output that is no list (a hostile Task's) is replaced, as updated_task does.
+    present = list(task["output"]) if isinstance(task.get("output"), list) else []
     for output in outputs:
         if output not in present:
             present.append(dict(output))

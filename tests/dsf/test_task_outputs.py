@@ -30,6 +30,7 @@ def test_outputs_are_added_once_after_the_tasks_own_and_the_task_is_left_as_it_w
     task["output"] = [_output("there before")]
     before = copy.deepcopy(task)
     added = [_output("first"), _output("there before"), _output("second")]
+    added_before = copy.deepcopy(added)
     finished = updated_task(with_outputs(task, added), status="completed")
     assert [o["valueString"] for o in finished["output"]] == ["there before", "first", "second"]
     assert finished["status"] == "completed"
@@ -37,3 +38,10 @@ def test_outputs_are_added_once_after_the_tasks_own_and_the_task_is_left_as_it_w
     again = with_outputs(finished, added)  # a PUT retried after a crash: the same Task
     assert again["output"] == finished["output"]
     assert task == before
+    assert added == added_before
+
+
+def test_an_output_that_is_no_list_is_replaced_by_the_outputs_added() -> None:
+    hostile = {"resourceType": "Task", "id": "t", "status": "in-progress", "output": {"a": 1}}
+    assert with_outputs(hostile, [_output("x")])["output"] == [_output("x")]
+    assert with_outputs(hostile, [])["output"] == {"a": 1}  # nothing added: left as it was
