@@ -101,7 +101,8 @@ def not_by_index(column: QueryableAttribute[Any] | ColumnElement[Any]) -> Column
     (SQLite's documented unary ``+``); the column itself elsewhere. For a query that filters
     by an index of its own and orders by a time column with an index too: with statistics,
     SQLite would otherwise walk the whole time index to skip the sort of the few rows the
-    filter finds."""
+    filter finds. Text columns keep indexes out on both databases with ``.concat("")``
+    (``repository._IS_RUNNING``); a timestamp cannot, PostgreSQL would order its text."""
     return _NotByIndex(
         column.__clause_element__() if isinstance(column, QueryableAttribute) else column
     )
