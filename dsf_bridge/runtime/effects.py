@@ -41,7 +41,6 @@ from dsf_bridge.engine.events import (
     ThrowSignal,
 )
 from dsf_bridge.engine.model import ProcessDefinition
-from dsf_bridge.errors import TaskAlreadyDeliveredError
 from dsf_bridge.logs import step_log_context
 from dsf_bridge.runtime.deployments import DeployedProcess, Deployments
 from dsf_bridge.store import (
@@ -523,18 +522,17 @@ class EffectWriter:
         claimed_version: str | None = None,
     ) -> Records:
         """Record the Task version as delivered to ``instance_id``, once: a version delivered
-        already (two replicas recovering one claim) rolls the delivering step back. Returns
-        the rows' records for the step's audit event."""
-        if not await repo.take_in_task(
+        already (two replicas recovering one claim) rolls the delivering step back, leaving
+        its transaction as :class:`~dsf_bridge.errors.TaskAlreadyDeliveredError` (on
+        PostgreSQL at the commit: :func:`repo.take_in_task`). Returns the rows' records for
+        the step's audit event."""
+        await repo.take_in_task(
             session,
             task_id=task_id,
             task_version=task_version,
             claimed_version=claimed_version,
             instance_id=instance_id,
-        ):
-            raise TaskAlreadyDeliveredError(
-                f"Task/{task_id} version {task_version} was delivered already"
-            )
+        )
         fresh = created_here(session, instance_id)
         if fresh is not None and task_id not in fresh.incoming:
             fresh.incoming.append(task_id)

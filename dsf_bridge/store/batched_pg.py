@@ -269,6 +269,10 @@ class PGDialectAsync_batched(PGDialectAsync_psycopg):  # noqa: N801 - SQLAlchemy
 
     driver = DRIVER
     supports_statement_cache = True
+    # Rows given together for an INSERT that returns nothing (the audit events a transaction
+    # appends, at_commit) as one statement of several VALUES, as for psycopg2: one statement
+    # for the server to run instead of one per row.
+    use_insertmanyvalues_wo_returning = True
 
     @classmethod
     def import_dbapi(cls) -> Any:

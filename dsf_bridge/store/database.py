@@ -11,6 +11,7 @@ like a small server database.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -22,6 +23,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
+    IntegrityError,
     InvalidatePoolError,
     OperationalError,
     StatementError,
@@ -34,7 +36,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from dsf_bridge.errors import ConfigError, StoreError
+from dsf_bridge.errors import BridgeError, ConfigError, StoreError
 from dsf_bridge.store import batched_pg, inline_sqlite
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "async_url",
     "at_commit",
     "create_sync_engine",
+    "on_conflict",
     "sqlite_path",
     "sync_url",
 ]
@@ -225,6 +228,47 @@ async def at_commit(session: AsyncSession, statement: Any, row: dict[str, Any]) 
         writes.setdefault(statement, []).append(row)
 
 
+_CONFLICTS = "dsf_bridge.conflicts"
+
+
+def on_conflict(session: AsyncSession, table: str, error: BridgeError) -> None:
+    """In a :meth:`Database.transaction`: a duplicate key in ``table`` (a unique or primary
+    key violation) makes the transaction leave as ``error`` instead of a :class:`StoreError`,
+    whether the write that met it raised at once (SQLite) or was held and sent with the
+    transaction's next read or its commit (PostgreSQL, :mod:`dsf_bridge.store.batched_pg`).
+    So a write may learn that its row existed without reading first (a round trip of its
+    own). The last ``error`` given for a table counts: give it right before the write."""
+    conflicts = session.info.get(_CONFLICTS)
+    if conflicts is None:
+        raise StoreError("on_conflict needs a Database.transaction")  # a caller's bug
+    conflicts[table] = error
+
+
+_SQLITE_DUPLICATE = re.compile(r"UNIQUE constraint failed: (\w+)\.")
+
+
+def _duplicate_in(exc: IntegrityError) -> str | None:
+    """The table whose unique or primary key ``exc`` violates, if that is what it says."""
+    orig = exc.orig
+    diag = getattr(orig, "diag", None)
+    if diag is not None:  # psycopg: 23505 unique_violation
+        return diag.table_name if getattr(orig, "sqlstate", None) == "23505" else None
+    found = _SQLITE_DUPLICATE.match(str(orig))
+    return found.group(1) if found else None
+
+
+@contextmanager
+def _conflicts_as(conflicts: dict[str, BridgeError]) -> Iterator[None]:
+    """A duplicate key in a table :func:`on_conflict` named, as the error it gave."""
+    try:
+        yield
+    except IntegrityError as exc:
+        table = _duplicate_in(exc)
+        if table is None or table not in conflicts:
+            raise
+        raise conflicts[table] from exc
+
+
 class Database:
     """The async engine and session factory of one store; close it with :meth:`dispose`."""
 
@@ -271,20 +315,24 @@ class Database:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """One unit of work: committed when the block ends, rolled back if it raises. What
-        :func:`at_commit` was given is written when the block ends, before the commit.
+        :func:`at_commit` was given is written when the block ends, before the commit; a
+        duplicate key :func:`on_conflict` expects leaves as the error it was given.
 
         Database failures leave as :class:`StoreError`; connection losses are retryable.
         """
-        with _store_errors():
+        conflicts: dict[str, BridgeError] = {}
+        with _store_errors(), _conflicts_as(conflicts):
             async with self._writing(), self._sessions() as session, session.begin():
                 writes: dict[Any, list[dict[str, Any]]] = {}
                 session.info[_AT_COMMIT] = writes
+                session.info[_CONFLICTS] = conflicts
                 try:
                     yield session
                     for statement, rows in writes.items():
                         await session.execute(statement, rows[0] if len(rows) == 1 else rows)
                 finally:
                     del session.info[_AT_COMMIT]
+                    del session.info[_CONFLICTS]
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncSession]:

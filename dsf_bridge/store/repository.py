@@ -41,8 +41,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import Insert
 
 from dsf_bridge.engine import state as instance_state
-from dsf_bridge.errors import ConcurrencyError, StoreError
+from dsf_bridge.errors import ConcurrencyError, StoreError, TaskAlreadyDeliveredError
 from dsf_bridge.store import batched_pg
+from dsf_bridge.store.database import on_conflict
 from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
 from dsf_bridge.store.tables import (
     Job,
@@ -995,31 +996,21 @@ async def record_task_seen(
     return result.first() is not None
 
 
-# One SQL text for both databases (SQLite 3.35 and PostgreSQL share this upsert): written as a
-# multi-row ``insert().values([...])`` SQLAlchemy could not cache it and compiled it again for
-# every Task (about a tenth of the bridge's busy samples in a profile, docs/benchmarks.md).
-_TAKE_IN = (
-    text(
-        "INSERT INTO tasks_seen (task_id, task_version, role, status, instance_id, seen_at) "
-        "VALUES (:task_id, :task_version, :role, :in_progress, :instance_id, :seen_at), "
-        "(:task_id, :claimed_version, :role, :taken_in, :instance_id, :seen_at) "
-        "ON CONFLICT (task_id, task_version, role) DO UPDATE "
-        "SET status = excluded.status, instance_id = excluded.instance_id "
-        "WHERE excluded.status = :taken_in "
-        "RETURNING task_version"
-    )
-    .bindparams(
-        bindparam("role", "incoming", type_=_SEEN.c.role.type),
-        bindparam("in_progress", TaskSeenStatus.IN_PROGRESS, type_=_SEEN.c.status.type),
-        bindparam("taken_in", TaskSeenStatus.TAKEN_IN, type_=_SEEN.c.status.type),
-        bindparam("task_id", type_=_SEEN.c.task_id.type),
-        bindparam("task_version", type_=_SEEN.c.task_version.type),
-        bindparam("claimed_version", type_=_SEEN.c.task_version.type),
-        bindparam("instance_id", type_=_SEEN.c.instance_id.type),
-        bindparam("seen_at", type_=_SEEN.c.seen_at.type),
-    )
-    .columns(task_version=_SEEN.c.task_version.type)
+# The version taken in: a plain insert, which a row of that version already there refuses.
+_TAKE_IN = insert(_SEEN).values(
+    **_binds("task_id", "task_version", "role", "status", "instance_id", "seen_at")
 )
+
+
+def _mark_taken_in(dialect: str) -> Any:
+    """The claimed version marked taken in (inserted so, should its claim be gone)."""
+    statement = _insert_in(dialect, _SEEN).values(
+        **_binds("task_id", "task_version", "role", "status", "instance_id", "seen_at")
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[_SEEN.c.task_id, _SEEN.c.task_version, _SEEN.c.role],
+        set_={"status": statement.excluded.status, "instance_id": statement.excluded.instance_id},
+    )
 
 
 async def take_in_task(
@@ -1029,10 +1020,17 @@ async def take_in_task(
     task_version: str,
     claimed_version: str | None,
     instance_id: str,
-) -> bool:
+) -> None:
     """Record an incoming Task version ``in-progress`` at ``instance_id`` and mark the version
-    intake claimed (if any) taken in, in one statement; ``False`` (and the claim unchanged once
-    the caller rolls back) when that version was recorded before."""
+    intake claimed (if any) taken in. A version recorded before makes the transaction (a
+    :meth:`~dsf_bridge.store.database.Database.transaction`) leave as
+    :class:`~dsf_bridge.errors.TaskAlreadyDeliveredError`, rolled back with the claim
+    unchanged: on SQLite at once, on PostgreSQL at its commit, since nothing here is read back
+    (both writes wait for the commit's round trip, :mod:`dsf_bridge.store.batched_pg`)."""
+    delivered = TaskAlreadyDeliveredError(
+        f"Task/{task_id} version {task_version} was delivered already"
+    )
+    now = dt.datetime.now(dt.UTC)
     if claimed_version is None or claimed_version == task_version:
         if not await record_task_seen(
             session,
@@ -1042,23 +1040,21 @@ async def take_in_task(
             status=TaskSeenStatus.IN_PROGRESS,
             instance_id=instance_id,
         ):
-            return False
+            raise delivered
         if claimed_version is not None:  # one row for both: inserted, then marked
             await set_task_seen_status(
                 session, task_id, task_version, TaskSeenStatus.TAKEN_IN, instance_id=instance_id
             )
-        return True
-    result = await session.execute(
-        _TAKE_IN,
-        {
-            "task_id": task_id,
-            "task_version": task_version,
-            "claimed_version": claimed_version,
-            "instance_id": instance_id,
-            "seen_at": dt.datetime.now(dt.UTC),
-        },
+        return
+    on_conflict(session, _SEEN.name, delivered)
+    row = {"task_id": task_id, "role": "incoming", "instance_id": instance_id, "seen_at": now}
+    await session.execute(
+        _TAKE_IN, {**row, "task_version": task_version, "status": TaskSeenStatus.IN_PROGRESS}
     )
-    return task_version in {row.task_version for row in result}
+    await session.execute(
+        _for_dialect(session, "seen.taken_in", _mark_taken_in),
+        {**row, "task_version": claimed_version, "status": TaskSeenStatus.TAKEN_IN},
+    )
 
 
 @dataclass(frozen=True)

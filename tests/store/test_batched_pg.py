@@ -13,11 +13,11 @@ import pytest
 from sqlalchemy import Table, bindparam, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from dsf_bridge.errors import StoreError
-from dsf_bridge.store import Database, batched_pg
+from dsf_bridge.errors import StoreError, TaskAlreadyDeliveredError
+from dsf_bridge.store import Database, append_event, batched_pg
 from dsf_bridge.store import repository as repo
-from dsf_bridge.store.kinds import OutboxKind
-from dsf_bridge.store.tables import OutboxEntry
+from dsf_bridge.store.kinds import OutboxKind, TaskSeenStatus
+from dsf_bridge.store.tables import AuditEvent, OutboxEntry, TaskSeen
 
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 
@@ -155,6 +155,67 @@ async def test_a_held_write_that_fails_fails_what_sends_it_and_nothing_is_writte
     async with postgres_database.transaction() as session:  # the connection is fine again
         await _queue(session, "after")
     assert set(await _payloads(postgres_database)) == {"taken", "after"}
+
+
+async def test_rows_given_together_are_one_insert_of_several_values(
+    postgres_database: Database, sent: list[str]
+) -> None:
+    """The audit events a transaction appends go to the server as one INSERT (one statement to
+    run, not one per event), with the commit, in the order given."""
+    async with postgres_database.transaction() as session:
+        for action in ("first", "second", "third"):
+            await append_event(session, actor="test", subject="instance/i", action=action)
+    assert len(sent) == 1
+    assert sent[0].count("INSERT INTO audit_events") == 1
+    assert sent[0].count("VALUES") == 1 and sent[0].count("), (") == 2
+    async with postgres_database.transaction() as session:
+        actions = list(await session.scalars(select(AuditEvent.action).order_by(AuditEvent.id)))
+    assert actions == ["first", "second", "third"]
+
+
+async def test_a_task_taken_in_twice_is_refused_at_the_commit_without_a_read(
+    postgres_database: Database, sent: list[str]
+) -> None:
+    """Taking a Task version in reads nothing back: its two writes go with the commit, and a
+    version taken in before fails the transaction there, as a Task delivered already (not a
+    store error), with nothing of it written and the connection fine again."""
+
+    async with postgres_database.transaction() as session:
+        await repo.take_in_task(
+            session, task_id="t1", task_version="4", claimed_version="3", instance_id="i-1"
+        )
+        assert sent == []  # held: nothing reads what they answer
+    assert len(sent) == 1
+    assert sent[0].startswith("BEGIN") and sent[0].endswith("COMMIT")
+
+    async def again() -> None:  # another claim (of version 2) delivers version 4 once more
+        async with postgres_database.transaction() as session:
+            await repo.record_task_seen(
+                session,
+                task_id="t9",
+                task_version="1",
+                role="outgoing",
+                status=TaskSeenStatus.REQUESTED,
+            )
+            await repo.take_in_task(
+                session, task_id="t1", task_version="4", claimed_version="2", instance_id="i-2"
+            )
+
+    with pytest.raises(TaskAlreadyDeliveredError, match="version 4 was delivered already"):
+        await again()
+    async with postgres_database.transaction() as session:
+        rows = {
+            (row.task_id, row.task_version): (row.status, row.instance_id)
+            for row in await session.execute(
+                select(
+                    TaskSeen.task_id, TaskSeen.task_version, TaskSeen.status, TaskSeen.instance_id
+                )
+            )
+        }
+    assert rows == {
+        ("t1", "3"): (TaskSeenStatus.TAKEN_IN, "i-1"),
+        ("t1", "4"): (TaskSeenStatus.IN_PROGRESS, "i-1"),
+    }
 
 
 async def test_only_updates_said_unread_are_held_and_their_rowcount_is_unknown(

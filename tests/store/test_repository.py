@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import event, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dsf_bridge.errors import ConcurrencyError, StoreError
+from dsf_bridge.errors import ConcurrencyError, StoreError, TaskAlreadyDeliveredError
 from dsf_bridge.store import Database, queries
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
@@ -248,39 +248,81 @@ async def test_task_seen_is_idempotent(database: Database) -> None:
 async def test_taking_in_a_task_marks_its_claim_and_is_refused_the_second_time(
     database: Database,
 ) -> None:
-    await _instance(database)
+    instance = await _instance(database)
     async with database.transaction() as session:
         await repo.record_task_seen(
             session, task_id="t1", task_version="3", role="incoming", status=TaskSeenStatus.CLAIMING
         )
     claimed = await _seen(database, "t1")
     async with database.transaction() as session:
-        taken = await repo.take_in_task(
+        await repo.take_in_task(
             session, task_id="t1", task_version="4", claimed_version="3", instance_id="i-1"
         )
-    assert taken is True
     rows = await _seen(database, "t1")
     assert rows == {
         "3": (TaskSeenStatus.TAKEN_IN, "i-1", claimed["3"][2]),  # when it was claimed
         "4": (TaskSeenStatus.IN_PROGRESS, "i-1", rows["4"][2]),
     }
+    # Taken in again (another claim of an older version): the whole transaction is refused,
+    # on PostgreSQL at its commit, and what it wrote before is rolled back with it.
     async with database.transaction() as session:
-        again = await repo.take_in_task(
-            session, task_id="t1", task_version="4", claimed_version="3", instance_id="i-1"
+        await repo.record_task_seen(
+            session, task_id="t1", task_version="2", role="incoming", status=TaskSeenStatus.CLAIMING
         )
-    assert again is False  # the caller rolls its step back
+
+    async def again() -> None:
+        async with database.transaction() as session:
+            await repo.record_task_seen(
+                session,
+                task_id="t9",
+                task_version="1",
+                role="outgoing",
+                status=TaskSeenStatus.REQUESTED,
+            )
+            await repo.take_in_task(
+                session, task_id="t1", task_version="4", claimed_version="2", instance_id="i-2"
+            )
+
+    with pytest.raises(TaskAlreadyDeliveredError, match="Task/t1 version 4 was delivered"):
+        await again()
+    assert await _seen(database, "t9") == {}
+    after = await _seen(database, "t1")
+    assert after["2"][:2] == (TaskSeenStatus.CLAIMING, None)
+    assert (after["3"], after["4"]) == (rows["3"], rows["4"])
+    # Another table's duplicate key is a store error as ever, not a Task delivered already.
+
+    async def duplicate_instance() -> None:
+        async with database.transaction() as session:
+            await repo.take_in_task(
+                session, task_id="t5", task_version="2", claimed_version="1", instance_id="i-1"
+            )
+            await repo.create_instance(
+                session,
+                instance_id="i-1",
+                definition_id=instance.definition_id,
+                business_key="bk-2",
+                status="running",
+                state={"v": 1, "tokens": []},
+                now=T0,
+            )
+
+    with pytest.raises(StoreError) as refused:
+        await duplicate_instance()
+    assert not isinstance(refused.value, TaskAlreadyDeliveredError)
+    assert await _seen(database, "t5") == {}
     # The claimed version itself taken in: refused when recorded, else recorded and marked.
+    with pytest.raises(TaskAlreadyDeliveredError):
+        async with database.transaction() as session:
+            await repo.take_in_task(
+                session, task_id="t1", task_version="3", claimed_version="3", instance_id="i-1"
+            )
     async with database.transaction() as session:
-        same = await repo.take_in_task(
-            session, task_id="t1", task_version="3", claimed_version="3", instance_id="i-1"
-        )
-        fresh = await repo.take_in_task(
+        await repo.take_in_task(
             session, task_id="t2", task_version="1", claimed_version="1", instance_id="i-1"
         )
-        unclaimed = await repo.take_in_task(
+        await repo.take_in_task(
             session, task_id="t3", task_version="2", claimed_version=None, instance_id="i-1"
         )
-    assert (same, fresh, unclaimed) == (False, True, True)
     assert (await _seen(database, "t2"))["1"][:2] == (TaskSeenStatus.TAKEN_IN, "i-1")
     assert list(await _seen(database, "t3")) == ["2"]
     assert (await _seen(database, "t3"))["2"][:2] == (TaskSeenStatus.IN_PROGRESS, "i-1")
