@@ -368,6 +368,9 @@ class Bridge:
                     await asyncio.wait_for(task, grace + 10)
             if self.intake is not None:
                 await self.intake.aclose()
+            # The last look: a Task taken in while the worker loop stopped may have leased
+            # its job or effect to this bridge after the loop gave its leases back.
+            await self.runtime.release_leases()
             log.info("bridge.stopped")
 
     async def aclose(self) -> None:

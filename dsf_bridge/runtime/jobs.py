@@ -196,6 +196,13 @@ class JobWorker:
                     )
         except BridgeError as exc:
             await self._job_failed(job, str(exc))
+        except Exception as exc:
+            # A bug of the bridge's own in this job's step (a handler's errors are outcomes):
+            # a failure of the job, as Camunda's job executor counts any exception, so that
+            # it uses its retries and then is an incident an operator sees, instead of
+            # keeping its lease until it runs out and calling its handler again, for ever.
+            log.exception("job.crashed", job_id=job.id, kind=job.kind)
+            await self._job_failed(job, f"internal error: {type(exc).__name__}: {exc}")
 
     async def _job_failed(self, job: repo.ClaimedJob, error: str) -> None:
         retry_at = self.runtime.clock() + self.runtime.settings.job_retry_delay

@@ -73,7 +73,8 @@ class OutboxWorker:
     async def _perform(self, entry: repo.ClaimedOutboxEntry) -> None:
         try:
             result = await self._perform_remote(entry)
-        except BridgeError as exc:
+        except Exception as raised:
+            exc = raised if isinstance(raised, BridgeError) else _crashed(raised)
             retries = self.runtime.settings.outbox_retry_delays
             # Effects on the site's own FHIR server wait out its outages, as the DSF BPE's
             # withRetryForever does (DefaultUserTaskListener, the Task updates): giving up
@@ -291,6 +292,15 @@ class OutboxWorker:
         async with self.runtime.database.transaction() as session:
             await record_failure(session)
         self.runtime.stepper.sends_resolved()
+
+
+def _crashed(exc: Exception) -> BridgeError:
+    """A bug of the bridge's own with an effect (a payload it cannot read, say), as a failure
+    the effect's retries meet: tried again later, a send failed (its instance told) past its
+    retries, a Task update waited out as an outage, instead of stopping the worker loop or
+    keeping the lease until it runs out, for ever."""
+    log.error("effect.crashed", error_type=type(exc).__name__, exc_info=exc)
+    return ProcessExecutionError(f"internal error: {type(exc).__name__}: {exc}", retryable=True)
 
 
 def _created_task_id(result: str) -> str:

@@ -45,7 +45,13 @@ from dsf_bridge.runtime.outbox import OutboxWorker
 from dsf_bridge.runtime.ports import TaskGateway
 from dsf_bridge.runtime.stepping import InstanceStepper, engine_step_of
 from dsf_bridge.runtime.timers import TimerWorker
-from dsf_bridge.runtime.workers import Dispatcher, WorkerLoop, run_all, seal_forever
+from dsf_bridge.runtime.workers import (
+    Dispatcher,
+    WorkerLoop,
+    release_leases,
+    run_all,
+    seal_forever,
+)
 from dsf_bridge.store import Database, seal_events
 from dsf_bridge.store import repository as repo
 
@@ -244,8 +250,8 @@ class ProcessRuntime:
         self._fault(FaultPoint.WORK_CLAIMED, f"{len(jobs)}/{len(entries)}")
         if not self._dispatcher.open:
             # Stopped: a handler a start called before its commit would run on for no job
-            # that awaits it. Its lease is given back with the others, or runs out if they
-            # were given back already (the next bridge then waits for it to run out).
+            # that awaits it. Its lease is given back with the others, or, if they were
+            # given back already, by the stopping bridge's last look (release_leases).
             for job in jobs:
                 if job.running is not None:
                     job.running.cancel()
@@ -290,6 +296,13 @@ class ProcessRuntime:
             sealing.cancel()
             await asyncio.gather(sealing, return_exceptions=True)
             self.effects.lease = None
+
+    async def release_leases(self) -> int:
+        """Give back every lease this runtime holds, once more after :meth:`run_forever`
+        ended (which gives them back too): a start whose commit came after that (the intake
+        drains after the worker loop) leased its job or effect to this runtime, which no
+        longer runs it; without this, the next bridge waits for the lease to run out."""
+        return await release_leases(self.database, self.owner)
 
     async def _no_more_leasing(self, stop: asyncio.Event) -> None:
         await stop.wait()

@@ -22,7 +22,7 @@ from dsf_bridge.store import Database, seal_events
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.audit import SEAL_BATCH
 
-__all__ = ["Dispatcher", "WorkerLoop", "run_all", "seal_all", "seal_forever"]
+__all__ = ["Dispatcher", "WorkerLoop", "release_leases", "run_all", "seal_all", "seal_forever"]
 
 log = structlog.get_logger("dsf_bridge.runtime")
 
@@ -148,6 +148,13 @@ class WorkerLoop:
             except BridgeError as exc:
                 log.warning("worker.failed", error=str(exc), retryable=exc.retryable)
                 done = 0
+            except Exception:
+                # A bug in one piece of a round's work must not stop the site: the round's
+                # other work has run to its end (run_all), the piece keeps its lease until it
+                # runs out, and the loop goes on, as for the work run after a commit
+                # (Dispatcher). Not a sign of life either.
+                log.exception("worker.crashed")
+                done = 0
             else:
                 # Only a round that did not fail is a sign of life: a store that fails every
                 # round must turn /ready red, not keep it green.
@@ -184,15 +191,23 @@ class WorkerLoop:
                 await _cancelled(work)
 
     async def _release_leases(self) -> None:
-        try:
-            async with self.database.transaction() as session:
-                released = await repo.release_leases(session, self.owner)
-        except BridgeError as exc:  # the store is gone: the leases run out instead
-            log.warning("worker.leases_kept", error=str(exc))
-            return
-        if released:
-            log.info("worker.leases_released", count=released)
-        await seal_all(self.database, wait=True)
+        await release_leases(self.database, self.owner)
+
+
+async def release_leases(database: Database, owner: str) -> int:
+    """Give back every job and outbox lease of ``owner`` (a stopping bridge), then seal the
+    audit events; return how many leases. A store that is gone keeps them until they run
+    out."""
+    try:
+        async with database.transaction() as session:
+            released = await repo.release_leases(session, owner)
+    except BridgeError as exc:  # the store is gone: the leases run out instead
+        log.warning("worker.leases_kept", error=str(exc))
+        return 0
+    if released:
+        log.info("worker.leases_released", count=released)
+    await seal_all(database, wait=True)
+    return released
 
 
 async def seal_all(database: Database, *, batches: int = 10, wait: bool = False) -> int:

@@ -22,9 +22,9 @@ from dsf_bridge.engine import state as instance_state
 from dsf_bridge.errors import ProcessExecutionError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
 from dsf_bridge.runtime import operations
-from dsf_bridge.runtime.processes import ProcessRuntime
+from dsf_bridge.runtime.processes import FaultPoint, ProcessRuntime
 from dsf_bridge.store import Database, queries
-from dsf_bridge.store.tables import AuditEvent, ProcessInstance
+from dsf_bridge.store.tables import AuditEvent, Job, ProcessInstance
 from tests.runtime.test_processes import FAST, Clock, FakeGateway, _status
 from tests.test_cli import run
 
@@ -169,6 +169,44 @@ async def test_an_incident_is_listed_retried_by_an_operator_and_the_instance_end
     assert await _incidents_counted(database) == ({}, {instance_id: 0})
     assert sorted(gateway.completed) == ["t-go", "t-i"]
     assert "incident.retried" in await _actions(database)
+
+
+async def test_a_bug_in_a_jobs_step_uses_the_jobs_retries_then_parks_it(
+    database: Database, clock: Clock
+) -> None:
+    """An exception of the bridge's own in a job's step (not a handler's error, which is an
+    outcome) is a failure of the job, as Camunda's job executor counts any exception: each
+    try uses a retry, and a job out of retries stays parked, with the error, for an operator
+    (as a store error that repeats). Before, it escaped the worker's round (stopping the
+    bridge) and the job kept its lease, to run again when that ran out, for ever."""
+    gateway = FakeGateway()
+    runtime = await _runtime(database, gateway, clock)
+    crashes: list[str] = []
+
+    def bug(point: FaultPoint, detail: str) -> None:
+        if point is FaultPoint.STEP_WRITTEN and detail == "job.continued":
+            crashes.append(detail)
+            raise RuntimeError("a bug in the step")
+
+    runtime.fault_hook = bug
+    instance_id = await runtime.start(
+        KEY, message_name="start", business_key="bk-bug", task_id="t-b", variables={"mode": "run"}
+    )
+    async with database.transaction() as session:
+        [retries] = (await session.scalars(select(Job.retries_left))).all()
+    for _ in range(retries + 3):
+        await runtime.run_until_idle()  # never raises: the round goes on
+        clock.advance(seconds=10)
+    assert len(crashes) == retries + 1  # the first try and each retry, then no more
+    async with database.transaction() as session:
+        rows = (
+            await session.execute(select(Job.retries_left, Job.last_error, Job.lease_owner))
+        ).all()
+    assert [tuple(row) for row in rows] == [
+        (-1, "internal error: RuntimeError: a bug in the step", None)
+    ]
+    assert await _status(database, instance_id) == "running"
+    assert "job.continued" not in await _actions(database)
 
 
 async def test_an_operator_cancels_an_instance_and_its_tasks_fail_with_the_reason(

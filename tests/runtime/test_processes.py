@@ -306,6 +306,27 @@ async def test_refused_send_fails_the_instance_with_the_reason(
     assert gateway.send_attempts == 1
 
 
+async def test_a_bug_in_performing_an_effect_is_retried_then_fails_the_instance(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    """An exception of the bridge's own while an effect is performed (a payload it cannot
+    read, say) meets the effect's retries like a failure the network may heal: tried again,
+    then the instance is told and fails, saying what went wrong. Before, it escaped the
+    worker's round (stopping the bridge), and the entry kept its lease to be tried again
+    when that ran out, for ever."""
+    gateway.failures = [KeyError("profile"), KeyError("profile"), KeyError("profile")]
+    runtime = await _runtime(database, gateway, clock, calls)
+    instance_id = await runtime.start(KEY, message_name="start", business_key="bk-b", task_id="tb")
+    for _ in range(4):
+        await runtime.run_until_idle()  # never raises: the round goes on
+        clock.advance(seconds=2)
+    assert gateway.send_attempts == 3  # the try and its two retries (FAST)
+    assert await _status(database, instance_id) == "failed"
+    ((task_id, message),) = gateway.failed
+    assert task_id == "tb"
+    assert "internal error: KeyError: 'profile'" in message
+
+
 @pytest.mark.parametrize("rounds_before_crash", [0, 1, 2, 3, 4])
 async def test_restart_at_any_step_reaches_the_same_end(
     database: Database, gateway: FakeGateway, clock: Clock, calls: Calls, rounds_before_crash: int

@@ -207,3 +207,73 @@ async def test_a_cancelled_worker_loop_unwinds_its_round_and_stays_cancelled(
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(worker, 5)
     assert unwound.is_set()
+
+
+async def test_a_start_committed_after_the_loop_gave_its_leases_back_is_given_back_at_the_end(
+    postgres_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL a start may lease its job to this bridge while the worker loop runs and
+    commit after the loop stopped and gave its leases back (the intake drains after the
+    loop). The bridge's last look (``ProcessRuntime.release_leases``, which ``Bridge.run``
+    calls after everything stopped) gives that lease back too: the next bridge need not wait
+    for it to run out. (On SQLite the loop's release waits for the start's commit.)"""
+    work = SlowWork()
+    runtime = await _runtime(postgres_database, work, owner="stopping", grace=1)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(runtime.run_forever(stop))
+    await asyncio.sleep(0.2)  # the loop runs: a start's job is leased to it
+    real_enqueue = repo.enqueue_job
+
+    async def enqueue_then_stop(session: Any, **values: Any) -> int:
+        job_id: int = await real_enqueue(session, **values)
+        stop.set()  # the bridge stops before this start commits
+        await asyncio.wait_for(asyncio.shield(worker), 10)
+        return job_id
+
+    monkeypatch.setattr(repo, "enqueue_job", enqueue_then_stop)
+    await runtime.start(KEY, message_name="start", business_key="bk-late")
+    assert worker.done()
+    assert await _leases(postgres_database) == ["stopping"]  # the loop's release missed it
+
+    assert await runtime.release_leases() == 1
+    assert await _leases(postgres_database) == [None]
+    work.release.set()
+    next_bridge = await _runtime(postgres_database, work, owner="next", grace=30)
+    assert await next_bridge.run_until_idle() >= 1  # at once, not after the lease
+    assert await _statuses(postgres_database) == ["completed"]
+
+
+async def test_a_bug_in_a_round_does_not_stop_the_worker_loop(database: Database) -> None:
+    """An exception of the bridge's own out of a round (one piece of its work) is logged and
+    the loop goes on, as for the work run after a commit: one bad piece of work must not
+    stop the site. Such a round is no sign of life either."""
+    work = SlowWork()
+    runtime = await _runtime(database, work, owner="buggy", grace=1)
+    rounds = 0
+    past_the_bug = asyncio.Event()
+
+    async def round_with_a_bug() -> int:
+        nonlocal rounds
+        rounds += 1
+        if rounds <= 3:
+            raise KeyError("a bug")
+        past_the_bug.set()
+        return 0
+
+    runtime.run_once = round_with_a_bug  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    worker = asyncio.create_task(runtime.run_forever(stop))
+    await asyncio.wait(
+        {worker, asyncio.ensure_future(past_the_bug.wait())},
+        timeout=10,
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+    assert not worker.done()
+    assert past_the_bug.is_set()
+    for _ in range(100):
+        if runtime.heartbeat is not None:
+            break
+        await asyncio.sleep(0.02)
+    assert runtime.heartbeat is not None  # the rounds after the bug
+    stop.set()
+    await asyncio.wait_for(worker, 5)
