@@ -86,6 +86,9 @@ async def _prepare(url: str, running: int, completed: int, analyze: bool) -> tup
                     # read them newest first).
                     "created_at": T0 + dt.timedelta(milliseconds=n),
                     "updated_at": T0,
+                    "ended_at": None
+                    if n < running
+                    else T0 + dt.timedelta(milliseconds=n, seconds=9),
                 }
                 for n in range(first, min(first + BATCH, total))
             ]
@@ -170,6 +173,16 @@ async def _pages(database: Database, count: int) -> tuple[float, float]:
     return (time.process_time() - cpu) / count, (time.perf_counter() - wall) / count
 
 
+async def _heartbeats(database: Database, count: int) -> tuple[float, float]:
+    """CPU and wall seconds per reading of a process's load (running instances, how long the
+    latest completed ones took): what an OMI provider's heartbeat reads every interval."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(count):
+        async with database.autocommit() as session:
+            await queries.process_load(session, "bench_wait", recent=20)
+    return (time.process_time() - cpu) / count, (time.perf_counter() - wall) / count
+
+
 def _postgres_database(server: str, name: str) -> str:
     admin = create_engine(server, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
@@ -221,6 +234,11 @@ async def main(args: argparse.Namespace) -> int:
                 order = ("small", "waiting") if round_ % 2 == 0 else ("waiting", "small")
                 for side in order:
                     pages[side].append((await _pages(sides[side][0], 5))[1])
+            beats: dict[str, list[float]] = {"small": [], "waiting": []}
+            for round_ in range(args.rounds):
+                order = ("small", "waiting") if round_ % 2 == 0 else ("waiting", "small")
+                for side in order:
+                    beats[side].append((await _heartbeats(sides[side][0], 5))[1])
             for database, _ in sides.values():
                 await database.dispose()
         finally:
@@ -239,6 +257,10 @@ async def main(args: argparse.Namespace) -> int:
         print(f"{side}_wall_ms_per_list_pages={statistics.median(pages[side]) * 1e3:.2f}")
     ratios = [w / e for w, e in zip(pages["waiting"], pages["small"], strict=True)]
     print(f"waiting_vs_small_list_pages_wall={statistics.median(ratios):.1f}")
+    for side in ("small", "waiting"):
+        print(f"{side}_wall_ms_per_heartbeat_load={statistics.median(beats[side]) * 1e3:.2f}")
+    ratios = [w / e for w, e in zip(beats["waiting"], beats["small"], strict=True)]
+    print(f"waiting_vs_small_heartbeat_load_wall={statistics.median(ratios):.1f}")
     for name, figures in (("cpu", cpu), ("wall", wall)):
         ratios = [w / e for w, e in zip(figures["waiting"], figures["small"], strict=True)]
         print(f"waiting_vs_small_{name}={statistics.median(ratios):.2f}")

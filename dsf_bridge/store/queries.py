@@ -13,13 +13,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVarTuple
 
-from sqlalchemy import Select, func, or_, select, text, tuple_
+from sqlalchemy import Select, bindparam, func, or_, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from dsf_bridge.engine import state as instance_state
 from dsf_bridge.store.kinds import OutboxKind, TaskSeenStatus
 from dsf_bridge.store.tables import (
+    COMPLETED_INSTANCE,
     AuditEvent,
     AuditHead,
     Job,
@@ -854,7 +855,9 @@ class ProcessLoad:
 
 async def process_load(session: AsyncSession, process_key: str, *, recent: int = 20) -> ProcessLoad:
     """The :class:`ProcessLoad` of ``process_key`` over all its deployed versions, from the
-    ``recent`` latest completed instances (failed ones say nothing about how long work takes)."""
+    ``recent`` latest completed instances (failed ones say nothing about how long work takes).
+    Each version's latest are read from the top of ``ix_process_instances_completed``, never
+    sorted from its whole history (an OMI provider's heartbeat asks every interval)."""
     running = (
         await session.execute(
             select(func.count())
@@ -866,18 +869,26 @@ async def process_load(session: AsyncSession, process_key: str, *, recent: int =
             )
         )
     ).scalar_one()
-    rows = await session.execute(
-        select(ProcessInstance.created_at, ProcessInstance.ended_at)
-        .join(ProcessDefinition, ProcessDefinition.id == ProcessInstance.definition_id)
-        .where(
-            ProcessDefinition.process_key == process_key,
-            ProcessInstance.status == "completed",
-            ProcessInstance.ended_at.is_not(None),
+    limit = max(1, recent)
+    latest: list[tuple[dt.datetime, str, dt.datetime]] = []
+    for definition_id in await session.scalars(
+        select(ProcessDefinition.id).where(ProcessDefinition.process_key == process_key)
+    ):
+        rows = await session.execute(
+            _LATEST_COMPLETED, {"definition_id": definition_id, "limit": limit}
         )
-        .order_by(ProcessInstance.ended_at.desc(), ProcessInstance.id.desc())
-        .limit(max(1, recent))
-    )
+        latest.extend((ended, instance_id, created) for created, ended, instance_id in rows)
+    latest.sort(reverse=True)  # newest end first, then id, as each version's rows came
     durations = tuple(
-        max(0.0, (ended - created).total_seconds()) for created, ended in rows if ended is not None
+        max(0.0, (ended - created).total_seconds()) for ended, _, created in latest[:limit]
     )
     return ProcessLoad(running=int(running), recent_durations=durations)
+
+
+# The condition in the index's own words (COMPLETED_INSTANCE), for its planner to use it.
+_LATEST_COMPLETED = (
+    select(ProcessInstance.created_at, ProcessInstance.ended_at, ProcessInstance.id)
+    .where(ProcessInstance.definition_id == bindparam("definition_id"), text(COMPLETED_INSTANCE))
+    .order_by(ProcessInstance.ended_at.desc(), ProcessInstance.id.desc())
+    .limit(bindparam("limit"))
+)

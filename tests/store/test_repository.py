@@ -866,6 +866,71 @@ async def test_the_admin_pages_read_the_newest_rows_from_an_index_not_a_sort(
         assert not any("ix_tasks_seen_seen_at" in line for line in lines), lines
 
 
+@pytest.mark.parametrize("statistics", [False, True], ids=["plain", "analyzed"])
+async def test_a_process_load_reads_the_latest_completed_instances_from_an_index(
+    database: Database, statistics: bool
+) -> None:
+    """An OMI provider's heartbeat (``queries.process_load``): the running instances, and the
+    latest completed ones over every deployed version, newest end first, each version's read
+    from the top of ``ix_process_instances_completed`` (migration 0010), never sorted from the
+    whole history; failed ones and other processes do not count."""
+    async with database.transaction() as session:
+        versions = [
+            await repo.deploy_definition(
+                session, process_key="omi_exec", version=v, plugin="omi", model_hash=v * 64
+            )
+            for v in ("1", "2")
+        ]
+        other = await repo.deploy_definition(
+            session, process_key="other", version="1", plugin="o", model_hash="o" * 64
+        )
+    count = 6_000
+    rows = []
+    for n in range(count):
+        ended = T0 + dt.timedelta(seconds=n)
+        rows.append(
+            {
+                "id": f"e-{n:05}",
+                # Both versions' instances interleaved; a few of another process, failed and
+                # running ones among them.
+                "definition_id": other if n % 7 == 0 else versions[n % 2],
+                "business_key": f"bk-{n}",
+                "status": "running" if n % 11 == 0 else "failed" if n % 13 == 0 else "completed",
+                "state": {"v": 1, "tk": {}},
+                "version": 1,
+                "created_at": ended - dt.timedelta(seconds=n % 5),
+                "updated_at": ended,
+                "ended_at": None if n % 11 == 0 else ended,
+            }
+        )
+    async with database.transaction() as session:
+        await session.execute(insert(ProcessInstance), rows)
+    if statistics:
+        async with database.autocommit() as session:
+            await session.execute(text("ANALYZE"))
+    with _Statements(database) as executed:
+        async with database.transaction() as session:
+            load = await queries.process_load(session, "omi_exec", recent=5)
+    expected = [
+        row
+        for row in reversed(rows)
+        if row["definition_id"] != other and row["status"] == "completed"
+    ][:5]
+    assert load.recent_durations == tuple(
+        float((row["ended_at"] - row["created_at"]).total_seconds()) for row in expected
+    )
+    assert load.running == sum(
+        1 for row in rows if row["definition_id"] != other and row["status"] == "running"
+    )
+    latest = [(sql, parameters) for sql, parameters in executed if "ORDER BY" in sql]
+    assert len(latest) == 2  # one per deployed version
+    for statement, lines in await _plans(database, latest):
+        assert any("ix_process_instances_completed" in line for line in lines), lines
+        assert not any("TEMP B-TREE" in line for line in lines), lines
+        assert not any(line.strip().startswith("->  Sort") for line in lines), lines
+        assert not any("Seq Scan" in line for line in lines), (statement, lines)
+
+
 async def test_task_facts_find_a_completion_queued_under_the_key_before_it_named_the_instance(
     database: Database,
 ) -> None:
