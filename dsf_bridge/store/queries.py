@@ -877,7 +877,11 @@ async def process_load(session: AsyncSession, process_key: str, *, recent: int =
         rows = await session.execute(
             _LATEST_COMPLETED, {"definition_id": definition_id, "limit": limit}
         )
-        latest.extend((ended, instance_id, created) for created, ended, instance_id in rows)
+        latest.extend(
+            (ended, instance_id, created)
+            for created, ended, instance_id in rows
+            if ended is not None  # the index holds none without an end
+        )
     latest.sort(reverse=True)  # newest end first, then id, as each version's rows came
     durations = tuple(
         max(0.0, (ended - created).total_seconds()) for ended, _, created in latest[:limit]

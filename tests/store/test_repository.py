@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from typing import Any
 
 import pytest
 from sqlalchemy import event, insert, select, text, update
@@ -885,7 +886,7 @@ async def test_a_process_load_reads_the_latest_completed_instances_from_an_index
             session, process_key="other", version="1", plugin="o", model_hash="o" * 64
         )
     count = 6_000
-    rows = []
+    rows: list[dict[str, Any]] = []
     for n in range(count):
         ended = T0 + dt.timedelta(seconds=n)
         rows.append(
