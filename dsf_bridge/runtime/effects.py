@@ -524,8 +524,8 @@ class EffectWriter:
         """Record the Task version as delivered to ``instance_id``, once: a version delivered
         already (two replicas recovering one claim) rolls the delivering step back, leaving
         its transaction as :class:`~dsf_bridge.errors.TaskAlreadyDeliveredError` (on
-        PostgreSQL at the commit: :func:`repo.take_in_task`). Returns the rows' records for
-        the step's audit event."""
+        PostgreSQL at its next read or commit: :func:`repo.take_in_task`). Returns the rows'
+        records for the step's audit event."""
         await repo.take_in_task(
             session,
             task_id=task_id,

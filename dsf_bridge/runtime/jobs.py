@@ -54,6 +54,8 @@ log = structlog.get_logger("dsf_bridge.runtime")
 _MAX_INTERRUPTIONS = 5
 # How soon a job whose instance kept changing under it runs again.
 _CONFLICT_BACKOFF = dt.timedelta(milliseconds=100)
+# The longest wait before a job whose step crashed (a bug of the bridge's own) runs again.
+_CRASH_BACKOFF_MAX = dt.timedelta(minutes=5)
 # How soon a signal job looks again at an instance that was busy between two waits.
 _SIGNAL_RECHECK = dt.timedelta(milliseconds=200)
 _SIGNAL_PATIENCE = dt.timedelta(seconds=5)
@@ -197,12 +199,23 @@ class JobWorker:
         except BridgeError as exc:
             await self._job_failed(job, str(exc))
         except Exception as exc:
-            # A bug of the bridge's own in this job's step (a handler's errors are outcomes):
-            # a failure of the job, as Camunda's job executor counts any exception, so that
-            # it uses its retries and then is an incident an operator sees, instead of
-            # keeping its lease until it runs out and calling its handler again, for ever.
+            # A bug of the bridge's own in this job's step (a handler's errors are outcomes,
+            # an engine error undoes the step): logged with its trace, and the job is given
+            # back to run again after a back-off (5 s doubling up to 5 minutes), its error
+            # shown with it (the instance page), without using a retry. Not parked: a job
+            # parked out of retries is no incident an operator can retry, so a bridge with the
+            # bug fixed would never finish the instance; this way it does.
             log.exception("job.crashed", job_id=job.id, kind=job.kind)
-            await self._job_failed(job, f"internal error: {type(exc).__name__}: {exc}")
+            delay = self.runtime.settings.job_retry_delay * 2 ** min(max(job.attempts - 1, 0), 6)
+            async with self.runtime.database.transaction() as session:
+                with contextlib.suppress(ConcurrencyError):  # the lease expired meanwhile
+                    await repo.postpone_job(
+                        session,
+                        job.id,
+                        self.runtime.owner,
+                        due_at=self.runtime.clock() + min(delay, _CRASH_BACKOFF_MAX),
+                        error=f"internal error: {type(exc).__name__}: {exc}",
+                    )
 
     async def _job_failed(self, job: repo.ClaimedJob, error: str) -> None:
         retry_at = self.runtime.clock() + self.runtime.settings.job_retry_delay

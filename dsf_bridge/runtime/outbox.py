@@ -296,9 +296,10 @@ class OutboxWorker:
 
 def _crashed(exc: Exception) -> BridgeError:
     """A bug of the bridge's own with an effect (a payload it cannot read, say), as a failure
-    the effect's retries meet: tried again later, a send failed (its instance told) past its
-    retries, a Task update waited out as an outage, instead of stopping the worker loop or
-    keeping the lease until it runs out, for ever."""
+    the effect's retries meet: tried again later; a send failed (its instance told) past its
+    retries; an update of the site's own Task or form tried again for ever, as an outage is
+    waited out, so that a bridge with the bug fixed still finishes it. Instead of stopping
+    the worker loop and keeping the lease until it runs out."""
     log.error("effect.crashed", error_type=type(exc).__name__, exc_info=exc)
     return ProcessExecutionError(f"internal error: {type(exc).__name__}: {exc}", retryable=True)
 

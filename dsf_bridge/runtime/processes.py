@@ -230,13 +230,20 @@ class ProcessRuntime:
             )
         if jobs or entries:
             self._fault(FaultPoint.WORK_CLAIMED, f"{len(jobs)}/{len(entries)}")
-        fired = await self.timers.fire_due() if timer_due else 0
+        fired, failure = 0, None
+        if timer_due:
+            try:
+                fired = await self.timers.fire_due()
+            except Exception as exc:  # the work this round leased runs all the same
+                failure = exc
         await run_all(
             [
                 *self.jobs.exclusive(jobs),
                 *(self.outbox.perform(entry) for entry in entries),
             ]
         )
+        if failure is not None:
+            raise failure
         return fired + len(jobs) + len(entries)
 
     def dispatch(

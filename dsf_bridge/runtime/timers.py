@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import structlog
+
 from dsf_bridge.engine.events import TimerFired
+from dsf_bridge.errors import BridgeError
 from dsf_bridge.runtime.effects import StepRecord
 from dsf_bridge.store import repository as repo
 
@@ -17,6 +20,8 @@ if TYPE_CHECKING:
     from dsf_bridge.runtime.processes import ProcessRuntime
 
 __all__ = ["TimerWorker"]
+
+log = structlog.get_logger("dsf_bridge.runtime")
 
 
 class TimerWorker:
@@ -26,29 +31,44 @@ class TimerWorker:
         self.runtime = runtime
 
     async def fire_due(self) -> int:
-        """Fire due timers (at most a batch), each in its own transaction; return how many."""
+        """Fire due timers (at most a batch), each in its own transaction; return how many.
+
+        A timer whose step crashes (a bug of the bridge's own; an engine error undoes the step
+        and is ``timer.failed``) is logged and fires again after the lease's length: it must
+        not come first, and fail, in every round while the work the round leased waits."""
         runtime = self.runtime
         fired = 0
         while fired < runtime.settings.batch:
             now = runtime.clock()
             pending: StepRecord | None = None
-            async with runtime.database.transaction() as session:
-                due = await repo.due_timers(session, now, limit=1)
-                if not due:
-                    return fired
-                instance_id, timer = due[0]
-                record = await repo.load_instance(session, instance_id)
-                await repo.cancel_timer(session, instance_id, timer.timer_id)
-                if record is not None:
-                    pending = await runtime.stepper.write(
-                        session,
-                        runtime.deployments.of_record(record),
-                        record,
-                        TimerFired(timer.timer_id, now),
-                        actor=runtime.owner,
-                        action="timer.fired",
-                        failed_action="timer.failed",
-                        reason=f"{timer.element_id} due {timer.due_at.isoformat()}",
+            taken: tuple[str, repo.TimerKey] | None = None
+            try:
+                async with runtime.database.transaction() as session:
+                    due = await repo.due_timers(session, now, limit=1)
+                    if not due:
+                        return fired
+                    taken = due[0]
+                    instance_id, timer = taken
+                    record = await repo.load_instance(session, instance_id)
+                    await repo.cancel_timer(session, instance_id, timer.timer_id)
+                    if record is not None:
+                        pending = await runtime.stepper.write(
+                            session,
+                            runtime.deployments.of_record(record),
+                            record,
+                            TimerFired(timer.timer_id, now),
+                            actor=runtime.owner,
+                            action="timer.fired",
+                            failed_action="timer.failed",
+                            reason=f"{timer.element_id} due {timer.due_at.isoformat()}",
+                        )
+            except Exception as exc:
+                if taken is None or isinstance(exc, BridgeError):
+                    raise  # the store's own failure: the round reports it
+                log.exception("timer.crashed", instance_id=taken[0], element_id=taken[1].element_id)
+                async with runtime.database.transaction() as session:
+                    await repo.delay_timer(
+                        session, taken[0], taken[1].timer_id, now + runtime.settings.lease
                     )
             if pending is not None:
                 runtime.stepper.committed(pending, "timer.fired")

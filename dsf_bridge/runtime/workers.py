@@ -149,9 +149,10 @@ class WorkerLoop:
                 log.warning("worker.failed", error=str(exc), retryable=exc.retryable)
                 done = 0
             except Exception:
-                # A bug in one piece of a round's work must not stop the site: the round's
-                # other work has run to its end (run_all), the piece keeps its lease until it
-                # runs out, and the loop goes on, as for the work run after a commit
+                # A bug that escaped a piece of a round's work (jobs, effects and timers catch
+                # their own) must not stop the site: the round's other work has run to its end
+                # (run_all, and the leased work after the timers), the piece keeps its lease
+                # until it runs out, and the loop goes on, as for the work run after a commit
                 # (Dispatcher). Not a sign of life either.
                 log.exception("worker.crashed")
                 done = 0
@@ -249,8 +250,12 @@ async def _cancelled(work: asyncio.Future[int]) -> None:
 
 
 async def run_all(work: Iterable[Awaitable[None]]) -> None:
-    """Run all of ``work`` to the end, then raise the first failure, if any."""
+    """Run all of ``work`` to the end, then raise the first failure, if any (a later one that
+    is no :class:`BridgeError`, a bug, is logged first: raising one alone would hide it)."""
     results = await asyncio.gather(*work, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+    failures = [result for result in results if isinstance(result, BaseException)]
+    for failure in failures[1:]:
+        if isinstance(failure, Exception) and not isinstance(failure, BridgeError):
+            log.error("worker.crashed", exc_info=failure)
+    if failures:
+        raise failures[0]

@@ -270,6 +270,7 @@ __all__ = [
     "complete_job",
     "complete_job_ending",
     "create_instance",
+    "delay_timer",
     "deploy_definition",
     "due_timers",
     "enqueue_job",
@@ -657,12 +658,16 @@ async def postpone_job(
     *,
     due_at: dt.datetime,
     interrupted: bool = False,
+    error: str | None = None,
 ) -> None:
     """Release a leased job to run again at ``due_at`` without using up a retry;
-    ``interrupted``: the store went away under it (counted in ``interruptions``)."""
+    ``interrupted``: the store went away under it (counted in ``interruptions``); ``error``:
+    why, kept as its last error."""
     changes: dict[str, Any] = {"due_at": due_at, "lease_owner": None, "lease_expires_at": None}
     if interrupted:
         changes["interruptions"] = Job.interruptions + 1
+    if error is not None:
+        changes["last_error"] = error
     result = await session.execute(
         update(Job)
         .where(Job.id == job_id)
@@ -786,6 +791,19 @@ async def cancel_timer(session: AsyncSession, instance_id: str, timer_id: str) -
     """Remove a timer (fired or cancelled); removing one that is gone is not an error."""
     await session.execute(
         delete(Timer).where(Timer.instance_id == instance_id).where(Timer.timer_id == timer_id)
+    )
+
+
+async def delay_timer(
+    session: AsyncSession, instance_id: str, timer_id: str, due_at: dt.datetime
+) -> None:
+    """Move a timer's moment to ``due_at`` (a timer whose step crashed, tried again later)."""
+    await session.execute(
+        update(Timer)
+        .where(Timer.instance_id == instance_id)
+        .where(Timer.timer_id == timer_id)
+        .values(due_at=due_at)
+        .execution_options(synchronize_session=False)
     )
 
 
@@ -1025,8 +1043,9 @@ async def take_in_task(
     intake claimed (if any) taken in. A version recorded before makes the transaction (a
     :meth:`~dsf_bridge.store.database.Database.transaction`) leave as
     :class:`~dsf_bridge.errors.TaskAlreadyDeliveredError`, rolled back with the claim
-    unchanged: on SQLite at once, on PostgreSQL at its commit, since nothing here is read back
-    (both writes wait for the commit's round trip, :mod:`dsf_bridge.store.batched_pg`)."""
+    unchanged: on SQLite at once, on PostgreSQL at its next read or its commit, since nothing
+    here is read back (both writes are held for that round trip,
+    :mod:`dsf_bridge.store.batched_pg`)."""
     delivered = TaskAlreadyDeliveredError(
         f"Task/{task_id} version {task_version} was delivered already"
     )

@@ -171,20 +171,21 @@ async def test_an_incident_is_listed_retried_by_an_operator_and_the_instance_end
     assert "incident.retried" in await _actions(database)
 
 
-async def test_a_bug_in_a_jobs_step_uses_the_jobs_retries_then_parks_it(
+async def test_a_bug_in_a_jobs_step_runs_it_again_later_and_a_fixed_bridge_finishes_it(
     database: Database, clock: Clock
 ) -> None:
     """An exception of the bridge's own in a job's step (not a handler's error, which is an
-    outcome) is a failure of the job, as Camunda's job executor counts any exception: each
-    try uses a retry, and a job out of retries stays parked, with the error, for an operator
-    (as a store error that repeats). Before, it escaped the worker's round (stopping the
-    bridge) and the job kept its lease, to run again when that ran out, for ever."""
+    outcome, nor an engine error, which undoes the step and uses the job's retries) gives the
+    job back, its error shown with it, to run again after a back-off that doubles, without
+    using a retry: once the bug is gone (a fixed bridge), the instance goes on. Before, it
+    escaped the worker's round, stopping the bridge, and the job kept its lease."""
     gateway = FakeGateway()
     runtime = await _runtime(database, gateway, clock)
     crashes: list[str] = []
+    buggy = True
 
     def bug(point: FaultPoint, detail: str) -> None:
-        if point is FaultPoint.STEP_WRITTEN and detail == "job.continued":
+        if buggy and point is FaultPoint.STEP_WRITTEN and detail == "job.continued":
             crashes.append(detail)
             raise RuntimeError("a bug in the step")
 
@@ -192,21 +193,27 @@ async def test_a_bug_in_a_jobs_step_uses_the_jobs_retries_then_parks_it(
     instance_id = await runtime.start(
         KEY, message_name="start", business_key="bk-bug", task_id="t-b", variables={"mode": "run"}
     )
-    async with database.transaction() as session:
-        [retries] = (await session.scalars(select(Job.retries_left))).all()
-    for _ in range(retries + 3):
+    waits = []
+    for _ in range(4):
         await runtime.run_until_idle()  # never raises: the round goes on
-        clock.advance(seconds=10)
-    assert len(crashes) == retries + 1  # the first try and each retry, then no more
+        async with database.transaction() as session:
+            job = (
+                await session.execute(
+                    select(Job.retries_left, Job.last_error, Job.lease_owner, Job.due_at)
+                )
+            ).one()
+        assert job[:3] == (0, "internal error: RuntimeError: a bug in the step", None)
+        waits.append((job.due_at - clock()).total_seconds())
+        clock.advance(seconds=waits[-1])
+    assert len(crashes) == 4
+    assert waits == [1.0, 2.0, 4.0, 8.0]  # FAST's 1 s retry delay, doubling
+    assert await _incidents_counted(database) == ({}, {instance_id: 0})  # no retry used up
+    buggy = False
+    await runtime.run_until_idle()
+    assert "job.continued" in await _actions(database)
     async with database.transaction() as session:
-        rows = (
-            await session.execute(select(Job.retries_left, Job.last_error, Job.lease_owner))
-        ).all()
-    assert [tuple(row) for row in rows] == [
-        (-1, "internal error: RuntimeError: a bug in the step", None)
-    ]
-    assert await _status(database, instance_id) == "running"
-    assert "job.continued" not in await _actions(database)
+        assert (await session.scalars(select(Job.kind))).all() == []  # ran, and done
+    assert await _status(database, instance_id) == "running"  # now waits for "go"
 
 
 async def test_an_operator_cancels_an_instance_and_its_tasks_fail_with_the_reason(

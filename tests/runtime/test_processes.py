@@ -19,7 +19,12 @@ from dsf_bridge.engine import CorrelationError, load_process
 from dsf_bridge.errors import ProcessExecutionError, RemoteError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry, SendContext
 from dsf_bridge.runtime.ports import OutgoingTask, UserTaskRequest
-from dsf_bridge.runtime.processes import MessageHeldError, ProcessRuntime, RuntimeSettings
+from dsf_bridge.runtime.processes import (
+    FaultPoint,
+    MessageHeldError,
+    ProcessRuntime,
+    RuntimeSettings,
+)
 from dsf_bridge.store import Database, verify_chain
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.tables import AuditEvent, Job, OutboxEntry, ProcessInstance, Timer
@@ -232,6 +237,40 @@ async def test_timeout_path_fails_the_start_task(
     assert "timeout" in message
     with pytest.raises(CorrelationError, match="Unable to correlate"):
         await runtime.correlate(message_name="reply", business_key="bk-2", task_id="late")
+
+
+async def test_a_timer_whose_step_crashes_fires_later_and_holds_up_no_other_work(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    """A timer whose step crashes (a bug of the bridge's own) is logged and fires again after
+    the lease's length; the round goes on with the work it leased, and later rounds do not
+    meet the timer first and fail. Before, the crash left the round before its leased work
+    ran, and every later round met the timer again."""
+    runtime = await _runtime(database, gateway, clock, calls)
+    waiting = await runtime.start(KEY, message_name="start", business_key="bk-t", task_id="tt")
+    await runtime.run_until_idle()
+    crashed: list[str] = []
+
+    def bug(point: FaultPoint, detail: str) -> None:
+        if point is FaultPoint.STEP_WRITTEN and detail == "timer.fired":
+            crashed.append(detail)
+            raise RuntimeError("a bug in the timer's step")
+
+    runtime.fault_hook = bug
+    clock.advance(minutes=6)  # the reply's timer is due
+    other = await runtime.start(KEY, message_name="start", business_key="bk-o", task_id="to")
+    await runtime.run_until_idle()  # never raises
+    assert crashed == ["timer.fired"]
+    assert calls.prepare == 2  # the other instance's work ran in the same rounds
+    assert [task.business_key for task in gateway.sent] == ["bk-t", "bk-o"]
+    await runtime.run_until_idle()
+    assert crashed == ["timer.fired"]  # not again before its new moment
+    runtime.fault_hook = None
+    clock.advance(seconds=FAST.lease.total_seconds())
+    await runtime.run_until_idle()
+    assert calls.timeouts == 1
+    assert await _status(database, waiting) == "failed"
+    assert await _status(database, other) == "running"
 
 
 async def test_unknown_business_key_does_not_correlate(

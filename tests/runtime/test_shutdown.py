@@ -14,6 +14,7 @@ from sqlalchemy import select
 from dsf_bridge.engine import load_process
 from dsf_bridge.errors import StoreError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry
+from dsf_bridge.runtime.daemon import Bridge
 from dsf_bridge.runtime.processes import ProcessRuntime, RuntimeSettings
 from dsf_bridge.store import Database
 from dsf_bridge.store import repository as repo
@@ -277,3 +278,38 @@ async def test_a_bug_in_a_round_does_not_stop_the_worker_loop(database: Database
     assert runtime.heartbeat is not None  # the rounds after the bug
     stop.set()
     await asyncio.wait_for(worker, 5)
+
+
+async def test_a_stopping_bridge_gives_its_leases_back_after_everything_stopped() -> None:
+    """``Bridge.run``'s last look: after its loops (the subscriptions' intake among them) have
+    stopped, the runtime gives its leases back once more."""
+    order: list[str] = []
+
+    class Runtime:
+        async def run_forever(self, stop: asyncio.Event) -> None:
+            await stop.wait()
+            order.append("worker loop stopped")
+
+        async def release_leases(self) -> int:
+            order.append("leases released")
+            return 0
+
+    class Subscription:
+        async def run(self, stop: asyncio.Event) -> None:
+            await stop.wait()
+            await asyncio.sleep(0.05)  # the intake drains after the worker loop
+            order.append("intake stopped")
+
+    bridge = Bridge.__new__(Bridge)
+    bridge.runtime = Runtime()  # type: ignore[assignment]
+    bridge.subscriptions = [Subscription()]  # type: ignore[list-item]
+    bridge.intake = None
+    bridge.publication = None
+    bridge.organization = None
+    bridge.runtime_settings = RuntimeSettings(shutdown_grace=dt.timedelta(seconds=1))
+    stop = asyncio.Event()
+    running = asyncio.create_task(bridge.run(stop))
+    await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(running, 5)
+    assert order == ["worker loop stopped", "intake stopped", "leases released"]
