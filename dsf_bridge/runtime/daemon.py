@@ -27,6 +27,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import os
+import secrets
 import socket
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -126,7 +127,9 @@ class Bridge:
         self.extra_services = dict(services or {})
         self.optional = frozenset(optional)
         self.runtime_settings = runtime_settings or _runtime_settings(settings.runtime)
-        self.owner = f"{socket.gethostname()}-{os.getpid()}"
+        # Unique to this run: two containers may both be pid 1 with a fixed hostname, and a
+        # restarted container is the same again; the leases of one must never be another's.
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.database: Database | None = None
         self.client: FhirClient | None = None
         self.gateway: DsfTaskGateway | None = None
