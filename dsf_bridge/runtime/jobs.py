@@ -167,18 +167,11 @@ class JobWorker:
             # not a failure of the job, so no retry is used up (Camunda's job executor skips
             # the decrement for an OptimisticLockingException too). It runs again shortly.
             log.info("job.postponed", job_id=job.id, kind=job.kind, reason=str(exc))
-            async with self.runtime.database.transaction() as session:
-                with contextlib.suppress(ConcurrencyError):  # the lease expired meanwhile
-                    await repo.postpone_job(
-                        session,
-                        job.id,
-                        self.runtime.owner,
-                        due_at=self.runtime.clock() + _CONFLICT_BACKOFF,
-                    )
+            await self._give_back(job, _CONFLICT_BACKOFF)
         except StoreError as exc:
             # A store error that repeats (a statement timeout, a full disk) must not rerun the
-            # handler for ever: past a few interruptions the job uses its retries, then is an
-            # incident, as before.
+            # handler for ever: past a few interruptions the job uses its retries, then stays
+            # parked out of them (docs/operations.md, "Incidents: jobs out of retries").
             if not exc.retryable or job.interruptions >= _MAX_INTERRUPTIONS:
                 await self._job_failed(job, str(exc))
                 return
@@ -188,14 +181,7 @@ class JobWorker:
             # runs out instead.
             log.warning("job.interrupted", job_id=job.id, kind=job.kind, error=str(exc))
             with contextlib.suppress(BridgeError):
-                async with self.runtime.database.transaction() as session:
-                    await repo.postpone_job(
-                        session,
-                        job.id,
-                        self.runtime.owner,
-                        due_at=self.runtime.clock() + self.runtime.settings.job_retry_delay,
-                        interrupted=True,
-                    )
+                await self._give_back(job, self.runtime.settings.job_retry_delay, interrupted=True)
         except BridgeError as exc:
             await self._job_failed(job, str(exc))
         except Exception as exc:
@@ -207,15 +193,32 @@ class JobWorker:
             # bug fixed would never finish the instance; this way it does.
             log.exception("job.crashed", job_id=job.id, kind=job.kind)
             delay = self.runtime.settings.job_retry_delay * 2 ** min(max(job.attempts - 1, 0), 6)
-            async with self.runtime.database.transaction() as session:
-                with contextlib.suppress(ConcurrencyError):  # the lease expired meanwhile
-                    await repo.postpone_job(
-                        session,
-                        job.id,
-                        self.runtime.owner,
-                        due_at=self.runtime.clock() + min(delay, _CRASH_BACKOFF_MAX),
-                        error=f"internal error: {type(exc).__name__}: {exc}",
-                    )
+            await self._give_back(
+                job,
+                min(delay, _CRASH_BACKOFF_MAX),
+                error=f"internal error: {type(exc).__name__}: {exc}",
+            )
+
+    async def _give_back(
+        self,
+        job: repo.ClaimedJob,
+        delay: dt.timedelta,
+        *,
+        interrupted: bool = False,
+        error: str | None = None,
+    ) -> None:
+        """Release the job to run again after ``delay`` without using a retry
+        (:func:`repo.postpone_job`); a lease that ran out meanwhile has nothing to give."""
+        async with self.runtime.database.transaction() as session:
+            with contextlib.suppress(ConcurrencyError):
+                await repo.postpone_job(
+                    session,
+                    job.id,
+                    self.runtime.owner,
+                    due_at=self.runtime.clock() + delay,
+                    interrupted=interrupted,
+                    error=error,
+                )
 
     async def _job_failed(self, job: repo.ClaimedJob, error: str) -> None:
         retry_at = self.runtime.clock() + self.runtime.settings.job_retry_delay
