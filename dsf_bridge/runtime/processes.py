@@ -236,12 +236,17 @@ class ProcessRuntime:
                 fired = await self.timers.fire_due()
             except Exception as exc:  # the work this round leased runs all the same
                 failure = exc
-        await run_all(
-            [
-                *self.jobs.exclusive(jobs),
-                *(self.outbox.perform(entry) for entry in entries),
-            ]
-        )
+        try:
+            await run_all(
+                [
+                    *self.jobs.exclusive(jobs),
+                    *(self.outbox.perform(entry) for entry in entries),
+                ]
+            )
+        except Exception:
+            if failure is not None:  # raised one failure at a time: the timers' is logged
+                log.warning("timer.round_failed", error=str(failure), exc_info=failure)
+            raise
         if failure is not None:
             raise failure
         return fired + len(jobs) + len(entries)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dsf_bridge.engine.events import TimerFired
-from dsf_bridge.errors import BridgeError
+from dsf_bridge.errors import BridgeError, ConcurrencyError, StoreError
 from dsf_bridge.runtime.effects import StepRecord
 from dsf_bridge.store import repository as repo
 
@@ -33,9 +33,12 @@ class TimerWorker:
     async def fire_due(self) -> int:
         """Fire due timers (at most a batch), each in its own transaction; return how many.
 
-        A timer whose step crashes (a bug of the bridge's own; an engine error undoes the step
-        and is ``timer.failed``) is logged and fires again after the lease's length: it must
-        not come first, and fail, in every round while the work the round leased waits."""
+        A timer whose step fails for a reason of its own instance (a bug of the bridge's own,
+        a definition no longer deployed, a state the store refuses; an engine error instead
+        undoes the step and is ``timer.failed``) is logged and fires again after the lease's
+        length: it must not come first, and fail, in every round, holding up the timers after
+        it and the work the round leased. The store away, or the instance changed under the
+        step, fail the round as before: the timer is due again at once."""
         runtime = self.runtime
         fired = 0
         while fired < runtime.settings.batch:
@@ -63,9 +66,14 @@ class TimerWorker:
                             reason=f"{timer.element_id} due {timer.due_at.isoformat()}",
                         )
             except Exception as exc:
-                if taken is None or isinstance(exc, BridgeError):
-                    raise  # the store's own failure: the round reports it
-                log.exception("timer.crashed", instance_id=taken[0], element_id=taken[1].element_id)
+                if taken is None or _passing(exc):
+                    raise
+                pending = None  # rolled back: nothing of the step happened
+                bound = log.bind(instance_id=taken[0], element_id=taken[1].element_id)
+                if isinstance(exc, BridgeError):
+                    bound.error("timer.deferred", error=str(exc))
+                else:
+                    bound.exception("timer.crashed")
                 async with runtime.database.transaction() as session:
                     await repo.delay_timer(
                         session, taken[0], taken[1].timer_id, now + runtime.settings.lease
@@ -74,3 +82,9 @@ class TimerWorker:
                 runtime.stepper.committed(pending, "timer.fired")
             fired += 1
         return fired
+
+
+def _passing(exc: Exception) -> bool:
+    """Whether a timer's failure passes by itself (the store away, the instance changed under
+    the step): the timer stays due, and the round reports the failure."""
+    return isinstance(exc, ConcurrencyError) or (isinstance(exc, StoreError) and exc.retryable)

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from dsf_bridge.engine import CorrelationError, load_process
-from dsf_bridge.errors import ProcessExecutionError, RemoteError
+from dsf_bridge.errors import ProcessExecutionError, RemoteError, StoreError
 from dsf_bridge.plugins.registry import HandlerContext, HandlerRegistry, SendContext
 from dsf_bridge.runtime.ports import OutgoingTask, UserTaskRequest
 from dsf_bridge.runtime.processes import (
@@ -271,6 +271,71 @@ async def test_a_timer_whose_step_crashes_fires_later_and_holds_up_no_other_work
     assert calls.timeouts == 1
     assert await _status(database, waiting) == "failed"
     assert await _status(database, other) == "running"
+
+
+async def test_a_timer_that_fails_for_its_own_instance_holds_up_no_later_timer(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    """A timer whose step fails for a reason of its own instance (its definition no longer
+    deployed, say: a plugin left out at start) is deferred by the lease's length; the timers
+    due after it fire, and the round does not fail. Before, it came first in every round and
+    failed it, so no later timer fired and the readiness check turned red."""
+    runtime = await _runtime(database, gateway, clock, calls)
+    stuck = await runtime.start(KEY, message_name="start", business_key="bk-s", task_id="ts")
+    await runtime.run_until_idle()
+    clock.advance(seconds=30)
+    later = await runtime.start(KEY, message_name="start", business_key="bk-l", task_id="tl")
+    await runtime.run_until_idle()
+    real_of_record = runtime.deployments.of_record
+
+    def of_record(record: repo.InstanceRecord) -> Any:
+        if record.id == stuck:
+            raise ProcessExecutionError("Process not found: not deployed at this site")
+        return real_of_record(record)
+
+    runtime.deployments.of_record = of_record  # type: ignore[method-assign]
+    clock.advance(minutes=6)  # both timers due, the stuck one first
+    for _ in range(3):
+        await runtime.run_once()  # never raises
+    assert calls.timeouts == 1
+    assert await _status(database, later) == "failed"
+    assert await _status(database, stuck) == "running"
+    runtime.deployments.of_record = real_of_record  # type: ignore[method-assign]
+    clock.advance(seconds=FAST.lease.total_seconds())
+    await runtime.run_until_idle()
+    assert calls.timeouts == 2
+    assert await _status(database, stuck) == "failed"
+
+
+async def test_the_work_a_round_leased_runs_even_when_its_timers_fail(
+    database: Database, gateway: FakeGateway, clock: Clock, calls: Calls
+) -> None:
+    """The store failing under the timers (the round fails, the timer stays due) does not
+    leave the jobs and effects the round leased unrun until their leases run out."""
+    runtime = await _runtime(database, gateway, clock, calls)
+    await runtime.start(KEY, message_name="start", business_key="bk-w", task_id="tw")
+    await runtime.start(KEY, message_name="start", business_key="bk-x", task_id="tx")
+    await runtime.run_until_idle()  # the first instance's job, its send, its timer
+    clock.advance(minutes=6)
+    other = await runtime.start(KEY, message_name="start", business_key="bk-y", task_id="ty")
+
+    async def store_away() -> int:
+        raise StoreError("database unavailable: connection refused", retryable=True)
+
+    runtime.timers.fire_due = store_away  # type: ignore[method-assign]
+    before = await _jobs_of(database, other)
+    assert before  # the third instance's first job, due now
+    with pytest.raises(StoreError, match="connection refused"):
+        await runtime.run_once()
+    assert not set(before) & set(await _jobs_of(database, other))  # it ran in that round
+    assert await _status(database, other) == "running"
+
+
+async def _jobs_of(database: Database, instance_id: str) -> list[int]:
+    async with database.transaction() as session:
+        return list(
+            (await session.scalars(select(Job.id).where(Job.instance_id == instance_id))).all()
+        )
 
 
 async def test_unknown_business_key_does_not_correlate(
