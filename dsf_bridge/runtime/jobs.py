@@ -54,7 +54,8 @@ log = structlog.get_logger("dsf_bridge.runtime")
 _MAX_INTERRUPTIONS = 5
 # How soon a job whose instance kept changing under it runs again.
 _CONFLICT_BACKOFF = dt.timedelta(milliseconds=100)
-# The longest wait before a job whose step crashed (a bug of the bridge's own) runs again.
+# The longest wait before a job whose step crashed (a bug of the bridge's own) runs again,
+# unless the retry delay is longer.
 _CRASH_BACKOFF_MAX = dt.timedelta(minutes=5)
 # How soon a signal job looks again at an instance that was busy between two waits.
 _SIGNAL_RECHECK = dt.timedelta(milliseconds=200)
@@ -195,7 +196,7 @@ class JobWorker:
             delay = self.runtime.settings.job_retry_delay * 2 ** min(max(job.attempts - 1, 0), 6)
             await self._give_back(
                 job,
-                min(delay, _CRASH_BACKOFF_MAX),
+                min(delay, max(_CRASH_BACKOFF_MAX, self.runtime.settings.job_retry_delay)),
                 error=f"internal error: {type(exc).__name__}: {exc}",
             )
 
