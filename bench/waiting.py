@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
@@ -183,6 +184,21 @@ async def _heartbeats(database: Database, count: int) -> tuple[float, float]:
     return (time.process_time() - cpu) / count, (time.perf_counter() - wall) / count
 
 
+async def _alternating(
+    sides: dict[str, tuple[Database, int]],
+    rounds: int,
+    reading: Callable[[Database, int], Awaitable[tuple[float, float]]],
+) -> dict[str, list[float]]:
+    """Wall seconds per ``reading`` (five each) on both stores, ``rounds`` times, alternating
+    which goes first."""
+    walls: dict[str, list[float]] = {"small": [], "waiting": []}
+    for round_ in range(rounds):
+        order = ("small", "waiting") if round_ % 2 == 0 else ("waiting", "small")
+        for side in order:
+            walls[side].append((await reading(sides[side][0], 5))[1])
+    return walls
+
+
 def _postgres_database(server: str, name: str) -> str:
     admin = create_engine(server, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
@@ -224,21 +240,14 @@ async def main(args: argparse.Namespace) -> int:
                     used, took = await _block(*sides[side], args.count)
                     cpu[side].append(used)
                     wall[side].append(took)
-            counts: dict[str, list[float]] = {"small": [], "waiting": []}
-            for round_ in range(args.rounds):
-                order = ("small", "waiting") if round_ % 2 == 0 else ("waiting", "small")
-                for side in order:
-                    counts[side].append((await _counts(sides[side][0], 5))[1])
-            pages: dict[str, list[float]] = {"small": [], "waiting": []}
-            for round_ in range(args.rounds):
-                order = ("small", "waiting") if round_ % 2 == 0 else ("waiting", "small")
-                for side in order:
-                    pages[side].append((await _pages(sides[side][0], 5))[1])
-            beats: dict[str, list[float]] = {"small": [], "waiting": []}
-            for round_ in range(args.rounds):
-                order = ("small", "waiting") if round_ % 2 == 0 else ("waiting", "small")
-                for side in order:
-                    beats[side].append((await _heartbeats(sides[side][0], 5))[1])
+            readings = {
+                name: await _alternating(sides, args.rounds, reading)
+                for name, reading in (
+                    ("store_count", _counts),
+                    ("list_pages", _pages),
+                    ("heartbeat_load", _heartbeats),
+                )
+            }
             for database, _ in sides.values():
                 await database.dispose()
         finally:
@@ -249,18 +258,11 @@ async def main(args: argparse.Namespace) -> int:
     for side in ("small", "waiting"):
         print(f"{side}_cpu_ms_per_lookup_set={statistics.median(cpu[side]) * 1e3:.3f}")
         print(f"{side}_wall_ms_per_lookup_set={statistics.median(wall[side]) * 1e3:.3f}")
-    for side in ("small", "waiting"):
-        print(f"{side}_wall_ms_per_store_count={statistics.median(counts[side]) * 1e3:.2f}")
-    ratios = [w / e for w, e in zip(counts["waiting"], counts["small"], strict=True)]
-    print(f"waiting_vs_small_store_count_wall={statistics.median(ratios):.1f}")
-    for side in ("small", "waiting"):
-        print(f"{side}_wall_ms_per_list_pages={statistics.median(pages[side]) * 1e3:.2f}")
-    ratios = [w / e for w, e in zip(pages["waiting"], pages["small"], strict=True)]
-    print(f"waiting_vs_small_list_pages_wall={statistics.median(ratios):.1f}")
-    for side in ("small", "waiting"):
-        print(f"{side}_wall_ms_per_heartbeat_load={statistics.median(beats[side]) * 1e3:.2f}")
-    ratios = [w / e for w, e in zip(beats["waiting"], beats["small"], strict=True)]
-    print(f"waiting_vs_small_heartbeat_load_wall={statistics.median(ratios):.1f}")
+    for name, walls in readings.items():
+        for side in ("small", "waiting"):
+            print(f"{side}_wall_ms_per_{name}={statistics.median(walls[side]) * 1e3:.2f}")
+        ratios = [w / e for w, e in zip(walls["waiting"], walls["small"], strict=True)]
+        print(f"waiting_vs_small_{name}_wall={statistics.median(ratios):.1f}")
     for name, figures in (("cpu", cpu), ("wall", wall)):
         ratios = [w / e for w, e in zip(figures["waiting"], figures["small"], strict=True)]
         print(f"waiting_vs_small_{name}={statistics.median(ratios):.2f}")
