@@ -254,35 +254,35 @@ class TaskIntake:
             return
         with bound_context(task_id=task_id):
             # Nothing here needs two statements to commit together: the claim's insert either
-            # wins or finds the row it lost to, and that row is only read.
-            async with self.database.autocommit() as session:
-                # A new Task version (the usual case) costs one statement: the claim's insert.
-                if await repo.record_task_seen(
-                    session,
-                    task_id=task_id,
-                    task_version=version,
-                    role="incoming",
-                    status=CLAIMING,
-                ):
-                    self._claimed_here[(task_id, version)] = None
-                    while len(self._claimed_here) > _CLAIMS_REMEMBERED:
-                        self._claimed_here.popitem(last=False)
-                else:
+            # wins or finds the row it lost to, and that row is only read. A new Task version
+            # (the usual case) costs one statement: the claim's insert.
+            if await repo.record_task_seen(
+                self.database,
+                task_id=task_id,
+                task_version=version,
+                role="incoming",
+                status=CLAIMING,
+            ):
+                self._claimed_here[(task_id, version)] = None
+                while len(self._claimed_here) > _CLAIMS_REMEMBERED:
+                    self._claimed_here.popitem(last=False)
+            else:
+                async with self.database.autocommit() as session:
                     seen = await repo.get_task_seen(session, task_id, version)
-                    if seen is not None and seen.status != CLAIMING:
-                        return
-                    if (
-                        seen is not None
-                        and (task_id, version) not in self._claimed_here
-                        and _claimed_moments_ago(seen)
-                    ):
-                        # Another replica (they all receive every Task) is taking it in right
-                        # now: no second in-progress PUT racing it. A claim a crash left
-                        # behind is older, and taken up again.
-                        log.info("task.claimed_elsewhere", reason="claimed moments ago")
-                        raise ResourceDeferredError(
-                            f"Task/{task_id} was claimed by another replica moments ago"
-                        )
+                if seen is not None and seen.status != CLAIMING:
+                    return
+                if (
+                    seen is not None
+                    and (task_id, version) not in self._claimed_here
+                    and _claimed_moments_ago(seen)
+                ):
+                    # Another replica (they all receive every Task) is taking it in right
+                    # now: no second in-progress PUT racing it. A claim a crash left behind
+                    # is older, and taken up again.
+                    log.info("task.claimed_elsewhere", reason="claimed moments ago")
+                    raise ResourceDeferredError(
+                        f"Task/{task_id} was claimed by another replica moments ago"
+                    )
             key = (task_id, version)
             if key in self._working:
                 return  # the sweeps are on this claim now; they defer it again if they fail

@@ -126,14 +126,13 @@ class OutboxWorker:
         """Record a performed effect done; a send also steps its instance on, in one commit."""
         payload = entry.payload
         if entry.kind is not OutboxKind.SEND_TASK or entry.instance_id is None:
-            async with self.runtime.database.autocommit() as session:  # one UPDATE
-                await repo.mark_outbox_done(
-                    session,
-                    entry.idempotency_key,
-                    self.runtime.owner,
-                    result=result,
-                    now=self.runtime.clock(),
-                )
+            await repo.mark_outbox_done(  # one UPDATE, committed on its own
+                self.runtime.database,
+                entry.idempotency_key,
+                self.runtime.owner,
+                result=result,
+                now=self.runtime.clock(),
+            )
             return
 
         async def record_send(session: Session) -> None:

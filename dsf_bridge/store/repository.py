@@ -42,8 +42,8 @@ from sqlalchemy.sql.dml import Insert
 
 from dsf_bridge.engine import state as instance_state
 from dsf_bridge.errors import ConcurrencyError, StoreError, TaskAlreadyDeliveredError
-from dsf_bridge.store import batched_pg
-from dsf_bridge.store.database import on_conflict
+from dsf_bridge.store.database import Database, execute, on_conflict
+from dsf_bridge.store.direct import DirectResult, Prepared
 from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
 from dsf_bridge.store.tables import (
     Job,
@@ -129,7 +129,8 @@ _SAVE_INSTANCE = (
         ended_at=bindparam("ended_at"),
     )
 )
-_SAVE_CREATED_INSTANCE = _SAVE_INSTANCE.execution_options(**{batched_pg.UNREAD: True})
+_SAVE_CREATED_INSTANCE = Prepared(_SAVE_INSTANCE, unread=True)
+_SAVE_READ_INSTANCE = Prepared(_SAVE_INSTANCE)
 # The columns a new instance is given, besides version 1.
 _INSTANCE_BINDS = (
     "id",
@@ -141,10 +142,10 @@ _INSTANCE_BINDS = (
     "created_at",
     "updated_at",
 )
-_CREATE_INSTANCE = insert(_INSTANCES).values(version=1, **_binds(*_INSTANCE_BINDS))
+_CREATE_INSTANCE = Prepared(insert(_INSTANCES).values(version=1, **_binds(*_INSTANCE_BINDS)))
 # The same row, unless a running instance of the definition has the business key (as its own
 # or as DSF's alternative business key): the check and the insert in one statement.
-_CREATE_INSTANCE_UNLESS_RUNNING = (
+_CREATE_INSTANCE_UNLESS_RUNNING = Prepared(
     insert(_INSTANCES)
     .from_select(
         ["version", *_INSTANCE_BINDS],
@@ -208,11 +209,12 @@ _TASKS_OF_INSTANCE = (
     .order_by("first_seen", _SEEN.c.task_id)
 )
 # Without ON CONFLICT: for a key that cannot exist yet (enqueue_new_outbox).
-_QUEUE_OUTBOX = (
+_QUEUE_OUTBOX = Prepared(
     insert(_OUTBOX)
     .inline()  # no RETURNING of the new id: nothing reads it
     .values(
         status="pending",
+        failures=0,
         **_binds(
             "idempotency_key",
             "instance_id",
@@ -226,7 +228,7 @@ _QUEUE_OUTBOX = (
         ),
     )
 )
-_OUTBOX_DONE = (
+_OUTBOX_DONE = Prepared(
     update(_OUTBOX)
     .where(_OUTBOX.c.idempotency_key == bindparam("b_key"))
     .where(_OUTBOX.c.lease_owner == bindparam("b_owner"))
@@ -400,7 +402,7 @@ async def create_instance(
         "updated_at": now,
     }
     if not unless_running:
-        await session.execute(_CREATE_INSTANCE, values)
+        await execute(session, _CREATE_INSTANCE, values)
     else:
         if session.get_bind().dialect.name == "postgresql":
             # At READ COMMITTED two starts with the key at once would both find none running
@@ -409,7 +411,7 @@ async def create_instance(
             await session.execute(
                 _LOCK_BUSINESS_KEY, {"definition_id": definition_id, "business_key": business_key}
             )
-        if (await session.execute(_CREATE_INSTANCE_UNLESS_RUNNING, values)).first() is None:
+        if (await execute(session, _CREATE_INSTANCE_UNLESS_RUNNING, values)).first() is None:
             raise InstanceRunningError(business_key)
     return InstanceRecord(instance_id, definition_id, business_key, status, state, 1)
 
@@ -487,8 +489,9 @@ async def save_instance(
     checked, and on PostgreSQL the write waits for the transaction's next read or its commit
     (:mod:`dsf_bridge.store.batched_pg`) instead of a round trip of its own.
     """
-    result = await session.execute(
-        _SAVE_CREATED_INSTANCE if created_here else _SAVE_INSTANCE,
+    result = await execute(
+        session,
+        _SAVE_CREATED_INSTANCE if created_here else _SAVE_READ_INSTANCE,
         {
             "b_id": record.id,
             "b_version": record.version,
@@ -500,7 +503,7 @@ async def save_instance(
             "ended_at": now if ended else None,
         },
     )
-    if not created_here and result.rowcount != 1:  # type: ignore[attr-defined]
+    if not created_here and result.rowcount != 1:
         raise ConcurrencyError(
             f"instance {record.id} changed since version {record.version} was read"
         )
@@ -980,8 +983,25 @@ async def retry_job(
 # --- Tasks seen ---------------------------------------------------------------------------
 
 
+_RECORD_TASK_SEEN = Prepared(
+    lambda dialect: (
+        _insert_ignoring_duplicates_in(dialect, _SEEN)
+        .values(**_binds("task_id", "task_version", "role", "status", "instance_id", "seen_at"))
+        .returning(_SEEN.c.task_id)
+    )
+)
+
+
+async def _run(store: AsyncSession | Database, prepared: Prepared, values: Any) -> DirectResult:
+    """``prepared`` in the session's transaction, or alone on the database (committed on its
+    own: :meth:`Database.run`)."""
+    if isinstance(store, Database):
+        return await store.run(prepared, values)
+    return await execute(store, prepared, values)
+
+
 async def record_task_seen(
-    session: AsyncSession,
+    store: AsyncSession | Database,
     *,
     task_id: str,
     task_version: str,
@@ -989,18 +1009,11 @@ async def record_task_seen(
     status: TaskSeenStatus,
     instance_id: str | None = None,
 ) -> bool:
-    """Remember a Task version; ``False`` when it was seen before (intake is idempotent)."""
-    statement = _for_dialect(
-        session,
-        "seen.insert",
-        lambda dialect: (
-            _insert_ignoring_duplicates_in(dialect, _SEEN)
-            .values(**_binds("task_id", "task_version", "role", "status", "instance_id", "seen_at"))
-            .returning(_SEEN.c.task_id)
-        ),
-    )
-    result = await session.execute(
-        statement,
+    """Remember a Task version; ``False`` when it was seen before (intake is idempotent).
+    On a :class:`Database`: one statement, committed on its own."""
+    result = await _run(
+        store,
+        _RECORD_TASK_SEEN,
         {
             "task_id": task_id,
             "task_version": task_version,
@@ -1010,13 +1023,14 @@ async def record_task_seen(
             "seen_at": dt.datetime.now(dt.UTC),
         },
     )
-    # RETURNING, not rowcount: ORM-enabled inserts do not report rowcount on every driver.
     return result.first() is not None
 
 
 # The version taken in: a plain insert, which a row of that version already there refuses.
-_TAKE_IN = insert(_SEEN).values(
-    **_binds("task_id", "task_version", "role", "status", "instance_id", "seen_at")
+_TAKE_IN = Prepared(
+    insert(_SEEN).values(
+        **_binds("task_id", "task_version", "role", "status", "instance_id", "seen_at")
+    )
 )
 
 
@@ -1029,6 +1043,9 @@ def _mark_taken_in(dialect: str) -> Any:
         index_elements=[_SEEN.c.task_id, _SEEN.c.task_version, _SEEN.c.role],
         set_={"status": statement.excluded.status, "instance_id": statement.excluded.instance_id},
     )
+
+
+_MARK_TAKEN_IN = Prepared(_mark_taken_in)
 
 
 async def take_in_task(
@@ -1067,11 +1084,14 @@ async def take_in_task(
         return
     on_conflict(session, _SEEN.name, delivered)
     row = {"task_id": task_id, "role": "incoming", "instance_id": instance_id, "seen_at": now}
-    await session.execute(
-        _TAKE_IN, {**row, "task_version": task_version, "status": TaskSeenStatus.IN_PROGRESS}
+    await execute(
+        session,
+        _TAKE_IN,
+        {**row, "task_version": task_version, "status": TaskSeenStatus.IN_PROGRESS},
     )
-    await session.execute(
-        _for_dialect(session, "seen.taken_in", _mark_taken_in),
+    await execute(
+        session,
+        _MARK_TAKEN_IN,
         {**row, "task_version": claimed_version, "status": TaskSeenStatus.TAKEN_IN},
     )
 
@@ -1237,7 +1257,8 @@ async def enqueue_new_outbox(
     before (the instance's own): nothing is read back, so on PostgreSQL the insert waits for
     the transaction's next read or its commit (:mod:`dsf_bridge.store.batched_pg`). A key
     that exists after all fails the transaction (no effect is queued twice)."""
-    await session.execute(
+    await execute(
+        session,
         _QUEUE_OUTBOX,
         _outbox_row(
             idempotency_key=idempotency_key,
@@ -1299,11 +1320,17 @@ async def _release(session: AsyncSession, key: str, owner: str, **changes: objec
 
 
 async def mark_outbox_done(
-    session: AsyncSession, key: str, owner: str, *, result: str | None, now: dt.datetime
+    store: AsyncSession | Database,
+    key: str,
+    owner: str,
+    *,
+    result: str | None,
+    now: dt.datetime,
 ) -> None:
-    """Record the effect with idempotency key ``key`` done, if ``owner`` still leases it."""
-    released = await session.execute(
-        _OUTBOX_DONE, {"b_key": key, "b_owner": owner, "result": result, "done_at": now}
+    """Record the effect with idempotency key ``key`` done, if ``owner`` still leases it.
+    On a :class:`Database`: one statement, committed on its own."""
+    released = await _run(
+        store, _OUTBOX_DONE, {"b_key": key, "b_owner": owner, "result": result, "done_at": now}
     )
     if released.first() is None:
         raise ConcurrencyError(f"outbox entry {key} is no longer leased to {owner}")

@@ -1,0 +1,206 @@
+"""The hot path's statements run straight on the driver's connection.
+
+Through a session, SQLAlchemy spends about 0.1 ms of CPU on one prebuilt Core statement before
+the driver sees it (the session's bookkeeping, the statement's cache key, an execution context,
+a result object), and a statement alone through :meth:`Database.autocommit` about 0.4 ms more
+(a connection, a session and its transaction made and ended for it). A Task's intake, start and
+completion run a handful of such statements each, at every Task.
+
+A :class:`Prepared` statement is compiled once per dialect; its values are bound by SQLAlchemy's
+own type processors, in SQLAlchemy's own order, so that what reaches the driver is what
+``session.execute`` would have sent. :func:`execute` runs it in a
+:meth:`~dsf_bridge.store.database.Database.transaction`, on that transaction's connection (on
+PostgreSQL a write nobody reads is held with the others, :mod:`dsf_bridge.store.batched_pg`);
+:meth:`~dsf_bridge.store.database.Database.run` runs it alone, committed on its own. Elsewhere
+(a session of another kind) :func:`execute` hands the statement to the session.
+
+Errors are SQLAlchemy's (``IntegrityError``, ``OperationalError``, ...), raised from the
+driver's, so that the store's mapping to :class:`~dsf_bridge.errors.StoreError` and
+:func:`~dsf_bridge.store.database.on_conflict` apply unchanged.
+
+What a prepared statement may not have, refused when it is first compiled: values SQLAlchemy
+computes at execution (Python-side column defaults: give every column), the new row's key
+returned unasked (build an ``INSERT`` with ``.inline()``), expanding ``IN`` parameters, and
+returned columns whose type converts the driver's value (SQLite's JSON, say; psycopg converts
+PostgreSQL's itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from psycopg.pq import ExecStatus
+from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql import Executable
+from sqlalchemy.sql.compiler import SQLCompiler
+
+from dsf_bridge.store import batched_pg
+
+__all__ = ["DirectResult", "Prepared", "bind", "run_on"]
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResult:
+    """What a statement answered: its returned rows (none without ``RETURNING``) and the
+    number of rows it changed (-1 for a write held for later, which nobody reads)."""
+
+    rows: list[tuple[Any, ...]]
+    rowcount: int
+
+    def first(self) -> tuple[Any, ...] | None:
+        return self.rows[0] if self.rows else None
+
+    def scalar(self) -> Any:
+        return self.rows[0][0] if self.rows else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    compiled: SQLCompiler
+    sql: str
+    processors: Mapping[str, Callable[[Any], Any]]
+    positions: Sequence[str] | None  # the bind names in order, for a positional driver
+    escaped: Mapping[str, str]  # bind names the driver sees spelt otherwise
+    returns: bool
+    unread: bool  # a write whose answer nobody reads: held in a PostgreSQL transaction
+
+
+class Prepared:
+    """A Core statement (or one per dialect: ``build(dialect_name)``) for :func:`execute` and
+    :meth:`~dsf_bridge.store.database.Database.run`. An ``UPDATE`` or ``DELETE`` whose row
+    count nobody reads says so with ``unread`` (an ``INSERT`` without ``RETURNING`` is
+    unread anyway)."""
+
+    __slots__ = ("_build", "_by_dialect", "statement_unread")
+
+    def __init__(
+        self, statement: Executable | Callable[[str], Executable], *, unread: bool = False
+    ) -> None:
+        self._build: Callable[[str], Executable] = (
+            statement if callable(statement) else (lambda _name: statement)
+        )
+        self.statement_unread = unread
+        self._by_dialect: dict[str, _Compiled] = {}
+
+    def statement(self, dialect: str) -> Executable:
+        """The Core statement for ``dialect`` (a name such as ``postgresql``)."""
+        return self._build(dialect)
+
+    def compiled(self, dialect: Dialect) -> _Compiled:
+        found = self._by_dialect.get(dialect.name)
+        if found is None:
+            found = self._by_dialect[dialect.name] = self._compile(dialect)
+        return found
+
+    def _compile(self, dialect: Dialect) -> _Compiled:
+        statement: Any = self.statement(dialect.name)
+        compiled = statement.compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler)  # noqa: S101 - a Core statement compiles so
+        if compiled.insert_prefetch or compiled.update_prefetch:
+            names = [
+                column.name for column in (*compiled.insert_prefetch, *compiled.update_prefetch)
+            ]
+            raise TypeError(f"a prepared statement must give every column; defaults for {names}")
+        if compiled.implicit_returning:
+            # SQLAlchemy's own RETURNING of the new key, which nobody here reads: it would turn
+            # a write into a read (on PostgreSQL a round trip of its own).
+            raise TypeError("a prepared INSERT returns nothing unasked: build it with .inline()")
+        if compiled.literal_execute_params or compiled.post_compile_params:
+            raise TypeError("a prepared statement cannot expand parameters")
+        for column in compiled._result_columns:
+            if column.type._cached_result_processor(dialect, None) is not None:
+                raise TypeError(
+                    f"a prepared statement cannot return {column.name}: its type converts"
+                )
+        returns = bool(compiled._result_columns)
+        unread = not returns and (
+            bool(compiled.isinsert)
+            or self.statement_unread
+            or bool(statement.get_execution_options().get(batched_pg.UNREAD))
+        )
+        return _Compiled(
+            compiled=compiled,
+            sql=compiled.string,
+            processors=cast("dict[str, Callable[[Any], Any]]", dict(compiled._bind_processors)),
+            positions=tuple(compiled.positiontup or ()) if compiled.positional else None,
+            escaped=dict(compiled.escaped_bind_names or {}),
+            returns=returns,
+            unread=unread,
+        )
+
+
+def bind(compiled: _Compiled, values: Mapping[str, Any]) -> Any:
+    """``values`` as the driver takes them: as SQLAlchemy's execution context binds them."""
+    params = compiled.compiled.construct_params(dict(values), escape_names=False)
+    processors = compiled.processors
+    if compiled.positions is not None:
+        return tuple(
+            processors[name](params[name]) if name in processors else params[name]
+            for name in compiled.positions
+        )
+    escaped = compiled.escaped
+    return {
+        escaped.get(name, name): (processors[name](value) if name in processors else value)
+        for name, value in params.items()
+    }
+
+
+async def run_on(
+    dbapi_connection: Any,
+    engine: Engine,
+    prepared: Prepared,
+    values: Mapping[str, Any],
+    *,
+    in_transaction: bool,
+) -> DirectResult:
+    """Run ``prepared`` with ``values`` on a pooled DBAPI connection of ``engine``
+    (SQLAlchemy's adapted one: :class:`~dsf_bridge.store.batched_pg.BatchedConnection` or
+    :class:`~dsf_bridge.store.inline_sqlite.InlineConnection`). ``in_transaction``: the
+    connection is in a transaction SQLAlchemy began, where a PostgreSQL write nobody reads is
+    held; otherwise the statement commits on its own. The engine's ``before_cursor_execute``
+    listeners see it as they see SQLAlchemy's own statements (without a connection, cursor
+    or context)."""
+    dialect = engine.dialect
+    compiled = prepared.compiled(dialect)
+    params = bind(compiled, values)
+    for listener in engine.dispatch.before_cursor_execute:
+        listener(None, None, compiled.sql, params, None, False)
+    try:
+        if dialect.name == "postgresql":
+            return await _run_postgresql(dbapi_connection, compiled, params, in_transaction)
+        cursor = dbapi_connection.driver_connection.execute(compiled.sql, params)
+        rows = cursor.fetchall() if compiled.returns else []
+        return DirectResult(rows, cursor.rowcount)
+    except dialect.loaded_dbapi.Error as error:
+        raise DBAPIError.instance(
+            compiled.sql,
+            params,
+            error,
+            dialect.loaded_dbapi.Error,
+            connection_invalidated=dialect.is_disconnect(error, dbapi_connection, None),
+            dialect=dialect,
+        ) from error
+
+
+async def _run_postgresql(
+    connection: batched_pg.BatchedConnection, compiled: _Compiled, params: Any, in_transaction: bool
+) -> DirectResult:
+    if in_transaction and compiled.unread and connection.in_transaction:
+        connection.hold(compiled.sql, params)
+        return DirectResult([], -1)
+    cursor = connection.driver_connection.cursor()
+    held = connection.take_held() if connection.in_transaction else []
+    if held:
+        await connection.send(held, cursor, compiled.sql, params)
+    else:
+        await cursor.execute(compiled.sql, params)
+    result = cursor.pgresult
+    rows = (
+        await cursor.fetchall()
+        if result is not None and result.status == ExecStatus.TUPLES_OK
+        else []
+    )
+    return DirectResult(rows, cursor.rowcount)
