@@ -135,6 +135,7 @@ class MessageDelivery:
                         unless_running=unless_running,
                         result=first,
                         inline=inline.call_of(0),
+                        then=[ran.result for ran in inline.steps],
                     )
                 ]
                 for position, ran in enumerate(inline.steps, start=1):
@@ -152,6 +153,7 @@ class MessageDelivery:
                                 reason=handler_reason(ran.call, ran.outcome),
                                 result=ran.result,
                                 inline=inline.call_of(position),
+                                row_written=True,
                             )
                         )
             return pending

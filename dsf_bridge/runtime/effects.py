@@ -272,9 +272,12 @@ class EffectWriter:
         *,
         fresh: bool = False,
         inline: InlineCall | None = None,
+        row_written: bool = False,
     ) -> StepRecord:
         """Write the new state and the effects' records, all in the caller's transaction;
-        ``inline``: the handler call of this step that the caller ran already."""
+        ``inline``: the handler call of this step that the caller ran already;
+        ``row_written``: the instance's row holds the new state already (inserted so by this
+        transaction), only the effects' records are written."""
         state = result.state
         status = instance_state.instance_status(state).label
         now = self.clock()
@@ -286,7 +289,16 @@ class EffectWriter:
             if fresh
             else instance_state.process_variables(record.state).get(ALTERNATIVE_BUSINESS_KEY)
         )
-        if not fresh:
+        if row_written:
+            record = repo.InstanceRecord(
+                record.id,
+                record.definition_id,
+                record.business_key,
+                status,
+                state,
+                record.version + 1,
+            )
+        elif not fresh:
             record = await repo.save_instance(
                 session,
                 record,

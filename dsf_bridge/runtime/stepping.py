@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -166,26 +166,35 @@ class InstanceStepper:
         unless_running: bool = False,
         result: Step | None = None,
         inline: InlineCall | None = None,
+        then: Sequence[Step] = (),
     ) -> StepRecord:
         """A new instance from its start event; ``before_audit`` writes what caused it (the
         Task taken in) before the audit event, and returns the records of the rows it wrote.
         ``unless_running``: :class:`~dsf_bridge.store.repository.InstanceRunningError` instead
         when a running instance of the process has the business key. ``result``: the engine's
         step of ``event``, when the caller took it already; ``inline``: its handler call that
-        the caller ran (:meth:`run_inline`)."""
+        the caller ran (:meth:`run_inline`). ``then``: the steps the caller writes next in
+        this transaction (with ``row_written``): the instance's row is inserted as it stands
+        after them, once, instead of inserted and then updated by each."""
         if result is None:
             result = engine_step_of(deployed.definition, None, event)
         self.effects.created(session, instance_id)
         status = instance_state.instance_status(result.state).label
-        record = await repo.create_instance(
+        row = then[-1].state if then else result.state
+        await repo.create_instance(
             session,
             instance_id=instance_id,
             definition_id=deployed.definition_id,
             business_key=business_key,
-            status=status,
-            state=result.state,
+            status=instance_state.instance_status(row).label,
+            state=row,
             now=event.now,
             unless_running=unless_running,
+            version=1 + len(then),
+        )
+        # The instance as its start left it, for the steps written after it.
+        record = repo.InstanceRecord(
+            instance_id, deployed.definition_id, business_key, status, result.state, 1
         )
         self.runtime.deployments.remember(instance_id, deployed.definition_id)
         digest = state_digest(result.state)
@@ -229,12 +238,14 @@ class InstanceStepper:
         job_id: int | None = None,
         result: Step | None = None,
         inline: InlineCall | None = None,
+        row_written: bool = False,
     ) -> StepRecord:
         """Step an existing instance by ``event``. A step the engine undid (a handler's
         technical error) is audited as ``failed_action`` with the error, when given.
         ``job_id``: the job leased to this runtime whose step this is, removed in the same
         transaction (:class:`ConcurrencyError` when its lease was lost). ``result`` and
-        ``inline`` as for :meth:`create`."""
+        ``inline`` as for :meth:`create`; ``row_written``: :meth:`create` wrote the
+        instance's row as it stands after this step already (its ``then``)."""
         with step_context(
             deployed,
             instance_id=record.id,
@@ -266,7 +277,9 @@ class InstanceStepper:
                 payload_digest=digest,
                 record=described,
             )
-            pending = await self.effects.write(session, deployed, record, result, inline=inline)
+            pending = await self.effects.write(
+                session, deployed, record, result, inline=inline, row_written=row_written
+            )
             owner = self.runtime.owner
             if pending.status != "running":
                 # Camunda deletes an ended execution's jobs: a sibling's handler or send that

@@ -29,7 +29,6 @@ from sqlalchemy import (
     exists,
     func,
     insert,
-    literal,
     or_,
     select,
     text,
@@ -131,7 +130,7 @@ _SAVE_INSTANCE = (
 )
 _SAVE_CREATED_INSTANCE = Prepared(_SAVE_INSTANCE, unread=True)
 _SAVE_READ_INSTANCE = Prepared(_SAVE_INSTANCE)
-# The columns a new instance is given, besides version 1.
+# The columns a new instance is given.
 _INSTANCE_BINDS = (
     "id",
     "definition_id",
@@ -139,18 +138,19 @@ _INSTANCE_BINDS = (
     "status",
     "state",
     "incidents",
+    "version",
     "created_at",
     "updated_at",
+    "ended_at",
 )
-_CREATE_INSTANCE = Prepared(insert(_INSTANCES).values(version=1, **_binds(*_INSTANCE_BINDS)))
+_CREATE_INSTANCE = Prepared(insert(_INSTANCES).values(**_binds(*_INSTANCE_BINDS)))
 # The same row, unless a running instance of the definition has the business key (as its own
 # or as DSF's alternative business key): the check and the insert in one statement.
 _CREATE_INSTANCE_UNLESS_RUNNING = Prepared(
     insert(_INSTANCES)
     .from_select(
-        ["version", *_INSTANCE_BINDS],
+        list(_INSTANCE_BINDS),
         select(
-            literal(1),
             *(bindparam(name, type_=_INSTANCES.c[name].type) for name in _INSTANCE_BINDS),
         ).where(~_running_with_key(bindparam("business_key"), bindparam("definition_id"))),
     )
@@ -386,11 +386,14 @@ async def create_instance(
     state: dict[str, Any],
     now: dt.datetime,
     unless_running: bool = False,
+    version: int = 1,
 ) -> InstanceRecord:
-    """Insert a new instance at version 1. ``unless_running``: raise
-    :class:`InstanceRunningError` instead, in the same statement, when a running instance of
-    the definition has the business key (on PostgreSQL after a transaction lock on the
-    definition and key, so that two such starts at once create one instance)."""
+    """Insert a new instance at ``version`` (1, or later when the caller's transaction also
+    writes the steps that follow its start: the row is then written once, as it stands after
+    them). ``unless_running``: raise :class:`InstanceRunningError` instead, in the same
+    statement, when a running instance of the definition has the business key (on PostgreSQL
+    after a transaction lock on the definition and key, so that two such starts at once create
+    one instance)."""
     values = {
         "id": instance_id,
         "definition_id": definition_id,
@@ -398,8 +401,10 @@ async def create_instance(
         "status": status,
         "state": state,
         "incidents": instance_state.incident_count(state),
+        "version": version,
         "created_at": now,
         "updated_at": now,
+        "ended_at": None if status == "running" else now,
     }
     if not unless_running:
         await execute(session, _CREATE_INSTANCE, values)
@@ -413,7 +418,7 @@ async def create_instance(
             )
         if (await execute(session, _CREATE_INSTANCE_UNLESS_RUNNING, values)).first() is None:
             raise InstanceRunningError(business_key)
-    return InstanceRecord(instance_id, definition_id, business_key, status, state, 1)
+    return InstanceRecord(instance_id, definition_id, business_key, status, state, version)
 
 
 _LOCK_BUSINESS_KEY = text(

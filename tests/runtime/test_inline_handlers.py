@@ -172,16 +172,22 @@ async def _actions(database: Database) -> list[str]:
         return list(rows)
 
 
-def _job_inserts(database: Database) -> list[str]:
-    """The statements that write a job, as the database receives them."""
+def _writes(database: Database, *starts: str) -> list[str]:
+    """The statements that begin with one of ``starts`` (upper case), as the database receives
+    them from now on."""
     written: list[str] = []
 
     def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.lstrip().upper().startswith("INSERT INTO JOBS"):
+        if statement.lstrip().upper().startswith(starts):
             written.append(statement)
 
     event.listen(database.engine.sync_engine, "before_cursor_execute", seen)
     return written
+
+
+def _job_inserts(database: Database) -> list[str]:
+    """The statements that write a job."""
+    return _writes(database, "INSERT INTO JOBS")
 
 
 async def test_handlers_done_within_the_budget_commit_with_the_start(database: Database) -> None:
@@ -191,10 +197,13 @@ async def test_handlers_done_within_the_budget_commit_with_the_start(database: D
     runtime = await _two_steps(database, runs, owner="inline")
     reached = _record(runtime)
     jobs = _job_inserts(database)
+    rows = _writes(database, "INSERT INTO PROCESS_INSTANCES", "UPDATE PROCESS_INSTANCES")
     stop, worker = await _running(runtime)
     await runtime.deliver(
         _TWO_KEY, message_name="start", business_key="bk-inline", task_id="t-1", task_version="2"
     )
+    # The instance's row written once, as the two handlers' steps left it.
+    assert [statement.split()[0] for statement in rows] == ["INSERT"]
     committed = [detail for point, detail in reached if point is FaultPoint.STEP_COMMITTED]
     ran = [detail for point, detail in reached if point is FaultPoint.HANDLER_RAN]
     # Both handlers ran before anything was committed; then the one transaction's steps.
@@ -217,6 +226,8 @@ async def test_handlers_done_within_the_budget_commit_with_the_start(database: D
     async with database.transaction() as session:
         (instance,) = await repo.all_instances(session)
         assert instance.version == 3  # one version per step, as if each had committed
+        row = await session.get(ProcessInstance, instance.id)
+        assert row is not None and row.status == "completed" and row.ended_at is not None
         seen = (await session.scalars(select(TaskSeen.instance_id))).all()
         assert seen == [instance.id]
         assert (await verify_chain(session)).ok
