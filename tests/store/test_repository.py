@@ -41,6 +41,36 @@ async def _instance(database: Database, instance_id: str = "i-1") -> repo.Instan
         )
 
 
+@pytest.mark.parametrize("unless_running", [False, True])
+async def test_an_instance_created_ended_is_written_with_its_end_and_version(
+    database: Database, unless_running: bool
+) -> None:
+    """A start whose steps in the same transaction ended the instance writes the row once, as
+    they left it: ended at the start's time, at the version after those steps."""
+    definition_id = await _definition(database)
+    async with database.transaction() as session:
+        record = await repo.create_instance(
+            session,
+            instance_id="i-ended",
+            definition_id=definition_id,
+            business_key="bk-ended",
+            status="completed",
+            state={"v": 1, "tokens": []},
+            now=T0,
+            unless_running=unless_running,
+            version=3,
+        )
+        assert record.version == 3
+    async with database.transaction() as session:
+        row = await session.get(ProcessInstance, "i-ended")
+    assert row is not None
+    assert (row.status, row.version, row.ended_at, row.created_at) == ("completed", 3, T0, T0)
+    running = await _instance(database)
+    async with database.transaction() as session:
+        row = await session.get(ProcessInstance, running.id)
+    assert row is not None and row.ended_at is None and row.version == 1
+
+
 async def test_redeploy_keeps_the_id_and_updates_the_hash(database: Database) -> None:
     first = await _definition(database)
     async with database.transaction() as session:
