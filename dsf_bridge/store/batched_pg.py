@@ -14,9 +14,7 @@ at once. It is held, with the transaction's ``BEGIN``, until the next statement 
 read, or the commit; those go to the server together in psycopg's pipeline mode (one write to
 the socket, one wait for the answers), each with its parameters bound by the server as before,
 so that an error the server logs never shows a value. A step with no read in it is one round
-trip; its writes then go without ``BEGIN`` and ``COMMIT``, as the implicit transaction that
-PostgreSQL makes of a pipeline's statements up to its Sync (one fails, none is written); a
-transaction that ran no statement sends nothing at all.
+trip, ``COMMIT`` included; a transaction that ran no statement sends nothing at all.
 
 What it trades:
 - An error in a held write (a constraint) is raised by the statement or the commit that sends
@@ -64,10 +62,6 @@ UNREAD = "unread_rowcount"
 
 # A statement held for later: its SQL and its parameters, as the cursor was given them.
 Held = tuple[str, Any]
-# The transactions (as begun) whose writes, when nothing was sent before the commit, go as an
-# implicit transaction, at the server's default level: READ COMMITTED, which PostgreSQL
-# applies unless its administrator changed default_transaction_isolation.
-_IMPLICIT = frozenset({"BEGIN", "BEGIN ISOLATION LEVEL READ COMMITTED"})
 
 
 class _PipelineAbortedNoise(logging.Filter):
@@ -212,12 +206,6 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
                 if cursor is not None:
                     await cursor.execute(operation, parameters)
         except psycopg.Error as error:
-            if self._server_idle():
-                # An implicit transaction (see commit) the error rolled back: no ROLLBACK, so
-                # nothing makes psycopg forget the statements it counts as prepared in this
-                # pipeline, which the server skipped once the error aborted the pipeline (the
-                # next statement deallocates them all; psycopg prepares again).
-                connection._prepared.clear()
             statements = "; ".join(" ".join(statement.split())[:200] for statement, _ in held)
             error.add_note(f"sent together with the statements held before it: {statements}")
             raise
@@ -241,12 +229,7 @@ class BatchedConnection(AsyncAdapt_psycopg_connection):
                     "the transaction failed at an earlier statement; it cannot commit"
                 )
             )
-        if held and held[0] == (self._begin, None) and self._begin in _IMPLICIT:
-            # The whole transaction is these writes, none sent yet: one pipeline of them alone
-            # is one implicit transaction, committed by the pipeline's Sync (a failing one
-            # rolls back the others), so neither BEGIN nor COMMIT is sent.
-            self._run(self.send(held[1:]))
-        elif held:
+        if held:
             self._run(self.send([*held, ("COMMIT", None)]))
         elif not self._server_idle():
             self._run(self._psycopg.execute("COMMIT", prepare=False))
