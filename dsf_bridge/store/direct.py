@@ -15,10 +15,16 @@ PostgreSQL a write nobody reads is held with the others, :mod:`dsf_bridge.store.
 (a session of another kind) :func:`execute` hands the statement to the session.
 
 Errors are SQLAlchemy's (``IntegrityError``, ``OperationalError``, ...), raised from the
-driver's, so that the store's mapping to :class:`~dsf_bridge.errors.StoreError` and
-:func:`~dsf_bridge.store.database.on_conflict` apply unchanged.
+driver's, and a value a column's type refuses is a ``StatementError`` as through a session, so
+that the store's mapping to :class:`~dsf_bridge.errors.StoreError` and
+:func:`~dsf_bridge.store.database.on_conflict` apply unchanged. The engine's
+``before_cursor_execute`` listeners see each statement (without a connection, cursor or
+context, and what they return is not used); ``after_cursor_execute`` and the engine's ``echo``
+do not.
 
-What a prepared statement may not have, refused when it is first compiled: values SQLAlchemy
+Values for parameters the statement does not have are refused (a session would add a column
+to an ``INSERT`` for them). What a prepared statement may not have, refused when it is first
+compiled: values SQLAlchemy
 computes at execution (Python-side column defaults: give every column), the new row's key
 returned unasked (build an ``INSERT`` with ``.inline()``), expanding ``IN`` parameters, and
 returned columns whose type converts the driver's value (SQLite's JSON, say; psycopg converts
@@ -33,7 +39,7 @@ from typing import Any, cast
 
 from psycopg.pq import ExecStatus
 from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -64,6 +70,7 @@ class _Compiled:
     processors: Mapping[str, Callable[[Any], Any]]
     positions: Sequence[str] | None  # the bind names in order, for a positional driver
     escaped: Mapping[str, str]  # bind names the driver sees spelt otherwise
+    names: frozenset[str]  # the bind names
     returns: bool
     unread: bool  # a write whose answer nobody reads: held in a PostgreSQL transaction
 
@@ -71,28 +78,27 @@ class _Compiled:
 class Prepared:
     """A Core statement (or one per dialect: ``build(dialect_name)``) for :func:`execute` and
     :meth:`~dsf_bridge.store.database.Database.run`. An ``UPDATE`` or ``DELETE`` whose row
-    count nobody reads says so with ``unread`` (an ``INSERT`` without ``RETURNING`` is
-    unread anyway)."""
+    count nobody reads says so with the execution option
+    :data:`~dsf_bridge.store.batched_pg.UNREAD`, as for a session (an ``INSERT`` without
+    ``RETURNING`` is unread anyway)."""
 
-    __slots__ = ("_build", "_by_dialect", "statement_unread")
+    __slots__ = ("_build", "_by_dialect")
 
-    def __init__(
-        self, statement: Executable | Callable[[str], Executable], *, unread: bool = False
-    ) -> None:
+    def __init__(self, statement: Executable | Callable[[str], Executable]) -> None:
         self._build: Callable[[str], Executable] = (
             statement if callable(statement) else (lambda _name: statement)
         )
-        self.statement_unread = unread
-        self._by_dialect: dict[str, _Compiled] = {}
+        self._by_dialect: dict[tuple[type[Dialect], Any], _Compiled] = {}
 
     def statement(self, dialect: str) -> Executable:
         """The Core statement for ``dialect`` (a name such as ``postgresql``)."""
         return self._build(dialect)
 
     def compiled(self, dialect: Dialect) -> _Compiled:
-        found = self._by_dialect.get(dialect.name)
+        key = (type(dialect), dialect.server_version_info)
+        found = self._by_dialect.get(key)
         if found is None:
-            found = self._by_dialect[dialect.name] = self._compile(dialect)
+            found = self._by_dialect[key] = self._compile(dialect)
         return found
 
     def _compile(self, dialect: Dialect) -> _Compiled:
@@ -118,7 +124,6 @@ class Prepared:
         returns = bool(compiled._result_columns)
         unread = not returns and (
             bool(compiled.isinsert)
-            or self.statement_unread
             or bool(statement.get_execution_options().get(batched_pg.UNREAD))
         )
         return _Compiled(
@@ -127,6 +132,7 @@ class Prepared:
             processors=cast("dict[str, Callable[[Any], Any]]", dict(compiled._bind_processors)),
             positions=tuple(compiled.positiontup or ()) if compiled.positional else None,
             escaped=dict(compiled.escaped_bind_names or {}),
+            names=frozenset(compiled.binds),
             returns=returns,
             unread=unread,
         )
@@ -165,7 +171,13 @@ async def run_on(
     or context)."""
     dialect = engine.dialect
     compiled = prepared.compiled(dialect)
-    params = bind(compiled, values)
+    unknown = values.keys() - compiled.names
+    if unknown:  # the caller's values do not fit the statement: a bug, not a store error
+        raise TypeError(f"the statement has no parameters {sorted(unknown)}: {compiled.sql}")
+    try:
+        params = bind(compiled, values)
+    except Exception as error:  # a value a column's type refuses, as a session reports it
+        raise StatementError(str(error), compiled.sql, values, error) from error
     for listener in engine.dispatch.before_cursor_execute:
         listener(None, None, compiled.sql, params, None, False)
     try:

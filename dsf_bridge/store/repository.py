@@ -41,6 +41,7 @@ from sqlalchemy.sql.dml import Insert
 
 from dsf_bridge.engine import state as instance_state
 from dsf_bridge.errors import ConcurrencyError, StoreError, TaskAlreadyDeliveredError
+from dsf_bridge.store import batched_pg
 from dsf_bridge.store.database import Database, execute, on_conflict
 from dsf_bridge.store.direct import DirectResult, Prepared
 from dsf_bridge.store.kinds import JobKind, OutboxKind, TaskSeenStatus
@@ -128,7 +129,7 @@ _SAVE_INSTANCE = (
         ended_at=bindparam("ended_at"),
     )
 )
-_SAVE_CREATED_INSTANCE = Prepared(_SAVE_INSTANCE, unread=True)
+_SAVE_CREATED_INSTANCE = Prepared(_SAVE_INSTANCE.execution_options(**{batched_pg.UNREAD: True}))
 _SAVE_READ_INSTANCE = Prepared(_SAVE_INSTANCE)
 # The columns a new instance is given.
 _INSTANCE_BINDS = (

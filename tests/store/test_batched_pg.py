@@ -157,6 +157,34 @@ async def test_a_held_write_that_fails_fails_what_sends_it_and_nothing_is_writte
     assert set(await _payloads(postgres_database)) == {"taken", "after"}
 
 
+@pytest.mark.parametrize("bad", ["a NUL \x00 in a key", {"a set": {1, 2}}], ids=["nul", "json"])
+async def test_a_held_write_that_psycopg_refuses_before_sending_writes_nothing(
+    postgres_database: Database, bad: Any
+) -> None:
+    """A value psycopg cannot send (it fails on this side, while the pipeline is queued) fails
+    the transaction, and the writes queued before it are not committed: the pipeline's Sync
+    must not commit them (an implicit transaction would, without BEGIN)."""
+
+    async def failing() -> None:
+        async with postgres_database.transaction() as session:
+            await _queue(session, "first")
+            if isinstance(bad, str):
+                await _queue(session, bad)
+            else:
+                await repo.enqueue_new_outbox(
+                    session,
+                    idempotency_key="second",
+                    kind=OutboxKind.SEND_TASK,
+                    payload=bad,
+                    instance_id=None,
+                    now=T0,
+                )
+
+    with pytest.raises((StoreError, TypeError)):
+        await failing()
+    assert await _payloads(postgres_database) == {}
+
+
 async def test_rows_given_together_are_one_insert_of_several_values(
     postgres_database: Database, sent: list[str]
 ) -> None:

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Table, bindparam, insert, select, text, update
 
 from dsf_bridge.errors import StoreError, TaskAlreadyDeliveredError
-from dsf_bridge.store import Database
+from dsf_bridge.store import Database, batched_pg
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.database import execute, on_conflict
 from dsf_bridge.store.direct import Prepared
@@ -218,3 +218,54 @@ async def test_a_connection_the_server_ended_is_not_used_again(
     assert all(failure.retryable for failure in failures)
     assert pid not in backends
     assert (await postgres_database.run(probe, {})).scalar() != pid
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [{"status": "misspelt"}, {"seen_at": dt.datetime(2026, 12, 1, 9, 30)}],
+    ids=["kind", "naive-time"],
+)
+async def test_a_value_a_columns_type_refuses_is_a_store_error_as_through_a_session(
+    database: Database, refused: dict[str, Any]
+) -> None:
+    row = {
+        "task_id": "t-1",
+        "task_version": "1",
+        "role": "incoming",
+        "status": TaskSeenStatus.IN_PROGRESS,
+        "instance_id": None,
+        "seen_at": T0,
+        **refused,
+    }
+
+    async def through(direct: bool) -> None:
+        async with database.transaction() as session:
+            if direct:
+                await execute(session, Prepared(_SEEN_ROW), row)
+            else:
+                await session.execute(_SEEN_ROW, row)
+
+    for direct in (False, True):
+        with pytest.raises(StoreError) as raised:
+            await through(direct)
+        assert not raised.value.retryable
+    with pytest.raises(StoreError) as alone:
+        await database.run(Prepared(_SEEN_ROW), row)
+    assert not alone.value.retryable
+
+
+async def test_values_for_parameters_the_statement_lacks_are_refused(database: Database) -> None:
+    """A session would add a column to the INSERT for such a key; a prepared statement is
+    compiled once, so the value would be lost: refused instead."""
+    with pytest.raises(TypeError, match=r"no parameters \['lease_owner_typo'\]"):
+        await database.run(Prepared(_QUEUE), {**_entry("k"), "lease_owner_typo": "x"})
+    async with database.transaction() as session:
+        assert (await session.execute(select(OutboxEntry.idempotency_key))).all() == []
+
+
+def test_an_update_nobody_reads_says_so_as_for_a_session(database: Database) -> None:
+    dialect = database.engine.dialect
+    bump = update(_SEEN).where(_SEEN.c.task_id == bindparam("b_task")).values(status="failed")
+    assert Prepared(bump.execution_options(**{batched_pg.UNREAD: True})).compiled(dialect).unread
+    assert not Prepared(bump).compiled(dialect).unread
+    assert Prepared(_SEEN_ROW).compiled(dialect).unread  # an INSERT without RETURNING
