@@ -65,6 +65,18 @@ def _entry(key: str) -> dict[str, Any]:
     }
 
 
+def _seen() -> dict[str, Any]:
+    """Task t-1's version 1, in progress."""
+    return {
+        "task_id": "t-1",
+        "task_version": "1",
+        "role": "incoming",
+        "status": TaskSeenStatus.IN_PROGRESS,
+        "instance_id": None,
+        "seen_at": T0,
+    }
+
+
 async def _stored(database: Database, key: str) -> dict[str, Any]:
     """The row as the database holds it: every column but the key as text, not as a type
     reads it."""
@@ -128,14 +140,7 @@ async def test_a_statement_run_on_the_database_commits_on_its_own(database: Data
 
 
 async def test_a_duplicate_key_is_the_stores_error_and_on_conflicts(database: Database) -> None:
-    row = {
-        "task_id": "t-1",
-        "task_version": "1",
-        "role": "incoming",
-        "status": TaskSeenStatus.IN_PROGRESS,
-        "instance_id": None,
-        "seen_at": T0,
-    }
+    row = _seen()
     prepared = Prepared(_SEEN_ROW)
     await database.run(prepared, row)
     with pytest.raises(StoreError, match=r"(?i)unique|duplicate"):
@@ -228,15 +233,7 @@ async def test_a_connection_the_server_ended_is_not_used_again(
 async def test_a_value_a_columns_type_refuses_is_a_store_error_as_through_a_session(
     database: Database, refused: dict[str, Any]
 ) -> None:
-    row = {
-        "task_id": "t-1",
-        "task_version": "1",
-        "role": "incoming",
-        "status": TaskSeenStatus.IN_PROGRESS,
-        "instance_id": None,
-        "seen_at": T0,
-        **refused,
-    }
+    row = {**_seen(), **refused}
 
     async def through(direct: bool) -> None:
         async with database.transaction() as session:
