@@ -50,6 +50,7 @@ from dsf_bridge.engine.state import incident_count
 from dsf_bridge.errors import StoreError
 from dsf_bridge.logs import without_uids
 from dsf_bridge.store.database import at_commit
+from dsf_bridge.store.direct import Prepared
 from dsf_bridge.store.tables import (
     AuditEvent,
     AuditHead,
@@ -241,19 +242,23 @@ async def append_event(
     )
 
 
-_INSERT = insert(cast(Table, AuditEvent.__table__)).values(
-    {
-        name: bindparam(name)
-        for name in (
-            "occurred_at",
-            "actor",
-            "subject",
-            "action",
-            "reason",
-            "payload_digest",
-            "record",
-        )
-    }
+_INSERT = Prepared(
+    insert(cast(Table, AuditEvent.__table__))
+    .inline()  # the new ids are not read back
+    .values(
+        {
+            name: bindparam(name)
+            for name in (
+                "occurred_at",
+                "actor",
+                "subject",
+                "action",
+                "reason",
+                "payload_digest",
+                "record",
+            )
+        }
+    )
 )
 
 

@@ -218,15 +218,16 @@ def _store_errors() -> Iterator[None]:
 _AT_COMMIT = "dsf_bridge.at_commit"
 
 
-async def at_commit(session: AsyncSession, statement: Any, row: dict[str, Any]) -> None:
-    """Execute ``statement`` with ``row`` in the session's transaction: in a
+async def at_commit(session: AsyncSession, statement: Prepared, row: dict[str, Any]) -> None:
+    """Execute the ``INSERT`` ``statement`` with ``row`` in the session's transaction: in a
     :meth:`Database.transaction`, at its end, with every other row given for that statement in
-    one execution (one round trip to PostgreSQL for all of them, in the order given; several
-    statements in the order of their first rows); anywhere else at once. For writes that
-    nothing in the transaction reads back (the audit trail's appends)."""
+    one statement of several ``VALUES`` (on PostgreSQL held with the transaction's other
+    writes; in the order given; several statements in the order of their first rows);
+    anywhere else at once. For writes that nothing in the transaction reads back (the audit
+    trail's appends)."""
     writes = session.info.get(_AT_COMMIT)
     if writes is None:
-        await session.execute(statement, row)
+        await execute(session, statement, row)
     else:
         writes.setdefault(statement, []).append(row)
 
@@ -247,15 +248,21 @@ async def execute(
         )
         rows = [tuple(row) for row in result] if result.returns_rows else []
         return DirectResult(rows, result.rowcount)
+    connection, engine = await _direct(session)
+    return await direct.run_on(connection, engine, prepared, values, in_transaction=True)
+
+
+async def _direct(session: AsyncSession) -> tuple[Any, Engine]:
+    """The DBAPI connection of a :meth:`Database.transaction`'s session, and its engine."""
     connection = session.info[_DIRECT]
     if connection is None:
         # SQLAlchemy begins the transaction on it (SQLite: BEGIN IMMEDIATE; PostgreSQL: a
         # BEGIN held for the first statement sent).
         proxied = await (await session.connection()).get_raw_connection()
         connection = session.info[_DIRECT] = proxied.dbapi_connection
-    bind = session.get_bind()
-    assert isinstance(bind, Engine)  # noqa: S101 - a Database's sessions are bound to its engine
-    return await direct.run_on(connection, bind, prepared, values, in_transaction=True)
+    engine = session.get_bind()
+    assert isinstance(engine, Engine)  # noqa: S101 - a Database's sessions are bound to it
+    return connection, engine
 
 
 _CONFLICTS = "dsf_bridge.conflicts"
@@ -353,14 +360,18 @@ class Database:
         conflicts: dict[str, BridgeError] = {}
         with _store_errors(), _conflicts_as(conflicts):
             async with self._writing(), self._sessions() as session, session.begin():
-                writes: dict[Any, list[dict[str, Any]]] = {}
+                writes: dict[Prepared, list[dict[str, Any]]] = {}
                 session.info[_AT_COMMIT] = writes
                 session.info[_CONFLICTS] = conflicts
                 session.info[_DIRECT] = None
                 try:
                     yield session
                     for statement, rows in writes.items():
-                        await session.execute(statement, rows[0] if len(rows) == 1 else rows)
+                        if len(rows) == 1:
+                            await execute(session, statement, rows[0])
+                        else:
+                            connection, engine = await _direct(session)
+                            await direct.run_many_on(connection, engine, statement, rows)
                 finally:
                     del session.info[_AT_COMMIT]
                     del session.info[_CONFLICTS]

@@ -33,6 +33,7 @@ PostgreSQL's itself).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -45,7 +46,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from dsf_bridge.store import batched_pg
 
-__all__ = ["DirectResult", "Prepared", "bind", "run_on"]
+__all__ = ["DirectResult", "Prepared", "bind", "run_many_on", "run_on"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +83,14 @@ class Prepared:
     :data:`~dsf_bridge.store.batched_pg.UNREAD`, as for a session (an ``INSERT`` without
     ``RETURNING`` is unread anyway)."""
 
-    __slots__ = ("_build", "_by_dialect")
+    __slots__ = ("_build", "_by_dialect", "_many")
 
     def __init__(self, statement: Executable | Callable[[str], Executable]) -> None:
         self._build: Callable[[str], Executable] = (
             statement if callable(statement) else (lambda _name: statement)
         )
         self._by_dialect: dict[tuple[type[Dialect], Any], _Compiled] = {}
+        self._many: dict[tuple[int, int], str] = {}  # (id of a compiled form, rows): its SQL
 
     def statement(self, dialect: str) -> Executable:
         """The Core statement for ``dialect`` (a name such as ``postgresql``)."""
@@ -171,13 +173,7 @@ async def run_on(
     or context)."""
     dialect = engine.dialect
     compiled = prepared.compiled(dialect)
-    unknown = values.keys() - compiled.names
-    if unknown:  # the caller's values do not fit the statement: a bug, not a store error
-        raise TypeError(f"the statement has no parameters {sorted(unknown)}: {compiled.sql}")
-    try:
-        params = bind(compiled, values)
-    except Exception as error:  # a value a column's type refuses, as a session reports it
-        raise StatementError(str(error), compiled.sql, values, error) from error
+    params = _bound(compiled, values)
     for listener in engine.dispatch.before_cursor_execute:
         listener(None, None, compiled.sql, params, None, False)
     try:
@@ -195,6 +191,90 @@ async def run_on(
             connection_invalidated=dialect.is_disconnect(error, dbapi_connection, None),
             dialect=dialect,
         ) from error
+
+
+# Rows of one INSERT on PostgreSQL at most (7 parameters a row for the audit trail's, far
+# below the protocol's 65,535 parameters); more go as several statements.
+_MANY_ROWS = 1000
+_NAMED = re.compile(r"%\(([^)]+)\)s")
+
+
+def _renamed(values: str, k: int) -> str:
+    """A group of values with its parameters named as row ``k``'s."""
+    return _NAMED.sub(lambda found: f"%({found.group(1)}__{k})s", values)
+
+
+def _rows_sql(prepared: Prepared, compiled: _Compiled, count: int) -> str:
+    """``compiled``'s single-row ``INSERT ... VALUES (...)`` with ``count`` groups of values,
+    the parameters of row ``k`` named ``name__k``: one statement for the server to run."""
+    key = (id(compiled), count)
+    found = prepared._many.get(key)
+    if found is None:
+        head, values = compiled.sql.split(" VALUES ", 1)
+        groups = (_renamed(values, k) for k in range(count))
+        found = f"{head} VALUES {', '.join(groups)}"
+        if count <= 64:  # the counts a transaction gives: a handful of audit events
+            prepared._many[key] = found
+    return found
+
+
+async def run_many_on(
+    dbapi_connection: Any,
+    engine: Engine,
+    prepared: Prepared,
+    rows: Sequence[Mapping[str, Any]],
+) -> None:
+    """Run an ``INSERT`` that returns nothing with each of ``rows``, in the transaction
+    SQLAlchemy began on ``dbapi_connection``: on PostgreSQL as one statement of several
+    ``VALUES`` (held with the transaction's other writes), on SQLite as sqlite3's
+    ``executemany``. The rows are written in the order given."""
+    dialect = engine.dialect
+    compiled = prepared.compiled(dialect)
+    if not (
+        compiled.unread and compiled.compiled.isinsert and compiled.sql.count(" VALUES (") == 1
+    ):
+        raise TypeError(
+            f"only a plain INSERT that returns nothing takes several rows: {compiled.sql}"
+        )
+    bound = [_bound(compiled, row) for row in rows]
+    try:
+        if dialect.name != "postgresql":
+            for listener in engine.dispatch.before_cursor_execute:
+                listener(None, None, compiled.sql, bound, None, True)
+            dbapi_connection.driver_connection.executemany(compiled.sql, bound)
+            return
+        for start in range(0, len(bound), _MANY_ROWS):
+            chunk = bound[start : start + _MANY_ROWS]
+            sql = _rows_sql(prepared, compiled, len(chunk))
+            params = {
+                f"{name}__{k}": value for k, row in enumerate(chunk) for name, value in row.items()
+            }
+            for listener in engine.dispatch.before_cursor_execute:
+                listener(None, None, sql, params, None, False)
+            if dbapi_connection.in_transaction:
+                dbapi_connection.hold(sql, params)
+            else:
+                await dbapi_connection.driver_connection.execute(sql, params)
+    except dialect.loaded_dbapi.Error as error:
+        raise DBAPIError.instance(
+            compiled.sql,
+            bound,
+            error,
+            dialect.loaded_dbapi.Error,
+            connection_invalidated=dialect.is_disconnect(error, dbapi_connection, None),
+            dialect=dialect,
+        ) from error
+
+
+def _bound(compiled: _Compiled, values: Mapping[str, Any]) -> Any:
+    """:func:`bind`, with the checks and errors of :func:`run_on`."""
+    unknown = values.keys() - compiled.names
+    if unknown:  # the caller's values do not fit the statement: a bug, not a store error
+        raise TypeError(f"the statement has no parameters {sorted(unknown)}: {compiled.sql}")
+    try:
+        return bind(compiled, values)
+    except Exception as error:  # a value a column's type refuses, as a session reports it
+        raise StatementError(str(error), compiled.sql, values, error) from error
 
 
 async def _run_postgresql(

@@ -185,6 +185,17 @@ async def test_a_held_write_that_psycopg_refuses_before_sending_writes_nothing(
     assert await _payloads(postgres_database) == {}
 
 
+async def test_a_single_audit_event_goes_with_the_commit(
+    postgres_database: Database, sent: list[str]
+) -> None:
+    """One event is written without reading its new id back (a round trip of its own)."""
+    async with postgres_database.transaction() as session:
+        await _queue(session, "a")
+        await append_event(session, actor="test", subject="instance/i", action="one")
+    assert len(sent) == 1
+    assert "INSERT INTO audit_events" in sent[0] and "RETURNING" not in sent[0]
+
+
 async def test_rows_given_together_are_one_insert_of_several_values(
     postgres_database: Database, sent: list[str]
 ) -> None:

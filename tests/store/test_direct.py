@@ -14,7 +14,7 @@ from dsf_bridge.errors import StoreError, TaskAlreadyDeliveredError
 from dsf_bridge.store import Database, batched_pg
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.database import execute, on_conflict
-from dsf_bridge.store.direct import Prepared
+from dsf_bridge.store.direct import Prepared, run_many_on
 from dsf_bridge.store.kinds import OutboxKind, TaskSeenStatus
 from dsf_bridge.store.tables import OutboxEntry, ProcessInstance, TaskSeen
 
@@ -266,3 +266,34 @@ def test_an_update_nobody_reads_says_so_as_for_a_session(database: Database) -> 
     assert Prepared(bump.execution_options(**{batched_pg.UNREAD: True})).compiled(dialect).unread
     assert not Prepared(bump).compiled(dialect).unread
     assert Prepared(_SEEN_ROW).compiled(dialect).unread  # an INSERT without RETURNING
+
+
+@pytest.mark.parametrize("count", [3, 70, 1001], ids=["few", "uncached", "two-statements"])
+async def test_rows_given_together_are_written_in_order_as_a_session_writes_them(
+    database: Database, count: int
+) -> None:
+    rows = [{**_entry(f"k{number:04d}"), "instance_id": None} for number in range(count)]
+    prepared = Prepared(_QUEUE)
+    async with database.transaction() as session:
+        connection = await session.connection()
+        raw = (await connection.get_raw_connection()).dbapi_connection
+        engine = database.engine.sync_engine
+        await run_many_on(raw, engine, prepared, rows)
+        await session.execute(_QUEUE, {**_entry("by-session"), "instance_id": None})
+    async with database.transaction() as session:
+        keys = (
+            await session.scalars(select(OutboxEntry.idempotency_key).order_by(OutboxEntry.id))
+        ).all()
+    assert keys == [row["idempotency_key"] for row in rows] + ["by-session"]
+    by_session = await _stored(database, "by-session")
+    assert await _stored(database, "k0000") == by_session
+    assert await _stored(database, f"k{count - 1:04d}") == by_session
+
+
+async def test_only_a_plain_insert_takes_several_rows(database: Database) -> None:
+    returning = Prepared(_SEEN_ROW.returning(_SEEN.c.task_id))
+    async with database.transaction() as session:
+        connection = await session.connection()
+        raw = (await connection.get_raw_connection()).dbapi_connection
+        with pytest.raises(TypeError, match="only a plain INSERT that returns nothing"):
+            await run_many_on(raw, database.engine.sync_engine, returning, [_seen()])
