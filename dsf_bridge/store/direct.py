@@ -193,15 +193,34 @@ async def run_on(
         ) from error
 
 
-# Rows of one INSERT on PostgreSQL at most (7 parameters a row for the audit trail's, far
-# below the protocol's 65,535 parameters); more go as several statements.
+# Rows of one INSERT on PostgreSQL at most; fewer when a row has many parameters (the
+# protocol takes 65,535 in a statement). More go as several statements.
 _MANY_ROWS = 1000
-_NAMED = re.compile(r"%\(([^)]+)\)s")
+_MAX_PARAMETERS = 65_535
+# A named parameter, or an escaped percent sign (kept as it is).
+_NAMED = re.compile(r"%%|%\(([^)]+)\)s")
 
 
 def _renamed(values: str, k: int) -> str:
     """A group of values with its parameters named as row ``k``'s."""
-    return _NAMED.sub(lambda found: f"%({found.group(1)}__{k})s", values)
+    return _NAMED.sub(
+        lambda found: found.group(0) if found.group(1) is None else f"%({found.group(1)}__{k})s",
+        values,
+    )
+
+
+def _one_group_of_values(sql: str) -> bool:
+    """Whether ``sql`` is ``INSERT ... VALUES (...)`` and nothing after the group (no
+    ``ON CONFLICT``, ``RETURNING``), without parameters before it (a CTE's)."""
+    head, found, values = sql.partition(" VALUES (")
+    if not found or "%(" in head or "?" in head:
+        return False
+    depth = 1
+    for position, character in enumerate(values):
+        depth += {"(": 1, ")": -1}.get(character, 0)
+        if depth == 0:
+            return position == len(values) - 1
+    return False
 
 
 def _rows_sql(prepared: Prepared, compiled: _Compiled, count: int) -> str:
@@ -230,9 +249,7 @@ async def run_many_on(
     ``executemany``. The rows are written in the order given."""
     dialect = engine.dialect
     compiled = prepared.compiled(dialect)
-    if not (
-        compiled.unread and compiled.compiled.isinsert and compiled.sql.count(" VALUES (") == 1
-    ):
+    if not (compiled.unread and compiled.compiled.isinsert and _one_group_of_values(compiled.sql)):
         raise TypeError(
             f"only a plain INSERT that returns nothing takes several rows: {compiled.sql}"
         )
@@ -243,18 +260,18 @@ async def run_many_on(
                 listener(None, None, compiled.sql, bound, None, True)
             dbapi_connection.driver_connection.executemany(compiled.sql, bound)
             return
-        for start in range(0, len(bound), _MANY_ROWS):
-            chunk = bound[start : start + _MANY_ROWS]
+        if not dbapi_connection.in_transaction:  # the chunks would commit one by one
+            raise TypeError("several rows are written in a transaction only")
+        size = max(1, min(_MANY_ROWS, _MAX_PARAMETERS // max(1, len(compiled.names))))
+        for start in range(0, len(bound), size):
+            chunk = bound[start : start + size]
             sql = _rows_sql(prepared, compiled, len(chunk))
             params = {
                 f"{name}__{k}": value for k, row in enumerate(chunk) for name, value in row.items()
             }
             for listener in engine.dispatch.before_cursor_execute:
                 listener(None, None, sql, params, None, False)
-            if dbapi_connection.in_transaction:
-                dbapi_connection.hold(sql, params)
-            else:
-                await dbapi_connection.driver_connection.execute(sql, params)
+            dbapi_connection.hold(sql, params)
     except dialect.loaded_dbapi.Error as error:
         raise DBAPIError.instance(
             compiled.sql,

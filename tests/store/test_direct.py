@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Table, bindparam, insert, select, text, update
 
 from dsf_bridge.errors import StoreError, TaskAlreadyDeliveredError
-from dsf_bridge.store import Database, batched_pg
+from dsf_bridge.store import Database, batched_pg, direct
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.database import execute, on_conflict
 from dsf_bridge.store.direct import Prepared, run_many_on
@@ -235,16 +235,16 @@ async def test_a_value_a_columns_type_refuses_is_a_store_error_as_through_a_sess
 ) -> None:
     row = {**_seen(), **refused}
 
-    async def through(direct: bool) -> None:
+    async def through(prepared: bool) -> None:
         async with database.transaction() as session:
-            if direct:
+            if prepared:
                 await execute(session, Prepared(_SEEN_ROW), row)
             else:
                 await session.execute(_SEEN_ROW, row)
 
-    for direct in (False, True):
+    for prepared in (False, True):
         with pytest.raises(StoreError) as raised:
-            await through(direct)
+            await through(prepared)
         assert not raised.value.retryable
     with pytest.raises(StoreError) as alone:
         await database.run(Prepared(_SEEN_ROW), row)
@@ -297,3 +297,39 @@ async def test_only_a_plain_insert_takes_several_rows(database: Database) -> Non
         raw = (await connection.get_raw_connection()).dbapi_connection
         with pytest.raises(TypeError, match="only a plain INSERT that returns nothing"):
             await run_many_on(raw, database.engine.sync_engine, returning, [_seen()])
+
+
+@pytest.mark.parametrize(
+    ("sql", "several"),
+    [
+        ("INSERT INTO t (a, b) VALUES (%(a)s::VARCHAR, lower(%(b)s))", True),
+        ("INSERT INTO t (a) VALUES (?)", True),
+        ("INSERT INTO t (a) VALUES (%(a)s) ON CONFLICT DO NOTHING", False),
+        ("INSERT INTO t (a) VALUES (?) RETURNING t.id", False),
+        ("WITH x AS (SELECT %(k)s AS k) INSERT INTO t (a) VALUES (%(a)s)", False),
+        ("INSERT INTO t (a) SELECT 1", False),
+    ],
+)
+def test_only_one_group_of_values_is_repeated_for_several_rows(sql: str, several: bool) -> None:
+    assert direct._one_group_of_values(sql) is several
+
+
+def test_several_rows_rename_their_parameters_and_keep_escaped_percent_signs() -> None:
+    group = "(%(a)s::VARCHAR, '50%%(b)s', %(c_d)s)"
+    assert direct._renamed(group, 3) == "(%(a__3)s::VARCHAR, '50%%(b)s', %(c_d__3)s)"
+
+
+async def test_an_insert_with_a_clause_after_its_values_is_not_given_several_rows(
+    database: Database,
+) -> None:
+    """It would be repeated with each group of values (on PostgreSQL a syntax error)."""
+    ignoring = Prepared(
+        lambda name: repo._insert_ignoring_duplicates_in(name, _SEEN).values(
+            **{key: bindparam(key) for key in _seen()}
+        )
+    )
+    async with database.transaction() as session:
+        connection = await session.connection()
+        raw = (await connection.get_raw_connection()).dbapi_connection
+        with pytest.raises(TypeError, match="only a plain INSERT"):
+            await run_many_on(raw, database.engine.sync_engine, ignoring, [_seen(), _seen()])
