@@ -388,9 +388,7 @@ class Database:
                 try:
                     proxied = await self.engine.raw_connection()
                 except dialect.loaded_dbapi.Error as exc:  # the driver's own, unwrapped here
-                    raise DBAPIError.instance(
-                        None, None, exc, dialect.loaded_dbapi.Error, dialect=dialect
-                    ) from exc
+                    raise direct.as_sqlalchemy(exc, dialect, None, None) from exc
                 try:
                     return await direct.run_on(
                         proxied.dbapi_connection,

@@ -46,7 +46,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from dsf_bridge.store import batched_pg
 
-__all__ = ["DirectResult", "Prepared", "bind", "run_many_on", "run_on"]
+__all__ = ["DirectResult", "Prepared", "as_sqlalchemy", "bind", "run_many_on", "run_on"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +156,31 @@ def bind(compiled: _Compiled, values: Mapping[str, Any]) -> Any:
     }
 
 
+def as_sqlalchemy(
+    error: Any, dialect: Dialect, sql: str | None, params: Any, connection: Any = None
+) -> StatementError:
+    """The driver's ``error`` as SQLAlchemy raises it (``IntegrityError``,
+    ``OperationalError``, ...), marked so when it says ``connection`` is lost."""
+    wrapped: StatementError = DBAPIError.instance(
+        sql,
+        params,
+        error,
+        dialect.loaded_dbapi.Error,
+        connection_invalidated=(
+            connection is not None and dialect.is_disconnect(error, connection, None)
+        ),
+        dialect=dialect,
+    )
+    return wrapped
+
+
+def _announce(engine: Engine, sql: str, params: Any, *, many: bool) -> None:
+    """Tell the engine's ``before_cursor_execute`` listeners, as SQLAlchemy would (without a
+    connection, cursor or context)."""
+    for listener in engine.dispatch.before_cursor_execute:
+        listener(None, None, sql, params, None, many)
+
+
 async def run_on(
     dbapi_connection: Any,
     engine: Engine,
@@ -174,8 +199,7 @@ async def run_on(
     dialect = engine.dialect
     compiled = prepared.compiled(dialect)
     params = _bound(compiled, values)
-    for listener in engine.dispatch.before_cursor_execute:
-        listener(None, None, compiled.sql, params, None, False)
+    _announce(engine, compiled.sql, params, many=False)
     try:
         if dialect.name == "postgresql":
             return await _run_postgresql(dbapi_connection, compiled, params, in_transaction)
@@ -183,14 +207,7 @@ async def run_on(
         rows = cursor.fetchall() if compiled.returns else []
         return DirectResult(rows, cursor.rowcount)
     except dialect.loaded_dbapi.Error as error:
-        raise DBAPIError.instance(
-            compiled.sql,
-            params,
-            error,
-            dialect.loaded_dbapi.Error,
-            connection_invalidated=dialect.is_disconnect(error, dbapi_connection, None),
-            dialect=dialect,
-        ) from error
+        raise as_sqlalchemy(error, dialect, compiled.sql, params, dbapi_connection) from error
 
 
 # Rows of one INSERT on PostgreSQL at most; fewer when a row has many parameters (the
@@ -256,8 +273,7 @@ async def run_many_on(
     bound = [_bound(compiled, row) for row in rows]
     try:
         if dialect.name != "postgresql":
-            for listener in engine.dispatch.before_cursor_execute:
-                listener(None, None, compiled.sql, bound, None, True)
+            _announce(engine, compiled.sql, bound, many=True)
             dbapi_connection.driver_connection.executemany(compiled.sql, bound)
             return
         if not dbapi_connection.in_transaction:  # the chunks would commit one by one
@@ -269,18 +285,10 @@ async def run_many_on(
             params = {
                 f"{name}__{k}": value for k, row in enumerate(chunk) for name, value in row.items()
             }
-            for listener in engine.dispatch.before_cursor_execute:
-                listener(None, None, sql, params, None, False)
+            _announce(engine, sql, params, many=False)
             dbapi_connection.hold(sql, params)
     except dialect.loaded_dbapi.Error as error:
-        raise DBAPIError.instance(
-            compiled.sql,
-            bound,
-            error,
-            dialect.loaded_dbapi.Error,
-            connection_invalidated=dialect.is_disconnect(error, dbapi_connection, None),
-            dialect=dialect,
-        ) from error
+        raise as_sqlalchemy(error, dialect, compiled.sql, bound, dbapi_connection) from error
 
 
 def _bound(compiled: _Compiled, values: Mapping[str, Any]) -> Any:
