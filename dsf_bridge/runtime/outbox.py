@@ -125,6 +125,18 @@ class OutboxWorker:
     async def _record_effect(self, entry: repo.ClaimedOutboxEntry, result: str) -> None:
         """Record a performed effect done; a send also steps its instance on, in one commit."""
         payload = entry.payload
+        if entry.kind.repeats_harmlessly:
+            # Nothing waits for this mark: it goes with the next transaction (no round trip of
+            # its own). Lost in a crash, the Task is read again after the lease and found
+            # finished, as when the crash came before the mark.
+            repo.mark_outbox_done_soon(
+                self.runtime.database,
+                entry.idempotency_key,
+                self.runtime.owner,
+                result=result,
+                now=self.runtime.clock(),
+            )
+            return
         if entry.kind is not OutboxKind.SEND_TASK or entry.instance_id is None:
             await repo.mark_outbox_done(  # one UPDATE, committed on its own
                 self.runtime.database,

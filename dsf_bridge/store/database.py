@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import structlog
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
@@ -61,6 +62,14 @@ _SQLITE_READ_BUSY_TIMEOUT_MS = 2_000
 # a ping per transaction was a fifth of a Task's round trips. A connection that dies between
 # two uses less than this apart fails that one transaction, as a retryable store error.
 PING_AFTER_IDLE_SECONDS = 1.0
+# A write given to Database.soon goes with the next transaction that begins within this time, or
+# else in a transaction of its own.
+SOON_SECONDS = 0.05
+# How long a write given to Database.soon waits before it is tried again when its
+# transaction failed (it is then written in a transaction of its own).
+_SOON_RETRY_SECONDS = 1.0
+
+log = structlog.get_logger("dsf_bridge.store")
 
 
 def _parse(url: str) -> URL:
@@ -344,6 +353,14 @@ class Database:
         self._writer: asyncio.Lock | None = (
             asyncio.Lock() if backend == "sqlite" and not read_only else None
         )
+        # Writes given to soon(): for the next transaction (_soon), or, after a transaction
+        # that carried them failed, for one of their own (_soon_alone).
+        self._soon: list[tuple[Prepared, dict[str, Any]]] = []
+        self._soon_alone: list[tuple[Prepared, dict[str, Any]]] = []
+        self._soon_timer: asyncio.TimerHandle | None = None
+        self._soon_flushing: asyncio.Task[None] | None = None
+        self._disposing = False
+        self._soon_flush_lock = asyncio.Lock()
 
     @property
     def dialect(self) -> str:
@@ -358,24 +375,107 @@ class Database:
         Database failures leave as :class:`StoreError`; connection losses are retryable.
         """
         conflicts: dict[str, BridgeError] = {}
-        with _store_errors(), _conflicts_as(conflicts):
-            async with self._writing(), self._sessions() as session, session.begin():
-                writes: dict[Prepared, list[dict[str, Any]]] = {}
-                session.info[_AT_COMMIT] = writes
-                session.info[_CONFLICTS] = conflicts
-                session.info[_DIRECT] = None
+        carried: list[tuple[Prepared, dict[str, Any]]] = []
+        try:
+            with _store_errors(), _conflicts_as(conflicts):
+                async with self._writing(), self._sessions() as session, session.begin():
+                    writes: dict[Prepared, list[dict[str, Any]]] = {}
+                    session.info[_AT_COMMIT] = writes
+                    session.info[_CONFLICTS] = conflicts
+                    session.info[_DIRECT] = None
+                    try:
+                        # Taken once the write lock is held: on SQLite they run at once.
+                        carried, self._soon = self._soon, []
+                        for statement, values in carried:
+                            await execute(session, statement, values)
+                        yield session
+                        for statement, rows in writes.items():
+                            if len(rows) == 1:
+                                await execute(session, statement, rows[0])
+                            else:
+                                connection, engine = await _direct(session)
+                                await direct.run_many_on(connection, engine, statement, rows)
+                    finally:
+                        del session.info[_AT_COMMIT]
+                        del session.info[_CONFLICTS]
+                        del session.info[_DIRECT]
+        except BaseException:
+            if carried:
+                # Rolled back with the transaction; maybe they were what failed it: they go on
+                # their own now, so that they cannot fail the next transaction as well.
+                self._soon_alone.extend(carried)
+                self._schedule_soon(_SOON_RETRY_SECONDS)
+            raise
+
+    def soon(self, prepared: Prepared, values: Mapping[str, Any]) -> None:
+        """Have ``prepared`` run with ``values`` soon, in a transaction this process commits
+        anyway: the next :meth:`transaction` to begin runs it first (on PostgreSQL held with its
+        other writes: no round trip of its own), or, when none begins within
+        :data:`SOON_SECONDS`, a transaction of its own. For a write whose loss in a crash costs
+        nothing but a repetition that is harmless anyway, and that nothing waits for: an
+        effect's done mark (its effect is idempotent and would be performed again after its
+        lease). Nobody reads what it answers; give an ``UPDATE`` or ``DELETE`` the execution
+        option :data:`~dsf_bridge.store.batched_pg.UNREAD`. A transaction that fails takes it
+        down with it; it is then written on its own, tried again while the store fails with a
+        retryable error and dropped (logged) when it fails by itself otherwise. :meth:`dispose`
+        writes what is left first."""
+        self._soon.append((prepared, dict(values)))
+        self._schedule_soon(SOON_SECONDS)
+
+    def _schedule_soon(self, delay: float) -> None:
+        """A flush in ``delay`` seconds, unless one is due sooner or under way."""
+        if self._soon_flushing is not None or self._disposing:
+            return
+        loop = asyncio.get_running_loop()
+        if self._soon_timer is not None:
+            if self._soon_timer.when() <= loop.time() + delay:
+                return
+            self._soon_timer.cancel()
+        self._soon_timer = loop.call_later(delay, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._soon_timer = None
+        self._soon_flushing = asyncio.get_running_loop().create_task(self._flush_in_background())
+
+    async def _flush_in_background(self) -> None:
+        delay = SOON_SECONDS  # for writes given meanwhile
+        try:
+            await self.flush_soon()
+        except StoreError as exc:
+            delay = _SOON_RETRY_SECONDS
+            log.warning("store.soon_writes_delayed", error=str(exc))
+        except Exception:  # a bug: logged, the writes stay queued
+            delay = _SOON_RETRY_SECONDS
+            log.exception("store.soon_writes_crashed")
+        finally:
+            self._soon_flushing = None
+            if self._soon or self._soon_alone:
+                self._schedule_soon(delay)
+
+    async def flush_soon(self) -> None:
+        """Write now what :meth:`soon` was given: first those a failed transaction carried,
+        one transaction each, then the rest in one. A retryable store error leaves the writes
+        queued and is raised; a write that fails by itself otherwise is dropped and logged
+        (its effect is performed again after its lease)."""
+        async with self._soon_flush_lock:
+            while self._soon_alone:
+                statement, values = self._soon_alone[0]
                 try:
-                    yield session
-                    for statement, rows in writes.items():
-                        if len(rows) == 1:
-                            await execute(session, statement, rows[0])
-                        else:
-                            connection, engine = await _direct(session)
-                            await direct.run_many_on(connection, engine, statement, rows)
-                finally:
-                    del session.info[_AT_COMMIT]
-                    del session.info[_CONFLICTS]
-                    del session.info[_DIRECT]
+                    with _store_errors():
+                        async with self._writing(), self._sessions() as session, session.begin():
+                            session.info[_DIRECT] = None
+                            try:
+                                await execute(session, statement, values)
+                            finally:
+                                del session.info[_DIRECT]
+                except StoreError as exc:
+                    if exc.retryable:
+                        raise
+                    log.error("store.soon_write_dropped", error=str(exc))
+                del self._soon_alone[0]
+            if self._soon:
+                async with self.transaction():
+                    pass
 
     async def run(self, prepared: Prepared, values: Mapping[str, Any]) -> DirectResult:
         """Run one statement on its own, committed by itself, straight on a pooled connection
@@ -443,4 +543,29 @@ class Database:
             self._writer.release()
 
     async def dispose(self) -> None:
+        """Write what :meth:`soon` was given (as far as the store lets), then close every
+        connection."""
+        self._disposing = True
+        try:
+            await self._flush_before_dispose()
+        finally:
+            self._disposing = False
         await self.engine.dispose()
+
+    async def _flush_before_dispose(self) -> None:
+        if self._soon_timer is not None:
+            self._soon_timer.cancel()
+            self._soon_timer = None
+        flushing, self._soon_flushing = self._soon_flushing, None
+        if flushing is not None:
+            flushing.cancel()
+            await asyncio.wait([flushing])  # what it raised is its own (it logs); ours passes
+        if self._soon or self._soon_alone:
+            try:
+                await self.flush_soon()
+            except StoreError as exc:
+                log.warning(
+                    "store.soon_writes_lost",
+                    writes=len(self._soon) + len(self._soon_alone),
+                    error=str(exc),
+                )

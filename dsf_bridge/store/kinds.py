@@ -35,6 +35,13 @@ class OutboxKind(enum.StrEnum):
         """An effect on the site's own FHIR server: it waits out that server's outages."""
         return self is not OutboxKind.SEND_TASK
 
+    @property
+    def repeats_harmlessly(self) -> bool:
+        """Performed again (its done mark lost), it changes nothing and sends nothing: a Task
+        already finished is only read (``DsfTaskGateway._finish``). A send or a user task's
+        QuestionnaireResponse could be created twice."""
+        return self in (OutboxKind.COMPLETE_TASK, OutboxKind.FAIL_TASK)
+
 
 class TaskSeenStatus(enum.StrEnum):
     """Where a Task version stands with the bridge (``tasks_seen.status``)."""

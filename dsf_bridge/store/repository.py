@@ -229,7 +229,7 @@ _QUEUE_OUTBOX = Prepared(
         ),
     )
 )
-_OUTBOX_DONE = Prepared(
+_MARK_OUTBOX_DONE = (
     update(_OUTBOX)
     .where(_OUTBOX.c.idempotency_key == bindparam("b_key"))
     .where(_OUTBOX.c.lease_owner == bindparam("b_owner"))
@@ -241,8 +241,10 @@ _OUTBOX_DONE = Prepared(
         lease_owner=None,
         lease_expires_at=None,
     )
-    .returning(_OUTBOX.c.id)
 )
+_OUTBOX_DONE = Prepared(_MARK_OUTBOX_DONE.returning(_OUTBOX.c.id))
+# The same, its answer unread: Database.soon's form (held with a transaction's other writes).
+_OUTBOX_DONE_SOON = Prepared(_MARK_OUTBOX_DONE.execution_options(**{batched_pg.UNREAD: True}))
 # Per dialect: INSERT ... ON CONFLICT DO NOTHING differs between the two.
 _BY_DIALECT: dict[tuple[str, str], Any] = {}
 
@@ -288,6 +290,7 @@ __all__ = [
     "instances_waiting_for",
     "load_instance",
     "mark_outbox_done",
+    "mark_outbox_done_soon",
     "mark_outbox_failed",
     "next_timer_due",
     "original_uids",
@@ -1340,6 +1343,18 @@ async def mark_outbox_done(
     )
     if released.first() is None:
         raise ConcurrencyError(f"outbox entry {key} is no longer leased to {owner}")
+
+
+def mark_outbox_done_soon(
+    database: Database, key: str, owner: str, *, result: str | None, now: dt.datetime
+) -> None:
+    """:func:`mark_outbox_done` with :meth:`Database.soon`: written with the next transaction
+    (or on its own within milliseconds), without a round trip of its own. If ``owner``'s lease
+    ran out meanwhile it changes nothing (the new owner performs the effect again, as an
+    effect whose done mark a crash lost is), and nobody is told."""
+    database.soon(
+        _OUTBOX_DONE_SOON, {"b_key": key, "b_owner": owner, "result": result, "done_at": now}
+    )
 
 
 async def retry_outbox(

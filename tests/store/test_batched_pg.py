@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from dsf_bridge.errors import StoreError, TaskAlreadyDeliveredError
 from dsf_bridge.store import Database, append_event, batched_pg
+from dsf_bridge.store import database as database_module
 from dsf_bridge.store import repository as repo
 from dsf_bridge.store.kinds import OutboxKind, TaskSeenStatus
 from dsf_bridge.store.tables import AuditEvent, OutboxEntry, TaskSeen
@@ -52,7 +53,7 @@ async def sent(postgres_database: Database, monkeypatch: pytest.MonkeyPatch) -> 
     return trips
 
 
-async def _queue(session: Any, key: str) -> None:
+async def _queue(session: Any, key: str, leased_to: repo.Lease | None = None) -> None:
     await repo.enqueue_new_outbox(
         session,
         idempotency_key=key,
@@ -60,6 +61,7 @@ async def _queue(session: Any, key: str) -> None:
         payload={"key": key, "quote": "it's 100%", "nested": [1, None, True]},
         instance_id=None,
         now=T0,
+        leased_to=leased_to,
     )
 
 
@@ -445,3 +447,21 @@ async def test_a_transaction_whose_held_write_failed_cannot_commit(
     with pytest.raises(StoreError, match="cannot commit"):
         await caught_then_committed()
     assert set(await _payloads(postgres_database)) == {"taken"}
+
+
+async def test_a_write_given_soon_adds_no_round_trip(
+    postgres_database: Database, sent: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(database_module, "SOON_SECONDS", 30.0)
+    async with postgres_database.transaction() as session:
+        await _queue(session, "a", leased_to=("me", T0 + dt.timedelta(minutes=1)))
+    sent.clear()
+    repo.mark_outbox_done_soon(postgres_database, "a", "me", result="done", now=T0)
+    async with postgres_database.transaction() as session:
+        await _queue(session, "b")
+    assert len(sent) == 1  # BEGIN; the done mark; the new entry; COMMIT
+    assert sent[0].startswith("BEGIN") and sent[0].endswith("COMMIT")
+    assert "UPDATE outbox" in sent[0] and "INSERT INTO outbox" in sent[0]
+    async with postgres_database.transaction() as session:
+        rows = await session.execute(select(OutboxEntry.idempotency_key, OutboxEntry.status))
+        assert {key: status for key, status in rows} == {"a": "done", "b": "pending"}
